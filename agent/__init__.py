@@ -1,0 +1,1 @@
+"""TucDesk agent: the agent daemon (enroll, run, status)."""

@@ -1,0 +1,1 @@
+"""TucDesk audit: the offline audit verifier (verify)."""

@@ -1,0 +1,1 @@
+"""TucDesk operator command line (`tucdesk`)."""

@@ -1,0 +1,148 @@
+"""EdDSA JWTs on pyjwt with the algorithm pinned, kid from a key set, typ checked, and time passed in.
+
+Token types used across TucDesk (the ``typ`` header):
+- ``ACCESS_TOKEN_TYPE``: operator access tokens issued by the rendezvous.
+- ``SESSION_GRANT_TYPE``: session grants the operator presents to the agent.
+- ``RELAY_TOKEN_TYPE``: relay tokens each side presents to the relay.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import jwt
+
+from protocol.errors import PayloadError, TokenError
+from protocol.identity import PublicIdentity, SigningIdentity, b64url_decode
+
+ALGORITHM = "EdDSA"
+ACCESS_TOKEN_TYPE = "tucdesk-access+jwt"
+SESSION_GRANT_TYPE = "tucdesk-grant+jwt"
+RELAY_TOKEN_TYPE = "tucdesk-relay+jwt"
+DEFAULT_LEEWAY_SECONDS = 30
+MAX_TOKEN_SIZE = 8 * 1024
+_REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat")
+
+
+@dataclass(frozen=True)
+class VerifiedToken:
+    """A token whose signature, type and time claims checked out."""
+
+    kid: str
+    typ: str
+    claims: dict[str, Any]
+
+
+def issue_token(
+    signer: SigningIdentity,
+    *,
+    typ: str,
+    issuer: str,
+    audience: str,
+    subject: str | None,
+    issued_at: int,
+    lifetime_seconds: int,
+    claims: Mapping[str, Any] | None = None,
+    not_before: int | None = None,
+) -> str:
+    """Sign an EdDSA JWT with ``kid`` = the signer's key id and the given ``typ``."""
+    if lifetime_seconds <= 0:
+        raise TokenError("token lifetime must be positive")
+    payload: dict[str, Any] = dict(claims or {})
+    payload.update(
+        {
+            "iss": issuer,
+            "aud": audience,
+            "iat": int(issued_at),
+            "exp": int(issued_at) + int(lifetime_seconds),
+        }
+    )
+    if subject is not None:
+        payload["sub"] = subject
+    if not_before is not None:
+        payload["nbf"] = int(not_before)
+    headers = {"kid": signer.public.key_id, "typ": typ}
+    token = jwt.encode(payload, signer.to_cryptography(), algorithm=ALGORITHM, headers=headers)
+    if len(token) > MAX_TOKEN_SIZE:
+        raise TokenError(f"token is larger than {MAX_TOKEN_SIZE} bytes")
+    return token
+
+
+def verify_token(
+    token: str,
+    keys: Mapping[str, PublicIdentity],
+    *,
+    typ: str,
+    issuer: str,
+    audience: str,
+    now: float,
+    leeway: float = DEFAULT_LEEWAY_SECONDS,
+) -> VerifiedToken:
+    """Verify ``token`` against the key whose id is its ``kid``; raise TokenError with a reason."""
+    if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_SIZE:
+        raise TokenError("token is missing or too large")
+    header = _unverified_header(token)
+    if header.get("alg") != ALGORITHM:
+        raise TokenError(f"token algorithm must be {ALGORITHM}")
+    if header.get("typ") != typ:
+        raise TokenError(f"token type must be {typ}")
+    kid = header.get("kid")
+    if not isinstance(kid, str) or kid not in keys:
+        raise TokenError("token is signed by an unknown key")
+    try:
+        claims = jwt.decode(
+            token,
+            keys[kid].to_cryptography(),
+            algorithms=[ALGORITHM],
+            audience=audience,
+            issuer=issuer,
+            options={
+                "require": list(_REQUIRED_CLAIMS),
+                # Time claims are checked below against the caller's clock, not pyjwt's.
+                "verify_exp": False,
+                "verify_nbf": False,
+                "verify_iat": False,
+            },
+        )
+    except jwt.InvalidAudienceError:
+        raise TokenError("token audience is wrong") from None
+    except jwt.InvalidIssuerError:
+        raise TokenError("token issuer is wrong") from None
+    except jwt.MissingRequiredClaimError as error:
+        raise TokenError(f"token lacks the {error.claim} claim") from None
+    except jwt.InvalidSignatureError:
+        raise TokenError("token signature does not verify") from None
+    except jwt.PyJWTError:
+        raise TokenError("token is malformed") from None
+    _check_times(claims, now, leeway)
+    return VerifiedToken(kid=kid, typ=typ, claims=claims)
+
+
+def _unverified_header(token: str) -> dict[str, Any]:
+    parts = token.split(".")
+    if len(parts) != 3:
+        raise TokenError("token is not a compact JWS")
+    try:
+        header = json.loads(b64url_decode(parts[0], max_size=1024))
+    except (ValueError, PayloadError):
+        raise TokenError("token header is malformed") from None
+    if not isinstance(header, dict):
+        raise TokenError("token header is malformed")
+    return header
+
+
+def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
+    for name in ("exp", "iat", "nbf"):
+        value = claims.get(name)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise TokenError(f"token {name} must be an integer")
+    if now > claims["exp"] + leeway:
+        raise TokenError("token has expired")
+    if claims["iat"] > now + leeway:
+        raise TokenError("token was issued in the future")
+    nbf = claims.get("nbf")
+    if nbf is not None and nbf > now + leeway:
+        raise TokenError("token is not valid yet")

@@ -1,0 +1,1 @@
+"""TucDesk relay: the ciphertext-only relay (serve)."""

@@ -1,0 +1,1 @@
+"""TucDesk rendezvous: the rendezvous control plane (init, serve, team, invite, keys)."""
