@@ -1,15 +1,18 @@
-"""Ed25519 identities: generation, 0600 key files, OpenSSH-style fingerprints, purposeful signatures."""
+"""Ed25519 identities: generation, 0600 key files, OpenSSH fingerprints, purposeful signatures."""
 
 from __future__ import annotations
 
 import base64
 import hashlib
 import os
+import re
+import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
@@ -23,8 +26,10 @@ PUBLIC_KEY_SIZE = 32
 SIGNATURE_SIZE = 64
 MAX_KEY_FILE_SIZE = 16 * 1024
 PRIVATE_KEY_FILE_MODE = 0o600
+PRIVATE_DIRECTORY_MODE = 0o700
 _PEM_PRIVATE_HEADER = b"-----BEGIN PRIVATE KEY-----"
 _PEM_PUBLIC_HEADER = b"-----BEGIN PUBLIC KEY-----"
+_B64URL_TEXT = re.compile(r"[A-Za-z0-9_-]*")
 
 
 @dataclass(frozen=True)
@@ -34,12 +39,16 @@ class PublicIdentity:
     raw: bytes
 
     def __post_init__(self) -> None:
+        if not isinstance(self.raw, bytes):
+            raise KeyFileError("an Ed25519 public key must be given as bytes")
         if len(self.raw) != PUBLIC_KEY_SIZE:
-            raise KeyFileError(f"an Ed25519 public key is {PUBLIC_KEY_SIZE} bytes, got {len(self.raw)}")
+            raise KeyFileError(
+                f"an Ed25519 public key is {PUBLIC_KEY_SIZE} bytes, got {len(self.raw)}"
+            )
 
     @property
     def fingerprint(self) -> str:
-        """OpenSSH-style fingerprint: ``SHA256:`` + unpadded base64 of SHA-256 over the SSH wire key."""
+        """OpenSSH fingerprint: ``SHA256:`` + unpadded base64 of SHA-256 of the SSH key blob."""
         digest = hashlib.sha256(_ssh_wire_encoding(self.raw)).digest()
         return "SHA256:" + base64.b64encode(digest).decode("ascii").rstrip("=")
 
@@ -49,14 +58,14 @@ class PublicIdentity:
         return jwk_thumbprint(self.raw)
 
     def verify(self, purpose: Purpose, message: bytes, signature: bytes) -> None:
-        """Raise SignatureError unless ``signature`` is this key's signature of ``message`` for ``purpose``."""
-        if len(signature) != SIGNATURE_SIZE:
+        """Raise SignatureError unless this key signed ``message`` for ``purpose``."""
+        if not isinstance(signature, bytes) or len(signature) != SIGNATURE_SIZE:
             raise SignatureError(f"{purpose.value}: signature must be {SIGNATURE_SIZE} bytes")
         try:
             Ed25519PublicKey.from_public_bytes(self.raw).verify(
                 signature, framed_message(purpose, message)
             )
-        except InvalidSignature:
+        except (InvalidSignature, ValueError):
             raise SignatureError(f"{purpose.value}: signature does not verify") from None
 
     def to_pem(self) -> bytes:
@@ -74,7 +83,7 @@ class PublicIdentity:
         """Parse a SubjectPublicKeyInfo PEM Ed25519 public key."""
         try:
             key = serialization.load_pem_public_key(data)
-        except ValueError:
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise KeyFileError("not a PEM public key") from None
         if not isinstance(key, Ed25519PublicKey):
             raise KeyFileError("public key is not Ed25519")
@@ -104,7 +113,7 @@ class SigningIdentity:
 
     @classmethod
     def from_seed(cls, seed: bytes) -> SigningIdentity:
-        """The identity for a 32-byte RFC 8032 private seed (used by known-answer tests and state files)."""
+        """The identity for a 32-byte RFC 8032 private seed (known-answer tests, state files)."""
         if len(seed) != 32:
             raise KeyFileError("an Ed25519 seed is 32 bytes")
         return cls(Ed25519PrivateKey.from_private_bytes(seed))
@@ -142,7 +151,7 @@ class SigningIdentity:
             raise KeyFileError(f"{path}: not a PEM private key")
         try:
             key = serialization.load_pem_private_key(data, password=None)
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             raise KeyFileError(f"{path}: unreadable private key") from None
         if not isinstance(key, Ed25519PrivateKey):
             raise KeyFileError(f"{path}: private key is not Ed25519")
@@ -150,11 +159,18 @@ class SigningIdentity:
 
 
 def write_private_file(path: Path, data: bytes) -> None:
-    """Create or replace ``path`` atomically with mode 0600 from the first byte on."""
+    """Create or replace ``path`` atomically with mode 0600 from the first byte on.
+
+    A missing parent directory is created 0700.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_KEY_FILE_MODE)
+    try:
+        path.parent.mkdir(mode=PRIVATE_DIRECTORY_MODE, parents=True, exist_ok=True)
+        # A random suffix, so a temporary file left by a crashed writer never blocks this one.
+        temporary = path.with_name(f".{path.name}.tmp-{secrets.token_hex(8)}")
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE_KEY_FILE_MODE)
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot create key file ({error.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -165,41 +181,75 @@ def write_private_file(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    _sync_directory(path.parent)
+
+
+def _sync_directory(directory: Path) -> None:
+    # Makes the rename itself durable; best effort where directories cannot be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_private_file(path: Path) -> bytes:
-    """Read a secret file, refusing one readable by group or others, or larger than a key file can be."""
+    """Read a secret file, refusing one readable by group or others, or larger than any key file."""
     path = Path(path)
-    try:
-        info = path.stat()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: not a regular file")
-    if info.st_mode & 0o077:
-        raise KeyFileError(
-            f"{path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open; "
-            f"run 'chmod 600 {path}'"
-        )
-    if info.st_size > MAX_KEY_FILE_SIZE:
-        raise KeyFileError(f"{path}: larger than any key file ({info.st_size} bytes)")
-    return path.read_bytes()
+    with _open_regular_file(path) as handle:
+        info = os.fstat(handle.fileno())
+        if info.st_mode & 0o077:
+            raise KeyFileError(
+                f"{path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open; "
+                f"run 'chmod 600 {path}'"
+            )
+        return _read_bounded(handle, path)
 
 
 def load_public_key_file(path: Path) -> PublicIdentity:
     """Load a PEM public key file (or the public half of a PEM private key file)."""
     path = Path(path)
-    try:
-        if path.stat().st_size > MAX_KEY_FILE_SIZE:
-            raise KeyFileError(f"{path}: larger than any key file")
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise KeyFileError(f"{path}: no such key file") from None
+    with _open_regular_file(path) as handle:
+        data = _read_bounded(handle, path)
     if _PEM_PUBLIC_HEADER in data:
         return PublicIdentity.from_pem(data)
     if _PEM_PRIVATE_HEADER in data:
         return SigningIdentity.load(path).public
     raise KeyFileError(f"{path}: not a PEM Ed25519 key")
+
+
+def _open_regular_file(path: Path) -> BinaryIO:
+    # Checks run on the opened descriptor, so the file cannot be swapped between check and read;
+    # O_NONBLOCK keeps a FIFO planted at the path from blocking the open.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeyFileError(f"{path}: no such key file") from None
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot open key file ({error.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KeyFileError(f"{path}: not a regular file")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _read_bounded(handle: BinaryIO, path: Path) -> bytes:
+    # Read one byte past the limit so a file that grew after fstat is still caught.
+    try:
+        data = handle.read(MAX_KEY_FILE_SIZE + 1)
+    except OSError as error:
+        raise KeyFileError(f"{path}: cannot read key file ({error.strerror})") from None
+    if len(data) > MAX_KEY_FILE_SIZE:
+        raise KeyFileError(f"{path}: larger than any key file ({MAX_KEY_FILE_SIZE} bytes at most)")
+    return data
 
 
 def _ssh_wire_encoding(raw: bytes) -> bytes:
@@ -223,10 +273,20 @@ def b64url(data: bytes) -> str:
 
 
 def b64url_decode(text: str, max_size: int = 4096) -> bytes:
-    """Decode unpadded base64url, refusing oversized or malformed input with a ProtocolError."""
-    if not isinstance(text, str) or len(text) > max_size * 2:
+    """Decode unpadded base64url, refusing oversized, padded, non-alphabet or non-canonical input.
+
+    Strict so that each byte string has exactly one accepted text form (no malleability).
+    """
+    if not isinstance(text, str) or len(text) > _b64url_length(max_size):
         raise PayloadError("base64url value is missing or too large")
-    try:
-        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-    except (ValueError, TypeError):
-        raise PayloadError("value is not base64url") from None
+    if not _B64URL_TEXT.fullmatch(text) or len(text) % 4 == 1:
+        raise PayloadError("value is not unpadded base64url")
+    data = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    if b64url(data) != text:
+        raise PayloadError("value is not canonical base64url")
+    return data
+
+
+def _b64url_length(size: int) -> int:
+    """Length of the unpadded base64url text for ``size`` bytes."""
+    return (4 * size + 2) // 3

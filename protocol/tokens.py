@@ -1,4 +1,4 @@
-"""EdDSA JWTs on pyjwt with the algorithm pinned, kid from a key set, typ checked, and time passed in.
+"""EdDSA JWTs on pyjwt: algorithm pinned, kid from a key set, typ checked, and time passed in.
 
 Token types used across TucDesk (the ``typ`` header):
 - ``ACCESS_TOKEN_TYPE``: operator access tokens issued by the rendezvous.
@@ -9,6 +9,7 @@ Token types used across TucDesk (the ``typ`` header):
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -19,11 +20,12 @@ from protocol.errors import PayloadError, TokenError
 from protocol.identity import PublicIdentity, SigningIdentity, b64url_decode
 
 ALGORITHM = "EdDSA"
-ACCESS_TOKEN_TYPE = "tucdesk-access+jwt"
+ACCESS_TOKEN_TYPE = "tucdesk-access+jwt"  # noqa: S105 (a type name, not a secret)
 SESSION_GRANT_TYPE = "tucdesk-grant+jwt"
-RELAY_TOKEN_TYPE = "tucdesk-relay+jwt"
+RELAY_TOKEN_TYPE = "tucdesk-relay+jwt"  # noqa: S105 (a type name, not a secret)
 DEFAULT_LEEWAY_SECONDS = 30
 MAX_TOKEN_SIZE = 8 * 1024
+MAX_HEADER_SIZE = 1024
 _REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat")
 
 
@@ -82,6 +84,9 @@ def verify_token(
     leeway: float = DEFAULT_LEEWAY_SECONDS,
 ) -> VerifiedToken:
     """Verify ``token`` against the key whose id is its ``kid``; raise TokenError with a reason."""
+    if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
+        # A NaN clock would make every time comparison false and let an expired token through.
+        raise ValueError("now and leeway must be finite, leeway not negative")
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_SIZE:
         raise TokenError("token is missing or too large")
     header = _unverified_header(token)
@@ -115,7 +120,7 @@ def verify_token(
         raise TokenError(f"token lacks the {error.claim} claim") from None
     except jwt.InvalidSignatureError:
         raise TokenError("token signature does not verify") from None
-    except jwt.PyJWTError:
+    except (jwt.PyJWTError, ValueError, RecursionError):
         raise TokenError("token is malformed") from None
     _check_times(claims, now, leeway)
     return VerifiedToken(kid=kid, typ=typ, claims=claims)
@@ -126,8 +131,8 @@ def _unverified_header(token: str) -> dict[str, Any]:
     if len(parts) != 3:
         raise TokenError("token is not a compact JWS")
     try:
-        header = json.loads(b64url_decode(parts[0], max_size=1024))
-    except (ValueError, PayloadError):
+        header = json.loads(b64url_decode(parts[0], max_size=MAX_HEADER_SIZE))
+    except (ValueError, PayloadError, RecursionError):
         raise TokenError("token header is malformed") from None
     if not isinstance(header, dict):
         raise TokenError("token header is malformed")
