@@ -1,0 +1,169 @@
+"""A single command without a terminal: separate stdout and stderr, forwarded stdin, exit status.
+
+The argv runs directly (no shell) unless the spec asks for the account's shell. The command
+leads a new session, so cancelling or leaving ``open_exec_session`` tears down everything it
+started.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from agent.process_group import (
+    TEARDOWN_GRACE_SECONDS,
+    Account,
+    ExitStatus,
+    OutputHandler,
+    OutputPump,
+    OutputStream,
+    SessionLeader,
+    SessionProcessError,
+    close_fd,
+    credential_options,
+    minimal_environment,
+    signal_from_name,
+    write_all,
+)
+
+MAX_ARGUMENTS = 4096
+MAX_COMMAND_BYTES = 128 * 1024
+
+
+@dataclass(frozen=True)
+class ExecSessionSpec:
+    """A command to run: an argv list, or with ``use_shell`` a single command line for ``sh -c``."""
+
+    command: Sequence[str]
+    user: str | None = None
+    use_shell: bool = False
+    environment: tuple[tuple[str, str], ...] = ()
+    teardown_grace: float = TEARDOWN_GRACE_SECONDS
+
+    def __post_init__(self) -> None:
+        if not self.command or isinstance(self.command, str):
+            raise SessionProcessError("a command is a non-empty list of arguments")
+        if len(self.command) > MAX_ARGUMENTS or sum(map(len, self.command)) > MAX_COMMAND_BYTES:
+            raise SessionProcessError("the command is longer than the agent accepts")
+        if any("\x00" in argument for argument in self.command):
+            raise SessionProcessError("a command argument contains a NUL byte")
+        if self.use_shell and len(self.command) != 1:
+            raise SessionProcessError("a shell command is one command line")
+
+
+class ExecSession:
+    """A running command: stream stdout and stderr, feed and close its stdin, signal it."""
+
+    def __init__(
+        self, leader: SessionLeader, stdin_fd: int, stdout_fd: int, stderr_fd: int
+    ) -> None:
+        self._leader = leader
+        self._stdin_fd: int | None = stdin_fd
+        self._stdout_fd = stdout_fd
+        self._stderr_fd = stderr_fd
+        self._input_lock = trio.StrictFIFOLock()
+
+    @property
+    def pid(self) -> int:
+        """The command's pid (also its session and process group id)."""
+        return self._leader.pid
+
+    async def run(self, on_output: OutputHandler) -> ExitStatus:
+        """Stream stdout and stderr until the command exits; return its exit code or signal."""
+        pumps = [
+            OutputPump(self._stdout_fd, OutputStream.STDOUT),
+            OutputPump(self._stderr_fd, OutputStream.STDERR),
+        ]
+        async with trio.open_nursery() as nursery:
+            for pump in pumps:
+                nursery.start_soon(pump.run, on_output)
+            status = await self._leader.wait_for_exit()
+            for pump in pumps:
+                pump.child_exited()
+        return status
+
+    async def send_input(self, data: bytes) -> None:
+        """Write ``data`` to the command's stdin; discarded once stdin is closed or unread."""
+        async with self._input_lock:
+            if self._stdin_fd is None:
+                return
+            try:
+                if not await write_all(self._stdin_fd, data):
+                    self._close_stdin()
+            except trio.ClosedResourceError:
+                return
+
+    async def close_input(self) -> None:
+        """Close the command's stdin, after any input still being written."""
+        async with self._input_lock:
+            self._close_stdin()
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Nothing to do: an exec session has no terminal."""
+
+    def signal(self, name: str) -> None:
+        """Send an allowed signal to the command's process group."""
+        self._leader.signal_group(signal_from_name(name))
+
+    def _close_stdin(self) -> None:
+        if self._stdin_fd is not None:
+            close_fd(self._stdin_fd)
+            self._stdin_fd = None
+
+    def _close_all(self) -> None:
+        self._close_stdin()
+        close_fd(self._stdout_fd)
+        close_fd(self._stderr_fd)
+
+
+@asynccontextmanager
+async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]:
+    """Start the command; on leaving the block, hang up and kill everything it started."""
+    account = Account.lookup(spec.user)
+    credentials = credential_options(account)
+    shell = account.login_shell
+    arguments = [shell, "-c", spec.command[0]] if spec.use_shell else list(spec.command)
+    ours: list[int] = []
+    theirs: list[int] = []
+    try:
+        for _ in range(3):
+            read_end, write_end = os.pipe()
+            ours.append(read_end)
+            theirs.append(write_end)
+        # stdin is the other way round: the child reads, we write.
+        ours[0], theirs[0] = theirs[0], ours[0]
+        try:
+            process = await trio.lowlevel.open_process(
+                arguments,
+                stdin=theirs[0],
+                stdout=theirs[1],
+                stderr=theirs[2],
+                start_new_session=True,
+                env=minimal_environment(account, shell, None, spec.environment),
+                cwd=account.working_directory,
+                **credentials,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise SessionProcessError(f"cannot run {arguments[0]!r}: {reason}") from None
+    except BaseException:
+        for fd in ours:
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
+    for fd in ours:
+        os.set_blocking(fd, False)
+    leader = SessionLeader(process)
+    session = ExecSession(leader, *ours)
+    try:
+        yield session
+    finally:
+        await leader.terminate(spec.teardown_grace)
+        session._close_all()

@@ -1,0 +1,422 @@
+"""A session's child process tree: how it is started, fed, read, signalled, and torn down.
+
+Shared by PTY and exec sessions. Each child is started as the leader of a new session, so its
+session id names every process it spawns (including job-control shells' background jobs, which
+get process groups of their own). Teardown sends SIGHUP then SIGKILL after a short grace to every
+process in that session, through pidfds so a recycled pid is never signalled. A process that
+calls setsid() itself leaves the session, as it would leave an SSH session.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import pwd
+import re
+import select
+import signal
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+
+from protocol.control import SIGNAL_NAMES
+
+OUTPUT_CHUNK_SIZE = 16 * 1024
+TEARDOWN_GRACE_SECONDS = 0.5
+TEARDOWN_KILL_ROUNDS = 5
+TEARDOWN_KILL_WAIT_SECONDS = 2.0
+DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+FALLBACK_SHELL = "/bin/sh"
+PROC_ROOT = Path("/proc")
+
+# Signals an operator may send, by the names used in control messages (with or without "SIG").
+ALLOWED_SIGNALS: Mapping[str, signal.Signals] = {
+    name: signal.Signals["SIG" + name] for name in SIGNAL_NAMES
+}
+# Variables an operator may set, as sshd's AcceptEnv usually allows: locale, time zone, colour.
+# Never anything that changes what code runs (PATH, LD_*, shell start-up files).
+_PASSABLE_VARIABLE = re.compile(r"LANG|LANGUAGE|LC_[A-Z]{1,32}|TZ|COLORTERM")
+MAX_PASSED_VARIABLES = 32
+MAX_PASSED_VALUE_LENGTH = 1024
+
+
+class SessionProcessError(Exception):
+    """A local session could not be started or was asked to do something it refuses."""
+
+
+class OutputStream(IntEnum):
+    """Which of the child's outputs a chunk came from. A PTY has only STDOUT."""
+
+    STDOUT = 1
+    STDERR = 2
+
+
+OutputHandler = Callable[[OutputStream, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How the session's main process ended: an exit code, or the signal that terminated it."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @classmethod
+    def from_returncode(cls, returncode: int) -> ExitStatus:
+        """Decode a subprocess-style return code (negative means killed by that signal)."""
+        if returncode < 0:
+            return cls(signal=-returncode)
+        return cls(code=returncode)
+
+    @property
+    def signal_name(self) -> str | None:
+        """The terminating signal's name without the SIG prefix (``"INT"``), if any."""
+        if self.signal is None:
+            return None
+        try:
+            return signal.Signals(self.signal).name.removeprefix("SIG")
+        except ValueError:
+            return str(self.signal)
+
+
+class LocalSession(Protocol):
+    """What both session kinds offer to the code that bridges them to the network."""
+
+    async def run(self, on_output: OutputHandler) -> ExitStatus:
+        """Stream output to ``on_output`` until the main process exits; return how it ended."""
+        ...
+
+    async def send_input(self, data: bytes) -> None:
+        """Write ``data`` to the child, waiting while it is not reading (backpressure)."""
+        ...
+
+    async def close_input(self) -> None:
+        """Tell the child its input has ended."""
+        ...
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the terminal size (a no-op where there is no terminal)."""
+        ...
+
+    def signal(self, name: str) -> None:
+        """Send an allowed signal, by name, to the child's foreground processes."""
+        ...
+
+
+def signal_from_name(name: str) -> signal.Signals:
+    """The allowed signal called ``name`` (``"INT"`` or ``"SIGINT"``); refuse anything else."""
+    key = name.upper().removeprefix("SIG") if isinstance(name, str) else ""
+    try:
+        return ALLOWED_SIGNALS[key]
+    except KeyError:
+        raise SessionProcessError(f"signal {name!r} is not one an operator may send") from None
+
+
+# --- who the child runs as, and with what environment --------------------------------------
+
+
+@dataclass(frozen=True)
+class Account:
+    """The local account a session runs as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str
+
+    @classmethod
+    def lookup(cls, user: str | None) -> Account:
+        """The named account, or the agent's own account when ``user`` is None."""
+        try:
+            entry = pwd.getpwuid(os.getuid()) if user is None else pwd.getpwnam(user)
+        except KeyError:
+            raise SessionProcessError(f"no local account named {user!r}") from None
+        return cls(entry.pw_name, entry.pw_uid, entry.pw_gid, entry.pw_dir, entry.pw_shell)
+
+    @property
+    def login_shell(self) -> str:
+        """The account's shell if it is an executable file, else /bin/sh."""
+        if self.shell and os.path.isabs(self.shell) and os.access(self.shell, os.X_OK):
+            return self.shell
+        return FALLBACK_SHELL
+
+    @property
+    def working_directory(self) -> str:
+        """The home directory if it exists, else the filesystem root (as sshd does)."""
+        return self.home if os.path.isdir(self.home) else "/"
+
+
+def credential_options(account: Account) -> dict[str, Any]:
+    """``subprocess`` options that make the child run as ``account`` (setgid, initgroups, setuid).
+
+    Switching needs root; asking a non-root agent for another account is refused.
+    """
+    if account.uid == os.getuid():
+        return {}
+    if os.geteuid() != 0:
+        raise SessionProcessError(
+            f"the agent runs as uid {os.getuid()} and cannot start a session as {account.name!r}; "
+            f"run it as root or drop the configured user"
+        )
+    return {
+        "user": account.uid,
+        "group": account.gid,
+        "extra_groups": os.getgrouplist(account.name, account.gid),
+    }
+
+
+def minimal_environment(
+    account: Account,
+    shell: str,
+    term: str | None = None,
+    passed: Sequence[tuple[str, str]] = (),
+) -> dict[str, str]:
+    """A small sane environment (HOME, USER, LOGNAME, SHELL, PATH, TERM, LANG), not the agent's own.
+
+    ``passed`` holds operator-sent variables; only locale, TZ and COLORTERM are accepted.
+    """
+    environment = {
+        "HOME": account.home,
+        "USER": account.name,
+        "LOGNAME": account.name,
+        "SHELL": shell,
+        "PATH": DEFAULT_PATH,
+    }
+    for name in ("LANG", "LC_ALL"):
+        value = os.environ.get(name)
+        if value:
+            environment[name] = value
+    if len(passed) > MAX_PASSED_VARIABLES:
+        raise SessionProcessError(f"more than {MAX_PASSED_VARIABLES} environment variables sent")
+    for name, value in passed:
+        if not _PASSABLE_VARIABLE.fullmatch(name):
+            raise SessionProcessError(f"environment variable {name!r} may not be set remotely")
+        if len(value) > MAX_PASSED_VALUE_LENGTH or "\x00" in value:
+            raise SessionProcessError(f"environment variable {name!r} has an unacceptable value")
+        environment[name] = value
+    if term is not None:
+        environment["TERM"] = term
+    return environment
+
+
+# --- reading and writing the child's file descriptors ---------------------------------------
+
+
+class OutputPump:
+    """Reads one non-blocking output fd and hands chunks on, until EOF or until the child has
+    exited and everything it wrote has been read (a leftover background process holding the fd
+    open must not keep the session alive)."""
+
+    def __init__(self, fd: int, stream: OutputStream) -> None:
+        os.set_blocking(fd, False)
+        self._fd = fd
+        self._stream = stream
+        self._child_exited = False
+        self._wait_scope: trio.CancelScope | None = None
+
+    def child_exited(self) -> None:
+        """Drain what is buffered, then stop instead of waiting for more."""
+        self._child_exited = True
+        if self._wait_scope is not None:
+            self._wait_scope.cancel()
+
+    async def run(self, on_output: OutputHandler) -> None:
+        """Pump output until the end; see the class docstring for what the end is."""
+        while True:
+            try:
+                data = os.read(self._fd, OUTPUT_CHUNK_SIZE)
+            except BlockingIOError:
+                if self._child_exited:
+                    return
+                with trio.CancelScope() as self._wait_scope:
+                    await trio.lowlevel.wait_readable(self._fd)
+                self._wait_scope = None
+                continue
+            except OSError as error:
+                # EIO: every slave side of a PTY is closed, the Linux way of saying EOF.
+                if error.errno == errno.EIO:
+                    return
+                raise
+            if not data:
+                return
+            await on_output(self._stream, data)
+            await trio.lowlevel.checkpoint()
+
+
+async def write_all(fd: int, data: bytes) -> bool:
+    """Write all of ``data`` to non-blocking ``fd``, waiting while it is full.
+
+    Returns False when the reading side is gone (input after that is discarded, as in SSH).
+    """
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(fd)
+            continue
+        except OSError as error:
+            if error.errno in (errno.EPIPE, errno.EIO, errno.EBADF):
+                return False
+            raise
+        view = view[written:]
+    await trio.lowlevel.checkpoint()
+    return True
+
+
+def signal_process_group(group: int, signum: int) -> None:
+    """killpg with a guard: 0 and 1 mean "our own group" and "everything" to the kernel."""
+    if group <= 1:
+        raise SessionProcessError(f"refusing to signal process group {group}")
+    try:
+        os.killpg(group, signum)
+    except ProcessLookupError:
+        pass
+
+
+def close_fd(fd: int) -> None:
+    """Close an fd trio may be waiting on, waking any waiter first."""
+    trio.lowlevel.notify_closing(fd)
+    os.close(fd)
+
+
+# --- the main process --------------------------------------------------------------------
+
+
+class SessionLeader:
+    """The session's main process. Its exit is observed without reaping it, so its pid (which is
+    also the session id) cannot be recycled before teardown has signalled the rest."""
+
+    def __init__(self, process: trio.Process) -> None:
+        self._process = process
+        self._pidfd: int | None = os.pidfd_open(process.pid)
+
+    @property
+    def pid(self) -> int:
+        """The main process's pid, which is also the session and process group id."""
+        return self._process.pid
+
+    async def wait_for_exit(self) -> ExitStatus:
+        """Wait until the main process has exited and say how; it stays unreaped until teardown."""
+        if self._pidfd is None:
+            raise SessionProcessError("the session has already been torn down")
+        await trio.lowlevel.wait_readable(self._pidfd)
+        # The pidfd is readable, so the process has exited: WNOHANG makes this never block.
+        result = os.waitid(  # noqa: ASYNC222
+            os.P_PIDFD, self._pidfd, os.WEXITED | os.WNOWAIT | os.WNOHANG
+        )
+        if result is None:
+            raise SessionProcessError("the session's main process vanished")
+        if result.si_code == os.CLD_EXITED:
+            return ExitStatus(code=result.si_status)
+        return ExitStatus(signal=result.si_status)
+
+    def signal_group(self, signum: int) -> None:
+        """Send ``signum`` to the main process's process group, if it still exists."""
+        signal_process_group(self.pid, signum)
+
+    async def terminate(self, grace: float = TEARDOWN_GRACE_SECONDS) -> None:
+        """Tear the whole session down, then reap the main process. Idempotent and shielded."""
+        if self._pidfd is None:
+            return
+        with trio.CancelScope(shield=True):
+            await terminate_session(self.pid, grace)
+            with trio.move_on_after(TEARDOWN_KILL_WAIT_SECONDS):
+                await self._process.wait()
+            close_fd(self._pidfd)
+            self._pidfd = None
+
+
+# --- teardown --------------------------------------------------------------------------------
+
+
+def session_members(session_id: int, proc_root: Path = PROC_ROOT) -> list[int]:
+    """Pids of the processes (zombies included) whose session id is ``session_id``."""
+    try:
+        names = [entry.name for entry in proc_root.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return []
+    return [int(name) for name in names if _session_of(int(name), proc_root) == session_id]
+
+
+def _session_of(pid: int, proc_root: Path = PROC_ROOT) -> int | None:
+    try:
+        stat_line = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    # The command name may contain spaces and parentheses; the fields follow the last ')'.
+    fields = stat_line.rpartition(")")[2].split()
+    return int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else None
+
+
+async def terminate_session(session_id: int, grace: float = TEARDOWN_GRACE_SECONDS) -> None:
+    """SIGHUP (and SIGCONT) every process in the session, then SIGKILL whatever is left.
+
+    Safe to call when everything already exited. Runs shielded: teardown must finish even
+    while the caller is being cancelled.
+    """
+    with trio.CancelScope(shield=True):
+        pidfds = _open_pidfds(session_id)
+        try:
+            for pidfd in pidfds.values():
+                _send(pidfd, signal.SIGHUP)
+                _send(pidfd, signal.SIGCONT)
+            with trio.move_on_after(grace):
+                for pidfd in pidfds.values():
+                    await trio.lowlevel.wait_readable(pidfd)
+            for _ in range(TEARDOWN_KILL_ROUNDS):
+                for pid, pidfd in list(pidfds.items()):
+                    if _has_exited(pidfd):
+                        close_fd(pidfds.pop(pid))
+                # Pick up anything forked during the grace period.
+                for pid, pidfd in _open_pidfds(session_id).items():
+                    if pid in pidfds:
+                        os.close(pidfd)
+                    else:
+                        pidfds[pid] = pidfd
+                live = {pid: fd for pid, fd in pidfds.items() if not _has_exited(fd)}
+                if not live:
+                    return
+                for pidfd in live.values():
+                    _send(pidfd, signal.SIGKILL)
+                with trio.move_on_after(TEARDOWN_KILL_WAIT_SECONDS):
+                    for pidfd in live.values():
+                        await trio.lowlevel.wait_readable(pidfd)
+        finally:
+            for pidfd in pidfds.values():
+                close_fd(pidfd)
+
+
+def _open_pidfds(session_id: int) -> dict[int, int]:
+    """Pidfds for the session's members, each checked again after opening: a pid that was
+    recycled between the /proc scan and pidfd_open now names a process outside the session."""
+    pidfds = {}
+    for pid in session_members(session_id):
+        try:
+            pidfd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            continue
+        if _session_of(pid) == session_id:
+            pidfds[pid] = pidfd
+        else:
+            os.close(pidfd)
+    return pidfds
+
+
+def _send(pidfd: int, signum: signal.Signals) -> None:
+    try:
+        signal.pidfd_send_signal(pidfd, signum)
+    except ProcessLookupError:
+        pass
+
+
+def _has_exited(pidfd: int) -> bool:
+    """A pidfd polls readable once its process has exited (even before it is reaped)."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(0))

@@ -1,0 +1,200 @@
+"""An interactive shell on a real pseudo-terminal, driven from trio.
+
+The shell (or a given command) runs as the leader of a new session with the PTY as its
+controlling terminal, so job control, SIGWINCH on resize and terminal-generated signals behave
+as under sshd. Leaving the ``open_pty_session`` block by any path tears the session down.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import struct
+import subprocess
+import termios
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import trio
+
+from agent.process_group import (
+    TEARDOWN_GRACE_SECONDS,
+    Account,
+    ExitStatus,
+    OutputHandler,
+    OutputPump,
+    OutputStream,
+    SessionLeader,
+    SessionProcessError,
+    close_fd,
+    credential_options,
+    minimal_environment,
+    session_members,
+    signal_from_name,
+    signal_process_group,
+    write_all,
+)
+
+DEFAULT_TERM = "xterm-256color"
+DEFAULT_ROWS = 24
+DEFAULT_COLS = 80
+MAX_WINDOW_DIMENSION = 10_000
+TTY_GROUP_MODE = 0o620
+# What a terminal sends for "end of input" in canonical mode (VEOF, ^D by default).
+END_OF_INPUT = b"\x04"
+_TERM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
+
+
+@dataclass(frozen=True)
+class PtySessionSpec:
+    """What to run on the PTY, as whom, and how the operator's terminal looks."""
+
+    term: str = DEFAULT_TERM
+    rows: int = DEFAULT_ROWS
+    cols: int = DEFAULT_COLS
+    user: str | None = None
+    shell: str | None = None
+    command: Sequence[str] | None = None
+    environment: tuple[tuple[str, str], ...] = ()
+    teardown_grace: float = TEARDOWN_GRACE_SECONDS
+
+    def __post_init__(self) -> None:
+        if not _TERM_PATTERN.fullmatch(self.term):
+            raise SessionProcessError(f"TERM value {self.term!r} is not a terminal type name")
+        _check_window_size(self.rows, self.cols)
+        if self.command is not None and not self.command:
+            raise SessionProcessError("a PTY command needs at least a program name")
+
+
+class PtySession:
+    """A running PTY session: stream its output, feed it input, resize it, signal it."""
+
+    def __init__(self, leader: SessionLeader, master_fd: int) -> None:
+        self._leader = leader
+        self._master_fd = master_fd
+        self._input_lock = trio.StrictFIFOLock()
+
+    @property
+    def pid(self) -> int:
+        """The pid of the shell (also its session id)."""
+        return self._leader.pid
+
+    async def run(self, on_output: OutputHandler) -> ExitStatus:
+        """Stream terminal output (as STDOUT) until the shell exits; return how it ended."""
+        pump = OutputPump(self._master_fd, OutputStream.STDOUT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run, on_output)
+            status = await self._leader.wait_for_exit()
+            pump.child_exited()
+        return status
+
+    async def send_input(self, data: bytes) -> None:
+        """Type ``data`` into the terminal, waiting while its input buffer is full."""
+        async with self._input_lock:
+            await write_all(self._master_fd, data)
+
+    async def close_input(self) -> None:
+        """End the input the way a terminal does: send the end-of-file character (^D)."""
+        await self.send_input(END_OF_INPUT)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the window size; the kernel sends SIGWINCH to the foreground process group."""
+        _check_window_size(rows, cols)
+        _set_window_size(self._master_fd, rows, cols)
+
+    def window_size(self) -> tuple[int, int]:
+        """The terminal's current (rows, cols)."""
+        packed = fcntl.ioctl(self._master_fd, termios.TIOCGWINSZ, b"\x00" * 8)
+        rows, cols, _, _ = struct.unpack("HHHH", packed)
+        return rows, cols
+
+    def foreground_process_group(self) -> int:
+        """The process group that owns the terminal (the shell, or the job it runs).
+
+        Falls back to the shell's own group when the terminal names none, or names one that
+        has no member left in this session (the kernel then reports 0, which must never reach
+        killpg: there it means the agent's own group).
+        """
+        try:
+            group = os.tcgetpgrp(self._master_fd)
+        except OSError:
+            return self._leader.pid
+        if group > 1 and group != self._leader.pid:
+            for member in session_members(self._leader.pid):
+                try:
+                    if os.getpgid(member) == group:
+                        return group
+                except ProcessLookupError:
+                    continue
+        return self._leader.pid
+
+    def signal(self, name: str) -> None:
+        """Send an allowed signal to the foreground process group, as a key press would."""
+        signal_process_group(self.foreground_process_group(), signal_from_name(name))
+
+
+@asynccontextmanager
+async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
+    """Start ``spec`` on a new PTY; on leaving the block, hang up and kill its whole session."""
+    account = Account.lookup(spec.user)
+    credentials = credential_options(account)
+    shell = spec.shell or account.login_shell
+    if spec.command is not None:
+        arguments, executable = list(spec.command), None
+    else:
+        # A leading "-" in argv[0] asks the shell to act as a login shell, as sshd does.
+        arguments, executable = ["-" + os.path.basename(shell)], shell
+    master_fd, slave_fd = os.openpty()
+    try:
+        _set_window_size(slave_fd, spec.rows, spec.cols)
+        if credentials:
+            os.fchown(slave_fd, account.uid, -1)
+            os.fchmod(slave_fd, TTY_GROUP_MODE)
+        try:
+            process = await trio.lowlevel.open_process(
+                arguments,
+                executable=executable,
+                stdin=slave_fd,
+                stdout=slave_fd,
+                stderr=slave_fd,
+                start_new_session=True,
+                preexec_fn=_take_controlling_terminal,
+                env=minimal_environment(account, shell, spec.term, spec.environment),
+                cwd=account.working_directory,
+                **credentials,
+            )
+        except (OSError, subprocess.SubprocessError) as error:
+            program = arguments[0] if executable is None else executable
+            reason = error.strerror if isinstance(error, OSError) else str(error)
+            raise SessionProcessError(f"cannot start {program!r}: {reason}") from None
+    except BaseException:
+        os.close(master_fd)
+        raise
+    finally:
+        # Only the child may hold the slave, or the master never sees end of file.
+        os.close(slave_fd)
+    os.set_blocking(master_fd, False)
+    leader = SessionLeader(process)
+    try:
+        yield PtySession(leader, master_fd)
+    finally:
+        await leader.terminate(spec.teardown_grace)
+        close_fd(master_fd)
+
+
+def _take_controlling_terminal() -> None:
+    """In the child, after setsid(): make the PTY on stdin the controlling terminal."""
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+def _set_window_size(fd: int, rows: int, cols: int) -> None:
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+
+
+def _check_window_size(rows: int, cols: int) -> None:
+    if not (1 <= rows <= MAX_WINDOW_DIMENSION and 1 <= cols <= MAX_WINDOW_DIMENSION):
+        raise SessionProcessError(
+            f"window size {rows}x{cols} is outside 1..{MAX_WINDOW_DIMENSION}"
+        )

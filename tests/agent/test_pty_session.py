@@ -1,0 +1,336 @@
+"""PTY shell sessions, driven from trio against real shells and real programs."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+from pathlib import Path
+
+import pyte
+import pytest
+import trio
+
+from agent.process_group import ExitStatus, OutputStream, SessionProcessError, session_members
+from agent.pty_session import PtySessionSpec, open_pty_session
+from tests.agent.session_helpers import (
+    Transcript,
+    is_root,
+    pid_is_gone,
+    trio_test,
+    wait_until,
+)
+
+
+class TolerantScreen(pyte.Screen):
+    """pyte 0.8 chokes on xterm's private SGR (CSI > 4 ; m, sent by vim); ignore those."""
+
+    def select_graphic_rendition(self, *attributes: int, private: bool = False) -> None:
+        if not private:
+            super().select_graphic_rendition(*attributes)
+
+
+# A plain interactive shell with a fixed prompt and no user start-up files.
+INTERACTIVE_SH = ("sh", "-i")
+PROMPT_ENV = (("LANG", "C"),)
+
+
+@trio_test
+async def test_initial_window_size_is_seen_by_the_program() -> None:
+    transcript = Transcript()
+    spec = PtySessionSpec(command=["stty", "size"], rows=33, cols=101)
+    async with open_pty_session(spec) as session:
+        status = await session.run(transcript.on_output)
+    assert status.code == 0
+    assert transcript.stdout.strip() == b"33 101"
+
+
+@trio_test
+async def test_resize_changes_the_size_the_shell_reports() -> None:
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=INTERACTIVE_SH)) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            await session.send_input(b"stty size\n")
+            offset = await transcript.wait_for(b"24 80")
+            session.resize(40, 132)
+            assert session.window_size() == (40, 132)
+            await session.send_input(b"stty size\n")
+            await transcript.wait_for(b"40 132", offset)
+            await session.send_input(b"exit\n")
+
+
+@trio_test
+async def test_resize_delivers_sigwinch_to_the_foreground_program() -> None:
+    transcript = Transcript()
+    script = "trap 'echo WINCH-$(stty size)' WINCH; echo ready; while :; do read x || exit 0; done"
+    async with open_pty_session(PtySessionSpec(command=["sh", "-c", script])) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            await transcript.wait_for(b"ready")
+            session.resize(50, 60)
+            await transcript.wait_for(b"WINCH-50 60")
+            session.signal("KILL")
+
+
+@trio_test
+async def test_terminal_type_and_minimal_environment_reach_the_shell() -> None:
+    os.environ["TUCDESK_AGENT_ONLY_SECRET"] = "do-not-leak"
+    try:
+        transcript = Transcript()
+        spec = PtySessionSpec(command=["env"], term="vt220", environment=(("TZ", "UTC"),))
+        async with open_pty_session(spec) as session:
+            await session.run(transcript.on_output)
+    finally:
+        del os.environ["TUCDESK_AGENT_ONLY_SECRET"]
+    variables = dict(
+        line.split("=", 1) for line in transcript.stdout.decode().splitlines() if "=" in line
+    )
+    assert variables["TERM"] == "vt220"
+    assert variables["TZ"] == "UTC"
+    assert variables["HOME"] == pwd.getpwuid(os.getuid()).pw_dir
+    assert "TUCDESK_AGENT_ONLY_SECRET" not in variables
+    assert set(variables) <= {"TERM", "TZ", "HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG",
+                              "LC_ALL", "PWD", "OLDPWD", "SHLVL", "_"}
+
+
+def test_operator_cannot_set_variables_that_change_what_runs() -> None:
+    async def attempt() -> None:
+        spec = PtySessionSpec(command=["true"], environment=(("LD_PRELOAD", "/tmp/x.so"),))
+        async with open_pty_session(spec):
+            pass
+
+    with pytest.raises(SessionProcessError, match="LD_PRELOAD"):
+        trio.run(attempt)
+
+
+@trio_test
+async def test_default_is_the_accounts_login_shell() -> None:
+    transcript = Transcript()
+    shell = pwd.getpwuid(os.getuid()).pw_shell
+    if not os.access(shell, os.X_OK):
+        shell = "/bin/sh"
+    async with open_pty_session(PtySessionSpec()) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            await session.send_input(b"echo \"zero=$0\"\n")
+            await transcript.wait_for(f"zero=-{os.path.basename(shell)}".encode())
+            await session.send_input(b"exit 3\n")
+
+
+@trio_test
+async def test_exit_code_of_the_shell_is_returned() -> None:
+    async with open_pty_session(PtySessionSpec(command=["sh", "-c", "exit 42"])) as session:
+        status = await session.run(Transcript().on_output)
+    assert (status.code, status.signal) == (42, None)
+
+
+@trio_test
+async def test_a_shell_killed_by_a_signal_reports_the_signal() -> None:
+    spec = PtySessionSpec(command=["sh", "-c", "kill -TERM $$"])
+    async with open_pty_session(spec) as session:
+        status = await session.run(Transcript().on_output)
+    assert (status.code, status.signal, status.signal_name) == (None, 15, "TERM")
+
+
+@trio_test
+async def test_sigint_reaches_the_foreground_job_not_the_shell() -> None:
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=INTERACTIVE_SH)) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            await session.send_input(b"sleep 1000\n")
+            await wait_until(lambda: session.foreground_process_group() != session.pid)
+            sleeper = session.foreground_process_group()
+            session.signal("INT")
+            await wait_until(lambda: pid_is_gone(sleeper))
+            await session.send_input(b"echo status=$?\n")
+            await transcript.wait_for(b"status=130")
+            await session.send_input(b"exit\n")
+
+
+@trio_test
+async def test_typed_control_c_interrupts_through_the_line_discipline() -> None:
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=INTERACTIVE_SH)) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            await session.send_input(b"sleep 1000\n")
+            await wait_until(lambda: session.foreground_process_group() != session.pid)
+            await session.send_input(b"\x03")
+            await wait_until(lambda: session.foreground_process_group() == session.pid)
+            await session.send_input(b"exit 5\n")
+
+
+def test_signals_outside_the_allowlist_are_refused() -> None:
+    async def attempt() -> None:
+        async with open_pty_session(PtySessionSpec(command=["sh"])) as session:
+            session.signal("SEGV")
+
+    with pytest.raises(SessionProcessError, match="SEGV"):
+        trio.run(attempt)
+
+
+@trio_test
+async def test_large_input_is_written_with_backpressure() -> None:
+    transcript = Transcript()
+    payload = b"x" * 1_000_000
+    script = "stty raw -echo; echo ready; head -c 1000000 | wc -c"
+    async with open_pty_session(PtySessionSpec(command=["sh", "-c", script])) as session:
+        async with trio.open_nursery() as nursery:
+
+            async def type_everything() -> None:
+                await transcript.wait_for(b"ready")
+                await session.send_input(payload)
+
+            nursery.start_soon(type_everything)
+            status = await session.run(transcript.on_output)
+    assert status.code == 0
+    assert transcript.stdout.split()[-1] == b"1000000"
+
+
+@trio_test
+async def test_close_input_sends_end_of_file() -> None:
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=["cat"])) as session:
+        async with trio.open_nursery() as nursery:
+
+            async def type_then_close() -> None:
+                await session.send_input(b"hello\n")
+                await transcript.wait_for(b"hello\r\nhello\r\n")
+                await session.close_input()
+
+            nursery.start_soon(type_then_close)
+            status = await session.run(transcript.on_output)
+    assert status.code == 0
+
+
+@trio_test
+async def test_cancelling_the_session_kills_its_whole_process_group() -> None:
+    transcript = Transcript()
+    spec = PtySessionSpec(command=["sh", "-c", "sleep 1000 & sleep 1000"], teardown_grace=0.2)
+    members: list[int] = []
+    with trio.CancelScope() as scope:
+        async with open_pty_session(spec) as session:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run, transcript.on_output)
+                await wait_until(lambda: len(session_members(session.pid)) == 3)
+                members = session_members(session.pid)
+                scope.cancel()
+    assert len(members) == 3
+    assert all(pid_is_gone(pid) for pid in members)
+
+
+@trio_test
+async def test_processes_that_ignore_hangup_are_killed_after_the_grace() -> None:
+    spec = PtySessionSpec(
+        command=["sh", "-c", "trap '' HUP; echo ready; sleep 1000"], teardown_grace=0.2
+    )
+    transcript = Transcript()
+    with trio.CancelScope() as scope:
+        async with open_pty_session(spec) as session:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.run, transcript.on_output)
+                await transcript.wait_for(b"ready")
+                await wait_until(lambda: len(session_members(session.pid)) == 2)
+                members = session_members(session.pid)
+                scope.cancel()
+    assert all(pid_is_gone(pid) for pid in members)
+
+
+@trio_test
+async def test_background_jobs_left_behind_by_the_shell_are_torn_down() -> None:
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=INTERACTIVE_SH)) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            # With job control on, the background job gets a process group of its own.
+            await session.send_input(b"sleep 1000 & echo bg=$!\n")
+            await transcript.wait_for(b"bg=")
+            await wait_until(lambda: len(session_members(session.pid)) == 2)
+            (background,) = [pid for pid in session_members(session.pid) if pid != session.pid]
+            assert os.getpgid(background) != session.pid
+            await session.send_input(b"exit\n")
+    assert pid_is_gone(background)
+
+
+@trio_test
+async def test_output_after_the_shell_exits_is_not_lost() -> None:
+    transcript = Transcript()
+    script = "i=0; while [ $i -lt 2000 ]; do echo line-$i; i=$((i+1)); done; echo LAST"
+    async with open_pty_session(PtySessionSpec(command=["sh", "-c", script])) as session:
+        await session.run(transcript.on_output)
+    assert transcript.stdout.endswith(b"LAST\r\n")
+    assert transcript.stdout.count(b"line-") == 2000
+
+
+@trio_test
+async def test_full_screen_output_renders_on_a_terminal_emulator() -> None:
+    transcript = Transcript()
+    script = "tput clear; tput cup 5 10; printf HELLO; tput cup 20 0; printf BOTTOM"
+    spec = PtySessionSpec(command=["sh", "-c", script], term="xterm", rows=24, cols=80)
+    async with open_pty_session(spec) as session:
+        await session.run(transcript.on_output)
+    screen = pyte.Screen(80, 24)
+    pyte.ByteStream(screen).feed(transcript.stdout)
+    assert screen.display[5][10:15] == "HELLO"
+    assert screen.display[20].startswith("BOTTOM")
+
+
+@pytest.mark.skipif(shutil.which("vi") is None, reason="no vi installed")
+@trio_test
+async def test_vi_draws_the_file_and_quits_on_command(tmp_path: Path) -> None:
+    document = tmp_path / "notes.txt"
+    document.write_text("first line\nsecond line\n")
+    screen = TolerantScreen(80, 24)
+    stream = pyte.ByteStream(screen)
+    spec = PtySessionSpec(command=["vi", "-u", "NONE", "-N", str(document)], term="xterm")
+    statuses: list[ExitStatus] = []
+
+    async def on_output(stream_id: OutputStream, data: bytes) -> None:
+        stream.feed(data)
+
+    async def run() -> None:
+        statuses.append(await session.run(on_output))
+
+    async with open_pty_session(spec) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run)
+            await wait_until(lambda: screen.display[1].startswith("second line"))
+            assert screen.display[0].startswith("first line")
+            assert screen.display[2].startswith("~")
+            await session.send_input(b"\x1b:q!\r")
+    assert statuses[0].code == 0
+
+
+@trio_test
+async def test_missing_program_is_a_clear_error() -> None:
+    with pytest.raises(SessionProcessError, match="cannot start"):
+        async with open_pty_session(PtySessionSpec(command=["/nonexistent/prog"])):
+            pass
+
+
+def test_bad_terminal_type_and_window_size_are_refused() -> None:
+    with pytest.raises(SessionProcessError):
+        PtySessionSpec(term="xterm; rm -rf /")
+    with pytest.raises(SessionProcessError):
+        PtySessionSpec(rows=0)
+    with pytest.raises(SessionProcessError):
+        PtySessionSpec(cols=10_001)
+
+
+@pytest.mark.skipif(not is_root(), reason="switching users needs root")
+@trio_test
+async def test_session_runs_as_the_configured_user_and_owns_its_terminal() -> None:
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no 'nobody' account")
+    transcript = Transcript()
+    script = 'echo "uid=$(id -u) gid=$(id -g) tty-owner=$(stat -c %u "$(tty)")"'
+    spec = PtySessionSpec(command=["/bin/sh", "-c", script], user="nobody")
+    async with open_pty_session(spec) as session:
+        status = await session.run(transcript.on_output)
+    assert status.code == 0
+    expected = f"uid={nobody.pw_uid} gid={nobody.pw_gid} tty-owner={nobody.pw_uid}"
+    assert expected.encode() in transcript.stdout

@@ -1,0 +1,126 @@
+"""Known agents: pin on first use, refuse a changed key loudly, replace only by explicit trust."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import pytest
+
+from operator_cli.known_agents import (
+    MAX_KNOWN_AGENTS_FILE_SIZE,
+    AgentKeyChangedError,
+    KnownAgents,
+    KnownAgentsError,
+    PinOutcome,
+)
+from protocol.identity import SigningIdentity
+
+FIRST_KEY = SigningIdentity.generate().public
+SECOND_KEY = SigningIdentity.generate().public
+
+
+def store(tmp_path: Path) -> KnownAgents:
+    return KnownAgents.in_home(tmp_path / "cli-home")
+
+
+def test_first_contact_pins_the_key(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    assert known.verify_or_pin("agt_1", FIRST_KEY) is PinOutcome.FIRST_USE
+    assert known.pinned_key("agt_1") == FIRST_KEY
+
+
+def test_the_same_key_later_matches(tmp_path: Path) -> None:
+    store(tmp_path).verify_or_pin("agt_1", FIRST_KEY)
+    assert store(tmp_path).verify_or_pin("agt_1", FIRST_KEY) is PinOutcome.MATCHED
+
+
+def test_a_changed_key_is_refused_naming_both_fingerprints_and_the_fix(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.verify_or_pin("agt_1", FIRST_KEY)
+    with pytest.raises(AgentKeyChangedError) as caught:
+        known.verify_or_pin("agt_1", SECOND_KEY)
+    message = str(caught.value)
+    assert FIRST_KEY.fingerprint in message
+    assert SECOND_KEY.fingerprint in message
+    assert "tucdesk agents trust agt_1" in message
+    assert known.pinned_key("agt_1") == FIRST_KEY
+
+
+def test_trust_replaces_the_pin(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.verify_or_pin("agt_1", FIRST_KEY)
+    assert known.trust("agt_1", SECOND_KEY) == FIRST_KEY
+    assert known.verify_or_pin("agt_1", SECOND_KEY) is PinOutcome.MATCHED
+    with pytest.raises(AgentKeyChangedError):
+        known.verify_or_pin("agt_1", FIRST_KEY)
+
+
+def test_pins_for_different_agents_are_independent(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.verify_or_pin("agt_1", FIRST_KEY)
+    known.verify_or_pin("agt_2", SECOND_KEY)
+    assert known.all_pins() == {"agt_1": FIRST_KEY, "agt_2": SECOND_KEY}
+    assert known.forget("agt_1") is True
+    assert known.forget("agt_1") is False
+    assert known.all_pins() == {"agt_2": SECOND_KEY}
+
+
+def test_file_is_0600_and_holds_no_temporary_leftovers(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.verify_or_pin("agt_1", FIRST_KEY)
+    assert stat.S_IMODE(known.path.stat().st_mode) == 0o600
+    leftovers = [path.name for path in known.path.parent.iterdir() if ".tmp" in path.name]
+    assert leftovers == []
+
+
+def test_garbage_file_gives_a_clear_error(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.path.parent.mkdir(parents=True)
+    known.path.write_bytes(b"\x00\xffnot json")
+    known.path.chmod(0o600)
+    with pytest.raises(KnownAgentsError, match="not a readable known-agents file"):
+        known.verify_or_pin("agt_1", FIRST_KEY)
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        [],
+        {"version": 2, "agents": {}},
+        {"version": 1, "agents": []},
+        {"version": 1, "agents": {"agt_1": {"public_key": "AAAA"}}},
+        {"version": 1, "agents": {"bad id!": {"public_key": "AAAA"}}},
+        {"version": 1, "agents": {"agt_1": "key"}},
+    ],
+)
+def test_malformed_documents_are_refused(tmp_path: Path, document: object) -> None:
+    known = store(tmp_path)
+    known.path.parent.mkdir(parents=True)
+    known.path.write_text(json.dumps(document))
+    known.path.chmod(0o600)
+    with pytest.raises(KnownAgentsError):
+        known.all_pins()
+
+
+def test_oversized_file_is_refused(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.path.parent.mkdir(parents=True)
+    known.path.write_bytes(b" " * (MAX_KNOWN_AGENTS_FILE_SIZE + 1))
+    known.path.chmod(0o600)
+    with pytest.raises(KnownAgentsError, match="larger than"):
+        known.all_pins()
+
+
+def test_file_others_can_write_is_refused(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    known.verify_or_pin("agt_1", FIRST_KEY)
+    known.path.chmod(0o666)
+    with pytest.raises(KnownAgentsError, match="chmod 600"):
+        known.verify_or_pin("agt_1", FIRST_KEY)
+
+
+def test_malformed_agent_ids_are_refused(tmp_path: Path) -> None:
+    with pytest.raises(KnownAgentsError):
+        store(tmp_path).verify_or_pin("../etc/passwd", FIRST_KEY)
