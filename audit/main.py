@@ -1,24 +1,143 @@
-"""Entry point for `tucdesk-audit`: the offline audit verifier (verify)."""
+"""Entry point for `tucdesk-audit`: verify an exported audit bundle offline."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from audit.checkpoint import Checkpoint
+from audit.errors import BundleError
+from audit.verify import (
+    EXIT_CODES,
+    Verdict,
+    VerificationResult,
+    load_previous_checkpoint,
+    verify_bundle,
+)
+from protocol.errors import ProtocolError
+from protocol.identity import PublicIdentity, load_public_key_file
+
+EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
+
+_VERIFY_EPILOG = """\
+Exit status: 0 when every check passes (one-line summary), 1 when the bundle is invalid (names
+the first bad record and why), 2 when an input cannot be read or is not a bundle at all.
+
+Only keys given with --key are trusted (PEM Ed25519 public keys, e.g. the rendezvous audit key;
+give several across a key rotation). Agent-signed records are accepted only if the agent's key
+was introduced earlier in the same log by an audit-key-signed agent.registered record. Keys listed
+inside the bundle are never trusted.
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, so --help describes what exists today."""
-    return argparse.ArgumentParser(
+    """The argument parser, so --help describes what exists."""
+    parser = argparse.ArgumentParser(
         prog="tucdesk-audit",
-        description="TucDesk the offline audit verifier (verify). Not built yet: arrives with issue 3 (audit).",
+        description="Verify TucDesk audit exports offline, with nothing but the file and keys.",
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on internal errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    verify = commands.add_parser(
+        "verify",
+        help="verify an export bundle",
+        description=(
+            "Check every record's signature, canonical encoding, sequence, time order and\n"
+            "hash chain, the Merkle root against the signed checkpoint, and consistency with\n"
+            "earlier checkpoints: truncation, rollback, reordering, insertion, deletion, edits\n"
+            "and forged signatures are all detected."
+        ),
+        epilog=_VERIFY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verify.add_argument("bundle", type=Path, metavar="BUNDLE", help="the .jsonl export bundle")
+    verify.add_argument(
+        "--key",
+        dest="keys",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="KEYFILE",
+        help="a pinned audit public key (PEM); repeat for rotated keys",
+    )
+    verify.add_argument(
+        "--previous-checkpoint",
+        dest="previous",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an earlier signed checkpoint you kept; the bundle must extend it (repeatable)",
+    )
+    verify.add_argument(
+        "--save-checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="when the bundle verifies, write its signed checkpoint here, to pass as "
+        "--previous-checkpoint when verifying the next export (detects rollback)",
+    )
+    verify.add_argument("--json", action="store_true", help="print a JSON result instead")
+    verify.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments; say plainly that this command is not built yet."""
-    build_parser().parse_args(argv)
-    print("tucdesk-audit: not built yet; it arrives with issue 3 (audit).", file=sys.stderr)
-    return 2
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    arguments = build_parser().parse_args(argv)
+    try:
+        return _verify(arguments)
+    except Exception as error:
+        if arguments.debug:
+            raise
+        print(
+            f"tucdesk-audit: internal error ({type(error).__name__}); rerun with --debug",
+            file=sys.stderr,
+        )
+        return EXIT_UNREADABLE
+
+
+def _verify(arguments: argparse.Namespace) -> int:
+    keys: list[PublicIdentity] = []
+    for path in arguments.keys:
+        try:
+            keys.append(load_public_key_file(path))
+        except (ProtocolError, OSError) as error:
+            return _unreadable(arguments, f"key {path}: {error}")
+    previous: list[Checkpoint] = []
+    for path in arguments.previous:
+        try:
+            previous.append(load_previous_checkpoint(path, keys))
+        except BundleError as error:
+            return _unreadable(arguments, str(error))
+    result = verify_bundle(arguments.bundle, keys, previous_checkpoints=previous)
+    if result.checkpoint_note is not None and arguments.save_checkpoint is not None:
+        try:
+            arguments.save_checkpoint.write_bytes(result.checkpoint_note)
+        except OSError as error:
+            return _unreadable(
+                arguments, f"{arguments.save_checkpoint}: cannot write ({error.strerror})"
+            )
+    _report(arguments, result)
+    return result.exit_code
+
+
+def _unreadable(arguments: argparse.Namespace, reason: str) -> int:
+    _report(arguments, VerificationResult(Verdict.UNREADABLE, reason))
+    return EXIT_UNREADABLE
+
+
+def _report(arguments: argparse.Namespace, result: VerificationResult) -> None:
+    if arguments.json:
+        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+    elif result.verdict is Verdict.UNREADABLE:
+        print(f"tucdesk-audit: {result.summary()}", file=sys.stderr)
+    else:
+        print(result.summary())
 
 
 if __name__ == "__main__":

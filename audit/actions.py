@@ -1,0 +1,100 @@
+"""The fixed vocabulary of audited actions, actor kinds and policy outcomes.
+
+Records may only name an action listed here; the log refuses anything else at append and the
+verifier refuses it in a bundle. Adding an action is a code change that ships a new verifier.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Action(StrEnum):
+    """What happened. The value is the exact string stored in a record."""
+
+    OPERATOR_INVITE_CREATED = "operator.invite_created"
+    """An admin created a one-time operator invite (context: invite id, role)."""
+    OPERATOR_INVITE_USED = "operator.invite_used"
+    """A new operator enrolled with an invite (context: key thumbprint)."""
+    OPERATOR_LOGIN_SUCCEEDED = "operator.login_succeeded"
+    """An operator signed the login challenge and received an access token (context: jti)."""
+    OPERATOR_LOGIN_FAILED = "operator.login_failed"
+    """A login attempt failed (context: reason, client address)."""
+    OPERATOR_TOKEN_REVOKED = "operator.token_revoked"  # noqa: S105 - an action name
+    """An access token was revoked by its jti."""
+    OPERATOR_REVOKED = "operator.revoked"
+    """An operator was removed from the team; their key no longer authenticates."""
+    API_KEY_CREATED = "api_key.created"
+    """An integration API key was created (never the key itself; its id)."""
+    API_KEY_REVOKED = "api_key.revoked"
+    """An integration API key was revoked."""
+    REGISTRATION_KEY_CREATED = "registration_key.created"
+    """An admin created a single-use agent registration key (context: key id, tags, ttl)."""
+    REGISTRATION_KEY_USED = "registration_key.used"
+    """A registration key was consumed by an enrolling agent."""
+    REGISTRATION_KEY_REVOKED = "registration_key.revoked"
+    """A registration key was revoked before use."""
+    AGENT_REGISTERED = "agent.registered"
+    """An agent enrolled. Signed by the audit key, it introduces the agent's public key (target =
+    agent id, context carries ``agent_public_key`` and ``agent_key_id``): see audit/trust.py."""
+    AGENT_REGISTRATION_REFUSED = "agent.registration_refused"
+    """An enrollment was refused (context: reason)."""
+    AGENT_CLONE_ANOMALY = "agent.clone_anomaly"
+    """One agent identity appeared with two machine fingerprints or two live connections."""
+    AGENT_CONNECTED = "agent.connected"
+    """An agent opened its control channel."""
+    AGENT_DISCONNECTED = "agent.disconnected"
+    """An agent's control channel closed."""
+    SESSION_REQUESTED = "session.requested"
+    """An operator asked for a session to a target."""
+    SESSION_DECISION = "session.decision"
+    """Policy decided on a session request (policy_result says how and why)."""
+    SESSION_STARTED = "session.started"
+    """A session's handshake completed and the shell or command started."""
+    SESSION_COMMAND = "session.command"
+    """A command ran inside a session (context: command, exit code)."""
+    SESSION_ENDED = "session.ended"
+    """A session ended (context: exit status, byte counts)."""
+    SESSION_REFUSED = "session.refused"
+    """A session was refused after the decision (e.g. by the agent's local policy)."""
+    POLICY_SET = "policy.set"
+    """A team's signed policy document was replaced (context: version, hash)."""
+    ROSTER_SIGNED = "roster.signed"
+    """A team's operator roster was signed (context: version, hash)."""
+    APPROVAL_REQUESTED = "approval.requested"
+    """A request was parked waiting for an approver."""
+    APPROVAL_APPROVED = "approval.approved"
+    """An approver signed the exact request."""
+    APPROVAL_DENIED = "approval.denied"
+    """An approver refused the request."""
+    APPROVAL_EXPIRED = "approval.expired"
+    """A parked request expired without a decision."""
+    APPROVAL_EXECUTED = "approval.executed"
+    """An approved request was carried out."""
+    AUDIT_EXPORTED = "audit.exported"
+    """Someone exported the team's audit log."""
+
+
+class ActorKind(StrEnum):
+    """Who acted."""
+
+    OPERATOR = "operator"
+    """A human operator; ``id`` is the operator id, ``display`` their email."""
+    AGENT = "agent"
+    """An agent on a managed host; ``id`` is the agent id."""
+    API_KEY = "api_key"
+    """An integration authenticated by API key; ``id`` is the key id."""
+    SERVICE = "service"
+    """The rendezvous itself (expiries, anomaly detection)."""
+    UNAUTHENTICATED = "unauthenticated"
+    """A caller who did not prove an identity (failed logins, refused enrollments)."""
+
+
+class PolicyOutcome(StrEnum):
+    """The result a policy decision or an approval step produced."""
+
+    ALLOW = "allow"
+    DENY = "deny"
+    APPROVAL_REQUIRED = "approval_required"
+    APPROVED = "approved"
+    DENIED = "denied"

@@ -1,0 +1,331 @@
+"""A team's audit log: builds, signs and chains records, keeps the Merkle frontier, checkpoints,
+proves inclusion and consistency, and exports bundles.
+
+One AuditLog per team (AuditLogs hands them out). Appends inside one process are serialised by
+a lock; several rendezvous instances sharing a database race through the store's atomic
+append-at-sequence, and the loser re-reads the head and retries. Every append returns only after
+the store has durably kept the record: no audit, no action.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import BinaryIO
+
+import trio
+
+from audit.actions import Action, ActorKind
+from audit.bundle import BundleHeader, BundleTrailer, KeyHint
+from audit.checkpoint import Checkpoint, open_checkpoint, origin_for, sign_checkpoint
+from audit.errors import AppendConflict, AuditError, ProofError, RecordError
+from audit.merkle import MerkleFrontier, consistency_proof, inclusion_proof, root_of
+from audit.record import (
+    GENESIS_HASH,
+    MAX_EVENT_FUTURE_SKEW,
+    Actor,
+    AuditEvent,
+    AuditRecord,
+    JsonValue,
+    PolicyResult,
+    SignedEvent,
+    format_time,
+    parse_time,
+    sign_event,
+)
+from audit.store import AuditStore, StoredCheckpoint, StoredRecord
+from audit.trust import introduced_agent_key
+from protocol.identity import PublicIdentity, SigningIdentity
+
+MAX_APPEND_ATTEMPTS = 16
+STORE_READ_CHUNK = 1000
+_AGENT_REGISTERED_MARKER = b'"action":"agent.registered"'
+
+Clock = Callable[[], datetime]
+
+
+def utc_now() -> datetime:
+    """The current UTC time (the default clock)."""
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    """A checkpoint and its signed-note encoding."""
+
+    checkpoint: Checkpoint
+    note: bytes
+
+
+class AuditLog:
+    """One team's append-only, hash-chained, Merkle-tree audit log."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        identity: SigningIdentity,
+        deployment: str,
+        team_id: str,
+        *,
+        clock: Clock = utc_now,
+        previous_audit_keys: Sequence[PublicIdentity] = (),
+    ) -> None:
+        self._store = store
+        self._identity = identity
+        self._key_id = identity.public.key_id
+        self._team_id = team_id
+        self._origin = origin_for(deployment, team_id)
+        self._clock = clock
+        self._previous_audit_keys = tuple(previous_audit_keys)
+        self._lock = trio.Lock()
+        self._loaded = False
+        self._frontier = MerkleFrontier()
+        self._last_hash = GENESIS_HASH
+        self._last_time: datetime | None = None
+
+    @property
+    def team_id(self) -> str:
+        """The team this log belongs to."""
+        return self._team_id
+
+    @property
+    def origin(self) -> str:
+        """The checkpoint origin line (and signed-note key name) of this log."""
+        return self._origin
+
+    @property
+    def audit_key(self) -> PublicIdentity:
+        """The public key auditors pin to verify this log's exports."""
+        return self._identity.public
+
+    async def size(self) -> int:
+        """How many records the log holds (after catching up with other writers)."""
+        async with self._lock:
+            await self._catch_up(force=True)
+            return self._frontier.size
+
+    async def append(
+        self,
+        action: Action | str,
+        actor: Actor,
+        *,
+        target: str | None = None,
+        session_id: str | None = None,
+        policy_result: PolicyResult | None = None,
+        context: Mapping[str, JsonValue] | None = None,
+        now: datetime | None = None,
+    ) -> AuditRecord:
+        """Sign an event with the audit key and durably append it; returns the stored record."""
+        moment = now or self._clock()
+        event = AuditEvent(
+            occurred_at=moment,
+            team_id=self._team_id,
+            actor=actor,
+            action=_known_action(action),
+            signer=self._key_id,
+            target=target,
+            session_id=session_id,
+            policy_result=policy_result,
+            context=dict(context or {}),
+        )
+        if event.action is Action.AGENT_REGISTERED:
+            introduced_agent_key(event)
+        return await self._place(sign_event(self._identity, event), moment)
+
+    async def append_agent_event(
+        self,
+        signed: SignedEvent,
+        agent_id: str,
+        agent_key: PublicIdentity,
+        *,
+        now: datetime | None = None,
+    ) -> AuditRecord:
+        """Check an event an agent signed on its host, then chain it into the log as is.
+
+        ``agent_key`` must be the key an earlier ``agent.registered`` record introduced for
+        ``agent_id``, or the export will not verify.
+        """
+        moment = now or self._clock()
+        event = signed.event
+        if event.team_id != self._team_id:
+            raise RecordError("agent event belongs to another team")
+        if event.actor.kind is not ActorKind.AGENT or event.actor.id != agent_id:
+            raise RecordError(f"an event signed by agent {agent_id} must name it as the actor")
+        if event.occurred_at > moment + MAX_EVENT_FUTURE_SKEW:
+            raise RecordError("agent event is dated too far in the future")
+        signed.verify(agent_key)
+        return await self._place(signed, moment)
+
+    async def checkpoint(self) -> SignedCheckpoint:
+        """Sign a checkpoint over every record now in the log and keep it in the store."""
+        async with self._lock:
+            await self._catch_up(force=True)
+            checkpoint = Checkpoint(self._origin, self._frontier.size, self._frontier.root())
+        note = sign_checkpoint(checkpoint, self._identity)
+        await self._store.save_checkpoint(self._team_id, StoredCheckpoint(checkpoint.size, note))
+        return SignedCheckpoint(checkpoint, note)
+
+    async def inclusion_proof(self, seq: int, size: int) -> list[bytes]:
+        """RFC 9162 inclusion proof of record ``seq`` in the tree of the first ``size`` records."""
+        return inclusion_proof(await self._leaf_hashes(size), seq)
+
+    async def consistency_proof(self, old_size: int, size: int) -> list[bytes]:
+        """RFC 9162 consistency proof from the tree of ``old_size`` records to ``size`` records."""
+        return consistency_proof(await self._leaf_hashes(size), old_size)
+
+    async def export(
+        self, stream: BinaryIO, *, previous_checkpoint: bytes | None = None
+    ) -> SignedCheckpoint:
+        """Write a bundle of every record under a fresh checkpoint to ``stream``, chunk by chunk.
+
+        With ``previous_checkpoint`` (an earlier note of this log), the bundle also carries it
+        and the consistency proof from it. Callers append ``audit.exported`` first if they want
+        the export itself on the record.
+        """
+        current = await self.checkpoint()
+        size = current.checkpoint.size
+        previous_note: bytes | None = None
+        proof: list[bytes] = []
+        if previous_checkpoint is not None:
+            previous_note = previous_checkpoint
+            proof = await self._proof_from(previous_checkpoint, size)
+        hints = {
+            key.key_id: KeyHint(key.key_id, key, "audit")
+            for key in (self._identity.public, *self._previous_audit_keys)
+        }
+        header = BundleHeader(self._origin, self._team_id)
+        await trio.to_thread.run_sync(stream.write, header.line())
+        for start in range(0, size, STORE_READ_CHUNK):
+            records = await self._store.read_records(
+                self._team_id, start, min(start + STORE_READ_CHUNK, size)
+            )
+            if len(records) != min(STORE_READ_CHUNK, size - start):
+                raise AuditError("the store returned fewer records than its checkpoint covers")
+            for record in records:
+                if _AGENT_REGISTERED_MARKER in record.canonical:
+                    parsed = AuditRecord.from_line(record.canonical)
+                    if parsed.event.signer in hints:
+                        _, key = introduced_agent_key(parsed.event)
+                        hints.setdefault(key.key_id, KeyHint(key.key_id, key, "agent"))
+            chunk = b"".join(record.canonical + b"\n" for record in records)
+            await trio.to_thread.run_sync(stream.write, chunk)
+        trailer = BundleTrailer(
+            checkpoint=current.note,
+            keys=tuple(hints.values()),
+            previous_checkpoint=previous_note,
+            consistency_proof=tuple(proof),
+        )
+        await trio.to_thread.run_sync(stream.write, trailer.line())
+        return current
+
+    async def _proof_from(self, previous_note: bytes, size: int) -> list[bytes]:
+        trusted = [self._identity.public, *self._previous_audit_keys]
+        previous, _ = open_checkpoint(previous_note, trusted)
+        if previous.origin != self._origin:
+            raise ProofError("the earlier checkpoint is for another log")
+        if previous.size > size:
+            raise ProofError("the earlier checkpoint covers more records than the log holds")
+        leaves = await self._leaf_hashes(size)
+        if root_of(leaves[: previous.size]) != previous.root_hash:
+            raise ProofError("the earlier checkpoint does not match this log's history")
+        return consistency_proof(leaves, previous.size)
+
+    async def _place(self, signed: SignedEvent, moment: datetime) -> AuditRecord:
+        async with self._lock:
+            await self._catch_up()
+            for _ in range(MAX_APPEND_ATTEMPTS):
+                # Log time never goes backwards, even if clocks disagree between instances.
+                time = moment if self._last_time is None else max(moment, self._last_time)
+                record = AuditRecord(self._frontier.size, time, self._last_hash, signed)
+                stored = StoredRecord(
+                    seq=record.seq,
+                    time=format_time(time),
+                    record_hash=record.record_hash,
+                    leaf_hash=record.leaf_hash,
+                    canonical=record.canonical,
+                )
+                try:
+                    await self._store.append(self._team_id, stored)
+                except AppendConflict:
+                    await self._catch_up(force=True)
+                    continue
+                self._frontier.append(stored.leaf_hash)
+                self._last_hash = stored.record_hash
+                self._last_time = time
+                return record
+        raise AppendConflict(
+            f"gave up appending after {MAX_APPEND_ATTEMPTS} conflicts with other writers"
+        )
+
+    async def _catch_up(self, *, force: bool = False) -> None:
+        """Bring the frontier and head up to date with the store (other writers, first use)."""
+        if self._loaded and not force:
+            return
+        head = await self._store.head(self._team_id)
+        size = 0 if head is None else head.seq + 1
+        while (known := self._frontier.size) < size:
+            leaves = await self._store.read_leaf_hashes(
+                self._team_id, known, min(known + STORE_READ_CHUNK, size)
+            )
+            if not leaves:
+                raise AuditError("the store's head is beyond the records it returns")
+            for leaf in leaves:
+                self._frontier.append(leaf)
+        if head is not None:
+            self._last_hash = head.record_hash
+            self._last_time = parse_time(head.time)
+        self._loaded = True
+
+    async def _leaf_hashes(self, size: int) -> list[bytes]:
+        leaves: list[bytes] = []
+        while len(leaves) < size:
+            chunk = await self._store.read_leaf_hashes(
+                self._team_id, len(leaves), min(len(leaves) + STORE_READ_CHUNK, size)
+            )
+            if not chunk:
+                raise ProofError(f"the log holds fewer than {size} records")
+            leaves.extend(chunk)
+        return leaves
+
+
+class AuditLogs:
+    """Hands out one AuditLog per team, all sharing a store, audit key and deployment name."""
+
+    def __init__(
+        self,
+        store: AuditStore,
+        identity: SigningIdentity,
+        deployment: str,
+        *,
+        clock: Clock = utc_now,
+        previous_audit_keys: Sequence[PublicIdentity] = (),
+    ) -> None:
+        self._store = store
+        self._identity = identity
+        self._deployment = deployment
+        self._clock = clock
+        self._previous_audit_keys = tuple(previous_audit_keys)
+        self._logs: dict[str, AuditLog] = {}
+
+    def for_team(self, team_id: str) -> AuditLog:
+        """The log of ``team_id`` (team ids must come from signed claims, never request bodies)."""
+        log = self._logs.get(team_id)
+        if log is None:
+            log = AuditLog(
+                self._store,
+                self._identity,
+                self._deployment,
+                team_id,
+                clock=self._clock,
+                previous_audit_keys=self._previous_audit_keys,
+            )
+            self._logs[team_id] = log
+        return log
+
+
+def _known_action(action: Action | str) -> Action:
+    try:
+        return Action(action)
+    except ValueError:
+        raise RecordError(f"unknown audit action {str(action)[:64]!r}") from None

@@ -1,0 +1,92 @@
+"""Which keys may sign records in a team's log.
+
+Trust starts only from pinned audit keys (the rendezvous audit key, and older ones kept for
+rotation). Agents are not pinned one by one: an agent's key becomes trusted when an earlier
+record in the same log, signed by a pinned audit key, has action ``agent.registered``, the agent
+id as target, and the agent's public key and key id in its context. From then on records signed
+by that key are accepted, but only with an ``agent`` actor whose id is that agent's id, so one
+agent can never speak for another. Keys listed in an export bundle are hints, never anchors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from audit.actions import Action, ActorKind
+from audit.errors import RecordError
+from audit.record import AuditEvent, JsonValue, SignedEvent
+from protocol.errors import ProtocolError
+from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_decode
+
+AGENT_PUBLIC_KEY_FIELD = "agent_public_key"
+AGENT_KEY_ID_FIELD = "agent_key_id"
+
+
+def agent_registration_context(
+    agent_key: PublicIdentity, **extra: JsonValue
+) -> dict[str, JsonValue]:
+    """The context an ``agent.registered`` record needs to introduce ``agent_key``."""
+    return {
+        **extra,
+        AGENT_PUBLIC_KEY_FIELD: b64url(agent_key.raw),
+        AGENT_KEY_ID_FIELD: agent_key.key_id,
+    }
+
+
+def introduced_agent_key(event: AuditEvent) -> tuple[str, PublicIdentity]:
+    """The (agent id, public key) an ``agent.registered`` event introduces, or RecordError."""
+    if event.action is not Action.AGENT_REGISTERED:
+        raise RecordError("only agent.registered records introduce agent keys")
+    if not event.target:
+        raise RecordError("agent.registered must name the agent id as its target")
+    encoded = event.context.get(AGENT_PUBLIC_KEY_FIELD)
+    key_id = event.context.get(AGENT_KEY_ID_FIELD)
+    if not isinstance(encoded, str) or not isinstance(key_id, str):
+        raise RecordError(
+            f"agent.registered context needs {AGENT_PUBLIC_KEY_FIELD} and {AGENT_KEY_ID_FIELD}"
+        )
+    try:
+        key = PublicIdentity(b64url_decode(encoded, max_size=PUBLIC_KEY_SIZE))
+    except ProtocolError:
+        raise RecordError(f"agent.registered {AGENT_PUBLIC_KEY_FIELD} is not a key") from None
+    if b64url(key.raw) != encoded or key.key_id != key_id:
+        raise RecordError(f"agent.registered {AGENT_KEY_ID_FIELD} does not match the key")
+    return event.target, key
+
+
+class SignerTrust:
+    """The keys trusted to sign one log's records, growing as ``agent.registered`` records pass."""
+
+    def __init__(self, audit_keys: Sequence[PublicIdentity]) -> None:
+        self._audit_keys = {key.key_id: key for key in audit_keys}
+        self._agent_keys: dict[str, tuple[str, PublicIdentity]] = {}
+
+    @property
+    def agent_keys(self) -> dict[str, PublicIdentity]:
+        """Agent keys introduced so far, by key id."""
+        return {key_id: key for key_id, (_, key) in self._agent_keys.items()}
+
+    def is_audit_key(self, key_id: str) -> bool:
+        """Whether ``key_id`` names a pinned audit key."""
+        return key_id in self._audit_keys
+
+    def accept(self, signed: SignedEvent) -> None:
+        """Verify ``signed`` against a trusted key, then learn any agent key it introduces."""
+        signer = signed.event.signer
+        if signer in self._audit_keys:
+            signed.verify(self._audit_keys[signer])
+            if signed.event.action is Action.AGENT_REGISTERED:
+                agent_id, key = introduced_agent_key(signed.event)
+                self._agent_keys[key.key_id] = (agent_id, key)
+            return
+        if signer in self._agent_keys:
+            agent_id, key = self._agent_keys[signer]
+            actor = signed.event.actor
+            if actor.kind is not ActorKind.AGENT or actor.id != agent_id:
+                raise RecordError(f"agent key {signer} may only sign as agent {agent_id}")
+            signed.verify(key)
+            return
+        raise RecordError(
+            f"signed by key {signer}, which is neither pinned nor introduced by an earlier "
+            "audit-key-signed agent.registered record"
+        )

@@ -1,0 +1,133 @@
+"""The behaviour every AuditStore must have, as reusable async checks.
+
+A backend's tests run each check against a fresh or shared store (checks use their own random
+team ids, so sharing one store is fine)::
+
+    @pytest.mark.parametrize("check", STORE_CONTRACT_CHECKS, ids=lambda c: c.__name__)
+    def test_sqlite_store_keeps_the_audit_store_contract(check, sqlite_store):
+        trio.run(check, sqlite_store)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Awaitable, Callable
+
+import trio
+
+from audit.errors import AppendConflict
+from audit.store import AuditStore, StoredCheckpoint, StoredRecord
+
+
+def fake_record(seq: int, payload: bytes = b"") -> StoredRecord:
+    """A StoredRecord with deterministic hashes; stores never interpret the bytes."""
+    canonical = b'{"seq":%d,"payload":"%s"}' % (seq, payload.hex().encode())
+    return StoredRecord(
+        seq=seq,
+        time=f"2026-11-26T10:00:{seq % 60:02d}.{seq % 1_000_000:06d}Z",
+        record_hash=hashlib.sha256(canonical).digest(),
+        leaf_hash=hashlib.sha256(b"\x00" + canonical).digest(),
+        canonical=canonical,
+    )
+
+
+def new_team() -> str:
+    """A fresh team id so checks never collide in a shared store."""
+    return f"team-{uuid.uuid4().hex}"
+
+
+async def check_empty_log_has_no_head(store: AuditStore) -> None:
+    team = new_team()
+    assert await store.head(team) is None
+    assert await store.read_records(team, 0, 10) == []
+    assert await store.read_leaf_hashes(team, 0, 10) == []
+    assert await store.latest_checkpoint(team) is None
+
+
+async def check_records_come_back_in_order_with_identical_bytes(store: AuditStore) -> None:
+    team = new_team()
+    records = [fake_record(seq, bytes([seq])) for seq in range(12)]
+    for record in records:
+        await store.append(team, record)
+    assert await store.head(team) == records[-1]
+    assert await store.read_records(team, 0, 12) == records
+    assert await store.read_records(team, 3, 7) == records[3:7]
+    assert await store.read_records(team, 10, 100) == records[10:]
+    assert await store.read_records(team, 12, 20) == []
+    assert await store.read_leaf_hashes(team, 2, 5) == [r.leaf_hash for r in records[2:5]]
+
+
+async def check_append_at_a_taken_sequence_number_conflicts(store: AuditStore) -> None:
+    team = new_team()
+    await store.append(team, fake_record(0))
+    await store.append(team, fake_record(1))
+    for seq in (0, 1):
+        try:
+            await store.append(team, fake_record(seq, b"other writer"))
+        except AppendConflict:
+            pass
+        else:
+            raise AssertionError(f"second record at seq {seq} was accepted")
+    assert [r.seq for r in await store.read_records(team, 0, 10)] == [0, 1]
+    assert (await store.read_records(team, 1, 2))[0] == fake_record(1)
+
+
+async def check_append_leaving_a_gap_conflicts(store: AuditStore) -> None:
+    team = new_team()
+    try:
+        await store.append(team, fake_record(1))
+    except AppendConflict:
+        pass
+    else:
+        raise AssertionError("a record at seq 1 was stored in an empty log")
+    assert await store.head(team) is None
+
+
+async def check_teams_never_see_each_others_records(store: AuditStore) -> None:
+    team_a, team_b = new_team(), new_team()
+    await store.append(team_a, fake_record(0, b"a"))
+    await store.append(team_b, fake_record(0, b"b"))
+    await store.append(team_b, fake_record(1, b"b"))
+    assert await store.read_records(team_a, 0, 10) == [fake_record(0, b"a")]
+    assert (await store.head(team_b)) == fake_record(1, b"b")
+    await store.save_checkpoint(team_a, StoredCheckpoint(1, b"note a\n"))
+    assert await store.latest_checkpoint(team_b) is None
+
+
+async def check_concurrent_appends_at_one_seq_store_exactly_one(store: AuditStore) -> None:
+    team = new_team()
+    outcomes: list[str] = []
+
+    async def writer(tag: bytes) -> None:
+        try:
+            await store.append(team, fake_record(0, tag))
+            outcomes.append("stored")
+        except AppendConflict:
+            outcomes.append("conflict")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for index in range(5):
+                nursery.start_soon(writer, bytes([index]))
+    assert sorted(outcomes) == ["conflict"] * 4 + ["stored"]
+    assert len(await store.read_records(team, 0, 10)) == 1
+
+
+async def check_latest_checkpoint_is_the_largest(store: AuditStore) -> None:
+    team = new_team()
+    await store.save_checkpoint(team, StoredCheckpoint(5, b"five\n"))
+    await store.save_checkpoint(team, StoredCheckpoint(9, b"nine\n"))
+    await store.save_checkpoint(team, StoredCheckpoint(7, b"seven\n"))
+    assert await store.latest_checkpoint(team) == StoredCheckpoint(9, b"nine\n")
+
+
+STORE_CONTRACT_CHECKS: list[Callable[[AuditStore], Awaitable[None]]] = [
+    check_empty_log_has_no_head,
+    check_records_come_back_in_order_with_identical_bytes,
+    check_append_at_a_taken_sequence_number_conflicts,
+    check_append_leaving_a_gap_conflicts,
+    check_teams_never_see_each_others_records,
+    check_concurrent_appends_at_one_seq_store_exactly_one,
+    check_latest_checkpoint_is_the_largest,
+]
