@@ -1,0 +1,109 @@
+"""The rendezvous store: one interface (``Store``), two backends (SQLite, PostgreSQL).
+
+Use it as an async context manager from trio code::
+
+    async with open_store("sqlite:///var/lib/tucdesk/rendezvous.db") as store:
+        team = await store.create_team("ops", now=time.time())
+
+``open_store`` applies pending migrations before it yields. The PostgreSQL backend talks to
+asyncpg through trio-asyncio: the context manager opens the asyncio loop it needs itself, and the
+store may then be called from any trio task of the same run (e.g. Hypercorn's request tasks), as
+long as the ``async with`` block is still open. No special set-up is needed from the caller.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from rendezvous.store.base import (
+    Agent,
+    AgentConnection,
+    AlreadyExists,
+    AmbiguousName,
+    ApiKey,
+    ChallengeUnusable,
+    ConnectionReport,
+    CredentialUnusable,
+    InvalidArgument,
+    Invite,
+    InviteUnusable,
+    LoginChallenge,
+    NotFound,
+    Operator,
+    RegistrationKey,
+    RegistrationKeyUnusable,
+    Store,
+    StoreError,
+    StoreUnavailable,
+    Team,
+    UnusableReason,
+)
+
+__all__ = [
+    "Agent",
+    "AgentConnection",
+    "AlreadyExists",
+    "AmbiguousName",
+    "ApiKey",
+    "ChallengeUnusable",
+    "ConnectionReport",
+    "CredentialUnusable",
+    "InvalidArgument",
+    "Invite",
+    "InviteUnusable",
+    "LoginChallenge",
+    "NotFound",
+    "Operator",
+    "RegistrationKey",
+    "RegistrationKeyUnusable",
+    "Store",
+    "StoreError",
+    "StoreUnavailable",
+    "Team",
+    "UnusableReason",
+    "backend_for",
+    "open_store",
+]
+
+SQLITE_SCHEME = "sqlite://"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+
+
+def backend_for(database: str | Path) -> tuple[str, str]:
+    """Which backend a URL or path names: ``("sqlite", file path)`` or ``("postgres", url)``."""
+    text = str(database)
+    if not text.strip():
+        raise StoreUnavailable("no database given: use sqlite:///PATH, a file path, or postgresql://…")
+    if text.startswith(POSTGRES_SCHEMES):
+        return "postgres", text
+    if text.startswith(SQLITE_SCHEME):
+        # sqlite:///abs/path -> /abs/path ; sqlite://rel/path -> rel/path
+        path = text[len(SQLITE_SCHEME) :]
+        if path.startswith("//"):
+            path = path[1:]
+        if not path:
+            raise StoreUnavailable("sqlite URL names no file: use sqlite:///path/to/file.db")
+        return "sqlite", path
+    if "://" in text:
+        raise StoreUnavailable(
+            "unsupported database URL scheme: use sqlite:///PATH, a file path, or postgresql://…"
+        )
+    return "sqlite", text
+
+
+@asynccontextmanager
+async def open_store(database: str | Path) -> AsyncIterator[Store]:
+    """Open (creating and migrating if needed) the store named by a URL or path; close on exit."""
+    kind, location = backend_for(database)
+    if kind == "postgres":
+        from rendezvous.store.postgres import open_postgres_store
+
+        async with open_postgres_store(location) as pg_store:
+            yield pg_store
+    else:
+        from rendezvous.store.sqlite import open_sqlite_store
+
+        async with open_sqlite_store(location) as sqlite_store:
+            yield sqlite_store

@@ -1,0 +1,535 @@
+"""The rendezvous store interface: domain records, store errors and the abstract ``Store``.
+
+Conventions every backend keeps:
+
+* Times are float Unix seconds (UTC), always passed in by the caller (``now``), never read from
+  the clock inside the store, so tests and several instances agree on what "expired" means.
+* Secrets (invite codes, registration keys, API keys) arrive already hashed: ``*_hash`` arguments
+  are the SHA-256 digest (32 bytes) of the secret. The store never sees a secret.
+* Ids are random strings with a prefix naming the kind: ``tm_``, ``op_``, ``inv_``, ``ak_``,
+  ``rk_``, ``agt_``. The store generates them.
+* Every method that touches a tenant's rows takes ``team_id`` and filters by it in SQL; a row of
+  another team is reported exactly like a row that does not exist (``NotFound`` / ``None``).
+* Public keys are raw Ed25519 bytes (32); thumbprints are RFC 7638 JWK thumbprints.
+"""
+
+from __future__ import annotations
+
+import abc
+import base64
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from audit.store import AuditStore
+
+ID_RANDOM_BYTES = 10
+MAX_TEAM_NAME_LENGTH = 64
+MAX_NAME_LENGTH = 255
+MAX_TAGS = 64
+MAX_SCOPES = 64
+# A control connection whose heartbeat is older than this is presumed dead (its rendezvous
+# instance crashed without clearing it): ignored for clone detection and removed by
+# prune_expired. The service must call touch_agent more often than this on a live channel.
+CONNECTION_STALE_AFTER_SECONDS = 120.0
+
+
+def new_id(prefix: str) -> str:
+    """A fresh random id such as ``agt_mfrggzdfmztwq2lk``: the kind's prefix and 80 random bits."""
+    raw = secrets.token_bytes(ID_RANDOM_BYTES)
+    return f"{prefix}_{base64.b32encode(raw).decode('ascii').lower()}"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors
+# --------------------------------------------------------------------------------------------
+
+
+class StoreError(Exception):
+    """Base class for every error raised by a store backend."""
+
+
+class NotFound(StoreError):
+    """The row does not exist, or belongs to another team (the two are indistinguishable)."""
+
+
+class AlreadyExists(StoreError):
+    """A uniqueness rule was broken: team name, agent public key, operator key, api key hash…"""
+
+
+class InvalidArgument(StoreError, ValueError):
+    """A value cannot be stored: empty, too long, or of the wrong shape (the message says which)."""
+
+
+class AmbiguousName(StoreError):
+    """A name matches several rows of the team; the caller must use the id."""
+
+
+class UnusableReason(StrEnum):
+    """Why a single-use credential (invite, registration key, login challenge) was refused."""
+
+    UNKNOWN = "unknown"
+    USED = "used"
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class CredentialUnusable(StoreError):
+    """A single-use credential cannot be used; ``reason`` says why."""
+
+    kind = "credential"
+
+    def __init__(self, reason: UnusableReason) -> None:
+        super().__init__(f"{self.kind} is {reason.value}")
+        self.reason = reason
+
+
+class InviteUnusable(CredentialUnusable):
+    """The invite code is unknown, already used, or expired."""
+
+    kind = "invite"
+
+
+class RegistrationKeyUnusable(CredentialUnusable):
+    """The registration key is unknown (or another team's), used, expired, or revoked."""
+
+    kind = "registration key"
+
+
+class ChallengeUnusable(CredentialUnusable):
+    """The login challenge is unknown, already answered, or expired."""
+
+    kind = "login challenge"
+
+
+class StoreUnavailable(StoreError):
+    """The database cannot be reached or opened (bad URL, server down, permissions)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Records (immutable snapshots of a row)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Team:
+    """A tenant: every other row belongs to exactly one team."""
+
+    id: str
+    name: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class Invite:
+    """A one-time operator invite; the code itself is never stored, only its hash."""
+
+    id: str
+    team_id: str
+    email: str
+    role: str
+    expires_at: float
+    created_by: str
+    created_at: float
+    used_at: float | None
+    used_by: str | None  # operator id
+
+    def unusable_reason(self, now: float) -> UnusableReason | None:
+        """Why this invite cannot be used at ``now``, or None if it can."""
+        if self.used_at is not None:
+            return UnusableReason.USED
+        if now >= self.expires_at:
+            return UnusableReason.EXPIRED
+        return None
+
+
+@dataclass(frozen=True)
+class Operator:
+    """A human operator: an Ed25519 public key bound to a team, an email and a role."""
+
+    id: str
+    team_id: str
+    email: str
+    role: str
+    public_key: bytes
+    key_thumbprint: str
+    created_at: float
+    disabled_at: float | None
+    tokens_valid_after: float  # tokens with iat before this are dead (logout-all, disable)
+
+    def is_active(self) -> bool:
+        """True unless the operator was disabled."""
+        return self.disabled_at is None
+
+
+@dataclass(frozen=True)
+class LoginChallenge:
+    """A server nonce an operator signs to log in; answered at most once."""
+
+    id: str
+    challenge: str
+    subject: str | None  # e.g. the operator key thumbprint the challenge was issued to
+    expires_at: float
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """A scoped integration credential (``sk_live_…``), stored hashed, revocable instantly."""
+
+    id: str
+    team_id: str
+    name: str
+    scopes: tuple[str, ...]
+    created_by: str
+    created_at: float
+    revoked_at: float | None
+
+    def is_active(self) -> bool:
+        """True unless the key was revoked."""
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class RegistrationKey:
+    """A single-use agent enrollment key (``rk_live_…``); ``id`` is its short public name."""
+
+    id: str
+    team_id: str
+    tags: tuple[str, ...]
+    expires_at: float
+    created_by: str
+    created_at: float
+    used_at: float | None
+    used_by_agent: str | None
+    revoked_at: float | None
+
+    def unusable_reason(self, now: float) -> UnusableReason | None:
+        """Why this key cannot register an agent at ``now``, or None if it can."""
+        if self.revoked_at is not None:
+            return UnusableReason.REVOKED
+        if self.used_at is not None:
+            return UnusableReason.USED
+        if now >= self.expires_at:
+            return UnusableReason.EXPIRED
+        return None
+
+    def is_usable(self, now: float) -> bool:
+        """True if the key can still register an agent at ``now``."""
+        return self.unusable_reason(now) is None
+
+
+@dataclass(frozen=True)
+class Agent:
+    """A registered host. ``tags`` come from the registration key, never from the agent."""
+
+    id: str
+    team_id: str
+    name: str
+    hostname: str
+    tags: tuple[str, ...]
+    public_key: bytes
+    key_fingerprint: str
+    machine_fingerprint: str
+    registration_key_id: str
+    registered_at: float
+    last_seen_at: float | None
+    online: bool  # at least one live control connection is recorded
+
+
+@dataclass(frozen=True)
+class AgentConnection:
+    """One live control channel of an agent, held by one rendezvous instance."""
+
+    connection_id: str
+    agent_id: str
+    team_id: str
+    instance_id: str
+    machine_fingerprint: str
+    connected_at: float
+    heartbeat_at: float
+
+
+@dataclass(frozen=True)
+class ConnectionReport:
+    """What ``mark_agent_connected`` found: signs of a cloned identity, if any."""
+
+    other_connections: tuple[AgentConnection, ...]
+    fingerprint_mismatch: bool
+    registered_fingerprint: str
+    presented_fingerprint: str
+
+    @property
+    def clone_suspected(self) -> bool:
+        """True when the identity is live twice or shows up with another machine fingerprint."""
+        return bool(self.other_connections) or self.fingerprint_mismatch
+
+
+# --------------------------------------------------------------------------------------------
+# The interface
+# --------------------------------------------------------------------------------------------
+
+
+class Store(abc.ABC):
+    """The rendezvous's durable state. Open one with ``rendezvous.store.open_store``.
+
+    All methods are trio-async. Read-modify-write methods are single transactions; the ones
+    documented as atomic stay correct when several rendezvous instances share one database.
+    """
+
+    backend: str  # "sqlite" or "postgres"
+
+    @property
+    @abc.abstractmethod
+    def audit(self) -> AuditStore:
+        """The audit log's storage (audit/store.py interface) on this same database."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Release connections and threads. Idempotent."""
+
+    # ---- teams ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_team(self, name: str, now: float) -> Team:
+        """Create a team; AlreadyExists if the name is taken."""
+
+    @abc.abstractmethod
+    async def get_team(self, team_id: str) -> Team | None:
+        """The team with this id, or None."""
+
+    @abc.abstractmethod
+    async def get_team_by_name(self, name: str) -> Team | None:
+        """The team with this name, or None."""
+
+    @abc.abstractmethod
+    async def list_teams(self) -> list[Team]:
+        """All teams, ordered by name."""
+
+    # ---- operator invites and enrollment -------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_invite(
+        self,
+        team_id: str,
+        email: str,
+        role: str,
+        code_hash: bytes,
+        expires_at: float,
+        created_by: str,
+        now: float,
+    ) -> Invite:
+        """Store a one-time invite (its code hashed). NotFound if the team does not exist."""
+
+    @abc.abstractmethod
+    async def list_invites(self, team_id: str) -> list[Invite]:
+        """The team's invites, newest first."""
+
+    @abc.abstractmethod
+    async def consume_invite(self, code_hash: bytes, now: float) -> Invite:
+        """Atomically mark an unused, unexpired invite used and return it; else InviteUnusable."""
+
+    @abc.abstractmethod
+    async def enroll_operator(
+        self, code_hash: bytes, now: float, public_key: bytes, key_thumbprint: str
+    ) -> tuple[Operator, Invite]:
+        """In one transaction: consume the invite and create the operator it names.
+
+        InviteUnusable if the invite cannot be used; AlreadyExists if the key is already
+        enrolled (the invite then stays unused).
+        """
+
+    # ---- operators -----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_operator(self, team_id: str, operator_id: str) -> Operator | None:
+        """The team's operator with this id, or None."""
+
+    @abc.abstractmethod
+    async def get_operator_by_thumbprint(self, key_thumbprint: str) -> Operator | None:
+        """The operator whose key has this RFC 7638 thumbprint (any team), or None."""
+
+    @abc.abstractmethod
+    async def list_operators(self, team_id: str) -> list[Operator]:
+        """The team's operators, ordered by email."""
+
+    @abc.abstractmethod
+    async def disable_operator(self, team_id: str, operator_id: str, now: float) -> Operator:
+        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound."""
+
+    @abc.abstractmethod
+    async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
+        """Kill every token issued to the operator before ``now`` (logout everywhere). NotFound."""
+
+    # ---- login challenges ----------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_login_challenge(
+        self,
+        challenge_id: str,
+        challenge: str,
+        expires_at: float,
+        now: float,
+        subject: str | None = None,
+    ) -> LoginChallenge:
+        """Remember a login challenge until ``expires_at``. AlreadyExists on a repeated id."""
+
+    @abc.abstractmethod
+    async def consume_login_challenge(self, challenge_id: str, now: float) -> LoginChallenge:
+        """Atomically delete and return the challenge; ChallengeUnusable if unknown/used/expired."""
+
+    # ---- token revocation and replay ------------------------------------------------------
+
+    @abc.abstractmethod
+    async def revoke_token(self, team_id: str, jti: str, expires_at: float, now: float) -> None:
+        """Add a token id to the revocation list until the token would expire anyway."""
+
+    @abc.abstractmethod
+    async def is_token_revoked(self, jti: str, team_id: str | None = None) -> bool:
+        """True if this token id was revoked (one indexed lookup; called on every request).
+
+        Pass the token's ``team_id`` so only a revocation made by that team counts.
+        """
+
+    @abc.abstractmethod
+    async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
+        """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
+
+    @abc.abstractmethod
+    async def prune_expired(self, now: float) -> int:
+        """Delete expired nonces, challenges, revocations and stale connections; count them."""
+
+    # ---- API keys ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_api_key(
+        self,
+        team_id: str,
+        name: str,
+        scopes: Sequence[str],
+        key_hash: bytes,
+        created_by: str,
+        now: float,
+    ) -> ApiKey:
+        """Store a new API key (hashed). NotFound if the team does not exist."""
+
+    @abc.abstractmethod
+    async def get_api_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
+        """The API key with this hash (revoked ones too: check ``is_active``), or None."""
+
+    @abc.abstractmethod
+    async def list_api_keys(self, team_id: str) -> list[ApiKey]:
+        """The team's API keys, newest first."""
+
+    @abc.abstractmethod
+    async def revoke_api_key(self, team_id: str, api_key_id: str, now: float) -> ApiKey:
+        """Revoke the key (idempotent: keeps the first revocation time). NotFound."""
+
+    # ---- registration keys and agent registration ----------------------------------------
+
+    @abc.abstractmethod
+    async def create_registration_key(
+        self,
+        team_id: str,
+        key_hash: bytes,
+        tags: Sequence[str],
+        expires_at: float,
+        created_by: str,
+        now: float,
+    ) -> RegistrationKey:
+        """Store a new single-use registration key (hashed). NotFound if no such team."""
+
+    @abc.abstractmethod
+    async def get_registration_key(self, team_id: str, key_id: str) -> RegistrationKey | None:
+        """The team's registration key with this public id, or None."""
+
+    @abc.abstractmethod
+    async def list_registration_keys(self, team_id: str) -> list[RegistrationKey]:
+        """The team's registration keys, newest first."""
+
+    @abc.abstractmethod
+    async def revoke_registration_key(
+        self, team_id: str, key_id: str, now: float
+    ) -> RegistrationKey:
+        """Revoke the key (idempotent: keeps the first revocation time). NotFound."""
+
+    @abc.abstractmethod
+    async def register_agent(
+        self,
+        key_hash: bytes,
+        now: float,
+        public_key: bytes,
+        key_fingerprint: str,
+        machine_fingerprint: str,
+        hostname: str,
+        name: str,
+        expected_team_id: str | None = None,
+    ) -> tuple[Agent, RegistrationKey]:
+        """In one transaction: check the key is usable, mark it used, create the agent.
+
+        RegistrationKeyUnusable(reason) if unknown, used, expired or revoked — and UNKNOWN when
+        ``expected_team_id`` is given and the key belongs to another team. AlreadyExists if the
+        public key is already registered (the key then stays unused). Of two concurrent calls
+        with one key exactly one succeeds. Agent tags are copied from the key.
+        """
+
+    # ---- agents --------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
+        """The team's agent with this id, or None."""
+
+    @abc.abstractmethod
+    async def get_agent_by_public_key(self, public_key: bytes) -> Agent | None:
+        """The agent holding this public key (any team; for control-channel auth), or None."""
+
+    @abc.abstractmethod
+    async def find_agent(self, team_id: str, name_or_id: str) -> Agent | None:
+        """The team's agent by id, else by unique name; None; AmbiguousName if several match."""
+
+    @abc.abstractmethod
+    async def list_agents(self, team_id: str) -> list[Agent]:
+        """The team's agents, ordered by name then id."""
+
+    @abc.abstractmethod
+    async def mark_agent_connected(
+        self,
+        team_id: str,
+        agent_id: str,
+        instance_id: str,
+        connection_id: str,
+        machine_fingerprint: str,
+        now: float,
+    ) -> ConnectionReport:
+        """Record a live control connection and report clone signs. NotFound if no such agent.
+
+        The connection is recorded even when a clone is suspected; the caller decides. Other
+        connections with no heartbeat for CONNECTION_STALE_AFTER_SECONDS are dropped, not
+        reported.
+        """
+
+    @abc.abstractmethod
+    async def mark_agent_disconnected(
+        self, team_id: str, agent_id: str, connection_id: str, now: float
+    ) -> None:
+        """Forget the connection and update last-seen. Idempotent."""
+
+    @abc.abstractmethod
+    async def touch_agent(
+        self, team_id: str, agent_id: str, now: float, connection_id: str | None = None
+    ) -> None:
+        """Update last-seen and the heartbeat of one connection (or, without an id, all of them).
+
+        Idempotent; no error if unknown.
+        """
+
+    @abc.abstractmethod
+    async def list_agent_connections(self, team_id: str, agent_id: str) -> list[AgentConnection]:
+        """The agent's live control connections, oldest first."""
+
+    @abc.abstractmethod
+    async def clear_instance_connections(self, instance_id: str, now: float) -> int:
+        """Forget every connection held by an instance (call at its start-up and shutdown)."""

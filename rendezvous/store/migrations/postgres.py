@@ -1,0 +1,141 @@
+"""PostgreSQL schema migrations. Times are DOUBLE PRECISION Unix seconds; hashes and keys BYTEA."""
+
+from __future__ import annotations
+
+from rendezvous.store.migrations import Migration, check_sequence
+
+INITIAL = Migration(
+    1,
+    "teams, operators, credentials, agents, audit log",
+    (
+        """CREATE TABLE teams (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        """CREATE TABLE invites (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            email TEXT NOT NULL,
+            role TEXT NOT NULL,
+            code_hash BYTEA NOT NULL UNIQUE,
+            expires_at DOUBLE PRECISION NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            used_at DOUBLE PRECISION,
+            used_by TEXT
+        )""",
+        "CREATE INDEX invites_team ON invites(team_id, created_at)",
+        """CREATE TABLE operators (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            email TEXT NOT NULL,
+            role TEXT NOT NULL,
+            public_key BYTEA NOT NULL UNIQUE,
+            key_thumbprint TEXT NOT NULL UNIQUE,
+            created_at DOUBLE PRECISION NOT NULL,
+            disabled_at DOUBLE PRECISION,
+            tokens_valid_after DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX operators_team ON operators(team_id, email)",
+        """CREATE TABLE login_challenges (
+            id TEXT PRIMARY KEY,
+            challenge TEXT NOT NULL,
+            subject TEXT,
+            expires_at DOUBLE PRECISION NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX login_challenges_expiry ON login_challenges(expires_at)",
+        """CREATE TABLE revoked_tokens (
+            jti TEXT NOT NULL,
+            team_id TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (jti, team_id)
+        )""",
+        "CREATE INDEX revoked_tokens_expiry ON revoked_tokens(expires_at)",
+        """CREATE TABLE seen_nonces (
+            scope TEXT NOT NULL,
+            nonce TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (scope, nonce)
+        )""",
+        "CREATE INDEX seen_nonces_expiry ON seen_nonces(expires_at)",
+        """CREATE TABLE api_keys (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            name TEXT NOT NULL,
+            scopes TEXT NOT NULL,
+            key_hash BYTEA NOT NULL UNIQUE,
+            created_by TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX api_keys_team ON api_keys(team_id, created_at)",
+        """CREATE TABLE registration_keys (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            key_hash BYTEA NOT NULL UNIQUE,
+            tags TEXT NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            used_at DOUBLE PRECISION,
+            used_by_agent TEXT,
+            revoked_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX registration_keys_team ON registration_keys(team_id, created_at)",
+        """CREATE TABLE agents (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            name TEXT NOT NULL,
+            hostname TEXT NOT NULL,
+            tags TEXT NOT NULL,
+            public_key BYTEA NOT NULL UNIQUE,
+            key_fingerprint TEXT NOT NULL,
+            machine_fingerprint TEXT NOT NULL,
+            registration_key_id TEXT NOT NULL REFERENCES registration_keys(id),
+            registered_at DOUBLE PRECISION NOT NULL,
+            last_seen_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX agents_team_name ON agents(team_id, name)",
+        """CREATE TABLE agent_connections (
+            connection_id TEXT PRIMARY KEY,
+            agent_id TEXT NOT NULL REFERENCES agents(id),
+            team_id TEXT NOT NULL,
+            instance_id TEXT NOT NULL,
+            machine_fingerprint TEXT NOT NULL,
+            connected_at DOUBLE PRECISION NOT NULL,
+            heartbeat_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX agent_connections_agent ON agent_connections(team_id, agent_id)",
+        "CREATE INDEX agent_connections_instance ON agent_connections(instance_id)",
+        "CREATE INDEX agent_connections_heartbeat ON agent_connections(heartbeat_at)",
+        """CREATE TABLE audit_records (
+            team_id TEXT NOT NULL,
+            seq BIGINT NOT NULL,
+            time TEXT NOT NULL,
+            record_hash BYTEA NOT NULL,
+            leaf_hash BYTEA NOT NULL,
+            canonical BYTEA NOT NULL,
+            PRIMARY KEY (team_id, seq)
+        )""",
+        # The log is append-only: refuse edits and deletions in the database itself too.
+        """CREATE FUNCTION audit_records_refuse_change() RETURNS trigger
+        LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'audit records are append-only'; END
+        $$""",
+        """CREATE TRIGGER audit_records_no_change BEFORE UPDATE OR DELETE ON audit_records
+        FOR EACH ROW EXECUTE FUNCTION audit_records_refuse_change()""",
+        """CREATE TRIGGER audit_records_no_truncate BEFORE TRUNCATE ON audit_records
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_records_refuse_change()""",
+        """CREATE TABLE audit_checkpoints (
+            team_id TEXT PRIMARY KEY,
+            size BIGINT NOT NULL,
+            note BYTEA NOT NULL
+        )""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (INITIAL,)
+check_sequence(MIGRATIONS)

@@ -1,0 +1,241 @@
+"""The PostgreSQL backend: asyncpg, bridged into trio with trio-asyncio.
+
+asyncpg runs only on asyncio. ``open_postgres_store`` opens a trio-asyncio loop (or reuses the
+one already current in the calling task), creates an asyncpg pool on it, and every statement is
+sent to that loop with ``trio_asyncio.aio_as_trio(..., loop=loop)``. Passing the loop explicitly
+is what lets any trio task of the same run use the store — including Hypercorn request tasks
+that were not started inside the ``async with`` block — as long as the block is still open.
+
+Several rendezvous instances may share one database: every single-use check is a conditional
+UPDATE decided by row locks, and migrations run under a transaction-scoped advisory lock.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import asyncpg
+import trio
+import trio_asyncio
+
+from rendezvous.store.base import AlreadyExists, NotFound, StoreError, StoreUnavailable
+from rendezvous.store.migrations import Migration
+from rendezvous.store.migrations.postgres import MIGRATIONS
+from rendezvous.store.sql_store import Row, SqlSession, SqlStore
+
+POOL_MIN_SIZE = 1
+POOL_MAX_SIZE = 10
+CONNECT_TIMEOUT_SECONDS = 10.0
+COMMAND_TIMEOUT_SECONDS = 30.0
+ACQUIRE_TIMEOUT_SECONDS = 30.0
+CLOSE_TIMEOUT_SECONDS = 10.0
+# Any fixed 64-bit number; all instances must agree on it.
+MIGRATION_LOCK_KEY = 0x7475636465736B31  # "tucdesk1"
+
+T = TypeVar("T")
+
+
+def _translate_error(exc: BaseException) -> StoreError:
+    if isinstance(exc, asyncpg.UniqueViolationError):
+        return AlreadyExists("a row with this unique value already exists")
+    if isinstance(exc, asyncpg.ForeignKeyViolationError):
+        return NotFound("a row this one refers to does not exist")
+    if isinstance(exc, asyncpg.PostgresError):
+        return StoreError(f"PostgreSQL: {exc.__class__.__name__}: {exc}")
+    return StoreUnavailable(f"PostgreSQL connection failed: {exc.__class__.__name__}: {exc}")
+
+
+_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+
+
+class _Bridge:
+    """Runs asyncio coroutine functions on one trio-asyncio loop, translating their errors."""
+
+    def __init__(self, loop: trio_asyncio.TrioEventLoop) -> None:
+        self.loop = loop
+
+    async def call(self, function: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``await function(*args)`` on the asyncio loop; database errors become StoreErrors."""
+        try:
+            result: T = await trio_asyncio.aio_as_trio(function, loop=self.loop)(*args)
+        except _DATABASE_ERRORS as exc:
+            raise _translate_error(exc) from exc
+        return result
+
+
+class _PostgresSession(SqlSession):
+    """Statements on one connection or, for autocommit, on whichever pooled one is free."""
+
+    def __init__(self, bridge: _Bridge, target: asyncpg.Pool | asyncpg.Connection) -> None:
+        self._bridge = bridge
+        self._target = target
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run a query and return all rows."""
+        rows: list[Row] = await self._bridge.call(self._target.fetch, sql, *args)
+        return rows
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement and return how many rows it changed (from the command status)."""
+        status: str = await self._bridge.call(self._target.execute, sql, *args)
+        last = status.rsplit(" ", 1)[-1]
+        return int(last) if last.isdigit() else 0
+
+
+class PostgresStore(SqlStore):
+    """The store on a PostgreSQL database. Open it with ``open_postgres_store``."""
+
+    backend = "postgres"
+
+    def __init__(self, pool: asyncpg.Pool, bridge: _Bridge) -> None:
+        super().__init__()
+        self._pool: asyncpg.Pool | None = pool
+        self._bridge = bridge
+
+    def _open_pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is closed")
+        return self._pool
+
+    @asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[SqlSession]:
+        yield _PostgresSession(self._bridge, self._open_pool())
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[SqlSession]:
+        pool = self._open_pool()
+        connection: asyncpg.Connection = await self._bridge.call(
+            functools.partial(pool.acquire, timeout=ACQUIRE_TIMEOUT_SECONDS)
+        )
+        try:
+            transaction = connection.transaction()
+            await self._bridge.call(transaction.start)
+            try:
+                yield _PostgresSession(self._bridge, connection)
+                await self._bridge.call(transaction.commit)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self._bridge.call(transaction.rollback)
+                    except (StoreError, asyncpg.InterfaceError):
+                        # A statement cancelled mid-flight can leave the connection unusable.
+                        connection.terminate()
+                raise
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._bridge.call(pool.release, connection)
+
+    async def aclose(self) -> None:
+        """Close the pool (terminating connections that do not close in time). Idempotent."""
+        pool, self._pool = self._pool, None
+        if pool is None:
+            return
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as scope:
+                try:
+                    await self._bridge.call(pool.close)
+                except StoreError:
+                    pool.terminate()
+            if scope.cancelled_caught:
+                pool.terminate()
+
+
+async def _migrate(connection: asyncpg.Connection, migrations: Sequence[Migration]) -> list[int]:
+    """Apply pending migrations in one transaction under the migration advisory lock."""
+    applied: list[int] = []
+    async with connection.transaction():
+        # Concurrent start-ups queue here; the second sees the first's work and does nothing.
+        await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
+        await connection.execute(
+            """CREATE TABLE IF NOT EXISTS schema_migrations (
+                   version INTEGER PRIMARY KEY,
+                   name TEXT NOT NULL,
+                   applied_at DOUBLE PRECISION NOT NULL
+               )"""
+        )
+        done = {row["version"] for row in await connection.fetch(
+            "SELECT version FROM schema_migrations"
+        )}  # fmt: skip
+        newest_known = max((m.version for m in migrations), default=0)
+        if done and max(done) > newest_known:
+            raise StoreUnavailable(
+                f"the database schema (version {max(done)}) is newer than this program "
+                f"understands ({newest_known}); upgrade tucdesk"
+            )
+        for migration in migrations:
+            if migration.version in done:
+                continue
+            for statement in migration.statements:
+                await connection.execute(statement)
+            await connection.execute(
+                "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
+                migration.version, migration.name, time.time(),
+            )  # fmt: skip
+            applied.append(migration.version)
+    return applied
+
+
+async def _create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
+    pool: asyncpg.Pool = await asyncpg.create_pool(
+        url,
+        min_size=min_size,
+        max_size=max_size,
+        timeout=CONNECT_TIMEOUT_SECONDS,
+        command_timeout=COMMAND_TIMEOUT_SECONDS,
+    )
+    return pool
+
+
+async def _migrate_with_pool(pool: asyncpg.Pool) -> list[int]:
+    async with pool.acquire() as connection:
+        return await _migrate(connection, MIGRATIONS)
+
+
+@asynccontextmanager
+async def open_postgres_store(
+    url: str, min_size: int = POOL_MIN_SIZE, max_size: int = POOL_MAX_SIZE
+) -> AsyncIterator[PostgresStore]:
+    """Connect a pool to ``url``, migrate the schema, and yield the store; close it on exit.
+
+    Opens a trio-asyncio loop for asyncpg unless the calling task already has one.
+    """
+    current = trio_asyncio.current_loop.get()
+    if current is not None:
+        async with _open_on_loop(current, url, min_size, max_size) as store:
+            yield store
+        return
+    try:
+        async with trio_asyncio.open_loop() as loop:
+            async with _open_on_loop(loop, url, min_size, max_size) as store:
+                yield store
+    except BaseExceptionGroup as group:
+        # open_loop runs a nursery, which wraps whatever crosses it (our errors, the caller's
+        # errors from the ``async with`` body) in a group; hand back the one exception as is.
+        inner: BaseException = group
+        while isinstance(inner, BaseExceptionGroup) and len(inner.exceptions) == 1:
+            inner = inner.exceptions[0]
+        if inner is group:
+            raise
+        raise inner from inner.__cause__
+
+
+@asynccontextmanager
+async def _open_on_loop(
+    loop: trio_asyncio.TrioEventLoop, url: str, min_size: int, max_size: int
+) -> AsyncIterator[PostgresStore]:
+    bridge = _Bridge(loop)
+    try:
+        pool = await bridge.call(_create_pool, url, min_size, max_size)
+    except StoreError as exc:
+        # The URL may carry a password: name only the failure, never the URL.
+        raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
+    store = PostgresStore(pool, bridge)
+    try:
+        await bridge.call(_migrate_with_pool, pool)
+        yield store
+    finally:
+        await store.aclose()

@@ -1,0 +1,833 @@
+"""The ``Store`` written once in SQL that SQLite and PostgreSQL both accept.
+
+Backends supply a ``SqlSession`` (run one statement, ``$1``-style placeholders) and two ways to
+get one: ``_autocommit()`` for single statements and ``_transaction()`` for read-modify-write,
+which on SQLite is ``BEGIN IMMEDIATE`` and on PostgreSQL a READ COMMITTED transaction. Every
+single-use check is one conditional ``UPDATE … WHERE <usable> RETURNING``, so the row lock (or
+SQLite's write lock) decides a race and exactly one caller wins; only when it matches nothing do
+we read the row again to say why.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
+from typing import Any
+
+from audit.errors import AppendConflict
+from audit.errors import StoreError as AuditStoreError
+from audit.store import AuditStore, StoredCheckpoint, StoredRecord
+from rendezvous.store.base import (
+    CONNECTION_STALE_AFTER_SECONDS,
+    MAX_NAME_LENGTH,
+    MAX_SCOPES,
+    MAX_TAGS,
+    MAX_TEAM_NAME_LENGTH,
+    Agent,
+    AgentConnection,
+    AlreadyExists,
+    AmbiguousName,
+    ApiKey,
+    ChallengeUnusable,
+    ConnectionReport,
+    InvalidArgument,
+    Invite,
+    InviteUnusable,
+    LoginChallenge,
+    NotFound,
+    Operator,
+    RegistrationKey,
+    RegistrationKeyUnusable,
+    Store,
+    StoreError,
+    Team,
+    UnusableReason,
+    new_id,
+)
+
+Row = Mapping[str, Any]
+
+# A constant column list spliced into the agent queries (never user input; values are $n).
+_AGENT_COLUMNS = """a.id, a.team_id, a.name, a.hostname, a.tags, a.public_key, a.key_fingerprint,
+    a.machine_fingerprint, a.registration_key_id, a.registered_at, a.last_seen_at,
+    EXISTS (SELECT 1 FROM agent_connections c
+            WHERE c.team_id = a.team_id AND c.agent_id = a.id) AS online"""
+
+
+class SqlSession(abc.ABC):
+    """One database connection, borrowed for an autocommit statement or a transaction."""
+
+    @abc.abstractmethod
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run a query and return all rows. Unique-constraint failures raise AlreadyExists."""
+
+    @abc.abstractmethod
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement and return the number of rows it changed."""
+
+    async def fetchrow(self, sql: str, *args: Any) -> Row | None:
+        """Run a query and return its first row, or None."""
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+
+class SqlStore(Store):
+    """The store's behaviour on any backend that provides SQL sessions."""
+
+    def __init__(self) -> None:
+        self._audit = SqlAuditStore(self)
+
+    @property
+    def audit(self) -> AuditStore:
+        """The audit log's storage on this database."""
+        return self._audit
+
+    @abc.abstractmethod
+    def _autocommit(self) -> AbstractAsyncContextManager[SqlSession]:
+        """A session whose statements each commit on their own."""
+
+    @abc.abstractmethod
+    def _transaction(self) -> AbstractAsyncContextManager[SqlSession]:
+        """A session in one write transaction: committed on exit, rolled back on error."""
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._autocommit() as session:
+            return await session.fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
+        async with self._autocommit() as session:
+            return await session.fetchrow(sql, *args)
+
+    async def _execute(self, sql: str, *args: Any) -> int:
+        async with self._autocommit() as session:
+            return await session.execute(sql, *args)
+
+    # ---- teams ---------------------------------------------------------------------------
+
+    async def create_team(self, name: str, now: float) -> Team:
+        """Create a team; AlreadyExists if the name is taken."""
+        _check_text("team name", name, MAX_TEAM_NAME_LENGTH)
+        team = Team(id=new_id("tm"), name=name, created_at=now)
+        try:
+            await self._execute(
+                "INSERT INTO teams (id, name, created_at) VALUES ($1, $2, $3)",
+                team.id, team.name, team.created_at,
+            )  # fmt: skip
+        except AlreadyExists:
+            raise AlreadyExists(f"a team named {name!r} already exists") from None
+        return team
+
+    async def get_team(self, team_id: str) -> Team | None:
+        """The team with this id, or None."""
+        row = await self._fetchrow("SELECT * FROM teams WHERE id = $1", team_id)
+        return _team(row) if row else None
+
+    async def get_team_by_name(self, name: str) -> Team | None:
+        """The team with this name, or None."""
+        row = await self._fetchrow("SELECT * FROM teams WHERE name = $1", name)
+        return _team(row) if row else None
+
+    async def list_teams(self) -> list[Team]:
+        """All teams, ordered by name."""
+        return [_team(row) for row in await self._fetch("SELECT * FROM teams ORDER BY name")]
+
+    async def _require_team(self, session: SqlSession, team_id: str) -> None:
+        if await session.fetchrow("SELECT id FROM teams WHERE id = $1", team_id) is None:
+            raise NotFound("no such team")
+
+    # ---- invites and enrollment ----------------------------------------------------------
+
+    async def create_invite(
+        self,
+        team_id: str,
+        email: str,
+        role: str,
+        code_hash: bytes,
+        expires_at: float,
+        created_by: str,
+        now: float,
+    ) -> Invite:
+        """Store a one-time invite (its code hashed). NotFound if the team does not exist."""
+        _check_text("email", email, MAX_NAME_LENGTH)
+        _check_text("role", role, MAX_NAME_LENGTH)
+        invite = Invite(
+            id=new_id("inv"), team_id=team_id, email=email, role=role, expires_at=expires_at,
+            created_by=created_by, created_at=now, used_at=None, used_by=None,
+        )  # fmt: skip
+        async with self._transaction() as session:
+            await self._require_team(session, team_id)
+            await session.execute(
+                """INSERT INTO invites (id, team_id, email, role, code_hash, expires_at,
+                                        created_by, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                invite.id, team_id, email, role, bytes(code_hash), expires_at, created_by, now,
+            )  # fmt: skip
+        return invite
+
+    async def list_invites(self, team_id: str) -> list[Invite]:
+        """The team's invites, newest first."""
+        rows = await self._fetch(
+            "SELECT * FROM invites WHERE team_id = $1 ORDER BY created_at DESC, id", team_id
+        )
+        return [_invite(row) for row in rows]
+
+    async def consume_invite(self, code_hash: bytes, now: float) -> Invite:
+        """Atomically mark an unused, unexpired invite used and return it; else InviteUnusable."""
+        async with self._transaction() as session:
+            return await self._consume_invite(session, bytes(code_hash), now, used_by=None)
+
+    async def _consume_invite(
+        self, session: SqlSession, code_hash: bytes, now: float, used_by: str | None
+    ) -> Invite:
+        row = await session.fetchrow(
+            """UPDATE invites SET used_at = $2, used_by = $3
+               WHERE code_hash = $1 AND used_at IS NULL AND expires_at > $2
+               RETURNING *""",
+            code_hash, now, used_by,
+        )  # fmt: skip
+        if row is not None:
+            return _invite(row)
+        existing = await session.fetchrow("SELECT * FROM invites WHERE code_hash = $1", code_hash)
+        if existing is None:
+            raise InviteUnusable(UnusableReason.UNKNOWN)
+        raise InviteUnusable(_invite(existing).unusable_reason(now) or UnusableReason.USED)
+
+    async def enroll_operator(
+        self, code_hash: bytes, now: float, public_key: bytes, key_thumbprint: str
+    ) -> tuple[Operator, Invite]:
+        """In one transaction: consume the invite and create the operator it names."""
+        operator_id = new_id("op")
+        async with self._transaction() as session:
+            invite = await self._consume_invite(session, bytes(code_hash), now, operator_id)
+            operator = Operator(
+                id=operator_id, team_id=invite.team_id, email=invite.email, role=invite.role,
+                public_key=bytes(public_key), key_thumbprint=key_thumbprint, created_at=now,
+                disabled_at=None, tokens_valid_after=now,
+            )  # fmt: skip
+            try:
+                await session.execute(
+                    """INSERT INTO operators (id, team_id, email, role, public_key,
+                                              key_thumbprint, created_at, tokens_valid_after)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                    operator.id, operator.team_id, operator.email, operator.role,
+                    operator.public_key, operator.key_thumbprint, now, now,
+                )  # fmt: skip
+            except AlreadyExists:
+                raise AlreadyExists("this operator key is already enrolled") from None
+        return operator, invite
+
+    # ---- operators -----------------------------------------------------------------------
+
+    async def get_operator(self, team_id: str, operator_id: str) -> Operator | None:
+        """The team's operator with this id, or None."""
+        row = await self._fetchrow(
+            "SELECT * FROM operators WHERE team_id = $1 AND id = $2", team_id, operator_id
+        )
+        return _operator(row) if row else None
+
+    async def get_operator_by_thumbprint(self, key_thumbprint: str) -> Operator | None:
+        """The operator whose key has this RFC 7638 thumbprint (any team), or None."""
+        row = await self._fetchrow(
+            "SELECT * FROM operators WHERE key_thumbprint = $1", key_thumbprint
+        )
+        return _operator(row) if row else None
+
+    async def list_operators(self, team_id: str) -> list[Operator]:
+        """The team's operators, ordered by email."""
+        rows = await self._fetch(
+            "SELECT * FROM operators WHERE team_id = $1 ORDER BY email, id", team_id
+        )
+        return [_operator(row) for row in rows]
+
+    async def disable_operator(self, team_id: str, operator_id: str, now: float) -> Operator:
+        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound."""
+        row = await self._fetchrow(
+            """UPDATE operators
+               SET disabled_at = COALESCE(disabled_at, $3),
+                   tokens_valid_after = CASE WHEN tokens_valid_after > $3
+                                             THEN tokens_valid_after ELSE $3 END
+               WHERE team_id = $1 AND id = $2 RETURNING *""",
+            team_id, operator_id, now,
+        )  # fmt: skip
+        if row is None:
+            raise NotFound("no such operator")
+        return _operator(row)
+
+    async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
+        """Kill every token issued to the operator before ``now`` (logout everywhere). NotFound."""
+        row = await self._fetchrow(
+            """UPDATE operators
+               SET tokens_valid_after = CASE WHEN tokens_valid_after > $3
+                                             THEN tokens_valid_after ELSE $3 END
+               WHERE team_id = $1 AND id = $2 RETURNING *""",
+            team_id, operator_id, now,
+        )  # fmt: skip
+        if row is None:
+            raise NotFound("no such operator")
+        return _operator(row)
+
+    # ---- login challenges ----------------------------------------------------------------
+
+    async def create_login_challenge(
+        self,
+        challenge_id: str,
+        challenge: str,
+        expires_at: float,
+        now: float,
+        subject: str | None = None,
+    ) -> LoginChallenge:
+        """Remember a login challenge until ``expires_at``. AlreadyExists on a repeated id."""
+        await self._execute(
+            """INSERT INTO login_challenges (id, challenge, subject, expires_at, created_at)
+               VALUES ($1, $2, $3, $4, $5)""",
+            challenge_id, challenge, subject, expires_at, now,
+        )  # fmt: skip
+        return LoginChallenge(challenge_id, challenge, subject, expires_at, now)
+
+    async def consume_login_challenge(self, challenge_id: str, now: float) -> LoginChallenge:
+        """Atomically delete and return the challenge; ChallengeUnusable if unknown/used/expired."""
+        # The row is deleted even when expired, so a late answer also burns the challenge.
+        row = await self._fetchrow(
+            "DELETE FROM login_challenges WHERE id = $1 RETURNING *", challenge_id
+        )
+        if row is None:
+            raise ChallengeUnusable(UnusableReason.UNKNOWN)
+        challenge = LoginChallenge(
+            row["id"], row["challenge"], row["subject"], row["expires_at"], row["created_at"]
+        )
+        if now >= challenge.expires_at:
+            raise ChallengeUnusable(UnusableReason.EXPIRED)
+        return challenge
+
+    # ---- token revocation and replay ------------------------------------------------------
+
+    async def revoke_token(self, team_id: str, jti: str, expires_at: float, now: float) -> None:
+        """Add a token id to the revocation list until the token would expire anyway."""
+        await self._execute(
+            """INSERT INTO revoked_tokens (jti, team_id, expires_at, revoked_at)
+               VALUES ($1, $2, $3, $4) ON CONFLICT (jti, team_id) DO NOTHING""",
+            jti, team_id, expires_at, now,
+        )  # fmt: skip
+
+    async def is_token_revoked(self, jti: str, team_id: str | None = None) -> bool:
+        """True if this token id was revoked (by ``team_id``, when given)."""
+        row = await self._fetchrow(
+            """SELECT 1 FROM revoked_tokens
+               WHERE jti = $1 AND (CAST($2 AS TEXT) IS NULL OR team_id = CAST($2 AS TEXT))
+               LIMIT 1""",
+            jti, team_id,
+        )  # fmt: skip
+        return row is not None
+
+    async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
+        """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
+        # An expired row is overwritten in place, so a stale entry never blocks a fresh use.
+        row = await self._fetchrow(
+            """INSERT INTO seen_nonces (scope, nonce, expires_at) VALUES ($1, $2, $3)
+               ON CONFLICT (scope, nonce) DO UPDATE SET expires_at = excluded.expires_at
+               WHERE seen_nonces.expires_at <= $4
+               RETURNING scope""",
+            scope, nonce, expires_at, now,
+        )  # fmt: skip
+        return row is not None
+
+    async def prune_expired(self, now: float) -> int:
+        """Delete expired nonces, challenges, revocations and stale connections; count them."""
+        async with self._transaction() as session:
+            removed = await session.execute("DELETE FROM seen_nonces WHERE expires_at <= $1", now)
+            removed += await session.execute(
+                "DELETE FROM login_challenges WHERE expires_at <= $1", now
+            )
+            removed += await session.execute(
+                "DELETE FROM revoked_tokens WHERE expires_at <= $1", now
+            )
+            removed += await session.execute(
+                "DELETE FROM agent_connections WHERE heartbeat_at <= $1",
+                now - CONNECTION_STALE_AFTER_SECONDS,
+            )
+        return removed
+
+    # ---- API keys ------------------------------------------------------------------------
+
+    async def create_api_key(
+        self,
+        team_id: str,
+        name: str,
+        scopes: Sequence[str],
+        key_hash: bytes,
+        created_by: str,
+        now: float,
+    ) -> ApiKey:
+        """Store a new API key (hashed). NotFound if the team does not exist."""
+        _check_text("API key name", name, MAX_NAME_LENGTH)
+        scope_list = _check_labels("scopes", scopes, MAX_SCOPES)
+        api_key = ApiKey(
+            id=new_id("ak"), team_id=team_id, name=name, scopes=scope_list,
+            created_by=created_by, created_at=now, revoked_at=None,
+        )  # fmt: skip
+        async with self._transaction() as session:
+            await self._require_team(session, team_id)
+            await session.execute(
+                """INSERT INTO api_keys (id, team_id, name, scopes, key_hash, created_by,
+                                         created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                api_key.id, team_id, name, json.dumps(list(scope_list)), bytes(key_hash),
+                created_by, now,
+            )  # fmt: skip
+        return api_key
+
+    async def get_api_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
+        """The API key with this hash (revoked ones too: check ``is_active``), or None."""
+        row = await self._fetchrow("SELECT * FROM api_keys WHERE key_hash = $1", bytes(key_hash))
+        return _api_key(row) if row else None
+
+    async def list_api_keys(self, team_id: str) -> list[ApiKey]:
+        """The team's API keys, newest first."""
+        rows = await self._fetch(
+            "SELECT * FROM api_keys WHERE team_id = $1 ORDER BY created_at DESC, id", team_id
+        )
+        return [_api_key(row) for row in rows]
+
+    async def revoke_api_key(self, team_id: str, api_key_id: str, now: float) -> ApiKey:
+        """Revoke the key (idempotent: keeps the first revocation time). NotFound."""
+        row = await self._fetchrow(
+            """UPDATE api_keys SET revoked_at = COALESCE(revoked_at, $3)
+               WHERE team_id = $1 AND id = $2 RETURNING *""",
+            team_id, api_key_id, now,
+        )  # fmt: skip
+        if row is None:
+            raise NotFound("no such API key")
+        return _api_key(row)
+
+    # ---- registration keys and agents ----------------------------------------------------
+
+    async def create_registration_key(
+        self,
+        team_id: str,
+        key_hash: bytes,
+        tags: Sequence[str],
+        expires_at: float,
+        created_by: str,
+        now: float,
+    ) -> RegistrationKey:
+        """Store a new single-use registration key (hashed). NotFound if no such team."""
+        tag_list = _check_labels("tags", tags, MAX_TAGS)
+        key = RegistrationKey(
+            id=new_id("rk"), team_id=team_id, tags=tag_list, expires_at=expires_at,
+            created_by=created_by, created_at=now, used_at=None, used_by_agent=None,
+            revoked_at=None,
+        )  # fmt: skip
+        async with self._transaction() as session:
+            await self._require_team(session, team_id)
+            await session.execute(
+                """INSERT INTO registration_keys (id, team_id, key_hash, tags, expires_at,
+                                                  created_by, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                key.id, team_id, bytes(key_hash), json.dumps(list(tag_list)), expires_at,
+                created_by, now,
+            )  # fmt: skip
+        return key
+
+    async def get_registration_key(self, team_id: str, key_id: str) -> RegistrationKey | None:
+        """The team's registration key with this public id, or None."""
+        row = await self._fetchrow(
+            "SELECT * FROM registration_keys WHERE team_id = $1 AND id = $2", team_id, key_id
+        )
+        return _registration_key(row) if row else None
+
+    async def list_registration_keys(self, team_id: str) -> list[RegistrationKey]:
+        """The team's registration keys, newest first."""
+        rows = await self._fetch(
+            "SELECT * FROM registration_keys WHERE team_id = $1 ORDER BY created_at DESC, id",
+            team_id,
+        )
+        return [_registration_key(row) for row in rows]
+
+    async def revoke_registration_key(
+        self, team_id: str, key_id: str, now: float
+    ) -> RegistrationKey:
+        """Revoke the key (idempotent: keeps the first revocation time). NotFound."""
+        row = await self._fetchrow(
+            """UPDATE registration_keys SET revoked_at = COALESCE(revoked_at, $3)
+               WHERE team_id = $1 AND id = $2 RETURNING *""",
+            team_id, key_id, now,
+        )  # fmt: skip
+        if row is None:
+            raise NotFound("no such registration key")
+        return _registration_key(row)
+
+    async def register_agent(
+        self,
+        key_hash: bytes,
+        now: float,
+        public_key: bytes,
+        key_fingerprint: str,
+        machine_fingerprint: str,
+        hostname: str,
+        name: str,
+        expected_team_id: str | None = None,
+    ) -> tuple[Agent, RegistrationKey]:
+        """In one transaction: check the key is usable, mark it used, create the agent."""
+        _check_text("agent name", name, MAX_NAME_LENGTH)
+        _check_text("hostname", hostname, MAX_NAME_LENGTH)
+        agent_id = new_id("agt")
+        key_hash = bytes(key_hash)
+        async with self._transaction() as session:
+            row = await session.fetchrow(
+                """UPDATE registration_keys SET used_at = $2, used_by_agent = $3
+                   WHERE key_hash = $1 AND used_at IS NULL AND revoked_at IS NULL
+                         AND expires_at > $2
+                         AND (CAST($4 AS TEXT) IS NULL OR team_id = CAST($4 AS TEXT))
+                   RETURNING *""",
+                key_hash, now, agent_id, expected_team_id,
+            )  # fmt: skip
+            if row is None:
+                raise RegistrationKeyUnusable(
+                    await self._registration_refusal(session, key_hash, now, expected_team_id)
+                )
+            key = _registration_key(row)
+            agent = Agent(
+                id=agent_id, team_id=key.team_id, name=name, hostname=hostname, tags=key.tags,
+                public_key=bytes(public_key), key_fingerprint=key_fingerprint,
+                machine_fingerprint=machine_fingerprint, registration_key_id=key.id,
+                registered_at=now, last_seen_at=None, online=False,
+            )  # fmt: skip
+            try:
+                await session.execute(
+                    """INSERT INTO agents (id, team_id, name, hostname, tags, public_key,
+                                           key_fingerprint, machine_fingerprint,
+                                           registration_key_id, registered_at)
+                       VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)""",
+                    agent.id, agent.team_id, name, hostname, json.dumps(list(agent.tags)),
+                    agent.public_key, key_fingerprint, machine_fingerprint, key.id, now,
+                )  # fmt: skip
+            except AlreadyExists:
+                raise AlreadyExists("an agent with this public key is already registered") from None
+        return agent, key
+
+    async def _registration_refusal(
+        self, session: SqlSession, key_hash: bytes, now: float, expected_team_id: str | None
+    ) -> UnusableReason:
+        row = await session.fetchrow(
+            "SELECT * FROM registration_keys WHERE key_hash = $1", key_hash
+        )
+        if row is None:
+            return UnusableReason.UNKNOWN
+        key = _registration_key(row)
+        if expected_team_id is not None and key.team_id != expected_team_id:
+            return UnusableReason.UNKNOWN
+        # Nothing else can make the conditional update miss; USED covers a lost race.
+        return key.unusable_reason(now) or UnusableReason.USED
+
+    async def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
+        """The team's agent with this id, or None."""
+        row = await self._fetchrow(
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.team_id = $1 AND a.id = $2",  # noqa: S608
+            team_id, agent_id,
+        )  # fmt: skip
+        return _agent(row) if row else None
+
+    async def get_agent_by_public_key(self, public_key: bytes) -> Agent | None:
+        """The agent holding this public key (any team), or None."""
+        row = await self._fetchrow(
+            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.public_key = $1",  # noqa: S608
+            bytes(public_key),
+        )
+        return _agent(row) if row else None
+
+    async def find_agent(self, team_id: str, name_or_id: str) -> Agent | None:
+        """The team's agent by id, else by unique name; None; AmbiguousName if several match."""
+        by_id = await self.get_agent(team_id, name_or_id)
+        if by_id is not None:
+            return by_id
+        rows = await self._fetch(
+            f"""SELECT {_AGENT_COLUMNS} FROM agents a
+                WHERE a.team_id = $1 AND a.name = $2 ORDER BY a.id LIMIT 2""",  # noqa: S608
+            team_id, name_or_id,
+        )  # fmt: skip
+        if len(rows) > 1:
+            raise AmbiguousName(f"several agents are named {name_or_id!r}; use the agent id")
+        return _agent(rows[0]) if rows else None
+
+    async def list_agents(self, team_id: str) -> list[Agent]:
+        """The team's agents, ordered by name then id."""
+        rows = await self._fetch(
+            f"SELECT {_AGENT_COLUMNS} FROM agents a "  # noqa: S608
+            "WHERE a.team_id = $1 ORDER BY a.name, a.id",
+            team_id,
+        )
+        return [_agent(row) for row in rows]
+
+    async def mark_agent_connected(
+        self,
+        team_id: str,
+        agent_id: str,
+        instance_id: str,
+        connection_id: str,
+        machine_fingerprint: str,
+        now: float,
+    ) -> ConnectionReport:
+        """Record a live control connection and report clone signs. NotFound if no such agent."""
+        async with self._transaction() as session:
+            agent_row = await session.fetchrow(
+                "UPDATE agents SET last_seen_at = $3 WHERE team_id = $1 AND id = $2 "
+                "RETURNING machine_fingerprint",
+                team_id, agent_id, now,
+            )  # fmt: skip
+            if agent_row is None:
+                raise NotFound("no such agent")
+            # A connection silent this long belongs to an instance that died without clearing it.
+            await session.execute(
+                """DELETE FROM agent_connections
+                   WHERE team_id = $1 AND agent_id = $2 AND heartbeat_at <= $3""",
+                team_id, agent_id, now - CONNECTION_STALE_AFTER_SECONDS,
+            )  # fmt: skip
+            others = await session.fetch(
+                """SELECT * FROM agent_connections
+                   WHERE team_id = $1 AND agent_id = $2 AND connection_id <> $3
+                   ORDER BY connected_at, connection_id""",
+                team_id, agent_id, connection_id,
+            )  # fmt: skip
+            await session.execute(
+                """INSERT INTO agent_connections (connection_id, agent_id, team_id, instance_id,
+                                                  machine_fingerprint, connected_at, heartbeat_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $6)""",
+                connection_id, agent_id, team_id, instance_id, machine_fingerprint, now,
+            )  # fmt: skip
+        registered = str(agent_row["machine_fingerprint"])
+        return ConnectionReport(
+            other_connections=tuple(_connection(row) for row in others),
+            fingerprint_mismatch=registered != machine_fingerprint,
+            registered_fingerprint=registered,
+            presented_fingerprint=machine_fingerprint,
+        )
+
+    async def mark_agent_disconnected(
+        self, team_id: str, agent_id: str, connection_id: str, now: float
+    ) -> None:
+        """Forget the connection and update last-seen. Idempotent."""
+        async with self._transaction() as session:
+            await session.execute(
+                """DELETE FROM agent_connections
+                   WHERE team_id = $1 AND agent_id = $2 AND connection_id = $3""",
+                team_id, agent_id, connection_id,
+            )  # fmt: skip
+            await _touch(session, team_id, agent_id, now)
+
+    async def touch_agent(
+        self, team_id: str, agent_id: str, now: float, connection_id: str | None = None
+    ) -> None:
+        """Update last-seen and the heartbeat of one connection (or, without an id, all)."""
+        async with self._transaction() as session:
+            await _touch(session, team_id, agent_id, now)
+            await session.execute(
+                """UPDATE agent_connections SET heartbeat_at = $3
+                   WHERE team_id = $1 AND agent_id = $2 AND heartbeat_at < $3
+                     AND (CAST($4 AS TEXT) IS NULL OR connection_id = CAST($4 AS TEXT))""",
+                team_id, agent_id, now, connection_id,
+            )  # fmt: skip
+
+    async def list_agent_connections(self, team_id: str, agent_id: str) -> list[AgentConnection]:
+        """The agent's live control connections, oldest first."""
+        rows = await self._fetch(
+            """SELECT * FROM agent_connections WHERE team_id = $1 AND agent_id = $2
+               ORDER BY connected_at, connection_id""",
+            team_id, agent_id,
+        )  # fmt: skip
+        return [_connection(row) for row in rows]
+
+    async def clear_instance_connections(self, instance_id: str, now: float) -> int:
+        """Forget every connection held by an instance (call at its start-up and shutdown)."""
+        async with self._transaction() as session:
+            # Keep what we knew: everyone this instance held was last seen no earlier than now.
+            await session.execute(
+                """UPDATE agents SET last_seen_at = $2
+                   WHERE id IN (SELECT agent_id FROM agent_connections WHERE instance_id = $1)
+                     AND (last_seen_at IS NULL OR last_seen_at < $2)""",
+                instance_id, now,
+            )  # fmt: skip
+            return await session.execute(
+                "DELETE FROM agent_connections WHERE instance_id = $1", instance_id
+            )
+
+
+class SqlAuditStore:
+    """The audit/store.py ``AuditStore`` interface on the rendezvous database."""
+
+    def __init__(self, store: SqlStore) -> None:
+        self._store = store
+
+    async def append(self, team_id: str, record: StoredRecord) -> None:
+        """Durably store ``record`` iff its seq is the team's current size, else AppendConflict."""
+        try:
+            async with self._store._transaction() as session:
+                row = await session.fetchrow(
+                    "SELECT COALESCE(MAX(seq) + 1, 0) AS size FROM audit_records "
+                    "WHERE team_id = $1",
+                    team_id,
+                )
+                size = int(row["size"]) if row else 0
+                if record.seq != size:
+                    raise AppendConflict(
+                        f"team log has {size} records; cannot store sequence number {record.seq}"
+                    )
+                await session.execute(
+                    """INSERT INTO audit_records (team_id, seq, time, record_hash, leaf_hash,
+                                                  canonical)
+                       VALUES ($1, $2, $3, $4, $5, $6)""",
+                    team_id, record.seq, record.time, record.record_hash, record.leaf_hash,
+                    record.canonical,
+                )  # fmt: skip
+        except AlreadyExists:
+            # A concurrent writer on another connection took this sequence number first.
+            raise AppendConflict(
+                f"another writer already stored sequence number {record.seq}"
+            ) from None
+        except StoreError as exc:
+            raise AuditStoreError(str(exc)) from exc
+
+    async def head(self, team_id: str) -> StoredRecord | None:
+        """The team's last record, or None for an empty log."""
+        row = await self._store._fetchrow(
+            "SELECT * FROM audit_records WHERE team_id = $1 ORDER BY seq DESC LIMIT 1", team_id
+        )
+        return _stored_record(row) if row else None
+
+    async def read_records(self, team_id: str, start: int, end: int) -> list[StoredRecord]:
+        """Records with ``start <= seq < end`` in sequence order."""
+        _check_range(start, end)
+        rows = await self._store._fetch(
+            """SELECT * FROM audit_records WHERE team_id = $1 AND seq >= $2 AND seq < $3
+               ORDER BY seq""",
+            team_id, start, end,
+        )  # fmt: skip
+        return [_stored_record(row) for row in rows]
+
+    async def read_leaf_hashes(self, team_id: str, start: int, end: int) -> list[bytes]:
+        """Merkle leaf hashes of records ``start <= seq < end`` in order."""
+        _check_range(start, end)
+        rows = await self._store._fetch(
+            """SELECT leaf_hash FROM audit_records WHERE team_id = $1 AND seq >= $2 AND seq < $3
+               ORDER BY seq""",
+            team_id, start, end,
+        )  # fmt: skip
+        return [bytes(row["leaf_hash"]) for row in rows]
+
+    async def save_checkpoint(self, team_id: str, checkpoint: StoredCheckpoint) -> None:
+        """Keep a signed checkpoint; one covering fewer records never replaces a larger one."""
+        await self._store._execute(
+            """INSERT INTO audit_checkpoints (team_id, size, note) VALUES ($1, $2, $3)
+               ON CONFLICT (team_id) DO UPDATE SET size = excluded.size, note = excluded.note
+               WHERE audit_checkpoints.size < excluded.size""",
+            team_id, checkpoint.size, checkpoint.note,
+        )  # fmt: skip
+
+    async def latest_checkpoint(self, team_id: str) -> StoredCheckpoint | None:
+        """The stored checkpoint covering the most records, or None."""
+        row = await self._store._fetchrow(
+            "SELECT size, note FROM audit_checkpoints WHERE team_id = $1", team_id
+        )
+        return StoredCheckpoint(int(row["size"]), bytes(row["note"])) if row else None
+
+
+# ---- row mapping and argument checks ---------------------------------------------------------
+
+
+async def _touch(session: SqlSession, team_id: str, agent_id: str, now: float) -> None:
+    await session.execute(
+        """UPDATE agents SET last_seen_at = $3
+           WHERE team_id = $1 AND id = $2 AND (last_seen_at IS NULL OR last_seen_at < $3)""",
+        team_id, agent_id, now,
+    )  # fmt: skip
+
+
+def _check_text(what: str, value: str, limit: int) -> None:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise InvalidArgument(f"{what} must be 1..{limit} characters")
+
+
+def _check_labels(what: str, values: Sequence[str], limit: int) -> tuple[str, ...]:
+    if isinstance(values, str):
+        raise InvalidArgument(f"{what} must be a list of strings, not one string")
+    labels = tuple(values)
+    if len(labels) > limit:
+        raise InvalidArgument(f"at most {limit} {what}")
+    for label in labels:
+        _check_text(what[:-1], label, MAX_NAME_LENGTH)
+    return labels
+
+
+def _check_range(start: int, end: int) -> None:
+    if start < 0 or end < 0:
+        raise AuditStoreError("record ranges never start or end below zero")
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _team(row: Row) -> Team:
+    return Team(id=row["id"], name=row["name"], created_at=float(row["created_at"]))
+
+
+def _invite(row: Row) -> Invite:
+    return Invite(
+        id=row["id"], team_id=row["team_id"], email=row["email"], role=row["role"],
+        expires_at=float(row["expires_at"]), created_by=row["created_by"],
+        created_at=float(row["created_at"]), used_at=_optional_float(row["used_at"]),
+        used_by=row["used_by"],
+    )  # fmt: skip
+
+
+def _operator(row: Row) -> Operator:
+    return Operator(
+        id=row["id"], team_id=row["team_id"], email=row["email"], role=row["role"],
+        public_key=bytes(row["public_key"]), key_thumbprint=row["key_thumbprint"],
+        created_at=float(row["created_at"]), disabled_at=_optional_float(row["disabled_at"]),
+        tokens_valid_after=float(row["tokens_valid_after"]),
+    )  # fmt: skip
+
+
+def _api_key(row: Row) -> ApiKey:
+    return ApiKey(
+        id=row["id"], team_id=row["team_id"], name=row["name"],
+        scopes=tuple(json.loads(row["scopes"])), created_by=row["created_by"],
+        created_at=float(row["created_at"]), revoked_at=_optional_float(row["revoked_at"]),
+    )  # fmt: skip
+
+
+def _registration_key(row: Row) -> RegistrationKey:
+    return RegistrationKey(
+        id=row["id"], team_id=row["team_id"], tags=tuple(json.loads(row["tags"])),
+        expires_at=float(row["expires_at"]), created_by=row["created_by"],
+        created_at=float(row["created_at"]), used_at=_optional_float(row["used_at"]),
+        used_by_agent=row["used_by_agent"], revoked_at=_optional_float(row["revoked_at"]),
+    )  # fmt: skip
+
+
+def _agent(row: Row) -> Agent:
+    return Agent(
+        id=row["id"], team_id=row["team_id"], name=row["name"], hostname=row["hostname"],
+        tags=tuple(json.loads(row["tags"])), public_key=bytes(row["public_key"]),
+        key_fingerprint=row["key_fingerprint"], machine_fingerprint=row["machine_fingerprint"],
+        registration_key_id=row["registration_key_id"],
+        registered_at=float(row["registered_at"]),
+        last_seen_at=_optional_float(row["last_seen_at"]), online=bool(row["online"]),
+    )  # fmt: skip
+
+
+def _connection(row: Row) -> AgentConnection:
+    return AgentConnection(
+        connection_id=row["connection_id"], agent_id=row["agent_id"], team_id=row["team_id"],
+        instance_id=row["instance_id"], machine_fingerprint=row["machine_fingerprint"],
+        connected_at=float(row["connected_at"]), heartbeat_at=float(row["heartbeat_at"]),
+    )  # fmt: skip
+
+
+def _stored_record(row: Row) -> StoredRecord:
+    return StoredRecord(
+        seq=int(row["seq"]), time=row["time"], record_hash=bytes(row["record_hash"]),
+        leaf_hash=bytes(row["leaf_hash"]), canonical=bytes(row["canonical"]),
+    )  # fmt: skip
