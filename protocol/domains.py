@@ -19,9 +19,11 @@ class Purpose(str, Enum):
     AUDIT_RECORD = "tucdesk-audit-record-v1"
     AUDIT_CHECKPOINT = "tucdesk-audit-checkpoint-v1"
     POLICY = "tucdesk-policy-v1"
+    POLICY_COUNTERSIGN = "tucdesk-policy-countersign-v1"
     APPROVAL = "tucdesk-approval-v1"
     STATE_FILE = "tucdesk-state-file-v1"
     SELF_TEST = "tucdesk-self-test-v1"
+    RELAY_UDP_CREDENTIAL = "tucdesk-relay-udp-credential-v1"
 
 
 def framed_message(purpose: Purpose, message: bytes) -> bytes:
