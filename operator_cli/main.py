@@ -1,27 +1,295 @@
-"""Entry point for `tucdesk`, the operator command line."""
+"""Entry point for `tucdesk`, the operator command line.
+
+Account commands: login (enroll with an invite, or sign a fresh challenge), logout, whoami;
+agent registration keys (keys create/list/revoke); agents; audit export. State lives in the CLI
+home (``--home``, ``TUCDESK_HOME``, or the XDG config dir).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
+import traceback
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from operator_cli.client import ApiError, Session, enroll, login, open_http
+from operator_cli.home import CliHome, HomeError, Settings, default_home
+from operator_cli.selfcheck import run_selfcheck
+from protocol.errors import ProtocolError
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXPORT_CHUNK_BYTES = 64 * 1024
+
+Command = Callable[[argparse.Namespace, CliHome], int]
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration such as ``90s``, ``30m``, ``1h`` or ``7d`` (bare numbers: seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    multiplier = units.get(text[-1:])
+    number = text[:-1] if multiplier else text
+    if not number.isdigit() or int(number) <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h or 7d")
+    return int(number) * (multiplier or 1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, so --help describes what exists today."""
-    return argparse.ArgumentParser(
+    """The argument parser; --help describes every command."""
+    parser = argparse.ArgumentParser(
         prog="tucdesk",
-        description=(
-            "TucDesk operator command line. Not built yet: login and account commands arrive "
-            "with issue 4 (rendezvous), connect/exec/demo with issue 6 (sessions)."
-        ),
+        description="TucDesk operator command line.",
+        epilog="State (server, operator key, cached token) lives in --home, TUCDESK_HOME, "
+        "or $XDG_CONFIG_HOME/tucdesk.",
     )
+    parser.add_argument("--home", type=Path, help="CLI home directory")
+    parser.add_argument("--server", help="rendezvous URL, e.g. https://rendezvous.example:8443")
+    parser.add_argument("--ca-file", help="PEM CA bundle that signed the server's certificate")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    login_parser = commands.add_parser(
+        "login", help="log in (first time: enroll with --invite CODE)"
+    )
+    login_parser.add_argument("--server", dest="login_server", help="rendezvous URL")
+    login_parser.add_argument("--ca-file", dest="login_ca_file", help="PEM CA bundle")
+    login_parser.add_argument("--invite", help="one-time invite code from an admin")
+    login_parser.set_defaults(handler=_login)
+
+    commands.add_parser("logout", help="revoke and forget the access token").set_defaults(
+        handler=_logout
+    )
+    commands.add_parser("whoami", help="show who the service thinks you are").set_defaults(
+        handler=_whoami
+    )
+
+    keys = commands.add_parser("keys", help="agent registration keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = keys_commands.add_parser(
+        "create", help="create a single-use registration key (printed on the last line)"
+    )
+    create.add_argument("--tags", default="", help="comma-separated tags, e.g. web,prod")
+    create.add_argument("--ttl", type=parse_duration, help="lifetime such as 1h (default 1h)")
+    create.set_defaults(handler=_keys_create)
+    keys_commands.add_parser("list", help="list registration keys").set_defaults(
+        handler=_keys_list
+    )
+    revoke = keys_commands.add_parser("revoke", help="revoke a registration key")
+    revoke.add_argument("key_id", metavar="ID")
+    revoke.set_defaults(handler=_keys_revoke)
+
+    agents = commands.add_parser("agents", help="list your team's agents")
+    agents.add_argument("--json", action="store_true", help="print JSON")
+    agents.set_defaults(handler=_agents)
+
+    audit = commands.add_parser("audit", help="audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    export = audit_commands.add_parser(
+        "export", help="download the team's audit bundle (auditor or admin role)"
+    )
+    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    export.set_defaults(handler=_audit_export)
+
+    selfcheck = commands.add_parser(
+        "selfcheck",
+        help="check the end-to-end protocol core on this machine (no network)",
+        description="Run a full operator/agent handshake in memory, seal frames both ways, and "
+        "check that tampered, replayed and reflected frames, a wrong pinned agent key and a "
+        "refused grant each fail.",
+    )
+    selfcheck.set_defaults(handler=lambda args, home: run_selfcheck())
+    # Further commands (selfcheck, connect, exec, …) register here with set_defaults(handler=…).
+    return parser
+
+
+def _settings_for_login(args: argparse.Namespace, home: CliHome) -> Settings:
+    server = args.login_server or args.server
+    ca_file = args.login_ca_file or args.ca_file
+    saved = home.load_settings()
+    if server is None:
+        if saved is None:
+            raise HomeError("no server known: pass --server URL")
+        server = saved.server
+        ca_file = ca_file or saved.ca_file
+    if not server.startswith(("https://", "http://")):
+        raise HomeError(f"--server must be an https:// URL, not {server!r}")
+    if ca_file is not None:
+        ca_file = str(Path(ca_file).resolve())
+    return Settings(server=server.rstrip("/"), ca_file=ca_file)
+
+
+def _login(args: argparse.Namespace, home: CliHome) -> int:
+    settings = _settings_for_login(args, home)
+    identity = home.load_key()
+    with open_http(settings) as http:
+        if args.invite:
+            if identity is None:
+                identity = home.create_key()
+            enrolled = enroll(http, identity, args.invite.strip())
+            print(
+                f"enrolled {enrolled['email']} as {enrolled['role']} in team "
+                f"{enrolled['team_id']}; key {identity.public.fingerprint}"
+            )
+        elif identity is None:
+            raise HomeError(f"no operator key in {home.path}: enroll first with --invite CODE")
+        token = login(http, identity)
+    home.save_settings(settings)
+    home.save_token(token)
+    expires = datetime.fromtimestamp(token["expires_at"], UTC).strftime("%H:%M:%S UTC")
+    print(f"logged in as {token['email']} ({token['role']}); token valid until {expires}")
+    return EXIT_OK
+
+
+def _logout(args: argparse.Namespace, home: CliHome) -> int:
+    if home.load_token() is None:
+        print("not logged in")
+        return EXIT_OK
+    session = Session.from_home(home)
+    try:
+        session.request("POST", "/v1/auth/logout")
+    finally:
+        session.close()
+        home.forget_token()
+    print("logged out; the token is revoked")
+    return EXIT_OK
+
+
+def _whoami(args: argparse.Namespace, home: CliHome) -> int:
+    session = Session.from_home(home)
+    try:
+        me = session.request("GET", "/v1/auth/whoami")
+    finally:
+        session.close()
+    print(f"{me['email']} ({me['role']}) in team {me['team_name'] or me['team_id']}")
+    print(f"operator id {me['subject']}; server {session.http.base_url}")
+    return EXIT_OK
+
+
+def _keys_create(args: argparse.Namespace, home: CliHome) -> int:
+    tags = [tag.strip() for tag in args.tags.split(",") if tag.strip()]
+    body: dict[str, Any] = {"tags": tags}
+    if args.ttl is not None:
+        body["ttl_seconds"] = args.ttl
+    session = Session.from_home(home)
+    try:
+        created = session.request("POST", "/v1/registration-keys", body)
+    finally:
+        session.close()
+    expires = datetime.fromtimestamp(created["expires_at"], UTC).isoformat(timespec="seconds")
+    print(f"registration key {created['id']} tags={','.join(created['tags']) or '-'} "
+          f"expires {expires}; single use, shown once:")
+    print(created["key"])
+    return EXIT_OK
+
+
+def _keys_list(args: argparse.Namespace, home: CliHome) -> int:
+    session = Session.from_home(home)
+    try:
+        keys = session.request("GET", "/v1/registration-keys")
+    finally:
+        session.close()
+    print(f"{'ID':<24} {'STATUS':<8} {'EXPIRES':<26} TAGS")
+    for key in keys:
+        expires = datetime.fromtimestamp(key["expires_at"], UTC).isoformat(timespec="seconds")
+        print(f"{key['id']:<24} {key['status']:<8} {expires:<26} {','.join(key['tags']) or '-'}")
+    return EXIT_OK
+
+
+def _keys_revoke(args: argparse.Namespace, home: CliHome) -> int:
+    session = Session.from_home(home)
+    try:
+        revoked = session.request("DELETE", f"/v1/registration-keys/{_path_segment(args.key_id)}")
+    finally:
+        session.close()
+    print(f"registration key {revoked['id']} revoked")
+    return EXIT_OK
+
+
+def _agents(args: argparse.Namespace, home: CliHome) -> int:
+    session = Session.from_home(home)
+    try:
+        listing = session.request("GET", "/v1/agents")
+    finally:
+        session.close()
+    agents = listing["agents"]
+    if args.json:
+        print(json.dumps(agents, indent=2))
+        return EXIT_OK
+    print(f"{'NAME':<24} {'ID':<24} {'STATE':<8} {'LAST SEEN':<21} {'TAGS':<16} KEY")
+    for agent in agents:
+        state = "online" if agent["online"] else "offline"
+        seen = _ago(agent["last_seen_at"])
+        tags = ",".join(agent["tags"]) or "-"
+        print(
+            f"{agent['name']:<24} {agent['id']:<24} {state:<8} {seen:<21} {tags:<16} "
+            f"{agent['key_fingerprint']}"
+        )
+    return EXIT_OK
+
+
+def _audit_export(args: argparse.Namespace, home: CliHome) -> int:
+    session = Session.from_home(home)
+    try:
+        response = session.request_raw("GET", "/v1/audit/export")
+        if args.output is None:
+            sys.stdout.buffer.write(response.content)
+            sys.stdout.flush()
+            return EXIT_OK
+        args.output.write_bytes(response.content)
+    finally:
+        session.close()
+    lines = response.content.count(b"\n")
+    print(f"wrote {args.output} ({lines} lines); check it with: tucdesk-audit verify "
+          f"{args.output} --key AUDIT_KEY", file=sys.stderr)
+    return EXIT_OK
+
+
+def _ago(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "never"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _path_segment(text: str) -> str:
+    if not text or "/" in text or len(text) > 128:
+        raise HomeError(f"{text!r} is not an id")
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments and run the chosen command."""
-    build_parser().parse_args(argv)
-    print("tucdesk: not built yet; see --help.", file=sys.stderr)
-    return 2
+    """Parse arguments and run the chosen command; one line and exit 1 on failure."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    home = CliHome(args.home or default_home(os.environ))
+    try:
+        result: int = args.handler(args, home)
+        return result
+    except ApiError as error:
+        _report(args, f"the server refused: {error.message} ({error.code})")
+    except httpx.HTTPError as error:
+        _report(
+            args,
+            f"cannot reach the server ({type(error).__name__}); check --server and --ca-file",
+        )
+    except (HomeError, ProtocolError, OSError) as error:
+        _report(args, str(error))
+    except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
+        _report(args, f"unexpected {type(error).__name__}; rerun with --debug for details")
+    return EXIT_FAILURE
+
+
+def _report(args: argparse.Namespace, message: str) -> None:
+    if args.debug:
+        traceback.print_exc()
+    print(f"tucdesk: {message}", file=sys.stderr)
 
 
 if __name__ == "__main__":

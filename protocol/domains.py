@@ -1,12 +1,12 @@
-"""Domain-separation prefixes: every signature names its purpose so it cannot be replayed as another.
+"""Domain-separation prefixes: a signature names its purpose so it cannot pass as another kind.
 
 A signature is always made over ``PREFIX || 0x00 || message``; see identity.sign_for.
 """
 
-from enum import Enum
+from enum import StrEnum
 
 
-class Purpose(str, Enum):
+class Purpose(StrEnum):
     """What a signature is for. The value is the exact prefix signed in front of the message."""
 
     REGISTER = "tucdesk-register-v1"

@@ -1,24 +1,307 @@
-"""Entry point for `tucdesk-rendezvous`: the rendezvous control plane (init, serve, team, invite, keys)."""
+"""Entry point for `tucdesk-rendezvous`: init, serve, team, invite and keys.
+
+Every subcommand takes the same ``--data-dir``, ``--database`` and ``--config`` as ``serve``, so
+admin commands work on the very store a running service uses.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import signal
 import sys
+import time
+import traceback
+from collections.abc import Callable, Coroutine
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from protocol.errors import ProtocolError
+from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
+from rendezvous.auth import ROLES
+from rendezvous.config import ServiceConfig, load_config
+from rendezvous.credentials import hash_secret, new_invite_code
+from rendezvous.errors import ConfigError, ServiceError
+from rendezvous.service_keys import KEY_ROLES, create_missing_keys, load_service_keys
+from rendezvous.store import AlreadyExists, StoreError, open_store
+
+DATA_DIR_MODE = 0o700
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+CONFIG_HELP = """\
+configuration (highest precedence first): command-line flags, TUCDESK_<SETTING> environment
+variables (e.g. TUCDESK_DATA_DIR, TUCDESK_DATABASE, TUCDESK_LISTEN, TUCDESK_TLS_CERT,
+TUCDESK_TLS_KEY, TUCDESK_INSECURE_HTTP, TUCDESK_ACCESS_TOKEN_SECONDS, TUCDESK_CLOCK_SKEW_SECONDS,
+TUCDESK_MAX_BODY_BYTES), then the TOML file given by --config or TUCDESK_CONFIG (top-level keys or
+a [rendezvous] table with the same names in lower case), then built-in defaults.
+"""
+
+
+def _add_store_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, help="service data directory (keys, SQLite db)")
+    parser.add_argument(
+        "--database",
+        help="store URL: sqlite:///PATH or postgresql://…; default: SQLite file in the data dir",
+    )
+    parser.add_argument("--config", type=Path, help="TOML configuration file")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, so --help describes what exists today."""
-    return argparse.ArgumentParser(
+    """The argument parser; --help documents every command and the configuration sources."""
+    parser = argparse.ArgumentParser(
         prog="tucdesk-rendezvous",
-        description="TucDesk the rendezvous control plane (init, serve, team, invite, keys). Not built yet: arrives with issue 4 (rendezvous).",
+        description="TucDesk rendezvous: the control plane service and its admin commands.",
+        epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    init = commands.add_parser("init", help="create the schema and service keys (safe to rerun)")
+    _add_store_flags(init)
+
+    serve = commands.add_parser(
+        "serve", help="serve the HTTP API", epilog=CONFIG_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_store_flags(serve)
+    serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8443)")
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain for TLS")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key for TLS")
+    serve.add_argument(
+        "--insecure-http",
+        action="store_true",
+        default=None,
+        help="serve plain HTTP without TLS (only allowed on a loopback address)",
+    )
+
+    team = commands.add_parser("team", help="manage teams")
+    team_commands = team.add_subparsers(dest="team_command", required=True, metavar="ACTION")
+    team_create = team_commands.add_parser("create", help="create a team")
+    team_create.add_argument("name", help="team name")
+    _add_store_flags(team_create)
+    team_list = team_commands.add_parser("list", help="list teams")
+    _add_store_flags(team_list)
+
+    invite = commands.add_parser("invite", help="manage operator invites")
+    invite_commands = invite.add_subparsers(dest="invite_command", required=True, metavar="ACTION")
+    invite_create = invite_commands.add_parser(
+        "create", help="create a one-time invite; the code is printed on the last line"
+    )
+    invite_create.add_argument("--team", required=True, help="team name")
+    invite_create.add_argument("--email", required=True, help="the new operator's email")
+    invite_create.add_argument("--role", required=True, choices=ROLES, help="the operator's role")
+    invite_create.add_argument("--ttl", help="lifetime such as 30m, 24h, 7d (default 7d)")
+    _add_store_flags(invite_create)
+
+    audit = commands.add_parser("audit", help="audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    audit_export = audit_commands.add_parser(
+        "export", help="write a team's (or the service log's) audit bundle"
+    )
+    which = audit_export.add_mutually_exclusive_group(required=True)
+    which.add_argument("--team", help="team name")
+    which.add_argument(
+        "--service",
+        action="store_true",
+        help="the service log (refusals no team can be charged with)",
+    )
+    audit_export.add_argument("-o", "--output", type=Path, required=True, help="bundle file")
+    _add_store_flags(audit_export)
+
+    keys = commands.add_parser("keys", help="service keys")
+    keys_commands = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    keys_show = keys_commands.add_parser("show", help="print the service public keys (JWK set)")
+    keys_show.add_argument(
+        "--pem",
+        metavar="ROLE",
+        choices=KEY_ROLES,
+        help="print only this key's public PEM (e.g. audit-signer, for tucdesk-audit verify)",
+    )
+    _add_store_flags(keys_show)
+    return parser
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration such as ``90s``, ``30m``, ``24h`` or ``7d`` (bare numbers: seconds)."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    text = text.strip().lower()
+    multiplier = units.get(text[-1:], None)
+    number = text[:-1] if multiplier else text
+    if not number.isdigit() or int(number) <= 0:
+        raise ConfigError(f"duration {text!r} is not like 90s, 30m, 24h or 7d")
+    return int(number) * (multiplier or 1)
+
+
+def _config(args: argparse.Namespace) -> ServiceConfig:
+    flags = {
+        name: getattr(args, name, None)
+        for name in ("data_dir", "database", "listen", "tls_cert", "tls_key", "insecure_http")
+    }
+    config = load_config(flags, os.environ, getattr(args, "config", None))
+    return config
+
+
+def _run(function: Callable[..., Coroutine[Any, Any, int]], *args: Any) -> int:
+    return trio.run(function, *args)
+
+
+async def _init(config: ServiceConfig) -> int:
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(config.data_dir, DATA_DIR_MODE)
+    created = create_missing_keys(config.data_dir)
+    keys = load_service_keys(config.data_dir)
+    async with open_store(config.database_url) as store:
+        backend = store.backend
+    print(f"data dir: {config.data_dir.resolve()}")
+    print(f"store: {backend} (schema up to date)")
+    for role, key in keys.by_role().items():
+        state = "created" if role in created else "kept"
+        print(f"{role}: {key.public.fingerprint} kid={key.public.key_id} ({state})")
+    return EXIT_OK
+
+
+async def _team_create(config: ServiceConfig, name: str) -> int:
+    async with open_store(config.database_url) as store:
+        try:
+            team = await store.create_team(name, time.time())
+        except AlreadyExists:
+            raise ServiceError(f"a team named {name!r} already exists") from None
+    print(f"team created: {team.name} id={team.id}")
+    return EXIT_OK
+
+
+async def _team_list(config: ServiceConfig) -> int:
+    async with open_store(config.database_url) as store:
+        for team in await store.list_teams():
+            print(f"{team.id}\t{team.name}")
+    return EXIT_OK
+
+
+async def _invite_create(
+    config: ServiceConfig, team_name: str, email: str, role: str, ttl: int
+) -> int:
+    keys = load_service_keys(config.data_dir)
+    code = new_invite_code()
+    now = time.time()
+    async with open_store(config.database_url) as store:
+        team = await store.get_team_by_name(team_name)
+        if team is None:
+            raise ServiceError(f"no team named {team_name!r}; create it with 'team create'")
+        invite = await store.create_invite(
+            team.id, email, role, hash_secret(code), now + ttl, "admin-command", now
+        )
+        trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        await trail.record(
+            team.id,
+            actor=service_actor("admin command"),
+            action=Action.OPERATOR_INVITE_CREATED,
+            target=f"invite:{invite.id}",
+            details={"invite_id": invite.id, "email": email, "role": role, "ttl_seconds": ttl},
+        )
+    print(f"invite {invite.id} for {email} ({role}) in team {team.name}, valid {ttl}s")
+    print("give this one-time code to the operator: tucdesk login --server URL --invite CODE")
+    print(code)
+    return EXIT_OK
+
+
+async def _audit_export(
+    config: ServiceConfig, team_name: str | None, output: Path
+) -> int:
+    keys = load_service_keys(config.data_dir)
+    async with open_store(config.database_url) as store:
+        if team_name is None:
+            log_id = SERVICE_LOG
+        else:
+            team = await store.get_team_by_name(team_name)
+            if team is None:
+                raise ServiceError(f"no team named {team_name!r}")
+            log_id = team.id
+        trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        with output.open("wb") as stream:
+            await trail.export_to(log_id, stream)
+    print(f"wrote {output}; verify with: tucdesk-audit verify {output} --key AUDIT_KEY_PEM "
+          "(tucdesk-rendezvous keys show --pem audit-signer)")
+    return EXIT_OK
+
+
+def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
+    keys = load_service_keys(config.data_dir)
+    if pem_role is not None:
+        sys.stdout.write(keys.by_role()[pem_role].public.to_pem().decode("ascii"))
+        return EXIT_OK
+    for role, key in keys.by_role().items():
+        print(f"{role}: {key.public.fingerprint} kid={key.public.key_id}")
+    print(json.dumps(keys.jwks(), indent=2))
+    return EXIT_OK
+
+
+def _serve(config: ServiceConfig) -> int:
+    from rendezvous.server import run_service
+
+    config.validate_for_serving()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    trio.run(partial(run_service, config, shutdown_trigger=_termination_signal))
+    return EXIT_OK
+
+
+async def _termination_signal() -> None:
+    """Return on SIGTERM or SIGINT, so the service shuts down gracefully."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            logging.getLogger("tucdesk.rendezvous").info(
+                "received %s; shutting down", signal.Signals(received).name
+            )
+            return
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; errors propagate to main for one-line reporting."""
+    config = _config(args)
+    if args.command == "init":
+        return _run(_init, config)
+    if args.command == "serve":
+        return _serve(config)
+    if args.command == "team":
+        if args.team_command == "create":
+            return _run(_team_create, config, args.name)
+        return _run(_team_list, config)
+    if args.command == "invite":
+        ttl = parse_duration(args.ttl) if args.ttl else config.invite_seconds
+        return _run(_invite_create, config, args.team, args.email, args.role, ttl)
+    if args.command == "audit":
+        return _run(_audit_export, config, args.team, args.output)
+    if args.command == "keys":
+        return _keys_show(config, args.pem)
+    raise ConfigError(f"unknown command {args.command}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse arguments; say plainly that this command is not built yet."""
-    build_parser().parse_args(argv)
-    print("tucdesk-rendezvous: not built yet; it arrives with issue 4 (rendezvous).", file=sys.stderr)
-    return 2
+    """Parse arguments, run the command, and turn failures into one line and an exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except (ConfigError, ServiceError, StoreError, ProtocolError, OSError) as error:
+        if args.debug:
+            traceback.print_exc()
+        message = getattr(error, "message", None) or str(error) or type(error).__name__
+        print(f"tucdesk-rendezvous: {message}", file=sys.stderr)
+        return EXIT_FAILURE
+    except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
+        if args.debug:
+            traceback.print_exc()
+        print(
+            f"tucdesk-rendezvous: unexpected {type(error).__name__}; rerun with --debug",
+            file=sys.stderr,
+        )
+        return EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,158 @@
+"""The CLI's HTTP client for the rendezvous: challenge login, bound tokens, request proofs.
+
+Tokens are refreshed transparently: the operator key lives in the CLI home, so when the cached
+token is missing, about to expire or refused, the client signs a fresh challenge and retries once.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import time
+from typing import Any
+
+import httpx
+
+from operator_cli.home import CliHome, HomeError, Settings
+from protocol.domains import Purpose
+from protocol.identity import SigningIdentity, b64url
+from protocol.request_proof import PROOF_HEADER, create_proof
+from protocol.signed_payload import create_signed_payload
+
+REQUEST_TIMEOUT_SECONDS = 30.0
+REFRESH_MARGIN_SECONDS = 60
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+class ApiError(Exception):
+    """The service refused a request; ``code`` is its error code, the message its explanation."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def open_http(settings: Settings) -> httpx.Client:
+    """An HTTP client for the server, trusting the CA file when one is configured."""
+    verify: Any = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
+    return httpx.Client(
+        base_url=settings.server.rstrip("/"),
+        verify=verify,
+        timeout=REQUEST_TIMEOUT_SECONDS,
+        follow_redirects=False,
+    )
+
+
+def check(response: httpx.Response) -> Any:
+    """The JSON body of a successful response; ApiError with the service's reason otherwise."""
+    if response.is_success:
+        if response.status_code == 204 or not response.content:
+            return None
+        return response.json()
+    try:
+        body = response.json()
+        code, message = str(body.get("error", "error")), str(body.get("message", ""))
+    except (ValueError, AttributeError):
+        code, message = "error", response.text[:200]
+    raise ApiError(response.status_code, code, message or f"HTTP {response.status_code}")
+
+
+def enroll(http: httpx.Client, identity: SigningIdentity, invite: str) -> dict[str, Any]:
+    """Register the operator key with a one-time invite; the key signs the enrollment."""
+    envelope = create_signed_payload(
+        identity,
+        Purpose.OPERATOR_ENROLL,
+        {"invite": invite, "public_key": b64url(identity.public.raw)},
+        time.time(),
+    )
+    result: dict[str, Any] = check(http.post("/v1/operators/enroll", json=envelope))
+    return result
+
+
+def login(http: httpx.Client, identity: SigningIdentity) -> dict[str, Any]:
+    """Sign a fresh server challenge and return the token response."""
+    thumbprint = identity.public.key_id
+    challenge = check(http.post("/v1/auth/challenge", json={"key_thumbprint": thumbprint}))
+    envelope = create_signed_payload(
+        identity,
+        Purpose.OPERATOR_LOGIN,
+        {
+            "challenge_id": challenge["challenge_id"],
+            "challenge": challenge["challenge"],
+            "audience": challenge["audience"],
+            "key_thumbprint": thumbprint,
+        },
+        time.time(),
+    )
+    result: dict[str, Any] = check(http.post("/v1/auth/login", json=envelope))
+    return result
+
+
+class Session:
+    """Authenticated requests for one CLI home: bearer token plus a proof on state changes."""
+
+    def __init__(self, home: CliHome, settings: Settings, identity: SigningIdentity) -> None:
+        self.home = home
+        self.http = open_http(settings)
+        self.identity = identity
+
+    @classmethod
+    def from_home(cls, home: CliHome) -> Session:
+        """A session from the saved settings and key; HomeError if the user never logged in."""
+        settings = home.load_settings()
+        identity = home.load_key()
+        if settings is None or identity is None:
+            raise HomeError("not logged in: run 'tucdesk login --server URL --invite CODE' first")
+        return cls(home, settings, identity)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self.http.close()
+
+    def token(self, *, force_refresh: bool = False) -> str:
+        """A valid access token, logging in again when needed."""
+        cached = self.home.load_token()
+        if cached is None:
+            raise HomeError("not logged in: run 'tucdesk login'")
+        if not force_refresh and cached.get("expires_at", 0) > time.time() + REFRESH_MARGIN_SECONDS:
+            return str(cached["access_token"])
+        fresh = login(self.http, self.identity)
+        self.home.save_token(fresh)
+        return str(fresh["access_token"])
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        """Send an authenticated request; refresh the token once if the service refuses it."""
+        try:
+            return check(self._send(method, path, body, self.token()))
+        except ApiError as error:
+            if error.status != 401:
+                raise
+        return check(self._send(method, path, body, self.token(force_refresh=True)))
+
+    def request_raw(self, method: str, path: str) -> httpx.Response:
+        """An authenticated request whose body the caller reads itself (exports)."""
+        response = self._send(method, path, None, self.token())
+        if response.status_code == 401:
+            response = self._send(method, path, None, self.token(force_refresh=True))
+        if not response.is_success:
+            check(response)
+        return response
+
+    def _send(self, method: str, path: str, body: Any, token: str) -> httpx.Response:
+        content = b"" if body is None else json.dumps(body).encode("utf-8")
+        headers = {"Authorization": f"Bearer {token}"}
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        request = self.http.build_request(method, path, content=content, headers=headers)
+        if method.upper() in STATE_CHANGING_METHODS:
+            request.headers[PROOF_HEADER] = create_proof(
+                self.identity,
+                method=method,
+                target=request.url.raw_path.decode("ascii"),
+                body=content,
+                access_token=token,
+                now=int(time.time()),
+            )
+        return self.http.send(request)

@@ -1,0 +1,120 @@
+"""The operator CLI's home directory: server settings, the operator key and the cached token.
+
+Location: ``--home DIR``, else ``TUCDESK_HOME``, else ``$XDG_CONFIG_HOME/tucdesk`` (default
+``~/.config/tucdesk``). The key and the token are 0600 files; the directory is 0700.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.identity import SigningIdentity, read_private_file, write_private_file
+
+HOME_ENVIRONMENT = "TUCDESK_HOME"
+HOME_MODE = 0o700
+SETTINGS_FILE = "settings.json"
+OPERATOR_KEY_FILE = "operator.key"
+TOKEN_FILE = "token.json"  # noqa: S105 - a file name
+MAX_STATE_FILE_BYTES = 64 * 1024
+
+
+class HomeError(Exception):
+    """The CLI home is unusable or lacks what a command needs; the message says what to do."""
+
+
+def default_home(environ: Mapping[str, str]) -> Path:
+    """The home directory when ``--home`` is not given."""
+    if environ.get(HOME_ENVIRONMENT):
+        return Path(environ[HOME_ENVIRONMENT]).expanduser()
+    base = environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tucdesk"
+
+
+@dataclass
+class Settings:
+    """Where the service is and how to trust it."""
+
+    server: str
+    ca_file: str | None = None
+
+
+class CliHome:
+    """Reads and writes the CLI's state files."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+
+    def ensure(self) -> None:
+        """Create the directory (0700) if needed."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.path, HOME_MODE)
+
+    @property
+    def key_path(self) -> Path:
+        """The operator's private key file."""
+        return self.path / OPERATOR_KEY_FILE
+
+    def load_settings(self) -> Settings | None:
+        """The saved server settings, or None before the first login."""
+        data = self._read_json(self.path / SETTINGS_FILE, secret=False)
+        if data is None:
+            return None
+        server = data.get("server")
+        if not isinstance(server, str):
+            raise HomeError(f"{self.path / SETTINGS_FILE} is damaged; log in again with --server")
+        ca_file = data.get("ca_file")
+        return Settings(server=server, ca_file=ca_file if isinstance(ca_file, str) else None)
+
+    def save_settings(self, settings: Settings) -> None:
+        """Remember the server and CA file for later commands."""
+        self.ensure()
+        text = json.dumps({"server": settings.server, "ca_file": settings.ca_file}, indent=2)
+        (self.path / SETTINGS_FILE).write_text(text + "\n")
+
+    def load_key(self) -> SigningIdentity | None:
+        """The operator key, or None if none was generated here yet."""
+        if not self.key_path.exists():
+            return None
+        return SigningIdentity.load(self.key_path)
+
+    def create_key(self) -> SigningIdentity:
+        """Generate the operator key locally and save it 0600 (only its public half leaves)."""
+        self.ensure()
+        identity = SigningIdentity.generate()
+        identity.save(self.key_path)
+        return identity
+
+    def load_token(self) -> dict[str, Any] | None:
+        """The cached access token record, or None."""
+        return self._read_json(self.path / TOKEN_FILE, secret=True)
+
+    def save_token(self, record: Mapping[str, Any]) -> None:
+        """Cache the access token (0600)."""
+        self.ensure()
+        write_private_file(self.path / TOKEN_FILE, json.dumps(dict(record)).encode())
+
+    def forget_token(self) -> None:
+        """Delete the cached access token."""
+        (self.path / TOKEN_FILE).unlink(missing_ok=True)
+
+    def _read_json(self, path: Path, *, secret: bool) -> dict[str, Any] | None:
+        if not path.exists():
+            return None
+        try:
+            if secret:
+                raw = read_private_file(path)
+            else:
+                if path.stat().st_size > MAX_STATE_FILE_BYTES:
+                    raise HomeError(f"{path} is too large to be a TucDesk state file")
+                raw = path.read_bytes()
+            data = json.loads(raw)
+        except ValueError:
+            raise HomeError(f"{path} is damaged; delete it and log in again") from None
+        if not isinstance(data, dict):
+            raise HomeError(f"{path} is damaged; delete it and log in again")
+        return data

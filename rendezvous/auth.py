@@ -1,0 +1,244 @@
+"""Who is calling: access tokens bound to operator keys, request proofs, and scoped API keys.
+
+Every authenticated request ends in a ``Principal`` whose ``team_id`` comes from verified claims
+(or the API key's row), never from the request body or URL. State-changing requests made with an
+access token must carry a request proof signed by the key the token is bound to (``cnf.jkt``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import math
+import secrets
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import NoReturn
+
+from protocol.errors import PayloadError, TokenError
+from protocol.identity import b64url
+from protocol.request_proof import PROOF_HEADER, verify_proof
+from protocol.tokens import ACCESS_TOKEN_TYPE, issue_token, verify_token
+from rendezvous.context import ServiceContext
+from rendezvous.credentials import API_KEY_PREFIX, has_shape, hash_secret
+from rendezvous.errors import Forbidden, Unauthorized
+from rendezvous.store import Operator
+
+TOKEN_ID_BYTES = 16
+PROOF_NONCE_SCOPE = "request-proof"
+STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+ISSUED_AT_MILLISECONDS_CLAIM = "iat_ms"
+ROLES = ("admin", "operator", "approver", "auditor")
+
+
+class Permission(StrEnum):
+    """What a request wants to do; also the API key scope names."""
+
+    AGENTS_READ = "agents:read"
+    REGISTRATION_KEYS_READ = "registration_keys:read"
+    REGISTRATION_KEYS_WRITE = "registration_keys:write"
+    AUDIT_READ = "audit:read"
+    API_KEYS_WRITE = "api_keys:write"
+    TOKENS_REVOKE = "tokens:revoke"
+    OPERATORS_WRITE = "operators:write"
+
+
+API_KEY_SCOPES = frozenset(
+    {
+        Permission.AGENTS_READ,
+        Permission.REGISTRATION_KEYS_READ,
+        Permission.REGISTRATION_KEYS_WRITE,
+        Permission.AUDIT_READ,
+    }
+)
+
+ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
+    "admin": frozenset(Permission),
+    "operator": frozenset({Permission.AGENTS_READ}),
+    "approver": frozenset({Permission.AGENTS_READ}),
+    "auditor": frozenset({Permission.AGENTS_READ, Permission.AUDIT_READ}),
+}
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated caller: an operator (by access token) or an integration (by API key)."""
+
+    kind: str  # "operator" or "api_key"
+    team_id: str
+    subject: str  # operator id or API key id
+    email: str | None
+    role: str | None
+    scopes: frozenset[str]
+    token_id: str | None = None
+    token_expires_at: int | None = None
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """The parts of an HTTP request authentication looks at."""
+
+    method: str
+    target: str  # path and query exactly as sent
+    body: bytes
+    authorization: str | None
+    proof: str | None
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A freshly signed access token, its id and its expiry (Unix seconds)."""
+
+    token: str
+    token_id: str
+    expires_at: int
+
+
+def issue_access_token(ctx: ServiceContext, operator: Operator, now: float) -> IssuedToken:
+    """An access token for ``operator`` bound to its key (``cnf.jkt``)."""
+    issued_at = int(now)
+    lifetime = ctx.config.access_token_seconds
+    token_id = b64url(secrets.token_bytes(TOKEN_ID_BYTES))
+    token = issue_token(
+        ctx.keys.jwt_issuer,
+        typ=ACCESS_TOKEN_TYPE,
+        issuer=ctx.config.issuer,
+        audience=ctx.config.audience,
+        subject=operator.id,
+        issued_at=issued_at,
+        lifetime_seconds=lifetime,
+        claims={
+            "team_id": operator.team_id,
+            "email": operator.email,
+            "role": operator.role,
+            "jti": token_id,
+            # iat is whole seconds; revocation by time needs finer grain than that.
+            ISSUED_AT_MILLISECONDS_CLAIM: int(now * 1000),
+            "cnf": {"jkt": operator.key_thumbprint},
+        },
+    )
+    return IssuedToken(token, token_id, issued_at + lifetime)
+
+
+async def authenticate(ctx: ServiceContext, facts: RequestFacts) -> Principal:
+    """Check the caller's credentials (and proof when required); raise Unauthorized if bad."""
+    credential = _bearer(facts.authorization)
+    if has_shape(credential, API_KEY_PREFIX):
+        return await _authenticate_api_key(ctx, credential)
+    return await _authenticate_access_token(ctx, credential, facts)
+
+
+def authorize(principal: Principal, permission: Permission) -> None:
+    """Raise Forbidden unless the caller's role or scopes grant ``permission``."""
+    if principal.kind == "operator":
+        allowed = ROLE_PERMISSIONS.get(principal.role or "", frozenset())
+        if permission in allowed:
+            return
+        raise Forbidden(f"the {principal.role} role may not do this ({permission.value})")
+    if permission.value in principal.scopes:
+        return
+    raise Forbidden(f"this API key lacks the {permission.value} scope")
+
+
+def _bearer(authorization: str | None) -> str:
+    if not authorization:
+        raise Unauthorized("send Authorization: Bearer TOKEN; log in first", "missing_token")
+    scheme, _, credential = authorization.partition(" ")
+    credential = credential.strip()
+    if scheme.lower() != "bearer" or not credential:
+        raise Unauthorized("the Authorization header must be 'Bearer TOKEN'", "malformed_token")
+    return credential
+
+
+async def _authenticate_api_key(ctx: ServiceContext, credential: str) -> Principal:
+    api_key = await ctx.store.get_api_key_by_hash(hash_secret(credential))
+    if api_key is None:
+        _fail(ctx, "unknown_api_key")
+    if not api_key.is_active():
+        _fail(ctx, "revoked_api_key")
+    return Principal(
+        kind="api_key",
+        team_id=api_key.team_id,
+        subject=api_key.id,
+        email=None,
+        role=None,
+        scopes=frozenset(api_key.scopes),
+    )
+
+
+async def _authenticate_access_token(
+    ctx: ServiceContext, token: str, facts: RequestFacts
+) -> Principal:
+    now = ctx.now()
+    try:
+        verified = verify_token(
+            token,
+            ctx.keys.token_verification_keys(),
+            typ=ACCESS_TOKEN_TYPE,
+            issuer=ctx.config.issuer,
+            audience=ctx.config.audience,
+            now=now,
+        )
+    except TokenError as error:
+        _fail(ctx, "invalid_token", f"access token refused: {error}; log in again")
+    claims = verified.claims
+    team_id, subject, jti = claims.get("team_id"), claims.get("sub"), claims.get("jti")
+    cnf = claims.get("cnf")
+    jkt = cnf.get("jkt") if isinstance(cnf, dict) else None
+    role = claims.get("role")
+    if not all(isinstance(value, str) and value for value in (team_id, subject, jti, jkt, role)):
+        _fail(ctx, "invalid_token", "access token lacks team, subject, id, role or key binding")
+    assert isinstance(team_id, str) and isinstance(subject, str) and isinstance(jti, str)
+    assert isinstance(jkt, str) and isinstance(role, str)
+    if await ctx.store.is_token_revoked(jti):
+        _fail(ctx, "revoked_token", "access token was revoked; log in again")
+    operator = await ctx.store.get_operator(team_id, subject)
+    if operator is None or not operator.is_active():
+        _fail(ctx, "operator_disabled", "this operator is disabled; ask an admin")
+    issued_ms = claims.get(ISSUED_AT_MILLISECONDS_CLAIM)
+    if type(issued_ms) is not int or issued_ms < math.floor(operator.tokens_valid_after * 1000):
+        _fail(ctx, "revoked_token", "access token was revoked; log in again")
+    if not hmac.compare_digest(operator.key_thumbprint.encode(), jkt.encode()):
+        _fail(ctx, "invalid_token", "access token is bound to another key; log in again")
+    if facts.method.upper() in STATE_CHANGING_METHODS:
+        await _check_proof(ctx, token, jkt, facts, now)
+    return Principal(
+        kind="operator",
+        team_id=team_id,
+        subject=subject,
+        email=operator.email,
+        role=operator.role,
+        scopes=frozenset(),
+        token_id=jti,
+        token_expires_at=claims["exp"],
+    )
+
+
+async def _check_proof(
+    ctx: ServiceContext, token: str, jkt: str, facts: RequestFacts, now: float
+) -> None:
+    if not facts.proof:
+        _fail(ctx, "missing_proof", f"this request needs a {PROOF_HEADER} header")
+    skew = ctx.config.clock_skew_seconds
+    try:
+        proof = verify_proof(
+            facts.proof,
+            method=facts.method,
+            target=facts.target,
+            body=facts.body,
+            access_token=token,
+            expected_key_id=jkt,
+            now=now,
+            skew_seconds=skew,
+        )
+    except PayloadError as error:
+        _fail(ctx, "invalid_proof", f"request proof refused: {error}")
+    fresh = await ctx.store.remember_nonce(
+        PROOF_NONCE_SCOPE, f"{jkt}:{proof.proof_id}", now + 2 * skew, now
+    )
+    if not fresh:
+        _fail(ctx, "replayed_proof", "request proof was already used")
+
+
+def _fail(ctx: ServiceContext, reason: str, message: str | None = None) -> NoReturn:
+    ctx.metrics.auth_failures.labels(reason).inc()
+    raise Unauthorized(message or "credentials refused", reason)

@@ -1,0 +1,189 @@
+"""The rendezvous configuration: one typed object from flags, TUCDESK_* environment and TOML.
+
+Precedence, highest first: command-line flags, ``TUCDESK_<SETTING>`` environment variables, the
+TOML file given by ``--config`` (or ``TUCDESK_CONFIG``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rendezvous.errors import ConfigError
+
+ENVIRONMENT_PREFIX = "TUCDESK_"
+MAX_ACCESS_TOKEN_SECONDS = 15 * 60
+MAX_CONFIG_FILE_SIZE = 256 * 1024
+DATABASE_FILE_NAME = "rendezvous.db"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """Every setting of the rendezvous service, typed and validated."""
+
+    data_dir: Path = Path("/var/lib/tucdesk-rendezvous")
+    database: str | None = None
+    listen: str = "127.0.0.1:8443"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    insecure_http: bool = False
+    issuer: str = "tucdesk-rendezvous"
+    audience: str = "tucdesk"
+    access_token_seconds: int = 10 * 60
+    clock_skew_seconds: int = 60
+    max_body_bytes: int = 64 * 1024
+    invite_seconds: int = 7 * 24 * 3600
+    registration_key_seconds: int = 3600
+    max_registration_key_seconds: int = 30 * 24 * 3600
+    login_challenge_seconds: int = 120
+    heartbeat_seconds: float = 20.0
+    heartbeat_timeout_seconds: float = 60.0
+
+    @property
+    def database_url(self) -> str:
+        """The store URL: the given one, or the SQLite file in the data dir."""
+        if self.database:
+            return self.database
+        return f"sqlite://{(self.data_dir / DATABASE_FILE_NAME).resolve()}"
+
+    @property
+    def listen_host(self) -> str:
+        """The host part of ``listen``."""
+        return split_listen(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        """The port part of ``listen``."""
+        return split_listen(self.listen)[1]
+
+    def validate_for_serving(self) -> None:
+        """Raise ConfigError unless the settings are safe to serve with (TLS, or loopback HTTP)."""
+        split_listen(self.listen)
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("give both --tls-cert and --tls-key, or neither")
+        if self.tls_cert is None:
+            if not self.insecure_http:
+                raise ConfigError(
+                    "no TLS certificate: pass --tls-cert and --tls-key, or --insecure-http "
+                    "to serve plain HTTP on a loopback address"
+                )
+            if not is_loopback(self.listen_host):
+                raise ConfigError(
+                    f"plain HTTP is only served on loopback, not on {self.listen_host}; "
+                    "use TLS or listen on 127.0.0.1"
+                )
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that is out of range."""
+        if not 0 < self.access_token_seconds <= MAX_ACCESS_TOKEN_SECONDS:
+            raise ConfigError(
+                f"access_token_seconds must be 1..{MAX_ACCESS_TOKEN_SECONDS} (15 minutes at most)"
+            )
+        for name in (
+            "clock_skew_seconds",
+            "max_body_bytes",
+            "invite_seconds",
+            "registration_key_seconds",
+            "max_registration_key_seconds",
+            "login_challenge_seconds",
+            "heartbeat_seconds",
+            "heartbeat_timeout_seconds",
+        ):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive")
+
+
+def split_listen(listen: str) -> tuple[str, int]:
+    """Split ``HOST:PORT`` (``[v6]:PORT`` for IPv6), raising ConfigError when malformed."""
+    host, separator, port_text = listen.rpartition(":")
+    if not separator or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ConfigError(f"listen address {listen!r} is not HOST:PORT")
+    return host.strip("[]"), int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names a loopback address (``localhost`` counts)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+) -> ServiceConfig:
+    """Merge flags > environment > TOML file > defaults into a validated ServiceConfig.
+
+    ``flags`` holds only the flags the user gave (None values are ignored).
+    """
+    fields = {field.name: field for field in dataclasses.fields(ServiceConfig)}
+    values: dict[str, Any] = {}
+    if config_file is None and environ.get(ENVIRONMENT_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENVIRONMENT_PREFIX + "CONFIG"])
+    if config_file is not None:
+        for name, raw in _read_toml(config_file).items():
+            key = name.replace("-", "_")
+            if key not in fields:
+                raise ConfigError(f"{config_file}: unknown setting {name!r}")
+            values[key] = _convert(key, raw, fields[key].type, f"{config_file}: {name}")
+    for key in fields:
+        env_name = ENVIRONMENT_PREFIX + key.upper()
+        if env_name in environ:
+            values[key] = _convert(key, environ[env_name], fields[key].type, env_name)
+    for key, raw in flags.items():
+        if raw is not None and key in fields:
+            values[key] = _convert(key, raw, fields[key].type, f"--{key.replace('_', '-')}")
+    config = ServiceConfig(**values)
+    config.validate()
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_CONFIG_FILE_SIZE:
+            raise ConfigError(f"{path}: larger than any config file should be")
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    section = data.get("rendezvous", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [rendezvous] must be a table")
+    return section
+
+
+def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
+    text = str(declared)
+    try:
+        if "bool" in text:
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError(raw)
+        if "int" in text:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(raw)
+        if "float" in text:
+            return float(raw)
+        if "Path" in text:
+            return Path(str(raw)).expanduser()
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {raw!r} is not a valid value for {name}") from None

@@ -1,0 +1,298 @@
+"""The agent control channel: WebSocket ``/v1/agents/connect``, a signed challenge, heartbeats.
+
+Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
+
+1. server -> ``{"type": "challenge", "challenge", "audience", "heartbeat_seconds"}``
+2. agent -> ``{"type": "auth", "envelope": <signed payload, Purpose.AGENT_AUTH, fields
+   agent_id, public_key, challenge, audience, machine_fingerprint>}``
+3. server -> ``{"type": "welcome", "agent_id", "connection_id"}`` or closes with a reason
+4. agent -> ``{"type": "heartbeat"}`` at least every heartbeat period; server ->
+   ``{"type": "heartbeat_ack"}``. Silence past the heartbeat timeout closes the channel.
+
+One identity live twice, or presenting another machine fingerprint than it registered with, is
+flagged as a clone anomaly (audit record and metric). ``AgentConnections`` keeps this
+instance's live channels so later features (session offers) can ``send`` to an agent.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from protocol.domains import Purpose
+from protocol.errors import ProtocolError
+from protocol.identity import PublicIdentity, b64url_decode
+from protocol.signed_payload import unverified_fields
+from rendezvous.audit_trail import Action, agent_actor
+from rendezvous.credentials import new_challenge
+from rendezvous.errors import ServiceError
+
+if TYPE_CHECKING:
+    from rendezvous.context import ServiceContext
+    from rendezvous.store import Agent
+
+logger = logging.getLogger("tucdesk.rendezvous.control")
+
+router = APIRouter(tags=["agents"])
+
+MAX_MESSAGE_BYTES = 16 * 1024
+AUTH_TIMEOUT_SECONDS = 10.0
+OUTGOING_QUEUE_SIZE = 32
+SEND_TIMEOUT_SECONDS = 10.0
+CLOSE_POLICY_VIOLATION = 1008
+CLOSE_GOING_AWAY = 1001
+
+
+class ChannelRefused(Exception):
+    """The agent failed to authenticate or broke the protocol; the message says how."""
+
+
+@dataclass
+class LiveChannel:
+    """One authenticated control channel on this instance."""
+
+    connection_id: str
+    agent_id: str
+    team_id: str
+    outgoing: trio.MemorySendChannel[dict[str, Any]]
+    closed: trio.Event = field(default_factory=trio.Event)
+
+
+class AgentConnections:
+    """This instance's live agent channels, by agent id."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        self._by_agent: dict[str, dict[str, LiveChannel]] = {}
+
+    def __len__(self) -> int:
+        return sum(len(channels) for channels in self._by_agent.values())
+
+    def channels(self, team_id: str, agent_id: str) -> list[LiveChannel]:
+        """The live channels of one agent of ``team_id`` held by this instance."""
+        return [c for c in self._by_agent.get(agent_id, {}).values() if c.team_id == team_id]
+
+    async def send(self, team_id: str, agent_id: str, message: dict[str, Any]) -> bool:
+        """Queue ``message`` to one live channel of the agent; False if none is live here."""
+        for channel in self.channels(team_id, agent_id):
+            try:
+                channel.outgoing.send_nowait(message)
+                return True
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                continue
+        return False
+
+    def _add(self, channel: LiveChannel) -> None:
+        self._by_agent.setdefault(channel.agent_id, {})[channel.connection_id] = channel
+        self._ctx.metrics.connected_agents.set(len(self))
+
+    def _remove(self, channel: LiveChannel) -> None:
+        channels = self._by_agent.get(channel.agent_id, {})
+        channels.pop(channel.connection_id, None)
+        if not channels:
+            self._by_agent.pop(channel.agent_id, None)
+        self._ctx.metrics.connected_agents.set(len(self))
+
+
+@router.websocket("/agents/connect")
+async def agent_connect(websocket: WebSocket) -> None:
+    """Authenticate an agent by signed challenge, then hold its control channel."""
+    ctx: ServiceContext = websocket.app.state.context
+    connections = ctx.connections
+    assert connections is not None
+    await websocket.accept()
+    try:
+        with trio.fail_after(AUTH_TIMEOUT_SECONDS):
+            agent, machine = await _authenticate(ctx, websocket)
+    except ChannelRefused as refusal:
+        ctx.metrics.auth_failures.labels("agent_channel").inc()
+        await _close(websocket, CLOSE_POLICY_VIOLATION, str(refusal))
+        return
+    except (WebSocketDisconnect, trio.TooSlowError):
+        await _close(websocket, CLOSE_POLICY_VIOLATION, "authentication timed out")
+        return
+    await _hold(ctx, connections, websocket, agent, machine)
+
+
+async def _authenticate(ctx: ServiceContext, websocket: WebSocket) -> tuple[Agent, str]:
+    challenge = new_challenge()
+    await websocket.send_json(
+        {
+            "type": "challenge",
+            "challenge": challenge,
+            "audience": ctx.config.issuer,
+            "heartbeat_seconds": ctx.config.heartbeat_seconds,
+        }
+    )
+    message = await _receive(websocket)
+    if message.get("type") != "auth" or not isinstance(message.get("envelope"), dict):
+        raise ChannelRefused("expected an auth message with a signed envelope")
+    envelope = message["envelope"]
+    try:
+        claimed = unverified_fields(envelope)
+        key_text = claimed.get("public_key")
+        if not isinstance(key_text, str):
+            raise ChannelRefused("auth payload lacks public_key")
+        claimed_key = PublicIdentity(b64url_decode(key_text, max_size=64))
+    except ProtocolError as error:
+        raise ChannelRefused(f"auth payload is malformed: {error}") from None
+    agent = await ctx.store.get_agent_by_public_key(claimed_key.raw)
+    if agent is None:
+        raise ChannelRefused("this agent key is not registered; enroll the agent first")
+    try:
+        verified = await ctx.signed_payloads.verify(
+            ctx, envelope, Purpose.AGENT_AUTH, PublicIdentity(agent.public_key)
+        )
+    except ProtocolError as error:
+        raise ChannelRefused(f"auth refused: {error}") from None
+    fields = verified.fields
+    if fields.get("challenge") != challenge or fields.get("audience") != ctx.config.issuer:
+        raise ChannelRefused("auth answers another challenge")
+    if fields.get("agent_id") != agent.id:
+        raise ChannelRefused("auth names another agent")
+    machine = fields.get("machine_fingerprint")
+    if not isinstance(machine, str) or not machine or len(machine) > 256:
+        raise ChannelRefused("auth lacks a machine fingerprint")
+    return agent, machine
+
+
+async def _hold(
+    ctx: ServiceContext,
+    connections: AgentConnections,
+    websocket: WebSocket,
+    agent: Agent,
+    machine: str,
+) -> None:
+    connection_id = "conn_" + secrets.token_hex(12)
+    now = ctx.now()
+    actor = agent_actor(agent.id, agent.hostname)
+    try:
+        await ctx.audit.record(
+            agent.team_id,
+            actor=actor,
+            action=Action.AGENT_CONNECTED,
+            target=agent.id,
+            details={"connection_id": connection_id, "instance": ctx.instance_id},
+        )
+        report = await ctx.store.mark_agent_connected(
+            agent.team_id, agent.id, ctx.instance_id, connection_id, machine, now
+        )
+        if report.clone_suspected:
+            kinds = []
+            if report.fingerprint_mismatch:
+                kinds.append("machine_fingerprint")
+            if report.other_connections:
+                kinds.append("concurrent_connection")
+            for kind in kinds:
+                ctx.metrics.clone_anomalies.labels(kind).inc()
+            await ctx.audit.record(
+                agent.team_id,
+                actor=actor,
+                action=Action.AGENT_CLONE_ANOMALY,
+                target=agent.id,
+                details={
+                    "kinds": kinds,
+                    "registered_fingerprint": report.registered_fingerprint,
+                    "presented_fingerprint": report.presented_fingerprint,
+                    "other_connections": [c.connection_id for c in report.other_connections],
+                },
+            )
+    except ServiceError as error:
+        await _close(websocket, CLOSE_GOING_AWAY, error.message)
+        return
+    send_channel, receive_channel = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE_SIZE)
+    channel = LiveChannel(connection_id, agent.id, agent.team_id, send_channel)
+    connections._add(channel)
+    try:
+        with trio.fail_after(SEND_TIMEOUT_SECONDS):
+            await websocket.send_json(
+                {"type": "welcome", "agent_id": agent.id, "connection_id": connection_id}
+            )
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_send_loop, websocket, receive_channel, nursery.cancel_scope)
+            try:
+                await _receive_loop(ctx, websocket, agent)
+            except (WebSocketDisconnect, ChannelRefused, trio.TooSlowError) as ending:
+                logger.info("control channel of %s ended: %s", agent.id, type(ending).__name__)
+            nursery.cancel_scope.cancel()
+    except WebSocketDisconnect:
+        pass
+    finally:
+        connections._remove(channel)
+        send_channel.close()
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await ctx.store.mark_agent_disconnected(
+                agent.team_id, agent.id, connection_id, ctx.now()
+            )
+            try:
+                await ctx.audit.record(
+                    agent.team_id,
+                    actor=actor,
+                    action=Action.AGENT_DISCONNECTED,
+                    target=agent.id,
+                    details={"connection_id": connection_id},
+                )
+            except ServiceError:
+                logger.error("could not audit the disconnection of %s", agent.id)
+            await _close(websocket, CLOSE_GOING_AWAY, "closing")
+
+
+async def _receive_loop(ctx: ServiceContext, websocket: WebSocket, agent: Agent) -> None:
+    while True:
+        with trio.fail_after(ctx.config.heartbeat_timeout_seconds):
+            message = await _receive(websocket)
+        kind = message.get("type")
+        if kind == "heartbeat":
+            await ctx.store.touch_agent(agent.team_id, agent.id, ctx.now())
+            with trio.fail_after(SEND_TIMEOUT_SECONDS):
+                await websocket.send_json({"type": "heartbeat_ack"})
+        elif kind == "close":
+            return
+        else:
+            raise ChannelRefused(f"unexpected message type {str(kind)[:32]!r}")
+
+
+async def _send_loop(
+    websocket: WebSocket,
+    outgoing: trio.MemoryReceiveChannel[dict[str, Any]],
+    scope: trio.CancelScope,
+) -> None:
+    try:
+        async with outgoing:
+            async for message in outgoing:
+                with trio.fail_after(SEND_TIMEOUT_SECONDS):
+                    await websocket.send_json(message)
+    except (WebSocketDisconnect, trio.TooSlowError, OSError, RuntimeError):
+        logger.info("control channel send failed; closing it")
+    scope.cancel()
+
+
+async def _receive(websocket: WebSocket) -> dict[str, Any]:
+    message = await websocket.receive()
+    if message["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(message.get("code", 1000))
+    text = message.get("text")
+    if text is None:
+        raise ChannelRefused("messages must be JSON text")
+    if len(text) > MAX_MESSAGE_BYTES:
+        raise ChannelRefused("message is too large")
+    try:
+        parsed = json.loads(text)
+    except (ValueError, RecursionError):
+        raise ChannelRefused("message is not JSON") from None
+    if not isinstance(parsed, dict):
+        raise ChannelRefused("message must be a JSON object")
+    return parsed
+
+
+async def _close(websocket: WebSocket, code: int, reason: str) -> None:
+    try:
+        await websocket.close(code=code, reason=reason[:120])
+    except Exception:  # noqa: BLE001 - the peer may already be gone; nothing left to tell it
+        return

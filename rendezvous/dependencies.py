@@ -1,0 +1,43 @@
+"""FastAPI dependencies: the instance's ServiceContext and the authenticated caller."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from protocol.request_proof import PROOF_HEADER
+from rendezvous.auth import Principal, RequestFacts, authenticate
+from rendezvous.context import ServiceContext
+
+
+async def service_context(request: Request) -> ServiceContext:
+    """The ServiceContext of the app serving this request (async: no threadpool hop)."""
+    context: ServiceContext = request.app.state.context
+    return context
+
+
+def request_target(request: Request) -> str:
+    """The path and query of the request exactly as sent (what request proofs sign)."""
+    raw_path: bytes = request.scope.get("raw_path") or request.scope["path"].encode("utf-8")
+    query: bytes = request.scope.get("query_string", b"")
+    target = raw_path + (b"?" + query if query else b"")
+    return target.decode("latin-1")
+
+
+async def current_principal(
+    request: Request, ctx: Annotated[ServiceContext, Depends(service_context)]
+) -> Principal:
+    """Authenticate the request (token or API key, plus proof on state-changing methods)."""
+    facts = RequestFacts(
+        method=request.method,
+        target=request_target(request),
+        body=await request.body(),
+        authorization=request.headers.get("authorization"),
+        proof=request.headers.get(PROOF_HEADER),
+    )
+    return await authenticate(ctx, facts)
+
+
+Context = Annotated[ServiceContext, Depends(service_context)]
+Caller = Annotated[Principal, Depends(current_principal)]

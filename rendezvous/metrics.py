@@ -1,0 +1,102 @@
+"""Prometheus metrics of one rendezvous instance, on its own registry, and their ASGI timer."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+UNMATCHED_ROUTE = "unmatched"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServiceMetrics:
+    """The counters, histograms and gauges ``GET /metrics`` exposes."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "tucdesk_http_requests_total",
+            "HTTP requests by route template, method and status.",
+            ["route", "method", "status"],
+            registry=self.registry,
+        )
+        self.latency = Histogram(
+            "tucdesk_http_request_seconds",
+            "HTTP request latency by route template, method and status.",
+            ["route", "method", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.auth_failures = Counter(
+            "tucdesk_auth_failures_total",
+            "Refused authentications by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.registrations = Counter(
+            "tucdesk_agent_registrations_total",
+            "Agent registration attempts by outcome (ok or the refusal reason).",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self.connected_agents = Gauge(
+            "tucdesk_connected_agents",
+            "Agent control channels currently open on this instance.",
+            registry=self.registry,
+        )
+        self.clone_anomalies = Counter(
+            "tucdesk_clone_anomalies_total",
+            "Agent identities seen live twice or with a second machine fingerprint.",
+            ["kind"],
+            registry=self.registry,
+        )
+        self.rejected_inputs = Counter(
+            "tucdesk_rejected_inputs_total",
+            "Requests refused before reaching a handler (oversized, malformed) by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)
+
+
+class RequestMetricsMiddleware:
+    """ASGI middleware counting HTTP requests and their latency by route template and status."""
+
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Time the request and label it with the matched route once it is done."""
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500
+
+        async def send_and_record_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record_status)
+        finally:
+            route = scope.get("route")
+            route_label = getattr(route, "path", UNMATCHED_ROUTE)
+            labels = (route_label, scope.get("method", ""), str(status))
+            self.metrics.requests.labels(*labels).inc()
+            self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)

@@ -1,0 +1,159 @@
+"""Agent registration (a signed payload spending a registration key) and the team's agent list."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, NoReturn
+
+from fastapi import APIRouter
+
+from audit.trust import agent_registration_context
+from protocol.domains import Purpose
+from protocol.errors import ProtocolError, ReplayError
+from protocol.identity import PublicIdentity, b64url_decode
+from protocol.signed_payload import unverified_fields
+from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthenticated_actor
+from rendezvous.auth import Permission, authorize
+from rendezvous.context import ServiceContext
+from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
+from rendezvous.dependencies import Caller, Context
+from rendezvous.errors import BadRequest, Conflict, Unauthorized
+from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
+from rendezvous.store import AlreadyExists, RegistrationKeyUnusable
+
+router = APIRouter(tags=["agents"])
+MAX_HOSTNAME_LENGTH = 253
+MAX_MACHINE_FINGERPRINT_LENGTH = 256
+HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252})$")
+
+
+@router.post("/agents/register", response_model=RegisterResponse)
+async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse:
+    """Register an agent: its key signs {registration key, public key, fingerprint, hostname}.
+
+    An optional ``team_id`` in the payload pins the team the agent expects to join: a key of any
+    other team is then refused as unknown.
+    """
+    envelope = body.model_dump()
+    key = await _claimed_key(ctx, envelope)
+    try:
+        verified = await ctx.signed_payloads.verify(ctx, envelope, Purpose.REGISTER, key)
+    except ReplayError:
+        await _refuse(ctx, key, "replayed", "this registration payload was already used")
+    except ProtocolError as error:
+        await _refuse(ctx, key, "invalid_payload", f"registration refused: {error}")
+    fields = verified.fields
+    secret = fields.get("registration_key")
+    hostname = fields.get("hostname")
+    machine = fields.get("machine_fingerprint")
+    if not has_shape(secret, REGISTRATION_KEY_PREFIX):
+        await _refuse(ctx, key, "malformed_key", "the registration key is malformed")
+    if not isinstance(hostname, str) or not HOSTNAME_PATTERN.match(hostname):
+        await _refuse(ctx, key, "malformed_payload", "hostname is missing or not a host name")
+    if (
+        not isinstance(machine, str)
+        or not machine
+        or len(machine) > MAX_MACHINE_FINGERPRINT_LENGTH
+    ):
+        await _refuse(ctx, key, "malformed_payload", "machine_fingerprint is missing or too long")
+    expected_team = fields.get("team_id")
+    if expected_team is not None and not isinstance(expected_team, str):
+        await _refuse(ctx, key, "malformed_payload", "team_id must be text when given")
+    assert isinstance(secret, str) and isinstance(hostname, str) and isinstance(machine, str)
+    try:
+        agent, registration_key = await ctx.store.register_agent(
+            hash_secret(secret),
+            ctx.now(),
+            key.raw,
+            key.fingerprint,
+            machine,
+            hostname,
+            hostname,
+            expected_team_id=expected_team,
+        )
+    except RegistrationKeyUnusable as error:
+        reason = error.reason.value
+        await _refuse(ctx, key, f"key_{reason}", f"the registration key is {reason}")
+    except AlreadyExists:
+        await _refuse(ctx, key, "key_already_registered", "this agent key is already registered")
+    actor = agent_actor(agent.id, agent.hostname)
+    await ctx.audit.record(
+        agent.team_id,
+        actor=actor,
+        action=Action.REGISTRATION_KEY_USED,
+        target=f"registration_key:{registration_key.id}",
+        details={"agent_id": agent.id},
+    )
+    await ctx.audit.record(
+        agent.team_id,
+        actor=actor,
+        action=Action.AGENT_REGISTERED,
+        target=agent.id,
+        details=agent_registration_context(
+            PublicIdentity(agent.public_key),
+            hostname=agent.hostname,
+            machine_fingerprint=agent.machine_fingerprint,
+            tags=list(agent.tags),
+        ),
+    )
+    ctx.metrics.registrations.labels("ok").inc()
+    return RegisterResponse(
+        agent_id=agent.id,
+        name=agent.name,
+        team_id=agent.team_id,
+        tags=list(agent.tags),
+        service_keys=ctx.keys.jwks(),
+    )
+
+
+@router.get("/agents", response_model=AgentList)
+async def list_agents(caller: Caller, ctx: Context) -> AgentList:
+    """The caller's team's agents (the team comes from the verified credential only)."""
+    authorize(caller, Permission.AGENTS_READ)
+    agents = await ctx.store.list_agents(caller.team_id)
+    return AgentList(
+        agents=[
+            AgentView(
+                id=agent.id,
+                name=agent.name,
+                hostname=agent.hostname,
+                tags=list(agent.tags),
+                online=agent.online,
+                last_seen_at=agent.last_seen_at,
+                registered_at=agent.registered_at,
+                key_fingerprint=agent.key_fingerprint,
+            )
+            for agent in agents
+        ]
+    )
+
+
+async def _claimed_key(ctx: ServiceContext, envelope: dict[str, Any]) -> PublicIdentity:
+    try:
+        value = unverified_fields(envelope).get("public_key")
+        if not isinstance(value, str):
+            raise BadRequest("the registration payload must carry public_key")
+        return PublicIdentity(b64url_decode(value, max_size=64))
+    except ProtocolError as error:
+        ctx.metrics.registrations.labels("malformed_payload").inc()
+        raise BadRequest(f"the registration payload is malformed: {error}") from None
+
+
+async def _refuse(
+    ctx: ServiceContext, key: PublicIdentity, reason: str, message: str
+) -> NoReturn:
+    """Count and audit a refused registration, then refuse it.
+
+    The caller has not proved membership of any team, so refusals go to the service log.
+    """
+    ctx.metrics.registrations.labels(reason).inc()
+    await ctx.audit.record(
+        SERVICE_LOG,
+        actor=unauthenticated_actor(key.fingerprint),
+        action=Action.AGENT_REGISTRATION_REFUSED,
+        target=f"agent_key:{key.key_id}",
+        details={"reason": reason},
+    )
+    if reason == "key_already_registered":
+        raise Conflict(message)
+    raise Unauthorized(message, reason)

@@ -1,0 +1,109 @@
+"""Serving the rendezvous: Hypercorn's trio worker, TLS 1.2+ (or loopback-only plain HTTP).
+
+``run_service`` opens the store, loads the service keys, builds the app and serves it until
+cancelled; ``task_status.started`` reports the bound URLs (useful with port 0 in tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+
+import trio
+from hypercorn.config import Config as HypercornConfig
+from hypercorn.trio import serve
+
+from rendezvous.app import create_app
+from rendezvous.audit_trail import AuditTrail
+from rendezvous.config import ServiceConfig
+from rendezvous.context import ServiceContext
+from rendezvous.control_channel import AgentConnections
+from rendezvous.service_keys import load_service_keys
+from rendezvous.store import Store, open_store
+
+logger = logging.getLogger("tucdesk.rendezvous")
+
+PRUNE_INTERVAL_SECONDS = 60.0
+MAX_HEADER_BYTES = 16 * 1024
+KEEP_ALIVE_SECONDS = 30
+WEBSOCKET_MAX_MESSAGE_BYTES = 64 * 1024
+GRACEFUL_SHUTDOWN_SECONDS = 3
+MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+
+
+def hypercorn_config(config: ServiceConfig) -> HypercornConfig:
+    """Hypercorn settings for ``config``: one bind, TLS when configured, tight limits."""
+    config.validate_for_serving()
+    hyper = HypercornConfig()
+    host, port = config.listen_host, config.listen_port
+    hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if config.tls_cert is not None and config.tls_key is not None:
+        hyper.certfile = str(config.tls_cert)
+        hyper.keyfile = str(config.tls_key)
+    hyper.accesslog = None
+    hyper.errorlog = logger
+    hyper.include_server_header = False
+    hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
+    hyper.keep_alive_timeout = KEEP_ALIVE_SECONDS
+    hyper.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE_BYTES
+    hyper.graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
+    if hyper.ssl_enabled:
+        context = hyper.create_ssl_context()
+        # Hypercorn sets this itself today; checked so an upgrade cannot silently lower it.
+        if context is None or context.minimum_version < MINIMUM_TLS_VERSION:
+            raise RuntimeError("the TLS context must refuse versions older than TLS 1.2")
+    return hyper
+
+
+def build_context(config: ServiceConfig, store: Store) -> ServiceContext:
+    """The ServiceContext for one instance serving ``store`` with the data dir's keys."""
+    keys = load_service_keys(config.data_dir)
+    audit = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+    ctx = ServiceContext(config=config, store=store, keys=keys, audit=audit)
+    ctx.connections = AgentConnections(ctx)
+    return ctx
+
+
+async def run_service(
+    config: ServiceConfig,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve until cancelled or ``shutdown_trigger`` returns; report bound URLs when listening."""
+    hyper = hypercorn_config(config)
+    async with open_store(config.database_url) as store:
+        ctx = build_context(config, store)
+        await store.clear_instance_connections(ctx.instance_id, ctx.now())
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_prune_forever, ctx)
+                binds = await nursery.start(
+                    _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope
+                )
+                task_status.started(binds)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                await store.clear_instance_connections(ctx.instance_id, ctx.now())
+
+
+async def _serve_then_stop(
+    app: object,
+    hyper: HypercornConfig,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    scope: trio.CancelScope,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve; when Hypercorn returns (shutdown), stop the instance's other tasks too."""
+    await serve(app, hyper, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
+    scope.cancel()
+
+
+async def _prune_forever(ctx: ServiceContext) -> None:
+    while True:
+        await trio.sleep(PRUNE_INTERVAL_SECONDS)
+        try:
+            await ctx.store.prune_expired(ctx.now())
+        except Exception as error:  # noqa: BLE001 - pruning is best effort; the next round retries
+            logger.warning("pruning expired rows failed: %s", type(error).__name__)
