@@ -1,0 +1,273 @@
+"""Relay tokens: what each side of a session presents to the relay, and the UDP credential MAC.
+
+A relay token is an EdDSA JWT (``typ`` = RELAY_TOKEN_TYPE) signed by the rendezvous relay-token
+key. Claims:
+
+- ``sid``  session id; the relay pairs the two sides by it.
+- ``side`` ``"operator"`` or ``"agent"``.
+- ``aud``  the relay id: a relay accepts only tokens minted for itself.
+- ``iss``  the rendezvous issuer name.
+- ``iat``/``exp`` seconds; the lifetime is short and at most MAX_RELAY_TOKEN_LIFETIME_SECONDS.
+- ``jti``  a random token id; the relay refuses one it has already seen.
+- ``udpk`` base64url of UDP_CREDENTIAL_SIZE random bytes: this side's UDP credential. Only this
+  side and the relay see it. It keys the MAC that lets a side prove who it is when its address
+  changes (NAT rebinding, roaming). It is a secret: the relay must never log it, and
+  RelayTokenClaims keeps it out of ``repr``.
+
+The relay holds no key that can read session traffic; the UDP credential only authenticates
+datagrams to the relay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from protocol.domains import Purpose, framed_message
+from protocol.errors import PayloadError, TokenError
+from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
+from protocol.tokens import RELAY_TOKEN_TYPE, issue_token, verify_token
+
+DEFAULT_RELAY_TOKEN_ISSUER = "tucdesk-rendezvous"  # noqa: S105 (an issuer name, not a secret)
+DEFAULT_RELAY_TOKEN_LIFETIME_SECONDS = 60
+MAX_RELAY_TOKEN_LIFETIME_SECONDS = 300
+RELAY_TOKEN_LEEWAY_SECONDS = 5
+UDP_CREDENTIAL_SIZE = 32
+TOKEN_ID_SIZE = 16
+MAX_SESSION_ID_SIZE = 128
+MAX_RELAY_ID_SIZE = 128
+MAX_TOKEN_ID_SIZE = 64
+CREDENTIAL_MAC_SIZE = 16
+# A relay's replay cache must remember a token id at least as long as the token can be valid.
+TOKEN_ID_MEMORY_SECONDS = MAX_RELAY_TOKEN_LIFETIME_SECONDS + 2 * RELAY_TOKEN_LEEWAY_SECONDS
+_COUNTER = struct.Struct("!Q")
+# verify_token checks time claims too; relay tokens get their own, tighter check after it.
+_TIME_CHECKED_HERE_LEEWAY = 1e15
+
+
+class Side(StrEnum):
+    """Which end of a session a relay token belongs to."""
+
+    OPERATOR = "operator"
+    AGENT = "agent"
+
+    @property
+    def other(self) -> Side:
+        """The side this one is paired with."""
+        return Side.AGENT if self is Side.OPERATOR else Side.OPERATOR
+
+
+class RelayTokenExpiredError(TokenError):
+    """The relay token's signature is good but it has expired (or is not valid yet)."""
+
+
+class RelayTokenWrongRelayError(TokenError):
+    """The relay token's signature is good but it was minted for another relay."""
+
+
+@dataclass(frozen=True)
+class RelayTokenClaims:
+    """The verified content of a relay token."""
+
+    session_id: str
+    side: Side
+    relay_id: str
+    issuer: str
+    token_id: str
+    issued_at: int
+    expires_at: int
+    udp_credential: bytes = field(repr=False)
+
+
+def issue_relay_token(
+    signer: SigningIdentity,
+    *,
+    session_id: str,
+    side: Side | str,
+    relay_id: str,
+    now: float,
+    issuer: str = DEFAULT_RELAY_TOKEN_ISSUER,
+    lifetime: int = DEFAULT_RELAY_TOKEN_LIFETIME_SECONDS,
+    token_id: str | None = None,
+    udp_credential: bytes | None = None,
+) -> str:
+    """Mint a relay token for one side of a session (the rendezvous mints two per session)."""
+    side = Side(side)
+    _check_text("session id", session_id, MAX_SESSION_ID_SIZE)
+    _check_text("relay id", relay_id, MAX_RELAY_ID_SIZE)
+    if not 0 < lifetime <= MAX_RELAY_TOKEN_LIFETIME_SECONDS:
+        raise TokenError(f"relay token lifetime must be 1..{MAX_RELAY_TOKEN_LIFETIME_SECONDS} s")
+    token_id = token_id if token_id is not None else b64url(secrets.token_bytes(TOKEN_ID_SIZE))
+    _check_text("token id", token_id, MAX_TOKEN_ID_SIZE)
+    if udp_credential is None:
+        udp_credential = secrets.token_bytes(UDP_CREDENTIAL_SIZE)
+    if len(udp_credential) != UDP_CREDENTIAL_SIZE:
+        raise TokenError(f"a UDP credential is {UDP_CREDENTIAL_SIZE} bytes")
+    return issue_token(
+        signer,
+        typ=RELAY_TOKEN_TYPE,
+        issuer=issuer,
+        audience=relay_id,
+        subject=None,
+        issued_at=int(now),
+        lifetime_seconds=lifetime,
+        claims={
+            "sid": session_id,
+            "side": side.value,
+            "jti": token_id,
+            "udpk": b64url(udp_credential),
+        },
+    )
+
+
+def verify_relay_token(
+    token: str,
+    keys: Mapping[str, PublicIdentity],
+    *,
+    relay_id: str,
+    issuer: str,
+    now: float,
+    leeway: float = RELAY_TOKEN_LEEWAY_SECONDS,
+) -> RelayTokenClaims:
+    """Verify a relay token offline; raise TokenError (or a subclass naming the reason) if not good.
+
+    RelayTokenWrongRelayError and RelayTokenExpiredError are raised only for tokens whose
+    signature verified, so a forged token is always reported as plainly invalid.
+    """
+    if not math.isfinite(now):
+        raise ValueError("now must be finite")
+    try:
+        # Time is checked below with the relay's own (short) leeway.
+        verified = verify_token(
+            token, keys, typ=RELAY_TOKEN_TYPE, issuer=issuer, audience=relay_id,
+            now=now, leeway=_TIME_CHECKED_HERE_LEEWAY,
+        )
+    except TokenError:
+        if _is_genuine_for_another_relay(token, keys, issuer=issuer, relay_id=relay_id):
+            raise RelayTokenWrongRelayError("relay token was minted for another relay") from None
+        raise
+    claims = verified.claims
+    issued_at, expires_at = claims["iat"], claims["exp"]
+    if expires_at - issued_at > MAX_RELAY_TOKEN_LIFETIME_SECONDS:
+        raise TokenError("relay token lifetime is longer than a relay accepts")
+    if now > expires_at + leeway:
+        raise RelayTokenExpiredError("relay token has expired")
+    if issued_at > now + leeway:
+        raise RelayTokenExpiredError("relay token is not valid yet")
+    session_id = _claim_text(claims, "sid", MAX_SESSION_ID_SIZE)
+    token_id = _claim_text(claims, "jti", MAX_TOKEN_ID_SIZE)
+    try:
+        side = Side(str(claims.get("side")))
+    except ValueError:
+        raise TokenError("relay token side must be operator or agent") from None
+    try:
+        credential = b64url_decode(_claim_text(claims, "udpk", 64), max_size=UDP_CREDENTIAL_SIZE)
+    except PayloadError:
+        raise TokenError("relay token UDP credential is malformed") from None
+    if len(credential) != UDP_CREDENTIAL_SIZE:
+        raise TokenError("relay token UDP credential is malformed")
+    return RelayTokenClaims(
+        session_id=session_id,
+        side=side,
+        relay_id=relay_id,
+        issuer=issuer,
+        token_id=token_id,
+        issued_at=issued_at,
+        expires_at=expires_at,
+        udp_credential=credential,
+    )
+
+
+def credential_mac(
+    credential: bytes, *, session_id: str, side: Side, kind: int, counter: int
+) -> bytes:
+    """The MAC proving a UDP datagram of ``kind``/``counter`` comes from the holder of ``side``."""
+    if not 0 <= counter < 2**64:
+        raise PayloadError("credential counter must fit in 64 bits")
+    if not 0 <= kind < 256:
+        raise PayloadError("datagram kind must fit in a byte")
+    sid = session_id.encode("utf-8")
+    message = b"".join(
+        (bytes([len(sid)]), sid, side.value.encode("ascii"), bytes([kind]), _COUNTER.pack(counter))
+    )
+    digest = hmac.new(
+        credential, framed_message(Purpose.RELAY_UDP_CREDENTIAL, message), hashlib.sha256
+    ).digest()
+    return digest[:CREDENTIAL_MAC_SIZE]
+
+
+def credential_mac_is_valid(
+    credential: bytes, mac: bytes, *, session_id: str, side: Side, kind: int, counter: int
+) -> bool:
+    """Whether ``mac`` is the credential MAC for these fields (compared in constant time)."""
+    expected = credential_mac(
+        credential, session_id=session_id, side=side, kind=kind, counter=counter
+    )
+    return hmac.compare_digest(expected, mac)
+
+
+def _is_genuine_for_another_relay(
+    token: str, keys: Mapping[str, PublicIdentity], *, issuer: str, relay_id: str
+) -> bool:
+    # Only after a signature check under the token's own audience do we call it "another relay's".
+    try:
+        payload = token.split(".")[1]
+        audience = json.loads(b64url_decode(payload, max_size=8 * 1024)).get("aud")
+    except (IndexError, ValueError, PayloadError, AttributeError, RecursionError):
+        return False
+    if not isinstance(audience, str) or audience == relay_id:
+        return False
+    try:
+        verify_token(
+            token, keys, typ=RELAY_TOKEN_TYPE, issuer=issuer, audience=audience,
+            now=0, leeway=_TIME_CHECKED_HERE_LEEWAY,
+        )
+    except TokenError:
+        return False
+    return True
+
+
+def _check_text(name: str, value: str, max_size: int) -> None:
+    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > max_size:
+        raise TokenError(f"{name} must be 1..{max_size} bytes of text")
+
+
+def _claim_text(claims: Mapping[str, object], name: str, max_size: int) -> str:
+    value = claims.get(name)
+    if not isinstance(value, str) or not value or len(value.encode("utf-8")) > max_size:
+        raise TokenError(f"relay token {name} claim must be 1..{max_size} bytes of text")
+    return value
+
+
+@dataclass(frozen=True)
+class OwnRelayToken:
+    """What a client reads from its own relay token to use UDP: session, side and credential."""
+
+    session_id: str
+    side: Side
+    udp_credential: bytes = field(repr=False)
+
+
+def read_own_relay_token(token: str) -> OwnRelayToken:
+    """Read a relay token the caller was handed, without verifying it (the relay verifies it).
+
+    For the token's holder only: it needs its session id, side and UDP credential to prove
+    itself to the relay after its address changes.
+    """
+    try:
+        payload = json.loads(b64url_decode(token.split(".")[1], max_size=8 * 1024))
+        side = Side(str(payload["side"]))
+        session_id = _claim_text(payload, "sid", MAX_SESSION_ID_SIZE)
+        credential = b64url_decode(str(payload["udpk"]), max_size=UDP_CREDENTIAL_SIZE)
+    except (IndexError, KeyError, ValueError, TypeError, AttributeError, PayloadError):
+        raise TokenError("relay token is malformed") from None
+    if len(credential) != UDP_CREDENTIAL_SIZE:
+        raise TokenError("relay token UDP credential is malformed")
+    return OwnRelayToken(session_id, side, credential)

@@ -1,0 +1,185 @@
+"""Client side of the relay, for the agent and the operator CLI: connect, get paired, talk.
+
+``connect_tcp`` returns a trio stream once the relay says ``paired``; ``connect_udp`` returns a
+UdpRelaySession that sends and receives datagrams through the relay and can prove itself from
+a new address after a NAT rebinding.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import trio
+
+from protocol.relay_token import read_own_relay_token
+from relay.datagram import (
+    CLOSE,
+    DATA,
+    MAX_DATAGRAM_SIZE,
+    REBIND,
+    STATUS,
+    encode_credential_proof,
+    encode_data,
+    encode_udp_hello,
+    parse_status_datagram,
+)
+from relay.errors import HelloError, RelayError, RelayRefusedError
+from relay.wire import MAX_STATUS_LINE_SIZE, Reason, encode_hello, parse_status
+
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 10.0
+DEFAULT_PAIR_WAIT_SECONDS = 35.0
+HELLO_RESEND_SECONDS = 0.5
+REBIND_RESEND_SECONDS = 0.25
+REBIND_ATTEMPTS = 8
+
+
+async def connect_tcp(
+    host: str,
+    port: int,
+    token: str,
+    *,
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    pair_timeout: float = DEFAULT_PAIR_WAIT_SECONDS,
+) -> trio.SocketStream:
+    """Connect to the relay, present ``token`` and return the stream once paired.
+
+    Raises RelayRefusedError with the relay's reason code, or RelayError on timeout or a
+    malformed reply.
+    """
+    with trio.fail_after(connect_timeout):
+        stream = await trio.open_tcp_stream(host, port)
+    try:
+        await stream.send_all(encode_hello(token))
+        with trio.move_on_after(pair_timeout):
+            while True:
+                reason = await _receive_status(stream)
+                if reason == Reason.PAIRED:
+                    return stream
+                if reason != Reason.WAITING:
+                    raise RelayRefusedError(reason)
+        raise RelayError("timed out waiting for the relay to pair this session")
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _receive_status(stream: trio.SocketStream) -> Reason:
+    line = bytearray()
+    # One byte at a time: bytes after "paired" belong to the session, not to this reader.
+    while not line.endswith(b"\n"):
+        if len(line) >= MAX_STATUS_LINE_SIZE:
+            raise RelayError("relay status line is too long")
+        data = await stream.receive_some(1)
+        if not data:
+            raise RelayError("relay closed the connection without a status")
+        line += data
+    try:
+        return parse_status(bytes(line))
+    except HelloError as error:
+        raise RelayError(str(error)) from None
+
+
+class UdpRelaySession:
+    """A paired UDP session through the relay."""
+
+    def __init__(
+        self, sock: trio.socket.SocketType, relay: tuple[str, int], token: str
+    ) -> None:
+        own = read_own_relay_token(token)
+        self._sock = sock
+        self._relay = relay
+        self._session_id = own.session_id
+        self._side = own.side
+        self._credential = own.udp_credential
+        self._counter = 0
+        self._rebound = trio.Event()
+
+    @property
+    def local_address(self) -> tuple[str, int]:
+        """The address of this side's UDP socket."""
+        address: tuple[str, int] = self._sock.getsockname()[:2]
+        return address
+
+    async def send(self, payload: bytes) -> None:
+        """Send one datagram to the other side."""
+        await self._sock.sendto(encode_data(payload), self._relay)
+
+    async def receive(self) -> bytes:
+        """The next datagram from the other side; RelayRefusedError once the relay ends it."""
+        while True:
+            data, source = await self._sock.recvfrom(MAX_DATAGRAM_SIZE)
+            if source[:2] != self._relay or not data:
+                continue
+            if data[0] == DATA:
+                return bytes(data[1:])
+            if data[0] == STATUS:
+                try:
+                    reason = parse_status_datagram(data)
+                except HelloError:
+                    continue
+                if reason not in (Reason.PAIRED, Reason.WAITING, Reason.REBOUND):
+                    raise RelayRefusedError(reason)
+
+    def _proof(self, kind: int) -> bytes:
+        self._counter += 1
+        return encode_credential_proof(
+            kind, self._credential, session_id=self._session_id, side=self._side,
+            counter=self._counter,
+        )
+
+    async def rebind(self, new_socket: trio.socket.SocketType) -> None:
+        """Move this side to ``new_socket`` (a new address) and prove it to the relay."""
+        self._sock.close()
+        self._sock = new_socket
+        for _ in range(REBIND_ATTEMPTS):
+            await self._sock.sendto(self._proof(REBIND), self._relay)
+            with trio.move_on_after(REBIND_RESEND_SECONDS):
+                while True:
+                    data, source = await self._sock.recvfrom(MAX_DATAGRAM_SIZE)
+                    if source[:2] == self._relay and data[:1] == bytes([STATUS]):
+                        if parse_status_datagram(data) == Reason.REBOUND:
+                            return
+        raise RelayError("the relay did not confirm the new address")
+
+    async def close(self) -> None:
+        """Tell the relay the session is over (best effort) and close the socket."""
+        try:
+            await self._sock.sendto(self._proof(CLOSE), self._relay)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+async def connect_udp(
+    host: str,
+    port: int,
+    token: str,
+    *,
+    pair_timeout: float = DEFAULT_PAIR_WAIT_SECONDS,
+    local_host: str | None = None,
+) -> UdpRelaySession:
+    """Join a UDP session at the relay with ``token``; return once paired."""
+    resolved = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    family, relay = resolved[0][0], (str(resolved[0][4][0]), int(resolved[0][4][1]))
+    wildcard = "::" if family == socket.AF_INET6 else "0.0.0.0"  # noqa: S104 (a client port)
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        await sock.bind((local_host or wildcard, 0))
+        hello = encode_udp_hello(token)
+        with trio.move_on_after(pair_timeout):
+            while True:
+                await sock.sendto(hello, relay)
+                with trio.move_on_after(HELLO_RESEND_SECONDS):
+                    while True:
+                        data, source = await sock.recvfrom(MAX_DATAGRAM_SIZE)
+                        if source[:2] != relay or data[:1] != bytes([STATUS]):
+                            continue
+                        reason = parse_status_datagram(data)
+                        if reason == Reason.PAIRED:
+                            return UdpRelaySession(sock, relay, token)
+                        if reason != Reason.WAITING:
+                            raise RelayRefusedError(reason)
+        raise RelayError("timed out waiting for the relay to pair this session")
+    except BaseException:
+        sock.close()
+        raise

@@ -1,0 +1,238 @@
+"""The relay's configuration: one typed object from flags, TUCDESK_RELAY_* variables and TOML.
+
+Precedence: command-line flag, then environment variable, then the ``--config`` TOML file, then
+the default. Every option is described once, in OPTIONS, which also generates ``--help``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from protocol.relay_token import DEFAULT_RELAY_TOKEN_ISSUER, MAX_RELAY_ID_SIZE
+from relay.errors import ConfigError
+
+ENVIRONMENT_PREFIX = "TUCDESK_RELAY_"
+MAX_CONFIG_FILE_SIZE = 256 * 1024
+FORWARDING_MODES = ("copy", "splice")
+
+
+@dataclass(frozen=True)
+class HostPort:
+    """A HOST:PORT to listen on."""
+
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> HostPort:
+        """Parse ``HOST:PORT`` (``[v6]:PORT`` for IPv6); port 0 picks a free port."""
+        host, separator, port_text = text.rpartition(":")
+        if not separator or not host or not port_text.isdigit():
+            raise ConfigError(f"{text!r} is not HOST:PORT")
+        port = int(port_text)
+        if not 0 <= port <= 65535:
+            raise ConfigError(f"{text!r}: port must be 0..65535")
+        return cls(host.strip("[]"), port)
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration option: its field name, kind, default and help text."""
+
+    name: str
+    kind: str  # "str", "int", "float", "bool", "address", "paths"
+    default: Any
+    help: str
+    required: bool = False
+    minimum: float | None = None
+
+    @property
+    def flag(self) -> str:
+        """The command-line flag."""
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def environment_variable(self) -> str:
+        """The environment variable."""
+        return ENVIRONMENT_PREFIX + self.name.upper()
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("listen", "address", None, "TCP HOST:PORT to accept clients on", required=True),
+    Option("udp", "address", None, "UDP HOST:PORT to accept datagram sessions on (off if unset)"),
+    Option("relay_id", "str", None, "this relay's id; tokens for any other relay are refused",
+           required=True),
+    Option("token_key", "paths", (), "PEM public key file of the rendezvous relay-token signer; "
+           "repeat for key rotation (env/TOML: comma-separated list / array)"),
+    Option("jwks", "str", None, "https URL of the rendezvous JWKS with the relay-token keys"),
+    Option("jwks_ca", "str", None, "CA bundle (PEM) to verify the JWKS server (default: system)"),
+    Option("jwks_refresh", "float", 300.0, "seconds between JWKS refreshes", minimum=1),
+    Option("issuer", "str", DEFAULT_RELAY_TOKEN_ISSUER, "issuer name relay tokens must carry"),
+    Option("metrics", "address", None, "HOST:PORT to serve Prometheus metrics on (off if unset)"),
+    Option("hello_timeout", "float", 5.0, "seconds a client has to send its whole hello",
+           minimum=0.01),
+    Option("pair_timeout", "float", 30.0, "seconds the first side waits for the other",
+           minimum=0.01),
+    Option("idle_timeout", "float", 600.0, "seconds without traffic before a session is closed",
+           minimum=0.01),
+    Option("grace", "float", 30.0, "seconds sessions may drain after a shutdown signal", minimum=0),
+    Option("max_sessions", "int", 10_000, "most sessions (waiting or paired) at once", minimum=1),
+    Option("max_waiting", "int", 1_000, "most sides waiting for their peer at once", minimum=1),
+    Option("max_pending", "int", 1_024, "most TCP connections still sending their hello",
+           minimum=1),
+    Option("session_bandwidth", "float", 0.0,
+           "per-session cap in bytes/s, both directions together (0: no cap)", minimum=0),
+    Option("total_bandwidth", "float", 0.0, "relay-wide cap in bytes/s (0: no cap)", minimum=0),
+    Option("rate_limit", "float", 10.0, "new connections or UDP hellos per second per address",
+           minimum=0.001),
+    Option("rate_burst", "int", 40, "connections an address may open at once before the rate "
+           "limit applies", minimum=1),
+    Option("forwarding", "str", "copy",
+           "TCP data path: copy (one shared buffer; measured fastest on loopback) or splice "
+           "(Linux zero-copy through a pipe per direction)"),
+    Option("blur_logs", "bool", False, "round byte counts and durations in logs"),
+    Option("log_level", "str", "info", "debug, info, warning or error"),
+)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Everything the relay needs to run; see OPTIONS for the meaning of each field."""
+
+    listen: HostPort
+    relay_id: str
+    udp: HostPort | None = None
+    token_key: tuple[Path, ...] = ()
+    jwks: str | None = None
+    jwks_ca: str | None = None
+    jwks_refresh: float = 300.0
+    issuer: str = DEFAULT_RELAY_TOKEN_ISSUER
+    metrics: HostPort | None = None
+    hello_timeout: float = 5.0
+    pair_timeout: float = 30.0
+    idle_timeout: float = 600.0
+    grace: float = 30.0
+    max_sessions: int = 10_000
+    max_waiting: int = 1_000
+    max_pending: int = 1_024
+    session_bandwidth: float = 0.0
+    total_bandwidth: float = 0.0
+    rate_limit: float = 10.0
+    rate_burst: int = 40
+    forwarding: str = "copy"
+    blur_logs: bool = False
+    log_level: str = "info"
+
+    def __post_init__(self) -> None:
+        if not self.relay_id or len(self.relay_id.encode("utf-8")) > MAX_RELAY_ID_SIZE:
+            raise ConfigError(f"relay id must be 1..{MAX_RELAY_ID_SIZE} bytes")
+        if not self.token_key and not self.jwks:
+            raise ConfigError("give the relay-token keys with --token-key FILE or --jwks URL")
+        if self.jwks and not self.jwks.startswith("https://"):
+            raise ConfigError("--jwks must be an https:// URL: the keys are fetched over TLS")
+        if self.forwarding not in FORWARDING_MODES:
+            raise ConfigError(f"forwarding must be one of {', '.join(FORWARDING_MODES)}")
+        if self.log_level not in ("debug", "info", "warning", "error"):
+            raise ConfigError("log level must be debug, info, warning or error")
+        for option in OPTIONS:
+            value = getattr(self, option.name)
+            if option.minimum is not None and value < option.minimum:
+                raise ConfigError(f"{option.name} must be at least {option.minimum}")
+
+    @property
+    def file_descriptors_needed(self) -> int:
+        """Open files the configured maxima need: two sockets per session, pending hellos and a
+        margin. Splice pipes come on top when available; without them a session copies instead."""
+        return 2 * self.max_sessions + self.max_pending + 64
+
+    def with_changes(self, **changes: Any) -> RelayConfig:
+        """A copy with some fields replaced (tests and benchmarks use this)."""
+        return dataclasses.replace(self, **changes)
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    environment: Mapping[str, str],
+    config_file: Path | None = None,
+) -> RelayConfig:
+    """Merge flags (None = not given), TUCDESK_RELAY_* variables and a TOML file into a config."""
+    file_values = _read_toml(config_file) if config_file is not None else {}
+    known = {option.name for option in OPTIONS}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise ConfigError(f"{config_file}: unknown option(s): {', '.join(unknown)}")
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        raw: Any = flags.get(option.name)
+        source = option.flag
+        if raw is None or raw == [] or raw == ():
+            raw, source = environment.get(option.environment_variable), option.environment_variable
+        if raw is None:
+            raw, source = file_values.get(option.name), f"{config_file}: {option.name}"
+        if raw is None:
+            if option.required:
+                raise ConfigError(
+                    f"{option.flag} is required (or {option.environment_variable}, or "
+                    f"{option.name} in the --config file)"
+                )
+            continue
+        values[option.name] = _convert(option, raw, source)
+    return RelayConfig(**values)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror})") from None
+    if len(data) > MAX_CONFIG_FILE_SIZE:
+        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_FILE_SIZE} bytes")
+    try:
+        parsed = tomllib.loads(data.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    relay_table = parsed.get("relay", parsed)
+    if not isinstance(relay_table, dict):
+        raise ConfigError(f"{path}: [relay] must be a table")
+    return {key.replace("-", "_"): value for key, value in relay_table.items()}
+
+
+def _convert(option: Option, raw: Any, source: str) -> Any:
+    try:
+        if option.kind == "str":
+            if not isinstance(raw, str):
+                raise ValueError
+            return raw
+        if option.kind == "address":
+            return raw if isinstance(raw, HostPort) else HostPort.parse(str(raw))
+        if option.kind == "int":
+            if isinstance(raw, bool) or isinstance(raw, float):
+                raise ValueError
+            return int(raw)
+        if option.kind == "float":
+            if isinstance(raw, bool):
+                raise ValueError
+            return float(raw)
+        if option.kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError
+        if option.kind == "paths":
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(Path(str(item).strip()) for item in items if str(item).strip())
+    except (ValueError, TypeError):
+        raise ConfigError(f"{source}: {raw!r} is not a valid {option.kind}") from None
+    raise ConfigError(f"{source}: option kind {option.kind} is unknown")

@@ -1,0 +1,89 @@
+"""The relay's Prometheus metrics, in a registry of their own so relays can share a process."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from relay.wire import REFUSAL_REASONS, SESSION_END_REASONS
+
+TRANSPORTS = ("tcp", "udp")
+DATAGRAM_DROP_REASONS = (
+    "unknown_source",
+    "malformed",
+    "bad_credential",
+    "stale_counter",
+    "bandwidth",
+    "send_failed",
+)
+PAIRING_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
+
+
+class RelayMetrics:
+    """Every metric the relay exports; each refusal reason is present from the start at zero."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.sessions_active = Gauge(
+            "tucdesk_relay_sessions_active", "Paired sessions now forwarding.",
+            ["transport"], registry=self.registry,
+        )
+        self.sessions_waiting = Gauge(
+            "tucdesk_relay_sessions_waiting", "Sides waiting for their peer.",
+            ["transport"], registry=self.registry,
+        )
+        self.connections_pending = Gauge(
+            "tucdesk_relay_connections_pending", "TCP connections that have not finished a hello.",
+            registry=self.registry,
+        )
+        self.bytes_forwarded = Counter(
+            "tucdesk_relay_bytes_forwarded", "Payload bytes forwarded between paired sides.",
+            ["transport"], registry=self.registry,
+        )
+        self.datagrams_forwarded = Counter(
+            "tucdesk_relay_datagrams_forwarded", "UDP datagrams forwarded between paired sides.",
+            registry=self.registry,
+        )
+        self.datagrams_dropped = Counter(
+            "tucdesk_relay_datagrams_dropped", "UDP datagrams dropped, by reason.",
+            ["reason"], registry=self.registry,
+        )
+        self.refusals = Counter(
+            "tucdesk_relay_refusals", "Clients refused, by reason code.",
+            ["transport", "reason"], registry=self.registry,
+        )
+        self.sessions_closed = Counter(
+            "tucdesk_relay_sessions_closed", "Paired sessions ended, by close reason.",
+            ["transport", "reason"], registry=self.registry,
+        )
+        self.sessions_paired = Counter(
+            "tucdesk_relay_sessions_paired", "Sessions whose two sides were paired.",
+            ["transport"], registry=self.registry,
+        )
+        self.pairing_latency = Histogram(
+            "tucdesk_relay_pairing_latency_seconds",
+            "Time from the first side's hello to pairing.",
+            ["transport"], buckets=PAIRING_LATENCY_BUCKETS, registry=self.registry,
+        )
+        for transport in TRANSPORTS:
+            self.sessions_active.labels(transport)
+            self.sessions_waiting.labels(transport)
+            self.bytes_forwarded.labels(transport)
+            self.sessions_paired.labels(transport)
+            self.pairing_latency.labels(transport)
+            for reason in REFUSAL_REASONS:
+                self.refusals.labels(transport, reason.value)
+            for reason in SESSION_END_REASONS:
+                self.sessions_closed.labels(transport, reason.value)
+        for drop in DATAGRAM_DROP_REASONS:
+            self.datagrams_dropped.labels(drop)
+
+    def refusal_count(self, transport: str, reason: str) -> float:
+        """The current count of refusals for ``reason`` (for tests and the shutdown summary)."""
+        value = self.registry.get_sample_value(
+            "tucdesk_relay_refusals_total", {"transport": transport, "reason": reason}
+        )
+        return value or 0.0
+
+    def exposition(self) -> bytes:
+        """The Prometheus text exposition of every metric."""
+        return generate_latest(self.registry)

@@ -1,0 +1,184 @@
+"""The relay service: binds its sockets, runs the front ends, and shuts down gracefully.
+
+Everything runs in one nursery. ``shutdown()`` stops accepting, refuses waiting sides, lets paired
+sessions drain for the grace period and then closes what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Callable
+from typing import Any
+
+import trio
+
+from relay.admission import Admission
+from relay.config import HostPort, RelayConfig
+from relay.errors import KeySetError, RelayError
+from relay.keyset import TokenKeySet, fetch_jwks, refresh_jwks_forever
+from relay.metrics import RelayMetrics
+from relay.metrics_http import serve_metrics
+from relay.tcp import TcpFrontEnd, open_tcp_listener
+from relay.udp import UdpFrontEnd, open_udp_socket
+from relay.wire import Reason
+
+MAX_SWEEP_INTERVAL_SECONDS = 1.0
+
+log = logging.getLogger("tucdesk.relay")
+
+
+class Relay:
+    """One relay process's service. Create, then ``await serve()`` inside a nursery."""
+
+    def __init__(
+        self,
+        config: RelayConfig,
+        key_set: TokenKeySet | None = None,
+        metrics: RelayMetrics | None = None,
+    ) -> None:
+        self.config = config
+        self.key_set = key_set
+        self.metrics = metrics or RelayMetrics()
+        self.tcp_address: tuple[str, int] | None = None
+        self.udp_address: tuple[str, int] | None = None
+        self.metrics_address: tuple[str, int] | None = None
+        self.tcp: TcpFrontEnd | None = None
+        self.udp: UdpFrontEnd | None = None
+        self._shutdown = trio.Event()
+        self._activity_ended = trio.Event()
+
+    def _on_activity_ended(self) -> None:
+        self._activity_ended.set()
+
+    def shutdown(self) -> None:
+        """Begin a graceful shutdown (safe to call more than once)."""
+        self._shutdown.set()
+
+    async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until shut down; ``task_status.started(self)`` once the sockets are bound."""
+        if self.key_set is None:
+            self.key_set = await self._initial_key_set()
+        admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
+        sockets: list[socket.socket] = []
+        try:
+            listener = _bind(open_tcp_listener, "--listen", self.config.listen)
+            sockets.append(listener)
+            self.tcp_address = listener.getsockname()[:2]
+            self.tcp = TcpFrontEnd(admission, listener, self._on_activity_ended)
+            if self.config.udp is not None:
+                udp_socket = _bind(open_udp_socket, "--udp", self.config.udp)
+                sockets.append(udp_socket)
+                self.udp_address = udp_socket.getsockname()[:2]
+                self.udp = UdpFrontEnd(admission, udp_socket, self._on_activity_ended)
+            metrics_listener = None
+            if self.config.metrics is not None:
+                metrics_listener = _bind(open_tcp_listener, "--metrics", self.config.metrics)
+                sockets.append(metrics_listener)
+                self.metrics_address = metrics_listener.getsockname()[:2]
+            await self._run(admission, metrics_listener, task_status)
+        finally:
+            for sock in sockets:
+                if sock.fileno() != -1:
+                    trio.lowlevel.notify_closing(sock)
+                sock.close()
+
+    async def _initial_key_set(self) -> TokenKeySet:
+        if self.config.token_key:
+            return TokenKeySet.from_files(self.config.token_key)
+        assert self.config.jwks is not None
+        try:
+            return TokenKeySet(await fetch_jwks(self.config.jwks, self.config.jwks_ca))
+        except KeySetError as error:
+            raise KeySetError(f"cannot start without relay-token keys: {error}") from None
+
+    async def _run(
+        self, admission: Admission, metrics_listener: socket.socket | None, task_status: Any
+    ) -> None:
+        assert self.tcp is not None
+        tcp, udp = self.tcp, self.udp
+        async with trio.open_nursery() as nursery:
+            accepting = trio.CancelScope()
+            services = trio.CancelScope()
+
+            async def accept() -> None:
+                with accepting:
+                    await tcp.accept_loop(nursery)
+
+            async def background() -> None:
+                with services:
+                    async with trio.open_nursery() as service_nursery:
+                        service_nursery.start_soon(self._sweep_forever)
+                        if metrics_listener is not None:
+                            service_nursery.start_soon(
+                                serve_metrics, metrics_listener, self.metrics.exposition
+                            )
+                        if self.config.jwks and not self.config.token_key:
+                            assert self.key_set is not None
+                            service_nursery.start_soon(
+                                refresh_jwks_forever, self.key_set, self.config.jwks,
+                                self.config.jwks_ca, self.config.jwks_refresh,
+                            )
+
+            nursery.start_soon(accept)
+            nursery.start_soon(background)
+            udp_scope = trio.CancelScope()
+            if udp is not None:
+
+                async def receive() -> None:
+                    with udp_scope:
+                        await udp.receive_loop()
+
+                nursery.start_soon(receive)
+            log.info(
+                "relay_started relay_id=%s tcp=%s udp=%s metrics=%s",
+                self.config.relay_id, _show(self.tcp_address), _show(self.udp_address),
+                _show(self.metrics_address),
+            )
+            task_status.started(self)
+            await self._shutdown.wait()
+            log.info("relay_stopping grace_s=%s", self.config.grace)
+            admission.shutting_down = True
+            accepting.cancel()
+            tcp.refuse_waiting_for_shutdown()
+            if udp is not None:
+                udp.refuse_waiting_for_shutdown()
+            with trio.move_on_after(self.config.grace):
+                while tcp.busy or (udp is not None and udp.busy):
+                    drained = self._activity_ended = trio.Event()
+                    await drained.wait()
+            tcp.close_all_sessions(Reason.SHUTTING_DOWN)
+            if udp is not None:
+                udp.close_all_sessions(Reason.SHUTTING_DOWN)
+            udp_scope.cancel()
+            services.cancel()
+            # Mid-hello connections have at most hello_timeout left; cut them short.
+            nursery.cancel_scope.cancel()
+        log.info("relay_stopped")
+
+    async def _sweep_forever(self) -> None:
+        interval = min(
+            MAX_SWEEP_INTERVAL_SECONDS, self.config.idle_timeout / 4, self.config.pair_timeout / 4
+        )
+        while True:
+            await trio.sleep(interval)
+            now = trio.current_time()
+            if self.tcp is not None:
+                self.tcp.sweep_idle(now)
+            if self.udp is not None:
+                self.udp.sweep(now)
+
+
+def _bind(
+    open_socket: Callable[[str, int], socket.socket], option: str, address: HostPort
+) -> socket.socket:
+    try:
+        return open_socket(address.host, address.port)
+    except OSError as error:
+        raise RelayError(
+            f"cannot bind {option} {address}: {error.strerror or error}; pick another address"
+        ) from None
+
+
+def _show(address: tuple[str, int] | None) -> str:
+    return "off" if address is None else f"{address[0]}:{address[1]}"

@@ -1,0 +1,361 @@
+"""The TCP front end: accept, read the hello, admit, pair, then forward both ways.
+
+Each accepted connection gets one task. A first side's task waits for its peer; the second
+side's task hands its socket over and ends, and the first side's task runs the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import trio
+
+from protocol.relay_token import RelayTokenClaims, Side
+from relay.admission import Admission
+from relay.errors import HelloError
+from relay.forwarding import SPLICE_AVAILABLE, SPLICE_CHUNK_SIZE, pump
+from relay.limits import TokenBucket
+from relay.session_log import session_end_line
+from relay.sockio import (
+    CONNECTION_LOST_ERRORS,
+    close_socket,
+    peek_state,
+    recv_exactly,
+    send_all,
+    send_now,
+)
+from relay.wire import (
+    HELLO_HEADER_SIZE,
+    Reason,
+    encode_status,
+    parse_hello_header,
+    parse_hello_token,
+)
+
+TRANSPORT = "tcp"
+STATUS_SEND_TIMEOUT_SECONDS = 5.0
+ACCEPT_ERROR_BACKOFF_SECONDS = 0.1
+MAX_ACCEPTS_WITHOUT_YIELD = 64
+LISTEN_BACKLOG = 4096
+
+log = logging.getLogger("tucdesk.relay")
+
+
+@dataclass(eq=False)
+class WaitingConnection:
+    """A first side waiting for its peer; the peer's task fills ``partner`` and wakes it."""
+
+    sock: socket.socket
+    claims: RelayTokenClaims
+    arrived_at: float
+    wake: trio.CancelScope = field(default_factory=trio.CancelScope)
+    partner: tuple[socket.socket, RelayTokenClaims] | None = None
+    shutting_down: bool = False
+
+
+@dataclass(eq=False)
+class TcpSession:
+    """A paired TCP session: two sockets, their byte counts and how it ended."""
+
+    session_id: str
+    sockets: dict[Side, socket.socket]
+    started: float
+    last_activity: float
+    bucket: TokenBucket | None
+    bytes_from: dict[Side, int] = field(default_factory=lambda: {Side.OPERATOR: 0, Side.AGENT: 0})
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    close_reason: Reason | None = None
+
+    def close(self, reason: Reason) -> None:
+        """End the session now for ``reason`` (the first reason given is the one recorded)."""
+        if self.close_reason is None:
+            self.close_reason = reason
+        self.scope.cancel()
+
+
+class TcpFrontEnd:
+    """Accepts TCP clients for one relay and runs their sessions."""
+
+    def __init__(
+        self,
+        admission: Admission,
+        listener: socket.socket,
+        on_activity_ended: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.admission = admission
+        self.on_activity_ended = on_activity_ended
+        self.config = admission.config
+        self.metrics = admission.metrics
+        self.listener = listener
+        self.pending = 0
+        self.waiting: set[WaitingConnection] = set()
+        self.sessions: set[TcpSession] = set()
+        self.use_splice = self.config.forwarding == "splice" and SPLICE_AVAILABLE
+        self._bytes_metric = self.metrics.bytes_forwarded.labels(TRANSPORT)
+
+    @property
+    def busy(self) -> bool:
+        """Whether any connection is still mid-hello, waiting or in a session."""
+        return bool(self.pending or self.waiting or self.sessions)
+
+    async def accept_loop(self, nursery: trio.Nursery) -> None:
+        """Accept connections until cancelled; each admitted one is handled in ``nursery``."""
+        accepted = 0
+        while True:
+            try:
+                sock, address = self.listener.accept()
+            except BlockingIOError:
+                accepted = 0
+                await trio.lowlevel.wait_readable(self.listener)
+                continue
+            except OSError as error:
+                # Out of descriptors or memory: leave the backlog alone for a moment.
+                log.warning("accept_failed error=%s", error.strerror)
+                await trio.sleep(ACCEPT_ERROR_BACKOFF_SECONDS)
+                continue
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            reason = self._early_refusal(str(address[0]))
+            if reason is not None:
+                self._refuse(sock, reason)
+            else:
+                self.pending += 1
+                self.metrics.connections_pending.inc()
+                nursery.start_soon(self._handle, sock)
+            accepted += 1
+            if accepted >= MAX_ACCEPTS_WITHOUT_YIELD:
+                accepted = 0
+                await trio.lowlevel.checkpoint()
+
+    def _early_refusal(self, host: str) -> Reason | None:
+        if self.admission.shutting_down:
+            return Reason.SHUTTING_DOWN
+        if not self.admission.address_allowed(host, trio.current_time()):
+            return Reason.RATE_LIMITED
+        if self.pending >= self.config.max_pending:
+            return Reason.TOO_MANY_CONNECTIONS
+        return None
+
+    def _refuse(self, sock: socket.socket, reason: Reason) -> None:
+        self.admission.refuse(TRANSPORT, reason)
+        send_now(sock, encode_status(reason))
+        close_socket(sock)
+
+    async def _read_hello(self, sock: socket.socket) -> str | Reason | None:
+        try:
+            with trio.fail_after(self.config.hello_timeout):
+                token_length = parse_hello_header(await recv_exactly(sock, HELLO_HEADER_SIZE))
+                return parse_hello_token(await recv_exactly(sock, token_length))
+        except trio.TooSlowError:
+            return Reason.HELLO_TIMEOUT
+        except HelloError as error:
+            return error.reason
+        except (EOFError, OSError):
+            return None
+
+    async def _handle(self, sock: socket.socket) -> None:
+        owned = True
+        try:
+            try:
+                hello = await self._read_hello(sock)
+            finally:
+                self.pending -= 1
+                self.metrics.connections_pending.dec()
+            if hello is None:
+                return
+            if isinstance(hello, Reason):
+                self._refuse(sock, hello)
+                owned = False
+                return
+            owned = await self._admit(sock, hello)
+        finally:
+            if owned:
+                close_socket(sock)
+            self.on_activity_ended()
+
+    async def _admit(self, sock: socket.socket, token: str) -> bool:
+        """Admit a connection with its token; return whether this task still owns the socket."""
+        checked = self.admission.check_token(token, time.time())
+        if isinstance(checked, Reason):
+            self._refuse(sock, checked)
+            return False
+        claims = checked
+        if self.admission.shutting_down:
+            self._refuse(sock, Reason.SHUTTING_DOWN)
+            return False
+        if peek_state(sock) == "data":
+            self._refuse(sock, Reason.EARLY_DATA)
+            return False
+        now = trio.current_time()
+        waiter = WaitingConnection(sock, claims, now)
+        arrival = self.admission.registry.arrive(
+            (TRANSPORT, claims.session_id), claims.side, waiter, now
+        )
+        if arrival.refused:
+            self._refuse(sock, arrival.reason)
+            return False
+        if arrival.peer is not None:
+            first = arrival.peer.endpoint
+            assert isinstance(first, WaitingConnection)
+            first.partner = (sock, claims)
+            first.wake.cancel()
+            return False  # the first side's task owns this socket now
+        await self._wait_for_peer(waiter)
+        return False
+
+    async def _wait_for_peer(self, waiter: WaitingConnection) -> None:
+        """Wait, bounded, for the peer; refuse early data; run the session once paired."""
+        key = (TRANSPORT, waiter.claims.session_id)
+        self.waiting.add(waiter)
+        self.metrics.sessions_waiting.labels(TRANSPORT).inc()
+        outcome = Reason.PAIR_TIMEOUT
+        try:
+            with trio.move_on_after(STATUS_SEND_TIMEOUT_SECONDS):
+                await send_all(waiter.sock, encode_status(Reason.WAITING))
+            with trio.move_on_after(self.config.pair_timeout), waiter.wake:
+                while True:
+                    await trio.lowlevel.wait_readable(waiter.sock)
+                    state = peek_state(waiter.sock)
+                    if state != "empty":
+                        outcome = Reason.EARLY_DATA if state == "data" else Reason.ABANDONED
+                        break
+        except OSError:
+            outcome = Reason.ABANDONED
+        finally:
+            self.waiting.discard(waiter)
+            self.metrics.sessions_waiting.labels(TRANSPORT).dec()
+        if waiter.partner is None:
+            self.admission.registry.withdraw(key, waiter)
+            if waiter.shutting_down:
+                outcome = Reason.SHUTTING_DOWN
+            if outcome == Reason.ABANDONED:
+                close_socket(waiter.sock)
+            else:
+                self._refuse(waiter.sock, outcome)
+            return
+        await self._start_session(waiter, *waiter.partner)
+
+    async def _start_session(
+        self, waiter: WaitingConnection, partner: socket.socket, partner_claims: RelayTokenClaims
+    ) -> None:
+        key = (TRANSPORT, waiter.claims.session_id)
+        sockets = {waiter.claims.side: waiter.sock, partner_claims.side: partner}
+        offenders = [s for s in sockets.values() if peek_state(s) == "data"]
+        if offenders:
+            self.admission.registry.end(key)
+            for sock in sockets.values():
+                self._refuse(sock, Reason.EARLY_DATA if sock in offenders else Reason.PEER_GONE)
+            return
+        now = trio.current_time()
+        self.metrics.pairing_latency.labels(TRANSPORT).observe(now - waiter.arrived_at)
+        self.metrics.sessions_paired.labels(TRANSPORT).inc()
+        session = TcpSession(
+            session_id=waiter.claims.session_id,
+            sockets=sockets,
+            started=now,
+            last_activity=now,
+            bucket=self.admission.session_bucket(now),
+        )
+        self.sessions.add(session)
+        self.metrics.sessions_active.labels(TRANSPORT).inc()
+        try:
+            with trio.move_on_after(STATUS_SEND_TIMEOUT_SECONDS) as status_scope:
+                for sock in sockets.values():
+                    await send_all(sock, encode_status(Reason.PAIRED))
+            if status_scope.cancelled_caught:
+                session.close(Reason.RESET)
+            else:
+                await self._run_session(session)
+        except CONNECTION_LOST_ERRORS:
+            session.close(Reason.RESET)
+        finally:
+            for sock in sockets.values():
+                close_socket(sock)
+            self.sessions.discard(session)
+            self.metrics.sessions_active.labels(TRANSPORT).dec()
+            self.admission.registry.end(key)
+            reason = session.close_reason or Reason.CLOSED
+            self.metrics.sessions_closed.labels(TRANSPORT, reason.value).inc()
+            log.info(
+                session_end_line(
+                    transport=TRANSPORT,
+                    session_id=session.session_id,
+                    bytes_from_operator=session.bytes_from[Side.OPERATOR],
+                    bytes_from_agent=session.bytes_from[Side.AGENT],
+                    duration=trio.current_time() - session.started,
+                    reason=reason.value,
+                    blur=self.config.blur_logs,
+                )
+            )
+
+    async def _run_session(self, session: TcpSession) -> None:
+        operator, agent = session.sockets[Side.OPERATOR], session.sockets[Side.AGENT]
+        with session.scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump_direction, session, operator, agent, Side.OPERATOR)
+                await self._pump_direction(session, agent, operator, Side.AGENT)
+
+    async def _pump_direction(
+        self, session: TcpSession, source: socket.socket, destination: socket.socket, side: Side
+    ) -> None:
+        total = self.admission.total_bandwidth
+        bucket = session.bucket
+        metric = self._bytes_metric
+        counts = session.bytes_from
+
+        def record(moved: int) -> float:
+            now = trio.current_time()
+            session.last_activity = now
+            counts[side] += moved
+            metric.inc(moved)
+            delay = bucket.charge(moved, now) if bucket is not None else 0.0
+            if total is not None:
+                delay = max(delay, total.charge(moved, now))
+            return delay
+
+        chunk_limit = SPLICE_CHUNK_SIZE
+        caps = [b.burst for b in (bucket, total) if b is not None]
+        if caps:
+            chunk_limit = max(1024, int(min(caps + [SPLICE_CHUNK_SIZE])))
+        try:
+            await pump(source, destination, record, use_splice=self.use_splice,
+                       chunk_limit=chunk_limit)
+        except OSError:
+            session.close(Reason.RESET)
+
+    def sweep_idle(self, now: float) -> None:
+        """Close sessions that have had no traffic for the idle timeout."""
+        for session in list(self.sessions):
+            if now - session.last_activity >= self.config.idle_timeout:
+                session.close(Reason.IDLE_TIMEOUT)
+
+    def refuse_waiting_for_shutdown(self) -> None:
+        """Wake every waiting side so it is refused with shutting_down."""
+        for waiter in list(self.waiting):
+            if waiter.partner is None:
+                waiter.shutting_down = True
+                waiter.wake.cancel()
+
+    def close_all_sessions(self, reason: Reason) -> None:
+        """End every session now (after the shutdown grace period)."""
+        for session in list(self.sessions):
+            session.close(reason)
+
+
+def open_tcp_listener(host: str, port: int) -> socket.socket:
+    """A non-blocking listening socket on host:port (IPv4 or IPv6)."""
+    info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    listener = socket.socket(info[0], socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(info[4])
+        listener.listen(LISTEN_BACKLOG)
+        listener.setblocking(False)
+    except OSError:
+        listener.close()
+        raise
+    return listener
