@@ -51,6 +51,7 @@ def create_app(ctx: ServiceContext) -> Any:
         routes_auth,
         routes_keys,
         routes_meta,
+        routes_sessions,
     )
 
     app = FastAPI(
@@ -66,6 +67,7 @@ def create_app(ctx: ServiceContext) -> Any:
     app.include_router(routes_keys.router, prefix=API_PREFIX)
     app.include_router(routes_agents.router, prefix=API_PREFIX)
     app.include_router(routes_audit.router, prefix=API_PREFIX)
+    app.include_router(routes_sessions.router, prefix=API_PREFIX)
     app.include_router(control_channel.router, prefix=API_PREFIX)
     _install_error_handlers(app, ctx)
     capped = BodyLimitMiddleware(app, ctx.config.max_body_bytes, ctx.metrics)

@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any, BinaryIO
 
 from audit.actions import Action, ActorKind
-from audit.errors import AuditError
+from audit.errors import AuditError, RecordError
 from audit.log import AuditLogs
-from audit.record import Actor
+from audit.record import Actor, AuditRecord, PolicyResult, SignedEvent
 from audit.store import AuditStore
 from protocol.identity import PublicIdentity, SigningIdentity
 from rendezvous.errors import ServiceUnavailable
@@ -87,17 +87,39 @@ class AuditTrail:
         target: str | None,
         details: Mapping[str, Any],
         session_id: str | None = None,
+        policy_result: PolicyResult | None = None,
     ) -> None:
         """Append one signed record; raise ServiceUnavailable if it could not be stored."""
         try:
             await self._logs.for_team(team_id).append(
-                action, actor, target=target, session_id=session_id, context=dict(details)
+                action,
+                actor,
+                target=target,
+                session_id=session_id,
+                policy_result=policy_result,
+                context=dict(details),
             )
         except AuditError as error:
             logger.error("audit append failed for %s: %s", action.value, type(error).__name__)
             raise ServiceUnavailable(
                 "the audit log is unavailable, so the action was not carried out"
             ) from None
+
+    async def record_agent_event(
+        self, team_id: str, signed: SignedEvent, agent_id: str, agent_key: PublicIdentity
+    ) -> AuditRecord:
+        """Append an event the agent signed; RecordError if it is not the agent's own, valid one.
+
+        Raises ServiceUnavailable if a valid event could not be stored.
+        """
+        log = self._logs.for_team(team_id)
+        try:
+            return await log.append_agent_event(signed, agent_id, agent_key)
+        except RecordError:
+            raise
+        except AuditError as error:
+            logger.error("agent audit append failed: %s", type(error).__name__)
+            raise ServiceUnavailable("the audit log is unavailable; send the event again") from None
 
     async def export_to(self, team_id: str, stream: BinaryIO) -> None:
         """Write the team's export bundle to ``stream``."""

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,69 @@ ENVIRONMENT_PREFIX = "TUCDESK_"
 MAX_ACCESS_TOKEN_SECONDS = 15 * 60
 MAX_CONFIG_FILE_SIZE = 256 * 1024
 DATABASE_FILE_NAME = "rendezvous.db"
+MAX_RELAYS = 64
+MAX_RELAY_ID_LENGTH = 128
+RELAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RELAY_SYNTAX = "ID=HOST:PORT[/UDPPORT]"
+
+
+@dataclass(frozen=True)
+class RelayEndpoint:
+    """One relay the rendezvous may send sessions through: its id and where clients reach it."""
+
+    id: str
+    host: str
+    port: int
+    udp_port: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        """The relay as clients see it in a session answer or offer."""
+        return {"id": self.id, "host": self.host, "port": self.port, "udp_port": self.udp_port}
+
+
+def parse_relay(text: str) -> RelayEndpoint:
+    """Parse ``ID=HOST:PORT[/UDPPORT]`` (``[v6]:PORT`` for IPv6), raising ConfigError."""
+    relay_id, separator, address = str(text).strip().partition("=")
+    if not separator or not relay_id or not address:
+        raise ConfigError(f"relay {text!r} is not {RELAY_SYNTAX}")
+    if len(relay_id) > MAX_RELAY_ID_LENGTH or not RELAY_ID_PATTERN.match(relay_id):
+        raise ConfigError(
+            f"relay id {relay_id!r} must be 1..{MAX_RELAY_ID_LENGTH} letters, digits, . _ -"
+        )
+    address, slash, udp_text = address.partition("/")
+    udp_port: int | None = None
+    if slash:
+        if not udp_text.isdigit() or not 0 < int(udp_text) <= 65535:
+            raise ConfigError(f"relay {text!r}: UDP port must be 1..65535")
+        udp_port = int(udp_text)
+    try:
+        host, port = split_listen(address)
+    except ConfigError:
+        raise ConfigError(f"relay {text!r} is not {RELAY_SYNTAX}") from None
+    if port == 0:
+        raise ConfigError(f"relay {text!r}: port must be 1..65535")
+    return RelayEndpoint(relay_id, host, port, udp_port)
+
+
+def parse_relays(value: object) -> tuple[RelayEndpoint, ...]:
+    """Relays from a list (flags, TOML) or a comma-separated string (environment)."""
+    if isinstance(value, RelayEndpoint):
+        return (value,)
+    items: Iterable[object]
+    if isinstance(value, str):
+        items = [part for part in value.split(",") if part.strip()]
+    elif isinstance(value, list | tuple):
+        items = value
+    else:
+        raise ConfigError(f"relays must be a list of {RELAY_SYNTAX}")
+    relays = tuple(item if isinstance(item, RelayEndpoint) else parse_relay(str(item))
+                   for item in items)
+    if len(relays) > MAX_RELAYS:
+        raise ConfigError(f"at most {MAX_RELAYS} relays may be configured")
+    ids = [relay.id for relay in relays]
+    if len(set(ids)) != len(ids):
+        raise ConfigError("relay ids must be unique")
+    return relays
 
 
 @dataclass(frozen=True)
@@ -43,6 +107,11 @@ class ServiceConfig:
     login_challenge_seconds: int = 120
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 60.0
+    relays: tuple[RelayEndpoint, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept "ID=HOST:PORT" strings too, so every way of building a config is checked alike.
+        object.__setattr__(self, "relays", parse_relays(self.relays))
 
     @property
     def database_url(self) -> str:
@@ -166,6 +235,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
     text = str(declared)
+    if name == "relays":
+        return parse_relays(raw)
     try:
         if "bool" in text:
             if isinstance(raw, bool):

@@ -8,6 +8,15 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 3. server -> ``{"type": "welcome", "agent_id", "connection_id"}`` or closes with a reason
 4. agent -> ``{"type": "heartbeat"}`` at least every heartbeat period; server ->
    ``{"type": "heartbeat_ack"}``. Silence past the heartbeat timeout closes the channel.
+5. server -> ``{"type": "session_offer", …}`` (docs/sessions.md §3); agent ->
+   ``{"type": "session_offer_ack", "session_id"}`` or
+   ``{"type": "session_offer_refused", "session_id", "reason"}``.
+6. agent -> ``{"type": "audit_event", "event": <SignedEvent.to_json()>, "id"?}``: verified
+   against the agent's registered key and appended to its team's log; server ->
+   ``{"type": "audit_event_ack", "id"}`` once durable, or
+   ``{"type": "audit_event_refused", "id", "reason"}`` (never storable), or
+   ``{"type": "audit_event_failed", "id", "reason"}`` (not stored now; send it again later).
+   ``id`` echoes the agent's, if any.
 
 One identity live twice, or presenting another machine fingerprint than it registered with, is
 flagged as a clone anomaly (audit record and metric). ``AgentConnections`` keeps this
@@ -25,6 +34,9 @@ from typing import TYPE_CHECKING, Any
 import trio
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
+from audit.actions import Action as AuditAction
+from audit.errors import RecordError
+from audit.record import SignedEvent
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
@@ -32,6 +44,7 @@ from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import Action, agent_actor
 from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
+from rendezvous.store import SessionState, StoreError
 
 if TYPE_CHECKING:
     from rendezvous.context import ServiceContext
@@ -47,6 +60,9 @@ OUTGOING_QUEUE_SIZE = 32
 SEND_TIMEOUT_SECONDS = 10.0
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_GOING_AWAY = 1001
+MAX_SESSION_ID_LENGTH = 128
+MAX_REFUSAL_REASON_LENGTH = 512
+MAX_EVENT_ID_LENGTH = 64
 
 
 class ChannelRefused(Exception):
@@ -252,10 +268,92 @@ async def _receive_loop(ctx: ServiceContext, websocket: WebSocket, agent: Agent)
             await ctx.store.touch_agent(agent.team_id, agent.id, ctx.now())
             with trio.fail_after(SEND_TIMEOUT_SECONDS):
                 await websocket.send_json({"type": "heartbeat_ack"})
+        elif kind in ("session_offer_ack", "session_offer_refused"):
+            try:
+                await _answer_offer(ctx, agent, message)
+            except (ServiceError, StoreError) as error:
+                # The offer simply expires unanswered; the channel itself is fine.
+                logger.warning("recording an offer answer failed: %s", type(error).__name__)
+        elif kind == "audit_event":
+            reply = await _append_agent_event(ctx, agent, message)
+            with trio.fail_after(SEND_TIMEOUT_SECONDS):
+                await websocket.send_json(reply)
         elif kind == "close":
             return
         else:
             raise ChannelRefused(f"unexpected message type {str(kind)[:32]!r}")
+
+
+async def _answer_offer(ctx: ServiceContext, agent: Agent, message: dict[str, Any]) -> None:
+    """Record the agent taking or refusing an offer (only its own, only while offered)."""
+    session_id = message.get("session_id")
+    if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
+        raise ChannelRefused("an offer answer must name its session_id")
+    if message["type"] == "session_offer_ack":
+        state, reason = SessionState.ACCEPTED, None
+    else:
+        raw_reason = message.get("reason")
+        reason = raw_reason[:MAX_REFUSAL_REASON_LENGTH] if isinstance(raw_reason, str) else ""
+        state = SessionState.REFUSED
+    session = await ctx.store.get_session(agent.team_id, session_id)
+    if session is None or session.agent_id != agent.id or session.state is not SessionState.OFFERED:
+        logger.info("agent %s answered an offer it does not hold", agent.id)
+        return
+    if state is SessionState.REFUSED:
+        # Audited before the refusal takes effect, like every other decision.
+        await ctx.audit.record(
+            agent.team_id, actor=agent_actor(agent.id, agent.hostname),
+            action=Action.SESSION_REFUSED, target=agent.id, session_id=session_id,
+            details={"reason": "refused_by_agent", "agent_reason": reason or ""},
+        )  # fmt: skip
+    await ctx.store.update_session_state(
+        agent.team_id, agent.id, session_id, state, reason or None, ctx.now(),
+        from_states=(SessionState.OFFERED,),
+    )  # fmt: skip
+
+
+async def _append_agent_event(
+    ctx: ServiceContext, agent: Agent, message: dict[str, Any]
+) -> dict[str, Any]:
+    """Verify an agent-signed audit event and append it; the reply says whether it is durable."""
+    event_id = message.get("id")
+    if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
+        event_id = None
+    try:
+        signed = SignedEvent.from_json(message.get("event"))
+        session_id = signed.event.session_id
+        if signed.event.action.value.startswith("session.") and signed.event.action not in (
+            AuditAction.SESSION_REQUESTED, AuditAction.SESSION_DECISION
+        ):
+            if session_id is None:
+                raise RecordError("a session event must name its session")
+            session = await ctx.store.get_session(agent.team_id, session_id)
+            if session is None or session.agent_id != agent.id:
+                raise RecordError("the event names a session this agent was not offered")
+        elif signed.event.action in (AuditAction.SESSION_REQUESTED, AuditAction.SESSION_DECISION):
+            raise RecordError("only the rendezvous records session requests and decisions")
+        elif signed.event.action is AuditAction.AGENT_REGISTERED:
+            raise RecordError("an agent cannot introduce keys into the log")
+        await ctx.audit.record_agent_event(
+            agent.team_id, signed, agent.id, PublicIdentity(agent.public_key)
+        )
+    except RecordError as error:
+        ctx.metrics.rejected_inputs.labels("agent_audit_event").inc()
+        logger.warning("refused an audit event from agent %s", agent.id)
+        return {"type": "audit_event_refused", "id": event_id, "reason": str(error)[:200]}
+    except (ServiceError, StoreError):
+        # Not stored, but not the event's fault: the agent keeps it and sends it again later.
+        return {"type": "audit_event_failed", "id": event_id, "reason": "audit log unavailable"}
+    if signed.event.action is AuditAction.SESSION_ENDED and session_id is not None:
+        try:
+            await ctx.store.update_session_state(
+                agent.team_id, agent.id, session_id, SessionState.ENDED, None, ctx.now(),
+                from_states=(SessionState.OFFERED, SessionState.ACCEPTED),
+            )  # fmt: skip
+        except StoreError as error:
+            # The record is durable, which is what the agent needs to hear; the row lags.
+            logger.warning("marking a session ended failed: %s", type(error).__name__)
+    return {"type": "audit_event_ack", "id": event_id}
 
 
 async def _send_loop(

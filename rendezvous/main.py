@@ -39,8 +39,9 @@ CONFIG_HELP = """\
 configuration (highest precedence first): command-line flags, TUCDESK_<SETTING> environment
 variables (e.g. TUCDESK_DATA_DIR, TUCDESK_DATABASE, TUCDESK_LISTEN, TUCDESK_TLS_CERT,
 TUCDESK_TLS_KEY, TUCDESK_INSECURE_HTTP, TUCDESK_ACCESS_TOKEN_SECONDS, TUCDESK_CLOCK_SKEW_SECONDS,
-TUCDESK_MAX_BODY_BYTES), then the TOML file given by --config or TUCDESK_CONFIG (top-level keys or
-a [rendezvous] table with the same names in lower case), then built-in defaults.
+TUCDESK_MAX_BODY_BYTES, TUCDESK_RELAYS: comma-separated ID=HOST:PORT[/UDPPORT]), then the TOML
+file given by --config or TUCDESK_CONFIG (top-level keys or a [rendezvous] table with the same
+names in lower case; relays = ["ID=HOST:PORT", …]), then built-in defaults.
 """
 
 
@@ -80,6 +81,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="serve plain HTTP without TLS (only allowed on a loopback address)",
+    )
+    serve.add_argument(
+        "--relay",
+        dest="relays",
+        action="append",
+        metavar="ID=HOST:PORT[/UDPPORT]",
+        help="a relay sessions may use (repeatable); without one, sessions are refused (503)",
     )
 
     team = commands.add_parser("team", help="manage teams")
@@ -143,7 +151,9 @@ def parse_duration(text: str) -> int:
 def _config(args: argparse.Namespace) -> ServiceConfig:
     flags = {
         name: getattr(args, name, None)
-        for name in ("data_dir", "database", "listen", "tls_cert", "tls_key", "insecure_http")
+        for name in (
+            "data_dir", "database", "listen", "tls_cert", "tls_key", "insecure_http", "relays"
+        )
     }
     config = load_config(flags, os.environ, getattr(args, "config", None))
     return config

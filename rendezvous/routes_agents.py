@@ -10,7 +10,7 @@ from fastapi import APIRouter
 from audit.trust import agent_registration_context
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError, ReplayError
-from protocol.identity import PublicIdentity, b64url_decode
+from protocol.identity import PublicIdentity, b64url, b64url_decode
 from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthenticated_actor
 from rendezvous.auth import Permission, authorize
@@ -122,6 +122,7 @@ async def list_agents(caller: Caller, ctx: Context) -> AgentList:
                 last_seen_at=agent.last_seen_at,
                 registered_at=agent.registered_at,
                 key_fingerprint=agent.key_fingerprint,
+                public_key=b64url(agent.public_key),
             )
             for agent in agents
         ]

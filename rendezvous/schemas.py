@@ -145,6 +145,7 @@ class AgentView(BaseModel):
     last_seen_at: float | None
     registered_at: float
     key_fingerprint: str
+    public_key: str  # base64url raw Ed25519, for the CLI to pin
 
 
 class AgentList(BaseModel):

@@ -19,6 +19,7 @@ from rendezvous.audit_trail import AuditTrail
 from rendezvous.config import ServiceConfig
 from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections
+from rendezvous.offer_bus import listen_for_offers
 from rendezvous.service_keys import load_service_keys
 from rendezvous.store import Store, open_store
 
@@ -79,6 +80,7 @@ async def run_service(
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_prune_forever, ctx)
+                await nursery.start(listen_for_offers, ctx)
                 binds = await nursery.start(
                     _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope
                 )

@@ -18,7 +18,8 @@ from __future__ import annotations
 import abc
 import base64
 import secrets
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -268,6 +269,39 @@ class ConnectionReport:
         return bool(self.other_connections) or self.fingerprint_mismatch
 
 
+class SessionState(StrEnum):
+    """Where a brokered session is: offered to the agent, taken, refused by it, or over."""
+
+    OFFERED = "offered"
+    ACCEPTED = "accepted"
+    REFUSED = "refused"
+    ENDED = "ended"
+
+
+@dataclass(frozen=True)
+class Session:
+    """A brokered session: who asked for what on which agent, through which relay."""
+
+    id: str
+    team_id: str
+    agent_id: str
+    operator_id: str
+    operator_key_thumbprint: str
+    mode: str  # "shell" or "exec"
+    command: tuple[str, ...] | None
+    relay_id: str
+    relay_host: str
+    relay_port: int
+    relay_udp_port: int | None
+    policy_result: str
+    policy_rule_id: str | None
+    state: SessionState
+    state_reason: str | None
+    created_at: float
+    expires_at: float
+    updated_at: float
+
+
 # --------------------------------------------------------------------------------------------
 # The interface
 # --------------------------------------------------------------------------------------------
@@ -281,6 +315,8 @@ class Store(abc.ABC):
     """
 
     backend: str  # "sqlite" or "postgres"
+    # Whether notify/listen reach other instances (PostgreSQL LISTEN/NOTIFY); SQLite has one.
+    notifications_supported: bool = False
 
     @property
     @abc.abstractmethod
@@ -533,3 +569,44 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def clear_instance_connections(self, instance_id: str, now: float) -> int:
         """Forget every connection held by an instance (call at its start-up and shutdown)."""
+
+    # ---- sessions ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_session(self, session: Session) -> Session:
+        """Store a new session row (its id made with ``new_id("ses")`` by the caller).
+
+        NotFound unless the agent exists in ``session.team_id``; AlreadyExists on a repeated id.
+        """
+
+    @abc.abstractmethod
+    async def get_session(self, team_id: str, session_id: str) -> Session | None:
+        """The team's session with this id, or None."""
+
+    @abc.abstractmethod
+    async def update_session_state(
+        self,
+        team_id: str,
+        agent_id: str,
+        session_id: str,
+        state: SessionState,
+        reason: str | None,
+        now: float,
+        *,
+        from_states: Sequence[SessionState],
+    ) -> Session | None:
+        """Atomically move the agent's session to ``state`` if it is in one of ``from_states``.
+
+        Returns the updated session, or None when no such session of this agent is in those
+        states (unknown, another agent's or team's, or already moved on).
+        """
+
+    # ---- notifications between instances ---------------------------------------------------
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """Publish ``payload`` to every instance listening on ``channel`` (after it commits)."""
+        raise StoreError(f"the {self.backend} store has no notifications between instances")
+
+    def listen(self, channel: str) -> AbstractAsyncContextManager[AsyncIterator[str]]:
+        """Receive the payloads published on ``channel`` while the context is open."""
+        raise StoreError(f"the {self.backend} store has no notifications between instances")

@@ -12,6 +12,7 @@ UPDATE decided by row locks, and migrations run under a transaction-scoped advis
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
@@ -90,6 +91,7 @@ class PostgresStore(SqlStore):
     """The store on a PostgreSQL database. Open it with ``open_postgres_store``."""
 
     backend = "postgres"
+    notifications_supported = True
 
     def __init__(self, pool: asyncpg.Pool, bridge: _Bridge) -> None:
         super().__init__()
@@ -127,6 +129,49 @@ class PostgresStore(SqlStore):
                 raise
         finally:
             with trio.CancelScope(shield=True):
+                await self._bridge.call(pool.release, connection)
+
+    async def notify(self, channel: str, payload: str) -> None:
+        """``NOTIFY channel, payload``: every instance LISTENing on ``channel`` receives it."""
+        await self._execute("SELECT pg_notify($1, $2)", channel, payload)
+
+    @asynccontextmanager
+    async def listen(self, channel: str) -> AsyncIterator[AsyncIterator[str]]:
+        """``LISTEN channel`` on a dedicated pooled connection; yields the payloads' iterator.
+
+        The iterator raises StoreUnavailable when the connection is lost (LISTEN again then:
+        notifications sent meanwhile are gone).
+        """
+        pool = self._open_pool()
+        connection: asyncpg.Connection = await self._bridge.call(
+            functools.partial(pool.acquire, timeout=ACQUIRE_TIMEOUT_SECONDS)
+        )
+        payloads: asyncio.Queue[str | None] = asyncio.Queue()
+
+        def on_notification(_conn: object, _pid: int, _channel: str, payload: str) -> None:
+            payloads.put_nowait(payload)
+
+        def on_termination(_conn: object) -> None:
+            payloads.put_nowait(None)
+
+        async def receive() -> AsyncIterator[str]:
+            while True:
+                payload = await self._bridge.call(payloads.get)
+                if payload is None:
+                    raise StoreUnavailable("the PostgreSQL connection listening for notices closed")
+                yield payload
+
+        try:
+            connection.add_termination_listener(on_termination)
+            await self._bridge.call(connection.add_listener, channel, on_notification)
+            yield receive()
+        finally:
+            with trio.CancelScope(shield=True):
+                try:
+                    await self._bridge.call(connection.remove_listener, channel, on_notification)
+                except StoreError:
+                    connection.terminate()
+                connection.remove_termination_listener(on_termination)
                 await self._bridge.call(pool.release, connection)
 
     async def aclose(self) -> None:

@@ -40,6 +40,8 @@ from rendezvous.store.base import (
     Operator,
     RegistrationKey,
     RegistrationKeyUnusable,
+    Session,
+    SessionState,
     Store,
     StoreError,
     Team,
@@ -652,6 +654,69 @@ class SqlStore(Store):
                 "DELETE FROM agent_connections WHERE instance_id = $1", instance_id
             )
 
+    # ---- sessions ------------------------------------------------------------------------
+
+    async def create_session(self, session: Session) -> Session:
+        """Store a new session row. NotFound unless the agent exists in the session's team."""
+        _check_text("session id", session.id, MAX_NAME_LENGTH)
+        command = None if session.command is None else json.dumps(list(session.command))
+        async with self._transaction() as session_sql:
+            agent = await session_sql.fetchrow(
+                "SELECT id FROM agents WHERE team_id = $1 AND id = $2",
+                session.team_id, session.agent_id,
+            )  # fmt: skip
+            if agent is None:
+                raise NotFound("no such agent")
+            await session_sql.execute(
+                """INSERT INTO sessions (id, team_id, agent_id, operator_id,
+                                         operator_key_thumbprint, mode, command, relay_id,
+                                         relay_host, relay_port, relay_udp_port, policy_result,
+                                         policy_rule_id, state, state_reason, created_at,
+                                         expires_at, updated_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15,
+                           $16, $17, $18)""",
+                session.id, session.team_id, session.agent_id, session.operator_id,
+                session.operator_key_thumbprint, session.mode, command, session.relay_id,
+                session.relay_host, session.relay_port, session.relay_udp_port,
+                session.policy_result, session.policy_rule_id, session.state.value,
+                session.state_reason, session.created_at, session.expires_at, session.updated_at,
+            )  # fmt: skip
+        return session
+
+    async def get_session(self, team_id: str, session_id: str) -> Session | None:
+        """The team's session with this id, or None."""
+        row = await self._fetchrow(
+            "SELECT * FROM sessions WHERE team_id = $1 AND id = $2", team_id, session_id
+        )
+        return _session(row) if row else None
+
+    async def update_session_state(
+        self,
+        team_id: str,
+        agent_id: str,
+        session_id: str,
+        state: SessionState,
+        reason: str | None,
+        now: float,
+        *,
+        from_states: Sequence[SessionState],
+    ) -> Session | None:
+        """Atomically move the agent's session to ``state`` if it is in one of ``from_states``."""
+        if not from_states:
+            return None
+        # Placeholders for the allowed states only (their values are passed as parameters).
+        allowed = ", ".join(f"${7 + index}" for index in range(len(from_states)))
+        row = await self._fetchrow(
+            f"""UPDATE sessions SET state = $4, state_reason = $5, updated_at = $6
+                WHERE team_id = $1 AND agent_id = $2 AND id = $3
+                  AND state IN ({allowed})
+                RETURNING *""",  # noqa: S608 - only numbered placeholders are spliced in
+            team_id, agent_id, session_id, SessionState(state).value,
+            None if reason is None else reason[:MAX_NAME_LENGTH], now,
+            *(SessionState(value).value for value in from_states),
+        )  # fmt: skip
+        return _session(row) if row else None
+
 
 class SqlAuditStore:
     """The audit/store.py ``AuditStore`` interface on the rendezvous database."""
@@ -815,6 +880,21 @@ def _agent(row: Row) -> Agent:
         registration_key_id=row["registration_key_id"],
         registered_at=float(row["registered_at"]),
         last_seen_at=_optional_float(row["last_seen_at"]), online=bool(row["online"]),
+    )  # fmt: skip
+
+
+def _session(row: Row) -> Session:
+    command = row["command"]
+    return Session(
+        id=row["id"], team_id=row["team_id"], agent_id=row["agent_id"],
+        operator_id=row["operator_id"], operator_key_thumbprint=row["operator_key_thumbprint"],
+        mode=row["mode"], command=None if command is None else tuple(json.loads(command)),
+        relay_id=row["relay_id"], relay_host=row["relay_host"], relay_port=int(row["relay_port"]),
+        relay_udp_port=None if row["relay_udp_port"] is None else int(row["relay_udp_port"]),
+        policy_result=row["policy_result"], policy_rule_id=row["policy_rule_id"],
+        state=SessionState(row["state"]), state_reason=row["state_reason"],
+        created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
+        updated_at=float(row["updated_at"]),
     )  # fmt: skip
 
 

@@ -137,5 +137,36 @@ INITIAL = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (INITIAL,)
+SESSIONS = Migration(
+    2,
+    "sessions",
+    (
+        # A brokered session: what was granted and where it runs. No token is stored; the
+        # instance that delivers the offer mints the agent's relay token from this row.
+        """CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            agent_id TEXT NOT NULL REFERENCES agents(id),
+            operator_id TEXT NOT NULL,
+            operator_key_thumbprint TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            command TEXT,
+            relay_id TEXT NOT NULL,
+            relay_host TEXT NOT NULL,
+            relay_port INTEGER NOT NULL,
+            relay_udp_port INTEGER,
+            policy_result TEXT NOT NULL,
+            policy_rule_id TEXT,
+            state TEXT NOT NULL,
+            state_reason TEXT,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            updated_at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX sessions_team_agent ON sessions(team_id, agent_id, created_at)",
+        "CREATE INDEX sessions_expiry ON sessions(expires_at)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (INITIAL, SESSIONS)
 check_sequence(MIGRATIONS)

@@ -1,0 +1,145 @@
+"""Delivering session offers to the agent's control channel, on whichever instance holds it.
+
+The instance that brokered a session looks up which instance holds the agent's live channel
+(``agent_connections.instance_id``). Its own channel: the offer goes straight down it. Another
+instance's (PostgreSQL only): ``NOTIFY tucdesk_session_offers`` with the instance id, team id and
+session id; every instance LISTENs (``listen_for_offers``) and delivers the offers addressed to
+it, reading the offer from the sessions table. No token crosses the database: the delivering
+instance mints the agent's relay token itself.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from protocol.relay_token import Side, issue_relay_token
+from rendezvous.store import AgentConnection, Session, SessionState, StoreError
+
+if TYPE_CHECKING:
+    from rendezvous.context import ServiceContext
+
+logger = logging.getLogger("tucdesk.rendezvous.offers")
+
+OFFER_CHANNEL = "tucdesk_session_offers"
+MAX_NOTICE_BYTES = 1024
+LISTEN_RETRY_MIN_SECONDS = 0.5
+LISTEN_RETRY_MAX_SECONDS = 30.0
+OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
+
+
+def offer_message(ctx: ServiceContext, session: Session, now: float) -> dict[str, Any]:
+    """The ``session_offer`` control message, with a fresh agent-side relay token."""
+    lifetime = max(1, min(int(session.expires_at - now), 300))
+    token = issue_relay_token(
+        ctx.keys.relay_token,
+        session_id=session.id,
+        side=Side.AGENT,
+        relay_id=session.relay_id,
+        now=now,
+        issuer=ctx.config.issuer,
+        lifetime=lifetime,
+    )
+    return {
+        "type": "session_offer",
+        "session_id": session.id,
+        "expires_at": int(session.expires_at),
+        "relay": {
+            "id": session.relay_id,
+            "host": session.relay_host,
+            "port": session.relay_port,
+            "udp_port": session.relay_udp_port,
+        },
+        "relay_token": token,
+    }
+
+
+async def deliver_offer(ctx: ServiceContext, session: Session, holder: AgentConnection) -> bool:
+    """Send the offer down the agent's channel held by ``holder``'s instance; False if not sent.
+
+    True for another instance means the notice was published, not that the agent has it.
+    """
+    if holder.instance_id == ctx.instance_id:
+        return await deliver_here(ctx, session.team_id, session.id)
+    if not ctx.store.notifications_supported:
+        return False
+    notice = json.dumps(
+        {"instance": holder.instance_id, "team_id": session.team_id, "session_id": session.id}
+    )
+    await ctx.store.notify(OFFER_CHANNEL, notice)
+    return True
+
+
+async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> bool:
+    """Send a still-open offer down this instance's channel to the agent; False if none is live."""
+    session = await ctx.store.get_session(team_id, session_id)
+    now = ctx.now()
+    if session is None or session.state is not SessionState.OFFERED or now > session.expires_at:
+        return False
+    connections = ctx.connections
+    if connections is None:
+        return False
+    offer = offer_message(ctx, session, now)
+    return await connections.send(session.team_id, session.agent_id, offer)
+
+
+async def listen_for_offers(
+    ctx: ServiceContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Deliver offers other instances publish for this one's channels, until cancelled.
+
+    Reports started once it is listening (at once on a store without notifications). A lost
+    database connection is retried with backoff and jitter.
+    """
+    if not ctx.store.notifications_supported:
+        task_status.started()
+        return
+    delay = LISTEN_RETRY_MIN_SECONDS
+    started = False
+    while True:
+        try:
+            async with ctx.store.listen(OFFER_CHANNEL) as notices:
+                if not started:
+                    task_status.started()
+                    started = True
+                delay = LISTEN_RETRY_MIN_SECONDS
+                async for notice in notices:
+                    await _handle_notice(ctx, notice)
+        except StoreError as error:
+            logger.warning("listening for session offers failed: %s", type(error).__name__)
+        if not started:
+            # Report started anyway so the service serves; offers go direct or are retried.
+            task_status.started()
+            started = True
+        await trio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
+        delay = min(delay * 2, LISTEN_RETRY_MAX_SECONDS)
+
+
+async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
+    if len(notice) > MAX_NOTICE_BYTES:
+        return
+    try:
+        fields = json.loads(notice)
+        instance, team_id, session_id = fields["instance"], fields["team_id"], fields["session_id"]
+    except (ValueError, TypeError, KeyError):
+        logger.warning("ignored a malformed session offer notice")
+        return
+    if instance != ctx.instance_id:
+        return
+    if not isinstance(team_id, str) or not isinstance(session_id, str):
+        return
+    try:
+        delivered = await deliver_here(ctx, team_id, session_id)
+        if not delivered:
+            session = await ctx.store.get_session(team_id, session_id)
+            if session is not None:
+                await ctx.store.update_session_state(
+                    team_id, session.agent_id, session_id, SessionState.REFUSED,
+                    OFFER_NOT_DELIVERED, ctx.now(), from_states=(SessionState.OFFERED,),
+                )  # fmt: skip
+    except StoreError as error:
+        logger.warning("delivering a session offer failed: %s", type(error).__name__)

@@ -1,0 +1,223 @@
+"""Brokering a session (docs/sessions.md §1): resolve, audit, decide, store, mint, offer.
+
+The order is the contract: the request and the decision are in the audit log before anything
+else happens; an offline agent, a missing relay or an undelivered offer is refused (and audited
+as ``session.refused``); only then does the operator get the grant and its relay token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import secrets
+import shlex
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from audit.record import PolicyResult
+from protocol.identity import b64url
+from protocol.relay_token import Side, issue_relay_token
+from protocol.session_grant import DEFAULT_SESSION_GRANT_LIFETIME_SECONDS, issue_session_grant
+from rendezvous.audit_trail import Action, caller_actor
+from rendezvous.auth import Principal
+from rendezvous.config import RelayEndpoint
+from rendezvous.context import ServiceContext
+from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
+from rendezvous.offer_bus import deliver_offer
+from rendezvous.session_decision import SessionAsk, decide_session
+from rendezvous.store import AmbiguousName, Session, SessionState
+from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, new_id
+
+SESSION_OFFER_SECONDS = DEFAULT_SESSION_GRANT_LIFETIME_SECONDS
+MAX_AUDITED_COMMAND_CHARACTERS = 4096
+NO_RELAY_MESSAGE = "no relay is configured; start the rendezvous with --relay ID=HOST:PORT"
+
+
+class AgentNotFound(NotFound):
+    """No agent of the caller's team has this name or id."""
+
+    code = "agent_not_found"
+
+
+class AgentOffline(Conflict):
+    """The agent has no live control channel, so it cannot be offered the session."""
+
+    code = "agent_offline"
+
+
+class NoRelay(ServiceUnavailable):
+    """The rendezvous has no relay configured to carry sessions."""
+
+    code = "no_relay"
+
+
+class AmbiguousTarget(Conflict):
+    """Several agents of the team carry this name."""
+
+    code = "ambiguous_target"
+
+
+@dataclass(frozen=True)
+class SessionRequest:
+    """A validated ``POST /v1/sessions`` body."""
+
+    target: str
+    mode: str
+    command: tuple[str, ...] | None
+    term: str
+    rows: int
+    cols: int
+
+
+def choose_relay(relays: tuple[RelayEndpoint, ...]) -> RelayEndpoint:
+    """One of the configured relays (spread at random); NoRelay if there is none."""
+    if not relays:
+        raise NoRelay(NO_RELAY_MESSAGE)
+    return secrets.choice(relays)
+
+
+def audited_command(command: tuple[str, ...] | None) -> dict[str, Any]:
+    """The command as audit context: shell-quoted (truncated if long) plus its full hash."""
+    if command is None:
+        return {}
+    text = shlex.join(command)
+    digest = hashlib.sha256(json.dumps(list(command)).encode("utf-8")).hexdigest()
+    return {
+        "command": text[:MAX_AUDITED_COMMAND_CHARACTERS],
+        "command_truncated": len(text) > MAX_AUDITED_COMMAND_CHARACTERS,
+        "command_sha256": digest,
+    }
+
+
+async def open_session(
+    ctx: ServiceContext, principal: Principal, request: SessionRequest
+) -> dict[str, Any]:
+    """Broker one session for ``principal``; return the 201 answer or raise a ServiceError."""
+    session_id = new_id("ses")
+    actor = caller_actor(principal)
+    try:
+        agent = await ctx.store.find_agent(principal.team_id, request.target)
+    except AmbiguousName:
+        raise AmbiguousTarget(
+            f"several agents are named {request.target!r}; use the agent id"
+        ) from None
+    target = agent.id if agent is not None else f"agent_name:{request.target[:200]}"
+    request_context: dict[str, Any] = {
+        "target": request.target[:200],
+        "mode": request.mode,
+        "term": request.term,
+        "rows": request.rows,
+        "cols": request.cols,
+        **audited_command(request.command),
+    }
+    await ctx.audit.record(
+        principal.team_id, actor=actor, action=Action.SESSION_REQUESTED, target=target,
+        session_id=session_id, details=request_context,
+    )  # fmt: skip
+    ask = SessionAsk(request.target, request.mode, request.command)
+    decision = decide_session(principal, agent, ask)
+    await ctx.audit.record(
+        principal.team_id, actor=actor, action=Action.SESSION_DECISION, target=target,
+        session_id=session_id,
+        policy_result=PolicyResult(decision.outcome, decision.rule_id, decision.reason),
+        details={"policy_version": decision.policy_version},
+    )  # fmt: skip
+    if agent is None:
+        raise AgentNotFound(f"no agent named {request.target!r} in your team")
+    if not decision.allowed:
+        raise Forbidden(decision.reason)
+    operator = await ctx.store.get_operator(principal.team_id, principal.subject)
+    if operator is None or not operator.is_active():
+        raise Forbidden("this operator is disabled; ask an admin")
+
+    async def refuse(reason: str, error: Exception) -> NoReturn:
+        await ctx.audit.record(
+            principal.team_id, actor=actor, action=Action.SESSION_REFUSED, target=agent.id,
+            session_id=session_id, details={"reason": reason},
+        )  # fmt: skip
+        raise error
+
+    if not ctx.config.relays:
+        await refuse("no_relay", NoRelay(NO_RELAY_MESSAGE))
+    now = ctx.now()
+    live = [
+        connection
+        for connection in await ctx.store.list_agent_connections(agent.team_id, agent.id)
+        if connection.heartbeat_at > now - CONNECTION_STALE_AFTER_SECONDS
+    ]
+    if not live:
+        await refuse("agent_offline", AgentOffline(f"agent {agent.name} is offline"))
+    relay = choose_relay(ctx.config.relays)
+    session = await ctx.store.create_session(
+        Session(
+            id=session_id, team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,
+            operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,
+            command=request.command, relay_id=relay.id, relay_host=relay.host,
+            relay_port=relay.port, relay_udp_port=relay.udp_port,
+            policy_result=decision.outcome.value, policy_rule_id=decision.rule_id,
+            state=SessionState.OFFERED, state_reason=None, created_at=now,
+            expires_at=now + SESSION_OFFER_SECONDS, updated_at=now,
+        )
+    )  # fmt: skip
+    grant = issue_session_grant(
+        ctx.keys.jwt_issuer, issuer=ctx.config.issuer, session_id=session.id,
+        team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,
+        operator_email=operator.email, role=operator.role,
+        operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,
+        command=request.command, policy_result=decision.outcome.value,
+        policy_rule_id=decision.rule_id, policy_version=decision.policy_version, approval=None,
+        now=now, lifetime=SESSION_OFFER_SECONDS,
+    )  # fmt: skip
+    operator_relay_token = issue_relay_token(
+        ctx.keys.relay_token, session_id=session.id, side=Side.OPERATOR, relay_id=relay.id,
+        now=now, issuer=ctx.config.issuer, lifetime=SESSION_OFFER_SECONDS,
+    )  # fmt: skip
+    # The newest channel is the one most likely still alive.
+    if not await deliver_offer(ctx, session, live[-1]):
+        await ctx.store.update_session_state(
+            session.team_id, session.agent_id, session.id, SessionState.REFUSED,
+            "offer_not_delivered", ctx.now(), from_states=(SessionState.OFFERED,),
+        )  # fmt: skip
+        await refuse(
+            "offer_not_delivered",
+            AgentOffline(f"agent {agent.name} did not take the offer; it may be reconnecting"),
+        )
+    return {
+        "session_id": session.id,
+        "expires_at": int(session.expires_at),
+        "agent": {
+            "id": agent.id,
+            "name": agent.name,
+            "public_key": b64url(agent.public_key),
+            "fingerprint": agent.key_fingerprint,
+        },
+        "grant": grant,
+        "relay": relay.to_json(),
+        "relay_token": operator_relay_token,
+    }
+
+
+def session_view(session: Session) -> dict[str, Any]:
+    """A session as its operator (or an admin or auditor) may see it."""
+    return {
+        "session_id": session.id,
+        "agent_id": session.agent_id,
+        "operator_id": session.operator_id,
+        "mode": session.mode,
+        "state": session.state.value,
+        "reason": session.state_reason,
+        "relay_id": session.relay_id,
+        "created_at": session.created_at,
+        "expires_at": session.expires_at,
+    }
+
+
+def validate_command(mode: str, command: list[str] | None) -> tuple[str, ...] | None:
+    """The argv for exec (required) or None for a shell (which must not carry one)."""
+    if mode == "shell":
+        if command is not None:
+            raise BadRequest("a shell session takes no command; use mode exec")
+        return None
+    if not command:
+        raise BadRequest("an exec session needs a command of at least one argument")
+    return tuple(command)
