@@ -3,28 +3,297 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import os
+import signal
 import sys
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from agent.audit_events import SessionAuditor
+from agent.config import AgentConfig, load_config
+from agent.control_client import ControlClient, ReconnectBackoff
+from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys
+from agent.errors import AgentError, ConfigError
+from agent.machine_identity import MachineIdentityError, read_machine_identifiers
+from agent.process_group import SessionProcessError
+from agent.session_host import SessionHost, SessionIdentity
+from agent.state_file import AgentState, StateFileError, load_state
+from agent.status import DaemonStatus, read_status, write_status
+from protocol.errors import ProtocolError
+
+REGISTRATION_KEY_ENVIRONMENT = "TUCDESK_REGISTRATION_KEY"
+MAX_REGISTRATION_KEY_FILE_SIZE = 4096
+PROGRAM = "tucdesk-agent"
+logger = logging.getLogger("tucdesk.agent")
+
+_CONFIG_HELP = (
+    "Settings come from flags, then TUCDESK_AGENT_<SETTING> environment variables (e.g. "
+    "TUCDESK_AGENT_STATE_DIR, TUCDESK_AGENT_USER, TUCDESK_AGENT_SHELL, TUCDESK_AGENT_CA_FILE, "
+    "TUCDESK_AGENT_MAX_SESSIONS), then the TOML file given by --config or TUCDESK_AGENT_CONFIG."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, so --help describes what exists today."""
-    return argparse.ArgumentParser(
-        prog="tucdesk-agent",
+    """The argument parser: every subcommand and flag, documented for --help."""
+    parser = argparse.ArgumentParser(
+        prog=PROGRAM,
         description=(
-            "TucDesk agent daemon (enroll, run, status). "
-            "Not built yet: arrives with issue 6 (sessions end to end)."
+            "TucDesk agent daemon: enroll this host with a rendezvous, hold its control "
+            "channel, and run the end-to-end encrypted shell and exec sessions operators open."
         ),
+        epilog=_CONFIG_HELP,
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--config", type=Path, help="TOML config file (or an [agent] table)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    enroll_parser = commands.add_parser(
+        "enroll",
+        help="register this host with a rendezvous using a registration key",
+        description=(
+            "Generate this agent's identity, register it with a one-time registration key, "
+            "pin the rendezvous's service keys, and seal the state to this machine. The "
+            f"registration key can also come from ${REGISTRATION_KEY_ENVIRONMENT} or a file, "
+            "so it never lands in the shell history."
+        ),
+        epilog=_CONFIG_HELP,
+    )
+    enroll_parser.add_argument("--server", required=True, help="rendezvous URL, https://HOST:PORT")
+    key_source = enroll_parser.add_mutually_exclusive_group()
+    key_source.add_argument("--registration-key", help="the registration key (rk_live_...)")
+    key_source.add_argument(
+        "--registration-key-file", type=Path, help="read the registration key from this file"
+    )
+    enroll_parser.add_argument("--name", help="name to register (default: this host's name)")
+    enroll_parser.add_argument(
+        "--ca-file", type=Path, help="CA certificate(s) to trust for the rendezvous's TLS"
+    )
+    enroll_parser.add_argument(
+        "--force", action="store_true", help="replace an existing enrollment on this host"
+    )
+    _add_common(enroll_parser)
+    enroll_parser.set_defaults(handler=_enroll)
+
+    run_parser = commands.add_parser(
+        "run",
+        help="run the daemon: hold the control channel and serve sessions",
+        description=(
+            "Connect to the rendezvous (reconnecting with backoff), take session offers, and "
+            "run each session through the relay. Stops cleanly on SIGTERM or SIGINT."
+        ),
+        epilog=_CONFIG_HELP,
+    )
+    _add_common(run_parser)
+    run_parser.add_argument("--shell", help="shell for shell sessions (default: the user's)")
+    run_parser.add_argument("--user", help="local account sessions run as (default: the agent's)")
+    run_parser.add_argument("--ca-file", type=Path, help="override the CA file saved at enrollment")
+    run_parser.add_argument(
+        "--max-sessions", type=int, help="most sessions at once (default: 64)"
+    )
+    run_parser.set_defaults(handler=_run)
+
+    status_parser = commands.add_parser(
+        "status",
+        help="show whether this host is enrolled and whether the daemon is connected",
+        epilog=_CONFIG_HELP,
+    )
+    _add_common(status_parser)
+    status_parser.set_defaults(handler=_status)
+    return parser
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    # Also accepted after the subcommand; SUPPRESS keeps the top-level value when absent here.
+    parser.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks"
+    )
+    parser.add_argument(
+        "--config", type=Path, default=argparse.SUPPRESS, help="TOML config file"
+    )
+    parser.add_argument(
+        "--state-dir",
+        type=Path,
+        help="where the sealed state lives (default: /var/lib/tucdesk-agent as root, else "
+        "$XDG_STATE_HOME/tucdesk-agent)",
+    )
+    parser.add_argument(
+        "--machine-root",
+        type=Path,
+        help="read machine identifiers under this directory instead of / (for tests)",
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse arguments; say plainly that this command is not built yet."""
-    build_parser().parse_args(argv)
-    print(
-        "tucdesk-agent: not built yet; it arrives with issue 6 (sessions end to end).",
-        file=sys.stderr,
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """Run one subcommand; print one line and return non-zero on failure."""
+    args = build_parser().parse_args(argv)
+    environ = os.environ if environ is None else environ
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
     )
-    return 2
+    try:
+        config = _config(args, environ)
+        result: int = args.handler(args, config, environ)
+        return result
+    except (AgentError, StateFileError, MachineIdentityError, SessionProcessError,
+            ProtocolError) as error:
+        if args.debug:
+            raise
+        print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
+    flags: dict[str, Any] = {
+        name: getattr(args, name, None)
+        for name in ("state_dir", "machine_root", "shell", "user", "ca_file", "max_sessions")
+    }
+    return load_config(flags, environ, args.config)
+
+
+def _registration_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
+    if args.registration_key:
+        return str(args.registration_key)
+    if args.registration_key_file is not None:
+        path: Path = args.registration_key_file
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_REGISTRATION_KEY_FILE_SIZE + 1)
+        except OSError as error:
+            reason = error.strerror
+            raise ConfigError(f"{path}: cannot read the registration key ({reason})") from None
+        if len(data) > MAX_REGISTRATION_KEY_FILE_SIZE:
+            raise ConfigError(f"{path}: too large to hold a registration key")
+        return data.decode("utf-8", errors="replace").strip()
+    key = environ.get(REGISTRATION_KEY_ENVIRONMENT)
+    if key:
+        return key
+    raise ConfigError(
+        "no registration key: pass --registration-key-file FILE, set "
+        f"{REGISTRATION_KEY_ENVIRONMENT}, or pass --registration-key"
+    )
+
+
+def _enroll(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
+    identifiers = read_machine_identifiers(config.machine_root)
+    request = EnrollmentRequest(
+        server_url=args.server,
+        registration_key=_registration_key(args, environ),
+        state_file=config.state_file,
+        name=args.name,
+        ca_file=args.ca_file or config.ca_file,
+        force=args.force,
+    )
+    state = trio.run(enroll, request, identifiers)
+    identity = state.identity()
+    print(f"Enrolled agent {state.agent_id} ({state.name}) in team {state.team_id}.")
+    print(f"Agent key fingerprint: {identity.public.fingerprint}")
+    print(f"Machine fingerprint:   {identifiers.fingerprint()}")
+    print(f"State sealed to this machine in {config.state_file}")
+    print(f"Start the daemon with: {PROGRAM} run" + _state_dir_flag(args))
+    return 0
+
+
+def _state_dir_flag(args: argparse.Namespace) -> str:
+    return f" --state-dir {args.state_dir}" if args.state_dir else ""
+
+
+def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
+    identifiers = read_machine_identifiers(config.machine_root)
+    state = load_state(config.state_file, identifiers)
+    trio.run(run_daemon, config, state, identifiers.fingerprint())
+    return 0
+
+
+async def run_daemon(config: AgentConfig, state: AgentState, machine_fingerprint: str) -> None:
+    """Hold the control channel and serve sessions until SIGTERM/SIGINT or cancellation."""
+    identity = state.identity()
+    who = SessionIdentity(state.agent_id, state.team_id, grant_signing_keys(state))
+    auditor = SessionAuditor(identity, state.agent_id, state.team_id, state.name)
+    logger.info(
+        "agent %s (%s) starting; key %s; server %s",
+        state.agent_id, state.name, identity.public.fingerprint, state.server_url,
+    )
+    try:
+        async with trio.open_nursery() as nursery:
+            client_box: list[ControlClient] = []
+            host = SessionHost(
+                config,
+                identity,
+                who,
+                auditor,
+                send_control=lambda message: client_box[0].send_message(message),
+                audit_sink=lambda event: client_box[0].send_audit_event(event),
+                issuer=lambda: client_box[0].issuer,
+            )
+            client = ControlClient(
+                state,
+                machine_fingerprint,
+                host.offer_handler(nursery),
+                ca_file=config.ca_file,
+                status_file=config.status_file,
+                backoff=ReconnectBackoff(cap=config.reconnect_cap_seconds),
+            )
+            client_box.append(client)
+            nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            nursery.start_soon(client.run)
+    finally:
+        try:
+            write_status(
+                config.status_file,
+                DaemonStatus(os.getpid(), state.server_url, False, time.time(), None, "stopped"),
+            )
+        except Exception:  # noqa: BLE001 - informational only
+            logger.debug("could not write the final status", exc_info=True)
+        logger.info("agent stopped")
+
+
+async def _stop_on_signals(scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            logger.info("received %s; stopping", signal.Signals(received).name)
+            scope.cancel()
+            return
+
+
+def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
+    if not config.state_file.exists():
+        print(f"Enrolled:     no (no state in {config.state_dir})")
+        print(f"Enroll with:  {PROGRAM} enroll --server URL --registration-key-file FILE")
+        return 1
+    identifiers = read_machine_identifiers(config.machine_root)
+    state = load_state(config.state_file, identifiers)
+    print("Enrolled:     yes")
+    print(f"Agent id:     {state.agent_id}")
+    print(f"Name:         {state.name}")
+    print(f"Team:         {state.team_id}")
+    print(f"Key:          {state.identity().public.fingerprint}")
+    print(f"Server:       {state.server_url}")
+    status = read_status(config.status_file)
+    if status is None or not status.is_running() or status.last_error == "stopped":
+        print("Daemon:       not running")
+        print("Connected:    no")
+        return 0
+    print(f"Daemon:       running (pid {status.pid})")
+    print(f"Connected:    {'yes' if status.connected else 'no'}")
+    if status.last_connected_at is not None:
+        print(f"Last connect: {_show_time(status.last_connected_at)}")
+    if not status.connected and status.last_error:
+        print(f"Last error:   {status.last_error}")
+    return 0
+
+
+def _show_time(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,147 @@
+"""The agent configuration: one typed object from flags, TUCDESK_AGENT_* environment and TOML.
+
+Precedence, highest first: command-line flags, ``TUCDESK_AGENT_<SETTING>`` environment
+variables, the TOML file given by ``--config`` (or ``TUCDESK_AGENT_CONFIG``; settings at the top
+level or under ``[agent]``), then the defaults below.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agent.errors import ConfigError
+
+ENVIRONMENT_PREFIX = "TUCDESK_AGENT_"
+MAX_CONFIG_FILE_SIZE = 64 * 1024
+SYSTEM_STATE_DIR = Path("/var/lib/tucdesk-agent")
+STATE_FILE_NAME = "agent.state"
+STATUS_FILE_NAME = "status.json"
+DEFAULT_MAX_SESSIONS = 64
+MAX_MAX_SESSIONS = 4096
+DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 15.0
+DEFAULT_RECONNECT_CAP_SECONDS = 30.0
+
+
+def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """/var/lib/tucdesk-agent for root, else $XDG_STATE_HOME (or ~/.local/state)/tucdesk-agent."""
+    environ = os.environ if environ is None else environ
+    if os.geteuid() == 0:
+        return SYSTEM_STATE_DIR
+    base = environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "tucdesk-agent"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    """Every setting of the agent daemon, typed and validated."""
+
+    state_dir: Path = field(default_factory=default_state_dir)
+    # The account sessions run as (None: the agent's own) and the shell for shell sessions
+    # (None: that account's login shell).
+    user: str | None = None
+    shell: str | None = None
+    # A CA bundle for the rendezvous's TLS certificate; overrides the one saved at enrollment.
+    ca_file: Path | None = None
+    # Where machine identifiers are read from; only tests point this anywhere but "/".
+    machine_root: Path = Path("/")
+    max_sessions: int = DEFAULT_MAX_SESSIONS
+    handshake_timeout_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS
+    reconnect_cap_seconds: float = DEFAULT_RECONNECT_CAP_SECONDS
+
+    @property
+    def state_file(self) -> Path:
+        """The machine-bound state file inside the state dir."""
+        return self.state_dir / STATE_FILE_NAME
+
+    @property
+    def status_file(self) -> Path:
+        """The small status file ``run`` keeps and ``status`` reads."""
+        return self.state_dir / STATUS_FILE_NAME
+
+    def validate(self) -> None:
+        """Raise ConfigError naming the first setting that is out of range."""
+        if not 0 < self.max_sessions <= MAX_MAX_SESSIONS:
+            raise ConfigError(f"max_sessions must be 1..{MAX_MAX_SESSIONS}")
+        if not 0 < self.handshake_timeout_seconds <= 300:
+            raise ConfigError("handshake_timeout_seconds must be more than 0 and at most 300")
+        if not 1 <= self.reconnect_cap_seconds <= 3600:
+            raise ConfigError("reconnect_cap_seconds must be 1..3600")
+        if self.shell is not None and not os.path.isabs(self.shell):
+            raise ConfigError(f"shell must be an absolute path, not {self.shell!r}")
+
+
+def load_config(
+    flags: Mapping[str, Any],
+    environ: Mapping[str, str],
+    config_file: Path | None = None,
+) -> AgentConfig:
+    """Merge flags > environment > TOML file > defaults into a validated AgentConfig.
+
+    ``flags`` holds the parsed flags; None values (flags not given) are ignored.
+    """
+    fields = {item.name: item for item in dataclasses.fields(AgentConfig)}
+    values: dict[str, Any] = {}
+    if config_file is None and environ.get(ENVIRONMENT_PREFIX + "CONFIG"):
+        config_file = Path(environ[ENVIRONMENT_PREFIX + "CONFIG"])
+    if config_file is not None:
+        for name, raw in _read_toml(config_file).items():
+            key = name.replace("-", "_")
+            if key not in fields:
+                raise ConfigError(f"{config_file}: unknown setting {name!r}")
+            values[key] = _convert(key, raw, fields[key].type, f"{config_file}: {name}")
+    for key in fields:
+        env_name = ENVIRONMENT_PREFIX + key.upper()
+        if environ.get(env_name):
+            values[key] = _convert(key, environ[env_name], fields[key].type, env_name)
+    for key, raw in flags.items():
+        if raw is not None and key in fields:
+            values[key] = _convert(key, raw, fields[key].type, f"--{key.replace('_', '-')}")
+    if "state_dir" not in values:
+        values["state_dir"] = default_state_dir(environ)
+    config = AgentConfig(**values)
+    config.validate()
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        if path.stat().st_size > MAX_CONFIG_FILE_SIZE:
+            raise ConfigError(f"{path}: larger than any config file should be")
+        with path.open("rb") as handle:
+            data = tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such config file") from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config file ({error.strerror})") from None
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{path}: not valid TOML ({error})") from None
+    section = data.get("agent", data)
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [agent] must be a table")
+    return section
+
+
+def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
+    text = str(declared)
+    try:
+        if "int" in text:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return int(raw)
+        if "float" in text:
+            if isinstance(raw, bool):
+                raise ValueError(raw)
+            return float(raw)
+        if "Path" in text:
+            return Path(str(raw)).expanduser()
+        if not isinstance(raw, str | int):
+            raise ValueError(raw)
+        return str(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{origin}: {raw!r} is not a valid value for {name}") from None

@@ -1,0 +1,404 @@
+"""The agent's control channel to the rendezvous: a WebSocket held open for as long as it runs.
+
+Protocol (rendezvous/control_channel.py): the server sends a challenge, the agent answers with
+a signed payload (Purpose.AGENT_AUTH), the server welcomes it; then the agent sends heartbeats,
+the server forwards session offers, and the agent sends offer acks and its signed audit events.
+
+When the channel drops (network, rendezvous restart, refusal) the client waits and reconnects:
+exponential backoff with full jitter, capped, reset after a welcome. Audit events produced while
+disconnected wait in a bounded backlog and are sent, oldest first, once the channel is back.
+Each carries an id; it stays queued until the rendezvous acknowledges it as durable
+(``audit_event_ack``), and events in flight when a channel drops are sent again on the next one
+(at least once: a resent event is byte-identical, signature included, so duplicates are plain).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    HandshakeError,
+    WebSocketConnection,
+    open_websocket_url,
+)
+
+from agent.errors import ControlChannelError
+from agent.server_address import control_channel_url, tls_context
+from agent.state_file import AgentState
+from agent.status import DaemonStatus, write_status
+from audit.record import SignedEvent
+from protocol.domains import Purpose
+from protocol.identity import SigningIdentity, b64url
+from protocol.signed_payload import create_signed_payload
+
+logger = logging.getLogger("tucdesk.agent.control")
+
+MAX_MESSAGE_BYTES = 64 * 1024
+CONNECT_TIMEOUT_SECONDS = 15.0
+AUTH_TIMEOUT_SECONDS = 15.0
+SEND_TIMEOUT_SECONDS = 10.0
+DEFAULT_HEARTBEAT_SECONDS = 20.0
+MIN_HEARTBEAT_SECONDS = 0.05
+MAX_HEARTBEAT_SECONDS = 300.0
+# The server is considered gone after this many heartbeat periods without a word from it.
+SILENCE_HEARTBEATS = 3
+BACKOFF_INITIAL_SECONDS = 0.5
+DEFAULT_BACKOFF_CAP_SECONDS = 30.0
+MAX_AUDIT_BACKLOG = 1000
+MAX_AUDIT_IN_FLIGHT = 64
+MAX_PENDING_MESSAGES = 256
+MAX_ISSUER_LENGTH = 256
+
+OfferHandler = Callable[[dict[str, Any]], None]
+"""Called with each ``session_offer`` message; must not block (start a task and return)."""
+
+
+class ReconnectBackoff:
+    """Exponential backoff with full jitter: each wait is uniform in [0, min(cap, base * 2^n)]."""
+
+    def __init__(
+        self,
+        initial: float = BACKOFF_INITIAL_SECONDS,
+        cap: float = DEFAULT_BACKOFF_CAP_SECONDS,
+        rng: random.Random | None = None,
+    ) -> None:
+        if not 0 < initial <= cap:
+            raise ValueError("need 0 < initial <= cap")
+        self.initial = initial
+        self.cap = cap
+        self.attempt = 0
+        self._rng = rng or random.SystemRandom()
+
+    def ceiling(self) -> float:
+        """The upper bound of the next wait."""
+        exponent = min(self.attempt, 62)
+        return min(self.cap, self.initial * math.pow(2, exponent))
+
+    def next_delay(self) -> float:
+        """The next wait, and count the attempt."""
+        delay = self._rng.uniform(0, self.ceiling())
+        self.attempt += 1
+        return delay
+
+    def reset(self) -> None:
+        """Start again from the initial wait (after a successful connection)."""
+        self.attempt = 0
+
+
+@dataclass
+class ChannelInfo:
+    """What the current (or last) connection learned from the server."""
+
+    issuer: str | None = None
+    heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    connection_id: str | None = None
+
+
+class ControlClient:
+    """Holds the control channel; ``run`` reconnects forever until cancelled."""
+
+    def __init__(
+        self,
+        state: AgentState,
+        machine_fingerprint: str,
+        on_offer: OfferHandler,
+        *,
+        ca_file: Path | str | None = None,
+        status_file: Path | None = None,
+        backoff: ReconnectBackoff | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._state = state
+        self._identity: SigningIdentity = state.identity()
+        self._machine_fingerprint = machine_fingerprint
+        self._on_offer = on_offer
+        self._ca_file = ca_file if ca_file is not None else state.ca_file
+        self._status_file = status_file
+        self._backoff = backoff or ReconnectBackoff()
+        self._clock = clock
+        self._url = control_channel_url(state.server_url)
+        # Built once, so a missing or broken CA file stops the daemon at start-up with a reason.
+        self._ssl_context = tls_context(self._ca_file) if self._url.startswith("wss:") else None
+        self._audit_backlog: deque[dict[str, Any]] = deque()
+        self._audit_in_flight: dict[str, dict[str, Any]] = {}
+        self._audit_ids = 0
+        self._messages: deque[dict[str, Any]] = deque()
+        self._wakeup = trio.Event()
+        self._connected = trio.Event()
+        self._disconnected = trio.Event()
+        self._disconnected.set()
+        self.info = ChannelInfo()
+        self.connections = 0
+        self.dropped_audit_events = 0
+        self.refused_audit_events = 0
+        self.acknowledged_audit_events = 0
+        self.last_connected_at: float | None = None
+        self.last_error: str | None = None
+
+    # ---- what the rest of the agent uses -------------------------------------------------
+
+    @property
+    def is_connected(self) -> bool:
+        """True while the channel is authenticated and open."""
+        return self._connected.is_set()
+
+    @property
+    def issuer(self) -> str | None:
+        """The rendezvous issuer name (the audience of its challenge), once connected."""
+        return self.info.issuer
+
+    @property
+    def pending_audit_events(self) -> int:
+        """Audit events not yet acknowledged as durable (queued or in flight)."""
+        return len(self._audit_backlog) + len(self._audit_in_flight)
+
+    async def wait_connected(self) -> None:
+        """Return once the channel is authenticated and open."""
+        await self._connected.wait()
+
+    async def wait_disconnected(self) -> None:
+        """Return once the channel is down."""
+        await self._disconnected.wait()
+
+    def send_audit_event(self, event: SignedEvent) -> None:
+        """Queue a signed audit event until it is acknowledged; oldest dropped past the bound."""
+        if self.pending_audit_events >= MAX_AUDIT_BACKLOG and self._audit_backlog:
+            self._audit_backlog.popleft()
+            self.dropped_audit_events += 1
+            logger.warning(
+                "audit backlog full (%d events): dropped the oldest event", MAX_AUDIT_BACKLOG
+            )
+        self._audit_ids += 1
+        self._audit_backlog.append(
+            {"type": "audit_event", "id": f"ev{self._audit_ids}", "event": event.to_json()}
+        )
+        self._wakeup.set()
+
+    def send_message(self, message: dict[str, Any]) -> bool:
+        """Queue a message for the current connection; False (dropped) while disconnected."""
+        if not self.is_connected or len(self._messages) >= MAX_PENDING_MESSAGES:
+            return False
+        self._messages.append(message)
+        self._wakeup.set()
+        return True
+
+    # ---- the connection loop -------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect with backoff and jitter, until cancelled."""
+        while True:
+            try:
+                await self.serve_once()
+                self.last_error = "the rendezvous closed the control channel"
+            except ControlChannelError as error:
+                self.last_error = str(error)
+            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as error:
+                self.last_error = _describe(error)
+            except Exception as error:  # noqa: BLE001 - the daemon must outlive any one connection
+                self.last_error = _describe(error)
+                logger.debug("control channel failed", exc_info=True)
+            self._write_status()
+            delay = self._backoff.next_delay()
+            logger.warning(
+                "control channel to %s is down (%s); reconnecting in %.1fs",
+                self._state.server_url, self.last_error, delay,
+            )
+            await trio.sleep(delay)
+
+    async def serve_once(self) -> None:
+        """One connection: authenticate, then hold the channel until it ends."""
+        async with open_websocket_url(
+            self._url,
+            self._ssl_context,
+            max_message_size=MAX_MESSAGE_BYTES,
+            message_queue_size=8,
+            connect_timeout=CONNECT_TIMEOUT_SECONDS,
+            disconnect_timeout=SEND_TIMEOUT_SECONDS,
+        ) as websocket:
+            with trio.fail_after(AUTH_TIMEOUT_SECONDS):
+                await self._authenticate(websocket)
+            self._on_connected()
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._send_loop, websocket)
+                    nursery.start_soon(self._heartbeat_loop)
+                    await self._receive_loop(websocket)
+                    nursery.cancel_scope.cancel()
+            finally:
+                self._on_disconnected()
+
+    async def _authenticate(self, websocket: WebSocketConnection) -> None:
+        challenge = await _receive_json(websocket)
+        if challenge.get("type") != "challenge":
+            raise ControlChannelError("the rendezvous did not start with a challenge")
+        text, audience = challenge.get("challenge"), challenge.get("audience")
+        if not isinstance(text, str) or not isinstance(audience, str):
+            raise ControlChannelError("the rendezvous's challenge is malformed")
+        if not 0 < len(audience) <= MAX_ISSUER_LENGTH:
+            raise ControlChannelError("the rendezvous's challenge names no audience")
+        heartbeat = challenge.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS)
+        if isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float):
+            heartbeat = DEFAULT_HEARTBEAT_SECONDS
+        envelope = create_signed_payload(
+            self._identity,
+            Purpose.AGENT_AUTH,
+            {
+                "agent_id": self._state.agent_id,
+                "public_key": b64url(self._identity.public.raw),
+                "challenge": text,
+                "audience": audience,
+                "machine_fingerprint": self._machine_fingerprint,
+            },
+            self._clock(),
+        )
+        await websocket.send_message(json.dumps({"type": "auth", "envelope": envelope}))
+        welcome = await _receive_json(websocket)
+        if welcome.get("type") != "welcome" or welcome.get("agent_id") != self._state.agent_id:
+            raise ControlChannelError("the rendezvous did not welcome this agent")
+        connection_id = welcome.get("connection_id")
+        self.info = ChannelInfo(
+            issuer=audience,
+            heartbeat_seconds=min(
+                max(float(heartbeat), MIN_HEARTBEAT_SECONDS), MAX_HEARTBEAT_SECONDS
+            ),
+            connection_id=connection_id if isinstance(connection_id, str) else None,
+        )
+
+    async def _receive_loop(self, websocket: WebSocketConnection) -> None:
+        silence = self.info.heartbeat_seconds * SILENCE_HEARTBEATS
+        while True:
+            try:
+                with trio.fail_after(silence):
+                    message = await _receive_json(websocket)
+            except trio.TooSlowError:
+                raise ControlChannelError(
+                    f"no word from the rendezvous for {silence:.0f}s"
+                ) from None
+            kind = message.get("type")
+            if kind == "session_offer":
+                self._on_offer(message)
+            elif kind == "heartbeat_ack":
+                continue
+            elif kind in ("audit_event_ack", "audit_event_refused"):
+                self._audit_answered(message)
+            else:
+                # Newer servers may send more: unknown types are ignored, as the contract says.
+                logger.info("ignoring a control message of type %r", str(kind)[:32])
+
+    def _audit_answered(self, message: dict[str, Any]) -> None:
+        event_id = message.get("id")
+        if not isinstance(event_id, str) or event_id not in self._audit_in_flight:
+            return
+        del self._audit_in_flight[event_id]
+        if message["type"] == "audit_event_ack":
+            self.acknowledged_audit_events += 1
+        else:
+            self.refused_audit_events += 1
+            logger.warning(
+                "the rendezvous refused an audit event: %s", str(message.get("reason"))[:200]
+            )
+        self._wakeup.set()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await trio.sleep(self.info.heartbeat_seconds)
+            self._messages.append({"type": "heartbeat"})
+            self._wakeup.set()
+
+    def _has_sendable(self) -> bool:
+        return bool(self._messages) or (
+            bool(self._audit_backlog) and len(self._audit_in_flight) < MAX_AUDIT_IN_FLIGHT
+        )
+
+    async def _send_loop(self, websocket: WebSocketConnection) -> None:
+        while True:
+            while self._has_sendable():
+                # Live messages (acks, heartbeats) go before the audit backlog.
+                queue = self._messages if self._messages else self._audit_backlog
+                message = queue[0]
+                with trio.fail_after(SEND_TIMEOUT_SECONDS):
+                    await websocket.send_message(json.dumps(message))
+                if queue and queue[0] is message:
+                    queue.popleft()
+                    if message.get("type") == "audit_event":
+                        self._audit_in_flight[message["id"]] = message
+            self._wakeup = trio.Event()
+            if self._has_sendable():
+                continue
+            await self._wakeup.wait()
+
+    def _on_connected(self) -> None:
+        self.connections += 1
+        self.last_connected_at = self._clock()
+        self.last_error = None
+        self._backoff.reset()
+        self._messages.clear()
+        self._disconnected = trio.Event()
+        self._connected.set()
+        self._write_status()
+        logger.info(
+            "control channel to %s is up (connection %s)",
+            self._state.server_url, self.info.connection_id,
+        )
+
+    def _on_disconnected(self) -> None:
+        self._connected = trio.Event()
+        self._disconnected.set()
+        self._messages.clear()
+        # Unacknowledged events go back to the front, in order, for the next connection.
+        self._audit_backlog.extendleft(reversed(list(self._audit_in_flight.values())))
+        self._audit_in_flight.clear()
+
+    def _write_status(self) -> None:
+        if self._status_file is None:
+            return
+        status = DaemonStatus(
+            pid=os.getpid(),
+            server_url=self._state.server_url,
+            connected=self.is_connected,
+            updated_at=self._clock(),
+            last_connected_at=self.last_connected_at,
+            last_error=self.last_error,
+        )
+        try:
+            write_status(self._status_file, status)
+        except Exception:  # noqa: BLE001 - the status file is informational only
+            logger.warning("cannot write the status file %s", self._status_file)
+
+
+async def _receive_json(websocket: WebSocketConnection) -> dict[str, Any]:
+    message = await websocket.get_message()
+    if len(message) > MAX_MESSAGE_BYTES:
+        raise ControlChannelError("the rendezvous sent an oversized control message")
+    try:
+        parsed = json.loads(message)
+    except (ValueError, RecursionError):
+        raise ControlChannelError("the rendezvous sent a non-JSON control message") from None
+    if not isinstance(parsed, dict):
+        raise ControlChannelError("the rendezvous sent a control message that is not an object")
+    return parsed
+
+
+def _describe(error: BaseException) -> str:
+    if isinstance(error, ConnectionClosed):
+        reason = error.reason
+        detail = getattr(reason, "reason", None) if reason is not None else None
+        return f"closed by the rendezvous{': ' + detail if detail else ''}"
+    if isinstance(error, HandshakeError):
+        return f"WebSocket handshake failed ({type(error).__name__})"
+    if isinstance(error, trio.TooSlowError):
+        return "timed out"
+    text = str(error) or type(error).__name__
+    return text[:200]

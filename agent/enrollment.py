@@ -1,0 +1,210 @@
+"""Enrollment: make the agent's identity, register it with a registration key, pin the service
+keys, and seal everything into the machine-bound state file.
+
+The registration key is a one-time secret: it is sent once inside the signed registration
+payload over HTTPS and is never stored, logged or echoed.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from agent.errors import EnrollmentError
+from agent.machine_identity import MachineIdentifiers
+from agent.server_address import check_server_url, tls_context
+from agent.state_file import AgentState, StateFileError, save_state
+from protocol.domains import Purpose
+from protocol.errors import ProtocolError
+from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
+from protocol.signed_payload import create_signed_payload
+
+REGISTER_PATH = "/v1/agents/register"
+REQUEST_TIMEOUT_SECONDS = 30.0
+MAX_RESPONSE_BYTES = 64 * 1024
+MAX_SERVICE_KEYS = 32
+GRANT_SIGNER_PURPOSE = "jwt-issuer"
+REGISTRATION_KEY_PREFIX = "rk_live_"
+MAX_REGISTRATION_KEY_LENGTH = 256
+HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+
+
+@dataclass(frozen=True)
+class EnrollmentRequest:
+    """What ``tucdesk-agent enroll`` was asked to do."""
+
+    server_url: str
+    registration_key: str
+    state_file: Path
+    name: str | None = None
+    ca_file: Path | None = None
+    force: bool = False
+
+    def __repr__(self) -> str:
+        # The registration key is a secret: keep it out of any log or traceback.
+        return (
+            f"EnrollmentRequest(server_url={self.server_url!r}, state_file={self.state_file!r}, "
+            f"name={self.name!r}, ca_file={self.ca_file!r}, force={self.force!r})"
+        )
+
+
+def check_registration_key(key: str) -> str:
+    """The key with surrounding whitespace removed; EnrollmentError if it is not shaped like one."""
+    key = key.strip()
+    if not key.startswith(REGISTRATION_KEY_PREFIX) or len(key) > MAX_REGISTRATION_KEY_LENGTH:
+        raise EnrollmentError(
+            f"that is not a registration key (they start with {REGISTRATION_KEY_PREFIX!r}); "
+            "ask an admin for one ('tucdesk keys registration create')"
+        )
+    return key
+
+
+def agent_hostname(name: str | None) -> str:
+    """The name to register: ``name`` or this host's name, checked against the server's rules."""
+    chosen = name if name else socket.gethostname().split(".")[0] or "agent"
+    if not HOSTNAME_PATTERN.fullmatch(chosen):
+        raise EnrollmentError(
+            f"agent name {chosen!r} must be letters, digits, '.', '_' or '-' (at most 253); "
+            "pass --name"
+        )
+    return chosen
+
+
+def parse_service_keys(jwks: object) -> dict[str, dict[str, PublicIdentity]]:
+    """The pinned service keys from a JWK set, by purpose then kid; EnrollmentError if malformed.
+
+    A key whose ``kid`` is not its own RFC 7638 thumbprint is refused.
+    """
+    if not isinstance(jwks, Mapping) or not isinstance(jwks.get("keys"), list):
+        raise EnrollmentError("the server's service keys are not a JWK set")
+    keys = jwks["keys"]
+    if not 0 < len(keys) <= MAX_SERVICE_KEYS:
+        raise EnrollmentError(f"the server sent {len(keys)} service keys (expected 1..32)")
+    by_purpose: dict[str, dict[str, PublicIdentity]] = {}
+    for entry in keys:
+        if not isinstance(entry, Mapping):
+            raise EnrollmentError("a service key is not a JSON object")
+        if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
+            continue
+        purpose, kid, x = entry.get("purpose"), entry.get("kid"), entry.get("x")
+        if not isinstance(purpose, str) or not isinstance(kid, str) or not isinstance(x, str):
+            raise EnrollmentError("a service key lacks purpose, kid or x")
+        try:
+            key = PublicIdentity(b64url_decode(x, max_size=64))
+        except ProtocolError:
+            raise EnrollmentError(f"service key {kid!r} is not an Ed25519 public key") from None
+        if key.key_id != kid:
+            raise EnrollmentError(f"service key {kid!r} does not match its key id")
+        by_purpose.setdefault(purpose, {})[kid] = key
+    if not by_purpose.get(GRANT_SIGNER_PURPOSE):
+        raise EnrollmentError("the server sent no session-grant signing key (jwt-issuer)")
+    return by_purpose
+
+
+def grant_signing_keys(state: AgentState) -> dict[str, PublicIdentity]:
+    """The pinned keys a session grant may be signed with, by kid."""
+    return parse_service_keys(state.service_keys)[GRANT_SIGNER_PURPOSE]
+
+
+def registration_payload(
+    identity: SigningIdentity,
+    registration_key: str,
+    hostname: str,
+    identifiers: MachineIdentifiers,
+    now: float,
+) -> dict[str, Any]:
+    """The signed registration envelope (Purpose.REGISTER) the server expects."""
+    return create_signed_payload(
+        identity,
+        Purpose.REGISTER,
+        {
+            "registration_key": registration_key,
+            "public_key": b64url(identity.public.raw),
+            "machine_fingerprint": identifiers.fingerprint(),
+            "hostname": hostname,
+        },
+        now,
+    )
+
+
+async def enroll(
+    request: EnrollmentRequest,
+    identifiers: MachineIdentifiers,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+) -> AgentState:
+    """Register a fresh identity with the server and write the sealed state file; return it."""
+    server_url = check_server_url(request.server_url)
+    registration_key = check_registration_key(request.registration_key)
+    hostname = agent_hostname(request.name)
+    if request.state_file.exists() and not request.force:
+        raise EnrollmentError(
+            f"{request.state_file}: this agent is already enrolled; pass --force to replace "
+            "the enrollment (the old identity stops working)"
+        )
+    identity = SigningIdentity.generate()
+    payload = registration_payload(
+        identity, registration_key, hostname, identifiers, time.time()
+    )
+    verify: Any = tls_context(request.ca_file) if server_url.startswith("https:") else False
+    try:
+        async with httpx.AsyncClient(
+            base_url=server_url,
+            verify=verify,
+            timeout=REQUEST_TIMEOUT_SECONDS,
+            follow_redirects=False,
+            transport=transport,
+        ) as client:
+            response = await client.post(REGISTER_PATH, json=payload)
+    except httpx.HTTPError as error:
+        raise EnrollmentError(
+            f"cannot reach the rendezvous at {server_url}: {type(error).__name__}: {error}"
+        ) from None
+    body = _response_json(response)
+    if not response.is_success:
+        message = body.get("message") if isinstance(body, dict) else None
+        raise EnrollmentError(
+            f"the rendezvous refused the registration (HTTP {response.status_code}): "
+            f"{message or 'no reason given'}"
+        )
+    if not isinstance(body, dict):
+        raise EnrollmentError("the rendezvous answered the registration with no JSON object")
+    parse_service_keys(body.get("service_keys"))
+    agent_id, team_id = body.get("agent_id"), body.get("team_id")
+    if not isinstance(agent_id, str) or not isinstance(team_id, str) or not agent_id:
+        raise EnrollmentError("the rendezvous's answer lacks the agent id or team id")
+    tags = body.get("tags", [])
+    state = AgentState(
+        agent_id=agent_id,
+        team_id=team_id,
+        server_url=server_url,
+        identity_seed=identity.seed(),
+        name=str(body.get("name") or hostname),
+        tags=tuple(tag for tag in tags if isinstance(tag, str)) if isinstance(tags, list) else (),
+        ca_file=str(request.ca_file.resolve()) if request.ca_file is not None else None,
+        service_keys=dict(body["service_keys"]),
+    )
+    try:
+        save_state(request.state_file, state, identifiers)
+    except (OSError, ProtocolError, StateFileError) as error:
+        raise EnrollmentError(
+            f"registered as {agent_id}, but the state file could not be written: {error}; "
+            "fix the state directory and enroll again with a new registration key"
+        ) from None
+    return state
+
+
+def _response_json(response: httpx.Response) -> Any:
+    if len(response.content) > MAX_RESPONSE_BYTES:
+        raise EnrollmentError("the rendezvous's answer is larger than any registration answer")
+    try:
+        return response.json()
+    except ValueError:
+        return None

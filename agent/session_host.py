@@ -1,0 +1,622 @@
+"""The agent side of a session: offer -> relay -> handshake and grant check -> PTY or exec.
+
+For each session offer (docs/sessions.md §3) the host acknowledges it, connects to the relay
+with the agent's relay token, and runs ``AgentHandshake``. The grant check (§2) verifies the
+grant against the pinned rendezvous key, this agent's id and team, the offer's session id, the
+operator key proven in the handshake, expiry, and that the session id was never used before. A
+refusal is sealed into handshake message 4 so the operator sees why, and audited.
+
+Then (§4) the operator's first frame must be CONTROL SessionStart matching the grant's mode and
+command. The shell runs on a PTY, the command through exec; frames are pumped both ways with
+backpressure (a slow reader stalls the child, never a buffer), ExitStatus and CLOSE end the
+session, and the process session is torn down whenever either side leaves or the relay drops.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from agent.audit_events import SessionAuditor
+from agent.config import AgentConfig
+from agent.errors import OfferError
+from agent.exec_session import ExecSessionSpec, open_exec_session
+from agent.process_group import ExitStatus, LocalSession, OutputStream, SessionProcessError
+from agent.pty_session import PtySessionSpec, open_pty_session
+from audit.record import SignedEvent
+from protocol.control import Close, Resize, SessionStart, Signal, decode_control, encode_control
+from protocol.control import ExitStatus as ExitStatusMessage
+from protocol.errors import ProtocolError
+from protocol.frames import FrameType, SecureChannel
+from protocol.handshake import AgentHandshake, HandshakeRefused, RefusalCode
+from protocol.identity import PublicIdentity, SigningIdentity
+from protocol.nonce_cache import NonceCache
+from protocol.session_grant import (
+    MAX_SESSION_GRANT_LIFETIME_SECONDS,
+    SESSION_GRANT_LEEWAY_SECONDS,
+    SessionGrant,
+    SessionMode,
+    verify_session_grant,
+)
+from protocol.stream_framing import StreamDecoder, encode_stream_frame
+from relay.client import connect_tcp
+from relay.errors import RelayError
+
+logger = logging.getLogger("tucdesk.agent.session")
+
+RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
+RELAY_PAIR_TIMEOUT_SECONDS = 35.0
+SESSION_START_TIMEOUT_SECONDS = 15.0
+CLOSE_SEND_TIMEOUT_SECONDS = 5.0
+RECEIVE_CHUNK_SIZE = 64 * 1024
+OFFER_EXPIRY_LEEWAY_SECONDS = 5
+MAX_SESSION_ID_LENGTH = 128
+MAX_RELAY_HOST_LENGTH = 253
+MAX_RELAY_TOKEN_LENGTH = 8 * 1024
+# A session id is remembered at least as long as any grant naming it could still be accepted.
+SESSION_ID_MEMORY_SECONDS = MAX_SESSION_GRANT_LIFETIME_SECONDS + 2 * SESSION_GRANT_LEEWAY_SECONDS
+
+# How a relay stream reports that the other end (or the relay) is gone.
+LINK_CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError)
+
+RelayConnector = Callable[..., Awaitable[trio.abc.Stream]]
+ControlSender = Callable[[dict[str, Any]], object]
+AuditSink = Callable[[SignedEvent], None]
+
+
+@dataclass(frozen=True)
+class SessionOffer:
+    """A session offer, checked for shape (the relay checks its token)."""
+
+    session_id: str
+    expires_at: int
+    relay_id: str
+    relay_host: str
+    relay_port: int
+    relay_token: str = field(repr=False)
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> SessionOffer:
+        """Parse a ``session_offer`` control message; OfferError names what is wrong."""
+        session_id = message.get("session_id")
+        if not isinstance(session_id, str) or not 0 < len(session_id) <= MAX_SESSION_ID_LENGTH:
+            raise OfferError("the offer's session_id is missing or too long")
+        expires_at = message.get("expires_at")
+        if isinstance(expires_at, bool) or not isinstance(expires_at, int):
+            raise OfferError("the offer's expires_at is not an integer")
+        relay = message.get("relay")
+        if not isinstance(relay, Mapping):
+            raise OfferError("the offer names no relay")
+        relay_id, host, port = relay.get("id"), relay.get("host"), relay.get("port")
+        if not isinstance(relay_id, str) or not relay_id:
+            raise OfferError("the offer's relay has no id")
+        if not isinstance(host, str) or not 0 < len(host) <= MAX_RELAY_HOST_LENGTH:
+            raise OfferError("the offer's relay host is missing or too long")
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise OfferError("the offer's relay port is not a port number")
+        token = message.get("relay_token")
+        if not isinstance(token, str) or not 0 < len(token) <= MAX_RELAY_TOKEN_LENGTH:
+            raise OfferError("the offer's relay token is missing or too long")
+        return cls(session_id, expires_at, relay_id, host, port, token)
+
+
+@dataclass(frozen=True)
+class SessionIdentity:
+    """Who this agent is, for grant checks and audit: from its state file."""
+
+    agent_id: str
+    team_id: str
+    grant_keys: Mapping[str, PublicIdentity]
+
+
+@dataclass
+class SessionOutcome:
+    """What one session did, for the ``session.ended`` record."""
+
+    exit_status: ExitStatus | None = None
+    reason: str = "normal"
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class SessionRefusal(Exception):
+    """The session is refused after the handshake; sent to the operator as a Close message."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+class SessionHost:
+    """Takes session offers and runs each session in its own task under ``nursery``."""
+
+    def __init__(
+        self,
+        config: AgentConfig,
+        identity: SigningIdentity,
+        who: SessionIdentity,
+        auditor: SessionAuditor,
+        *,
+        send_control: ControlSender,
+        audit_sink: AuditSink,
+        issuer: Callable[[], str | None],
+        connect_relay: RelayConnector = connect_tcp,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._config = config
+        self._identity = identity
+        self._who = who
+        self._auditor = auditor
+        self._send_control = send_control
+        self._audit_sink = audit_sink
+        self._issuer = issuer
+        self._connect_relay = connect_relay
+        self._wall_clock = wall_clock
+        self._seen_sessions = NonceCache(ttl=SESSION_ID_MEMORY_SECONDS)
+        self._offered: set[str] = set()
+        self.active_sessions = 0
+
+    def offer_handler(self, nursery: trio.Nursery) -> Callable[[dict[str, Any]], None]:
+        """A control-channel offer callback that runs each accepted offer under ``nursery``."""
+
+        def on_offer(message: dict[str, Any]) -> None:
+            offer = self.accept_offer(message)
+            if offer is not None:
+                nursery.start_soon(self.run_offer, offer, name=f"session {offer.session_id}")
+
+        return on_offer
+
+    def accept_offer(self, message: Mapping[str, Any]) -> SessionOffer | None:
+        """Check an offer and answer it on the control channel; the offer to run, or None."""
+        try:
+            offer = SessionOffer.from_message(message)
+        except OfferError as error:
+            session_id = message.get("session_id")
+            logger.warning("refusing a malformed session offer: %s", error)
+            if isinstance(session_id, str) and len(session_id) <= MAX_SESSION_ID_LENGTH:
+                self._refuse_offer(session_id, str(error))
+            return None
+        if self._wall_clock() > offer.expires_at + OFFER_EXPIRY_LEEWAY_SECONDS:
+            self._refuse_offer(offer.session_id, "the offer expired before it arrived")
+            return None
+        if offer.session_id in self._offered:
+            self._refuse_offer(offer.session_id, "this session was already offered")
+            return None
+        if self.active_sessions >= self._config.max_sessions:
+            self._refuse_offer(
+                offer.session_id,
+                f"the agent is running its maximum of {self._config.max_sessions} sessions",
+            )
+            return None
+        self._offered.add(offer.session_id)
+        self.active_sessions += 1
+        self._send_control({"type": "session_offer_ack", "session_id": offer.session_id})
+        return offer
+
+    async def run_offer(self, offer: SessionOffer) -> None:
+        """Connect to the relay and run the session; never raises (each failure is logged)."""
+        try:
+            try:
+                stream = await self._connect_relay(
+                    offer.relay_host,
+                    offer.relay_port,
+                    offer.relay_token,
+                    connect_timeout=RELAY_CONNECT_TIMEOUT_SECONDS,
+                    pair_timeout=RELAY_PAIR_TIMEOUT_SECONDS,
+                )
+            except (OSError, RelayError, trio.TooSlowError) as error:
+                logger.warning(
+                    "session %s: cannot reach relay %s at %s:%d: %s",
+                    offer.session_id, offer.relay_id, offer.relay_host, offer.relay_port, error,
+                )
+                self._audit(
+                    self._auditor.refused(
+                        offer.session_id, "relay-unreachable", f"relay unreachable: {error}", None
+                    )
+                )
+                return
+            async with stream:
+                await self.serve(stream, offer.session_id)
+        except Exception:
+            logger.exception("session %s failed", offer.session_id)
+        finally:
+            self.active_sessions -= 1
+            self._offered.discard(offer.session_id)
+
+    async def serve(self, stream: trio.abc.Stream, session_id: str) -> None:
+        """Run the handshake and then the session over a paired relay stream."""
+        link = FrameLink(stream)
+        accepted = await self._handshake(link, session_id)
+        if accepted is None:
+            return
+        channel, grant, operator = accepted
+        await self._run_session(link, channel, grant, operator)
+
+    # ---- handshake ---------------------------------------------------------------------
+
+    async def _handshake(
+        self, link: FrameLink, session_id: str
+    ) -> tuple[SecureChannel, SessionGrant, PublicIdentity] | None:
+        verified: list[SessionGrant] = []
+        presented: list[PublicIdentity] = []
+
+        def check_grant(grant: str | bytes, operator: PublicIdentity) -> str | None:
+            presented.append(operator)
+            if not isinstance(grant, str):
+                return "session grant refused: it must be a JWT (text)"
+            issuer = self._issuer()
+            if issuer is None:
+                return "the agent has not learned its rendezvous's issuer yet; try again"
+            result = verify_session_grant(
+                grant,
+                self._who.grant_keys,
+                issuer=issuer,
+                agent_id=self._who.agent_id,
+                team_id=self._who.team_id,
+                session_id=session_id,
+                operator_key_thumbprint=operator.key_id,
+                now=self._wall_clock(),
+            )
+            try:
+                self._seen_sessions.check_and_remember(session_id, self._wall_clock())
+            except ProtocolError:
+                return "session grant refused: this session id was already used"
+            verified.append(result)
+            return None
+
+        timeout = self._config.handshake_timeout_seconds
+        handshake = AgentHandshake(
+            self._identity, session_id, check_grant, deadline=time.monotonic() + timeout
+        )
+        operator_fingerprint: str | None = None
+        with trio.move_on_after(timeout) as scope:
+            try:
+                hello = await link.receive()
+                if hello is None:
+                    raise _HandshakeAbandoned("the operator left before the handshake")
+                await link.send(handshake.receive(hello, time.monotonic()))
+                auth = await link.receive()
+                if auth is None:
+                    raise _HandshakeAbandoned("the operator left during the handshake")
+                try:
+                    result = handshake.receive(auth, time.monotonic())
+                except HandshakeRefused as refusal:
+                    if refusal.reply is not None:
+                        await link.send(refusal.reply)
+                    operator_fingerprint = _fingerprint(presented[0] if presented else None)
+                    logger.warning("session %s refused: %s", session_id, refusal.reason)
+                    self._audit(
+                        self._auditor.refused(
+                            session_id, refusal.code, refusal.reason, operator_fingerprint
+                        )
+                    )
+                    return None
+                await link.send(result)
+            except (_HandshakeAbandoned, ProtocolError, *LINK_CLOSED) as error:
+                reason = str(error) or type(error).__name__
+                logger.warning("session %s: handshake failed: %s", session_id, reason)
+                self._audit(
+                    self._auditor.refused(
+                        session_id, RefusalCode.HANDSHAKE_FAILED.value, reason, None
+                    )
+                )
+                return None
+        if scope.cancelled_caught:
+            logger.warning("session %s: the handshake timed out", session_id)
+            self._audit(
+                self._auditor.refused(
+                    session_id, "timeout", f"the handshake did not finish in {timeout:.0f}s", None
+                )
+            )
+            return None
+        operator = handshake.peer_identity
+        assert operator is not None and verified
+        return handshake.channel(time.monotonic()), verified[0], operator
+
+    # ---- the session -------------------------------------------------------------------
+
+    async def _run_session(
+        self,
+        link: FrameLink,
+        channel: SecureChannel,
+        grant: SessionGrant,
+        operator: PublicIdentity,
+    ) -> None:
+        session_id = grant.session_id
+        sealed = SealedLink(link, channel)
+        try:
+            with trio.fail_after(SESSION_START_TIMEOUT_SECONDS):
+                start = await sealed.receive_session_start()
+            check_start_matches_grant(start, grant)
+            opener = self._opener(start, grant)
+        except SessionRefusal as refusal:
+            logger.warning("session %s refused: %s", session_id, refusal.message)
+            self._audit(
+                self._auditor.refused(
+                    session_id, refusal.reason, refusal.message, operator.fingerprint
+                )
+            )
+            await sealed.close_quietly(refusal.reason, refusal.message)
+            return
+        except trio.TooSlowError:
+            self._audit(
+                self._auditor.refused(
+                    session_id, "timeout", "no session start arrived", operator.fingerprint
+                )
+            )
+            await sealed.close_quietly("timeout", "no session start arrived in time")
+            return
+        except (ProtocolError, *LINK_CLOSED) as error:
+            self._audit(
+                self._auditor.refused(
+                    session_id, "protocol-error", str(error), operator.fingerprint
+                )
+            )
+            await sealed.close_quietly("protocol-error", str(error))
+            return
+        self._audit(self._auditor.started(grant, operator.fingerprint))
+        if grant.mode is SessionMode.EXEC:
+            self._audit(self._auditor.command(grant, start.command))
+        outcome = SessionOutcome()
+        began = time.monotonic()
+        try:
+            await self._pump(sealed, opener, outcome)
+        except BaseException:
+            # Only cancellation from outside gets here (the daemon is stopping): say so.
+            outcome.reason = "shutdown"
+            await sealed.close_quietly("shutdown", "the agent is shutting down")
+            raise
+        finally:
+            outcome.bytes_in, outcome.bytes_out = sealed.bytes_in, sealed.bytes_out
+            logger.info(
+                "session %s ended (%s): exit %s, %d bytes in, %d bytes out",
+                session_id, outcome.reason, outcome.exit_status, outcome.bytes_in,
+                outcome.bytes_out,
+            )
+            self._audit(
+                self._auditor.ended(
+                    session_id,
+                    duration_ms=int((time.monotonic() - began) * 1000),
+                    exit_status=outcome.exit_status,
+                    bytes_in=outcome.bytes_in,
+                    bytes_out=outcome.bytes_out,
+                    reason=outcome.reason,
+                )
+            )
+
+    def _opener(
+        self, start: SessionStart, grant: SessionGrant
+    ) -> Callable[[], AbstractAsyncContextManager[LocalSession]]:
+        config = self._config
+        try:
+            if grant.mode is SessionMode.SHELL:
+                pty_spec = PtySessionSpec(
+                    term=start.terminal_type,
+                    rows=start.rows,
+                    cols=start.cols,
+                    user=config.user,
+                    shell=config.shell,
+                    environment=start.env,
+                )
+                return lambda: open_pty_session(pty_spec)
+            exec_spec = ExecSessionSpec(
+                command=list(start.command), user=config.user, environment=start.env
+            )
+            return lambda: open_exec_session(exec_spec)
+        except SessionProcessError as error:
+            raise SessionRefusal("internal-error", str(error)) from None
+
+    async def _pump(
+        self,
+        sealed: SealedLink,
+        opener: Callable[[], AbstractAsyncContextManager[LocalSession]],
+        outcome: SessionOutcome,
+    ) -> None:
+        # Nurseries wrap what escapes them in exception groups, hence except*.
+        try:
+            async with opener() as local, trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward_input, sealed, local, outcome, nursery)
+
+                async def on_output(stream: OutputStream, data: bytes) -> None:
+                    kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
+                    await sealed.send_output(kind, data)
+
+                status = await local.run(on_output)
+                outcome.exit_status = status
+                nursery.cancel_scope.cancel()
+            await sealed.send_exit(outcome.exit_status)
+        except* SessionProcessError as group:
+            outcome.reason = "internal-error"
+            await sealed.close_quietly("internal-error", str(group.exceptions[0]))
+        except* LINK_CLOSED:
+            if outcome.reason == "normal":
+                outcome.reason = "connection-lost"
+
+    async def _forward_input(
+        self,
+        sealed: SealedLink,
+        local: LocalSession,
+        outcome: SessionOutcome,
+        nursery: trio.Nursery,
+    ) -> None:
+        """Operator -> child: keystrokes and stdin, resizes, signals, until the operator leaves."""
+        try:
+            while True:
+                frame = await sealed.receive()
+                if frame is None:
+                    outcome.reason = "operator-disconnected"
+                    break
+                kind, payload = frame
+                if kind is FrameType.DATA:
+                    if payload:
+                        await local.send_input(payload)
+                    else:
+                        await local.close_input()
+                elif kind is FrameType.CONTROL:
+                    message = decode_control(payload)
+                    if isinstance(message, Resize):
+                        local.resize(message.rows, message.cols)
+                    elif isinstance(message, Signal):
+                        local.signal(message.name)
+                    elif isinstance(message, Close):
+                        outcome.reason = f"operator-closed ({message.reason})"
+                        break
+                    else:
+                        raise SessionRefusal(
+                            "protocol-error", f"unexpected {type(message).__name__} mid-session"
+                        )
+                elif kind is FrameType.CLOSE:
+                    outcome.reason = "operator-closed"
+                    break
+        except SessionRefusal as refusal:
+            outcome.reason = refusal.reason
+            await sealed.close_quietly(refusal.reason, refusal.message)
+        except (ProtocolError, SessionProcessError) as error:
+            outcome.reason = "protocol-error"
+            await sealed.close_quietly("protocol-error", str(error))
+        except OSError as error:
+            outcome.reason = "internal-error"
+            await sealed.close_quietly("internal-error", f"input to the session failed: {error}")
+        except LINK_CLOSED:
+            outcome.reason = "connection-lost"
+        # Whatever ended the input side ends the session: the child is torn down on the way out.
+        nursery.cancel_scope.cancel()
+
+    def _refuse_offer(self, session_id: str, reason: str) -> None:
+        self._send_control(
+            {"type": "session_offer_refused", "session_id": session_id, "reason": reason}
+        )
+
+    def _audit(self, event: SignedEvent) -> None:
+        try:
+            self._audit_sink(event)
+        except Exception:
+            logger.exception("could not queue an audit event")
+
+
+def check_start_matches_grant(start: SessionStart, grant: SessionGrant) -> None:
+    """Refuse (policy-denied) a SessionStart whose mode or command differs from the grant's."""
+    if start.mode != grant.mode.value:
+        raise SessionRefusal(
+            "policy-denied",
+            f"the grant allows a {grant.mode.value} session, not {start.mode}",
+        )
+    if grant.mode is SessionMode.EXEC and tuple(start.command) != tuple(grant.command or ()):
+        raise SessionRefusal(
+            "policy-denied", "the command differs from the one the grant allows"
+        )
+
+
+class _HandshakeAbandoned(Exception):
+    """The operator closed the connection before the handshake finished."""
+
+
+class FrameLink:
+    """Length-prefixed messages over a relay stream: one reader, serialised writers."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self._stream = stream
+        self._decoder = StreamDecoder()
+        self._ready: deque[bytes] = deque()
+        self._send_lock = trio.Lock()
+        self._ended = False
+
+    async def receive(self) -> bytes | None:
+        """The next message, or None when the peer closed the stream at a message boundary."""
+        while not self._ready:
+            if self._ended:
+                return None
+            data = await self._stream.receive_some(RECEIVE_CHUNK_SIZE)
+            if not data:
+                self._ended = True
+                self._decoder.finish()
+                return None
+            self._ready.extend(self._decoder.feed(bytes(data)))
+        return self._ready.popleft()
+
+    async def send(self, message: bytes) -> None:
+        """Send one message; concurrent senders take turns, whole messages at a time."""
+        framed = encode_stream_frame(message)
+        async with self._send_lock:
+            await self._stream.send_all(framed)
+
+
+class SealedLink:
+    """The session's frames over a FrameLink: sealing, opening and the byte counters."""
+
+    def __init__(self, link: FrameLink, channel: SecureChannel) -> None:
+        self._link = link
+        self._channel = channel
+        self._closed = False
+        self.bytes_in = 0
+        self.bytes_out = 0
+
+    async def receive(self) -> tuple[FrameType, bytes] | None:
+        """The next opened frame's type and payload; None once the operator's stream ended."""
+        message = await self._link.receive()
+        if message is None:
+            return None
+        frame = self._channel.open(message, time.monotonic())
+        if frame.type is FrameType.DATA:
+            self.bytes_in += len(frame.payload)
+        return frame.type, frame.payload
+
+    async def receive_session_start(self) -> SessionStart:
+        """The first frame, which must be a CONTROL SessionStart."""
+        frame = await self.receive()
+        if frame is None:
+            raise SessionRefusal("normal", "the operator left before starting the session")
+        kind, payload = frame
+        if kind is not FrameType.CONTROL:
+            raise SessionRefusal("protocol-error", "the first frame must be a session start")
+        message = decode_control(payload)
+        if not isinstance(message, SessionStart):
+            raise SessionRefusal("protocol-error", "the first frame must be a session start")
+        return message
+
+    async def send_output(self, kind: FrameType, data: bytes) -> None:
+        """Seal child output as STDOUT/STDERR frames; waits while the relay is full."""
+        await self._send(kind, data)
+        self.bytes_out += len(data)
+
+    async def send_exit(self, status: ExitStatus | None) -> None:
+        """ExitStatus (exactly once, when there is one), then CLOSE."""
+        if status is not None:
+            message = ExitStatusMessage(code=status.code, signal=status.signal)
+            await self._send(FrameType.CONTROL, encode_control(message))
+        await self._send_close()
+
+    async def close_quietly(self, reason: str, text: str) -> None:
+        """Tell the operator why the session ends (Close, then CLOSE); ignore a dead link."""
+        with trio.move_on_after(CLOSE_SEND_TIMEOUT_SECONDS, shield=True):
+            try:
+                if not self._closed:
+                    message = Close(reason=reason, message=text[:1024])
+                    await self._send(FrameType.CONTROL, encode_control(message))
+                await self._send_close()
+            except (ProtocolError, *LINK_CLOSED):
+                pass
+
+    async def _send_close(self) -> None:
+        if self._closed:
+            return
+        await self._send(FrameType.CLOSE, b"")
+        self._closed = True
+
+    async def _send(self, kind: FrameType, payload: bytes) -> None:
+        if self._closed:
+            raise trio.ClosedResourceError("the session already sent CLOSE")
+        await self._link.send(self._channel.seal(kind, payload, time.monotonic()))
+
+
+def _fingerprint(identity: PublicIdentity | None) -> str | None:
+    return None if identity is None else identity.fingerprint
+
