@@ -20,8 +20,10 @@ from typing import Any
 import httpx
 
 from operator_cli.client import ApiError, Session, enroll, login, open_http
+from operator_cli.demo import run_demo
 from operator_cli.home import CliHome, HomeError, Settings, default_home
 from operator_cli.selfcheck import run_selfcheck
+from operator_cli.session_commands import agents_trust, connect_command, exec_command
 from protocol.errors import ProtocolError
 
 EXIT_OK = 0
@@ -86,9 +88,68 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", metavar="ID")
     revoke.set_defaults(handler=_keys_revoke)
 
-    agents = commands.add_parser("agents", help="list your team's agents")
+    agents = commands.add_parser("agents", help="list your team's agents (or: agents trust)")
     agents.add_argument("--json", action="store_true", help="print JSON")
     agents.set_defaults(handler=_agents)
+    agents_commands = agents.add_subparsers(dest="agents_command", metavar="ACTION")
+    trust = agents_commands.add_parser(
+        "trust",
+        help="accept an agent's current key (after a deliberate re-enrollment or key rotation)",
+        description="Pin the key the rendezvous lists for AGENT in place of the known one, "
+        "after showing both fingerprints and asking for confirmation.",
+    )
+    trust.add_argument("agent", metavar="AGENT", help="agent name or id")
+    trust.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    trust.set_defaults(handler=_agents_trust)
+
+    connect = commands.add_parser(
+        "connect",
+        help="open an interactive shell on an agent",
+        description="Open an end-to-end encrypted shell on AGENT through the relay. Type ~. "
+        "after a newline to disconnect, ~? for the other escapes. Exits with the remote "
+        "shell's status, or 255 when the session cannot be set up.",
+    )
+    connect.add_argument("agent", metavar="AGENT", help="agent name or id")
+    connect.add_argument(
+        "-e", dest="escape_char", default="~", metavar="CHAR",
+        help="escape character (default ~; 'none' turns escapes off)",
+    )
+    connect.set_defaults(handler=_connect)
+
+    exec_parser = commands.add_parser(
+        "exec",
+        help="run a command on an agent: tucdesk exec AGENT -- CMD [ARGS...]",
+        description="Run CMD on AGENT like 'ssh host cmd': remote stdout and stderr go to ours, "
+        "stdin is piped through (not read from a terminal unless --stdin), and the exit status "
+        "is the command's (128+N for signal N; 255 when the session cannot be set up).",
+    )
+    exec_parser.add_argument(
+        "-n", dest="no_stdin", action="store_true", help="never read stdin (send end of input)"
+    )
+    exec_parser.add_argument(
+        "--stdin", dest="force_stdin", action="store_true",
+        help="read stdin even when it is a terminal",
+    )
+    exec_parser.add_argument("agent", metavar="AGENT", help="agent name or id")
+    exec_parser.add_argument(
+        "remote_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
+        help="the command and its arguments",
+    )
+    exec_parser.set_defaults(handler=_exec)
+
+    demo = commands.add_parser(
+        "demo",
+        help="start a whole local TucDesk (rendezvous, relay, agent) and open a shell on it",
+        description="Start a rendezvous (SQLite, TLS under a fresh local CA), a relay and an "
+        "agent on 127.0.0.1 in a temporary directory, enroll them, and open a shell on the "
+        "agent through the relay, or run --exec CMD and exit with its status. Everything is "
+        "stopped and removed on exit.",
+    )
+    demo.add_argument("--exec", dest="demo_exec", metavar="CMD",
+                      help="run CMD (a shell command line) instead of opening a shell")
+    demo.add_argument("--keep", action="store_true",
+                      help="keep the temporary directory (logs, keys) after exit")
+    demo.set_defaults(handler=_demo)
 
     audit = commands.add_parser("audit", help="audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -106,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         "refused grant each fail.",
     )
     selfcheck.set_defaults(handler=lambda args, home: run_selfcheck())
-    # Further commands (selfcheck, connect, exec, …) register here with set_defaults(handler=…).
+    # Further commands register here with set_defaults(handler=…).
     return parser
 
 
@@ -233,6 +294,25 @@ def _agents(args: argparse.Namespace, home: CliHome) -> int:
             f"{agent['key_fingerprint']}"
         )
     return EXIT_OK
+
+
+def _agents_trust(args: argparse.Namespace, home: CliHome) -> int:
+    return agents_trust(home, args.agent, assume_yes=args.yes)
+
+
+def _connect(args: argparse.Namespace, home: CliHome) -> int:
+    return connect_command(home, args.agent, args.escape_char, debug=args.debug)
+
+
+def _exec(args: argparse.Namespace, home: CliHome) -> int:
+    return exec_command(
+        home, args.agent, args.remote_command, no_stdin=args.no_stdin,
+        force_stdin=args.force_stdin, debug=args.debug,
+    )
+
+
+def _demo(args: argparse.Namespace, home: CliHome) -> int:
+    return run_demo(args.demo_exec, keep=args.keep, debug=args.debug)
 
 
 def _audit_export(args: argparse.Namespace, home: CliHome) -> int:

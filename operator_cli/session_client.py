@@ -1,0 +1,451 @@
+"""The operator's side of a session (docs/sessions.md): ask the rendezvous, meet the agent at the
+relay, run the handshake with the agent's key checked against the known-agents pin, then speak
+sealed frames.
+
+``request_session`` is the HTTP step (token + request proof); ``open_session`` does the rest and
+returns an OperatorSession whose ``send_*`` methods and ``receive`` carry the session. The
+terminal, stdin and stdout live in connect.py and exec_command.py; nothing here prints.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import trio
+
+from operator_cli.client import Session
+from operator_cli.known_agents import AgentKeyChangedError, KnownAgents
+from protocol.control import (
+    Close,
+    ControlMessage,
+    ExitStatus,
+    Resize,
+    SessionStart,
+    Signal,
+    decode_control,
+    encode_control,
+)
+from protocol.errors import ProtocolError
+from protocol.frames import MAX_FRAME_PAYLOAD, MAX_SEALED_FRAME_SIZE, FrameType, SecureChannel
+from protocol.handshake import HandshakeRefused, OperatorHandshake
+from protocol.identity import PublicIdentity, SigningIdentity, b64url_decode
+from protocol.stream_framing import StreamDecoder, encode_stream_frame
+from relay.client import connect_tcp
+from relay.errors import RelayError, RelayRefusedError
+
+HANDSHAKE_TIMEOUT_SECONDS = 15.0
+RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
+RELAY_PAIR_TIMEOUT_SECONDS = 30.0
+RECEIVE_CHUNK_BYTES = 256 * 1024
+CLOSE_SEND_TIMEOUT_SECONDS = 2.0
+REFUSAL_POLL_SECONDS = 1.0
+MAX_TARGET_LENGTH = 256
+
+
+class SessionError(Exception):
+    """A session could not be opened or ended abnormally; the message is for the operator."""
+
+
+class SessionRefused(SessionError):
+    """The agent (or the rendezvous before it) refused the session, with its reason."""
+
+
+class ConnectionLost(SessionError):
+    """The connection through the relay ended before the session did."""
+
+
+@dataclass(frozen=True)
+class SessionTicket:
+    """The rendezvous's answer to POST /v1/sessions: who to meet, where, and with what."""
+
+    session_id: str
+    expires_at: float
+    agent_id: str
+    agent_name: str
+    agent_key: PublicIdentity
+    grant: str
+    relay_id: str
+    relay_host: str
+    relay_port: int
+    relay_token: str
+
+    @classmethod
+    def from_response(cls, body: Any) -> SessionTicket:
+        """Parse and check the response body; SessionError if it is not what the contract says."""
+        try:
+            agent, relay = body["agent"], body["relay"]
+            ticket = cls(
+                session_id=_text(body["session_id"]),
+                expires_at=float(body["expires_at"]),
+                agent_id=_text(agent["id"]),
+                agent_name=_text(agent.get("name") or agent["id"]),
+                agent_key=PublicIdentity(b64url_decode(_text(agent["public_key"]), 64)),
+                grant=_text(body["grant"]),
+                relay_id=_text(relay["id"]),
+                relay_host=_text(relay["host"]),
+                relay_port=int(relay["port"]),
+                relay_token=_text(body["relay_token"]),
+            )
+        except (KeyError, TypeError, ValueError, ProtocolError) as error:
+            raise SessionError(
+                f"the rendezvous answered the session request in an unexpected form "
+                f"({type(error).__name__}); is the server the same TucDesk version?"
+            ) from None
+        if not 0 < ticket.relay_port < 65536:
+            raise SessionError("the rendezvous named a relay with an invalid port")
+        return ticket
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError("expected text")
+    return value
+
+
+def request_session(
+    api: Session,
+    target: str,
+    mode: Literal["shell", "exec"],
+    command: list[str] | None = None,
+    term: str = "xterm-256color",
+    rows: int = 24,
+    cols: int = 80,
+) -> SessionTicket:
+    """POST /v1/sessions for ``target`` (an agent name or id); ApiError when refused."""
+    if not target or len(target) > MAX_TARGET_LENGTH:
+        raise SessionError(f"{target[:40]!r} is not an agent name or id")
+    body: dict[str, Any] = {"target": target, "mode": mode, "term": term, "rows": rows,
+                            "cols": cols}
+    if mode == "exec":
+        body["command"] = list(command or [])
+    return SessionTicket.from_response(api.request("POST", "/v1/sessions", body))
+
+
+class AgentKeyPin:
+    """The operator's check of the agent's handshake key: its known-agents pin.
+
+    A pinned agent must present exactly the pinned key (a change raises AgentKeyChangedError, which
+    names both fingerprints and ``tucdesk agents trust``). An agent seen for the first time must
+    present the key the rendezvous registered for it, which is then pinned.
+    """
+
+    def __init__(self, known_agents: KnownAgents, ticket: SessionTicket) -> None:
+        self.known_agents = known_agents
+        self.ticket = ticket
+        self.first_use = False
+        self.key_changed: AgentKeyChangedError | None = None
+
+    def __call__(self, presented: PublicIdentity) -> str | None:
+        """None when ``presented`` is the agent's expected key; otherwise the reason it is not."""
+        agent_id = self.ticket.agent_id
+        pinned = self.known_agents.pinned_key(agent_id)
+        if pinned is None:
+            if presented != self.ticket.agent_key:
+                return (
+                    f"the agent presented key {presented.fingerprint}, but the rendezvous "
+                    f"registered {self.ticket.agent_key.fingerprint} for {agent_id}"
+                )
+            self.known_agents.verify_or_pin(agent_id, presented)
+            self.first_use = True
+            return None
+        try:
+            self.known_agents.verify_or_pin(agent_id, presented)
+        except AgentKeyChangedError as error:
+            self.key_changed = error
+            return str(error)
+        return None
+
+
+@dataclass(frozen=True)
+class Output:
+    """Bytes the remote process wrote: ``stream`` is "stdout" or "stderr"."""
+
+    stream: Literal["stdout", "stderr"]
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Exited:
+    """The remote process ended (its ExitStatus)."""
+
+    status: ExitStatus
+
+
+@dataclass(frozen=True)
+class Closed:
+    """The agent ended the session; ``reason`` is its Close message when it sent one."""
+
+    reason: Close | None
+
+
+SessionEvent = Output | Exited | Closed
+
+
+def exit_code_for(status: ExitStatus) -> int:
+    """The exit code to report for ``status``, as a shell would: 128 + signal for a signal."""
+    if status.code is not None:
+        return status.code
+    assert status.signal is not None
+    return 128 + status.signal
+
+
+class OperatorSession:
+    """An open session: sealed frames over the relay stream. Sends may come from several tasks."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        channel: SecureChannel,
+        decoder: StreamDecoder,
+        ticket: SessionTicket,
+        pending: list[bytes],
+    ) -> None:
+        self.stream = stream
+        self.channel = channel
+        self.decoder = decoder
+        self.ticket = ticket
+        self._pending = pending
+        self._send_lock = trio.Lock()
+        self._closed_sent = False
+        self._ended = False
+        self.bytes_sent = 0
+        self.bytes_received = 0
+
+    async def _send_frame(self, frame_type: FrameType, payload: bytes) -> None:
+        async with self._send_lock:
+            if self._closed_sent:
+                return
+            sealed = self.channel.seal(frame_type, payload, time.monotonic())
+            if frame_type is FrameType.CLOSE:
+                self._closed_sent = True
+            try:
+                await self.stream.send_all(encode_stream_frame(sealed))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                raise ConnectionLost("the connection through the relay was lost") from None
+
+    async def send_data(self, data: bytes) -> None:
+        """Forward input (keystrokes or stdin) to the remote side, in frames of at most 64 KiB."""
+        view = memoryview(data)
+        while view:
+            chunk, view = bytes(view[:MAX_FRAME_PAYLOAD]), view[MAX_FRAME_PAYLOAD:]
+            self.bytes_sent += len(chunk)
+            await self._send_frame(FrameType.DATA, chunk)
+
+    async def send_eof(self) -> None:
+        """Tell the remote side its input has ended (an empty DATA frame)."""
+        await self._send_frame(FrameType.DATA, b"")
+
+    async def send_control(self, message: ControlMessage) -> None:
+        """Send a control message (Resize, Signal, Close)."""
+        await self._send_frame(FrameType.CONTROL, encode_control(message))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Tell the remote terminal its new size."""
+        await self.send_control(Resize(rows=rows, cols=cols))
+
+    async def signal(self, name: str) -> None:
+        """Deliver a signal (INT, TERM, HUP, …) to the remote process."""
+        await self.send_control(Signal(name=name))
+
+    async def close(self, message: str = "") -> None:
+        """End the session from this side (Close then CLOSE, best effort) and drop the stream."""
+        with trio.move_on_after(CLOSE_SEND_TIMEOUT_SECONDS):
+            try:
+                if not self._closed_sent and not self._ended:
+                    await self.send_control(Close(reason="normal", message=message))
+                    await self._send_frame(FrameType.CLOSE, b"")
+            except (SessionError, ProtocolError):
+                pass
+        await trio.aclose_forcefully(self.stream)
+
+    async def receive(self) -> SessionEvent | None:
+        """The next event from the agent; None once the connection has ended cleanly after CLOSE.
+
+        Raises ConnectionLost when the connection ends without the agent closing the session,
+        and SessionError when the agent sends something that does not open or parse.
+        """
+        while True:
+            if self._pending:
+                event = self._open(self._pending.pop(0))
+                if event is not None:
+                    return event
+                continue
+            if self._ended:
+                return None
+            try:
+                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                self._ended = True
+                raise ConnectionLost("the connection through the relay was lost")
+            try:
+                self._pending.extend(self.decoder.feed(bytes(data)))
+            except ProtocolError as error:
+                raise SessionError(f"the agent sent a malformed stream: {error}") from None
+
+    def _open(self, sealed: bytes) -> SessionEvent | None:
+        try:
+            frame = self.channel.open(sealed, time.monotonic())
+        except ProtocolError as error:
+            raise SessionError(f"a frame from the agent was refused: {error}") from None
+        kind = frame.type
+        if kind is FrameType.STDOUT:
+            self.bytes_received += len(frame.payload)
+            return Output("stdout", frame.payload)
+        if kind is FrameType.STDERR:
+            self.bytes_received += len(frame.payload)
+            return Output("stderr", frame.payload)
+        if kind is FrameType.CLOSE:
+            self._ended = True
+            self._pending.clear()
+            return Closed(None)
+        try:
+            message = decode_control(frame.payload)
+        except ProtocolError as error:
+            raise SessionError(f"the agent sent a bad control message: {error}") from None
+        if isinstance(message, ExitStatus):
+            return Exited(message)
+        if isinstance(message, Close):
+            return Closed(message)
+        return None  # nothing else is meaningful agent -> operator; ignore it
+
+
+RefusalProbe = Callable[[], Awaitable[str | None]]
+"""Asks the rendezvous whether the agent refused the offer: its reason, or None (not refused)."""
+
+
+async def open_session(
+    ticket: SessionTicket,
+    identity: SigningIdentity,
+    known_agents: KnownAgents,
+    start: SessionStart,
+    *,
+    handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
+    refusal_probe: RefusalProbe | None = None,
+) -> OperatorSession:
+    """Meet the agent at the relay, run the handshake, send SessionStart; return the session.
+
+    While waiting for the agent at the relay, ``refusal_probe`` (if given) is asked every
+    REFUSAL_POLL_SECONDS whether the agent refused the offer, so a refusal is reported at once
+    instead of after the pairing timeout. Raises AgentKeyChangedError when the agent's key
+    differs from the pinned one, SessionRefused when the agent refuses, SessionError for relay
+    and protocol failures.
+    """
+    stream = await _meet_at_relay(ticket, refusal_probe)
+    try:
+        with trio.fail_after(handshake_timeout):
+            return await establish_session(stream, ticket, identity, known_agents, start)
+    except trio.TooSlowError:
+        await trio.aclose_forcefully(stream)
+        raise SessionError(
+            f"the agent did not complete the handshake within {handshake_timeout:.0f}s"
+        ) from None
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def _meet_at_relay(
+    ticket: SessionTicket, refusal_probe: RefusalProbe | None
+) -> trio.abc.Stream:
+    if refusal_probe is None:
+        return await _connect_relay(ticket)
+    outcome: list[trio.abc.Stream | BaseException] = []
+
+    async def connect(scope: trio.CancelScope) -> None:
+        try:
+            outcome.append(await _connect_relay(ticket))
+        except SessionError as error:
+            outcome.append(error)
+        scope.cancel()
+
+    async def watch(scope: trio.CancelScope) -> None:
+        while True:
+            await trio.sleep(REFUSAL_POLL_SECONDS)
+            reason = await refusal_probe()
+            if reason is not None:
+                outcome.append(SessionRefused(f"the agent refused the session: {reason}"))
+                scope.cancel()
+                return
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(connect, nursery.cancel_scope)
+        nursery.start_soon(watch, nursery.cancel_scope)
+    result = outcome[0]
+    if isinstance(result, BaseException):
+        raise result
+    return result
+
+
+async def _connect_relay(ticket: SessionTicket) -> trio.abc.Stream:
+    try:
+        return await connect_tcp(
+            ticket.relay_host, ticket.relay_port, ticket.relay_token,
+            connect_timeout=RELAY_CONNECT_TIMEOUT_SECONDS, pair_timeout=RELAY_PAIR_TIMEOUT_SECONDS,
+        )
+    except RelayRefusedError as error:
+        raise SessionError(
+            f"the relay {ticket.relay_id} refused the session ({error.reason.value})"
+        ) from None
+    except RelayError as error:
+        raise SessionError(f"relay {ticket.relay_id}: {error}") from None
+    except (OSError, trio.TooSlowError):
+        raise SessionError(
+            f"cannot reach relay {ticket.relay_id} at {ticket.relay_host}:{ticket.relay_port}"
+        ) from None
+
+
+async def establish_session(
+    stream: trio.abc.Stream,
+    ticket: SessionTicket,
+    identity: SigningIdentity,
+    known_agents: KnownAgents,
+    start: SessionStart,
+) -> OperatorSession:
+    """Run the operator's handshake on an already paired ``stream``, then send SessionStart.
+
+    The caller bounds the time; errors are those of ``open_session``.
+    """
+    pin = AgentKeyPin(known_agents, ticket)
+    now = time.monotonic()
+    handshake = OperatorHandshake(
+        identity, ticket.session_id, ticket.grant, pin, now + HANDSHAKE_TIMEOUT_SECONDS
+    )
+    decoder = StreamDecoder(MAX_SEALED_FRAME_SIZE)
+    pending: list[bytes] = []
+
+    async def next_message() -> bytes:
+        while not pending:
+            try:
+                data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            if not data:
+                raise ConnectionLost(
+                    "the agent closed the connection during the handshake (see the agent's log)"
+                )
+            pending.extend(decoder.feed(bytes(data)))
+        return pending.pop(0)
+
+    try:
+        await stream.send_all(encode_stream_frame(handshake.start(time.monotonic())))
+        message_3 = handshake.receive(await next_message(), time.monotonic())
+        assert message_3 is not None
+        await stream.send_all(encode_stream_frame(message_3))
+        handshake.receive(await next_message(), time.monotonic())
+    except HandshakeRefused as refusal:
+        raise SessionRefused(f"the agent refused the session: {refusal.reason}") from None
+    except ProtocolError as error:
+        if pin.key_changed is not None:
+            raise pin.key_changed from None
+        raise SessionError(f"the handshake with the agent failed: {error}") from None
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        raise ConnectionLost("the connection through the relay was lost") from None
+    session = OperatorSession(stream, handshake.channel(time.monotonic()), decoder, ticket,
+                              pending)
+    await session.send_control(start)
+    return session

@@ -1,0 +1,230 @@
+"""The session commands as the CLI runs them: `connect`, `exec` and `agents trust`.
+
+Each asks the rendezvous for what it needs over HTTPS, runs the session under trio, and turns
+every way a session can fail to start into one line on stderr and exit status 255, as ssh does.
+A changed agent key is the one loud exception: its warning names both fingerprints.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import trio
+
+from operator_cli.client import ApiError, Session
+from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
+from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
+from operator_cli.home import CliHome, HomeError
+from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, KnownAgentsError
+from operator_cli.session_client import RefusalProbe, SessionError, request_session
+from operator_cli.terminal import read_window_size
+from protocol.errors import ProtocolError
+from protocol.identity import PublicIdentity, b64url_decode
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONNECTION_FAILED = 255
+EXIT_DECLINED = 1
+
+
+def _say(message: str) -> None:
+    print(f"tucdesk: {message}", file=sys.stderr)
+
+
+def _guarded(run: Callable[[], int], debug: bool = False) -> int:
+    """Run a session command; map set-up failures to one line and 255 (--debug: traceback)."""
+    try:
+        return _unwrapped(run)
+    except BaseException:
+        if debug:
+            traceback.print_exc()
+        raise
+
+
+def _reported(run: Callable[[], int], debug: bool = False) -> int:
+    """Run a session command; map set-up failures to one line and 255."""
+    try:
+        return _guarded(run, debug)
+    except AgentKeyChangedError as error:
+        print(str(error), file=sys.stderr)
+    except ApiError as error:
+        _say(f"the server refused: {error.message} ({error.code})")
+    except httpx.HTTPError as error:
+        _say(f"cannot reach the server ({type(error).__name__}); check --server and --ca-file")
+    except (SessionError, KnownAgentsError, HomeError, ProtocolError) as error:
+        _say(str(error))
+    except OSError as error:
+        _say(f"{error.strerror or error}")
+    return EXIT_CONNECTION_FAILED
+
+
+def _unwrapped(run: Callable[[], int]) -> int:
+    """Call ``run``; a trio exception group holding one error is re-raised as that error."""
+    try:
+        return run()
+    except BaseExceptionGroup as group:
+        leaf: BaseException = group
+        while isinstance(leaf, BaseExceptionGroup) and len(leaf.exceptions) == 1:
+            leaf = leaf.exceptions[0]
+        if leaf is group:
+            raise
+        raise leaf from group
+
+
+def offer_refusal_probe(api: Session, session_id: str) -> RefusalProbe:
+    """A probe asking GET /v1/sessions/{id} whether the agent refused the offer (and why)."""
+    path = f"/v1/sessions/{quote(session_id, safe='')}"
+
+    async def probe() -> str | None:
+        try:
+            view = await trio.to_thread.run_sync(api.request, "GET", path)
+        except (ApiError, httpx.HTTPError):
+            return None  # cannot tell; the relay's pairing timeout still bounds the wait
+        if isinstance(view, dict) and view.get("state") == "refused":
+            return str(view.get("reason") or "no reason given")
+        return None
+
+    return probe
+
+
+def exec_command(
+    home: CliHome,
+    agent: str,
+    argv: Sequence[str],
+    *,
+    no_stdin: bool,
+    force_stdin: bool,
+    debug: bool = False,
+) -> int:
+    """`tucdesk exec AGENT -- CMD…`: the remote command's exit status, or 255."""
+    command = list(argv)
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        _say("give the command to run: tucdesk exec AGENT -- CMD [ARGS...]")
+        return EXIT_CONNECTION_FAILED
+
+    def run() -> int:
+        api = Session.from_home(home)
+        try:
+            ticket = request_session(api, agent, "exec", command)
+            options = ExecOptions(
+                command=tuple(command), read_stdin=should_read_stdin(no_stdin, force_stdin)
+            )
+            return trio.run(
+                run_exec, ticket, api.identity, KnownAgents.in_home(home.path), options,
+                offer_refusal_probe(api, ticket.session_id),
+            )
+        finally:
+            api.close()
+
+    return _reported(run, debug)
+
+
+def connect_command(
+    home: CliHome, agent: str, escape_char: str = "~", *, debug: bool = False
+) -> int:
+    """`tucdesk connect AGENT`: the remote shell's exit status, or 255."""
+    if escape_char == "none":
+        escape: int | None = None
+    elif len(escape_char) == 1 and escape_char.isprintable():
+        escape = ord(escape_char)
+    else:
+        _say("the escape character is one printable character, or 'none'")
+        return EXIT_CONNECTION_FAILED
+
+    def run() -> int:
+        size = read_window_size(window_fd())
+        start = shell_start(size, os.environ)
+        api = Session.from_home(home)
+        try:
+            ticket = request_session(
+                api, agent, "shell", term=start.terminal_type, rows=size.rows, cols=size.cols
+            )
+            outcome = trio.run(
+                run_connect, ticket, api.identity, KnownAgents.in_home(home.path), start,
+                ConnectOptions(escape_character=escape),
+                offer_refusal_probe(api, ticket.session_id),
+            )
+        finally:
+            api.close()
+        for note in outcome.notes:
+            print(note, file=sys.stderr)
+        if outcome.message:
+            _say(outcome.message)
+        return outcome.exit_code
+
+    return _reported(run, debug)
+
+
+def agents_trust(
+    home: CliHome,
+    agent: str,
+    *,
+    assume_yes: bool,
+    ask: Callable[[str], str] = input,
+) -> int:
+    """`tucdesk agents trust AGENT`: re-pin the agent's key from the rendezvous's listing."""
+
+    def run() -> int:
+        listed = _find_listed_agent(home, agent)
+        agent_id = str(listed["id"])
+        name = str(listed.get("name") or agent_id)
+        key_text = listed.get("public_key")
+        if not isinstance(key_text, str):
+            raise SessionError("the server does not list agent keys; is it the same version?")
+        key = PublicIdentity(b64url_decode(key_text, 64))
+        known = KnownAgents.in_home(home.path)
+        pinned = known.pinned_key(agent_id)
+        if pinned is not None and hmac.compare_digest(pinned.raw, key.raw):
+            print(f"agent {name} ({agent_id}) is already trusted with key {key.fingerprint}")
+            return EXIT_OK
+        print(f"agent {name} ({agent_id})")
+        print(f"  pinned key: {pinned.fingerprint if pinned else '(none)'}")
+        print(f"  listed key: {key.fingerprint}  (as registered with the rendezvous)")
+        if not assume_yes:
+            if not sys.stdin.isatty():
+                _say("not confirmed: run it in a terminal, or pass --yes once you have checked "
+                     "the fingerprint")
+                return EXIT_DECLINED
+            answer = ask("Trust the listed key from now on? Check it with the agent's admin "
+                         "first (tucdesk-agent status). [y/N] ")
+            if answer.strip().lower() not in ("y", "yes"):
+                print("not changed")
+                return EXIT_DECLINED
+        known.trust(agent_id, key)
+        print(f"agent {name} ({agent_id}) is now pinned to {key.fingerprint}")
+        return EXIT_OK
+
+    try:
+        return run()
+    except (ApiError, httpx.HTTPError, SessionError, KnownAgentsError, HomeError,
+            ProtocolError) as error:
+        message = (f"the server refused: {error.message} ({error.code})"
+                   if isinstance(error, ApiError) else str(error) or type(error).__name__)
+        _say(message)
+        return EXIT_FAILURE
+
+
+def _find_listed_agent(home: CliHome, agent: str) -> dict[str, Any]:
+    api = Session.from_home(home)
+    try:
+        listing = api.request("GET", "/v1/agents")
+    finally:
+        api.close()
+    matches = [entry for entry in listing["agents"] if agent in (entry["id"], entry["name"])]
+    by_id = [entry for entry in matches if entry["id"] == agent]
+    if by_id:
+        return dict(by_id[0])
+    if len(matches) == 1:
+        return dict(matches[0])
+    if not matches:
+        raise SessionError(f"no agent called {agent!r} in your team")
+    raise SessionError(f"several agents are called {agent!r}; use the agent id")
