@@ -24,8 +24,10 @@ from typing import Any, Protocol
 import trio
 
 from protocol.control import SIGNAL_NAMES
+from protocol.frames import MAX_FRAME_PAYLOAD
 
-OUTPUT_CHUNK_SIZE = 16 * 1024
+# One read fills at most one frame: bulk output moves in as few sealed frames as possible.
+OUTPUT_CHUNK_SIZE = MAX_FRAME_PAYLOAD
 TEARDOWN_GRACE_SECONDS = 0.5
 TEARDOWN_KILL_ROUNDS = 5
 TEARDOWN_KILL_WAIT_SECONDS = 2.0
