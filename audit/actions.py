@@ -61,6 +61,8 @@ class Action(StrEnum):
     """A team's signed policy document was replaced (context: version, hash)."""
     ROSTER_SIGNED = "roster.signed"
     """A team's operator roster was signed (context: version, hash)."""
+    POLICY_REFUSED = "policy.refused"
+    """An agent refused a policy bundle it was sent (context: version, reason)."""
     APPROVAL_REQUESTED = "approval.requested"
     """A request was parked waiting for an approver."""
     APPROVAL_APPROVED = "approval.approved"

@@ -47,10 +47,12 @@ def create_app(ctx: ServiceContext) -> Any:
     from rendezvous import (
         control_channel,
         routes_agents,
+        routes_approvals,
         routes_audit,
         routes_auth,
         routes_keys,
         routes_meta,
+        routes_policy,
         routes_sessions,
     )
 
@@ -68,6 +70,8 @@ def create_app(ctx: ServiceContext) -> Any:
     app.include_router(routes_agents.router, prefix=API_PREFIX)
     app.include_router(routes_audit.router, prefix=API_PREFIX)
     app.include_router(routes_sessions.router, prefix=API_PREFIX)
+    app.include_router(routes_policy.router, prefix=API_PREFIX)
+    app.include_router(routes_approvals.router, prefix=API_PREFIX)
     app.include_router(control_channel.router, prefix=API_PREFIX)
     _install_error_handlers(app, ctx)
     capped = BodyLimitMiddleware(app, ctx.config.max_body_bytes, ctx.metrics)

@@ -11,6 +11,10 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 5. server -> ``{"type": "session_offer", …}`` (docs/sessions.md §3); agent ->
    ``{"type": "session_offer_ack", "session_id"}`` or
    ``{"type": "session_offer_refused", "session_id", "reason"}``.
+5a. server -> ``{"type": "policy_bundle", "bundle"}`` right after ``welcome`` (the team's newest
+   bundle, if any) and whenever a new one is stored (docs/sessions.md §6); agent ->
+   ``{"type": "policy_applied", "version"}`` (stored as the agent's policy version) or
+   ``{"type": "policy_refused", "version", "reason"}`` (audited ``policy.refused``).
 6. agent -> ``{"type": "audit_event", "event": <SignedEvent.to_json()>, "id"?}``: verified
    against the agent's registered key and appended to its team's log; server ->
    ``{"type": "audit_event_ack", "id"}`` once durable, or
@@ -44,6 +48,7 @@ from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import Action, agent_actor
 from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
+from rendezvous.policy_distribution import policy_message
 from rendezvous.store import SessionState, StoreError
 
 if TYPE_CHECKING:
@@ -63,6 +68,7 @@ CLOSE_GOING_AWAY = 1001
 MAX_SESSION_ID_LENGTH = 128
 MAX_REFUSAL_REASON_LENGTH = 512
 MAX_EVENT_ID_LENGTH = 64
+MAX_POLICY_VERSION = 2**53 - 1
 
 
 class ChannelRefused(Exception):
@@ -103,6 +109,14 @@ class AgentConnections:
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 continue
         return False
+
+    def agents_of_team(self, team_id: str) -> list[str]:
+        """The ids of the team's agents with a live channel on this instance."""
+        return [
+            agent_id
+            for agent_id, channels in self._by_agent.items()
+            if any(channel.team_id == team_id for channel in channels.values())
+        ]
 
     def _add(self, channel: LiveChannel) -> None:
         self._by_agent.setdefault(channel.agent_id, {})[channel.connection_id] = channel
@@ -230,6 +244,9 @@ async def _hold(
             await websocket.send_json(
                 {"type": "welcome", "agent_id": agent.id, "connection_id": connection_id}
             )
+            latest = await ctx.store.latest_policy_bundle(agent.team_id)
+            if latest is not None:
+                await websocket.send_json(policy_message(latest))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_loop, websocket, receive_channel, nursery.cancel_scope)
             try:
@@ -278,6 +295,11 @@ async def _receive_loop(ctx: ServiceContext, websocket: WebSocket, agent: Agent)
             reply = await _append_agent_event(ctx, agent, message)
             with trio.fail_after(SEND_TIMEOUT_SECONDS):
                 await websocket.send_json(reply)
+        elif kind in ("policy_applied", "policy_refused"):
+            try:
+                await _record_policy_answer(ctx, agent, message)
+            except (ServiceError, StoreError) as error:
+                logger.warning("recording a policy answer failed: %s", type(error).__name__)
         elif kind == "close":
             return
         else:
@@ -310,6 +332,30 @@ async def _answer_offer(ctx: ServiceContext, agent: Agent, message: dict[str, An
         agent.team_id, agent.id, session_id, state, reason or None, ctx.now(),
         from_states=(SessionState.OFFERED,),
     )  # fmt: skip
+
+
+async def _record_policy_answer(
+    ctx: ServiceContext, agent: Agent, message: dict[str, Any]
+) -> None:
+    """Store the policy version the agent applied; audit a refusal (with its reason)."""
+    version = message.get("version")
+    if type(version) is not int or not 0 <= version <= MAX_POLICY_VERSION:
+        raise ChannelRefused("a policy answer must carry the bundle's version")
+    current = await ctx.store.get_agent(agent.team_id, agent.id)
+    applied = None if current is None else current.policy_version
+    if message["type"] == "policy_applied":
+        await ctx.store.set_agent_policy_version(agent.team_id, agent.id, version, None)
+        return
+    raw_reason = message.get("reason")
+    reason = raw_reason[:MAX_REFUSAL_REASON_LENGTH] if isinstance(raw_reason, str) else ""
+    await ctx.audit.record(
+        agent.team_id, actor=agent_actor(agent.id, agent.hostname),
+        action=Action.POLICY_REFUSED, target=agent.id,
+        details={"version": version, "reason": reason, "applied_version": applied},
+    )  # fmt: skip
+    await ctx.store.set_agent_policy_version(
+        agent.team_id, agent.id, applied, reason or "refused without a reason"
+    )
 
 
 async def _append_agent_event(

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from protocol.relay_token import Side, issue_relay_token
+from rendezvous.policy_distribution import POLICY_NOTICE_KIND, handle_policy_notice
 from rendezvous.store import AgentConnection, Session, SessionState, StoreError
 
 if TYPE_CHECKING:
@@ -124,6 +125,9 @@ async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
         return
     try:
         fields = json.loads(notice)
+        if isinstance(fields, dict) and fields.get("kind") == POLICY_NOTICE_KIND:
+            await handle_policy_notice(ctx, fields)
+            return
         instance, team_id, session_id = fields["instance"], fields["team_id"], fields["session_id"]
     except (ValueError, TypeError, KeyError):
         logger.warning("ignored a malformed session offer notice")

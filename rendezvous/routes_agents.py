@@ -20,6 +20,7 @@ from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Conflict, Unauthorized
 from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
 from rendezvous.store import AlreadyExists, RegistrationKeyUnusable
+from rendezvous.team_policy import enrollment_trust
 
 router = APIRouter(tags=["agents"])
 MAX_HOSTNAME_LENGTH = 253
@@ -103,6 +104,7 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
         team_id=agent.team_id,
         tags=list(agent.tags),
         service_keys=ctx.keys.jwks(),
+        policy_trust=await enrollment_trust(ctx, agent.team_id),
     )
 
 
@@ -111,7 +113,9 @@ async def list_agents(caller: Caller, ctx: Context) -> AgentList:
     """The caller's team's agents (the team comes from the verified credential only)."""
     authorize(caller, Permission.AGENTS_READ)
     agents = await ctx.store.list_agents(caller.team_id)
+    current = await ctx.store.latest_policy_bundle(caller.team_id)
     return AgentList(
+        policy_version=0 if current is None else current.version,
         agents=[
             AgentView(
                 id=agent.id,
@@ -123,6 +127,8 @@ async def list_agents(caller: Caller, ctx: Context) -> AgentList:
                 registered_at=agent.registered_at,
                 key_fingerprint=agent.key_fingerprint,
                 public_key=b64url(agent.public_key),
+                policy_version=agent.policy_version,
+                policy_refusal=agent.policy_refusal,
             )
             for agent in agents
         ]

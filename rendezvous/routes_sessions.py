@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
@@ -22,6 +23,7 @@ MAX_SESSION_REQUEST_BYTES = 16 * 1024
 MAX_TARGET_LENGTH = 255
 MAX_TERM_LENGTH = 64
 MAX_WINDOW_CELLS = 10_000
+MAX_APPROVAL_ID_LENGTH = 64
 SESSION_VIEWER_ROLES = frozenset({"admin", "auditor"})
 
 
@@ -39,13 +41,16 @@ class SessionBody(StrictModel):
     )  # fmt: skip
     rows: int = Field(default=24, ge=1, le=MAX_WINDOW_CELLS)
     cols: int = Field(default=80, ge=1, le=MAX_WINDOW_CELLS)
+    approval_id: str | None = Field(
+        default=None, min_length=1, max_length=MAX_APPROVAL_ID_LENGTH, pattern=r"^apr_[a-z0-9]+$"
+    )
 
 
 @router.post("/sessions", status_code=201)
 async def create_session(
     body: SessionBody, caller: Caller, ctx: Context, request: Request
-) -> dict[str, Any]:
-    """Broker a session to an agent of the caller's team (201 with grant and relay token)."""
+) -> JSONResponse:
+    """Broker a session (201 with grant and relay token), or park it for approval (202)."""
     if len(await request.body()) > MAX_SESSION_REQUEST_BYTES:
         raise PayloadTooLarge(f"a session request is at most {MAX_SESSION_REQUEST_BYTES} bytes")
     command = validate_command(body.mode, body.command)
@@ -56,9 +61,10 @@ async def create_session(
             )
     session_request = SessionRequest(
         target=body.target, mode=body.mode, command=command, term=body.term,
-        rows=body.rows, cols=body.cols,
+        rows=body.rows, cols=body.cols, approval_id=body.approval_id,
     )  # fmt: skip
-    return await open_session(ctx, caller, session_request)
+    status, answer = await open_session(ctx, caller, session_request)
+    return JSONResponse(answer, status_code=status)
 
 
 @router.get("/sessions/{session_id}")

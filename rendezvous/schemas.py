@@ -146,12 +146,15 @@ class AgentView(BaseModel):
     registered_at: float
     key_fingerprint: str
     public_key: str  # base64url raw Ed25519, for the CLI to pin
+    policy_version: int | None = None  # the policy version the agent reported applying
+    policy_refusal: str | None = None  # why it refused the newest bundle, if it did
 
 
 class AgentList(BaseModel):
-    """The caller's team's agents."""
+    """The caller's team's agents, and the team's current policy version (0: none signed)."""
 
     agents: list[AgentView]
+    policy_version: int = 0
 
 
 class RegisterResponse(BaseModel):
@@ -162,3 +165,5 @@ class RegisterResponse(BaseModel):
     team_id: str
     tags: list[str]
     service_keys: dict[str, Any]
+    # {"admin_keys": [b64url…], "policy_key": b64url} to pin; None if the team has no admin.
+    policy_trust: dict[str, Any] | None = None

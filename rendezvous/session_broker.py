@@ -1,4 +1,7 @@
-"""Brokering a session (docs/sessions.md §1): resolve, audit, decide, store, mint, offer.
+"""Brokering a session (docs/sessions.md §1, §6): resolve, audit, decide, store, mint, offer.
+
+A decision that needs approval parks the request (202, rendezvous/approval_gate.py); asked again
+with the approved request's id, the session goes ahead with the signed approval in its grant.
 
 The order is the contract: the request and the decision are in the audit log before anything
 else happens; an offline agent, a missing relay or an undelivered offer is refused (and audited
@@ -14,10 +17,12 @@ import shlex
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
+from audit.actions import PolicyOutcome
 from audit.record import PolicyResult
 from protocol.identity import b64url
 from protocol.relay_token import Side, issue_relay_token
 from protocol.session_grant import DEFAULT_SESSION_GRANT_LIFETIME_SECONDS, issue_session_grant
+from rendezvous.approval_gate import mark_executed, park_request, redeemable_approval
 from rendezvous.audit_trail import Action, caller_actor
 from rendezvous.auth import Principal
 from rendezvous.config import RelayEndpoint
@@ -25,8 +30,9 @@ from rendezvous.context import ServiceContext
 from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
 from rendezvous.offer_bus import deliver_offer
 from rendezvous.session_decision import SessionAsk, decide_session
-from rendezvous.store import AmbiguousName, Session, SessionState
+from rendezvous.store import AmbiguousName, ApprovalRequest, Session, SessionState
 from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, new_id
+from rendezvous.team_policy import current_team_policy
 
 SESSION_OFFER_SECONDS = DEFAULT_SESSION_GRANT_LIFETIME_SECONDS
 MAX_AUDITED_COMMAND_CHARACTERS = 4096
@@ -67,6 +73,7 @@ class SessionRequest:
     term: str
     rows: int
     cols: int
+    approval_id: str | None = None
 
 
 def choose_relay(relays: tuple[RelayEndpoint, ...]) -> RelayEndpoint:
@@ -91,8 +98,11 @@ def audited_command(command: tuple[str, ...] | None) -> dict[str, Any]:
 
 async def open_session(
     ctx: ServiceContext, principal: Principal, request: SessionRequest
-) -> dict[str, Any]:
-    """Broker one session for ``principal``; return the 201 answer or raise a ServiceError."""
+) -> tuple[int, dict[str, Any]]:
+    """Broker one session for ``principal``: (201, grant answer) or (202, parked approval request).
+
+    Raises a ServiceError when the session is refused.
+    """
     session_id = new_id("ses")
     actor = caller_actor(principal)
     try:
@@ -110,12 +120,23 @@ async def open_session(
         "cols": request.cols,
         **audited_command(request.command),
     }
+    if request.approval_id is not None:
+        request_context["approval_request"] = request.approval_id[:128]
     await ctx.audit.record(
         principal.team_id, actor=actor, action=Action.SESSION_REQUESTED, target=target,
         session_id=session_id, details=request_context,
     )  # fmt: skip
+    operator = None
+    if principal.kind == "operator":
+        operator = await ctx.store.get_operator(principal.team_id, principal.subject)
+    team_policy = await current_team_policy(ctx, principal.team_id)
     ask = SessionAsk(request.target, request.mode, request.command)
-    decision = decide_session(principal, agent, ask)
+    decision = decide_session(
+        principal, agent, ask,
+        policy=None if team_policy is None else team_policy.content,
+        operator_thumbprint=None if operator is None else operator.key_thumbprint,
+        now=ctx.now(),
+    )  # fmt: skip
     await ctx.audit.record(
         principal.team_id, actor=actor, action=Action.SESSION_DECISION, target=target,
         session_id=session_id,
@@ -124,11 +145,26 @@ async def open_session(
     )  # fmt: skip
     if agent is None:
         raise AgentNotFound(f"no agent named {request.target!r} in your team")
-    if not decision.allowed:
+    if decision.outcome is PolicyOutcome.DENY:
         raise Forbidden(decision.reason)
-    operator = await ctx.store.get_operator(principal.team_id, principal.subject)
     if operator is None or not operator.is_active():
         raise Forbidden("this operator is disabled; ask an admin")
+    approval: tuple[ApprovalRequest, dict[str, Any]] | None = None
+    if decision.outcome is PolicyOutcome.APPROVAL_REQUIRED:
+        assert team_policy is not None  # only a signed policy requires approval
+        if request.approval_id is None:
+            parked = await park_request(
+                ctx, actor=actor, operator=operator, agent=agent, mode=request.mode,
+                command=request.command, decision=decision, team_policy=team_policy,
+                audited=audited_command(request.command),
+            )  # fmt: skip
+            return 202, parked
+        approval = await redeemable_approval(
+            ctx, request.approval_id, operator=operator, agent=agent, mode=request.mode,
+            command=request.command, team_policy=team_policy,
+        )  # fmt: skip
+    elif not decision.allowed:
+        raise Forbidden(decision.reason)
 
     async def refuse(reason: str, error: Exception) -> NoReturn:
         await ctx.audit.record(
@@ -148,6 +184,8 @@ async def open_session(
     if not live:
         await refuse("agent_offline", AgentOffline(f"agent {agent.name} is offline"))
     relay = choose_relay(ctx.config.relays)
+    if approval is not None:
+        await mark_executed(ctx, actor, approval[0], session_id)
     session = await ctx.store.create_session(
         Session(
             id=session_id, team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,
@@ -165,7 +203,8 @@ async def open_session(
         operator_email=operator.email, role=operator.role,
         operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,
         command=request.command, policy_result=decision.outcome.value,
-        policy_rule_id=decision.rule_id, policy_version=decision.policy_version, approval=None,
+        policy_rule_id=decision.rule_id, policy_version=decision.policy_version,
+        approval=None if approval is None else approval[1],
         now=now, lifetime=SESSION_OFFER_SECONDS,
     )  # fmt: skip
     operator_relay_token = issue_relay_token(
@@ -182,7 +221,7 @@ async def open_session(
             "offer_not_delivered",
             AgentOffline(f"agent {agent.name} did not take the offer; it may be reconnecting"),
         )
-    return {
+    return 201, {
         "session_id": session.id,
         "expires_at": int(session.expires_at),
         "agent": {

@@ -239,6 +239,8 @@ class Agent:
     registered_at: float
     last_seen_at: float | None
     online: bool  # at least one live control connection is recorded
+    policy_version: int | None = None  # the policy version the agent last reported applying
+    policy_refusal: str | None = None  # why it refused the newest bundle it was sent, if it did
 
 
 @dataclass(frozen=True)
@@ -300,6 +302,58 @@ class Session:
     created_at: float
     expires_at: float
     updated_at: float
+
+
+@dataclass(frozen=True)
+class StoredPolicyBundle:
+    """One version of a team's countersigned policy bundle (``bundle`` is its canonical JSON)."""
+
+    team_id: str
+    version: int
+    content_sha256: str
+    policy_sha256: str
+    bundle: str
+    admin_key_id: str
+    created_by: str
+    created_at: float
+
+
+class ApprovalState(StrEnum):
+    """Where a parked session request is."""
+
+    PENDING = "pending"
+    APPROVED = "approved"
+    DENIED = "denied"
+    EXPIRED = "expired"
+    EXECUTED = "executed"
+
+
+@dataclass(frozen=True)
+class ApprovalRequest:
+    """A session request parked until an approver signs exactly it (``approval``: its JSON)."""
+
+    id: str
+    team_id: str
+    agent_id: str
+    requester_id: str
+    requester_email: str
+    requester_thumbprint: str
+    mode: str
+    command: tuple[str, ...] | None
+    command_sha256: str
+    policy_version: int
+    rule_id: str | None
+    reason: str
+    state: ApprovalState
+    created_at: float
+    expires_at: float
+    decided_by: str | None = None
+    decided_by_email: str | None = None
+    decision_reason: str | None = None
+    decided_at: float | None = None
+    approval: str | None = None
+    session_id: str | None = None
+    executed_at: float | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -600,6 +654,72 @@ class Store(abc.ABC):
         Returns the updated session, or None when no such session of this agent is in those
         states (unknown, another agent's or team's, or already moved on).
         """
+
+    # ---- policy bundles ----------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def latest_policy_bundle(self, team_id: str) -> StoredPolicyBundle | None:
+        """The team's newest policy bundle, or None if it never stored one."""
+
+    @abc.abstractmethod
+    async def store_policy_bundle(self, bundle: StoredPolicyBundle) -> StoredPolicyBundle:
+        """Store the next version atomically: AlreadyExists unless it is exactly newest + 1."""
+
+    @abc.abstractmethod
+    async def set_agent_policy_version(
+        self, team_id: str, agent_id: str, version: int | None, refusal: str | None
+    ) -> None:
+        """Record the version the agent applied and why it refused a newer one (None: didn't)."""
+
+    # ---- approval requests -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def create_approval_request(self, request: ApprovalRequest) -> ApprovalRequest:
+        """Store a new parked request. NotFound unless the agent exists in its team."""
+
+    @abc.abstractmethod
+    async def get_approval_request(self, team_id: str, request_id: str) -> ApprovalRequest | None:
+        """The team's approval request with this id, or None."""
+
+    @abc.abstractmethod
+    async def list_approval_requests(
+        self, team_id: str, states: Sequence[ApprovalState]
+    ) -> list[ApprovalRequest]:
+        """The team's requests in one of ``states``, oldest first."""
+
+    @abc.abstractmethod
+    async def decide_approval_request(
+        self,
+        team_id: str,
+        request_id: str,
+        state: ApprovalState,
+        *,
+        decided_by: str,
+        decided_by_email: str,
+        reason: str | None,
+        approval: str | None,
+        now: float,
+        expires_at: float | None = None,
+    ) -> ApprovalRequest | None:
+        """Atomically approve or deny a pending, unexpired request; None if it is not one.
+
+        ``expires_at``, when given, replaces the request's expiry (an approval's own end).
+        """
+
+    @abc.abstractmethod
+    async def expire_approval_request(
+        self, team_id: str, request_id: str, now: float
+    ) -> ApprovalRequest | None:
+        """Atomically mark a pending or approved (unused) request past its time expired.
+
+        None if it is not one.
+        """
+
+    @abc.abstractmethod
+    async def execute_approval_request(
+        self, team_id: str, request_id: str, session_id: str, now: float
+    ) -> ApprovalRequest | None:
+        """Atomically mark an approved request executed by ``session_id``; None if not approved."""
 
     # ---- notifications between instances ---------------------------------------------------
 

@@ -30,6 +30,8 @@ from rendezvous.store.base import (
     AlreadyExists,
     AmbiguousName,
     ApiKey,
+    ApprovalRequest,
+    ApprovalState,
     ChallengeUnusable,
     ConnectionReport,
     InvalidArgument,
@@ -43,6 +45,7 @@ from rendezvous.store.base import (
     Session,
     SessionState,
     Store,
+    StoredPolicyBundle,
     StoreError,
     Team,
     UnusableReason,
@@ -54,6 +57,7 @@ Row = Mapping[str, Any]
 # A constant column list spliced into the agent queries (never user input; values are $n).
 _AGENT_COLUMNS = """a.id, a.team_id, a.name, a.hostname, a.tags, a.public_key, a.key_fingerprint,
     a.machine_fingerprint, a.registration_key_id, a.registered_at, a.last_seen_at,
+    a.policy_version, a.policy_refusal,
     EXISTS (SELECT 1 FROM agent_connections c
             WHERE c.team_id = a.team_id AND c.agent_id = a.id) AS online"""
 
@@ -717,6 +721,152 @@ class SqlStore(Store):
         )  # fmt: skip
         return _session(row) if row else None
 
+    # ---- policy bundles ----------------------------------------------------------------------
+
+    async def latest_policy_bundle(self, team_id: str) -> StoredPolicyBundle | None:
+        """The team's newest policy bundle, or None if it never stored one."""
+        row = await self._fetchrow(
+            "SELECT * FROM policy_bundles WHERE team_id = $1 ORDER BY version DESC LIMIT 1",
+            team_id,
+        )
+        return _policy_bundle(row) if row else None
+
+    async def store_policy_bundle(self, bundle: StoredPolicyBundle) -> StoredPolicyBundle:
+        """Store the next version atomically: AlreadyExists unless it is exactly newest + 1."""
+        async with self._transaction() as session:
+            await self._require_team(session, bundle.team_id)
+            row = await session.fetchrow(
+                "SELECT COALESCE(MAX(version), 0) AS newest FROM policy_bundles "
+                "WHERE team_id = $1",
+                bundle.team_id,
+            )
+            newest = int(row["newest"]) if row else 0
+            if bundle.version != newest + 1:
+                raise AlreadyExists(
+                    f"the team's policy is at version {newest}; the next one must be {newest + 1}"
+                )
+            # The primary key (team_id, version) settles a race between two instances.
+            await session.execute(
+                """INSERT INTO policy_bundles (team_id, version, content_sha256, policy_sha256,
+                                               bundle, admin_key_id, created_by, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                bundle.team_id, bundle.version, bundle.content_sha256, bundle.policy_sha256,
+                bundle.bundle, bundle.admin_key_id, bundle.created_by, bundle.created_at,
+            )  # fmt: skip
+        return bundle
+
+    async def set_agent_policy_version(
+        self, team_id: str, agent_id: str, version: int | None, refusal: str | None
+    ) -> None:
+        """Record the version the agent applied and why it refused a newer one (None: didn't)."""
+        await self._execute(
+            """UPDATE agents SET policy_version = $3, policy_refusal = $4
+               WHERE team_id = $1 AND id = $2""",
+            team_id, agent_id, version, None if refusal is None else refusal[:MAX_NAME_LENGTH],
+        )  # fmt: skip
+
+    # ---- approval requests -------------------------------------------------------------------
+
+    async def create_approval_request(self, request: ApprovalRequest) -> ApprovalRequest:
+        """Store a new parked request. NotFound unless the agent exists in its team."""
+        _check_text("approval request id", request.id, MAX_NAME_LENGTH)
+        command = None if request.command is None else json.dumps(list(request.command))
+        async with self._transaction() as session:
+            agent = await session.fetchrow(
+                "SELECT id FROM agents WHERE team_id = $1 AND id = $2",
+                request.team_id, request.agent_id,
+            )  # fmt: skip
+            if agent is None:
+                raise NotFound("no such agent")
+            await session.execute(
+                """INSERT INTO approval_requests (id, team_id, agent_id, requester_id,
+                                                  requester_email, requester_thumbprint, mode,
+                                                  command, command_sha256, policy_version,
+                                                  rule_id, reason, state, created_at, expires_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)""",
+                request.id, request.team_id, request.agent_id, request.requester_id,
+                request.requester_email, request.requester_thumbprint, request.mode, command,
+                request.command_sha256, request.policy_version, request.rule_id,
+                request.reason[:MAX_NAME_LENGTH], request.state.value, request.created_at,
+                request.expires_at,
+            )  # fmt: skip
+        return request
+
+    async def get_approval_request(self, team_id: str, request_id: str) -> ApprovalRequest | None:
+        """The team's approval request with this id, or None."""
+        row = await self._fetchrow(
+            "SELECT * FROM approval_requests WHERE team_id = $1 AND id = $2", team_id, request_id
+        )
+        return _approval_request(row) if row else None
+
+    async def list_approval_requests(
+        self, team_id: str, states: Sequence[ApprovalState]
+    ) -> list[ApprovalRequest]:
+        """The team's requests in one of ``states``, oldest first."""
+        if not states:
+            return []
+        # Placeholders for the states only (their values are passed as parameters).
+        wanted = ", ".join(f"${2 + index}" for index in range(len(states)))
+        rows = await self._fetch(
+            f"""SELECT * FROM approval_requests WHERE team_id = $1 AND state IN ({wanted})
+                ORDER BY created_at, id""",  # noqa: S608 - only numbered placeholders are spliced
+            team_id, *(ApprovalState(state).value for state in states),
+        )  # fmt: skip
+        return [_approval_request(row) for row in rows]
+
+    async def decide_approval_request(
+        self,
+        team_id: str,
+        request_id: str,
+        state: ApprovalState,
+        *,
+        decided_by: str,
+        decided_by_email: str,
+        reason: str | None,
+        approval: str | None,
+        now: float,
+        expires_at: float | None = None,
+    ) -> ApprovalRequest | None:
+        """Atomically approve or deny a pending, unexpired request; None if it is not one."""
+        if state not in (ApprovalState.APPROVED, ApprovalState.DENIED):
+            raise InvalidArgument("a decision approves or denies")
+        row = await self._fetchrow(
+            """UPDATE approval_requests
+               SET state = $3, decided_by = $4, decided_by_email = $5, decision_reason = $6,
+                   approval = $7, decided_at = $8,
+                   expires_at = COALESCE(CAST($9 AS DOUBLE PRECISION), expires_at)
+               WHERE team_id = $1 AND id = $2 AND state = 'pending' AND expires_at > $8
+               RETURNING *""",
+            team_id, request_id, state.value, decided_by, decided_by_email,
+            None if reason is None else reason[:MAX_NAME_LENGTH], approval, now, expires_at,
+        )  # fmt: skip
+        return _approval_request(row) if row else None
+
+    async def expire_approval_request(
+        self, team_id: str, request_id: str, now: float
+    ) -> ApprovalRequest | None:
+        """Atomically mark a pending or approved (unused) request past its time expired."""
+        row = await self._fetchrow(
+            """UPDATE approval_requests SET state = 'expired'
+               WHERE team_id = $1 AND id = $2 AND state IN ('pending', 'approved')
+                 AND expires_at <= $3
+               RETURNING *""",
+            team_id, request_id, now,
+        )  # fmt: skip
+        return _approval_request(row) if row else None
+
+    async def execute_approval_request(
+        self, team_id: str, request_id: str, session_id: str, now: float
+    ) -> ApprovalRequest | None:
+        """Atomically mark an approved request executed by ``session_id``; None if not approved."""
+        row = await self._fetchrow(
+            """UPDATE approval_requests SET state = 'executed', session_id = $3, executed_at = $4
+               WHERE team_id = $1 AND id = $2 AND state = 'approved'
+               RETURNING *""",
+            team_id, request_id, session_id, now,
+        )  # fmt: skip
+        return _approval_request(row) if row else None
+
 
 class SqlAuditStore:
     """The audit/store.py ``AuditStore`` interface on the rendezvous database."""
@@ -880,6 +1030,8 @@ def _agent(row: Row) -> Agent:
         registration_key_id=row["registration_key_id"],
         registered_at=float(row["registered_at"]),
         last_seen_at=_optional_float(row["last_seen_at"]), online=bool(row["online"]),
+        policy_version=None if row["policy_version"] is None else int(row["policy_version"]),
+        policy_refusal=row["policy_refusal"],
     )  # fmt: skip
 
 
@@ -895,6 +1047,32 @@ def _session(row: Row) -> Session:
         state=SessionState(row["state"]), state_reason=row["state_reason"],
         created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
         updated_at=float(row["updated_at"]),
+    )  # fmt: skip
+
+
+def _policy_bundle(row: Row) -> StoredPolicyBundle:
+    return StoredPolicyBundle(
+        team_id=row["team_id"], version=int(row["version"]),
+        content_sha256=row["content_sha256"], policy_sha256=row["policy_sha256"],
+        bundle=row["bundle"], admin_key_id=row["admin_key_id"], created_by=row["created_by"],
+        created_at=float(row["created_at"]),
+    )  # fmt: skip
+
+
+def _approval_request(row: Row) -> ApprovalRequest:
+    command = row["command"]
+    return ApprovalRequest(
+        id=row["id"], team_id=row["team_id"], agent_id=row["agent_id"],
+        requester_id=row["requester_id"], requester_email=row["requester_email"],
+        requester_thumbprint=row["requester_thumbprint"], mode=row["mode"],
+        command=None if command is None else tuple(json.loads(command)),
+        command_sha256=row["command_sha256"], policy_version=int(row["policy_version"]),
+        rule_id=row["rule_id"], reason=row["reason"], state=ApprovalState(row["state"]),
+        created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
+        decided_by=row["decided_by"], decided_by_email=row["decided_by_email"],
+        decision_reason=row["decision_reason"], decided_at=_optional_float(row["decided_at"]),
+        approval=row["approval"], session_id=row["session_id"],
+        executed_at=_optional_float(row["executed_at"]),
     )  # fmt: skip
 
 

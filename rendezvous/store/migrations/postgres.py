@@ -168,5 +168,54 @@ SESSIONS = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (INITIAL, SESSIONS)
+POLICY = Migration(
+    3,
+    "policy bundles, approval requests, agents' applied policy version",
+    (
+        # Each team's signed policy bundles, one row per version; the newest is the one in force.
+        # The rendezvous's own trust (the admins who may sign the next one) is derived from it.
+        """CREATE TABLE policy_bundles (
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            version BIGINT NOT NULL,
+            content_sha256 TEXT NOT NULL,
+            policy_sha256 TEXT NOT NULL,
+            bundle TEXT NOT NULL,
+            admin_key_id TEXT NOT NULL,
+            created_by TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            PRIMARY KEY (team_id, version)
+        )""",
+        # A session request parked until an approver signs it (or denies it, or it expires).
+        """CREATE TABLE approval_requests (
+            id TEXT PRIMARY KEY,
+            team_id TEXT NOT NULL REFERENCES teams(id),
+            agent_id TEXT NOT NULL REFERENCES agents(id),
+            requester_id TEXT NOT NULL,
+            requester_email TEXT NOT NULL,
+            requester_thumbprint TEXT NOT NULL,
+            mode TEXT NOT NULL,
+            command TEXT,
+            command_sha256 TEXT NOT NULL,
+            policy_version BIGINT NOT NULL,
+            rule_id TEXT,
+            reason TEXT NOT NULL,
+            state TEXT NOT NULL,
+            created_at DOUBLE PRECISION NOT NULL,
+            expires_at DOUBLE PRECISION NOT NULL,
+            decided_by TEXT,
+            decided_by_email TEXT,
+            decision_reason TEXT,
+            decided_at DOUBLE PRECISION,
+            approval TEXT,
+            session_id TEXT,
+            executed_at DOUBLE PRECISION
+        )""",
+        "CREATE INDEX approval_requests_team ON approval_requests(team_id, state, created_at)",
+        # The policy version each agent last reported applying (NULL: none reported yet).
+        "ALTER TABLE agents ADD COLUMN policy_version BIGINT",
+        "ALTER TABLE agents ADD COLUMN policy_refusal TEXT",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (INITIAL, SESSIONS, POLICY)
 check_sequence(MIGRATIONS)

@@ -1,0 +1,326 @@
+"""The approval gate (docs/sessions.md §6): park a request, decide it, redeem it exactly once.
+
+A session request whose decision is ``approval_required`` is parked as an approval request. An
+approver's CLI signs the exact request (protocol.policy.approve_request); the rendezvous checks
+that signature against the team's SIGNED roster — as the agent will — and stores it. The
+requester then asks again with the request id; the stored approval goes into the session grant
+and the request is marked executed, so it is used once. Every step is audited; a request whose
+time runs out is marked expired (and audited) the next time anyone looks at it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from audit.actions import PolicyOutcome
+from audit.record import PolicyResult
+from protocol.policy import (
+    Action as PolicyAction,
+)
+from protocol.policy import (
+    ApprovalContext,
+    ApprovalError,
+    ApprovalExpiredError,
+    ApprovalMismatchError,
+    ApproverNotAuthorizedError,
+    Roster,
+    SelfApprovalError,
+    SignedApproval,
+    command_sha256,
+    verify_approval,
+)
+from rendezvous.audit_trail import Action, Actor, service_actor
+from rendezvous.context import ServiceContext
+from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound
+from rendezvous.session_decision import SessionDecision
+from rendezvous.store import Agent, ApprovalRequest, ApprovalState, Operator
+from rendezvous.store.base import new_id
+from rendezvous.team_policy import TeamPolicy
+
+APPROVAL_REQUEST_SECONDS = 15 * 60
+APPROVER_ROLES = frozenset({"approver", "admin"})
+
+
+class ApprovalPending(Conflict):
+    """The request has not been approved (yet)."""
+
+    code = "approval_pending"
+
+
+class ApprovalUnusable(Conflict):
+    """The approval request cannot be used: expired, already used, or for something else."""
+
+    code = "approval_unusable"
+
+
+class ApprovalDenied(Forbidden):
+    """An approver denied the request."""
+
+    code = "approval_denied"
+
+
+def approvers_of(roster: Roster, requester_email: str) -> list[str]:
+    """Emails whose signed-roster role may approve, the requester excluded, sorted."""
+    return sorted(
+        {
+            entry.email
+            for entry in roster.entries
+            if roster.may_approve(entry.thumbprint) and entry.email != requester_email.lower()
+        }
+    )
+
+
+def approval_context(request: ApprovalRequest) -> ApprovalContext:
+    """What an approval of ``request`` must be for, from the rendezvous's own record of it."""
+    return ApprovalContext(
+        request_id=request.id,
+        team_id=request.team_id,
+        agent_id=request.agent_id,
+        action=PolicyAction(request.mode),
+        command=request.command,
+        requester_thumbprint=request.requester_thumbprint,
+        policy_version=request.policy_version,
+    )
+
+
+def approval_view(
+    request: ApprovalRequest, agent_name: str | None, approvers: Sequence[str], now: float
+) -> dict[str, Any]:
+    """A request as the requester and approvers see it (with what an approver's CLI signs)."""
+    return {
+        "id": request.id,
+        "state": request.state.value,
+        "team_id": request.team_id,
+        "requester": {"id": request.requester_id, "email": request.requester_email},
+        "requester_thumbprint": request.requester_thumbprint,
+        "agent": {"id": request.agent_id, "name": agent_name},
+        "action": request.mode,
+        "command": None if request.command is None else list(request.command),
+        "command_sha256": request.command_sha256,
+        "policy_version": request.policy_version,
+        "rule_id": request.rule_id,
+        "reason": request.reason,
+        "approvers": list(approvers),
+        "created_at": request.created_at,
+        "expires_at": request.expires_at,
+        "age_seconds": max(0, int(now - request.created_at)),
+        "decided_by": request.decided_by_email,
+        "decision_reason": request.decision_reason,
+        "session_id": request.session_id,
+    }
+
+
+async def park_request(
+    ctx: ServiceContext,
+    *,
+    actor: Actor,
+    operator: Operator,
+    agent: Agent,
+    mode: str,
+    command: tuple[str, ...] | None,
+    decision: SessionDecision,
+    team_policy: TeamPolicy,
+    audited: dict[str, Any],
+) -> dict[str, Any]:
+    """Park a request that needs approval; return the 202 answer (audited before it is stored)."""
+    now = ctx.now()
+    request = ApprovalRequest(
+        id=new_id("apr"), team_id=agent.team_id, agent_id=agent.id, requester_id=operator.id,
+        requester_email=operator.email, requester_thumbprint=operator.key_thumbprint,
+        mode=mode, command=command, command_sha256=command_sha256(command),
+        policy_version=team_policy.version, rule_id=decision.rule_id, reason=decision.reason,
+        state=ApprovalState.PENDING, created_at=now, expires_at=now + APPROVAL_REQUEST_SECONDS,
+    )  # fmt: skip
+    approvers = approvers_of(team_policy.content.roster, operator.email)
+    if not approvers:
+        raise Forbidden(
+            f"{decision.reason}; but nobody else in the team's signed roster may approve it"
+        )
+    await ctx.audit.record(
+        agent.team_id, actor=actor, action=Action.APPROVAL_REQUESTED, target=agent.id,
+        policy_result=PolicyResult(decision.outcome, decision.rule_id, decision.reason),
+        details={
+            "approval_request": request.id, "mode": mode, "approvers": approvers,
+            "policy_version": team_policy.version, "expires_at": int(request.expires_at),
+            **audited,
+        },
+    )  # fmt: skip
+    await ctx.store.create_approval_request(request)
+    return {
+        "approval_request": {
+            "id": request.id,
+            "expires_at": int(request.expires_at),
+            "approvers": approvers,
+            "reason": decision.reason,
+            "rule_id": decision.rule_id,
+        }
+    }
+
+
+async def expire_if_due(ctx: ServiceContext, request: ApprovalRequest) -> ApprovalRequest:
+    """Mark a pending or unused approved request past its time expired (audited); return it now."""
+    now = ctx.now()
+    waiting = (ApprovalState.PENDING, ApprovalState.APPROVED)
+    if request.state not in waiting or now < request.expires_at:
+        return request
+    await ctx.audit.record(
+        request.team_id, actor=service_actor("approval expiry"), action=Action.APPROVAL_EXPIRED,
+        target=request.agent_id, details={"approval_request": request.id},
+    )  # fmt: skip
+    expired = await ctx.store.expire_approval_request(request.team_id, request.id, now)
+    if expired is not None:
+        return expired
+    current = await ctx.store.get_approval_request(request.team_id, request.id)
+    return current or request
+
+
+async def load_request(ctx: ServiceContext, team_id: str, request_id: str) -> ApprovalRequest:
+    """The team's approval request (expired lazily); NotFound if there is none."""
+    request = await ctx.store.get_approval_request(team_id, request_id[:128])
+    if request is None:
+        raise NotFound("no such approval request in your team")
+    return await expire_if_due(ctx, request)
+
+
+def check_may_decide(caller: Operator, request: ApprovalRequest) -> None:
+    """Forbidden unless the caller holds an approving role and is not the requester."""
+    if caller.role not in APPROVER_ROLES:
+        raise Forbidden(f"the {caller.role} role may not approve or deny (approver or admin may)")
+    if caller.id == request.requester_id or caller.email.lower() == request.requester_email:
+        raise Forbidden("nobody may approve or deny their own request")
+
+
+def check_pending(request: ApprovalRequest) -> None:
+    """Conflict unless the request still waits for a decision."""
+    if request.state is not ApprovalState.PENDING:
+        raise ApprovalUnusable(f"the approval request is already {request.state.value}")
+
+
+def verify_submitted_approval(
+    submitted: object,
+    request: ApprovalRequest,
+    caller: Operator,
+    team_policy: TeamPolicy | None,
+    now: float,
+) -> SignedApproval:
+    """The approver's signed approval, checked as the agent will check it; else an error."""
+    if team_policy is None or team_policy.version != request.policy_version:
+        raise ApprovalUnusable(
+            "the team's policy changed since this request; the requester must ask again"
+        )
+    try:
+        signed = SignedApproval.from_json(submitted)
+        verify_approval(signed, approval_context(request), team_policy.content.roster, now)
+    except SelfApprovalError:
+        raise Forbidden("nobody may approve their own request") from None
+    except ApproverNotAuthorizedError as error:
+        raise Forbidden(f"approval refused: {error}") from None
+    except (ApprovalMismatchError, ApprovalExpiredError) as error:
+        raise BadRequest(f"approval refused: {error}") from None
+    except ApprovalError as error:
+        raise BadRequest(f"approval refused: {error}") from None
+    if signed.statement.approver_thumbprint != caller.key_thumbprint:
+        raise Forbidden("sign the approval with your own operator key")
+    return signed
+
+
+async def decide_request(
+    ctx: ServiceContext,
+    *,
+    actor: Actor,
+    request: ApprovalRequest,
+    caller: Operator,
+    state: ApprovalState,
+    reason: str | None,
+    approval: SignedApproval | None,
+) -> ApprovalRequest:
+    """Record an approval or denial (audited first); Conflict if someone else decided first."""
+    approved = state is ApprovalState.APPROVED
+    await ctx.audit.record(
+        request.team_id, actor=actor,
+        action=Action.APPROVAL_APPROVED if approved else Action.APPROVAL_DENIED,
+        target=request.agent_id,
+        policy_result=PolicyResult(
+            PolicyOutcome.APPROVED if approved else PolicyOutcome.DENIED, request.rule_id,
+            reason or ("approved" if approved else "denied"),
+        ),
+        details={
+            "approval_request": request.id, "requester": request.requester_email,
+            "reason": reason or "", "policy_version": request.policy_version,
+        },
+    )  # fmt: skip
+    decided = await ctx.store.decide_approval_request(
+        request.team_id, request.id, state, decided_by=caller.id,
+        decided_by_email=caller.email, reason=reason,
+        approval=None if approval is None else json.dumps(approval.to_json()), now=ctx.now(),
+        expires_at=None if approval is None else float(approval.statement.expires_at),
+    )  # fmt: skip
+    if decided is None:
+        raise ApprovalUnusable("the approval request was decided or expired meanwhile")
+    return decided
+
+
+async def redeemable_approval(
+    ctx: ServiceContext,
+    request_id: str,
+    *,
+    operator: Operator,
+    agent: Agent,
+    mode: str,
+    command: tuple[str, ...] | None,
+    team_policy: TeamPolicy,
+) -> tuple[ApprovalRequest, dict[str, Any]]:
+    """The approved request ``request_id`` and its signed approval, if it is for exactly this.
+
+    Raises NotFound, Forbidden (someone else's, or denied) or Conflict (pending, expired, used,
+    or for another agent, action, command or policy version).
+    """
+    request = await load_request(ctx, operator.team_id, request_id)
+    if request.requester_id != operator.id:
+        raise Forbidden("this approval request was made by someone else")
+    if request.state is ApprovalState.DENIED:
+        by = request.decided_by_email or "an approver"
+        why = f": {request.decision_reason}" if request.decision_reason else ""
+        raise ApprovalDenied(f"the request was denied by {by}{why}")
+    if request.state is ApprovalState.PENDING:
+        raise ApprovalPending("the request is still waiting for an approver")
+    if request.state is ApprovalState.EXPIRED:
+        raise ApprovalUnusable("the approval request has expired; ask again")
+    if request.state is not ApprovalState.APPROVED or request.approval is None:
+        raise ApprovalUnusable(f"the approval request is {request.state.value}")
+    if (
+        request.agent_id != agent.id
+        or request.mode != mode
+        or request.command_sha256 != command_sha256(command)
+    ):
+        raise ApprovalUnusable("the approval is for another agent, action or command")
+    if request.policy_version != team_policy.version:
+        raise ApprovalUnusable("the team's policy changed since the approval; ask again")
+    try:
+        approval = json.loads(request.approval)
+        verify_approval(
+            approval, approval_context(request), team_policy.content.roster, ctx.now()
+        )
+    except ApprovalExpiredError:
+        raise ApprovalUnusable("the approval has expired; ask again") from None
+    except (ApprovalError, ValueError):
+        raise ApprovalUnusable("the stored approval no longer verifies; ask again") from None
+    return request, approval
+
+
+async def mark_executed(
+    ctx: ServiceContext, actor: Actor, request: ApprovalRequest, session_id: str
+) -> None:
+    """Use the approval for ``session_id`` (once: Conflict if it was used meanwhile), audited."""
+    executed = await ctx.store.execute_approval_request(
+        request.team_id, request.id, session_id, ctx.now()
+    )
+    if executed is None:
+        raise ApprovalUnusable("the approval was used meanwhile")
+    await ctx.audit.record(
+        request.team_id, actor=actor, action=Action.APPROVAL_EXECUTED, target=request.agent_id,
+        session_id=session_id,
+        details={"approval_request": request.id, "approved_by": request.decided_by_email or ""},
+    )  # fmt: skip
