@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
+from agent.grant_policy import LocalDecision
 from agent.process_group import ExitStatus
 from audit.actions import Action, ActorKind, PolicyOutcome
 from audit.errors import RecordError
@@ -42,20 +43,41 @@ class SessionAuditor:
         self._actor = Actor(ActorKind.AGENT, agent_id, agent_name[:320])
         self._clock = clock
 
-    def started(self, grant: SessionGrant, operator_fingerprint: str) -> SignedEvent:
-        """``session.started``: the handshake and grant checked out and the session runs."""
+    def started(
+        self,
+        grant: SessionGrant,
+        operator_fingerprint: str,
+        decision: LocalDecision | None = None,
+    ) -> SignedEvent:
+        """``session.started``: the handshake and grant checked out and the session runs.
+
+        With ``decision``, the policy result is the agent's own (its version, and the approval
+        it executed), not the one the grant claims.
+        """
+        context: dict[str, Any] = {
+            "mode": grant.mode.value,
+            "operator_email": grant.operator_email,
+            "operator_key_fingerprint": operator_fingerprint,
+            "role": grant.role,
+            "grant_id": grant.grant_id,
+        }
+        policy_result = _policy_result(grant)
+        if decision is not None:
+            approved = decision.approval_request_id is not None
+            policy_result = PolicyResult(
+                PolicyOutcome.APPROVED if approved else PolicyOutcome(decision.result.value),
+                decision.rule_id,
+                decision.reason[:MAX_AUDITED_REASON_CHARACTERS],
+            )
+            context["policy_version"] = decision.policy_version
+            if approved:
+                context["approval_request_id"] = decision.approval_request_id
         return self._sign(
             Action.SESSION_STARTED,
             grant.session_id,
             target=grant.operator_id,
-            policy_result=_policy_result(grant),
-            context={
-                "mode": grant.mode.value,
-                "operator_email": grant.operator_email,
-                "operator_key_fingerprint": operator_fingerprint,
-                "role": grant.role,
-                "grant_id": grant.grant_id,
-            },
+            policy_result=policy_result,
+            context=context,
         )
 
     def command(self, grant: SessionGrant, argv: Sequence[str]) -> SignedEvent:

@@ -2,7 +2,9 @@
 
 Protocol (rendezvous/control_channel.py): the server sends a challenge, the agent answers with
 a signed payload (Purpose.AGENT_AUTH), the server welcomes it; then the agent sends heartbeats,
-the server forwards session offers, and the agent sends offer acks and its signed audit events.
+the server forwards session offers and signed policy bundles (answered ``policy_applied`` or
+``policy_refused``, docs/sessions.md §6), and the agent sends offer acks and its signed audit
+events.
 
 When the channel drops (network, rendezvous restart, refusal) the client waits and reconnects:
 exponential backoff with full jitter, capped, reset after a welcome. Audit events produced while
@@ -41,11 +43,13 @@ from agent.status import DaemonStatus, write_status
 from audit.record import SignedEvent
 from protocol.domains import Purpose
 from protocol.identity import SigningIdentity, b64url
+from protocol.policy.signed_policy import MAX_BUNDLE_SIZE
 from protocol.signed_payload import create_signed_payload
 
 logger = logging.getLogger("tucdesk.agent.control")
 
-MAX_MESSAGE_BYTES = 64 * 1024
+# Room for the largest policy bundle (protocol.policy MAX_BUNDLE_SIZE) plus its envelope.
+MAX_MESSAGE_BYTES = MAX_BUNDLE_SIZE + 64 * 1024
 CONNECT_TIMEOUT_SECONDS = 15.0
 AUTH_TIMEOUT_SECONDS = 15.0
 SEND_TIMEOUT_SECONDS = 10.0
@@ -63,6 +67,9 @@ MAX_ISSUER_LENGTH = 256
 
 OfferHandler = Callable[[dict[str, Any]], None]
 """Called with each ``session_offer`` message; must not block (start a task and return)."""
+
+PolicyBundleHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
+"""Called with each ``policy_bundle`` message; returns the reply to send, if any."""
 
 
 class ReconnectBackoff:
@@ -119,8 +126,10 @@ class ControlClient:
         status_file: Path | None = None,
         backoff: ReconnectBackoff | None = None,
         clock: Callable[[], float] = time.time,
+        on_policy_bundle: PolicyBundleHandler | None = None,
     ) -> None:
         self._state = state
+        self._on_policy_bundle = on_policy_bundle
         self._identity: SigningIdentity = state.identity()
         self._machine_fingerprint = machine_fingerprint
         self._on_offer = on_offer
@@ -289,6 +298,10 @@ class ControlClient:
             kind = message.get("type")
             if kind == "session_offer":
                 self._on_offer(message)
+            elif kind == "policy_bundle" and self._on_policy_bundle is not None:
+                reply = self._on_policy_bundle(message)
+                if reply is not None:
+                    self.send_message(reply)
             elif kind == "heartbeat_ack":
                 continue
             elif kind in ("audit_event_ack", "audit_event_refused"):

@@ -1,5 +1,6 @@
 """Enrollment: make the agent's identity, register it with a registration key, pin the service
-keys, and seal everything into the machine-bound state file.
+keys and the team's policy trust (its admin keys and the rendezvous policy key, docs/sessions.md
+§6), and seal everything into the machine-bound state file.
 
 The registration key is a one-time secret: it is sent once inside the signed registration
 payload over HTTPS and is never stored, logged or echoed.
@@ -24,6 +25,7 @@ from agent.state_file import AgentState, StateFileError, save_state
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
+from protocol.policy import PinnedPolicyTrust
 from protocol.signed_payload import create_signed_payload
 
 REGISTER_PATH = "/v1/agents/register"
@@ -31,6 +33,8 @@ REQUEST_TIMEOUT_SECONDS = 30.0
 MAX_RESPONSE_BYTES = 64 * 1024
 MAX_SERVICE_KEYS = 32
 GRANT_SIGNER_PURPOSE = "jwt-issuer"
+POLICY_SIGNER_PURPOSE = "policy-signer"
+MAX_PINNED_ADMIN_KEYS = 64
 REGISTRATION_KEY_PREFIX = "rk_live_"
 MAX_REGISTRATION_KEY_LENGTH = 256
 HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
@@ -113,6 +117,46 @@ def grant_signing_keys(state: AgentState) -> dict[str, PublicIdentity]:
     return parse_service_keys(state.service_keys)[GRANT_SIGNER_PURPOSE]
 
 
+def parse_policy_trust(
+    body: Mapping[str, Any], team_id: str, service_keys: Mapping[str, Mapping[str, PublicIdentity]]
+) -> PinnedPolicyTrust:
+    """The policy pins from the registration answer's ``policy_trust``; EnrollmentError if bad.
+
+    ``policy_key`` must be the ``policy-signer`` key of the pinned service keys.
+    """
+    trust = body.get("policy_trust")
+    if not isinstance(trust, Mapping):
+        raise EnrollmentError(
+            "the rendezvous sent no policy trust (admin keys) with the registration: the team "
+            "has no admin yet, or the rendezvous is older than this agent; fix that, then enroll "
+            "again with a new registration key"
+        )
+    admin_texts, policy_text = trust.get("admin_keys"), trust.get("policy_key")
+    if (
+        not isinstance(admin_texts, list)
+        or not 0 < len(admin_texts) <= MAX_PINNED_ADMIN_KEYS
+        or not all(isinstance(text, str) for text in admin_texts)
+        or not isinstance(policy_text, str)
+    ):
+        raise EnrollmentError(
+            f"the rendezvous's policy trust must list 1..{MAX_PINNED_ADMIN_KEYS} admin keys and "
+            "the policy key; the team needs an admin before agents can enroll"
+        )
+    try:
+        admins = [PublicIdentity(b64url_decode(text, max_size=64)) for text in admin_texts]
+        policy_key = PublicIdentity(b64url_decode(policy_text, max_size=64))
+    except ProtocolError:
+        raise EnrollmentError("the rendezvous's policy trust holds an invalid key") from None
+    if policy_key.key_id not in service_keys.get(POLICY_SIGNER_PURPOSE, {}):
+        raise EnrollmentError(
+            "the rendezvous's policy key is not its published policy-signer service key"
+        )
+    try:
+        return PinnedPolicyTrust.at_enrollment(team_id, admins, policy_key)
+    except ValueError as error:
+        raise EnrollmentError(f"the rendezvous's policy trust is unusable: {error}") from None
+
+
 def registration_payload(
     identity: SigningIdentity,
     registration_key: str,
@@ -176,10 +220,11 @@ async def enroll(
         )
     if not isinstance(body, dict):
         raise EnrollmentError("the rendezvous answered the registration with no JSON object")
-    parse_service_keys(body.get("service_keys"))
+    service_keys = parse_service_keys(body.get("service_keys"))
     agent_id, team_id = body.get("agent_id"), body.get("team_id")
     if not isinstance(agent_id, str) or not isinstance(team_id, str) or not agent_id:
         raise EnrollmentError("the rendezvous's answer lacks the agent id or team id")
+    policy_trust = parse_policy_trust(body, team_id, service_keys)
     tags = body.get("tags", [])
     state = AgentState(
         agent_id=agent_id,
@@ -190,6 +235,7 @@ async def enroll(
         tags=tuple(tag for tag in tags if isinstance(tag, str)) if isinstance(tags, list) else (),
         ca_file=str(request.ca_file.resolve()) if request.ca_file is not None else None,
         service_keys=dict(body["service_keys"]),
+        policy_trust=policy_trust.to_json(),
     )
     try:
         save_state(request.state_file, state, identifiers)

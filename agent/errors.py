@@ -21,3 +21,7 @@ class ControlChannelError(AgentError):
 
 class OfferError(AgentError):
     """A session offer from the rendezvous is malformed and cannot be acted on."""
+
+
+class PolicyCacheError(AgentError):
+    """The agent's pinned policy trust or cached policy bundle cannot be read or stored."""

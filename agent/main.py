@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,12 +21,19 @@ from agent.config import AgentConfig, load_config
 from agent.control_client import ControlClient, ReconnectBackoff
 from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys
 from agent.errors import AgentError, ConfigError
-from agent.machine_identity import MachineIdentityError, read_machine_identifiers
+from agent.grant_policy import GrantPolicy
+from agent.machine_identity import (
+    MachineIdentifiers,
+    MachineIdentityError,
+    read_machine_identifiers,
+)
+from agent.policy_cache import PolicyCache, policy_file_path
 from agent.process_group import SessionProcessError
 from agent.session_host import SessionHost, SessionIdentity
-from agent.state_file import AgentState, StateFileError, load_state
+from agent.state_file import AgentState, StateFileError, load_state, save_state
 from agent.status import DaemonStatus, read_status, write_status
 from protocol.errors import ProtocolError
+from protocol.policy import PinnedPolicyTrust
 
 REGISTRATION_KEY_ENVIRONMENT = "TUCDESK_REGISTRATION_KEY"
 MAX_REGISTRATION_KEY_FILE_SIZE = 4096
@@ -210,18 +218,37 @@ def _state_dir_flag(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
     identifiers = read_machine_identifiers(config.machine_root)
     state = load_state(config.state_file, identifiers)
-    trio.run(run_daemon, config, state, identifiers.fingerprint())
+    trio.run(run_daemon, config, state, identifiers)
     return 0
 
 
-async def run_daemon(config: AgentConfig, state: AgentState, machine_fingerprint: str) -> None:
+def load_policy_cache(
+    config: AgentConfig, state: AgentState, identifiers: MachineIdentifiers
+) -> PolicyCache:
+    """The agent's cached policy; accepted bundles update the pins in the sealed state file."""
+    current = [state]
+
+    def save_trust(trust: PinnedPolicyTrust) -> None:
+        updated = replace(current[0], policy_trust=trust.to_json())
+        save_state(config.state_file, updated, identifiers)
+        current[0] = updated
+
+    return PolicyCache.load(policy_file_path(config.state_dir), state.policy_trust, save_trust)
+
+
+async def run_daemon(
+    config: AgentConfig, state: AgentState, identifiers: MachineIdentifiers
+) -> None:
     """Hold the control channel and serve sessions until SIGTERM/SIGINT or cancellation."""
     identity = state.identity()
     who = SessionIdentity(state.agent_id, state.team_id, grant_signing_keys(state))
+    policy_cache = load_policy_cache(config, state, identifiers)
+    policy = GrantPolicy(policy_cache, state.agent_id, state.team_id, state.name)
     auditor = SessionAuditor(identity, state.agent_id, state.team_id, state.name)
     logger.info(
-        "agent %s (%s) starting; key %s; server %s",
+        "agent %s (%s) starting; key %s; server %s; policy version %d",
         state.agent_id, state.name, identity.public.fingerprint, state.server_url,
+        policy_cache.version,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -234,14 +261,16 @@ async def run_daemon(config: AgentConfig, state: AgentState, machine_fingerprint
                 send_control=lambda message: client_box[0].send_message(message),
                 audit_sink=lambda event: client_box[0].send_audit_event(event),
                 issuer=lambda: client_box[0].issuer,
+                policy=policy,
             )
             client = ControlClient(
                 state,
-                machine_fingerprint,
+                identifiers.fingerprint(),
                 host.offer_handler(nursery),
                 ca_file=config.ca_file,
                 status_file=config.status_file,
                 backoff=ReconnectBackoff(cap=config.reconnect_cap_seconds),
+                on_policy_bundle=policy_cache.answer_bundle_message,
             )
             client_box.append(client)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
@@ -278,6 +307,7 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     print(f"Team:         {state.team_id}")
     print(f"Key:          {state.identity().public.fingerprint}")
     print(f"Server:       {state.server_url}")
+    print(f"Policy:       {_policy_summary(state)}")
     status = read_status(config.status_file)
     if status is None or not status.is_running() or status.last_error == "stopped":
         print("Daemon:       not running")
@@ -290,6 +320,19 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     if not status.connected and status.last_error:
         print(f"Last error:   {status.last_error}")
     return 0
+
+
+def _policy_summary(state: AgentState) -> str:
+    if state.policy_trust is None:
+        return "no pinned admin keys (enrolled before team policies: re-enroll)"
+    try:
+        trust = PinnedPolicyTrust.from_json(state.policy_trust)
+    except (ValueError, TypeError):
+        return "pinned policy trust is malformed (re-enroll)"
+    admins = f"{len(trust.admin_keys)} admin key(s) pinned"
+    if trust.version == 0:
+        return f"none signed yet, only admins may open sessions; {admins}"
+    return f"version {trust.version} applied; {admins}"
 
 
 def _show_time(seconds: float) -> str:

@@ -3,8 +3,9 @@
 For each session offer (docs/sessions.md §3) the host acknowledges it, connects to the relay
 with the agent's relay token, and runs ``AgentHandshake``. The grant check (§2) verifies the
 grant against the pinned rendezvous key, this agent's id and team, the offer's session id, the
-operator key proven in the handshake, expiry, and that the session id was never used before. A
-refusal is sealed into handshake message 4 so the operator sees why, and audited.
+operator key proven in the handshake, expiry, and that the session id was never used before;
+then the agent's own signed policy rules on it again (§6, agent/grant_policy.py). A refusal is
+sealed into handshake message 4 so the operator sees why, and audited.
 
 Then (§4) the operator's first frame must be CONTROL SessionStart matching the grant's mode and
 command. The shell runs on a PTY, the command through exec; frames are pumped both ways with
@@ -28,6 +29,7 @@ from agent.audit_events import SessionAuditor
 from agent.config import AgentConfig
 from agent.errors import OfferError
 from agent.exec_session import ExecSessionSpec, open_exec_session
+from agent.grant_policy import GrantPolicy, GrantPolicyRefused, LocalDecision
 from agent.process_group import ExitStatus, LocalSession, OutputStream, SessionProcessError
 from agent.pty_session import PtySessionSpec, open_pty_session
 from audit.record import SignedEvent
@@ -148,10 +150,12 @@ class SessionHost:
         send_control: ControlSender,
         audit_sink: AuditSink,
         issuer: Callable[[], str | None],
+        policy: GrantPolicy,
         connect_relay: RelayConnector = connect_tcp,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._config = config
+        self._policy = policy
         self._identity = identity
         self._who = who
         self._auditor = auditor
@@ -237,15 +241,16 @@ class SessionHost:
         accepted = await self._handshake(link, session_id)
         if accepted is None:
             return
-        channel, grant, operator = accepted
-        await self._run_session(link, channel, grant, operator)
+        channel, grant, operator, decision = accepted
+        await self._run_session(link, channel, grant, operator, decision)
 
     # ---- handshake ---------------------------------------------------------------------
 
     async def _handshake(
         self, link: FrameLink, session_id: str
-    ) -> tuple[SecureChannel, SessionGrant, PublicIdentity] | None:
+    ) -> tuple[SecureChannel, SessionGrant, PublicIdentity, LocalDecision] | None:
         verified: list[SessionGrant] = []
+        decided: list[LocalDecision] = []
         presented: list[PublicIdentity] = []
 
         def check_grant(grant: str | bytes, operator: PublicIdentity) -> str | None:
@@ -269,7 +274,16 @@ class SessionHost:
                 self._seen_sessions.check_and_remember(session_id, self._wall_clock())
             except ProtocolError:
                 return "session grant refused: this session id was already used"
+            try:
+                decision = self._policy.check(result, operator.key_id, self._wall_clock())
+            except GrantPolicyRefused as refusal:
+                return refusal.reason
+            logger.info(
+                "session %s: policy version %d: %s (%s)", session_id, decision.policy_version,
+                decision.result.value, decision.rule_id or "mode default",
+            )
             verified.append(result)
+            decided.append(decision)
             return None
 
         timeout = self._config.handshake_timeout_seconds
@@ -318,8 +332,8 @@ class SessionHost:
             )
             return None
         operator = handshake.peer_identity
-        assert operator is not None and verified
-        return handshake.channel(time.monotonic()), verified[0], operator
+        assert operator is not None and verified and decided
+        return handshake.channel(time.monotonic()), verified[0], operator, decided[0]
 
     # ---- the session -------------------------------------------------------------------
 
@@ -329,6 +343,7 @@ class SessionHost:
         channel: SecureChannel,
         grant: SessionGrant,
         operator: PublicIdentity,
+        decision: LocalDecision,
     ) -> None:
         session_id = grant.session_id
         sealed = SealedLink(link, channel)
@@ -362,7 +377,7 @@ class SessionHost:
             )
             await sealed.close_quietly("protocol-error", str(error))
             return
-        self._audit(self._auditor.started(grant, operator.fingerprint))
+        self._audit(self._auditor.started(grant, operator.fingerprint, decision))
         if grant.mode is SessionMode.EXEC:
             self._audit(self._auditor.command(grant, start.command))
         outcome = SessionOutcome()

@@ -66,6 +66,9 @@ class AgentState:
     ca_pin: str | None = None
     service_keys: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # PinnedPolicyTrust.to_json(): the pinned admins, rendezvous policy key and applied policy
+    # version. None in state written before policies existed: such an agent refuses sessions.
+    policy_trust: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if len(self.identity_seed) != IDENTITY_SEED_SIZE:
@@ -104,6 +107,7 @@ class AgentState:
                 ca_pin=_optional(document, "ca_pin", str, None),
                 service_keys=_optional(document, "service_keys", dict, {}),
                 extra=_optional(document, "extra", dict, {}),
+                policy_trust=_optional(document, "policy_trust", dict, None),
             )
         except StateFileError:
             raise

@@ -12,7 +12,8 @@ A grant is an EdDSA JWT (``typ`` = SESSION_GRANT_TYPE) signed with the rendezvou
   the key proven in the handshake, so a grant is useless to anyone without that key.
 - ``mode``     ``"shell"`` or ``"exec"``; ``command`` is the argv for exec, null for a shell.
 - ``policy``   ``{"result", "rule_id", "version"}``: the decision the rendezvous recorded.
-- ``approval`` the approval id, or null.
+- ``approval`` null, or the SignedApproval JSON object (protocol.policy.approval) when the
+  policy required an approval; the agent verifies it against its own signed roster.
 - ``jti``      a random grant id.
 
 This module only signs and checks; remembering which session ids an agent has already accepted
@@ -42,6 +43,7 @@ MAX_ARGUMENT_SIZE = 4096
 MAX_ID_SIZE = 128
 MAX_EMAIL_SIZE = 320
 MAX_POLICY_TEXT_SIZE = 128
+MAX_APPROVAL_SIZE = 4 * 1024
 GRANT_ID_SIZE = 16
 # verify_token checks time claims too; grants get their own, tighter check after it.
 _TIME_CHECKED_HERE_LEEWAY = 1e15
@@ -94,7 +96,7 @@ class SessionGrant:
     policy_result: str
     policy_rule_id: str | None
     policy_version: int | None
-    approval: str | None
+    approval: Mapping[str, Any] | None
     issuer: str
     grant_id: str
     issued_at: int
@@ -117,7 +119,7 @@ def issue_session_grant(
     policy_result: str,
     policy_rule_id: str | None,
     policy_version: int | None,
-    approval: str | None,
+    approval: Mapping[str, Any] | None,
     now: float,
     lifetime: int = DEFAULT_SESSION_GRANT_LIFETIME_SECONDS,
 ) -> str:
@@ -138,7 +140,7 @@ def issue_session_grant(
         "mode": _mode(mode).value,
         "command": None if command is None else list(command),
         "policy": {"result": policy_result, "rule_id": policy_rule_id, "version": policy_version},
-        "approval": approval,
+        "approval": None if approval is None else dict(approval),
         "jti": b64url(secrets.token_bytes(GRANT_ID_SIZE)),
     }
     # Parse what we are about to sign, so a grant we mint always passes our own checks.
@@ -257,7 +259,7 @@ def _parse_claims(claims: Mapping[str, Any]) -> SessionGrant:
         policy_result=_text(policy, "result", MAX_POLICY_TEXT_SIZE, "policy.result"),
         policy_rule_id=_optional_text(policy, "rule_id", MAX_POLICY_TEXT_SIZE, "policy.rule_id"),
         policy_version=version,
-        approval=_optional_text(claims, "approval", MAX_ID_SIZE, "approval"),
+        approval=_approval(claims.get("approval")),
         issuer=_text(claims, "iss", MAX_ID_SIZE),
         grant_id=_text(claims, "jti", MAX_ID_SIZE),
         issued_at=_integer(claims, "iat"),
@@ -280,6 +282,21 @@ def _command(value: object, mode: SessionMode) -> tuple[str, ...] | None:
                 f"session grant command arguments must be text of at most {MAX_ARGUMENT_SIZE} bytes"
             )
     return tuple(value)
+
+
+def _approval(value: object) -> Mapping[str, Any] | None:
+    # Only shape and size here: the agent checks the approval itself with verify_approval.
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise SessionGrantError("session grant approval claim must be an object or null")
+    try:
+        size = len(json.dumps(value, separators=(",", ":")).encode("utf-8"))
+    except (TypeError, ValueError, RecursionError):
+        raise SessionGrantError("session grant approval claim is not JSON") from None
+    if size > MAX_APPROVAL_SIZE:
+        raise SessionGrantError(f"session grant approval claim is over {MAX_APPROVAL_SIZE} bytes")
+    return value
 
 
 def _mapping(claims: Mapping[str, Any], name: str) -> Mapping[str, Any]:

@@ -33,6 +33,7 @@ from rendezvous.credentials import hash_secret, new_registration_key
 from rendezvous.server import run_service
 from rendezvous.service_keys import create_missing_keys
 from rendezvous.store import open_store
+from tests.agent.policy_support import ensure_team_admin
 from tests.rendezvous.conftest import database_url, postgres_cluster  # noqa: F401 - fixtures
 from tests.rendezvous.live_server import live_service, make_certificate
 
@@ -78,6 +79,7 @@ async def enrolled_agent(url: str, store_url: str, state_dir: Path) -> AgentStat
         await store.create_registration_key(
             team.id, hash_secret(key), [], time.time() + 600, "test", time.time()
         )
+        await ensure_team_admin(store, team.id)
     return await enroll(EnrollmentRequest(url, key, state_dir / "agent.state"), MACHINE)
 
 
@@ -175,6 +177,7 @@ async def test_agent_enrolls_and_connects_over_tls_trusting_the_given_ca_file(
             await store.create_registration_key(
                 team.id, hash_secret(registration), [], time.time() + 600, "test", time.time()
             )
+            await ensure_team_admin(store, team.id)
         request = EnrollmentRequest(url, registration, tmp_path / "state" / "agent.state")
         with pytest.raises(EnrollmentError, match="cannot reach the rendezvous"):
             await enroll(request, MACHINE)  # the system CAs do not know this certificate

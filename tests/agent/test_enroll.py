@@ -22,6 +22,7 @@ from agent.status import DaemonStatus, read_status, write_status
 from protocol.identity import SigningIdentity, b64url
 from rendezvous.credentials import hash_secret, new_registration_key
 from rendezvous.store import open_store
+from tests.agent.policy_support import ensure_team_admin
 from tests.rendezvous.live_server import live_service
 
 pytestmark = pytest.mark.anyio
@@ -56,6 +57,7 @@ async def registration_key(database_url: str, team: str = "ops") -> tuple[str, s
         await store.create_registration_key(
             found.id, hash_secret(key), ["web"], time.time() + 600, "test", time.time()
         )
+        await ensure_team_admin(store, found.id)
     return key, found.id
 
 

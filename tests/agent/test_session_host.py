@@ -23,6 +23,8 @@ from hypothesis import strategies as st
 from agent.audit_events import SessionAuditor
 from agent.config import AgentConfig
 from agent.errors import OfferError
+from agent.grant_policy import GrantPolicy
+from agent.policy_cache import PolicyCache
 from agent.session_host import (
     FrameLink,
     SessionHost,
@@ -44,6 +46,7 @@ from protocol.errors import HandshakeError
 from protocol.frames import FrameType, SecureChannel
 from protocol.handshake import HandshakeRefused, OperatorHandshake, pin_agent_key
 from protocol.identity import SigningIdentity
+from protocol.policy import PinnedPolicyTrust
 from protocol.relay_token import Side
 from protocol.session_grant import issue_session_grant
 from relay.client import connect_tcp
@@ -55,6 +58,9 @@ ISSUER = "tucdesk-rendezvous"
 AGENT_ID = "agt_test1"
 TEAM_ID = "tm_test1"
 WAIT_SECONDS = 15
+# The team has signed no policy, so only pinned admins may open sessions: this operator is one.
+OPERATOR = SigningIdentity.generate()
+POLICY_SIGNER = SigningIdentity.generate()
 
 
 @dataclass
@@ -78,10 +84,23 @@ class Stack:
         return [event.event.action for event in self.audit]
 
 
+def admin_only_cache(tmp_path: Path) -> PolicyCache:
+    """No signed policy yet; OPERATOR is the pinned admin."""
+    trust = PinnedPolicyTrust.at_enrollment(TEAM_ID, [OPERATOR.public], POLICY_SIGNER.public)
+    return PolicyCache(trust, None, tmp_path / "policy.json", lambda trust: None)
+
+
 @asynccontextmanager
-async def session_stack(tmp_path: Path, **config: Any) -> AsyncIterator[Stack]:
+async def session_stack(
+    tmp_path: Path,
+    *,
+    cache: PolicyCache | None = None,
+    grant_signer: SigningIdentity | None = None,
+    **config: Any,
+) -> AsyncIterator[Stack]:
+    """A relay and a session host; ``cache`` is the agent's policy (default: admin-only)."""
     relay_signer = SigningIdentity.generate()
-    grant_signer = SigningIdentity.generate()
+    grant_signer = grant_signer or SigningIdentity.generate()
     agent = SigningIdentity.generate()
     control: list[dict[str, Any]] = []
     audit: list[SignedEvent] = []
@@ -93,6 +112,7 @@ async def session_stack(tmp_path: Path, **config: Any) -> AsyncIterator[Stack]:
         send_control=control.append,
         audit_sink=audit.append,
         issuer=lambda: ISSUER,
+        policy=GrantPolicy(cache or admin_only_cache(tmp_path), AGENT_ID, TEAM_ID, "web-1"),
     )
     async with running_relay(relay_signer, idle_timeout=30.0) as relay:
         yield Stack(relay, host, agent, grant_signer, relay_signer, control, audit)
@@ -109,6 +129,8 @@ def mint_grant(
     agent_id: str = AGENT_ID,
     now: float | None = None,
     thumbprint: str | None = None,
+    policy_version: int | None = None,
+    approval: dict[str, Any] | None = None,
 ) -> str:
     return issue_session_grant(
         signer or stack.grant_signer,
@@ -124,8 +146,8 @@ def mint_grant(
         command=None if mode == "shell" else list(command or ()),
         policy_result="allow",
         policy_rule_id=None,
-        policy_version=None,
-        approval=None,
+        policy_version=policy_version,
+        approval=approval,
         now=time.time() if now is None else now,
     )
 
@@ -201,7 +223,7 @@ async def operator_session(
     **grant_options: Any,
 ) -> AsyncIterator[OperatorSide]:
     """Offer a session to the host, connect the operator and finish the handshake."""
-    operator = operator or SigningIdentity.generate()
+    operator = operator or OPERATOR
     grant = mint_grant(stack, operator, session_id, **grant_options)
     offer = stack.host.accept_offer(offer_message(stack, session_id))
     assert offer is not None
@@ -472,7 +494,7 @@ async def test_grant_bound_to_another_operator_key_is_refused(tmp_path: Path) ->
 
 @trio_test
 async def test_grant_for_another_session_is_refused(tmp_path: Path) -> None:
-    operator = SigningIdentity.generate()
+    operator = OPERATOR
     async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
         grant = mint_grant(stack, operator, "ses_other")
         offer = stack.host.accept_offer(offer_message(stack, "ses_1"))
@@ -516,7 +538,7 @@ async def test_operator_pinning_another_agent_key_gives_up_before_sending_the_gr
 
 @trio_test
 async def test_a_session_id_is_accepted_only_once(tmp_path: Path) -> None:
-    operator = SigningIdentity.generate()
+    operator = OPERATOR
     async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
         async with operator_session(stack, nursery, operator=operator) as first:
             await first.start(exec_start("true"))

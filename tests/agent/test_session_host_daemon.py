@@ -53,7 +53,7 @@ async def test_session_requested_from_the_rendezvous_runs_on_the_daemon_and_is_a
                 )
                 config = AgentConfig(state_dir=tmp_path / "agent", shell="/bin/sh")
                 async with trio.open_nursery() as nursery:
-                    nursery.start_soon(run_daemon, config, state, MACHINE.fingerprint())
+                    nursery.start_soon(run_daemon, config, state, MACHINE)
                     with trio.fail_after(WAIT_SECONDS):
                         while not await _online(store, team, state.agent_id):  # noqa: ASYNC110
                             await trio.sleep(0.02)

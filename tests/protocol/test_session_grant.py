@@ -72,7 +72,8 @@ def _verify(token: str, **changes: Any) -> SessionGrant:
 
 
 def test_grant_round_trips_its_claims() -> None:
-    grant = _verify(_issue(policy_rule_id="ops-exec", policy_version=3, approval="apr_1"))
+    approval = {"statement": {"request_id": "apr_1"}, "signature": "c2ln"}
+    grant = _verify(_issue(policy_rule_id="ops-exec", policy_version=3, approval=approval))
     assert grant.session_id == "ses_1"
     assert grant.team_id == "team_1"
     assert grant.agent_id == "agt_1"
@@ -85,7 +86,7 @@ def test_grant_round_trips_its_claims() -> None:
     assert (grant.policy_result, grant.policy_rule_id, grant.policy_version) == (
         "allow", "ops-exec", 3,
     )
-    assert grant.approval == "apr_1"
+    assert grant.approval == approval
     assert grant.expires_at == NOW + 60
     assert grant.grant_id
 
