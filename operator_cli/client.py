@@ -131,6 +131,13 @@ class Session:
                 raise
         return check(self._send(method, path, body, self.token(force_refresh=True)))
 
+    def request_with_status(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        """Like ``request``, also returning the success status (201 and 202 differ in meaning)."""
+        response = self._send(method, path, body, self.token())
+        if response.status_code == 401:
+            response = self._send(method, path, body, self.token(force_refresh=True))
+        return response.status_code, check(response)
+
     def request_raw(self, method: str, path: str) -> httpx.Response:
         """An authenticated request whose body the caller reads itself (exports)."""
         response = self._send(method, path, None, self.token())

@@ -1,7 +1,9 @@
 """Entry point for `tucdesk`, the operator command line.
 
 Account commands: login (enroll with an invite, or sign a fresh challenge), logout, whoami;
-agent registration keys (keys create/list/revoke); agents; audit export. State lives in the CLI
+agent registration keys (keys create/list/revoke); agents; audit export. Sessions: connect,
+exec (session_commands.py). Policy: policy show/set/test, roster show/sign
+(policy_commands.py); approvals, approve, deny (approval_commands.py). State lives in the CLI
 home (``--home``, ``TUCDESK_HOME``, or the XDG config dir).
 """
 
@@ -19,9 +21,17 @@ from typing import Any
 
 import httpx
 
+from operator_cli.approval_commands import approvals_command, approve_command, deny_command
 from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.demo import run_demo
 from operator_cli.home import CliHome, HomeError, Settings, default_home
+from operator_cli.policy_commands import (
+    policy_set,
+    policy_show,
+    policy_test,
+    roster_show,
+    roster_sign,
+)
 from operator_cli.selfcheck import run_selfcheck
 from operator_cli.session_commands import agents_trust, connect_command, exec_command
 from protocol.errors import ProtocolError
@@ -114,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         "-e", dest="escape_char", default="~", metavar="CHAR",
         help="escape character (default ~; 'none' turns escapes off)",
     )
+    _add_approval_flags(connect)
     connect.set_defaults(handler=_connect)
 
     exec_parser = commands.add_parser(
@@ -135,7 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
         "remote_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
         help="the command and its arguments",
     )
+    _add_approval_flags(exec_parser)
     exec_parser.set_defaults(handler=_exec)
+    _add_policy_commands(commands)
 
     demo = commands.add_parser(
         "demo",
@@ -169,6 +182,79 @@ def build_parser() -> argparse.ArgumentParser:
     selfcheck.set_defaults(handler=lambda args, home: run_selfcheck())
     # Further commands register here with set_defaults(handler=…).
     return parser
+
+
+def _add_approval_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--no-wait", action="store_true",
+        help="when the policy asks for approval, print the request id and exit 0 instead of "
+        "waiting",
+    )
+    parser.add_argument(
+        "--approval", metavar="ID", help="use the approval request ID from an earlier --no-wait"
+    )
+
+
+def _add_policy_commands(commands: Any) -> None:
+    policy = commands.add_parser("policy", help="the team's signed policy (docs/policy.md)")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True,
+                                            metavar="ACTION")
+    show = policy_commands.add_parser("show", help="show the signed policy and who signed it")
+    show.add_argument("--json", action="store_true", help="print the signed bundle as JSON")
+    show.set_defaults(handler=lambda args, home: policy_show(home, as_json=args.json))
+    set_parser = policy_commands.add_parser(
+        "set", help="validate FILE, sign it with your key and publish it (admin)",
+        description="Validate the policy document FILE locally (errors name the line), check "
+        "that its version is the next one, sign it with your operator key together with the "
+        "signed roster and agent tags, and publish it; the rendezvous countersigns it and "
+        "sends it to the team's agents.",
+    )
+    set_parser.add_argument("file", type=Path, metavar="FILE", help="policy document (TOML)")
+    set_parser.set_defaults(handler=lambda args, home: policy_set(home, args.file))
+    test = policy_commands.add_parser(
+        "test", help="show the decision the policy makes on a request, and why",
+    )
+    test.add_argument("--operator", required=True, metavar="EMAIL", help="the operator's email")
+    test.add_argument("--agent", required=True, metavar="AGENT", help="agent name or id")
+    test.add_argument("--action", required=True, choices=("shell", "exec"))
+    test.add_argument("--command", metavar='"CMD ARGS"', help="the exec command line")
+    test.add_argument("--at", metavar="TIME",
+                      help="RFC 3339 time with offset, e.g. 2026-03-29T02:30:00+02:00 "
+                      "(default: now)")
+    test.set_defaults(handler=lambda args, home: policy_test(
+        home, operator=args.operator, agent=args.agent, action=args.action,
+        command=args.command, at=args.at,
+    ))
+
+    roster = commands.add_parser("roster", help="the signed team roster agents enforce")
+    roster_commands = roster.add_subparsers(dest="roster_command", required=True,
+                                            metavar="ACTION")
+    roster_commands.add_parser(
+        "show", help="the signed roster and pending (unsigned) changes"
+    ).set_defaults(handler=lambda args, home: roster_show(home))
+    sign = roster_commands.add_parser(
+        "sign", help="sign the current roster and agent tags (admin)",
+        description="Show how the team's operators and agent tags differ from the signed "
+        "roster, ask, and sign them into the next policy version (same rules).",
+    )
+    sign.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    sign.set_defaults(handler=lambda args, home: roster_sign(home, assume_yes=args.yes))
+
+    approvals = commands.add_parser(
+        "approvals", help="pending approval requests (approver and admin roles)"
+    )
+    approvals.add_argument("--json", action="store_true", help="print JSON")
+    approvals.set_defaults(handler=lambda args, home: approvals_command(home, as_json=args.json))
+    for name, handler, verb in (
+        ("approve", approve_command, "approve (signs the exact request with your key)"),
+        ("deny", deny_command, "deny"),
+    ):
+        decision = commands.add_parser(name, help=f"{verb} a pending request")
+        decision.add_argument("request_id", metavar="ID", help="approval request id (apr_…)")
+        decision.add_argument("--reason", help="why (recorded in the audit log)")
+        decision.set_defaults(
+            handler=lambda args, home, run=handler: run(home, args.request_id, args.reason)
+        )
 
 
 def _settings_for_login(args: argparse.Namespace, home: CliHome) -> Settings:
@@ -284,16 +370,32 @@ def _agents(args: argparse.Namespace, home: CliHome) -> int:
     if args.json:
         print(json.dumps(agents, indent=2))
         return EXIT_OK
-    print(f"{'NAME':<24} {'ID':<24} {'STATE':<8} {'LAST SEEN':<21} {'TAGS':<16} KEY")
+    team_version = listing.get("policy_version")
+    print(f"{'NAME':<24} {'ID':<24} {'STATE':<8} {'LAST SEEN':<21} {'TAGS':<16} "
+          f"{'POLICY':<12} KEY")
     for agent in agents:
         state = "online" if agent["online"] else "offline"
         seen = _ago(agent["last_seen_at"])
         tags = ",".join(agent["tags"]) or "-"
+        policy = policy_drift(agent.get("policy_version"), team_version)
         print(
             f"{agent['name']:<24} {agent['id']:<24} {state:<8} {seen:<21} {tags:<16} "
-            f"{agent['key_fingerprint']}"
+            f"{policy:<12} {agent['key_fingerprint']}"
         )
+    if isinstance(team_version, int):
+        print(f"team policy version: {team_version or 'none signed'}")
     return EXIT_OK
+
+
+def policy_drift(applied: object, current: object) -> str:
+    """An agent's applied policy version, marked when it lags the team's (``v3 (!= v4)``)."""
+    if not isinstance(applied, int) or applied <= 0:
+        shown = "none"
+    else:
+        shown = f"v{applied}"
+    if isinstance(current, int) and current > 0 and applied != current:
+        return f"{shown} (!= v{current})"
+    return shown
 
 
 def _agents_trust(args: argparse.Namespace, home: CliHome) -> int:
@@ -301,13 +403,17 @@ def _agents_trust(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:
-    return connect_command(home, args.agent, args.escape_char, debug=args.debug)
+    return connect_command(
+        home, args.agent, args.escape_char, debug=args.debug,
+        wait_for_approval=not args.no_wait, approval_id=args.approval,
+    )
 
 
 def _exec(args: argparse.Namespace, home: CliHome) -> int:
     return exec_command(
         home, args.agent, args.remote_command, no_stdin=args.no_stdin,
         force_stdin=args.force_stdin, debug=args.debug,
+        wait_for_approval=not args.no_wait, approval_id=args.approval,
     )
 
 

@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 import trio
 
+from operator_cli.approval_requests import ApprovalFormatError, PendingApproval
 from operator_cli.client import Session
 from operator_cli.known_agents import AgentKeyChangedError, KnownAgents
 from protocol.control import (
@@ -43,6 +44,7 @@ RECEIVE_CHUNK_BYTES = 256 * 1024
 CLOSE_SEND_TIMEOUT_SECONDS = 2.0
 REFUSAL_POLL_SECONDS = 1.0
 MAX_TARGET_LENGTH = 256
+HTTP_ACCEPTED = 202
 
 
 class SessionError(Exception):
@@ -105,6 +107,14 @@ def _text(value: Any) -> str:
     return value
 
 
+class ApprovalPending(SessionError):
+    """The rendezvous parked the request until an approver confirms it (202)."""
+
+    def __init__(self, pending: PendingApproval) -> None:
+        super().__init__(f"the session needs approval first ({pending.request_id})")
+        self.pending = pending
+
+
 def request_session(
     api: Session,
     target: str,
@@ -113,15 +123,31 @@ def request_session(
     term: str = "xterm-256color",
     rows: int = 24,
     cols: int = 80,
+    approval_id: str | None = None,
 ) -> SessionTicket:
-    """POST /v1/sessions for ``target`` (an agent name or id); ApiError when refused."""
+    """POST /v1/sessions for ``target`` (an agent name or id); ApiError when refused.
+
+    Raises ApprovalPending when the policy parks the request for an approver (202);
+    ``approval_id`` names an approved request to redeem (docs/sessions.md §6).
+    """
     if not target or len(target) > MAX_TARGET_LENGTH:
         raise SessionError(f"{target[:40]!r} is not an agent name or id")
     body: dict[str, Any] = {"target": target, "mode": mode, "term": term, "rows": rows,
                             "cols": cols}
     if mode == "exec":
         body["command"] = list(command or [])
-    return SessionTicket.from_response(api.request("POST", "/v1/sessions", body))
+    if approval_id is not None:
+        body["approval_id"] = approval_id
+    status, answer = api.request_with_status("POST", "/v1/sessions", body)
+    if status == HTTP_ACCEPTED:
+        try:
+            pending = PendingApproval.from_response(answer)
+        except ApprovalFormatError as error:
+            raise SessionError(
+                f"the rendezvous parked the session in an unexpected form ({error})"
+            ) from None
+        raise ApprovalPending(pending)
+    return SessionTicket.from_response(answer)
 
 
 class AgentKeyPin:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -18,12 +19,13 @@ from urllib.parse import quote
 import httpx
 import trio
 
+from operator_cli.approval_wait import Parked, SessionAsk, obtain_ticket
 from operator_cli.client import ApiError, Session
 from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
 from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
 from operator_cli.home import CliHome, HomeError
 from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, KnownAgentsError
-from operator_cli.session_client import RefusalProbe, SessionError, request_session
+from operator_cli.session_client import RefusalProbe, SessionError
 from operator_cli.terminal import read_window_size
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
@@ -102,8 +104,14 @@ def exec_command(
     no_stdin: bool,
     force_stdin: bool,
     debug: bool = False,
+    wait_for_approval: bool = True,
+    approval_id: str | None = None,
 ) -> int:
-    """`tucdesk exec AGENT -- CMD…`: the remote command's exit status, or 255."""
+    """`tucdesk exec AGENT -- CMD…`: the remote command's exit status, or 255.
+
+    When the policy asks for approval it waits for an approver (or, with ``wait_for_approval``
+    false, prints the request id and returns 0); ``approval_id`` redeems an earlier request.
+    """
     command = list(argv)
     if command and command[0] == "--":
         command = command[1:]
@@ -114,7 +122,14 @@ def exec_command(
     def run() -> int:
         api = Session.from_home(home)
         try:
-            ticket = request_session(api, agent, "exec", command)
+            obtained = obtain_ticket(
+                api, SessionAsk(agent, "exec", command), _say,
+                wait=wait_for_approval, approval_id=approval_id,
+            )
+            if isinstance(obtained, Parked):
+                return _parked(obtained, f"exec --approval {obtained.pending.request_id} "
+                               f"{shlex.join([agent, '--', *command])}")
+            ticket = obtained
             options = ExecOptions(
                 command=tuple(command), read_stdin=should_read_stdin(no_stdin, force_stdin)
             )
@@ -128,10 +143,23 @@ def exec_command(
     return _reported(run, debug)
 
 
+def _parked(parked: Parked, resume: str) -> int:
+    """--no-wait: the request id on stdout (for scripts), what to do next on stderr."""
+    print(parked.pending.request_id)
+    _say(f"{parked.pending.waiting_line()}; once approved, run: tucdesk {resume}")
+    return EXIT_OK
+
+
 def connect_command(
-    home: CliHome, agent: str, escape_char: str = "~", *, debug: bool = False
+    home: CliHome,
+    agent: str,
+    escape_char: str = "~",
+    *,
+    debug: bool = False,
+    wait_for_approval: bool = True,
+    approval_id: str | None = None,
 ) -> int:
-    """`tucdesk connect AGENT`: the remote shell's exit status, or 255."""
+    """`tucdesk connect AGENT`: the remote shell's exit status, or 255 (approvals as for exec)."""
     if escape_char == "none":
         escape: int | None = None
     elif len(escape_char) == 1 and escape_char.isprintable():
@@ -145,9 +173,15 @@ def connect_command(
         start = shell_start(size, os.environ)
         api = Session.from_home(home)
         try:
-            ticket = request_session(
-                api, agent, "shell", term=start.terminal_type, rows=size.rows, cols=size.cols
+            obtained = obtain_ticket(
+                api,
+                SessionAsk(agent, "shell", None, start.terminal_type, size.rows, size.cols),
+                _say, wait=wait_for_approval, approval_id=approval_id,
             )
+            if isinstance(obtained, Parked):
+                return _parked(obtained, f"connect --approval {obtained.pending.request_id} "
+                               f"{shlex.quote(agent)}")
+            ticket = obtained
             outcome = trio.run(
                 run_connect, ticket, api.identity, KnownAgents.in_home(home.path), start,
                 ConnectOptions(escape_character=escape),

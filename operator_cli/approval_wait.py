@@ -1,0 +1,181 @@
+"""The requester's side of an approval: ask for a session, wait for an approver, ask again.
+
+``POST /v1/sessions`` answers 202 with an approval request when the policy says a human must
+confirm first (docs/sessions.md §6). ``obtain_ticket`` then tells the operator who may approve,
+polls ``GET /v1/approvals/{id}`` until the request is approved, denied or expired, and on
+approval repeats the session request with ``approval_id``. ``--no-wait`` returns the request id
+instead; ``--approval ID`` resumes with an id from an earlier run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from operator_cli.approval_commands import fetch_request
+from operator_cli.approval_requests import (
+    APPROVED,
+    DENIED,
+    EXPIRED,
+    PENDING,
+    ApprovalRequestView,
+    PendingApproval,
+)
+from operator_cli.client import Session
+from operator_cli.session_client import (
+    ApprovalPending,
+    SessionError,
+    SessionTicket,
+    request_session,
+)
+
+APPROVAL_POLL_SECONDS = 1.0
+MAX_APPROVAL_WAIT_SECONDS = 60 * 60
+EXPIRY_GRACE_SECONDS = 5.0
+
+Say = Callable[[str], None]
+
+
+class ApprovalRefused(SessionError):
+    """The approval request was denied or expired, or does not fit this session."""
+
+
+@dataclass(frozen=True)
+class SessionAsk:
+    """What the operator asked for: target, mode, exec argv and the terminal."""
+
+    target: str
+    mode: Literal["shell", "exec"]
+    command: list[str] | None = None
+    term: str = "xterm-256color"
+    rows: int = 24
+    cols: int = 80
+
+
+@dataclass(frozen=True)
+class Parked:
+    """The session waits for approval and the caller chose not to wait (``--no-wait``)."""
+
+    pending: PendingApproval
+
+
+def obtain_ticket(
+    api: Session,
+    ask: SessionAsk,
+    say: Say,
+    *,
+    wait: bool = True,
+    approval_id: str | None = None,
+    poll_seconds: float = APPROVAL_POLL_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+) -> SessionTicket | Parked:
+    """A session ticket for ``ask``, waiting for approval when the policy requires it.
+
+    Raises ApprovalRefused when the request is denied or expires, and the errors of
+    request_session otherwise. With ``wait`` false a parked request is returned as Parked.
+    """
+    if approval_id is None:
+        try:
+            return _request(api, ask, None)
+        except ApprovalPending as parked:
+            pending = parked.pending
+        say(f"approval required: {pending.reason or 'the policy asks for it'}")
+        if not wait:
+            return Parked(pending)
+        say(pending.waiting_line())
+        view = wait_for_decision(api, pending.request_id, say, poll_seconds=poll_seconds,
+                                 sleep=sleep)
+        return _request(api, ask, view.request_id)
+    view = fetch_request(api, approval_id)
+    check_fits(view, ask)
+    if view.state == PENDING:
+        pending = PendingApproval(view.request_id, view.expires_at, view.approvers, view.reason,
+                                  view.rule_id)
+        if not wait:
+            return Parked(pending)
+        say(pending.waiting_line())
+        view = wait_for_decision(api, view.request_id, say, poll_seconds=poll_seconds,
+                                 sleep=sleep)
+    elif view.state != APPROVED:
+        raise _refusal(view)
+    return _request(api, ask, view.request_id)
+
+
+def wait_for_decision(
+    api: Session,
+    request_id: str,
+    say: Say,
+    *,
+    poll_seconds: float = APPROVAL_POLL_SECONDS,
+    sleep: Callable[[float], None] = time.sleep,
+    max_wait_seconds: float = MAX_APPROVAL_WAIT_SECONDS,
+) -> ApprovalRequestView:
+    """Poll the request until it is approved (returned) or denied/expired (ApprovalRefused)."""
+    try:
+        return _poll(api, request_id, say, poll_seconds, sleep, max_wait_seconds)
+    except KeyboardInterrupt:
+        raise ApprovalRefused(
+            f"stopped waiting; request {request_id} stays pending: run the same command again "
+            f"with --approval {request_id}"
+        ) from None
+
+
+def _poll(
+    api: Session,
+    request_id: str,
+    say: Say,
+    poll_seconds: float,
+    sleep: Callable[[float], None],
+    max_wait_seconds: float,
+) -> ApprovalRequestView:
+    give_up = time.monotonic() + max_wait_seconds
+    while True:
+        view = fetch_request(api, request_id)
+        if view.state == APPROVED:
+            say(f"approved by {view.decided_by or 'an approver'}"
+                f"{f': {view.decision_reason}' if view.decision_reason else ''}")
+            return view
+        if view.state != PENDING:
+            raise _refusal(view)
+        if view.expires_at is not None and time.time() > view.expires_at + EXPIRY_GRACE_SECONDS:
+            raise ApprovalRefused(f"approval request {request_id} expired without a decision")
+        if time.monotonic() > give_up:
+            raise ApprovalRefused(
+                f"gave up waiting for approval of {request_id} after {max_wait_seconds:.0f}s"
+            )
+        sleep(poll_seconds)
+
+
+def check_fits(view: ApprovalRequestView, ask: SessionAsk) -> None:
+    """Refuse to use an approval request for anything but the session it was made for."""
+    if ask.target not in (view.agent_id, view.agent_name):
+        raise ApprovalRefused(
+            f"approval request {view.request_id} is for agent {view.agent_name}, not {ask.target}"
+        )
+    if view.action.value != ask.mode:
+        raise ApprovalRefused(
+            f"approval request {view.request_id} is for {view.action.value}, not {ask.mode}"
+        )
+    if view.command != (None if ask.command is None else tuple(ask.command)):
+        raise ApprovalRefused(f"approval request {view.request_id} is for another command")
+
+
+def _refusal(view: ApprovalRequestView) -> ApprovalRefused:
+    if view.state == DENIED:
+        why = f": {view.decision_reason}" if view.decision_reason else " (no reason given)"
+        return ApprovalRefused(
+            f"approval request {view.request_id} was denied by {view.decided_by or 'an approver'}"
+            f"{why}"
+        )
+    if view.state == EXPIRED:
+        return ApprovalRefused(f"approval request {view.request_id} expired; ask again")
+    return ApprovalRefused(f"approval request {view.request_id} is {view.state}; ask again")
+
+
+def _request(api: Session, ask: SessionAsk, approval_id: str | None) -> SessionTicket:
+    return request_session(
+        api, ask.target, ask.mode, ask.command, term=ask.term, rows=ask.rows, cols=ask.cols,
+        approval_id=approval_id,
+    )

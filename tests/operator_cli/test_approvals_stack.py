@@ -1,0 +1,186 @@
+"""The approval gate through the whole real stack, driven with the `tucdesk` command line.
+
+An exec the policy marks approval_required waits for an approver; the approver's CLI signs the
+exact request; the grant carries that signature and the agent checks it before running. Nobody
+approves their own request, and an approval is good for one command once.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from operator_cli.client import ApiError, Session
+from operator_cli.home import CliHome
+from operator_cli.session_client import request_session
+from tests.operator_cli.policy_stack_support import (
+    APPROVER_EMAIL,
+    OPERATOR_EMAIL,
+    PolicyStack,
+    policy_stack,
+)
+
+pytestmark = pytest.mark.slow
+
+EXIT_CONNECTION_FAILED = 255
+WAIT_TIMEOUT_SECONDS = 30.0
+POLL_SECONDS = 0.2
+
+
+@pytest.fixture(scope="module")
+def team(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PolicyStack]:
+    with policy_stack(tmp_path_factory.mktemp("approvals-stack")) as started:
+        yield started
+
+
+def last_line(result: subprocess.CompletedProcess[bytes]) -> str:
+    lines = result.stderr.decode().strip().splitlines()
+    assert lines and lines[-1].startswith("tucdesk: "), result.stderr
+    return lines[-1]
+
+
+def park(team: PolicyStack, *command: str) -> str:
+    """Ask for an exec that needs approval with --no-wait; return the request id it prints."""
+    result = team.tucdesk("exec", "--no-wait", team.stack.agent_name, "--", *command,
+                          home=team.operator_home)
+    assert result.returncode == 0, result.stderr
+    request_id = result.stdout.decode().strip()
+    assert request_id.startswith("apr_"), result.stdout
+    assert "waiting for approval by" in result.stderr.decode()
+    return request_id
+
+
+def wait_for_text(path: Path, text: str, process: subprocess.Popen[bytes]) -> str:
+    deadline = time.monotonic() + WAIT_TIMEOUT_SECONDS
+    while True:
+        content = path.read_text(errors="replace") if path.exists() else ""
+        if text in content:
+            return content
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"never saw {text!r}; stderr so far:\n{content}")
+        time.sleep(POLL_SECONDS)
+
+
+def test_an_exec_needing_approval_waits_for_an_approver_then_runs(
+    team: PolicyStack, tmp_path: Path
+) -> None:
+    stderr_path = tmp_path / "requester.err"
+    argv = team.stack.tucdesk_command("exec", team.stack.agent_name, "--", "echo", "restart",
+                                      "web", home=team.operator_home)
+    with stderr_path.open("wb") as stderr:
+        requester = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            env=team.stack.cli_env(team.operator_home),
+        )
+    try:
+        waiting = wait_for_text(stderr_path, "waiting for approval by", requester)
+        assert APPROVER_EMAIL in waiting and "restarts-need-approval" in waiting
+        assert OPERATOR_EMAIL not in waiting.split("waiting for approval by", 1)[1]
+
+        listed = team.tucdesk("approvals", home=team.approver_home)
+        assert listed.returncode == 0, listed.stderr
+        assert OPERATOR_EMAIL in listed.stdout.decode()
+        assert "echo restart web" in listed.stdout.decode()
+        [pending] = [item for item in json.loads(team.tucdesk(
+            "approvals", "--json", home=team.approver_home).stdout)
+            if item["command"] == ["echo", "restart", "web"]]
+
+        approved = team.tucdesk("approve", pending["id"], "--reason", "planned change",
+                                home=team.approver_home)
+        assert approved.returncode == 0, approved.stderr
+        stdout, _ = requester.communicate(timeout=WAIT_TIMEOUT_SECONDS)
+    finally:
+        if requester.poll() is None:
+            requester.kill()
+            requester.wait()
+    assert (requester.returncode, stdout) == (0, b"restart web\n"), stderr_path.read_text()
+    assert f"approved by {APPROVER_EMAIL}" in stderr_path.read_text()
+
+
+def test_nobody_approves_their_own_request(team: PolicyStack) -> None:
+    request_id = park(team, "echo", "restart", "db")
+    own = team.tucdesk("approve", request_id, home=team.operator_home)
+    assert own.returncode == 1
+    assert "own request" in last_line(own)
+    state = team.api_get(f"/v1/approvals/{request_id}", home=team.operator_home)["state"]
+    assert state == "pending"
+
+
+def test_a_denied_request_tells_the_requester_who_denied_it_and_why(team: PolicyStack) -> None:
+    request_id = park(team, "echo", "restart", "cache")
+    denied = team.tucdesk("deny", request_id, "--reason", "not during the sale",
+                          home=team.approver_home)
+    assert denied.returncode == 0, denied.stderr
+    result = team.tucdesk("exec", "--approval", request_id, team.stack.agent_name, "--", "echo",
+                          "restart", "cache", home=team.operator_home)
+    assert result.returncode == EXIT_CONNECTION_FAILED
+    line = last_line(result)
+    assert APPROVER_EMAIL in line and "not during the sale" in line
+    assert result.stdout == b""
+
+
+def test_an_approval_cannot_be_replayed_onto_another_command_or_reused(
+    team: PolicyStack,
+) -> None:
+    agent = team.stack.agent_name
+    request_id = park(team, "echo", "restart", "api")
+    approved = team.tucdesk("approve", request_id, home=team.approver_home)
+    assert approved.returncode == 0, approved.stderr
+
+    # The CLI will not offer it for another command...
+    other = team.tucdesk("exec", "--approval", request_id, agent, "--", "echo", "restart",
+                         "everything", home=team.operator_home)
+    assert other.returncode == EXIT_CONNECTION_FAILED
+    assert "another command" in last_line(other)
+    # ...and the rendezvous refuses it when asked directly.
+    api = Session.from_home(CliHome(team.operator_home))
+    try:
+        with pytest.raises(ApiError) as refused:
+            request_session(api, agent, "exec", ["echo", "restart", "everything"],
+                            approval_id=request_id)
+        assert refused.value.status in (400, 403, 409)
+    finally:
+        api.close()
+
+    used = team.tucdesk("exec", "--approval", request_id, agent, "--", "echo", "restart", "api",
+                        home=team.operator_home)
+    assert (used.returncode, used.stdout) == (0, b"restart api\n"), used.stderr
+    again = team.tucdesk("exec", "--approval", request_id, agent, "--", "echo", "restart",
+                         "api", home=team.operator_home)
+    assert again.returncode == EXIT_CONNECTION_FAILED
+    assert "executed" in last_line(again)
+
+
+def test_only_approvers_and_admins_see_the_pending_requests(team: PolicyStack) -> None:
+    result = team.tucdesk("approvals", home=team.operator_home)
+    assert result.returncode == 1
+    assert "refused" in last_line(result)
+
+
+def test_a_shell_needing_approval_opens_with_the_approval_id(team: PolicyStack) -> None:
+    agent = team.stack.agent_name
+    parked = team.tucdesk("connect", "--no-wait", agent, home=team.operator_home)
+    assert parked.returncode == 0, parked.stderr
+    request_id = parked.stdout.decode().strip()
+    assert f"tucdesk connect --approval {request_id} {agent}" in parked.stderr.decode()
+    approved = team.tucdesk("approve", request_id, home=team.approver_home)
+    assert approved.returncode == 0, approved.stderr
+
+    argv = team.stack.tucdesk_command("connect", "--approval", request_id, agent,
+                                      home=team.operator_home)
+    env = dict(team.stack.cli_env(team.operator_home), TERM="xterm", PS1="$ ")
+    child = pexpect.spawn(argv[0], argv[1:], env=env, timeout=WAIT_TIMEOUT_SECONDS)
+    try:
+        child.sendline("echo approved-$((40+2))")
+        child.expect("approved-42")
+        child.sendline("exit 5")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 5
