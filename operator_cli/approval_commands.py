@@ -24,7 +24,6 @@ from operator_cli.approval_requests import (
 )
 from operator_cli.client import Session
 from operator_cli.home import CliHome, HomeError
-from protocol.policy import SelfApprovalError, approve_request
 
 EXIT_OK = 0
 MAX_REASON_LENGTH = 500  # what the rendezvous accepts
@@ -112,6 +111,8 @@ def approve_command(home: CliHome, request_id: str, reason: str | None) -> int:
         if view.requester_thumbprint == api.identity.public.key_id:
             raise ApprovalCommandError("nobody may approve their own request")
         _describe(view, "approving")
+        from protocol.policy import SelfApprovalError, approve_request
+
         try:
             signed = approve_request(api.identity, view.context(team_id), now=time.time())
         except SelfApprovalError:

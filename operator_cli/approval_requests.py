@@ -12,10 +12,13 @@ import shlex
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from protocol.policy import ApprovalContext
-from protocol.policy.request import Action
+if TYPE_CHECKING:
+    # Imported where used: the policy package is only needed once an approval is in play, and
+    # `tucdesk exec` start-up time is measured against ssh.
+    from protocol.policy import ApprovalContext
+    from protocol.policy.request import Action
 
 MAX_SHOWN_COMMAND_CHARACTERS = 60
 PENDING = "pending"
@@ -95,6 +98,8 @@ class ApprovalRequestView:
         """Parse one request object; ApprovalFormatError when a needed field is missing."""
         if not isinstance(data, Mapping):
             raise ApprovalFormatError("an approval request is a JSON object")
+        from protocol.policy.request import Action
+
         action_text = _first(data, "action", "mode")
         try:
             action = Action(str(action_text))
@@ -139,6 +144,8 @@ class ApprovalRequestView:
 
     def context(self, team_id: str) -> ApprovalContext:
         """The exact request an approver signs, in ``team_id`` (the approver's own team)."""
+        from protocol.policy import ApprovalContext
+
         return ApprovalContext(
             request_id=self.request_id,
             team_id=team_id,

@@ -10,6 +10,7 @@ home (``--home``, ``TUCDESK_HOME``, or the XDG config dir).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -21,20 +22,35 @@ from typing import Any
 
 import httpx
 
-from operator_cli.approval_commands import approvals_command, approve_command, deny_command
 from operator_cli.client import ApiError, Session, enroll, login, open_http
-from operator_cli.demo import run_demo
 from operator_cli.home import CliHome, HomeError, Settings, default_home
-from operator_cli.policy_commands import (
-    policy_set,
-    policy_show,
-    policy_test,
-    roster_show,
-    roster_sign,
-)
-from operator_cli.selfcheck import run_selfcheck
 from operator_cli.session_commands import agents_trust, connect_command, exec_command
 from protocol.errors import ProtocolError
+
+
+def _imported_on_use(module: str, name: str) -> Callable[..., Any]:
+    """A command implementation imported only when its command runs.
+
+    `tucdesk exec` start-up is measured against `ssh host true`; the policy, approval, demo and
+    selfcheck modules (and what they import) stay out of every other command's start-up.
+    """
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    return call
+
+
+run_selfcheck = _imported_on_use("operator_cli.selfcheck", "run_selfcheck")
+run_demo = _imported_on_use("operator_cli.demo", "run_demo")
+policy_show = _imported_on_use("operator_cli.policy_commands", "policy_show")
+policy_set = _imported_on_use("operator_cli.policy_commands", "policy_set")
+policy_test = _imported_on_use("operator_cli.policy_commands", "policy_test")
+roster_show = _imported_on_use("operator_cli.policy_commands", "roster_show")
+roster_sign = _imported_on_use("operator_cli.policy_commands", "roster_sign")
+approvals_command = _imported_on_use("operator_cli.approval_commands", "approvals_command")
+approve_command = _imported_on_use("operator_cli.approval_commands", "approve_command")
+deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
