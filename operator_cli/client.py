@@ -7,13 +7,11 @@ token is missing, about to expire or refused, the client signs a fresh challenge
 from __future__ import annotations
 
 import json
-import ssl
 import time
 from typing import Any
 
-import httpx
-
 from operator_cli.home import CliHome, HomeError, Settings
+from operator_cli.http import HttpClient, Response
 from protocol.domains import Purpose
 from protocol.identity import SigningIdentity, b64url
 from protocol.request_proof import PROOF_HEADER, create_proof
@@ -34,18 +32,14 @@ class ApiError(Exception):
         self.message = message
 
 
-def open_http(settings: Settings) -> httpx.Client:
+def open_http(settings: Settings) -> HttpClient:
     """An HTTP client for the server, trusting the CA file when one is configured."""
-    verify: Any = ssl.create_default_context(cafile=settings.ca_file) if settings.ca_file else True
-    return httpx.Client(
-        base_url=settings.server.rstrip("/"),
-        verify=verify,
-        timeout=REQUEST_TIMEOUT_SECONDS,
-        follow_redirects=False,
+    return HttpClient(
+        settings.server, ca_file=settings.ca_file, read_timeout=REQUEST_TIMEOUT_SECONDS
     )
 
 
-def check(response: httpx.Response) -> Any:
+def check(response: Response) -> Any:
     """The JSON body of a successful response; ApiError with the service's reason otherwise."""
     if response.is_success:
         if response.status_code == 204 or not response.content:
@@ -59,7 +53,7 @@ def check(response: httpx.Response) -> Any:
     raise ApiError(response.status_code, code, message or f"HTTP {response.status_code}")
 
 
-def enroll(http: httpx.Client, identity: SigningIdentity, invite: str) -> dict[str, Any]:
+def enroll(http: HttpClient, identity: SigningIdentity, invite: str) -> dict[str, Any]:
     """Register the operator key with a one-time invite; the key signs the enrollment."""
     envelope = create_signed_payload(
         identity,
@@ -71,7 +65,7 @@ def enroll(http: httpx.Client, identity: SigningIdentity, invite: str) -> dict[s
     return result
 
 
-def login(http: httpx.Client, identity: SigningIdentity) -> dict[str, Any]:
+def login(http: HttpClient, identity: SigningIdentity) -> dict[str, Any]:
     """Sign a fresh server challenge and return the token response."""
     thumbprint = identity.public.key_id
     challenge = check(http.post("/v1/auth/challenge", json={"key_thumbprint": thumbprint}))
@@ -138,28 +132,35 @@ class Session:
             response = self._send(method, path, body, self.token(force_refresh=True))
         return response.status_code, check(response)
 
-    def request_raw(self, method: str, path: str) -> httpx.Response:
-        """An authenticated request whose body the caller reads itself (exports)."""
-        response = self._send(method, path, None, self.token())
+    def request_raw(self, method: str, path: str) -> Response:
+        """An authenticated request whose body the caller streams itself (exports).
+
+        The body is not size-limited; read it with ``iter_bytes`` (or ``content``).
+        """
+        response = self._send(method, path, None, self.token(), stream=True)
         if response.status_code == 401:
-            response = self._send(method, path, None, self.token(force_refresh=True))
+            response.close()
+            response = self._send(method, path, None, self.token(force_refresh=True), stream=True)
         if not response.is_success:
             check(response)
         return response
 
-    def _send(self, method: str, path: str, body: Any, token: str) -> httpx.Response:
+    def _send(
+        self, method: str, path: str, body: Any, token: str, *, stream: bool = False
+    ) -> Response:
         content = b"" if body is None else json.dumps(body).encode("utf-8")
         headers = {"Authorization": f"Bearer {token}"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        request = self.http.build_request(method, path, content=content, headers=headers)
         if method.upper() in STATE_CHANGING_METHODS:
-            request.headers[PROOF_HEADER] = create_proof(
+            headers[PROOF_HEADER] = create_proof(
                 self.identity,
                 method=method,
-                target=request.url.raw_path.decode("ascii"),
+                target=self.http.target(path),
                 body=content,
                 access_token=token,
                 now=int(time.time()),
             )
-        return self.http.send(request)
+        return self.http.request(
+            method, path, content=content or None, headers=headers, stream=stream
+        )

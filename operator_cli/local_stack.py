@@ -575,10 +575,9 @@ class LocalStack:
             time.sleep(POLL_INTERVAL_SECONDS)
 
     def _wait_healthy(self, process: ManagedProcess, url: str) -> None:
-        import httpx
-
         from operator_cli.client import open_http
         from operator_cli.home import Settings
+        from operator_cli.http import HttpError
 
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         with open_http(Settings(server=url, ca_file=str(self.ca_file))) as http:
@@ -586,7 +585,7 @@ class LocalStack:
                 try:
                     if http.get("/healthz").is_success:
                         return
-                except httpx.HTTPError:
+                except HttpError:
                     pass
                 if not process.is_running() or time.monotonic() > deadline:
                     raise LocalStackError(

@@ -20,10 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.home import CliHome, HomeError, Settings, default_home
+from operator_cli.http import ResponseTooLargeError, TransportError
 from operator_cli.session_commands import agents_trust, connect_command, exec_command
 from protocol.errors import ProtocolError
 
@@ -442,13 +441,17 @@ def _audit_export(args: argparse.Namespace, home: CliHome) -> int:
     try:
         response = session.request_raw("GET", "/v1/audit/export")
         if args.output is None:
-            sys.stdout.buffer.write(response.content)
+            for chunk in response.iter_bytes():
+                sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
             return EXIT_OK
-        args.output.write_bytes(response.content)
+        lines = 0
+        with args.output.open("wb") as output:
+            for chunk in response.iter_bytes():
+                output.write(chunk)
+                lines += chunk.count(b"\n")
     finally:
         session.close()
-    lines = response.content.count(b"\n")
     print(f"wrote {args.output} ({lines} lines); check it with: tucdesk-audit verify "
           f"{args.output} --key AUDIT_KEY", file=sys.stderr)
     return EXIT_OK
@@ -476,12 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         return result
     except ApiError as error:
         _report(args, f"the server refused: {error.message} ({error.code})")
-    except httpx.HTTPError as error:
-        _report(
-            args,
-            f"cannot reach the server ({type(error).__name__}); check --server and --ca-file",
-        )
-    except (HomeError, ProtocolError, OSError) as error:
+    except TransportError as error:
+        _report(args, f"cannot reach the server ({error.reason}); check --server and --ca-file")
+    except (HomeError, ProtocolError, OSError, ResponseTooLargeError) as error:
         _report(args, str(error))
     except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
         _report(args, f"unexpected {type(error).__name__}; rerun with --debug for details")

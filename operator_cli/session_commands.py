@@ -16,7 +16,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 from urllib.parse import quote
 
-import httpx
 import trio
 
 from operator_cli.approval_wait import Parked, SessionAsk, obtain_ticket
@@ -24,6 +23,7 @@ from operator_cli.client import ApiError, Session
 from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
 from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
 from operator_cli.home import CliHome, HomeError
+from operator_cli.http import HttpError, ResponseTooLargeError, TransportError
 from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, KnownAgentsError
 from operator_cli.session_client import RefusalProbe, SessionError
 from operator_cli.terminal import read_window_size
@@ -58,9 +58,10 @@ def _reported(run: Callable[[], int], debug: bool = False) -> int:
         print(str(error), file=sys.stderr)
     except ApiError as error:
         _say(f"the server refused: {error.message} ({error.code})")
-    except httpx.HTTPError as error:
-        _say(f"cannot reach the server ({type(error).__name__}); check --server and --ca-file")
-    except (SessionError, KnownAgentsError, HomeError, ProtocolError) as error:
+    except TransportError as error:
+        _say(f"cannot reach the server ({error.reason}); check --server and --ca-file")
+    except (SessionError, KnownAgentsError, HomeError, ProtocolError,
+            ResponseTooLargeError) as error:
         _say(str(error))
     except OSError as error:
         _say(f"{error.strerror or error}")
@@ -87,7 +88,7 @@ def offer_refusal_probe(api: Session, session_id: str) -> RefusalProbe:
     async def probe() -> str | None:
         try:
             view = await trio.to_thread.run_sync(api.request, "GET", path)
-        except (ApiError, httpx.HTTPError):
+        except (ApiError, HttpError):
             return None  # cannot tell; the relay's pairing timeout still bounds the wait
         if isinstance(view, dict) and view.get("state") == "refused":
             return str(view.get("reason") or "no reason given")
@@ -239,7 +240,7 @@ def agents_trust(
 
     try:
         return run()
-    except (ApiError, httpx.HTTPError, SessionError, KnownAgentsError, HomeError,
+    except (ApiError, HttpError, SessionError, KnownAgentsError, HomeError,
             ProtocolError) as error:
         message = (f"the server refused: {error.message} ({error.code})"
                    if isinstance(error, ApiError) else str(error) or type(error).__name__)
