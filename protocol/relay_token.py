@@ -33,7 +33,10 @@ from enum import StrEnum
 from protocol.domains import Purpose, framed_message
 from protocol.errors import PayloadError, TokenError
 from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
-from protocol.tokens import RELAY_TOKEN_TYPE, issue_token, verify_token
+
+# protocol.tokens (and with it pyjwt) is imported inside the functions that issue or verify:
+# a client that only presents its token and MACs UDP datagrams, such as every `tucdesk exec`,
+# starts faster without it.
 
 DEFAULT_RELAY_TOKEN_ISSUER = "tucdesk-rendezvous"  # noqa: S105 (an issuer name, not a secret)
 DEFAULT_RELAY_TOKEN_LIFETIME_SECONDS = 60
@@ -110,6 +113,8 @@ def issue_relay_token(
         udp_credential = secrets.token_bytes(UDP_CREDENTIAL_SIZE)
     if len(udp_credential) != UDP_CREDENTIAL_SIZE:
         raise TokenError(f"a UDP credential is {UDP_CREDENTIAL_SIZE} bytes")
+    from protocol.tokens import RELAY_TOKEN_TYPE, issue_token
+
     return issue_token(
         signer,
         typ=RELAY_TOKEN_TYPE,
@@ -143,6 +148,8 @@ def verify_relay_token(
     """
     if not math.isfinite(now):
         raise ValueError("now must be finite")
+    from protocol.tokens import RELAY_TOKEN_TYPE, verify_token
+
     try:
         # Time is checked below with the relay's own (short) leeway.
         verified = verify_token(
@@ -224,6 +231,8 @@ def _is_genuine_for_another_relay(
         return False
     if not isinstance(audience, str) or audience == relay_id:
         return False
+    from protocol.tokens import RELAY_TOKEN_TYPE, verify_token
+
     try:
         verify_token(
             token, keys, typ=RELAY_TOKEN_TYPE, issuer=issuer, audience=audience,

@@ -11,7 +11,6 @@ import socket
 
 import trio
 
-from protocol.relay_token import read_own_relay_token
 from relay.datagram import (
     CLOSE,
     DATA,
@@ -85,6 +84,9 @@ class UdpRelaySession:
     def __init__(
         self, sock: trio.socket.SocketType, relay: tuple[str, int], token: str
     ) -> None:
+        # Imported here: the TCP path (every `tucdesk exec`) needs no JWT library at start-up.
+        from protocol.relay_token import read_own_relay_token
+
         own = read_own_relay_token(token)
         self._sock = sock
         self._relay = relay
