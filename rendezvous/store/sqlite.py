@@ -28,6 +28,7 @@ from rendezvous.store.migrations.sqlite import MIGRATIONS
 from rendezvous.store.sql_store import Row, SqlSession, SqlStore
 
 BUSY_TIMEOUT_MS = 10_000
+WAL_SWITCH_RETRY_SECONDS = 0.02
 DATABASE_FILE_MODE = 0o600
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 
@@ -140,7 +141,7 @@ def _connect_sync(path: str) -> sqlite3.Connection:
         )
         connection.row_factory = sqlite3.Row
         connection.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        mode = connection.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _enable_wal(connection)
         if str(mode).lower() != "wal":
             raise StoreUnavailable(f"SQLite refused WAL journal mode (got {mode})")
         connection.execute("PRAGMA synchronous = FULL")
@@ -148,6 +149,23 @@ def _connect_sync(path: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
     return connection
+
+
+def _enable_wal(connection: sqlite3.Connection) -> str:
+    """Switch to WAL, retrying while another process is opening the same new database.
+
+    Changing the journal mode needs the database to itself, and SQLite answers "locked" at once
+    (without its busy handler) when it is not; several instances starting together on a fresh
+    file therefore retry here, within the same bound as any other lock wait.
+    """
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            return str(connection.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(WAL_SWITCH_RETRY_SECONDS)
 
 
 def _migrate_sync(connection: sqlite3.Connection, migrations: Sequence[Migration]) -> list[int]:
