@@ -48,6 +48,11 @@ def test_malformed_toml_is_refused_with_the_file_name(tmp_path: Path) -> None:
         load_config({}, {}, _toml(tmp_path, "listen = \n"))
 
 
+def test_unreadable_config_path_is_refused_with_one_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config({}, {}, tmp_path)  # a directory, not a file
+
+
 def test_malformed_environment_value_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="TUCDESK_MAX_BODY_BYTES"):
         load_config({}, {"TUCDESK_MAX_BODY_BYTES": "lots"})
