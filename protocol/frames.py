@@ -60,6 +60,7 @@ AGENT_TO_OPERATOR_TAG = 0x61326F00  # "a2o\0"
 _HEADER = struct.Struct(">BIQ")
 _NONCE = struct.Struct(">IQ")
 assert _HEADER.size == HEADER_SIZE
+_pack_header, _unpack_header, _pack_nonce = _HEADER.pack, _HEADER.unpack_from, _NONCE.pack
 _NOTHING_SENDABLE: frozenset[FrameType] = frozenset()
 
 
@@ -104,6 +105,10 @@ class RekeyLimits:
             raise ValueError("need 0 < rekey_after_time < reject_after_time")
 
 
+# (13-byte header, ciphertext || tag); the frame on the wire is the two concatenated.
+SealedParts = tuple[bytes, bytes]
+
+
 class Frame(NamedTuple):
     """An opened frame."""
 
@@ -126,7 +131,7 @@ class FrameSealer:
     """Seals one direction's frames: counter, key epoch and rekey timers live here."""
 
     __slots__ = (
-        "_aead", "_allowed", "_closed", "_counter", "_direction", "_epoch", "_key", "_limits",
+        "_allowed", "_closed", "_counter", "_direction", "_encrypt", "_epoch", "_key", "_limits",
         "_rekey_at_counter", "_rekey_at_time", "_session_id",
     )
 
@@ -134,7 +139,7 @@ class FrameSealer:
         self, keys: SessionKeys, sender: Role, now: float, limits: RekeyLimits | None = None
     ) -> None:
         self._key = keys.sending_key(sender)
-        self._aead = AESGCM(self._key)
+        self._encrypt = AESGCM(self._key).encrypt
         self._session_id = keys.session_id
         self._direction = direction_tag(sender)
         self._allowed = SENDABLE[sender]
@@ -155,24 +160,28 @@ class FrameSealer:
         return self._counter
 
     def seal(self, frame_type: FrameType, payload: bytes, now: float) -> bytes:
-        """Encrypt ``payload`` as the next frame; refuse oversized payloads, exhausted sessions."""
-        if frame_type not in self._allowed:
-            raise FrameError(self._refusal(frame_type))
-        if len(payload) > MAX_FRAME_PAYLOAD:
-            raise FrameError(f"frame payload of {len(payload)} bytes exceeds {MAX_FRAME_PAYLOAD}")
+        """Encrypt ``payload`` as the next frame: the whole frame, header and body in one buffer."""
+        header, body = self.seal_parts(frame_type, payload, now)
+        return header + body
+
+    def seal_parts(self, frame_type: FrameType, payload: bytes, now: float) -> SealedParts:
+        """Encrypt ``payload`` as the next frame, returned as (header, body) so a stream writer
+        can put its length prefix, the header and the body together with one copy."""
+        if frame_type not in self._allowed or len(payload) > MAX_FRAME_PAYLOAD:
+            raise FrameError(self._refusal(frame_type, len(payload)))
         counter = self._counter
         # One comparison each covers rekey-after-messages, the hard limit, and rekey-after-time.
         if counter >= self._rekey_at_counter or now >= self._rekey_at_time:
             self._step(counter, now)
-        header = _HEADER.pack(frame_type, self._epoch, counter)
-        sealed = self._aead.encrypt(
-            _NONCE.pack(self._direction, counter), payload, header + self._session_id
+        header = _pack_header(frame_type, self._epoch, counter)
+        body = self._encrypt(
+            _pack_nonce(self._direction, counter), payload, header + self._session_id
         )
         self._counter = counter + 1
         if frame_type == _CLOSE:
             self._closed = True
             self._allowed = _NOTHING_SENDABLE
-        return header + sealed
+        return header, body
 
     def _schedule_rekey(self, now: float) -> None:
         limits = self._limits
@@ -187,11 +196,13 @@ class FrameSealer:
         if self._epoch >= MAX_KEY_EPOCH:
             raise FrameError("this session has used its last key epoch; start a new session")
         self._key = next_traffic_key(self._key, self._session_id)
-        self._aead = AESGCM(self._key)
+        self._encrypt = AESGCM(self._key).encrypt
         self._epoch += 1
         self._schedule_rekey(now)
 
-    def _refusal(self, frame_type: FrameType) -> str:
+    def _refusal(self, frame_type: FrameType, size: int) -> str:
+        if size > MAX_FRAME_PAYLOAD:
+            return f"frame payload of {size} bytes exceeds {MAX_FRAME_PAYLOAD}"
         if self._closed:
             return "the channel is closed: a CLOSE frame was already sent"
         return f"frame type {frame_type!r} may not be sent in this direction"
@@ -200,11 +211,11 @@ class FrameSealer:
 class _EpochKey:
     """One receive key of a direction's chain, with the time past which it is refused."""
 
-    __slots__ = ("aead", "epoch", "expires", "key")
+    __slots__ = ("decrypt", "epoch", "expires", "key")
 
     def __init__(self, key: bytes, epoch: int, expires: float) -> None:
         self.key = key
-        self.aead = AESGCM(key)
+        self.decrypt = AESGCM(key).decrypt
         self.epoch = epoch
         self.expires = expires
 
@@ -250,17 +261,23 @@ class FrameOpener:
         return self._current.epoch
 
     def open(self, frame: bytes, now: float) -> Frame:
-        """Verify and decrypt one sealed frame; raise FrameError for anything else.
+        """Verify and decrypt one sealed frame (header and body in one buffer); FrameError if not.
 
         In STREAM mode any refused frame ends the session: every later call raises too.
         """
-        size = len(frame)
+        return self.open_parts(frame[:HEADER_SIZE], memoryview(frame)[HEADER_SIZE:], now)
+
+    def open_parts(self, header: bytes, body: bytes | memoryview, now: float) -> Frame:
+        """``open`` for a frame whose 13-byte header and body arrive as separate buffers."""
+        size = len(header) + len(body)
         if not MIN_SEALED_FRAME_SIZE <= size <= MAX_SEALED_FRAME_SIZE:
             return self._refuse(
                 f"a sealed frame is {MIN_SEALED_FRAME_SIZE} to {MAX_SEALED_FRAME_SIZE} bytes, "
                 f"got {size}"
             )
-        raw_type, epoch, counter = _HEADER.unpack_from(frame)
+        if len(header) != HEADER_SIZE:
+            return self._refuse(f"a frame header is {HEADER_SIZE} bytes, got {len(header)}")
+        raw_type, epoch, counter = _unpack_header(header)
         kind = self._allowed.get(raw_type)  # nothing is allowed once the channel has ended
         if kind is None:
             return self._refuse(f"frame type {raw_type} is not valid in this direction")
@@ -278,10 +295,8 @@ class FrameOpener:
         if now > key.expires:
             return self._refuse("frame is sealed under a key past its lifetime")
         try:
-            payload = key.aead.decrypt(
-                _NONCE.pack(self._direction, counter),
-                memoryview(frame)[HEADER_SIZE:],
-                frame[:HEADER_SIZE] + self._session_id,
+            payload = key.decrypt(
+                _pack_nonce(self._direction, counter), body, header + self._session_id
             )
         except InvalidTag:
             return self._refuse("frame failed authentication (tampered, reflected or wrong key)")
@@ -345,13 +360,15 @@ class FrameOpener:
 class SecureChannel:
     """Both directions of a session for one role.
 
-    ``seal(frame_type, payload, now) -> bytes`` is FrameSealer.seal and
-    ``open(frame, now) -> Frame`` is FrameOpener.open, bound directly (no extra call per frame).
+    ``seal``/``seal_parts`` are FrameSealer's and ``open``/``open_parts`` FrameOpener's, bound
+    directly (no extra call per frame).
     """
 
-    __slots__ = ("open", "opener", "role", "seal", "sealer")
+    __slots__ = ("open", "open_parts", "opener", "role", "seal", "seal_parts", "sealer")
     seal: Callable[[FrameType, bytes, float], bytes]
+    seal_parts: Callable[[FrameType, bytes, float], SealedParts]
     open: Callable[[bytes, float], Frame]
+    open_parts: Callable[[bytes, bytes | memoryview, float], Frame]
 
     def __init__(
         self,
@@ -365,4 +382,6 @@ class SecureChannel:
         self.sealer = FrameSealer(keys, role, now, limits)
         self.opener = FrameOpener(keys, role, now, mode, limits)
         self.seal = self.sealer.seal
+        self.seal_parts = self.sealer.seal_parts
         self.open = self.opener.open
+        self.open_parts = self.opener.open_parts

@@ -326,3 +326,30 @@ def test_forged_frame_claiming_a_later_epoch_changes_nothing() -> None:
         b"2",
     ]
     assert opener.epoch == 1
+
+
+def test_sealed_parts_concatenated_are_the_wire_frame() -> None:
+    operator, agent = channels()
+    header, body = operator.seal_parts(FrameType.DATA, b"in two parts", 1.0)
+    assert len(header) == HEADER_SIZE
+    assert agent.open(header + body, 1.0).payload == b"in two parts"
+    sealed = operator.seal(FrameType.DATA, b"in one buffer", 1.0)
+    opened = agent.open_parts(sealed[:HEADER_SIZE], memoryview(sealed)[HEADER_SIZE:], 1.0)
+    assert (opened.counter, opened.payload) == (1, b"in one buffer")
+
+
+@pytest.mark.parametrize("split", [HEADER_SIZE - 1, HEADER_SIZE + 1])
+def test_parts_split_anywhere_but_after_the_header_are_refused(split: int) -> None:
+    operator, agent = channels()
+    sealed = operator.seal(FrameType.DATA, b"payload", 1.0)
+    with pytest.raises(FrameError, match="frame header is 13 bytes"):
+        agent.open_parts(sealed[:split], sealed[split:], 1.0)
+    with pytest.raises(FrameError):  # a stream ends at its first refused frame
+        agent.open(sealed, 1.0)
+
+
+def test_tampered_body_part_is_refused() -> None:
+    operator, agent = channels()
+    header, body = operator.seal_parts(FrameType.DATA, b"payload", 1.0)
+    with pytest.raises(FrameError, match="failed authentication"):
+        agent.open_parts(header, bytes([body[0] ^ 1]) + body[1:], 1.0)
