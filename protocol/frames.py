@@ -43,6 +43,7 @@ HEADER_SIZE = 13
 TAG_SIZE = 16
 MAX_SEALED_FRAME_SIZE = HEADER_SIZE + MAX_FRAME_PAYLOAD + TAG_SIZE
 MIN_SEALED_FRAME_SIZE = HEADER_SIZE + TAG_SIZE
+_MIN_BODY_SIZE, _MAX_BODY_SIZE = TAG_SIZE, MAX_FRAME_PAYLOAD + TAG_SIZE
 
 # Timers and the hard counter limit after WireGuard; REKEY_AFTER_MESSAGES stays under TLS 1.3's
 # bound of 2**24.5 full-size records per AES-GCM key.
@@ -220,6 +221,14 @@ class _EpochKey:
         self.expires = expires
 
 
+def _size_refusal(header_size: int, body_size: int) -> str:
+    size = header_size + body_size
+    if not MIN_SEALED_FRAME_SIZE <= size <= MAX_SEALED_FRAME_SIZE:
+        low, high = MIN_SEALED_FRAME_SIZE, MAX_SEALED_FRAME_SIZE
+        return f"a sealed frame is {low} to {high} bytes, got {size}"
+    return f"a frame header is {HEADER_SIZE} bytes, got {header_size}"
+
+
 class FrameOpener:
     """Opens one direction's frames, strictly in order (STREAM) or through a replay window."""
 
@@ -269,14 +278,8 @@ class FrameOpener:
 
     def open_parts(self, header: bytes, body: bytes | memoryview, now: float) -> Frame:
         """``open`` for a frame whose 13-byte header and body arrive as separate buffers."""
-        size = len(header) + len(body)
-        if not MIN_SEALED_FRAME_SIZE <= size <= MAX_SEALED_FRAME_SIZE:
-            return self._refuse(
-                f"a sealed frame is {MIN_SEALED_FRAME_SIZE} to {MAX_SEALED_FRAME_SIZE} bytes, "
-                f"got {size}"
-            )
-        if len(header) != HEADER_SIZE:
-            return self._refuse(f"a frame header is {HEADER_SIZE} bytes, got {len(header)}")
+        if len(header) != HEADER_SIZE or not _MIN_BODY_SIZE <= len(body) <= _MAX_BODY_SIZE:
+            return self._refuse(_size_refusal(len(header), len(body)))
         raw_type, epoch, counter = _unpack_header(header)
         kind = self._allowed.get(raw_type)  # nothing is allowed once the channel has ended
         if kind is None:

@@ -49,10 +49,14 @@ class ReplayWindow:
 
     def accept(self, counter: int) -> None:
         """Mark ``counter`` seen, only once its frame verified; ReplayError if not acceptable."""
-        if counter > self._highest:
+        highest = self._highest
+        if counter > highest:
             if counter > MAX_COUNTER:
                 raise ReplayError(f"counter {counter} does not fit in 64 bits")
-            self._advance_to(counter)
+            if counter >> _BLOCK_SHIFT == highest >> _BLOCK_SHIFT:
+                self._highest = counter  # same block: nothing to clear (the usual case)
+            else:
+                self._advance_to(counter)
         elif not self.is_acceptable(counter):
             raise ReplayError(f"counter {counter} was already seen or is older than the window")
         index = (counter >> _BLOCK_SHIFT) & self._ring_mask
