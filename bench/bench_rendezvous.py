@@ -1,8 +1,12 @@
 """Rendezvous benchmarks: registrations/s, authenticated agent lists/s, 1,000 control channels.
 
-The service runs as its own process (`tucdesk-rendezvous serve`, plain HTTP on loopback); the
-load comes from this process (trio + httpx / trio-websocket), and for the list benchmark from
-several worker processes. Run on SQLite and on a throwaway PostgreSQL cluster:
+The service runs as its own process (`tucdesk-rendezvous serve`, plain HTTP on loopback). The
+HTTP load comes from raw-socket HTTP/1.1 keep-alive clients (prepared request bytes, a selector
+over many connections, responses framed by Content-Length) so that the load generator, which
+shares the machine's cores with the server, costs a small fraction of what it measures: its own
+CPU per request is reported next to the server's. Registrations are driven from this process;
+the list benchmark from LIST_WORKERS worker processes; control channels use trio-websocket.
+Run on SQLite and on a throwaway PostgreSQL cluster:
 
     .venv/bin/python bench/bench_rendezvous.py [--backend sqlite|postgres|both] [--agents 1000]
 
@@ -17,12 +21,16 @@ import json
 import multiprocessing
 import os
 import re
+import selectors
+import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import trio
@@ -41,8 +49,9 @@ BIN = Path(sys.executable).parent
 REGISTRATIONS = 1000
 REGISTRATION_CONCURRENCY = 32
 LIST_SECONDS = 5.0
-LIST_WORKERS = 2
-LIST_CONCURRENCY_PER_WORKER = 16
+LIST_WORKERS = 1
+LIST_CONNECTIONS_PER_WORKER = 8
+MAX_RESPONSE_HEAD = 16 * 1024
 START_TIMEOUT = 30
 SMALL_TEAM_AGENTS = 10
 
@@ -112,8 +121,118 @@ def operator_token(url: str, invite: str) -> str:
         return str(login(http, identity)["access_token"])
 
 
-async def bench_registrations(url: str, secrets: list[str]) -> tuple[float, list[tuple]]:
-    """Register one agent per key with bounded concurrency; returns (per second, agents)."""
+class RawHttpLoad:
+    """HTTP/1.1 keep-alive requests over raw sockets, many connections, one selector.
+
+    ``next_request(slot)`` gives the bytes of a connection's next request (None: that connection
+    is done); ``on_response(slot, status, body)`` sees each answer. Responses must carry
+    Content-Length (the service's all do). A connection the server closes (Hypercorn recycles one
+    after ``keep_alive_max_requests``) is reopened and its unanswered request sent again.
+    """
+
+    def __init__(self, url: str, connections: int) -> None:
+        parts = urlsplit(url)
+        self.address = (parts.hostname or "127.0.0.1", parts.port or 80)
+        self.connections = connections
+        self.reconnects = 0
+
+    def run(
+        self,
+        next_request: Callable[[int], bytes | None],
+        on_response: Callable[[int, int, bytes], None],
+        deadline: float | None = None,
+    ) -> None:
+        """Drive every connection until it runs out of requests (or ``deadline`` passes)."""
+        selector = selectors.DefaultSelector()
+        pending: dict[socket.socket, tuple[int, bytes]] = {}
+        buffers: dict[socket.socket, bytes] = {}
+
+        def open_with(slot: int, request: bytes) -> None:
+            sock = socket.create_connection(self.address)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(request)
+            sock.setblocking(False)
+            pending[sock] = (slot, request)
+            buffers[sock] = b""
+            selector.register(sock, selectors.EVENT_READ)
+
+        def close(sock: socket.socket) -> None:
+            selector.unregister(sock)
+            sock.close()
+            del pending[sock], buffers[sock]
+
+        for slot in range(self.connections):
+            first = next_request(slot)
+            if first is not None:
+                open_with(slot, first)
+        while pending and (deadline is None or time.perf_counter() < deadline):
+            for key, _ in selector.select(timeout=1.0):
+                sock = key.fileobj
+                assert isinstance(sock, socket.socket)
+                slot, request = pending[sock]
+                data = sock.recv(1 << 20)
+                if not data:
+                    close(sock)
+                    self.reconnects += 1
+                    open_with(slot, request)
+                    continue
+                buffer = buffers[sock] + data
+                end = buffer.find(b"\r\n\r\n")
+                if end < 0:
+                    if len(buffer) > MAX_RESPONSE_HEAD:
+                        raise RuntimeError("response head too large")
+                    buffers[sock] = buffer
+                    continue
+                status, length, closing = _parse_head(buffer[:end])
+                if len(buffer) < end + 4 + length:
+                    buffers[sock] = buffer
+                    continue
+                if len(buffer) > end + 4 + length:
+                    raise RuntimeError("the server answered more than was asked")
+                on_response(slot, status, buffer[end + 4 : end + 4 + length])
+                following = next_request(slot)
+                if following is None:
+                    close(sock)
+                elif closing:
+                    close(sock)
+                    self.reconnects += 1
+                    open_with(slot, following)
+                else:
+                    buffers[sock] = b""
+                    pending[sock] = (slot, following)
+                    sock.sendall(following)
+        for sock in list(pending):
+            close(sock)
+        selector.close()
+
+
+def _parse_head(head: bytes) -> tuple[int, int, bool]:
+    lines = head.split(b"\r\n")
+    status = int(lines[0].split(b" ", 2)[1])
+    length = 0
+    closing = False
+    for line in lines[1:]:
+        name, _, value = line.partition(b":")
+        name = name.strip().lower()
+        if name == b"content-length":
+            length = int(value)
+        elif name == b"connection" and value.strip().lower() == b"close":
+            closing = True
+    return status, length, closing
+
+
+def http_request(url: str, method: str, path: str, headers: dict[str, str], body: bytes) -> bytes:
+    """The bytes of one HTTP/1.1 request to ``url``'s host."""
+    host = urlsplit(url).netloc
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    if body or method != "GET":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def bench_registrations(url: str, secrets: list[str]) -> tuple[float, list[tuple]]:
+    """Register one agent per key, REGISTRATION_CONCURRENCY at a time; (per second, agents)."""
     agents = [SigningIdentity.generate() for _ in secrets]
     payloads = [
         create_signed_payload(
@@ -124,63 +243,74 @@ async def bench_registrations(url: str, secrets: list[str]) -> tuple[float, list
         )
         for index, (agent, secret) in enumerate(zip(agents, secrets, strict=True))
     ]
+    requests = [
+        http_request(url, "POST", "/v1/agents/register",
+                     {"Content-Type": "application/json"}, json.dumps(payload).encode())
+        for payload in payloads
+    ]
+    queue = list(range(len(requests)))[::-1]
+    in_flight: dict[int, int] = {}
     registered: list[tuple] = []
-    limiter = trio.CapacityLimiter(REGISTRATION_CONCURRENCY)
-    limits = httpx.Limits(max_connections=REGISTRATION_CONCURRENCY)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
 
-        async def one(index: int) -> None:
-            async with limiter:
-                response = await client.post("/v1/agents/register", json=payloads[index])
-            if response.status_code != 200:
-                raise RuntimeError(f"registration failed: {response.text}")
-            registered.append((agents[index], response.json()["agent_id"], index))
+    def next_request(slot: int) -> bytes | None:
+        if not queue:
+            return None
+        index = queue.pop()
+        in_flight[slot] = index
+        return requests[index]
 
-        started = time.perf_counter()
-        async with trio.open_nursery() as nursery:
-            for index in range(len(payloads)):
-                nursery.start_soon(one, index)
-        elapsed = time.perf_counter() - started
+    def on_response(slot: int, status: int, body: bytes) -> None:
+        if status != 200:
+            raise RuntimeError(f"registration failed ({status}): {body[:300]!r}")
+        index = in_flight.pop(slot)
+        registered.append((agents[index], json.loads(body)["agent_id"], index))
+
+    load = RawHttpLoad(url, min(REGISTRATION_CONCURRENCY, len(requests)))
+    started = time.perf_counter()
+    load.run(next_request, on_response)
+    elapsed = time.perf_counter() - started
     return len(payloads) / elapsed, registered
 
 
-def _list_worker(url: str, token: str, seconds: float, queue: Any) -> None:
-    async def run() -> int:
-        count = 0
-        limits = httpx.Limits(max_connections=LIST_CONCURRENCY_PER_WORKER)
-        headers = {"Authorization": f"Bearer {token}"}
-        async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-            deadline = time.perf_counter() + seconds
+def _list_worker(url: str, token: str, seconds: float, connections: int, queue: Any) -> None:
+    request = http_request(url, "GET", "/v1/agents", {"Authorization": f"Bearer {token}"}, b"")
+    answered = 0
+    cpu = time.process_time()
+    deadline = time.perf_counter() + seconds
 
-            async def loop() -> None:
-                nonlocal count
-                while time.perf_counter() < deadline:
-                    response = await client.get("/v1/agents", headers=headers)
-                    if response.status_code != 200:
-                        raise RuntimeError(response.text)
-                    count += 1
+    def next_request(slot: int) -> bytes | None:
+        return request if time.perf_counter() < deadline else None
 
-            async with trio.open_nursery() as nursery:
-                for _ in range(LIST_CONCURRENCY_PER_WORKER):
-                    nursery.start_soon(loop)
-        return count
+    def on_response(slot: int, status: int, body: bytes) -> None:
+        nonlocal answered
+        if status != 200:
+            raise RuntimeError(f"list failed ({status}): {body[:300]!r}")
+        answered += 1
 
-    queue.put(trio.run(run))
+    RawHttpLoad(url, connections).run(next_request, on_response, deadline + 30)
+    queue.put((answered, time.process_time() - cpu))
 
 
-def bench_list(url: str, token: str) -> float:
-    """Authenticated GET /v1/agents per second from LIST_WORKERS load processes."""
+def bench_list(url: str, token: str, workers: int = LIST_WORKERS,
+               connections: int = LIST_CONNECTIONS_PER_WORKER) -> tuple[float, float]:
+    """Authenticated GET /v1/agents per second from ``workers`` load processes.
+
+    Returns (requests per second, load-generator CPU ms per request).
+    """
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    workers = [context.Process(target=_list_worker, args=(url, token, LIST_SECONDS, queue))
-               for _ in range(LIST_WORKERS)]
-    started = time.perf_counter()
-    for worker in workers:
-        worker.start()
-    total = sum(queue.get(timeout=LIST_SECONDS + 60) for _ in workers)
-    for worker in workers:
-        worker.join(timeout=30)
-    return total / (time.perf_counter() - started - 0.0) if total else 0.0
+    processes = [
+        context.Process(target=_list_worker, args=(url, token, LIST_SECONDS, connections, queue))
+        for _ in range(workers)
+    ]
+    for process in processes:
+        process.start()
+    results = [queue.get(timeout=LIST_SECONDS + 90) for _ in processes]
+    for process in processes:
+        process.join(timeout=30)
+    total = sum(answered for answered, _ in results)
+    load_cpu = sum(cpu for _, cpu in results)
+    return total / LIST_SECONDS, (load_cpu / total * 1000 if total else float("nan"))
 
 
 async def hold_channels(url: str, agents: list[tuple], pid: int) -> tuple[int, float, float]:
@@ -239,23 +369,18 @@ def run_backend(name: str, database: str, agents_wanted: int) -> dict[str, Any]:
         process, url = start_server(data_dir, database)
         try:
             idle_rss = rss_mib(process.pid)
+            bench_registrations(url, small_secrets)  # warm-up, and the small team's agents
             cpu = cpu_seconds(process.pid)
-            trio.run(bench_registrations, url, small_secrets)
-            rate, registered = trio.run(bench_registrations, url, secrets)
+            rate, registered = bench_registrations(url, secrets)
             registration_cpu = (cpu_seconds(process.pid) - cpu) / len(registered)
             token = operator_token(url, invite)
             cpu = cpu_seconds(process.pid)
-            started = time.perf_counter()
-            list_rate = bench_list(url, token)
-            elapsed = time.perf_counter() - started
-            list_cpu = (cpu_seconds(process.pid) - cpu) / (list_rate * elapsed)
+            list_rate, list_load_cpu = bench_list(url, token)
+            list_cpu = (cpu_seconds(process.pid) - cpu) / (list_rate * LIST_SECONDS)
             small_token = operator_token(url, small_invite)
             cpu = cpu_seconds(process.pid)
-            started = time.perf_counter()
-            small_list_rate = bench_list(url, small_token)
-            small_list_cpu = (cpu_seconds(process.pid) - cpu) / (
-                small_list_rate * (time.perf_counter() - started)
-            )
+            small_list_rate, small_load_cpu = bench_list(url, small_token)
+            small_list_cpu = (cpu_seconds(process.pid) - cpu) / (small_list_rate * LIST_SECONDS)
             connected, before, during = trio.run(
                 hold_channels, url, registered[:agents_wanted], process.pid
             )
@@ -271,6 +396,8 @@ def run_backend(name: str, database: str, agents_wanted: int) -> dict[str, Any]:
         "small_team_agents": SMALL_TEAM_AGENTS,
         "small_list_requests_per_second": small_list_rate,
         "server_cpu_ms_per_small_list": small_list_cpu * 1000,
+        "load_generator_cpu_ms_per_small_list": small_load_cpu,
+        "load_generator_cpu_ms_per_list": list_load_cpu,
         "agents_listed": len(registered),
         "connected_agents": connected,
         "rss_idle_mib": idle_rss,

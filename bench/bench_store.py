@@ -1,7 +1,8 @@
 """Rendezvous store throughput on SQLite and PostgreSQL: the floor under the HTTP benchmarks.
 
 Measures, per backend, the store calls the hot HTTP paths make: agent registration (concurrent,
-one key each), listing a team's agents, the per-request revocation and proof-nonce checks,
+one key each), listing a team's agents (and, in one query, with its policy version), the
+per-request operator-and-revocation lookup and proof-nonce checks,
 control-channel connect and heartbeat, and audit appends. PostgreSQL runs on a throwaway
 cluster started with the machine's initdb/pg_ctl (tests/pg_cluster.py) unless --postgres-url
 names one.
@@ -82,8 +83,14 @@ async def bench_backend(database: str, agents: int) -> dict[str, float]:
         results[f"list_agents, {agents}-agent team"] = await _timed(
             200, lambda _: store.list_agents(team.id)
         )
+        results["agent_listing (agents + policy version), 50-agent team"] = await _timed(
+            2000, lambda _: store.agent_listing(small.id)
+        )
         results["is_token_revoked"] = await _timed(
             5000, lambda i: store.is_token_revoked(f"jti-{i}", team.id)
+        )
+        results["token_holder (operator + revocation, per request)"] = await _timed(
+            5000, lambda i: store.token_holder(team.id, "op_bench", f"jti-{i}")
         )
         results["remember_nonce"] = await _timed(
             2000, lambda i: store.remember_nonce("proof", f"n-{i}", NOW + 60, NOW)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ RELAY_TOKEN_TYPE = "tucdesk-relay+jwt"  # noqa: S105 (a type name, not a secret)
 DEFAULT_LEEWAY_SECONDS = 30
 MAX_TOKEN_SIZE = 8 * 1024
 MAX_HEADER_SIZE = 1024
+DEFAULT_VERIFIED_CACHE_ENTRIES = 2048
 _REQUIRED_CLAIMS = ("iss", "aud", "exp", "iat")
 
 
@@ -151,3 +153,80 @@ def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
     nbf = claims.get("nbf")
     if nbf is not None and nbf > now + leeway:
         raise TokenError("token is not valid yet")
+
+
+class VerifiedTokenCache:
+    """``verify_token`` that remembers tokens whose signature already checked out.
+
+    A service sees the same bearer token on every request until it expires; checking its
+    signature again each time is most of the cost of authenticating a read. Only successful
+    verifications are kept, keyed by the exact token text and the type, issuer and audience asked
+    for, together with the key that verified them: a cached entry is used only while that same
+    key is still in the key set passed in. Time claims are checked again on every call, so an
+    entry never outlives its token. At most ``max_entries`` are kept (least recently used go
+    first). Revocation is not this cache's concern: callers still check it on every request.
+    """
+
+    def __init__(self, max_entries: int = DEFAULT_VERIFIED_CACHE_ENTRIES) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self.max_entries = max_entries
+        self._entries: OrderedDict[tuple[str, str, str, str], tuple[bytes, VerifiedToken]] = (
+            OrderedDict()
+        )
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def holds(self, token: str) -> bool:
+        """True if a verification of this exact token text is kept (for any type or audience)."""
+        return any(cached == token for cached, _, _, _ in self._entries)
+
+    def verify(
+        self,
+        token: str,
+        keys: Mapping[str, PublicIdentity],
+        *,
+        typ: str,
+        issuer: str,
+        audience: str,
+        now: float,
+        leeway: float = DEFAULT_LEEWAY_SECONDS,
+    ) -> VerifiedToken:
+        """Like ``verify_token``; a token verified before by the same key skips the signature."""
+        if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
+            raise ValueError("now and leeway must be finite, leeway not negative")
+        cache_key = (token, typ, issuer, audience)
+        entry = self._entries.get(cache_key)
+        if entry is not None:
+            key_raw, verified = entry
+            current = keys.get(verified.kid)
+            if current is not None and current.raw == key_raw:
+                try:
+                    _check_times(verified.claims, now, leeway)
+                except TokenError:
+                    del self._entries[cache_key]
+                    raise
+                self._entries.move_to_end(cache_key)
+                return _copy(verified)
+            del self._entries[cache_key]
+        verified = verify_token(
+            token, keys, typ=typ, issuer=issuer, audience=audience, now=now, leeway=leeway
+        )
+        self._entries[cache_key] = (keys[verified.kid].raw, _copy(verified))
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return verified
+
+
+def _copy(verified: VerifiedToken) -> VerifiedToken:
+    # Callers get their own claims, so nothing they do to them can change the cached entry.
+    return VerifiedToken(kid=verified.kid, typ=verified.typ, claims=_copy_json(verified.claims))
+
+
+def _copy_json(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {name: _copy_json(item) for name, item in value.items()}
+    if isinstance(value, list):
+        return [_copy_json(item) for item in value]
+    return value  # str, int, float, bool, None: immutable

@@ -17,7 +17,7 @@ from typing import NoReturn
 from protocol.errors import PayloadError, TokenError
 from protocol.identity import b64url
 from protocol.request_proof import PROOF_HEADER, verify_proof
-from protocol.tokens import ACCESS_TOKEN_TYPE, issue_token, verify_token
+from protocol.tokens import ACCESS_TOKEN_TYPE, issue_token
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import API_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.errors import Forbidden, Unauthorized
@@ -170,7 +170,9 @@ async def _authenticate_access_token(
 ) -> Principal:
     now = ctx.now()
     try:
-        verified = verify_token(
+        # The signature check is cached per token text; revocation and the operator's standing
+        # below are read from the store on every request.
+        verified = ctx.verified_tokens.verify(
             token,
             ctx.keys.token_verification_keys(),
             typ=ACCESS_TOKEN_TYPE,
@@ -189,9 +191,10 @@ async def _authenticate_access_token(
         _fail(ctx, "invalid_token", "access token lacks team, subject, id, role or key binding")
     assert isinstance(team_id, str) and isinstance(subject, str) and isinstance(jti, str)
     assert isinstance(jkt, str) and isinstance(role, str)
-    if await ctx.store.is_token_revoked(jti):
+    holder = await ctx.store.token_holder(team_id, subject, jti)
+    if holder.token_revoked:
         _fail(ctx, "revoked_token", "access token was revoked; log in again")
-    operator = await ctx.store.get_operator(team_id, subject)
+    operator = holder.operator
     if operator is None or not operator.is_active():
         _fail(ctx, "operator_disabled", "this operator is disabled; ask an admin")
     issued_ms = claims.get(ISSUED_AT_MILLISECONDS_CLAIM)

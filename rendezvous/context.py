@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from protocol.tokens import VerifiedTokenCache
 from rendezvous.config import ServiceConfig
 from rendezvous.metrics import ServiceMetrics
 from rendezvous.service_keys import ServiceKeys
@@ -37,6 +38,7 @@ class ServiceContext:
     instance_id: str = field(default_factory=new_instance_id)
     connections: AgentConnections | None = None
     signed_payloads: SignedPayloadVerifier = field(init=False)
+    verified_tokens: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
 
     def __post_init__(self) -> None:
         self.signed_payloads = SignedPayloadVerifier(self.config.clock_skew_seconds)

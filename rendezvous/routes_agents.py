@@ -112,10 +112,9 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
 async def list_agents(caller: Caller, ctx: Context) -> AgentList:
     """The caller's team's agents (the team comes from the verified credential only)."""
     authorize(caller, Permission.AGENTS_READ)
-    agents = await ctx.store.list_agents(caller.team_id)
-    current = await ctx.store.latest_policy_bundle(caller.team_id)
+    listing = await ctx.store.agent_listing(caller.team_id)
     return AgentList(
-        policy_version=0 if current is None else current.version,
+        policy_version=listing.policy_version,
         agents=[
             AgentView(
                 id=agent.id,
@@ -130,7 +129,7 @@ async def list_agents(caller: Caller, ctx: Context) -> AgentList:
                 policy_version=agent.policy_version,
                 policy_refusal=agent.policy_refusal,
             )
-            for agent in agents
+            for agent in listing.agents
         ]
     )
 

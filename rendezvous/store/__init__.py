@@ -20,6 +20,7 @@ from pathlib import Path
 from rendezvous.store.base import (
     Agent,
     AgentConnection,
+    AgentListing,
     AlreadyExists,
     AmbiguousName,
     ApiKey,
@@ -43,12 +44,14 @@ from rendezvous.store.base import (
     StoreError,
     StoreUnavailable,
     Team,
+    TokenHolder,
     UnusableReason,
 )
 
 __all__ = [
     "Agent",
     "AgentConnection",
+    "AgentListing",
     "AlreadyExists",
     "AmbiguousName",
     "ApiKey",
@@ -72,6 +75,7 @@ __all__ = [
     "StoreUnavailable",
     "StoredPolicyBundle",
     "Team",
+    "TokenHolder",
     "UnusableReason",
     "backend_for",
     "open_store",

@@ -167,6 +167,14 @@ class Operator:
 
 
 @dataclass(frozen=True)
+class TokenHolder:
+    """What authenticating an access token needs from the store, read in one query."""
+
+    operator: Operator | None  # the operator the token names, None if it is not in the team
+    token_revoked: bool  # the token's id is on the revocation list
+
+
+@dataclass(frozen=True)
 class LoginChallenge:
     """A server nonce an operator signs to log in; answered at most once."""
 
@@ -241,6 +249,14 @@ class Agent:
     online: bool  # at least one live control connection is recorded
     policy_version: int | None = None  # the policy version the agent last reported applying
     policy_refusal: str | None = None  # why it refused the newest bundle it was sent, if it did
+
+
+@dataclass(frozen=True)
+class AgentListing:
+    """A team's agents and the version of its newest policy bundle (0 without one)."""
+
+    policy_version: int
+    agents: list[Agent]
 
 
 @dataclass(frozen=True)
@@ -485,6 +501,13 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def token_holder(self, team_id: str, operator_id: str, jti: str) -> TokenHolder:
+        """The token's operator (None if not in ``team_id``) and whether ``jti`` was revoked.
+
+        One query: this is called on every request made with an access token.
+        """
+
+    @abc.abstractmethod
     async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
         """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
 
@@ -583,6 +606,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def list_agents(self, team_id: str) -> list[Agent]:
         """The team's agents, ordered by name then id."""
+
+    @abc.abstractmethod
+    async def agent_listing(self, team_id: str) -> AgentListing:
+        """The team's agents (as ``list_agents``) and its newest policy version, in one query."""
 
     @abc.abstractmethod
     async def mark_agent_connected(

@@ -8,6 +8,11 @@ that were not started inside the ``async with`` block — as long as the block i
 
 Several rendezvous instances may share one database: every single-use check is a conditional
 UPDATE decided by row locks, and migrations run under a transaction-scoped advisory lock.
+
+Each crossing into asyncio costs about as much CPU as the query itself, and asyncpg's own
+acquire/release adds several more turns of the asyncio loop, so statements borrow connections
+from a small trio-side shelf of idle ones (taken from the pool as needed, handed back to it
+when the shelf is full or a connection may be unhealthy): one crossing per statement.
 """
 
 from __future__ import annotations
@@ -23,10 +28,27 @@ import asyncpg
 import trio
 import trio_asyncio
 
-from rendezvous.store.base import AlreadyExists, NotFound, StoreError, StoreUnavailable
+from rendezvous.store.base import (
+    MAX_NAME_LENGTH,
+    Agent,
+    AlreadyExists,
+    NotFound,
+    RegistrationKey,
+    RegistrationKeyUnusable,
+    StoreError,
+    StoreUnavailable,
+    new_id,
+)
 from rendezvous.store.migrations import Migration
 from rendezvous.store.migrations.postgres import MIGRATIONS
-from rendezvous.store.sql_store import Row, SqlSession, SqlStore
+from rendezvous.store.sql_store import (
+    Row,
+    SqlSession,
+    SqlStore,
+    _check_text,
+    _new_agent,
+    _registration_key,
+)
 
 POOL_MIN_SIZE = 1
 POOL_MAX_SIZE = 10
@@ -34,6 +56,8 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 ACQUIRE_TIMEOUT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 10.0
+# Idle connections kept on the trio side between statements (the rest go back to the pool).
+MAX_SHELVED_CONNECTIONS = 4
 # Any fixed 64-bit number; all instances must agree on it.
 MIGRATION_LOCK_KEY = 0x7475636465736B31  # "tucdesk1"
 
@@ -69,20 +93,20 @@ class _Bridge:
 
 
 class _PostgresSession(SqlSession):
-    """Statements on one connection or, for autocommit, on whichever pooled one is free."""
+    """Statements on one borrowed connection."""
 
-    def __init__(self, bridge: _Bridge, target: asyncpg.Pool | asyncpg.Connection) -> None:
+    def __init__(self, bridge: _Bridge, connection: asyncpg.Connection) -> None:
         self._bridge = bridge
-        self._target = target
+        self._connection = connection
 
     async def fetch(self, sql: str, *args: Any) -> list[Row]:
         """Run a query and return all rows."""
-        rows: list[Row] = await self._bridge.call(self._target.fetch, sql, *args)
+        rows: list[Row] = await self._bridge.call(self._connection.fetch, sql, *args)
         return rows
 
     async def execute(self, sql: str, *args: Any) -> int:
         """Run a statement and return how many rows it changed (from the command status)."""
-        status: str = await self._bridge.call(self._target.execute, sql, *args)
+        status: str = await self._bridge.call(self._connection.execute, sql, *args)
         last = status.rsplit(" ", 1)[-1]
         return int(last) if last.isdigit() else 0
 
@@ -97,39 +121,135 @@ class PostgresStore(SqlStore):
         super().__init__()
         self._pool: asyncpg.Pool | None = pool
         self._bridge = bridge
+        self._shelf: list[asyncpg.Connection] = []
 
     def _open_pool(self) -> asyncpg.Pool:
         if self._pool is None:
             raise StoreError("the store is closed")
         return self._pool
 
-    @asynccontextmanager
-    async def _autocommit(self) -> AsyncIterator[SqlSession]:
-        yield _PostgresSession(self._bridge, self._open_pool())
-
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[SqlSession]:
+    async def _borrow(self) -> asyncpg.Connection:
         pool = self._open_pool()
+        if self._shelf:
+            return self._shelf.pop()
         connection: asyncpg.Connection = await self._bridge.call(
             functools.partial(pool.acquire, timeout=ACQUIRE_TIMEOUT_SECONDS)
         )
+        return connection
+
+    async def _give_back(self, connection: asyncpg.Connection, reusable: bool) -> None:
+        """Shelve a healthy, idle connection; hand anything else back to the pool."""
+        pool = self._pool
+        if (
+            reusable
+            and pool is not None
+            and len(self._shelf) < MAX_SHELVED_CONNECTIONS
+            and not connection.is_closed()
+            and not connection.is_in_transaction()
+        ):
+            self._shelf.append(connection)
+            return
+        with trio.CancelScope(shield=True):
+            if pool is None:
+                connection.terminate()
+                return
+            # The pool's release waits out a cancelled statement, or terminates the connection.
+            await self._bridge.call(pool.release, connection)
+
+    @asynccontextmanager
+    async def _autocommit(self) -> AsyncIterator[SqlSession]:
+        connection = await self._borrow()
+        reusable = False
+        try:
+            yield _PostgresSession(self._bridge, connection)
+            reusable = True
+        except StoreError as error:
+            # A refused statement (constraint, bad input) leaves the connection as it was;
+            # a lost one does not, nor may a cancelled one (not a StoreError).
+            reusable = not isinstance(error, StoreUnavailable)
+            raise
+        finally:
+            await self._give_back(connection, reusable)
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[SqlSession]:
+        connection = await self._borrow()
+        reusable = False
         try:
             transaction = connection.transaction()
             await self._bridge.call(transaction.start)
             try:
                 yield _PostgresSession(self._bridge, connection)
                 await self._bridge.call(transaction.commit)
-            except BaseException:
+                reusable = True
+            except BaseException as error:
                 with trio.CancelScope(shield=True):
                     try:
                         await self._bridge.call(transaction.rollback)
                     except (StoreError, asyncpg.InterfaceError):
                         # A statement cancelled mid-flight can leave the connection unusable.
                         connection.terminate()
+                    else:
+                        reusable = isinstance(error, StoreError) and not isinstance(
+                            error, StoreUnavailable
+                        )
                 raise
         finally:
-            with trio.CancelScope(shield=True):
-                await self._bridge.call(pool.release, connection)
+            await self._give_back(connection, reusable)
+
+    async def register_agent(
+        self,
+        key_hash: bytes,
+        now: float,
+        public_key: bytes,
+        key_fingerprint: str,
+        machine_fingerprint: str,
+        hostname: str,
+        name: str,
+        expected_team_id: str | None = None,
+    ) -> tuple[Agent, RegistrationKey]:
+        """Spend the key and create the agent in one statement (one round trip, one commit).
+
+        The same conditional UPDATE as on SQLite decides a race; the INSERT reads the key's
+        team and tags from it, and a duplicate agent key fails the whole statement, so the
+        registration key stays unused then.
+        """
+        _check_text("agent name", name, MAX_NAME_LENGTH)
+        _check_text("hostname", hostname, MAX_NAME_LENGTH)
+        agent_id = new_id("agt")
+        key_hash = bytes(key_hash)
+        async with self._autocommit() as session:
+            try:
+                row = await session.fetchrow(
+                    """WITH spent AS (
+                           UPDATE registration_keys SET used_at = $2, used_by_agent = $3
+                           WHERE key_hash = $1 AND used_at IS NULL AND revoked_at IS NULL
+                                 AND expires_at > $2
+                                 AND (CAST($4 AS TEXT) IS NULL OR team_id = CAST($4 AS TEXT))
+                           RETURNING *
+                       ), created AS (
+                           INSERT INTO agents (id, team_id, name, hostname, tags, public_key,
+                                               key_fingerprint, machine_fingerprint,
+                                               registration_key_id, registered_at)
+                           SELECT $3, spent.team_id, $5, $6, spent.tags, $7, $8, $9, spent.id, $2
+                           FROM spent
+                           RETURNING id
+                       )
+                       SELECT spent.* FROM spent""",
+                    key_hash, now, agent_id, expected_team_id, name, hostname,
+                    bytes(public_key), key_fingerprint, machine_fingerprint,
+                )  # fmt: skip
+            except AlreadyExists:
+                raise AlreadyExists("an agent with this public key is already registered") from None
+            if row is None:
+                raise RegistrationKeyUnusable(
+                    await self._registration_refusal(session, key_hash, now, expected_team_id)
+                )
+        key = _registration_key(row)
+        agent = _new_agent(
+            agent_id, key, name, hostname, public_key, key_fingerprint, machine_fingerprint, now
+        )
+        return agent, key
 
     async def notify(self, channel: str, payload: str) -> None:
         """``NOTIFY channel, payload``: every instance LISTENing on ``channel`` receives it."""
@@ -179,7 +299,13 @@ class PostgresStore(SqlStore):
         pool, self._pool = self._pool, None
         if pool is None:
             return
+        shelved, self._shelf = self._shelf, []
         with trio.CancelScope(shield=True):
+            for connection in shelved:
+                try:
+                    await self._bridge.call(pool.release, connection)
+                except StoreError:
+                    connection.terminate()
             with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as scope:
                 try:
                     await self._bridge.call(pool.close)
@@ -224,6 +350,17 @@ async def _migrate(connection: asyncpg.Connection, migrations: Sequence[Migratio
     return applied
 
 
+async def _keep_session_state(connection: asyncpg.Connection) -> None:
+    """The pool's reset hook: nothing beyond what asyncpg always does on release.
+
+    asyncpg's default reset sends ``RESET ALL; UNLISTEN *; …`` on every release, a round trip
+    that doubled the cost of each autocommit statement. This store leaves no session state to
+    reset: it never SETs, holds only transaction-scoped advisory locks, and undoes its LISTEN
+    before releasing. asyncpg itself still rolls back an open transaction and drops listener
+    callbacks before calling this hook.
+    """
+
+
 async def _create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
         url,
@@ -231,6 +368,7 @@ async def _create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
         max_size=max_size,
         timeout=CONNECT_TIMEOUT_SECONDS,
         command_timeout=COMMAND_TIMEOUT_SECONDS,
+        reset=_keep_session_state,
     )
     return pool
 

@@ -2,7 +2,8 @@
 
 Backends supply a ``SqlSession`` (run one statement, ``$1``-style placeholders) and two ways to
 get one: ``_autocommit()`` for single statements and ``_transaction()`` for read-modify-write,
-which on SQLite is ``BEGIN IMMEDIATE`` and on PostgreSQL a READ COMMITTED transaction. Every
+which on SQLite is ``BEGIN IMMEDIATE`` and on PostgreSQL a READ COMMITTED transaction, and
+``_read()`` for statements that only read (a backend may run those a cheaper way). Every
 single-use check is one conditional ``UPDATE … WHERE <usable> RETURNING``, so the row lock (or
 SQLite's write lock) decides a race and exactly one caller wins; only when it matches nothing do
 we read the row again to say why.
@@ -27,6 +28,7 @@ from rendezvous.store.base import (
     MAX_TEAM_NAME_LENGTH,
     Agent,
     AgentConnection,
+    AgentListing,
     AlreadyExists,
     AmbiguousName,
     ApiKey,
@@ -48,6 +50,7 @@ from rendezvous.store.base import (
     StoredPolicyBundle,
     StoreError,
     Team,
+    TokenHolder,
     UnusableReason,
     new_id,
 )
@@ -98,9 +101,21 @@ class SqlStore(Store):
     def _transaction(self) -> AbstractAsyncContextManager[SqlSession]:
         """A session in one write transaction: committed on exit, rolled back on error."""
 
+    def _read(self) -> AbstractAsyncContextManager[SqlSession]:
+        """A session for a statement that only reads (autocommit unless a backend knows better)."""
+        return self._autocommit()
+
     async def _fetch(self, sql: str, *args: Any) -> list[Row]:
         async with self._autocommit() as session:
             return await session.fetch(sql, *args)
+
+    async def _read_fetch(self, sql: str, *args: Any) -> list[Row]:
+        async with self._read() as session:
+            return await session.fetch(sql, *args)
+
+    async def _read_fetchrow(self, sql: str, *args: Any) -> Row | None:
+        async with self._read() as session:
+            return await session.fetchrow(sql, *args)
 
     async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
         async with self._autocommit() as session:
@@ -228,21 +243,21 @@ class SqlStore(Store):
 
     async def get_operator(self, team_id: str, operator_id: str) -> Operator | None:
         """The team's operator with this id, or None."""
-        row = await self._fetchrow(
+        row = await self._read_fetchrow(
             "SELECT * FROM operators WHERE team_id = $1 AND id = $2", team_id, operator_id
         )
         return _operator(row) if row else None
 
     async def get_operator_by_thumbprint(self, key_thumbprint: str) -> Operator | None:
         """The operator whose key has this RFC 7638 thumbprint (any team), or None."""
-        row = await self._fetchrow(
+        row = await self._read_fetchrow(
             "SELECT * FROM operators WHERE key_thumbprint = $1", key_thumbprint
         )
         return _operator(row) if row else None
 
     async def list_operators(self, team_id: str) -> list[Operator]:
         """The team's operators, ordered by email."""
-        rows = await self._fetch(
+        rows = await self._read_fetch(
             "SELECT * FROM operators WHERE team_id = $1 ORDER BY email, id", team_id
         )
         return [_operator(row) for row in rows]
@@ -319,13 +334,27 @@ class SqlStore(Store):
 
     async def is_token_revoked(self, jti: str, team_id: str | None = None) -> bool:
         """True if this token id was revoked (by ``team_id``, when given)."""
-        row = await self._fetchrow(
+        row = await self._read_fetchrow(
             """SELECT 1 FROM revoked_tokens
                WHERE jti = $1 AND (CAST($2 AS TEXT) IS NULL OR team_id = CAST($2 AS TEXT))
                LIMIT 1""",
             jti, team_id,
         )  # fmt: skip
         return row is not None
+
+    async def token_holder(self, team_id: str, operator_id: str, jti: str) -> TokenHolder:
+        """The token's operator (None if not in ``team_id``) and whether ``jti`` was revoked."""
+        row = await self._read_fetchrow(
+            """SELECT o.*, EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = $3)
+                      AS token_revoked
+               FROM (SELECT 1 AS one) t
+               LEFT JOIN operators o ON o.team_id = $1 AND o.id = $2""",
+            team_id, operator_id, jti,
+        )  # fmt: skip
+        if row is None:
+            raise StoreError("the token holder query returned no row")
+        operator = _operator(row) if row["id"] is not None else None
+        return TokenHolder(operator=operator, token_revoked=bool(row["token_revoked"]))
 
     async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
         """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
@@ -386,7 +415,9 @@ class SqlStore(Store):
 
     async def get_api_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
         """The API key with this hash (revoked ones too: check ``is_active``), or None."""
-        row = await self._fetchrow("SELECT * FROM api_keys WHERE key_hash = $1", bytes(key_hash))
+        row = await self._read_fetchrow(
+            "SELECT * FROM api_keys WHERE key_hash = $1", bytes(key_hash)
+        )
         return _api_key(row) if row else None
 
     async def list_api_keys(self, team_id: str) -> list[ApiKey]:
@@ -494,11 +525,9 @@ class SqlStore(Store):
                     await self._registration_refusal(session, key_hash, now, expected_team_id)
                 )
             key = _registration_key(row)
-            agent = Agent(
-                id=agent_id, team_id=key.team_id, name=name, hostname=hostname, tags=key.tags,
-                public_key=bytes(public_key), key_fingerprint=key_fingerprint,
-                machine_fingerprint=machine_fingerprint, registration_key_id=key.id,
-                registered_at=now, last_seen_at=None, online=False,
+            agent = _new_agent(
+                agent_id, key, name, hostname, public_key, key_fingerprint, machine_fingerprint,
+                now,
             )  # fmt: skip
             try:
                 await session.execute(
@@ -529,7 +558,7 @@ class SqlStore(Store):
 
     async def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
         """The team's agent with this id, or None."""
-        row = await self._fetchrow(
+        row = await self._read_fetchrow(
             f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.team_id = $1 AND a.id = $2",  # noqa: S608
             team_id, agent_id,
         )  # fmt: skip
@@ -559,12 +588,28 @@ class SqlStore(Store):
 
     async def list_agents(self, team_id: str) -> list[Agent]:
         """The team's agents, ordered by name then id."""
-        rows = await self._fetch(
+        rows = await self._read_fetch(
             f"SELECT {_AGENT_COLUMNS} FROM agents a "  # noqa: S608
             "WHERE a.team_id = $1 ORDER BY a.name, a.id",
             team_id,
         )
         return [_agent(row) for row in rows]
+
+    async def agent_listing(self, team_id: str) -> AgentListing:
+        """The team's agents (as ``list_agents``) and its newest policy version, in one query."""
+        # The one-row policy side always yields a row, so a team without agents still reports
+        # its version (with the agent columns NULL).
+        rows = await self._read_fetch(
+            f"""SELECT p.team_policy_version, {_AGENT_COLUMNS}
+                FROM (SELECT MAX(version) AS team_policy_version FROM policy_bundles
+                      WHERE team_id = $1) p
+                LEFT JOIN agents a ON a.team_id = $1
+                ORDER BY a.name, a.id""",  # noqa: S608
+            team_id,
+        )  # fmt: skip
+        version = rows[0]["team_policy_version"] if rows else None
+        agents = [_agent(row) for row in rows if row["id"] is not None]
+        return AgentListing(policy_version=int(version or 0), agents=agents)
 
     async def mark_agent_connected(
         self,
@@ -725,7 +770,7 @@ class SqlStore(Store):
 
     async def latest_policy_bundle(self, team_id: str) -> StoredPolicyBundle | None:
         """The team's newest policy bundle, or None if it never stored one."""
-        row = await self._fetchrow(
+        row = await self._read_fetchrow(
             "SELECT * FROM policy_bundles WHERE team_id = $1 ORDER BY version DESC LIMIT 1",
             team_id,
         )
@@ -876,25 +921,18 @@ class SqlAuditStore:
 
     async def append(self, team_id: str, record: StoredRecord) -> None:
         """Durably store ``record`` iff its seq is the team's current size, else AppendConflict."""
+        # One conditional INSERT (one round trip, one commit): it stores nothing unless seq is
+        # exactly the size it sees, and the (team_id, seq) key refuses a concurrent twin.
         try:
-            async with self._store._transaction() as session:
-                row = await session.fetchrow(
-                    "SELECT COALESCE(MAX(seq) + 1, 0) AS size FROM audit_records "
-                    "WHERE team_id = $1",
-                    team_id,
-                )
-                size = int(row["size"]) if row else 0
-                if record.seq != size:
-                    raise AppendConflict(
-                        f"team log has {size} records; cannot store sequence number {record.seq}"
-                    )
-                await session.execute(
-                    """INSERT INTO audit_records (team_id, seq, time, record_hash, leaf_hash,
-                                                  canonical)
-                       VALUES ($1, $2, $3, $4, $5, $6)""",
-                    team_id, record.seq, record.time, record.record_hash, record.leaf_hash,
-                    record.canonical,
-                )  # fmt: skip
+            stored = await self._store._execute(
+                """INSERT INTO audit_records (team_id, seq, time, record_hash, leaf_hash,
+                                              canonical)
+                   SELECT $1, $2, $3, $4, $5, $6
+                   WHERE (SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_records
+                          WHERE team_id = $1) = $2""",
+                team_id, record.seq, record.time, record.record_hash, record.leaf_hash,
+                record.canonical,
+            )  # fmt: skip
         except AlreadyExists:
             # A concurrent writer on another connection took this sequence number first.
             raise AppendConflict(
@@ -902,6 +940,10 @@ class SqlAuditStore:
             ) from None
         except StoreError as exc:
             raise AuditStoreError(str(exc)) from exc
+        if stored != 1:
+            raise AppendConflict(
+                f"the team log's size is not {record.seq}; cannot store that sequence number"
+            )
 
     async def head(self, team_id: str) -> StoredRecord | None:
         """The team's last record, or None for an empty log."""
@@ -1032,6 +1074,25 @@ def _agent(row: Row) -> Agent:
         last_seen_at=_optional_float(row["last_seen_at"]), online=bool(row["online"]),
         policy_version=None if row["policy_version"] is None else int(row["policy_version"]),
         policy_refusal=row["policy_refusal"],
+    )  # fmt: skip
+
+
+def _new_agent(
+    agent_id: str,
+    key: RegistrationKey,
+    name: str,
+    hostname: str,
+    public_key: bytes,
+    key_fingerprint: str,
+    machine_fingerprint: str,
+    now: float,
+) -> Agent:
+    """The agent a registration creates with ``key`` (its tags come from the key)."""
+    return Agent(
+        id=agent_id, team_id=key.team_id, name=name, hostname=hostname, tags=key.tags,
+        public_key=bytes(public_key), key_fingerprint=key_fingerprint,
+        machine_fingerprint=machine_fingerprint, registration_key_id=key.id,
+        registered_at=now, last_seen_at=None, online=False,
     )  # fmt: skip
 
 

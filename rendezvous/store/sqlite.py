@@ -6,6 +6,13 @@ transaction (``BEGIN IMMEDIATE`` … ``COMMIT``) holds it for its whole length; 
 on the same file wait on SQLite's own lock for up to ``BUSY_TIMEOUT_MS``. WAL journal mode lets
 readers in other processes run alongside a writer; ``synchronous=FULL`` makes a commit durable
 before it returns (audit records must be on disk before the action they describe).
+
+Reads that are one short indexed statement (authenticating a request, listing a team's agents)
+are the exception: they run on the event loop, on a second, read-only connection, because a
+thread hop costs several times what the query does. In WAL mode a reader does not wait for
+writers; in the rare moments it would have to (another process recovering or closing the
+database), that connection's zero busy timeout makes it give up at once and the statement is
+run again the ordinary way, in a worker thread on the shared connection.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from rendezvous.store.migrations.sqlite import MIGRATIONS
 from rendezvous.store.sql_store import Row, SqlSession, SqlStore
 
 BUSY_TIMEOUT_MS = 10_000
+INLINE_READ_BUSY_TIMEOUT_MS = 0
 WAL_SWITCH_RETRY_SECONDS = 0.02
 DATABASE_FILE_MODE = 0o600
 _PLACEHOLDER = re.compile(r"\$(\d+)")
@@ -78,17 +86,52 @@ class _SqliteSession(SqlSession):
             raise _translate_error(exc) from exc
 
 
+class _InlineReadSession(SqlSession):
+    """Read-only statements run on the event loop; a busy database sends them to ``fallback``."""
+
+    def __init__(self, connection: sqlite3.Connection, fallback: SqlSession) -> None:
+        self._connection = connection
+        self._fallback = fallback
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run a query here and now; if the database is busy, in a worker thread instead."""
+        try:
+            rows: list[Row] = self._connection.execute(
+                _to_sqlite_placeholders(sql), args
+            ).fetchall()
+        except sqlite3.OperationalError as exc:
+            if not _is_busy(exc):
+                raise _translate_error(exc) from exc
+            return await self._fallback.fetch(sql, *args)
+        except sqlite3.Error as exc:
+            raise _translate_error(exc) from exc
+        return rows
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Refused: this session only reads."""
+        raise StoreError("an inline read session cannot change the database")
+
+
 class SqliteStore(SqlStore):
     """The store on one SQLite file. Open it with ``open_sqlite_store``."""
 
     backend = "sqlite"
 
-    def __init__(self, connection: sqlite3.Connection, path: str) -> None:
+    def __init__(
+        self, connection: sqlite3.Connection, path: str, reader: sqlite3.Connection
+    ) -> None:
         super().__init__()
         self.path = path
         self._connection: sqlite3.Connection | None = connection
+        self._reader: sqlite3.Connection | None = reader
         self._session = _SqliteSession(connection)
+        self._read_session = _InlineReadSession(reader, _LockedSession(self))
         self._lock = trio.Lock()
+
+    @asynccontextmanager
+    async def _read(self) -> AsyncIterator[SqlSession]:
+        self._check_open()
+        yield self._read_session
 
     @asynccontextmanager
     async def _autocommit(self) -> AsyncIterator[SqlSession]:
@@ -121,11 +164,36 @@ class SqliteStore(SqlStore):
             raise StoreError("the store is closed")
 
     async def aclose(self) -> None:
-        """Close the connection. Idempotent."""
+        """Close the connections. Idempotent."""
         async with self._lock:
+            reader, self._reader = self._reader, None
+            if reader is not None:
+                reader.close()
             connection, self._connection = self._connection, None
             if connection is not None:
                 await trio.to_thread.run_sync(connection.close)
+
+
+class _LockedSession(SqlSession):
+    """The shared connection's session taken under the store's lock, one statement at a time."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self._store = store
+
+    async def fetch(self, sql: str, *args: Any) -> list[Row]:
+        """Run a query on the shared connection in a worker thread."""
+        async with self._store._autocommit() as session:
+            return await session.fetch(sql, *args)
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement on the shared connection in a worker thread."""
+        async with self._store._autocommit() as session:
+            return await session.execute(sql, *args)
+
+
+def _is_busy(exc: sqlite3.OperationalError) -> bool:
+    message = str(exc)
+    return "locked" in message or "busy" in message
 
 
 def _connect_sync(path: str) -> sqlite3.Connection:
@@ -149,6 +217,18 @@ def _connect_sync(path: str) -> sqlite3.Connection:
     except sqlite3.Error as exc:
         raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
     return connection
+
+
+def _connect_reader_sync(path: str) -> sqlite3.Connection:
+    """A read-only connection for inline reads: never writes, never waits for a lock."""
+    try:
+        reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=0)
+        reader.row_factory = sqlite3.Row
+        reader.execute(f"PRAGMA busy_timeout = {INLINE_READ_BUSY_TIMEOUT_MS}")
+        reader.execute("PRAGMA query_only = ON")
+    except sqlite3.Error as exc:
+        raise StoreUnavailable(f"cannot open SQLite database {path}: {exc}") from exc
+    return reader
 
 
 def _enable_wal(connection: sqlite3.Connection) -> str:
@@ -218,7 +298,12 @@ async def open_sqlite_store(path: str | os.PathLike[str]) -> AsyncIterator[Sqlit
     except BaseException:
         await trio.to_thread.run_sync(connection.close)
         raise
-    store = SqliteStore(connection, location)
+    try:
+        reader = await trio.to_thread.run_sync(_connect_reader_sync, location)
+    except BaseException:
+        await trio.to_thread.run_sync(connection.close)
+        raise
+    store = SqliteStore(connection, location, reader)
     try:
         yield store
     finally:
