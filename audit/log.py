@@ -234,38 +234,65 @@ class AuditLog:
     async def _place(self, signed: SignedEvent, moment: datetime) -> AuditRecord:
         async with self._lock:
             await self._catch_up()
+            # First optimistically: one store call when no other instance wrote meanwhile.
+            try:
+                return await self._append_next(self._store, signed, moment)
+            except AppendConflict:
+                pass
+            # Then with the team's log to ourselves, so a writer that keeps appending back to
+            # back elsewhere cannot starve this one (it waits for its turn instead).
             for _ in range(MAX_APPEND_ATTEMPTS):
-                # Log time never goes backwards, even if clocks disagree between instances.
-                time = moment if self._last_time is None else max(moment, self._last_time)
-                record = AuditRecord(self._frontier.size, time, self._last_hash, signed)
-                stored = StoredRecord(
-                    seq=record.seq,
-                    time=format_time(time),
-                    record_hash=record.record_hash,
-                    leaf_hash=record.leaf_hash,
-                    canonical=record.canonical,
-                )
-                try:
-                    await self._store.append(self._team_id, stored)
-                except AppendConflict:
-                    await self._catch_up(force=True)
-                    continue
-                self._frontier.append(stored.leaf_hash)
-                self._last_hash = stored.record_hash
-                self._last_time = time
-                return record
+                async with self._store.exclusive(self._team_id) as store:
+                    await self._catch_up(force=True, store=store)
+                    try:
+                        staged = self._stage(signed, moment)
+                        await store.append(self._team_id, staged[1])
+                    except AppendConflict:
+                        continue  # only a writer that ignores the turn gets here
+                return self._adopt(*staged)
         raise AppendConflict(
             f"gave up appending after {MAX_APPEND_ATTEMPTS} conflicts with other writers"
         )
 
-    async def _catch_up(self, *, force: bool = False) -> None:
+    async def _append_next(
+        self, store: AuditStore, signed: SignedEvent, moment: datetime
+    ) -> AuditRecord:
+        record, stored, time = self._stage(signed, moment)
+        await store.append(self._team_id, stored)
+        return self._adopt(record, stored, time)
+
+    def _stage(
+        self, signed: SignedEvent, moment: datetime
+    ) -> tuple[AuditRecord, StoredRecord, datetime]:
+        """The next record after the known head; nothing changes until ``_adopt``."""
+        # Log time never goes backwards, even if clocks disagree between instances.
+        time = moment if self._last_time is None else max(moment, self._last_time)
+        record = AuditRecord(self._frontier.size, time, self._last_hash, signed)
+        stored = StoredRecord(
+            seq=record.seq,
+            time=format_time(time),
+            record_hash=record.record_hash,
+            leaf_hash=record.leaf_hash,
+            canonical=record.canonical,
+        )
+        return record, stored, time
+
+    def _adopt(self, record: AuditRecord, stored: StoredRecord, time: datetime) -> AuditRecord:
+        """Make a durably stored record the known head."""
+        self._frontier.append(stored.leaf_hash)
+        self._last_hash = stored.record_hash
+        self._last_time = time
+        return record
+
+    async def _catch_up(self, *, force: bool = False, store: AuditStore | None = None) -> None:
         """Bring the frontier and head up to date with the store (other writers, first use)."""
         if self._loaded and not force:
             return
-        head = await self._store.head(self._team_id)
+        store = store or self._store
+        head = await store.head(self._team_id)
         size = 0 if head is None else head.seq + 1
         while (known := self._frontier.size) < size:
-            leaves = await self._store.read_leaf_hashes(
+            leaves = await store.read_leaf_hashes(
                 self._team_id, known, min(known + STORE_READ_CHUNK, size)
             )
             if not leaves:

@@ -19,6 +19,8 @@ Contract every implementation must keep (tests/audit/store_contract.py checks it
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -86,6 +88,12 @@ class AuditStore(Protocol):
         """The stored checkpoint covering the most records, or None."""
         ...
 
+    def exclusive(self, team_id: str) -> AbstractAsyncContextManager[AuditStore]:
+        """A view of this store on which the caller alone appends to the team's log until the
+        block ends: other writers (other processes too) wait for their turn. Appends made
+        through the view are durable once the block exits without an error."""
+        ...
+
 
 class MemoryAuditStore:
     """An AuditStore in process memory: for tests, benchmarks and the agent's local spool.
@@ -132,6 +140,11 @@ class MemoryAuditStore:
     async def latest_checkpoint(self, team_id: str) -> StoredCheckpoint | None:
         """The largest kept checkpoint, or None."""
         return self._checkpoints.get(team_id)
+
+    @asynccontextmanager
+    async def exclusive(self, team_id: str) -> AsyncIterator[MemoryAuditStore]:
+        """This store itself: one process, and every append is atomic under trio."""
+        yield self
 
 
 def _check_range(start: int, end: int) -> None:

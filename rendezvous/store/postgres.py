@@ -60,6 +60,9 @@ CLOSE_TIMEOUT_SECONDS = 10.0
 MAX_SHELVED_CONNECTIONS = 4
 # Any fixed 64-bit number; all instances must agree on it.
 MIGRATION_LOCK_KEY = 0x7475636465736B31  # "tucdesk1"
+# Advisory locks keyed (class, hashtext(team id)): the two-int key space never meets the one-bigint
+# space of MIGRATION_LOCK_KEY.
+AUDIT_TURN_LOCK_CLASS = 0x61756474  # "audt"
 
 T = TypeVar("T")
 
@@ -196,6 +199,21 @@ class PostgresStore(SqlStore):
                 raise
         finally:
             await self._give_back(connection, reusable)
+
+    # An optimistic append first tries the turn for its own statement: it fails (and its writer
+    # then queues for the turn) while another writer holds it. A session holding the turn gets
+    # it again, so appends inside the turn pass.
+    _audit_turn_free = f"pg_try_advisory_xact_lock({AUDIT_TURN_LOCK_CLASS}, hashtext($1))"
+
+    @asynccontextmanager
+    async def _audit_writer_turn(self, team_id: str) -> AsyncIterator[SqlSession]:
+        """A transaction holding the team's audit advisory lock until it commits or rolls back
+        (so the lock can never outlive the block, even if the connection is reused)."""
+        async with self._transaction() as session:
+            await session.execute(
+                "SELECT pg_advisory_xact_lock($1, hashtext($2))", AUDIT_TURN_LOCK_CLASS, team_id
+            )
+            yield session
 
     async def register_agent(
         self,

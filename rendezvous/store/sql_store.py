@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import abc
 import json
-from collections.abc import Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from audit.errors import AppendConflict
@@ -100,6 +100,15 @@ class SqlStore(Store):
     @abc.abstractmethod
     def _transaction(self) -> AbstractAsyncContextManager[SqlSession]:
         """A session in one write transaction: committed on exit, rolled back on error."""
+
+    # A SQL condition true while no writer holds the team's audit turn ($1 is the team id).
+    _audit_turn_free = "TRUE"
+
+    def _audit_writer_turn(self, team_id: str) -> AbstractAsyncContextManager[SqlSession]:
+        """A write transaction holding the team log's writer turn: other writers of that log, in
+        this process or another, wait until it ends. The default, a write transaction, is a
+        turn wherever the backend lets one writer in at a time (SQLite's BEGIN IMMEDIATE)."""
+        return self._transaction()
 
     def _read(self) -> AbstractAsyncContextManager[SqlSession]:
         """A session for a statement that only reads (autocommit unless a backend knows better)."""
@@ -913,25 +922,54 @@ class SqlStore(Store):
         return _approval_request(row) if row else None
 
 
-class SqlAuditStore:
-    """The audit/store.py ``AuditStore`` interface on the rendezvous database."""
+# Stores nothing unless seq is exactly the size it sees and (where the backend has turns) no
+# other writer holds the team's turn; {turn_free} is the backend's condition for the latter.
+_AUDIT_APPEND_SQL = """
+    INSERT INTO audit_records (team_id, seq, time, record_hash, leaf_hash, canonical)
+    SELECT $1, $2, $3, $4, $5, $6
+    WHERE {turn_free}
+      AND (SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_records WHERE team_id = $1) = $2"""
 
-    def __init__(self, store: SqlStore) -> None:
+
+class SqlAuditStore:
+    """The audit/store.py ``AuditStore`` interface on the rendezvous database.
+
+    Bound to a session (see ``exclusive``), every statement runs on that session's connection.
+    """
+
+    def __init__(self, store: SqlStore, session: SqlSession | None = None) -> None:
         self._store = store
+        self._session = session
+        self._append_sql = _AUDIT_APPEND_SQL.replace("{turn_free}", store._audit_turn_free)
+
+    async def _fetch(self, sql: str, *args: Any) -> list[Row]:
+        if self._session is not None:
+            return await self._session.fetch(sql, *args)
+        return await self._store._fetch(sql, *args)
+
+    async def _fetchrow(self, sql: str, *args: Any) -> Row | None:
+        rows = await self._fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def _execute(self, sql: str, *args: Any) -> int:
+        if self._session is not None:
+            return await self._session.execute(sql, *args)
+        return await self._store._execute(sql, *args)
+
+    @asynccontextmanager
+    async def exclusive(self, team_id: str) -> AsyncIterator[SqlAuditStore]:
+        """A view on one connection holding the team log's writer turn (see SqlStore)."""
+        async with self._store._audit_writer_turn(team_id) as session:
+            yield SqlAuditStore(self._store, session)
 
     async def append(self, team_id: str, record: StoredRecord) -> None:
         """Durably store ``record`` iff its seq is the team's current size, else AppendConflict."""
-        # One conditional INSERT (one round trip, one commit): it stores nothing unless seq is
-        # exactly the size it sees, and the (team_id, seq) key refuses a concurrent twin.
+        # One conditional INSERT (one round trip, one commit); the (team_id, seq) key refuses a
+        # concurrent twin.
         try:
-            stored = await self._store._execute(
-                """INSERT INTO audit_records (team_id, seq, time, record_hash, leaf_hash,
-                                              canonical)
-                   SELECT $1, $2, $3, $4, $5, $6
-                   WHERE (SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_records
-                          WHERE team_id = $1) = $2""",
-                team_id, record.seq, record.time, record.record_hash, record.leaf_hash,
-                record.canonical,
+            stored = await self._execute(
+                self._append_sql, team_id, record.seq, record.time, record.record_hash,
+                record.leaf_hash, record.canonical,
             )  # fmt: skip
         except AlreadyExists:
             # A concurrent writer on another connection took this sequence number first.
@@ -942,12 +980,12 @@ class SqlAuditStore:
             raise AuditStoreError(str(exc)) from exc
         if stored != 1:
             raise AppendConflict(
-                f"the team log's size is not {record.seq}; cannot store that sequence number"
+                f"the team log's size is not {record.seq}, or another writer has its turn"
             )
 
     async def head(self, team_id: str) -> StoredRecord | None:
         """The team's last record, or None for an empty log."""
-        row = await self._store._fetchrow(
+        row = await self._fetchrow(
             "SELECT * FROM audit_records WHERE team_id = $1 ORDER BY seq DESC LIMIT 1", team_id
         )
         return _stored_record(row) if row else None
@@ -955,7 +993,7 @@ class SqlAuditStore:
     async def read_records(self, team_id: str, start: int, end: int) -> list[StoredRecord]:
         """Records with ``start <= seq < end`` in sequence order."""
         _check_range(start, end)
-        rows = await self._store._fetch(
+        rows = await self._fetch(
             """SELECT * FROM audit_records WHERE team_id = $1 AND seq >= $2 AND seq < $3
                ORDER BY seq""",
             team_id, start, end,
@@ -965,7 +1003,7 @@ class SqlAuditStore:
     async def read_leaf_hashes(self, team_id: str, start: int, end: int) -> list[bytes]:
         """Merkle leaf hashes of records ``start <= seq < end`` in order."""
         _check_range(start, end)
-        rows = await self._store._fetch(
+        rows = await self._fetch(
             """SELECT leaf_hash FROM audit_records WHERE team_id = $1 AND seq >= $2 AND seq < $3
                ORDER BY seq""",
             team_id, start, end,
@@ -974,7 +1012,7 @@ class SqlAuditStore:
 
     async def save_checkpoint(self, team_id: str, checkpoint: StoredCheckpoint) -> None:
         """Keep a signed checkpoint; one covering fewer records never replaces a larger one."""
-        await self._store._execute(
+        await self._execute(
             """INSERT INTO audit_checkpoints (team_id, size, note) VALUES ($1, $2, $3)
                ON CONFLICT (team_id) DO UPDATE SET size = excluded.size, note = excluded.note
                WHERE audit_checkpoints.size < excluded.size""",
@@ -983,7 +1021,7 @@ class SqlAuditStore:
 
     async def latest_checkpoint(self, team_id: str) -> StoredCheckpoint | None:
         """The stored checkpoint covering the most records, or None."""
-        row = await self._store._fetchrow(
+        row = await self._fetchrow(
             "SELECT size, note FROM audit_checkpoints WHERE team_id = $1", team_id
         )
         return StoredCheckpoint(int(row["size"]), bytes(row["note"])) if row else None

@@ -14,6 +14,7 @@ import hashlib
 import uuid
 from collections.abc import Awaitable, Callable
 
+import pytest
 import trio
 
 from audit.errors import AppendConflict
@@ -122,6 +123,21 @@ async def check_latest_checkpoint_is_the_largest(store: AuditStore) -> None:
     assert await store.latest_checkpoint(team) == StoredCheckpoint(9, b"nine\n")
 
 
+async def check_appends_through_the_writer_turn_are_kept_and_read_back(store: AuditStore) -> None:
+    team = new_team()
+    await store.append(team, fake_record(0))
+    async with store.exclusive(team) as turn:
+        head = await turn.head(team)
+        assert head is not None and head.seq == 0
+        await turn.append(team, fake_record(1))
+        assert await turn.read_leaf_hashes(team, 0, 5) == [
+            fake_record(0).leaf_hash, fake_record(1).leaf_hash
+        ]
+        with pytest.raises(AppendConflict):
+            await turn.append(team, fake_record(1, b"twin"))
+    assert [record.seq for record in await store.read_records(team, 0, 5)] == [0, 1]
+
+
 STORE_CONTRACT_CHECKS: list[Callable[[AuditStore], Awaitable[None]]] = [
     check_empty_log_has_no_head,
     check_records_come_back_in_order_with_identical_bytes,
@@ -130,4 +146,5 @@ STORE_CONTRACT_CHECKS: list[Callable[[AuditStore], Awaitable[None]]] = [
     check_teams_never_see_each_others_records,
     check_concurrent_appends_at_one_seq_store_exactly_one,
     check_latest_checkpoint_is_the_largest,
+    check_appends_through_the_writer_turn_are_kept_and_read_back,
 ]
