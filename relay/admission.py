@@ -11,6 +11,7 @@ import logging
 
 from protocol.errors import ReplayError, TokenError
 from protocol.nonce_cache import NonceCache
+from protocol.rate_limits import AddressRateLimiter, TokenBucket
 from protocol.relay_token import (
     TOKEN_ID_MEMORY_SECONDS,
     RelayTokenClaims,
@@ -20,7 +21,6 @@ from protocol.relay_token import (
 )
 from relay.config import RelayConfig
 from relay.keyset import TokenKeySet
-from relay.limits import AddressRateLimiter, TokenBucket
 from relay.metrics import RelayMetrics
 from relay.pairing import PairingRegistry
 from relay.wire import Reason

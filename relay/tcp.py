@@ -18,7 +18,7 @@ from protocol.relay_token import RelayTokenClaims, Side
 from relay.admission import Admission
 from relay.errors import HelloError
 from relay.forwarding import SPLICE_AVAILABLE, SPLICE_CHUNK_SIZE, pump
-from relay.limits import TokenBucket
+from protocol.rate_limits import TokenBucket
 from relay.session_log import session_end_line
 from relay.sockio import (
     CONNECTION_LOST_ERRORS,

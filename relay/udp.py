@@ -18,6 +18,7 @@ from typing import Any
 
 import trio
 
+from protocol.rate_limits import TokenBucket
 from protocol.relay_token import Side, credential_mac_is_valid
 from relay.admission import Admission
 from relay.datagram import (
@@ -31,7 +32,6 @@ from relay.datagram import (
     parse_udp_hello,
 )
 from relay.errors import HelloError
-from relay.limits import TokenBucket
 from relay.session_log import session_end_line
 from relay.wire import Reason
 

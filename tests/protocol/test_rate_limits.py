@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay.limits import AddressRateLimiter, TokenBucket
+from protocol.rate_limits import AddressRateLimiter, TokenBucket
 
 
 @settings(max_examples=200)

@@ -1,4 +1,4 @@
-"""Rate limits: a token bucket for bandwidth caps, a per-address connection limiter. Sans-I/O.
+"""Rate limits: a token bucket (bandwidth caps, request rates) and a per-address limiter. Sans-I/O.
 
 Time is passed in (seconds, monotonic) so the arithmetic is tested without a clock.
 """
