@@ -63,8 +63,11 @@ def start_server(data_dir: Path, database: str) -> tuple[subprocess.Popen[bytes]
                    capture_output=True)
     log = data_dir / "serve.log"
     handle = log.open("w")
+    # Every simulated agent registers from this one address: lift the per-address limit on
+    # unauthenticated requests, which would otherwise (rightly) throttle it.
     environment = {**os.environ, "TUCDESK_ACCESS_TOKEN_SECONDS": "900",
-                   "TUCDESK_HEARTBEAT_TIMEOUT_SECONDS": "600"}
+                   "TUCDESK_HEARTBEAT_TIMEOUT_SECONDS": "600",
+                   "TUCDESK_AUTH_RATE_LIMIT": "1000000", "TUCDESK_AUTH_RATE_BURST": "1000000"}
     process = subprocess.Popen(
         [str(BIN / "tucdesk-rendezvous"), "serve", *store, "--listen", "127.0.0.1:0",
          "--insecure-http"],

@@ -7,6 +7,7 @@ so tests can run several side by side.
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from rendezvous.body_limit import BodyLimitMiddleware
 from rendezvous.context import ServiceContext
-from rendezvous.errors import ServiceError, ServiceUnavailable, Unauthorized
+from rendezvous.errors import ServiceError, ServiceUnavailable, TooManyRequests, Unauthorized
 from rendezvous.metrics import RequestMetricsMiddleware
 from rendezvous.store import StoreError
 
@@ -81,7 +82,11 @@ def create_app(ctx: ServiceContext) -> Any:
 def _install_error_handlers(app: FastAPI, ctx: ServiceContext) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> Response:
-        headers = {"WWW-Authenticate": "Bearer"} if isinstance(error, Unauthorized) else None
+        headers: dict[str, str] | None = None
+        if isinstance(error, Unauthorized):
+            headers = {"WWW-Authenticate": "Bearer"}
+        elif isinstance(error, TooManyRequests):
+            headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
         return JSONResponse(
             error_body(error.code, error.message), status_code=error.status, headers=headers
         )

@@ -105,6 +105,10 @@ class ServiceConfig:
     registration_key_seconds: int = 3600
     max_registration_key_seconds: int = 30 * 24 * 3600
     login_challenge_seconds: int = 120
+    # Unauthenticated requests (enroll, challenge, login, agent registration) per second and at
+    # once from one address; each may write a row, so a flood must not turn into writes.
+    auth_rate_limit: float = 20.0
+    auth_rate_burst: int = 200
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 60.0
     relays: tuple[RelayEndpoint, ...] = ()
@@ -163,9 +167,12 @@ class ServiceConfig:
             "login_challenge_seconds",
             "heartbeat_seconds",
             "heartbeat_timeout_seconds",
+            "auth_rate_limit",
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.auth_rate_burst < 1:
+            raise ConfigError("auth_rate_burst must be at least 1")
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from protocol.rate_limits import AddressRateLimiter
 from protocol.tokens import VerifiedTokenCache
 from rendezvous.config import ServiceConfig
 from rendezvous.metrics import ServiceMetrics
@@ -38,10 +39,14 @@ class ServiceContext:
     instance_id: str = field(default_factory=new_instance_id)
     connections: AgentConnections | None = None
     signed_payloads: SignedPayloadVerifier = field(init=False)
+    unauthenticated_requests: AddressRateLimiter = field(init=False)
     verified_tokens: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
 
     def __post_init__(self) -> None:
         self.signed_payloads = SignedPayloadVerifier(self.config.clock_skew_seconds)
+        self.unauthenticated_requests = AddressRateLimiter(
+            self.config.auth_rate_limit, self.config.auth_rate_burst
+        )
 
     def now(self) -> float:
         """The current Unix time as this instance sees it."""

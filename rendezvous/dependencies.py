@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -9,6 +10,7 @@ from fastapi import Depends, Request
 from protocol.request_proof import PROOF_HEADER
 from rendezvous.auth import Principal, RequestFacts, authenticate
 from rendezvous.context import ServiceContext
+from rendezvous.errors import TooManyRequests
 
 
 async def service_context(request: Request) -> ServiceContext:
@@ -39,5 +41,23 @@ async def current_principal(
     return await authenticate(ctx, facts)
 
 
+async def limit_unauthenticated(
+    request: Request, ctx: Annotated[ServiceContext, Depends(service_context)]
+) -> None:
+    """Refuse (429) an unauthenticated request over its address's rate, before any store work.
+
+    Behind a reverse proxy every client shares the proxy's address: raise the limits there.
+    """
+    address = request.client.host if request.client is not None else "unknown"
+    limiter = ctx.unauthenticated_requests
+    if not limiter.allow(address, time.monotonic()):
+        ctx.metrics.auth_failures.labels("rate_limited").inc()
+        raise TooManyRequests(
+            f"too many unauthenticated requests from {address}; retry later",
+            retry_after=1.0 / limiter.rate,
+        )
+
+
 Context = Annotated[ServiceContext, Depends(service_context)]
+RateLimited = Depends(limit_unauthenticated)
 Caller = Annotated[Principal, Depends(current_principal)]

@@ -64,6 +64,17 @@ class PayloadTooLarge(ServiceError):
     code = "payload_too_large"
 
 
+class TooManyRequests(ServiceError):
+    """The caller's address sent more unauthenticated requests than its rate allows."""
+
+    status = 429
+    code = "rate_limited"
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
 class ServiceUnavailable(ServiceError):
     """A dependency (the store, the audit log) failed; the action did not happen."""
 

@@ -16,7 +16,7 @@ from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthentic
 from rendezvous.auth import Permission, authorize
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
-from rendezvous.dependencies import Caller, Context
+from rendezvous.dependencies import Caller, Context, RateLimited
 from rendezvous.errors import BadRequest, Conflict, Unauthorized
 from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
 from rendezvous.store import AlreadyExists, RegistrationKeyUnusable
@@ -28,7 +28,7 @@ MAX_MACHINE_FINGERPRINT_LENGTH = 256
 HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252})$")
 
 
-@router.post("/agents/register", response_model=RegisterResponse)
+@router.post("/agents/register", response_model=RegisterResponse, dependencies=[RateLimited])
 async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse:
     """Register an agent: its key signs {registration key, public key, fingerprint, hostname}.
 

@@ -28,7 +28,7 @@ from rendezvous.audit_trail import (
 from rendezvous.auth import Permission, Principal, authorize, issue_access_token
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import INVITE_PREFIX, has_shape, hash_secret, new_challenge
-from rendezvous.dependencies import Caller, Context
+from rendezvous.dependencies import Caller, Context, RateLimited
 from rendezvous.errors import BadRequest, Conflict, NotFound, Unauthorized
 from rendezvous.schemas import (
     ChallengeRequest,
@@ -45,7 +45,7 @@ from rendezvous.store import NotFound as StoreNotFound
 router = APIRouter(tags=["operators"])
 
 
-@router.post("/operators/enroll", response_model=EnrollResponse)
+@router.post("/operators/enroll", response_model=EnrollResponse, dependencies=[RateLimited])
 async def enroll_operator(body: SignedEnvelope, ctx: Context) -> EnrollResponse:
     """Enroll a new operator key with a one-time invite; the key signs its own enrollment."""
     envelope = body.model_dump()
@@ -88,7 +88,7 @@ async def enroll_operator(body: SignedEnvelope, ctx: Context) -> EnrollResponse:
     )
 
 
-@router.post("/auth/challenge", response_model=ChallengeResponse)
+@router.post("/auth/challenge", response_model=ChallengeResponse, dependencies=[RateLimited])
 async def login_challenge(body: ChallengeRequest, ctx: Context) -> ChallengeResponse:
     """A fresh single-use challenge for the operator key to sign (does not reveal if it exists)."""
     now = ctx.now()
@@ -104,7 +104,7 @@ async def login_challenge(body: ChallengeRequest, ctx: Context) -> ChallengeResp
     )
 
 
-@router.post("/auth/login", response_model=TokenResponse)
+@router.post("/auth/login", response_model=TokenResponse, dependencies=[RateLimited])
 async def login(body: SignedEnvelope, ctx: Context) -> TokenResponse:
     """Exchange a signed challenge for an access token bound to the operator key."""
     envelope = body.model_dump()
