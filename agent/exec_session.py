@@ -7,6 +7,7 @@ started.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 from collections.abc import AsyncIterator, Sequence
@@ -33,6 +34,11 @@ from agent.process_group import (
 
 MAX_ARGUMENTS = 4096
 MAX_COMMAND_BYTES = 128 * 1024
+# The command's output pipes hold this much (Linux's default is 64 KiB), so it can run ahead
+# while the agent seals and sends; still a bounded buffer, so a slow reader stalls the command.
+OUTPUT_PIPE_SIZE = 1024 * 1024
+# How much of that one read takes at most (split into frames of MAX_FRAME_PAYLOAD).
+EXEC_OUTPUT_CHUNK_SIZE = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -74,10 +80,14 @@ class ExecSession:
         return self._leader.pid
 
     async def run(self, on_output: OutputHandler) -> ExitStatus:
-        """Stream stdout and stderr until the command exits; return its exit code or signal."""
+        """Stream stdout and stderr until the command exits; return its exit code or signal.
+
+        Each chunk handed to ``on_output`` holds up to EXEC_OUTPUT_CHUNK_SIZE bytes (several
+        frames' worth): what bulk output has ready goes on in one piece.
+        """
         pumps = [
-            OutputPump(self._stdout_fd, OutputStream.STDOUT),
-            OutputPump(self._stderr_fd, OutputStream.STDERR),
+            OutputPump(self._stdout_fd, OutputStream.STDOUT, EXEC_OUTPUT_CHUNK_SIZE),
+            OutputPump(self._stderr_fd, OutputStream.STDERR, EXEC_OUTPUT_CHUNK_SIZE),
         ]
         async with trio.open_nursery() as nursery:
             for pump in pumps:
@@ -121,6 +131,15 @@ class ExecSession:
         close_fd(self._stderr_fd)
 
 
+def _enlarge_pipe(fd: int) -> None:
+    """Grow a pipe to OUTPUT_PIPE_SIZE where the system allows it (best effort: the limit is
+    /proc/sys/fs/pipe-max-size, and per-user quotas may refuse)."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, OUTPUT_PIPE_SIZE)
+    except OSError:
+        pass
+
+
 @asynccontextmanager
 async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]:
     """Start the command; on leaving the block, hang up and kill everything it started."""
@@ -160,6 +179,8 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
             os.close(fd)
     for fd in ours:
         os.set_blocking(fd, False)
+    for fd in ours[1:]:
+        _enlarge_pipe(fd)
     leader = SessionLeader(process)
     session = ExecSession(leader, *ours)
     try:

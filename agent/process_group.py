@@ -26,8 +26,15 @@ import trio
 from protocol.control import SIGNAL_NAMES
 from protocol.frames import MAX_FRAME_PAYLOAD
 
-# One read fills at most one frame: bulk output moves in as few sealed frames as possible.
+# One chunk of output fills at most one frame: bulk output moves in as few frames as possible.
 OUTPUT_CHUNK_SIZE = MAX_FRAME_PAYLOAD
+# A read shorter than this means the output is trickling (an echo, a prompt): it goes on at
+# once, without another read just to find that nothing more is there. Bulk output comes in
+# full reads (4095 bytes from a PTY, more from a pipe) and is coalesced.
+COALESCE_MIN_READ = 1024
+# Chunks handed on in a row without a checkpoint, at most (so a chatty child cannot starve
+# the session's other tasks even when its handler never waits).
+MAX_UNYIELDED_CHUNKS = 8
 TEARDOWN_GRACE_SECONDS = 0.5
 TEARDOWN_KILL_ROUNDS = 5
 TEARDOWN_KILL_WAIT_SECONDS = 2.0
@@ -214,10 +221,15 @@ class OutputPump:
     exited and everything it wrote has been read (a leftover background process holding the fd
     open must not keep the session alive)."""
 
-    def __init__(self, fd: int, stream: OutputStream) -> None:
+    def __init__(
+        self, fd: int, stream: OutputStream, chunk_size: int = OUTPUT_CHUNK_SIZE
+    ) -> None:
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
         os.set_blocking(fd, False)
         self._fd = fd
         self._stream = stream
+        self._chunk_size = chunk_size
         self._child_exited = False
         self._wait_scope: trio.CancelScope | None = None
 
@@ -228,16 +240,25 @@ class OutputPump:
             self._wait_scope.cancel()
 
     async def run(self, on_output: OutputHandler) -> None:
-        """Pump output until the end; see the class docstring for what the end is."""
+        """Pump output until the end; see the class docstring for what the end is.
+
+        What is already readable is coalesced into one chunk of up to ``chunk_size`` bytes (a
+        PTY hands out a few KiB per read): reads repeat only while they come back full-sized
+        (COALESCE_MIN_READ) and find data at once, so nothing ever waits to be joined by more
+        (an echoed keystroke goes out alone, at once).
+        """
+        fd, limit = self._fd, self._chunk_size
+        unyielded = 0
         while True:
             try:
-                data = os.read(self._fd, OUTPUT_CHUNK_SIZE)
+                data = os.read(fd, limit)
             except BlockingIOError:
                 if self._child_exited:
                     return
                 with trio.CancelScope() as self._wait_scope:
-                    await trio.lowlevel.wait_readable(self._fd)
+                    await trio.lowlevel.wait_readable(fd)
                 self._wait_scope = None
+                unyielded = 0
                 continue
             except OSError as error:
                 # EIO: every slave side of a PTY is closed, the Linux way of saying EOF.
@@ -246,8 +267,44 @@ class OutputPump:
                 raise
             if not data:
                 return
+            ended = False
+            if COALESCE_MIN_READ <= len(data) < limit:
+                data, ended = _read_available(fd, data, limit)
             await on_output(self._stream, data)
-            await trio.lowlevel.checkpoint()
+            if ended:
+                return
+            # After bulk output, let other tasks run; after a trickle (an echo) the next read
+            # almost surely finds nothing and waits, which lets them run without another trip.
+            unyielded += 1
+            if len(data) >= COALESCE_MIN_READ or unyielded >= MAX_UNYIELDED_CHUNKS:
+                await trio.lowlevel.checkpoint()
+                unyielded = 0
+
+
+def _read_available(fd: int, first: bytes, limit: int) -> tuple[bytes, bool]:
+    """``first`` plus whatever ``fd`` has ready now, up to ``limit`` bytes in all; and whether
+    the output ended (EOF, or EIO from a PTY) while reading."""
+    parts = [first]
+    total = len(first)
+    ended = False
+    while total < limit:
+        try:
+            more = os.read(fd, limit - total)
+        except BlockingIOError:
+            break
+        except OSError as error:
+            if error.errno != errno.EIO:
+                raise
+            ended = True
+            break
+        if not more:
+            ended = True
+            break
+        parts.append(more)
+        total += len(more)
+        if len(more) < COALESCE_MIN_READ:
+            break  # drained: another read would only find nothing
+    return (first if len(parts) == 1 else b"".join(parts)), ended
 
 
 async def write_all(fd: int, data: bytes) -> bool:

@@ -92,8 +92,15 @@ class PtySession:
 
     async def send_input(self, data: bytes) -> None:
         """Type ``data`` into the terminal, waiting while its input buffer is full."""
-        async with self._input_lock:
+        lock = self._input_lock
+        try:
+            lock.acquire_nowait()  # uncontended: no trip through the scheduler before the write
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             await write_all(self._master_fd, data)
+        finally:
+            lock.release()
 
     async def close_input(self) -> None:
         """End the input the way a terminal does: send the end-of-file character (^D)."""

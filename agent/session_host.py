@@ -15,10 +15,11 @@ session, and the process session is torn down whenever either side leaves or the
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import time
-from collections import deque
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from audit.record import SignedEvent
 from protocol.control import Close, Resize, SessionStart, Signal, decode_control, encode_control
 from protocol.control import ExitStatus as ExitStatusMessage
 from protocol.errors import ProtocolError
-from protocol.frames import FrameType, SecureChannel
+from protocol.frames import HEADER_SIZE, MAX_FRAME_PAYLOAD, FrameType, SealedParts, SecureChannel
 from protocol.handshake import AgentHandshake, HandshakeRefused, RefusalCode
 from protocol.identity import PublicIdentity, SigningIdentity
 from protocol.nonce_cache import NonceCache
@@ -47,7 +48,12 @@ from protocol.session_grant import (
     SessionMode,
     verify_session_grant,
 )
-from protocol.stream_framing import StreamDecoder, encode_stream_frame
+from protocol.stream_framing import (
+    StreamFrameBuffer,
+    encode_stream_frame,
+    encode_stream_frames,
+    length_prefix,
+)
 from relay.client import connect_tcp
 from relay.errors import RelayError
 
@@ -57,8 +63,13 @@ RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 RELAY_PAIR_TIMEOUT_SECONDS = 35.0
 SESSION_START_TIMEOUT_SECONDS = 15.0
 CLOSE_SEND_TIMEOUT_SECONDS = 5.0
-RECEIVE_CHUNK_SIZE = 64 * 1024
 OFFER_EXPIRY_LEEWAY_SECONDS = 5
+# What the operator sends is keystrokes and stdin: room for a few full frames is plenty.
+RECEIVE_BUFFER_SIZE = 256 * 1024
+# Buffers per writev call (Linux's IOV_MAX is 1024).
+MAX_WRITE_BUFFERS = 1024
+# A receive at least this large suggests more is waiting: read again before waiting.
+LARGE_RECEIVE_BYTES = 16 * 1024
 MAX_SESSION_ID_LENGTH = 128
 MAX_RELAY_HOST_LENGTH = 253
 MAX_RELAY_TOKEN_LENGTH = 8 * 1024
@@ -535,33 +546,121 @@ class _HandshakeAbandoned(Exception):
 
 
 class FrameLink:
-    """Length-prefixed messages over a relay stream: one reader, serialised writers."""
+    """Length-prefixed messages over a relay stream: one reader, serialised writers.
+
+    Received frames are views of one reusable buffer (protocol.stream_framing.StreamFrameBuffer)
+    that a socket receives straight into; several frames ready together go out in one write.
+    On a socket the link does its own non-blocking reads and writes: each system call costs
+    tens of microseconds here, and trio's socket methods add a scheduler pass to each one.
+    """
 
     def __init__(self, stream: trio.abc.Stream) -> None:
         self._stream = stream
-        self._decoder = StreamDecoder()
-        self._ready: deque[bytes] = deque()
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._frames = StreamFrameBuffer(RECEIVE_BUFFER_SIZE)
         self._send_lock = trio.Lock()
         self._ended = False
+        # After a large receive more is likely waiting: read before waiting for readiness.
+        self._more_expected = False
 
     async def receive(self) -> bytes | None:
         """The next message, or None when the peer closed the stream at a message boundary."""
-        while not self._ready:
+        frame = await self.receive_view()
+        return None if frame is None else bytes(frame)
+
+    async def receive_view(self) -> memoryview | None:
+        """``receive`` without the copy: a view valid until the next receive."""
+        frames = self._frames
+        while True:
+            frame = frames.next_frame()
+            if frame is not None:
+                return frame
             if self._ended:
                 return None
-            data = await self._stream.receive_some(RECEIVE_CHUNK_SIZE)
-            if not data:
+            space = frames.writable()
+            if self._socket is not None:
+                count = await self._receive_from_socket(self._socket, space)
+                if count is None:
+                    continue
+            else:
+                data = await self._stream.receive_some(len(space))
+                count = len(data)
+                space[:count] = data
+            if not count:
                 self._ended = True
-                self._decoder.finish()
+                frames.finish()
                 return None
-            self._ready.extend(self._decoder.feed(bytes(data)))
-        return self._ready.popleft()
+            frames.commit(count)
+
+    async def _receive_from_socket(
+        self, sock: trio.socket.SocketType, space: memoryview
+    ) -> int | None:
+        """Bytes received into ``space`` (0 at end of stream), or None if there were none yet."""
+        if not self._more_expected:
+            await trio.lowlevel.wait_readable(sock)
+        try:
+            count = os.readv(sock.fileno(), [space])
+        except BlockingIOError:
+            self._more_expected = False
+            return None
+        except OSError as error:
+            raise _link_error(error) from None
+        self._more_expected = count >= LARGE_RECEIVE_BYTES
+        return count
 
     async def send(self, message: bytes) -> None:
         """Send one message; concurrent senders take turns, whole messages at a time."""
-        framed = encode_stream_frame(message)
-        async with self._send_lock:
-            await self._stream.send_all(framed)
+        await self._send_pieces([encode_stream_frame(message)])
+
+    async def send_sealed(self, frames: Sequence[SealedParts]) -> None:
+        """Send sealed frames given as (header, body) in one write, each with its prefix."""
+        if self._socket is None:
+            await self._send_pieces([encode_stream_frames(frames)])
+            return
+        pieces: list[bytes] = []
+        for header, body in frames:
+            pieces += (length_prefix(len(header) + len(body)), header, body)
+        await self._send_pieces(pieces)
+
+    async def _send_pieces(self, pieces: list[bytes]) -> None:
+        lock = self._send_lock
+        try:
+            # Uncontended (the usual case): take the lock without a trip through the
+            # scheduler, so an echoed keystroke goes straight out.
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            if self._socket is None:
+                await self._stream.send_all(b"".join(pieces))
+            else:
+                await _send_to_socket(self._socket, pieces)
+        finally:
+            lock.release()
+
+
+async def _send_to_socket(sock: trio.socket.SocketType, pieces: list[bytes]) -> None:
+    """Write every byte of ``pieces`` (gathered, no copy), waiting while the socket is full."""
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        try:
+            sent = os.writev(sock.fileno(), views[:MAX_WRITE_BUFFERS])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as error:
+            raise _link_error(error) from None
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def _link_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """The trio stream error for a failed socket call, as trio's own streams report it."""
+    if error.errno == errno.EBADF:
+        return trio.ClosedResourceError("the relay connection was closed")
+    return trio.BrokenResourceError(f"the relay connection failed: {error}")
 
 
 class SealedLink:
@@ -576,10 +675,12 @@ class SealedLink:
 
     async def receive(self) -> tuple[FrameType, bytes] | None:
         """The next opened frame's type and payload; None once the operator's stream ended."""
-        message = await self._link.receive()
+        message = await self._link.receive_view()
         if message is None:
             return None
-        frame = self._channel.open(message, time.monotonic())
+        frame = self._channel.open_parts(
+            bytes(message[:HEADER_SIZE]), message[HEADER_SIZE:], time.monotonic()
+        )
         if frame.type is FrameType.DATA:
             self.bytes_in += len(frame.payload)
         return frame.type, frame.payload
@@ -597,10 +698,23 @@ class SealedLink:
             raise SessionRefusal("protocol-error", "the first frame must be a session start")
         return message
 
-    async def send_output(self, kind: FrameType, data: bytes) -> None:
-        """Seal child output as STDOUT/STDERR frames; waits while the relay is full."""
-        await self._send(kind, data)
-        self.bytes_out += len(data)
+    async def send_output(self, kind: FrameType, data: bytes | memoryview) -> None:
+        """Seal child output as STDOUT/STDERR frames of at most MAX_FRAME_PAYLOAD bytes, sent
+        together in one write; waits while the relay is full."""
+        if self._closed:
+            raise trio.ClosedResourceError("the session already sent CLOSE")
+        seal, now = self._channel.seal_parts, time.monotonic()
+        size = len(data)
+        if size <= MAX_FRAME_PAYLOAD:
+            frames = [seal(kind, data, now)]  # type: ignore[arg-type]
+        else:
+            view = memoryview(data)
+            frames = [
+                seal(kind, view[offset : offset + MAX_FRAME_PAYLOAD], now)  # type: ignore[arg-type]
+                for offset in range(0, size, MAX_FRAME_PAYLOAD)
+            ]
+        await self._link.send_sealed(frames)
+        self.bytes_out += size
 
     async def send_exit(self, status: ExitStatus | None) -> None:
         """ExitStatus (exactly once, when there is one), then CLOSE."""
@@ -629,7 +743,7 @@ class SealedLink:
     async def _send(self, kind: FrameType, payload: bytes) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the session already sent CLOSE")
-        await self._link.send(self._channel.seal(kind, payload, time.monotonic()))
+        await self._link.send_sealed([self._channel.seal_parts(kind, payload, time.monotonic())])
 
 
 def _fingerprint(identity: PublicIdentity | None) -> str | None:

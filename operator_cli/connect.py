@@ -28,12 +28,12 @@ from operator_cli.session_client import (
     ConnectionLost,
     Exited,
     OperatorSession,
-    Output,
     RefusalProbe,
     SessionError,
     SessionTicket,
     exit_code_for,
     open_session,
+    output_runs,
 )
 from operator_cli.stdio import InputReader, OutputWriter
 from operator_cli.terminal import RawTerminal, WindowSize, send_window_size_changes
@@ -133,18 +133,21 @@ async def _run(session: OperatorSession, options: ConnectOptions, outcome: Conne
             _forward_resizes, session, window_fd(options.stdin_fd, options.stdout_fd)
         )
         try:
-            while True:
-                event = await session.receive()
-                if event is None:
+            ended = False
+            while not ended:
+                events = await session.receive_batch()
+                if not events:
                     break
-                if isinstance(event, Output):
-                    (stdout if event.stream == "stdout" else stderr).write(event.data)
-                elif isinstance(event, Exited):
-                    status = exit_code_for(event.status)
-                elif isinstance(event, Closed):
-                    if status is None:
-                        outcome.message = _close_message(event)
-                    break
+                for stream, chunks, event in output_runs(events):
+                    if stream is not None:
+                        (stdout if stream == "stdout" else stderr).write_many(chunks)
+                    elif isinstance(event, Exited):
+                        status = exit_code_for(event.status)
+                    elif isinstance(event, Closed):
+                        if status is None:
+                            outcome.message = _close_message(event)
+                        ended = True
+                        break
         except ConnectionLost as error:
             if status is None:
                 outcome.message = str(error)

@@ -25,13 +25,13 @@ from operator_cli.session_client import (
     ConnectionLost,
     Exited,
     OperatorSession,
-    Output,
     RefusalProbe,
     SessionError,
     SessionRefused,
     SessionTicket,
     exit_code_for,
     open_session,
+    output_runs,
 )
 from operator_cli.stdio import InputReader, OutputWriter
 from protocol.control import SessionStart
@@ -113,22 +113,26 @@ async def stream_exec(session: OperatorSession, options: ExecOptions) -> int:
             await _quietly(session.send_eof())
         nursery.start_soon(_forward_signals, session, nursery.cancel_scope, interruption)
         try:
-            while True:
-                event = await session.receive()
-                if event is None:
+            ended = False
+            while not ended:
+                events = await session.receive_batch()
+                if not events:
                     break
-                if isinstance(event, Output):
-                    writer = stdout if event.stream == "stdout" else stderr
-                    if not writer.write(event.data) and writer is stdout:
-                        # Like a pipeline stage whose reader left: stop, as SIGPIPE would.
-                        status = EXIT_STDOUT_CLOSED
+                for stream, chunks, event in output_runs(events):
+                    if stream is not None:
+                        writer = stdout if stream == "stdout" else stderr
+                        if not writer.write_many(chunks) and writer is stdout:
+                            # Like a pipeline stage whose reader left: stop, as SIGPIPE would.
+                            status = EXIT_STDOUT_CLOSED
+                            ended = True
+                            break
+                    elif isinstance(event, Exited):
+                        status = exit_code_for(event.status)
+                    elif isinstance(event, Closed):
+                        if status is None:
+                            failure = _close_failure(event)
+                        ended = True
                         break
-                elif isinstance(event, Exited):
-                    status = exit_code_for(event.status)
-                elif isinstance(event, Closed):
-                    if status is None:
-                        failure = _close_failure(event)
-                    break
         except SessionError as error:
             # After the exit status, a connection that just drops has lost nothing.
             if status is None or not isinstance(error, ConnectionLost):

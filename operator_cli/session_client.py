@@ -9,8 +9,11 @@ terminal, stdin and stdout live in connect.py and exec_command.py; nothing here 
 
 from __future__ import annotations
 
+import gc
+import os
 import time
-from collections.abc import Awaitable, Callable
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,21 +33,29 @@ from protocol.control import (
     encode_control,
 )
 from protocol.errors import ProtocolError
-from protocol.frames import MAX_FRAME_PAYLOAD, MAX_SEALED_FRAME_SIZE, FrameType, SecureChannel
+from protocol.frames import HEADER_SIZE, MAX_FRAME_PAYLOAD, FrameType, SecureChannel
 from protocol.handshake import HandshakeRefused, OperatorHandshake
 from protocol.identity import PublicIdentity, SigningIdentity, b64url_decode
-from protocol.stream_framing import StreamDecoder, encode_stream_frame
+from protocol.stream_framing import (
+    StreamFrameBuffer,
+    encode_stream_frame,
+    encode_stream_parts,
+    length_prefix,
+)
 from relay.client import connect_tcp
 from relay.errors import RelayError, RelayRefusedError
 
 HANDSHAKE_TIMEOUT_SECONDS = 15.0
 RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 RELAY_PAIR_TIMEOUT_SECONDS = 30.0
-RECEIVE_CHUNK_BYTES = 256 * 1024
 CLOSE_SEND_TIMEOUT_SECONDS = 2.0
 REFUSAL_POLL_SECONDS = 1.0
 MAX_TARGET_LENGTH = 256
 HTTP_ACCEPTED = 202
+# A receive at least this large suggests more is waiting: read again before waiting.
+LARGE_RECEIVE_BYTES = 16 * 1024
+# Allocations between young-generation collections once a session is open (CPython: 700).
+GC_YOUNG_THRESHOLD = 20_000
 
 
 class SessionError(Exception):
@@ -210,6 +221,30 @@ class Closed:
 SessionEvent = Output | Exited | Closed
 
 
+def output_runs(
+    events: Sequence[SessionEvent],
+) -> Iterator[tuple[Literal["stdout", "stderr"] | None, list[bytes], SessionEvent | None]]:
+    """``events`` in order, with each run of consecutive Output on one stream gathered into one
+    item (stream, [data, …], None) so it can be written at once; any other event comes as
+    (None, [], event)."""
+    stream: Literal["stdout", "stderr"] | None = None
+    chunks: list[bytes] = []
+    for event in events:
+        if isinstance(event, Output):
+            if event.stream != stream and chunks:
+                yield stream, chunks, None
+                chunks = []
+            stream = event.stream
+            chunks.append(event.data)
+            continue
+        if chunks:
+            yield stream, chunks, None
+            stream, chunks = None, []
+        yield None, [], event
+    if chunks:
+        yield stream, chunks, None
+
+
 def exit_code_for(status: ExitStatus) -> int:
     """The exit code to report for ``status``, as a shell would: 128 + signal for a signal."""
     if status.code is not None:
@@ -219,38 +254,60 @@ def exit_code_for(status: ExitStatus) -> int:
 
 
 class OperatorSession:
-    """An open session: sealed frames over the relay stream. Sends may come from several tasks."""
+    """An open session: sealed frames over the relay stream. Sends may come from several tasks.
+
+    Frames arrive in one reusable buffer that a socket receives straight into
+    (StreamFrameBuffer); each is opened from a view of it (``open_parts``), never copied out.
+    """
 
     def __init__(
         self,
         stream: trio.abc.Stream,
         channel: SecureChannel,
-        decoder: StreamDecoder,
+        frames: StreamFrameBuffer,
         ticket: SessionTicket,
-        pending: list[bytes],
     ) -> None:
         self.stream = stream
         self.channel = channel
-        self.decoder = decoder
         self.ticket = ticket
-        self._pending = pending
+        self._frames = frames
+        # On a socket the session does its own non-blocking reads and writes: each system call
+        # costs tens of microseconds here, and trio's socket methods add a scheduler pass to
+        # each one (keystroke echo pays for every one of them).
+        self._socket = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._more_expected = False  # after a large receive, read before waiting
         self._send_lock = trio.Lock()
         self._closed_sent = False
         self._ended = False
+        self._ready: deque[SessionEvent] = deque()  # opened, not yet handed out
+        self._failure: SessionError | None = None  # to raise after the events before it
         self.bytes_sent = 0
         self.bytes_received = 0
 
     async def _send_frame(self, frame_type: FrameType, payload: bytes) -> None:
-        async with self._send_lock:
+        lock = self._send_lock
+        try:
+            # Uncontended (the usual case): take the lock without a trip through the
+            # scheduler, so a keystroke goes straight out.
+            lock.acquire_nowait()
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
             if self._closed_sent:
                 return
-            sealed = self.channel.seal(frame_type, payload, time.monotonic())
+            header, body = self.channel.seal_parts(frame_type, payload, time.monotonic())
             if frame_type is FrameType.CLOSE:
                 self._closed_sent = True
             try:
-                await self.stream.send_all(encode_stream_frame(sealed))
+                if self._socket is None:
+                    await self.stream.send_all(encode_stream_parts((header, body)))
+                else:
+                    prefix = length_prefix(len(header) + len(body))
+                    await _send_to_socket(self._socket, [prefix, header, body])
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise ConnectionLost("the connection through the relay was lost") from None
+        finally:
+            lock.release()
 
     async def send_data(self, data: bytes) -> None:
         """Forward input (keystrokes or stdin) to the remote side, in frames of at most 64 KiB."""
@@ -293,29 +350,74 @@ class OperatorSession:
         Raises ConnectionLost when the connection ends without the agent closing the session,
         and SessionError when the agent sends something that does not open or parse.
         """
-        while True:
-            if self._pending:
-                event = self._open(self._pending.pop(0))
-                if event is not None:
-                    return event
-                continue
-            if self._ended:
+        if not self._ready:
+            self._ready.extend(await self.receive_batch())
+            if not self._ready:
                 return None
+        return self._ready.popleft()
+
+    async def receive_batch(self) -> list[SessionEvent]:
+        """Every event that has arrived (waiting for at least one), in order; [] once the
+        connection has ended cleanly after CLOSE. Errors as for ``receive``, raised once the
+        events before them have been handed out."""
+        if self._ready:
+            ready = list(self._ready)
+            self._ready.clear()
+            return ready
+        frames = self._frames
+        events: list[SessionEvent] = []
+        while not events:
+            if self._failure is not None:
+                failure, self._failure = self._failure, None
+                raise failure
+            if self._ended:
+                break
             try:
-                data = await self.stream.receive_some(RECEIVE_CHUNK_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if not data:
+                while not self._ended:
+                    sealed = frames.next_frame()
+                    if sealed is None:
+                        break
+                    event = self._open(sealed)
+                    if event is not None:
+                        events.append(event)
+            except SessionError as error:
+                self._failure = error
+                continue
+            except ProtocolError as error:
+                self._failure = SessionError(f"the agent sent a malformed stream: {error}")
+                continue
+            if events or self._ended:
+                break
+            if not await self._receive_more():
                 self._ended = True
                 raise ConnectionLost("the connection through the relay was lost")
-            try:
-                self._pending.extend(self.decoder.feed(bytes(data)))
-            except ProtocolError as error:
-                raise SessionError(f"the agent sent a malformed stream: {error}") from None
+        return events
 
-    def _open(self, sealed: bytes) -> SessionEvent | None:
+    async def _receive_more(self) -> int:
+        """Receive into the frame buffer; 0 once the connection has ended."""
+        sock = self._socket
+        if sock is None:
+            return await receive_into(self.stream, self._frames)
+        space = self._frames.writable()
+        while True:
+            try:
+                if not self._more_expected:
+                    await trio.lowlevel.wait_readable(sock)
+                count = os.readv(sock.fileno(), [space])
+            except BlockingIOError:
+                self._more_expected = False
+                continue
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return 0
+            self._more_expected = count >= LARGE_RECEIVE_BYTES
+            self._frames.commit(count)
+            return count
+
+    def _open(self, sealed: memoryview) -> SessionEvent | None:
         try:
-            frame = self.channel.open(sealed, time.monotonic())
+            frame = self.channel.open_parts(
+                bytes(sealed[:HEADER_SIZE]), sealed[HEADER_SIZE:], time.monotonic()
+            )
         except ProtocolError as error:
             raise SessionError(f"a frame from the agent was refused: {error}") from None
         kind = frame.type
@@ -327,7 +429,6 @@ class OperatorSession:
             return Output("stderr", frame.payload)
         if kind is FrameType.CLOSE:
             self._ended = True
-            self._pending.clear()
             return Closed(None)
         try:
             message = decode_control(frame.payload)
@@ -364,7 +465,7 @@ async def open_session(
     stream = await _meet_at_relay(ticket, refusal_probe)
     try:
         with trio.fail_after(handshake_timeout):
-            return await establish_session(stream, ticket, identity, known_agents, start)
+            session = await establish_session(stream, ticket, identity, known_agents, start)
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         raise SessionError(
@@ -373,6 +474,19 @@ async def open_session(
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+    quiet_garbage_collector()
+    return session
+
+
+def quiet_garbage_collector() -> None:
+    """Keep collector pauses off an open session's data path (keystroke echo above all).
+
+    What the process built to get here (modules, the TLS and HTTP clients) is frozen out of
+    later collections, so a full collection walks only what the session allocates since, and
+    young collections run less often. No collection now: it would delay the first byte.
+    """
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
 async def _meet_at_relay(
@@ -441,21 +555,17 @@ async def establish_session(
     handshake = OperatorHandshake(
         identity, ticket.session_id, ticket.grant, pin, now + HANDSHAKE_TIMEOUT_SECONDS
     )
-    decoder = StreamDecoder(MAX_SEALED_FRAME_SIZE)
-    pending: list[bytes] = []
+    frames = StreamFrameBuffer()
 
     async def next_message() -> bytes:
-        while not pending:
-            try:
-                data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                data = b""
-            if not data:
+        while True:
+            message = frames.next_frame()
+            if message is not None:
+                return bytes(message)
+            if not await receive_into(stream, frames):
                 raise ConnectionLost(
                     "the agent closed the connection during the handshake (see the agent's log)"
                 )
-            pending.extend(decoder.feed(bytes(data)))
-        return pending.pop(0)
 
     try:
         await stream.send_all(encode_stream_frame(handshake.start(time.monotonic())))
@@ -471,7 +581,38 @@ async def establish_session(
         raise SessionError(f"the handshake with the agent failed: {error}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise ConnectionLost("the connection through the relay was lost") from None
-    session = OperatorSession(stream, handshake.channel(time.monotonic()), decoder, ticket,
-                              pending)
+    session = OperatorSession(stream, handshake.channel(time.monotonic()), frames, ticket)
     await session.send_control(start)
     return session
+
+
+async def receive_into(stream: trio.abc.Stream, frames: StreamFrameBuffer) -> int:
+    """Receive what ``stream`` has into ``frames``' free space; 0 once the stream has ended
+    (closed, reset or broken: the caller reports the loss)."""
+    space = frames.writable()
+    try:
+        if isinstance(stream, trio.SocketStream):
+            count: int = await stream.socket.recv_into(space)
+        else:
+            data = await stream.receive_some(len(space))
+            count = len(data)
+            space[:count] = data
+    except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+        return 0
+    frames.commit(count)
+    return count
+
+
+async def _send_to_socket(sock: trio.socket.SocketType, pieces: list[bytes]) -> None:
+    """Write every byte of ``pieces`` (gathered, no copy), waiting while the socket is full."""
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        try:
+            sent = os.writev(sock.fileno(), views)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]

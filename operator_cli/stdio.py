@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import select
+from collections.abc import Sequence
 
 import trio
 
 READ_CHUNK_BYTES = 64 * 1024
+# Buffers per writev call (Linux's IOV_MAX is 1024).
+MAX_WRITE_BUFFERS = 1024
 
 
 class InputReader:
@@ -72,6 +75,29 @@ class OutputWriter:
                 self.broken = True
                 return False
             view = view[written:]
+        return True
+
+
+    def write_many(self, chunks: Sequence[bytes]) -> bool:
+        """``write`` for several buffers in order, with as few system calls as they allow."""
+        if len(chunks) == 1:
+            return self.write(chunks[0])
+        if self.broken:
+            return False
+        pending = [memoryview(chunk) for chunk in chunks if chunk]
+        while pending:
+            try:
+                written = os.writev(self.fd, pending[:MAX_WRITE_BUFFERS])
+            except BlockingIOError:
+                _wait_writable_blocking(self.fd)
+                continue
+            except (BrokenPipeError, ConnectionResetError):
+                self.broken = True
+                return False
+            while pending and written >= len(pending[0]):
+                written -= len(pending.pop(0))
+            if written:
+                pending[0] = pending[0][written:]
         return True
 
 

@@ -43,7 +43,7 @@ from protocol.control import (
     encode_control,
 )
 from protocol.errors import HandshakeError
-from protocol.frames import FrameType, SecureChannel
+from protocol.frames import MAX_FRAME_PAYLOAD, FrameType, SecureChannel
 from protocol.handshake import HandshakeRefused, OperatorHandshake, pin_agent_key
 from protocol.identity import SigningIdentity
 from protocol.policy import PinnedPolicyTrust
@@ -295,6 +295,29 @@ async def test_exec_returns_stdout_stderr_and_exit_code_separately(tmp_path: Pat
     assert command_event.context["argv"] == list(command)
     assert ended.context["exit_code"] == 3
     assert ended.context["bytes_out"] == len(b"out\nerr\n")
+
+
+@trio_test
+async def test_bulk_exec_output_goes_out_in_frames_no_larger_than_the_maximum(
+    tmp_path: Path,
+) -> None:
+    size = 5 * MAX_FRAME_PAYLOAD + 777
+    command = ("head", "-c", str(size), "/dev/urandom")
+    sizes: list[int] = []
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        async with operator_session(stack, nursery, command=command) as operator:
+            await operator.start(exec_start(*command))
+            with trio.fail_after(WAIT_SECONDS):
+                while (frame := await operator.next_frame()) is not None:
+                    if frame[0] is FrameType.STDOUT:
+                        sizes.append(len(frame[1]))
+                    if operator.closed:
+                        break
+        assert operator.exit_status() == ExitStatus(code=0)
+        await wait_for_sessions_to_end(stack)
+    assert sum(sizes) == len(operator.stdout) == size
+    assert 0 < max(sizes) <= MAX_FRAME_PAYLOAD
+    assert stack.audit[-1].event.context["bytes_out"] == size
 
 
 @trio_test
