@@ -19,6 +19,9 @@ from relay.errors import ConfigError
 ENVIRONMENT_PREFIX = "TUCDESK_RELAY_"
 MAX_CONFIG_FILE_SIZE = 256 * 1024
 FORWARDING_MODES = ("copy", "splice")
+# With the kernel's doubling, at least Linux's usual autotuning ceilings (6 MiB receive, 4 MiB
+# send), and measured faster than autotuning on loopback (bench/RESULTS-relay.md).
+DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("forwarding", "str", "copy",
            "TCP data path: copy (one shared buffer; measured fastest on loopback) or splice "
            "(Linux zero-copy through a pipe per direction)"),
+    Option("socket_buffer", "int", DEFAULT_SOCKET_BUFFER,
+           "SO_RCVBUF and SO_SNDBUF in bytes for client connections (0: kernel autotuning); "
+           "used only if net.core.rmem_max and wmem_max allow the whole size, since a clamped "
+           "fixed buffer would slow long-distance sessions", minimum=0),
     Option("blur_logs", "bool", False, "round byte counts and durations in logs"),
     Option("log_level", "str", "info", "debug, info, warning or error"),
 )
@@ -128,6 +135,7 @@ class RelayConfig:
     rate_limit: float = 10.0
     rate_burst: int = 40
     forwarding: str = "copy"
+    socket_buffer: int = DEFAULT_SOCKET_BUFFER
     blur_logs: bool = False
     log_level: str = "info"
 

@@ -23,7 +23,9 @@ from relay.sockio import send_all, shutdown_write
 SPLICE_AVAILABLE = sys.platform == "linux" and hasattr(os, "splice")
 SPLICE_CHUNK_SIZE = 1 << 20
 PIPE_CAPACITY = 1 << 20
-COPY_BUFFER_SIZE = 1024 * 1024
+# 2 MiB chunks measured faster than 1 MiB and 4 MiB on loopback (bench/RESULTS-relay.md).
+COPY_BUFFER_SIZE = 2 * 1024 * 1024
+MAX_CHUNK_SIZE = max(COPY_BUFFER_SIZE, SPLICE_CHUNK_SIZE)
 # Yield to other tasks after this many chunks moved back to back.
 MAX_CHUNKS_WITHOUT_YIELD = 16
 _SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
@@ -41,7 +43,7 @@ async def pump(
     record: Recorder,
     *,
     use_splice: bool,
-    chunk_limit: int = SPLICE_CHUNK_SIZE,
+    chunk_limit: int = MAX_CHUNK_SIZE,
 ) -> None:
     """Forward ``source`` to ``destination`` until EOF, then half-close ``destination``."""
     await trio.lowlevel.wait_readable(source)
@@ -51,7 +53,9 @@ async def pump(
         return
     read_end, write_end = pipe
     try:
-        await _pump_splice(source, destination, record, chunk_limit, read_end, write_end)
+        await _pump_splice(
+            source, destination, record, min(chunk_limit, SPLICE_CHUNK_SIZE), read_end, write_end
+        )
     finally:
         os.close(read_end)
         os.close(write_end)

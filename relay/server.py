@@ -6,6 +6,7 @@ sessions drain for the grace period and then closes what is left.
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -19,7 +20,12 @@ from relay.errors import KeySetError, RelayError
 from relay.keyset import TokenKeySet, fetch_jwks, refresh_jwks_forever
 from relay.metrics import RelayMetrics
 from relay.metrics_http import serve_metrics
-from relay.tcp import TcpFrontEnd, open_tcp_listener
+from relay.tcp import (
+    TcpFrontEnd,
+    kernel_socket_buffer_maxima,
+    open_tcp_listener,
+    usable_socket_buffer,
+)
 from relay.udp import UdpFrontEnd, open_udp_socket
 from relay.wire import Reason
 
@@ -62,7 +68,10 @@ class Relay:
         admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
         sockets: list[socket.socket] = []
         try:
-            listener = _bind(open_tcp_listener, "--listen", self.config.listen)
+            listener = _bind(
+                functools.partial(open_tcp_listener, socket_buffer=self._socket_buffer()),
+                "--listen", self.config.listen,
+            )
             sockets.append(listener)
             self.tcp_address = listener.getsockname()[:2]
             self.tcp = TcpFrontEnd(admission, listener, self._on_activity_ended)
@@ -82,6 +91,19 @@ class Relay:
                 if sock.fileno() != -1:
                     trio.lowlevel.notify_closing(sock)
                 sock.close()
+
+    def _socket_buffer(self) -> int:
+        requested = self.config.socket_buffer
+        maxima = kernel_socket_buffer_maxima()
+        usable = usable_socket_buffer(requested, maxima)
+        if requested and not usable:
+            shown = ["unknown" if value is None else value for value in maxima]
+            log.warning(
+                "socket_buffer_autotuned requested=%d rmem_max=%s wmem_max=%s: raise "
+                "net.core.rmem_max and wmem_max (sysctl) to use fixed buffers, or set "
+                "--socket-buffer 0 to silence this", requested, *shown,
+            )
+        return usable
 
     async def _initial_key_set(self) -> TokenKeySet:
         if self.config.token_key:

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 
 import trio
 
+from protocol.rate_limits import TokenBucket
 from protocol.relay_token import RelayTokenClaims, Side
 from relay.admission import Admission
 from relay.errors import HelloError
-from relay.forwarding import SPLICE_AVAILABLE, SPLICE_CHUNK_SIZE, pump
-from protocol.rate_limits import TokenBucket
+from relay.forwarding import MAX_CHUNK_SIZE, SPLICE_AVAILABLE, pump
 from relay.session_log import session_end_line
 from relay.sockio import (
     CONNECTION_LOST_ERRORS,
@@ -37,6 +37,8 @@ from relay.wire import (
 )
 
 TRANSPORT = "tcp"
+RMEM_MAX_PATH = "/proc/sys/net/core/rmem_max"
+WMEM_MAX_PATH = "/proc/sys/net/core/wmem_max"
 STATUS_SEND_TIMEOUT_SECONDS = 5.0
 ACCEPT_ERROR_BACKOFF_SECONDS = 0.1
 MAX_ACCEPTS_WITHOUT_YIELD = 64
@@ -317,10 +319,10 @@ class TcpFrontEnd:
                 delay = max(delay, total.charge(moved, now))
             return delay
 
-        chunk_limit = SPLICE_CHUNK_SIZE
+        chunk_limit = MAX_CHUNK_SIZE
         caps = [b.burst for b in (bucket, total) if b is not None]
         if caps:
-            chunk_limit = max(1024, int(min(caps + [SPLICE_CHUNK_SIZE])))
+            chunk_limit = max(1024, int(min(caps + [MAX_CHUNK_SIZE])))
         try:
             await pump(source, destination, record, use_splice=self.use_splice,
                        chunk_limit=chunk_limit)
@@ -346,12 +348,19 @@ class TcpFrontEnd:
             session.close(reason)
 
 
-def open_tcp_listener(host: str, port: int) -> socket.socket:
-    """A non-blocking listening socket on host:port (IPv4 or IPv6)."""
+def open_tcp_listener(host: str, port: int, socket_buffer: int = 0) -> socket.socket:
+    """A non-blocking listening socket on host:port (IPv4 or IPv6).
+
+    A non-zero ``socket_buffer`` is set as the listener's receive and send buffer, so accepted
+    connections inherit both and their window scale is negotiated for it.
+    """
     info = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     listener = socket.socket(info[0], socket.SOCK_STREAM)
     try:
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if socket_buffer:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, socket_buffer)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, socket_buffer)
         listener.bind(info[4])
         listener.listen(LISTEN_BACKLOG)
         listener.setblocking(False)
@@ -359,3 +368,33 @@ def open_tcp_listener(host: str, port: int) -> socket.socket:
         listener.close()
         raise
     return listener
+
+
+def usable_socket_buffer(requested: int, kernel_maxima: tuple[int | None, int | None]) -> int:
+    """``requested`` if the kernel lets a socket have all of it both ways, else 0 (autotuning).
+
+    Linux silently clamps SO_RCVBUF/SO_SNDBUF to net.core.rmem_max/wmem_max and turns
+    autotuning off for that socket, which would leave long-distance sessions a small window.
+    """
+    if requested <= 0:
+        return 0
+    for maximum in kernel_maxima:
+        if maximum is None or maximum < requested:
+            return 0
+    return requested
+
+
+def kernel_socket_buffer_maxima(
+    paths: tuple[str, str] = (RMEM_MAX_PATH, WMEM_MAX_PATH),
+) -> tuple[int | None, int | None]:
+    """(net.core.rmem_max, net.core.wmem_max); None where one cannot be read (no /proc)."""
+    receive, send = (_read_sysctl(path) for path in paths)
+    return receive, send
+
+
+def _read_sysctl(path: str) -> int | None:
+    try:
+        with open(path, encoding="ascii") as handle:
+            return int(handle.read(32).strip())
+    except (OSError, ValueError):
+        return None
