@@ -7,12 +7,12 @@ the default. Every option is described once, in OPTIONS, which also generates ``
 from __future__ import annotations
 
 import dataclasses
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.config_file import read_config_table
 from protocol.relay_token import DEFAULT_RELAY_TOKEN_ISSUER, MAX_RELAY_ID_SIZE
 from relay.errors import ConfigError
 
@@ -197,20 +197,7 @@ def load_config(
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config file ({error.strerror})") from None
-    if len(data) > MAX_CONFIG_FILE_SIZE:
-        raise ConfigError(f"{path}: config file is larger than {MAX_CONFIG_FILE_SIZE} bytes")
-    try:
-        parsed = tomllib.loads(data.decode("utf-8"))
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    relay_table = parsed.get("relay", parsed)
-    if not isinstance(relay_table, dict):
-        raise ConfigError(f"{path}: [relay] must be a table")
-    return {key.replace("-", "_"): value for key, value in relay_table.items()}
+    return read_config_table(path, "relay", MAX_CONFIG_FILE_SIZE, ConfigError)
 
 
 def _convert(option: Option, raw: Any, source: str) -> Any:

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import re
-import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from protocol.config_file import read_config_table
 from rendezvous.errors import ConfigError
 
 ENVIRONMENT_PREFIX = "TUCDESK_"
@@ -225,21 +225,7 @@ def load_config(
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        if path.stat().st_size > MAX_CONFIG_FILE_SIZE:
-            raise ConfigError(f"{path}: larger than any config file should be")
-        with path.open("rb") as handle:
-            data = tomllib.load(handle)
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config file ({error.strerror})") from None
-    except tomllib.TOMLDecodeError as error:
-        raise ConfigError(f"{path}: not valid TOML ({error})") from None
-    section = data.get("rendezvous", data)
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: [rendezvous] must be a table")
-    return section
+    return read_config_table(path, "rendezvous", MAX_CONFIG_FILE_SIZE, ConfigError)
 
 
 def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
