@@ -15,7 +15,6 @@ session, and the process session is torn down whenever either side leaves or the
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import time
@@ -54,7 +53,7 @@ from protocol.stream_framing import (
     encode_stream_frames,
     length_prefix,
 )
-from relay.client import connect_tcp
+from relay.client import connect_tcp, link_error, send_gathered
 from relay.errors import RelayError
 
 logger = logging.getLogger("tucdesk.agent.session")
@@ -66,8 +65,6 @@ CLOSE_SEND_TIMEOUT_SECONDS = 5.0
 OFFER_EXPIRY_LEEWAY_SECONDS = 5
 # What the operator sends is keystrokes and stdin: room for a few full frames is plenty.
 RECEIVE_BUFFER_SIZE = 256 * 1024
-# Buffers per writev call (Linux's IOV_MAX is 1024).
-MAX_WRITE_BUFFERS = 1024
 # A receive at least this large suggests more is waiting: read again before waiting.
 LARGE_RECEIVE_BYTES = 16 * 1024
 MAX_SESSION_ID_LENGTH = 128
@@ -604,7 +601,7 @@ class FrameLink:
             self._more_expected = False
             return None
         except OSError as error:
-            raise _link_error(error) from None
+            raise link_error(error) from None
         self._more_expected = count >= LARGE_RECEIVE_BYTES
         return count
 
@@ -634,33 +631,9 @@ class FrameLink:
             if self._socket is None:
                 await self._stream.send_all(b"".join(pieces))
             else:
-                await _send_to_socket(self._socket, pieces)
+                await send_gathered(self._socket, pieces)
         finally:
             lock.release()
-
-
-async def _send_to_socket(sock: trio.socket.SocketType, pieces: list[bytes]) -> None:
-    """Write every byte of ``pieces`` (gathered, no copy), waiting while the socket is full."""
-    views = [memoryview(piece) for piece in pieces if piece]
-    while views:
-        try:
-            sent = os.writev(sock.fileno(), views[:MAX_WRITE_BUFFERS])
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        except OSError as error:
-            raise _link_error(error) from None
-        while views and sent >= len(views[0]):
-            sent -= len(views.pop(0))
-        if sent:
-            views[0] = views[0][sent:]
-
-
-def _link_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
-    """The trio stream error for a failed socket call, as trio's own streams report it."""
-    if error.errno == errno.EBADF:
-        return trio.ClosedResourceError("the relay connection was closed")
-    return trio.BrokenResourceError(f"the relay connection failed: {error}")
 
 
 class SealedLink:

@@ -42,7 +42,7 @@ from protocol.stream_framing import (
     encode_stream_parts,
     length_prefix,
 )
-from relay.client import connect_tcp
+from relay.client import connect_tcp, send_gathered
 from relay.errors import RelayError, RelayRefusedError
 
 HANDSHAKE_TIMEOUT_SECONDS = 15.0
@@ -303,7 +303,7 @@ class OperatorSession:
                     await self.stream.send_all(encode_stream_parts((header, body)))
                 else:
                     prefix = length_prefix(len(header) + len(body))
-                    await _send_to_socket(self._socket, [prefix, header, body])
+                    await send_gathered(self._socket, [prefix, header, body])
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise ConnectionLost("the connection through the relay was lost") from None
         finally:
@@ -601,18 +601,3 @@ async def receive_into(stream: trio.abc.Stream, frames: StreamFrameBuffer) -> in
         return 0
     frames.commit(count)
     return count
-
-
-async def _send_to_socket(sock: trio.socket.SocketType, pieces: list[bytes]) -> None:
-    """Write every byte of ``pieces`` (gathered, no copy), waiting while the socket is full."""
-    views = [memoryview(piece) for piece in pieces if piece]
-    while views:
-        try:
-            sent = os.writev(sock.fileno(), views)
-        except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
-        while views and sent >= len(views[0]):
-            sent -= len(views.pop(0))
-        if sent:
-            views[0] = views[0][sent:]

@@ -7,6 +7,8 @@ a new address after a NAT rebinding.
 
 from __future__ import annotations
 
+import errno
+import os
 import socket
 
 import trio
@@ -185,3 +187,32 @@ async def connect_udp(
     except BaseException:
         sock.close()
         raise
+
+
+# IOV_MAX on Linux: one writev takes at most this many buffers.
+MAX_WRITE_BUFFERS = 1024
+
+
+async def send_gathered(sock: trio.socket.SocketType, pieces: list[bytes]) -> None:
+    """Write every byte of ``pieces`` to a relay connection, gathered (writev, no joining copy),
+    waiting while the socket is full; a failure is the trio stream error trio would raise."""
+    views = [memoryview(piece) for piece in pieces if piece]
+    while views:
+        try:
+            sent = os.writev(sock.fileno(), views[:MAX_WRITE_BUFFERS])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        except OSError as error:
+            raise link_error(error) from None
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = views[0][sent:]
+
+
+def link_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
+    """The trio stream error for a failed socket call on a relay connection."""
+    if error.errno == errno.EBADF:
+        return trio.ClosedResourceError("the relay connection was closed")
+    return trio.BrokenResourceError(f"the relay connection failed: {error}")
