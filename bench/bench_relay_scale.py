@@ -33,6 +33,7 @@ MESSAGE_SIZE = 100
 INTERVAL_SECONDS = 0.1
 CONNECT_CONCURRENCY = 64
 WORKER_SOCKETS = 9_000  # client sockets per worker process, under a 20,000 hard limit
+RELAY_FD_MARGIN = 64  # the relay's listeners, log, metrics and the like
 
 
 def _idle_worker(address, tokens: list[tuple[str, str]], ready, release) -> None:
@@ -225,10 +226,17 @@ def main() -> None:
     parser.add_argument("--active", type=int, default=1_000)
     parser.add_argument("--seconds", type=float, default=10.0)
     arguments = parser.parse_args()
-    raise_fd_limit()
+    limit = raise_fd_limit()
     signer = SigningIdentity.generate()
-    if arguments.idle:
-        idle_sessions(signer, arguments.idle)
+    idle = arguments.idle
+    most = (limit - RELAY_FD_MARGIN) // 2
+    if idle > most:
+        # The relay would stop accepting at its limit and the rest would time out unpaired.
+        print(f"open-file hard limit {limit} lets one relay process hold "
+              f"{most} sessions of two sockets each: measuring {most}, not {idle}")
+        idle = most
+    if idle:
+        idle_sessions(signer, idle)
     if arguments.active:
         active_sessions(signer, arguments.active, arguments.seconds)
 
