@@ -388,8 +388,7 @@ def kernel_socket_buffer_maxima(
     paths: tuple[str, str] = (RMEM_MAX_PATH, WMEM_MAX_PATH),
 ) -> tuple[int | None, int | None]:
     """(net.core.rmem_max, net.core.wmem_max); None where one cannot be read (no /proc)."""
-    receive, send = (_read_sysctl(path) for path in paths)
-    return receive, send
+    return _read_sysctl(paths[0]), _read_sysctl(paths[1])
 
 
 def _read_sysctl(path: str) -> int | None:
