@@ -21,7 +21,7 @@ from protocol.tokens import ACCESS_TOKEN_TYPE, issue_token
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import API_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.errors import Forbidden, Unauthorized
-from rendezvous.store import Operator
+from rendezvous.store import AgentListing, Operator
 
 TOKEN_ID_BYTES = 16
 PROOF_NONCE_SCOPE = "request-proof"
@@ -121,10 +121,29 @@ def issue_access_token(ctx: ServiceContext, operator: Operator, now: float) -> I
 
 async def authenticate(ctx: ServiceContext, facts: RequestFacts) -> Principal:
     """Check the caller's credentials (and proof when required); raise Unauthorized if bad."""
+    principal, _ = await _authenticate(ctx, facts, read_agent_listing=False)
+    return principal
+
+
+async def authenticate_reading_agents(
+    ctx: ServiceContext, facts: RequestFacts
+) -> tuple[Principal, AgentListing | None]:
+    """``authenticate``, and the caller's team's agent listing when it came with the credential.
+
+    An access token's revocation and holder are read by the same store query as the listing
+    (one round trip for a list request); an API key's row is read on its own and the listing is
+    then None. Authorization is still the caller's to check.
+    """
+    return await _authenticate(ctx, facts, read_agent_listing=True)
+
+
+async def _authenticate(
+    ctx: ServiceContext, facts: RequestFacts, read_agent_listing: bool
+) -> tuple[Principal, AgentListing | None]:
     credential = _bearer(facts.authorization)
     if has_shape(credential, API_KEY_PREFIX):
-        return await _authenticate_api_key(ctx, credential)
-    return await _authenticate_access_token(ctx, credential, facts)
+        return await _authenticate_api_key(ctx, credential), None
+    return await _authenticate_access_token(ctx, credential, facts, read_agent_listing)
 
 
 def authorize(principal: Principal, permission: Permission) -> None:
@@ -166,8 +185,8 @@ async def _authenticate_api_key(ctx: ServiceContext, credential: str) -> Princip
 
 
 async def _authenticate_access_token(
-    ctx: ServiceContext, token: str, facts: RequestFacts
-) -> Principal:
+    ctx: ServiceContext, token: str, facts: RequestFacts, read_agent_listing: bool
+) -> tuple[Principal, AgentListing | None]:
     now = ctx.now()
     try:
         # The signature check is cached per token text; revocation and the operator's standing
@@ -191,7 +210,12 @@ async def _authenticate_access_token(
         _fail(ctx, "invalid_token", "access token lacks team, subject, id, role or key binding")
     assert isinstance(team_id, str) and isinstance(subject, str) and isinstance(jti, str)
     assert isinstance(jkt, str) and isinstance(role, str)
-    holder = await ctx.store.token_holder(team_id, subject, jti)
+    listing: AgentListing | None = None
+    if read_agent_listing:
+        # Read along with the checks below and handed out only once they all pass.
+        holder, listing = await ctx.store.token_holder_and_agent_listing(team_id, subject, jti)
+    else:
+        holder = await ctx.store.token_holder(team_id, subject, jti)
     if holder.token_revoked:
         _fail(ctx, "revoked_token", "access token was revoked; log in again")
     operator = holder.operator
@@ -204,7 +228,7 @@ async def _authenticate_access_token(
         _fail(ctx, "invalid_token", "access token is bound to another key; log in again")
     if facts.method.upper() in STATE_CHANGING_METHODS:
         await _check_proof(ctx, token, jkt, facts, now)
-    return Principal(
+    principal = Principal(
         kind="operator",
         team_id=team_id,
         subject=subject,
@@ -214,6 +238,7 @@ async def _authenticate_access_token(
         token_id=jti,
         token_expires_at=claims["exp"],
     )
+    return principal, listing
 
 
 async def _check_proof(

@@ -8,9 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from protocol.request_proof import PROOF_HEADER
-from rendezvous.auth import Principal, RequestFacts, authenticate
+from rendezvous.auth import Principal, RequestFacts, authenticate, authenticate_reading_agents
 from rendezvous.context import ServiceContext
 from rendezvous.errors import TooManyRequests
+from rendezvous.store import AgentListing
 
 
 async def service_context(request: Request) -> ServiceContext:
@@ -27,18 +28,29 @@ def request_target(request: Request) -> str:
     return target.decode("latin-1")
 
 
-async def current_principal(
-    request: Request, ctx: Annotated[ServiceContext, Depends(service_context)]
-) -> Principal:
-    """Authenticate the request (token or API key, plus proof on state-changing methods)."""
-    facts = RequestFacts(
+async def request_facts(request: Request) -> RequestFacts:
+    """What authentication looks at in this request."""
+    return RequestFacts(
         method=request.method,
         target=request_target(request),
         body=await request.body(),
         authorization=request.headers.get("authorization"),
         proof=request.headers.get(PROOF_HEADER),
     )
-    return await authenticate(ctx, facts)
+
+
+async def current_principal(
+    request: Request, ctx: Annotated[ServiceContext, Depends(service_context)]
+) -> Principal:
+    """Authenticate the request (token or API key, plus proof on state-changing methods)."""
+    return await authenticate(ctx, await request_facts(request))
+
+
+async def current_principal_reading_agents(
+    request: Request, ctx: Annotated[ServiceContext, Depends(service_context)]
+) -> tuple[Principal, AgentListing | None]:
+    """``current_principal``, plus the team's agent listing when read with the credential."""
+    return await authenticate_reading_agents(ctx, await request_facts(request))
 
 
 async def limit_unauthenticated(
@@ -61,3 +73,6 @@ async def limit_unauthenticated(
 Context = Annotated[ServiceContext, Depends(service_context)]
 RateLimited = Depends(limit_unauthenticated)
 Caller = Annotated[Principal, Depends(current_principal)]
+CallerReadingAgents = Annotated[
+    tuple[Principal, AgentListing | None], Depends(current_principal_reading_agents)
+]

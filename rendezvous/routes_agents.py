@@ -16,7 +16,7 @@ from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthentic
 from rendezvous.auth import Permission, authorize
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
-from rendezvous.dependencies import Caller, Context, RateLimited
+from rendezvous.dependencies import CallerReadingAgents, Context, RateLimited
 from rendezvous.errors import BadRequest, Conflict, Unauthorized
 from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
 from rendezvous.store import AlreadyExists, RegistrationKeyUnusable
@@ -109,10 +109,12 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
 
 
 @router.get("/agents", response_model=AgentList)
-async def list_agents(caller: Caller, ctx: Context) -> AgentList:
+async def list_agents(caller_reading_agents: CallerReadingAgents, ctx: Context) -> AgentList:
     """The caller's team's agents (the team comes from the verified credential only)."""
+    caller, listing = caller_reading_agents
     authorize(caller, Permission.AGENTS_READ)
-    listing = await ctx.store.agent_listing(caller.team_id)
+    if listing is None:
+        listing = await ctx.store.agent_listing(caller.team_id)
     return AgentList(
         policy_version=listing.policy_version,
         agents=[

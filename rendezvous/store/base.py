@@ -508,6 +508,15 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def token_holder_and_agent_listing(
+        self, team_id: str, operator_id: str, jti: str
+    ) -> tuple[TokenHolder, AgentListing]:
+        """``token_holder`` and ``agent_listing(team_id)`` in one query (an operator's list).
+
+        The caller must not use the listing unless the holder passes authentication.
+        """
+
+    @abc.abstractmethod
     async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
         """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
 

@@ -64,6 +64,24 @@ _AGENT_COLUMNS = """a.id, a.team_id, a.name, a.hostname, a.tags, a.public_key, a
     EXISTS (SELECT 1 FROM agent_connections c
             WHERE c.team_id = a.team_id AND c.agent_id = a.id) AS online"""
 
+# The operator an access token names ($1 team, $2 operator id; its columns prefixed ``holder_``,
+# all NULL when the team has no such operator) and whether its id $3 is revoked: one row.
+_HOLDER_QUERY = """SELECT o.id AS holder_id, o.team_id AS holder_team_id,
+        o.email AS holder_email, o.role AS holder_role, o.public_key AS holder_public_key,
+        o.key_thumbprint AS holder_key_thumbprint, o.created_at AS holder_created_at,
+        o.disabled_at AS holder_disabled_at, o.tokens_valid_after AS holder_tokens_valid_after,
+        EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = $3) AS token_revoked
+    FROM (SELECT 1 AS one) t
+    LEFT JOIN operators o ON o.team_id = $1 AND o.id = $2"""
+
+# Team $1's agents beside its newest policy version, unordered (callers order by name, id). The
+# one-row policy side always yields a row, so a team without agents still reports its version
+# (with the agent columns NULL).
+_AGENT_LISTING_QUERY = f"""SELECT p.team_policy_version, {_AGENT_COLUMNS}
+    FROM (SELECT MAX(version) AS team_policy_version FROM policy_bundles
+          WHERE team_id = $1) p
+    LEFT JOIN agents a ON a.team_id = $1"""  # noqa: S608
+
 
 class SqlSession(abc.ABC):
     """One database connection, borrowed for an autocommit statement or a transaction."""
@@ -353,17 +371,26 @@ class SqlStore(Store):
 
     async def token_holder(self, team_id: str, operator_id: str, jti: str) -> TokenHolder:
         """The token's operator (None if not in ``team_id``) and whether ``jti`` was revoked."""
-        row = await self._read_fetchrow(
-            """SELECT o.*, EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = $3)
-                      AS token_revoked
-               FROM (SELECT 1 AS one) t
-               LEFT JOIN operators o ON o.team_id = $1 AND o.id = $2""",
-            team_id, operator_id, jti,
-        )  # fmt: skip
+        row = await self._read_fetchrow(_HOLDER_QUERY, team_id, operator_id, jti)
         if row is None:
             raise StoreError("the token holder query returned no row")
-        operator = _operator(row) if row["id"] is not None else None
-        return TokenHolder(operator=operator, token_revoked=bool(row["token_revoked"]))
+        return _token_holder(row)
+
+    async def token_holder_and_agent_listing(
+        self, team_id: str, operator_id: str, jti: str
+    ) -> tuple[TokenHolder, AgentListing]:
+        """``token_holder`` and ``agent_listing(team_id)`` answered by one query."""
+        # Both sides always yield at least one row, so the product does too; the holder's
+        # columns repeat on every row.
+        rows = await self._read_fetch(
+            f"""SELECT h.*, l.* FROM ({_HOLDER_QUERY}) h
+                CROSS JOIN ({_AGENT_LISTING_QUERY}) l
+                ORDER BY l.name, l.id""",  # noqa: S608
+            team_id, operator_id, jti,
+        )  # fmt: skip
+        if not rows:
+            raise StoreError("the token holder query returned no row")
+        return _token_holder(rows[0]), _agent_listing(rows)
 
     async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
         """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
@@ -606,19 +633,11 @@ class SqlStore(Store):
 
     async def agent_listing(self, team_id: str) -> AgentListing:
         """The team's agents (as ``list_agents``) and its newest policy version, in one query."""
-        # The one-row policy side always yields a row, so a team without agents still reports
-        # its version (with the agent columns NULL).
         rows = await self._read_fetch(
-            f"""SELECT p.team_policy_version, {_AGENT_COLUMNS}
-                FROM (SELECT MAX(version) AS team_policy_version FROM policy_bundles
-                      WHERE team_id = $1) p
-                LEFT JOIN agents a ON a.team_id = $1
-                ORDER BY a.name, a.id""",  # noqa: S608
+            f"SELECT l.* FROM ({_AGENT_LISTING_QUERY}) l ORDER BY l.name, l.id",  # noqa: S608
             team_id,
-        )  # fmt: skip
-        version = rows[0]["team_policy_version"] if rows else None
-        agents = [_agent(row) for row in rows if row["id"] is not None]
-        return AgentListing(policy_version=int(version or 0), agents=agents)
+        )
+        return _agent_listing(rows)
 
     async def mark_agent_connected(
         self,
@@ -1076,13 +1095,30 @@ def _invite(row: Row) -> Invite:
     )  # fmt: skip
 
 
-def _operator(row: Row) -> Operator:
+def _operator(row: Row, prefix: str = "") -> Operator:
+    def column(name: str) -> Any:
+        return row[prefix + name]
+
     return Operator(
-        id=row["id"], team_id=row["team_id"], email=row["email"], role=row["role"],
-        public_key=bytes(row["public_key"]), key_thumbprint=row["key_thumbprint"],
-        created_at=float(row["created_at"]), disabled_at=_optional_float(row["disabled_at"]),
-        tokens_valid_after=float(row["tokens_valid_after"]),
+        id=column("id"), team_id=column("team_id"), email=column("email"), role=column("role"),
+        public_key=bytes(column("public_key")), key_thumbprint=column("key_thumbprint"),
+        created_at=float(column("created_at")),
+        disabled_at=_optional_float(column("disabled_at")),
+        tokens_valid_after=float(column("tokens_valid_after")),
     )  # fmt: skip
+
+
+def _token_holder(row: Row) -> TokenHolder:
+    """A row of ``_HOLDER_QUERY`` (or one that includes its columns)."""
+    operator = _operator(row, "holder_") if row["holder_id"] is not None else None
+    return TokenHolder(operator=operator, token_revoked=bool(row["token_revoked"]))
+
+
+def _agent_listing(rows: Sequence[Row]) -> AgentListing:
+    """The ordered rows of ``_AGENT_LISTING_QUERY`` (or of one that includes its columns)."""
+    version = rows[0]["team_policy_version"] if rows else None
+    agents = [_agent(row) for row in rows if row["id"] is not None]
+    return AgentListing(policy_version=int(version or 0), agents=agents)
 
 
 def _api_key(row: Row) -> ApiKey:

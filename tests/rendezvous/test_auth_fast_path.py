@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from protocol.identity import SigningIdentity
 from rendezvous.store import open_store
 from tests.rendezvous.service_harness import OperatorSession, ServiceHarness, harness
 
@@ -140,3 +141,26 @@ async def test_edited_token_is_verified_afresh_after_the_original_was_cached(
         forged_payload = base64.urlsafe_b64encode(json.dumps(claims).encode()).decode()
         forged = ".".join((header, forged_payload.rstrip("="), signature))
         assert await _list_status(service, forged) == 401
+
+
+async def test_the_list_read_with_the_token_matches_the_api_key_list_and_stays_in_the_team(
+    database_url: str, tmp_path: Path
+) -> None:
+    async with open_store(database_url) as store, harness(store, tmp_path / "data") as service:
+        team, other_team = await service.team("ops"), await service.team("other")
+        admin, stranger = await service.operator(team), await service.operator(other_team)
+        for hostname in ("web-1", "db-1"):
+            key = await service.registration_key(admin)
+            agent = SigningIdentity.generate()
+            assert (await service.register(agent, key["key"], hostname=hostname)).is_success
+        created = await service.call(
+            admin, "POST", "/v1/api-keys", {"name": "ci", "scopes": ["agents:read"]}
+        )
+        api_key = {"Authorization": f"Bearer {created.json()['key']}"}
+        by_token = await service.call(admin, "GET", "/v1/agents")
+        by_api_key = await service.http.get("/v1/agents", headers=api_key)
+        assert by_token.status_code == by_api_key.status_code == 200
+        assert by_token.json() == by_api_key.json()
+        assert [agent["hostname"] for agent in by_token.json()["agents"]] == ["db-1", "web-1"]
+        elsewhere = await service.call(stranger, "GET", "/v1/agents")
+        assert elsewhere.status_code == 200 and elsewhere.json()["agents"] == []

@@ -105,6 +105,34 @@ async def test_agent_listing_matches_list_agents_and_the_newest_policy(store: St
     assert (await store.agent_listing(other_team)).policy_version == 0
 
 
+async def test_token_holder_and_agent_listing_answer_as_the_two_reads_do(store: Store) -> None:
+    team, operator_id = await _team_with_operator(store)
+    other_team, other_operator = await _team_with_operator(store)
+    for name in ("web-2", "db-1"):
+        await _register(store, team, name)
+    await _register(store, other_team, "elsewhere")
+    for version in (1, 2, 3):
+        await store.store_policy_bundle(_bundle(team, version))
+    await store.revoke_token(team, "jti-revoked", NOW + 60, NOW)
+    for jti in ("jti-1", "jti-revoked"):
+        holder, listing = await store.token_holder_and_agent_listing(team, operator_id, jti)
+        assert holder == await store.token_holder(team, operator_id, jti)
+        assert listing == await store.agent_listing(team)
+        assert [agent.name for agent in listing.agents] == ["db-1", "web-2"]
+        assert listing.policy_version == 3
+    # Another team's operator named with this team: no holder (the caller refuses the token).
+    holder, _ = await store.token_holder_and_agent_listing(team, other_operator, "jti-1")
+    assert holder.operator is None
+
+
+async def test_token_holder_and_agent_listing_of_a_team_without_agents(store: Store) -> None:
+    team, operator_id = await _team_with_operator(store)
+    await store.disable_operator(team, operator_id, NOW + 1)
+    holder, listing = await store.token_holder_and_agent_listing(team, operator_id, "jti-1")
+    assert holder.operator is not None and not holder.operator.is_active()
+    assert listing.agents == [] and listing.policy_version == 0
+
+
 async def test_sqlite_inline_read_sees_a_write_committed_a_moment_before(tmp_path: Path) -> None:
     async with open_store(tmp_path / "r.db") as store:
         team, operator_id = await _team_with_operator(store)
