@@ -10,6 +10,10 @@ Run on SQLite and on a throwaway PostgreSQL cluster:
 
     .venv/bin/python bench/bench_rendezvous.py [--backend sqlite|postgres|both] [--agents 1000]
 
+On PostgreSQL the service is measured once per ``--postgres-workers`` value (default: 1, then
+2 processes on one address; SQLite always runs one). Server CPU and RSS are summed over the
+service's whole process tree.
+
 Targets (issue 4): >= 200 registrations/s, >= 1,000 list requests/s, <= 300 MiB RSS with 1,000
 connected agents. Results go to stdout as Markdown rows for bench/RESULTS-rendezvous.md.
 """
@@ -56,8 +60,9 @@ START_TIMEOUT = 30
 SMALL_TEAM_AGENTS = 10
 
 
-def start_server(data_dir: Path, database: str) -> tuple[subprocess.Popen[bytes], str]:
-    """Init the data dir and start `serve` on an ephemeral loopback port."""
+def start_server(data_dir: Path, database: str,
+                 workers: int = 1) -> tuple[subprocess.Popen[bytes], str]:
+    """Init the data dir and start `serve [--workers N]` on an ephemeral loopback port."""
     store = ["--data-dir", str(data_dir), "--database", database]
     subprocess.run([str(BIN / "tucdesk-rendezvous"), "init", *store], check=True,
                    capture_output=True)
@@ -70,31 +75,45 @@ def start_server(data_dir: Path, database: str) -> tuple[subprocess.Popen[bytes]
                    "TUCDESK_AUTH_RATE_LIMIT": "1000000", "TUCDESK_AUTH_RATE_BURST": "1000000"}
     process = subprocess.Popen(
         [str(BIN / "tucdesk-rendezvous"), "serve", *store, "--listen", "127.0.0.1:0",
-         "--insecure-http"],
+         "--insecure-http", "--workers", str(workers)],
         stdout=handle, stderr=subprocess.STDOUT, env=environment,
     )
     deadline = time.monotonic() + START_TIMEOUT
     while True:
-        match = re.search(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())
-        if match:
-            return process, match.group(1)
+        urls = re.findall(r"Running on (http://127\.0\.0\.1:\d+)", log.read_text())
+        if len(urls) >= workers:  # every worker logs its own line
+            return process, urls[0]
         if process.poll() is not None or time.monotonic() > deadline:
             raise RuntimeError(f"server did not start:\n{log.read_text()}")
         time.sleep(0.05)
 
 
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and its descendants (the workers of `serve --workers N`)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            pids.extend(process_tree(int(child)))
+    return pids
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU time a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU time a process and its descendants have used so far."""
+    total = 0
+    for member in process_tree(pid):
+        fields = Path(f"/proc/{member}/stat").read_text().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
-    """Resident set size of a process in MiB."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident set size of a process and its descendants, summed, in MiB."""
+    total = 0
+    for member in process_tree(pid):
+        for line in Path(f"/proc/{member}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
 
 
 async def seed(database: str, keys: int) -> tuple[str, list[str]]:
@@ -362,14 +381,14 @@ async def hold_channels(url: str, agents: list[tuple], pid: int) -> tuple[int, f
     return connected, before, during
 
 
-def run_backend(name: str, database: str, agents_wanted: int) -> dict[str, Any]:
-    """All three benchmarks against one server process on one backend."""
+def run_backend(name: str, database: str, agents_wanted: int, workers: int = 1) -> dict[str, Any]:
+    """All three benchmarks against one service (``workers`` processes) on one backend."""
     with tempfile.TemporaryDirectory(prefix=f"bench-rendezvous-{name}-") as tmp:
         data_dir = Path(tmp) / "data"
         data_dir.mkdir()
         invite, secrets = trio.run(seed, database, max(REGISTRATIONS, agents_wanted))
         small_invite, small_secrets = trio.run(seed, database, SMALL_TEAM_AGENTS)
-        process, url = start_server(data_dir, database)
+        process, url = start_server(data_dir, database, workers)
         try:
             idle_rss = rss_mib(process.pid)
             bench_registrations(url, small_secrets)  # warm-up, and the small team's agents
@@ -392,6 +411,7 @@ def run_backend(name: str, database: str, agents_wanted: int) -> dict[str, Any]:
             process.wait(timeout=30)
     return {
         "backend": name,
+        "workers": workers,
         "registrations_per_second": rate,
         "server_cpu_ms_per_registration": registration_cpu * 1000,
         "list_requests_per_second": list_rate,
@@ -414,6 +434,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["sqlite", "postgres", "both"], default="both")
     parser.add_argument("--agents", type=int, default=1000, help="control channels to hold")
+    parser.add_argument(
+        "--postgres-workers", type=int, nargs="+", default=[1, 2], metavar="N",
+        help="serve --workers values to measure on PostgreSQL, one full run each (default 1 2)",
+    )
     args = parser.parse_args()
     results = []
     if args.backend in {"sqlite", "both"}:
@@ -429,16 +453,18 @@ def main() -> int:
             cluster = PostgresCluster(bin_dir)
             cluster.start()
             try:
-                results.append(run_backend("postgres", cluster.create_database("bench"),
-                                           args.agents))
+                for workers in args.postgres_workers:
+                    results.append(run_backend("postgres",
+                                               cluster.create_database(f"bench_w{workers}"),
+                                               args.agents, workers))
             finally:
                 cluster.stop()
-    print("| backend | registrations/s (server CPU ms each) | GET /v1/agents/s, 10 agents "
-          "(CPU ms) | GET /v1/agents/s, 1,000 agents (CPU ms) | channels held | RSS idle "
+    print("| backend | workers | registrations/s (server CPU ms each) | GET /v1/agents/s, "
+          "10 agents (CPU ms) | GET /v1/agents/s, 1,000 agents (CPU ms) | channels held | RSS idle "
           "| RSS with channels |")
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for r in results:
-        print(f"| {r['backend']} | {r['registrations_per_second']:.0f} "
+        print(f"| {r['backend']} | {r['workers']} | {r['registrations_per_second']:.0f} "
               f"({r['server_cpu_ms_per_registration']:.1f}) | "
               f"{r['small_list_requests_per_second']:.0f} "
               f"({r['server_cpu_ms_per_small_list']:.2f}) | "

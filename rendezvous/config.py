@@ -16,6 +16,7 @@ from typing import Any
 
 from protocol.config_file import read_config_table
 from rendezvous.errors import ConfigError
+from rendezvous.store import backend_for
 
 ENVIRONMENT_PREFIX = "TUCDESK_"
 MAX_ACCESS_TOKEN_SECONDS = 15 * 60
@@ -25,6 +26,7 @@ MAX_RELAYS = 64
 MAX_RELAY_ID_LENGTH = 128
 RELAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RELAY_SYNTAX = "ID=HOST:PORT[/UDPPORT]"
+MAX_WORKERS = 64
 
 
 @dataclass(frozen=True)
@@ -112,6 +114,8 @@ class ServiceConfig:
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 60.0
     relays: tuple[RelayEndpoint, ...] = ()
+    # Service processes sharing the listening socket, each a full instance (PostgreSQL only).
+    workers: int = 1
 
     def __post_init__(self) -> None:
         # Accept "ID=HOST:PORT" strings too, so every way of building a config is checked alike.
@@ -151,6 +155,11 @@ class ServiceConfig:
                     "use TLS or listen on 127.0.0.1"
                 )
         self.validate()
+        if self.workers > 1 and backend_for(self.database_url)[0] != "postgres":
+            raise ConfigError(
+                f"workers = {self.workers} needs PostgreSQL: on SQLite a session offer cannot "
+                "reach an agent channel held by another process; use one worker"
+            )
 
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that is out of range."""
@@ -173,6 +182,8 @@ class ServiceConfig:
                 raise ConfigError(f"{name} must be positive")
         if self.auth_rate_burst < 1:
             raise ConfigError("auth_rate_burst must be at least 1")
+        if not 1 <= self.workers <= MAX_WORKERS:
+            raise ConfigError(f"workers must be 1..{MAX_WORKERS}")
 
 
 def split_listen(listen: str) -> tuple[str, int]:

@@ -10,7 +10,6 @@ import argparse
 import json
 import logging
 import os
-import signal
 import sys
 import time
 import traceback
@@ -39,9 +38,9 @@ CONFIG_HELP = """\
 configuration (highest precedence first): command-line flags, TUCDESK_<SETTING> environment
 variables (e.g. TUCDESK_DATA_DIR, TUCDESK_DATABASE, TUCDESK_LISTEN, TUCDESK_TLS_CERT,
 TUCDESK_TLS_KEY, TUCDESK_INSECURE_HTTP, TUCDESK_ACCESS_TOKEN_SECONDS, TUCDESK_CLOCK_SKEW_SECONDS,
-TUCDESK_MAX_BODY_BYTES, TUCDESK_RELAYS: comma-separated ID=HOST:PORT[/UDPPORT]), then the TOML
-file given by --config or TUCDESK_CONFIG (top-level keys or a [rendezvous] table with the same
-names in lower case; relays = ["ID=HOST:PORT", …]), then built-in defaults.
+TUCDESK_MAX_BODY_BYTES, TUCDESK_WORKERS, TUCDESK_RELAYS: comma-separated ID=HOST:PORT[/UDPPORT]),
+then the TOML file given by --config or TUCDESK_CONFIG (top-level keys or a [rendezvous] table
+with the same names in lower case; relays = ["ID=HOST:PORT", …]), then built-in defaults.
 """
 
 
@@ -81,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         default=None,
         help="serve plain HTTP without TLS (only allowed on a loopback address)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        help="service processes sharing the listening socket, each a full instance (default 1;"
+        " more than 1 needs PostgreSQL)",
     )
     serve.add_argument(
         "--relay",
@@ -152,7 +157,8 @@ def _config(args: argparse.Namespace) -> ServiceConfig:
     flags = {
         name: getattr(args, name, None)
         for name in (
-            "data_dir", "database", "listen", "tls_cert", "tls_key", "insecure_http", "relays"
+            "data_dir", "database", "listen", "tls_cert", "tls_key", "insecure_http", "relays",
+            "workers",
         )
     }
     config = load_config(flags, os.environ, getattr(args, "config", None))
@@ -254,22 +260,16 @@ def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
 
 
 def _serve(config: ServiceConfig) -> int:
-    from rendezvous.server import run_service
-
     config.validate_for_serving()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    trio.run(partial(run_service, config, shutdown_trigger=_termination_signal))
+    if config.workers > 1:
+        from rendezvous.workers import serve_with_workers
+
+        return serve_with_workers(config)
+    from rendezvous.server import run_service, termination_signal
+
+    trio.run(partial(run_service, config, shutdown_trigger=termination_signal))
     return EXIT_OK
-
-
-async def _termination_signal() -> None:
-    """Return on SIGTERM or SIGINT, so the service shuts down gracefully."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async for received in signals:
-            logging.getLogger("tucdesk.rendezvous").info(
-                "received %s; shutting down", signal.Signals(received).name
-            )
-            return
 
 
 def dispatch(args: argparse.Namespace) -> int:

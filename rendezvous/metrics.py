@@ -1,12 +1,19 @@
-"""Prometheus metrics of one rendezvous instance, on its own registry, and their ASGI timer."""
+"""Prometheus metrics of one rendezvous instance, on its own registry, and their ASGI timer.
+
+Under ``serve --workers N`` every worker process writes its values to files in the private
+directory named by ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen
+when the library is imported), and ``/metrics`` on any worker reports the sum over all of them.
+"""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -14,6 +21,7 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+MULTIPROCESS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
@@ -22,6 +30,7 @@ class ServiceMetrics:
     """The counters, histograms and gauges ``GET /metrics`` exposes."""
 
     def __init__(self) -> None:
+        self.multiprocess_directory = os.environ.get(MULTIPROCESS_DIRECTORY_VARIABLE)
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "tucdesk_http_requests_total",
@@ -50,8 +59,9 @@ class ServiceMetrics:
         )
         self.connected_agents = Gauge(
             "tucdesk_connected_agents",
-            "Agent control channels currently open on this instance.",
+            "Agent control channels currently open on this service (all its live workers).",
             registry=self.registry,
+            multiprocess_mode="livesum",
         )
         self.clone_anomalies = Counter(
             "tucdesk_clone_anomalies_total",
@@ -67,8 +77,12 @@ class ServiceMetrics:
         )
 
     def exposition(self) -> bytes:
-        """The Prometheus text exposition of this registry."""
-        return generate_latest(self.registry)
+        """The Prometheus text exposition of this registry (of every worker's, when several)."""
+        if self.multiprocess_directory is None:
+            return generate_latest(self.registry)
+        merged = CollectorRegistry()
+        MultiProcessCollector(merged, self.multiprocess_directory)  # type: ignore[no-untyped-call]
+        return generate_latest(merged)
 
 
 class RequestMetricsMiddleware:

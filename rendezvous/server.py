@@ -7,6 +7,8 @@ cancelled; ``task_status.started`` reports the bound URLs (useful with port 0 in
 from __future__ import annotations
 
 import logging
+import signal
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 
@@ -33,12 +35,18 @@ GRACEFUL_SHUTDOWN_SECONDS = 3
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 
-def hypercorn_config(config: ServiceConfig) -> HypercornConfig:
-    """Hypercorn settings for ``config``: one bind, TLS when configured, tight limits."""
+def hypercorn_config(
+    config: ServiceConfig, listening_socket: socket.socket | None = None
+) -> HypercornConfig:
+    """Hypercorn settings for ``config``: one bind (or the given listening socket), TLS when
+    configured, tight limits."""
     config.validate_for_serving()
     hyper = HypercornConfig()
     host, port = config.listen_host, config.listen_port
-    hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if listening_socket is not None:
+        hyper.bind = [f"fd://{listening_socket.fileno()}"]
+    else:
+        hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     if config.tls_cert is not None and config.tls_key is not None:
         hyper.certfile = str(config.tls_cert)
         hyper.keyfile = str(config.tls_key)
@@ -70,10 +78,15 @@ async def run_service(
     config: ServiceConfig,
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    listening_socket: socket.socket | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve until cancelled or ``shutdown_trigger`` returns; report bound URLs when listening."""
-    hyper = hypercorn_config(config)
+    """Serve until cancelled or ``shutdown_trigger`` returns; report bound URLs when listening.
+
+    With ``listening_socket`` (already bound and listening) the instance accepts on it instead
+    of binding ``config.listen``: how the workers of ``serve --workers N`` share one address.
+    """
+    hyper = hypercorn_config(config, listening_socket)
     async with open_store(config.database_url) as store:
         ctx = build_context(config, store)
         await store.clear_instance_connections(ctx.instance_id, ctx.now())
@@ -109,3 +122,11 @@ async def _prune_forever(ctx: ServiceContext) -> None:
             await ctx.store.prune_expired(ctx.now())
         except Exception as error:  # noqa: BLE001 - pruning is best effort; the next round retries
             logger.warning("pruning expired rows failed: %s", type(error).__name__)
+
+
+async def termination_signal() -> None:
+    """Return on SIGTERM or SIGINT, so the service shuts down gracefully."""
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async for received in signals:
+            logger.info("received %s; shutting down", signal.Signals(received).name)
+            return

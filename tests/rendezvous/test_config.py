@@ -99,3 +99,25 @@ def test_durations_parse(text: str, seconds: int) -> None:
 def test_malformed_durations_are_refused(text: str) -> None:
     with pytest.raises(ConfigError):
         parse_duration(text)
+
+
+def test_workers_come_from_the_environment_and_default_to_one() -> None:
+    assert load_config({}, {}).workers == 1
+    assert load_config({}, {"TUCDESK_WORKERS": "3"}).workers == 3
+
+
+@pytest.mark.parametrize("workers", ["0", "-1", "65"])
+def test_out_of_range_worker_counts_are_refused(workers: str) -> None:
+    with pytest.raises(ConfigError, match="workers must be"):
+        load_config({"workers": workers}, {})
+
+
+def test_several_workers_need_postgresql(tmp_path: Path) -> None:
+    sqlite = ServiceConfig(data_dir=tmp_path, insecure_http=True, workers=2)
+    with pytest.raises(ConfigError, match="needs PostgreSQL"):
+        sqlite.validate_for_serving()
+    ServiceConfig(data_dir=tmp_path, insecure_http=True).validate_for_serving()
+    postgres = ServiceConfig(
+        data_dir=tmp_path, insecure_http=True, workers=2, database="postgresql://db.test/x"
+    )
+    postgres.validate_for_serving()
