@@ -104,7 +104,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("socket_buffer", "int", DEFAULT_SOCKET_BUFFER,
            "SO_RCVBUF and SO_SNDBUF in bytes for client connections (0: kernel autotuning); "
            "used only if net.core.rmem_max and wmem_max allow the whole size, since a clamped "
-           "fixed buffer would slow long-distance sessions", minimum=0),
+           "fixed buffer would slow long-distance sessions; fixed buffers also let bulk "
+           "transfers batch the relay's wake-ups", minimum=0),
     Option("blur_logs", "bool", False, "round byte counts and durations in logs"),
     Option("log_level", "str", "info", "debug, info, warning or error"),
 )

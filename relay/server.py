@@ -68,13 +68,16 @@ class Relay:
         admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
         sockets: list[socket.socket] = []
         try:
+            socket_buffer = self._socket_buffer()
             listener = _bind(
-                functools.partial(open_tcp_listener, socket_buffer=self._socket_buffer()),
+                functools.partial(open_tcp_listener, socket_buffer=socket_buffer),
                 "--listen", self.config.listen,
             )
             sockets.append(listener)
             self.tcp_address = listener.getsockname()[:2]
-            self.tcp = TcpFrontEnd(admission, listener, self._on_activity_ended)
+            self.tcp = TcpFrontEnd(
+                admission, listener, self._on_activity_ended, socket_buffer=socket_buffer
+            )
             if self.config.udp is not None:
                 udp_socket = _bind(open_udp_socket, "--udp", self.config.udp)
                 sockets.append(udp_socket)

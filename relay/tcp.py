@@ -18,7 +18,7 @@ from protocol.rate_limits import TokenBucket
 from protocol.relay_token import RelayTokenClaims, Side
 from relay.admission import Admission
 from relay.errors import HelloError
-from relay.forwarding import MAX_CHUNK_SIZE, SPLICE_AVAILABLE, pump
+from relay.forwarding import MAX_CHUNK_SIZE, SPLICE_AVAILABLE, bulk_low_water, pump
 from relay.session_log import session_end_line
 from relay.sockio import (
     CONNECTION_LOST_ERRORS,
@@ -87,7 +87,10 @@ class TcpFrontEnd:
         admission: Admission,
         listener: socket.socket,
         on_activity_ended: Callable[[], None] = lambda: None,
+        *,
+        socket_buffer: int = 0,
     ) -> None:
+        """``socket_buffer``: the fixed buffer size ``listener`` was opened with (0: autotuned)."""
         self.admission = admission
         self.on_activity_ended = on_activity_ended
         self.config = admission.config
@@ -97,6 +100,7 @@ class TcpFrontEnd:
         self.waiting: set[WaitingConnection] = set()
         self.sessions: set[TcpSession] = set()
         self.use_splice = self.config.forwarding == "splice" and SPLICE_AVAILABLE
+        self.low_water = bulk_low_water(socket_buffer)
         self._bytes_metric = self.metrics.bytes_forwarded.labels(TRANSPORT)
 
     @property
@@ -325,7 +329,7 @@ class TcpFrontEnd:
             chunk_limit = max(1024, int(min(caps + [MAX_CHUNK_SIZE])))
         try:
             await pump(source, destination, record, use_splice=self.use_splice,
-                       chunk_limit=chunk_limit)
+                       chunk_limit=chunk_limit, low_water=self.low_water)
         except OSError:
             session.close(Reason.RESET)
 
