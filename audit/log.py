@@ -1,10 +1,12 @@
 """A team's audit log: builds, signs and chains records, keeps the Merkle frontier, checkpoints,
 proves inclusion and consistency, and exports bundles.
 
-One AuditLog per team (AuditLogs hands them out). Appends inside one process are serialised by
-a lock; several rendezvous instances sharing a database race through the store's atomic
-append-at-sequence, and the loser re-reads the head and retries. Every append returns only after
-the store has durably kept the record: no audit, no action.
+One AuditLog per team (AuditLogs hands them out). Appends inside one process queue for one
+writer at a time, and the writer places every append queued behind it in the same go (group
+commit). Several rendezvous instances sharing a database first race through the store's atomic
+append-at-sequence; a writer that loses takes the team's writer turn (``AuditStore.exclusive``)
+and, for the next few batches, goes straight to it instead of losing again. Every append returns
+only after the store has durably kept its record: no audit, no action.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ from audit.trust import introduced_agent_key
 from protocol.identity import PublicIdentity, SigningIdentity
 
 MAX_APPEND_ATTEMPTS = 16
+# Most appends one writer places in one go (one writer turn, one commit).
+MAX_APPEND_BATCH = 256
+# After losing a race to another instance, batches that skip the optimistic try.
+CONTENDED_BATCHES = 16
 STORE_READ_CHUNK = 1000
 _AGENT_REGISTERED_MARKER = b'"action":"agent.registered"'
 
@@ -56,6 +62,25 @@ class SignedCheckpoint:
 
     checkpoint: Checkpoint
     note: bytes
+
+
+@dataclass(eq=False)
+class _QueuedAppend:
+    """A signed event waiting for a writer, which fills in its record once it is durable."""
+
+    signed: SignedEvent
+    moment: datetime
+    record: AuditRecord | None = None
+    abandoned: bool = False  # its caller was cancelled or failed: never write it now
+
+
+@dataclass(frozen=True)
+class _Staged:
+    """A record built on a known head, not yet durable; nothing changes until it is adopted."""
+
+    record: AuditRecord
+    stored: StoredRecord
+    time: datetime
 
 
 class AuditLog:
@@ -83,6 +108,8 @@ class AuditLog:
         self._frontier = MerkleFrontier()
         self._last_hash = GENESIS_HASH
         self._last_time: datetime | None = None
+        self._queue: list[_QueuedAppend] = []
+        self._contended_batches = 0
 
     @property
     def team_id(self) -> str:
@@ -232,42 +259,98 @@ class AuditLog:
         return consistency_proof(leaves, previous.size)
 
     async def _place(self, signed: SignedEvent, moment: datetime) -> AuditRecord:
-        async with self._lock:
-            await self._catch_up()
-            # First optimistically: one store call when no other instance wrote meanwhile.
+        """Queue ``signed`` for a writer and return its record once it is durable.
+
+        Whoever holds the lock is the writer: it places everything queued so far in one go, its
+        own append among them unless an earlier writer already did. If that fails, the writer
+        raises its error and the others go back to the queue, each to be tried again (or to
+        fail) as its own caller's turn comes. An append whose caller gave up before a writer
+        took it is never written.
+        """
+        queued = _QueuedAppend(signed, moment)
+        self._queue.append(queued)
+        try:
+            async with self._lock:
+                while queued.record is None:
+                    batch = [waiting for waiting in self._queue[:MAX_APPEND_BATCH]
+                             if not waiting.abandoned]  # fmt: skip
+                    del self._queue[:MAX_APPEND_BATCH]
+                    try:
+                        await self._write(batch)
+                    except BaseException as error:
+                        self._queue[:0] = [
+                            waiting for waiting in batch
+                            if waiting.record is None and not waiting.abandoned
+                            and waiting is not queued
+                        ]  # fmt: skip
+                        if queued.record is None or not isinstance(error, Exception):
+                            raise
+                        # This writer's own record is durable; the failed rest go back.
+        except BaseException:
+            queued.abandoned = True
+            if queued in self._queue:
+                self._queue.remove(queued)
+            raise
+        return queued.record
+
+    async def _write(self, batch: list[_QueuedAppend]) -> None:
+        """Place ``batch`` in order, each entry's record filled in once it is durable."""
+        await self._catch_up()
+        placed = await self._write_optimistically(batch)
+        if placed < len(batch):
+            await self._write_in_turn(batch[placed:])
+
+    async def _write_optimistically(self, batch: list[_QueuedAppend]) -> int:
+        """Append on the known head, one durable store call each, until another writer shows
+        up; return how many were placed."""
+        if self._contended_batches:
+            self._contended_batches -= 1
+            return 0
+        for index, queued in enumerate(batch):
+            staged = self._stage(queued, self._head())
             try:
-                return await self._append_next(self._store, signed, moment)
+                await self._store.append(self._team_id, staged.stored)
             except AppendConflict:
-                pass
-            # Then with the team's log to ourselves, so a writer that keeps appending back to
-            # back elsewhere cannot starve this one (it waits for its turn instead).
-            for _ in range(MAX_APPEND_ATTEMPTS):
+                self._contended_batches = CONTENDED_BATCHES
+                return index
+            queued.record = self._adopt(staged)
+        return len(batch)
+
+    async def _write_in_turn(self, batch: list[_QueuedAppend]) -> None:
+        """Append ``batch`` with the team's log to ourselves (other writers wait for their turn,
+        so one that appends back to back elsewhere cannot starve this one); one commit."""
+        for _ in range(MAX_APPEND_ATTEMPTS):
+            try:
                 async with self._store.exclusive(self._team_id) as store:
                     await self._catch_up(force=True, store=store)
-                    try:
-                        staged = self._stage(signed, moment)
-                        await store.append(self._team_id, staged[1])
-                    except AppendConflict:
-                        continue  # only a writer that ignores the turn gets here
-                return self._adopt(*staged)
+                    staged: list[_Staged] = []
+                    head = self._head()
+                    for queued in batch:
+                        staged.append(self._stage(queued, head))
+                        head = _next_head(staged[-1])
+                        await store.append(self._team_id, staged[-1].stored)
+            except AppendConflict:
+                continue  # only a writer that ignores the turn gets here; the turn rolled back
+            # Durable now that the turn has ended without an error.
+            for queued, placed in zip(batch, staged, strict=True):
+                queued.record = self._adopt(placed)
+            return
         raise AppendConflict(
             f"gave up appending after {MAX_APPEND_ATTEMPTS} conflicts with other writers"
         )
 
-    async def _append_next(
-        self, store: AuditStore, signed: SignedEvent, moment: datetime
-    ) -> AuditRecord:
-        record, stored, time = self._stage(signed, moment)
-        await store.append(self._team_id, stored)
-        return self._adopt(record, stored, time)
+    def _head(self) -> tuple[int, bytes, datetime | None]:
+        """The known head: the next sequence number, the last record's hash and time."""
+        return self._frontier.size, self._last_hash, self._last_time
 
-    def _stage(
-        self, signed: SignedEvent, moment: datetime
-    ) -> tuple[AuditRecord, StoredRecord, datetime]:
-        """The next record after the known head; nothing changes until ``_adopt``."""
+    @staticmethod
+    def _stage(queued: _QueuedAppend, head: tuple[int, bytes, datetime | None]) -> _Staged:
+        """The record that follows ``head``."""
+        seq, last_hash, last_time = head
         # Log time never goes backwards, even if clocks disagree between instances.
-        time = moment if self._last_time is None else max(moment, self._last_time)
-        record = AuditRecord(self._frontier.size, time, self._last_hash, signed)
+        moment = queued.moment
+        time = moment if last_time is None else max(moment, last_time)
+        record = AuditRecord(seq, time, last_hash, queued.signed)
         stored = StoredRecord(
             seq=record.seq,
             time=format_time(time),
@@ -275,14 +358,14 @@ class AuditLog:
             leaf_hash=record.leaf_hash,
             canonical=record.canonical,
         )
-        return record, stored, time
+        return _Staged(record, stored, time)
 
-    def _adopt(self, record: AuditRecord, stored: StoredRecord, time: datetime) -> AuditRecord:
+    def _adopt(self, staged: _Staged) -> AuditRecord:
         """Make a durably stored record the known head."""
-        self._frontier.append(stored.leaf_hash)
-        self._last_hash = stored.record_hash
-        self._last_time = time
-        return record
+        self._frontier.append(staged.stored.leaf_hash)
+        self._last_hash = staged.stored.record_hash
+        self._last_time = staged.time
+        return staged.record
 
     async def _catch_up(self, *, force: bool = False, store: AuditStore | None = None) -> None:
         """Bring the frontier and head up to date with the store (other writers, first use)."""
@@ -314,6 +397,11 @@ class AuditLog:
                 raise ProofError(f"the log holds fewer than {size} records")
             leaves.extend(chunk)
         return leaves
+
+
+def _next_head(staged: _Staged) -> tuple[int, bytes, datetime | None]:
+    """The head once ``staged`` is stored."""
+    return staged.record.seq + 1, staged.stored.record_hash, staged.time
 
 
 class AuditLogs:

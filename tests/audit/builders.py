@@ -14,6 +14,7 @@ from audit.log import AuditLog
 from audit.record import Actor, AuditEvent, PolicyResult, SignedEvent, sign_event
 from audit.store import MemoryAuditStore
 from audit.trust import agent_registration_context
+from audit.verify import verify_bundle
 from protocol.identity import SigningIdentity
 
 DEPLOYMENT = "desk.example.com"
@@ -123,6 +124,13 @@ def export_bundle(log: AuditLog, previous: bytes | None = None) -> bytes:
 
     trio.run(run)
     return buffer.getvalue()
+
+
+def verifies(bundle: bytes) -> bool:
+    """True if ``bundle`` verifies against the pinned audit key (fails the test otherwise)."""
+    result = verify_bundle(io.BytesIO(bundle), [AUDIT_KEY.public])
+    assert result.ok, result.summary()
+    return True
 
 
 def typical_bundle(commands: int = 3, with_previous: bool = False) -> Exported:

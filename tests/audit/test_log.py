@@ -16,7 +16,6 @@ from audit.log import AuditLog, AuditLogs
 from audit.merkle import leaf_hash, verify_consistency, verify_inclusion
 from audit.record import GENESIS_HASH, MAX_CONTEXT_BYTES, AuditRecord, SignedEvent
 from audit.store import MemoryAuditStore, StoredRecord
-from audit.verify import verify_bundle
 from tests.audit.builders import (
     AGENT_ID,
     AGENT_KEY,
@@ -33,15 +32,10 @@ from tests.audit.builders import (
     new_log,
     register_agent,
     typical_history,
+    verifies,
 )
 
 PINNED = [AUDIT_KEY.public]
-
-
-def verifies(bundle: bytes) -> bool:
-    result = verify_bundle(io.BytesIO(bundle), PINNED)
-    assert result.ok, result.summary()
-    return True
 
 
 def test_appended_records_are_chained_signed_and_stored() -> None:
