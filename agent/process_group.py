@@ -32,9 +32,6 @@ OUTPUT_CHUNK_SIZE = MAX_FRAME_PAYLOAD
 # once, without another read just to find that nothing more is there. Bulk output comes in
 # full reads (4095 bytes from a PTY, more from a pipe) and is coalesced.
 COALESCE_MIN_READ = 1024
-# Chunks handed on in a row without a checkpoint, at most (so a chatty child cannot starve
-# the session's other tasks even when its handler never waits).
-MAX_UNYIELDED_CHUNKS = 8
 TEARDOWN_GRACE_SECONDS = 0.5
 TEARDOWN_KILL_ROUNDS = 5
 TEARDOWN_KILL_WAIT_SECONDS = 2.0
@@ -246,19 +243,23 @@ class OutputPump:
         PTY hands out a few KiB per read): reads repeat only while they come back full-sized
         (COALESCE_MIN_READ) and find data at once, so nothing ever waits to be joined by more
         (an echoed keystroke goes out alone, at once).
+
+        A chunk short of ``chunk_size`` means the fd was drained when it was read, so the pump
+        next waits for readiness (which also lets the other tasks run) instead of spending a
+        read on EAGAIN first: a system call per echoed key, and one per PTY hand-off in bulk.
         """
         fd, limit = self._fd, self._chunk_size
-        unyielded = 0
+        drained = False
         while True:
+            if drained and not self._child_exited:
+                await self._wait_readable()
             try:
                 data = os.read(fd, limit)
             except BlockingIOError:
                 if self._child_exited:
                     return
-                with trio.CancelScope() as self._wait_scope:
-                    await trio.lowlevel.wait_readable(fd)
-                self._wait_scope = None
-                unyielded = 0
+                await self._wait_readable()
+                drained = False
                 continue
             except OSError as error:
                 # EIO: every slave side of a PTY is closed, the Linux way of saying EOF.
@@ -273,12 +274,15 @@ class OutputPump:
             await on_output(self._stream, data)
             if ended:
                 return
-            # After bulk output, let other tasks run; after a trickle (an echo) the next read
-            # almost surely finds nothing and waits, which lets them run without another trip.
-            unyielded += 1
-            if len(data) >= COALESCE_MIN_READ or unyielded >= MAX_UNYIELDED_CHUNKS:
+            drained = len(data) < limit
+            if not drained:
+                # A full chunk: more is likely waiting. Let other tasks run before reading it.
                 await trio.lowlevel.checkpoint()
-                unyielded = 0
+
+    async def _wait_readable(self) -> None:
+        with trio.CancelScope() as self._wait_scope:
+            await trio.lowlevel.wait_readable(self._fd)
+        self._wait_scope = None
 
 
 def _read_available(fd: int, first: bytes, limit: int) -> tuple[bytes, bool]:
@@ -311,6 +315,8 @@ async def write_all(fd: int, data: bytes) -> bool:
     """Write all of ``data`` to non-blocking ``fd``, waiting while it is full.
 
     Returns False when the reading side is gone (input after that is discarded, as in SSH).
+    Only a write that has to wait passes through the scheduler (a typed key goes straight
+    on); a caller that loops over it must yield now and then itself.
     """
     view = memoryview(data)
     while view:
@@ -324,7 +330,6 @@ async def write_all(fd: int, data: bytes) -> bool:
                 return False
             raise
         view = view[written:]
-    await trio.lowlevel.checkpoint()
     return True
 
 

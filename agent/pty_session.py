@@ -36,6 +36,7 @@ from agent.process_group import (
     signal_process_group,
     write_all,
 )
+from relay.client import acquire_at_once
 
 DEFAULT_TERM = "xterm-256color"
 DEFAULT_ROWS = 24
@@ -93,10 +94,7 @@ class PtySession:
     async def send_input(self, data: bytes) -> None:
         """Type ``data`` into the terminal, waiting while its input buffer is full."""
         lock = self._input_lock
-        try:
-            lock.acquire_nowait()  # uncontended: no trip through the scheduler before the write
-        except trio.WouldBlock:
-            await lock.acquire()
+        await acquire_at_once(lock)
         try:
             await write_all(self._master_fd, data)
         finally:

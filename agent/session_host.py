@@ -53,7 +53,7 @@ from protocol.stream_framing import (
     encode_stream_frames,
     length_prefix,
 )
-from relay.client import connect_tcp, link_error, send_gathered
+from relay.client import acquire_at_once, connect_tcp, link_error, send_gathered
 from relay.errors import RelayError
 
 logger = logging.getLogger("tucdesk.agent.session")
@@ -67,6 +67,9 @@ OFFER_EXPIRY_LEEWAY_SECONDS = 5
 RECEIVE_BUFFER_SIZE = 256 * 1024
 # A receive at least this large suggests more is waiting: read again before waiting.
 LARGE_RECEIVE_BYTES = 16 * 1024
+# Frames handed out in a row without waiting, at most, before the link lets the session's
+# other tasks run (writing input to the child does not yield unless it has to wait).
+MAX_FRAMES_WITHOUT_YIELD = 16
 MAX_SESSION_ID_LENGTH = 128
 MAX_RELAY_HOST_LENGTH = 253
 MAX_RELAY_TOKEN_LENGTH = 8 * 1024
@@ -559,6 +562,7 @@ class FrameLink:
         self._ended = False
         # After a large receive more is likely waiting: read before waiting for readiness.
         self._more_expected = False
+        self._frames_without_yield = 0
 
     async def receive(self) -> bytes | None:
         """The next message, or None when the peer closed the stream at a message boundary."""
@@ -571,6 +575,10 @@ class FrameLink:
         while True:
             frame = frames.next_frame()
             if frame is not None:
+                self._frames_without_yield += 1
+                if self._frames_without_yield >= MAX_FRAMES_WITHOUT_YIELD:
+                    self._frames_without_yield = 0
+                    await trio.lowlevel.checkpoint()
                 return frame
             if self._ended:
                 return None
@@ -595,6 +603,7 @@ class FrameLink:
         """Bytes received into ``space`` (0 at end of stream), or None if there were none yet."""
         if not self._more_expected:
             await trio.lowlevel.wait_readable(sock)
+            self._frames_without_yield = 0
         try:
             count = os.readv(sock.fileno(), [space])
         except BlockingIOError:
@@ -621,12 +630,7 @@ class FrameLink:
 
     async def _send_pieces(self, pieces: list[bytes]) -> None:
         lock = self._send_lock
-        try:
-            # Uncontended (the usual case): take the lock without a trip through the
-            # scheduler, so an echoed keystroke goes straight out.
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        await acquire_at_once(lock)
         try:
             if self._socket is None:
                 await self._stream.send_all(b"".join(pieces))

@@ -68,6 +68,12 @@ class EscapeScanner:
             return EscapeResult(b"")
         if self._escape is None:
             return EscapeResult(bytes(data))
+        if not self._escape_pending and self._escape not in data:
+            # No escape character: nothing to find, only where the line stands (a typed key
+            # or a paste is not scanned byte by byte).
+            if data:
+                self._at_line_start = data[-1] in _LINE_ENDS
+            return EscapeResult(bytes(data))
         forward = bytearray()
         actions: list[EscapeAction] = []
         for byte in data:

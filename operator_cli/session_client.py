@@ -42,7 +42,7 @@ from protocol.stream_framing import (
     encode_stream_parts,
     length_prefix,
 )
-from relay.client import connect_tcp, send_gathered
+from relay.client import acquire_at_once, connect_tcp, send_gathered
 from relay.errors import RelayError, RelayRefusedError
 
 HANDSHAKE_TIMEOUT_SECONDS = 15.0
@@ -286,12 +286,7 @@ class OperatorSession:
 
     async def _send_frame(self, frame_type: FrameType, payload: bytes) -> None:
         lock = self._send_lock
-        try:
-            # Uncontended (the usual case): take the lock without a trip through the
-            # scheduler, so a keystroke goes straight out.
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        await acquire_at_once(lock)
         try:
             if self._closed_sent:
                 return
@@ -311,6 +306,10 @@ class OperatorSession:
 
     async def send_data(self, data: bytes) -> None:
         """Forward input (keystrokes or stdin) to the remote side, in frames of at most 64 KiB."""
+        if 0 < len(data) <= MAX_FRAME_PAYLOAD:  # a keystroke: one frame, no slicing
+            self.bytes_sent += len(data)
+            await self._send_frame(FrameType.DATA, data)
+            return
         view = memoryview(data)
         while view:
             chunk, view = bytes(view[:MAX_FRAME_PAYLOAD]), view[MAX_FRAME_PAYLOAD:]

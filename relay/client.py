@@ -211,6 +211,15 @@ async def send_gathered(sock: trio.socket.SocketType, pieces: list[bytes]) -> No
             views[0] = views[0][sent:]
 
 
+async def acquire_at_once(lock: trio.Lock | trio.StrictFIFOLock) -> None:
+    """Take ``lock``: at once when it is free, without the scheduler pass ``acquire`` makes (a
+    keystroke goes straight on); otherwise wait for it as ``acquire`` does."""
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 def link_error(error: OSError) -> trio.BrokenResourceError | trio.ClosedResourceError:
     """The trio stream error for a failed socket call on a relay connection."""
     if error.errno == errno.EBADF:

@@ -9,6 +9,7 @@ import struct
 import termios
 import tty
 
+import pytest
 import trio
 
 from agent.exec_session import EXEC_OUTPUT_CHUNK_SIZE, ExecSessionSpec, open_exec_session
@@ -90,6 +91,47 @@ async def test_a_single_keystroke_echo_goes_out_alone_and_at_once() -> None:
                     await wait_until(lambda key=key: chunks.joined().endswith(key))
             pump.child_exited()
         assert [data for _, data in chunks.chunks] == [b"a", b"b", b"c"]
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@trio_test
+async def test_after_a_keystroke_echo_the_pump_waits_instead_of_reading_nothing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    master, slave = os.openpty()
+    empty_reads: list[int] = []
+    real_read = os.read
+
+    def read_counting_empty_ones(fd: int, size: int) -> bytes:
+        try:
+            return real_read(fd, size)
+        except BlockingIOError:
+            if fd == master:
+                empty_reads.append(fd)
+            raise
+
+    monkeypatch.setattr(os, "read", read_counting_empty_ones)
+    try:
+        tty.setraw(slave)
+        chunks = Chunks()
+        pump = OutputPump(master, OutputStream.STDOUT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run, chunks.on_output)
+            await trio.sleep(0.05)  # the pump finds nothing yet and waits
+            before = len(empty_reads)
+            for key in (b"a", b"b", b"c"):
+                os.write(slave, key)
+                with trio.fail_after(1):
+                    await wait_until(lambda key=key: chunks.joined().endswith(key))
+                await trio.sleep(0.05)  # time enough for a needless read to happen
+            after = len(empty_reads)
+            pump.child_exited()  # (the drain at the end may find nothing: that is its job)
+        # Each echo went out alone, and the pump went back to waiting without a read that
+        # could only fail (a system call per keystroke).
+        assert [data for _, data in chunks.chunks] == [b"a", b"b", b"c"]
+        assert after == before
     finally:
         os.close(master)
         os.close(slave)

@@ -26,6 +26,7 @@ from agent.errors import OfferError
 from agent.grant_policy import GrantPolicy
 from agent.policy_cache import PolicyCache
 from agent.session_host import (
+    MAX_FRAMES_WITHOUT_YIELD,
     FrameLink,
     SessionHost,
     SessionIdentity,
@@ -49,7 +50,8 @@ from protocol.identity import SigningIdentity
 from protocol.policy import PinnedPolicyTrust
 from protocol.relay_token import Side
 from protocol.session_grant import issue_session_grant
-from relay.client import connect_tcp
+from protocol.stream_framing import encode_stream_frame
+from relay.client import acquire_at_once, connect_tcp
 from relay.server import Relay
 from tests.agent.session_helpers import trio_test
 from tests.relay.harness import make_token, running_relay
@@ -640,3 +642,56 @@ def _alive(pid: int) -> bool:
             return handle.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+@trio_test
+async def test_a_free_lock_is_taken_at_once_and_a_held_one_is_waited_for() -> None:
+    lock = trio.Lock()
+    others_ran: list[str] = []
+    async with trio.open_nursery() as nursery:
+
+        async def other() -> None:
+            others_ran.append("other")
+
+        nursery.start_soon(other)
+        await acquire_at_once(lock)
+        # Taken without a trip through the scheduler: the other task has not run yet.
+        assert lock.locked() and others_ran == []
+
+        async def waiter() -> None:
+            await acquire_at_once(lock)
+            others_ran.append("waiter")
+            lock.release()
+
+        nursery.start_soon(waiter)
+        await trio.sleep(0.01)
+        assert others_ran == ["other"]  # the waiter is still waiting for the lock
+        lock.release()
+    assert others_ran == ["other", "waiter"]
+
+
+@trio_test
+async def test_a_burst_of_buffered_frames_still_lets_other_tasks_run() -> None:
+    ours, theirs = trio.socket.socketpair()
+    burst = 4 * MAX_FRAMES_WITHOUT_YIELD
+    await theirs.send(b"".join(encode_stream_frame(b"key %d" % index) for index in range(burst)))
+    link = FrameLink(trio.SocketStream(ours))
+    ticks: list[int] = []
+    received: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+
+        async def ticker() -> None:
+            while True:
+                ticks.append(len(received))
+                await trio.lowlevel.checkpoint()
+
+        nursery.start_soon(ticker)
+        await trio.lowlevel.checkpoint()
+        for _ in range(burst):
+            received.append(await link.receive() or b"")
+        nursery.cancel_scope.cancel()
+    theirs.close()
+    ours.close()
+    assert received == [b"key %d" % index for index in range(burst)]
+    # The other task ran in the middle of the burst, not only before and after it.
+    assert any(0 < count < burst for count in ticks)
