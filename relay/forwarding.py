@@ -197,6 +197,11 @@ async def _pump_copy(
             # Copy the rest out of the shared buffer before waiting.
             await send_all(destination, bytes(view[sent:received]))
         streak = await _pace(record(received), streak)
+        if received < chunk_limit:
+            # The read emptied the socket: wait for more rather than first reading nothing
+            # (a system call and an exception per forwarded keystroke).
+            streak = 0
+            await waiter.wait()
 
 
 async def _pace(delay: float, streak: int) -> int:
