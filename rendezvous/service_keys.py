@@ -7,8 +7,11 @@ published as a JWK set (kid = RFC 7638 thumbprint, ``use`` = "sig", ``purpose`` 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from protocol.errors import KeyFileError
@@ -37,9 +40,14 @@ class ServiceKeys:
             "policy-signer": self.policy_signer,
         }
 
-    def token_verification_keys(self) -> dict[str, PublicIdentity]:
+    def token_verification_keys(self) -> Mapping[str, PublicIdentity]:
         """Keys that may sign access tokens, by kid (only the JWT issuer key)."""
-        return {self.jwt_issuer.public.key_id: self.jwt_issuer.public}
+        return self._token_verification_keys
+
+    @cached_property
+    def _token_verification_keys(self) -> Mapping[str, PublicIdentity]:
+        # Asked on every authenticated request; the kid is a hash of the key, so compute it once.
+        return MappingProxyType({self.jwt_issuer.public.key_id: self.jwt_issuer.public})
 
     def jwks(self) -> dict[str, Any]:
         """The public JWK set for relays, agents and verifiers to pin."""
