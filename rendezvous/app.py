@@ -6,8 +6,6 @@ so tests can run several side by side.
 
 from __future__ import annotations
 
-import logging
-import math
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,13 +13,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from rendezvous.agent_list_endpoint import AgentListEndpoint
 from rendezvous.body_limit import BodyLimitMiddleware
 from rendezvous.context import ServiceContext
-from rendezvous.errors import ServiceError, ServiceUnavailable, TooManyRequests, Unauthorized
+from rendezvous.error_responses import (
+    error_body,
+    service_error_response,
+    store_error_response,
+    unexpected_error_response,
+)
+from rendezvous.errors import ServiceError
 from rendezvous.metrics import RequestMetricsMiddleware
 from rendezvous.store import StoreError
-
-logger = logging.getLogger("tucdesk.rendezvous")
 
 API_PREFIX = "/v1"
 OPENAPI_PATH = "/v1/openapi.json"
@@ -38,13 +41,9 @@ _HTTP_ERROR_CODES = {
 }
 
 
-def error_body(code: str, message: str) -> dict[str, str]:
-    """The JSON body of every error response."""
-    return {"error": code, "message": message}
-
-
 def create_app(ctx: ServiceContext) -> Any:
-    """The ASGI app for one service instance (FastAPI wrapped in body-cap and metrics layers)."""
+    """The ASGI app for one service instance: FastAPI behind the agent list endpoint, wrapped in
+    body-cap and metrics layers."""
     from rendezvous import (
         control_channel,
         routes_agents,
@@ -75,21 +74,17 @@ def create_app(ctx: ServiceContext) -> Any:
     app.include_router(routes_approvals.router, prefix=API_PREFIX)
     app.include_router(control_channel.router, prefix=API_PREFIX)
     _install_error_handlers(app, ctx)
-    capped = BodyLimitMiddleware(app, ctx.config.max_body_bytes, ctx.metrics)
+    listed = AgentListEndpoint(
+        app, ctx, API_PREFIX + routes_agents.AGENT_LIST_PATH, routes_agents.agent_list_route()
+    )
+    capped = BodyLimitMiddleware(listed, ctx.config.max_body_bytes, ctx.metrics)
     return RequestMetricsMiddleware(capped, ctx.metrics)
 
 
 def _install_error_handlers(app: FastAPI, ctx: ServiceContext) -> None:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, error: ServiceError) -> Response:
-        headers: dict[str, str] | None = None
-        if isinstance(error, Unauthorized):
-            headers = {"WWW-Authenticate": "Bearer"}
-        elif isinstance(error, TooManyRequests):
-            headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
-        return JSONResponse(
-            error_body(error.code, error.message), status_code=error.status, headers=headers
-        )
+        return service_error_response(error)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> Response:
@@ -108,21 +103,11 @@ def _install_error_handlers(app: FastAPI, ctx: ServiceContext) -> None:
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, error: StoreError) -> Response:
-        # Store errors a handler did not translate mean the database misbehaved; say nothing more.
-        logger.error("store error on %s %s: %s", request.method, request.url.path, type(error))
-        unavailable = ServiceUnavailable("the service's database is unavailable; retry later")
-        return JSONResponse(error_body(unavailable.code, unavailable.message), status_code=503)
+        return store_error_response(request.method, request.url.path, error)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> Response:
-        # Only the exception type is logged: messages may quote request data.
-        logger.error(
-            "unexpected %s on %s %s", type(error).__name__, request.method, request.url.path
-        )
-        return JSONResponse(
-            error_body("internal_error", "the service failed; the request did not complete"),
-            status_code=500,
-        )
+        return unexpected_error_response(request.method, request.url.path, error)
 
 
 def _describe_validation(error: RequestValidationError) -> str:

@@ -6,6 +6,7 @@ import re
 from typing import Any, NoReturn
 
 from fastapi import APIRouter
+from fastapi.routing import APIRoute
 
 from audit.trust import agent_registration_context
 from protocol.domains import Purpose
@@ -13,19 +14,20 @@ from protocol.errors import ProtocolError, ReplayError
 from protocol.identity import PublicIdentity, b64url, b64url_decode
 from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthenticated_actor
-from rendezvous.auth import Permission, authorize
+from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.dependencies import CallerReadingAgents, Context, RateLimited
 from rendezvous.errors import BadRequest, Conflict, Unauthorized
 from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
-from rendezvous.store import AlreadyExists, RegistrationKeyUnusable
+from rendezvous.store import AgentListing, AlreadyExists, RegistrationKeyUnusable
 from rendezvous.team_policy import enrollment_trust
 
 router = APIRouter(tags=["agents"])
 MAX_HOSTNAME_LENGTH = 253
 MAX_MACHINE_FINGERPRINT_LENGTH = 256
 HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252})$")
+AGENT_LIST_PATH = "/agents"
 
 
 @router.post("/agents/register", response_model=RegisterResponse, dependencies=[RateLimited])
@@ -108,10 +110,30 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
     )
 
 
-@router.get("/agents", response_model=AgentList)
+@router.get(AGENT_LIST_PATH, response_model=AgentList)
 async def list_agents(caller_reading_agents: CallerReadingAgents, ctx: Context) -> AgentList:
-    """The caller's team's agents (the team comes from the verified credential only)."""
+    """The caller's team's agents (the team comes from the verified credential only).
+
+    A running service answers this request in ``rendezvous.agent_list_endpoint``, without
+    FastAPI's routing; both call ``team_agent_list``.
+    """
     caller, listing = caller_reading_agents
+    return await team_agent_list(ctx, caller, listing)
+
+
+def agent_list_route() -> APIRoute:
+    """The FastAPI route of the agent list (what request metrics are labelled with)."""
+    for route in router.routes:
+        if isinstance(route, APIRoute) and route.endpoint is list_agents:
+            return route
+    raise LookupError("the agent list route is not registered")
+
+
+async def team_agent_list(
+    ctx: ServiceContext, caller: Principal, listing: AgentListing | None
+) -> AgentList:
+    """The agent list ``caller`` may read: refused without the permission; ``listing`` is the
+    one read with the credential (None: read it now)."""
     authorize(caller, Permission.AGENTS_READ)
     if listing is None:
         listing = await ctx.store.agent_listing(caller.team_id)

@@ -1,0 +1,47 @@
+"""The JSON error responses of the service, shared by FastAPI's exception handlers and the
+endpoints answered without FastAPI (``rendezvous.agent_list_endpoint``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+from fastapi.responses import JSONResponse
+
+from rendezvous.errors import ServiceError, ServiceUnavailable, TooManyRequests, Unauthorized
+
+logger = logging.getLogger("tucdesk.rendezvous")
+
+
+def error_body(code: str, message: str) -> dict[str, str]:
+    """The JSON body of every error response."""
+    return {"error": code, "message": message}
+
+
+def service_error_response(error: ServiceError) -> JSONResponse:
+    """The response for a ServiceError: its status and code, plus the headers it implies."""
+    headers: dict[str, str] | None = None
+    if isinstance(error, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(error, TooManyRequests):
+        headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))}
+    return JSONResponse(
+        error_body(error.code, error.message), status_code=error.status, headers=headers
+    )
+
+
+def store_error_response(method: str, path: str, error: Exception) -> JSONResponse:
+    """503 for a store error no handler translated: the database misbehaved; say nothing more."""
+    logger.error("store error on %s %s: %s", method, path, type(error))
+    unavailable = ServiceUnavailable("the service's database is unavailable; retry later")
+    return JSONResponse(error_body(unavailable.code, unavailable.message), status_code=503)
+
+
+def unexpected_error_response(method: str, path: str, error: Exception) -> JSONResponse:
+    """500 for any other failure; only the exception type is logged (messages may quote
+    request data)."""
+    logger.error("unexpected %s on %s %s", type(error).__name__, method, path)
+    return JSONResponse(
+        error_body("internal_error", "the service failed; the request did not complete"),
+        status_code=500,
+    )
