@@ -13,8 +13,11 @@ service.
 
 No silent half-service: if a worker exits while the service is meant to run, the supervisor
 stops the others and exits non-zero, for the init system to restart the whole service. SIGTERM
-or SIGINT stops every worker gracefully (Hypercorn's graceful timeout), then kills stragglers.
-A worker whose supervisor disappears (its pipe reaches end of file) stops too.
+or SIGINT to the supervisor stops every worker gracefully (Hypercorn's graceful timeout), then
+kills stragglers. Workers ignore both signals and stop only when their supervisor closes their
+pipe (or disappears: the pipe reaches end of file), so a stop signal sent to the whole process
+group — systemd's default, or Ctrl-C in a terminal — still ends in one orderly shutdown instead
+of a second signal cutting a worker's graceful shutdown short.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import shutil
 import signal
 import socket
 import tempfile
-from collections.abc import Awaitable, Callable
 from functools import partial
 from multiprocessing.connection import Connection, wait
 from multiprocessing.process import BaseProcess
@@ -152,10 +154,8 @@ def _supervise(workers: list[_Worker], wake: socket.socket, stop_signal: list[in
 
 
 def _stop_all(workers: list[_Worker]) -> None:
-    """SIGTERM every live worker, wait for them, kill the ones that do not stop in time."""
+    """Tell every worker to stop (close its pipe), wait, kill the ones that do not stop in time."""
     for worker in workers:
-        if worker.process.is_alive() and worker.process.pid is not None:
-            os.kill(worker.process.pid, signal.SIGTERM)
         worker.lifeline.close()
     for worker in workers:
         worker.process.join(WORKER_STOP_SECONDS)
@@ -163,6 +163,7 @@ def _stop_all(workers: list[_Worker]) -> None:
             logger.warning("worker %d did not stop in time; killing it", worker.index)
             worker.process.kill()
             worker.process.join()
+        logger.info("worker %d stopped (exit code %s)", worker.index, worker.process.exitcode)
         _forget_worker_metrics(worker)
 
 
@@ -178,6 +179,9 @@ def run_worker(config: ServiceConfig, lifeline: Connection, index: int) -> None:
     """A worker process: one service instance on its own socket until told to stop."""
     from rendezvous.server import run_service
 
+    # The supervisor decides when to stop (see the module docstring); its pipe says so.
+    for number in STOP_SIGNALS:
+        signal.signal(number, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(name)s worker-{index} %(message)s"
     )
@@ -195,18 +199,6 @@ def run_worker(config: ServiceConfig, lifeline: Connection, index: int) -> None:
 
 
 async def _until_stopped(lifeline: Connection) -> None:
-    """Return on SIGTERM/SIGINT, or when the supervisor is gone (its end of the pipe closed)."""
-    from rendezvous.server import termination_signal
-
-    async def supervisor_gone() -> None:
-        await trio.lowlevel.wait_readable(lifeline.fileno())
-        logger.warning("the supervisor closed this worker's pipe; shutting down")
-
-    async with trio.open_nursery() as nursery:
-
-        async def stop_after(waiter: Callable[[], Awaitable[None]]) -> None:
-            await waiter()
-            nursery.cancel_scope.cancel()
-
-        nursery.start_soon(stop_after, termination_signal)
-        nursery.start_soon(stop_after, supervisor_gone)
+    """Return when the supervisor closes this worker's pipe (to stop it, or by exiting)."""
+    await trio.lowlevel.wait_readable(lifeline.fileno())
+    logger.info("the supervisor closed this worker's pipe; shutting down")

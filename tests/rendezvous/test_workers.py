@@ -20,6 +20,7 @@ from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -234,3 +235,25 @@ def _metrics_directories(supervisor_pid: int) -> list[Path]:
             if entry.startswith(b"PROMETHEUS_MULTIPROC_DIR="):
                 found.add(Path(entry.split(b"=", 1)[1].decode()))
     return sorted(found)
+
+
+@pytest.mark.postgres
+async def test_sigterm_to_the_whole_process_group_still_stops_every_worker_gracefully(
+    shared_database: str, tmp_path: Path
+) -> None:
+    # systemd's default KillMode signals every process of the service at once (and Ctrl-C
+    # signals the terminal's whole process group): the workers ignore it and stop when the
+    # supervisor tells them to, instead of dying by a second SIGTERM mid-shutdown.
+    data = tmp_path / "data"
+    async with open_store(shared_database) as store, harness(store, data):
+        with serve_workers(data, shared_database) as served:
+            pids = served.worker_pids()
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            await anyio.sleep(0.5)
+            assert all(_alive(pid) for pid in pids), served.text()
+            served.process.send_signal(signal.SIGTERM)
+            assert served.process.wait(STOP_SECONDS) == 0
+            text = served.text()
+            assert text.count("stopped (exit code 0)") == len(pids), text
+            assert not any(_alive(pid) for pid in pids)
