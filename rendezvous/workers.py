@@ -54,6 +54,7 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 def serve_with_workers(config: ServiceConfig) -> int:
     """Run ``config.workers`` instances on one socket until a signal or a worker's death."""
     config.validate_for_serving()
+    refuse_if_in_use(config.listen_host, config.listen_port)
     reservation = reuse_port_socket(config.listen_host, config.listen_port)
     bound_port = reservation.getsockname()[1]
     host = config.listen_host
@@ -90,6 +91,27 @@ def serve_with_workers(config: ServiceConfig) -> int:
         reservation.close()
         os.environ.pop(MULTIPROCESS_DIRECTORY_VARIABLE, None)
         shutil.rmtree(metrics_directory, ignore_errors=True)
+
+
+def refuse_if_in_use(host: str, port: int) -> None:
+    """Raise OSError if something already listens on ``host:port``.
+
+    ``SO_REUSEPORT`` would let this service silently join another one's port (an old instance
+    still running, or an unrelated service of the same user) and split connections with it;
+    a plain bind fails on any listening socket, whatever its options.
+    """
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT is no conflict
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise OSError(
+                error.errno, f"cannot listen on {host}:{port}: {error.strerror} (is another "
+                "rendezvous still running there?)"
+            ) from None
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -26,6 +27,7 @@ import pytest
 
 from protocol.request_proof import PROOF_HEADER
 from rendezvous.store import open_store
+from rendezvous.workers import refuse_if_in_use
 from tests.pg_cluster import PostgresCluster
 from tests.rendezvous.service_harness import OperatorSession, ServiceHarness, harness
 from tests.rendezvous.sessions_support import (
@@ -257,3 +259,26 @@ async def test_sigterm_to_the_whole_process_group_still_stops_every_worker_grace
             text = served.text()
             assert text.count("stopped (exit code 0)") == len(pids), text
             assert not any(_alive(pid) for pid in pids)
+
+
+@pytest.mark.postgres
+async def test_workers_refuse_a_port_another_service_listens_on_even_with_so_reuseport(
+    shared_database: str, tmp_path: Path
+) -> None:
+    # Without the check, SO_REUSEPORT would let the new service join this socket's port and
+    # split connections with it.
+    data = tmp_path / "data"
+    async with open_store(shared_database) as store, harness(store, data):
+        with socket.socket() as other:
+            other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            other.bind(("127.0.0.1", 0))
+            other.listen()
+            port = other.getsockname()[1]
+            command = [*SERVE, "--data-dir", str(data), "--database", shared_database,
+                       "--listen", f"127.0.0.1:{port}", "--insecure-http", "--relay", RELAY,
+                       "--workers", "2"]  # fmt: skip
+            with anyio.fail_after(START_SECONDS):
+                result = await anyio.run_process(command, check=False)
+            assert result.returncode != 0
+            assert b"another rendezvous still running" in result.stderr, result.stderr
+        refuse_if_in_use("127.0.0.1", port)  # free again: no complaint
