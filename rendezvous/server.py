@@ -6,11 +6,14 @@ cancelled; ``task_status.started`` reports the bound URLs (useful with port 0 in
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
+import os
 import signal
 import socket
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 import trio
 from hypercorn.config import Config as HypercornConfig
@@ -21,9 +24,10 @@ from rendezvous.audit_trail import AuditTrail
 from rendezvous.config import ServiceConfig
 from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections
+from rendezvous.errors import ConfigError
 from rendezvous.offer_bus import listen_for_offers
 from rendezvous.service_keys import load_service_keys
-from rendezvous.store import Store, open_store
+from rendezvous.store import Store, backend_for, open_store
 
 logger = logging.getLogger("tucdesk.rendezvous")
 
@@ -32,6 +36,7 @@ MAX_HEADER_BYTES = 16 * 1024
 KEEP_ALIVE_SECONDS = 30
 WEBSOCKET_MAX_MESSAGE_BYTES = 64 * 1024
 GRACEFUL_SHUTDOWN_SECONDS = 3
+SQLITE_SERVE_LOCK_SUFFIX = ".serve-lock"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 
 
@@ -87,20 +92,65 @@ async def run_service(
     of binding ``config.listen``: how the workers of ``serve --workers N`` share one address.
     """
     hyper = hypercorn_config(config, listening_socket)
-    async with open_store(config.database_url) as store:
-        ctx = build_context(config, store)
-        await store.clear_instance_connections(ctx.instance_id, ctx.now())
+    with sole_sqlite_server(config.database_url) as sole:
+        async with open_store(config.database_url) as store:
+            ctx = build_context(config, store)
+            if sole:
+                # No other instance can be serving this database, so every connection recorded
+                # in it belongs to one that died without clearing it (killed, or power lost).
+                await store.clear_other_instances_connections(ctx.instance_id, ctx.now())
+            await _serve_instance(ctx, store, hyper, shutdown_trigger, task_status)
+
+
+async def _serve_instance(
+    ctx: ServiceContext,
+    store: Store,
+    hyper: HypercornConfig,
+    shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    task_status: trio.TaskStatus[list[str]],
+) -> None:
+    await store.clear_instance_connections(ctx.instance_id, ctx.now())
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_prune_forever, ctx)
+            await nursery.start(listen_for_offers, ctx)
+            binds = await nursery.start(
+                _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope
+            )
+            task_status.started(binds)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            await store.clear_instance_connections(ctx.instance_id, ctx.now())
+
+
+@contextlib.contextmanager
+def sole_sqlite_server(database: str) -> Iterator[bool]:
+    """On SQLite, hold the database's serve lock for the block (True); else nothing (False).
+
+    One instance serves a SQLite database: a second would hold agent channels that the first
+    cannot offer sessions to. The lock is an flock on ``DATABASE.serve-lock``, released when the
+    process ends however it ends; admin commands (team, invite, keys) do not take it.
+    """
+    kind, location = backend_for(database)
+    if kind != "sqlite" or location == ":memory:":
+        yield False
+        return
+    path = location + SQLITE_SERVE_LOCK_SUFFIX
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_prune_forever, ctx)
-                await nursery.start(listen_for_offers, ctx)
-                binds = await nursery.start(
-                    _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope
-                )
-                task_status.started(binds)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(5):
-                await store.clear_instance_connections(ctx.instance_id, ctx.now())
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+            raise ConfigError(
+                f"another tucdesk-rendezvous (pid {holder}) is already serving {location}; "
+                "one instance serves a SQLite database (use PostgreSQL for several)"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield True
+    finally:
+        os.close(fd)
 
 
 async def _serve_then_stop(

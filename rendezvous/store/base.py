@@ -660,6 +660,11 @@ class Store(abc.ABC):
     async def clear_instance_connections(self, instance_id: str, now: float) -> int:
         """Forget every connection held by an instance (call at its start-up and shutdown)."""
 
+    @abc.abstractmethod
+    async def clear_other_instances_connections(self, instance_id: str, now: float) -> int:
+        """Forget every connection held by any instance but this one: for a database only one
+        instance can serve (SQLite), whose earlier instances died without clearing theirs."""
+
     # ---- sessions ------------------------------------------------------------------------
 
     @abc.abstractmethod

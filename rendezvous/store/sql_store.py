@@ -719,16 +719,24 @@ class SqlStore(Store):
 
     async def clear_instance_connections(self, instance_id: str, now: float) -> int:
         """Forget every connection held by an instance (call at its start-up and shutdown)."""
+        return await self._clear_connections("instance_id = $1", instance_id, now)
+
+    async def clear_other_instances_connections(self, instance_id: str, now: float) -> int:
+        """Forget every connection held by any other instance (only when no other can be live)."""
+        return await self._clear_connections("instance_id <> $1", instance_id, now)
+
+    async def _clear_connections(self, holders: str, instance_id: str, now: float) -> int:
         async with self._transaction() as session:
-            # Keep what we knew: everyone this instance held was last seen no earlier than now.
+            # Keep what we knew: everyone these connections held was last seen no earlier than now.
             await session.execute(
-                """UPDATE agents SET last_seen_at = $2
-                   WHERE id IN (SELECT agent_id FROM agent_connections WHERE instance_id = $1)
-                     AND (last_seen_at IS NULL OR last_seen_at < $2)""",
+                f"""UPDATE agents SET last_seen_at = $2
+                    WHERE id IN (SELECT agent_id FROM agent_connections WHERE {holders})
+                      AND (last_seen_at IS NULL OR last_seen_at < $2)""",  # noqa: S608
                 instance_id, now,
             )  # fmt: skip
             return await session.execute(
-                "DELETE FROM agent_connections WHERE instance_id = $1", instance_id
+                f"DELETE FROM agent_connections WHERE {holders}",  # noqa: S608
+                instance_id,
             )
 
     # ---- sessions ------------------------------------------------------------------------

@@ -319,6 +319,19 @@ async def test_clearing_an_instance_forgets_only_its_connections(store: Store) -
     assert agents["two"].online
 
 
+async def test_clearing_other_instances_keeps_only_this_ones_connections(store: Store) -> None:
+    team = await team_with_key(store, "k1")
+    await store.create_registration_key(team.id, key_hash("k2"), [], NOW + HOUR, "op", NOW)
+    one = await register(store, "k1", name="one")
+    two = await register(store, "k2", name="two")
+    await store.mark_agent_connected(team.id, one.id, "dead", "c1", "machine-1", NOW)
+    await store.mark_agent_connected(team.id, two.id, "live", "c2", "machine-1", NOW)
+    assert await store.clear_other_instances_connections("live", NOW + 40) == 1
+    agents = {agent.name: agent for agent in await store.list_agents(team.id)}
+    assert not agents["one"].online and agents["one"].last_seen_at == NOW + 40
+    assert agents["two"].online
+
+
 async def test_registrations_survive_a_restart(database_url: str) -> None:
     async with open_store(database_url) as first:
         team = await team_with_key(first, "k")
