@@ -18,11 +18,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import rfc8785
-
 from audit.errors import BundleError, NoteError, RecordError
 from audit.merkle import HASH_SIZE
 from audit.record import MAX_ID_LENGTH, strict_json
+from protocol.canonical_json import CanonicalJsonError, canonical_json
 from protocol.errors import ProtocolError
 from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_decode
 
@@ -46,7 +45,7 @@ class BundleHeader:
     def line(self) -> bytes:
         """The header as a bundle line."""
         value = {"format": BUNDLE_FORMAT, "origin": self.origin, "team_id": self.team_id}
-        return rfc8785.dumps(value) + b"\n"
+        return canonical_json(value) + b"\n"
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class BundleTrailer:
                 None if self.previous_checkpoint is None else self.previous_checkpoint.decode()
             ),
         }
-        return rfc8785.dumps(value) + b"\n"
+        return canonical_json(value) + b"\n"
 
 
 def parse_header(line: bytes) -> BundleHeader:
@@ -140,10 +139,9 @@ def parse_trailer(value: dict[str, Any], line: bytes) -> BundleTrailer:
 def _encode(value: Any, error: type[Exception]) -> bytes:
     """RFC 8785 bytes of a parsed line, or ``error`` (e.g. for lone surrogates in strings)."""
     try:
-        encoded: bytes = rfc8785.dumps(value)
-    except (ValueError, TypeError):
+        return canonical_json(value)
+    except CanonicalJsonError:
         raise error("a bundle line holds text with no UTF-8 encoding") from None
-    return encoded
 
 
 def _strip_newline(line: bytes) -> bytes:

@@ -33,13 +33,13 @@ from datetime import UTC, datetime, timedelta
 from functools import cached_property, lru_cache
 from typing import Any, TypeAlias
 
-import rfc8785
 from nacl.exceptions import BadSignatureError
 from nacl.signing import VerifyKey
 
 from audit.actions import Action, ActorKind, PolicyOutcome
 from audit.errors import RecordError
 from audit.merkle import leaf_hash
+from protocol.canonical_json import CanonicalJsonError, canonical_json
 from protocol.domains import Purpose, framed_message
 from protocol.errors import ProtocolError
 from protocol.identity import SIGNATURE_SIZE, PublicIdentity, SigningIdentity, b64url, b64url_decode
@@ -356,10 +356,9 @@ def _refuse_float(text: str) -> Any:
 
 def _canonical(value: Any) -> bytes:
     try:
-        encoded: bytes = rfc8785.dumps(value)
-    except (rfc8785.CanonicalizationError, ValueError, TypeError, UnicodeError):
+        return canonical_json(value)
+    except CanonicalJsonError:
         raise RecordError("value has no RFC 8785 encoding") from None
-    return encoded
 
 
 def _enum(kind: type[Any], value: object, what: str) -> Any:

@@ -23,8 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-import rfc8785
-
+from protocol.canonical_json import CanonicalJsonError, canonical_json
 from protocol.domains import Purpose
 from protocol.errors import PayloadError, ReplayError, SignatureError
 from protocol.identity import SIGNATURE_SIZE, PublicIdentity, SigningIdentity, b64url, b64url_decode
@@ -261,7 +260,6 @@ def _check_text(text: str) -> None:
 
 def _canonical(value: Any) -> bytes:
     try:
-        encoded: bytes = rfc8785.dumps(value)
-    except (ValueError, TypeError, RecursionError):
+        return canonical_json(value)
+    except CanonicalJsonError:
         raise PayloadError("payload cannot be canonically encoded") from None
-    return encoded
