@@ -19,8 +19,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-import rfc8785
-
+from protocol.canonical_json import CanonicalJsonError, canonical_json
 from protocol.domains import Purpose
 from protocol.errors import PayloadError, ProtocolError, SignatureError
 from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
@@ -68,7 +67,7 @@ def create_proof(
         "jti": proof_id if proof_id is not None else b64url(secrets.token_bytes(PROOF_ID_BYTES)),
         "jwk": b64url(signer.public.raw),
     }
-    encoded = rfc8785.dumps(claims)
+    encoded = canonical_json(claims)
     signature = signer.sign(Purpose.REQUEST_PROOF, encoded)
     return b64url(encoded) + "." + b64url(signature)
 
@@ -105,7 +104,11 @@ def verify_proof(
         key.verify(Purpose.REQUEST_PROOF, encoded, signature)
     except SignatureError:
         raise PayloadError("request proof signature does not verify") from None
-    if rfc8785.dumps(claims) != encoded:
+    try:
+        canonical = canonical_json(claims)
+    except CanonicalJsonError:  # e.g. an integer past 2**53 or a lone surrogate, signed anyway
+        raise PayloadError("request proof claims have no canonical form") from None
+    if canonical != encoded:
         raise PayloadError("request proof claims are not in canonical form")
     if claims["htm"] != method.upper():
         raise PayloadError("request proof is for another method")

@@ -96,3 +96,26 @@ def test_any_changed_character_makes_the_proof_fail(position: int, replacement: 
 def test_arbitrary_text_is_refused_with_a_payload_error(text: str) -> None:
     with pytest.raises(PayloadError):
         _verify(text)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{"iat": 2**60}, {"htu": "/v1/\ud800"}],  # no RFC 8785 encoding, yet signed by the holder
+    ids=["integer past 2**53", "lone surrogate"],
+)
+def test_signed_claims_without_a_canonical_form_are_refused_as_a_payload_error(
+    change: dict[str, object],
+) -> None:
+    import base64
+    import json
+
+    from protocol.domains import Purpose
+    from protocol.identity import b64url
+
+    claims_part, _ = _proof().split(".")
+    claims = json.loads(base64.urlsafe_b64decode(claims_part + "=="))
+    claims.update(change)
+    encoded = json.dumps(claims).encode()  # ASCII escapes: a lone surrogate survives as \ud800
+    signature = SIGNER.sign(Purpose.REQUEST_PROOF, encoded)
+    with pytest.raises(PayloadError, match="canonical"):
+        _verify(b64url(encoded) + "." + b64url(signature))
