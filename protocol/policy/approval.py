@@ -24,8 +24,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import rfc8785
-
+from protocol.canonical_json import CanonicalJsonError, canonical_json
 from protocol.domains import Purpose
 from protocol.errors import PayloadError, ProtocolError
 from protocol.identity import SIGNATURE_SIZE, SigningIdentity, b64url, b64url_decode
@@ -74,8 +73,8 @@ def command_sha256(command: Sequence[str] | None) -> str:
     ):
         raise ApprovalError("a command is a list of text arguments")
     try:
-        encoded: bytes = rfc8785.dumps(None if command is None else list(command))
-    except (ValueError, TypeError, RecursionError):
+        encoded = canonical_json(None if command is None else list(command))
+    except CanonicalJsonError:
         raise ApprovalError("a command must be valid Unicode text") from None
     return hashlib.sha256(encoded).hexdigest()
 
@@ -142,8 +141,10 @@ class ApprovalStatement:
 
     def canonical_bytes(self) -> bytes:
         """The RFC 8785 encoding the approver signs."""
-        encoded: bytes = rfc8785.dumps(self.to_json())
-        return encoded
+        try:
+            return canonical_json(self.to_json())
+        except CanonicalJsonError:
+            raise ApprovalError("the approval statement has no canonical encoding") from None
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import rfc8785
-
+from protocol.canonical_json import CanonicalJsonError, canonical_json
 from protocol.domains import Purpose
 from protocol.errors import PayloadError, ProtocolError
 from protocol.identity import (
@@ -521,10 +520,9 @@ def _refuse_float(text: str) -> object:
 
 def _canonical(value: Any) -> bytes:
     try:
-        encoded: bytes = rfc8785.dumps(value)
-    except (ValueError, TypeError, RecursionError):
+        return canonical_json(value)
+    except CanonicalJsonError:
         raise MalformedBundleError("the policy bundle cannot be canonically encoded") from None
-    return encoded
 
 
 __all__ = [
