@@ -306,27 +306,23 @@ async def test_other_machine_fingerprint_is_reported_as_a_clone(store: Store) ->
     assert report.other_connections == ()
 
 
-async def test_clearing_an_instance_forgets_only_its_connections(store: Store) -> None:
+@pytest.mark.parametrize(
+    ("clear", "instance"),
+    [
+        ("clear_instance_connections", "inst-1"),  # forget this instance's connections
+        ("clear_other_instances_connections", "inst-2"),  # forget all but this instance's
+    ],
+)
+async def test_clearing_forgets_exactly_the_named_connections(
+    store: Store, clear: str, instance: str
+) -> None:
     team = await team_with_key(store, "k1")
     await store.create_registration_key(team.id, key_hash("k2"), [], NOW + HOUR, "op", NOW)
     one = await register(store, "k1", name="one")
     two = await register(store, "k2", name="two")
     await store.mark_agent_connected(team.id, one.id, "inst-1", "c1", "machine-1", NOW)
     await store.mark_agent_connected(team.id, two.id, "inst-2", "c2", "machine-1", NOW)
-    assert await store.clear_instance_connections("inst-1", NOW + 40) == 1
-    agents = {agent.name: agent for agent in await store.list_agents(team.id)}
-    assert not agents["one"].online and agents["one"].last_seen_at == NOW + 40
-    assert agents["two"].online
-
-
-async def test_clearing_other_instances_keeps_only_this_ones_connections(store: Store) -> None:
-    team = await team_with_key(store, "k1")
-    await store.create_registration_key(team.id, key_hash("k2"), [], NOW + HOUR, "op", NOW)
-    one = await register(store, "k1", name="one")
-    two = await register(store, "k2", name="two")
-    await store.mark_agent_connected(team.id, one.id, "dead", "c1", "machine-1", NOW)
-    await store.mark_agent_connected(team.id, two.id, "live", "c2", "machine-1", NOW)
-    assert await store.clear_other_instances_connections("live", NOW + 40) == 1
+    assert await getattr(store, clear)(instance, NOW + 40) == 1
     agents = {agent.name: agent for agent in await store.list_agents(team.id)}
     assert not agents["one"].online and agents["one"].last_seen_at == NOW + 40
     assert agents["two"].online
