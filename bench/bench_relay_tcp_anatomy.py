@@ -167,8 +167,9 @@ def through_pump(size: int) -> dict[str, float]:
         parent_end, child_end = multiprocessing.Pipe()
         child = multiprocessing.Process(target=_pump_receiver, args=(port, child_end, size))
         child.start()
+        # The receiver's connection is complete, so it is ahead of the sender's in the listener's
+        # accept queue: the middle takes it first, as it expects.
         assert parent_end.recv() == "connected"
-        time.sleep(0.05)  # let the middle accept the receiver before the sender connects
         sender = socket.create_connection(("127.0.0.1", port))
         sender.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         result = _measure(middle.pid, sender, size, parent_end)

@@ -62,26 +62,10 @@ class OutputWriter:
 
     def write(self, data: bytes) -> bool:
         """Write all of ``data``; False (and ``broken``) if the reader closed its end (EPIPE)."""
-        if self.broken:
-            return False
-        view = memoryview(data)
-        while view:
-            try:
-                written = os.write(self.fd, view)
-            except BlockingIOError:
-                _wait_writable_blocking(self.fd)
-                continue
-            except (BrokenPipeError, ConnectionResetError):
-                self.broken = True
-                return False
-            view = view[written:]
-        return True
-
+        return self.write_many((data,))
 
     def write_many(self, chunks: Sequence[bytes]) -> bool:
         """``write`` for several buffers in order, with as few system calls as they allow."""
-        if len(chunks) == 1:
-            return self.write(chunks[0])
         if self.broken:
             return False
         pending = [memoryview(chunk) for chunk in chunks if chunk]

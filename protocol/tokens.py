@@ -86,9 +86,7 @@ def verify_token(
     leeway: float = DEFAULT_LEEWAY_SECONDS,
 ) -> VerifiedToken:
     """Verify ``token`` against the key whose id is its ``kid``; raise TokenError with a reason."""
-    if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
-        # A NaN clock would make every time comparison false and let an expired token through.
-        raise ValueError("now and leeway must be finite, leeway not negative")
+    _check_clock(now, leeway)
     if not isinstance(token, str) or not token or len(token) > MAX_TOKEN_SIZE:
         raise TokenError("token is missing or too large")
     header = _unverified_header(token)
@@ -139,6 +137,12 @@ def _unverified_header(token: str) -> dict[str, Any]:
     if not isinstance(header, dict):
         raise TokenError("token header is malformed")
     return header
+
+
+def _check_clock(now: float, leeway: float) -> None:
+    if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
+        # A NaN clock would make every time comparison false and let an expired token through.
+        raise ValueError("now and leeway must be finite, leeway not negative")
 
 
 def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
@@ -194,8 +198,7 @@ class VerifiedTokenCache:
         leeway: float = DEFAULT_LEEWAY_SECONDS,
     ) -> VerifiedToken:
         """Like ``verify_token``; a token verified before by the same key skips the signature."""
-        if not math.isfinite(now) or not math.isfinite(leeway) or leeway < 0:
-            raise ValueError("now and leeway must be finite, leeway not negative")
+        _check_clock(now, leeway)
         cache_key = (token, typ, issuer, audience)
         entry = self._entries.get(cache_key)
         if entry is not None:

@@ -64,15 +64,19 @@ class WorkerService:
         return self.log.read_text(errors="replace")
 
 
+def serve_command(data_dir: Path, database_url: str, listen: str, workers: int) -> list[str]:
+    """``tucdesk-rendezvous serve --workers`` on plain loopback HTTP with the test relay."""
+    return [*SERVE, "--data-dir", str(data_dir), "--database", database_url, "--listen", listen,
+            "--insecure-http", "--relay", RELAY, "--workers", str(workers)]  # fmt: skip
+
+
 @contextmanager
 def serve_workers(
     data_dir: Path, database_url: str, workers: int = 2
 ) -> Iterator[WorkerService]:
     """Start ``serve --workers`` on an ephemeral port; wait until every worker serves."""
     log = data_dir.parent / f"serve-{next(_numbers)}.log"
-    command = [*SERVE, "--data-dir", str(data_dir), "--database", database_url,
-               "--listen", "127.0.0.1:0", "--insecure-http", "--relay", RELAY,
-               "--workers", str(workers)]  # fmt: skip
+    command = serve_command(data_dir, database_url, "127.0.0.1:0", workers)
     with log.open("wb") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     try:
@@ -274,9 +278,7 @@ async def test_workers_refuse_a_port_another_service_listens_on_even_with_so_reu
             other.bind(("127.0.0.1", 0))
             other.listen()
             port = other.getsockname()[1]
-            command = [*SERVE, "--data-dir", str(data), "--database", shared_database,
-                       "--listen", f"127.0.0.1:{port}", "--insecure-http", "--relay", RELAY,
-                       "--workers", "2"]  # fmt: skip
+            command = serve_command(data, shared_database, f"127.0.0.1:{port}", 2)
             with anyio.fail_after(START_SECONDS):
                 result = await anyio.run_process(command, check=False)
             assert result.returncode != 0
