@@ -10,8 +10,11 @@ When the channel drops (network, rendezvous restart, refusal) the client waits a
 exponential backoff with full jitter, capped, reset after a welcome. Audit events produced while
 disconnected wait in a bounded backlog and are sent, oldest first, once the channel is back.
 Each carries an id; it stays queued until the rendezvous acknowledges it as durable
-(``audit_event_ack``), and events in flight when a channel drops are sent again on the next one
-(at least once: a resent event is byte-identical, signature included, so duplicates are plain).
+(``audit_event_ack``), and events in flight when a channel drops are sent again on the next one.
+Sending is at least once, but the log holds each event once: the rendezvous identifies an event
+by the SHA-256 of its signed content, so a resend of one already stored (its ack lost with the
+channel) is acknowledged again without a second record. Delivery into the log is therefore
+effectively exactly once.
 """
 
 from __future__ import annotations

@@ -1,5 +1,12 @@
 """The audit package's exception hierarchy: every failure raised by audit/ is an AuditError."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from audit.store import StoredRecord
+
 
 class AuditError(Exception):
     """Base class for every error raised by audit/."""
@@ -11,6 +18,15 @@ class RecordError(AuditError):
 
 class AppendConflict(AuditError):
     """Another writer took the sequence number this append expected; re-read the head and retry."""
+
+
+class DuplicateEvent(AuditError):
+    """The team's log already holds this agent-signed event (same event digest); nothing was
+    stored. ``existing`` is the record that holds it."""
+
+    def __init__(self, existing: StoredRecord) -> None:
+        super().__init__(f"the log already holds this event as record {existing.seq}")
+        self.existing = existing
 
 
 class StoreError(AuditError):

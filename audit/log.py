@@ -7,6 +7,10 @@ commit). Several rendezvous instances sharing a database first race through the 
 append-at-sequence; a writer that loses takes the team's writer turn (``AuditStore.exclusive``)
 and, for the next few batches, goes straight to it instead of losing again. Every append returns
 only after the store has durably kept its record: no audit, no action.
+
+An agent-signed event is stored at most once per team: the store refuses a second record with
+the same event digest (DuplicateEvent), and the append returns the record already holding it,
+so an agent's resend after a lost ack, or a replay, never adds a record.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import trio
 from audit.actions import Action, ActorKind
 from audit.bundle import BundleHeader, BundleTrailer, KeyHint
 from audit.checkpoint import Checkpoint, open_checkpoint, origin_for, sign_checkpoint
-from audit.errors import AppendConflict, AuditError, ProofError, RecordError
+from audit.errors import AppendConflict, AuditError, DuplicateEvent, ProofError, RecordError
 from audit.merkle import MerkleFrontier, consistency_proof, inclusion_proof, root_of
 from audit.record import (
     GENESIS_HASH,
@@ -70,6 +74,7 @@ class _QueuedAppend:
 
     signed: SignedEvent
     moment: datetime
+    event_digest: bytes | None  # set for agent-signed events, which are stored at most once
     record: AuditRecord | None = None
     abandoned: bool = False  # its caller was cancelled or failed: never write it now
 
@@ -158,7 +163,7 @@ class AuditLog:
         )
         if event.action is Action.AGENT_REGISTERED:
             introduced_agent_key(event)
-        return await self._place(sign_event(self._identity, event), moment)
+        return await self._place(sign_event(self._identity, event), moment, None)
 
     async def append_agent_event(
         self,
@@ -171,7 +176,8 @@ class AuditLog:
         """Check an event an agent signed on its host, then chain it into the log as is.
 
         ``agent_key`` must be the key an earlier ``agent.registered`` record introduced for
-        ``agent_id``, or the export will not verify.
+        ``agent_id``, or the export will not verify. If the log already holds this event (a
+        resend), nothing is appended and the record holding it is returned.
         """
         moment = now or self._clock()
         event = signed.event
@@ -182,7 +188,7 @@ class AuditLog:
         if event.occurred_at > moment + MAX_EVENT_FUTURE_SKEW:
             raise RecordError("agent event is dated too far in the future")
         signed.verify(agent_key)
-        return await self._place(signed, moment)
+        return await self._place(signed, moment, event.digest)
 
     async def checkpoint(self) -> SignedCheckpoint:
         """Sign a checkpoint over every record now in the log and keep it in the store."""
@@ -258,16 +264,19 @@ class AuditLog:
             raise ProofError("the earlier checkpoint does not match this log's history")
         return consistency_proof(leaves, previous.size)
 
-    async def _place(self, signed: SignedEvent, moment: datetime) -> AuditRecord:
+    async def _place(
+        self, signed: SignedEvent, moment: datetime, event_digest: bytes | None
+    ) -> AuditRecord:
         """Queue ``signed`` for a writer and return its record once it is durable.
 
         Whoever holds the lock is the writer: it places everything queued so far in one go, its
         own append among them unless an earlier writer already did. If that fails, the writer
         raises its error and the others go back to the queue, each to be tried again (or to
         fail) as its own caller's turn comes. An append whose caller gave up before a writer
-        took it is never written.
+        took it is never written. With ``event_digest``, an event the log already holds (stored
+        earlier, elsewhere, or earlier in the same batch) gets that record instead.
         """
-        queued = _QueuedAppend(signed, moment)
+        queued = _QueuedAppend(signed, moment, event_digest)
         self._queue.append(queued)
         try:
             async with self._lock:
@@ -313,6 +322,10 @@ class AuditLog:
             except AppendConflict:
                 self._contended_batches = CONTENDED_BATCHES
                 return index
+            except DuplicateEvent as duplicate:
+                # Already durable (each append here commits on its own); the head stays put.
+                queued.record = _held_record(duplicate.existing, queued)
+                continue
             queued.record = self._adopt(staged)
         return len(batch)
 
@@ -323,17 +336,24 @@ class AuditLog:
             try:
                 async with self._store.exclusive(self._team_id) as store:
                     await self._catch_up(force=True, store=store)
-                    staged: list[_Staged] = []
+                    placed: list[_Staged | AuditRecord] = []
                     head = self._head()
                     for queued in batch:
-                        staged.append(self._stage(queued, head))
-                        head = _next_head(staged[-1])
-                        await store.append(self._team_id, staged[-1].stored)
+                        staged = self._stage(queued, head)
+                        try:
+                            await store.append(self._team_id, staged.stored)
+                        except DuplicateEvent as duplicate:
+                            # Held by a stored record or one placed earlier in this turn: the
+                            # batch goes on without it, on the same head.
+                            placed.append(_held_record(duplicate.existing, queued))
+                            continue
+                        placed.append(staged)
+                        head = _next_head(staged)
             except AppendConflict:
                 continue  # only a writer that ignores the turn gets here; the turn rolled back
             # Durable now that the turn has ended without an error.
-            for queued, placed in zip(batch, staged, strict=True):
-                queued.record = self._adopt(placed)
+            for queued, outcome in zip(batch, placed, strict=True):
+                queued.record = self._adopt(outcome) if isinstance(outcome, _Staged) else outcome
             return
         raise AppendConflict(
             f"gave up appending after {MAX_APPEND_ATTEMPTS} conflicts with other writers"
@@ -357,6 +377,7 @@ class AuditLog:
             record_hash=record.record_hash,
             leaf_hash=record.leaf_hash,
             canonical=record.canonical,
+            event_digest=queued.event_digest,
         )
         return _Staged(record, stored, time)
 
@@ -397,6 +418,14 @@ class AuditLog:
                 raise ProofError(f"the log holds fewer than {size} records")
             leaves.extend(chunk)
         return leaves
+
+
+def _held_record(existing: StoredRecord, queued: _QueuedAppend) -> AuditRecord:
+    """The stored record that already holds ``queued``'s event (the store matched its digest)."""
+    record = AuditRecord.from_line(existing.canonical)
+    if record.event.canonical != queued.signed.event.canonical:
+        raise AuditError("the store matched an event digest to a record of another event")
+    return record
 
 
 def _next_head(staged: _Staged) -> tuple[int, bytes, datetime | None]:

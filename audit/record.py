@@ -181,6 +181,13 @@ class AuditEvent:
         """The RFC 8785 encoding of the event: the bytes the signature covers (after the prefix)."""
         return _canonical(self.to_json())
 
+    @cached_property
+    def digest(self) -> bytes:
+        """SHA-256 of ``canonical``: what identifies an agent's event when it is sent again."""
+        # The signed content, not the signature: whoever holds the key could sign the same event
+        # twice with different nonces, and it would still be one event.
+        return hashlib.sha256(self.canonical).digest()
+
     @classmethod
     def from_json(cls, value: object) -> AuditEvent:
         """Parse an event object strictly: exact field set, known action, limits."""

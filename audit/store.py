@@ -10,6 +10,10 @@ Contract every implementation must keep (tests/audit/store_contract.py checks it
 * ``append`` is atomic and durable: when it returns, the record survives a crash; when it raises
   AppendConflict nothing was stored. It stores ``record`` only if ``record.seq`` equals the
   team's current size (sequence numbers start at 0 with no gaps); otherwise AppendConflict.
+* A record with an ``event_digest`` (an agent-signed event) is stored at most once per team:
+  if the team already holds a record with that digest, ``append`` stores nothing and raises
+  DuplicateEvent carrying that record (whatever ``record.seq`` is). The check is part of the
+  same atomic step (a unique index in SQL), so concurrent writers cannot both store it.
 * ``read_records`` / ``read_leaf_hashes`` return records ``start <= seq < end`` in order,
   clipped to the current size; ``start`` and ``end`` are never negative.
 * Teams never see each other's records; every method filters by ``team_id``.
@@ -24,7 +28,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
-from audit.errors import AppendConflict, StoreError
+from audit.errors import AppendConflict, DuplicateEvent, StoreError
 
 HASH_SIZE = 32
 
@@ -36,7 +40,9 @@ class StoredRecord:
     ``canonical`` is the record's RFC 8785 encoding (the exact bytes exported and verified);
     ``time`` is its log time, RFC 3339 UTC with microseconds (fixed width, so it sorts as text);
     ``record_hash`` is SHA-256 of ``canonical`` (the next record's ``prev_hash``) and
-    ``leaf_hash`` its RFC 6962 Merkle leaf hash.
+    ``leaf_hash`` its RFC 6962 Merkle leaf hash. ``event_digest`` is set only for an
+    agent-signed event (``AuditEvent.digest``): the store keeps at most one record per digest
+    and team.
     """
 
     seq: int
@@ -44,12 +50,15 @@ class StoredRecord:
     record_hash: bytes
     leaf_hash: bytes
     canonical: bytes
+    event_digest: bytes | None = None
 
     def __post_init__(self) -> None:
         if self.seq < 0:
             raise StoreError("a record's sequence number is never negative")
         if len(self.record_hash) != HASH_SIZE or len(self.leaf_hash) != HASH_SIZE:
             raise StoreError(f"record and leaf hashes are {HASH_SIZE} bytes")
+        if self.event_digest is not None and len(self.event_digest) != HASH_SIZE:
+            raise StoreError(f"an event digest is {HASH_SIZE} bytes")
 
 
 @dataclass(frozen=True)
@@ -65,7 +74,8 @@ class AuditStore(Protocol):
     """Per-team, append-only storage for audit records. All methods are async (trio-compatible)."""
 
     async def append(self, team_id: str, record: StoredRecord) -> None:
-        """Durably store ``record`` iff its seq is the team's current size, else AppendConflict."""
+        """Durably store ``record`` iff its seq is the team's current size, else AppendConflict;
+        DuplicateEvent (nothing stored) if the team holds a record with its event digest."""
         ...
 
     async def head(self, team_id: str) -> StoredRecord | None:
@@ -105,16 +115,25 @@ class MemoryAuditStore:
 
     def __init__(self) -> None:
         self._records: dict[str, list[StoredRecord]] = {}
+        self._seq_by_event_digest: dict[str, dict[bytes, int]] = {}
         self._checkpoints: dict[str, StoredCheckpoint] = {}
 
     async def append(self, team_id: str, record: StoredRecord) -> None:
-        """Store ``record`` iff its seq is the team's current size, else raise AppendConflict."""
+        """Store ``record`` iff its seq is the team's current size, else raise AppendConflict;
+        DuplicateEvent if the team already holds its event digest."""
         records = self._records.setdefault(team_id, [])
+        if record.event_digest is not None:
+            digests = self._seq_by_event_digest.setdefault(team_id, {})
+            existing = digests.get(record.event_digest)
+            if existing is not None:
+                raise DuplicateEvent(records[existing])
         if record.seq != len(records):
             raise AppendConflict(
                 f"team log has {len(records)} records; cannot store sequence number {record.seq}"
             )
         records.append(record)
+        if record.event_digest is not None:
+            digests[record.event_digest] = record.seq
 
     async def head(self, team_id: str) -> StoredRecord | None:
         """The team's last record, or None."""

@@ -361,7 +361,11 @@ async def _record_policy_answer(
 async def _append_agent_event(
     ctx: ServiceContext, agent: Agent, message: dict[str, Any]
 ) -> dict[str, Any]:
-    """Verify an agent-signed audit event and append it; the reply says whether it is durable."""
+    """Verify an agent-signed audit event and append it; the reply says whether it is durable.
+
+    The log holds each agent-signed event once: a resend of one it already holds (its ack was
+    lost with the channel) is acknowledged again without a second record.
+    """
     event_id = message.get("id")
     if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
         event_id = None
@@ -391,6 +395,7 @@ async def _append_agent_event(
         # Not stored, but not the event's fault: the agent keeps it and sends it again later.
         return {"type": "audit_event_failed", "id": event_id, "reason": "audit log unavailable"}
     if signed.event.action is AuditAction.SESSION_ENDED and session_id is not None:
+        # Also for a resend: the first copy may have been stored just before a crash.
         try:
             await ctx.store.update_session_state(
                 agent.team_id, agent.id, session_id, SessionState.ENDED, None, ctx.now(),

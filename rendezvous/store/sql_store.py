@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
-from audit.errors import AppendConflict
+from audit.errors import AppendConflict, DuplicateEvent
 from audit.errors import StoreError as AuditStoreError
 from audit.store import AuditStore, StoredCheckpoint, StoredRecord
 from rendezvous.store.base import (
@@ -957,6 +957,16 @@ _AUDIT_APPEND_SQL = """
     WHERE {turn_free}
       AND (SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_records WHERE team_id = $1) = $2"""
 
+# The same for an agent-signed event, which is also refused while the team holds its digest. The
+# NOT EXISTS only saves a unique-index error (and, on PostgreSQL, an aborted writer turn) in the
+# common case; the partial unique index audit_records_event_digest is what decides a race.
+_AUDIT_APPEND_AGENT_EVENT_SQL = """
+    INSERT INTO audit_records (team_id, seq, time, record_hash, leaf_hash, canonical, event_digest)
+    SELECT $1, $2, $3, $4, $5, $6, $7
+    WHERE {turn_free}
+      AND (SELECT COALESCE(MAX(seq) + 1, 0) FROM audit_records WHERE team_id = $1) = $2
+      AND NOT EXISTS (SELECT 1 FROM audit_records WHERE team_id = $1 AND event_digest = $7)"""
+
 
 class SqlAuditStore:
     """The audit/store.py ``AuditStore`` interface on the rendezvous database.
@@ -968,6 +978,9 @@ class SqlAuditStore:
         self._store = store
         self._session = session
         self._append_sql = _AUDIT_APPEND_SQL.replace("{turn_free}", store._audit_turn_free)
+        self._append_agent_event_sql = _AUDIT_APPEND_AGENT_EVENT_SQL.replace(
+            "{turn_free}", store._audit_turn_free
+        )
 
     async def _fetch(self, sql: str, *args: Any) -> list[Row]:
         if self._session is not None:
@@ -990,25 +1003,50 @@ class SqlAuditStore:
             yield SqlAuditStore(self._store, session)
 
     async def append(self, team_id: str, record: StoredRecord) -> None:
-        """Durably store ``record`` iff its seq is the team's current size, else AppendConflict."""
+        """Durably store ``record`` iff its seq is the team's current size, else AppendConflict;
+        DuplicateEvent if the team already holds a record with its event digest."""
         # One conditional INSERT (one round trip, one commit); the (team_id, seq) key refuses a
-        # concurrent twin.
+        # concurrent twin, and for agent events the (team_id, event_digest) index a concurrent
+        # copy of the same event.
         try:
-            stored = await self._execute(
-                self._append_sql, team_id, record.seq, record.time, record.record_hash,
-                record.leaf_hash, record.canonical,
-            )  # fmt: skip
+            if record.event_digest is None:
+                stored = await self._execute(
+                    self._append_sql, team_id, record.seq, record.time, record.record_hash,
+                    record.leaf_hash, record.canonical,
+                )  # fmt: skip
+            else:
+                stored = await self._execute(
+                    self._append_agent_event_sql, team_id, record.seq, record.time,
+                    record.record_hash, record.leaf_hash, record.canonical, record.event_digest,
+                )  # fmt: skip
         except AlreadyExists:
-            # A concurrent writer on another connection took this sequence number first.
+            # A concurrent writer on another connection took this sequence number (or stored this
+            # event) first; once it has, the retry in the writer turn finds the event held.
             raise AppendConflict(
-                f"another writer already stored sequence number {record.seq}"
+                f"another writer already stored sequence number {record.seq} or this event"
             ) from None
         except StoreError as exc:
             raise AuditStoreError(str(exc)) from exc
-        if stored != 1:
-            raise AppendConflict(
-                f"the team log's size is not {record.seq}, or another writer has its turn"
-            )
+        if stored == 1:
+            return
+        if record.event_digest is not None:
+            existing = await self._record_holding(team_id, record.event_digest)
+            if existing is not None:
+                raise DuplicateEvent(existing)
+        raise AppendConflict(
+            f"the team log's size is not {record.seq}, or another writer has its turn"
+        )
+
+    async def _record_holding(self, team_id: str, event_digest: bytes) -> StoredRecord | None:
+        """The team's record of the agent event with ``event_digest``, if it holds one."""
+        try:
+            row = await self._fetchrow(
+                "SELECT * FROM audit_records WHERE team_id = $1 AND event_digest = $2",
+                team_id, event_digest,
+            )  # fmt: skip
+        except StoreError as exc:
+            raise AuditStoreError(str(exc)) from exc
+        return _stored_record(row) if row else None
 
     async def head(self, team_id: str) -> StoredRecord | None:
         """The team's last record, or None for an empty log."""
@@ -1228,7 +1266,9 @@ def _connection(row: Row) -> AgentConnection:
 
 
 def _stored_record(row: Row) -> StoredRecord:
+    event_digest = row["event_digest"]
     return StoredRecord(
         seq=int(row["seq"]), time=row["time"], record_hash=bytes(row["record_hash"]),
         leaf_hash=bytes(row["leaf_hash"]), canonical=bytes(row["canonical"]),
+        event_digest=None if event_digest is None else bytes(event_digest),
     )  # fmt: skip

@@ -95,8 +95,10 @@ async def typical_history(log: AuditLog, commands: int = 3) -> None:
         context={"command": "uname -a", "client_address": "127.0.0.1"},
     )
     for index in range(commands):
+        # Dated by the log's size, so a second history on one log holds new events, not resends.
+        when = START + timedelta(microseconds=await log.size())
         await log.append_agent_event(
-            agent_event(context={"command": f"echo {index}", "exit_code": index % 2}),
+            agent_event(when=when, context={"command": f"echo {index}", "exit_code": index % 2}),
             AGENT_ID,
             AGENT_KEY.public,
         )

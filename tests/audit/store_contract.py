@@ -17,12 +17,13 @@ from collections.abc import Awaitable, Callable
 import pytest
 import trio
 
-from audit.errors import AppendConflict
+from audit.errors import AppendConflict, DuplicateEvent
 from audit.store import AuditStore, StoredCheckpoint, StoredRecord
 
 
-def fake_record(seq: int, payload: bytes = b"") -> StoredRecord:
-    """A StoredRecord with deterministic hashes; stores never interpret the bytes."""
+def fake_record(seq: int, payload: bytes = b"", event: bytes | None = None) -> StoredRecord:
+    """A StoredRecord with deterministic hashes; stores never interpret the bytes. With
+    ``event``, it carries an agent event whose digest is SHA-256 of those bytes."""
     canonical = b'{"seq":%d,"payload":"%s"}' % (seq, payload.hex().encode())
     return StoredRecord(
         seq=seq,
@@ -30,6 +31,7 @@ def fake_record(seq: int, payload: bytes = b"") -> StoredRecord:
         record_hash=hashlib.sha256(canonical).digest(),
         leaf_hash=hashlib.sha256(b"\x00" + canonical).digest(),
         canonical=canonical,
+        event_digest=None if event is None else hashlib.sha256(event).digest(),
     )
 
 
@@ -138,6 +140,61 @@ async def check_appends_through_the_writer_turn_are_kept_and_read_back(store: Au
     assert [record.seq for record in await store.read_records(team, 0, 5)] == [0, 1]
 
 
+async def check_an_agent_event_is_stored_once_per_team(store: AuditStore) -> None:
+    team, other_team = new_team(), new_team()
+    first = fake_record(0, event=b"event 1")
+    await store.append(team, first)
+    assert (await store.read_records(team, 0, 1)) == [first]
+    for seq in (1, 0, 7):  # the next seq, a taken one, a gap: the event decides first
+        with pytest.raises(DuplicateEvent) as refused:
+            await store.append(team, fake_record(seq, b"resent", event=b"event 1"))
+        assert refused.value.existing == first
+    assert [record.seq for record in await store.read_records(team, 0, 10)] == [0]
+    # Other events, records without an event digest, and other teams are unaffected.
+    await store.append(team, fake_record(1, event=b"event 2"))
+    await store.append(team, fake_record(2))
+    await store.append(team, fake_record(3))
+    await store.append(other_team, fake_record(0, event=b"event 1"))
+    assert (await store.head(team)) == fake_record(3)
+    assert (await store.head(other_team)) == fake_record(0, event=b"event 1")
+
+
+async def check_concurrent_appends_of_one_event_store_exactly_one(store: AuditStore) -> None:
+    team = new_team()
+    await store.append(team, fake_record(0))
+    outcomes: list[str] = []
+
+    async def writer(seq: int, tag: bytes) -> None:
+        try:
+            await store.append(team, fake_record(seq, tag, event=b"the event"))
+            outcomes.append("stored")
+        except (AppendConflict, DuplicateEvent):
+            outcomes.append("refused")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for index in range(6):
+                nursery.start_soon(writer, 1 + index % 2, bytes([index]))
+    assert sorted(outcomes) == ["refused"] * 5 + ["stored"]
+    stored = await store.read_records(team, 0, 10)
+    assert [record.event_digest for record in stored] == [
+        None, hashlib.sha256(b"the event").digest()
+    ]
+
+
+async def check_a_duplicate_in_the_writer_turn_leaves_the_turn_usable(store: AuditStore) -> None:
+    team = new_team()
+    await store.append(team, fake_record(0, event=b"stored before"))
+    async with store.exclusive(team) as turn:
+        await turn.append(team, fake_record(1, event=b"new"))
+        for event in (b"new", b"stored before"):
+            with pytest.raises(DuplicateEvent) as refused:
+                await turn.append(team, fake_record(2, b"twin", event=event))
+            assert refused.value.existing.seq == (1 if event == b"new" else 0)
+        await turn.append(team, fake_record(2))
+    assert [record.seq for record in await store.read_records(team, 0, 10)] == [0, 1, 2]
+
+
 STORE_CONTRACT_CHECKS: list[Callable[[AuditStore], Awaitable[None]]] = [
     check_empty_log_has_no_head,
     check_records_come_back_in_order_with_identical_bytes,
@@ -147,4 +204,7 @@ STORE_CONTRACT_CHECKS: list[Callable[[AuditStore], Awaitable[None]]] = [
     check_concurrent_appends_at_one_seq_store_exactly_one,
     check_latest_checkpoint_is_the_largest,
     check_appends_through_the_writer_turn_are_kept_and_read_back,
+    check_an_agent_event_is_stored_once_per_team,
+    check_concurrent_appends_of_one_event_store_exactly_one,
+    check_a_duplicate_in_the_writer_turn_leaves_the_turn_usable,
 ]

@@ -217,5 +217,20 @@ POLICY = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (INITIAL, SESSIONS, POLICY)
+AGENT_EVENTS_ONCE = Migration(
+    4,
+    "agent-signed audit events stored once per team",
+    (
+        # SHA-256 of an agent-signed event's canonical encoding (AuditEvent.digest); NULL for
+        # records the rendezvous signs. Records stored before this migration keep NULL (the log
+        # is append-only, so they are not backfilled).
+        "ALTER TABLE audit_records ADD COLUMN event_digest BYTEA",
+        # Decides races between writers (instances) storing the same event: one record per event.
+        # Partial, so appends of rendezvous-signed records do not maintain it.
+        """CREATE UNIQUE INDEX audit_records_event_digest ON audit_records(team_id, event_digest)
+        WHERE event_digest IS NOT NULL""",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE)
 check_sequence(MIGRATIONS)
