@@ -7,14 +7,18 @@ the server forwards session offers and signed policy bundles (answered ``policy_
 events.
 
 When the channel drops (network, rendezvous restart, refusal) the client waits and reconnects:
-exponential backoff with full jitter, capped, reset after a welcome. Audit events produced while
-disconnected wait in a bounded backlog and are sent, oldest first, once the channel is back.
-Each carries an id; it stays queued until the rendezvous acknowledges it as durable
-(``audit_event_ack``), and events in flight when a channel drops are sent again on the next one.
-Sending is at least once, but the log holds each event once: the rendezvous identifies an event
-by the SHA-256 of its signed content, so a resend of one already stored (its ack lost with the
-channel) is acknowledged again without a second record. Delivery into the log is therefore
-effectively exactly once.
+exponential backoff with full jitter, capped, reset after a welcome. Each reconnect names the
+connection it was last welcomed on (``replaces``, inside the signed answer): after a silent drop
+the rendezvous may still hold that one, and without the name it would take this process for a
+clone of itself. The id lives in memory only; a restarted process names none.
+
+Audit events produced while disconnected wait in a bounded backlog and are sent, oldest first,
+once the channel is back. Each carries an id; it stays queued until the rendezvous acknowledges
+it as durable (``audit_event_ack``), and events in flight when a channel drops are sent again on
+the next one. Sending is at least once, but the log holds each event once: the rendezvous
+identifies an event by the SHA-256 of its signed content, so a resend of one already stored (its
+ack lost with the channel) is acknowledged again without a second record. Delivery into the log
+is therefore effectively exactly once.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,7 +52,7 @@ from audit.record import SignedEvent
 from protocol.domains import Purpose
 from protocol.identity import SigningIdentity, b64url
 from protocol.policy.signed_policy import MAX_BUNDLE_SIZE
-from protocol.signed_payload import create_signed_payload
+from protocol.signed_payload import JsonValue, create_signed_payload
 
 logger = logging.getLogger("tucdesk.agent.control")
 
@@ -67,6 +72,9 @@ MAX_AUDIT_BACKLOG = 1000
 MAX_AUDIT_IN_FLIGHT = 64
 MAX_PENDING_MESSAGES = 256
 MAX_ISSUER_LENGTH = 256
+# The shape of the rendezvous's connection ids (rendezvous/control_channel.py), which it checks
+# ``replaces`` against; an id of any other shape is not remembered, so it is never named.
+CONNECTION_ID_PATTERN = re.compile(r"conn_[0-9a-f]{24}")
 
 OfferHandler = Callable[[dict[str, Any]], None]
 """Called with each ``session_offer`` message; must not block (start a task and return)."""
@@ -263,18 +271,17 @@ class ControlClient:
         heartbeat = challenge.get("heartbeat_seconds", DEFAULT_HEARTBEAT_SECONDS)
         if isinstance(heartbeat, bool) or not isinstance(heartbeat, int | float):
             heartbeat = DEFAULT_HEARTBEAT_SECONDS
-        envelope = create_signed_payload(
-            self._identity,
-            Purpose.AGENT_AUTH,
-            {
-                "agent_id": self._state.agent_id,
-                "public_key": b64url(self._identity.public.raw),
-                "challenge": text,
-                "audience": audience,
-                "machine_fingerprint": self._machine_fingerprint,
-            },
-            self._clock(),
-        )
+        answer: dict[str, JsonValue] = {
+            "agent_id": self._state.agent_id,
+            "public_key": b64url(self._identity.public.raw),
+            "challenge": text,
+            "audience": audience,
+            "machine_fingerprint": self._machine_fingerprint,
+        }
+        if self.info.connection_id is not None:
+            # The connection this process last held: a reconnect supersedes it, not a clone.
+            answer["replaces"] = self.info.connection_id
+        envelope = create_signed_payload(self._identity, Purpose.AGENT_AUTH, answer, self._clock())
         await websocket.send_message(json.dumps({"type": "auth", "envelope": envelope}))
         welcome = await _receive_json(websocket)
         if welcome.get("type") != "welcome" or welcome.get("agent_id") != self._state.agent_id:
@@ -285,7 +292,11 @@ class ControlClient:
             heartbeat_seconds=min(
                 max(float(heartbeat), MIN_HEARTBEAT_SECONDS), MAX_HEARTBEAT_SECONDS
             ),
-            connection_id=connection_id if isinstance(connection_id, str) else None,
+            connection_id=(
+                connection_id
+                if isinstance(connection_id, str) and CONNECTION_ID_PATTERN.fullmatch(connection_id)
+                else None
+            ),
         )
 
     async def _receive_loop(self, websocket: WebSocketConnection) -> None:

@@ -4,10 +4,13 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 
 1. server -> ``{"type": "challenge", "challenge", "audience", "heartbeat_seconds"}``
 2. agent -> ``{"type": "auth", "envelope": <signed payload, Purpose.AGENT_AUTH, fields
-   agent_id, public_key, challenge, audience, machine_fingerprint>}``
+   agent_id, public_key, challenge, audience, machine_fingerprint, and optionally replaces>}``;
+   ``replaces`` is the ``connection_id`` of the last connection this agent process was
+   welcomed on (absent on its first connection).
 3. server -> ``{"type": "welcome", "agent_id", "connection_id"}`` or closes with a reason
 4. agent -> ``{"type": "heartbeat"}`` at least every heartbeat period; server ->
-   ``{"type": "heartbeat_ack"}``. Silence past the heartbeat timeout closes the channel.
+   ``{"type": "heartbeat_ack"}``. Silence past the heartbeat timeout closes the channel, and so
+   does a heartbeat on a connection that is no longer recorded (superseded, see below).
 5. server -> ``{"type": "session_offer", …}`` (docs/sessions.md §3); agent ->
    ``{"type": "session_offer_ack", "session_id"}`` or
    ``{"type": "session_offer_refused", "session_id", "reason"}``.
@@ -23,14 +26,25 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    ``id`` echoes the agent's, if any.
 
 One identity live twice, or presenting another machine fingerprint than it registered with, is
-flagged as a clone anomaly (audit record and metric). ``AgentConnections`` keeps this
-instance's live channels so later features (session offers) can ``send`` to an agent.
+flagged as a clone anomaly (audit record and metric). A reconnect is not a clone: when the
+network drops silently (sleep, NAT timeout) or an instance is killed, the old connection stays
+recorded for up to the heartbeat timeout, so the agent names it in its signed ``replaces`` and
+the store removes it in the same transaction that records the new one (only if it is this
+agent's, in this team, from the same machine fingerprint). A connection that is still recorded
+and not named is reported as before. The instance holding a superseded channel closes it: at
+once if it is this one, else at that channel's next heartbeat (a half-open one at its timeout).
+A clone resumed from a memory snapshot may name the original's live connection; the original
+is then closed, reconnects naming its own id, finds the clone's connection unnamed: flagged.
+
+``AgentConnections`` keeps this instance's live channels so session offers and policy bundles
+can ``send`` to an agent (its newest channel first).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import secrets
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -69,10 +83,28 @@ MAX_SESSION_ID_LENGTH = 128
 MAX_REFUSAL_REASON_LENGTH = 512
 MAX_EVENT_ID_LENGTH = 64
 MAX_POLICY_VERSION = 2**53 - 1
+# What the rendezvous issues as connection ids; ``replaces`` must have this shape.
+CONNECTION_ID_PREFIX = "conn_"
+CONNECTION_ID_RANDOM_BYTES = 12
+CONNECTION_ID_PATTERN = re.compile(r"conn_[0-9a-f]{24}")  # the prefix, then 12 bytes in hex
+SUPERSEDED_REASON = "replaced by a newer connection of this agent"
 
 
 class ChannelRefused(Exception):
     """The agent failed to authenticate or broke the protocol; the message says how."""
+
+
+class ConnectionSuperseded(ChannelRefused):
+    """The channel's connection is no longer recorded: the agent reconnected naming it."""
+
+
+@dataclass(frozen=True)
+class AgentAuthentication:
+    """What a verified auth answer established about the connecting agent."""
+
+    agent: Agent
+    machine_fingerprint: str
+    replaces: str | None  # the agent's earlier connection id it names as dead, if any
 
 
 @dataclass
@@ -84,6 +116,7 @@ class LiveChannel:
     team_id: str
     outgoing: trio.MemorySendChannel[dict[str, Any]]
     closed: trio.Event = field(default_factory=trio.Event)
+    superseded: bool = False  # ended because the agent reconnected naming this connection
 
 
 class AgentConnections:
@@ -101,8 +134,11 @@ class AgentConnections:
         return [c for c in self._by_agent.get(agent_id, {}).values() if c.team_id == team_id]
 
     async def send(self, team_id: str, agent_id: str, message: dict[str, Any]) -> bool:
-        """Queue ``message`` to one live channel of the agent; False if none is live here."""
-        for channel in self.channels(team_id, agent_id):
+        """Queue ``message`` to one live channel of the agent; False if none is live here.
+
+        The newest channel goes first: an older one may be half-open (the agent reconnected).
+        """
+        for channel in reversed(self.channels(team_id, agent_id)):
             try:
                 channel.outgoing.send_nowait(message)
                 return True
@@ -117,6 +153,18 @@ class AgentConnections:
             for agent_id, channels in self._by_agent.items()
             if any(channel.team_id == team_id for channel in channels.values())
         ]
+
+    def supersede(self, team_id: str, agent_id: str, connection_id: str) -> bool:
+        """End this instance's channel ``connection_id`` of the agent, if held: its agent
+        reconnected naming it. Its holder then closes the WebSocket and audits why."""
+        channel = self._by_agent.get(agent_id, {}).get(connection_id)
+        if channel is None or channel.team_id != team_id:
+            return False
+        channel.superseded = True
+        self._remove(channel)
+        # The send loop ends on the closed queue and cancels the channel's tasks.
+        channel.outgoing.close()
+        return True
 
     def _add(self, channel: LiveChannel) -> None:
         self._by_agent.setdefault(channel.agent_id, {})[channel.connection_id] = channel
@@ -139,7 +187,7 @@ async def agent_connect(websocket: WebSocket) -> None:
     await websocket.accept()
     try:
         with trio.fail_after(AUTH_TIMEOUT_SECONDS):
-            agent, machine = await _authenticate(ctx, websocket)
+            authentication = await _authenticate(ctx, websocket)
     except ChannelRefused as refusal:
         ctx.metrics.auth_failures.labels("agent_channel").inc()
         await _close(websocket, CLOSE_POLICY_VIOLATION, str(refusal))
@@ -147,10 +195,10 @@ async def agent_connect(websocket: WebSocket) -> None:
     except (WebSocketDisconnect, trio.TooSlowError):
         await _close(websocket, CLOSE_POLICY_VIOLATION, "authentication timed out")
         return
-    await _hold(ctx, connections, websocket, agent, machine)
+    await _hold(ctx, connections, websocket, authentication)
 
 
-async def _authenticate(ctx: ServiceContext, websocket: WebSocket) -> tuple[Agent, str]:
+async def _authenticate(ctx: ServiceContext, websocket: WebSocket) -> AgentAuthentication:
     challenge = new_challenge()
     await websocket.send_json(
         {
@@ -189,30 +237,50 @@ async def _authenticate(ctx: ServiceContext, websocket: WebSocket) -> tuple[Agen
     machine = fields.get("machine_fingerprint")
     if not isinstance(machine, str) or not machine or len(machine) > 256:
         raise ChannelRefused("auth lacks a machine fingerprint")
-    return agent, machine
+    replaces = fields.get("replaces")
+    if "replaces" in fields and (
+        not isinstance(replaces, str) or not CONNECTION_ID_PATTERN.fullmatch(replaces)
+    ):
+        raise ChannelRefused(
+            "auth's replaces must be the connection_id of an earlier welcome "
+            f"({CONNECTION_ID_PREFIX} and {2 * CONNECTION_ID_RANDOM_BYTES} hex digits)"
+        )
+    return AgentAuthentication(agent, machine, replaces)
 
 
 async def _hold(
     ctx: ServiceContext,
     connections: AgentConnections,
     websocket: WebSocket,
-    agent: Agent,
-    machine: str,
+    authentication: AgentAuthentication,
 ) -> None:
-    connection_id = "conn_" + secrets.token_hex(12)
+    agent, machine = authentication.agent, authentication.machine_fingerprint
+    connection_id = CONNECTION_ID_PREFIX + secrets.token_hex(CONNECTION_ID_RANDOM_BYTES)
     now = ctx.now()
     actor = agent_actor(agent.id, agent.hostname)
+    connected: dict[str, Any] = {"connection_id": connection_id, "instance": ctx.instance_id}
+    if authentication.replaces is not None:
+        connected["replaces"] = authentication.replaces
     try:
         await ctx.audit.record(
             agent.team_id,
             actor=actor,
             action=Action.AGENT_CONNECTED,
             target=agent.id,
-            details={"connection_id": connection_id, "instance": ctx.instance_id},
+            details=connected,
         )
         report = await ctx.store.mark_agent_connected(
-            agent.team_id, agent.id, ctx.instance_id, connection_id, machine, now
-        )
+            agent.team_id, agent.id, ctx.instance_id, connection_id, machine, now,
+            replaces=authentication.replaces,
+        )  # fmt: skip
+        superseded = report.superseded
+        if superseded is not None:
+            logger.info(
+                "agent %s reconnected: connection %s replaces %s (instance %s)",
+                agent.id, connection_id, superseded.connection_id, superseded.instance_id,
+            )  # fmt: skip
+            if superseded.instance_id == ctx.instance_id:
+                connections.supersede(agent.team_id, agent.id, superseded.connection_id)
         if report.clone_suspected:
             kinds = []
             if report.fingerprint_mismatch:
@@ -250,7 +318,7 @@ async def _hold(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_send_loop, websocket, receive_channel, nursery.cancel_scope)
             try:
-                await _receive_loop(ctx, websocket, agent)
+                await _receive_loop(ctx, websocket, channel, agent)
             except (WebSocketDisconnect, ChannelRefused, trio.TooSlowError) as ending:
                 logger.info("control channel of %s ended: %s", agent.id, type(ending).__name__)
             nursery.cancel_scope.cancel()
@@ -259,7 +327,11 @@ async def _hold(
     finally:
         connections._remove(channel)
         send_channel.close()
+        disconnected: dict[str, Any] = {"connection_id": connection_id}
+        if channel.superseded:
+            disconnected["reason"] = "superseded"
         with trio.CancelScope(shield=True), trio.move_on_after(5):
+            # Harmless when superseded: the row is gone and last-seen only moves forward.
             await ctx.store.mark_agent_disconnected(
                 agent.team_id, agent.id, connection_id, ctx.now()
             )
@@ -269,20 +341,32 @@ async def _hold(
                     actor=actor,
                     action=Action.AGENT_DISCONNECTED,
                     target=agent.id,
-                    details={"connection_id": connection_id},
+                    details=disconnected,
                 )
             except ServiceError:
                 logger.error("could not audit the disconnection of %s", agent.id)
-            await _close(websocket, CLOSE_GOING_AWAY, "closing")
+            await _close(
+                websocket, CLOSE_GOING_AWAY, SUPERSEDED_REASON if channel.superseded else "closing"
+            )
 
 
-async def _receive_loop(ctx: ServiceContext, websocket: WebSocket, agent: Agent) -> None:
+async def _receive_loop(
+    ctx: ServiceContext, websocket: WebSocket, channel: LiveChannel, agent: Agent
+) -> None:
     while True:
         with trio.fail_after(ctx.config.heartbeat_timeout_seconds):
             message = await _receive(websocket)
         kind = message.get("type")
         if kind == "heartbeat":
-            await ctx.store.touch_agent(agent.team_id, agent.id, ctx.now())
+            # Only this connection's row: a killed instance's rows must go stale, not live on.
+            recorded = await ctx.store.touch_agent(
+                agent.team_id, agent.id, ctx.now(), channel.connection_id
+            )
+            if not recorded:
+                # Superseded by a reconnect held elsewhere (or cleared): the agent must not stay
+                # on a channel nothing routes to. It reconnects and is recorded again.
+                channel.superseded = True
+                raise ConnectionSuperseded(SUPERSEDED_REASON)
             with trio.fail_after(SEND_TIMEOUT_SECONDS):
                 await websocket.send_json({"type": "heartbeat_ack"})
         elif kind in ("session_offer_ack", "session_offer_refused"):

@@ -280,6 +280,9 @@ class ConnectionReport:
     fingerprint_mismatch: bool
     registered_fingerprint: str
     presented_fingerprint: str
+    # The agent's own earlier connection it named as replaced, if it was still recorded: removed
+    # in the same transaction, so it is not among ``other_connections``.
+    superseded: AgentConnection | None = None
 
     @property
     def clone_suspected(self) -> bool:
@@ -629,12 +632,15 @@ class Store(abc.ABC):
         connection_id: str,
         machine_fingerprint: str,
         now: float,
+        replaces: str | None = None,
     ) -> ConnectionReport:
         """Record a live control connection and report clone signs. NotFound if no such agent.
 
         The connection is recorded even when a clone is suspected; the caller decides. Other
         connections with no heartbeat for CONNECTION_STALE_AFTER_SECONDS are dropped, not
-        reported.
+        reported. ``replaces`` names the agent's own earlier connection (a reconnect after a
+        silent drop): it is removed, not reported, if it is this team's and agent's and was made
+        from the same machine fingerprint; an id matching nothing of the kind removes nothing.
         """
 
     @abc.abstractmethod
@@ -646,10 +652,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def touch_agent(
         self, team_id: str, agent_id: str, now: float, connection_id: str | None = None
-    ) -> None:
+    ) -> bool:
         """Update last-seen and the heartbeat of one connection (or, without an id, all of them).
 
-        Idempotent; no error if unknown.
+        True if that connection (without an id: any of the agent's) is still recorded; False
+        once it was superseded, cleared or pruned. Idempotent; no error if unknown.
         """
 
     @abc.abstractmethod

@@ -647,8 +647,13 @@ class SqlStore(Store):
         connection_id: str,
         machine_fingerprint: str,
         now: float,
+        replaces: str | None = None,
     ) -> ConnectionReport:
-        """Record a live control connection and report clone signs. NotFound if no such agent."""
+        """Record a live control connection and report clone signs. NotFound if no such agent.
+
+        ``replaces``: the agent's own earlier connection (same team, agent and machine
+        fingerprint), removed rather than reported; anything else it names stays.
+        """
         async with self._transaction() as session:
             agent_row = await session.fetchrow(
                 "UPDATE agents SET last_seen_at = $3 WHERE team_id = $1 AND id = $2 "
@@ -663,6 +668,17 @@ class SqlStore(Store):
                    WHERE team_id = $1 AND agent_id = $2 AND heartbeat_at <= $3""",
                 team_id, agent_id, now - CONNECTION_STALE_AFTER_SECONDS,
             )  # fmt: skip
+            superseded = None
+            if replaces is not None:
+                # A reconnect after a silent drop names the connection the agent last held: the
+                # rendezvous may not have noticed it is dead yet. Only the agent's own goes.
+                superseded = await session.fetchrow(
+                    """DELETE FROM agent_connections
+                       WHERE team_id = $1 AND agent_id = $2 AND connection_id = $3
+                         AND machine_fingerprint = $4
+                       RETURNING *""",
+                    team_id, agent_id, replaces, machine_fingerprint,
+                )  # fmt: skip
             others = await session.fetch(
                 """SELECT * FROM agent_connections
                    WHERE team_id = $1 AND agent_id = $2 AND connection_id <> $3
@@ -681,6 +697,7 @@ class SqlStore(Store):
             fingerprint_mismatch=registered != machine_fingerprint,
             registered_fingerprint=registered,
             presented_fingerprint=machine_fingerprint,
+            superseded=None if superseded is None else _connection(superseded),
         )
 
     async def mark_agent_disconnected(
@@ -697,16 +714,29 @@ class SqlStore(Store):
 
     async def touch_agent(
         self, team_id: str, agent_id: str, now: float, connection_id: str | None = None
-    ) -> None:
-        """Update last-seen and the heartbeat of one connection (or, without an id, all)."""
+    ) -> bool:
+        """Update last-seen and the heartbeat of one connection (or, without an id, all).
+
+        True if that connection (without an id: any of the agent's) is still recorded.
+        """
         async with self._transaction() as session:
             await _touch(session, team_id, agent_id, now)
-            await session.execute(
+            touched = await session.execute(
                 """UPDATE agent_connections SET heartbeat_at = $3
                    WHERE team_id = $1 AND agent_id = $2 AND heartbeat_at < $3
                      AND (CAST($4 AS TEXT) IS NULL OR connection_id = CAST($4 AS TEXT))""",
                 team_id, agent_id, now, connection_id,
             )  # fmt: skip
+            if touched:
+                return True
+            # Rare: nothing older than ``now`` to move forward; say whether the row is there.
+            row = await session.fetchrow(
+                """SELECT 1 AS present FROM agent_connections
+                   WHERE team_id = $1 AND agent_id = $2
+                     AND (CAST($3 AS TEXT) IS NULL OR connection_id = CAST($3 AS TEXT))""",
+                team_id, agent_id, connection_id,
+            )  # fmt: skip
+            return row is not None
 
     async def list_agent_connections(self, team_id: str, agent_id: str) -> list[AgentConnection]:
         """The agent's live control connections, oldest first."""

@@ -371,3 +371,107 @@ async def test_pruning_forgets_stale_connections_so_the_agent_shows_offline(stor
     assert await store.prune_expired(NOW + CONNECTION_STALE_AFTER_SECONDS) == 1
     seen = await store.get_agent(team.id, agent.id)
     assert seen is not None and not seen.online and seen.last_seen_at == NOW
+
+
+# ---- a reconnect naming the connection it replaces -----------------------------------------
+
+
+async def test_reconnect_naming_its_earlier_connection_supersedes_it_instead_of_a_clone(
+    store: Store,
+) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k", machine="machine-1")
+    await store.mark_agent_connected(team.id, agent.id, "inst-1", "c-old", "machine-1", NOW)
+    report = await store.mark_agent_connected(
+        team.id, agent.id, "inst-2", "c-new", "machine-1", NOW + 5, replaces="c-old"
+    )
+    assert not report.clone_suspected and report.other_connections == ()
+    assert report.superseded is not None
+    assert (report.superseded.connection_id, report.superseded.instance_id) == ("c-old", "inst-1")
+    [live] = await store.list_agent_connections(team.id, agent.id)
+    assert live.connection_id == "c-new"
+    # The old holder's heartbeat finds its row gone and does not bring it back.
+    assert not await store.touch_agent(team.id, agent.id, NOW + 6, connection_id="c-old")
+    assert await store.touch_agent(team.id, agent.id, NOW + 6, connection_id="c-new")
+    await store.mark_agent_disconnected(team.id, agent.id, "c-old", NOW + 7)
+    [still] = await store.list_agent_connections(team.id, agent.id)
+    assert still.connection_id == "c-new"
+    seen = await store.get_agent(team.id, agent.id)
+    assert seen is not None and seen.online
+
+
+async def test_naming_a_connection_that_is_gone_records_the_new_one_quietly(store: Store) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k", machine="machine-1")
+    report = await store.mark_agent_connected(
+        team.id, agent.id, "inst-1", "c-new", "machine-1", NOW, replaces="c-cleaned-up"
+    )
+    assert not report.clone_suspected and report.superseded is None
+    assert [c.connection_id for c in await store.list_agent_connections(team.id, agent.id)] == [
+        "c-new"
+    ]
+
+
+async def test_a_live_connection_not_named_is_still_reported_as_a_clone(store: Store) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k", machine="machine-1")
+    await store.mark_agent_connected(team.id, agent.id, "inst-1", "c-0", "machine-1", NOW)
+    # Two processes resumed from one memory snapshot both name c-0: the first supersedes it,
+    # the second finds the first's connection, which it did not name.
+    first = await store.mark_agent_connected(
+        team.id, agent.id, "inst-1", "c-1", "machine-1", NOW + 1, replaces="c-0"
+    )
+    second = await store.mark_agent_connected(
+        team.id, agent.id, "inst-2", "c-2", "machine-1", NOW + 2, replaces="c-0"
+    )
+    assert not first.clone_suspected
+    assert second.clone_suspected and second.superseded is None
+    assert [c.connection_id for c in second.other_connections] == ["c-1"]
+
+
+async def test_naming_another_agents_or_teams_connection_removes_nothing(store: Store) -> None:
+    team = await team_with_key(store, "k1")
+    await store.create_registration_key(team.id, key_hash("k2"), [], NOW + HOUR, "op", NOW)
+    other_team = await team_with_key(store, "k3", name="other")
+    agent = await register(store, "k1", name="web", machine="machine-1")
+    neighbour = await register(store, "k2", name="db", machine="machine-1")
+    stranger = await register(store, "k3", name="far", machine="machine-1")
+    await store.mark_agent_connected(team.id, agent.id, "inst-1", "c-mine", "machine-1", NOW)
+    await store.mark_agent_connected(team.id, neighbour.id, "inst-1", "c-nb", "machine-1", NOW)
+    await store.mark_agent_connected(other_team.id, stranger.id, "inst-1", "c-far", "machine-1",
+                                     NOW)  # fmt: skip
+    for named in ("c-nb", "c-far"):
+        report = await store.mark_agent_connected(
+            team.id, agent.id, "inst-2", f"c-via-{named}", "machine-1", NOW + 1, replaces=named
+        )
+        assert report.superseded is None
+        assert report.clone_suspected and "c-mine" in [
+            c.connection_id for c in report.other_connections
+        ]
+    assert len(await store.list_agent_connections(team.id, neighbour.id)) == 1
+    assert len(await store.list_agent_connections(other_team.id, stranger.id)) == 1
+
+
+async def test_named_connection_from_another_machine_is_not_superseded(store: Store) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k", machine="machine-1")
+    await store.mark_agent_connected(team.id, agent.id, "inst-1", "c-old", "machine-1", NOW)
+    report = await store.mark_agent_connected(
+        team.id, agent.id, "inst-1", "c-new", "machine-2", NOW + 1, replaces="c-old"
+    )
+    assert report.superseded is None and report.fingerprint_mismatch
+    assert [c.connection_id for c in report.other_connections] == ["c-old"]
+
+
+async def test_a_heartbeat_says_whether_its_connection_is_still_recorded(store: Store) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k", machine="machine-1")
+    assert not await store.touch_agent(team.id, agent.id, NOW)
+    await store.mark_agent_connected(team.id, agent.id, "inst-1", "c1", "machine-1", NOW)
+    assert await store.touch_agent(team.id, agent.id, NOW, connection_id="c1")  # same instant
+    assert await store.touch_agent(team.id, agent.id, NOW + 1, connection_id="c1")
+    assert await store.touch_agent(team.id, agent.id, NOW + 2)
+    assert not await store.touch_agent(team.id, agent.id, NOW + 3, connection_id="c2")
+    await store.clear_instance_connections("inst-1", NOW + 4)
+    assert not await store.touch_agent(team.id, agent.id, NOW + 5, connection_id="c1")
+    assert await store.list_agent_connections(team.id, agent.id) == []
