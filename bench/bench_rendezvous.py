@@ -58,6 +58,9 @@ LIST_CONNECTIONS_PER_WORKER = 8
 MAX_RESPONSE_HEAD = 16 * 1024
 START_TIMEOUT = 30
 SMALL_TEAM_AGENTS = 10
+# The list is paged (500 agents by default); ask for the largest page, so the 1,000-agent team
+# still comes back whole in one answer, as before paging.
+LIST_PATH = "/v1/agents?limit=1000"
 
 
 def start_server(data_dir: Path, database: str,
@@ -295,7 +298,7 @@ def bench_registrations(url: str, secrets: list[str]) -> tuple[float, list[tuple
 
 
 def _list_worker(url: str, token: str, seconds: float, connections: int, queue: Any) -> None:
-    request = http_request(url, "GET", "/v1/agents", {"Authorization": f"Bearer {token}"}, b"")
+    request = http_request(url, "GET", LIST_PATH, {"Authorization": f"Bearer {token}"}, b"")
     answered = 0
     cpu = time.process_time()
     deadline = time.perf_counter() + seconds

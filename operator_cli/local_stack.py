@@ -54,6 +54,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from operator_cli.agent_listing import agents_named
 from operator_cli.client import ApiError, Session
 from operator_cli.home import CliHome
 from operator_cli.local_ca import LocalCertificates, create_local_certificates
@@ -461,10 +462,10 @@ class LocalStack:
         wanted = agent_name or self.agent_name
         session = Session.from_home(CliHome(home or self.cli_home))
         try:
-            listing = session.request("GET", "/v1/agents")
+            matches = agents_named(session, wanted)
         finally:
             session.close()
-        for entry in listing["agents"]:
+        for entry in matches:
             if wanted in (entry["name"], entry["id"]):
                 return AgentInfo(
                     id=entry["id"], name=entry["name"],

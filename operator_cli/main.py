@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from operator_cli.agent_listing import PAGE_SIZE, AgentFilter, AgentListError, fetch_agents
 from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.home import CliHome, HomeError, Settings, default_home
 from operator_cli.http import ResponseTooLargeError, TransportError
@@ -113,8 +114,24 @@ def build_parser() -> argparse.ArgumentParser:
     revoke.add_argument("key_id", metavar="ID")
     revoke.set_defaults(handler=_keys_revoke)
 
-    agents = commands.add_parser("agents", help="list your team's agents (or: agents trust)")
-    agents.add_argument("--json", action="store_true", help="print JSON")
+    agents = commands.add_parser(
+        "agents",
+        help="list your team's agents (or: agents trust)",
+        description="List your team's agents (all of them: page after page), by name.",
+    )
+    agents.add_argument("--json", action="store_true", help="print JSON (one document)")
+    agents.add_argument("--tag", action="append", default=[], metavar="TAG",
+                        help="only agents carrying TAG (repeat: carrying all of them)")
+    state = agents.add_mutually_exclusive_group()
+    state.add_argument("--online", dest="online", action="store_const", const=True,
+                       help="only online agents")
+    state.add_argument("--offline", dest="online", action="store_const", const=False,
+                       help="only offline agents")
+    agents.add_argument("--name", metavar="PREFIX", help="only agents whose name starts so")
+    agents.add_argument("--limit", type=_positive_count, metavar="N",
+                        help="stop after N agents (default: list them all)")
+    agents.add_argument("--page-size", type=_page_size, default=PAGE_SIZE, metavar="N",
+                        help=f"agents per request (at most {PAGE_SIZE}, the default)")
     agents.set_defaults(handler=_agents)
     agents_commands = agents.add_subparsers(dest="agents_command", metavar="ACTION")
     trust = agents_commands.add_parser(
@@ -375,17 +392,31 @@ def _keys_revoke(args: argparse.Namespace, home: CliHome) -> int:
     return EXIT_OK
 
 
+def _positive_count(text: str) -> int:
+    if not text.isascii() or not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
+def _page_size(text: str) -> int:
+    size = _positive_count(text)
+    if size > PAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"{text!r} is more than the service's {PAGE_SIZE}")
+    return size
+
+
 def _agents(args: argparse.Namespace, home: CliHome) -> int:
+    filters = AgentFilter(tags=tuple(args.tag), online=args.online, name_prefix=args.name)
     session = Session.from_home(home)
     try:
-        listing = session.request("GET", "/v1/agents")
+        listing = fetch_agents(session, filters, limit=args.limit, page_size=args.page_size)
     finally:
         session.close()
-    agents = listing["agents"]
+    agents = listing.agents
     if args.json:
         print(json.dumps(agents, indent=2))
         return EXIT_OK
-    team_version = listing.get("policy_version")
+    team_version = listing.policy_version
     print(f"{'NAME':<24} {'ID':<24} {'STATE':<8} {'LAST SEEN':<21} {'TAGS':<16} "
           f"{'POLICY':<12} KEY")
     for agent in agents:
@@ -399,6 +430,8 @@ def _agents(args: argparse.Namespace, home: CliHome) -> int:
         )
     if isinstance(team_version, int):
         print(f"team policy version: {team_version or 'none signed'}")
+    if listing.more:
+        print(f"(stopped after {len(agents)} agents: --limit)")
     return EXIT_OK
 
 
@@ -481,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(args, f"the server refused: {error.message} ({error.code})")
     except TransportError as error:
         _report(args, f"cannot reach the server ({error.reason}); check --server and --ca-file")
-    except (HomeError, ProtocolError, OSError, ResponseTooLargeError) as error:
+    except (HomeError, ProtocolError, OSError, ResponseTooLargeError, AgentListError) as error:
         _report(args, str(error))
     except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
         _report(args, f"unexpected {type(error).__name__}; rerun with --debug for details")

@@ -18,6 +18,7 @@ from urllib.parse import quote
 
 import trio
 
+from operator_cli.agent_listing import AgentListError, agents_named
 from operator_cli.approval_wait import Parked, SessionAsk, obtain_ticket
 from operator_cli.client import ApiError, Session
 from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
@@ -251,13 +252,13 @@ def agents_trust(
 def _find_listed_agent(home: CliHome, agent: str) -> dict[str, Any]:
     api = Session.from_home(home)
     try:
-        listing = api.request("GET", "/v1/agents")
+        matches = agents_named(api, agent)
+    except AgentListError as error:
+        raise SessionError(str(error)) from None
     finally:
         api.close()
-    matches = [entry for entry in listing["agents"] if agent in (entry["id"], entry["name"])]
-    by_id = [entry for entry in matches if entry["id"] == agent]
-    if by_id:
-        return dict(by_id[0])
+    if matches and matches[0]["id"] == agent:
+        return dict(matches[0])
     if len(matches) == 1:
         return dict(matches[0])
     if not matches:

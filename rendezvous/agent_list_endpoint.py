@@ -59,10 +59,10 @@ class AgentListEndpoint:
 
     async def _agent_list(self, request: Request) -> Response:
         try:
-            caller, listing = await authenticate_reading_agents(
-                self.ctx, await request_facts(request)
+            caller, query, listing = await authenticate_reading_agents(
+                self.ctx, await request_facts(request), request.scope.get("query_string", b"")
             )
-            agents = await team_agent_list(self.ctx, caller, listing)
+            agents = await team_agent_list(self.ctx, caller, query, listing)
         except ServiceError as error:
             return service_error_response(error)
         except StoreError as error:

@@ -18,10 +18,11 @@ from protocol.errors import PayloadError, TokenError
 from protocol.identity import b64url
 from protocol.request_proof import PROOF_HEADER, verify_proof
 from protocol.tokens import ACCESS_TOKEN_TYPE, issue_token
+from rendezvous.agent_list_query import InvalidAgentListQuery, MalformedCursor, agent_query
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import API_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.errors import Forbidden, Unauthorized
-from rendezvous.store import AgentListing, Operator
+from rendezvous.store import AgentListing, AgentQuery, Operator
 
 TOKEN_ID_BYTES = 16
 PROOF_NONCE_SCOPE = "request-proof"
@@ -121,29 +122,39 @@ def issue_access_token(ctx: ServiceContext, operator: Operator, now: float) -> I
 
 async def authenticate(ctx: ServiceContext, facts: RequestFacts) -> Principal:
     """Check the caller's credentials (and proof when required); raise Unauthorized if bad."""
-    principal, _ = await _authenticate(ctx, facts, read_agent_listing=False)
+    principal, _ = await _authenticate(ctx, facts, None)
     return principal
 
 
 async def authenticate_reading_agents(
-    ctx: ServiceContext, facts: RequestFacts
-) -> tuple[Principal, AgentListing | None]:
-    """``authenticate``, and the caller's team's agent listing when it came with the credential.
+    ctx: ServiceContext, facts: RequestFacts, query_string: bytes
+) -> tuple[Principal, AgentQuery, AgentListing | None]:
+    """``authenticate``, the page and filters ``query_string`` asks for, and that page of the
+    caller's team's agents when it came with the credential.
 
-    An access token's revocation and holder are read by the same store query as the listing
-    (one round trip for a list request); an API key's row is read on its own and the listing is
-    then None. Authorization is still the caller's to check.
+    An access token's revocation and holder are read by the same store query as the page (one
+    round trip for a list request); an API key's row is read on its own and the listing is then
+    None. Authorization is still the caller's to check, except that a query out of bounds is
+    refused only once the caller has proved it may list agents (401 and 403 come first).
     """
-    return await _authenticate(ctx, facts, read_agent_listing=True)
+    try:
+        query = agent_query(query_string)
+    except (InvalidAgentListQuery, MalformedCursor):
+        principal, _ = await _authenticate(ctx, facts, None)
+        authorize(principal, Permission.AGENTS_READ)
+        ctx.metrics.rejected_inputs.labels("invalid").inc()
+        raise
+    principal, listing = await _authenticate(ctx, facts, query)
+    return principal, query, listing
 
 
 async def _authenticate(
-    ctx: ServiceContext, facts: RequestFacts, read_agent_listing: bool
+    ctx: ServiceContext, facts: RequestFacts, listing_query: AgentQuery | None
 ) -> tuple[Principal, AgentListing | None]:
     credential = _bearer(facts.authorization)
     if has_shape(credential, API_KEY_PREFIX):
         return await _authenticate_api_key(ctx, credential), None
-    return await _authenticate_access_token(ctx, credential, facts, read_agent_listing)
+    return await _authenticate_access_token(ctx, credential, facts, listing_query)
 
 
 def authorize(principal: Principal, permission: Permission) -> None:
@@ -185,7 +196,7 @@ async def _authenticate_api_key(ctx: ServiceContext, credential: str) -> Princip
 
 
 async def _authenticate_access_token(
-    ctx: ServiceContext, token: str, facts: RequestFacts, read_agent_listing: bool
+    ctx: ServiceContext, token: str, facts: RequestFacts, listing_query: AgentQuery | None
 ) -> tuple[Principal, AgentListing | None]:
     now = ctx.now()
     try:
@@ -211,9 +222,11 @@ async def _authenticate_access_token(
     assert isinstance(team_id, str) and isinstance(subject, str) and isinstance(jti, str)
     assert isinstance(jkt, str) and isinstance(role, str)
     listing: AgentListing | None = None
-    if read_agent_listing:
+    if listing_query is not None:
         # Read along with the checks below and handed out only once they all pass.
-        holder, listing = await ctx.store.token_holder_and_agent_listing(team_id, subject, jti)
+        holder, listing = await ctx.store.token_holder_and_agent_listing(
+            team_id, subject, jti, listing_query
+        )
     else:
         holder = await ctx.store.token_holder(team_id, subject, jti)
     if holder.token_revoked:

@@ -11,7 +11,7 @@ from protocol.request_proof import PROOF_HEADER
 from rendezvous.auth import Principal, RequestFacts, authenticate, authenticate_reading_agents
 from rendezvous.context import ServiceContext
 from rendezvous.errors import TooManyRequests
-from rendezvous.store import AgentListing
+from rendezvous.store import AgentListing, AgentQuery
 
 
 async def service_context(request: Request) -> ServiceContext:
@@ -48,9 +48,11 @@ async def current_principal(
 
 async def current_principal_reading_agents(
     request: Request, ctx: Annotated[ServiceContext, Depends(service_context)]
-) -> tuple[Principal, AgentListing | None]:
-    """``current_principal``, plus the team's agent listing when read with the credential."""
-    return await authenticate_reading_agents(ctx, await request_facts(request))
+) -> tuple[Principal, AgentQuery, AgentListing | None]:
+    """``current_principal``, the agent list's query, and its page when read with the
+    credential."""
+    query_string: bytes = request.scope.get("query_string", b"")
+    return await authenticate_reading_agents(ctx, await request_facts(request), query_string)
 
 
 async def limit_unauthenticated(
@@ -74,5 +76,5 @@ Context = Annotated[ServiceContext, Depends(service_context)]
 RateLimited = Depends(limit_unauthenticated)
 Caller = Annotated[Principal, Depends(current_principal)]
 CallerReadingAgents = Annotated[
-    tuple[Principal, AgentListing | None], Depends(current_principal_reading_agents)
+    tuple[Principal, AgentQuery, AgentListing | None], Depends(current_principal_reading_agents)
 ]

@@ -13,6 +13,11 @@ from protocol.domains import Purpose
 from protocol.errors import ProtocolError, ReplayError
 from protocol.identity import PublicIdentity, b64url, b64url_decode
 from protocol.signed_payload import unverified_fields
+from rendezvous.agent_list_query import (
+    DEFAULT_AGENTS_PER_PAGE,
+    MAX_AGENTS_PER_PAGE,
+    encode_cursor,
+)
 from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthenticated_actor
 from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
@@ -20,7 +25,7 @@ from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secr
 from rendezvous.dependencies import CallerReadingAgents, Context, RateLimited
 from rendezvous.errors import BadRequest, Conflict, Unauthorized
 from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
-from rendezvous.store import AgentListing, AlreadyExists, RegistrationKeyUnusable
+from rendezvous.store import AgentListing, AgentQuery, AlreadyExists, RegistrationKeyUnusable
 from rendezvous.team_policy import enrollment_trust
 
 router = APIRouter(tags=["agents"])
@@ -110,15 +115,46 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
     )
 
 
-@router.get(AGENT_LIST_PATH, response_model=AgentList)
+def _query_parameter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}  # fmt: skip
+
+
+# The query is parsed by ``agent_list_query`` (the same code on both paths), not by FastAPI:
+# these only document it.
+_AGENT_LIST_PARAMETERS = [
+    _query_parameter(
+        "limit", "agents per page",
+        {"type": "integer", "minimum": 1, "maximum": MAX_AGENTS_PER_PAGE,
+         "default": DEFAULT_AGENTS_PER_PAGE},
+    ),
+    _query_parameter(
+        "after", "the next_after of the previous page (opaque)", {"type": "string"}
+    ),
+    _query_parameter(
+        "tag", "only agents carrying this tag (repeat: all of them)",
+        {"type": "array", "items": {"type": "string"}},
+    ),
+    _query_parameter("online", "only online (true) or offline (false) agents",
+                     {"type": "boolean"}),
+    _query_parameter("name", "only agents whose name starts with this", {"type": "string"}),
+]  # fmt: skip
+
+
+@router.get(
+    AGENT_LIST_PATH,
+    response_model=AgentList,
+    openapi_extra={"parameters": _AGENT_LIST_PARAMETERS},
+)
 async def list_agents(caller_reading_agents: CallerReadingAgents, ctx: Context) -> AgentList:
-    """The caller's team's agents (the team comes from the verified credential only).
+    """A page of the caller's team's agents in (name, id) order, filtered by the query (the
+    team comes from the verified credential only).
 
     A running service answers this request in ``rendezvous.agent_list_endpoint``, without
     FastAPI's routing; both call ``team_agent_list``.
     """
-    caller, listing = caller_reading_agents
-    return await team_agent_list(ctx, caller, listing)
+    caller, query, listing = caller_reading_agents
+    return await team_agent_list(ctx, caller, query, listing)
 
 
 def agent_list_route() -> APIRoute:
@@ -130,14 +166,16 @@ def agent_list_route() -> APIRoute:
 
 
 async def team_agent_list(
-    ctx: ServiceContext, caller: Principal, listing: AgentListing | None
+    ctx: ServiceContext, caller: Principal, query: AgentQuery, listing: AgentListing | None
 ) -> AgentList:
-    """The agent list ``caller`` may read: refused without the permission; ``listing`` is the
-    one read with the credential (None: read it now)."""
+    """The page of the agent list ``caller`` may read: refused without the permission;
+    ``listing`` is the one read with the credential for ``query`` (None: read it now)."""
     authorize(caller, Permission.AGENTS_READ)
     if listing is None:
-        listing = await ctx.store.agent_listing(caller.team_id)
+        listing = await ctx.store.agent_listing(caller.team_id, query)
+    last = listing.agents[-1] if listing.more and listing.agents else None
     return AgentList(
+        next_after=encode_cursor(last.name, last.id) if last is not None else None,
         policy_version=listing.policy_version,
         agents=[
             AgentView(

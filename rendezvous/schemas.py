@@ -151,10 +151,12 @@ class AgentView(BaseModel):
 
 
 class AgentList(BaseModel):
-    """The caller's team's agents, and the team's current policy version (0: none signed)."""
+    """A page of the caller's team's agents, the team's current policy version (0: none
+    signed), and the cursor of the next page (None: this is the last one)."""
 
     agents: list[AgentView]
     policy_version: int = 0
+    next_after: str | None = None  # pass as ?after= for the page after this one
 
 
 class RegisterResponse(BaseModel):

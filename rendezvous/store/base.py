@@ -252,11 +252,32 @@ class Agent:
 
 
 @dataclass(frozen=True)
+class AgentQuery:
+    """Which of a team's agents to list: those after ``after`` in (name, id) order, at most
+    ``limit`` of them (None: no limit), carrying every one of ``tags``, online or offline as
+    ``online`` says (None: both), named with the prefix ``name_prefix`` (None: any name)."""
+
+    limit: int | None = None
+    after: tuple[str, str] | None = None  # the (name, id) of the last agent already listed
+    tags: tuple[str, ...] = ()
+    online: bool | None = None
+    name_prefix: str | None = None
+
+
+EVERY_AGENT = AgentQuery()
+
+
+@dataclass(frozen=True)
 class AgentListing:
-    """A team's agents and the version of its newest policy bundle (0 without one)."""
+    """A team's agents and the version of its newest policy bundle (0 without one).
+
+    ``more`` is True when agents past the last one listed match the query too (the page was cut
+    at its limit).
+    """
 
     policy_version: int
     agents: list[Agent]
+    more: bool = False
 
 
 @dataclass(frozen=True)
@@ -512,9 +533,9 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def token_holder_and_agent_listing(
-        self, team_id: str, operator_id: str, jti: str
+        self, team_id: str, operator_id: str, jti: str, query: AgentQuery = EVERY_AGENT
     ) -> tuple[TokenHolder, AgentListing]:
-        """``token_holder`` and ``agent_listing(team_id)`` in one query (an operator's list).
+        """``token_holder`` and ``agent_listing(team_id, query)`` in one query (an operator's list).
 
         The caller must not use the listing unless the holder passes authentication.
         """
@@ -620,8 +641,9 @@ class Store(abc.ABC):
         """The team's agents, ordered by name then id."""
 
     @abc.abstractmethod
-    async def agent_listing(self, team_id: str) -> AgentListing:
-        """The team's agents (as ``list_agents``) and its newest policy version, in one query."""
+    async def agent_listing(self, team_id: str, query: AgentQuery = EVERY_AGENT) -> AgentListing:
+        """The team's agents ``query`` selects, ordered by name then id, and its newest policy
+        version, in one query. InvalidArgument if the query is out of bounds."""
 
     @abc.abstractmethod
     async def mark_agent_connected(

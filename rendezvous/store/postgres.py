@@ -119,6 +119,8 @@ class PostgresStore(SqlStore):
 
     backend = "postgres"
     notifications_supported = True
+    # JSON containment: the agent's tags (a JSON array) hold every tag of the JSON parameter.
+    _agent_carries_tags = "CAST(a.tags AS jsonb) @> CAST(CAST({tags} AS TEXT) AS jsonb)"
 
     def __init__(self, pool: asyncpg.Pool, bridge: _Bridge) -> None:
         super().__init__()

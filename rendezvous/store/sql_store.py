@@ -12,6 +12,8 @@ we read the row again to say why.
 from __future__ import annotations
 
 import abc
+import functools
+import itertools
 import json
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -22,6 +24,7 @@ from audit.errors import StoreError as AuditStoreError
 from audit.store import AuditStore, StoredCheckpoint, StoredRecord
 from rendezvous.store.base import (
     CONNECTION_STALE_AFTER_SECONDS,
+    EVERY_AGENT,
     MAX_NAME_LENGTH,
     MAX_SCOPES,
     MAX_TAGS,
@@ -29,6 +32,7 @@ from rendezvous.store.base import (
     Agent,
     AgentConnection,
     AgentListing,
+    AgentQuery,
     AlreadyExists,
     AmbiguousName,
     ApiKey,
@@ -57,12 +61,15 @@ from rendezvous.store.base import (
 
 Row = Mapping[str, Any]
 
+# Whether an agent (``a``) has a live control connection.
+_AGENT_ONLINE = """EXISTS (SELECT 1 FROM agent_connections c
+            WHERE c.team_id = a.team_id AND c.agent_id = a.id)"""
+
 # A constant column list spliced into the agent queries (never user input; values are $n).
-_AGENT_COLUMNS = """a.id, a.team_id, a.name, a.hostname, a.tags, a.public_key, a.key_fingerprint,
+_AGENT_COLUMNS = f"""a.id, a.team_id, a.name, a.hostname, a.tags, a.public_key, a.key_fingerprint,
     a.machine_fingerprint, a.registration_key_id, a.registered_at, a.last_seen_at,
     a.policy_version, a.policy_refusal,
-    EXISTS (SELECT 1 FROM agent_connections c
-            WHERE c.team_id = a.team_id AND c.agent_id = a.id) AS online"""
+    {_AGENT_ONLINE} AS online"""
 
 # The operator an access token names ($1 team, $2 operator id; its columns prefixed ``holder_``,
 # all NULL when the team has no such operator) and whether its id $3 is revoked: one row.
@@ -74,13 +81,90 @@ _HOLDER_QUERY = """SELECT o.id AS holder_id, o.team_id AS holder_team_id,
     FROM (SELECT 1 AS one) t
     LEFT JOIN operators o ON o.team_id = $1 AND o.id = $2"""
 
-# Team $1's agents beside its newest policy version, unordered (callers order by name, id). The
-# one-row policy side always yields a row, so a team without agents still reports its version
-# (with the agent columns NULL).
-_AGENT_LISTING_QUERY = f"""SELECT p.team_policy_version, {_AGENT_COLUMNS}
-    FROM (SELECT MAX(version) AS team_policy_version FROM policy_bundles
-          WHERE team_id = $1) p
-    LEFT JOIN agents a ON a.team_id = $1"""  # noqa: S608
+
+
+@functools.lru_cache(maxsize=128)
+def _agent_listing_sql(
+    *,
+    with_holder: bool,
+    after: bool,
+    name_prefix: bool,
+    online: bool | None,
+    tags: bool,
+    limit: bool,
+    carries_tags: str,
+) -> str:
+    """The statement listing team $1's agents in (name, id) order beside its newest policy
+    version, with the holder's columns of ``_HOLDER_QUERY`` ($2, $3) first when ``with_holder``.
+
+    Only the conditions asked for are written, so each shape has a plain plan: the (team_id,
+    name, id) index read from the cursor on, in order, until the limit. Their values are the
+    next parameters, in the order of the arguments here. The filters sit in the join condition:
+    the one-row policy side always yields a row, so a team (or a filter) without agents still
+    reports the version, with the agent columns NULL. (Choosing the page in a subquery of its
+    own, then joining it, costs a second materialization and sort: ~15% more SQL time for a
+    whole 1,000-agent page on SQLite.)
+    """
+    numbers = itertools.count(4 if with_holder else 2)
+    conditions = ["a.team_id = $1"]
+    if after:
+        name, agent_id = next(numbers), next(numbers)
+        # The name bound alone is an index range; the id breaks ties between equal names.
+        conditions.append(f"a.name >= ${name} AND (a.name > ${name} OR a.id > ${agent_id})")
+    if name_prefix:
+        prefix = f"CAST(${next(numbers)} AS TEXT)"
+        # Not LIKE: no wildcards to escape, and the same answer under any collation.
+        conditions.append(f"substr(a.name, 1, length({prefix})) = {prefix}")
+    if online is not None:
+        conditions.append(_AGENT_ONLINE if online else f"NOT {_AGENT_ONLINE}")
+    if tags:
+        conditions.append(carries_tags.format(tags=f"${next(numbers)}"))
+    listing = f"""SELECT p.team_policy_version, {_AGENT_COLUMNS}
+        FROM (SELECT MAX(version) AS team_policy_version FROM policy_bundles
+              WHERE team_id = $1) p
+        LEFT JOIN agents a ON {" AND ".join(conditions)}"""  # noqa: S608
+    if with_holder:
+        # Both sides always yield at least one row, so the product does too; the holder's
+        # columns repeat on every row.
+        sql = f"SELECT h.*, l.* FROM ({_HOLDER_QUERY}) h CROSS JOIN ({listing}) l"  # noqa: S608
+    else:
+        sql = f"SELECT l.* FROM ({listing}) l"  # noqa: S608
+    sql += " ORDER BY l.name, l.id"
+    if limit:
+        sql += f" LIMIT ${next(numbers)}"
+    return sql
+
+
+def _agent_listing_statement(
+    query: AgentQuery, *, with_holder: bool, carries_tags: str
+) -> tuple[str, list[Any]]:
+    """``_agent_listing_sql`` for ``query`` and the values of its query parameters (one row
+    more than the limit: whether it comes back says if more agents follow)."""
+    values: list[Any] = []
+    if query.after is not None:
+        after_name, after_id = query.after
+        _check_text("listing position name", after_name, MAX_NAME_LENGTH)
+        _check_text("listing position id", after_id, MAX_NAME_LENGTH)
+        values += [after_name, after_id]
+    if query.name_prefix is not None:
+        _check_text("name prefix", query.name_prefix, MAX_NAME_LENGTH)
+        values.append(query.name_prefix)
+    if query.tags:
+        values.append(json.dumps(list(_check_labels("tags", query.tags, MAX_TAGS))))
+    if query.limit is not None:
+        if type(query.limit) is not int or query.limit < 1:
+            raise InvalidArgument("a listing limit must be a whole number of at least 1")
+        values.append(query.limit + 1)
+    sql = _agent_listing_sql(
+        with_holder=with_holder,
+        after=query.after is not None,
+        name_prefix=query.name_prefix is not None,
+        online=query.online,
+        tags=bool(query.tags),
+        limit=query.limit is not None,
+        carries_tags=carries_tags,
+    )
+    return sql, values
 
 
 class SqlSession(abc.ABC):
@@ -121,6 +205,10 @@ class SqlStore(Store):
 
     # A SQL condition true while no writer holds the team's audit turn ($1 is the team id).
     _audit_turn_free = "TRUE"
+
+    # A SQL condition true when agent ``a`` carries every tag of the JSON array {tags} (a
+    # parameter): each backend reads JSON its own way.
+    _agent_carries_tags: str
 
     def _audit_writer_turn(self, team_id: str) -> AbstractAsyncContextManager[SqlSession]:
         """A write transaction holding the team log's writer turn: other writers of that log, in
@@ -377,20 +465,16 @@ class SqlStore(Store):
         return _token_holder(row)
 
     async def token_holder_and_agent_listing(
-        self, team_id: str, operator_id: str, jti: str
+        self, team_id: str, operator_id: str, jti: str, query: AgentQuery = EVERY_AGENT
     ) -> tuple[TokenHolder, AgentListing]:
-        """``token_holder`` and ``agent_listing(team_id)`` answered by one query."""
-        # Both sides always yield at least one row, so the product does too; the holder's
-        # columns repeat on every row.
-        rows = await self._read_fetch(
-            f"""SELECT h.*, l.* FROM ({_HOLDER_QUERY}) h
-                CROSS JOIN ({_AGENT_LISTING_QUERY}) l
-                ORDER BY l.name, l.id""",  # noqa: S608
-            team_id, operator_id, jti,
-        )  # fmt: skip
+        """``token_holder`` and ``agent_listing(team_id, query)`` answered by one query."""
+        sql, values = _agent_listing_statement(
+            query, with_holder=True, carries_tags=self._agent_carries_tags
+        )
+        rows = await self._read_fetch(sql, team_id, operator_id, jti, *values)
         if not rows:
             raise StoreError("the token holder query returned no row")
-        return _token_holder(rows[0]), _agent_listing(rows)
+        return _token_holder(rows[0]), _agent_listing(rows, query.limit)
 
     async def remember_nonce(self, scope: str, nonce: str, expires_at: float, now: float) -> bool:
         """Atomically record ``(scope, nonce)``; False if it is already remembered and unexpired."""
@@ -631,13 +715,13 @@ class SqlStore(Store):
         )
         return [_agent(row) for row in rows]
 
-    async def agent_listing(self, team_id: str) -> AgentListing:
-        """The team's agents (as ``list_agents``) and its newest policy version, in one query."""
-        rows = await self._read_fetch(
-            f"SELECT l.* FROM ({_AGENT_LISTING_QUERY}) l ORDER BY l.name, l.id",  # noqa: S608
-            team_id,
+    async def agent_listing(self, team_id: str, query: AgentQuery = EVERY_AGENT) -> AgentListing:
+        """The team's agents ``query`` selects, ordered by name then id, and its newest policy
+        version, in one query."""
+        sql, values = _agent_listing_statement(
+            query, with_holder=False, carries_tags=self._agent_carries_tags
         )
-        return _agent_listing(rows)
+        return _agent_listing(await self._read_fetch(sql, team_id, *values), query.limit)
 
     async def mark_agent_connected(
         self,
@@ -1190,11 +1274,14 @@ def _token_holder(row: Row) -> TokenHolder:
     return TokenHolder(operator=operator, token_revoked=bool(row["token_revoked"]))
 
 
-def _agent_listing(rows: Sequence[Row]) -> AgentListing:
-    """The ordered rows of ``_AGENT_LISTING_QUERY`` (or of one that includes its columns)."""
+def _agent_listing(rows: Sequence[Row], limit: int | None) -> AgentListing:
+    """The ordered rows of ``_agent_listing_sql`` (asked for ``limit`` + 1 rows when limited)."""
     version = rows[0]["team_policy_version"] if rows else None
     agents = [_agent(row) for row in rows if row["id"] is not None]
-    return AgentListing(policy_version=int(version or 0), agents=agents)
+    more = limit is not None and len(agents) > limit
+    if more:
+        del agents[limit:]
+    return AgentListing(policy_version=int(version or 0), agents=agents, more=more)
 
 
 def _api_key(row: Row) -> ApiKey:

@@ -116,6 +116,9 @@ class SqliteStore(SqlStore):
     """The store on one SQLite file. Open it with ``open_sqlite_store``."""
 
     backend = "sqlite"
+    # No wanted tag (of the JSON parameter) is missing from the agent's tags (a JSON array).
+    _agent_carries_tags = """NOT EXISTS (SELECT 1 FROM json_each({tags}) wanted
+        WHERE wanted.value NOT IN (SELECT carried.value FROM json_each(a.tags) carried))"""
 
     def __init__(
         self, connection: sqlite3.Connection, path: str, reader: sqlite3.Connection

@@ -185,3 +185,145 @@ async def test_agent_list_requests_are_counted_under_their_route(service: Servic
         exposition
     )
     assert 'tucdesk_auth_failures_total{reason="invalid_token"} 1.0' in exposition
+
+
+# ---- pages and filters ----------------------------------------------------------------------
+
+
+async def _pages(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient, token: str, query: str
+) -> list[dict]:
+    """Every page of the list for ``query`` (both paths must agree on each), followed by cursor."""
+    agents: list[dict] = []
+    after = ""
+    for _ in range(50):
+        answer = await _same_answer(
+            service, fastapi_only, "GET", f"/v1/agents?{query}{after}", _bearer(token)
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        agents += body["agents"]
+        if body["next_after"] is None:
+            return agents
+        after = f"&after={body['next_after']}"
+    raise AssertionError("the list did not end")
+
+
+async def test_pages_cover_every_agent_once_in_order_on_both_paths(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient
+) -> None:
+    _, admin = await _team_with_agents(service, count=5)
+    whole = await _same_answer(service, fastapi_only, "GET", "/v1/agents", _bearer(admin.token))
+    assert whole.json()["next_after"] is None
+    everyone = whole.json()["agents"]
+    assert [agent["name"] for agent in everyone] == [f"web-{index}" for index in range(5)]
+    for limit in (1, 2, 4, 5, 1000):
+        assert await _pages(service, fastapi_only, admin.token, f"limit={limit}") == everyone
+    first = (await service.http.get("/v1/agents?limit=2", headers=_bearer(admin.token))).json()
+    assert [agent["name"] for agent in first["agents"]] == ["web-0", "web-1"]
+    assert isinstance(first["next_after"], str) and "web" not in first["next_after"]  # opaque
+
+
+async def test_filters_by_tag_online_state_and_name_prefix_on_both_paths(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient
+) -> None:
+    _, admin = await _team_with_agents(service, count=4)  # tags web and n0..n3
+
+    async def names(query: str) -> list[str]:
+        return [agent["name"] for agent in await _pages(service, fastapi_only, admin.token,
+                                                         f"limit=1&{query}")]
+
+    assert await names("tag=web") == ["web-0", "web-1", "web-2", "web-3"]
+    assert await names("tag=web&tag=n2") == ["web-2"]
+    assert await names("tag=n1&tag=n2") == []
+    assert await names("online=false") == ["web-0", "web-1", "web-2", "web-3"]
+    assert await names("online=true") == []
+    assert await names("name=web-3") == ["web-3"]
+    assert await names("name=web-&tag=n0&online=false") == ["web-0"]
+    assert await names("name=db") == []
+
+
+@pytest.mark.parametrize(
+    ("query", "status", "field"),
+    [
+        ("limit=0", 422, "limit"),
+        ("limit=1001", 422, "limit"),
+        ("limit=ten", 422, "limit"),
+        ("limit=%2B5", 422, "limit"),
+        ("limit=", 422, "limit"),
+        ("limit=1&limit=2", 422, "limit"),
+        ("online=yes", 422, "online"),
+        ("name=", 422, "name"),
+        ("tag=", 422, "tag"),
+        ("tag=" + "t" * 65, 422, "tag"),
+        ("name=%FF", 422, "query"),
+        ("after=", 400, "after"),
+        ("after=not-a-cursor!", 400, "after"),
+        ("after=WyJ3ZWIiXQ", 400, "after"),  # base64url of ["web"]: one part, not two
+        ("after=eyJuYW1lIjoid2ViIn0", 400, "after"),  # {"name":"web"}
+        ("after=WyJ3ZWIiLCAiYWd0X3giXQ", 400, "after"),  # ["web", "agt_x"]: not as issued
+        ("after=" + "A" * 20000, 400, "after"),
+    ],
+)
+async def test_a_query_out_of_bounds_is_refused_clearly_on_both_paths(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient, query: str, status: int,
+    field: str,
+) -> None:
+    _, admin = await _team_with_agents(service, count=1)
+    answer = await _same_answer(
+        service, fastapi_only, "GET", f"/v1/agents?{query}", _bearer(admin.token)
+    )
+    assert answer.status_code == status, answer.text
+    body = answer.json()
+    assert body["error"] == ("invalid_request" if status == 422 else "bad_request")
+    assert body["message"].startswith(f"{field}:"), body
+    exposition = (await service.http.get("/metrics")).text
+    assert 'tucdesk_rejected_inputs_total{reason="invalid"} 2.0' in exposition
+
+
+async def test_a_bad_query_is_refused_only_after_the_credential_and_the_permission(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient
+) -> None:
+    _, admin = await _team_with_agents(service, count=1)
+    audit_only = await service.call(
+        admin, "POST", "/v1/api-keys", {"name": "ci", "scopes": ["audit:read"]}
+    )
+    for headers, status in (
+        (None, 401),
+        (_bearer("not-a-token"), 401),
+        (_bearer(audit_only.json()["key"]), 403),
+    ):
+        answer = await _same_answer(
+            service, fastapi_only, "GET", "/v1/agents?limit=0&after=x", headers
+        )
+        assert answer.status_code == status, answer.text
+
+
+async def test_a_cursor_from_another_team_shows_nothing_of_that_team(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient
+) -> None:
+    _, admin_a = await _team_with_agents(service, count=3)
+    team_b = await service.team("other")
+    admin_b = await service.operator(team_b)
+    key_b = await service.registration_key(admin_b)
+    # Sorts after team A's cursor position: that position is all a cursor carries.
+    await service.register(SigningIdentity.generate(), key_b["key"], hostname="z-1", machine="b")
+    page_a = (await service.http.get("/v1/agents?limit=1", headers=_bearer(admin_a.token))).json()
+    assert page_a["next_after"] is not None
+    answer = await _same_answer(
+        service, fastapi_only, "GET", f"/v1/agents?after={page_a['next_after']}",
+        _bearer(admin_b.token),
+    )
+    assert [agent["name"] for agent in answer.json()["agents"]] == ["z-1"]
+
+
+async def test_an_api_key_pages_the_list_as_a_token_does(
+    service: ServiceHarness, fastapi_only: httpx.AsyncClient
+) -> None:
+    _, admin = await _team_with_agents(service, count=3)
+    created = await service.call(
+        admin, "POST", "/v1/api-keys", {"name": "ci", "scopes": ["agents:read"]}
+    )
+    by_key = await _pages(service, fastapi_only, created.json()["key"], "limit=2")
+    assert by_key == await _pages(service, fastapi_only, admin.token, "limit=2")
+    assert len(by_key) == 3

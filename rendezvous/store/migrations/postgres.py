@@ -232,5 +232,19 @@ AGENT_EVENTS_ONCE = Migration(
     ),
 )
 
-MIGRATIONS: tuple[Migration, ...] = (INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE)
+AGENT_LIST_ORDER = Migration(
+    5,
+    "agents indexed in the agent list's (name, id) order",
+    (
+        # GET /v1/agents pages a team's agents by the keyset (name, id): with the id in the
+        # index, a page is read in order from its cursor on instead of sorting the rest of the
+        # team. It serves every lookup the (team_id, name) index did, which it replaces.
+        "DROP INDEX agents_team_name",
+        "CREATE INDEX agents_team_name_id ON agents(team_id, name, id)",
+    ),
+)
+
+MIGRATIONS: tuple[Migration, ...] = (
+    INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER
+)
 check_sequence(MIGRATIONS)

@@ -1,0 +1,128 @@
+"""The query string of ``GET /v1/agents``: a page (``limit``, ``after``) and filters (``tag``,
+``online``, ``name``), and the opaque cursor that ``next_after`` hands out.
+
+A cursor is the base64url of the JSON ``[name, id]`` of the last agent listed: the position in
+the list's (name, id) order, nothing more. The team always comes from the credential, so a
+cursor made up, or issued to another team, only positions the caller inside its own team.
+"""
+
+from __future__ import annotations
+
+import json
+from urllib.parse import parse_qsl
+
+from protocol.errors import ProtocolError
+from protocol.identity import b64url, b64url_decode
+from rendezvous.errors import BadRequest, ServiceError
+from rendezvous.schemas import MAX_TAG_LENGTH, MAX_TAGS
+from rendezvous.store import AgentQuery
+
+DEFAULT_AGENTS_PER_PAGE = 500
+MAX_AGENTS_PER_PAGE = 1000
+MAX_NAME_PREFIX_LENGTH = 255
+MAX_CURSOR_FIELD_LENGTH = 255
+MAX_CURSOR_BYTES = 2 * MAX_CURSOR_FIELD_LENGTH * 12 + 16  # JSON writes a character in <= 12 bytes
+MAX_QUERY_FIELDS = MAX_TAGS + 8
+_SINGLE_VALUED = ("limit", "after", "online", "name")
+
+
+class InvalidAgentListQuery(ServiceError):
+    """A query parameter is out of bounds: refused as the service refuses any invalid input."""
+
+    status = 422
+    code = "invalid_request"
+
+
+class MalformedCursor(BadRequest):
+    """``after`` is not a cursor this service hands out."""
+
+
+def agent_query(query_string: bytes) -> AgentQuery:
+    """The page and filters a raw query string asks for; InvalidAgentListQuery or
+    MalformedCursor (both ServiceErrors) when it is out of bounds. Unknown names are ignored."""
+    try:
+        fields = parse_qsl(
+            query_string.decode("latin-1"),
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=MAX_QUERY_FIELDS,
+        )
+    except UnicodeDecodeError:
+        raise InvalidAgentListQuery("query: not valid UTF-8 once percent-decoded") from None
+    except ValueError:
+        raise InvalidAgentListQuery(f"query: more than {MAX_QUERY_FIELDS} fields") from None
+    values: dict[str, list[str]] = {}
+    for field, value in fields:
+        values.setdefault(field, []).append(value)
+    for field in _SINGLE_VALUED:
+        if len(values.get(field, ())) > 1:
+            raise InvalidAgentListQuery(f"{field}: give it at most once")
+    limit = _limit(values.get("limit"))
+    after = values.get("after")
+    tags = values.get("tag", [])
+    if len(tags) > MAX_TAGS:
+        raise InvalidAgentListQuery(f"tag: at most {MAX_TAGS} tags")
+    for tag in tags:
+        if not tag or len(tag) > MAX_TAG_LENGTH:
+            raise InvalidAgentListQuery(f"tag: each tag must be 1..{MAX_TAG_LENGTH} characters")
+    prefix = values.get("name")
+    if prefix is not None and not 1 <= len(prefix[0]) <= MAX_NAME_PREFIX_LENGTH:
+        raise InvalidAgentListQuery(f"name: must be 1..{MAX_NAME_PREFIX_LENGTH} characters")
+    return AgentQuery(
+        limit=limit,
+        after=decode_cursor(after[0]) if after is not None else None,
+        tags=tuple(dict.fromkeys(tags)),
+        online=_online(values.get("online")),
+        name_prefix=prefix[0] if prefix is not None else None,
+    )
+
+
+def encode_cursor(name: str, agent_id: str) -> str:
+    """The opaque ``next_after`` of a page whose last agent is (``name``, ``agent_id``)."""
+    return b64url(json.dumps([name, agent_id], separators=(",", ":")).encode("utf-8"))
+
+
+def decode_cursor(cursor: str) -> tuple[str, str]:
+    """The (name, id) position in a cursor from ``encode_cursor``; MalformedCursor otherwise."""
+    try:
+        position = json.loads(b64url_decode(cursor, max_size=MAX_CURSOR_BYTES))
+    except (ProtocolError, UnicodeDecodeError, ValueError):
+        position = None
+    if (
+        isinstance(position, list)
+        and len(position) == 2
+        and all(
+            isinstance(part, str) and 1 <= len(part) <= MAX_CURSOR_FIELD_LENGTH
+            for part in position
+        )
+        and encode_cursor(position[0], position[1]) == cursor
+    ):
+        return position[0], position[1]
+    raise MalformedCursor(
+        "after: not a cursor from this list; pass the next_after of the previous page, or "
+        "leave after out to start from the first agent"
+    )
+
+
+def _limit(values: list[str] | None) -> int:
+    if values is None:
+        return DEFAULT_AGENTS_PER_PAGE
+    text = values[0]
+    # ASCII digits only: int() would also take "+5", " 5", "5_0" and other digits.
+    if text.isascii() and text.isdigit() and len(text) <= 7:
+        limit = int(text)
+        if 1 <= limit <= MAX_AGENTS_PER_PAGE:
+            return limit
+    raise InvalidAgentListQuery(
+        f"limit: must be a whole number from 1 to {MAX_AGENTS_PER_PAGE} "
+        f"(default {DEFAULT_AGENTS_PER_PAGE})"
+    )
+
+
+def _online(values: list[str] | None) -> bool | None:
+    if values is None:
+        return None
+    if values[0] in ("true", "false"):
+        return values[0] == "true"
+    raise InvalidAgentListQuery("online: must be true or false")
