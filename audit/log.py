@@ -10,7 +10,8 @@ only after the store has durably kept its record: no audit, no action.
 
 An agent-signed event is stored at most once per team: the store refuses a second record with
 the same event digest (DuplicateEvent), and the append returns the record already holding it,
-so an agent's resend after a lost ack, or a replay, never adds a record.
+so an agent's resend after a lost ack, or a replay, never adds a record. The result says which
+happened (``AgentEventAppend.already_held``), so the service can count resends.
 """
 
 from __future__ import annotations
@@ -68,6 +69,14 @@ class SignedCheckpoint:
     note: bytes
 
 
+@dataclass(frozen=True)
+class AgentEventAppend:
+    """What ``append_agent_event`` did: the record holding the event, and whether it was new."""
+
+    record: AuditRecord
+    already_held: bool  # the log held the event before this call (a resend or a replay)
+
+
 @dataclass(eq=False)
 class _QueuedAppend:
     """A signed event waiting for a writer, which fills in its record once it is durable."""
@@ -76,6 +85,7 @@ class _QueuedAppend:
     moment: datetime
     event_digest: bytes | None  # set for agent-signed events, which are stored at most once
     record: AuditRecord | None = None
+    already_held: bool = False  # ``record`` was stored before, for an earlier copy of the event
     abandoned: bool = False  # its caller was cancelled or failed: never write it now
 
 
@@ -163,7 +173,8 @@ class AuditLog:
         )
         if event.action is Action.AGENT_REGISTERED:
             introduced_agent_key(event)
-        return await self._place(sign_event(self._identity, event), moment, None)
+        record, _ = await self._place(sign_event(self._identity, event), moment, None)
+        return record
 
     async def append_agent_event(
         self,
@@ -172,12 +183,12 @@ class AuditLog:
         agent_key: PublicIdentity,
         *,
         now: datetime | None = None,
-    ) -> AuditRecord:
+    ) -> AgentEventAppend:
         """Check an event an agent signed on its host, then chain it into the log as is.
 
         ``agent_key`` must be the key an earlier ``agent.registered`` record introduced for
         ``agent_id``, or the export will not verify. If the log already holds this event (a
-        resend), nothing is appended and the record holding it is returned.
+        resend), nothing is appended: the result carries the record holding it, already held.
         """
         moment = now or self._clock()
         event = signed.event
@@ -188,7 +199,8 @@ class AuditLog:
         if event.occurred_at > moment + MAX_EVENT_FUTURE_SKEW:
             raise RecordError("agent event is dated too far in the future")
         signed.verify(agent_key)
-        return await self._place(signed, moment, event.digest)
+        record, already_held = await self._place(signed, moment, event.digest)
+        return AgentEventAppend(record, already_held)
 
     async def checkpoint(self) -> SignedCheckpoint:
         """Sign a checkpoint over every record now in the log and keep it in the store."""
@@ -266,8 +278,9 @@ class AuditLog:
 
     async def _place(
         self, signed: SignedEvent, moment: datetime, event_digest: bytes | None
-    ) -> AuditRecord:
-        """Queue ``signed`` for a writer and return its record once it is durable.
+    ) -> tuple[AuditRecord, bool]:
+        """Queue ``signed`` for a writer; once it is durable, return its record and whether
+        the log already held the event.
 
         Whoever holds the lock is the writer: it places everything queued so far in one go, its
         own append among them unless an earlier writer already did. If that fails, the writer
@@ -300,7 +313,7 @@ class AuditLog:
             if queued in self._queue:
                 self._queue.remove(queued)
             raise
-        return queued.record
+        return queued.record, queued.already_held
 
     async def _write(self, batch: list[_QueuedAppend]) -> None:
         """Place ``batch`` in order, each entry's record filled in once it is durable."""
@@ -325,6 +338,7 @@ class AuditLog:
             except DuplicateEvent as duplicate:
                 # Already durable (each append here commits on its own); the head stays put.
                 queued.record = _held_record(duplicate.existing, queued)
+                queued.already_held = True
                 continue
             queued.record = self._adopt(staged)
         return len(batch)
@@ -353,7 +367,10 @@ class AuditLog:
                 continue  # only a writer that ignores the turn gets here; the turn rolled back
             # Durable now that the turn has ended without an error.
             for queued, outcome in zip(batch, placed, strict=True):
-                queued.record = self._adopt(outcome) if isinstance(outcome, _Staged) else outcome
+                if isinstance(outcome, _Staged):
+                    queued.record = self._adopt(outcome)
+                else:
+                    queued.record, queued.already_held = outcome, True
             return
         raise AppendConflict(
             f"gave up appending after {MAX_APPEND_ATTEMPTS} conflicts with other writers"

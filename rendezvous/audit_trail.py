@@ -14,8 +14,8 @@ from typing import Any, BinaryIO
 
 from audit.actions import Action, ActorKind
 from audit.errors import AuditError, RecordError
-from audit.log import AuditLogs
-from audit.record import Actor, AuditRecord, PolicyResult, SignedEvent
+from audit.log import AgentEventAppend, AuditLogs
+from audit.record import Actor, PolicyResult, SignedEvent
 from audit.store import AuditStore
 from protocol.identity import PublicIdentity, SigningIdentity
 from rendezvous.errors import ServiceUnavailable
@@ -107,8 +107,9 @@ class AuditTrail:
 
     async def record_agent_event(
         self, team_id: str, signed: SignedEvent, agent_id: str, agent_key: PublicIdentity
-    ) -> AuditRecord:
-        """Append an event the agent signed; RecordError if it is not the agent's own, valid one.
+    ) -> AgentEventAppend:
+        """Append an event the agent signed (or find it already held, if resent); RecordError if
+        it is not the agent's own, valid one.
 
         Raises ServiceUnavailable if a valid event could not be stored.
         """

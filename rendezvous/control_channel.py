@@ -88,6 +88,9 @@ CONNECTION_ID_PREFIX = "conn_"
 CONNECTION_ID_RANDOM_BYTES = 12
 CONNECTION_ID_PATTERN = re.compile(r"conn_[0-9a-f]{24}")  # the prefix, then 12 bytes in hex
 SUPERSEDED_REASON = "replaced by a newer connection of this agent"
+# Outcomes of tucdesk_agent_audit_events_total.
+AGENT_EVENT_STORED = "stored"
+AGENT_EVENT_ALREADY_HELD = "already_held"
 
 
 class ChannelRefused(Exception):
@@ -448,7 +451,8 @@ async def _append_agent_event(
     """Verify an agent-signed audit event and append it; the reply says whether it is durable.
 
     The log holds each agent-signed event once: a resend of one it already holds (its ack was
-    lost with the channel) is acknowledged again without a second record.
+    lost with the channel) is acknowledged again without a second record, and counted (a burst
+    after a reconnect is normal; an agent replaying far more than it sends is not).
     """
     event_id = message.get("id")
     if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
@@ -468,7 +472,7 @@ async def _append_agent_event(
             raise RecordError("only the rendezvous records session requests and decisions")
         elif signed.event.action is AuditAction.AGENT_REGISTERED:
             raise RecordError("an agent cannot introduce keys into the log")
-        await ctx.audit.record_agent_event(
+        appended = await ctx.audit.record_agent_event(
             agent.team_id, signed, agent.id, PublicIdentity(agent.public_key)
         )
     except RecordError as error:
@@ -478,6 +482,13 @@ async def _append_agent_event(
     except (ServiceError, StoreError):
         # Not stored, but not the event's fault: the agent keeps it and sends it again later.
         return {"type": "audit_event_failed", "id": event_id, "reason": "audit log unavailable"}
+    if appended.already_held:
+        ctx.metrics.agent_audit_events.labels(AGENT_EVENT_ALREADY_HELD).inc()
+        # Ids only: the event's content is in the log, not for the service log.
+        logger.info("agent %s resent an audit event the log holds as record %d",
+                    agent.id, appended.record.seq)  # fmt: skip
+    else:
+        ctx.metrics.agent_audit_events.labels(AGENT_EVENT_STORED).inc()
     if signed.event.action is AuditAction.SESSION_ENDED and session_id is not None:
         # Also for a resend: the first copy may have been stored just before a crash.
         try:

@@ -69,6 +69,13 @@ class ServiceMetrics:
             ["kind"],
             registry=self.registry,
         )
+        self.agent_audit_events = Counter(
+            "tucdesk_agent_audit_events_total",
+            "Agent-signed audit events accepted, by outcome: stored, or already_held (a resend "
+            "or replay of one the log holds, acknowledged again without a second record).",
+            ["outcome"],
+            registry=self.registry,
+        )
         self.rejected_inputs = Counter(
             "tucdesk_rejected_inputs_total",
             "Requests refused before reaching a handler (oversized, malformed) by reason.",

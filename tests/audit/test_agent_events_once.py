@@ -1,5 +1,6 @@
 """An agent-signed event is stored once per team: a resend (or a replay) gets the record that
-already holds it, inside a group-commit batch too, without failing the batch's other appends."""
+already holds it, marked already held, inside a group-commit batch too, without failing the
+batch's other appends."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 
 from audit.actions import Action
-from audit.log import AuditLog
+from audit.log import AgentEventAppend, AuditLog
 from audit.record import AuditRecord, SignedEvent
 from audit.store import MemoryAuditStore, StoredRecord
 from tests.audit.builders import (
@@ -43,23 +44,29 @@ class GatedStore(MemoryAuditStore):
 
 
 async def _append_agent(log: AuditLog, signed: SignedEvent) -> AuditRecord:
+    return (await _append_agent_result(log, signed)).record
+
+
+async def _append_agent_result(log: AuditLog, signed: SignedEvent) -> AgentEventAppend:
     return await log.append_agent_event(signed, AGENT_ID, AGENT_KEY.public)
 
 
-def test_a_resent_agent_event_is_stored_once_and_answered_with_its_record() -> None:
+def test_a_resent_agent_event_is_stored_once_and_answered_with_its_record_already_held() -> None:
     log = new_log()
     signed = agent_event()
 
-    async def run() -> tuple[AuditRecord, AuditRecord, int]:
+    async def run() -> tuple[AgentEventAppend, AgentEventAppend, int]:
         await register_agent(log)
-        first = await _append_agent(log, signed)
+        first = await _append_agent_result(log, signed)
         await log.append(Action.SESSION_ENDED, OPERATOR, session_id="s-1")
-        again = await _append_agent(log, signed)
+        again = await _append_agent_result(log, signed)
         return first, again, await log.size()
 
     first, again, size = trio.run(run)
-    assert again == first
-    assert again.canonical == first.canonical
+    assert not first.already_held
+    assert again.already_held
+    assert again.record == first.record
+    assert again.record.canonical == first.record.canonical
     assert size == 3
     assert verifies(export_bundle(log))
 
@@ -67,15 +74,16 @@ def test_a_resent_agent_event_is_stored_once_and_answered_with_its_record() -> N
 def test_the_same_content_at_another_time_is_a_new_event() -> None:
     log = new_log()
 
-    async def run() -> list[AuditRecord]:
+    async def run() -> list[AgentEventAppend]:
         await register_agent(log)
         return [
-            await _append_agent(log, agent_event(when=START)),
-            await _append_agent(log, agent_event(when=START + timedelta(microseconds=1))),
+            await _append_agent_result(log, agent_event(when=START)),
+            await _append_agent_result(log, agent_event(when=START + timedelta(microseconds=1))),
         ]
 
-    records = trio.run(run)
-    assert [record.seq for record in records] == [1, 2]
+    results = trio.run(run)
+    assert [result.record.seq for result in results] == [1, 2]
+    assert [result.already_held for result in results] == [False, False]
     assert verifies(export_bundle(log))
 
 
@@ -84,14 +92,15 @@ def test_a_resend_is_recognised_by_another_log_on_the_same_store() -> None:
     first, second = new_log(store), new_log(store)
     signed = agent_event()
 
-    async def run() -> tuple[AuditRecord, AuditRecord]:
+    async def run() -> tuple[AuditRecord, AgentEventAppend]:
         await register_agent(first)
         stored = await _append_agent(first, signed)
         await first.append(Action.SESSION_ENDED, OPERATOR, session_id="s-1")
-        return stored, await _append_agent(second, signed)
+        return stored, await _append_agent_result(second, signed)
 
     stored, resent = trio.run(run)
-    assert resent == stored
+    assert resent.record == stored
+    assert resent.already_held
     assert trio.run(second.size) == 3
     assert verifies(export_bundle(second))
 
@@ -106,9 +115,11 @@ def test_duplicates_in_one_group_commit_batch_leave_the_rest_of_the_batch_stored
     twin = agent_event(when=START + timedelta(microseconds=1))
     fresh = [agent_event(when=START + timedelta(microseconds=2 + n)) for n in range(3)]
     results: dict[str, AuditRecord] = {}
+    held: dict[str, bool] = {}
 
     async def one(name: str, signed: SignedEvent) -> None:
-        results[name] = await _append_agent(log, signed)
+        result = await _append_agent_result(log, signed)
+        results[name], held[name] = result.record, result.already_held
 
     async def run() -> None:
         await register_agent(log)
@@ -131,6 +142,10 @@ def test_duplicates_in_one_group_commit_batch_leave_the_rest_of_the_batch_stored
     trio.run(run)
     assert results["resent"] == results["stored"]
     assert results["twin-a"] == results["twin-b"]
+    # Whichever twin was placed first stored it; the other found it held.
+    assert sorted([held["twin-a"], held["twin-b"]]) == [False, True]
+    assert held["resent"]
+    assert not any(held[name] for name in ("fresh0", "fresh1", "fresh2"))
     records = trio.run(store.read_records, "team-7", 0, 100)
     agent_events = [record.canonical for record in records if b'"kind":"agent"' in record.canonical]
     assert len(agent_events) == 5  # stored, twin, three fresh

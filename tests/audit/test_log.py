@@ -112,7 +112,8 @@ def test_agent_event_delivered_late_keeps_its_own_time_and_gets_log_time() -> No
 
     async def run() -> AuditRecord:
         await register_agent(log)
-        return await log.append_agent_event(agent_event(when=START), AGENT_ID, AGENT_KEY.public)
+        appended = await log.append_agent_event(agent_event(when=START), AGENT_ID, AGENT_KEY.public)
+        return appended.record
 
     record = trio.run(run)
     assert record.event.occurred_at == START
@@ -294,7 +295,7 @@ def test_agent_event_survives_msgpack_transport_and_is_chained() -> None:
 
     async def run() -> AuditRecord:
         await register_agent(log)
-        return await log.append_agent_event(received, AGENT_ID, AGENT_KEY.public)
+        return (await log.append_agent_event(received, AGENT_ID, AGENT_KEY.public)).record
 
     record = trio.run(run)
     assert record.signed == agent_event()

@@ -82,11 +82,10 @@ def test_any_append_sequence_exports_a_bundle_that_verifies(
                     actor=Actor(ActorKind.AGENT, agent_id, "host"),
                     occurred_at=START,  # never in the log's future
                 )
-                record = await log.append_agent_event(
-                    sign_event(key, event), agent_id, key.public
-                )
-                assert record.event == event
-                # Two steps may draw the same event: the log holds it once.
+                result = await log.append_agent_event(sign_event(key, event), agent_id, key.public)
+                assert result.record.event == event
+                # Two steps may draw the same event: the log holds it once, and says so.
+                assert result.already_held == (event.digest in held)
                 if event.digest not in held:
                     held.add(event.digest)
                     appended += 1

@@ -2,12 +2,14 @@
 
 An agent resends an event whose ack it never saw (the channel dropped), on the same connection
 or the next one, possibly to another rendezvous instance: every copy is acknowledged, the log
-holds one record, and the export still verifies with ``tucdesk-audit verify``.
+holds one record, and the export still verifies with ``tucdesk-audit verify``. Each resend is
+counted (``tucdesk_agent_audit_events_total{outcome="already_held"}``) and logged by ids only.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
 import subprocess
 import sys
@@ -40,7 +42,9 @@ pytestmark = pytest.mark.anyio
 WAIT_SECONDS = 15
 
 
-def _signed(agent: EnrolledAgent, session_id: str, when: datetime) -> SignedEvent:
+def _signed(
+    agent: EnrolledAgent, session_id: str, when: datetime, command: str = "id"
+) -> SignedEvent:
     event = AuditEvent(
         occurred_at=when,
         team_id=agent.team_id,
@@ -48,7 +52,7 @@ def _signed(agent: EnrolledAgent, session_id: str, when: datetime) -> SignedEven
         action=Action.SESSION_COMMAND,
         signer=agent.identity.public.key_id,
         session_id=session_id,
-        context={"command": "id"},
+        context={"command": command},
     )
     return sign_event(agent.identity, event)
 
@@ -108,6 +112,52 @@ async def test_a_resent_agent_event_is_acknowledged_each_time_and_stored_once(
         assert completed.stdout.startswith("OK: ")
 
 
+def _agent_events_counted(service: Any, outcome: str) -> float:
+    registry = service.ctx.metrics.registry
+    value = registry.get_sample_value("tucdesk_agent_audit_events_total", {"outcome": outcome})
+    return value or 0.0
+
+
+async def test_a_resend_is_counted_and_logged_by_ids_only_and_a_new_event_is_not(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    marker = "cat /srv/payroll-7f3a9c.csv"  # event content that must stay out of the log
+    async with served_instance(store, tmp_path / "data") as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        agent = await enroll_agent(service, admin)
+        when = datetime.now(UTC)
+        async with agent_channel(url, agent) as channel:
+            response = await service.call(admin, "POST", "/v1/sessions",
+                                          {"target": "web-1", "mode": "exec", "command": ["id"]})
+            session_id = response.json()["session_id"]
+            await channel.receive("session_offer")
+            await channel.send({"type": "session_offer_ack", "session_id": session_id})
+            signed = _signed(agent, session_id, when, marker)
+            new_event = _signed(agent, session_id, when, "uptime")
+            counted = []
+            for event, event_id in [(signed, "e1")] * 3 + [(new_event, "e2")]:
+                assert (await _send(channel, event, event_id))["type"] == "audit_event_ack"
+                counted.append(
+                    (_agent_events_counted(service, "stored"),
+                     _agent_events_counted(service, "already_held"))
+                )  # fmt: skip
+        # The first copy is stored, the two resends are counted as held, the new event is not.
+        assert counted == [(1, 0), (1, 1), (1, 2), (2, 2)]
+        records = await store.audit.read_records(team, 0, 10_000)
+        [held_seq] = [r.seq for r in records if marker.encode() in r.canonical]
+    resent = [
+        r.getMessage() for r in caplog.records
+        if r.name == "tucdesk.rendezvous.control" and "resent" in r.getMessage()
+    ]  # fmt: skip
+    line = f"agent {agent.agent_id} resent an audit event the log holds as record {held_seq}"
+    assert resent == [line, line]
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for content in (marker, signed.to_json()["signature"], session_id):
+        assert content not in logged
+
+
 EVENTS = 8
 TASKS_PER_INSTANCE = 3
 
@@ -138,10 +188,10 @@ async def test_one_event_appended_at_once_by_two_instances_is_stored_once(
             order = list(range(EVENTS))
             random.Random(instance * 100 + task).shuffle(order)
             for number in order:
-                record = await logs[instance].append_agent_event(
+                appended = await logs[instance].append_agent_event(
                     events[number], "agent-1", agent_key.public
                 )
-                answers[number].append(record)
+                answers[number].append(appended.record)
                 # Rendezvous-signed records in between keep the two instances racing.
                 await logs[instance].append(
                     Action.SESSION_REQUESTED, Actor(ActorKind.OPERATOR, f"op-{task}", "x")
