@@ -31,8 +31,10 @@ network drops silently (sleep, NAT timeout) or an instance is killed, the old co
 recorded for up to the heartbeat timeout, so the agent names it in its signed ``replaces`` and
 the store removes it in the same transaction that records the new one (only if it is this
 agent's, in this team, from the same machine fingerprint). A connection that is still recorded
-and not named is reported as before. The instance holding a superseded channel closes it: at
-once if it is this one, else at that channel's next heartbeat (a half-open one at its timeout).
+and not named is reported as before. The instance holding a superseded channel closes it at
+once: this one directly, another one on a ``connection_superseded`` notice (PostgreSQL; see
+rendezvous/offer_bus.py). Should the notice be lost, the holder finds out at that channel's next
+heartbeat (a half-open one at its timeout).
 A clone resumed from a memory snapshot may name the original's live connection; the original
 is then closed, reconnects naming its own id, finds the clone's connection unnamed: flagged.
 
@@ -62,6 +64,7 @@ from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import Action, agent_actor
 from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
+from rendezvous.offer_bus import announce_superseded
 from rendezvous.policy_distribution import policy_message
 from rendezvous.store import SessionState, StoreError
 
@@ -168,6 +171,25 @@ class AgentConnections:
         # The send loop ends on the closed queue and cancels the channel's tasks.
         channel.outgoing.close()
         return True
+
+    async def supersede_on_notice(self, team_id: str, agent_id: str, connection_id: str) -> bool:
+        """End channel ``connection_id`` of the agent, if held here, that another instance
+        announced superseded; only once the store confirms the connection is no longer recorded
+        (a notice is a hint, the row is the truth)."""
+        if not CONNECTION_ID_PATTERN.fullmatch(connection_id):
+            logger.warning("ignored a superseded notice naming a malformed connection id")
+            return False
+        channel = self._by_agent.get(agent_id, {}).get(connection_id)
+        if channel is None or channel.team_id != team_id:
+            return False  # already gone, or never this team's agent's channel
+        recorded = await self._ctx.store.list_agent_connections(team_id, agent_id)
+        if any(connection.connection_id == connection_id for connection in recorded):
+            logger.warning("ignored a superseded notice for connection %s, still recorded",
+                           connection_id)  # fmt: skip
+            return False
+        logger.info("closing connection %s of agent %s: superseded on another instance",
+                    connection_id, agent_id)  # fmt: skip
+        return self.supersede(team_id, agent_id, connection_id)
 
     def _add(self, channel: LiveChannel) -> None:
         self._by_agent.setdefault(channel.agent_id, {})[channel.connection_id] = channel
@@ -284,6 +306,8 @@ async def _hold(
             )  # fmt: skip
             if superseded.instance_id == ctx.instance_id:
                 connections.supersede(agent.team_id, agent.id, superseded.connection_id)
+            else:
+                await announce_superseded(ctx, superseded)
         if report.clone_suspected:
             kinds = []
             if report.fingerprint_mismatch:

@@ -6,6 +6,14 @@ instance's (PostgreSQL only): ``NOTIFY tucdesk_session_offers`` with the instanc
 session id; every instance LISTENs (``listen_for_offers``) and delivers the offers addressed to
 it, reading the offer from the sessions table. No token crosses the database: the delivering
 instance mints the agent's relay token itself.
+
+The same channel carries two other notices, each a JSON object with a ``kind``: a new policy
+bundle for a team (rendezvous/policy_distribution.py), and ``connection_superseded`` (instance,
+team id, agent id, connection id): an agent reconnected to another instance naming a connection
+this one holds, so the holder closes that channel at once instead of at its next heartbeat. A
+notice is a hint, never an order: the holder closes only the named connection of the named agent
+in the named team, and only once the store confirms the row is gone. On SQLite (one instance)
+there are no notices; a lost one leaves the heartbeat check to close the channel.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ logger = logging.getLogger("tucdesk.rendezvous.offers")
 
 OFFER_CHANNEL = "tucdesk_session_offers"
 MAX_NOTICE_BYTES = 1024
+SUPERSEDED_NOTICE_KIND = "connection_superseded"
 LISTEN_RETRY_MIN_SECONDS = 0.5
 LISTEN_RETRY_MAX_SECONDS = 30.0
 OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
@@ -73,6 +82,31 @@ async def deliver_offer(ctx: ServiceContext, session: Session, holder: AgentConn
     )
     await ctx.store.notify(OFFER_CHANNEL, notice)
     return True
+
+
+async def announce_superseded(ctx: ServiceContext, superseded: AgentConnection) -> None:
+    """Tell the instance holding ``superseded`` (not this one) to close that channel now.
+
+    Best effort: if the notice cannot be sent, the holder finds out at the channel's next
+    heartbeat, as it did before notices.
+    """
+    if not ctx.store.notifications_supported:
+        return
+    notice = json.dumps(
+        {
+            "kind": SUPERSEDED_NOTICE_KIND,
+            "instance": superseded.instance_id,
+            "team_id": superseded.team_id,
+            "agent_id": superseded.agent_id,
+            "connection_id": superseded.connection_id,
+        }
+    )
+    if len(notice) > MAX_NOTICE_BYTES:
+        return  # ids are far shorter; the holder would ignore it anyway
+    try:
+        await ctx.store.notify(OFFER_CHANNEL, notice)
+    except StoreError as error:
+        logger.warning("announcing a superseded connection failed: %s", type(error).__name__)
 
 
 async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> bool:
@@ -128,6 +162,9 @@ async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
         if isinstance(fields, dict) and fields.get("kind") == POLICY_NOTICE_KIND:
             await handle_policy_notice(ctx, fields)
             return
+        if isinstance(fields, dict) and fields.get("kind") == SUPERSEDED_NOTICE_KIND:
+            await _handle_superseded_notice(ctx, fields)
+            return
         instance, team_id, session_id = fields["instance"], fields["team_id"], fields["session_id"]
     except (ValueError, TypeError, KeyError):
         logger.warning("ignored a malformed session offer notice")
@@ -147,3 +184,23 @@ async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
                 )  # fmt: skip
     except StoreError as error:
         logger.warning("delivering a session offer failed: %s", type(error).__name__)
+
+
+async def _handle_superseded_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
+    """Close this instance's channel another instance reports superseded (see the docstring)."""
+    instance, team_id = fields.get("instance"), fields.get("team_id")
+    agent_id, connection_id = fields.get("agent_id"), fields.get("connection_id")
+    if not (
+        isinstance(instance, str) and isinstance(team_id, str)
+        and isinstance(agent_id, str) and isinstance(connection_id, str)
+    ):  # fmt: skip
+        logger.warning("ignored a malformed connection superseded notice")
+        return
+    connections = ctx.connections
+    if instance != ctx.instance_id or connections is None:
+        return
+    try:
+        await connections.supersede_on_notice(team_id, agent_id, connection_id)
+    except StoreError as error:
+        # The channel stays until its next heartbeat finds its row gone.
+        logger.warning("checking a superseded connection failed: %s", type(error).__name__)

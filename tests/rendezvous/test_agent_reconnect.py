@@ -24,6 +24,7 @@ from protocol.domains import Purpose
 from protocol.identity import b64url
 from protocol.signed_payload import create_signed_payload
 from rendezvous.control_channel import SUPERSEDED_REASON
+from rendezvous.offer_bus import OFFER_CHANNEL, SUPERSEDED_NOTICE_KIND
 from rendezvous.store import Store, open_store
 from tests.pg_cluster import PostgresCluster
 from tests.rendezvous.service_harness import OperatorSession, ServiceHarness
@@ -296,36 +297,124 @@ def shared_database(postgres_cluster: PostgresCluster) -> str:
     return postgres_cluster.create_database(f"reconnect_{os.getpid()}_{next(_numbers)}")
 
 
-@pytest.mark.postgres
-async def test_reconnect_to_another_instance_supersedes_the_connection_the_first_still_holds(
-    shared_database: str, tmp_path: Path
-) -> None:
-    data = tmp_path / "data"  # one service: the instances share their keys
+# Heartbeats far apart, so a close within CLOSED_WITHIN_SECONDS cannot come from one.
+SLOW_HEARTBEATS = {"heartbeat_seconds": 600.0, "heartbeat_timeout_seconds": 1800.0}
+CLOSED_WITHIN_SECONDS = 3
+
+
+@asynccontextmanager
+async def two_instances(
+    shared_database: str, tmp_path: Path, **settings: Any
+) -> AsyncIterator[tuple[tuple[ServiceHarness, str], tuple[ServiceHarness, str]]]:
+    """Two instances of one service (they share keys) on one PostgreSQL database."""
+    data = tmp_path / "data"
     async with (
         open_store(shared_database) as store_a,
         open_store(shared_database) as store_b,
-        served_instance(store_a, data) as (instance_a, url_a),
-        served_instance(store_b, data) as (instance_b, url_b),
+        served_instance(store_a, data, **settings) as a,
+        served_instance(store_b, data, **settings) as b,
+    ):
+        yield a, b
+
+
+@pytest.mark.postgres
+async def test_reconnect_to_another_instance_closes_the_channel_the_first_holds_at_once(
+    shared_database: str, tmp_path: Path
+) -> None:
+    async with two_instances(shared_database, tmp_path, **SLOW_HEARTBEATS) as (
+        (instance_a, url_a),
+        (instance_b, url_b),
     ):
         team = await instance_a.team("ops")
         admin = await instance_a.operator(team, "admin")
         agent = await enroll_agent(instance_a, admin)
         async with connected(url_a, agent) as (stale, stale_id):
             async with connected(url_b, agent, replaces=stale_id) as (channel, fresh_id):
+                # B announces the superseded connection; A closes it without waiting for a
+                # heartbeat (none is due for ten minutes).
+                with trio.fail_after(CLOSED_WITHIN_SECONDS):
+                    closed = await closed_by_server(stale)
+                assert closed.reason.reason == SUPERSEDED_REASON
                 assert clone_anomalies(instance_a) == clone_anomalies(instance_b) == 0
                 assert await audit_events(instance_a, team, "agent.clone_anomaly") == []
                 assert await listed_connections(instance_a, agent) == {fresh_id}
-                # Requested at A, which still holds the old channel: the offer goes to B's.
+                assert instance_a.ctx.connections is not None
+                assert instance_a.ctx.connections.channels(team, agent.agent_id) == []
+                # Requested at A, which held the old channel: the offer goes to B's.
                 await offer_reaches(instance_a, admin, channel)
-                # A learns at the old channel's next heartbeat that it was superseded.
-                await stale.send({"type": "heartbeat"})
-                assert (await closed_by_server(stale)).reason.reason == SUPERSEDED_REASON
-                assert await listed_connections(instance_b, agent) == {fresh_id}
                 await heartbeat(channel)
         disconnected = await audit_events(instance_a, team, "agent.disconnected")
         assert {e["context"]["connection_id"]: e["context"].get("reason") for e in disconnected}[
             stale_id
         ] == "superseded"
+
+
+@pytest.mark.postgres
+async def test_a_superseded_notice_closes_nothing_but_an_unrecorded_named_connection(
+    shared_database: str, tmp_path: Path
+) -> None:
+    """Notices come from the database, not the agent: a forged or garbled one closes nothing."""
+    async with two_instances(shared_database, tmp_path, **SLOW_HEARTBEATS) as (
+        (instance_a, url_a),
+        (instance_b, _),
+    ):
+        team = await instance_a.team("ops")
+        admin = await instance_a.operator(team, "admin")
+        agent = await enroll_agent(instance_a, admin)
+        neighbour = await enroll_agent(instance_a, admin, hostname="db-1")
+        async with connected(url_a, agent) as (live, live_id):
+
+            def notice(**changes: object) -> str:
+                fields: dict[str, object] = {
+                    "kind": SUPERSEDED_NOTICE_KIND,
+                    "instance": instance_a.ctx.instance_id,
+                    "team_id": team,
+                    "agent_id": agent.agent_id,
+                    "connection_id": live_id,
+                }
+                fields.update(changes)
+                return json.dumps({k: v for k, v in fields.items() if v is not ABSENT})
+
+            notices = [
+                notice(),  # names the live channel exactly, but its row is still recorded
+                notice(team_id="team_" + "0" * 16),  # another team
+                notice(agent_id=neighbour.agent_id),  # another agent of the team
+                notice(connection_id=live_id.upper()),  # not a connection id
+                notice(connection_id=ABSENT),
+                notice(agent_id=7),
+                notice(team_id=None),
+                notice(instance=[instance_a.ctx.instance_id]),
+                notice(connection_id=live_id + "x" * 2000),  # past the notice size limit
+                '{"kind": "connection_superseded"',
+                "[]",
+            ]
+            for text in notices:
+                await instance_b.store.notify(OFFER_CHANNEL, text)
+            # Notices are handled in order: once B's offer reaches A's channel, A has read them.
+            await offer_reaches(instance_b, admin, live)
+            await heartbeat(live)
+            assert await listed_connections(instance_a, agent) == {live_id}
+            assert instance_a.ctx.connections is not None
+            [held] = instance_a.ctx.connections.channels(team, agent.agent_id)
+            assert held.connection_id == live_id and not held.superseded
+
+
+async def test_a_connection_superseded_elsewhere_is_closed_at_its_heartbeat_without_notice(
+    store: Store, tmp_path: Path
+) -> None:
+    """The fallback when the notice is lost (or on a store without notices): the heartbeat."""
+    async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        agent = await enroll_agent(service, admin)
+        async with connected(url, agent) as (stale, stale_id):
+            # What a reconnect to another instance records, with no notice sent here.
+            await store.mark_agent_connected(
+                team, agent.agent_id, "inst_elsewhere", "conn_" + "e" * 24, "machine-1",
+                service.clock.now, replaces=stale_id,
+            )  # fmt: skip
+            await stale.send({"type": "heartbeat"})
+            assert (await closed_by_server(stale)).reason.reason == SUPERSEDED_REASON
 
 
 async def test_an_older_agent_reconnecting_without_naming_gets_offers_on_its_newest_channel(
