@@ -91,6 +91,15 @@ CONNECTION_ID_PREFIX = "conn_"
 CONNECTION_ID_RANDOM_BYTES = 12
 CONNECTION_ID_PATTERN = re.compile(r"conn_[0-9a-f]{24}")  # the prefix, then 12 bytes in hex
 SUPERSEDED_REASON = "replaced by a newer connection of this agent"
+# What an agent may sign into its team's log: what it saw of the sessions offered to it.
+AGENT_SIGNED_ACTIONS = frozenset(
+    {
+        AuditAction.SESSION_STARTED,
+        AuditAction.SESSION_COMMAND,
+        AuditAction.SESSION_ENDED,
+        AuditAction.SESSION_REFUSED,
+    }
+)
 # Outcomes of tucdesk_agent_audit_events_total.
 AGENT_EVENT_STORED = "stored"
 AGENT_EVENT_ALREADY_HELD = "already_held"
@@ -484,18 +493,18 @@ async def _append_agent_event(
     try:
         signed = SignedEvent.from_json(message.get("event"))
         session_id = signed.event.session_id
-        if signed.event.action.value.startswith("session.") and signed.event.action not in (
-            AuditAction.SESSION_REQUESTED, AuditAction.SESSION_DECISION
-        ):
-            if session_id is None:
-                raise RecordError("a session event must name its session")
-            session = await ctx.store.get_session(agent.team_id, session_id)
-            if session is None or session.agent_id != agent.id:
-                raise RecordError("the event names a session this agent was not offered")
-        elif signed.event.action in (AuditAction.SESSION_REQUESTED, AuditAction.SESSION_DECISION):
-            raise RecordError("only the rendezvous records session requests and decisions")
-        elif signed.event.action is AuditAction.AGENT_REGISTERED:
-            raise RecordError("an agent cannot introduce keys into the log")
+        if signed.event.action not in AGENT_SIGNED_ACTIONS:
+            # An allowlist: anything else (policy changes, key introductions, session decisions)
+            # is the rendezvous's or an operator's to record, never an agent's.
+            raise RecordError(
+                f"an agent may sign only {', '.join(sorted(a.value for a in AGENT_SIGNED_ACTIONS))}"
+                f" events, not {signed.event.action.value}"
+            )
+        if session_id is None:
+            raise RecordError("a session event must name its session")
+        session = await ctx.store.get_session(agent.team_id, session_id)
+        if session is None or session.agent_id != agent.id:
+            raise RecordError("the event names a session this agent was not offered")
         appended = await ctx.audit.record_agent_event(
             agent.team_id, signed, agent.id, PublicIdentity(agent.public_key)
         )

@@ -342,6 +342,10 @@ async def test_agent_audit_events_claiming_someone_else_are_refused(
             await other_channel.receive("session_offer")
         before = await service.audit_actions(team)
         async with agent_channel(url, agent) as channel:
+            response = await service.call(admin, "POST", "/v1/sessions",
+                                          {"target": "web-1", "mode": "shell"})
+            own_session = response.json()["session_id"]
+            await channel.receive("session_offer")
             attempts: list[dict[str, Any]] = [
                 # as another agent
                 dict(action=Action.SESSION_STARTED, session_id=None, actor_id=other.agent_id),
@@ -354,6 +358,11 @@ async def test_agent_audit_events_claiming_someone_else_are_refused(
                 # writing what only the rendezvous writes
                 dict(action=Action.SESSION_DECISION, session_id=others_session),
                 dict(action=Action.AGENT_REGISTERED, session_id=None),
+                # actions outside the agent's allowlist, even about its own session
+                dict(action=Action.SESSION_DECISION, session_id=own_session),
+                dict(action=Action.POLICY_SET, session_id=own_session),
+                dict(action=Action.POLICY_SET, session_id=None),
+                dict(action=Action.AGENT_CLONE_ANOMALY, session_id=own_session),
             ]
             for attempt in attempts:
                 answer = await channel.send_event(**attempt)
@@ -362,7 +371,9 @@ async def test_agent_audit_events_claiming_someone_else_are_refused(
             await channel.send({"type": "heartbeat"})
             await channel.ws.get_message()
         after = await service.audit_actions(team)
-        assert [a for a in after[len(before):] if a.startswith("session.")] == []
+        agent_written = {"session.started", "session.command", "session.ended", "session.refused",
+                         "policy.set", "agent.registered", "agent.clone_anomaly"}
+        assert [a for a in after[len(before):] if a in agent_written] == []
 
 
 async def test_agent_list_exposes_each_agents_public_key(store: Store, tmp_path: Path) -> None:
