@@ -61,6 +61,11 @@ class Action(StrEnum):
     """A team's signed policy document was replaced (context: version, hash)."""
     ROSTER_SIGNED = "roster.signed"
     """A team's operator roster was signed (context: version, hash)."""
+    POLICY_SET_FAILED = "policy.set_failed"
+    """A bundle just audited as ``policy.set`` or ``roster.signed`` was not stored after all:
+    another admin stored that version first, or the store failed (context: audited_as, version,
+    sha256, reason). That earlier record, with the same sha256, names an attempt, not the policy
+    in force."""
     POLICY_REFUSED = "policy.refused"
     """An agent refused a policy bundle it was sent (context: version, reason)."""
     APPROVAL_REQUESTED = "approval.requested"

@@ -78,7 +78,9 @@ class ServiceMetrics:
         )
         self.rejected_inputs = Counter(
             "tucdesk_rejected_inputs_total",
-            "Requests refused before reaching a handler (oversized, malformed) by reason.",
+            "Inputs refused as oversized or malformed, by reason: HTTP requests before their "
+            "handler (invalid, oversized, ...), agent audit events, inter-instance notices "
+            "(bus_notice, bus_offer_notice, bus_superseded_notice, bus_policy_notice).",
             ["reason"],
             registry=self.registry,
         )

@@ -14,6 +14,10 @@ this one holds, so the holder closes that channel at once instead of at its next
 notice is a hint, never an order: the holder closes only the named connection of the named agent
 in the named team, and only once the store confirms the row is gone. On SQLite (one instance)
 there are no notices; a lost one leaves the heartbeat check to close the channel.
+
+Every instance hears every notice, so each one refuses a malformed notice (oversized, not a JSON
+object, an unknown ``kind``, a field missing or of the wrong type) whoever it is addressed to,
+logs it and counts it in ``tucdesk_rejected_inputs_total`` under the notice's kind.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ SUPERSEDED_NOTICE_KIND = "connection_superseded"
 LISTEN_RETRY_MIN_SECONDS = 0.5
 LISTEN_RETRY_MAX_SECONDS = 30.0
 OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
+
+# tucdesk_rejected_inputs_total reasons: a notice whose kind cannot be told, then one per kind.
+REJECTED_NOTICE = "bus_notice"
+REJECTED_OFFER_NOTICE = "bus_offer_notice"
+REJECTED_SUPERSEDED_NOTICE = "bus_superseded_notice"
 
 
 def offer_message(ctx: ServiceContext, session: Session, now: float) -> dict[str, Any]:
@@ -156,22 +165,40 @@ async def listen_for_offers(
 
 async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
     if len(notice) > MAX_NOTICE_BYTES:
+        _refuse_notice(ctx, REJECTED_NOTICE, "an oversized notice")
         return
     try:
         fields = json.loads(notice)
-        if isinstance(fields, dict) and fields.get("kind") == POLICY_NOTICE_KIND:
-            await handle_policy_notice(ctx, fields)
-            return
-        if isinstance(fields, dict) and fields.get("kind") == SUPERSEDED_NOTICE_KIND:
-            await _handle_superseded_notice(ctx, fields)
-            return
-        instance, team_id, session_id = fields["instance"], fields["team_id"], fields["session_id"]
-    except (ValueError, TypeError, KeyError):
-        logger.warning("ignored a malformed session offer notice")
+    except ValueError:
+        _refuse_notice(ctx, REJECTED_NOTICE, "a notice that is not JSON")
+        return
+    if not isinstance(fields, dict):
+        _refuse_notice(ctx, REJECTED_NOTICE, "a notice that is not a JSON object")
+        return
+    kind = fields.get("kind")
+    if kind == POLICY_NOTICE_KIND:
+        await handle_policy_notice(ctx, fields)
+    elif kind == SUPERSEDED_NOTICE_KIND:
+        await _handle_superseded_notice(ctx, fields)
+    elif "kind" in fields:
+        _refuse_notice(ctx, REJECTED_NOTICE, "a notice of an unknown kind")
+    else:
+        await _handle_offer_notice(ctx, fields)
+
+
+def _refuse_notice(ctx: ServiceContext, reason: str, what: str) -> None:
+    ctx.metrics.rejected_inputs.labels(reason).inc()
+    logger.warning("ignored %s on %s", what, OFFER_CHANNEL)
+
+
+async def _handle_offer_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
+    """Deliver the offer another instance published for a channel this one holds."""
+    instance, team_id = fields.get("instance"), fields.get("team_id")
+    session_id = fields.get("session_id")
+    if not (isinstance(instance, str) and isinstance(team_id, str) and isinstance(session_id, str)):
+        _refuse_notice(ctx, REJECTED_OFFER_NOTICE, "a malformed session offer notice")
         return
     if instance != ctx.instance_id:
-        return
-    if not isinstance(team_id, str) or not isinstance(session_id, str):
         return
     try:
         delivered = await deliver_here(ctx, team_id, session_id)
@@ -194,7 +221,7 @@ async def _handle_superseded_notice(ctx: ServiceContext, fields: dict[str, Any])
         isinstance(instance, str) and isinstance(team_id, str)
         and isinstance(agent_id, str) and isinstance(connection_id, str)
     ):  # fmt: skip
-        logger.warning("ignored a malformed connection superseded notice")
+        _refuse_notice(ctx, REJECTED_SUPERSEDED_NOTICE, "a malformed connection superseded notice")
         return
     connections = ctx.connections
     if instance != ctx.instance_id or connections is None:

@@ -19,6 +19,7 @@ from rendezvous.store import StoredPolicyBundle, StoreError
 logger = logging.getLogger("tucdesk.rendezvous.policy")
 
 POLICY_NOTICE_KIND = "policy_bundle"
+REJECTED_POLICY_NOTICE = "bus_policy_notice"  # its reason in tucdesk_rejected_inputs_total
 
 
 def policy_message(stored: StoredPolicyBundle) -> dict[str, Any]:
@@ -61,8 +62,12 @@ async def publish_policy(ctx: ServiceContext, team_id: str) -> None:
 
 async def handle_policy_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
     """Push the bundle another instance announced to this instance's channels of the team."""
-    team_id = fields.get("team_id")
-    if fields.get("instance") == ctx.instance_id or not isinstance(team_id, str):
+    instance, team_id = fields.get("instance"), fields.get("team_id")
+    if not (isinstance(instance, str) and isinstance(team_id, str)):
+        ctx.metrics.rejected_inputs.labels(REJECTED_POLICY_NOTICE).inc()
+        logger.warning("ignored a malformed policy bundle notice")
+        return
+    if instance == ctx.instance_id:
         return
     try:
         await push_here(ctx, team_id)

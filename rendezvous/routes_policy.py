@@ -4,13 +4,17 @@
 against its own view of the team (the admins of the signed roster in force, or the current admins
 before the first bundle), that the version is exactly the next one and chains to the bundle in
 force, countersigns, audits (``policy.set`` with the old and new hashes, or ``roster.signed`` when
-only the roster or agent tags changed), stores, and pushes it to the team's online agents.
+only the roster or agent tags changed), stores, and pushes it to the team's online agents. The
+record comes before the store (no audit, no action), so when the store then fails (another admin
+stored that version first, or the database failed) a ``policy.set_failed`` record follows it:
+the log never claims a bundle took effect that did not.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hmac
+import logging
 from datetime import datetime
 from typing import Any, Literal
 
@@ -36,11 +40,11 @@ from rendezvous.audit_trail import caller_actor
 from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
-from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound
+from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
 from rendezvous.policy_distribution import publish_policy
 from rendezvous.schemas import StrictModel
 from rendezvous.session_decision import INTERIM_RULE_ID, SESSION_ROLES
-from rendezvous.store import AlreadyExists, AmbiguousName, StoredPolicyBundle
+from rendezvous.store import AlreadyExists, AmbiguousName, StoredPolicyBundle, StoreError
 from rendezvous.team_policy import (
     TeamPolicy,
     current_team_policy,
@@ -48,6 +52,8 @@ from rendezvous.team_policy import (
     pending_roster,
     rendezvous_trust,
 )
+
+logger = logging.getLogger("tucdesk.rendezvous.policy")
 
 router = APIRouter(tags=["policy"])
 
@@ -132,9 +138,9 @@ async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[s
     countersigned = accepted.bundle
     new_sha = content.sha256()
     roster_only = current is not None and _same_policy(current, countersigned)
+    audited_as = AuditAction.ROSTER_SIGNED if roster_only else AuditAction.POLICY_SET
     await ctx.audit.record(
-        caller.team_id, actor=caller_actor(caller),
-        action=AuditAction.ROSTER_SIGNED if roster_only else AuditAction.POLICY_SET,
+        caller.team_id, actor=caller_actor(caller), action=audited_as,
         target=f"policy:{caller.team_id}",
         details={
             "old_version": current_version,
@@ -157,9 +163,20 @@ async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[s
             )
         )  # fmt: skip
     except AlreadyExists:
+        await _record_not_stored(
+            ctx, caller, audited_as, content.version, new_sha,
+            f"another bundle was stored as version {content.version} first",
+        )  # fmt: skip
         raise PolicyVersionRace(
             "another policy version was stored meanwhile; fetch it and re-sign"
         ) from None
+    except StoreError as error:
+        # The outcome may be unknown (a connection lost mid-commit), hence "not confirmed".
+        await _record_not_stored(
+            ctx, caller, audited_as, content.version, new_sha,
+            f"the store did not confirm it ({type(error).__name__})",
+        )  # fmt: skip
+        raise
     await publish_policy(ctx, caller.team_id)
     return {
         "version": content.version,
@@ -216,6 +233,31 @@ async def test_policy(body: PolicyTestBody, caller: Caller, ctx: Context) -> dic
 def _require_admin(caller: Principal) -> None:
     if caller.kind != "operator" or caller.role != "admin":
         raise Forbidden("only an admin may set the team's policy, with their own operator key")
+
+
+async def _record_not_stored(
+    ctx: ServiceContext,
+    caller: Principal,
+    audited_as: AuditAction,
+    version: int,
+    sha256: str,
+    reason: str,
+) -> None:
+    """Follow the ``policy.set``/``roster.signed`` record of a bundle that was not stored.
+
+    Best effort: if the log is unreachable now, the caller still gets the store's answer.
+    """
+    try:
+        await ctx.audit.record(
+            caller.team_id, actor=caller_actor(caller), action=AuditAction.POLICY_SET_FAILED,
+            target=f"policy:{caller.team_id}",
+            details={
+                "audited_as": audited_as.value, "version": version, "sha256": sha256,
+                "reason": reason,
+            },
+        )  # fmt: skip
+    except ServiceUnavailable:
+        logger.error("could not record that policy version %d was not stored", version)
 
 
 def _same_policy(current: TeamPolicy, new: SignedPolicyBundle) -> bool:

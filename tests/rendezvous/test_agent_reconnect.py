@@ -94,6 +94,11 @@ def clone_anomalies(service: ServiceHarness) -> float:
     )
 
 
+def rejected(service: ServiceHarness, reason: str) -> float:
+    registry = service.ctx.metrics.registry
+    return registry.get_sample_value("tucdesk_rejected_inputs_total", {"reason": reason}) or 0.0
+
+
 async def audit_events(service: ServiceHarness, team_id: str, action: str) -> list[dict[str, Any]]:
     records = await service.store.audit.read_records(team_id, 0, 10_000)
     events = [json.loads(record.canonical)["event"] for record in records]
@@ -393,6 +398,9 @@ async def test_a_superseded_notice_closes_nothing_but_an_unrecorded_named_connec
             # Notices are handled in order: once B's offer reaches A's channel, A has read them.
             await offer_reaches(instance_b, admin, live)
             await heartbeat(live)
+            # Wrong types or a missing field; then past the size limit, cut short, not an object.
+            assert rejected(instance_a, "bus_superseded_notice") == 4
+            assert rejected(instance_a, "bus_notice") == 3
             assert await listed_connections(instance_a, agent) == {live_id}
             assert instance_a.ctx.connections is not None
             [held] = instance_a.ctx.connections.channels(team, agent.agent_id)

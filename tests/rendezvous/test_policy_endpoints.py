@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
 from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
 from protocol.policy import (
@@ -18,7 +19,7 @@ from protocol.policy import (
     SignedPolicyBundle,
     accept_policy_bundle,
 )
-from rendezvous.store import Store
+from rendezvous.store import Store, StoredPolicyBundle
 from tests.rendezvous.policy_support import (
     current_policy,
     policy_text,
@@ -167,6 +168,102 @@ async def test_a_bundle_must_be_the_next_version_and_follow_the_one_in_force(
         response = await put_policy(service, admin, stale.to_json())
         assert response.status_code == 409, response.text
         assert "version 1" in response.json()["message"]
+
+
+async def test_a_version_lost_to_a_concurrent_put_is_audited_as_not_stored(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both PUTs are checked and audited before either stores: the log must not keep the loser's
+    ``policy.set`` as if it took effect."""
+    async with harness(store, tmp_path) as service:
+        team = await service.team("ops")
+        admins = [await service.operator(team, "admin") for _ in range(2)]
+        await set_policy(service, admins[0])
+        assert "policy.set_failed" not in [e["action"] for e in await _audit_events(service, team)]
+        texts = [  # two different changes of the policy, both next after version 1
+            policy_text(2, rules=f'[[rules]]\nid = "only-{role}s"\noutcome = "allow"\n'
+                                 f'operators = {{ roles = ["{role}"] }}\n')
+            for role in ("admin", "operator")
+        ]  # fmt: skip
+        bundles = [
+            await signed_bundle(service, admin, text=text)
+            for admin, text in zip(admins, texts, strict=True)
+        ]
+        shas = [bundle.content.sha256() for bundle in bundles]
+        assert shas[0] != shas[1]
+
+        # The race made certain: each request waits at the store until both have reached it.
+        assert service.ctx.store is store
+        store_policy_bundle = store.store_policy_bundle
+        arrived: list[str] = []
+        both_arrived = trio.Event()
+
+        async def store_once_both_arrived(bundle: StoredPolicyBundle) -> StoredPolicyBundle:
+            arrived.append(bundle.content_sha256)
+            if len(arrived) == 2:
+                both_arrived.set()
+            with trio.fail_after(10):
+                await both_arrived.wait()
+            return await store_policy_bundle(bundle)
+
+        monkeypatch.setattr(store, "store_policy_bundle", store_once_both_arrived)
+        statuses: dict[str, int] = {}
+
+        async def put(admin: OperatorSession, bundle: SignedPolicyBundle) -> None:
+            response = await put_policy(service, admin, bundle.to_json())
+            statuses[bundle.content.sha256()] = response.status_code
+
+        async with trio.open_nursery() as nursery:
+            for admin, bundle in zip(admins, bundles, strict=True):
+                nursery.start_soon(put, admin, bundle)
+
+        assert sorted(statuses.values()) == [200, 409]
+        winner = next(sha for sha, status in statuses.items() if status == 200)
+        loser = next(sha for sha, status in statuses.items() if status == 409)
+        assert (await current_policy(service, admins[0]))["version"] == 2
+        events = await _audit_events(service, team)
+        attempts = [e for e in events if e["action"] == "policy.set"]
+        assert {e["context"]["new_sha256"] for e in attempts[1:]} == {winner, loser}
+        [failed] = [e for e in events if e["action"] == "policy.set_failed"]
+        assert failed["context"]["sha256"] == loser
+        assert failed["context"]["version"] == 2
+        assert failed["context"]["audited_as"] == "policy.set"
+        assert "version 2" in failed["context"]["reason"]
+        assert events.index(failed) > max(
+            i for i, e in enumerate(events) if e["context"].get("new_sha256") == loser
+        )
+
+
+async def test_a_store_failure_after_the_audit_record_is_audited_as_not_stored(
+    store: Store, database_url: str, tmp_path: Path
+) -> None:
+    async with harness(store, tmp_path) as service:
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        bundle = await signed_bundle(service, admin)
+        async with store._autocommit() as session:  # a real failure, not a stand-in
+            if database_url.startswith("sqlite"):
+                await session.execute(
+                    "CREATE TRIGGER refuse_bundles BEFORE INSERT ON policy_bundles "
+                    "BEGIN SELECT RAISE(ABORT, 'the disk is failing'); END"
+                )
+            else:
+                await session.execute(
+                    "CREATE FUNCTION refuse_bundles() RETURNS trigger LANGUAGE plpgsql AS "
+                    "'BEGIN RAISE EXCEPTION ''the disk is failing''; END'"
+                )
+                await session.execute(
+                    "CREATE TRIGGER refuse_bundles BEFORE INSERT ON policy_bundles "
+                    "FOR EACH ROW EXECUTE FUNCTION refuse_bundles()"
+                )
+        response = await put_policy(service, admin, bundle.to_json())
+        assert response.status_code == 503, response.text
+        assert (await current_policy(service, admin))["version"] == 0
+        events = await _audit_events(service, team)
+        assert [e["action"] for e in events][-2:] == ["policy.set", "policy.set_failed"]
+        failed = events[-1]["context"]
+        assert failed["sha256"] == bundle.content.sha256() == events[-2]["context"]["new_sha256"]
+        assert "did not confirm" in failed["reason"]
 
 
 async def test_a_policy_that_does_not_parse_is_refused_naming_its_line(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 from pathlib import Path
 
@@ -10,8 +11,10 @@ import pytest
 
 from protocol.relay_token import Side, verify_relay_token
 from protocol.session_grant import verify_session_grant
-from rendezvous.store import open_store
+from rendezvous.offer_bus import OFFER_CHANNEL
+from rendezvous.store import SessionState, open_store
 from tests.pg_cluster import PostgresCluster
+from tests.rendezvous.service_harness import ServiceHarness
 from tests.rendezvous.sessions_support import (
     agent_channel,
     enroll_agent,
@@ -24,6 +27,12 @@ from tests.rendezvous.sessions_support import (
 pytestmark = [pytest.mark.anyio, pytest.mark.postgres]
 
 _numbers = itertools.count(1)
+
+
+def rejected(service: ServiceHarness, reason: str) -> float:
+    """The instance's ``tucdesk_rejected_inputs_total`` for ``reason``."""
+    registry = service.ctx.metrics.registry
+    return registry.get_sample_value("tucdesk_rejected_inputs_total", {"reason": reason}) or 0.0
 
 
 @pytest.fixture
@@ -97,3 +106,49 @@ async def test_offer_for_a_channel_that_closed_meanwhile_is_marked_refused(
             instance_a, admin, response.json()["session_id"], "refused"
         )
         assert "gone" in view["reason"]
+
+
+async def test_malformed_offer_notices_are_counted_and_deliver_nothing(
+    shared_database: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with (
+        open_store(shared_database) as store_a,
+        open_store(shared_database) as store_b,
+        served_instance(store_a, data) as (instance_a, _),
+        served_instance(store_b, data) as (instance_b, url_b),
+    ):
+        team = await instance_a.team("ops")
+        admin = await instance_a.operator(team, "admin")
+        agent = await enroll_agent(instance_a, admin)
+        body = {"target": "web-1", "mode": "exec", "command": ["hostname"]}
+        async with agent_channel(url_b, agent) as channel:
+            response = await instance_a.call(admin, "POST", "/v1/sessions", body)
+            assert response.status_code == 201, response.text
+            offered = response.json()["session_id"]
+            assert (await channel.receive("session_offer"))["session_id"] == offered
+
+            b = instance_b.ctx.instance_id
+            valid = {"instance": b, "team_id": team, "session_id": offered}
+            malformed_offers = [
+                {**valid, "team_id": 7},
+                {**valid, "session_id": [offered]},
+                {**valid, "instance": [b]},
+                {"instance": b, "team_id": team},
+            ]
+            for fields in malformed_offers:
+                await store_a.notify(OFFER_CHANNEL, json.dumps(fields))
+            # Not an offer notice at all: not JSON, not an object, a kind no instance sends.
+            for text in ("{", json.dumps([valid]), json.dumps({**valid, "kind": "offer"})):
+                await store_a.notify(OFFER_CHANNEL, text)
+
+            # Notices are handled in order: once the next offer arrives, B has read them all,
+            # and none of them re-sent the first offer or refused it.
+            response = await instance_a.call(admin, "POST", "/v1/sessions", body)
+            assert response.status_code == 201, response.text
+            following = response.json()["session_id"]
+            assert (await channel.receive())["session_id"] == following
+            session = await store_b.get_session(team, offered)
+            assert session is not None and session.state is SessionState.OFFERED
+            assert rejected(instance_b, "bus_offer_notice") == len(malformed_offers)
+            assert rejected(instance_b, "bus_notice") == 3
