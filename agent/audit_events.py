@@ -9,7 +9,7 @@ which delivers them to the rendezvous for the team's log. Times in the context a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -99,20 +99,24 @@ class SessionAuditor:
         bytes_in: int,
         bytes_out: int,
         reason: str,
+        recording: Mapping[str, Any] | None = None,
     ) -> SignedEvent:
-        """``session.ended``: duration, exit code or signal, bytes each way, and why it ended."""
-        return self._sign(
-            Action.SESSION_ENDED,
-            session_id,
-            context={
-                "duration_ms": max(0, int(duration_ms)),
-                "exit_code": None if exit_status is None else exit_status.code,
-                "signal": None if exit_status is None else exit_status.signal_name,
-                "bytes_in": int(bytes_in),
-                "bytes_out": int(bytes_out),
-                "reason": reason[:MAX_AUDITED_REASON_CHARACTERS],
-            },
-        )
+        """``session.ended``: duration, exit code or signal, bytes each way, and why it ended.
+
+        With ``recording`` (agent/recording.py RecordingSummary.audit_context), the context
+        names the session's recording file and its SHA-256 and size, binding it to the log.
+        """
+        context: dict[str, Any] = {
+            "duration_ms": max(0, int(duration_ms)),
+            "exit_code": None if exit_status is None else exit_status.code,
+            "signal": None if exit_status is None else exit_status.signal_name,
+            "bytes_in": int(bytes_in),
+            "bytes_out": int(bytes_out),
+            "reason": reason[:MAX_AUDITED_REASON_CHARACTERS],
+        }
+        if recording is not None:
+            context["recording"] = dict(recording)
+        return self._sign(Action.SESSION_ENDED, session_id, context=context)
 
     def refused(
         self, session_id: str, code: str, reason: str, operator_fingerprint: str | None

@@ -26,6 +26,9 @@ DEFAULT_MAX_SESSIONS = 64
 MAX_MAX_SESSIONS = 4096
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 15.0
 DEFAULT_RECONNECT_CAP_SECONDS = 30.0
+RECORDINGS_DIR_NAME = "recordings"
+DEFAULT_MAX_RECORDING_BYTES = 64 * 1024 * 1024
+MIN_MAX_RECORDING_BYTES = 4 * 1024
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -53,6 +56,11 @@ class AgentConfig:
     max_sessions: int = DEFAULT_MAX_SESSIONS
     handshake_timeout_seconds: float = DEFAULT_HANDSHAKE_TIMEOUT_SECONDS
     reconnect_cap_seconds: float = DEFAULT_RECONNECT_CAP_SECONDS
+    # Session recordings (agent/recording.py): off by default; the directory defaults to
+    # <state_dir>/recordings; each recording stops (with a marker) at max_recording_bytes.
+    record_sessions: bool = False
+    recordings_dir: Path | None = None
+    max_recording_bytes: int = DEFAULT_MAX_RECORDING_BYTES
 
     @property
     def state_file(self) -> Path:
@@ -64,6 +72,13 @@ class AgentConfig:
         """The small status file ``run`` keeps and ``status`` reads."""
         return self.state_dir / STATUS_FILE_NAME
 
+    @property
+    def recordings_path(self) -> Path:
+        """Where session recordings go: recordings_dir, or <state_dir>/recordings."""
+        if self.recordings_dir is not None:
+            return self.recordings_dir
+        return self.state_dir / RECORDINGS_DIR_NAME
+
     def validate(self) -> None:
         """Raise ConfigError naming the first setting that is out of range."""
         if not 0 < self.max_sessions <= MAX_MAX_SESSIONS:
@@ -72,6 +87,8 @@ class AgentConfig:
             raise ConfigError("handshake_timeout_seconds must be more than 0 and at most 300")
         if not 1 <= self.reconnect_cap_seconds <= 3600:
             raise ConfigError("reconnect_cap_seconds must be 1..3600")
+        if self.max_recording_bytes < MIN_MAX_RECORDING_BYTES:
+            raise ConfigError(f"max_recording_bytes must be at least {MIN_MAX_RECORDING_BYTES}")
         if self.shell is not None and not os.path.isabs(self.shell):
             raise ConfigError(f"shell must be an absolute path, not {self.shell!r}")
 
@@ -116,6 +133,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
     text = str(declared)
     try:
+        if text == "bool":
+            return _boolean(raw)
         if "int" in text:
             if isinstance(raw, bool):
                 raise ValueError(raw)
@@ -131,3 +150,18 @@ def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
         return str(raw)
     except (TypeError, ValueError):
         raise ConfigError(f"{origin}: {raw!r} is not a valid value for {name}") from None
+
+
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+_FALSE_WORDS = frozenset({"0", "false", "no", "off"})
+
+
+def _boolean(raw: Any) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    word = str(raw).strip().lower()
+    if word in _TRUE_WORDS:
+        return True
+    if word in _FALSE_WORDS:
+        return False
+    raise ValueError(raw)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from agent.machine_identity import (
 )
 from agent.policy_cache import PolicyCache, policy_file_path
 from agent.process_group import SessionProcessError
+from agent.recording import list_recordings, play, prepare_recordings_dir
 from agent.session_host import SessionHost, SessionIdentity
 from agent.state_file import AgentState, StateFileError, load_state, save_state
 from agent.status import DaemonStatus, read_status, write_status
@@ -46,7 +48,9 @@ logger = logging.getLogger("tucdesk.agent")
 _CONFIG_HELP = (
     "Settings come from flags, then TUCDESK_AGENT_<SETTING> environment variables (e.g. "
     "TUCDESK_AGENT_STATE_DIR, TUCDESK_AGENT_USER, TUCDESK_AGENT_SHELL, TUCDESK_AGENT_CA_FILE, "
-    "TUCDESK_AGENT_MAX_SESSIONS), then the TOML file given by --config or TUCDESK_AGENT_CONFIG."
+    "TUCDESK_AGENT_MAX_SESSIONS, TUCDESK_AGENT_RECORD_SESSIONS, TUCDESK_AGENT_RECORDINGS_DIR, "
+    "TUCDESK_AGENT_MAX_RECORDING_BYTES), then the TOML file given by --config or "
+    "TUCDESK_AGENT_CONFIG."
 )
 
 
@@ -107,7 +111,53 @@ def build_parser() -> argparse.ArgumentParser:
     run_parser.add_argument(
         "--max-sessions", type=int, help="most sessions at once (default: 64)"
     )
+    run_parser.add_argument(
+        "--record-sessions",
+        action="store_true",
+        default=None,
+        help="record what each session outputs (asciicast v2; never what is typed) and bind "
+        "each recording's SHA-256 into the session.ended audit event (default: off)",
+    )
+    _add_recordings_dir(run_parser)
+    run_parser.add_argument(
+        "--max-recording-bytes",
+        type=int,
+        help="a recording stops, with a marker, at this size; the session goes on "
+        "(default: 67108864, 64 MiB)",
+    )
     run_parser.set_defaults(handler=_run)
+
+    recordings_parser = commands.add_parser(
+        "recordings",
+        help="list or replay this host's session recordings",
+        description=(
+            "Session recordings are asciicast v2 files, one per session, also playable with "
+            "asciinema. To check one against the signed audit log, use "
+            "'tucdesk-audit recording FILE --export BUNDLE --key KEYFILE'."
+        ),
+        epilog=_CONFIG_HELP,
+    )
+    recordings_commands = recordings_parser.add_subparsers(
+        dest="recordings_command", required=True, metavar="ACTION"
+    )
+    list_parser = recordings_commands.add_parser(
+        "list", help="list recordings: session id, start time, size, truncated"
+    )
+    _add_common(list_parser)
+    _add_recordings_dir(list_parser)
+    list_parser.set_defaults(handler=_recordings_list)
+    play_parser = recordings_commands.add_parser(
+        "play", help="replay a recording on this terminal with its timing"
+    )
+    play_parser.add_argument("file", type=Path, metavar="FILE", help="a .cast recording")
+    play_parser.add_argument(
+        "--speed", type=float, default=1.0, help="play this many times faster (default: 1)"
+    )
+    play_parser.add_argument(
+        "--max-idle", type=float, help="cap every pause at this many seconds"
+    )
+    _add_common(play_parser)
+    play_parser.set_defaults(handler=_recordings_play)
 
     status_parser = commands.add_parser(
         "status",
@@ -140,6 +190,14 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_recordings_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--recordings-dir",
+        type=Path,
+        help="where session recordings go (default: STATE_DIR/recordings, created 0700)",
+    )
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one subcommand; print one line and return non-zero on failure."""
     args = build_parser().parse_args(argv)
@@ -166,7 +224,10 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
     flags: dict[str, Any] = {
         name: getattr(args, name, None)
-        for name in ("state_dir", "machine_root", "shell", "user", "ca_file", "max_sessions")
+        for name in (
+            "state_dir", "machine_root", "shell", "user", "ca_file", "max_sessions",
+            "record_sessions", "recordings_dir", "max_recording_bytes",
+        )
     }
     return load_config(flags, environ, args.config)
 
@@ -221,6 +282,15 @@ def _state_dir_flag(args: argparse.Namespace) -> str:
 def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
     identifiers = read_machine_identifiers(config.machine_root)
     state = load_state(config.state_file, identifiers)
+    if config.record_sessions:
+        # Fail at start, not at the first session, when the recordings directory is unusable.
+        try:
+            prepare_recordings_dir(config.recordings_path)
+        except OSError as error:
+            raise ConfigError(
+                f"{config.recordings_path}: cannot use it for recordings ({error.strerror})"
+            ) from None
+        logger.info("recording sessions to %s", config.recordings_path)
     settle_garbage_collector()
     trio.run(run_daemon, config, state, identifiers)
     return 0
@@ -335,6 +405,37 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
         print(f"Last connect: {_show_time(status.last_connected_at)}")
     if not status.connected and status.last_error:
         print(f"Last error:   {status.last_error}")
+    return 0
+
+
+def _recordings_list(
+    args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]
+) -> int:
+    recordings = list_recordings(config.recordings_path)
+    if not recordings:
+        print(f"No recordings in {config.recordings_path}")
+        return 0
+    print(f"{'SESSION':<32} {'STARTED':<23} {'BYTES':>12}  TRUNCATED")
+    for info in recordings:
+        started = "-" if info.started_at is None else _show_time(info.started_at)
+        truncated = "yes" if info.truncated else "no"
+        print(f"{info.session_id:<32} {started:<23} {info.size:>12}  {truncated}")
+    return 0
+
+
+def _recordings_play(
+    args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]
+) -> int:
+    if not args.speed > 0:
+        raise ConfigError("--speed must be more than 0")
+    if args.max_idle is not None and not args.max_idle >= 0:
+        raise ConfigError("--max-idle must be 0 or more")
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    trio.run(partial(play, args.file, write, speed=args.speed, max_idle=args.max_idle))
     return 0
 
 

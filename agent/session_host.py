@@ -11,6 +11,8 @@ Then (§4) the operator's first frame must be CONTROL SessionStart matching the 
 command. The shell runs on a PTY, the command through exec; frames are pumped both ways with
 backpressure (a slow reader stalls the child, never a buffer), ExitStatus and CLOSE end the
 session, and the process session is torn down whenever either side leaves or the relay drops.
+With record_sessions on, what the operator received (never what they typed) and resizes also go
+to the session's recording (agent/recording.py), whose hash the ``session.ended`` event carries.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from agent.exec_session import ExecSessionSpec, open_exec_session
 from agent.grant_policy import GrantPolicy, GrantPolicyRefused, LocalDecision
 from agent.process_group import ExitStatus, LocalSession, OutputStream, SessionProcessError
 from agent.pty_session import PtySessionSpec, open_pty_session
+from agent.recording import RecordingError, SessionRecorder
 from audit.record import SignedEvent
 from protocol.control import Close, Resize, SessionStart, Signal, decode_control, encode_control
 from protocol.control import ExitStatus as ExitStatusMessage
@@ -363,6 +366,7 @@ class SessionHost:
                 start = await sealed.receive_session_start()
             check_start_matches_grant(start, grant)
             opener = self._opener(start, grant)
+            recorder = await self._open_recording(start, grant)
         except SessionRefusal as refusal:
             logger.warning("session %s refused: %s", session_id, refusal.message)
             self._audit(
@@ -394,7 +398,7 @@ class SessionHost:
         outcome = SessionOutcome()
         began = time.monotonic()
         try:
-            await self._pump(sealed, opener, outcome)
+            await self._pump(sealed, opener, outcome, recorder)
         except BaseException:
             # Only cancellation from outside gets here (the daemon is stopping): say so.
             outcome.reason = "shutdown"
@@ -407,6 +411,7 @@ class SessionHost:
                 session_id, outcome.reason, outcome.exit_status, outcome.bytes_in,
                 outcome.bytes_out,
             )
+            recording = None if recorder is None else (await recorder.close()).audit_context()
             self._audit(
                 self._auditor.ended(
                     session_id,
@@ -415,8 +420,35 @@ class SessionHost:
                     bytes_in=outcome.bytes_in,
                     bytes_out=outcome.bytes_out,
                     reason=outcome.reason,
+                    recording=recording,
                 )
             )
+
+    async def _open_recording(
+        self, start: SessionStart, grant: SessionGrant
+    ) -> SessionRecorder | None:
+        """The session's recorder when recording is on. A recording that cannot be created
+        refuses the session: with recording on, no session runs unrecorded."""
+        config = self._config
+        if not config.record_sessions:
+            return None
+        shell = grant.mode is SessionMode.SHELL
+        try:
+            return await SessionRecorder.create(
+                config.recordings_path,
+                grant.session_id,
+                width=start.cols if shell else 80,
+                height=start.rows if shell else 24,
+                term=start.terminal_type if shell else None,
+                title=f"tucdesk {grant.mode.value} session {grant.session_id}",
+                max_bytes=config.max_recording_bytes,
+                wall_clock=self._wall_clock,
+            )
+        except RecordingError as error:
+            logger.error("session %s: %s", grant.session_id, error)
+            raise SessionRefusal(
+                "internal-error", "the agent cannot record this session, as it must"
+            ) from None
 
     def _opener(
         self, start: SessionStart, grant: SessionGrant
@@ -445,15 +477,29 @@ class SessionHost:
         sealed: SealedLink,
         opener: Callable[[], AbstractAsyncContextManager[LocalSession]],
         outcome: SessionOutcome,
+        recorder: SessionRecorder | None = None,
     ) -> None:
         # Nurseries wrap what escapes them in exception groups, hence except*.
         try:
             async with opener() as local, trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward_input, sealed, local, outcome, nursery)
+                nursery.start_soon(
+                    self._forward_input, sealed, local, outcome, nursery, recorder
+                )
 
                 async def on_output(stream: OutputStream, data: bytes) -> None:
                     kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
                     await sealed.send_output(kind, data)
+
+                if recorder is not None:
+                    # A separate handler, so that with recording off the output path is as it was.
+                    async def on_output_recorded(stream: OutputStream, data: bytes) -> None:
+                        kind = (
+                            FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
+                        )
+                        await sealed.send_output(kind, data)
+                        await recorder.output(stream, data)
+
+                    on_output = on_output_recorded
 
                 status = await local.run(on_output)
                 outcome.exit_status = status
@@ -472,8 +518,11 @@ class SessionHost:
         local: LocalSession,
         outcome: SessionOutcome,
         nursery: trio.Nursery,
+        recorder: SessionRecorder | None = None,
     ) -> None:
-        """Operator -> child: keystrokes and stdin, resizes, signals, until the operator leaves."""
+        """Operator -> child: keystrokes and stdin, resizes, signals, until the operator leaves.
+
+        Nothing typed is recorded (keystrokes include passwords); resizes are."""
         try:
             while True:
                 frame = await sealed.receive()
@@ -490,6 +539,8 @@ class SessionHost:
                     message = decode_control(payload)
                     if isinstance(message, Resize):
                         local.resize(message.rows, message.cols)
+                        if recorder is not None:
+                            await recorder.resize(message.cols, message.rows)
                     elif isinstance(message, Signal):
                         local.signal(message.name)
                     elif isinstance(message, Close):

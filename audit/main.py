@@ -1,4 +1,4 @@
-"""Entry point for `tucdesk-audit`: verify an exported audit bundle offline."""
+"""Entry point for `tucdesk-audit`: verify an exported audit bundle (and recordings) offline."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from audit.checkpoint import Checkpoint
 from audit.errors import BundleError
+from audit.recording_check import check_recording
 from audit.verify import (
     EXIT_CODES,
     Verdict,
@@ -21,6 +22,12 @@ from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, load_public_key_file
 
 EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
+
+_RECORDING_EPILOG = """\
+Exit status: 0 when the bundle verifies and the file matches its record (one-line summary), 1
+when the bundle is invalid, no record names the file, or its size or hash differ (says which),
+2 when an input cannot be read.
+"""
 
 _VERIFY_EPILOG = """\
 Exit status: 0 when every check passes (one-line summary), 1 when the bundle is invalid (names
@@ -54,24 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verify.add_argument("bundle", type=Path, metavar="BUNDLE", help="the .jsonl export bundle")
-    verify.add_argument(
-        "--key",
-        dest="keys",
-        type=Path,
-        action="append",
-        required=True,
-        metavar="KEYFILE",
-        help="a pinned audit public key (PEM); repeat for rotated keys",
-    )
-    verify.add_argument(
-        "--previous-checkpoint",
-        dest="previous",
-        type=Path,
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="an earlier signed checkpoint you kept; the bundle must extend it (repeatable)",
-    )
+    _add_bundle_trust_arguments(verify)
     verify.add_argument(
         "--save-checkpoint",
         type=Path,
@@ -83,13 +73,63 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
+
+    recording = commands.add_parser(
+        "recording",
+        help="check a session recording against a verified export",
+        description=(
+            "Verify the export bundle exactly as 'verify' does, then find the agent-signed\n"
+            "session.ended record that names the recording file and compare the file's size\n"
+            "and SHA-256 with it: an edited, cut or extended recording is detected."
+        ),
+        epilog=_RECORDING_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    recording.add_argument("recording", type=Path, metavar="FILE", help="the .cast recording")
+    recording.add_argument(
+        "--export",
+        dest="bundle",
+        type=Path,
+        required=True,
+        metavar="BUNDLE",
+        help="the .jsonl export bundle holding the session's session.ended record",
+    )
+    _add_bundle_trust_arguments(recording)
+    recording.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+    recording.set_defaults(json=False)
     return parser
+
+
+def _add_bundle_trust_arguments(command: argparse.ArgumentParser) -> None:
+    """The keys (and earlier checkpoints) a bundle is verified against: same for every command."""
+    command.add_argument(
+        "--key",
+        dest="keys",
+        type=Path,
+        action="append",
+        required=True,
+        metavar="KEYFILE",
+        help="a pinned audit public key (PEM); repeat for rotated keys",
+    )
+    command.add_argument(
+        "--previous-checkpoint",
+        dest="previous",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="an earlier signed checkpoint you kept; the bundle must extend it (repeatable)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     arguments = build_parser().parse_args(argv)
     try:
+        if arguments.command == "recording":
+            return _recording(arguments)
         return _verify(arguments)
     except Exception as error:
         if arguments.debug:
@@ -101,19 +141,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREADABLE
 
 
-def _verify(arguments: argparse.Namespace) -> int:
+def _load_trust(
+    arguments: argparse.Namespace,
+) -> tuple[list[PublicIdentity], list[Checkpoint]] | str:
+    """The pinned keys and earlier checkpoints, or why one cannot be read."""
     keys: list[PublicIdentity] = []
     for path in arguments.keys:
         try:
             keys.append(load_public_key_file(path))
         except (ProtocolError, OSError) as error:
-            return _unreadable(arguments, f"key {path}: {error}")
+            return f"key {path}: {error}"
     previous: list[Checkpoint] = []
     for path in arguments.previous:
         try:
             previous.append(load_previous_checkpoint(path, keys))
         except BundleError as error:
-            return _unreadable(arguments, str(error))
+            return str(error)
+    return keys, previous
+
+
+def _recording(arguments: argparse.Namespace) -> int:
+    trust = _load_trust(arguments)
+    if isinstance(trust, str):
+        return _unreadable(arguments, trust)
+    keys, previous = trust
+    verdict = check_recording(
+        arguments.recording, arguments.bundle, keys, previous_checkpoints=previous
+    )
+    if verdict.verdict is Verdict.VALID:
+        print(verdict.message)
+    else:
+        print(f"tucdesk-audit: {verdict.message}", file=sys.stderr)
+    return verdict.exit_code
+
+
+def _verify(arguments: argparse.Namespace) -> int:
+    trust = _load_trust(arguments)
+    if isinstance(trust, str):
+        return _unreadable(arguments, trust)
+    keys, previous = trust
     result = verify_bundle(arguments.bundle, keys, previous_checkpoints=previous)
     if result.checkpoint_note is not None and arguments.save_checkpoint is not None:
         try:
