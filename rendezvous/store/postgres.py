@@ -121,6 +121,8 @@ class PostgresStore(SqlStore):
     notifications_supported = True
     # JSON containment: the agent's tags (a JSON array) hold every tag of the JSON parameter.
     _agent_carries_tags = "CAST(a.tags AS jsonb) @> CAST(CAST({tags} AS TEXT) AS jsonb)"
+    # The agent list's page is chosen before the join, or the planner sorts the whole team.
+    _agent_page_apart = True
 
     def __init__(self, pool: asyncpg.Pool, bridge: _Bridge) -> None:
         super().__init__()

@@ -5,6 +5,7 @@ online and name-prefix filters, and the team boundary; on SQLite and PostgreSQL.
 from __future__ import annotations
 
 import secrets
+from typing import Any
 
 import pytest
 
@@ -194,3 +195,82 @@ async def test_a_page_after_a_cursor_is_read_from_the_list_order_index(store: St
     plan = await store._fetch(f"EXPLAIN QUERY PLAN {sql}", "tm_1", "op_1", "jti", *values)  # type: ignore[attr-defined]
     details = " | ".join(str(row[3]) for row in plan)
     assert "agents_team_name_id (team_id=? AND name>?)" in details, details
+
+
+PlanNode = dict[str, Any]
+
+
+def _plan_nodes(
+    node: PlanNode, ancestors: tuple[str, ...] = ()
+) -> list[tuple[tuple[str, ...], PlanNode]]:
+    """Every node of a JSON EXPLAIN plan with the node types above it, outermost first."""
+    found = [(ancestors, node)]
+    for child in node.get("Plans", []):
+        found += _plan_nodes(child, (*ancestors, str(node["Node Type"])))
+    return found
+
+
+# PostgreSQL only, after ANALYZE with one team holding nearly every agent (the self-hosted
+# case): the planner has the statistics it would have in production, and a team this size
+# makes a full read and sort cost far more than reading one page from the index.
+@pytest.mark.parametrize(
+    "database_url", [pytest.param("postgres", marks=pytest.mark.postgres)], indirect=True
+)
+@pytest.mark.parametrize("plan_cache_mode", ["force_custom_plan", "force_generic_plan"])
+async def test_a_page_of_a_big_team_reads_only_that_page_from_the_index_on_postgres(
+    store: Store, plan_cache_mode: str
+) -> None:
+    import json as json_module
+
+    from rendezvous.store.sql_store import _agent_listing_statement
+
+    team, small_team = await _team(store), await _team(store)
+    for team_id, count in ((team, 3000), (small_team, 10)):
+        key_hash = hash_secret(new_id("rk"))
+        key = await store.create_registration_key(team_id, key_hash, [], NOW + 60, "t", NOW)
+        await store._execute(  # type: ignore[attr-defined]
+            """INSERT INTO agents (id, team_id, name, hostname, tags, public_key,
+                   key_fingerprint, machine_fingerprint, registration_key_id, registered_at)
+               SELECT 'agt_' || md5($1 || i), $1, 'host-' || lpad(i::text, 5, '0'), 'h', '[]',
+                   decode(md5($1 || i), 'hex'), 'fp', 'machine', $2, $3
+               FROM generate_series(1, $4) i""",
+            team_id, key.id, NOW, count,
+        )  # fmt: skip
+    await store._execute("ANALYZE agents")  # type: ignore[attr-defined]
+    limit = 100
+    for query in (AgentQuery(limit=limit), AgentQuery(limit=limit, after=("host-01500", "agt"))):
+        for with_holder in (True, False):
+            sql, values = _agent_listing_statement(
+                query, with_holder=with_holder,
+                carries_tags=store._agent_carries_tags,  # type: ignore[attr-defined]
+                page_apart=store._agent_page_apart,  # type: ignore[attr-defined]
+            )  # fmt: skip
+            holder = ["op_1", "jti"] if with_holder else []
+            arguments = ", ".join(
+                str(value) if isinstance(value, int) else "'" + value.replace("'", "''") + "'"
+                for value in (team, *holder, *values)
+            )
+            # A prepared statement, as asyncpg runs it: planned for the values given the first
+            # times, then (force_generic_plan) once for any values.
+            async with store._transaction() as session:  # type: ignore[attr-defined]
+                await session.execute(f"SET LOCAL plan_cache_mode = {plan_cache_mode}")
+                await session.execute(f"PREPARE listing AS {sql}")
+                try:
+                    rows = await session.fetch(
+                        f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE listing({arguments})"
+                    )
+                finally:
+                    await session.execute("DEALLOCATE listing")
+            plan = json_module.loads(rows[0]["QUERY PLAN"])[0]["Plan"]
+            agent_reads = [
+                (ancestors, node)
+                for ancestors, node in _plan_nodes(plan)
+                if node.get("Relation Name") == "agents"
+            ]
+            assert len(agent_reads) == 1, plan
+            ancestors, read = agent_reads[0]
+            assert read.get("Index Name") == "agents_team_name_id", plan
+            # Read in order until the page is full: no sort between the index and the limit,
+            # and one row more than the page read, not the 3,000 of the team.
+            assert ancestors[-1] == "Limit", plan
+            assert read["Actual Rows"] == limit + 1, plan
