@@ -8,25 +8,19 @@ they see every agent of a team of any size.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 from urllib.parse import urlencode
+
+from operator_cli.paged_list import ApiSession, follow_pages
 
 AGENTS_PATH = "/v1/agents"
 PAGE_SIZE = 1000  # the largest page the service hands out: the fewest round trips
-MAX_PAGES = 100_000  # far past any team; a server that never ends its list is stopped here
 # Agent ids are ``agt_`` and random letters; a host name could look like one too.
 AGENT_ID_PREFIX = "agt_"
 
 
 class AgentListError(Exception):
     """The service's pages do not make a list (a repeated cursor, an unending list)."""
-
-
-class ApiSession(Protocol):
-    """What listing needs of ``operator_cli.client.Session``: an authenticated request."""
-
-    def request(self, method: str, path: str, body: Any = None) -> Any:
-        """Send an authenticated request and return its JSON answer."""
 
 
 @dataclass(frozen=True)
@@ -58,25 +52,17 @@ def fetch_agents(
 ) -> AgentList:
     """The agents matching ``filters``, following ``next_after`` page by page until the last
     page, or until ``limit`` agents (None: all of them)."""
-    filters = filters or AgentFilter()
-    result = AgentList()
-    after: str | None = None
-    for _ in range(MAX_PAGES):
-        wanted = page_size if limit is None else min(page_size, limit - len(result.agents))
-        listing = session.request("GET", agents_page_path(filters, wanted, after))
-        if result.policy_version is None:
-            result.policy_version = listing.get("policy_version")
-        result.agents.extend(listing["agents"])
-        next_after = listing.get("next_after")
-        if next_after is None:
-            return result
-        if limit is not None and len(result.agents) >= limit:
-            result.more = True
-            return result
-        if next_after == after or not listing["agents"]:
-            raise AgentListError("the server handed out the same page twice; try again")
-        after = next_after
-    raise AgentListError(f"the server's agent list did not end after {MAX_PAGES} pages")
+    chosen = filters or AgentFilter()
+    pages = follow_pages(
+        session,
+        lambda wanted, after: agents_page_path(chosen, wanted, after),
+        "agents",
+        limit=limit,
+        page_size=page_size,
+        error=AgentListError,
+    )
+    version = None if pages.first is None else pages.first.get("policy_version")
+    return AgentList(pages.items, version, pages.more)
 
 
 def agents_page_path(filters: AgentFilter, limit: int, after: str | None) -> str:

@@ -1,10 +1,11 @@
 """Entry point for `tucdesk`, the operator command line.
 
 Account commands: login (enroll with an invite, or sign a fresh challenge), logout, whoami;
-agent registration keys (keys create/list/revoke); agents; audit export. Sessions: connect,
-exec (session_commands.py). Policy: policy show/set/test, roster show/sign
-(policy_commands.py); approvals, approve, deny (approval_commands.py). State lives in the CLI
-home (``--home``, ``TUCDESK_HOME``, or the XDG config dir).
+agent registration keys (keys create/list/revoke); agents; sessions (the team's, newest first:
+session_listing.py); audit export. Sessions: connect, exec (session_commands.py). Policy:
+policy show/set/test, roster show/sign (policy_commands.py); approvals, approve, deny
+(approval_commands.py). State lives in the CLI home (``--home``, ``TUCDESK_HOME``, or the XDG
+config dir).
 """
 
 from __future__ import annotations
@@ -13,18 +14,32 @@ import argparse
 import importlib
 import json
 import os
+import shutil
 import sys
+import time
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from operator_cli.agent_listing import PAGE_SIZE, AgentFilter, AgentListError, fetch_agents
+from operator_cli.agent_listing import (
+    PAGE_SIZE,
+    AgentFilter,
+    AgentListError,
+    agents_named,
+    fetch_agents,
+)
 from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.home import CliHome, HomeError, Settings, default_home
 from operator_cli.http import ResponseTooLargeError, TransportError
 from operator_cli.session_commands import agents_trust, connect_command, exec_command
+from operator_cli.session_listing import (
+    SessionFilter,
+    SessionListError,
+    fetch_sessions,
+    session_table,
+)
 from protocol.errors import ProtocolError
 
 
@@ -55,6 +70,8 @@ deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command"
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXPORT_CHUNK_BYTES = 64 * 1024
+DEFAULT_SESSIONS_LISTED = 50
+SESSION_STATES = ("offered", "accepted", "refused", "ended")
 
 Command = Callable[[argparse.Namespace, CliHome], int]
 
@@ -68,6 +85,25 @@ def parse_duration(text: str) -> int:
     if not number.isdigit() or int(number) <= 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 90s, 30m, 1h or 7d")
     return int(number) * (multiplier or 1)
+
+
+def parse_since(text: str, now: float | None = None) -> float:
+    """The Unix time ``--since`` names: a duration ago (``90s``, ``30m``, ``1h``, ``7d``), a
+    Unix time (``1767225600``), or an ISO 8601 date or time (UTC unless it names a zone)."""
+    cleaned = text.strip()
+    if cleaned[-1:].lower() in ("s", "m", "h", "d") and cleaned[:-1].isdigit():
+        return (time.time() if now is None else now) - parse_duration(cleaned)
+    if cleaned.isascii() and cleaned.replace(".", "", 1).isdigit():
+        return float(cleaned)
+    try:
+        moment = datetime.fromisoformat(cleaned)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a duration (1h, 7d), a Unix time or a date like 2026-11-25"
+        ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return max(moment.timestamp(), 0.0)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,6 +179,29 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("agent", metavar="AGENT", help="agent name or id")
     trust.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     trust.set_defaults(handler=_agents_trust)
+
+    sessions = commands.add_parser(
+        "sessions",
+        help="list your team's sessions, newest first",
+        description="List your team's sessions, newest first: who ran what on which agent, "
+        "and how it went. Admins and auditors see the whole team's; any other operator sees "
+        f"only their own. Shows the newest {DEFAULT_SESSIONS_LISTED} unless --limit says "
+        "otherwise (table and --json alike).",
+    )
+    sessions.add_argument("--json", action="store_true", help="print JSON (one document)")
+    sessions.add_argument("--state", action="append", default=[], choices=SESSION_STATES,
+                          help="only sessions in STATE (repeat: in any of them)")
+    sessions.add_argument("--agent", metavar="NAME_OR_ID", help="only sessions on this agent")
+    sessions.add_argument("--operator", metavar="ID", help="only this operator's sessions")
+    sessions.add_argument("--since", type=parse_since, metavar="WHEN",
+                          help="only sessions created since WHEN: a duration ago (30m, 1h, 7d), "
+                          "a Unix time, or an ISO date/time (UTC unless it names a zone)")
+    sessions.add_argument("--limit", type=_positive_count, default=DEFAULT_SESSIONS_LISTED,
+                          metavar="N", help="list at most the newest N sessions "
+                          f"(default {DEFAULT_SESSIONS_LISTED})")
+    sessions.add_argument("--page-size", type=_page_size, default=PAGE_SIZE, metavar="N",
+                          help=f"sessions per request (at most {PAGE_SIZE}, the default)")
+    sessions.set_defaults(handler=_sessions)
 
     connect = commands.add_parser(
         "connect",
@@ -433,6 +492,42 @@ def _agents(args: argparse.Namespace, home: CliHome) -> int:
     if listing.more:
         print(f"(stopped after {len(agents)} agents: --limit)")
     return EXIT_OK
+
+
+def _sessions(args: argparse.Namespace, home: CliHome) -> int:
+    session = Session.from_home(home)
+    try:
+        agent_id = None
+        if args.agent is not None:
+            agent_id = _one_agent_id(session, args.agent, args.page_size)
+        filters = SessionFilter(
+            states=tuple(dict.fromkeys(args.state)), agent_id=agent_id,
+            operator_id=args.operator, since=args.since,
+        )  # fmt: skip
+        listing = fetch_sessions(session, filters, limit=args.limit, page_size=args.page_size)
+    finally:
+        session.close()
+    if args.json:
+        print(json.dumps(listing.sessions, indent=2))
+        return EXIT_OK
+    # COMMAND is cut to the terminal's width; into a pipe or file it goes whole.
+    width = shutil.get_terminal_size().columns if sys.stdout.isatty() else None
+    for line in session_table(listing.sessions, width):
+        print(line)
+    if listing.more:
+        print(f"(the newest {len(listing.sessions)} sessions: --limit to see more)")
+    return EXIT_OK
+
+
+def _one_agent_id(session: Session, name_or_id: str, page_size: int) -> str:
+    """The id of the one agent ``name_or_id`` names; SessionListError for none or several."""
+    agents = agents_named(session, name_or_id, page_size=page_size)
+    if not agents:
+        raise SessionListError(f"no agent named {name_or_id!r} in your team (see tucdesk agents)")
+    if len({agent["id"] for agent in agents}) > 1:
+        raise SessionListError(f"several agents are named {name_or_id!r}; use the agent id")
+    agent_id: str = agents[0]["id"]
+    return agent_id
 
 
 def policy_drift(applied: object, current: object) -> str:

@@ -9,6 +9,8 @@ cursor made up, or issued to another team, only positions the caller inside its 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Iterable
 from urllib.parse import parse_qsl
 
 from protocol.errors import ProtocolError
@@ -40,25 +42,18 @@ class MalformedCursor(BadRequest):
 def agent_query(query_string: bytes) -> AgentQuery:
     """The page and filters a raw query string asks for; InvalidAgentListQuery or
     MalformedCursor (both ServiceErrors) when it is out of bounds. Unknown names are ignored."""
-    try:
-        fields = parse_qsl(
-            query_string.decode("latin-1"),
-            keep_blank_values=True,
-            encoding="utf-8",
-            errors="strict",
-            max_num_fields=MAX_QUERY_FIELDS,
-        )
-    except UnicodeDecodeError:
-        raise InvalidAgentListQuery("query: not valid UTF-8 once percent-decoded") from None
-    except ValueError:
-        raise InvalidAgentListQuery(f"query: more than {MAX_QUERY_FIELDS} fields") from None
-    values: dict[str, list[str]] = {}
-    for field, value in fields:
-        values.setdefault(field, []).append(value)
-    for field in _SINGLE_VALUED:
-        if len(values.get(field, ())) > 1:
-            raise InvalidAgentListQuery(f"{field}: give it at most once")
-    limit = _limit(values.get("limit"))
+    values = query_values(
+        query_string,
+        max_fields=MAX_QUERY_FIELDS,
+        single_valued=_SINGLE_VALUED,
+        invalid=InvalidAgentListQuery,
+    )
+    limit = page_limit(
+        values.get("limit"),
+        default=DEFAULT_AGENTS_PER_PAGE,
+        maximum=MAX_AGENTS_PER_PAGE,
+        invalid=InvalidAgentListQuery,
+    )
     after = values.get("after")
     tags = values.get("tag", [])
     if len(tags) > MAX_TAGS:
@@ -80,44 +75,97 @@ def agent_query(query_string: bytes) -> AgentQuery:
 
 def encode_cursor(name: str, agent_id: str) -> str:
     """The opaque ``next_after`` of a page whose last agent is (``name``, ``agent_id``)."""
-    return b64url(json.dumps([name, agent_id], separators=(",", ":")).encode("utf-8"))
+    return encode_position(name, agent_id)
 
 
 def decode_cursor(cursor: str) -> tuple[str, str]:
     """The (name, id) position in a cursor from ``encode_cursor``; MalformedCursor otherwise."""
-    try:
-        position = json.loads(b64url_decode(cursor, max_size=MAX_CURSOR_BYTES))
-    except (ProtocolError, UnicodeDecodeError, ValueError):
-        position = None
+    position = decoded_position(cursor)
     if (
-        isinstance(position, list)
+        position is not None
         and len(position) == 2
         and all(
             isinstance(part, str) and 1 <= len(part) <= MAX_CURSOR_FIELD_LENGTH
             for part in position
         )
-        and encode_cursor(position[0], position[1]) == cursor
     ):
-        return position[0], position[1]
+        return str(position[0]), str(position[1])
     raise MalformedCursor(
         "after: not a cursor from this list; pass the next_after of the previous page, or "
         "leave after out to start from the first agent"
     )
 
 
-def _limit(values: list[str] | None) -> int:
+# ---- shared by the list endpoints (rendezvous.session_list_query too) ----------------------
+
+
+def query_values(
+    query_string: bytes,
+    *,
+    max_fields: int,
+    single_valued: Iterable[str],
+    invalid: type[ServiceError],
+) -> dict[str, list[str]]:
+    """Each field of a raw query string with its values in order; ``invalid`` when it is not
+    UTF-8, has more than ``max_fields`` fields, or repeats one of ``single_valued``."""
+    try:
+        fields = parse_qsl(
+            query_string.decode("latin-1"),
+            keep_blank_values=True,
+            encoding="utf-8",
+            errors="strict",
+            max_num_fields=max_fields,
+        )
+    except UnicodeDecodeError:
+        raise invalid("query: not valid UTF-8 once percent-decoded") from None
+    except ValueError:
+        raise invalid(f"query: more than {max_fields} fields") from None
+    values: dict[str, list[str]] = {}
+    for field, value in fields:
+        values.setdefault(field, []).append(value)
+    for field in single_valued:
+        if len(values.get(field, ())) > 1:
+            raise invalid(f"{field}: give it at most once")
+    return values
+
+
+def page_limit(
+    values: list[str] | None, *, default: int, maximum: int, invalid: type[ServiceError]
+) -> int:
+    """The ``limit`` a query asks for (``default`` without one); ``invalid`` unless it is a
+    whole number from 1 to ``maximum``."""
     if values is None:
-        return DEFAULT_AGENTS_PER_PAGE
+        return default
     text = values[0]
     # ASCII digits only: int() would also take "+5", " 5", "5_0" and other digits.
     if text.isascii() and text.isdigit() and len(text) <= 7:
         limit = int(text)
-        if 1 <= limit <= MAX_AGENTS_PER_PAGE:
+        if 1 <= limit <= maximum:
             return limit
-    raise InvalidAgentListQuery(
-        f"limit: must be a whole number from 1 to {MAX_AGENTS_PER_PAGE} "
-        f"(default {DEFAULT_AGENTS_PER_PAGE})"
-    )
+    raise invalid(f"limit: must be a whole number from 1 to {maximum} (default {default})")
+
+
+def encode_position(*parts: str | float) -> str:
+    """An opaque cursor: the base64url of the JSON list of a position's sort keys."""
+    return b64url(json.dumps(list(parts), separators=(",", ":")).encode("utf-8"))
+
+
+def decoded_position(cursor: str) -> list[str | float] | None:
+    """The sort keys in a cursor exactly as ``encode_position`` writes them (text, or finite
+    non-integral-typed numbers), or None: the caller checks their number and types."""
+    try:
+        position = json.loads(b64url_decode(cursor, max_size=MAX_CURSOR_BYTES))
+    except (ProtocolError, UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(position, list) or not all(
+        isinstance(part, str) or (type(part) is float and math.isfinite(part))
+        for part in position
+    ):
+        return None
+    # Only the one spelling this service writes: no second cursor for the same position.
+    if encode_position(*position) != cursor:
+        return None
+    return position
 
 
 def _online(values: list[str] | None) -> bool | None:

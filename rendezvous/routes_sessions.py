@@ -1,10 +1,12 @@
-"""Session endpoints: ``POST /v1/sessions`` (token and request proof) and ``GET /v1/sessions/{id}``.
+"""Session endpoints: ``POST /v1/sessions`` (token and request proof), ``GET /v1/sessions``
+(the team's sessions, newest first, a page at a time) and ``GET /v1/sessions/{id}``.
 
 The contract is docs/sessions.md §1; the brokering itself is rendezvous/session_broker.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Request
@@ -12,10 +14,18 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
+from rendezvous.auth import Principal
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
-from rendezvous.schemas import StrictModel
+from rendezvous.schemas import SessionList, SessionView, StrictModel
 from rendezvous.session_broker import SessionRequest, open_session, session_view, validate_command
+from rendezvous.session_list_query import (
+    DEFAULT_SESSIONS_PER_PAGE,
+    MAX_SESSIONS_PER_PAGE,
+    encode_session_cursor,
+    session_query,
+)
+from rendezvous.store.base import ListedSession
 
 router = APIRouter(tags=["sessions"])
 
@@ -79,3 +89,82 @@ async def get_session(session_id: str, caller: Caller, ctx: Context) -> dict[str
     if not may_view:
         raise Forbidden("only the session's operator, admins and auditors may see it")
     return session_view(session)
+
+
+def _query_parameter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}  # fmt: skip
+
+
+# The query is parsed by ``session_list_query`` after the caller is authorized (so 401 and 403
+# come before 422 and 400), not by FastAPI: these only document it.
+_SESSION_LIST_PARAMETERS = [
+    _query_parameter(
+        "limit", "sessions per page",
+        {"type": "integer", "minimum": 1, "maximum": MAX_SESSIONS_PER_PAGE,
+         "default": DEFAULT_SESSIONS_PER_PAGE},
+    ),
+    _query_parameter("after", "the next_after of the previous page (opaque)", {"type": "string"}),
+    _query_parameter(
+        "state", "only sessions in this state (repeat: in any of them)",
+        {"type": "array", "items": {"type": "string",
+                                    "enum": ["offered", "accepted", "refused", "ended"]}},
+    ),
+    _query_parameter("agent", "only sessions on this agent (id)", {"type": "string"}),
+    _query_parameter("operator", "only sessions of this operator (id)", {"type": "string"}),
+    _query_parameter("since", "only sessions created at or after this Unix time",
+                     {"type": "number"}),
+]  # fmt: skip
+
+
+@router.get(
+    "/sessions", response_model=SessionList, openapi_extra={"parameters": _SESSION_LIST_PARAMETERS}
+)
+async def list_sessions(caller: Caller, ctx: Context, request: Request) -> SessionList:
+    """A page of the caller's team's sessions, newest first, filtered by the query: admins and
+    auditors see all of them, any other operator only their own (the team comes from the
+    verified credential only)."""
+    scope = _session_list_scope(caller)
+    query = session_query(request.scope.get("query_string", b""))
+    if scope is not None:
+        if query.operator_id not in (None, scope):
+            # Asked for someone else's sessions: of those, this caller may see none.
+            return SessionList(sessions=[])
+        query = dataclasses.replace(query, operator_id=scope)
+    listing = await ctx.store.session_listing(caller.team_id, query)
+    last = listing.sessions[-1].session if listing.more and listing.sessions else None
+    return SessionList(
+        sessions=[_listed_session_view(listed) for listed in listing.sessions],
+        next_after=encode_session_cursor(last.created_at, last.id) if last else None,
+    )
+
+
+def _session_list_scope(caller: Principal) -> str | None:
+    """Whose sessions ``caller`` may list: None for the whole team (admins, auditors), or the
+    operator's own id; Forbidden for API keys, which may not read sessions at all."""
+    if caller.kind != "operator":
+        raise Forbidden("only operators may list sessions; API keys may not read them")
+    if caller.role in SESSION_VIEWER_ROLES:
+        return None
+    return caller.subject
+
+
+def _listed_session_view(listed: ListedSession) -> SessionView:
+    session = listed.session
+    return SessionView(
+        session_id=session.id,
+        agent_id=session.agent_id,
+        agent_name=listed.agent_name,
+        operator_id=session.operator_id,
+        operator_email=listed.operator_email,
+        mode=session.mode,
+        command=None if session.command is None else list(session.command),
+        state=session.state.value,
+        reason=session.state_reason,
+        policy_result=session.policy_result,
+        policy_rule_id=session.policy_rule_id,
+        relay_id=session.relay_id,
+        created_at=session.created_at,
+        updated_at=session.updated_at,
+        expires_at=session.expires_at,
+    )

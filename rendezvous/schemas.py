@@ -169,3 +169,32 @@ class RegisterResponse(BaseModel):
     service_keys: dict[str, Any]
     # {"admin_keys": [b64url…], "policy_key": b64url} to pin; None if the team has no admin.
     policy_trust: dict[str, Any] | None = None
+
+
+class SessionView(BaseModel):
+    """A session in ``GET /v1/sessions``: the fields of ``GET /v1/sessions/{id}`` and who and
+    what it was (agent name and operator email while the team still has them, exec argv,
+    policy result, last change)."""
+
+    session_id: str
+    agent_id: str
+    agent_name: str | None
+    operator_id: str
+    operator_email: str | None
+    mode: str
+    command: list[str] | None  # exec argv; None for a shell
+    state: str
+    reason: str | None
+    policy_result: str
+    policy_rule_id: str | None
+    relay_id: str
+    created_at: float
+    updated_at: float
+    expires_at: float
+
+
+class SessionList(BaseModel):
+    """A page of the caller's team's sessions, newest first."""
+
+    sessions: list[SessionView]
+    next_after: str | None = None  # pass as ?after= for the page after this one

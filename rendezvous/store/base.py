@@ -345,6 +345,42 @@ class Session:
 
 
 @dataclass(frozen=True)
+class SessionQuery:
+    """Which of a team's sessions to list, newest first: those before ``after`` in (created_at,
+    id) order, at most ``limit`` of them (None: no limit), in one of ``states`` (empty: any),
+    of one agent and one operator (None: any), created at or after ``since`` (None: ever)."""
+
+    limit: int | None = None
+    after: tuple[float, str] | None = None  # the (created_at, id) of the last session listed
+    states: tuple[SessionState, ...] = ()
+    agent_id: str | None = None
+    operator_id: str | None = None
+    since: float | None = None
+
+
+EVERY_SESSION = SessionQuery()
+
+
+@dataclass(frozen=True)
+class ListedSession:
+    """A session in a list, with its agent's name and its operator's email where the team
+    still has them (None once the agent or operator is gone)."""
+
+    session: Session
+    agent_name: str | None
+    operator_email: str | None
+
+
+@dataclass(frozen=True)
+class SessionListing:
+    """A page of a team's sessions; ``more`` is True when sessions past the last one listed
+    match the query too (the page was cut at its limit)."""
+
+    sessions: list[ListedSession]
+    more: bool = False
+
+
+@dataclass(frozen=True)
 class StoredPolicyBundle:
     """One version of a team's countersigned policy bundle (``bundle`` is its canonical JSON)."""
 
@@ -706,6 +742,13 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def get_session(self, team_id: str, session_id: str) -> Session | None:
         """The team's session with this id, or None."""
+
+    @abc.abstractmethod
+    async def session_listing(
+        self, team_id: str, query: SessionQuery = EVERY_SESSION
+    ) -> SessionListing:
+        """The team's sessions ``query`` selects, newest first ((created_at, id) descending),
+        in one query. InvalidArgument if the query is out of bounds."""
 
     @abc.abstractmethod
     async def update_session_state(

@@ -15,6 +15,7 @@ import abc
 import functools
 import itertools
 import json
+import math
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -25,6 +26,7 @@ from audit.store import AuditStore, StoredCheckpoint, StoredRecord
 from rendezvous.store.base import (
     CONNECTION_STALE_AFTER_SECONDS,
     EVERY_AGENT,
+    EVERY_SESSION,
     MAX_NAME_LENGTH,
     MAX_SCOPES,
     MAX_TAGS,
@@ -43,12 +45,15 @@ from rendezvous.store.base import (
     InvalidArgument,
     Invite,
     InviteUnusable,
+    ListedSession,
     LoginChallenge,
     NotFound,
     Operator,
     RegistrationKey,
     RegistrationKeyUnusable,
     Session,
+    SessionListing,
+    SessionQuery,
     SessionState,
     Store,
     StoredPolicyBundle,
@@ -188,6 +193,65 @@ def _agent_listing_statement(
         page_apart=page_apart,
     )
     return sql, values
+
+
+def _session_listing_statement(query: SessionQuery) -> tuple[str, list[Any]]:
+    """The statement listing team $1's sessions newest first ((created_at, id) descending) as
+    ``query`` selects them, and the values of its other parameters (one row more than the
+    limit: whether it comes back says if more sessions follow).
+
+    Only the conditions asked for are written, so the (team_id, created_at, id) index (or the
+    per-operator or per-agent one) is read backwards from the cursor until the limit.
+    """
+    numbers = itertools.count(2)
+    values: list[Any] = []
+    conditions = ["s.team_id = $1"]
+    if query.after is not None:
+        after_time, after_id = query.after
+        if not _is_time(after_time):
+            raise InvalidArgument("a listing position time must be a finite number")
+        _check_text("listing position id", after_id, MAX_NAME_LENGTH)
+        time_number, id_number = next(numbers), next(numbers)
+        # The time bound alone is an index range; the id breaks ties between equal times.
+        conditions.append(
+            f"s.created_at <= ${time_number} "
+            f"AND (s.created_at < ${time_number} OR s.id < ${id_number})"
+        )
+        values += [float(after_time), after_id]
+    if query.states:
+        states = tuple(dict.fromkeys(SessionState(state).value for state in query.states))
+        placeholders = ", ".join(f"${next(numbers)}" for _ in states)
+        conditions.append(f"s.state IN ({placeholders})")
+        values += states
+    if query.agent_id is not None:
+        _check_text("agent id", query.agent_id, MAX_NAME_LENGTH)
+        conditions.append(f"s.agent_id = ${next(numbers)}")
+        values.append(query.agent_id)
+    if query.operator_id is not None:
+        _check_text("operator id", query.operator_id, MAX_NAME_LENGTH)
+        conditions.append(f"s.operator_id = ${next(numbers)}")
+        values.append(query.operator_id)
+    if query.since is not None:
+        if not _is_time(query.since):
+            raise InvalidArgument("since must be a finite number")
+        conditions.append(f"s.created_at >= ${next(numbers)}")
+        values.append(float(query.since))
+    sql = f"""SELECT s.*, a.name AS listed_agent_name, o.email AS listed_operator_email
+        FROM sessions s
+        LEFT JOIN agents a ON a.team_id = s.team_id AND a.id = s.agent_id
+        LEFT JOIN operators o ON o.team_id = s.team_id AND o.id = s.operator_id
+        WHERE {" AND ".join(conditions)}
+        ORDER BY s.created_at DESC, s.id DESC"""  # noqa: S608 - only placeholders spliced in
+    if query.limit is not None:
+        if type(query.limit) is not int or query.limit < 1:
+            raise InvalidArgument("a listing limit must be a whole number of at least 1")
+        sql += f" LIMIT ${next(numbers)}"
+        values.append(query.limit + 1)
+    return sql, values
+
+
+def _is_time(value: object) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)  # type: ignore[arg-type]
 
 
 class SqlSession(abc.ABC):
@@ -916,6 +980,22 @@ class SqlStore(Store):
             "SELECT * FROM sessions WHERE team_id = $1 AND id = $2", team_id, session_id
         )
         return _session(row) if row else None
+
+    async def session_listing(
+        self, team_id: str, query: SessionQuery = EVERY_SESSION
+    ) -> SessionListing:
+        """The team's sessions ``query`` selects, newest first, with agent names and operator
+        emails, in one query."""
+        sql, values = _session_listing_statement(query)
+        rows = await self._read_fetch(sql, team_id, *values)
+        sessions = [
+            ListedSession(_session(row), row["listed_agent_name"], row["listed_operator_email"])
+            for row in rows
+        ]
+        more = query.limit is not None and len(sessions) > query.limit
+        if more:
+            del sessions[query.limit :]
+        return SessionListing(sessions=sessions, more=more)
 
     async def update_session_state(
         self,

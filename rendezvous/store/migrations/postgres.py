@@ -244,7 +244,20 @@ AGENT_LIST_ORDER = Migration(
     ),
 )
 
+SESSION_LIST_ORDER = Migration(
+    6,
+    "sessions indexed in the session list's (created_at, id) order",
+    (
+        # GET /v1/sessions pages a team's sessions newest first by the keyset (created_at, id):
+        # a page is read backwards from its cursor instead of sorting the whole team's history.
+        # The operator's own list (an operator sees only theirs) gets the same order per operator.
+        "CREATE INDEX sessions_team_created_id ON sessions(team_id, created_at, id)",
+        "CREATE INDEX sessions_team_operator_created_id "
+        "ON sessions(team_id, operator_id, created_at, id)",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
-    INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER
+    INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER
 )
 check_sequence(MIGRATIONS)

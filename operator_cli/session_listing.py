@@ -1,0 +1,127 @@
+"""The team's sessions as ``GET /v1/sessions`` pages them, newest first, and the table
+``tucdesk sessions`` prints of them.
+
+The service answers at most a page of sessions at a time, with the opaque ``next_after`` of the
+page that follows (null on the last); an operator who is neither admin nor auditor gets only
+their own sessions, whatever they ask for.
+"""
+
+from __future__ import annotations
+
+import shlex
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import urlencode
+
+from operator_cli.agent_listing import AgentListError
+from operator_cli.paged_list import ApiSession, follow_pages
+
+SESSIONS_PATH = "/v1/sessions"
+PAGE_SIZE = 1000  # the largest page the service hands out: the fewest round trips
+MIN_COMMAND_WIDTH = 12
+MAX_COMMAND_WIDTH = 1_000_000  # no cut: an exec argv is far shorter (a grant's size limit)
+ELLIPSIS = "…"
+# (heading, width) of each column before COMMAND, which gets what is left of the terminal.
+_COLUMNS = (
+    ("SESSION", 24), ("AGENT", 20), ("OPERATOR", 24), ("MODE", 5), ("STATE", 8),
+    ("CREATED", 19),
+)  # fmt: skip
+
+
+class SessionListError(AgentListError):
+    """The service's pages do not make a list, or a filter names nothing (no such agent)."""
+
+
+@dataclass(frozen=True)
+class SessionFilter:
+    """Which sessions to list: in any of ``states`` (empty: any), on one agent and of one
+    operator (ids; None: any), created at or after the Unix time ``since`` (None: ever)."""
+
+    states: tuple[str, ...] = ()
+    agent_id: str | None = None
+    operator_id: str | None = None
+    since: float | None = None
+
+
+@dataclass
+class SessionList:
+    """The sessions fetched, newest first; ``more`` is True when ``limit`` stopped the listing
+    before the service's last page."""
+
+    sessions: list[dict[str, Any]] = field(default_factory=list)
+    more: bool = False
+
+
+def fetch_sessions(
+    session: ApiSession,
+    filters: SessionFilter | None = None,
+    *,
+    limit: int,
+    page_size: int = PAGE_SIZE,
+) -> SessionList:
+    """The newest ``limit`` sessions matching ``filters``, following ``next_after`` page by
+    page until the last page or until ``limit`` sessions."""
+    chosen = filters or SessionFilter()
+    pages = follow_pages(
+        session,
+        lambda wanted, after: sessions_page_path(chosen, wanted, after),
+        "sessions",
+        limit=limit,
+        page_size=page_size,
+        error=SessionListError,
+    )
+    return SessionList(pages.items, pages.more)
+
+
+def sessions_page_path(filters: SessionFilter, limit: int, after: str | None) -> str:
+    """The request path of one page of the session list."""
+    query: list[tuple[str, str]] = [("limit", str(limit))]
+    query += [("state", state) for state in filters.states]
+    if filters.agent_id is not None:
+        query.append(("agent", filters.agent_id))
+    if filters.operator_id is not None:
+        query.append(("operator", filters.operator_id))
+    if filters.since is not None:
+        query.append(("since", _unix_time_text(filters.since)))
+    if after is not None:
+        query.append(("after", after))
+    return f"{SESSIONS_PATH}?{urlencode(query)}"
+
+
+def session_table(sessions: list[dict[str, Any]], width: int | None) -> list[str]:
+    """The lines of the sessions table: a heading, then one line a session, each at most
+    ``width`` characters (COMMAND cut to fit, never below MIN_COMMAND_WIDTH; None: whole)."""
+    fixed = sum(column_width + 1 for _, column_width in _COLUMNS)
+    command_width = MAX_COMMAND_WIDTH if width is None else max(MIN_COMMAND_WIDTH, width - fixed)
+    lines = [_row([heading for heading, _ in _COLUMNS], "COMMAND", command_width)]
+    for entry in sessions:
+        command = entry.get("command")
+        cells = [
+            entry["session_id"],
+            entry.get("agent_name") or entry["agent_id"],
+            entry.get("operator_email") or entry["operator_id"],
+            entry["mode"],
+            entry["state"],
+            datetime.fromtimestamp(entry["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S"),
+        ]
+        shown = shlex.join(command) if command else "-"
+        lines.append(_row(cells, shown, command_width))
+    return lines
+
+
+def _row(cells: list[str], command: str, command_width: int) -> str:
+    parts = [_cut(cell, column_width).ljust(column_width)
+             for cell, (_, column_width) in zip(cells, _COLUMNS, strict=True)]  # fmt: skip
+    return " ".join([*parts, _cut(command, command_width)]).rstrip()
+
+
+def _cut(text: str, width: int) -> str:
+    # Control characters from a command or name must not move the terminal's cursor.
+    text = "".join(char if char.isprintable() else "?" for char in text)
+    return text if len(text) <= width else text[: width - 1] + ELLIPSIS
+
+
+def _unix_time_text(value: float) -> str:
+    # The service takes plain decimals only (no exponent): whole seconds, or a fixed fraction.
+    return str(int(value)) if value == int(value) else f"{value:.6f}"
