@@ -216,9 +216,14 @@ class ServiceHarness:
         payload = self.registration(agent, key, **kwargs)
         return await self.http.post("/v1/agents/register", json=payload)
 
-    async def audit_actions(self, team_id: str) -> list[str]:
+    async def audit_events(self, team_id: str, action: str | None = None) -> list[dict[str, Any]]:
+        """The team's audit events in log order (only ``action``'s, if given)."""
         records = await self.store.audit.read_records(team_id, 0, 10_000)
-        return [json.loads(record.canonical)["event"]["action"] for record in records]
+        events = [json.loads(record.canonical)["event"] for record in records]
+        return [event for event in events if action is None or event["action"] == action]
+
+    async def audit_actions(self, team_id: str) -> list[str]:
+        return [event["action"] for event in await self.audit_events(team_id)]
 
 
 @asynccontextmanager

@@ -99,12 +99,6 @@ def rejected(service: ServiceHarness, reason: str) -> float:
     return registry.get_sample_value("tucdesk_rejected_inputs_total", {"reason": reason}) or 0.0
 
 
-async def audit_events(service: ServiceHarness, team_id: str, action: str) -> list[dict[str, Any]]:
-    records = await service.store.audit.read_records(team_id, 0, 10_000)
-    events = [json.loads(record.canonical)["event"] for record in records]
-    return [event for event in events if event["action"] == action]
-
-
 async def listed_connections(service: ServiceHarness, agent: EnrolledAgent) -> set[str]:
     connections = await service.store.list_agent_connections(agent.team_id, agent.agent_id)
     return {connection.connection_id for connection in connections}
@@ -131,7 +125,7 @@ async def test_reconnect_naming_its_half_open_connection_is_no_clone_and_gets_th
             # The first connection now says nothing, like one whose network dropped silently.
             async with connected(url, agent, replaces=stale_id) as (channel, fresh_id):
                 assert clone_anomalies(service) == 0
-                assert await audit_events(service, team, "agent.clone_anomaly") == []
+                assert await service.audit_events(team, "agent.clone_anomaly") == []
                 assert await listed_connections(service, agent) == {fresh_id}
                 [listed] = (await service.call(admin, "GET", "/v1/agents")).json()["agents"]
                 assert listed["online"]
@@ -141,9 +135,9 @@ async def test_reconnect_naming_its_half_open_connection_is_no_clone_and_gets_th
                 closed = await closed_by_server(AgentChannel(stale.ws, agent))
                 assert closed.reason.reason == SUPERSEDED_REASON
                 assert await listed_connections(service, agent) == {fresh_id}
-        connected_events = await audit_events(service, team, "agent.connected")
+        connected_events = await service.audit_events(team, "agent.connected")
         assert [e["context"].get("replaces") for e in connected_events] == [None, stale_id]
-        disconnected = await audit_events(service, team, "agent.disconnected")
+        disconnected = await service.audit_events(team, "agent.disconnected")
         reasons = {e["context"]["connection_id"]: e["context"].get("reason") for e in disconnected}
         assert reasons[stale_id] == "superseded"
         assert reasons.get(fresh_id) is None  # its record may still be on its way: no matter
@@ -158,7 +152,7 @@ async def test_a_second_process_that_names_no_connection_is_still_a_clone(
         agent = await enroll_agent(service, admin)
         async with connected(url, agent) as (_, first_id):
             async with connected(url, agent) as (_, second_id):
-                [anomaly] = await audit_events(service, team, "agent.clone_anomaly")
+                [anomaly] = await service.audit_events(team, "agent.clone_anomaly")
                 assert anomaly["context"]["other_connections"] == [first_id]
                 assert clone_anomalies(service) == 1
                 assert await listed_connections(service, agent) == {first_id, second_id}
@@ -176,7 +170,7 @@ async def test_two_snapshot_clones_naming_one_old_connection_are_flagged_on_the_
                 connected(url, agent, replaces=old_id) as (_, first_id),
                 connected(url, agent, replaces=old_id) as (_, second_id),
             ):
-                [anomaly] = await audit_events(service, team, "agent.clone_anomaly")
+                [anomaly] = await service.audit_events(team, "agent.clone_anomaly")
                 assert anomaly["context"]["other_connections"] == [first_id]
                 assert await listed_connections(service, agent) == {first_id, second_id}
 
@@ -193,10 +187,10 @@ async def test_a_clone_naming_the_originals_live_connection_is_flagged_when_it_r
             await heartbeat(original)
             async with connected(url, agent, replaces=original_id) as (_, clone_id):
                 assert (await closed_by_server(original)).reason.reason == SUPERSEDED_REASON
-                assert await audit_events(service, team, "agent.clone_anomaly") == []
+                assert await service.audit_events(team, "agent.clone_anomaly") == []
                 # The original reconnects as it should, naming its own (now gone) connection.
                 async with connected(url, agent, replaces=original_id):
-                    [anomaly] = await audit_events(service, team, "agent.clone_anomaly")
+                    [anomaly] = await service.audit_events(team, "agent.clone_anomaly")
                     assert anomaly["context"]["other_connections"] == [clone_id]
                     assert clone_anomalies(service) == 1
 
@@ -219,7 +213,7 @@ async def test_naming_another_agents_or_teams_connection_removes_nothing_and_is_
             for named in (neighbour_id, stranger_id):
                 async with connected(url, agent, replaces=named):
                     pass
-            anomalies = await audit_events(service, team, "agent.clone_anomaly")
+            anomalies = await service.audit_events(team, "agent.clone_anomaly")
             # Each is flagged for the live connection it did not name (the first one's own row
             # may still be on its way out when the second connects).
             assert len(anomalies) == 2
@@ -240,7 +234,7 @@ async def test_a_named_connection_of_another_machine_fingerprint_is_not_supersed
             connected(url, agent) as (_, first_id),
             connected(url, agent, replaces=first_id, machine="machine-2") as (_, second_id),
         ):
-            [anomaly] = await audit_events(service, team, "agent.clone_anomaly")
+            [anomaly] = await service.audit_events(team, "agent.clone_anomaly")
             assert anomaly["context"]["kinds"] == ["machine_fingerprint", "concurrent_connection"]
             assert await listed_connections(service, agent) == {first_id, second_id}
 
@@ -341,14 +335,14 @@ async def test_reconnect_to_another_instance_closes_the_channel_the_first_holds_
                     closed = await closed_by_server(stale)
                 assert closed.reason.reason == SUPERSEDED_REASON
                 assert clone_anomalies(instance_a) == clone_anomalies(instance_b) == 0
-                assert await audit_events(instance_a, team, "agent.clone_anomaly") == []
+                assert await instance_a.audit_events(team, "agent.clone_anomaly") == []
                 assert await listed_connections(instance_a, agent) == {fresh_id}
                 assert instance_a.ctx.connections is not None
                 assert instance_a.ctx.connections.channels(team, agent.agent_id) == []
                 # Requested at A, which held the old channel: the offer goes to B's.
                 await offer_reaches(instance_a, admin, channel)
                 await heartbeat(channel)
-        disconnected = await audit_events(instance_a, team, "agent.disconnected")
+        disconnected = await instance_a.audit_events(team, "agent.disconnected")
         assert {e["context"]["connection_id"]: e["context"].get("reason") for e in disconnected}[
             stale_id
         ] == "superseded"
@@ -434,6 +428,6 @@ async def test_an_older_agent_reconnecting_without_naming_gets_offers_on_its_new
         admin = await service.operator(team, "admin")
         agent = await enroll_agent(service, admin)
         async with connected(url, agent) as (_, stale_id), connected(url, agent) as (channel, _):
-            [anomaly] = await audit_events(service, team, "agent.clone_anomaly")
+            [anomaly] = await service.audit_events(team, "agent.clone_anomaly")
             assert anomaly["context"]["other_connections"] == [stale_id]
             await offer_reaches(service, admin, channel)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -47,11 +46,6 @@ async def _register(service: ServiceHarness, admin: OperatorSession, name: str) 
     assert response.status_code == 200, response.text
     answer: dict[str, Any] = response.json()
     return answer
-
-
-async def _audit_events(service: ServiceHarness, team_id: str) -> list[dict[str, Any]]:
-    records = await service.store.audit.read_records(team_id, 0, 10_000)
-    return [json.loads(record.canonical)["event"] for record in records]
 
 
 async def test_registration_hands_the_agent_the_team_admins_and_the_policy_key_to_pin(
@@ -114,7 +108,7 @@ async def test_an_admin_signed_bundle_is_countersigned_stored_and_audited_with_b
         second = await set_policy(service, admin, text=new_text)
         assert second["version"] == 2
         assert accept_policy_bundle(second["bundle"], accepted.trust).trust.version == 2
-        policy_sets = [e for e in await _audit_events(service, team) if e["action"] == "policy.set"]
+        policy_sets = await service.audit_events(team, "policy.set")
         assert [e["context"]["new_version"] for e in policy_sets] == [1, 2]
         assert policy_sets[1]["context"]["old_sha256"] == first["sha256"]
         assert policy_sets[1]["context"]["new_sha256"] == second["sha256"]
@@ -130,7 +124,7 @@ async def test_a_change_of_roster_alone_is_audited_as_a_roster_signature(
         await service.operator(team, "operator")
         answer = await set_policy(service, admin)
         assert answer["kind"] == "roster"
-        actions = [event["action"] for event in await _audit_events(service, team)]
+        actions = [event["action"] for event in await service.audit_events(team)]
         assert actions.count("policy.set") == 1 and actions.count("roster.signed") == 1
 
 
@@ -179,7 +173,7 @@ async def test_a_version_lost_to_a_concurrent_put_is_audited_as_not_stored(
         team = await service.team("ops")
         admins = [await service.operator(team, "admin") for _ in range(2)]
         await set_policy(service, admins[0])
-        assert "policy.set_failed" not in [e["action"] for e in await _audit_events(service, team)]
+        assert await service.audit_events(team, "policy.set_failed") == []
         texts = [  # two different changes of the policy, both next after version 1
             policy_text(2, rules=f'[[rules]]\nid = "only-{role}s"\noutcome = "allow"\n'
                                  f'operators = {{ roles = ["{role}"] }}\n')
@@ -221,7 +215,7 @@ async def test_a_version_lost_to_a_concurrent_put_is_audited_as_not_stored(
         winner = next(sha for sha, status in statuses.items() if status == 200)
         loser = next(sha for sha, status in statuses.items() if status == 409)
         assert (await current_policy(service, admins[0]))["version"] == 2
-        events = await _audit_events(service, team)
+        events = await service.audit_events(team)
         attempts = [e for e in events if e["action"] == "policy.set"]
         assert {e["context"]["new_sha256"] for e in attempts[1:]} == {winner, loser}
         [failed] = [e for e in events if e["action"] == "policy.set_failed"]
@@ -259,7 +253,7 @@ async def test_a_store_failure_after_the_audit_record_is_audited_as_not_stored(
         response = await put_policy(service, admin, bundle.to_json())
         assert response.status_code == 503, response.text
         assert (await current_policy(service, admin))["version"] == 0
-        events = await _audit_events(service, team)
+        events = await service.audit_events(team)
         assert [e["action"] for e in events][-2:] == ["policy.set", "policy.set_failed"]
         failed = events[-1]["context"]
         assert failed["sha256"] == bundle.content.sha256() == events[-2]["context"]["new_sha256"]
@@ -343,7 +337,7 @@ async def test_sessions_are_decided_by_the_signed_policy_and_roster(
             response = await service.call(operator, "POST", "/v1/sessions", shell)
             assert response.status_code == 201, response.text
         decisions = [
-            event for event in await _audit_events(service, team)
+            event for event in await service.audit_events(team)
             if event["action"] == "session.decision"
         ]  # fmt: skip
         assert [d["policy_result"]["rule_id"] for d in decisions] == [
@@ -379,7 +373,7 @@ async def test_agents_get_the_bundle_on_connect_and_on_change_and_their_version_
         assert view["policy_version"] == 1
         assert view["policy_refusal"] == "not signed by a pinned admin"
         refusals = [
-            event for event in await _audit_events(service, team)
+            event for event in await service.audit_events(team)
             if event["action"] == "policy.refused"
         ]  # fmt: skip
         assert refusals[0]["context"]["version"] == 2

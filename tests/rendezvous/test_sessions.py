@@ -15,7 +15,6 @@ from protocol.identity import b64url
 from protocol.relay_token import Side, verify_relay_token
 from protocol.session_grant import SessionMode, verify_session_grant
 from rendezvous.store import Store
-from tests.rendezvous.service_harness import ServiceHarness
 from tests.rendezvous.sessions_support import (
     agent_channel,
     enroll_agent,
@@ -26,11 +25,6 @@ from tests.rendezvous.sessions_support import (
 )
 
 pytestmark = pytest.mark.anyio
-
-
-async def _session_records(service: ServiceHarness, team_id: str) -> list[dict[str, Any]]:
-    records = await service.store.audit.read_records(team_id, 0, 10_000)
-    return [json.loads(record.canonical)["event"] for record in records]
 
 
 async def test_exec_session_is_offered_to_the_online_agent_with_tokens_that_verify(
@@ -121,7 +115,7 @@ async def test_request_and_decision_are_audited_before_the_offer_reaches_the_age
             offer = await channel.receive("session_offer")
             # What the log held when the agent got its offer:
             events = [
-                event for event in await _session_records(service, team)
+                event for event in await service.audit_events(team)
                 if event["session_id"] == offer["session_id"]
             ]  # fmt: skip
         assert [event["action"] for event in events] == ["session.requested", "session.decision"]
@@ -193,7 +187,7 @@ async def test_roles_other_than_operator_and_admin_are_forbidden(
             # No offer went out: the next message the agent sees is its heartbeat answer.
             await channel.send({"type": "heartbeat"})
             assert json.loads(await channel.ws.get_message()) == {"type": "heartbeat_ack"}
-        events = await _session_records(service, team)
+        events = await service.audit_events(team)
         decision = [event for event in events if event["action"] == "session.decision"][-1]
         assert decision["policy_result"]["outcome"] == "deny"
 
@@ -311,7 +305,7 @@ async def test_agent_audit_events_are_appended_and_the_export_verifies(
                     action, session_id=session_id, context=context, event_id=f"e{number}"
                 )
                 assert answer == {"type": "audit_event_ack", "id": f"e{number}"}
-        events = await _session_records(service, team)
+        events = await service.audit_events(team)
         agent_events = [event for event in events if event["actor"]["kind"] == "agent"
                         and event["session_id"] == session_id]
         assert [event["action"] for event in agent_events] == [
