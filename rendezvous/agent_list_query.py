@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable
+from typing import Any
 from urllib.parse import parse_qsl
 
 from protocol.errors import ProtocolError
@@ -143,6 +144,13 @@ def page_limit(
         if 1 <= limit <= maximum:
             return limit
     raise invalid(f"limit: must be a whole number from 1 to {maximum} (default {default})")
+
+
+def openapi_query_parameter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """An optional query parameter as the OpenAPI document describes it (lists parse their own
+    query strings, so FastAPI cannot derive these)."""
+    return {"name": name, "in": "query", "required": False, "description": description,
+            "schema": schema}  # fmt: skip
 
 
 def encode_position(*parts: str | float) -> str:

@@ -17,6 +17,7 @@ from rendezvous.agent_list_query import (
     DEFAULT_AGENTS_PER_PAGE,
     MAX_AGENTS_PER_PAGE,
     encode_cursor,
+    openapi_query_parameter,
 )
 from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthenticated_actor
 from rendezvous.auth import Permission, Principal, authorize
@@ -115,29 +116,24 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
     )
 
 
-def _query_parameter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema}  # fmt: skip
-
-
 # The query is parsed by ``agent_list_query`` (the same code on both paths), not by FastAPI:
 # these only document it.
 _AGENT_LIST_PARAMETERS = [
-    _query_parameter(
+    openapi_query_parameter(
         "limit", "agents per page",
         {"type": "integer", "minimum": 1, "maximum": MAX_AGENTS_PER_PAGE,
          "default": DEFAULT_AGENTS_PER_PAGE},
     ),
-    _query_parameter(
+    openapi_query_parameter(
         "after", "the next_after of the previous page (opaque)", {"type": "string"}
     ),
-    _query_parameter(
+    openapi_query_parameter(
         "tag", "only agents carrying this tag (repeat: all of them)",
         {"type": "array", "items": {"type": "string"}},
     ),
-    _query_parameter("online", "only online (true) or offline (false) agents",
+    openapi_query_parameter("online", "only online (true) or offline (false) agents",
                      {"type": "boolean"}),
-    _query_parameter("name", "only agents whose name starts with this", {"type": "string"}),
+    openapi_query_parameter("name", "only agents whose name starts with this", {"type": "string"}),
 ]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import Field
 
 from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
+from rendezvous.agent_list_query import openapi_query_parameter
 from rendezvous.auth import Principal
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
@@ -91,28 +92,25 @@ async def get_session(session_id: str, caller: Caller, ctx: Context) -> dict[str
     return session_view(session)
 
 
-def _query_parameter(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
-    return {"name": name, "in": "query", "required": False, "description": description,
-            "schema": schema}  # fmt: skip
-
-
 # The query is parsed by ``session_list_query`` after the caller is authorized (so 401 and 403
 # come before 422 and 400), not by FastAPI: these only document it.
 _SESSION_LIST_PARAMETERS = [
-    _query_parameter(
+    openapi_query_parameter(
         "limit", "sessions per page",
         {"type": "integer", "minimum": 1, "maximum": MAX_SESSIONS_PER_PAGE,
          "default": DEFAULT_SESSIONS_PER_PAGE},
     ),
-    _query_parameter("after", "the next_after of the previous page (opaque)", {"type": "string"}),
-    _query_parameter(
+    openapi_query_parameter(
+        "after", "the next_after of the previous page (opaque)", {"type": "string"}
+    ),
+    openapi_query_parameter(
         "state", "only sessions in this state (repeat: in any of them)",
         {"type": "array", "items": {"type": "string",
                                     "enum": ["offered", "accepted", "refused", "ended"]}},
     ),
-    _query_parameter("agent", "only sessions on this agent (id)", {"type": "string"}),
-    _query_parameter("operator", "only sessions of this operator (id)", {"type": "string"}),
-    _query_parameter("since", "only sessions created at or after this Unix time",
+    openapi_query_parameter("agent", "only sessions on this agent (id)", {"type": "string"}),
+    openapi_query_parameter("operator", "only sessions of this operator (id)", {"type": "string"}),
+    openapi_query_parameter("since", "only sessions created at or after this Unix time",
                      {"type": "number"}),
 ]  # fmt: skip
 
