@@ -9,7 +9,6 @@ its heartbeat timeout.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -18,19 +17,14 @@ import pytest
 import trio
 
 from agent.control_client import ControlClient, ReconnectBackoff
-from agent.enrollment import EnrollmentRequest, enroll
-from agent.machine_identity import MachineIdentifiers
-from agent.state_file import AgentState
-from rendezvous.credentials import hash_secret, new_registration_key
 from rendezvous.store import open_store
-from tests.agent.policy_support import ensure_team_admin
+from tests.agent.test_control_client import MACHINE, enrolled_agent
 from tests.rendezvous.conftest import database_url, postgres_cluster  # noqa: F401 - fixtures
 from tests.rendezvous.live_server import live_service
 
 pytestmark = pytest.mark.anyio
 
 WAIT_SECONDS = 20
-MACHINE = MachineIdentifiers(machine_id="0123456789abcdef0123456789abcdef")
 PUMP_BYTES = 65536
 
 
@@ -83,17 +77,6 @@ async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.C
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     done.cancel()
-
-
-async def enrolled_agent(url: str, store_url: str, state_dir: Path) -> AgentState:
-    key = new_registration_key()
-    async with open_store(store_url) as store:
-        team = await store.get_team_by_name("ops") or await store.create_team("ops", time.time())
-        await store.create_registration_key(
-            team.id, hash_secret(key), [], time.time() + 600, "test", time.time()
-        )
-        await ensure_team_admin(store, team.id)
-    return await enroll(EnrollmentRequest(url, key, state_dir / "agent.state"), MACHINE)
 
 
 async def audit_events(store_url: str, team_id: str, action: str) -> list[dict[str, Any]]:
