@@ -33,7 +33,6 @@ from operator_cli.agent_listing import (
 from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.home import CliHome, HomeError, Settings, default_home
 from operator_cli.http import ResponseTooLargeError, TransportError
-from operator_cli.session_commands import agents_trust, connect_command, exec_command
 from operator_cli.session_listing import (
     SessionFilter,
     SessionListError,
@@ -46,8 +45,10 @@ from protocol.errors import ProtocolError
 def _imported_on_use(module: str, name: str) -> Callable[..., Any]:
     """A command implementation imported only when its command runs.
 
-    `tucdesk exec` start-up is measured against `ssh host true`; the policy, approval, demo and
-    selfcheck modules (and what they import) stay out of every other command's start-up.
+    Start-up is most of a short command's wall time (`tucdesk exec` is measured against `ssh
+    host true`), so each command loads only what it uses: the session stack (trio, the frame
+    and handshake code) stays out of `tucdesk agents`, `sessions`, `login` and `--help`, and the
+    policy, approval, demo and selfcheck modules out of everything but their own commands.
     """
 
     def call(*args: Any, **kwargs: Any) -> Any:
@@ -66,6 +67,10 @@ roster_sign = _imported_on_use("operator_cli.policy_commands", "roster_sign")
 approvals_command = _imported_on_use("operator_cli.approval_commands", "approvals_command")
 approve_command = _imported_on_use("operator_cli.approval_commands", "approve_command")
 deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command")
+# trio and the session stack load only for the commands that open sessions.
+agents_trust = _imported_on_use("operator_cli.session_commands", "agents_trust")
+connect_command = _imported_on_use("operator_cli.session_commands", "connect_command")
+exec_command = _imported_on_use("operator_cli.session_commands", "exec_command")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,30 @@ def test_server_url_must_be_http_or_https(
 ) -> None:
     assert main(["--home", str(tmp_path), "login", "--server", "ftp://x", "--invite", "i"]) == 1
     assert "https://" in capsys.readouterr().err
+
+
+# What only `connect`, `exec` and the policy/approval/demo commands need, and what it would cost
+# every other command's start-up to load (trio alone is ~0.1 s here).
+_SESSION_ONLY_MODULES = (
+    "trio", "operator_cli.session_commands", "operator_cli.session_client",
+    "operator_cli.policy_commands", "operator_cli.approval_commands", "operator_cli.demo",
+)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["agents", "--help"], ["whoami"]])
+def test_commands_that_open_no_session_do_not_load_the_session_stack(
+    tmp_path: Path, argv: list[str]
+) -> None:
+    probe = (
+        "import sys\n"
+        "from operator_cli.main import main\n"
+        "try:\n"
+        f"    main({['--home', str(tmp_path / 'home'), *argv]!r})\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        f"print(sorted(set({_SESSION_ONLY_MODULES!r}) & set(sys.modules)))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
