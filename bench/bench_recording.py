@@ -41,6 +41,20 @@ def own_cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def settled_cpu_seconds(pid: int, quiet: float = 0.1, limit: float = 10.0) -> float:
+    """``pid``'s CPU seconds once it has spent none for ``quiet`` seconds: the session has ended
+    and its recording is closed (the writer thread's last chunk counts); at most ``limit`` s."""
+    deadline = time.monotonic() + limit
+    spent = own_cpu_seconds(pid)
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = own_cpu_seconds(pid)
+        if now == spent:
+            return now
+        spent = now
+    raise RuntimeError(f"agent {pid} still busy {limit} s after the session")
+
+
 def recorder_alone(directory: Path, mib: int) -> float:
     """CPU seconds per MiB for SessionRecorder.output on 16 KiB chunks of terminal text."""
     line = "drwxr-xr-x 2 root root 4096 Nov 26 18:00 caf\u00e9 \x1b[01;34mdir\x1b[0m\r\n"
@@ -103,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
                     pid = stack.processes["agent"].pid
                     before = own_cpu_seconds(pid)
                     seconds, received = bulk_pty(client, bulk)
-                    time.sleep(0.5)  # a benchmark: let the session end and its recording close
-                    spent = own_cpu_seconds(pid) - before
+                    spent = settled_cpu_seconds(pid) - before
                     samples[mode].append(spent / (received / MIB))
                     rates[mode].append(received / seconds / 1e6)
                     recorded = sum(p.stat().st_size for p in recordings.glob("*.cast"))
