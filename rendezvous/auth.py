@@ -38,6 +38,7 @@ class Permission(StrEnum):
     REGISTRATION_KEYS_READ = "registration_keys:read"
     REGISTRATION_KEYS_WRITE = "registration_keys:write"
     AUDIT_READ = "audit:read"
+    SESSIONS_READ = "sessions:read"  # every session of the team, not only the caller's own
     API_KEYS_WRITE = "api_keys:write"
     TOKENS_REVOKE = "tokens:revoke"
     OPERATORS_WRITE = "operators:write"
@@ -49,6 +50,7 @@ API_KEY_SCOPES = frozenset(
         Permission.REGISTRATION_KEYS_READ,
         Permission.REGISTRATION_KEYS_WRITE,
         Permission.AUDIT_READ,
+        Permission.SESSIONS_READ,
     }
 )
 
@@ -56,7 +58,7 @@ ROLE_PERMISSIONS: dict[str, frozenset[Permission]] = {
     "admin": frozenset(Permission),
     "operator": frozenset({Permission.AGENTS_READ}),
     "approver": frozenset({Permission.AGENTS_READ}),
-    "auditor": frozenset({Permission.AGENTS_READ, Permission.AUDIT_READ}),
+    "auditor": frozenset({Permission.AGENTS_READ, Permission.AUDIT_READ, Permission.SESSIONS_READ}),
 }
 
 
@@ -159,14 +161,18 @@ async def _authenticate(
 
 def authorize(principal: Principal, permission: Permission) -> None:
     """Raise Forbidden unless the caller's role or scopes grant ``permission``."""
-    if principal.kind == "operator":
-        allowed = ROLE_PERMISSIONS.get(principal.role or "", frozenset())
-        if permission in allowed:
-            return
-        raise Forbidden(f"the {principal.role} role may not do this ({permission.value})")
-    if permission.value in principal.scopes:
+    if is_granted(principal, permission):
         return
+    if principal.kind == "operator":
+        raise Forbidden(f"the {principal.role} role may not do this ({permission.value})")
     raise Forbidden(f"this API key lacks the {permission.value} scope")
+
+
+def is_granted(principal: Principal, permission: Permission) -> bool:
+    """Whether the caller's role (an operator) or scopes (an API key) grant ``permission``."""
+    if principal.kind == "operator":
+        return permission in ROLE_PERMISSIONS.get(principal.role or "", frozenset())
+    return permission.value in principal.scopes
 
 
 def _bearer(authorization: str | None) -> str:

@@ -26,6 +26,7 @@ from rendezvous.store import NotFound as StoreNotFound
 
 router = APIRouter(tags=["keys"])
 TAG_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:=")
+API_KEY_SCOPE_NAMES = sorted(str(scope) for scope in API_KEY_SCOPES)
 
 
 @router.post("/registration-keys", response_model=CreatedRegistrationKey, status_code=201)
@@ -87,7 +88,14 @@ async def revoke_registration_key(
     return _registration_key_view(key, now)
 
 
-@router.post("/api-keys", response_model=CreatedApiKey, status_code=201)
+@router.post(
+    "/api-keys",
+    response_model=CreatedApiKey,
+    status_code=201,
+    # Built from API_KEY_SCOPES, so the OpenAPI document always names the scopes there are.
+    description="Create a scoped API key for an integration (operators only); the key is "
+    f"shown once. Scopes: {', '.join(API_KEY_SCOPE_NAMES)}.",
+)
 async def create_api_key(body: ApiKeyRequest, caller: Caller, ctx: Context) -> CreatedApiKey:
     """Create a scoped API key for an integration (operators only); the key is shown once."""
     authorize(caller, Permission.API_KEYS_WRITE)
@@ -95,9 +103,7 @@ async def create_api_key(body: ApiKeyRequest, caller: Caller, ctx: Context) -> C
         raise Forbidden("API keys cannot create API keys")
     unknown = sorted(set(body.scopes) - API_KEY_SCOPES)
     if unknown:
-        raise BadRequest(
-            f"unknown scopes {unknown}; choose from {sorted(str(s) for s in API_KEY_SCOPES)}"
-        )
+        raise BadRequest(f"unknown scopes {unknown}; choose from {API_KEY_SCOPE_NAMES}")
     secret = new_api_key()
     now = ctx.now()
     api_key = await ctx.store.create_api_key(

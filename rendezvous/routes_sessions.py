@@ -1,13 +1,16 @@
 """Session endpoints: ``POST /v1/sessions`` (token and request proof), ``GET /v1/sessions``
 (the team's sessions, newest first, a page at a time) and ``GET /v1/sessions/{id}``.
 
+Reading sessions: whoever holds ``sessions:read`` (admins and auditors by role, API keys by
+scope) reads the whole team's; any other operator only their own.
+
 The contract is docs/sessions.md §1; the brokering itself is rendezvous/session_broker.py.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
@@ -15,11 +18,11 @@ from pydantic import Field
 
 from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
 from rendezvous.agent_list_query import openapi_query_parameter
-from rendezvous.auth import Principal
+from rendezvous.auth import Permission, Principal, authorize, is_granted
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from rendezvous.schemas import SessionList, SessionView, StrictModel
-from rendezvous.session_broker import SessionRequest, open_session, session_view, validate_command
+from rendezvous.session_broker import SessionRequest, open_session, validate_command
 from rendezvous.session_list_query import (
     DEFAULT_SESSIONS_PER_PAGE,
     MAX_SESSIONS_PER_PAGE,
@@ -35,7 +38,6 @@ MAX_TARGET_LENGTH = 255
 MAX_TERM_LENGTH = 64
 MAX_WINDOW_CELLS = 10_000
 MAX_APPROVAL_ID_LENGTH = 64
-SESSION_VIEWER_ROLES = frozenset({"admin", "auditor"})
 
 
 class SessionBody(StrictModel):
@@ -78,18 +80,18 @@ async def create_session(
     return JSONResponse(answer, status_code=status)
 
 
-@router.get("/sessions/{session_id}")
-async def get_session(session_id: str, caller: Caller, ctx: Context) -> dict[str, Any]:
-    """A session's state (e.g. why the agent refused it): for its operator, admins, auditors."""
-    session = await ctx.store.get_session(caller.team_id, session_id[:MAX_TARGET_LENGTH])
-    if session is None:
+@router.get("/sessions/{session_id}", response_model=SessionView)
+async def get_session(session_id: str, caller: Caller, ctx: Context) -> SessionView:
+    """A session's state (e.g. why the agent refused it), as the list shows it: for its
+    operator, admins, auditors and API keys with the sessions:read scope."""
+    # An API key without the scope is refused before the lookup: it learns no session ids.
+    reader = _session_reader(caller)
+    listed = await ctx.store.listed_session(caller.team_id, session_id[:MAX_TARGET_LENGTH])
+    if listed is None:
         raise NotFound("no such session in your team")
-    may_view = caller.kind == "operator" and (
-        caller.subject == session.operator_id or caller.role in SESSION_VIEWER_ROLES
-    )
-    if not may_view:
+    if reader is not None and reader != listed.session.operator_id:
         raise Forbidden("only the session's operator, admins and auditors may see it")
-    return session_view(session)
+    return _listed_session_view(listed)
 
 
 # The query is parsed by ``session_list_query`` after the caller is authorized (so 401 and 403
@@ -119,16 +121,16 @@ _SESSION_LIST_PARAMETERS = [
     "/sessions", response_model=SessionList, openapi_extra={"parameters": _SESSION_LIST_PARAMETERS}
 )
 async def list_sessions(caller: Caller, ctx: Context, request: Request) -> SessionList:
-    """A page of the caller's team's sessions, newest first, filtered by the query: admins and
-    auditors see all of them, any other operator only their own (the team comes from the
-    verified credential only)."""
-    scope = _session_list_scope(caller)
+    """A page of the caller's team's sessions, newest first, filtered by the query: admins,
+    auditors and API keys with the sessions:read scope see all of them, any other operator
+    only their own (the team comes from the verified credential only)."""
+    reader = _session_reader(caller)
     query = session_query(request.scope.get("query_string", b""))
-    if scope is not None:
-        if query.operator_id not in (None, scope):
+    if reader is not None:
+        if query.operator_id not in (None, reader):
             # Asked for someone else's sessions: of those, this caller may see none.
             return SessionList(sessions=[])
-        query = dataclasses.replace(query, operator_id=scope)
+        query = dataclasses.replace(query, operator_id=reader)
     listing = await ctx.store.session_listing(caller.team_id, query)
     last = listing.sessions[-1].session if listing.more and listing.sessions else None
     return SessionList(
@@ -137,14 +139,14 @@ async def list_sessions(caller: Caller, ctx: Context, request: Request) -> Sessi
     )
 
 
-def _session_list_scope(caller: Principal) -> str | None:
-    """Whose sessions ``caller`` may list: None for the whole team (admins, auditors), or the
-    operator's own id; Forbidden for API keys, which may not read sessions at all."""
-    if caller.kind != "operator":
-        raise Forbidden("only operators may list sessions; API keys may not read them")
-    if caller.role in SESSION_VIEWER_ROLES:
-        return None
-    return caller.subject
+def _session_reader(caller: Principal) -> str | None:
+    """Whose sessions ``caller`` may read: None for the whole team (sessions:read: admins and
+    auditors by role, API keys by scope), or the id of an operator without it (their own);
+    Forbidden for an API key without the scope."""
+    if caller.kind == "operator" and not is_granted(caller, Permission.SESSIONS_READ):
+        return caller.subject
+    authorize(caller, Permission.SESSIONS_READ)
+    return None
 
 
 def _listed_session_view(listed: ListedSession) -> SessionView:

@@ -172,9 +172,9 @@ class RegisterResponse(BaseModel):
 
 
 class SessionView(BaseModel):
-    """A session in ``GET /v1/sessions``: the fields of ``GET /v1/sessions/{id}`` and who and
-    what it was (agent name and operator email while the team still has them, exec argv,
-    policy result, last change)."""
+    """A session as ``GET /v1/sessions`` and ``GET /v1/sessions/{id}`` show it: its state, and
+    who and what it was (agent name and operator email while the team still has them, exec
+    argv, policy result, last change)."""
 
     session_id: str
     agent_id: str

@@ -236,21 +236,6 @@ async def open_session(
     }
 
 
-def session_view(session: Session) -> dict[str, Any]:
-    """A session as its operator (or an admin or auditor) may see it."""
-    return {
-        "session_id": session.id,
-        "agent_id": session.agent_id,
-        "operator_id": session.operator_id,
-        "mode": session.mode,
-        "state": session.state.value,
-        "reason": session.state_reason,
-        "relay_id": session.relay_id,
-        "created_at": session.created_at,
-        "expires_at": session.expires_at,
-    }
-
-
 def validate_command(mode: str, command: list[str] | None) -> tuple[str, ...] | None:
     """The argv for exec (required) or None for a shell (which must not carry one)."""
     if mode == "shell":

@@ -744,6 +744,11 @@ class Store(abc.ABC):
         """The team's session with this id, or None."""
 
     @abc.abstractmethod
+    async def listed_session(self, team_id: str, session_id: str) -> ListedSession | None:
+        """The team's session with this id with its agent's name and operator's email, as
+        ``session_listing`` lists it, in one query; or None."""
+
+    @abc.abstractmethod
     async def session_listing(
         self, team_id: str, query: SessionQuery = EVERY_SESSION
     ) -> SessionListing:

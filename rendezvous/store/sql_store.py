@@ -195,6 +195,14 @@ def _agent_listing_statement(
     return sql, values
 
 
+# Sessions with their agent's name and operator's email (NULL once those are gone), for a list
+# or for one session: the caller adds the WHERE clause, on team $1 at least.
+_LISTED_SESSIONS = """SELECT s.*, a.name AS listed_agent_name, o.email AS listed_operator_email
+        FROM sessions s
+        LEFT JOIN agents a ON a.team_id = s.team_id AND a.id = s.agent_id
+        LEFT JOIN operators o ON o.team_id = s.team_id AND o.id = s.operator_id"""
+
+
 def _session_listing_statement(query: SessionQuery) -> tuple[str, list[Any]]:
     """The statement listing team $1's sessions newest first ((created_at, id) descending) as
     ``query`` selects them, and the values of its other parameters (one row more than the
@@ -236,11 +244,7 @@ def _session_listing_statement(query: SessionQuery) -> tuple[str, list[Any]]:
             raise InvalidArgument("since must be a finite number")
         conditions.append(f"s.created_at >= ${next(numbers)}")
         values.append(float(query.since))
-    sql = f"""SELECT s.*, a.name AS listed_agent_name, o.email AS listed_operator_email
-        FROM sessions s
-        LEFT JOIN agents a ON a.team_id = s.team_id AND a.id = s.agent_id
-        LEFT JOIN operators o ON o.team_id = s.team_id AND o.id = s.operator_id
-        WHERE {" AND ".join(conditions)}
+    sql = f"""{_LISTED_SESSIONS} WHERE {" AND ".join(conditions)}
         ORDER BY s.created_at DESC, s.id DESC"""  # noqa: S608 - only placeholders spliced in
     if query.limit is not None:
         if type(query.limit) is not int or query.limit < 1:
@@ -981,6 +985,15 @@ class SqlStore(Store):
         )
         return _session(row) if row else None
 
+    async def listed_session(self, team_id: str, session_id: str) -> ListedSession | None:
+        """The team's session with this id with its agent's name and operator's email, in one
+        query; or None."""
+        row = await self._read_fetchrow(
+            f"{_LISTED_SESSIONS} WHERE s.team_id = $1 AND s.id = $2",  # noqa: S608 - constant
+            team_id, session_id,
+        )  # fmt: skip
+        return _listed_session(row) if row else None
+
     async def session_listing(
         self, team_id: str, query: SessionQuery = EVERY_SESSION
     ) -> SessionListing:
@@ -988,10 +1001,7 @@ class SqlStore(Store):
         emails, in one query."""
         sql, values = _session_listing_statement(query)
         rows = await self._read_fetch(sql, team_id, *values)
-        sessions = [
-            ListedSession(_session(row), row["listed_agent_name"], row["listed_operator_email"])
-            for row in rows
-        ]
+        sessions = [_listed_session(row) for row in rows]
         more = query.limit is not None and len(sessions) > query.limit
         if more:
             del sessions[query.limit :]
@@ -1454,6 +1464,10 @@ def _session(row: Row) -> Session:
         created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
         updated_at=float(row["updated_at"]),
     )  # fmt: skip
+
+
+def _listed_session(row: Row) -> ListedSession:
+    return ListedSession(_session(row), row["listed_agent_name"], row["listed_operator_email"])
 
 
 def _policy_bundle(row: Row) -> StoredPolicyBundle:

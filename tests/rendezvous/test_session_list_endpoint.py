@@ -1,5 +1,7 @@
 """``GET /v1/sessions``: the caller's team's sessions newest first, a page at a time, filtered;
-admins and auditors see the team's, any other operator only their own; on SQLite and PostgreSQL.
+admins, auditors and API keys with the ``sessions:read`` scope see the team's, any other
+operator only their own; ``GET /v1/sessions/{id}`` shows one as the list does; on SQLite and
+PostgreSQL.
 """
 
 from __future__ import annotations
@@ -218,8 +220,8 @@ async def test_bad_query_values_are_refused_after_the_credential(
     for cursor in ("not-a-cursor", "", encode_session_cursor(1.0, "ses_x") + "A", "W10"):
         status, body = await _list(service, team.admin, after=cursor)
         assert status == 400, (cursor, body)
-    # Without a credential (or with an API key, which may not read sessions) the query is not
-    # even looked at.
+    # Without a credential (or with an API key without sessions:read) the query is not even
+    # looked at.
     unauthenticated = await service.http.get("/v1/sessions?limit=0&after=bad")
     assert unauthenticated.status_code == 401
     api_key = await service.call(
@@ -230,3 +232,128 @@ async def test_bad_query_values_are_refused_after_the_credential(
         "/v1/sessions?limit=0", headers={"Authorization": f"Bearer {api_key.json()['key']}"}
     )
     assert with_key.status_code == 403
+
+
+async def _api_key(service: ServiceHarness, admin: OperatorSession, *scopes: str) -> dict[str, str]:
+    """The id and the Authorization header of a new API key of ``admin``'s team."""
+    created = await service.call(
+        admin, "POST", "/v1/api-keys", {"name": "siem", "scopes": list(scopes)}
+    )
+    assert created.status_code == 201, created.text
+    assert created.json()["scopes"] == sorted(scopes)
+    return {"id": created.json()["id"], "Authorization": f"Bearer {created.json()['key']}"}
+
+
+async def _read_with_key(
+    service: ServiceHarness, api_key: dict[str, str], target: str
+) -> tuple[int, dict[str, Any]]:
+    response = await service.http.get(
+        target, headers={"Authorization": api_key["Authorization"]}
+    )
+    body: dict[str, Any] = response.json()
+    return response.status_code, body
+
+
+async def test_a_key_with_sessions_read_lists_and_reads_the_whole_teams_sessions(
+    service: ServiceHarness,
+) -> None:
+    team = await _team(service)
+    alices = await _session(service, team.team_id, team.web, team.alice, 20)
+    bobs = await _session(service, team.team_id, team.db, team.bob, 10,
+                          state=SessionState.REFUSED, state_reason="no shells")  # fmt: skip
+    api_key = await _api_key(service, team.admin, "sessions:read")
+    status, listed = await _read_with_key(service, api_key, "/v1/sessions")
+    assert status == 200, listed
+    assert listed == (await _list(service, team.admin))[1]
+    assert [session["session_id"] for session in listed["sessions"]] == [bobs.id, alices.id]
+    # The same filters and pages as for an operator.
+    status, page = await _read_with_key(service, api_key, "/v1/sessions?limit=1")
+    assert status == 200 and [s["session_id"] for s in page["sessions"]] == [bobs.id]
+    status, rest = await _read_with_key(
+        service, api_key, f"/v1/sessions?limit=1&after={page['next_after']}"
+    )
+    assert status == 200 and [s["session_id"] for s in rest["sessions"]] == [alices.id]
+    status, filtered = await _read_with_key(
+        service, api_key, f"/v1/sessions?operator={team.alice.operator_id}"
+    )
+    assert status == 200 and [s["session_id"] for s in filtered["sessions"]] == [alices.id]
+    status, one = await _read_with_key(service, api_key, f"/v1/sessions/{bobs.id}")
+    assert status == 200, one
+    assert one == listed["sessions"][0]
+    assert (one["agent_name"], one["operator_email"]) == ("db-1", f"approver@{team.team_id}.test")
+    assert (one["state"], one["reason"]) == ("refused", "no shells")
+
+
+async def test_a_key_without_sessions_read_is_refused_naming_the_scope(
+    service: ServiceHarness,
+) -> None:
+    team = await _team(service)
+    session = await _session(service, team.team_id, team.web, team.alice, 10)
+    api_key = await _api_key(service, team.admin, "agents:read", "audit:read")
+    for target in ("/v1/sessions", f"/v1/sessions/{session.id}", "/v1/sessions/ses_unknown"):
+        status, body = await _read_with_key(service, api_key, target)
+        # Refused before the lookup: an existing id and an unknown one answer alike.
+        assert (status, body["error"]) == (403, "forbidden"), (target, body)
+        assert "sessions:read" in body["message"], body
+
+
+async def test_a_key_of_another_team_reads_none_of_this_teams_sessions(
+    service: ServiceHarness,
+) -> None:
+    ours = await _team(service)
+    theirs = await _team(service, "other")
+    mine = await _session(service, ours.team_id, ours.web, ours.alice, 10)
+    their_key = await _api_key(service, theirs.admin, "sessions:read")
+    status, body = await _read_with_key(service, their_key, f"/v1/sessions/{mine.id}")
+    unknown = await _read_with_key(service, their_key, "/v1/sessions/ses_unknown")
+    assert (status, body) == unknown
+    assert status == 404
+    status, body = await _read_with_key(service, their_key, "/v1/sessions")
+    assert status == 200 and body["sessions"] == []
+    status, body = await _read_with_key(
+        service, their_key, f"/v1/sessions?operator={ours.alice.operator_id}&agent={ours.web}"
+    )
+    assert status == 200 and body["sessions"] == []
+
+
+async def test_a_revoked_key_no_longer_reads_sessions(service: ServiceHarness) -> None:
+    team = await _team(service)
+    session = await _session(service, team.team_id, team.web, team.alice, 10)
+    api_key = await _api_key(service, team.admin, "sessions:read")
+    assert (await _read_with_key(service, api_key, f"/v1/sessions/{session.id}"))[0] == 200
+    revoked = await service.call(team.admin, "DELETE", f"/v1/api-keys/{api_key['id']}")
+    assert revoked.status_code == 200, revoked.text
+    for target in ("/v1/sessions", f"/v1/sessions/{session.id}"):
+        status, body = await _read_with_key(service, api_key, target)
+        assert (status, body["error"]) == (401, "unauthorized"), body
+
+
+async def test_one_session_names_its_agent_and_operator_for_its_operator(
+    service: ServiceHarness,
+) -> None:
+    team = await _team(service)
+    session = await _session(service, team.team_id, team.web, team.alice, 10)
+    response = await service.call(team.alice, "GET", f"/v1/sessions/{session.id}")
+    assert response.status_code == 200, response.text
+    one = response.json()
+    assert (one["agent_name"], one["operator_email"]) == ("web-1", f"operator@{team.team_id}.test")
+    assert one["operator_id"] == team.alice.operator_id
+    assert one["command"] == ["uname", "-a"]
+    # Still only for its operator, admins and auditors (and keys with sessions:read).
+    colleague = await service.call(team.bob, "GET", f"/v1/sessions/{session.id}")
+    assert colleague.status_code == 403
+
+
+async def test_the_api_documents_the_sessions_read_scope_and_the_session_view(
+    service: ServiceHarness,
+) -> None:
+    admin = await service.operator(await service.team("ops"))
+    unknown = await service.call(
+        admin, "POST", "/v1/api-keys", {"name": "siem", "scopes": ["sessions:write"]}
+    )
+    assert unknown.status_code == 400 and "sessions:read" in unknown.json()["message"]
+    document = (await service.http.get("/v1/openapi.json")).json()
+    assert "sessions:read" in document["paths"]["/v1/api-keys"]["post"]["description"]
+    one = document["paths"]["/v1/sessions/{session_id}"]["get"]["responses"]["200"]
+    listed = document["components"]["schemas"]["SessionList"]["properties"]["sessions"]
+    assert one["content"]["application/json"]["schema"] == listed["items"]
