@@ -1,7 +1,8 @@
 """Entry point for `tucdesk`, the operator command line.
 
 Account commands: login (enroll with an invite, or sign a fresh challenge), logout, whoami;
-agent registration keys (keys create/list/revoke); agents; sessions (the team's, newest first:
+agent registration keys (keys create/list/revoke); API keys for integrations (api-keys
+create/list/revoke); agents; sessions (the team's, newest first:
 session_listing.py); audit export. Sessions: connect, exec (session_commands.py). Policy:
 policy show/set/test, roster show/sign (policy_commands.py); approvals, approve, deny
 (approval_commands.py). State lives in the CLI home (``--home``, ``TUCDESK_HOME``, or the XDG
@@ -42,7 +43,7 @@ from operator_cli.session_listing import (
 from protocol.errors import ProtocolError
 
 
-def _imported_on_use(module: str, name: str) -> Callable[..., Any]:
+def _imported_on_use(module: str, name: str) -> Callable[..., int]:
     """A command implementation imported only when its command runs.
 
     Start-up is most of a short command's wall time (`tucdesk exec` is measured against `ssh
@@ -51,8 +52,9 @@ def _imported_on_use(module: str, name: str) -> Callable[..., Any]:
     policy, approval, demo and selfcheck modules out of everything but their own commands.
     """
 
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+    def call(*args: Any, **kwargs: Any) -> int:
+        exit_code: int = getattr(importlib.import_module(module), name)(*args, **kwargs)
+        return exit_code
 
     return call
 
@@ -76,6 +78,9 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXPORT_CHUNK_BYTES = 64 * 1024
 DEFAULT_SESSIONS_LISTED = 50
+# The service's API_KEY_SCOPES (rendezvous/auth.py), for --help; the service checks them.
+API_KEY_SCOPES = ("agents:read", "audit:read", "registration_keys:read",
+                  "registration_keys:write", "sessions:read")
 SESSION_STATES = ("offered", "accepted", "refused", "ended")
 
 Command = Callable[[argparse.Namespace, CliHome], int]
@@ -154,6 +159,33 @@ def build_parser() -> argparse.ArgumentParser:
     revoke = keys_commands.add_parser("revoke", help="revoke a registration key")
     revoke.add_argument("key_id", metavar="ID")
     revoke.set_defaults(handler=_keys_revoke)
+
+    api_keys = commands.add_parser(
+        "api-keys",
+        help="API keys for integrations (admins)",
+        description="Bearer keys for scripts and integrations (a SIEM, a dashboard, CI): each "
+        "holds only the scopes it is created with, and is sent as 'Authorization: Bearer KEY'.",
+    )
+    api_keys_commands = api_keys.add_subparsers(
+        dest="api_keys_command", required=True, metavar="ACTION"
+    )
+    api_create = api_keys_commands.add_parser(
+        "create", help="create an API key (printed once, on the last line)"
+    )
+    api_create.add_argument("name", metavar="NAME", help="what the key is for, e.g. siem")
+    api_create.add_argument(
+        "--scope", dest="scopes", action="append", required=True, metavar="SCOPE",
+        help=f"repeatable: {', '.join(API_KEY_SCOPES)}",
+    )  # fmt: skip
+    api_create.set_defaults(handler=_api_keys_create)
+    api_keys_commands.add_parser(
+        "list", help="list the team's API keys (never the keys themselves)"
+    ).set_defaults(handler=_api_keys_list)
+    api_revoke = api_keys_commands.add_parser(
+        "revoke", help="revoke an API key (refused from its next request on)"
+    )
+    api_revoke.add_argument("api_key_id", metavar="ID")
+    api_revoke.set_defaults(handler=_api_keys_revoke)
 
     agents = commands.add_parser(
         "agents",
@@ -421,11 +453,7 @@ def _keys_create(args: argparse.Namespace, home: CliHome) -> int:
     body: dict[str, Any] = {"tags": tags}
     if args.ttl is not None:
         body["ttl_seconds"] = args.ttl
-    session = Session.from_home(home)
-    try:
-        created = session.request("POST", "/v1/registration-keys", body)
-    finally:
-        session.close()
+    created = _request_once(home, "POST", "/v1/registration-keys", body)
     expires = datetime.fromtimestamp(created["expires_at"], UTC).isoformat(timespec="seconds")
     print(f"registration key {created['id']} tags={','.join(created['tags']) or '-'} "
           f"expires {expires}; single use, shown once:")
@@ -434,11 +462,7 @@ def _keys_create(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _keys_list(args: argparse.Namespace, home: CliHome) -> int:
-    session = Session.from_home(home)
-    try:
-        keys = session.request("GET", "/v1/registration-keys")
-    finally:
-        session.close()
+    keys = _request_once(home, "GET", "/v1/registration-keys")
     print(f"{'ID':<24} {'STATUS':<8} {'EXPIRES':<26} TAGS")
     for key in keys:
         expires = datetime.fromtimestamp(key["expires_at"], UTC).isoformat(timespec="seconds")
@@ -447,13 +471,44 @@ def _keys_list(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _keys_revoke(args: argparse.Namespace, home: CliHome) -> int:
-    session = Session.from_home(home)
-    try:
-        revoked = session.request("DELETE", f"/v1/registration-keys/{_path_segment(args.key_id)}")
-    finally:
-        session.close()
+    revoked = _request_once(home, "DELETE", f"/v1/registration-keys/{_path_segment(args.key_id)}")
     print(f"registration key {revoked['id']} revoked")
     return EXIT_OK
+
+
+def _api_keys_create(args: argparse.Namespace, home: CliHome) -> int:
+    body = {"name": args.name, "scopes": list(dict.fromkeys(args.scopes))}
+    created = _request_once(home, "POST", "/v1/api-keys", body)
+    print(f"API key {created['id']} {created['name']!r} scopes={','.join(created['scopes'])}; "
+          "send it as 'Authorization: Bearer KEY'; shown once:")
+    print(created["key"])
+    return EXIT_OK
+
+
+def _api_keys_list(args: argparse.Namespace, home: CliHome) -> int:
+    keys = _request_once(home, "GET", "/v1/api-keys")
+    print(f"{'ID':<24} {'STATUS':<8} {'CREATED':<26} {'NAME':<20} SCOPES")
+    for key in keys:
+        status = "active" if key["revoked_at"] is None else "revoked"
+        created = datetime.fromtimestamp(key["created_at"], UTC).isoformat(timespec="seconds")
+        print(f"{key['id']:<24} {status:<8} {created:<26} {key['name']:<20} "
+              f"{','.join(key['scopes'])}")
+    return EXIT_OK
+
+
+def _api_keys_revoke(args: argparse.Namespace, home: CliHome) -> int:
+    revoked = _request_once(home, "DELETE", f"/v1/api-keys/{_path_segment(args.api_key_id)}")
+    print(f"API key {revoked['id']} {revoked['name']!r} revoked")
+    return EXIT_OK
+
+
+def _request_once(home: CliHome, method: str, path: str, body: Any = None) -> Any:
+    """One authenticated request on a session opened (and closed) for it."""
+    session = Session.from_home(home)
+    try:
+        return session.request(method, path, body)
+    finally:
+        session.close()
 
 
 def _positive_count(text: str) -> int:

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from operator_cli.home import CliHome, HomeError, Settings, default_home
-from operator_cli.main import main, parse_duration
+from operator_cli.main import API_KEY_SCOPES, main, parse_duration
 from protocol.errors import KeyFileError
+from rendezvous.auth import API_KEY_SCOPES as SERVICE_API_KEY_SCOPES
 
 
 def test_home_comes_from_environment_then_xdg_then_the_default(tmp_path: Path) -> None:
@@ -125,3 +126,7 @@ def test_commands_that_open_no_session_do_not_load_the_session_stack(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
     )
     assert result.stdout.splitlines()[-1] == "[]", result.stdout + result.stderr
+
+
+def test_api_key_scopes_in_help_are_the_services() -> None:
+    assert sorted(API_KEY_SCOPES) == sorted(str(scope) for scope in SERVICE_API_KEY_SCOPES)

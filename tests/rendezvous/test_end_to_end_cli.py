@@ -2,7 +2,7 @@
 
 init -> team create -> invite create -> serve -> `tucdesk login --invite` -> `tucdesk login`
 -> `tucdesk keys create` -> an agent registers with protocol/ directly -> `tucdesk agents --json`
--> `tucdesk audit export` -> `tucdesk-audit verify`.
+-> `tucdesk api-keys create/list/revoke` -> `tucdesk audit export` -> `tucdesk-audit verify`.
 """
 
 from __future__ import annotations
@@ -167,6 +167,32 @@ def test_admin_and_operator_commands_work_end_to_end(
     _run("tucdesk", "keys", "revoke", key_id, home=home)
     assert "revoked" in _run("tucdesk", "keys", "list", home=home).stdout
 
+    # An API key for an integration: only its scope, shown once, refused once revoked.
+    created_api_key = _run(
+        "tucdesk", "api-keys", "create", "siem", "--scope", "sessions:read", home=home
+    ).stdout
+    api_key = created_api_key.strip().splitlines()[-1]
+    assert api_key.startswith("sk_live_")
+    api_key_id = re.search(r"API key (\S+) 'siem' scopes=sessions:read;", created_api_key).group(1)
+    listed_api_keys = _run("tucdesk", "api-keys", "list", home=home).stdout
+    assert re.search(rf"{api_key_id} +active .* siem +sessions:read", listed_api_keys)
+    assert api_key not in listed_api_keys
+    bearer = {"Authorization": f"Bearer {api_key}"}
+    with httpx.Client(verify=ssl.create_default_context(cafile=ca_file)) as client:
+        assert client.get(url + "/v1/sessions", headers=bearer).json() == {
+            "sessions": [], "next_after": None,
+        }
+        assert client.get(url + "/v1/agents", headers=bearer).status_code == 403
+        _run("tucdesk", "api-keys", "revoke", api_key_id, home=home)
+        assert client.get(url + "/v1/sessions", headers=bearer).status_code == 401
+    listed_api_keys = _run("tucdesk", "api-keys", "list", home=home).stdout
+    assert re.search(rf"{api_key_id} +revoked", listed_api_keys)
+    unknown_scope = _run(
+        "tucdesk", "api-keys", "create", "x", "--scope", "sessions:write", home=home, check=False
+    )
+    assert unknown_scope.returncode == 1
+    assert unknown_scope.stderr.count("\n") == 1 and "unknown scopes" in unknown_scope.stderr
+
     export = tmp_path / "audit.jsonl"
     _run("tucdesk", "audit", "export", "-o", str(export), home=home)
     audit_key = tmp_path / "audit.pem"
@@ -182,7 +208,7 @@ def test_admin_and_operator_commands_work_end_to_end(
     for action in (
         "operator.invite_created", "operator.invite_used", "operator.login_succeeded",
         "registration_key.created", "registration_key.used", "agent.registered",
-        "registration_key.revoked", "audit.exported",
+        "registration_key.revoked", "api_key.created", "api_key.revoked", "audit.exported",
     ):
         assert action in actions, action
 
