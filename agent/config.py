@@ -22,6 +22,7 @@ MAX_CONFIG_FILE_SIZE = 64 * 1024
 SYSTEM_STATE_DIR = Path("/var/lib/tucdesk-agent")
 STATE_FILE_NAME = "agent.state"
 STATUS_FILE_NAME = "status.json"
+CONNECTION_FILE_NAME = "connection"
 DEFAULT_MAX_SESSIONS = 64
 MAX_MAX_SESSIONS = 4096
 DEFAULT_HANDSHAKE_TIMEOUT_SECONDS = 15.0
@@ -71,6 +72,11 @@ class AgentConfig:
     def status_file(self) -> Path:
         """The small status file ``run`` keeps and ``status`` reads."""
         return self.state_dir / STATUS_FILE_NAME
+
+    @property
+    def connection_file(self) -> Path:
+        """Where ``run`` keeps the id of the control connection it was last welcomed on."""
+        return self.state_dir / CONNECTION_FILE_NAME
 
     @property
     def recordings_path(self) -> Path:

@@ -10,7 +10,19 @@ When the channel drops (network, rendezvous restart, refusal) the client waits a
 exponential backoff with full jitter, capped, reset after a welcome. Each reconnect names the
 connection it was last welcomed on (``replaces``, inside the signed answer): after a silent drop
 the rendezvous may still hold that one, and without the name it would take this process for a
-clone of itself. The id lives in memory only; a restarted process names none.
+clone of itself. The id is also kept in the state dir (agent/connection_memory.py), so a process
+restarted after a crash, a kill -9 or a host reset names the connection its predecessor held.
+
+A VM cloned from a disk snapshot carries that file too. It is still flagged, because the
+rendezvous removes a named connection only if it is this agent's, in its team, from the same
+machine fingerprint, and reports every other live one: a clone presenting another fingerprint
+(new network cards) is flagged at once; one with the same fingerprint whose original has
+reconnected since the snapshot names a connection that no longer exists and is flagged at once;
+one whose original is still on the named connection supersedes it, and the original, closed as
+superseded, reconnects at once naming its own (now gone) id and finds the clone's connection
+live and unnamed: flagged then, a backoff step later (with several rendezvous instances, as soon
+as the superseded notice arrives, at worst at the original's next heartbeat). Either way the
+``agent.clone_anomaly`` record names the connection of the other copy.
 
 Audit events produced while disconnected wait in a bounded backlog and are sent, oldest first,
 once the channel is back. Each carries an id; it stays queued until the rendezvous acknowledges
@@ -28,7 +40,6 @@ import logging
 import math
 import os
 import random
-import re
 import time
 from collections import deque
 from collections.abc import Callable
@@ -44,6 +55,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
+from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
 from agent.errors import ControlChannelError
 from agent.server_address import control_channel_url, tls_context
 from agent.state_file import AgentState
@@ -72,9 +84,6 @@ MAX_AUDIT_BACKLOG = 1000
 MAX_AUDIT_IN_FLIGHT = 64
 MAX_PENDING_MESSAGES = 256
 MAX_ISSUER_LENGTH = 256
-# The shape of the rendezvous's connection ids (rendezvous/control_channel.py), which it checks
-# ``replaces`` against; an id of any other shape is not remembered, so it is never named.
-CONNECTION_ID_PATTERN = re.compile(r"conn_[0-9a-f]{24}")
 
 OfferHandler = Callable[[dict[str, Any]], None]
 """Called with each ``session_offer`` message; must not block (start a task and return)."""
@@ -138,8 +147,10 @@ class ControlClient:
         backoff: ReconnectBackoff | None = None,
         clock: Callable[[], float] = time.time,
         on_policy_bundle: PolicyBundleHandler | None = None,
+        connection_file: Path | None = None,
     ) -> None:
         self._state = state
+        self._connection_file = connection_file
         self._on_policy_bundle = on_policy_bundle
         self._identity: SigningIdentity = state.identity()
         self._machine_fingerprint = machine_fingerprint
@@ -159,7 +170,12 @@ class ControlClient:
         self._connected = trio.Event()
         self._disconnected = trio.Event()
         self._disconnected.set()
-        self.info = ChannelInfo()
+        # A restarted process starts from the connection its predecessor was last welcomed on.
+        self.info = ChannelInfo(
+            connection_id=(
+                load_last_connection(connection_file) if connection_file is not None else None
+            )
+        )
         self.connections = 0
         self.dropped_audit_events = 0
         self.refused_audit_events = 0
@@ -249,6 +265,11 @@ class ControlClient:
         ) as websocket:
             with trio.fail_after(AUTH_TIMEOUT_SECONDS):
                 await self._authenticate(websocket)
+            if self._connection_file is not None:
+                # Before anything else happens on it: a crash from here on names this one.
+                await trio.to_thread.run_sync(
+                    remember_connection, self._connection_file, self.info.connection_id
+                )
             self._on_connected()
             try:
                 async with trio.open_nursery() as nursery:
@@ -294,7 +315,7 @@ class ControlClient:
             ),
             connection_id=(
                 connection_id
-                if isinstance(connection_id, str) and CONNECTION_ID_PATTERN.fullmatch(connection_id)
+                if isinstance(connection_id, str) and is_connection_id(connection_id)
                 else None
             ),
         )

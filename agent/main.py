@@ -355,6 +355,7 @@ async def run_daemon(
                 host.offer_handler(nursery),
                 ca_file=config.ca_file,
                 status_file=config.status_file,
+                connection_file=config.connection_file,
                 backoff=ReconnectBackoff(cap=config.reconnect_cap_seconds),
                 on_policy_bundle=policy_cache.answer_bundle_message,
             )

@@ -5,8 +5,8 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 1. server -> ``{"type": "challenge", "challenge", "audience", "heartbeat_seconds"}``
 2. agent -> ``{"type": "auth", "envelope": <signed payload, Purpose.AGENT_AUTH, fields
    agent_id, public_key, challenge, audience, machine_fingerprint, and optionally replaces>}``;
-   ``replaces`` is the ``connection_id`` of the last connection this agent process was
-   welcomed on (absent on its first connection).
+   ``replaces`` is the ``connection_id`` of the last connection this agent was welcomed on,
+   kept across restarts in its state dir (absent on its first connection).
 3. server -> ``{"type": "welcome", "agent_id", "connection_id"}`` or closes with a reason
 4. agent -> ``{"type": "heartbeat"}`` at least every heartbeat period; server ->
    ``{"type": "heartbeat_ack"}``. Silence past the heartbeat timeout closes the channel, and so
