@@ -8,6 +8,7 @@ level or under ``[agent]``), then the defaults below.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,10 @@ class AgentConfig:
     record_sessions: bool = False
     recordings_dir: Path | None = None
     max_recording_bytes: int = DEFAULT_MAX_RECORDING_BYTES
+    # Retention (agent/recording_retention.py): finished recordings older than this many days,
+    # or beyond this many bytes in total (oldest first), are deleted. None: no limit.
+    recordings_max_age_days: float | None = None
+    recordings_max_total_bytes: int | None = None
 
     @property
     def state_file(self) -> Path:
@@ -95,6 +100,19 @@ class AgentConfig:
             raise ConfigError("reconnect_cap_seconds must be 1..3600")
         if self.max_recording_bytes < MIN_MAX_RECORDING_BYTES:
             raise ConfigError(f"max_recording_bytes must be at least {MIN_MAX_RECORDING_BYTES}")
+        age = self.recordings_max_age_days
+        if age is not None and not (math.isfinite(age) and age > 0):
+            raise ConfigError(
+                f"recordings_max_age_days must be a number of days more than 0, not {age!r} "
+                "(leave it unset to keep recordings)"
+            )
+        total = self.recordings_max_total_bytes
+        if total is not None and total < self.max_recording_bytes:
+            raise ConfigError(
+                f"recordings_max_total_bytes must be at least max_recording_bytes "
+                f"({self.max_recording_bytes}) so that one full recording fits, not {total} "
+                "(leave it unset for no cap)"
+            )
         if self.shell is not None and not os.path.isabs(self.shell):
             raise ConfigError(f"shell must be an absolute path, not {self.shell!r}")
 

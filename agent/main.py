@@ -32,6 +32,13 @@ from agent.machine_identity import (
 from agent.policy_cache import PolicyCache, policy_file_path
 from agent.process_group import SessionProcessError
 from agent.recording import list_recordings, play, prepare_recordings_dir
+from agent.recording_retention import (
+    RecordingRetention,
+    RetentionLimits,
+    age_in_days,
+    describe_limits,
+    prune_recordings,
+)
 from agent.session_host import SessionHost, SessionIdentity
 from agent.state_file import AgentState, StateFileError, load_state, save_state
 from agent.status import DaemonStatus, read_status, write_status
@@ -49,7 +56,8 @@ _CONFIG_HELP = (
     "Settings come from flags, then TUCDESK_AGENT_<SETTING> environment variables (e.g. "
     "TUCDESK_AGENT_STATE_DIR, TUCDESK_AGENT_USER, TUCDESK_AGENT_SHELL, TUCDESK_AGENT_CA_FILE, "
     "TUCDESK_AGENT_MAX_SESSIONS, TUCDESK_AGENT_RECORD_SESSIONS, TUCDESK_AGENT_RECORDINGS_DIR, "
-    "TUCDESK_AGENT_MAX_RECORDING_BYTES), then the TOML file given by --config or "
+    "TUCDESK_AGENT_MAX_RECORDING_BYTES, TUCDESK_AGENT_RECORDINGS_MAX_AGE_DAYS, "
+    "TUCDESK_AGENT_RECORDINGS_MAX_TOTAL_BYTES), then the TOML file given by --config or "
     "TUCDESK_AGENT_CONFIG."
 )
 
@@ -129,11 +137,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     recordings_parser = commands.add_parser(
         "recordings",
-        help="list or replay this host's session recordings",
+        help="list, replay or prune this host's session recordings",
         description=(
             "Session recordings are asciicast v2 files, one per session, also playable with "
             "asciinema. To check one against the signed audit log, use "
-            "'tucdesk-audit recording FILE --export BUNDLE --key KEYFILE'."
+            "'tucdesk-audit recording FILE --export BUNDLE --key KEYFILE'. With "
+            "recordings_max_age_days or recordings_max_total_bytes set, the daemon deletes "
+            "finished recordings beyond them, oldest first (at start, after each session, and "
+            "every 10 minutes); the audit log keeps their hashes, not their content."
         ),
         epilog=_CONFIG_HELP,
     )
@@ -158,6 +169,37 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(play_parser)
     play_parser.set_defaults(handler=_recordings_play)
+    prune_parser = recordings_commands.add_parser(
+        "prune",
+        help="delete finished recordings beyond the retention limits, oldest first",
+        description=(
+            "Delete finished recordings, oldest (by last write) first, until none is older "
+            "than recordings_max_age_days and all together hold at most "
+            "recordings_max_total_bytes. Recordings being written are never deleted, nor is "
+            "anything in the directory but <session id>.cast files."
+        ),
+        epilog=_CONFIG_HELP,
+    )
+    prune_parser.add_argument(
+        "--dry-run", action="store_true", help="print what would be deleted; delete nothing"
+    )
+    prune_parser.add_argument(
+        "--max-age-days",
+        dest="recordings_max_age_days",
+        type=float,
+        metavar="DAYS",
+        help="override recordings_max_age_days: delete recordings older than this",
+    )
+    prune_parser.add_argument(
+        "--max-total-bytes",
+        dest="recordings_max_total_bytes",
+        type=int,
+        metavar="BYTES",
+        help="override recordings_max_total_bytes: keep at most this many bytes of recordings",
+    )
+    _add_common(prune_parser)
+    _add_recordings_dir(prune_parser)
+    prune_parser.set_defaults(handler=_recordings_prune)
 
     status_parser = commands.add_parser(
         "status",
@@ -227,6 +269,7 @@ def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig
         for name in (
             "state_dir", "machine_root", "shell", "user", "ca_file", "max_sessions",
             "record_sessions", "recordings_dir", "max_recording_bytes",
+            "recordings_max_age_days", "recordings_max_total_bytes",
         )
     }
     return load_config(flags, environ, args.config)
@@ -361,6 +404,12 @@ async def run_daemon(
             )
             client_box.append(client)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            limits = RetentionLimits.from_config(config)
+            if limits.is_set:
+                retention = RecordingRetention(
+                    config.recordings_path, limits, config.max_recording_bytes
+                )
+                nursery.start_soon(retention.run)
             nursery.start_soon(client.run)
     finally:
         try:
@@ -421,6 +470,32 @@ def _recordings_list(
         started = "-" if info.started_at is None else _show_time(info.started_at)
         truncated = "yes" if info.truncated else "no"
         print(f"{info.session_id:<32} {started:<23} {info.size:>12}  {truncated}")
+    return 0
+
+
+def _recordings_prune(
+    args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]
+) -> int:
+    limits = RetentionLimits.from_config(config)
+    if not limits.is_set:
+        raise ConfigError(
+            "no retention limits: set recordings_max_age_days or recordings_max_total_bytes, "
+            "or pass --max-age-days or --max-total-bytes"
+        )
+    report = prune_recordings(config.recordings_path, limits, dry_run=args.dry_run)
+    verb = "would delete" if args.dry_run else "deleted"
+    for item in report.deleted:
+        print(f"{verb} {item.name} ({item.size} bytes, {age_in_days(item.age_seconds)} old)")
+    print(
+        f"{verb.capitalize()} {len(report.deleted)} recording(s), {report.deleted_bytes} "
+        f"bytes; {report.kept} left, {report.kept_bytes} bytes, in {config.recordings_path} "
+        f"({describe_limits(limits)})"
+    )
+    if report.skipped_active:
+        print(
+            f"Kept {report.skipped_active} recording(s) beyond the limits: being written, or "
+            "written in the last minute"
+        )
     return 0
 
 

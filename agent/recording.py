@@ -11,12 +11,18 @@ the session goes on. The SHA-256 and size of the file's bytes go into the agent'
 Events are buffered in memory and written by a worker thread in chunks, so a slow disk never
 blocks the agent's event loop; at most FLUSH_THRESHOLD_BYTES plus one event wait in memory.
 A write error (disk full) stops the recording, is logged once, and is marked in the audit event.
+
+While a file is written it is held twice, so retention (agent/recording_retention.py) never
+deletes it: its name is in this process's set of active recordings, and the file is flock()ed,
+which a pruner in another process (``tucdesk-agent recordings prune``) sees too. The lock goes
+with the descriptor, so a recording left by a crashed agent is finished, not held forever.
 """
 
 from __future__ import annotations
 
 import codecs
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -25,6 +31,7 @@ import re
 import stat
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,48 @@ logger = logging.getLogger("tucdesk.agent.recording")
 
 class RecordingError(AgentError):
     """A recording cannot be created or read: the message says which file and why."""
+
+
+# File names of the recordings this process is writing (session ids are unique, so the name
+# alone identifies one). Only the event loop changes it; pruning threads read it.
+_active_recordings: set[str] = set()
+
+
+def active_recording_names() -> frozenset[str]:
+    """The file names of the recordings this process is writing now."""
+    return frozenset(_active_recordings)
+
+
+@dataclass(frozen=True)
+class RecordingHooks:
+    """What retention runs around each recording: ``before_create(directory)`` in the worker
+    thread just before the file is created, ``after_close(path)`` on the event loop after it
+    is closed. Neither may raise."""
+
+    before_create: Callable[[Path], None]
+    after_close: Callable[[Path], None]
+
+
+_hooks: list[RecordingHooks] = []
+
+
+@contextmanager
+def recording_hooks(hooks: RecordingHooks) -> Iterator[None]:
+    """Run ``hooks`` around every recording of this process while the block runs."""
+    _hooks.append(hooks)
+    try:
+        yield
+    finally:
+        _hooks.remove(hooks)
+
+
+def _lock_while_writing(fd: int) -> None:
+    # Best effort: where flock() is unsupported the active set and the pruner's grace period
+    # for recently written files still protect the file.
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        logger.debug("cannot lock a recording while it is written: %s", error.strerror)
 
 
 def recording_file_name(session_id: str) -> str:
@@ -148,12 +197,23 @@ class SessionRecorder:
 
         def open_file() -> int:
             prepare_recordings_dir(directory)
+            for hooks in tuple(_hooks):
+                hooks.before_create(directory)
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-            return os.open(path, flags, 0o600)
+            fd = os.open(path, flags, 0o600)
+            _lock_while_writing(fd)
+            return fd
 
+        if path.name in _active_recordings:
+            raise RecordingError(f"{path}: this session is already being recorded")
+        # Marked active before the file exists, so no pruning can slip in before the lock.
+        _active_recordings.add(path.name)
         try:
             fd = await trio.to_thread.run_sync(open_file)
-        except OSError as error:
+        except BaseException as error:
+            _active_recordings.discard(path.name)
+            if not isinstance(error, OSError):
+                raise
             reason = error.strerror or str(error)
             raise RecordingError(f"{path}: cannot create the recording ({reason})") from None
         recorder = cls(fd, path, max_bytes)
@@ -193,6 +253,9 @@ class SessionRecorder:
                     await trio.to_thread.run_sync(_sync_and_close, fd)
                 except OSError as error:
                     self._fail(error)
+                _active_recordings.discard(self.path.name)
+                for hooks in tuple(_hooks):
+                    hooks.after_close(self.path)
         return RecordingSummary(
             self.path.name, self._hash.hexdigest(), self._written, self.truncated, self.failed
         )

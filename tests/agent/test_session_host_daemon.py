@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ from agent.enrollment import EnrollmentRequest, enroll
 from agent.machine_identity import MachineIdentifiers
 from agent.main import run_daemon
 from agent.session_host import FrameLink
+from agent.state_file import AgentState
 from protocol.control import ExitStatus, SessionStart, decode_control, encode_control
 from protocol.frames import FrameType
 from protocol.handshake import OperatorHandshake, pin_agent_key
@@ -25,6 +29,7 @@ from rendezvous.service_keys import create_missing_keys, load_service_keys
 from rendezvous.store import Store, open_store
 from tests.agent.session_helpers import trio_test
 from tests.relay.harness import RELAY_ID, running_relay
+from tests.rendezvous.service_harness import OperatorSession, ServiceHarness
 from tests.rendezvous.sessions_support import served_instance
 
 WAIT_SECONDS = 15
@@ -35,50 +40,72 @@ MACHINE = MachineIdentifiers(machine_id="00112233445566778899aabbccddeeff")
 async def test_session_requested_from_the_rendezvous_runs_on_the_daemon_and_is_audited(
     tmp_path: Path,
 ) -> None:
-    database_url = f"sqlite:///{tmp_path / 'rv.db'}"
+    async with enrolled_agent_stack(tmp_path) as stack:
+        store, service, admin, state = stack.store, stack.service, stack.admin, stack.state
+        team = state.team_id
+        config = AgentConfig(state_dir=tmp_path / "agent", shell="/bin/sh")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(run_daemon, config, state, MACHINE)
+            with trio.fail_after(WAIT_SECONDS):
+                while not await _online(store, team, state.agent_id):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            command = ["sh", "-c", "echo from-the-agent; exit 4"]
+            body = {"target": "web-1", "mode": "exec", "command": command}
+            response = await service.call(admin, "POST", "/v1/sessions", body)
+            assert response.status_code == 201, response.text
+            answer = response.json()
+            agent_key = PublicIdentity(b64url_decode(answer["agent"]["public_key"]))
+            assert agent_key == state.identity().public
+            stdout, status = await _run_exec(answer, admin.identity, agent_key, command)
+            assert stdout == b"from-the-agent\n"
+            assert status == ExitStatus(code=4)
+
+            session_id = answer["session_id"]
+            expected = ["session.started", "session.command", "session.ended"]
+            with trio.fail_after(WAIT_SECONDS):
+                agent_events = await _agent_actions(store, team, session_id)
+                while agent_events != expected:
+                    await trio.sleep(0.05)
+                    agent_events = await _agent_actions(store, team, session_id)
+            nursery.cancel_scope.cancel()
+        session = await store.get_session(team, session_id)
+        assert session is not None and session.state.value == "ended"
+    assert agent_events == expected
+
+
+@dataclass
+class EnrolledAgentStack:
+    """A rendezvous (``service`` on ``store``) and a relay, with agent ``web-1`` of team ``ops``
+    enrolled (``state``) and the team's ``admin``."""
+
+    store: Store
+    service: ServiceHarness
+    admin: OperatorSession
+    state: AgentState
+
+
+@asynccontextmanager
+async def enrolled_agent_stack(tmp_path: Path) -> AsyncIterator[EnrolledAgentStack]:
+    """A rendezvous on SQLite and a relay running, agent ``web-1`` enrolled into
+    ``tmp_path/agent`` (its daemon not started)."""
     # The relay trusts the rendezvous's relay-token key, made before either starts.
     create_missing_keys(tmp_path / "data")
     keys = load_service_keys(tmp_path / "data")
-    async with open_store(database_url) as store:
-        async with running_relay(keys.relay_token) as relay:
-            assert relay.tcp_address is not None
-            relays = (f"{RELAY_ID}=127.0.0.1:{relay.tcp_address[1]}",)
-            async with served_instance(store, tmp_path / "data", relays=relays) as (service, url):
-                team = await service.team("ops")
-                admin = await service.operator(team, "admin")
-                key = (await service.registration_key(admin))["key"]
-                state = await enroll(
-                    EnrollmentRequest(url, key, tmp_path / "agent" / "agent.state", name="web-1"),
-                    MACHINE,
-                )
-                config = AgentConfig(state_dir=tmp_path / "agent", shell="/bin/sh")
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(run_daemon, config, state, MACHINE)
-                    with trio.fail_after(WAIT_SECONDS):
-                        while not await _online(store, team, state.agent_id):  # noqa: ASYNC110
-                            await trio.sleep(0.02)
-                    command = ["sh", "-c", "echo from-the-agent; exit 4"]
-                    body = {"target": "web-1", "mode": "exec", "command": command}
-                    response = await service.call(admin, "POST", "/v1/sessions", body)
-                    assert response.status_code == 201, response.text
-                    answer = response.json()
-                    agent_key = PublicIdentity(b64url_decode(answer["agent"]["public_key"]))
-                    assert agent_key == state.identity().public
-                    stdout, status = await _run_exec(answer, admin.identity, agent_key, command)
-                    assert stdout == b"from-the-agent\n"
-                    assert status == ExitStatus(code=4)
-
-                    session_id = answer["session_id"]
-                    expected = ["session.started", "session.command", "session.ended"]
-                    with trio.fail_after(WAIT_SECONDS):
-                        agent_events = await _agent_actions(store, team, session_id)
-                        while agent_events != expected:
-                            await trio.sleep(0.05)
-                            agent_events = await _agent_actions(store, team, session_id)
-                    nursery.cancel_scope.cancel()
-                session = await store.get_session(team, session_id)
-                assert session is not None and session.state.value == "ended"
-    assert agent_events == expected
+    async with (
+        open_store(f"sqlite:///{tmp_path / 'rv.db'}") as store,
+        running_relay(keys.relay_token) as relay,
+    ):
+        assert relay.tcp_address is not None
+        relays = (f"{RELAY_ID}=127.0.0.1:{relay.tcp_address[1]}",)
+        async with served_instance(store, tmp_path / "data", relays=relays) as (service, url):
+            team = await service.team("ops")
+            admin = await service.operator(team, "admin")
+            key = (await service.registration_key(admin))["key"]
+            state = await enroll(
+                EnrollmentRequest(url, key, tmp_path / "agent" / "agent.state", name="web-1"),
+                MACHINE,
+            )
+            yield EnrolledAgentStack(store, service, admin, state)
 
 
 async def _online(store: Store, team_id: str, agent_id: str) -> bool:
