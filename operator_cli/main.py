@@ -35,9 +35,11 @@ from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.home import CliHome, HomeError, Settings, default_home
 from operator_cli.http import ResponseTooLargeError, TransportError
 from operator_cli.session_listing import (
+    SESSIONS_PATH,
     SessionFilter,
     SessionListError,
     fetch_sessions,
+    session_details,
     session_table,
 )
 from protocol.errors import ProtocolError
@@ -219,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sessions = commands.add_parser(
         "sessions",
-        help="list your team's sessions, newest first",
+        help="list your team's sessions, newest first (or: sessions show ID)",
         description="List your team's sessions, newest first: who ran what on which agent, "
         "and how it went. Admins and auditors see the whole team's; any other operator sees "
         f"only their own. Shows the newest {DEFAULT_SESSIONS_LISTED} unless --limit says "
@@ -239,6 +241,16 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--page-size", type=_page_size, default=PAGE_SIZE, metavar="N",
                           help=f"sessions per request (at most {PAGE_SIZE}, the default)")
     sessions.set_defaults(handler=_sessions)
+    sessions_commands = sessions.add_subparsers(dest="sessions_command", metavar="ACTION")
+    show_session = sessions_commands.add_parser(
+        "show",
+        help="one session in full: who ran what where, the policy's ruling, how it ended",
+        description="Show one session of your team (yours, or any if you are an admin or "
+        "auditor), with every field the service keeps for it.",
+    )
+    show_session.add_argument("session_id", metavar="SESSION_ID", help="e.g. ses_...")
+    show_session.add_argument("--json", action="store_true", help="print JSON (one document)")
+    show_session.set_defaults(handler=_session_show)
 
     connect = commands.add_parser(
         "connect",
@@ -576,6 +588,16 @@ def _sessions(args: argparse.Namespace, home: CliHome) -> int:
         print(line)
     if listing.more:
         print(f"(the newest {len(listing.sessions)} sessions: --limit to see more)")
+    return EXIT_OK
+
+
+def _session_show(args: argparse.Namespace, home: CliHome) -> int:
+    view = _request_once(home, "GET", f"{SESSIONS_PATH}/{_path_segment(args.session_id)}")
+    if args.json:
+        print(json.dumps(view, indent=2))
+    else:
+        for line in session_details(view):
+            print(line)
     return EXIT_OK
 
 

@@ -110,6 +110,40 @@ def session_table(sessions: list[dict[str, Any]], width: int | None) -> list[str
     return lines
 
 
+def session_details(view: dict[str, Any]) -> list[str]:
+    """The lines of ``tucdesk sessions show``: one field a line, names beside their ids."""
+    command = view.get("command")
+    state = view["state"] + (f" ({view['reason']})" if view.get("reason") else "")
+    policy = view.get("policy_result") or "-"
+    if view.get("policy_rule_id"):
+        policy += f" (rule {view['policy_rule_id']})"
+    fields = [
+        ("Session", view["session_id"]),
+        ("Agent", _named(view.get("agent_name"), view["agent_id"])),
+        ("Operator", _named(view.get("operator_email"), view["operator_id"])),
+        ("Mode", view["mode"]),
+        ("Command", shlex.join(command) if command else "-"),
+        ("State", state),
+        ("Policy", policy),
+        ("Relay", view.get("relay_id") or "-"),
+        ("Created", _utc(view["created_at"])),
+        ("Updated", _utc(view.get("updated_at"))),
+        ("Expires", _utc(view.get("expires_at"))),
+    ]
+    return [f"{label + ':':<10}{_cut(value, MAX_COMMAND_WIDTH)}" for label, value in fields]
+
+
+def _named(name: str | None, identifier: str) -> str:
+    # The name is gone once the agent or operator is; the id always stays.
+    return f"{name} ({identifier})" if name else identifier
+
+
+def _utc(timestamp: float | None) -> str:
+    if timestamp is None:
+        return "-"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
 def _row(cells: list[str], command: str, command_width: int) -> str:
     parts = [_cut(cell, column_width).ljust(column_width)
              for cell, (_, column_width) in zip(cells, _COLUMNS, strict=True)]  # fmt: skip

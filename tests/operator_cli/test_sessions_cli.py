@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from operator_cli.main import main, parse_since
-from operator_cli.session_listing import session_table
+from operator_cli.session_listing import session_details, session_table
 from rendezvous.credentials import hash_secret, new_invite_code, new_registration_key
 from rendezvous.store import Session, SessionState, open_store
 from rendezvous.store.base import new_id
@@ -173,6 +173,46 @@ async def test_sessions_filters_by_state_agent_name_operator_and_since(
     unknown = ["--home", str(home), "sessions", "--agent", "nowhere"]
     assert await trio.to_thread.run_sync(main, unknown) == 1
     assert "no agent named 'nowhere'" in capsys.readouterr().err
+
+
+async def test_sessions_show_prints_one_session_in_full(
+    logged_in: tuple[str, Path, dict[str, str], str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, home, agents, bob = logged_in
+    listed = json.loads(await _sessions(home, capsys, "--json", "--state", "refused"))
+    assert len(listed) == 1
+    refused = listed[0]
+    shown = json.loads(await _sessions(home, capsys, "show", refused["session_id"], "--json"))
+    assert shown == refused
+    lines = (await _sessions(home, capsys, "show", refused["session_id"])).splitlines()
+    fields = dict(line.split(":", 1) for line in lines)
+    assert fields["Session"].strip() == refused["session_id"]
+    assert fields["Agent"].strip() == f"db-1 ({agents['db-1']})"
+    assert fields["Operator"].strip() == f"bob@example.test ({bob})"
+    assert fields["Command"].strip() == "rm -rf '/tmp/x y'"
+    assert fields["State"].strip() == "refused"
+    assert fields["Policy"].strip() == "allow"
+    capsys.readouterr()
+    unknown = ["--home", str(home), "sessions", "show", "ses_nosuchsession"]
+    assert await trio.to_thread.run_sync(main, unknown) == 1
+    assert "no such session in your team" in capsys.readouterr().err
+
+
+def test_session_details_name_ids_and_neuter_control_characters() -> None:
+    view = {
+        "session_id": "ses_1", "agent_id": "agt_1", "agent_name": None, "operator_id": "op_1",
+        "operator_email": "eve@example.test", "mode": "exec", "command": ["printf", "\x1b[2J"],
+        "state": "refused", "reason": "policy_denied", "policy_result": "deny",
+        "policy_rule_id": "r-7", "relay_id": "relay-1", "created_at": 0.0, "updated_at": 60.0,
+        "expires_at": None,
+    }  # fmt: skip
+    lines = session_details(view)
+    assert "Agent:    agt_1" in lines  # the agent is gone: its id alone
+    assert "Operator: eve@example.test (op_1)" in lines
+    assert "Command:  printf '?[2J'" in lines
+    assert "State:    refused (policy_denied)" in lines
+    assert "Policy:   deny (rule r-7)" in lines
+    assert "Created:  1970-01-01 00:00:00 UTC" in lines and "Expires:  -" in lines
 
 
 def test_since_takes_a_duration_a_unix_time_or_an_iso_time() -> None:
