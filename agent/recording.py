@@ -354,12 +354,16 @@ def read_header(path: Path) -> dict[str, Any]:
 
 
 def list_recordings(directory: Path) -> list[RecordingInfo]:
-    """Every ``*.cast`` file in ``directory``, oldest first."""
+    """Every ``*.cast`` regular file in ``directory`` (symlinks and other kinds are skipped),
+    oldest first."""
     found: list[RecordingInfo] = []
     if not directory.is_dir():
         return found
     for path in directory.glob("*" + RECORDING_SUFFIX):
         try:
+            # Only files the agent wrote: a symlink or a FIFO planted here is not opened.
+            if not stat.S_ISREG(path.lstat().st_mode):
+                continue
             header = read_header(path)
             size = path.stat().st_size
             truncated = _ends_with_truncation_marker(path)

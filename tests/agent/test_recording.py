@@ -172,6 +172,18 @@ async def test_recording_stops_at_its_limit_with_a_marker_and_the_session_goes_o
     assert (listed.session_id, listed.truncated) == ("ses_1", True)
 
 
+def test_listing_skips_symlinks_and_fifos_posing_as_recordings(tmp_path: Path) -> None:
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    header = b'{"version": 2, "width": 80, "height": 24, "timestamp": 1700000000}\n'
+    (directory / "ses_real.cast").write_bytes(header)
+    elsewhere = tmp_path / "elsewhere.cast"
+    elsewhere.write_bytes(header)
+    (directory / "ses_link.cast").symlink_to(elsewhere)
+    os.mkfifo(directory / "ses_fifo.cast")  # opening it for reading would block
+    assert [info.session_id for info in list_recordings(directory)] == ["ses_real"]
+
+
 @trio_test
 async def test_recording_off_creates_no_file_and_no_recording_context(tmp_path: Path) -> None:
     async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
