@@ -7,6 +7,7 @@ as under sshd. Leaving the ``open_pty_session`` block by any path tears the sess
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import re
@@ -43,6 +44,8 @@ DEFAULT_ROWS = 24
 DEFAULT_COLS = 80
 MAX_WINDOW_DIMENSION = 10_000
 TTY_GROUP_MODE = 0o620
+# A write failing with these means the terminal's reading side is gone.
+GONE_READER_ERRORS = (errno.EPIPE, errno.EIO, errno.EBADF)
 # What a terminal sends for "end of input" in canonical mode (VEOF, ^D by default).
 END_OF_INPUT = b"\x04"
 _TERM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
@@ -94,6 +97,20 @@ class PtySession:
     async def send_input(self, data: bytes) -> None:
         """Type ``data`` into the terminal, waiting while its input buffer is full."""
         lock = self._input_lock
+        if not lock.locked():
+            # A keystroke: one write that the terminal takes whole needs no turn (it cannot be
+            # interleaved with anything, as it never yields).
+            try:
+                written = os.write(self._master_fd, data)
+            except BlockingIOError:
+                written = 0
+            except OSError as error:
+                if error.errno in GONE_READER_ERRORS:
+                    return  # the terminal is gone: input is discarded, as write_all does
+                raise
+            if written == len(data):
+                return
+            data = data[written:]
         await acquire_at_once(lock)
         try:
             await write_all(self._master_fd, data)

@@ -56,7 +56,7 @@ from protocol.stream_framing import (
     encode_stream_frames,
     length_prefix,
 )
-from relay.client import acquire_at_once, connect_tcp, link_error, send_gathered
+from relay.client import acquire_at_once, connect_tcp, link_error, send_gathered_in_turn
 from relay.errors import RelayError
 
 logger = logging.getLogger("tucdesk.agent.session")
@@ -680,13 +680,13 @@ class FrameLink:
         await self._send_pieces(pieces)
 
     async def _send_pieces(self, pieces: list[bytes]) -> None:
+        if self._socket is not None:
+            await send_gathered_in_turn(self._socket, pieces, self._send_lock)
+            return
         lock = self._send_lock
         await acquire_at_once(lock)
         try:
-            if self._socket is None:
-                await self._stream.send_all(b"".join(pieces))
-            else:
-                await send_gathered(self._socket, pieces)
+            await self._stream.send_all(b"".join(pieces))
         finally:
             lock.release()
 

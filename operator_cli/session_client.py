@@ -42,7 +42,13 @@ from protocol.stream_framing import (
     encode_stream_parts,
     length_prefix,
 )
-from relay.client import acquire_at_once, connect_tcp, send_gathered
+from relay.client import (
+    acquire_at_once,
+    connect_tcp,
+    gathered_views,
+    send_remaining,
+    write_available,
+)
 from relay.errors import RelayError, RelayRefusedError
 
 HANDSHAKE_TIMEOUT_SECONDS = 15.0
@@ -286,7 +292,14 @@ class OperatorSession:
 
     async def _send_frame(self, frame_type: FrameType, payload: bytes) -> None:
         lock = self._send_lock
-        await acquire_at_once(lock)
+        sock = self._socket
+        if sock is None or lock.locked():
+            await acquire_at_once(lock)
+            held = True
+        else:
+            # A free turn: a frame the socket takes whole at once (a keystroke) is sealed and
+            # written without touching the lock, as nothing can run in between.
+            held = False
         try:
             if self._closed_sent:
                 return
@@ -294,15 +307,21 @@ class OperatorSession:
             if frame_type is FrameType.CLOSE:
                 self._closed_sent = True
             try:
-                if self._socket is None:
+                if sock is None:
                     await self.stream.send_all(encode_stream_parts((header, body)))
-                else:
-                    prefix = length_prefix(len(header) + len(body))
-                    await send_gathered(self._socket, [prefix, header, body])
+                    return
+                views = gathered_views([length_prefix(len(header) + len(body)), header, body])
+                write_available(sock, views)
+                if views:  # the socket is full: wait for room, holding the turn
+                    if not held:
+                        lock.acquire_nowait()  # seen free, and nothing else ran since
+                        held = True
+                    await send_remaining(sock, views)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 raise ConnectionLost("the connection through the relay was lost") from None
         finally:
-            lock.release()
+            if held:
+                lock.release()
 
     async def send_data(self, data: bytes) -> None:
         """Forward input (keystrokes or stdin) to the remote side, in frames of at most 64 KiB."""

@@ -193,22 +193,61 @@ async def connect_udp(
 MAX_WRITE_BUFFERS = 1024
 
 
-async def send_gathered(sock: trio.socket.SocketType, pieces: list[bytes]) -> None:
+async def send_gathered_in_turn(
+    sock: trio.socket.SocketType, pieces: list[bytes], lock: trio.Lock | trio.StrictFIFOLock
+) -> None:
     """Write every byte of ``pieces`` to a relay connection, gathered (writev, no joining copy),
-    waiting while the socket is full; a failure is the trio stream error trio would raise."""
-    views = [memoryview(piece) for piece in pieces if piece]
+    waiting while the socket is full, for one of several senders taking turns with ``lock``
+    (whole messages at a time); a failure is the trio stream error trio would raise.
+
+    When the lock is free and the socket takes every byte at once (a keystroke, an echo), the
+    lock is never touched: a call that does not yield cannot be interleaved with another."""
+    views = gathered_views(pieces)
+    if lock.locked():
+        await lock.acquire()
+        try:
+            write_available(sock, views)
+            await send_remaining(sock, views)
+        finally:
+            lock.release()
+        return
+    write_available(sock, views)
+    if not views:
+        return
+    lock.acquire_nowait()  # nothing else ran since it was seen free
+    try:
+        await send_remaining(sock, views)
+    finally:
+        lock.release()
+
+
+def gathered_views(pieces: list[bytes]) -> list[memoryview]:
+    """``pieces`` as the views ``write_available`` and ``send_remaining`` take (no empty ones)."""
+    return [memoryview(piece) for piece in pieces if piece]
+
+
+def write_available(sock: trio.socket.SocketType, views: list[memoryview]) -> None:
+    """Write as much of ``views`` as the socket takes now (never waits), removing what was
+    written from the front of ``views``; a failure is the trio stream error."""
     while views:
         try:
             sent = os.writev(sock.fileno(), views[:MAX_WRITE_BUFFERS])
         except BlockingIOError:
-            await trio.lowlevel.wait_writable(sock)
-            continue
+            return
         except OSError as error:
             raise link_error(error) from None
         while views and sent >= len(views[0]):
             sent -= len(views.pop(0))
         if sent:
             views[0] = views[0][sent:]
+
+
+async def send_remaining(sock: trio.socket.SocketType, views: list[memoryview]) -> None:
+    """Write the rest of ``views`` after ``write_available`` left some (the socket was full):
+    wait for room and write, until the list is empty."""
+    while views:
+        await trio.lowlevel.wait_writable(sock)
+        write_available(sock, views)
 
 
 async def acquire_at_once(lock: trio.Lock | trio.StrictFIFOLock) -> None:

@@ -20,6 +20,7 @@ from tests.agent.session_helpers import (
     trio_test,
     wait_until,
 )
+from tests.relay.lock_calls import lock_operations
 
 
 class TolerantScreen(pyte.Screen):
@@ -187,6 +188,48 @@ async def test_large_input_is_written_with_backpressure() -> None:
             status = await session.run(transcript.on_output)
     assert status.code == 0
     assert transcript.stdout.split()[-1] == b"1000000"
+
+
+@trio_test
+async def test_a_keystroke_is_typed_without_taking_the_input_lock() -> None:
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=["cat"])) as session:
+        async with trio.open_nursery() as nursery:
+
+            async def type_a_key() -> None:
+                with lock_operations() as called:
+                    await session.send_input(b"k")
+                assert called == []  # a write the terminal takes whole needs no turn
+                await transcript.wait_for(b"k")
+                # ^D twice: the first hands "k" to cat, the second (on an empty line) is EOF.
+                await session.close_input()
+                await session.close_input()
+
+            nursery.start_soon(type_a_key)
+            status = await session.run(transcript.on_output)
+    assert status.code == 0
+
+
+@trio_test
+async def test_large_inputs_typed_at_once_go_in_whole_one_after_the_other() -> None:
+    transcript = Transcript()
+    size = 300_000
+    # Squeezing repeats leaves two letters only if no part of one input got into the other.
+    script = f"stty raw -echo; echo ready; head -c {2 * size} | tr -s ab; echo; echo done"
+    async with open_pty_session(PtySessionSpec(command=["sh", "-c", script])) as session:
+        async with trio.open_nursery() as nursery:
+
+            async def type_both() -> None:
+                await transcript.wait_for(b"ready")
+                async with trio.open_nursery() as typists:
+                    typists.start_soon(session.send_input, b"a" * size)
+                    typists.start_soon(session.send_input, b"b" * size)
+
+            nursery.start_soon(type_both)
+            status = await session.run(transcript.on_output)
+    assert status.code == 0
+    # Either may go first (trio picks the order of tasks started together), but whole.
+    assert transcript.stdout.split()[-2:] in ([b"ab", b"done"], [b"ba", b"done"])
 
 
 @trio_test

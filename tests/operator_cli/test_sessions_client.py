@@ -9,6 +9,7 @@ agent, relay and rendezvous.
 from __future__ import annotations
 
 import os
+import socket
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -35,11 +36,20 @@ from operator_cli.session_client import (
     exit_code_for,
 )
 from operator_cli.terminal import WindowSize
-from protocol.control import Close, ExitStatus, SessionStart, decode_control, encode_control
-from protocol.frames import Frame, FrameType, SecureChannel
+from protocol.control import (
+    Close,
+    ExitStatus,
+    Resize,
+    SessionStart,
+    decode_control,
+    encode_control,
+)
+from protocol.frames import MAX_FRAME_PAYLOAD, Frame, FrameType, SecureChannel
 from protocol.handshake import AgentHandshake, HandshakeRefused
 from protocol.identity import PublicIdentity, SigningIdentity, b64url
-from protocol.stream_framing import StreamDecoder, encode_stream_frame
+from protocol.session_keys import Role, SessionKeys
+from protocol.stream_framing import StreamDecoder, StreamFrameBuffer, encode_stream_frame
+from tests.relay.lock_calls import lock_operations
 
 SESSION_ID = "ses_test"
 AGENT_ID = "agt_test"
@@ -446,5 +456,71 @@ def test_an_offer_the_agent_refused_is_reported_without_waiting_for_the_relay(
                         refusal_probe=probe,
                     )
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+# ---- sending over a real socket (the relay connection) -------------------------------------
+
+
+def _socket_session() -> tuple[
+    session_client.OperatorSession, SecureChannel, trio.socket.SocketType
+]:
+    """An OperatorSession on one end of a socketpair with a small send buffer, and the agent's
+    channel and socket at the other end."""
+    ours, theirs = trio.socket.socketpair()
+    ours.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    keys = SessionKeys(SESSION_ID.encode(), os.urandom(32), os.urandom(32), os.urandom(32))
+    now = time.monotonic()
+    session = session_client.OperatorSession(
+        trio.SocketStream(ours), SecureChannel(keys, Role.OPERATOR, now), StreamFrameBuffer(),
+        make_ticket(),
+    )
+    return session, SecureChannel(keys, Role.AGENT, now), theirs
+
+
+async def _frames_from(sock: trio.socket.SocketType, count: int) -> list[bytes]:
+    decoder, frames = StreamDecoder(), []
+    while len(frames) < count:
+        data = await sock.recv(1 << 20)
+        assert data, "the operator closed early"
+        frames += decoder.feed(data)
+    return frames
+
+
+def test_a_keystroke_frame_is_sent_without_taking_the_send_lock() -> None:
+    async def main() -> None:
+        session, agent, theirs = _socket_session()
+        with lock_operations() as called:
+            await session.send_data(b"k")
+        assert called == []  # the socket took the frame whole: no turn was needed
+        [sealed] = await _frames_from(theirs, 1)
+        frame = agent.open(sealed, time.monotonic())
+        assert (frame.type, frame.payload) == (FrameType.DATA, b"k")
+        theirs.close()
+
+    trio.run(main)
+
+
+def test_frames_sent_together_arrive_whole_and_in_order_when_the_socket_is_full() -> None:
+    big = os.urandom(MAX_FRAME_PAYLOAD)
+
+    async def main() -> None:
+        session, agent, theirs = _socket_session()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.send_data, big * 4)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(session.resize, 30, 100)
+            nursery.start_soon(session.send_data, b"k")
+            frames = await _frames_from(theirs, 6)
+        # Each frame is whole and opens in counter order (sealing order is writing order); the
+        # other senders' frames may come between the big input's frames, never inside one.
+        opened = [agent.open(sealed, time.monotonic()) for sealed in frames]
+        data = [frame.payload for frame in opened if frame.type is FrameType.DATA]
+        assert [payload for payload in data if payload != b"k"] == [big] * 4
+        assert data.count(b"k") == 1
+        [control] = [frame for frame in opened if frame.type is FrameType.CONTROL]
+        assert decode_control(control.payload) == Resize(rows=30, cols=100)
+        theirs.close()
 
     trio.run(main)
