@@ -228,12 +228,15 @@ class OutputPump:
         self._stream = stream
         self._chunk_size = chunk_size
         self._child_exited = False
+        # Cancelled by child_exited, but only while the pump waits for readiness: one scope per
+        # run, not one per wait (a scope costs about as much as the rest of an echo's handling).
         self._wait_scope: trio.CancelScope | None = None
+        self._waiting = False
 
     def child_exited(self) -> None:
         """Drain what is buffered, then stop instead of waiting for more."""
         self._child_exited = True
-        if self._wait_scope is not None:
+        if self._waiting and self._wait_scope is not None:
             self._wait_scope.cancel()
 
     async def run(self, on_output: OutputHandler) -> None:
@@ -248,41 +251,61 @@ class OutputPump:
         next waits for readiness (which also lets the other tasks run) instead of spending a
         read on EAGAIN first: a system call per echoed key, and one per PTY hand-off in bulk.
         """
+        ended = False
+        with trio.CancelScope() as self._wait_scope:
+            ended = await self._pump(on_output, waiting=True)
+        self._wait_scope = None
+        if not ended:
+            # The child exited while the pump waited: hand on what is left, without waiting.
+            await self._pump(on_output, waiting=False)
+
+    async def _pump(self, on_output: OutputHandler, *, waiting: bool) -> bool:
+        """The pump loop; False if it stopped because the child exited while it waited (only
+        when ``waiting``), True at the end of the output."""
         fd, limit = self._fd, self._chunk_size
         drained = False
         while True:
             if drained and not self._child_exited:
-                await self._wait_readable()
+                if waiting and not await self._wait_readable():
+                    return False
             try:
                 data = os.read(fd, limit)
             except BlockingIOError:
                 if self._child_exited:
-                    return
-                await self._wait_readable()
+                    return True
+                if waiting and not await self._wait_readable():
+                    return False
                 drained = False
                 continue
             except OSError as error:
                 # EIO: every slave side of a PTY is closed, the Linux way of saying EOF.
                 if error.errno == errno.EIO:
-                    return
+                    return True
                 raise
             if not data:
-                return
+                return True
             ended = False
             if COALESCE_MIN_READ <= len(data) < limit:
                 data, ended = _read_available(fd, data, limit)
             await on_output(self._stream, data)
             if ended:
-                return
+                return True
             drained = len(data) < limit
             if not drained:
                 # A full chunk: more is likely waiting. Let other tasks run before reading it.
                 await trio.lowlevel.checkpoint()
 
-    async def _wait_readable(self) -> None:
-        with trio.CancelScope() as self._wait_scope:
+    async def _wait_readable(self) -> bool:
+        """Wait until the fd is readable: True, or False once the child has exited (run's
+        scope is then cancelled, and the pump must leave it before its next checkpoint)."""
+        self._waiting = True
+        try:
             await trio.lowlevel.wait_readable(self._fd)
-        self._wait_scope = None
+        finally:
+            self._waiting = False
+        # Readable, but the child may have exited after the wake-up and before we ran.
+        scope = self._wait_scope
+        return scope is None or not scope.cancel_called
 
 
 def _read_available(fd: int, first: bytes, limit: int) -> tuple[bytes, bool]:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
+import sys
 import termios
 import tty
+import types
 
 import pytest
 import trio
@@ -195,3 +197,62 @@ async def test_exec_stdout_and_stderr_are_never_merged_under_bulk_output() -> No
     err = "".join(f"err-{i}\n" for i in range(300)).encode()
     assert chunks.joined(OutputStream.STDOUT) == out
     assert chunks.joined(OutputStream.STDERR) == err
+
+
+@trio_test
+async def test_waiting_for_the_next_echo_enters_no_cancel_scope() -> None:
+    master, slave = os.openpty()
+    scopes_entered: list[str] = []
+
+    def profile(frame: types.FrameType, event: str, arg: object) -> None:
+        caller = frame.f_back
+        if (
+            event == "call"
+            and frame.f_code.co_name == "__enter__"
+            and "CancelScope" in repr(frame.f_locals.get("self", ""))[:20]
+            and caller is not None
+            and caller.f_code.co_filename.endswith("process_group.py")
+        ):
+            scopes_entered.append(caller.f_code.co_name)
+
+    try:
+        tty.setraw(slave)
+        chunks = Chunks()
+        pump = OutputPump(master, OutputStream.STDOUT)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump.run, chunks.on_output)
+            await trio.sleep(0.05)
+            sys.setprofile(profile)
+            try:
+                for key in (b"a", b"b", b"c"):
+                    os.write(slave, key)
+                    with trio.fail_after(1):
+                        await wait_until(lambda key=key: chunks.joined().endswith(key))
+            finally:
+                sys.setprofile(None)
+            pump.child_exited()
+        assert chunks.joined() == b"abc"
+        # One scope for the whole run, none per wait (each costs as much as an echo's frame).
+        assert scopes_entered == []
+    finally:
+        os.close(master)
+        os.close(slave)
+
+
+@trio_test
+async def test_output_that_arrives_as_the_child_exits_is_handed_on_and_the_pump_ends() -> None:
+    master, slave = os.openpty()
+    try:
+        tty.setraw(slave)
+        chunks = Chunks()
+        pump = OutputPump(master, OutputStream.STDOUT)
+        with trio.fail_after(2):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(pump.run, chunks.on_output)
+                await trio.sleep(0.05)  # the pump waits for readiness
+                os.write(slave, b"last")
+                pump.child_exited()  # before the pump has seen the output
+        assert chunks.joined() == b"last"
+    finally:
+        os.close(master)
+        os.close(slave)
