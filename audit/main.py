@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 from audit.checkpoint import Checkpoint
 from audit.errors import BundleError
+from audit.progress import ProgressLine, format_bytes, wants_progress
 from audit.recording_check import check_recording
 from audit.verify import (
     EXIT_CODES,
+    ProgressCallback,
     Verdict,
     VerificationResult,
     load_previous_checkpoint,
@@ -22,6 +26,7 @@ from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, load_public_key_file
 
 EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
+MIN_RATE_SECONDS = 0.25
 
 _RECORDING_EPILOG = """\
 Exit status: 0 when the bundle verifies and the file matches its record (one-line summary), 1
@@ -70,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--previous-checkpoint when verifying the next export (detects rollback)",
     )
     verify.add_argument("--json", action="store_true", help="print a JSON result instead")
+    _add_progress_argument(verify)
     verify.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
@@ -95,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the .jsonl export bundle holding the session's session.ended record",
     )
     _add_bundle_trust_arguments(recording)
+    _add_progress_argument(recording)
     recording.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
@@ -121,6 +128,17 @@ def _add_bundle_trust_arguments(command: argparse.ArgumentParser) -> None:
         default=[],
         metavar="FILE",
         help="an earlier signed checkpoint you kept; the bundle must extend it (repeatable)",
+    )
+
+
+def _add_progress_argument(command: argparse.ArgumentParser) -> None:
+    command.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="show (or never show) a progress line on stderr while verifying: records checked, "
+        "share of the file read, rate; erased before the result (default: only when stderr is "
+        "a terminal)",
     )
 
 
@@ -165,9 +183,14 @@ def _recording(arguments: argparse.Namespace) -> int:
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
     keys, previous = trust
-    verdict = check_recording(
-        arguments.recording, arguments.bundle, keys, previous_checkpoints=previous
-    )
+    with _verify_progress(arguments) as progress:
+        verdict = check_recording(
+            arguments.recording,
+            arguments.bundle,
+            keys,
+            previous_checkpoints=previous,
+            progress=progress,
+        )
     if verdict.verdict is Verdict.VALID:
         print(verdict.message)
     else:
@@ -180,7 +203,10 @@ def _verify(arguments: argparse.Namespace) -> int:
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
     keys, previous = trust
-    result = verify_bundle(arguments.bundle, keys, previous_checkpoints=previous)
+    with _verify_progress(arguments) as progress:
+        result = verify_bundle(
+            arguments.bundle, keys, previous_checkpoints=previous, progress=progress
+        )
     if result.checkpoint_note is not None and arguments.save_checkpoint is not None:
         try:
             arguments.save_checkpoint.write_bytes(result.checkpoint_note)
@@ -190,6 +216,39 @@ def _verify(arguments: argparse.Namespace) -> int:
             )
     _report(arguments, result)
     return result.exit_code
+
+
+@contextmanager
+def _verify_progress(arguments: argparse.Namespace) -> Iterator[ProgressCallback | None]:
+    """The verifier's progress callback drawing a line on stderr (or None), erased on exit."""
+    if not wants_progress(arguments.progress, sys.stderr):
+        yield None
+        return
+    with ProgressLine(sys.stderr) as line:
+        yield _BundleProgress(line, arguments.bundle).update
+
+
+class _BundleProgress:
+    """Renders ``records checked, share of the file read, rate`` for one bundle."""
+
+    def __init__(self, line: ProgressLine, bundle: Path) -> None:
+        self._line = line
+        self._name = bundle.name
+        try:
+            self._size = os.stat(bundle).st_size
+        except OSError:
+            self._size = 0  # the verifier reports the unreadable file; just show no share
+
+    def update(self, records: int, bytes_read: int) -> None:
+        if not self._line.due():
+            return
+        share = ""
+        if self._size > 0:
+            share = f", {min(100, bytes_read * 100 // self._size)}% of {format_bytes(self._size)}"
+        elapsed = self._line.elapsed()
+        # A rate over the first few milliseconds would be noise.
+        rate = f", {records / elapsed:,.0f} records/s" if elapsed >= MIN_RATE_SECONDS else ""
+        self._line.show(f"verifying {self._name}: {records:,} records{share}{rate}")
 
 
 def _unreadable(arguments: argparse.Namespace, reason: str) -> int:

@@ -19,7 +19,7 @@ from audit.bundle import MAX_BUNDLE_LINE_BYTES, is_trailer
 from audit.checkpoint import Checkpoint
 from audit.errors import AuditError
 from audit.record import AuditRecord, JsonValue, format_time, strict_json
-from audit.verify import Verdict, verify_bundle
+from audit.verify import ProgressCallback, Verdict, verify_bundle
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity
 
@@ -45,9 +45,15 @@ def check_recording(
     audit_keys: Sequence[PublicIdentity],
     *,
     previous_checkpoints: Sequence[Checkpoint] = (),
+    progress: ProgressCallback | None = None,
 ) -> RecordingVerdict:
-    """Verify ``bundle``, then compare ``recording`` with the session.ended record naming it."""
-    verified = verify_bundle(bundle, audit_keys, previous_checkpoints=previous_checkpoints)
+    """Verify ``bundle``, then compare ``recording`` with the session.ended record naming it.
+
+    ``progress`` is passed to verify_bundle (the verification is the long part).
+    """
+    verified = verify_bundle(
+        bundle, audit_keys, previous_checkpoints=previous_checkpoints, progress=progress
+    )
     if not verified.ok:
         return RecordingVerdict(
             verified.verdict, f"the audit export does not verify: {verified.summary()}"

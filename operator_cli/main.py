@@ -78,6 +78,7 @@ exec_command = _imported_on_use("operator_cli.session_commands", "exec_command")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+EXIT_INTERRUPTED = 130
 EXPORT_CHUNK_BYTES = 64 * 1024
 DEFAULT_SESSIONS_LISTED = 50
 # The service's API_KEY_SCOPES (rendezvous/auth.py), for --help; the service checks them.
@@ -309,7 +310,17 @@ def build_parser() -> argparse.ArgumentParser:
     export = audit_commands.add_parser(
         "export", help="download the team's audit bundle (auditor or admin role)"
     )
-    export.add_argument("-o", "--output", type=Path, help="file to write (default: stdout)")
+    export.add_argument(
+        "-o", "--output", type=Path,
+        help="file to write (default: stdout); downloaded to a temporary file beside it and "
+        "renamed into place (mode 0600) only once the whole bundle arrived, so a failed "
+        "download leaves no partial file and an existing one untouched",
+    )
+    export.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=None,
+        help="show (or never show) a progress line on stderr while downloading: bytes and "
+        "lines received, rate (default: only when stderr is a terminal)",
+    )
     export.set_defaults(handler=_audit_export)
 
     selfcheck = commands.add_parser(
@@ -647,23 +658,55 @@ def _demo(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _audit_export(args: argparse.Namespace, home: CliHome) -> int:
+    # Imported here: only this command needs them (the others' start-up stays lean).
+    from audit.progress import ProgressLine, wants_progress
+    from operator_cli.audit_export import (
+        ExportIncomplete,
+        ExportReceiver,
+        is_stream,
+        receive_into_place,
+    )
+
+    output: Path | None = args.output
+    if output is not None and output.is_dir():
+        _report(args, f"{output} is a directory; give a file name with -o")
+        return EXIT_FAILURE
     session = Session.from_home(home)
+    if output is None or is_stream(output):
+        where = f"{output or 'the output'} is incomplete"
+    else:
+        where = f"nothing was written to {output}"
+    # Bundle lines on a terminal would be garbled by the progress line: then only if asked.
+    show = wants_progress(args.progress, sys.stderr) and (
+        args.progress or output is not None or not sys.stdout.isatty()
+    )
     try:
         response = session.request_raw("GET", "/v1/audit/export")
-        if args.output is None:
-            for chunk in response.iter_bytes():
-                sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            return EXIT_OK
-        lines = 0
-        with args.output.open("wb") as output:
-            for chunk in response.iter_bytes():
-                output.write(chunk)
-                lines += chunk.count(b"\n")
+        line = ProgressLine(sys.stderr) if show else None
+        receiver = ExportReceiver(line)
+        try:
+            if output is None:
+                receiver.receive(response, sys.stdout.buffer)
+                sys.stdout.flush()
+            elif is_stream(output):
+                with output.open("wb") as sink:
+                    receiver.receive(response, sink)
+            else:
+                receive_into_place(receiver, response, output)
+        finally:
+            if line is not None:
+                line.clear()
+    except ExportIncomplete as failure:
+        _report(args, f"{failure}; {where}")
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        _report(args, f"interrupted; {where}")
+        return EXIT_INTERRUPTED
     finally:
         session.close()
-    print(f"wrote {args.output} ({lines} lines); check it with: tucdesk-audit verify "
-          f"{args.output} --key AUDIT_KEY", file=sys.stderr)
+    if output is not None:
+        print(f"wrote {output} ({receiver.lines} lines); check it with: tucdesk-audit verify "
+              f"{output} --key AUDIT_KEY", file=sys.stderr)
     return EXIT_OK
 
 
