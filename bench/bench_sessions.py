@@ -471,8 +471,12 @@ def measure(
             seconds, _ = bulk_pty(client, bulk)
             add("bulk pty", client, [size / seconds / 1e6])
             share = keys // rounds + (1 if round_number < keys % rounds else 0)
-            add("keys", client, keystroke_echo(client, share))
-            print(f"  round {round_number + 1}/{rounds} {client.name} done", flush=True)
+            echoes = keystroke_echo(client, share)
+            add("keys", client, echoes)
+            # Per round too: a tail from one burst of slow keys shows up in one round only.
+            print(f"  round {round_number + 1}/{rounds} {client.name} done; keystroke echo p50 "
+                  f"{statistics.median(echoes) * 1000:.3f} ms, p99 "
+                  f"{percentile(echoes, 0.99) * 1000:.3f} ms", flush=True)
 
     def figure(name: str, summary: Callable[[list[float]], float]) -> list[float | None]:
         by_client = samples[name]
