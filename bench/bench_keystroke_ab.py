@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                     latencies[tree.name] += samples
                     key_counts[tree.name].append(counts)
                     print(f"round {round_number + 1} {tree.name}: p50 "
-                          f"{statistics.median(samples) * 1e3:.3f} ms | "
+                          f"{statistics.median(samples) * 1e3:.3f} p99 "
+                          f"{percentile(samples, 0.99) * 1e3:.3f} ms | "
                           f"{describe([counts], args.keys, 1e3, 'us')}", flush=True)
                     if bulk is not None:
                         pty[tree.name].append(pty_round(tree, bulk))
