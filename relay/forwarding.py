@@ -176,7 +176,11 @@ async def _pump_copy(
     chunk_limit: int,
     waiter: SourceWaiter,
 ) -> None:
+    # The per-message path is inlined (waiter.wait's unbatched case, waiter.observe's test,
+    # the pacing): each coroutine or method call it saves is paid twice per keystroke.
     view = memoryview(_shared_buffer)[:chunk_limit]
+    wait_readable = trio.lowlevel.wait_readable
+    low_water, entry_size = waiter.low_water, waiter.entry_size
     streak = 0
     while True:
         try:
@@ -188,7 +192,8 @@ async def _pump_copy(
         if received == 0:
             shutdown_write(destination)
             return
-        waiter.observe(received)
+        if low_water and (received >= entry_size) != waiter.batching:
+            waiter.observe(received)
         try:
             sent = destination.send(view[:received])
         except BlockingIOError:
@@ -196,12 +201,20 @@ async def _pump_copy(
         if sent < received:
             # Copy the rest out of the shared buffer before waiting.
             await send_all(destination, bytes(view[sent:received]))
-        streak = await _pace(record(received), streak)
+        delay = record(received)
         if received < chunk_limit:
             # The read emptied the socket: wait for more rather than first reading nothing
-            # (a system call and an exception per forwarded keystroke).
+            # (a system call and an exception per forwarded keystroke). The wait is a
+            # checkpoint, so no pacing checkpoint is needed before it.
             streak = 0
-            await waiter.wait()
+            if delay > 0:
+                await trio.sleep(delay)
+            if waiter.batching:
+                await waiter.wait()
+            else:
+                await wait_readable(source)
+        else:
+            streak = await _pace(delay, streak)
 
 
 async def _pace(delay: float, streak: int) -> int:

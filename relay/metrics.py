@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from relay.wire import REFUSAL_REASONS, SESSION_END_REASONS
@@ -23,6 +25,8 @@ class RelayMetrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
+        # Called before every exposition: counters kept elsewhere between scrapes catch up.
+        self.before_collect: list[Callable[[], None]] = []
         self.sessions_active = Gauge(
             "tucdesk_relay_sessions_active", "Paired sessions now forwarding.",
             ["transport"], registry=self.registry,
@@ -85,5 +89,7 @@ class RelayMetrics:
         return value or 0.0
 
     def exposition(self) -> bytes:
-        """The Prometheus text exposition of every metric."""
+        """The Prometheus text exposition of every metric (counters brought up to date first)."""
+        for catch_up in self.before_collect:
+            catch_up()
         return generate_latest(self.registry)

@@ -71,6 +71,13 @@ class TcpSession:
     bytes_from: dict[Side, int] = field(default_factory=lambda: {Side.OPERATOR: 0, Side.AGENT: 0})
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_reason: Reason | None = None
+    reported: int = 0  # of the bytes forwarded, how many bytes_forwarded already counts
+
+    def unreported_bytes(self) -> int:
+        """Bytes forwarded since the metric was last told, now marked as told."""
+        total = self.bytes_from[Side.OPERATOR] + self.bytes_from[Side.AGENT]
+        unreported, self.reported = total - self.reported, total
+        return unreported
 
     def close(self, reason: Reason) -> None:
         """End the session now for ``reason`` (the first reason given is the one recorded)."""
@@ -102,6 +109,20 @@ class TcpFrontEnd:
         self.use_splice = self.config.forwarding == "splice" and SPLICE_AVAILABLE
         self.low_water = bulk_low_water(socket_buffer)
         self._bytes_metric = self.metrics.bytes_forwarded.labels(TRANSPORT)
+        # The data path only counts per session; the metric is brought up to date when it is
+        # scraped and when a session ends (a locked metric update per message was 4 of the
+        # relay's ~75 Python calls per forwarded message, ~3 % of its profiled time).
+        self.metrics.before_collect.append(self.report_forwarded_bytes)
+
+    def report_forwarded_bytes(self) -> None:
+        """Add the bytes every live session forwarded since the last report to the metric."""
+        for session in self.sessions:
+            self._report(session)
+
+    def _report(self, session: TcpSession) -> None:
+        unreported = session.unreported_bytes()
+        if unreported:
+            self._bytes_metric.inc(unreported)
 
     @property
     def busy(self) -> bool:
@@ -282,6 +303,7 @@ class TcpFrontEnd:
             for sock in sockets.values():
                 close_socket(sock)
             self.sessions.discard(session)
+            self._report(session)
             self.metrics.sessions_active.labels(TRANSPORT).dec()
             self.admission.registry.end(key)
             reason = session.close_reason or Reason.CLOSED
@@ -310,25 +332,31 @@ class TcpFrontEnd:
     ) -> None:
         total = self.admission.total_bandwidth
         bucket = session.bucket
-        metric = self._bytes_metric
         counts = session.bytes_from
+        # The run's clock itself (what trio.current_time reads), without two wrapper calls.
+        current_time = trio.lowlevel.current_clock().current_time
 
         def record(moved: int) -> float:
-            now = trio.current_time()
+            now = current_time()
             session.last_activity = now
             counts[side] += moved
-            metric.inc(moved)
             delay = bucket.charge(moved, now) if bucket is not None else 0.0
             if total is not None:
                 delay = max(delay, total.charge(moved, now))
             return delay
+
+        def record_uncapped(moved: int) -> float:
+            session.last_activity = current_time()
+            counts[side] += moved
+            return 0.0
 
         chunk_limit = MAX_CHUNK_SIZE
         caps = [b.burst for b in (bucket, total) if b is not None]
         if caps:
             chunk_limit = max(1024, int(min(caps + [MAX_CHUNK_SIZE])))
         try:
-            await pump(source, destination, record, use_splice=self.use_splice,
+            recorder = record if bucket is not None or total is not None else record_uncapped
+            await pump(source, destination, recorder, use_splice=self.use_splice,
                        chunk_limit=chunk_limit, low_water=self.low_water)
         except OSError:
             session.close(Reason.RESET)
