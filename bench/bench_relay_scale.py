@@ -59,7 +59,18 @@ def _idle_worker(address, tokens: list[tuple[str, str]], ready, release) -> None
         for stream in streams:
             await stream.aclose()
 
-    trio.run(main)
+    try:
+        trio.run(main)
+    except BaseException as error:  # noqa: BLE001 - reported to the parent, which stops
+        # The first failure, before the relay stops and every other worker fails after it.
+        ready.send(f"worker failed: {_first_failure(error)!r}")
+
+
+def _first_failure(error: BaseException) -> BaseException:
+    """The first leaf of a (nested) exception group: the error that started it."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 def idle_sessions(signer: SigningIdentity, count: int) -> None:
@@ -86,7 +97,15 @@ def idle_sessions(signer: SigningIdentity, count: int) -> None:
             )
             worker.start()
             workers.append((worker, ready_end, release_end))
-        paired = sum(ready.recv() for _, ready, _ in workers)
+        answers = [ready.recv() for _, ready, _ in workers]
+        failures = [answer for answer in answers if isinstance(answer, str)]
+        if failures:
+            for (_, _, release), answer in zip(workers, answers, strict=True):
+                if not isinstance(answer, str):
+                    release.send("go")  # a failed worker has exited already
+            raise RuntimeError(f"{len(failures)} of {len(workers)} workers failed; first: "
+                               f"{failures[0]}")
+        paired = sum(answers)
         elapsed = time.perf_counter() - started
         time.sleep(1)
         rss_after = process_rss_kib(pid)
