@@ -7,6 +7,7 @@ started.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import subprocess
@@ -17,8 +18,11 @@ from dataclasses import dataclass
 import trio
 
 from agent.process_group import (
+    EXIT_CANNOT_EXECUTE,
+    EXIT_NOT_FOUND,
     TEARDOWN_GRACE_SECONDS,
     Account,
+    CommandNotStarted,
     ExitStatus,
     OutputHandler,
     OutputPump,
@@ -167,9 +171,15 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
                 cwd=account.working_directory,
                 **credentials,
             )
-        except (OSError, subprocess.SubprocessError) as error:
-            reason = error.strerror if isinstance(error, OSError) else str(error)
-            raise SessionProcessError(f"cannot run {arguments[0]!r}: {reason}") from None
+        except OSError as error:
+            message = f"cannot run {arguments[0]!r}: {error.strerror or error}"
+            if error.filename != arguments[0]:
+                # Not the command (the working directory, or dropping privileges): our fault.
+                raise SessionProcessError(message) from None
+            code = EXIT_NOT_FOUND if error.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
+            raise CommandNotStarted(message, code) from None
+        except subprocess.SubprocessError as error:
+            raise SessionProcessError(f"cannot run {arguments[0]!r}: {error}") from None
     except BaseException:
         for fd in ours:
             os.close(fd)

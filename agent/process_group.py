@@ -54,6 +54,21 @@ class SessionProcessError(Exception):
     """A local session could not be started or was asked to do something it refuses."""
 
 
+# Exit codes a shell gives a command it cannot run (POSIX): found but not executable, or not
+# found. ``tucdesk exec`` passes them on as ``ssh host CMD`` does through the remote shell.
+EXIT_CANNOT_EXECUTE = 126
+EXIT_NOT_FOUND = 127
+
+
+class CommandNotStarted(SessionProcessError):
+    """The session's command itself cannot run (missing, not executable): the operator gets the
+    message on stderr and the shell's exit code, as from a shell."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
 class OutputStream(IntEnum):
     """Which of the child's outputs a chunk came from. A PTY has only STDOUT."""
 

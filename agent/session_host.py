@@ -32,7 +32,13 @@ from agent.config import AgentConfig
 from agent.errors import OfferError
 from agent.exec_session import ExecSessionSpec, open_exec_session
 from agent.grant_policy import GrantPolicy, GrantPolicyRefused, LocalDecision
-from agent.process_group import ExitStatus, LocalSession, OutputStream, SessionProcessError
+from agent.process_group import (
+    CommandNotStarted,
+    ExitStatus,
+    LocalSession,
+    OutputStream,
+    SessionProcessError,
+)
 from agent.pty_session import PtySessionSpec, open_pty_session
 from agent.recording import RecordingError, SessionRecorder
 from audit.record import SignedEvent
@@ -61,6 +67,8 @@ from relay.errors import RelayError
 
 logger = logging.getLogger("tucdesk.agent.session")
 
+# How the agent names itself in what it writes to a session's stderr.
+AGENT_PROGRAM = "tucdesk-agent"
 RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 RELAY_PAIR_TIMEOUT_SECONDS = 35.0
 SESSION_START_TIMEOUT_SECONDS = 15.0
@@ -504,6 +512,16 @@ class SessionHost:
                 status = await local.run(on_output)
                 outcome.exit_status = status
                 nursery.cancel_scope.cancel()
+            await sealed.send_exit(outcome.exit_status)
+        except* CommandNotStarted as group:
+            # As a shell would: the reason on stderr, then exit 127 (not found) or 126.
+            failure = group.exceptions[0]
+            assert isinstance(failure, CommandNotStarted)
+            message = f"{AGENT_PROGRAM}: {failure}\n".encode()
+            await sealed.send_output(FrameType.STDERR, message)
+            if recorder is not None:
+                await recorder.output(OutputStream.STDERR, message)
+            outcome.exit_status = ExitStatus(code=failure.exit_code)
             await sealed.send_exit(outcome.exit_status)
         except* SessionProcessError as group:
             outcome.reason = "internal-error"

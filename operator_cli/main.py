@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="run a command on an agent: tucdesk exec AGENT -- CMD [ARGS...]",
         description="Run CMD on AGENT like 'ssh host cmd': remote stdout and stderr go to ours, "
         "stdin is piped through (not read from a terminal unless --stdin), and the exit status "
-        "is the command's (128+N for signal N; 255 when the session cannot be set up).",
+        "is the command's (128+N for signal N; 127 if it is not found, 126 if it cannot run; "
+        "255 when the session cannot be set up).",
     )
     exec_parser.add_argument(
         "-n", dest="no_stdin", action="store_true", help="never read stdin (send end of input)"

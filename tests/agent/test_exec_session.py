@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pwd
+from pathlib import Path
 
 import pytest
 import trio
 
 from agent.exec_session import ExecSessionSpec, open_exec_session
-from agent.process_group import ExitStatus, SessionProcessError, session_members
+from agent.process_group import CommandNotStarted, ExitStatus, SessionProcessError, session_members
 from tests.agent.session_helpers import (
     Transcript,
     is_root,
@@ -149,10 +150,20 @@ async def test_cancelling_an_exec_session_kills_every_process_it_started() -> No
 
 
 @trio_test
-async def test_missing_program_is_a_clear_error() -> None:
-    with pytest.raises(SessionProcessError, match="cannot run"):
+async def test_missing_program_is_a_clear_error_with_the_shells_exit_code(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(CommandNotStarted, match="cannot run '/nonexistent/prog'") as missing:
         async with open_exec_session(ExecSessionSpec(["/nonexistent/prog"])):
             pass
+    assert missing.value.exit_code == 127
+    text = tmp_path / "notes.txt"
+    text.write_text("not a program\n")
+    text.chmod(0o644)
+    with pytest.raises(CommandNotStarted, match="Permission denied") as not_executable:
+        async with open_exec_session(ExecSessionSpec([str(text)])):
+            pass
+    assert not_executable.value.exit_code == 126
 
 
 def test_malformed_commands_are_refused() -> None:

@@ -57,11 +57,25 @@ def test_exec_reports_a_terminating_signal_as_128_plus_the_signal(
 
 
 def test_exec_of_a_missing_program_fails_and_says_why(backend_stack: TappedStack) -> None:
+    # As `ssh host CMD` through the remote shell: 127 and the reason on stderr.
     code, out, err = run_exec(backend_stack, "no-such-program-here")
-    assert code != 0
+    assert code == 127
     assert out == b""
-    assert b"no-such-program-here" in err
-    assert b"Traceback" not in err
+    assert err == (
+        b"tucdesk-agent: cannot run 'no-such-program-here': No such file or directory\n"
+    )
+
+
+def test_exec_of_a_file_that_cannot_run_exits_126(
+    backend_stack: TappedStack, tmp_path: Path
+) -> None:
+    not_executable = tmp_path / "notes.txt"  # the agent runs on this machine
+    not_executable.write_text("not a program\n")
+    not_executable.chmod(0o644)
+    code, out, err = run_exec(backend_stack, str(not_executable))
+    assert code == 126
+    assert out == b""
+    assert err == f"tucdesk-agent: cannot run '{not_executable}': Permission denied\n".encode()
 
 
 def test_exec_carries_binary_output_unchanged(backend_stack: TappedStack) -> None:
