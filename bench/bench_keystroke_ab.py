@@ -38,13 +38,12 @@ sys.path.insert(0, str(REPOSITORY))
 from bench.bench_sessions import (  # noqa: E402
     COMMAND_TIMEOUT_SECONDS,
     END_MARKER,
-    KEYSTROKE_LINE,
-    PROMPT_TIMEOUT_SECONDS,
-    READY_MARKER,
     Client,
     PtyClient,
+    echoing_session,
     make_bulk_file,
     percentile,
+    type_keys,
 )
 from operator_cli.local_stack import LocalStack  # noqa: E402
 
@@ -118,24 +117,10 @@ def stop_perf(started: dict[str, subprocess.Popen[str]]) -> Counts:
 
 def keys_round(tree: TreeStack, keys: int) -> tuple[list[float], Counts]:
     """Echo latencies of ``keys`` keys, and the three processes' counts over exactly them."""
-    session = PtyClient(tree.client)
+    session = echoing_session(tree.client)
     try:
-        session.run(b"stty -echo -icanon min 1 time 0; echo __BENCH_REA''DY__; cat")
-        session.read_until(READY_MARKER, PROMPT_TIMEOUT_SECONDS)
-        sync = b"sync%dx" % time.time_ns()
-        os.write(session.fd, sync)
-        session.read_until(sync, PROMPT_TIMEOUT_SECONDS)
         started = start_perf({"cli": session.child.pid, **tree.pids})
-        samples = []
-        for index in range(keys):
-            key = b"abcdefghijklmnopqrstuvwxyz"[index % 26 : index % 26 + 1]
-            if index and index % KEYSTROKE_LINE == 0:
-                os.write(session.fd, b"\r")
-                session.read_exactly(b"\r\n", PROMPT_TIMEOUT_SECONDS)
-            start = time.perf_counter()
-            os.write(session.fd, key)
-            session.read_exactly(key, PROMPT_TIMEOUT_SECONDS)
-            samples.append(time.perf_counter() - start)
+        samples = type_keys(session, keys)
         return samples, stop_perf(started)
     finally:
         session.close()

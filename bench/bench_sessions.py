@@ -247,9 +247,18 @@ def bulk_pty(client: Client, path: Path) -> tuple[float, int]:
 
 def keystroke_echo(client: Client, keys: int) -> list[float]:
     """Seconds from writing one key to reading its echo, for ``keys`` keys."""
+    session = echoing_session(client)
+    try:
+        return type_keys(session, keys)
+    finally:
+        session.close()
+
+
+def echoing_session(client: Client) -> PtyClient:
+    """A remote ``cat`` in non-canonical mode, which echoes each key itself (like an editor or
+    readline would), with every byte before the first key already read."""
     session = PtyClient(client)
     try:
-        # cat in non-canonical mode echoes each key itself, like an editor or readline would.
         session.run(b"stty -echo -icanon min 1 time 0; echo __BENCH_REA''DY__; cat")
         session.read_until(READY_MARKER, PROMPT_TIMEOUT_SECONDS)
         # Type a unique string and wait for exactly its echo: from then on the output is
@@ -257,19 +266,25 @@ def keystroke_echo(client: Client, keys: int) -> list[float]:
         sync = b"sync%dx" % time.time_ns()
         os.write(session.fd, sync)
         session.read_until(sync, PROMPT_TIMEOUT_SECONDS)
-        samples = []
-        for index in range(keys):
-            key = b"abcdefghijklmnopqrstuvwxyz"[index % 26 : index % 26 + 1]
-            if index and index % KEYSTROKE_LINE == 0:
-                os.write(session.fd, b"\r")
-                session.read_exactly(b"\r\n", PROMPT_TIMEOUT_SECONDS)
-            start = time.perf_counter()
-            os.write(session.fd, key)
-            session.read_exactly(key, PROMPT_TIMEOUT_SECONDS)
-            samples.append(time.perf_counter() - start)
-        return samples
-    finally:
+    except BaseException:
         session.close()
+        raise
+    return session
+
+
+def type_keys(session: PtyClient, keys: int) -> list[float]:
+    """Type ``keys`` keys one at a time into an ``echoing_session``: each one's echo time."""
+    samples = []
+    for index in range(keys):
+        key = b"abcdefghijklmnopqrstuvwxyz"[index % 26 : index % 26 + 1]
+        if index and index % KEYSTROKE_LINE == 0:
+            os.write(session.fd, b"\r")
+            session.read_exactly(b"\r\n", PROMPT_TIMEOUT_SECONDS)
+        start = time.perf_counter()
+        os.write(session.fd, key)
+        session.read_exactly(key, PROMPT_TIMEOUT_SECONDS)
+        samples.append(time.perf_counter() - start)
+    return samples
 
 
 def process_cpu_seconds(pid: int) -> float:

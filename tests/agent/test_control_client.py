@@ -193,16 +193,22 @@ async def test_agent_enrolls_and_connects_over_tls_trusting_the_given_ca_file(
             nursery.cancel_scope.cancel()
 
 
+def daemon_options(tmp_path: Path, state_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """Options for a ``tucdesk-agent`` process on ``state_dir`` whose machine is MACHINE (a
+    machine root under ``tmp_path``), and its environment (no TUCDESK_AGENT_ settings)."""
+    machine_root = tmp_path / "machine"
+    (machine_root / "etc").mkdir(parents=True, exist_ok=True)
+    (machine_root / "etc" / "machine-id").write_text(MACHINE.machine_id + "\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("TUCDESK_AGENT_")}
+    return ["--state-dir", str(state_dir), "--machine-root", str(machine_root)], environment
+
+
 async def test_daemon_process_reports_connected_and_stops_cleanly_on_sigterm(
     tmp_path: Path,
 ) -> None:
     store_url = f"sqlite:///{tmp_path / 'rv.db'}"
-    machine_root = tmp_path / "machine"
-    (machine_root / "etc").mkdir(parents=True)
-    (machine_root / "etc" / "machine-id").write_text(MACHINE.machine_id + "\n")
     state_dir = tmp_path / "state"
-    common = ["--state-dir", str(state_dir), "--machine-root", str(machine_root)]
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("TUCDESK_AGENT_")}
+    common, environment = daemon_options(tmp_path, state_dir)
     async with rendezvous_on(tmp_path / "data", store_url, free_port()) as url:
         state = await enrolled_agent(url, store_url, state_dir)
         process = await trio.lowlevel.open_process(

@@ -11,12 +11,13 @@ its heartbeat timeout.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import stat
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from subprocess import DEVNULL
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import pytest
@@ -26,7 +27,13 @@ from agent.config import AgentConfig
 from agent.control_client import ControlClient, ReconnectBackoff
 from agent.state_file import AgentState, load_state
 from rendezvous.store import open_store
-from tests.agent.test_control_client import AGENT_COMMAND, MACHINE, enrolled_agent, fast_backoff
+from tests.agent.test_control_client import (
+    AGENT_COMMAND,
+    MACHINE,
+    daemon_options,
+    enrolled_agent,
+    fast_backoff,
+)
 from tests.rendezvous.conftest import database_url, postgres_cluster  # noqa: F401 - fixtures
 from tests.rendezvous.live_server import live_service
 
@@ -87,6 +94,36 @@ async def _pump(source: trio.SocketStream, sink: trio.SocketStream, done: trio.C
     done.cancel()
 
 
+class ProxiedAgent(NamedTuple):
+    """What ``agent_behind_a_proxy`` runs: the rendezvous's own URL, the proxy the agent goes
+    through, a nursery for the test's tasks, and the agent's state."""
+
+    direct_url: str
+    proxy: HalfOpeningProxy
+    nursery: trio.Nursery
+    state: AgentState
+
+
+@asynccontextmanager
+async def agent_behind_a_proxy(
+    tmp_path: Path, store_url: str, state_dir: Path
+) -> AsyncIterator[ProxiedAgent]:
+    """A rendezvous whose heartbeat timeout (60 s) outlasts the test, so it keeps holding a
+    channel the proxy half-opens, and an agent enrolled through the proxy into ``state_dir``.
+    The nursery is cancelled on the way out."""
+    async with (
+        live_service(
+            tmp_path / "data", store_url, heartbeat_seconds=1.0, heartbeat_timeout_seconds=60.0
+        ) as (direct_url, _),
+        trio.open_nursery() as nursery,
+    ):
+        proxy = HalfOpeningProxy(int(direct_url.rsplit(":", 1)[1]))
+        await nursery.start(proxy.serve)
+        state = await enrolled_agent(f"http://127.0.0.1:{proxy.port}", store_url, state_dir)
+        yield ProxiedAgent(direct_url, proxy, nursery, state)
+        nursery.cancel_scope.cancel()
+
+
 async def audit_events(store_url: str, team_id: str, action: str) -> list[dict[str, Any]]:
     async with open_store(store_url) as store:
         records = await store.audit.read_records(team_id, 0, 10_000)
@@ -98,18 +135,9 @@ async def test_reconnect_after_a_silent_drop_supersedes_the_half_open_connection
     tmp_path: Path, database_url: str  # noqa: F811 - the fixture: SQLite and PostgreSQL
 ) -> None:
     store_url = database_url
-    # A heartbeat timeout far longer than the test: the rendezvous keeps holding the old channel.
-    async with (
-        live_service(
-            tmp_path / "data", store_url, heartbeat_seconds=1.0, heartbeat_timeout_seconds=60.0
-        ) as (direct_url, _),
-        trio.open_nursery() as nursery,
-    ):
-        proxy = HalfOpeningProxy(int(direct_url.rsplit(":", 1)[1]))
-        await nursery.start(proxy.serve)
-        state = await enrolled_agent(
-            f"http://127.0.0.1:{proxy.port}", store_url, tmp_path / "state"
-        )
+    async with agent_behind_a_proxy(tmp_path, store_url, tmp_path / "state") as (
+        direct_url, proxy, nursery, state,
+    ):  # fmt: skip
         client = ControlClient(
             state, MACHINE.fingerprint(), lambda offer: None,
             backoff=ReconnectBackoff(initial=0.05, cap=0.3),
@@ -141,7 +169,6 @@ async def test_reconnect_after_a_silent_drop_supersedes_the_half_open_connection
         with trio.fail_after(WAIT_SECONDS):
             while await held.receive_some(PUMP_BYTES):
                 pass
-        nursery.cancel_scope.cancel()
 
 
 async def _run_until(scope: trio.CancelScope, client: ControlClient) -> None:
@@ -166,16 +193,8 @@ async def test_a_restarted_agent_names_the_connection_its_predecessor_held_and_i
 ) -> None:
     """A crash or kill -9 after a silent drop: the new process names the old connection."""
     store_url = database_url
-    async with (
-        live_service(
-            tmp_path / "data", store_url, heartbeat_seconds=1.0, heartbeat_timeout_seconds=60.0
-        ) as (direct_url, _),
-        trio.open_nursery() as nursery,
-    ):
-        proxy = HalfOpeningProxy(int(direct_url.rsplit(":", 1)[1]))
-        await nursery.start(proxy.serve)
-        state_dir = tmp_path / "state"
-        state = await enrolled_agent(f"http://127.0.0.1:{proxy.port}", store_url, state_dir)
+    state_dir = tmp_path / "state"
+    async with agent_behind_a_proxy(tmp_path, store_url, state_dir) as (_, proxy, nursery, state):
         connection_file = AgentConfig(state_dir=state_dir).connection_file
         first = ControlClient(
             state, MACHINE.fingerprint(), lambda offer: None,
@@ -216,7 +235,6 @@ async def test_a_restarted_agent_names_the_connection_its_predecessor_held_and_i
         with trio.fail_after(WAIT_SECONDS):
             while await held.receive_some(PUMP_BYTES):
                 pass
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_killed_agent_daemon_restarted_after_a_silent_drop_is_no_clone(
@@ -224,23 +242,11 @@ async def test_a_killed_agent_daemon_restarted_after_a_silent_drop_is_no_clone(
 ) -> None:
     """The real ``tucdesk-agent run``, killed with SIGKILL after its network path dropped."""
     store_url = f"sqlite:///{tmp_path / 'rv.db'}"
-    machine_root = tmp_path / "machine"
-    (machine_root / "etc").mkdir(parents=True)
-    (machine_root / "etc" / "machine-id").write_text(MACHINE.machine_id + "\n")
     state_dir = tmp_path / "state"
-    command = [AGENT_COMMAND, "run", "--state-dir", str(state_dir),
-               "--machine-root", str(machine_root)]  # fmt: skip
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("TUCDESK_AGENT_")}
+    options, environment = daemon_options(tmp_path, state_dir)
+    command = [AGENT_COMMAND, "run", *options]
     connection_file = AgentConfig(state_dir=state_dir).connection_file
-    async with (
-        live_service(
-            tmp_path / "data", store_url, heartbeat_seconds=1.0, heartbeat_timeout_seconds=60.0
-        ) as (direct_url, _),
-        trio.open_nursery() as nursery,
-    ):
-        proxy = HalfOpeningProxy(int(direct_url.rsplit(":", 1)[1]))
-        await nursery.start(proxy.serve)
-        state = await enrolled_agent(f"http://127.0.0.1:{proxy.port}", store_url, state_dir)
+    async with agent_behind_a_proxy(tmp_path, store_url, state_dir) as (_, proxy, _, state):
         first = await trio.lowlevel.open_process(command, env=environment, stderr=DEVNULL)
         try:
             first_id = await _welcomed_connection(store_url, state, connection_file)
@@ -261,7 +267,6 @@ async def test_a_killed_agent_daemon_restarted_after_a_silent_drop_is_no_clone(
         finally:
             second.kill()
             await second.wait()
-        nursery.cancel_scope.cancel()
 
 
 async def _welcomed_connection(
@@ -352,16 +357,10 @@ async def test_a_vm_cloned_from_disk_before_the_originals_last_reconnect_is_flag
 ) -> None:
     """The copied file names a connection the original has left since: it matches nothing."""
     store_url = f"sqlite:///{tmp_path / 'rv.db'}"
-    async with (
-        live_service(
-            tmp_path / "data", store_url, heartbeat_seconds=1.0, heartbeat_timeout_seconds=60.0
-        ) as (direct_url, _),
-        trio.open_nursery() as nursery,
-    ):
-        proxy = HalfOpeningProxy(int(direct_url.rsplit(":", 1)[1]))
-        await nursery.start(proxy.serve)
-        original_dir, clone_dir = tmp_path / "original", tmp_path / "clone"
-        state = await enrolled_agent(f"http://127.0.0.1:{proxy.port}", store_url, original_dir)
+    original_dir, clone_dir = tmp_path / "original", tmp_path / "clone"
+    async with agent_behind_a_proxy(tmp_path, store_url, original_dir) as (
+        _, proxy, nursery, state,
+    ):  # fmt: skip
         original = ControlClient(
             state, MACHINE.fingerprint(), lambda offer: None, backoff=fast_backoff(),
             connection_file=AgentConfig(state_dir=original_dir).connection_file,
@@ -391,4 +390,3 @@ async def test_a_vm_cloned_from_disk_before_the_originals_last_reconnect_is_flag
         connected = await audit_events(store_url, state.team_id, "agent.connected")
         assert _replaces_by_connection(connected)[clone.info.connection_id] == snapshot_id
         assert set(await _connection_ids(store_url, state)) == {live_id, clone.info.connection_id}
-        nursery.cancel_scope.cancel()

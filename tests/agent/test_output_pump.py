@@ -6,17 +6,19 @@ from __future__ import annotations
 import fcntl
 import os
 import struct
-import sys
 import termios
 import tty
 import types
+from contextlib import AbstractContextManager
 
 import pytest
 import trio
+import trio.testing
 
 from agent.exec_session import EXEC_OUTPUT_CHUNK_SIZE, ExecSessionSpec, open_exec_session
 from agent.process_group import OUTPUT_CHUNK_SIZE, ExitStatus, OutputPump, OutputStream
 from tests.agent.session_helpers import trio_test, wait_until
+from tests.relay.lock_calls import calls_recorded
 
 # A PTY master hands out at most this much per read (the line discipline's buffer, less one).
 PTY_READ_LIMIT = 4095
@@ -78,6 +80,23 @@ async def test_pty_output_already_readable_is_coalesced_into_frame_sized_chunks(
         os.close(slave)
 
 
+def cancel_scopes_entered_by_the_pump() -> AbstractContextManager[list[str]]:
+    """Record the functions of agent/process_group.py that enter a trio.CancelScope."""
+
+    def label(frame: types.FrameType) -> str | None:
+        caller = frame.f_back
+        if (
+            frame.f_code.co_name == "__enter__"
+            and isinstance(frame.f_locals.get("self"), trio.CancelScope)
+            and caller is not None
+            and caller.f_code.co_filename.endswith("process_group.py")
+        ):
+            return caller.f_code.co_name
+        return None
+
+    return calls_recorded(label)
+
+
 @trio_test
 async def test_a_single_keystroke_echo_goes_out_alone_and_at_once() -> None:
     master, slave = os.openpty()
@@ -87,12 +106,17 @@ async def test_a_single_keystroke_echo_goes_out_alone_and_at_once() -> None:
         pump = OutputPump(master, OutputStream.STDOUT)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run, chunks.on_output)
-            for key in (b"a", b"b", b"c"):
-                os.write(slave, key)
-                with trio.fail_after(1):
-                    await wait_until(lambda key=key: chunks.joined().endswith(key))
+            await trio.testing.wait_all_tasks_blocked()
+            with cancel_scopes_entered_by_the_pump() as scopes:
+                for key in (b"a", b"b", b"c"):
+                    os.write(slave, key)
+                    with trio.fail_after(1):
+                        await wait_until(lambda key=key: chunks.joined().endswith(key))
             pump.child_exited()
         assert [data for _, data in chunks.chunks] == [b"a", b"b", b"c"]
+        # One cancel scope per run, none per wait: a scope per wait cost about as much as the
+        # rest of an echo's handling.
+        assert scopes == []
     finally:
         os.close(master)
         os.close(slave)
@@ -200,46 +224,6 @@ async def test_exec_stdout_and_stderr_are_never_merged_under_bulk_output() -> No
 
 
 @trio_test
-async def test_waiting_for_the_next_echo_enters_no_cancel_scope() -> None:
-    master, slave = os.openpty()
-    scopes_entered: list[str] = []
-
-    def profile(frame: types.FrameType, event: str, arg: object) -> None:
-        caller = frame.f_back
-        if (
-            event == "call"
-            and frame.f_code.co_name == "__enter__"
-            and "CancelScope" in repr(frame.f_locals.get("self", ""))[:20]
-            and caller is not None
-            and caller.f_code.co_filename.endswith("process_group.py")
-        ):
-            scopes_entered.append(caller.f_code.co_name)
-
-    try:
-        tty.setraw(slave)
-        chunks = Chunks()
-        pump = OutputPump(master, OutputStream.STDOUT)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump.run, chunks.on_output)
-            await trio.sleep(0.05)
-            sys.setprofile(profile)
-            try:
-                for key in (b"a", b"b", b"c"):
-                    os.write(slave, key)
-                    with trio.fail_after(1):
-                        await wait_until(lambda key=key: chunks.joined().endswith(key))
-            finally:
-                sys.setprofile(None)
-            pump.child_exited()
-        assert chunks.joined() == b"abc"
-        # One scope for the whole run, none per wait (each costs as much as an echo's frame).
-        assert scopes_entered == []
-    finally:
-        os.close(master)
-        os.close(slave)
-
-
-@trio_test
 async def test_output_that_arrives_as_the_child_exits_is_handed_on_and_the_pump_ends() -> None:
     master, slave = os.openpty()
     try:
@@ -249,7 +233,7 @@ async def test_output_that_arrives_as_the_child_exits_is_handed_on_and_the_pump_
         with trio.fail_after(2):
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(pump.run, chunks.on_output)
-                await trio.sleep(0.05)  # the pump waits for readiness
+                await trio.testing.wait_all_tasks_blocked()  # the pump waits for readiness
                 os.write(slave, b"last")
                 pump.child_exited()  # before the pump has seen the output
         assert chunks.joined() == b"last"

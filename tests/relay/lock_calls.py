@@ -1,12 +1,13 @@
-"""Which of trio's lock operations a piece of code performs: the keystroke path's free-turn
-sends and writes must not take their lock at all (each take and release costs a parking-lot
-registration), while every send that has to wait must."""
+"""Which functions a piece of code calls, recorded with a profile hook: the keystroke path's
+free-turn sends and writes must not take their trio lock at all (each take and release costs a
+parking-lot registration), while every send that has to wait must; the relay's data path must
+make no metric update per message."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -15,20 +16,14 @@ LOCK_OPERATIONS = frozenset({"acquire", "acquire_nowait", "release"})
 
 
 @contextmanager
-def lock_operations() -> Iterator[list[str]]:
-    """Record the names of trio lock operations (acquire, acquire_nowait, release) called in
-    the block, in order, into the yielded list."""
+def calls_recorded(label: Callable[[FrameType], str | None]) -> Iterator[list[str]]:
+    """Record, in order, what ``label`` says of each Python function called in the block (a
+    call it labels None is left out), into the yielded list."""
     called: list[str] = []
 
     def profile(frame: FrameType, event: str, arg: Any) -> None:
-        code = frame.f_code
-        if (
-            event == "call"
-            and code.co_name in LOCK_OPERATIONS
-            and Path(code.co_filename).name == "_sync.py"
-            and "trio" in code.co_filename
-        ):
-            called.append(code.co_name)
+        if event == "call" and (name := label(frame)) is not None:
+            called.append(name)
 
     previous = sys.getprofile()
     sys.setprofile(profile)
@@ -36,3 +31,21 @@ def lock_operations() -> Iterator[list[str]]:
         yield called
     finally:
         sys.setprofile(previous)
+
+
+def calls_to(
+    names: frozenset[str], in_file: Callable[[Path], bool]
+) -> AbstractContextManager[list[str]]:
+    """Record the functions called in the block that are in ``names`` and defined in a file
+    ``in_file`` accepts."""
+
+    def label(frame: FrameType) -> str | None:
+        code = frame.f_code
+        return code.co_name if code.co_name in names and in_file(Path(code.co_filename)) else None
+
+    return calls_recorded(label)
+
+
+def lock_operations() -> AbstractContextManager[list[str]]:
+    """Record the trio lock operations (acquire, acquire_nowait, release) called in the block."""
+    return calls_to(LOCK_OPERATIONS, lambda path: path.name == "_sync.py" and "trio" in path.parts)

@@ -4,12 +4,7 @@ mid-session and after the session ended."""
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
-from pathlib import Path
-from types import FrameType
-from typing import Any
+from contextlib import AbstractContextManager
 
 import pytest
 import trio
@@ -18,6 +13,7 @@ from protocol.identity import SigningIdentity
 from relay.metrics import RelayMetrics
 
 from .harness import running_relay, trio_test, wait_until
+from .lock_calls import calls_to
 from .test_tcp_relay import pair
 
 MESSAGES = 20
@@ -36,26 +32,9 @@ def scraped_bytes(metrics: RelayMetrics) -> float:
     raise AssertionError("no tcp bytes_forwarded sample in the exposition")
 
 
-@contextmanager
-def metric_updates() -> Iterator[list[str]]:
+def metric_updates() -> AbstractContextManager[list[str]]:
     """Record every prometheus_client value update (inc/set) made in the block."""
-    called: list[str] = []
-
-    def profile(frame: FrameType, event: str, arg: Any) -> None:
-        code = frame.f_code
-        if (
-            event == "call"
-            and code.co_name in {"inc", "set"}
-            and "prometheus_client" in Path(code.co_filename).parts
-        ):
-            called.append(code.co_name)
-
-    previous = sys.getprofile()
-    sys.setprofile(profile)
-    try:
-        yield called
-    finally:
-        sys.setprofile(previous)
+    return calls_to(frozenset({"inc", "set"}), lambda path: "prometheus_client" in path.parts)
 
 
 async def round_trips(operator: trio.SocketStream, agent: trio.SocketStream, count: int) -> int:
