@@ -133,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="a recording stops, with a marker, at this size; the session goes on "
         "(default: 67108864, 64 MiB)",
     )
+    _add_retention_limits(run_parser)
     run_parser.set_defaults(handler=_run)
 
     recordings_parser = commands.add_parser(
@@ -183,20 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     prune_parser.add_argument(
         "--dry-run", action="store_true", help="print what would be deleted; delete nothing"
     )
-    prune_parser.add_argument(
-        "--max-age-days",
-        dest="recordings_max_age_days",
-        type=float,
-        metavar="DAYS",
-        help="override recordings_max_age_days: delete recordings older than this",
-    )
-    prune_parser.add_argument(
-        "--max-total-bytes",
-        dest="recordings_max_total_bytes",
-        type=int,
-        metavar="BYTES",
-        help="override recordings_max_total_bytes: keep at most this many bytes of recordings",
-    )
+    _add_retention_limits(prune_parser, short_names=True)
     _add_common(prune_parser)
     _add_recordings_dir(prune_parser)
     prune_parser.set_defaults(handler=_recordings_prune)
@@ -240,6 +228,25 @@ def _add_recordings_dir(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_retention_limits(parser: argparse.ArgumentParser, short_names: bool = False) -> None:
+    """The two retention limits, named as their settings; ``prune`` also takes shorter names."""
+    parser.add_argument(
+        *(["--max-age-days"] if short_names else []), "--recordings-max-age-days",
+        dest="recordings_max_age_days",
+        type=float,
+        metavar="DAYS",
+        help="override recordings_max_age_days: delete finished recordings older than this",
+    )
+    parser.add_argument(
+        *(["--max-total-bytes"] if short_names else []), "--recordings-max-total-bytes",
+        dest="recordings_max_total_bytes",
+        type=int,
+        metavar="BYTES",
+        help="override recordings_max_total_bytes: keep at most this many bytes of finished "
+        "recordings, deleting the oldest first",
+    )
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one subcommand; print one line and return non-zero on failure."""
     args = build_parser().parse_args(argv)
@@ -250,7 +257,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         stream=sys.stderr,
     )
     try:
-        config = _config(args, environ)
+        config = config_from_arguments(args, environ)
         result: int = args.handler(args, config, environ)
         return result
     except (AgentError, StateFileError, MachineIdentityError, SessionProcessError,
@@ -263,7 +270,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return 130
 
 
-def _config(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
+def config_from_arguments(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
+    """The settings for a parsed command line: its flags, then the environment, then --config."""
     flags: dict[str, Any] = {
         name: getattr(args, name, None)
         for name in (

@@ -20,8 +20,8 @@ import trio
 
 from agent.config import AgentConfig, load_config
 from agent.errors import ConfigError
+from agent.main import build_parser, config_from_arguments, run_daemon
 from agent.main import main as agent_main
-from agent.main import run_daemon
 from agent.recording import RecordingError, RecordingHooks, SessionRecorder, recording_hooks
 from agent.recording_retention import (
     RECENT_WRITE_GRACE_SECONDS,
@@ -419,6 +419,15 @@ def test_retention_settings_come_from_toml_environment_and_flags(tmp_path: Path)
     flags = {"recordings_max_age_days": 2.0, "recordings_max_total_bytes": 2**27}
     config = load_config(flags, environ, toml)
     assert (config.recordings_max_age_days, config.recordings_max_total_bytes) == (2.0, 2**27)
+
+
+def test_the_daemon_takes_the_retention_limits_as_flags_too(tmp_path: Path) -> None:
+    environ = {"TUCDESK_AGENT_STATE_DIR": str(tmp_path)}
+    argv = ["run", "--recordings-max-age-days", "7", "--recordings-max-total-bytes", str(2**30)]
+    config = config_from_arguments(build_parser().parse_args(argv), environ)
+    assert (config.recordings_max_age_days, config.recordings_max_total_bytes) == (7.0, 2**30)
+    prune = build_parser().parse_args(["recordings", "prune", "--recordings-max-age-days", "3"])
+    assert config_from_arguments(prune, environ).recordings_max_age_days == 3.0
 
 
 @pytest.mark.parametrize(
