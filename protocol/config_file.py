@@ -32,4 +32,12 @@ def read_config_table(
     section = parsed.get(table, parsed)
     if not isinstance(section, dict):
         raise error(f"{path}: [{table}] must be a table")
+    # Beside a [table], plain keys at the top level would be silently ignored: refuse them.
+    # (Other tables are another part's settings in a shared file.)
+    stray = [key for key, value in parsed.items() if key != table and not isinstance(value, dict)]
+    if section is not parsed and stray:
+        raise error(
+            f"{path}: {', '.join(sorted(stray))} must go inside the [{table}] table "
+            "(keys above it are not read)"
+        )
     return {key.replace("-", "_"): value for key, value in section.items()}

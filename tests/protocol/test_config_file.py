@@ -29,6 +29,19 @@ def test_a_file_without_the_table_is_read_at_top_level(tmp_path):
     assert read(path) == {"relay_id": "r1"}
 
 
+def test_keys_above_the_table_are_refused_not_ignored(tmp_path):
+    path = tmp_path / "relay.toml"
+    path.write_text('max_sessions = 0\nrelay_id = "r0"\n[relay]\nrelay_id = "r1"\n')
+    with pytest.raises(ExampleConfigError, match=r"max_sessions, relay_id must go inside"):
+        read(path)
+
+
+def test_other_tables_beside_the_table_are_left_to_their_readers(tmp_path):
+    path = tmp_path / "all.toml"
+    path.write_text('[agent]\nuser = "ops"\n[relay]\nrelay_id = "r1"\n')
+    assert read(path) == {"relay_id": "r1"}
+
+
 def test_an_endless_file_is_refused_after_a_bounded_read():
     # /dev/zero reports size 0 and never ends: a stat check alone would read forever.
     with pytest.raises(ExampleConfigError, match="larger than 1024 bytes"):
