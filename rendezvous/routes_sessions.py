@@ -163,7 +163,7 @@ def _listed_session_view(listed: ListedSession) -> SessionView:
         reason=session.state_reason,
         policy_result=session.policy_result,
         policy_rule_id=session.policy_rule_id,
-        relay_id=session.relay_id,
+        relay_id=session.relay_id or None,  # none chosen: refused before brokering
         created_at=session.created_at,
         updated_at=session.updated_at,
         expires_at=session.expires_at,

@@ -187,7 +187,7 @@ class SessionView(BaseModel):
     reason: str | None
     policy_result: str
     policy_rule_id: str | None
-    relay_id: str
+    relay_id: str | None  # None when refused before a relay was chosen
     created_at: float
     updated_at: float
     expires_at: float

@@ -29,13 +29,16 @@ from rendezvous.config import RelayEndpoint
 from rendezvous.context import ServiceContext
 from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
 from rendezvous.offer_bus import deliver_offer
-from rendezvous.session_decision import SessionAsk, decide_session
-from rendezvous.store import AmbiguousName, ApprovalRequest, Session, SessionState
+from rendezvous.session_decision import SessionAsk, SessionDecision, decide_session
+from rendezvous.store import AmbiguousName, ApprovalRequest, Operator, Session, SessionState
 from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, new_id
 from rendezvous.team_policy import current_team_policy
 
 SESSION_OFFER_SECONDS = DEFAULT_SESSION_GRANT_LIFETIME_SECONDS
 MAX_AUDITED_COMMAND_CHARACTERS = 4096
+# Reasons of sessions the rendezvous refused itself (the agent's own refusals carry its reason).
+POLICY_DENIED = "policy_denied"
+OPERATOR_DISABLED = "operator_disabled"
 NO_RELAY_MESSAGE = "no relay is configured; start the rendezvous with --relay ID=HOST:PORT"
 
 
@@ -145,9 +148,30 @@ async def open_session(
     )  # fmt: skip
     if agent is None:
         raise AgentNotFound(f"no agent named {request.target!r} in your team")
+
+    async def keep_refused(reason: str, now: float) -> None:
+        # A refusal of a known agent by a known operator is a session row too, so
+        # `tucdesk sessions --state refused` shows who tried what where, not only the audit log.
+        if operator is not None:
+            await ctx.store.create_session(
+                refused_session(session_id, agent.team_id, agent.id, operator, request, decision,
+                                reason, now)
+            )  # fmt: skip
+
+    async def refuse(reason: str, error: Exception, *, row_kept: bool = False) -> NoReturn:
+        if not row_kept:
+            await keep_refused(reason, ctx.now())
+        await ctx.audit.record(
+            principal.team_id, actor=actor, action=Action.SESSION_REFUSED, target=agent.id,
+            session_id=session_id, details={"reason": reason},
+        )  # fmt: skip
+        raise error
+
     if decision.outcome is PolicyOutcome.DENY:
+        await keep_refused(POLICY_DENIED, ctx.now())
         raise Forbidden(decision.reason)
     if operator is None or not operator.is_active():
+        await keep_refused(OPERATOR_DISABLED, ctx.now())
         raise Forbidden("this operator is disabled; ask an admin")
     approval: tuple[ApprovalRequest, dict[str, Any]] | None = None
     if decision.outcome is PolicyOutcome.APPROVAL_REQUIRED:
@@ -164,14 +188,8 @@ async def open_session(
             command=request.command, team_policy=team_policy,
         )  # fmt: skip
     elif not decision.allowed:
+        await keep_refused(POLICY_DENIED, ctx.now())
         raise Forbidden(decision.reason)
-
-    async def refuse(reason: str, error: Exception) -> NoReturn:
-        await ctx.audit.record(
-            principal.team_id, actor=actor, action=Action.SESSION_REFUSED, target=agent.id,
-            session_id=session_id, details={"reason": reason},
-        )  # fmt: skip
-        raise error
 
     if not ctx.config.relays:
         await refuse("no_relay", NoRelay(NO_RELAY_MESSAGE))
@@ -220,6 +238,7 @@ async def open_session(
         await refuse(
             "offer_not_delivered",
             AgentOffline(f"agent {agent.name} did not take the offer; it may be reconnecting"),
+            row_kept=True,
         )
     return 201, {
         "session_id": session.id,
@@ -234,6 +253,27 @@ async def open_session(
         "relay": relay.to_json(),
         "relay_token": operator_relay_token,
     }
+
+
+def refused_session(
+    session_id: str,
+    team_id: str,
+    agent_id: str,
+    operator: Operator,
+    request: SessionRequest,
+    decision: SessionDecision,
+    reason: str,
+    now: float,
+) -> Session:
+    """The row of a session refused before any relay was chosen: no relay, already expired."""
+    return Session(
+        id=session_id, team_id=team_id, agent_id=agent_id, operator_id=operator.id,
+        operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,
+        command=request.command, relay_id="", relay_host="", relay_port=0, relay_udp_port=None,
+        policy_result=decision.outcome.value, policy_rule_id=decision.rule_id,
+        state=SessionState.REFUSED, state_reason=reason, created_at=now, expires_at=now,
+        updated_at=now,
+    )  # fmt: skip
 
 
 def validate_command(mode: str, command: list[str] | None) -> tuple[str, ...] | None:

@@ -155,6 +155,41 @@ async def test_offline_agent_is_refused_with_409_and_audited(store: Store, tmp_p
         assert actions[-3:] == ["session.requested", "session.decision", "session.refused"]
 
 
+async def test_sessions_the_rendezvous_refuses_are_listed_with_their_reason(
+    store: Store, tmp_path: Path
+) -> None:
+    async with served_instance(store, tmp_path / "data") as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        auditor = await service.operator(team, "auditor")
+        agent = await enroll_agent(service, admin)
+        offline = await service.call(admin, "POST", "/v1/sessions", {"target": "web-1",
+                                                                      "mode": "shell"})
+        assert offline.status_code == 409, offline.text
+        async with agent_channel(url, agent):
+            body = {"target": "web-1", "mode": "exec", "command": ["reboot"]}
+            denied = await service.call(auditor, "POST", "/v1/sessions", body)
+            assert denied.status_code == 403, denied.text
+        unknown = await service.call(admin, "POST", "/v1/sessions", {"target": "nope",
+                                                                      "mode": "shell"})
+        assert unknown.status_code == 404, unknown.text
+        listed = await service.call(admin, "GET", "/v1/sessions?state=refused")
+        assert listed.status_code == 200, listed.text
+        views = listed.json()["sessions"]
+        # An unknown target has no agent to list it under (the audit log has it).
+        assert sorted(
+            (view["reason"], view["policy_result"], view["mode"], view["command"])
+            for view in views
+        ) == [
+            ("agent_offline", "allow", "shell", None),
+            ("policy_denied", "deny", "exec", ["reboot"]),
+        ]
+        assert {view["agent_name"] for view in views} == {"web-1"}
+        assert all(view["relay_id"] is None for view in views)
+        one = await service.call(admin, "GET", f"/v1/sessions/{views[0]['session_id']}")
+        assert one.json()["state"] == "refused", one.text
+
+
 async def test_session_request_without_a_request_proof_is_unauthorized(
     store: Store, tmp_path: Path
 ) -> None:
@@ -204,6 +239,8 @@ async def test_rendezvous_without_a_relay_answers_503_no_relay(
             response = await service.call(admin, "POST", "/v1/sessions", body)
         assert response.status_code == 503, response.text
         assert response.json()["error"] == "no_relay"
+        listed = await service.call(admin, "GET", "/v1/sessions?state=refused")
+        assert [view["reason"] for view in listed.json()["sessions"]] == ["no_relay"]
 
 
 @pytest.mark.parametrize(
