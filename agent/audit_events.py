@@ -118,6 +118,22 @@ class SessionAuditor:
             context["recording"] = dict(recording)
         return self._sign(Action.SESSION_ENDED, session_id, context=context)
 
+    def interrupted(
+        self, session_id: str, duration_ms: int, recording: Mapping[str, Any]
+    ) -> SignedEvent:
+        """``session.ended`` for a session the agent stopped during (killed, host down), sent
+        at its next start: reason "interrupted", the recording as marked then, and no exit
+        status or byte counts (nobody counted them). ``duration_ms`` is at least how long the
+        session ran: up to the recording's last event."""
+        context: dict[str, Any] = {
+            "duration_ms": max(0, int(duration_ms)),
+            "exit_code": None,
+            "signal": None,
+            "reason": "interrupted: the agent stopped before the session ended",
+            "recording": dict(recording),
+        }
+        return self._sign(Action.SESSION_ENDED, session_id, context=context)
+
     def refused(
         self, session_id: str, code: str, reason: str, operator_fingerprint: str | None
     ) -> SignedEvent:

@@ -31,7 +31,14 @@ from agent.machine_identity import (
 )
 from agent.policy_cache import PolicyCache, policy_file_path
 from agent.process_group import SessionProcessError
-from agent.recording import list_recordings, play, prepare_recordings_dir
+from agent.recording import (
+    RECORDING_SUFFIX,
+    RecordingState,
+    list_recordings,
+    play,
+    prepare_recordings_dir,
+    recording_file_name,
+)
 from agent.recording_retention import (
     RecordingRetention,
     RetentionLimits,
@@ -161,7 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     play_parser = recordings_commands.add_parser(
         "play", help="replay a recording on this terminal with its timing"
     )
-    play_parser.add_argument("file", type=Path, metavar="FILE", help="a .cast recording")
+    play_parser.add_argument(
+        "file", type=Path, metavar="FILE",
+        help="a .cast recording, or a session id (its recording in the recordings directory)",
+    )  # fmt: skip
     play_parser.add_argument(
         "--speed", type=float, default=1.0, help="play this many times faster (default: 1)"
     )
@@ -169,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-idle", type=float, help="cap every pause at this many seconds"
     )
     _add_common(play_parser)
+    _add_recordings_dir(play_parser)
     play_parser.set_defaults(handler=_recordings_play)
     prune_parser = recordings_commands.add_parser(
         "prune",
@@ -412,6 +423,8 @@ async def run_daemon(
             )
             client_box.append(client)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
+            # Before retention may delete one: recordings a killed agent left are marked.
+            await host.recover_interrupted_recordings()
             limits = RetentionLimits.from_config(config)
             if limits.is_set:
                 retention = RecordingRetention(
@@ -469,16 +482,36 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
 def _recordings_list(
     args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]
 ) -> int:
+    _require_recordings_dir(config)
     recordings = list_recordings(config.recordings_path)
     if not recordings:
         print(f"No recordings in {config.recordings_path}")
         return 0
-    print(f"{'SESSION':<32} {'STARTED':<23} {'BYTES':>12}  TRUNCATED")
+    print(f"{'SESSION':<32} {'STARTED':<23} {'BYTES':>12}  STATE")
     for info in recordings:
         started = "-" if info.started_at is None else _show_time(info.started_at)
-        truncated = "yes" if info.truncated else "no"
-        print(f"{info.session_id:<32} {started:<23} {info.size:>12}  {truncated}")
+        state = info.state.value
+        if info.truncated and info.state is not RecordingState.TRUNCATED:
+            state += ", truncated"
+        if info.detail:
+            state += f" ({info.detail})"
+        print(f"{info.session_id:<32} {started:<23} {info.size:>12}  {state}")
     return 0
+
+
+def _require_recordings_dir(config: AgentConfig) -> None:
+    """ConfigError unless the recordings directory is there: a typo must not read as empty."""
+    path = config.recordings_path
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path} does not exist: check --recordings-dir or --state-dir"
+        ) from None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot use it ({error.strerror})") from None
+    if not path.is_dir():
+        raise ConfigError(f"{path} is not a directory: check --recordings-dir or --state-dir")
 
 
 def _recordings_prune(
@@ -490,6 +523,7 @@ def _recordings_prune(
             "no retention limits: set recordings_max_age_days or recordings_max_total_bytes, "
             "or pass --max-age-days or --max-total-bytes"
         )
+    _require_recordings_dir(config)
     report = prune_recordings(config.recordings_path, limits, dry_run=args.dry_run)
     verb = "would delete" if args.dry_run else "deleted"
     for item in report.deleted:
@@ -519,7 +553,14 @@ def _recordings_play(
         sys.stdout.write(text)
         sys.stdout.flush()
 
-    trio.run(partial(play, args.file, write, speed=args.speed, max_idle=args.max_idle))
+    path = args.file
+    if not path.exists() and len(path.parts) == 1:
+        # A session id (or its file name): its recording in the recordings directory.
+        name = path.name.removesuffix(RECORDING_SUFFIX)
+        path = config.recordings_path / recording_file_name(name)
+        if not path.exists():
+            raise ConfigError(f"no recording of session {name} in {config.recordings_path}")
+    trio.run(partial(play, path, write, speed=args.speed, max_idle=args.max_idle))
     return 0
 
 

@@ -8,7 +8,7 @@ until both hold.
 Order and age come from the file's modification time, not the header's start time: it is the
 time of the recording's last write, so a week-long session counts from when it ended, not from
 when it began; it is read with the directory scan (no file is opened to sort); and it exists for
-a file whose header is damaged or missing (an agent killed before the first write).
+a file whose header is damaged or missing (cut off, or written by hand).
 
 Only regular files named ``<session id>.cast`` are ever deleted, looked up and removed relative to
 the directory opened with O_NOFOLLOW; a file is opened with O_NOFOLLOW and checked to be the very

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 import os
+import pwd
+import shlex
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from contextlib import AbstractAsyncContextManager
+from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,7 +42,12 @@ from agent.process_group import (
     SessionProcessError,
 )
 from agent.pty_session import PtySessionSpec, open_pty_session
-from agent.recording import RecordingError, SessionRecorder
+from agent.recording import (
+    RecordingError,
+    RecordingFailed,
+    SessionRecorder,
+    recover_interrupted_recordings,
+)
 from audit.record import SignedEvent
 from protocol.control import Close, Resize, SessionStart, Signal, decode_control, encode_control
 from protocol.control import ExitStatus as ExitStatusMessage
@@ -82,6 +89,8 @@ LARGE_RECEIVE_BYTES = 16 * 1024
 # other tasks run (writing input to the child does not yield unless it has to wait).
 MAX_FRAMES_WITHOUT_YIELD = 16
 MAX_SESSION_ID_LENGTH = 128
+# Commands are cut to this many characters in the session log lines (the audit has them whole).
+MAX_LOGGED_COMMAND_CHARACTERS = 200
 MAX_RELAY_HOST_LENGTH = 253
 MAX_RELAY_TOKEN_LENGTH = 8 * 1024
 # A session id is remembered at least as long as any grant naming it could still be accepted.
@@ -300,10 +309,16 @@ class SessionHost:
                 decision = self._policy.check(result, operator.key_id, self._wall_clock())
             except GrantPolicyRefused as refusal:
                 return refusal.reason
+            # Who, what and as whom, as sshd's "Accepted publickey for ..." line says it.
             logger.info(
-                "session %s: policy version %d: %s (%s)", session_id, decision.policy_version,
-                decision.result.value, decision.rule_id or "mode default",
-            )
+                "session %s: accepted %s for %s (%s, key %s) as user %s%s; "
+                "policy version %d: %s (%s)",
+                session_id, result.mode.value, _printable(result.operator_email, 320),
+                _printable(result.operator_id, 128), operator.fingerprint,
+                self._session_user(), _described_command(result),
+                decision.policy_version, decision.result.value,
+                decision.rule_id or "mode default",
+            )  # fmt: skip
             verified.append(result)
             decided.append(decision)
             return None
@@ -415,10 +430,11 @@ class SessionHost:
         finally:
             outcome.bytes_in, outcome.bytes_out = sealed.bytes_in, sealed.bytes_out
             logger.info(
-                "session %s ended (%s): exit %s, %d bytes in, %d bytes out",
-                session_id, outcome.reason, outcome.exit_status, outcome.bytes_in,
-                outcome.bytes_out,
-            )
+                "session %s ended (%s): %s after %.1f s, %d bytes in, %d bytes out (%s by %s)",
+                session_id, outcome.reason, describe_exit(outcome.exit_status),
+                time.monotonic() - began, outcome.bytes_in, outcome.bytes_out, grant.mode.value,
+                _printable(grant.operator_email, 320),
+            )  # fmt: skip
             recording = None if recorder is None else (await recorder.close()).audit_context()
             self._audit(
                 self._auditor.ended(
@@ -453,9 +469,11 @@ class SessionHost:
                 wall_clock=self._wall_clock,
             )
         except RecordingError as error:
-            logger.error("session %s: %s", grant.session_id, error)
+            logger.error("session %s refused: %s", grant.session_id, error)
             raise SessionRefusal(
-                "internal-error", "the agent cannot record this session, as it must"
+                "internal-error",
+                "the agent must record every session and cannot record this one "
+                f"({error.reason})",
             ) from None
 
     def _opener(
@@ -499,6 +517,10 @@ class SessionHost:
                     await sealed.send_output(kind, data)
 
                 if recorder is not None:
+                    # Writes what waits at most FLUSH_INTERVAL_SECONDS after it arrived; raises
+                    # RecordingFailed (ending the session) if the disk can take no more.
+                    nursery.start_soon(recorder.flush_periodically)
+
                     # A separate handler, so that with recording off the output path is as it was.
                     async def on_output_recorded(stream: OutputStream, data: bytes) -> None:
                         kind = (
@@ -520,9 +542,18 @@ class SessionHost:
             message = f"{AGENT_PROGRAM}: {failure}\n".encode()
             await sealed.send_output(FrameType.STDERR, message)
             if recorder is not None:
-                await recorder.output(OutputStream.STDERR, message)
+                with suppress(RecordingFailed):  # the session ends here anyway
+                    await recorder.output(OutputStream.STDERR, message)
             outcome.exit_status = ExitStatus(code=failure.exit_code)
             await sealed.send_exit(outcome.exit_status)
+        except* RecordingFailed as group:
+            # With recording on, no session runs unrecorded: one that can no longer be
+            # recorded (disk full) ends, and the operator is told why.
+            outcome.reason = "recording-failed"
+            await sealed.close_quietly(
+                "internal-error",
+                f"the agent must record every session and {group.exceptions[0]}",
+            )
         except* SessionProcessError as group:
             outcome.reason = "internal-error"
             await sealed.close_quietly("internal-error", str(group.exceptions[0]))
@@ -584,6 +615,33 @@ class SessionHost:
             outcome.reason = "connection-lost"
         # Whatever ended the input side ends the session: the child is torn down on the way out.
         nursery.cancel_scope.cancel()
+
+    async def recover_interrupted_recordings(self) -> None:
+        """At start: mark the recordings a stopped agent left unfinished as interrupted, warn
+        about each, and send a signed ``session.ended`` (reason "interrupted") binding each
+        marked file's hash, as the session's own end would have."""
+        directory = self._config.recordings_path
+        recovered = await trio.to_thread.run_sync(recover_interrupted_recordings, directory)
+        for item in recovered:
+            logger.warning(
+                "recording %s in %s was left unfinished: the agent stopped during session %s "
+                "(its last output %.1f s in); marked interrupted, %d bytes, sha256 %s",
+                item.summary.file, directory, item.session_id, item.duration_ms / 1000,
+                item.summary.bytes, item.summary.sha256,
+            )  # fmt: skip
+            self._audit(
+                self._auditor.interrupted(
+                    item.session_id, item.duration_ms, item.summary.audit_context()
+                )
+            )
+
+    def _session_user(self) -> str:
+        if self._config.user is not None:
+            return _printable(self._config.user, 64)
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_name
+        except KeyError:
+            return f"uid {os.geteuid()}"
 
     def _refuse_offer(self, session_id: str, reason: str) -> None:
         self._send_control(
@@ -790,6 +848,30 @@ class SealedLink:
         if self._closed:
             raise trio.ClosedResourceError("the session already sent CLOSE")
         await self._link.send_sealed([self._channel.seal_parts(kind, payload, time.monotonic())])
+
+
+def describe_exit(status: ExitStatus | None) -> str:
+    """How the session's process ended, in words: "exit 0", "killed by signal 9 (KILL)"."""
+    if status is None:
+        return "no exit status"
+    if status.signal is not None:
+        return f"killed by signal {status.signal} ({status.signal_name})"
+    return f"exit {status.code}"
+
+
+def _described_command(grant: SessionGrant) -> str:
+    if grant.mode is not SessionMode.EXEC or grant.command is None:
+        return ""
+    return ", command " + _printable(shlex.join(grant.command), MAX_LOGGED_COMMAND_CHARACTERS)
+
+
+def _printable(text: str, limit: int) -> str:
+    """``text`` for a log line: control characters (newlines, escapes) as \\x.. escapes so
+    nothing can forge a line or drive a terminal, cut to ``limit`` characters."""
+    shown = "".join(
+        character if character.isprintable() else repr(character)[1:-1] for character in text
+    )
+    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
 
 
 def _fingerprint(identity: PublicIdentity | None) -> str | None:

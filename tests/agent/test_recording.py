@@ -24,9 +24,13 @@ from agent.config import load_config
 from agent.errors import ConfigError
 from agent.main import main as agent_main
 from agent.recording import (
+    END_MARKER,
+    INTERRUPTED_MARKER,
     MARKER_RESERVE_BYTES,
     TRUNCATED_MARKER,
     RecordingError,
+    RecordingFailed,
+    RecordingState,
     SessionRecorder,
     list_recordings,
     recording_file_name,
@@ -111,7 +115,8 @@ async def test_shell_recording_replays_what_the_operator_saw_and_never_what_was_
     assert replayed_output(events) == bytes(operator.stdout)
     assert "café!" in replayed_output(events).decode()
     assert ["r", "132x50"] in [event[1:] for event in events]
-    assert all(code in ("o", "r") for _, code, _ in events)
+    assert all(code in ("o", "r") for _, code, _ in events[:-1])
+    assert events[-1][1:] == ["m", END_MARKER]
     times = [event[0] for event in events]
     assert times == sorted(times)
     assert SECRET not in path.read_bytes()
@@ -127,7 +132,8 @@ async def test_shell_recording_replays_what_the_operator_saw_and_never_what_was_
         "failed": False,
     }
     assert stat.S_IMODE(os.stat(recordings).st_mode) == 0o700
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    # Read-only: the agent finished it (an unfinished one stays 0600 until marked interrupted).
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o400
 
 
 @trio_test
@@ -164,12 +170,16 @@ async def test_recording_stops_at_its_limit_with_a_marker_and_the_session_goes_o
     path = tmp_path / "recordings" / "ses_1.cast"
     assert path.stat().st_size <= limit
     _, events = read_cast(path)
-    assert events[-1][1:] == ["m", TRUNCATED_MARKER]
+    assert [event[1:] for event in events[-2:]] == [["m", TRUNCATED_MARKER], ["m", END_MARKER]]
+    # What fit of the output is recorded, cut at the limit, not dropped whole.
+    recorded = replayed_output(events)
+    assert recorded == b"a" * len(recorded)
+    assert len(recorded) > limit - MARKER_RESERVE_BYTES - 400
     recording = recording_context(stack)
     assert recording["truncated"] is True
     assert recording["bytes"] == path.stat().st_size
     [listed] = list_recordings(tmp_path / "recordings")
-    assert (listed.session_id, listed.truncated) == ("ses_1", True)
+    assert (listed.session_id, listed.state) == ("ses_1", RecordingState.TRUNCATED)
 
 
 def test_listing_skips_symlinks_and_fifos_posing_as_recordings(tmp_path: Path) -> None:
@@ -281,10 +291,12 @@ async def test_a_write_error_stops_the_recording_and_marks_it_failed(tmp_path: P
     # /dev/full fails every write with ENOSPC: a full disk.
     fd = os.open("/dev/full", os.O_WRONLY)
     recorder = SessionRecorder(fd, tmp_path / "ses_full.cast", 64 * 1024 * 1024)
-    for _ in range(40):
-        await recorder.output(1, b"x" * 16384)
+    with pytest.raises(RecordingFailed, match="No space left"):
+        for _ in range(40):
+            await recorder.output(1, b"x" * 16384)
     assert recorder.failed
-    await recorder.output(1, b"more")
+    with pytest.raises(RecordingFailed):  # and so on, until the session has ended
+        await recorder.output(1, b"more")
     summary = await recorder.close()
     assert summary.failed and summary.bytes == 0
     assert summary.audit_context()["failed"] is True
@@ -298,9 +310,13 @@ async def test_an_existing_file_is_never_overwritten(tmp_path: Path) -> None:
     assert (tmp_path / "ses_1.cast").read_text() == "keep"
 
 
-def test_marker_always_fits_in_its_reserve() -> None:
-    marker = f'[{10**9:.6f}, "m", {json.dumps(TRUNCATED_MARKER)}]\n'
-    assert len(marker.encode()) < MARKER_RESERVE_BYTES
+def test_markers_always_fit_in_their_reserve() -> None:
+    def marker(text: str) -> int:
+        return len(f'[{10**9:.6f}, "m", {json.dumps(text)}]\n'.encode())
+
+    # A truncated recording then gets its end marker, or an interrupted one ("\n" first).
+    ending = max(marker(END_MARKER), marker(INTERRUPTED_MARKER) + 1)
+    assert marker(TRUNCATED_MARKER) + ending <= MARKER_RESERVE_BYTES
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -427,7 +443,7 @@ def test_recordings_list_and_play_show_the_session(
     trio.run(record)
     assert agent_main(["recordings", "list", "--state-dir", str(tmp_path)], {}) == 0
     listing = capsys.readouterr().out
-    assert "ses_list" in listing and "TRUNCATED" in listing
+    assert "ses_list" in listing and "complete" in listing
     path = str(tmp_path / "recordings" / "ses_list.cast")
     assert agent_main(["recordings", "play", path, "--speed", "100"], {}) == 0
     assert capsys.readouterr().out == "hello world\n"
