@@ -2,14 +2,19 @@
 
 Precedence, highest first: command-line flags, ``TUCDESK_AGENT_<SETTING>`` environment
 variables, the TOML file given by ``--config`` (or ``TUCDESK_AGENT_CONFIG``; settings at the top
-level or under ``[agent]``), then the defaults below.
+level or all under ``[agent]``), then the defaults below. As root, with neither given,
+/etc/tucdesk/agent.toml is read when it exists (as sshd reads /etc/ssh/sshd_config), so the
+systemd unit works with or without it; a file named explicitly must exist.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import logging
 import math
 import os
+import pwd
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +24,10 @@ from agent.errors import ConfigError
 from protocol.config_file import read_config_table
 
 ENVIRONMENT_PREFIX = "TUCDESK_AGENT_"
+CONFIG_ENVIRONMENT = ENVIRONMENT_PREFIX + "CONFIG"
+# Read when present, as root, if no file is named by --config or TUCDESK_AGENT_CONFIG.
+SYSTEM_CONFIG_FILE = Path("/etc/tucdesk/agent.toml")
+CONFIG_TABLE = "agent"
 MAX_CONFIG_FILE_SIZE = 64 * 1024
 SYSTEM_STATE_DIR = Path("/var/lib/tucdesk-agent")
 STATE_FILE_NAME = "agent.state"
@@ -31,6 +40,9 @@ DEFAULT_RECONNECT_CAP_SECONDS = 30.0
 RECORDINGS_DIR_NAME = "recordings"
 DEFAULT_MAX_RECORDING_BYTES = 64 * 1024 * 1024
 MIN_MAX_RECORDING_BYTES = 4 * 1024
+
+
+logger = logging.getLogger("tucdesk.agent.config")
 
 
 def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -117,25 +129,44 @@ class AgentConfig:
             raise ConfigError(f"shell must be an absolute path, not {self.shell!r}")
 
 
+def config_file_to_read(
+    config_file: Path | None,
+    environ: Mapping[str, str],
+    system_config_file: Path | None = SYSTEM_CONFIG_FILE,
+) -> Path | None:
+    """The TOML file to read: --config, else TUCDESK_AGENT_CONFIG, else (as root) the system
+    file if it exists, else none."""
+    if config_file is not None:
+        return config_file
+    if environ.get(CONFIG_ENVIRONMENT):
+        return Path(environ[CONFIG_ENVIRONMENT])
+    if system_config_file is not None and os.geteuid() == 0 and system_config_file.exists():
+        return system_config_file
+    return None
+
+
 def load_config(
     flags: Mapping[str, Any],
     environ: Mapping[str, str],
     config_file: Path | None = None,
+    system_config_file: Path | None = SYSTEM_CONFIG_FILE,
 ) -> AgentConfig:
     """Merge flags > environment > TOML file > defaults into a validated AgentConfig.
 
-    ``flags`` holds the parsed flags; None values (flags not given) are ignored.
+    ``flags`` holds the parsed flags; None values (flags not given) are ignored. Unknown
+    TUCDESK_AGENT_* variables are warned about (they are likely typos), not refused.
     """
     fields = {item.name: item for item in dataclasses.fields(AgentConfig)}
     values: dict[str, Any] = {}
-    if config_file is None and environ.get(ENVIRONMENT_PREFIX + "CONFIG"):
-        config_file = Path(environ[ENVIRONMENT_PREFIX + "CONFIG"])
+    config_file = config_file_to_read(config_file, environ, system_config_file)
     if config_file is not None:
         for name, raw in _read_toml(config_file).items():
             key = name.replace("-", "_")
             if key not in fields:
                 raise ConfigError(f"{config_file}: unknown setting {name!r}")
             values[key] = _convert(key, raw, fields[key].type, f"{config_file}: {name}")
+    for name in unknown_environment_variables(environ):
+        logger.warning("ignoring unknown environment variable %s%s", name, _did_you_mean(name))
     for key in fields:
         env_name = ENVIRONMENT_PREFIX + key.upper()
         if environ.get(env_name):
@@ -150,8 +181,49 @@ def load_config(
     return config
 
 
+def unknown_environment_variables(environ: Mapping[str, str]) -> list[str]:
+    """TUCDESK_AGENT_* variables that name no setting (sorted)."""
+    known = {ENVIRONMENT_PREFIX + item.name.upper() for item in dataclasses.fields(AgentConfig)}
+    known.add(CONFIG_ENVIRONMENT)
+    return sorted(
+        name for name in environ if name.startswith(ENVIRONMENT_PREFIX) and name not in known
+    )
+
+
+def _did_you_mean(name: str) -> str:
+    known = [ENVIRONMENT_PREFIX + item.name.upper() for item in dataclasses.fields(AgentConfig)]
+    close = difflib.get_close_matches(name, [*known, CONFIG_ENVIRONMENT], n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def check_session_user(config: AgentConfig) -> pwd.struct_passwd:
+    """The account sessions run as (``user``, or the agent's own); ConfigError if it is unknown."""
+    try:
+        if config.user is None:
+            return pwd.getpwuid(os.geteuid())
+        return pwd.getpwnam(config.user)
+    except KeyError:
+        who = repr(config.user) if config.user is not None else f"uid {os.geteuid()}"
+        raise ConfigError(
+            f"user {who} does not exist on this host; set user (--user) to an existing account"
+        ) from None
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
-    return read_config_table(path, "agent", MAX_CONFIG_FILE_SIZE, ConfigError)
+    # The whole document (no table of this name can exist), so keys beside [agent] are seen.
+    document = read_config_table(path, "\0whole-document", MAX_CONFIG_FILE_SIZE, ConfigError)
+    if CONFIG_TABLE not in document:
+        return document
+    section = document[CONFIG_TABLE]
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: [{CONFIG_TABLE}] must be a table")
+    outside = sorted(key for key in document if key != CONFIG_TABLE)
+    if outside:
+        raise ConfigError(
+            f"{path}: keys outside [{CONFIG_TABLE}]: {', '.join(outside)}; with an "
+            f"[{CONFIG_TABLE}] table every setting goes under it"
+        )
+    return {key.replace("-", "_"): value for key, value in section.items()}
 
 
 def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
@@ -160,7 +232,8 @@ def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
         if text == "bool":
             return _boolean(raw)
         if "int" in text:
-            if isinstance(raw, bool):
+            # A float (5.7, inf, 1e400) is refused rather than truncated.
+            if isinstance(raw, bool) or not isinstance(raw, int | str):
                 raise ValueError(raw)
             return int(raw)
         if "float" in text:
@@ -172,8 +245,9 @@ def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:
         if not isinstance(raw, str | int):
             raise ValueError(raw)
         return str(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{origin}: {raw!r} is not a valid value for {name}") from None
+    except (TypeError, ValueError, OverflowError):
+        kind = " (it takes a whole number)" if "int" in text else ""
+        raise ConfigError(f"{origin}: {raw!r} is not a valid value for {name}{kind}") from None
 
 
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})

@@ -13,6 +13,9 @@ the rendezvous may still hold that one, and without the name it would take this 
 clone of itself. The id is also kept in the state dir (agent/connection_memory.py), so a process
 restarted after a crash, a kill -9 or a host reset names the connection its predecessor held.
 
+A close saying an admin removed this agent (code 4403) is logged as an error with the
+rendezvous's reason and retried only hourly: that key will never be accepted again.
+
 A VM cloned from a disk snapshot carries that file too. It is still flagged, because the
 rendezvous removes a named connection only if it is this agent's, in its team, from the same
 machine fingerprint, and reports every other live one: a clone presenting another fingerprint
@@ -46,15 +49,18 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import (
     ConnectionClosed,
+    ConnectionTimeout,
     HandshakeError,
     WebSocketConnection,
     open_websocket_url,
 )
 
+from agent.connection_failure import describe_connection_failure, root_causes
 from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
 from agent.errors import ControlChannelError
 from agent.server_address import control_channel_url, tls_context
@@ -84,6 +90,12 @@ MAX_AUDIT_BACKLOG = 1000
 MAX_AUDIT_IN_FLIGHT = 64
 MAX_PENDING_MESSAGES = 256
 MAX_ISSUER_LENGTH = 256
+TLS_DIAGNOSIS_TIMEOUT_SECONDS = 5.0
+# The rendezvous closes with this code (rendezvous/control_channel.py CLOSE_AGENT_REMOVED) when
+# an admin removed this agent: its key will never be accepted again, so retrying soon is noise.
+AGENT_REMOVED_CLOSE_CODE = 4403
+REMOVED_RETRY_SECONDS = 3600.0
+MAX_ERROR_TEXT = 300
 
 OfferHandler = Callable[[dict[str, Any]], None]
 """Called with each ``session_offer`` message; must not block (start a task and return)."""
@@ -235,23 +247,58 @@ class ControlClient:
     async def run(self) -> None:
         """Connect, serve, and reconnect with backoff and jitter, until cancelled."""
         while True:
+            removed = False
             try:
                 await self.serve_once()
                 self.last_error = "the rendezvous closed the control channel"
-            except ControlChannelError as error:
-                self.last_error = str(error)
-            except (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError) as error:
-                self.last_error = _describe(error)
             except Exception as error:  # noqa: BLE001 - the daemon must outlive any one connection
-                self.last_error = _describe(error)
+                reason = _describe(error, self._ca_file)
+                removed = _closed_as_removed(error)
+                handshake_failed = any(
+                    isinstance(item, HandshakeError) for item in root_causes(error)
+                )
+                if handshake_failed and self._ssl_context is not None:
+                    # trio-websocket reports a failed TLS handshake as a handshake timeout;
+                    # one plain TLS handshake names the real reason.
+                    reason = await self._tls_failure() or reason
+                self.last_error = reason
                 logger.debug("control channel failed", exc_info=True)
             self._write_status()
             delay = self._backoff.next_delay()
+            if removed:
+                delay = REMOVED_RETRY_SECONDS
+                logger.error(
+                    "control channel to %s refused: %s (tucdesk-agent enroll --force with a "
+                    "new registration key, then restart); trying again in %.0fs",
+                    self._state.server_url, self.last_error, delay,
+                )  # fmt: skip
+                await trio.sleep(delay)
+                continue
             logger.warning(
                 "control channel to %s is down (%s); reconnecting in %.1fs",
                 self._state.server_url, self.last_error, delay,
             )
             await trio.sleep(delay)
+
+    async def _tls_failure(self) -> str | None:
+        """Why a TLS handshake with the rendezvous fails, or None if it succeeds (or times out)."""
+        parts = urlsplit(self._url)
+        if self._ssl_context is None or parts.hostname is None:
+            return None
+        with trio.move_on_after(TLS_DIAGNOSIS_TIMEOUT_SECONDS):
+            try:
+                stream = await trio.open_ssl_over_tcp_stream(
+                    parts.hostname, parts.port or 443, ssl_context=self._ssl_context,
+                    https_compatible=True,
+                )
+                try:
+                    await stream.do_handshake()
+                finally:
+                    await trio.aclose_forcefully(stream)
+            except (OSError, trio.BrokenResourceError) as error:
+                reason = describe_connection_failure(error, self._ca_file)
+                return reason if reason.startswith("TLS") else None
+        return None
 
     async def serve_once(self) -> None:
         """One connection: authenticate, then hold the channel until it ends."""
@@ -422,8 +469,13 @@ class ControlClient:
         )
         try:
             write_status(self._status_file, status)
-        except Exception:  # noqa: BLE001 - the status file is informational only
-            logger.warning("cannot write the status file %s", self._status_file)
+        except Exception as error:  # noqa: BLE001 - the status file is informational only
+            if isinstance(error, OSError) and error.strerror:
+                logger.warning(
+                    "cannot write the status file %s (%s)", self._status_file, error.strerror
+                )
+            else:
+                logger.warning("cannot write the status file: %s", error)
 
 
 async def _receive_json(websocket: WebSocketConnection) -> dict[str, Any]:
@@ -439,14 +491,27 @@ async def _receive_json(websocket: WebSocketConnection) -> dict[str, Any]:
     return parsed
 
 
-def _describe(error: BaseException) -> str:
-    if isinstance(error, ConnectionClosed):
-        reason = error.reason
-        detail = getattr(reason, "reason", None) if reason is not None else None
-        return f"closed by the rendezvous{': ' + detail if detail else ''}"
-    if isinstance(error, HandshakeError):
-        return f"WebSocket handshake failed ({type(error).__name__})"
-    if isinstance(error, trio.TooSlowError):
-        return "timed out"
-    text = str(error) or type(error).__name__
-    return text[:200]
+def _closed_as_removed(error: BaseException) -> bool:
+    """Whether the rendezvous closed the channel because an admin removed this agent."""
+    for item in root_causes(error):
+        if isinstance(item, ConnectionClosed):
+            reason = item.reason
+            return reason is not None and reason.code == AGENT_REMOVED_CLOSE_CODE
+    return False
+
+
+def _describe(error: BaseException, ca_file: Path | str | None = None) -> str:
+    """One line for why a connection ended: the agent's own reason, the rendezvous's close
+    reason, or the most specific cause in the exception chain."""
+    for item in root_causes(error):
+        if isinstance(item, ControlChannelError):
+            return str(item)[:MAX_ERROR_TEXT]
+        if isinstance(item, ConnectionClosed):
+            reason = item.reason
+            detail = getattr(reason, "reason", None) if reason is not None else None
+            return f"closed by the rendezvous{': ' + str(detail)[:200] if detail else ''}"
+        if isinstance(item, ConnectionTimeout):
+            return "the WebSocket handshake timed out"
+        if isinstance(item, trio.TooSlowError):
+            return "timed out"
+    return describe_connection_failure(error, ca_file)

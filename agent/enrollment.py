@@ -8,7 +8,9 @@ payload over HTTPS and is never stored, logged or echoed.
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Mapping
@@ -18,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from agent.connection_failure import describe_connection_failure
 from agent.errors import EnrollmentError
 from agent.machine_identity import MachineIdentifiers
 from agent.server_address import check_server_url, tls_context
@@ -37,6 +40,9 @@ POLICY_SIGNER_PURPOSE = "policy-signer"
 MAX_PINNED_ADMIN_KEYS = 64
 REGISTRATION_KEY_PREFIX = "rk_live_"
 MAX_REGISTRATION_KEY_LENGTH = 256
+STATE_DIRECTORY_MODE = 0o700
+# More than a sealed state file takes (a few KiB), so a nearly full disk fails the test too.
+WRITE_TEST_BYTES = 64 * 1024
 HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
@@ -65,7 +71,7 @@ def check_registration_key(key: str) -> str:
     if not key.startswith(REGISTRATION_KEY_PREFIX) or len(key) > MAX_REGISTRATION_KEY_LENGTH:
         raise EnrollmentError(
             f"that is not a registration key (they start with {REGISTRATION_KEY_PREFIX!r}); "
-            "ask an admin for one ('tucdesk keys registration create')"
+            "ask an admin for one ('tucdesk keys create')"
         )
     return key
 
@@ -190,9 +196,13 @@ async def enroll(
     hostname = agent_hostname(request.name)
     if request.state_file.exists() and not request.force:
         raise EnrollmentError(
-            f"{request.state_file}: this agent is already enrolled; pass --force to replace "
-            "the enrollment (the old identity stops working)"
+            f"{request.state_file}: this agent is already enrolled; pass --force to register "
+            "it again under a new identity (the old registration stays listed, and its state "
+            "file could still connect, until an admin runs "
+            "'tucdesk agents remove OLD_NAME_OR_ID')"
         )
+    # Before the one-time key is spent: a state dir that cannot take the file fails here.
+    prepare_state_dir(request.state_file)
     identity = SigningIdentity.generate()
     payload = registration_payload(
         identity, registration_key, hostname, identifiers, time.time()
@@ -209,8 +219,9 @@ async def enroll(
             response = await client.post(REGISTER_PATH, json=payload)
     except httpx.HTTPError as error:
         raise EnrollmentError(
-            f"cannot reach the rendezvous at {server_url}: {type(error).__name__}: {error}"
-        ) from None
+            f"cannot reach the rendezvous at {server_url}: "
+            f"{describe_connection_failure(error, ca_file=request.ca_file)}"
+        ) from error
     body = _response_json(response)
     if not response.is_success:
         message = body.get("message") if isinstance(body, dict) else None
@@ -245,6 +256,37 @@ async def enroll(
             "fix the state directory and enroll again with a new registration key"
         ) from None
     return state
+
+
+def prepare_state_dir(state_file: Path) -> None:
+    """Create the state dir (0700) and prove a file of a state file's size can be written in
+    it; EnrollmentError naming the problem (not a directory, read-only, full disk) if not."""
+    directory = Path(state_file).parent
+    if directory.exists() and not directory.is_dir():
+        raise EnrollmentError(f"{directory}: the state directory is a file, not a directory")
+    try:
+        directory.mkdir(mode=STATE_DIRECTORY_MODE, parents=True, exist_ok=True)
+    except OSError as error:
+        raise EnrollmentError(
+            f"{directory}: cannot create the state directory ({error.strerror})"
+        ) from None
+    if state_file.is_symlink() or (state_file.exists() and not state_file.is_file()):
+        raise EnrollmentError(f"{state_file}: exists and is not a regular file; remove it")
+    probe = directory / f".write-test-{secrets.token_hex(8)}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, bytes(WRITE_TEST_BYTES))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as error:
+        raise EnrollmentError(
+            f"{directory}: cannot write the state file there ({error.strerror}); fix that "
+            "before enrolling (the registration key has not been used)"
+        ) from None
+    finally:
+        probe.unlink(missing_ok=True)
 
 
 def _response_json(response: httpx.Response) -> Any:

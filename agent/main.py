@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.metadata
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from functools import partial
@@ -19,9 +20,17 @@ from typing import Any
 import trio
 
 from agent.audit_events import SessionAuditor
-from agent.config import AgentConfig, load_config
+from agent.config import (
+    SYSTEM_STATE_DIR,
+    AgentConfig,
+    check_session_user,
+    config_file_to_read,
+    load_config,
+)
+from agent.connection_failure import leaf_exceptions
 from agent.control_client import ControlClient, ReconnectBackoff
-from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys
+from agent.daemon_lock import acquire_daemon_lock
+from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys, prepare_state_dir
 from agent.errors import AgentError, ConfigError
 from agent.grant_policy import GrantPolicy
 from agent.machine_identity import (
@@ -46,6 +55,7 @@ from agent.recording_retention import (
     describe_limits,
     prune_recordings,
 )
+from agent.server_address import tls_context
 from agent.session_host import SessionHost, SessionIdentity
 from agent.state_file import AgentState, StateFileError, load_state, save_state
 from agent.status import DaemonStatus, read_status, write_status
@@ -55,6 +65,14 @@ from protocol.policy import PinnedPolicyTrust
 REGISTRATION_KEY_ENVIRONMENT = "TUCDESK_REGISTRATION_KEY"
 MAX_REGISTRATION_KEY_FILE_SIZE = 4096
 PROGRAM = "tucdesk-agent"
+DISTRIBUTION = "tucdesk"
+# LSB init-script status codes (`status`); 150..199 are reserved for applications.
+STATUS_RUNNING = 0
+STATUS_NOT_RUNNING = 3
+STATUS_DISCONNECTED = 150
+# sysexits.h EX_CONFIG: `run` refused to start because of its configuration or state; the
+# systemd unit does not restart on it (RestartPreventExitStatus), since a restart cannot help.
+EXIT_CONFIG = 78
 # Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 20_000
 logger = logging.getLogger("tucdesk.agent")
@@ -65,7 +83,15 @@ _CONFIG_HELP = (
     "TUCDESK_AGENT_MAX_SESSIONS, TUCDESK_AGENT_RECORD_SESSIONS, TUCDESK_AGENT_RECORDINGS_DIR, "
     "TUCDESK_AGENT_MAX_RECORDING_BYTES, TUCDESK_AGENT_RECORDINGS_MAX_AGE_DAYS, "
     "TUCDESK_AGENT_RECORDINGS_MAX_TOTAL_BYTES), then the TOML file given by --config or "
-    "TUCDESK_AGENT_CONFIG."
+    "TUCDESK_AGENT_CONFIG (as root with neither: /etc/tucdesk/agent.toml if it exists)."
+)
+_STATUS_HELP = (
+    f"Exit status (LSB): {STATUS_RUNNING} the daemon is running and connected; "
+    f"{STATUS_DISCONNECTED} it is running but not connected to the rendezvous; "
+    f"{STATUS_NOT_RUNNING} it is not running (or this host is not enrolled); 1 an error."
+)
+_USER_ERRORS = (
+    AgentError, StateFileError, MachineIdentityError, SessionProcessError, ProtocolError,
 )
 
 
@@ -80,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_CONFIG_HELP,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {agent_version()}")
     parser.add_argument("--config", type=Path, help="TOML config file (or an [agent] table)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -115,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="run the daemon: hold the control channel and serve sessions",
         description=(
             "Connect to the rendezvous (reconnecting with backoff), take session offers, and "
-            "run each session through the relay. Stops cleanly on SIGTERM or SIGINT."
+            "run each session through the relay. Stops cleanly on SIGTERM or SIGINT; SIGHUP "
+            "is logged and ignored (settings are read at start: restart to apply them). One "
+            "daemon per state dir. Exits 78 when it cannot start because of its configuration "
+            "or state (the systemd unit does not restart on that), 1 on other errors."
         ),
         epilog=_CONFIG_HELP,
     )
@@ -203,11 +233,36 @@ def build_parser() -> argparse.ArgumentParser:
     status_parser = commands.add_parser(
         "status",
         help="show whether this host is enrolled and whether the daemon is connected",
+        description=_STATUS_HELP,
         epilog=_CONFIG_HELP,
     )
     _add_common(status_parser)
     status_parser.set_defaults(handler=_status)
+
+    check_parser = commands.add_parser(
+        "check",
+        help="validate the configuration and state, print what run would use (like sshd -t)",
+        description=(
+            "Check everything run needs without connecting: the settings, the sealed state, "
+            "the CA file, the session user and shell, the recordings directory. Prints what "
+            "it would use; exits 0 when all is usable, else 1."
+        ),
+        epilog=_CONFIG_HELP,
+    )
+    _add_common(check_parser)
+    check_parser.add_argument("--shell", help="shell for shell sessions")
+    check_parser.add_argument("--user", help="local account sessions run as")
+    check_parser.add_argument("--ca-file", type=Path, help="override the saved CA file")
+    check_parser.set_defaults(handler=_check)
     return parser
+
+
+def agent_version() -> str:
+    """The installed tucdesk distribution's version, from its metadata."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -267,18 +322,43 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if not args.debug:
+        # httpx logs every request at INFO ("HTTP Request: POST ..."): noise in enroll's output.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        logging.getLogger("httpcore").setLevel(logging.WARNING)
+    failure_code = EXIT_CONFIG if args.handler is _run else 1
     try:
         config = config_from_arguments(args, environ)
         result: int = args.handler(args, config, environ)
         return result
-    except (AgentError, StateFileError, MachineIdentityError, SessionProcessError,
-            ProtocolError) as error:
+    except _USER_ERRORS as error:
         if args.debug:
             raise
         print(f"{PROGRAM}: {error}", file=sys.stderr)
+        return failure_code if isinstance(error, ConfigError | StateFileError) else 1
+    except (OSError, OverflowError) as error:
+        # An unreadable state dir, a state file that is a directory, ...: one line, not a
+        # traceback.
+        if args.debug:
+            raise
+        print(f"{PROGRAM}: {_describe_os_error(error)}", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:
+        # An error raised inside the daemon's nursery arrives wrapped in a group.
+        errors = leaf_exceptions(group)
+        if args.debug or not all(isinstance(error, _USER_ERRORS) for error in errors):
+            raise
+        print(f"{PROGRAM}: {errors[0]}", file=sys.stderr)
+        return failure_code if isinstance(errors[0], ConfigError | StateFileError) else 1
     except KeyboardInterrupt:
         return 130
+
+
+def _describe_os_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.strerror:
+        where = f"{error.filename}: " if isinstance(error.filename, str | Path) else ""
+        return f"{where}{error.strerror}"
+    return str(error) or type(error).__name__
 
 
 def config_from_arguments(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
@@ -291,7 +371,7 @@ def config_from_arguments(args: argparse.Namespace, environ: Mapping[str, str]) 
             "recordings_max_age_days", "recordings_max_total_bytes",
         )
     }
-    return load_config(flags, environ, args.config)
+    return load_config(flags, environ, getattr(args, "config", None))
 
 
 def _registration_key(args: argparse.Namespace, environ: Mapping[str, str]) -> str:
@@ -327,8 +407,20 @@ def _enroll(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
         ca_file=args.ca_file or config.ca_file,
         force=args.force,
     )
-    state = trio.run(enroll, request, identifiers)
+    prepare_state_dir(config.state_file)
+    # A running daemon would write its old identity back over the new state: refuse.
+    with acquire_daemon_lock(
+        config.state_dir, "stop the daemon first (systemctl stop tucdesk-agent), then enroll"
+    ):
+        previous = _previous_enrollment(config, identifiers) if args.force else None
+        state = trio.run(enroll, request, identifiers)
     identity = state.identity()
+    if previous is not None:
+        print(
+            f"The old registration {previous} stays listed, and its old state file could still "
+            f"connect, until an admin removes it: tucdesk agents remove "
+            f"{previous.split()[0] if previous.startswith('agt_') else 'OLD_NAME_OR_ID'}"
+        )
     print(f"Enrolled agent {state.agent_id} ({state.name}) in team {state.team_id}.")
     print(f"Agent key fingerprint: {identity.public.fingerprint}")
     print(f"Machine fingerprint:   {identifiers.fingerprint()}")
@@ -337,15 +429,42 @@ def _enroll(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     return 0
 
 
+def _previous_enrollment(config: AgentConfig, identifiers: MachineIdentifiers) -> str | None:
+    """"AGENT_ID (NAME)" of the enrollment about to be replaced, if it can be read."""
+    if not config.state_file.exists():
+        return None
+    try:
+        old = load_state(config.state_file, identifiers)
+    except StateFileError:
+        return "(the one in the old state file)"
+    return f"{old.agent_id} ({old.name})"
+
+
 def _state_dir_flag(args: argparse.Namespace) -> str:
     return f" --state-dir {args.state_dir}" if args.state_dir else ""
 
 
 def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
     identifiers = read_machine_identifiers(config.machine_root)
-    state = load_state(config.state_file, identifiers)
+    if not config.state_dir.is_dir():
+        load_state(config.state_file, identifiers)  # says "enroll first"
+    with acquire_daemon_lock(config.state_dir):
+        state = load_state(config.state_file, identifiers)
+        _check_run_settings(config, state)
+        settle_garbage_collector()
+        trio.run(run_daemon, config, state, identifiers)
+    return 0
+
+
+def _check_run_settings(config: AgentConfig, state: AgentState) -> None:
+    """Fail at start, not at the first session or connection, on an unusable setting."""
+    check_session_user(config)
+    if config.shell is not None and not os.access(config.shell, os.X_OK):
+        raise ConfigError(f"shell {config.shell}: not an executable file")
+    ca_file = config.ca_file if config.ca_file is not None else state.ca_file
+    if state.server_url.startswith("https:"):
+        tls_context(ca_file)
     if config.record_sessions:
-        # Fail at start, not at the first session, when the recordings directory is unusable.
         try:
             prepare_recordings_dir(config.recordings_path)
         except OSError as error:
@@ -353,9 +472,6 @@ def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, st
                 f"{config.recordings_path}: cannot use it for recordings ({error.strerror})"
             ) from None
         logger.info("recording sessions to %s", config.recordings_path)
-    settle_garbage_collector()
-    trio.run(run_daemon, config, state, identifiers)
-    return 0
 
 
 def settle_garbage_collector() -> None:
@@ -394,9 +510,9 @@ async def run_daemon(
     policy = GrantPolicy(policy_cache, state.agent_id, state.team_id, state.name)
     auditor = SessionAuditor(identity, state.agent_id, state.team_id, state.name)
     logger.info(
-        "agent %s (%s) starting; key %s; server %s; policy version %d",
-        state.agent_id, state.name, identity.public.fingerprint, state.server_url,
-        policy_cache.version,
+        "%s %s: agent %s (%s) starting; key %s; server %s; policy version %d",
+        PROGRAM, agent_version(), state.agent_id, state.name, identity.public.fingerprint,
+        state.server_url, policy_cache.version,
     )
     try:
         async with trio.open_nursery() as nursery:
@@ -444,8 +560,16 @@ async def run_daemon(
 
 
 async def _stop_on_signals(scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    # SIGHUP: sshd re-reads its configuration; this daemon's settings and sessions are fixed at
+    # start, and dying on it (the default) orphans every session, so it is logged and ignored.
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async for received in signals:
+            if received == signal.SIGHUP:
+                logger.warning(
+                    "received SIGHUP; reloading is not supported, ignoring it (restart the "
+                    "daemon to apply changed settings)"
+                )
+                continue
             logger.info("received %s; stopping", signal.Signals(received).name)
             scope.cancel()
             return
@@ -454,8 +578,13 @@ async def _stop_on_signals(scope: trio.CancelScope) -> None:
 def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
     if not config.state_file.exists():
         print(f"Enrolled:     no (no state in {config.state_dir})")
+        if args.state_dir is None and os.geteuid() != 0:
+            print(
+                f"              (the default state dir for this user; the system daemon's is "
+                f"{SYSTEM_STATE_DIR}: run as root or pass --state-dir)"
+            )
         print(f"Enroll with:  {PROGRAM} enroll --server URL --registration-key-file FILE")
-        return 1
+        return STATUS_NOT_RUNNING
     identifiers = read_machine_identifiers(config.machine_root)
     state = load_state(config.state_file, identifiers)
     print("Enrolled:     yes")
@@ -469,13 +598,75 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     if status is None or not status.is_running() or status.last_error == "stopped":
         print("Daemon:       not running")
         print("Connected:    no")
-        return 0
+        return STATUS_NOT_RUNNING
     print(f"Daemon:       running (pid {status.pid})")
     print(f"Connected:    {'yes' if status.connected else 'no'}")
     if status.last_connected_at is not None:
         print(f"Last connect: {_show_time(status.last_connected_at)}")
     if not status.connected and status.last_error:
         print(f"Last error:   {status.last_error}")
+    return STATUS_RUNNING if status.connected else STATUS_DISCONNECTED
+
+
+def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
+    """Validate what ``run`` would use and print it; 0 when usable, 1 (one line each) if not."""
+    problems: list[str] = []
+
+    def show(label: str, describe: Callable[[], str]) -> None:
+        try:
+            text = describe()
+        except (*_USER_ERRORS, OSError) as error:
+            problems.append(f"{label}: {_describe_os_error(error)}")
+            text = f"PROBLEM: {_describe_os_error(error)}"
+        print(f"{label + ':':<15}{text}")
+
+    config_file = config_file_to_read(args.config, environ)
+    print(f"{'Config file:':<15}{config_file or 'none'}")
+    print(f"{'State dir:':<15}{config.state_dir}")
+    state_box: list[AgentState] = []
+
+    def describe_state() -> str:
+        identifiers = read_machine_identifiers(config.machine_root)
+        state_box.append(load_state(config.state_file, identifiers))
+        return f"agent {state_box[0].agent_id} ({state_box[0].name}), {state_box[0].server_url}"
+
+    show("State", describe_state)
+
+    def describe_ca() -> str:
+        saved = state_box[0].ca_file if state_box else None
+        ca_file = config.ca_file if config.ca_file is not None else saved
+        tls_context(ca_file)
+        return str(ca_file) if ca_file is not None else "the system CAs"
+
+    show("CA file", describe_ca)
+
+    def describe_user() -> str:
+        account = check_session_user(config)
+        return f"{account.pw_name} (uid {account.pw_uid})"
+
+    show("Session user", describe_user)
+
+    def describe_shell() -> str:
+        shell = config.shell or check_session_user(config).pw_shell
+        if not shell or not os.access(shell, os.X_OK):
+            raise ConfigError(f"shell {shell or '(none)'}: not an executable file")
+        return shell
+
+    show("Shell", describe_shell)
+
+    def describe_recordings() -> str:
+        if not config.record_sessions:
+            return f"off ({config.recordings_path} if turned on)"
+        prepare_recordings_dir(config.recordings_path)
+        return f"on, in {config.recordings_path}"
+
+    show("Recordings", describe_recordings)
+    print(f"{'Max sessions:':<15}{config.max_sessions}")
+    if problems:
+        for problem in problems:
+            print(f"{PROGRAM}: {problem}", file=sys.stderr)
+        return 1
+    print("Configuration OK")
     return 0
 
 

@@ -188,10 +188,12 @@ def load_state(path: Path, identifiers: MachineIdentifiers) -> AgentState:
         ) from None
     except OSError as error:
         raise StateFileError(f"{path}: cannot open the agent state ({error.strerror})") from None
+    # Checked before fdopen, which refuses a directory with a bare IsADirectoryError.
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise StateFileError(f"{path}: not a regular file; remove it, then {_RE_ENROLL_ADVICE}")
     with os.fdopen(fd, "rb") as handle:
-        info = os.fstat(handle.fileno())
-        if not stat.S_ISREG(info.st_mode):
-            raise StateFileError(f"{path}: not a regular file")
         if info.st_mode & 0o077:
             raise StateFileError(
                 f"{path}: permissions {stat.S_IMODE(info.st_mode):04o} are too open; "

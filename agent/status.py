@@ -6,6 +6,7 @@ connected. ``status`` trusts ``connected`` only while that pid is still alive.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import time
@@ -37,6 +38,10 @@ class DaemonStatus:
 
 def write_status(path: Path, status: DaemonStatus) -> None:
     """Replace the status file atomically (0600, like everything in the state dir)."""
+    directory = Path(path).parent
+    if directory.exists() and not directory.is_dir():
+        # Said plainly, not as the file writer's "cannot create key file (File exists)".
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
     document = asdict(status)
     if document["last_error"] is not None:
         document["last_error"] = document["last_error"][:MAX_ERROR_LENGTH]

@@ -152,7 +152,7 @@ async def test_cli_enroll_prints_the_key_fingerprint_and_never_the_registration_
         code, out, err = await run_agent_cli(
             "status", "--state-dir", str(state_dir), "--machine-root", str(root)
         )
-    assert code == 0, err
+    assert code == 3, err  # LSB "not running"
     assert "Enrolled:     yes" in out
     assert state.agent_id in out and state.identity().public.fingerprint in out
     assert "Daemon:       not running" in out
@@ -185,11 +185,11 @@ async def test_state_moved_to_another_machine_refuses_to_open_with_one_clear_lin
         await enroll(EnrollmentRequest(url, key, state_dir / "agent.state"), machine_a)
     with pytest.raises(StateFileMachineMismatchError):
         load_state(state_dir / "agent.state", read_machine_identifiers(machine_b_root))
-    for command in ("status", "run"):
+    for command, expected_code in (("status", 1), ("run", 78)):
         code, out, err = await run_agent_cli(
             command, "--state-dir", str(state_dir), "--machine-root", str(machine_b_root)
         )
-        assert code == 1
+        assert code == expected_code
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
         assert "made on another machine" in lines[0] and "re-enroll" in lines[0]
@@ -198,7 +198,7 @@ async def test_state_moved_to_another_machine_refuses_to_open_with_one_clear_lin
 
 async def test_status_of_an_unenrolled_host_says_so(tmp_path: Path) -> None:
     code, out, _ = await run_agent_cli("status", "--state-dir", str(tmp_path / "nothing"))
-    assert code == 1
+    assert code == 3
     assert "Enrolled:     no" in out
 
 
