@@ -1,13 +1,16 @@
 """Admission: who may talk to the relay. Rate limits, token checks, replay refusal and pairing.
 
-Every refusal goes through ``refuse`` so each one is counted under its reason code. The token
-checks run offline against the pinned keys; a token id is remembered only after its signature
-verified, so forged tokens cannot fill the replay cache.
+Every refusal goes through ``refuse`` so each one is counted under its reason code and logged
+(rate-limited, relay/refusal_log.py). The token checks run offline against the pinned keys; a
+token id is remembered only after its signature verified, so forged tokens cannot fill the replay
+cache.
 """
 
 from __future__ import annotations
 
-import logging
+from collections.abc import Callable
+
+import trio
 
 from protocol.errors import ReplayError, TokenError
 from protocol.nonce_cache import NonceCache
@@ -23,11 +26,12 @@ from relay.config import RelayConfig
 from relay.keyset import TokenKeySet
 from relay.metrics import RelayMetrics
 from relay.pairing import PairingRegistry
+from relay.refusal_log import RefusalLog
 from relay.wire import Reason
 
 MIN_TOKEN_ID_CACHE_SIZE = 100_000
-
-log = logging.getLogger("tucdesk.relay")
+# check_token refusals for tokens whose signature verified: their ids may be logged.
+SIGNED_TOKEN_REFUSALS = frozenset({Reason.WRONG_RELAY, Reason.TOKEN_EXPIRED, Reason.TOKEN_REUSED})
 
 
 class Admission:
@@ -40,6 +44,7 @@ class Admission:
         self.key_set = key_set
         self.metrics = metrics
         self.shutting_down = False
+        self.refusal_log = RefusalLog()
         self.address_limiter = AddressRateLimiter(config.rate_limit, config.rate_burst)
         self.token_ids = NonceCache(
             ttl=TOKEN_ID_MEMORY_SECONDS,
@@ -54,10 +59,27 @@ class Admission:
             else None
         )
 
-    def refuse(self, transport: str, reason: Reason) -> Reason:
-        """Count a refusal under its reason code and return the reason."""
+    def refuse(
+        self,
+        transport: str,
+        reason: Reason,
+        *,
+        peer: Callable[[], str] | str = "unknown",
+        claims: RelayTokenClaims | None = None,
+        token: str | None = None,
+    ) -> Reason:
+        """Count a refusal under its reason code, log it (rate-limited) and return the reason.
+
+        ``peer`` may be a function, called only if the line is written. ``token``: the token a
+        check_token refusal was for; its ids are logged only if its signature verified.
+        """
         self.metrics.refusals.labels(transport, reason.value).inc()
-        log.debug("refused transport=%s reason=%s", transport, reason.value)
+        if reason not in SIGNED_TOKEN_REFUSALS:
+            token = None
+        self.refusal_log.refused(
+            trio.current_time(), transport, reason.value,
+            peer=peer, claims=claims, token=token,
+        )
         return reason
 
     def address_allowed(self, host: str, now: float) -> bool:

@@ -73,9 +73,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("udp", "address", None, "UDP HOST:PORT to accept datagram sessions on (off if unset)"),
     Option("relay_id", "str", None, "this relay's id; tokens for any other relay are refused",
            required=True),
-    Option("token_key", "paths", (), "PEM public key file of the rendezvous relay-token signer; "
-           "repeat for key rotation (env/TOML: comma-separated list / array)"),
-    Option("jwks", "str", None, "https URL of the rendezvous JWKS with the relay-token keys"),
+    Option("token_key", "paths", (), "PEM public key file of the rendezvous relay-token signer "
+           "(tucdesk-rendezvous keys show --pem relay-token; a private key is refused); repeat "
+           "for key rotation (env/TOML: comma-separated list / array); SIGHUP re-reads them"),
+    Option("jwks", "str", None, "https URL of the rendezvous JWKS "
+           "(https://HOST/.well-known/jwks.json); only its relay-token key is trusted"),
     Option("jwks_ca", "str", None, "CA bundle (PEM) to verify the JWKS server (default: system)"),
     Option("jwks_refresh", "float", 300.0, "seconds between JWKS refreshes", minimum=1),
     Option("issuer", "str", DEFAULT_RELAY_TOKEN_ISSUER, "issuer name relay tokens must carry"),

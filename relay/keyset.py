@@ -1,24 +1,38 @@
-"""The pinned relay-token public keys: from PEM files, or from the rendezvous JWKS over TLS."""
+"""The pinned relay-token public keys: from PEM files, or from the rendezvous JWKS over TLS.
+
+The rendezvous publishes all four of its service keys in one JWK set, each with a ``purpose``
+(service_keys.jwks). Only the ``relay-token`` keys may verify relay tokens: trusting the JWT
+issuer or audit signer key here would let a token signed for another purpose open a relay session.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import socket
 import ssl
-from collections.abc import Iterable, Mapping
+import stat
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 import httpx
 import trio
 
 from protocol.errors import ProtocolError
-from protocol.identity import PublicIdentity, b64url_decode, load_public_key_file
+from protocol.identity import MAX_KEY_FILE_SIZE, PublicIdentity, b64url_decode
 from relay.errors import KeySetError
 
 MAX_JWKS_SIZE = 64 * 1024
 MAX_JWKS_KEYS = 32
 JWKS_FETCH_TIMEOUT_SECONDS = 10.0
 JWKS_RETRY_SECONDS = 10.0
+# The ``purpose`` the rendezvous gives its relay-token signer in the JWK set (KEY_ROLES).
+RELAY_TOKEN_PURPOSE = "relay-token"  # noqa: S105 (a key role name, not a secret)
+JWKS_PATH = "/.well-known/jwks.json"
+PUBLIC_KEY_COMMAND = "tucdesk-rendezvous keys show --pem relay-token"
+_PRIVATE_PEM_MARKER = b"PRIVATE KEY-----"
+_PUBLIC_PEM_HEADER = b"-----BEGIN PUBLIC KEY-----"
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -34,6 +48,10 @@ class TokenKeySet:
         """Key id → public key, for verify_relay_token."""
         return self._keys
 
+    def fingerprints(self) -> list[str]:
+        """The OpenSSH (SHA256:...) fingerprints of the distinct keys, sorted."""
+        return sorted({key.fingerprint for key in self._keys.values()})
+
     def replace(self, keys: Mapping[str, PublicIdentity]) -> None:
         """Swap in a new set of keys (an empty set is refused: keep the old keys instead)."""
         if not keys:
@@ -43,18 +61,67 @@ class TokenKeySet:
     @classmethod
     def from_files(cls, paths: Iterable[Path]) -> TokenKeySet:
         """Load PEM Ed25519 public keys; each is known by its RFC 7638 key id."""
-        keys: dict[str, PublicIdentity] = {}
-        for path in paths:
-            try:
-                key = load_public_key_file(path)
-            except ProtocolError as error:
-                raise KeySetError(f"--token-key {path}: {error}") from None
-            keys[key.key_id] = key
-        return cls(keys)
+        return cls(load_key_files(paths))
+
+
+def load_key_files(paths: Iterable[Path]) -> dict[str, PublicIdentity]:
+    """Key id → key for the --token-key files; a private key file is refused, not used."""
+    keys: dict[str, PublicIdentity] = {}
+    for path in paths:
+        key = _load_public_key_file(Path(path))
+        keys[key.key_id] = key
+    if not keys:
+        raise KeySetError("no --token-key files given")
+    return keys
+
+
+def _load_public_key_file(path: Path) -> PublicIdentity:
+    # Read here rather than with protocol.identity.load_public_key_file, which also takes the
+    # public half of a private key file: the relay must never be handed the signing secret.
+    data = _read_key_file(path)
+    if _PRIVATE_PEM_MARKER in data:
+        raise KeySetError(
+            f"--token-key {path} holds a private key; give the relay only the public key: "
+            f"{PUBLIC_KEY_COMMAND}"
+        )
+    if _PUBLIC_PEM_HEADER not in data:
+        raise KeySetError(f"--token-key {path}: not a PEM Ed25519 public key")
+    try:
+        return PublicIdentity.from_pem(data)
+    except ProtocolError as error:
+        raise KeySetError(f"--token-key {path}: {error}") from None
+
+
+def _read_key_file(path: Path) -> bytes:
+    # O_NONBLOCK: a FIFO planted at the path cannot hang start-up or a reload.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise KeySetError(f"--token-key {path}: no such key file") from None
+    except OSError as error:
+        raise KeySetError(f"--token-key {path}: cannot open ({error.strerror})") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise KeySetError(f"--token-key {path}: not a regular file")
+        with os.fdopen(fd, "rb") as handle:
+            fd = -1
+            data = handle.read(MAX_KEY_FILE_SIZE + 1)
+    except OSError as error:
+        raise KeySetError(f"--token-key {path}: cannot read ({error.strerror})") from None
+    finally:
+        if fd != -1:
+            os.close(fd)
+    if len(data) > MAX_KEY_FILE_SIZE:
+        raise KeySetError(f"--token-key {path}: larger than any key file")
+    return data
 
 
 def parse_jwks(data: bytes) -> dict[str, PublicIdentity]:
-    """Parse a JWKS document; keep its Ed25519 (OKP) keys, known by thumbprint and by ``kid``."""
+    """Parse a JWKS document; keep its Ed25519 relay-token keys, known by thumbprint and ``kid``.
+
+    Keys published for any other purpose (JWT issuer, audit, policy) are skipped; a document
+    with no relay-token key is refused, so a refresh keeps the keys it had.
+    """
     if len(data) > MAX_JWKS_SIZE:
         raise KeySetError(f"JWKS is larger than {MAX_JWKS_SIZE} bytes")
     try:
@@ -66,7 +133,9 @@ def parse_jwks(data: bytes) -> dict[str, PublicIdentity]:
         raise KeySetError(f"JWKS must have a 'keys' list of at most {MAX_JWKS_KEYS} keys")
     keys: dict[str, PublicIdentity] = {}
     for entry in entries:
-        if not isinstance(entry, dict):
+        if not isinstance(entry, dict) or entry.get("purpose") != RELAY_TOKEN_PURPOSE:
+            continue
+        if entry.get("use", "sig") != "sig":
             continue
         if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
             continue
@@ -79,7 +148,10 @@ def parse_jwks(data: bytes) -> dict[str, PublicIdentity]:
         if isinstance(kid, str) and kid:
             keys[kid] = key
     if not keys:
-        raise KeySetError("JWKS has no Ed25519 keys")
+        raise KeySetError(
+            f'JWKS has no relay-token key (purpose "{RELAY_TOKEN_PURPOSE}"); --jwks must be '
+            f"the rendezvous's https://HOST{JWKS_PATH}"
+        )
     return keys
 
 
@@ -87,33 +159,132 @@ async def fetch_jwks(url: str, ca_file: str | None) -> dict[str, PublicIdentity]
     """Fetch and parse the JWKS at an https URL, verifying the server certificate."""
     if not url.startswith("https://"):
         raise KeySetError("the JWKS URL must be https://")
-    context = ssl.create_default_context(cafile=ca_file)
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as error:
+        raise KeySetError(f"--jwks-ca {ca_file}: cannot load ({_reason_of(error)})") from None
     try:
         async with httpx.AsyncClient(
             verify=context, timeout=JWKS_FETCH_TIMEOUT_SECONDS, follow_redirects=False
         ) as client:
             async with client.stream("GET", url) as response:
                 if response.status_code != 200:
-                    raise KeySetError(f"JWKS fetch returned HTTP {response.status_code}")
+                    raise KeySetError(
+                        f"JWKS fetch from {url} returned HTTP {response.status_code}"
+                        + (f" (the rendezvous serves it at {JWKS_PATH})"
+                           if response.status_code == 404 else "")
+                    )
                 body = bytearray()
                 async for chunk in response.aiter_bytes():
                     body += chunk
                     if len(body) > MAX_JWKS_SIZE:
                         raise KeySetError(f"JWKS is larger than {MAX_JWKS_SIZE} bytes")
     except httpx.HTTPError as error:
-        raise KeySetError(f"JWKS fetch from {url} failed: {type(error).__name__}") from None
+        raise KeySetError(f"JWKS fetch from {url} failed: {_reason_of(error, ca_file)}") from None
     return parse_jwks(bytes(body))
 
 
+def _reason_of(error: BaseException, ca_file: str | None = None) -> str:
+    """What really went wrong under an httpx error (it says only ``ConnectError``)."""
+    for cause in _causes(error):
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            trusted_by = f"--jwks-ca {ca_file}" if ca_file else "the system trust store"
+            detail = cause.verify_message or cause.reason or "verification failed"
+            return f"TLS certificate not trusted by {trusted_by} ({detail})"
+        if isinstance(cause, ssl.SSLError):
+            return f"TLS error ({cause.reason or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (nothing listening at that host and port?)"
+        if isinstance(cause, socket.gaierror):
+            return f"cannot resolve the host ({cause.strerror})"
+        if isinstance(cause, httpx.TimeoutException | TimeoutError):
+            return f"timed out after {JWKS_FETCH_TIMEOUT_SECONDS:g} s"
+    for cause in _causes(error):
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+    return f"{type(error).__name__} {error}".strip()
+
+
+def _causes(error: BaseException) -> list[BaseException]:
+    """``error``, its causes and contexts, and the members of exception groups among them."""
+    found: list[BaseException] = []
+    pending = [error]
+    while pending and len(found) < 32:
+        current = pending.pop(0)
+        if current in found:
+            continue
+        found.append(current)
+        if isinstance(current, BaseExceptionGroup):
+            pending.extend(current.exceptions)
+        for linked in (current.__cause__, current.__context__):
+            if linked is not None:
+                pending.append(linked)
+    return found
+
+
+class JwksRefresher:
+    """Refetches the JWKS every ``interval`` s (sooner after a failure, or when asked)."""
+
+    def __init__(
+        self,
+        key_set: TokenKeySet,
+        url: str,
+        ca_file: str | None,
+        interval: float,
+        on_failure: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.key_set = key_set
+        self.url = url
+        self.ca_file = ca_file
+        self.interval = interval
+        self.on_failure = on_failure
+        self._wake = trio.Event()
+
+    def refresh_soon(self) -> None:
+        """Cut the current wait short (SIGHUP)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Refresh until cancelled; on failure keep the old keys and retry sooner.
+
+        A failure is logged when its reason changes (not on every retry) and counted by
+        ``on_failure`` every time; a recovery is logged once.
+        """
+        last_error: str | None = None
+        while True:
+            delay = self.interval
+            try:
+                keys = await fetch_jwks(self.url, self.ca_file)
+                before = self.key_set.fingerprints()
+                self.key_set.replace(keys)
+                if self.key_set.fingerprints() != before:
+                    log.info("jwks_keys_changed keys=%s", ",".join(self.key_set.fingerprints()))
+            except KeySetError as error:
+                self.on_failure()
+                delay = min(self.interval, JWKS_RETRY_SECONDS)
+                if str(error) != last_error:
+                    log.warning(
+                        "jwks_refresh_failed error=%s keeping=%s retry_s=%g",
+                        error, ",".join(self.key_set.fingerprints()), delay,
+                    )
+                    last_error = str(error)
+            else:
+                if last_error is not None:
+                    log.info(
+                        "jwks_refresh_recovered keys=%s", ",".join(self.key_set.fingerprints())
+                    )
+                    last_error = None
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+
 async def refresh_jwks_forever(
-    key_set: TokenKeySet, url: str, ca_file: str | None, interval: float
+    key_set: TokenKeySet,
+    url: str,
+    ca_file: str | None,
+    interval: float,
+    on_failure: Callable[[], None] = lambda: None,
 ) -> None:
-    """Refetch the JWKS every ``interval`` s; on failure keep the old keys and retry sooner."""
-    while True:
-        delay = interval
-        try:
-            key_set.replace(await fetch_jwks(url, ca_file))
-        except KeySetError as error:
-            log.warning("jwks_refresh_failed error=%s keeping=%d", error, len(key_set.keys))
-            delay = min(interval, JWKS_RETRY_SECONDS)
-        await trio.sleep(delay)
+    """Refetch the JWKS every ``interval`` s until cancelled (see JwksRefresher)."""
+    await JwksRefresher(key_set, url, ca_file, interval, on_failure).run()

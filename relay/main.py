@@ -9,13 +9,16 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import trio
 
 from relay.config import OPTIONS, RelayConfig, load_config
 from relay.errors import RelayError
 from relay.fdlimit import raise_open_file_limit
-from relay.server import Relay
+from relay.server import Relay, relay_version
+
+PROGRAM = "tucdesk-relay"
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -23,11 +26,12 @@ log = logging.getLogger("tucdesk.relay")
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; every option's help names its default and environment variable."""
     parser = argparse.ArgumentParser(
-        prog="tucdesk-relay",
+        prog=PROGRAM,
         description="TucDesk relay: pairs the two sides of a session by their signed relay "
         "tokens and forwards their (already encrypted) bytes. It holds no session keys.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {relay_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",
@@ -73,18 +77,29 @@ def configure_logging(config: RelayConfig) -> None:
 
 
 async def run(config: RelayConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal is immediate)."""
+    """Serve until SIGINT or SIGTERM, then shut down gracefully (a second signal is immediate).
+
+    SIGHUP re-reads the relay-token keys (``Relay.reload``) and never stops the relay.
+    """
     relay = Relay(config)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_watch_signals, relay, nursery.cancel_scope)
+        # Started (its handlers installed) before the sockets are bound and the start logged.
+        await nursery.start(_watch_signals, relay, nursery.cancel_scope)
         await relay.serve()
         nursery.cancel_scope.cancel()
 
 
-async def _watch_signals(relay: Relay, everything: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+async def _watch_signals(
+    relay: Relay, everything: trio.CancelScope, *, task_status: Any = trio.TASK_STATUS_IGNORED
+) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        task_status.started()
         stopping = False
         async for signal_number in signals:
+            if signal_number == signal.SIGHUP:
+                log.info("signal=SIGHUP reload")
+                relay.reload()
+                continue
             if stopping:
                 log.warning("second signal: stopping now")
                 everything.cancel()
@@ -110,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the command; print one line and exit non-zero on error."""
     parser = build_parser()
     arguments = parser.parse_args(argv)
+    # Until the signal watcher takes over, a reload request must not kill the relay (SIGHUP's
+    # default action); the watcher restores this when the relay stops.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         flags = {option.name: getattr(arguments, option.name, None) for option in OPTIONS}
         config = load_config(flags, os.environ, arguments.config)

@@ -17,6 +17,7 @@ DATAGRAM_DROP_REASONS = (
     "bandwidth",
     "send_failed",
 )
+KEY_RELOAD_RESULTS = ("ok", "failed")
 PAIRING_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -68,6 +69,17 @@ class RelayMetrics:
             "Time from the first side's hello to pairing.",
             ["transport"], buckets=PAIRING_LATENCY_BUCKETS, registry=self.registry,
         )
+        self.jwks_refresh_failures = Counter(
+            "tucdesk_relay_jwks_refresh_failures",
+            "JWKS refreshes that failed (the relay kept its previous relay-token keys).",
+            registry=self.registry,
+        )
+        self.key_reloads = Counter(
+            "tucdesk_relay_key_reloads", "--token-key reloads on SIGHUP, by result.",
+            ["result"], registry=self.registry,
+        )
+        for result in KEY_RELOAD_RESULTS:
+            self.key_reloads.labels(result)
         for transport in TRANSPORTS:
             self.sessions_active.labels(transport)
             self.sessions_waiting.labels(transport)

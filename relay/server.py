@@ -1,12 +1,13 @@
 """The relay service: binds its sockets, runs the front ends, and shuts down gracefully.
 
-Everything runs in one nursery. ``shutdown()`` stops accepting, refuses waiting sides, lets paired
-sessions drain for the grace period and then closes what is left.
+Everything runs in one nursery. ``shutdown()`` refuses newcomers and waiting sides with
+``shutting_down``, lets paired sessions drain for the grace period and then closes what is left.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import logging
 import socket
 from collections.abc import Callable
@@ -17,7 +18,7 @@ import trio
 from relay.admission import Admission
 from relay.config import HostPort, RelayConfig
 from relay.errors import KeySetError, RelayError
-from relay.keyset import TokenKeySet, fetch_jwks, refresh_jwks_forever
+from relay.keyset import JwksRefresher, TokenKeySet, fetch_jwks, load_key_files
 from relay.metrics import RelayMetrics
 from relay.metrics_http import serve_metrics
 from relay.tcp import (
@@ -30,6 +31,7 @@ from relay.udp import UdpFrontEnd, open_udp_socket
 from relay.wire import Reason
 
 MAX_SWEEP_INTERVAL_SECONDS = 1.0
+DISTRIBUTION = "tucdesk"
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -53,6 +55,7 @@ class Relay:
         self.udp: UdpFrontEnd | None = None
         self._shutdown = trio.Event()
         self._activity_ended = trio.Event()
+        self._jwks_refresher: JwksRefresher | None = None
 
     def _on_activity_ended(self) -> None:
         self._activity_ended.set()
@@ -61,10 +64,45 @@ class Relay:
         """Begin a graceful shutdown (safe to call more than once)."""
         self._shutdown.set()
 
+    def reload(self) -> None:
+        """Re-read the relay-token keys (SIGHUP); on any error keep the keys in use.
+
+        --token-key files are read again; with --jwks the JWKS is fetched now. Other settings
+        take effect on restart. Live sessions are untouched either way.
+        """
+        if self.key_set is None:
+            log.warning("reload_ignored reason=not_started")
+            return
+        if self._jwks_refresher is not None:
+            log.info("reload jwks=%s refreshing_now", self.config.jwks)
+            self._jwks_refresher.refresh_soon()
+            return
+        try:
+            keys = load_key_files(self.config.token_key)
+        except KeySetError as error:
+            self.metrics.key_reloads.labels("failed").inc()
+            log.warning(
+                "reload_failed error=%s keeping=%s", error, ",".join(self.key_set.fingerprints())
+            )
+            return
+        before = self.key_set.fingerprints()
+        self.key_set.replace(keys)
+        self.metrics.key_reloads.labels("ok").inc()
+        log.info(
+            "reload token_keys=%s changed=%s (other settings take effect on restart)",
+            ",".join(self.key_set.fingerprints()),
+            "yes" if self.key_set.fingerprints() != before else "no",
+        )
+
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until shut down; ``task_status.started(self)`` once the sockets are bound."""
         if self.key_set is None:
             self.key_set = await self._initial_key_set()
+        if self.config.jwks and not self.config.token_key:
+            self._jwks_refresher = JwksRefresher(
+                self.key_set, self.config.jwks, self.config.jwks_ca, self.config.jwks_refresh,
+                self.metrics.jwks_refresh_failures.inc,
+            )
         admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
         sockets: list[socket.socket] = []
         try:
@@ -123,12 +161,13 @@ class Relay:
         assert self.tcp is not None
         tcp, udp = self.tcp, self.udp
         async with trio.open_nursery() as nursery:
-            accepting = trio.CancelScope()
             services = trio.CancelScope()
 
             async def accept() -> None:
-                with accepting:
-                    await tcp.accept_loop(nursery)
+                # Runs through the drain too: newcomers are accepted and refused with
+                # shutting_down at once (the hello protocol's answer), where a listener left
+                # open but unserved would let them hang until their own timeout.
+                await tcp.accept_loop(nursery)
 
             async def background() -> None:
                 with services:
@@ -138,12 +177,8 @@ class Relay:
                             service_nursery.start_soon(
                                 serve_metrics, metrics_listener, self.metrics.exposition
                             )
-                        if self.config.jwks and not self.config.token_key:
-                            assert self.key_set is not None
-                            service_nursery.start_soon(
-                                refresh_jwks_forever, self.key_set, self.config.jwks,
-                                self.config.jwks_ca, self.config.jwks_refresh,
-                            )
+                        if self._jwks_refresher is not None:
+                            service_nursery.start_soon(self._jwks_refresher.run)
 
             nursery.start_soon(accept)
             nursery.start_soon(background)
@@ -155,16 +190,19 @@ class Relay:
                         await udp.receive_loop()
 
                 nursery.start_soon(receive)
+            assert self.key_set is not None
             log.info(
-                "relay_started relay_id=%s tcp=%s udp=%s metrics=%s",
-                self.config.relay_id, _show(self.tcp_address), _show(self.udp_address),
-                _show(self.metrics_address),
+                "relay_started version=%s relay_id=%s tcp=%s udp=%s metrics=%s keys_from=%s "
+                "keys=%s",
+                relay_version(), self.config.relay_id, _show(self.tcp_address),
+                _show(self.udp_address), _show(self.metrics_address),
+                "jwks" if self._jwks_refresher is not None else "token_key",
+                ",".join(self.key_set.fingerprints()),
             )
             task_status.started(self)
             await self._shutdown.wait()
             log.info("relay_stopping grace_s=%s", self.config.grace)
             admission.shutting_down = True
-            accepting.cancel()
             tcp.refuse_waiting_for_shutdown()
             if udp is not None:
                 udp.refuse_waiting_for_shutdown()
@@ -189,9 +227,18 @@ class Relay:
             await trio.sleep(interval)
             now = trio.current_time()
             if self.tcp is not None:
+                self.tcp.admission.refusal_log.flush(now)
                 self.tcp.sweep_idle(now)
             if self.udp is not None:
                 self.udp.sweep(now)
+
+
+def relay_version() -> str:
+    """The installed tucdesk distribution's version, from its metadata."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _bind(

@@ -6,6 +6,7 @@ side's task hands its socket over and ends, and the first side's task runs the s
 
 from __future__ import annotations
 
+import functools
 import logging
 import socket
 import time
@@ -19,6 +20,7 @@ from protocol.relay_token import RelayTokenClaims, Side
 from relay.admission import Admission
 from relay.errors import HelloError
 from relay.forwarding import MAX_CHUNK_SIZE, SPLICE_AVAILABLE, bulk_low_water, pump
+from relay.refusal_log import peer_of, show_address
 from relay.session_log import session_end_line
 from relay.sockio import (
     CONNECTION_LOST_ERRORS,
@@ -148,7 +150,7 @@ class TcpFrontEnd:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             reason = self._early_refusal(str(address[0]))
             if reason is not None:
-                self._refuse(sock, reason)
+                self._refuse(sock, reason, peer=show_address(address))
             else:
                 self.pending += 1
                 self.metrics.connections_pending.inc()
@@ -167,8 +169,19 @@ class TcpFrontEnd:
             return Reason.TOO_MANY_CONNECTIONS
         return None
 
-    def _refuse(self, sock: socket.socket, reason: Reason) -> None:
-        self.admission.refuse(TRANSPORT, reason)
+    def _refuse(
+        self,
+        sock: socket.socket,
+        reason: Reason,
+        *,
+        peer: str | None = None,
+        claims: RelayTokenClaims | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.admission.refuse(
+            TRANSPORT, reason, peer=peer or functools.partial(peer_of, sock),
+            claims=claims, token=token,
+        )
         send_now(sock, encode_status(reason))
         close_socket(sock)
 
@@ -208,14 +221,14 @@ class TcpFrontEnd:
         """Admit a connection with its token; return whether this task still owns the socket."""
         checked = self.admission.check_token(token, time.time())
         if isinstance(checked, Reason):
-            self._refuse(sock, checked)
+            self._refuse(sock, checked, token=token)
             return False
         claims = checked
         if self.admission.shutting_down:
-            self._refuse(sock, Reason.SHUTTING_DOWN)
+            self._refuse(sock, Reason.SHUTTING_DOWN, claims=claims)
             return False
         if peek_state(sock) == "data":
-            self._refuse(sock, Reason.EARLY_DATA)
+            self._refuse(sock, Reason.EARLY_DATA, claims=claims)
             return False
         now = trio.current_time()
         waiter = WaitingConnection(sock, claims, now)
@@ -223,7 +236,7 @@ class TcpFrontEnd:
             (TRANSPORT, claims.session_id), claims.side, waiter, now
         )
         if arrival.refused:
-            self._refuse(sock, arrival.reason)
+            self._refuse(sock, arrival.reason, claims=claims)
             return False
         if arrival.peer is not None:
             first = arrival.peer.endpoint
@@ -262,7 +275,7 @@ class TcpFrontEnd:
             if outcome == Reason.ABANDONED:
                 close_socket(waiter.sock)
             else:
-                self._refuse(waiter.sock, outcome)
+                self._refuse(waiter.sock, outcome, claims=waiter.claims)
             return
         await self._start_session(waiter, *waiter.partner)
 
@@ -274,8 +287,10 @@ class TcpFrontEnd:
         offenders = [s for s in sockets.values() if peek_state(s) == "data"]
         if offenders:
             self.admission.registry.end(key)
-            for sock in sockets.values():
-                self._refuse(sock, Reason.EARLY_DATA if sock in offenders else Reason.PEER_GONE)
+            for claims in (waiter.claims, partner_claims):
+                sock = sockets[claims.side]
+                reason = Reason.EARLY_DATA if sock in offenders else Reason.PEER_GONE
+                self._refuse(sock, reason, claims=claims)
             return
         now = trio.current_time()
         self.metrics.pairing_latency.labels(TRANSPORT).observe(now - waiter.arrived_at)

@@ -8,6 +8,7 @@ to learn anything.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import socket
@@ -19,7 +20,7 @@ from typing import Any
 import trio
 
 from protocol.rate_limits import TokenBucket
-from protocol.relay_token import Side, credential_mac_is_valid
+from protocol.relay_token import RelayTokenClaims, Side, credential_mac_is_valid
 from relay.admission import Admission
 from relay.datagram import (
     CLOSE,
@@ -32,6 +33,7 @@ from relay.datagram import (
     parse_udp_hello,
 )
 from relay.errors import HelloError
+from relay.refusal_log import show_address
 from relay.session_log import session_end_line
 from relay.wire import Reason
 
@@ -54,6 +56,7 @@ class UdpSide:
     last_counter: int = -1
     bytes_sent: int = 0
     peer: UdpSide | None = None  # set once paired: where this side's datagrams go
+    claims: RelayTokenClaims | None = field(default=None, repr=False)  # for refusal log lines
 
 
 @dataclass(eq=False)
@@ -188,8 +191,19 @@ class UdpFrontEnd:
         except OSError:
             self.metrics.datagrams_dropped.labels("send_failed").inc()
 
-    def _refuse(self, address: Address, reason: Reason, request_size: int) -> None:
-        self.admission.refuse(TRANSPORT, reason)
+    def _refuse(
+        self,
+        address: Address,
+        reason: Reason,
+        request_size: int | None,
+        *,
+        claims: RelayTokenClaims | None = None,
+        token: str | None = None,
+    ) -> None:
+        self.admission.refuse(
+            TRANSPORT, reason, peer=functools.partial(show_address, address),
+            claims=claims, token=token,
+        )
         self._reply(address, reason, request_size)
 
     def _on_control(self, datagram: bytes, address: Address) -> None:
@@ -223,20 +237,20 @@ class UdpFrontEnd:
             return
         checked = self.admission.check_token(token, time.time())
         if isinstance(checked, Reason):
-            self._refuse(address, checked, len(datagram))
-            return
-        if self.admission.shutting_down:
-            self._refuse(address, Reason.SHUTTING_DOWN, len(datagram))
+            self._refuse(address, checked, len(datagram), token=token)
             return
         claims = checked
+        if self.admission.shutting_down:
+            self._refuse(address, Reason.SHUTTING_DOWN, len(datagram), claims=claims)
+            return
         now = trio.current_time()
         key = (TRANSPORT, claims.session_id)
         fresh = UdpSession(claims.session_id, now)
         arrival = self.admission.registry.arrive(key, claims.side, fresh, now)
         if arrival.refused:
-            self._refuse(address, arrival.reason, len(datagram))
+            self._refuse(address, arrival.reason, len(datagram), claims=claims)
             return
-        side = UdpSide(claims.side, address, claims.udp_credential, digest)
+        side = UdpSide(claims.side, address, claims.udp_credential, digest, claims=claims)
         if arrival.peer is None:
             fresh.sides[claims.side] = side
             self.by_session[claims.session_id] = fresh
@@ -267,8 +281,7 @@ class UdpFrontEnd:
             return
         # Only a waiting side can get here: data before "paired" ends its wait.
         session = known[0]
-        self.admission.refuse(TRANSPORT, Reason.EARLY_DATA)
-        self._reply(address, Reason.EARLY_DATA)
+        self._refuse(address, Reason.EARLY_DATA, None, claims=known[1].claims)
         self._forget_waiting(session)
 
     def _on_credential_proof(self, datagram: bytes, address: Address) -> None:
@@ -345,19 +358,26 @@ class UdpFrontEnd:
                 if now - session.last_activity >= self.config.idle_timeout:
                     self._end_session(session, Reason.IDLE_TIMEOUT)
             elif now - session.arrived_at >= self.config.pair_timeout:
-                self.admission.refuse(TRANSPORT, Reason.PAIR_TIMEOUT)
-                for member in session.sides.values():
-                    self._reply(member.address, Reason.PAIR_TIMEOUT)
-                self._forget_waiting(session)
+                self._refuse_waiting(session, Reason.PAIR_TIMEOUT)
 
     def refuse_waiting_for_shutdown(self) -> None:
         """Refuse every waiting side with shutting_down."""
         for session in list(self.by_session.values()):
             if not session.paired:
-                self.admission.refuse(TRANSPORT, Reason.SHUTTING_DOWN)
-                for member in session.sides.values():
-                    self._reply(member.address, Reason.SHUTTING_DOWN)
-                self._forget_waiting(session)
+                self._refuse_waiting(session, Reason.SHUTTING_DOWN)
+
+    def _refuse_waiting(self, session: UdpSession, reason: Reason) -> None:
+        # A waiting session has one side; the refusal is counted once per session.
+        members = list(session.sides.values())
+        first = members[0] if members else None
+        self.admission.refuse(
+            TRANSPORT, reason,
+            peer="unknown" if first is None else show_address(first.address),
+            claims=None if first is None else first.claims,
+        )
+        for member in members:
+            self._reply(member.address, reason)
+        self._forget_waiting(session)
 
     def close_all_sessions(self, reason: Reason) -> None:
         """End every paired session now (after the shutdown grace period)."""

@@ -6,7 +6,10 @@ import datetime
 import functools
 import ipaddress
 import json
+import logging
+import socket
 import ssl
+from pathlib import Path
 
 import pytest
 import trio
@@ -18,11 +21,17 @@ from cryptography.x509.oid import NameOID
 from protocol.identity import SigningIdentity, b64url
 from protocol.relay_token import Side
 from relay.client import connect_tcp
-from relay.errors import KeySetError
-from relay.keyset import TokenKeySet, fetch_jwks, parse_jwks
+from relay.errors import KeySetError, RelayRefusedError
+from relay.keyset import TokenKeySet, fetch_jwks, parse_jwks, refresh_jwks_forever
+from relay.metrics import RelayMetrics
 from relay.server import Relay
+from relay.wire import Reason
+from rendezvous.routes_meta import router as rendezvous_meta_routes
+from rendezvous.service_keys import KEY_ROLES, ServiceKeys
 
 from .harness import make_token, relay_config, trio_test
+
+EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "relay" / "relay.example.toml"
 
 
 def self_signed_certificate(tmp_path):
@@ -53,14 +62,20 @@ def self_signed_certificate(tmp_path):
     return cert_file, key_file
 
 
-def jwks_document(*signers: SigningIdentity) -> bytes:
+def jwks_document(*signers: SigningIdentity, purpose: str = "relay-token") -> bytes:
     return json.dumps(
-        {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64url(s.public.raw), "use": "sig"}
+        {"keys": [{"kty": "OKP", "crv": "Ed25519", "x": b64url(s.public.raw), "use": "sig",
+                   "kid": s.public.key_id, "purpose": purpose}
                   for s in signers]}
     ).encode()
 
 
-async def serve_jwks(cert_file, key_file, body: bytes, nursery) -> int:
+def rendezvous_service_keys() -> ServiceKeys:
+    return ServiceKeys(*(SigningIdentity.generate() for _ in KEY_ROLES))
+
+
+async def serve_jwks(cert_file, key_file, body: bytes | list[bytes], nursery) -> int:
+    """Serve ``body`` (or, for a list, its last item at the time of each request)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
 
@@ -72,9 +87,10 @@ async def serve_jwks(cert_file, key_file, body: bytes, nursery) -> int:
                 if not data:
                     return
                 request += data
+            served = body[-1] if isinstance(body, list) else body
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
-                + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body
+                + str(len(served)).encode() + b"\r\nConnection: close\r\n\r\n" + served
             )
             await stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -84,6 +100,23 @@ async def serve_jwks(cert_file, key_file, body: bytes, nursery) -> int:
         functools.partial(trio.serve_ssl_over_tcp, handler, 0, context, host="127.0.0.1")
     )
     return listeners[0].transport_listener.socket.getsockname()[1]
+
+
+async def pair_with(
+    relay: Relay, signer: SigningIdentity, session_id: str,
+    agent_signer: SigningIdentity | None = None,
+) -> None:
+    streams = []
+
+    async def join(key: SigningIdentity, side: Side) -> None:
+        streams.append(await connect_tcp(*relay.tcp_address, make_token(key, session_id, side)))
+
+    async with trio.open_nursery() as pair:
+        pair.start_soon(join, signer, Side.OPERATOR)
+        pair.start_soon(join, agent_signer or signer, Side.AGENT)
+    assert len(streams) == 2
+    for stream in streams:
+        await stream.aclose()
 
 
 @trio_test
@@ -97,15 +130,7 @@ async def test_relay_verifies_tokens_with_keys_fetched_from_the_jwks(tmp_path):
         )
         relay = Relay(config)
         await nursery.start(relay.serve)
-        streams = []
-
-        async def join(key: SigningIdentity, side: Side) -> None:
-            streams.append(await connect_tcp(*relay.tcp_address, make_token(key, "j-1", side)))
-
-        async with trio.open_nursery() as pair:
-            pair.start_soon(join, signer, Side.OPERATOR)
-            pair.start_soon(join, rotated, Side.AGENT)
-        assert len(streams) == 2
+        await pair_with(relay, signer, "j-1", rotated)
         relay.shutdown()
         nursery.cancel_scope.cancel()
 
@@ -118,9 +143,111 @@ async def test_jwks_from_a_server_the_ca_does_not_vouch_for_is_refused(tmp_path)
     async with trio.open_nursery() as nursery:
         port = await serve_jwks(cert_file, key_file, jwks_document(SigningIdentity.generate()),
                                 nursery)
-        with pytest.raises(KeySetError):
+        with pytest.raises(KeySetError, match="TLS certificate not trusted by --jwks-ca"):
             await fetch_jwks(f"https://127.0.0.1:{port}/jwks", str(other_cert))
         nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_jwks_fetch_from_a_closed_port_says_connection_refused():
+    with socket.socket() as unused:
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(KeySetError, match="connection refused"):
+        await fetch_jwks(f"https://127.0.0.1:{port}/jwks", None)
+
+
+@trio_test
+async def test_relay_trusts_only_the_relay_token_key_of_the_rendezvous_jwks(tmp_path):
+    service_keys = rendezvous_service_keys()
+    body = json.dumps(service_keys.jwks()).encode()
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, body, nursery)
+        url = f"https://127.0.0.1:{port}/.well-known/jwks.json"
+        config = relay_config(token_key=(), jwks=url, jwks_ca=str(cert_file))
+        relay = Relay(config)
+        await nursery.start(relay.serve)
+        assert relay.key_set is not None
+        assert set(relay.key_set.keys.values()) == {service_keys.relay_token.public}
+        await pair_with(relay, service_keys.relay_token, "k-relay-token")
+        for role, other in service_keys.by_role().items():
+            if role == "relay-token":
+                continue
+            with pytest.raises(RelayRefusedError) as refused:
+                await connect_tcp(*relay.tcp_address, make_token(other, f"k-{role}", Side.AGENT))
+            assert refused.value.reason == Reason.TOKEN_INVALID
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_reload_refetches_the_jwks_at_once(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="tucdesk.relay")
+    old, new = SigningIdentity.generate(), SigningIdentity.generate()
+    bodies = [jwks_document(old)]
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, bodies, nursery)
+        config = relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                              jwks_ca=str(cert_file), jwks_refresh=3600)
+        relay = Relay(config)
+        await nursery.start(relay.serve)
+        bodies.append(jwks_document(new))
+        relay.reload()
+        with trio.fail_after(5):
+            while new.public not in relay.key_set.keys.values():  # noqa: ASYNC110 (refresher)
+                await trio.sleep(0.02)
+        assert old.public not in relay.key_set.keys.values()
+        assert f"jwks_keys_changed keys={new.public.fingerprint}" in caplog.text
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+def test_jwks_without_a_relay_token_key_is_refused():
+    others = rendezvous_service_keys().jwks()
+    others["keys"] = [key for key in others["keys"] if key["purpose"] != "relay-token"]
+    with pytest.raises(KeySetError, match="no relay-token key"):
+        parse_jwks(json.dumps(others).encode())
+    with pytest.raises(KeySetError, match="no relay-token key"):
+        parse_jwks(jwks_document(SigningIdentity.generate(), purpose="jwt-issuer"))
+
+
+@trio_test
+async def test_failed_refreshes_keep_the_keys_are_counted_and_logged_once(tmp_path, caplog):
+    signer = SigningIdentity.generate()
+    key_set = TokenKeySet(parse_jwks(jwks_document(signer)))
+    metrics = RelayMetrics()
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    caplog.set_level(logging.INFO, logger="tucdesk.relay")
+    async with trio.open_nursery() as nursery:
+        body = jwks_document(SigningIdentity.generate(), purpose="audit-signer")
+        port = await serve_jwks(cert_file, key_file, body, nursery)
+        nursery.start_soon(
+            refresh_jwks_forever, key_set, f"https://127.0.0.1:{port}/jwks", str(cert_file),
+            0.02, metrics.jwks_refresh_failures.inc,
+        )
+        with trio.fail_after(10):
+            while metrics.registry.get_sample_value(  # noqa: ASYNC110 (the refresher's count)
+                "tucdesk_relay_jwks_refresh_failures_total"
+            ) < 3:
+                await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert key_set.fingerprints() == [signer.public.fingerprint]
+    failures = [r for r in caplog.records if "jwks_refresh_failed" in r.getMessage()]
+    assert len(failures) == 1
+    assert "no relay-token key" in failures[0].getMessage()
+    assert signer.public.fingerprint in failures[0].getMessage()
+
+
+def test_example_config_names_the_jwks_path_the_rendezvous_serves():
+    served = {route.path for route in rendezvous_meta_routes.routes}
+    jwks_lines = [line for line in EXAMPLE_CONFIG.read_text().splitlines()
+                  if line.lstrip("# ").startswith("jwks =")]
+    assert jwks_lines
+    for line in jwks_lines:
+        url = line.split("=", 1)[1].strip().strip('"')
+        assert "/" + url.split("/", 3)[3] in served
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import re
 import signal
@@ -15,6 +16,8 @@ import trio
 from protocol.identity import SigningIdentity
 from protocol.relay_token import Side
 from relay.client import connect_tcp
+from relay.errors import RelayError, RelayRefusedError
+from relay.wire import Reason
 
 from .harness import make_token, trio_test
 
@@ -74,6 +77,88 @@ def test_relay_process_pairs_two_clients_and_stops_gracefully(tmp_path):
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_sighup_reloads_the_token_keys_and_keeps_live_sessions(tmp_path):
+    signer, rotated = SigningIdentity.generate(), SigningIdentity.generate()
+    process, addresses = start_relay(tmp_path, signer)
+    try:
+        rotate_keys_under_a_live_session(process, tmp_path / "relay-token.pub", signer, rotated,
+                                         addresses)
+        assert process.poll() is None, f"relay died on SIGHUP (rc {process.returncode})"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=15) == 0
+        log = process.stderr.read()
+        assert "signal=SIGHUP reload" in log
+        assert f"reload token_keys={rotated.public.fingerprint} changed=yes" in log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@trio_test
+async def rotate_keys_under_a_live_session(
+    process: subprocess.Popen, key_file: Path, signer: SigningIdentity,
+    rotated: SigningIdentity, addresses: dict,
+) -> None:
+    streams = {}
+
+    async def join(key: SigningIdentity, session_id: str, side: Side) -> None:
+        streams[side] = await connect_tcp(*addresses["tcp"], make_token(key, session_id, side))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(join, signer, "h-1", Side.OPERATOR)
+        nursery.start_soon(join, signer, "h-1", Side.AGENT)
+    await trio.Path(key_file).write_bytes(rotated.public.to_pem())
+    process.send_signal(signal.SIGHUP)
+    # The live session is untouched; once the reload is done, the rotated key is trusted.
+    await streams[Side.OPERATOR].send_all(b"after-hup")
+    assert await streams[Side.AGENT].receive_some(100) == b"after-hup"
+    attempt = 0
+    with trio.fail_after(5):
+        while True:
+            attempt += 1
+            try:
+                await connect_tcp(
+                    *addresses["tcp"], make_token(rotated, f"h-new-{attempt}", Side.AGENT),
+                    pair_timeout=0.05,
+                )
+            except RelayRefusedError as refused:
+                assert refused.reason == Reason.TOKEN_INVALID
+                await trio.sleep(0.05)
+            except RelayError:  # waiting, then timed out: the rotated key was accepted
+                break
+    await streams[Side.AGENT].send_all(b"still")
+    assert await streams[Side.OPERATOR].receive_some(100) == b"still"
+    for stream in streams.values():
+        await stream.aclose()
+
+
+def test_systemd_unit_reloads_with_sighup():
+    unit = Path(__file__).resolve().parents[2] / "deploy" / "relay" / "tucdesk-relay.service"
+    assert "ExecReload=/bin/kill -HUP $MAINPID" in unit.read_text().splitlines()
+
+
+def test_version_flag_prints_the_installed_version():
+    result = subprocess.run([str(RELAY_BINARY), "--version"], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == f"tucdesk-relay {importlib.metadata.version('tucdesk')}"
+
+
+def test_a_private_token_key_file_stops_the_relay_with_a_clear_message(tmp_path):
+    private_key = tmp_path / "relay-token.key"
+    SigningIdentity.generate().save(private_key)
+    result = subprocess.run(
+        [str(RELAY_BINARY), "serve", "--listen", "127.0.0.1:0", "--relay-id", "relay-test",
+         "--token-key", str(private_key)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"tucdesk-relay: --token-key {private_key} holds a private key; give the relay only the "
+        "public key: tucdesk-rendezvous keys show --pem relay-token"
+    )
 
 
 @trio_test

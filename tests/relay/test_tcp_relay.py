@@ -332,6 +332,19 @@ async def test_graceful_shutdown_refuses_newcomers_and_lets_sessions_drain(signe
 
 
 @trio_test
+async def test_a_newcomer_during_the_grace_period_is_refused_at_once(signer):
+    async with running_relay(signer, grace=20.0) as relay:
+        operator, agent = await pair(relay.tcp_address, signer, "s-23")
+        relay.shutdown()
+        await wait_until(lambda: relay.tcp.admission.shutting_down)
+        with trio.fail_after(2):
+            token = make_token(signer, "s-24", Side.AGENT)
+            assert await refusal_of(relay.tcp_address, token) == Reason.SHUTTING_DOWN
+        await operator.aclose()
+        await agent.aclose()
+
+
+@trio_test
 async def test_sessions_still_open_after_the_grace_period_are_closed(signer):
     async with running_relay(signer, grace=0.2) as relay:
         operator, agent = await pair(relay.tcp_address, signer, "s-22")

@@ -253,3 +253,21 @@ async def test_udp_status_replies_never_amplify(signer):
         await sock.sendto(b"\x01\x00", relay.udp_address)  # 2 bytes: a reply would be larger
         assert await nothing_arrives(sock)
         assert relay.metrics.refusal_count("udp", "bad_hello") == 1
+
+
+@trio_test
+async def test_udp_newcomer_during_the_grace_period_is_refused_at_once(signer):
+    async with running_relay(signer, grace=20.0) as relay:
+        operator, agent = await pair_udp(relay, signer, "u-90")
+        relay.shutdown()
+        await wait_until(lambda: relay.udp.admission.shutting_down)
+        with trio.fail_after(2), pytest.raises(RelayRefusedError) as refused:
+            await connect_udp(
+                *relay.udp_address, make_token(signer, "u-91", Side.AGENT), local_host="127.0.0.1"
+            )
+        assert refused.value.reason == Reason.SHUTTING_DOWN
+        # The paired session still forwards during the grace period.
+        await operator.send(b"draining")
+        with trio.fail_after(2):
+            assert await agent.receive() == b"draining"
+        await operator.close()
