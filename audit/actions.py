@@ -45,6 +45,9 @@ class Action(StrEnum):
     """An agent opened its control channel."""
     AGENT_DISCONNECTED = "agent.disconnected"
     """An agent's control channel closed."""
+    AGENT_REMOVED = "agent.removed"
+    """An admin removed an agent from the team (target = agent id; context: name, key
+    fingerprint): its key never authenticates again, and its name is free for a new agent."""
     SESSION_REQUESTED = "session.requested"
     """An operator asked for a session to a target."""
     SESSION_DECISION = "session.decision"

@@ -2,7 +2,7 @@
 
 Account commands: login (enroll with an invite, or sign a fresh challenge), logout, whoami;
 agent registration keys (keys create/list/revoke); API keys for integrations (api-keys
-create/list/revoke); agents; sessions (the team's, newest first:
+create/list/revoke); agents (list, trust, remove); sessions (the team's, newest first:
 session_listing.py); audit export. Sessions: connect, exec (session_commands.py). Policy:
 policy show/set/test, roster show/sign (policy_commands.py); approvals, approve, deny
 (approval_commands.py). State lives in the CLI home (``--home``, ``TUCDESK_HOME``, or the XDG
@@ -73,6 +73,7 @@ approve_command = _imported_on_use("operator_cli.approval_commands", "approve_co
 deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command")
 # trio and the session stack load only for the commands that open sessions.
 agents_trust = _imported_on_use("operator_cli.session_commands", "agents_trust")
+agents_remove = _imported_on_use("operator_cli.agent_removal", "agents_remove")
 connect_command = _imported_on_use("operator_cli.session_commands", "connect_command")
 exec_command = _imported_on_use("operator_cli.session_commands", "exec_command")
 
@@ -192,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     agents = commands.add_parser(
         "agents",
-        help="list your team's agents (or: agents trust)",
+        help="list your team's agents (or: agents trust, agents remove)",
         description="List your team's agents (all of them: page after page), by name.",
     )
     agents.add_argument("--json", action="store_true", help="print JSON (one document)")
@@ -219,6 +220,20 @@ def build_parser() -> argparse.ArgumentParser:
     trust.add_argument("agent", metavar="AGENT", help="agent name or id")
     trust.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     trust.set_defaults(handler=_agents_trust)
+    remove = agents_commands.add_parser(
+        "remove",
+        help="remove an agent for good: a lost, stolen or retired host (admins)",
+        description="Remove NAME_OR_ID from your team: the rendezvous refuses its key from now on "
+        "(a saved copy of its state cannot connect either), closes its live control channel, "
+        "and drops it from the list, so its name is free for the host's next enrollment. Its "
+        "sessions stay in the history and the removal is audited (agent.removed). Shows the "
+        "agent's name, id, key fingerprint and last-seen time and asks for confirmation; "
+        "without a terminal it removes nothing unless --yes. To bring the host back, enroll "
+        "it again with a new registration key (tucdesk-agent enroll --force).",
+    )
+    remove.add_argument("agent", metavar="NAME_OR_ID", help="agent name or id")
+    remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    remove.set_defaults(handler=_agents_remove)
 
     sessions = commands.add_parser(
         "sessions",
@@ -637,6 +652,10 @@ def policy_drift(applied: object, current: object) -> str:
 
 def _agents_trust(args: argparse.Namespace, home: CliHome) -> int:
     return agents_trust(home, args.agent, assume_yes=args.yes)
+
+
+def _agents_remove(args: argparse.Namespace, home: CliHome) -> int:
+    return agents_remove(home, args.agent, assume_yes=args.yes)
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:

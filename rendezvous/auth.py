@@ -35,6 +35,7 @@ class Permission(StrEnum):
     """What a request wants to do; also the API key scope names."""
 
     AGENTS_READ = "agents:read"
+    AGENTS_WRITE = "agents:write"  # remove an agent; admins only, never an API key scope
     REGISTRATION_KEYS_READ = "registration_keys:read"
     REGISTRATION_KEYS_WRITE = "registration_keys:write"
     AUDIT_READ = "audit:read"

@@ -38,6 +38,12 @@ heartbeat (a half-open one at its timeout).
 A clone resumed from a memory snapshot may name the original's live connection; the original
 is then closed, reconnects naming its own id, finds the clone's connection unnamed: flagged.
 
+An agent an admin removed (``DELETE /v1/agents/{id}``) is refused at authentication, after its
+signature checks, with close code CLOSE_AGENT_REMOVED and REMOVED_REASON, which the agent logs
+before it backs off for long. Its live channels close the same way at once: this instance's
+directly, another instance's on the ``connection_superseded`` notice (the removal forgot their
+rows), and, should a notice be lost, at that channel's next heartbeat.
+
 ``AgentConnections`` keeps this instance's live channels so session offers and policy bundles
 can ``send`` to an agent (its newest channel first).
 """
@@ -66,11 +72,11 @@ from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
 from rendezvous.offer_bus import announce_superseded
 from rendezvous.policy_distribution import policy_message
-from rendezvous.store import SessionState, StoreError
+from rendezvous.store import NotFound, SessionState, StoreError
 
 if TYPE_CHECKING:
     from rendezvous.context import ServiceContext
-    from rendezvous.store import Agent
+    from rendezvous.store import Agent, AgentConnection
 
 logger = logging.getLogger("tucdesk.rendezvous.control")
 
@@ -82,6 +88,12 @@ OUTGOING_QUEUE_SIZE = 32
 SEND_TIMEOUT_SECONDS = 10.0
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_GOING_AWAY = 1001
+# A private close code (4000-4999) for a removed agent: it tells the agent's daemon to stop
+# retrying in a loop (agent/control_client.py has the same number).
+CLOSE_AGENT_REMOVED = 4403
+REMOVED_REASON = (
+    "this agent was removed from its team by an admin; re-enroll with a new registration key"
+)
 MAX_SESSION_ID_LENGTH = 128
 MAX_REFUSAL_REASON_LENGTH = 512
 MAX_EVENT_ID_LENGTH = 64
@@ -113,6 +125,10 @@ class ConnectionSuperseded(ChannelRefused):
     """The channel's connection is no longer recorded: the agent reconnected naming it."""
 
 
+class AgentRemoved(ChannelRefused):
+    """An admin removed the agent: its key may never hold a channel again."""
+
+
 @dataclass(frozen=True)
 class AgentAuthentication:
     """What a verified auth answer established about the connecting agent."""
@@ -132,6 +148,7 @@ class LiveChannel:
     outgoing: trio.MemorySendChannel[dict[str, Any]]
     closed: trio.Event = field(default_factory=trio.Event)
     superseded: bool = False  # ended because the agent reconnected naming this connection
+    removed: bool = False  # ended because an admin removed the agent
 
 
 class AgentConnections:
@@ -169,17 +186,30 @@ class AgentConnections:
             if any(channel.team_id == team_id for channel in channels.values())
         ]
 
-    def supersede(self, team_id: str, agent_id: str, connection_id: str) -> bool:
+    def supersede(
+        self, team_id: str, agent_id: str, connection_id: str, *, removed: bool = False
+    ) -> bool:
         """End this instance's channel ``connection_id`` of the agent, if held: its agent
-        reconnected naming it. Its holder then closes the WebSocket and audits why."""
+        reconnected naming it (or, ``removed``, an admin removed the agent). Its holder then
+        closes the WebSocket and audits why."""
         channel = self._by_agent.get(agent_id, {}).get(connection_id)
         if channel is None or channel.team_id != team_id:
             return False
-        channel.superseded = True
+        if removed:
+            channel.removed = True
+        else:
+            channel.superseded = True
         self._remove(channel)
         # The send loop ends on the closed queue and cancels the channel's tasks.
         channel.outgoing.close()
         return True
+
+    def end_removed(self, team_id: str, agent_id: str) -> int:
+        """End every channel this instance holds for an agent an admin removed; how many."""
+        channels = self.channels(team_id, agent_id)
+        for channel in channels:
+            self.supersede(team_id, agent_id, channel.connection_id, removed=True)
+        return len(channels)
 
     async def supersede_on_notice(self, team_id: str, agent_id: str, connection_id: str) -> bool:
         """End channel ``connection_id`` of the agent, if held here, that another instance
@@ -196,9 +226,11 @@ class AgentConnections:
             logger.warning("ignored a superseded notice for connection %s, still recorded",
                            connection_id)  # fmt: skip
             return False
-        logger.info("closing connection %s of agent %s: superseded on another instance",
-                    connection_id, agent_id)  # fmt: skip
-        return self.supersede(team_id, agent_id, connection_id)
+        # A removal forgets the rows too and announces them the same way.
+        removed = await self._ctx.store.get_agent(team_id, agent_id) is None
+        logger.info("closing connection %s of agent %s: %s on another instance",
+                    connection_id, agent_id, "removed" if removed else "superseded")  # fmt: skip
+        return self.supersede(team_id, agent_id, connection_id, removed=removed)
 
     def _add(self, channel: LiveChannel) -> None:
         self._by_agent.setdefault(channel.agent_id, {})[channel.connection_id] = channel
@@ -222,6 +254,10 @@ async def agent_connect(websocket: WebSocket) -> None:
     try:
         with trio.fail_after(AUTH_TIMEOUT_SECONDS):
             authentication = await _authenticate(ctx, websocket)
+    except AgentRemoved as refusal:
+        ctx.metrics.auth_failures.labels("agent_removed").inc()
+        await _close(websocket, CLOSE_AGENT_REMOVED, str(refusal))
+        return
     except ChannelRefused as refusal:
         ctx.metrics.auth_failures.labels("agent_channel").inc()
         await _close(websocket, CLOSE_POLICY_VIOLATION, str(refusal))
@@ -268,6 +304,10 @@ async def _authenticate(ctx: ServiceContext, websocket: WebSocket) -> AgentAuthe
         raise ChannelRefused("auth answers another challenge")
     if fields.get("agent_id") != agent.id:
         raise ChannelRefused("auth names another agent")
+    if agent.is_removed():
+        # Said only to the key's holder (the signature checked): a lost host learns it is cut off.
+        logger.warning("refused the control channel of removed agent %s", agent.id)
+        raise AgentRemoved(REMOVED_REASON)
     machine = fields.get("machine_fingerprint")
     if not isinstance(machine, str) or not machine or len(machine) > 256:
         raise ChannelRefused("auth lacks a machine fingerprint")
@@ -340,6 +380,11 @@ async def _hold(
     except ServiceError as error:
         await _close(websocket, CLOSE_GOING_AWAY, error.message)
         return
+    except NotFound:
+        # Removed between its authentication and now: the row refuses the connection.
+        ctx.metrics.auth_failures.labels("agent_removed").inc()
+        await _close(websocket, CLOSE_AGENT_REMOVED, REMOVED_REASON)
+        return
     send_channel, receive_channel = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE_SIZE)
     channel = LiveChannel(connection_id, agent.id, agent.team_id, send_channel)
     connections._add(channel)
@@ -364,7 +409,9 @@ async def _hold(
         connections._remove(channel)
         send_channel.close()
         disconnected: dict[str, Any] = {"connection_id": connection_id}
-        if channel.superseded:
+        if channel.removed:
+            disconnected["reason"] = "removed"
+        elif channel.superseded:
             disconnected["reason"] = "superseded"
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             # Harmless when superseded: the row is gone and last-seen only moves forward.
@@ -381,9 +428,29 @@ async def _hold(
                 )
             except ServiceError:
                 logger.error("could not audit the disconnection of %s", agent.id)
-            await _close(
-                websocket, CLOSE_GOING_AWAY, SUPERSEDED_REASON if channel.superseded else "closing"
-            )
+            if channel.removed:
+                await _close(websocket, CLOSE_AGENT_REMOVED, REMOVED_REASON)
+            else:
+                await _close(
+                    websocket,
+                    CLOSE_GOING_AWAY,
+                    SUPERSEDED_REASON if channel.superseded else "closing",
+                )
+
+
+async def close_removed_agent_channels(
+    ctx: ServiceContext, agent: Agent, forgotten: list[AgentConnection]
+) -> None:
+    """Close the control channels of an agent just removed: this instance's at once, another
+    instance's through a ``connection_superseded`` notice for each connection the removal
+    forgot (its holder confirms the row is gone, sees the agent removed, and closes it)."""
+    connections = ctx.connections
+    closed = connections.end_removed(agent.team_id, agent.id) if connections is not None else 0
+    elsewhere = [c for c in forgotten if c.instance_id != ctx.instance_id]
+    for connection in elsewhere:
+        await announce_superseded(ctx, connection)
+    logger.info("agent %s removed: closed %d channel(s) here, announced %d elsewhere",
+                agent.id, closed, len(elsewhere))  # fmt: skip
 
 
 async def _receive_loop(
@@ -399,8 +466,12 @@ async def _receive_loop(
                 agent.team_id, agent.id, ctx.now(), channel.connection_id
             )
             if not recorded:
-                # Superseded by a reconnect held elsewhere (or cleared): the agent must not stay
-                # on a channel nothing routes to. It reconnects and is recorded again.
+                # Superseded by a reconnect held elsewhere (or cleared, or the agent removed):
+                # the agent must not stay on a channel nothing routes to. It reconnects and is
+                # recorded again, unless it was removed.
+                if await ctx.store.get_agent(agent.team_id, agent.id) is None:
+                    channel.removed = True
+                    raise AgentRemoved(REMOVED_REASON)
                 channel.superseded = True
                 raise ConnectionSuperseded(SUPERSEDED_REASON)
             with trio.fail_after(SEND_TIMEOUT_SECONDS):

@@ -1,4 +1,5 @@
-"""Agent registration (a signed payload spending a registration key) and the team's agent list."""
+"""Agent registration (a signed payload spending a registration key), the team's agent list,
+and removing an agent (an admin cutting off a lost or retired host for good)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any, NoReturn
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
+from pydantic import BaseModel
 
 from audit.trust import agent_registration_context
 from protocol.domains import Purpose
@@ -19,14 +21,28 @@ from rendezvous.agent_list_query import (
     encode_cursor,
     openapi_query_parameter,
 )
-from rendezvous.audit_trail import SERVICE_LOG, Action, agent_actor, unauthenticated_actor
+from rendezvous.audit_trail import (
+    SERVICE_LOG,
+    Action,
+    agent_actor,
+    caller_actor,
+    unauthenticated_actor,
+)
 from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
+from rendezvous.control_channel import close_removed_agent_channels
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
-from rendezvous.dependencies import CallerReadingAgents, Context, RateLimited
-from rendezvous.errors import BadRequest, Conflict, Unauthorized
+from rendezvous.dependencies import Caller, CallerReadingAgents, Context, RateLimited
+from rendezvous.errors import BadRequest, Conflict, NotFound, Unauthorized
 from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
-from rendezvous.store import AgentListing, AgentQuery, AlreadyExists, RegistrationKeyUnusable
+from rendezvous.store import (
+    Agent,
+    AgentListing,
+    AgentQuery,
+    AlreadyExists,
+    RegistrationKeyUnusable,
+)
+from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.team_policy import enrollment_trust
 
 router = APIRouter(tags=["agents"])
@@ -34,6 +50,20 @@ MAX_HOSTNAME_LENGTH = 253
 MAX_MACHINE_FINGERPRINT_LENGTH = 256
 HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252})$")
 AGENT_LIST_PATH = "/agents"
+NO_SUCH_AGENT = "no such agent in your team"
+
+
+class RemovedAgentView(BaseModel):
+    """What ``DELETE /v1/agents/{id}`` removed (as it was listed), and when."""
+
+    id: str
+    name: str
+    hostname: str
+    tags: list[str]
+    key_fingerprint: str
+    registered_at: float
+    last_seen_at: float | None
+    removed_at: float
 
 
 @router.post("/agents/register", response_model=RegisterResponse, dependencies=[RateLimited])
@@ -151,6 +181,54 @@ async def list_agents(caller_reading_agents: CallerReadingAgents, ctx: Context) 
     """
     caller, query, listing = caller_reading_agents
     return await team_agent_list(ctx, caller, query, listing)
+
+
+@router.delete(AGENT_LIST_PATH + "/{agent_id}", response_model=RemovedAgentView)
+async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAgentView:
+    """Remove an agent of the caller's team (admins): its key never authenticates again, its
+    live control channel closes at once, and it leaves the list and name resolution (its name
+    is free again); its sessions keep their history. Repeating it answers the same removal.
+    """
+    authorize(caller, Permission.AGENTS_WRITE)
+    agent = await ctx.store.get_agent(caller.team_id, agent_id, include_removed=True)
+    if agent is None:
+        raise NotFound(NO_SUCH_AGENT)
+    if not agent.is_removed():
+        # No audit, no action: the record is durable before the key stops working.
+        await ctx.audit.record(
+            caller.team_id,
+            actor=caller_actor(caller),
+            action=Action.AGENT_REMOVED,
+            target=agent.id,
+            details={
+                "name": agent.name,
+                "hostname": agent.hostname,
+                "key_fingerprint": agent.key_fingerprint,
+                "agent_key_id": PublicIdentity(agent.public_key).key_id,
+            },
+        )
+    try:
+        removed, forgotten = await ctx.store.remove_agent(caller.team_id, agent.id, ctx.now())
+    except StoreNotFound:
+        raise NotFound(NO_SUCH_AGENT) from None
+    # Also on a repeat: a removal whose channels were not all closed (a crash, a lost notice)
+    # is finished by asking again.
+    await close_removed_agent_channels(ctx, removed, forgotten)
+    return _removed_agent_view(removed)
+
+
+def _removed_agent_view(agent: Agent) -> RemovedAgentView:
+    assert agent.removed_at is not None
+    return RemovedAgentView(
+        id=agent.id,
+        name=agent.name,
+        hostname=agent.hostname,
+        tags=list(agent.tags),
+        key_fingerprint=agent.key_fingerprint,
+        registered_at=agent.registered_at,
+        last_seen_at=agent.last_seen_at,
+        removed_at=agent.removed_at,
+    )
 
 
 def agent_list_route() -> APIRoute:

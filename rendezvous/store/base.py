@@ -249,6 +249,14 @@ class Agent:
     online: bool  # at least one live control connection is recorded
     policy_version: int | None = None  # the policy version the agent last reported applying
     policy_refusal: str | None = None  # why it refused the newest bundle it was sent, if it did
+    # When an admin removed it (a tombstone: the row keeps its key so the key never registers
+    # again); only ``get_agent(include_removed=True)`` and ``get_agent_by_public_key`` return
+    # removed agents, every other read treats them as gone.
+    removed_at: float | None = None
+
+    def is_removed(self) -> bool:
+        """True once an admin removed the agent: it may never authenticate again."""
+        return self.removed_at is not None
 
 
 @dataclass(frozen=True)
@@ -661,25 +669,47 @@ class Store(abc.ABC):
     # ---- agents --------------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
-        """The team's agent with this id, or None."""
+    async def get_agent(
+        self, team_id: str, agent_id: str, *, include_removed: bool = False
+    ) -> Agent | None:
+        """The team's agent with this id, or None (also for a removed one, unless
+        ``include_removed``)."""
 
     @abc.abstractmethod
     async def get_agent_by_public_key(self, public_key: bytes) -> Agent | None:
-        """The agent holding this public key (any team; for control-channel auth), or None."""
+        """The agent holding this public key (any team; for control-channel auth), or None.
+
+        A removed agent is returned too (``removed_at`` set), so its refusal can say why.
+        """
 
     @abc.abstractmethod
     async def find_agent(self, team_id: str, name_or_id: str) -> Agent | None:
-        """The team's agent by id, else by unique name; None; AmbiguousName if several match."""
+        """The team's agent by id, else by unique name; None; AmbiguousName if several match.
+
+        Removed agents are not found (by id or name): their names are free for new agents.
+        """
 
     @abc.abstractmethod
     async def list_agents(self, team_id: str) -> list[Agent]:
-        """The team's agents, ordered by name then id."""
+        """The team's agents (not removed ones), ordered by name then id."""
+
+    @abc.abstractmethod
+    async def remove_agent(
+        self, team_id: str, agent_id: str, now: float
+    ) -> tuple[Agent, list[AgentConnection]]:
+        """Atomically mark the agent removed and forget its live control connections.
+
+        Returns the removed agent and the connections forgotten (their holders must close
+        them). Idempotent: a second call keeps the first ``removed_at`` and forgets nothing
+        more. NotFound if the team has no such agent. The row stays (a tombstone): the key can
+        never register or connect again, sessions keep their history, and every other agent
+        read treats the agent as gone.
+        """
 
     @abc.abstractmethod
     async def agent_listing(self, team_id: str, query: AgentQuery = EVERY_AGENT) -> AgentListing:
-        """The team's agents ``query`` selects, ordered by name then id, and its newest policy
-        version, in one query. InvalidArgument if the query is out of bounds."""
+        """The team's agents (not removed ones) ``query`` selects, ordered by name then id, and
+        its newest policy version, in one query. InvalidArgument if the query is out of bounds."""
 
     @abc.abstractmethod
     async def mark_agent_connected(
@@ -692,7 +722,8 @@ class Store(abc.ABC):
         now: float,
         replaces: str | None = None,
     ) -> ConnectionReport:
-        """Record a live control connection and report clone signs. NotFound if no such agent.
+        """Record a live control connection and report clone signs. NotFound if no such agent
+        (or it was removed).
 
         The connection is recorded even when a clone is suspected; the caller decides. Other
         connections with no heartbeat for CONNECTION_STALE_AFTER_SECONDS are dropped, not
@@ -736,7 +767,8 @@ class Store(abc.ABC):
     async def create_session(self, session: Session) -> Session:
         """Store a new session row (its id made with ``new_id("ses")`` by the caller).
 
-        NotFound unless the agent exists in ``session.team_id``; AlreadyExists on a repeated id.
+        NotFound unless the agent exists (not removed) in ``session.team_id``; AlreadyExists on
+        a repeated id.
         """
 
     @abc.abstractmethod
@@ -793,7 +825,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def create_approval_request(self, request: ApprovalRequest) -> ApprovalRequest:
-        """Store a new parked request. NotFound unless the agent exists in its team."""
+        """Store a new parked request. NotFound unless the agent exists (not removed) in its
+        team."""
 
     @abc.abstractmethod
     async def get_approval_request(self, team_id: str, request_id: str) -> ApprovalRequest | None:

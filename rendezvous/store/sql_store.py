@@ -73,7 +73,7 @@ _AGENT_ONLINE = """EXISTS (SELECT 1 FROM agent_connections c
 # Constant column lists spliced into the agent queries (never user input; values are $n).
 _AGENT_STORED_COLUMNS = """a.id, a.team_id, a.name, a.hostname, a.tags, a.public_key,
     a.key_fingerprint, a.machine_fingerprint, a.registration_key_id, a.registered_at,
-    a.last_seen_at, a.policy_version, a.policy_refusal"""
+    a.last_seen_at, a.policy_version, a.policy_refusal, a.removed_at"""
 _AGENT_COLUMNS = f"""{_AGENT_STORED_COLUMNS},
     {_AGENT_ONLINE} AS online"""
 
@@ -120,7 +120,7 @@ def _agent_listing_sql(
       would cost a second materialization and sort (~10% more SQL time per page).
     """
     numbers = itertools.count(4 if with_holder else 2)
-    conditions = ["a.team_id = $1"]
+    conditions = ["a.team_id = $1", "a.removed_at IS NULL"]
     if after:
         name, agent_id = next(numbers), next(numbers)
         # The name bound alone is an index range; the id breaks ties between equal names.
@@ -771,11 +771,16 @@ class SqlStore(Store):
         # Nothing else can make the conditional update miss; USED covers a lost race.
         return key.unusable_reason(now) or UnusableReason.USED
 
-    async def get_agent(self, team_id: str, agent_id: str) -> Agent | None:
-        """The team's agent with this id, or None."""
+    async def get_agent(
+        self, team_id: str, agent_id: str, *, include_removed: bool = False
+    ) -> Agent | None:
+        """The team's agent with this id, or None (also for a removed one, unless
+        ``include_removed``)."""
         row = await self._read_fetchrow(
-            f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.team_id = $1 AND a.id = $2",  # noqa: S608
-            team_id, agent_id,
+            f"""SELECT {_AGENT_COLUMNS} FROM agents a
+                WHERE a.team_id = $1 AND a.id = $2
+                  AND (a.removed_at IS NULL OR $3)""",  # noqa: S608
+            team_id, agent_id, include_removed,
         )  # fmt: skip
         return _agent(row) if row else None
 
@@ -794,7 +799,8 @@ class SqlStore(Store):
             return by_id
         rows = await self._fetch(
             f"""SELECT {_AGENT_COLUMNS} FROM agents a
-                WHERE a.team_id = $1 AND a.name = $2 ORDER BY a.id LIMIT 2""",  # noqa: S608
+                WHERE a.team_id = $1 AND a.name = $2 AND a.removed_at IS NULL
+                ORDER BY a.id LIMIT 2""",  # noqa: S608
             team_id, name_or_id,
         )  # fmt: skip
         if len(rows) > 1:
@@ -805,7 +811,7 @@ class SqlStore(Store):
         """The team's agents, ordered by name then id."""
         rows = await self._read_fetch(
             f"SELECT {_AGENT_COLUMNS} FROM agents a "  # noqa: S608
-            "WHERE a.team_id = $1 ORDER BY a.name, a.id",
+            "WHERE a.team_id = $1 AND a.removed_at IS NULL ORDER BY a.name, a.id",
             team_id,
         )
         return [_agent(row) for row in rows]
@@ -818,6 +824,38 @@ class SqlStore(Store):
             page_apart=self._agent_page_apart
         )  # fmt: skip
         return _agent_listing(await self._read_fetch(sql, team_id, *values), query.limit)
+
+    async def remove_agent(
+        self, team_id: str, agent_id: str, now: float
+    ) -> tuple[Agent, list[AgentConnection]]:
+        """Mark the agent removed (keeping the first time) and forget its live connections, in
+        one transaction; the removed agent and the connections forgotten. NotFound."""
+        async with self._transaction() as session:
+            # The row lock (SQLite's write lock) orders this against mark_agent_connected, whose
+            # UPDATE skips removed agents: no connection is recorded after this commits.
+            updated = await session.execute(
+                """UPDATE agents SET removed_at = COALESCE(removed_at, $3)
+                   WHERE team_id = $1 AND id = $2""",
+                team_id, agent_id, now,
+            )  # fmt: skip
+            if not updated:
+                raise NotFound("no such agent")
+            forgotten = await session.fetch(
+                """DELETE FROM agent_connections WHERE team_id = $1 AND agent_id = $2
+                   RETURNING *""",
+                team_id, agent_id,
+            )  # fmt: skip
+            row = await session.fetchrow(
+                f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.team_id = $1 AND a.id = $2",  # noqa: S608
+                team_id, agent_id,
+            )  # fmt: skip
+        if row is None:
+            raise NotFound("no such agent")
+        connections = sorted(
+            (_connection(forgotten_row) for forgotten_row in forgotten),
+            key=lambda connection: (connection.connected_at, connection.connection_id),
+        )
+        return _agent(row), connections
 
     async def mark_agent_connected(
         self,
@@ -836,7 +874,8 @@ class SqlStore(Store):
         """
         async with self._transaction() as session:
             agent_row = await session.fetchrow(
-                "UPDATE agents SET last_seen_at = $3 WHERE team_id = $1 AND id = $2 "
+                "UPDATE agents SET last_seen_at = $3 "
+                "WHERE team_id = $1 AND id = $2 AND removed_at IS NULL "
                 "RETURNING machine_fingerprint",
                 team_id, agent_id, now,
             )  # fmt: skip
@@ -957,7 +996,7 @@ class SqlStore(Store):
         command = None if session.command is None else json.dumps(list(session.command))
         async with self._transaction() as session_sql:
             agent = await session_sql.fetchrow(
-                "SELECT id FROM agents WHERE team_id = $1 AND id = $2",
+                "SELECT id FROM agents WHERE team_id = $1 AND id = $2 AND removed_at IS NULL",
                 session.team_id, session.agent_id,
             )  # fmt: skip
             if agent is None:
@@ -1086,7 +1125,7 @@ class SqlStore(Store):
         command = None if request.command is None else json.dumps(list(request.command))
         async with self._transaction() as session:
             agent = await session.fetchrow(
-                "SELECT id FROM agents WHERE team_id = $1 AND id = $2",
+                "SELECT id FROM agents WHERE team_id = $1 AND id = $2 AND removed_at IS NULL",
                 request.team_id, request.agent_id,
             )  # fmt: skip
             if agent is None:
@@ -1428,7 +1467,7 @@ def _agent(row: Row) -> Agent:
         registered_at=float(row["registered_at"]),
         last_seen_at=_optional_float(row["last_seen_at"]), online=bool(row["online"]),
         policy_version=None if row["policy_version"] is None else int(row["policy_version"]),
-        policy_refusal=row["policy_refusal"],
+        policy_refusal=row["policy_refusal"], removed_at=_optional_float(row["removed_at"]),
     )  # fmt: skip
 
 

@@ -17,6 +17,8 @@ from rendezvous.store import (
     InvalidArgument,
     NotFound,
     RegistrationKeyUnusable,
+    Session,
+    SessionState,
     Store,
     Team,
     UnusableReason,
@@ -475,3 +477,98 @@ async def test_a_heartbeat_says_whether_its_connection_is_still_recorded(store: 
     await store.clear_instance_connections("inst-1", NOW + 4)
     assert not await store.touch_agent(team.id, agent.id, NOW + 5, connection_id="c1")
     assert await store.list_agent_connections(team.id, agent.id) == []
+
+
+# ---- removal (a tombstone) -----------------------------------------------------------------
+
+
+async def test_a_removed_agent_is_gone_from_every_read_but_its_key_stays_taken(
+    store: Store,
+) -> None:
+    team = await team_with_key(store, "k1")
+    await store.create_registration_key(team.id, key_hash("k2"), [], NOW + HOUR, "op", NOW)
+    await store.create_registration_key(team.id, key_hash("k3"), [], NOW + HOUR, "op", NOW)
+    public_key = os.urandom(32)
+    old, _ = await store.register_agent(
+        key_hash("k1"), NOW, public_key, "SHA256:old", "machine-1", "web.example.com", "web"
+    )
+    removed, forgotten = await store.remove_agent(team.id, old.id, NOW + 5)
+    assert forgotten == [] and removed.id == old.id and removed.removed_at == NOW + 5
+    assert removed.is_removed() and not old.is_removed()
+    assert await store.get_agent(team.id, old.id) is None
+    assert await store.get_agent(team.id, old.id, include_removed=True) == removed
+    assert await store.find_agent(team.id, old.id) is None
+    assert await store.find_agent(team.id, "web") is None
+    assert await store.list_agents(team.id) == []
+    assert (await store.agent_listing(team.id)).agents == []
+    # Control-channel auth still finds the key, to refuse it with the reason.
+    by_key = await store.get_agent_by_public_key(public_key)
+    assert by_key is not None and by_key.removed_at == NOW + 5
+    # The key can never register again; the name is free for a new agent.
+    with pytest.raises(AlreadyExists):
+        await store.register_agent(
+            key_hash("k2"), NOW + 6, public_key, "SHA256:old", "machine-1", "web.example.com",
+            "web",
+        )  # fmt: skip
+    new = await register(store, "k3", name="web", now=NOW + 7)
+    assert await store.find_agent(team.id, "web") == new
+    assert [agent.id for agent in await store.list_agents(team.id)] == [new.id]
+
+
+async def test_removing_an_agent_forgets_its_connections_and_refuses_new_ones(
+    store: Store,
+) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k", machine="machine-1")
+    await store.mark_agent_connected(team.id, agent.id, "inst-1", "c1", "machine-1", NOW)
+    await store.mark_agent_connected(team.id, agent.id, "inst-2", "c2", "machine-1", NOW + 1)
+    _, forgotten = await store.remove_agent(team.id, agent.id, NOW + 2)
+    assert [(c.instance_id, c.connection_id) for c in forgotten] == [
+        ("inst-1", "c1"), ("inst-2", "c2"),
+    ]  # fmt: skip
+    assert await store.list_agent_connections(team.id, agent.id) == []
+    assert not await store.touch_agent(team.id, agent.id, NOW + 3, connection_id="c1")
+    with pytest.raises(NotFound):
+        await store.mark_agent_connected(team.id, agent.id, "inst-1", "c3", "machine-1", NOW + 4)
+    assert await store.list_agent_connections(team.id, agent.id) == []
+
+
+async def test_removing_twice_keeps_the_first_time_and_other_teams_cannot_remove(
+    store: Store,
+) -> None:
+    team = await team_with_key(store, "ka", name="a")
+    other = await team_with_key(store, "kb", name="b")
+    agent = await register(store, "ka")
+    with pytest.raises(NotFound):
+        await store.remove_agent(other.id, agent.id, NOW)
+    with pytest.raises(NotFound):
+        await store.remove_agent(team.id, "agt_unknown", NOW)
+    assert await store.get_agent(team.id, agent.id) == agent  # untouched
+    first, _ = await store.remove_agent(team.id, agent.id, NOW + 1)
+    again, forgotten = await store.remove_agent(team.id, agent.id, NOW + 2)
+    assert again == first and again.removed_at == NOW + 1 and forgotten == []
+
+
+async def test_a_removed_agents_sessions_keep_their_history_and_no_new_one_starts(
+    store: Store,
+) -> None:
+    team = await team_with_key(store, "k")
+    agent = await register(store, "k")
+
+    def session(session_id: str) -> Session:
+        return Session(
+            id=session_id, team_id=team.id, agent_id=agent.id, operator_id="op_1",
+            operator_key_thumbprint="jkt", mode="exec", command=("uname",), relay_id="relay-1",
+            relay_host="127.0.0.1", relay_port=7000, relay_udp_port=None, policy_result="allow",
+            policy_rule_id=None, state=SessionState.OFFERED, state_reason=None, created_at=NOW,
+            expires_at=NOW + 60, updated_at=NOW,
+        )  # fmt: skip
+
+    kept = await store.create_session(session("ses_kept"))
+    await store.remove_agent(team.id, agent.id, NOW + 1)
+    with pytest.raises(NotFound):
+        await store.create_session(session("ses_after"))
+    assert await store.get_session(team.id, "ses_kept") == kept
+    [listed] = (await store.session_listing(team.id)).sessions
+    # Listed under the name it ran with, even once another agent takes that name.
+    assert listed.session == kept and listed.agent_name == agent.name

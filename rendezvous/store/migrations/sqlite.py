@@ -253,7 +253,19 @@ SESSION_LIST_ORDER = Migration(
     ),
 )
 
+AGENT_REMOVAL = Migration(
+    7,
+    "agents removed by an admin stay as tombstones",
+    (
+        # Set once an admin removes the agent: it no longer lists, resolves or authenticates,
+        # and another agent may take its name. The row (and its UNIQUE public key) stays, so
+        # the removed key can never register again, and its sessions keep their history.
+        "ALTER TABLE agents ADD COLUMN removed_at REAL",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
-    INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER
+    INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER,
+    AGENT_REMOVAL,
 )
 check_sequence(MIGRATIONS)
