@@ -116,6 +116,8 @@ class ServiceConfig:
     relays: tuple[RelayEndpoint, ...] = ()
     # Service processes sharing the listening socket, each a full instance (PostgreSQL only).
     workers: int = 1
+    # HOST:PORT serving /metrics (plain HTTP) instead of the public API port; None: the API port.
+    metrics_listen: str | None = None
 
     def __post_init__(self) -> None:
         # Accept "ID=HOST:PORT" strings too, so every way of building a config is checked alike.
@@ -141,6 +143,10 @@ class ServiceConfig:
     def validate_for_serving(self) -> None:
         """Raise ConfigError unless the settings are safe to serve with (TLS, or loopback HTTP)."""
         split_listen(self.listen)
+        if self.metrics_listen is not None:
+            split_listen(self.metrics_listen)
+            if self.workers > 1 and split_listen(self.metrics_listen)[1] == 0:
+                raise ConfigError("metrics_listen needs a fixed port with several workers")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("give both --tls-cert and --tls-key, or neither")
         if self.tls_cert is None:

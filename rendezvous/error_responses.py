@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from rendezvous.errors import ServiceError, ServiceUnavailable, TooManyRequests, Unauthorized
 
 logger = logging.getLogger("tucdesk.rendezvous")
+MAX_LOGGED_STORE_REASON = 500
 
 
 def error_body(code: str, message: str) -> dict[str, str]:
@@ -31,8 +32,10 @@ def service_error_response(error: ServiceError) -> JSONResponse:
 
 
 def store_error_response(method: str, path: str, error: Exception) -> JSONResponse:
-    """503 for a store error no handler translated: the database misbehaved; say nothing more."""
-    logger.error("store error on %s %s: %s", method, path, type(error))
+    """503 for a store error no handler translated: the database misbehaved; the client is
+    told nothing more, the log gets the store's reason (it names no secrets)."""
+    reason = str(error)[:MAX_LOGGED_STORE_REASON] or type(error).__name__
+    logger.error("store error on %s %s: %s", method, path, reason)
     unavailable = ServiceUnavailable("the service's database is unavailable; retry later")
     return JSONResponse(error_body(unavailable.code, unavailable.message), status_code=503)
 

@@ -7,6 +7,7 @@ admin commands work on the very store a running service uses.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
 import os
@@ -26,22 +27,47 @@ from rendezvous.auth import ROLES
 from rendezvous.config import ServiceConfig, load_config
 from rendezvous.credentials import hash_secret, new_invite_code
 from rendezvous.errors import ConfigError, ServiceError
-from rendezvous.service_keys import KEY_ROLES, create_missing_keys, load_service_keys
-from rendezvous.store import AlreadyExists, StoreError, open_store
+from rendezvous.service_keys import (
+    KEY_ROLES,
+    check_pinned_keys,
+    create_missing_keys,
+    load_service_keys,
+    missing_pinned_keys,
+)
+from rendezvous.store import (
+    AlreadyExists,
+    StoreError,
+    backend_for,
+    describe_database,
+    open_store,
+)
 
+PROGRAM = "tucdesk-rendezvous"
+DISTRIBUTION = "tucdesk"
 DATA_DIR_MODE = 0o700
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
+logger = logging.getLogger("tucdesk.rendezvous")
+
 CONFIG_HELP = """\
 configuration (highest precedence first): command-line flags, TUCDESK_<SETTING> environment
 variables (e.g. TUCDESK_DATA_DIR, TUCDESK_DATABASE, TUCDESK_LISTEN, TUCDESK_TLS_CERT,
 TUCDESK_TLS_KEY, TUCDESK_INSECURE_HTTP, TUCDESK_ACCESS_TOKEN_SECONDS, TUCDESK_CLOCK_SKEW_SECONDS,
-TUCDESK_MAX_BODY_BYTES, TUCDESK_WORKERS, TUCDESK_RELAYS: comma-separated ID=HOST:PORT[/UDPPORT]),
+TUCDESK_MAX_BODY_BYTES, TUCDESK_WORKERS, TUCDESK_METRICS_LISTEN, TUCDESK_RELAYS: comma-separated
+ID=HOST:PORT[/UDPPORT]),
 then the TOML file given by --config or TUCDESK_CONFIG (top-level keys or a [rendezvous] table
 with the same names in lower case; relays = ["ID=HOST:PORT", …]), then built-in defaults.
 """
+
+
+def rendezvous_version() -> str:
+    """The installed tucdesk distribution's version, from its metadata."""
+    try:
+        return importlib.metadata.version(DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
@@ -56,12 +82,18 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; --help documents every command and the configuration sources."""
     parser = argparse.ArgumentParser(
-        prog="tucdesk-rendezvous",
+        prog=PROGRAM,
         description="TucDesk rendezvous: the control plane service and its admin commands.",
         epilog=CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {rendezvous_version()}")
+    # Also accepted before the command (`tucdesk-rendezvous --config FILE init`); the command's
+    # own --config wins when both are given.
+    parser.add_argument(
+        "--config", dest="top_config", type=Path, help="TOML configuration file"
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     init = commands.add_parser("init", help="create the schema and service keys (safe to rerun)")
@@ -86,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="service processes sharing the listening socket, each a full instance (default 1;"
         " more than 1 needs PostgreSQL)",
+    )
+    serve.add_argument(
+        "--metrics-listen",
+        metavar="HOST:PORT",
+        help="serve /metrics (plain HTTP) on this address instead of the API port, e.g. "
+        "127.0.0.1:9465 or a private interface (default: /metrics on the API port)",
     )
     serve.add_argument(
         "--relay",
@@ -158,11 +196,26 @@ def _config(args: argparse.Namespace) -> ServiceConfig:
         name: getattr(args, name, None)
         for name in (
             "data_dir", "database", "listen", "tls_cert", "tls_key", "insecure_http", "relays",
-            "workers",
+            "workers", "metrics_listen",
         )
     }
-    config = load_config(flags, os.environ, getattr(args, "config", None))
+    config_file = getattr(args, "config", None) or getattr(args, "top_config", None)
+    config = load_config(flags, os.environ, config_file)
     return config
+
+
+def require_existing_store(config: ServiceConfig) -> None:
+    """Raise ConfigError unless the SQLite file exists: only ``init`` may create a store.
+
+    A command given the wrong data dir (or no --config) would otherwise quietly create a new,
+    empty database and work on that. A PostgreSQL database is never created by connecting.
+    """
+    kind, location = backend_for(config.database_url)
+    if kind == "sqlite" and location != ":memory:" and not Path(location).exists():
+        raise ConfigError(
+            f"no rendezvous store at {location}; run `tucdesk-rendezvous init` or pass --config"
+            " (or --data-dir/--database) naming the store the service uses"
+        )
 
 
 def _run(function: Callable[..., Coroutine[Any, Any, int]], *args: Any) -> int:
@@ -172,10 +225,13 @@ def _run(function: Callable[..., Coroutine[Any, Any, int]], *args: Any) -> int:
 async def _init(config: ServiceConfig) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.data_dir, DATA_DIR_MODE)
-    created = create_missing_keys(config.data_dir)
-    keys = load_service_keys(config.data_dir)
     async with open_store(config.database_url) as store:
         backend = store.backend
+        # Keys for a database initialised elsewhere are copied from there, never created here.
+        await missing_pinned_keys(store, config.data_dir)
+        created = create_missing_keys(config.data_dir)
+        keys = load_service_keys(config.data_dir)
+        await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=True)
     print(f"data dir: {config.data_dir.resolve()}")
     print(f"store: {backend} (schema up to date)")
     for role, key in keys.by_role().items():
@@ -208,6 +264,7 @@ async def _invite_create(
     code = new_invite_code()
     now = time.time()
     async with open_store(config.database_url) as store:
+        await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
         team = await store.get_team_by_name(team_name)
         if team is None:
             raise ServiceError(f"no team named {team_name!r}; create it with 'team create'")
@@ -233,6 +290,7 @@ async def _audit_export(
 ) -> int:
     keys = load_service_keys(config.data_dir)
     async with open_store(config.database_url) as store:
+        await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=False)
         if team_name is None:
             log_id = SERVICE_LOG
         else:
@@ -262,14 +320,41 @@ def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
 def _serve(config: ServiceConfig) -> int:
     config.validate_for_serving()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    log_start(config)
     if config.workers > 1:
+        from rendezvous.server import hypercorn_config
         from rendezvous.workers import serve_with_workers
+
+        # TLS files are named here, once, rather than in each worker's dying words.
+        hypercorn_config(config)
 
         return serve_with_workers(config)
     from rendezvous.server import run_service, termination_signal
 
-    trio.run(partial(run_service, config, shutdown_trigger=termination_signal))
+    trio.run(
+        partial(
+            run_service, config, shutdown_trigger=termination_signal, reload_on_hangup=True
+        )
+    )
     return EXIT_OK
+
+
+def log_start(config: ServiceConfig) -> None:
+    """Log what this service is about to serve (no secrets); warn about what cannot work."""
+    relays = ", ".join(f"{r.id}={r.host}:{r.port}" for r in config.relays) or "none"
+    scheme = "https" if config.tls_cert is not None else "http"
+    logger.info(
+        "%s %s starting: store %s, data dir %s, listening on %s://%s, %d worker(s), relays: %s",
+        PROGRAM, rendezvous_version(), describe_database(config.database_url),
+        config.data_dir.resolve(), scheme, config.listen, config.workers, relays,
+    )  # fmt: skip
+    if config.metrics_listen is not None:
+        logger.info("metrics: http://%s/metrics (not on the API port)", config.metrics_listen)
+    if not config.relays:
+        logger.warning(
+            "no relay is configured: every session request will be refused (no_relay); add "
+            'relays = ["ID=HOST:PORT"] to the configuration, TUCDESK_RELAYS or --relay'
+        )
 
 
 def dispatch(args: argparse.Namespace) -> int:
@@ -277,6 +362,9 @@ def dispatch(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.command == "init":
         return _run(_init, config)
+    if args.command == "serve":
+        config.validate_for_serving()  # a setting that cannot work is named first
+    require_existing_store(config)
     if args.command == "serve":
         return _serve(config)
     if args.command == "team":
@@ -298,20 +386,29 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)
-    except (ConfigError, ServiceError, StoreError, ProtocolError, OSError) as error:
+    except Exception as raised:  # noqa: BLE001 - one line for the user; --debug has the rest
         if args.debug:
             traceback.print_exc()
-        message = getattr(error, "message", None) or str(error) or type(error).__name__
-        print(f"tucdesk-rendezvous: {message}", file=sys.stderr)
+        error = sole_error(raised)
+        if isinstance(error, REPORTED_ERRORS):
+            message = getattr(error, "message", None) or str(error) or type(error).__name__
+            print(f"tucdesk-rendezvous: {message}", file=sys.stderr)
+        else:
+            print(
+                f"tucdesk-rendezvous: unexpected {type(error).__name__}; rerun with --debug",
+                file=sys.stderr,
+            )
         return EXIT_FAILURE
-    except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
-        if args.debug:
-            traceback.print_exc()
-        print(
-            f"tucdesk-rendezvous: unexpected {type(error).__name__}; rerun with --debug",
-            file=sys.stderr,
-        )
-        return EXIT_FAILURE
+
+
+REPORTED_ERRORS = (ConfigError, ServiceError, StoreError, ProtocolError, OSError)
+
+
+def sole_error(error: BaseException) -> BaseException:
+    """The one error inside nested single-error exception groups (trio nurseries make them)."""
+    while isinstance(error, BaseExceptionGroup) and len(error.exceptions) == 1:
+        error = error.exceptions[0]
+    return error
 
 
 if __name__ == "__main__":

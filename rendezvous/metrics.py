@@ -123,3 +123,37 @@ class RequestMetricsMiddleware:
             labels = (route_label, scope.get("method", ""), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+
+PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+
+class MetricsOnlyApp:
+    """A minimal ASGI app answering ``GET /metrics`` (and 404 to anything else): what the
+    separate metrics address (``metrics_listen``) serves, away from the public API port."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve one request, or Hypercorn's lifespan events."""
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        if scope.get("path") == "/metrics" and scope.get("method") in {"GET", "HEAD"}:
+            status, body, content_type = 200, self.metrics.exposition(), PROMETHEUS_CONTENT_TYPE
+        else:
+            status, body, content_type = 404, b"not found: only /metrics is served here\n", (
+                "text/plain; charset=utf-8"
+            )
+        headers = [(b"content-type", content_type.encode()),
+                   (b"content-length", str(len(body)).encode())]  # fmt: skip
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})

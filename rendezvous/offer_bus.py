@@ -137,7 +137,8 @@ async def listen_for_offers(
     """Deliver offers other instances publish for this one's channels, until cancelled.
 
     Reports started once it is listening (at once on a store without notifications). A lost
-    database connection is retried with backoff and jitter.
+    database connection (server restarted, backend terminated) is logged and retried with
+    backoff and jitter; the instance's agent channels do not depend on it.
     """
     if not ctx.store.notifications_supported:
         task_status.started()
@@ -154,7 +155,15 @@ async def listen_for_offers(
                 async for notice in notices:
                     await _handle_notice(ctx, notice)
         except StoreError as error:
-            logger.warning("listening for session offers failed: %s", type(error).__name__)
+            logger.warning(
+                "listening for session offers failed: %s; listening again in about %.1f s",
+                error, delay,
+            )  # fmt: skip
+        except Exception:  # noqa: BLE001 - a bus fault must not take the instance's channels down
+            logger.exception(
+                "listening for session offers failed unexpectedly; listening again in about "
+                "%.1f s", delay,
+            )  # fmt: skip
         if not started:
             # Report started anyway so the service serves; offers go direct or are retried.
             task_status.started()

@@ -13,21 +13,30 @@ import os
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from pathlib import Path
+from typing import Any
 
 import trio
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from rendezvous.app import create_app
 from rendezvous.audit_trail import AuditTrail
-from rendezvous.config import ServiceConfig
+from rendezvous.config import ServiceConfig, split_listen
 from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections
 from rendezvous.errors import ConfigError
+from rendezvous.metrics import MetricsOnlyApp
 from rendezvous.offer_bus import listen_for_offers
-from rendezvous.service_keys import load_service_keys
+from rendezvous.service_keys import check_pinned_keys, load_service_keys
 from rendezvous.store import Store, backend_for, open_store
+from rendezvous.workers import refuse_if_in_use
 
 logger = logging.getLogger("tucdesk.rendezvous")
 
@@ -38,21 +47,36 @@ WEBSOCKET_MAX_MESSAGE_BYTES = 64 * 1024
 GRACEFUL_SHUTDOWN_SECONDS = 3
 SQLITE_SERVE_LOCK_SUFFIX = ".serve-lock"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
+CERTIFICATE_EXPIRY_WARNING_SECONDS = 14 * 24 * 3600
+
+
+class ReloadableTlsConfig(HypercornConfig):
+    """Hypercorn settings whose TLS context is made once and kept, so SIGHUP can load a renewed
+    certificate into the very context the listener uses (new connections get it)."""
+
+    _kept_ssl_context: ssl.SSLContext | None = None
+
+    def create_ssl_context(self) -> ssl.SSLContext | None:
+        """The one TLS context of this instance (None for plain HTTP)."""
+        if self._kept_ssl_context is None:
+            self._kept_ssl_context = super().create_ssl_context()
+        return self._kept_ssl_context
 
 
 def hypercorn_config(
     config: ServiceConfig, listening_socket: socket.socket | None = None
-) -> HypercornConfig:
+) -> ReloadableTlsConfig:
     """Hypercorn settings for ``config``: one bind (or the given listening socket), TLS when
     configured, tight limits."""
     config.validate_for_serving()
-    hyper = HypercornConfig()
+    hyper = ReloadableTlsConfig()
     host, port = config.listen_host, config.listen_port
     if listening_socket is not None:
         hyper.bind = [f"fd://{listening_socket.fileno()}"]
     else:
         hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     if config.tls_cert is not None and config.tls_key is not None:
+        check_tls_files(config.tls_cert, config.tls_key, time.time())
         hyper.certfile = str(config.tls_cert)
         hyper.keyfile = str(config.tls_key)
     hyper.accesslog = None
@@ -63,11 +87,130 @@ def hypercorn_config(
     hyper.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE_BYTES
     hyper.graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
     if hyper.ssl_enabled:
-        context = hyper.create_ssl_context()
+        try:
+            context = hyper.create_ssl_context()
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"TLS certificate {config.tls_cert} and key {config.tls_key} cannot be used: "
+                f"{error}"
+            ) from None
         # Hypercorn sets this itself today; checked so an upgrade cannot silently lower it.
         if context is None or context.minimum_version < MINIMUM_TLS_VERSION:
             raise RuntimeError("the TLS context must refuse versions older than TLS 1.2")
     return hyper
+
+
+def metrics_hypercorn_config(
+    config: ServiceConfig, listening_socket: socket.socket | None = None
+) -> HypercornConfig:
+    """Hypercorn settings for the separate metrics address (plain HTTP, tight limits)."""
+    assert config.metrics_listen is not None
+    hyper = HypercornConfig()
+    if listening_socket is not None:
+        hyper.bind = [f"fd://{listening_socket.fileno()}"]
+    else:
+        host, port = split_listen(config.metrics_listen)
+        hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    hyper.accesslog = None
+    hyper.errorlog = logger
+    hyper.include_server_header = False
+    hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
+    hyper.keep_alive_timeout = KEEP_ALIVE_SECONDS
+    hyper.graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
+    return hyper
+
+
+def check_tls_files(cert_path: Path, key_path: Path, now: float) -> None:
+    """Raise ConfigError naming the file and the fault (missing, not PEM, key not the
+    certificate's, certificate expired); log a warning when it expires within two weeks."""
+    cert_data = _read_tls_file(cert_path, "certificate")
+    key_data = _read_tls_file(key_path, "key")
+    try:
+        chain = x509.load_pem_x509_certificates(cert_data)
+    except ValueError:
+        raise ConfigError(
+            f"TLS certificate {cert_path} is not a PEM certificate chain "
+            "(-----BEGIN CERTIFICATE-----)"
+        ) from None
+    try:
+        key = serialization.load_pem_private_key(key_data, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"TLS key {key_path} is encrypted; give the key without a passphrase"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise ConfigError(
+            f"TLS key {key_path} is not a PEM private key (-----BEGIN PRIVATE KEY-----)"
+        ) from None
+    leaf = chain[0]
+    if _public_key_bytes(key.public_key()) != _public_key_bytes(leaf.public_key()):
+        raise ConfigError(
+            f"TLS key {key_path} does not match the certificate {cert_path} (the first "
+            "certificate in the file must be the server's own)"
+        )
+    expires = leaf.not_valid_after_utc
+    left = expires.timestamp() - now
+    if left <= 0:
+        raise ConfigError(
+            f"TLS certificate {cert_path} expired on {expires:%Y-%m-%d %H:%M} UTC; renew it "
+            "(the rendezvous refuses to start with an expired certificate: no client would "
+            "connect)"
+        )
+    if left < CERTIFICATE_EXPIRY_WARNING_SECONDS:
+        logger.warning(
+            "TLS certificate %s expires on %s UTC, in %.1f days; renew it and send SIGHUP "
+            "(or restart) to load the new one", cert_path, f"{expires:%Y-%m-%d %H:%M}",
+            left / 86400,
+        )  # fmt: skip
+
+
+def reload_tls(config: ServiceConfig, hyper: HypercornConfig) -> None:
+    """Load the certificate and key files again into the listener's TLS context.
+
+    The files are checked first (ConfigError naming the fault), so a bad renewal leaves the
+    current certificate in service instead of a half-loaded one.
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        raise ConfigError("plain HTTP: there is no TLS certificate to reload")
+    check_tls_files(config.tls_cert, config.tls_key, time.time())
+    context = hyper.create_ssl_context()
+    if context is None:
+        raise ConfigError("plain HTTP: there is no TLS certificate to reload")
+    context.load_cert_chain(certfile=str(config.tls_cert), keyfile=str(config.tls_key))
+
+
+async def reload_tls_on_hangup(config: ServiceConfig, hyper: HypercornConfig) -> None:
+    """On each SIGHUP, reload the TLS certificate and key; never stop the service for it."""
+    with trio.open_signal_receiver(signal.SIGHUP) as signals:
+        async for _ in signals:
+            if config.tls_cert is None:
+                logger.info("received SIGHUP; serving plain HTTP, there is nothing to reload")
+                continue
+            try:
+                reload_tls(config, hyper)
+            except (ConfigError, OSError, ValueError) as error:  # ssl.SSLError is an OSError
+                logger.error("received SIGHUP; kept the current TLS certificate: %s", error)
+            else:
+                logger.info(
+                    "received SIGHUP; reloaded TLS certificate %s and key %s for new connections",
+                    config.tls_cert, config.tls_key,
+                )
+
+
+def _read_tls_file(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConfigError(
+            f"TLS {what} {path} cannot be read: {error.strerror or error}"
+        ) from None
+
+
+def _public_key_bytes(key: Any) -> bytes:
+    data: bytes = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return data
 
 
 def build_context(config: ServiceConfig, store: Store) -> ServiceContext:
@@ -84,39 +227,63 @@ async def run_service(
     *,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     listening_socket: socket.socket | None = None,
+    metrics_socket: socket.socket | None = None,
+    reload_on_hangup: bool = False,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled or ``shutdown_trigger`` returns; report bound URLs when listening.
 
     With ``listening_socket`` (already bound and listening) the instance accepts on it instead
     of binding ``config.listen``: how the workers of ``serve --workers N`` share one address.
+    ``metrics_socket`` is the same for ``metrics_listen``. With ``reload_on_hangup`` (the
+    process's main instance), SIGHUP reloads the TLS files.
     """
     hyper = hypercorn_config(config, listening_socket)
+    if listening_socket is None:
+        # Hypercorn's own bind failure surfaces as an exception group with no address in it.
+        refuse_if_in_use(config.listen_host, config.listen_port)
+    metrics_hyper = None
+    if config.metrics_listen is not None:
+        metrics_hyper = metrics_hypercorn_config(config, metrics_socket)
+        if metrics_socket is None:
+            refuse_if_in_use(*split_listen(config.metrics_listen))
     with sole_sqlite_server(config.database_url) as sole:
         async with open_store(config.database_url) as store:
             ctx = build_context(config, store)
+            await check_pinned_keys(store, ctx.keys, config.data_dir, ctx.now(), pin=True)
             if sole:
                 # No other instance can be serving this database, so every connection recorded
                 # in it belongs to one that died without clearing it (killed, or power lost).
                 await store.clear_other_instances_connections(ctx.instance_id, ctx.now())
-            await _serve_instance(ctx, store, hyper, shutdown_trigger, task_status)
+            await _serve_instance(
+                ctx, store, hyper, metrics_hyper, shutdown_trigger, reload_on_hangup, task_status
+            )
 
 
 async def _serve_instance(
     ctx: ServiceContext,
     store: Store,
     hyper: HypercornConfig,
+    metrics_hyper: HypercornConfig | None,
     shutdown_trigger: Callable[[], Awaitable[None]] | None,
+    reload_on_hangup: bool,
     task_status: trio.TaskStatus[list[str]],
 ) -> None:
     await store.clear_instance_connections(ctx.instance_id, ctx.now())
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_prune_forever, ctx)
+            if reload_on_hangup:
+                nursery.start_soon(reload_tls_on_hangup, ctx.config, hyper)
             await nursery.start(listen_for_offers, ctx)
             binds = await nursery.start(
                 _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope
             )
+            if metrics_hyper is not None:
+                # Stopped with the rest when the API server returns (it cancels the nursery).
+                await nursery.start(
+                    partial(serve, MetricsOnlyApp(ctx.metrics), metrics_hyper)  # type: ignore[arg-type]
+                )
             task_status.started(binds)
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(5):

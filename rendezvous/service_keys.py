@@ -3,6 +3,11 @@
 Each is an Ed25519 key in its own 0600 file under ``DATA_DIR/keys``. ``init`` creates missing
 ones and never overwrites an existing key; ``serve`` only loads them. The public halves are
 published as a JWK set (kid = RFC 7638 thumbprint, ``use`` = "sig", ``purpose`` = the role).
+
+The first ``init`` (or ``serve``) on a database pins the keys' fingerprints in it; an instance
+whose data dir holds other keys — typically an empty data dir initialised afresh against a
+populated database — is refused, naming both fingerprints, instead of signing audit records,
+tokens and policies with keys nobody pinned.
 """
 
 from __future__ import annotations
@@ -12,14 +17,20 @@ from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.errors import KeyFileError
 from protocol.identity import PublicIdentity, SigningIdentity, b64url
+from rendezvous.errors import ConfigError
+
+if TYPE_CHECKING:
+    from rendezvous.store import Store
 
 KEYS_DIRECTORY = "keys"
 KEYS_DIRECTORY_MODE = 0o700
 KEY_ROLES = ("jwt-issuer", "audit-signer", "relay-token", "policy-signer")
+# A mismatch names the audit signer first: the key verifiers of exported logs have pinned.
+_MISMATCH_ORDER = ("audit-signer", "jwt-issuer", "relay-token", "policy-signer")
 
 
 @dataclass(frozen=True)
@@ -103,3 +114,44 @@ def load_service_keys(data_dir: Path) -> ServiceKeys:
         relay_token=loaded["relay-token"],
         policy_signer=loaded["policy-signer"],
     )
+
+
+class ServiceKeyMismatch(ConfigError):
+    """The data dir's service keys are not the ones the database was initialised with."""
+
+
+async def missing_pinned_keys(store: Store, data_dir: Path) -> None:
+    """Raise ServiceKeyMismatch if the database pinned keys whose files the data dir lacks.
+
+    ``init`` asks this before creating keys, so it never makes new ones for such a database.
+    """
+    pinned = await store.service_key_fingerprints()
+    for role in _MISMATCH_ORDER:
+        if role in pinned and not key_path(data_dir, role).exists():
+            raise ServiceKeyMismatch(
+                f"this database was initialised with {role} key {pinned[role]} but "
+                f"{key_path(data_dir, role)} does not exist; copy {Path(data_dir) / KEYS_DIRECTORY}"
+                " from the first instance (init does not create keys for such a database)"
+            )
+
+
+async def check_pinned_keys(
+    store: Store, keys: ServiceKeys, data_dir: Path, now: float, *, pin: bool
+) -> None:
+    """Raise ServiceKeyMismatch unless ``keys`` are the ones the database pinned.
+
+    With ``pin``, roles the database has no fingerprint for yet are pinned to ``keys`` first
+    (the first ``init`` or ``serve`` on the database, or one initialised by an older version).
+    """
+    held = {role: key.public.fingerprint for role, key in keys.by_role().items()}
+    if pin:
+        pinned = await store.pin_service_key_fingerprints(held, now)
+    else:
+        pinned = await store.service_key_fingerprints()
+    for role in _MISMATCH_ORDER:
+        if role in pinned and pinned[role] != held[role]:
+            raise ServiceKeyMismatch(
+                f"this database was initialised with {role} key {pinned[role]} but "
+                f"{key_path(data_dir, role)} holds {held[role]}; copy "
+                f"{Path(data_dir) / KEYS_DIRECTORY} from the first instance"
+            )

@@ -17,7 +17,8 @@ or SIGINT to the supervisor stops every worker gracefully (Hypercorn's graceful 
 kills stragglers. Workers ignore both signals and stop only when their supervisor closes their
 pipe (or disappears: the pipe reaches end of file), so a stop signal sent to the whole process
 group — systemd's default, or Ctrl-C in a terminal — still ends in one orderly shutdown instead
-of a second signal cutting a worker's graceful shutdown short.
+of a second signal cutting a worker's graceful shutdown short. SIGHUP to the supervisor is
+passed on to every worker, each of which reloads its TLS certificate and key.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from types import FrameType
 
 import trio
 
-from rendezvous.config import ServiceConfig
+from rendezvous.config import ServiceConfig, split_listen
 from rendezvous.metrics import MULTIPROCESS_DIRECTORY_VARIABLE
 
 logger = logging.getLogger("tucdesk.rendezvous")
@@ -55,6 +56,8 @@ def serve_with_workers(config: ServiceConfig) -> int:
     """Run ``config.workers`` instances on one socket until a signal or a worker's death."""
     config.validate_for_serving()
     refuse_if_in_use(config.listen_host, config.listen_port)
+    if config.metrics_listen is not None:
+        refuse_if_in_use(*split_listen(config.metrics_listen))
     reservation = reuse_port_socket(config.listen_host, config.listen_port)
     bound_port = reservation.getsockname()[1]
     host = config.listen_host
@@ -75,8 +78,16 @@ def serve_with_workers(config: ServiceConfig) -> int:
         except BlockingIOError:
             pass
 
-    previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
     workers: list[_Worker] = []
+
+    def on_hangup(_number: int, _frame: FrameType | None) -> None:
+        # Each worker reloads its own TLS context (see run_worker).
+        for worker in workers:
+            if worker.process.pid is not None and worker.process.exitcode is None:
+                os.kill(worker.process.pid, signal.SIGHUP)
+
+    previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
     try:
         context = multiprocessing.get_context("spawn")
         for index in range(config.workers):
@@ -204,11 +215,18 @@ def run_worker(config: ServiceConfig, lifeline: Connection, index: int) -> None:
     # The supervisor decides when to stop (see the module docstring); its pipe says so.
     for number in STOP_SIGNALS:
         signal.signal(number, signal.SIG_IGN)
+    # Until the instance listens for it (to reload TLS), a SIGHUP must not end the worker.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(
         level=logging.INFO, format=f"%(asctime)s %(name)s worker-{index} %(message)s"
     )
     listening_socket = reuse_port_socket(config.listen_host, config.listen_port)
     listening_socket.listen(LISTEN_BACKLOG)
+    metrics_socket = None
+    if config.metrics_listen is not None:
+        # Any worker may answer: the metrics are summed over all of them.
+        metrics_socket = reuse_port_socket(*split_listen(config.metrics_listen))
+        metrics_socket.listen(LISTEN_BACKLOG)
     # Hypercorn takes the socket over (by its descriptor) and closes it when it stops.
     trio.run(
         partial(
@@ -216,6 +234,8 @@ def run_worker(config: ServiceConfig, lifeline: Connection, index: int) -> None:
             config,
             shutdown_trigger=partial(_until_stopped, lifeline),
             listening_socket=listening_socket,
+            metrics_socket=metrics_socket,
+            reload_on_hangup=True,
         )
     )
 

@@ -13,6 +13,7 @@ long as the ``async with`` block is still open. No special set-up is needed from
 
 from __future__ import annotations
 
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -80,6 +81,7 @@ __all__ = [
     "TokenHolder",
     "UnusableReason",
     "backend_for",
+    "describe_database",
     "open_store",
 ]
 
@@ -107,6 +109,20 @@ def backend_for(database: str | Path) -> tuple[str, str]:
             "unsupported database URL scheme: use sqlite:///PATH, a file path, or postgresql://…"
         )
     return "sqlite", text
+
+
+def describe_database(database: str | Path) -> str:
+    """The store for a log line: the SQLite file, or PostgreSQL host, port and database name
+    (never the user or password)."""
+    kind, location = backend_for(database)
+    if kind == "sqlite":
+        return f"SQLite {location}"
+    try:
+        parts = urllib.parse.urlsplit(location)
+        host, port = parts.hostname or "localhost", parts.port or 5432
+    except ValueError:
+        return "PostgreSQL (the URL could not be parsed)"
+    return f"PostgreSQL {host}:{port}/{parts.path.lstrip('/') or '(default database)'}"
 
 
 @asynccontextmanager

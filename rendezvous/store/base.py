@@ -18,7 +18,7 @@ from __future__ import annotations
 import abc
 import base64
 import secrets
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -871,6 +871,22 @@ class Store(abc.ABC):
         self, team_id: str, request_id: str, session_id: str, now: float
     ) -> ApprovalRequest | None:
         """Atomically mark an approved request executed by ``session_id``; None if not approved."""
+
+    # ---- service keys ------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def pin_service_key_fingerprints(
+        self, fingerprints: Mapping[str, str], now: float
+    ) -> dict[str, str]:
+        """Record the fingerprint of each role not recorded yet; return every recorded one.
+
+        The first instance to initialise a database pins its service keys there, so a later
+        instance started with other keys (an empty data dir) can be refused by name.
+        """
+
+    @abc.abstractmethod
+    async def service_key_fingerprints(self) -> dict[str, str]:
+        """The service key fingerprints recorded in the database, by role (empty: none yet)."""
 
     # ---- notifications between instances ---------------------------------------------------
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -80,6 +81,24 @@ def _translate_error(exc: BaseException) -> StoreError:
 _DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
 
 
+def _is_open(connection: asyncpg.Connection) -> bool:
+    """Whether a borrowed connection can still run statements.
+
+    When the server closes a connection the pool takes it back at once and detaches the proxy
+    we hold: every method of it then raises InterfaceError, ``is_closed`` included.
+    """
+    try:
+        return not connection.is_closed()
+    except asyncpg.InterfaceError:
+        return False
+
+
+def _discard(connection: asyncpg.Connection) -> None:
+    """Terminate a connection that must not be reused (a no-op if the pool already took it)."""
+    if _is_open(connection):
+        connection.terminate()
+
+
 class _Bridge:
     """Runs asyncio coroutine functions on one trio-asyncio loop, translating their errors."""
 
@@ -137,8 +156,11 @@ class PostgresStore(SqlStore):
 
     async def _borrow(self) -> asyncpg.Connection:
         pool = self._open_pool()
-        if self._shelf:
-            return self._shelf.pop()
+        while self._shelf:
+            shelved = self._shelf.pop()
+            if _is_open(shelved):
+                return shelved
+            # Closed while idle (server restarted, backend terminated): the pool has it back.
         connection: asyncpg.Connection = await self._bridge.call(
             functools.partial(pool.acquire, timeout=ACQUIRE_TIMEOUT_SECONDS)
         )
@@ -151,14 +173,14 @@ class PostgresStore(SqlStore):
             reusable
             and pool is not None
             and len(self._shelf) < MAX_SHELVED_CONNECTIONS
-            and not connection.is_closed()
+            and _is_open(connection)
             and not connection.is_in_transaction()
         ):
             self._shelf.append(connection)
             return
         with trio.CancelScope(shield=True):
             if pool is None:
-                connection.terminate()
+                _discard(connection)
                 return
             # The pool's release waits out a cancelled statement, or terminates the connection.
             await self._bridge.call(pool.release, connection)
@@ -195,7 +217,7 @@ class PostgresStore(SqlStore):
                         await self._bridge.call(transaction.rollback)
                     except (StoreError, asyncpg.InterfaceError):
                         # A statement cancelled mid-flight can leave the connection unusable.
-                        connection.terminate()
+                        _discard(connection)
                     else:
                         reusable = isinstance(error, StoreError) and not isinstance(
                             error, StoreUnavailable
@@ -309,11 +331,15 @@ class PostgresStore(SqlStore):
             yield receive()
         finally:
             with trio.CancelScope(shield=True):
-                try:
-                    await self._bridge.call(connection.remove_listener, channel, on_notification)
-                except StoreError:
-                    connection.terminate()
-                connection.remove_termination_listener(on_termination)
+                if _is_open(connection):
+                    try:
+                        await self._bridge.call(
+                            connection.remove_listener, channel, on_notification
+                        )
+                        connection.remove_termination_listener(on_termination)
+                    except (StoreError, asyncpg.InterfaceError):
+                        _discard(connection)
+                # A lost connection is already back in the pool (releasing it again is a no-op).
                 await self._bridge.call(pool.release, connection)
 
     async def aclose(self) -> None:
@@ -327,7 +353,7 @@ class PostgresStore(SqlStore):
                 try:
                     await self._bridge.call(pool.release, connection)
                 except StoreError:
-                    connection.terminate()
+                    _discard(connection)
             with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as scope:
                 try:
                     await self._bridge.call(pool.close)
@@ -400,6 +426,30 @@ async def _migrate_with_pool(pool: asyncpg.Pool) -> list[int]:
         return await _migrate(connection, MIGRATIONS)
 
 
+URL_SHAPE = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
+URL_ENCODING_ADVICE = (
+    "URL-encode special characters in the password (/ as %2F, @ as %40, : as %3A, # as %23, "
+    "? as %3F, % as %25), or use a password of letters and digits (openssl rand -hex 32)"
+)
+
+
+def unparsable_url_message(url: str) -> str:
+    """Why a PostgreSQL URL could not be parsed, without quoting any of it (it holds a secret)."""
+    reason = f"it is not {URL_SHAPE}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError when the port is not a number
+    except ValueError:
+        reason = (
+            "its port is not a number (an unencoded /, # or ? in the password ends the "
+            "user:password part early)"
+        )
+    else:
+        if parts.query or parts.fragment:
+            reason = "an unencoded ? or # in the password starts a query or fragment"
+    return f"the database URL could not be parsed: {reason}; {URL_ENCODING_ADVICE}"
+
+
 @asynccontextmanager
 async def open_postgres_store(
     url: str, min_size: int = POOL_MIN_SIZE, max_size: int = POOL_MAX_SIZE
@@ -435,6 +485,9 @@ async def _open_on_loop(
     bridge = _Bridge(loop)
     try:
         pool = await bridge.call(_create_pool, url, min_size, max_size)
+    except ValueError:
+        # asyncpg's own message may quote a piece of the password: give ours alone.
+        raise StoreUnavailable(unparsable_url_message(url)) from None
     except StoreError as exc:
         # The URL may carry a password: name only the failure, never the URL.
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None

@@ -1219,6 +1219,28 @@ class SqlStore(Store):
         )  # fmt: skip
         return _approval_request(row) if row else None
 
+    # ---- service keys ------------------------------------------------------------------------
+
+    async def pin_service_key_fingerprints(
+        self, fingerprints: Mapping[str, str], now: float
+    ) -> dict[str, str]:
+        """Record the fingerprint of each role not recorded yet; return every recorded one."""
+        async with self._transaction() as session:
+            for role, fingerprint in sorted(fingerprints.items()):
+                # The first writer wins a race between instances initialising at once.
+                await session.execute(
+                    """INSERT INTO service_key_fingerprints (role, fingerprint, recorded_at)
+                       VALUES ($1, $2, $3) ON CONFLICT (role) DO NOTHING""",
+                    role, fingerprint, now,
+                )  # fmt: skip
+            rows = await session.fetch("SELECT role, fingerprint FROM service_key_fingerprints")
+        return {row["role"]: row["fingerprint"] for row in rows}
+
+    async def service_key_fingerprints(self) -> dict[str, str]:
+        """The service key fingerprints recorded in the database, by role (empty: none yet)."""
+        rows = await self._fetch("SELECT role, fingerprint FROM service_key_fingerprints")
+        return {row["role"]: row["fingerprint"] for row in rows}
+
 
 # Stores nothing unless seq is exactly the size it sees and (where the backend has turns) no
 # other writer holds the team's turn; {turn_free} is the backend's condition for the latter.

@@ -284,3 +284,22 @@ async def test_workers_refuse_a_port_another_service_listens_on_even_with_so_reu
             assert result.returncode != 0
             assert b"another rendezvous still running" in result.stderr, result.stderr
         refuse_if_in_use("127.0.0.1", port)  # free again: no complaint
+
+
+@pytest.mark.postgres
+async def test_sighup_to_the_supervisor_reaches_every_worker_and_stops_nothing(
+    shared_database: str, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    async with open_store(shared_database) as store, harness(store, data):
+        with serve_workers(data, shared_database) as served:
+            pids = served.worker_pids()
+            served.process.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + STOP_SECONDS
+            while served.text().count("received SIGHUP") < len(pids):
+                assert time.monotonic() < deadline, served.text()
+                await anyio.sleep(0.05)
+            assert served.process.poll() is None
+            assert all(_alive(pid) for pid in pids)
+            async with httpx.AsyncClient(base_url=served.url) as http:
+                assert (await http.get("/healthz")).status_code == 200

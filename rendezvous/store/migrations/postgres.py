@@ -268,8 +268,23 @@ AGENT_REMOVAL = Migration(
     ),
 )
 
+SERVICE_KEY_PINS = Migration(
+    8,
+    "the service keys' fingerprints, pinned by the first init",
+    (
+        # One row per key role (jwt-issuer, audit-signer, ...): an instance whose data dir holds
+        # other keys (an empty data dir re-initialised) is refused instead of signing audit
+        # records and tokens with keys nobody pinned.
+        """CREATE TABLE service_key_fingerprints (
+            role TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL,
+            recorded_at DOUBLE PRECISION NOT NULL
+        )""",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER,
-    AGENT_REMOVAL,
+    AGENT_REMOVAL, SERVICE_KEY_PINS,
 )
 check_sequence(MIGRATIONS)
