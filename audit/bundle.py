@@ -27,6 +27,8 @@ from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_de
 
 BUNDLE_FORMAT = "tucdesk-audit-bundle-v1"
 MAX_BUNDLE_LINE_BYTES = 256 * 1024
+FIRST_RECORD_LINE = 2  # line 1 is the header; record k is on line k + 2
+UTF8_BOM = b"\xef\xbb\xbf"
 MAX_KEY_HINTS = 1024
 MAX_PROOF_HASHES = 128
 KEY_ROLES = ("audit", "agent")

@@ -16,6 +16,17 @@ class RecordError(AuditError):
     """A record or event is malformed, over a size limit, uses an unknown action, or is unsigned."""
 
 
+class UnknownSigner(RecordError):
+    """A record is signed by a key that is neither pinned nor introduced earlier in the log."""
+
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"signed by key {key_id}, which is neither pinned nor introduced by an earlier "
+            "audit-key-signed agent.registered record"
+        )
+        self.key_id = key_id
+
+
 class AppendConflict(AuditError):
     """Another writer took the sequence number this append expected; re-read the head and retry."""
 
@@ -35,6 +46,10 @@ class StoreError(AuditError):
 
 class NoteError(AuditError):
     """A signed note or checkpoint is malformed or carries no valid signature by a trusted key."""
+
+
+class UntrustedNote(NoteError):
+    """A signed note carries no signature by any of the trusted keys (wrong key, or forged)."""
 
 
 class ProofError(AuditError):

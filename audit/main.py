@@ -3,45 +3,77 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
+import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
 
-from audit.checkpoint import Checkpoint
-from audit.errors import BundleError
+from audit.checkpoint import Checkpoint, open_checkpoint
+from audit.errors import AuditError, BundleError
+from audit.pinned_keys import PinnedKeyError, load_pinned_key
 from audit.progress import ProgressLine, format_bytes, wants_progress
 from audit.recording_check import check_recording
 from audit.verify import (
     EXIT_CODES,
+    KeyNames,
     ProgressCallback,
     Verdict,
     VerificationResult,
     load_previous_checkpoint,
     verify_bundle,
 )
-from protocol.errors import ProtocolError
-from protocol.identity import PublicIdentity, load_public_key_file
+from protocol.identity import PublicIdentity
 
 EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
+EXIT_CHECKPOINT_NOT_SAVED = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 MIN_RATE_SECONDS = 0.25
+STDIN_NAME = "-"
+MAX_CHECKPOINT_FILE_BYTES = 64 * 1024
+
+_EXIT_CODES_HELP = """\
+Exit status:
+  0    OK: every check passed (one-line summary naming the pinned key(s) that signed)
+  1    INVALID: the bundle was tampered with or damaged (names the first bad record and why)
+  2    UNREADABLE: an input cannot be read or is not a bundle / key / checkpoint at all
+  3    WRONG KEY: no pinned key signed anything in the bundle (--key is not its audit key)
+  4    the bundle verified but --save-checkpoint FILE was left unchanged (it keeps a larger
+       checkpoint, or one of another log, or one not signed by a pinned key)
+  130  interrupted (Ctrl-C)
+With --json the same outcome is in the "code" field: valid, invalid, unreadable, wrong_key,
+checkpoint_not_saved (and for 'recording' the finer codes its --help lists).
+"""
 
 _RECORDING_EPILOG = """\
 Exit status: 0 when the bundle verifies and the file matches its record (one-line summary), 1
-when the bundle is invalid, no record names the file, or its size or hash differ (says which),
-2 when an input cannot be read.
+when the bundle is invalid, no record names the file, or its size or hash differ (says which:
+cut short, extended, edited, and which session's record the file's content matches, if any),
+2 when an input cannot be read (the recording is checked first), 3 when no pinned key signed
+the bundle, 130 when interrupted. With --json, "code" is one of: matches, cut_short, extended,
+edited, not_named, named_twice, export_invalid, wrong_key, unreadable.
 """
 
-_VERIFY_EPILOG = """\
-Exit status: 0 when every check passes (one-line summary), 1 when the bundle is invalid (names
-the first bad record and why), 2 when an input cannot be read or is not a bundle at all.
-
+_VERIFY_EPILOG = (
+    _EXIT_CODES_HELP
+    + """
 Only keys given with --key are trusted (PEM Ed25519 public keys, e.g. the rendezvous audit key;
 give several across a key rotation). Agent-signed records are accepted only if the agent's key
 was introduced earlier in the same log by an audit-key-signed agent.registered record. Keys listed
-inside the bundle are never trusted.
+inside the bundle are never trusted. Compare a key's fingerprint out of band with
+'tucdesk-audit key KEYFILE' and 'tucdesk-rendezvous keys show'. BUNDLE '-' reads standard input
+(e.g. tucdesk audit export | tucdesk-audit verify - --key audit.pub).
+"""
+)
+
+_KEY_EPILOG = """\
+Prints "FILE: SHA256:<base64> kid=<key id>", the format of 'tucdesk-rendezvous keys show', so a
+pinned key can be compared out of band. Exit 0, or 2 when a file is not a PEM Ed25519 public
+key (a private key is refused: an auditor never needs the signer's private key).
 """
 
 
@@ -50,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tucdesk-audit",
         description="Verify TucDesk audit exports offline, with nothing but the file and keys.",
+        epilog=_EXIT_CODES_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on internal errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,14 +99,18 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_VERIFY_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    verify.add_argument("bundle", type=Path, metavar="BUNDLE", help="the .jsonl export bundle")
+    verify.add_argument(
+        "bundle", type=Path, metavar="BUNDLE", help="the .jsonl export bundle ('-': stdin)"
+    )
     _add_bundle_trust_arguments(verify)
     verify.add_argument(
         "--save-checkpoint",
         type=Path,
         metavar="FILE",
         help="when the bundle verifies, write its signed checkpoint here, to pass as "
-        "--previous-checkpoint when verifying the next export (detects rollback)",
+        "--previous-checkpoint when verifying the next export (detects rollback); a checkpoint "
+        "already in FILE is never replaced by a smaller one, one of another log, or a "
+        "conflicting one (exit 4, or 1 if the bundle rewrites the history FILE holds)",
     )
     verify.add_argument("--json", action="store_true", help="print a JSON result instead")
     _add_progress_argument(verify)
@@ -98,14 +136,26 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         required=True,
         metavar="BUNDLE",
-        help="the .jsonl export bundle holding the session's session.ended record",
+        help="the .jsonl export bundle holding the session's session.ended record ('-': stdin)",
     )
     _add_bundle_trust_arguments(recording)
+    recording.add_argument("--json", action="store_true", help="print a JSON result instead")
     _add_progress_argument(recording)
     recording.add_argument(
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
-    recording.set_defaults(json=False)
+
+    key = commands.add_parser(
+        "key",
+        help="print a public key's fingerprint, to compare with tucdesk-rendezvous keys show",
+        description="Print the SHA256 fingerprint and key id of PEM Ed25519 public key files.",
+        epilog=_KEY_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    key.add_argument("keys", type=Path, nargs="+", metavar="KEYFILE", help="a PEM public key")
+    key.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
     return parser
 
 
@@ -148,7 +198,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if arguments.command == "recording":
             return _recording(arguments)
+        if arguments.command == "key":
+            return _key(arguments)
         return _verify(arguments)
+    except KeyboardInterrupt:
+        # The progress line (if any) was erased on the way out of its `with`.
+        print("tucdesk-audit: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as error:
         if arguments.debug:
             raise
@@ -161,37 +217,59 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _load_trust(
     arguments: argparse.Namespace,
-) -> tuple[list[PublicIdentity], list[Checkpoint]] | str:
-    """The pinned keys and earlier checkpoints, or why one cannot be read."""
+) -> tuple[list[PublicIdentity], list[Checkpoint], dict[str, str]] | str:
+    """The pinned keys, earlier checkpoints and key names (key id -> file), or why one cannot
+    be read."""
     keys: list[PublicIdentity] = []
+    names: dict[str, str] = {}
     for path in arguments.keys:
         try:
-            keys.append(load_public_key_file(path))
-        except (ProtocolError, OSError) as error:
-            return f"key {path}: {error}"
+            key = load_pinned_key(path)
+        except PinnedKeyError as error:
+            return str(error)
+        keys.append(key)
+        names.setdefault(key.key_id, str(path))
     previous: list[Checkpoint] = []
     for path in arguments.previous:
         try:
             previous.append(load_previous_checkpoint(path, keys))
         except BundleError as error:
             return str(error)
-    return keys, previous
+    return keys, previous, names
+
+
+def _key(arguments: argparse.Namespace) -> int:
+    for path in arguments.keys:
+        try:
+            key = load_pinned_key(path)
+        except PinnedKeyError as error:
+            print(f"tucdesk-audit: {error}", file=sys.stderr)
+            return EXIT_UNREADABLE
+        print(f"{path}: {key.fingerprint} kid={key.key_id}")
+    return 0
+
+
+def _bundle_source(bundle: Path) -> Path | BinaryIO:
+    return sys.stdin.buffer if str(bundle) == STDIN_NAME else bundle
 
 
 def _recording(arguments: argparse.Namespace) -> int:
     trust = _load_trust(arguments)
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
-    keys, previous = trust
+    keys, previous, names = trust
     with _verify_progress(arguments) as progress:
         verdict = check_recording(
             arguments.recording,
-            arguments.bundle,
+            _bundle_source(arguments.bundle),
             keys,
             previous_checkpoints=previous,
             progress=progress,
+            key_names=names,
         )
-    if verdict.verdict is Verdict.VALID:
+    if arguments.json:
+        print(json.dumps(verdict.to_json(names), indent=2, sort_keys=True))
+    elif verdict.verdict is Verdict.VALID:
         print(verdict.message)
     else:
         print(f"tucdesk-audit: {verdict.message}", file=sys.stderr)
@@ -202,20 +280,125 @@ def _verify(arguments: argparse.Namespace) -> int:
     trust = _load_trust(arguments)
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
-    keys, previous = trust
+    keys, previous, names = trust
+    kept: Checkpoint | None = None
+    if arguments.save_checkpoint is not None:
+        kept_or_refusal = _kept_checkpoint(arguments.save_checkpoint, keys)
+        if isinstance(kept_or_refusal, str):  # refuse before the long part
+            return _checkpoint_not_saved(arguments, None, names, kept_or_refusal)
+        kept = kept_or_refusal
     with _verify_progress(arguments) as progress:
         result = verify_bundle(
-            arguments.bundle, keys, previous_checkpoints=previous, progress=progress
+            _bundle_source(arguments.bundle),
+            keys,
+            previous_checkpoints=previous,
+            progress=progress,
+            keep_prefix_sizes=() if kept is None else (kept.size,),
         )
-    if result.checkpoint_note is not None and arguments.save_checkpoint is not None:
-        try:
-            arguments.save_checkpoint.write_bytes(result.checkpoint_note)
-        except OSError as error:
-            return _unreadable(
-                arguments, f"{arguments.save_checkpoint}: cannot write ({error.strerror})"
-            )
-    _report(arguments, result)
+    if result.ok and arguments.save_checkpoint is not None:
+        return _save_checkpoint(arguments, result, kept, names)
+    _report(arguments, result, names)
     return result.exit_code
+
+
+def _kept_checkpoint(path: Path, keys: Sequence[PublicIdentity]) -> Checkpoint | None | str:
+    """The checkpoint ``path`` already keeps (None if there is no file yet), or why it must not
+    be overwritten."""
+    try:
+        with path.open("rb") as handle:
+            note = handle.read(MAX_CHECKPOINT_FILE_BYTES + 1)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        return f"{path}: cannot read the checkpoint kept there ({error.strerror})"
+    if not note:
+        return None  # an empty file (e.g. from mktemp) keeps nothing
+    try:
+        checkpoint, _ = open_checkpoint(note, keys)
+    except AuditError as error:
+        return (
+            f"{path} holds no checkpoint signed by a pinned key ({error}); it was left "
+            "unchanged: give another --save-checkpoint file"
+        )
+    return checkpoint
+
+
+def _save_checkpoint(
+    arguments: argparse.Namespace,
+    result: VerificationResult,
+    kept: Checkpoint | None,
+    names: KeyNames,
+) -> int:
+    """Keep the verified bundle's checkpoint in FILE, unless that would move FILE backwards,
+    across logs, or over history this bundle contradicts."""
+    path: Path = arguments.save_checkpoint
+    checkpoint, note = result.checkpoint, result.checkpoint_note
+    assert checkpoint is not None and note is not None
+    if kept is not None:
+        if kept.origin != checkpoint.origin:
+            return _checkpoint_not_saved(
+                arguments, result, names,
+                f"{path} keeps the checkpoint of another log ({kept.origin}), not "
+                f"{checkpoint.origin}; it was left unchanged: give another file",
+            )  # fmt: skip
+        if kept.size > checkpoint.size:
+            return _checkpoint_not_saved(
+                arguments, result, names,
+                f"{path} keeps a checkpoint of {kept.size} records and this bundle has only "
+                f"{checkpoint.size}: a kept checkpoint never moves backwards, so it was left "
+                "unchanged (an older export verifies, but is not the latest)",
+            )  # fmt: skip
+        if result.prefix_roots.get(kept.size) != kept.root_hash:
+            conflict = dataclasses.replace(
+                result,
+                verdict=Verdict.INVALID,
+                reason=f"the first {kept.size} records differ from the checkpoint kept in "
+                f"{path} (history was rewritten); {path} was left unchanged",
+                checkpoint_note=None,
+            )
+            _report(arguments, conflict, names)
+            return conflict.exit_code
+    try:
+        _replace_file(path, note)
+    except OSError as error:
+        return _unreadable(arguments, f"{path}: cannot write ({error.strerror})")
+    _report(arguments, result, names)
+    return result.exit_code
+
+
+def _replace_file(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a crash never leaves half a checkpoint)."""
+    destination = Path(os.path.realpath(path))  # through a symlink, as writing in place would
+    fd, name = tempfile.mkstemp(
+        dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
+    )
+    temporary = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, destination)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def _checkpoint_not_saved(
+    arguments: argparse.Namespace,
+    result: VerificationResult | None,
+    names: KeyNames,
+    reason: str,
+) -> int:
+    if arguments.json:
+        value = {} if result is None else result.to_json(names)
+        value.update(code="checkpoint_not_saved", checkpoint_not_saved=reason)
+        print(json.dumps(value, indent=2, sort_keys=True))
+    else:
+        if result is not None:
+            print(result.summary(names))
+        print(f"tucdesk-audit: not saving the checkpoint: {reason}", file=sys.stderr)
+    return EXIT_CHECKPOINT_NOT_SAVED
 
 
 @contextmanager
@@ -233,9 +416,9 @@ class _BundleProgress:
 
     def __init__(self, line: ProgressLine, bundle: Path) -> None:
         self._line = line
-        self._name = bundle.name
+        self._name = "stdin" if str(bundle) == STDIN_NAME else bundle.name
         try:
-            self._size = os.stat(bundle).st_size
+            self._size = 0 if str(bundle) == STDIN_NAME else os.stat(bundle).st_size
         except OSError:
             self._size = 0  # the verifier reports the unreadable file; just show no share
 
@@ -252,17 +435,17 @@ class _BundleProgress:
 
 
 def _unreadable(arguments: argparse.Namespace, reason: str) -> int:
-    _report(arguments, VerificationResult(Verdict.UNREADABLE, reason))
+    _report(arguments, VerificationResult(Verdict.UNREADABLE, reason), {})
     return EXIT_UNREADABLE
 
 
-def _report(arguments: argparse.Namespace, result: VerificationResult) -> None:
+def _report(arguments: argparse.Namespace, result: VerificationResult, names: KeyNames) -> None:
     if arguments.json:
-        print(json.dumps(result.to_json(), indent=2, sort_keys=True))
+        print(json.dumps(result.to_json(names), indent=2, sort_keys=True))
     elif result.verdict is Verdict.UNREADABLE:
-        print(f"tucdesk-audit: {result.summary()}", file=sys.stderr)
+        print(f"tucdesk-audit: {result.summary(names)}", file=sys.stderr)
     else:
-        print(result.summary())
+        print(result.summary(names))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from cryptography.exceptions import InvalidSignature
 
-from audit.errors import NoteError
+from audit.errors import NoteError, UntrustedNote
 from protocol.identity import SIGNATURE_SIZE, PublicIdentity, SigningIdentity
 
 MAX_NOTE_BYTES = 16 * 1024
@@ -124,7 +124,7 @@ def open_note(data: bytes, trusted: Sequence[PublicIdentity]) -> tuple[str, Publ
                 raise NoteError(f"note signature by {line.key_name} does not verify") from None
             signer = signer or key
     if signer is None:
-        raise NoteError("the note carries no signature by a pinned key")
+        raise UntrustedNote("the note carries no signature by a pinned key")
     return note.text, signer
 
 

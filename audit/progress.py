@@ -78,8 +78,9 @@ class ProgressLine:
         if self._broken or now < self._next_at:
             return
         self._next_at = now + self._interval
-        self._write(ERASE_LINE + text[: self._columns() - 1])
+        # Marked shown before writing: a Ctrl-C landing mid-write must still get the line erased.
         self._shown = True
+        self._write(ERASE_LINE + text[: self._columns() - 1])
 
     def clear(self) -> None:
         """Erase the line, if one was drawn, so the next output starts on a clean line."""

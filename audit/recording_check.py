@@ -2,131 +2,219 @@
 
 The agent binds each recording into its signed ``session.ended`` event: the context's
 ``recording`` object holds the file name, its size in bytes and the SHA-256 of its bytes. Given
-the recording and an export bundle, this first verifies the whole bundle against the pinned
-keys (audit/verify.py; nothing is trusted before that), then finds the one ``session.ended``
-record naming the file, and compares size and hash: an edited, cut or extended file is caught.
+the recording and an export bundle, this first reads and hashes the recording (an unreadable
+file is reported before the long part), then verifies the whole bundle against the pinned keys
+(audit/verify.py) in one read, collecting on the way the ``session.ended`` records that name the
+file or carry its hash. Nothing is taken from the bundle unless that single read verified it:
+the bundle is never opened a second time, so a file swapped in afterwards cannot vouch for a
+recording. Size and hash are then compared: an edited, cut or extended file is caught.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import os
+import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 from audit.actions import Action, ActorKind
-from audit.bundle import MAX_BUNDLE_LINE_BYTES, is_trailer
 from audit.checkpoint import Checkpoint
-from audit.errors import AuditError
-from audit.record import AuditRecord, JsonValue, format_time, strict_json
-from audit.verify import ProgressCallback, Verdict, verify_bundle
-from protocol.errors import ProtocolError
+from audit.record import AuditRecord, JsonValue, format_time
+from audit.verify import (
+    EXIT_CODES,
+    KeyNames,
+    ProgressCallback,
+    Verdict,
+    VerificationResult,
+    verify_bundle,
+)
 from protocol.identity import PublicIdentity
 
 HASH_CHUNK_BYTES = 1024 * 1024
+MAX_SAME_CONTENT_RECORDS = 8  # records carrying the file's hash under another name, kept to name
+
+
+@dataclass(frozen=True)
+class BoundRecording:
+    """A verified session.ended record's recording binding."""
+
+    seq: int
+    session_id: str | None
+    ended: str
+    file: str
+    size: int
+    sha256: str
+    truncated: bool
+    failed: bool
+
+    def to_json(self) -> dict[str, object]:
+        """The binding as a JSON-ready dict."""
+        return {
+            "seq": self.seq,
+            "session_id": self.session_id,
+            "ended": self.ended,
+            "file": self.file,
+            "bytes": self.size,
+            "sha256": self.sha256,
+            "truncated": self.truncated,
+            "failed": self.failed,
+        }
 
 
 @dataclass(frozen=True)
 class RecordingVerdict:
-    """The outcome: VALID when the file matches its audit record, with a one-line reason."""
+    """The outcome: VALID when the file matches its audit record, with a one-line reason.
+
+    ``code`` is machine-readable: ``matches``, ``cut_short``, ``extended``, ``edited``,
+    ``not_named``, ``named_twice``, ``export_invalid``, ``wrong_key``, ``unreadable``.
+    """
 
     verdict: Verdict
     message: str
+    code: str = ""
+    file_size: int | None = None
+    file_sha256: str | None = None
+    record: BoundRecording | None = None
+    same_content: tuple[BoundRecording, ...] = ()
+    export: VerificationResult | None = field(default=None, compare=False)
 
     @property
     def exit_code(self) -> int:
-        """0 matches, 1 differs (or the bundle is invalid), 2 unreadable input."""
-        return {Verdict.VALID: 0, Verdict.INVALID: 1, Verdict.UNREADABLE: 2}[self.verdict]
+        """0 matches, 1 differs (or the bundle is invalid), 2 unreadable input, 3 wrong key."""
+        return EXIT_CODES[self.verdict]
+
+    def to_json(self, key_names: KeyNames | None = None) -> dict[str, object]:
+        """The outcome as a JSON-ready dict (``recording --json``)."""
+        return {
+            "verdict": self.verdict.value,
+            "code": self.code or self.verdict.value,
+            "ok": self.verdict is Verdict.VALID,
+            "message": self.message,
+            "recording": {"bytes": self.file_size, "sha256": self.file_sha256},
+            "record": None if self.record is None else self.record.to_json(),
+            "same_content_records": [record.to_json() for record in self.same_content],
+            "export": None if self.export is None else self.export.to_json(key_names),
+        }
+
+
+class _Collector:
+    """Keeps, from verified records, the session.ended bindings naming the file or its hash."""
+
+    def __init__(self, file_name: str, digest: str) -> None:
+        self._file_name = file_name
+        self._digest = digest
+        self.named: list[BoundRecording] = []
+        self.same_content: list[BoundRecording] = []
+
+    def __call__(self, record: AuditRecord) -> None:
+        event = record.event
+        if event.action is not Action.SESSION_ENDED or event.actor.kind is not ActorKind.AGENT:
+            return
+        bound = event.context.get("recording")
+        if not isinstance(bound, Mapping) or not _well_formed(bound):
+            return
+        if bound["file"] == self._file_name:
+            self.named.append(_binding(record, bound))
+        elif bound["sha256"] == self._digest and len(self.same_content) < MAX_SAME_CONTENT_RECORDS:
+            self.same_content.append(_binding(record, bound))
 
 
 def check_recording(
     recording: Path,
-    bundle: Path,
+    bundle: Path | BinaryIO,
     audit_keys: Sequence[PublicIdentity],
     *,
     previous_checkpoints: Sequence[Checkpoint] = (),
     progress: ProgressCallback | None = None,
+    key_names: KeyNames | None = None,
 ) -> RecordingVerdict:
-    """Verify ``bundle``, then compare ``recording`` with the session.ended record naming it.
-
-    ``progress`` is passed to verify_bundle (the verification is the long part).
-    """
-    verified = verify_bundle(
-        bundle, audit_keys, previous_checkpoints=previous_checkpoints, progress=progress
-    )
-    if not verified.ok:
-        return RecordingVerdict(
-            verified.verdict, f"the audit export does not verify: {verified.summary()}"
-        )
-    try:
-        matches = _records_naming(bundle, recording.name)
-    except OSError as error:
-        return RecordingVerdict(Verdict.UNREADABLE, f"{bundle}: cannot read ({error.strerror})")
-    if not matches:
-        return RecordingVerdict(
-            Verdict.INVALID,
-            f"no agent-signed session.ended record in the export names {recording.name!r}",
-        )
-    if len(matches) > 1:
-        return RecordingVerdict(
-            Verdict.INVALID, f"{len(matches)} session.ended records name {recording.name!r}"
-        )
-    record, bound = matches[0]
+    """Hash ``recording``, verify ``bundle``, then compare with the session.ended record naming
+    the file. ``progress`` is passed to verify_bundle (the verification is the long part)."""
     try:
         size, digest = _hash_file(recording)
     except OSError as error:
-        return RecordingVerdict(Verdict.UNREADABLE, f"{recording}: cannot read ({error.strerror})")
-    where = f"record {record.seq} (session {record.event.session_id})"
-    if size != bound["bytes"]:
         return RecordingVerdict(
-            Verdict.INVALID,
-            f"{recording.name}: size differs from {where}: the log says {bound['bytes']} "
-            f"bytes, the file has {size} (cut short or extended)",
+            Verdict.UNREADABLE, f"{recording}: cannot read ({error.strerror})", "unreadable"
         )
-    if digest != bound["sha256"]:
-        return RecordingVerdict(
-            Verdict.INVALID,
-            f"{recording.name}: SHA-256 differs from {where}: the file was edited",
+    collector = _Collector(recording.name, digest)
+    verified = verify_bundle(
+        bundle,
+        audit_keys,
+        previous_checkpoints=previous_checkpoints,
+        progress=progress,
+        on_record=collector,
+    )
+    same = tuple(collector.same_content) if verified.ok else ()
+    bound = collector.named[0] if verified.ok and len(collector.named) == 1 else None
+
+    def outcome(verdict: Verdict, message: str, code: str) -> RecordingVerdict:
+        return RecordingVerdict(verdict, message, code, size, digest, bound, same, verified)
+
+    if not verified.ok:
+        code = {Verdict.WRONG_KEY: "wrong_key", Verdict.UNREADABLE: "unreadable"}.get(
+            verified.verdict, "export_invalid"
         )
+        message = f"the audit export does not verify: {verified.summary(key_names)}"
+        return outcome(verified.verdict, message, code)
+    other = _same_content_note(same)
+    if not collector.named:
+        message = f"no agent-signed session.ended record in the export names {recording.name!r}"
+        return outcome(Verdict.INVALID, message + other, "not_named")
+    if bound is None:
+        message = f"{len(collector.named)} session.ended records name {recording.name!r}"
+        return outcome(Verdict.INVALID, message, "named_twice")
+    where = f"record {bound.seq} (session {bound.session_id})"
+    if size != bound.size:
+        change = "cut short" if size < bound.size else "extended"
+        return outcome(
+            Verdict.INVALID,
+            f"{recording.name}: size differs from {where}: the log says {bound.size} bytes, "
+            f"the file has {size} ({change}){other}",
+            change.replace(" ", "_"),
+        )
+    if digest != bound.sha256:
+        message = f"{recording.name}: SHA-256 differs from {where}: the file was edited{other}"
+        return outcome(Verdict.INVALID, message, "edited")
     notes = []
-    if bound["truncated"]:
+    if bound.truncated:
         notes.append("the recording stopped at the agent's size limit")
-    if bound.get("failed"):
+    if bound.failed:
         notes.append("the agent reported a write error: the recording is incomplete")
     suffix = f" ({'; '.join(notes)})" if notes else ""
-    return RecordingVerdict(
+    return outcome(
         Verdict.VALID,
-        f"{recording.name} matches {where}, ended {format_time(record.time)}: "
+        f"{recording.name} matches {where}, ended {bound.ended}: "
         f"{size} bytes, sha256 {digest}{suffix}",
+        "matches",
     )
 
 
-def _records_naming(
-    bundle: Path, file_name: str
-) -> list[tuple[AuditRecord, Mapping[str, JsonValue]]]:
-    """The agent-signed session.ended records whose recording names ``file_name``.
+def _same_content_note(same: Sequence[BoundRecording]) -> str:
+    if not same:
+        return ""
+    first = same[0]
+    more = f" and {len(same) - 1} more" if len(same) > 1 else ""
+    return (
+        f"; its content matches record {first.seq} (session {first.session_id}, "
+        f"file {first.file!r}){more}: it is that session's recording"
+    )
 
-    Only called on a bundle that verified, so every line parses as a trusted record.
-    """
-    found: list[tuple[AuditRecord, Mapping[str, JsonValue]]] = []
-    with bundle.open("rb") as stream:
-        stream.readline(MAX_BUNDLE_LINE_BYTES + 1)  # the header
-        for line in stream:
-            body = line.rstrip(b"\n")
-            try:
-                value = strict_json(body)
-                if is_trailer(value):
-                    break
-                record = AuditRecord.from_parsed(value, body)
-            except (AuditError, ProtocolError, ValueError):
-                continue
-            event = record.event
-            if event.action is not Action.SESSION_ENDED or event.actor.kind is not ActorKind.AGENT:
-                continue
-            bound = event.context.get("recording")
-            if isinstance(bound, Mapping) and _well_formed(bound) and bound["file"] == file_name:
-                found.append((record, bound))
-    return found
+
+def _binding(record: AuditRecord, bound: Mapping[str, JsonValue]) -> BoundRecording:
+    return BoundRecording(
+        seq=record.seq,
+        session_id=record.event.session_id,
+        ended=format_time(record.time),
+        file=str(bound["file"]),
+        size=int(bound["bytes"]),  # type: ignore[arg-type]
+        sha256=str(bound["sha256"]),
+        truncated=bool(bound["truncated"]),
+        failed=bool(bound.get("failed", False)),
+    )
 
 
 def _well_formed(bound: Mapping[str, JsonValue]) -> bool:
@@ -140,9 +228,22 @@ def _well_formed(bound: Mapping[str, JsonValue]) -> bool:
 
 
 def _hash_file(path: Path) -> tuple[int, str]:
-    digest = hashlib.sha256()
-    size = 0
-    with path.open("rb") as handle:
+    """Size and SHA-256 of a regular file; OSError (with a strerror) for anything else."""
+    # O_NONBLOCK: a FIFO planted at the path must not hang the check before it is refused.
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(errno.EISDIR, "a directory, not a recording file")
+        if not stat.S_ISREG(mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        handle = os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+    with handle:
+        digest = hashlib.sha256()
+        size = 0
         while chunk := handle.read(HASH_CHUNK_BYTES):
             digest.update(chunk)
             size += len(chunk)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from audit.actions import Action, ActorKind
-from audit.errors import RecordError
+from audit.errors import RecordError, UnknownSigner
 from audit.record import AuditEvent, JsonValue, SignedEvent
 from protocol.errors import ProtocolError
 from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_decode
@@ -86,7 +86,13 @@ class SignerTrust:
                 raise RecordError(f"agent key {signer} may only sign as agent {agent_id}")
             signed.verify(key)
             return
-        raise RecordError(
-            f"signed by key {signer}, which is neither pinned nor introduced by an earlier "
-            "audit-key-signed agent.registered record"
-        )
+        raise UnknownSigner(signer)
+
+    def describe(self, key_id: str) -> tuple[str, str | None, PublicIdentity] | None:
+        """(role ``audit`` or ``agent``, agent id for an agent key, the key) of a trusted key."""
+        if key_id in self._audit_keys:
+            return "audit", None, self._audit_keys[key_id]
+        if key_id in self._agent_keys:
+            agent_id, key = self._agent_keys[key_id]
+            return "agent", agent_id, key
+        return None

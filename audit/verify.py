@@ -10,26 +10,32 @@ failure stops verification and is reported with its record and reason; nothing r
 
 A caller showing progress passes ``progress``: it is called every ``PROGRESS_EVERY_RECORDS``
 records with the records checked and the bundle bytes read so far (cheap enough to leave on).
+A caller that needs something from the records (audit/recording_check.py) passes ``on_record``:
+it sees each record once it has passed every check, in the same single read of the bundle, so
+nothing is ever taken from a second, unverified read of the file.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
 from audit.bundle import (
+    FIRST_RECORD_LINE,
     MAX_BUNDLE_LINE_BYTES,
+    UTF8_BOM,
     BundleHeader,
     is_trailer,
     parse_header,
     parse_trailer,
 )
 from audit.checkpoint import ORIGIN_TEAM_SEPARATOR, Checkpoint, open_checkpoint
-from audit.errors import AuditError, BundleError
+from audit.errors import AuditError, BundleError, UnknownSigner, UntrustedNote
 from audit.merkle import EMPTY_ROOT, MerkleFrontier, verify_consistency
 from audit.record import (
     GENESIS_HASH,
@@ -49,13 +55,40 @@ class Verdict(StrEnum):
     VALID = "valid"
     INVALID = "invalid"
     UNREADABLE = "unreadable"
+    WRONG_KEY = "wrong_key"
+    """No pinned key signed anything in the bundle: most likely --key is not its audit key."""
 
 
-EXIT_CODES = {Verdict.VALID: 0, Verdict.INVALID: 1, Verdict.UNREADABLE: 2}
+EXIT_CODES = {Verdict.VALID: 0, Verdict.INVALID: 1, Verdict.UNREADABLE: 2, Verdict.WRONG_KEY: 3}
 PROGRESS_EVERY_RECORDS = 256
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(records_checked, bytes_read)`` while a bundle is verified."""
+RecordCallback = Callable[[AuditRecord], None]
+"""Called with each record once it has passed every check (its signature included)."""
+KeyNames = Mapping[str, str]
+"""Where each pinned key came from (key id -> file name), to name it in messages."""
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """A key that signed records of a bundle: a pinned audit key or an introduced agent key."""
+
+    key_id: str
+    role: str
+    fingerprint: str
+    records: int
+    agent_id: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        """The key as a JSON-ready dict."""
+        return {
+            "key_id": self.key_id,
+            "role": self.role,
+            "agent_id": self.agent_id,
+            "fingerprint": self.fingerprint,
+            "records": self.records,
+        }
 
 
 @dataclass(frozen=True)
@@ -76,6 +109,14 @@ class VerificationResult:
     signers: dict[str, int] = field(default_factory=dict)
     checkpoint_note: bytes | None = None
     """The bundle's signed checkpoint when valid: keep it for the next --previous-checkpoint."""
+    checkpoint: Checkpoint | None = None
+    checkpoint_signer: PublicIdentity | None = None
+    signing_keys: tuple[SigningKey, ...] = ()
+    pinned_keys: tuple[PublicIdentity, ...] = ()
+    bundle_signer: str | None = None
+    """For WRONG_KEY: the bundle's signer, by fingerprint when its key list names it."""
+    prefix_roots: dict[int, bytes] = field(default_factory=dict)
+    """Merkle roots of the first N records, for each N asked for with ``keep_prefix_sizes``."""
 
     @property
     def ok(self) -> bool:
@@ -84,30 +125,76 @@ class VerificationResult:
 
     @property
     def exit_code(self) -> int:
-        """0 valid, 1 invalid, 2 unreadable."""
+        """0 valid, 1 invalid, 2 unreadable, 3 wrong key."""
         return EXIT_CODES[self.verdict]
 
-    def summary(self) -> str:
-        """One line for a human."""
+    @property
+    def code(self) -> str:
+        """A machine-readable outcome for ``--json``: ``valid``, ``invalid``, ``unreadable``,
+        ``wrong_key``."""
+        return self.verdict.value
+
+    def audit_keys_used(self) -> list[PublicIdentity]:
+        """The pinned keys that signed the checkpoint or a record, in the order pinned."""
+        used = {key.key_id for key in self.signing_keys if key.role == "audit"}
+        if self.checkpoint_signer is not None:
+            used.add(self.checkpoint_signer.key_id)
+        return [key for key in self.pinned_keys if key.key_id in used]
+
+    def summary(self, key_names: KeyNames | None = None) -> str:
+        """One line for a human; ``key_names`` (key id -> file) names the pinned keys."""
+        names = key_names or {}
         if self.ok:
             consistent = "".join(
                 f", consistent with checkpoint at {size}" for size in self.previous_sizes
             )
             span = f" from {self.first_time} to {self.last_time}" if self.first_time else ""
+            used = self.audit_keys_used()
+            signed = ""
+            if used:
+                noun = "audit key" if len(used) == 1 else "audit keys"
+                signed = f"; signed by pinned {noun} " + ", ".join(
+                    _key_label(key, names) for key in used
+                )
             return (
                 f"OK: {self.record_count} records of {self.origin}{span}, "
                 f"{len(self.signers)} signing keys, root {_hex(self.root_hash)}{consistent}"
+                f"{signed}"
             )
         if self.verdict is Verdict.UNREADABLE:
             return f"UNREADABLE: {self.reason}"
+        if self.verdict is Verdict.WRONG_KEY:
+            pinned = ", ".join(_key_label(key, names) for key in self.pinned_keys)
+            are = "keys are" if len(self.pinned_keys) > 1 else "key is"
+            return (
+                f"WRONG KEY: no pinned key signed this bundle: it is signed by "
+                f"{self.bundle_signer}, the pinned {are} {pinned}. Check --key: compare "
+                "'tucdesk-audit key FILE' with 'tucdesk-rendezvous keys show' (or the bundle "
+                "was signed by someone else)"
+            )
         where = f"record {self.bad_seq}" if self.bad_seq is not None else "bundle"
         line = f" (line {self.bad_line})" if self.bad_line is not None else ""
         return f"INVALID: {where}{line}: {self.reason}"
 
-    def to_json(self) -> dict[str, object]:
-        """The result as a JSON-ready dict (``--json``)."""
+    def to_json(self, key_names: KeyNames | None = None) -> dict[str, object]:
+        """The result as a JSON-ready dict (``--json``); ``key_names`` as for ``summary``."""
+        names = key_names or {}
+        used = {key.key_id for key in self.audit_keys_used()}
         return {
             "verdict": self.verdict.value,
+            "code": self.code,
+            "message": self.summary(names),
+            "pinned_keys": [
+                {
+                    "file": names.get(key.key_id),
+                    "fingerprint": key.fingerprint,
+                    "key_id": key.key_id,
+                    "signed": key.key_id in used,
+                }
+                for key in self.pinned_keys
+            ],
+            "signing_keys": [key.to_json() for key in self.signing_keys],
+            "bundle_signer": self.bundle_signer,
             "ok": self.ok,
             "reason": self.reason,
             "bad_seq": self.bad_seq,
@@ -132,6 +219,18 @@ class _Invalid(Exception):
         self.seq = seq
 
 
+class _WrongKey(_Invalid):
+    """Internal: the first signed thing in the bundle (record 0, or the checkpoint of an empty
+    log) is signed by no pinned key. It is reported as a wrong --key only if the bundle's own
+    key list names an audit key that does verify it (``signed_by``); otherwise as INVALID."""
+
+    def __init__(
+        self, reason: str, seq: int | None, signed_by: Callable[[PublicIdentity], bool]
+    ) -> None:
+        super().__init__(reason, seq)
+        self.signed_by = signed_by
+
+
 def load_previous_checkpoint(
     path: Path, audit_keys: Sequence[PublicIdentity]
 ) -> Checkpoint:
@@ -154,24 +253,30 @@ def verify_bundle(
     *,
     previous_checkpoints: Sequence[Checkpoint] = (),
     progress: ProgressCallback | None = None,
+    on_record: RecordCallback | None = None,
+    keep_prefix_sizes: Iterable[int] = (),
 ) -> VerificationResult:
     """Verify a bundle (a path or a binary stream) trusting only ``audit_keys``.
 
     ``previous_checkpoints`` are earlier checkpoints the auditor kept (already verified, see
     load_previous_checkpoint); the bundle must extend each of them. ``progress``, if given, is
-    called every PROGRESS_EVERY_RECORDS records with (records checked, bytes read).
+    called every PROGRESS_EVERY_RECORDS records with (records checked, bytes read);
+    ``on_record`` with each record that passed its checks (trust its findings only if the
+    result is VALID). The result keeps the Merkle root of the first N records for each N in
+    ``keep_prefix_sizes`` the bundle reaches.
     """
     if not audit_keys:
         return VerificationResult(Verdict.UNREADABLE, "no pinned audit key was given")
+    verifier = _Verifier(audit_keys, previous_checkpoints, progress, on_record, keep_prefix_sizes)
     if isinstance(source, (str, Path)):
         try:
             with Path(source).open("rb") as stream:
-                return _Verifier(audit_keys, previous_checkpoints, progress).run(stream)
+                return verifier.run(stream)
         except OSError as error:
             return VerificationResult(
                 Verdict.UNREADABLE, f"{source}: cannot read bundle ({error.strerror})"
             )
-    return _Verifier(audit_keys, previous_checkpoints, progress).run(source)
+    return verifier.run(source)
 
 
 class _Verifier:
@@ -180,14 +285,18 @@ class _Verifier:
         audit_keys: Sequence[PublicIdentity],
         previous: Sequence[Checkpoint],
         progress: ProgressCallback | None = None,
+        on_record: RecordCallback | None = None,
+        keep_prefix_sizes: Iterable[int] = (),
     ) -> None:
         self._audit_keys = list(audit_keys)
         self._progress = progress
+        self._on_record = on_record
         self._bytes_read = 0
         self._trust = SignerTrust(audit_keys)
         self._previous = list(previous)
         self._prefix_roots: dict[int, bytes] = {}
-        self._wanted_sizes = {checkpoint.size for checkpoint in previous}
+        self._kept_sizes = set(keep_prefix_sizes)
+        self._wanted_sizes = {checkpoint.size for checkpoint in previous} | self._kept_sizes
         self._frontier = MerkleFrontier()
         self._header: BundleHeader | None = None
         self._line = 0
@@ -198,12 +307,22 @@ class _Verifier:
         self._checked_sizes: list[int] = []
         self._root: bytes | None = None
         self._checkpoint_note: bytes | None = None
+        self._checkpoint: Checkpoint | None = None
+        self._checkpoint_signer: PublicIdentity | None = None
+        self._bundle_signer: str | None = None
 
     def run(self, stream: BinaryIO) -> VerificationResult:
         try:
-            self._header = self._read_header(stream)
-            self._check_previous_origins()
-            self._verify(stream)
+            try:
+                self._header = self._read_header(stream)
+                self._check_previous_origins()
+                self._verify(stream)
+            except _WrongKey as wrong:
+                signer = _bundle_audit_key(stream, wrong.signed_by)
+                if signer is None:
+                    raise
+                self._bundle_signer = f"audit key {signer.fingerprint}"
+                return self._result(Verdict.WRONG_KEY, "no pinned key signed this bundle")
         except BundleError as error:
             return self._result(Verdict.UNREADABLE, str(error))
         except _Invalid as failure:
@@ -212,10 +331,20 @@ class _Verifier:
             return self._result(Verdict.UNREADABLE, f"reading the bundle failed ({error})")
         return self._result(Verdict.VALID)
 
+    def _signing_keys(self) -> tuple[SigningKey, ...]:
+        keys = []
+        for key_id, records in self._signers.items():
+            described = self._trust.describe(key_id)
+            if described is not None:
+                role, agent_id, key = described
+                keys.append(SigningKey(key_id, role, key.fingerprint, records, agent_id))
+        return tuple(keys)
+
     def _result(
         self, verdict: Verdict, reason: str | None = None, seq: int | None = None
     ) -> VerificationResult:
         header = self._header
+        valid = verdict is Verdict.VALID
         return VerificationResult(
             verdict=verdict,
             reason=reason,
@@ -229,7 +358,17 @@ class _Verifier:
             last_time=None if self._last_time is None else format_time(self._last_time),
             previous_sizes=tuple(self._checked_sizes),
             signers=dict(self._signers),
-            checkpoint_note=self._checkpoint_note if verdict is Verdict.VALID else None,
+            checkpoint_note=self._checkpoint_note if valid else None,
+            checkpoint=self._checkpoint if valid else None,
+            checkpoint_signer=self._checkpoint_signer if valid else None,
+            signing_keys=self._signing_keys(),
+            pinned_keys=tuple(self._audit_keys),
+            bundle_signer=self._bundle_signer,
+            prefix_roots={
+                size: root for size, root in self._prefix_roots.items() if size in self._kept_sizes
+            }
+            if valid
+            else {},
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -244,6 +383,16 @@ class _Verifier:
             raise BundleError("the bundle is empty")
         if len(line) > MAX_BUNDLE_LINE_BYTES:
             raise BundleError("the first line is too long: not a TucDesk audit bundle")
+        if line.startswith(UTF8_BOM):
+            raise BundleError(
+                "the bundle starts with a byte-order mark (an editor or tool added it): "
+                "a bundle is plain UTF-8 without one; use the file as exported"
+            )
+        if line.endswith(b"\r\n"):
+            raise BundleError(
+                "the bundle has CRLF (Windows) line endings: a bundle's lines end with LF only; "
+                "use the file as exported (or convert it back, e.g. with dos2unix)"
+            )
         header = parse_header(line)
         if header.origin.rpartition(ORIGIN_TEAM_SEPARATOR)[2] != header.team_id:
             raise _Invalid("the header's origin does not name its team", None)
@@ -271,12 +420,18 @@ class _Verifier:
             if len(line) > MAX_BUNDLE_LINE_BYTES:
                 raise _Invalid(f"line longer than {MAX_BUNDLE_LINE_BYTES} bytes", seq)
             if not line.endswith(b"\n"):
+                if _is_trailer_line(line):
+                    raise _Invalid(
+                        "the checkpoint line does not end with a newline (the file's final "
+                        "newline was removed, or it was cut short)",
+                        None,
+                    )
                 raise _Invalid("the last line is cut short (truncated?)", seq)
             body = line[:-1]
             try:
                 value = strict_json(body)
             except AuditError as error:
-                raise _Invalid(str(error), seq) from None
+                raise _Invalid(_line_problem(body, error), seq) from None
             # ValueError too: a malformed line must end verification with a reason, never a
             # traceback, even where a library rejects it before our own checks do.
             if is_trailer(value):
@@ -286,20 +441,19 @@ class _Verifier:
                     raise _Invalid(f"checkpoint: {error}", None) from None
                 return
             try:
-                self._verify_record(AuditRecord.from_parsed(value, body), seq)
+                record = AuditRecord.from_parsed(value, body)
+                self._verify_record(record, seq)
             except (AuditError, ProtocolError, ValueError) as error:
-                raise _Invalid(str(error), seq) from None
+                raise _Invalid(_line_problem(body, error), seq) from None
+            if self._on_record is not None:
+                self._on_record(record)
             if progress is not None and (seq + 1) % PROGRESS_EVERY_RECORDS == 0:
                 progress(seq + 1, self._bytes_read)
 
     def _verify_record(self, record: AuditRecord, seq: int) -> None:
         assert self._header is not None
         if record.seq != seq:
-            raise _Invalid(
-                f"sequence number {record.seq} where {seq} was expected "
-                "(a record was deleted, inserted or moved)",
-                seq,
-            )
+            raise _Invalid(self._out_of_sequence(record, seq), seq)
         event = record.event
         if event.team_id != self._header.team_id:
             raise _Invalid(f"record belongs to team {event.team_id!r}", seq)
@@ -313,7 +467,12 @@ class _Verifier:
             )
         if event.occurred_at > record.time + MAX_EVENT_FUTURE_SKEW:
             raise _Invalid("event is dated after the log received it", seq)
-        self._trust.accept(record.signed)
+        try:
+            self._trust.accept(record.signed)
+        except UnknownSigner as error:
+            if not self._signers:  # nothing so far was signed by a pinned key
+                raise _WrongKey(str(error), seq, partial(_signs_record, record)) from None
+            raise
         self._signers[event.signer] = self._signers.get(event.signer, 0) + 1
         self._prev_hash = record.record_hash
         self._last_time = record.time
@@ -323,13 +482,38 @@ class _Verifier:
         if self._frontier.size in self._wanted_sizes:
             self._prefix_roots[self._frontier.size] = self._frontier.root()
 
+    def _out_of_sequence(self, record: AuditRecord, seq: int) -> str:
+        # Records before this one passed the sequence check, so record k sits on line k + 2.
+        if 0 <= record.seq < seq:
+            first_line = record.seq + FIRST_RECORD_LINE
+            if record.seq == seq - 1 and record.record_hash == self._prev_hash:
+                return f"record {record.seq} appears twice (lines {first_line} and {self._line})"
+            return (
+                f"sequence number {record.seq} where {seq} was expected: record {record.seq} "
+                f"is already on line {first_line} (a record was duplicated, inserted or moved)"
+            )
+        return (
+            f"sequence number {record.seq} where {seq} was expected "
+            "(a record was deleted, inserted or moved)"
+        )
+
     def _verify_trailer(self, value: dict[str, object], body: bytes, stream: BinaryIO) -> None:
         assert self._header is not None
         count = self._frontier.size
         trailer = parse_trailer(value, body)
-        if stream.read(1):
-            raise _Invalid("there is data after the checkpoint", None)
-        checkpoint, _ = open_checkpoint(trailer.checkpoint, self._audit_keys)
+        after = stream.read(1)
+        if after:
+            self._line += 1  # report the extra line itself, not the checkpoint's
+            what = "a blank line" if after in (b"\n", b"\r") else "another line"
+            raise _Invalid(f"{what} after the checkpoint (the checkpoint must be last)", None)
+        try:
+            checkpoint, signer = open_checkpoint(trailer.checkpoint, self._audit_keys)
+        except UntrustedNote:
+            if count == 0:  # no record either: nothing at all is signed by a pinned key
+                signed_by = partial(_signs_note, trailer.checkpoint)
+                reason = "checkpoint: no signature by a pinned key"
+                raise _WrongKey(reason, None, signed_by) from None
+            raise
         if checkpoint.origin != self._header.origin:
             raise _Invalid(f"the checkpoint is for {checkpoint.origin}", None)
         if checkpoint.size != count:
@@ -343,6 +527,8 @@ class _Verifier:
             raise _Invalid("the records' Merkle root differs from the signed checkpoint", None)
         self._root = root
         self._checkpoint_note = trailer.checkpoint
+        self._checkpoint = checkpoint
+        self._checkpoint_signer = signer
         if trailer.previous_checkpoint is not None:
             previous, _ = open_checkpoint(trailer.previous_checkpoint, self._audit_keys)
             self._check_extends(previous, checkpoint)
@@ -380,3 +566,76 @@ class _Verifier:
 
 def _hex(value: bytes | None) -> str:
     return "-" if value is None else value.hex()
+
+
+def _line_problem(body: bytes, error: Exception) -> str:
+    """Why a record line was refused, naming the common accidents rather than their symptom."""
+    if body.endswith(b"\r"):
+        return "the line ends with CRLF (a Windows line ending)"
+    if not body:
+        return "a blank line where a record was expected"
+    return str(error)
+
+
+def _key_label(key: PublicIdentity, names: KeyNames) -> str:
+    name = names.get(key.key_id)
+    return f"{key.fingerprint} ({name})" if name else key.fingerprint
+
+
+def _is_trailer_line(line: bytes) -> bool:
+    try:
+        return is_trailer(strict_json(line))
+    except (AuditError, ValueError):
+        return False
+
+
+def _signs_record(record: AuditRecord, key: PublicIdentity) -> bool:
+    try:
+        record.signed.verify(key)
+    except (AuditError, ProtocolError):
+        return False
+    return True
+
+
+def _signs_note(note: bytes, key: PublicIdentity) -> bool:
+    try:
+        open_checkpoint(note, [key])
+    except AuditError:
+        return False
+    return True
+
+
+def _last_line(stream: BinaryIO) -> bytes:
+    """The stream's last line (without its newline): a seekable file's from its end, a pipe's by
+    reading on to its end (bounded per line, nothing kept but the latest line)."""
+    if stream.seekable():
+        end = stream.seek(0, 2)
+        stream.seek(max(0, end - MAX_BUNDLE_LINE_BYTES - 2))
+        return stream.read(MAX_BUNDLE_LINE_BYTES + 2).rstrip(b"\n").rpartition(b"\n")[2]
+    last = b""
+    while line := stream.readline(MAX_BUNDLE_LINE_BYTES + 1):
+        if line.strip():
+            last = line.rstrip(b"\n")
+    return last
+
+
+def _bundle_audit_key(
+    stream: BinaryIO, signed_by: Callable[[PublicIdentity], bool]
+) -> PublicIdentity | None:
+    """The audit key the bundle's own key list names that signed what no pinned key did, read
+    from the bundle's last line only to name it (never trusted); None if there is none."""
+    try:
+        last = _last_line(stream)
+    except (OSError, ValueError):
+        return None
+    try:
+        value = strict_json(last)
+        if not isinstance(value, dict) or not is_trailer(value):
+            return None
+        hints = parse_trailer(value, last).keys
+    except (AuditError, ProtocolError, ValueError):
+        return None
+    for hint in hints:
+        if hint.role == "audit" and signed_by(hint.public_key):
+            return hint.public_key
+    return None

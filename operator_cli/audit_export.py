@@ -90,19 +90,53 @@ def is_stream(output: Path) -> bool:
     return output.exists() and not output.is_file() and not output.is_dir()
 
 
+class ExportNotWritten(OSError):
+    """The bundle cannot be written to the file the user named (the message names that file,
+    never the temporary one beside it)."""
+
+    def __init__(self, output: Path, error: OSError) -> None:
+        super().__init__(f"cannot write {output}: {error.strerror or error}")
+        self.errno = error.errno
+
+
 def receive_into_place(receiver: ExportReceiver, response: Response, output: Path) -> None:
-    """Download into a 0600 temporary file beside ``output``, renamed over it once complete."""
+    """Download into a 0600 temporary file beside ``output``, renamed over it once complete;
+    ExportNotWritten (naming ``output``) if the file cannot be created or written."""
     destination = Path(os.path.realpath(output))  # write through a symlink, as open() would
-    fd, temporary_name = tempfile.mkstemp(
-        dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
-    )
-    temporary = Path(temporary_name)
+    temporary: Path | None = None
     try:
+        try:
+            fd, temporary_name = tempfile.mkstemp(
+                dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
+            )
+        except OSError as error:
+            raise ExportNotWritten(output, error) from None
+        temporary = Path(temporary_name)
         with os.fdopen(fd, "wb") as sink:
-            receiver.receive(response, sink)
-            sink.flush()
-            os.fsync(sink.fileno())
-        os.replace(temporary, destination)
+            try:
+                # Network failures arrive as ExportIncomplete: an OSError here is the disk's.
+                receiver.receive(response, sink)
+                sink.flush()
+                os.fsync(sink.fileno())
+            except OSError as error:
+                raise ExportNotWritten(output, error) from None
+        try:
+            os.replace(temporary, destination)
+        except OSError as error:
+            raise ExportNotWritten(output, error) from None
     except BaseException:
-        temporary.unlink(missing_ok=True)
+        # Also a Ctrl-C that lands just after the file was created.
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
         raise
+
+
+def verify_hint(output: Path | None) -> str:
+    """What `tucdesk audit export` says at its end: how to verify the file, and how to check
+    the pinned key's fingerprint out of band first."""
+    bundle = output if output is not None else "BUNDLE"
+    return (
+        f"check it with: tucdesk-audit verify {bundle} --key AUDIT_KEY; first compare "
+        "'tucdesk-audit key AUDIT_KEY' with the audit-signer fingerprint from "
+        "'tucdesk-rendezvous keys show' (or your administrator)"
+    )

@@ -685,6 +685,7 @@ def _audit_export(args: argparse.Namespace, home: CliHome) -> int:
         ExportReceiver,
         is_stream,
         receive_into_place,
+        verify_hint,
     )
 
     output: Path | None = args.output
@@ -725,8 +726,7 @@ def _audit_export(args: argparse.Namespace, home: CliHome) -> int:
     finally:
         session.close()
     if output is not None:
-        print(f"wrote {output} ({receiver.lines} lines); check it with: tucdesk-audit verify "
-              f"{output} --key AUDIT_KEY", file=sys.stderr)
+        print(f"wrote {output} ({receiver.lines} lines); {verify_hint(output)}", file=sys.stderr)
     return EXIT_OK
 
 

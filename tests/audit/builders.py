@@ -57,6 +57,7 @@ def agent_event(
     agent_id: str = AGENT_ID,
     team: str = TEAM,
     context: dict[str, object] | None = None,
+    session_id: str = "s-1",
 ) -> SignedEvent:
     """An event signed on the host by an agent."""
     event = AuditEvent(
@@ -65,7 +66,7 @@ def agent_event(
         actor=Actor(ActorKind.AGENT, agent_id, "web-1"),
         action=action,
         signer=key.public.key_id,
-        session_id="s-1",
+        session_id=session_id,
         context=context or {"command": "uname -a", "exit_code": 0},  # type: ignore[arg-type]
     )
     return sign_event(key, event)

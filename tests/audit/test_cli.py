@@ -78,9 +78,18 @@ def test_tampered_bundle_exits_one_naming_the_record(
     )
 
 
-def test_unpinned_key_exits_one(files: dict[str, Path], capsys: pytest.CaptureFixture[str]) -> None:
+def test_wrong_key_exits_three_naming_both_fingerprints(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     code, out, _ = run(["verify", str(files["bundle"]), "--key", str(files["other"])], capsys)
-    assert code == 1 and "record 0" in out and "neither pinned" in out
+    assert code == 3 and out.startswith("WRONG KEY: no pinned key signed this bundle")
+    assert f"signed by audit key {AUDIT_KEY.public.fingerprint}" in out
+    assert f"{OTHER_KEY.public.fingerprint} ({files['other']})" in out
+    code, out, _ = run(
+        ["verify", str(files["bundle"]), "--key", str(files["other"]), "--json"], capsys
+    )
+    result = json.loads(out)
+    assert code == 3 and result["code"] == "wrong_key" and result["ok"] is False
 
 
 def test_json_output_is_structured(
@@ -123,7 +132,10 @@ def test_help_describes_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["verify", "--help"])
     assert exit_info.value.code == 0
-    assert "Exit status: 0" in capsys.readouterr().out
+    help_text = capsys.readouterr().out
+    for line in ("  0    OK", "  1    INVALID", "  2    UNREADABLE", "  3    WRONG KEY", "  4  ",
+                 "  130  interrupted", "wrong_key", "checkpoint_not_saved"):  # fmt: skip
+        assert line in help_text
 
 
 def test_installed_console_script_verifies(files: dict[str, Path]) -> None:
@@ -168,4 +180,4 @@ def test_invalid_bundle_does_not_save_a_checkpoint(
     saved = tmp_path / "last.note"
     argv = ["verify", str(files["bundle"]), "--key", str(files["other"])]
     code, _, _ = run([*argv, "--save-checkpoint", str(saved)], capsys)
-    assert code == 1 and not saved.exists()
+    assert code == 3 and not saved.exists()

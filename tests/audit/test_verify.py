@@ -140,7 +140,15 @@ def test_reordered_and_rechained_records_are_detected_by_the_checkpoint(
 def test_duplicated_record_is_detected(exported: Exported) -> None:
     lines = exported.lines()
     lines.insert(3, lines[2])
-    assert_invalid(verify(b"".join(lines)), 2, "sequence number 1 where 2 was expected")
+    assert_invalid(verify(b"".join(lines)), 2, "record 1 appears twice (lines 3 and 4)")
+
+
+def test_a_record_repeated_later_names_where_it_first_was(exported: Exported) -> None:
+    lines = exported.lines()
+    lines.insert(4, lines[1])  # record 0 again, after record 2
+    result = verify(b"".join(lines))
+    assert_invalid(result, 3, "where 3 was expected: record 0 is already on line 2")
+    assert result.bad_line == 5
 
 
 def test_inserted_and_rechained_record_is_detected_by_the_checkpoint(exported: Exported) -> None:
@@ -226,9 +234,42 @@ def test_checkpoint_signed_by_an_unpinned_key_is_detected(exported: Exported) ->
     assert_invalid(verify(b"".join(lines)), None, "no signature by a pinned key")
 
 
-def test_pinning_only_the_wrong_key_fails_every_record(exported: Exported) -> None:
+def test_pinning_only_the_wrong_key_is_reported_as_a_wrong_key(exported: Exported) -> None:
     result = verify_bundle(io.BytesIO(exported.bundle), [OTHER_KEY.public])
-    assert_invalid(result, 0, "neither pinned")
+    assert result.verdict is Verdict.WRONG_KEY and result.exit_code == 3
+    assert result.bundle_signer == f"audit key {AUDIT_KEY.public.fingerprint}"
+    summary = result.summary({OTHER_KEY.public.key_id: "other.pub"})
+    assert summary.startswith("WRONG KEY: no pinned key signed this bundle")
+    assert f"{OTHER_KEY.public.fingerprint} (other.pub)" in summary
+    assert result.to_json()["code"] == "wrong_key"
+
+
+def test_wrong_key_is_recognised_in_a_bundle_read_from_a_pipe(exported: Exported) -> None:
+    class Pipe(io.BytesIO):
+        def seekable(self) -> bool:
+            return False
+
+    result = verify_bundle(Pipe(exported.bundle), [OTHER_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY
+    assert result.bundle_signer == f"audit key {AUDIT_KEY.public.fingerprint}"
+
+
+def test_wrong_key_on_an_empty_log_is_reported_as_a_wrong_key() -> None:
+    result = verify_bundle(io.BytesIO(export_bundle(new_log())), [OTHER_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY, result.summary()
+
+
+def test_record_zero_signed_by_a_key_the_bundle_does_not_vouch_for_is_invalid(
+    exported: Exported,
+) -> None:
+    # A forger's own key is named nowhere as the bundle's audit key: tampering, not a wrong key.
+    lines = exported.lines()
+    record = json.loads(lines[1])
+    event = AuditEvent.from_json(record["event"])
+    forged = sign_event(OTHER_KEY, dataclasses.replace(event, signer=OTHER_KEY.public.key_id))
+    record.update(forged.to_json())
+    lines[1] = rfc8785.dumps(record) + b"\n"
+    assert_invalid(verify(b"".join(lines)), 0, "neither pinned")
 
 
 def test_agent_record_without_an_earlier_registration_is_refused() -> None:
@@ -452,3 +493,40 @@ def test_lone_surrogates_in_header_or_trailer_are_refused_not_crashed_on(
         b'{"checkpoint":"\\ud800","consistency_proof":[],"keys":[],"previous_checkpoint":null}\n'
     )
     assert_invalid(verify(lines[0] + trailer), None, "no UTF-8 encoding")
+
+
+# ---- where a damaged bundle is reported ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "what"), [(b"\n", "a blank line"), (b'{"seq":1}\n', "another line")]
+)
+def test_a_line_after_the_checkpoint_is_reported_on_its_own_line(
+    extra: bytes, what: str, exported: Exported
+) -> None:
+    lines = exported.lines()
+    result = verify(exported.bundle + extra)
+    assert_invalid(result, None, f"{what} after the checkpoint")
+    assert result.bad_line == len(lines) + 1
+
+
+def test_a_missing_final_newline_names_the_checkpoint_line(exported: Exported) -> None:
+    result = verify(exported.bundle[:-1])
+    assert_invalid(result, None, "the checkpoint line does not end with a newline")
+    assert result.bad_line == len(exported.lines())
+    assert "record" not in result.summary()
+
+
+def test_crlf_line_endings_are_named(exported: Exported) -> None:
+    result = verify(exported.bundle.replace(b"\n", b"\r\n"))
+    assert result.verdict is Verdict.UNREADABLE and "CRLF (Windows) line endings" in (
+        result.reason or ""
+    )
+    lines = exported.lines()
+    lines[2] = lines[2][:-1] + b"\r\n"
+    assert_invalid(verify(b"".join(lines)), 1, "the line ends with CRLF")
+
+
+def test_a_byte_order_mark_is_named(exported: Exported) -> None:
+    result = verify(b"\xef\xbb\xbf" + exported.bundle)
+    assert result.verdict is Verdict.UNREADABLE and "byte-order mark" in (result.reason or "")

@@ -23,6 +23,7 @@ import trio
 
 from audit.progress import ERASE_LINE
 from audit.verify import verify_bundle
+from operator_cli.audit_export import verify_hint
 from operator_cli.home import CliHome, Settings
 from operator_cli.main import main
 from rendezvous.credentials import hash_secret, new_invite_code
@@ -279,8 +280,25 @@ async def test_export_from_the_real_service_lands_whole_with_progress(
     assert err.startswith(ERASE_LINE + "downloading audit export: ")
     lines = target.read_bytes().count(b"\n")
     assert f"{ERASE_LINE}wrote {target} ({lines} lines); check it with: " in err
-    assert err.endswith(" --key AUDIT_KEY\n") and err.count("\n") == 1
+    assert err.endswith(" (or your administrator)\n") and err.count("\n") == 1
     audit_key = load_service_keys(config.data_dir).audit_signer.public
     verified = verify_bundle(target, [audit_key])
     assert verified.ok and verified.record_count >= 3, verified.summary()
     assert stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def test_an_unwritable_destination_is_named_not_the_temporary_file(
+    service: FakeService, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    target = tmp_path / "no-such-dir" / "x.jsonl"
+    code, _, err = export(service, capsysbinary, "-o", str(target))
+    assert code == 1
+    # endswith: the fake service's thread may log the connection the CLI dropped, before it.
+    assert err.endswith(f"tucdesk: cannot write {target}: No such file or directory\n")
+    assert ".partial" not in err
+
+
+def test_the_verify_hint_says_how_to_check_the_key_fingerprint() -> None:
+    hint = verify_hint(Path("x.jsonl"))
+    assert "tucdesk-audit verify x.jsonl --key AUDIT_KEY" in hint
+    assert "tucdesk-audit key AUDIT_KEY" in hint and "tucdesk-rendezvous keys show" in hint
