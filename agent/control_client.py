@@ -34,6 +34,22 @@ the next one. Sending is at least once, but the log holds each event once: the r
 identifies an event by the SHA-256 of its signed content, so a resend of one already stored (its
 ack lost with the channel) is acknowledged again without a second record. Delivery into the log
 is therefore effectively exactly once.
+
+Events also survive the daemon stopping. Each is written to a spool in the state dir
+(agent/event_spool.py, one 0600 file per event) when it is queued and removed once acknowledged
+(or refused for good); a restarted daemon sends what its predecessor left there. On a clean stop
+(``run`` cancelled: SIGTERM, SIGINT) the channel is not cut at once: the client waits, at most
+SHUTDOWN_DRAIN_SECONDS, for the sessions it was told about (``live_sessions``) to finish their
+teardown and for every queued event to be acknowledged, then closes the WebSocket normally.
+
+After every welcome from a rendezvous that lists ``live_sessions`` in its ``features``, the
+agent sends ``{"type": "live_sessions", "ids": [...]}``: the sessions this process is running
+(from the offer it acknowledged to the end of the session). The rendezvous ends this agent's
+earlier sessions that are not in it (a restarted process can never continue them;
+docs/sessions.md §3). The report goes once the audit events queued before the welcome are
+acknowledged, so a ``session.ended`` an earlier run spooled ends its session with the agent's
+own account, not as lost. A process running more than MAX_REPORTED_SESSIONS sends no report
+rather than an incomplete one.
 """
 
 from __future__ import annotations
@@ -45,7 +61,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +79,7 @@ from trio_websocket import (
 from agent.connection_failure import describe_connection_failure, root_causes
 from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
 from agent.errors import ControlChannelError
+from agent.event_spool import EventSpool
 from agent.server_address import control_channel_url, tls_context
 from agent.state_file import AgentState
 from agent.status import DaemonStatus, write_status
@@ -96,12 +113,26 @@ TLS_DIAGNOSIS_TIMEOUT_SECONDS = 5.0
 AGENT_REMOVED_CLOSE_CODE = 4403
 REMOVED_RETRY_SECONDS = 3600.0
 MAX_ERROR_TEXT = 300
+# On a clean stop: how long to wait for sessions to finish their teardown and for every queued
+# audit event to be acknowledged before the channel closes anyway (the spool keeps the rest).
+SHUTDOWN_DRAIN_SECONDS = 5.0
+# While draining, how often to look again at the sessions (their end queues no event if it was
+# cancelled before the session started).
+DRAIN_CHECK_SECONDS = 0.05
+# The live_sessions report: at most this many ids (the rendezvous takes at most as many), and
+# only if the rendezvous's welcome says it understands the message.
+MAX_REPORTED_SESSIONS = 256
+MAX_REPORT_BYTES = 12 * 1024
+LIVE_SESSIONS_FEATURE = "live_sessions"
 
 OfferHandler = Callable[[dict[str, Any]], None]
 """Called with each ``session_offer`` message; must not block (start a task and return)."""
 
 PolicyBundleHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
 """Called with each ``policy_bundle`` message; returns the reply to send, if any."""
+
+LiveSessions = Callable[[], Collection[str]]
+"""The ids of the sessions this process runs now (agent/session_host.py live_session_ids)."""
 
 
 class ReconnectBackoff:
@@ -143,6 +174,7 @@ class ChannelInfo:
     issuer: str | None = None
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
     connection_id: str | None = None
+    features: frozenset[str] = frozenset()
 
 
 class ControlClient:
@@ -160,8 +192,17 @@ class ControlClient:
         clock: Callable[[], float] = time.time,
         on_policy_bundle: PolicyBundleHandler | None = None,
         connection_file: Path | None = None,
+        event_spool: EventSpool | None = None,
+        live_sessions: LiveSessions | None = None,
     ) -> None:
         self._state = state
+        self._spool = event_spool
+        self._spooled: set[str] = set()
+        self._live_sessions = live_sessions
+        # Events queued before this connection's welcome that the live_sessions report waits for.
+        self._report_after: set[str] | None = None
+        self._stopping = trio.Event()
+        self._audit_progress = trio.Event()
         self._connection_file = connection_file
         self._on_policy_bundle = on_policy_bundle
         self._identity: SigningIdentity = state.identity()
@@ -194,6 +235,8 @@ class ControlClient:
         self.acknowledged_audit_events = 0
         self.last_connected_at: float | None = None
         self.last_error: str | None = None
+        if event_spool is not None:
+            self._load_spool(event_spool)
 
     # ---- what the rest of the agent uses -------------------------------------------------
 
@@ -221,18 +264,52 @@ class ControlClient:
         await self._disconnected.wait()
 
     def send_audit_event(self, event: SignedEvent) -> None:
-        """Queue a signed audit event until it is acknowledged; oldest dropped past the bound."""
+        """Queue a signed audit event (and spool it) until it is acknowledged; oldest dropped
+        past the bound."""
         if self.pending_audit_events >= MAX_AUDIT_BACKLOG and self._audit_backlog:
-            self._audit_backlog.popleft()
+            dropped = self._audit_backlog.popleft()
+            self._forget_spooled(dropped["id"])
+            if self._report_after is not None:
+                self._report_after.discard(dropped["id"])
+                self._send_report_when_due()
             self.dropped_audit_events += 1
             logger.warning(
                 "audit backlog full (%d events): dropped the oldest event", MAX_AUDIT_BACKLOG
             )
-        self._audit_ids += 1
-        self._audit_backlog.append(
-            {"type": "audit_event", "id": f"ev{self._audit_ids}", "event": event.to_json()}
-        )
+        content = event.to_json()
+        event_id = self._spool.add(content) if self._spool is not None else None
+        if event_id is not None:
+            self._spooled.add(event_id)
+        else:
+            # Never the shape of a spool key, so the two kinds of id cannot meet.
+            self._audit_ids += 1
+            event_id = f"m{self._audit_ids}"
+        self._audit_backlog.append({"type": "audit_event", "id": event_id, "event": content})
         self._wakeup.set()
+        self._audit_progress.set()
+
+    def _load_spool(self, spool: EventSpool) -> None:
+        try:
+            spooled = spool.load()
+        except OSError as error:
+            logger.warning(
+                "cannot read the audit spool %s (%s): events an earlier run left there are not "
+                "sent", spool.directory, error.strerror or error,
+            )  # fmt: skip
+            return
+        for key, content in spooled[-MAX_AUDIT_BACKLOG:]:
+            self._spooled.add(key)
+            self._audit_backlog.append({"type": "audit_event", "id": key, "event": content})
+        if spooled:
+            logger.info(
+                "%d audit event(s) an earlier run did not get acknowledged are sent again",
+                len(spooled),
+            )
+
+    def _forget_spooled(self, event_id: str) -> None:
+        if event_id in self._spooled and self._spool is not None:
+            self._spooled.discard(event_id)
+            self._spool.remove(event_id)
 
     def send_message(self, message: dict[str, Any]) -> bool:
         """Queue a message for the current connection; False (dropped) while disconnected."""
@@ -245,13 +322,42 @@ class ControlClient:
     # ---- the connection loop -------------------------------------------------------------
 
     async def run(self) -> None:
-        """Connect, serve, and reconnect with backoff and jitter, until cancelled."""
-        while True:
+        """Connect, serve, and reconnect with backoff and jitter, until cancelled.
+
+        Cancelled while connected, it drains first (at most SHUTDOWN_DRAIN_SECONDS): the
+        connection is shielded from the cancellation until the sessions have ended and their
+        audit events are acknowledged, then closed normally.
+        """
+        work = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._run_shielded, work)
+            try:
+                await trio.sleep_forever()
+            finally:
+                self._begin_stop(work)
+
+    def _begin_stop(self, work: trio.CancelScope) -> None:
+        self._stopping.set()
+        self._wakeup.set()
+        if self.is_connected:
+            work.deadline = min(work.deadline, trio.current_time() + SHUTDOWN_DRAIN_SECONDS)
+        else:
+            # Nothing to drain into: the spool keeps what is queued for the next start.
+            work.cancel()
+
+    async def _run_shielded(self, work: trio.CancelScope) -> None:
+        with work:
+            await self._reconnect_loop()
+
+    async def _reconnect_loop(self) -> None:
+        while not self._stopping.is_set():
             removed = False
             try:
                 await self.serve_once()
                 self.last_error = "the rendezvous closed the control channel"
             except Exception as error:  # noqa: BLE001 - the daemon must outlive any one connection
+                if self._stopping.is_set():
+                    return
                 reason = _describe(error, self._ca_file)
                 removed = _closed_as_removed(error)
                 handshake_failed = any(
@@ -272,13 +378,19 @@ class ControlClient:
                     "new registration key, then restart); trying again in %.0fs",
                     self._state.server_url, self.last_error, delay,
                 )  # fmt: skip
-                await trio.sleep(delay)
+                await self._sleep_unless_stopping(delay)
                 continue
+            if self._stopping.is_set():
+                return
             logger.warning(
                 "control channel to %s is down (%s); reconnecting in %.1fs",
                 self._state.server_url, self.last_error, delay,
             )
-            await trio.sleep(delay)
+            await self._sleep_unless_stopping(delay)
+
+    async def _sleep_unless_stopping(self, delay: float) -> None:
+        with trio.move_on_after(delay):
+            await self._stopping.wait()
 
     async def _tls_failure(self) -> str | None:
         """Why a TLS handshake with the rendezvous fails, or None if it succeeds (or times out)."""
@@ -322,6 +434,7 @@ class ControlClient:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._send_loop, websocket)
                     nursery.start_soon(self._heartbeat_loop)
+                    nursery.start_soon(self._drain_when_stopping, nursery.cancel_scope)
                     await self._receive_loop(websocket)
                     nursery.cancel_scope.cancel()
             finally:
@@ -355,6 +468,7 @@ class ControlClient:
         if welcome.get("type") != "welcome" or welcome.get("agent_id") != self._state.agent_id:
             raise ControlChannelError("the rendezvous did not welcome this agent")
         connection_id = welcome.get("connection_id")
+        features = welcome.get("features")
         self.info = ChannelInfo(
             issuer=audience,
             heartbeat_seconds=min(
@@ -364,6 +478,10 @@ class ControlClient:
                 connection_id
                 if isinstance(connection_id, str) and is_connection_id(connection_id)
                 else None
+            ),
+            features=frozenset(
+                item for item in (features if isinstance(features, list) else [])[:32]
+                if isinstance(item, str)
             ),
         )
 
@@ -397,6 +515,12 @@ class ControlClient:
         if not isinstance(event_id, str) or event_id not in self._audit_in_flight:
             return
         del self._audit_in_flight[event_id]
+        # Acknowledged as durable, or refused as never storable: either way not sent again.
+        self._forget_spooled(event_id)
+        self._audit_progress.set()
+        if self._report_after is not None:
+            self._report_after.discard(event_id)
+            self._send_report_when_due()
         if message["type"] == "audit_event_ack":
             self.acknowledged_audit_events += 1
         else:
@@ -405,6 +529,48 @@ class ControlClient:
                 "the rendezvous refused an audit event: %s", str(message.get("reason"))[:200]
             )
         self._wakeup.set()
+
+    async def _drain_when_stopping(self, connection_scope: trio.CancelScope) -> None:
+        """Once the daemon stops: wait for the sessions to end and every event to be
+        acknowledged (``run`` bounds the wait), then end the connection normally."""
+        await self._stopping.wait()
+        logger.info(
+            "stopping: waiting up to %.0fs for %d session(s) to end and %d audit event(s) to be "
+            "acknowledged", SHUTDOWN_DRAIN_SECONDS, self._live_count(), self.pending_audit_events,
+        )  # fmt: skip
+        while self._live_count() or self.pending_audit_events:
+            self._audit_progress = trio.Event()
+            with trio.move_on_after(DRAIN_CHECK_SECONDS):
+                await self._audit_progress.wait()
+        connection_scope.cancel()
+
+    def _send_report_when_due(self) -> None:
+        if self._report_after is None or self._report_after or not self.is_connected:
+            return
+        self._report_after = None
+        report = self._live_sessions_report()
+        if report is not None:
+            self._messages.append(report)
+            self._wakeup.set()
+
+    def _live_count(self) -> int:
+        return 0 if self._live_sessions is None else len(self._live_sessions())
+
+    def _live_sessions_report(self) -> dict[str, Any] | None:
+        """The ``live_sessions`` message for a new connection, or None (not understood, or
+        too many to report whole: an incomplete list would end running sessions)."""
+        if self._live_sessions is None or LIVE_SESSIONS_FEATURE not in self.info.features:
+            return None
+        ids = sorted(self._live_sessions())
+        report = {"type": "live_sessions", "ids": ids}
+        if len(ids) > MAX_REPORTED_SESSIONS or len(json.dumps(report)) > MAX_REPORT_BYTES:
+            logger.warning(
+                "running %d sessions, more than a live_sessions report holds: not reporting "
+                "(sessions an earlier run of this agent left open stay open in the list)",
+                len(ids),
+            )  # fmt: skip
+            return None
+        return report
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -440,8 +606,13 @@ class ControlClient:
         self.last_error = None
         self._backoff.reset()
         self._messages.clear()
+        # The report goes once the events queued before now are acknowledged: a session.ended
+        # an earlier run left in the spool then ends its session with the agent's own reason,
+        # not as lost.
+        self._report_after = {message["id"] for message in self._audit_backlog}
         self._disconnected = trio.Event()
         self._connected.set()
+        self._send_report_when_due()
         self._write_status()
         logger.info(
             "control channel to %s is up (connection %s)",
@@ -449,6 +620,7 @@ class ControlClient:
         )
 
     def _on_disconnected(self) -> None:
+        self._report_after = None
         self._connected = trio.Event()
         self._disconnected.set()
         self._messages.clear()

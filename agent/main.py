@@ -32,6 +32,7 @@ from agent.control_client import ControlClient, ReconnectBackoff
 from agent.daemon_lock import acquire_daemon_lock
 from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys, prepare_state_dir
 from agent.errors import AgentError, ConfigError
+from agent.event_spool import SPOOL_DIR_NAME, EventSpool
 from agent.grant_policy import GrantPolicy
 from agent.machine_identity import (
     MachineIdentifiers,
@@ -536,6 +537,8 @@ async def run_daemon(
                 connection_file=config.connection_file,
                 backoff=ReconnectBackoff(cap=config.reconnect_cap_seconds),
                 on_policy_bundle=policy_cache.answer_bundle_message,
+                event_spool=EventSpool(config.state_dir / SPOOL_DIR_NAME),
+                live_sessions=host.live_session_ids,
             )
             client_box.append(client)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)

@@ -199,6 +199,11 @@ class SessionHost:
         self._offered: set[str] = set()
         self.active_sessions = 0
 
+    def live_session_ids(self) -> frozenset[str]:
+        """The sessions this process runs now: from the offer it acknowledged to the session's
+        end (the control channel reports them on each connect and waits for them on a stop)."""
+        return frozenset(self._offered)
+
     def offer_handler(self, nursery: trio.Nursery) -> Callable[[dict[str, Any]], None]:
         """A control-channel offer callback that runs each accepted offer under ``nursery``."""
 

@@ -7,7 +7,8 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    agent_id, public_key, challenge, audience, machine_fingerprint, and optionally replaces>}``;
    ``replaces`` is the ``connection_id`` of the last connection this agent was welcomed on,
    kept across restarts in its state dir (absent on its first connection).
-3. server -> ``{"type": "welcome", "agent_id", "connection_id"}`` or closes with a reason
+3. server -> ``{"type": "welcome", "agent_id", "connection_id", "features"}`` or closes with a
+   reason; ``features`` lists the optional messages this server understands (WELCOME_FEATURES)
 4. agent -> ``{"type": "heartbeat"}`` at least every heartbeat period; server ->
    ``{"type": "heartbeat_ack"}``. Silence past the heartbeat timeout closes the channel, and so
    does a heartbeat on a connection that is no longer recorded (superseded, see below).
@@ -23,7 +24,16 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    ``{"type": "audit_event_ack", "id"}`` once durable, or
    ``{"type": "audit_event_refused", "id", "reason"}`` (never storable), or
    ``{"type": "audit_event_failed", "id", "reason"}`` (not stored now; send it again later).
-   ``id`` echoes the agent's, if any.
+   ``id`` echoes the agent's, if any. An agent-signed ``session.ended`` also moves the session
+   row to ended, and ``session.refused`` to refused with the agent's reason (from offered or
+   accepted).
+7. agent -> ``{"type": "live_sessions", "ids": [...]}`` (at most MAX_LIVE_SESSION_IDS), after
+   a welcome listing ``live_sessions`` in its ``features``: the sessions the agent process
+   runs now. This agent's offered or accepted sessions that are not listed end as
+   ``agent_lost`` (audited ``session.ended`` by the rendezvous): a restarted agent process can
+   never continue its predecessor's sessions. Spared: sessions created after the report
+   arrived, offers sent down this very channel (they may have crossed the report on the wire),
+   and offers not yet expired (they may be in flight elsewhere; they expire on their own).
 
 One identity live twice, or presenting another machine fingerprint than it registered with, is
 flagged as a clone anomaly (audit record and metric). A reconnect is not a clone: when the
@@ -54,6 +64,7 @@ import json
 import logging
 import re
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -67,12 +78,13 @@ from protocol.domains import Purpose
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
 from protocol.signed_payload import unverified_fields
-from rendezvous.audit_trail import Action, agent_actor
+from rendezvous.audit_trail import Action, agent_actor, service_actor
 from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
 from rendezvous.offer_bus import announce_superseded
 from rendezvous.policy_distribution import policy_message
 from rendezvous.store import NotFound, SessionState, StoreError
+from rendezvous.store.base import SessionQuery
 
 if TYPE_CHECKING:
     from rendezvous.context import ServiceContext
@@ -112,6 +124,16 @@ AGENT_SIGNED_ACTIONS = frozenset(
         AuditAction.SESSION_REFUSED,
     }
 )
+# What the welcome says this rendezvous understands beyond the base protocol.
+WELCOME_FEATURES = ("live_sessions",)
+# A live_sessions report lists at most this many ids (agent/control_client.py sends no report
+# rather than a longer one); one report ends at most MAX_LOST_SESSIONS_PER_REPORT sessions (the
+# rest at the next report).
+MAX_LIVE_SESSION_IDS = 256
+MAX_LOST_SESSIONS_PER_REPORT = 500
+# Offers sent down one channel that a report on it never ends, remembered per channel.
+MAX_TRACKED_OFFERS = 1024
+AGENT_LOST = "agent_lost"
 # Outcomes of tucdesk_agent_audit_events_total.
 AGENT_EVENT_STORED = "stored"
 AGENT_EVENT_ALREADY_HELD = "already_held"
@@ -149,6 +171,15 @@ class LiveChannel:
     closed: trio.Event = field(default_factory=trio.Event)
     superseded: bool = False  # ended because the agent reconnected naming this connection
     removed: bool = False  # ended because an admin removed the agent
+    # Sessions offered down this channel (newest last, bounded): the agent may not have had
+    # them yet when it sent its live_sessions report, so the report never ends them.
+    offered: OrderedDict[str, None] = field(default_factory=OrderedDict)
+
+    def note_offer(self, session_id: str) -> None:
+        """Remember that ``session_id`` was offered down this channel."""
+        self.offered[session_id] = None
+        while len(self.offered) > MAX_TRACKED_OFFERS:
+            self.offered.popitem(last=False)
 
 
 class AgentConnections:
@@ -172,6 +203,9 @@ class AgentConnections:
         """
         for channel in reversed(self.channels(team_id, agent_id)):
             try:
+                if message.get("type") == "session_offer":
+                    # Before it is queued: the report that must spare it may come at once.
+                    channel.note_offer(str(message.get("session_id")))
                 channel.outgoing.send_nowait(message)
                 return True
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -391,7 +425,12 @@ async def _hold(
     try:
         with trio.fail_after(SEND_TIMEOUT_SECONDS):
             await websocket.send_json(
-                {"type": "welcome", "agent_id": agent.id, "connection_id": connection_id}
+                {
+                    "type": "welcome",
+                    "agent_id": agent.id,
+                    "connection_id": connection_id,
+                    "features": list(WELCOME_FEATURES),
+                }
             )
             latest = await ctx.store.latest_policy_bundle(agent.team_id)
             if latest is not None:
@@ -486,6 +525,12 @@ async def _receive_loop(
             reply = await _append_agent_event(ctx, agent, message)
             with trio.fail_after(SEND_TIMEOUT_SECONDS):
                 await websocket.send_json(reply)
+        elif kind == "live_sessions":
+            try:
+                await _end_lost_sessions(ctx, agent, channel, message)
+            except (ServiceError, StoreError) as error:
+                # They stay open in the list until the agent's next report.
+                logger.warning("ending lost sessions failed: %s", type(error).__name__)
         elif kind in ("policy_applied", "policy_refused"):
             try:
                 await _record_policy_answer(ctx, agent, message)
@@ -523,6 +568,67 @@ async def _answer_offer(ctx: ServiceContext, agent: Agent, message: dict[str, An
         agent.team_id, agent.id, session_id, state, reason or None, ctx.now(),
         from_states=(SessionState.OFFERED,),
     )  # fmt: skip
+
+
+async def _end_lost_sessions(
+    ctx: ServiceContext, agent: Agent, channel: LiveChannel, message: dict[str, Any]
+) -> int:
+    """End (``agent_lost``) the agent's open sessions its live_sessions report does not list
+    and that cannot still be on their way to it; how many."""
+    ids = message.get("ids")
+    if (
+        not isinstance(ids, list)
+        or len(ids) > MAX_LIVE_SESSION_IDS
+        or not all(isinstance(i, str) and 0 < len(i) <= MAX_SESSION_ID_LENGTH for i in ids)
+    ):
+        raise ChannelRefused(
+            f"a live_sessions report must list at most {MAX_LIVE_SESSION_IDS} session ids"
+        )
+    reported_at = ctx.now()
+    live = set(ids)
+    listing = await ctx.store.session_listing(
+        agent.team_id,
+        SessionQuery(
+            limit=MAX_LOST_SESSIONS_PER_REPORT,
+            states=(SessionState.OFFERED, SessionState.ACCEPTED),
+            agent_id=agent.id,
+        ),
+    )
+    lost = [
+        listed.session
+        for listed in listing.sessions
+        if listed.session.id not in live
+        and listed.session.id not in channel.offered
+        and listed.session.created_at <= reported_at
+        and (
+            listed.session.state is SessionState.ACCEPTED
+            or listed.session.expires_at < reported_at
+        )
+    ]
+    ended = 0
+    for listed_session in lost:
+        # Read again, just before the record: the listing may predate an answer since.
+        session = await ctx.store.get_session(agent.team_id, listed_session.id)
+        if session is None or session.state is not listed_session.state:
+            continue
+        # Audited before the row changes, like every other decision.
+        await ctx.audit.record(
+            agent.team_id, actor=service_actor(), action=Action.SESSION_ENDED,
+            target=agent.id, session_id=session.id,
+            details={
+                "reason": AGENT_LOST, "state": session.state.value,
+                "operator_id": session.operator_id, "connection_id": channel.connection_id,
+            },
+        )  # fmt: skip
+        updated = await ctx.store.update_session_state(
+            agent.team_id, agent.id, session.id, SessionState.ENDED, AGENT_LOST, ctx.now(),
+            from_states=(session.state,),
+        )  # fmt: skip
+        ended += updated is not None
+    if lost:
+        logger.info("agent %s reported %d live session(s); ended %d it lost",
+                    agent.id, len(live), ended)  # fmt: skip
+    return ended
 
 
 async def _record_policy_answer(
@@ -593,17 +699,33 @@ async def _append_agent_event(
                     agent.id, appended.record.seq)  # fmt: skip
     else:
         ctx.metrics.agent_audit_events.labels(AGENT_EVENT_STORED).inc()
-    if signed.event.action is AuditAction.SESSION_ENDED and session_id is not None:
+    row_update = _row_update_for(signed)
+    if row_update is not None and session_id is not None:
         # Also for a resend: the first copy may have been stored just before a crash.
+        state, reason = row_update
         try:
             await ctx.store.update_session_state(
-                agent.team_id, agent.id, session_id, SessionState.ENDED, None, ctx.now(),
+                agent.team_id, agent.id, session_id, state, reason, ctx.now(),
                 from_states=(SessionState.OFFERED, SessionState.ACCEPTED),
             )  # fmt: skip
         except StoreError as error:
             # The record is durable, which is what the agent needs to hear; the row lags.
-            logger.warning("marking a session ended failed: %s", type(error).__name__)
+            logger.warning("marking a session %s failed: %s", state.value, type(error).__name__)
     return {"type": "audit_event_ack", "id": event_id}
+
+
+def _row_update_for(signed: SignedEvent) -> tuple[SessionState, str | None] | None:
+    """The session row state (and reason) an agent-signed event moves its session to, if any."""
+    event = signed.event
+    if event.action is AuditAction.SESSION_ENDED:
+        return SessionState.ENDED, None
+    if event.action is AuditAction.SESSION_REFUSED:
+        reason = event.policy_result.reason if event.policy_result is not None else ""
+        code = event.context.get("code")
+        if not reason and isinstance(code, str):
+            reason = code
+        return SessionState.REFUSED, (reason or "refused by the agent")[:MAX_REFUSAL_REASON_LENGTH]
+    return None
 
 
 async def _send_loop(

@@ -1,0 +1,180 @@
+"""Agent-signed audit events not yet acknowledged survive the daemon: kept in STATE_DIR's spool
+(one 0600 file each, written atomically, bounded) and sent again by the next run."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+import trio
+
+from agent.audit_events import SessionAuditor
+from agent.control_client import ControlClient
+from agent.event_spool import GARBLED_SUFFIX, EventSpool
+from agent.state_file import AgentState
+from audit.actions import Action, ActorKind
+from audit.record import Actor, AuditEvent, SignedEvent, sign_event
+from protocol.identity import SigningIdentity
+from rendezvous.store import Store
+from tests.agent.session_helpers import trio_test
+from tests.agent.test_session_host_daemon import MACHINE, enrolled_agent_stack
+
+WAIT_SECONDS = 15
+
+
+def _event(number: int, identity: SigningIdentity | None = None) -> SignedEvent:
+    key = identity or SigningIdentity.generate()
+    event = AuditEvent(
+        occurred_at=datetime.now(UTC),
+        team_id="tm_1",
+        actor=Actor(ActorKind.AGENT, "agt_1", "web-1"),
+        action=Action.SESSION_STARTED,
+        signer=key.public.key_id,
+        session_id=f"ses_{number}",
+    )
+    return sign_event(key, event)
+
+
+def _files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory))
+
+
+def test_spooled_events_come_back_in_order_from_private_files(tmp_path: Path) -> None:
+    directory = tmp_path / "spool"
+    spool = EventSpool(directory)
+    assert spool.load() == []
+    keys = [spool.add(_event(number).to_json()) for number in range(3)]
+    assert all(keys) and len(set(keys)) == 3
+    assert stat.S_IMODE(os.lstat(directory).st_mode) == 0o700
+    for name in _files(directory):
+        assert stat.S_IMODE(os.lstat(directory / name).st_mode) == 0o600
+    spool.remove(keys[1] or "")
+    again = EventSpool(directory)
+    loaded = again.load()
+    assert [key for key, _ in loaded] == [keys[0], keys[2]]
+    assert [content["event"]["session_id"] for _, content in loaded] == ["ses_0", "ses_2"]
+    # Numbering goes on after the last one left: a new event sorts after the old ones.
+    newer = again.add(_event(9).to_json())
+    assert newer is not None and newer > (keys[2] or "")
+
+
+def test_a_garbled_spool_file_is_set_aside_with_a_warning_and_the_rest_is_sent(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "spool"
+    spool = EventSpool(directory)
+    good = spool.add(_event(1).to_json())
+    cut = spool.add(_event(2).to_json())
+    assert good is not None and cut is not None
+    data = (directory / cut).read_bytes()
+    (directory / cut).write_bytes(data[: len(data) // 2])  # a write cut short by a power loss
+    tampered = json.loads((directory / good).read_text())
+    (directory / "ev-000000000077.json").write_text(json.dumps({**tampered, "extra": 1}))
+    (directory / f".{cut}.tmp").write_bytes(b"{")  # a write that never reached its rename
+    caplog.set_level(logging.WARNING)
+    loaded = EventSpool(directory).load()
+    assert [key for key, _ in loaded] == [good]
+    assert "ignoring the spooled audit event" in caplog.text
+    assert f"{cut}{GARBLED_SUFFIX}" in _files(directory)
+    assert f"ev-000000000077.json{GARBLED_SUFFIX}" in _files(directory)
+    assert f".{cut}.tmp" not in _files(directory)
+
+
+def test_a_full_spool_warns_once_and_keeps_new_events_in_memory_only(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    spool = EventSpool(tmp_path / "spool", max_events=2)
+    assert spool.add(_event(1).to_json()) and spool.add(_event(2).to_json())
+    assert spool.add(_event(3).to_json()) is None
+    assert spool.add(_event(4).to_json()) is None
+    assert caplog.text.count("is full") == 1
+    assert len(_files(tmp_path / "spool")) == 2
+    by_bytes = EventSpool(tmp_path / "bytes", max_bytes=100)
+    assert by_bytes.add(_event(1).to_json()) is None
+
+
+def test_the_control_client_spools_each_event_and_forgets_what_it_drops(tmp_path: Path) -> None:
+    state = AgentState(
+        agent_id="agt_1", team_id="tm_1", server_url="http://127.0.0.1:1",
+        identity_seed=bytes(32), service_keys={},
+    )  # fmt: skip
+    spool = EventSpool(tmp_path / "spool", max_events=5)
+    client = ControlClient(state, MACHINE.fingerprint(), lambda o: None, event_spool=spool)
+    for number in range(3):
+        client.send_audit_event(_event(number))
+    assert len(_files(tmp_path / "spool")) == 3
+    restarted = ControlClient(
+        state, MACHINE.fingerprint(), lambda o: None, event_spool=EventSpool(tmp_path / "spool")
+    )
+    assert restarted.pending_audit_events == 3
+
+
+async def _accepted(store: Store, team_id: str, session_id: str) -> bool:
+    session = await store.get_session(team_id, session_id)
+    return session is not None and session.state.value == "accepted"
+
+
+@trio_test
+async def test_an_event_a_stopped_agent_never_delivered_is_sent_by_its_next_run(
+    tmp_path: Path,
+) -> None:
+    async with enrolled_agent_stack(tmp_path) as stack:
+        store, service, admin, state = stack.store, stack.service, stack.admin, stack.state
+        spool_dir = tmp_path / "agent" / "audit-spool"
+        offers: list[str] = []
+        first = ControlClient(
+            state, MACHINE.fingerprint(), lambda offer: offers.append(offer["session_id"]),
+            event_spool=EventSpool(spool_dir),
+        )  # fmt: skip
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(first.run)
+            with trio.fail_after(WAIT_SECONDS):
+                await first.wait_connected()
+            body = {"target": "web-1", "mode": "exec", "command": ["id"]}
+            response = await service.call(admin, "POST", "/v1/sessions", body)
+            assert response.status_code == 201, response.text
+            session_id = response.json()["session_id"]
+            with trio.fail_after(WAIT_SECONDS):
+                while session_id not in offers:  # noqa: ASYNC110 - filled by the client
+                    await trio.sleep(0.01)
+            first.send_message({"type": "session_offer_ack", "session_id": session_id})
+            with trio.fail_after(WAIT_SECONDS):
+                while not await _accepted(store, state.team_id, session_id):  # noqa: ASYNC110 - a row
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        # The session ends as the daemon goes down: the channel is gone, the event is queued.
+        auditor = SessionAuditor(state.identity(), state.agent_id, state.team_id, state.name)
+        first.send_audit_event(
+            auditor.ended(session_id, duration_ms=5, exit_status=None, bytes_in=0, bytes_out=0,
+                          reason="shutdown")
+        )  # fmt: skip
+        assert len(_files(spool_dir)) == 1
+        del first  # the process is gone; only the spool is left
+
+        # The new process runs no session: its live_sessions report waits for the spooled
+        # event, so the session ends with the agent's own account, not as lost.
+        second = ControlClient(
+            state, MACHINE.fingerprint(), lambda offer: None, event_spool=EventSpool(spool_dir),
+            live_sessions=frozenset,
+        )  # fmt: skip
+        assert second.pending_audit_events == 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(second.run)
+            with trio.fail_after(WAIT_SECONDS):
+                while second.pending_audit_events:  # noqa: ASYNC110 - answered by the server
+                    await trio.sleep(0.02)
+            nursery.cancel_scope.cancel()
+        assert second.acknowledged_audit_events == 1
+        assert _files(spool_dir) == []
+        session = await store.get_session(state.team_id, session_id)
+        assert session is not None
+        assert (session.state.value, session.state_reason) == ("ended", None)
+        ended = await service.audit_events(state.team_id, Action.SESSION_ENDED.value)
+        assert [event["session_id"] for event in ended] == [session_id]
+        assert ended[0]["actor"]["kind"] == "agent"
