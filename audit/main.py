@@ -6,12 +6,13 @@ import argparse
 import dataclasses
 import json
 import os
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, NoReturn
 
 from audit.checkpoint import Checkpoint, open_checkpoint
 from audit.errors import AuditError, BundleError
@@ -190,6 +191,14 @@ def _add_progress_argument(command: argparse.ArgumentParser) -> None:
         "share of the file read, rate; erased before the result (default: only when stderr is "
         "a terminal)",
     )
+
+
+def console_main() -> NoReturn:
+    """The ``tucdesk-audit`` command: ``main`` with SIGPIPE's default action restored, so a
+    reader that goes away (``tucdesk-audit key *.pem | head -1``) ends it quietly, as it would
+    grep. Not done in ``main``, which tests call in-process."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -243,6 +243,20 @@ def test_key_command_prints_the_fingerprint_as_keys_show_does(
     assert AUDIT_KEY.public.fingerprint.startswith("SHA256:")
 
 
+def test_a_reader_that_goes_away_ends_the_command_quietly(key: Path) -> None:
+    # `tucdesk-audit key *.pem | head -1`: no "internal error (BrokenPipeError)", no traceback.
+    child = subprocess.Popen(
+        [str(SCRIPT), "key", *[str(key)] * 5000], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    assert child.stdout is not None and child.stderr is not None
+    assert child.stdout.readline().startswith(str(key).encode())
+    child.stdout.close()
+    err = child.stderr.read()
+    child.stderr.close()
+    assert child.wait(WAIT_SECONDS) == -signal.SIGPIPE
+    assert err == b""
+
+
 # ---- 4. a private key is refused -------------------------------------------------------------
 
 
