@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import math
 import os
 import re
 import struct
@@ -48,6 +49,18 @@ TTY_GROUP_MODE = 0o620
 GONE_READER_ERRORS = (errno.EPIPE, errno.EIO, errno.EBADF)
 # What a terminal sends for "end of input" in canonical mode (VEOF, ^D by default).
 END_OF_INPUT = b"\x04"
+# How often to look whether the foreground program is waiting for input, once input has ended
+# (nothing signals when a process starts to read, so it is looked at: /proc/PID/syscall).
+END_OF_INPUT_POLL_SECONDS = 0.02
+# Looks in a row that must find it waiting: a program woken by input just written still shows
+# the read it was blocked in for a moment.
+END_OF_INPUT_QUIET_LOOKS = 2
+# System calls a program waiting for terminal input blocks in, per machine (as /proc/PID/syscall
+# numbers them): read/readv of fd 0, select/pselect6 of fds < 1 (fd 0 alone), poll/ppoll.
+_WAITING_FOR_INPUT_CALLS: dict[str, dict[int, str]] = {
+    "x86_64": {0: "fd", 19: "fd", 23: "nfds", 270: "nfds", 7: "any", 271: "any"},
+    "aarch64": {63: "fd", 65: "fd", 72: "nfds", 73: "any"},
+}
 _TERM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
@@ -79,6 +92,8 @@ class PtySession:
         self._leader = leader
         self._master_fd = master_fd
         self._input_lock = trio.StrictFIFOLock()
+        # One item per end of input asked for (each becomes one ^D, as each press of ^D would).
+        self._ends_asked, self._ends_to_type = trio.open_memory_channel[None](math.inf)
 
     @property
     def pid(self) -> int:
@@ -90,7 +105,10 @@ class PtySession:
         pump = OutputPump(self._master_fd, OutputStream.STDOUT)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(pump.run, on_output)
+            end_of_input = trio.CancelScope()
+            nursery.start_soon(self._deliver_end_of_input, end_of_input)
             status = await self._leader.wait_for_exit()
+            end_of_input.cancel()
             pump.child_exited()
         return status
 
@@ -118,8 +136,24 @@ class PtySession:
             lock.release()
 
     async def close_input(self) -> None:
-        """End the input the way a terminal does: send the end-of-file character (^D)."""
-        await self.send_input(END_OF_INPUT)
+        """End the input the way a terminal does: the end-of-file character (^D), typed once the
+        program in the foreground waits for input (see ``_deliver_end_of_input``)."""
+        self._ends_asked.send_nowait(None)
+
+    async def _deliver_end_of_input(self, scope: trio.CancelScope) -> None:
+        # A ^D typed ahead, while the line discipline is still canonical (the shell starting,
+        # or running a command), is stored as a line end that a readline shell, reading in
+        # non-canonical mode, then gets as NUL: the end of input would be lost and the session
+        # would never end. So it is typed only when the foreground program waits for input.
+        with scope:
+            async for _ in self._ends_to_type:
+                quiet_looks = 0
+                while quiet_looks < END_OF_INPUT_QUIET_LOOKS:
+                    await trio.sleep(END_OF_INPUT_POLL_SECONDS)
+                    waiting = (waiting_for_input(self.foreground_process_group())
+                               and not self._input_lock.locked())
+                    quiet_looks = quiet_looks + 1 if waiting else 0
+                await self.send_input(END_OF_INPUT)
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the window size; the kernel sends SIGWINCH to the foreground process group."""
@@ -204,6 +238,30 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
     finally:
         await leader.terminate(spec.teardown_grace)
         close_fd(master_fd)
+
+
+def waiting_for_input(pid: int) -> bool:
+    """Whether process ``pid`` is blocked waiting to read its standard input (from
+    /proc/PID/syscall). True when that cannot be told (another machine type, no /proc): the
+    caller then does what a terminal does, at once."""
+    calls = _WAITING_FOR_INPUT_CALLS.get(os.uname().machine)
+    try:
+        with open(f"/proc/{pid}/syscall") as file:
+            fields = file.read().split()
+    except OSError:
+        return True
+    if calls is None or not fields:
+        return True
+    try:
+        number, first_argument = int(fields[0]), int(fields[1], 16)
+    except (ValueError, IndexError):
+        return False  # "running" or "-1 …": not blocked in a system call
+    kind = calls.get(number)
+    if kind == "fd":
+        return first_argument == 0
+    if kind == "nfds":
+        return first_argument == 1
+    return kind == "any"
 
 
 def _take_controlling_terminal() -> None:

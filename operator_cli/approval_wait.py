@@ -42,6 +42,11 @@ class ApprovalRefused(SessionError):
     """The approval request was denied or expired, or does not fit this session."""
 
 
+class ApprovalWaitInterrupted(SessionError):
+    """The operator stopped waiting (Ctrl-C); the request stays pending (the API has no way for
+    a requester to withdraw one) and can be resumed with --approval."""
+
+
 @dataclass(frozen=True)
 class SessionAsk:
     """What the operator asked for: target, mode, exec argv and the terminal."""
@@ -116,9 +121,10 @@ def wait_for_decision(
     try:
         return _poll(api, request_id, say, poll_seconds, sleep, max_wait_seconds)
     except KeyboardInterrupt:
-        raise ApprovalRefused(
-            f"stopped waiting; request {request_id} stays pending: run the same command again "
-            f"with --approval {request_id}"
+        raise ApprovalWaitInterrupted(
+            f"interrupted; request {request_id} stays pending (it cannot be withdrawn; it "
+            f"expires unless decided): to use it, run the same command with --approval "
+            f"{request_id}"
         ) from None
 
 

@@ -108,9 +108,10 @@ class Session:
     def token(self, *, force_refresh: bool = False) -> str:
         """A valid access token, logging in again when needed."""
         cached = self.home.load_token()
-        if cached is None:
+        if cached is None and not self.home.token_was_damaged:
             raise HomeError("not logged in: run 'tucdesk login'")
-        if not force_refresh and cached.get("expires_at", 0) > time.time() + REFRESH_MARGIN_SECONDS:
+        if (cached is not None and not force_refresh
+                and cached["expires_at"] > time.time() + REFRESH_MARGIN_SECONDS):
             return str(cached["access_token"])
         fresh = login(self.http, self.identity)
         self.home.save_token(fresh)

@@ -2,9 +2,9 @@
 
 Our terminal goes into raw mode for the session and is restored on every way out
 (operator_cli/terminal.py); keystrokes are forwarded as DATA frames, except the ssh escapes
-after a newline (``~.`` disconnects, ``~?`` lists them; operator_cli/escape.py). Window size
-changes (SIGWINCH) are sent as Resize. We exit with the remote shell's status, or 255 when the
-connection fails or ``~.`` ends it, as ssh does.
+after a newline (``~.`` disconnects, ``~^Z`` suspends, ``~?`` lists them;
+operator_cli/escape.py). Window size changes (SIGWINCH) are sent as Resize. We exit with the
+remote shell's status, or 255 when the connection fails or ``~.`` ends it, as ssh does.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from operator_cli.session_client import (
     OperatorSession,
     RefusalProbe,
     SessionError,
+    SessionNotices,
     SessionTicket,
     exit_code_for,
     open_session,
@@ -107,27 +108,49 @@ async def run_connect(
     start: SessionStart,
     options: ConnectOptions,
     refusal_probe: RefusalProbe | None = None,
+    notices: SessionNotices | None = None,
 ) -> ConnectOutcome:
     """Open the shell session and run it with the terminal in raw mode; report how it ended."""
     session = await open_session(
-        ticket, identity, known_agents, start, refusal_probe=refusal_probe
+        ticket, identity, known_agents, start, refusal_probe=refusal_probe,
+        notices=notices,
     )
     outcome = ConnectOutcome()
     try:
-        with RawTerminal(options.stdin_fd):
-            await _run(session, options, outcome)
+        with RawTerminal(options.stdin_fd) as terminal:
+            await _run(session, options, outcome, terminal)
     finally:
         with trio.CancelScope(shield=True):
             await session.close()
     return outcome
 
 
-async def _run(session: OperatorSession, options: ConnectOptions, outcome: ConnectOutcome) -> None:
+async def _run(
+    session: OperatorSession,
+    options: ConnectOptions,
+    outcome: ConnectOutcome,
+    terminal: RawTerminal,
+) -> None:
     stdout = OutputWriter(options.stdout_fd)
     stderr = OutputWriter(options.stderr_fd)
+    try:
+        await _carry(session, options, outcome, terminal, stdout, stderr)
+    finally:
+        stdout.close()
+        stderr.close()
+
+
+async def _carry(
+    session: OperatorSession,
+    options: ConnectOptions,
+    outcome: ConnectOutcome,
+    terminal: RawTerminal,
+    stdout: OutputWriter,
+    stderr: OutputWriter,
+) -> None:
     status: int | None = None
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_pump_keystrokes, session, options, stdout, outcome,
+        nursery.start_soon(_pump_keystrokes, session, options, terminal, stdout, outcome,
                            nursery.cancel_scope)
         await nursery.start(
             _forward_resizes, session, window_fd(options.stdin_fd, options.stdout_fd)
@@ -140,7 +163,8 @@ async def _run(session: OperatorSession, options: ConnectOptions, outcome: Conne
                     break
                 for stream, chunks, event in output_runs(events):
                     if stream is not None:
-                        (stdout if stream == "stdout" else stderr).write_many(chunks)
+                        # Waits in trio while the terminal is slow: keystrokes and ~. go on.
+                        await (stdout if stream == "stdout" else stderr).write_many(chunks)
                     elif isinstance(event, Exited):
                         status = exit_code_for(event.status)
                     elif isinstance(event, Closed):
@@ -171,12 +195,13 @@ def _close_message(event: Closed) -> str:
 async def _pump_keystrokes(
     session: OperatorSession,
     options: ConnectOptions,
+    terminal: RawTerminal,
     stdout: OutputWriter,
     outcome: ConnectOutcome,
     scope: trio.CancelScope,
 ) -> None:
     try:
-        await _forward_keystrokes(session, options, stdout, outcome, scope)
+        await _forward_keystrokes(session, options, terminal, stdout, outcome, scope)
     except SessionError:
         return  # the connection is gone; the receiving side reports it
 
@@ -184,6 +209,7 @@ async def _pump_keystrokes(
 async def _forward_keystrokes(
     session: OperatorSession,
     options: ConnectOptions,
+    terminal: RawTerminal,
     stdout: OutputWriter,
     outcome: ConnectOutcome,
     scope: trio.CancelScope,
@@ -201,7 +227,10 @@ async def _forward_keystrokes(
         for action in result.actions:
             if action is EscapeAction.SHOW_HELP:
                 assert options.escape_character is not None
-                stdout.write(escape_help(options.escape_character).encode())
+                await stdout.write(escape_help(options.escape_character).encode())
+            elif action is EscapeAction.SUSPEND:
+                # The whole process stops (the loop too) until `fg`; the session waits.
+                terminal.suspend()
             elif action is EscapeAction.DISCONNECT:
                 outcome.exit_code = EXIT_CONNECTION_FAILED
                 outcome.notes.append(f"Connection to {session.ticket.agent_name} closed.")

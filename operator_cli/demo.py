@@ -53,7 +53,7 @@ def run_demo(command: str | None, *, keep: bool = False, debug: bool = False) ->
             except LocalStackError as error:
                 _say(f"could not start: {error}")
                 return EXIT_SETUP_FAILED
-            _describe(stack)
+            _describe(stack, hint_exec=command is None)
             return _run_session(stack, command)
     except _Terminated as terminated:
         _say(f"{terminated}: stopping")
@@ -71,7 +71,7 @@ def run_demo(command: str | None, *, keep: bool = False, debug: bool = False) ->
             _say("stopped everything" + ("" if keep else " and removed the directory"))
 
 
-def _describe(stack: LocalStack) -> None:
+def _describe(stack: LocalStack, *, hint_exec: bool) -> None:
     agent = stack.agent
     assert agent is not None and stack.relay_address is not None
     lines = [
@@ -80,8 +80,9 @@ def _describe(stack: LocalStack) -> None:
         f"agent       {agent.name}  id {agent.id}",
         f"agent key   {agent.fingerprint}",
         f"operator    CLI home {stack.cli_home}",
-        f"try also    tucdesk --home {stack.cli_home} exec {agent.name} -- uname -a",
     ]
+    if hint_exec:  # only while the stack runs for the shell: --exec stops it right after
+        lines.append(f"try also    tucdesk --home {stack.cli_home} exec {agent.name} -- uname -a")
     for line in lines:
         _say(line)
 

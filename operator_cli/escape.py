@@ -2,8 +2,9 @@
 actions out; the terminal and the network live elsewhere.
 
 Recognised only at the start of a line (after CR or LF, or at session start), as in OpenSSH:
-``~.`` disconnects, ``~?`` lists the escapes, ``~~`` sends one ``~``; ``~`` followed by anything
-else sends both characters.
+``~.`` disconnects, ``~^Z`` suspends the client, ``~?`` lists the escapes, ``~~`` sends one ``~``;
+``~`` followed by anything else sends both characters. The escape character can be any byte,
+written ``^]`` for a control character (``ssh -e``), or ``none``.
 """
 
 from __future__ import annotations
@@ -15,12 +16,40 @@ DEFAULT_ESCAPE_CHARACTER = ord("~")
 _LINE_ENDS = (ord("\r"), ord("\n"))
 _DISCONNECT = ord(".")
 _HELP = ord("?")
+_SUSPEND = 0x1A  # ^Z
+_CONTROL_BIT = 0x40  # ^X is X with this bit cleared (^? is DEL, 0x7f)
+
+
+class EscapeCharacterError(ValueError):
+    """The -e value is not one character, a ^X control character, or 'none'."""
+
+
+def parse_escape_character(text: str) -> int | None:
+    """The -e value as a byte: ``~``, ``^]`` (a control character) or ``none`` (None: off)."""
+    if text == "none":
+        return None
+    if len(text) == 2 and text[0] == "^" and (text[1] == "?" or "@" <= text[1].upper() <= "_"):
+        return ord(text[1].upper()) ^ _CONTROL_BIT
+    if len(text) == 1 and ord(text) < 128:
+        return ord(text)
+    raise EscapeCharacterError(
+        "the escape character is one ASCII character, a control character written like ^], "
+        "or 'none'"
+    )
+
+
+def escape_name(escape_character: int) -> str:
+    """How to show the escape character: ``~`` as itself, a control character as ``^]``."""
+    if escape_character < 0x20 or escape_character == 0x7F:
+        return "^" + chr(escape_character ^ _CONTROL_BIT)
+    return chr(escape_character)
 
 
 class EscapeAction(Enum):
     """Something the operator asked the client itself (not the remote side) to do."""
 
     DISCONNECT = "disconnect"
+    SUSPEND = "suspend"
     SHOW_HELP = "show-help"
 
 
@@ -34,10 +63,11 @@ class EscapeResult:
 
 def escape_help(escape_character: int = DEFAULT_ESCAPE_CHARACTER) -> str:
     """The text shown for ``~?``, with CRLF line ends because the terminal is in raw mode."""
-    marker = chr(escape_character)
+    marker = escape_name(escape_character)
     lines = [
         "Supported escape sequences:",
         f" {marker}.   - disconnect",
+        f" {marker}^Z  - suspend tucdesk (fg resumes it)",
         f" {marker}?   - this message",
         f" {marker}{marker}   - send the escape character by typing it twice",
         "(Note that escapes are only recognized immediately after newline.)",
@@ -86,6 +116,10 @@ class EscapeScanner:
                 if byte == _HELP:
                     actions.append(EscapeAction.SHOW_HELP)
                     # Still at the start of a line: another escape may follow.
+                    continue
+                if byte == _SUSPEND:
+                    # Taken after this chunk's bytes are sent (a typed ~^Z is a chunk of its own).
+                    actions.append(EscapeAction.SUSPEND)
                     continue
                 if byte != self._escape:
                     forward.append(self._escape)

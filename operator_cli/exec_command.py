@@ -27,6 +27,7 @@ from operator_cli.session_client import (
     OperatorSession,
     RefusalProbe,
     SessionError,
+    SessionNotices,
     SessionRefused,
     SessionTicket,
     exit_code_for,
@@ -81,10 +82,12 @@ async def run_exec(
     known_agents: KnownAgents,
     options: ExecOptions,
     refusal_probe: RefusalProbe | None = None,
+    notices: SessionNotices | None = None,
 ) -> int:
     """Open the session, stream it, and return the exit code to exit with."""
     session = await open_session(
-        ticket, identity, known_agents, exec_start(options.command), refusal_probe=refusal_probe
+        ticket, identity, known_agents, exec_start(options.command), refusal_probe=refusal_probe,
+        notices=notices,
     )
     try:
         return await stream_exec(session, options)
@@ -103,6 +106,16 @@ async def stream_exec(session: OperatorSession, options: ExecOptions) -> int:
     """Carry an open exec session: stdin out, stdout/stderr in; return the exit code."""
     stdout = OutputWriter(options.stdout_fd)
     stderr = OutputWriter(options.stderr_fd)
+    try:
+        return await _carry(session, options, stdout, stderr)
+    finally:
+        stdout.close()
+        stderr.close()
+
+
+async def _carry(
+    session: OperatorSession, options: ExecOptions, stdout: OutputWriter, stderr: OutputWriter
+) -> int:
     status: int | None = None
     failure: SessionError | None = None
     interruption = _Interruption()
@@ -121,7 +134,7 @@ async def stream_exec(session: OperatorSession, options: ExecOptions) -> int:
                 for stream, chunks, event in output_runs(events):
                     if stream is not None:
                         writer = stdout if stream == "stdout" else stderr
-                        if not writer.write_many(chunks) and writer is stdout:
+                        if not await writer.write_many(chunks) and writer is stdout:
                             # Like a pipeline stage whose reader left: stop, as SIGPIPE would.
                             status = EXIT_STDOUT_CLOSED
                             ended = True

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +49,8 @@ class CliHome:
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
+        # Set when a damaged token cache was found (and removed) by load_token.
+        self.token_was_damaged = False
 
     def ensure(self) -> None:
         """Create the directory (0700) if needed."""
@@ -90,8 +93,25 @@ class CliHome:
         return identity
 
     def load_token(self) -> dict[str, Any] | None:
-        """The cached access token record, or None."""
-        return self._read_json(self.path / TOKEN_FILE, secret=True)
+        """The cached access token record, or None.
+
+        The token is only a cache the operator key can refresh: a damaged one (not JSON, or
+        not a token record) is removed with a warning and treated as expired, so no command
+        is blocked by it (``token_was_damaged`` tells the caller). Too-open permissions are
+        still refused (KeyFileError).
+        """
+        path = self.path / TOKEN_FILE
+        try:
+            record = self._read_json(path, secret=True)
+        except HomeError:
+            record = {}
+        if record is None or _is_token_record(record):
+            return record
+        print(f"tucdesk: the cached token in {path} is damaged; it is ignored and will be "
+              "replaced", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        self.token_was_damaged = True
+        return None
 
     def save_token(self, record: Mapping[str, Any]) -> None:
         """Cache the access token (0600)."""
@@ -118,3 +138,9 @@ class CliHome:
         if not isinstance(data, dict):
             raise HomeError(f"{path} is damaged; delete it and log in again")
         return data
+
+
+def _is_token_record(record: Mapping[str, Any]) -> bool:
+    expires_at = record.get("expires_at")
+    return (isinstance(record.get("access_token"), str) and isinstance(expires_at, int | float)
+            and not isinstance(expires_at, bool))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import ssl
 import threading
 from collections.abc import Iterator, Mapping
@@ -42,12 +43,60 @@ class HttpError(Exception):
 class TransportError(HttpError):
     """The server could not be reached or talked to: refused, TLS failure, timeout, bad reply.
 
-    ``reason`` names the underlying failure (e.g. ``ConnectionRefusedError``) for one-line reports.
+    ``reason`` names the underlying failure (e.g. ``ConnectionRefusedError``); ``url`` is the
+    server's, ``cause`` the original exception; ``describe()`` is the line to show a user.
     """
 
-    def __init__(self, reason: str, detail: str = "") -> None:
+    def __init__(
+        self,
+        reason: str,
+        detail: str = "",
+        *,
+        url: str | None = None,
+        cause: BaseException | None = None,
+    ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
+        self.url = url
+        self.cause = cause
+
+    @property
+    def untrusted_certificate(self) -> bool:
+        """True when TLS refused the server's certificate (not a reachability problem)."""
+        return isinstance(self.cause, ssl.SSLCertVerificationError)
+
+    def describe(self) -> str:
+        """One line for the user: what failed, in words, with the URL, and what to check."""
+        where = self.url or "the server"
+        if isinstance(self.cause, ssl.SSLCertVerificationError):
+            return (f"TLS certificate of {where} not trusted: "
+                    f"{self.cause.verify_message or self.cause.reason}; pass --ca-file with the "
+                    "CA that signed it")
+        return (f"cannot reach {where}: {failure_in_words(self.cause, self.reason)}; check "
+                "--server and --ca-file")
+
+
+def failure_in_words(cause: BaseException | None, reason: str) -> str:
+    """A network failure as a user would say it ("connection refused", "timed out")."""
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError):
+        return "no answer in time (timed out)"
+    if isinstance(cause, socket.gaierror):
+        return f"unknown host name ({cause.strerror})"
+    if isinstance(cause, http.client.RemoteDisconnected):
+        return "the server closed the connection without answering"
+    if isinstance(cause, ConnectionResetError):
+        return "the connection was reset"
+    if isinstance(cause, ssl.SSLError):
+        return f"the TLS handshake failed ({cause.reason or cause})"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[:1].lower() + cause.strerror[1:]
+    return reason
+
+
+class CaFileError(HttpError):
+    """The --ca-file given cannot be read as PEM certificates."""
 
 
 class ResponseTooLargeError(HttpError):
@@ -56,7 +105,11 @@ class ResponseTooLargeError(HttpError):
 
 def tls_context(ca_file: str | None) -> ssl.SSLContext:
     """A verifying TLS context (TLS 1.2 or newer) trusting ``ca_file`` when one is given."""
-    context = ssl.create_default_context(cafile=ca_file)
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        detail = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+        raise CaFileError(f"cannot use the CA file {ca_file} (--ca-file): {detail}") from None
     context.minimum_version = MINIMUM_TLS_VERSION
     return context
 
@@ -108,7 +161,7 @@ class Response:
             while chunk := stream.read(chunk_size):
                 yield chunk
         except (OSError, http.client.HTTPException) as error:
-            raise TransportError(type(error).__name__, str(error)) from error
+            raise TransportError(type(error).__name__, str(error), cause=error) from error
         finally:
             stream.close()
 
@@ -223,15 +276,18 @@ class HttpClient:
         except _STALE_CONNECTION_ERRORS as error:
             self._drop_connection()
             if not reused:
-                raise TransportError(type(error).__name__, str(error)) from error
+                raise self._transport_error(error) from error
         except (OSError, http.client.HTTPException) as error:
             self._drop_connection()
-            raise TransportError(type(error).__name__, str(error)) from error
+            raise self._transport_error(error) from error
         try:
             return self._send_once(method, target, content, headers)
         except (OSError, http.client.HTTPException) as error:
             self._drop_connection()
-            raise TransportError(type(error).__name__, str(error)) from error
+            raise self._transport_error(error) from error
+
+    def _transport_error(self, error: BaseException) -> TransportError:
+        return TransportError(type(error).__name__, str(error), url=self.base_url, cause=error)
 
     def _send_once(
         self, method: str, target: str, content: bytes | None, headers: dict[str, str]
@@ -274,7 +330,7 @@ class HttpClient:
             raw.read()  # the (empty) rest, so the connection is ready for the next request
         except (OSError, http.client.HTTPException) as error:
             self._drop_connection()
-            raise TransportError(type(error).__name__, str(error)) from error
+            raise self._transport_error(error) from error
         if raw.will_close:
             self._drop_connection()
         return body

@@ -33,7 +33,7 @@ from operator_cli.agent_listing import (
 )
 from operator_cli.client import ApiError, Session, enroll, login, open_http
 from operator_cli.home import CliHome, HomeError, Settings, default_home
-from operator_cli.http import ResponseTooLargeError, TransportError
+from operator_cli.http import CaFileError, ResponseTooLargeError, TransportError
 from operator_cli.session_listing import (
     SESSIONS_PATH,
     SessionFilter,
@@ -278,10 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     connect.add_argument("agent", metavar="AGENT", help="agent name or id")
     connect.add_argument(
         "-e", dest="escape_char", default="~", metavar="CHAR",
-        help="escape character (default ~; 'none' turns escapes off)",
+        help="escape character (default ~; ^] and the like for a control character; 'none' "
+        "turns escapes off)",
     )
+    # Caught to say what to use instead (ssh host CMD runs CMD; here that is exec).
+    connect.add_argument("remote_command", nargs="*", help=argparse.SUPPRESS)
     _add_approval_flags(connect)
-    connect.set_defaults(handler=_connect)
+    connect.set_defaults(handler=_connect, command_parser=connect)
 
     exec_parser = commands.add_parser(
         "exec",
@@ -298,13 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--stdin", dest="force_stdin", action="store_true",
         help="read stdin even when it is a terminal",
     )
+    exec_parser.add_argument(
+        "-t", dest="want_pty", action="store_true",
+        help="a terminal for the command, like ssh -t (not supported yet: the agent runs exec "
+        "without a PTY; run interactive programs inside connect)",
+    )
     exec_parser.add_argument("agent", metavar="AGENT", help="agent name or id")
     exec_parser.add_argument(
         "remote_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
         help="the command and its arguments",
     )
     _add_approval_flags(exec_parser)
-    exec_parser.set_defaults(handler=_exec)
+    exec_parser.set_defaults(handler=_exec, command_parser=exec_parser)
     _add_policy_commands(commands)
 
     demo = commands.add_parser(
@@ -464,7 +472,11 @@ def _login(args: argparse.Namespace, home: CliHome) -> int:
 
 def _logout(args: argparse.Namespace, home: CliHome) -> int:
     if home.load_token() is None:
-        print("not logged in")
+        if home.token_was_damaged:
+            print("logged out; the damaged token cache is removed (the token it held could not "
+                  "be revoked: it expires on its own)")
+        else:
+            print("not logged in")
         return EXIT_OK
     session = Session.from_home(home)
     try:
@@ -659,6 +671,11 @@ def _agents_remove(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:
+    if args.remote_command:
+        args.command_parser.error(
+            "connect opens a shell; for one command use exec (no PTY yet): "
+            "tucdesk exec AGENT -- CMD [ARGS...]"
+        )
     return connect_command(
         home, args.agent, args.escape_char, debug=args.debug,
         wait_for_approval=not args.no_wait, approval_id=args.approval,
@@ -666,6 +683,11 @@ def _connect(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _exec(args: argparse.Namespace, home: CliHome) -> int:
+    if args.want_pty:
+        args.command_parser.error(
+            "exec -t: the agent runs exec without a PTY (no PTY for one command yet); for an "
+            "interactive program use connect AGENT and run it in the shell"
+        )
     return exec_command(
         home, args.agent, args.remote_command, no_stdin=args.no_stdin,
         force_stdin=args.force_stdin, debug=args.debug,
@@ -750,11 +772,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result: int = args.handler(args, home)
         return result
+    except KeyboardInterrupt:
+        # Ctrl-C while waiting (the server, the relay, an approver): one line, like ssh.
+        _report(args, "interrupted")
+        return EXIT_INTERRUPTED
+    except BaseExceptionGroup as group:
+        # Ctrl-C landing while several trio tasks run (waiting at the relay) comes grouped.
+        if group.subgroup(KeyboardInterrupt) is None:
+            raise
+        _report(args, "interrupted")
+        return EXIT_INTERRUPTED
     except ApiError as error:
         _report(args, f"the server refused: {error.message} ({error.code})")
     except TransportError as error:
-        _report(args, f"cannot reach the server ({error.reason}); check --server and --ca-file")
-    except (HomeError, ProtocolError, OSError, ResponseTooLargeError, AgentListError) as error:
+        _report(args, error.describe())
+    except (HomeError, ProtocolError, OSError, ResponseTooLargeError, AgentListError,
+            CaFileError) as error:
         _report(args, str(error))
     except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
         _report(args, f"unexpected {type(error).__name__}; rerun with --debug for details")

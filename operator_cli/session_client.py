@@ -54,6 +54,8 @@ from relay.errors import RelayError, RelayRefusedError
 HANDSHAKE_TIMEOUT_SECONDS = 15.0
 RELAY_CONNECT_TIMEOUT_SECONDS = 10.0
 RELAY_PAIR_TIMEOUT_SECONDS = 30.0
+# After this long without the agent at the relay, the caller is told (to say we are waiting).
+SLOW_PAIRING_NOTICE_SECONDS = 2.0
 CLOSE_SEND_TIMEOUT_SECONDS = 2.0
 REFUSAL_POLL_SECONDS = 1.0
 MAX_TARGET_LENGTH = 256
@@ -459,6 +461,16 @@ class OperatorSession:
         return None  # nothing else is meaningful agent -> operator; ignore it
 
 
+@dataclass(frozen=True)
+class SessionNotices:
+    """What the caller wants to hear of while a session opens (the CLI prints them)."""
+
+    # The agent has not joined at the relay after SLOW_PAIRING_NOTICE_SECONDS.
+    slow_pairing: Callable[[], None] | None = None
+    # This agent was seen for the first time and its key is now pinned.
+    pinned_on_first_use: Callable[[SessionTicket, PublicIdentity], None] | None = None
+
+
 RefusalProbe = Callable[[], Awaitable[str | None]]
 """Asks the rendezvous whether the agent refused the offer: its reason, or None (not refused)."""
 
@@ -471,19 +483,24 @@ async def open_session(
     *,
     handshake_timeout: float = HANDSHAKE_TIMEOUT_SECONDS,
     refusal_probe: RefusalProbe | None = None,
+    notices: SessionNotices | None = None,
 ) -> OperatorSession:
     """Meet the agent at the relay, run the handshake, send SessionStart; return the session.
 
     While waiting for the agent at the relay, ``refusal_probe`` (if given) is asked every
     REFUSAL_POLL_SECONDS whether the agent refused the offer, so a refusal is reported at once
-    instead of after the pairing timeout. Raises AgentKeyChangedError when the agent's key
-    differs from the pinned one, SessionRefused when the agent refuses, SessionError for relay
-    and protocol failures.
+    instead of after the pairing timeout; ``notices`` (if given) hears of a slow pairing and
+    of a key pinned on first use. Raises AgentKeyChangedError when the agent's key differs from
+    the pinned one, SessionRefused when the agent refuses, SessionError for relay and protocol
+    failures.
     """
-    stream = await _meet_at_relay(ticket, refusal_probe)
+    notices = notices or SessionNotices()
+    stream = await _meet_at_relay(ticket, refusal_probe, notices.slow_pairing)
     try:
         with trio.fail_after(handshake_timeout):
-            session = await establish_session(stream, ticket, identity, known_agents, start)
+            session = await establish_session(
+                stream, ticket, identity, known_agents, start, notices.pinned_on_first_use
+            )
     except trio.TooSlowError:
         await trio.aclose_forcefully(stream)
         raise SessionError(
@@ -508,9 +525,11 @@ def quiet_garbage_collector() -> None:
 
 
 async def _meet_at_relay(
-    ticket: SessionTicket, refusal_probe: RefusalProbe | None
+    ticket: SessionTicket,
+    refusal_probe: RefusalProbe | None,
+    slow_pairing: Callable[[], None] | None = None,
 ) -> trio.abc.Stream:
-    if refusal_probe is None:
+    if refusal_probe is None and slow_pairing is None:
         return await _connect_relay(ticket)
     outcome: list[trio.abc.Stream | BaseException] = []
 
@@ -521,18 +540,25 @@ async def _meet_at_relay(
             outcome.append(error)
         scope.cancel()
 
-    async def watch(scope: trio.CancelScope) -> None:
+    async def watch(probe: RefusalProbe, scope: trio.CancelScope) -> None:
         while True:
             await trio.sleep(REFUSAL_POLL_SECONDS)
-            reason = await refusal_probe()
+            reason = await probe()
             if reason is not None:
                 outcome.append(SessionRefused(f"the agent refused the session: {reason}"))
                 scope.cancel()
                 return
 
+    async def tell_slow(call: Callable[[], None]) -> None:
+        await trio.sleep(SLOW_PAIRING_NOTICE_SECONDS)
+        call()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(connect, nursery.cancel_scope)
-        nursery.start_soon(watch, nursery.cancel_scope)
+        if refusal_probe is not None:
+            nursery.start_soon(watch, refusal_probe, nursery.cancel_scope)
+        if slow_pairing is not None:
+            nursery.start_soon(tell_slow, slow_pairing)
     result = outcome[0]
     if isinstance(result, BaseException):
         raise result
@@ -563,6 +589,7 @@ async def establish_session(
     identity: SigningIdentity,
     known_agents: KnownAgents,
     start: SessionStart,
+    pinned_on_first_use: Callable[[SessionTicket, PublicIdentity], None] | None = None,
 ) -> OperatorSession:
     """Run the operator's handshake on an already paired ``stream``, then send SessionStart.
 
@@ -600,6 +627,8 @@ async def establish_session(
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise ConnectionLost("the connection through the relay was lost") from None
     session = OperatorSession(stream, handshake.channel(time.monotonic()), frames, ticket)
+    if pin.first_use and pinned_on_first_use is not None:
+        pinned_on_first_use(ticket, ticket.agent_key)
     await session.send_control(start)
     return session
 

@@ -19,14 +19,25 @@ from urllib.parse import quote
 import trio
 
 from operator_cli.agent_listing import AgentListError, agents_named
-from operator_cli.approval_wait import Parked, SessionAsk, obtain_ticket
+from operator_cli.approval_wait import (
+    ApprovalWaitInterrupted,
+    Parked,
+    SessionAsk,
+    obtain_ticket,
+)
 from operator_cli.client import ApiError, Session
 from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
+from operator_cli.escape import EscapeCharacterError, parse_escape_character
 from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
 from operator_cli.home import CliHome, HomeError
-from operator_cli.http import HttpError, ResponseTooLargeError, TransportError
+from operator_cli.http import CaFileError, HttpError, ResponseTooLargeError, TransportError
 from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, KnownAgentsError
-from operator_cli.session_client import RefusalProbe, SessionError
+from operator_cli.session_client import (
+    RefusalProbe,
+    SessionError,
+    SessionNotices,
+    SessionTicket,
+)
 from operator_cli.terminal import read_window_size
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
@@ -34,7 +45,14 @@ from protocol.identity import PublicIdentity, b64url_decode
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_CONNECTION_FAILED = 255
+EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 EXIT_DECLINED = 1
+AMBIGUOUS_TARGET = "ambiguous_target"  # the rendezvous's code for a name several agents share
+EXIT_NOT_FOUND = 127  # the agent's status for a command it cannot find, as a shell's
+# Characters that make one exec argument look like a shell command line rather than a program.
+SHELL_SYNTAX = frozenset(" \t|&;<>()$`\\\"'*?[]{}~=\n")
+# The terminal type a shell fed from a pipe gets: no colours, no bracketed-paste codes.
+PIPED_TERMINAL_TYPE = "dumb"
 
 
 def _say(message: str) -> None:
@@ -57,12 +75,15 @@ def _reported(run: Callable[[], int], debug: bool = False) -> int:
         return _guarded(run, debug)
     except AgentKeyChangedError as error:
         print(str(error), file=sys.stderr)
+    except ApprovalWaitInterrupted as error:
+        _say(str(error))
+        return EXIT_INTERRUPTED
     except ApiError as error:
         _say(f"the server refused: {error.message} ({error.code})")
     except TransportError as error:
-        _say(f"cannot reach the server ({error.reason}); check --server and --ca-file")
+        _say(error.describe())
     except (SessionError, KnownAgentsError, HomeError, ProtocolError,
-            ResponseTooLargeError) as error:
+            ResponseTooLargeError, CaFileError) as error:
         _say(str(error))
     except OSError as error:
         _say(f"{error.strerror or error}")
@@ -80,6 +101,24 @@ def _unwrapped(run: Callable[[], int]) -> int:
         if leaf is group:
             raise
         raise leaf from group
+
+
+def _session_notices() -> SessionNotices:
+    """What to print while a session opens: the key pinned on first use (always, like ssh's
+    "Permanently added"), and that the relay is slow to pair (on a terminal only)."""
+    return SessionNotices(
+        slow_pairing=_say_waiting_for_relay if sys.stderr.isatty() else None,
+        pinned_on_first_use=_say_pinned,
+    )
+
+
+def _say_waiting_for_relay() -> None:
+    _say("waiting for the relay to pair… (Ctrl-C to give up)")
+
+
+def _say_pinned(ticket: SessionTicket, key: PublicIdentity) -> None:
+    print(f"Pinned the key of agent {ticket.agent_name} ({ticket.agent_id}) on first use: "
+          f"{key.fingerprint}", file=sys.stderr)
 
 
 def offer_refusal_probe(api: Session, session_id: str) -> RefusalProbe:
@@ -124,10 +163,13 @@ def exec_command(
     def run() -> int:
         api = Session.from_home(home)
         try:
-            obtained = obtain_ticket(
-                api, SessionAsk(agent, "exec", command), _say,
-                wait=wait_for_approval, approval_id=approval_id,
-            )
+            try:
+                obtained = obtain_ticket(
+                    api, SessionAsk(agent, "exec", command), _say,
+                    wait=wait_for_approval, approval_id=approval_id,
+                )
+            except ApiError as error:
+                raise _explained_ambiguity(api, agent, error) from None
             if isinstance(obtained, Parked):
                 return _parked(obtained, f"exec --approval {obtained.pending.request_id} "
                                f"{shlex.join([agent, '--', *command])}")
@@ -135,14 +177,23 @@ def exec_command(
             options = ExecOptions(
                 command=tuple(command), read_stdin=should_read_stdin(no_stdin, force_stdin)
             )
-            return trio.run(
+            status: int = trio.run(
                 run_exec, ticket, api.identity, KnownAgents.in_home(home.path), options,
-                offer_refusal_probe(api, ticket.session_id),
+                offer_refusal_probe(api, ticket.session_id), _session_notices(),
             )
         finally:
             api.close()
+        if status == EXIT_NOT_FOUND and _looks_like_shell_code(command):
+            _say(f"(exec runs argv without a shell; for a pipeline use: tucdesk exec "
+                 f"{shlex.quote(agent)} -- sh -c {shlex.quote(command[0])})")
+        return status
 
     return _reported(run, debug)
+
+
+def _looks_like_shell_code(command: Sequence[str]) -> bool:
+    """One argument with a space or shell syntax in it: meant for a shell, as ssh would run it."""
+    return len(command) == 1 and any(character in SHELL_SYNTAX for character in command[0])
 
 
 def _parked(parked: Parked, resume: str) -> int:
@@ -162,24 +213,34 @@ def connect_command(
     approval_id: str | None = None,
 ) -> int:
     """`tucdesk connect AGENT`: the remote shell's exit status, or 255 (approvals as for exec)."""
-    if escape_char == "none":
-        escape: int | None = None
-    elif len(escape_char) == 1 and escape_char.isprintable():
-        escape = ord(escape_char)
-    else:
-        _say("the escape character is one printable character, or 'none'")
+    try:
+        escape = parse_escape_character(escape_char)
+    except EscapeCharacterError as error:
+        _say(str(error))
         return EXIT_CONNECTION_FAILED
 
     def run() -> int:
         size = read_window_size(window_fd())
-        start = shell_start(size, os.environ)
+        environ: dict[str, str] = dict(os.environ)
+        if not os.isatty(0):
+            # No mode runs a shell without a terminal yet (exec is for one command): the shell
+            # gets a PTY anyway, as with `ssh -tt`. A dumb terminal keeps its line editor from
+            # adding control codes to piped output, and the agent types the end of input once
+            # the shell reads it.
+            _say("stdin is not a terminal: the remote shell still runs on a terminal, so input "
+                 f"is echoed; for scripts use: tucdesk exec {shlex.quote(agent)} -- sh -s")
+            environ["TERM"] = PIPED_TERMINAL_TYPE
+        start = shell_start(size, environ)
         api = Session.from_home(home)
         try:
-            obtained = obtain_ticket(
-                api,
-                SessionAsk(agent, "shell", None, start.terminal_type, size.rows, size.cols),
-                _say, wait=wait_for_approval, approval_id=approval_id,
-            )
+            try:
+                obtained = obtain_ticket(
+                    api,
+                    SessionAsk(agent, "shell", None, start.terminal_type, size.rows, size.cols),
+                    _say, wait=wait_for_approval, approval_id=approval_id,
+                )
+            except ApiError as error:
+                raise _explained_ambiguity(api, agent, error) from None
             if isinstance(obtained, Parked):
                 return _parked(obtained, f"connect --approval {obtained.pending.request_id} "
                                f"{shlex.quote(agent)}")
@@ -187,7 +248,7 @@ def connect_command(
             outcome = trio.run(
                 run_connect, ticket, api.identity, KnownAgents.in_home(home.path), start,
                 ConnectOptions(escape_character=escape),
-                offer_refusal_probe(api, ticket.session_id),
+                offer_refusal_probe(api, ticket.session_id), _session_notices(),
             )
         finally:
             api.close()
@@ -263,4 +324,26 @@ def _find_listed_agent(home: CliHome, agent: str) -> dict[str, Any]:
         return dict(matches[0])
     if not matches:
         raise SessionError(f"no agent called {agent!r} in your team")
-    raise SessionError(f"several agents are called {agent!r}; use the agent id")
+    raise SessionError(ambiguity_message(agent, matches))
+
+
+def ambiguity_message(name: str, matches: Sequence[Any]) -> str:
+    """The error for a name several agents share, listing them (name, id, online) to pick from."""
+    listed = ", ".join(
+        f"{match.get('id')} ({match.get('name')}, {'online' if match.get('online') else 'offline'})"
+        for match in matches
+    )
+    return f"several agents are called {name!r}: {listed}; use the agent id"
+
+
+def _explained_ambiguity(api: Session, agent: str, error: ApiError) -> BaseException:
+    """The rendezvous's ambiguous_target refusal with the agents it could mean listed."""
+    if error.code != AMBIGUOUS_TARGET:
+        return error
+    try:
+        matches = agents_named(api, agent)
+    except (AgentListError, ApiError, HttpError):
+        return error  # cannot list them: the server's own message still says what to do
+    if len(matches) < 2:
+        return error
+    return SessionError(ambiguity_message(agent, matches))

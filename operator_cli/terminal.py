@@ -12,6 +12,7 @@ import signal
 import termios
 import tty
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from types import FrameType, TracebackType
 from typing import Any
@@ -78,6 +79,18 @@ class RawTerminal:
         traceback: TracebackType | None,
     ) -> None:
         self.restore()
+
+    def suspend(self) -> None:
+        """Stop this process as ^Z would (``~^Z``), with the terminal given back meanwhile; raw
+        again once resumed (``fg``). Returns after the resume."""
+        saved = self._saved
+        if saved is not None:
+            with suppress(termios.error):
+                termios.tcsetattr(self._fd, termios.TCSADRAIN, saved)
+        os.kill(os.getpid(), signal.SIGTSTP)  # default action: stop here until SIGCONT
+        if saved is not None:
+            with suppress(termios.error):
+                tty.setraw(self._fd, termios.TCSADRAIN)
 
     def restore(self) -> None:
         """Put back the settings found on entry and the previous signal handlers. Idempotent."""

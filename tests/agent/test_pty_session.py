@@ -377,3 +377,17 @@ async def test_session_runs_as_the_configured_user_and_owns_its_terminal() -> No
     assert status.code == 0
     expected = f"uid={nobody.pw_uid} gid={nobody.pw_gid} tty-owner={nobody.pw_uid}"
     assert expected.encode() in transcript.stdout
+
+
+@trio_test
+async def test_input_ended_before_a_readline_shell_starts_still_ends_it() -> None:
+    # Piped input: the commands and the end of input arrive before bash has switched the
+    # terminal to readline's mode; a ^D typed then would reach bash as NUL and be lost.
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(shell="/bin/bash")) as session:
+        await session.send_input(b"echo hi-$((40+2))\n")
+        await session.close_input()
+        with trio.fail_after(15):
+            status = await session.run(transcript.on_output)
+    assert status.code == 0
+    assert b"hi-42" in transcript.stdout

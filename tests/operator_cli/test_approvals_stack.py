@@ -8,6 +8,7 @@ approves their own request, and an approval is good for one command once.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -184,3 +185,28 @@ def test_a_shell_needing_approval_opens_with_the_approval_id(team: PolicyStack) 
     finally:
         child.close(force=True)
     assert child.exitstatus == 5
+
+
+def test_ctrl_c_while_waiting_for_approval_exits_130_and_says_the_request_stays_pending(
+    team: PolicyStack, tmp_path: Path
+) -> None:
+    stderr_path = tmp_path / "requester.err"
+    argv = team.stack.tucdesk_command("exec", team.stack.agent_name, "--", "echo", "restart",
+                                      "db", home=team.operator_home)
+    with stderr_path.open("wb") as stderr:
+        requester = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+            env=team.stack.cli_env(team.operator_home),
+        )
+    try:
+        wait_for_text(stderr_path, "waiting for approval by", requester)
+        requester.send_signal(signal.SIGINT)
+        requester.wait(timeout=WAIT_TIMEOUT_SECONDS)
+    finally:
+        if requester.poll() is None:
+            requester.kill()
+            requester.wait()
+    lines = stderr_path.read_text().strip().splitlines()
+    assert requester.returncode == 130, lines
+    assert "stays pending" in lines[-1] and "--approval apr_" in lines[-1], lines
+    assert not any("Traceback" in line for line in lines), lines

@@ -52,6 +52,7 @@ def test_demo_exec_prints_the_output_exits_zero_and_leaves_nothing_behind(
     assert completed.stdout == b"hello\n"
     assert "agent key   SHA256:" in progress
     assert "rendezvous  https://127.0.0.1:" in progress
+    assert "try also" not in progress  # the stack stops right after: nothing to try
     assert list((tmp_path / "scratch").iterdir()) == []
     assert processes_mentioning(str(tmp_path / "scratch")) == []
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from operator_cli.escape import EscapeAction, EscapeResult, EscapeScanner, escape_help
+from operator_cli.escape import (
+    EscapeAction,
+    EscapeCharacterError,
+    EscapeResult,
+    EscapeScanner,
+    escape_help,
+    parse_escape_character,
+)
 
 # Bytes that matter to the scanner, plus a little noise, so interesting sequences are common.
-interesting_bytes = st.sampled_from(list(b"~.?\r\nab"))
+interesting_bytes = st.sampled_from(list(b"~.?\x1a\r\nab"))
 keystrokes = st.lists(interesting_bytes, max_size=60).map(bytes)
 
 
@@ -30,6 +38,9 @@ def reference(data: bytes) -> tuple[bytes, list[EscapeAction]]:
                 return bytes(forwarded), actions
             if following == b"?":
                 actions.append(EscapeAction.SHOW_HELP)
+                continue
+            if following == b"\x1a":
+                actions.append(EscapeAction.SUSPEND)
                 continue
             if following == b"~":
                 forwarded += b"~"
@@ -118,6 +129,30 @@ def test_escape_split_across_reads_is_still_recognised() -> None:
 
 def test_help_text_lists_every_escape_with_raw_mode_line_ends() -> None:
     text = escape_help()
-    for sequence in ("~.", "~?", "~~"):
+    for sequence in ("~.", "~^Z", "~?", "~~"):
         assert sequence in text
     assert "\r\n" in text and "\n" not in text.replace("\r\n", "")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("~", ord("~")), ("%", ord("%")), ("^]", 0x1D), ("^a", 0x01), ("^?", 0x7F), ("none", None)],
+)
+def test_escape_character_forms_like_ssh_minus_e(text: str, expected: int | None) -> None:
+    assert parse_escape_character(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "~~", "^1", "é", "nope"])
+def test_other_escape_character_values_are_refused(text: str) -> None:
+    with pytest.raises(EscapeCharacterError):
+        parse_escape_character(text)
+
+
+def test_a_control_escape_character_works_and_is_shown_in_caret_form() -> None:
+    scanner = EscapeScanner(0x1D)
+    assert scanner.feed(b"ls\r\x1d?\x1d\x1a").actions == (
+        EscapeAction.SHOW_HELP, EscapeAction.SUSPEND,
+    )
+    assert scanner.feed(b"\x1d.").actions == (EscapeAction.DISCONNECT,)
+    assert " ^].   - disconnect" in escape_help(0x1D)
+    assert " ^]^Z  - suspend" in escape_help(0x1D)

@@ -113,9 +113,11 @@ def test_write_many_writes_every_buffer_in_order_through_a_full_pipe() -> None:
     reader = threading.Thread(target=drain)
     reader.start()
     chunks = [os.urandom(size) for size in (150_000, 1, 0, 65_536, 99_999)]
+    writer = OutputWriter(write_end)
     try:
-        assert OutputWriter(write_end).write_many(chunks)
+        assert trio.run(writer.write_many, chunks)
     finally:
+        writer.close()
         os.close(write_end)
         reader.join()
         os.close(read_end)
@@ -127,7 +129,44 @@ def test_write_many_reports_a_reader_that_went_away() -> None:
     os.close(read_end)
     writer = OutputWriter(write_end)
     try:
-        assert not writer.write_many([b"a", b"b"])
+        assert not trio.run(writer.write_many, [b"a", b"b"])
         assert writer.broken
     finally:
+        writer.close()
+        os.close(write_end)
+
+
+def test_a_write_to_a_reader_that_lags_leaves_the_loop_free_and_can_be_cancelled() -> None:
+    # The terminal of an operator whose remote shell floods it: it takes nothing for now.
+    read_end, write_end = os.pipe()
+    writer = OutputWriter(write_end)
+    ticks = 0
+
+    async def main() -> None:
+        nonlocal ticks
+        async with trio.open_nursery() as nursery:
+
+            async def flood() -> None:
+                with trio.move_on_after(0.3) as scope:
+                    await writer.write_many([b"y\n" * 500_000])
+                assert scope.cancelled_caught  # ~. : the pending output is dropped
+                nursery.cancel_scope.cancel()
+
+            async def keystrokes() -> None:
+                nonlocal ticks
+                while True:
+                    await trio.sleep(0.01)
+                    ticks += 1
+
+            nursery.start_soon(flood)
+            nursery.start_soon(keystrokes)
+
+    try:
+        started = time.monotonic()
+        trio.run(main)
+        assert time.monotonic() - started < 2
+        assert ticks >= 10  # the other task ran all along
+    finally:
+        os.close(read_end)  # a writer thread still in its last slice fails (EPIPE) and ends
+        writer.close()
         os.close(write_end)

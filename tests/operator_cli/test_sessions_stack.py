@@ -33,6 +33,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
             for log in sorted(started.log_dir.glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
             raise
+        # Pin the agent's key once (that first session says so on stderr), so the sessions
+        # below are ordinary pinned ones.
+        assert started.run_tucdesk("exec", started.agent_name, "--", "true").returncode == 0
         yield started
 
 
