@@ -7,14 +7,10 @@ it could have signed anything the bundle says.
 
 from __future__ import annotations
 
-import os
-import stat
 from pathlib import Path
 
 from protocol.errors import ProtocolError
-from protocol.identity import MAX_KEY_FILE_SIZE, PublicIdentity
-
-PRIVATE_KEY_MARKER = b"PRIVATE KEY-----"
+from protocol.identity import PrivateKeyFileError, PublicIdentity, load_verifying_key_file
 
 
 class PinnedKeyError(Exception):
@@ -23,34 +19,13 @@ class PinnedKeyError(Exception):
 
 def load_pinned_key(path: Path) -> PublicIdentity:
     """The PEM Ed25519 public key in ``path``; PinnedKeyError (naming the file) otherwise."""
-    data = _read_key_file(path)
-    if PRIVATE_KEY_MARKER in data:
+    try:
+        return load_verifying_key_file(path)
+    except PrivateKeyFileError:
         raise PinnedKeyError(
             f"key {path}: this is a PRIVATE key; refusing it. Pin the public key instead "
             "(tucdesk-rendezvous keys show --pem audit-signer): an auditor never needs the "
             "signer's private key, and whoever holds it could have signed anything"
-        )
-    try:
-        return PublicIdentity.from_pem(data)
+        ) from None
     except ProtocolError as error:
-        raise PinnedKeyError(f"key {path}: {error} (expected a PEM Ed25519 public key)") from None
-
-
-def _read_key_file(path: Path) -> bytes:
-    # One open; checks on the descriptor. O_NONBLOCK: a FIFO at the path must not hang us.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise PinnedKeyError(f"key {path}: no such key file") from None
-    except OSError as error:
-        raise PinnedKeyError(f"key {path}: cannot open key file ({error.strerror})") from None
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise PinnedKeyError(f"key {path}: not a regular file")
-        try:
-            data = handle.read(MAX_KEY_FILE_SIZE + 1)
-        except OSError as error:
-            raise PinnedKeyError(f"key {path}: cannot read key file ({error.strerror})") from None
-    if len(data) > MAX_KEY_FILE_SIZE:
-        raise PinnedKeyError(f"key {path}: larger than any key file")
-    return data
+        raise PinnedKeyError(f"key {error}") from None

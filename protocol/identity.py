@@ -29,6 +29,8 @@ PRIVATE_KEY_FILE_MODE = 0o600
 PRIVATE_DIRECTORY_MODE = 0o700
 _PEM_PRIVATE_HEADER = b"-----BEGIN PRIVATE KEY-----"
 _PEM_PUBLIC_HEADER = b"-----BEGIN PUBLIC KEY-----"
+# Any private key, PKCS#8 or not (a verifier refuses them all).
+_PEM_PRIVATE_MARKER = b"PRIVATE KEY-----"
 _B64URL_TEXT = re.compile(r"[A-Za-z0-9_-]*")
 
 
@@ -221,6 +223,24 @@ def load_public_key_file(path: Path) -> PublicIdentity:
     if _PEM_PRIVATE_HEADER in data:
         return SigningIdentity.load(path).public
     raise KeyFileError(f"{path}: not a PEM Ed25519 key")
+
+
+class PrivateKeyFileError(KeyFileError):
+    """A public key was asked for and the file holds a private key."""
+
+
+def load_verifying_key_file(path: str | Path) -> PublicIdentity:
+    """Load a PEM public key file for a verifier (an auditor, a relay), refusing a private key
+    file with PrivateKeyFileError rather than using its public half: a verifier must never be
+    handed the signer's secret."""
+    path = Path(path)
+    with _open_regular_file(path) as handle:
+        data = _read_bounded(handle, path)
+    if _PEM_PRIVATE_MARKER in data:
+        raise PrivateKeyFileError(f"{path}: holds a private key")
+    if _PEM_PUBLIC_HEADER not in data:
+        raise KeyFileError(f"{path}: not a PEM Ed25519 public key")
+    return PublicIdentity.from_pem(data)
 
 
 def _open_regular_file(path: Path) -> BinaryIO:

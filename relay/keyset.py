@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import socket
 import ssl
-import stat
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
@@ -20,7 +18,12 @@ import httpx
 import trio
 
 from protocol.errors import ProtocolError
-from protocol.identity import MAX_KEY_FILE_SIZE, PublicIdentity, b64url_decode
+from protocol.identity import (
+    PrivateKeyFileError,
+    PublicIdentity,
+    b64url_decode,
+    load_verifying_key_file,
+)
 from relay.errors import KeySetError
 
 MAX_JWKS_SIZE = 64 * 1024
@@ -31,8 +34,6 @@ JWKS_RETRY_SECONDS = 10.0
 RELAY_TOKEN_PURPOSE = "relay-token"  # noqa: S105 (a key role name, not a secret)
 JWKS_PATH = "/.well-known/jwks.json"
 PUBLIC_KEY_COMMAND = "tucdesk-rendezvous keys show --pem relay-token"
-_PRIVATE_PEM_MARKER = b"PRIVATE KEY-----"
-_PUBLIC_PEM_HEADER = b"-----BEGIN PUBLIC KEY-----"
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -76,44 +77,16 @@ def load_key_files(paths: Iterable[Path]) -> dict[str, PublicIdentity]:
 
 
 def _load_public_key_file(path: Path) -> PublicIdentity:
-    # Read here rather than with protocol.identity.load_public_key_file, which also takes the
-    # public half of a private key file: the relay must never be handed the signing secret.
-    data = _read_key_file(path)
-    if _PRIVATE_PEM_MARKER in data:
+    try:
+        return load_verifying_key_file(path)
+    except PrivateKeyFileError:
+        # The relay must never be handed the signing secret.
         raise KeySetError(
             f"--token-key {path} holds a private key; give the relay only the public key: "
             f"{PUBLIC_KEY_COMMAND}"
-        )
-    if _PUBLIC_PEM_HEADER not in data:
-        raise KeySetError(f"--token-key {path}: not a PEM Ed25519 public key")
-    try:
-        return PublicIdentity.from_pem(data)
+        ) from None
     except ProtocolError as error:
-        raise KeySetError(f"--token-key {path}: {error}") from None
-
-
-def _read_key_file(path: Path) -> bytes:
-    # O_NONBLOCK: a FIFO planted at the path cannot hang start-up or a reload.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    except FileNotFoundError:
-        raise KeySetError(f"--token-key {path}: no such key file") from None
-    except OSError as error:
-        raise KeySetError(f"--token-key {path}: cannot open ({error.strerror})") from None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise KeySetError(f"--token-key {path}: not a regular file")
-        with os.fdopen(fd, "rb") as handle:
-            fd = -1
-            data = handle.read(MAX_KEY_FILE_SIZE + 1)
-    except OSError as error:
-        raise KeySetError(f"--token-key {path}: cannot read ({error.strerror})") from None
-    finally:
-        if fd != -1:
-            os.close(fd)
-    if len(data) > MAX_KEY_FILE_SIZE:
-        raise KeySetError(f"--token-key {path}: larger than any key file")
-    return data
+        raise KeySetError(f"--token-key {error}") from None
 
 
 def parse_jwks(data: bytes) -> dict[str, PublicIdentity]:

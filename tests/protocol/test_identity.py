@@ -24,12 +24,14 @@ from protocol.domains import Purpose, framed_message
 from protocol.errors import KeyFileError, PayloadError, SignatureError
 from protocol.identity import (
     MAX_KEY_FILE_SIZE,
+    PrivateKeyFileError,
     PublicIdentity,
     SigningIdentity,
     b64url,
     b64url_decode,
     jwk_thumbprint,
     load_public_key_file,
+    load_verifying_key_file,
 )
 
 # RFC 8032 section 7.1: (secret key, public key, message, signature), all hex.
@@ -377,6 +379,21 @@ def test_public_key_can_be_read_from_the_private_key_file(tmp_path: Path) -> Non
     path = tmp_path / "operator.key"
     identity.save(path)
     assert load_public_key_file(path) == identity.public
+
+
+def test_a_verifier_gets_the_public_key_and_never_a_private_one(tmp_path: Path) -> None:
+    identity = SigningIdentity.generate()
+    public, private = tmp_path / "audit.pub", tmp_path / "audit.key"
+    public.write_bytes(identity.public.to_pem())
+    identity.save(private)
+    assert load_verifying_key_file(public) == identity.public
+    with pytest.raises(PrivateKeyFileError, match="holds a private key"):
+        load_verifying_key_file(private)
+    (tmp_path / "other.pem").write_bytes(b"-----BEGIN CERTIFICATE-----\nAAAA\n")
+    with pytest.raises(KeyFileError, match="not a PEM Ed25519 public key"):
+        load_verifying_key_file(tmp_path / "other.pem")
+    with pytest.raises(KeyFileError, match="no such key file"):
+        load_verifying_key_file(tmp_path / "absent.pub")
 
 
 @pytest.mark.parametrize(
