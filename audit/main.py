@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
 import os
 import signal
+import stat
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, NoReturn
@@ -26,6 +30,7 @@ from audit.verify import (
     Verdict,
     VerificationResult,
     load_previous_checkpoint,
+    read_small_file,
     verify_bundle,
 )
 from protocol.identity import PublicIdentity
@@ -44,8 +49,10 @@ Exit status:
   2    UNREADABLE: an input cannot be read or is not a bundle / key / checkpoint at all
   3    WRONG KEY: no pinned key signed anything in the bundle (--key is not its audit key)
   4    the bundle verified but --save-checkpoint FILE was left unchanged (it keeps a larger
-       checkpoint, or one of another log, or one not signed by a pinned key)
+       checkpoint, or one of another log, or one not signed by a pinned key); never for a
+       bundle that does not verify
   130  interrupted (Ctrl-C)
+  141  the reader of the output went away (SIGPIPE, e.g. piped into head): ends quietly
 With --json the same outcome is in the "code" field: valid, invalid, unreadable, wrong_key,
 checkpoint_not_saved (and for 'recording' the finer codes its --help lists).
 """
@@ -55,8 +62,9 @@ Exit status: 0 when the bundle verifies and the file matches its record (one-lin
 when the bundle is invalid, no record names the file, or its size or hash differ (says which:
 cut short, extended, edited, and which session's record the file's content matches, if any),
 2 when an input cannot be read (the recording is checked first), 3 when no pinned key signed
-the bundle, 130 when interrupted. With --json, "code" is one of: matches, cut_short, extended,
-edited, not_named, named_twice, export_invalid, wrong_key, unreadable.
+the bundle, 130 when interrupted, 141 when the reader of the output went away (SIGPIPE).
+With --json, "code" is one of: matches, cut_short, extended, edited, not_named, named_twice,
+export_invalid, wrong_key, unreadable.
 """
 
 _VERIFY_EPILOG = (
@@ -290,22 +298,21 @@ def _verify(arguments: argparse.Namespace) -> int:
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
     keys, previous, names = trust
-    kept: Checkpoint | None = None
+    kept: Checkpoint | None | str = None
     if arguments.save_checkpoint is not None:
-        kept_or_refusal = _kept_checkpoint(arguments.save_checkpoint, keys)
-        if isinstance(kept_or_refusal, str):  # refuse before the long part
-            return _checkpoint_not_saved(arguments, None, names, kept_or_refusal)
-        kept = kept_or_refusal
+        # Read now only to learn which prefix root to keep; whether FILE can take the
+        # checkpoint is decided after the bundle's verdict (exit 4 means it verified).
+        kept = _kept_checkpoint(arguments.save_checkpoint, keys)
     with _verify_progress(arguments) as progress:
         result = verify_bundle(
             _bundle_source(arguments.bundle),
             keys,
             previous_checkpoints=previous,
             progress=progress,
-            keep_prefix_sizes=() if kept is None else (kept.size,),
+            keep_prefix_sizes=(kept.size,) if isinstance(kept, Checkpoint) else (),
         )
     if result.ok and arguments.save_checkpoint is not None:
-        return _save_checkpoint(arguments, result, kept, names)
+        return _save_checkpoint(arguments, result, keys, names)
     _report(arguments, result, names)
     return result.exit_code
 
@@ -314,8 +321,7 @@ def _kept_checkpoint(path: Path, keys: Sequence[PublicIdentity]) -> Checkpoint |
     """The checkpoint ``path`` already keeps (None if there is no file yet), or why it must not
     be overwritten."""
     try:
-        with path.open("rb") as handle:
-            note = handle.read(MAX_CHECKPOINT_FILE_BYTES + 1)
+        note = read_small_file(path, MAX_CHECKPOINT_FILE_BYTES + 1)
     except FileNotFoundError:
         return None
     except OSError as error:
@@ -335,62 +341,154 @@ def _kept_checkpoint(path: Path, keys: Sequence[PublicIdentity]) -> Checkpoint |
 def _save_checkpoint(
     arguments: argparse.Namespace,
     result: VerificationResult,
-    kept: Checkpoint | None,
+    keys: Sequence[PublicIdentity],
     names: KeyNames,
 ) -> int:
     """Keep the verified bundle's checkpoint in FILE, unless that would move FILE backwards,
-    across logs, or over history this bundle contradicts."""
+    across logs, or over history this bundle contradicts. Runs sharing FILE take turns (an
+    exclusive lock on FILE.lock) and FILE is read again under the lock, so two runs finishing
+    together never move it backwards."""
     path: Path = arguments.save_checkpoint
     checkpoint, note = result.checkpoint, result.checkpoint_note
     assert checkpoint is not None and note is not None
-    if kept is not None:
-        if kept.origin != checkpoint.origin:
-            return _checkpoint_not_saved(
-                arguments, result, names,
-                f"{path} keeps the checkpoint of another log ({kept.origin}), not "
-                f"{checkpoint.origin}; it was left unchanged: give another file",
-            )  # fmt: skip
-        if kept.size > checkpoint.size:
-            return _checkpoint_not_saved(
-                arguments, result, names,
-                f"{path} keeps a checkpoint of {kept.size} records and this bundle has only "
-                f"{checkpoint.size}: a kept checkpoint never moves backwards, so it was left "
-                "unchanged (an older export verifies, but is not the latest)",
-            )  # fmt: skip
-        if result.prefix_roots.get(kept.size) != kept.root_hash:
-            conflict = dataclasses.replace(
-                result,
-                verdict=Verdict.INVALID,
-                reason=f"the first {kept.size} records differ from the checkpoint kept in "
-                f"{path} (history was rewritten); {path} was left unchanged",
-                checkpoint_note=None,
-            )
-            _report(arguments, conflict, names)
-            return conflict.exit_code
+    destination = Path(os.path.realpath(path))  # through a symlink, as writing in place would
     try:
-        _replace_file(path, note)
+        lock = _lock_file(destination)
     except OSError as error:
-        return _unreadable(arguments, f"{path}: cannot write ({error.strerror})")
+        return _checkpoint_not_saved(
+            arguments, result, names,
+            f"{path}: cannot lock {destination.name}{LOCK_SUFFIX} ({error.strerror}); it was "
+            "left unchanged",
+        )  # fmt: skip
+    with lock:
+        kept = _kept_checkpoint(path, keys)
+        refusal = _refusal(path, checkpoint, kept, result)
+        if refusal is not None:
+            if refusal[0]:  # the bundle contradicts the history FILE keeps
+                conflict = dataclasses.replace(
+                    result, verdict=Verdict.INVALID, reason=refusal[1], checkpoint_note=None
+                )
+                _report(arguments, conflict, names)
+                return conflict.exit_code
+            return _checkpoint_not_saved(arguments, result, names, refusal[1])
+        try:
+            _replace_file(destination, note, lambda: _kept_checkpoint(path, keys) == kept)
+        except _ChangedMeanwhile:
+            return _checkpoint_not_saved(
+                arguments, result, names,
+                f"{path} was changed by something else while the checkpoint was being "
+                "saved; it was left as that left it: run again",
+            )  # fmt: skip
+        except OSError as error:
+            return _unreadable(arguments, f"{path}: cannot write ({error.strerror})")
     _report(arguments, result, names)
     return result.exit_code
 
 
-def _replace_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` whole or not at all (a crash never leaves half a checkpoint)."""
-    destination = Path(os.path.realpath(path))  # through a symlink, as writing in place would
+def _refusal(
+    path: Path,
+    checkpoint: Checkpoint,
+    kept: Checkpoint | None | str,
+    result: VerificationResult,
+) -> tuple[bool, str] | None:
+    """Why ``checkpoint`` must not replace ``kept`` (True: the bundle contradicts it), or None."""
+    if isinstance(kept, str):
+        return False, kept
+    if kept is None:
+        return None
+    if kept.origin != checkpoint.origin:
+        return False, (
+            f"{path} keeps the checkpoint of another log ({kept.origin}), not "
+            f"{checkpoint.origin}; it was left unchanged: give another file"
+        )
+    if kept.size > checkpoint.size:
+        return False, (
+            f"{path} keeps a checkpoint of {kept.size} records and this bundle has only "
+            f"{checkpoint.size}: a kept checkpoint never moves backwards, so it was left "
+            "unchanged (an older export verifies, but is not the latest)"
+        )
+    root = result.prefix_roots.get(kept.size)
+    if root is None:  # another run saved it while this one verified: no root was kept for it
+        if kept.size == checkpoint.size:
+            root = checkpoint.root_hash
+        else:
+            return False, (
+                f"{path} was changed by another run while this one verified (it now keeps "
+                f"{kept.size} records); it was left unchanged: run again"
+            )
+    if root != kept.root_hash:
+        return True, (
+            f"the first {kept.size} records differ from the checkpoint kept in {path} "
+            f"(history was rewritten); {path} was left unchanged"
+        )
+    return None
+
+
+class _ChangedMeanwhile(Exception):
+    """FILE changed between the read under the lock and the rename (a writer that does not
+    take the lock)."""
+
+
+LOCK_SUFFIX = ".lock"
+
+
+@contextmanager
+def _locked(fd: int) -> Iterator[None]:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _lock_file(destination: Path) -> contextlib.AbstractContextManager[None]:
+    """An exclusive lock on ``destination``'s FILE.lock (created 0600, never through a symlink,
+    kept afterwards: removing it would let two runs lock two different files)."""
+    lock_path = destination.with_name(destination.name + LOCK_SUFFIX)
+    fd = os.open(
+        lock_path,
+        os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+        0o600,
+    )
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return _locked(fd)
+
+
+def _replace_file(destination: Path, data: bytes, unchanged: Callable[[], bool]) -> None:
+    """Write ``data`` to ``destination`` whole or not at all (a crash never leaves half a
+    checkpoint), if ``unchanged()`` still holds just before the rename (else _ChangedMeanwhile).
+    The new file is 0600, or the old file's mode if that was stricter; the directory is synced
+    after the rename so the new checkpoint survives a crash."""
+    try:
+        mode = stat.S_IMODE(os.stat(destination).st_mode) & 0o600
+    except FileNotFoundError:
+        mode = 0o600
     fd, name = tempfile.mkstemp(
         dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
     )
     temporary = Path(name)
     try:
         with os.fdopen(fd, "wb") as handle:
+            os.fchmod(handle.fileno(), mode)
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if not unchanged():
+            raise _ChangedMeanwhile
         os.replace(temporary, destination)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    directory = os.open(destination.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
 
 
 def _checkpoint_not_saved(

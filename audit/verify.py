@@ -17,6 +17,9 @@ nothing is ever taken from a second, unverified read of the file.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -225,10 +228,37 @@ class _WrongKey(_Invalid):
     key list names an audit key that does verify it (``signed_by``); otherwise as INVALID."""
 
     def __init__(
-        self, reason: str, seq: int | None, signed_by: Callable[[PublicIdentity], bool]
+        self,
+        reason: str,
+        seq: int | None,
+        signed_by: Callable[[PublicIdentity], bool],
+        trailer: bytes | None = None,
     ) -> None:
         super().__init__(reason, seq)
         self.signed_by = signed_by
+        self.trailer = trailer
+        """The checkpoint line, when that is what no pinned key signed (the bundle's end)."""
+
+
+def read_small_file(path: Path | str, limit: int) -> bytes:
+    """At most ``limit`` bytes of the regular file ``path``; OSError for anything else. Opened
+    without blocking and checked on the descriptor, so a FIFO (or a device) put where a file is
+    expected is refused at once instead of waiting for a writer for ever."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        chunks: list[bytes] = []
+        remaining = limit
+        while remaining > 0:
+            chunk = os.read(fd, remaining)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            remaining -= len(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
 
 
 def load_previous_checkpoint(
@@ -236,8 +266,7 @@ def load_previous_checkpoint(
 ) -> Checkpoint:
     """Read and verify a checkpoint note an auditor kept; BundleError if it cannot be used."""
     try:
-        with Path(path).open("rb") as handle:
-            note = handle.read(MAX_BUNDLE_LINE_BYTES + 1)
+        note = read_small_file(path, MAX_BUNDLE_LINE_BYTES + 1)
     except OSError as error:
         raise BundleError(f"{path}: cannot read earlier checkpoint ({error.strerror})") from None
     try:
@@ -318,7 +347,16 @@ class _Verifier:
                 self._check_previous_origins()
                 self._verify(stream)
             except _WrongKey as wrong:
-                signer = _bundle_audit_key(stream, wrong.signed_by)
+                # Only now (never on a bundle that verifies) read the rest: a bundle in which
+                # anything verifies under a pinned key was tampered with, not checked with the
+                # wrong --key, however its first record was re-signed.
+                if wrong.trailer is None:
+                    pinned_signed, last = _scan_rest(stream, self._audit_keys)
+                else:  # an empty log: its checkpoint was the one signed thing, and the last
+                    pinned_signed, last = False, wrong.trailer
+                if pinned_signed:
+                    raise
+                signer = _bundle_audit_key(last, wrong.signed_by)
                 if signer is None:
                     raise
                 self._bundle_signer = f"audit key {signer.fingerprint}"
@@ -512,7 +550,7 @@ class _Verifier:
             if count == 0:  # no record either: nothing at all is signed by a pinned key
                 signed_by = partial(_signs_note, trailer.checkpoint)
                 reason = "checkpoint: no signature by a pinned key"
-                raise _WrongKey(reason, None, signed_by) from None
+                raise _WrongKey(reason, None, signed_by, body) from None
             raise
         if checkpoint.origin != self._header.origin:
             raise _Invalid(f"the checkpoint is for {checkpoint.origin}", None)
@@ -605,29 +643,55 @@ def _signs_note(note: bytes, key: PublicIdentity) -> bool:
     return True
 
 
-def _last_line(stream: BinaryIO) -> bytes:
-    """The stream's last line (without its newline): a seekable file's from its end, a pipe's by
-    reading on to its end (bounded per line, nothing kept but the latest line)."""
-    if stream.seekable():
-        end = stream.seek(0, 2)
-        stream.seek(max(0, end - MAX_BUNDLE_LINE_BYTES - 2))
-        return stream.read(MAX_BUNDLE_LINE_BYTES + 2).rstrip(b"\n").rpartition(b"\n")[2]
+def _scan_rest(stream: BinaryIO, audit_keys: Sequence[PublicIdentity]) -> tuple[bool, bytes]:
+    """Read the rest of the bundle: whether any record in it or its checkpoint verifies under a
+    pinned key, and its last line (without its newline). Bounded per line; only lines naming a
+    pinned key id are parsed, so a bundle signed by another key is read at the speed of the
+    disk."""
+    pinned = {key.key_id: key for key in audit_keys}
+    key_ids = [key_id.encode() for key_id in pinned]
+    found = False
     last = b""
     while line := stream.readline(MAX_BUNDLE_LINE_BYTES + 1):
-        if line.strip():
-            last = line.rstrip(b"\n")
-    return last
+        if not line.strip():
+            continue
+        last = line.rstrip(b"\n")
+        if found or not any(key_id in last for key_id in key_ids):
+            continue
+        found = _signed_by_pinned_key(last, pinned)
+    if not found and last:
+        found = _checkpoint_signed_by_pinned_key(last, audit_keys)
+    return found, last
+
+
+def _signed_by_pinned_key(body: bytes, pinned: Mapping[str, PublicIdentity]) -> bool:
+    try:
+        value = strict_json(body)
+        if is_trailer(value):
+            return False
+        record = AuditRecord.from_parsed(value, body)
+        key = pinned.get(record.event.signer)
+        return key is not None and _signs_record(record, key)
+    except (AuditError, ProtocolError, ValueError):
+        return False
+
+
+def _checkpoint_signed_by_pinned_key(last: bytes, audit_keys: Sequence[PublicIdentity]) -> bool:
+    try:
+        value = strict_json(last)
+        if not isinstance(value, dict) or not is_trailer(value):
+            return False
+        open_checkpoint(parse_trailer(value, last).checkpoint, audit_keys)
+    except (AuditError, ProtocolError, ValueError):
+        return False
+    return True
 
 
 def _bundle_audit_key(
-    stream: BinaryIO, signed_by: Callable[[PublicIdentity], bool]
+    last: bytes, signed_by: Callable[[PublicIdentity], bool]
 ) -> PublicIdentity | None:
     """The audit key the bundle's own key list names that signed what no pinned key did, read
     from the bundle's last line only to name it (never trusted); None if there is none."""
-    try:
-        last = _last_line(stream)
-    except (OSError, ValueError):
-        return None
     try:
         value = strict_json(last)
         if not isinstance(value, dict) or not is_trailer(value):

@@ -240,7 +240,10 @@ def load_verifying_key_file(path: str | Path) -> PublicIdentity:
         raise PrivateKeyFileError(f"{path}: holds a private key")
     if _PEM_PUBLIC_HEADER not in data:
         raise KeyFileError(f"{path}: not a PEM Ed25519 public key")
-    return PublicIdentity.from_pem(data)
+    try:
+        return PublicIdentity.from_pem(data)
+    except KeyFileError as error:
+        raise KeyFileError(f"{path}: {error}") from None
 
 
 def _open_regular_file(path: Path) -> BinaryIO:

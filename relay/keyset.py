@@ -196,7 +196,13 @@ def _causes(error: BaseException) -> list[BaseException]:
 
 
 class JwksRefresher:
-    """Refetches the JWKS every ``interval`` s (sooner after a failure, or when asked)."""
+    """Refetches the JWKS every ``interval`` s (sooner after a failure, or when asked).
+
+    The keys it starts with were just fetched (the relay's start-up fetch), so the first
+    refetch is one interval later. A refetch asked for with ``refresh_soon`` (SIGHUP) is a
+    reload: its result is logged (``reload`` / ``reload_failed``) and passed to ``on_reload``
+    (True when the keys were fetched), as a --token-key reload's is.
+    """
 
     def __init__(
         self,
@@ -205,16 +211,20 @@ class JwksRefresher:
         ca_file: str | None,
         interval: float,
         on_failure: Callable[[], None] = lambda: None,
+        on_reload: Callable[[bool], None] = lambda ok: None,
     ) -> None:
         self.key_set = key_set
         self.url = url
         self.ca_file = ca_file
         self.interval = interval
         self.on_failure = on_failure
+        self.on_reload = on_reload
         self._wake = trio.Event()
+        self._reload_asked = False
 
     def refresh_soon(self) -> None:
-        """Cut the current wait short (SIGHUP)."""
+        """Refetch now, as a reload (SIGHUP): cut the current wait short."""
+        self._reload_asked = True
         self._wake.set()
 
     async def run(self) -> None:
@@ -224,40 +234,41 @@ class JwksRefresher:
         ``on_failure`` every time; a recovery is logged once.
         """
         last_error: str | None = None
+        delay = self.interval
         while True:
+            with trio.move_on_after(delay):
+                await self._wake.wait()
+            # A new event before fetching: a SIGHUP during the fetch is a fetch more, not lost.
+            self._wake = trio.Event()
+            reload, self._reload_asked = self._reload_asked, False
             delay = self.interval
+            before = self.key_set.fingerprints()
             try:
                 keys = await fetch_jwks(self.url, self.ca_file)
-                before = self.key_set.fingerprints()
                 self.key_set.replace(keys)
-                if self.key_set.fingerprints() != before:
-                    log.info("jwks_keys_changed keys=%s", ",".join(self.key_set.fingerprints()))
             except KeySetError as error:
                 self.on_failure()
                 delay = min(self.interval, JWKS_RETRY_SECONDS)
+                keeping = ",".join(self.key_set.fingerprints())
+                if reload:
+                    self.on_reload(False)
+                    log.warning("reload_failed error=%s keeping=%s", error, keeping)
                 if str(error) != last_error:
                     log.warning(
                         "jwks_refresh_failed error=%s keeping=%s retry_s=%g",
-                        error, ",".join(self.key_set.fingerprints()), delay,
+                        error, keeping, delay,
                     )
                     last_error = str(error)
-            else:
-                if last_error is not None:
-                    log.info(
-                        "jwks_refresh_recovered keys=%s", ",".join(self.key_set.fingerprints())
-                    )
-                    last_error = None
-            with trio.move_on_after(delay):
-                await self._wake.wait()
-            self._wake = trio.Event()
-
-
-async def refresh_jwks_forever(
-    key_set: TokenKeySet,
-    url: str,
-    ca_file: str | None,
-    interval: float,
-    on_failure: Callable[[], None] = lambda: None,
-) -> None:
-    """Refetch the JWKS every ``interval`` s until cancelled (see JwksRefresher)."""
-    await JwksRefresher(key_set, url, ca_file, interval, on_failure).run()
+                continue
+            after = self.key_set.fingerprints()
+            if after != before:
+                log.info("jwks_keys_changed keys=%s", ",".join(after))
+            if reload:
+                self.on_reload(True)
+                log.info(
+                    "reload jwks=%s keys=%s changed=%s (other settings take effect on restart)",
+                    self.url, ",".join(after), "yes" if after != before else "no",
+                )
+            if last_error is not None:
+                log.info("jwks_refresh_recovered keys=%s", ",".join(after))
+                last_error = None

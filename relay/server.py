@@ -74,6 +74,8 @@ class Relay:
             log.warning("reload_ignored reason=not_started")
             return
         if self._jwks_refresher is not None:
+            # Fetched in the refresher's task; it logs reload / reload_failed and counts the
+            # result (_count_reload), as below for the key files.
             log.info("reload jwks=%s refreshing_now", self.config.jwks)
             self._jwks_refresher.refresh_soon()
             return
@@ -94,6 +96,9 @@ class Relay:
             "yes" if self.key_set.fingerprints() != before else "no",
         )
 
+    def _count_reload(self, ok: bool) -> None:
+        self.metrics.key_reloads.labels("ok" if ok else "failed").inc()
+
     async def serve(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run until shut down; ``task_status.started(self)`` once the sockets are bound."""
         if self.key_set is None:
@@ -101,7 +106,7 @@ class Relay:
         if self.config.jwks and not self.config.token_key:
             self._jwks_refresher = JwksRefresher(
                 self.key_set, self.config.jwks, self.config.jwks_ca, self.config.jwks_refresh,
-                self.metrics.jwks_refresh_failures.inc,
+                self.metrics.jwks_refresh_failures.inc, self._count_reload,
             )
         admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
         sockets: list[socket.socket] = []

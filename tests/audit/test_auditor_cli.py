@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 import trio
 
+import audit.main as audit_main
 from audit import recording_check
 from audit.actions import Action
 from audit.main import main
@@ -181,8 +183,94 @@ def test_a_file_holding_no_pinned_checkpoint_is_not_overwritten(
     code, out, err = run(
         ["verify", str(new), "--key", str(key), "--save-checkpoint", str(saved)], capsys
     )
-    assert code == 4 and out == "" and saved.read_bytes() == b"my own notes\n"
+    assert code == 4 and saved.read_bytes() == b"my own notes\n"
+    assert out.startswith("OK: 8 records")  # exit 4 says the bundle verified: it is checked first
     assert "holds no checkpoint signed by a pinned key" in err
+    code, out, _ = run(
+        ["verify", str(new), "--key", str(key), "--save-checkpoint", str(saved), "--json"], capsys
+    )
+    result = json.loads(out)
+    assert code == 4 and result["code"] == "checkpoint_not_saved"
+    assert result["verdict"] == "valid" and result["ok"] is True
+
+
+def test_a_tampered_bundle_is_reported_invalid_whatever_the_checkpoint_file_holds(
+    tmp_path: Path, key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Exit 4 ("verified, FILE unchanged") must never be what a tampered bundle gets.
+    _, new = _two_exports(tmp_path)
+    lines = new.read_bytes().splitlines(keepends=True)
+    del lines[3]  # a record deleted
+    new.write_bytes(b"".join(lines))
+    saved = tmp_path / "notes.txt"
+    saved.write_bytes(b"my own notes\n")
+    argv = ["verify", str(new), "--key", str(key), "--save-checkpoint", str(saved)]
+    code, out, err = run(argv, capsys)
+    assert code == 1 and out.startswith("INVALID:") and "not saving" not in err
+    code, out, _ = run([*argv, "--json"], capsys)
+    result = json.loads(out)
+    assert code == 1 and saved.read_bytes() == b"my own notes\n"
+    assert result["verdict"] == "invalid" and result["code"] == "invalid" and result["ok"] is False
+
+
+def test_a_run_finishing_after_a_newer_one_does_not_move_the_kept_checkpoint_back(
+    tmp_path: Path, key: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    old, new = _two_exports(tmp_path)
+    saved = tmp_path / "kept.note"
+    real_verify = audit_main.verify_bundle
+    fired: list[int] = []
+    newer = ["verify", str(new), "--key", str(key), "--save-checkpoint", str(saved)]
+
+    def another_run_saves_meanwhile(*args: object, **kwargs: object) -> VerificationResult:
+        if not fired:  # another auditor's run, on the newer export, ends while this verifies
+            fired.append(1)
+            assert main(newer) == 0
+        return real_verify(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(audit_main, "verify_bundle", another_run_saves_meanwhile)
+    code, _, err = run(
+        ["verify", str(old), "--key", str(key), "--save-checkpoint", str(saved)], capsys
+    )
+    assert code == 4 and saved.read_bytes().startswith(b"desk.example.com/audit/team-7\n8\n")
+    assert "keeps a checkpoint of 8 records and this bundle has only 4" in err
+
+
+def test_the_checkpoint_lock_is_private_and_never_followed_through_a_symlink(
+    tmp_path: Path, key: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, new = _two_exports(tmp_path)
+    saved = tmp_path / "kept.note"
+    argv = ["verify", str(new), "--key", str(key), "--save-checkpoint", str(saved)]
+    assert main(argv) == 0
+    lock = tmp_path / "kept.note.lock"
+    assert stat.S_IMODE(lock.stat().st_mode) == 0o600
+    assert stat.S_IMODE(saved.stat().st_mode) == 0o600
+    saved.chmod(0o400)  # a stricter mode the auditor chose is kept
+    assert main(argv) == 0 and stat.S_IMODE(saved.stat().st_mode) == 0o400
+    lock.unlink()
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep me\n")
+    lock.symlink_to(victim)
+    capsys.readouterr()
+    code, out, err = run(argv, capsys)
+    assert code == 4 and out.startswith("OK: 8 records") and "cannot lock" in err
+    assert victim.read_bytes() == b"keep me\n"
+
+
+@pytest.mark.parametrize("option", ["--save-checkpoint", "--previous-checkpoint"])
+def test_a_fifo_in_place_of_a_checkpoint_file_is_refused_at_once(
+    tmp_path: Path, key: Path, option: str
+) -> None:
+    _, new = _two_exports(tmp_path)
+    fifo = tmp_path / "kept.note"
+    os.mkfifo(fifo)
+    done = subprocess.run(
+        [str(SCRIPT), "verify", str(new), "--key", str(key), option, str(fifo)],
+        capture_output=True, timeout=WAIT_SECONDS,
+    )  # fmt: skip
+    assert done.returncode == (4 if option == "--save-checkpoint" else 2), done.stderr
+    assert b"not a regular file" in done.stderr and stat.S_ISFIFO(fifo.stat().st_mode)
 
 
 def test_a_bundle_contradicting_the_kept_checkpoint_does_not_replace_it(

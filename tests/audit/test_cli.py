@@ -134,8 +134,12 @@ def test_help_describes_exit_codes(capsys: pytest.CaptureFixture[str]) -> None:
     assert exit_info.value.code == 0
     help_text = capsys.readouterr().out
     for line in ("  0    OK", "  1    INVALID", "  2    UNREADABLE", "  3    WRONG KEY", "  4  ",
-                 "  130  interrupted", "wrong_key", "checkpoint_not_saved"):  # fmt: skip
+                 "  130  interrupted", "  141  the reader of the output went away (SIGPIPE",
+                 "wrong_key", "checkpoint_not_saved"):  # fmt: skip
         assert line in help_text
+    with pytest.raises(SystemExit):
+        main(["recording", "--help"])
+    assert "141 when the reader of the output went away (SIGPIPE)" in capsys.readouterr().out
 
 
 def test_installed_console_script_verifies(files: dict[str, Path]) -> None:

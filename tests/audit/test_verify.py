@@ -254,6 +254,42 @@ def test_wrong_key_is_recognised_in_a_bundle_read_from_a_pipe(exported: Exported
     assert result.bundle_signer == f"audit key {AUDIT_KEY.public.fingerprint}"
 
 
+def _record_zero_resigned_by_an_attacker() -> bytes:
+    """A genuine bundle whose record 0 alone is replaced by one the attacker signed, with the
+    attacker's trailer (naming the attacker's key as the audit key) at the end."""
+    genuine, forged = new_log(), new_log(key=OTHER_KEY)
+    trio.run(typical_history, genuine, 3)
+    trio.run(typical_history, forged, 3)
+    g = export_bundle(genuine).splitlines(keepends=True)
+    f = export_bundle(forged).splitlines(keepends=True)
+    return b"".join([g[0], f[1], *g[2:-1], f[-1]])
+
+
+@pytest.mark.parametrize("seekable", [True, False])
+def test_a_resigned_first_record_is_invalid_not_a_wrong_key(seekable: bool) -> None:
+    # The other records verify under the pinned key: this is tampering, not a wrong --key.
+    class Pipe(io.BytesIO):
+        def seekable(self) -> bool:
+            return seekable
+
+    result = verify_bundle(Pipe(_record_zero_resigned_by_an_attacker()), PINNED)
+    assert result.verdict is Verdict.INVALID and result.exit_code == 1, result.summary()
+    assert result.bad_seq == 0 and "neither pinned nor introduced" in (result.reason or "")
+
+
+def test_a_genuine_checkpoint_alone_makes_a_foreign_first_record_invalid() -> None:
+    genuine, forged = new_log(), new_log(key=OTHER_KEY)
+    trio.run(typical_history, genuine, 1)
+    trio.run(typical_history, forged, 1)
+    g = export_bundle(genuine).splitlines(keepends=True)
+    f = export_bundle(forged).splitlines(keepends=True)
+    trailer = json.loads(f[-1])  # the attacker's key list, but the genuine checkpoint
+    trailer["checkpoint"] = json.loads(g[-1])["checkpoint"]
+    bundle = b"".join([g[0], *f[1:-1], rfc8785.dumps(trailer) + b"\n"])
+    result = verify(bundle)
+    assert result.verdict is Verdict.INVALID, result.summary()
+
+
 def test_wrong_key_on_an_empty_log_is_reported_as_a_wrong_key() -> None:
     result = verify_bundle(io.BytesIO(export_bundle(new_log())), [OTHER_KEY.public])
     assert result.verdict is Verdict.WRONG_KEY, result.summary()

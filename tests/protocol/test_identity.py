@@ -394,6 +394,21 @@ def test_a_verifier_gets_the_public_key_and_never_a_private_one(tmp_path: Path) 
         load_verifying_key_file(tmp_path / "other.pem")
     with pytest.raises(KeyFileError, match="no such key file"):
         load_verifying_key_file(tmp_path / "absent.pub")
+    # What PublicIdentity.from_pem refuses is named with the file too.
+    broken = tmp_path / "broken.pub"
+    broken.write_bytes(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n")
+    with pytest.raises(KeyFileError) as refused:
+        load_verifying_key_file(broken)
+    assert str(refused.value) == f"{broken}: not a PEM public key"
+    ec_key = tmp_path / "ec.pub"
+    ec_key.write_bytes(
+        ec.generate_private_key(ec.SECP256R1()).public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    with pytest.raises(KeyFileError) as refused:
+        load_verifying_key_file(ec_key)
+    assert str(refused.value) == f"{ec_key}: public key is not Ed25519"
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from protocol.identity import SigningIdentity, b64url
 from protocol.relay_token import Side
 from relay.client import connect_tcp
 from relay.errors import KeySetError, RelayRefusedError
-from relay.keyset import TokenKeySet, fetch_jwks, parse_jwks, refresh_jwks_forever
+from relay.keyset import JwksRefresher, TokenKeySet, fetch_jwks, parse_jwks
 from relay.metrics import RelayMetrics
 from relay.server import Relay
 from relay.wire import Reason
@@ -74,8 +74,11 @@ def rendezvous_service_keys() -> ServiceKeys:
     return ServiceKeys(*(SigningIdentity.generate() for _ in KEY_ROLES))
 
 
-async def serve_jwks(cert_file, key_file, body: bytes | list[bytes], nursery) -> int:
-    """Serve ``body`` (or, for a list, its last item at the time of each request)."""
+async def serve_jwks(
+    cert_file, key_file, body: bytes | list[bytes], nursery, requests: list[bytes] | None = None
+) -> int:
+    """Serve ``body`` (or, for a list, its last item at the time of each request); each request
+    is appended to ``requests``, if given."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
 
@@ -87,6 +90,8 @@ async def serve_jwks(cert_file, key_file, body: bytes | list[bytes], nursery) ->
                 if not data:
                     return
                 request += data
+            if requests is not None:
+                requests.append(request)
             served = body[-1] if isinstance(body, list) else body
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -200,6 +205,48 @@ async def test_reload_refetches_the_jwks_at_once(tmp_path, caplog):
                 await trio.sleep(0.02)
         assert old.public not in relay.key_set.keys.values()
         assert f"jwks_keys_changed keys={new.public.fingerprint}" in caplog.text
+        with trio.fail_after(5):
+            while reloads(relay, "ok") < 1:  # noqa: ASYNC110 (counted by the refresher)
+                await trio.sleep(0.02)
+        assert "changed=yes" in caplog.text
+        # A failed SIGHUP reload in JWKS mode is logged and counted as the README says.
+        bodies.append(b"not json")
+        relay.reload()
+        with trio.fail_after(5):
+            while reloads(relay, "failed") < 1:  # noqa: ASYNC110 (counted by the refresher)
+                await trio.sleep(0.02)
+        assert relay.key_set.fingerprints() == [new.public.fingerprint]
+        failed = [r.getMessage() for r in caplog.records if "reload_failed" in r.getMessage()]
+        assert len(failed) == 1 and "JWKS is not JSON" in failed[0]
+        assert f"keeping={new.public.fingerprint}" in failed[0]
+        assert reloads(relay, "ok") == 1
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+def reloads(relay: Relay, result: str) -> float:
+    value = relay.metrics.registry.get_sample_value(
+        "tucdesk_relay_key_reloads_total", {"result": result}
+    )
+    return value or 0.0
+
+
+@trio_test
+async def test_the_jwks_is_fetched_once_at_start_then_every_interval(tmp_path):
+    signer = SigningIdentity.generate()
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    requests: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, jwks_document(signer), nursery, requests)
+        config = relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                              jwks_ca=str(cert_file), jwks_refresh=1)
+        relay = Relay(config)
+        await nursery.start(relay.serve)
+        await trio.sleep(0.6)  # the refresher has started; its first refetch is due at 1 s
+        assert len(requests) == 1
+        with trio.fail_after(5):
+            while len(requests) < 2:  # noqa: ASYNC110 (the refresher's next fetch)
+                await trio.sleep(0.02)
         relay.shutdown()
         nursery.cancel_scope.cancel()
 
@@ -223,10 +270,11 @@ async def test_failed_refreshes_keep_the_keys_are_counted_and_logged_once(tmp_pa
     async with trio.open_nursery() as nursery:
         body = jwks_document(SigningIdentity.generate(), purpose="audit-signer")
         port = await serve_jwks(cert_file, key_file, body, nursery)
-        nursery.start_soon(
-            refresh_jwks_forever, key_set, f"https://127.0.0.1:{port}/jwks", str(cert_file),
-            0.02, metrics.jwks_refresh_failures.inc,
+        refresher = JwksRefresher(
+            key_set, f"https://127.0.0.1:{port}/jwks", str(cert_file), 0.02,
+            metrics.jwks_refresh_failures.inc,
         )
+        nursery.start_soon(refresher.run)
         with trio.fail_after(10):
             while metrics.registry.get_sample_value(  # noqa: ASYNC110 (the refresher's count)
                 "tucdesk_relay_jwks_refresh_failures_total"
