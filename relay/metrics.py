@@ -75,7 +75,8 @@ class RelayMetrics:
             registry=self.registry,
         )
         self.key_reloads = Counter(
-            "tucdesk_relay_key_reloads", "--token-key reloads on SIGHUP, by result.",
+            "tucdesk_relay_key_reloads",
+            "Token-key reloads on SIGHUP (--token-key files or --jwks), by result.",
             ["result"], registry=self.registry,
         )
         for result in KEY_RELOAD_RESULTS:
