@@ -210,20 +210,9 @@ def check_session_user(config: AgentConfig) -> pwd.struct_passwd:
 
 
 def _read_toml(path: Path) -> dict[str, Any]:
-    # The whole document (no table of this name can exist), so keys beside [agent] are seen.
-    document = read_config_table(path, "\0whole-document", MAX_CONFIG_FILE_SIZE, ConfigError)
-    if CONFIG_TABLE not in document:
-        return document
-    section = document[CONFIG_TABLE]
-    if not isinstance(section, dict):
-        raise ConfigError(f"{path}: [{CONFIG_TABLE}] must be a table")
-    outside = sorted(key for key in document if key != CONFIG_TABLE)
-    if outside:
-        raise ConfigError(
-            f"{path}: keys outside [{CONFIG_TABLE}]: {', '.join(outside)}; with an "
-            f"[{CONFIG_TABLE}] table every setting goes under it"
-        )
-    return {key.replace("-", "_"): value for key, value in section.items()}
+    # As the relay and rendezvous read theirs: [agent] (or the top level without one); other
+    # tables in a shared file are theirs, keys above [agent] are refused.
+    return read_config_table(path, CONFIG_TABLE, MAX_CONFIG_FILE_SIZE, ConfigError)
 
 
 def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:

@@ -41,6 +41,10 @@ Events also survive the daemon stopping. Each is written to a spool in the state
 (``run`` cancelled: SIGTERM, SIGINT) the channel is not cut at once: the client waits, at most
 SHUTDOWN_DRAIN_SECONDS, for the sessions it was told about (``live_sessions``) to finish their
 teardown and for every queued event to be acknowledged, then closes the WebSocket normally.
+Offers arriving meanwhile are refused ("the agent is stopping"). An ``audit_event_failed``
+answer (the rendezvous's store briefly unavailable) puts the events in flight back at the
+front of the queue, in order; audit events then wait AUDIT_RETRY_INITIAL_SECONDS, doubling
+per failure in a row up to AUDIT_RETRY_CAP_SECONDS.
 
 After every welcome from a rendezvous that lists ``live_sessions`` in its ``features``, the
 agent sends ``{"type": "live_sessions", "ids": [...]}``: the sessions this process is running
@@ -61,7 +65,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,10 @@ BACKOFF_INITIAL_SECONDS = 0.5
 DEFAULT_BACKOFF_CAP_SECONDS = 30.0
 MAX_AUDIT_BACKLOG = 1000
 MAX_AUDIT_IN_FLIGHT = 64
+# After an ``audit_event_failed`` (the rendezvous's store briefly unavailable) the event goes
+# back to the front of the queue and audit events wait this long, doubling per failure in a row.
+AUDIT_RETRY_INITIAL_SECONDS = 1.0
+AUDIT_RETRY_CAP_SECONDS = 60.0
 MAX_PENDING_MESSAGES = 256
 MAX_ISSUER_LENGTH = 256
 TLS_DIAGNOSIS_TIMEOUT_SECONDS = 5.0
@@ -116,14 +124,17 @@ MAX_ERROR_TEXT = 300
 # On a clean stop: how long to wait for sessions to finish their teardown and for every queued
 # audit event to be acknowledged before the channel closes anyway (the spool keeps the rest).
 SHUTDOWN_DRAIN_SECONDS = 5.0
-# While draining, how often to look again at the sessions (their end queues no event if it was
-# cancelled before the session started).
+# While draining without a ``sessions_ended`` signal (the session host gives one), how often to
+# look again at the sessions (their end queues no event if it was cancelled before it started).
 DRAIN_CHECK_SECONDS = 0.05
 # The live_sessions report: at most this many ids (the rendezvous takes at most as many), and
 # only if the rendezvous's welcome says it understands the message.
 MAX_REPORTED_SESSIONS = 256
 MAX_REPORT_BYTES = 12 * 1024
 LIVE_SESSIONS_FEATURE = "live_sessions"
+# Offers that arrive while the daemon stops are refused with this reason.
+STOPPING_REFUSAL_REASON = "the agent is stopping"
+MAX_OFFER_SESSION_ID_LENGTH = 128
 
 OfferHandler = Callable[[dict[str, Any]], None]
 """Called with each ``session_offer`` message; must not block (start a task and return)."""
@@ -133,6 +144,9 @@ PolicyBundleHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
 
 LiveSessions = Callable[[], Collection[str]]
 """The ids of the sessions this process runs now (agent/session_host.py live_session_ids)."""
+
+SessionsEnded = Callable[[], Awaitable[None]]
+"""Returns once no session runs (agent/session_host.py wait_all_ended)."""
 
 
 class ReconnectBackoff:
@@ -194,8 +208,10 @@ class ControlClient:
         connection_file: Path | None = None,
         event_spool: EventSpool | None = None,
         live_sessions: LiveSessions | None = None,
+        sessions_ended: SessionsEnded | None = None,
     ) -> None:
         self._state = state
+        self._sessions_ended = sessions_ended
         self._spool = event_spool
         self._spooled: set[str] = set()
         self._live_sessions = live_sessions
@@ -218,6 +234,9 @@ class ControlClient:
         self._audit_backlog: deque[dict[str, Any]] = deque()
         self._audit_in_flight: dict[str, dict[str, Any]] = {}
         self._audit_ids = 0
+        # After failures in a row, audit events wait until this trio time (audit_event_failed).
+        self._audit_failures = 0
+        self._audit_resume_at = -math.inf
         self._messages: deque[dict[str, Any]] = deque()
         self._wakeup = trio.Event()
         self._connected = trio.Event()
@@ -497,7 +516,10 @@ class ControlClient:
                 ) from None
             kind = message.get("type")
             if kind == "session_offer":
-                self._on_offer(message)
+                if self._stopping.is_set():
+                    self._refuse_offer_while_stopping(message)
+                else:
+                    self._on_offer(message)
             elif kind == "policy_bundle" and self._on_policy_bundle is not None:
                 reply = self._on_policy_bundle(message)
                 if reply is not None:
@@ -506,6 +528,8 @@ class ControlClient:
                 continue
             elif kind in ("audit_event_ack", "audit_event_refused"):
                 self._audit_answered(message)
+            elif kind == "audit_event_failed":
+                self._audit_failed(message)
             else:
                 # Newer servers may send more: unknown types are ignored, as the contract says.
                 logger.info("ignoring a control message of type %r", str(kind)[:32])
@@ -521,6 +545,7 @@ class ControlClient:
         if self._report_after is not None:
             self._report_after.discard(event_id)
             self._send_report_when_due()
+        self._audit_failures = 0
         if message["type"] == "audit_event_ack":
             self.acknowledged_audit_events += 1
         else:
@@ -528,6 +553,43 @@ class ControlClient:
             logger.warning(
                 "the rendezvous refused an audit event: %s", str(message.get("reason"))[:200]
             )
+        self._wakeup.set()
+
+    def _refuse_offer_while_stopping(self, message: dict[str, Any]) -> None:
+        """A session started now would be cancelled at once: refuse it, as the session host
+        refuses an offer it cannot take."""
+        session_id = message.get("session_id")
+        if isinstance(session_id, str) and 0 < len(session_id) <= MAX_OFFER_SESSION_ID_LENGTH:
+            logger.info("refusing session %s: the agent is stopping", session_id)
+            self.send_message(
+                {
+                    "type": "session_offer_refused",
+                    "session_id": session_id,
+                    "reason": STOPPING_REFUSAL_REASON,
+                }
+            )
+
+    def _audit_failed(self, message: dict[str, Any]) -> None:
+        """Not stored now (the rendezvous's store is briefly unavailable): the events in flight
+        go back to the front of the queue, in order, and audit events wait a growing, capped
+        while. Answers still coming for them are ignored; the resend of one stored meanwhile is
+        acknowledged again without a second record."""
+        event_id = message.get("id")
+        if not isinstance(event_id, str) or event_id not in self._audit_in_flight:
+            return
+        self._audit_backlog.extendleft(reversed(list(self._audit_in_flight.values())))
+        self._audit_in_flight.clear()
+        delay = min(
+            AUDIT_RETRY_CAP_SECONDS,
+            AUDIT_RETRY_INITIAL_SECONDS * math.pow(2, min(self._audit_failures, 32)),
+        )
+        self._audit_failures += 1
+        self._audit_resume_at = trio.current_time() + delay
+        logger.warning(
+            "the rendezvous could not store an audit event now (%s): sending again in %.1fs",
+            str(message.get("reason"))[:200], delay,
+        )  # fmt: skip
+        self._audit_progress.set()
         self._wakeup.set()
 
     async def _drain_when_stopping(self, connection_scope: trio.CancelScope) -> None:
@@ -540,8 +602,14 @@ class ControlClient:
         )  # fmt: skip
         while self._live_count() or self.pending_audit_events:
             self._audit_progress = trio.Event()
-            with trio.move_on_after(DRAIN_CHECK_SECONDS):
+            if self.pending_audit_events:
+                # A session's end queues its event: this wakes for that too.
                 await self._audit_progress.wait()
+            elif self._sessions_ended is not None:
+                await self._sessions_ended()
+            else:
+                with trio.move_on_after(DRAIN_CHECK_SECONDS):
+                    await self._audit_progress.wait()
         connection_scope.cancel()
 
     def _send_report_when_due(self) -> None:
@@ -580,7 +648,9 @@ class ControlClient:
 
     def _has_sendable(self) -> bool:
         return bool(self._messages) or (
-            bool(self._audit_backlog) and len(self._audit_in_flight) < MAX_AUDIT_IN_FLIGHT
+            bool(self._audit_backlog)
+            and len(self._audit_in_flight) < MAX_AUDIT_IN_FLIGHT
+            and trio.current_time() >= self._audit_resume_at
         )
 
     async def _send_loop(self, websocket: WebSocketConnection) -> None:
@@ -598,7 +668,10 @@ class ControlClient:
             self._wakeup = trio.Event()
             if self._has_sendable():
                 continue
-            await self._wakeup.wait()
+            # Queued audit events held back after a failure wake the loop when their wait ends.
+            resume_at = self._audit_resume_at if self._audit_backlog else math.inf
+            with trio.move_on_at(resume_at):
+                await self._wakeup.wait()
 
     def _on_connected(self) -> None:
         self.connections += 1

@@ -7,11 +7,12 @@ removed once acknowledged (or refused as never storable). A restarted daemon loa
 and sends it again: the rendezvous stores an agent-signed event once per team and acknowledges a
 resend of one it holds, so resending is safe.
 
-Files are written atomically (a private temporary file, fsync, rename), mode 0600, opened
-without following symbolic links, in a 0700 directory. The spool is bounded in count and bytes;
-past the bound an event stays in memory only, with a warning. A file that does not parse back
-into a signed event (cut short by a power loss, edited) is set aside as ``*.garbled`` with a
-warning and never sent.
+Files are written atomically (a new private temporary file, fsync, rename, fsync of the
+directory), mode 0600, opened without following symbolic links or blocking on a FIFO, in a 0700
+directory. The writes are synchronous, on the caller's thread: one small file per event. The
+spool is bounded in count and bytes; past the bound an event stays in memory only, with a
+warning. A file that does not parse back into a signed event (cut short by a power loss,
+edited) is set aside as ``*.garbled`` with a warning and never sent.
 """
 
 from __future__ import annotations
@@ -144,7 +145,8 @@ class EventSpool:
 
     def _read(self, path: Path) -> tuple[dict[str, Any] | None, str]:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            # O_NONBLOCK: a FIFO planted here must not hang the daemon (S_ISREG below).
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except OSError as error:
             return None, f"cannot open it ({error.strerror or error})"
         with os.fdopen(fd, "rb") as handle:
@@ -176,11 +178,13 @@ class EventSpool:
 
 def _write_atomically(directory: Path, name: str, data: bytes) -> None:
     temporary = directory / f".{name}.tmp"
-    fd = os.open(
-        temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
     try:
-        os.fchmod(fd, 0o600)  # a stale temporary file may have been created otherwise
+        fd = _create_private(temporary)
+    except FileExistsError:
+        # Left by a write cut short (or planted): never written through, replaced.
+        temporary.unlink()
+        fd = _create_private(temporary)
+    try:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view) :]
@@ -192,6 +196,25 @@ def _write_atomically(directory: Path, name: str, data: bytes) -> None:
     except OSError:
         _unlink_quietly(temporary)
         raise
+    _sync_directory(directory)
+
+
+def _create_private(path: Path) -> int:
+    """A new 0600 file at ``path``, opened for writing; FileExistsError if anything is there
+    (a symbolic link or FIFO included: nothing is followed or blocked on)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o600)
+    os.fchmod(fd, 0o600)  # whatever the umask
+    return fd
+
+
+def _sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable: without this a power loss can undo it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _unlink_quietly(path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gc
 import importlib.metadata
 import logging
@@ -29,7 +30,7 @@ from agent.config import (
 )
 from agent.connection_failure import leaf_exceptions
 from agent.control_client import ControlClient, ReconnectBackoff
-from agent.daemon_lock import acquire_daemon_lock
+from agent.daemon_lock import acquire_daemon_lock, lock_file_path
 from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys, prepare_state_dir
 from agent.errors import AgentError, ConfigError
 from agent.event_spool import SPOOL_DIR_NAME, EventSpool
@@ -539,6 +540,7 @@ async def run_daemon(
                 on_policy_bundle=policy_cache.answer_bundle_message,
                 event_spool=EventSpool(config.state_dir / SPOOL_DIR_NAME),
                 live_sessions=host.live_session_ids,
+                sessions_ended=host.wait_all_ended,
             )
             client_box.append(client)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
@@ -598,7 +600,12 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     print(f"Server:       {state.server_url}")
     print(f"Policy:       {_policy_summary(state)}")
     status = read_status(config.status_file)
-    if status is None or not status.is_running() or status.last_error == "stopped":
+    if (
+        status is None
+        or not status.is_running()
+        or status.last_error == "stopped"
+        or _daemon_lock_is_free(config.state_dir)
+    ):
         print("Daemon:       not running")
         print("Connected:    no")
         return STATUS_NOT_RUNNING
@@ -609,6 +616,26 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     if not status.connected and status.last_error:
         print(f"Last error:   {status.last_error}")
     return STATUS_RUNNING if status.connected else STATUS_DISCONNECTED
+
+
+def _daemon_lock_is_free(state_dir: Path) -> bool:
+    """Whether no daemon holds this state dir's lock (agent/daemon_lock.py): then none runs,
+    whatever a status file a killed one left says (its pid may belong to another process now).
+    False when it is held or cannot be checked (no permission to open it)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(lock_file_path(state_dir), flags)
+    except FileNotFoundError:
+        return True  # every daemon creates it before it writes a status file
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return False  # held (EWOULDBLOCK), or no flock here: the status file decides
+    finally:
+        os.close(fd)  # closing releases a lock taken just now
+    return True
 
 
 def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:

@@ -591,9 +591,11 @@ def _last_lines(
     while True:
         handle.seek(size - span)
         data = handle.read(span)
-        ends_in_newline = data.endswith(b"\n")
-        parts = (data[:-1] if ends_in_newline else data).split(b"\n")
         whole = span >= size - floor
+        # Nothing after the header (killed before its first flush) is clean: the header line
+        # ends in a newline.
+        ends_in_newline = data.endswith(b"\n") or (whole and not data)
+        parts = (data[:-1] if ends_in_newline else data).split(b"\n")
         if len(parts) > count or whole:
             if whole and parts == [b""]:
                 parts = []
@@ -695,6 +697,11 @@ def recover_interrupted_recordings(directory: Path) -> list[InterruptedRecording
 
 
 def _mark_interrupted(path: Path, session_id: str) -> InterruptedRecording | None:
+    # A finished (read-only) recording is never opened for writing: an agent not running as
+    # root could not, and would warn about every one at every start.
+    before = os.lstat(path)
+    if not stat.S_ISREG(before.st_mode) or not before.st_mode & stat.S_IWUSR:
+        return None
     flags = os.O_RDWR | os.O_APPEND | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(path, flags)

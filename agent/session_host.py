@@ -17,6 +17,7 @@ to the session's recording (agent/recording.py), whose hash the ``session.ended`
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import pwd
@@ -89,8 +90,11 @@ LARGE_RECEIVE_BYTES = 16 * 1024
 # other tasks run (writing input to the child does not yield unless it has to wait).
 MAX_FRAMES_WITHOUT_YIELD = 16
 MAX_SESSION_ID_LENGTH = 128
-# Commands are cut to this many characters in the session log lines (the audit has them whole).
-MAX_LOGGED_COMMAND_CHARACTERS = 200
+# A command line can carry secrets: INFO names only its program and a short hash of it; the
+# command itself (cut to this many characters; the audit log has it whole) is logged at DEBUG.
+MAX_LOGGED_COMMAND_CHARACTERS = 4096
+MAX_LOGGED_PROGRAM_CHARACTERS = 128
+LOGGED_DIGEST_HEX_DIGITS = 12
 MAX_RELAY_HOST_LENGTH = 253
 MAX_RELAY_TOKEN_LENGTH = 8 * 1024
 # A session id is remembered at least as long as any grant naming it could still be accepted.
@@ -197,12 +201,21 @@ class SessionHost:
         self._wall_clock = wall_clock
         self._seen_sessions = NonceCache(ttl=SESSION_ID_MEMORY_SECONDS)
         self._offered: set[str] = set()
+        # Set while no session runs; a new one is made when the first session is accepted.
+        self._all_ended = trio.Event()
+        self._all_ended.set()
         self.active_sessions = 0
 
     def live_session_ids(self) -> frozenset[str]:
         """The sessions this process runs now: from the offer it acknowledged to the session's
         end (the control channel reports them on each connect and waits for them on a stop)."""
         return frozenset(self._offered)
+
+    async def wait_all_ended(self) -> None:
+        """Return once no session runs (at once if none does): the control channel's stop
+        drain waits on this rather than polling."""
+        while self._offered:
+            await self._all_ended.wait()
 
     def offer_handler(self, nursery: trio.Nursery) -> Callable[[dict[str, Any]], None]:
         """A control-channel offer callback that runs each accepted offer under ``nursery``."""
@@ -236,6 +249,8 @@ class SessionHost:
                 f"the agent is running its maximum of {self._config.max_sessions} sessions",
             )
             return None
+        if not self._offered:
+            self._all_ended = trio.Event()
         self._offered.add(offer.session_id)
         self.active_sessions += 1
         self._send_control({"type": "session_offer_ack", "session_id": offer.session_id})
@@ -270,6 +285,8 @@ class SessionHost:
         finally:
             self.active_sessions -= 1
             self._offered.discard(offer.session_id)
+            if not self._offered:
+                self._all_ended.set()
 
     async def serve(self, stream: trio.abc.Stream, session_id: str) -> None:
         """Run the handshake and then the session over a paired relay stream."""
@@ -324,6 +341,11 @@ class SessionHost:
                 decision.policy_version, decision.result.value,
                 decision.rule_id or "mode default",
             )  # fmt: skip
+            if result.mode is SessionMode.EXEC and result.command is not None:
+                logger.debug(
+                    "session %s: command %s", session_id,
+                    _printable(shlex.join(result.command), MAX_LOGGED_COMMAND_CHARACTERS),
+                )  # fmt: skip
             verified.append(result)
             decided.append(decision)
             return None
@@ -865,9 +887,19 @@ def describe_exit(status: ExitStatus | None) -> str:
 
 
 def _described_command(grant: SessionGrant) -> str:
+    """For the INFO line: the program and a hash of the command line, which can carry secrets
+    (``mysql -p...``) and the journal has more readers than the audit log (which holds it)."""
     if grant.mode is not SessionMode.EXEC or grant.command is None:
         return ""
-    return ", command " + _printable(shlex.join(grant.command), MAX_LOGGED_COMMAND_CHARACTERS)
+    program = _printable(grant.command[0], MAX_LOGGED_PROGRAM_CHARACTERS) if grant.command else ""
+    return f", command {program} (sha256 {command_digest(grant.command)})"
+
+
+def command_digest(command: Sequence[str]) -> str:
+    """The first LOGGED_DIGEST_HEX_DIGITS hex digits of the SHA-256 of ``shlex.join(command)``
+    (UTF-8): enough to match a log line to the command in the audit log."""
+    joined = shlex.join(command).encode("utf-8", "surrogatepass")
+    return hashlib.sha256(joined).hexdigest()[:LOGGED_DIGEST_HEX_DIGITS]
 
 
 def _printable(text: str, limit: int) -> str:

@@ -20,6 +20,7 @@ from agent.enrollment import EnrollmentRequest, check_registration_key, enroll
 from agent.errors import ConfigError, ControlChannelError, EnrollmentError
 from agent.main import EXIT_CONFIG
 from agent.state_file import AgentState, save_state
+from protocol.config_file import read_config_table
 from tests.agent.test_control_client import (
     AGENT_COMMAND,
     MACHINE,
@@ -316,10 +317,20 @@ async def test_enroll_checks_the_state_dir_before_spending_the_key(
 def test_keys_outside_the_agent_table_are_refused(tmp_path: Path) -> None:
     config = tmp_path / "agent.toml"
     config.write_text("max_sessions = 3\nshell = '/bin/sh'\n[agent]\nuser = 'root'\n")
-    with pytest.raises(ConfigError, match=r"keys outside \[agent\]: max_sessions, shell"):
+    with pytest.raises(ConfigError, match=r"max_sessions, shell must go inside the \[agent\]"):
         load_config({}, {}, config)
     config.write_text("max_sessions = 3\n")  # no [agent] table: the top level is the table
     assert load_config({}, {}, config).max_sessions == 3
+
+
+def test_a_config_file_shared_with_the_relay_is_read_as_the_relay_reads_it(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "tucdesk.toml"
+    config.write_text("[agent]\nmax_sessions = 7\n[relay]\nlisten = '0.0.0.0:1'\n")
+    assert load_config({}, {}, config).max_sessions == 7
+    # The relay's reader (relay/config.py) of the same file.
+    assert read_config_table(config, "relay", 1 << 16, ConfigError) == {"listen": "0.0.0.0:1"}
 
 
 def test_unknown_agent_environment_variables_are_warned_about(

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from agent.daemon_lock import DaemonLockError, acquire_daemon_lock, lock_file_path
+from agent.machine_identity import read_machine_identifiers
 from agent.main import STATUS_DISCONNECTED, STATUS_NOT_RUNNING, STATUS_RUNNING, agent_version
-from agent.status import read_status
+from agent.main import main as agent_main
+from agent.state_file import AgentState, save_state
+from agent.status import DaemonStatus, read_status, write_status
 from tests.agent.test_control_client import (
     AGENT_COMMAND,
     WAIT_SECONDS,
@@ -168,3 +172,30 @@ def test_a_second_lock_in_another_process_is_refused_naming_the_holder(tmp_path:
     assert f"another tucdesk-agent (pid {os.getpid()}) is running with {tmp_path}; stop it " \
         "first" in holder.stderr
     assert stat_mode(lock_file_path(tmp_path)) == 0o600
+
+
+def test_status_after_a_kill_9_says_not_running_even_if_the_pid_was_reused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = tmp_path / "machine"
+    (root / "etc").mkdir(parents=True)
+    (root / "etc" / "machine-id").write_text("0123456789abcdef0123456789abcdef\n")
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o700)
+    state = AgentState(
+        agent_id="agt_1", team_id="tm_1", server_url="http://127.0.0.1:1",
+        identity_seed=bytes(32), service_keys={},
+    )  # fmt: skip
+    save_state(state_dir / "agent.state", state, read_machine_identifiers(root))
+    acquire_daemon_lock(state_dir).release()  # the daemon that took it is gone (kill -9)
+    # What it left says "connected"; its pid now belongs to a live process (this one).
+    write_status(
+        state_dir / "status.json",
+        DaemonStatus(os.getpid(), state.server_url, True, time.time(), time.time(), None),
+    )
+    arguments = ["status", "--state-dir", str(state_dir), "--machine-root", str(root)]
+    assert agent_main(arguments, environ={}) == STATUS_NOT_RUNNING
+    assert "Daemon:       not running" in capsys.readouterr().out
+    with acquire_daemon_lock(state_dir):  # a daemon that does hold the lock is believed
+        assert agent_main(arguments, environ={}) == STATUS_RUNNING
+    assert f"Daemon:       running (pid {os.getpid()})" in capsys.readouterr().out

@@ -7,12 +7,15 @@ import json
 import logging
 import os
 import stat
+import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import trio
 
+import agent.control_client as control_client
 from agent.audit_events import SessionAuditor
 from agent.control_client import ControlClient
 from agent.event_spool import GARBLED_SUFFIX, EventSpool
@@ -99,20 +102,77 @@ def test_a_full_spool_warns_once_and_keeps_new_events_in_memory_only(
     assert by_bytes.add(_event(1).to_json()) is None
 
 
-def test_the_control_client_spools_each_event_and_forgets_what_it_drops(tmp_path: Path) -> None:
+def test_the_control_client_spools_each_event_and_forgets_what_it_drops(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(control_client, "MAX_AUDIT_BACKLOG", 3)
     state = AgentState(
         agent_id="agt_1", team_id="tm_1", server_url="http://127.0.0.1:1",
         identity_seed=bytes(32), service_keys={},
     )  # fmt: skip
-    spool = EventSpool(tmp_path / "spool", max_events=5)
+    spool = EventSpool(tmp_path / "spool")
     client = ControlClient(state, MACHINE.fingerprint(), lambda o: None, event_spool=spool)
     for number in range(3):
         client.send_audit_event(_event(number))
+    assert len(_files(tmp_path / "spool")) == 3
+    # Past the backlog's bound the oldest are dropped, from memory and from the spool alike.
+    for number in range(3, 5):
+        client.send_audit_event(_event(number))
+    assert client.dropped_audit_events == 2 and client.pending_audit_events == 3
     assert len(_files(tmp_path / "spool")) == 3
     restarted = ControlClient(
         state, MACHINE.fingerprint(), lambda o: None, event_spool=EventSpool(tmp_path / "spool")
     )
     assert restarted.pending_audit_events == 3
+    sent_again = [message["event"]["event"]["session_id"] for message in restarted._audit_backlog]
+    assert sent_again == ["ses_2", "ses_3", "ses_4"]
+
+
+def _blocks(work: Callable[[], object]) -> bool:
+    """Whether ``work`` is still running after a few seconds (blocked on a FIFO)."""
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(5)
+    return worker.is_alive()
+
+
+def test_a_fifo_in_the_spool_neither_hangs_loading_nor_adding(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING)
+    directory = tmp_path / "spool"
+    directory.mkdir(mode=0o700)
+    os.mkfifo(directory / "ev-000000000001.json", 0o600)
+    spool = EventSpool(directory)
+    loaded: list[object] = []
+    assert not _blocks(lambda: loaded.append(spool.load()))
+    assert loaded == [[]] and "not a regular file" in caplog.text
+    # A FIFO (or link) where the next temporary file goes is replaced, never written through.
+    os.mkfifo(directory / ".ev-000000000002.json.tmp", 0o600)
+    os.symlink(tmp_path / "elsewhere", directory / ".ev-000000000003.json.tmp")
+    added: list[str | None] = []
+    assert not _blocks(lambda: added.extend([spool.add(_event(2).to_json()),
+                                             spool.add(_event(3).to_json())]))  # fmt: skip
+    assert added == ["ev-000000000002.json", "ev-000000000003.json"]
+    assert not (tmp_path / "elsewhere").exists()
+    assert [key for key, _ in EventSpool(directory).load()] == added
+
+
+def test_each_spooled_event_is_made_durable_with_its_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    synced: list[bool] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    spool = EventSpool(tmp_path / "spool")
+    assert spool.add(_event(1).to_json()) is not None
+    # The file's data, then the directory holding its new name (else a power loss undoes it).
+    assert synced == [False, True]
 
 
 async def _accepted(store: Store, team_id: str, session_id: str) -> bool:

@@ -372,3 +372,53 @@ def test_file_modes_say_whether_the_agent_finished_a_recording(tmp_path: Path) -
 
     assert trio.run(record) == 0o600
     assert stat.S_IMODE((tmp_path / "ses_m.cast").stat().st_mode) == 0o400
+
+
+def test_a_recording_killed_before_its_first_flush_is_marked_cleanly_and_plays(
+    tmp_path: Path,
+) -> None:
+    # Header only: the agent died before any output reached the disk. That is no cut-off line,
+    # so the marker follows the header directly and play finds nothing damaged.
+    path = tmp_path / "ses_early.cast"
+    write_cast(path, [], mode=0o600)
+    [recovered] = recover_interrupted_recordings(tmp_path)
+    assert recovered.session_id == "ses_early" and recovered.duration_ms == 0
+    header, marker = path.read_bytes().split(b"\n")[:2]
+    assert json.loads(header)["version"] == 2
+    assert json.loads(marker)[1:] == ["m", INTERRUPTED_MARKER]
+    assert path.read_bytes().count(b"\n") == 2
+    [listed] = list_recordings(tmp_path)
+    assert listed.state is RecordingState.INTERRUPTED and not listed.detail
+    _, events = read_cast(path)
+    assert [event[1:] for event in events] == [["m", INTERRUPTED_MARKER]]
+
+
+NOT_ROOT_RECOVERY = """
+import logging, os, sys
+from pathlib import Path
+from agent.recording import recover_interrupted_recordings
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+os.chdir(sys.argv[1])  # before dropping root: the test's parent directories are root's only
+os.setgid(65534)
+os.setuid(65534)
+print(sorted(item.session_id for item in recover_interrupted_recordings(Path("."))))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the recovery as another user")
+def test_an_agent_not_running_as_root_leaves_finished_recordings_alone_without_warning(
+    tmp_path: Path,
+) -> None:
+    directory = tmp_path / "recordings"
+    directory.mkdir()
+    write_cast(directory / "ses_done.cast", [[0.5, "o", "hi"], [0.6, "m", END_MARKER]])
+    write_cast(directory / "ses_cut.cast", [[0.5, "o", "hi"]], mode=0o600)
+    for path in (directory, *directory.iterdir()):
+        os.chown(path, 65534, 65534)
+    result = subprocess.run(
+        [sys.executable, "-c", NOT_ROOT_RECOVERY, str(directory)],
+        cwd=REPOSITORY, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "['ses_cut']"  # the unfinished one is still marked
+    assert "cannot be marked" not in result.stderr, result.stderr

@@ -695,3 +695,27 @@ async def test_a_burst_of_buffered_frames_still_lets_other_tasks_run() -> None:
     assert received == [b"key %d" % index for index in range(burst)]
     # The other task ran in the middle of the burst, not only before and after it.
     assert any(0 < count < burst for count in ticks)
+
+
+@trio_test
+async def test_the_host_signals_when_its_last_session_ends(tmp_path: Path) -> None:
+    # The control channel's stop drain waits on this instead of polling the sessions.
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        with trio.fail_after(1):
+            await stack.host.wait_all_ended()  # none runs: at once
+        ended = trio.Event()
+
+        async def watch() -> None:
+            await stack.host.wait_all_ended()
+            ended.set()
+
+        command = ("sh", "-c", "sleep 0.3")
+        async with operator_session(stack, nursery, command=command) as operator:
+            nursery.start_soon(watch)
+            await operator.start(exec_start(*command))
+            await trio.sleep(0.1)
+            assert not ended.is_set() and stack.host.live_session_ids() == {"ses_1"}
+            await operator.until_closed()
+        with trio.fail_after(WAIT_SECONDS):
+            await ended.wait()
+        assert not stack.host.live_session_ids()
