@@ -63,6 +63,7 @@ from agent.state_file import AgentState, StateFileError, load_state, save_state
 from agent.status import DaemonStatus, read_status, write_status
 from protocol.errors import ProtocolError
 from protocol.policy import PinnedPolicyTrust
+from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 
 REGISTRATION_KEY_ENVIRONMENT = "TUCDESK_REGISTRATION_KEY"
 MAX_REGISTRATION_KEY_FILE_SIZE = 4096
@@ -317,6 +318,7 @@ def _add_retention_limits(parser: argparse.ArgumentParser, short_names: bool = F
 
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run one subcommand; print one line and return non-zero on failure."""
+    open_dev_null_on_closed_standard_fds()  # before any socket can take fd 0-2
     args = build_parser().parse_args(argv)
     environ = os.environ if environ is None else environ
     logging.basicConfig(

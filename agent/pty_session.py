@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import math
 import os
 import re
+import stat
 import struct
 import subprocess
 import termios
@@ -49,18 +49,37 @@ TTY_GROUP_MODE = 0o620
 GONE_READER_ERRORS = (errno.EPIPE, errno.EIO, errno.EBADF)
 # What a terminal sends for "end of input" in canonical mode (VEOF, ^D by default).
 END_OF_INPUT = b"\x04"
+# Ends of input asked for and not yet typed (one per empty DATA frame from the network): more
+# than this many pending would only close programs nobody started yet, so the rest are dropped.
+MAX_PENDING_ENDS_OF_INPUT = 16
 # How often to look whether the foreground program is waiting for input, once input has ended
 # (nothing signals when a process starts to read, so it is looked at: /proc/PID/syscall).
 END_OF_INPUT_POLL_SECONDS = 0.02
 # Looks in a row that must find it waiting: a program woken by input just written still shows
 # the read it was blocked in for a moment.
 END_OF_INPUT_QUIET_LOOKS = 2
-# System calls a program waiting for terminal input blocks in, per machine (as /proc/PID/syscall
-# numbers them): read/readv of fd 0, select/pselect6 of fds < 1 (fd 0 alone), poll/ppoll.
-_WAITING_FOR_INPUT_CALLS: dict[str, dict[int, str]] = {
-    "x86_64": {0: "fd", 19: "fd", 23: "nfds", 270: "nfds", 7: "any", 271: "any"},
-    "aarch64": {63: "fd", 65: "fd", 72: "nfds", 73: "any"},
+# How a waiting system call names what it waits on, per machine (as /proc/PID/syscall numbers
+# them): "fd" (read/readv: its first argument), "nfds" (select/pselect6: the read set, read
+# from the program's memory), "epoll" (epoll_wait/epoll_pwait/epoll_pwait2: the epoll
+# instance's fd, whose watched fds /proc/PID/fdinfo lists). poll/ppoll are not
+# listed: which descriptors they wait on cannot be seen, and curl polling a socket is not
+# waiting for terminal input.
+_WAITING_CALLS: dict[str, dict[int, str]] = {
+    "x86_64": {0: "fd", 19: "fd", 23: "nfds", 270: "nfds", 232: "epoll", 281: "epoll",
+               441: "epoll"},
+    "aarch64": {63: "fd", 65: "fd", 72: "nfds", 22: "epoll", 441: "epoll"},
 }
+_MACHINE = os.uname().machine
+# A /proc/PID/syscall line names six arguments, then the stack and program pointers.
+SYSCALL_ARGUMENTS = 6
+# FD_SETSIZE: select() cannot watch descriptors above it.
+MAX_SELECT_DESCRIPTORS = 1024
+# e_ident[EI_CLASS] of a 64-bit ELF program; a 32-bit one on a 64-bit kernel uses other numbers.
+_ELF_MAGIC = b"\x7fELF"
+_ELF_CLASS_64 = 2
+# /dev/tty: a process's own controlling terminal (for our session's processes, the PTY).
+_CONTROLLING_TERMINAL_DEVICE = os.makedev(5, 0)
+_EPOLL_TARGET = re.compile(r"^tfd:\s*(\d+)", re.MULTILINE)
 _TERM_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 
 
@@ -88,12 +107,14 @@ class PtySessionSpec:
 class PtySession:
     """A running PTY session: stream its output, feed it input, resize it, signal it."""
 
-    def __init__(self, leader: SessionLeader, master_fd: int) -> None:
+    def __init__(self, leader: SessionLeader, master_fd: int, terminal_device: int) -> None:
         self._leader = leader
         self._master_fd = master_fd
+        self._terminal_device = terminal_device  # st_rdev of the PTY's slave side
         self._input_lock = trio.StrictFIFOLock()
-        # One item per end of input asked for (each becomes one ^D, as each press of ^D would).
-        self._ends_asked, self._ends_to_type = trio.open_memory_channel[None](math.inf)
+        # Ends of input asked for and not yet typed (each becomes one ^D, as each press would).
+        self._ends_pending = 0
+        self._end_asked = trio.Event()
 
     @property
     def pid(self) -> int:
@@ -137,23 +158,57 @@ class PtySession:
 
     async def close_input(self) -> None:
         """End the input the way a terminal does: the end-of-file character (^D), typed once the
-        program in the foreground waits for input (see ``_deliver_end_of_input``)."""
-        self._ends_asked.send_nowait(None)
+        program in the foreground can take it (see ``_deliver_end_of_input``)."""
+        self._ends_pending = min(self._ends_pending + 1, MAX_PENDING_ENDS_OF_INPUT)
+        self._end_asked.set()
 
     async def _deliver_end_of_input(self, scope: trio.CancelScope) -> None:
-        # A ^D typed ahead, while the line discipline is still canonical (the shell starting,
-        # or running a command), is stored as a line end that a readline shell, reading in
-        # non-canonical mode, then gets as NUL: the end of input would be lost and the session
-        # would never end. So it is typed only when the foreground program waits for input.
+        # A ^D typed in canonical mode ahead of a reader (the shell starting, or running a
+        # command) is stored as a line end that a readline shell, reading later in
+        # non-canonical mode, gets as NUL: the end of input would be lost and the session would
+        # never end. In non-canonical mode the byte is plain data and keeps its meaning, so it
+        # is typed at once; in canonical mode, once the foreground program blocks reading the
+        # terminal.
         with scope:
-            async for _ in self._ends_to_type:
-                quiet_looks = 0
-                while quiet_looks < END_OF_INPUT_QUIET_LOOKS:
-                    await trio.sleep(END_OF_INPUT_POLL_SECONDS)
-                    waiting = (waiting_for_input(self.foreground_process_group())
-                               and not self._input_lock.locked())
-                    quiet_looks = quiet_looks + 1 if waiting else 0
-                await self.send_input(END_OF_INPUT)
+            while True:
+                await self._end_asked.wait()
+                self._end_asked = trio.Event()
+                while self._ends_pending:
+                    await self._wait_until_end_of_input_is_safe()
+                    self._ends_pending -= 1
+                    await self.send_input(END_OF_INPUT)
+
+    async def _wait_until_end_of_input_is_safe(self) -> None:
+        quiet_looks = 0
+        while True:
+            await trio.sleep(END_OF_INPUT_POLL_SECONDS)
+            if self._input_lock.locked():
+                quiet_looks = 0  # typed input goes first, whole
+                continue
+            if not self._terminal_is_canonical():
+                return
+            waiting = self._foreground_reads_terminal()
+            quiet_looks = quiet_looks + 1 if waiting else 0
+            if quiet_looks >= END_OF_INPUT_QUIET_LOOKS:
+                return
+
+    def _terminal_is_canonical(self) -> bool:
+        try:
+            local_modes = termios.tcgetattr(self._master_fd)[3]
+        except termios.error:
+            return False  # the terminal is gone: what is typed goes nowhere anyway
+        return bool(local_modes & termios.ICANON)
+
+    def _foreground_reads_terminal(self) -> bool:
+        group = self.foreground_process_group()
+        members = [group]
+        for member in session_members(self._leader.pid):
+            try:
+                if member != group and os.getpgid(member) == group:
+                    members.append(member)
+            except ProcessLookupError:
+                continue
+        return any(reads_terminal(pid, self._terminal_device) for pid in members)
 
     def resize(self, rows: int, cols: int) -> None:
         """Set the window size; the kernel sends SIGWINCH to the foreground process group."""
@@ -204,6 +259,7 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
         arguments, executable = ["-" + os.path.basename(shell)], shell
     master_fd, slave_fd = os.openpty()
     try:
+        terminal_device = os.fstat(slave_fd).st_rdev
         _set_window_size(slave_fd, spec.rows, spec.cols)
         if credentials:
             os.fchown(slave_fd, account.uid, -1)
@@ -234,34 +290,111 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
     os.set_blocking(master_fd, False)
     leader = SessionLeader(process)
     try:
-        yield PtySession(leader, master_fd)
+        yield PtySession(leader, master_fd, terminal_device)
     finally:
         await leader.terminate(spec.teardown_grace)
         close_fd(master_fd)
 
 
-def waiting_for_input(pid: int) -> bool:
-    """Whether process ``pid`` is blocked waiting to read its standard input (from
-    /proc/PID/syscall). True when that cannot be told (another machine type, no /proc): the
-    caller then does what a terminal does, at once."""
-    calls = _WAITING_FOR_INPUT_CALLS.get(os.uname().machine)
+def reads_terminal(pid: int, terminal_device: int) -> bool:
+    """Whether a thread of process ``pid`` is blocked waiting to read the terminal whose device
+    number is ``terminal_device`` (from /proc). True when that cannot be told (another machine
+    type, a 32-bit program, no /proc): the caller then does what a terminal does, at once."""
+    calls = _WAITING_CALLS.get(_MACHINE)
+    if calls is None or not _is_native_program(pid):
+        return True
     try:
-        with open(f"/proc/{pid}/syscall") as file:
-            fields = file.read().split()
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
-        return True
-    if calls is None or not fields:
-        return True
+        # No /proc at all: cannot be told. The process gone: it is not reading anything.
+        return not os.path.isdir("/proc/self/task")
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/syscall") as file:
+                blocked_in = parse_syscall(file.read())
+        except OSError:
+            continue  # the thread ended
+        if blocked_in is None:
+            continue
+        number, arguments = blocked_in
+        kind = calls.get(number)
+        if kind == "fd" and _is_terminal(pid, arguments[0], terminal_device):
+            return True
+        if kind == "nfds" and _select_reads_terminal(pid, arguments, terminal_device):
+            return True
+        if kind == "epoll" and _epoll_watches_terminal(pid, arguments[0], terminal_device):
+            return True
+    return False
+
+
+def parse_syscall(line: str) -> tuple[int, tuple[int, ...]] | None:
+    """The system call number and its arguments from a /proc/PID/syscall line ("NR ARG1 …
+    ARG6 SP PC"); None when the thread is not blocked in one ("running", "-1 SP PC", or
+    anything unexpected)."""
+    fields = line.split()
+    if len(fields) < 2 + SYSCALL_ARGUMENTS:
+        return None
     try:
-        number, first_argument = int(fields[0]), int(fields[1], 16)
-    except (ValueError, IndexError):
-        return False  # "running" or "-1 …": not blocked in a system call
-    kind = calls.get(number)
-    if kind == "fd":
-        return first_argument == 0
-    if kind == "nfds":
-        return first_argument == 1
-    return kind == "any"
+        number = int(fields[0])
+        arguments = tuple(int(field, 16) for field in fields[1:1 + SYSCALL_ARGUMENTS])
+    except ValueError:
+        return None
+    if number < 0:
+        return None
+    return number, arguments
+
+
+def select_read_set(nfds: int, memory: bytes) -> list[int]:
+    """The descriptors in a select() read set: ``memory`` holds the fd_set's first bytes
+    (bit N of byte N // 8 is descriptor N, on the little-endian machines listed)."""
+    return [fd for fd in range(min(nfds, 8 * len(memory))) if memory[fd // 8] >> (fd % 8) & 1]
+
+
+def epoll_targets(fdinfo: str) -> list[int]:
+    """The descriptors an epoll instance watches, from its /proc/PID/fdinfo/N text."""
+    return [int(target) for target in _EPOLL_TARGET.findall(fdinfo)]
+
+
+def _is_terminal(pid: int, fd: int, terminal_device: int) -> bool:
+    try:
+        status = os.stat(f"/proc/{pid}/fd/{fd}")
+    except OSError:
+        return False
+    return stat.S_ISCHR(status.st_mode) and status.st_rdev in (
+        terminal_device, _CONTROLLING_TERMINAL_DEVICE)
+
+
+def _select_reads_terminal(pid: int, arguments: tuple[int, ...], terminal_device: int) -> bool:
+    nfds, read_set_address = arguments[0], arguments[1]
+    if not 0 < nfds <= MAX_SELECT_DESCRIPTORS or read_set_address == 0:
+        return False
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+            memory.seek(read_set_address)
+            read_set = memory.read((nfds + 7) // 8)
+    except (OSError, OverflowError, ValueError):
+        # Cannot be read: only a set of fd 0 alone can still be told from the call.
+        return nfds == 1 and _is_terminal(pid, 0, terminal_device)
+    return any(_is_terminal(pid, fd, terminal_device) for fd in select_read_set(nfds, read_set))
+
+
+def _epoll_watches_terminal(pid: int, epoll_fd: int, terminal_device: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/fdinfo/{epoll_fd}") as file:
+            targets = epoll_targets(file.read())
+    except OSError:
+        return True  # cannot be told: do what a terminal does
+    return any(_is_terminal(pid, target, terminal_device) for target in targets)
+
+
+def _is_native_program(pid: int) -> bool:
+    """Whether ``pid`` runs a 64-bit program (whose system calls /proc numbers as listed)."""
+    try:
+        with open(f"/proc/{pid}/exe", "rb") as file:
+            header = file.read(5)
+    except OSError:
+        return True  # assume so: the look at its system calls decides
+    return header[:4] != _ELF_MAGIC or header[4] == _ELF_CLASS_64
 
 
 def _take_controlling_terminal() -> None:

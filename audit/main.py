@@ -34,6 +34,7 @@ from audit.verify import (
     verify_bundle,
 )
 from protocol.identity import PublicIdentity
+from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 
 EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
 EXIT_CHECKPOINT_NOT_SAVED = 4
@@ -205,6 +206,7 @@ def console_main() -> NoReturn:
     """The ``tucdesk-audit`` command: ``main`` with SIGPIPE's default action restored, so a
     reader that goes away (``tucdesk-audit key *.pem | head -1``) ends it quietly, as it would
     grep. Not done in ``main``, which tests call in-process."""
+    open_dev_null_on_closed_standard_fds()  # before any socket can take fd 0-2
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.exit(main())
 

@@ -43,6 +43,7 @@ from operator_cli.session_listing import (
     session_table,
 )
 from protocol.errors import ProtocolError
+from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 
 
 def _imported_on_use(module: str, name: str) -> Callable[..., int]:
@@ -766,6 +767,7 @@ def _path_segment(text: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the chosen command; one line and exit 1 on failure."""
+    open_dev_null_on_closed_standard_fds()  # before any socket can take fd 0-2
     parser = build_parser()
     args = parser.parse_args(argv)
     home = CliHome(args.home or default_home(os.environ))

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import select
+import socket
 import stat
 import threading
 from collections.abc import Sequence
@@ -27,6 +28,12 @@ MAX_WRITE_BUFFERS = 1024
 # What a worker thread writes per blocking call when the reader is slow: after ~. at most this
 # much more reaches the terminal (32 ms at 2 MB/s).
 THREAD_SLICE_BYTES = 64 * 1024
+# How long a cancelled write (or close) waits for the worker thread's current slice: it must not
+# land after ~. has restored the terminal, but a reader that takes nothing at all must not hold
+# ~. for longer than this.
+THREAD_SLICE_GRACE_SECONDS = 0.5
+# A send on the socket copy that never waits and never raises SIGPIPE.
+_SOCKET_TRY_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
 
 
 class InputReader:
@@ -73,14 +80,20 @@ class OutputWriter:
     signals while a slow terminal catches up, and cancelling the write stops the thread after
     its current slice, dropping the rest (as ssh drops pending output on ``~.``). The kernel
     does the waiting inside one blocking call, which costs far fewer system calls than waiting
-    for room in trio after every few kilobytes a terminal takes. Regular files (and anything
-    that cannot be reopened) are written directly: they do not keep a writer waiting.
+    for room in trio after every few kilobytes a terminal takes. A socket (which cannot be
+    reopened) is tried with MSG_DONTWAIT on a copy, and the rest goes to the worker thread the
+    same way. Regular files (and anything else that cannot be reopened) are written directly:
+    they do not keep a writer waiting.
     """
 
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.broken = False
         self._try_fd, self._private = _nonblocking_description(fd)
+        # A socket (the systemd journal, socat) cannot be reopened; a copy sent to with
+        # MSG_DONTWAIT tries without waiting and without changing the shared description.
+        self._socket = None if self._private else _socket_copy(fd)
+        self._thread_done: threading.Event | None = None  # the last worker thread has returned
         self._turn = trio.Lock()  # one writer at a time: a buffer is never split by another
 
     async def write(self, data: bytes) -> bool:
@@ -94,35 +107,57 @@ class OutputWriter:
         await acquire_at_once(self._turn)
         try:
             pending = [memoryview(chunk) for chunk in chunks if chunk]
-            if not self._private:
+            if not self._private and self._socket is None:
                 return self._write_blocking(pending, None, _byte_count(pending))
             if not self._write_now(pending):
                 return False
             if not pending:
                 return True
-            stop = threading.Event()
-            try:
-                return await trio.to_thread.run_sync(
-                    self._write_blocking, pending, stop, THREAD_SLICE_BYTES,
-                    abandon_on_cancel=True,
-                )
-            finally:
-                stop.set()  # cancelled: the thread stops after its current slice
+            return await self._write_in_thread(pending)
         finally:
             self._turn.release()
 
     def close(self) -> None:
-        """Close the private descriptor, if one was opened (the shared one stays open)."""
+        """Wait (briefly) for a worker thread still in its last slice, then close the private
+        descriptor, if one was opened (the shared one stays open)."""
+        if self._thread_done is not None:
+            self._thread_done.wait(THREAD_SLICE_GRACE_SECONDS)
         if self._private:
             self._private = False
             os.close(self._try_fd)
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
+
+    async def _write_in_thread(self, pending: list[memoryview]) -> bool:
+        """Write the rest blocking, in a worker thread; cancelled, the thread stops after its
+        current slice, and the turn is kept until it has (so nothing lands after ~.)."""
+        stop, done = threading.Event(), threading.Event()
+        self._thread_done = done
+
+        def write_then_signal() -> bool:
+            try:
+                return self._write_blocking(pending, stop, THREAD_SLICE_BYTES)
+            finally:
+                done.set()
+
+        try:
+            return await trio.to_thread.run_sync(write_then_signal, abandon_on_cancel=True)
+        finally:
+            stop.set()  # cancelled: the thread stops after its current slice
+            if not done.is_set():
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(done.wait, THREAD_SLICE_GRACE_SECONDS)
 
     def _write_now(self, pending: list[memoryview]) -> bool:
         """Write what the reader takes without waiting; the rest stays in ``pending``."""
         while pending:
             batch = pending[:MAX_WRITE_BUFFERS]
             try:
-                written = os.writev(self._try_fd, batch)
+                if self._socket is not None:
+                    written = self._socket.sendmsg(batch, (), _SOCKET_TRY_FLAGS)
+                else:
+                    written = os.writev(self._try_fd, batch)
             except BlockingIOError:
                 return True
             except (BrokenPipeError, ConnectionResetError):
@@ -197,6 +232,21 @@ def _nonblocking_description(fd: int) -> tuple[int, bool]:
     except OSError:
         return fd, False
     return private, True
+
+
+def _socket_copy(fd: int) -> socket.socket | None:
+    """A socket object on a duplicate of ``fd`` if it is a socket, else None."""
+    try:
+        if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+            return None
+        copy = os.dup(fd)
+    except OSError:
+        return None
+    try:
+        return socket.socket(fileno=copy)
+    except OSError:
+        os.close(copy)
+        return None
 
 
 def _wait_writable_blocking(fd: int) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 
 import trio
 
+from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 from relay.config import OPTIONS, RelayConfig, load_config
 from relay.errors import RelayError
 from relay.fdlimit import raise_open_file_limit
@@ -123,6 +124,7 @@ def _first_relay_error(error: BaseException) -> RelayError | None:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments and run the command; print one line and exit non-zero on error."""
+    open_dev_null_on_closed_standard_fds()  # before any socket can take fd 0-2
     parser = build_parser()
     arguments = parser.parse_args(argv)
     # Until the signal watcher takes over, a reload request must not kill the relay (SIGHUP's

@@ -22,6 +22,7 @@ from typing import Any
 import trio
 
 from protocol.errors import ProtocolError
+from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
 from rendezvous.auth import ROLES
 from rendezvous.config import ServiceConfig, load_config
@@ -383,6 +384,7 @@ def dispatch(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Parse arguments, run the command, and turn failures into one line and an exit code."""
+    open_dev_null_on_closed_standard_fds()  # before any socket can take fd 0-2
     args = build_parser().parse_args(argv)
     try:
         return dispatch(args)

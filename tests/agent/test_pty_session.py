@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pwd
 import shutil
+import sys
 from pathlib import Path
 
 import pyte
@@ -12,7 +13,14 @@ import pytest
 import trio
 
 from agent.process_group import ExitStatus, OutputStream, SessionProcessError, session_members
-from agent.pty_session import PtySessionSpec, open_pty_session
+from agent.pty_session import (
+    MAX_PENDING_ENDS_OF_INPUT,
+    PtySessionSpec,
+    epoll_targets,
+    open_pty_session,
+    parse_syscall,
+    select_read_set,
+)
 from tests.agent.session_helpers import (
     Transcript,
     is_root,
@@ -391,3 +399,114 @@ async def test_input_ended_before_a_readline_shell_starts_still_ends_it() -> Non
             status = await session.run(transcript.on_output)
     assert status.code == 0
     assert b"hi-42" in transcript.stdout
+
+
+# Seconds an end of input may take to end a program waiting for it (a hang is the failure).
+END_OF_INPUT_DEADLINE = 6
+
+
+def _python(program: str) -> PtySessionSpec:
+    return PtySessionSpec(command=[sys.executable, "-c", program])
+
+
+async def _run_until_input_ends(spec: PtySessionSpec, typed: bytes = b"") -> Transcript:
+    transcript = Transcript()
+    async with open_pty_session(spec) as session:
+        if typed:
+            await session.send_input(typed)
+        await session.close_input()
+        with trio.fail_after(END_OF_INPUT_DEADLINE):
+            status = await session.run(transcript.on_output)
+    assert status.code == 0
+    return transcript
+
+
+@trio_test
+async def test_input_ended_at_a_bash_prompt_ends_it() -> None:
+    transcript = await _run_until_input_ends(
+        PtySessionSpec(command=["/bin/bash", "--norc", "--noprofile", "-i"]), b"echo hi\n")
+    assert b"hi\r\n" in transcript.stdout
+
+
+@trio_test
+async def test_input_ended_reaches_a_program_waiting_in_epoll_on_stdin() -> None:
+    program = ("import os, selectors; s = selectors.EpollSelector(); "
+               "s.register(0, selectors.EVENT_READ); s.select(); print('GOT', os.read(0, 100))")
+    transcript = await _run_until_input_ends(_python(program))
+    assert b"GOT b''" in transcript.stdout
+
+
+@trio_test
+async def test_input_ended_reaches_a_program_selecting_on_stdin_and_a_pipe() -> None:
+    program = ("import os, select; r, w = os.pipe(); select.select([0, r], [], []); "
+               "print('GOT', os.read(0, 100))")
+    transcript = await _run_until_input_ends(_python(program))
+    assert b"GOT b''" in transcript.stdout
+
+
+@trio_test
+async def test_input_ended_reaches_a_program_reading_dev_tty_on_another_fd() -> None:
+    program = ("import os; fd = os.open('/dev/tty', os.O_RDONLY); assert fd == 3; "
+               "print('GOT', os.read(fd, 100))")
+    transcript = await _run_until_input_ends(_python(program))
+    assert b"GOT b''" in transcript.stdout
+
+
+@trio_test
+async def test_input_ended_while_a_command_polls_a_socket_is_not_lost() -> None:
+    # Like curl waiting for a server: poll() on a socket, in canonical mode. A ^D typed then
+    # would reach bash's readline, later, as NUL: the shell would never end.
+    poller = ("import socket, select; a, b = socket.socketpair(); p = select.poll(); "
+              "p.register(a, select.POLLIN); p.poll(1500)")
+    typed = f"{sys.executable} -c '{poller}'; echo after-poll\n".encode()
+    transcript = await _run_until_input_ends(
+        PtySessionSpec(command=["/bin/bash", "--norc", "--noprofile", "-i"]), typed)
+    assert b"after-poll\r\n" in transcript.stdout
+
+
+@trio_test
+async def test_ends_of_input_asked_for_are_bounded() -> None:
+    async with open_pty_session(PtySessionSpec(command=["cat"])) as session:
+        for _ in range(10_000):
+            await session.close_input()
+        assert session._ends_pending == MAX_PENDING_ENDS_OF_INPUT
+        with trio.fail_after(END_OF_INPUT_DEADLINE):
+            status = await session.run(Transcript().on_output)
+    assert status.code == 0
+
+
+SYSCALL_ARGUMENTS = "0x3 0x7f45338fb000 0x20000 0x7f453398eb60 0xffffffff 0x0"
+
+
+@pytest.mark.parametrize("line", [
+    "running",
+    "-1 0x7ffeee6e69d8 0x7f4533a772ad",
+    "",
+    "0",
+    "0 0x3",
+    "x 0x0 0x0 0x0 0x0 0x0 0x0 0x0 0x0",
+    "0 zz 0x0 0x0 0x0 0x0 0x0 0x0 0x0",
+])
+def test_syscall_lines_of_threads_not_blocked_in_a_call_name_no_call(line: str) -> None:
+    assert parse_syscall(line) is None
+
+
+def test_syscall_line_gives_the_call_and_its_arguments() -> None:
+    line = f"0 {SYSCALL_ARGUMENTS} 0x7ffeee6e69d8 0x7f4533a772ad\n"
+    assert parse_syscall(line) == (
+        0, (3, 0x7F45338FB000, 0x20000, 0x7F453398EB60, 0xFFFFFFFF, 0))
+
+
+def test_select_read_set_is_decoded_bit_by_bit() -> None:
+    assert select_read_set(4, bytes([0b1001])) == [0, 3]
+    assert select_read_set(3, bytes([0b1001])) == [0]  # beyond nfds is not watched
+    assert select_read_set(13, bytes([0, 0b10000])) == [8 + 4]
+    assert select_read_set(64, b"") == []
+
+
+def test_epoll_targets_are_read_from_fdinfo() -> None:
+    fdinfo = ("pos:\t0\nflags:\t02000002\nmnt_id:\t15\nino:\t1057\n"
+              "tfd:        0 events:       19 data:                0  pos:0 ino:3 sdev:18\n"
+              "tfd:       12 events:       19 data:                c  pos:0 ino:9 sdev:8\n")
+    assert epoll_targets(fdinfo) == [0, 12]
+    assert epoll_targets("pos:\t0\nflags:\t02\n") == []
