@@ -11,6 +11,7 @@ progress line (audit.progress) shows bytes, lines and rate.
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 from pathlib import Path
 from typing import BinaryIO
@@ -105,13 +106,18 @@ def receive_into_place(receiver: ExportReceiver, response: Response, output: Pat
     destination = Path(os.path.realpath(output))  # write through a symlink, as open() would
     temporary: Path | None = None
     try:
+        # Ctrl-C is held while the file is created and named here, so it cannot land between
+        # the two and leave a file nothing removes.
+        held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         try:
             fd, temporary_name = tempfile.mkstemp(
                 dir=destination.parent, prefix=f".{destination.name}.", suffix=".partial"
             )
+            temporary = Path(temporary_name)
         except OSError as error:
             raise ExportNotWritten(output, error) from None
-        temporary = Path(temporary_name)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
         with os.fdopen(fd, "wb") as sink:
             try:
                 # Network failures arrive as ExportIncomplete: an OSError here is the disk's.
