@@ -49,10 +49,14 @@ def agents_remove(
                 raise AgentRemovalError(
                     "not removed: run it in a terminal to confirm, or pass --yes"
                 )
-            answer = ask(
-                "Remove this agent? Its key will never connect again; the host must re-enroll "
-                "with a new registration key. [y/N] "
-            )
+            try:
+                answer = ask(
+                    "Remove this agent? Its key will never connect again; the host must "
+                    "re-enroll with a new registration key. [y/N] "
+                )
+            except EOFError:  # ^D at the prompt: no answer is no
+                print()
+                answer = ""
             if answer.strip().lower() not in ("y", "yes"):
                 print("not removed")
                 return EXIT_FAILURE

@@ -369,6 +369,8 @@ async def _hold(
     connected: dict[str, Any] = {"connection_id": connection_id, "instance": ctx.instance_id}
     if authentication.replaces is not None:
         connected["replaces"] = authentication.replaces
+    send_channel, receive_channel = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE_SIZE)
+    channel = LiveChannel(connection_id, agent.id, agent.team_id, send_channel)
     try:
         await ctx.audit.record(
             agent.team_id,
@@ -381,6 +383,9 @@ async def _hold(
             agent.team_id, agent.id, ctx.instance_id, connection_id, machine, now,
             replaces=authentication.replaces,
         )  # fmt: skip
+        # Held here before any further await: a removal landing once the row exists must find
+        # this channel to close it, or the agent would stay connected until its next heartbeat.
+        connections._add(channel)
         superseded = report.superseded
         if superseded is not None:
             logger.info(
@@ -411,17 +416,18 @@ async def _hold(
                     "other_connections": [c.connection_id for c in report.other_connections],
                 },
             )
-    except ServiceError as error:
-        await _close(websocket, CLOSE_GOING_AWAY, error.message)
-        return
-    except NotFound:
-        # Removed between its authentication and now: the row refuses the connection.
-        ctx.metrics.auth_failures.labels("agent_removed").inc()
-        await _close(websocket, CLOSE_AGENT_REMOVED, REMOVED_REASON)
-        return
-    send_channel, receive_channel = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE_SIZE)
-    channel = LiveChannel(connection_id, agent.id, agent.team_id, send_channel)
-    connections._add(channel)
+    except BaseException as error:
+        connections._remove(channel)
+        send_channel.close()
+        if isinstance(error, ServiceError):
+            await _close(websocket, CLOSE_GOING_AWAY, error.message)
+            return
+        if isinstance(error, NotFound):
+            # Removed between its authentication and now: the row refuses the connection.
+            ctx.metrics.auth_failures.labels("agent_removed").inc()
+            await _close(websocket, CLOSE_AGENT_REMOVED, REMOVED_REASON)
+            return
+        raise
     try:
         with trio.fail_after(SEND_TIMEOUT_SECONDS):
             await websocket.send_json(

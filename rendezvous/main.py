@@ -11,6 +11,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -318,16 +319,22 @@ def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
     return EXIT_OK
 
 
+def _serve_checked(config: ServiceConfig) -> int:
+    config.validate_for_serving()  # a setting that cannot work is named first
+    require_existing_store(config)
+    return _serve(config)
+
+
 def _serve(config: ServiceConfig) -> int:
-    config.validate_for_serving()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log_start(config)
     if config.workers > 1:
-        from rendezvous.server import hypercorn_config
+        from rendezvous.server import check_tls_files
         from rendezvous.workers import serve_with_workers
 
         # TLS files are named here, once, rather than in each worker's dying words.
-        hypercorn_config(config)
+        if config.tls_cert is not None and config.tls_key is not None:
+            check_tls_files(config.tls_cert, config.tls_key, time.time())
 
         return serve_with_workers(config)
     from rendezvous.server import run_service, termination_signal
@@ -360,14 +367,18 @@ def log_start(config: ServiceConfig) -> None:
 
 def dispatch(args: argparse.Namespace) -> int:
     """Run the chosen command; errors propagate to main for one-line reporting."""
+    if args.command == "serve":
+        # A SIGHUP (a TLS reload sent early) must not end a service still starting: ignored
+        # until the instance's own receiver takes it over.
+        previous_hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        try:
+            return _serve_checked(_config(args))
+        finally:
+            signal.signal(signal.SIGHUP, previous_hangup)
     config = _config(args)
     if args.command == "init":
         return _run(_init, config)
-    if args.command == "serve":
-        config.validate_for_serving()  # a setting that cannot work is named first
     require_existing_store(config)
-    if args.command == "serve":
-        return _serve(config)
     if args.command == "team":
         if args.team_command == "create":
             return _run(_team_create, config, args.name)

@@ -23,6 +23,7 @@ import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
@@ -55,6 +56,9 @@ class ReloadableTlsConfig(HypercornConfig):
     certificate into the very context the listener uses (new connections get it)."""
 
     _kept_ssl_context: ssl.SSLContext | None = None
+    # The kind of key the context serves: OpenSSL keeps one certificate per kind, so loading a
+    # key of another kind adds a second certificate beside the old one instead of replacing it.
+    served_key_kind: str | None = None
 
     def create_ssl_context(self) -> ssl.SSLContext | None:
         """The one TLS context of this instance (None for plain HTTP)."""
@@ -76,7 +80,7 @@ def hypercorn_config(
     else:
         hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     if config.tls_cert is not None and config.tls_key is not None:
-        check_tls_files(config.tls_cert, config.tls_key, time.time())
+        hyper.served_key_kind = check_tls_files(config.tls_cert, config.tls_key, time.time())
         hyper.certfile = str(config.tls_cert)
         hyper.keyfile = str(config.tls_key)
     hyper.accesslog = None
@@ -120,9 +124,10 @@ def metrics_hypercorn_config(
     return hyper
 
 
-def check_tls_files(cert_path: Path, key_path: Path, now: float) -> None:
+def check_tls_files(cert_path: Path, key_path: Path, now: float) -> str:
     """Raise ConfigError naming the file and the fault (missing, not PEM, key not the
-    certificate's, certificate expired); log a warning when it expires within two weeks."""
+    certificate's, certificate expired); log a warning when it expires within two weeks.
+    Returns the kind of key ("RSA", "EC", ...)."""
     cert_data = _read_tls_file(cert_path, "certificate")
     key_data = _read_tls_file(key_path, "key")
     try:
@@ -162,6 +167,15 @@ def check_tls_files(cert_path: Path, key_path: Path, now: float) -> None:
             "(or restart) to load the new one", cert_path, f"{expires:%Y-%m-%d %H:%M}",
             left / 86400,
         )  # fmt: skip
+    return _key_kind(key)
+
+
+def _key_kind(key: Any) -> str:
+    kinds = (
+        (rsa.RSAPrivateKey, "RSA"), (ec.EllipticCurvePrivateKey, "EC"),
+        (ed25519.Ed25519PrivateKey, "Ed25519"), (ed448.Ed448PrivateKey, "Ed448"),
+    )  # fmt: skip
+    return next((name for kind, name in kinds if isinstance(key, kind)), type(key).__name__)
 
 
 def reload_tls(config: ServiceConfig, hyper: HypercornConfig) -> None:
@@ -172,7 +186,15 @@ def reload_tls(config: ServiceConfig, hyper: HypercornConfig) -> None:
     """
     if config.tls_cert is None or config.tls_key is None:
         raise ConfigError("plain HTTP: there is no TLS certificate to reload")
-    check_tls_files(config.tls_cert, config.tls_key, time.time())
+    kind = check_tls_files(config.tls_cert, config.tls_key, time.time())
+    served = getattr(hyper, "served_key_kind", None)
+    if served is not None and kind != served:
+        # Loaded beside the old one, the old certificate would still go to every client that
+        # negotiates its kind of key.
+        raise ConfigError(
+            f"the new TLS key {config.tls_key} is {kind}, the served one is {served}: "
+            "restart to change the key type"
+        )
     context = hyper.create_ssl_context()
     if context is None:
         raise ConfigError("plain HTTP: there is no TLS certificate to reload")

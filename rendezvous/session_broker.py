@@ -158,13 +158,20 @@ async def open_session(
                                 reason, now)
             )  # fmt: skip
 
-    async def refuse(reason: str, error: Exception, *, row_kept: bool = False) -> NoReturn:
-        if not row_kept:
-            await keep_refused(reason, ctx.now())
+    async def refuse(reason: str, error: Exception, *, offered: Session | None = None) -> NoReturn:
+        # No audit, no action: the refusal is on record before its row (new, or the ``offered``
+        # one) says so.
         await ctx.audit.record(
             principal.team_id, actor=actor, action=Action.SESSION_REFUSED, target=agent.id,
             session_id=session_id, details={"reason": reason},
         )  # fmt: skip
+        if offered is None:
+            await keep_refused(reason, ctx.now())
+        else:
+            await ctx.store.update_session_state(
+                offered.team_id, offered.agent_id, offered.id, SessionState.REFUSED, reason,
+                ctx.now(), from_states=(SessionState.OFFERED,),
+            )  # fmt: skip
         raise error
 
     if decision.outcome is PolicyOutcome.DENY:
@@ -231,14 +238,10 @@ async def open_session(
     )  # fmt: skip
     # The newest channel is the one most likely still alive.
     if not await deliver_offer(ctx, session, live[-1]):
-        await ctx.store.update_session_state(
-            session.team_id, session.agent_id, session.id, SessionState.REFUSED,
-            "offer_not_delivered", ctx.now(), from_states=(SessionState.OFFERED,),
-        )  # fmt: skip
         await refuse(
             "offer_not_delivered",
             AgentOffline(f"agent {agent.name} did not take the offer; it may be reconnecting"),
-            row_kept=True,
+            offered=session,
         )
     return 201, {
         "session_id": session.id,
@@ -265,7 +268,9 @@ def refused_session(
     reason: str,
     now: float,
 ) -> Session:
-    """The row of a session refused before any relay was chosen: no relay, already expired."""
+    """The row of a session refused before any relay was chosen (denied by policy or a disabled
+    operator, no relay, agent offline): no relay, already expired. Write it after the refusal's
+    audit record (no audit, no action)."""
     return Session(
         id=session_id, team_id=team_id, agent_id=agent_id, operator_id=operator.id,
         operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,

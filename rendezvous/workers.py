@@ -87,11 +87,14 @@ def serve_with_workers(config: ServiceConfig) -> int:
                 os.kill(worker.process.pid, signal.SIGHUP)
 
     previous = {number: signal.signal(number, on_signal) for number in STOP_SIGNALS}
-    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, on_hangup)
+    # Workers start with SIGHUP ignored (an ignored signal stays ignored across exec), so one
+    # sent before run_worker runs does not end them; forwarded once all have started.
+    previous[signal.SIGHUP] = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         context = multiprocessing.get_context("spawn")
         for index in range(config.workers):
             workers.append(_Worker.start(context, index, worker_config))
+        signal.signal(signal.SIGHUP, on_hangup)
         return _supervise(workers, wake_reader, stop_signal)
     finally:
         _stop_all(workers)

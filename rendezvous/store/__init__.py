@@ -122,6 +122,11 @@ def describe_database(database: str | Path) -> str:
         host, port = parts.hostname or "localhost", parts.port or 5432
     except ValueError:
         return "PostgreSQL (the URL could not be parsed)"
+    # A password holding '/', '?', '#' or '@' makes urlsplit cut the netloc short, and the rest of
+    # the password lands in the "host", "port" or "path": show nothing unless the split is sure.
+    at_signs = location.count("@")
+    if at_signs > 1 or (at_signs == 1 and "@" not in parts.netloc):
+        return "PostgreSQL (URL not shown)"
     return f"PostgreSQL {host}:{port}/{parts.path.lstrip('/') or '(default database)'}"
 
 

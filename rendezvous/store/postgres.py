@@ -18,6 +18,7 @@ when the shelf is full or a connection may be unhealthy): one crossing per state
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import time
 import urllib.parse
@@ -57,6 +58,10 @@ CONNECT_TIMEOUT_SECONDS = 10.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 ACQUIRE_TIMEOUT_SECONDS = 30.0
 CLOSE_TIMEOUT_SECONDS = 10.0
+# An idle LISTEN connection is probed this often: a silent drop (a NAT or firewall forgetting
+# it) would otherwise stop cross-instance notices with nothing logged.
+LISTEN_PROBE_SECONDS = 30.0
+LISTEN_PROBE_TIMEOUT_SECONDS = 10.0
 # Idle connections kept on the trio side between statements (the rest go back to the pool).
 MAX_SHELVED_CONNECTIONS = 4
 # Any fixed 64-bit number; all instances must agree on it.
@@ -97,6 +102,10 @@ def _discard(connection: asyncpg.Connection) -> None:
     """Terminate a connection that must not be reused (a no-op if the pool already took it)."""
     if _is_open(connection):
         connection.terminate()
+
+
+class _ProbeDue:
+    """No notice came for LISTEN_PROBE_SECONDS: the listening connection is to be probed."""
 
 
 class _Bridge:
@@ -303,7 +312,8 @@ class PostgresStore(SqlStore):
     async def listen(self, channel: str) -> AsyncIterator[AsyncIterator[str]]:
         """``LISTEN channel`` on a dedicated pooled connection; yields the payloads' iterator.
 
-        The iterator raises StoreUnavailable when the connection is lost (LISTEN again then:
+        The iterator raises StoreUnavailable when the connection is lost, or does not answer
+        the probe sent after LISTEN_PROBE_SECONDS without a notice (LISTEN again then:
         notifications sent meanwhile are gone).
         """
         pool = self._open_pool()
@@ -318,9 +328,38 @@ class PostgresStore(SqlStore):
         def on_termination(_conn: object) -> None:
             payloads.put_nowait(None)
 
+        async def next_payload() -> str | None | _ProbeDue:
+            # The wait is timed on the asyncio side: a payload it took is never dropped.
+            try:
+                return await asyncio.wait_for(payloads.get(), LISTEN_PROBE_SECONDS)
+            except TimeoutError:
+                return _ProbeDue()
+
+        async def probe_answered() -> bool:
+            # Not asyncpg's own timeout: it would send a cancel request and wait for an answer
+            # the dead connection never brings. Terminated instead, the query fails at once.
+            answer = asyncio.ensure_future(connection.fetchval("SELECT 1"))
+            await asyncio.wait({answer}, timeout=LISTEN_PROBE_TIMEOUT_SECONDS)
+            if answer.done() and not answer.cancelled() and answer.exception() is None:
+                return True
+            _discard(connection)  # a hung connection must not be UNLISTENed or reused
+            with contextlib.suppress(Exception):
+                await answer
+            return False
+
+        async def probe() -> None:
+            if not await self._bridge.call(probe_answered):
+                raise StoreUnavailable(
+                    "the PostgreSQL connection listening for notices did not answer a probe "
+                    f"(SELECT 1) within {LISTEN_PROBE_TIMEOUT_SECONDS:g} s"
+                )
+
         async def receive() -> AsyncIterator[str]:
             while True:
-                payload = await self._bridge.call(payloads.get)
+                payload = await self._bridge.call(next_payload)
+                if isinstance(payload, _ProbeDue):
+                    await probe()
+                    continue
                 if payload is None:
                     raise StoreUnavailable("the PostgreSQL connection listening for notices closed")
                 yield payload

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -166,3 +167,27 @@ async def test_remove_of_an_ambiguous_name_names_the_ids_and_an_id_removes_one(
     capsys.readouterr()
     assert await _run(home, "agents", "remove", first, "--yes") == 1
     assert "no agent named" in capsys.readouterr().err
+
+
+async def test_end_of_input_at_the_confirmation_prompt_removes_nothing(
+    logged_in: tuple[Path, str, str], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """^D at the prompt (the terminal's end of input: input() raises EOFError) answers no."""
+    home, _, _ = logged_in
+
+    def end_of_input() -> int:
+        primary, secondary = os.openpty()
+        try:
+            with open(secondary, encoding="utf-8", closefd=True) as stdin:
+                monkeypatch.setattr(sys, "stdin", stdin)
+                os.write(primary, b"\x04")  # what ^D sends in the terminal's canonical mode
+                return agents_remove(CliHome(home), "web-1", assume_yes=False, stdin=stdin)
+        finally:
+            os.close(primary)
+
+    capsys.readouterr()
+    assert await trio.to_thread.run_sync(end_of_input) == 1
+    captured = capsys.readouterr()
+    assert "not removed" in captured.out and "EOFError" not in captured.err
+    assert await _listed(home, capsys) == ["db-1", "db-1", "web-1"]

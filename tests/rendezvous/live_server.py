@@ -12,7 +12,7 @@ from typing import Any
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from rendezvous.config import ServiceConfig
@@ -22,9 +22,14 @@ from rendezvous.service_keys import create_missing_keys
 START_TIMEOUT_SECONDS = 30
 
 
-def make_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost; returns (cert, key) paths."""
-    key = ec.generate_private_key(ec.SECP256R1())
+def make_certificate(directory: Path, *, rsa_key: bool = False) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost (an EC key, or ``rsa_key``);
+    returns (cert, key) paths."""
+    key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        if rsa_key
+        else ec.generate_private_key(ec.SECP256R1())
+    )
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (

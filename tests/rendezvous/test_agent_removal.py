@@ -19,6 +19,7 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from protocol.identity import PublicIdentity
+from rendezvous.audit_trail import Action
 from rendezvous.control_channel import CLOSE_AGENT_REMOVED, REMOVED_REASON
 from rendezvous.store import Store, open_store
 from tests.pg_cluster import PostgresCluster
@@ -198,6 +199,49 @@ async def test_the_live_channel_closes_at_once_and_a_saved_copy_cannot_reconnect
         key = await service.registration_key(admin)
         again = await service.register(agent.identity, key["key"])
         assert again.status_code == 409, again.text
+
+
+async def test_a_removal_landing_while_the_agent_connects_closes_its_channel_at_once(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race: the DELETE lands right after the connection row is written, while the
+    connection's set-up still awaits (here the audit of a clone anomaly, from another machine
+    fingerprint); the removal must still find the channel and close it."""
+    async with served(store, tmp_path, **SLOW_HEARTBEATS) as (service, url, team, admin):
+        agent = await enroll_agent(service, admin)
+        row_written, removed = trio.Event(), trio.Event()
+        removals: list[int] = []
+        mark_agent_connected = store.mark_agent_connected
+        record = service.ctx.audit.record
+
+        async def connected_then_removed(*args: Any, **kwargs: Any) -> Any:
+            report = await mark_agent_connected(*args, **kwargs)
+            row_written.set()
+            return report
+
+        async def recorded_once_removed(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("action") == Action.AGENT_CLONE_ANOMALY:
+                await removed.wait()
+            return await record(*args, **kwargs)
+
+        async def remove_once_the_row_is_written() -> None:
+            await row_written.wait()
+            removals.append((await service.call(admin, "DELETE", path_of(agent))).status_code)
+            removed.set()
+
+        monkeypatch.setattr(store, "mark_agent_connected", connected_then_removed)
+        monkeypatch.setattr(service.ctx.audit, "record", recorded_once_removed)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(remove_once_the_row_is_written)
+            async with connected(url, agent, machine="machine-2") as (channel, _connection_id):
+                with trio.fail_after(CLOSED_WITHIN_SECONDS):
+                    closed = await closed_by_server(channel)
+        assert removals == [200]
+        assert closed.reason.code == CLOSE_AGENT_REMOVED
+        assert closed.reason.reason == REMOVED_REASON
+        assert service.ctx.connections is not None
+        assert service.ctx.connections.channels(team, agent.agent_id) == []
+        assert await store.list_agent_connections(team, agent.agent_id) == []
 
 
 async def test_a_channel_whose_agent_was_removed_elsewhere_closes_at_its_heartbeat(

@@ -16,7 +16,10 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from rendezvous.config import ServiceConfig
+from rendezvous.errors import ConfigError
 from rendezvous.main import main
+from rendezvous.server import hypercorn_config, reload_tls
 from tests.rendezvous.live_server import make_certificate
 
 START_SECONDS = 60
@@ -94,3 +97,94 @@ def test_sighup_reloads_a_renewed_certificate_and_keeps_serving(tmp_path: Path) 
         _wait_for(log, "received SIGHUP; reloaded TLS certificate")
         assert process.poll() is None
         assert served_certificate(port) == _der(renewed_cert) != first
+
+
+def _negotiated_certificate(server: ssl.SSLContext, ciphers: str) -> bytes:
+    """The DER certificate ``server`` presents to a TLS 1.2 client offering only ``ciphers``
+    (a real handshake over memory buffers); ssl.SSLError if they cannot agree."""
+    client_context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    client_context.check_hostname = False
+    client_context.verify_mode = ssl.CERT_NONE
+    client_context.maximum_version = ssl.TLSVersion.TLSv1_2
+    client_context.set_ciphers(ciphers)
+    to_server, to_client, from_server, from_client = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context.wrap_bio(to_client, from_client)
+    service = server.wrap_bio(to_server, from_server, server_side=True)
+    for _ in range(10):
+        done = []
+        for end in (client, service):
+            try:
+                end.do_handshake()
+                done.append(end)
+            except ssl.SSLWantReadError:
+                pass
+        to_server.write(from_client.read())
+        to_client.write(from_server.read())
+        if client in done:
+            certificate = client.getpeercert(binary_form=True)
+            assert certificate is not None
+            return certificate
+    raise AssertionError("the handshake did not finish")
+
+
+ECDSA_ONLY, RSA_ONLY = "ECDHE-ECDSA-AES128-GCM-SHA256", "ECDHE-RSA-AES128-GCM-SHA256"
+
+
+def test_a_reload_that_changes_the_key_type_is_refused_and_the_current_certificate_kept(
+    tmp_path: Path,
+) -> None:
+    cert, key = make_certificate(tmp_path / "tls")
+    config = ServiceConfig(data_dir=tmp_path, listen="127.0.0.1:0", tls_cert=cert, tls_key=key)
+    hyper = hypercorn_config(config)
+    context = hyper.create_ssl_context()
+    assert context is not None
+    first = _der(cert)
+    assert _negotiated_certificate(context, ECDSA_ONLY) == first
+
+    renewed_cert, renewed_key = make_certificate(tmp_path / "rsa", rsa_key=True)
+    cert.write_bytes(renewed_cert.read_bytes())
+    key.write_bytes(renewed_key.read_bytes())
+    with pytest.raises(ConfigError, match="is RSA, the served one is EC: restart to change"):
+        reload_tls(config, hyper)
+    # Nothing of the RSA renewal was loaded: EC clients get the current certificate, and no
+    # client is handed the new one beside it.
+    assert _negotiated_certificate(context, ECDSA_ONLY) == first
+    with pytest.raises(ssl.SSLError):
+        _negotiated_certificate(context, RSA_ONLY)
+    # A renewal of the same kind still reloads.
+    same_cert, same_key = make_certificate(tmp_path / "ec")
+    cert.write_bytes(same_cert.read_bytes())
+    key.write_bytes(same_key.read_bytes())
+    reload_tls(config, hyper)
+    assert _negotiated_certificate(context, ECDSA_ONLY) == _der(same_cert) != first
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+def test_a_sighup_during_start_up_does_not_end_the_service(tmp_path: Path) -> None:
+    """Hangups from the start line on (before the instance listens for them) are ignored."""
+    store = ["--data-dir", str(tmp_path / "data")]
+    assert main(["init", *store]) == 0
+    log = tmp_path / "serve.log"
+    with log.open("wb") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "rendezvous.main", "serve", *store, "--listen", "127.0.0.1:0",
+             "--insecure-http"],
+            stdout=output, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + START_SECONDS
+        hangups = 0
+        while "Running on http://" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            if " starting: " in log.read_text():
+                process.send_signal(signal.SIGHUP)
+                hangups += 1
+            time.sleep(0.01)
+        assert hangups > 0
+        process.send_signal(signal.SIGHUP)
+        _wait_for(log, "received SIGHUP; serving plain HTTP, there is nothing to reload")
+        assert process.poll() is None
+    finally:
+        process.terminate()
+        process.wait(WAIT_SECONDS)

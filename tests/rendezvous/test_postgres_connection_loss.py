@@ -6,15 +6,18 @@ server closed instead of failing a statement on them, or crashing on a detached 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
+import re
+import urllib.parse
 from pathlib import Path
 
 import pytest
 import trio
 
-from rendezvous.store import Store, open_store
+from rendezvous.store import Store, open_store, postgres
 from tests.pg_cluster import PostgresCluster
 from tests.rendezvous.sessions_support import (
     WAIT_SECONDS,
@@ -109,3 +112,96 @@ async def test_store_skips_idle_connections_the_server_closed(shared_database: s
         for number in range(4, 8):
             team = await store.create_team(f"team-{number}", 1.0)
             assert await store.get_team(team.id) == team
+
+
+# asyncpg's LISTEN "channel" (not the UNLISTEN it resets every released connection with).
+LISTEN_STATEMENT = re.compile(rb'(?<!UN)LISTEN "')
+
+
+class SilencingRelay:
+    """A TCP relay to PostgreSQL that can silence the connections that ran LISTEN without
+    closing them: what a NAT or firewall that forgets an idle connection does."""
+
+    def __init__(self, target: str) -> None:
+        parts = urllib.parse.urlsplit(target)
+        self._target = target
+        self._host, self._port = parts.hostname or "127.0.0.1", parts.port or 5432
+        self._listening: set[int] = set()
+        self._silenced: set[int] = set()
+        self._numbers = itertools.count(1)
+        self.port = 0
+
+    def url(self) -> str:
+        """The target URL with the relay's address in place of PostgreSQL's."""
+        return self._target.replace(f":{self._port}/", f":{self.port}/", 1)
+
+    def silence_listening_connections(self) -> None:
+        """From now on, drop every byte of the connections that ran LISTEN so far."""
+        self._silenced |= self._listening
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._relay, listeners)
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        number = next(self._numbers)
+        async with await trio.open_tcp_stream(self._host, self._port) as server, client:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._pump, client, server, number, True, nursery.cancel_scope)
+                nursery.start_soon(self._pump, server, client, number, False, nursery.cancel_scope)
+
+    async def _pump(
+        self, source: trio.SocketStream, sink: trio.SocketStream, number: int, upstream: bool,
+        relayed: trio.CancelScope,
+    ) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            async for chunk in source:
+                if upstream and LISTEN_STATEMENT.search(chunk):
+                    self._listening.add(number)
+                if number not in self._silenced:
+                    await sink.send_all(chunk)
+        relayed.cancel()  # one side closed: close the other, as a plain TCP path would
+
+
+async def test_a_silently_dropped_listen_connection_is_found_by_its_probe_and_replaced(
+    shared_database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    probe_seconds = 0.5
+    monkeypatch.setattr(postgres, "LISTEN_PROBE_SECONDS", probe_seconds, raising=False)
+    monkeypatch.setattr(postgres, "LISTEN_PROBE_TIMEOUT_SECONDS", probe_seconds, raising=False)
+    caplog.set_level(logging.WARNING, logger="tucdesk.rendezvous.offers")
+    data = tmp_path / "data"
+    relay = SilencingRelay(shared_database)
+    async with trio.open_nursery() as relays:
+        await relays.start(relay.serve)
+        async with (
+            open_store(shared_database) as store_a,
+            open_store(relay.url()) as store_b,
+            served_instance(store_a, data) as (instance_a, _),
+            served_instance(store_b, data) as (_instance_b, url_b),
+        ):
+            team = await instance_a.team("ops")
+            admin = await instance_a.operator(team, "admin")
+            agent = await enroll_agent(instance_a, admin)
+            async with agent_channel(url_b, agent) as channel:
+                relay.silence_listening_connections()
+                # Nothing is logged by the dropped connection itself: only a probe can tell.
+                with trio.fail_after(probe_seconds * 2 + WAIT_SECONDS / 3):
+                    while "did not answer a probe" not in caplog.text:  # noqa: ASYNC110 - a log
+                        await trio.sleep(0.05)
+                assert "listening for session offers failed" in caplog.text
+                # B listens again on a live connection and hears A's offer.
+                with trio.fail_after(WAIT_SECONDS):
+                    while True:
+                        response = await instance_a.call(
+                            admin, "POST", "/v1/sessions", {"target": "web-1", "mode": "shell"}
+                        )
+                        assert response.status_code == 201, response.text
+                        with trio.move_on_after(1):
+                            offer = await channel.receive("session_offer")
+                            break
+                assert offer["session_id"] == response.json()["session_id"]
+        relays.cancel_scope.cancel()

@@ -108,3 +108,26 @@ def test_start_line_names_version_store_and_relays_without_the_password(
     assert f"store SQLite {(tmp_path / DATABASE_FILE_NAME).resolve()}" in caplog.text
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("no relay is configured" in message for message in warnings)
+
+
+@pytest.mark.parametrize(
+    "database",
+    [
+        "postgresql://tucdesk:/SECRETpart@127.0.0.1:1/db",
+        "postgresql://tucdesk:12/SECRETpart@127.0.0.1:1/db",
+        "postgresql://tucdesk:12?SECRETpart@127.0.0.1:1/db",
+        "postgresql://tucdesk:a@SECRETpart@127.0.0.1:1/db",
+    ],
+)
+def test_serve_never_logs_a_password_that_urlsplit_cuts_short(
+    database: str, tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    arguments = ["serve", "--data-dir", str(tmp_path), "--database", database]
+    assert main([*arguments, "--insecure-http", "--listen", "127.0.0.1:0"]) == 1
+    log_start(ServiceConfig(data_dir=tmp_path, database=database))
+    assert "store PostgreSQL (URL not shown)" in caplog.text
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines and not any("SECRET" in line for line in lines)
+    assert "SECRET" not in capsys.readouterr().err

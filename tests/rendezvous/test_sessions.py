@@ -14,6 +14,7 @@ from audit.verify import verify_bundle
 from protocol.identity import b64url
 from protocol.relay_token import Side, verify_relay_token
 from protocol.session_grant import SessionMode, verify_session_grant
+from rendezvous.errors import ServiceUnavailable
 from rendezvous.store import Store
 from tests.rendezvous.sessions_support import (
     agent_channel,
@@ -153,6 +154,32 @@ async def test_offline_agent_is_refused_with_409_and_audited(store: Store, tmp_p
         assert response.json()["error"] == "agent_offline"
         actions = await service.audit_actions(team)
         assert actions[-3:] == ["session.requested", "session.decision", "session.refused"]
+
+
+async def test_a_refusal_that_cannot_be_audited_leaves_no_refused_row(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No audit, no action: the refused row is written only once its audit record is."""
+    async with served_instance(store, tmp_path / "data") as (service, _):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        await enroll_agent(service, admin)
+        record = service.ctx.audit.record
+
+        async def refusals_unauditable(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("action") == Action.SESSION_REFUSED:
+                raise ServiceUnavailable("the audit log is unavailable; send the event again")
+            return await record(*args, **kwargs)
+
+        monkeypatch.setattr(service.ctx.audit, "record", refusals_unauditable)
+        response = await service.call(admin, "POST", "/v1/sessions", {"target": "web-1",
+                                                                       "mode": "shell"})
+        assert response.status_code == 503, response.text
+        monkeypatch.undo()
+        listed = await service.call(admin, "GET", "/v1/sessions?state=refused")
+        assert listed.status_code == 200, listed.text
+        assert listed.json()["sessions"] == []
+        assert "session.refused" not in await service.audit_actions(team)
 
 
 async def test_sessions_the_rendezvous_refuses_are_listed_with_their_reason(

@@ -7,6 +7,7 @@ agents until both workers hold some, and read who holds what from the shared dat
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -303,3 +304,38 @@ async def test_sighup_to_the_supervisor_reaches_every_worker_and_stops_nothing(
             assert all(_alive(pid) for pid in pids)
             async with httpx.AsyncClient(base_url=served.url) as http:
                 assert (await http.get("/healthz")).status_code == 200
+
+
+@pytest.mark.postgres
+async def test_a_sighup_to_a_starting_worker_does_not_end_the_service(
+    shared_database: str, tmp_path: Path
+) -> None:
+    """A worker ignores SIGHUP from its first instruction (inherited from the supervisor)
+    until its instance listens for it."""
+    data = tmp_path / "data"
+    async with open_store(shared_database) as store, harness(store, data):
+        log = tmp_path / "serve.log"
+        command = serve_command(data, shared_database, "127.0.0.1:0", 2)
+        with log.open("wb") as output:
+            process = subprocess.Popen(  # noqa: ASYNC220 - started here, not waited on
+                command, stdout=output, stderr=subprocess.STDOUT
+            )
+        try:
+            deadline = time.monotonic() + START_SECONDS
+            hung_up: set[int] = set()
+            while log.read_text().count("Running on http://") < 2:
+                text = log.read_text()
+                assert process.poll() is None, text
+                assert time.monotonic() < deadline, text
+                for pid in re.findall(r"worker \d+ started \(pid (\d+)\)", text):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGHUP)
+                    hung_up.add(int(pid))
+                await anyio.sleep(0.005)
+            assert len(hung_up) == 2
+            assert process.poll() is None
+            assert all(_alive(pid) for pid in hung_up)
+            assert "stopped (exit code" not in log.read_text()
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(STOP_SECONDS)
