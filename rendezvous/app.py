@@ -103,11 +103,17 @@ def _install_error_handlers(app: FastAPI, ctx: ServiceContext) -> None:
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, error: StoreError) -> Response:
-        return store_error_response(request.method, request.url.path, error)
+        return store_error_response(_method(request), request.url.path, error)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> Response:
-        return unexpected_error_response(request.method, request.url.path, error)
+        return unexpected_error_response(_method(request), request.url.path, error)
+
+
+def _method(connection: Request) -> str:
+    # These handlers also see WebSocket connections (the agent control channel), which have no
+    # HTTP method.
+    return getattr(connection, "method", "WEBSOCKET")
 
 
 def _describe_validation(error: RequestValidationError) -> str:

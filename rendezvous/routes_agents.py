@@ -211,8 +211,9 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
         removed, forgotten = await ctx.store.remove_agent(caller.team_id, agent.id, ctx.now())
     except StoreNotFound:
         raise NotFound(NO_SUCH_AGENT) from None
-    # Also on a repeat: a removal whose channels were not all closed (a crash, a lost notice)
-    # is finished by asking again.
+    # Also on a repeat, which closes again the channels this instance holds (the first removal
+    # deleted the connection rows the other instances' notices are built from: theirs close at
+    # their next heartbeat).
     await close_removed_agent_channels(ctx, removed, forgotten)
     return _removed_agent_view(removed)
 

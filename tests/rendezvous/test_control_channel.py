@@ -272,3 +272,36 @@ async def test_service_can_push_a_message_down_a_live_channel(
             with trio.fail_after(WAIT_SECONDS):
                 assert json.loads(await ws.get_message()) == {"type": "offer", "sid": "s1"}
         nursery.cancel_scope.cancel()
+
+
+async def test_a_store_error_inside_the_control_channel_is_answered_not_crashed(
+    store: Any, tmp_path: Path
+) -> None:
+    # The app's error handlers also see the agent's WebSocket, which has no HTTP method: they
+    # raised AttributeError on it instead of logging the store's reason.
+    from starlette.websockets import WebSocket
+
+    from rendezvous.app import create_app
+    from rendezvous.config import ServiceConfig
+    from rendezvous.server import build_context
+    from rendezvous.service_keys import create_missing_keys
+    from rendezvous.store.base import StoreError, StoreUnavailable
+
+    data = tmp_path / "data"
+    create_missing_keys(data)
+    config = ServiceConfig(data_dir=data, database=str(data / "x.db"), listen="127.0.0.1:0",
+                           insecure_http=True)  # fmt: skip
+    app = create_app(build_context(config, store))
+    while not hasattr(app, "exception_handlers"):  # inside the ASGI middleware
+        app = app.app
+    scope = {"type": "websocket", "path": "/v1/agent/channel", "headers": [], "query_string": b""}
+
+    async def never() -> dict[str, Any]:
+        raise AssertionError("not read")
+
+    async def ignore(message: dict[str, Any]) -> None:
+        pass
+
+    websocket = WebSocket(scope, never, ignore)
+    response = await app.exception_handlers[StoreError](websocket, StoreUnavailable("disk full"))
+    assert response.status_code == 503
