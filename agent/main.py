@@ -59,7 +59,13 @@ from agent.recording_retention import (
 )
 from agent.server_address import tls_context
 from agent.session_host import SessionHost, SessionIdentity
-from agent.state_file import AgentState, StateFileError, load_state, save_state
+from agent.state_file import (
+    AgentState,
+    StateFileError,
+    StateFileUnavailable,
+    load_state,
+    save_state,
+)
 from agent.status import DaemonStatus, read_status, write_status
 from protocol.errors import ProtocolError
 from protocol.policy import PinnedPolicyTrust
@@ -339,7 +345,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.debug:
             raise
         print(f"{PROGRAM}: {error}", file=sys.stderr)
-        return failure_code if isinstance(error, ConfigError | StateFileError) else 1
+        return failure_code if _is_lasting(error) else 1
     except (OSError, OverflowError) as error:
         # An unreadable state dir, a state file that is a directory, ...: one line, not a
         # traceback.
@@ -353,9 +359,16 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         if args.debug or not all(isinstance(error, _USER_ERRORS) for error in errors):
             raise
         print(f"{PROGRAM}: {errors[0]}", file=sys.stderr)
-        return failure_code if isinstance(errors[0], ConfigError | StateFileError) else 1
+        return failure_code if _is_lasting(errors[0]) else 1
     except KeyboardInterrupt:
         return 130
+
+
+def _is_lasting(error: BaseException) -> bool:
+    """Whether ``error`` will recur on a restart (settings or state), so ``run`` exits 78 and
+    systemd does not restart it; a transient failure exits 1 and is retried."""
+    lasting = isinstance(error, ConfigError | StateFileError)
+    return lasting and not isinstance(error, StateFileUnavailable)
 
 
 def _describe_os_error(error: BaseException) -> str:

@@ -8,6 +8,7 @@ key itself) tells "wrong machine" apart from "damaged file" so the error can say
 
 from __future__ import annotations
 
+import errno
 import hmac
 import json
 import os
@@ -42,6 +43,11 @@ _RE_ENROLL_ADVICE = "re-enroll this agent with 'tucdesk-agent enroll' and a new 
 
 class StateFileError(Exception):
     """The agent state file is missing, unreadable, damaged or not for this machine."""
+
+
+class StateFileUnavailable(StateFileError):
+    """The state file could not be read for a reason that may pass (an I/O error, no file
+    descriptors or memory left): unlike the others, worth retrying."""
 
 
 class StateFileCorruptError(StateFileError):
@@ -177,6 +183,12 @@ def save_state(path: Path, state: AgentState, identifiers: MachineIdentifiers) -
     write_private_file(Path(path), seal_state(state, identifiers))
 
 
+# Open failures that may pass by themselves (a restart may succeed), unlike a missing file or a
+# refused permission.
+_TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.EINTR,
+                               errno.EAGAIN, errno.ETIMEDOUT, errno.ESTALE})  # fmt: skip
+
+
 def load_state(path: Path, identifiers: MachineIdentifiers) -> AgentState:
     """Read and open the state file at ``path``, refusing one that group or others can read."""
     path = Path(path)
@@ -187,7 +199,8 @@ def load_state(path: Path, identifiers: MachineIdentifiers) -> AgentState:
             f"{path}: no agent state; enroll first with 'tucdesk-agent enroll'"
         ) from None
     except OSError as error:
-        raise StateFileError(f"{path}: cannot open the agent state ({error.strerror})") from None
+        kind = StateFileUnavailable if error.errno in _TRANSIENT_ERRNOS else StateFileError
+        raise kind(f"{path}: cannot open the agent state ({error.strerror})") from None
     # Checked before fdopen, which refuses a directory with a bare IsADirectoryError.
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -19,6 +20,7 @@ from agent.control_client import ControlClient, _describe
 from agent.enrollment import EnrollmentRequest, check_registration_key, enroll
 from agent.errors import ConfigError, ControlChannelError, EnrollmentError
 from agent.main import EXIT_CONFIG
+from agent.main import main as agent_main
 from agent.state_file import AgentState, save_state
 from protocol.config_file import read_config_table
 from tests.agent.test_control_client import (
@@ -218,6 +220,28 @@ async def test_a_state_file_that_is_a_directory_is_one_line(tmp_path: Path) -> N
         code, _, err = await run_agent_cli(command, *common, env=environment)
         assert code == expected
         assert "agent.state: not a regular file" in one_line(err)
+
+
+@pytest.mark.parametrize(
+    ("failure", "expected"),
+    [(errno.EIO, 1), (errno.EMFILE, 1), (errno.EACCES, EXIT_CONFIG)],
+)
+def test_run_exits_78_only_for_a_state_error_that_a_restart_would_repeat(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: int, expected: int
+) -> None:
+    # 78 stops systemd's restarts (RestartPreventExitStatus): an I/O error or a full fd table
+    # may pass, so it exits 1 and is retried; a refused permission would only repeat.
+    common, environment = https_state_dir(tmp_path, None)
+    state_file = str(tmp_path / "state" / "agent.state")
+    real_open = os.open
+
+    def failing_open(path: object, *args: object, **kwargs: object) -> int:
+        if os.fspath(path) == state_file:  # type: ignore[arg-type]
+            raise OSError(failure, os.strerror(failure), state_file)
+        return real_open(path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", failing_open)
+    assert agent_main(["run", *common], environment) == expected
 
 
 SETPRIV = shutil.which("setpriv")
