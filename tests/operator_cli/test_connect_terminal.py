@@ -23,10 +23,15 @@ import pyte
 import pytest
 
 from operator_cli.local_stack import LocalStack
+from tests.operator_cli.test_sessions_stack import (
+    EXPECT_TIMEOUT_SECONDS,
+    pinned_stack,
+    spawn_connect,
+    wait_for_shell,
+)
 
 pytestmark = pytest.mark.slow
 
-EXPECT_TIMEOUT_SECONDS = 20
 EXIT_CONNECTION_FAILED = 255
 EXIT_INTERRUPTED = 130
 SLOW_TERMINAL_BYTES_PER_SECOND = 1_000_000
@@ -35,29 +40,8 @@ DRAIN_SLICE_SECONDS = 0.05
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("connect-terminal")) as started:
-        try:
-            started.start()
-        except BaseException:
-            for log in sorted(started.log_dir.glob("*.log")):
-                print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
-            raise
-        # Pin the agent's key once, so the sessions below are ordinary pinned ones.
-        assert started.run_tucdesk("exec", started.agent_name, "--", "true").returncode == 0
+    with pinned_stack(tmp_path_factory.mktemp("connect-terminal")) as started:
         yield started
-
-
-def spawn_connect(stack: LocalStack, *extra: str) -> pexpect.spawn:
-    argv = stack.tucdesk_command("connect", *extra, stack.agent_name)
-    env = dict(stack.cli_env(), TERM="xterm", PS1="$ ")
-    return pexpect.spawn(
-        argv[0], argv[1:], env=env, timeout=EXPECT_TIMEOUT_SECONDS, dimensions=(30, 100)
-    )
-
-
-def wait_for_shell(child: pexpect.spawn) -> None:
-    child.sendline("echo ready-$((20+22))")
-    child.expect("ready-42")
 
 
 def drain_slowly(child: pexpect.spawn, seconds: float) -> None:
@@ -167,10 +151,12 @@ def test_ctrl_c_while_the_server_does_not_answer_says_one_line_and_exits_130(
         child = pexpect.spawn(argv[0], argv[1:], env=dict(stack.cli_env(), TERM="xterm"),
                               timeout=EXPECT_TIMEOUT_SECONDS, dimensions=(30, 100))
         child.logfile_read = io.BytesIO()
-        time.sleep(1.5)
+        silent.settimeout(EXPECT_TIMEOUT_SECONDS)
+        connection, _ = silent.accept()  # the CLI is now waiting for the server's answer
         child.sendintr()
         child.expect(pexpect.EOF)
         child.close()
+        connection.close()
     shown = screen_lines(child)
     assert child.exitstatus == EXIT_INTERRUPTED, shown
     assert shown == ["^Ctucdesk: interrupted"], shown

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pexpect
@@ -24,18 +25,25 @@ EXPECT_TIMEOUT_SECONDS = 20
 EXIT_CONNECTION_FAILED = 255
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    with LocalStack(tmp_path_factory.mktemp("sessions-stack")) as started:
+@contextmanager
+def pinned_stack(directory: Path) -> Iterator[LocalStack]:
+    """A started LocalStack (its logs printed if it fails to start) whose agent key the CLI has
+    already pinned (that first session says so on stderr), so later sessions are ordinary
+    pinned ones."""
+    with LocalStack(directory) as started:
         try:
             started.start()
         except BaseException:
             for log in sorted(started.log_dir.glob("*.log")):
                 print(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
             raise
-        # Pin the agent's key once (that first session says so on stderr), so the sessions
-        # below are ordinary pinned ones.
         assert started.run_tucdesk("exec", started.agent_name, "--", "true").returncode == 0
+        yield started
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with pinned_stack(tmp_path_factory.mktemp("sessions-stack")) as started:
         yield started
 
 
