@@ -126,6 +126,8 @@ AGENT_SIGNED_ACTIONS = frozenset(
 )
 # What the welcome says this rendezvous understands beyond the base protocol.
 WELCOME_FEATURES = ("live_sessions",)
+# The rejected_inputs reason for a message that closed an authenticated control channel.
+REJECTED_CHANNEL_MESSAGE = "agent_channel_message"
 # A live_sessions report lists at most this many ids (agent/control_client.py sends no report
 # rather than a longer one); one report ends at most MAX_LOST_SESSIONS_PER_REPORT sessions (the
 # rest at the next report).
@@ -447,6 +449,11 @@ async def _hold(
                 await _receive_loop(ctx, websocket, channel, agent)
             except (WebSocketDisconnect, ChannelRefused, trio.TooSlowError) as ending:
                 logger.info("control channel of %s ended: %s", agent.id, type(ending).__name__)
+                if isinstance(ending, ChannelRefused) and not isinstance(
+                    ending, ConnectionSuperseded | AgentRemoved
+                ):
+                    # A malformed, oversized or unexpected message closed the channel.
+                    ctx.metrics.rejected_inputs.labels(REJECTED_CHANNEL_MESSAGE).inc()
             nursery.cancel_scope.cancel()
     except WebSocketDisconnect:
         pass

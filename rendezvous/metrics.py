@@ -79,7 +79,8 @@ class ServiceMetrics:
         self.rejected_inputs = Counter(
             "tucdesk_rejected_inputs_total",
             "Inputs refused as oversized or malformed, by reason: HTTP requests before their "
-            "handler (invalid, oversized, ...), agent audit events, inter-instance notices "
+            "handler (invalid, oversized, ...), agent audit events, messages that closed an "
+            "agent's control channel (agent_channel_message), inter-instance notices "
             "(bus_notice, bus_offer_notice, bus_superseded_notice, bus_policy_notice).",
             ["reason"],
             registry=self.registry,

@@ -18,7 +18,11 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from audit.actions import Action
-from rendezvous.control_channel import AGENT_LOST, MAX_LIVE_SESSION_IDS
+from rendezvous.control_channel import (
+    AGENT_LOST,
+    MAX_LIVE_SESSION_IDS,
+    REJECTED_CHANNEL_MESSAGE,
+)
 from rendezvous.store import SessionState, Store
 from tests.rendezvous.sessions_support import (
     AgentChannel,
@@ -181,13 +185,19 @@ async def test_a_malformed_live_sessions_report_closes_the_channel_and_ends_noth
             await _take_offer(old, session_id)
             await _settled(old)
         too_many = [f"ses_{number}" for number in range(MAX_LIVE_SESSION_IDS + 1)]
-        for ids in (too_many, "ses_1", [7], [""]):
+        reports = (too_many, "ses_1", [7], [""])
+        for ids in reports:
             async with agent_channel(url, agent) as channel:
                 await channel.send({"type": "live_sessions", "ids": ids})
                 with pytest.raises(ConnectionClosed), trio.fail_after(WAIT_SECONDS):
                     while True:
                         await channel.ws.get_message()
         assert await _state(store, team, session_id) == ("accepted", None)
+        registry = service.ctx.metrics.registry
+        counted = registry.get_sample_value(
+            "tucdesk_rejected_inputs_total", {"reason": REJECTED_CHANNEL_MESSAGE}
+        )
+        assert counted == len(reports)
 
 
 @pytest.mark.parametrize("taken", [True, False], ids=["accepted", "offered"])
