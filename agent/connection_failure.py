@@ -13,39 +13,14 @@ import socket
 import ssl
 from pathlib import Path
 
+from protocol.exception_chain import root_causes
+
 MAX_DESCRIPTION_LENGTH = 300
-MAX_CHAIN_LENGTH = 32
 CA_FILE_ADVICE = "is --ca-file the CA that signed the rendezvous certificate?"
 SYSTEM_CA_ADVICE = (
     "the system CAs do not trust the rendezvous certificate; pass --ca-file with the CA that "
     "signed it"
 )
-
-
-def leaf_exceptions(error: BaseException) -> list[BaseException]:
-    """The exceptions inside ``error``'s (nested) exception groups, or ``[error]``."""
-    if isinstance(error, BaseExceptionGroup):
-        found: list[BaseException] = []
-        for inner in error.exceptions:
-            found.extend(leaf_exceptions(inner))
-        return found
-    return [error]
-
-
-def root_causes(error: BaseException) -> list[BaseException]:
-    """``error``, then each exception it was raised from or during, groups flattened."""
-    chain: list[BaseException] = []
-    pending = leaf_exceptions(error)
-    while pending and len(chain) < MAX_CHAIN_LENGTH:
-        current = pending.pop(0)
-        if any(current is seen for seen in chain):
-            continue
-        chain.append(current)
-        # Suppressed contexts too: libraries hide the real reason behind ``from None``.
-        following = current.__cause__ or current.__context__
-        if following is not None:
-            pending[:0] = leaf_exceptions(following)
-    return chain
 
 
 def describe_connection_failure(error: BaseException, ca_file: Path | str | None = None) -> str:

@@ -80,7 +80,7 @@ from trio_websocket import (
     open_websocket_url,
 )
 
-from agent.connection_failure import describe_connection_failure, root_causes
+from agent.connection_failure import describe_connection_failure
 from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
 from agent.errors import ControlChannelError
 from agent.event_spool import EventSpool
@@ -89,6 +89,7 @@ from agent.state_file import AgentState
 from agent.status import DaemonStatus, write_status
 from audit.record import SignedEvent
 from protocol.domains import Purpose
+from protocol.exception_chain import root_causes
 from protocol.identity import SigningIdentity, b64url
 from protocol.policy.signed_policy import MAX_BUNDLE_SIZE
 from protocol.signed_payload import JsonValue, create_signed_payload

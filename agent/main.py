@@ -28,7 +28,6 @@ from agent.config import (
     config_file_to_read,
     load_config,
 )
-from agent.connection_failure import leaf_exceptions
 from agent.control_client import ControlClient, ReconnectBackoff
 from agent.daemon_lock import acquire_daemon_lock, lock_file_path
 from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys, prepare_state_dir
@@ -68,6 +67,7 @@ from agent.state_file import (
 )
 from agent.status import DaemonStatus, read_status, write_status
 from protocol.errors import ProtocolError
+from protocol.exception_chain import leaf_exceptions
 from protocol.policy import PinnedPolicyTrust
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 

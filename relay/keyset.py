@@ -18,6 +18,7 @@ import httpx
 import trio
 
 from protocol.errors import ProtocolError
+from protocol.exception_chain import root_causes
 from protocol.identity import (
     PrivateKeyFileError,
     PublicIdentity,
@@ -159,7 +160,7 @@ async def fetch_jwks(url: str, ca_file: str | None) -> dict[str, PublicIdentity]
 
 def _reason_of(error: BaseException, ca_file: str | None = None) -> str:
     """What really went wrong under an httpx error (it says only ``ConnectError``)."""
-    for cause in _causes(error):
+    for cause in root_causes(error):
         if isinstance(cause, ssl.SSLCertVerificationError):
             trusted_by = f"--jwks-ca {ca_file}" if ca_file else "the system trust store"
             detail = cause.verify_message or cause.reason or "verification failed"
@@ -172,27 +173,10 @@ def _reason_of(error: BaseException, ca_file: str | None = None) -> str:
             return f"cannot resolve the host ({cause.strerror})"
         if isinstance(cause, httpx.TimeoutException | TimeoutError):
             return f"timed out after {JWKS_FETCH_TIMEOUT_SECONDS:g} s"
-    for cause in _causes(error):
+    for cause in root_causes(error):
         if isinstance(cause, OSError) and cause.strerror:
             return cause.strerror
     return f"{type(error).__name__} {error}".strip()
-
-
-def _causes(error: BaseException) -> list[BaseException]:
-    """``error``, its causes and contexts, and the members of exception groups among them."""
-    found: list[BaseException] = []
-    pending = [error]
-    while pending and len(found) < 32:
-        current = pending.pop(0)
-        if current in found:
-            continue
-        found.append(current)
-        if isinstance(current, BaseExceptionGroup):
-            pending.extend(current.exceptions)
-        for linked in (current.__cause__, current.__context__):
-            if linked is not None:
-                pending.append(linked)
-    return found
 
 
 class JwksRefresher:
