@@ -78,12 +78,14 @@ _AGENT_COLUMNS = f"""{_AGENT_STORED_COLUMNS},
     {_AGENT_ONLINE} AS online"""
 
 # The operator an access token names ($1 team, $2 operator id; its columns prefixed ``holder_``,
-# all NULL when the team has no such operator) and whether its id $3 is revoked: one row.
+# all NULL when the team has no such operator) and whether its id $3 was revoked by that team
+# (only a team's own admins revoke its tokens): one row.
 _HOLDER_QUERY = """SELECT o.id AS holder_id, o.team_id AS holder_team_id,
         o.email AS holder_email, o.role AS holder_role, o.public_key AS holder_public_key,
         o.key_thumbprint AS holder_key_thumbprint, o.created_at AS holder_created_at,
         o.disabled_at AS holder_disabled_at, o.tokens_valid_after AS holder_tokens_valid_after,
-        EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = $3) AS token_revoked
+        EXISTS (SELECT 1 FROM revoked_tokens r WHERE r.jti = $3 AND r.team_id = $1)
+            AS token_revoked
     FROM (SELECT 1 AS one) t
     LEFT JOIN operators o ON o.team_id = $1 AND o.id = $2"""
 

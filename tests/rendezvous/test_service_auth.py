@@ -286,6 +286,17 @@ async def test_revoked_token_is_refused_by_jti(service: ServiceHarness) -> None:
     assert "operator.token_revoked" in await service.audit_actions(team)
 
 
+async def test_admin_cannot_revoke_a_token_of_another_team(service: ServiceHarness) -> None:
+    admin_a = await service.operator(await service.team("a"))
+    victim_b = await service.operator(await service.team("b"), "operator")
+    claims = json.loads(base64.urlsafe_b64decode(victim_b.token.split(".")[1] + "=="))
+    response = await service.call(
+        admin_a, "POST", "/v1/tokens/revoke", {"jti": claims["jti"], "expires_at": claims["exp"]}
+    )
+    assert response.status_code == 204  # a jti is not secret to its own team: nothing to learn
+    assert await _whoami(service, victim_b.token) == 200
+
+
 async def test_logout_revokes_the_token_it_carries(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"), "operator")
     assert (await service.call(operator, "POST", "/v1/auth/logout")).status_code == 204
