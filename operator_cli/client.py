@@ -19,7 +19,6 @@ from protocol.signed_payload import create_signed_payload
 
 REQUEST_TIMEOUT_SECONDS = 30.0
 REFRESH_MARGIN_SECONDS = 60
-STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 class ApiError(Exception):
@@ -153,15 +152,16 @@ class Session:
         headers = {"Authorization": f"Bearer {token}"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        if method.upper() in STATE_CHANGING_METHODS:
-            headers[PROOF_HEADER] = create_proof(
-                self.identity,
-                method=method,
-                target=self.http.target(path),
-                body=content,
-                access_token=token,
-                now=int(time.time()),
-            )
+        # Every request proves possession of the operator key, reads too (the service refuses a
+        # read of sessions, audit or policy made with the token alone).
+        headers[PROOF_HEADER] = create_proof(
+            self.identity,
+            method=method,
+            target=self.http.target(path),
+            body=content,
+            access_token=token,
+            now=int(time.time()),
+        )
         return self.http.request(
             method, path, content=content or None, headers=headers, stream=stream
         )

@@ -1,8 +1,12 @@
 """Who is calling: access tokens bound to operator keys, request proofs, and scoped API keys.
 
 Every authenticated request ends in a ``Principal`` whose ``team_id`` comes from verified claims
-(or the API key's row), never from the request body or URL. State-changing requests made with an
-access token must carry a request proof signed by the key the token is bound to (``cnf.jkt``).
+(or the API key's row), never from the request body or URL. Every request made with an access
+token carries a request proof signed by the key the token is bound to (``cnf.jkt``), reads
+included (RFC 9449's rule): sessions, the audit log and the policy name every command run, so a
+stolen token alone must read nothing. The one exception is the agent directory (``GET
+/v1/agents``: names, tags, online state), the hot read that dashboards and scripts poll; it
+needs a proof only to change state, as any request does. API keys are bearer credentials.
 """
 
 from __future__ import annotations
@@ -124,8 +128,9 @@ def issue_access_token(ctx: ServiceContext, operator: Operator, now: float) -> I
 
 
 async def authenticate(ctx: ServiceContext, facts: RequestFacts) -> Principal:
-    """Check the caller's credentials (and proof when required); raise Unauthorized if bad."""
-    principal, _ = await _authenticate(ctx, facts, None)
+    """Check the caller's credentials (an access token with its request proof, or an API key);
+    raise Unauthorized if bad."""
+    principal, _ = await _authenticate(ctx, facts, None, proof_on_reads=True)
     return principal
 
 
@@ -143,21 +148,26 @@ async def authenticate_reading_agents(
     try:
         query = agent_query(query_string)
     except (InvalidAgentListQuery, MalformedCursor):
-        principal, _ = await _authenticate(ctx, facts, None)
+        principal, _ = await _authenticate(ctx, facts, None, proof_on_reads=False)
         authorize(principal, Permission.AGENTS_READ)
         ctx.metrics.rejected_inputs.labels("invalid").inc()
         raise
-    principal, listing = await _authenticate(ctx, facts, query)
+    principal, listing = await _authenticate(ctx, facts, query, proof_on_reads=False)
     return principal, query, listing
 
 
 async def _authenticate(
-    ctx: ServiceContext, facts: RequestFacts, listing_query: AgentQuery | None
+    ctx: ServiceContext,
+    facts: RequestFacts,
+    listing_query: AgentQuery | None,
+    *,
+    proof_on_reads: bool,
 ) -> tuple[Principal, AgentListing | None]:
     credential = _bearer(facts.authorization)
     if has_shape(credential, API_KEY_PREFIX):
         return await _authenticate_api_key(ctx, credential), None
-    return await _authenticate_access_token(ctx, credential, facts, listing_query)
+    needs_proof = proof_on_reads or facts.method.upper() in STATE_CHANGING_METHODS
+    return await _authenticate_access_token(ctx, credential, facts, listing_query, needs_proof)
 
 
 def authorize(principal: Principal, permission: Permission) -> None:
@@ -203,7 +213,11 @@ async def _authenticate_api_key(ctx: ServiceContext, credential: str) -> Princip
 
 
 async def _authenticate_access_token(
-    ctx: ServiceContext, token: str, facts: RequestFacts, listing_query: AgentQuery | None
+    ctx: ServiceContext,
+    token: str,
+    facts: RequestFacts,
+    listing_query: AgentQuery | None,
+    needs_proof: bool,
 ) -> tuple[Principal, AgentListing | None]:
     now = ctx.now()
     try:
@@ -246,7 +260,7 @@ async def _authenticate_access_token(
         _fail(ctx, "revoked_token", "access token was revoked; log in again")
     if not hmac.compare_digest(operator.key_thumbprint.encode(), jkt.encode()):
         _fail(ctx, "invalid_token", "access token is bound to another key; log in again")
-    if facts.method.upper() in STATE_CHANGING_METHODS:
+    if needs_proof:
         await _check_proof(ctx, token, jkt, facts, now)
     principal = Principal(
         kind="operator",

@@ -172,7 +172,7 @@ class ServiceHarness:
         headers = {"Authorization": f"Bearer {token}"}
         if body is not None:
             headers["Content-Type"] = "application/json"
-        if method in {"POST", "DELETE"} and with_proof:
+        if with_proof:
             headers[PROOF_HEADER] = proof or self.proof(
                 signer or operator.identity, method, target, content, token
             )

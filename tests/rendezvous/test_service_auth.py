@@ -73,10 +73,9 @@ def _segment(value: dict[str, Any]) -> str:
     return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
 
 
-async def _whoami(service: ServiceHarness, token: str) -> int:
-    response = await service.http.get(
-        "/v1/auth/whoami", headers={"Authorization": f"Bearer {token}"}
-    )
+async def _whoami(service: ServiceHarness, operator: OperatorSession, token: str) -> int:
+    """whoami with ``token`` and a valid proof by ``operator``'s key: only the token decides."""
+    response = await service.call(operator, "GET", "/v1/auth/whoami", token=token)
     if response.status_code >= 400:
         assert set(response.json()) == {"error", "message"}
     return response.status_code
@@ -90,9 +89,7 @@ async def test_operator_enrolls_with_invite_and_logs_in_by_signed_challenge(
 ) -> None:
     team = await service.team("ops")
     operator = await service.operator(team, "operator")
-    response = await service.http.get(
-        "/v1/auth/whoami", headers={"Authorization": f"Bearer {operator.token}"}
-    )
+    response = await service.call(operator, "GET", "/v1/auth/whoami")
     assert response.status_code == 200
     assert response.json()["team_id"] == team
     assert response.json()["role"] == "operator"
@@ -197,7 +194,7 @@ async def test_token_with_alg_none_is_refused(service: ServiceHarness) -> None:
     kid = service.ctx.keys.jwt_issuer.public.key_id
     header = {"alg": "none", "typ": ACCESS_TOKEN_TYPE, "kid": kid}
     token = f"{_segment(header)}.{_segment(genuine)}."
-    assert await _whoami(service, token) == 401
+    assert await _whoami(service, operator, token) == 401
 
 
 async def test_token_signed_hs256_with_the_public_key_as_secret_is_refused(
@@ -211,54 +208,54 @@ async def test_token_signed_hs256_with_the_public_key_as_secret_is_refused(
     for secret in (public.raw, public.to_pem()):
         mac = hmac.new(secret, signing_input.encode(), hashlib.sha256).digest()
         token = signing_input + "." + b64url(mac)
-        assert await _whoami(service, token) == 401
+        assert await _whoami(service, operator, token) == 401
 
 
 async def test_expired_token_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
-    assert await _whoami(service, operator.token) == 200
+    assert await _whoami(service, operator, operator.token) == 200
     service.clock.now += 16 * 60
-    assert await _whoami(service, operator.token) == 401
+    assert await _whoami(service, operator, operator.token) == 401
 
 
 async def test_token_issued_in_the_future_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
     token = _forge(service, operator, issued_at=service.clock.now + 3600)
-    assert await _whoami(service, token) == 401
+    assert await _whoami(service, operator, token) == 401
 
 
 async def test_token_not_valid_before_a_future_time_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
     token = _forge(service, operator, not_before=int(service.clock.now) + 3600)
-    assert await _whoami(service, token) == 401
+    assert await _whoami(service, operator, token) == 401
 
 
 async def test_token_for_another_audience_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
-    assert await _whoami(service, _forge(service, operator)) == 200
-    assert await _whoami(service, _forge(service, operator, audience="another-service")) == 401
+    assert await _whoami(service, operator, _forge(service, operator)) == 200
+    assert await _whoami(service, operator, _forge(service, operator, audience="another-service")) == 401
 
 
 async def test_token_from_another_issuer_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
-    assert await _whoami(service, _forge(service, operator, issuer="someone-else")) == 401
+    assert await _whoami(service, operator, _forge(service, operator, issuer="someone-else")) == 401
 
 
 async def test_token_of_another_type_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
-    assert await _whoami(service, _forge(service, operator, typ=SESSION_GRANT_TYPE)) == 401
+    assert await _whoami(service, operator, _forge(service, operator, typ=SESSION_GRANT_TYPE)) == 401
 
 
 async def test_token_signed_by_an_unknown_key_id_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
     token = _forge(service, operator, signer=SigningIdentity.generate())
-    assert await _whoami(service, token) == 401
+    assert await _whoami(service, operator, token) == 401
 
 
 async def test_token_signed_by_another_service_key_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
     token = _forge(service, operator, signer=service.ctx.keys.relay_token)
-    assert await _whoami(service, token) == 401
+    assert await _whoami(service, operator, token) == 401
 
 
 async def test_token_with_a_forged_team_id_claim_but_no_valid_signature_is_refused(
@@ -269,7 +266,7 @@ async def test_token_with_a_forged_team_id_claim_but_no_valid_signature_is_refus
     header, payload, signature = operator.token.split(".")
     claims = json.loads(base64.urlsafe_b64decode(payload + "=="))
     claims["team_id"] = team_b
-    assert await _whoami(service, f"{header}.{_segment(claims)}.{signature}") == 401
+    assert await _whoami(service, operator, f"{header}.{_segment(claims)}.{signature}") == 401
 
 
 async def test_revoked_token_is_refused_by_jti(service: ServiceHarness) -> None:
@@ -281,8 +278,8 @@ async def test_revoked_token_is_refused_by_jti(service: ServiceHarness) -> None:
         admin, "POST", "/v1/tokens/revoke", {"jti": claims["jti"], "expires_at": claims["exp"]}
     )
     assert response.status_code == 204
-    assert await _whoami(service, victim.token) == 401
-    assert await _whoami(service, admin.token) == 200
+    assert await _whoami(service, victim, victim.token) == 401
+    assert await _whoami(service, admin, admin.token) == 200
     assert "operator.token_revoked" in await service.audit_actions(team)
 
 
@@ -294,13 +291,13 @@ async def test_admin_cannot_revoke_a_token_of_another_team(service: ServiceHarne
         admin_a, "POST", "/v1/tokens/revoke", {"jti": claims["jti"], "expires_at": claims["exp"]}
     )
     assert response.status_code == 204  # a jti is not secret to its own team: nothing to learn
-    assert await _whoami(service, victim_b.token) == 200
+    assert await _whoami(service, victim_b, victim_b.token) == 200
 
 
 async def test_logout_revokes_the_token_it_carries(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"), "operator")
     assert (await service.call(operator, "POST", "/v1/auth/logout")).status_code == 204
-    assert await _whoami(service, operator.token) == 401
+    assert await _whoami(service, operator, operator.token) == 401
 
 
 async def test_disabled_operator_loses_all_tokens_and_cannot_log_in(
@@ -311,7 +308,7 @@ async def test_disabled_operator_loses_all_tokens_and_cannot_log_in(
     victim = await service.operator(team, "operator")
     response = await service.call(admin, "POST", f"/v1/operators/{victim.operator_id}/disable")
     assert response.status_code == 204
-    assert await _whoami(service, victim.token) == 401
+    assert await _whoami(service, victim, victim.token) == 401
     login = await service.http.post(
         "/v1/auth/login", json=await service.login_envelope(victim.identity)
     )
@@ -324,7 +321,7 @@ async def test_admin_cannot_disable_an_operator_of_another_team(service: Service
     victim_b = await service.operator(await service.team("b"), "operator")
     response = await service.call(admin_a, "POST", f"/v1/operators/{victim_b.operator_id}/disable")
     assert response.status_code == 404
-    assert await _whoami(service, victim_b.token) == 200
+    assert await _whoami(service, victim_b, victim_b.token) == 200
 
 
 # ---- request proofs ---------------------------------------------------------------------
@@ -406,9 +403,32 @@ async def test_stolen_token_without_the_operator_key_cannot_change_state(
         admin, "POST", "/v1/registration-keys", {"tags": []}, signer=thief
     )
     assert response.status_code == 401
-    assert (await service.http.get(
-        "/v1/registration-keys", headers={"Authorization": f"Bearer {admin.token}"}
-    )).json() == []
+    assert (await service.call(admin, "GET", "/v1/registration-keys")).json() == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/sessions", "/v1/audit/export", "/v1/policy", "/v1/approvals", "/v1/registration-keys",
+     "/v1/api-keys", "/v1/auth/whoami"],
+)
+async def test_stolen_token_without_the_operator_key_cannot_read(
+    service: ServiceHarness, path: str
+) -> None:
+    admin = await service.operator(await service.team("ops"))
+    bare = await service.http.get(path, headers={"Authorization": f"Bearer {admin.token}"})
+    assert bare.status_code == 401
+    assert "needs a" in bare.json()["message"]  # the proof header, named
+    thief = SigningIdentity.generate()
+    assert (await service.call(admin, "GET", path, signer=thief)).status_code == 401
+    assert (await service.call(admin, "GET", path)).status_code in {200, 404}
+
+
+async def test_agent_directory_is_readable_with_the_token_alone(service: ServiceHarness) -> None:
+    admin = await service.operator(await service.team("ops"))
+    response = await service.http.get(
+        "/v1/agents", headers={"Authorization": f"Bearer {admin.token}"}
+    )
+    assert response.status_code == 200
 
 
 # ---- roles and API keys -----------------------------------------------------------------
@@ -456,6 +476,6 @@ async def test_api_key_with_an_unknown_scope_is_refused(service: ServiceHarness)
 
 
 async def test_auth_failures_are_counted_by_reason(service: ServiceHarness) -> None:
-    await _whoami(service, "not-a-token")
+    await _whoami(service, await service.operator(await service.team("ops")), "not-a-token")
     metrics = (await service.http.get("/metrics")).text
     assert 'tucdesk_auth_failures_total{reason="invalid_token"}' in metrics

@@ -70,8 +70,7 @@ def _headers(service: ServiceHarness, admin: OperatorSession | None, method: str
     headers = {"Content-Type": "application/json"}
     if admin is not None:
         headers["Authorization"] = f"Bearer {admin.token}"
-        if method in {"POST", "DELETE"}:
-            headers[PROOF_HEADER] = service.proof(admin.identity, method, path, body, admin.token)
+        headers[PROOF_HEADER] = service.proof(admin.identity, method, path, body, admin.token)
     return headers
 
 

@@ -111,14 +111,11 @@ async def _call(
     url: str, service: ServiceHarness, operator: OperatorSession, method: str, path: str,
     body: Any = None,
 ) -> httpx.Response:
-    """An authenticated request (with a request proof when it changes state) over real HTTP."""
+    """An authenticated request (with its request proof) over real HTTP."""
     service.clock.now = time.time()
     content = b"" if body is None else json.dumps(body).encode()
     headers = {"Authorization": f"Bearer {operator.token}", "Content-Type": "application/json"}
-    if method != "GET":
-        headers[PROOF_HEADER] = service.proof(
-            operator.identity, method, path, content, operator.token
-        )
+    headers[PROOF_HEADER] = service.proof(operator.identity, method, path, content, operator.token)
     async with httpx.AsyncClient(base_url=url) as http:
         return await http.request(method, path, content=content, headers=headers)
 
