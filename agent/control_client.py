@@ -69,16 +69,9 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    ConnectionTimeout,
-    HandshakeError,
-    WebSocketConnection,
-    open_websocket_url,
-)
+from trio_websocket import ConnectionClosed, ConnectionTimeout, WebSocketConnection
 
 from agent.connection_failure import describe_connection_failure
 from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
@@ -87,6 +80,7 @@ from agent.event_spool import EventSpool
 from agent.server_address import control_channel_url, tls_context
 from agent.state_file import AgentState
 from agent.status import DaemonStatus, write_status
+from agent.websocket_connect import open_websocket
 from audit.record import SignedEvent
 from protocol.domains import Purpose
 from protocol.exception_chain import root_causes
@@ -116,7 +110,6 @@ AUDIT_RETRY_INITIAL_SECONDS = 1.0
 AUDIT_RETRY_CAP_SECONDS = 60.0
 MAX_PENDING_MESSAGES = 256
 MAX_ISSUER_LENGTH = 256
-TLS_DIAGNOSIS_TIMEOUT_SECONDS = 5.0
 # The rendezvous closes with this code (rendezvous/control_channel.py CLOSE_AGENT_REMOVED) when
 # an admin removed this agent: its key will never be accepted again, so retrying soon is noise.
 AGENT_REMOVED_CLOSE_CODE = 4403
@@ -378,16 +371,8 @@ class ControlClient:
             except Exception as error:  # noqa: BLE001 - the daemon must outlive any one connection
                 if self._stopping.is_set():
                     return
-                reason = _describe(error, self._ca_file)
+                self.last_error = _describe(error, self._ca_file)
                 removed = _closed_as_removed(error)
-                handshake_failed = any(
-                    isinstance(item, HandshakeError) for item in root_causes(error)
-                )
-                if handshake_failed and self._ssl_context is not None:
-                    # trio-websocket reports a failed TLS handshake as a handshake timeout;
-                    # one plain TLS handshake names the real reason.
-                    reason = await self._tls_failure() or reason
-                self.last_error = reason
                 logger.debug("control channel failed", exc_info=True)
             self._write_status()
             delay = self._backoff.next_delay()
@@ -412,29 +397,9 @@ class ControlClient:
         with trio.move_on_after(delay):
             await self._stopping.wait()
 
-    async def _tls_failure(self) -> str | None:
-        """Why a TLS handshake with the rendezvous fails, or None if it succeeds (or times out)."""
-        parts = urlsplit(self._url)
-        if self._ssl_context is None or parts.hostname is None:
-            return None
-        with trio.move_on_after(TLS_DIAGNOSIS_TIMEOUT_SECONDS):
-            try:
-                stream = await trio.open_ssl_over_tcp_stream(
-                    parts.hostname, parts.port or 443, ssl_context=self._ssl_context,
-                    https_compatible=True,
-                )
-                try:
-                    await stream.do_handshake()
-                finally:
-                    await trio.aclose_forcefully(stream)
-            except (OSError, trio.BrokenResourceError) as error:
-                reason = describe_connection_failure(error, self._ca_file)
-                return reason if reason.startswith("TLS") else None
-        return None
-
     async def serve_once(self) -> None:
         """One connection: authenticate, then hold the channel until it ends."""
-        async with open_websocket_url(
+        async with open_websocket(
             self._url,
             self._ssl_context,
             max_message_size=MAX_MESSAGE_BYTES,

@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import http.client
 import json
-import socket
 import ssl
 import threading
 from collections.abc import Iterator, Mapping
 from email.message import Message
 from typing import Any
 from urllib.parse import urlsplit
+
+from protocol.connection_failure import (
+    ConnectionFailure,
+    FailureKind,
+    classify_connection_failure,
+)
 
 CONNECT_TIMEOUT_SECONDS = 10.0
 READ_TIMEOUT_SECONDS = 30.0
@@ -61,38 +66,26 @@ class TransportError(HttpError):
         self.cause = cause
 
     @property
+    def failure(self) -> ConnectionFailure | None:
+        """The cause, classified and put into words (protocol/connection_failure.py)."""
+        return classify_connection_failure(self.cause) if self.cause is not None else None
+
+    @property
     def untrusted_certificate(self) -> bool:
         """True when TLS refused the server's certificate (not a reachability problem)."""
-        return isinstance(self.cause, ssl.SSLCertVerificationError)
+        failure = self.failure
+        return failure is not None and failure.kind is FailureKind.UNTRUSTED_CERTIFICATE
 
     def describe(self) -> str:
         """One line for the user: what failed, in words, with the URL, and what to check."""
         where = self.url or "the server"
-        if isinstance(self.cause, ssl.SSLCertVerificationError):
-            return (f"TLS certificate of {where} not trusted: "
-                    f"{self.cause.verify_message or self.cause.reason}; pass --ca-file with the "
-                    "CA that signed it")
-        return (f"cannot reach {where}: {failure_in_words(self.cause, self.reason)}; check "
-                "--server and --ca-file")
-
-
-def failure_in_words(cause: BaseException | None, reason: str) -> str:
-    """A network failure as a user would say it ("connection refused", "timed out")."""
-    if isinstance(cause, ConnectionRefusedError):
-        return "connection refused"
-    if isinstance(cause, TimeoutError):
-        return "no answer in time (timed out)"
-    if isinstance(cause, socket.gaierror):
-        return f"unknown host name ({cause.strerror})"
-    if isinstance(cause, http.client.RemoteDisconnected):
-        return "the server closed the connection without answering"
-    if isinstance(cause, ConnectionResetError):
-        return "the connection was reset"
-    if isinstance(cause, ssl.SSLError):
-        return f"the TLS handshake failed ({cause.reason or cause})"
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror[:1].lower() + cause.strerror[1:]
-    return reason
+        failure = self.failure
+        if failure is None:
+            return f"cannot reach {where}: {self.reason}; check --server and --ca-file"
+        if failure.kind is FailureKind.UNTRUSTED_CERTIFICATE:
+            return (f"TLS certificate of {where} not trusted: {failure.detail}; pass --ca-file "
+                    "with the CA that signed it")
+        return f"cannot reach {where}: {failure.words}; check --server and --ca-file"
 
 
 class CaFileError(HttpError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -17,8 +16,8 @@ from pathlib import Path
 import httpx
 import trio
 
+from protocol.connection_failure import FailureKind, classify_connection_failure
 from protocol.errors import ProtocolError
-from protocol.exception_chain import root_causes
 from protocol.identity import (
     PrivateKeyFileError,
     PublicIdentity,
@@ -160,23 +159,15 @@ async def fetch_jwks(url: str, ca_file: str | None) -> dict[str, PublicIdentity]
 
 def _reason_of(error: BaseException, ca_file: str | None = None) -> str:
     """What really went wrong under an httpx error (it says only ``ConnectError``)."""
-    for cause in root_causes(error):
-        if isinstance(cause, ssl.SSLCertVerificationError):
-            trusted_by = f"--jwks-ca {ca_file}" if ca_file else "the system trust store"
-            detail = cause.verify_message or cause.reason or "verification failed"
-            return f"TLS certificate not trusted by {trusted_by} ({detail})"
-        if isinstance(cause, ssl.SSLError):
-            return f"TLS error ({cause.reason or cause})"
-        if isinstance(cause, ConnectionRefusedError):
-            return "connection refused (nothing listening at that host and port?)"
-        if isinstance(cause, socket.gaierror):
-            return f"cannot resolve the host ({cause.strerror})"
-        if isinstance(cause, httpx.TimeoutException | TimeoutError):
-            return f"timed out after {JWKS_FETCH_TIMEOUT_SECONDS:g} s"
-    for cause in root_causes(error):
-        if isinstance(cause, OSError) and cause.strerror:
-            return cause.strerror
-    return f"{type(error).__name__} {error}".strip()
+    failure = classify_connection_failure(
+        error,
+        timeout_types=(httpx.TimeoutException,),
+        timeout_seconds=JWKS_FETCH_TIMEOUT_SECONDS,
+    )
+    if failure.kind is FailureKind.UNTRUSTED_CERTIFICATE:
+        trusted_by = f"--jwks-ca {ca_file}" if ca_file else "the system trust store"
+        return f"TLS certificate not trusted by {trusted_by} ({failure.detail})"
+    return failure.words
 
 
 class JwksRefresher:

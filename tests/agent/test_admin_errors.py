@@ -13,7 +13,6 @@ import pytest
 import trio
 from trio_websocket import ConnectionClosed
 
-import agent.control_client as control_client_module
 from agent.config import SYSTEM_CONFIG_FILE, load_config
 from agent.connection_failure import describe_connection_failure
 from agent.control_client import ControlClient, _describe
@@ -120,38 +119,6 @@ async def test_enroll_over_tls_names_the_certificate_verification_failure(
     assert "TLS: certificate verify failed: " in line
     assert "is --ca-file the CA that signed the rendezvous certificate?" in line
     assert registration not in err
-
-
-async def test_control_channel_names_a_tls_verification_failure(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    store_url = f"sqlite:///{tmp_path / 'rv.db'}"
-    cert, key = make_certificate(tmp_path / "tls")
-    other_ca, _ = make_certificate(tmp_path / "other")
-    # trio-websocket turns the TLS failure into a handshake timeout; keep that short here.
-    monkeypatch.setattr(control_client_module, "CONNECT_TIMEOUT_SECONDS", 0.5)
-    async with live_service(tmp_path / "data", store_url, tls_cert=cert, tls_key=key) as (
-        url, _,
-    ):
-        registration, _ = await registration_key(store_url)
-        state = await enroll(
-            EnrollmentRequest(url, registration, tmp_path / "s" / "agent.state", ca_file=cert),
-            MACHINE,
-        )
-        client = ControlClient(
-            state, MACHINE.fingerprint(), lambda offer: None, ca_file=other_ca,
-            backoff=fast_backoff(),
-        )
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(client.run)
-            with trio.fail_after(WAIT_SECONDS):
-                while client.last_error is None:  # noqa: ASYNC110 - set by the client's loop
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
-    assert client.last_error.startswith("TLS: certificate verify failed: "), client.last_error
-    assert client.last_error.endswith(
-        "is --ca-file the CA that signed the rendezvous certificate?"
-    )
 
 
 async def test_control_channel_to_a_stopped_rendezvous_says_connection_refused() -> None:

@@ -57,7 +57,10 @@ def test_a_refused_connection_names_the_url_and_says_so_in_words(
 ) -> None:
     url = f"https://127.0.0.1:{closed_port()}"
     home = home_copy(stack, tmp_path, server=url)
-    expected = f"tucdesk: cannot reach {url}: connection refused; check --server and --ca-file"
+    expected = (
+        f"tucdesk: cannot reach {url}: connection refused (nothing listening at that host and "
+        "port?); check --server and --ca-file"
+    )
     listed = stack.run_tucdesk("whoami", home=home)
     assert (listed.returncode, stderr_lines(listed)) == (EXIT_FAILURE, [expected])
     session = stack.run_tucdesk("exec", stack.agent_name, "--", "true", home=home)

@@ -225,6 +225,6 @@ def test_cli_reports_an_unreachable_server_in_one_line(
         )
     assert status == 1
     assert capsys.readouterr().err.strip() == (
-        f"tucdesk: cannot reach http://127.0.0.1:{port}: connection refused; check --server "
-        "and --ca-file"
+        f"tucdesk: cannot reach http://127.0.0.1:{port}: connection refused (nothing listening "
+        "at that host and port?); check --server and --ca-file"
     )
