@@ -233,7 +233,8 @@ async def test_token_not_valid_before_a_future_time_is_refused(service: ServiceH
 async def test_token_for_another_audience_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
     assert await _whoami(service, operator, _forge(service, operator)) == 200
-    assert await _whoami(service, operator, _forge(service, operator, audience="another-service")) == 401
+    forged = _forge(service, operator, audience="another-service")
+    assert await _whoami(service, operator, forged) == 401
 
 
 async def test_token_from_another_issuer_is_refused(service: ServiceHarness) -> None:
@@ -243,7 +244,8 @@ async def test_token_from_another_issuer_is_refused(service: ServiceHarness) -> 
 
 async def test_token_of_another_type_is_refused(service: ServiceHarness) -> None:
     operator = await service.operator(await service.team("ops"))
-    assert await _whoami(service, operator, _forge(service, operator, typ=SESSION_GRANT_TYPE)) == 401
+    forged = _forge(service, operator, typ=SESSION_GRANT_TYPE)
+    assert await _whoami(service, operator, forged) == 401
 
 
 async def test_token_signed_by_an_unknown_key_id_is_refused(service: ServiceHarness) -> None:
