@@ -33,6 +33,7 @@ from rendezvous.config import ServiceConfig, split_listen
 from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections
 from rendezvous.errors import ConfigError
+from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
 from rendezvous.metrics import MetricsOnlyApp
 from rendezvous.offer_bus import listen_for_offers
 from rendezvous.service_keys import check_pinned_keys, load_service_keys
@@ -86,6 +87,7 @@ def hypercorn_config(
     hyper.accesslog = None
     hyper.errorlog = logger
     hyper.include_server_header = False
+    hyper.alpn_protocols = HTTP_1_ONLY_ALPN
     hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
     hyper.keep_alive_timeout = KEEP_ALIVE_SECONDS
     hyper.websocket_max_message_size = WEBSOCKET_MAX_MESSAGE_BYTES
@@ -118,6 +120,7 @@ def metrics_hypercorn_config(
     hyper.accesslog = None
     hyper.errorlog = logger
     hyper.include_server_header = False
+    hyper.alpn_protocols = HTTP_1_ONLY_ALPN
     hyper.h11_max_incomplete_size = MAX_HEADER_BYTES
     hyper.keep_alive_timeout = KEEP_ALIVE_SECONDS
     hyper.graceful_timeout = GRACEFUL_SHUTDOWN_SECONDS
@@ -350,6 +353,7 @@ async def _serve_then_stop(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve; when Hypercorn returns (shutdown), stop the instance's other tasks too."""
+    speak_http_1_only()
     await serve(app, hyper, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
     scope.cancel()
 
