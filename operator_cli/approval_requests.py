@@ -8,11 +8,12 @@ values the commands print and the approver signs. Nothing here does I/O.
 
 from __future__ import annotations
 
-import shlex
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from operator_cli.terminal_text import shown_command, visible
 
 if TYPE_CHECKING:
     # Imported where used: the policy package is only needed once an approval is in play, and
@@ -20,7 +21,6 @@ if TYPE_CHECKING:
     from protocol.policy import ApprovalContext
     from protocol.policy.request import Action
 
-MAX_SHOWN_COMMAND_CHARACTERS = 60
 PENDING = "pending"
 APPROVED = "approved"
 DENIED = "denied"
@@ -63,7 +63,7 @@ class PendingApproval:
     def waiting_line(self) -> str:
         """What the requester is told while waiting, naming who may approve."""
         who = ", ".join(self.approvers) if self.approvers else "nobody (no approver in the team)"
-        return f"waiting for approval by {who} (request {self.request_id})"
+        return visible(f"waiting for approval by {who} (request {self.request_id})")
 
 
 @dataclass(frozen=True)
@@ -156,21 +156,12 @@ class ApprovalRequestView:
             policy_version=self.policy_version,
         )
 
-    def shown_command(self, limit: int = MAX_SHOWN_COMMAND_CHARACTERS) -> str:
-        """The command as one line for a table ("-" for a shell), shortened to ``limit``."""
+    def shown_command(self) -> str:
+        """The whole command as one line a shell would run as exactly this argv ("-" for a
+        shell), every control character visibly escaped."""
         if self.command is None:
             return "-"
-        return shorten(join_command(self.command), limit)
-
-
-def join_command(command: Sequence[str]) -> str:
-    """The argv as a shell would show it, quoting arguments that need it."""
-    return shlex.join(command)
-
-
-def shorten(text: str, limit: int) -> str:
-    """``text`` cut to ``limit`` characters with an ellipsis when it is longer."""
-    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+        return shown_command(self.command)
 
 
 def age(created_at: float | None, now: float | None = None) -> str:

@@ -30,6 +30,7 @@ from operator_cli.session_client import (
     SessionTicket,
     request_session,
 )
+from operator_cli.terminal_text import visible
 
 APPROVAL_POLL_SECONDS = 1.0
 MAX_APPROVAL_WAIT_SECONDS = 60 * 60
@@ -86,7 +87,7 @@ def obtain_ticket(
             return _request(api, ask, None)
         except ApprovalPending as parked:
             pending = parked.pending
-        say(f"approval required: {pending.reason or 'the policy asks for it'}")
+        say(f"approval required: {visible(pending.reason or 'the policy asks for it')}")
         if not wait:
             return Parked(pending)
         say(pending.waiting_line())
@@ -140,8 +141,9 @@ def _poll(
     while True:
         view = fetch_request(api, request_id)
         if view.state == APPROVED:
-            say(f"approved by {view.decided_by or 'an approver'}"
-                f"{f': {view.decision_reason}' if view.decision_reason else ''}")
+            # Who decided and why come from another person: shown, never acted on by the terminal.
+            say(visible(f"approved by {view.decided_by or 'an approver'}"
+                        f"{f': {view.decision_reason}' if view.decision_reason else ''}"))
             return view
         if view.state != PENDING:
             raise _refusal(view)
@@ -158,7 +160,8 @@ def check_fits(view: ApprovalRequestView, ask: SessionAsk) -> None:
     """Refuse to use an approval request for anything but the session it was made for."""
     if ask.target not in (view.agent_id, view.agent_name):
         raise ApprovalRefused(
-            f"approval request {view.request_id} is for agent {view.agent_name}, not {ask.target}"
+            visible(f"approval request {view.request_id} is for agent {view.agent_name}, not "
+                    f"{ask.target}")
         )
     if view.action.value != ask.mode:
         raise ApprovalRefused(
@@ -171,13 +174,15 @@ def check_fits(view: ApprovalRequestView, ask: SessionAsk) -> None:
 def _refusal(view: ApprovalRequestView) -> ApprovalRefused:
     if view.state == DENIED:
         why = f": {view.decision_reason}" if view.decision_reason else " (no reason given)"
-        return ApprovalRefused(
+        return ApprovalRefused(visible(
             f"approval request {view.request_id} was denied by {view.decided_by or 'an approver'}"
             f"{why}"
-        )
+        ))
     if view.state == EXPIRED:
         return ApprovalRefused(f"approval request {view.request_id} expired; ask again")
-    return ApprovalRefused(f"approval request {view.request_id} is {view.state}; ask again")
+    return ApprovalRefused(
+        visible(f"approval request {view.request_id} is {view.state}; ask again")
+    )
 
 
 def _request(api: Session, ask: SessionAsk, approval_id: str | None) -> SessionTicket:

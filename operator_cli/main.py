@@ -42,6 +42,7 @@ from operator_cli.session_listing import (
     session_details,
     session_table,
 )
+from operator_cli.terminal_text import visible
 from protocol.errors import ProtocolError
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 
@@ -70,6 +71,9 @@ policy_test = _imported_on_use("operator_cli.policy_commands", "policy_test")
 roster_show = _imported_on_use("operator_cli.policy_commands", "roster_show")
 roster_sign = _imported_on_use("operator_cli.policy_commands", "roster_sign")
 approvals_command = _imported_on_use("operator_cli.approval_commands", "approvals_command")
+approvals_show_command = _imported_on_use(
+    "operator_cli.approval_commands", "approvals_show_command"
+)
 approve_command = _imported_on_use("operator_cli.approval_commands", "approve_command")
 deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command")
 # trio and the session stack load only for the commands that open sessions.
@@ -421,16 +425,29 @@ def _add_policy_commands(commands: Any) -> None:
     )
     approvals.add_argument("--json", action="store_true", help="print JSON")
     approvals.set_defaults(handler=lambda args, home: approvals_command(home, as_json=args.json))
-    for name, handler, verb in (
-        ("approve", approve_command, "approve (signs the exact request with your key)"),
-        ("deny", deny_command, "deny"),
-    ):
-        decision = commands.add_parser(name, help=f"{verb} a pending request")
+    approvals_commands = approvals.add_subparsers(dest="approvals_command", metavar="ACTION")
+    show_request = approvals_commands.add_parser(
+        "show", help="one request in full: its whole command, control characters escaped"
+    )
+    show_request.add_argument("request_id", metavar="ID", help="approval request id (apr_…)")
+    show_request.set_defaults(
+        handler=lambda args, home: approvals_show_command(home, args.request_id)
+    )
+    approve = commands.add_parser(
+        "approve", help="approve a pending request (signs the exact request with your key)",
+        description="Show the whole request (its command with control characters escaped) "
+        "and ask for confirmation, then sign exactly that request with your key. Without a "
+        "terminal it approves nothing unless --yes.",
+    )  # fmt: skip
+    approve.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    deny = commands.add_parser("deny", help="deny a pending request")
+    for decision in (approve, deny):
         decision.add_argument("request_id", metavar="ID", help="approval request id (apr_…)")
         decision.add_argument("--reason", help="why (recorded in the audit log)")
-        decision.set_defaults(
-            handler=lambda args, home, run=handler: run(home, args.request_id, args.reason)
-        )
+    approve.set_defaults(handler=lambda args, home: approve_command(
+        home, args.request_id, args.reason, assume_yes=args.yes
+    ))  # fmt: skip
+    deny.set_defaults(handler=lambda args, home: deny_command(home, args.request_id, args.reason))
 
 
 def _settings_for_login(args: argparse.Namespace, home: CliHome) -> Settings:
@@ -785,7 +802,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(args, "interrupted")
         return EXIT_INTERRUPTED
     except ApiError as error:
-        _report(args, f"the server refused: {error.message} ({error.code})")
+        _report(args, f"the server refused: {visible(error.message)} ({error.code})")
     except TransportError as error:
         _report(args, error.describe())
     except (HomeError, ProtocolError, OSError, ResponseTooLargeError, AgentListError,

@@ -8,7 +8,6 @@ their own sessions, whatever they ask for.
 
 from __future__ import annotations
 
-import shlex
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -16,12 +15,12 @@ from urllib.parse import urlencode
 
 from operator_cli.agent_listing import AgentListError
 from operator_cli.paged_list import ApiSession, follow_pages
+from operator_cli.terminal_text import cut, shown_command, visible
 
 SESSIONS_PATH = "/v1/sessions"
 PAGE_SIZE = 1000  # the largest page the service hands out: the fewest round trips
 MIN_COMMAND_WIDTH = 12
 MAX_COMMAND_WIDTH = 1_000_000  # no cut: an exec argv is far shorter (a grant's size limit)
-ELLIPSIS = "…"
 # (heading, width) of each column before COMMAND, which gets what is left of the terminal.
 _COLUMNS = (
     ("SESSION", 24), ("AGENT", 20), ("OPERATOR", 24), ("MODE", 5), ("STATE", 8),
@@ -105,7 +104,7 @@ def session_table(sessions: list[dict[str, Any]], width: int | None) -> list[str
             entry["state"],
             datetime.fromtimestamp(entry["created_at"], UTC).strftime("%Y-%m-%d %H:%M:%S"),
         ]
-        shown = shlex.join(command) if command else "-"
+        shown = shown_command(command) if command else "-"
         lines.append(_row(cells, shown, command_width))
     return lines
 
@@ -122,7 +121,7 @@ def session_details(view: dict[str, Any]) -> list[str]:
         ("Agent", _named(view.get("agent_name"), view["agent_id"])),
         ("Operator", _named(view.get("operator_email"), view["operator_id"])),
         ("Mode", view["mode"]),
-        ("Command", shlex.join(command) if command else "-"),
+        ("Command", shown_command(command) if command else "-"),
         ("State", state),
         ("Policy", policy),
         ("Relay", view.get("relay_id") or "-"),
@@ -151,9 +150,9 @@ def _row(cells: list[str], command: str, command_width: int) -> str:
 
 
 def _cut(text: str, width: int) -> str:
-    # Control characters from a command or name must not move the terminal's cursor.
-    text = "".join(char if char.isprintable() else "?" for char in text)
-    return text if len(text) <= width else text[: width - 1] + ELLIPSIS
+    # Control characters from a command or name must not move the terminal's cursor: they are
+    # shown as visible escapes (\e, \x9b, \u202e), as everywhere else in the CLI.
+    return cut(visible(text), width)[0]
 
 
 def _unix_time_text(value: float) -> str:

@@ -33,7 +33,14 @@ from protocol.policy import (
 )
 from rendezvous.audit_trail import Action, Actor, service_actor
 from rendezvous.context import ServiceContext
-from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound
+from rendezvous.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    TooManyRequests,
+)
 from rendezvous.session_decision import SessionDecision
 from rendezvous.store import Agent, ApprovalRequest, ApprovalState, Operator
 from rendezvous.store.base import new_id
@@ -41,6 +48,9 @@ from rendezvous.team_policy import TeamPolicy
 
 APPROVAL_REQUEST_SECONDS = 15 * 60
 APPROVER_ROLES = frozenset({"approver", "admin"})
+# One operator's waiting requests may not bury everyone else's in the approvers' list.
+MAX_PENDING_REQUESTS_PER_OPERATOR = 20
+PENDING_CAP_RETRY_AFTER_SECONDS = 60.0
 
 
 class ApprovalPending(Conflict):
@@ -59,6 +69,29 @@ class ApprovalDenied(Forbidden):
     """An approver denied the request."""
 
     code = "approval_denied"
+
+
+class TooManyPendingApprovals(TooManyRequests):
+    """The requester already has MAX_PENDING_REQUESTS_PER_OPERATOR requests waiting."""
+
+    code = "too_many_pending_approvals"
+
+
+class UnshowableReason(ServiceError):
+    """A decision's reason holds characters a terminal would act on rather than print."""
+
+    status = 422
+    code = "invalid_request"
+
+
+def check_decision_reason(reason: str | None) -> None:
+    """Refuse a reason the requester's terminal would act on (escape codes, line breaks, bidi
+    overrides): it is shown to them while they wait, and must not repaint their screen."""
+    if reason is not None and not reason.isprintable():
+        raise UnshowableReason(
+            "reason: must be one line of printable text; it holds a control or formatting "
+            "character (an escape code, line break or bidi override), which is refused"
+        )
 
 
 def approvers_of(roster: Roster, requester_email: str) -> list[str]:
@@ -137,6 +170,16 @@ async def park_request(
     if not approvers:
         raise Forbidden(
             f"{decision.reason}; but nobody else in the team's signed roster may approve it"
+        )
+    waiting = await ctx.store.count_pending_approval_requests(agent.team_id, operator.id, now)
+    if waiting >= MAX_PENDING_REQUESTS_PER_OPERATOR:
+        raise TooManyPendingApprovals(
+            f"you already have {waiting} approval requests pending (at most "
+            f"{MAX_PENDING_REQUESTS_PER_OPERATOR} at a time); each expires "
+            f"{APPROVAL_REQUEST_SECONDS // 60} minutes after it was made, or when an approver "
+            "denies it: use or wait out the ones you have, or ask an approver to deny those no "
+            "longer needed",
+            retry_after=PENDING_CAP_RETRY_AFTER_SECONDS,
         )
     await ctx.audit.record(
         agent.team_id, actor=actor, action=Action.APPROVAL_REQUESTED, target=agent.id,

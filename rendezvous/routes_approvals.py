@@ -3,7 +3,8 @@
 Approvers and admins list and decide their team's pending requests; the requester may follow
 their own. Approving takes the approver's signed approval of the exact request, checked against
 the team's SIGNED roster just as the agent will check it; nobody approves their own request.
-The gate itself is rendezvous/approval_gate.py.
+A decision's reason is shown on the requester's terminal, so one holding control characters is
+refused (422). The gate itself is rendezvous/approval_gate.py.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from rendezvous.approval_gate import (
     APPROVER_ROLES,
     approval_view,
     approvers_of,
+    check_decision_reason,
     check_may_decide,
     check_pending,
     decide_request,
@@ -79,6 +81,7 @@ async def approve(
 ) -> dict[str, Any]:
     """Record an approver's signed approval of exactly this request."""
     operator = await _operator(ctx, caller, approver=True)
+    check_decision_reason(body.reason)
     request = await load_request(ctx, caller.team_id, request_id)
     check_may_decide(operator, request)
     check_pending(request)
@@ -95,6 +98,7 @@ async def approve(
 async def deny(request_id: str, body: DenyBody, caller: Caller, ctx: Context) -> dict[str, Any]:
     """Deny the request; the requester is told by whom and why."""
     operator = await _operator(ctx, caller, approver=True)
+    check_decision_reason(body.reason)
     request = await load_request(ctx, caller.team_id, request_id)
     check_may_decide(operator, request)
     check_pending(request)

@@ -839,6 +839,13 @@ class Store(abc.ABC):
         """The team's requests in one of ``states``, oldest first."""
 
     @abc.abstractmethod
+    async def count_pending_approval_requests(
+        self, team_id: str, requester_id: str, now: float
+    ) -> int:
+        """How many of the team's requests by ``requester_id`` still wait for a decision at
+        ``now`` (pending and not past their expiry, whether or not marked expired yet)."""
+
+    @abc.abstractmethod
     async def decide_approval_request(
         self,
         team_id: str,

@@ -1168,6 +1168,18 @@ class SqlStore(Store):
         )  # fmt: skip
         return [_approval_request(row) for row in rows]
 
+    async def count_pending_approval_requests(
+        self, team_id: str, requester_id: str, now: float
+    ) -> int:
+        """How many of the team's requests by ``requester_id`` still wait for a decision."""
+        row = await self._fetchrow(
+            """SELECT COUNT(*) AS pending FROM approval_requests
+               WHERE team_id = $1 AND requester_id = $2 AND state = 'pending'
+                 AND expires_at > $3""",
+            team_id, requester_id, now,
+        )  # fmt: skip
+        return int(row["pending"]) if row else 0
+
     async def decide_approval_request(
         self,
         team_id: str,

@@ -6,17 +6,28 @@ in test_approvals_stack.py.
 
 from __future__ import annotations
 
+import io
+import shlex
 import time
+from pathlib import Path
 
+import pyte
 import pytest
 
+from operator_cli.approval_commands import (
+    ApprovalCommandError,
+    approval_table,
+    approve_command,
+    request_details,
+)
 from operator_cli.approval_requests import (
     ApprovalFormatError,
     ApprovalRequestView,
     PendingApproval,
     age,
 )
-from operator_cli.approval_wait import ApprovalRefused, SessionAsk, check_fits
+from operator_cli.approval_wait import ApprovalRefused, SessionAsk, _refusal, check_fits
+from operator_cli.home import CliHome
 from protocol.identity import SigningIdentity
 from protocol.policy import (
     Action,
@@ -127,3 +138,72 @@ def test_age_is_short_and_readable() -> None:
     assert age(now - 600, now) == "10m"
     assert age(now - 7300, now) == "2h"
     assert age(None) == "?"
+
+
+# The red team's request: the terminal would move back over "touch /tmp/PW;: " and erase it,
+# showing an approver `sh -c 'uptime'` (docs/policy.md, "What an approver sees").
+HIDING_COMMAND = ["sh", "-c", "touch /tmp/PW;: \x1b[16D\x1b[Kuptime"]
+PADDED_COMMAND = ["sh", "-c", "uptime" + " " * 50 + "; touch /tmp/PW2"]
+
+
+def on_screen(lines: list[str], columns: int = 200) -> list[str]:
+    """What a terminal shows after printing ``lines``."""
+    screen = pyte.Screen(columns, len(lines) + 2)
+    pyte.Stream(screen).feed("\r\n".join(lines))
+    return [row.rstrip() for row in screen.display if row.strip()]
+
+
+def test_the_list_shows_escape_codes_in_a_command_escaped_not_acted_on() -> None:
+    view = ApprovalRequestView.from_json(request_json(command=HIDING_COMMAND))
+    lines = approval_table([view])
+    assert not any("\x1b" in line for line in lines)
+    [row] = [line for line in on_screen(lines) if line.startswith("apr_1")]
+    assert "sh -c $'touch /tmp/PW;: \\e[16D\\e[Kuptim…" in row
+    assert "sh -c 'uptime'" not in row
+
+
+def test_the_whole_request_shown_before_approving_escapes_escape_codes() -> None:
+    view = ApprovalRequestView.from_json(request_json(command=HIDING_COMMAND))
+    lines = request_details(view, width=100, now=NOW)
+    assert not any("\x1b" in line for line in lines)
+    screen = "\n".join(on_screen(lines))
+    assert "command:   sh -c $'touch /tmp/PW;: \\e[16D\\e[Kuptime'" in screen
+    assert "requester: req@x.test" in screen and "target:    web-1 (agt_1)" in screen
+    assert "policy:    version 5, rule restarts: restarts need approval" in screen
+    assert "(in 8m 30s)" in screen
+
+
+def test_a_long_command_is_never_cut_silently() -> None:
+    view = ApprovalRequestView.from_json(request_json(command=PADDED_COMMAND))
+    lines = approval_table([view])
+    [row] = [line for line in lines if line.startswith("apr_1")]
+    assert "…" in row
+    assert "tucdesk approvals show ID" in lines[-1]
+    details = request_details(view, width=40, now=NOW)
+    start = next(index for index, line in enumerate(details) if line.startswith("command:"))
+    end = next(index for index, line in enumerate(details) if line.lstrip().startswith("("))
+    assert end - start > 1 and all(len(line) <= 40 for line in details[start:end])
+    assert "".join(line[11:] for line in details[start:end]) == shlex.join(PADDED_COMMAND)
+    assert "3 arguments, wrapped" in details[end]
+
+
+def test_a_short_command_is_listed_whole_with_no_note() -> None:
+    lines = approval_table([ApprovalRequestView.from_json(request_json())])
+    assert "systemctl restart nginx" in lines[1] and "…" not in lines[1]
+    assert len(lines) == 2
+
+
+def test_who_decided_and_why_reach_the_waiting_requester_escaped() -> None:
+    view = ApprovalRequestView.from_json(request_json(
+        state="denied", decided_by="boss@x.test",
+        decision_reason="\x1b[2K\r\x1b[1A\x1b[2Ktucdesk: approved by boss",
+    ))  # fmt: skip
+    refusal = str(_refusal(view))
+    assert "\x1b" not in refusal and "\r" not in refusal
+    assert "\\e[2K\\r\\e[1A\\e[2Ktucdesk: approved by boss" in refusal
+
+
+def test_approving_without_a_terminal_and_without_yes_signs_nothing(tmp_path: Path) -> None:
+    # Refused before the home is even read: nothing is fetched, nothing signed.
+    with pytest.raises(ApprovalCommandError, match="--yes"):
+        approve_command(CliHome(tmp_path), "apr_1", None, stdin=io.StringIO())

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pexpect
+import pyte
 import pytest
 
 from operator_cli.client import ApiError, Session
@@ -92,7 +93,7 @@ def test_an_exec_needing_approval_waits_for_an_approver_then_runs(
             "approvals", "--json", home=team.approver_home).stdout)
             if item["command"] == ["echo", "restart", "web"]]
 
-        approved = team.tucdesk("approve", pending["id"], "--reason", "planned change",
+        approved = team.tucdesk("approve", "--yes", pending["id"], "--reason", "planned change",
                                 home=team.approver_home)
         assert approved.returncode == 0, approved.stderr
         stdout, _ = requester.communicate(timeout=WAIT_TIMEOUT_SECONDS)
@@ -106,7 +107,7 @@ def test_an_exec_needing_approval_waits_for_an_approver_then_runs(
 
 def test_nobody_approves_their_own_request(team: PolicyStack) -> None:
     request_id = park(team, "echo", "restart", "db")
-    own = team.tucdesk("approve", request_id, home=team.operator_home)
+    own = team.tucdesk("approve", "--yes", request_id, home=team.operator_home)
     assert own.returncode == 1
     assert "own request" in last_line(own)
     state = team.api_get(f"/v1/approvals/{request_id}", home=team.operator_home)["state"]
@@ -131,7 +132,7 @@ def test_an_approval_cannot_be_replayed_onto_another_command_or_reused(
 ) -> None:
     agent = team.stack.agent_name
     request_id = park(team, "echo", "restart", "api")
-    approved = team.tucdesk("approve", request_id, home=team.approver_home)
+    approved = team.tucdesk("approve", "--yes", request_id, home=team.approver_home)
     assert approved.returncode == 0, approved.stderr
 
     # The CLI will not offer it for another command...
@@ -170,7 +171,7 @@ def test_a_shell_needing_approval_opens_with_the_approval_id(team: PolicyStack) 
     assert parked.returncode == 0, parked.stderr
     request_id = parked.stdout.decode().strip()
     assert f"tucdesk connect --approval {request_id} {agent}" in parked.stderr.decode()
-    approved = team.tucdesk("approve", request_id, home=team.approver_home)
+    approved = team.tucdesk("approve", "--yes", request_id, home=team.approver_home)
     assert approved.returncode == 0, approved.stderr
 
     argv = team.stack.tucdesk_command("connect", "--approval", request_id, agent,
@@ -210,3 +211,74 @@ def test_ctrl_c_while_waiting_for_approval_exits_130_and_says_the_request_stays_
     assert requester.returncode == 130, lines
     assert "stays pending" in lines[-1] and "--approval apr_" in lines[-1], lines
     assert not any("Traceback" in line for line in lines), lines
+
+
+# The red team's trick: printed raw, the escape codes move the cursor back over the first part
+# and erase it, so the approver would read `echo restart 'web'` for what really runs.
+HIDING_ARGUMENT = "api;: \x1b[6D\x1b[Kweb"
+HIDDEN_SHOWN = "echo restart $'api;: \\e[6D\\e[Kweb'"
+
+
+def on_screen(output: bytes, columns: int = 200) -> str:
+    """What a terminal shows after printing ``output``."""
+    screen = pyte.Screen(columns, 40)
+    pyte.ByteStream(screen).feed(output.replace(b"\n", b"\r\n"))
+    return "\n".join(row.rstrip() for row in screen.display if row.strip())
+
+
+def test_an_approver_sees_escape_codes_in_a_command_escaped_in_list_show_and_approve(
+    team: PolicyStack,
+) -> None:
+    request_id = park(team, "echo", "restart", HIDING_ARGUMENT)
+    listed = team.tucdesk("approvals", home=team.approver_home)
+    assert listed.returncode == 0, listed.stderr
+    assert b"\x1b" not in listed.stdout
+    [row] = [line for line in on_screen(listed.stdout).splitlines() if request_id in line]
+    assert HIDDEN_SHOWN in row
+
+    shown = team.tucdesk("approvals", "show", request_id, home=team.approver_home)
+    assert shown.returncode == 0, shown.stderr
+    assert b"\x1b" not in shown.stdout
+    assert f"command:   {HIDDEN_SHOWN}" in on_screen(shown.stdout)
+
+    approved = team.tucdesk("approve", "--yes", request_id, home=team.approver_home)
+    assert approved.returncode == 0, approved.stderr
+    assert b"\x1b" not in approved.stderr
+    assert f"command:   {HIDDEN_SHOWN}" in on_screen(approved.stderr)
+
+
+def test_a_long_command_is_marked_cut_in_the_list_and_shown_whole(team: PolicyStack) -> None:
+    padded = "web" + " " * 50 + "; touch /tmp/pwned"
+    request_id = park(team, "echo", "restart", padded)
+    listed = team.tucdesk("approvals", home=team.approver_home).stdout.decode()
+    [row] = [line for line in listed.splitlines() if request_id in line]
+    assert "…" in row and "touch" not in row
+    assert "tucdesk approvals show ID" in listed.splitlines()[-1]
+    shown = team.tucdesk("approvals", "show", request_id, home=team.approver_home)
+    assert "touch /tmp/pwned'" in shown.stdout.decode()
+
+
+def test_approve_without_a_terminal_and_without_yes_approves_nothing(team: PolicyStack) -> None:
+    request_id = park(team, "echo", "restart", "queue")
+    refused = team.tucdesk("approve", request_id, home=team.approver_home)
+    assert refused.returncode == 1
+    assert "--yes" in last_line(refused)
+    view = team.api_get(f"/v1/approvals/{request_id}", home=team.operator_home)
+    assert (view["state"], view["decided_by"]) == ("pending", None)
+
+
+def test_approve_at_a_terminal_asks_first_and_only_yes_signs(team: PolicyStack) -> None:
+    request_id = park(team, "echo", "restart", "mail")
+    for answer, state in (("n", "pending"), ("y", "approved")):
+        argv = team.stack.tucdesk_command("approve", request_id, home=team.approver_home)
+        child = pexpect.spawn(argv[0], argv[1:], env=team.stack.cli_env(team.approver_home),
+                              timeout=WAIT_TIMEOUT_SECONDS)
+        try:
+            child.expect("command:   echo restart mail")
+            child.expect(r"Approve\? \[y/N\] ")
+            child.sendline(answer)
+            child.expect(pexpect.EOF)
+        finally:
+            child.close(force=True)
+        view = team.api_get(f"/v1/approvals/{request_id}", home=team.operator_home)
+        assert view["state"] == state, child.before

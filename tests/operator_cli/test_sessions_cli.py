@@ -209,7 +209,7 @@ def test_session_details_name_ids_and_neuter_control_characters() -> None:
     lines = session_details(view)
     assert "Agent:    agt_1" in lines  # the agent is gone: its id alone
     assert "Operator: eve@example.test (op_1)" in lines
-    assert "Command:  printf '?[2J'" in lines
+    assert "Command:  printf $'\\e[2J'" in lines  # as a shell would run it, escape visible
     assert "State:    refused (policy_denied)" in lines
     assert "Policy:   deny (rule r-7)" in lines
     assert "Created:  1970-01-01 00:00:00 UTC" in lines and "Expires:  -" in lines
@@ -231,6 +231,7 @@ def test_the_table_cuts_the_command_to_the_terminal_and_neuters_control_characte
     }  # fmt: skip
     heading, row = session_table([entry], width=140)
     assert len(row) <= 140 and row.endswith("…") and "\x1b" not in row
+    assert "printf $'\\e[2J" in row
     assert row.split()[1:3] == ["agt_1", "op_1"]  # the ids when names are gone
 
 

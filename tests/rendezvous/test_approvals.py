@@ -24,7 +24,7 @@ from protocol.policy import (
 )
 from protocol.policy.approval import DEFAULT_APPROVAL_LIFETIME_SECONDS
 from protocol.session_grant import verify_session_grant
-from rendezvous.approval_gate import APPROVAL_REQUEST_SECONDS
+from rendezvous.approval_gate import APPROVAL_REQUEST_SECONDS, MAX_PENDING_REQUESTS_PER_OPERATOR
 from rendezvous.store import Store
 from tests.rendezvous.policy_support import current_policy, set_policy
 from tests.rendezvous.service_harness import OperatorSession, ServiceHarness
@@ -320,3 +320,64 @@ async def test_an_approval_left_unused_past_its_lifetime_expires(
         assert "expired" in response.json()["message"]
         assert (await _view(team, team.operator, request_id))["state"] == "expired"
         assert (await _actions(team)).count("approval.expired") == 1
+
+
+REPAINTING_REASON = "\x1b[2K\r\x1b[1A\x1b[2Ktucdesk: approved by boss@example.test"
+
+
+@pytest.mark.parametrize("decision", ["deny", "approve"])
+async def test_a_decision_reason_with_control_characters_is_refused_and_changes_nothing(
+    store: Store, tmp_path: Path, decision: str
+) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        request_id = await _park(team, team.operator)
+        view = await _view(team, team.approver, request_id)
+        body: dict[str, Any] = {"reason": REPAINTING_REASON}
+        if decision == "approve":
+            signed = approve_request(team.approver.identity, _context(view),
+                                     now=team.service.clock.now)  # fmt: skip
+            body["approval"] = signed.to_json()
+        response = await team.service.call(
+            team.approver, "POST", f"/v1/approvals/{request_id}/{decision}", body
+        )
+        assert response.status_code == 422, response.text
+        assert "printable" in response.json()["message"]
+        after = await _view(team, team.operator, request_id)
+        assert (after["state"], after["decided_by"], after["decision_reason"]) == (
+            "pending", None, None
+        )
+        actions = await _actions(team)
+        assert "approval.denied" not in actions and "approval.approved" not in actions
+
+
+async def test_an_operator_may_keep_only_so_many_requests_pending(
+    store: Store, tmp_path: Path
+) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        for _ in range(MAX_PENDING_REQUESTS_PER_OPERATOR):
+            await _park(team, team.operator)
+        refused = await _ask(team, team.operator, RESTART)
+        assert refused.status_code == 429, refused.text
+        message = refused.json()["message"]
+        assert f"{MAX_PENDING_REQUESTS_PER_OPERATOR} approval requests pending" in message
+        assert "expires" in message and "deny" in message
+        listing = await team.service.call(team.approver, "GET", "/v1/approvals")
+        assert len(listing.json()["approvals"]) == MAX_PENDING_REQUESTS_PER_OPERATOR
+        # The cap is per requester: someone else's request still gets to the approvers.
+        assert (await _ask(team, team.admin, RESTART)).status_code == 202
+        # A decided request no longer counts...
+        oldest = listing.json()["approvals"][0]["id"]
+        denied = await team.service.call(
+            team.approver, "POST", f"/v1/approvals/{oldest}/deny", {"reason": "one is enough"}
+        )
+        assert denied.status_code == 200, denied.text
+        await _park(team, team.operator)
+        assert (await _ask(team, team.operator, RESTART)).status_code == 429
+        # ...nor does one past its time, even before anyone has looked at it and marked it.
+        team.service.clock.now += APPROVAL_REQUEST_SECONDS + 1
+        team.operator.token = (await team.service.login(team.operator.identity))["access_token"]
+        assert await team.service.store.count_pending_approval_requests(
+            team.team_id, (await _view(team, team.operator, oldest))["requester"]["id"],
+            team.service.clock.now,
+        ) == 0  # fmt: skip
+        await _park(team, team.operator)
