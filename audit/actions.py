@@ -48,6 +48,9 @@ class Action(StrEnum):
     AGENT_REMOVED = "agent.removed"
     """An admin removed an agent from the team (target = agent id; context: name, key
     fingerprint): its key never authenticates again, and its name is free for a new agent."""
+    AGENT_TAGS_CHANGED = "agent.tags_changed"
+    """An admin changed an agent's tags (target = agent id; context: name, old and new tags).
+    Agents enforce the new tags once an admin signs them into the roster."""
     SESSION_REQUESTED = "session.requested"
     """An operator asked for a session to a target."""
     SESSION_DECISION = "session.decision"

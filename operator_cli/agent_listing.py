@@ -91,3 +91,15 @@ def agents_named(
     agents = fetch_agents(session, AgentFilter(name_prefix=by_name), page_size=page_size).agents
     by_id = [agent for agent in agents if agent["id"] == name_or_id]
     return by_id or [agent for agent in agents if agent["name"] == name_or_id]
+
+
+def one_agent_named(session: ApiSession, name_or_id: str) -> dict[str, Any]:
+    """The one agent ``name_or_id`` names (an id wins over a name); AgentListError when none or
+    several do, saying what to type instead."""
+    matches = agents_named(session, name_or_id)
+    if not matches:
+        raise AgentListError(f"no agent named {name_or_id!r} in your team (see tucdesk agents)")
+    if matches[0]["id"] == name_or_id or len(matches) == 1:
+        return dict(matches[0])
+    ids = ", ".join(str(match["id"]) for match in matches)
+    raise AgentListError(f"several agents are named {name_or_id!r} ({ids}); use the agent id")

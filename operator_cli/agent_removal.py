@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from typing import Any, TextIO
 from urllib.parse import quote
 
-from operator_cli.agent_listing import AGENTS_PATH, AgentListError, agents_named
+from operator_cli.agent_listing import AGENTS_PATH, AgentListError, one_agent_named
 from operator_cli.client import Session
 from operator_cli.home import CliHome
 
@@ -38,7 +38,7 @@ def agents_remove(
     session = Session.from_home(home)
     try:
         try:
-            listed = _one_agent(session, agent)
+            listed = one_agent_named(session, agent)
         except AgentListError as error:
             raise AgentRemovalError(str(error)) from None
         for line in agent_summary(listed):
@@ -82,16 +82,6 @@ def agent_summary(agent: dict[str, Any]) -> list[str]:
         f"  key:       {agent['key_fingerprint']}",
         f"  last seen: {_when(agent.get('last_seen_at'))} ({state})",
     ]
-
-
-def _one_agent(session: Session, name_or_id: str) -> dict[str, Any]:
-    matches = agents_named(session, name_or_id)
-    if not matches:
-        raise AgentRemovalError(f"no agent named {name_or_id!r} in your team (see tucdesk agents)")
-    if matches[0]["id"] == name_or_id or len(matches) == 1:
-        return dict(matches[0])
-    ids = ", ".join(str(match["id"]) for match in matches)
-    raise AgentRemovalError(f"several agents are named {name_or_id!r} ({ids}); use the agent id")
 
 
 def _when(timestamp: object) -> str:

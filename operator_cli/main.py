@@ -79,6 +79,7 @@ deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command"
 # trio and the session stack load only for the commands that open sessions.
 agents_trust = _imported_on_use("operator_cli.session_commands", "agents_trust")
 agents_remove = _imported_on_use("operator_cli.agent_removal", "agents_remove")
+agents_tag = _imported_on_use("operator_cli.agent_tagging", "agents_tag")
 connect_command = _imported_on_use("operator_cli.session_commands", "connect_command")
 exec_command = _imported_on_use("operator_cli.session_commands", "exec_command")
 
@@ -198,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     agents = commands.add_parser(
         "agents",
-        help="list your team's agents (or: agents trust, agents remove)",
+        help="list your team's agents (or: agents trust, agents remove, agents tag)",
         description="List your team's agents (all of them: page after page), by name.",
     )
     agents.add_argument("--json", action="store_true", help="print JSON (one document)")
@@ -239,6 +240,22 @@ def build_parser() -> argparse.ArgumentParser:
     remove.add_argument("agent", metavar="NAME_OR_ID", help="agent name or id")
     remove.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     remove.set_defaults(handler=_agents_remove)
+    tag = agents_commands.add_parser(
+        "tag",
+        help="show or change an agent's tags (admins)",
+        description="Show the agent's tags, or change them without re-enrolling the host: --set "
+        "replaces them all, then --add adds and --remove takes away (each repeatable). Tags are "
+        "lower-cased, 1..64 of a-z 0-9 - _ . : =. The change is audited (agent.tags_changed) "
+        "and pending like a roster change: policy decides on signed tags, so it counts once an "
+        "admin runs `tucdesk roster sign`.",
+    )
+    tag.add_argument("agent", metavar="NAME_OR_ID", help="agent name or id")
+    tag.add_argument("--add", action="append", default=[], metavar="TAG", help="add TAG")
+    tag.add_argument("--remove", action="append", default=[], metavar="TAG", help="remove TAG")
+    tag.add_argument("--set", dest="replace", metavar="TAG,TAG",
+                     type=lambda text: text.split(",") if text else [],
+                     help="replace all tags with these (comma-separated; '' for none)")
+    tag.set_defaults(handler=_agents_tag)
 
     sessions = commands.add_parser(
         "sessions",
@@ -686,6 +703,10 @@ def _agents_trust(args: argparse.Namespace, home: CliHome) -> int:
 
 def _agents_remove(args: argparse.Namespace, home: CliHome) -> int:
     return agents_remove(home, args.agent, assume_yes=args.yes)
+
+
+def _agents_tag(args: argparse.Namespace, home: CliHome) -> int:
+    return agents_tag(home, args.agent, add=args.add, remove=args.remove, replace=args.replace)
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:

@@ -21,6 +21,7 @@ from rendezvous.agent_list_query import (
     encode_cursor,
     openapi_query_parameter,
 )
+from rendezvous.agent_tags import normalised_tags
 from rendezvous.audit_trail import (
     SERVICE_LOG,
     Action,
@@ -34,7 +35,13 @@ from rendezvous.control_channel import close_removed_agent_channels
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.dependencies import Caller, CallerReadingAgents, Context, RateLimited
 from rendezvous.errors import BadRequest, Conflict, NotFound, Unauthorized
-from rendezvous.schemas import AgentList, AgentView, RegisterResponse, SignedEnvelope
+from rendezvous.schemas import (
+    AgentList,
+    AgentTagsRequest,
+    AgentView,
+    RegisterResponse,
+    SignedEnvelope,
+)
 from rendezvous.store import (
     Agent,
     AgentListing,
@@ -216,6 +223,45 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
     # their next heartbeat).
     await close_removed_agent_channels(ctx, removed, forgotten)
     return _removed_agent_view(removed)
+
+
+class AgentTagsView(BaseModel):
+    """An agent's tags after ``PUT /v1/agents/{id}/tags``, and before it."""
+
+    id: str
+    name: str
+    tags: list[str]
+    previous_tags: list[str]
+
+
+@router.put(AGENT_LIST_PATH + "/{agent_id}/tags", response_model=AgentTagsView)
+async def set_agent_tags(
+    agent_id: str, body: AgentTagsRequest, caller: Caller, ctx: Context
+) -> AgentTagsView:
+    """Replace the tags of an agent of the caller's team (admins). The change is audited and
+    pending, like a roster change: policy (at the rendezvous and on the agent alike) decides on
+    the signed tags, so the new ones count once an admin signs them (``tucdesk roster sign``)."""
+    authorize(caller, Permission.AGENTS_WRITE)
+    tags = normalised_tags(body.tags)
+    agent = await ctx.store.get_agent(caller.team_id, agent_id)
+    if agent is None:
+        raise NotFound(NO_SUCH_AGENT)
+    if list(agent.tags) != tags:
+        # No audit, no action: the record is durable before the tags change.
+        await ctx.audit.record(
+            caller.team_id,
+            actor=caller_actor(caller),
+            action=Action.AGENT_TAGS_CHANGED,
+            target=agent.id,
+            details={"name": agent.name, "previous_tags": list(agent.tags), "tags": tags},
+        )
+    try:
+        updated = await ctx.store.set_agent_tags(caller.team_id, agent.id, tags)
+    except StoreNotFound:
+        raise NotFound(NO_SUCH_AGENT) from None
+    return AgentTagsView(
+        id=updated.id, name=updated.name, tags=list(updated.tags), previous_tags=list(agent.tags)
+    )
 
 
 def _removed_agent_view(agent: Agent) -> RemovedAgentView:

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from rendezvous.agent_tags import normalised_tags
 from rendezvous.audit_trail import Action, caller_actor
 from rendezvous.auth import API_KEY_SCOPES, Permission, authorize
 from rendezvous.credentials import hash_secret, new_api_key, new_registration_key
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Forbidden, NotFound
 from rendezvous.schemas import (
-    MAX_TAG_LENGTH,
     ApiKeyRequest,
     ApiKeyView,
     CreatedApiKey,
@@ -25,7 +25,6 @@ from rendezvous.store import ApiKey, RegistrationKey
 from rendezvous.store import NotFound as StoreNotFound
 
 router = APIRouter(tags=["keys"])
-TAG_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:=")
 API_KEY_SCOPE_NAMES = sorted(str(scope) for scope in API_KEY_SCOPES)
 
 
@@ -35,7 +34,7 @@ async def create_registration_key(
 ) -> CreatedRegistrationKey:
     """Create a single-use agent registration key; the key is in the response, once."""
     authorize(caller, Permission.REGISTRATION_KEYS_WRITE)
-    tags = _normalised_tags(body.tags)
+    tags = normalised_tags(body.tags)
     ttl = body.ttl_seconds or ctx.config.registration_key_seconds
     if ttl > ctx.config.max_registration_key_seconds:
         raise BadRequest(
@@ -150,19 +149,6 @@ async def revoke_api_key(api_key_id: str, caller: Caller, ctx: Context) -> ApiKe
     except StoreNotFound:
         raise NotFound("no such API key in your team") from None
     return _api_key_view(api_key)
-
-
-def _normalised_tags(tags: list[str]) -> list[str]:
-    cleaned = []
-    for tag in tags:
-        tag = tag.strip().lower()
-        if not tag or len(tag) > MAX_TAG_LENGTH or not set(tag) <= TAG_CHARACTERS:
-            raise BadRequest(
-                f"tag {tag[:MAX_TAG_LENGTH]!r} must be 1..{MAX_TAG_LENGTH} of a-z 0-9 - _ . : ="
-            )
-        if tag not in cleaned:
-            cleaned.append(tag)
-    return cleaned
 
 
 def _registration_key_view(key: RegistrationKey, now: float) -> RegistrationKeyView:

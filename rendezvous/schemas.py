@@ -90,6 +90,12 @@ class RegistrationKeyRequest(StrictModel):
     ttl_seconds: int | None = Field(default=None, gt=0)
 
 
+class AgentTagsRequest(StrictModel):
+    """Replace an agent's tags (admins); agents enforce them once an admin signs the roster."""
+
+    tags: list[str] = Field(max_length=MAX_TAGS)
+
+
 class RegistrationKeyView(BaseModel):
     """A registration key as listed (never the key itself)."""
 

@@ -694,6 +694,13 @@ class Store(abc.ABC):
         """The team's agents (not removed ones), ordered by name then id."""
 
     @abc.abstractmethod
+    async def set_agent_tags(self, team_id: str, agent_id: str, tags: Sequence[str]) -> Agent:
+        """Replace the tags of a (not removed) agent of the team; the agent as updated.
+
+        NotFound if the team has no such agent, or it was removed.
+        """
+
+    @abc.abstractmethod
     async def remove_agent(
         self, team_id: str, agent_id: str, now: float
     ) -> tuple[Agent, list[AgentConnection]]:

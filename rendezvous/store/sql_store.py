@@ -827,6 +827,25 @@ class SqlStore(Store):
         )  # fmt: skip
         return _agent_listing(await self._read_fetch(sql, team_id, *values), query.limit)
 
+    async def set_agent_tags(self, team_id: str, agent_id: str, tags: Sequence[str]) -> Agent:
+        """Replace the tags of a (not removed) agent of the team. NotFound."""
+        tag_list = _check_labels("tags", tags, MAX_TAGS)
+        async with self._transaction() as session:
+            updated = await session.execute(
+                """UPDATE agents SET tags = $3
+                   WHERE team_id = $1 AND id = $2 AND removed_at IS NULL""",
+                team_id, agent_id, json.dumps(list(tag_list)),
+            )  # fmt: skip
+            if not updated:
+                raise NotFound("no such agent")
+            row = await session.fetchrow(
+                f"SELECT {_AGENT_COLUMNS} FROM agents a WHERE a.team_id = $1 AND a.id = $2",  # noqa: S608
+                team_id, agent_id,
+            )  # fmt: skip
+        if row is None:
+            raise NotFound("no such agent")
+        return _agent(row)
+
     async def remove_agent(
         self, team_id: str, agent_id: str, now: float
     ) -> tuple[Agent, list[AgentConnection]]:
