@@ -80,6 +80,8 @@ class Action(StrEnum):
     """An approver signed the exact request."""
     APPROVAL_DENIED = "approval.denied"
     """An approver refused the request."""
+    APPROVAL_WITHDRAWN = "approval.withdrawn"
+    """The requester withdrew a pending request before anyone decided it."""
     APPROVAL_EXPIRED = "approval.expired"
     """A parked request expired without a decision."""
     APPROVAL_EXECUTED = "approval.executed"

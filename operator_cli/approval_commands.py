@@ -208,6 +208,17 @@ def deny_command(home: CliHome, request_id: str, reason: str | None) -> int:
     return EXIT_OK
 
 
+def approvals_withdraw_command(home: CliHome, request_id: str) -> int:
+    """`tucdesk approvals withdraw ID`: take back one's own pending request."""
+    api = Session.from_home(home)
+    try:
+        api.request("POST", approval_path(request_id, "withdraw"))
+    finally:
+        api.close()
+    print(f"withdrew {request_id}: nobody can approve it now")
+    return EXIT_OK
+
+
 def request_details(
     view: ApprovalRequestView, width: int = DEFAULT_WIDTH, now: float | None = None
 ) -> list[str]:

@@ -26,7 +26,8 @@ APPROVED = "approved"
 DENIED = "denied"
 EXPIRED = "expired"
 EXECUTED = "executed"
-FINAL_STATES = frozenset({DENIED, EXPIRED, EXECUTED})
+WITHDRAWN = "withdrawn"
+FINAL_STATES = frozenset({DENIED, EXPIRED, EXECUTED, WITHDRAWN})
 
 
 class ApprovalFormatError(Exception):

@@ -20,6 +20,7 @@ from operator_cli.approval_requests import (
     DENIED,
     EXPIRED,
     PENDING,
+    WITHDRAWN,
     ApprovalRequestView,
     PendingApproval,
 )
@@ -44,8 +45,8 @@ class ApprovalRefused(SessionError):
 
 
 class ApprovalWaitInterrupted(SessionError):
-    """The operator stopped waiting (Ctrl-C); the request stays pending (the API has no way for
-    a requester to withdraw one) and can be resumed with --approval."""
+    """The operator stopped waiting (Ctrl-C); the request stays pending, to be resumed with
+    --approval or withdrawn with `tucdesk approvals withdraw`."""
 
 
 @dataclass(frozen=True)
@@ -123,9 +124,9 @@ def wait_for_decision(
         return _poll(api, request_id, say, poll_seconds, sleep, max_wait_seconds)
     except KeyboardInterrupt:
         raise ApprovalWaitInterrupted(
-            f"interrupted; request {request_id} stays pending (it cannot be withdrawn; it "
-            f"expires unless decided): to use it, run the same command with --approval "
-            f"{request_id}"
+            f"interrupted; request {request_id} stays pending until decided or expired: to use "
+            f"it, run the same command with --approval {request_id}; to take it back, run "
+            f"tucdesk approvals withdraw {request_id}"
         ) from None
 
 
@@ -180,6 +181,8 @@ def _refusal(view: ApprovalRequestView) -> ApprovalRefused:
         ))
     if view.state == EXPIRED:
         return ApprovalRefused(f"approval request {view.request_id} expired; ask again")
+    if view.state == WITHDRAWN:
+        return ApprovalRefused(f"approval request {view.request_id} was withdrawn; ask again")
     return ApprovalRefused(
         visible(f"approval request {view.request_id} is {view.state}; ask again")
     )

@@ -71,6 +71,9 @@ policy_test = _imported_on_use("operator_cli.policy_commands", "policy_test")
 roster_show = _imported_on_use("operator_cli.policy_commands", "roster_show")
 roster_sign = _imported_on_use("operator_cli.policy_commands", "roster_sign")
 approvals_command = _imported_on_use("operator_cli.approval_commands", "approvals_command")
+approvals_withdraw_command = _imported_on_use(
+    "operator_cli.approval_commands", "approvals_withdraw_command"
+)
 approvals_show_command = _imported_on_use(
     "operator_cli.approval_commands", "approvals_show_command"
 )
@@ -449,6 +452,16 @@ def _add_policy_commands(commands: Any) -> None:
     show_request.add_argument("request_id", metavar="ID", help="approval request id (apr_…)")
     show_request.set_defaults(
         handler=lambda args, home: approvals_show_command(home, args.request_id)
+    )
+    withdraw_request = approvals_commands.add_parser(
+        "withdraw", help="take back a request of yours that nobody has decided yet",
+        description="Withdraw your own pending approval request (from exec/connect --no-wait, "
+        "or one you stopped waiting for with Ctrl-C): nobody can approve it any more, and it "
+        "no longer counts against your pending requests. Audited (approval.withdrawn).",
+    )
+    withdraw_request.add_argument("request_id", metavar="ID", help="approval request id (apr_…)")
+    withdraw_request.set_defaults(
+        handler=lambda args, home: approvals_withdraw_command(home, args.request_id)
     )
     approve = commands.add_parser(
         "approve", help="approve a pending request (signs the exact request with your key)",

@@ -176,9 +176,8 @@ async def park_request(
         raise TooManyPendingApprovals(
             f"you already have {waiting} approval requests pending (at most "
             f"{MAX_PENDING_REQUESTS_PER_OPERATOR} at a time); each expires "
-            f"{APPROVAL_REQUEST_SECONDS // 60} minutes after it was made, or when an approver "
-            "denies it: use or wait out the ones you have, or ask an approver to deny those no "
-            "longer needed",
+            f"{APPROVAL_REQUEST_SECONDS // 60} minutes after it was made: use the ones you have, "
+            "or withdraw those no longer needed (tucdesk approvals withdraw ID)",
             retry_after=PENDING_CAP_RETRY_AFTER_SECONDS,
         )
     await ctx.audit.record(
@@ -305,6 +304,29 @@ async def decide_request(
     return decided
 
 
+async def withdraw_request(
+    ctx: ServiceContext, *, actor: Actor, request: ApprovalRequest, caller: Operator
+) -> ApprovalRequest:
+    """The requester takes back a pending request (audited first); Forbidden for anyone else,
+    Conflict if it was decided or expired meanwhile."""
+    if caller.id != request.requester_id:
+        raise Forbidden("only the operator who made a request may withdraw it")
+    check_pending(request)
+    await ctx.audit.record(
+        request.team_id, actor=actor, action=Action.APPROVAL_WITHDRAWN, target=request.agent_id,
+        details={"approval_request": request.id, "requester": request.requester_email,
+                 "policy_version": request.policy_version},
+    )  # fmt: skip
+    withdrawn = await ctx.store.decide_approval_request(
+        request.team_id, request.id, ApprovalState.WITHDRAWN, decided_by=caller.id,
+        decided_by_email=caller.email, reason="withdrawn by the requester", approval=None,
+        now=ctx.now(),
+    )  # fmt: skip
+    if withdrawn is None:
+        raise ApprovalUnusable("the approval request was decided or expired meanwhile")
+    return withdrawn
+
+
 async def redeemable_approval(
     ctx: ServiceContext,
     request_id: str,
@@ -331,6 +353,8 @@ async def redeemable_approval(
         raise ApprovalPending("the request is still waiting for an approver")
     if request.state is ApprovalState.EXPIRED:
         raise ApprovalUnusable("the approval request has expired; ask again")
+    if request.state is ApprovalState.WITHDRAWN:
+        raise ApprovalUnusable("you withdrew this approval request; ask again")
     if request.state is not ApprovalState.APPROVED or request.approval is None:
         raise ApprovalUnusable(f"the approval request is {request.state.value}")
     if (

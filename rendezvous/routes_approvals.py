@@ -1,4 +1,5 @@
-"""Approval endpoints (docs/sessions.md §6): list, show, approve and deny parked requests.
+"""Approval endpoints (docs/sessions.md §6): list, show, approve, deny and withdraw parked
+requests.
 
 Approvers and admins list and decide their team's pending requests; the requester may follow
 their own. Approving takes the approver's signed approval of the exact request, checked against
@@ -25,6 +26,7 @@ from rendezvous.approval_gate import (
     expire_if_due,
     load_request,
     verify_submitted_approval,
+    withdraw_request,
 )
 from rendezvous.audit_trail import caller_actor
 from rendezvous.auth import Principal
@@ -107,6 +109,18 @@ async def deny(request_id: str, body: DenyBody, caller: Caller, ctx: Context) ->
         state=ApprovalState.DENIED, reason=body.reason, approval=None,
     )  # fmt: skip
     return await _view(ctx, decided)
+
+
+@router.post("/approvals/{request_id}/withdraw")
+async def withdraw(request_id: str, caller: Caller, ctx: Context) -> dict[str, Any]:
+    """The requester takes back their own pending request: nobody can approve it any more, and
+    it no longer counts against their pending requests."""
+    operator = await _operator(ctx, caller, approver=False)
+    request = await load_request(ctx, caller.team_id, request_id)
+    withdrawn = await withdraw_request(
+        ctx, actor=caller_actor(caller), request=request, caller=operator
+    )
+    return await _view(ctx, withdrawn)
 
 
 async def _operator(ctx: ServiceContext, caller: Principal, *, approver: bool) -> Operator:

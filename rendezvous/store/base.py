@@ -410,6 +410,7 @@ class ApprovalState(StrEnum):
     DENIED = "denied"
     EXPIRED = "expired"
     EXECUTED = "executed"
+    WITHDRAWN = "withdrawn"  # by its requester, before any decision
 
 
 @dataclass(frozen=True)
@@ -866,7 +867,8 @@ class Store(abc.ABC):
         now: float,
         expires_at: float | None = None,
     ) -> ApprovalRequest | None:
-        """Atomically approve or deny a pending, unexpired request; None if it is not one.
+        """Atomically approve, deny or withdraw a pending, unexpired request; None if it is not
+        one.
 
         ``expires_at``, when given, replaces the request's expiry (an approval's own end).
         """

@@ -1212,9 +1212,10 @@ class SqlStore(Store):
         now: float,
         expires_at: float | None = None,
     ) -> ApprovalRequest | None:
-        """Atomically approve or deny a pending, unexpired request; None if it is not one."""
-        if state not in (ApprovalState.APPROVED, ApprovalState.DENIED):
-            raise InvalidArgument("a decision approves or denies")
+        """Atomically approve, deny or withdraw a pending, unexpired request; None if it is not
+        one."""
+        if state not in (ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.WITHDRAWN):
+            raise InvalidArgument("a decision approves, denies or withdraws")
         row = await self._fetchrow(
             """UPDATE approval_requests
                SET state = $3, decided_by = $4, decided_by_email = $5, decision_reason = $6,

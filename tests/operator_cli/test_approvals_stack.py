@@ -210,7 +210,27 @@ def test_ctrl_c_while_waiting_for_approval_exits_130_and_says_the_request_stays_
     lines = stderr_path.read_text().strip().splitlines()
     assert requester.returncode == 130, lines
     assert "stays pending" in lines[-1] and "--approval apr_" in lines[-1], lines
+    assert "tucdesk approvals withdraw apr_" in lines[-1], lines
     assert not any("Traceback" in line for line in lines), lines
+
+
+def test_the_requester_withdraws_a_parked_request_and_nobody_can_approve_it(
+    team: PolicyStack,
+) -> None:
+    request_id = park(team, "echo", "restart", "search")
+    someone_else = team.tucdesk("approvals", "withdraw", request_id, home=team.approver_home)
+    assert someone_else.returncode == 1
+    assert "only the operator who made" in last_line(someone_else)
+    withdrawn = team.tucdesk("approvals", "withdraw", request_id, home=team.operator_home)
+    assert withdrawn.returncode == 0, withdrawn.stderr
+    assert f"withdrew {request_id}" in withdrawn.stdout.decode()
+    approve = team.tucdesk("approve", "--yes", request_id, home=team.approver_home)
+    assert approve.returncode == 1
+    assert "withdrawn, not pending" in last_line(approve)
+    used = team.tucdesk("exec", "--approval", request_id, team.stack.agent_name, "--", "echo",
+                        "restart", "search", home=team.operator_home)
+    assert used.returncode == EXIT_CONNECTION_FAILED
+    assert "withdrawn" in last_line(used)
 
 
 # The red team's trick: printed raw, the escape codes move the cursor back over the first part

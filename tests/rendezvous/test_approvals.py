@@ -360,7 +360,7 @@ async def test_an_operator_may_keep_only_so_many_requests_pending(
         assert refused.status_code == 429, refused.text
         message = refused.json()["message"]
         assert f"{MAX_PENDING_REQUESTS_PER_OPERATOR} approval requests pending" in message
-        assert "expires" in message and "deny" in message
+        assert "expires" in message and "tucdesk approvals withdraw" in message
         listing = await team.service.call(team.approver, "GET", "/v1/approvals")
         assert len(listing.json()["approvals"]) == MAX_PENDING_REQUESTS_PER_OPERATOR
         # The cap is per requester: someone else's request still gets to the approvers.
@@ -380,4 +380,73 @@ async def test_an_operator_may_keep_only_so_many_requests_pending(
             team.team_id, (await _view(team, team.operator, oldest))["requester"]["id"],
             team.service.clock.now,
         ) == 0  # fmt: skip
+        await _park(team, team.operator)
+
+
+async def test_the_requester_withdraws_a_pending_request_audited_and_no_longer_approvable(
+    store: Store, tmp_path: Path
+) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        request_id = await _park(team, team.operator)
+        view = await _view(team, team.approver, request_id)
+        withdrawn = await team.service.call(
+            team.operator, "POST", f"/v1/approvals/{request_id}/withdraw"
+        )
+        assert withdrawn.status_code == 200, withdrawn.text
+        assert withdrawn.json()["state"] == "withdrawn"
+        assert "approval.withdrawn" in await _actions(team)
+        listing = await team.service.call(team.approver, "GET", "/v1/approvals")
+        assert request_id not in {item["id"] for item in listing.json()["approvals"]}
+        # An approval signed from the view taken before the withdrawal is refused.
+        signed = approve_request(team.approver.identity, _context(view), now=team.service.clock.now)
+        late = await team.service.call(
+            team.approver, "POST", f"/v1/approvals/{request_id}/approve",
+            {"approval": signed.to_json()},
+        )  # fmt: skip
+        assert late.status_code == 409, late.text
+        redeemed = await _ask(team, team.operator, {**RESTART, "approval_id": request_id})
+        assert redeemed.status_code == 409, redeemed.text
+        assert "withdrew" in redeemed.json()["message"]
+        again = await team.service.call(
+            team.operator, "POST", f"/v1/approvals/{request_id}/withdraw"
+        )
+        assert again.status_code == 409, again.text
+        assert (await _actions(team)).count("approval.withdrawn") == 1
+
+
+@pytest.mark.parametrize("who", ["approver", "admin"])
+async def test_nobody_but_the_requester_may_withdraw_a_request(
+    store: Store, tmp_path: Path, who: str
+) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        request_id = await _park(team, team.operator)
+        other = team.approver if who == "approver" else team.admin
+        refused = await team.service.call(other, "POST", f"/v1/approvals/{request_id}/withdraw")
+        assert refused.status_code == 403, refused.text
+        assert (await _view(team, team.operator, request_id))["state"] == "pending"
+        assert "approval.withdrawn" not in await _actions(team)
+
+
+async def test_another_teams_request_cannot_be_withdrawn(store: Store, tmp_path: Path) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        request_id = await _park(team, team.operator)
+        stranger = await team.service.operator(await team.service.team("other"), "operator")
+        refused = await team.service.call(
+            stranger, "POST", f"/v1/approvals/{request_id}/withdraw"
+        )
+        assert refused.status_code == 404, refused.text
+        assert (await _view(team, team.operator, request_id))["state"] == "pending"
+
+
+async def test_a_withdrawn_request_frees_its_place_under_the_cap(
+    store: Store, tmp_path: Path
+) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        parked = [await _park(team, team.operator)
+                  for _ in range(MAX_PENDING_REQUESTS_PER_OPERATOR)]  # fmt: skip
+        assert (await _ask(team, team.operator, RESTART)).status_code == 429
+        withdrawn = await team.service.call(
+            team.operator, "POST", f"/v1/approvals/{parked[0]}/withdraw"
+        )
+        assert withdrawn.status_code == 200, withdrawn.text
         await _park(team, team.operator)
