@@ -59,11 +59,16 @@ class TransportError(HttpError):
         *,
         url: str | None = None,
         cause: BaseException | None = None,
+        answer_timeout: float | None = None,
     ) -> None:
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.url = url
         self.cause = cause
+        # Set when the server took the TCP connection and then did not answer (TLS handshake
+        # or response) within this many seconds: a stopped or overloaded service, not a wrong
+        # address.
+        self.answer_timeout = answer_timeout
 
     @property
     def failure(self) -> ConnectionFailure | None:
@@ -85,7 +90,16 @@ class TransportError(HttpError):
         if failure.kind is FailureKind.UNTRUSTED_CERTIFICATE:
             return (f"TLS certificate of {where} not trusted: {failure.detail}; pass --ca-file "
                     "with the CA that signed it")
-        return f"cannot reach {where}: {failure.words}; check --server and --ca-file"
+        if failure.kind is FailureKind.TIMED_OUT and self.answer_timeout is not None:
+            return (f"{where} took the connection but did not answer within "
+                    f"{self.answer_timeout:g} s: the service may be stopped or overloaded; try "
+                    "again shortly, or ask its admin")
+        if failure.kind is FailureKind.TIMED_OUT:
+            return (f"cannot reach {where}: nothing answered the connection (host down, or a "
+                    "firewall dropping it?); check --server")
+        if failure.kind is FailureKind.TLS:
+            return f"cannot reach {where}: {failure.words}; check --server and --ca-file"
+        return f"cannot reach {where}: {failure.words}; check --server"
 
 
 class CaFileError(HttpError):
@@ -192,6 +206,8 @@ class HttpClient:
         self._tls = tls_context(ca_file) if parts.scheme == "https" else None
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
+        self._server_accepted = False
+        self._answer_timeout = connect_timeout
         self._max_body_bytes = max_body_bytes
         self._connection: http.client.HTTPConnection | None = None
         self._requests_on_connection = 0
@@ -280,7 +296,13 @@ class HttpClient:
             raise self._transport_error(error) from error
 
     def _transport_error(self, error: BaseException) -> TransportError:
-        return TransportError(type(error).__name__, str(error), url=self.base_url, cause=error)
+        answer_timeout = None
+        if isinstance(error, TimeoutError) and self._server_accepted:
+            answer_timeout = self._answer_timeout
+        return TransportError(
+            type(error).__name__, str(error), url=self.base_url, cause=error,
+            answer_timeout=answer_timeout,
+        )
 
     def _send_once(
         self, method: str, target: str, content: bytes | None, headers: dict[str, str]
@@ -305,7 +327,15 @@ class HttpClient:
             )
         self._connection = connection
         self._requests_on_connection = 0
-        connection.connect()
+        # Which wait a timeout ends: the TLS handshake (connect timeout) once TCP is up, then
+        # the answer (read timeout).
+        self._server_accepted, self._answer_timeout = False, self._connect_timeout
+        try:
+            connection.connect()
+        except TimeoutError:
+            self._server_accepted = connection.sock is not None
+            raise
+        self._server_accepted, self._answer_timeout = True, self._read_timeout
         if connection.sock is not None:
             connection.sock.settimeout(self._read_timeout)
         return connection

@@ -59,7 +59,7 @@ def test_a_refused_connection_names_the_url_and_says_so_in_words(
     home = home_copy(stack, tmp_path, server=url)
     expected = (
         f"tucdesk: cannot reach {url}: connection refused (nothing listening at that host and "
-        "port?); check --server and --ca-file"
+        "port?); check --server"
     )
     listed = stack.run_tucdesk("whoami", home=home)
     assert (listed.returncode, stderr_lines(listed)) == (EXIT_FAILURE, [expected])

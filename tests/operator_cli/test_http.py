@@ -204,6 +204,25 @@ def test_server_that_never_answers_times_out(server: LoopbackServer) -> None:
     ):
         http.get("/stall")
     assert caught.value.reason in ("TimeoutError", "timeout")
+    assert caught.value.describe() == (
+        f"{server.url} took the connection but did not answer within 0.3 s: the service may be "
+        "stopped or overloaded; try again shortly, or ask its admin"
+    )
+
+
+def test_a_listener_that_never_completes_tls_is_named_as_not_answering(tmp_path: Path) -> None:
+    # A stopped (SIGSTOPped, hung) service: the kernel takes the connection, nobody answers.
+    certificates = create_local_certificates(tmp_path / "tls")
+    with socket.create_server(("127.0.0.1", 0)) as silent:
+        url = f"https://127.0.0.1:{silent.getsockname()[1]}"
+        with (
+            HttpClient(url, ca_file=str(certificates.ca_cert), connect_timeout=0.3) as http,
+            pytest.raises(TransportError) as caught,
+        ):
+            http.get("/v1/auth/whoami")
+    message = caught.value.describe()
+    assert message.startswith(f"{url} took the connection but did not answer within 0.3 s")
+    assert "check --server" not in message
 
 
 def test_cli_reports_an_unreachable_server_in_one_line(
@@ -226,5 +245,5 @@ def test_cli_reports_an_unreachable_server_in_one_line(
     assert status == 1
     assert capsys.readouterr().err.strip() == (
         f"tucdesk: cannot reach http://127.0.0.1:{port}: connection refused (nothing listening "
-        "at that host and port?); check --server and --ca-file"
+        "at that host and port?); check --server"
     )

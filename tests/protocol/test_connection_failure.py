@@ -105,7 +105,7 @@ def test_agent_relay_and_cli_say_the_same_words_for_the_same_failure() -> None:
     assert describe_connection_failure(refused) == words
     assert _reason_of(refused) == words
     cli = TransportError("ConnectError", url="https://rv.example", cause=refused).describe()
-    assert cli == f"cannot reach https://rv.example: {words}; check --server and --ca-file"
+    assert cli == f"cannot reach https://rv.example: {words}; check --server"
 
 
 def test_each_part_names_its_own_ca_setting_for_an_untrusted_certificate() -> None:
