@@ -23,6 +23,7 @@ from relay.metrics import RelayMetrics
 from relay.metrics_http import serve_metrics
 from relay.tcp import (
     TcpFrontEnd,
+    detect_dead_peers,
     kernel_socket_buffer_maxima,
     open_tcp_listener,
     usable_socket_buffer,
@@ -117,6 +118,7 @@ class Relay:
                 "--listen", self.config.listen,
             )
             sockets.append(listener)
+            detect_dead_peers(listener, self.config.dead_peer_timeout)
             self.tcp_address = listener.getsockname()[:2]
             self.tcp = TcpFrontEnd(
                 admission, listener, self._on_activity_ended, socket_buffer=socket_buffer

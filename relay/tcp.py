@@ -45,6 +45,10 @@ STATUS_SEND_TIMEOUT_SECONDS = 5.0
 ACCEPT_ERROR_BACKOFF_SECONDS = 0.1
 MAX_ACCEPTS_WITHOUT_YIELD = 64
 LISTEN_BACKLOG = 4096
+# Dead-peer detection (detect_dead_peers): probe after half the timeout of silence, then this
+# many probes spread over the other half.
+DEAD_PEER_IDLE_FRACTION = 2
+DEAD_PEER_PROBES = 3
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -393,6 +397,28 @@ class TcpFrontEnd:
         """End every session now (after the shutdown grace period)."""
         for session in list(self.sessions):
             session.close(reason)
+
+
+def detect_dead_peers(listener: socket.socket, timeout: float) -> None:
+    """Have connections accepted from ``listener`` give up a peer that stops answering at the
+    TCP level within about ``timeout`` seconds (0: never, the kernel's defaults).
+
+    A host that dies or a cut network sends no FIN, so without this a session's other side
+    waits for the relay's idle timeout (minutes) before it learns. Keepalive probes find a
+    silent peer; TCP_USER_TIMEOUT ends one whose unacknowledged data (an operator typing into
+    a dead agent) would otherwise be retransmitted for many minutes. Accepted sockets inherit
+    these options from the listener, so this costs nothing per connection.
+    """
+    if timeout <= 0 or not hasattr(socket, "TCP_KEEPIDLE"):
+        return
+    idle = max(1, int(timeout / DEAD_PEER_IDLE_FRACTION))
+    interval = max(1, int((timeout - idle) / DEAD_PEER_PROBES))
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
+    listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, DEAD_PEER_PROBES)
+    if hasattr(socket, "TCP_USER_TIMEOUT"):
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
 
 
 def open_tcp_listener(host: str, port: int, socket_buffer: int = 0) -> socket.socket:
