@@ -50,7 +50,15 @@ from agent.recording import (
     recover_interrupted_recordings,
 )
 from audit.record import SignedEvent
-from protocol.control import Close, Resize, SessionStart, Signal, decode_control, encode_control
+from protocol.control import (
+    Close,
+    Keepalive,
+    Resize,
+    SessionStart,
+    Signal,
+    decode_control,
+    encode_control,
+)
 from protocol.control import ExitStatus as ExitStatusMessage
 from protocol.errors import ProtocolError
 from protocol.frames import HEADER_SIZE, MAX_FRAME_PAYLOAD, FrameType, SealedParts, SecureChannel
@@ -102,6 +110,7 @@ SESSION_ID_MEMORY_SECONDS = MAX_SESSION_GRANT_LIFETIME_SECONDS + 2 * SESSION_GRA
 
 # How a relay stream reports that the other end (or the relay) is gone.
 LINK_CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError)
+_KEEPALIVE_REPLY = encode_control(Keepalive(reply=True))
 
 RelayConnector = Callable[..., Awaitable[trio.abc.Stream]]
 ControlSender = Callable[[dict[str, Any]], object]
@@ -622,6 +631,9 @@ class SessionHost:
                     elif isinstance(message, Close):
                         outcome.reason = f"operator-closed ({message.reason})"
                         break
+                    elif isinstance(message, Keepalive):
+                        if not message.reply:  # the operator asks whether we are still here
+                            await sealed.send_keepalive_reply()
                     else:
                         raise SessionRefusal(
                             "protocol-error", f"unexpected {type(message).__name__} mid-session"
@@ -870,6 +882,10 @@ class SealedLink:
             return
         await self._send(FrameType.CLOSE, b"")
         self._closed = True
+
+    async def send_keepalive_reply(self) -> None:
+        """Answer the operator's keepalive (a CONTROL frame), so an idle session is not lost."""
+        await self._send(FrameType.CONTROL, _KEEPALIVE_REPLY)
 
     async def _send(self, kind: FrameType, payload: bytes) -> None:
         if self._closed:

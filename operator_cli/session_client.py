@@ -15,7 +15,8 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from functools import partial
+from typing import Any, Literal, TypeVar
 
 import trio
 
@@ -26,6 +27,7 @@ from protocol.control import (
     Close,
     ControlMessage,
     ExitStatus,
+    Keepalive,
     Resize,
     SessionStart,
     Signal,
@@ -57,6 +59,12 @@ RELAY_PAIR_TIMEOUT_SECONDS = 30.0
 # After this long without the agent at the relay, the caller is told (to say we are waiting).
 SLOW_PAIRING_NOTICE_SECONDS = 2.0
 CLOSE_SEND_TIMEOUT_SECONDS = 2.0
+# After this long without a byte from the agent the CLI asks whether it is still there (a
+# Keepalive the agent answers), and after KEEPALIVE_TIMEOUT_SECONDS of silence it gives the
+# session up: a dead host or a cut network sends nothing at all, not even a close (ssh's
+# ServerAliveInterval 15 with ServerAliveCountMax 4).
+KEEPALIVE_INTERVAL_SECONDS = 15.0
+KEEPALIVE_TIMEOUT_SECONDS = 60.0
 REFUSAL_POLL_SECONDS = 1.0
 MAX_TARGET_LENGTH = 256
 HTTP_ACCEPTED = 202
@@ -65,6 +73,8 @@ LARGE_RECEIVE_BYTES = 16 * 1024
 # Allocations between young-generation collections once a session is open (CPython: 700).
 GC_YOUNG_THRESHOLD = 20_000
 
+_KEEPALIVE_QUESTION = encode_control(Keepalive(reply=False))
+_T = TypeVar("_T")
 
 class SessionError(Exception):
     """A session could not be opened or ended abnormally; the message is for the operator."""
@@ -289,6 +299,9 @@ class OperatorSession:
         self._ended = False
         self._ready: deque[SessionEvent] = deque()  # opened, not yet handed out
         self._failure: SessionError | None = None  # to raise after the events before it
+        self._last_heard = trio.current_time()  # when a byte last came from the agent
+        self.keepalive_interval = KEEPALIVE_INTERVAL_SECONDS
+        self.keepalive_timeout = KEEPALIVE_TIMEOUT_SECONDS
         self.bytes_sent = 0
         self.bytes_received = 0
 
@@ -414,15 +427,20 @@ class OperatorSession:
         return events
 
     async def _receive_more(self) -> int:
-        """Receive into the frame buffer; 0 once the connection has ended."""
+        """Receive into the frame buffer; 0 once the connection has ended. Raises
+        ConnectionLost when the agent stays silent past the keepalive timeout."""
         sock = self._socket
         if sock is None:
-            return await receive_into(self.stream, self._frames)
+            count = await self._heard_from_agent(
+                lambda: receive_into(self.stream, self._frames)
+            )
+            self._last_heard = trio.current_time()
+            return count
         space = self._frames.writable()
         while True:
             try:
                 if not self._more_expected:
-                    await trio.lowlevel.wait_readable(sock)
+                    await self._heard_from_agent(partial(trio.lowlevel.wait_readable, sock))
                 count = os.readv(sock.fileno(), [space])
             except BlockingIOError:
                 self._more_expected = False
@@ -431,7 +449,25 @@ class OperatorSession:
                 return 0
             self._more_expected = count >= LARGE_RECEIVE_BYTES
             self._frames.commit(count)
+            self._last_heard = trio.current_time()
             return count
+
+    async def _heard_from_agent(self, wait: Callable[[], Awaitable[_T]]) -> _T:
+        """Await ``wait()`` (for something from the agent; cancelling it loses nothing); after
+        each keepalive interval of silence ask the agent whether it is still there, and past
+        the keepalive timeout give the session up with ConnectionLost."""
+        deadline = self._last_heard + self.keepalive_interval
+        while True:
+            with trio.move_on_at(deadline):
+                return await wait()
+            silent = trio.current_time() - self._last_heard
+            if silent >= self.keepalive_timeout:
+                raise ConnectionLost(
+                    f"the agent stopped answering (nothing through the relay for {silent:.0f} s: "
+                    "its host may be down or its network cut)"
+                )
+            await self._send_frame(FrameType.CONTROL, _KEEPALIVE_QUESTION)
+            deadline = trio.current_time() + self.keepalive_interval
 
     def _open(self, sealed: memoryview) -> SessionEvent | None:
         try:

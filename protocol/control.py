@@ -56,6 +56,7 @@ RESIZE_TAG = "resize"
 SIGNAL_TAG = "signal"
 EXIT_STATUS_TAG = "exit"
 CLOSE_TAG = "close"
+KEEPALIVE_TAG = "keepalive"
 
 
 @dataclass(frozen=True)
@@ -133,7 +134,23 @@ class Close:
         _check_text(self.message, "close message", MAX_CLOSE_MESSAGE_LENGTH, allow_empty=True)
 
 
-ControlMessage: TypeAlias = SessionStart | Resize | Signal | ExitStatus | Close
+@dataclass(frozen=True)
+class Keepalive:
+    """Either side: "are you there?" (``reply`` false), or the answer to one (``reply`` true).
+
+    The operator asks when it has heard nothing for a while, as ssh's ServerAliveInterval does,
+    and gives the session up when no answer comes: a dead agent host or a cut network sends
+    nothing, not even a close.
+    """
+
+    reply: bool = False
+
+    def __post_init__(self) -> None:
+        if type(self.reply) is not bool:
+            _refuse("keepalive reply must be true or false")
+
+
+ControlMessage: TypeAlias = SessionStart | Resize | Signal | ExitStatus | Close | Keepalive
 
 
 def encode_control(message: ControlMessage) -> bytes:
@@ -157,6 +174,8 @@ def encode_control(message: ControlMessage) -> bytes:
         body = {TYPE_FIELD: EXIT_STATUS_TAG, "code": message.code, "signal": message.signal}
     elif isinstance(message, Close):
         body = {TYPE_FIELD: CLOSE_TAG, "reason": message.reason, "message": message.message}
+    elif isinstance(message, Keepalive):
+        body = {TYPE_FIELD: KEEPALIVE_TAG, "reply": message.reply}
     else:
         raise CodecError(f"not a control message: {type(message).__name__}")
     encoded: bytes = msgpack.packb(body, use_bin_type=True)
@@ -220,6 +239,9 @@ def decode_control(data: bytes) -> ControlMessage:
     if tag == CLOSE_TAG:
         _expect_keys(body, {"reason", "message"})
         return Close(reason=body["reason"], message=body["message"])
+    if tag == KEEPALIVE_TAG:
+        _expect_keys(body, {"reply"})
+        return Keepalive(reply=body["reply"])
     raise CodecError("control message has an unknown or missing type tag")
 
 

@@ -37,6 +37,7 @@ from audit.record import SignedEvent
 from protocol.control import (
     Close,
     ExitStatus,
+    Keepalive,
     Resize,
     SessionStart,
     Signal,
@@ -368,6 +369,27 @@ async def test_signal_from_the_operator_reaches_the_command(tmp_path: Path) -> N
             await operator.send(FrameType.CONTROL, encode_control(Signal("TERM")))
             await operator.until_closed()
         assert operator.exit_status() == ExitStatus(signal=15)
+        await wait_for_sessions_to_end(stack)
+
+
+@trio_test
+async def test_the_agent_answers_a_keepalive_and_the_session_goes_on(tmp_path: Path) -> None:
+    command = ("sh", "-c", "echo ready; read line; echo got $line")
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        async with operator_session(stack, nursery, command=command) as operator:
+            await operator.start(exec_start(*command))
+            await operator.until_stdout_contains(b"ready\n")
+            await operator.send(FrameType.CONTROL, encode_control(Keepalive(reply=False)))
+            with trio.fail_after(WAIT_SECONDS):
+                while Keepalive(reply=True) not in operator.controls:
+                    assert await operator.next_frame() is not None, "the session ended"
+            # An answer is not asked about again, and the session carries on as before.
+            await operator.send(FrameType.CONTROL, encode_control(Keepalive(reply=True)))
+            await operator.send(FrameType.DATA, b"more\n")
+            await operator.until_closed()
+        assert operator.controls.count(Keepalive(reply=True)) == 1
+        assert b"got more" in operator.stdout
+        assert operator.exit_status() == ExitStatus(code=0)
         await wait_for_sessions_to_end(stack)
 
 

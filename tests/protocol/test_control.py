@@ -19,6 +19,7 @@ from protocol.control import (
     Close,
     ControlMessage,
     ExitStatus,
+    Keepalive,
     Resize,
     SessionStart,
     Signal,
@@ -64,6 +65,7 @@ control_messages: st.SearchStrategy[ControlMessage] = st.one_of(
         reason=st.sampled_from(CLOSE_REASONS),
         message=st.text(max_size=200),
     ),
+    st.builds(Keepalive, reply=st.booleans()),
 )
 
 # Random msgpack-able values: what a buggy or hostile peer could put inside a frame.
@@ -322,3 +324,9 @@ def test_encoding_something_that_is_not_a_control_message_is_refused() -> None:
 def test_decoding_something_that_is_not_bytes_is_refused(data: object) -> None:
     with pytest.raises(CodecError):
         decode_control(data)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("reply", [0, 1, "yes", None])
+def test_a_keepalive_reply_must_be_a_boolean(reply: object) -> None:
+    with pytest.raises(CodecError):
+        decode_control(_pack({"type": "keepalive", "reply": reply}))
