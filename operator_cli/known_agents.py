@@ -1,8 +1,13 @@
-"""Known agents, the operator's known_hosts: each agent id pinned to the public key first seen.
+"""Known agents, the operator's known_hosts: each agent id, and each agent name on a server,
+pinned to the key first seen.
 
-A later connection that presents another key is refused loudly, naming both fingerprints and the
-command that accepts the new key. The file is JSON, mode 0600, replaced atomically, and updated
-under an exclusive lock so two concurrent ``tucdesk`` commands do not lose each other's pins.
+A later connection that presents another key for a pinned id is refused loudly, naming both
+fingerprints and the command that accepts the new key. So is one where the rendezvous hands out,
+for a name already pinned on that server, another agent id with another key: re-enrolling makes
+a new id, and a rendezvous must not be able to swap the machine behind a name by minting one
+(ssh's "REMOTE HOST IDENTIFICATION HAS CHANGED" for a host name). The file is JSON, mode 0600,
+replaced atomically, and updated under an exclusive lock so two concurrent ``tucdesk`` commands
+do not lose each other's pins. Version 1 files (ids only) are read and rewritten as version 2.
 """
 
 from __future__ import annotations
@@ -13,8 +18,9 @@ import json
 import os
 import re
 import stat
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -22,10 +28,18 @@ from typing import Any
 from protocol.identity import PublicIdentity, b64url, b64url_decode, write_private_file
 
 KNOWN_AGENTS_FILE_NAME = "known_agents.json"
-KNOWN_AGENTS_FORMAT_VERSION = 1
+KNOWN_AGENTS_FORMAT_VERSION = 2
+ID_ONLY_FORMAT_VERSION = 1  # before names were pinned: read, then rewritten as version 2
 MAX_KNOWN_AGENTS_FILE_SIZE = 4 * 1024 * 1024
 MAX_KNOWN_AGENTS = 20_000
+MAX_KNOWN_NAMES = 20_000  # over every server
+MAX_IDS_PER_NAME = 64  # agents sharing one name on one server that the operator accepted
+MAX_SERVER_LENGTH = 2048
+# Pins made without a server (library use); the CLI always scopes names by its server URL.
+NO_SERVER = ""
 _AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
+# An agent's name is its host name as enrolled, or its id when it has none.
+_AGENT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}")
 
 
 class KnownAgentsError(Exception):
@@ -52,55 +66,160 @@ class AgentKeyChangedError(KnownAgentsError):
         )
 
 
+class AgentNameKeyChangedError(AgentKeyChangedError):
+    """The name of a pinned agent now leads to another agent id with another key."""
+
+    def __init__(
+        self,
+        name: str,
+        pinned: Mapping[str, PublicIdentity],
+        agent_id: str,
+        presented: PublicIdentity,
+        path: Path,
+    ) -> None:
+        self.agent_id = agent_id
+        self.name = name
+        self.pinned_ids = dict(pinned)
+        self.pinned = next(iter(self.pinned_ids.values()))
+        self.presented = presented
+        pinned_lines = "".join(
+            f"  pinned key:    {key.fingerprint}  ({pinned_id})\n"
+            for pinned_id, key in sorted(self.pinned_ids.items())
+        )
+        KnownAgentsError.__init__(
+            self,
+            f"WARNING: the agent called {name} has changed: another agent id with another key!\n"
+            f"{pinned_lines}"
+            f"  presented key: {presented.fingerprint}  ({agent_id})\n"
+            f"Someone may be intercepting this connection, or the agent was re-enrolled. "
+            f"The connection was refused. If you have verified the new key (tucdesk-agent "
+            f"status on the host), accept it with:\n"
+            f"  tucdesk agents trust {name}\n"
+            f"(or, while several agents are called {name}: tucdesk agents trust {agent_id}; "
+            f"pins are kept in {path})",
+        )
+
+
 class PinOutcome(Enum):
     """What ``verify_or_pin`` found."""
 
     FIRST_USE = "first-use"  # nothing was pinned; the presented key is pinned now
     MATCHED = "matched"  # the presented key is the pinned one
+    NEW_ID_SAME_KEY = "new-id-same-key"  # the name's pinned key, under a new id: pin moved
+
+
+@dataclass
+class _Pins:
+    """The file's content: keys by agent id; agent ids by server, then by agent name."""
+
+    agents: dict[str, bytes] = field(default_factory=dict)
+    names: dict[str, dict[str, set[str]]] = field(default_factory=dict)
+
+    def ids_named(self, server: str, name: str) -> set[str]:
+        """The agent ids accepted for ``name`` on ``server`` (a live set: changes stick)."""
+        return self.names.setdefault(server, {}).setdefault(name, set())
+
+    def keys_of(self, agent_ids: Collection[str]) -> dict[str, bytes]:
+        """The pinned keys of those of ``agent_ids`` that have one."""
+        return {agent_id: self.agents[agent_id]
+                for agent_id in agent_ids if agent_id in self.agents}
 
 
 class KnownAgents:
-    """The pins in one file (normally ``<CLI home>/known_agents.json``)."""
+    """The pins in one file (normally ``<CLI home>/known_agents.json``); names are pinned under
+    ``server`` (the rendezvous URL the CLI is logged in to)."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, server: str = NO_SERVER) -> None:
         self.path = Path(path)
+        self.server = server.rstrip("/")
+        if len(self.server) > MAX_SERVER_LENGTH:
+            raise KnownAgentsError(f"server URL longer than {MAX_SERVER_LENGTH} characters")
 
     @classmethod
-    def in_home(cls, cli_home: Path) -> KnownAgents:
-        """The known-agents store under the CLI home directory."""
-        return cls(Path(cli_home) / KNOWN_AGENTS_FILE_NAME)
+    def in_home(cls, cli_home: Path, server: str = NO_SERVER) -> KnownAgents:
+        """The known-agents store under the CLI home directory, names scoped to ``server``."""
+        return cls(Path(cli_home) / KNOWN_AGENTS_FILE_NAME, server)
 
     def pinned_key(self, agent_id: str) -> PublicIdentity | None:
         """The key pinned for ``agent_id``, or None."""
         _check_agent_id(agent_id)
-        raw = self._read().get(agent_id)
+        raw = self._read().agents.get(agent_id)
         return None if raw is None else PublicIdentity(raw)
+
+    def pins_for_name(self, name: str) -> dict[str, PublicIdentity]:
+        """The agent ids (and their keys) accepted for ``name`` on this server."""
+        _check_agent_name(name)
+        pins = self._read()
+        named = pins.names.get(self.server, {}).get(name, set())
+        return {agent_id: PublicIdentity(raw) for agent_id, raw in pins.keys_of(named).items()}
 
     def all_pins(self) -> dict[str, PublicIdentity]:
         """Every pin, by agent id."""
-        return {agent_id: PublicIdentity(raw) for agent_id, raw in self._read().items()}
+        return {agent_id: PublicIdentity(raw) for agent_id, raw in self._read().agents.items()}
 
-    def verify_or_pin(self, agent_id: str, presented: PublicIdentity) -> PinOutcome:
-        """Accept the pinned key, pin a first-seen one, or raise AgentKeyChangedError."""
+    def verify_or_pin(
+        self, agent_id: str, presented: PublicIdentity, name: str | None = None
+    ) -> PinOutcome:
+        """Accept the pinned key, pin a first-seen one, or raise AgentKeyChangedError.
+
+        With ``name``, also refuse (AgentNameKeyChangedError) an id new to a pinned name unless
+        it presents that name's pinned key; the name is pinned to the id from then on.
+        """
         _check_agent_id(agent_id)
+        if name is not None:
+            _check_agent_name(name)
         with self._locked():
             pins = self._read()
-            pinned = pins.get(agent_id)
-            if pinned is not None:
-                if hmac.compare_digest(pinned, presented.raw):
-                    return PinOutcome.MATCHED
+            pinned = pins.agents.get(agent_id)
+            if pinned is not None and not hmac.compare_digest(pinned, presented.raw):
                 raise AgentKeyChangedError(agent_id, PublicIdentity(pinned), presented, self.path)
-            pins[agent_id] = presented.raw
-            self._write(pins)
-            return PinOutcome.FIRST_USE
+            outcome = PinOutcome.FIRST_USE if pinned is None else PinOutcome.MATCHED
+            changed = pinned is None
+            if name is not None:
+                named = pins.ids_named(self.server, name)
+                if agent_id not in named:
+                    others = pins.keys_of(named)
+                    same_key = {other for other, key in others.items()
+                                if hmac.compare_digest(key, presented.raw)}
+                    if others and not same_key:
+                        raise AgentNameKeyChangedError(
+                            name, {other: PublicIdentity(key) for other, key in others.items()},
+                            agent_id, presented, self.path,
+                        )
+                    if same_key:
+                        named -= same_key  # the same machine, re-registered under a new id
+                        outcome = PinOutcome.NEW_ID_SAME_KEY
+                    named.intersection_update(others)  # drop ids whose pin was forgotten
+                    named.add(agent_id)
+                    changed = True
+            if changed:
+                pins.agents[agent_id] = presented.raw
+                self._write(pins)
+            return outcome
 
-    def trust(self, agent_id: str, key: PublicIdentity) -> PublicIdentity | None:
-        """Pin ``key`` for ``agent_id``, replacing any earlier pin; return the replaced key."""
+    def trust(
+        self,
+        agent_id: str,
+        key: PublicIdentity,
+        name: str | None = None,
+        keep: Collection[str] = (),
+    ) -> PublicIdentity | None:
+        """Pin ``key`` for ``agent_id``, replacing any earlier pin; return the replaced key.
+
+        With ``name``, the name is pinned to ``agent_id`` and, of the ids pinned for it before,
+        only those in ``keep`` (agents still registered under that name) stay accepted.
+        """
         _check_agent_id(agent_id)
+        if name is not None:
+            _check_agent_name(name)
         with self._locked():
             pins = self._read()
-            previous = pins.get(agent_id)
-            pins[agent_id] = key.raw
+            previous = pins.agents.get(agent_id)
+            pins.agents[agent_id] = key.raw
+            if name is not None:
+                named = pins.ids_named(self.server, name)
+                named.intersection_update(keep)
+                named.add(agent_id)
             self._write(pins)
         return None if previous is None else PublicIdentity(previous)
 
@@ -109,7 +228,7 @@ class KnownAgents:
         _check_agent_id(agent_id)
         with self._locked():
             pins = self._read()
-            if pins.pop(agent_id, None) is None:
+            if pins.agents.pop(agent_id, None) is None:
                 return False
             self._write(pins)
             return True
@@ -125,11 +244,11 @@ class KnownAgents:
         finally:
             os.close(fd)
 
-    def _read(self) -> dict[str, bytes]:
+    def _read(self) -> _Pins:
         try:
             fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except FileNotFoundError:
-            return {}
+            return _Pins()
         except OSError as error:
             raise KnownAgentsError(f"{self.path}: cannot open ({error.strerror})") from None
         with os.fdopen(fd, "rb") as handle:
@@ -149,42 +268,86 @@ class KnownAgents:
             )
         return _parse(data, self.path)
 
-    def _write(self, pins: dict[str, bytes]) -> None:
-        if len(pins) > MAX_KNOWN_AGENTS:
+    def _write(self, pins: _Pins) -> None:
+        if len(pins.agents) > MAX_KNOWN_AGENTS:
             raise KnownAgentsError(
                 f"{self.path}: more than {MAX_KNOWN_AGENTS} pinned agents; remove stale entries "
                 f"from it"
             )
+        names = {
+            server: {name: sorted(ids) for name, ids in named.items() if ids}
+            for server, named in pins.names.items()
+        }
+        names = {server: named for server, named in names.items() if named}
+        if sum(len(named) for named in names.values()) > MAX_KNOWN_NAMES:
+            raise KnownAgentsError(
+                f"{self.path}: more than {MAX_KNOWN_NAMES} pinned agent names; remove stale "
+                f"entries from it"
+            )
         document = {
             "version": KNOWN_AGENTS_FORMAT_VERSION,
-            "agents": {agent_id: {"public_key": b64url(raw)} for agent_id, raw in pins.items()},
+            "agents": {
+                agent_id: {"public_key": b64url(raw)} for agent_id, raw in pins.agents.items()
+            },
+            "names": names,
         }
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
         write_private_file(self.path, text.encode())
 
 
-def _parse(data: bytes, path: Path) -> dict[str, bytes]:
+def _parse(data: bytes, path: Path) -> _Pins:
     unreadable = f"{path}: not a readable known-agents file; move it aside and reconnect to re-pin"
     try:
         document: Any = json.loads(data)
     except ValueError:
         raise KnownAgentsError(unreadable) from None
-    if not isinstance(document, dict) or document.get("version") != KNOWN_AGENTS_FORMAT_VERSION:
+    if not isinstance(document, dict) or document.get("version") not in (
+        ID_ONLY_FORMAT_VERSION, KNOWN_AGENTS_FORMAT_VERSION,
+    ):
         raise KnownAgentsError(unreadable)
     agents = document.get("agents")
     if not isinstance(agents, dict) or len(agents) > MAX_KNOWN_AGENTS:
         raise KnownAgentsError(unreadable)
-    pins: dict[str, bytes] = {}
+    pins = _Pins()
     for agent_id, entry in agents.items():
         if not isinstance(entry, dict) or not _AGENT_ID_PATTERN.fullmatch(agent_id):
             raise KnownAgentsError(f"{unreadable} (bad entry {agent_id[:40]!r})")
         try:
-            pins[agent_id] = PublicIdentity(b64url_decode(entry["public_key"], 64)).raw
+            pins.agents[agent_id] = PublicIdentity(b64url_decode(entry["public_key"], 64)).raw
         except Exception:
             raise KnownAgentsError(f"{unreadable} (bad key for {agent_id[:40]!r})") from None
+    if document["version"] == ID_ONLY_FORMAT_VERSION:
+        return pins  # names were not pinned yet: each is pinned at its next connection
+    pins.names = _parse_names(document.get("names"), unreadable)
     return pins
+
+
+def _parse_names(names: Any, unreadable: str) -> dict[str, dict[str, set[str]]]:
+    if not isinstance(names, dict):
+        raise KnownAgentsError(unreadable)
+    parsed: dict[str, dict[str, set[str]]] = {}
+    count = 0
+    for server, named in names.items():
+        if len(server) > MAX_SERVER_LENGTH or not isinstance(named, dict):
+            raise KnownAgentsError(f"{unreadable} (bad server {server[:40]!r})")
+        count += len(named)
+        if count > MAX_KNOWN_NAMES:
+            raise KnownAgentsError(unreadable)
+        for name, agent_ids in named.items():
+            if (not _AGENT_NAME_PATTERN.fullmatch(name) or not isinstance(agent_ids, list)
+                    or len(agent_ids) > MAX_IDS_PER_NAME
+                    or not all(isinstance(agent_id, str) and _AGENT_ID_PATTERN.fullmatch(agent_id)
+                               for agent_id in agent_ids)):
+                raise KnownAgentsError(f"{unreadable} (bad entry for name {name[:40]!r})")
+            parsed.setdefault(server, {})[name] = set(agent_ids)
+    return parsed
 
 
 def _check_agent_id(agent_id: str) -> None:
     if not isinstance(agent_id, str) or not _AGENT_ID_PATTERN.fullmatch(agent_id):
         raise KnownAgentsError(f"{agent_id!r} is not an agent id")
+
+
+def _check_agent_name(name: str) -> None:
+    if not isinstance(name, str) or not _AGENT_NAME_PATTERN.fullmatch(name):
+        raise KnownAgentsError(f"{name[:40]!r} is not an agent name")

@@ -223,8 +223,10 @@ def build_parser() -> argparse.ArgumentParser:
     trust = agents_commands.add_parser(
         "trust",
         help="accept an agent's current key (after a deliberate re-enrollment or key rotation)",
-        description="Pin the key the rendezvous lists for AGENT in place of the known one, "
-        "after showing both fingerprints and asking for confirmation.",
+        description="Pin the key the rendezvous lists for AGENT, for its id and its name, in "
+        "place of the pinned ones, after showing the fingerprints and asking for confirmation. "
+        "While several agents share the name (an old registration not removed yet), give the "
+        "id.",
     )
     trust.add_argument("agent", metavar="AGENT", help="agent name or id")
     trust.add_argument("--yes", action="store_true", help="do not ask for confirmation")

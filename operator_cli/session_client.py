@@ -22,7 +22,7 @@ import trio
 
 from operator_cli.approval_requests import ApprovalFormatError, PendingApproval
 from operator_cli.client import Session
-from operator_cli.known_agents import AgentKeyChangedError, KnownAgents
+from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, PinOutcome
 from protocol.control import (
     Close,
     ControlMessage,
@@ -176,15 +176,25 @@ def request_session(
                 f"the rendezvous parked the session in an unexpected form ({error})"
             ) from None
         raise ApprovalPending(pending)
-    return SessionTicket.from_response(answer)
+    ticket = SessionTicket.from_response(answer)
+    if target not in (ticket.agent_id, ticket.agent_name):
+        # An honest rendezvous resolves the target by exact id or name; a ticket for another
+        # agent would sidestep the pin kept for the name the operator asked for.
+        raise SessionError(
+            f"the rendezvous answered for agent {ticket.agent_name!r} ({ticket.agent_id}), "
+            f"not {target!r}; nothing was run"
+        )
+    return ticket
 
 
 class AgentKeyPin:
-    """The operator's check of the agent's handshake key: its known-agents pin.
+    """The operator's check of the agent's handshake key: its known-agents pins.
 
-    A pinned agent must present exactly the pinned key (a change raises AgentKeyChangedError, which
-    names both fingerprints and ``tucdesk agents trust``). An agent seen for the first time must
-    present the key the rendezvous registered for it, which is then pinned.
+    A pinned agent must present exactly the pinned key, and an agent id new under a name pinned
+    on this server must present that name's pinned key (either change raises
+    AgentKeyChangedError, which names both fingerprints and ``tucdesk agents trust``). An agent
+    seen for the first time must present the key the rendezvous registered for it, which is then
+    pinned for its id and its name.
     """
 
     def __init__(self, known_agents: KnownAgents, ticket: SessionTicket) -> None:
@@ -196,21 +206,19 @@ class AgentKeyPin:
     def __call__(self, presented: PublicIdentity) -> str | None:
         """None when ``presented`` is the agent's expected key; otherwise the reason it is not."""
         agent_id = self.ticket.agent_id
-        pinned = self.known_agents.pinned_key(agent_id)
-        if pinned is None:
-            if presented != self.ticket.agent_key:
-                return (
-                    f"the agent presented key {presented.fingerprint}, but the rendezvous "
-                    f"registered {self.ticket.agent_key.fingerprint} for {agent_id}"
-                )
-            self.known_agents.verify_or_pin(agent_id, presented)
-            self.first_use = True
-            return None
+        if self.known_agents.pinned_key(agent_id) is None and presented != self.ticket.agent_key:
+            return (
+                f"the agent presented key {presented.fingerprint}, but the rendezvous "
+                f"registered {self.ticket.agent_key.fingerprint} for {agent_id}"
+            )
         try:
-            self.known_agents.verify_or_pin(agent_id, presented)
+            outcome = self.known_agents.verify_or_pin(
+                agent_id, presented, name=self.ticket.agent_name
+            )
         except AgentKeyChangedError as error:
             self.key_changed = error
             return str(error)
+        self.first_use = outcome is PinOutcome.FIRST_USE
         return None
 
 

@@ -13,6 +13,7 @@ import shlex
 import sys
 import traceback
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import quote
 
@@ -178,7 +179,7 @@ def exec_command(
                 command=tuple(command), read_stdin=should_read_stdin(no_stdin, force_stdin)
             )
             status: int = trio.run(
-                run_exec, ticket, api.identity, KnownAgents.in_home(home.path), options,
+                run_exec, ticket, api.identity, known_agents_of(home), options,
                 offer_refusal_probe(api, ticket.session_id), _session_notices(),
             )
         finally:
@@ -246,7 +247,7 @@ def connect_command(
                                f"{shlex.quote(agent)}")
             ticket = obtained
             outcome = trio.run(
-                run_connect, ticket, api.identity, KnownAgents.in_home(home.path), start,
+                run_connect, ticket, api.identity, known_agents_of(home), start,
                 ConnectOptions(escape_character=escape),
                 offer_refusal_probe(api, ticket.session_id), _session_notices(),
             )
@@ -268,23 +269,28 @@ def agents_trust(
     assume_yes: bool,
     ask: Callable[[str], str] = input,
 ) -> int:
-    """`tucdesk agents trust AGENT`: re-pin the agent's key from the rendezvous's listing."""
+    """`tucdesk agents trust NAME_OR_ID`: pin the agent's listed key for its id and its name."""
 
     def run() -> int:
-        listed = _find_listed_agent(home, agent)
+        listed, same_name = _find_listed_agent(home, agent)
         agent_id = str(listed["id"])
         name = str(listed.get("name") or agent_id)
         key_text = listed.get("public_key")
         if not isinstance(key_text, str):
             raise SessionError("the server does not list agent keys; is it the same version?")
         key = PublicIdentity(b64url_decode(key_text, 64))
-        known = KnownAgents.in_home(home.path)
+        known = known_agents_of(home)
         pinned = known.pinned_key(agent_id)
-        if pinned is not None and hmac.compare_digest(pinned.raw, key.raw):
+        named = known.pins_for_name(name)
+        if (pinned is not None and hmac.compare_digest(pinned.raw, key.raw)
+                and agent_id in named):
             print(f"agent {name} ({agent_id}) is already trusted with key {key.fingerprint}")
             return EXIT_OK
         print(f"agent {name} ({agent_id})")
         print(f"  pinned key: {pinned.fingerprint if pinned else '(none)'}")
+        for other_id, other_key in sorted(named.items()):
+            if other_id != agent_id:
+                print(f"  pinned key for the name {name}: {other_key.fingerprint}  ({other_id})")
         print(f"  listed key: {key.fingerprint}  (as registered with the rendezvous)")
         if not assume_yes:
             if not sys.stdin.isatty():
@@ -296,7 +302,8 @@ def agents_trust(
             if answer.strip().lower() not in ("y", "yes"):
                 print("not changed")
                 return EXIT_DECLINED
-        known.trust(agent_id, key)
+        # Agents still registered under the name stay accepted for it; removed ones do not.
+        known.trust(agent_id, key, name=name, keep=same_name)
         print(f"agent {name} ({agent_id}) is now pinned to {key.fingerprint}")
         return EXIT_OK
 
@@ -310,21 +317,51 @@ def agents_trust(
         return EXIT_FAILURE
 
 
-def _find_listed_agent(home: CliHome, agent: str) -> dict[str, Any]:
+def known_agents_of(home: CliHome) -> KnownAgents:
+    """The CLI home's known agents, with names pinned under the server it is logged in to."""
+    settings = home.load_settings()
+    if settings is None:
+        raise HomeError("not logged in: run 'tucdesk login --server URL --invite CODE' first")
+    return KnownAgents.in_home(home.path, settings.server)
+
+
+def _find_listed_agent(home: CliHome, agent: str) -> tuple[dict[str, Any], set[str]]:
+    """The agent ``agent`` names (an id, or a name only one agent has) as listed, and the ids of
+    every agent listed under its name."""
     api = Session.from_home(home)
     try:
         matches = agents_named(api, agent)
+        if not matches:
+            raise SessionError(f"no agent called {agent!r} in your team")
+        if matches[0]["id"] != agent and len(matches) > 1:
+            raise SessionError(_trust_ambiguity_message(agent, matches))
+        listed = dict(matches[0])
+        name = listed.get("name")
+        same_name = (agents_named(api, name) if isinstance(name, str) and name != agent
+                     else matches)
     except AgentListError as error:
         raise SessionError(str(error)) from None
     finally:
         api.close()
-    if matches and matches[0]["id"] == agent:
-        return dict(matches[0])
-    if len(matches) == 1:
-        return dict(matches[0])
-    if not matches:
-        raise SessionError(f"no agent called {agent!r} in your team")
-    raise SessionError(ambiguity_message(agent, matches))
+    return listed, {str(match["id"]) for match in same_name if match.get("name") == name}
+
+
+def _trust_ambiguity_message(name: str, matches: Sequence[Any]) -> str:
+    """The error of `agents trust` for a name several agents share: each with its id, state and
+    registration time (the newest is usually a re-enrollment), and to give the id."""
+    listed = ", ".join(
+        f"{match.get('id')} ({'online' if match.get('online') else 'offline'}, registered "
+        f"{_registered_when(match.get('registered_at'))})"
+        for match in matches
+    )
+    return (f"several agents are called {name!r}: {listed}; give the id of the one to trust: "
+            f"tucdesk agents trust AGENT_ID")
+
+
+def _registered_when(timestamp: object) -> str:
+    if not isinstance(timestamp, int | float):
+        return "at an unknown time"
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def ambiguity_message(name: str, matches: Sequence[Any]) -> str:

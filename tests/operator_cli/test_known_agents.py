@@ -11,14 +11,17 @@ import pytest
 from operator_cli.known_agents import (
     MAX_KNOWN_AGENTS_FILE_SIZE,
     AgentKeyChangedError,
+    AgentNameKeyChangedError,
     KnownAgents,
     KnownAgentsError,
     PinOutcome,
 )
-from protocol.identity import SigningIdentity
+from protocol.identity import SigningIdentity, b64url
 
 FIRST_KEY = SigningIdentity.generate().public
 SECOND_KEY = SigningIdentity.generate().public
+THIRD_KEY = SigningIdentity.generate().public
+SERVER = "https://rendezvous.example:8443"
 
 
 def store(tmp_path: Path) -> KnownAgents:
@@ -88,7 +91,12 @@ def test_garbage_file_gives_a_clear_error(tmp_path: Path) -> None:
     "document",
     [
         [],
+        {"version": 3, "agents": {}},
         {"version": 2, "agents": {}},
+        {"version": 2, "agents": {}, "names": []},
+        {"version": 2, "agents": {}, "names": {SERVER: {"vm": "agt_1"}}},
+        {"version": 2, "agents": {}, "names": {SERVER: {"bad name!": ["agt_1"]}}},
+        {"version": 2, "agents": {}, "names": {SERVER: {"vm": ["bad id!"]}}},
         {"version": 1, "agents": []},
         {"version": 1, "agents": {"agt_1": {"public_key": "AAAA"}}},
         {"version": 1, "agents": {"bad id!": {"public_key": "AAAA"}}},
@@ -124,3 +132,81 @@ def test_file_others_can_write_is_refused(tmp_path: Path) -> None:
 def test_malformed_agent_ids_are_refused(tmp_path: Path) -> None:
     with pytest.raises(KnownAgentsError):
         store(tmp_path).verify_or_pin("../etc/passwd", FIRST_KEY)
+
+
+def named_store(tmp_path: Path, server: str = SERVER) -> KnownAgents:
+    return KnownAgents.in_home(tmp_path / "cli-home", server)
+
+
+def test_a_new_id_with_another_key_under_a_pinned_name_is_refused_naming_both(
+    tmp_path: Path,
+) -> None:
+    known = named_store(tmp_path)
+    assert known.verify_or_pin("agt_old", FIRST_KEY, name="vm") is PinOutcome.FIRST_USE
+    with pytest.raises(AgentNameKeyChangedError) as caught:
+        known.verify_or_pin("agt_new", SECOND_KEY, name="vm")
+    assert isinstance(caught.value, AgentKeyChangedError)  # refused wherever a change is
+    message = str(caught.value)
+    for part in ("vm", "agt_old", "agt_new", FIRST_KEY.fingerprint, SECOND_KEY.fingerprint,
+                 "tucdesk agents trust vm\n"):
+        assert part in message
+    assert known.pinned_key("agt_new") is None
+    assert known.pins_for_name("vm") == {"agt_old": FIRST_KEY}
+
+
+def test_the_same_key_under_a_new_id_is_accepted_and_moves_the_name(tmp_path: Path) -> None:
+    known = named_store(tmp_path)
+    known.verify_or_pin("agt_old", FIRST_KEY, name="vm")
+    assert known.verify_or_pin("agt_new", FIRST_KEY, name="vm") is PinOutcome.NEW_ID_SAME_KEY
+    assert known.pins_for_name("vm") == {"agt_new": FIRST_KEY}
+    assert known.verify_or_pin("agt_new", FIRST_KEY, name="vm") is PinOutcome.MATCHED
+    with pytest.raises(AgentNameKeyChangedError):
+        known.verify_or_pin("agt_third", SECOND_KEY, name="vm")
+
+
+def test_a_known_agent_under_a_name_pinned_to_another_is_refused(tmp_path: Path) -> None:
+    known = named_store(tmp_path)
+    known.verify_or_pin("agt_1", FIRST_KEY, name="vm")
+    known.verify_or_pin("agt_2", SECOND_KEY, name="db")
+    with pytest.raises(AgentNameKeyChangedError):
+        known.verify_or_pin("agt_2", SECOND_KEY, name="vm")  # db's agent handed out as vm
+
+
+def test_names_are_pinned_per_server(tmp_path: Path) -> None:
+    named_store(tmp_path).verify_or_pin("agt_1", FIRST_KEY, name="vm")
+    other = named_store(tmp_path, "https://elsewhere.example")
+    assert other.verify_or_pin("agt_2", SECOND_KEY, name="vm") is PinOutcome.FIRST_USE
+    with pytest.raises(AgentNameKeyChangedError):
+        named_store(tmp_path).verify_or_pin("agt_3", THIRD_KEY, name="vm")
+
+
+def test_trust_pins_the_name_to_the_id_keeping_only_agents_still_listed(tmp_path: Path) -> None:
+    known = named_store(tmp_path)
+    known.verify_or_pin("agt_old", FIRST_KEY, name="vm")
+    assert known.trust("agt_new", SECOND_KEY, name="vm", keep={"agt_new"}) is None
+    assert known.pins_for_name("vm") == {"agt_new": SECOND_KEY}
+    assert known.verify_or_pin("agt_new", SECOND_KEY, name="vm") is PinOutcome.MATCHED
+    with pytest.raises(AgentNameKeyChangedError):
+        known.verify_or_pin("agt_old", FIRST_KEY, name="vm")  # removed, so no longer accepted
+    known.trust("agt_twin", THIRD_KEY, name="vm", keep={"agt_new", "agt_twin"})
+    assert known.pins_for_name("vm") == {"agt_new": SECOND_KEY, "agt_twin": THIRD_KEY}
+    assert known.verify_or_pin("agt_new", SECOND_KEY, name="vm") is PinOutcome.MATCHED
+
+
+def test_an_id_only_file_keeps_working_and_is_rewritten_with_names(tmp_path: Path) -> None:
+    known = named_store(tmp_path)
+    known.path.parent.mkdir(parents=True)
+    old_form = {"version": 1, "agents": {"agt_1": {"public_key": b64url(FIRST_KEY.raw)}}}
+    known.path.write_text(json.dumps(old_form))
+    known.path.chmod(0o600)
+    assert known.pinned_key("agt_1") == FIRST_KEY
+    with pytest.raises(AgentKeyChangedError):
+        known.verify_or_pin("agt_1", SECOND_KEY, name="vm")
+    assert known.verify_or_pin("agt_1", FIRST_KEY, name="vm") is PinOutcome.MATCHED
+    document = json.loads(known.path.read_text())
+    assert document["version"] == 2
+    assert document["agents"] == old_form["agents"]
+    assert document["names"] == {SERVER: {"vm": ["agt_1"]}}
+    assert stat.S_IMODE(known.path.stat().st_mode) == 0o600
+    with pytest.raises(AgentNameKeyChangedError):
+        known.verify_or_pin("agt_2", SECOND_KEY, name="vm")

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from operator_cli import session_client
 from operator_cli.connect import passed_environment, shell_start, terminal_type
 from operator_cli.exec_command import ExecOptions, exec_start, should_read_stdin, stream_exec
-from operator_cli.known_agents import AgentKeyChangedError, KnownAgents
+from operator_cli.known_agents import AgentKeyChangedError, AgentNameKeyChangedError, KnownAgents
 from operator_cli.session_client import (
     ConnectionLost,
     SessionError,
@@ -265,6 +265,39 @@ def test_a_changed_agent_key_is_refused_loudly_and_the_pin_kept(tmp_path: Path) 
     assert AGENT_KEY.public.fingerprint in str(caught.value)
     assert OTHER_KEY.public.fingerprint in str(caught.value)
     assert known.pinned_key(AGENT_ID) == OTHER_KEY.public
+
+
+def test_a_new_agent_id_with_another_key_under_a_pinned_name_is_refused(tmp_path: Path) -> None:
+    known = KnownAgents.in_home(tmp_path / "cli")
+    known.trust("agt_before_reenrollment", OTHER_KEY.public, name="web-1")
+
+    async def script(peer: AgentPeer) -> None:
+        raise AssertionError("the session must not start")
+
+    async def operator(session: Any) -> None:
+        raise AssertionError("the session must not start")
+
+    with pytest.raises(AgentNameKeyChangedError) as caught:
+        trio.run(with_agent, tmp_path, script, operator)
+    message = str(caught.value)
+    assert AGENT_KEY.public.fingerprint in message and OTHER_KEY.public.fingerprint in message
+    assert AGENT_ID in message and "agt_before_reenrollment" in message
+    assert "tucdesk agents trust web-1" in message
+    assert known.pinned_key(AGENT_ID) is None
+
+
+def test_a_new_agent_id_with_the_pinned_key_of_its_name_is_accepted(tmp_path: Path) -> None:
+    known = KnownAgents.in_home(tmp_path / "cli")
+    known.trust("agt_before_reregistration", AGENT_KEY.public, name="web-1")
+
+    async def script(peer: AgentPeer) -> None:
+        await peer.exit(ExitStatus(code=0))
+
+    async def operator(session: Any) -> None:
+        await session.close()
+
+    trio.run(with_agent, tmp_path, script, operator)
+    assert known.pins_for_name("web-1") == {AGENT_ID: AGENT_KEY.public}
 
 
 def test_a_refused_grant_reaches_the_operator_with_the_agents_reason(tmp_path: Path) -> None:
@@ -524,3 +557,26 @@ def test_frames_sent_together_arrive_whole_and_in_order_when_the_socket_is_full(
         theirs.close()
 
     trio.run(main)
+
+
+class _LyingRendezvous:
+    """A rendezvous that answers a session request with a ticket for whatever agent it likes
+    (what a compromised one could do to sidestep the pin kept for the name asked for)."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+
+    def request_with_status(self, method: str, path: str, body: Any) -> tuple[int, Any]:
+        return 201, self.body
+
+
+@pytest.mark.parametrize("target", ["web-1", AGENT_ID])
+def test_a_ticket_for_the_agent_asked_for_by_name_or_id_is_taken(target: str) -> None:
+    api: Any = _LyingRendezvous(response_body())
+    assert session_client.request_session(api, target, "shell").agent_id == AGENT_ID
+
+
+def test_a_ticket_for_another_agent_than_the_one_asked_for_is_refused() -> None:
+    api: Any = _LyingRendezvous(response_body())
+    with pytest.raises(SessionError, match="answered for agent 'web-1'.*not 'db-1'"):
+        session_client.request_session(api, "db-1", "exec", ["true"])
