@@ -54,6 +54,31 @@ def default_state_dir(environ: Mapping[str, str] | None = None) -> Path:
     return Path(base) / "tucdesk-agent"
 
 
+# What each AgentConfig setting is, for --help (which adds its variable and default). A None
+# default is described here instead.
+SETTING_HELP: dict[str, str] = {
+    "state_dir": f"where the sealed state lives (default {SYSTEM_STATE_DIR} as root, else "
+    "$XDG_STATE_HOME/tucdesk-agent)",
+    "user": "local account sessions run as (default: the agent's own)",
+    "shell": "absolute path of the shell for shell sessions (default: that account's login "
+    "shell)",
+    "ca_file": "CA bundle for the rendezvous's TLS certificate (default: the one saved at "
+    "enrollment)",
+    "machine_root": "read machine identifiers under this directory (only tests change it)",
+    "max_sessions": f"most sessions at once (1..{MAX_MAX_SESSIONS})",
+    "handshake_timeout_seconds": "how long a session's handshake with the operator may take "
+    "(at most 300)",
+    "reconnect_cap_seconds": "longest wait between reconnects to the rendezvous (1..3600)",
+    "record_sessions": "record what each session outputs (asciicast v2; never what is typed)",
+    "recordings_dir": f"where recordings go (default: STATE_DIR/{RECORDINGS_DIR_NAME})",
+    "max_recording_bytes": "a recording stops, with a marker, at this size (at least "
+    f"{MIN_MAX_RECORDING_BYTES})",
+    "recordings_max_age_days": "delete finished recordings older than this (default: keep)",
+    "recordings_max_total_bytes": "keep at most this many bytes of finished recordings, oldest "
+    "deleted first (default: no cap)",
+}
+
+
 @dataclass(frozen=True)
 class AgentConfig:
     """Every setting of the agent daemon, typed and validated."""

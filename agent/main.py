@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import fcntl
 import gc
 import importlib.metadata
@@ -10,6 +11,7 @@ import logging
 import os
 import signal
 import sys
+import textwrap
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -22,6 +24,9 @@ import trio
 
 from agent.audit_events import SessionAuditor
 from agent.config import (
+    CONFIG_ENVIRONMENT,
+    ENVIRONMENT_PREFIX,
+    SETTING_HELP,
     SYSTEM_STATE_DIR,
     AgentConfig,
     check_session_user,
@@ -30,8 +35,14 @@ from agent.config import (
 )
 from agent.control_client import ControlClient, ReconnectBackoff
 from agent.daemon_lock import acquire_daemon_lock, lock_file_path
-from agent.enrollment import EnrollmentRequest, enroll, grant_signing_keys, prepare_state_dir
-from agent.errors import AgentError, ConfigError
+from agent.enrollment import (
+    EnrollmentRequest,
+    enroll,
+    grant_signing_keys,
+    parse_service_keys,
+    prepare_state_dir,
+)
+from agent.errors import AgentError, ConfigError, EnrollmentError
 from agent.event_spool import SPOOL_DIR_NAME, EventSpool
 from agent.grant_policy import GrantPolicy
 from agent.machine_identity import (
@@ -87,13 +98,53 @@ GC_YOUNG_THRESHOLD = 20_000
 logger = logging.getLogger("tucdesk.agent")
 
 _CONFIG_HELP = (
-    "Settings come from flags, then TUCDESK_AGENT_<SETTING> environment variables (e.g. "
-    "TUCDESK_AGENT_STATE_DIR, TUCDESK_AGENT_USER, TUCDESK_AGENT_SHELL, TUCDESK_AGENT_CA_FILE, "
-    "TUCDESK_AGENT_MAX_SESSIONS, TUCDESK_AGENT_RECORD_SESSIONS, TUCDESK_AGENT_RECORDINGS_DIR, "
-    "TUCDESK_AGENT_MAX_RECORDING_BYTES, TUCDESK_AGENT_RECORDINGS_MAX_AGE_DAYS, "
-    "TUCDESK_AGENT_RECORDINGS_MAX_TOTAL_BYTES), then the TOML file given by --config or "
-    "TUCDESK_AGENT_CONFIG (as root with neither: /etc/tucdesk/agent.toml if it exists)."
+    "Settings come from flags, then TUCDESK_AGENT_<SETTING> environment variables, then the "
+    f"TOML file given by --config or {CONFIG_ENVIRONMENT} (as root with neither: "
+    "/etc/tucdesk/agent.toml if it exists), then the defaults listed below."
 )
+HELP_WIDTH = 78
+
+
+def settings_help() -> str:
+    """Every AgentConfig setting with its TOML key, environment variable and default, read off
+    the config object so the list cannot drift from what the agent reads."""
+    lines = ["settings (TOML key, environment variable):"]
+    for item in dataclasses.fields(AgentConfig):
+        lines.append(f"  {item.name}, {ENVIRONMENT_PREFIX}{item.name.upper()}")
+        text = SETTING_HELP[item.name]
+        if item.default is not None and item.default is not dataclasses.MISSING:
+            shown: object = item.default
+            if isinstance(shown, bool):
+                shown = str(shown).lower()
+            elif isinstance(shown, float):
+                shown = f"{shown:g}"
+            text += f"; default {shown}"
+        lines.extend(textwrap.wrap(text, HELP_WIDTH, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines) + "\n"
+
+
+class _ParserWithSettings(argparse.ArgumentParser):
+    """A parser whose --help ends with the settings list, laid out as written (argparse would
+    re-wrap it into one paragraph); its subcommands' parsers are of this class too."""
+
+    def format_help(self) -> str:
+        return f"{super().format_help()}\n{settings_help()}"
+
+
+def pinned_service_keys(state: AgentState) -> list[str]:
+    """The service keys this agent pinned at enrollment, one ``purpose: SHA256:… kid=…`` line
+    each, as `tucdesk-rendezvous keys show` prints the rendezvous's own (fingerprints computed
+    here from the pinned keys, not taken from what the server said they were)."""
+    lines = []
+    try:
+        pinned = parse_service_keys(state.service_keys)
+    except EnrollmentError as error:
+        return [f"(none readable: {error}; enroll again)"]
+    for purpose, keys in pinned.items():
+        for kid, key in keys.items():
+            lines.append(f"{purpose}: {key.fingerprint} kid={kid}")
+    return lines
 _STATUS_HELP = (
     f"Exit status (LSB): {STATUS_RUNNING} the daemon is running and connected; "
     f"{STATUS_DISCONNECTED} it is running but not connected to the rendezvous; "
@@ -106,7 +157,7 @@ _USER_ERRORS = (
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser: every subcommand and flag, documented for --help."""
-    parser = argparse.ArgumentParser(
+    parser = _ParserWithSettings(
         prog=PROGRAM,
         description=(
             "TucDesk agent daemon: enroll this host with a rendezvous, hold its control "
@@ -614,6 +665,9 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     print(f"Key:          {state.identity().public.fingerprint}")
     print(f"Server:       {state.server_url}")
     print(f"Policy:       {_policy_summary(state)}")
+    print("Service keys: pinned at enrollment; compare with tucdesk-rendezvous keys show")
+    for line in pinned_service_keys(state):
+        print(f"  {line}")
     status = read_status(config.status_file)
     if (
         status is None
@@ -676,6 +730,11 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
         return f"agent {state_box[0].agent_id} ({state_box[0].name}), {state_box[0].server_url}"
 
     show("State", describe_state)
+    if state_box:
+        print(f"{'Service keys:':<15}pinned at enrollment; compare with tucdesk-rendezvous keys "
+              "show")
+        for line in pinned_service_keys(state_box[0]):
+            print(f"  {line}")
 
     def describe_ca() -> str:
         saved = state_box[0].ca_file if state_box else None
@@ -707,6 +766,10 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
 
     show("Recordings", describe_recordings)
     print(f"{'Max sessions:':<15}{config.max_sessions}")
+    print(f"{'Handshake:':<15}at most {config.handshake_timeout_seconds:g}s "
+          "(handshake_timeout_seconds)")
+    print(f"{'Reconnect:':<15}waits at most {config.reconnect_cap_seconds:g}s between tries "
+          "(reconnect_cap_seconds)")
     if problems:
         for problem in problems:
             print(f"{PROGRAM}: {problem}", file=sys.stderr)

@@ -87,6 +87,26 @@ key (a private key is refused: an auditor never needs the signer's private key).
 """
 
 
+class _VersionAction(argparse.Action):
+    """--version, reading the distribution's metadata only when asked."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: object,
+        option_string: str | None = None,
+    ) -> None:
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("tucdesk")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        print(f"{parser.prog} {version}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, so --help describes what exists."""
     parser = argparse.ArgumentParser(
@@ -94,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Verify TucDesk audit exports offline, with nothing but the file and keys.",
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--version", action=_VersionAction, nargs=0, help="show the version and exit"
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on internal errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -93,8 +93,9 @@ class Session:
 
     @classmethod
     def from_home(cls, home: CliHome) -> Session:
-        """A session from the saved settings and key; HomeError if the user never logged in."""
-        settings = home.load_settings()
+        """A session from the saved settings (as --server/--ca-file allow) and key; HomeError if
+        the user never logged in or --server names another server."""
+        settings = home.command_settings()
         identity = home.load_key()
         if settings is None or identity is None:
             raise HomeError("not logged in: run 'tucdesk login --server URL --invite CODE' first")

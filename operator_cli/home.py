@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from protocol.identity import SigningIdentity, read_private_file, write_private_file
 
@@ -47,8 +48,13 @@ class Settings:
 class CliHome:
     """Reads and writes the CLI's state files."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(
+        self, path: Path, *, server: str | None = None, ca_file: str | None = None
+    ) -> None:
         self.path = Path(path)
+        # This run's global --server and --ca-file (login saves its own; see command_settings).
+        self.requested_server = server
+        self.requested_ca_file = ca_file
         # Set when a damaged token cache was found (and removed) by load_token.
         self.token_was_damaged = False
 
@@ -72,6 +78,26 @@ class CliHome:
             raise HomeError(f"{self.path / SETTINGS_FILE} is damaged; log in again with --server")
         ca_file = data.get("ca_file")
         return Settings(server=server, ca_file=ca_file if isinstance(ca_file, str) else None)
+
+    def command_settings(self) -> Settings | None:
+        """The saved settings as this run's --server and --ca-file leave them, or None.
+
+        The token was issued by the saved server and goes nowhere else: a --server naming
+        another one is refused (HomeError), never silently ignored. --ca-file is used for this
+        command in place of the saved one (it only changes how that same server is verified).
+        """
+        saved = self.load_settings()
+        if saved is None:
+            return None
+        requested = self.requested_server
+        if requested is not None and server_key(requested) != server_key(saved.server):
+            raise HomeError(
+                f"you are logged in to {saved.server}; to use {requested} run "
+                f"'tucdesk login --server {requested}' (or use another --home)"
+            )
+        if self.requested_ca_file is None:
+            return saved
+        return Settings(server=saved.server, ca_file=str(Path(self.requested_ca_file).resolve()))
 
     def save_settings(self, settings: Settings) -> None:
         """Remember the server and CA file for later commands."""
@@ -138,6 +164,20 @@ class CliHome:
         if not isinstance(data, dict):
             raise HomeError(f"{path} is damaged; delete it and log in again")
         return data
+
+
+def server_key(url: str) -> tuple[str, str, int | None, str]:
+    """What makes two server URLs the same server: scheme, host and port (defaults filled in),
+    path; case and a trailing slash do not count."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return (url, "", None, "")
+    scheme = parts.scheme.lower()
+    default_port = {"https": 443, "http": 80}.get(scheme)
+    return (scheme, (parts.hostname or "").lower(), port or default_port,
+            parts.path.rstrip("/"))
 
 
 def _is_token_record(record: Mapping[str, Any]) -> bool:

@@ -129,6 +129,21 @@ def parse_since(text: str, now: float | None = None) -> float:
     return max(moment.timestamp(), 0.0)
 
 
+class _VersionAction(argparse.Action):
+    """--version, reading the distribution's metadata only when asked (start-up stays lean)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: object, option_string: str | None = None) -> None:
+        import importlib.metadata
+
+        try:
+            version = importlib.metadata.version("tucdesk")
+        except importlib.metadata.PackageNotFoundError:
+            version = "unknown (not installed)"
+        print(f"{parser.prog} {version}")
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; --help describes every command."""
     parser = argparse.ArgumentParser(
@@ -138,8 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
         "or $XDG_CONFIG_HOME/tucdesk.",
     )
     parser.add_argument("--home", type=Path, help="CLI home directory")
-    parser.add_argument("--server", help="rendezvous URL, e.g. https://rendezvous.example:8443")
-    parser.add_argument("--ca-file", help="PEM CA bundle that signed the server's certificate")
+    parser.add_argument(
+        "--version", action=_VersionAction, nargs=0, help="show the version and exit"
+    )
+    parser.add_argument(
+        "--server",
+        help="rendezvous URL, e.g. https://rendezvous.example:8443 (login: the server to log in "
+        "to; other commands refuse one that is not the server you are logged in to)",
+    )
+    parser.add_argument("--ca-file", help="PEM CA bundle that signed the server's certificate "
+                        "(for this command; login saves it for later ones)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -737,6 +760,8 @@ def _connect(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _exec(args: argparse.Namespace, home: CliHome) -> int:
+    if not args.remote_command or args.remote_command == ["--"]:
+        args.command_parser.error("no command given: tucdesk exec AGENT -- CMD [ARGS...]")
     if args.want_pty:
         args.command_parser.error(
             "exec -t: the agent runs exec without a PTY (no PTY for one command yet); for an "
@@ -823,7 +848,8 @@ def main(argv: list[str] | None = None) -> int:
     open_dev_null_on_closed_standard_fds()  # before any socket can take fd 0-2
     parser = build_parser()
     args = parser.parse_args(argv)
-    home = CliHome(args.home or default_home(os.environ))
+    home = CliHome(args.home or default_home(os.environ), server=args.server,
+                   ca_file=args.ca_file)
     try:
         result: int = args.handler(args, home)
         return result

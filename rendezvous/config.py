@@ -88,6 +88,41 @@ def parse_relays(value: object) -> tuple[RelayEndpoint, ...]:
     return relays
 
 
+# What each ServiceConfig setting is, for --help (which adds its flag, variable and default).
+SETTING_HELP: dict[str, str] = {
+    "data_dir": "service data directory: the service keys (0600 files under keys/) and, "
+    "without database, the SQLite file",
+    "database": "store URL, sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: the "
+    f"SQLite file {DATABASE_FILE_NAME} in data_dir)",
+    "listen": "HOST:PORT the HTTPS API listens on",
+    "tls_cert": "PEM certificate chain for TLS (with tls_key)",
+    "tls_key": "PEM private key for TLS (with tls_cert)",
+    "insecure_http": "serve plain HTTP without TLS (only on a loopback address)",
+    "issuer": "iss of the tokens this service signs; relays must be given the same",
+    "audience": "aud of the access tokens this service signs",
+    "access_token_seconds": f"operator access token lifetime (at most {MAX_ACCESS_TOKEN_SECONDS})",
+    "clock_skew_seconds": "how far a signed, timestamped request's clock may be off",
+    "max_body_bytes": "largest request body accepted",
+    "invite_seconds": "operator invite lifetime when invite create gives no --ttl",
+    "registration_key_seconds": "registration key lifetime when keys create gives no --ttl",
+    "max_registration_key_seconds": "longest registration key lifetime a request may ask for",
+    "login_challenge_seconds": "how long an operator login challenge stays valid",
+    "auth_rate_limit": "unauthenticated requests (enroll, challenge, login, agent "
+    "registration) per second from one address",
+    "auth_rate_burst": "how many of those one address may send at once",
+    "heartbeat_seconds": "how often agents are told to send a heartbeat on their control "
+    "channel",
+    "heartbeat_timeout_seconds": "a control channel silent this long is closed (the agent "
+    "goes offline)",
+    "relays": f"relays sessions may use, {RELAY_SYNTAX} (a list in TOML, comma-separated in "
+    "the environment); without one, sessions are refused",
+    "workers": f"service processes sharing the listening socket (1..{MAX_WORKERS}; more than "
+    "1 needs PostgreSQL)",
+    "metrics_listen": "HOST:PORT serving /metrics (plain HTTP) instead of the API port "
+    "(default: /metrics on the API port)",
+}
+
+
 @dataclass(frozen=True)
 class ServiceConfig:
     """Every setting of the rendezvous service, typed and validated."""

@@ -7,15 +7,17 @@ admin commands work on the very store a running service uses.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
 import os
 import signal
 import sys
+import textwrap
 import time
 import traceback
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -26,7 +28,7 @@ from protocol.errors import ProtocolError
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
 from rendezvous.auth import ROLES
-from rendezvous.config import ServiceConfig, load_config
+from rendezvous.config import ENVIRONMENT_PREFIX, SETTING_HELP, ServiceConfig, load_config
 from rendezvous.credentials import hash_secret, new_invite_code
 from rendezvous.errors import ConfigError, ServiceError
 from rendezvous.service_keys import (
@@ -53,15 +55,48 @@ EXIT_USAGE = 2
 
 logger = logging.getLogger("tucdesk.rendezvous")
 
-CONFIG_HELP = """\
+CONFIG_SOURCES = """\
 configuration (highest precedence first): command-line flags, TUCDESK_<SETTING> environment
-variables (e.g. TUCDESK_DATA_DIR, TUCDESK_DATABASE, TUCDESK_LISTEN, TUCDESK_TLS_CERT,
-TUCDESK_TLS_KEY, TUCDESK_INSECURE_HTTP, TUCDESK_ACCESS_TOKEN_SECONDS, TUCDESK_CLOCK_SKEW_SECONDS,
-TUCDESK_MAX_BODY_BYTES, TUCDESK_WORKERS, TUCDESK_METRICS_LISTEN, TUCDESK_RELAYS: comma-separated
-ID=HOST:PORT[/UDPPORT]),
-then the TOML file given by --config or TUCDESK_CONFIG (top-level keys or a [rendezvous] table
-with the same names in lower case; relays = ["ID=HOST:PORT", …]), then built-in defaults.
+variables, then the TOML file given by --config or TUCDESK_CONFIG (top-level keys or a
+[rendezvous] table; relays = ["ID=HOST:PORT", …]), then built-in defaults.
 """
+DURATION_UNITS = ((86400, "d"), (3600, "h"), (60, "m"))
+HELP_WIDTH = 78
+
+
+def settings_help(flags: Mapping[str, str]) -> str:
+    """The configuration part of --help: every ServiceConfig setting with its TOML key,
+    environment variable, flag (from ``flags``) and default, read off the config object so the
+    list cannot drift from what the service reads."""
+    lines = [CONFIG_SOURCES, "settings (TOML key, environment variable, flag):"]
+    for field in dataclasses.fields(ServiceConfig):
+        names = [field.name, ENVIRONMENT_PREFIX + field.name.upper()]
+        if field.name in flags:
+            names.append(flags[field.name])
+        lines.append("  " + ", ".join(names))
+        text = SETTING_HELP[field.name] + _default_text(field.name, field.default)
+        lines.extend(textwrap.wrap(text, HELP_WIDTH, initial_indent="      ",
+                                   subsequent_indent="      "))
+    return "\n".join(lines) + "\n"
+
+
+def _default_text(name: str, default: object) -> str:
+    if default is None:
+        return ""  # the help text says what happens without it
+    if isinstance(default, bool):
+        shown = str(default).lower()
+    elif default == ():
+        shown = "none"
+    elif isinstance(default, float):
+        shown = f"{default:g}"
+    else:
+        shown = str(default)
+    if name.endswith("_seconds") and isinstance(default, int | float) and default > 0:
+        for unit_seconds, unit in DURATION_UNITS:
+            if default >= unit_seconds and default % unit_seconds == 0:
+                shown += f" ({int(default // unit_seconds)}{unit})"
+                break
+    return f"; default {shown}"
 
 
 def rendezvous_version() -> str:
@@ -73,7 +108,10 @@ def rendezvous_version() -> str:
 
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data-dir", type=Path, help="service data directory (keys, SQLite db)")
+    parser.add_argument(
+        "--data-dir", type=Path, help="service data directory (keys, SQLite db; default "
+        f"{ServiceConfig.data_dir})",
+    )
     parser.add_argument(
         "--database",
         help="store URL: sqlite:///PATH or postgresql://…; default: SQLite file in the data dir",
@@ -86,15 +124,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROGRAM,
         description="TucDesk rendezvous: the control plane service and its admin commands.",
-        epilog=CONFIG_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"{PROGRAM} {rendezvous_version()}")
     # Also accepted before the command (`tucdesk-rendezvous --config FILE init`); the command's
-    # own --config wins when both are given.
+    # own --config (--data-dir, --database) wins when both are given.
     parser.add_argument(
-        "--config", dest="top_config", type=Path, help="TOML configuration file"
+        "--config", dest="top_config", type=Path, metavar="CONFIG",
+        help="TOML configuration file",
+    )
+    parser.add_argument(
+        "--data-dir", dest="top_data_dir", type=Path, metavar="DATA_DIR",
+        help=f"service data directory (default {ServiceConfig.data_dir})",
+    )
+    parser.add_argument(
+        "--database", dest="top_database", metavar="DATABASE", help="store URL (see below)"
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -102,8 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_flags(init)
 
     serve = commands.add_parser(
-        "serve", help="serve the HTTP API", epilog=CONFIG_HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        "serve", help="serve the HTTP API", formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     _add_store_flags(serve)
     serve.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8443)")
@@ -151,7 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     invite_create.add_argument("--team", required=True, help="team name")
     invite_create.add_argument("--email", required=True, help="the new operator's email")
     invite_create.add_argument("--role", required=True, choices=ROLES, help="the operator's role")
-    invite_create.add_argument("--ttl", help="lifetime such as 30m, 24h, 7d (default 7d)")
+    invite_create.add_argument(
+        "--ttl", help="lifetime such as 30m, 24h, 7d (default: invite_seconds, 7d)"
+    )
     _add_store_flags(invite_create)
 
     audit = commands.add_parser("audit", help="audit log")
@@ -179,6 +225,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only this key's public PEM (e.g. audit-signer, for tucdesk-audit verify)",
     )
     _add_store_flags(keys_show)
+    # The settings list names each setting's serve flag, taken from the serve parser itself.
+    flags = {
+        action.dest: action.option_strings[-1]
+        for action in serve._actions  # noqa: SLF001 - argparse has no public list of options
+        if action.option_strings and action.dest in SETTING_HELP
+    }
+    parser.epilog = serve.epilog = settings_help(flags)
     return parser
 
 
@@ -201,6 +254,9 @@ def _config(args: argparse.Namespace) -> ServiceConfig:
             "workers", "metrics_listen",
         )
     }
+    for name in ("data_dir", "database"):
+        if flags[name] is None:
+            flags[name] = getattr(args, f"top_{name}", None)
     config_file = getattr(args, "config", None) or getattr(args, "top_config", None)
     config = load_config(flags, os.environ, config_file)
     return config
