@@ -131,7 +131,8 @@ STOPPING_REFUSAL_REASON = "the agent is stopping"
 MAX_OFFER_SESSION_ID_LENGTH = 128
 
 OfferHandler = Callable[[dict[str, Any]], None]
-"""Called with each ``session_offer`` message; must not block (start a task and return)."""
+"""Called with each ``session_offer`` and ``end_sessions`` message; must not block (start a
+task and return)."""
 
 PolicyBundleHandler = Callable[[dict[str, Any]], dict[str, Any] | None]
 """Called with each ``policy_bundle`` message; returns the reply to send, if any."""
@@ -486,6 +487,12 @@ class ControlClient:
                     self._refuse_offer_while_stopping(message)
                 else:
                     self._on_offer(message)
+            elif kind == "end_sessions":
+                # Also while stopping: the sessions still draining end now. The offer handler
+                # takes it too (agent/session_host.py SessionHost.offer_handler).
+                self._on_offer(message)
+            elif kind == "service_keys":
+                self._follow_service_keys(message)
             elif kind == "policy_bundle" and self._on_policy_bundle is not None:
                 reply = self._on_policy_bundle(message)
                 if reply is not None:

@@ -13,6 +13,13 @@ backpressure (a slow reader stalls the child, never a buffer), ExitStatus and CL
 session, and the process session is torn down whenever either side leaves or the relay drops.
 With record_sessions on, what the operator received (never what they typed) and resizes also go
 to the session's recording (agent/recording.py), whose hash the ``session.ended`` event carries.
+
+An ``end_sessions`` message from the rendezvous (rendezvous/control_channel.py §8: an admin
+disabled the sessions' operator) ends the named sessions this process runs at once: a running
+one as the operator leaving would (the process group is torn down), after a Close telling the
+operator why, and its signed ``session.ended`` carries the message's reason; one still being
+set up (relay, handshake) is abandoned and audited as refused with that reason. Ids this
+process does not run are ignored: it runs only sessions offered to its own id and team.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import trio
 
 from agent.audit_events import SessionAuditor
 from agent.config import AgentConfig
-from agent.errors import OfferError
+from agent.errors import AgentError, OfferError
 from agent.exec_session import ExecSessionSpec, open_exec_session
 from agent.grant_policy import GrantPolicy, GrantPolicyRefused, LocalDecision
 from agent.process_group import (
@@ -105,6 +112,13 @@ MAX_LOGGED_PROGRAM_CHARACTERS = 128
 LOGGED_DIGEST_HEX_DIGITS = 12
 MAX_RELAY_HOST_LENGTH = 253
 MAX_RELAY_TOKEN_LENGTH = 8 * 1024
+# end_sessions: at most this many ids in one message (the rendezvous sends at most 64), and
+# the reasons it may give, each with what the operator is told (Close reason "revoked").
+MAX_END_SESSION_IDS = 256
+END_SESSIONS_REASONS: Mapping[str, str] = {
+    "operator_disabled": "the operator was disabled by an admin",
+}
+END_SESSIONS_CLOSE_REASON = "revoked"
 # A session id is remembered at least as long as any grant naming it could still be accepted.
 SESSION_ID_MEMORY_SECONDS = MAX_SESSION_GRANT_LIFETIME_SECONDS + 2 * SESSION_GRANT_LEEWAY_SECONDS
 
@@ -170,6 +184,59 @@ class SessionOutcome:
     reason: str = "normal"
     bytes_in: int = 0
     bytes_out: int = 0
+    # When the rendezvous ended it: the Close (reason, message) the operator is sent.
+    closing: tuple[str, str] | None = None
+
+
+class EndSessionsRefused(AgentError):
+    """An ``end_sessions`` message is malformed; nothing it names is ended."""
+
+
+@dataclass(frozen=True)
+class EndSessions:
+    """An ``end_sessions`` message, checked for shape: which sessions to end, and why."""
+
+    session_ids: tuple[str, ...]
+    reason: str
+
+    @classmethod
+    def from_message(cls, message: Mapping[str, Any]) -> EndSessions:
+        """Parse an ``end_sessions`` control message; EndSessionsRefused says what is wrong."""
+        ids = message.get("ids")
+        if not isinstance(ids, list) or not 0 < len(ids) <= MAX_END_SESSION_IDS:
+            raise EndSessionsRefused(
+                f"end_sessions must list 1 to {MAX_END_SESSION_IDS} session ids"
+            )
+        if not all(isinstance(i, str) and 0 < len(i) <= MAX_SESSION_ID_LENGTH for i in ids):
+            raise EndSessionsRefused("an end_sessions id is not a session id")
+        reason = message.get("reason")
+        if not isinstance(reason, str) or reason not in END_SESSIONS_REASONS:
+            raise EndSessionsRefused(
+                f"end_sessions must give one of the reasons {sorted(END_SESSIONS_REASONS)}"
+            )
+        return cls(tuple(ids), reason)
+
+
+@dataclass
+class _RunningSession:
+    """One offer this process took, from its acknowledgement to its end: how to end it early."""
+
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    # Set once the shell or command runs: from then on it is ended through ``end_requested``
+    # (a Close to the operator, then the normal teardown) rather than by cancelling ``scope``.
+    running: bool = False
+    end_requested: trio.Event = field(default_factory=trio.Event)
+    end_reason: str | None = None
+
+    def end(self, reason: str) -> bool:
+        """Ask the session to end for ``reason``; False if it was asked already."""
+        if self.end_reason is not None:
+            return False
+        self.end_reason = reason
+        self.end_requested.set()
+        if not self.running:
+            self.scope.cancel()
+        return True
 
 
 class SessionRefusal(Exception):
@@ -210,6 +277,7 @@ class SessionHost:
         self._wall_clock = wall_clock
         self._seen_sessions = NonceCache(ttl=SESSION_ID_MEMORY_SECONDS)
         self._offered: set[str] = set()
+        self._running: dict[str, _RunningSession] = {}
         # Set while no session runs; a new one is made when the first session is accepted.
         self._all_ended = trio.Event()
         self._all_ended.set()
@@ -230,11 +298,34 @@ class SessionHost:
         """A control-channel offer callback that runs each accepted offer under ``nursery``."""
 
         def on_offer(message: dict[str, Any]) -> None:
+            if message.get("type") == "end_sessions":
+                # The same callback carries the rendezvous's other session message.
+                self.end_sessions(message)
+                return
             offer = self.accept_offer(message)
             if offer is not None:
                 nursery.start_soon(self.run_offer, offer, name=f"session {offer.session_id}")
 
         return on_offer
+
+    def end_sessions(self, message: Mapping[str, Any]) -> int:
+        """End at once the sessions an ``end_sessions`` message names that this process runs
+        (others are ignored); how many. A malformed message ends nothing and is logged."""
+        try:
+            request = EndSessions.from_message(message)
+        except EndSessionsRefused as error:
+            logger.warning("refused an end_sessions message from the rendezvous: %s", error)
+            return 0
+        ended = 0
+        for session_id in request.session_ids:
+            running = self._running.get(session_id)
+            if running is not None and running.end(request.reason):
+                ended += 1
+        logger.warning(
+            "the rendezvous asked to end %d session(s) (%s): ending the %d this agent runs",
+            len(request.session_ids), request.reason, ended,
+        )  # fmt: skip
+        return ended
 
     def accept_offer(self, message: Mapping[str, Any]) -> SessionOffer | None:
         """Check an offer and answer it on the control channel; the offer to run, or None."""
@@ -261,41 +352,55 @@ class SessionHost:
         if not self._offered:
             self._all_ended = trio.Event()
         self._offered.add(offer.session_id)
+        # From the ack on, an end_sessions request can name it (before its task even starts).
+        self._running[offer.session_id] = _RunningSession()
         self.active_sessions += 1
         self._send_control({"type": "session_offer_ack", "session_id": offer.session_id})
         return offer
 
     async def run_offer(self, offer: SessionOffer) -> None:
         """Connect to the relay and run the session; never raises (each failure is logged)."""
+        running = self._running.setdefault(offer.session_id, _RunningSession())
         try:
-            try:
-                stream = await self._connect_relay(
-                    offer.relay_host,
-                    offer.relay_port,
-                    offer.relay_token,
-                    connect_timeout=RELAY_CONNECT_TIMEOUT_SECONDS,
-                    pair_timeout=RELAY_PAIR_TIMEOUT_SECONDS,
-                )
-            except (OSError, RelayError, trio.TooSlowError) as error:
-                logger.warning(
-                    "session %s: cannot reach relay %s at %s:%d: %s",
-                    offer.session_id, offer.relay_id, offer.relay_host, offer.relay_port, error,
-                )
-                self._audit(
-                    self._auditor.refused(
-                        offer.session_id, "relay-unreachable", f"relay unreachable: {error}", None
-                    )
-                )
-                return
-            async with stream:
-                await self.serve(stream, offer.session_id)
+            with running.scope:
+                await self._connect_and_serve(offer)
+            if running.scope.cancelled_caught and running.end_reason is not None:
+                # Ended by the rendezvous before the shell or command started.
+                text = END_SESSIONS_REASONS[running.end_reason]
+                logger.warning("session %s abandoned before it started: %s",
+                               offer.session_id, text)  # fmt: skip
+                self._audit(self._auditor.refused(offer.session_id, running.end_reason, text, None))
         except Exception:
             logger.exception("session %s failed", offer.session_id)
         finally:
+            self._running.pop(offer.session_id, None)
             self.active_sessions -= 1
             self._offered.discard(offer.session_id)
             if not self._offered:
                 self._all_ended.set()
+
+    async def _connect_and_serve(self, offer: SessionOffer) -> None:
+        try:
+            stream = await self._connect_relay(
+                offer.relay_host,
+                offer.relay_port,
+                offer.relay_token,
+                connect_timeout=RELAY_CONNECT_TIMEOUT_SECONDS,
+                pair_timeout=RELAY_PAIR_TIMEOUT_SECONDS,
+            )
+        except (OSError, RelayError, trio.TooSlowError) as error:
+            logger.warning(
+                "session %s: cannot reach relay %s at %s:%d: %s",
+                offer.session_id, offer.relay_id, offer.relay_host, offer.relay_port, error,
+            )
+            self._audit(
+                self._auditor.refused(
+                    offer.session_id, "relay-unreachable", f"relay unreachable: {error}", None
+                )
+            )
+            return
+        async with stream:
+            await self.serve(stream, offer.session_id)
 
     async def serve(self, stream: trio.abc.Stream, session_id: str) -> None:
         """Run the handshake and then the session over a paired relay stream."""
@@ -451,13 +556,19 @@ class SessionHost:
             )
             await sealed.close_quietly("protocol-error", str(error))
             return
+        running = self._running.get(session_id)  # None when serve() was called directly
+        if running is not None:
+            if running.end_reason is not None:
+                await trio.lowlevel.checkpoint()  # its scope is cancelled: this raises Cancelled
+            # From here an end_sessions request ends it through the pump, not by cancelling.
+            running.running = True
         self._audit(self._auditor.started(grant, operator.fingerprint, decision))
         if grant.mode is SessionMode.EXEC:
             self._audit(self._auditor.command(grant, start.command))
         outcome = SessionOutcome()
         began = time.monotonic()
         try:
-            await self._pump(sealed, opener, outcome, recorder)
+            await self._pump(sealed, opener, outcome, recorder, running)
         except BaseException:
             # Only cancellation from outside gets here (the daemon is stopping): say so.
             outcome.reason = "shutdown"
@@ -540,6 +651,7 @@ class SessionHost:
         opener: Callable[[], AbstractAsyncContextManager[LocalSession]],
         outcome: SessionOutcome,
         recorder: SessionRecorder | None = None,
+        running: _RunningSession | None = None,
     ) -> None:
         # Nurseries wrap what escapes them in exception groups, hence except*.
         try:
@@ -547,6 +659,8 @@ class SessionHost:
                 nursery.start_soon(
                     self._forward_input, sealed, local, outcome, nursery, recorder
                 )
+                if running is not None:
+                    nursery.start_soon(_end_when_asked, running, outcome, nursery)
 
                 async def on_output(stream: OutputStream, data: bytes) -> None:
                     kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
@@ -570,7 +684,10 @@ class SessionHost:
                 status = await local.run(on_output)
                 outcome.exit_status = status
                 nursery.cancel_scope.cancel()
-            await sealed.send_exit(outcome.exit_status)
+            if outcome.closing is not None:
+                await sealed.close_quietly(*outcome.closing)
+            else:
+                await sealed.send_exit(outcome.exit_status)
         except* CommandNotStarted as group:
             # As a shell would: the reason on stderr, then exit 127 (not found) or 126.
             failure = group.exceptions[0]
@@ -692,6 +809,18 @@ class SessionHost:
             self._audit_sink(event)
         except Exception:
             logger.exception("could not queue an audit event")
+
+
+async def _end_when_asked(
+    running: _RunningSession, outcome: SessionOutcome, nursery: trio.Nursery
+) -> None:
+    """Wait for an end_sessions request; then end the session as the operator leaving would,
+    with the reason for the record and a Close telling the operator why."""
+    await running.end_requested.wait()
+    reason = running.end_reason or "operator_disabled"
+    outcome.reason = reason
+    outcome.closing = (END_SESSIONS_CLOSE_REASON, END_SESSIONS_REASONS.get(reason, reason))
+    nursery.cancel_scope.cancel()
 
 
 def check_start_matches_grant(start: SessionStart, grant: SessionGrant) -> None:

@@ -2,7 +2,8 @@
 
 Account commands: login (enroll with an invite, or sign a fresh challenge), logout, whoami;
 agent registration keys (keys create/list/revoke); API keys for integrations (api-keys
-create/list/revoke); agents (list, trust, remove); sessions (the team's, newest first:
+create/list/revoke); agents (list, trust, remove); operators (list, disable:
+operator_commands.py); sessions (the team's, newest first:
 session_listing.py); audit export. Sessions: connect, exec (session_commands.py). Policy:
 policy show/set/test, roster show/sign (policy_commands.py); approvals, approve, deny
 (approval_commands.py). State lives in the CLI home (``--home``, ``TUCDESK_HOME``, or the XDG
@@ -28,7 +29,6 @@ from operator_cli.agent_listing import (
     PAGE_SIZE,
     AgentFilter,
     AgentListError,
-    agents_named,
     fetch_agents,
 )
 from operator_cli.client import ApiError, Session, enroll, login, open_http
@@ -37,7 +37,6 @@ from operator_cli.http import CaFileError, ResponseTooLargeError, TransportError
 from operator_cli.session_listing import (
     SESSIONS_PATH,
     SessionFilter,
-    SessionListError,
     fetch_sessions,
     session_details,
     session_table,
@@ -83,6 +82,8 @@ deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command"
 agents_trust = _imported_on_use("operator_cli.session_commands", "agents_trust")
 agents_remove = _imported_on_use("operator_cli.agent_removal", "agents_remove")
 agents_tag = _imported_on_use("operator_cli.agent_tagging", "agents_tag")
+operators_list = _imported_on_use("operator_cli.operator_commands", "operators_list")
+operators_disable = _imported_on_use("operator_cli.operator_commands", "operators_disable")
 connect_command = _imported_on_use("operator_cli.session_commands", "connect_command")
 exec_command = _imported_on_use("operator_cli.session_commands", "exec_command")
 
@@ -285,6 +286,26 @@ def build_parser() -> argparse.ArgumentParser:
                      help="replace all tags with these (comma-separated; '' for none)")
     tag.set_defaults(handler=_agents_tag)
 
+    operators = commands.add_parser(
+        "operators",
+        help="list your team's operators, or disable one (admins)",
+        description="List your team's operators: email, id, role, state (active or disabled) "
+        "and when each enrolled. Admins only.",
+    )
+    operators.add_argument("--json", action="store_true", help="print JSON (one document)")
+    operators.set_defaults(handler=_operators)
+    operators_commands = operators.add_subparsers(dest="operators_command", metavar="ACTION")
+    disable = operators_commands.add_parser(
+        "disable",
+        help="disable an operator and end their open sessions (admins)",
+        description="Disable EMAIL_OR_ID: their access tokens stop working at once, their key "
+        "can no longer log in, and every shell or exec session they still have open ends "
+        "(each agent ends it and tells them why). Audited (operator.revoked); the team's last "
+        "active admin cannot be disabled. There is no enable: invite them again instead.",
+    )
+    disable.add_argument("operator", metavar="EMAIL_OR_ID", help="operator email or id")
+    disable.set_defaults(handler=_operators_disable)
+
     sessions = commands.add_parser(
         "sessions",
         help="list your team's sessions, newest first (or: sessions show ID)",
@@ -296,8 +317,11 @@ def build_parser() -> argparse.ArgumentParser:
     sessions.add_argument("--json", action="store_true", help="print JSON (one document)")
     sessions.add_argument("--state", action="append", default=[], choices=SESSION_STATES,
                           help="only sessions in STATE (repeat: in any of them)")
-    sessions.add_argument("--agent", metavar="NAME_OR_ID", help="only sessions on this agent")
-    sessions.add_argument("--operator", metavar="ID", help="only this operator's sessions")
+    sessions.add_argument("--agent", metavar="NAME_OR_ID",
+                          help="only sessions on this agent (a removed one too: its id, or its "
+                          "name once no current agent has it)")
+    sessions.add_argument("--operator", metavar="EMAIL_OR_ID",
+                          help="only this operator's sessions (an email: every id it had)")
     sessions.add_argument("--since", type=parse_since, metavar="WHEN",
                           help="only sessions created since WHEN: a duration ago (30m, 1h, 7d), "
                           "a Unix time, or an ISO date/time (UTC unless it names a zone)")
@@ -681,12 +705,11 @@ def _agents(args: argparse.Namespace, home: CliHome) -> int:
 def _sessions(args: argparse.Namespace, home: CliHome) -> int:
     session = Session.from_home(home)
     try:
-        agent_id = None
-        if args.agent is not None:
-            agent_id = _one_agent_id(session, args.agent, args.page_size)
+        # The service resolves both in the team: a removed agent's id or name (its history
+        # stays), an operator's email; one naming nobody is refused, not listed as empty.
         filters = SessionFilter(
-            states=tuple(dict.fromkeys(args.state)), agent_id=agent_id,
-            operator_id=args.operator, since=args.since,
+            states=tuple(dict.fromkeys(args.state)), agent=args.agent,
+            operator=args.operator, since=args.since,
         )  # fmt: skip
         listing = fetch_sessions(session, filters, limit=args.limit, page_size=args.page_size)
     finally:
@@ -713,17 +736,6 @@ def _session_show(args: argparse.Namespace, home: CliHome) -> int:
     return EXIT_OK
 
 
-def _one_agent_id(session: Session, name_or_id: str, page_size: int) -> str:
-    """The id of the one agent ``name_or_id`` names; SessionListError for none or several."""
-    agents = agents_named(session, name_or_id, page_size=page_size)
-    if not agents:
-        raise SessionListError(f"no agent named {name_or_id!r} in your team (see tucdesk agents)")
-    if len({agent["id"] for agent in agents}) > 1:
-        raise SessionListError(f"several agents are named {name_or_id!r}; use the agent id")
-    agent_id: str = agents[0]["id"]
-    return agent_id
-
-
 def policy_drift(applied: object, current: object) -> str:
     """An agent's applied policy version, marked when it lags the team's (``v3 (!= v4)``)."""
     if not isinstance(applied, int) or applied <= 0:
@@ -745,6 +757,14 @@ def _agents_remove(args: argparse.Namespace, home: CliHome) -> int:
 
 def _agents_tag(args: argparse.Namespace, home: CliHome) -> int:
     return agents_tag(home, args.agent, add=args.add, remove=args.remove, replace=args.replace)
+
+
+def _operators(args: argparse.Namespace, home: CliHome) -> int:
+    return operators_list(home, as_json=args.json)
+
+
+def _operators_disable(args: argparse.Namespace, home: CliHome) -> int:
+    return operators_disable(home, args.operator)
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:

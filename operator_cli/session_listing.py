@@ -3,7 +3,9 @@
 
 The service answers at most a page of sessions at a time, with the opaque ``next_after`` of the
 page that follows (null on the last); an operator who is neither admin nor auditor gets only
-their own sessions, whatever they ask for.
+their own sessions (asking for someone else's is refused). The agent and operator filters go to
+the service as given: it resolves an agent's name or id (a removed agent's too) and an
+operator's email or id in the team, and refuses one that names nobody.
 """
 
 from __future__ import annotations
@@ -29,17 +31,18 @@ _COLUMNS = (
 
 
 class SessionListError(AgentListError):
-    """The service's pages do not make a list, or a filter names nothing (no such agent)."""
+    """The service's pages do not make a list."""
 
 
 @dataclass(frozen=True)
 class SessionFilter:
-    """Which sessions to list: in any of ``states`` (empty: any), on one agent and of one
-    operator (ids; None: any), created at or after the Unix time ``since`` (None: ever)."""
+    """Which sessions to list: in any of ``states`` (empty: any), on one agent (its id or name)
+    and of one operator (its id or email) (None: any), created at or after the Unix time
+    ``since`` (None: ever)."""
 
     states: tuple[str, ...] = ()
-    agent_id: str | None = None
-    operator_id: str | None = None
+    agent: str | None = None
+    operator: str | None = None
     since: float | None = None
 
 
@@ -77,10 +80,10 @@ def sessions_page_path(filters: SessionFilter, limit: int, after: str | None) ->
     """The request path of one page of the session list."""
     query: list[tuple[str, str]] = [("limit", str(limit))]
     query += [("state", state) for state in filters.states]
-    if filters.agent_id is not None:
-        query.append(("agent", filters.agent_id))
-    if filters.operator_id is not None:
-        query.append(("operator", filters.operator_id))
+    if filters.agent is not None:
+        query.append(("agent", filters.agent))
+    if filters.operator is not None:
+        query.append(("operator", filters.operator))
     if filters.since is not None:
         query.append(("since", _unix_time_text(filters.since)))
     if after is not None:
@@ -123,6 +126,7 @@ def session_details(view: dict[str, Any]) -> list[str]:
         ("Mode", view["mode"]),
         ("Command", shown_command(command) if command else "-"),
         ("State", state),
+        ("Exit", exit_status(view)),
         ("Policy", policy),
         ("Relay", view.get("relay_id") or "-"),
         ("Created", _utc(view["created_at"])),
@@ -132,8 +136,20 @@ def session_details(view: dict[str, Any]) -> list[str]:
     return [f"{label + ':':<10}{_cut(value, MAX_COMMAND_WIDTH)}" for label, value in fields]
 
 
+def exit_status(view: dict[str, Any]) -> str:
+    """How a session's shell or command ended, as its agent signed it: ``code 0``, ``signal
+    TERM``, or ``-`` when the agent has not said (still running, refused, lost, older agent)."""
+    code, signal = view.get("exit_code"), view.get("exit_signal")
+    if signal:
+        return f"signal {signal}"
+    if code is not None:
+        return f"code {code}"
+    return "-"
+
+
 def _named(name: str | None, identifier: str) -> str:
-    # The name is gone once the agent or operator is; the id always stays.
+    # The id always shows; the name beside it when the view has one (removed agents and disabled
+    # operators keep theirs).
     return f"{name} ({identifier})" if name else identifier
 
 

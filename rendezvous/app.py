@@ -52,6 +52,7 @@ def create_app(ctx: ServiceContext) -> Any:
         routes_auth,
         routes_keys,
         routes_meta,
+        routes_operators,
         routes_policy,
         routes_sessions,
     )
@@ -66,6 +67,7 @@ def create_app(ctx: ServiceContext) -> Any:
     app.state.context = ctx
     app.include_router(routes_meta.router)
     app.include_router(routes_auth.router, prefix=API_PREFIX)
+    app.include_router(routes_operators.router, prefix=API_PREFIX)
     app.include_router(routes_keys.router, prefix=API_PREFIX)
     app.include_router(routes_agents.router, prefix=API_PREFIX)
     app.include_router(routes_audit.router, prefix=API_PREFIX)

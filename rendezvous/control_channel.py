@@ -25,8 +25,8 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    ``{"type": "audit_event_refused", "id", "reason"}`` (never storable), or
    ``{"type": "audit_event_failed", "id", "reason"}`` (not stored now; send it again later).
    ``id`` echoes the agent's, if any. An agent-signed ``session.ended`` also moves the session
-   row to ended, and ``session.refused`` to refused with the agent's reason (from offered or
-   accepted).
+   row to ended with the event's reason, exit code and signal, and ``session.refused`` to
+   refused with the agent's reason (from offered or accepted).
 7. agent -> ``{"type": "live_sessions", "ids": [...]}`` (at most MAX_LIVE_SESSION_IDS), after
    a welcome listing ``live_sessions`` in its ``features``: the sessions the agent process
    runs now. This agent's offered or accepted sessions that are not listed end as
@@ -34,6 +34,12 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    never continue its predecessor's sessions. Spared: sessions created after the report
    arrived, offers sent down this very channel (they may have crossed the report on the wire),
    and offers not yet expired (they may be in flight elsewhere; they expire on their own).
+   The listed sessions of operators disabled since are ended as in 8: an agent whose channel
+   was down when its operator was disabled ends them once it is back.
+8. server -> ``{"type": "end_sessions", "ids": [...], "reason": "operator_disabled"}`` (at most
+   rendezvous/offer_bus.py MAX_END_SESSION_IDS ids) after an admin disabled the operator of
+   those sessions (rendezvous/routes_operators.py): the agent ends each one it runs at once and
+   signs its ``session.ended`` with that reason, which the session row then shows.
 
 One identity live twice, or presenting another machine fingerprint than it registered with, is
 flagged as a clone anomaly (audit record and metric). A reconnect is not a clone: when the
@@ -81,14 +87,19 @@ from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import Action, agent_actor, service_actor
 from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
-from rendezvous.offer_bus import announce_superseded
+from rendezvous.offer_bus import (
+    MAX_END_SESSION_IDS,
+    OPERATOR_DISABLED_REASON,
+    announce_superseded,
+    end_sessions_message,
+)
 from rendezvous.policy_distribution import policy_message
 from rendezvous.store import NotFound, SessionState, StoreError
 from rendezvous.store.base import SessionQuery
 
 if TYPE_CHECKING:
     from rendezvous.context import ServiceContext
-    from rendezvous.store import Agent, AgentConnection
+    from rendezvous.store import Agent, AgentConnection, Session
 
 logger = logging.getLogger("tucdesk.rendezvous.control")
 
@@ -136,6 +147,12 @@ MAX_LOST_SESSIONS_PER_REPORT = 500
 # Offers sent down one channel that a report on it never ends, remembered per channel.
 MAX_TRACKED_OFFERS = 1024
 AGENT_LOST = "agent_lost"
+# What of an agent-signed session.ended the session row keeps, so `tucdesk sessions show` says
+# why it ended: the reason ("normal", "operator-disconnected", "operator_disabled"…, cut to
+# MAX_REFUSAL_REASON_LENGTH) and the exit code (0..255) or the signal's name ("TERM"). A value
+# of another shape is not kept (the signed event in the log still has it).
+MAX_EXIT_CODE = 255
+EXIT_SIGNAL_PATTERN = re.compile(r"[A-Z0-9+]{1,16}")
 # Outcomes of tucdesk_agent_audit_events_total.
 AGENT_EVENT_STORED = "stored"
 AGENT_EVENT_ALREADY_HELD = "already_held"
@@ -641,7 +658,36 @@ async def _end_lost_sessions(
     if lost:
         logger.info("agent %s reported %d live session(s); ended %d it lost",
                     agent.id, len(live), ended)  # fmt: skip
+    running = [listed.session for listed in listing.sessions if listed.session.id in live]
+    await _end_disabled_operators_sessions(ctx, agent, channel, running)
     return ended
+
+
+async def _end_disabled_operators_sessions(
+    ctx: ServiceContext, agent: Agent, channel: LiveChannel, running: list[Session]
+) -> int:
+    """Ask the agent to end the sessions it reported running whose operator was disabled since
+    (its channel was down when that happened); how many."""
+    disabled: dict[str, bool] = {}
+    ending = []
+    for session in running:
+        if session.operator_id not in disabled:
+            operator = await ctx.store.get_operator(agent.team_id, session.operator_id)
+            disabled[session.operator_id] = operator is None or not operator.is_active()
+        if disabled[session.operator_id]:
+            ending.append(session.id)
+    for start in range(0, len(ending), MAX_END_SESSION_IDS):
+        message = end_sessions_message(
+            ending[start : start + MAX_END_SESSION_IDS], OPERATOR_DISABLED_REASON
+        )
+        try:
+            channel.outgoing.send_nowait(message)
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            break  # the next report asks again
+    if ending:
+        logger.info("agent %s runs %d session(s) of disabled operators; asked it to end them",
+                    agent.id, len(ending))  # fmt: skip
+    return len(ending)
 
 
 async def _record_policy_answer(
@@ -715,11 +761,12 @@ async def _append_agent_event(
     row_update = _row_update_for(signed)
     if row_update is not None and session_id is not None:
         # Also for a resend: the first copy may have been stored just before a crash.
-        state, reason = row_update
+        state, reason, exit_code, exit_signal = row_update
         try:
             await ctx.store.update_session_state(
                 agent.team_id, agent.id, session_id, state, reason, ctx.now(),
                 from_states=(SessionState.OFFERED, SessionState.ACCEPTED),
+                exit_code=exit_code, exit_signal=exit_signal,
             )  # fmt: skip
         except StoreError as error:
             # The record is durable, which is what the agent needs to hear; the row lags.
@@ -727,17 +774,29 @@ async def _append_agent_event(
     return {"type": "audit_event_ack", "id": event_id}
 
 
-def _row_update_for(signed: SignedEvent) -> tuple[SessionState, str | None] | None:
-    """The session row state (and reason) an agent-signed event moves its session to, if any."""
+def _row_update_for(
+    signed: SignedEvent,
+) -> tuple[SessionState, str | None, int | None, str | None] | None:
+    """The session row state an agent-signed event moves its session to, if any, with its
+    reason, exit code and exit signal (agent/audit_events.py ``ended``)."""
     event = signed.event
     if event.action is AuditAction.SESSION_ENDED:
-        return SessionState.ENDED, None
+        reason = event.context.get("reason")
+        code = event.context.get("exit_code")
+        signal = event.context.get("signal")
+        return (
+            SessionState.ENDED,
+            reason[:MAX_REFUSAL_REASON_LENGTH] if isinstance(reason, str) and reason else None,
+            code if type(code) is int and 0 <= code <= MAX_EXIT_CODE else None,
+            signal if isinstance(signal, str) and EXIT_SIGNAL_PATTERN.fullmatch(signal) else None,
+        )
     if event.action is AuditAction.SESSION_REFUSED:
         reason = event.policy_result.reason if event.policy_result is not None else ""
         code = event.context.get("code")
         if not reason and isinstance(code, str):
             reason = code
-        return SessionState.REFUSED, (reason or "refused by the agent")[:MAX_REFUSAL_REASON_LENGTH]
+        reason = (reason or "refused by the agent")[:MAX_REFUSAL_REASON_LENGTH]
+        return SessionState.REFUSED, reason, None, None
     return None
 
 

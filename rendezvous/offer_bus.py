@@ -15,6 +15,15 @@ notice is a hint, never an order: the holder closes only the named connection of
 in the named team, and only once the store confirms the row is gone. On SQLite (one instance)
 there are no notices; a lost one leaves the heartbeat check to close the channel.
 
+A third, ``operator_disabled`` (origin instance, team id, operator id), follows an admin
+disabling an operator: every other instance looks up that operator's open sessions (offered or
+accepted) and sends ``{"type": "end_sessions", "ids": [...], "reason": "operator_disabled"}``
+down the channels it holds of those sessions' agents (the disabling instance does the same for
+its own channels directly). It too is a hint: an instance acts only once the store says the
+operator is disabled, and only on that operator's sessions in that team. A lost notice, or an
+agent offline at that moment, is caught when the agent next reports its live sessions
+(rendezvous/control_channel.py): the sessions of disabled operators among them are ended then.
+
 Every instance hears every notice, so each one refuses a malformed notice (oversized, not a JSON
 object, an unknown ``kind``, a field missing or of the wrong type) whoever it is addressed to,
 logs it and counts it in ``tucdesk_rejected_inputs_total`` under the notice's kind.
@@ -32,6 +41,7 @@ import trio
 from protocol.relay_token import Side, issue_relay_token
 from rendezvous.policy_distribution import POLICY_NOTICE_KIND, handle_policy_notice
 from rendezvous.store import AgentConnection, Session, SessionState, StoreError
+from rendezvous.store.base import SessionQuery
 
 if TYPE_CHECKING:
     from rendezvous.context import ServiceContext
@@ -41,6 +51,15 @@ logger = logging.getLogger("tucdesk.rendezvous.offers")
 OFFER_CHANNEL = "tucdesk_session_offers"
 MAX_NOTICE_BYTES = 1024
 SUPERSEDED_NOTICE_KIND = "connection_superseded"
+OPERATOR_DISABLED_NOTICE_KIND = "operator_disabled"
+# The end_sessions reason (agent/session_host.py knows the same word and says it in words).
+OPERATOR_DISABLED_REASON = "operator_disabled"
+# Session ids in one end_sessions message (agent/session_host.py MAX_END_SESSION_IDS refuses
+# more); a disabled operator's sessions on one agent go in as many messages as they need.
+MAX_END_SESSION_IDS = 64
+# Open sessions of one disabled operator looked up at once, newest first; any beyond are ended
+# when their agents next report their live sessions.
+MAX_SESSIONS_ENDED_PER_OPERATOR = 1000
 LISTEN_RETRY_MIN_SECONDS = 0.5
 LISTEN_RETRY_MAX_SECONDS = 30.0
 OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
@@ -49,6 +68,7 @@ OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arriv
 REJECTED_NOTICE = "bus_notice"
 REJECTED_OFFER_NOTICE = "bus_offer_notice"
 REJECTED_SUPERSEDED_NOTICE = "bus_superseded_notice"
+REJECTED_OPERATOR_DISABLED_NOTICE = "bus_operator_disabled_notice"
 
 
 def offer_message(ctx: ServiceContext, session: Session, now: float) -> dict[str, Any]:
@@ -116,6 +136,69 @@ async def announce_superseded(ctx: ServiceContext, superseded: AgentConnection) 
         await ctx.store.notify(OFFER_CHANNEL, notice)
     except StoreError as error:
         logger.warning("announcing a superseded connection failed: %s", type(error).__name__)
+
+
+def end_sessions_message(session_ids: list[str], reason: str) -> dict[str, Any]:
+    """The ``end_sessions`` control message: the agent ends these sessions of its own now."""
+    return {"type": "end_sessions", "ids": session_ids, "reason": reason}
+
+
+async def end_disabled_operator_sessions(
+    ctx: ServiceContext, team_id: str, operator_id: str
+) -> int:
+    """Have the agents end the open sessions of an operator just disabled: those whose channel
+    this instance holds at once, the others through an ``operator_disabled`` notice to the
+    instances holding them. How many sessions this instance asked its agents to end."""
+    told = await end_disabled_operator_sessions_here(ctx, team_id, operator_id)
+    if ctx.store.notifications_supported:
+        notice = json.dumps(
+            {
+                "kind": OPERATOR_DISABLED_NOTICE_KIND,
+                "origin": ctx.instance_id,
+                "team_id": team_id,
+                "operator_id": operator_id,
+            }
+        )
+        if len(notice) <= MAX_NOTICE_BYTES:  # ids are far shorter; others would refuse it
+            try:
+                await ctx.store.notify(OFFER_CHANNEL, notice)
+            except StoreError as error:
+                logger.warning("announcing a disabled operator failed: %s", type(error).__name__)
+    return told
+
+
+async def end_disabled_operator_sessions_here(
+    ctx: ServiceContext, team_id: str, operator_id: str
+) -> int:
+    """Send ``end_sessions`` down this instance's channels for the open sessions of operator
+    ``operator_id`` of ``team_id``, if the store says it is disabled; how many sessions."""
+    connections = ctx.connections
+    if connections is None:
+        return 0
+    operator = await ctx.store.get_operator(team_id, operator_id)
+    if operator is None or operator.is_active():
+        return 0  # a hint, not an order: only a disabled operator's sessions end
+    listing = await ctx.store.session_listing(
+        team_id,
+        SessionQuery(
+            limit=MAX_SESSIONS_ENDED_PER_OPERATOR,
+            states=(SessionState.OFFERED, SessionState.ACCEPTED),
+            operator_id=operator_id,
+        ),
+    )
+    by_agent: dict[str, list[str]] = {}
+    for listed in listing.sessions:
+        by_agent.setdefault(listed.session.agent_id, []).append(listed.session.id)
+    told = 0
+    for agent_id, session_ids in by_agent.items():
+        if not connections.channels(team_id, agent_id):
+            continue  # another instance's agent (the notice reaches it), or offline
+        for start in range(0, len(session_ids), MAX_END_SESSION_IDS):
+            chunk = session_ids[start : start + MAX_END_SESSION_IDS]
+            message = end_sessions_message(chunk, OPERATOR_DISABLED_REASON)
+            if await connections.send(team_id, agent_id, message):
+                told += len(chunk)
+    return told
 
 
 async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> bool:
@@ -189,6 +272,8 @@ async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
         await handle_policy_notice(ctx, fields)
     elif kind == SUPERSEDED_NOTICE_KIND:
         await _handle_superseded_notice(ctx, fields)
+    elif kind == OPERATOR_DISABLED_NOTICE_KIND:
+        await _handle_operator_disabled_notice(ctx, fields)
     elif "kind" in fields:
         _refuse_notice(ctx, REJECTED_NOTICE, "a notice of an unknown kind")
     else:
@@ -240,3 +325,25 @@ async def _handle_superseded_notice(ctx: ServiceContext, fields: dict[str, Any])
     except StoreError as error:
         # The channel stays until its next heartbeat finds its row gone.
         logger.warning("checking a superseded connection failed: %s", type(error).__name__)
+
+
+async def _handle_operator_disabled_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
+    """End this instance's share of a disabled operator's sessions (see the docstring)."""
+    origin, team_id = fields.get("origin"), fields.get("team_id")
+    operator_id = fields.get("operator_id")
+    if not (isinstance(origin, str) and isinstance(team_id, str) and isinstance(operator_id, str)):
+        _refuse_notice(
+            ctx, REJECTED_OPERATOR_DISABLED_NOTICE, "a malformed operator disabled notice"
+        )
+        return
+    if origin == ctx.instance_id:
+        return  # the disabling instance told its own agents already
+    try:
+        told = await end_disabled_operator_sessions_here(ctx, team_id, operator_id)
+    except StoreError as error:
+        # The agents end them at their next live_sessions report instead.
+        logger.warning("ending a disabled operator's sessions failed: %s", type(error).__name__)
+        return
+    if told:
+        logger.info("operator %s disabled on another instance: asked agents here to end %d "
+                    "session(s)", operator_id, told)  # fmt: skip

@@ -1,5 +1,7 @@
 """Operator enrollment, challenge login, access tokens and their revocation.
 
+Disabling and listing operators: rendezvous/routes_operators.py.
+
 Enrollment: ``POST /v1/operators/enroll`` with a signed payload (Purpose.OPERATOR_ENROLL) holding
 the invite code and the new public key, signed by that key (proof of possession). Login:
 ``POST /v1/auth/challenge`` then ``POST /v1/auth/login`` with the challenge signed
@@ -29,7 +31,7 @@ from rendezvous.auth import Permission, Principal, authorize, issue_access_token
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import INVITE_PREFIX, has_shape, hash_secret, new_challenge
 from rendezvous.dependencies import Caller, Context, RateLimited
-from rendezvous.errors import BadRequest, Conflict, NotFound, Unauthorized
+from rendezvous.errors import BadRequest, Conflict, Unauthorized
 from rendezvous.schemas import (
     ChallengeRequest,
     ChallengeResponse,
@@ -40,7 +42,6 @@ from rendezvous.schemas import (
     WhoAmIResponse,
 )
 from rendezvous.store import AlreadyExists, ChallengeUnusable, InviteUnusable, Operator
-from rendezvous.store import NotFound as StoreNotFound
 
 router = APIRouter(tags=["operators"])
 
@@ -200,23 +201,6 @@ async def revoke_token(body: RevokeTokenRequest, caller: Caller, ctx: Context) -
     authorize(caller, Permission.TOKENS_REVOKE)
     expires_at = body.expires_at or int(ctx.now()) + ctx.config.access_token_seconds
     await _revoke(ctx, caller, body.jti, expires_at)
-
-
-@router.post("/operators/{operator_id}/disable", status_code=204)
-async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> None:
-    """Disable an operator of the caller's team and kill every token it holds (admin)."""
-    authorize(caller, Permission.OPERATORS_WRITE)
-    await ctx.audit.record(
-        caller.team_id,
-        actor=caller_actor(caller),
-        action=Action.OPERATOR_REVOKED,
-        target=f"operator:{operator_id}",
-        details={},
-    )
-    try:
-        await ctx.store.disable_operator(caller.team_id, operator_id, ctx.now())
-    except StoreNotFound:
-        raise NotFound("no such operator in your team") from None
 
 
 async def _revoke(ctx: ServiceContext, caller: Principal, jti: str, expires_at: int) -> None:

@@ -4,6 +4,10 @@
 Reading sessions: whoever holds ``sessions:read`` (admins and auditors by role, API keys by
 scope) reads the whole team's; any other operator only their own.
 
+The list's ``agent`` filter takes an agent's id (a removed agent's too: its history stays) or
+name, ``operator`` an operator's id or email; one that names nobody in the caller's team is
+refused (404 naming it), never answered with an empty list that reads as "no sessions".
+
 The contract is docs/sessions.md §1; the brokering itself is rendezvous/session_broker.py.
 """
 
@@ -19,17 +23,23 @@ from pydantic import Field
 from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
 from rendezvous.agent_list_query import openapi_query_parameter
 from rendezvous.auth import Permission, Principal, authorize, is_granted
+from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
 from rendezvous.schemas import SessionList, SessionView, StrictModel
-from rendezvous.session_broker import SessionRequest, open_session, validate_command
+from rendezvous.session_broker import (
+    AmbiguousTarget,
+    SessionRequest,
+    open_session,
+    validate_command,
+)
 from rendezvous.session_list_query import (
     DEFAULT_SESSIONS_PER_PAGE,
     MAX_SESSIONS_PER_PAGE,
     encode_session_cursor,
     session_query,
 )
-from rendezvous.store.base import ListedSession
+from rendezvous.store.base import ListedSession, SessionQuery
 
 router = APIRouter(tags=["sessions"])
 
@@ -110,8 +120,14 @@ _SESSION_LIST_PARAMETERS = [
         {"type": "array", "items": {"type": "string",
                                     "enum": ["offered", "accepted", "refused", "ended"]}},
     ),
-    openapi_query_parameter("agent", "only sessions on this agent (id)", {"type": "string"}),
-    openapi_query_parameter("operator", "only sessions of this operator (id)", {"type": "string"}),
+    openapi_query_parameter(
+        "agent", "only sessions on this agent (id, removed agents too; or name)",
+        {"type": "string"},
+    ),
+    openapi_query_parameter(
+        "operator", "only sessions of this operator (id, or email: every id it had)",
+        {"type": "string"},
+    ),
     openapi_query_parameter("since", "only sessions created at or after this Unix time",
                      {"type": "number"}),
 ]  # fmt: skip
@@ -125,18 +141,67 @@ async def list_sessions(caller: Caller, ctx: Context, request: Request) -> Sessi
     auditors and API keys with the sessions:read scope see all of them, any other operator
     only their own (the team comes from the verified credential only)."""
     reader = _session_reader(caller)
-    query = session_query(request.scope.get("query_string", b""))
+    ask = session_query(request.scope.get("query_string", b""))
+    query = ask.query
     if reader is not None:
-        if query.operator_id not in (None, reader):
-            # Asked for someone else's sessions: of those, this caller may see none.
-            return SessionList(sessions=[])
+        if ask.operator is not None and not _names_caller(caller, ask.operator):
+            # Refused before any lookup: it tells nothing about who else is in the team.
+            raise Forbidden(
+                f"operator {ask.operator!r}: you may list only your own sessions (admins and "
+                "auditors list anyone's); leave --operator out, or give your own id or email"
+            )
         query = dataclasses.replace(query, operator_id=reader)
+    elif ask.operator is not None:
+        query = await _with_operator(ctx, caller.team_id, ask.operator, query)
+    if ask.agent is not None:
+        agent_id = await _history_agent_id(ctx, caller.team_id, ask.agent)
+        query = dataclasses.replace(query, agent_id=agent_id)
     listing = await ctx.store.session_listing(caller.team_id, query)
     last = listing.sessions[-1].session if listing.more and listing.sessions else None
     return SessionList(
         sessions=[_listed_session_view(listed) for listed in listing.sessions],
         next_after=encode_session_cursor(last.created_at, last.id) if last else None,
     )
+
+
+def _names_caller(caller: Principal, operator: str) -> bool:
+    """Whether ``operator`` (an id or an email) is the calling operator."""
+    if operator == caller.subject:
+        return True
+    return caller.email is not None and operator.lower() == caller.email.lower()
+
+
+async def _with_operator(
+    ctx: ServiceContext, team_id: str, operator: str, query: SessionQuery
+) -> SessionQuery:
+    """``query`` narrowed to the operator ``operator`` names in the team: an id, or an email
+    (every id that email had); NotFound naming it when it names no operator of the team."""
+    matches = await ctx.store.operators_matching(team_id, operator)
+    if not matches:
+        raise NotFound(f"no operator {operator!r} in your team (give an operator id or email)")
+    if any(match.id == operator for match in matches):
+        return dataclasses.replace(query, operator_id=operator)
+    return dataclasses.replace(query, operator_email=operator)
+
+
+async def _history_agent_id(ctx: ServiceContext, team_id: str, agent: str) -> str:
+    """The id of the agent ``agent`` names in the team: its id (a removed agent's too), else
+    the current agent of that name, else the removed agent that had it. NotFound naming it;
+    AmbiguousTarget listing the ids when several agents had the name."""
+    matches = await ctx.store.agents_matching(team_id, agent)
+    if any(match.id == agent for match in matches):
+        return agent
+    current = [match for match in matches if not match.is_removed()]
+    named = current or matches
+    if not named:
+        raise NotFound(
+            f"no agent {agent!r} in your team, current or removed (give an agent id or name)"
+        )
+    if len(named) > 1:
+        kind = "agents" if current else "removed agents"
+        ids = ", ".join(match.id for match in named)
+        raise AmbiguousTarget(f"several {kind} are named {agent!r} ({ids}); use the agent id")
+    return named[0].id
 
 
 def _session_reader(caller: Principal) -> str | None:
@@ -167,4 +232,6 @@ def _listed_session_view(listed: ListedSession) -> SessionView:
         created_at=session.created_at,
         updated_at=session.updated_at,
         expires_at=session.expires_at,
+        exit_code=session.exit_code,
+        exit_signal=session.exit_signal,
     )

@@ -197,6 +197,10 @@ class SessionView(BaseModel):
     created_at: float
     updated_at: float
     expires_at: float
+    # How its shell or command ended, when its agent said so (signed session.ended): the exit
+    # code, or the signal that killed it ("TERM"); ``reason`` then says why it ended ("normal").
+    exit_code: int | None = None
+    exit_signal: str | None = None
 
 
 class SessionList(BaseModel):

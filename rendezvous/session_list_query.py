@@ -1,6 +1,7 @@
 """The query string of ``GET /v1/sessions``: a page (``limit``, ``after``) and filters
 (``state``, ``agent``, ``operator``, ``since``), and the opaque cursor that ``next_after`` hands
-out.
+out. ``agent`` (an id, or a name) and ``operator`` (an id, or an email) are parsed here and
+resolved in the caller's team by the route (rendezvous/routes_sessions.py).
 
 A cursor is the base64url of the JSON ``[created_at, id]`` of the last session listed: the
 position in the list's newest-first order, nothing more. The team always comes from the
@@ -12,6 +13,7 @@ its own team. The parsing and the cursor encoding are the agent list's
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from rendezvous.agent_list_query import (
     MAX_CURSOR_FIELD_LENGTH,
@@ -40,7 +42,17 @@ class InvalidSessionListQuery(ServiceError):
     code = "invalid_request"
 
 
-def session_query(query_string: bytes) -> SessionQuery:
+@dataclass(frozen=True)
+class SessionListAsk:
+    """A parsed session list query: the page and the state and time filters (``query``, its
+    agent and operator not set), and the agent and operator as asked, not yet resolved."""
+
+    query: SessionQuery
+    agent: str | None = None  # an agent's id (removed agents too) or name
+    operator: str | None = None  # an operator's id or email
+
+
+def session_query(query_string: bytes) -> SessionListAsk:
     """The page and filters a raw query string asks for; InvalidSessionListQuery or
     MalformedCursor (both ServiceErrors) when it is out of bounds. Unknown names are ignored."""
     values = query_values(
@@ -63,13 +75,16 @@ def session_query(query_string: bytes) -> SessionQuery:
             raise InvalidSessionListQuery(f"state: must be one of {_STATES}") from None
     after = values.get("after")
     since = values.get("since")
-    return SessionQuery(
+    query = SessionQuery(
         limit=limit,
         after=decode_session_cursor(after[0]) if after is not None else None,
         states=tuple(dict.fromkeys(states)),
-        agent_id=_identifier("agent", values.get("agent")),
-        operator_id=_identifier("operator", values.get("operator")),
         since=_since(since[0]) if since is not None else None,
+    )
+    return SessionListAsk(
+        query,
+        agent=_identifier("agent", values.get("agent"), "an agent id or name"),
+        operator=_identifier("operator", values.get("operator"), "an operator id or email"),
     )
 
 
@@ -96,11 +111,11 @@ def decode_session_cursor(cursor: str) -> tuple[float, str]:
     )
 
 
-def _identifier(field: str, values: list[str] | None) -> str | None:
+def _identifier(field: str, values: list[str] | None, what: str) -> str | None:
     if values is None:
         return None
     if not 1 <= len(values[0]) <= MAX_ID_FILTER_LENGTH:
-        raise InvalidSessionListQuery(f"{field}: must be an id of 1..{MAX_ID_FILTER_LENGTH} "
+        raise InvalidSessionListQuery(f"{field}: must be {what} of 1..{MAX_ID_FILTER_LENGTH} "
                                       "characters")  # fmt: skip
     return values[0]
 

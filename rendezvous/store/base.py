@@ -32,6 +32,10 @@ MAX_TEAM_NAME_LENGTH = 64
 MAX_NAME_LENGTH = 255
 MAX_TAGS = 64
 MAX_SCOPES = 64
+# Rows a lookup by name or email returns at most (operators_matching, agents_matching).
+MAX_MATCHES = 20
+# A session's exit_signal: a signal's name without SIG ("TERM", "RTMIN") or its number.
+MAX_SIGNAL_NAME_LENGTH = 16
 # A control connection whose heartbeat is older than this is presumed dead (its rendezvous
 # instance crashed without clearing it): ignored for clone detection and removed by
 # prune_expired. The service must call touch_agent more often than this on a live channel.
@@ -67,6 +71,10 @@ class InvalidArgument(StoreError, ValueError):
 
 class AmbiguousName(StoreError):
     """A name matches several rows of the team; the caller must use the id."""
+
+
+class LastActiveAdmin(StoreError):
+    """Disabling this operator would leave its team without an active admin."""
 
 
 class UnusableReason(StrEnum):
@@ -350,13 +358,19 @@ class Session:
     created_at: float
     expires_at: float
     updated_at: float
+    # How its shell or command ended, as the agent's signed session.ended says (None: not said):
+    # the exit code, or the name of the signal that killed it (without SIG: "TERM").
+    exit_code: int | None = None
+    exit_signal: str | None = None
 
 
 @dataclass(frozen=True)
 class SessionQuery:
     """Which of a team's sessions to list, newest first: those before ``after`` in (created_at,
     id) order, at most ``limit`` of them (None: no limit), in one of ``states`` (empty: any),
-    of one agent and one operator (None: any), created at or after ``since`` (None: ever)."""
+    of one agent and one operator (None: any), created at or after ``since`` (None: ever).
+    ``operator_email`` selects every operator of the team with that email (case-insensitive):
+    one person invited again after being disabled has had several ids."""
 
     limit: int | None = None
     after: tuple[float, str] | None = None  # the (created_at, id) of the last session listed
@@ -364,6 +378,7 @@ class SessionQuery:
     agent_id: str | None = None
     operator_id: str | None = None
     since: float | None = None
+    operator_email: str | None = None
 
 
 EVERY_SESSION = SessionQuery()
@@ -532,8 +547,16 @@ class Store(abc.ABC):
         """The team's operators, ordered by email."""
 
     @abc.abstractmethod
-    async def disable_operator(self, team_id: str, operator_id: str, now: float) -> Operator:
-        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound."""
+    async def operators_matching(self, team_id: str, id_or_email: str) -> list[Operator]:
+        """The team's operators (disabled ones too) with this id or this email (ignoring ASCII
+        case), oldest first; at most MAX_MATCHES."""
+
+    @abc.abstractmethod
+    async def disable_operator(
+        self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
+    ) -> Operator:
+        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound;
+        with ``keep_an_active_admin``, LastActiveAdmin if it is the team's last active admin."""
 
     @abc.abstractmethod
     async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
@@ -695,6 +718,11 @@ class Store(abc.ABC):
         """The team's agents (not removed ones), ordered by name then id."""
 
     @abc.abstractmethod
+    async def agents_matching(self, team_id: str, name_or_id: str) -> list[Agent]:
+        """The team's agents, removed ones too, with this id or this name: current ones first,
+        then by id; at most MAX_MATCHES. For reading history (a removed agent's sessions)."""
+
+    @abc.abstractmethod
     async def set_agent_tags(self, team_id: str, agent_id: str, tags: Sequence[str]) -> Agent:
         """Replace the tags of a (not removed) agent of the team; the agent as updated.
 
@@ -806,8 +834,11 @@ class Store(abc.ABC):
         now: float,
         *,
         from_states: Sequence[SessionState],
+        exit_code: int | None = None,
+        exit_signal: str | None = None,
     ) -> Session | None:
-        """Atomically move the agent's session to ``state`` if it is in one of ``from_states``.
+        """Atomically move the agent's session to ``state`` if it is in one of ``from_states``,
+        with how its command ended (``exit_code``, ``exit_signal``) when the agent said so.
 
         Returns the updated session, or None when no such session of this agent is in those
         states (unknown, another agent's or team's, or already moved on).

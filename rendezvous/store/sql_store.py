@@ -27,8 +27,10 @@ from rendezvous.store.base import (
     CONNECTION_STALE_AFTER_SECONDS,
     EVERY_AGENT,
     EVERY_SESSION,
+    MAX_MATCHES,
     MAX_NAME_LENGTH,
     MAX_SCOPES,
+    MAX_SIGNAL_NAME_LENGTH,
     MAX_TAGS,
     MAX_TEAM_NAME_LENGTH,
     Agent,
@@ -45,6 +47,7 @@ from rendezvous.store.base import (
     InvalidArgument,
     Invite,
     InviteUnusable,
+    LastActiveAdmin,
     ListedSession,
     LoginChallenge,
     NotFound,
@@ -241,6 +244,15 @@ def _session_listing_statement(query: SessionQuery) -> tuple[str, list[Any]]:
         _check_text("operator id", query.operator_id, MAX_NAME_LENGTH)
         conditions.append(f"s.operator_id = ${next(numbers)}")
         values.append(query.operator_id)
+    if query.operator_email is not None:
+        _check_text("operator email", query.operator_email, MAX_NAME_LENGTH)
+        # Every id the person had in this team (invited again after being disabled).
+        email_number = next(numbers)
+        conditions.append(
+            "s.operator_id IN (SELECT e.id FROM operators e WHERE e.team_id = $1 "  # noqa: S608
+            f"AND lower(e.email) = lower(${email_number}))"
+        )
+        values.append(query.operator_email)
     if query.since is not None:
         if not _is_time(query.since):
             raise InvalidArgument("since must be a finite number")
@@ -473,16 +485,49 @@ class SqlStore(Store):
         )
         return [_operator(row) for row in rows]
 
-    async def disable_operator(self, team_id: str, operator_id: str, now: float) -> Operator:
-        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound."""
-        row = await self._fetchrow(
-            """UPDATE operators
-               SET disabled_at = COALESCE(disabled_at, $3),
-                   tokens_valid_after = CASE WHEN tokens_valid_after > $3
-                                             THEN tokens_valid_after ELSE $3 END
-               WHERE team_id = $1 AND id = $2 RETURNING *""",
-            team_id, operator_id, now,
+    async def operators_matching(self, team_id: str, id_or_email: str) -> list[Operator]:
+        """The team's operators with this id or email (ASCII case ignored), oldest first."""
+        rows = await self._read_fetch(
+            """SELECT * FROM operators
+               WHERE team_id = $1 AND (id = $2 OR lower(email) = lower($2))
+               ORDER BY created_at, id LIMIT $3""",
+            team_id, id_or_email, MAX_MATCHES,
         )  # fmt: skip
+        return [_operator(row) for row in rows]
+
+    async def disable_operator(
+        self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
+    ) -> Operator:
+        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound;
+        with ``keep_an_active_admin``, LastActiveAdmin if it is the team's last active admin."""
+        async with self._transaction() as session:
+            if keep_an_active_admin:
+                # The team row's lock queues concurrent disables in one team, so two admins
+                # disabling each other cannot both count the other as still active.
+                await session.execute("UPDATE teams SET name = name WHERE id = $1", team_id)
+                others = await session.fetchrow(
+                    """SELECT COUNT(*) AS n FROM operators
+                       WHERE team_id = $1 AND id <> $2 AND role = 'admin'
+                         AND disabled_at IS NULL""",
+                    team_id, operator_id,
+                )  # fmt: skip
+                target = await session.fetchrow(
+                    "SELECT role, disabled_at FROM operators WHERE team_id = $1 AND id = $2",
+                    team_id, operator_id,
+                )  # fmt: skip
+                if (
+                    target is not None and target["role"] == "admin"
+                    and target["disabled_at"] is None and others is not None and others["n"] == 0
+                ):  # fmt: skip
+                    raise LastActiveAdmin("this is the team's last active admin")
+            row = await session.fetchrow(
+                """UPDATE operators
+                   SET disabled_at = COALESCE(disabled_at, $3),
+                       tokens_valid_after = CASE WHEN tokens_valid_after > $3
+                                                 THEN tokens_valid_after ELSE $3 END
+                   WHERE team_id = $1 AND id = $2 RETURNING *""",
+                team_id, operator_id, now,
+            )  # fmt: skip
         if row is None:
             raise NotFound("no such operator")
         return _operator(row)
@@ -809,6 +854,16 @@ class SqlStore(Store):
             raise AmbiguousName(f"several agents are named {name_or_id!r}; use the agent id")
         return _agent(rows[0]) if rows else None
 
+    async def agents_matching(self, team_id: str, name_or_id: str) -> list[Agent]:
+        """The team's agents, removed ones too, with this id or name: current ones first."""
+        rows = await self._read_fetch(
+            f"""SELECT {_AGENT_COLUMNS} FROM agents a
+                WHERE a.team_id = $1 AND (a.id = $2 OR a.name = $2)
+                ORDER BY a.removed_at IS NOT NULL, a.id LIMIT $3""",  # noqa: S608
+            team_id, name_or_id, MAX_MATCHES,
+        )  # fmt: skip
+        return [_agent(row) for row in rows]
+
     async def list_agents(self, team_id: str) -> list[Agent]:
         """The team's agents, ordered by name then id."""
         rows = await self._read_fetch(
@@ -1077,19 +1132,27 @@ class SqlStore(Store):
         now: float,
         *,
         from_states: Sequence[SessionState],
+        exit_code: int | None = None,
+        exit_signal: str | None = None,
     ) -> Session | None:
-        """Atomically move the agent's session to ``state`` if it is in one of ``from_states``."""
+        """Atomically move the agent's session to ``state`` if it is in one of ``from_states``
+        (with how its command ended, if given)."""
         if not from_states:
             return None
+        if exit_code is not None and (type(exit_code) is not int or not 0 <= exit_code <= 255):
+            raise InvalidArgument("an exit code is a whole number of 0..255")
+        if exit_signal is not None:
+            _check_text("exit signal", exit_signal, MAX_SIGNAL_NAME_LENGTH)
         # Placeholders for the allowed states only (their values are passed as parameters).
-        allowed = ", ".join(f"${7 + index}" for index in range(len(from_states)))
+        allowed = ", ".join(f"${9 + index}" for index in range(len(from_states)))
         row = await self._fetchrow(
-            f"""UPDATE sessions SET state = $4, state_reason = $5, updated_at = $6
+            f"""UPDATE sessions SET state = $4, state_reason = $5, updated_at = $6,
+                                    exit_code = $7, exit_signal = $8
                 WHERE team_id = $1 AND agent_id = $2 AND id = $3
                   AND state IN ({allowed})
                 RETURNING *""",  # noqa: S608 - only numbered placeholders are spliced in
             team_id, agent_id, session_id, SessionState(state).value,
-            None if reason is None else reason[:MAX_NAME_LENGTH], now,
+            None if reason is None else reason[:MAX_NAME_LENGTH], now, exit_code, exit_signal,
             *(SessionState(value).value for value in from_states),
         )  # fmt: skip
         return _session(row) if row else None
@@ -1558,6 +1621,8 @@ def _session(row: Row) -> Session:
         state=SessionState(row["state"]), state_reason=row["state_reason"],
         created_at=float(row["created_at"]), expires_at=float(row["expires_at"]),
         updated_at=float(row["updated_at"]),
+        exit_code=None if row["exit_code"] is None else int(row["exit_code"]),
+        exit_signal=row["exit_signal"],
     )  # fmt: skip
 
 

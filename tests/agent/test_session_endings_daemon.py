@@ -18,6 +18,7 @@ import trio
 
 from agent.config import AgentConfig
 from agent.enrollment import EnrollmentRequest, enroll
+from agent.event_spool import EventSpool
 from agent.main import run_daemon
 from agent.session_host import FrameLink
 from agent.state_file import AgentState
@@ -179,8 +180,8 @@ async def test_a_shell_running_when_the_daemon_gets_sigterm_ends_in_the_log_and_
         ended = await _events(stack, session_id, "session.ended")
         assert [event["actor"]["kind"] for event in ended] == ["agent"], log.read_text()
         assert ended[0]["context"]["reason"] == "shutdown"
-        assert await _session(stack, session_id) == ("ended", None)
-        assert list((stack.agent_dir / "audit-spool").iterdir()) == []
+        assert await _session(stack, session_id) == ("ended", "shutdown")
+        assert EventSpool(stack.agent_dir / "audit-spool").load() == []
 
 
 @trio_test

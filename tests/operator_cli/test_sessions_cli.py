@@ -167,12 +167,14 @@ async def test_sessions_filters_by_state_agent_name_operator_and_since(
     assert await ages("--agent", "db-1") == [300, 3000]
     assert await ages("--agent", agents["web-1"]) == [60, 600, 7200]
     assert await ages("--operator", bob, "--since", "1h") == [60, 300, 600, 3000]
-    assert await ages("--operator", "op_nobody") == []
     assert await ages("--since", str(int(NOW - 400))) == [60, 300]
     capsys.readouterr()
     unknown = ["--home", str(home), "sessions", "--agent", "nowhere"]
     assert await trio.to_thread.run_sync(main, unknown) == 1
-    assert "no agent named 'nowhere'" in capsys.readouterr().err
+    assert "no agent 'nowhere' in your team" in capsys.readouterr().err
+    nobody = ["--home", str(home), "sessions", "--operator", "op_nobody"]
+    assert await trio.to_thread.run_sync(main, nobody) == 1
+    assert "no operator 'op_nobody' in your team" in capsys.readouterr().err
 
 
 async def test_sessions_show_prints_one_session_in_full(

@@ -173,8 +173,10 @@ async def test_admins_and_auditors_see_the_team_and_operators_only_their_own(
     assert await _every_page(service, team.auditor, limit=1) == everyone
     assert await _every_page(service, team.alice, limit=1) == [alices[1].id, alices[0].id]
     assert await _every_page(service, team.bob) == [bobs[1].id, bobs[0].id]
-    # Asking for another operator's sessions shows none of them (nor the caller's own).
-    assert await _every_page(service, team.alice, operator=team.bob.operator_id) == []
+    # Asking for another operator's sessions is refused, not answered with an empty list.
+    status, body = await _list(service, team.alice, operator=team.bob.operator_id)
+    assert (status, body["error"]) == (403, "forbidden")
+    assert team.bob.operator_id in body["message"]
     assert await _every_page(service, team.alice, agent=team.db) == []
     assert await _every_page(service, team.alice, operator=team.alice.operator_id) == [
         alices[1].id, alices[0].id,
@@ -199,10 +201,11 @@ async def test_another_teams_sessions_never_appear_even_with_its_cursor(
     assert all(session["session_id"] not in {s.id for s in other} for session in body["sessions"])
     assert [session["session_id"] for session in body["sessions"]] == [mine[1].id, mine[0].id]
     forged = encode_session_cursor(other[1].created_at + 1, "ses_zzzz")
+    # Another team's operator and agent are unknown here, exactly as made-up ids are.
     status, body = await _list(service, ours.admin, after=forged, operator=theirs.alice.operator_id)
-    assert status == 200 and body["sessions"] == []
+    assert status == 404 and theirs.alice.operator_id in body["message"]
     status, body = await _list(service, ours.admin, agent=theirs.web)
-    assert status == 200 and body["sessions"] == []
+    assert status == 404 and theirs.web in body["message"]
 
 
 async def test_bad_query_values_are_refused_after_the_credential(
@@ -310,10 +313,9 @@ async def test_a_key_of_another_team_reads_none_of_this_teams_sessions(
     assert status == 404
     status, body = await _read_with_key(service, their_key, "/v1/sessions")
     assert status == 200 and body["sessions"] == []
-    status, body = await _read_with_key(
-        service, their_key, f"/v1/sessions?operator={ours.alice.operator_id}&agent={ours.web}"
-    )
-    assert status == 200 and body["sessions"] == []
+    for query in (f"operator={ours.alice.operator_id}", f"agent={ours.web}"):
+        status, body = await _read_with_key(service, their_key, f"/v1/sessions?{query}")
+        assert status == 404, body
 
 
 async def test_a_revoked_key_no_longer_reads_sessions(service: ServiceHarness) -> None:

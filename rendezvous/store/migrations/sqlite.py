@@ -279,8 +279,20 @@ SERVICE_KEY_PINS = Migration(
     ),
 )
 
+SESSION_ENDINGS = Migration(
+    9,
+    "sessions keep how their command ended",
+    (
+        # From the agent-signed session.ended (its reason goes to state_reason): the exit code
+        # of the shell or command, or the signal (name without SIG, e.g. TERM) that killed it.
+        # NULL when the agent reported neither, or the session did not end by the agent's word.
+        "ALTER TABLE sessions ADD COLUMN exit_code INTEGER",
+        "ALTER TABLE sessions ADD COLUMN exit_signal TEXT",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER,
-    AGENT_REMOVAL, SERVICE_KEY_PINS,
+    AGENT_REMOVAL, SERVICE_KEY_PINS, SESSION_ENDINGS,
 )
 check_sequence(MIGRATIONS)

@@ -1,0 +1,132 @@
+"""`tucdesk operators` (list the team's operators) and `tucdesk operators disable` (admins).
+
+An operator is named by email or by id (``op_…``), resolved through the team's list as `agents
+remove` resolves agents: an unknown name, or an email several operators share, is refused with
+a line saying what to use instead. Disabling kills the operator's tokens, stops its key from
+logging in, and ends its open shells and exec sessions: each agent running one ends it at once,
+and the operator sees "the operator was disabled by an admin". The team's last active admin
+cannot be disabled. There is no enable: to bring someone back, invite them again.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import quote
+
+from operator_cli.client import Session
+from operator_cli.home import CliHome
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+OPERATORS_PATH = "/v1/operators"
+OPERATOR_ID_PREFIX = "op_"
+EMAIL_WIDTH = 32
+ID_WIDTH = 24
+
+
+class OperatorCommandError(Exception):
+    """The operator named cannot be told (none or several match), or the answer is malformed."""
+
+
+def operators_list(home: CliHome, *, as_json: bool) -> int:
+    """Print the team's operators: a table, or with ``as_json`` one JSON document."""
+    session = Session.from_home(home)
+    try:
+        operators = fetch_operators(session)
+    except OperatorCommandError as error:
+        print(f"tucdesk: {error}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        session.close()
+    if as_json:
+        print(json.dumps(operators, indent=2))
+        return EXIT_OK
+    for line in operator_table(operators):
+        print(line)
+    return EXIT_OK
+
+
+def operators_disable(home: CliHome, name_or_id: str) -> int:
+    """Disable the operator ``name_or_id`` (an email or an id) names; end its sessions."""
+    session = Session.from_home(home)
+    try:
+        try:
+            operator = one_operator(fetch_operators(session), name_or_id)
+        except OperatorCommandError as error:
+            print(f"tucdesk: {error}", file=sys.stderr)
+            return EXIT_FAILURE
+        already = operator["state"] != "active"
+        session.request("POST", f"{OPERATORS_PATH}/{quote(operator['id'], safe='')}/disable")
+    finally:
+        session.close()
+    who = _printable(f"{operator['email']} ({operator['id']}, {operator['role']})")
+    if already:
+        print(f"{who} was already disabled; any session of it still open was told to end")
+    else:
+        print(f"disabled {who}: its tokens are dead, its key cannot log in, and its open "
+              "sessions are being ended")  # fmt: skip
+    return EXIT_OK
+
+
+def fetch_operators(session: Session) -> list[dict[str, Any]]:
+    """The team's operators as the service lists them (admins only: others are refused)."""
+    body = session.request("GET", OPERATORS_PATH)
+    operators = body.get("operators") if isinstance(body, dict) else None
+    if not isinstance(operators, list) or not all(_well_formed(item) for item in operators):
+        raise OperatorCommandError("the server sent a malformed operator list")
+    return operators
+
+
+def one_operator(operators: list[dict[str, Any]], name_or_id: str) -> dict[str, Any]:
+    """The one operator ``name_or_id`` names: its id, else its email (case-insensitive)."""
+    by_id = [operator for operator in operators if operator["id"] == name_or_id]
+    if by_id:
+        return by_id[0]
+    wanted = name_or_id.casefold()
+    matches = [operator for operator in operators if operator["email"].casefold() == wanted]
+    if not matches:
+        raise OperatorCommandError(
+            f"no operator {name_or_id!r} in your team (see tucdesk operators)"
+        )
+    if len(matches) > 1:
+        ids = ", ".join(operator["id"] for operator in matches)
+        raise OperatorCommandError(
+            f"several operators have the email {name_or_id!r} ({ids}); use the operator id"
+        )
+    return matches[0]
+
+
+def operator_table(operators: list[dict[str, Any]]) -> list[str]:
+    """The lines of `tucdesk operators`: a header, then one operator a line, by email."""
+    lines = [f"{'EMAIL':<{EMAIL_WIDTH}} {'ID':<{ID_WIDTH}} {'ROLE':<9} {'STATE':<9} CREATED"]
+    for operator in operators:
+        state = operator["state"]
+        if state != "active" and isinstance(operator.get("disabled_at"), int | float):
+            state = f"{state} since {_when(operator['disabled_at'])}"
+        email, operator_id = _printable(operator["email"]), _printable(operator["id"])
+        lines.append(
+            f"{email:<{EMAIL_WIDTH}} {operator_id:<{ID_WIDTH}} {_printable(operator['role']):<9} "
+            f"{_printable(state):<9} {_when(operator['created_at'])}"
+        )
+    return lines
+
+
+def _well_formed(item: object) -> bool:
+    if not isinstance(item, dict):
+        return False
+    texts = ("id", "email", "role", "state")
+    return all(isinstance(item.get(name), str) for name in texts) and isinstance(
+        item.get("created_at"), int | float
+    )
+
+
+def _when(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _printable(text: str) -> str:
+    # An email comes from whoever wrote the invite: it must not drive the terminal.
+    return "".join(character if character.isprintable() else "?" for character in text)
