@@ -35,9 +35,12 @@ identifies an event by the SHA-256 of its signed content, so a resend of one alr
 ack lost with the channel) is acknowledged again without a second record. Delivery into the log
 is therefore effectively exactly once.
 
-Events also survive the daemon stopping. Each is written to a spool in the state dir
-(agent/event_spool.py, one 0600 file per event) when it is queued and removed once acknowledged
-(or refused for good); a restarted daemon sends what its predecessor left there. On a clean stop
+Events also survive the daemon stopping, and a full disk. Each is written to a spool in the state
+dir (agent/event_spool.py, slots reserved at start) when it is queued and cleared once
+acknowledged (or refused for good); a restarted daemon sends what its predecessor left there.
+When the spool has no room for a new session's events (or cannot be used at all), offers are
+refused with the reason (no audit, no action), logged and shown by ``tucdesk-agent status``;
+running sessions go on. On a clean stop
 (``run`` cancelled: SIGTERM, SIGINT) the channel is not cut at once: the client waits, at most
 SHUTDOWN_DRAIN_SECONDS, for the sessions it was told about (``live_sessions``) to finish their
 teardown and for every queued event to be acknowledged, then closes the WebSocket normally.
@@ -249,8 +252,11 @@ class ControlClient:
         self.acknowledged_audit_events = 0
         self.last_connected_at: float | None = None
         self.last_error: str | None = None
+        # What is wrong with the audit spool (new sessions are refused meanwhile), or None.
+        self.audit_spool_problem: str | None = None
         if event_spool is not None:
             self._load_spool(event_spool)
+            self._audit_spool_refusal()
 
     # ---- what the rest of the agent uses -------------------------------------------------
 
@@ -292,6 +298,8 @@ class ControlClient:
             )
         content = event.to_json()
         event_id = self._spool.add(content) if self._spool is not None else None
+        if self._spool is not None:
+            self._audit_spool_refusal()
         if event_id is not None:
             self._spooled.add(event_id)
         else:
@@ -324,6 +332,8 @@ class ControlClient:
         if event_id in self._spooled and self._spool is not None:
             self._spooled.discard(event_id)
             self._spool.remove(event_id)
+            if self.audit_spool_problem is not None:
+                self._audit_spool_refusal()  # says so once it has room again
 
     def send_message(self, message: dict[str, Any]) -> bool:
         """Queue a message for the current connection; False (dropped) while disconnected."""
@@ -485,6 +495,8 @@ class ControlClient:
             if kind == "session_offer":
                 if self._stopping.is_set():
                     self._refuse_offer_while_stopping(message)
+                elif (refusal := self._audit_spool_refusal()) is not None:
+                    self._refuse_offer(message, refusal)
                 else:
                     self._on_offer(message)
             elif kind == "end_sessions":
@@ -531,16 +543,36 @@ class ControlClient:
     def _refuse_offer_while_stopping(self, message: dict[str, Any]) -> None:
         """A session started now would be cancelled at once: refuse it, as the session host
         refuses an offer it cannot take."""
+        self._refuse_offer(message, STOPPING_REFUSAL_REASON)
+
+    def _refuse_offer(self, message: dict[str, Any], reason: str) -> None:
         session_id = message.get("session_id")
         if isinstance(session_id, str) and 0 < len(session_id) <= MAX_OFFER_SESSION_ID_LENGTH:
-            logger.info("refusing session %s: the agent is stopping", session_id)
+            logger.info("refusing session %s: %s", session_id, reason)
             self.send_message(
-                {
-                    "type": "session_offer_refused",
-                    "session_id": session_id,
-                    "reason": STOPPING_REFUSAL_REASON,
-                }
+                {"type": "session_offer_refused", "session_id": session_id, "reason": reason}
             )
+
+    def _audit_spool_refusal(self) -> str | None:
+        """Why a new session is refused for want of room to keep its audit events (no audit,
+        no action; running sessions go on), or None."""
+        if self._spool is None:
+            return None
+        reason = self._spool.refusal_reason(self._live_count())
+        self._note_audit_spool_problem(reason)
+        return reason
+
+    def _note_audit_spool_problem(self, problem: str | None) -> None:
+        """Log and report (status file) a change in what is wrong with the audit spool."""
+        changed = (problem is None) != (self.audit_spool_problem is None)
+        self.audit_spool_problem = problem
+        if not changed:
+            return  # the counts in the text move with every event: said once, not each time
+        if problem is not None:
+            logger.error("%s: new sessions are refused until it has room again", problem)
+        else:
+            logger.info("the agent's audit spool has room again: new sessions are accepted")
+        self._write_status()
 
     def _audit_failed(self, message: dict[str, Any]) -> None:
         """Not stored now (the rendezvous's store is briefly unavailable): the events in flight
@@ -684,6 +716,7 @@ class ControlClient:
             updated_at=self._clock(),
             last_connected_at=self.last_connected_at,
             last_error=self.last_error,
+            audit_spool_problem=self.audit_spool_problem,
         )
         try:
             write_status(self._status_file, status)

@@ -684,6 +684,8 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
         print(f"Last connect: {_show_time(status.last_connected_at)}")
     if not status.connected and status.last_error:
         print(f"Last error:   {status.last_error}")
+    for line in status.problem_lines():
+        print(line)
     return STATUS_RUNNING if status.connected else STATUS_DISCONNECTED
 
 

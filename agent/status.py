@@ -1,7 +1,9 @@
 """The status file ``tucdesk-agent run`` keeps up to date and ``tucdesk-agent status`` reads.
 
-It holds nothing secret: the daemon's pid, whether its control channel is up, and when it last
-connected. ``status`` trusts ``connected`` only while that pid is still alive.
+It holds nothing secret: the daemon's pid, whether its control channel is up, when it last
+connected, and what is wrong with its audit spool (agent/event_spool.py: while it is full or
+unusable new sessions are refused). ``status`` trusts ``connected`` only while that pid is still
+alive.
 """
 
 from __future__ import annotations
@@ -30,10 +32,22 @@ class DaemonStatus:
     updated_at: float
     last_connected_at: float | None = None
     last_error: str | None = None
+    # Why new sessions are refused for want of room to audit them, or None.
+    audit_spool_problem: str | None = None
 
     def is_running(self) -> bool:
         """True when the process that wrote this status still exists."""
         return process_exists(self.pid)
+
+    def problem_lines(self) -> list[str]:
+        """Lines for ``tucdesk-agent status`` about what keeps the daemon from working fully."""
+        if self.audit_spool_problem is None:
+            return []
+        return [
+            f"Audit spool:  {self.audit_spool_problem}",
+            "              new sessions are refused until the rendezvous acknowledges the "
+            "queued audit events (free space in the state dir if it cannot be reserved)",
+        ]
 
 
 def write_status(path: Path, status: DaemonStatus) -> None:
@@ -43,8 +57,9 @@ def write_status(path: Path, status: DaemonStatus) -> None:
         # Said plainly, not as the file writer's "cannot create key file (File exists)".
         raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), str(directory))
     document = asdict(status)
-    if document["last_error"] is not None:
-        document["last_error"] = document["last_error"][:MAX_ERROR_LENGTH]
+    for name in ("last_error", "audit_spool_problem"):
+        if document[name] is not None:
+            document[name] = document[name][:MAX_ERROR_LENGTH]
     write_private_file(path, json.dumps(document, sort_keys=True).encode())
 
 
@@ -66,6 +81,7 @@ def read_status(path: Path) -> DaemonStatus | None:
             updated_at=float(_typed(document, "updated_at", (int, float))),
             last_connected_at=_optional_float(document.get("last_connected_at")),
             last_error=_optional_text(document.get("last_error")),
+            audit_spool_problem=_optional_text(document.get("audit_spool_problem")),
         )
     except (ValueError, TypeError, KeyError):
         return None

@@ -1,5 +1,6 @@
 """Agent-signed audit events not yet acknowledged survive the daemon: kept in STATE_DIR's spool
-(one 0600 file each, written atomically, bounded) and sent again by the next run."""
+(slots reserved in one 0600 file, written in place, bounded) and sent again by the next run.
+Full disks, torn writes and the old one-file-per-event spool: test_event_spool_full_disk.py."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import threading
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,7 +20,13 @@ import trio
 import agent.control_client as control_client
 from agent.audit_events import SessionAuditor
 from agent.control_client import ControlClient
-from agent.event_spool import GARBLED_SUFFIX, EventSpool
+from agent.event_spool import (
+    GARBLED_SUFFIX,
+    MAX_EVENT_FILE_BYTES,
+    SLOT_FILE_NAME,
+    TEMPORARY_SLOT_FILE_NAME,
+    EventSpool,
+)
 from agent.state_file import AgentState
 from audit.actions import Action, ActorKind
 from audit.record import Actor, AuditEvent, SignedEvent, sign_event
@@ -47,59 +55,65 @@ def _files(directory: Path) -> list[str]:
     return sorted(os.listdir(directory))
 
 
-def test_spooled_events_come_back_in_order_from_private_files(tmp_path: Path) -> None:
+def _session_ids(loaded: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    return [content["event"]["session_id"] for _, content in loaded]
+
+
+def test_spooled_events_come_back_in_order_from_a_private_file(tmp_path: Path) -> None:
     directory = tmp_path / "spool"
     spool = EventSpool(directory)
     assert spool.load() == []
     keys = [spool.add(_event(number).to_json()) for number in range(3)]
     assert all(keys) and len(set(keys)) == 3
     assert stat.S_IMODE(os.lstat(directory).st_mode) == 0o700
-    for name in _files(directory):
-        assert stat.S_IMODE(os.lstat(directory / name).st_mode) == 0o600
+    assert _files(directory) == [SLOT_FILE_NAME]
+    assert stat.S_IMODE(os.lstat(directory / SLOT_FILE_NAME).st_mode) == 0o600
     spool.remove(keys[1] or "")
     again = EventSpool(directory)
     loaded = again.load()
     assert [key for key, _ in loaded] == [keys[0], keys[2]]
-    assert [content["event"]["session_id"] for _, content in loaded] == ["ses_0", "ses_2"]
-    # Numbering goes on after the last one left: a new event sorts after the old ones.
-    newer = again.add(_event(9).to_json())
-    assert newer is not None and newer > (keys[2] or "")
+    assert _session_ids(loaded) == ["ses_0", "ses_2"]
+    # Numbering goes on after the last one left: a new event (in the freed slot, the first
+    # free one after the last write) comes back after the old ones.
+    assert again.add(_event(9).to_json()) is not None
+    assert _session_ids(EventSpool(directory).load()) == ["ses_0", "ses_2", "ses_9"]
 
 
-def test_a_garbled_spool_file_is_set_aside_with_a_warning_and_the_rest_is_sent(
+def test_a_garbled_old_style_spool_file_is_set_aside_with_a_warning_and_the_rest_is_sent(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     directory = tmp_path / "spool"
-    spool = EventSpool(directory)
-    good = spool.add(_event(1).to_json())
-    cut = spool.add(_event(2).to_json())
-    assert good is not None and cut is not None
-    data = (directory / cut).read_bytes()
-    (directory / cut).write_bytes(data[: len(data) // 2])  # a write cut short by a power loss
-    tampered = json.loads((directory / good).read_text())
-    (directory / "ev-000000000077.json").write_text(json.dumps({**tampered, "extra": 1}))
-    (directory / f".{cut}.tmp").write_bytes(b"{")  # a write that never reached its rename
+    directory.mkdir(mode=0o700)
+    good, cut = (_event(number).to_json() for number in (1, 2))
+    (directory / "ev-000000000001.json").write_text(json.dumps(good))
+    data = json.dumps(cut).encode()
+    (directory / "ev-000000000002.json").write_bytes(data[: len(data) // 2])  # power loss
+    (directory / "ev-000000000077.json").write_text(json.dumps({**good, "extra": 1}))
+    (directory / ".ev-000000000003.json.tmp").write_bytes(b"{")  # never reached its rename
     caplog.set_level(logging.WARNING)
     loaded = EventSpool(directory).load()
-    assert [key for key, _ in loaded] == [good]
+    assert [content for _, content in loaded] == [good]
     assert "ignoring the spooled audit event" in caplog.text
-    assert f"{cut}{GARBLED_SUFFIX}" in _files(directory)
-    assert f"ev-000000000077.json{GARBLED_SUFFIX}" in _files(directory)
-    assert f".{cut}.tmp" not in _files(directory)
+    assert _files(directory) == [
+        f"ev-000000000002.json{GARBLED_SUFFIX}", f"ev-000000000077.json{GARBLED_SUFFIX}",
+        SLOT_FILE_NAME,
+    ]  # fmt: skip
 
 
 def test_a_full_spool_warns_once_and_keeps_new_events_in_memory_only(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
-    spool = EventSpool(tmp_path / "spool", max_events=2)
+    spool = EventSpool(tmp_path / "spool", slot_count=2, min_slot_count=1)
+    spool.load()
     assert spool.add(_event(1).to_json()) and spool.add(_event(2).to_json())
     assert spool.add(_event(3).to_json()) is None
     assert spool.add(_event(4).to_json()) is None
     assert caplog.text.count("is full") == 1
-    assert len(_files(tmp_path / "spool")) == 2
-    by_bytes = EventSpool(tmp_path / "bytes", max_bytes=100)
-    assert by_bytes.add(_event(1).to_json()) is None
+    assert spool.count == 2 and spool.free_slots == 0
+    # Larger than any event the agent signs: never spooled.
+    huge = {**_event(5).to_json(), "padding": "x" * MAX_EVENT_FILE_BYTES}
+    assert EventSpool(tmp_path / "other").add(huge) is None
 
 
 def test_the_control_client_spools_each_event_and_forgets_what_it_drops(
@@ -114,12 +128,12 @@ def test_the_control_client_spools_each_event_and_forgets_what_it_drops(
     client = ControlClient(state, MACHINE.fingerprint(), lambda o: None, event_spool=spool)
     for number in range(3):
         client.send_audit_event(_event(number))
-    assert len(_files(tmp_path / "spool")) == 3
+    assert spool.count == 3
     # Past the backlog's bound the oldest are dropped, from memory and from the spool alike.
     for number in range(3, 5):
         client.send_audit_event(_event(number))
     assert client.dropped_audit_events == 2 and client.pending_audit_events == 3
-    assert len(_files(tmp_path / "spool")) == 3
+    assert spool.count == 3
     restarted = ControlClient(
         state, MACHINE.fingerprint(), lambda o: None, event_spool=EventSpool(tmp_path / "spool")
     )
@@ -143,36 +157,46 @@ def test_a_fifo_in_the_spool_neither_hangs_loading_nor_adding(
     directory = tmp_path / "spool"
     directory.mkdir(mode=0o700)
     os.mkfifo(directory / "ev-000000000001.json", 0o600)
+    # A FIFO (or link) where the temporary slot file goes is replaced, never written through.
+    os.symlink(tmp_path / "elsewhere", directory / TEMPORARY_SLOT_FILE_NAME)
     spool = EventSpool(directory)
     loaded: list[object] = []
     assert not _blocks(lambda: loaded.append(spool.load()))
     assert loaded == [[]] and "not a regular file" in caplog.text
-    # A FIFO (or link) where the next temporary file goes is replaced, never written through.
-    os.mkfifo(directory / ".ev-000000000002.json.tmp", 0o600)
-    os.symlink(tmp_path / "elsewhere", directory / ".ev-000000000003.json.tmp")
     added: list[str | None] = []
-    assert not _blocks(lambda: added.extend([spool.add(_event(2).to_json()),
-                                             spool.add(_event(3).to_json())]))  # fmt: skip
-    assert added == ["ev-000000000002.json", "ev-000000000003.json"]
-    assert not (tmp_path / "elsewhere").exists()
+    assert not _blocks(lambda: added.append(spool.add(_event(2).to_json())))
+    assert added[0] is not None and not (tmp_path / "elsewhere").exists()
     assert [key for key, _ in EventSpool(directory).load()] == added
+    # A FIFO as the slot file: the spool is unusable (new sessions refused), nothing hangs.
+    fifo_dir = tmp_path / "fifo"
+    fifo_dir.mkdir(mode=0o700)
+    os.mkfifo(fifo_dir / SLOT_FILE_NAME, 0o600)
+    broken = EventSpool(fifo_dir)
+    assert not _blocks(lambda: loaded.append(broken.load()))
+    assert not _blocks(lambda: added.append(broken.add(_event(3).to_json())))
+    assert added[-1] is None
+    reason = broken.refusal_reason(running_sessions=0)
+    assert reason is not None and "not a regular file" in reason
 
 
-def test_each_spooled_event_is_made_durable_with_its_directory(
+def test_each_spooled_event_is_made_durable_in_place_without_allocating(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    synced: list[bool] = []
-    real_fsync = os.fsync
-
-    def recording_fsync(fd: int) -> None:
-        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
-        real_fsync(fd)
-
-    monkeypatch.setattr(os, "fsync", recording_fsync)
     spool = EventSpool(tmp_path / "spool")
+    spool.load()
+    size = os.stat(tmp_path / "spool" / SLOT_FILE_NAME).st_size
+    synced: list[int] = []
+    real_fdatasync = os.fdatasync
+
+    def recording_fdatasync(fd: int) -> None:
+        synced.append(os.fstat(fd).st_size)
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording_fdatasync)
+    monkeypatch.setattr(os, "open", None)  # no file is created or opened to write an event
     assert spool.add(_event(1).to_json()) is not None
-    # The file's data, then the directory holding its new name (else a power loss undoes it).
-    assert synced == [False, True]
+    # The slot file's data, at the size reserved at start: no block allocated, nothing renamed.
+    assert synced == [size]
 
 
 async def _accepted(store: Store, team_id: str, session_id: str) -> bool:
@@ -214,7 +238,7 @@ async def test_an_event_a_stopped_agent_never_delivered_is_sent_by_its_next_run(
             auditor.ended(session_id, duration_ms=5, exit_status=None, bytes_in=0, bytes_out=0,
                           reason="shutdown")
         )  # fmt: skip
-        assert len(_files(spool_dir)) == 1
+        assert EventSpool(spool_dir).load() != []
         del first  # the process is gone; only the spool is left
 
         # The new process runs no session: its live_sessions report waits for the spooled
@@ -231,10 +255,11 @@ async def test_an_event_a_stopped_agent_never_delivered_is_sent_by_its_next_run(
                     await trio.sleep(0.02)
             nursery.cancel_scope.cancel()
         assert second.acknowledged_audit_events == 1
-        assert _files(spool_dir) == []
+        assert EventSpool(spool_dir).load() == []
         session = await store.get_session(state.team_id, session_id)
         assert session is not None
-        assert (session.state.value, session.state_reason) == ("ended", None)
+        # The agent's own account (its reason, once the row records it), not "agent_lost".
+        assert session.state.value == "ended" and session.state_reason in (None, "shutdown")
         ended = await service.audit_events(state.team_id, Action.SESSION_ENDED.value)
         assert [event["session_id"] for event in ended] == [session_id]
         assert ended[0]["actor"]["kind"] == "agent"
