@@ -78,7 +78,8 @@ from trio_websocket import ConnectionClosed, ConnectionTimeout, WebSocketConnect
 
 from agent.connection_failure import describe_connection_failure
 from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
-from agent.errors import ControlChannelError
+from agent.enrollment import follow_key_rotations
+from agent.errors import ControlChannelError, EnrollmentError
 from agent.event_spool import EventSpool
 from agent.server_address import control_channel_url, tls_context
 from agent.state_file import AgentState
@@ -518,6 +519,24 @@ class ControlClient:
             else:
                 # Newer servers may send more: unknown types are ignored, as the contract says.
                 logger.info("ignoring a control message of type %r", str(kind)[:32])
+
+    def _follow_service_keys(self, message: dict[str, Any]) -> None:
+        """Pin the keys the rendezvous rotated to, where the statements chain from our pins."""
+        try:
+            outcome = follow_key_rotations(self._state.service_keys, message)
+        except EnrollmentError as error:
+            logger.warning("refused the rendezvous's service keys: %s", error)
+            return
+        for reason in outcome.refused:
+            logger.warning("refused a service key rotation: %s", reason)
+        if outcome.changed:
+            # In place: the session host's grant keys are a view of this very dict.
+            self._state.service_keys.clear()
+            self._state.service_keys.update(outcome.service_keys)
+            for key in outcome.added:
+                logger.info("pinned rotated service key %s (vouched for by its predecessor)", key)
+            for key in outcome.dropped:
+                logger.info("dropped retired service key %s", key)
 
     def _audit_answered(self, message: dict[str, Any]) -> None:
         event_id = message.get("id")

@@ -8,17 +8,19 @@ payload over HTTPS and is never stored, logged or echoed.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import secrets
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import httpx
+import rfc8785
 
 from agent.connection_failure import describe_connection_failure
 from agent.errors import EnrollmentError
@@ -37,6 +39,11 @@ MAX_RESPONSE_BYTES = 64 * 1024
 MAX_SERVICE_KEYS = 32
 GRANT_SIGNER_PURPOSE = "jwt-issuer"
 POLICY_SIGNER_PURPOSE = "policy-signer"
+RETIRED_KEY_STATE = "retired"
+_STATEMENT_FIELDS = frozenset(
+    {"purpose", "old_key_id", "new_key", "new_key_id", "rotated_at", "signature"}
+)
+MAX_ROTATION_STATEMENTS = 256
 MAX_PINNED_ADMIN_KEYS = 64
 REGISTRATION_KEY_PREFIX = "rk_live_"
 MAX_REGISTRATION_KEY_LENGTH = 256
@@ -103,6 +110,9 @@ def parse_service_keys(jwks: object) -> dict[str, dict[str, PublicIdentity]]:
             raise EnrollmentError("a service key is not a JSON object")
         if entry.get("kty") != "OKP" or entry.get("crv") != "Ed25519":
             continue
+        if entry.get("state") == RETIRED_KEY_STATE:
+            # Published only while what it signed before a rotation expires: never pinned.
+            continue
         purpose, kid, x = entry.get("purpose"), entry.get("kid"), entry.get("x")
         if not isinstance(purpose, str) or not isinstance(kid, str) or not isinstance(x, str):
             raise EnrollmentError("a service key lacks purpose, kid or x")
@@ -118,9 +128,185 @@ def parse_service_keys(jwks: object) -> dict[str, dict[str, PublicIdentity]]:
     return by_purpose
 
 
-def grant_signing_keys(state: AgentState) -> dict[str, PublicIdentity]:
-    """The pinned keys a session grant may be signed with, by kid."""
-    return parse_service_keys(state.service_keys)[GRANT_SIGNER_PURPOSE]
+def grant_signing_keys(state: AgentState) -> Mapping[str, PublicIdentity]:
+    """The pinned keys a session grant may be signed with, by kid.
+
+    A live view of ``state.service_keys``: keys the agent follows to after a rotation
+    (``follow_key_rotations``, applied by the control client) count from then on.
+    """
+    return _PinnedGrantKeys(state)
+
+
+class _PinnedGrantKeys(Mapping[str, PublicIdentity]):
+    """The grant keys ``state.service_keys`` pins now, parsed again when that changed."""
+
+    def __init__(self, state: AgentState) -> None:
+        self._state = state
+        self._parsed_from: str | None = None
+        self._keys: dict[str, PublicIdentity] = {}
+
+    def _current(self) -> dict[str, PublicIdentity]:
+        # A grant check asks a few times per session: compare the pinned set's text, and parse
+        # only after a rotation changed it.
+        text = json.dumps(self._state.service_keys, sort_keys=True)
+        if text != self._parsed_from:
+            self._keys = parse_service_keys(self._state.service_keys)[GRANT_SIGNER_PURPOSE]
+            self._parsed_from = text
+        return self._keys
+
+    def __getitem__(self, kid: str) -> PublicIdentity:
+        return self._current()[kid]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(self._current()))
+
+    def __len__(self) -> int:
+        return len(self._current())
+
+
+@dataclass(frozen=True)
+class KeyRotationOutcome:
+    """What following the rendezvous's rotation statements changed in the pinned keys."""
+
+    service_keys: dict[str, Any]
+    """The JWK set to pin from now on."""
+    added: tuple[str, ...] = ()
+    dropped: tuple[str, ...] = ()
+    refused: tuple[str, ...] = ()
+    """Why each statement that does not chain from a pinned key was refused."""
+
+    @property
+    def changed(self) -> bool:
+        """Whether any key was added or dropped."""
+        return bool(self.added or self.dropped)
+
+
+def follow_key_rotations(
+    pinned_jwks: Mapping[str, Any], message: Mapping[str, Any]
+) -> KeyRotationOutcome:
+    """Follow the ``service_keys`` control message's rotation statements from ``pinned_jwks``.
+
+    A statement is followed only if the key it retires is pinned (at enrollment, or by a
+    statement followed before it) and that key signed it: so every key added chains back to
+    what the agent pinned. A retired key is dropped once a followed statement replaced it and
+    the message no longer lists it (the rendezvous stops listing it when what it signed has
+    expired). EnrollmentError if the message is malformed as a whole.
+    """
+    pinned = parse_service_keys(pinned_jwks)
+    statements = message.get("rotations")
+    listed = message.get("keys")
+    if not isinstance(statements, list) or len(statements) > MAX_ROTATION_STATEMENTS:
+        raise EnrollmentError(
+            f"the rendezvous's rotation statements are not a list of at most "
+            f"{MAX_ROTATION_STATEMENTS}"
+        )
+    if not isinstance(listed, list):
+        raise EnrollmentError("the rendezvous's service keys are not a list")
+    entries = [dict(entry) for entry in pinned_jwks["keys"] if isinstance(entry, Mapping)]
+    added: list[str] = []
+    refused: list[str] = []
+    replaced: set[tuple[str, str]] = set()
+    pending: list[tuple[Mapping[str, Any], str, str, PublicIdentity]] = []
+    for statement in statements:
+        try:
+            pending.append((statement, *_rotation_statement(statement)))
+        except EnrollmentError as error:
+            refused.append(str(error))
+    # Statements come oldest first; passes until none is left that chains, whatever the order.
+    progress = True
+    while pending and progress:
+        progress = False
+        for item in list(pending):
+            statement, purpose, old_kid, new_key = item
+            held = pinned.setdefault(purpose, {})
+            if old_kid not in held:
+                continue  # may chain from a key a later pass adds
+            pending.remove(item)
+            try:
+                _check_statement_signature(statement, held[old_kid])
+            except EnrollmentError as error:
+                refused.append(str(error))
+                continue
+            progress = True
+            replaced.add((purpose, old_kid))
+            if new_key.key_id not in held:
+                held[new_key.key_id] = new_key
+                entries.append(_pinned_entry(purpose, new_key))
+                added.append(f"{purpose} {new_key.fingerprint}")
+    for _, purpose, old_kid, _ in _not_leading_to(pending, pinned):
+        refused.append(
+            f"rotation statement for {purpose[:32]} retires key {old_kid[:64]}, which this "
+            "agent never pinned: it does not chain from the keys pinned at enrollment"
+        )
+    published = {
+        (entry.get("purpose"), entry.get("kid")) for entry in listed if isinstance(entry, Mapping)
+    }
+    dropped: list[str] = []
+    for purpose, kid in sorted(replaced):
+        if (purpose, kid) in published or len(pinned.get(purpose, {})) <= 1:
+            continue
+        del pinned[purpose][kid]
+        entries = [e for e in entries if (e.get("purpose"), e.get("kid")) != (purpose, kid)]
+        dropped.append(f"{purpose} {kid}")
+    return KeyRotationOutcome(
+        {**pinned_jwks, "keys": entries}, tuple(added), tuple(dropped), tuple(refused)
+    )
+
+
+def _not_leading_to(
+    pending: list[tuple[Mapping[str, Any], str, str, PublicIdentity]],
+    pinned: Mapping[str, Mapping[str, PublicIdentity]],
+) -> list[tuple[Mapping[str, Any], str, str, PublicIdentity]]:
+    """The statements left over that are not history of a pinned key (rotations made before
+    this agent enrolled, or before a key it pinned since): those do not chain."""
+    ancestors = {(purpose, kid) for purpose, keys in pinned.items() for kid in keys}
+    grew = True
+    while grew:
+        grew = False
+        for _, purpose, old_kid, new_key in pending:
+            if (purpose, new_key.key_id) in ancestors and (purpose, old_kid) not in ancestors:
+                ancestors.add((purpose, old_kid))
+                grew = True
+    return [item for item in pending if (item[1], item[3].key_id) not in ancestors]
+
+
+def _rotation_statement(statement: object) -> tuple[str, str, PublicIdentity]:
+    """(purpose, retired kid, new key) of a well-formed statement; EnrollmentError if not."""
+    if not isinstance(statement, Mapping) or set(statement) != _STATEMENT_FIELDS:
+        raise EnrollmentError("a rotation statement is not an object with the expected fields")
+    purpose, old_kid = statement["purpose"], statement["old_key_id"]
+    new_text, new_kid = statement["new_key"], statement["new_key_id"]
+    texts = (purpose, old_kid, new_text, new_kid, statement["signature"])
+    if not all(isinstance(text, str) and len(text) <= 128 for text in texts):
+        raise EnrollmentError("a rotation statement has a field that is not a short string")
+    if not isinstance(statement["rotated_at"], int):
+        raise EnrollmentError("a rotation statement's rotated_at is not an integer")
+    try:
+        new_key = PublicIdentity(b64url_decode(new_text, max_size=64))
+    except ProtocolError:
+        raise EnrollmentError("a rotation statement's new key is not an Ed25519 key") from None
+    if new_key.key_id != new_kid:
+        raise EnrollmentError("a rotation statement's new key does not match its key id")
+    return purpose, old_kid, new_key
+
+
+def _check_statement_signature(statement: Mapping[str, Any], old_key: PublicIdentity) -> None:
+    body = {name: value for name, value in statement.items() if name != "signature"}
+    try:
+        signature = b64url_decode(statement["signature"], max_size=64)
+        old_key.verify(Purpose.SERVICE_KEY_ROTATION, rfc8785.dumps(body), signature)
+    except ProtocolError:
+        raise EnrollmentError(
+            f"a rotation statement for {statement['purpose'][:32]} is not signed by the key it "
+            f"retires ({old_key.fingerprint}): refused"
+        ) from None
+
+
+def _pinned_entry(purpose: str, key: PublicIdentity) -> dict[str, Any]:
+    return {
+        "kty": "OKP", "crv": "Ed25519", "x": b64url(key.raw), "kid": key.key_id, "use": "sig",
+        "alg": "EdDSA", "purpose": purpose, "fingerprint": key.fingerprint,
+    }  # fmt: skip
 
 
 def parse_policy_trust(

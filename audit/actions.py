@@ -88,6 +88,10 @@ class Action(StrEnum):
     """An approved request was carried out."""
     AUDIT_EXPORTED = "audit.exported"
     """Someone exported the team's audit log."""
+    SERVICE_KEY_ROTATED = "service_key.rotated"
+    """An admin rotated a rendezvous service key (target = ``service-key:<purpose>``; context:
+    purpose, old and new fingerprints, the new key). Recorded in every log; for the audit
+    signer it is signed by the old key and introduces the new one: see audit/trust.py."""
 
 
 class ActorKind(StrEnum):

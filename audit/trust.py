@@ -6,11 +6,19 @@ record in the same log, signed by a pinned audit key, has action ``agent.registe
 id as target, and the agent's public key and key id in its context. From then on records signed
 by that key are accepted, but only with an ``agent`` actor whose id is that agent's id, so one
 agent can never speak for another. Keys listed in an export bundle are hints, never anchors.
+
+An audit key is rotated the same way: a ``service_key.rotated`` record for the ``audit-signer``
+purpose, signed by the trusted audit key it retires (``old_fingerprint`` must be the signer's),
+introduces the new key named in its context as an audit key from then on. So an auditor who
+pinned only the original key verifies a log across any number of rotations, each one vouched for
+by the key before it; a key no such record introduced is refused like any unknown signer. The
+retired key stays trusted for the records it signed (instances switch keys only on reload).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from audit.actions import Action, ActorKind
 from audit.errors import RecordError, UnknownSigner
@@ -20,6 +28,12 @@ from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_de
 
 AGENT_PUBLIC_KEY_FIELD = "agent_public_key"
 AGENT_KEY_ID_FIELD = "agent_key_id"
+AUDIT_SIGNER_PURPOSE = "audit-signer"
+ROTATION_PURPOSE_FIELD = "purpose"
+ROTATION_OLD_FINGERPRINT_FIELD = "old_fingerprint"
+ROTATION_NEW_FINGERPRINT_FIELD = "new_fingerprint"
+ROTATION_NEW_PUBLIC_KEY_FIELD = "new_public_key"
+ROTATION_NEW_KEY_ID_FIELD = "new_key_id"
 
 
 def agent_registration_context(
@@ -54,12 +68,76 @@ def introduced_agent_key(event: AuditEvent) -> tuple[str, PublicIdentity]:
     return event.target, key
 
 
+def service_key_rotation_context(
+    purpose: str, old_key: PublicIdentity, new_key: PublicIdentity, **extra: JsonValue
+) -> dict[str, JsonValue]:
+    """The context of a ``service_key.rotated`` record replacing ``old_key`` by ``new_key``."""
+    return {
+        **extra,
+        ROTATION_PURPOSE_FIELD: purpose,
+        ROTATION_OLD_FINGERPRINT_FIELD: old_key.fingerprint,
+        ROTATION_NEW_FINGERPRINT_FIELD: new_key.fingerprint,
+        ROTATION_NEW_PUBLIC_KEY_FIELD: b64url(new_key.raw),
+        ROTATION_NEW_KEY_ID_FIELD: new_key.key_id,
+    }
+
+
+def introduced_audit_key(event: AuditEvent, signer: PublicIdentity) -> PublicIdentity | None:
+    """The new audit key a ``service_key.rotated`` event signed by ``signer`` introduces; None
+    for a rotation of another purpose. RecordError if it is malformed or ``signer`` is not the
+    key it retires."""
+    if event.action is not Action.SERVICE_KEY_ROTATED:
+        raise RecordError("only service_key.rotated records introduce audit keys")
+    if event.context.get(ROTATION_PURPOSE_FIELD) != AUDIT_SIGNER_PURPOSE:
+        return None
+    if event.actor.kind is not ActorKind.SERVICE:
+        raise RecordError("an audit key rotation must be recorded by the service")
+    if event.context.get(ROTATION_OLD_FINGERPRINT_FIELD) != signer.fingerprint:
+        raise RecordError(
+            "an audit key rotation must be signed by the key it retires "
+            f"({event.context.get(ROTATION_OLD_FINGERPRINT_FIELD)!s:.80}), not {signer.fingerprint}"
+        )
+    encoded = event.context.get(ROTATION_NEW_PUBLIC_KEY_FIELD)
+    key_id = event.context.get(ROTATION_NEW_KEY_ID_FIELD)
+    fingerprint = event.context.get(ROTATION_NEW_FINGERPRINT_FIELD)
+    if not isinstance(encoded, str) or not isinstance(key_id, str):
+        raise RecordError(
+            f"service_key.rotated context needs {ROTATION_NEW_PUBLIC_KEY_FIELD} and "
+            f"{ROTATION_NEW_KEY_ID_FIELD}"
+        )
+    try:
+        key = PublicIdentity(b64url_decode(encoded, max_size=PUBLIC_KEY_SIZE))
+    except ProtocolError:
+        raise RecordError(
+            f"service_key.rotated {ROTATION_NEW_PUBLIC_KEY_FIELD} is not a key"
+        ) from None
+    if b64url(key.raw) != encoded or key.key_id != key_id or key.fingerprint != fingerprint:
+        raise RecordError("service_key.rotated names a new key id or fingerprint of another key")
+    if key.key_id == signer.key_id:
+        raise RecordError("an audit key rotation must introduce a different key")
+    return key
+
+
+@dataclass(frozen=True)
+class AuditKeyRotation:
+    """An audit key introduced by a rotation record its predecessor signed."""
+
+    old_key: PublicIdentity
+    new_key: PublicIdentity
+
+
 class SignerTrust:
     """The keys trusted to sign one log's records, growing as ``agent.registered`` records pass."""
 
     def __init__(self, audit_keys: Sequence[PublicIdentity]) -> None:
         self._audit_keys = {key.key_id: key for key in audit_keys}
         self._agent_keys: dict[str, tuple[str, PublicIdentity]] = {}
+        self.rotations: list[AuditKeyRotation] = []
+
+    @property
+    def audit_keys(self) -> list[PublicIdentity]:
+        """The pinned audit keys and those rotations introduced so far, in that order."""
+        return list(self._audit_keys.values())
 
     @property
     def agent_keys(self) -> dict[str, PublicIdentity]:
@@ -74,10 +152,16 @@ class SignerTrust:
         """Verify ``signed`` against a trusted key, then learn any agent key it introduces."""
         signer = signed.event.signer
         if signer in self._audit_keys:
-            signed.verify(self._audit_keys[signer])
+            audit_key = self._audit_keys[signer]
+            signed.verify(audit_key)
             if signed.event.action is Action.AGENT_REGISTERED:
                 agent_id, key = introduced_agent_key(signed.event)
                 self._agent_keys[key.key_id] = (agent_id, key)
+            elif signed.event.action is Action.SERVICE_KEY_ROTATED:
+                new_key = introduced_audit_key(signed.event, audit_key)
+                if new_key is not None and new_key.key_id not in self._audit_keys:
+                    self._audit_keys[new_key.key_id] = new_key
+                    self.rotations.append(AuditKeyRotation(audit_key, new_key))
             return
         if signer in self._agent_keys:
             agent_id, key = self._agent_keys[signer]

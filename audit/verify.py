@@ -95,6 +95,33 @@ class SigningKey:
 
 
 @dataclass(frozen=True)
+class KeyRotation:
+    """An audit key rotation the verifier followed: record ``seq``, signed by ``old_key``,
+    introduced ``new_key``."""
+
+    seq: int
+    old_key: PublicIdentity
+    new_key: PublicIdentity
+
+    def describe(self) -> str:
+        """One phrase naming both fingerprints."""
+        return (
+            f"audit key rotated at record {self.seq} from {self.old_key.fingerprint} to "
+            f"{self.new_key.fingerprint} (the rotation record is signed by the old key)"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The rotation as a JSON-ready dict."""
+        return {
+            "seq": self.seq,
+            "old_fingerprint": self.old_key.fingerprint,
+            "old_key_id": self.old_key.key_id,
+            "new_fingerprint": self.new_key.fingerprint,
+            "new_key_id": self.new_key.key_id,
+        }
+
+
+@dataclass(frozen=True)
 class VerificationResult:
     """What verification found: the verdict, and for a failure the first bad record and why."""
 
@@ -120,6 +147,8 @@ class VerificationResult:
     """For WRONG_KEY: the bundle's signer, by fingerprint when its key list names it."""
     prefix_roots: dict[int, bytes] = field(default_factory=dict)
     """Merkle roots of the first N records, for each N asked for with ``keep_prefix_sizes``."""
+    key_rotations: tuple[KeyRotation, ...] = ()
+    """Audit keys introduced by rotation records their predecessors signed, in bundle order."""
 
     @property
     def ok(self) -> bool:
@@ -159,10 +188,11 @@ class VerificationResult:
                 signed = f"; signed by pinned {noun} " + ", ".join(
                     _key_label(key, names) for key in used
                 )
+            rotated = "".join(f"; {rotation.describe()}" for rotation in self.key_rotations)
             return (
                 f"OK: {self.record_count} records of {self.origin}{span}, "
                 f"{len(self.signers)} signing keys, root {_hex(self.root_hash)}{consistent}"
-                f"{signed}"
+                f"{signed}{rotated}"
             )
         if self.verdict is Verdict.UNREADABLE:
             return f"UNREADABLE: {self.reason}"
@@ -197,6 +227,7 @@ class VerificationResult:
                 for key in self.pinned_keys
             ],
             "signing_keys": [key.to_json() for key in self.signing_keys],
+            "key_rotations": [rotation.to_json() for rotation in self.key_rotations],
             "bundle_signer": self.bundle_signer,
             "ok": self.ok,
             "reason": self.reason,
@@ -339,6 +370,7 @@ class _Verifier:
         self._checkpoint: Checkpoint | None = None
         self._checkpoint_signer: PublicIdentity | None = None
         self._bundle_signer: str | None = None
+        self._rotations: list[KeyRotation] = []
 
     def run(self, stream: BinaryIO) -> VerificationResult:
         try:
@@ -407,6 +439,7 @@ class _Verifier:
             }
             if valid
             else {},
+            key_rotations=tuple(self._rotations),
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -505,12 +538,16 @@ class _Verifier:
             )
         if event.occurred_at > record.time + MAX_EVENT_FUTURE_SKEW:
             raise _Invalid("event is dated after the log received it", seq)
+        rotations = len(self._trust.rotations)
         try:
             self._trust.accept(record.signed)
         except UnknownSigner as error:
             if not self._signers:  # nothing so far was signed by a pinned key
                 raise _WrongKey(str(error), seq, partial(_signs_record, record)) from None
             raise
+        if len(self._trust.rotations) != rotations:
+            rotation = self._trust.rotations[-1]
+            self._rotations.append(KeyRotation(seq, rotation.old_key, rotation.new_key))
         self._signers[event.signer] = self._signers.get(event.signer, 0) + 1
         self._prev_hash = record.record_hash
         self._last_time = record.time
@@ -545,7 +582,8 @@ class _Verifier:
             what = "a blank line" if after in (b"\n", b"\r") else "another line"
             raise _Invalid(f"{what} after the checkpoint (the checkpoint must be last)", None)
         try:
-            checkpoint, signer = open_checkpoint(trailer.checkpoint, self._audit_keys)
+            # Pinned keys, and the ones rotation records in this bundle introduced.
+            checkpoint, signer = open_checkpoint(trailer.checkpoint, self._trust.audit_keys)
         except UntrustedNote:
             if count == 0:  # no record either: nothing at all is signed by a pinned key
                 signed_by = partial(_signs_note, trailer.checkpoint)
@@ -568,7 +606,7 @@ class _Verifier:
         self._checkpoint = checkpoint
         self._checkpoint_signer = signer
         if trailer.previous_checkpoint is not None:
-            previous, _ = open_checkpoint(trailer.previous_checkpoint, self._audit_keys)
+            previous, _ = open_checkpoint(trailer.previous_checkpoint, self._trust.audit_keys)
             self._check_extends(previous, checkpoint)
             try:
                 verify_consistency(

@@ -24,6 +24,7 @@ class Purpose(StrEnum):
     STATE_FILE = "tucdesk-state-file-v1"
     SELF_TEST = "tucdesk-self-test-v1"
     RELAY_UDP_CREDENTIAL = "tucdesk-relay-udp-credential-v1"
+    SERVICE_KEY_ROTATION = "tucdesk-service-key-rotation-v1"
 
 
 def framed_message(purpose: Purpose, message: bytes) -> bytes:

@@ -40,6 +40,11 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    rendezvous/offer_bus.py MAX_END_SESSION_IDS ids) after an admin disabled the operator of
    those sessions (rendezvous/routes_operators.py): the agent ends each one it runs at once and
    signs its ``session.ended`` with that reason, which the session row then shows.
+9. server -> ``{"type": "service_keys", "keys": [JWK…], "rotations": [statement…]}`` right
+   after ``welcome``, before the policy bundle, once any service key was ever rotated
+   (``keys rotate``): the current service keys and every rotation
+   statement, each signed by the key it retires (rendezvous/key_rotation.py). The agent follows
+   the chain from the keys it pinned and refuses (logs) a statement that does not chain.
 
 One identity live twice, or presenting another machine fingerprint than it registered with, is
 flagged as a clone anomaly (audit record and metric). A reconnect is not a clone: when the
@@ -87,6 +92,7 @@ from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import Action, agent_actor, service_actor
 from rendezvous.credentials import new_challenge
 from rendezvous.errors import ServiceError
+from rendezvous.key_rotation import service_keys_message
 from rendezvous.offer_bus import (
     MAX_END_SESSION_IDS,
     OPERATOR_DISABLED_REASON,
@@ -457,6 +463,8 @@ async def _hold(
                     "features": list(WELCOME_FEATURES),
                 }
             )
+            if ctx.keys.retired:  # only once a key was rotated: nothing to follow before
+                await websocket.send_json(service_keys_message(ctx.keys))
             latest = await ctx.store.latest_policy_bundle(agent.team_id)
             if latest is not None:
                 await websocket.send_json(policy_message(latest))

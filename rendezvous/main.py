@@ -37,6 +37,7 @@ from rendezvous.service_keys import (
     create_missing_keys,
     load_service_keys,
     missing_pinned_keys,
+    with_retired_keys,
 )
 from rendezvous.store import (
     AlreadyExists,
@@ -225,6 +226,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="print only this key's public PEM (e.g. audit-signer, for tucdesk-audit verify)",
     )
     _add_store_flags(keys_show)
+    keys_rotate = keys_commands.add_parser(
+        "rotate",
+        help="replace one service key; the old one's public half stays as retired "
+        "(docs/self-hosting.md, 'Rotating service keys')",
+        description="Make a new PURPOSE key, pin it in the database, record service_key.rotated "
+        "in every audit log and delete the old private key file. Running instances take the new "
+        "key on SIGHUP or restart; other hosts sharing the database need the new key file.",
+    )
+    keys_rotate.add_argument("purpose", choices=KEY_ROLES, help="which service key to replace")
+    keys_rotate.add_argument(
+        "--retire-old-now",
+        action="store_true",
+        help="stop accepting tokens and grants the old key signed at once (after a leak); "
+        "by default they stay valid until they expire (at most 15 min 30 s)",
+    )
+    _add_store_flags(keys_rotate)
     # The settings list names each setting's serve flag, taken from the serve parser itself.
     flags = {
         action.dest: action.option_strings[-1]
@@ -364,14 +381,49 @@ async def _audit_export(
     return EXIT_OK
 
 
-def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
+async def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
     keys = load_service_keys(config.data_dir)
     if pem_role is not None:
         sys.stdout.write(keys.by_role()[pem_role].public.to_pem().decode("ascii"))
         return EXIT_OK
+    async with open_store(config.database_url) as store:
+        keys = await with_retired_keys(store, keys)
+    now = time.time()
     for role, key in keys.by_role().items():
         print(f"{role}: {key.public.fingerprint} kid={key.public.key_id}")
-    print(json.dumps(keys.jwks(), indent=2))
+    for retired in keys.retired:
+        print(
+            f"{retired.role}: {retired.public.fingerprint} kid={retired.public.key_id} "
+            f"({retired.describe_state(now)}; replaced by {retired.replaced_by})"
+        )
+    print(json.dumps(keys.jwks(now), indent=2))
+    return EXIT_OK
+
+
+async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -> int:
+    from rendezvous.key_rotation import rotate_service_key
+
+    async with open_store(config.database_url) as store:
+        rotation = await rotate_service_key(
+            store, config.data_dir, role, issuer=config.issuer, retire_old_now=retire_old_now,
+            now=time.time(),
+        )  # fmt: skip
+    until = (
+        "no longer accepted (--retire-old-now)"
+        if retire_old_now
+        else "accepted until " + time.strftime("%H:%M:%SZ", time.gmtime(rotation.accept_old_until))
+    )
+    print(f"{role}: {rotation.old_key.fingerprint} -> {rotation.new_key.fingerprint} "
+          f"kid={rotation.new_key.key_id}")
+    print(f"old key: private key file deleted; tokens it signed {until}; recorded "
+          f"service_key.rotated in {rotation.logs_recorded} audit logs")
+    print("next: send SIGHUP to every running tucdesk-rendezvous (or restart it); copy "
+          f"{config.data_dir / 'keys'} to other instances sharing this database")
+    if role == "jwt-issuer":
+        print("agents follow the rotation (signed by the old key) when they next connect")
+    if role == "policy-signer":
+        print("agents enrolled before this rotation refuse policies the new key countersigns: "
+              "re-enroll them (docs/self-hosting.md, 'Rotating service keys')")
     return EXIT_OK
 
 
@@ -445,7 +497,9 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "audit":
         return _run(_audit_export, config, args.team, args.output)
     if args.command == "keys":
-        return _keys_show(config, args.pem)
+        if args.keys_command == "rotate":
+            return _run(_keys_rotate, config, args.purpose, args.retire_old_now)
+        return _run(_keys_show, config, args.pem)
     raise ConfigError(f"unknown command {args.command}")
 
 

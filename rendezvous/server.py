@@ -34,9 +34,10 @@ from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections
 from rendezvous.errors import ConfigError
 from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
+from rendezvous.key_rotation import reload_service_keys
 from rendezvous.metrics import MetricsOnlyApp
 from rendezvous.offer_bus import listen_for_offers
-from rendezvous.service_keys import check_pinned_keys, load_service_keys
+from rendezvous.service_keys import check_pinned_keys, load_service_keys, with_retired_keys
 from rendezvous.store import Store, backend_for, open_store
 from rendezvous.workers import refuse_if_in_use
 
@@ -204,10 +205,15 @@ def reload_tls(config: ServiceConfig, hyper: HypercornConfig) -> None:
     context.load_cert_chain(certfile=str(config.tls_cert), keyfile=str(config.tls_key))
 
 
-async def reload_tls_on_hangup(config: ServiceConfig, hyper: HypercornConfig) -> None:
-    """On each SIGHUP, reload the TLS certificate and key; never stop the service for it."""
+async def reload_tls_on_hangup(
+    config: ServiceConfig, hyper: HypercornConfig, ctx: ServiceContext | None = None
+) -> None:
+    """On each SIGHUP, reload the TLS certificate and key (and, given ``ctx``, the service keys
+    after a ``keys rotate``); never stop the service for it."""
     with trio.open_signal_receiver(signal.SIGHUP) as signals:
         async for _ in signals:
+            if ctx is not None:
+                await reload_service_keys(ctx)
             if config.tls_cert is None:
                 logger.info("received SIGHUP; serving plain HTTP, there is nothing to reload")
                 continue
@@ -276,6 +282,7 @@ async def run_service(
         async with open_store(config.database_url) as store:
             ctx = build_context(config, store)
             await check_pinned_keys(store, ctx.keys, config.data_dir, ctx.now(), pin=True)
+            ctx.keys = await with_retired_keys(store, ctx.keys)
             if sole:
                 # No other instance can be serving this database, so every connection recorded
                 # in it belongs to one that died without clearing it (killed, or power lost).
@@ -299,7 +306,7 @@ async def _serve_instance(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_prune_forever, ctx)
             if reload_on_hangup:
-                nursery.start_soon(reload_tls_on_hangup, ctx.config, hyper)
+                nursery.start_soon(reload_tls_on_hangup, ctx.config, hyper, ctx)
             await nursery.start(listen_for_offers, ctx)
             binds = await nursery.start(
                 _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope

@@ -8,10 +8,19 @@ The first ``init`` (or ``serve``) on a database pins the keys' fingerprints in i
 whose data dir holds other keys — typically an empty data dir initialised afresh against a
 populated database — is refused, naming both fingerprints, instead of signing audit records,
 tokens and policies with keys nobody pinned.
+
+``tucdesk-rendezvous keys rotate PURPOSE`` (rendezvous/key_rotation.py) replaces one key: the
+old private key file is gone, its public half is kept in the database as *retired*
+(``retired_service_keys``) and still verifies what it signed: access tokens, session grants and
+relay tokens until ``accept_until`` (their longest lifetime after the rotation, or at once with
+``--retire-old-now``), audit records for ever. Every instance loads the retired keys with the
+current ones (at start and on SIGHUP).
 """
 
 from __future__ import annotations
 
+import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
@@ -20,27 +29,84 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 from protocol.errors import KeyFileError
-from protocol.identity import PublicIdentity, SigningIdentity, b64url
+from protocol.identity import (
+    PUBLIC_KEY_SIZE,
+    PublicIdentity,
+    SigningIdentity,
+    b64url,
+    b64url_decode,
+)
 from rendezvous.errors import ConfigError
 
 if TYPE_CHECKING:
     from rendezvous.store import Store
+    from rendezvous.store.base import RetiredServiceKey
 
 KEYS_DIRECTORY = "keys"
 KEYS_DIRECTORY_MODE = 0o700
 KEY_ROLES = ("jwt-issuer", "audit-signer", "relay-token", "policy-signer")
 # A mismatch names the audit signer first: the key verifiers of exported logs have pinned.
 _MISMATCH_ORDER = ("audit-signer", "jwt-issuer", "relay-token", "policy-signer")
+# Where `keys rotate` writes the new key until the database pins it (KEYFILE + suffix).
+PENDING_KEY_SUFFIX = ".new"
+KEY_STATE_CURRENT = "current"
+KEY_STATE_RETIRED = "retired"
+
+
+@dataclass(frozen=True)
+class RetiredKey:
+    """A rotated-out service key: its public half, and until when what it signed is accepted."""
+
+    role: str
+    public: PublicIdentity
+    replaced_by: str
+    retired_at: float
+    accept_until: float
+    statement: Mapping[str, Any]
+    """The rotation statement it signed, naming its successor (key_rotation.py)."""
+
+    @classmethod
+    def from_stored(cls, stored: RetiredServiceKey) -> RetiredKey:
+        """The retired key a store row describes."""
+        public = PublicIdentity(b64url_decode(stored.public_key, max_size=PUBLIC_KEY_SIZE))
+        statement = json.loads(stored.statement)
+        return cls(
+            stored.role, public, stored.replaced_by, stored.retired_at, stored.accept_until,
+            MappingProxyType(statement),
+        )  # fmt: skip
+
+    def is_accepted(self, now: float) -> bool:
+        """Whether tokens, grants and relay tokens it signed may still verify."""
+        return now < self.accept_until
+
+    def describe_state(self, now: float) -> str:
+        """Its state for ``keys show``."""
+        if self.is_accepted(now):
+            return f"retired, accepted until {_utc(self.accept_until)} (then audit records only)"
+        return "retired, verifies audit records only"
+
+
+def _utc(moment: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(moment))
 
 
 @dataclass(frozen=True)
 class ServiceKeys:
-    """The four service signing keys, by role."""
+    """The four service signing keys, by role, and the retired public keys."""
 
     jwt_issuer: SigningIdentity
     audit_signer: SigningIdentity
     relay_token: SigningIdentity
     policy_signer: SigningIdentity
+    retired: tuple[RetiredKey, ...] = ()
+
+    def rotation_statements(self) -> list[dict[str, Any]]:
+        """Every rotation statement, oldest first: the chain from any key agents pinned."""
+        return [dict(key.statement) for key in sorted(self.retired, key=lambda k: k.retired_at)]
+
+    def retired_keys(self, role: str, now: float) -> list[RetiredKey]:
+        """The retired keys of ``role`` whose signed tokens are still accepted at ``now``."""
+        return [key for key in self.retired if key.role == role and key.is_accepted(now)]
 
     def by_role(self) -> dict[str, SigningIdentity]:
         """Each key under its role name, in KEY_ROLES order."""
@@ -52,29 +118,45 @@ class ServiceKeys:
         }
 
     def token_verification_keys(self) -> Mapping[str, PublicIdentity]:
-        """Keys that may sign access tokens, by kid (only the JWT issuer key)."""
+        """Keys that may sign access tokens, by kid: the JWT issuer key, and retired ones whose
+        tokens may still be unexpired."""
         return self._token_verification_keys
 
     @cached_property
     def _token_verification_keys(self) -> Mapping[str, PublicIdentity]:
         # Asked on every authenticated request; the kid is a hash of the key, so compute it once.
-        return MappingProxyType({self.jwt_issuer.public.key_id: self.jwt_issuer.public})
+        # A retired key kept past its accept_until verifies nothing more: every token it signed
+        # was issued before the rotation and expires by then (accept_until covers the longest
+        # lifetime); with --retire-old-now it is never included.
+        keys = {self.jwt_issuer.public.key_id: self.jwt_issuer.public}
+        for retired in self.retired_keys("jwt-issuer", time.time()):
+            keys.setdefault(retired.public.key_id, retired.public)
+        return MappingProxyType(keys)
 
-    def jwks(self) -> dict[str, Any]:
-        """The public JWK set for relays, agents and verifiers to pin."""
+    def jwks(self, now: float | None = None) -> dict[str, Any]:
+        """The public JWK set for relays, agents and verifiers to pin: the current keys, then the
+        retired ones still accepted (``state`` says which is which)."""
+        moment = time.time() if now is None else now
+        published = [(role, key.public, KEY_STATE_CURRENT) for role, key in self.by_role().items()]
+        published += [
+            (retired.role, retired.public, KEY_STATE_RETIRED)
+            for retired in self.retired
+            if retired.is_accepted(moment)
+        ]
         return {
             "keys": [
                 {
                     "kty": "OKP",
                     "crv": "Ed25519",
-                    "x": b64url(key.public.raw),
-                    "kid": key.public.key_id,
+                    "x": b64url(public.raw),
+                    "kid": public.key_id,
                     "use": "sig",
                     "alg": "EdDSA",
                     "purpose": role,
-                    "fingerprint": key.public.fingerprint,
+                    "fingerprint": public.fingerprint,
+                    "state": state,
                 }
-                for role, key in self.by_role().items()
+                for role, public, state in published
             ]
         }
 
@@ -82,6 +164,24 @@ class ServiceKeys:
 def key_path(data_dir: Path, role: str) -> Path:
     """Where the key for ``role`` lives under the data dir."""
     return Path(data_dir) / KEYS_DIRECTORY / f"{role}.key"
+
+
+def pending_key_path(data_dir: Path, role: str) -> Path:
+    """Where ``keys rotate`` keeps the new key for ``role`` until the database pins it."""
+    path = key_path(data_dir, role)
+    return path.with_name(path.name + PENDING_KEY_SUFFIX)
+
+
+async def with_retired_keys(store: Store, keys: ServiceKeys) -> ServiceKeys:
+    """``keys`` with the database's retired keys added."""
+    stored = await store.retired_service_keys()
+    return ServiceKeys(
+        jwt_issuer=keys.jwt_issuer,
+        audit_signer=keys.audit_signer,
+        relay_token=keys.relay_token,
+        policy_signer=keys.policy_signer,
+        retired=tuple(RetiredKey.from_stored(row) for row in stored),
+    )
 
 
 def create_missing_keys(data_dir: Path) -> list[str]:
@@ -150,8 +250,26 @@ async def check_pinned_keys(
         pinned = await store.service_key_fingerprints()
     for role in _MISMATCH_ORDER:
         if role in pinned and pinned[role] != held[role]:
+            _raise_if_rotation_unfinished(data_dir, role, pinned[role])
             raise ServiceKeyMismatch(
                 f"this database was initialised with {role} key {pinned[role]} but "
                 f"{key_path(data_dir, role)} holds {held[role]}; copy "
-                f"{Path(data_dir) / KEYS_DIRECTORY} from the first instance"
+                f"{Path(data_dir) / KEYS_DIRECTORY} from the first instance (or from the "
+                "instance where 'keys rotate' last ran)"
             )
+
+
+def _raise_if_rotation_unfinished(data_dir: Path, role: str, pinned: str) -> None:
+    """Name the one step left of a rotation interrupted after the database pinned its key."""
+    pending = pending_key_path(data_dir, role)
+    if not pending.exists():
+        return
+    try:
+        fingerprint = SigningIdentity.load(pending).public.fingerprint
+    except KeyFileError:
+        return
+    if fingerprint == pinned:
+        raise ServiceKeyMismatch(
+            f"a rotation of the {role} key was interrupted after the database pinned the new "
+            f"key {pinned}; finish it: mv {pending} {key_path(data_dir, role)}"
+        )

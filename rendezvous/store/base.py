@@ -124,6 +124,23 @@ class StoreUnavailable(StoreError):
 
 
 @dataclass(frozen=True)
+class RetiredServiceKey:
+    """A service key replaced by ``keys rotate``: only its public half is kept."""
+
+    role: str
+    fingerprint: str
+    public_key: str
+    """The raw Ed25519 public key, base64url."""
+    replaced_by: str
+    """The fingerprint of the key that took its role."""
+    retired_at: float
+    accept_until: float
+    """Until when tokens and grants it signed are still accepted (audit records: always)."""
+    statement: str
+    """The rotation statement (JSON) the retired key signed, naming its successor."""
+
+
+@dataclass(frozen=True)
 class Team:
     """A tenant: every other row belongs to exactly one team."""
 
@@ -934,6 +951,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def service_key_fingerprints(self) -> dict[str, str]:
         """The service key fingerprints recorded in the database, by role (empty: none yet)."""
+
+    @abc.abstractmethod
+    async def rotate_service_key(self, retired: RetiredServiceKey, now: float) -> bool:
+        """In one transaction, pin ``retired.replaced_by`` for its role and keep ``retired``.
+
+        False (nothing changed) if the role's pin is no longer ``retired.fingerprint``: another
+        rotation got there first.
+        """
+
+    @abc.abstractmethod
+    async def retired_service_keys(self) -> list[RetiredServiceKey]:
+        """Every retired service key, oldest first."""
 
     # ---- notifications between instances ---------------------------------------------------
 

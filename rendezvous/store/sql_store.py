@@ -54,6 +54,7 @@ from rendezvous.store.base import (
     Operator,
     RegistrationKey,
     RegistrationKeyUnusable,
+    RetiredServiceKey,
     Session,
     SessionListing,
     SessionQuery,
@@ -1337,6 +1338,42 @@ class SqlStore(Store):
         """The service key fingerprints recorded in the database, by role (empty: none yet)."""
         rows = await self._fetch("SELECT role, fingerprint FROM service_key_fingerprints")
         return {row["role"]: row["fingerprint"] for row in rows}
+
+    async def rotate_service_key(self, retired: RetiredServiceKey, now: float) -> bool:
+        """In one transaction, pin ``retired.replaced_by`` for its role and keep ``retired``."""
+        async with self._transaction() as session:
+            changed = await session.execute(
+                """UPDATE service_key_fingerprints SET fingerprint = $1, recorded_at = $2
+                   WHERE role = $3 AND fingerprint = $4""",
+                retired.replaced_by, now, retired.role, retired.fingerprint,
+            )  # fmt: skip
+            if changed != 1:
+                return False
+            await session.execute(
+                """INSERT INTO retired_service_keys
+                   (role, fingerprint, public_key, replaced_by, retired_at, accept_until,
+                    statement)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+                retired.role, retired.fingerprint, retired.public_key, retired.replaced_by,
+                retired.retired_at, retired.accept_until, retired.statement,
+            )  # fmt: skip
+        return True
+
+    async def retired_service_keys(self) -> list[RetiredServiceKey]:
+        """Every retired service key, oldest first."""
+        rows = await self._fetch(
+            """SELECT role, fingerprint, public_key, replaced_by, retired_at, accept_until,
+                      statement
+               FROM retired_service_keys ORDER BY retired_at, role, fingerprint"""
+        )
+        return [
+            RetiredServiceKey(
+                role=row["role"], fingerprint=row["fingerprint"], public_key=row["public_key"],
+                replaced_by=row["replaced_by"], retired_at=row["retired_at"],
+                accept_until=row["accept_until"], statement=row["statement"],
+            )  # fmt: skip
+            for row in rows
+        ]
 
 
 # Stores nothing unless seq is exactly the size it sees and (where the backend has turns) no

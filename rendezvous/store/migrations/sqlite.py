@@ -291,8 +291,30 @@ SESSION_ENDINGS = Migration(
     ),
 )
 
+RETIRED_SERVICE_KEYS = Migration(
+    10,
+    "service keys replaced by 'keys rotate', kept as public keys",
+    (
+        # One row per rotated-out key: its public half verifies what it signed before the
+        # rotation (tokens and grants until accept_until, audit records for ever); its private
+        # half no longer exists. replaced_by is the fingerprint of the key that took its role;
+        # statement is the JSON rotation statement the old key signed, naming its successor,
+        # which agents that pinned the old key follow (agent/enrollment.py).
+        """CREATE TABLE retired_service_keys (
+            role TEXT NOT NULL,
+            fingerprint TEXT NOT NULL,
+            public_key TEXT NOT NULL,
+            replaced_by TEXT NOT NULL,
+            retired_at REAL NOT NULL,
+            accept_until REAL NOT NULL,
+            statement TEXT NOT NULL,
+            PRIMARY KEY (role, fingerprint)
+        )""",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER,
-    AGENT_REMOVAL, SERVICE_KEY_PINS, SESSION_ENDINGS,
+    AGENT_REMOVAL, SERVICE_KEY_PINS, SESSION_ENDINGS, RETIRED_SERVICE_KEYS,
 )
 check_sequence(MIGRATIONS)

@@ -1,0 +1,229 @@
+"""Rotating a service key (``tucdesk-rendezvous keys rotate PURPOSE``) and picking it up (SIGHUP).
+
+A rotation, in this order (so a crash at any point leaves a state that names its way out):
+
+1. a new key is written beside the old one (``KEYFILE.new``, 0600, atomic);
+2. ``service_key.rotated`` is recorded in the service log and in every team's log ("no audit,
+   no action"), naming the old and new fingerprints and carrying the new public key. For the
+   audit signer these records are signed by the OLD key: an auditor who pinned it follows the
+   rotation to the new key (audit/trust.py);
+3. one database transaction moves the role's pin to the new key and keeps the old public key as
+   retired, accepted until ``accept_until`` for tokens and grants (now, with
+   ``--retire-old-now``);
+4. the new key file replaces the old one, so the old private key file no longer exists: a
+   rotated key signs nothing more once the running instances reloaded (SIGHUP or restart).
+
+Interrupted between 3 and 4, every start names the one ``mv`` left (service_keys.py).
+
+Before its private key is gone, the old key also signs a *rotation statement*: ``{purpose,
+old_key_id, new_key, new_key_id, rotated_at}`` (RFC 8785) under the domain prefix
+``tucdesk-service-key-rotation-v1``, kept with the retired key. Every agent is sent the current
+keys and all statements on each (re)connect (``service_keys`` control message) and follows the
+chain from the keys it pinned at enrollment (agent/enrollment.py ``follow_key_rotations``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import rfc8785
+
+from audit.trust import service_key_rotation_context
+from protocol.domains import Purpose
+from protocol.identity import PublicIdentity, SigningIdentity, b64url
+from protocol.tokens import DEFAULT_LEEWAY_SECONDS
+from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
+from rendezvous.config import MAX_ACCESS_TOKEN_SECONDS
+from rendezvous.errors import ConfigError
+from rendezvous.service_keys import (
+    KEY_ROLES,
+    KEYS_DIRECTORY,
+    ServiceKeyMismatch,
+    ServiceKeys,
+    check_pinned_keys,
+    key_path,
+    load_service_keys,
+    pending_key_path,
+    with_retired_keys,
+)
+from rendezvous.store.base import RetiredServiceKey
+
+if TYPE_CHECKING:
+    from rendezvous.context import ServiceContext
+    from rendezvous.store import Store
+
+logger = logging.getLogger("tucdesk.rendezvous")
+
+# Access tokens live at most MAX_ACCESS_TOKEN_SECONDS; session grants and relay tokens less
+# (protocol.session_grant, protocol.relay_token). Whatever a retired key signed before the
+# rotation has expired once this much time (with the verifiers' leeway) has passed.
+RETIRED_KEY_GRACE_SECONDS = MAX_ACCESS_TOKEN_SECONDS + DEFAULT_LEEWAY_SECONDS
+ROTATION_TARGET_PREFIX = "service-key:"
+AUDIT_SIGNER_ROLE = "audit-signer"
+SERVICE_KEYS_MESSAGE = "service_keys"
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """What one ``keys rotate`` did."""
+
+    role: str
+    old_key: PublicIdentity
+    new_key: PublicIdentity
+    accept_old_until: float
+    logs_recorded: int
+
+
+async def rotate_service_key(
+    store: Store,
+    data_dir: Path,
+    role: str,
+    *,
+    issuer: str,
+    retire_old_now: bool,
+    now: float,
+) -> Rotation:
+    """Replace the ``role`` key (see the module docstring); ConfigError if it cannot be done."""
+    if role not in KEY_ROLES:
+        raise ConfigError(f"no service key {role!r}; one of {', '.join(KEY_ROLES)}")
+    keys = load_service_keys(data_dir)
+    # Pins what no init pinned yet (a database from before pinning), as serve would.
+    await check_pinned_keys(store, keys, data_dir, now, pin=True)
+    old = keys.by_role()[role]
+    new = SigningIdentity.generate()
+    pending = pending_key_path(data_dir, role)
+    new.save(pending)
+    accept_old_until = now if retire_old_now else now + RETIRED_KEY_GRACE_SECONDS
+    try:
+        logs = await _record_rotation(
+            store, keys, role, old, new.public, issuer=issuer,
+            retire_old_now=retire_old_now, accept_old_until=accept_old_until,
+        )  # fmt: skip
+        retired = RetiredServiceKey(
+            role=role,
+            fingerprint=old.public.fingerprint,
+            public_key=b64url(old.public.raw),
+            replaced_by=new.public.fingerprint,
+            retired_at=now,
+            accept_until=accept_old_until,
+            statement=json.dumps(rotation_statement(role, old, new.public, now)),
+        )
+        if not await store.rotate_service_key(retired, now):
+            raise ServiceKeyMismatch(
+                f"the database no longer pins {role} key {old.public.fingerprint} (another "
+                "rotation ran at the same time); nothing was replaced here: run 'keys show' "
+                f"and copy {Path(data_dir) / KEYS_DIRECTORY} from where that rotation ran"
+            )
+    except BaseException:
+        pending.unlink(missing_ok=True)
+        raise
+    # The rename drops the old private key file: from here on only its public half exists.
+    os.replace(pending, key_path(data_dir, role))
+    _sync_directory(pending.parent)
+    return Rotation(role, old.public, new.public, accept_old_until, logs)
+
+
+def rotation_statement(
+    purpose: str, old: SigningIdentity, new_key: PublicIdentity, rotated_at: float
+) -> dict[str, Any]:
+    """The statement by which ``old`` names ``new_key`` its successor for ``purpose``."""
+    statement: dict[str, Any] = {
+        "purpose": purpose,
+        "old_key_id": old.public.key_id,
+        "new_key": b64url(new_key.raw),
+        "new_key_id": new_key.key_id,
+        "rotated_at": int(rotated_at),
+    }
+    signature = old.sign(Purpose.SERVICE_KEY_ROTATION, rfc8785.dumps(statement))
+    return {**statement, "signature": b64url(signature)}
+
+
+def service_keys_message(keys: ServiceKeys) -> dict[str, Any]:
+    """The control message that tells an agent the current keys and how they came to be."""
+    return {
+        "type": SERVICE_KEYS_MESSAGE,
+        "keys": keys.jwks()["keys"],
+        "rotations": keys.rotation_statements(),
+    }
+
+
+async def _record_rotation(
+    store: Store,
+    keys: ServiceKeys,
+    role: str,
+    old: SigningIdentity,
+    new_key: PublicIdentity,
+    *,
+    issuer: str,
+    retire_old_now: bool,
+    accept_old_until: float,
+) -> int:
+    """Record ``service_key.rotated`` in the service log and every team's log; the count."""
+    # The audit signer's successor is introduced by records its predecessor signs.
+    signer = old if role == AUDIT_SIGNER_ROLE else keys.audit_signer
+    trail = AuditTrail(store.audit, signer, origin=issuer)
+    context = service_key_rotation_context(
+        role,
+        old.public,
+        new_key,
+        retire_old_now=retire_old_now,
+        accept_old_until=math.ceil(accept_old_until),
+    )
+    log_ids = [SERVICE_LOG, *(team.id for team in await store.list_teams())]
+    for log_id in log_ids:
+        await trail.record(
+            log_id,
+            actor=service_actor("admin command"),
+            action=Action.SERVICE_KEY_ROTATED,
+            target=ROTATION_TARGET_PREFIX + role,
+            details=context,
+        )
+    return len(log_ids)
+
+
+async def reload_service_keys(ctx: ServiceContext) -> bool:
+    """Load the data dir's keys and the retired ones into ``ctx`` (on SIGHUP); True if they
+    changed. Keys that do not match the database's pins are not taken: the instance keeps
+    serving with the ones it has, and says why."""
+    try:
+        keys = await with_retired_keys(ctx.store, load_service_keys(ctx.config.data_dir))
+        await check_pinned_keys(ctx.store, keys, ctx.config.data_dir, ctx.now(), pin=False)
+    except Exception as error:  # noqa: BLE001 - a reload failure must never stop the service
+        logger.error("received SIGHUP; kept the current service keys: %s", error)
+        return False
+    if _fingerprints(keys) == _fingerprints(ctx.keys):
+        return False
+    if keys.audit_signer.public.key_id != ctx.keys.audit_signer.public.key_id:
+        ctx.audit = AuditTrail(ctx.store.audit, keys.audit_signer, origin=ctx.config.issuer)
+    ctx.keys = keys
+    logger.info(
+        "received SIGHUP; now signing with service keys %s",
+        ", ".join(f"{role} {key.public.fingerprint}" for role, key in keys.by_role().items()),
+    )
+    return True
+
+
+def _fingerprints(keys: ServiceKeys) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    current = tuple(key.public.fingerprint for key in keys.by_role().values())
+    retired = tuple(f"{key.public.fingerprint}@{key.accept_until}" for key in keys.retired)
+    return current, retired
+
+
+def _sync_directory(directory: Path) -> None:
+    # Makes the rename durable; best effort where directories cannot be opened.
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
