@@ -20,6 +20,7 @@ from rendezvous.dependencies import request_facts
 from rendezvous.error_responses import (
     service_error_response,
     store_error_response,
+    store_failure_reason,
     unexpected_error_response,
 )
 from rendezvous.errors import ServiceError
@@ -66,6 +67,7 @@ class AgentListEndpoint:
         except ServiceError as error:
             return service_error_response(error)
         except StoreError as error:
+            self.ctx.store_health.failed(store_failure_reason(error), self.ctx.now())
             return store_error_response(request.method, self.path, error)
         except Exception as error:  # noqa: BLE001 - answered as FastAPI's handler would
             return unexpected_error_response(request.method, self.path, error)

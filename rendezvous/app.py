@@ -20,6 +20,7 @@ from rendezvous.error_responses import (
     error_body,
     service_error_response,
     store_error_response,
+    store_failure_reason,
     unexpected_error_response,
 )
 from rendezvous.errors import ServiceError
@@ -105,6 +106,8 @@ def _install_error_handlers(app: FastAPI, ctx: ServiceContext) -> None:
 
     @app.exception_handler(StoreError)
     async def store_error(request: Request, error: StoreError) -> Response:
+        # Kept for /healthz, which then probes at once instead of trusting its last write.
+        ctx.store_health.failed(store_failure_reason(error), ctx.now())
         return store_error_response(_method(request), request.url.path, error)
 
     @app.exception_handler(Exception)

@@ -21,6 +21,45 @@ if TYPE_CHECKING:
     from rendezvous.control_channel import AgentConnections
 
 
+@dataclass(frozen=True)
+class StoreFailure:
+    """A store operation that failed for want of the database (not a refused value)."""
+
+    reason: str
+    at: float
+
+
+@dataclass
+class StoreHealth:
+    """What this instance last saw of its store's writes, for ``/healthz``.
+
+    A full disk refuses the writes that need new space while small in-place ones still pass, so
+    a failure seen anywhere (the agent channel, the health probe) stands until a health probe
+    write, which needs more space than the service's writes do, succeeds again.
+    """
+
+    failure: StoreFailure | None = None
+    last_good_write: float | None = None
+
+    def failed(self, reason: str, now: float) -> None:
+        """Record that the store refused an operation now, for ``reason`` (no secrets in it);
+        ``failure.at`` stays the start of an unbroken run of failures."""
+        since = self.failure.at if self.failure is not None else now
+        self.failure = StoreFailure(reason, since)
+        self.last_good_write = None
+
+    def wrote(self, now: float) -> None:
+        """Record a successful health probe write: the store takes writes again."""
+        self.failure = None
+        self.last_good_write = now
+
+    def probe_due(self, now: float, interval: float) -> bool:
+        """Whether ``/healthz`` must write now: a failure is known, or the last good write is
+        ``interval`` seconds old (or the clock went back)."""
+        last = self.last_good_write
+        return self.failure is not None or last is None or not 0 <= now - last < interval
+
+
 def new_instance_id() -> str:
     """A random id naming this service process among instances sharing one database."""
     return "inst_" + secrets.token_hex(8)
@@ -41,6 +80,7 @@ class ServiceContext:
     signed_payloads: SignedPayloadVerifier = field(init=False)
     unauthenticated_requests: AddressRateLimiter = field(init=False)
     verified_tokens: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
+    store_health: StoreHealth = field(default_factory=StoreHealth)
 
     def __post_init__(self) -> None:
         self.signed_payloads = SignedPayloadVerifier(self.config.clock_skew_seconds)

@@ -91,6 +91,7 @@ from protocol.identity import PublicIdentity, b64url_decode
 from protocol.signed_payload import unverified_fields
 from rendezvous.audit_trail import Action, agent_actor, service_actor
 from rendezvous.credentials import new_challenge
+from rendezvous.error_responses import store_failure_reason
 from rendezvous.errors import ServiceError
 from rendezvous.key_rotation import service_keys_message
 from rendezvous.offer_bus import (
@@ -117,6 +118,9 @@ OUTGOING_QUEUE_SIZE = 32
 SEND_TIMEOUT_SECONDS = 10.0
 CLOSE_POLICY_VIOLATION = 1008
 CLOSE_GOING_AWAY = 1001
+# "Try again later": the rendezvous's store failed; the agent's daemon reconnects with backoff.
+CLOSE_TRY_AGAIN_LATER = 1013
+STORE_UNAVAILABLE_REASON = "the rendezvous's database is unavailable; retrying"
 # A private close code (4000-4999) for a removed agent: it tells the agent's daemon to stop
 # retrying in a loop (agent/control_client.py has the same number).
 CLOSE_AGENT_REMOVED = 4403
@@ -324,6 +328,11 @@ async def agent_connect(websocket: WebSocket) -> None:
     except (WebSocketDisconnect, trio.TooSlowError):
         await _close(websocket, CLOSE_POLICY_VIOLATION, "authentication timed out")
         return
+    except StoreError as error:
+        # Accepted already: raised on, it would reach Hypercorn as a traceback, the agent none
+        # the wiser.
+        await _close_for_store_failure(ctx, websocket, "an agent's authentication", error)
+        return
     await _hold(ctx, connections, websocket, authentication)
 
 
@@ -452,7 +461,11 @@ async def _hold(
             ctx.metrics.auth_failures.labels("agent_removed").inc()
             await _close(websocket, CLOSE_AGENT_REMOVED, REMOVED_REASON)
             return
+        if isinstance(error, StoreError):
+            await _close_for_store_failure(ctx, websocket, f"the connect of {agent.id}", error)
+            return
         raise
+    store_failure: StoreError | None = None
     try:
         with trio.fail_after(SEND_TIMEOUT_SECONDS):
             await websocket.send_json(
@@ -482,6 +495,8 @@ async def _hold(
             nursery.cancel_scope.cancel()
     except WebSocketDisconnect:
         pass
+    except StoreError as error:
+        store_failure = error
     finally:
         connections._remove(channel)
         send_channel.close()
@@ -492,9 +507,12 @@ async def _hold(
             disconnected["reason"] = "superseded"
         with trio.CancelScope(shield=True), trio.move_on_after(5):
             # Harmless when superseded: the row is gone and last-seen only moves forward.
-            await ctx.store.mark_agent_disconnected(
-                agent.team_id, agent.id, connection_id, ctx.now()
-            )
+            try:
+                await ctx.store.mark_agent_disconnected(
+                    agent.team_id, agent.id, connection_id, ctx.now()
+                )
+            except StoreError as error:
+                store_failure = store_failure or error
             try:
                 await ctx.audit.record(
                     agent.team_id,
@@ -507,6 +525,10 @@ async def _hold(
                 logger.error("could not audit the disconnection of %s", agent.id)
             if channel.removed:
                 await _close(websocket, CLOSE_AGENT_REMOVED, REMOVED_REASON)
+            elif store_failure is not None:
+                await _close_for_store_failure(
+                    ctx, websocket, f"the control channel of {agent.id}", store_failure
+                )
             else:
                 await _close(
                     websocket,
@@ -839,6 +861,17 @@ async def _receive(websocket: WebSocket) -> dict[str, Any]:
     if not isinstance(parsed, dict):
         raise ChannelRefused("message must be a JSON object")
     return parsed
+
+
+async def _close_for_store_failure(
+    ctx: ServiceContext, websocket: WebSocket, during: str, error: StoreError
+) -> None:
+    """Close an accepted channel the store failed: one log line with the store's reason (no
+    traceback), the failure kept for ``/healthz``, and a close the agent logs and retries."""
+    reason = store_failure_reason(error)
+    logger.error("store error during %s: %s", during, reason)
+    ctx.store_health.failed(reason, ctx.now())
+    await _close(websocket, CLOSE_TRY_AGAIN_LATER, STORE_UNAVAILABLE_REASON)
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -5,35 +5,37 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from rendezvous.dependencies import Context
+from rendezvous.error_responses import store_failure_reason, store_unhealthy_response
 from rendezvous.errors import NotFound
 from rendezvous.metrics import PROMETHEUS_CONTENT_TYPE
+from rendezvous.store import StoreError
 
 router = APIRouter()
 
 
 # A store that answers reads can still refuse writes (disk full, read-only file system or
-# database): health writes too, at most this often while writes succeed.
+# database): health writes too, at most this often while writes succeed, and at every call
+# while a failure is known (ServiceContext.store_health), until a write succeeds again.
 HEALTH_WRITE_PROBE_SECONDS = 10.0
 HEALTH_PROBE_SCOPE = "healthz"
-_last_good_write: dict[str, float] = {}
 
 
 @router.get("/healthz")
-async def healthz(ctx: Context) -> dict[str, Any]:
+async def healthz(ctx: Context) -> Response:
     """Liveness and store reachability, reads and writes (503 when the store fails either)."""
-    await ctx.store.get_team("tm_healthcheck")
-    now = ctx.now()
-    if now - _last_good_write.get(ctx.instance_id, -HEALTH_WRITE_PROBE_SECONDS) >= (
-        HEALTH_WRITE_PROBE_SECONDS
-    ):
-        _last_good_write.pop(ctx.instance_id, None)
-        # One row per instance, rewritten in place (already expired, so pruning removes it).
-        await ctx.store.remember_nonce(HEALTH_PROBE_SCOPE, ctx.instance_id, now, now)
-        _last_good_write[ctx.instance_id] = now
-    return {"status": "ok", "instance": ctx.instance_id, "backend": ctx.store.backend}
+    health = ctx.store_health
+    try:
+        await ctx.store.get_team("tm_healthcheck")
+        if health.probe_due(ctx.now(), HEALTH_WRITE_PROBE_SECONDS):
+            await ctx.store.probe_writes(HEALTH_PROBE_SCOPE, ctx.instance_id)
+            health.wrote(ctx.now())
+    except StoreError as error:
+        health.failed(store_failure_reason(error), ctx.now())
+        return store_unhealthy_response("/healthz", error)
+    return JSONResponse({"status": "ok", "instance": ctx.instance_id, "backend": ctx.store.backend})
 
 
 @router.get("/metrics")

@@ -633,6 +633,11 @@ class Store(abc.ABC):
     async def prune_expired(self, now: float) -> int:
         """Delete expired nonces, challenges, revocations and stale connections; count them."""
 
+    @abc.abstractmethod
+    async def probe_writes(self, scope: str, key: str) -> None:
+        """Insert and delete, in one transaction, a row big enough to need new space (the
+        database keeps none of it); StoreError when the database refuses writes (``/healthz``)."""
+
     # ---- API keys ------------------------------------------------------------------------
 
     @abc.abstractmethod

@@ -147,6 +147,8 @@ class PostgresStore(SqlStore):
 
     backend = "postgres"
     notifications_supported = True
+    # Under the B-tree's limit on an index entry (about 2.7 KB): seen_nonces' key holds it.
+    _write_probe_bytes = 2 * 1024
     # JSON containment: the agent's tags (a JSON array) hold every tag of the JSON parameter.
     _agent_carries_tags = "CAST(a.tags AS jsonb) @> CAST(CAST({tags} AS TEXT) AS jsonb)"
     # The agent list's page is chosen before the join, or the planner sorts the whole team.

@@ -16,6 +16,7 @@ import functools
 import itertools
 import json
 import math
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -308,6 +309,10 @@ class SqlStore(Store):
     @abc.abstractmethod
     def _transaction(self) -> AbstractAsyncContextManager[SqlSession]:
         """A session in one write transaction: committed on exit, rolled back on error."""
+
+    # The size of the row ``probe_writes`` inserts and deletes (random, so nothing compresses
+    # it): more than the service's own writes need, so a disk too full for them refuses it.
+    _write_probe_bytes = 64 * 1024
 
     # A SQL condition true while no writer holds the team's audit turn ($1 is the team id).
     _audit_turn_free = "TRUE"
@@ -646,6 +651,19 @@ class SqlStore(Store):
                 now - CONNECTION_STALE_AFTER_SECONDS,
             )
         return removed
+
+    async def probe_writes(self, scope: str, key: str) -> None:
+        """Insert and delete, in one transaction, a seen_nonces row of ``_write_probe_bytes``
+        random bytes: it needs new pages (journal, WAL), which a full disk refuses."""
+        payload = key + "_" + secrets.token_hex(self._write_probe_bytes // 2)
+        async with self._transaction() as session:
+            await session.execute(
+                "INSERT INTO seen_nonces (scope, nonce, expires_at) VALUES ($1, $2, 0)",
+                scope, payload,
+            )  # fmt: skip
+            await session.execute(
+                "DELETE FROM seen_nonces WHERE scope = $1 AND nonce = $2", scope, payload
+            )
 
     # ---- API keys ------------------------------------------------------------------------
 
