@@ -150,6 +150,7 @@ async def _carry(
 ) -> None:
     status: int | None = None
     async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.keep_alive)
         nursery.start_soon(_pump_keystrokes, session, options, terminal, stdout, outcome,
                            nursery.cancel_scope)
         await nursery.start(

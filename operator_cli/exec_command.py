@@ -125,6 +125,7 @@ async def _carry(
         else:
             await _quietly(session.send_eof())
         nursery.start_soon(_forward_signals, session, nursery.cancel_scope, interruption)
+        nursery.start_soon(session.keep_alive)
         try:
             ended = False
             while not ended:

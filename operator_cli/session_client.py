@@ -10,13 +10,13 @@ terminal, stdin and stdout live in connect.py and exec_command.py; nothing here 
 from __future__ import annotations
 
 import gc
+import math
 import os
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
 import trio
 
@@ -74,7 +74,6 @@ LARGE_RECEIVE_BYTES = 16 * 1024
 GC_YOUNG_THRESHOLD = 20_000
 
 _KEEPALIVE_QUESTION = encode_control(Keepalive(reply=False))
-_T = TypeVar("_T")
 
 class SessionError(Exception):
     """A session could not be opened or ended abnormally; the message is for the operator."""
@@ -308,6 +307,7 @@ class OperatorSession:
         self._ready: deque[SessionEvent] = deque()  # opened, not yet handed out
         self._failure: SessionError | None = None  # to raise after the events before it
         self._last_heard = trio.current_time()  # when a byte last came from the agent
+        self._lost_because: str | None = None  # why keep_alive closed the connection
         self.keepalive_interval = KEEPALIVE_INTERVAL_SECONDS
         self.keepalive_timeout = KEEPALIVE_TIMEOUT_SECONDS
         self.bytes_sent = 0
@@ -431,24 +431,47 @@ class OperatorSession:
                 break
             if not await self._receive_more():
                 self._ended = True
-                raise ConnectionLost("the connection through the relay was lost")
+                lost = self._lost_because or "the connection through the relay was lost"
+                raise ConnectionLost(lost)
         return events
 
+    async def keep_alive(self) -> None:
+        """Run beside the session, in the caller's nursery: after each keepalive interval without
+        a byte from the agent, ask it whether it is still there; past the keepalive timeout,
+        close the connection, so that receiving ends with ConnectionLost saying the agent stopped
+        answering. The receive path only notes when it last heard (no timer per wait)."""
+        asked_at = -math.inf
+        while True:
+            await trio.sleep_until(max(self._last_heard, asked_at) + self.keepalive_interval)
+            now = trio.current_time()
+            silent = now - self._last_heard
+            if silent < self.keepalive_interval:
+                continue
+            if silent >= self.keepalive_timeout:
+                self._lost_because = (
+                    f"the agent stopped answering (nothing through the relay for {silent:.0f} s: "
+                    "its host may be down or its network cut)"
+                )
+                await trio.aclose_forcefully(self.stream)  # wakes the receiving task
+                return
+            try:
+                await self._send_frame(FrameType.CONTROL, _KEEPALIVE_QUESTION)
+            except SessionError:
+                return  # the connection is gone: the receiving task reports it
+            asked_at = now
+
     async def _receive_more(self) -> int:
-        """Receive into the frame buffer; 0 once the connection has ended. Raises
-        ConnectionLost when the agent stays silent past the keepalive timeout."""
+        """Receive into the frame buffer; 0 once the connection has ended."""
         sock = self._socket
         if sock is None:
-            count = await self._heard_from_agent(
-                lambda: receive_into(self.stream, self._frames)
-            )
+            count = await receive_into(self.stream, self._frames)
             self._last_heard = trio.current_time()
             return count
         space = self._frames.writable()
         while True:
             try:
                 if not self._more_expected:
-                    await self._heard_from_agent(partial(trio.lowlevel.wait_readable, sock))
+                    await trio.lowlevel.wait_readable(sock)
                 count = os.readv(sock.fileno(), [space])
             except BlockingIOError:
                 self._more_expected = False
@@ -459,23 +482,6 @@ class OperatorSession:
             self._frames.commit(count)
             self._last_heard = trio.current_time()
             return count
-
-    async def _heard_from_agent(self, wait: Callable[[], Awaitable[_T]]) -> _T:
-        """Await ``wait()`` (for something from the agent; cancelling it loses nothing); after
-        each keepalive interval of silence ask the agent whether it is still there, and past
-        the keepalive timeout give the session up with ConnectionLost."""
-        deadline = self._last_heard + self.keepalive_interval
-        while True:
-            with trio.move_on_at(deadline):
-                return await wait()
-            silent = trio.current_time() - self._last_heard
-            if silent >= self.keepalive_timeout:
-                raise ConnectionLost(
-                    f"the agent stopped answering (nothing through the relay for {silent:.0f} s: "
-                    "its host may be down or its network cut)"
-                )
-            await self._send_frame(FrameType.CONTROL, _KEEPALIVE_QUESTION)
-            deadline = trio.current_time() + self.keepalive_interval
 
     def _open(self, sealed: memoryview) -> SessionEvent | None:
         try:

@@ -1,8 +1,9 @@
 """The operator's keepalive: an agent that goes silent is given up; one that answers is kept.
 
 A dead agent host or a cut network sends nothing, not even a close, so without keepalives the
-CLI waited for the relay's idle timeout (ten minutes) with no word. Time is trio's MockClock,
-jumping whenever every task waits; the sockets are real.
+CLI waited for the relay's idle timeout (ten minutes) with no word. ``keep_alive`` runs beside
+the receiving task, as connect and exec run it. Time is trio's MockClock, jumping whenever every
+task waits; the sockets are real.
 """
 
 from __future__ import annotations
@@ -34,8 +35,11 @@ def test_a_silent_agent_is_asked_then_given_up_after_the_keepalive_timeout() -> 
     async def main() -> None:
         session, agent, theirs = _socket_session()
         started = trio.current_time()
-        with trio.fail_after(3 * KEEPALIVE_TIMEOUT_SECONDS), pytest.raises(ConnectionLost) as lost:
-            await session.receive()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.keep_alive)
+            with trio.fail_after(3 * KEEPALIVE_TIMEOUT_SECONDS):
+                with pytest.raises(ConnectionLost) as lost:
+                    await session.receive()
         waited = trio.current_time() - started
         assert KEEPALIVE_TIMEOUT_SECONDS <= waited < KEEPALIVE_TIMEOUT_SECONDS + 1
         assert "the agent stopped answering" in str(lost.value)
@@ -70,9 +74,11 @@ def test_an_agent_that_answers_keeps_an_idle_session_for_as_long_as_it_lasts() -
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(answering_agent)
+            nursery.start_soon(session.keep_alive)
             started = trio.current_time()
             with trio.fail_after(2 * quiet_for):
                 event = await session.receive()
+            nursery.cancel_scope.cancel()
         assert isinstance(event, Exited)
         assert trio.current_time() - started >= quiet_for
         theirs.close()
