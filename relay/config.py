@@ -90,8 +90,8 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.01),
     Option("dead_peer_timeout", "float", 60.0,
            "seconds after which a side that stopped answering at the TCP level (host down, "
-           "network cut) is given up and its session closed, by TCP keepalive and "
-           "TCP_USER_TIMEOUT (0: leave it to idle_timeout)", minimum=0),
+           "network cut) is given up and its session closed, by TCP keepalive "
+           "(0: leave it to idle_timeout)", minimum=0),
     Option("grace", "float", 30.0, "seconds sessions may drain after a shutdown signal", minimum=0),
     Option("max_sessions", "int", 10_000, "most sessions (waiting or paired) at once", minimum=1),
     Option("max_waiting", "int", 1_000, "most sides waiting for their peer at once", minimum=1),

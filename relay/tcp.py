@@ -405,9 +405,12 @@ def detect_dead_peers(listener: socket.socket, timeout: float) -> None:
 
     A host that dies or a cut network sends no FIN, so without this a session's other side
     waits for the relay's idle timeout (minutes) before it learns. Keepalive probes find a
-    silent peer; TCP_USER_TIMEOUT ends one whose unacknowledged data (an operator typing into
-    a dead agent) would otherwise be retransmitted for many minutes. Accepted sockets inherit
-    these options from the listener, so this costs nothing per connection.
+    silent peer. TCP_USER_TIMEOUT is deliberately not set: Linux also applies it while a live
+    peer advertises a zero window, so it would reset a side that merely stopped reading for a
+    while (output piped into a paused pager, a suspended CLI, a command not reading its stdin).
+    A dead peer with data still unacknowledged is left to the kernel's retransmission limit
+    and to the operator's end-to-end keepalive. Accepted sockets inherit these options from the
+    listener, so this costs nothing per connection.
     """
     if timeout <= 0 or not hasattr(socket, "TCP_KEEPIDLE"):
         return
@@ -417,8 +420,6 @@ def detect_dead_peers(listener: socket.socket, timeout: float) -> None:
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle)
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval)
     listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, DEAD_PEER_PROBES)
-    if hasattr(socket, "TCP_USER_TIMEOUT"):
-        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(timeout * 1000))
 
 
 def open_tcp_listener(host: str, port: int, socket_buffer: int = 0) -> socket.socket:

@@ -1,13 +1,15 @@
 """A side whose host dies or whose network is cut is given up after dead_peer_timeout.
 
-Such a side sends no FIN, so without TCP keepalive and TCP_USER_TIMEOUT on the relay's sockets
-its partner waited for the idle timeout (ten minutes by default) to learn the session was over.
+Such a side sends no FIN, so without TCP keepalive on the relay's sockets its partner waited for
+the idle timeout (ten minutes by default) to learn the session was over. A live side that only
+stops reading must not be given up (TCP_USER_TIMEOUT would: Linux applies it to a zero window).
 The cut side runs in a network namespace joined to this one by a veth pair; taking its end of
 the link down is a cut network (packets vanish, nothing is answered).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -34,6 +36,7 @@ DEAD_PEER_TIMEOUT = 3.0
 # Far above DEAD_PEER_TIMEOUT and far below the idle timeout the test relay is given.
 GIVEN_UP_WITHIN_SECONDS = 12.0
 IDLE_TIMEOUT = 120.0
+STALL_TIMEOUT = 2.0
 KEYSTROKE_SECONDS = 0.5
 NEEDS = "root and iproute2 (ip netns) to cut a network"
 # The cut side: pair as the agent, say so, then wait to be cut off.
@@ -89,7 +92,26 @@ def test_accepted_connections_inherit_keepalive_and_the_user_timeout() -> None:
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL) == 10
             assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == DEAD_PEER_PROBES
-            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 60_000
+            assert accepted.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 0
+
+
+def test_a_live_peer_that_stops_reading_is_not_given_up() -> None:
+    listener = open_tcp_listener("127.0.0.1", 0)
+    detect_dead_peers(listener, STALL_TIMEOUT)
+    listener.setblocking(True)
+    with listener, socket.socket() as reader:
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(listener.getsockname()[:2])
+        accepted, _address = listener.accept()
+        with accepted:
+            accepted.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                while True:  # fill the reader's window: it is alive but reads nothing
+                    accepted.send(b"x" * 65536)
+            accepted.settimeout(3 * STALL_TIMEOUT)
+            with pytest.raises(TimeoutError) as waited:  # still waiting: not reset
+                accepted.send(b"y" * 65536)
+            assert waited.value.errno is None  # the socket timeout, not ETIMEDOUT from the kernel
 
 
 @pytest.mark.skipif(
@@ -119,7 +141,7 @@ async def test_a_side_cut_off_by_the_network_is_given_up_and_its_partner_told() 
                     assert (await cut_side.stdout.receive_some(64)).strip() == b"paired"
                 await trio.run_process(["ip", "-n", namespace, "link", "set", there, "down"])
                 cut_at = time.monotonic()
-                # Typing into the dead session: unacknowledged data, TCP_USER_TIMEOUT's case.
+                # The partner waits, as an operator watching a quiet shell does.
                 for _ in range(int(GIVEN_UP_WITHIN_SECONDS / KEYSTROKE_SECONDS)):
                     if not await _still_open(operator):
                         break
@@ -133,9 +155,8 @@ async def test_a_side_cut_off_by_the_network_is_given_up_and_its_partner_told() 
 
 
 async def _still_open(operator: trio.SocketStream) -> bool:
-    """Send a keystroke; False once the relay has closed the session (EOF or reset)."""
+    """False once the relay has closed the session (EOF or reset)."""
     try:
-        await operator.send_all(b"x")
         with trio.move_on_after(0.1):
             if await operator.receive_some(1024) == b"":
                 return False
