@@ -125,6 +125,11 @@ SESSION_ID_MEMORY_SECONDS = MAX_SESSION_GRANT_LIFETIME_SECONDS + 2 * SESSION_GRA
 # How a relay stream reports that the other end (or the relay) is gone.
 LINK_CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError)
 _KEEPALIVE_REPLY = encode_control(Keepalive(reply=True))
+# A session that sent the operator nothing for this long says it is still here (a CONTROL
+# Keepalive), so the operator's CLI can tell a quiet session from a dead host or a cut network
+# (operator_cli/session_client.py KEEPALIVE_TIMEOUT_SECONDS) without asking, which it could not
+# do while a command that is not reading its stdin holds up the frames behind.
+HEARTBEAT_INTERVAL_SECONDS = 15.0
 
 RelayConnector = Callable[..., Awaitable[trio.abc.Stream]]
 ControlSender = Callable[[dict[str, Any]], object]
@@ -659,6 +664,7 @@ class SessionHost:
                 nursery.start_soon(
                     self._forward_input, sealed, local, outcome, nursery, recorder
                 )
+                nursery.start_soon(sealed.send_heartbeats)
                 if running is not None:
                     nursery.start_soon(_end_when_asked, running, outcome, nursery)
 
@@ -942,6 +948,7 @@ class SealedLink:
         self._link = link
         self._channel = channel
         self._closed = False
+        self._last_sent = time.monotonic()
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -976,6 +983,7 @@ class SealedLink:
         if self._closed:
             raise trio.ClosedResourceError("the session already sent CLOSE")
         seal, now = self._channel.seal_parts, time.monotonic()
+        self._last_sent = now
         size = len(data)
         if size <= MAX_FRAME_PAYLOAD:
             frames = [seal(kind, data, now)]  # type: ignore[arg-type]
@@ -1016,9 +1024,23 @@ class SealedLink:
         """Answer the operator's keepalive (a CONTROL frame), so an idle session is not lost."""
         await self._send(FrameType.CONTROL, _KEEPALIVE_REPLY)
 
+    async def send_heartbeats(self) -> None:
+        """Run beside the session: whenever nothing went to the operator for
+        HEARTBEAT_INTERVAL_SECONDS, send a Keepalive, whatever the input side is waiting for."""
+        while not self._closed:
+            due = self._last_sent + HEARTBEAT_INTERVAL_SECONDS
+            await trio.sleep(max(0.0, due - time.monotonic()))
+            if self._closed or time.monotonic() < self._last_sent + HEARTBEAT_INTERVAL_SECONDS:
+                continue
+            try:
+                await self._send(FrameType.CONTROL, _KEEPALIVE_REPLY)
+            except (ProtocolError, *LINK_CLOSED):
+                return  # the session is ending: whoever reads the link reports it
+
     async def _send(self, kind: FrameType, payload: bytes) -> None:
         if self._closed:
             raise trio.ClosedResourceError("the session already sent CLOSE")
+        self._last_sent = time.monotonic()
         await self._link.send_sealed([self._channel.seal_parts(kind, payload, time.monotonic())])
 
 

@@ -10,7 +10,6 @@ terminal, stdin and stdout live in connect.py and exec_command.py; nothing here 
 from __future__ import annotations
 
 import gc
-import math
 import os
 import time
 from collections import deque
@@ -27,7 +26,6 @@ from protocol.control import (
     Close,
     ControlMessage,
     ExitStatus,
-    Keepalive,
     Resize,
     SessionStart,
     Signal,
@@ -59,10 +57,12 @@ RELAY_PAIR_TIMEOUT_SECONDS = 30.0
 # After this long without the agent at the relay, the caller is told (to say we are waiting).
 SLOW_PAIRING_NOTICE_SECONDS = 2.0
 CLOSE_SEND_TIMEOUT_SECONDS = 2.0
-# After this long without a byte from the agent the CLI asks whether it is still there (a
-# Keepalive the agent answers), and after KEEPALIVE_TIMEOUT_SECONDS of silence it gives the
-# session up: a dead host or a cut network sends nothing at all, not even a close (ssh's
-# ServerAliveInterval 15 with ServerAliveCountMax 4).
+# The agent sends a Keepalive whenever it sent nothing for 15 s (agent/session_host.py
+# HEARTBEAT_INTERVAL_SECONDS); after KEEPALIVE_TIMEOUT_SECONDS spent waiting for the agent
+# without a byte, the CLI gives the session up: a dead host or a cut network sends nothing at
+# all, not even a close (as ssh with ServerAliveInterval 15, ServerAliveCountMax 4). Time the CLI
+# spends not reading (its output blocked by a paused pager, the process suspended) does not
+# count. KEEPALIVE_INTERVAL_SECONDS is how often it looks.
 KEEPALIVE_INTERVAL_SECONDS = 15.0
 KEEPALIVE_TIMEOUT_SECONDS = 60.0
 REFUSAL_POLL_SECONDS = 1.0
@@ -73,7 +73,6 @@ LARGE_RECEIVE_BYTES = 16 * 1024
 # Allocations between young-generation collections once a session is open (CPython: 700).
 GC_YOUNG_THRESHOLD = 20_000
 
-_KEEPALIVE_QUESTION = encode_control(Keepalive(reply=False))
 
 class SessionError(Exception):
     """A session could not be opened or ended abnormally; the message is for the operator."""
@@ -308,6 +307,7 @@ class OperatorSession:
         self._failure: SessionError | None = None  # to raise after the events before it
         self._last_heard = trio.current_time()  # when a byte last came from the agent
         self._lost_because: str | None = None  # why keep_alive closed the connection
+        self._waiting_since: float | None = None  # while waiting for the agent: since when
         self.keepalive_interval = KEEPALIVE_INTERVAL_SECONDS
         self.keepalive_timeout = KEEPALIVE_TIMEOUT_SECONDS
         self.bytes_sent = 0
@@ -436,17 +436,17 @@ class OperatorSession:
         return events
 
     async def keep_alive(self) -> None:
-        """Run beside the session, in the caller's nursery: after each keepalive interval without
-        a byte from the agent, ask it whether it is still there; past the keepalive timeout,
-        close the connection, so that receiving ends with ConnectionLost saying the agent stopped
-        answering. The receive path only notes when it last heard (no timer per wait)."""
-        asked_at = -math.inf
+        """Run beside the session, in the caller's nursery: once the CLI has waited for the agent
+        for the keepalive timeout without a byte (the agent says it is still here every 15 s),
+        close the connection, so that receiving ends with ConnectionLost saying the agent
+        stopped answering. The receive path only notes when it waits and hears (no timer per
+        wait); time the CLI is not waiting to read does not count."""
         while True:
-            await trio.sleep_until(max(self._last_heard, asked_at) + self.keepalive_interval)
-            now = trio.current_time()
-            silent = now - self._last_heard
-            if silent < self.keepalive_interval:
-                continue
+            await trio.sleep(self.keepalive_interval)
+            waiting_since = self._waiting_since
+            if waiting_since is None:
+                continue  # busy with what it received: the agent is not the one silent
+            silent = trio.current_time() - max(self._last_heard, waiting_since)
             if silent >= self.keepalive_timeout:
                 self._lost_because = (
                     f"the agent stopped answering (nothing through the relay for {silent:.0f} s: "
@@ -454,24 +454,22 @@ class OperatorSession:
                 )
                 await trio.aclose_forcefully(self.stream)  # wakes the receiving task
                 return
-            try:
-                await self._send_frame(FrameType.CONTROL, _KEEPALIVE_QUESTION)
-            except SessionError:
-                return  # the connection is gone: the receiving task reports it
-            asked_at = now
 
     async def _receive_more(self) -> int:
         """Receive into the frame buffer; 0 once the connection has ended."""
         sock = self._socket
         if sock is None:
+            self._waiting_since = trio.current_time()
             count = await receive_into(self.stream, self._frames)
-            self._last_heard = trio.current_time()
+            self._last_heard, self._waiting_since = trio.current_time(), None
             return count
         space = self._frames.writable()
         while True:
             try:
                 if not self._more_expected:
+                    self._waiting_since = trio.current_time()
                     await trio.lowlevel.wait_readable(sock)
+                    self._waiting_since = None
                 count = os.readv(sock.fileno(), [space])
             except BlockingIOError:
                 self._more_expected = False

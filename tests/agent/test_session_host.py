@@ -20,6 +20,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from agent import session_host
 from agent.audit_events import SessionAuditor
 from agent.config import AgentConfig
 from agent.errors import OfferError
@@ -390,6 +391,30 @@ async def test_the_agent_answers_a_keepalive_and_the_session_goes_on(tmp_path: P
         assert operator.controls.count(Keepalive(reply=True)) == 1
         assert b"got more" in operator.stdout
         assert operator.exit_status() == ExitStatus(code=0)
+        await wait_for_sessions_to_end(stack)
+
+
+@trio_test
+async def test_the_agent_says_it_is_still_here_while_its_command_reads_no_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The command sleeps with its stdin full: the frames behind the input wait, yet the agent's
+    # heartbeats go on, so the operator's CLI does not take the quiet for a dead host.
+    monkeypatch.setattr(session_host, "HEARTBEAT_INTERVAL_SECONDS", 0.2)
+    command = ("sh", "-c", "echo ready; sleep 2; wc -c")
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        async with operator_session(stack, nursery, command=command) as operator:
+            await operator.start(exec_start(*command))
+            await operator.until_stdout_contains(b"ready\n")
+            for _ in range(4):  # far more than a pipe takes while nobody reads it
+                await operator.send(FrameType.DATA, b"x" * 60_000)
+            with trio.fail_after(1.5):
+                while operator.controls.count(Keepalive(reply=True)) < 3:
+                    assert await operator.next_frame() is not None, "the session ended"
+            await operator.send(FrameType.DATA, b"")
+            await operator.until_closed()
+        assert operator.exit_status() == ExitStatus(code=0)
+        assert operator.stdout.split()[-1] == b"240000"
         await wait_for_sessions_to_end(stack)
 
 
