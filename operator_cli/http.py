@@ -130,11 +130,16 @@ class Response:
         headers: Message,
         body: bytes | None,
         stream: http.client.HTTPResponse | None = None,
+        *,
+        url: str | None = None,
+        read_timeout: float | None = None,
     ) -> None:
         self.status_code = status_code
         self.headers = headers
         self._body = body
         self._stream = stream
+        self._url = url
+        self._read_timeout = read_timeout
 
     @property
     def is_success(self) -> bool:
@@ -168,7 +173,11 @@ class Response:
             while chunk := stream.read(chunk_size):
                 yield chunk
         except (OSError, http.client.HTTPException) as error:
-            raise TransportError(type(error).__name__, str(error), cause=error) from error
+            # The server answered: a stall now is a server that stopped sending mid-response.
+            raise TransportError(
+                type(error).__name__, str(error), url=self._url, cause=error,
+                answer_timeout=self._read_timeout if isinstance(error, TimeoutError) else None,
+            ) from error
         finally:
             stream.close()
 
@@ -263,7 +272,10 @@ class HttpClient:
             raw = self._exchange(method.upper(), self.target(path), content, all_headers)
             try:
                 if stream:
-                    response = Response(raw.status, raw.msg, None, stream=raw)
+                    response = Response(
+                        raw.status, raw.msg, None, stream=raw, url=self.base_url,
+                        read_timeout=self._read_timeout,
+                    )
                     self._open_stream = response
                     return response
                 return Response(raw.status, raw.msg, self._read_limited(raw))

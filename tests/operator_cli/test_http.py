@@ -84,6 +84,14 @@ class Handler(BaseHTTPRequestHandler):
         elif self.path.endswith("/stall"):
             self.state.release.wait(HANDLER_WAIT_SECONDS)
             self.close_connection = True
+        elif self.path.endswith("/stall-mid-body"):
+            self.send_response(200)
+            self.send_header("Content-Length", "1000")
+            self.end_headers()
+            self.wfile.write(b"a" * 100)
+            self.wfile.flush()
+            self.state.release.wait(HANDLER_WAIT_SECONDS)
+            self.close_connection = True
 
 
 @dataclass
@@ -207,6 +215,18 @@ def test_server_that_never_answers_times_out(server: LoopbackServer) -> None:
     assert caught.value.describe() == (
         f"{server.url} took the connection but did not answer within 0.3 s: the service may be "
         "stopped or overloaded; try again shortly, or ask its admin"
+    )
+
+
+def test_a_server_that_stalls_mid_body_is_named_as_not_answering(server: LoopbackServer) -> None:
+    with (
+        HttpClient(server.url, ca_file=str(server.certificates.ca_cert), read_timeout=0.3) as http,
+        pytest.raises(TransportError) as caught,
+    ):
+        response = http.request("GET", "/stall-mid-body", stream=True)
+        b"".join(response.iter_bytes())
+    assert caught.value.describe().startswith(
+        f"{server.url} took the connection but did not answer within 0.3 s"
     )
 
 
