@@ -81,6 +81,7 @@ from agent.connection_memory import is_connection_id, load_last_connection, reme
 from agent.enrollment import follow_key_rotations
 from agent.errors import ControlChannelError, EnrollmentError
 from agent.event_spool import EventSpool
+from agent.event_spool import remedy as spool_remedy
 from agent.server_address import control_channel_url, tls_context
 from agent.state_file import AgentState
 from agent.status import DaemonStatus, write_status
@@ -500,6 +501,7 @@ class ControlClient:
                     self._refuse_offer(message, refusal)
                 else:
                     self._on_offer(message)
+                    self._promise_spool_room(message)
             elif kind == "end_sessions":
                 # Also while stopping: the sessions still draining end now. The offer handler
                 # takes it too (agent/session_host.py SessionHost.offer_handler).
@@ -577,9 +579,19 @@ class ControlClient:
         no action; running sessions go on), or None."""
         if self._spool is None:
             return None
-        reason = self._spool.refusal_reason(self._live_count())
+        live = None if self._live_sessions is None else self._live_sessions()
+        reason = self._spool.refusal_reason(0 if live is None else len(live), live)
         self._note_audit_spool_problem(reason)
         return reason
+
+    def _promise_spool_room(self, message: dict[str, Any]) -> None:
+        """The session host took the offer: its events' slots are held for it at once, so that
+        the next offer, arriving before they are written, cannot take them too."""
+        session_id = message.get("session_id")
+        if self._spool is None or self._live_sessions is None or not isinstance(session_id, str):
+            return
+        if session_id in self._live_sessions():
+            self._spool.promise(session_id)
 
     def _note_audit_spool_problem(self, problem: str | None) -> None:
         """Log and report (status file) a change in what is wrong with the audit spool."""
@@ -588,7 +600,7 @@ class ControlClient:
         if not changed:
             return  # the counts in the text move with every event: said once, not each time
         if problem is not None:
-            logger.error("%s: new sessions are refused until it has room again", problem)
+            logger.error("%s: new sessions are refused %s", problem, spool_remedy(problem))
         else:
             logger.info("the agent's audit spool has room again: new sessions are accepted")
         self._write_status()
@@ -781,7 +793,8 @@ def _describe(error: BaseException, ca_file: Path | str | None = None) -> str:
             detail = getattr(reason, "reason", None) if reason is not None else None
             return f"closed by the rendezvous{': ' + str(detail)[:200] if detail else ''}"
         if isinstance(item, ConnectionTimeout):
-            return "the WebSocket handshake timed out"
+            # Names the step that took too long (agent/websocket_connect.py).
+            return str(item)[:MAX_ERROR_TEXT] or "the connection timed out"
         if isinstance(item, trio.TooSlowError):
             return "timed out"
     return describe_connection_failure(error, ca_file)

@@ -21,9 +21,12 @@ again, which the rendezvous acknowledges again without a second record.
 When the whole reservation cannot be had at start (a small or full file system), fewer slots are
 reserved, down to MIN_SLOT_COUNT, with a warning. When the slots run short the agent refuses new
 sessions (``refusal_reason``; running sessions go on and keep room for their own events); when
-even they cannot be written an event stays in memory only, with a warning. A file that cannot
-serve as the slot file (not a regular file, unreadable) makes the spool unusable: new sessions are
-refused, saying why.
+even they cannot be written an event stays in memory only, with a warning. A session accepted
+(``promise``) is owed NEW_SESSION_SLOTS until its events are written, then RUNNING_SESSION_SLOTS
+until its session.ended is: offers arriving back to back cannot overbook the slots. A file that
+cannot serve as the slot file (not a regular file, cannot be opened, larger than any slot file
+the agent makes) makes the spool unusable: new sessions are refused, saying why, and opening it is
+tried again at most every RESERVE_RETRY_SECONDS. The file is read in bounded chunks.
 
 Reading at start also takes the spool of earlier versions (one ``ev-NNN.json`` file per event):
 each event is moved into a slot and its file removed; those that do not fit stay files, sent
@@ -43,9 +46,11 @@ import re
 import stat
 import struct
 import time
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
+from audit.actions import Action
 from audit.errors import AuditError
 from audit.record import SignedEvent
 
@@ -63,7 +68,8 @@ MIN_SLOT_COUNT = 64
 # A new session is refused unless this many slots are free for its own events (started,
 # command, ended; a long command line takes more than one) ...
 NEW_SESSION_SLOTS = 8
-# ... on top of this many for each running session's session.ended.
+# ... on top of this many for each running session's session.ended (a session accepted but whose
+# started and command events are not written yet is owed what is left of NEW_SESSION_SLOTS).
 RUNNING_SESSION_SLOTS = 2
 # The largest event spooled: an event's context is at most 16 KiB encoded (audit/record.py) and
 # its other fields add at most a few KiB; 64 KiB leaves a wide margin.
@@ -74,8 +80,27 @@ SLOT_MAGIC = b"\x00TDSPOOL\x01"
 # magic, sequence number, event length, SHA-256 of magic + sequence + length + event
 SLOT_HEADER = struct.Struct(f"<{len(SLOT_MAGIC)}sQI32s")
 RESERVE_CHUNK_BYTES = 256 * 1024
+# The slot file is read at start in pieces of this size.
+READ_CHUNK_BYTES = 256 * 1024
 EVENT_FILE_PATTERN = re.compile(r"ev-(\d{12})\.json")
 GARBLED_SUFFIX = ".garbled"
+# The beginnings of refusal_reason's answers, by what ends the refusal (agent/status.py).
+FULL_PREFIX = "the agent's audit spool is full"
+UNUSABLE_PREFIX = "the agent's audit spool is unusable"
+UNWRITABLE_PREFIX = "the agent's audit spool cannot be written"
+RESERVE_FAILED_WORDS = "cannot reserve"
+
+
+def remedy(problem: str) -> str:
+    """What ends the refusal of new sessions that ``problem`` (a ``refusal_reason``) causes."""
+    if problem.startswith(FULL_PREFIX):
+        return "until the rendezvous acknowledges the queued audit events"
+    retried = f"tried again every {RESERVE_RETRY_SECONDS:g} s"
+    if problem.startswith(UNWRITABLE_PREFIX):
+        return f"until writing to it succeeds again ({retried})"
+    if RESERVE_FAILED_WORDS in problem:
+        return f"until there is room for it in the state dir ({retried})"
+    return f"until it is fixed ({retried})"
 
 
 class EventSpool:
@@ -102,6 +127,8 @@ class EventSpool:
         self._reserve_failed_at: float | None = None
         self._write_failed_at = 0.0
         self._full_warned = False
+        # Sessions accepted (``promise``) -> slots still owed to their own events.
+        self._promised: dict[str, int] = {}
 
     @property
     def count(self) -> int:
@@ -128,24 +155,38 @@ class EventSpool:
         """Why the spool cannot keep new events (no slot file, a failed write), or None."""
         return self._problem
 
-    def refusal_reason(self, running_sessions: int) -> str | None:
-        """Why a new session must be refused now (its audit could not be kept), or None."""
+    def refusal_reason(
+        self, running_sessions: int, running_ids: Collection[str] | None = None
+    ) -> str | None:
+        """Why a new session must be refused now (its audit could not be kept), or None.
+        ``running_ids``, when given, are the sessions running (promises to others are
+        dropped)."""
         if self._fd is None and self._may_retry_reserving():
-            self._reserve()
+            self._retry_opening()
         if self._fd is None:
-            return f"the agent's audit spool is unusable: {self._problem or 'not loaded'}"
+            return f"{UNUSABLE_PREFIX}: {self._problem or 'not loaded'}"
         if self._problem is not None and self._may_retry_writing():
             self._probe()
         if self._problem is not None:
-            return f"the agent's audit spool cannot be written: {self._problem}"
-        needed = NEW_SESSION_SLOTS + RUNNING_SESSION_SLOTS * running_sessions
+            return f"{UNWRITABLE_PREFIX}: {self._problem}"
+        if running_ids is not None:
+            for session_id in [key for key in self._promised if key not in running_ids]:
+                del self._promised[session_id]  # refused, or ended without its event
+        unpromised = max(0, running_sessions - len(self._promised))
+        owed = sum(self._promised.values())
+        needed = NEW_SESSION_SLOTS + owed + RUNNING_SESSION_SLOTS * unpromised
         if self.free_slots < needed:
             return (
-                f"the agent's audit spool is full ({self.count} audit events not yet "
+                f"{FULL_PREFIX} ({self.count} audit events not yet "
                 f"acknowledged by the rendezvous, {self.free_slots} of {self.reserved_slots} "
                 f"slots free, {needed} needed)"
             )
         return None
+
+    def promise(self, session_id: str) -> None:
+        """A session was accepted (``refusal_reason`` said None): NEW_SESSION_SLOTS are owed
+        to its events until they are written, so that the next offer cannot take them."""
+        self._promised[session_id] = NEW_SESSION_SLOTS
 
     def load(self) -> list[tuple[str, dict[str, Any]]]:
         """The spooled events, oldest first, as (key, ``SignedEvent.to_json()``); creates the
@@ -177,7 +218,7 @@ class EventSpool:
             logger.warning("an audit event of %d bytes is too large to spool", len(data))
             return None
         if self._fd is None and self._may_retry_reserving():
-            self._reserve()
+            self._retry_opening()
         if self._fd is None:
             logger.warning(
                 "cannot spool an audit event in %s (%s): it is kept in memory only",
@@ -216,7 +257,27 @@ class EventSpool:
         self._next_slot = (first + needed) % len(self._used)
         key = f"slot-{first}-{sequence}"
         self._events[key] = (first, needed, len(data))
+        self._pay_promise(event, needed)
         return key
+
+    def _pay_promise(self, event: dict[str, Any], taken: int) -> None:
+        """A promised session's event took ``taken`` slots: owed that many fewer, but still
+        RUNNING_SESSION_SLOTS for its session.ended (all that is left once its command is
+        written), and nothing once that (or its session.refused) is written."""
+        inner = event.get("event")
+        if not self._promised or not isinstance(inner, dict):
+            return
+        session_id = inner.get("session_id")
+        if not isinstance(session_id, str) or session_id not in self._promised:
+            return
+        action = inner.get("action")
+        if action in (Action.SESSION_ENDED.value, Action.SESSION_REFUSED.value):
+            del self._promised[session_id]
+        elif action == Action.SESSION_COMMAND.value:
+            self._promised[session_id] = RUNNING_SESSION_SLOTS
+        else:
+            owed = self._promised[session_id] - taken
+            self._promised[session_id] = max(RUNNING_SESSION_SLOTS, owed)
 
     def remove(self, key: str) -> None:
         """Forget one event (acknowledged, refused for good, or dropped)."""
@@ -240,31 +301,71 @@ class EventSpool:
     # ---- the slot file -------------------------------------------------------------------
 
     def _open_or_reserve(self) -> None:
+        """Open the slot file, or reserve it when there is none. One that cannot serve makes
+        the spool unusable; opening it is tried again after RESERVE_RETRY_SECONDS."""
         path = self.directory / SLOT_FILE_NAME
+        self._reserve_failed_at = None
         try:
             fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             self._reserve()
             return
         except OSError as error:
-            self._unusable(f"cannot open {path} ({error.strerror or error})")
+            self._cannot_use(f"cannot open {path} ({error.strerror or error})")
             return
+        try:
+            problem = self._check_slot_file(fd, path)
+        except OSError as error:
+            problem = f"cannot use {path} ({error.strerror or error})"
+        if problem is not None:
+            os.close(fd)
+            self._cannot_use(problem)
+            return
+        self._fd = fd
+        self._used = bytearray(os.fstat(fd).st_size // SLOT_BYTES)
+        self._next_slot = 0
+        if self._problem is not None:
+            logger.info("the audit spool %s is usable again", path)
+        self._problem = None
+
+    def _retry_opening(self) -> None:
+        """After the slot file could not be opened or reserved: try again (an admin may have
+        fixed it). Events found in it are kept, and sent by the next start."""
+        self._open_or_reserve()
+        if self._fd is None:
+            return
+        found = self._read_slots()
+        if found:
+            logger.warning(
+                "the audit spool %s holds %d audit events an earlier run left: they are sent "
+                "at the next start", self.directory, len(found),
+            )  # fmt: skip
+
+    def _check_slot_file(self, fd: int, path: Path) -> str | None:
+        """Why the open file ``fd`` cannot serve as the slot file, or None (grown to
+        slot_count when smaller)."""
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            self._unusable(f"{path} is not a regular file")
-            return
+            return f"{path} is not a regular file"
         if info.st_mode & 0o077:
             os.fchmod(fd, 0o600)
         slots = info.st_size // SLOT_BYTES
+        largest = max(self.slot_count, SLOT_COUNT)
+        if slots > largest:
+            # Never read whole (it may be sparse and huge): the agent makes none this large.
+            return (
+                f"{path} is {info.st_size} bytes, larger than the {largest * SLOT_BYTES} "
+                "bytes of any slot file the agent makes (remove it or move it aside)"
+            )
         if slots < self.slot_count:
             slots = _grow(fd, slots, self.slot_count)
         if slots < self.min_slot_count:
-            os.close(fd)
-            self._unusable(f"{path} holds {slots} slots, fewer than {self.min_slot_count}")
-            return
-        self._fd = fd
-        self._used = bytearray(slots)
+            return f"{path} holds {slots} slots, fewer than {self.min_slot_count}"
+        return None
+
+    def _cannot_use(self, problem: str) -> None:
+        self._unusable(problem)
+        self._reserve_failed_at = time.monotonic()
 
     def _reserve(self) -> None:
         """Create the slot file with every block written, as many slots as the disk allows
@@ -304,7 +405,7 @@ class EventSpool:
             return
         reason = last_error.strerror if last_error is not None else "no space"
         self._unusable(
-            f"cannot reserve {self.min_slot_count * SLOT_BYTES // 1024} KiB for it in "
+            f"{RESERVE_FAILED_WORDS} {self.min_slot_count * SLOT_BYTES // 1024} KiB for it in "
             f"{self.directory} ({reason or last_error})"
         )
         self._reserve_failed_at = time.monotonic()
@@ -334,27 +435,29 @@ class EventSpool:
     def _unusable(self, problem: str) -> None:
         if self._problem != problem:
             logger.error(
-                "the audit spool is unusable: %s; new sessions are refused until it is fixed",
-                problem,
-            )
+                "the audit spool is unusable: %s; new sessions are refused until it is fixed "
+                "(tried again every %g s)", problem, RESERVE_RETRY_SECONDS,
+            )  # fmt: skip
         self._problem = problem
 
     def _read_slots(self) -> list[tuple[int, str, dict[str, Any]]]:
         assert self._fd is not None
-        content = os.pread(self._fd, len(self._used) * SLOT_BYTES, 0)
+        reader = _ChunkReader(self._fd)
         loaded: list[tuple[int, str, dict[str, Any]]] = []
         index = 0
         while index < len(self._used):
             offset = index * SLOT_BYTES
-            header = content[offset : offset + SLOT_HEADER.size]
-            if not header.startswith(SLOT_MAGIC):
+            header = reader.read(offset, SLOT_HEADER.size)
+            if not header.startswith(SLOT_MAGIC) or len(header) < SLOT_HEADER.size:
                 index += 1
                 continue
             _, sequence, length, checksum = SLOT_HEADER.unpack(header)
             taken = _slots_for(length)
-            data = content[offset + SLOT_HEADER.size : offset + SLOT_HEADER.size + length]
             problem = ""
             event: dict[str, Any] | None = None
+            data = b""
+            if length <= MAX_EVENT_FILE_BYTES and index + taken <= len(self._used):
+                data = reader.read(offset + SLOT_HEADER.size, length)
             if length > MAX_EVENT_FILE_BYTES or index + taken > len(self._used):
                 problem = "its length is out of range"
             elif _checksum(sequence, data) != checksum:
@@ -447,6 +550,22 @@ class EventSpool:
             os.replace(path, aside)
         except OSError as error:
             logger.warning("cannot set %s aside: %s", path, error)
+
+
+class _ChunkReader:
+    """Reads of a file through a buffer of at most READ_CHUNK_BYTES (or one event's length)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._start = 0
+        self._buffer = b""
+
+    def read(self, offset: int, length: int) -> bytes:
+        end = offset + length
+        if offset < self._start or end > self._start + len(self._buffer):
+            self._start = offset
+            self._buffer = os.pread(self._fd, max(READ_CHUNK_BYTES, length), offset)
+        return self._buffer[offset - self._start : end - self._start]
 
 
 def _encode(event: dict[str, Any]) -> bytes:

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from agent.event_spool import remedy as spool_remedy
 from protocol.identity import write_private_file
 
 MAX_STATUS_FILE_SIZE = 16 * 1024
@@ -45,8 +46,7 @@ class DaemonStatus:
             return []
         return [
             f"Audit spool:  {self.audit_spool_problem}",
-            "              new sessions are refused until the rendezvous acknowledges the "
-            "queued audit events (free space in the state dir if it cannot be reserved)",
+            f"              new sessions are refused {spool_remedy(self.audit_spool_problem)}",
         ]
 
 

@@ -7,7 +7,9 @@ reports only ``ConnectionTimeout``. Here the TCP connect and the TLS handshake h
 the open, so their error (``ssl.SSLCertVerificationError`` inside the chain) ends the attempt as
 soon as the handshake fails; only then is the stream handed to trio-websocket for the WebSocket
 handshake. Failures keep trio-websocket's types: ``ConnectionTimeout`` when the whole connect
-takes too long, ``HandshakeError`` (from the real cause) when TCP or TLS fails.
+takes too long (its message names the step: TCP connect, TLS handshake or WebSocket handshake),
+``HandshakeError`` (from the real cause) when TCP or TLS fails. The stream is closed at once when
+anything fails or is cancelled before the WebSocket is handed over.
 """
 
 from __future__ import annotations
@@ -29,6 +31,10 @@ from trio_websocket import (
 )
 
 DEFAULT_PORTS = {"ws": 80, "wss": 443}
+# The steps of a connect, as a ConnectionTimeout's message names the one that took too long.
+TCP_PHASE = "TCP connect"
+TLS_PHASE = "TLS handshake"
+WEBSOCKET_PHASE = "WebSocket handshake"
 
 
 @dataclass(frozen=True)
@@ -69,18 +75,28 @@ async def open_websocket(
 ) -> AsyncIterator[WebSocketConnection]:
     """A client WebSocket to ``url`` (TLS with ``ssl_context`` when given), closed on exit."""
     target = websocket_target(url)
+    phase = [TCP_PHASE]
     try:
         async with trio.open_nursery() as nursery:
             try:
                 with trio.fail_after(connect_timeout):
-                    stream = await _open_stream(target, ssl_context)
-                    websocket = await wrap_client_stream(
-                        nursery, stream, target.host_header, target.resource,
-                        max_message_size=max_message_size,
-                        message_queue_size=message_queue_size,
-                    )
+                    stream = await _open_stream(target, ssl_context, phase)
+                    phase[0] = WEBSOCKET_PHASE
+                    try:
+                        websocket = await wrap_client_stream(
+                            nursery, stream, target.host_header, target.resource,
+                            max_message_size=max_message_size,
+                            message_queue_size=message_queue_size,
+                        )  # fmt: skip
+                    except BaseException:
+                        # Timed out, cancelled (the agent stops) or refused: the socket is
+                        # closed now, not whenever the stream is collected.
+                        await trio.aclose_forcefully(stream)
+                        raise
             except trio.TooSlowError:
-                raise ConnectionTimeout from None
+                raise ConnectionTimeout(
+                    f"the {phase[0]} timed out after {connect_timeout:g} s"
+                ) from None
             try:
                 yield websocket
             finally:
@@ -97,15 +113,17 @@ async def open_websocket(
 
 
 async def _open_stream(
-    target: WebSocketTarget, ssl_context: ssl.SSLContext | None
+    target: WebSocketTarget, ssl_context: ssl.SSLContext | None, phase: list[str]
 ) -> trio.SocketStream | trio.SSLStream[trio.SocketStream]:
-    """TCP, then the TLS handshake when ``ssl_context`` is given; HandshakeError if either fails."""
+    """TCP, then the TLS handshake when ``ssl_context`` is given; HandshakeError if either fails.
+    ``phase[0]`` names the step under way (for a timeout's message)."""
     try:
         tcp = await trio.open_tcp_stream(target.host, target.port)
     except OSError as error:
         raise HandshakeError from error
     if ssl_context is None:
         return tcp
+    phase[0] = TLS_PHASE
     stream = trio.SSLStream(tcp, ssl_context, server_hostname=target.host, https_compatible=True)
     try:
         await stream.do_handshake()
