@@ -43,7 +43,11 @@ RETIRED_KEY_STATE = "retired"
 _STATEMENT_FIELDS = frozenset(
     {"purpose", "old_key_id", "new_key", "new_key_id", "rotated_at", "signature"}
 )
+# Per purpose: statements past this for one purpose are refused (that purpose's chain is not
+# followed); the rendezvous sends at most this many per purpose (rendezvous/service_keys.py).
 MAX_ROTATION_STATEMENTS = 256
+# The whole message: bounds the work of reading it; a message longer than this is refused.
+MAX_ROTATION_MESSAGE_STATEMENTS = 4096
 MAX_PINNED_ADMIN_KEYS = 64
 REGISTRATION_KEY_PREFIX = "rk_live_"
 MAX_REGISTRATION_KEY_LENGTH = 256
@@ -190,15 +194,17 @@ def follow_key_rotations(
     statement followed before it) and that key signed it: so every key added chains back to
     what the agent pinned. A retired key is dropped once a followed statement replaced it and
     the message no longer lists it (the rendezvous stops listing it when what it signed has
-    expired). EnrollmentError if the message is malformed as a whole.
+    expired). Statements for a purpose this agent pins no key of are ignored; a purpose with
+    more than MAX_ROTATION_STATEMENTS statements is not followed (the others still are).
+    EnrollmentError if the message is malformed as a whole.
     """
     pinned = parse_service_keys(pinned_jwks)
     statements = message.get("rotations")
     listed = message.get("keys")
-    if not isinstance(statements, list) or len(statements) > MAX_ROTATION_STATEMENTS:
+    if not isinstance(statements, list) or len(statements) > MAX_ROTATION_MESSAGE_STATEMENTS:
         raise EnrollmentError(
             f"the rendezvous's rotation statements are not a list of at most "
-            f"{MAX_ROTATION_STATEMENTS}"
+            f"{MAX_ROTATION_MESSAGE_STATEMENTS}"
         )
     if not isinstance(listed, list):
         raise EnrollmentError("the rendezvous's service keys are not a list")
@@ -206,12 +212,26 @@ def follow_key_rotations(
     added: list[str] = []
     refused: list[str] = []
     replaced: set[tuple[str, str]] = set()
-    pending: list[tuple[Mapping[str, Any], str, str, PublicIdentity]] = []
+    by_purpose: dict[str, list[Mapping[str, Any]]] = {}
     for statement in statements:
-        try:
-            pending.append((statement, *_rotation_statement(statement)))
-        except EnrollmentError as error:
-            refused.append(str(error))
+        purpose = statement.get("purpose") if isinstance(statement, Mapping) else None
+        if not isinstance(purpose, str):
+            refused.append("a rotation statement names no purpose")
+        elif pinned.get(purpose):  # a purpose this agent pins no key of is none of its concern
+            by_purpose.setdefault(purpose, []).append(statement)
+    pending: list[tuple[Mapping[str, Any], str, str, PublicIdentity]] = []
+    for purpose, purpose_statements in by_purpose.items():
+        if len(purpose_statements) > MAX_ROTATION_STATEMENTS:
+            refused.append(
+                f"{len(purpose_statements)} rotation statements for {purpose[:32]}, more than "
+                f"{MAX_ROTATION_STATEMENTS}: not followed (re-enroll if its keys changed)"
+            )
+            continue
+        for statement in purpose_statements:
+            try:
+                pending.append((statement, *_rotation_statement(statement)))
+            except EnrollmentError as error:
+                refused.append(str(error))
     # Statements come oldest first; passes until none is left that chains, whatever the order.
     progress = True
     while pending and progress:

@@ -11,8 +11,16 @@ An audit key is rotated the same way: a ``service_key.rotated`` record for the `
 purpose, signed by the trusted audit key it retires (``old_fingerprint`` must be the signer's),
 introduces the new key named in its context as an audit key from then on. So an auditor who
 pinned only the original key verifies a log across any number of rotations, each one vouched for
-by the key before it; a key no such record introduced is refused like any unknown signer. The
-retired key stays trusted for the records it signed (instances switch keys only on reload).
+by the key before it; a key no such record introduced is refused like any unknown signer.
+
+A rotated-out key is retired from its rotation record on: it stays trusted for the records it
+signed before, and for at most RETIRED_AUDIT_KEY_GRACE_RECORDS records after (instances switch
+keys only on reload, so a few may still come from one not yet reloaded); a record or checkpoint
+it signs past that is refused. A second rotation signed by a key that already rotated (a fork:
+whoever holds a leaked old key naming a successor of their own) is refused too. This bounds what
+a leaked retired key can do to a log that contains its rotation; it cannot stop it from signing
+a log cut before its rotation: only a checkpoint kept from after the rotation catches that
+(``--previous-checkpoint``; docs/self-hosting.md, "Rotating service keys").
 """
 
 from __future__ import annotations
@@ -34,6 +42,9 @@ ROTATION_OLD_FINGERPRINT_FIELD = "old_fingerprint"
 ROTATION_NEW_FINGERPRINT_FIELD = "new_fingerprint"
 ROTATION_NEW_PUBLIC_KEY_FIELD = "new_public_key"
 ROTATION_NEW_KEY_ID_FIELD = "new_key_id"
+# Records a retired audit key may still sign in one log after its rotation record there: those
+# of instances that had not reloaded yet (SIGHUP). Past it, its records are refused.
+RETIRED_AUDIT_KEY_GRACE_RECORDS = 64
 
 
 def agent_registration_context(
@@ -133,6 +144,9 @@ class SignerTrust:
         self._audit_keys = {key.key_id: key for key in audit_keys}
         self._agent_keys: dict[str, tuple[str, PublicIdentity]] = {}
         self.rotations: list[AuditKeyRotation] = []
+        self._records = 0  # records accepted so far
+        # Retired audit keys: key id -> (records accepted when its rotation was, its successor)
+        self._retired: dict[str, tuple[int, PublicIdentity]] = {}
 
     @property
     def audit_keys(self) -> list[PublicIdentity]:
@@ -150,18 +164,22 @@ class SignerTrust:
 
     def accept(self, signed: SignedEvent) -> None:
         """Verify ``signed`` against a trusted key, then learn any agent key it introduces."""
+        self._accept(signed)
+        self._records += 1
+
+    def _accept(self, signed: SignedEvent) -> None:
         signer = signed.event.signer
         if signer in self._audit_keys:
             audit_key = self._audit_keys[signer]
             signed.verify(audit_key)
+            self._refuse_if_retired_too_long(signer, self._records + 1)
             if signed.event.action is Action.AGENT_REGISTERED:
                 agent_id, key = introduced_agent_key(signed.event)
                 self._agent_keys[key.key_id] = (agent_id, key)
             elif signed.event.action is Action.SERVICE_KEY_ROTATED:
                 new_key = introduced_audit_key(signed.event, audit_key)
-                if new_key is not None and new_key.key_id not in self._audit_keys:
-                    self._audit_keys[new_key.key_id] = new_key
-                    self.rotations.append(AuditKeyRotation(audit_key, new_key))
+                if new_key is not None:
+                    self._follow_rotation(audit_key, new_key)
             return
         if signer in self._agent_keys:
             agent_id, key = self._agent_keys[signer]
@@ -171,6 +189,44 @@ class SignerTrust:
             signed.verify(key)
             return
         raise UnknownSigner(signer)
+
+    def _follow_rotation(self, old_key: PublicIdentity, new_key: PublicIdentity) -> None:
+        """Retire ``old_key`` in favour of ``new_key``; RecordError if it already rotated to
+        another key (a fork)."""
+        earlier = self._retired.get(old_key.key_id)
+        if earlier is not None:
+            if earlier[1].key_id == new_key.key_id:
+                return  # the same rotation recorded again (instances writing it twice)
+            raise RecordError(
+                f"audit key {old_key.fingerprint} already rotated to {earlier[1].fingerprint}; "
+                f"a second rotation to {new_key.fingerprint} is a fork (the old key leaked?)"
+            )
+        self._retired[old_key.key_id] = (self._records, new_key)
+        if new_key.key_id not in self._audit_keys:
+            self._audit_keys[new_key.key_id] = new_key
+            self.rotations.append(AuditKeyRotation(old_key, new_key))
+
+    def retired_signing_problem(self, key_id: str, at_size: int) -> str | None:
+        """Why ``key_id`` may not sign what covers the first ``at_size`` records (a record at
+        that position, or a checkpoint of that size): it was retired more than
+        RETIRED_AUDIT_KEY_GRACE_RECORDS records before; None if it may."""
+        retired = self._retired.get(key_id)
+        if retired is None:
+            return None
+        rotated_at, successor = retired
+        after = at_size - rotated_at - 1  # records after the rotation record
+        if after <= RETIRED_AUDIT_KEY_GRACE_RECORDS:
+            return None
+        return (
+            f"audit key {self._audit_keys[key_id].fingerprint} was retired (rotated to "
+            f"{successor.fingerprint}) {after} records earlier, past the grace of "
+            f"{RETIRED_AUDIT_KEY_GRACE_RECORDS}: a retired key signs nothing more (leaked?)"
+        )
+
+    def _refuse_if_retired_too_long(self, key_id: str, at_size: int) -> None:
+        problem = self.retired_signing_problem(key_id, at_size)
+        if problem is not None:
+            raise RecordError(problem)
 
     def describe(self, key_id: str) -> tuple[str, str | None, PublicIdentity] | None:
         """(role ``audit`` or ``agent``, agent id for an agent key, the key) of a trusted key."""

@@ -592,6 +592,9 @@ class _Verifier:
             raise
         if checkpoint.origin != self._header.origin:
             raise _Invalid(f"the checkpoint is for {checkpoint.origin}", None)
+        retired = self._trust.retired_signing_problem(signer.key_id, count)
+        if retired is not None:
+            raise _Invalid(f"the checkpoint is signed by a retired key: {retired}", None)
         if checkpoint.size != count:
             raise _Invalid(
                 f"the signed checkpoint covers {checkpoint.size} records but the bundle has "
@@ -606,7 +609,13 @@ class _Verifier:
         self._checkpoint = checkpoint
         self._checkpoint_signer = signer
         if trailer.previous_checkpoint is not None:
-            previous, _ = open_checkpoint(trailer.previous_checkpoint, self._trust.audit_keys)
+            previous, previous_signer = open_checkpoint(
+                trailer.previous_checkpoint, self._trust.audit_keys
+            )
+            retired = self._trust.retired_signing_problem(previous_signer.key_id, previous.size)
+            if retired is not None:
+                raise _Invalid(f"the earlier checkpoint is signed by a retired key: {retired}",
+                               None)  # fmt: skip
             self._check_extends(previous, checkpoint)
             try:
                 verify_consistency(

@@ -8,6 +8,9 @@ a new id, and a rendezvous must not be able to swap the machine behind a name by
 (ssh's "REMOTE HOST IDENTIFICATION HAS CHANGED" for a host name). The file is JSON, mode 0600,
 replaced atomically, and updated under an exclusive lock so two concurrent ``tucdesk`` commands
 do not lose each other's pins. Version 1 files (ids only) are read and rewritten as version 2.
+Names are pinned under the server URL in its normal form (``server_scope``: case, a default
+port and a trailing slash do not count, as for ``tucdesk login``); entries written under
+another spelling are read, and rewritten, under it.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from operator_cli.home import server_key
 from protocol.identity import PublicIdentity, b64url, b64url_decode, write_private_file
 
 KNOWN_AGENTS_FILE_NAME = "known_agents.json"
@@ -131,9 +135,9 @@ class KnownAgents:
 
     def __init__(self, path: Path, server: str = NO_SERVER) -> None:
         self.path = Path(path)
-        self.server = server.rstrip("/")
-        if len(self.server) > MAX_SERVER_LENGTH:
+        if len(server) > MAX_SERVER_LENGTH:
             raise KnownAgentsError(f"server URL longer than {MAX_SERVER_LENGTH} characters")
+        self.server = server_scope(server)
 
     @classmethod
     def in_home(cls, cli_home: Path, server: str = NO_SERVER) -> KnownAgents:
@@ -179,13 +183,7 @@ class KnownAgents:
                 named = pins.ids_named(self.server, name)
                 if agent_id not in named:
                     others = pins.keys_of(named)
-                    same_key = {other for other, key in others.items()
-                                if hmac.compare_digest(key, presented.raw)}
-                    if others and not same_key:
-                        raise AgentNameKeyChangedError(
-                            name, {other: PublicIdentity(key) for other, key in others.items()},
-                            agent_id, presented, self.path,
-                        )
+                    same_key = self._same_key_ids_or_refuse(name, others, agent_id, presented)
                     if same_key:
                         named -= same_key  # the same machine, re-registered under a new id
                         outcome = PinOutcome.NEW_ID_SAME_KEY
@@ -196,6 +194,30 @@ class KnownAgents:
                 pins.agents[agent_id] = presented.raw
                 self._write(pins)
             return outcome
+
+    def check_name(self, name: str, agent_id: str, presented: PublicIdentity) -> None:
+        """Raise AgentNameKeyChangedError if ``name`` is pinned on this server to other agent
+        ids and ``presented`` is none of their keys; pins nothing."""
+        _check_agent_id(agent_id)
+        _check_agent_name(name)
+        pins = self._read()
+        named = pins.names.get(self.server, {}).get(name, set())
+        if agent_id not in named:
+            self._same_key_ids_or_refuse(name, pins.keys_of(named), agent_id, presented)
+
+    def _same_key_ids_or_refuse(
+        self, name: str, others: Mapping[str, bytes], agent_id: str, presented: PublicIdentity
+    ) -> set[str]:
+        """The ids pinned for ``name`` whose key is ``presented``; raise if there are pinned ids
+        and none has it (the rendezvous would be swapping the machine behind the name)."""
+        same_key = {other for other, key in others.items()
+                    if hmac.compare_digest(key, presented.raw)}
+        if others and not same_key:
+            raise AgentNameKeyChangedError(
+                name, {other: PublicIdentity(key) for other, key in others.items()},
+                agent_id, presented, self.path,
+            )
+        return same_key
 
     def trust(
         self,
@@ -333,14 +355,27 @@ def _parse_names(names: Any, unreadable: str) -> dict[str, dict[str, set[str]]]:
         count += len(named)
         if count > MAX_KNOWN_NAMES:
             raise KnownAgentsError(unreadable)
+        scoped = parsed.setdefault(server_scope(server), {})
         for name, agent_ids in named.items():
             if (not _AGENT_NAME_PATTERN.fullmatch(name) or not isinstance(agent_ids, list)
                     or len(agent_ids) > MAX_IDS_PER_NAME
                     or not all(isinstance(agent_id, str) and _AGENT_ID_PATTERN.fullmatch(agent_id)
                                for agent_id in agent_ids)):
                 raise KnownAgentsError(f"{unreadable} (bad entry for name {name[:40]!r})")
-            parsed.setdefault(server, {})[name] = set(agent_ids)
+            # Entries written before servers were normalized merge into the normalized scope.
+            scoped.setdefault(name, set()).update(agent_ids)
     return parsed
+
+
+def server_scope(server: str) -> str:
+    """The form names are pinned under: the server URL normalized as ``home.server_key``
+    compares them (case, default port and a trailing slash do not count); NO_SERVER stays."""
+    if not server.strip():
+        return NO_SERVER
+    scheme, host, port, path = server_key(server)
+    if not host:
+        return server.strip().rstrip("/")  # not a URL the CLI would log in to: keep it as typed
+    return f"{scheme}://{host}{'' if port is None else f':{port}'}{path}"
 
 
 def _check_agent_id(agent_id: str) -> None:

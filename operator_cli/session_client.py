@@ -9,6 +9,7 @@ terminal, stdin and stdout live in connect.py and exec_command.py; nothing here 
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import time
@@ -100,6 +101,9 @@ class SessionTicket:
     relay_host: str
     relay_port: int
     relay_token: str
+    # What the operator typed (an agent name or id), set by request_session: the name pin for
+    # it is checked too, so a ticket whose id is that text cannot skip the pin for the name.
+    requested_as: str | None = None
 
     @classmethod
     def from_response(cls, body: Any) -> SessionTicket:
@@ -175,14 +179,16 @@ def request_session(
             ) from None
         raise ApprovalPending(pending)
     ticket = SessionTicket.from_response(answer)
-    if target not in (ticket.agent_id, ticket.agent_name):
+    if target != ticket.agent_id and target != ticket.agent_name:
         # An honest rendezvous resolves the target by exact id or name; a ticket for another
         # agent would sidestep the pin kept for the name the operator asked for.
         raise SessionError(
             f"the rendezvous answered for agent {ticket.agent_name!r} ({ticket.agent_id}), "
             f"not {target!r}; nothing was run"
         )
-    return ticket
+    # A ticket whose id is the typed text but whose name is another is checked against the
+    # name pin for the typed text as well (AgentKeyPin).
+    return dataclasses.replace(ticket, requested_as=target)
 
 
 class AgentKeyPin:
@@ -192,7 +198,9 @@ class AgentKeyPin:
     on this server must present that name's pinned key (either change raises
     AgentKeyChangedError, which names both fingerprints and ``tucdesk agents trust``). An agent
     seen for the first time must present the key the rendezvous registered for it, which is then
-    pinned for its id and its name.
+    pinned for its id and its name. When the operator typed a name other than the ticket's (the
+    ticket's id equals it), that name's pin is applied as well: a rendezvous cannot skip the pin
+    for ``web1`` by answering with an agent whose id is ``web1`` and whose name is another.
     """
 
     def __init__(self, known_agents: KnownAgents, ticket: SessionTicket) -> None:
@@ -209,7 +217,12 @@ class AgentKeyPin:
                 f"the agent presented key {presented.fingerprint}, but the rendezvous "
                 f"registered {self.ticket.agent_key.fingerprint} for {agent_id}"
             )
+        # The name the operator typed, and the id itself (a ticket whose id is a pinned name is
+        # the same trick when the typed text is not known), are checked as names too.
+        also_names = {self.ticket.requested_as, agent_id} - {None, self.ticket.agent_name}
         try:
+            for name in sorted(name for name in also_names if name is not None):
+                self.known_agents.check_name(name, agent_id, presented)
             outcome = self.known_agents.verify_or_pin(
                 agent_id, presented, name=self.ticket.agent_name
             )

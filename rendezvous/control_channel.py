@@ -42,9 +42,11 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    signs its ``session.ended`` with that reason, which the session row then shows.
 9. server -> ``{"type": "service_keys", "keys": [JWK…], "rotations": [statement…]}`` right
    after ``welcome``, before the policy bundle, once any service key was ever rotated
-   (``keys rotate``): the current service keys and every rotation
-   statement, each signed by the key it retires (rendezvous/key_rotation.py). The agent follows
-   the chain from the keys it pinned and refuses (logs) a statement that does not chain.
+   (``keys rotate``), and on every channel this instance holds after a reload (SIGHUP) changed
+   the keys: the current service keys and the rotation statements agents can still need
+   (rendezvous/service_keys.py ``rotation_statements``), each signed by the key it retires
+   (rendezvous/key_rotation.py). The agent follows the chain from the keys it pinned and
+   refuses (logs) a statement that does not chain.
 
 One identity live twice, or presenting another machine fingerprint than it registered with, is
 flagged as a clone anomaly (audit record and metric). A reconnect is not a clone: when the
@@ -240,6 +242,19 @@ class AgentConnections:
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 continue
         return False
+
+    def send_to_every_channel(self, message: dict[str, Any]) -> int:
+        """Queue ``message`` to every live channel held here (a service keys reload); how many
+        took it. A channel whose queue is full gets it at its next reconnect."""
+        sent = 0
+        for channels in self._by_agent.values():
+            for channel in channels.values():
+                try:
+                    channel.outgoing.send_nowait(message)
+                    sent += 1
+                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                    continue
+        return sent
 
     def agents_of_team(self, team_id: str) -> list[str]:
         """The ids of the team's agents with a live channel on this instance."""

@@ -2,32 +2,46 @@
 
 A rotation, in this order (so a crash at any point leaves a state that names its way out):
 
-1. a new key is written beside the old one (``KEYFILE.new``, 0600, atomic);
-2. ``service_key.rotated`` is recorded in the service log and in every team's log ("no audit,
-   no action"), naming the old and new fingerprints and carrying the new public key. For the
-   audit signer these records are signed by the OLD key: an auditor who pinned it follows the
-   rotation to the new key (audit/trust.py);
-3. one database transaction moves the role's pin to the new key and keeps the old public key as
-   retired, accepted until ``accept_until`` for tokens and grants (now, with
-   ``--retire-old-now``);
+0. an exclusive lock (flock on ``keys/.rotate.lock``) is taken for the whole rotation: a second
+   ``keys rotate`` on the same data dir is refused at once;
+1. a new key is written beside the old one (``KEYFILE.new.RANDOM``, 0600, atomic; a name of
+   its own, so no other rotation can overwrite or move it);
+2. one database transaction moves the role's pin from the old key to the new one only if the
+   old one is still pinned (compare-and-set: of two hosts sharing the database rotating at
+   once, one wins; the other removes its file, records nothing and exits non-zero) and keeps
+   the old public key as retired, accepted until ``accept_until`` for tokens and grants (now,
+   with ``--retire-old-now``);
+3. ``service_key.rotated`` is recorded in the service log and in every team's log ("no audit,
+   no action": only a rotation that happened is recorded), naming the old and new fingerprints
+   and carrying the new public key. For the audit signer these records are signed by the OLD
+   key, whose file is still in place: an auditor who pinned it follows the rotation to the new
+   key (audit/trust.py);
 4. the new key file replaces the old one, so the old private key file no longer exists: a
    rotated key signs nothing more once the running instances reloaded (SIGHUP or restart).
 
-Interrupted between 3 and 4, every start names the one ``mv`` left (service_keys.py).
+Interrupted between 2 and 4, every start names the one ``mv`` left (service_keys.py), and
+says the audit records may be missing.
 
 Before its private key is gone, the old key also signs a *rotation statement*: ``{purpose,
 old_key_id, new_key, new_key_id, rotated_at}`` (RFC 8785) under the domain prefix
 ``tucdesk-service-key-rotation-v1``, kept with the retired key. Every agent is sent the current
-keys and all statements on each (re)connect (``service_keys`` control message) and follows the
-chain from the keys it pinned at enrollment (agent/enrollment.py ``follow_key_rotations``).
+keys and the statements it can still need (those of the purposes agents follow, within the
+rotation horizon: rendezvous/service_keys.py) on each (re)connect and, after a reload that
+changed the keys (SIGHUP), on every channel the instance holds (``service_keys`` control
+message); it follows the chain from the keys it pinned at enrollment (agent/enrollment.py
+``follow_key_rotations``).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import math
 import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +58,7 @@ from rendezvous.errors import ConfigError
 from rendezvous.service_keys import (
     KEY_ROLES,
     KEYS_DIRECTORY,
+    ROTATION_LOCK_FILE,
     ServiceKeyMismatch,
     ServiceKeys,
     check_pinned_keys,
@@ -92,41 +107,85 @@ async def rotate_service_key(
     """Replace the ``role`` key (see the module docstring); ConfigError if it cannot be done."""
     if role not in KEY_ROLES:
         raise ConfigError(f"no service key {role!r}; one of {', '.join(KEY_ROLES)}")
+    load_service_keys(data_dir)  # names a missing key file (and keys directory) first
+    with _rotation_lock(data_dir):
+        return await _rotate_locked(
+            store, data_dir, role, issuer=issuer, retire_old_now=retire_old_now, now=now
+        )
+
+
+async def _rotate_locked(
+    store: Store, data_dir: Path, role: str, *, issuer: str, retire_old_now: bool, now: float
+) -> Rotation:
     keys = load_service_keys(data_dir)
     # Pins what no init pinned yet (a database from before pinning), as serve would.
     await check_pinned_keys(store, keys, data_dir, now, pin=True)
     old = keys.by_role()[role]
     new = SigningIdentity.generate()
-    pending = pending_key_path(data_dir, role)
+    pending = pending_key_path(data_dir, role, secrets.token_hex(8))
     new.save(pending)
     accept_old_until = now if retire_old_now else now + RETIRED_KEY_GRACE_SECONDS
+    retired = RetiredServiceKey(
+        role=role,
+        fingerprint=old.public.fingerprint,
+        public_key=b64url(old.public.raw),
+        replaced_by=new.public.fingerprint,
+        retired_at=now,
+        accept_until=accept_old_until,
+        statement=json.dumps(rotation_statement(role, old, new.public, now)),
+    )
+    try:
+        pinned = await store.rotate_service_key(retired, now)
+    except Exception as error:
+        # Whether the transaction committed is unknown: the file may hold the pinned key, so it
+        # is kept (a start with keys that do not match names it if the database pins it).
+        raise ConfigError(
+            f"the database transaction of the {role} rotation failed ({error}); if 'keys show' "
+            f"now shows {new.public.fingerprint} as current, finish it: mv {pending} "
+            f"{key_path(data_dir, role)}; otherwise nothing changed: delete {pending}"
+        ) from error
+    if not pinned:
+        pending.unlink(missing_ok=True)
+        raise ServiceKeyMismatch(
+            f"the database no longer pins {role} key {old.public.fingerprint}: another "
+            f"rotation (on another host sharing the database) won; this one changed and "
+            f"recorded nothing. Run 'keys show' and copy {Path(data_dir) / KEYS_DIRECTORY} "
+            "from where that rotation ran"
+        )
+    # The database pins the new key now: from here on its file must never be deleted.
     try:
         logs = await _record_rotation(
             store, keys, role, old, new.public, issuer=issuer,
             retire_old_now=retire_old_now, accept_old_until=accept_old_until,
         )  # fmt: skip
-        retired = RetiredServiceKey(
-            role=role,
-            fingerprint=old.public.fingerprint,
-            public_key=b64url(old.public.raw),
-            replaced_by=new.public.fingerprint,
-            retired_at=now,
-            accept_until=accept_old_until,
-            statement=json.dumps(rotation_statement(role, old, new.public, now)),
-        )
-        if not await store.rotate_service_key(retired, now):
-            raise ServiceKeyMismatch(
-                f"the database no longer pins {role} key {old.public.fingerprint} (another "
-                "rotation ran at the same time); nothing was replaced here: run 'keys show' "
-                f"and copy {Path(data_dir) / KEYS_DIRECTORY} from where that rotation ran"
-            )
-    except BaseException:
-        pending.unlink(missing_ok=True)
-        raise
+    except Exception as error:
+        raise ConfigError(
+            f"the database pins the new {role} key {new.public.fingerprint}, but recording "
+            f"service_key.rotated failed ({error}); finish the rotation: mv {pending} "
+            f"{key_path(data_dir, role)}"
+        ) from error
     # The rename drops the old private key file: from here on only its public half exists.
     os.replace(pending, key_path(data_dir, role))
     _sync_directory(pending.parent)
     return Rotation(role, old.public, new.public, accept_old_until, logs)
+
+
+@contextmanager
+def _rotation_lock(data_dir: Path) -> Iterator[None]:
+    """Hold the data dir's rotation lock, or raise ConfigError if another rotation holds it."""
+    directory = Path(data_dir) / KEYS_DIRECTORY
+    fd = os.open(directory / ROTATION_LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(
+                f"another 'keys rotate' is running on {directory}; nothing was changed: wait "
+                "for it to finish, then run 'keys show'"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
 
 
 def rotation_statement(
@@ -206,6 +265,11 @@ async def reload_service_keys(ctx: ServiceContext) -> bool:
         "received SIGHUP; now signing with service keys %s",
         ", ".join(f"{role} {key.public.fingerprint}" for role, key in keys.by_role().items()),
     )
+    if ctx.connections is not None:
+        # Connected agents follow a new grant signer (and drop a key retired at once) now,
+        # not at their next reconnect.
+        told = ctx.connections.send_to_every_channel(service_keys_message(keys))
+        logger.info("sent the service keys to %d connected agent channel(s)", told)
     return True
 
 

@@ -420,7 +420,8 @@ async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -
     print("next: send SIGHUP to every running tucdesk-rendezvous (or restart it); copy "
           f"{config.data_dir / 'keys'} to other instances sharing this database")
     if role == "jwt-issuer":
-        print("agents follow the rotation (signed by the old key) when they next connect")
+        print("agents follow the rotation (signed by the old key) when the instance they are "
+              "connected to reloads (SIGHUP), or when they next connect")
     if role == "policy-signer":
         print("agents enrolled before this rotation refuse policies the new key countersigns: "
               "re-enroll them (docs/self-hosting.md, 'Rotating service keys')")

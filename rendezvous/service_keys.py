@@ -47,9 +47,22 @@ KEYS_DIRECTORY_MODE = 0o700
 KEY_ROLES = ("jwt-issuer", "audit-signer", "relay-token", "policy-signer")
 # A mismatch names the audit signer first: the key verifiers of exported logs have pinned.
 _MISMATCH_ORDER = ("audit-signer", "jwt-issuer", "relay-token", "policy-signer")
-# Where `keys rotate` writes the new key until the database pins it (KEYFILE + suffix).
-PENDING_KEY_SUFFIX = ".new"
+# Where `keys rotate` writes the new key until the database pins it: KEYFILE + suffix + a
+# random name of its own, so two rotations never write (or move into place) each other's file.
+PENDING_KEY_SUFFIX = ".new."
+# Held (flock) for the whole of a `keys rotate` on a data dir (key_rotation.py).
+ROTATION_LOCK_FILE = ".rotate.lock"
 KEY_STATE_CURRENT = "current"
+# The purposes whose rotations agents follow (agent/enrollment.py): only the session-grant
+# signer. The others' statements are not sent (agents would only skip them).
+AGENT_FOLLOWED_PURPOSES = ("jwt-issuer",)
+# The rotation horizon: statements of rotations older than this are no longer sent. Agents
+# follow the chain in memory from the keys pinned at enrollment on every connect, so an agent
+# whose enrollment pins predate the horizon (or the newest MAX_ROTATION_STATEMENTS_PER_PURPOSE
+# rotations, the agent's own cap) no longer follows once it restarts: re-enroll it. Two years
+# and 256 statements leave room for rotating the grant signer even weekly.
+ROTATION_HORIZON_SECONDS = 2 * 365 * 24 * 3600
+MAX_ROTATION_STATEMENTS_PER_PURPOSE = 256
 KEY_STATE_RETIRED = "retired"
 
 
@@ -100,9 +113,22 @@ class ServiceKeys:
     policy_signer: SigningIdentity
     retired: tuple[RetiredKey, ...] = ()
 
-    def rotation_statements(self) -> list[dict[str, Any]]:
-        """Every rotation statement, oldest first: the chain from any key agents pinned."""
-        return [dict(key.statement) for key in sorted(self.retired, key=lambda k: k.retired_at)]
+    def rotation_statements(
+        self, now: float | None = None, purposes: tuple[str, ...] = AGENT_FOLLOWED_PURPOSES
+    ) -> list[dict[str, Any]]:
+        """The rotation statements agents can still need, oldest first: per purpose in
+        ``purposes``, those of the last ROTATION_HORIZON_SECONDS, at most the newest
+        MAX_ROTATION_STATEMENTS_PER_PURPOSE (the chain from any key pinned within the horizon)."""
+        moment = time.time() if now is None else now
+        chosen: list[RetiredKey] = []
+        for purpose in purposes:
+            recent = sorted(
+                (key for key in self.retired
+                 if key.role == purpose and key.retired_at >= moment - ROTATION_HORIZON_SECONDS),
+                key=lambda k: k.retired_at,
+            )
+            chosen += recent[-MAX_ROTATION_STATEMENTS_PER_PURPOSE:]
+        return [dict(key.statement) for key in sorted(chosen, key=lambda k: k.retired_at)]
 
     def retired_keys(self, role: str, now: float) -> list[RetiredKey]:
         """The retired keys of ``role`` whose signed tokens are still accepted at ``now``."""
@@ -166,10 +192,19 @@ def key_path(data_dir: Path, role: str) -> Path:
     return Path(data_dir) / KEYS_DIRECTORY / f"{role}.key"
 
 
-def pending_key_path(data_dir: Path, role: str) -> Path:
-    """Where ``keys rotate`` keeps the new key for ``role`` until the database pins it."""
+def pending_key_path(data_dir: Path, role: str, name: str) -> Path:
+    """Where ``keys rotate`` keeps the new key for ``role`` until the database pins it
+    (``name`` is the rotation's own random name)."""
     path = key_path(data_dir, role)
-    return path.with_name(path.name + PENDING_KEY_SUFFIX)
+    return path.with_name(path.name + PENDING_KEY_SUFFIX + name)
+
+
+def pending_key_paths(data_dir: Path, role: str) -> list[Path]:
+    """The pending key files of ``role`` that interrupted rotations left, by name."""
+    path = key_path(data_dir, role)
+    if not path.parent.is_dir():
+        return []
+    return sorted(path.parent.glob(path.name + PENDING_KEY_SUFFIX + "*"))
 
 
 async def with_retired_keys(store: Store, keys: ServiceKeys) -> ServiceKeys:
@@ -260,16 +295,21 @@ async def check_pinned_keys(
 
 
 def _raise_if_rotation_unfinished(data_dir: Path, role: str, pinned: str) -> None:
-    """Name the one step left of a rotation interrupted after the database pinned its key."""
-    pending = pending_key_path(data_dir, role)
-    if not pending.exists():
-        return
-    try:
-        fingerprint = SigningIdentity.load(pending).public.fingerprint
-    except KeyFileError:
-        return
-    if fingerprint == pinned:
-        raise ServiceKeyMismatch(
-            f"a rotation of the {role} key was interrupted after the database pinned the new "
-            f"key {pinned}; finish it: mv {pending} {key_path(data_dir, role)}"
-        )
+    """Name the step left of a rotation interrupted after the database pinned its key.
+
+    The rotation pins the new key, then records service_key.rotated in every audit log, then
+    moves the new key file into place (key_rotation.py); died before the move, only the ``mv``
+    is left, and the audit records may be missing if it died before writing them all.
+    """
+    for pending in pending_key_paths(data_dir, role):
+        try:
+            fingerprint = SigningIdentity.load(pending).public.fingerprint
+        except KeyFileError:
+            continue
+        if fingerprint == pinned:
+            raise ServiceKeyMismatch(
+                f"a rotation of the {role} key was interrupted after the database pinned the "
+                f"new key {pinned}; finish it: mv {pending} {key_path(data_dir, role)} (if it "
+                f"died before recording it, the audit logs lack its service_key.rotated record: "
+                f"'keys show' lists the retired key)"
+            )

@@ -5,7 +5,10 @@ a new key only through a chain from what it pinned, and refuses a statement that
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -13,12 +16,27 @@ import pytest
 import trio
 
 from agent.control_client import ControlClient
-from agent.enrollment import follow_key_rotations, grant_signing_keys, parse_service_keys
+from agent.enrollment import (
+    MAX_ROTATION_STATEMENTS,
+    follow_key_rotations,
+    grant_signing_keys,
+    parse_service_keys,
+)
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, SigningIdentity, b64url
 from protocol.session_grant import issue_session_grant, verify_session_grant
-from rendezvous.key_rotation import rotate_service_key, rotation_statement
-from rendezvous.service_keys import load_service_keys
+from rendezvous.config import ServiceConfig
+from rendezvous.key_rotation import rotate_service_key, rotation_statement, service_keys_message
+from rendezvous.server import run_service
+from rendezvous.service_keys import (
+    KEY_ROLES,
+    MAX_ROTATION_STATEMENTS_PER_PURPOSE,
+    ROTATION_HORIZON_SECONDS,
+    RetiredKey,
+    ServiceKeys,
+    create_missing_keys,
+    load_service_keys,
+)
 from rendezvous.store import open_store
 from tests.agent.test_control_client import (
     MACHINE,
@@ -161,3 +179,101 @@ def _verify(grant: str, keys: Any, agent_id: str, team_id: str) -> None:
         grant, keys, issuer="tucdesk-rendezvous", agent_id=agent_id, team_id=team_id,
         session_id="s-1", operator_key_thumbprint="thumb", now=time.time(),
     )  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(signal, "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("retire_old_now", [False, True], ids=["rotate", "retire-old-now"])
+async def test_a_connected_agent_follows_a_rotation_at_the_services_reload_without_reconnecting(
+    tmp_path: Path,
+    database_url: str,  # noqa: F811 - the fixture: SQLite and PostgreSQL
+    retire_old_now: bool,
+) -> None:
+    data_dir = tmp_path / "data"
+    create_missing_keys(data_dir)
+    config = ServiceConfig(
+        data_dir=data_dir, database=database_url, listen="127.0.0.1:0",
+        insecure_http=True, heartbeat_seconds=1.0, heartbeat_timeout_seconds=5.0,
+    )  # fmt: skip
+    # Until the service's receiver takes SIGHUP over, one must not end the test run.
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(WAIT_SECONDS):
+                [url] = (await nursery.start(partial(run_service, config,
+                                                     reload_on_hangup=True)))[:1]
+            state = await enrolled_agent(url, database_url, tmp_path / "state")
+            old_kid = load_service_keys(data_dir).jwt_issuer.public.key_id
+            keys = grant_signing_keys(state)  # what the session host holds
+            client = ControlClient(state, MACHINE.fingerprint(), lambda offer: None,
+                                   backoff=fast_backoff())  # fmt: skip
+            nursery.start_soon(client.run)
+            with trio.fail_after(WAIT_SECONDS):
+                await client.wait_connected()
+            async with open_store(database_url) as store:
+                rotation = await rotate_service_key(
+                    store, data_dir, PURPOSE, issuer="tucdesk-rendezvous",
+                    retire_old_now=retire_old_now, now=time.time(),
+                )  # fmt: skip
+            grant = _grant(load_service_keys(data_dir).jwt_issuer, state.agent_id, state.team_id)
+            os.kill(os.getpid(), signal.SIGHUP)
+            with trio.fail_after(WAIT_SECONDS):
+                gone = {old_kid} if retire_old_now else set()
+                while rotation.new_key.key_id not in keys or gone & set(keys):  # noqa: ASYNC110
+                    await trio.sleep(0.02)
+            _verify(grant, keys, state.agent_id, state.team_id)
+            # The leaked key's grants are refused at once with --retire-old-now.
+            assert (old_kid in keys) is not retire_old_now
+            assert client.connections == 1  # followed on the open channel, no reconnect
+            nursery.cancel_scope.cancel()
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+
+
+def test_rotations_of_purposes_the_agent_does_not_follow_do_not_stop_it_following_its_own() -> None:
+    relay_key = SigningIdentity.generate()
+    pinned = {"keys": [_jwk(KEY_A.public), _jwk(relay_key.public, "relay-token")]}
+    statements, current = [], relay_key
+    for number in range(MAX_ROTATION_STATEMENTS + 1):  # one purpose past its cap
+        successor = SigningIdentity.generate()
+        statements.append(rotation_statement("relay-token", current, successor.public, number))
+        current = successor
+    statements += [rotation_statement("audit-signer", OUTSIDER, KEY_C.public, 1)]  # not pinned
+    statements.append(rotation_statement(PURPOSE, KEY_A, KEY_B.public, 999))
+    outcome = follow_key_rotations(pinned, _message(statements, KEY_B))
+    assert _grant_keys(outcome.service_keys) == {KEY_B.public.key_id}
+    [reason] = outcome.refused  # the relay-token chain past the cap, and nothing else
+    assert "relay-token" in reason and str(MAX_ROTATION_STATEMENTS) in reason
+
+
+def test_the_rendezvous_sends_only_what_agents_can_still_need() -> None:
+    keys = {role: SigningIdentity.generate() for role in KEY_ROLES}
+    now = time.time()
+    retired = []
+    for role in KEY_ROLES:
+        for number in range(MAX_ROTATION_STATEMENTS_PER_PURPOSE + 10):
+            successor = SigningIdentity.generate()
+            rotated_at = now - ROTATION_HORIZON_SECONDS - 1000 + number * 10
+            retired.append(_retired(role, keys[role], successor, rotated_at))
+            keys[role] = successor
+    recent = [_retired(PURPOSE, keys[PURPOSE], SigningIdentity.generate(), now - 60)]
+    service_keys = ServiceKeys(
+        jwt_issuer=keys[PURPOSE], audit_signer=keys["audit-signer"],
+        relay_token=keys["relay-token"], policy_signer=keys["policy-signer"],
+        retired=(*retired, *recent),
+    )  # fmt: skip
+    message = service_keys_message(service_keys)
+    sent = message["rotations"]
+    assert {statement["purpose"] for statement in sent} == {PURPOSE}
+    assert len(sent) <= MAX_ROTATION_STATEMENTS_PER_PURPOSE <= MAX_ROTATION_STATEMENTS
+    assert all(statement["rotated_at"] >= now - ROTATION_HORIZON_SECONDS - 1
+               for statement in sent)
+    assert sent[-1] == dict(recent[0].statement)
+
+
+def _retired(
+    role: str, old: SigningIdentity, new: SigningIdentity, rotated_at: float
+) -> RetiredKey:
+    return RetiredKey(
+        role, old.public, new.public.fingerprint, rotated_at, rotated_at,
+        rotation_statement(role, old, new.public, rotated_at),
+    )

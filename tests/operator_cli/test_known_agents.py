@@ -210,3 +210,38 @@ def test_an_id_only_file_keeps_working_and_is_rewritten_with_names(tmp_path: Pat
     assert stat.S_IMODE(known.path.stat().st_mode) == 0o600
     with pytest.raises(AgentNameKeyChangedError):
         known.verify_or_pin("agt_2", SECOND_KEY, name="vm")
+
+
+@pytest.mark.parametrize("spelling", ["https://RENDEZVOUS.example:8443/",
+                                      "HTTPS://rendezvous.example:8443"])
+def test_a_name_pin_holds_for_every_spelling_of_the_same_server(
+    tmp_path: Path, spelling: str
+) -> None:
+    named_store(tmp_path).verify_or_pin("agt_1", FIRST_KEY, name="vm")
+    with pytest.raises(AgentNameKeyChangedError):
+        named_store(tmp_path, spelling).verify_or_pin("agt_2", SECOND_KEY, name="vm")
+
+
+def test_a_default_port_spelled_out_is_the_same_server(tmp_path: Path) -> None:
+    named_store(tmp_path, "https://rv.example").verify_or_pin("agt_1", FIRST_KEY, name="vm")
+    with pytest.raises(AgentNameKeyChangedError):
+        named_store(tmp_path, "https://rv.example:443").verify_or_pin(
+            "agt_2", SECOND_KEY, name="vm")
+
+
+def test_name_pins_written_under_a_raw_server_spelling_are_read_through_the_normal_form(
+    tmp_path: Path,
+) -> None:
+    home = tmp_path / "cli-home"
+    home.mkdir()
+    path = home / "known_agents.json"
+    path.write_text(json.dumps({
+        "version": 2,
+        "agents": {"agt_1": {"public_key": b64url(FIRST_KEY.raw)}},
+        "names": {"https://RV.example:443/": {"vm": ["agt_1"]}},
+    }))
+    path.chmod(0o600)
+    known = named_store(tmp_path, "https://rv.example")
+    assert known.pins_for_name("vm") == {"agt_1": FIRST_KEY}
+    with pytest.raises(AgentNameKeyChangedError):
+        known.verify_or_pin("agt_2", SECOND_KEY, name="vm")

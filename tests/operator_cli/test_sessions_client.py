@@ -28,6 +28,7 @@ from operator_cli.connect import passed_environment, shell_start, terminal_type
 from operator_cli.exec_command import ExecOptions, exec_start, should_read_stdin, stream_exec
 from operator_cli.known_agents import AgentKeyChangedError, AgentNameKeyChangedError, KnownAgents
 from operator_cli.session_client import (
+    AgentKeyPin,
     ConnectionLost,
     SessionError,
     SessionRefused,
@@ -580,3 +581,32 @@ def test_a_ticket_for_another_agent_than_the_one_asked_for_is_refused() -> None:
     api: Any = _LyingRendezvous(response_body())
     with pytest.raises(SessionError, match="answered for agent 'web-1'.*not 'db-1'"):
         session_client.request_session(api, "db-1", "exec", ["true"])
+
+
+@pytest.mark.parametrize("through_request", [True, False], ids=["requested", "ticket-only"])
+def test_a_ticket_whose_id_is_the_typed_name_cannot_skip_that_names_pin(
+    tmp_path: Path, through_request: bool
+) -> None:
+    # The operator pinned agent "web-1" earlier; a rendezvous then answers "web-1" with an agent
+    # whose id is "web-1" (never pinned) and whose name is another, with the attacker's key.
+    known = KnownAgents.in_home(tmp_path / "cli", "https://rv.example")
+    assert known.verify_or_pin(AGENT_ID, AGENT_KEY.public, name="web-1") is not None
+    attacker = SigningIdentity.generate().public
+    body = response_body(attacker)
+    body["agent"].update(id="web-1", name="other")
+    api: Any = _LyingRendezvous(body)
+    ticket = (session_client.request_session(api, "web-1", "shell") if through_request
+              else SessionTicket.from_response(body))  # fmt: skip
+    pin = AgentKeyPin(known, ticket)
+    reason = pin(attacker)
+    assert reason is not None and "web-1" in reason and attacker.fingerprint in reason
+    assert isinstance(pin.key_changed, AgentNameKeyChangedError)
+    assert known.pinned_key("web-1") is None  # nothing was pinned for the impostor
+
+
+def test_a_ticket_asked_for_by_id_with_the_named_agents_key_is_taken(tmp_path: Path) -> None:
+    known = KnownAgents.in_home(tmp_path / "cli", "https://rv.example")
+    known.verify_or_pin(AGENT_ID, AGENT_KEY.public, name="web-1")
+    api: Any = _LyingRendezvous(response_body())
+    ticket = session_client.request_session(api, AGENT_ID, "shell")
+    assert AgentKeyPin(known, ticket)(AGENT_KEY.public) is None

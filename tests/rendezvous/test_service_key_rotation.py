@@ -4,6 +4,7 @@ every log, picked up on SIGHUP, and refused by instances whose key files are sta
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -20,10 +21,11 @@ import pytest
 import trio
 
 from agent.enrollment import parse_service_keys
+from audit.trust import RETIRED_AUDIT_KEY_GRACE_RECORDS, service_key_rotation_context
 from audit.verify import verify_bundle
-from protocol.identity import PublicIdentity
+from protocol.identity import PublicIdentity, SigningIdentity
 from relay.keyset import parse_jwks
-from rendezvous.audit_trail import SERVICE_LOG, Action, service_actor
+from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
 from rendezvous.config import ServiceConfig
 from rendezvous.key_rotation import (
     RETIRED_KEY_GRACE_SECONDS,
@@ -40,8 +42,10 @@ from rendezvous.service_keys import (
     key_path,
     load_service_keys,
     pending_key_path,
+    pending_key_paths,
 )
 from rendezvous.store import Store, open_store
+from rendezvous.store.base import RetiredServiceKey
 from tests.rendezvous.service_harness import ServiceHarness, harness
 
 pytestmark = pytest.mark.anyio
@@ -87,7 +91,7 @@ async def test_rotating_a_key_replaces_it_keeps_its_public_half_and_audits_it(
     new = load_service_keys(data_dir).by_role()[role].public
     assert new != old and service.ctx.keys.by_role()[role].public == new
     assert stat.S_IMODE(key_path(data_dir, role).stat().st_mode) == 0o600
-    assert not pending_key_path(data_dir, role).exists()
+    assert not pending_key_paths(data_dir, role)
     # The old private key is gone from the data dir; its public half is in the database.
     assert all(path.read_bytes() != old_private for path in (data_dir / "keys").iterdir())
     assert (await service.store.service_key_fingerprints())[role] == new.fingerprint
@@ -180,6 +184,93 @@ async def test_an_export_across_an_audit_signer_rotation_verifies_with_the_old_k
     assert result.checkpoint_signer == rotation.new_key
 
 
+async def _after_audit_rotation(service: ServiceHarness) -> tuple[str, SigningIdentity]:
+    """A team whose log has an audit-signer rotation (with --retire-old-now); the old key."""
+    team = await service.team("ops")
+    old = service.ctx.keys.audit_signer
+    await _rotate(service, "audit-signer", retire_old_now=True)
+    await service.ctx.audit.record(
+        team, actor=service_actor("test"), action=Action.AUDIT_EXPORTED, target=None, details={}
+    )
+    return team, old
+
+
+@pytest.mark.parametrize("pin_new_too", [False, True], ids=["key-old", "key-old-and-new"])
+async def test_a_leaked_retired_audit_key_cannot_fork_the_rotation(
+    service: ServiceHarness, pin_new_too: bool
+) -> None:
+    team, old = await _after_audit_rotation(service)
+    evil = SigningIdentity.generate()
+    leaked = AuditTrail(service.store.audit, old, origin=service.config.issuer)
+    await leaked.record(
+        team, actor=service_actor("admin command"), action=Action.SERVICE_KEY_ROTATED,
+        target="service-key:audit-signer",
+        details=service_key_rotation_context("audit-signer", old.public, evil.public,
+                                             retire_old_now=True, accept_old_until=0),
+    )  # fmt: skip
+    forged = AuditTrail(service.store.audit, evil, origin=service.config.issuer)
+    await forged.record(
+        team, actor=service_actor("forged"), action=Action.AUDIT_EXPORTED, target=None, details={}
+    )
+    bundle = io.BytesIO()
+    await forged.export_to(team, bundle)
+    pins = [old.public, service.ctx.keys.audit_signer.public][: 2 if pin_new_too else 1]
+    result = verify_bundle(io.BytesIO(bundle.getvalue()), pins)
+    assert not result.ok and result.exit_code != 0
+    assert "second rotation" in (result.reason or "") and "fork" in (result.reason or "")
+
+
+@pytest.mark.parametrize("extra", [1, RETIRED_AUDIT_KEY_GRACE_RECORDS])
+async def test_a_retired_audit_key_may_sign_a_few_records_while_instances_reload(
+    service: ServiceHarness, extra: int
+) -> None:
+    team, old = await _after_audit_rotation(service)
+    not_reloaded = AuditTrail(service.store.audit, old, origin=service.config.issuer)
+    # After the rotation record: one by the new key, then extra - 1 by the old one, the last
+    # of them the extra-th record after the rotation (at the grace's edge for the largest).
+    for _ in range(extra - 1):
+        await not_reloaded.record(
+            team, actor=service_actor("t"), action=Action.AUDIT_EXPORTED, target=None,
+            details={},
+        )  # fmt: skip
+    bundle = io.BytesIO()
+    await service.ctx.audit.export_to(team, bundle)
+    result = verify_bundle(io.BytesIO(bundle.getvalue()), [old.public])
+    assert result.ok, result.summary()
+
+
+async def test_a_retired_audit_key_signing_past_the_grace_is_refused(
+    service: ServiceHarness,
+) -> None:
+    team, old = await _after_audit_rotation(service)
+    leaked = AuditTrail(service.store.audit, old, origin=service.config.issuer)
+    for _ in range(RETIRED_AUDIT_KEY_GRACE_RECORDS):
+        await leaked.record(
+            team, actor=service_actor("t"), action=Action.AUDIT_EXPORTED, target=None,
+            details={},
+        )  # fmt: skip
+    bundle = io.BytesIO()
+    await service.ctx.audit.export_to(team, bundle)
+    result = verify_bundle(io.BytesIO(bundle.getvalue()), [old.public])
+    assert not result.ok and "retired" in (result.reason or "")
+
+
+async def test_a_checkpoint_a_retired_audit_key_signs_past_the_grace_is_refused(
+    service: ServiceHarness,
+) -> None:
+    team, old = await _after_audit_rotation(service)
+    for _ in range(RETIRED_AUDIT_KEY_GRACE_RECORDS):
+        await service.ctx.audit.record(
+            team, actor=service_actor("t"), action=Action.AUDIT_EXPORTED, target=None,
+            details={},
+        )  # fmt: skip
+    bundle = io.BytesIO()
+    await AuditTrail(service.store.audit, old, origin=service.config.issuer).export_to(
+        team, bundle)  # fmt: skip
+    result = verify_bundle(io.BytesIO(bundle.getvalue()), [old.public])
+    assert not result.ok and "checkpoint is signed by a retired key" in (result.reason or "")
+
+
 # ---- the admin command, SIGHUP, and other instances ------------------------------------------
 
 
@@ -230,11 +321,96 @@ def test_an_interrupted_rotation_names_the_step_left(
     assert main(["keys", "rotate", "jwt-issuer", "--data-dir", str(data), "--database",
                  database_url]) == 0  # fmt: skip
     # As if the process died after the database pinned the new key, before the rename.
-    os.replace(key_path(data, "jwt-issuer"), pending_key_path(data, "jwt-issuer"))
+    pending = pending_key_path(data, "jwt-issuer", "0123abcd")
+    os.replace(key_path(data, "jwt-issuer"), pending)
     key_path(data, "jwt-issuer").write_bytes(old_file)
     key_path(data, "jwt-issuer").chmod(0o600)
     error = _mismatch(data, database_url, capsys)
-    assert f"mv {pending_key_path(data, 'jwt-issuer')} {key_path(data, 'jwt-issuer')}" in error
+    assert f"mv {pending} {key_path(data, 'jwt-issuer')}" in error
+    assert "service_key.rotated" in error  # it may have died before recording it
+
+
+async def _rotation_records(store: Store) -> int:
+    """How many service_key.rotated records the service log holds."""
+    records = 0
+    for record in await store.audit.read_records(SERVICE_LOG, 0, 10_000):
+        records += json.loads(record.canonical)["event"]["action"] == (
+            Action.SERVICE_KEY_ROTATED.value)
+    return records
+
+
+@pytest.mark.parametrize("shared_data_dir", [True, False], ids=["same-host", "two-hosts"])
+async def test_two_concurrent_rotations_leave_one_pinned_key_file_and_one_record(
+    database_url: str, tmp_path: Path, shared_data_dir: bool
+) -> None:
+    first = tmp_path / "first"
+    create_missing_keys(first)
+    second = first
+    if not shared_data_dir:  # another host sharing the database, with a copy of the keys
+        second = tmp_path / "second"
+        shutil.copytree(first, second)
+    async with open_store(database_url) as store:
+        await check_pinned_keys(store, load_service_keys(first), first, time.time(), pin=True)
+    outcomes: dict[Path, object] = {}
+
+    async def rotate(data_dir: Path, name: str) -> None:
+        async with open_store(database_url) as store:
+            try:
+                outcomes[Path(name)] = await rotate_service_key(
+                    store, data_dir, "jwt-issuer", issuer="https://x", retire_old_now=False,
+                    now=time.time(),
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - kept to assert on below
+                outcomes[Path(name)] = error
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(rotate, first, "a")
+        nursery.start_soon(rotate, second, "b")
+    won = [outcome for outcome in outcomes.values() if not isinstance(outcome, Exception)]
+    lost = [outcome for outcome in outcomes.values() if isinstance(outcome, Exception)]
+    assert len(won) == 1 and len(lost) == 1, outcomes
+    assert "nothing was changed" in str(lost[0]) or "recorded nothing" in str(lost[0]) or (
+        "holds" in str(lost[0])  # the other host's pin check ran after the winner's rotation
+    )
+    async with open_store(database_url) as store:
+        # The service can start from the winner's data dir: its key file is the pinned key.
+        winner = first if shared_data_dir else {"a": first, "b": second}[
+            next(str(name) for name, outcome in outcomes.items() if outcome is won[0])]
+        await check_pinned_keys(store, load_service_keys(winner), winner, time.time(), pin=False)
+        assert len(await store.retired_service_keys()) == 1
+        assert await _rotation_records(store) == 1  # only the rotation that happened
+    for data_dir in {first, second}:
+        assert not pending_key_paths(data_dir, "jwt-issuer")
+
+
+async def test_a_rotation_that_lost_the_database_race_records_nothing_and_keeps_no_file(
+    store: Store, tmp_path: Path
+) -> None:
+    data = tmp_path / "data"
+    create_missing_keys(data)
+    await check_pinned_keys(store, load_service_keys(data), data, time.time(), pin=True)
+    before = key_path(data, "jwt-issuer").read_bytes()
+    # Another host's rotation moves the pin (for real, in the database) between this one's
+    # check and its compare-and-set, which then runs for real and finds the pin moved.
+    original = store.rotate_service_key
+
+    async def other_host_won(retired: RetiredServiceKey, now: float) -> bool:
+        other = dataclasses.replace(retired, replaced_by="SHA256:another-hosts-key")
+        assert await original(other, now)
+        return await original(retired, now)
+
+    store.rotate_service_key = other_host_won  # type: ignore[method-assign,assignment]
+    try:
+        with pytest.raises(ServiceKeyMismatch, match="another rotation.*recorded nothing"):
+            await rotate_service_key(store, data, "jwt-issuer", issuer="https://x",
+                                     retire_old_now=False, now=time.time())
+    finally:
+        store.rotate_service_key = original  # type: ignore[method-assign]
+    assert key_path(data, "jwt-issuer").read_bytes() == before
+    assert not pending_key_paths(data, "jwt-issuer")
+    assert await _rotation_records(store) == 0
+    [retired] = await store.retired_service_keys()
+    assert retired.replaced_by == "SHA256:another-hosts-key"
 
 
 def _mismatch(data_dir: Path, database_url: str, capsys: pytest.CaptureFixture[str]) -> str:
