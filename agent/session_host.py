@@ -19,7 +19,10 @@ disabled the sessions' operator) ends the named sessions this process runs at on
 one as the operator leaving would (the process group is torn down), after a Close telling the
 operator why, and its signed ``session.ended`` carries the message's reason; one still being
 set up (relay, handshake) is abandoned and audited as refused with that reason. Ids this
-process does not run are ignored: it runs only sessions offered to its own id and team.
+process does not run are remembered (for SESSION_ID_MEMORY_SECONDS, at most
+MAX_REMEMBERED_ENDED_SESSIONS of them): the rendezvous may send ``end_sessions`` for a session
+whose offer is still on its way (the operator was disabled while it was being brokered), so a
+later offer of a remembered id is refused with that reason and audited as refused.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import os
 import pwd
 import shlex
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, suppress
 from dataclasses import dataclass, field
@@ -121,6 +125,9 @@ END_SESSIONS_REASONS: Mapping[str, str] = {
 END_SESSIONS_CLOSE_REASON = "revoked"
 # A session id is remembered at least as long as any grant naming it could still be accepted.
 SESSION_ID_MEMORY_SECONDS = MAX_SESSION_GRANT_LIFETIME_SECONDS + 2 * SESSION_GRANT_LEEWAY_SECONDS
+# Ids named in end_sessions before their offer arrived, remembered at most this many at once
+# (oldest forgotten first); the rendezvous names at most 1000 sessions per disabled operator.
+MAX_REMEMBERED_ENDED_SESSIONS = 10_000
 
 # How a relay stream reports that the other end (or the relay) is gone.
 LINK_CLOSED = (trio.BrokenResourceError, trio.ClosedResourceError)
@@ -244,6 +251,40 @@ class _RunningSession:
         return True
 
 
+class EndedSessionIds:
+    """Session ids the rendezvous asked to end before their offer arrived, each remembered for
+    ``ttl`` seconds, at most ``capacity`` at once (the oldest forgotten first)."""
+
+    def __init__(self, ttl: float, capacity: int = MAX_REMEMBERED_ENDED_SESSIONS) -> None:
+        self._ttl = ttl
+        self._capacity = capacity
+        self._reasons: OrderedDict[str, tuple[float, str]] = OrderedDict()
+
+    def remember(self, session_id: str, reason: str, now: float) -> None:
+        """Remember that ``session_id`` was ended for ``reason`` at ``now``."""
+        self._forget_expired(now)
+        self._reasons.pop(session_id, None)
+        while len(self._reasons) >= self._capacity:
+            self._reasons.popitem(last=False)
+        self._reasons[session_id] = (now, reason)
+
+    def reason(self, session_id: str, now: float) -> str | None:
+        """Why ``session_id`` was ended, if it is remembered; else None."""
+        self._forget_expired(now)
+        remembered = self._reasons.get(session_id)
+        return None if remembered is None else remembered[1]
+
+    def __len__(self) -> int:
+        return len(self._reasons)
+
+    def _forget_expired(self, now: float) -> None:
+        while self._reasons:
+            _, (ended_at, _) = next(iter(self._reasons.items()))
+            if ended_at + self._ttl >= now:
+                break
+            self._reasons.popitem(last=False)
+
+
 class SessionRefusal(Exception):
     """The session is refused after the handshake; sent to the operator as a Close message."""
 
@@ -281,6 +322,7 @@ class SessionHost:
         self._connect_relay = connect_relay
         self._wall_clock = wall_clock
         self._seen_sessions = NonceCache(ttl=SESSION_ID_MEMORY_SECONDS)
+        self._ended_before_offer = EndedSessionIds(ttl=SESSION_ID_MEMORY_SECONDS)
         self._offered: set[str] = set()
         self._running: dict[str, _RunningSession] = {}
         # Set while no session runs; a new one is made when the first session is accepted.
@@ -314,8 +356,9 @@ class SessionHost:
         return on_offer
 
     def end_sessions(self, message: Mapping[str, Any]) -> int:
-        """End at once the sessions an ``end_sessions`` message names that this process runs
-        (others are ignored); how many. A malformed message ends nothing and is logged."""
+        """End at once the sessions an ``end_sessions`` message names that this process runs;
+        how many. The others are remembered, so that their offer, should it still come, is
+        refused. A malformed message ends nothing and is logged."""
         try:
             request = EndSessions.from_message(message)
         except EndSessionsRefused as error:
@@ -324,7 +367,9 @@ class SessionHost:
         ended = 0
         for session_id in request.session_ids:
             running = self._running.get(session_id)
-            if running is not None and running.end(request.reason):
+            if running is None:
+                self._ended_before_offer.remember(session_id, request.reason, self._wall_clock())
+            elif running.end(request.reason):
                 ended += 1
         logger.warning(
             "the rendezvous asked to end %d session(s) (%s): ending the %d this agent runs",
@@ -347,6 +392,15 @@ class SessionHost:
             return None
         if offer.session_id in self._offered:
             self._refuse_offer(offer.session_id, "this session was already offered")
+            return None
+        ended_reason = self._ended_before_offer.reason(offer.session_id, self._wall_clock())
+        if ended_reason is not None:
+            # The rendezvous ended it while the offer was on its way (its operator was
+            # disabled meanwhile): it never runs.
+            text = END_SESSIONS_REASONS[ended_reason]
+            logger.warning("refusing the offer of session %s: %s", offer.session_id, text)
+            self._refuse_offer(offer.session_id, text)
+            self._audit(self._auditor.refused(offer.session_id, ended_reason, text, None))
             return None
         if self.active_sessions >= self._config.max_sessions:
             self._refuse_offer(

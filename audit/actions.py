@@ -24,6 +24,10 @@ class Action(StrEnum):
     """An access token was revoked by its jti."""
     OPERATOR_REVOKED = "operator.revoked"
     """An operator was removed from the team; their key no longer authenticates."""
+    OPERATOR_REVOKE_FAILED = "operator.revoke_failed"
+    """An ``operator.revoked`` just recorded did not take effect (target = the same operator;
+    context: reason, e.g. ``last_active_admin`` when another admin was disabled first): that
+    earlier record names an attempt, and the operator is still active."""
     API_KEY_CREATED = "api_key.created"
     """An integration API key was created (never the key itself; its id)."""
     API_KEY_REVOKED = "api_key.revoked"
@@ -51,6 +55,10 @@ class Action(StrEnum):
     AGENT_TAGS_CHANGED = "agent.tags_changed"
     """An admin changed an agent's tags (target = agent id; context: name, old and new tags).
     Agents enforce the new tags once an admin signs them into the roster."""
+    AGENT_TAGS_CHANGE_FAILED = "agent.tags_change_failed"
+    """An ``agent.tags_changed`` just recorded did not take effect: the agent's tags changed
+    meanwhile (context: name, the tags it was to replace and to set, the current tags), so
+    that earlier record names an attempt."""
     SESSION_REQUESTED = "session.requested"
     """An operator asked for a session to a target."""
     SESSION_DECISION = "session.decision"
@@ -86,6 +94,11 @@ class Action(StrEnum):
     """A parked request expired without a decision."""
     APPROVAL_EXECUTED = "approval.executed"
     """An approved request was carried out."""
+    APPROVAL_SUPERSEDED = "approval.superseded"
+    """An ``approval.approved``, ``approval.denied``, ``approval.withdrawn`` or
+    ``approval.expired`` just recorded did not take effect: the request was decided, withdrawn
+    or expired first (context:
+    approval_request, audited_as, state: the request's state that won)."""
     AUDIT_EXPORTED = "audit.exported"
     """Someone exported the team's audit log."""
     SERVICE_KEY_ROTATED = "service_key.rotated"

@@ -4,6 +4,10 @@ Tags come from the registration key at enrollment; an admin changes them here wi
 re-enrolling the host. Like a roster change the new tags are pending: policy, on the rendezvous
 and on the agent alike, decides on the tags an admin signed, so they count once an admin runs
 ``tucdesk roster sign`` (``tucdesk roster show`` lists what is pending).
+
+``--add``/``--remove`` are computed from the tags just read, which the request names: if another
+admin changed them meanwhile the service refuses (409 ``tags_changed``) and the change is
+computed again from a fresh read, once, before giving up with the service's message.
 """
 
 from __future__ import annotations
@@ -13,12 +17,16 @@ from collections.abc import Sequence
 from urllib.parse import quote
 
 from operator_cli.agent_listing import AGENTS_PATH, AgentListError, one_agent_named
-from operator_cli.client import Session
+from operator_cli.client import ApiError, Session
 from operator_cli.home import CliHome
 from operator_cli.terminal_text import visible
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+# The service's error code when the tags changed between the read and the write (409); the
+# change is computed again from a fresh read this many times before giving up.
+TAGS_CHANGED = "tags_changed"
+TAGS_CHANGED_RETRIES = 1
 
 
 def agents_tag(
@@ -33,20 +41,31 @@ def agents_tag(
     take away ``remove``; print the change. Without any of them, print its tags."""
     session = Session.from_home(home)
     try:
-        try:
-            listed = one_agent_named(session, agent)
-        except AgentListError as error:
-            print(f"tucdesk: {error}", file=sys.stderr)
-            return EXIT_FAILURE
-        current = [str(tag) for tag in listed.get("tags") or []]
-        label = f"agent {visible(str(listed['name']))} ({listed['id']})"
-        if replace is None and not add and not remove:
-            print(f"{label}: {_tag_list(current)}")
-            return EXIT_OK
-        wanted = new_tags(current, add=add, remove=remove, replace=replace)
-        changed = session.request(
-            "PUT", f"{AGENTS_PATH}/{quote(str(listed['id']), safe='')}/tags", {"tags": wanted}
-        )
+        for attempt in range(1 + TAGS_CHANGED_RETRIES):
+            try:
+                listed = one_agent_named(session, agent)
+            except AgentListError as error:
+                print(f"tucdesk: {error}", file=sys.stderr)
+                return EXIT_FAILURE
+            current = [str(tag) for tag in listed.get("tags") or []]
+            label = f"agent {visible(str(listed['name']))} ({listed['id']})"
+            if replace is None and not add and not remove:
+                print(f"{label}: {_tag_list(current)}")
+                return EXIT_OK
+            wanted = new_tags(current, add=add, remove=remove, replace=replace)
+            body: dict[str, list[str]] = {"tags": wanted}
+            if replace is None:
+                # Computed from ``current``: the service refuses it if they changed meanwhile.
+                body["previous_tags"] = current
+            try:
+                changed = session.request(
+                    "PUT", f"{AGENTS_PATH}/{quote(str(listed['id']), safe='')}/tags", body
+                )
+                break
+            except ApiError as error:
+                if error.code != TAGS_CHANGED or attempt == TAGS_CHANGED_RETRIES:
+                    raise
+                # Another admin changed them between our read and write: read them again.
     finally:
         session.close()
     before, after = changed["previous_tags"], changed["tags"]

@@ -884,7 +884,7 @@ def main(argv: list[str] | None = None) -> int:
         _report(args, "interrupted")
         return EXIT_INTERRUPTED
     except ApiError as error:
-        _report(args, f"the server refused: {visible(error.message)} ({error.code})")
+        _report(args, f"the server refused: {visible(error.message)} ({visible(error.code)})")
     except TransportError as error:
         _report(args, error.describe())
     except (HomeError, ProtocolError, OSError, ResponseTooLargeError, AgentListError,

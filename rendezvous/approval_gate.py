@@ -11,6 +11,7 @@ time runs out is marked expired (and audited) the next time anyone looks at it.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,18 +40,23 @@ from rendezvous.errors import (
     Forbidden,
     NotFound,
     ServiceError,
+    ServiceUnavailable,
     TooManyRequests,
 )
 from rendezvous.session_decision import SessionDecision
 from rendezvous.store import Agent, ApprovalRequest, ApprovalState, Operator
-from rendezvous.store.base import new_id
+from rendezvous.store.base import StoreError, TooManyPendingRequests, new_id
 from rendezvous.team_policy import TeamPolicy
+
+logger = logging.getLogger("tucdesk.rendezvous.approvals")
 
 APPROVAL_REQUEST_SECONDS = 15 * 60
 APPROVER_ROLES = frozenset({"approver", "admin"})
 # One operator's waiting requests may not bury everyone else's in the approvers' list.
 MAX_PENDING_REQUESTS_PER_OPERATOR = 20
 PENDING_CAP_RETRY_AFTER_SECONDS = 60.0
+# The decision reason of a request withdrawn because its approval.requested was not recorded.
+UNAUDITED_REASON = "not recorded in the audit log; ask again"
 
 
 class ApprovalPending(Conflict):
@@ -157,7 +163,7 @@ async def park_request(
     team_policy: TeamPolicy,
     audited: dict[str, Any],
 ) -> dict[str, Any]:
-    """Park a request that needs approval; return the 202 answer (audited before it is stored)."""
+    """Park a request that needs approval; return the 202 answer (audited before it is)."""
     now = ctx.now()
     request = ApprovalRequest(
         id=new_id("apr"), team_id=agent.team_id, agent_id=agent.id, requester_id=operator.id,
@@ -173,23 +179,29 @@ async def park_request(
         )
     waiting = await ctx.store.count_pending_approval_requests(agent.team_id, operator.id, now)
     if waiting >= MAX_PENDING_REQUESTS_PER_OPERATOR:
-        raise TooManyPendingApprovals(
-            f"you already have {waiting} approval requests pending (at most "
-            f"{MAX_PENDING_REQUESTS_PER_OPERATOR} at a time); each expires "
-            f"{APPROVAL_REQUEST_SECONDS // 60} minutes after it was made: use the ones you have, "
-            "or withdraw those no longer needed (tucdesk approvals withdraw ID)",
-            retry_after=PENDING_CAP_RETRY_AFTER_SECONDS,
+        raise _too_many_pending(waiting)
+    # Counted again and stored in one transaction, so concurrent requests cannot all slip under
+    # the cap; stored before its audit record so that a request refused by the cap leaves none.
+    try:
+        await ctx.store.create_approval_request(
+            request, max_pending=MAX_PENDING_REQUESTS_PER_OPERATOR
         )
-    await ctx.audit.record(
-        agent.team_id, actor=actor, action=Action.APPROVAL_REQUESTED, target=agent.id,
-        policy_result=PolicyResult(decision.outcome, decision.rule_id, decision.reason),
-        details={
-            "approval_request": request.id, "mode": mode, "approvers": approvers,
-            "policy_version": team_policy.version, "expires_at": int(request.expires_at),
-            **audited,
-        },
-    )  # fmt: skip
-    await ctx.store.create_approval_request(request)
+    except TooManyPendingRequests as error:
+        raise _too_many_pending(error.pending) from None
+    try:
+        await ctx.audit.record(
+            agent.team_id, actor=actor, action=Action.APPROVAL_REQUESTED, target=agent.id,
+            policy_result=PolicyResult(decision.outcome, decision.rule_id, decision.reason),
+            details={
+                "approval_request": request.id, "mode": mode, "approvers": approvers,
+                "policy_version": team_policy.version, "expires_at": int(request.expires_at),
+                **audited,
+            },
+        )  # fmt: skip
+    except ServiceUnavailable:
+        # No audit, no action: a request the log does not know of must never be decided.
+        await _retract_unaudited(ctx, request, operator)
+        raise
     return {
         "approval_request": {
             "id": request.id,
@@ -199,6 +211,33 @@ async def park_request(
             "rule_id": decision.rule_id,
         }
     }
+
+
+def _too_many_pending(waiting: int) -> TooManyPendingApprovals:
+    return TooManyPendingApprovals(
+        f"you already have {waiting} approval requests pending (at most "
+        f"{MAX_PENDING_REQUESTS_PER_OPERATOR} at a time); each expires "
+        f"{APPROVAL_REQUEST_SECONDS // 60} minutes after it was made: use the ones you have, "
+        "or withdraw those no longer needed (tucdesk approvals withdraw ID)",
+        retry_after=PENDING_CAP_RETRY_AFTER_SECONDS,
+    )
+
+
+async def _retract_unaudited(
+    ctx: ServiceContext, request: ApprovalRequest, operator: Operator
+) -> None:
+    """Withdraw a just-stored request whose ``approval.requested`` could not be recorded."""
+    try:
+        await ctx.store.decide_approval_request(
+            request.team_id, request.id, ApprovalState.WITHDRAWN, decided_by=operator.id,
+            decided_by_email=operator.email, reason=UNAUDITED_REASON, approval=None,
+            now=ctx.now(),
+        )  # fmt: skip
+    except StoreError as error:
+        # The store failing too: the request waits unaudited until it expires. Approving it
+        # still needs its own audited decision, which the same outage would refuse.
+        logger.error("withdrawing unaudited approval request %s failed: %s",
+                     request.id, type(error).__name__)  # fmt: skip
 
 
 async def expire_if_due(ctx: ServiceContext, request: ApprovalRequest) -> ApprovalRequest:
@@ -214,6 +253,9 @@ async def expire_if_due(ctx: ServiceContext, request: ApprovalRequest) -> Approv
     expired = await ctx.store.expire_approval_request(request.team_id, request.id, now)
     if expired is not None:
         return expired
+    await _record_superseded(
+        ctx, service_actor("approval expiry"), request, Action.APPROVAL_EXPIRED
+    )
     current = await ctx.store.get_approval_request(request.team_id, request.id)
     return current or request
 
@@ -278,7 +320,8 @@ async def decide_request(
     reason: str | None,
     approval: SignedApproval | None,
 ) -> ApprovalRequest:
-    """Record an approval or denial (audited first); Conflict if someone else decided first."""
+    """Record an approval or denial (audited first); Conflict if someone else decided first
+    (then an ``approval.superseded`` record follows the one this call wrote)."""
     approved = state is ApprovalState.APPROVED
     await ctx.audit.record(
         request.team_id, actor=actor,
@@ -300,6 +343,8 @@ async def decide_request(
         expires_at=None if approval is None else float(approval.statement.expires_at),
     )  # fmt: skip
     if decided is None:
+        audited_as = Action.APPROVAL_APPROVED if approved else Action.APPROVAL_DENIED
+        await _record_superseded(ctx, actor, request, audited_as)
         raise ApprovalUnusable("the approval request was decided or expired meanwhile")
     return decided
 
@@ -308,7 +353,7 @@ async def withdraw_request(
     ctx: ServiceContext, *, actor: Actor, request: ApprovalRequest, caller: Operator
 ) -> ApprovalRequest:
     """The requester takes back a pending request (audited first); Forbidden for anyone else,
-    Conflict if it was decided or expired meanwhile."""
+    Conflict if it was decided or expired meanwhile (then ``approval.superseded`` follows)."""
     if caller.id != request.requester_id:
         raise Forbidden("only the operator who made a request may withdraw it")
     check_pending(request)
@@ -323,8 +368,23 @@ async def withdraw_request(
         now=ctx.now(),
     )  # fmt: skip
     if withdrawn is None:
+        await _record_superseded(ctx, actor, request, Action.APPROVAL_WITHDRAWN)
         raise ApprovalUnusable("the approval request was decided or expired meanwhile")
     return withdrawn
+
+
+async def _record_superseded(
+    ctx: ServiceContext, actor: Actor, request: ApprovalRequest, audited_as: Action
+) -> None:
+    """Follow a decision or withdrawal that lost the race to the request's conditional update
+    with ``approval.superseded`` naming the state that won, so the log never claims it."""
+    current = await ctx.store.get_approval_request(request.team_id, request.id)
+    state = "missing" if current is None else current.state.value
+    await ctx.audit.record(
+        request.team_id, actor=actor, action=Action.APPROVAL_SUPERSEDED,
+        target=request.agent_id,
+        details={"approval_request": request.id, "audited_as": audited_as.value, "state": state},
+    )  # fmt: skip
 
 
 async def redeemable_approval(

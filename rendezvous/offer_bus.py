@@ -20,9 +20,18 @@ disabling an operator: every other instance looks up that operator's open sessio
 accepted) and sends ``{"type": "end_sessions", "ids": [...], "reason": "operator_disabled"}``
 down the channels it holds of those sessions' agents (the disabling instance does the same for
 its own channels directly). It too is a hint: an instance acts only once the store says the
-operator is disabled, and only on that operator's sessions in that team. A lost notice, or an
-agent offline at that moment, is caught when the agent next reports its live sessions
+operator is disabled, and only on that operator's sessions in that team. A notice lost (sent
+while an instance's LISTEN connection was reconnecting, or not sent at all because the store
+failed) is caught by every instance's periodic sweep (``end_disabled_operators_sessions_here``,
+run with the prune task every PRUNE_INTERVAL_SECONDS, rendezvous/server.py): it sends
+``end_sessions`` for every open session of a disabled operator on the channels it holds. An
+agent offline at that moment is caught when it next reports its live sessions
 (rendezvous/control_channel.py): the sessions of disabled operators among them are ended then.
+A session brokered while its operator was being disabled may escape that look-up (its row did
+not exist yet), so the broker checks the operator again once the row exists, and
+``deliver_here`` once more right before sending: an offer of a disabled operator is refused
+(audited ``session.refused``, reason ``operator_disabled``) instead of sent. An ``end_sessions``
+that still overtakes the offer is remembered by the agent, which then refuses the offer.
 
 Every instance hears every notice, so each one refuses a malformed notice (oversized, not a JSON
 object, an unknown ``kind``, a field missing or of the wrong type) whoever it is addressed to,
@@ -34,11 +43,14 @@ from __future__ import annotations
 import json
 import logging
 import random
+from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
 import trio
 
 from protocol.relay_token import Side, issue_relay_token
+from rendezvous.audit_trail import Action, service_actor
+from rendezvous.errors import ServiceError
 from rendezvous.policy_distribution import POLICY_NOTICE_KIND, handle_policy_notice
 from rendezvous.store import AgentConnection, Session, SessionState, StoreError
 from rendezvous.store.base import SessionQuery
@@ -60,6 +72,9 @@ MAX_END_SESSION_IDS = 64
 # Open sessions of one disabled operator looked up at once, newest first; any beyond are ended
 # when their agents next report their live sessions.
 MAX_SESSIONS_ENDED_PER_OPERATOR = 1000
+# Open sessions of disabled operators the periodic sweep ends at once on one instance; any
+# beyond are ended by the next sweep (the agents drop the rows' sessions as they end them).
+MAX_SESSIONS_ENDED_PER_SWEEP = 1000
 LISTEN_RETRY_MIN_SECONDS = 0.5
 LISTEN_RETRY_MAX_SECONDS = 30.0
 OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
@@ -97,20 +112,33 @@ def offer_message(ctx: ServiceContext, session: Session, now: float) -> dict[str
     }
 
 
-async def deliver_offer(ctx: ServiceContext, session: Session, holder: AgentConnection) -> bool:
-    """Send the offer down the agent's channel held by ``holder``'s instance; False if not sent.
+class OfferDelivery(StrEnum):
+    """What became of an offer handed to ``deliver_offer`` or ``deliver_here``."""
 
-    True for another instance means the notice was published, not that the agent has it.
+    SENT = "sent"
+    """Sent down this instance's channel, or published for the instance holding the channel."""
+    NOT_SENT = "not_sent"
+    """No live channel here, or the session is no longer an open offer."""
+    OPERATOR_DISABLED = "operator_disabled"
+    """The session's operator was disabled meanwhile: the offer must be refused, not sent."""
+
+
+async def deliver_offer(
+    ctx: ServiceContext, session: Session, holder: AgentConnection
+) -> OfferDelivery:
+    """Send the offer down the agent's channel held by ``holder``'s instance.
+
+    SENT for another instance means the notice was published, not that the agent has it.
     """
     if holder.instance_id == ctx.instance_id:
         return await deliver_here(ctx, session.team_id, session.id)
     if not ctx.store.notifications_supported:
-        return False
+        return OfferDelivery.NOT_SENT
     notice = json.dumps(
         {"instance": holder.instance_id, "team_id": session.team_id, "session_id": session.id}
     )
     await ctx.store.notify(OFFER_CHANNEL, notice)
-    return True
+    return OfferDelivery.SENT
 
 
 async def announce_superseded(ctx: ServiceContext, superseded: AgentConnection) -> None:
@@ -148,8 +176,17 @@ async def end_disabled_operator_sessions(
 ) -> int:
     """Have the agents end the open sessions of an operator just disabled: those whose channel
     this instance holds at once, the others through an ``operator_disabled`` notice to the
-    instances holding them. How many sessions this instance asked its agents to end."""
-    told = await end_disabled_operator_sessions_here(ctx, team_id, operator_id)
+    instances holding them. How many sessions this instance asked its agents to end.
+
+    Raises StoreError if either part failed (the other is still tried); every instance's
+    periodic sweep (``end_disabled_operators_sessions_here``) ends them later anyway.
+    """
+    failure: StoreError | None = None
+    told = 0
+    try:
+        told = await end_disabled_operator_sessions_here(ctx, team_id, operator_id)
+    except StoreError as error:
+        failure = error
     if ctx.store.notifications_supported:
         notice = json.dumps(
             {
@@ -164,6 +201,9 @@ async def end_disabled_operator_sessions(
                 await ctx.store.notify(OFFER_CHANNEL, notice)
             except StoreError as error:
                 logger.warning("announcing a disabled operator failed: %s", type(error).__name__)
+                failure = failure or error
+    if failure is not None:
+        raise failure
     return told
 
 
@@ -201,17 +241,63 @@ async def end_disabled_operator_sessions_here(
     return told
 
 
-async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> bool:
-    """Send a still-open offer down this instance's channel to the agent; False if none is live."""
+async def end_disabled_operators_sessions_here(ctx: ServiceContext) -> int:
+    """The periodic sweep: send ``end_sessions`` down this instance's channels for every open
+    session of a disabled operator (catching a lost notice or a failed disable); how many."""
+    connections = ctx.connections
+    if connections is None:
+        return 0
+    found = await ctx.store.open_sessions_of_disabled_operators(
+        ctx.instance_id, MAX_SESSIONS_ENDED_PER_SWEEP
+    )
+    by_agent: dict[tuple[str, str], list[str]] = {}
+    for team_id, agent_id, session_id in found:
+        by_agent.setdefault((team_id, agent_id), []).append(session_id)
+    told = 0
+    for (team_id, agent_id), session_ids in by_agent.items():
+        if not connections.channels(team_id, agent_id):
+            continue  # its row says this instance, but the channel closed meanwhile
+        for start in range(0, len(session_ids), MAX_END_SESSION_IDS):
+            chunk = session_ids[start : start + MAX_END_SESSION_IDS]
+            message = end_sessions_message(chunk, OPERATOR_DISABLED_REASON)
+            if await connections.send(team_id, agent_id, message):
+                told += len(chunk)
+    return told
+
+
+async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> OfferDelivery:
+    """Send a still-open offer down this instance's channel to the agent, unless its operator
+    was disabled since the session was brokered (checked last, right before sending)."""
     session = await ctx.store.get_session(team_id, session_id)
     now = ctx.now()
     if session is None or session.state is not SessionState.OFFERED or now > session.expires_at:
-        return False
+        return OfferDelivery.NOT_SENT
     connections = ctx.connections
     if connections is None:
-        return False
+        return OfferDelivery.NOT_SENT
+    # A disable that committed after the broker's check must not let the offer through: its
+    # own look-up of open sessions may have run before this session's row existed.
+    operator = await ctx.store.get_operator(team_id, session.operator_id)
+    if operator is None or not operator.is_active():
+        return OfferDelivery.OPERATOR_DISABLED
     offer = offer_message(ctx, session, now)
-    return await connections.send(session.team_id, session.agent_id, offer)
+    if await connections.send(session.team_id, session.agent_id, offer):
+        return OfferDelivery.SENT
+    return OfferDelivery.NOT_SENT
+
+
+async def refuse_offer_of_disabled_operator(ctx: ServiceContext, session: Session) -> None:
+    """Audit, then mark refused (reason ``operator_disabled``), an offer whose operator was
+    disabled before it could be sent (no audit, no action: the record comes first)."""
+    await ctx.audit.record(
+        session.team_id, actor=service_actor("session offer"), action=Action.SESSION_REFUSED,
+        target=session.agent_id, session_id=session.id,
+        details={"reason": OPERATOR_DISABLED_REASON},
+    )  # fmt: skip
+    await ctx.store.update_session_state(
+        session.team_id, session.agent_id, session.id, SessionState.REFUSED,
+        OPERATOR_DISABLED_REASON, ctx.now(), from_states=(SessionState.OFFERED,),
+    )  # fmt: skip
 
 
 async def listen_for_offers(
@@ -296,14 +382,18 @@ async def _handle_offer_notice(ctx: ServiceContext, fields: dict[str, Any]) -> N
         return
     try:
         delivered = await deliver_here(ctx, team_id, session_id)
-        if not delivered:
+        if delivered is OfferDelivery.OPERATOR_DISABLED:
+            session = await ctx.store.get_session(team_id, session_id)
+            if session is not None:
+                await refuse_offer_of_disabled_operator(ctx, session)
+        elif delivered is OfferDelivery.NOT_SENT:
             session = await ctx.store.get_session(team_id, session_id)
             if session is not None:
                 await ctx.store.update_session_state(
                     team_id, session.agent_id, session_id, SessionState.REFUSED,
                     OFFER_NOT_DELIVERED, ctx.now(), from_states=(SessionState.OFFERED,),
                 )  # fmt: skip
-    except StoreError as error:
+    except (StoreError, ServiceError) as error:
         logger.warning("delivering a session offer failed: %s", type(error).__name__)
 
 

@@ -50,6 +50,7 @@ from rendezvous.store import (
     RegistrationKeyUnusable,
 )
 from rendezvous.store import NotFound as StoreNotFound
+from rendezvous.store.base import TagsChanged
 from rendezvous.team_policy import enrollment_trust
 
 router = APIRouter(tags=["agents"])
@@ -225,6 +226,18 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
     return _removed_agent_view(removed)
 
 
+TAGS_CHANGED_MESSAGE = (
+    "the agent's tags changed meanwhile (now: {current}); nothing was changed: read them "
+    "again and repeat the change"
+)
+
+
+class TagsChangedMeanwhile(Conflict):
+    """The agent's tags changed between the caller's read and its write."""
+
+    code = "tags_changed"
+
+
 class AgentTagsView(BaseModel):
     """An agent's tags after ``PUT /v1/agents/{id}/tags``, and before it."""
 
@@ -243,25 +256,53 @@ async def set_agent_tags(
     the signed tags, so the new ones count once an admin signs them (``tucdesk roster sign``)."""
     authorize(caller, Permission.AGENTS_WRITE)
     tags = normalised_tags(body.tags)
+    seen = None if body.previous_tags is None else normalised_tags(body.previous_tags)
     agent = await ctx.store.get_agent(caller.team_id, agent_id)
     if agent is None:
         raise NotFound(NO_SUCH_AGENT)
-    if list(agent.tags) != tags:
+    previous = list(agent.tags)
+    if seen is not None and seen != previous:
+        raise TagsChangedMeanwhile(TAGS_CHANGED_MESSAGE.format(current=_shown_tags(previous)))
+    if previous != tags:
         # No audit, no action: the record is durable before the tags change.
         await ctx.audit.record(
             caller.team_id,
             actor=caller_actor(caller),
             action=Action.AGENT_TAGS_CHANGED,
             target=agent.id,
-            details={"name": agent.name, "previous_tags": list(agent.tags), "tags": tags},
+            details={"name": agent.name, "previous_tags": previous, "tags": tags},
         )
     try:
-        updated = await ctx.store.set_agent_tags(caller.team_id, agent.id, tags)
+        # Compare-and-set against the tags just audited as replaced (or, unchanged, just read):
+        # a change landing in between is never overwritten unrecorded.
+        updated = await ctx.store.set_agent_tags(
+            caller.team_id, agent.id, tags, expected=previous
+        )
     except StoreNotFound:
         raise NotFound(NO_SUCH_AGENT) from None
+    except TagsChanged as changed:
+        current = list(changed.current)
+        if previous != tags:
+            await ctx.audit.record(
+                caller.team_id,
+                actor=caller_actor(caller),
+                action=Action.AGENT_TAGS_CHANGE_FAILED,
+                target=agent.id,
+                details={
+                    "name": agent.name, "previous_tags": previous, "tags": tags,
+                    "current_tags": current,
+                },
+            )  # fmt: skip
+        raise TagsChangedMeanwhile(
+            TAGS_CHANGED_MESSAGE.format(current=_shown_tags(current))
+        ) from None
     return AgentTagsView(
-        id=updated.id, name=updated.name, tags=list(updated.tags), previous_tags=list(agent.tags)
+        id=updated.id, name=updated.name, tags=list(updated.tags), previous_tags=previous
     )
+
+
+def _shown_tags(tags: list[str]) -> str:
+    return ", ".join(tags) if tags else "(none)"
 
 
 def _removed_agent_view(agent: Agent) -> RemovedAgentView:

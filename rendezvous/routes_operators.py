@@ -20,10 +20,10 @@ from fastapi import APIRouter
 from pydantic import BaseModel
 
 from rendezvous.audit_trail import Action, caller_actor
-from rendezvous.auth import Permission, authorize
+from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
-from rendezvous.errors import Conflict, NotFound
+from rendezvous.errors import Conflict, NotFound, ServiceUnavailable
 from rendezvous.offer_bus import end_disabled_operator_sessions
 from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store import Operator, StoreError
@@ -37,6 +37,10 @@ NO_SUCH_OPERATOR = "no such operator in your team"
 ADMIN_ROLE = "admin"
 LAST_ADMIN_MESSAGE = (
     "{email} is the team's last active admin: invite another admin before disabling this one"
+)
+ENDING_SESSIONS_FAILED_MESSAGE = (
+    "{email} is disabled (its tokens no longer work), but ending its open sessions failed: "
+    "each rendezvous instance retries within a minute (repeating the disable retries now)"
 )
 ACTIVE = "active"
 DISABLED = "disabled"
@@ -89,6 +93,7 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> No
     operator = await ctx.store.get_operator(caller.team_id, operator_id)
     if operator is None:
         raise NotFound(NO_SUCH_OPERATOR)
+    audited = False
     if operator.is_active():
         if operator.role == ADMIN_ROLE and not await _another_active_admin(ctx, operator):
             raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email))
@@ -100,24 +105,44 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> No
             target=f"operator:{operator.id}",
             details={"email": operator.email, "role": operator.role},
         )
+        audited = True
     try:
         await ctx.store.disable_operator(
             caller.team_id, operator.id, ctx.now(), keep_an_active_admin=True
         )
     except StoreNotFound:
+        if audited:
+            await _record_revoke_failed(ctx, caller, operator, "not_found")
         raise NotFound(NO_SUCH_OPERATOR) from None
     except LastActiveAdmin:
-        # Another admin was disabled between the check above and this one.
+        # Another admin was disabled between the check above and this one: the revocation
+        # just recorded did not happen, and the log must say so.
+        if audited:
+            await _record_revoke_failed(ctx, caller, operator, "last_active_admin")
         raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email)) from None
     try:
         told = await end_disabled_operator_sessions(ctx, caller.team_id, operator.id)
     except StoreError as error:
-        # The operator is disabled either way; its sessions end when it is disabled again, or
-        # when each agent next reports its live sessions (rendezvous/control_channel.py).
+        # The operator is disabled either way (its tokens are dead); its sessions are ended
+        # by every instance's periodic sweep (rendezvous/server.py), or when each agent next
+        # reports its live sessions (rendezvous/control_channel.py).
         logger.warning("ending the sessions of disabled operator %s failed: %s",
                        operator.id, type(error).__name__)  # fmt: skip
-        return
+        failed = ENDING_SESSIONS_FAILED_MESSAGE.format(email=operator.email)
+        raise ServiceUnavailable(failed) from None
     logger.info("operator %s disabled: asked agents here to end %d session(s)", operator.id, told)
+
+
+async def _record_revoke_failed(
+    ctx: ServiceContext, caller: Principal, operator: Operator, reason: str
+) -> None:
+    await ctx.audit.record(
+        caller.team_id,
+        actor=caller_actor(caller),
+        action=Action.OPERATOR_REVOKE_FAILED,
+        target=f"operator:{operator.id}",
+        details={"email": operator.email, "role": operator.role, "reason": reason},
+    )
 
 
 async def _another_active_admin(ctx: ServiceContext, operator: Operator) -> bool:

@@ -94,6 +94,9 @@ class AgentTagsRequest(StrictModel):
     """Replace an agent's tags (admins); agents enforce them once an admin signs the roster."""
 
     tags: list[str] = Field(max_length=MAX_TAGS)
+    # The tags the caller saw (optional): refused with 409 if the agent's differ by then, so a
+    # read-modify-write (`tucdesk agents tag --add`) never drops a concurrent change.
+    previous_tags: list[str] | None = Field(default=None, max_length=MAX_TAGS)
 
 
 class RegistrationKeyView(BaseModel):

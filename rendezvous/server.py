@@ -36,7 +36,7 @@ from rendezvous.errors import ConfigError
 from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
 from rendezvous.key_rotation import reload_service_keys
 from rendezvous.metrics import MetricsOnlyApp
-from rendezvous.offer_bus import listen_for_offers
+from rendezvous.offer_bus import end_disabled_operators_sessions_here, listen_for_offers
 from rendezvous.service_keys import check_pinned_keys, load_service_keys, with_retired_keys
 from rendezvous.store import Store, backend_for, open_store
 from rendezvous.workers import refuse_if_in_use
@@ -372,6 +372,15 @@ async def _prune_forever(ctx: ServiceContext) -> None:
             await ctx.store.prune_expired(ctx.now())
         except Exception as error:  # noqa: BLE001 - pruning is best effort; the next round retries
             logger.warning("pruning expired rows failed: %s", type(error).__name__)
+        # Disabled operators' sessions end within one interval on every instance, even if the
+        # disable's notice was lost or its ending failed (rendezvous/offer_bus.py).
+        try:
+            told = await end_disabled_operators_sessions_here(ctx)
+        except Exception as error:  # noqa: BLE001 - the next round retries
+            logger.warning("ending disabled operators' sessions failed: %s", type(error).__name__)
+        else:
+            if told:
+                logger.info("asked agents here to end %d session(s) of disabled operators", told)
 
 
 async def termination_signal() -> None:

@@ -28,7 +28,7 @@ from rendezvous.auth import Principal
 from rendezvous.config import RelayEndpoint
 from rendezvous.context import ServiceContext
 from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
-from rendezvous.offer_bus import deliver_offer
+from rendezvous.offer_bus import OfferDelivery, deliver_offer
 from rendezvous.session_decision import SessionAsk, SessionDecision, decide_session
 from rendezvous.store import AmbiguousName, ApprovalRequest, Operator, Session, SessionState
 from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, new_id
@@ -222,6 +222,15 @@ async def open_session(
             expires_at=now + SESSION_OFFER_SECONDS, updated_at=now,
         )
     )  # fmt: skip
+    # Checked again now that the row exists: an admin disabling the operator after the check
+    # above looked up its open sessions before this one was stored, so nobody else ends it.
+    # A disable committing after this check finds the row (and deliver_here checks once more).
+    current = await ctx.store.get_operator(operator.team_id, operator.id)
+    if current is None or not current.is_active():
+        await refuse(
+            OPERATOR_DISABLED, Forbidden("this operator is disabled; ask an admin"),
+            offered=session,
+        )  # fmt: skip
     grant = issue_session_grant(
         ctx.keys.jwt_issuer, issuer=ctx.config.issuer, session_id=session.id,
         team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,
@@ -237,7 +246,13 @@ async def open_session(
         now=now, issuer=ctx.config.issuer, lifetime=SESSION_OFFER_SECONDS,
     )  # fmt: skip
     # The newest channel is the one most likely still alive.
-    if not await deliver_offer(ctx, session, live[-1]):
+    delivery = await deliver_offer(ctx, session, live[-1])
+    if delivery is OfferDelivery.OPERATOR_DISABLED:
+        await refuse(
+            OPERATOR_DISABLED, Forbidden("this operator is disabled; ask an admin"),
+            offered=session,
+        )  # fmt: skip
+    if delivery is not OfferDelivery.SENT:
         await refuse(
             "offer_not_delivered",
             AgentOffline(f"agent {agent.name} did not take the offer; it may be reconnecting"),

@@ -114,6 +114,22 @@ class ChallengeUnusable(CredentialUnusable):
     kind = "login challenge"
 
 
+class TagsChanged(StoreError):
+    """An agent's tags are no longer the ones a compare-and-set expected."""
+
+    def __init__(self, current: Sequence[str]) -> None:
+        super().__init__("the agent's tags changed meanwhile")
+        self.current = tuple(current)
+
+
+class TooManyPendingRequests(StoreError):
+    """The requester already has the most approval requests waiting that it may have."""
+
+    def __init__(self, pending: int) -> None:
+        super().__init__(f"{pending} approval requests are pending")
+        self.pending = pending
+
+
 class StoreUnavailable(StoreError):
     """The database cannot be reached or opened (bad URL, server down, permissions)."""
 
@@ -745,10 +761,19 @@ class Store(abc.ABC):
         then by id; at most MAX_MATCHES. For reading history (a removed agent's sessions)."""
 
     @abc.abstractmethod
-    async def set_agent_tags(self, team_id: str, agent_id: str, tags: Sequence[str]) -> Agent:
+    async def set_agent_tags(
+        self,
+        team_id: str,
+        agent_id: str,
+        tags: Sequence[str],
+        *,
+        expected: Sequence[str] | None = None,
+    ) -> Agent:
         """Replace the tags of a (not removed) agent of the team; the agent as updated.
 
-        NotFound if the team has no such agent, or it was removed.
+        NotFound if the team has no such agent, or it was removed. With ``expected`` it is a
+        compare-and-set: TagsChanged (carrying the current tags) unless the agent's tags are
+        exactly ``expected`` when the write happens.
         """
 
     @abc.abstractmethod
@@ -846,6 +871,14 @@ class Store(abc.ABC):
         in one query. InvalidArgument if the query is out of bounds."""
 
     @abc.abstractmethod
+    async def open_sessions_of_disabled_operators(
+        self, instance_id: str, limit: int
+    ) -> list[tuple[str, str, str]]:
+        """(team id, agent id, session id) of at most ``limit`` offered or accepted sessions
+        whose operator is disabled and whose agent has a connection held by ``instance_id``
+        (in no particular order)."""
+
+    @abc.abstractmethod
     async def update_session_state(
         self,
         team_id: str,
@@ -885,9 +918,13 @@ class Store(abc.ABC):
     # ---- approval requests -------------------------------------------------------------------
 
     @abc.abstractmethod
-    async def create_approval_request(self, request: ApprovalRequest) -> ApprovalRequest:
+    async def create_approval_request(
+        self, request: ApprovalRequest, *, max_pending: int | None = None
+    ) -> ApprovalRequest:
         """Store a new parked request. NotFound unless the agent exists (not removed) in its
-        team."""
+        team; with ``max_pending``, TooManyPendingRequests if its requester already has that
+        many waiting at ``request.created_at`` (counted and stored atomically: concurrent
+        requests queue on the team's row)."""
 
     @abc.abstractmethod
     async def get_approval_request(self, team_id: str, request_id: str) -> ApprovalRequest | None:

@@ -63,8 +63,10 @@ from rendezvous.store.base import (
     Store,
     StoredPolicyBundle,
     StoreError,
+    TagsChanged,
     Team,
     TokenHolder,
+    TooManyPendingRequests,
     UnusableReason,
     new_id,
 )
@@ -901,10 +903,35 @@ class SqlStore(Store):
         )  # fmt: skip
         return _agent_listing(await self._read_fetch(sql, team_id, *values), query.limit)
 
-    async def set_agent_tags(self, team_id: str, agent_id: str, tags: Sequence[str]) -> Agent:
-        """Replace the tags of a (not removed) agent of the team. NotFound."""
+    async def set_agent_tags(
+        self,
+        team_id: str,
+        agent_id: str,
+        tags: Sequence[str],
+        *,
+        expected: Sequence[str] | None = None,
+    ) -> Agent:
+        """Replace the tags of a (not removed) agent of the team. NotFound; with ``expected``,
+        TagsChanged (and nothing written) unless those are its tags now."""
         tag_list = _check_labels("tags", tags, MAX_TAGS)
         async with self._transaction() as session:
+            if expected is not None:
+                # The no-op UPDATE takes the row lock (SQLite: BEGIN IMMEDIATE has every writer
+                # wait), so the tags compared below are still the row's when it is written.
+                await session.execute(
+                    "UPDATE agents SET tags = tags WHERE team_id = $1 AND id = $2",
+                    team_id, agent_id,
+                )  # fmt: skip
+                current = await session.fetchrow(
+                    """SELECT tags FROM agents
+                       WHERE team_id = $1 AND id = $2 AND removed_at IS NULL""",
+                    team_id, agent_id,
+                )  # fmt: skip
+                if current is None:
+                    raise NotFound("no such agent")
+                now_tags = tuple(json.loads(current["tags"]))
+                if now_tags != tuple(expected):
+                    raise TagsChanged(now_tags)
             updated = await session.execute(
                 """UPDATE agents SET tags = $3
                    WHERE team_id = $1 AND id = $2 AND removed_at IS NULL""",
@@ -1128,6 +1155,25 @@ class SqlStore(Store):
         )  # fmt: skip
         return _listed_session(row) if row else None
 
+    async def open_sessions_of_disabled_operators(
+        self, instance_id: str, limit: int
+    ) -> list[tuple[str, str, str]]:
+        """Open sessions of disabled operators on agents whose channel ``instance_id`` holds."""
+        # Driven by the operators (few), each disabled one's sessions found through the index on
+        # (team_id, operator_id, ...): CROSS JOIN keeps SQLite from scanning every session
+        # instead (PostgreSQL plans it as an inner join). No ORDER BY: it would sort them all.
+        rows = await self._read_fetch(
+            """SELECT s.team_id, s.agent_id, s.id FROM operators o CROSS JOIN sessions s
+               WHERE s.team_id = o.team_id AND s.operator_id = o.id
+                 AND o.disabled_at IS NOT NULL AND s.state IN ('offered', 'accepted')
+                 AND EXISTS (SELECT 1 FROM agent_connections c
+                             WHERE c.instance_id = $1 AND c.team_id = s.team_id
+                               AND c.agent_id = s.agent_id)
+               LIMIT $2""",
+            instance_id, limit,
+        )  # fmt: skip
+        return [(row["team_id"], row["agent_id"], row["id"]) for row in rows]
+
     async def session_listing(
         self, team_id: str, query: SessionQuery = EVERY_SESSION
     ) -> SessionListing:
@@ -1222,11 +1268,29 @@ class SqlStore(Store):
 
     # ---- approval requests -------------------------------------------------------------------
 
-    async def create_approval_request(self, request: ApprovalRequest) -> ApprovalRequest:
-        """Store a new parked request. NotFound unless the agent exists in its team."""
+    async def create_approval_request(
+        self, request: ApprovalRequest, *, max_pending: int | None = None
+    ) -> ApprovalRequest:
+        """Store a new parked request. NotFound unless the agent exists in its team; with
+        ``max_pending``, TooManyPendingRequests if the requester has that many waiting."""
         _check_text("approval request id", request.id, MAX_NAME_LENGTH)
         command = None if request.command is None else json.dumps(list(request.command))
         async with self._transaction() as session:
+            if max_pending is not None:
+                # The team row's lock queues the team's concurrent requests (PostgreSQL; SQLite's
+                # BEGIN IMMEDIATE queues every writer), so the count below holds until commit.
+                await session.execute(
+                    "UPDATE teams SET name = name WHERE id = $1", request.team_id
+                )
+                waiting = await session.fetchrow(
+                    """SELECT COUNT(*) AS pending FROM approval_requests
+                       WHERE team_id = $1 AND requester_id = $2 AND state = 'pending'
+                         AND expires_at > $3""",
+                    request.team_id, request.requester_id, request.created_at,
+                )  # fmt: skip
+                pending = int(waiting["pending"]) if waiting else 0
+                if pending >= max_pending:
+                    raise TooManyPendingRequests(pending)
             agent = await session.fetchrow(
                 "SELECT id FROM agents WHERE team_id = $1 AND id = $2 AND removed_at IS NULL",
                 request.team_id, request.agent_id,

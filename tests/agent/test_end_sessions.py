@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from agent.session_host import (
     END_SESSIONS_REASONS,
     MAX_END_SESSION_IDS,
+    EndedSessionIds,
     EndSessions,
     EndSessionsRefused,
 )
@@ -193,3 +194,34 @@ def test_any_end_sessions_message_parses_or_is_refused(message: dict[str, Any]) 
         return
     assert 0 < len(parsed.session_ids) <= MAX_END_SESSION_IDS
     assert parsed.reason in END_SESSIONS_REASONS
+
+
+@trio_test
+async def test_an_offer_arriving_after_its_end_sessions_is_refused_and_audited(
+    tmp_path: Path,
+) -> None:
+    # The operator was disabled while the rendezvous brokered the session: end_sessions can
+    # overtake the offer (another instance, or a slow broker), and the offer must not run then.
+    async with session_stack(tmp_path) as stack:
+        assert stack.host.end_sessions(_end("ses_1")) == 0
+        assert stack.host.accept_offer(offer_message(stack, "ses_1")) is None
+        assert stack.host.live_session_ids() == frozenset()
+        # Other ids are not affected.
+        other = stack.host.accept_offer(offer_message(stack, "ses_2"))
+        assert other is not None
+    refusals = [m for m in stack.control if m["type"] == "session_offer_refused"]
+    assert refusals == [{"type": "session_offer_refused", "session_id": "ses_1", "reason": SAID}]
+    assert stack.actions() == [Action.SESSION_REFUSED]
+    assert stack.audit[0].event.session_id == "ses_1"
+    assert stack.audit[0].event.context["code"] == REASON
+
+
+def test_ended_session_ids_are_forgotten_after_their_time_and_when_full() -> None:
+    ended = EndedSessionIds(ttl=10.0, capacity=3)
+    for number in range(4):
+        ended.remember(f"ses_{number}", REASON, now=100.0 + number)
+    assert len(ended) == 3
+    assert ended.reason("ses_0", now=104.0) is None  # the oldest went when it was full
+    assert ended.reason("ses_1", now=111.0) == REASON
+    assert ended.reason("ses_1", now=111.5) is None  # past its time
+    assert ended.reason("ses_3", now=113.0) == REASON

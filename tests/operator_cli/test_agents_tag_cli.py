@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
 
+from operator_cli import agent_tagging
 from operator_cli.agent_tagging import new_tags
 from operator_cli.main import main
 from rendezvous.store import open_store
@@ -83,3 +85,54 @@ def test_new_tags_replaces_then_adds_then_removes_lower_cased_without_repeats() 
     assert new_tags(["a", "b"], add=["C", "a"], remove=["b"]) == ["a", "c"]
     assert new_tags(["a", "b"], replace=["x", ""], add=["y"]) == ["x", "y"]
     assert new_tags(["a"], replace=[]) == []
+
+
+def _another_admin_changes_tags_after_reads(
+    monkeypatch: pytest.MonkeyPatch, database: str, team_id: str, changes: list[list[str]]
+) -> None:
+    """After each of the CLI's first len(changes) reads of the agent, the next of ``changes``
+    lands in the database, as if another admin had been quicker."""
+    real_read = agent_tagging.one_agent_named
+
+    def read_then_overtaken(*args: Any, **kwargs: Any) -> Any:
+        listed = real_read(*args, **kwargs)
+        if changes:
+            tags = changes.pop(0)
+
+            async def change() -> None:
+                async with open_store(database) as store:
+                    await store.set_agent_tags(team_id, listed["id"], tags)
+
+            trio.from_thread.run(change)
+        return listed
+
+    monkeypatch.setattr(agent_tagging, "one_agent_named", read_then_overtaken)
+
+
+async def test_tag_add_reads_again_once_when_another_admin_changed_the_tags_meanwhile(
+    logged_in: tuple[Path, str, str],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home, database, team_id = logged_in
+    _another_admin_changes_tags_after_reads(monkeypatch, database, team_id, [["db"]])
+    capsys.readouterr()
+    assert await run(home, "agents", "tag", "web-1", "--add", "prod") == 0
+    assert "tags db -> db, prod" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert await tags_of(home, "web-1", capsys) == ["db", "prod"]
+
+
+async def test_tag_add_gives_up_after_one_retry_and_changes_nothing(
+    logged_in: tuple[Path, str, str],  # noqa: F811
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    home, database, team_id = logged_in
+    _another_admin_changes_tags_after_reads(monkeypatch, database, team_id, [["db"], ["web"]])
+    capsys.readouterr()
+    assert await run(home, "agents", "tag", "web-1", "--add", "prod") == 1
+    err = capsys.readouterr().err
+    assert "tags changed meanwhile (now: web)" in err and "(tags_changed)" in err
+    monkeypatch.undo()
+    assert await tags_of(home, "web-1", capsys) == ["web"]

@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import trio
 
+from audit.actions import Action
 from rendezvous.store import Store
+from rendezvous.store.base import TagsChanged
 from tests.rendezvous.service_harness import OperatorSession, ServiceHarness, harness
 from tests.rendezvous.sessions_support import EnrolledAgent, enroll_agent
 
@@ -146,3 +150,115 @@ async def test_a_tag_change_without_a_request_proof_is_refused(service: ServiceH
     )
     assert response.status_code == 401, response.text
     assert (await listed_tags(service, admin))[agent.agent_id] == []
+
+
+async def test_the_store_sets_tags_only_if_they_are_still_the_expected_ones(
+    service: ServiceHarness,
+) -> None:
+    team = await service.team("ops")
+    admin = await service.operator(team, "admin")
+    agent = await enroll_agent(service, admin)
+    store = service.store
+    await store.set_agent_tags(team, agent.agent_id, ["db"], expected=[])
+    with pytest.raises(TagsChanged) as refused:
+        await store.set_agent_tags(team, agent.agent_id, ["web"], expected=[])
+    assert refused.value.current == ("db",)
+    stored = await store.get_agent(team, agent.agent_id)
+    assert stored is not None and stored.tags == ("db",)
+
+
+async def test_tags_changed_after_the_callers_read_are_refused_not_overwritten_unaudited(
+    service: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Admin A puts back the tags it read (no change, so no record) while admin B's change
+    lands in between: A's write must not undo B's change without any record of it."""
+    team = await service.team("ops")
+    first = await service.operator(team, "admin")
+    second = await service.operator(team, "admin")
+    agent = await enroll_agent(service, first, "web-1")
+    real_set = service.store.set_agent_tags
+    entered, other_done = trio.Event(), trio.Event()
+
+    async def pause_first_write(*args: Any, **kwargs: Any) -> Any:
+        if not entered.is_set():
+            entered.set()
+            await other_done.wait()  # the other admin's change commits in this gap
+        return await real_set(*args, **kwargs)
+
+    monkeypatch.setattr(service.store, "set_agent_tags", pause_first_write)
+    answers: dict[str, Any] = {}
+
+    async def put_back_the_same() -> None:
+        answers["first"] = await service.call(first, "PUT", tags_path(agent), {"tags": []})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(put_back_the_same)
+        with trio.fail_after(15):
+            await entered.wait()
+        answers["second"] = await service.call(second, "PUT", tags_path(agent), {"tags": ["pci"]})
+        other_done.set()
+    assert answers["second"].status_code == 200, answers["second"].text
+    refused = answers["first"]
+    assert refused.status_code == 409, refused.text
+    assert refused.json()["error"] == "tags_changed"
+    assert "now: pci" in refused.json()["message"]
+    assert (await listed_tags(service, first))[agent.agent_id] == ["pci"]
+    [record] = await service.audit_events(team, "agent.tags_changed")
+    assert record["context"]["tags"] == ["pci"]
+
+
+async def test_a_change_audited_then_overtaken_is_recorded_as_failed(
+    service: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    team = await service.team("ops")
+    first = await service.operator(team, "admin")
+    second = await service.operator(team, "admin")
+    agent = await enroll_agent(service, first, "web-1")
+    record = service.ctx.audit.record
+    recorded, other_done = trio.Event(), trio.Event()
+
+    async def pause_after_first_record(*args: Any, **kwargs: Any) -> Any:
+        await record(*args, **kwargs)
+        if kwargs.get("action") is Action.AGENT_TAGS_CHANGED and not recorded.is_set():
+            recorded.set()
+            await other_done.wait()
+
+    monkeypatch.setattr(service.ctx.audit, "record", pause_after_first_record)
+    answers: dict[str, Any] = {}
+
+    async def change() -> None:
+        answers["first"] = await service.call(first, "PUT", tags_path(agent), {"tags": ["db"]})
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(change)
+        with trio.fail_after(15):
+            await recorded.wait()
+        answers["second"] = await service.call(second, "PUT", tags_path(agent), {"tags": ["pci"]})
+        other_done.set()
+    assert answers["first"].status_code == 409 and answers["second"].status_code == 200
+    events = [
+        (event["action"], event["context"].get("tags"))
+        for event in await service.audit_events(team)
+        if event["action"].startswith("agent.tags_change")
+    ]
+    assert events == [
+        ("agent.tags_changed", ["db"]),
+        ("agent.tags_changed", ["pci"]),
+        ("agent.tags_change_failed", ["db"]),
+    ]
+    assert (await listed_tags(service, first))[agent.agent_id] == ["pci"]
+
+
+async def test_a_change_computed_from_stale_tags_is_refused(service: ServiceHarness) -> None:
+    team = await service.team("ops")
+    admin = await service.operator(team, "admin")
+    agent = await enroll_agent(service, admin)
+    await service.call(admin, "PUT", tags_path(agent), {"tags": ["db"]})
+    stale = {"tags": ["web"], "previous_tags": []}
+    response = await service.call(admin, "PUT", tags_path(agent), stale)
+    assert response.status_code == 409 and response.json()["error"] == "tags_changed"
+    fresh = {"tags": ["db", "web"], "previous_tags": ["db"]}
+    response = await service.call(admin, "PUT", tags_path(agent), fresh)
+    assert response.status_code == 200, response.text
+    assert (await listed_tags(service, admin))[agent.agent_id] == ["db", "web"]
+    assert len(await service.audit_events(team, "agent.tags_changed")) == 2

@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 
+from audit.actions import Action as AuditAction
 from protocol.domains import Purpose
 from protocol.policy import (
     Action,
@@ -24,8 +26,13 @@ from protocol.policy import (
 )
 from protocol.policy.approval import DEFAULT_APPROVAL_LIFETIME_SECONDS
 from protocol.session_grant import verify_session_grant
-from rendezvous.approval_gate import APPROVAL_REQUEST_SECONDS, MAX_PENDING_REQUESTS_PER_OPERATOR
-from rendezvous.store import Store
+from rendezvous.approval_gate import (
+    APPROVAL_REQUEST_SECONDS,
+    MAX_PENDING_REQUESTS_PER_OPERATOR,
+    UNAUDITED_REASON,
+)
+from rendezvous.errors import ServiceUnavailable
+from rendezvous.store import ApprovalState, Store
 from tests.rendezvous.policy_support import current_policy, set_policy
 from tests.rendezvous.service_harness import OperatorSession, ServiceHarness
 from tests.rendezvous.sessions_support import (
@@ -450,3 +457,110 @@ async def test_a_withdrawn_request_frees_its_place_under_the_cap(
         )
         assert withdrawn.status_code == 200, withdrawn.text
         await _park(team, team.operator)
+
+
+async def test_concurrent_requests_cannot_pass_the_pending_cap_together(
+    store: Store, tmp_path: Path
+) -> None:
+    async with team_with_policy(store, tmp_path) as team:
+        for _ in range(MAX_PENDING_REQUESTS_PER_OPERATOR - 1):
+            await _park(team, team.operator)
+        statuses: list[int] = []
+
+        async def ask() -> None:
+            statuses.append((await _ask(team, team.operator, RESTART)).status_code)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(15):
+                nursery.start_soon(ask)
+        assert sorted(statuses) == [202] + [429] * 14
+        listing = await team.service.call(team.approver, "GET", "/v1/approvals")
+        assert len(listing.json()["approvals"]) == MAX_PENDING_REQUESTS_PER_OPERATOR
+        # Every parked request is on record, and no refused one is.
+        requested = (await _actions(team)).count("approval.requested")
+        assert requested == MAX_PENDING_REQUESTS_PER_OPERATOR
+
+
+async def test_a_request_whose_audit_record_fails_is_withdrawn_and_never_approvable(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No audit, no action: a request stored before its record is withdrawn if the record
+    cannot be written, so nobody can approve a request the log does not know of."""
+    async with team_with_policy(store, tmp_path) as team:
+        record = team.service.ctx.audit.record
+
+        async def requests_unauditable(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("action") == AuditAction.APPROVAL_REQUESTED:
+                raise ServiceUnavailable("the audit log is unavailable")
+            return await record(*args, **kwargs)
+
+        monkeypatch.setattr(team.service.ctx.audit, "record", requests_unauditable)
+        response = await _ask(team, team.operator, RESTART)
+        assert response.status_code == 503, response.text
+        monkeypatch.setattr(team.service.ctx.audit, "record", record)
+        listing = await team.service.call(team.approver, "GET", "/v1/approvals")
+        assert listing.json()["approvals"] == []
+        [withdrawn] = await store.list_approval_requests(
+            team.team_id, [ApprovalState.WITHDRAWN]
+        )
+        assert withdrawn.decision_reason == UNAUDITED_REASON
+        assert "approval.requested" not in await _actions(team)
+        assert (await _approve(team, team.approver, withdrawn.id)).status_code == 409
+
+
+@pytest.mark.parametrize(
+    ("late", "winner", "state"),
+    [
+        ("approval.approved", "withdraw", "withdrawn"),
+        ("approval.withdrawn", "approve", "approved"),
+    ],
+)
+async def test_a_decision_that_loses_a_race_is_recorded_as_superseded(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    late: str, winner: str, state: str,
+) -> None:  # fmt: skip
+    """The loser's record is written first (no audit, no action), so a record saying it did
+    not take effect must follow it: the log never claims both a withdrawal and an approval."""
+    async with team_with_policy(store, tmp_path) as team:
+        request_id = await _park(team, team.operator)
+        view = await _view(team, team.approver, request_id)
+        signed = approve_request(team.approver.identity, _context(view), now=team.service.clock.now)
+        record = team.service.ctx.audit.record
+        recorded, winner_done = trio.Event(), trio.Event()
+
+        async def pause_after_late_record(*args: Any, **kwargs: Any) -> Any:
+            await record(*args, **kwargs)
+            if kwargs.get("action") == AuditAction(late):
+                recorded.set()
+                await winner_done.wait()  # the other side's update lands in this gap
+
+        monkeypatch.setattr(team.service.ctx.audit, "record", pause_after_late_record)
+        calls = {
+            "withdraw": (team.operator, f"/v1/approvals/{request_id}/withdraw", None),
+            "approve": (team.approver, f"/v1/approvals/{request_id}/approve",
+                        {"approval": signed.to_json()}),
+        }  # fmt: skip
+        loser = "approve" if winner == "withdraw" else "withdraw"
+        answers: dict[str, Any] = {}
+
+        async def call(name: str) -> None:
+            who, path, body = calls[name]
+            answers[name] = await team.service.call(who, "POST", path, body)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(call, loser)
+            with trio.fail_after(15):
+                await recorded.wait()
+            await call(winner)
+            winner_done.set()
+        assert answers[winner].status_code == 200, answers[winner].text
+        assert answers[loser].status_code == 409, answers[loser].text
+        events = await team.service.audit_events(team.team_id)
+        decisions = [e for e in events if e["action"] in (
+            "approval.approved", "approval.withdrawn", "approval.superseded")]  # fmt: skip
+        assert [e["action"] for e in decisions] == [late, f"approval.{state}",
+                                                    "approval.superseded"]  # fmt: skip
+        assert decisions[-1]["context"] == {
+            "approval_request": request_id, "audited_as": late, "state": state
+        }
+        assert (await _view(team, team.operator, request_id))["state"] == state

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
+import trio
 
 from rendezvous.credentials import hash_secret
 from rendezvous.store import (
@@ -13,7 +16,7 @@ from rendezvous.store import (
     Store,
     StoredPolicyBundle,
 )
-from rendezvous.store.base import new_id
+from rendezvous.store.base import TooManyPendingRequests, new_id
 
 pytestmark = pytest.mark.anyio
 NOW = 1_800_000_000.0
@@ -120,3 +123,29 @@ async def test_an_approval_request_needs_an_agent_of_its_team(store: Store) -> N
     team = (await store.create_team("ops", NOW)).id
     with pytest.raises(NotFound):
         await store.create_approval_request(_request(team, "agt_missing"))
+
+
+async def test_concurrent_approval_requests_never_pass_the_pending_cap(store: Store) -> None:
+    team = (await store.create_team("ops", NOW)).id
+    agent_id = await _agent(store, team)
+    await store.create_approval_request(_request(team, agent_id), max_pending=3)
+    stored: list[str] = []
+    refused: list[int] = []
+
+    async def ask() -> None:
+        request = _request(team, agent_id)
+        try:
+            await store.create_approval_request(request, max_pending=3)
+        except TooManyPendingRequests as error:
+            refused.append(error.pending)
+        else:
+            stored.append(request.id)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(10):
+            nursery.start_soon(ask)
+    assert len(stored) == 2 and refused == [3] * 8
+    assert await store.count_pending_approval_requests(team, "op_1", NOW) == 3
+    # Requests past their time no longer count.
+    later = replace(_request(team, agent_id), created_at=NOW + 600, expires_at=NOW + 1200)
+    await store.create_approval_request(later, max_pending=1)
