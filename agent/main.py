@@ -6,7 +6,6 @@ import argparse
 import dataclasses
 import fcntl
 import gc
-import importlib.metadata
 import logging
 import os
 import signal
@@ -81,11 +80,11 @@ from protocol.errors import ProtocolError
 from protocol.exception_chain import leaf_exceptions
 from protocol.policy import PinnedPolicyTrust
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
+from protocol.version import installed_version
 
 REGISTRATION_KEY_ENVIRONMENT = "TUCDESK_REGISTRATION_KEY"
 MAX_REGISTRATION_KEY_FILE_SIZE = 4096
 PROGRAM = "tucdesk-agent"
-DISTRIBUTION = "tucdesk"
 # LSB init-script status codes (`status`); 150..199 are reserved for applications.
 STATUS_RUNNING = 0
 STATUS_NOT_RUNNING = 3
@@ -166,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_CONFIG_HELP,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
-    parser.add_argument("--version", action="version", version=f"{PROGRAM} {agent_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {installed_version()}")
     parser.add_argument("--config", type=Path, help="TOML config file (or an [agent] table)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -316,13 +315,6 @@ def build_parser() -> argparse.ArgumentParser:
     check_parser.set_defaults(handler=_check)
     return parser
 
-
-def agent_version() -> str:
-    """The installed tucdesk distribution's version, from its metadata."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
@@ -579,7 +571,7 @@ async def run_daemon(
     auditor = SessionAuditor(identity, state.agent_id, state.team_id, state.name)
     logger.info(
         "%s %s: agent %s (%s) starting; key %s; server %s; policy version %d",
-        PROGRAM, agent_version(), state.agent_id, state.name, identity.public.fingerprint,
+        PROGRAM, installed_version(), state.agent_id, state.name, identity.public.fingerprint,
         state.server_url, policy_cache.version,
     )
     try:

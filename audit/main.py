@@ -35,6 +35,7 @@ from audit.verify import (
 )
 from protocol.identity import PublicIdentity
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
+from protocol.version import VersionAction
 
 EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
 EXIT_CHECKPOINT_NOT_SAVED = 4
@@ -87,26 +88,6 @@ key (a private key is refused: an auditor never needs the signer's private key).
 """
 
 
-class _VersionAction(argparse.Action):
-    """--version, reading the distribution's metadata only when asked."""
-
-    def __call__(
-        self,
-        parser: argparse.ArgumentParser,
-        namespace: argparse.Namespace,
-        values: object,
-        option_string: str | None = None,
-    ) -> None:
-        import importlib.metadata
-
-        try:
-            version = importlib.metadata.version("tucdesk")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"{parser.prog} {version}")
-        parser.exit()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, so --help describes what exists."""
     parser = argparse.ArgumentParser(
@@ -115,9 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EXIT_CODES_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--version", action=_VersionAction, nargs=0, help="show the version and exit"
-    )
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument("--debug", action="store_true", help="show tracebacks on internal errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     verify = commands.add_parser(

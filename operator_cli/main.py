@@ -44,6 +44,7 @@ from operator_cli.session_listing import (
 from operator_cli.terminal_text import visible
 from protocol.errors import ProtocolError
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
+from protocol.version import VersionAction
 
 
 def _imported_on_use(module: str, name: str) -> Callable[..., int]:
@@ -130,21 +131,6 @@ def parse_since(text: str, now: float | None = None) -> float:
     return max(moment.timestamp(), 0.0)
 
 
-class _VersionAction(argparse.Action):
-    """--version, reading the distribution's metadata only when asked (start-up stays lean)."""
-
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: object, option_string: str | None = None) -> None:
-        import importlib.metadata
-
-        try:
-            version = importlib.metadata.version("tucdesk")
-        except importlib.metadata.PackageNotFoundError:
-            version = "unknown (not installed)"
-        print(f"{parser.prog} {version}")
-        parser.exit()
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; --help describes every command."""
     parser = argparse.ArgumentParser(
@@ -154,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         "or $XDG_CONFIG_HOME/tucdesk.",
     )
     parser.add_argument("--home", type=Path, help="CLI home directory")
-    parser.add_argument(
-        "--version", action=_VersionAction, nargs=0, help="show the version and exit"
-    )
+    parser.add_argument("--version", action=VersionAction)
     parser.add_argument(
         "--server",
         help="rendezvous URL, e.g. https://rendezvous.example:8443 (login: the server to log in "

@@ -183,11 +183,12 @@ def write_private_file(path: Path, data: bytes) -> None:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
-    _sync_directory(path.parent)
+    sync_directory(path.parent)
 
 
-def _sync_directory(directory: Path) -> None:
-    # Makes the rename itself durable; best effort where directories cannot be opened.
+def sync_directory(directory: Path) -> None:
+    """Make a rename in ``directory`` durable (fsync the directory); best effort where
+    directories cannot be opened."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:

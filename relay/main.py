@@ -14,10 +14,11 @@ from typing import Any
 import trio
 
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
+from protocol.version import installed_version
 from relay.config import OPTIONS, RelayConfig, load_config
 from relay.errors import RelayError
 from relay.fdlimit import raise_open_file_limit
-from relay.server import Relay, relay_version
+from relay.server import Relay
 
 PROGRAM = "tucdesk-relay"
 
@@ -32,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens and forwards their (already encrypted) bytes. It holds no session keys.",
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--version", action="version", version=f"{PROGRAM} {relay_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = commands.add_parser(
         "serve",

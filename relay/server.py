@@ -7,7 +7,6 @@ Everything runs in one nursery. ``shutdown()`` refuses newcomers and waiting sid
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import logging
 import socket
 from collections.abc import Callable
@@ -15,6 +14,7 @@ from typing import Any
 
 import trio
 
+from protocol.version import installed_version
 from relay.admission import Admission
 from relay.config import HostPort, RelayConfig
 from relay.errors import KeySetError, RelayError
@@ -32,7 +32,6 @@ from relay.udp import UdpFrontEnd, open_udp_socket
 from relay.wire import Reason
 
 MAX_SWEEP_INTERVAL_SECONDS = 1.0
-DISTRIBUTION = "tucdesk"
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -201,7 +200,7 @@ class Relay:
             log.info(
                 "relay_started version=%s relay_id=%s tcp=%s udp=%s metrics=%s keys_from=%s "
                 "keys=%s",
-                relay_version(), self.config.relay_id, _show(self.tcp_address),
+                installed_version(), self.config.relay_id, _show(self.tcp_address),
                 _show(self.udp_address), _show(self.metrics_address),
                 "jwks" if self._jwks_refresher is not None else "token_key",
                 ",".join(self.key_set.fingerprints()),
@@ -239,13 +238,6 @@ class Relay:
             if self.udp is not None:
                 self.udp.sweep(now)
 
-
-def relay_version() -> str:
-    """The installed tucdesk distribution's version, from its metadata."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
 
 
 def _bind(

@@ -50,7 +50,7 @@ import rfc8785
 
 from audit.trust import service_key_rotation_context
 from protocol.domains import Purpose
-from protocol.identity import PublicIdentity, SigningIdentity, b64url
+from protocol.identity import PublicIdentity, SigningIdentity, b64url, sync_directory
 from protocol.tokens import DEFAULT_LEEWAY_SECONDS
 from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
 from rendezvous.config import MAX_ACCESS_TOKEN_SECONDS
@@ -166,7 +166,7 @@ async def _rotate_locked(
         ) from error
     # The rename drops the old private key file: from here on only its public half exists.
     os.replace(pending, key_path(data_dir, role))
-    _sync_directory(pending.parent)
+    sync_directory(pending.parent)
     return Rotation(role, old.public, new.public, accept_old_until, logs)
 
 
@@ -277,17 +277,3 @@ def _fingerprints(keys: ServiceKeys) -> tuple[tuple[str, ...], tuple[str, ...]]:
     current = tuple(key.public.fingerprint for key in keys.by_role().values())
     retired = tuple(f"{key.public.fingerprint}@{key.accept_until}" for key in keys.retired)
     return current, retired
-
-
-def _sync_directory(directory: Path) -> None:
-    # Makes the rename durable; best effort where directories cannot be opened.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
 import logging
 import os
@@ -26,6 +25,7 @@ import trio
 
 from protocol.errors import ProtocolError
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
+from protocol.version import installed_version
 from rendezvous.audit_trail import SERVICE_LOG, Action, AuditTrail, service_actor
 from rendezvous.auth import ROLES
 from rendezvous.config import ENVIRONMENT_PREFIX, SETTING_HELP, ServiceConfig, load_config
@@ -48,7 +48,6 @@ from rendezvous.store import (
 )
 
 PROGRAM = "tucdesk-rendezvous"
-DISTRIBUTION = "tucdesk"
 DATA_DIR_MODE = 0o700
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -100,13 +99,6 @@ def _default_text(name: str, default: object) -> str:
     return f"; default {shown}"
 
 
-def rendezvous_version() -> str:
-    """The installed tucdesk distribution's version, from its metadata."""
-    try:
-        return importlib.metadata.version(DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown (not installed)"
-
 
 def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
@@ -128,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    parser.add_argument("--version", action="version", version=f"{PROGRAM} {rendezvous_version()}")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {installed_version()}")
     # Also accepted before the command (`tucdesk-rendezvous --config FILE init`); the command's
     # own --config (--data-dir, --database) wins when both are given.
     parser.add_argument(
@@ -462,7 +454,7 @@ def log_start(config: ServiceConfig) -> None:
     scheme = "https" if config.tls_cert is not None else "http"
     logger.info(
         "%s %s starting: store %s, data dir %s, listening on %s://%s, %d worker(s), relays: %s",
-        PROGRAM, rendezvous_version(), describe_database(config.database_url),
+        PROGRAM, installed_version(), describe_database(config.database_url),
         config.data_dir.resolve(), scheme, config.listen, config.workers, relays,
     )  # fmt: skip
     if config.metrics_listen is not None:

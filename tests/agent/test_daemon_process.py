@@ -13,10 +13,11 @@ import trio
 
 from agent.daemon_lock import DaemonLockError, acquire_daemon_lock, lock_file_path
 from agent.machine_identity import read_machine_identifiers
-from agent.main import STATUS_DISCONNECTED, STATUS_NOT_RUNNING, STATUS_RUNNING, agent_version
+from agent.main import STATUS_DISCONNECTED, STATUS_NOT_RUNNING, STATUS_RUNNING
 from agent.main import main as agent_main
 from agent.state_file import AgentState, save_state
 from agent.status import DaemonStatus, read_status, write_status
+from protocol.version import installed_version
 from tests.agent.test_control_client import (
     AGENT_COMMAND,
     WAIT_SECONDS,
@@ -142,7 +143,7 @@ async def test_sighup_is_logged_and_ignored_and_status_follows_the_connection(
         await process.wait()
     await wait_for_status(common, environment, STATUS_NOT_RUNNING)
     text = log.read_text()
-    assert f"tucdesk-agent {agent_version()}: agent" in text
+    assert f"tucdesk-agent {installed_version()}: agent" in text
     assert "received SIGTERM; stopping" in text
 
 
