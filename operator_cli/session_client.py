@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import os
+import select
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -66,6 +67,8 @@ CLOSE_SEND_TIMEOUT_SECONDS = 2.0
 # count. KEEPALIVE_INTERVAL_SECONDS is how often it looks.
 KEEPALIVE_INTERVAL_SECONDS = 15.0
 KEEPALIVE_TIMEOUT_SECONDS = 60.0
+# keep_alive waking this many intervals late means the process was stopped or the machine slept.
+LATE_WAKE_FACTOR = 2
 REFUSAL_POLL_SECONDS = 1.0
 MAX_TARGET_LENGTH = 256
 HTTP_ACCEPTED = 202
@@ -453,20 +456,38 @@ class OperatorSession:
         for the keepalive timeout without a byte (the agent says it is still here every 15 s),
         close the connection, so that receiving ends with ConnectionLost saying the agent
         stopped answering. The receive path only notes when it waits and hears (no timer per
-        wait); time the CLI is not waiting to read does not count."""
+        wait); time the CLI is not waiting to read does not count, nor time it was stopped."""
         while True:
+            slept_from = trio.current_time()
             await trio.sleep(self.keepalive_interval)
+            now = trio.current_time()
             waiting_since = self._waiting_since
             if waiting_since is None:
                 continue  # busy with what it received: the agent is not the one silent
-            silent = trio.current_time() - max(self._last_heard, waiting_since)
-            if silent >= self.keepalive_timeout:
+            if now - slept_from > LATE_WAKE_FACTOR * self.keepalive_interval:
+                # Woke far too late: the process was stopped (Ctrl-Z, SIGSTOP) or the machine
+                # slept. What the agent sent meanwhile waits in the socket: start counting anew.
+                self._waiting_since = now
+                continue
+            silent = now - max(self._last_heard, waiting_since)
+            if silent >= self.keepalive_timeout and not self._bytes_waiting():
                 self._lost_because = (
                     f"the agent stopped answering (nothing through the relay for {silent:.0f} s: "
                     "its host may be down or its network cut)"
                 )
                 await trio.aclose_forcefully(self.stream)  # wakes the receiving task
                 return
+
+    def _bytes_waiting(self) -> bool:
+        """Whether the agent's bytes are already in the socket, not yet read (the receiving task
+        has not run since they came)."""
+        sock = self._socket
+        if sock is None:
+            return False
+        try:
+            return bool(select.select([sock.fileno()], [], [], 0)[0])
+        except (OSError, ValueError):
+            return False
 
     async def _receive_more(self) -> int:
         """Receive into the frame buffer; 0 once the connection has ended."""

@@ -10,6 +10,9 @@ whenever every task waits; the sockets are real.
 
 from __future__ import annotations
 
+import os
+import socket
+import threading
 import time
 
 import pytest
@@ -99,3 +102,46 @@ def test_time_the_cli_spends_not_reading_does_not_count_against_the_agent() -> N
         theirs.close()
 
     trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_time_the_cli_was_stopped_does_not_count_against_the_agent() -> None:
+    # The CLI's process is stopped (Ctrl-Z, SIGSTOP: here its event loop is blocked) while it
+    # waits for the agent; the agent's heartbeats pile up in the socket meanwhile. On resume the
+    # keepalive task may run before the receiving task: it must not take the gap for silence.
+    # Real time, short intervals; repeated, since which task runs first is trio's choice.
+    interval, timeout, stopped_for = 0.1, 0.5, 1.2
+
+    async def one_round() -> None:
+        session, agent, theirs = _socket_session()
+        session.keepalive_interval, session.keepalive_timeout = interval, timeout
+        beat = encode_control(Keepalive(reply=True))
+        done = threading.Event()
+
+        plain = socket.socket(fileno=os.dup(theirs.fileno()))  # usable from a thread
+
+        def heartbeats() -> None:  # the agent, unaffected by the CLI being stopped
+            while not done.wait(interval):
+                plain.sendall(_frame(agent, FrameType.CONTROL, beat))
+
+        beating = threading.Thread(target=heartbeats)
+        beating.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(session.keep_alive)
+                nursery.start_soon(session.receive)
+                await trio.sleep(3 * interval)
+                time.sleep(stopped_for)  # noqa: ASYNC251 - the whole CLI stopped: no task runs
+                await trio.sleep(3 * interval)
+                assert session._lost_because is None, session._lost_because
+                nursery.cancel_scope.cancel()
+        finally:
+            done.set()
+            beating.join()
+            plain.close()
+            theirs.close()
+
+    async def main() -> None:
+        for _ in range(6):
+            await one_round()
+
+    trio.run(main)
