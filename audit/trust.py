@@ -13,14 +13,14 @@ introduces the new key named in its context as an audit key from then on. So an 
 pinned only the original key verifies a log across any number of rotations, each one vouched for
 by the key before it; a key no such record introduced is refused like any unknown signer.
 
-A rotated-out key is retired from its rotation record on: it stays trusted for the records it
-signed before, and for at most RETIRED_AUDIT_KEY_GRACE_RECORDS records after (instances switch
-keys only on reload, so a few may still come from one not yet reloaded); a record or checkpoint
-it signs past that is refused. A second rotation signed by a key that already rotated (a fork:
-whoever holds a leaked old key naming a successor of their own) is refused too. This bounds what
-a leaked retired key can do to a log that contains its rotation; it cannot stop it from signing
-a log cut before its rotation: only a checkpoint kept from after the rotation catches that
-(``--previous-checkpoint``; docs/self-hosting.md, "Rotating service keys").
+A rotated-out key is retired from its rotation record on. Records and checkpoints it signs after
+that still verify, since an instance keeps signing with the old key until it is reloaded
+(SIGHUP), for as long as the runbook's steps take, but they are counted (``late_signatures``)
+and reported, because a leaked key would sign the same way; refusing them would make an honest
+log unverifiable for good. A second rotation signed by a key that already rotated (a fork:
+whoever holds a leaked old key naming a successor of their own) is refused. Only a checkpoint
+kept from after the rotation (``--previous-checkpoint``) keeps a leaked old key from rewriting
+what came before it (docs/self-hosting.md, "Rotating service keys").
 """
 
 from __future__ import annotations
@@ -42,9 +42,6 @@ ROTATION_OLD_FINGERPRINT_FIELD = "old_fingerprint"
 ROTATION_NEW_FINGERPRINT_FIELD = "new_fingerprint"
 ROTATION_NEW_PUBLIC_KEY_FIELD = "new_public_key"
 ROTATION_NEW_KEY_ID_FIELD = "new_key_id"
-# Records a retired audit key may still sign in one log after its rotation record there: those
-# of instances that had not reloaded yet (SIGHUP). Past it, its records are refused.
-RETIRED_AUDIT_KEY_GRACE_RECORDS = 64
 
 
 def agent_registration_context(
@@ -147,6 +144,8 @@ class SignerTrust:
         self._records = 0  # records accepted so far
         # Retired audit keys: key id -> (records accepted when its rotation was, its successor)
         self._retired: dict[str, tuple[int, PublicIdentity]] = {}
+        # Signatures by a retired audit key after its rotation record, by key id (reported).
+        self.late_signatures: dict[str, int] = {}
 
     @property
     def audit_keys(self) -> list[PublicIdentity]:
@@ -172,7 +171,7 @@ class SignerTrust:
         if signer in self._audit_keys:
             audit_key = self._audit_keys[signer]
             signed.verify(audit_key)
-            self._refuse_if_retired_too_long(signer, self._records + 1)
+            self.note_retired_signature(signer, self._records + 1)
             if signed.event.action is Action.AGENT_REGISTERED:
                 agent_id, key = introduced_agent_key(signed.event)
                 self._agent_keys[key.key_id] = (agent_id, key)
@@ -206,27 +205,13 @@ class SignerTrust:
             self._audit_keys[new_key.key_id] = new_key
             self.rotations.append(AuditKeyRotation(old_key, new_key))
 
-    def retired_signing_problem(self, key_id: str, at_size: int) -> str | None:
-        """Why ``key_id`` may not sign what covers the first ``at_size`` records (a record at
-        that position, or a checkpoint of that size): it was retired more than
-        RETIRED_AUDIT_KEY_GRACE_RECORDS records before; None if it may."""
+    def note_retired_signature(self, key_id: str, at_size: int) -> None:
+        """Count a signature by ``key_id`` over the first ``at_size`` records (a record at that
+        position, or a checkpoint of that size) made after its rotation record, if it was
+        retired (``late_signatures``: key id -> count)."""
         retired = self._retired.get(key_id)
-        if retired is None:
-            return None
-        rotated_at, successor = retired
-        after = at_size - rotated_at - 1  # records after the rotation record
-        if after <= RETIRED_AUDIT_KEY_GRACE_RECORDS:
-            return None
-        return (
-            f"audit key {self._audit_keys[key_id].fingerprint} was retired (rotated to "
-            f"{successor.fingerprint}) {after} records earlier, past the grace of "
-            f"{RETIRED_AUDIT_KEY_GRACE_RECORDS}: a retired key signs nothing more (leaked?)"
-        )
-
-    def _refuse_if_retired_too_long(self, key_id: str, at_size: int) -> None:
-        problem = self.retired_signing_problem(key_id, at_size)
-        if problem is not None:
-            raise RecordError(problem)
+        if retired is not None and at_size > retired[0] + 1:
+            self.late_signatures[key_id] = self.late_signatures.get(key_id, 0) + 1
 
     def describe(self, key_id: str) -> tuple[str, str | None, PublicIdentity] | None:
         """(role ``audit`` or ``agent``, agent id for an agent key, the key) of a trusted key."""

@@ -149,6 +149,9 @@ class VerificationResult:
     """Merkle roots of the first N records, for each N asked for with ``keep_prefix_sizes``."""
     key_rotations: tuple[KeyRotation, ...] = ()
     """Audit keys introduced by rotation records their predecessors signed, in bundle order."""
+    late_signatures: tuple[tuple[PublicIdentity, int], ...] = ()
+    """Retired audit keys that still signed after their rotation, and how often: an instance
+    not reloaded yet, or a leaked key (reported, not refused)."""
 
     @property
     def ok(self) -> bool:
@@ -189,10 +192,15 @@ class VerificationResult:
                     _key_label(key, names) for key in used
                 )
             rotated = "".join(f"; {rotation.describe()}" for rotation in self.key_rotations)
+            late = "".join(
+                f"; WARNING: retired audit key {key.fingerprint} signed {count} more after its "
+                "rotation (an instance not reloaded yet, or a leaked key)"
+                for key, count in self.late_signatures
+            )
             return (
                 f"OK: {self.record_count} records of {self.origin}{span}, "
                 f"{len(self.signers)} signing keys, root {_hex(self.root_hash)}{consistent}"
-                f"{signed}{rotated}"
+                f"{signed}{rotated}{late}"
             )
         if self.verdict is Verdict.UNREADABLE:
             return f"UNREADABLE: {self.reason}"
@@ -228,6 +236,10 @@ class VerificationResult:
             ],
             "signing_keys": [key.to_json() for key in self.signing_keys],
             "key_rotations": [rotation.to_json() for rotation in self.key_rotations],
+            "late_signatures": [
+                {"fingerprint": key.fingerprint, "key_id": key.key_id, "count": count}
+                for key, count in self.late_signatures
+            ],
             "bundle_signer": self.bundle_signer,
             "ok": self.ok,
             "reason": self.reason,
@@ -440,6 +452,11 @@ class _Verifier:
             if valid
             else {},
             key_rotations=tuple(self._rotations),
+            late_signatures=tuple(
+                (key, self._trust.late_signatures[key.key_id])
+                for key in self._trust.audit_keys
+                if key.key_id in self._trust.late_signatures
+            ),
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -592,9 +609,7 @@ class _Verifier:
             raise
         if checkpoint.origin != self._header.origin:
             raise _Invalid(f"the checkpoint is for {checkpoint.origin}", None)
-        retired = self._trust.retired_signing_problem(signer.key_id, count)
-        if retired is not None:
-            raise _Invalid(f"the checkpoint is signed by a retired key: {retired}", None)
+        self._trust.note_retired_signature(signer.key_id, count)
         if checkpoint.size != count:
             raise _Invalid(
                 f"the signed checkpoint covers {checkpoint.size} records but the bundle has "
@@ -612,10 +627,7 @@ class _Verifier:
             previous, previous_signer = open_checkpoint(
                 trailer.previous_checkpoint, self._trust.audit_keys
             )
-            retired = self._trust.retired_signing_problem(previous_signer.key_id, previous.size)
-            if retired is not None:
-                raise _Invalid(f"the earlier checkpoint is signed by a retired key: {retired}",
-                               None)  # fmt: skip
+            self._trust.note_retired_signature(previous_signer.key_id, previous.size)
             self._check_extends(previous, checkpoint)
             try:
                 verify_consistency(
