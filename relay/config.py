@@ -90,7 +90,8 @@ OPTIONS: tuple[Option, ...] = (
            minimum=0.01),
     Option("dead_peer_timeout", "float", 60.0,
            "seconds after which a side that stopped answering at the TCP level (host down, "
-           "network cut) is given up and its session closed, by TCP keepalive "
+           "network cut) is given up and its session closed: TCP keepalive when nothing is in "
+           "flight, and data left unacknowledged that long when something is "
            "(0: leave it to idle_timeout)", minimum=0),
     Option("grace", "float", 30.0, "seconds sessions may drain after a shutdown signal", minimum=0),
     Option("max_sessions", "int", 10_000, "most sessions (waiting or paired) at once", minimum=1),

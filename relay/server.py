@@ -234,7 +234,7 @@ class Relay:
             now = trio.current_time()
             if self.tcp is not None:
                 self.tcp.admission.refusal_log.flush(now)
-                self.tcp.sweep_idle(now)
+                self.tcp.sweep_idle(now, interval)
             if self.udp is not None:
                 self.udp.sweep(now)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import socket
+import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,6 +50,13 @@ LISTEN_BACKLOG = 4096
 # many probes spread over the other half.
 DEAD_PEER_IDLE_FRACTION = 2
 DEAD_PEER_PROBES = 3
+# How often, per dead_peer_timeout, the sweep asks each session's sockets (unanswered_for).
+DEAD_PEER_CHECKS_PER_TIMEOUT = 4
+# struct tcp_info (linux/tcp.h): u32 tcpi_unacked at byte 24, u32 tcpi_last_ack_recv (ms) at 56.
+_TCP_INFO = getattr(socket, "TCP_INFO", 11)
+_TCP_INFO_BYTES = 60
+_TCP_INFO_UNACKED = struct.Struct("=24xI")
+_TCP_INFO_LAST_ACK_RECV = struct.Struct("=56xI")
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -112,6 +120,7 @@ class TcpFrontEnd:
         self.pending = 0
         self.waiting: set[WaitingConnection] = set()
         self.sessions: set[TcpSession] = set()
+        self._dead_peer_cursor = 0
         self.use_splice = self.config.forwarding == "splice" and SPLICE_AVAILABLE
         self.low_water = bulk_low_water(socket_buffer)
         self._bytes_metric = self.metrics.bytes_forwarded.labels(TRANSPORT)
@@ -380,11 +389,25 @@ class TcpFrontEnd:
         except OSError:
             session.close(Reason.RESET)
 
-    def sweep_idle(self, now: float) -> None:
-        """Close sessions that have had no traffic for the idle timeout."""
-        for session in list(self.sessions):
+    def sweep_idle(self, now: float, interval: float = 1.0) -> None:
+        """Close sessions that have had no traffic for the idle timeout, and those with a side
+        that has left data unanswered for dead_peer_timeout (called every ``interval`` s)."""
+        sessions = list(self.sessions)
+        for session in sessions:
             if now - session.last_activity >= self.config.idle_timeout:
                 session.close(Reason.IDLE_TIMEOUT)
+        timeout = self.config.dead_peer_timeout
+        if timeout <= 0 or not sessions:
+            return
+        # Each session is looked at every timeout / DEAD_PEER_CHECKS_PER_TIMEOUT seconds, a
+        # slice per sweep, so that many sessions do not stall the loop at once.
+        sweeps_per_round = max(1, int(timeout / DEAD_PEER_CHECKS_PER_TIMEOUT / interval))
+        per_sweep = -(-len(sessions) // sweeps_per_round)
+        start = self._dead_peer_cursor % len(sessions)
+        self._dead_peer_cursor = start + per_sweep
+        for session in sessions[start : start + per_sweep]:
+            if any(unanswered_for(sock) >= timeout for sock in session.sockets.values()):
+                session.close(Reason.RESET)
 
     def refuse_waiting_for_shutdown(self) -> None:
         """Wake every waiting side so it is refused with shutting_down."""
@@ -397,6 +420,26 @@ class TcpFrontEnd:
         """End every session now (after the shutdown grace period)."""
         for session in list(self.sessions):
             session.close(reason)
+
+
+def unanswered_for(sock: socket.socket) -> float:
+    """Seconds ``sock`` has had data in flight with no acknowledgement from the peer (0 when
+    nothing is unacknowledged, or where TCP_INFO cannot tell).
+
+    Keepalive probes are only sent while nothing is in flight, so a peer that died while data
+    was on its way to it (an agent's heartbeat to an operator whose host is gone) is caught
+    here, not by keepalive: the kernel would retransmit for about 15 minutes. A live peer that
+    merely stopped reading answers the window probes, so its last acknowledgement stays fresh.
+    """
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, _TCP_INFO, _TCP_INFO_BYTES)
+    except OSError:
+        return 0.0
+    if len(info) < _TCP_INFO_BYTES:
+        return 0.0
+    unacked = _TCP_INFO_UNACKED.unpack_from(info)[0]
+    last_ack_received_ms = _TCP_INFO_LAST_ACK_RECV.unpack_from(info)[0]
+    return last_ack_received_ms / 1000 if unacked else 0.0
 
 
 def detect_dead_peers(listener: socket.socket, timeout: float) -> None:

@@ -117,8 +117,14 @@ def test_a_live_peer_that_stops_reading_is_not_given_up() -> None:
 @pytest.mark.skipif(
     not _can_cut_networks() and os.environ.get("CI") != "true", reason=f"needs {NEEDS}"
 )
+@pytest.mark.parametrize("partner_sends", [False, True], ids=["quiet", "sending"])
 @trio_test
-async def test_a_side_cut_off_by_the_network_is_given_up_and_its_partner_told() -> None:
+async def test_a_side_cut_off_by_the_network_is_given_up_and_its_partner_told(
+    partner_sends: bool,
+) -> None:
+    # Quiet: keepalive probes find the dead side. Sending (the agent's heartbeats to an operator
+    # whose host died): data stays in flight, no probe is sent, and the relay's check of how
+    # long the side left it unacknowledged does.
     assert _can_cut_networks(), f"CI must run this test: it needs {NEEDS}"
     signer = SigningIdentity.generate()
     async with running_relay(
@@ -141,8 +147,10 @@ async def test_a_side_cut_off_by_the_network_is_given_up_and_its_partner_told() 
                     assert (await cut_side.stdout.receive_some(64)).strip() == b"paired"
                 await trio.run_process(["ip", "-n", namespace, "link", "set", there, "down"])
                 cut_at = time.monotonic()
-                # The partner waits, as an operator watching a quiet shell does.
                 for _ in range(int(GIVEN_UP_WITHIN_SECONDS / KEYSTROKE_SECONDS)):
+                    if partner_sends:
+                        with contextlib.suppress(trio.BrokenResourceError):
+                            await operator.send_all(b"beat")
                     if not await _still_open(operator):
                         break
                     await trio.sleep(KEYSTROKE_SECONDS)
