@@ -170,7 +170,8 @@ async def park_request(
         requester_email=operator.email, requester_thumbprint=operator.key_thumbprint,
         mode=mode, command=command, command_sha256=command_sha256(command),
         policy_version=team_policy.version, rule_id=decision.rule_id, reason=decision.reason,
-        state=ApprovalState.PENDING, created_at=now, expires_at=now + APPROVAL_REQUEST_SECONDS,
+        state=ApprovalState.RECORDING, created_at=now,
+        expires_at=now + APPROVAL_REQUEST_SECONDS,
     )  # fmt: skip
     approvers = approvers_of(team_policy.content.roster, operator.email)
     if not approvers:
@@ -182,6 +183,8 @@ async def park_request(
         raise _too_many_pending(waiting)
     # Counted again and stored in one transaction, so concurrent requests cannot all slip under
     # the cap; stored before its audit record so that a request refused by the cap leaves none.
+    # It is stored RECORDING (counted, but nobody can see, decide or redeem it) and becomes
+    # pending only once approval.requested is written, so no decision can precede that record.
     try:
         await ctx.store.create_approval_request(
             request, max_pending=MAX_PENDING_REQUESTS_PER_OPERATOR
@@ -202,6 +205,11 @@ async def park_request(
         # No audit, no action: a request the log does not know of must never be decided.
         await _retract_unaudited(ctx, request, operator)
         raise
+    if await ctx.store.publish_approval_request(request.team_id, request.id) is None:
+        # Nothing else moves a RECORDING request, so only a vanished row lands here; it is
+        # recorded as requested but can never be decided or used.
+        logger.error("approval request %s was not recording when published", request.id)
+        raise ServiceUnavailable("the approval request could not be stored; ask again")
     return {
         "approval_request": {
             "id": request.id,
@@ -228,16 +236,20 @@ async def _retract_unaudited(
 ) -> None:
     """Withdraw a just-stored request whose ``approval.requested`` could not be recorded."""
     try:
-        await ctx.store.decide_approval_request(
-            request.team_id, request.id, ApprovalState.WITHDRAWN, decided_by=operator.id,
-            decided_by_email=operator.email, reason=UNAUDITED_REASON, approval=None,
-            now=ctx.now(),
+        withdrawn = await ctx.store.withdraw_unrecorded_approval_request(
+            request.team_id, request.id, decided_by=operator.id,
+            decided_by_email=operator.email, reason=UNAUDITED_REASON, now=ctx.now(),
         )  # fmt: skip
     except StoreError as error:
-        # The store failing too: the request waits unaudited until it expires. Approving it
-        # still needs its own audited decision, which the same outage would refuse.
+        # The store failing too: the request stays RECORDING until it expires, holding one
+        # place under the cap; nobody can see, decide or redeem it meanwhile.
         logger.error("withdrawing unaudited approval request %s failed: %s",
                      request.id, type(error).__name__)  # fmt: skip
+        return
+    if withdrawn is None:
+        # Nothing else moves a RECORDING request; say so rather than assume it withdrawn.
+        logger.error("unaudited approval request %s was not recording when withdrawn",
+                     request.id)  # fmt: skip
 
 
 async def expire_if_due(ctx: ServiceContext, request: ApprovalRequest) -> ApprovalRequest:
@@ -263,7 +275,8 @@ async def expire_if_due(ctx: ServiceContext, request: ApprovalRequest) -> Approv
 async def load_request(ctx: ServiceContext, team_id: str, request_id: str) -> ApprovalRequest:
     """The team's approval request (expired lazily); NotFound if there is none."""
     request = await ctx.store.get_approval_request(team_id, request_id[:128])
-    if request is None:
+    # A RECORDING request is not in the audit log yet: as far as anyone can tell, not there.
+    if request is None or request.state is ApprovalState.RECORDING:
         raise NotFound("no such approval request in your team")
     return await expire_if_due(ctx, request)
 

@@ -158,6 +158,9 @@ MAX_LIVE_SESSION_IDS = 256
 MAX_LOST_SESSIONS_PER_REPORT = 500
 # Offers sent down one channel that a report on it never ends, remembered per channel.
 MAX_TRACKED_OFFERS = 1024
+# Session ids an end_sessions carried down one channel, remembered (oldest forgotten first) so
+# the periodic sweep of disabled operators' sessions tells each channel of each one once.
+MAX_TRACKED_ENDS = 4096
 AGENT_LOST = "agent_lost"
 # What of an agent-signed session.ended the session row keeps, so `tucdesk sessions show` says
 # why it ended: the reason ("normal", "operator-disconnected", "operator_disabled"…, cut to
@@ -205,12 +208,22 @@ class LiveChannel:
     # Sessions offered down this channel (newest last, bounded): the agent may not have had
     # them yet when it sent its live_sessions report, so the report never ends them.
     offered: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # Sessions an end_sessions named down this channel (newest last, bounded).
+    ended: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def note_offer(self, session_id: str) -> None:
         """Remember that ``session_id`` was offered down this channel."""
         self.offered[session_id] = None
         while len(self.offered) > MAX_TRACKED_OFFERS:
             self.offered.popitem(last=False)
+
+    def note_ends(self, session_ids: list[str]) -> None:
+        """Remember that an ``end_sessions`` for ``session_ids`` went down this channel."""
+        for session_id in session_ids:
+            self.ended[session_id] = None
+            self.ended.move_to_end(session_id)
+        while len(self.ended) > MAX_TRACKED_ENDS:
+            self.ended.popitem(last=False)
 
 
 class AgentConnections:
@@ -219,6 +232,9 @@ class AgentConnections:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         self._by_agent: dict[str, dict[str, LiveChannel]] = {}
+        # Where the periodic sweep of disabled operators' sessions goes on from next time
+        # (rendezvous/offer_bus.py), when the last one stopped at its bound; None: the start.
+        self.disabled_sweep_resume_after: tuple[str, str] | None = None
 
     def __len__(self) -> int:
         return sum(len(channels) for channels in self._by_agent.values())
@@ -238,10 +254,21 @@ class AgentConnections:
                     # Before it is queued: the report that must spare it may come at once.
                     channel.note_offer(str(message.get("session_id")))
                 channel.outgoing.send_nowait(message)
+                if message.get("type") == "end_sessions":
+                    channel.note_ends([str(session_id) for session_id in message["ids"]])
                 return True
             except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
                 continue
         return False
+
+    def not_yet_ended(self, team_id: str, agent_id: str, session_ids: list[str]) -> list[str]:
+        """Those of ``session_ids`` no ``end_sessions`` has named down the agent's newest live
+        channel here (the one ``send`` tries first); all of them if it has none."""
+        channels = self.channels(team_id, agent_id)
+        if not channels:
+            return list(session_ids)
+        ended = channels[-1].ended
+        return [session_id for session_id in session_ids if session_id not in ended]
 
     def send_to_every_channel(self, message: dict[str, Any]) -> int:
         """Queue ``message`` to every live channel held here (a service keys reload); how many

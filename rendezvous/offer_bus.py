@@ -24,7 +24,10 @@ operator is disabled, and only on that operator's sessions in that team. A notic
 while an instance's LISTEN connection was reconnecting, or not sent at all because the store
 failed) is caught by every instance's periodic sweep (``end_disabled_operators_sessions_here``,
 run with the prune task every PRUNE_INTERVAL_SECONDS, rendezvous/server.py): it sends
-``end_sessions`` for every open session of a disabled operator on the channels it holds. An
+``end_sessions`` for every open session of a disabled operator on the channels it holds, once per
+channel (each channel remembers the ids it was sent, bounded), refuses (audited) their offers
+past expiry instead, and pages the sessions in (team id, session id) order, at most
+MAX_SESSIONS_SWEPT_PER_SWEEP a sweep, going on from there the next time. An
 agent offline at that moment is caught when it next reports its live sessions
 (rendezvous/control_channel.py): the sessions of disabled operators among them are ended then.
 A session brokered while its operator was being disabled may escape that look-up (its row did
@@ -72,9 +75,11 @@ MAX_END_SESSION_IDS = 64
 # Open sessions of one disabled operator looked up at once, newest first; any beyond are ended
 # when their agents next report their live sessions.
 MAX_SESSIONS_ENDED_PER_OPERATOR = 1000
-# Open sessions of disabled operators the periodic sweep ends at once on one instance; any
-# beyond are ended by the next sweep (the agents drop the rows' sessions as they end them).
-MAX_SESSIONS_ENDED_PER_SWEEP = 1000
+# Open sessions of disabled operators the periodic sweep reads at once on one instance (one
+# page, in (team id, session id) order), and at most how many it reads in one sweep: it goes
+# on from there the next time, so every row is reached however many stay open.
+SWEEP_PAGE_SESSIONS = 1000
+MAX_SESSIONS_SWEPT_PER_SWEEP = 20_000
 LISTEN_RETRY_MIN_SECONDS = 0.5
 LISTEN_RETRY_MAX_SECONDS = 30.0
 OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
@@ -242,23 +247,52 @@ async def end_disabled_operator_sessions_here(
 
 
 async def end_disabled_operators_sessions_here(ctx: ServiceContext) -> int:
-    """The periodic sweep: send ``end_sessions`` down this instance's channels for every open
-    session of a disabled operator (catching a lost notice or a failed disable); how many."""
+    """The periodic sweep: send ``end_sessions`` down this instance's channels for the open
+    sessions of disabled operators (catching a lost notice or a failed disable), each once per
+    channel; refuse (audited) their offers past expiry instead. How many it asked to end."""
     connections = ctx.connections
     if connections is None:
         return 0
-    found = await ctx.store.open_sessions_of_disabled_operators(
-        ctx.instance_id, MAX_SESSIONS_ENDED_PER_SWEEP
-    )
+    told = swept = 0
+    after = connections.disabled_sweep_resume_after
+    while swept < MAX_SESSIONS_SWEPT_PER_SWEEP:
+        page = await ctx.store.open_sessions_of_disabled_operators(
+            ctx.instance_id, SWEEP_PAGE_SESSIONS, after=after
+        )
+        told += await _end_or_refuse(ctx, page)
+        swept += len(page)
+        if len(page) < SWEEP_PAGE_SESSIONS:
+            after = None  # the end reached: the next sweep starts over
+            break
+        after = (page[-1].team_id, page[-1].id)
+    connections.disabled_sweep_resume_after = after
+    return told
+
+
+async def _end_or_refuse(ctx: ServiceContext, sessions: list[Session]) -> int:
+    """One page of the sweep: an offer past its expiry is refused (operator_disabled, audited)
+    rather than sent to its agent; the rest are sent ``end_sessions`` unless this channel was
+    already sent one naming them (a row that stays open must not be repeated every minute)."""
+    connections = ctx.connections
+    assert connections is not None
+    now = ctx.now()
     by_agent: dict[tuple[str, str], list[str]] = {}
-    for team_id, agent_id, session_id in found:
-        by_agent.setdefault((team_id, agent_id), []).append(session_id)
+    for session in sessions:
+        if session.state is SessionState.OFFERED and now > session.expires_at:
+            try:
+                await refuse_offer_of_disabled_operator(ctx, session)
+            except (ServiceError, StoreError) as error:
+                logger.warning("refusing the expired offer %s failed: %s; the next sweep "
+                               "retries", session.id, type(error).__name__)  # fmt: skip
+            continue
+        by_agent.setdefault((session.team_id, session.agent_id), []).append(session.id)
     told = 0
     for (team_id, agent_id), session_ids in by_agent.items():
         if not connections.channels(team_id, agent_id):
             continue  # its row says this instance, but the channel closed meanwhile
-        for start in range(0, len(session_ids), MAX_END_SESSION_IDS):
-            chunk = session_ids[start : start + MAX_END_SESSION_IDS]
+        unsent = connections.not_yet_ended(team_id, agent_id, session_ids)
+        for start in range(0, len(unsent), MAX_END_SESSION_IDS):
+            chunk = unsent[start : start + MAX_END_SESSION_IDS]
             message = end_sessions_message(chunk, OPERATOR_DISABLED_REASON)
             if await connections.send(team_id, agent_id, message):
                 told += len(chunk)

@@ -279,6 +279,18 @@ async def set_agent_tags(
             caller.team_id, agent.id, tags, expected=previous
         )
     except StoreNotFound:
+        if previous != tags:
+            # Removed after the change was recorded: the log must not keep claiming it.
+            await ctx.audit.record(
+                caller.team_id,
+                actor=caller_actor(caller),
+                action=Action.AGENT_TAGS_CHANGE_FAILED,
+                target=agent.id,
+                details={
+                    "name": agent.name, "previous_tags": previous, "tags": tags,
+                    "reason": "not_found",
+                },
+            )  # fmt: skip
         raise NotFound(NO_SUCH_AGENT) from None
     except TagsChanged as changed:
         current = list(changed.current)

@@ -453,6 +453,10 @@ class StoredPolicyBundle:
 class ApprovalState(StrEnum):
     """Where a parked session request is."""
 
+    # Stored, its approval.requested not written yet: counted under the requester's cap, but
+    # never listed, shown, decided, expired or redeemed (publish_approval_request makes it
+    # pending once the record is written; withdraw_unrecorded_approval_request if it is not).
+    RECORDING = "recording"
     PENDING = "pending"
     APPROVED = "approved"
     DENIED = "denied"
@@ -872,11 +876,11 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def open_sessions_of_disabled_operators(
-        self, instance_id: str, limit: int
-    ) -> list[tuple[str, str, str]]:
-        """(team id, agent id, session id) of at most ``limit`` offered or accepted sessions
-        whose operator is disabled and whose agent has a connection held by ``instance_id``
-        (in no particular order)."""
+        self, instance_id: str, limit: int, *, after: tuple[str, str] | None = None
+    ) -> list[Session]:
+        """At most ``limit`` offered or accepted sessions whose operator is disabled and whose
+        agent has a connection held by ``instance_id``, in (team id, session id) order, from
+        just past ``after`` (a (team id, session id) key; None: from the first)."""
 
     @abc.abstractmethod
     async def update_session_state(
@@ -927,6 +931,27 @@ class Store(abc.ABC):
         requests queue on the team's row)."""
 
     @abc.abstractmethod
+    async def publish_approval_request(
+        self, team_id: str, request_id: str
+    ) -> ApprovalRequest | None:
+        """Atomically make a recording request pending (its audit record is written); None if
+        it is not recording."""
+
+    @abc.abstractmethod
+    async def withdraw_unrecorded_approval_request(
+        self,
+        team_id: str,
+        request_id: str,
+        *,
+        decided_by: str,
+        decided_by_email: str,
+        reason: str,
+        now: float,
+    ) -> ApprovalRequest | None:
+        """Atomically withdraw a recording request whose audit record could not be written;
+        None if it is not recording."""
+
+    @abc.abstractmethod
     async def get_approval_request(self, team_id: str, request_id: str) -> ApprovalRequest | None:
         """The team's approval request with this id, or None."""
 
@@ -941,7 +966,8 @@ class Store(abc.ABC):
         self, team_id: str, requester_id: str, now: float
     ) -> int:
         """How many of the team's requests by ``requester_id`` still wait for a decision at
-        ``now`` (pending and not past their expiry, whether or not marked expired yet)."""
+        ``now`` (pending or recording and not past their expiry, whether or not marked expired
+        yet)."""
 
     @abc.abstractmethod
     async def decide_approval_request(

@@ -1156,23 +1156,15 @@ class SqlStore(Store):
         return _listed_session(row) if row else None
 
     async def open_sessions_of_disabled_operators(
-        self, instance_id: str, limit: int
-    ) -> list[tuple[str, str, str]]:
-        """Open sessions of disabled operators on agents whose channel ``instance_id`` holds."""
-        # Driven by the operators (few), each disabled one's sessions found through the index on
-        # (team_id, operator_id, ...): CROSS JOIN keeps SQLite from scanning every session
-        # instead (PostgreSQL plans it as an inner join). No ORDER BY: it would sort them all.
+        self, instance_id: str, limit: int, *, after: tuple[str, str] | None = None
+    ) -> list[Session]:
+        """Open sessions of disabled operators on agents whose channel ``instance_id`` holds,
+        in (team id, session id) order from just past ``after``."""
+        after_team, after_id = after if after is not None else ("", "")
         rows = await self._read_fetch(
-            """SELECT s.team_id, s.agent_id, s.id FROM operators o CROSS JOIN sessions s
-               WHERE s.team_id = o.team_id AND s.operator_id = o.id
-                 AND o.disabled_at IS NOT NULL AND s.state IN ('offered', 'accepted')
-                 AND EXISTS (SELECT 1 FROM agent_connections c
-                             WHERE c.instance_id = $1 AND c.team_id = s.team_id
-                               AND c.agent_id = s.agent_id)
-               LIMIT $2""",
-            instance_id, limit,
-        )  # fmt: skip
-        return [(row["team_id"], row["agent_id"], row["id"]) for row in rows]
+            _OPEN_SESSIONS_OF_DISABLED_OPERATORS, instance_id, after_team, after_id, limit
+        )
+        return [_session(row) for row in rows]
 
     async def session_listing(
         self, team_id: str, query: SessionQuery = EVERY_SESSION
@@ -1284,8 +1276,8 @@ class SqlStore(Store):
                 )
                 waiting = await session.fetchrow(
                     """SELECT COUNT(*) AS pending FROM approval_requests
-                       WHERE team_id = $1 AND requester_id = $2 AND state = 'pending'
-                         AND expires_at > $3""",
+                       WHERE team_id = $1 AND requester_id = $2
+                         AND state IN ('pending', 'recording') AND expires_at > $3""",
                     request.team_id, request.requester_id, request.created_at,
                 )  # fmt: skip
                 pending = int(waiting["pending"]) if waiting else 0
@@ -1310,6 +1302,39 @@ class SqlStore(Store):
                 request.expires_at,
             )  # fmt: skip
         return request
+
+    async def publish_approval_request(
+        self, team_id: str, request_id: str
+    ) -> ApprovalRequest | None:
+        """Atomically make a recording request pending; None if it is not recording."""
+        row = await self._fetchrow(
+            """UPDATE approval_requests SET state = 'pending'
+               WHERE team_id = $1 AND id = $2 AND state = 'recording'
+               RETURNING *""",
+            team_id, request_id,
+        )  # fmt: skip
+        return _approval_request(row) if row else None
+
+    async def withdraw_unrecorded_approval_request(
+        self,
+        team_id: str,
+        request_id: str,
+        *,
+        decided_by: str,
+        decided_by_email: str,
+        reason: str,
+        now: float,
+    ) -> ApprovalRequest | None:
+        """Atomically withdraw a recording request; None if it is not recording."""
+        row = await self._fetchrow(
+            """UPDATE approval_requests
+               SET state = 'withdrawn', decided_by = $3, decided_by_email = $4,
+                   decision_reason = $5, decided_at = $6
+               WHERE team_id = $1 AND id = $2 AND state = 'recording'
+               RETURNING *""",
+            team_id, request_id, decided_by, decided_by_email, reason[:MAX_NAME_LENGTH], now,
+        )  # fmt: skip
+        return _approval_request(row) if row else None
 
     async def get_approval_request(self, team_id: str, request_id: str) -> ApprovalRequest | None:
         """The team's approval request with this id, or None."""
@@ -1339,8 +1364,8 @@ class SqlStore(Store):
         """How many of the team's requests by ``requester_id`` still wait for a decision."""
         row = await self._fetchrow(
             """SELECT COUNT(*) AS pending FROM approval_requests
-               WHERE team_id = $1 AND requester_id = $2 AND state = 'pending'
-                 AND expires_at > $3""",
+               WHERE team_id = $1 AND requester_id = $2
+                 AND state IN ('pending', 'recording') AND expires_at > $3""",
             team_id, requester_id, now,
         )  # fmt: skip
         return int(row["pending"]) if row else 0
@@ -1756,6 +1781,23 @@ def _policy_bundle(row: Row) -> StoredPolicyBundle:
         bundle=row["bundle"], admin_key_id=row["admin_key_id"], created_by=row["created_by"],
         created_at=float(row["created_at"]),
     )  # fmt: skip
+
+
+# The sweep's page ($1 instance id, $2/$3 the (team id, session id) key to go on after, $4 the
+# page size). Driven by the operators (few), each disabled one's open sessions found through the
+# partial index sessions_open_team_operator (migration 11; its WHERE is repeated here word for
+# word, as SQLite uses a partial index only then): CROSS JOIN keeps SQLite from scanning every
+# session instead (PostgreSQL plans it as an inner join). Only open rows are read and sorted,
+# never an operator's whole history.
+_OPEN_SESSIONS_OF_DISABLED_OPERATORS = """
+    SELECT s.* FROM operators o CROSS JOIN sessions s
+    WHERE s.team_id = o.team_id AND s.operator_id = o.id
+      AND o.disabled_at IS NOT NULL AND s.state IN ('offered', 'accepted')
+      AND (s.team_id > $2 OR (s.team_id = $2 AND s.id > $3))
+      AND EXISTS (SELECT 1 FROM agent_connections c
+                  WHERE c.instance_id = $1 AND c.team_id = s.team_id AND c.agent_id = s.agent_id)
+    ORDER BY s.team_id, s.id
+    LIMIT $4"""
 
 
 def _approval_request(row: Row) -> ApprovalRequest:

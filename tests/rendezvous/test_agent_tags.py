@@ -262,3 +262,35 @@ async def test_a_change_computed_from_stale_tags_is_refused(service: ServiceHarn
     assert response.status_code == 200, response.text
     assert (await listed_tags(service, admin))[agent.agent_id] == ["db", "web"]
     assert len(await service.audit_events(team, "agent.tags_changed")) == 2
+
+
+async def test_a_recorded_change_to_an_agent_removed_meanwhile_is_recorded_as_failed(
+    service: ServiceHarness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """agent.tags_changed is written before the tags are; if the agent is removed in between,
+    agent.tags_change_failed (reason not_found) follows, so the log never claims the change."""
+    team = await service.team("ops")
+    admin = await service.operator(team, "admin")
+    agent = await enroll_agent(service, admin, "web-1")
+    record = service.ctx.audit.record
+
+    async def remove_after_record(*args: Any, **kwargs: Any) -> Any:
+        result = await record(*args, **kwargs)
+        if kwargs.get("action") is Action.AGENT_TAGS_CHANGED:
+            await service.store.remove_agent(team, agent.agent_id, service.clock.now)
+        return result
+
+    monkeypatch.setattr(service.ctx.audit, "record", remove_after_record)
+    answer = await service.call(admin, "PUT", tags_path(agent), {"tags": ["pci"]})
+    assert answer.status_code == 404, answer.text
+    events = [
+        (event["action"], event["target"], event["context"])
+        for event in await service.audit_events(team)
+        if event["action"].startswith("agent.tags_change")
+    ]
+    assert events == [
+        ("agent.tags_changed", agent.agent_id,
+         {"name": "web-1", "previous_tags": [], "tags": ["pci"]}),
+        ("agent.tags_change_failed", agent.agent_id,
+         {"name": "web-1", "previous_tags": [], "tags": ["pci"], "reason": "not_found"}),
+    ]  # fmt: skip

@@ -30,6 +30,7 @@ from rendezvous.approval_gate import (
     APPROVAL_REQUEST_SECONDS,
     MAX_PENDING_REQUESTS_PER_OPERATOR,
     UNAUDITED_REASON,
+    approval_context,
 )
 from rendezvous.errors import ServiceUnavailable
 from rendezvous.store import ApprovalState, Store
@@ -564,3 +565,71 @@ async def test_a_decision_that_loses_a_race_is_recorded_as_superseded(
             "approval_request": request_id, "audited_as": late, "state": state
         }
         assert (await _view(team, team.operator, request_id))["state"] == state
+
+
+async def _try_to_decide_while_recording(team: Team) -> dict[str, Any]:
+    """What the approver meets for the one request being recorded: listed? shown? decidable?"""
+    [recording] = await team.service.store.list_approval_requests(
+        team.team_id, list(ApprovalState)
+    )
+    signed = approve_request(
+        team.approver.identity, approval_context(recording), now=team.service.clock.now
+    )
+    listing = await team.service.call(team.approver, "GET", "/v1/approvals")
+    shown = await team.service.call(team.approver, "GET", f"/v1/approvals/{recording.id}")
+    approved = await team.service.call(
+        team.approver, "POST", f"/v1/approvals/{recording.id}/approve",
+        {"approval": signed.to_json()},
+    )  # fmt: skip
+    denied = await team.service.call(
+        team.approver, "POST", f"/v1/approvals/{recording.id}/deny", {"reason": "no"}
+    )
+    withdrawn = await team.service.call(
+        team.operator, "POST", f"/v1/approvals/{recording.id}/withdraw", None
+    )
+    return {
+        "id": recording.id,
+        "listed": listing.json()["approvals"],
+        "statuses": [r.status_code for r in (shown, approved, denied, withdrawn)],
+        "counted": await team.service.store.count_pending_approval_requests(
+            team.team_id, recording.requester_id, team.service.clock.now
+        ),
+    }
+
+
+@pytest.mark.parametrize("record_fails", [False, True])
+async def test_a_request_cannot_be_decided_before_its_approval_requested_is_written(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, record_fails: bool
+) -> None:
+    """Until approval.requested is written the stored request is counted under the cap but is
+    not listed, shown, decided or withdrawn; so no decision precedes (or outlives) its record."""
+    async with team_with_policy(store, tmp_path) as team:
+        record = team.service.ctx.audit.record
+        seen: dict[str, Any] = {}
+
+        async def decide_during_record(*args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("action") == AuditAction.APPROVAL_REQUESTED:
+                seen.update(await _try_to_decide_while_recording(team))
+                if record_fails:
+                    raise ServiceUnavailable("the audit log is unavailable")
+            return await record(*args, **kwargs)
+
+        monkeypatch.setattr(team.service.ctx.audit, "record", decide_during_record)
+        response = await _ask(team, team.operator, RESTART)
+        monkeypatch.setattr(team.service.ctx.audit, "record", record)
+        assert seen["listed"] == []
+        assert seen["statuses"] == [404, 404, 404, 404]
+        assert seen["counted"] == 1
+        actions = [a for a in await _actions(team) if a.startswith("approval.")]
+        current = await store.get_approval_request(team.team_id, seen["id"])
+        assert current is not None
+        if record_fails:
+            assert response.status_code == 503, response.text
+            assert current.state is ApprovalState.WITHDRAWN
+            assert current.decision_reason == UNAUDITED_REASON
+            assert actions == []
+        else:
+            assert response.status_code == 202, response.text
+            assert current.state is ApprovalState.PENDING
+            assert actions == ["approval.requested"]
+            assert (await _approve(team, team.approver, seen["id"])).status_code == 200

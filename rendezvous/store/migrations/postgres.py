@@ -317,8 +317,22 @@ RETIRED_SERVICE_KEYS = Migration(
     ),
 )
 
+OPEN_SESSIONS_BY_OPERATOR = Migration(
+    11,
+    "open sessions indexed by operator",
+    (
+        # The periodic sweep of disabled operators' sessions (rendezvous/offer_bus.py) reads
+        # only their offered and accepted rows: partial, so it never walks an operator's whole
+        # history, and ended rows (almost all of them) do not maintain it. The sweep's query
+        # repeats this WHERE word for word (SQLite uses a partial index only then).
+        "CREATE INDEX sessions_open_team_operator ON sessions(team_id, operator_id, id) "
+        "WHERE state IN ('offered', 'accepted')",
+    ),
+)
+
 MIGRATIONS: tuple[Migration, ...] = (
     INITIAL, SESSIONS, POLICY, AGENT_EVENTS_ONCE, AGENT_LIST_ORDER, SESSION_LIST_ORDER,
     AGENT_REMOVAL, SERVICE_KEY_PINS, SESSION_ENDINGS, RETIRED_SERVICE_KEYS,
+    OPEN_SESSIONS_BY_OPERATOR,
 )
 check_sequence(MIGRATIONS)
