@@ -281,30 +281,14 @@ async def set_agent_tags(
     except StoreNotFound:
         if previous != tags:
             # Removed after the change was recorded: the log must not keep claiming it.
-            await ctx.audit.record(
-                caller.team_id,
-                actor=caller_actor(caller),
-                action=Action.AGENT_TAGS_CHANGE_FAILED,
-                target=agent.id,
-                details={
-                    "name": agent.name, "previous_tags": previous, "tags": tags,
-                    "reason": "not_found",
-                },
-            )  # fmt: skip
+            await _record_tags_change_failed(ctx, caller, agent, previous, tags,
+                                             {"reason": "not_found"})  # fmt: skip
         raise NotFound(NO_SUCH_AGENT) from None
     except TagsChanged as changed:
         current = list(changed.current)
         if previous != tags:
-            await ctx.audit.record(
-                caller.team_id,
-                actor=caller_actor(caller),
-                action=Action.AGENT_TAGS_CHANGE_FAILED,
-                target=agent.id,
-                details={
-                    "name": agent.name, "previous_tags": previous, "tags": tags,
-                    "current_tags": current,
-                },
-            )  # fmt: skip
+            await _record_tags_change_failed(ctx, caller, agent, previous, tags,
+                                             {"current_tags": current})  # fmt: skip
         raise TagsChangedMeanwhile(
             TAGS_CHANGED_MESSAGE.format(current=_shown_tags(current))
         ) from None
@@ -315,6 +299,24 @@ async def set_agent_tags(
 
 def _shown_tags(tags: list[str]) -> str:
     return ", ".join(tags) if tags else "(none)"
+
+
+async def _record_tags_change_failed(
+    ctx: ServiceContext,
+    caller: Principal,
+    agent: Agent,
+    previous: list[str],
+    tags: list[str],
+    why: dict[str, Any],
+) -> None:
+    """Follow an ``agent.tags_changed`` just recorded that did not take effect."""
+    await ctx.audit.record(
+        caller.team_id,
+        actor=caller_actor(caller),
+        action=Action.AGENT_TAGS_CHANGE_FAILED,
+        target=agent.id,
+        details={"name": agent.name, "previous_tags": previous, "tags": tags, **why},
+    )
 
 
 def _removed_agent_view(agent: Agent) -> RemovedAgentView:
