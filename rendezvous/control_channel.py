@@ -162,6 +162,12 @@ MAX_TRACKED_OFFERS = 1024
 # the periodic sweep of disabled operators' sessions tells each channel of each one once.
 MAX_TRACKED_ENDS = 4096
 AGENT_LOST = "agent_lost"
+# A session whose agent has had no control connection for this long is ended as agent_lost by
+# the periodic sweep (end_sessions_of_absent_agents), so the session list does not show it open
+# for ever when its agent never comes back; an agent that does come back reports its live
+# sessions anyway.
+ABSENT_AGENT_SECONDS = 3600.0
+MAX_ABSENT_SESSIONS_PER_SWEEP = 500
 # What of an agent-signed session.ended the session row keeps, so `tucdesk sessions show` says
 # why it ended: the reason ("normal", "operator-disconnected", "operator_disabled"…, cut to
 # MAX_REFUSAL_REASON_LENGTH) and the exit code (0..255) or the signal's name ("TERM"). A value
@@ -670,6 +676,34 @@ async def _answer_offer(ctx: ServiceContext, agent: Agent, message: dict[str, An
         agent.team_id, agent.id, session_id, state, reason or None, ctx.now(),
         from_states=(SessionState.OFFERED,),
     )  # fmt: skip
+
+
+async def end_sessions_of_absent_agents(ctx: ServiceContext) -> int:
+    """End (``agent_lost``, audited by the service) the open sessions whose agent has had no
+    control connection for ABSENT_AGENT_SECONDS; how many. Run by every instance's sweep: the
+    conditional update lets one of them end each session."""
+    now = ctx.now()
+    absent = await ctx.store.open_sessions_of_absent_agents(
+        now - ABSENT_AGENT_SECONDS, MAX_ABSENT_SESSIONS_PER_SWEEP
+    )
+    ended = 0
+    for session in absent:
+        # Audited before the row changes, like every other decision.
+        await ctx.audit.record(
+            session.team_id, actor=service_actor(), action=Action.SESSION_ENDED,
+            target=session.agent_id, session_id=session.id,
+            details={
+                "reason": AGENT_LOST, "state": session.state.value,
+                "operator_id": session.operator_id,
+                "absent_seconds": int(ABSENT_AGENT_SECONDS),
+            },
+        )  # fmt: skip
+        updated = await ctx.store.update_session_state(
+            session.team_id, session.agent_id, session.id, SessionState.ENDED, AGENT_LOST,
+            ctx.now(), from_states=(session.state,),
+        )  # fmt: skip
+        ended += updated is not None
+    return ended
 
 
 async def _end_lost_sessions(

@@ -31,7 +31,7 @@ from rendezvous.app import create_app
 from rendezvous.audit_trail import AuditTrail
 from rendezvous.config import ServiceConfig, split_listen
 from rendezvous.context import ServiceContext
-from rendezvous.control_channel import AgentConnections
+from rendezvous.control_channel import AgentConnections, end_sessions_of_absent_agents
 from rendezvous.errors import ConfigError
 from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
 from rendezvous.key_rotation import reload_service_keys
@@ -381,6 +381,13 @@ async def _prune_forever(ctx: ServiceContext) -> None:
         else:
             if told:
                 logger.info("asked agents here to end %d session(s) of disabled operators", told)
+        try:
+            lost = await end_sessions_of_absent_agents(ctx)
+        except Exception as error:  # noqa: BLE001 - the next round retries
+            logger.warning("ending sessions of absent agents failed: %s", type(error).__name__)
+        else:
+            if lost:
+                logger.info("ended %d session(s) whose agent has been gone for an hour", lost)
 
 
 async def termination_signal() -> None:

@@ -875,6 +875,14 @@ class Store(abc.ABC):
         in one query. InvalidArgument if the query is out of bounds."""
 
     @abc.abstractmethod
+    async def open_sessions_of_absent_agents(
+        self, offline_before: float, limit: int
+    ) -> list[Session]:
+        """At most ``limit`` offered or accepted sessions, of any team, whose agent has no live
+        control connection and was last seen before ``offline_before``, in (team id, session id)
+        order."""
+
+    @abc.abstractmethod
     async def open_sessions_of_disabled_operators(
         self, instance_id: str, limit: int, *, after: tuple[str, str] | None = None
     ) -> list[Session]:

@@ -1155,6 +1155,13 @@ class SqlStore(Store):
         )  # fmt: skip
         return _listed_session(row) if row else None
 
+    async def open_sessions_of_absent_agents(
+        self, offline_before: float, limit: int
+    ) -> list[Session]:
+        """Open sessions whose agent is offline and was last seen before ``offline_before``."""
+        rows = await self._read_fetch(_OPEN_SESSIONS_OF_ABSENT_AGENTS, offline_before, limit)
+        return [_session(row) for row in rows]
+
     async def open_sessions_of_disabled_operators(
         self, instance_id: str, limit: int, *, after: tuple[str, str] | None = None
     ) -> list[Session]:
@@ -1789,6 +1796,16 @@ def _policy_bundle(row: Row) -> StoredPolicyBundle:
 # word, as SQLite uses a partial index only then): CROSS JOIN keeps SQLite from scanning every
 # session instead (PostgreSQL plans it as an inner join). Only open rows are read and sorted,
 # never an operator's whole history.
+# The partial index of migration 11 serves it: its WHERE is repeated word for word.
+_OPEN_SESSIONS_OF_ABSENT_AGENTS = """
+    SELECT s.* FROM sessions s JOIN agents a ON a.team_id = s.team_id AND a.id = s.agent_id
+    WHERE s.state IN ('offered', 'accepted') AND s.updated_at < $1
+      AND COALESCE(a.last_seen_at, a.registered_at) < $1
+      AND NOT EXISTS (SELECT 1 FROM agent_connections c
+                      WHERE c.team_id = s.team_id AND c.agent_id = s.agent_id)
+    ORDER BY s.team_id, s.id
+    LIMIT $2"""
+
 _OPEN_SESSIONS_OF_DISABLED_OPERATORS = """
     SELECT s.* FROM operators o CROSS JOIN sessions s
     WHERE s.team_id = o.team_id AND s.operator_id = o.id
