@@ -688,22 +688,28 @@ async def end_sessions_of_absent_agents(ctx: ServiceContext) -> int:
     )
     ended = 0
     for session in absent:
-        # Audited before the row changes, like every other decision.
-        await ctx.audit.record(
-            session.team_id, actor=service_actor(), action=Action.SESSION_ENDED,
-            target=session.agent_id, session_id=session.id,
-            details={
-                "reason": AGENT_LOST, "state": session.state.value,
-                "operator_id": session.operator_id,
-                "absent_seconds": int(ABSENT_AGENT_SECONDS),
-            },
-        )  # fmt: skip
-        updated = await ctx.store.update_session_state(
-            session.team_id, session.agent_id, session.id, SessionState.ENDED, AGENT_LOST,
-            ctx.now(), from_states=(session.state,),
-        )  # fmt: skip
-        ended += updated is not None
+        ended += await _end_as_lost(
+            ctx, session, {"absent_seconds": int(ABSENT_AGENT_SECONDS)}
+        )
     return ended
+
+
+async def _end_as_lost(ctx: ServiceContext, session: Session, details: dict[str, Any]) -> bool:
+    """Record (first, like every other decision) and then make the ending of ``session`` as
+    ``agent_lost`` by the service, if it is still in the state it was read in."""
+    await ctx.audit.record(
+        session.team_id, actor=service_actor(), action=Action.SESSION_ENDED,
+        target=session.agent_id, session_id=session.id,
+        details={
+            "reason": AGENT_LOST, "state": session.state.value,
+            "operator_id": session.operator_id, **details,
+        },
+    )  # fmt: skip
+    updated = await ctx.store.update_session_state(
+        session.team_id, session.agent_id, session.id, SessionState.ENDED, AGENT_LOST,
+        ctx.now(), from_states=(session.state,),
+    )  # fmt: skip
+    return updated is not None
 
 
 async def _end_lost_sessions(
@@ -747,20 +753,7 @@ async def _end_lost_sessions(
         session = await ctx.store.get_session(agent.team_id, listed_session.id)
         if session is None or session.state is not listed_session.state:
             continue
-        # Audited before the row changes, like every other decision.
-        await ctx.audit.record(
-            agent.team_id, actor=service_actor(), action=Action.SESSION_ENDED,
-            target=agent.id, session_id=session.id,
-            details={
-                "reason": AGENT_LOST, "state": session.state.value,
-                "operator_id": session.operator_id, "connection_id": channel.connection_id,
-            },
-        )  # fmt: skip
-        updated = await ctx.store.update_session_state(
-            agent.team_id, agent.id, session.id, SessionState.ENDED, AGENT_LOST, ctx.now(),
-            from_states=(session.state,),
-        )  # fmt: skip
-        ended += updated is not None
+        ended += await _end_as_lost(ctx, session, {"connection_id": channel.connection_id})
     if lost:
         logger.info("agent %s reported %d live session(s); ended %d it lost",
                     agent.id, len(live), ended)  # fmt: skip
