@@ -69,6 +69,11 @@ STOP_TIMEOUT_SECONDS = 10.0
 ONLINE_TIMEOUT_SECONDS = 30.0
 COMMAND_TIMEOUT_SECONDS = 60.0
 POLL_INTERVAL_SECONDS = 0.05
+# The CLI started as the `tucdesk` console script starts it. Not `python -m operator_cli.main`:
+# under -m, CPython ends the process by SIGINT at exit (status -2, not the CLI's 130) whenever a
+# KeyboardInterrupt once passed through code compiled from a string, such as a dataclass being
+# made by a lazy import, even after the CLI caught it and printed its message.
+CLI_ENTRY_POINT = "import sys; from operator_cli.main import main; sys.exit(main())"
 RELAY_GRACE_SECONDS = 1.0
 LOG_TAIL_BYTES = 2000
 # How each service announces the port it bound (we start them on port 0: no port races).
@@ -382,7 +387,7 @@ class LocalStack:
 
     def tucdesk_command(self, *args: str, home: Path | None = None) -> list[str]:
         """The argv that runs ``tucdesk ARGS`` against this stack's CLI home."""
-        return [self.python, "-m", "operator_cli.main", "--home", str(home or self.cli_home), *args]
+        return [self.python, "-c", CLI_ENTRY_POINT, "--home", str(home or self.cli_home), *args]
 
     def cli_env(self, home: Path | None = None) -> dict[str, str]:
         """Environment for running ``tucdesk`` yourself (TUCDESK_HOME set to the CLI home)."""

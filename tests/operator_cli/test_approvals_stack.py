@@ -8,6 +8,7 @@ approves their own request, and an approval is good for one command once.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -212,6 +213,50 @@ def test_ctrl_c_while_waiting_for_approval_exits_130_and_says_the_request_stays_
     assert "stays pending" in lines[-1] and "--approval apr_" in lines[-1], lines
     assert "tucdesk approvals withdraw apr_" in lines[-1], lines
     assert not any("Traceback" in line for line in lines), lines
+
+
+# Started by the interpreter before the CLI: the first time code compiled from a string starts
+# while the CLI polls for a decision (a dataclass that a lazy import makes), it sends itself
+# SIGINT from the trace hook, so the KeyboardInterrupt is raised inside that code.
+INTERRUPT_IN_STRING_CODE = """
+import os, signal, sys
+
+def _interrupt_inside_string_code(frame, event, arg):
+    if event != "call" or frame.f_code.co_filename != "<string>" or _sent:
+        return None
+    caller = frame
+    while caller is not None and caller.f_code.co_name != "_poll":
+        caller = caller.f_back
+    if caller is not None:
+        _sent.append(True)
+        sys.stderr.write("test: SIGINT inside string-compiled code\\n")
+        os.kill(os.getpid(), signal.SIGINT)
+    return None
+
+_sent = []
+sys.settrace(_interrupt_inside_string_code)
+"""
+
+
+def test_ctrl_c_landing_in_code_compiled_from_a_string_still_exits_130(
+    team: PolicyStack, tmp_path: Path
+) -> None:
+    hook_dir = tmp_path / "hook"
+    hook_dir.mkdir()
+    (hook_dir / "sitecustomize.py").write_text(INTERRUPT_IN_STRING_CODE)
+    env = team.stack.cli_env(team.operator_home)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hook_dir), env.get("PYTHONPATH")]))
+    argv = team.stack.tucdesk_command("exec", team.stack.agent_name, "--", "echo", "restart",
+                                      "cache", home=team.operator_home)
+    result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env=env,
+                            timeout=WAIT_TIMEOUT_SECONDS, check=False)
+    lines = result.stderr.decode().strip().splitlines()
+    assert "test: SIGINT inside string-compiled code" in lines, lines
+    assert result.returncode == 130, lines
+    assert "stays pending" in lines[-1], lines
+    request_id = lines[-1].split("--approval ")[1].split(";")[0]
+    withdrawn = team.tucdesk("approvals", "withdraw", request_id, home=team.operator_home)
+    assert withdrawn.returncode == 0, withdrawn.stderr
 
 
 def test_the_requester_withdraws_a_parked_request_and_nobody_can_approve_it(

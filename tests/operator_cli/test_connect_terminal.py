@@ -10,6 +10,7 @@ import io
 import json
 import os
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -200,7 +201,7 @@ def test_tilde_ctrl_z_suspends_the_client_with_the_terminal_restored_and_fg_resu
     shell = pexpect.spawn("bash", ["--norc", "--noprofile", "-i"], env=env,
                           timeout=EXPECT_TIMEOUT_SECONDS, dimensions=(30, 100))
     shell.expect_exact("local$ ")
-    command = " ".join(stack.tucdesk_command("connect", "-e", "^]", stack.agent_name))
+    command = shlex.join(stack.tucdesk_command("connect", "-e", "^]", stack.agent_name))
     shell.sendline(command)
     wait_for_shell(shell)
     shell.send("\r\x1d?")
