@@ -12,6 +12,8 @@ Modules, one concern each:
   memory store
 * ``log``        AuditLog: append, checkpoint, proofs, streaming export
 * ``bundle``     the export file format; ``verify`` the offline verifier; ``main`` the CLI
+* ``agent_pins`` agent fingerprints an auditor pins out of band (``--agent-key``)
+* ``show``       the records of a verified bundle for people; ``terminal_text`` escapes them
 
 Design decisions are written down in audit/README.md.
 """

@@ -18,18 +18,22 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from audit.agent_pins import AgentPinError, load_agent_pins
 from audit.checkpoint import Checkpoint, open_checkpoint
 from audit.errors import AuditError, BundleError
 from audit.pinned_keys import PinnedKeyError, load_pinned_key
 from audit.progress import ProgressLine, format_bytes, wants_progress
 from audit.recording_check import check_recording
+from audit.show import RecordFilter, TimeError, parse_when, show_records
 from audit.verify import (
     EXIT_CODES,
+    EarlierCheckpoint,
     KeyNames,
     ProgressCallback,
     Verdict,
     VerificationResult,
     load_previous_checkpoint,
+    read_checkpoint_note,
     read_small_file,
     verify_bundle,
 )
@@ -46,10 +50,14 @@ MAX_CHECKPOINT_FILE_BYTES = 64 * 1024
 
 _EXIT_CODES_HELP = """\
 Exit status:
-  0    OK: every check passed (one-line summary naming the pinned key(s) that signed)
-  1    INVALID: the bundle was tampered with or damaged (names the first bad record and why)
-  2    UNREADABLE: an input cannot be read or is not a bundle / key / checkpoint at all
-  3    WRONG KEY: no pinned key signed anything in the bundle (--key is not its audit key)
+  0    OK: every check passed (a summary naming the pinned key(s) and agent keys that signed;
+       without --previous-checkpoint a second line says rollback was not checked)
+  1    INVALID: the bundle was tampered with, damaged or transformed (CRLF, byte-order mark);
+       names the first bad record and why
+  2    UNREADABLE: an input cannot be read or is not a bundle / key / checkpoint at all, or is
+       the wrong one (--previous-checkpoint of another log, a malformed --agent-key)
+  3    WRONG KEY: no pinned key signed the bundle's first record (--key is not its audit key,
+       or is a key an audit key rotation introduced later: pin the first one)
   4    the bundle verified but --save-checkpoint FILE was left unchanged (it keeps a larger
        checkpoint, or one of another log, or one not signed by a pinned key); never for a
        bundle that does not verify
@@ -80,6 +88,13 @@ inside the bundle are never trusted. Compare a key's fingerprint out of band wit
 (e.g. tucdesk audit export | tucdesk-audit verify - --key audit.pub).
 """
 )
+
+_SHOW_EPILOG = """\
+Exit status as for 'verify' (0 shown, 1 invalid, 2 unreadable, 3 wrong key, 130, 141): on any
+failure nothing but the verdict is printed. With --json: {"records": [...], "verification":
+<the verify --json result>}; each record has seq, time, action, actor (kind, id, display),
+agent_id, agent_name, operator, session_id, command, approved_by.
+"""
 
 _KEY_EPILOG = """\
 Prints "FILE: SHA256:<base64> kid=<key id>", the format of 'tucdesk-rendezvous keys show', so a
@@ -157,6 +172,38 @@ def build_parser() -> argparse.ArgumentParser:
         "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
     )
 
+    show = commands.add_parser(
+        "show",
+        help="print the records of a verified bundle, one per line",
+        description=(
+            "Verify the bundle exactly as 'verify' does, then print the records that match,\n"
+            "one per line: log time (UTC), action, actor, agent, operator, session, who\n"
+            "approved a session, and the command. Nothing is shown from a bundle that does\n"
+            "not verify. Control characters in records are shown escaped, never raw."
+        ),
+        epilog=_SHOW_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    show.add_argument(
+        "bundle", type=Path, metavar="BUNDLE", help="the .jsonl export bundle ('-': stdin)"
+    )
+    _add_bundle_trust_arguments(show)
+    show.add_argument("--agent", metavar="NAME", help="only records about this agent (id or "
+                      "hostname)")  # fmt: skip
+    show.add_argument("--operator", metavar="EMAIL", help="only records of this operator "
+                      "(email or id)")  # fmt: skip
+    show.add_argument("--action", metavar="PREFIX", help="only actions starting with PREFIX "
+                      "(e.g. session. or approval.approved)")  # fmt: skip
+    show.add_argument("--from", dest="start", metavar="TIME", help="only records logged at or "
+                      "after TIME (ISO 8601; UTC unless it says otherwise)")  # fmt: skip
+    show.add_argument("--to", dest="end", metavar="TIME", help="only records logged at or "
+                      "before TIME")  # fmt: skip
+    show.add_argument("--json", action="store_true", help="print a JSON result instead")
+    _add_progress_argument(show)
+    show.add_argument(
+        "--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
     key = commands.add_parser(
         "key",
         help="print a public key's fingerprint, to compare with tucdesk-rendezvous keys show",
@@ -189,7 +236,27 @@ def _add_bundle_trust_arguments(command: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="FILE",
-        help="an earlier signed checkpoint you kept; the bundle must extend it (repeatable)",
+        help="an earlier signed checkpoint you kept; the bundle must extend it (repeatable); "
+        "signed by a pinned key or one the bundle's audit key rotations introduce from it",
+    )
+    command.add_argument(
+        "--agent-key",
+        dest="agent_pins",
+        action="append",
+        default=[],
+        metavar="NAME_OR_ID=FINGERPRINT",
+        help="pin an agent's key fingerprint learnt out of band (tucdesk-agent status), by "
+        "agent id or hostname: a registration of that agent with another key is INVALID "
+        "(repeatable)",
+    )
+    command.add_argument(
+        "--agent-keys",
+        dest="agent_pin_files",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of NAME_OR_ID=FINGERPRINT lines, as --agent-key ('#' starts a comment)",
     )
 
 
@@ -221,6 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _recording(arguments)
         if arguments.command == "key":
             return _key(arguments)
+        if arguments.command == "show":
+            return _show(arguments)
         return _verify(arguments)
     except KeyboardInterrupt:
         # The progress line (if any) was erased on the way out of its `with`.
@@ -236,11 +305,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_UNREADABLE
 
 
-def _load_trust(
-    arguments: argparse.Namespace,
-) -> tuple[list[PublicIdentity], list[Checkpoint], dict[str, str]] | str:
-    """The pinned keys, earlier checkpoints and key names (key id -> file), or why one cannot
-    be read."""
+@dataclasses.dataclass(frozen=True)
+class _Trust:
+    keys: list[PublicIdentity]
+    previous: list[EarlierCheckpoint]
+    names: dict[str, str]
+    agent_pins: dict[str, str]
+
+
+def _load_trust(arguments: argparse.Namespace) -> _Trust | str:
+    """The pinned keys, earlier checkpoints, key names (key id -> file) and agent pins, or why
+    one cannot be read."""
     keys: list[PublicIdentity] = []
     names: dict[str, str] = {}
     for path in arguments.keys:
@@ -250,13 +325,17 @@ def _load_trust(
             return str(error)
         keys.append(key)
         names.setdefault(key.key_id, str(path))
-    previous: list[Checkpoint] = []
+    previous: list[EarlierCheckpoint] = []
     for path in arguments.previous:
         try:
             previous.append(load_previous_checkpoint(path, keys))
         except BundleError as error:
             return str(error)
-    return keys, previous, names
+    try:
+        agent_pins = load_agent_pins(arguments.agent_pins, arguments.agent_pin_files)
+    except AgentPinError as error:
+        return str(error)
+    return _Trust(keys, previous, names, agent_pins)
 
 
 def _key(arguments: argparse.Namespace) -> int:
@@ -278,15 +357,16 @@ def _recording(arguments: argparse.Namespace) -> int:
     trust = _load_trust(arguments)
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
-    keys, previous, names = trust
+    names = trust.names
     with _verify_progress(arguments) as progress:
         verdict = check_recording(
             arguments.recording,
             _bundle_source(arguments.bundle),
-            keys,
-            previous_checkpoints=previous,
+            trust.keys,
+            previous_checkpoints=trust.previous,
             progress=progress,
             key_names=names,
+            agent_pins=trust.agent_pins,
         )
     if arguments.json:
         print(json.dumps(verdict.to_json(names), indent=2, sort_keys=True))
@@ -297,28 +377,78 @@ def _recording(arguments: argparse.Namespace) -> int:
     return verdict.exit_code
 
 
+def _show(arguments: argparse.Namespace) -> int:
+    trust = _load_trust(arguments)
+    if isinstance(trust, str):
+        return _unreadable(arguments, trust)
+    try:
+        wanted = RecordFilter(
+            agent=arguments.agent,
+            operator=arguments.operator,
+            action_prefix=arguments.action,
+            start=None if arguments.start is None else parse_when(arguments.start),
+            end=None if arguments.end is None else parse_when(arguments.end),
+        )
+    except TimeError as error:
+        return _unreadable(arguments, str(error))
+    with _verify_progress(arguments) as progress:
+        shown = show_records(
+            _bundle_source(arguments.bundle),
+            trust.keys,
+            wanted,
+            previous_checkpoints=trust.previous,
+            progress=progress,
+            agent_pins=trust.agent_pins,
+        )
+    result = shown.verification
+    if arguments.json:
+        value = {
+            "records": [record.to_json() for record in shown.records],
+            "verification": result.to_json(trust.names),
+        }
+        print(json.dumps(value, indent=2, sort_keys=True))
+    elif not result.ok:
+        _report(arguments, result, trust.names)
+    else:
+        for record in shown.records:
+            print(record.line())
+    return result.exit_code
+
+
 def _verify(arguments: argparse.Namespace) -> int:
     trust = _load_trust(arguments)
     if isinstance(trust, str):
         return _unreadable(arguments, trust)
-    keys, previous, names = trust
-    kept: Checkpoint | None | str = None
+    names = trust.names
+    kept: Checkpoint | None = None
     if arguments.save_checkpoint is not None:
-        # Read now only to learn which prefix root to keep; whether FILE can take the
+        # Read now only to learn which prefix root to keep (unverified: the keys that may have
+        # signed it are known once the bundle's rotations are); whether FILE can take the
         # checkpoint is decided after the bundle's verdict (exit 4 means it verified).
-        kept = _kept_checkpoint(arguments.save_checkpoint, keys)
+        kept = _claimed_kept_checkpoint(arguments.save_checkpoint)
     with _verify_progress(arguments) as progress:
         result = verify_bundle(
             _bundle_source(arguments.bundle),
-            keys,
-            previous_checkpoints=previous,
+            trust.keys,
+            previous_checkpoints=trust.previous,
             progress=progress,
-            keep_prefix_sizes=(kept.size,) if isinstance(kept, Checkpoint) else (),
+            keep_prefix_sizes=() if kept is None else (kept.size,),
+            agent_pins=trust.agent_pins,
         )
     if result.ok and arguments.save_checkpoint is not None:
-        return _save_checkpoint(arguments, result, keys, names)
+        # The pinned keys and the audit keys the bundle's rotations introduced from them: after
+        # a rotation, FILE keeps a checkpoint the new key signed.
+        return _save_checkpoint(arguments, result, result.trusted_audit_keys(), names)
     _report(arguments, result, names)
     return result.exit_code
+
+
+def _claimed_kept_checkpoint(path: Path) -> Checkpoint | None:
+    """What the checkpoint ``path`` keeps says (not yet checked who signed it), or None."""
+    try:
+        return read_checkpoint_note(read_small_file(path, MAX_CHECKPOINT_FILE_BYTES + 1))
+    except (OSError, AuditError):
+        return None
 
 
 def _kept_checkpoint(path: Path, keys: Sequence[PublicIdentity]) -> Checkpoint | None | str:
@@ -336,8 +466,8 @@ def _kept_checkpoint(path: Path, keys: Sequence[PublicIdentity]) -> Checkpoint |
         checkpoint, _ = open_checkpoint(note, keys)
     except AuditError as error:
         return (
-            f"{path} holds no checkpoint signed by a pinned key ({error}); it was left "
-            "unchanged: give another --save-checkpoint file"
+            f"{path} holds no checkpoint signed by a pinned key (or one the bundle's rotations "
+            f"introduce) ({error}); it was left unchanged: give another --save-checkpoint file"
         )
     return checkpoint
 
@@ -507,7 +637,7 @@ def _checkpoint_not_saved(
         print(json.dumps(value, indent=2, sort_keys=True))
     else:
         if result is not None:
-            print(result.summary(names))
+            _print_summary(result, names)
         print(f"tucdesk-audit: not saving the checkpoint: {reason}", file=sys.stderr)
     return EXIT_CHECKPOINT_NOT_SAVED
 
@@ -556,7 +686,14 @@ def _report(arguments: argparse.Namespace, result: VerificationResult, names: Ke
     elif result.verdict is Verdict.UNREADABLE:
         print(f"tucdesk-audit: {result.summary(names)}", file=sys.stderr)
     else:
-        print(result.summary(names))
+        _print_summary(result, names)
+
+
+def _print_summary(result: VerificationResult, names: KeyNames) -> None:
+    """The one-line verdict, then (for OK) what it did not prove, one line each."""
+    print(result.summary(names))
+    for caveat in result.not_checked():
+        print(caveat)
 
 
 if __name__ == "__main__":

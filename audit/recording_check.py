@@ -26,6 +26,7 @@ from audit.checkpoint import Checkpoint
 from audit.record import AuditRecord, JsonValue, format_time
 from audit.verify import (
     EXIT_CODES,
+    EarlierCheckpoint,
     KeyNames,
     ProgressCallback,
     Verdict,
@@ -128,9 +129,10 @@ def check_recording(
     bundle: Path | BinaryIO,
     audit_keys: Sequence[PublicIdentity],
     *,
-    previous_checkpoints: Sequence[Checkpoint] = (),
+    previous_checkpoints: Sequence[Checkpoint | EarlierCheckpoint] = (),
     progress: ProgressCallback | None = None,
     key_names: KeyNames | None = None,
+    agent_pins: Mapping[str, str] | None = None,
 ) -> RecordingVerdict:
     """Hash ``recording``, verify ``bundle``, then compare with the session.ended record naming
     the file. ``progress`` is passed to verify_bundle (the verification is the long part)."""
@@ -147,6 +149,7 @@ def check_recording(
         previous_checkpoints=previous_checkpoints,
         progress=progress,
         on_record=collector,
+        agent_pins=agent_pins,
     )
     same = tuple(collector.same_content) if verified.ok else ()
     bound = collector.named[0] if verified.ok and len(collector.named) == 1 else None

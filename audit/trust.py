@@ -21,16 +21,26 @@ log unverifiable for good. A second rotation signed by a key that already rotate
 whoever holds a leaked old key naming a successor of their own) is refused. Only a checkpoint
 kept from after the rotation (``--previous-checkpoint``) keeps a leaked old key from rewriting
 what came before it (docs/self-hosting.md, "Rotating service keys").
+
+Whoever holds the audit key can introduce agent keys, so the log is held to what an honest
+rendezvous writes: an agent id is registered once (re-enrolling makes a new agent id), so a
+second ``agent.registered`` for it is refused; after an ``agent.removed`` the agent's key never
+authenticates again, so an event it signed is accepted only if dated no later than the removal
+(an event spooled before the removal may be delivered after it; the agent's clock may run up to
+``REMOVED_AGENT_CLOCK_SKEW`` ahead of the log's). An auditor who knows agents' fingerprints out
+of band pins them (``agent_pins``: agent id or hostname -> fingerprint): a registration of a
+pinned agent with another key is refused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 
 from audit.actions import Action, ActorKind
 from audit.errors import RecordError, UnknownSigner
-from audit.record import AuditEvent, JsonValue, SignedEvent
+from audit.record import MAX_EVENT_FUTURE_SKEW, AuditEvent, JsonValue, SignedEvent, format_time
 from protocol.errors import ProtocolError
 from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_decode
 
@@ -42,6 +52,11 @@ ROTATION_OLD_FINGERPRINT_FIELD = "old_fingerprint"
 ROTATION_NEW_FINGERPRINT_FIELD = "new_fingerprint"
 ROTATION_NEW_PUBLIC_KEY_FIELD = "new_public_key"
 ROTATION_NEW_KEY_ID_FIELD = "new_key_id"
+AGENT_HOSTNAME_FIELD = "hostname"
+AGENT_NAME_FIELD = "name"
+# How far an agent's clock may run ahead of the log's: the same allowance as the log's own
+# check on agent events (an event dated later than this after the removal was signed after it).
+REMOVED_AGENT_CLOCK_SKEW = MAX_EVENT_FUTURE_SKEW
 
 
 def agent_registration_context(
@@ -126,6 +141,36 @@ def introduced_audit_key(event: AuditEvent, signer: PublicIdentity) -> PublicIde
     return key
 
 
+def agent_names(event: AuditEvent, agent_id: str) -> list[str]:
+    """The names an ``agent.registered`` event gives its agent: its id, then its hostname (and
+    name) from the context, as an auditor may pin it with ``--agent-key``."""
+    names = [agent_id]
+    for field_name in (AGENT_HOSTNAME_FIELD, AGENT_NAME_FIELD):
+        value = event.context.get(field_name)
+        if isinstance(value, str) and value and value not in names:
+            names.append(value)
+    return names
+
+
+@dataclass(frozen=True)
+class AgentRegistration:
+    """An agent key introduced by the ``agent.registered`` record at ``seq``."""
+
+    seq: int
+    agent_id: str
+    key: PublicIdentity
+    name: str | None
+    """The hostname (or name) the registration gives, for people."""
+
+
+@dataclass(frozen=True)
+class AgentRemoval:
+    """An ``agent.removed`` record: at ``seq``, logged at ``time``."""
+
+    seq: int
+    time: datetime | None
+
+
 @dataclass(frozen=True)
 class AuditKeyRotation:
     """An audit key introduced by a rotation record its predecessor signed."""
@@ -137,9 +182,17 @@ class AuditKeyRotation:
 class SignerTrust:
     """The keys trusted to sign one log's records, growing as ``agent.registered`` records pass."""
 
-    def __init__(self, audit_keys: Sequence[PublicIdentity]) -> None:
+    def __init__(
+        self,
+        audit_keys: Sequence[PublicIdentity],
+        agent_pins: Mapping[str, str] | None = None,
+    ) -> None:
         self._audit_keys = {key.key_id: key for key in audit_keys}
         self._agent_keys: dict[str, tuple[str, PublicIdentity]] = {}
+        self._agent_pins = dict(agent_pins or {})
+        # Registrations and removals by agent id, as the audit-key-signed records made them.
+        self.registrations: dict[str, AgentRegistration] = {}
+        self._removals: dict[str, AgentRemoval] = {}
         self.rotations: list[AuditKeyRotation] = []
         self._records = 0  # records accepted so far
         # Retired audit keys: key id -> (records accepted when its rotation was, its successor)
@@ -161,12 +214,13 @@ class SignerTrust:
         """Whether ``key_id`` names a pinned audit key."""
         return key_id in self._audit_keys
 
-    def accept(self, signed: SignedEvent) -> None:
-        """Verify ``signed`` against a trusted key, then learn any agent key it introduces."""
-        self._accept(signed)
+    def accept(self, signed: SignedEvent, log_time: datetime | None = None) -> None:
+        """Verify ``signed`` (the record at position ``records accepted so far``, logged at
+        ``log_time``) against a trusted key, then learn any agent key it introduces."""
+        self._accept(signed, log_time)
         self._records += 1
 
-    def _accept(self, signed: SignedEvent) -> None:
+    def _accept(self, signed: SignedEvent, log_time: datetime | None) -> None:
         signer = signed.event.signer
         if signer in self._audit_keys:
             audit_key = self._audit_keys[signer]
@@ -174,7 +228,11 @@ class SignerTrust:
             self.note_retired_signature(signer, self._records + 1)
             if signed.event.action is Action.AGENT_REGISTERED:
                 agent_id, key = introduced_agent_key(signed.event)
-                self._agent_keys[key.key_id] = (agent_id, key)
+                self._register_agent(signed.event, agent_id, key)
+            elif signed.event.action is Action.AGENT_REMOVED and signed.event.target:
+                self._removals.setdefault(
+                    signed.event.target, AgentRemoval(self._records, log_time)
+                )
             elif signed.event.action is Action.SERVICE_KEY_ROTATED:
                 new_key = introduced_audit_key(signed.event, audit_key)
                 if new_key is not None:
@@ -186,8 +244,49 @@ class SignerTrust:
             if actor.kind is not ActorKind.AGENT or actor.id != agent_id:
                 raise RecordError(f"agent key {signer} may only sign as agent {agent_id}")
             signed.verify(key)
+            self._check_not_removed(signed.event, agent_id)
             return
         raise UnknownSigner(signer)
+
+    def _register_agent(self, event: AuditEvent, agent_id: str, key: PublicIdentity) -> None:
+        """Learn ``key`` as ``agent_id``'s; RecordError for a second registration of one agent
+        id, or a key other than the one the auditor pinned for it."""
+        earlier = self.registrations.get(agent_id)
+        if earlier is not None:
+            raise RecordError(
+                f"agent {agent_id} was already registered by record {earlier.seq} (key "
+                f"{earlier.key.fingerprint}); this second agent.registered names key "
+                f"{key.fingerprint}: re-enrolling makes a new agent id, so an honest log never "
+                "registers one twice (whoever held the audit key added it?)"
+            )
+        names = agent_names(event, agent_id)
+        for name in names:
+            pinned = self._agent_pins.get(name)
+            if pinned is not None and pinned != key.fingerprint:
+                raise RecordError(
+                    f"agent {name} is registered with key {key.fingerprint}, but --agent-key "
+                    f"pins {pinned} for it"
+                )
+        self.registrations[agent_id] = AgentRegistration(
+            self._records, agent_id, key, names[1] if len(names) > 1 else None
+        )
+        self._agent_keys[key.key_id] = (agent_id, key)
+
+    def _check_not_removed(self, event: AuditEvent, agent_id: str) -> None:
+        """RecordError if ``agent_id`` was removed earlier in the log and signed ``event``
+        after that (an event signed before, and delivered late, is fine)."""
+        removal = self._removals.get(agent_id)
+        if removal is None:
+            return
+        if removal.time is not None and event.occurred_at <= (
+            removal.time + REMOVED_AGENT_CLOCK_SKEW
+        ):
+            return
+        raise RecordError(
+            f"agent {agent_id} was removed by record {removal.seq}, but this event is dated "
+            f"{format_time(event.occurred_at)}, after the removal: a removed agent's key never "
+            "authenticates again"
+        )
 
     def _follow_rotation(self, old_key: PublicIdentity, new_key: PublicIdentity) -> None:
         """Retire ``old_key`` in favour of ``new_key``; RecordError if it already rotated to
@@ -212,6 +311,11 @@ class SignerTrust:
         retired = self._retired.get(key_id)
         if retired is not None and at_size > retired[0] + 1:
             self.late_signatures[key_id] = self.late_signatures.get(key_id, 0) + 1
+
+    def agent_name(self, agent_id: str) -> str | None:
+        """The hostname (or name) the registration of ``agent_id`` gave, if any."""
+        registration = self.registrations.get(agent_id)
+        return None if registration is None else registration.name
 
     def describe(self, key_id: str) -> tuple[str, str | None, PublicIdentity] | None:
         """(role ``audit`` or ``agent``, agent id for an agent key, the key) of a trusted key."""

@@ -5,8 +5,10 @@ known action, contiguous sequence numbers from 0, non-decreasing log time, the h
 team, and its signature by a pinned audit key or by an agent key introduced through an earlier
 audit-key-signed ``agent.registered`` record (audit/trust.py); then the checkpoint's signature,
 origin, size and Merkle root; then consistency with an earlier checkpoint from the bundle
-(via its RFC 9162 proof) and/or one the auditor kept (recomputed from the records). The first
-failure stops verification and is reported with its record and reason; nothing raises.
+(via its RFC 9162 proof) and/or one the auditor kept (recomputed from the records; its
+signature checked after them, against the pinned keys and the audit keys the bundle's rotation
+records introduced, so a checkpoint kept after a rotation is usable). The first failure stops
+verification and is reported with its record and reason; nothing raises.
 
 A caller showing progress passes ``progress``: it is called every ``PROGRESS_EVERY_RECORDS``
 records with the records checked and the bundle bytes read so far (cheap enough to leave on).
@@ -28,6 +30,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
+from audit.actions import Action
 from audit.bundle import (
     FIRST_RECORD_LINE,
     MAX_BUNDLE_LINE_BYTES,
@@ -37,9 +40,15 @@ from audit.bundle import (
     parse_header,
     parse_trailer,
 )
-from audit.checkpoint import ORIGIN_TEAM_SEPARATOR, Checkpoint, open_checkpoint
+from audit.checkpoint import (
+    ORIGIN_TEAM_SEPARATOR,
+    Checkpoint,
+    open_checkpoint,
+    parse_checkpoint_body,
+)
 from audit.errors import AuditError, BundleError, UnknownSigner, UntrustedNote
 from audit.merkle import EMPTY_ROOT, MerkleFrontier, verify_consistency
+from audit.note import parse_note
 from audit.record import (
     GENESIS_HASH,
     MAX_EVENT_FUTURE_SKEW,
@@ -47,7 +56,13 @@ from audit.record import (
     format_time,
     strict_json,
 )
-from audit.trust import SignerTrust
+from audit.trust import (
+    AUDIT_SIGNER_PURPOSE,
+    ROTATION_NEW_KEY_ID_FIELD,
+    ROTATION_OLD_FINGERPRINT_FIELD,
+    ROTATION_PURPOSE_FIELD,
+    SignerTrust,
+)
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity
 
@@ -64,6 +79,14 @@ class Verdict(StrEnum):
 
 EXIT_CODES = {Verdict.VALID: 0, Verdict.INVALID: 1, Verdict.UNREADABLE: 2, Verdict.WRONG_KEY: 3}
 PROGRESS_EVERY_RECORDS = 256
+MAX_FINGERPRINT_LENGTH = 64  # "SHA256:" and 43 base64 characters; longer is not one
+JSON_FORMAT = "tucdesk-audit-verify-v1"
+"""The ``format`` field of ``--json``: fields are only ever added under this name."""
+NOT_CHECKED_ROLLBACK = (
+    "not checked: rollback or truncation against an earlier export (no --previous-checkpoint "
+    "was given): pass the checkpoint kept from the last export you verified with "
+    "--previous-checkpoint FILE (keep one with --save-checkpoint FILE)"
+)
 
 ProgressCallback = Callable[[int, int], None]
 """Called as ``progress(records_checked, bytes_read)`` while a bundle is verified."""
@@ -82,6 +105,13 @@ class SigningKey:
     fingerprint: str
     records: int
     agent_id: str | None = None
+    agent_name: str | None = None
+    """The hostname (or name) the agent's registration gives."""
+
+    def label(self) -> str:
+        """``agent NAME (ID) FINGERPRINT`` for an agent key, for people."""
+        name = f"{self.agent_name} ({self.agent_id})" if self.agent_name else f"{self.agent_id}"
+        return f"agent {name} {self.fingerprint}"
 
     def to_json(self) -> dict[str, object]:
         """The key as a JSON-ready dict."""
@@ -89,6 +119,7 @@ class SigningKey:
             "key_id": self.key_id,
             "role": self.role,
             "agent_id": self.agent_id,
+            "agent_name": self.agent_name,
             "fingerprint": self.fingerprint,
             "records": self.records,
         }
@@ -152,6 +183,23 @@ class VerificationResult:
     late_signatures: tuple[tuple[PublicIdentity, int], ...] = ()
     """Retired audit keys that still signed after their rotation, and how often: an instance
     not reloaded yet, or a leaked key (reported, not refused)."""
+    auditor_checkpoint_sizes: tuple[int, ...] = ()
+    """Sizes of the earlier checkpoints the auditor kept that the bundle was checked against."""
+    wrong_key_hint: str | None = None
+    """For WRONG_KEY: what to pin instead, when the bundle shows it (a rotation)."""
+
+    def trusted_audit_keys(self) -> list[PublicIdentity]:
+        """The pinned audit keys and those the bundle's rotation records introduced from them."""
+        keys = {key.key_id: key for key in self.pinned_keys}
+        for rotation in self.key_rotations:
+            keys.setdefault(rotation.new_key.key_id, rotation.new_key)
+        return list(keys.values())
+
+    def not_checked(self) -> list[str]:
+        """What a VALID result did not prove, one sentence each (the lines after the OK)."""
+        if not self.ok or self.auditor_checkpoint_sizes:
+            return []
+        return [NOT_CHECKED_ROLLBACK]
 
     @property
     def ok(self) -> bool:
@@ -197,16 +245,23 @@ class VerificationResult:
                 "rotation (an instance not reloaded yet, or a leaked key)"
                 for key, count in self.late_signatures
             )
+            agents = [key.label() for key in self.signing_keys if key.role == "agent"]
+            agent_list = f" ({', '.join(agents)})" if agents else ""
             return (
                 f"OK: {self.record_count} records of {self.origin}{span}, "
-                f"{len(self.signers)} signing keys, root {_hex(self.root_hash)}{consistent}"
-                f"{signed}{rotated}{late}"
+                f"{len(self.signers)} signing keys{agent_list}, root {_hex(self.root_hash)}"
+                f"{consistent}{signed}{rotated}{late}"
             )
         if self.verdict is Verdict.UNREADABLE:
             return f"UNREADABLE: {self.reason}"
         if self.verdict is Verdict.WRONG_KEY:
             pinned = ", ".join(_key_label(key, names) for key in self.pinned_keys)
             are = "keys are" if len(self.pinned_keys) > 1 else "key is"
+            if self.wrong_key_hint is not None:
+                return (
+                    f"WRONG KEY: no pinned key signed this bundle's first record: it is signed "
+                    f"by {self.bundle_signer}, the pinned {are} {pinned}. {self.wrong_key_hint}"
+                )
             return (
                 f"WRONG KEY: no pinned key signed this bundle: it is signed by "
                 f"{self.bundle_signer}, the pinned {are} {pinned}. Check --key: compare "
@@ -222,9 +277,13 @@ class VerificationResult:
         names = key_names or {}
         used = {key.key_id for key in self.audit_keys_used()}
         return {
+            "format": JSON_FORMAT,
             "verdict": self.verdict.value,
             "code": self.code,
             "message": self.summary(names),
+            "not_checked": self.not_checked(),
+            "auditor_checkpoint_sizes": list(self.auditor_checkpoint_sizes),
+            "wrong_key_hint": self.wrong_key_hint,
             "pinned_keys": [
                 {
                     "file": names.get(key.key_id),
@@ -276,9 +335,12 @@ class _WrongKey(_Invalid):
         seq: int | None,
         signed_by: Callable[[PublicIdentity], bool],
         trailer: bytes | None = None,
+        signer_key_id: str | None = None,
     ) -> None:
         super().__init__(reason, seq)
         self.signed_by = signed_by
+        self.signer_key_id = signer_key_id
+        """The key id record 0 names as its signer (None for an empty log's checkpoint)."""
         self.trailer = trailer
         """The checkpoint line, when that is what no pinned key signed (the bundle's end)."""
 
@@ -304,34 +366,69 @@ def read_small_file(path: Path | str, limit: int) -> bytes:
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class EarlierCheckpoint:
+    """A checkpoint note an auditor kept, read but not yet trusted: its signature is checked
+    once the bundle's records are read, against the pinned keys and the audit keys the
+    bundle's rotation records introduce from them (a checkpoint saved after a rotation is
+    signed by the new key)."""
+
+    source: str
+    note: bytes
+    claimed: Checkpoint
+    """What the note says, used only to know which prefix root to compute until it verifies."""
+
+    def open(self, audit_keys: Sequence[PublicIdentity]) -> Checkpoint:
+        """The checkpoint, if a key in ``audit_keys`` signed it; BundleError otherwise."""
+        try:
+            checkpoint, _ = open_checkpoint(self.note, audit_keys)
+        except AuditError as error:
+            raise BundleError(f"{self.source}: earlier checkpoint is unusable: {error}") from None
+        return checkpoint
+
+
+def read_checkpoint_note(note: bytes) -> Checkpoint:
+    """What a checkpoint note says, without checking who signed it; AuditError if it is not a
+    checkpoint note at all."""
+    return parse_checkpoint_body(parse_note(note).text)
+
+
 def load_previous_checkpoint(
     path: Path, audit_keys: Sequence[PublicIdentity]
-) -> Checkpoint:
-    """Read and verify a checkpoint note an auditor kept; BundleError if it cannot be used."""
+) -> EarlierCheckpoint:
+    """Read a checkpoint note an auditor kept; BundleError if it cannot be used. A note signed
+    by none of ``audit_keys`` is checked later, against the keys the bundle introduces."""
     try:
         note = read_small_file(path, MAX_BUNDLE_LINE_BYTES + 1)
     except OSError as error:
         raise BundleError(f"{path}: cannot read earlier checkpoint ({error.strerror})") from None
     try:
-        checkpoint, _ = open_checkpoint(note, audit_keys)
+        claimed = read_checkpoint_note(note)
+        open_checkpoint(note, audit_keys)
+    except UntrustedNote:
+        pass  # perhaps by a key a rotation in the bundle introduces: checked after the records
     except AuditError as error:
         raise BundleError(f"{path}: earlier checkpoint is unusable: {error}") from None
-    return checkpoint
+    return EarlierCheckpoint(str(path), note, claimed)
 
 
 def verify_bundle(
     source: Path | str | BinaryIO,
     audit_keys: Sequence[PublicIdentity],
     *,
-    previous_checkpoints: Sequence[Checkpoint] = (),
+    previous_checkpoints: Sequence[Checkpoint | EarlierCheckpoint] = (),
     progress: ProgressCallback | None = None,
     on_record: RecordCallback | None = None,
     keep_prefix_sizes: Iterable[int] = (),
+    agent_pins: Mapping[str, str] | None = None,
 ) -> VerificationResult:
     """Verify a bundle (a path or a binary stream) trusting only ``audit_keys``.
 
-    ``previous_checkpoints`` are earlier checkpoints the auditor kept (already verified, see
-    load_previous_checkpoint); the bundle must extend each of them. ``progress``, if given, is
+    ``previous_checkpoints`` are earlier checkpoints the auditor kept (a Checkpoint already
+    verified, or an EarlierCheckpoint from load_previous_checkpoint, verified here against the
+    pinned keys and those the bundle's rotations introduce); the bundle must extend each of
+    them. ``agent_pins`` (agent id or hostname -> fingerprint) refuse a registration of that
+    agent with another key. ``progress``, if given, is
     called every PROGRESS_EVERY_RECORDS records with (records checked, bytes read);
     ``on_record`` with each record that passed its checks (trust its findings only if the
     result is VALID). The result keeps the Merkle root of the first N records for each N in
@@ -339,7 +436,9 @@ def verify_bundle(
     """
     if not audit_keys:
         return VerificationResult(Verdict.UNREADABLE, "no pinned audit key was given")
-    verifier = _Verifier(audit_keys, previous_checkpoints, progress, on_record, keep_prefix_sizes)
+    verifier = _Verifier(
+        audit_keys, previous_checkpoints, progress, on_record, keep_prefix_sizes, agent_pins
+    )
     if isinstance(source, (str, Path)):
         try:
             with Path(source).open("rb") as stream:
@@ -355,20 +454,24 @@ class _Verifier:
     def __init__(
         self,
         audit_keys: Sequence[PublicIdentity],
-        previous: Sequence[Checkpoint],
+        previous: Sequence[Checkpoint | EarlierCheckpoint],
         progress: ProgressCallback | None = None,
         on_record: RecordCallback | None = None,
         keep_prefix_sizes: Iterable[int] = (),
+        agent_pins: Mapping[str, str] | None = None,
     ) -> None:
         self._audit_keys = list(audit_keys)
         self._progress = progress
         self._on_record = on_record
         self._bytes_read = 0
-        self._trust = SignerTrust(audit_keys)
+        self._trust = SignerTrust(audit_keys, agent_pins)
         self._previous = list(previous)
         self._prefix_roots: dict[int, bytes] = {}
         self._kept_sizes = set(keep_prefix_sizes)
-        self._wanted_sizes = {checkpoint.size for checkpoint in previous} | self._kept_sizes
+        self._wanted_sizes = {_claimed(checkpoint).size for checkpoint in previous}
+        self._wanted_sizes |= self._kept_sizes
+        self._auditor_sizes: list[int] = []
+        self._wrong_key_hint: str | None = None
         self._frontier = MerkleFrontier()
         self._header: BundleHeader | None = None
         self._line = 0
@@ -395,15 +498,19 @@ class _Verifier:
                 # anything verifies under a pinned key was tampered with, not checked with the
                 # wrong --key, however its first record was re-signed.
                 if wrong.trailer is None:
-                    pinned_signed, last = _scan_rest(stream, self._audit_keys)
+                    scan = _scan_rest(stream, self._audit_keys, wrong.signer_key_id)
                 else:  # an empty log: its checkpoint was the one signed thing, and the last
-                    pinned_signed, last = False, wrong.trailer
-                if pinned_signed:
+                    scan = _RestScan(False, wrong.trailer)
+                if scan.pinned_signed and scan.pinned_introduced_at is None:
                     raise
-                signer = _bundle_audit_key(last, wrong.signed_by)
-                if signer is None:
-                    raise
-                self._bundle_signer = f"audit key {signer.fingerprint}"
+                self._bundle_signer = self._name_first_signer(wrong, scan)
+                if scan.pinned_introduced_at is not None:
+                    self._wrong_key_hint = (
+                        f"A rotation at record {scan.pinned_introduced_at} introduces the pinned "
+                        "key: you pinned the current key; pin the key that signed the first "
+                        f"record, {self._bundle_signer}, and the verifier follows the rotation "
+                        "(compare its fingerprint out of band first)"
+                    )
                 return self._result(Verdict.WRONG_KEY, "no pinned key signed this bundle")
         except BundleError as error:
             return self._result(Verdict.UNREADABLE, str(error))
@@ -413,13 +520,27 @@ class _Verifier:
             return self._result(Verdict.UNREADABLE, f"reading the bundle failed ({error})")
         return self._result(Verdict.VALID)
 
+    def _name_first_signer(self, wrong: _WrongKey, scan: _RestScan) -> str:
+        """Who signed what no pinned key did, for the WRONG KEY message: by fingerprint when
+        the bundle's key list names a key that verifies it, else as the bundle's rotation
+        record names it (a claim: only a pinned key makes it more), else by key id."""
+        signer = _bundle_audit_key(scan.last, wrong.signed_by)
+        if signer is not None:
+            return f"audit key {signer.fingerprint}"
+        if scan.claimed_fingerprint is not None:
+            return f"audit key {scan.claimed_fingerprint}"
+        if wrong.signer_key_id is None:
+            return "an audit key the bundle names nowhere"
+        return f"key id {wrong.signer_key_id} (named by no key in the bundle)"
+
     def _signing_keys(self) -> tuple[SigningKey, ...]:
         keys = []
         for key_id, records in self._signers.items():
             described = self._trust.describe(key_id)
             if described is not None:
                 role, agent_id, key = described
-                keys.append(SigningKey(key_id, role, key.fingerprint, records, agent_id))
+                name = None if agent_id is None else self._trust.agent_name(agent_id)
+                keys.append(SigningKey(key_id, role, key.fingerprint, records, agent_id, name))
         return tuple(keys)
 
     def _result(
@@ -457,6 +578,8 @@ class _Verifier:
                 for key in self._trust.audit_keys
                 if key.key_id in self._trust.late_signatures
             ),
+            auditor_checkpoint_sizes=tuple(self._auditor_sizes),
+            wrong_key_hint=self._wrong_key_hint,
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -471,15 +594,18 @@ class _Verifier:
             raise BundleError("the bundle is empty")
         if len(line) > MAX_BUNDLE_LINE_BYTES:
             raise BundleError("the first line is too long: not a TucDesk audit bundle")
+        # A transformed file (not the bytes exported) is INVALID, as every other change is.
         if line.startswith(UTF8_BOM):
-            raise BundleError(
+            raise _Invalid(
                 "the bundle starts with a byte-order mark (an editor or tool added it): "
-                "a bundle is plain UTF-8 without one; use the file as exported"
+                "a bundle is plain UTF-8 without one; use the file as exported",
+                None,
             )
         if line.endswith(b"\r\n"):
-            raise BundleError(
+            raise _Invalid(
                 "the bundle has CRLF (Windows) line endings: a bundle's lines end with LF only; "
-                "use the file as exported (or convert it back, e.g. with dos2unix)"
+                "use the file as exported (or convert it back, e.g. with dos2unix)",
+                None,
             )
         header = parse_header(line)
         if header.origin.rpartition(ORIGIN_TEAM_SEPARATOR)[2] != header.team_id:
@@ -489,13 +615,19 @@ class _Verifier:
     def _check_previous_origins(self) -> None:
         assert self._header is not None
         for previous in self._previous:
-            if previous.origin != self._header.origin:
-                raise _Invalid(
-                    f"the earlier checkpoint is for {previous.origin}, "
-                    f"not {self._header.origin}",
-                    None,
+            claimed = _claimed(previous)
+            if claimed.origin != self._header.origin:
+                # The auditor's own input, not the bundle: a usage problem, not tampering.
+                source = (
+                    previous.source
+                    if isinstance(previous, EarlierCheckpoint)
+                    else "the earlier checkpoint"
                 )
-            if previous.size == 0:
+                raise BundleError(
+                    f"{source}: this checkpoint is of another log: {claimed.origin} (the "
+                    f"bundle is {self._header.origin}); give the checkpoint kept for this log"
+                )
+            if claimed.size == 0:
                 self._prefix_roots[0] = EMPTY_ROOT
 
     def _verify(self, stream: BinaryIO) -> None:
@@ -527,6 +659,7 @@ class _Verifier:
                     self._verify_trailer(value, body, stream)
                 except (AuditError, ProtocolError, ValueError) as error:
                     raise _Invalid(f"checkpoint: {error}", None) from None
+                self._check_auditor_checkpoints()
                 return
             try:
                 record = AuditRecord.from_parsed(value, body)
@@ -557,10 +690,12 @@ class _Verifier:
             raise _Invalid("event is dated after the log received it", seq)
         rotations = len(self._trust.rotations)
         try:
-            self._trust.accept(record.signed)
+            self._trust.accept(record.signed, record.time)
         except UnknownSigner as error:
             if not self._signers:  # nothing so far was signed by a pinned key
-                raise _WrongKey(str(error), seq, partial(_signs_record, record)) from None
+                raise _WrongKey(
+                    str(error), seq, partial(_signs_record, record), signer_key_id=event.signer
+                ) from None
             raise
         if len(self._trust.rotations) != rotations:
             rotation = self._trust.rotations[-1]
@@ -640,7 +775,18 @@ class _Verifier:
             except AuditError as error:
                 raise _Invalid(f"the earlier checkpoint in the bundle: {error}", None) from None
             self._checked_sizes.append(previous.size)
-        for previous in self._previous:
+
+    def _check_auditor_checkpoints(self) -> None:
+        """The bundle extends each checkpoint the auditor kept (BundleError for one that is
+        not a usable checkpoint of this log: the auditor's input, not the bundle's fault)."""
+        checkpoint = self._checkpoint
+        assert checkpoint is not None
+        for kept in self._previous:
+            # Against the trust the records established: pinned keys and the audit keys their
+            # rotation records introduced (a retired key's checkpoint stays valid for its size).
+            previous = (
+                kept.open(self._trust.audit_keys) if isinstance(kept, EarlierCheckpoint) else kept
+            )
             self._check_extends(previous, checkpoint)
             if self._prefix_roots.get(previous.size) != previous.root_hash:
                 raise _Invalid(
@@ -649,6 +795,7 @@ class _Verifier:
                     None,
                 )
             self._checked_sizes.append(previous.size)
+            self._auditor_sizes.append(previous.size)
 
     def _check_extends(self, previous: Checkpoint, checkpoint: Checkpoint) -> None:
         if previous.origin != checkpoint.origin:
@@ -659,6 +806,10 @@ class _Verifier:
                 f"this bundle only {checkpoint.size}",
                 None,
             )
+
+
+def _claimed(previous: Checkpoint | EarlierCheckpoint) -> Checkpoint:
+    return previous.claimed if isinstance(previous, EarlierCheckpoint) else previous
 
 
 def _hex(value: bytes | None) -> str:
@@ -702,37 +853,85 @@ def _signs_note(note: bytes, key: PublicIdentity) -> bool:
     return True
 
 
-def _scan_rest(stream: BinaryIO, audit_keys: Sequence[PublicIdentity]) -> tuple[bool, bytes]:
+@dataclass
+class _RestScan:
+    """What the rest of a bundle whose first record no pinned key signed shows."""
+
+    pinned_signed: bool
+    """Some record (or the checkpoint) verifies under a pinned key."""
+    last: bytes
+    """The last line, without its newline."""
+    pinned_introduced_at: int | None = None
+    """The record of an audit key rotation naming a pinned key as the new key."""
+    claimed_fingerprint: str | None = None
+    """The fingerprint a rotation record signed by record 0's signer names as the key it
+    retires: record 0's signer's, if that record is genuine."""
+
+
+def _scan_rest(
+    stream: BinaryIO, audit_keys: Sequence[PublicIdentity], first_signer: str | None = None
+) -> _RestScan:
     """Read the rest of the bundle: whether any record in it or its checkpoint verifies under a
-    pinned key, and its last line (without its newline). Bounded per line; only lines naming a
-    pinned key id are parsed, so a bundle signed by another key is read at the speed of the
-    disk."""
+    pinned key, whether an audit key rotation introduces a pinned key, and what a rotation by
+    ``first_signer`` (record 0's signer key id) says its fingerprint is. Bounded per line; only
+    lines naming a pinned key id or ``first_signer`` are parsed, so a bundle signed by another
+    key is read at the speed of the disk. Nothing found here is trusted: it only tells a wrong
+    --key from tampering, and names the key to pin."""
     pinned = {key.key_id: key for key in audit_keys}
-    key_ids = [key_id.encode() for key_id in pinned]
-    found = False
-    last = b""
+    pinned_ids = [key_id.encode() for key_id in pinned]
+    first_id = first_signer.encode() if first_signer else None
+    rotation = f'"{Action.SERVICE_KEY_ROTATED.value}"'.encode()
+    scan = _RestScan(False, b"")
     while line := stream.readline(MAX_BUNDLE_LINE_BYTES + 1):
         if not line.strip():
             continue
-        last = line.rstrip(b"\n")
-        if found or not any(key_id in last for key_id in key_ids):
-            continue
-        found = _signed_by_pinned_key(last, pinned)
-    if not found and last:
-        found = _checkpoint_signed_by_pinned_key(last, audit_keys)
-    return found, last
+        scan.last = body = line.rstrip(b"\n")
+        # Parse only what can still change the answer: a record by a pinned key until one
+        # verifies, and rotation records naming a pinned key or record 0's signer.
+        names_pinned = any(key_id in body for key_id in pinned_ids)
+        if (not scan.pinned_signed and names_pinned) or (
+            rotation in body
+            and (
+                (scan.pinned_introduced_at is None and names_pinned)
+                or (scan.claimed_fingerprint is None and first_id is not None and first_id in body)
+            )
+        ):
+            _scan_record(scan, body, pinned, first_signer)
+    if not scan.pinned_signed and scan.last:
+        scan.pinned_signed = _checkpoint_signed_by_pinned_key(scan.last, audit_keys)
+    return scan
 
 
-def _signed_by_pinned_key(body: bytes, pinned: Mapping[str, PublicIdentity]) -> bool:
+def _scan_record(
+    scan: _RestScan, body: bytes, pinned: Mapping[str, PublicIdentity], first_signer: str | None
+) -> None:
     try:
         value = strict_json(body)
         if is_trailer(value):
-            return False
+            return
         record = AuditRecord.from_parsed(value, body)
-        key = pinned.get(record.event.signer)
-        return key is not None and _signs_record(record, key)
     except (AuditError, ProtocolError, ValueError):
-        return False
+        return
+    event = record.event
+    key = pinned.get(event.signer)
+    if not scan.pinned_signed and key is not None and _signs_record(record, key):
+        scan.pinned_signed = True
+    if (
+        event.action is not Action.SERVICE_KEY_ROTATED
+        or event.context.get(ROTATION_PURPOSE_FIELD) != AUDIT_SIGNER_PURPOSE
+    ):
+        return
+    if scan.pinned_introduced_at is None and event.context.get(ROTATION_NEW_KEY_ID_FIELD) in pinned:
+        scan.pinned_introduced_at = record.seq
+    old_fingerprint = event.context.get(ROTATION_OLD_FINGERPRINT_FIELD)
+    if (
+        scan.claimed_fingerprint is None
+        and event.signer == first_signer
+        and isinstance(old_fingerprint, str)
+        and old_fingerprint.startswith("SHA256:")
+        and len(old_fingerprint) <= MAX_FINGERPRINT_LENGTH
+    ):
+        scan.claimed_fingerprint = old_fingerprint
 
 
 def _checkpoint_signed_by_pinned_key(last: bytes, audit_keys: Sequence[PublicIdentity]) -> bool:

@@ -366,6 +366,15 @@ async def _audit_export(
                 raise ServiceError(f"no team named {team_name!r}")
             log_id = team.id
         trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        # Audited as the HTTP export is (routes_audit.py), before it, so the bundle holds it:
+        # who read a team's log is part of that log.
+        await trail.record(
+            log_id,
+            actor=service_actor("admin command"),
+            action=Action.AUDIT_EXPORTED,
+            target=f"team:{log_id}",
+            details={},
+        )
         with output.open("wb") as stream:
             await trail.export_to(log_id, stream)
     print(f"wrote {output}; verify with: tucdesk-audit verify {output} --key AUDIT_KEY_PEM "

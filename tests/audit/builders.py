@@ -85,8 +85,12 @@ async def register_agent(
 
 
 async def typical_history(log: AuditLog, commands: int = 3) -> None:
-    """A registration, a decision, agent-signed session records and an end."""
-    await register_agent(log)
+    """A registration (on an empty log: an agent id is registered once), a decision,
+    agent-signed session records and an end."""
+    if await log.size() == 0:
+        await register_agent(log)
+    else:  # as many records as the first time
+        await log.append(Action.AGENT_CONNECTED, SERVICE, target=AGENT_ID)
     await log.append(
         Action.SESSION_DECISION,
         OPERATOR,

@@ -301,8 +301,8 @@ def test_the_summary_and_json_name_the_keys_by_fingerprint(
     bundle.write_bytes(typical_bundle(commands=2).bundle)
     code, out, _ = run(["verify", str(bundle), "--key", str(key)], capsys)
     assert code == 0
-    assert out.rstrip().endswith(f"; signed by pinned audit key {AUDIT_KEY.public.fingerprint} "
-                                 f"({key})")  # fmt: skip
+    assert out.splitlines()[0].endswith(f"; signed by pinned audit key "
+                                        f"{AUDIT_KEY.public.fingerprint} ({key})")  # fmt: skip
     code, out, _ = run(["verify", str(bundle), "--key", str(key), "--json"], capsys)
     result = json.loads(out)
     assert result["code"] == "valid"

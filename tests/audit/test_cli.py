@@ -48,12 +48,30 @@ def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, 
     return code, captured.out, captured.err
 
 
-def test_valid_bundle_exits_zero_with_a_one_line_summary(
+def test_valid_bundle_exits_zero_with_a_summary_and_what_it_did_not_check(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, out, err = run(["verify", str(files["bundle"]), "--key", str(files["key"])], capsys)
     assert code == 0 and err == ""
-    assert out.count("\n") == 1 and out.startswith("OK: 6 records of desk.example.com/audit/team-7")
+    summary, not_checked = out.splitlines()
+    assert summary.startswith("OK: 6 records of desk.example.com/audit/team-7")
+    assert not_checked.startswith("not checked: rollback or truncation against an earlier export")
+    assert "--previous-checkpoint FILE" in not_checked
+    code, out, _ = run(["verify", str(files["bundle"]), "--key", str(files["key"]), "--json"],
+                       capsys)  # fmt: skip
+    assert json.loads(out)["not_checked"] == [not_checked]
+
+
+def test_with_an_earlier_checkpoint_the_ok_is_one_line(
+    files: dict[str, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["verify", str(files["bundle"]), "--key", str(files["key"])]
+    code, out, _ = run([*argv, "--previous-checkpoint", str(files["earlier"])], capsys)
+    assert code == 0 and out.count("\n") == 1 and out.startswith("OK: 6 records")
+    code, out, _ = run([*argv, "--previous-checkpoint", str(files["earlier"]), "--json"], capsys)
+    result = json.loads(out)
+    assert result["not_checked"] == [] and result["auditor_checkpoint_sizes"] == [5]
+    assert result["format"] == "tucdesk-audit-verify-v1"
 
 
 def test_earlier_checkpoint_file_is_checked(

@@ -461,10 +461,15 @@ def test_rewritten_history_under_a_fresh_checkpoint_fails_the_auditors_checkpoin
     assert_invalid(result, None, "history was rewritten")
 
 
-def test_auditors_checkpoint_of_another_log_is_refused(exported: Exported) -> None:
+def test_auditors_checkpoint_of_another_log_is_a_usage_problem_not_tampering(
+    exported: Exported,
+) -> None:
     other = Checkpoint("desk.example.com/audit/team-9", 1, bytes(32))
     result = verify(exported.bundle, previous_checkpoints=[other])
-    assert_invalid(result, None, "is for desk.example.com/audit/team-9")
+    assert result.verdict is Verdict.UNREADABLE and result.exit_code == 2, result.summary()
+    assert "this checkpoint is of another log: desk.example.com/audit/team-9" in (
+        result.reason or ""
+    )
 
 
 @pytest.mark.parametrize(
@@ -555,9 +560,9 @@ def test_a_missing_final_newline_names_the_checkpoint_line(exported: Exported) -
 
 def test_crlf_line_endings_are_named(exported: Exported) -> None:
     result = verify(exported.bundle.replace(b"\n", b"\r\n"))
-    assert result.verdict is Verdict.UNREADABLE and "CRLF (Windows) line endings" in (
-        result.reason or ""
-    )
+    # A transformed file is not the bundle exported: INVALID (exit 1), as audit/README says.
+    assert_invalid(result, None, "CRLF (Windows) line endings")
+    assert result.bad_line == 1
     lines = exported.lines()
     lines[2] = lines[2][:-1] + b"\r\n"
     assert_invalid(verify(b"".join(lines)), 1, "the line ends with CRLF")
@@ -565,4 +570,5 @@ def test_crlf_line_endings_are_named(exported: Exported) -> None:
 
 def test_a_byte_order_mark_is_named(exported: Exported) -> None:
     result = verify(b"\xef\xbb\xbf" + exported.bundle)
-    assert result.verdict is Verdict.UNREADABLE and "byte-order mark" in (result.reason or "")
+    assert_invalid(result, None, "byte-order mark")
+    assert result.bad_line == 1 and result.exit_code == 1

@@ -1,0 +1,254 @@
+"""`tucdesk-audit show`: the records of a verified bundle, one line each, for people.
+
+Nothing is shown from a bundle that does not verify: records are picked as they pass their
+checks, in the verifier's one read of the file (``verify_bundle(..., on_record=...)``), and kept
+only if the whole bundle verified. Each line gives the log time, action, actor, the agent and
+operator concerned, and for session records the command; a ``session.started`` that executed an
+approval names who approved it (joined with the ``approval.approved`` record of its approval
+id). Every string a record holds went through protocol/terminal_text.py: no control character from
+a bundle ever reaches the terminal. Memory grows with the records shown, not with the bundle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from audit.actions import Action, ActorKind
+from audit.checkpoint import Checkpoint
+from audit.record import AuditRecord, format_time
+from audit.verify import (
+    EarlierCheckpoint,
+    ProgressCallback,
+    VerificationResult,
+    verify_bundle,
+)
+from protocol.identity import PublicIdentity
+from protocol.terminal_text import shown_command, visible
+
+AGENT_REGISTRATION_HOSTNAME = "hostname"
+APPROVAL_ID_FIELD = "approval_request"  # in approval.* records (rendezvous/approval_gate.py)
+STARTED_APPROVAL_ID_FIELD = "approval_request_id"  # in session.started (agent/audit_events.py)
+REQUESTED_COMMAND_FIELD = "command"  # session.requested: shell-quoted by the rendezvous
+EXECUTED_ARGV_FIELD = "argv"  # session.command: the argv the agent ran
+STARTED_OPERATOR_FIELD = "operator_email"
+MAX_SHOWN_FIELD = 1024  # characters of one field on a line (already escaped), then an ellipsis
+
+
+class TimeError(ValueError):
+    """A --from / --to time that is not ISO 8601."""
+
+
+def parse_when(text: str) -> datetime:
+    """An ISO 8601 time (``Z`` or an offset; without one, UTC); TimeError otherwise."""
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise TimeError(
+            f"{text[:80]!r} is not a time: give ISO 8601, e.g. 2026-11-26T10:00:00Z"
+        ) from None
+    return moment.replace(tzinfo=UTC) if moment.tzinfo is None else moment
+
+
+@dataclass(frozen=True)
+class RecordFilter:
+    """Which records to show; every criterion given must match."""
+
+    agent: str | None = None
+    """Agent id or hostname."""
+    operator: str | None = None
+    """Operator email (or operator id)."""
+    action_prefix: str | None = None
+    start: datetime | None = None
+    end: datetime | None = None
+
+
+@dataclass(frozen=True)
+class ShownRecord:
+    """One record as ``show`` prints it (strings as the record holds them, not yet escaped)."""
+
+    seq: int
+    time: str
+    action: str
+    actor_kind: str
+    actor_id: str
+    actor_display: str
+    agent_id: str | None
+    agent_name: str | None
+    operator: str | None
+    session_id: str | None
+    command: str | None
+    """Already quoted: ``shown_command`` of an argv, or the rendezvous's shell-quoted text."""
+    approved_by: str | None
+
+    def line(self) -> str:
+        """The record on one line, every part escaped for a terminal."""
+        actor = f"{self.actor_kind}:{self.actor_id}"
+        if self.actor_display:
+            actor += f" ({self.actor_display})"
+        parts = [self.time, self.action, f"actor={actor}"]
+        if self.agent_id is not None:
+            name = f"{self.agent_name} ({self.agent_id})" if self.agent_name else self.agent_id
+            parts.append(f"agent={name}")
+        if self.operator is not None:
+            parts.append(f"operator={self.operator}")
+        if self.session_id is not None:
+            parts.append(f"session={self.session_id}")
+        if self.approved_by is not None:
+            parts.append(f"approved_by={self.approved_by}")
+        if self.command is not None:
+            parts.append(f"command={self.command}")
+        return " ".join(_shown(part) for part in parts)
+
+    def to_json(self) -> dict[str, object]:
+        """The record as a JSON-ready dict (``--json``; JSON escapes control characters)."""
+        return {
+            "seq": self.seq,
+            "time": self.time,
+            "action": self.action,
+            "actor": {"kind": self.actor_kind, "id": self.actor_id, "display": self.actor_display},
+            "agent_id": self.agent_id,
+            "agent_name": self.agent_name,
+            "operator": self.operator,
+            "session_id": self.session_id,
+            "command": self.command,
+            "approved_by": self.approved_by,
+        }
+
+
+@dataclass
+class _Picker:
+    """Called with each verified record: keeps what it needs to join, and the matching ones."""
+
+    wanted: RecordFilter
+    agent_names: dict[str, str] = field(default_factory=dict)
+    session_operators: dict[str, str] = field(default_factory=dict)
+    session_commands: dict[str, str] = field(default_factory=dict)
+    approvers: dict[str, str] = field(default_factory=dict)
+    picked: list[ShownRecord] = field(default_factory=list)
+
+    def __call__(self, record: AuditRecord) -> None:
+        event = record.event
+        actor, context, session_id = event.actor, event.context, event.session_id
+        if event.action is Action.AGENT_REGISTERED and event.target:
+            hostname = context.get(AGENT_REGISTRATION_HOSTNAME)
+            self.agent_names[event.target] = hostname if isinstance(hostname, str) else ""
+        if event.action is Action.APPROVAL_APPROVED:
+            approval_id = context.get(APPROVAL_ID_FIELD)
+            if isinstance(approval_id, str):
+                self.approvers[approval_id] = actor.display or actor.id
+        if session_id is not None:
+            if actor.kind is ActorKind.OPERATOR:
+                self.session_operators.setdefault(session_id, actor.display or actor.id)
+            if event.action is Action.SESSION_STARTED:
+                email = context.get(STARTED_OPERATOR_FIELD)
+                if isinstance(email, str):
+                    self.session_operators.setdefault(session_id, email)
+            command = _command(record)
+            if command is not None:
+                self.session_commands.setdefault(session_id, command)
+        shown = self._shown(record)
+        if self._matches(shown, record):
+            self.picked.append(shown)
+
+    def _shown(self, record: AuditRecord) -> ShownRecord:
+        event = record.event
+        actor, session_id = event.actor, event.session_id
+        agent_id: str | None = None
+        if actor.kind is ActorKind.AGENT:
+            agent_id = actor.id
+        elif event.target is not None and event.target in self.agent_names:
+            agent_id = event.target
+        operator = (actor.display or actor.id) if actor.kind is ActorKind.OPERATOR else None
+        if operator is None and session_id is not None:
+            operator = self.session_operators.get(session_id)
+        command = None
+        approved_by = None
+        if event.action.value.startswith("session."):
+            command = _command(record)
+            if command is None and session_id is not None:
+                command = self.session_commands.get(session_id)
+        if event.action is Action.SESSION_STARTED:
+            approval_id = event.context.get(STARTED_APPROVAL_ID_FIELD)
+            if isinstance(approval_id, str):
+                approved_by = self.approvers.get(approval_id, f"unknown (approval {approval_id})")
+        return ShownRecord(
+            seq=record.seq,
+            time=format_time(record.time),
+            action=event.action.value,
+            actor_kind=actor.kind.value,
+            actor_id=actor.id,
+            actor_display=actor.display,
+            agent_id=agent_id,
+            agent_name=None if agent_id is None else self.agent_names.get(agent_id) or None,
+            operator=operator,
+            session_id=session_id,
+            command=command,
+            approved_by=approved_by,
+        )
+
+    def _matches(self, shown: ShownRecord, record: AuditRecord) -> bool:
+        wanted = self.wanted
+        if wanted.action_prefix is not None and not shown.action.startswith(wanted.action_prefix):
+            return False
+        if wanted.start is not None and record.time < wanted.start:
+            return False
+        if wanted.end is not None and record.time > wanted.end:
+            return False
+        if wanted.agent is not None and wanted.agent not in (shown.agent_id, shown.agent_name):
+            return False
+        operator_ids = {shown.operator}
+        if shown.actor_kind == ActorKind.OPERATOR.value:
+            operator_ids.add(shown.actor_id)
+        return wanted.operator is None or wanted.operator in operator_ids
+
+
+@dataclass(frozen=True)
+class ShowResult:
+    """The bundle's verification, and the records picked (only when it verified)."""
+
+    verification: VerificationResult
+    records: tuple[ShownRecord, ...]
+
+
+def show_records(
+    bundle: Path | BinaryIO,
+    audit_keys: Sequence[PublicIdentity],
+    wanted: RecordFilter,
+    *,
+    previous_checkpoints: Sequence[Checkpoint | EarlierCheckpoint] = (),
+    progress: ProgressCallback | None = None,
+    agent_pins: Mapping[str, str] | None = None,
+) -> ShowResult:
+    """Verify ``bundle`` and pick the records ``wanted`` in the same read; none unless it
+    verified."""
+    picker = _Picker(wanted)
+    verified = verify_bundle(
+        bundle,
+        audit_keys,
+        previous_checkpoints=previous_checkpoints,
+        progress=progress,
+        on_record=picker,
+        agent_pins=agent_pins,
+    )
+    return ShowResult(verified, tuple(picker.picked) if verified.ok else ())
+
+
+def _command(record: AuditRecord) -> str | None:
+    """The command a session record holds, quoted for a shell, if any."""
+    context = record.event.context
+    argv = context.get(EXECUTED_ARGV_FIELD)
+    if isinstance(argv, list) and all(isinstance(argument, str) for argument in argv):
+        return shown_command([argument for argument in argv if isinstance(argument, str)])
+    command = context.get(REQUESTED_COMMAND_FIELD)
+    if isinstance(command, str):
+        return command
+    return None
+
+
+def _shown(text: str) -> str:
+    text = visible(text)
+    return text if len(text) <= MAX_SHOWN_FIELD else text[: MAX_SHOWN_FIELD - 1] + "…"

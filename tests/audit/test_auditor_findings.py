@@ -1,0 +1,343 @@
+"""What an outside audit of the verifier found, pinned: checkpoints kept across an audit key
+rotation, the current key pinned instead of the first, a forged agent re-registration, what an
+OK does not prove, and exit codes for transformed files and another log's checkpoint. Real
+keys, real logs, real bundles."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+import rfc8785
+import trio
+
+from audit.actions import Action
+from audit.checkpoint import open_checkpoint, sign_checkpoint
+from audit.log import AuditLog
+from audit.main import main
+from audit.store import MemoryAuditStore
+from audit.trust import service_key_rotation_context
+from audit.verify import Verdict, VerificationResult, verify_bundle
+from protocol.identity import SigningIdentity
+from tests.audit.builders import (
+    AGENT_ID,
+    AGENT_KEY,
+    AUDIT_KEY,
+    OPERATOR,
+    OTHER_KEY,
+    SERVICE,
+    StepClock,
+    agent_event,
+    export_bundle,
+    new_log,
+    register_agent,
+    typical_history,
+)
+
+NEW_KEY = SigningIdentity.from_seed(bytes([7]) * 32)
+THIRD_KEY = SigningIdentity.from_seed(bytes([8]) * 32)
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def pem(tmp_path: Path, name: str, key: SigningIdentity) -> Path:
+    path = tmp_path / name
+    path.write_bytes(key.public.to_pem())
+    return path
+
+
+class RotatedLog:
+    """One team's log: records by AUDIT_KEY, a rotation to NEW_KEY, then records by NEW_KEY."""
+
+    def __init__(self) -> None:
+        self.store = MemoryAuditStore()
+        self.clock = StepClock()
+        self.old = new_log(self.store, self.clock, key=AUDIT_KEY)
+        self.new = new_log(self.store, self.clock, key=NEW_KEY)
+
+        async def build() -> None:
+            await typical_history(self.old, commands=2)
+            await self.old.append(
+                Action.SERVICE_KEY_ROTATED,
+                SERVICE,
+                target="service-key:audit-signer",
+                context=service_key_rotation_context(
+                    "audit-signer", AUDIT_KEY.public, NEW_KEY.public
+                ),
+            )
+            await self.new.append(Action.POLICY_SET, OPERATOR, context={"version": 2})
+
+        trio.run(build)
+
+    def grow(self) -> None:
+        trio.run(lambda: self.new.append(Action.POLICY_SET, OPERATOR, context={"version": 3}))
+
+    def export(self) -> bytes:
+        return export_bundle(self.new)
+
+
+# ---- A. a checkpoint kept after a rotation is signed by the new key ----------------------------
+
+
+def test_a_checkpoint_saved_after_a_rotation_is_usable_with_the_same_command_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = RotatedLog()
+    key, kept = pem(tmp_path, "audit1.pem", AUDIT_KEY), tmp_path / "cp.txt"
+    first = tmp_path / "e1.jsonl"
+    first.write_bytes(log.export())
+    code, _, err = run(["verify", str(first), "--key", str(key), "--save-checkpoint", str(kept)],
+                       capsys)  # fmt: skip
+    assert code == 0, err
+    _, signer = open_checkpoint(kept.read_bytes(), [AUDIT_KEY.public, NEW_KEY.public])
+    assert signer == NEW_KEY.public  # the situation the auditor hit
+    size = int(kept.read_bytes().split(b"\n")[1])
+    log.grow()
+    second = tmp_path / "e2.jsonl"
+    second.write_bytes(log.export())
+    argv = ["verify", str(second), "--key", str(key), "--previous-checkpoint", str(kept),
+            "--save-checkpoint", str(kept)]  # fmt: skip
+    code, out, err = run(argv, capsys)
+    assert code == 0, err
+    assert f"consistent with checkpoint at {size}" in out
+    assert int(kept.read_bytes().split(b"\n")[1]) == size + 1
+    code, out, err = run(argv, capsys)  # later, the very same command line
+    assert code == 0, err
+    assert f"consistent with checkpoint at {size + 1}" in out
+
+
+def test_a_kept_checkpoint_signed_by_the_retired_key_is_valid_for_its_size(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = RotatedLog()
+    signed = trio.run(log.old.checkpoint)  # by AUDIT_KEY, over every record so far
+    kept = tmp_path / "cp.txt"
+    kept.write_bytes(signed.note)
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(log.export())
+    code, out, err = run(["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY)),
+                          "--previous-checkpoint", str(kept)], capsys)  # fmt: skip
+    assert code == 0, err
+    assert f"consistent with checkpoint at {signed.checkpoint.size}" in out
+
+
+def test_a_kept_checkpoint_by_a_key_no_pin_reaches_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = RotatedLog()
+    genuine = trio.run(log.new.checkpoint).checkpoint
+    kept = tmp_path / "cp.txt"
+    kept.write_bytes(sign_checkpoint(genuine, THIRD_KEY))  # the same statement, another signer
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(log.export())
+    argv = ["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY)),
+            "--previous-checkpoint", str(kept)]  # fmt: skip
+    code, out, err = run(argv, capsys)
+    assert code == 2 and out == ""
+    assert "cp.txt: earlier checkpoint is unusable: the note carries no signature by a " in err
+    code, out, err = run([*argv, "--json"], capsys)
+    assert code == 2 and json.loads(out)["code"] == "unreadable"
+
+
+# ---- B. the current key pinned instead of the first ------------------------------------------
+
+
+def test_pinning_the_current_key_after_a_rotation_is_a_wrong_key_naming_the_first(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(RotatedLog().export())
+    current = pem(tmp_path, "current.pem", NEW_KEY)
+    code, out, _ = run(["verify", str(bundle), "--key", str(current)], capsys)
+    assert code == 3
+    assert out.startswith("WRONG KEY: ")
+    assert f"audit key {AUDIT_KEY.public.fingerprint}" in out
+    assert "you pinned the current key; pin the key that signed the first record, " in out
+    assert "the verifier follows the rotation" in out
+    code, out, _ = run(["verify", str(bundle), "--key", str(current), "--json"], capsys)
+    result = json.loads(out)
+    assert result["code"] == "wrong_key" and "rotation at record" in result["wrong_key_hint"]
+
+
+def test_a_random_key_on_a_rotated_bundle_is_a_wrong_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(RotatedLog().export())
+    code, out, _ = run(["verify", str(bundle), "--key", str(pem(tmp_path, "x", THIRD_KEY))],
+                       capsys)  # fmt: skip
+    assert code == 3 and out.startswith("WRONG KEY: no pinned key signed this bundle")
+    assert AUDIT_KEY.public.fingerprint in out  # as the rotation record names it
+
+
+def test_a_bundle_by_a_key_named_nowhere_is_a_wrong_key_by_key_id() -> None:
+    # The bundle's own key list (the hint) left out: nothing verifies under the pinned key, so
+    # tampering cannot be told from a wrong --key; the signer is named by its key id.
+    lines = export_bundle(_typical_log()).splitlines(keepends=True)
+    trailer = json.loads(lines[-1])
+    trailer["keys"] = []
+    lines[-1] = rfc8785.dumps(trailer) + b"\n"
+    result = verify_bundle(io.BytesIO(b"".join(lines)), [THIRD_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY, result.summary()
+    named = f"key id {AUDIT_KEY.public.key_id} (named by no key in the bundle)"
+    assert result.bundle_signer == named
+
+
+def _typical_log() -> AuditLog:
+    log = new_log()
+    trio.run(typical_history, log, 2)
+    return log
+
+
+# ---- C. agent keys are introduced once, not after removal, and can be pinned ------------------
+
+
+def _verify(log: AuditLog, agent_pins: dict[str, str] | None = None) -> VerificationResult:
+    bundle = io.BytesIO(export_bundle(log))
+    return verify_bundle(bundle, [AUDIT_KEY.public], agent_pins=agent_pins)
+
+
+def _removed_then_reregistered() -> AuditLog:
+    """What the auditor forged with the audit key: a removed agent registered again with a key
+    of their own, then an "agent-signed" command by that key."""
+    log = new_log()
+
+    async def forge() -> None:
+        await typical_history(log, commands=1)
+        await log.append(Action.AGENT_REMOVED, OPERATOR, target=AGENT_ID, context={"name": "web-1"})
+        await register_agent(log, key=OTHER_KEY)
+        await log.append_agent_event(agent_event(key=OTHER_KEY), AGENT_ID, OTHER_KEY.public)
+
+    trio.run(forge)
+    return log
+
+
+def test_a_second_registration_of_one_agent_id_is_invalid_naming_both_records() -> None:
+    result = _verify(_removed_then_reregistered())
+    assert result.verdict is Verdict.INVALID, result.summary()
+    assert result.bad_seq == 5
+    assert "agent agent-1 was already registered by record 0" in (result.reason or "")
+    assert OTHER_KEY.public.fingerprint in (result.reason or "")
+
+
+def _removal_then_agent_event(delay: timedelta, dated: timedelta) -> AuditLog:
+    """agent-1 registered and removed; after ``delay`` on the log's clock an event it signed,
+    dated ``dated`` after the removal's log time, arrives."""
+    clock = StepClock()
+    log = new_log(clock=clock)
+
+    async def build() -> None:
+        await register_agent(log)
+        await log.append(Action.AGENT_REMOVED, OPERATOR, target=AGENT_ID)
+        removed_at = clock.now
+        clock.now += delay
+        await log.append_agent_event(
+            agent_event(Action.SESSION_ENDED, when=removed_at + dated,
+                        context={"reason": "normal"}),
+            AGENT_ID, AGENT_KEY.public,
+        )  # fmt: skip
+
+    trio.run(build)
+    return log
+
+
+def test_an_event_a_removed_agent_signed_after_its_removal_is_invalid() -> None:
+    result = _verify(_removal_then_agent_event(timedelta(hours=1), timedelta(minutes=30)))
+    assert result.verdict is Verdict.INVALID and result.bad_seq == 2, result.summary()
+    assert "agent agent-1 was removed by record 1" in (result.reason or "")
+
+
+def test_an_event_signed_before_the_removal_may_arrive_after_it() -> None:
+    # Spooled on the host before the removal, delivered later: an honest late delivery.
+    result = _verify(_removal_then_agent_event(timedelta(hours=1), -timedelta(seconds=5)))
+    assert result.ok, result.summary()
+
+
+def test_a_pinned_agent_fingerprint_refuses_a_registration_with_another_key() -> None:
+    log = _typical_log()
+    by_name = _verify(log, agent_pins={"web-1": OTHER_KEY.public.fingerprint})
+    assert by_name.verdict is Verdict.INVALID and by_name.bad_seq == 0, by_name.summary()
+    assert f"pins {OTHER_KEY.public.fingerprint}" in (by_name.reason or "")
+    by_id = _verify(log, agent_pins={AGENT_ID: OTHER_KEY.public.fingerprint})
+    assert by_id.verdict is Verdict.INVALID
+    assert _verify(log, agent_pins={"web-1": AGENT_KEY.public.fingerprint}).ok
+
+
+def test_the_agent_key_options_pin_fingerprints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(export_bundle(_typical_log()))
+    argv = ["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY))]
+    good = f"web-1={AGENT_KEY.public.fingerprint}"
+    assert run([*argv, "--agent-key", good], capsys)[0] == 0
+    code, out, _ = run([*argv, "--agent-key", f"{AGENT_ID}={OTHER_KEY.public.fingerprint}"],
+                       capsys)  # fmt: skip
+    assert code == 1 and "--agent-key pins" in out
+    pins = tmp_path / "agents.txt"
+    pins.write_text(f"# hosts\n\nweb-1 = {OTHER_KEY.public.fingerprint}\n")
+    assert run([*argv, "--agent-keys", str(pins)], capsys)[0] == 1
+    code, _, err = run([*argv, "--agent-key", "web-1=not-a-fingerprint"], capsys)
+    assert code == 2 and "is not a key fingerprint" in err
+    code, _, err = run([*argv, "--agent-key", good, "--agent-key",
+                        f"web-1={OTHER_KEY.public.fingerprint}"], capsys)  # fmt: skip
+    assert code == 2 and "already pinned" in err
+
+
+# ---- D. the OK names the agent keys and what it did not check --------------------------------
+
+
+def test_the_ok_names_each_agent_key_by_name_and_fingerprint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(export_bundle(_typical_log()))
+    argv = ["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY))]
+    code, out, _ = run(argv, capsys)
+    summary, not_checked = out.splitlines()
+    assert code == 0
+    assert f"2 signing keys (agent web-1 (agent-1) {AGENT_KEY.public.fingerprint})" in summary
+    assert not_checked.startswith("not checked: rollback or truncation")
+    code, out, _ = run([*argv, "--json"], capsys)
+    agent = next(key for key in json.loads(out)["signing_keys"] if key["role"] == "agent")
+    assert agent["agent_name"] == "web-1" and agent["agent_id"] == AGENT_ID
+
+
+# ---- E. exit codes: transformed files are INVALID, another log's checkpoint a usage error -------
+
+
+@pytest.mark.parametrize(
+    "transform",
+    [lambda data: b"\xef\xbb\xbf" + data, lambda data: data.replace(b"\n", b"\r\n")],
+    ids=["byte-order mark", "CRLF"],
+)
+def test_a_transformed_bundle_exits_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], transform: object
+) -> None:
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(transform(export_bundle(_typical_log())))  # type: ignore[operator]
+    code, out, _ = run(["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY))],
+                       capsys)  # fmt: skip
+    assert code == 1 and out.startswith("INVALID: bundle (line 1): the bundle ")
+
+
+def test_another_logs_checkpoint_is_a_usage_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    other = new_log(team="team-9")
+    trio.run(lambda: other.append(Action.POLICY_SET, OPERATOR, context={"version": 1}))
+    kept = tmp_path / "team9.txt"
+    kept.write_bytes(trio.run(other.checkpoint).note)
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(export_bundle(_typical_log()))
+    code, out, err = run(["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY)),
+                          "--previous-checkpoint", str(kept)], capsys)  # fmt: skip
+    assert code == 2 and out == ""
+    assert "this checkpoint is of another log: desk.example.com/audit/team-9" in err
