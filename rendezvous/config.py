@@ -116,6 +116,8 @@ SETTING_HELP: dict[str, str] = {
     "goes offline)",
     "relays": f"relays sessions may use, {RELAY_SYNTAX} (a list in TOML, comma-separated in "
     "the environment); without one, sessions are refused",
+    "relay_check_seconds": "with several relays, how often each instance checks that each "
+    "accepts a TCP connection; sessions avoid one that does not (0: never check)",
     "workers": f"service processes sharing the listening socket (1..{MAX_WORKERS}; more than "
     "1 needs PostgreSQL)",
     "metrics_listen": "HOST:PORT serving /metrics (plain HTTP) instead of the API port "
@@ -149,6 +151,7 @@ class ServiceConfig:
     heartbeat_seconds: float = 20.0
     heartbeat_timeout_seconds: float = 60.0
     relays: tuple[RelayEndpoint, ...] = ()
+    relay_check_seconds: float = 10.0
     # Service processes sharing the listening socket, each a full instance (PostgreSQL only).
     workers: int = 1
     # HOST:PORT serving /metrics (plain HTTP) instead of the public API port; None: the API port.
@@ -221,6 +224,8 @@ class ServiceConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        if self.relay_check_seconds < 0:
+            raise ConfigError("relay_check_seconds must be 0 (never check) or positive")
         if self.auth_rate_burst < 1:
             raise ConfigError("auth_rate_burst must be at least 1")
         if not 1 <= self.workers <= MAX_WORKERS:

@@ -12,6 +12,7 @@ from protocol.rate_limits import AddressRateLimiter
 from protocol.tokens import VerifiedTokenCache
 from rendezvous.config import ServiceConfig
 from rendezvous.metrics import ServiceMetrics
+from rendezvous.relay_health import RelayHealth
 from rendezvous.service_keys import ServiceKeys
 from rendezvous.signed_requests import SignedPayloadVerifier
 from rendezvous.store import Store
@@ -81,6 +82,7 @@ class ServiceContext:
     unauthenticated_requests: AddressRateLimiter = field(init=False)
     verified_tokens: VerifiedTokenCache = field(default_factory=VerifiedTokenCache)
     store_health: StoreHealth = field(default_factory=StoreHealth)
+    relay_health: RelayHealth = field(default_factory=RelayHealth)
 
     def __post_init__(self) -> None:
         self.signed_payloads = SignedPayloadVerifier(self.config.clock_skew_seconds)

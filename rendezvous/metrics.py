@@ -63,6 +63,14 @@ class ServiceMetrics:
             registry=self.registry,
             multiprocess_mode="livesum",
         )
+        self.relays_up = Gauge(
+            "tucdesk_relay_up",
+            "Whether this instance's last check reached the relay (1) or not (0); checked only "
+            "when more than one relay is configured.",
+            ["relay"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
         self.clone_anomalies = Counter(
             "tucdesk_clone_anomalies_total",
             "Agent identities seen live twice or with a second machine fingerprint.",

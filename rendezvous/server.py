@@ -37,6 +37,7 @@ from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
 from rendezvous.key_rotation import reload_service_keys
 from rendezvous.metrics import MetricsOnlyApp
 from rendezvous.offer_bus import end_disabled_operators_sessions_here, listen_for_offers
+from rendezvous.relay_health import check_relays_forever
 from rendezvous.service_keys import check_pinned_keys, load_service_keys, with_retired_keys
 from rendezvous.store import Store, backend_for, open_store
 from rendezvous.workers import refuse_if_in_use
@@ -305,6 +306,7 @@ async def _serve_instance(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_prune_forever, ctx)
+            nursery.start_soon(check_relays_forever, ctx)
             if reload_on_hangup:
                 nursery.start_soon(reload_tls_on_hangup, ctx.config, hyper, ctx)
             await nursery.start(listen_for_offers, ctx)

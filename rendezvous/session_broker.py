@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import secrets
 import shlex
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -79,11 +78,12 @@ class SessionRequest:
     approval_id: str | None = None
 
 
-def choose_relay(relays: tuple[RelayEndpoint, ...]) -> RelayEndpoint:
-    """One of the configured relays (spread at random); NoRelay if there is none."""
-    if not relays:
+def choose_relay(ctx: ServiceContext) -> RelayEndpoint:
+    """One of the configured relays, at random among those the last check reached
+    (rendezvous/relay_health.py); NoRelay if there is none."""
+    if not ctx.config.relays:
         raise NoRelay(NO_RELAY_MESSAGE)
-    return secrets.choice(relays)
+    return ctx.relay_health.choose(ctx.config.relays)
 
 
 def audited_command(command: tuple[str, ...] | None) -> dict[str, Any]:
@@ -208,7 +208,7 @@ async def open_session(
     ]
     if not live:
         await refuse("agent_offline", AgentOffline(f"agent {agent.name} is offline"))
-    relay = choose_relay(ctx.config.relays)
+    relay = choose_relay(ctx)
     if approval is not None:
         await mark_executed(ctx, actor, approval[0], session_id)
     session = await ctx.store.create_session(
