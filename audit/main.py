@@ -39,6 +39,7 @@ from audit.verify import (
 )
 from protocol.identity import PublicIdentity
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
+from protocol.terminal_text import visible
 from protocol.version import VersionAction
 
 EXIT_UNREADABLE = EXIT_CODES[Verdict.UNREADABLE]
@@ -83,9 +84,11 @@ _VERIFY_EPILOG = (
 Only keys given with --key are trusted (PEM Ed25519 public keys, e.g. the rendezvous audit key;
 give several across a key rotation). Agent-signed records are accepted only if the agent's key
 was introduced earlier in the same log by an audit-key-signed agent.registered record. Keys listed
-inside the bundle are never trusted. Compare a key's fingerprint out of band with
-'tucdesk-audit key KEYFILE' and 'tucdesk-rendezvous keys show'. BUNDLE '-' reads standard input
-(e.g. tucdesk audit export | tucdesk-audit verify - --key audit.pub).
+inside the bundle are never trusted. An OK may carry WARNINGs: a retired audit key still signing
+after its rotation, an agent's records signed after its removal (with their record numbers).
+Compare a key's fingerprint out of band with 'tucdesk-audit key KEYFILE' and
+'tucdesk-rendezvous keys show'. BUNDLE '-' reads standard input (e.g. tucdesk audit export |
+tucdesk-audit verify - --key audit.pub).
 """
 )
 
@@ -188,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         "bundle", type=Path, metavar="BUNDLE", help="the .jsonl export bundle ('-': stdin)"
     )
     _add_bundle_trust_arguments(show)
-    show.add_argument("--agent", metavar="NAME", help="only records about this agent (id or "
-                      "hostname)")  # fmt: skip
+    show.add_argument("--agent", metavar="NAME", help="only records about this agent (id, name "
+                      "or hostname)")  # fmt: skip
     show.add_argument("--operator", metavar="EMAIL", help="only records of this operator "
                       "(email or id)")  # fmt: skip
     show.add_argument("--action", metavar="PREFIX", help="only actions starting with PREFIX "
@@ -246,7 +249,7 @@ def _add_bundle_trust_arguments(command: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME_OR_ID=FINGERPRINT",
         help="pin an agent's key fingerprint learnt out of band (tucdesk-agent status), by "
-        "agent id or hostname: a registration of that agent with another key is INVALID "
+        "agent id, name or hostname: a registration of that agent with another key is INVALID "
         "(repeatable)",
     )
     command.add_argument(
@@ -371,9 +374,9 @@ def _recording(arguments: argparse.Namespace) -> int:
     if arguments.json:
         print(json.dumps(verdict.to_json(names), indent=2, sort_keys=True))
     elif verdict.verdict is Verdict.VALID:
-        print(verdict.message)
+        print(visible(verdict.message))
     else:
-        print(f"tucdesk-audit: {verdict.message}", file=sys.stderr)
+        print(f"tucdesk-audit: {visible(verdict.message)}", file=sys.stderr)
     return verdict.exit_code
 
 
@@ -684,14 +687,16 @@ def _report(arguments: argparse.Namespace, result: VerificationResult, names: Ke
     if arguments.json:
         print(json.dumps(result.to_json(names), indent=2, sort_keys=True))
     elif result.verdict is Verdict.UNREADABLE:
-        print(f"tucdesk-audit: {result.summary(names)}", file=sys.stderr)
+        print(f"tucdesk-audit: {visible(result.summary(names))}", file=sys.stderr)
     else:
         _print_summary(result, names)
 
 
 def _print_summary(result: VerificationResult, names: KeyNames) -> None:
     """The one-line verdict, then (for OK) what it did not prove, one line each."""
-    print(result.summary(names))
+    # Escaped: the line names agents by the name a record gives, and whoever held the
+    # audit key chose that text.
+    print(visible(result.summary(names)))
     for caveat in result.not_checked():
         print(caveat)
 

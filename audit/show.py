@@ -20,6 +20,7 @@ from typing import BinaryIO
 from audit.actions import Action, ActorKind
 from audit.checkpoint import Checkpoint
 from audit.record import AuditRecord, format_time
+from audit.trust import agent_names as registered_names
 from audit.verify import (
     EarlierCheckpoint,
     ProgressCallback,
@@ -29,7 +30,6 @@ from audit.verify import (
 from protocol.identity import PublicIdentity
 from protocol.terminal_text import shown_command, visible
 
-AGENT_REGISTRATION_HOSTNAME = "hostname"
 APPROVAL_ID_FIELD = "approval_request"  # in approval.* records (rendezvous/approval_gate.py)
 STARTED_APPROVAL_ID_FIELD = "approval_request_id"  # in session.started (agent/audit_events.py)
 REQUESTED_COMMAND_FIELD = "command"  # session.requested: shell-quoted by the rendezvous
@@ -58,7 +58,7 @@ class RecordFilter:
     """Which records to show; every criterion given must match."""
 
     agent: str | None = None
-    """Agent id or hostname."""
+    """Agent id, name or hostname."""
     operator: str | None = None
     """Operator email (or operator id)."""
     action_prefix: str | None = None
@@ -125,6 +125,9 @@ class _Picker:
 
     wanted: RecordFilter
     agent_names: dict[str, str] = field(default_factory=dict)
+    """Agent id -> the name (else hostname) its registration gives, for display."""
+    agent_aliases: dict[str, list[str]] = field(default_factory=dict)
+    """Agent id -> its id, name and hostname, for the ``--agent`` filter."""
     session_operators: dict[str, str] = field(default_factory=dict)
     session_commands: dict[str, str] = field(default_factory=dict)
     approvers: dict[str, str] = field(default_factory=dict)
@@ -134,8 +137,9 @@ class _Picker:
         event = record.event
         actor, context, session_id = event.actor, event.context, event.session_id
         if event.action is Action.AGENT_REGISTERED and event.target:
-            hostname = context.get(AGENT_REGISTRATION_HOSTNAME)
-            self.agent_names[event.target] = hostname if isinstance(hostname, str) else ""
+            names = registered_names(event, event.target)
+            self.agent_names[event.target] = names[1] if len(names) > 1 else ""
+            self.agent_aliases[event.target] = names
         if event.action is Action.APPROVAL_APPROVED:
             approval_id = context.get(APPROVAL_ID_FIELD)
             if isinstance(approval_id, str):
@@ -198,7 +202,10 @@ class _Picker:
             return False
         if wanted.end is not None and record.time > wanted.end:
             return False
-        if wanted.agent is not None and wanted.agent not in (shown.agent_id, shown.agent_name):
+        if wanted.agent is not None and (
+            shown.agent_id is None
+            or wanted.agent not in self.agent_aliases.get(shown.agent_id, [shown.agent_id])
+        ):
             return False
         operator_ids = {shown.operator}
         if shown.actor_kind == ActorKind.OPERATOR.value:

@@ -24,23 +24,27 @@ what came before it (docs/self-hosting.md, "Rotating service keys").
 
 Whoever holds the audit key can introduce agent keys, so the log is held to what an honest
 rendezvous writes: an agent id is registered once (re-enrolling makes a new agent id), so a
-second ``agent.registered`` for it is refused; after an ``agent.removed`` the agent's key never
-authenticates again, so an event it signed is accepted only if dated no later than the removal
-(an event spooled before the removal may be delivered after it; the agent's clock may run up to
-``REMOVED_AGENT_CLOCK_SKEW`` ahead of the log's). An auditor who knows agents' fingerprints out
-of band pins them (``agent_pins``: agent id or hostname -> fingerprint): a registration of a
-pinned agent with another key is refused.
+second ``agent.registered`` for it is refused. After an ``agent.removed`` the agent's key never
+authenticates again and the rendezvous refuses its events, but an event it signed later may
+still land: the check and the removal race (on several instances the agent's channel on another
+instance stays open until that instance hears of the removal). Such events (dated more than
+``REMOVED_AGENT_CLOCK_SKEW`` after the removal: an event spooled before it may be delivered
+after it, and the agent's clock may run that far ahead) are reported (``signed_after_removal``),
+not refused: refusing them would make an honest log unverifiable for good, and closing the race
+would couple the log to the agent table. An auditor who knows agents' fingerprints out of band
+pins them (``agent_pins``: agent id, name or hostname -> fingerprint): a registration of a pinned
+agent with another key is refused.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from audit.actions import Action, ActorKind
 from audit.errors import RecordError, UnknownSigner
-from audit.record import MAX_EVENT_FUTURE_SKEW, AuditEvent, JsonValue, SignedEvent, format_time
+from audit.record import MAX_EVENT_FUTURE_SKEW, AuditEvent, JsonValue, SignedEvent
 from protocol.errors import ProtocolError
 from protocol.identity import PUBLIC_KEY_SIZE, PublicIdentity, b64url, b64url_decode
 
@@ -57,6 +61,8 @@ AGENT_NAME_FIELD = "name"
 # How far an agent's clock may run ahead of the log's: the same allowance as the log's own
 # check on agent events (an event dated later than this after the removal was signed after it).
 REMOVED_AGENT_CLOCK_SKEW = MAX_EVENT_FUTURE_SKEW
+# Record numbers kept per agent for the signed-after-removal warning (the count is exact).
+MAX_LISTED_AFTER_REMOVAL = 20
 
 
 def agent_registration_context(
@@ -142,10 +148,11 @@ def introduced_audit_key(event: AuditEvent, signer: PublicIdentity) -> PublicIde
 
 
 def agent_names(event: AuditEvent, agent_id: str) -> list[str]:
-    """The names an ``agent.registered`` event gives its agent: its id, then its hostname (and
-    name) from the context, as an auditor may pin it with ``--agent-key``."""
+    """The names an ``agent.registered`` event gives its agent: its id, then its name (what
+    ``tucdesk agents`` shows) and hostname from the context, as an auditor may pin it with
+    ``--agent-key`` (records from before the name was logged give only the hostname)."""
     names = [agent_id]
-    for field_name in (AGENT_HOSTNAME_FIELD, AGENT_NAME_FIELD):
+    for field_name in (AGENT_NAME_FIELD, AGENT_HOSTNAME_FIELD):
         value = event.context.get(field_name)
         if isinstance(value, str) and value and value not in names:
             names.append(value)
@@ -160,7 +167,7 @@ class AgentRegistration:
     agent_id: str
     key: PublicIdentity
     name: str | None
-    """The hostname (or name) the registration gives, for people."""
+    """The name (else the hostname) the registration gives, for people."""
 
 
 @dataclass(frozen=True)
@@ -169,6 +176,17 @@ class AgentRemoval:
 
     seq: int
     time: datetime | None
+
+
+@dataclass
+class RemovedAgentSignatures:
+    """Records an agent signed after its ``agent.removed`` (record ``removal_seq``): ``count``
+    of them, the first MAX_LISTED_AFTER_REMOVAL in ``seqs``."""
+
+    agent_id: str
+    removal_seq: int
+    count: int = 0
+    seqs: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -199,6 +217,8 @@ class SignerTrust:
         self._retired: dict[str, tuple[int, PublicIdentity]] = {}
         # Signatures by a retired audit key after its rotation record, by key id (reported).
         self.late_signatures: dict[str, int] = {}
+        # Agent-signed records dated after their agent's removal, by agent id (reported).
+        self.signed_after_removal: dict[str, RemovedAgentSignatures] = {}
 
     @property
     def audit_keys(self) -> list[PublicIdentity]:
@@ -244,7 +264,7 @@ class SignerTrust:
             if actor.kind is not ActorKind.AGENT or actor.id != agent_id:
                 raise RecordError(f"agent key {signer} may only sign as agent {agent_id}")
             signed.verify(key)
-            self._check_not_removed(signed.event, agent_id)
+            self._note_if_removed(signed.event, agent_id)
             return
         raise UnknownSigner(signer)
 
@@ -272,9 +292,10 @@ class SignerTrust:
         )
         self._agent_keys[key.key_id] = (agent_id, key)
 
-    def _check_not_removed(self, event: AuditEvent, agent_id: str) -> None:
-        """RecordError if ``agent_id`` was removed earlier in the log and signed ``event``
-        after that (an event signed before, and delivered late, is fine)."""
+    def _note_if_removed(self, event: AuditEvent, agent_id: str) -> None:
+        """Note the record being accepted in ``signed_after_removal`` if ``agent_id`` was
+        removed earlier in the log and signed ``event`` after that (an event signed before, and
+        delivered late, is fine)."""
         removal = self._removals.get(agent_id)
         if removal is None:
             return
@@ -282,11 +303,12 @@ class SignerTrust:
             removal.time + REMOVED_AGENT_CLOCK_SKEW
         ):
             return
-        raise RecordError(
-            f"agent {agent_id} was removed by record {removal.seq}, but this event is dated "
-            f"{format_time(event.occurred_at)}, after the removal: a removed agent's key never "
-            "authenticates again"
+        noted = self.signed_after_removal.setdefault(
+            agent_id, RemovedAgentSignatures(agent_id, removal.seq)
         )
+        noted.count += 1
+        if len(noted.seqs) < MAX_LISTED_AFTER_REMOVAL:
+            noted.seqs.append(self._records)
 
     def _follow_rotation(self, old_key: PublicIdentity, new_key: PublicIdentity) -> None:
         """Retire ``old_key`` in favour of ``new_key``; RecordError if it already rotated to
@@ -313,7 +335,7 @@ class SignerTrust:
             self.late_signatures[key_id] = self.late_signatures.get(key_id, 0) + 1
 
     def agent_name(self, agent_id: str) -> str | None:
-        """The hostname (or name) the registration of ``agent_id`` gave, if any."""
+        """The name (else the hostname) the registration of ``agent_id`` gave, if any."""
         registration = self.registrations.get(agent_id)
         return None if registration is None else registration.name
 

@@ -153,6 +153,41 @@ class KeyRotation:
 
 
 @dataclass(frozen=True)
+class SignedAfterRemoval:
+    """Records agent ``agent_id`` signed after its ``agent.removed`` (record ``removal_seq``):
+    ``count`` of them, the first few in ``seqs``. Reported, not refused: the rendezvous refuses
+    such events, but its check and a removal race (a channel on another instance)."""
+
+    agent_id: str
+    agent_name: str | None
+    removal_seq: int
+    count: int
+    seqs: tuple[int, ...]
+
+    def describe(self) -> str:
+        """One warning phrase naming the agent and the records."""
+        name = f"{self.agent_name} ({self.agent_id})" if self.agent_name else self.agent_id
+        noun = "record" if self.count == 1 else "records"
+        listed = ", ".join(str(seq) for seq in self.seqs)
+        more = f" and {self.count - len(self.seqs)} more" if self.count > len(self.seqs) else ""
+        return (
+            f"WARNING: agent {name} signed {noun} {listed}{more} after its removal by record "
+            f"{self.removal_seq} (its channel on another instance not closed yet, or its key "
+            "leaked)"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The warning as a JSON-ready dict."""
+        return {
+            "agent_id": self.agent_id,
+            "agent_name": self.agent_name,
+            "removed_by_record": self.removal_seq,
+            "count": self.count,
+            "records": list(self.seqs),
+        }
+
+
+@dataclass(frozen=True)
 class VerificationResult:
     """What verification found: the verdict, and for a failure the first bad record and why."""
 
@@ -183,6 +218,8 @@ class VerificationResult:
     late_signatures: tuple[tuple[PublicIdentity, int], ...] = ()
     """Retired audit keys that still signed after their rotation, and how often: an instance
     not reloaded yet, or a leaked key (reported, not refused)."""
+    signed_after_removal: tuple[SignedAfterRemoval, ...] = ()
+    """Agents whose key signed records after their removal (reported, not refused)."""
     auditor_checkpoint_sizes: tuple[int, ...] = ()
     """Sizes of the earlier checkpoints the auditor kept that the bundle was checked against."""
     wrong_key_hint: str | None = None
@@ -245,6 +282,7 @@ class VerificationResult:
                 "rotation (an instance not reloaded yet, or a leaked key)"
                 for key, count in self.late_signatures
             )
+            late += "".join(f"; {removed.describe()}" for removed in self.signed_after_removal)
             agents = [key.label() for key in self.signing_keys if key.role == "agent"]
             agent_list = f" ({', '.join(agents)})" if agents else ""
             return (
@@ -299,6 +337,7 @@ class VerificationResult:
                 {"fingerprint": key.fingerprint, "key_id": key.key_id, "count": count}
                 for key, count in self.late_signatures
             ],
+            "signed_after_removal": [removed.to_json() for removed in self.signed_after_removal],
             "bundle_signer": self.bundle_signer,
             "ok": self.ok,
             "reason": self.reason,
@@ -378,13 +417,13 @@ class EarlierCheckpoint:
     claimed: Checkpoint
     """What the note says, used only to know which prefix root to compute until it verifies."""
 
-    def open(self, audit_keys: Sequence[PublicIdentity]) -> Checkpoint:
-        """The checkpoint, if a key in ``audit_keys`` signed it; BundleError otherwise."""
+    def open(self, audit_keys: Sequence[PublicIdentity]) -> tuple[Checkpoint, PublicIdentity]:
+        """The checkpoint and the key that signed it, if a key in ``audit_keys`` did;
+        BundleError otherwise."""
         try:
-            checkpoint, _ = open_checkpoint(self.note, audit_keys)
+            return open_checkpoint(self.note, audit_keys)
         except AuditError as error:
             raise BundleError(f"{self.source}: earlier checkpoint is unusable: {error}") from None
-        return checkpoint
 
 
 def read_checkpoint_note(note: bytes) -> Checkpoint:
@@ -577,6 +616,13 @@ class _Verifier:
                 (key, self._trust.late_signatures[key.key_id])
                 for key in self._trust.audit_keys
                 if key.key_id in self._trust.late_signatures
+            ),
+            signed_after_removal=tuple(
+                SignedAfterRemoval(
+                    noted.agent_id, self._trust.agent_name(noted.agent_id), noted.removal_seq,
+                    noted.count, tuple(noted.seqs),
+                )  # fmt: skip
+                for noted in self._trust.signed_after_removal.values()
             ),
             auditor_checkpoint_sizes=tuple(self._auditor_sizes),
             wrong_key_hint=self._wrong_key_hint,
@@ -784,9 +830,11 @@ class _Verifier:
         for kept in self._previous:
             # Against the trust the records established: pinned keys and the audit keys their
             # rotation records introduced (a retired key's checkpoint stays valid for its size).
-            previous = (
-                kept.open(self._trust.audit_keys) if isinstance(kept, EarlierCheckpoint) else kept
-            )
+            if isinstance(kept, EarlierCheckpoint):
+                previous, signer = kept.open(self._trust.audit_keys)
+                self._check_signer_existed(kept.source, previous, signer)
+            else:
+                previous = kept
             self._check_extends(previous, checkpoint)
             if self._prefix_roots.get(previous.size) != previous.root_hash:
                 raise _Invalid(
@@ -796,6 +844,23 @@ class _Verifier:
                 )
             self._checked_sizes.append(previous.size)
             self._auditor_sizes.append(previous.size)
+
+    def _check_signer_existed(
+        self, source: str, previous: Checkpoint, signer: PublicIdentity
+    ) -> None:
+        """BundleError if ``signer`` is an audit key a rotation record introduced (not one the
+        auditor pinned) and ``previous`` covers none of the records from that rotation on: a key
+        cannot have signed a checkpoint over records from before it existed."""
+        if any(key.key_id == signer.key_id for key in self._audit_keys):
+            return
+        for rotation in self._rotations:
+            if rotation.new_key.key_id == signer.key_id and previous.size <= rotation.seq:
+                raise BundleError(
+                    f"{source}: earlier checkpoint is unusable: it covers {previous.size} "
+                    f"records, all from before record {rotation.seq}, the audit key rotation "
+                    f"that introduced its signer {signer.fingerprint}; that key did not exist "
+                    "yet (a checkpoint forged with the new key?)"
+                )
 
     def _check_extends(self, previous: Checkpoint, checkpoint: Checkpoint) -> None:
         if previous.origin != checkpoint.origin:

@@ -22,7 +22,8 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 6. agent -> ``{"type": "audit_event", "event": <SignedEvent.to_json()>, "id"?}``: verified
    against the agent's registered key and appended to its team's log; server ->
    ``{"type": "audit_event_ack", "id"}`` once durable, or
-   ``{"type": "audit_event_refused", "id", "reason"}`` (never storable), or
+   ``{"type": "audit_event_refused", "id", "reason"}`` (never storable; also every event of an
+   agent removed since its channel was welcomed, e.g. on another instance), or
    ``{"type": "audit_event_failed", "id", "reason"}`` (not stored now; send it again later).
    ``id`` echoes the agent's, if any. An agent-signed ``session.ended`` also moves the session
    row to ended with the event's reason, exit code and signal, and ``session.refused`` to
@@ -128,6 +129,11 @@ STORE_UNAVAILABLE_REASON = "the rendezvous's database is unavailable; retrying"
 CLOSE_AGENT_REMOVED = 4403
 REMOVED_REASON = (
     "this agent was removed from its team by an admin; re-enroll with a new registration key"
+)
+# The refusal of an event an agent signs after its removal (the agent drops it, as every
+# refused event, and is closed with REMOVED_REASON at its next heartbeat at the latest).
+AGENT_REMOVED_EVENT_REASON = (
+    "this agent was removed from its team: the audit log takes no more events signed by its key"
 )
 MAX_SESSION_ID_LENGTH = 128
 MAX_REFUSAL_REASON_LENGTH = 512
@@ -837,6 +843,10 @@ async def _append_agent_event(
             )
         if session_id is None:
             raise RecordError("a session event must name its session")
+        if await ctx.store.get_agent(agent.team_id, agent.id) is None:
+            # Removed since this channel was welcomed (on another instance, whose notice has
+            # not closed it yet): its key signs nothing more into the log.
+            raise RecordError(AGENT_REMOVED_EVENT_REASON)
         session = await ctx.store.get_session(agent.team_id, session_id)
         if session is None or session.agent_id != agent.id:
             raise RecordError("the event names a session this agent was not offered")

@@ -138,6 +138,8 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
         target=agent.id,
         details=agent_registration_context(
             PublicIdentity(agent.public_key),
+            # The name `tucdesk agents` and agent status show: auditors pin and filter by it.
+            name=agent.name,
             hostname=agent.hostname,
             machine_fingerprint=agent.machine_fingerprint,
             tags=list(agent.tags),

@@ -1,0 +1,121 @@
+"""Agent-signed audit events after the agent's removal are refused by the rendezvous.
+
+On several instances a removed agent's control channel on another instance stays open until that
+instance hears the notice or runs its next heartbeat check; what the agent signs meanwhile must
+not land in the log after the ``agent.removed`` record. The removal is made here as another
+instance makes it: in the store, with no notice to this instance (heartbeats far apart).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import pytest
+import trio
+
+from audit.actions import Action
+from audit.verify import verify_bundle
+from rendezvous.control_channel import AGENT_REMOVED_EVENT_REASON
+from rendezvous.store import Store
+from tests.rendezvous.service_harness import ServiceHarness
+from tests.rendezvous.sessions_support import agent_channel, enroll_agent, served_instance
+
+pytestmark = pytest.mark.anyio
+
+WAIT_SECONDS = 15
+# Heartbeats far apart: the channel stays open after the removal, as on another instance.
+SLOW_HEARTBEATS = {"heartbeat_seconds": 600.0, "heartbeat_timeout_seconds": 1800.0}
+REJECTED_EVENTS = {"reason": "agent_audit_event"}
+
+
+def rejected_events(service: ServiceHarness) -> float:
+    registry = service.ctx.metrics.registry
+    return registry.get_sample_value("tucdesk_rejected_inputs_total", REJECTED_EVENTS) or 0.0
+
+
+async def test_an_event_signed_after_the_removal_is_refused_and_counted(
+    store: Store, tmp_path: Path
+) -> None:
+    async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        agent = await enroll_agent(service, admin)
+        async with agent_channel(url, agent) as channel:
+            response = await service.call(admin, "POST", "/v1/sessions",
+                                          {"target": "web-1", "mode": "shell"})  # fmt: skip
+            assert response.status_code in (200, 201), response.text
+            session_id = response.json()["session_id"]
+            await channel.receive("session_offer")
+            started = await channel.send_event(
+                Action.SESSION_STARTED, session_id=session_id, event_id="before"
+            )
+            assert started["type"] == "audit_event_ack", started
+            await store.remove_agent(team, agent.agent_id, service.clock.now)
+            ended = await channel.send_event(
+                Action.SESSION_ENDED, session_id=session_id, event_id="after"
+            )
+            assert ended == {
+                "type": "audit_event_refused",
+                "id": "after",
+                "reason": AGENT_REMOVED_EVENT_REASON,
+            }
+        assert rejected_events(service) == 1
+        actions = await service.audit_actions(team)
+        assert "session.started" in actions and "session.ended" not in actions
+        bundle = io.BytesIO()
+        await service.ctx.audit.export_to(team, bundle)
+        result = verify_bundle(io.BytesIO(bundle.getvalue()), [service.ctx.audit.audit_key])
+        assert result.ok, result.summary()
+
+
+async def test_the_agent_drops_a_refused_event_instead_of_sending_it_again(
+    store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Imported here: the agent package is only this test's concern in this file.
+    from datetime import UTC, datetime
+
+    from agent.control_client import ControlClient, ReconnectBackoff
+    from agent.enrollment import EnrollmentRequest, enroll
+    from agent.machine_identity import MachineIdentifiers
+    from audit.actions import ActorKind
+    from audit.record import Actor, AuditEvent, sign_event
+
+    machine = MachineIdentifiers(machine_id="0123456789abcdef0123456789abcdef")
+    async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        key = await service.registration_key(admin)
+        state = await enroll(
+            EnrollmentRequest(url, key["key"], tmp_path / "state" / "agent.state"), machine
+        )
+        client = ControlClient(
+            state, machine.fingerprint(), lambda offer: None,
+            backoff=ReconnectBackoff(initial=0.01, cap=0.02),
+        )  # fmt: skip
+        identity = state.identity()
+        event = AuditEvent(
+            occurred_at=datetime.now(UTC),
+            team_id=state.team_id,
+            actor=Actor(ActorKind.AGENT, state.agent_id, state.name),
+            action=Action.SESSION_ENDED,
+            signer=identity.public.key_id,
+            session_id="ses_spooled",
+        )
+        caplog.set_level("WARNING", logger="tucdesk.agent.control")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.run)
+            with trio.fail_after(WAIT_SECONDS):
+                await client.wait_connected()
+            await store.remove_agent(team, state.agent_id, service.clock.now)
+            client.send_audit_event(sign_event(identity, event))
+            with trio.fail_after(WAIT_SECONDS):
+                while client.pending_audit_events:  # noqa: ASYNC110 - answered by the server
+                    await trio.sleep(0.02)
+            # Not sent again: the server counts no second refusal.
+            await trio.sleep(0.5)
+            nursery.cancel_scope.cancel()
+        assert client.refused_audit_events == 1 and client.pending_audit_events == 0
+        assert rejected_events(service) == 1
+        logged = [record.getMessage() for record in caplog.records]
+        assert any(AGENT_REMOVED_EVENT_REASON in line for line in logged), logged
