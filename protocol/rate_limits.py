@@ -1,13 +1,58 @@
-"""Rate limits: a token bucket (bandwidth caps, request rates) and a per-address limiter. Sans-I/O.
+"""Rate limits: a token bucket (bandwidth caps, request rates), a per-address limiter, and the
+network block a client address is counted under. Sans-I/O.
 
 Time is passed in (seconds, monotonic) so the arithmetic is tested without a clock.
 """
 
 from __future__ import annotations
 
+import socket
 from collections import OrderedDict
 
 DEFAULT_ADDRESS_TABLE_SIZE = 65_536
+# One IPv4 address, one IPv6 /64: a host is usually given a whole /64 (SLAAC, privacy
+# addresses), so counting each IPv6 address alone would let one host have 2^64 budgets
+# (sshd's PerSourceNetBlockSize does the same grouping).
+DEFAULT_IPV4_SOURCE_PREFIX = 32
+DEFAULT_IPV6_SOURCE_PREFIX = 64
+_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+
+
+def source_block(
+    host: str,
+    ipv4_prefix: int = DEFAULT_IPV4_SOURCE_PREFIX,
+    ipv6_prefix: int = DEFAULT_IPV6_SOURCE_PREFIX,
+) -> str:
+    """The network block ``host`` is counted under: ``"192.0.2.7"`` or ``"2001:db8:1:2::/64"``.
+
+    An IPv4-mapped IPv6 address (a dual-stack listener) counts as its IPv4 address. Text that is
+    not an IP address is its own block.
+    """
+    if ":" not in host and ipv4_prefix >= 32:
+        return host  # the common case, without parsing
+    # inet_pton and an integer mask: a few times cheaper than ipaddress.ip_network, once per
+    # connection.
+    try:
+        if ":" in host:
+            packed = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+            if packed[:12] != _IPV4_MAPPED_PREFIX:
+                return _masked(socket.AF_INET6, packed, ipv6_prefix)
+            packed = packed[12:]
+        else:
+            packed = socket.inet_pton(socket.AF_INET, host)
+    except OSError:
+        return host
+    if ipv4_prefix >= 32:
+        return socket.inet_ntop(socket.AF_INET, packed)
+    return _masked(socket.AF_INET, packed, ipv4_prefix)
+
+
+def _masked(family: int, packed: bytes, prefix: int) -> str:
+    bits = len(packed) * 8
+    if prefix >= bits:
+        return socket.inet_ntop(family, packed)
+    value = int.from_bytes(packed, "big") >> (bits - prefix) << (bits - prefix)
+    return f"{socket.inet_ntop(family, value.to_bytes(len(packed), 'big'))}/{prefix}"
 
 
 class TokenBucket:

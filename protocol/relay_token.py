@@ -26,6 +26,7 @@ import json
 import math
 import secrets
 import struct
+from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -53,6 +54,13 @@ TOKEN_ID_MEMORY_SECONDS = MAX_RELAY_TOKEN_LIFETIME_SECONDS + 2 * RELAY_TOKEN_LEE
 _COUNTER = struct.Struct("!Q")
 # verify_token checks time claims too; relay tokens get their own, tighter check after it.
 _TIME_CHECKED_HERE_LEEWAY = 1e15
+MAX_TOKEN_HEADER_SIZE = 1024
+MAX_KEY_ID_SIZE = 256
+# ClockSkewEstimate: this many distinct tokens refused for time within the window, whose ages
+# (relay time - iat) agree within the spread, point at the clocks rather than at the clients.
+CLOCK_SKEW_SAMPLES = 3
+CLOCK_SKEW_WINDOW_SECONDS = 300.0
+CLOCK_SKEW_SPREAD_SECONDS = 2.0
 
 
 class Side(StrEnum):
@@ -67,8 +75,16 @@ class Side(StrEnum):
         return Side.AGENT if self is Side.OPERATOR else Side.OPERATOR
 
 
-class RelayTokenExpiredError(TokenError):
-    """The relay token's signature is good but it has expired (or is not valid yet)."""
+class RelayTokenTimeError(TokenError):
+    """The relay token's signature is good but the relay's clock puts it outside its lifetime."""
+
+
+class RelayTokenExpiredError(RelayTokenTimeError):
+    """The relay token's signature is good but it has expired."""
+
+
+class RelayTokenNotYetValidError(RelayTokenTimeError):
+    """The relay token's signature is good but it was issued (or is valid from) in the future."""
 
 
 class RelayTokenWrongRelayError(TokenError):
@@ -143,8 +159,9 @@ def verify_relay_token(
 ) -> RelayTokenClaims:
     """Verify a relay token offline; raise TokenError (or a subclass naming the reason) if not good.
 
-    RelayTokenWrongRelayError and RelayTokenExpiredError are raised only for tokens whose
-    signature verified, so a forged token is always reported as plainly invalid.
+    RelayTokenWrongRelayError and the RelayTokenTimeError kinds (expired, not yet valid) are
+    raised only for tokens whose signature verified, so a forged token is always reported as
+    plainly invalid.
     """
     if not math.isfinite(now):
         raise ValueError("now must be finite")
@@ -164,10 +181,10 @@ def verify_relay_token(
     issued_at, expires_at = claims["iat"], claims["exp"]
     if expires_at - issued_at > MAX_RELAY_TOKEN_LIFETIME_SECONDS:
         raise TokenError("relay token lifetime is longer than a relay accepts")
+    if issued_at > now + leeway or claims.get("nbf", issued_at) > now + leeway:
+        raise RelayTokenNotYetValidError("relay token is not valid yet")
     if now > expires_at + leeway:
         raise RelayTokenExpiredError("relay token has expired")
-    if issued_at > now + leeway:
-        raise RelayTokenExpiredError("relay token is not valid yet")
     session_id = _claim_text(claims, "sid", MAX_SESSION_ID_SIZE)
     token_id = _claim_text(claims, "jti", MAX_TOKEN_ID_SIZE)
     try:
@@ -190,6 +207,69 @@ def verify_relay_token(
         expires_at=expires_at,
         udp_credential=credential,
     )
+
+
+def relay_token_key_id(token: str) -> str | None:
+    """The ``kid`` in a token's header, unverified (None when it has none or is malformed).
+
+    For deciding whether the relay lacks the signing key; never a reason to trust the token.
+    """
+    try:
+        header = json.loads(b64url_decode(token.split(".", 1)[0], max_size=MAX_TOKEN_HEADER_SIZE))
+    except (ValueError, PayloadError, RecursionError):
+        return None
+    key_id = header.get("kid") if isinstance(header, dict) else None
+    if not isinstance(key_id, str) or not 0 < len(key_id) <= MAX_KEY_ID_SIZE:
+        return None
+    return key_id
+
+
+class ClockSkewEstimate:
+    """Tells whether tokens refused for time point at the relay's clock rather than the clients.
+
+    A relay token is presented moments after the rendezvous issues it, so the relay's time minus
+    its ``iat`` is about how far the two clocks differ. One late or early token proves little (a
+    slow client, a replayed token); CLOCK_SKEW_SAMPLES distinct ones within
+    CLOCK_SKEW_WINDOW_SECONDS that agree within CLOCK_SKEW_SPREAD_SECONDS do.
+    """
+
+    def __init__(self) -> None:
+        self._samples: deque[tuple[float, str, float]] = deque(maxlen=CLOCK_SKEW_SAMPLES)
+
+    def describe_refusal(self, token: str, *, not_yet_valid: bool, now: float) -> str | None:
+        """Words for the log line of a token refused for time (expired or not yet valid): how
+        far off it was and, once refusals agree (see the class), that the relay's clock may be.
+
+        Reads the token unverified: call it only for a token whose signature verified.
+        """
+        try:
+            payload = json.loads(b64url_decode(token.split(".")[1], max_size=8 * 1024))
+            token_id, issued_at = str(payload["jti"]), float(payload["iat"])
+        except (IndexError, KeyError, ValueError, TypeError, PayloadError, RecursionError):
+            return None
+        if not math.isfinite(issued_at):
+            return None
+        age = now - issued_at
+        skew = self.observe(token_id, age, now)
+        if not_yet_valid:
+            words = f"token issued {-age:.0f} s ahead of the relay's clock"
+        else:
+            words = f"token issued {age:.0f} s before the relay's clock"
+        if skew is not None:
+            direction = "behind" if skew < 0 else "ahead of"
+            words += (f"; the relay's clock may be off by about {abs(skew):.0f} s "
+                      f"({direction} the rendezvous's): check NTP")
+        return words
+
+    def observe(self, token_id: str, issued_age: float, now: float) -> float | None:
+        """Note a token refused for time; return the clocks' likely difference (relay minus
+        rendezvous, in seconds) once the refusals agree on one, else None."""
+        if all(seen != token_id for _, seen, _ in self._samples):
+            self._samples.append((now, token_id, issued_age))
+        ages = [age for when, _, age in self._samples if now - when <= CLOCK_SKEW_WINDOW_SECONDS]
+        if len(ages) < CLOCK_SKEW_SAMPLES or max(ages) - min(ages) > CLOCK_SKEW_SPREAD_SECONDS:
+            return None
+        return sorted(ages)[len(ages) // 2]
 
 
 def credential_mac(

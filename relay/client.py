@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import os
+import random
 import socket
 
 import trio
@@ -32,6 +33,20 @@ DEFAULT_PAIR_WAIT_SECONDS = 35.0
 HELLO_RESEND_SECONDS = 0.5
 REBIND_RESEND_SECONDS = 0.25
 REBIND_ATTEMPTS = 8
+# Refusals the relay sends only before it has read the token (at accept, or while the hello was
+# still arriving: relay/admission.py), so the single-use token is still unspent and trying again
+# is safe. Every other refusal may come after the token was checked and remembered: never
+# retried.
+RETRYABLE_REFUSALS = frozenset({Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS})
+CONNECT_ATTEMPTS = 3
+# Pause before the 2nd and 3rd attempts, each jittered to 50-150 % so that a burst of clients
+# refused together does not come back together; all retries end within MAX_RETRY_SECONDS.
+RETRY_BACKOFF_SECONDS = (0.25, 0.75)
+MAX_RETRY_SECONDS = 2.0
+
+
+class _RefusedBeforeToken(RelayRefusedError):
+    """A retryable refusal (RETRYABLE_REFUSALS) that came as the relay's first answer."""
 
 
 async def connect_tcp(
@@ -44,20 +59,53 @@ async def connect_tcp(
 ) -> trio.SocketStream:
     """Connect to the relay, present ``token`` and return the stream once paired.
 
-    Raises RelayRefusedError with the relay's reason code, or RelayError on timeout or a
-    malformed reply.
+    A refusal sent before the relay read the token (rate_limited, too_many_connections: a busy
+    relay or a burst from one address) is retried up to CONNECT_ATTEMPTS times with jittered
+    backoff within MAX_RETRY_SECONDS. Raises RelayRefusedError with the relay's reason code, or
+    RelayError on timeout or a malformed reply.
     """
+    started = trio.current_time()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await _connect_once(host, port, token, connect_timeout, pair_timeout)
+        except _RefusedBeforeToken as refused:
+            delay = _retry_delay(attempt, trio.current_time() - started)
+            if delay is None:
+                raise RelayRefusedError(refused.reason) from None
+        await trio.sleep(delay)
+
+
+def _retry_delay(attempt: int, elapsed: float) -> float | None:
+    """The pause before the next attempt after ``attempt`` failed, or None to give up."""
+    if attempt >= CONNECT_ATTEMPTS:
+        return None
+    delay = RETRY_BACKOFF_SECONDS[min(attempt, len(RETRY_BACKOFF_SECONDS)) - 1]
+    delay *= random.uniform(0.5, 1.5)  # noqa: S311 (jitter, not a secret)
+    if elapsed + delay > MAX_RETRY_SECONDS:
+        return None
+    return delay
+
+
+async def _connect_once(
+    host: str, port: int, token: str, connect_timeout: float, pair_timeout: float
+) -> trio.SocketStream:
     with trio.fail_after(connect_timeout):
         stream = await trio.open_tcp_stream(host, port)
     try:
         await stream.send_all(encode_hello(token))
+        first = True
         with trio.move_on_after(pair_timeout):
             while True:
                 reason = await _receive_status(stream)
                 if reason == Reason.PAIRED:
                     return stream
                 if reason != Reason.WAITING:
+                    if first and reason in RETRYABLE_REFUSALS:
+                        raise _RefusedBeforeToken(reason)
                     raise RelayRefusedError(reason)
+                first = False
         raise RelayError("timed out waiting for the relay to pair this session")
     except BaseException:
         await trio.aclose_forcefully(stream)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.config_file import read_config_table
+from protocol.rate_limits import DEFAULT_IPV4_SOURCE_PREFIX, DEFAULT_IPV6_SOURCE_PREFIX
 from protocol.relay_token import DEFAULT_RELAY_TOKEN_ISSUER, MAX_RELAY_ID_SIZE
 from relay.errors import ConfigError
 
@@ -22,6 +23,9 @@ FORWARDING_MODES = ("copy", "splice")
 # With the kernel's doubling, at least Linux's usual autotuning ceilings (6 MiB receive, 4 MiB
 # send), and measured faster than autotuning on loopback (bench/RESULTS-relay.md).
 DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
+# Open files the relay needs besides its clients' sockets: listeners, the event loop, logs, the
+# spare descriptors kept for accepting under descriptor exhaustion, and a margin.
+FILE_DESCRIPTOR_MARGIN = 64
 
 
 @dataclass(frozen=True)
@@ -96,15 +100,26 @@ OPTIONS: tuple[Option, ...] = (
     Option("grace", "float", 30.0, "seconds sessions may drain after a shutdown signal", minimum=0),
     Option("max_sessions", "int", 10_000, "most sessions (waiting or paired) at once", minimum=1),
     Option("max_waiting", "int", 1_000, "most sides waiting for their peer at once", minimum=1),
-    Option("max_pending", "int", 1_024, "most TCP connections still sending their hello",
-           minimum=1),
+    Option("max_pending", "int", 1_024, "most TCP connections still sending their hello; when "
+           "full, the oldest of them is dropped to make room for a newcomer", minimum=1),
+    Option("max_pending_per_source", "int", 10,
+           "TCP connections from one source (an IPv4 address or IPv6 network, see "
+           "source_ipv6_prefix) that get the whole hello_timeout; any more must send their "
+           "hello within 1 s or are refused with too_many_connections", minimum=1),
+    Option("source_ipv4_prefix", "int", DEFAULT_IPV4_SOURCE_PREFIX,
+           "IPv4 prefix length whose addresses share one source's rate limit and hello cap "
+           "(32: each address)", minimum=8),
+    Option("source_ipv6_prefix", "int", DEFAULT_IPV6_SOURCE_PREFIX,
+           "IPv6 prefix length whose addresses share one source's rate limit and hello cap "
+           "(64: a host's usual network)", minimum=16),
     Option("session_bandwidth", "float", 0.0,
            "per-session cap in bytes/s, both directions together (0: no cap)", minimum=0),
     Option("total_bandwidth", "float", 0.0, "relay-wide cap in bytes/s (0: no cap)", minimum=0),
-    Option("rate_limit", "float", 10.0, "new connections or UDP hellos per second per address",
-           minimum=0.001),
-    Option("rate_burst", "int", 40, "connections an address may open at once before the rate "
-           "limit applies", minimum=1),
+    Option("rate_limit", "float", 10.0, "new TCP connections per second per source; UDP "
+           "hellos have a budget of their own at the same rate (a spoofed UDP source cannot "
+           "spend a TCP client's)", minimum=0.001),
+    Option("rate_burst", "int", 40, "connections (or UDP hellos) a source may open at once "
+           "before the rate limit applies", minimum=1),
     Option("forwarding", "str", "copy",
            "TCP data path: copy (one shared buffer; measured fastest on loopback) or splice "
            "(Linux zero-copy through a pipe per direction)"),
@@ -139,6 +154,9 @@ class RelayConfig:
     max_sessions: int = 10_000
     max_waiting: int = 1_000
     max_pending: int = 1_024
+    max_pending_per_source: int = 10
+    source_ipv4_prefix: int = DEFAULT_IPV4_SOURCE_PREFIX
+    source_ipv6_prefix: int = DEFAULT_IPV6_SOURCE_PREFIX
     session_bandwidth: float = 0.0
     total_bandwidth: float = 0.0
     rate_limit: float = 10.0
@@ -163,12 +181,32 @@ class RelayConfig:
             value = getattr(self, option.name)
             if option.minimum is not None and value < option.minimum:
                 raise ConfigError(f"{option.name} must be at least {option.minimum}")
+        if self.source_ipv4_prefix > 32 or self.source_ipv6_prefix > 128:
+            raise ConfigError("source_ipv4_prefix must be 8..32 and source_ipv6_prefix 16..128")
 
     @property
     def file_descriptors_needed(self) -> int:
         """Open files the configured maxima need: two sockets per session, pending hellos and a
         margin. Splice pipes come on top when available; without them a session copies instead."""
-        return 2 * self.max_sessions + self.max_pending + 64
+        return 2 * self.max_sessions + self.max_pending + FILE_DESCRIPTOR_MARGIN
+
+    def sessions_allowed_by(self, open_files: int) -> int:
+        """How many paired sessions an open-file limit of ``open_files`` leaves room for once
+        the pending hellos and the margin are counted (at most max_sessions)."""
+        room = (open_files - self.max_pending - FILE_DESCRIPTOR_MARGIN) // 2
+        return max(0, min(self.max_sessions, room))
+
+    def limits_summary(self) -> str:
+        """The admission limits in force, as ``key=value`` fields for the start-up log line."""
+        return (
+            f"max_sessions={self.max_sessions} max_waiting={self.max_waiting} "
+            f"max_pending={self.max_pending} max_pending_per_source={self.max_pending_per_source} "
+            f"rate_limit={self.rate_limit:g}/s rate_burst={self.rate_burst} "
+            f"source_prefix=/{self.source_ipv4_prefix},/{self.source_ipv6_prefix} "
+            f"hello_timeout_s={self.hello_timeout:g} "
+            f"session_bandwidth={self.session_bandwidth:g} "
+            f"total_bandwidth={self.total_bandwidth:g}"
+        )
 
     def with_changes(self, **changes: Any) -> RelayConfig:
         """A copy with some fields replaced (tests and benchmarks use this)."""

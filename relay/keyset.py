@@ -3,12 +3,19 @@
 The rendezvous publishes all four of its service keys in one JWK set, each with a ``purpose``
 (service_keys.jwks). Only the ``relay-token`` keys may verify relay tokens: trusting the JWT
 issuer or audit signer key here would let a token signed for another purpose open a relay session.
+
+A rotated relay-token key appears in the JWKS only once the rendezvous signs with it, so a token
+whose ``kid`` the relay does not know asks for a refetch at once rather than at the next periodic
+refresh. Such refetches are single-flight (tokens that arrive during one wait for it) and at most
+one per UNKNOWN_KEY_REFETCH_SECONDS: a flood of tokens with made-up key ids costs the rendezvous
+no more than that.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -24,12 +31,21 @@ from protocol.identity import (
     b64url_decode,
     load_verifying_key_file,
 )
+from protocol.relay_token import relay_token_key_id
 from relay.errors import KeySetError
 
 MAX_JWKS_SIZE = 64 * 1024
 MAX_JWKS_KEYS = 32
 JWKS_FETCH_TIMEOUT_SECONDS = 10.0
 JWKS_RETRY_SECONDS = 10.0
+# At most one refetch per this many seconds for tokens naming a key id the relay does not know.
+UNKNOWN_KEY_REFETCH_SECONDS = 10.0
+# A token waits for a refetch already running at most this long (the fetch's own timeout).
+UNKNOWN_KEY_WAIT_SECONDS = JWKS_FETCH_TIMEOUT_SECONDS
+# At most this many connections wait for one refetch; more are refused at once.
+MAX_TOKENS_WAITING_FOR_KEYS = 256
+# Longest key id shown in a log line (it comes from an unverified token header).
+MAX_SHOWN_KEY_ID = 64
 # The ``purpose`` the rendezvous gives its relay-token signer in the JWK set (KEY_ROLES).
 RELAY_TOKEN_PURPOSE = "relay-token"  # noqa: S105 (a key role name, not a secret)
 JWKS_PATH = "/.well-known/jwks.json"
@@ -43,6 +59,9 @@ class TokenKeySet:
 
     def __init__(self, keys: Mapping[str, PublicIdentity]) -> None:
         self._keys: dict[str, PublicIdentity] = dict(keys)
+        # Set by a JwksRefresher: who can fetch keys the set does not have yet.
+        self.refresher: JwksRefresher | None = None
+        self._waiting_for_keys = 0
 
     @property
     def keys(self) -> Mapping[str, PublicIdentity]:
@@ -58,6 +77,50 @@ class TokenKeySet:
         if not keys:
             raise KeySetError("a key set with no keys would refuse every token")
         self._keys = dict(keys)
+
+    def unknown_key_id(self, token: str) -> str | None:
+        """The ``kid`` a token names if this set has no such key (None: known, or no kid).
+
+        Read from the unverified header: use it only to decide whether to refetch and to say
+        why a token was refused.
+        """
+        key_id = relay_token_key_id(token)
+        return key_id if key_id is not None and key_id not in self._keys else None
+
+    def ask_for_unknown_key(self, token: str) -> trio.Event | None:
+        """If ``token`` names an unknown key id, ask for a JWKS refetch (rate-limited).
+
+        Returns an event set when a fetch that may bring the key ends, or None when none is
+        running or about to start now (no JWKS, the key id is known, or a refetch ran less than
+        UNKNOWN_KEY_REFETCH_SECONDS ago: one is then due when that time is up).
+        """
+        if self.refresher is None or self.unknown_key_id(token) is None:
+            return None
+        return self.refresher.fetch_for_unknown_key()
+
+    async def wait_for_unknown_key(self, token: str) -> bool:
+        """Wait (bounded) for the refetch a token with an unknown key id asked for; return
+        whether the set now knows its key id, so the token is worth checking again."""
+        key_id = self.unknown_key_id(token)
+        if key_id is None or self._waiting_for_keys >= MAX_TOKENS_WAITING_FOR_KEYS:
+            return False
+        fetched = self.ask_for_unknown_key(token)
+        if fetched is None:
+            return False
+        self._waiting_for_keys += 1
+        try:
+            with trio.move_on_after(UNKNOWN_KEY_WAIT_SECONDS):
+                await fetched.wait()
+        finally:
+            self._waiting_for_keys -= 1
+        return key_id in self._keys
+
+    def refusal_detail(self, token: str) -> str | None:
+        """Why a token_invalid refusal happened, when the set can tell: its unknown key id."""
+        key_id = self.unknown_key_id(token)
+        if key_id is None:
+            return None
+        return f"unknown key id {key_id[:MAX_SHOWN_KEY_ID]!r}"
 
     @classmethod
     def from_files(cls, paths: Iterable[Path]) -> TokenKeySet:
@@ -176,7 +239,8 @@ class JwksRefresher:
     The keys it starts with were just fetched (the relay's start-up fetch), so the first
     refetch is one interval later. A refetch asked for with ``refresh_soon`` (SIGHUP) is a
     reload: its result is logged (``reload`` / ``reload_failed``) and passed to ``on_reload``
-    (True when the keys were fetched), as a --token-key reload's is.
+    (True when the keys were fetched), as a --token-key reload's is. A token naming an unknown
+    key id brings the next refetch forward (``fetch_for_unknown_key``), rate-limited.
     """
 
     def __init__(
@@ -187,6 +251,8 @@ class JwksRefresher:
         interval: float,
         on_failure: Callable[[], None] = lambda: None,
         on_reload: Callable[[bool], None] = lambda ok: None,
+        *,
+        unknown_key_refetch: float = UNKNOWN_KEY_REFETCH_SECONDS,
     ) -> None:
         self.key_set = key_set
         self.url = url
@@ -194,13 +260,32 @@ class JwksRefresher:
         self.interval = interval
         self.on_failure = on_failure
         self.on_reload = on_reload
+        self.unknown_key_refetch = unknown_key_refetch
         self._wake = trio.Event()
         self._reload_asked = False
+        self._next_fetch_at: float | None = None  # trio time; set when run starts
+        self._last_fetch_at = -math.inf
+        self._in_flight: trio.Event | None = None  # set when the running fetch ends
+        self._next_fetch_done = trio.Event()
+        key_set.refresher = self
 
     def refresh_soon(self) -> None:
         """Refetch now, as a reload (SIGHUP): cut the current wait short."""
         self._reload_asked = True
         self._wake.set()
+
+    def fetch_for_unknown_key(self) -> trio.Event | None:
+        """Bring the next fetch forward for a token with an unknown key id, at most one such
+        fetch per ``unknown_key_refetch`` seconds; return an event set when the fetch running
+        now, or starting now, ends (None: the next one is later)."""
+        if self._in_flight is not None:
+            return self._in_flight
+        now = trio.current_time()
+        due = max(now, self._last_fetch_at + self.unknown_key_refetch)
+        if self._next_fetch_at is None or due < self._next_fetch_at:
+            self._next_fetch_at = due
+            self._wake.set()
+        return self._next_fetch_done if due <= now else None
 
     async def run(self) -> None:
         """Refresh until cancelled; on failure keep the old keys and retry sooner.
@@ -208,42 +293,60 @@ class JwksRefresher:
         A failure is logged when its reason changes (not on every retry) and counted by
         ``on_failure`` every time; a recovery is logged once.
         """
+        try:
+            await self._refresh_forever()
+        finally:
+            # Nobody is left to fetch: let tokens waiting for a fetch be answered now.
+            self._next_fetch_done.set()
+
+    async def _refresh_forever(self) -> None:
         last_error: str | None = None
-        delay = self.interval
+        if self._next_fetch_at is None:
+            self._next_fetch_at = trio.current_time() + self.interval
         while True:
-            with trio.move_on_after(delay):
-                await self._wake.wait()
-            # A new event before fetching: a SIGHUP during the fetch is a fetch more, not lost.
-            self._wake = trio.Event()
+            while not self._reload_asked and trio.current_time() < self._next_fetch_at:
+                with trio.move_on_at(self._next_fetch_at):
+                    await self._wake.wait()
+                # A new event each time: a wake during the fetch below is seen, not lost.
+                self._wake = trio.Event()
             reload, self._reload_asked = self._reload_asked, False
-            delay = self.interval
-            before = self.key_set.fingerprints()
+            self._in_flight, self._next_fetch_done = self._next_fetch_done, trio.Event()
+            self._last_fetch_at = trio.current_time()
             try:
-                keys = await fetch_jwks(self.url, self.ca_file)
-                self.key_set.replace(keys)
-            except KeySetError as error:
-                self.on_failure()
-                delay = min(self.interval, JWKS_RETRY_SECONDS)
-                keeping = ",".join(self.key_set.fingerprints())
-                if reload:
-                    self.on_reload(False)
-                    log.warning("reload_failed error=%s keeping=%s", error, keeping)
-                if str(error) != last_error:
-                    log.warning(
-                        "jwks_refresh_failed error=%s keeping=%s retry_s=%g",
-                        error, keeping, delay,
-                    )
-                    last_error = str(error)
-                continue
-            after = self.key_set.fingerprints()
-            if after != before:
-                log.info("jwks_keys_changed keys=%s", ",".join(after))
+                last_error = await self._fetch(reload, last_error)
+            finally:
+                self._in_flight.set()
+                self._in_flight = None
+            delay = self.interval if last_error is None else min(self.interval, JWKS_RETRY_SECONDS)
+            self._next_fetch_at = trio.current_time() + delay
+
+    async def _fetch(self, reload: bool, last_error: str | None) -> str | None:
+        """Fetch once and swap the keys in; return the error, or None when it worked."""
+        before = self.key_set.fingerprints()
+        try:
+            keys = await fetch_jwks(self.url, self.ca_file)
+            self.key_set.replace(keys)
+        except KeySetError as error:
+            self.on_failure()
+            keeping = ",".join(self.key_set.fingerprints())
             if reload:
-                self.on_reload(True)
-                log.info(
-                    "reload jwks=%s keys=%s changed=%s (other settings take effect on restart)",
-                    self.url, ",".join(after), "yes" if after != before else "no",
+                self.on_reload(False)
+                log.warning("reload_failed error=%s keeping=%s", error, keeping)
+            if str(error) != last_error:
+                log.warning(
+                    "jwks_refresh_failed error=%s keeping=%s retry_s=%g",
+                    error, keeping, min(self.interval, JWKS_RETRY_SECONDS),
                 )
-            if last_error is not None:
-                log.info("jwks_refresh_recovered keys=%s", ",".join(after))
-                last_error = None
+            return str(error)
+        after = self.key_set.fingerprints()
+        if after != before:
+            log.info("jwks_keys_changed keys=%s", ",".join(after))
+        if reload:
+            self.on_reload(True)
+            log.info(
+                "reload jwks=%s keys=%s changed=%s (other settings take effect on restart)",
+                self.url, ",".join(after), "yes" if after != before else "no",
+            )
+        if last_error is not None:
+            log.info("jwks_refresh_recovered keys=%s", ",".join(after))
+        return None

@@ -137,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(config)
         limit, warning = raise_open_file_limit(config.file_descriptors_needed)
         if warning:
-            log.warning("fd_limit %s", warning)
+            log.warning(
+                "fd_limit open_files=%d needed=%d sessions_allowed=%d of max_sessions=%d: %s",
+                limit, config.file_descriptors_needed, config.sessions_allowed_by(limit),
+                config.max_sessions, warning,
+            )
         else:
             log.info("fd_limit open_files=%d needed=%d", limit, config.file_descriptors_needed)
         trio.run(run, config)

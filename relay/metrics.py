@@ -18,6 +18,17 @@ DATAGRAM_DROP_REASONS = (
     "send_failed",
 )
 KEY_RELOAD_RESULTS = ("ok", "failed")
+# Counted with the refusals but never sent: the client left before the relay had its hello.
+HELLO_ABANDONED = "hello_abandoned"
+# Why a connection still in its hello phase was dropped (it is also refused with
+# too_many_connections, which a client may retry: its token was never read).
+PER_SOURCE_CAP = "per_source_cap"
+OLDEST_DROPPED = "oldest_dropped"
+PENDING_DROP_REASONS = (PER_SOURCE_CAP, OLDEST_DROPPED)
+# Why accept() failed; under too_many_open_files the relay sheds the connection it could not
+# take (with its spare descriptor) instead of leaving it in the backlog.
+TOO_MANY_OPEN_FILES = "too_many_open_files"
+ACCEPT_FAILURE_REASONS = (TOO_MANY_OPEN_FILES, "out_of_memory", "other")
 PAIRING_LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -39,6 +50,22 @@ class RelayMetrics:
         self.connections_pending = Gauge(
             "tucdesk_relay_connections_pending", "TCP connections that have not finished a hello.",
             registry=self.registry,
+        )
+        self.connections_accepted = Counter(
+            "tucdesk_relay_connections_accepted",
+            "TCP connections accepted, before any check (refused ones too).",
+            registry=self.registry,
+        )
+        self.accept_failures = Counter(
+            "tucdesk_relay_accept_failures", "Failed accept() calls on a listener, by reason.",
+            ["listener", "reason"], registry=self.registry,
+        )
+        self.pending_dropped = Counter(
+            "tucdesk_relay_pending_dropped",
+            "TCP connections still in their hello refused or dropped by a limit, by reason: "
+            "per_source_cap (their source had too many hellos open), oldest_dropped (the "
+            "oldest hello, to make room when max_pending were open).",
+            ["reason"], registry=self.registry,
         )
         self.bytes_forwarded = Counter(
             "tucdesk_relay_bytes_forwarded", "Payload bytes forwarded between paired sides.",
@@ -89,6 +116,12 @@ class RelayMetrics:
             self.pairing_latency.labels(transport)
             for reason in REFUSAL_REASONS:
                 self.refusals.labels(transport, reason.value)
+        self.refusals.labels("tcp", HELLO_ABANDONED)
+        for pending_reason in PENDING_DROP_REASONS:
+            self.pending_dropped.labels(pending_reason)
+        for listener in ("relay", "metrics"):
+            for failure in ACCEPT_FAILURE_REASONS:
+                self.accept_failures.labels(listener, failure)
             for reason in SESSION_END_REASONS:
                 self.sessions_closed.labels(transport, reason.value)
         for drop in DATAGRAM_DROP_REASONS:

@@ -7,11 +7,13 @@ from collections.abc import Callable
 
 import trio
 
+from relay.admission import DESCRIPTOR_EXHAUSTION_ERRORS, SpareDescriptor
 from relay.sockio import close_socket, send_all
 
 MAX_REQUEST_HEAD_SIZE = 8 * 1024
 REQUEST_TIMEOUT_SECONDS = 5.0
 MAX_CONCURRENT_SCRAPES = 16
+ACCEPT_ERROR_BACKOFF_SECONDS = 0.1
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 
@@ -39,25 +41,54 @@ def metrics_response(request_head: bytes, exposition: Callable[[], bytes]) -> by
     return response[: len(response) - len(body)] if method == b"HEAD" else response
 
 
-async def serve_metrics(listener: socket.socket, exposition: Callable[[], bytes]) -> None:
-    """Answer metrics scrapes on ``listener`` until cancelled."""
+async def serve_metrics(
+    listener: socket.socket,
+    exposition: Callable[[], bytes],
+    *,
+    spare: SpareDescriptor | None = None,
+    on_accept_failed: Callable[[OSError], None] | None = None,
+) -> None:
+    """Answer metrics scrapes on ``listener`` until cancelled.
+
+    ``spare`` (a descriptor held back, opened by the caller before the relay takes clients;
+    by default opened here) lets scrapes still be answered, one at a time on its descriptor,
+    when a flood has taken every descriptor the process may open. It is closed on return.
+    """
     limiter = trio.CapacityLimiter(MAX_CONCURRENT_SCRAPES)
-    async with trio.open_nursery() as nursery:
-        while True:
-            try:
-                sock, _ = listener.accept()
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(listener)
-                continue
-            except OSError:
-                await trio.sleep(0.1)
-                continue
-            sock.setblocking(False)
-            nursery.start_soon(_answer, sock, exposition, limiter)
+    if spare is None:
+        spare = SpareDescriptor()
+    try:
+        async with trio.open_nursery() as nursery:
+            while True:
+                try:
+                    sock, _ = listener.accept()
+                except BlockingIOError:
+                    await trio.lowlevel.wait_readable(listener)
+                    continue
+                except OSError as error:
+                    if on_accept_failed is not None:
+                        on_accept_failed(error)
+                    if error.errno in DESCRIPTOR_EXHAUSTION_ERRORS:
+                        spare.reopen()  # if a scrape's close could not take it back
+                        spared = spare.accept_instead(listener)
+                        if spared is not None:
+                            spared.setblocking(False)
+                            # The spare is taken back as soon as this scrape's socket closes.
+                            nursery.start_soon(_answer, spared, exposition, limiter, spare.reopen)
+                            continue
+                    await trio.sleep(ACCEPT_ERROR_BACKOFF_SECONDS)
+                    continue
+                sock.setblocking(False)
+                nursery.start_soon(_answer, sock, exposition, limiter)
+    finally:
+        spare.close()
 
 
 async def _answer(
-    sock: socket.socket, exposition: Callable[[], bytes], limiter: trio.CapacityLimiter
+    sock: socket.socket,
+    exposition: Callable[[], bytes],
+    limiter: trio.CapacityLimiter,
+    after_close: Callable[[], None] | None = None,
 ) -> None:
     try:
         async with limiter:
@@ -77,3 +108,5 @@ async def _answer(
         pass
     finally:
         close_socket(sock)
+        if after_close is not None:
+            after_close()

@@ -50,26 +50,38 @@ class RefusalLog:
         peer: Callable[[], str] | str,
         claims: RelayTokenClaims | None = None,
         token: str | None = None,
+        detail: str | None = None,
     ) -> None:
         """Log one refusal unless this reason already had its lines for this second.
 
         ``peer`` may be a function (e.g. a getpeername), called only if the line is written.
 
         ``token`` is read (for its ids) only when its signature verified: pass it only with
-        the reasons that say so (wrong_relay, token_expired, token_reused).
+        the reasons that say so (wrong_relay, token_expired, token_not_yet_valid, token_reused).
+        ``detail``: words the relay wrote itself (an unknown key id, shown quoted), put last.
         """
-        window = self._windows.get(reason)
+        if not self._within_budget(now, reason):
+            return
+        shown_peer = peer if isinstance(peer, str) else peer()
+        log.info("refused transport=%s reason=%s peer=%s%s%s", transport, reason, shown_peer,
+                 _ids(claims, token), f" detail={detail}" if detail else "")
+
+    def event(self, now: float, kind: str, message: str, *args: object) -> None:
+        """Log a WARNING line of ``kind`` (e.g. accept_failed) under the same per-kind budget."""
+        if self._within_budget(now, kind):
+            log.warning(message, *args)
+
+    def _within_budget(self, now: float, key: str) -> bool:
+        window = self._windows.get(key)
         if window is None or now - window.started >= WINDOW_SECONDS:
             if window is not None:
-                self._report_suppressed(reason, window)
-            window = self._windows[reason] = _Window(now)
+                self._report_suppressed(key, window)
+            window = self._windows[key] = _Window(now)
         if window.logged >= self.lines_per_second:
             window.suppressed += 1
-            return
+            return False
         window.logged += 1
-        shown_peer = peer if isinstance(peer, str) else peer()
-        log.info("refused transport=%s reason=%s peer=%s%s", transport, reason, shown_peer,
-                 _ids(claims, token))
+        return True
 
     def flush(self, now: float) -> None:
         """Write the summary of every window that has ended (called about once a second)."""
@@ -123,6 +135,14 @@ def show_address(address: object) -> str:
         host, port = address[0], address[1]
         return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
     return str(address)
+
+
+def peer_address(sock: socket.socket) -> object:
+    """The connected peer's socket address of ``sock``, or None once it has gone."""
+    try:
+        return sock.getpeername()
+    except OSError:
+        return None
 
 
 def peer_of(sock: socket.socket) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import trio
 
 from protocol.version import installed_version
-from relay.admission import Admission
+from relay.admission import Admission, SpareDescriptor, accept_failure_reason
 from relay.config import HostPort, RelayConfig
 from relay.errors import KeySetError, RelayError
 from relay.keyset import JwksRefresher, TokenKeySet, fetch_jwks, load_key_files
@@ -96,6 +96,9 @@ class Relay:
             "yes" if self.key_set.fingerprints() != before else "no",
         )
 
+    def _count_metrics_accept_failure(self, error: OSError) -> None:
+        self.metrics.accept_failures.labels("metrics", accept_failure_reason(error)).inc()
+
     def _count_reload(self, ok: bool) -> None:
         self.metrics.key_reloads.labels("ok" if ok else "failed").inc()
 
@@ -110,6 +113,7 @@ class Relay:
             )
         admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
         sockets: list[socket.socket] = []
+        metrics_spare: SpareDescriptor | None = None
         try:
             socket_buffer = self._socket_buffer()
             listener = _bind(
@@ -132,8 +136,13 @@ class Relay:
                 metrics_listener = _bind(open_tcp_listener, "--metrics", self.config.metrics)
                 sockets.append(metrics_listener)
                 self.metrics_address = metrics_listener.getsockname()[:2]
-            await self._run(admission, metrics_listener, task_status)
+                # Opened before any client is accepted: /metrics answers under fd exhaustion.
+                metrics_spare = SpareDescriptor()
+            await self._run(admission, metrics_listener, metrics_spare, task_status)
         finally:
+            admission.close()
+            if metrics_spare is not None:
+                metrics_spare.close()
             for sock in sockets:
                 if sock.fileno() != -1:
                     trio.lowlevel.notify_closing(sock)
@@ -162,7 +171,11 @@ class Relay:
             raise KeySetError(f"cannot start without relay-token keys: {error}") from None
 
     async def _run(
-        self, admission: Admission, metrics_listener: socket.socket | None, task_status: Any
+        self,
+        admission: Admission,
+        metrics_listener: socket.socket | None,
+        metrics_spare: SpareDescriptor | None,
+        task_status: Any,
     ) -> None:
         assert self.tcp is not None
         tcp, udp = self.tcp, self.udp
@@ -181,7 +194,11 @@ class Relay:
                         service_nursery.start_soon(self._sweep_forever)
                         if metrics_listener is not None:
                             service_nursery.start_soon(
-                                serve_metrics, metrics_listener, self.metrics.exposition
+                                functools.partial(
+                                    serve_metrics, metrics_listener, self.metrics.exposition,
+                                    spare=metrics_spare,
+                                    on_accept_failed=self._count_metrics_accept_failure,
+                                )
                             )
                         if self._jwks_refresher is not None:
                             service_nursery.start_soon(self._jwks_refresher.run)
@@ -205,6 +222,7 @@ class Relay:
                 "jwks" if self._jwks_refresher is not None else "token_key",
                 ",".join(self.key_set.fingerprints()),
             )
+            log.info("relay_limits %s", self.config.limits_summary())
             task_status.started(self)
             await self._shutdown.wait()
             log.info("relay_stopping grace_s=%s", self.config.grace)
@@ -234,6 +252,7 @@ class Relay:
             now = trio.current_time()
             if self.tcp is not None:
                 self.tcp.admission.refusal_log.flush(now)
+                self.tcp.admission.accept_failure_log.flush(now)
                 self.tcp.sweep_idle(now, interval)
             if self.udp is not None:
                 self.udp.sweep(now)

@@ -18,11 +18,11 @@ import trio
 
 from protocol.rate_limits import TokenBucket
 from protocol.relay_token import RelayTokenClaims, Side
-from relay.admission import Admission
+from relay.admission import Admission, PendingHello
 from relay.errors import HelloError
 from relay.forwarding import MAX_CHUNK_SIZE, SPLICE_AVAILABLE, bulk_low_water, pump
-from relay.refusal_log import peer_of, show_address
-from relay.session_log import session_end_line
+from relay.refusal_log import peer_address, peer_of, show_address
+from relay.session_log import session_end_line, session_paired_line
 from relay.sockio import (
     CONNECTION_LOST_ERRORS,
     close_socket,
@@ -52,6 +52,10 @@ DEAD_PEER_IDLE_FRACTION = 2
 DEAD_PEER_PROBES = 3
 # How often, per dead_peer_timeout, the sweep asks each session's sockets (unanswered_for).
 DEAD_PEER_CHECKS_PER_TIMEOUT = 4
+# Fair sharing of --total-bandwidth (FairShare): a session's allowance holds this many seconds
+# of its share, and never less than MIN_FAIR_SHARE_BURST (a screenful, a command's output).
+FAIR_SHARE_BURST_SECONDS = 0.5
+MIN_FAIR_SHARE_BURST = 64 * 1024
 # struct tcp_info (linux/tcp.h): u32 tcpi_unacked at byte 24, u32 tcpi_last_ack_recv (ms) at 56.
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _TCP_INFO_BYTES = 60
@@ -73,6 +77,33 @@ class WaitingConnection:
     shutting_down: bool = False
 
 
+class FairShare:
+    """A session's use of its fair share (total cap / sessions) of the relay-wide bandwidth.
+
+    A session within its share never waits out the relay-wide bucket's debt; only sessions
+    above it do, so bulk transfers that saturate the cap slow each other down, not a shell or
+    an ``exec`` beside them. Every byte is still charged to the relay-wide bucket, so the total
+    stays at the cap. The allowance is a token bucket refilled at the share's current rate; its
+    debt is bounded by one burst, so a session that was busy is treated as light soon after it
+    calms down.
+    """
+
+    __slots__ = ("_balance", "_updated")
+
+    def __init__(self, now: float = 0.0) -> None:
+        self._balance = float(MIN_FAIR_SHARE_BURST)
+        self._updated = now
+
+    def within(self, moved: int, now: float, share: float) -> bool:
+        """Charge ``moved`` bytes at ``now``; whether the session is still within ``share``
+        bytes/s (with its burst)."""
+        burst = max(share * FAIR_SHARE_BURST_SECONDS, MIN_FAIR_SHARE_BURST)
+        balance = min(burst, self._balance + (now - self._updated) * share) - moved
+        self._updated = now
+        self._balance = max(balance, -burst)
+        return balance >= 0
+
+
 @dataclass(eq=False)
 class TcpSession:
     """A paired TCP session: two sockets, their byte counts and how it ended."""
@@ -82,6 +113,7 @@ class TcpSession:
     started: float
     last_activity: float
     bucket: TokenBucket | None
+    fair_share: FairShare = field(default_factory=FairShare)  # both directions together
     bytes_from: dict[Side, int] = field(default_factory=lambda: {Side.OPERATOR: 0, Side.AGENT: 0})
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     close_reason: Reason | None = None
@@ -155,32 +187,24 @@ class TcpFrontEnd:
                 await trio.lowlevel.wait_readable(self.listener)
                 continue
             except OSError as error:
-                # Out of descriptors or memory: leave the backlog alone for a moment.
-                log.warning("accept_failed error=%s", error.strerror)
+                # Out of descriptors or memory: counted and logged (rate-limited); out of
+                # descriptors, the backlog is refused through a spare one; then a short pause.
+                self.admission.accept_failed(self.listener, error)
                 await trio.sleep(ACCEPT_ERROR_BACKOFF_SECONDS)
                 continue
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            reason = self._early_refusal(str(address[0]))
-            if reason is not None:
-                self._refuse(sock, reason, peer=show_address(address))
+            slot = self.admission.admit_connection(address, trio.current_time())
+            if isinstance(slot, Reason):
+                self._refuse(sock, slot, peer=show_address(address))
             else:
                 self.pending += 1
                 self.metrics.connections_pending.inc()
-                nursery.start_soon(self._handle, sock)
+                nursery.start_soon(self._handle, sock, slot)
             accepted += 1
             if accepted >= MAX_ACCEPTS_WITHOUT_YIELD:
                 accepted = 0
                 await trio.lowlevel.checkpoint()
-
-    def _early_refusal(self, host: str) -> Reason | None:
-        if self.admission.shutting_down:
-            return Reason.SHUTTING_DOWN
-        if not self.admission.address_allowed(host, trio.current_time()):
-            return Reason.RATE_LIMITED
-        if self.pending >= self.config.max_pending:
-            return Reason.TOO_MANY_CONNECTIONS
-        return None
 
     def _refuse(
         self,
@@ -210,15 +234,21 @@ class TcpFrontEnd:
         except (EOFError, OSError):
             return None
 
-    async def _handle(self, sock: socket.socket) -> None:
+    async def _handle(self, sock: socket.socket, slot: PendingHello) -> None:
         owned = True
         try:
+            hello: str | Reason | None = None
             try:
-                hello = await self._read_hello(sock)
+                with slot.scope:  # cancelled if dropped (admission.PendingHellos)
+                    hello = await self._read_hello(sock)
             finally:
                 self.pending -= 1
                 self.metrics.connections_pending.dec()
+                self.admission.hello_finished(slot)
+            if slot.dropped:
+                hello = Reason.TOO_MANY_CONNECTIONS  # its token was not checked: retryable
             if hello is None:
+                self.admission.hello_abandoned(slot)
                 return
             if isinstance(hello, Reason):
                 self._refuse(sock, hello)
@@ -233,6 +263,11 @@ class TcpFrontEnd:
     async def _admit(self, sock: socket.socket, token: str) -> bool:
         """Admit a connection with its token; return whether this task still owns the socket."""
         checked = self.admission.check_token(token, time.time())
+        if checked is Reason.TOKEN_INVALID and await self.admission.key_set.wait_for_unknown_key(
+            token
+        ):
+            # Signed with a key the JWKS refetch its unknown key id asked for just brought.
+            checked = self.admission.check_token(token, time.time())
         if isinstance(checked, Reason):
             self._refuse(sock, checked, token=token)
             return False
@@ -308,6 +343,10 @@ class TcpFrontEnd:
         now = trio.current_time()
         self.metrics.pairing_latency.labels(TRANSPORT).observe(now - waiter.arrived_at)
         self.metrics.sessions_paired.labels(TRANSPORT).inc()
+        peers = {claims.side.value: peer_address(sockets[claims.side])
+                 for claims in (waiter.claims, partner_claims)}
+        log.info(session_paired_line(transport=TRANSPORT, session_id=waiter.claims.session_id,
+                                     peers=peers, blur=self.config.blur_logs))
         session = TcpSession(
             session_id=waiter.claims.session_id,
             sockets=sockets,
@@ -345,6 +384,7 @@ class TcpFrontEnd:
                     duration=trio.current_time() - session.started,
                     reason=reason.value,
                     blur=self.config.blur_logs,
+                    peers=peers,
                 )
             )
 
@@ -361,6 +401,8 @@ class TcpFrontEnd:
         total = self.admission.total_bandwidth
         bucket = session.bucket
         counts = session.bytes_from
+        sessions = self.sessions
+        fair_share = session.fair_share
         # The run's clock itself (what trio.current_time reads), without two wrapper calls.
         current_time = trio.lowlevel.current_clock().current_time
 
@@ -370,7 +412,12 @@ class TcpFrontEnd:
             counts[side] += moved
             delay = bucket.charge(moved, now) if bucket is not None else 0.0
             if total is not None:
-                delay = max(delay, total.charge(moved, now))
+                # Every byte counts against the total; only a session above its fair share
+                # waits out the total's debt (FairShare).
+                total_delay = total.charge(moved, now)
+                share = total.rate / (len(sessions) or 1)
+                if not fair_share.within(moved, now, share) and total_delay > delay:
+                    delay = total_delay
             return delay
 
         def record_uncapped(moved: int) -> float:

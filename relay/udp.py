@@ -34,7 +34,7 @@ from relay.datagram import (
 )
 from relay.errors import HelloError
 from relay.refusal_log import show_address
-from relay.session_log import session_end_line
+from relay.session_log import session_end_line, session_paired_line
 from relay.wire import Reason
 
 TRANSPORT = "udp"
@@ -224,7 +224,7 @@ class UdpFrontEnd:
             # A resent hello (the status reply was lost): answer again, it is not a reuse.
             self._reply(address, Reason.PAIRED if known[0].paired else Reason.WAITING)
             return
-        if not self.admission.address_allowed(str(address[0]), trio.current_time()):
+        if not self.admission.udp_hello_allowed(str(address[0]), trio.current_time()):
             self._refuse(address, Reason.RATE_LIMITED, len(datagram))
             return
         try:
@@ -271,6 +271,8 @@ class UdpFrontEnd:
         self.metrics.sessions_active.labels(TRANSPORT).inc()
         self.metrics.sessions_paired.labels(TRANSPORT).inc()
         self.metrics.pairing_latency.labels(TRANSPORT).observe(now - session.arrived_at)
+        log.info(session_paired_line(transport=TRANSPORT, session_id=session.session_id,
+                                     peers=_peers(session), blur=self.config.blur_logs))
         for member in session.sides.values():
             self._reply(member.address, Reason.PAIRED)
 
@@ -348,6 +350,7 @@ class UdpFrontEnd:
                 duration=trio.current_time() - session.started,
                 reason=reason.value,
                 blur=self.config.blur_logs,
+                peers=_peers(session),
             )
         )
 
@@ -384,6 +387,11 @@ class UdpFrontEnd:
         for session in list(self.by_session.values()):
             if session.paired:
                 self._end_session(session, reason)
+
+
+def _peers(session: UdpSession) -> dict[str, Address]:
+    """Each side's current address by side name, for the session log lines."""
+    return {member.side.value: member.address for member in session.sides.values()}
 
 
 def open_udp_socket(host: str, port: int) -> socket.socket:

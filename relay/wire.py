@@ -41,6 +41,7 @@ class Reason(StrEnum):
     HELLO_TIMEOUT = "hello_timeout"
     TOKEN_INVALID = "token_invalid"  # noqa: S105
     TOKEN_EXPIRED = "token_expired"  # noqa: S105
+    TOKEN_NOT_YET_VALID = "token_not_yet_valid"  # noqa: S105
     WRONG_RELAY = "wrong_relay"
     TOKEN_REUSED = "token_reused"  # noqa: S105
     SAME_SIDE = "same_side"
@@ -69,6 +70,7 @@ REFUSAL_REASONS = frozenset(
         Reason.HELLO_TIMEOUT,
         Reason.TOKEN_INVALID,
         Reason.TOKEN_EXPIRED,
+        Reason.TOKEN_NOT_YET_VALID,
         Reason.WRONG_RELAY,
         Reason.TOKEN_REUSED,
         Reason.SAME_SIDE,

@@ -91,3 +91,42 @@ def test_an_open_file_limit_that_cannot_be_met_is_explained():
         assert warning is not None and "--max-sessions" in warning
     limit, warning = raise_open_file_limit(16)
     assert warning is None and limit >= 16
+
+
+def test_the_example_config_leaves_udp_off_and_says_what_it_is_for():
+    example = Path(__file__).parents[2] / "deploy" / "relay" / "relay.example.toml"
+    assert load_config({}, {}, example).udp is None
+    assert '# udp = "0.0.0.0:7443"' in example.read_text()
+
+
+@pytest.mark.parametrize(
+    "setting", [{"source_ipv4_prefix": "33"}, {"source_ipv6_prefix": "129"},
+                {"source_ipv6_prefix": "8"}, {"max_pending_per_source": "0"}],
+)
+def test_source_grouping_and_the_per_source_cap_are_checked(setting):
+    with pytest.raises(ConfigError):
+        load_config({**REQUIRED, **setting}, {})
+
+
+def test_a_low_open_file_limit_is_logged_with_the_sessions_it_still_allows(
+    monkeypatch, capsys, tmp_path
+):
+    import signal
+
+    import relay.main
+    from protocol.identity import SigningIdentity
+
+    key_file = tmp_path / "relay-token.pub"
+    key_file.write_bytes(SigningIdentity.generate().public.to_pem())
+    monkeypatch.setattr(relay.main, "raise_open_file_limit", lambda needed: (4_096, "raise it"))
+    previous = signal.getsignal(signal.SIGHUP)
+    try:
+        # 192.0.2.1 (TEST-NET) is not on this host: the relay stops right after the check.
+        code = relay.main.main(["serve", "--listen", "192.0.2.1:7443", "--relay-id", "r1",
+                                "--token-key", str(key_file), "--max-pending", "1024"])
+    finally:
+        signal.signal(signal.SIGHUP, previous)
+    assert code == 1
+    allowed = (4_096 - 1_024 - 64) // 2
+    assert (f"fd_limit open_files=4096 needed=21088 sessions_allowed={allowed} of "
+            "max_sessions=10000: raise it") in capsys.readouterr().err

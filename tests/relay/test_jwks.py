@@ -75,10 +75,11 @@ def rendezvous_service_keys() -> ServiceKeys:
 
 
 async def serve_jwks(
-    cert_file, key_file, body: bytes | list[bytes], nursery, requests: list[bytes] | None = None
+    cert_file, key_file, body: bytes | list[bytes], nursery, requests: list[bytes] | None = None,
+    delay: float = 0.0,
 ) -> int:
     """Serve ``body`` (or, for a list, its last item at the time of each request); each request
-    is appended to ``requests``, if given."""
+    is appended to ``requests``, if given; each answer comes ``delay`` seconds later."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
 
@@ -92,6 +93,7 @@ async def serve_jwks(
                 request += data
             if requests is not None:
                 requests.append(request)
+            await trio.sleep(delay)
             served = body[-1] if isinstance(body, list) else body
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
@@ -315,3 +317,133 @@ def test_key_set_keeps_its_keys_when_a_refresh_brings_none():
     with pytest.raises(KeySetError):
         key_set.replace({})
     assert signer.public.key_id in key_set.keys
+
+
+@trio_test
+async def test_a_token_signed_with_a_rotated_key_is_accepted_at_once(tmp_path, caplog):
+    # keys rotate relay-token + SIGHUP: the rendezvous publishes and signs with the new key at
+    # the same moment, long before the relay's next periodic refresh.
+    caplog.set_level(logging.INFO, logger="tucdesk.relay")
+    old, new = SigningIdentity.generate(), SigningIdentity.generate()
+    bodies = [jwks_document(old)]
+    requests: list[bytes] = []
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, bodies, nursery, requests)
+        config = relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                              jwks_ca=str(cert_file), jwks_refresh=3600)
+        relay = Relay(config)
+        await nursery.start(relay.serve)
+        bodies.append(jwks_document(old, new))
+        await pair_with(relay, new, "rotated-1")
+        assert len(requests) == 2  # the start-up fetch and one refetch for the new key id
+        changed = [r.getMessage() for r in caplog.records
+                   if r.getMessage().startswith("jwks_keys_changed")]
+        assert len(changed) == 1 and new.public.fingerprint in changed[0]
+        assert "token_invalid" not in caplog.text
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_tokens_with_unknown_key_ids_refetch_the_jwks_at_most_once_per_interval(
+    tmp_path, caplog
+):
+    caplog.set_level(logging.INFO, logger="tucdesk.relay")
+    signer = SigningIdentity.generate()
+    requests: list[bytes] = []
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, jwks_document(signer), nursery, requests)
+        config = relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                              jwks_ca=str(cert_file), jwks_refresh=3600)
+        relay = Relay(config)
+        await nursery.start(relay.serve)
+        strangers = [SigningIdentity.generate() for _ in range(20)]
+
+        async def attempt(stranger: SigningIdentity, number: int) -> None:
+            token = make_token(stranger, f"unknown-{number}", Side.OPERATOR)
+            with pytest.raises(RelayRefusedError) as refused:
+                await connect_tcp(*relay.tcp_address, token, pair_timeout=5)
+            assert refused.value.reason == Reason.TOKEN_INVALID
+
+        async with trio.open_nursery() as flood:
+            for number, stranger in enumerate(strangers):
+                flood.start_soon(attempt, stranger, number)
+        for number, stranger in enumerate(strangers):
+            await attempt(stranger, 100 + number)
+        assert len(requests) == 2  # start-up, then one refetch for all twenty made-up key ids
+        refusals = [r.getMessage() for r in caplog.records
+                    if "reason=token_invalid" in r.getMessage()]
+        assert refusals
+        assert all("detail=unknown key id '" in line for line in refusals)
+        assert any(f"unknown key id '{s.public.key_id}'" in refusals[0] for s in strangers)
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_tokens_arriving_during_a_refetch_wait_for_that_one_fetch(tmp_path):
+    old, new = SigningIdentity.generate(), SigningIdentity.generate()
+    key_set = TokenKeySet(parse_jwks(jwks_document(old)))
+    requests: list[bytes] = []
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, jwks_document(old, new), nursery, requests,
+                                delay=0.3)
+        refresher = JwksRefresher(key_set, f"https://127.0.0.1:{port}/jwks", str(cert_file), 3600)
+        nursery.start_soon(refresher.run)
+        token = make_token(new, "single-flight", Side.AGENT)
+        answers: list[bool] = []
+
+        async def wait() -> None:
+            answers.append(await key_set.wait_for_unknown_key(token))
+
+        async with trio.open_nursery() as waiters:
+            for _ in range(10):
+                waiters.start_soon(wait)
+                await trio.sleep(0.01)
+        assert answers == [True] * 10
+        assert len(requests) == 1
+        # Known now: no fetch, no wait.
+        assert not await key_set.wait_for_unknown_key(token)
+        assert len(requests) == 1
+        nursery.cancel_scope.cancel()
+
+
+def test_relay_token_keys_from_files_never_refetch():
+    signer, stranger = SigningIdentity.generate(), SigningIdentity.generate()
+    key_set = TokenKeySet({signer.public.key_id: signer.public})
+    token = make_token(stranger, "files", Side.AGENT)
+    assert key_set.unknown_key_id(token) == stranger.public.key_id
+    assert key_set.ask_for_unknown_key(token) is None
+    assert key_set.refusal_detail(token) == f"unknown key id {stranger.public.key_id!r}"
+    assert key_set.refusal_detail(make_token(signer, "files", Side.AGENT)) is None
+    assert key_set.unknown_key_id("not.a.token") is None
+
+
+@trio_test
+async def test_only_so_many_connections_wait_for_a_refetch(tmp_path, monkeypatch):
+    monkeypatch.setattr("relay.keyset.MAX_TOKENS_WAITING_FOR_KEYS", 2)
+    old, new = SigningIdentity.generate(), SigningIdentity.generate()
+    key_set = TokenKeySet(parse_jwks(jwks_document(old)))
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, jwks_document(old, new), nursery, delay=0.3)
+        refresher = JwksRefresher(key_set, f"https://127.0.0.1:{port}/jwks", str(cert_file), 3600)
+        nursery.start_soon(refresher.run)
+        token = make_token(new, "capped", Side.AGENT)
+        answers: list[tuple[bool, float]] = []
+
+        async def wait() -> None:
+            started = trio.current_time()
+            known = await key_set.wait_for_unknown_key(token)
+            answers.append((known, trio.current_time() - started))
+
+        async with trio.open_nursery() as waiters:
+            for _ in range(5):
+                waiters.start_soon(wait)
+        refused_at_once = [took for known, took in answers if not known]
+        assert len(refused_at_once) == 3 and max(refused_at_once) < 0.1
+        assert [known for known, _ in answers].count(True) == 2
+        nursery.cancel_scope.cancel()

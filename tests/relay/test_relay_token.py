@@ -7,12 +7,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import TokenError
-from protocol.identity import SigningIdentity
+from protocol.identity import SigningIdentity, b64url
 from protocol.relay_token import (
     MAX_RELAY_TOKEN_LIFETIME_SECONDS,
     RELAY_TOKEN_LEEWAY_SECONDS,
     UDP_CREDENTIAL_SIZE,
+    ClockSkewEstimate,
     RelayTokenExpiredError,
+    RelayTokenNotYetValidError,
     RelayTokenWrongRelayError,
     Side,
     credential_mac,
@@ -21,7 +23,7 @@ from protocol.relay_token import (
     read_own_relay_token,
     verify_relay_token,
 )
-from protocol.tokens import SESSION_GRANT_TYPE, issue_token
+from protocol.tokens import RELAY_TOKEN_TYPE, SESSION_GRANT_TYPE, issue_token
 
 NOW = 1_800_000_000
 SIGNER = SigningIdentity.generate()
@@ -68,9 +70,66 @@ def test_expired_token_is_refused_as_expired():
     verify(token, now=NOW + 60 + RELAY_TOKEN_LEEWAY_SECONDS)
 
 
-def test_token_from_the_future_is_refused_as_not_yet_valid():
-    with pytest.raises(RelayTokenExpiredError):
+def test_token_from_the_future_is_refused_as_not_yet_valid_not_as_expired():
+    # A relay whose clock is behind the rendezvous's sees tokens issued in its future.
+    token = issue(now=NOW + 1 + RELAY_TOKEN_LEEWAY_SECONDS + 3)
+    with pytest.raises(RelayTokenNotYetValidError):
+        verify(token)
+    with pytest.raises(RelayTokenNotYetValidError):
         verify(issue(now=NOW + 3600))
+    verify(issue(now=NOW + 1 + RELAY_TOKEN_LEEWAY_SECONDS))
+
+
+def test_a_not_before_in_the_future_is_refused_as_not_yet_valid():
+    token = issue_token(
+        SIGNER, typ=RELAY_TOKEN_TYPE, issuer="tucdesk-rendezvous", audience="r1", subject=None,
+        issued_at=NOW, lifetime_seconds=60, not_before=NOW + 30,
+        claims={"sid": "s", "side": "agent", "jti": "j", "udpk": b64url(bytes(32))},
+    )
+    with pytest.raises(RelayTokenNotYetValidError):
+        verify(token)
+    assert verify(token, now=NOW + 30).token_id == "j"
+
+
+def test_clock_skew_is_named_only_when_distinct_refused_tokens_agree():
+    estimate = ClockSkewEstimate()
+    # The same token again is no new evidence.
+    assert estimate.observe("a", -8.0, NOW) is None
+    assert estimate.observe("a", -8.0, NOW + 1) is None
+    assert estimate.observe("a", -8.0, NOW + 2) is None
+    assert estimate.observe("b", -8.4, NOW + 3) is None
+    assert estimate.observe("c", -7.9, NOW + 4) == -8.0
+    # Ages that disagree (replayed old tokens, slow clients) name no clock.
+    scattered = ClockSkewEstimate()
+    for number, age in enumerate((70.0, 400.0, 95.0)):
+        assert scattered.observe(str(number), age, NOW) is None
+    # Agreement long ago does not count now.
+    stale = ClockSkewEstimate()
+    stale.observe("a", 90.0, NOW)
+    stale.observe("b", 90.0, NOW)
+    assert stale.observe("c", 90.0, NOW + 3600) is None
+
+
+def test_a_time_refusal_is_described_with_the_clock_hint_once_consistent():
+    estimate = ClockSkewEstimate()
+    lines = [
+        estimate.describe_refusal(issue(now=NOW + 8), not_yet_valid=True, now=NOW)
+        for _ in range(3)
+    ]
+    assert lines[0] == "token issued 8 s ahead of the relay's clock"
+    assert "clock may be off" not in lines[1]
+    assert lines[2] == (
+        "token issued 8 s ahead of the relay's clock; the relay's clock may be off by about "
+        "8 s (behind the rendezvous's): check NTP"
+    )
+    ahead = ClockSkewEstimate()
+    for _ in range(3):
+        line = ahead.describe_refusal(issue(now=NOW - 90), not_yet_valid=False, now=NOW)
+    assert line == (
+        "token issued 90 s before the relay's clock; the relay's clock may be off by about "
+        "90 s (ahead of the rendezvous's): check NTP"
+    )
+    assert estimate.describe_refusal("not-a-token", not_yet_valid=True, now=NOW) is None
 
 
 def test_token_for_another_relay_is_refused_as_wrong_relay():
