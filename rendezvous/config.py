@@ -27,6 +27,8 @@ MAX_RELAY_ID_LENGTH = 128
 RELAY_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RELAY_SYNTAX = "ID=HOST:PORT[/UDPPORT]"
 MAX_WORKERS = 64
+MIN_DATABASE_POOL_SIZE = 2
+MAX_DATABASE_POOL_SIZE = 1000
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,13 @@ SETTING_HELP: dict[str, str] = {
     "without database, the SQLite file",
     "database": "store URL, sqlite:///PATH or postgresql://USER@HOST:PORT/DB (default: the "
     f"SQLite file {DATABASE_FILE_NAME} in data_dir)",
+    "database_pool_size": f"PostgreSQL connections each service process may open "
+    f"({MIN_DATABASE_POOL_SIZE}..{MAX_DATABASE_POOL_SIZE}; one of them listens for other "
+    "instances' notices); instances x workers x this must stay under max_connections minus "
+    "the reserved connections",
+    "database_password_file": "file (0600) holding the PostgreSQL password on its first line, "
+    "read for every new connection, so a rotated password needs no restart; without it, the "
+    "password in the database URL (if any)",
     "listen": "HOST:PORT the HTTPS API listens on",
     "tls_cert": "PEM certificate chain for TLS (with tls_key)",
     "tls_key": "PEM private key for TLS (with tls_cert)",
@@ -131,6 +140,8 @@ class ServiceConfig:
 
     data_dir: Path = Path("/var/lib/tucdesk-rendezvous")
     database: str | None = None
+    database_pool_size: int = 10
+    database_password_file: Path | None = None
     listen: str = "127.0.0.1:8443"
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -167,6 +178,13 @@ class ServiceConfig:
         if self.database:
             return self.database
         return f"sqlite://{(self.data_dir / DATABASE_FILE_NAME).resolve()}"
+
+    def store_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``open_store`` these settings give (pool, password file)."""
+        return {
+            "pool_size": self.database_pool_size,
+            "password_file": self.database_password_file,
+        }
 
     @property
     def listen_host(self) -> str:
@@ -230,6 +248,15 @@ class ServiceConfig:
             raise ConfigError("auth_rate_burst must be at least 1")
         if not 1 <= self.workers <= MAX_WORKERS:
             raise ConfigError(f"workers must be 1..{MAX_WORKERS}")
+        if not MIN_DATABASE_POOL_SIZE <= self.database_pool_size <= MAX_DATABASE_POOL_SIZE:
+            raise ConfigError(
+                f"database_pool_size must be {MIN_DATABASE_POOL_SIZE}..{MAX_DATABASE_POOL_SIZE}"
+            )
+        if (
+            self.database_password_file is not None
+            and backend_for(self.database_url)[0] != "postgres"
+        ):
+            raise ConfigError("database_password_file is for PostgreSQL; database is SQLite")
 
 
 def split_listen(listen: str) -> tuple[str, int]:

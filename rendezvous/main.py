@@ -1,4 +1,4 @@
-"""Entry point for `tucdesk-rendezvous`: init, serve, team, invite and keys.
+"""Entry point for `tucdesk-rendezvous`: init, serve, db, backup, team, invite and keys.
 
 Every subcommand takes the same ``--data-dir``, ``--database`` and ``--config`` as ``serve``, so
 admin commands work on the very store a running service uses.
@@ -7,19 +7,22 @@ admin commands work on the very store a running service uses.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 import textwrap
 import time
 import traceback
-from collections.abc import Callable, Coroutine, Mapping
+import urllib.parse
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -33,6 +36,7 @@ from rendezvous.credentials import hash_secret, new_invite_code
 from rendezvous.errors import ConfigError, ServiceError
 from rendezvous.service_keys import (
     KEY_ROLES,
+    ServiceKeys,
     check_pinned_keys,
     create_missing_keys,
     load_service_keys,
@@ -41,11 +45,18 @@ from rendezvous.service_keys import (
 )
 from rendezvous.store import (
     AlreadyExists,
+    MigrationRefused,
     StoreError,
     backend_for,
+    describe_applied,
     describe_database,
     open_store,
 )
+from rendezvous.store.backup import backup_sqlite
+from rendezvous.store.base import Store
+
+if TYPE_CHECKING:
+    from rendezvous.store.postgres import ConnectionCapacity
 
 PROGRAM = "tucdesk-rendezvous"
 DATA_DIR_MODE = 0o700
@@ -112,6 +123,15 @@ def _add_store_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="TOML configuration file")
 
 
+def _add_while_running_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--while-running",
+        action="store_true",
+        help="apply pending schema migrations even though other clients are connected to the "
+        "database (only when none of them is a tucdesk-rendezvous instance)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; --help documents every command and the configuration sources."""
     parser = argparse.ArgumentParser(
@@ -136,8 +156,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    init = commands.add_parser("init", help="create the schema and service keys (safe to rerun)")
+    init = commands.add_parser(
+        "init",
+        help="create or migrate the schema and create service keys (safe to rerun)",
+        description="Create the schema (or apply pending migrations) and the service keys. "
+        "Migrations are refused while other clients are connected to the database: stop every "
+        "instance first (docs/self-hosting.md, 'Upgrading').",
+    )
     _add_store_flags(init)
+    _add_while_running_flag(init)
 
     serve = commands.add_parser(
         "serve", help="serve the HTTP API", formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -164,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve /metrics (plain HTTP) on this address instead of the API port, e.g. "
         "127.0.0.1:9465 or a private interface (default: /metrics on the API port)",
     )
+    _add_while_running_flag(serve)
     serve.add_argument(
         "--relay",
         dest="relays",
@@ -171,6 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ID=HOST:PORT[/UDPPORT]",
         help="a relay sessions may use (repeatable); without one, sessions are refused (503)",
     )
+
+    database = commands.add_parser("db", help="the database schema")
+    database_commands = database.add_subparsers(dest="db_command", required=True, metavar="ACTION")
+    db_status = database_commands.add_parser(
+        "status",
+        help="show the schema version, the version this program understands, pending "
+        "migrations and (PostgreSQL) the other clients; changes nothing",
+    )
+    _add_store_flags(db_status)
+
+    backup = commands.add_parser(
+        "backup",
+        help="copy a SQLite store safely while it serves (PostgreSQL: use pg_dump)",
+        description="Write a consistent copy of the SQLite store with SQLite's online backup "
+        "API (safe while the service runs; a plain cp can lose what is still in the -wal file). "
+        "The keys directory is not included: back it up separately. On PostgreSQL this prints "
+        "the pg_dump command to use instead.",
+    )
+    backup.add_argument("output", type=Path, help="backup file to write (created 0600)")
+    backup.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    _add_store_flags(backup)
 
     team = commands.add_parser("team", help="manage teams")
     team_commands = team.add_subparsers(dest="team_command", required=True, metavar="ACTION")
@@ -289,26 +338,127 @@ def _run(function: Callable[..., Coroutine[Any, Any, int]], *args: Any) -> int:
     return trio.run(function, *args)
 
 
-async def _init(config: ServiceConfig) -> int:
+async def _init(config: ServiceConfig, while_running: bool = False) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(config.data_dir, DATA_DIR_MODE)
-    async with open_store(config.database_url) as store:
-        backend = store.backend
-        # Keys for a database initialised elsewhere are copied from there, never created here.
-        await missing_pinned_keys(store, config.data_dir)
-        created = create_missing_keys(config.data_dir)
-        keys = load_service_keys(config.data_dir)
-        await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=True)
+    async with _sqlite_not_serving(config.database_url, while_running):
+        async with open_store(
+            config.database_url, migrate_while_running=while_running, **config.store_options()
+        ) as store:
+            schema = describe_applied(store)
+            backend = store.backend
+            keys, created = await _init_keys(store, config)
     print(f"data dir: {config.data_dir.resolve()}")
-    print(f"store: {backend} (schema up to date)")
+    print(f"store: {backend} ({schema})")
     for role, key in keys.by_role().items():
         state = "created" if role in created else "kept"
         print(f"{role}: {key.public.fingerprint} kid={key.public.key_id} ({state})")
     return EXIT_OK
 
 
+@contextlib.asynccontextmanager
+async def _sqlite_not_serving(database: str, while_running: bool) -> AsyncIterator[None]:
+    """On SQLite, hold the serve lock for the block, so no instance starts serving mid-migration;
+    when one serves now, refuse if there are migrations to apply (unless ``while_running``).
+    Nothing on PostgreSQL (the migration itself checks the other clients there)."""
+    from rendezvous.server import sole_sqlite_server
+
+    kind, location = backend_for(database)
+    if kind != "sqlite" or location == ":memory:" or while_running:
+        yield
+        return
+    with contextlib.ExitStack() as lock:
+        try:
+            lock.enter_context(sole_sqlite_server(database))
+        except ConfigError as error:
+            if "already serving" not in str(error):
+                raise
+            async with open_store(database, migrate=False) as store:
+                pending = await store.pending_migrations()
+            if pending:
+                raise MigrationRefused(
+                    f"{error}; stop it before init migrates the schema (it would go on serving "
+                    "with its old rules on the new schema), or rerun with --while-running if "
+                    "the one serving is this version (docs/self-hosting.md, 'Upgrading')"
+                ) from None
+        yield
+
+
+async def _init_keys(store: Store, config: ServiceConfig) -> tuple[ServiceKeys, set[str]]:
+    """Create the missing service keys and pin them (or check them against the pins)."""
+    # Keys for a database initialised elsewhere are copied from there, never created here.
+    await missing_pinned_keys(store, config.data_dir)
+    created = create_missing_keys(config.data_dir)
+    keys = load_service_keys(config.data_dir)
+    await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=True)
+    return keys, set(created)
+
+
+async def _db_status(config: ServiceConfig) -> int:
+    from rendezvous.store.postgres import PostgresStore  # asyncpg only when it is needed
+
+    async with open_store(config.database_url, migrate=False, **config.store_options()) as store:
+        version = await store.schema_version()
+        pending = await store.pending_migrations()
+        others = await store.other_clients() if isinstance(store, PostgresStore) else None
+        understood = store.understood_schema_version
+    print(f"backend: {store.backend} ({describe_database(config.database_url)})")
+    print(f"database schema: {version}")
+    print(f"this program understands: {understood} ({PROGRAM} {installed_version()})")
+    if version > understood:
+        print(f"the database is newer than this program: use {PROGRAM} of the newer version")
+    elif pending:
+        listed = ", ".join(f"{number} {name}" for number, name in pending)
+        print(f"pending migrations: {listed}")
+        print("apply them with `init`, every instance stopped (docs/self-hosting.md, 'Upgrading')")
+    else:
+        print("pending migrations: none")
+    if others is not None:
+        print(f"other clients connected: {len(others)}")
+        for client in others:
+            print(f"  {client.describe()}")
+    return EXIT_OK
+
+
+def _backup(config: ServiceConfig, output: Path, force: bool) -> int:
+    kind, location = backend_for(config.database_url)
+    if kind == "postgres":
+        raise ServiceError(
+            "backup copies SQLite stores; for PostgreSQL run "
+            f"`{pg_dump_command(location, config, output)}` (custom format; restore with "
+            "pg_restore), and back up the keys directory separately"
+        )
+    size = backup_sqlite(location, output, force=force)
+    print(f"wrote {output} ({size} bytes), a consistent copy of {location}")
+    print(f"the service keys are not in it: back up {config.data_dir / 'keys'} separately "
+          "(restoring the database without the same keys breaks the pinned keys)")
+    return EXIT_OK
+
+
+def pg_dump_command(url: str, config: ServiceConfig, output: Path) -> str:
+    """The pg_dump command line for this database (never with the password in it)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host, port = parts.hostname or "localhost", parts.port or 5432
+        user = urllib.parse.unquote(parts.username or "") or "USER"
+        name = urllib.parse.unquote(parts.path.lstrip("/")) or "DATABASE"
+    except ValueError:
+        host, port, user, name = "HOST", 5432, "USER", "DATABASE"
+    if "@" in url and url.count("@") > 1:
+        host, port, user, name = "HOST", 5432, "USER", "DATABASE"
+    password = (
+        f"PGPASSWORD=\"$(head -n1 {config.database_password_file})\" "
+        if config.database_password_file is not None
+        else ""
+    )
+    return (
+        f"{password}pg_dump -Fc -h {shlex.quote(host)} -p {port} -U {shlex.quote(user)} "
+        f"-d {shlex.quote(name)} -f {shlex.quote(str(output))}"
+    )
+
+
 async def _team_create(config: ServiceConfig, name: str) -> int:
-    async with open_store(config.database_url) as store:
+    async with open_store(config.database_url, **config.store_options()) as store:
         try:
             team = await store.create_team(name, time.time())
         except AlreadyExists:
@@ -318,7 +468,7 @@ async def _team_create(config: ServiceConfig, name: str) -> int:
 
 
 async def _team_list(config: ServiceConfig) -> int:
-    async with open_store(config.database_url) as store:
+    async with open_store(config.database_url, **config.store_options()) as store:
         for team in await store.list_teams():
             print(f"{team.id}\t{team.name}")
     return EXIT_OK
@@ -330,7 +480,7 @@ async def _invite_create(
     keys = load_service_keys(config.data_dir)
     code = new_invite_code()
     now = time.time()
-    async with open_store(config.database_url) as store:
+    async with open_store(config.database_url, **config.store_options()) as store:
         await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
         team = await store.get_team_by_name(team_name)
         if team is None:
@@ -356,7 +506,7 @@ async def _audit_export(
     config: ServiceConfig, team_name: str | None, output: Path
 ) -> int:
     keys = load_service_keys(config.data_dir)
-    async with open_store(config.database_url) as store:
+    async with open_store(config.database_url, **config.store_options()) as store:
         await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=False)
         if team_name is None:
             log_id = SERVICE_LOG
@@ -387,7 +537,7 @@ async def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
     if pem_role is not None:
         sys.stdout.write(keys.by_role()[pem_role].public.to_pem().decode("ascii"))
         return EXIT_OK
-    async with open_store(config.database_url) as store:
+    async with open_store(config.database_url, **config.store_options()) as store:
         keys = await with_retired_keys(store, keys)
     now = time.time()
     for role, key in keys.by_role().items():
@@ -404,7 +554,7 @@ async def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
 async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -> int:
     from rendezvous.key_rotation import rotate_service_key
 
-    async with open_store(config.database_url) as store:
+    async with open_store(config.database_url, **config.store_options()) as store:
         rotation = await rotate_service_key(
             store, config.data_dir, role, issuer=config.issuer, retire_old_now=retire_old_now,
             now=time.time(),
@@ -429,15 +579,19 @@ async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -
     return EXIT_OK
 
 
-def _serve_checked(config: ServiceConfig) -> int:
+def _serve_checked(config: ServiceConfig, while_running: bool = False) -> int:
     config.validate_for_serving()  # a setting that cannot work is named first
     require_existing_store(config)
-    return _serve(config)
+    return _serve(config, while_running)
 
 
-def _serve(config: ServiceConfig) -> int:
+def _serve(config: ServiceConfig, while_running: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log_start(config)
+    if backend_for(config.database_url)[0] == "postgres":
+        # Migrated here, once, before any worker starts: refused while others are connected.
+        # (On SQLite the instance migrates under its serve lock, which shuts others out.)
+        _run(_prepare_postgres, config, while_running)
     if config.workers > 1:
         from rendezvous.server import check_tls_files
         from rendezvous.workers import serve_with_workers
@@ -455,6 +609,43 @@ def _serve(config: ServiceConfig) -> int:
         )
     )
     return EXIT_OK
+
+
+async def _prepare_postgres(config: ServiceConfig, while_running: bool) -> int:
+    """Apply pending migrations (refused while others are connected) and check that the server
+    has room for this serve's connections."""
+    from rendezvous.store.postgres import PostgresStore
+
+    async with open_store(
+        config.database_url, migrate_while_running=while_running, **config.store_options()
+    ) as store:
+        assert isinstance(store, PostgresStore)
+        capacity = await store.connection_capacity()
+    warn_about_connections(config, capacity)
+    return EXIT_OK
+
+
+def warn_about_connections(config: ServiceConfig, capacity: ConnectionCapacity) -> None:
+    """Log this serve's connection need against the server's room; WARNING when it may not fit."""
+    needed = config.workers * config.database_pool_size
+    room = capacity.available + 1  # this check's own connection is closed before serving
+    logger.info(
+        "PostgreSQL connections: this serve opens up to %d (%d worker(s) x database_pool_size "
+        "%d); the server has max_connections %d, %d reserved, %d in use",
+        needed, config.workers, config.database_pool_size, capacity.max_connections,
+        capacity.reserved, capacity.connected - 1,
+    )  # fmt: skip
+    if needed > room:
+        logger.warning(
+            "PostgreSQL may run out of connections: this serve may open %d (%d worker(s) x "
+            "database_pool_size %d) but only %d are left (max_connections %d - reserved %d - "
+            "%d in use); under load requests will fail with 'database is unavailable'. Keep "
+            "instances x workers x database_pool_size under max_connections - reserved: lower "
+            "database_pool_size or workers, or raise max_connections (docs/self-hosting.md, "
+            "'Database sizing')",
+            needed, config.workers, config.database_pool_size, room,
+            capacity.max_connections, capacity.reserved, capacity.connected - 1,
+        )  # fmt: skip
 
 
 def log_start(config: ServiceConfig) -> None:
@@ -482,13 +673,17 @@ def dispatch(args: argparse.Namespace) -> int:
         # until the instance's own receiver takes it over.
         previous_hangup = signal.signal(signal.SIGHUP, signal.SIG_IGN)
         try:
-            return _serve_checked(_config(args))
+            return _serve_checked(_config(args), args.while_running)
         finally:
             signal.signal(signal.SIGHUP, previous_hangup)
     config = _config(args)
     if args.command == "init":
-        return _run(_init, config)
+        return _run(_init, config, args.while_running)
     require_existing_store(config)
+    if args.command == "db":
+        return _run(_db_status, config)
+    if args.command == "backup":
+        return _backup(config, args.output, args.force)
     if args.command == "team":
         if args.team_command == "create":
             return _run(_team_create, config, args.name)

@@ -40,6 +40,7 @@ from rendezvous.offer_bus import end_disabled_operators_sessions_here, listen_fo
 from rendezvous.relay_health import check_relays_forever
 from rendezvous.service_keys import check_pinned_keys, load_service_keys, with_retired_keys
 from rendezvous.store import Store, backend_for, open_store
+from rendezvous.store.schema_watch import watch_schema_version
 from rendezvous.workers import refuse_if_in_use
 
 logger = logging.getLogger("tucdesk.rendezvous")
@@ -280,7 +281,7 @@ async def run_service(
         if metrics_socket is None:
             refuse_if_in_use(*split_listen(config.metrics_listen))
     with sole_sqlite_server(config.database_url) as sole:
-        async with open_store(config.database_url) as store:
+        async with open_store(config.database_url, **config.store_options()) as store:
             ctx = build_context(config, store)
             await check_pinned_keys(store, ctx.keys, config.data_dir, ctx.now(), pin=True)
             ctx.keys = await with_retired_keys(store, ctx.keys)
@@ -306,6 +307,7 @@ async def _serve_instance(
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_prune_forever, ctx)
+            nursery.start_soon(watch_schema_version, store)
             nursery.start_soon(check_relays_forever, ctx)
             if reload_on_hangup:
                 nursery.start_soon(reload_tls_on_hangup, ctx.config, hyper, ctx)

@@ -65,8 +65,11 @@ def free_loopback_port() -> int:
 class PostgresCluster:
     """One temporary PostgreSQL cluster on loopback. ``start()``, then ``url(db)``, ``stop()``."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, hba_lines: tuple[str, ...] = ()) -> None:
+        """``hba_lines`` go first in pg_hba.conf (e.g. password auth for one role over TCP);
+        everything else is trusted."""
         self.bin_dir = bin_dir
+        self.hba_lines = hba_lines
         self.port = 0
         self.base_dir: Path | None = None
         self._as_root = os.geteuid() == 0
@@ -111,6 +114,9 @@ class PostgresCluster:
                 "--no-sync",
             ]
         )  # fmt: skip
+        if self.hba_lines:
+            hba = self.data_dir / "pg_hba.conf"
+            hba.write_text("\n".join(self.hba_lines) + "\n" + hba.read_text())
         self.port = free_loopback_port()
         options = (
             f"-p {self.port} -k {self.socket_dir} -c listen_addresses=127.0.0.1 {_SERVER_SETTINGS}"

@@ -13,6 +13,7 @@ long as the ``async with`` block is still open. No special set-up is needed from
 
 from __future__ import annotations
 
+import logging
 import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -35,10 +36,12 @@ from rendezvous.store.base import (
     Invite,
     InviteUnusable,
     LoginChallenge,
+    MigrationRefused,
     NotFound,
     Operator,
     RegistrationKey,
     RegistrationKeyUnusable,
+    SchemaTooNew,
     Session,
     SessionState,
     Store,
@@ -66,6 +69,8 @@ __all__ = [
     "InvalidArgument",
     "Invite",
     "InviteUnusable",
+    "MigrationRefused",
+    "SchemaTooNew",
     "LoginChallenge",
     "NotFound",
     "Operator",
@@ -81,9 +86,12 @@ __all__ = [
     "TokenHolder",
     "UnusableReason",
     "backend_for",
+    "describe_applied",
     "describe_database",
     "open_store",
 ]
+
+logger = logging.getLogger("tucdesk.rendezvous.store")
 
 SQLITE_SCHEME = "sqlite://"
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -130,17 +138,59 @@ def describe_database(database: str | Path) -> str:
     return f"PostgreSQL {host}:{port}/{parts.path.lstrip('/') or '(default database)'}"
 
 
+DEFAULT_POOL_SIZE = 10
+
+
 @asynccontextmanager
-async def open_store(database: str | Path) -> AsyncIterator[Store]:
-    """Open (creating and migrating if needed) the store named by a URL or path; close on exit."""
+async def open_store(
+    database: str | Path,
+    *,
+    pool_size: int = DEFAULT_POOL_SIZE,
+    password_file: Path | None = None,
+    migrate: bool = True,
+    migrate_while_running: bool = False,
+) -> AsyncIterator[Store]:
+    """Open (creating and migrating if needed) the store named by a URL or path; close on exit.
+
+    PostgreSQL only: ``pool_size`` connections at most, each reading its password from
+    ``password_file`` when given; pending migrations are refused while other clients are
+    connected unless ``migrate_while_running``. ``migrate=False`` opens without migrating
+    (``db status``).
+    """
     kind, location = backend_for(database)
     if kind == "postgres":
         from rendezvous.store.postgres import open_postgres_store
 
-        async with open_postgres_store(location) as pg_store:
+        async with open_postgres_store(
+            location,
+            max_size=pool_size,
+            password_file=password_file,
+            migrate=migrate,
+            migrate_while_running=migrate_while_running,
+        ) as pg_store:
+            if migrate:
+                _log_schema(pg_store, location)
             yield pg_store
     else:
         from rendezvous.store.sqlite import open_sqlite_store
 
-        async with open_sqlite_store(location) as sqlite_store:
+        async with open_sqlite_store(location, migrate=migrate) as sqlite_store:
+            if migrate:
+                _log_schema(sqlite_store, location)
             yield sqlite_store
+
+
+def _log_schema(store: Store, location: str) -> None:
+    """Say (at INFO: serve's start lines) which migrations were applied and the schema now."""
+    logger.info("store %s: %s", describe_database(location), describe_applied(store))
+
+
+def describe_applied(store: Store) -> str:
+    """``applied migrations 7..11: names; schema now 11`` or ``schema 11, up to date``."""
+    applied = store.applied_migrations
+    if not applied:
+        return f"schema {store.understood_schema_version}, up to date"
+    first, last = applied[0][0], applied[-1][0]
+    numbers = str(first) if first == last else f"{first}..{last}"
+    names = ", ".join(name for _, name in applied)
+    return f"applied migrations {numbers}: {names}; schema now {last}"

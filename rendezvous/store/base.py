@@ -134,6 +134,14 @@ class StoreUnavailable(StoreError):
     """The database cannot be reached or opened (bad URL, server down, permissions)."""
 
 
+class MigrationRefused(StoreError):
+    """Pending migrations were not applied: other clients (maybe older instances) are connected."""
+
+
+class SchemaTooNew(StoreError):
+    """The database schema is newer than this program understands: it must not serve on it."""
+
+
 # --------------------------------------------------------------------------------------------
 # Records (immutable snapshots of a row)
 # --------------------------------------------------------------------------------------------
@@ -517,6 +525,20 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def aclose(self) -> None:
         """Release connections and threads. Idempotent."""
+
+    # ---- schema ----------------------------------------------------------------------------
+
+    # The newest migration this program knows, and the ones it applied when it opened the store.
+    understood_schema_version: int = 0
+    applied_migrations: tuple[tuple[int, str], ...] = ()
+
+    @abc.abstractmethod
+    async def schema_version(self) -> int:
+        """The newest migration recorded in the database (0 for a database never migrated)."""
+
+    @abc.abstractmethod
+    async def pending_migrations(self) -> list[tuple[int, str]]:
+        """(version, name) of the migrations this program knows that the database lacks."""
 
     # ---- teams ---------------------------------------------------------------------------
 

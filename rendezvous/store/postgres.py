@@ -24,16 +24,22 @@ import time
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import trio
 import trio_asyncio
 
+from protocol.errors import KeyFileError
+from protocol.identity import read_private_file
+from protocol.version import installed_version
 from rendezvous.store.base import (
     MAX_NAME_LENGTH,
     Agent,
     AlreadyExists,
+    MigrationRefused,
     NotFound,
     RegistrationKey,
     RegistrationKeyUnusable,
@@ -53,7 +59,15 @@ from rendezvous.store.sql_store import (
 )
 
 POOL_MIN_SIZE = 1
+# Connections one process may open (database_pool_size); the LISTEN connection is one of them.
 POOL_MAX_SIZE = 10
+MIN_POOL_SIZE = 2
+MAX_POOL_SIZE = 1000
+UNDERSTOOD_SCHEMA_VERSION = max(m.version for m in MIGRATIONS)
+# What pg_stat_activity shows for each of this program's connections (at most 63 bytes).
+MAX_APPLICATION_NAME_BYTES = 63
+APPLICATION_NAME = f"tucdesk-rendezvous {installed_version()} schema {UNDERSTOOD_SCHEMA_VERSION}"
+APPLICATION_NAME = APPLICATION_NAME[:MAX_APPLICATION_NAME_BYTES]
 CONNECT_TIMEOUT_SECONDS = 10.0
 COMMAND_TIMEOUT_SECONDS = 30.0
 ACQUIRE_TIMEOUT_SECONDS = 30.0
@@ -104,6 +118,67 @@ def _discard(connection: asyncpg.Connection) -> None:
         connection.terminate()
 
 
+# Other sessions on this database: everything but this connection and those of this very build
+# (same version, same schema), which understand the schema it migrates to.
+OTHER_CLIENTS_SQL = """
+    SELECT pid, usename, application_name, CAST(client_addr AS TEXT) AS client_addr,
+           EXTRACT(EPOCH FROM backend_start) AS backend_start
+    FROM pg_stat_activity
+    WHERE datname = current_database() AND pid <> pg_backend_pid()
+          AND backend_type = 'client backend'
+          AND application_name IS DISTINCT FROM current_setting('application_name')
+    ORDER BY backend_start"""
+
+
+@dataclass(frozen=True)
+class DatabaseClient:
+    """Another session connected to the database (a row of pg_stat_activity)."""
+
+    pid: int
+    user: str | None
+    application_name: str
+    client_address: str | None
+    backend_start: float | None
+
+    def describe(self) -> str:
+        """One line for a person: who, from where, since when."""
+        name = self.application_name or (
+            "(no application_name: an older tucdesk-rendezvous, psql or another client)"
+        )
+        where = self.client_address or "a local socket (or an address hidden from this role)"
+        since = (
+            time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.backend_start))
+            if self.backend_start is not None
+            else "?"
+        )
+        return f"pid {self.pid} {name} user {self.user or '?'} from {where} since {since}"
+
+
+def _client(row: Any) -> DatabaseClient:
+    start = row["backend_start"]
+    return DatabaseClient(
+        pid=int(row["pid"]),
+        user=row["usename"],
+        application_name=row["application_name"] or "",
+        client_address=row["client_addr"],
+        backend_start=float(start) if start is not None else None,
+    )
+
+
+@dataclass(frozen=True)
+class ConnectionCapacity:
+    """The server's connection limits and how many connections it has now."""
+
+    max_connections: int
+    reserved: int  # superuser_reserved_connections + reserved_connections (PostgreSQL 16+)
+    connected: int
+
+    @property
+    def available(self) -> int:
+        """Connections ordinary roles may still open."""
+        return self.max_connections - self.reserved - self.connected
+
+
 class _ProbeDue:
     """No notice came for LISTEN_PROBE_SECONDS: the listening connection is to be probed."""
 
@@ -147,6 +222,9 @@ class PostgresStore(SqlStore):
 
     backend = "postgres"
     notifications_supported = True
+    _migrations = MIGRATIONS
+    _schema_table_query = "SELECT 1 WHERE to_regclass('schema_migrations') IS NOT NULL"
+    understood_schema_version = UNDERSTOOD_SCHEMA_VERSION
     # Under the B-tree's limit on an index entry (about 2.7 KB): seen_nonces' key holds it.
     _write_probe_bytes = 2 * 1024
     # JSON containment: the agent's tags (a JSON array) hold every tag of the JSON parameter.
@@ -159,6 +237,8 @@ class PostgresStore(SqlStore):
         self._pool: asyncpg.Pool | None = pool
         self._bridge = bridge
         self._shelf: list[asyncpg.Connection] = []
+        # Connections taken from the pool and not yet handed back (shelved ones included).
+        self._checked_out = 0
 
     def _open_pool(self) -> asyncpg.Pool:
         if self._pool is None:
@@ -172,17 +252,29 @@ class PostgresStore(SqlStore):
             if _is_open(shelved):
                 return shelved
             # Closed while idle (server restarted, backend terminated): the pool has it back.
+            self._checked_out -= 1
         connection: asyncpg.Connection = await self._bridge.call(
             functools.partial(pool.acquire, timeout=ACQUIRE_TIMEOUT_SECONDS)
         )
+        self._checked_out += 1
         return connection
 
+    async def _release(self, pool: asyncpg.Pool, connection: asyncpg.Connection) -> None:
+        self._checked_out -= 1
+        await self._bridge.call(pool.release, connection)
+
     async def _give_back(self, connection: asyncpg.Connection, reusable: bool) -> None:
-        """Shelve a healthy, idle connection; hand anything else back to the pool."""
+        """Shelve a healthy, idle connection; hand anything else back to the pool.
+
+        Never shelved while every pool connection is out: a task may be waiting in the pool's
+        acquire, which a shelved connection would never reach (it waited out its timeout and
+        failed as "database unavailable" with idle connections on the shelf).
+        """
         pool = self._pool
         if (
             reusable
             and pool is not None
+            and self._checked_out < pool.get_max_size()
             and len(self._shelf) < MAX_SHELVED_CONNECTIONS
             and _is_open(connection)
             and not connection.is_in_transaction()
@@ -194,7 +286,7 @@ class PostgresStore(SqlStore):
                 _discard(connection)
                 return
             # The pool's release waits out a cancelled statement, or terminates the connection.
-            await self._bridge.call(pool.release, connection)
+            await self._release(pool, connection)
 
     @asynccontextmanager
     async def _autocommit(self) -> AsyncIterator[SqlSession]:
@@ -306,6 +398,25 @@ class PostgresStore(SqlStore):
         )
         return agent, key
 
+    async def other_clients(self) -> list[DatabaseClient]:
+        """The other sessions on this database (not this program's own build): who they are."""
+        return [_client(row) for row in await self._fetch(OTHER_CLIENTS_SQL)]
+
+    async def connection_capacity(self) -> ConnectionCapacity:
+        """max_connections, the connections reserved for superusers, and those open now."""
+        row = await self._fetchrow(
+            """SELECT CAST(current_setting('max_connections') AS INTEGER) AS max_connections,
+                      CAST(current_setting('superuser_reserved_connections') AS INTEGER)
+                      + COALESCE(CAST(current_setting('reserved_connections', TRUE) AS INTEGER), 0)
+                      AS reserved,
+                      (SELECT COUNT(*) FROM pg_stat_activity
+                       WHERE backend_type = 'client backend') AS connected"""
+        )
+        assert row is not None
+        return ConnectionCapacity(
+            int(row["max_connections"]), int(row["reserved"]), int(row["connected"])
+        )
+
     async def notify(self, channel: str, payload: str) -> None:
         """``NOTIFY channel, payload``: every instance LISTENing on ``channel`` receives it."""
         await self._execute("SELECT pg_notify($1, $2)", channel, payload)
@@ -322,6 +433,7 @@ class PostgresStore(SqlStore):
         connection: asyncpg.Connection = await self._bridge.call(
             functools.partial(pool.acquire, timeout=ACQUIRE_TIMEOUT_SECONDS)
         )
+        self._checked_out += 1
         payloads: asyncio.Queue[str | None] = asyncio.Queue()
 
         def on_notification(_conn: object, _pid: int, _channel: str, payload: str) -> None:
@@ -381,7 +493,7 @@ class PostgresStore(SqlStore):
                     except (StoreError, asyncpg.InterfaceError):
                         _discard(connection)
                 # A lost connection is already back in the pool (releasing it again is a no-op).
-                await self._bridge.call(pool.release, connection)
+                await self._release(pool, connection)
 
     async def aclose(self) -> None:
         """Close the pool (terminating connections that do not close in time). Idempotent."""
@@ -392,7 +504,7 @@ class PostgresStore(SqlStore):
         with trio.CancelScope(shield=True):
             for connection in shelved:
                 try:
-                    await self._bridge.call(pool.release, connection)
+                    await self._release(pool, connection)
                 except StoreError:
                     _discard(connection)
             with trio.move_on_after(CLOSE_TIMEOUT_SECONDS) as scope:
@@ -404,9 +516,19 @@ class PostgresStore(SqlStore):
                 pool.terminate()
 
 
-async def _migrate(connection: asyncpg.Connection, migrations: Sequence[Migration]) -> list[int]:
-    """Apply pending migrations in one transaction under the migration advisory lock."""
-    applied: list[int] = []
+async def _migrate(
+    connection: asyncpg.Connection,
+    migrations: Sequence[Migration],
+    while_running: bool = False,
+) -> list[tuple[int, str]]:
+    """Apply pending migrations in one transaction under the migration advisory lock; return
+    (version, name) of those applied.
+
+    Refused (MigrationRefused) when the database already has a schema and other clients are
+    connected, unless ``while_running``: an older instance still serving would keep applying
+    its old rules to the new schema (it never looks at the version again).
+    """
+    applied: list[tuple[int, str]] = []
     async with connection.transaction():
         # Concurrent start-ups queue here; the second sees the first's work and does nothing.
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK_KEY)
@@ -426,17 +548,31 @@ async def _migrate(connection: asyncpg.Connection, migrations: Sequence[Migratio
                 f"the database schema (version {max(done)}) is newer than this program "
                 f"understands ({newest_known}); upgrade tucdesk"
             )
-        for migration in migrations:
-            if migration.version in done:
-                continue
+        pending = [m for m in migrations if m.version not in done]
+        if pending and done and not while_running:
+            others = [_client(row) for row in await connection.fetch(OTHER_CLIENTS_SQL)]
+            if others:
+                raise MigrationRefused(_refusal(max(done), pending, others))
+        for migration in pending:
             for statement in migration.statements:
                 await connection.execute(statement)
             await connection.execute(
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES ($1, $2, $3)",
                 migration.version, migration.name, time.time(),
             )  # fmt: skip
-            applied.append(migration.version)
+            applied.append((migration.version, migration.name))
     return applied
+
+
+def _refusal(current: int, pending: Sequence[Migration], others: Sequence[DatabaseClient]) -> str:
+    listed = "; ".join(client.describe() for client in others)
+    return (
+        f"refusing to migrate the database schema from {current} to {pending[-1].version} while "
+        f"{len(others)} other client(s) are connected: {listed}. Stop every tucdesk-rendezvous "
+        "instance using this database first (an older one would go on serving with its old "
+        "rules on the new schema), then rerun; if none of these is a rendezvous instance, rerun "
+        "with --while-running (docs/self-hosting.md, 'Upgrading')"
+    )
 
 
 async def _keep_session_state(connection: asyncpg.Connection) -> None:
@@ -450,7 +586,30 @@ async def _keep_session_state(connection: asyncpg.Connection) -> None:
     """
 
 
-async def _create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
+def password_from_file(path: Path) -> Callable[[], str]:
+    """A password source asyncpg calls for every new connection: the file's first line, read
+    afresh each time (so a rotated password needs no restart). The file must be 0600 or
+    stricter, as key files must; its content never appears in an error."""
+
+    def read() -> str:
+        try:
+            data = read_private_file(path)
+        except KeyFileError as error:
+            raise StoreUnavailable(f"database_password_file: {error}") from None
+        try:
+            lines = data.decode("utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise StoreUnavailable(f"database_password_file {path} is not UTF-8 text") from None
+        if not lines or not lines[0]:
+            raise StoreUnavailable(f"database_password_file {path} is empty")
+        return lines[0]
+
+    return read
+
+
+async def _create_pool(
+    url: str, min_size: int, max_size: int, password_file: Path | None
+) -> asyncpg.Pool:
     pool: asyncpg.Pool = await asyncpg.create_pool(
         url,
         min_size=min_size,
@@ -458,13 +617,15 @@ async def _create_pool(url: str, min_size: int, max_size: int) -> asyncpg.Pool:
         timeout=CONNECT_TIMEOUT_SECONDS,
         command_timeout=COMMAND_TIMEOUT_SECONDS,
         reset=_keep_session_state,
+        password=password_from_file(password_file) if password_file is not None else None,
+        server_settings={"application_name": APPLICATION_NAME},
     )
     return pool
 
 
-async def _migrate_with_pool(pool: asyncpg.Pool) -> list[int]:
+async def _migrate_with_pool(pool: asyncpg.Pool, while_running: bool) -> list[tuple[int, str]]:
     async with pool.acquire() as connection:
-        return await _migrate(connection, MIGRATIONS)
+        return await _migrate(connection, MIGRATIONS, while_running)
 
 
 URL_SHAPE = "postgresql://USER:PASSWORD@HOST:PORT/DATABASE"
@@ -491,22 +652,47 @@ def unparsable_url_message(url: str) -> str:
     return f"the database URL could not be parsed: {reason}; {URL_ENCODING_ADVICE}"
 
 
+@dataclass(frozen=True)
+class _PoolOptions:
+    min_size: int = POOL_MIN_SIZE
+    max_size: int = POOL_MAX_SIZE
+    password_file: Path | None = None
+    migrate: bool = True
+    migrate_while_running: bool = False
+
+
 @asynccontextmanager
 async def open_postgres_store(
-    url: str, min_size: int = POOL_MIN_SIZE, max_size: int = POOL_MAX_SIZE
+    url: str,
+    min_size: int = POOL_MIN_SIZE,
+    max_size: int = POOL_MAX_SIZE,
+    *,
+    password_file: Path | None = None,
+    migrate: bool = True,
+    migrate_while_running: bool = False,
 ) -> AsyncIterator[PostgresStore]:
-    """Connect a pool to ``url``, migrate the schema, and yield the store; close it on exit.
+    """Connect a pool to ``url``, migrate the schema (unless ``migrate`` is false), and yield
+    the store; close it on exit.
 
-    Opens a trio-asyncio loop for asyncpg unless the calling task already has one.
+    Opens a trio-asyncio loop for asyncpg unless the calling task already has one. With
+    ``password_file`` every new connection reads its password from that file.
     """
+    if not MIN_POOL_SIZE <= max_size <= MAX_POOL_SIZE:
+        raise StoreUnavailable(
+            f"database_pool_size must be {MIN_POOL_SIZE}..{MAX_POOL_SIZE} (one connection "
+            "listens for other instances' notices)"
+        )
+    options = _PoolOptions(
+        min(min_size, max_size), max_size, password_file, migrate, migrate_while_running
+    )
     current = trio_asyncio.current_loop.get()
     if current is not None:
-        async with _open_on_loop(current, url, min_size, max_size) as store:
+        async with _open_on_loop(current, url, options) as store:
             yield store
         return
     try:
         async with trio_asyncio.open_loop() as loop:
-            async with _open_on_loop(loop, url, min_size, max_size) as store:
+            async with _open_on_loop(loop, url, options) as store:
                 yield store
     except BaseExceptionGroup as group:
         # open_loop runs a nursery, which wraps whatever crosses it (our errors, the caller's
@@ -521,11 +707,13 @@ async def open_postgres_store(
 
 @asynccontextmanager
 async def _open_on_loop(
-    loop: trio_asyncio.TrioEventLoop, url: str, min_size: int, max_size: int
+    loop: trio_asyncio.TrioEventLoop, url: str, options: _PoolOptions
 ) -> AsyncIterator[PostgresStore]:
     bridge = _Bridge(loop)
     try:
-        pool = await bridge.call(_create_pool, url, min_size, max_size)
+        pool = await bridge.call(
+            _create_pool, url, options.min_size, options.max_size, options.password_file
+        )
     except ValueError:
         # asyncpg's own message may quote a piece of the password: give ours alone.
         raise StoreUnavailable(unparsable_url_message(url)) from None
@@ -534,7 +722,9 @@ async def _open_on_loop(
         raise StoreUnavailable(f"cannot connect to PostgreSQL: {exc}") from None
     store = PostgresStore(pool, bridge)
     try:
-        await bridge.call(_migrate_with_pool, pool)
+        if options.migrate:
+            applied = await bridge.call(_migrate_with_pool, pool, options.migrate_while_running)
+            store.applied_migrations = tuple(applied)
         yield store
     finally:
         await store.aclose()

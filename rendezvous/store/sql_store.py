@@ -70,6 +70,7 @@ from rendezvous.store.base import (
     UnusableReason,
     new_id,
 )
+from rendezvous.store.migrations import Migration
 
 Row = Mapping[str, Any]
 
@@ -335,6 +336,25 @@ class SqlStore(Store):
     def _read(self) -> AbstractAsyncContextManager[SqlSession]:
         """A session for a statement that only reads (autocommit unless a backend knows better)."""
         return self._autocommit()
+
+    # The backend's migrations, and a query naming ``schema_migrations`` when that table exists.
+    _migrations: tuple[Migration, ...] = ()
+    _schema_table_query: str
+
+    async def _recorded_versions(self) -> set[int]:
+        if not await self._fetch(self._schema_table_query):
+            return set()
+        rows = await self._fetch("SELECT version FROM schema_migrations")
+        return {int(row["version"]) for row in rows}
+
+    async def schema_version(self) -> int:
+        """The newest migration recorded in the database (0 for a database never migrated)."""
+        return max(await self._recorded_versions(), default=0)
+
+    async def pending_migrations(self) -> list[tuple[int, str]]:
+        """(version, name) of the migrations this program knows that the database lacks."""
+        done = await self._recorded_versions()
+        return [(m.version, m.name) for m in self._migrations if m.version not in done]
 
     async def _fetch(self, sql: str, *args: Any) -> list[Row]:
         async with self._autocommit() as session:

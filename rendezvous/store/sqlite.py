@@ -116,6 +116,11 @@ class SqliteStore(SqlStore):
     """The store on one SQLite file. Open it with ``open_sqlite_store``."""
 
     backend = "sqlite"
+    _migrations = MIGRATIONS
+    _schema_table_query = (
+        "SELECT name FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'"
+    )
+    understood_schema_version = max(m.version for m in MIGRATIONS)
     # No wanted tag (of the JSON parameter) is missing from the agent's tags (a JSON array).
     _agent_carries_tags = """NOT EXISTS (SELECT 1 FROM json_each({tags}) wanted
         WHERE wanted.value NOT IN (SELECT carried.value FROM json_each(a.tags) carried))"""
@@ -251,9 +256,11 @@ def _enable_wal(connection: sqlite3.Connection) -> str:
         time.sleep(WAL_SWITCH_RETRY_SECONDS)
 
 
-def _migrate_sync(connection: sqlite3.Connection, migrations: Sequence[Migration]) -> list[int]:
-    """Apply pending migrations in one IMMEDIATE transaction; return the versions applied."""
-    applied: list[int] = []
+def _migrate_sync(
+    connection: sqlite3.Connection, migrations: Sequence[Migration]
+) -> list[tuple[int, str]]:
+    """Apply pending migrations in one IMMEDIATE transaction; return (version, name) applied."""
+    applied: list[tuple[int, str]] = []
     connection.execute("BEGIN IMMEDIATE")
     try:
         connection.execute(
@@ -279,7 +286,7 @@ def _migrate_sync(connection: sqlite3.Connection, migrations: Sequence[Migration
                 "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, time.time()),
             )
-            applied.append(migration.version)
+            applied.append((migration.version, migration.name))
         connection.execute("COMMIT")
     except BaseException:
         if connection.in_transaction:
@@ -289,12 +296,17 @@ def _migrate_sync(connection: sqlite3.Connection, migrations: Sequence[Migration
 
 
 @asynccontextmanager
-async def open_sqlite_store(path: str | os.PathLike[str]) -> AsyncIterator[SqliteStore]:
-    """Open the SQLite store at ``path`` (created 0600 if missing), migrate it, close on exit."""
+async def open_sqlite_store(
+    path: str | os.PathLike[str], *, migrate: bool = True
+) -> AsyncIterator[SqliteStore]:
+    """Open the SQLite store at ``path`` (created 0600 if missing), migrate it unless told not
+    to, close on exit."""
     location = os.fspath(path)
     connection = await trio.to_thread.run_sync(_connect_sync, location)
+    applied: list[tuple[int, str]] = []
     try:
-        await trio.to_thread.run_sync(_migrate_sync, connection, MIGRATIONS)
+        if migrate:
+            applied = await trio.to_thread.run_sync(_migrate_sync, connection, MIGRATIONS)
     except sqlite3.Error as exc:
         await trio.to_thread.run_sync(connection.close)
         raise StoreUnavailable(f"cannot migrate SQLite database {location}: {exc}") from exc
@@ -307,6 +319,7 @@ async def open_sqlite_store(path: str | os.PathLike[str]) -> AsyncIterator[Sqlit
         await trio.to_thread.run_sync(connection.close)
         raise
     store = SqliteStore(connection, location, reader)
+    store.applied_migrations = tuple(applied)
     try:
         yield store
     finally:
