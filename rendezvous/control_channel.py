@@ -31,7 +31,8 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 7. agent -> ``{"type": "live_sessions", "ids": [...]}`` (at most MAX_LIVE_SESSION_IDS), after
    a welcome listing ``live_sessions`` in its ``features``: the sessions the agent process
    runs now. This agent's offered or accepted sessions that are not listed end as
-   ``agent_lost`` (audited ``session.ended`` by the rendezvous): a restarted agent process can
+   ``agent_lost`` (an offer never answered: ``offer_undelivered``; audited ``session.ended`` by
+   the rendezvous): a restarted agent process can
    never continue its predecessor's sessions. Spared: sessions created after the report
    arrived, offers sent down this very channel (they may have crossed the report on the wire),
    and offers not yet expired (they may be in flight elsewhere; they expire on their own).
@@ -99,6 +100,7 @@ from rendezvous.errors import ServiceError
 from rendezvous.key_rotation import service_keys_message
 from rendezvous.offer_bus import (
     MAX_END_SESSION_IDS,
+    OFFER_UNDELIVERED,
     OPERATOR_DISABLED_REASON,
     announce_superseded,
     end_sessions_message,
@@ -302,6 +304,18 @@ class AgentConnections:
             for agent_id, channels in self._by_agent.items()
             if any(channel.team_id == team_id for channel in channels.values())
         ]
+
+    def held_agents(self) -> list[tuple[str, str]]:
+        """The (team id, agent id) of every agent with a live channel on this instance."""
+        return sorted(
+            {(channel.team_id, channel.agent_id)
+             for channels in self._by_agent.values() for channel in channels.values()}
+        )  # fmt: skip
+
+    def was_offered(self, team_id: str, agent_id: str, session_id: str) -> bool:
+        """Whether ``session_id`` was already offered down a live channel of the agent here
+        (a catch-up after the offer bus was down must not offer it twice)."""
+        return any(session_id in channel.offered for channel in self.channels(team_id, agent_id))
 
     def supersede(
         self, team_id: str, agent_id: str, connection_id: str, *, removed: bool = False
@@ -546,6 +560,11 @@ async def _hold(
                 ):
                     # A malformed, oversized or unexpected message closed the channel.
                     ctx.metrics.rejected_inputs.labels(REJECTED_CHANNEL_MESSAGE).inc()
+            except StoreError as error:
+                # Caught here, inside the nursery: raised out of it, it would leave wrapped in
+                # an exception group that reaches Hypercorn as a traceback and an HTTP 503
+                # attempted on the accepted WebSocket; closed 1013 below instead.
+                store_failure = error
             nursery.cancel_scope.cancel()
     except WebSocketDisconnect:
         pass
@@ -702,17 +721,19 @@ async def end_sessions_of_absent_agents(ctx: ServiceContext) -> int:
 
 async def _end_as_lost(ctx: ServiceContext, session: Session, details: dict[str, Any]) -> bool:
     """Record (first, like every other decision) and then make the ending of ``session`` as
-    ``agent_lost`` by the service, if it is still in the state it was read in."""
+    ``agent_lost`` by the service (``offer_undelivered`` for an offer the agent never
+    answered: it never ran), if it is still in the state it was read in."""
+    reason = OFFER_UNDELIVERED if session.state is SessionState.OFFERED else AGENT_LOST
     await ctx.audit.record(
         session.team_id, actor=service_actor(), action=Action.SESSION_ENDED,
         target=session.agent_id, session_id=session.id,
         details={
-            "reason": AGENT_LOST, "state": session.state.value,
+            "reason": reason, "state": session.state.value,
             "operator_id": session.operator_id, **details,
         },
     )  # fmt: skip
     updated = await ctx.store.update_session_state(
-        session.team_id, session.agent_id, session.id, SessionState.ENDED, AGENT_LOST,
+        session.team_id, session.agent_id, session.id, SessionState.ENDED, reason,
         ctx.now(), from_states=(session.state,),
     )  # fmt: skip
     return updated is not None

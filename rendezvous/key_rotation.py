@@ -17,7 +17,13 @@ A rotation, in this order (so a crash at any point leaves a state that names its
    key, whose file is still in place: an auditor who pinned it follows the rotation to the new
    key (audit/trust.py);
 4. the new key file replaces the old one, so the old private key file no longer exists: a
-   rotated key signs nothing more once the running instances reloaded (SIGHUP or restart).
+   rotated key signs nothing more once the running instances reloaded;
+5. on PostgreSQL, a ``service_keys_rotated`` notice (rendezvous/offer_bus.py) tells every
+   serving instance to reload its service keys at once, exactly as SIGHUP does. A notice lost is
+   made up for by each instance's minute sweep (``reload_if_pins_changed``), which also serves
+   SQLite: an instance whose loaded keys are not the ones the database pins reloads, and while
+   the key files it reads do not match the pins (a keys dir not shared or not copied) it logs an
+   ERROR saying so each minute and keeps signing with the keys it has.
 
 Interrupted between 2 and 4, every start names the one ``mv`` left (service_keys.py), and
 says the audit records may be missing.
@@ -67,6 +73,7 @@ from rendezvous.service_keys import (
     pending_key_path,
     with_retired_keys,
 )
+from rendezvous.store import StoreError
 from rendezvous.store.base import RetiredServiceKey
 
 if TYPE_CHECKING:
@@ -82,6 +89,9 @@ RETIRED_KEY_GRACE_SECONDS = MAX_ACCESS_TOKEN_SECONDS + DEFAULT_LEEWAY_SECONDS
 ROTATION_TARGET_PREFIX = "service-key:"
 AUDIT_SIGNER_ROLE = "audit-signer"
 SERVICE_KEYS_MESSAGE = "service_keys"
+# The offer-bus notice kind after a rotation: every instance reloads its service keys.
+KEYS_ROTATED_NOTICE_KIND = "service_keys_rotated"
+SIGHUP_RELOAD = "received SIGHUP"
 
 
 @dataclass(frozen=True)
@@ -109,9 +119,26 @@ async def rotate_service_key(
         raise ConfigError(f"no service key {role!r}; one of {', '.join(KEY_ROLES)}")
     load_service_keys(data_dir)  # names a missing key file (and keys directory) first
     with _rotation_lock(data_dir):
-        return await _rotate_locked(
+        rotation = await _rotate_locked(
             store, data_dir, role, issuer=issuer, retire_old_now=retire_old_now, now=now
         )
+    await announce_rotation(store, role)
+    return rotation
+
+
+async def announce_rotation(store: Store, role: str) -> None:
+    """Tell every serving instance (PostgreSQL) to reload its service keys now; best effort:
+    their minute sweep finds the new pins anyway."""
+    if not store.notifications_supported:
+        return  # SQLite: one instance, whose minute sweep reloads
+    from rendezvous.offer_bus import OFFER_CHANNEL  # the bus imports this module
+
+    notice = json.dumps({"kind": KEYS_ROTATED_NOTICE_KIND, "role": role})
+    try:
+        await store.notify(OFFER_CHANNEL, notice)
+    except StoreError as error:
+        logger.warning("telling the serving instances about the %s rotation failed (%s); they "
+                       "reload within a minute anyway", role, type(error).__name__)  # fmt: skip
 
 
 async def _rotate_locked(
@@ -246,15 +273,15 @@ async def _record_rotation(
     return len(log_ids)
 
 
-async def reload_service_keys(ctx: ServiceContext) -> bool:
-    """Load the data dir's keys and the retired ones into ``ctx`` (on SIGHUP); True if they
-    changed. Keys that do not match the database's pins are not taken: the instance keeps
-    serving with the ones it has, and says why."""
+async def reload_service_keys(ctx: ServiceContext, why: str = SIGHUP_RELOAD) -> bool:
+    """Load the data dir's keys and the retired ones into ``ctx`` (on SIGHUP, or ``why``); True
+    if they changed. Keys that do not match the database's pins are not taken: the instance
+    keeps serving with the ones it has, and says why."""
     try:
         keys = await with_retired_keys(ctx.store, load_service_keys(ctx.config.data_dir))
         await check_pinned_keys(ctx.store, keys, ctx.config.data_dir, ctx.now(), pin=False)
     except Exception as error:  # noqa: BLE001 - a reload failure must never stop the service
-        logger.error("received SIGHUP; kept the current service keys: %s", error)
+        logger.error("%s; kept the current service keys: %s", why, error)
         return False
     if _fingerprints(keys) == _fingerprints(ctx.keys):
         return False
@@ -262,7 +289,7 @@ async def reload_service_keys(ctx: ServiceContext) -> bool:
         ctx.audit = AuditTrail(ctx.store.audit, keys.audit_signer, origin=ctx.config.issuer)
     ctx.keys = keys
     logger.info(
-        "received SIGHUP; now signing with service keys %s",
+        "%s; now signing with service keys %s", why,
         ", ".join(f"{role} {key.public.fingerprint}" for role, key in keys.by_role().items()),
     )
     if ctx.connections is not None:
@@ -271,6 +298,16 @@ async def reload_service_keys(ctx: ServiceContext) -> bool:
         told = ctx.connections.send_to_every_channel(service_keys_message(keys))
         logger.info("sent the service keys to %d connected agent channel(s)", told)
     return True
+
+
+async def reload_if_pins_changed(ctx: ServiceContext) -> bool:
+    """The minute sweep: reload (as SIGHUP does) if the database pins other service keys than
+    this instance signs with (a rotation whose notice was lost, or SQLite); True if reloaded."""
+    pinned = await ctx.store.service_key_fingerprints()
+    held = {role: key.public.fingerprint for role, key in ctx.keys.by_role().items()}
+    if all(pinned.get(role, held[role]) == fingerprint for role, fingerprint in held.items()):
+        return False
+    return await reload_service_keys(ctx, "the database pins other service keys")
 
 
 def _fingerprints(keys: ServiceKeys) -> tuple[tuple[str, ...], tuple[str, ...]]:

@@ -273,7 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/self-hosting.md, 'Rotating service keys')",
         description="Make a new PURPOSE key, pin it in the database, record service_key.rotated "
         "in every audit log and delete the old private key file. Running instances take the new "
-        "key on SIGHUP or restart; other hosts sharing the database need the new key file.",
+        "key by themselves within seconds (a database notice, else their minute sweep); other "
+        "hosts sharing the database need the new key file first (a shared or copied keys dir).",
     )
     keys_rotate.add_argument("purpose", choices=KEY_ROLES, help="which service key to replace")
     keys_rotate.add_argument(
@@ -568,11 +569,15 @@ async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -
           f"kid={rotation.new_key.key_id}")
     print(f"old key: private key file deleted; tokens it signed {until}; recorded "
           f"service_key.rotated in {rotation.logs_recorded} audit logs")
-    print("next: send SIGHUP to every running tucdesk-rendezvous (or restart it); copy "
-          f"{config.data_dir / 'keys'} to other instances sharing this database")
+    print("running instances reload by themselves within seconds (a minute at most); an "
+          f"instance on another host needs {config.data_dir / 'keys'} copied to it unless the "
+          "directory is shared (it logs an ERROR each minute until its key files match)")
     if role == "jwt-issuer":
-        print("agents follow the rotation (signed by the old key) when the instance they are "
-              "connected to reloads (SIGHUP), or when they next connect")
+        print("agents follow the rotation (signed by the old key) as soon as the instance they "
+              "are connected to reloads, or when they next connect")
+    if role == "relay-token":
+        print("relays with jwks take the new key on its first use; relays with token_key files "
+              "refuse new sessions until given it: tucdesk-rendezvous keys show --pem relay-token")
     if role == "policy-signer":
         print("agents enrolled before this rotation refuse policies the new key countersigns: "
               "re-enroll them (docs/self-hosting.md, 'Rotating service keys')")

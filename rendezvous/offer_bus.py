@@ -36,6 +36,17 @@ not exist yet), so the broker checks the operator again once the row exists, and
 (audited ``session.refused``, reason ``operator_disabled``) instead of sent. An ``end_sessions``
 that still overtakes the offer is remembered by the agent, which then refuses the offer.
 
+While this instance is not listening (its LISTEN connection lost, the database down), notices
+addressed to it are lost. It listens again within LISTEN_RETRY_MAX_SECONDS (with jitter) of the
+database coming back, logs how long it was deaf, and catches up (``catch_up_offers``): the
+offers still open for agents whose newest live channel is here, not yet sent down it, are sent
+now (an offer goes down a channel at most once: ``deliver_here``); those that expired meanwhile
+end ``offer_undelivered`` (audited). Until then ``/healthz`` answers 503 (``listening_failure``).
+
+A fourth, ``service_keys_rotated`` (role), follows ``keys rotate`` (rendezvous/key_rotation.py):
+every instance reloads its service keys as SIGHUP does (and pushes them to its agents). It too is
+a hint: the instance takes only key files that match the database's pins.
+
 Every instance hears every notice, so each one refuses a malformed notice (oversized, not a JSON
 object, an unknown ``kind``, a field missing or of the wrong type) whoever it is addressed to,
 logs it and counts it in ``tucdesk_rejected_inputs_total`` under the notice's kind.
@@ -46,6 +57,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -54,9 +66,10 @@ import trio
 from protocol.relay_token import Side, issue_relay_token
 from rendezvous.audit_trail import Action, service_actor
 from rendezvous.errors import ServiceError
+from rendezvous.key_rotation import KEYS_ROTATED_NOTICE_KIND, reload_service_keys
 from rendezvous.policy_distribution import POLICY_NOTICE_KIND, handle_policy_notice
 from rendezvous.store import AgentConnection, Session, SessionState, StoreError
-from rendezvous.store.base import SessionQuery
+from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, SessionQuery
 
 if TYPE_CHECKING:
     from rendezvous.context import ServiceContext
@@ -81,7 +94,13 @@ MAX_SESSIONS_ENDED_PER_OPERATOR = 1000
 SWEEP_PAGE_SESSIONS = 1000
 MAX_SESSIONS_SWEPT_PER_SWEEP = 20_000
 LISTEN_RETRY_MIN_SECONDS = 0.5
-LISTEN_RETRY_MAX_SECONDS = 30.0
+# Offers addressed to this instance are lost while it is not listening, so it tries again soon
+# (with jitter, 0.5-1.5x) whatever the length of the outage: a LISTEN costs one connection.
+LISTEN_RETRY_MAX_SECONDS = 5.0
+# Open offers of one agent read at once by the catch-up after listening again.
+MAX_OFFERS_CAUGHT_UP_PER_AGENT = 100
+# The end reason of an offer that expired before it reached its agent (the session never ran).
+OFFER_UNDELIVERED = "offer_undelivered"
 OFFER_NOT_DELIVERED = "the agent's control channel was gone when the offer arrived"
 
 # tucdesk_rejected_inputs_total reasons: a notice whose kind cannot be told, then one per kind.
@@ -89,6 +108,8 @@ REJECTED_NOTICE = "bus_notice"
 REJECTED_OFFER_NOTICE = "bus_offer_notice"
 REJECTED_SUPERSEDED_NOTICE = "bus_superseded_notice"
 REJECTED_OPERATOR_DISABLED_NOTICE = "bus_operator_disabled_notice"
+REJECTED_KEYS_ROTATED_NOTICE = "bus_keys_rotated_notice"
+MAX_ROLE_LENGTH = 64
 
 
 def offer_message(ctx: ServiceContext, session: Session, now: float) -> dict[str, Any]:
@@ -301,7 +322,8 @@ async def _end_or_refuse(ctx: ServiceContext, sessions: list[Session]) -> int:
 
 async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> OfferDelivery:
     """Send a still-open offer down this instance's channel to the agent, unless its operator
-    was disabled since the session was brokered (checked last, right before sending)."""
+    was disabled since the session was brokered (checked last, right before sending), or it
+    went down a live channel of the agent here already (SENT: the agent has it)."""
     session = await ctx.store.get_session(team_id, session_id)
     now = ctx.now()
     if session is None or session.state is not SessionState.OFFERED or now > session.expires_at:
@@ -309,6 +331,10 @@ async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> Of
     connections = ctx.connections
     if connections is None:
         return OfferDelivery.NOT_SENT
+    if connections.was_offered(session.team_id, session.agent_id, session.id):
+        # The notice and the catch-up after a listening gap may both name it: the agent
+        # refuses an offer it already holds, which would refuse the session it runs.
+        return OfferDelivery.SENT
     # A disable that committed after the broker's check must not let the offer through: its
     # own look-up of open sessions may have run before this session's row existed.
     operator = await ctx.store.get_operator(team_id, session.operator_id)
@@ -334,6 +360,24 @@ async def refuse_offer_of_disabled_operator(ctx: ServiceContext, session: Sessio
     )  # fmt: skip
 
 
+@dataclass
+class ListeningGap:
+    """Since when, and why, an instance has not been listening for notices."""
+
+    since: float
+    reason: str
+
+
+# The instances of this process whose listener is not listening now, by instance id (an entry
+# lives only while its listen_for_offers runs).
+_not_listening: dict[str, ListeningGap] = {}
+
+
+def listening_failure(ctx: ServiceContext) -> ListeningGap | None:
+    """Why this instance is not listening for offers now (PostgreSQL only), or None."""
+    return _not_listening.get(ctx.instance_id)
+
+
 async def listen_for_offers(
     ctx: ServiceContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -341,38 +385,128 @@ async def listen_for_offers(
 
     Reports started once it is listening (at once on a store without notifications). A lost
     database connection (server restarted, backend terminated) is logged and retried with
-    backoff and jitter; the instance's agent channels do not depend on it.
+    backoff and jitter; the instance's agent channels do not depend on it. Listening again, it
+    says how long it was not, and catches up on the offers it may have missed meanwhile.
     """
     if not ctx.store.notifications_supported:
         task_status.started()
         return
     delay = LISTEN_RETRY_MIN_SECONDS
     started = False
-    while True:
-        try:
-            async with ctx.store.listen(OFFER_CHANNEL) as notices:
-                if not started:
-                    task_status.started()
-                    started = True
-                delay = LISTEN_RETRY_MIN_SECONDS
-                async for notice in notices:
-                    await _handle_notice(ctx, notice)
-        except StoreError as error:
-            logger.warning(
-                "listening for session offers failed: %s; listening again in about %.1f s",
-                error, delay,
-            )  # fmt: skip
-        except Exception:  # noqa: BLE001 - a bus fault must not take the instance's channels down
-            logger.exception(
-                "listening for session offers failed unexpectedly; listening again in about "
-                "%.1f s", delay,
-            )  # fmt: skip
-        if not started:
-            # Report started anyway so the service serves; offers go direct or are retried.
-            task_status.started()
-            started = True
-        await trio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
-        delay = min(delay * 2, LISTEN_RETRY_MAX_SECONDS)
+    try:
+        while True:
+            try:
+                async with ctx.store.listen(OFFER_CHANNEL) as notices:
+                    gap = _not_listening.pop(ctx.instance_id, None)
+                    if not started:
+                        task_status.started()
+                        started = True
+                    delay = LISTEN_RETRY_MIN_SECONDS
+                    if gap is not None:
+                        await _resume_after_gap(ctx, gap)
+                    async for notice in notices:
+                        await _handle_notice(ctx, notice)
+            except StoreError as error:
+                _note_gap(ctx, str(error))
+                logger.warning(
+                    "listening for session offers failed: %s; listening again in about %.1f s",
+                    error, delay,
+                )  # fmt: skip
+            except Exception as error:  # noqa: BLE001 - a bus fault must not take the channels down
+                _note_gap(ctx, type(error).__name__)
+                logger.exception(
+                    "listening for session offers failed unexpectedly; listening again in about "
+                    "%.1f s", delay,
+                )  # fmt: skip
+            if not started:
+                # Report started anyway so the service serves; offers go direct or are retried.
+                task_status.started()
+                started = True
+            await trio.sleep(delay * random.uniform(0.5, 1.5))  # noqa: S311 - jitter, not a secret
+            delay = min(delay * 2, LISTEN_RETRY_MAX_SECONDS)
+    finally:
+        _not_listening.pop(ctx.instance_id, None)
+
+
+def _note_gap(ctx: ServiceContext, reason: str) -> None:
+    gap = _not_listening.get(ctx.instance_id)
+    since = gap.since if gap is not None else ctx.now()
+    _not_listening[ctx.instance_id] = ListeningGap(since, reason)
+
+
+async def _resume_after_gap(ctx: ServiceContext, gap: ListeningGap) -> None:
+    """Say that listening resumed, then catch up on the offers missed meanwhile."""
+    logger.info("listening for session offers again, after %.1f s without", ctx.now() - gap.since)
+    try:
+        sent, ended = await catch_up_offers(ctx)
+    except (StoreError, ServiceError) as error:
+        # The offers not caught up expire; the agent's next live_sessions report ends them.
+        logger.warning("catching up on missed session offers failed: %s", type(error).__name__)
+        return
+    if sent or ended:
+        logger.info("caught up on missed session offers: sent %d, ended %d that expired "
+                    "undelivered", sent, ended)  # fmt: skip
+
+
+async def catch_up_offers(ctx: ServiceContext) -> tuple[int, int]:
+    """Send the open offers this instance may have missed a notice for: those of agents whose
+    newest live channel is here, not yet sent down a channel here; end (``offer_undelivered``,
+    audited) those that expired. (How many were sent, how many ended.)"""
+    connections = ctx.connections
+    if connections is None:
+        return 0, 0
+    sent = ended = 0
+    for team_id, agent_id in connections.held_agents():
+        listing = await ctx.store.session_listing(
+            team_id,
+            SessionQuery(
+                limit=MAX_OFFERS_CAUGHT_UP_PER_AGENT, states=(SessionState.OFFERED,),
+                agent_id=agent_id,
+            ),
+        )  # fmt: skip
+        missed = [
+            listed.session for listed in listing.sessions
+            if not connections.was_offered(team_id, agent_id, listed.session.id)
+        ]  # fmt: skip
+        if not missed or not await _newest_channel_is_here(ctx, team_id, agent_id):
+            continue  # addressed to another instance's channel: its own catch-up sends it
+        for session in missed:
+            if ctx.now() > session.expires_at:
+                ended += await end_undelivered_offer(ctx, session)
+                continue
+            delivered = await deliver_here(ctx, team_id, session.id)
+            if delivered is OfferDelivery.OPERATOR_DISABLED:
+                await refuse_offer_of_disabled_operator(ctx, session)
+            elif delivered is OfferDelivery.SENT:
+                sent += 1
+    return sent, ended
+
+
+async def _newest_channel_is_here(ctx: ServiceContext, team_id: str, agent_id: str) -> bool:
+    """Whether the connection a broker would send the agent's offers to is this instance's."""
+    now = ctx.now()
+    live = [
+        connection
+        for connection in await ctx.store.list_agent_connections(team_id, agent_id)
+        if connection.heartbeat_at > now - CONNECTION_STALE_AFTER_SECONDS
+    ]
+    return bool(live) and live[-1].instance_id == ctx.instance_id
+
+
+async def end_undelivered_offer(ctx: ServiceContext, session: Session) -> int:
+    """Audit, then end (``offer_undelivered``), an offer that expired before its agent had it;
+    1 if this call ended it, 0 if it was answered or ended meanwhile."""
+    await ctx.audit.record(
+        session.team_id, actor=service_actor("session offer"), action=Action.SESSION_ENDED,
+        target=session.agent_id, session_id=session.id,
+        details={"reason": OFFER_UNDELIVERED, "state": session.state.value,
+                 "operator_id": session.operator_id},
+    )  # fmt: skip
+    updated = await ctx.store.update_session_state(
+        session.team_id, session.agent_id, session.id, SessionState.ENDED, OFFER_UNDELIVERED,
+        ctx.now(), from_states=(SessionState.OFFERED,),
+    )  # fmt: skip
+    return 0 if updated is None else 1
 
 
 async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
@@ -394,6 +528,8 @@ async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
         await _handle_superseded_notice(ctx, fields)
     elif kind == OPERATOR_DISABLED_NOTICE_KIND:
         await _handle_operator_disabled_notice(ctx, fields)
+    elif kind == KEYS_ROTATED_NOTICE_KIND:
+        await _handle_keys_rotated_notice(ctx, fields)
     elif "kind" in fields:
         _refuse_notice(ctx, REJECTED_NOTICE, "a notice of an unknown kind")
     else:
@@ -471,3 +607,13 @@ async def _handle_operator_disabled_notice(ctx: ServiceContext, fields: dict[str
     if told:
         logger.info("operator %s disabled on another instance: asked agents here to end %d "
                     "session(s)", operator_id, told)  # fmt: skip
+
+
+async def _handle_keys_rotated_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
+    """Reload the service keys after a ``keys rotate`` anywhere (see the docstring)."""
+    role = fields.get("role")
+    if not isinstance(role, str) or not 0 < len(role) <= MAX_ROLE_LENGTH:
+        _refuse_notice(ctx, REJECTED_KEYS_ROTATED_NOTICE, "a malformed service keys notice")
+        return
+    # Never raises: a failure is logged (ERROR) and the minute sweep tries again.
+    await reload_service_keys(ctx, f"the {role} key was rotated (keys rotate)")

@@ -8,9 +8,15 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 
 from rendezvous.dependencies import Context
-from rendezvous.error_responses import store_failure_reason, store_unhealthy_response
-from rendezvous.errors import NotFound
+from rendezvous.error_responses import (
+    error_body,
+    store_failure_kind,
+    store_failure_reason,
+    store_unhealthy_response,
+)
+from rendezvous.errors import NotFound, ServiceUnavailable
 from rendezvous.metrics import PROMETHEUS_CONTENT_TYPE
+from rendezvous.offer_bus import listening_failure
 from rendezvous.store import StoreError
 
 router = APIRouter()
@@ -25,7 +31,8 @@ HEALTH_PROBE_SCOPE = "healthz"
 
 @router.get("/healthz")
 async def healthz(ctx: Context) -> Response:
-    """Liveness and store reachability, reads and writes (503 when the store fails either)."""
+    """Liveness and store reachability, reads and writes (503 when the store fails either, or
+    when this instance is not listening for the offers other instances send its agents)."""
     health = ctx.store_health
     try:
         await ctx.store.get_team("tm_healthcheck")
@@ -35,6 +42,14 @@ async def healthz(ctx: Context) -> Response:
     except StoreError as error:
         health.failed(store_failure_reason(error), ctx.now())
         return store_unhealthy_response("/healthz", error)
+    gap = listening_failure(ctx)
+    if gap is not None:
+        # Offers other instances broker for this instance's agents are lost until it listens.
+        message = (
+            "this instance is not listening for session offers from other instances (for "
+            f"{max(0.0, ctx.now() - gap.since):.0f} s): {store_failure_kind(gap.reason)}"
+        )
+        return JSONResponse(error_body(ServiceUnavailable.code, message), status_code=503)
     return JSONResponse({"status": "ok", "instance": ctx.instance_id, "backend": ctx.store.backend})
 
 

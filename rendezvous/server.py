@@ -34,7 +34,7 @@ from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections, end_sessions_of_absent_agents
 from rendezvous.errors import ConfigError
 from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
-from rendezvous.key_rotation import reload_service_keys
+from rendezvous.key_rotation import reload_if_pins_changed, reload_service_keys
 from rendezvous.metrics import MetricsOnlyApp
 from rendezvous.offer_bus import end_disabled_operators_sessions_here, listen_for_offers
 from rendezvous.relay_health import check_relays_forever
@@ -392,6 +392,12 @@ async def _prune_forever(ctx: ServiceContext) -> None:
         else:
             if lost:
                 logger.info("ended %d session(s) whose agent has been gone for an hour", lost)
+        # A rotation's notice lost (or SQLite): the service keys follow the database's pins
+        # within one interval (rendezvous/key_rotation.py).
+        try:
+            await reload_if_pins_changed(ctx)
+        except Exception as error:  # noqa: BLE001 - the next round retries
+            logger.warning("checking the service key pins failed: %s", type(error).__name__)
 
 
 async def termination_signal() -> None:

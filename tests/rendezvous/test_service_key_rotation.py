@@ -276,7 +276,7 @@ def test_keys_rotate_and_show_name_current_and_retired_keys(
     assert main(["keys", "rotate", "relay-token", "--retire-old-now", *store]) == 0
     out = capsys.readouterr().out
     new = load_service_keys(tmp_path / "data").relay_token.public
-    assert f"{old.fingerprint} -> {new.fingerprint}" in out and "SIGHUP" in out
+    assert f"{old.fingerprint} -> {new.fingerprint}" in out and "reload by themselves" in out
     assert main(["keys", "show", *store]) == 0
     out = capsys.readouterr().out
     assert f"relay-token: {new.fingerprint} kid={new.key_id}\n" in out

@@ -23,6 +23,7 @@ from rendezvous.control_channel import (
     MAX_LIVE_SESSION_IDS,
     REJECTED_CHANNEL_MESSAGE,
 )
+from rendezvous.offer_bus import OFFER_UNDELIVERED
 from rendezvous.store import SessionState, Store
 from tests.rendezvous.sessions_support import (
     AgentChannel,
@@ -149,7 +150,8 @@ async def test_an_unanswered_offer_is_ended_by_a_report_only_once_it_has_expired
             assert await _state(store, team, unanswered) == ("offered", None)
             service.clock.now += PAST_OFFER_EXPIRY_SECONDS
             await _report(new, [])
-            assert await _state(store, team, unanswered) == ("ended", AGENT_LOST)
+            # Never answered, it never ran: not the agent's loss of a running session.
+            assert await _state(store, team, unanswered) == ("ended", OFFER_UNDELIVERED)
 
 
 async def test_a_report_ends_only_its_own_agents_sessions_in_its_own_team(

@@ -222,7 +222,10 @@ async def test_agent_connecting_while_postgresql_is_stopped_is_told_the_database
                 assert response.status_code == 503
                 assert response.json()["message"].endswith("the database is unreachable")
                 await trio.to_thread.run_sync(_pg_ctl, cluster, "start")
-                response = await client.get(url + "/healthz")
-                assert response.status_code == 200, response.text
+                # Healthy again once the instance listens for offers again (within seconds).
+                with trio.fail_after(WAIT_SECONDS):
+                    while (response := await client.get(url + "/healthz")).status_code != 200:
+                        assert response.status_code == 503, response.text
+                        await trio.sleep(0.1)
     finally:
         cluster.stop()
