@@ -76,6 +76,9 @@ SETTING_HELP: dict[str, str] = {
     "recordings_max_age_days": "delete finished recordings older than this (default: keep)",
     "recordings_max_total_bytes": "keep at most this many bytes of finished recordings, oldest "
     "deleted first (default: no cap)",
+    "kill_leftover_processes": "when a session's shell or command exits, kill every process "
+    "it left behind (nohup and background jobs too) and stop reading its output; off: they "
+    "run on and an exec session's output is read to its end, as with ssh",
 }
 
 
@@ -104,6 +107,9 @@ class AgentConfig:
     # or beyond this many bytes in total (oldest first), are deleted. None: no limit.
     recordings_max_age_days: float | None = None
     recordings_max_total_bytes: int | None = None
+    # What a session leaves behind when its main process exits on its own: left running, as
+    # after ssh (False), or torn down with the session (True). A forced end always tears down.
+    kill_leftover_processes: bool = False
 
     @property
     def state_file(self) -> Path:

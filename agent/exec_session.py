@@ -1,8 +1,11 @@
 """A single command without a terminal: separate stdout and stderr, forwarded stdin, exit status.
 
 The argv runs directly (no shell) unless the spec asks for the account's shell. The command
-leads a new session, so cancelling or leaving ``open_exec_session`` tears down everything it
-started.
+leads a new session. As under sshd, a session whose command exits goes on until its output
+pipes reach end of file (a background process it started may still be writing), then ends with
+the command's status, and what is left runs on; cancelling it (the operator interrupts or
+leaves, the rendezvous ends it, the agent stops) tears down everything it started. With
+``kill_leftover_processes`` the session ends when the command exits and everything is torn down.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from agent.process_group import (
     close_fd,
     credential_options,
     minimal_environment,
+    reset_signals,
     signal_from_name,
+    signals_need_reset,
     write_all,
 )
 
@@ -54,6 +59,9 @@ class ExecSessionSpec:
     use_shell: bool = False
     environment: tuple[tuple[str, str], ...] = ()
     teardown_grace: float = TEARDOWN_GRACE_SECONDS
+    # TUCDESK_SESSION_ID and TUCDESK_OPERATOR (process_group.session_variables).
+    session_variables: tuple[tuple[str, str], ...] = ()
+    kill_leftover_processes: bool = False
 
     def __post_init__(self) -> None:
         if not self.command or isinstance(self.command, str):
@@ -70,9 +78,19 @@ class ExecSession:
     """A running command: stream stdout and stderr, feed and close its stdin, signal it."""
 
     def __init__(
-        self, leader: SessionLeader, stdin_fd: int, stdout_fd: int, stderr_fd: int
+        self,
+        leader: SessionLeader,
+        stdin_fd: int,
+        stdout_fd: int,
+        stderr_fd: int,
+        *,
+        wait_for_end_of_output: bool = True,
     ) -> None:
         self._leader = leader
+        self._wait_for_end_of_output = wait_for_end_of_output
+        self._exit_status: ExitStatus | None = None
+        # Set once run() returned: the command exited (and its output ended) on its own.
+        self.ended_normally = False
         self._stdin_fd: int | None = stdin_fd
         self._stdout_fd = stdout_fd
         self._stderr_fd = stderr_fd
@@ -83,8 +101,14 @@ class ExecSession:
         """The command's pid (also its session and process group id)."""
         return self._leader.pid
 
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        """The command's exit code or signal, once it has exited."""
+        return self._exit_status
+
     async def run(self, on_output: OutputHandler) -> ExitStatus:
-        """Stream stdout and stderr until the command exits; return its exit code or signal.
+        """Stream stdout and stderr until the command has exited and both reached end of file
+        (only until it exits with ``kill_leftover_processes``); return its exit code or signal.
 
         Each chunk handed to ``on_output`` holds up to EXEC_OUTPUT_CHUNK_SIZE bytes (several
         frames' worth): what bulk output has ready goes on in one piece.
@@ -97,8 +121,11 @@ class ExecSession:
             for pump in pumps:
                 nursery.start_soon(pump.run, on_output)
             status = await self._leader.wait_for_exit()
-            for pump in pumps:
-                pump.child_exited()
+            self._exit_status = status
+            if not self._wait_for_end_of_output:
+                for pump in pumps:
+                    pump.child_exited()
+        self.ended_normally = True
         return status
 
     async def send_input(self, data: bytes) -> None:
@@ -146,7 +173,9 @@ def _enlarge_pipe(fd: int) -> None:
 
 @asynccontextmanager
 async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]:
-    """Start the command; on leaving the block, hang up and kill everything it started."""
+    """Start the command. On leaving the block after ``run`` returned, only the command is
+    reaped (unless ``kill_leftover_processes``); any other way out (cancelled, an error) hangs
+    up and kills everything it started."""
     account = Account.lookup(spec.user)
     credentials = credential_options(account)
     shell = account.login_shell
@@ -167,7 +196,11 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
                 stdout=theirs[1],
                 stderr=theirs[2],
                 start_new_session=True,
-                env=minimal_environment(account, shell, None, spec.environment),
+                preexec_fn=reset_signals if signals_need_reset() else None,
+                env={
+                    **minimal_environment(account, shell, None, spec.environment),
+                    **dict(spec.session_variables),
+                },
                 cwd=account.working_directory,
                 **credentials,
             )
@@ -192,9 +225,16 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
     for fd in ours[1:]:
         _enlarge_pipe(fd)
     leader = SessionLeader(process)
-    session = ExecSession(leader, *ours)
+    session = ExecSession(
+        leader, *ours, wait_for_end_of_output=not spec.kill_leftover_processes
+    )
+    forced = True
     try:
         yield session
+        forced = False
     finally:
-        await leader.terminate(spec.teardown_grace)
+        if session.ended_normally and not (forced or spec.kill_leftover_processes):
+            await leader.release()
+        else:
+            await leader.terminate(spec.teardown_grace)
         session._close_all()

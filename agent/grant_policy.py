@@ -90,10 +90,7 @@ class GrantPolicy:
                 hmac.compare_digest(operator_thumbprint.encode(), pinned.encode())
                 for pinned in trust.admin_keys
             ):
-                raise GrantPolicyRefused(
-                    "refused by the agent: the team has not signed a policy yet, so only its "
-                    "admins may open sessions; ask an admin to run 'tucdesk policy set'"
-                )
+                raise GrantPolicyRefused(_not_a_pinned_admin(grant, len(trust.admin_keys)))
             return LocalDecision(
                 Outcome.ALLOW, ADMIN_ONLY_RULE_ID, "a pinned admin key (no signed policy yet)", 0
             )
@@ -170,6 +167,22 @@ class GrantPolicy:
 
 def _rule(decision: Decision) -> str:
     return f"rule {decision.rule_id}" if decision.rule_id else "the policy's mode"
+
+
+def _not_a_pinned_admin(grant: SessionGrant, pinned: int) -> str:
+    """Why a key other than the pinned admins' is refused before the team signed a policy: the
+    agent knows only the admins of its enrollment, not those invited (or re-keyed) since."""
+    keys = f"{pinned} admin key{'' if pinned == 1 else 's'}"
+    later = (
+        " (an admin invited, or given a new key, after the agent enrolled is not)"
+        if grant.role == "admin" else ""
+    )
+    return (
+        f"refused by the agent: the team has not signed a policy yet, so only the {keys} this "
+        f"agent pinned at enrollment may open sessions, and yours is not one of them{later}; "
+        "ask an admin to run 'tucdesk policy set FILE': the first policy also signs the "
+        "current roster, from which this agent learns the current admins"
+    )
 
 
 def _denied(decision: Decision, version: int) -> str:

@@ -2,9 +2,18 @@
 
 Shared by PTY and exec sessions. Each child is started as the leader of a new session, so its
 session id names every process it spawns (including job-control shells' background jobs, which
-get process groups of their own). Teardown sends SIGHUP then SIGKILL after a short grace to every
-process in that session, through pidfds so a recycled pid is never signalled. A process that
-calls setsid() itself leaves the session, as it would leave an SSH session.
+get process groups of their own), with every signal at its default and none blocked (sshd does
+the same: an agent started under nohup must not start sessions that ignore SIGHUP).
+
+How a session ends decides what happens to what it leaves behind (docs/sessions.md, "What
+happens to processes when a session ends"). When the main process exits on its own, nothing
+left is killed, as after ssh: an exec session first reads its output until every holder closed
+it; a PTY session hangs up the terminal, which only ends processes that do not ignore SIGHUP
+(``release``). A forced end (the operator interrupts or goes away, the rendezvous ends the
+session, the agent stops), or any end with ``kill_leftover_processes`` set, sends SIGHUP then
+SIGKILL after a short grace to every process in the session (``terminate``), through pidfds so a
+recycled pid is never signalled. A process that calls setsid() itself leaves the session and
+survives even that, as it would leave an SSH session.
 """
 
 from __future__ import annotations
@@ -48,6 +57,17 @@ ALLOWED_SIGNALS: Mapping[str, signal.Signals] = {
 _PASSABLE_VARIABLE = re.compile(r"LANG|LANGUAGE|LC_[A-Z]{1,32}|TZ|COLORTERM")
 MAX_PASSED_VARIABLES = 32
 MAX_PASSED_VALUE_LENGTH = 1024
+# What a session's own variables (TUCDESK_SESSION_ID, TUCDESK_OPERATOR) may hold: the grant's
+# session id and operator email or id, printable ASCII only, so nothing from the grant can put
+# a control character or a line break into a shell's environment.
+_SESSION_VARIABLE_VALUE = re.compile(r"[\x21-\x7e]{1,320}")
+# Signals a child cannot have reset (the kernel refuses); every other one starts at SIG_DFL.
+_UNRESETTABLE_SIGNALS = frozenset({signal.SIGKILL, signal.SIGSTOP})
+# Signals whose ignored disposition a child would inherit; subprocess's restore_signals already
+# resets SIGPIPE and SIGXFSZ (which Python itself ignores).
+_INHERITED_SIGNALS = frozenset(signal.valid_signals()) - _UNRESETTABLE_SIGNALS - {
+    signal.SIGPIPE, signal.SIGXFSZ
+}
 
 
 class SessionProcessError(Exception):
@@ -108,7 +128,13 @@ class LocalSession(Protocol):
     """What both session kinds offer to the code that bridges them to the network."""
 
     async def run(self, on_output: OutputHandler) -> ExitStatus:
-        """Stream output to ``on_output`` until the main process exits; return how it ended."""
+        """Stream output to ``on_output`` until the session's normal end; return how the main
+        process ended."""
+        ...
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        """How the main process ended, once it has (also when the session is then cut short)."""
         ...
 
     async def send_input(self, data: bytes) -> None:
@@ -223,6 +249,40 @@ def minimal_environment(
     if term is not None:
         environment["TERM"] = term
     return environment
+
+
+def session_variables(session_id: str, operator: str) -> tuple[tuple[str, str], ...]:
+    """TUCDESK_SESSION_ID and TUCDESK_OPERATOR for a session's environment, as ssh sets
+    SSH_CONNECTION; a value that is not plain printable text is left out, never passed on."""
+    variables = (("TUCDESK_SESSION_ID", session_id), ("TUCDESK_OPERATOR", operator))
+    return tuple(
+        (name, value) for name, value in variables if _SESSION_VARIABLE_VALUE.fullmatch(value)
+    )
+
+
+def signals_need_reset() -> bool:
+    """Whether this thread blocks, or the agent ignores, a signal a child would inherit across
+    exec (SIGPIPE and SIGXFSZ aside: subprocess restores those). Usually not (systemd starts the
+    agent clean), and then a child can be started without ``reset_signals``, which as Python
+    code in the child costs a full fork instead of a vfork (about three times the start time)."""
+    if signal.pthread_sigmask(signal.SIG_BLOCK, ()):
+        return True
+    return any(signal.getsignal(signum) is signal.SIG_IGN for signum in _INHERITED_SIGNALS)
+
+
+def reset_signals() -> None:
+    """In the child, before exec: every signal to its default action and none blocked.
+
+    A child inherits ignored signals and the signal mask across exec (subprocess's
+    restore_signals only restores SIGPIPE and SIGXFSZ); sshd resets them all for its sessions.
+    """
+    signal.pthread_sigmask(signal.SIG_SETMASK, ())
+    for signum in signal.valid_signals():
+        if signum not in _UNRESETTABLE_SIGNALS:
+            try:
+                signal.signal(signum, signal.SIG_DFL)
+            except (OSError, ValueError):
+                pass  # reserved by the C library (the real-time signals it uses itself)
 
 
 # --- reading and writing the child's file descriptors ---------------------------------------
@@ -392,7 +452,8 @@ def close_fd(fd: int) -> None:
 
 class SessionLeader:
     """The session's main process. Its exit is observed without reaping it, so its pid (which is
-    also the session id) cannot be recycled before teardown has signalled the rest."""
+    also the session id) cannot be recycled before teardown has signalled the rest (after that,
+    the kernel keeps the number for as long as any process is still in the session)."""
 
     def __init__(self, process: trio.Process) -> None:
         self._process = process
@@ -428,6 +489,20 @@ class SessionLeader:
             return
         with trio.CancelScope(shield=True):
             await terminate_session(self.pid, grace)
+            with trio.move_on_after(TEARDOWN_KILL_WAIT_SECONDS):
+                await self._process.wait()
+            close_fd(self._pidfd)
+            self._pidfd = None
+
+    async def release(self, terminal_device: int | None = None) -> None:
+        """The session's normal end, once the main process has exited: hang up
+        ``terminal_device`` (a PTY session's terminal, see ``hang_up_terminal``), reap the main
+        process, and leave every other process alone. Idempotent and shielded."""
+        if self._pidfd is None:
+            return
+        with trio.CancelScope(shield=True):
+            if terminal_device is not None:
+                hang_up_terminal(self.pid, terminal_device)
             with trio.move_on_after(TEARDOWN_KILL_WAIT_SECONDS):
                 await self._process.wait()
             close_fd(self._pidfd)
@@ -492,6 +567,32 @@ async def terminate_session(session_id: int, grace: float = TEARDOWN_GRACE_SECON
         finally:
             for pidfd in pidfds.values():
                 close_fd(pidfd)
+
+
+def hang_up_terminal(session_id: int, terminal_device: int) -> None:
+    """SIGHUP and SIGCONT the session's processes that still have the terminal
+    ``terminal_device`` as their controlling terminal, as the kernel does when the session
+    leader exits (Linux already did it by then and detached the rest, so usually nobody is
+    left); nothing is killed: a process that ignores SIGHUP lives on."""
+    pidfds = _open_pidfds(session_id)
+    try:
+        for pid, pidfd in pidfds.items():
+            if _controlling_terminal_of(pid) == terminal_device:
+                _send(pidfd, signal.SIGHUP)
+                _send(pidfd, signal.SIGCONT)
+    finally:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
+
+
+def _controlling_terminal_of(pid: int, proc_root: Path = PROC_ROOT) -> int | None:
+    try:
+        stat_line = (proc_root / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat_line.rpartition(")")[2].split()
+    # tty_nr, the device number of the controlling terminal (0: none).
+    return int(fields[4]) if len(fields) > 4 and fields[4].isdigit() else None
 
 
 def _open_pidfds(session_id: int) -> dict[int, int]:

@@ -2,7 +2,10 @@
 
 The shell (or a given command) runs as the leader of a new session with the PTY as its
 controlling terminal, so job control, SIGWINCH on resize and terminal-generated signals behave
-as under sshd. Leaving the ``open_pty_session`` block by any path tears the session down.
+as under sshd. When the shell exits on its own, the terminal is hung up as the kernel does when
+a session leader exits, and what ignores that (nohup, a detached process) runs on, as after ssh;
+leaving the ``open_pty_session`` block any other way (or with ``kill_leftover_processes``)
+tears the whole session down.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from agent.process_group import (
     close_fd,
     credential_options,
     minimal_environment,
+    reset_signals,
     session_members,
     signal_from_name,
     signal_process_group,
@@ -95,6 +99,10 @@ class PtySessionSpec:
     command: Sequence[str] | None = None
     environment: tuple[tuple[str, str], ...] = ()
     teardown_grace: float = TEARDOWN_GRACE_SECONDS
+    # TUCDESK_SESSION_ID and TUCDESK_OPERATOR (process_group.session_variables); TUCDESK_TTY
+    # is added here, naming the PTY.
+    session_variables: tuple[tuple[str, str], ...] = ()
+    kill_leftover_processes: bool = False
 
     def __post_init__(self) -> None:
         if not _TERM_PATTERN.fullmatch(self.term):
@@ -115,6 +123,14 @@ class PtySession:
         # Ends of input asked for and not yet typed (each becomes one ^D, as each press would).
         self._ends_pending = 0
         self._end_asked = trio.Event()
+        self._exit_status: ExitStatus | None = None
+        # Set once run() returned: the shell exited on its own.
+        self.ended_normally = False
+
+    @property
+    def exit_status(self) -> ExitStatus | None:
+        """How the shell ended, once it has."""
+        return self._exit_status
 
     @property
     def pid(self) -> int:
@@ -129,8 +145,10 @@ class PtySession:
             end_of_input = trio.CancelScope()
             nursery.start_soon(self._deliver_end_of_input, end_of_input)
             status = await self._leader.wait_for_exit()
+            self._exit_status = status
             end_of_input.cancel()
             pump.child_exited()
+        self.ended_normally = True
         return status
 
     async def send_input(self, data: bytes) -> None:
@@ -248,7 +266,9 @@ class PtySession:
 
 @asynccontextmanager
 async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
-    """Start ``spec`` on a new PTY; on leaving the block, hang up and kill its whole session."""
+    """Start ``spec`` on a new PTY. On leaving the block after ``run`` returned, hang up the
+    terminal (unless ``kill_leftover_processes``); any other way out hangs up and kills the
+    whole session."""
     account = Account.lookup(spec.user)
     credentials = credential_options(account)
     shell = spec.shell or account.login_shell
@@ -260,6 +280,7 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
     master_fd, slave_fd = os.openpty()
     try:
         terminal_device = os.fstat(slave_fd).st_rdev
+        terminal_name = os.ttyname(slave_fd)
         _set_window_size(slave_fd, spec.rows, spec.cols)
         if credentials:
             os.fchown(slave_fd, account.uid, -1)
@@ -272,8 +293,12 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
                 stdout=slave_fd,
                 stderr=slave_fd,
                 start_new_session=True,
-                preexec_fn=_take_controlling_terminal,
-                env=minimal_environment(account, shell, spec.term, spec.environment),
+                preexec_fn=_prepare_child,
+                env={
+                    **minimal_environment(account, shell, spec.term, spec.environment),
+                    **dict(spec.session_variables),
+                    "TUCDESK_TTY": terminal_name,
+                },
                 cwd=account.working_directory,
                 **credentials,
             )
@@ -289,10 +314,16 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
         os.close(slave_fd)
     os.set_blocking(master_fd, False)
     leader = SessionLeader(process)
+    session = PtySession(leader, master_fd, terminal_device)
+    forced = True
     try:
-        yield PtySession(leader, master_fd, terminal_device)
+        yield session
+        forced = False
     finally:
-        await leader.terminate(spec.teardown_grace)
+        if session.ended_normally and not (forced or spec.kill_leftover_processes):
+            await leader.release(terminal_device)
+        else:
+            await leader.terminate(spec.teardown_grace)
         close_fd(master_fd)
 
 
@@ -397,8 +428,10 @@ def _is_native_program(pid: int) -> bool:
     return header[:4] != _ELF_MAGIC or header[4] == _ELF_CLASS_64
 
 
-def _take_controlling_terminal() -> None:
-    """In the child, after setsid(): make the PTY on stdin the controlling terminal."""
+def _prepare_child() -> None:
+    """In the child, after setsid(): signals to their defaults, and the PTY on stdin made the
+    controlling terminal."""
+    reset_signals()
     fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 

@@ -52,6 +52,7 @@ from agent.process_group import (
     LocalSession,
     OutputStream,
     SessionProcessError,
+    session_variables,
 )
 from agent.pty_session import PtySessionSpec, open_pty_session
 from agent.recording import (
@@ -686,6 +687,11 @@ class SessionHost:
         self, start: SessionStart, grant: SessionGrant
     ) -> Callable[[], AbstractAsyncContextManager[LocalSession]]:
         config = self._config
+        # The operator as the grant names them: the email, or the id if the email is not plain
+        # printable text (session_variables leaves out what is not).
+        variables = session_variables(grant.session_id, grant.operator_email)
+        if "TUCDESK_OPERATOR" not in dict(variables):
+            variables = session_variables(grant.session_id, grant.operator_id)
         try:
             if grant.mode is SessionMode.SHELL:
                 pty_spec = PtySessionSpec(
@@ -695,10 +701,16 @@ class SessionHost:
                     user=config.user,
                     shell=config.shell,
                     environment=start.env,
+                    session_variables=variables,
+                    kill_leftover_processes=config.kill_leftover_processes,
                 )
                 return lambda: open_pty_session(pty_spec)
             exec_spec = ExecSessionSpec(
-                command=list(start.command), user=config.user, environment=start.env
+                command=list(start.command),
+                user=config.user,
+                environment=start.env,
+                session_variables=variables,
+                kill_leftover_processes=config.kill_leftover_processes,
             )
             return lambda: open_exec_session(exec_spec)
         except SessionProcessError as error:
@@ -713,8 +725,10 @@ class SessionHost:
         running: _RunningSession | None = None,
     ) -> None:
         # Nurseries wrap what escapes them in exception groups, hence except*.
+        opened: list[LocalSession] = []
         try:
             async with opener() as local, trio.open_nursery() as nursery:
+                opened.append(local)
                 nursery.start_soon(
                     self._forward_input, sealed, local, outcome, nursery, recorder
                 )
@@ -773,6 +787,11 @@ class SessionHost:
         except* LINK_CLOSED:
             if outcome.reason == "normal":
                 outcome.reason = "connection-lost"
+        finally:
+            # Ended early after the main process exited (an exec session still reading what it
+            # left behind): the record still says how the main process ended.
+            if outcome.exit_status is None and opened:
+                outcome.exit_status = opened[0].exit_status
 
     async def _forward_input(
         self,

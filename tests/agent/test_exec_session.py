@@ -127,8 +127,12 @@ async def test_input_after_the_command_stopped_reading_is_discarded() -> None:
 
 
 @trio_test
-async def test_a_background_process_holding_stdout_does_not_keep_the_session_open() -> None:
-    spec = ExecSessionSpec(["sh", "-c", "sleep 1000 & echo started"], teardown_grace=0.2)
+async def test_with_kill_leftover_processes_a_process_holding_stdout_does_not_keep_it_open(
+) -> None:
+    spec = ExecSessionSpec(
+        ["sh", "-c", "sleep 1000 & echo started"], teardown_grace=0.2,
+        kill_leftover_processes=True,
+    )
     status, transcript = await run_command(spec)
     assert status.code == 0
     assert transcript.stdout == b"started\n"

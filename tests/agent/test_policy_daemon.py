@@ -65,7 +65,7 @@ async def test_daemon_pins_admins_applies_pushed_policies_and_enforces_them(
                     await _wait_until_online(store, team, state.agent_id)
 
                     # No signed policy yet: the agent lets only its pinned admins in.
-                    with pytest.raises(HandshakeRefused, match="only its admins"):
+                    with pytest.raises(HandshakeRefused, match="pinned at enrollment"):
                         await _exec(service, alice, ["true"])
                     assert await _exec(service, admin, ["echo", "admin"]) == b"admin\n"
 

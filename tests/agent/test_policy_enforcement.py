@@ -159,8 +159,22 @@ def test_without_a_signed_policy_only_pinned_admins_may_open_sessions(tmp_path: 
     policy = enforcer(tmp_path)
     decision = policy.check(grant(ADMIN, policy_version=None), ADMIN.public.key_id, time.time())
     assert decision.result is Outcome.ALLOW and decision.policy_version == 0
+    reason = refusal(policy, grant(ALICE, role="operator", policy_version=None), ALICE)
+    assert "only the 1 admin key this agent pinned at enrollment may open sessions" in reason
+    assert "invited" not in reason
+
+
+def test_an_admin_invited_after_enrollment_is_told_why_and_what_to_do(tmp_path: Path) -> None:
+    # The caller is an admin, only not one this agent knew: saying "only its admins" was false.
+    policy = enforcer(tmp_path)
     reason = refusal(policy, grant(ALICE, role="admin", policy_version=None), ALICE)
-    assert "only its admins may open sessions" in reason
+    assert reason == (
+        "refused by the agent: the team has not signed a policy yet, so only the 1 admin key "
+        "this agent pinned at enrollment may open sessions, and yours is not one of them (an "
+        "admin invited, or given a new key, after the agent enrolled is not); ask an admin to "
+        "run 'tucdesk policy set FILE': the first policy also signs the current roster, from "
+        "which this agent learns the current admins"
+    )
 
 
 def test_agent_enrolled_before_policies_refuses_every_session_and_says_to_re_enroll(

@@ -99,8 +99,9 @@ async def test_terminal_type_and_minimal_environment_reach_the_shell() -> None:
     assert variables["TZ"] == "UTC"
     assert variables["HOME"] == pwd.getpwuid(os.getuid()).pw_dir
     assert "TUCDESK_AGENT_ONLY_SECRET" not in variables
+    assert variables["TUCDESK_TTY"].startswith("/dev/pts/")
     assert set(variables) <= {"TERM", "TZ", "HOME", "USER", "LOGNAME", "SHELL", "PATH", "LANG",
-                              "LC_ALL", "PWD", "OLDPWD", "SHLVL", "_"}
+                              "LC_ALL", "PWD", "OLDPWD", "SHLVL", "_", "TUCDESK_TTY"}
 
 
 def test_operator_cannot_set_variables_that_change_what_runs() -> None:
@@ -290,9 +291,11 @@ async def test_processes_that_ignore_hangup_are_killed_after_the_grace() -> None
 
 
 @trio_test
-async def test_background_jobs_left_behind_by_the_shell_are_torn_down() -> None:
+async def test_with_kill_leftover_processes_background_jobs_of_the_shell_are_torn_down(
+) -> None:
     transcript = Transcript()
-    async with open_pty_session(PtySessionSpec(command=INTERACTIVE_SH)) as session:
+    spec = PtySessionSpec(command=INTERACTIVE_SH, kill_leftover_processes=True)
+    async with open_pty_session(spec) as session:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(session.run, transcript.on_output)
             # With job control on, the background job gets a process group of its own.

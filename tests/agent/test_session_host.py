@@ -135,6 +135,7 @@ def mint_grant(
     thumbprint: str | None = None,
     policy_version: int | None = None,
     approval: dict[str, Any] | None = None,
+    operator_email: str = "ops@example.test",
 ) -> str:
     return issue_session_grant(
         signer or stack.grant_signer,
@@ -143,7 +144,7 @@ def mint_grant(
         team_id=TEAM_ID,
         agent_id=agent_id,
         operator_id="op_1",
-        operator_email="ops@example.test",
+        operator_email=operator_email,
         role="operator",
         operator_key_thumbprint=thumbprint or operator.public.key_id,
         mode=mode,
@@ -448,6 +449,67 @@ async def test_operator_leaving_tears_down_the_whole_process_session(tmp_path: P
         assert not any(_alive(pid) for pid in pids)
     assert stack.audit[-1].event.action is Action.SESSION_ENDED
     assert stack.audit[-1].event.context["reason"] == "operator-disconnected"
+
+
+@trio_test
+async def test_output_a_command_left_behind_reaches_the_operator_before_its_exit_status(
+    tmp_path: Path,
+) -> None:
+    command = ("sh", "-c", "(sleep 0.3; echo late) & echo early; exit 2")
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        async with operator_session(stack, nursery, command=command) as operator:
+            await operator.start(exec_start(*command))
+            await operator.until_closed()
+        await wait_for_sessions_to_end(stack)
+    assert bytes(operator.stdout) == b"early\nlate\n"
+    assert operator.exit_status() == ExitStatus(code=2)
+    assert stack.audit[-1].event.context["exit_code"] == 2
+
+
+@trio_test
+async def test_operator_leaving_while_leftover_output_is_read_kills_it_and_records_the_exit_code(
+    tmp_path: Path,
+) -> None:
+    command = ("sh", "-c", "sleep 60 & echo $! $$; exit 5")
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        async with operator_session(stack, nursery, command=command) as operator:
+            await operator.start(exec_start(*command))
+            await operator.until_stdout_contains(b"\n")
+            leftover, main = (int(pid) for pid in bytes(operator.stdout).split())
+            with trio.fail_after(WAIT_SECONDS):
+                while _alive(main):  # noqa: ASYNC110 - a process's exit has no event here
+                    await trio.sleep(0.01)
+            assert _alive(leftover)
+        await wait_for_sessions_to_end(stack)
+        assert not _alive(leftover)
+    ended = stack.audit[-1].event
+    assert ended.action is Action.SESSION_ENDED
+    assert ended.context["reason"] == "operator-disconnected"
+    assert ended.context["exit_code"] == 5
+
+
+@trio_test
+async def test_the_session_environment_names_the_session_and_the_operator(
+    tmp_path: Path,
+) -> None:
+    async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
+        async with operator_session(stack, nursery, command=("env",)) as operator:
+            await operator.start(exec_start("env"))
+            await operator.until_closed()
+        async with operator_session(
+            stack, nursery, command=("env",), session_id="ses_2",
+            operator_email="ops@example.test\nLD_PRELOAD=/tmp/x.so",
+        ) as second:
+            await second.start(exec_start("env"))
+            await second.until_closed()
+        await wait_for_sessions_to_end(stack)
+    variables = dict(line.split("=", 1) for line in bytes(operator.stdout).decode().splitlines())
+    assert variables["TUCDESK_SESSION_ID"] == "ses_1"
+    assert variables["TUCDESK_OPERATOR"] == "ops@example.test"
+    # An email that is not plain text never reaches the environment: the operator id does.
+    lines = bytes(second.stdout).decode().splitlines()
+    assert "TUCDESK_OPERATOR=op_1" in lines and "TUCDESK_SESSION_ID=ses_2" in lines
+    assert not any(line.startswith("LD_PRELOAD") for line in lines)
 
 
 @trio_test
