@@ -16,6 +16,7 @@ from urllib.parse import quote
 
 from operator_cli.agent_listing import AGENTS_PATH, AgentListError, one_agent_named
 from operator_cli.client import Session
+from operator_cli.confirm import answered_yes
 from operator_cli.home import CliHome
 
 EXIT_OK = 0
@@ -49,15 +50,8 @@ def agents_remove(
                 raise AgentRemovalError(
                     "not removed: run it in a terminal to confirm, or pass --yes"
                 )
-            try:
-                answer = ask(
-                    "Remove this agent? Its key will never connect again; the host must "
-                    "re-enroll with a new registration key. [y/N] "
-                )
-            except EOFError:  # ^D at the prompt: no answer is no
-                print()
-                answer = ""
-            if answer.strip().lower() not in ("y", "yes"):
+            if not answered_yes(ask, "Remove this agent? Its key will never connect again; the "
+                                "host must re-enroll with a new registration key. [y/N] "):
                 print("not removed")
                 return EXIT_FAILURE
         removed = session.request("DELETE", f"{AGENTS_PATH}/{quote(str(listed['id']), safe='')}")

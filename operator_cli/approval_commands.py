@@ -27,6 +27,7 @@ from operator_cli.approval_requests import (
     age,
 )
 from operator_cli.client import Session
+from operator_cli.confirm import answered_yes
 from operator_cli.home import CliHome, HomeError
 from operator_cli.terminal_text import ELLIPSIS, cut, visible, wrapped
 
@@ -278,12 +279,7 @@ def _ask_on_stderr(prompt: str) -> str:
 
 
 def _confirmed(ask: Callable[[str], str]) -> bool:
-    try:
-        answer = ask("Approve? [y/N] ")
-    except EOFError:  # ^D at the prompt: no answer is no
-        print(file=sys.stderr)
-        return False
-    return answer.strip().lower() in ("y", "yes")
+    return answered_yes(ask, "Approve? [y/N] ", echo=sys.stderr)
 
 
 def _check_reason(reason: str | None) -> None:

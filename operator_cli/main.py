@@ -4,7 +4,8 @@ Account commands: login (enroll with an invite, or sign a fresh challenge), logo
 agent registration keys (keys create/list/revoke); API keys for integrations (api-keys
 create/list/revoke); agents (list, trust, remove); operators (list, disable:
 operator_commands.py); sessions (the team's, newest first:
-session_listing.py); audit export. Sessions: connect, exec (session_commands.py). Policy:
+session_listing.py); audit export. Sessions: connect, exec, ssh (session_commands.py; exec
+--tag: tagged_exec.py). Policy:
 policy show/set/test, roster show/sign (policy_commands.py); approvals, approve, deny
 (approval_commands.py). State lives in the CLI home (``--home``, ``TUCDESK_HOME``, or the XDG
 config dir).
@@ -16,6 +17,7 @@ import argparse
 import importlib
 import json
 import os
+import select
 import shutil
 import sys
 import time
@@ -87,10 +89,17 @@ operators_list = _imported_on_use("operator_cli.operator_commands", "operators_l
 operators_disable = _imported_on_use("operator_cli.operator_commands", "operators_disable")
 connect_command = _imported_on_use("operator_cli.session_commands", "connect_command")
 exec_command = _imported_on_use("operator_cli.session_commands", "exec_command")
+ssh_command = _imported_on_use("operator_cli.session_commands", "ssh_command")
+exec_on_tagged = _imported_on_use("operator_cli.tagged_exec", "exec_on_tagged")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
+EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
+EXIT_CONNECTION_FAILED = 255
+# The session grant's exec limits (protocol/session_grant.py), for --help.
+EXEC_MAX_ARGUMENTS = 256
+EXEC_MAX_COMMAND_BYTES = 4096
 EXPORT_CHUNK_BYTES = 64 * 1024
 DEFAULT_SESSIONS_LISTED = 50
 # The service's API_KEY_SCOPES (rendezvous/auth.py), for --help; the service checks them.
@@ -285,9 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Disable EMAIL_OR_ID: their access tokens stop working at once, their key "
         "can no longer log in, and every shell or exec session they still have open ends "
         "(each agent ends it and tells them why). Audited (operator.revoked); the team's last "
-        "active admin cannot be disabled. There is no enable: invite them again instead.",
+        "active admin cannot be disabled. There is no enable: invite them again instead. Shows "
+        "who and how many open sessions will end and asks for confirmation; without a terminal "
+        "it disables nobody unless --yes.",
     )
     disable.add_argument("operator", metavar="EMAIL_OR_ID", help="operator email or id")
+    disable.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     disable.set_defaults(handler=_operators_disable)
 
     sessions = commands.add_parser(
@@ -350,7 +362,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run CMD on AGENT like 'ssh host cmd': remote stdout and stderr go to ours, "
         "stdin is piped through (not read from a terminal unless --stdin), and the exit status "
         "is the command's (128+N for signal N; 127 if it is not found, 126 if it cannot run; "
-        "255 when the session cannot be set up).",
+        "255 when the session cannot be set up). CMD runs as an argv, without a remote shell: "
+        "for a command line through sh -c, as ssh runs it, use tucdesk ssh. Options go before "
+        "AGENT, or between AGENT and -- (tucdesk exec AGENT -n -- CMD); without --, "
+        "everything after AGENT is the command.",
+        epilog=f"Limits: at most {EXEC_MAX_ARGUMENTS} arguments and {EXEC_MAX_COMMAND_BYTES} "
+        "bytes in all, counting each argument's UTF-8 bytes plus 3 (a character outside ASCII "
+        "or a control character counts 6): the signed session grant carries the command. "
+        "Checked before anything is sent. For more, send it on stdin: "
+        "tucdesk exec AGENT -- sh -s < script.sh, or ... | tucdesk exec AGENT -- xargs CMD.",
     )
     exec_parser.add_argument(
         "-n", dest="no_stdin", action="store_true", help="never read stdin (send end of input)"
@@ -364,6 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="a terminal for the command, like ssh -t (not supported yet: the agent runs exec "
         "without a PTY; run interactive programs inside connect)",
     )
+    exec_parser.add_argument(
+        "--tag", dest="exec_tags", action="append", default=[], metavar="TAG",
+        help="instead of AGENT: run on every agent carrying TAG (repeat: all of them), 8 at a "
+        "time, each output line prefixed with the agent's name; stdin is not read; a summary "
+        "of exit statuses ends on stderr; exits 0 only if every agent ran it and succeeded, "
+        "else 1 (offline agents are listed, not run): tucdesk exec --tag web -- uptime",
+    )
     exec_parser.add_argument("agent", metavar="AGENT", help="agent name or id")
     exec_parser.add_argument(
         "remote_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
@@ -371,6 +398,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_approval_flags(exec_parser)
     exec_parser.set_defaults(handler=_exec, command_parser=exec_parser)
+
+    ssh = commands.add_parser(
+        "ssh",
+        help="run a command line with sh -c on an agent, as ssh does (rsync -e, git)",
+        description="Run COMMAND on AGENT the way 'ssh host COMMAND' does: the words after "
+        "AGENT are joined with single spaces and the line runs with 'sh -c' on the agent, in "
+        "the agent account's working directory, so quoting and globbing work as through ssh. "
+        "Made to be the remote shell of other tools: rsync -e 'tucdesk ssh', "
+        "GIT_SSH_COMMAND='tucdesk ssh' (git's 'simple' ssh variant: no -p, no options "
+        "after the host). Policy and audit see the command as [\"sh\", \"-c\", LINE]. Streams, "
+        "exit status and limits are exec's (tucdesk exec --help); there is no interactive "
+        "shell here (that is tucdesk connect).",
+    )
+    ssh.add_argument("-n", dest="no_stdin", action="store_true",
+                     help="never read stdin (send end of input)")
+    ssh.add_argument("-l", dest="login_user", metavar="USER",
+                     help="refused: the agent runs every session as its one configured account")
+    ssh.add_argument("agent", metavar="AGENT", help="agent name or id")
+    ssh.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
+                     help="the command line (words joined with spaces)")
+    ssh.set_defaults(handler=_ssh, command_parser=ssh)
     _add_policy_commands(commands)
 
     demo = commands.add_parser(
@@ -657,7 +705,9 @@ def _page_size(text: str) -> int:
 
 
 def _agents(args: argparse.Namespace, home: CliHome) -> int:
-    filters = AgentFilter(tags=tuple(args.tag), online=args.online, name_prefix=args.name)
+    # Tags are stored lower-cased (agents tag --help): --tag WEB finds the agents tagged web.
+    wanted_tags = tuple(tag.lower() for tag in args.tag)
+    filters = AgentFilter(tags=wanted_tags, online=args.online, name_prefix=args.name)
     session = Session.from_home(home)
     try:
         listing = fetch_agents(session, filters, limit=args.limit, page_size=args.page_size)
@@ -748,7 +798,7 @@ def _operators(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _operators_disable(args: argparse.Namespace, home: CliHome) -> int:
-    return operators_disable(home, args.operator)
+    return operators_disable(home, args.operator, assume_yes=args.yes)
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:
@@ -764,6 +814,9 @@ def _connect(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _exec(args: argparse.Namespace, home: CliHome) -> int:
+    if args.exec_tags:
+        return _exec_tagged(args, home)
+    _parse_options_after_agent(args)
     if not args.remote_command or args.remote_command == ["--"]:
         args.command_parser.error("no command given: tucdesk exec AGENT -- CMD [ARGS...]")
     if args.want_pty:
@@ -776,6 +829,52 @@ def _exec(args: argparse.Namespace, home: CliHome) -> int:
         force_stdin=args.force_stdin, debug=args.debug,
         wait_for_approval=not args.no_wait, approval_id=args.approval,
     )
+
+
+def _exec_tagged(args: argparse.Namespace, home: CliHome) -> int:
+    # With --tag there is no AGENT: the word argparse took for it starts the command.
+    command = [args.agent, *args.remote_command]
+    if command[:1] == ["--"]:
+        command = command[1:]
+    for given, flag in ((args.force_stdin, "--stdin"), (args.want_pty, "-t"),
+                        (args.approval, "--approval"), (args.no_wait, "--no-wait")):
+        if given:
+            args.command_parser.error(f"--tag runs on several agents: {flag} is for one AGENT")
+    if not command:
+        args.command_parser.error("no command given: tucdesk exec --tag TAG -- CMD [ARGS...]")
+    from operator_cli.tagged_exec import global_options_of
+
+    return exec_on_tagged(home, args.exec_tags, command, global_options=global_options_of(args))
+
+
+def _parse_options_after_agent(args: argparse.Namespace) -> None:
+    """``exec AGENT -n -- CMD``: options between AGENT and ``--`` are exec's, as ssh takes
+    options after the host. Only when the first word after AGENT is an option and a ``--``
+    follows: ``exec AGENT grep -- -x`` still sends ``grep -- -x``."""
+    words: list[str] = args.remote_command
+    if not words or not words[0].startswith("-") or words[0] == "--" or "--" not in words:
+        return
+    split = words.index("--")
+    agent = args.agent
+    args.command_parser.parse_args([*words[:split], agent, *words[split:]], namespace=args)
+    if args.agent != agent:
+        args.command_parser.error(
+            f"between AGENT and -- only options go, not {args.agent!r}: "
+            "tucdesk exec AGENT [OPTIONS] -- CMD [ARGS...]"
+        )
+
+
+def _ssh(args: argparse.Namespace, home: CliHome) -> int:
+    if args.login_user is not None:
+        _report(args, f"-l {args.login_user}: there is no login choice; the agent runs every "
+                "session as its configured account: drop the user (user@) from the address")
+        return EXIT_CONNECTION_FAILED
+    words = args.remote_command[1:] if args.remote_command[:1] == ["--"] else args.remote_command
+    if not words:
+        _report(args, "tucdesk ssh runs a command line: tucdesk ssh AGENT COMMAND...; for an "
+                "interactive shell use tucdesk connect AGENT")
+        return EXIT_CONNECTION_FAILED
+    return ssh_command(home, args.agent, words, no_stdin=args.no_stdin, debug=args.debug)
 
 
 def _demo(args: argparse.Namespace, home: CliHome) -> int:
@@ -856,7 +955,18 @@ def main(argv: list[str] | None = None) -> int:
                    ca_file=args.ca_file)
     try:
         result: int = args.handler(args, home)
+        sys.stdout.flush()  # here, not at exit: a reader that left is a BrokenPipeError below
         return result
+    except BrokenPipeError as error:
+        if not _stdout_reader_gone():
+            _report(args, str(error))
+            return EXIT_FAILURE
+        # `tucdesk agents --json | head`: the reader has what it wanted. End as a C tool killed
+        # by SIGPIPE is reported (141, which `set -o pipefail` sees), without a word, and point
+        # stdout at /dev/null so the flush at exit cannot complain either (Python docs, signal:
+        # "Note on SIGPIPE").
+        _quiet_stdout()
+        return EXIT_STDOUT_CLOSED
     except KeyboardInterrupt:
         # Ctrl-C while waiting (the server, the relay, an approver): one line, like ssh.
         _report(args, "interrupted")
@@ -877,6 +987,25 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
         _report(args, f"unexpected {type(error).__name__}; rerun with --debug for details")
     return EXIT_FAILURE
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe or socket whose reader closed it (poll says POLLERR/POLLHUP)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):
+        return False
+
+
+def _quiet_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def _report(args: argparse.Namespace, message: str) -> None:

@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import quote
 
-from operator_cli.client import Session
+from operator_cli.client import ApiError, Session
+from operator_cli.confirm import answered_yes
 from operator_cli.home import CliHome
+from operator_cli.http import HttpError
+from operator_cli.session_listing import SessionFilter, SessionListError, fetch_sessions
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -25,6 +30,9 @@ OPERATORS_PATH = "/v1/operators"
 OPERATOR_ID_PREFIX = "op_"
 EMAIL_WIDTH = 32
 ID_WIDTH = 24
+# Open sessions counted for the confirmation (one page): beyond it, "at least" this many.
+MAX_SESSIONS_COUNTED = 1000
+OPEN_STATES = ("offered", "accepted")
 
 
 class OperatorCommandError(Exception):
@@ -49,8 +57,16 @@ def operators_list(home: CliHome, *, as_json: bool) -> int:
     return EXIT_OK
 
 
-def operators_disable(home: CliHome, name_or_id: str) -> int:
-    """Disable the operator ``name_or_id`` (an email or an id) names; end its sessions."""
+def operators_disable(
+    home: CliHome,
+    name_or_id: str,
+    *,
+    assume_yes: bool = False,
+    ask: Callable[[str], str] = input,
+    stdin: TextIO | None = None,
+) -> int:
+    """Disable the operator ``name_or_id`` (an email or an id) names, after showing who and
+    how many open sessions end and, unless ``assume_yes``, asking; end its sessions."""
     session = Session.from_home(home)
     try:
         try:
@@ -59,6 +75,8 @@ def operators_disable(home: CliHome, name_or_id: str) -> int:
             print(f"tucdesk: {error}", file=sys.stderr)
             return EXIT_FAILURE
         already = operator["state"] != "active"
+        if not already and not _confirmed(session, operator, assume_yes, ask, stdin):
+            return EXIT_FAILURE
         session.request("POST", f"{OPERATORS_PATH}/{quote(operator['id'], safe='')}/disable")
     finally:
         session.close()
@@ -69,6 +87,49 @@ def operators_disable(home: CliHome, name_or_id: str) -> int:
         print(f"disabled {who}: its tokens are dead, its key cannot log in, and its open "
               "sessions are being ended")  # fmt: skip
     return EXIT_OK
+
+
+def _confirmed(
+    session: Session,
+    operator: dict[str, Any],
+    assume_yes: bool,
+    ask: Callable[[str], str],
+    stdin: TextIO | None,
+) -> bool:
+    """Show who is disabled and what ends; ask at a terminal unless ``assume_yes``."""
+    print(f"operator {_printable(operator['email'])} ({_printable(operator['id'])}, "
+          f"{_printable(operator['role'])})")
+    print(f"  open sessions that will end: {_open_sessions(session, operator['id'])}")
+    if assume_yes:
+        return True
+    terminal = stdin if stdin is not None else sys.stdin
+    if not terminal.isatty():
+        print("tucdesk: not disabled: run it in a terminal to confirm, or pass --yes",
+              file=sys.stderr)
+        return False
+    if not answered_yes(ask, "Disable this operator? It cannot be undone (invite them again "
+                        "instead); their sessions end on every instance. [y/N] "):
+        print("not disabled")
+        return False
+    return True
+
+
+def _open_sessions(session: Session, operator_id: str) -> str:
+    """How many sessions of the operator are open (offered and not expired, or accepted)."""
+    try:
+        listing = fetch_sessions(
+            session, SessionFilter(states=OPEN_STATES, operator=operator_id),
+            limit=MAX_SESSIONS_COUNTED,
+        )  # fmt: skip
+    except (ApiError, HttpError, SessionListError):
+        return "unknown (the session list could not be read)"
+    now = time.time()
+    count = sum(
+        1 for listed in listing.sessions
+        if listed.get("state") == "accepted"
+        or not isinstance(listed.get("expires_at"), int | float) or listed["expires_at"] > now
+    )  # fmt: skip
+    return f"at least {count}" if listing.more else str(count)
 
 
 def fetch_operators(session: Session) -> list[dict[str, Any]]:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from operator_cli.client import Session
+from operator_cli.confirm import answered_yes
 from operator_cli.home import CliHome, HomeError
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
@@ -393,7 +394,7 @@ def roster_sign(
                 print("tucdesk: not confirmed: run it in a terminal, or pass --yes",
                       file=sys.stderr)
                 return EXIT_DECLINED
-            if ask("Sign these changes with your key? [y/N] ").strip().lower() not in ("y", "yes"):
+            if not answered_yes(ask, "Sign these changes with your key? [y/N] "):
                 print("not signed")
                 return EXIT_DECLINED
         bumped = PolicyBundleContent(

@@ -19,7 +19,7 @@ from urllib.parse import quote
 
 import trio
 
-from operator_cli.agent_listing import AgentListError, agents_named
+from operator_cli.agent_listing import AgentListError, agents_named, fetch_agents
 from operator_cli.approval_wait import (
     ApprovalWaitInterrupted,
     Parked,
@@ -27,6 +27,7 @@ from operator_cli.approval_wait import (
     obtain_ticket,
 )
 from operator_cli.client import ApiError, Session
+from operator_cli.confirm import answered_yes
 from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
 from operator_cli.escape import EscapeCharacterError, parse_escape_character
 from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
@@ -40,7 +41,9 @@ from operator_cli.session_client import (
     SessionTicket,
 )
 from operator_cli.terminal import read_window_size
+from operator_cli.terminal_text import visible
 from protocol.errors import ProtocolError
+from protocol.exec_limits import CommandTooLargeError, check_exec_command
 from protocol.identity import PublicIdentity, b64url_decode
 
 EXIT_OK = 0
@@ -49,6 +52,10 @@ EXIT_CONNECTION_FAILED = 255
 EXIT_INTERRUPTED = 130  # Ctrl-C, as a shell reports it
 EXIT_DECLINED = 1
 AMBIGUOUS_TARGET = "ambiguous_target"  # the rendezvous's code for a name several agents share
+AGENT_NOT_FOUND = "agent_not_found"  # its code for a name no agent of the team has
+MAX_SUGGESTIONS = 3
+# `tucdesk ssh` runs the command line the way sshd does, through a shell (docs/sessions.md §4).
+SSH_SHELL = ("sh", "-c")
 EXIT_NOT_FOUND = 127  # the agent's status for a command it cannot find, as a shell's
 # Characters that make one exec argument look like a shell command line rather than a program.
 SHELL_SYNTAX = frozenset(" \t|&;<>()$`\\\"'*?[]{}~=\n")
@@ -160,6 +167,12 @@ def exec_command(
     if not command:
         _say("give the command to run: tucdesk exec AGENT -- CMD [ARGS...]")
         return EXIT_CONNECTION_FAILED
+    try:
+        check_exec_command(command)  # before asking anyone: the grant could not carry it
+    except CommandTooLargeError as error:
+        _say(f"{error}; send a long script or list on stdin instead: tucdesk exec "
+             f"{shlex.quote(agent)} -- sh -s < script.sh")
+        return EXIT_CONNECTION_FAILED
 
     def run() -> int:
         api = Session.from_home(home)
@@ -170,7 +183,7 @@ def exec_command(
                     wait=wait_for_approval, approval_id=approval_id,
                 )
             except ApiError as error:
-                raise _explained_ambiguity(api, agent, error) from None
+                raise _explained_refusal(api, agent, error) from None
             if isinstance(obtained, Parked):
                 return _parked(obtained, f"exec --approval {obtained.pending.request_id} "
                                f"{shlex.join([agent, '--', *command])}")
@@ -187,9 +200,23 @@ def exec_command(
         if status == EXIT_NOT_FOUND and _looks_like_shell_code(command):
             _say(f"(exec runs argv without a shell; for a pipeline use: tucdesk exec "
                  f"{shlex.quote(agent)} -- sh -c {shlex.quote(command[0])})")
+        elif status == EXIT_NOT_FOUND and command[0].startswith("-"):
+            _say(f"(options after the agent name need a -- after them: tucdesk exec "
+                 f"{shlex.quote(agent)} {command[0]} -- CMD [ARGS...])")
         return status
 
     return _reported(run, debug)
+
+
+def ssh_command(
+    home: CliHome, agent: str, words: Sequence[str], *, no_stdin: bool, debug: bool = False
+) -> int:
+    """`tucdesk ssh AGENT WORD…`: join the words with single spaces, as ssh does, and run the
+    line with ``sh -c`` on the agent (the remote shell rsync -e and GIT_SSH_COMMAND expect)."""
+    line = " ".join(words)
+    return exec_command(
+        home, agent, [*SSH_SHELL, line], no_stdin=no_stdin, force_stdin=False, debug=debug
+    )
 
 
 def _looks_like_shell_code(command: Sequence[str]) -> bool:
@@ -241,7 +268,7 @@ def connect_command(
                     _say, wait=wait_for_approval, approval_id=approval_id,
                 )
             except ApiError as error:
-                raise _explained_ambiguity(api, agent, error) from None
+                raise _explained_refusal(api, agent, error) from None
             if isinstance(obtained, Parked):
                 return _parked(obtained, f"connect --approval {obtained.pending.request_id} "
                                f"{shlex.quote(agent)}")
@@ -297,9 +324,8 @@ def agents_trust(
                 _say("not confirmed: run it in a terminal, or pass --yes once you have checked "
                      "the fingerprint")
                 return EXIT_DECLINED
-            answer = ask("Trust the listed key from now on? Check it with the agent's admin "
-                         "first (tucdesk-agent status). [y/N] ")
-            if answer.strip().lower() not in ("y", "yes"):
+            if not answered_yes(ask, "Trust the listed key from now on? Check it with the "
+                                "agent's admin first (tucdesk-agent status). [y/N] "):
                 print("not changed")
                 return EXIT_DECLINED
         # Agents still registered under the name stay accepted for it; removed ones do not.
@@ -371,6 +397,43 @@ def ambiguity_message(name: str, matches: Sequence[Any]) -> str:
         for match in matches
     )
     return f"several agents are called {name!r}: {listed}; use the agent id"
+
+
+def _explained_refusal(api: Session, agent: str, error: ApiError) -> BaseException:
+    """The rendezvous's refusal, with the agents a mistyped or shared name could mean."""
+    if error.code == AGENT_NOT_FOUND:
+        return _explained_unknown_agent(api, agent, error)
+    return _explained_ambiguity(api, agent, error)
+
+
+def _explained_unknown_agent(api: Session, agent: str, error: ApiError) -> BaseException:
+    """agent_not_found with the close names the operator may mean (only on this error path:
+    a session that opens costs no extra request)."""
+    try:
+        names = sorted({str(listed["name"]) for listed in fetch_agents(api).agents
+                        if isinstance(listed.get("name"), str)})
+    except (AgentListError, ApiError, HttpError, KeyError):
+        return error  # cannot list them: the server's own message still says what is wrong
+    # Names come from whoever enrolled the agents: escaped, never raw to the terminal.
+    close = [visible(name) for name in suggested_names(agent, names)]
+    typed = visible(repr(agent))
+    if not close:
+        return SessionError(f"no agent named {typed} in your team (see tucdesk agents)")
+    return SessionError(f"no agent named {typed} in your team; did you mean "
+                        f"{' or '.join(close)}? (see tucdesk agents)")
+
+
+def suggested_names(wanted: str, names: Sequence[str]) -> list[str]:
+    """Names close to ``wanted``: the same but for case first, then the nearest by difflib."""
+    import difflib  # here: only the agent_not_found path needs it, not every session's start-up
+
+    folded = {name.casefold(): name for name in names}
+    same = [name for name in names if name.casefold() == wanted.casefold()]
+    near = difflib.get_close_matches(wanted.casefold(), list(folded), n=MAX_SUGGESTIONS,
+                                     cutoff=0.6)
+    prefixed = [name for name in names if name.casefold().startswith(wanted.casefold())]
+    chosen = dict.fromkeys([*same, *(folded[name] for name in near), *prefixed])
+    return list(chosen)[:MAX_SUGGESTIONS]
 
 
 def _explained_ambiguity(api: Session, agent: str, error: ApiError) -> BaseException:

@@ -32,14 +32,15 @@ from enum import StrEnum
 from typing import Any
 
 from protocol.errors import PayloadError, TokenError
+from protocol.exec_limits import MAX_COMMAND_ARGUMENTS, MAX_COMMAND_SIZE, command_size
 from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
 from protocol.tokens import MAX_TOKEN_SIZE, SESSION_GRANT_TYPE, issue_token, verify_token
 
 DEFAULT_SESSION_GRANT_LIFETIME_SECONDS = 60
 MAX_SESSION_GRANT_LIFETIME_SECONDS = 300
 SESSION_GRANT_LEEWAY_SECONDS = 5
-MAX_COMMAND_ARGUMENTS = 64
-MAX_ARGUMENT_SIZE = 4096
+# Exec command limits: protocol.exec_limits (the CLI checks them without loading this module).
+MAX_ARGUMENT_SIZE = MAX_COMMAND_SIZE
 MAX_ID_SIZE = 128
 MAX_EMAIL_SIZE = 320
 MAX_POLICY_TEXT_SIZE = 128
@@ -281,6 +282,10 @@ def _command(value: object, mode: SessionMode) -> tuple[str, ...] | None:
             raise SessionGrantError(
                 f"session grant command arguments must be text of at most {MAX_ARGUMENT_SIZE} bytes"
             )
+    if command_size(value) > MAX_COMMAND_SIZE:
+        raise SessionGrantError(
+            f"session grant command must be at most {MAX_COMMAND_SIZE} bytes as JSON"
+        )
     return tuple(value)
 
 

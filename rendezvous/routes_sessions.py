@@ -20,7 +20,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from pydantic import Field
 
-from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
+from protocol.exec_limits import CommandTooLargeError, check_exec_command
 from rendezvous.agent_list_query import openapi_query_parameter
 from rendezvous.auth import Permission, Principal, authorize, is_granted
 from rendezvous.context import ServiceContext
@@ -55,8 +55,10 @@ class SessionBody(StrictModel):
 
     target: str = Field(min_length=1, max_length=MAX_TARGET_LENGTH)
     mode: Literal["shell", "exec"]
-    command: list[Annotated[str, Field(max_length=MAX_ARGUMENT_SIZE)]] | None = Field(
-        default=None, max_length=MAX_COMMAND_ARGUMENTS
+    # Outer bounds only (no request body within its size holds more): the grant's own limits
+    # are checked in create_session, with a message that says which one and what to do.
+    command: list[Annotated[str, Field(max_length=MAX_SESSION_REQUEST_BYTES)]] | None = Field(
+        default=None, max_length=MAX_SESSION_REQUEST_BYTES // 3
     )
     term: str = Field(
         default="xterm-256color", min_length=1, max_length=MAX_TERM_LENGTH,
@@ -77,11 +79,16 @@ async def create_session(
     if len(await request.body()) > MAX_SESSION_REQUEST_BYTES:
         raise PayloadTooLarge(f"a session request is at most {MAX_SESSION_REQUEST_BYTES} bytes")
     command = validate_command(body.mode, body.command)
-    for argument in command or ():
-        if len(argument.encode("utf-8")) > MAX_ARGUMENT_SIZE or "\x00" in argument:
+    if command is not None:
+        if any("\x00" in argument for argument in command):
+            raise BadRequest("command arguments hold no NUL")
+        try:
+            check_exec_command(command)
+        except CommandTooLargeError as error:
             raise BadRequest(
-                f"command arguments are at most {MAX_ARGUMENT_SIZE} bytes and hold no NUL"
-            )
+                f"{error}; for a long script, send it on stdin: tucdesk exec AGENT -- sh -s "
+                "< script.sh"
+            ) from None
     session_request = SessionRequest(
         target=body.target, mode=body.mode, command=command, term=body.term,
         rows=body.rows, cols=body.cols, approval_id=body.approval_id,

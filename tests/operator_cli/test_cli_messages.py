@@ -134,3 +134,13 @@ def test_a_shared_agent_name_lists_the_agents_it_could_mean(
     others = re.findall(rf"(agt_\w+) \({re.escape(stack.agent_name)}, offline\)", line)
     assert len(others) == 1 and others[0] != original.id, line
     assert line.endswith("; use the agent id")
+
+
+def test_close_names_put_a_different_case_first_then_near_spellings() -> None:
+    from operator_cli.session_commands import suggested_names
+
+    names = ["db-1", "web-1", "web-2", "worker"]
+    assert suggested_names("WEB-1", names)[0] == "web-1"
+    assert sorted(suggested_names("web", names)) == ["web-1", "web-2"]
+    assert suggested_names("wbe-1", names)[0] == "web-1"
+    assert suggested_names("mail", names) == []

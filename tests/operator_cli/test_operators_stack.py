@@ -119,8 +119,9 @@ def test_disabling_an_operator_ends_their_open_exec_within_seconds_and_says_why(
     remote_pid = int(bytes(theirs.stdout).split()[1])
     assert _alive(remote_pid)
 
-    disabled = team.tucdesk("operators", "disable", OPERATOR_EMAIL)
+    disabled = team.tucdesk("operators", "disable", OPERATOR_EMAIL, "--yes")
     assert disabled.returncode == 0, disabled.stderr.decode()
+    assert b"  open sessions that will end: 1\n" in disabled.stdout  # theirs, not mine
     asked_at = time.monotonic()
     code = theirs.finish(timeout=ENDED_WITHIN_SECONDS + 5)
     assert time.monotonic() - asked_at < ENDED_WITHIN_SECONDS
@@ -163,7 +164,7 @@ def test_disabling_an_operator_ends_their_open_shell_within_seconds_and_says_why
         end = program.wait_for_output(b".end")
         [pid] = re.findall(rb"shell-pid=(\d+)\.end", bytes(program.output[:end]))
         program.send("sleep 600\r")
-        disabled = team.tucdesk("operators", "disable", email)
+        disabled = team.tucdesk("operators", "disable", email, "--yes")
         assert disabled.returncode == 0, disabled.stderr.decode()
         asked_at = time.monotonic()
         assert program.wait_for_exit(timeout=ENDED_WITHIN_SECONDS + 5) == EXIT_CONNECTION_FAILED

@@ -43,3 +43,77 @@ def test_an_option_after_the_agent_is_still_an_option(
     # Not taken for a remote command: the escape character is checked (and refused) instead.
     assert main(["--home", str(tmp_path), "connect", "db-1", "-e", "~~"]) == 255
     assert "escape character" in capsys.readouterr().err
+
+
+def test_exec_t_after_the_agent_is_taken_as_an_option_before_the_double_dash(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, err = run_main(capsys, "--home", str(tmp_path), "exec", "db-1", "-t", "--", "top")
+    assert code == EXIT_USAGE
+    assert "no PTY for one command yet" in err
+
+
+def test_a_word_between_the_agent_and_the_double_dash_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, err = run_main(capsys, "--home", str(tmp_path), "exec", "db-1", "-n", "ls", "--", "x")
+    assert code == EXIT_USAGE
+    assert "between AGENT and -- only options go, not 'ls'" in err
+
+
+def test_a_command_too_long_for_a_session_is_refused_before_contacting_anyone(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # tmp_path is no CLI home (not logged in): any request would fail with "not logged in".
+    numbers = [str(number) for number in range(1, 3001)]
+    assert main(["--home", str(tmp_path), "exec", "web-1", "--", "echo", *numbers]) == 255
+    err = capsys.readouterr().err
+    assert err.startswith("tucdesk: the command has 3001 arguments; at most 256 fit")
+    assert "tucdesk exec web-1 -- sh -s < script.sh" in err
+    assert main(["--home", str(tmp_path), "exec", "web-1", "--", "echo", "x" * 5000]) == 255
+    assert "the command is 5011 bytes as sent" in capsys.readouterr().err
+
+
+def test_ssh_refuses_a_login_user_and_an_empty_command(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    assert main(["--home", str(tmp_path), "ssh", "-l", "root", "web-1", "ls"]) == 255
+    assert "-l root: there is no login choice" in capsys.readouterr().err
+    assert main(["--home", str(tmp_path), "ssh", "web-1"]) == 255
+    assert "for an interactive shell use tucdesk connect AGENT" in capsys.readouterr().err
+
+
+def test_ssh_fails_gits_option_probe_so_git_uses_the_simple_variant(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # git runs `SSH -G HOST` to tell OpenSSH from the rest: a failure means "simple".
+    code, _ = run_main(capsys, "--home", str(tmp_path), "ssh", "-G", "web-1")
+    assert code != 0
+
+
+def test_ssh_runs_the_joined_words_through_sh_c(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import operator_cli.session_commands as session_commands
+
+    sent: list[list[str]] = []
+
+    def fake_exec(home: object, agent: str, argv: list[str], **options: object) -> int:
+        sent.append(argv)
+        return 0
+
+    monkeypatch.setattr(session_commands, "exec_command", fake_exec)
+    words = ["rsync", "--server", "-logDtpre.iLsfxCIvu", ".", "/tmp/x/sp\\ dst/"]
+    assert main(["--home", str(tmp_path), "ssh", "web-1", *words]) == 0
+    assert main(["--home", str(tmp_path), "ssh", "web-1", "--", "git-upload-pack '/p'"]) == 0
+    assert sent == [["sh", "-c", "rsync --server -logDtpre.iLsfxCIvu . /tmp/x/sp\\ dst/"],
+                    ["sh", "-c", "git-upload-pack '/p'"]]
+
+
+def test_exec_help_states_the_limits_the_grant_enforces() -> None:
+    from operator_cli import main as cli
+    from protocol.exec_limits import MAX_COMMAND_ARGUMENTS, MAX_COMMAND_SIZE
+
+    assert (cli.EXEC_MAX_ARGUMENTS, cli.EXEC_MAX_COMMAND_BYTES) == (
+        MAX_COMMAND_ARGUMENTS, MAX_COMMAND_SIZE
+    )

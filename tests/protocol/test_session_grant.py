@@ -10,9 +10,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol.errors import TokenError
+from protocol.exec_limits import CommandTooLargeError, check_exec_command, command_size
 from protocol.identity import SigningIdentity
 from protocol.session_grant import (
     MAX_COMMAND_ARGUMENTS,
+    MAX_COMMAND_SIZE,
     SESSION_GRANT_LEEWAY_SECONDS,
     GrantExpiredError,
     GrantOperatorKeyMismatchError,
@@ -25,7 +27,7 @@ from protocol.session_grant import (
     issue_session_grant,
     verify_session_grant,
 )
-from protocol.tokens import ACCESS_TOKEN_TYPE, SESSION_GRANT_TYPE, issue_token
+from protocol.tokens import ACCESS_TOKEN_TYPE, MAX_TOKEN_SIZE, SESSION_GRANT_TYPE, issue_token
 
 NOW = 1_800_000_000
 ISSUER = "https://rendezvous.test"
@@ -210,6 +212,64 @@ def test_exec_grant_without_a_command_cannot_be_issued() -> None:
         _issue(command=None)
     with pytest.raises(SessionGrantError, match="command"):
         _issue(command=["x"] * (MAX_COMMAND_ARGUMENTS + 1))
+
+
+LONG_ISSUER = "https://" + "i" * 120
+# Ids as rendezvous.store.base.new_id mints them: a prefix and 16 base32 characters.
+MINTED_IDS = {"session_id": "ses_" + "s" * 16, "team_id": "team_" + "t" * 16,
+              "agent_id": "agt_" + "g" * 16, "operator_id": "op_" + "o" * 16}
+
+
+def _largest_command(arguments: int) -> list[str]:
+    """``arguments`` ASCII arguments whose grant encoding is exactly MAX_COMMAND_SIZE bytes."""
+    command = ["x"] * arguments
+    command[-1] += "x" * (MAX_COMMAND_SIZE - command_size(command))
+    assert command_size(command) == MAX_COMMAND_SIZE
+    return command
+
+
+def test_the_largest_command_fits_a_grant_with_every_other_claim_at_its_longest() -> None:
+    # Ids as the rendezvous mints them, the longest email, rule id and an approval: the grant
+    # still fits the 8 KiB a JWT may have (protocol.tokens), which MAX_COMMAND_SIZE is sized for.
+    approval = {
+        "statement": {
+            "format": "tucdesk-approval-v1", "request_id": "apr_" + "a" * 16,
+            "team_id": "team_" + "t" * 16, "agent_id": "agt_" + "g" * 16, "action": "exec",
+            "command_sha256": "0" * 64, "policy_version": 2**53 - 1,
+            "requester_thumbprint": "r" * 43, "approver_thumbprint": "p" * 43,
+            "issued_at": 2**53 - 1, "expires_at": 2**53 - 1,
+        },
+        "signature": "s" * 86,
+    }  # fmt: skip
+    for arguments in (1, MAX_COMMAND_ARGUMENTS):
+        token = _issue(
+            **MINTED_IDS, issuer=LONG_ISSUER, operator_email="e" * 320, policy_rule_id="r" * 128,
+            policy_result="approval_required", policy_version=2**53 - 1, approval=approval,
+            command=_largest_command(arguments),
+        )  # fmt: skip
+        assert len(token) <= MAX_TOKEN_SIZE
+        verified = _verify(
+            token, issuer=LONG_ISSUER, session_id=MINTED_IDS["session_id"],
+            team_id=MINTED_IDS["team_id"], agent_id=MINTED_IDS["agent_id"],
+        )  # fmt: skip
+        assert verified.command == tuple(_largest_command(arguments))
+
+
+def test_a_command_over_the_size_limit_cannot_be_issued() -> None:
+    command = _largest_command(2)
+    command[-1] += "x"
+    with pytest.raises(SessionGrantError, match=f"at most {MAX_COMMAND_SIZE} bytes"):
+        _issue(command=command)
+
+
+def test_exec_command_check_names_the_limit_it_breaks() -> None:
+    check_exec_command(_largest_command(MAX_COMMAND_ARGUMENTS))
+    with pytest.raises(CommandTooLargeError, match=f"has {MAX_COMMAND_ARGUMENTS + 1} arguments"):
+        check_exec_command(["x"] * (MAX_COMMAND_ARGUMENTS + 1))
+    with pytest.raises(CommandTooLargeError, match=f"is {MAX_COMMAND_SIZE + 1} bytes"):
+        check_exec_command(["x" * (MAX_COMMAND_SIZE - 4 + 1)])
+    # A character outside ASCII travels escaped (\\uXXXX): it counts 6, not its UTF-8 length.
+    assert command_size(["\u00e9"]) == len('["\\u00e9"]') == 10
 
 
 def test_shell_grant_with_a_command_cannot_be_issued() -> None:

@@ -280,7 +280,8 @@ async def test_rendezvous_without_a_relay_answers_503_no_relay(
         {"target": "web-1", "mode": "tunnel"},
         {"target": "web-1", "mode": "shell", "rows": 0},
         {"target": "web-1", "mode": "shell", "team_id": "tm_other"},
-        {"target": "web-1", "mode": "exec", "command": ["x"] * 65},
+        {"target": "web-1", "mode": "exec", "command": ["x"] * 257},
+        {"target": "web-1", "mode": "exec", "command": ["x" * 4093]},
     ],
 )
 async def test_malformed_session_request_is_refused(
@@ -291,6 +292,25 @@ async def test_malformed_session_request_is_refused(
         admin = await service.operator(team, "admin")
         response = await service.call(admin, "POST", "/v1/sessions", body)
         assert response.status_code in (400, 422), response.text
+
+
+@pytest.mark.parametrize(
+    ("command", "said"),
+    [(["echo", *(str(number) for number in range(1, 1001))], "the command has 1001 arguments"),
+     (["sh", "-c", "x" * 4090], "the command is 4104 bytes as sent")],
+)
+async def test_a_command_no_grant_can_carry_is_refused_saying_which_limit_and_what_to_do(
+    store: Store, tmp_path: Path, command: list[str], said: str
+) -> None:
+    async with served_instance(store, tmp_path / "data") as (service, _):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        body = {"target": "web-1", "mode": "exec", "command": command}
+        response = await service.call(admin, "POST", "/v1/sessions", body)
+        assert response.status_code == 400, response.text
+        message = response.json()["message"]
+        assert message.startswith(said) and "fit in a session" in message
+        assert message.endswith("tucdesk exec AGENT -- sh -s < script.sh")
 
 
 async def test_oversized_session_request_is_refused(store: Store, tmp_path: Path) -> None:

@@ -1,0 +1,200 @@
+"""`tucdesk exec --tag TAG -- CMD`: run one command on every agent carrying a tag, in parallel.
+
+Like ``pssh -i`` or ``tsh ssh`` with labels: each agent's session is an ordinary `tucdesk exec`
+(its own process, so pinning, approvals and refusals work exactly as for one agent), at most
+PARALLEL_SESSIONS at a time. Every line an agent prints comes out prefixed with its name
+(stdout to stdout, stderr to stderr), whole lines only so agents never interleave inside one.
+A summary of each agent's exit status ends on stderr; the exit status is 0 only if every agent
+ran the command and it succeeded.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import IO, Any
+
+from operator_cli.agent_listing import AgentFilter, fetch_agents
+from operator_cli.client import Session
+from operator_cli.home import CliHome
+from operator_cli.terminal_text import visible
+from protocol.exec_limits import CommandTooLargeError, check_exec_command
+
+PARALLEL_SESSIONS = 8
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_CONNECTION_FAILED = 255
+READ_SIZE = 64 * 1024
+CLI_ENTRY_POINT = "import sys; from operator_cli.main import main; sys.exit(main())"
+
+
+@dataclass(frozen=True)
+class TaggedAgent:
+    """An agent the tag selected: its id (to open the session by) and name (the prefix)."""
+
+    agent_id: str
+    name: str
+    online: bool
+
+
+@dataclass(frozen=True)
+class AgentOutcome:
+    """How the command went on one agent: its exit status, or why it did not run."""
+
+    agent: TaggedAgent
+    status: int | None
+    note: str = ""
+
+
+def tagged_agents(home: CliHome, tags: Sequence[str]) -> list[TaggedAgent]:
+    """The team's agents carrying every tag (lower-cased, as stored), by name."""
+    session = Session.from_home(home)
+    try:
+        listed = fetch_agents(session, AgentFilter(tags=tuple(tag.lower() for tag in tags)))
+    finally:
+        session.close()
+    # Names come from whoever enrolled the agents: escaped before they prefix any line.
+    agents = [TaggedAgent(str(agent["id"]), visible(str(agent.get("name") or agent["id"])),
+                          bool(agent.get("online"))) for agent in listed.agents]
+    return sorted(agents, key=lambda agent: (agent.name, agent.agent_id))
+
+
+def exec_on_tagged(
+    home: CliHome,
+    tags: Sequence[str],
+    command: Sequence[str],
+    *,
+    global_options: Sequence[str] = (),
+    parallel: int = PARALLEL_SESSIONS,
+) -> int:
+    """Run ``command`` on every agent carrying ``tags``; print prefixed output and a summary."""
+    try:
+        check_exec_command(command)  # once here, not once per agent
+    except CommandTooLargeError as error:
+        print(f"tucdesk: {error}; send a long script on stdin to one agent at a time instead: "
+              "tucdesk exec AGENT -- sh -s < script.sh", file=sys.stderr)
+        return EXIT_CONNECTION_FAILED
+    agents = tagged_agents(home, tags)
+    if not agents:
+        print(f"tucdesk: no agent of your team carries the tag {', '.join(tags)} "
+              "(see tucdesk agents --tag TAG)", file=sys.stderr)
+        return EXIT_CONNECTION_FAILED
+    width = max(len(agent.name) for agent in agents)
+    output = _PrefixedOutput(width)
+    online = [agent for agent in agents if agent.online]
+    outcomes = {agent: AgentOutcome(agent, None, "offline: not run")
+                for agent in agents if not agent.online}
+    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
+        for outcome in pool.map(
+            lambda agent: _run_one(home, agent, command, global_options, output), online
+        ):
+            outcomes[outcome.agent] = outcome
+    ordered = [outcomes[agent] for agent in agents]
+    for line in summary_lines(ordered, width):
+        print(line, file=sys.stderr)
+    return EXIT_OK if all(outcome.status == 0 for outcome in ordered) else EXIT_SOME_FAILED
+
+
+def summary_lines(outcomes: Sequence[AgentOutcome], width: int) -> list[str]:
+    """The closing summary: how many succeeded, then each agent's status or why it did not run."""
+    succeeded = sum(1 for outcome in outcomes if outcome.status == 0)
+    lines = [f"tucdesk: {succeeded} of {len(outcomes)} agents succeeded"]
+    for outcome in outcomes:
+        shown = outcome.note if outcome.status is None else f"exit {outcome.status}"
+        if outcome.status is not None and outcome.note:
+            shown += f" ({outcome.note})"
+        lines.append(f"  {outcome.agent.name:<{width}}  {shown}")
+    return lines
+
+
+def _run_one(
+    home: CliHome,
+    agent: TaggedAgent,
+    command: Sequence[str],
+    global_options: Sequence[str],
+    output: _PrefixedOutput,
+) -> AgentOutcome:
+    argv = [sys.executable, "-c", CLI_ENTRY_POINT, "--home", str(home.path), *global_options,
+            "exec", "-n", agent.agent_id, "--", *command]
+    try:
+        process = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except OSError as error:
+        return AgentOutcome(agent, None, f"could not start: {error.strerror or error}")
+    assert process.stdout is not None and process.stderr is not None
+    output.relay(agent.name, process.stdout, process.stderr)
+    status = process.wait()
+    note = "the session could not be set up" if status == EXIT_CONNECTION_FAILED else ""
+    return AgentOutcome(agent, status if status >= 0 else 128 - status, note)
+
+
+class _PrefixedOutput:
+    """Writes whole lines of every agent, each prefixed with the agent's name, one at a time."""
+
+    def __init__(self, width: int) -> None:
+        self._width = width
+        self._lock = threading.Lock()
+        self._closed_stdout = False
+
+    def relay(self, name: str, stdout: IO[bytes], stderr: IO[bytes]) -> None:
+        """Copy both pipes until they end, line by line with the prefix."""
+        prefix = f"{name:<{self._width}}: ".encode()
+        pending: dict[int, bytearray] = {stdout.fileno(): bytearray(), stderr.fileno(): bytearray()}
+        targets = {stdout.fileno(): 1, stderr.fileno(): 2}
+        with selectors.DefaultSelector() as selector:
+            for pipe in (stdout, stderr):
+                selector.register(pipe, selectors.EVENT_READ)
+            while selector.get_map():
+                for key, _ in selector.select():
+                    fd = key.fd
+                    data = os.read(fd, READ_SIZE)
+                    if not data:
+                        selector.unregister(key.fileobj)
+                        if pending[fd]:
+                            self._write(targets[fd], prefix, [bytes(pending[fd]) + b"\n"])
+                        continue
+                    buffered = pending[fd]
+                    buffered += data
+                    cut = buffered.rfind(b"\n") + 1
+                    if cut:
+                        lines = bytes(buffered[:cut]).splitlines(keepends=True)
+                        del buffered[:cut]
+                        self._write(targets[fd], prefix, lines)
+        stdout.close()
+        stderr.close()
+
+    def _write(self, fd: int, prefix: bytes, lines: list[bytes]) -> None:
+        block = b"".join(prefix + line for line in lines)
+        with self._lock:
+            if fd == 1 and self._closed_stdout:
+                return
+            try:
+                _write_all(fd, block)
+            except BrokenPipeError:
+                if fd != 1:
+                    raise
+                self._closed_stdout = True  # the reader left; the sessions still finish
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def global_options_of(args: Any) -> list[str]:
+    """The global flags to hand each agent's `tucdesk exec` (the home is passed separately)."""
+    options: list[str] = []
+    if getattr(args, "server", None):
+        options += ["--server", args.server]
+    if getattr(args, "ca_file", None):
+        options += ["--ca-file", args.ca_file]
+    return options
