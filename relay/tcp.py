@@ -254,6 +254,7 @@ class TcpFrontEnd:
                 self._refuse(sock, hello)
                 owned = False
                 return
+            del slot  # its cancel scope is done with: not held for the session's life
             owned = await self._admit(sock, hello)
         finally:
             if owned:
