@@ -51,14 +51,16 @@ MAX_CHECKPOINT_FILE_BYTES = 64 * 1024
 
 _EXIT_CODES_HELP = """\
 Exit status:
-  0    OK: every check passed (a summary naming the pinned key(s) and agent keys that signed;
-       without --previous-checkpoint a second line says rollback was not checked)
+  0    OK: every check passed (a summary naming the pinned key(s) and agent keys that signed,
+       and warnings, e.g. an --agent-key that matched no agent; without
+       --previous-checkpoint a second line says rollback was not checked)
   1    INVALID: the bundle was tampered with, damaged or transformed (CRLF, byte-order mark);
        names the first bad record and why
   2    UNREADABLE: an input cannot be read or is not a bundle / key / checkpoint at all, or is
        the wrong one (--previous-checkpoint of another log, a malformed --agent-key)
   3    WRONG KEY: no pinned key signed the bundle's first record (--key is not its audit key,
-       or is a key an audit key rotation introduced later: pin the first one)
+       or is a key an audit key rotation introduced later: pin the first one, once you have
+       it from a source other than this bundle)
   4    the bundle verified but --save-checkpoint FILE was left unchanged (it keeps a larger
        checkpoint, or one of another log, or one not signed by a pinned key); never for a
        bundle that does not verify
@@ -249,8 +251,9 @@ def _add_bundle_trust_arguments(command: argparse.ArgumentParser) -> None:
         default=[],
         metavar="NAME_OR_ID=FINGERPRINT",
         help="pin an agent's key fingerprint learnt out of band (tucdesk-agent status), by "
-        "agent id, name or hostname: a registration of that agent with another key is INVALID "
-        "(repeatable)",
+        "agent id (agt_..., the robust form: names are the registrant's choice), name or "
+        "hostname: a registration of that agent with another key is INVALID; a pin that "
+        "matches no registration is a WARNING (repeatable)",
     )
     command.add_argument(
         "--agent-keys",
@@ -415,6 +418,10 @@ def _show(arguments: argparse.Namespace) -> int:
     else:
         for record in shown.records:
             print(record.line())
+        # The records are the output; a pin that checked nothing must still be seen.
+        unmatched = result.unmatched_pins_warning()
+        if unmatched is not None:
+            print(f"tucdesk-audit: {visible(unmatched)}", file=sys.stderr)
     return result.exit_code
 
 

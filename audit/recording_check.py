@@ -188,6 +188,8 @@ def check_recording(
     if bound.failed:
         notes.append("the agent reported a write error: the recording is incomplete")
     suffix = f" ({'; '.join(notes)})" if notes else ""
+    unmatched = verified.unmatched_pins_warning()
+    suffix += f"; {unmatched}" if unmatched else ""
     return outcome(
         Verdict.VALID,
         f"{recording.name} matches {where}, ended {bound.ended}: "

@@ -33,11 +33,15 @@ after it, and the agent's clock may run that far ahead) are reported (``signed_a
 not refused: refusing them would make an honest log unverifiable for good, and closing the race
 would couple the log to the agent table. An auditor who knows agents' fingerprints out of band
 pins them (``agent_pins``: agent id, name or hostname -> fingerprint): a registration of a pinned
-agent with another key is refused.
+agent with another key is refused. A pin no registration matches checked nothing, and whoever
+registers an agent chooses its name and hostname (``web-l`` for ``web-1``), so such pins are
+reported (``unmatched_agent_pins``) with the registered names that look like them; a pin by
+agent id is the robust form (the rendezvous makes the id).
 """
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -63,6 +67,12 @@ AGENT_NAME_FIELD = "name"
 REMOVED_AGENT_CLOCK_SKEW = MAX_EVENT_FUTURE_SKEW
 # Record numbers kept per agent for the signed-after-removal warning (the count is exact).
 MAX_LISTED_AFTER_REMOVAL = 20
+# Registered names (ids, names, hostnames) named beside a pin that matched none of them.
+MAX_SIMILAR_NAMES = 3
+# Lookalikes are searched for the first pins only (each search walks every registered name:
+# about 50 ms for 200,000 names), as many as the OK line lists.
+MAX_PINS_WITH_SIMILAR = 20
+SIMILAR_NAME_CUTOFF = 0.75  # difflib ratio: "web-1" and "web-l" (or "Web-1") score 0.8
 
 
 def agent_registration_context(
@@ -190,6 +200,16 @@ class RemovedAgentSignatures:
 
 
 @dataclass(frozen=True)
+class UnmatchedAgentPin:
+    """An agent pin (``name`` -> ``fingerprint``) that no registration in the log matched, so it
+    checked nothing; ``similar`` holds registered (name, agent id) pairs that look like it."""
+
+    name: str
+    fingerprint: str
+    similar: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class AuditKeyRotation:
     """An audit key introduced by a rotation record its predecessor signed."""
 
@@ -208,6 +228,9 @@ class SignerTrust:
         self._audit_keys = {key.key_id: key for key in audit_keys}
         self._agent_keys: dict[str, tuple[str, PublicIdentity]] = {}
         self._agent_pins = dict(agent_pins or {})
+        self._matched_pins: set[str] = set()
+        # Every id, name and hostname registrations gave (-> agent id), kept only with pins.
+        self._registered_names: dict[str, str] = {}
         # Registrations and removals by agent id, as the audit-key-signed records made them.
         self.registrations: dict[str, AgentRegistration] = {}
         self._removals: dict[str, AgentRemoval] = {}
@@ -282,11 +305,17 @@ class SignerTrust:
         names = agent_names(event, agent_id)
         for name in names:
             pinned = self._agent_pins.get(name)
-            if pinned is not None and pinned != key.fingerprint:
+            if pinned is None:
+                continue
+            if pinned != key.fingerprint:
                 raise RecordError(
                     f"agent {name} is registered with key {key.fingerprint}, but --agent-key "
                     f"pins {pinned} for it"
                 )
+            self._matched_pins.add(name)
+        if self._agent_pins:
+            for name in names:
+                self._registered_names.setdefault(name, agent_id)
         self.registrations[agent_id] = AgentRegistration(
             self._records, agent_id, key, names[1] if len(names) > 1 else None
         )
@@ -333,6 +362,29 @@ class SignerTrust:
         retired = self._retired.get(key_id)
         if retired is not None and at_size > retired[0] + 1:
             self.late_signatures[key_id] = self.late_signatures.get(key_id, 0) + 1
+
+    def unmatched_agent_pins(self) -> list[UnmatchedAgentPin]:
+        """The agent pins no registration so far matched (by id, name or hostname), in the
+        order given, the first MAX_PINS_WITH_SIMILAR with the registered names closest to it."""
+        unmatched: list[UnmatchedAgentPin] = []
+        for name, fingerprint in self._agent_pins.items():
+            if name in self._matched_pins:
+                continue
+            similar = (
+                difflib.get_close_matches(
+                    name, self._registered_names, MAX_SIMILAR_NAMES, SIMILAR_NAME_CUTOFF
+                )
+                if len(unmatched) < MAX_PINS_WITH_SIMILAR
+                else []
+            )
+            unmatched.append(
+                UnmatchedAgentPin(
+                    name,
+                    fingerprint,
+                    tuple((alike, self._registered_names[alike]) for alike in similar),
+                )
+            )
+        return unmatched
 
     def agent_name(self, agent_id: str) -> str | None:
         """The name (else the hostname) the registration of ``agent_id`` gave, if any."""

@@ -62,6 +62,7 @@ from audit.trust import (
     ROTATION_OLD_FINGERPRINT_FIELD,
     ROTATION_PURPOSE_FIELD,
     SignerTrust,
+    UnmatchedAgentPin,
 )
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity
@@ -74,12 +75,14 @@ class Verdict(StrEnum):
     INVALID = "invalid"
     UNREADABLE = "unreadable"
     WRONG_KEY = "wrong_key"
-    """No pinned key signed anything in the bundle: most likely --key is not its audit key."""
+    """No pinned key signed the bundle's first record: most likely --key is not its audit key
+    (or is a later one a rotation introduced)."""
 
 
 EXIT_CODES = {Verdict.VALID: 0, Verdict.INVALID: 1, Verdict.UNREADABLE: 2, Verdict.WRONG_KEY: 3}
 PROGRESS_EVERY_RECORDS = 256
 MAX_FINGERPRINT_LENGTH = 64  # "SHA256:" and 43 base64 characters; longer is not one
+MAX_LISTED_UNMATCHED_PINS = 20  # named on the OK line; --json lists them all
 JSON_FORMAT = "tucdesk-audit-verify-v1"
 """The ``format`` field of ``--json``: fields are only ever added under this name."""
 NOT_CHECKED_ROLLBACK = (
@@ -222,8 +225,14 @@ class VerificationResult:
     """Agents whose key signed records after their removal (reported, not refused)."""
     auditor_checkpoint_sizes: tuple[int, ...] = ()
     """Sizes of the earlier checkpoints the auditor kept that the bundle was checked against."""
+    unmatched_agent_pins: tuple[UnmatchedAgentPin, ...] = ()
+    """For VALID: agent pins no registration in the bundle matched (they checked nothing)."""
     wrong_key_hint: str | None = None
-    """For WRONG_KEY: what to pin instead, when the bundle shows it (a rotation)."""
+    """For WRONG_KEY: what to pin instead, when the bundle shows it (a rotation the pinned key
+    confirmed by signing after it)."""
+    unconfirmed_rotation: int | None = None
+    """For WRONG_KEY: a record claiming an audit key rotation to a pinned key that key never
+    confirmed (it signs nothing in the bundle): anyone can write that claim."""
 
     def trusted_audit_keys(self) -> list[PublicIdentity]:
         """The pinned audit keys and those the bundle's rotation records introduced from them."""
@@ -254,6 +263,29 @@ class VerificationResult:
         ``wrong_key``."""
         return self.verdict.value
 
+    def unmatched_pins_warning(self) -> str | None:
+        """The WARNING naming the agent pins that matched no registration, or None."""
+        pins = self.unmatched_agent_pins
+        if not pins:
+            return None
+        listed = []
+        for pin in pins[:MAX_LISTED_UNMATCHED_PINS]:
+            similar = ", ".join(
+                f"agent {name}" if name == agent_id else f"{name}, agent {agent_id}"
+                for name, agent_id in pin.similar
+            )
+            listed.append(f"{pin.name} (looks like {similar})" if similar else pin.name)
+        more = len(pins) - len(listed)
+        and_more = f" and {more} more" if more else ""
+        single = len(pins) == 1
+        return (
+            f"WARNING: --agent-key {'pin' if single else 'pins'} {', '.join(listed)}{and_more} "
+            f"matched no agent id, name or hostname registered in this bundle, so "
+            f"{'it' if single else 'they'} checked nothing (an agent of another team, or one "
+            "registered under another name: whoever registers an agent chooses its name and "
+            "hostname, so pin agents by id, agt_...)"
+        )
+
     def audit_keys_used(self) -> list[PublicIdentity]:
         """The pinned keys that signed the checkpoint or a record, in the order pinned."""
         used = {key.key_id for key in self.signing_keys if key.role == "audit"}
@@ -283,6 +315,8 @@ class VerificationResult:
                 for key, count in self.late_signatures
             )
             late += "".join(f"; {removed.describe()}" for removed in self.signed_after_removal)
+            unmatched = self.unmatched_pins_warning()
+            late += f"; {unmatched}" if unmatched else ""
             agents = [key.label() for key in self.signing_keys if key.role == "agent"]
             agent_list = f" ({', '.join(agents)})" if agents else ""
             return (
@@ -300,11 +334,18 @@ class VerificationResult:
                     f"WRONG KEY: no pinned key signed this bundle's first record: it is signed "
                     f"by {self.bundle_signer}, the pinned {are} {pinned}. {self.wrong_key_hint}"
                 )
+            claim = ""
+            if self.unconfirmed_rotation is not None:
+                claim = (
+                    f" Record {self.unconfirmed_rotation} claims an audit key rotation to the "
+                    "pinned key, but the pinned key signed nothing in this bundle: a claim "
+                    "anyone can write, not a reason to pin another key."
+                )
             return (
                 f"WRONG KEY: no pinned key signed this bundle: it is signed by "
                 f"{self.bundle_signer}, the pinned {are} {pinned}. Check --key: compare "
                 "'tucdesk-audit key FILE' with 'tucdesk-rendezvous keys show' (or the bundle "
-                "was signed by someone else)"
+                f"was signed by someone else).{claim}"
             )
         where = f"record {self.bad_seq}" if self.bad_seq is not None else "bundle"
         line = f" (line {self.bad_line})" if self.bad_line is not None else ""
@@ -322,6 +363,7 @@ class VerificationResult:
             "not_checked": self.not_checked(),
             "auditor_checkpoint_sizes": list(self.auditor_checkpoint_sizes),
             "wrong_key_hint": self.wrong_key_hint,
+            "unconfirmed_rotation_at": self.unconfirmed_rotation,
             "pinned_keys": [
                 {
                     "file": names.get(key.key_id),
@@ -338,6 +380,16 @@ class VerificationResult:
                 for key, count in self.late_signatures
             ],
             "signed_after_removal": [removed.to_json() for removed in self.signed_after_removal],
+            "unmatched_agent_pins": [
+                {
+                    "pin": pin.name,
+                    "fingerprint": pin.fingerprint,
+                    "similar": [
+                        {"name": name, "agent_id": agent_id} for name, agent_id in pin.similar
+                    ],
+                }
+                for pin in self.unmatched_agent_pins
+            ],
             "bundle_signer": self.bundle_signer,
             "ok": self.ok,
             "reason": self.reason,
@@ -511,6 +563,7 @@ class _Verifier:
         self._wanted_sizes |= self._kept_sizes
         self._auditor_sizes: list[int] = []
         self._wrong_key_hint: str | None = None
+        self._unconfirmed_rotation: int | None = None
         self._frontier = MerkleFrontier()
         self._header: BundleHeader | None = None
         self._line = 0
@@ -540,16 +593,15 @@ class _Verifier:
                     scan = _scan_rest(stream, self._audit_keys, wrong.signer_key_id)
                 else:  # an empty log: its checkpoint was the one signed thing, and the last
                     scan = _RestScan(False, wrong.trailer)
-                if scan.pinned_signed and scan.pinned_introduced_at is None:
+                successor = scan.confirmed_successor()
+                if scan.pinned_signed and successor is None:
                     raise
                 self._bundle_signer = self._name_first_signer(wrong, scan)
-                if scan.pinned_introduced_at is not None:
-                    self._wrong_key_hint = (
-                        f"A rotation at record {scan.pinned_introduced_at} introduces the pinned "
-                        "key: you pinned the current key; pin the key that signed the first "
-                        f"record, {self._bundle_signer}, and the verifier follows the rotation "
-                        "(compare its fingerprint out of band first)"
-                    )
+                if successor is not None:
+                    self._wrong_key_hint = self._successor_hint(scan, successor)
+                else:
+                    # Claimed by a record the first record's key signed: anyone can write it.
+                    self._unconfirmed_rotation = scan.pinned_introduced_at
                 return self._result(Verdict.WRONG_KEY, "no pinned key signed this bundle")
         except BundleError as error:
             return self._result(Verdict.UNREADABLE, str(error))
@@ -558,6 +610,26 @@ class _Verifier:
         except OSError as error:
             return self._result(Verdict.UNREADABLE, f"reading the bundle failed ({error})")
         return self._result(Verdict.VALID)
+
+    def _successor_hint(self, scan: _RestScan, successor: PublicIdentity) -> str:
+        """What to do when the pinned key is one a rotation in the bundle introduced and that
+        key confirmed it by signing after it. The rotation itself is signed by the old key, so
+        the bundle cannot vouch for that key: the auditor must have it from elsewhere."""
+        signed = []
+        if scan.successor_signed_at is not None:
+            signed.append(f"signs records from record {scan.successor_signed_at}")
+        if scan.successor_signed_checkpoint:
+            signed.append("signed the checkpoint")
+        return (
+            f"The pinned key {successor.fingerprint} appears as the successor named by the "
+            f"audit key rotation at record {scan.pinned_introduced_at}, and "
+            f"{' and '.join(signed)}: if you pinned the current key, the log began under "
+            f"{self._bundle_signer}. Pin that key (the verifier then follows the rotation) only "
+            "if you obtained it out of band: compare it with the key of an export or checkpoint "
+            "you kept from before the rotation, or ask the rendezvous admin "
+            "('tucdesk-rendezvous keys show'); the rotation record is signed by that key itself, "
+            "so this bundle cannot vouch for it"
+        )
 
     def _name_first_signer(self, wrong: _WrongKey, scan: _RestScan) -> str:
         """Who signed what no pinned key did, for the WRONG KEY message: by fingerprint when
@@ -625,7 +697,10 @@ class _Verifier:
                 for noted in self._trust.signed_after_removal.values()
             ),
             auditor_checkpoint_sizes=tuple(self._auditor_sizes),
+            # Only a bundle read to its end shows that no registration matched a pin.
+            unmatched_agent_pins=tuple(self._trust.unmatched_agent_pins()) if valid else (),
             wrong_key_hint=self._wrong_key_hint,
+            unconfirmed_rotation=self._unconfirmed_rotation,
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -927,21 +1002,47 @@ class _RestScan:
     last: bytes
     """The last line, without its newline."""
     pinned_introduced_at: int | None = None
-    """The record of an audit key rotation naming a pinned key as the new key."""
+    """The record of an audit key rotation naming a pinned key as the new key: a claim made by
+    whoever signed that record, never by a pinned key."""
+    introduced_key: PublicIdentity | None = None
+    """The pinned key that rotation names."""
+    successor_signed_at: int | None = None
+    """The first record after that rotation that verifies under the key it names."""
+    successor_signed_checkpoint: bool = False
+    """The checkpoint verifies under the key the rotation names and covers the rotation."""
     claimed_fingerprint: str | None = None
     """The fingerprint a rotation record signed by record 0's signer names as the key it
     retires: record 0's signer's, if that record is genuine."""
+
+    def awaits_successor(self, key_id: str, seq: int) -> bool:
+        """Whether a signature by ``key_id`` at ``seq`` would be the first by the key a rotation
+        named after that rotation."""
+        return (
+            self.introduced_key is not None
+            and self.pinned_introduced_at is not None
+            and self.successor_signed_at is None
+            and key_id == self.introduced_key.key_id
+            and seq > self.pinned_introduced_at
+        )
+
+    def confirmed_successor(self) -> PublicIdentity | None:
+        """The pinned key a rotation in the bundle named, if that key itself signed a record
+        after the rotation or the checkpoint over it; None when only the claim shows it."""
+        if self.successor_signed_at is not None or self.successor_signed_checkpoint:
+            return self.introduced_key
+        return None
 
 
 def _scan_rest(
     stream: BinaryIO, audit_keys: Sequence[PublicIdentity], first_signer: str | None = None
 ) -> _RestScan:
     """Read the rest of the bundle: whether any record in it or its checkpoint verifies under a
-    pinned key, whether an audit key rotation introduces a pinned key, and what a rotation by
-    ``first_signer`` (record 0's signer key id) says its fingerprint is. Bounded per line; only
-    lines naming a pinned key id or ``first_signer`` are parsed, so a bundle signed by another
-    key is read at the speed of the disk. Nothing found here is trusted: it only tells a wrong
-    --key from tampering, and names the key to pin."""
+    pinned key, whether an audit key rotation names a pinned key as the new key and that key
+    then signed a record or the checkpoint, and what a rotation by ``first_signer`` (record 0's
+    signer key id) says its fingerprint is. Bounded per line; only lines naming a pinned key id
+    or ``first_signer`` are parsed, so a bundle signed by another key is read at the speed of
+    the disk. Nothing found here is trusted: it only tells a wrong --key from tampering, and
+    the current key pinned from a rotation that key never confirmed."""
     pinned = {key.key_id: key for key in audit_keys}
     pinned_ids = [key_id.encode() for key_id in pinned]
     first_id = first_signer.encode() if first_signer else None
@@ -952,9 +1053,11 @@ def _scan_rest(
             continue
         scan.last = body = line.rstrip(b"\n")
         # Parse only what can still change the answer: a record by a pinned key until one
-        # verifies, and rotation records naming a pinned key or record 0's signer.
+        # verifies (and, after a rotation naming a pinned key, until that key signs one), and
+        # rotation records naming a pinned key or record 0's signer.
         names_pinned = any(key_id in body for key_id in pinned_ids)
-        if (not scan.pinned_signed and names_pinned) or (
+        awaiting = scan.introduced_key is not None and scan.successor_signed_at is None
+        if (names_pinned and (not scan.pinned_signed or awaiting)) or (
             rotation in body
             and (
                 (scan.pinned_introduced_at is None and names_pinned)
@@ -962,8 +1065,13 @@ def _scan_rest(
             )
         ):
             _scan_record(scan, body, pinned, first_signer)
-    if not scan.pinned_signed and scan.last:
-        scan.pinned_signed = _checkpoint_signed_by_pinned_key(scan.last, audit_keys)
+    if scan.last and (not scan.pinned_signed or scan.confirmed_successor() is None):
+        signed = _checkpoint_signed_by_pinned_key(scan.last, audit_keys)
+        if signed is not None:
+            scan.pinned_signed = True
+            checkpoint, signer = signed
+            # A checkpoint of size n comes after record n - 1: it covers the rotation if n > N.
+            scan.successor_signed_checkpoint = scan.awaits_successor(signer.key_id, checkpoint.size)
     return scan
 
 
@@ -979,15 +1087,20 @@ def _scan_record(
         return
     event = record.event
     key = pinned.get(event.signer)
-    if not scan.pinned_signed and key is not None and _signs_record(record, key):
+    successor = scan.awaits_successor(event.signer, record.seq)
+    if key is not None and (not scan.pinned_signed or successor) and _signs_record(record, key):
         scan.pinned_signed = True
+        if successor:
+            scan.successor_signed_at = record.seq
     if (
         event.action is not Action.SERVICE_KEY_ROTATED
         or event.context.get(ROTATION_PURPOSE_FIELD) != AUDIT_SIGNER_PURPOSE
     ):
         return
-    if scan.pinned_introduced_at is None and event.context.get(ROTATION_NEW_KEY_ID_FIELD) in pinned:
+    new_key = pinned.get(str(event.context.get(ROTATION_NEW_KEY_ID_FIELD)))
+    if scan.pinned_introduced_at is None and new_key is not None:
         scan.pinned_introduced_at = record.seq
+        scan.introduced_key = new_key
     old_fingerprint = event.context.get(ROTATION_OLD_FINGERPRINT_FIELD)
     if (
         scan.claimed_fingerprint is None
@@ -999,15 +1112,17 @@ def _scan_record(
         scan.claimed_fingerprint = old_fingerprint
 
 
-def _checkpoint_signed_by_pinned_key(last: bytes, audit_keys: Sequence[PublicIdentity]) -> bool:
+def _checkpoint_signed_by_pinned_key(
+    last: bytes, audit_keys: Sequence[PublicIdentity]
+) -> tuple[Checkpoint, PublicIdentity] | None:
+    """The checkpoint on the bundle's last line and its signer, if a pinned key signed it."""
     try:
         value = strict_json(last)
         if not isinstance(value, dict) or not is_trailer(value):
-            return False
-        open_checkpoint(parse_trailer(value, last).checkpoint, audit_keys)
+            return None
+        return open_checkpoint(parse_trailer(value, last).checkpoint, audit_keys)
     except (AuditError, ProtocolError, ValueError):
-        return False
-    return True
+        return None
 
 
 def _bundle_audit_key(

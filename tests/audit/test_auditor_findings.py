@@ -33,6 +33,7 @@ from tests.audit.builders import (
     OPERATOR,
     OTHER_KEY,
     SERVICE,
+    START,
     StepClock,
     agent_event,
     export_bundle,
@@ -200,12 +201,96 @@ def test_pinning_the_current_key_after_a_rotation_is_a_wrong_key_naming_the_firs
     code, out, _ = run(["verify", str(bundle), "--key", str(current)], capsys)
     assert code == 3
     assert out.startswith("WRONG KEY: ")
-    assert f"audit key {AUDIT_KEY.public.fingerprint}" in out
-    assert "you pinned the current key; pin the key that signed the first record, " in out
-    assert "the verifier follows the rotation" in out
+    assert f"the log began under audit key {AUDIT_KEY.public.fingerprint}" in out
+    assert "appears as the successor named by the audit key rotation at record 5" in out
+    assert "and signs records from record 6" in out
+    # The rotation is the old key's own word: the hint never says to trust it unchecked.
+    assert "Pin that key (the verifier then follows the rotation) only if you obtained it " in out
     code, out, _ = run(["verify", str(bundle), "--key", str(current), "--json"], capsys)
     result = json.loads(out)
-    assert result["code"] == "wrong_key" and "rotation at record" in result["wrong_key_hint"]
+    assert result["code"] == "wrong_key" and "rotation at record 5" in result["wrong_key_hint"]
+    assert result["unconfirmed_rotation_at"] is None
+
+
+def _forged_rotation_to(current: SigningIdentity, forger: SigningIdentity) -> bytes:
+    """What someone holding no real key writes: a log signed by a key of their own, with a
+    rotation record (signed by that same key) naming the real current key as its successor;
+    the real key signs nothing."""
+    store, clock = MemoryAuditStore(), StepClock()
+    log = new_log(store, clock, key=forger)
+
+    async def build() -> None:
+        await typical_history(log, commands=2)
+        await log.append(
+            Action.SERVICE_KEY_ROTATED, SERVICE, target="service-key:audit-signer",
+            context=service_key_rotation_context("audit-signer", forger.public, current.public),
+        )  # fmt: skip
+        await log.append(Action.POLICY_SET, OPERATOR, context={"version": 2})
+
+    trio.run(build)
+    return export_bundle(log)
+
+
+def test_a_rotation_to_the_pinned_key_that_key_never_signed_names_no_key_to_pin(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Following a hint to pin the forger's key would make the forgery VALID.
+    bundle = tmp_path / "forged.jsonl"
+    bundle.write_bytes(_forged_rotation_to(NEW_KEY, THIRD_KEY))
+    assert verify_bundle(bundle, [THIRD_KEY.public]).ok  # what the old hint led to
+    result = verify_bundle(bundle, [NEW_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY, result.summary()
+    assert result.wrong_key_hint is None and result.unconfirmed_rotation == 5
+    summary = result.summary()
+    assert summary.startswith("WRONG KEY: no pinned key signed this bundle: ")
+    assert "pin the key" not in summary.lower() and "pin that key" not in summary.lower()
+    assert "Record 5 claims an audit key rotation to the pinned key, but the pinned key " in summary
+    argv = ["verify", str(bundle), "--key", str(pem(tmp_path, "current.pem", NEW_KEY))]
+    code, out, _ = run(argv, capsys)
+    assert code == 3 and "a claim anyone can write, not a reason to pin another key" in out
+    code, out, _ = run([*argv, "--json"], capsys)
+    value = json.loads(out)
+    assert code == 3 and value["wrong_key_hint"] is None
+    assert value["unconfirmed_rotation_at"] == 5
+
+
+def test_a_rotation_the_pinned_key_confirms_only_by_the_checkpoint_gets_the_hint() -> None:
+    # Exported right after the rotation: the new key signed no record yet, only the checkpoint.
+    store, clock = MemoryAuditStore(), StepClock()
+    old, new = new_log(store, clock, key=AUDIT_KEY), new_log(store, clock, key=NEW_KEY)
+
+    async def build() -> None:
+        await typical_history(old, commands=2)
+        await old.append(
+            Action.SERVICE_KEY_ROTATED, SERVICE, target="service-key:audit-signer",
+            context=service_key_rotation_context("audit-signer", AUDIT_KEY.public, NEW_KEY.public),
+        )  # fmt: skip
+
+    trio.run(build)
+    result = verify_bundle(io.BytesIO(export_bundle(new)), [NEW_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY, result.summary()
+    assert "rotation at record 5, and signed the checkpoint:" in (result.wrong_key_hint or "")
+    assert AUDIT_KEY.public.fingerprint in (result.wrong_key_hint or "")
+
+
+def test_a_pinned_key_signature_only_before_the_rotation_naming_it_is_tampering() -> None:
+    # A record by the pinned key placed before the rotation that names it, none after: the
+    # key never confirmed the rotation, and it signed something here, so this is no wrong key.
+    store, clock = MemoryAuditStore(), StepClock()
+    forged, real = new_log(store, clock, key=THIRD_KEY), new_log(store, clock, key=NEW_KEY)
+
+    async def build() -> None:
+        await typical_history(forged, commands=1)
+        await real.append(Action.POLICY_SET, OPERATOR, context={"version": 1})
+        await forged.append(
+            Action.SERVICE_KEY_ROTATED, SERVICE, target="service-key:audit-signer",
+            context=service_key_rotation_context("audit-signer", THIRD_KEY.public, NEW_KEY.public),
+        )  # fmt: skip
+
+    trio.run(build)
+    result = verify_bundle(io.BytesIO(export_bundle(forged)), [NEW_KEY.public])
+    assert result.verdict is Verdict.INVALID and result.bad_seq == 0, result.summary()
+    assert result.wrong_key_hint is None
 
 
 def test_a_random_key_on_a_rotated_bundle_is_a_wrong_key(
@@ -352,6 +437,81 @@ def test_a_pinned_agent_fingerprint_refuses_a_registration_with_another_key() ->
     by_id = _verify(log, agent_pins={AGENT_ID: OTHER_KEY.public.fingerprint})
     assert by_id.verdict is Verdict.INVALID
     assert _verify(log, agent_pins={"web-1": AGENT_KEY.public.fingerprint}).ok
+
+
+def _registered_as_lookalike() -> AuditLog:
+    """What the audit-key holder writes to dodge a pin on the name web-1: the real agent id
+    registered with a key of their own under the hostname web-l, then a command it signed."""
+    log = new_log()
+
+    async def forge() -> None:
+        await log.append(
+            Action.AGENT_REGISTERED, SERVICE, target=AGENT_ID,
+            context=agent_registration_context(OTHER_KEY.public, hostname="web-l"),
+        )  # fmt: skip
+        await log.append_agent_event(
+            agent_event(key=OTHER_KEY, when=START + timedelta(seconds=1),
+                        context={"command": "rm -rf /srv/evidence", "exit_code": 0}),
+            AGENT_ID, OTHER_KEY.public,
+        )  # fmt: skip
+
+    trio.run(forge)
+    return log
+
+
+def test_a_name_pin_no_registration_matches_is_a_warning_naming_lookalikes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    log = _registered_as_lookalike()
+    result = _verify(log, agent_pins={"web-1": AGENT_KEY.public.fingerprint})
+    assert result.ok, result.summary()  # nothing in the log contradicts the pin...
+    (unmatched,) = result.unmatched_agent_pins  # ...but it checked nothing, and says so
+    assert (unmatched.name, unmatched.similar) == ("web-1", (("web-l", AGENT_ID),))
+    assert (
+        "WARNING: --agent-key pin web-1 (looks like web-l, agent agent-1) matched no agent id, "
+        "name or hostname registered in this bundle, so it checked nothing"
+    ) in result.summary()
+    assert "pin agents by id" in result.summary()
+    # Pinned by agent id (the rendezvous makes it, the registrant cannot choose it): caught.
+    by_id = _verify(log, agent_pins={AGENT_ID: AGENT_KEY.public.fingerprint})
+    assert by_id.verdict is Verdict.INVALID and by_id.bad_seq == 0, by_id.summary()
+    bundle = tmp_path / "e.jsonl"
+    bundle.write_bytes(export_bundle(log))
+    argv = ["verify", str(bundle), "--key", str(pem(tmp_path, "k", AUDIT_KEY)),
+            "--agent-key", f"web-1={AGENT_KEY.public.fingerprint}"]  # fmt: skip
+    code, out, _ = run(argv, capsys)
+    assert code == 0 and "WARNING: --agent-key pin web-1 (looks like web-l" in out
+    code, out, _ = run([*argv, "--json"], capsys)
+    assert code == 0
+    assert json.loads(out)["unmatched_agent_pins"] == [
+        {"pin": "web-1", "fingerprint": AGENT_KEY.public.fingerprint,
+         "similar": [{"name": "web-l", "agent_id": AGENT_ID}]}
+    ]  # fmt: skip
+    show = ["show", *argv[1:]]
+    code, out, err = run(show, capsys)
+    assert code == 0 and "rm -rf /srv/evidence" in out
+    assert "WARNING: --agent-key pin web-1 (looks like web-l" in err
+
+
+def test_an_agent_id_pin_no_registration_matches_is_a_warning() -> None:
+    log = _typical_log()
+    result = _verify(log, agent_pins={"agt_mfrggzdfmztwq2lk": AGENT_KEY.public.fingerprint})
+    assert result.ok, result.summary()
+    assert [pin.name for pin in result.unmatched_agent_pins] == ["agt_mfrggzdfmztwq2lk"]
+    assert "WARNING: --agent-key pin agt_mfrggzdfmztwq2lk matched no agent id" in result.summary()
+    pins = {AGENT_ID: AGENT_KEY.public.fingerprint, "web-1": AGENT_KEY.public.fingerprint}
+    matched = _verify(log, agent_pins=pins)
+    assert matched.ok and matched.unmatched_agent_pins == ()
+    assert "WARNING" not in matched.summary()
+    assert matched.to_json()["unmatched_agent_pins"] == []
+
+
+def test_many_unmatched_pins_are_counted_on_the_ok_line_and_all_listed_in_json() -> None:
+    pins = {f"db-{number}": OTHER_KEY.public.fingerprint for number in range(25)}
+    result = _verify(_typical_log(), agent_pins=pins)
+    assert result.ok and len(result.unmatched_agent_pins) == 25
+    assert "db-19 and 5 more matched no agent id" in result.summary()
+    assert len(result.to_json()["unmatched_agent_pins"]) == 25  # type: ignore[arg-type]
 
 
 def test_the_agent_key_options_pin_fingerprints(
