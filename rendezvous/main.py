@@ -51,6 +51,7 @@ from rendezvous.store import (
     describe_applied,
     describe_database,
     open_store,
+    require_current_schema,
 )
 from rendezvous.store.backup import backup_sqlite
 from rendezvous.store.base import Store
@@ -396,7 +397,8 @@ async def _init_keys(store: Store, config: ServiceConfig) -> tuple[ServiceKeys, 
 
 
 async def _db_status(config: ServiceConfig) -> int:
-    from rendezvous.store.postgres import PostgresStore  # asyncpg only when it is needed
+    # asyncpg only when it is needed
+    from rendezvous.store.postgres import PostgresStore, hidden_clients_note
 
     async with open_store(config.database_url, migrate=False, **config.store_options()) as store:
         version = await store.schema_version()
@@ -418,6 +420,9 @@ async def _db_status(config: ServiceConfig) -> int:
         print(f"other clients connected: {len(others)}")
         for client in others:
             print(f"  {client.describe()}")
+        hidden = hidden_clients_note(others)
+        if hidden is not None:
+            print(hidden)
     return EXIT_OK
 
 
@@ -447,8 +452,11 @@ def pg_dump_command(url: str, config: ServiceConfig, output: Path) -> str:
         host, port, user, name = "HOST", 5432, "USER", "DATABASE"
     if "@" in url and url.count("@") > 1:
         host, port, user, name = "HOST", 5432, "USER", "DATABASE"
+    # The service reads the first line without a trailing \r: so does this (tr), and the path
+    # is quoted, so a space or a shell metacharacter in it stays part of the name.
     password = (
-        f"PGPASSWORD=\"$(head -n1 {config.database_password_file})\" "
+        f"PGPASSWORD=\"$(head -n1 {shlex.quote(str(config.database_password_file))} "
+        "| tr -d '\\r')\" "
         if config.database_password_file is not None
         else ""
     )
@@ -458,8 +466,18 @@ def pg_dump_command(url: str, config: ServiceConfig, output: Path) -> str:
     )
 
 
+@contextlib.asynccontextmanager
+async def _admin_store(config: ServiceConfig) -> AsyncIterator[Store]:
+    """The store for an admin command: never migrated here (a newer build's `team create` would
+    migrate the database under an older instance still serving it; only init migrates, with
+    every instance stopped), and refused unless its schema is the one this program knows."""
+    async with open_store(config.database_url, migrate=False, **config.store_options()) as store:
+        await require_current_schema(store)
+        yield store
+
+
 async def _team_create(config: ServiceConfig, name: str) -> int:
-    async with open_store(config.database_url, **config.store_options()) as store:
+    async with _admin_store(config) as store:
         try:
             team = await store.create_team(name, time.time())
         except AlreadyExists:
@@ -469,7 +487,7 @@ async def _team_create(config: ServiceConfig, name: str) -> int:
 
 
 async def _team_list(config: ServiceConfig) -> int:
-    async with open_store(config.database_url, **config.store_options()) as store:
+    async with _admin_store(config) as store:
         for team in await store.list_teams():
             print(f"{team.id}\t{team.name}")
     return EXIT_OK
@@ -481,7 +499,7 @@ async def _invite_create(
     keys = load_service_keys(config.data_dir)
     code = new_invite_code()
     now = time.time()
-    async with open_store(config.database_url, **config.store_options()) as store:
+    async with _admin_store(config) as store:
         await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
         team = await store.get_team_by_name(team_name)
         if team is None:
@@ -507,7 +525,7 @@ async def _audit_export(
     config: ServiceConfig, team_name: str | None, output: Path
 ) -> int:
     keys = load_service_keys(config.data_dir)
-    async with open_store(config.database_url, **config.store_options()) as store:
+    async with _admin_store(config) as store:
         await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=False)
         if team_name is None:
             log_id = SERVICE_LOG
@@ -538,7 +556,7 @@ async def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
     if pem_role is not None:
         sys.stdout.write(keys.by_role()[pem_role].public.to_pem().decode("ascii"))
         return EXIT_OK
-    async with open_store(config.database_url, **config.store_options()) as store:
+    async with _admin_store(config) as store:
         keys = await with_retired_keys(store, keys)
     now = time.time()
     for role, key in keys.by_role().items():
@@ -555,7 +573,7 @@ async def _keys_show(config: ServiceConfig, pem_role: str | None) -> int:
 async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -> int:
     from rendezvous.key_rotation import rotate_service_key
 
-    async with open_store(config.database_url, **config.store_options()) as store:
+    async with _admin_store(config) as store:
         rotation = await rotate_service_key(
             store, config.data_dir, role, issuer=config.issuer, retire_old_now=retire_old_now,
             now=time.time(),

@@ -5,10 +5,13 @@ Use it as an async context manager from trio code::
     async with open_store("sqlite:///var/lib/tucdesk/rendezvous.db") as store:
         team = await store.create_team("ops", now=time.time())
 
-``open_store`` applies pending migrations before it yields. The PostgreSQL backend talks to
-asyncpg through trio-asyncio: the context manager opens the asyncio loop it needs itself, and the
-store may then be called from any trio task of the same run (e.g. Hypercorn's request tasks), as
-long as the ``async with`` block is still open. No special set-up is needed from the caller.
+``open_store`` applies pending migrations before it yields (``migrate=False``: it does not, and
+``require_current_schema`` then refuses a schema other than the one this program knows).
+
+The PostgreSQL backend talks to asyncpg through trio-asyncio: the context manager opens the
+asyncio loop it needs itself, and the store may then be called from any trio task of the same
+run (e.g. Hypercorn's request tasks), as long as the ``async with`` block is still open. No
+special set-up is needed from the caller.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from rendezvous.store.base import (
     Operator,
     RegistrationKey,
     RegistrationKeyUnusable,
+    SchemaOutOfDate,
     SchemaTooNew,
     Session,
     SessionState,
@@ -70,6 +74,7 @@ __all__ = [
     "Invite",
     "InviteUnusable",
     "MigrationRefused",
+    "SchemaOutOfDate",
     "SchemaTooNew",
     "LoginChallenge",
     "NotFound",
@@ -89,6 +94,7 @@ __all__ = [
     "describe_applied",
     "describe_database",
     "open_store",
+    "require_current_schema",
 ]
 
 logger = logging.getLogger("tucdesk.rendezvous.store")
@@ -178,6 +184,28 @@ async def open_store(
             if migrate:
                 _log_schema(sqlite_store, location)
             yield sqlite_store
+
+
+async def require_current_schema(store: Store) -> None:
+    """Raise unless the database schema is exactly the one this program knows: SchemaOutOfDate
+    when migrations are pending (``init`` applies them), SchemaTooNew when it is newer.
+
+    For stores opened with ``migrate=False`` by admin commands, which must neither migrate a
+    database an older instance still serves nor work on one with rules they do not know.
+    """
+    version = await store.schema_version()
+    needed = store.understood_schema_version
+    if version > needed:
+        raise SchemaTooNew(
+            f"the database schema is {version}, newer than this program understands ({needed}): "
+            "use the tucdesk-rendezvous of the newer version"
+        )
+    if await store.pending_migrations():
+        raise SchemaOutOfDate(
+            f"the database schema is {version}, this program needs {needed}: run "
+            "`tucdesk-rendezvous init` first (stop every instance before: "
+            "docs/self-hosting.md, 'Upgrading')"
+        )
 
 
 def _log_schema(store: Store, location: str) -> None:

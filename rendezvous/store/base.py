@@ -142,6 +142,10 @@ class SchemaTooNew(StoreError):
     """The database schema is newer than this program understands: it must not serve on it."""
 
 
+class SchemaOutOfDate(StoreError):
+    """The database lacks migrations this program needs; only ``init`` applies them."""
+
+
 # --------------------------------------------------------------------------------------------
 # Records (immutable snapshots of a row)
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import asyncio
 import contextlib
 import functools
 import time
+import unicodedata
 import urllib.parse
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -119,15 +120,19 @@ def _discard(connection: asyncpg.Connection) -> None:
 
 
 # Other sessions on this database: everything but this connection and those of this very build
-# (same version, same schema), which understand the schema it migrates to.
+# (same version, same schema), which understand the schema it migrates to. A session of another
+# role, seen by a role that is neither a superuser nor in pg_read_all_stats, shows its pid, user
+# and application_name but NULL for backend_type, address and start time: it is still a client
+# (maybe an older instance connected as another role), so it is listed, marked as hidden.
 OTHER_CLIENTS_SQL = """
     SELECT pid, usename, application_name, CAST(client_addr AS TEXT) AS client_addr,
-           EXTRACT(EPOCH FROM backend_start) AS backend_start
+           EXTRACT(EPOCH FROM backend_start) AS backend_start,
+           backend_type IS NULL AS details_hidden
     FROM pg_stat_activity
     WHERE datname = current_database() AND pid <> pg_backend_pid()
-          AND backend_type = 'client backend'
+          AND (backend_type = 'client backend' OR backend_type IS NULL)
           AND application_name IS DISTINCT FROM current_setting('application_name')
-    ORDER BY backend_start"""
+    ORDER BY backend_start NULLS LAST, pid"""
 
 
 @dataclass(frozen=True)
@@ -139,12 +144,15 @@ class DatabaseClient:
     application_name: str
     client_address: str | None
     backend_start: float | None
+    details_hidden: bool = False
 
     def describe(self) -> str:
         """One line for a person: who, from where, since when."""
         name = self.application_name or (
             "(no application_name: an older tucdesk-rendezvous, psql or another client)"
         )
+        if self.details_hidden:
+            return f"pid {self.pid} {name} user {self.user or '?'} (another role: details hidden)"
         where = self.client_address or "a local socket (or an address hidden from this role)"
         since = (
             time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(self.backend_start))
@@ -162,6 +170,18 @@ def _client(row: Any) -> DatabaseClient:
         application_name=row["application_name"] or "",
         client_address=row["client_addr"],
         backend_start=float(start) if start is not None else None,
+        details_hidden=bool(row["details_hidden"]),
+    )
+
+
+def hidden_clients_note(clients: Sequence[DatabaseClient]) -> str | None:
+    """What to say when some clients' details were hidden from this role, else None."""
+    hidden = sum(1 for client in clients if client.details_hidden)
+    if not hidden:
+        return None
+    return (
+        f"{hidden} connection(s) by other roles, details hidden: grant pg_read_all_stats to see "
+        "them"
     )
 
 
@@ -404,13 +424,16 @@ class PostgresStore(SqlStore):
 
     async def connection_capacity(self) -> ConnectionCapacity:
         """max_connections, the connections reserved for superusers, and those open now."""
+        # Other roles' sessions count too (hidden ones included); the server's own processes
+        # (no database) do not take a connection slot.
         row = await self._fetchrow(
             """SELECT CAST(current_setting('max_connections') AS INTEGER) AS max_connections,
                       CAST(current_setting('superuser_reserved_connections') AS INTEGER)
                       + COALESCE(CAST(current_setting('reserved_connections', TRUE) AS INTEGER), 0)
                       AS reserved,
                       (SELECT COUNT(*) FROM pg_stat_activity
-                       WHERE backend_type = 'client backend') AS connected"""
+                       WHERE backend_type = 'client backend'
+                             OR (backend_type IS NULL AND datid IS NOT NULL)) AS connected"""
         )
         assert row is not None
         return ConnectionCapacity(
@@ -566,6 +589,9 @@ async def _migrate(
 
 def _refusal(current: int, pending: Sequence[Migration], others: Sequence[DatabaseClient]) -> str:
     listed = "; ".join(client.describe() for client in others)
+    hidden = hidden_clients_note(others)
+    if hidden is not None:
+        listed += f" ({hidden})"
     return (
         f"refusing to migrate the database schema from {current} to {pending[-1].version} while "
         f"{len(others)} other client(s) are connected: {listed}. Stop every tucdesk-rendezvous "
@@ -586,6 +612,14 @@ async def _keep_session_state(connection: asyncpg.Connection) -> None:
     """
 
 
+UTF8_BYTE_ORDER_MARK = "\ufeff"
+
+
+def _is_control_character(character: str) -> bool:
+    """C0 and C1 controls and DEL: never typed into a password, often added by accident."""
+    return unicodedata.category(character) == "Cc"
+
+
 def password_from_file(path: Path) -> Callable[[], str]:
     """A password source asyncpg calls for every new connection: the file's first line, read
     afresh each time (so a rotated password needs no restart). The file must be 0600 or
@@ -597,14 +631,36 @@ def password_from_file(path: Path) -> Callable[[], str]:
         except KeyFileError as error:
             raise StoreUnavailable(f"database_password_file: {error}") from None
         try:
-            lines = data.decode("utf-8").splitlines()
+            text = data.decode("utf-8")
         except UnicodeDecodeError:
             raise StoreUnavailable(f"database_password_file {path} is not UTF-8 text") from None
-        if not lines or not lines[0]:
-            raise StoreUnavailable(f"database_password_file {path} is empty")
-        return lines[0]
+        return first_line_password(text, path)
 
     return read
+
+
+def first_line_password(text: str, path: Path) -> str:
+    """The password on the first line of ``text`` (lines end at \\n alone, as for ``head -n1``;
+    one \\r before it is dropped). Refused, without quoting it, when empty, when it starts with
+    a byte order mark, or when it holds a control character."""
+    if text.startswith(UTF8_BYTE_ORDER_MARK):
+        raise StoreUnavailable(
+            f"database_password_file {path} starts with a UTF-8 byte order mark (an editor added "
+            "it): save the file without one"
+        )
+    # Not str.splitlines: it also ends lines at \x1c-\x1e, \x85 and \u2028, which would cut
+    # the password short where head -n1 and other tools would not.
+    line = text.split("\n", 1)[0]
+    if line.endswith("\r"):
+        line = line[:-1]
+    if not line:
+        raise StoreUnavailable(f"database_password_file {path} is empty")
+    if any(_is_control_character(character) for character in line):
+        raise StoreUnavailable(
+            f"database_password_file {path}: the first line holds a control character (not "
+            "shown); it must hold the password alone, printable characters only"
+        )
+    return line
 
 
 async def _create_pool(

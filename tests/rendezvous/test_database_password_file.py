@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -170,3 +171,42 @@ def test_init_and_admin_commands_use_the_password_file(
 def test_a_password_file_for_sqlite_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="database_password_file is for PostgreSQL"):
         load_config({"data_dir": tmp_path}, {"TUCDESK_DATABASE_PASSWORD_FILE": "/x"})
+
+
+def test_the_printed_pg_dump_command_works_with_any_password_file_path(
+    password_cluster: PostgresCluster,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A path with a space and shell syntax in it, and a password file saved with CRLF: the
+    # command used to read the wrong file (or run the $(...)) and send the password with its \r.
+    directory = tmp_path / "db secrets $(touch injected)"
+    directory.mkdir()
+    password_file = directory / "pass word;x"
+    password_file.write_bytes(FIRST_PASSWORD.encode() + b"\r\n")
+    password_file.chmod(0o600)
+    common = ["--data-dir", str(tmp_path / "data"), "--database", _url(password_cluster)]
+    monkeypatch.setenv("TUCDESK_DATABASE_PASSWORD_FILE", str(password_file))
+    dump = tmp_path / "rendezvous.dump"
+    capsys.readouterr()
+    assert main(["backup", str(dump), *common]) == 1
+    error = capsys.readouterr().err
+    assert FIRST_PASSWORD not in error
+    command = error.split("`")[1]
+    assert command.startswith("PGPASSWORD=") and " pg_dump -Fc " in command
+
+    monkeypatch.chdir(tmp_path)
+    environment = {
+        "PATH": f"{password_cluster.bin_dir}:{os.environ['PATH']}",
+        "HOME": str(tmp_path),
+        "PGCONNECT_TIMEOUT": "10",
+    }
+    # As the operator would: the line pasted into a POSIX shell, no other credentials around.
+    result = subprocess.run(
+        ["sh", "-c", command], capture_output=True, text=True, timeout=120, env=environment,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert dump.read_bytes().startswith(b"PGDMP")
+    assert not (tmp_path / "injected").exists()

@@ -331,3 +331,169 @@ async def test_a_serving_instance_stops_when_a_newer_build_migrates_its_database
         else:
             pytest.fail("the service went on serving on a schema newer than it understands")
     assert isinstance(error, SchemaTooNew), error
+
+
+# ---- admin commands never migrate ----------------------------------------------------------
+
+# Every command that opens the store, but init (which migrates) and db status (which reports).
+ADMIN_COMMANDS = (
+    ["team", "create", "acme"],
+    ["team", "list"],
+    ["invite", "create", "--team", "acme", "--email", "a@example.com", "--role", "operator"],
+    ["audit", "export", "--service", "-o", "export.bundle"],
+    ["keys", "show"],
+    ["keys", "rotate", "audit-signer"],
+)
+
+
+def _old_store_with_keys(tmp_path: Path, database_url: str) -> list[str]:
+    """A data dir with service keys (initialised on another database) and ``database_url`` at
+    OLD_SCHEMA, as an older build left it: the arguments naming both."""
+    (tmp_path / "data").mkdir(exist_ok=True)
+    keys_from = f"sqlite:///{tmp_path / 'data' / 'keys-from.db'}"
+    assert main(["init", *_dirs(tmp_path, keys_from)]) == 0
+    migrate_to(database_url, OLD_SCHEMA)
+    return _dirs(tmp_path, database_url)
+
+
+def test_admin_commands_on_sqlite_do_not_migrate_under_a_serving_older_instance(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The reviewer's case: an older instance serves (it holds the serve lock); a newer build's
+    # `team create` migrated the database under it, which init itself refuses.
+    monkeypatch.chdir(tmp_path)
+    url = f"sqlite:///{tmp_path / 'data' / 'rendezvous.db'}"
+    arguments = _old_store_with_keys(tmp_path, url)
+    capsys.readouterr()
+    with sole_sqlite_server(url):
+        for command in ADMIN_COMMANDS:
+            assert main([*command, *arguments]) == 1, command
+            error = capsys.readouterr().err
+            assert error == (
+                f"tucdesk-rendezvous: the database schema is {OLD_SCHEMA}, this program needs "
+                f"{NEWEST}: run `tucdesk-rendezvous init` first (stop every instance before: "
+                "docs/self-hosting.md, 'Upgrading')\n"
+            ), command
+            assert schema_of(url) == OLD_SCHEMA, command
+    assert not (tmp_path / "export.bundle").exists()
+
+
+def test_admin_commands_refuse_a_schema_init_has_not_migrated(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    arguments = _old_store_with_keys(tmp_path, database_url)
+    capsys.readouterr()
+    for command in ADMIN_COMMANDS:
+        assert main([*command, *arguments]) == 1, command
+        error = capsys.readouterr().err
+        assert f"the database schema is {OLD_SCHEMA}, this program needs {NEWEST}" in error
+        assert "run `tucdesk-rendezvous init` first" in error
+        # Not a flag these commands take.
+        assert "--while-running" not in error, command
+        assert schema_of(database_url) == OLD_SCHEMA, command
+    assert main(["init", *arguments]) == 0
+    assert main(["team", "create", "acme", *arguments]) == 0
+    assert schema_of(database_url) == NEWEST
+
+
+@pytest.mark.postgres
+def test_admin_commands_on_postgres_never_suggest_a_flag_they_do_not_take(
+    postgres_database: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # With another client connected the migration refusal (which names --while-running) used
+    # to answer `team create`, which has no such flag.
+    arguments = _old_store_with_keys(tmp_path, postgres_database)
+    capsys.readouterr()
+    with connected_client(postgres_database):
+        assert main(["team", "create", "acme", *arguments]) == 1
+    error = capsys.readouterr().err
+    assert "run `tucdesk-rendezvous init` first" in error and "--while-running" not in error
+    assert schema_of(postgres_database) == OLD_SCHEMA
+
+
+def test_admin_commands_refuse_a_schema_newer_than_they_understand(
+    database_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["init", *_dirs(tmp_path, database_url)]) == 0
+
+    async def record() -> None:
+        async with open_store(database_url) as store:
+            await _record_future_migration(store, NEWEST + 1)
+
+    trio.run(record)
+    capsys.readouterr()
+    assert main(["team", "create", "acme", *_dirs(tmp_path, database_url)]) == 1
+    error = capsys.readouterr().err
+    assert f"the database schema is {NEWEST + 1}, newer than this program understands" in error
+    assert error.count("\n") == 1
+
+
+# ---- other roles' sessions -----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def roles_on(cluster: PostgresCluster, database_url: str) -> Iterator[tuple[str, str]]:
+    """Two fresh roles without pg_read_all_stats: the database's owner (the one tucdesk uses)
+    and another one (an older instance configured with other credentials). Yields both URLs."""
+    number = next(_numbers)
+    owner, other = f"tuc_owner_{number}", f"tuc_other_{number}"
+    database = database_url.rsplit("/", 1)[1]
+
+    async def run(statements: list[str]) -> None:
+        connection = await asyncpg.connect(database_url)
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(run([
+        f"CREATE ROLE {owner} LOGIN", f"CREATE ROLE {other} LOGIN",
+        f"ALTER DATABASE {database} OWNER TO {owner}",
+    ]))  # fmt: skip
+    base = f"postgresql://{{}}@127.0.0.1:{cluster.port}/{database}"
+    yield base.format(owner), base.format(other)
+
+
+@pytest.mark.postgres
+def test_init_refuses_to_migrate_while_another_roles_session_is_connected(
+    postgres_cluster: PostgresCluster, postgres_database: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # A role without pg_read_all_stats sees another role's session with backend_type NULL: the
+    # check used to drop it, and init migrated under the older instance.
+    with roles_on(postgres_cluster, postgres_database) as (owner_url, other_url):
+        migrate_to(owner_url, OLD_SCHEMA)
+        with connected_client(other_url) as old_pid:
+            assert main(["db", "status", *_dirs(tmp_path, owner_url)]) == 0
+            out = capsys.readouterr().out
+            assert "other clients connected: 1\n" in out and f"pid {old_pid} " in out
+            assert "1 connection(s) by other roles, details hidden: grant pg_read_all_stats" in out
+
+            assert main(["init", *_dirs(tmp_path, owner_url)]) == 1
+            error = capsys.readouterr().err
+            assert f"from {OLD_SCHEMA} to {NEWEST} while 1 other client(s)" in error
+            assert f"pid {old_pid} " in error and "tuc_other_" in error
+            assert "details hidden: grant pg_read_all_stats to see them" in error
+            assert schema_of(owner_url) == OLD_SCHEMA
+
+
+@pytest.mark.postgres
+def test_connection_capacity_counts_other_roles_sessions(
+    postgres_cluster: PostgresCluster, postgres_database: str
+) -> None:
+    from rendezvous.store.postgres import PostgresStore
+
+    async def count(url: str, other_url: str) -> tuple[int, int]:
+        async with open_store(url) as store:
+            assert isinstance(store, PostgresStore)
+            before = (await store.connection_capacity()).connected
+            with connected_client(other_url), connected_client(other_url):
+                during = (await store.connection_capacity()).connected
+        return before, during
+
+    with roles_on(postgres_cluster, postgres_database) as (owner_url, other_url):
+        before, during = trio.run(count, owner_url, other_url)
+    assert during == before + 2
