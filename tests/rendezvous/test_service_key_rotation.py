@@ -344,9 +344,18 @@ async def test_two_concurrent_rotations_leave_one_pinned_key_file_and_one_record
     async with open_store(database_url) as store:
         await check_pinned_keys(store, load_service_keys(first), first, time.time(), pin=True)
     outcomes: dict[Path, object] = {}
+    # Both stores open before either rotates: on a loaded machine one open can take longer than
+    # the other's whole rotation, which would make them one after the other, not concurrent.
+    opened = 0
+    both_open = trio.Event()
 
     async def rotate(data_dir: Path, name: str) -> None:
+        nonlocal opened
         async with open_store(database_url) as store:
+            opened += 1
+            if opened == 2:
+                both_open.set()
+            await both_open.wait()
             try:
                 outcomes[Path(name)] = await rotate_service_key(
                     store, data_dir, "jwt-issuer", issuer="https://x", retire_old_now=False,
