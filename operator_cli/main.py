@@ -14,6 +14,7 @@ config dir).
 from __future__ import annotations
 
 import argparse
+import getopt
 import importlib
 import json
 import os
@@ -97,6 +98,8 @@ EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
 EXIT_CONNECTION_FAILED = 255
+# ssh's options that `tucdesk ssh` knows, as getopt spells them, for those after AGENT.
+SSH_OPTIONS_AFTER_AGENT = "nl:Tqo:"
 # The session grant's exec limits (protocol/session_grant.py), for --help.
 EXEC_MAX_ARGUMENTS = 256
 EXEC_MAX_COMMAND_BYTES = 4096
@@ -391,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of exit statuses ends on stderr; exits 0 only if every agent ran it and succeeded, "
         "else 1 (offline agents are listed, not run): tucdesk exec --tag web -- uptime",
     )
+    # exec --tag's children write the remote exit status here (tagged_exec.py); not for users.
+    exec_parser.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
     exec_parser.add_argument("agent", metavar="AGENT", help="agent name or id")
     exec_parser.add_argument(
         "remote_command", nargs=argparse.REMAINDER, metavar="-- CMD [ARGS...]",
@@ -409,15 +414,25 @@ def build_parser() -> argparse.ArgumentParser:
         "GIT_SSH_COMMAND='tucdesk ssh' (git's 'simple' ssh variant: no -p, no options "
         "after the host). Policy and audit see the command as [\"sh\", \"-c\", LINE]. Streams, "
         "exit status and limits are exec's (tucdesk exec --help); there is no interactive "
-        "shell here (that is tucdesk connect).",
+        "shell here (that is tucdesk connect). As with ssh, options may also follow AGENT "
+        "(tucdesk ssh AGENT -n CMD) up to the first word that is not one, or a --.",
+        usage="tucdesk ssh [-h] [-n] [-l USER] [-T] [-q] [-o OPTION] AGENT [OPTIONS] [--] "
+        "COMMAND ...",
     )
     ssh.add_argument("-n", dest="no_stdin", action="store_true",
                      help="never read stdin (send end of input)")
     ssh.add_argument("-l", dest="login_user", metavar="USER",
                      help="refused: the agent runs every session as its one configured account")
-    ssh.add_argument("agent", metavar="AGENT", help="agent name or id")
-    ssh.add_argument("remote_command", nargs=argparse.REMAINDER, metavar="COMMAND ...",
-                     help="the command line (words joined with spaces)")
+    ssh.add_argument("-T", dest="no_pty", action="store_true",
+                     help="accepted and ignored: there is never a terminal here")
+    ssh.add_argument("-q", dest="quiet", action="store_true",
+                     help="accepted and ignored: tucdesk ssh prints only errors anyway")
+    ssh.add_argument("-o", dest="ssh_config_options", action="append", default=[],
+                     metavar="OPTION", help="refused: there is no ssh configuration here")
+    # AGENT and the rest in one list: argparse would drop a -- right after AGENT, and
+    # `ssh AGENT -- -l x` (a command) must not read as `ssh AGENT -l x` (options).
+    ssh.add_argument("ssh_words", nargs=argparse.REMAINDER, metavar="AGENT [--] COMMAND",
+                     help="agent name or id, then the command line (words joined with spaces)")
     ssh.set_defaults(handler=_ssh, command_parser=ssh)
     _add_policy_commands(commands)
 
@@ -816,7 +831,12 @@ def _connect(args: argparse.Namespace, home: CliHome) -> int:
 def _exec(args: argparse.Namespace, home: CliHome) -> int:
     if args.exec_tags:
         return _exec_tagged(args, home)
-    _parse_options_after_agent(args)
+    _parse_options_after_agent(args)  # first: `exec AGENT --tag T -- CMD` shows --tag only now
+    if args.exec_tags:
+        args.command_parser.error(
+            f"--tag runs on every agent carrying the tag, instead of AGENT ({args.agent!r}): "
+            "tucdesk exec --tag TAG -- CMD, or tucdesk exec AGENT -- CMD"
+        )
     if not args.remote_command or args.remote_command == ["--"]:
         args.command_parser.error("no command given: tucdesk exec AGENT -- CMD [ARGS...]")
     if args.want_pty:
@@ -828,6 +848,7 @@ def _exec(args: argparse.Namespace, home: CliHome) -> int:
         home, args.agent, args.remote_command, no_stdin=args.no_stdin,
         force_stdin=args.force_stdin, debug=args.debug,
         wait_for_approval=not args.no_wait, approval_id=args.approval,
+        status_fd=args.status_fd,
     )
 
 
@@ -865,16 +886,49 @@ def _parse_options_after_agent(args: argparse.Namespace) -> None:
 
 
 def _ssh(args: argparse.Namespace, home: CliHome) -> int:
+    words = _parse_ssh_options_after_agent(args)
+    if args.ssh_config_options:
+        _report(args, f"-o {args.ssh_config_options[0]}: tucdesk ssh takes no ssh configuration "
+                "options (the agent's key is pinned by tucdesk and the session goes through the "
+                "relay): drop the -o")
+        return EXIT_CONNECTION_FAILED
     if args.login_user is not None:
         _report(args, f"-l {args.login_user}: there is no login choice; the agent runs every "
                 "session as its configured account: drop the user (user@) from the address")
         return EXIT_CONNECTION_FAILED
-    words = args.remote_command[1:] if args.remote_command[:1] == ["--"] else args.remote_command
     if not words:
         _report(args, "tucdesk ssh runs a command line: tucdesk ssh AGENT COMMAND...; for an "
                 "interactive shell use tucdesk connect AGENT")
         return EXIT_CONNECTION_FAILED
     return ssh_command(home, args.agent, words, no_stdin=args.no_stdin, debug=args.debug)
+
+
+def _parse_ssh_options_after_agent(args: argparse.Namespace) -> list[str]:
+    """Set ``args.agent`` and return the command words of ``ssh AGENT [OPTIONS] [--] WORD…``:
+    OpenSSH reads options after the host too (``ssh host -l root id``), up to the first word
+    that is not one or a ``--``."""
+    given: list[str] = args.ssh_words
+    if given[:1] == ["--"]:
+        given = given[1:]
+    if not given:
+        args.command_parser.error("no AGENT given: tucdesk ssh AGENT COMMAND...")
+    args.agent = given[0]
+    try:
+        options, words = getopt.getopt(given[1:], SSH_OPTIONS_AFTER_AGENT)
+    except getopt.GetoptError as error:
+        args.command_parser.error(
+            f"{error} after AGENT (tucdesk ssh takes -n, -l USER, -T, -q; put -- before a "
+            "command that starts with -)"
+        )
+    for flag, value in options:
+        if flag == "-n":
+            args.no_stdin = True
+        elif flag == "-l":
+            args.login_user = value
+        elif flag == "-o":
+            args.ssh_config_options.append(value)
+        # -T and -q change nothing: there is no terminal and nothing but errors is printed.
+    return words
 
 
 def _demo(args: argparse.Namespace, home: CliHome) -> int:

@@ -54,6 +54,7 @@ EXIT_DECLINED = 1
 AMBIGUOUS_TARGET = "ambiguous_target"  # the rendezvous's code for a name several agents share
 AGENT_NOT_FOUND = "agent_not_found"  # its code for a name no agent of the team has
 MAX_SUGGESTIONS = 3
+SUGGESTION_SEARCH_LIMIT = 1000  # agents looked at for close names: one page of the listing
 # `tucdesk ssh` runs the command line the way sshd does, through a shell (docs/sessions.md §4).
 SSH_SHELL = ("sh", "-c")
 EXIT_NOT_FOUND = 127  # the agent's status for a command it cannot find, as a shell's
@@ -155,11 +156,13 @@ def exec_command(
     debug: bool = False,
     wait_for_approval: bool = True,
     approval_id: str | None = None,
+    status_fd: int | None = None,
 ) -> int:
     """`tucdesk exec AGENT -- CMD…`: the remote command's exit status, or 255.
 
     When the policy asks for approval it waits for an approver (or, with ``wait_for_approval``
     false, prints the request id and returns 0); ``approval_id`` redeems an earlier request.
+    ``status_fd`` (exec --tag's children) gets ``exit N`` once the remote command has ended.
     """
     command = list(argv)
     if command and command[0] == "--":
@@ -197,6 +200,8 @@ def exec_command(
             )
         finally:
             api.close()
+        if status_fd is not None:
+            _report_remote_status(status_fd, status)
         if status == EXIT_NOT_FOUND and _looks_like_shell_code(command):
             _say(f"(exec runs argv without a shell; for a pipeline use: tucdesk exec "
                  f"{shlex.quote(agent)} -- sh -c {shlex.quote(command[0])})")
@@ -206,6 +211,16 @@ def exec_command(
         return status
 
     return _reported(run, debug)
+
+
+def _report_remote_status(fd: int, status: int) -> None:
+    """Tell the parent `exec --tag` that the command ran (its status, 255 included, is the
+    command's own), then close the pipe."""
+    try:
+        os.write(fd, f"exit {status}\n".encode())
+        os.close(fd)
+    except OSError:
+        pass  # no parent listening: the exit status alone still says it
 
 
 def ssh_command(
@@ -410,17 +425,20 @@ def _explained_unknown_agent(api: Session, agent: str, error: ApiError) -> BaseE
     """agent_not_found with the close names the operator may mean (only on this error path:
     a session that opens costs no extra request)."""
     try:
-        names = sorted({str(listed["name"]) for listed in fetch_agents(api).agents
+        # One page at most: a typo on a team of thousands must not cost a request per page.
+        listing = fetch_agents(api, limit=SUGGESTION_SEARCH_LIMIT)
+        names = sorted({str(listed["name"]) for listed in listing.agents
                         if isinstance(listed.get("name"), str)})
     except (AgentListError, ApiError, HttpError, KeyError):
         return error  # cannot list them: the server's own message still says what is wrong
     # Names come from whoever enrolled the agents: escaped, never raw to the terminal.
     close = [visible(name) for name in suggested_names(agent, names)]
     typed = visible(repr(agent))
+    searched = f"; searched the first {len(listing.agents)} agents" if listing.more else ""
     if not close:
-        return SessionError(f"no agent named {typed} in your team (see tucdesk agents)")
+        return SessionError(f"no agent named {typed} in your team (see tucdesk agents{searched})")
     return SessionError(f"no agent named {typed} in your team; did you mean "
-                        f"{' or '.join(close)}? (see tucdesk agents)")
+                        f"{' or '.join(close)}? (see tucdesk agents{searched})")
 
 
 def suggested_names(wanted: str, names: Sequence[str]) -> list[str]:

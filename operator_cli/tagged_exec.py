@@ -4,6 +4,8 @@ Like ``pssh -i`` or ``tsh ssh`` with labels: each agent's session is an ordinary
 (its own process, so pinning, approvals and refusals work exactly as for one agent), at most
 PARALLEL_SESSIONS at a time. Every line an agent prints comes out prefixed with its name
 (stdout to stdout, stderr to stderr), whole lines only so agents never interleave inside one.
+A line longer than MAX_LINE_BYTES is written in pieces as it comes (memory stays bounded): each
+piece ends with a newline, and the pieces after the first carry ``NAME+ `` instead of ``NAME: ``.
 A summary of each agent's exit status ends on stderr; the exit status is 0 only if every agent
 ran the command and it succeeded.
 """
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -31,6 +34,8 @@ EXIT_OK = 0
 EXIT_SOME_FAILED = 1
 EXIT_CONNECTION_FAILED = 255
 READ_SIZE = 64 * 1024
+# A line without a newline is held back at most this long, then written as a piece.
+MAX_LINE_BYTES = 64 * 1024
 CLI_ENTRY_POINT = "import sys; from operator_cli.main import main; sys.exit(main())"
 
 
@@ -120,19 +125,55 @@ def _run_one(
     global_options: Sequence[str],
     output: _PrefixedOutput,
 ) -> AgentOutcome:
-    argv = [sys.executable, "-c", CLI_ENTRY_POINT, "--home", str(home.path), *global_options,
-            "exec", "-n", agent.agent_id, "--", *command]
+    # The child reports the remote exit status on this pipe: 255 from the command itself and
+    # 255 for a session that never opened look alike on the exit status alone.
     try:
-        process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-        )
+        status_reader, status_writer = os.pipe()
     except OSError as error:
         return AgentOutcome(agent, None, f"could not start: {error.strerror or error}")
-    assert process.stdout is not None and process.stderr is not None
-    output.relay(agent.name, process.stdout, process.stderr)
-    status = process.wait()
-    note = "the session could not be set up" if status == EXIT_CONNECTION_FAILED else ""
-    return AgentOutcome(agent, status if status >= 0 else 128 - status, note)
+    argv = [sys.executable, "-c", CLI_ENTRY_POINT, "--home", str(home.path), *global_options,
+            "exec", "-n", "--status-fd", str(status_writer), agent.agent_id, "--", *command]
+    try:
+        try:
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=(status_writer,),
+            )
+        finally:
+            os.close(status_writer)  # the child's copy alone: EOF once it exits
+        assert process.stdout is not None and process.stderr is not None
+        output.relay(agent.name, process.stdout, process.stderr)
+        status = process.wait()
+        reported = _read_status_report(status_reader)
+    except OSError as error:
+        return AgentOutcome(agent, None, f"could not start: {error.strerror or error}")
+    finally:
+        os.close(status_reader)
+    if status < 0:
+        return AgentOutcome(agent, 128 - status, f"tucdesk killed by {_signal_name(-status)}")
+    note = "the session could not be set up" if reported is None and status != EXIT_OK else ""
+    return AgentOutcome(agent, status, note)
+
+
+def _read_status_report(fd: int) -> int | None:
+    """The remote exit status the child CLI wrote (``exit N``), or None if the command never
+    ran (the session was refused or could not be set up)."""
+    report = bytearray()
+    while chunk := os.read(fd, 64):
+        report += chunk
+        if len(report) > 64:
+            return None  # not what the CLI writes
+    words = bytes(report).split()
+    if len(words) == 2 and words[0] == b"exit" and words[1].isdigit():
+        return int(words[1])
+    return None
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
 
 
 class _PrefixedOutput:
@@ -146,7 +187,9 @@ class _PrefixedOutput:
     def relay(self, name: str, stdout: IO[bytes], stderr: IO[bytes]) -> None:
         """Copy both pipes until they end, line by line with the prefix."""
         prefix = f"{name:<{self._width}}: ".encode()
-        pending: dict[int, bytearray] = {stdout.fileno(): bytearray(), stderr.fileno(): bytearray()}
+        continued = f"{name:<{self._width}}+ ".encode()
+        lines = {stdout.fileno(): LineCutter(prefix, continued),
+                 stderr.fileno(): LineCutter(prefix, continued)}
         targets = {stdout.fileno(): 1, stderr.fileno(): 2}
         with selectors.DefaultSelector() as selector:
             for pipe in (stdout, stderr):
@@ -157,21 +200,15 @@ class _PrefixedOutput:
                     data = os.read(fd, READ_SIZE)
                     if not data:
                         selector.unregister(key.fileobj)
-                        if pending[fd]:
-                            self._write(targets[fd], prefix, [bytes(pending[fd]) + b"\n"])
-                        continue
-                    buffered = pending[fd]
-                    buffered += data
-                    cut = buffered.rfind(b"\n") + 1
-                    if cut:
-                        lines = bytes(buffered[:cut]).splitlines(keepends=True)
-                        del buffered[:cut]
-                        self._write(targets[fd], prefix, lines)
+                        block = lines[fd].finish()
+                    else:
+                        block = lines[fd].feed(data)
+                    if block:
+                        self._write(targets[fd], block)
         stdout.close()
         stderr.close()
 
-    def _write(self, fd: int, prefix: bytes, lines: list[bytes]) -> None:
-        block = b"".join(prefix + line for line in lines)
+    def _write(self, fd: int, block: bytes) -> None:
         with self._lock:
             if fd == 1 and self._closed_stdout:
                 return
@@ -183,6 +220,55 @@ class _PrefixedOutput:
                 self._closed_stdout = True  # the reader left; the sessions still finish
 
 
+class LineCutter:
+    """One pipe's bytes as prefixed whole lines; a line longer than MAX_LINE_BYTES goes out in
+    pieces, each ended with a newline, the later ones with the ``continued`` prefix."""
+
+    def __init__(self, prefix: bytes, continued: bytes, max_line: int = MAX_LINE_BYTES) -> None:
+        self._prefix = prefix
+        self._continued = continued
+        self._max_line = max_line
+        self._pending = bytearray()
+        self._in_line = False  # the pending bytes continue a piece already written
+
+    def feed(self, data: bytes) -> bytes:
+        """The prefixed lines ``data`` completes (only ``data`` is searched for a newline)."""
+        blocks: list[bytes] = []
+        cut = data.rfind(b"\n") + 1
+        if cut:
+            whole = data if cut == len(data) else data[:cut]
+            if self._pending:
+                whole = bytes(self._pending) + whole
+                self._pending.clear()
+            first = self._continued if self._in_line else self._prefix
+            self._in_line = False
+            blocks.append(self._prefixed(first, whole))
+            data = data[cut:]
+        self._pending += data
+        if len(self._pending) >= self._max_line:
+            blocks.append(self._piece())
+        return b"".join(blocks)
+
+    def _prefixed(self, first: bytes, lines: bytes) -> bytes:
+        """Whole ``lines`` (ending with a newline), ``first`` before the first, the prefix before
+        each other one."""
+        if b"\r" in lines:  # a lone CR starts a line too (progress meters): split as bytes do
+            split = lines.splitlines(keepends=True)
+            return first + split[0] + b"".join(self._prefix + line for line in split[1:])
+        # The usual case in one pass over the bytes, not one object per line.
+        return first + lines[:-1].replace(b"\n", b"\n" + self._prefix) + b"\n"
+
+    def finish(self) -> bytes:
+        """The last line, if the pipe ended without a newline."""
+        return self._piece() if self._pending else b""
+
+    def _piece(self) -> bytes:
+        piece = (self._continued if self._in_line else self._prefix) + self._pending + b"\n"
+        self._pending.clear()
+        self._in_line = True
+        return bytes(piece)
+
+
 def _write_all(fd: int, data: bytes) -> None:
     view = memoryview(data)
     while view:
@@ -191,8 +277,11 @@ def _write_all(fd: int, data: bytes) -> None:
 
 
 def global_options_of(args: Any) -> list[str]:
-    """The global flags to hand each agent's `tucdesk exec` (the home is passed separately)."""
+    """Every global flag the parent got, for each agent's `tucdesk exec` (the home is passed
+    separately)."""
     options: list[str] = []
+    if getattr(args, "debug", False):
+        options.append("--debug")
     if getattr(args, "server", None):
         options += ["--server", args.server]
     if getattr(args, "ca_file", None):

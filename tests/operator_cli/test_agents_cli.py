@@ -161,6 +161,31 @@ async def test_agents_trust_resolves_the_name_through_the_filtered_list(
     assert "several agents are called 'web-1'" in capsys.readouterr().err
 
 
+async def test_a_mistyped_name_is_matched_against_a_bounded_number_of_agents(
+    logged_in: tuple[str, Path], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import operator_cli.session_commands as session_commands
+
+    url, home = logged_in
+    monkeypatch.setattr(session_commands, "SUGGESTION_SEARCH_LIMIT", 2)
+    before = await _list_requests(url)
+    command = ["--home", str(home), "exec", "wbe-3", "--", "true"]
+    assert await trio.to_thread.run_sync(main, command) == 255
+    # One request for the first 2 agents (cache-1, db-1), not every page of the team.
+    assert await _list_requests(url) - before == 1
+    assert capsys.readouterr().err == (
+        "tucdesk: no agent named 'wbe-3' in your team (see tucdesk agents; searched the first "
+        "2 agents)\n"
+    )
+    monkeypatch.setattr(session_commands, "SUGGESTION_SEARCH_LIMIT", 1000)
+    assert await trio.to_thread.run_sync(main, command) == 255
+    assert capsys.readouterr().err == (
+        "tucdesk: no agent named 'wbe-3' in your team; did you mean web-3 or web-2 or web-1? "
+        "(see tucdesk agents)\n"
+    )
+
+
 @pytest.mark.parametrize(
     "options",
     [["--limit", "0"], ["--limit", "x"], ["--page-size", "1001"], ["--online", "--offline"]],

@@ -196,3 +196,10 @@ def test_exec_by_tag_runs_on_each_tagged_agent_with_prefixed_lines_and_a_summary
         completed = fleet.run_tucdesk("exec", "--tag", "fleet", "--", "true")
         assert completed.returncode == 0, completed.stderr.decode()
         assert completed.stderr.decode().startswith("tucdesk: 2 of 2 agents succeeded\n")
+        # The command's own 255 is its status, not a session that could not be set up.
+        completed = fleet.run_tucdesk("exec", "--tag", "fleet", "--", "sh", "-c", "exit 255")
+        assert completed.returncode == 1
+        assert completed.stderr.decode() == (
+            "tucdesk: 0 of 2 agents succeeded\n"
+            f"  {first:<{width}}  exit 255\n  {'web-b':<{width}}  exit 255\n"
+        )

@@ -117,3 +117,63 @@ def test_exec_help_states_the_limits_the_grant_enforces() -> None:
     assert (cli.EXEC_MAX_ARGUMENTS, cli.EXEC_MAX_COMMAND_BYTES) == (
         MAX_COMMAND_ARGUMENTS, MAX_COMMAND_SIZE
     )
+
+
+def test_exec_with_an_agent_and_a_tag_after_it_is_refused_not_run_on_the_agent(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    code, err = run_main(capsys, "--home", str(tmp_path), "exec", "web-1", "--tag", "db", "--",
+                         "echo", "x")
+    assert code == EXIT_USAGE
+    assert "--tag runs on every agent carrying the tag, instead of AGENT ('web-1')" in err
+
+
+def _sent_by_ssh(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, *argv: str
+) -> tuple[int, list[tuple[list[str], object]]]:
+    import operator_cli.session_commands as session_commands
+
+    sent: list[tuple[list[str], object]] = []
+
+    def fake_exec(home: object, agent: str, command: list[str], **options: object) -> int:
+        sent.append((command, options["no_stdin"]))
+        return 0
+
+    monkeypatch.setattr(session_commands, "exec_command", fake_exec)
+    return main(["--home", str(tmp_path), "ssh", *argv]), sent
+
+
+def test_ssh_reads_options_after_the_agent_as_ssh_does(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-n", "-T", "-q", "echo", "-n") == (
+        0, [(["sh", "-c", "echo -n"], True)]
+    )
+    assert _sent_by_ssh(monkeypatch, tmp_path, "-Tq", "web-1", "-nT", "id") == (
+        0, [(["sh", "-c", "id"], True)]
+    )
+    # After --, or once the command began, an option is the command's.
+    assert _sent_by_ssh(monkeypatch, tmp_path, "web-1", "--", "-l", "x") == (
+        0, [(["sh", "-c", "-l x"], False)]
+    )
+    assert _sent_by_ssh(monkeypatch, tmp_path, "web-1", "ls", "-l", "/") == (
+        0, [(["sh", "-c", "ls -l /"], False)]
+    )
+
+
+def test_ssh_refuses_a_login_user_or_an_ssh_option_after_the_agent_too(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-l", "root", "id") == (255, [])
+    assert "-l root: there is no login choice" in capsys.readouterr().err
+    assert _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-lroot", "id") == (255, [])
+    assert "-l root: there is no login choice" in capsys.readouterr().err
+    for argv in (["-o", "BatchMode=yes", "web-1", "id"], ["web-1", "-o", "BatchMode=yes", "id"]):
+        assert _sent_by_ssh(monkeypatch, tmp_path, *argv) == (255, [])
+        assert "-o BatchMode=yes: tucdesk ssh takes no ssh configuration options" in (
+            capsys.readouterr().err
+        )
+    with pytest.raises(SystemExit) as stopped:
+        _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-x", "id")
+    assert stopped.value.code == EXIT_USAGE
+    assert "option -x not recognized after AGENT" in capsys.readouterr().err
