@@ -61,6 +61,9 @@ MAX_KEY_ID_SIZE = 256
 CLOCK_SKEW_SAMPLES = 3
 CLOCK_SKEW_WINDOW_SECONDS = 300.0
 CLOCK_SKEW_SPREAD_SECONDS = 2.0
+# ... and that were issued at least this far apart: tokens issued together and presented late
+# together (a fan-out from a laptop that then slept) say nothing about the relay's clock.
+CLOCK_SKEW_MIN_ISSUE_SPAN_SECONDS = 30.0
 
 
 class Side(StrEnum):
@@ -230,7 +233,8 @@ class ClockSkewEstimate:
     A relay token is presented moments after the rendezvous issues it, so the relay's time minus
     its ``iat`` is about how far the two clocks differ. One late or early token proves little (a
     slow client, a replayed token); CLOCK_SKEW_SAMPLES distinct ones within
-    CLOCK_SKEW_WINDOW_SECONDS that agree within CLOCK_SKEW_SPREAD_SECONDS do.
+    CLOCK_SKEW_WINDOW_SECONDS that agree within CLOCK_SKEW_SPREAD_SECONDS and were issued at
+    least CLOCK_SKEW_MIN_ISSUE_SPAN_SECONDS apart do.
     """
 
     def __init__(self) -> None:
@@ -266,9 +270,14 @@ class ClockSkewEstimate:
         rendezvous, in seconds) once the refusals agree on one, else None."""
         if all(seen != token_id for _, seen, _ in self._samples):
             self._samples.append((now, token_id, issued_age))
-        ages = [age for when, _, age in self._samples if now - when <= CLOCK_SKEW_WINDOW_SECONDS]
+        recent = [(when, age) for when, _, age in self._samples
+                  if now - when <= CLOCK_SKEW_WINDOW_SECONDS]  # fmt: skip
+        ages = [age for _, age in recent]
         if len(ages) < CLOCK_SKEW_SAMPLES or max(ages) - min(ages) > CLOCK_SKEW_SPREAD_SECONDS:
             return None
+        issued = [when - age for when, age in recent]
+        if max(issued) - min(issued) < CLOCK_SKEW_MIN_ISSUE_SPAN_SECONDS:
+            return None  # issued together, late together: the clients', not the clock
         return sorted(ages)[len(ages) // 2]
 
 

@@ -22,12 +22,13 @@ client may retry them (relay/client.py does).
 from __future__ import annotations
 
 import errno
+import functools
 import math
 import os
 import socket
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sized
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,6 +57,7 @@ from relay.metrics import (
 )
 from relay.pairing import PairingRegistry
 from relay.refusal_log import RefusalLog, show_address
+from relay.session_log import blurred_peer
 from relay.wire import Reason, encode_status
 
 MIN_TOKEN_ID_CACHE_SIZE = 100_000
@@ -226,6 +228,10 @@ class Admission:
         self.registry: PairingRegistry[object] = PairingRegistry(
             max_sessions=config.max_sessions, max_waiting=config.max_waiting
         )
+        # The paired sessions sharing total_bandwidth fairly (relay/fair_share.py): the TCP
+        # front end's set of sessions, and the UDP front end's count.
+        self.tcp_sessions: Sized = ()
+        self.udp_sessions_paired = 0
         self.total_bandwidth: TokenBucket | None = (
             TokenBucket(config.total_bandwidth, max(config.total_bandwidth, 65536), now)
             if config.total_bandwidth > 0
@@ -252,9 +258,13 @@ class Admission:
             token = None
         self.refusal_log.refused(
             trio.current_time(), transport, reason.value,
-            peer=peer, claims=claims, token=token, detail=detail,
+            peer=self._shown_peer(peer), claims=claims, token=token, detail=detail,
         )
         return reason
+
+    def _shown_peer(self, peer: Callable[[], str] | str) -> Callable[[], str] | str:
+        # With --blur-logs refusal lines show a peer's network only, as session lines do.
+        return functools.partial(blurred_peer, peer) if self.config.blur_logs else peer
 
     def _token_detail(self, reason: Reason, token: str) -> str | None:
         # Why a token was refused, where the reason code alone does not tell the operator.
@@ -299,7 +309,8 @@ class Admission:
         """Count and log (rate-limited) a client that left before sending its whole hello."""
         self.metrics.refusals.labels("tcp", HELLO_ABANDONED).inc()
         self.refusal_log.refused(
-            trio.current_time(), "tcp", HELLO_ABANDONED, peer=lambda: show_address(slot.address)
+            trio.current_time(), "tcp", HELLO_ABANDONED,
+            peer=self._shown_peer(lambda: show_address(slot.address)),
         )
 
     def accept_failed(self, listener: socket.socket, error: OSError) -> None:
@@ -360,6 +371,8 @@ class Admission:
 def shed_backlog(spare: SpareDescriptor, listener: socket.socket, most: int) -> int:
     """Accept up to ``most`` waiting connections through ``spare`` and refuse each one with
     too_many_connections; return how many. The spare is held again afterwards."""
+    # The spare may have been lost (a reopen failed: another thread took the freed slot).
+    spare.reopen()
     shed = 0
     refusal = encode_status(Reason.TOO_MANY_CONNECTIONS)
     while shed < most:

@@ -7,6 +7,7 @@ the default. Every option is described once, in OPTIONS, which also generates ``
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,7 +129,8 @@ OPTIONS: tuple[Option, ...] = (
            "used only if net.core.rmem_max and wmem_max allow the whole size, since a clamped "
            "fixed buffer would slow long-distance sessions; fixed buffers also let bulk "
            "transfers batch the relay's wake-ups", minimum=0),
-    Option("blur_logs", "bool", False, "round byte counts and durations in logs"),
+    Option("blur_logs", "bool", False, "round byte counts and durations in logs and cut "
+           "peer addresses to their network (IPv4 /24, IPv6 /48, no port)"),
     Option("log_level", "str", "info", "debug, info, warning or error"),
 )
 
@@ -179,6 +181,9 @@ class RelayConfig:
             raise ConfigError("log level must be debug, info, warning or error")
         for option in OPTIONS:
             value = getattr(self, option.name)
+            # NaN passes every minimum (NaN < x is False) and inf is no duration or rate.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{option.name} must be a finite number, not {value}")
             if option.minimum is not None and value < option.minimum:
                 raise ConfigError(f"{option.name} must be at least {option.minimum}")
         if self.source_ipv4_prefix > 32 or self.source_ipv6_prefix > 128:

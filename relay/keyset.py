@@ -7,8 +7,13 @@ issuer or audit signer key here would let a token signed for another purpose ope
 A rotated relay-token key appears in the JWKS only once the rendezvous signs with it, so a token
 whose ``kid`` the relay does not know asks for a refetch at once rather than at the next periodic
 refresh. Such refetches are single-flight (tokens that arrive during one wait for it) and at most
-one per UNKNOWN_KEY_REFETCH_SECONDS: a flood of tokens with made-up key ids costs the rendezvous
-no more than that.
+one per ``unknown_key_refetch`` seconds: a flood of tokens with made-up key ids costs the
+rendezvous no more than that. A TCP token also waits for a refetch that is due to start before
+its hello_timeout runs out, and the relay spaces refetches by at most half of hello_timeout
+(unknown_key_refetch_for), so a made-up key id that just spent the refetch cannot get a genuine
+token signed with a newly rotated key refused: it waits for the next refetch instead. UDP hellos
+cannot wait (a datagram is answered at once); one with an unknown key id may bring a refetch
+forward too (its source may be spoofed), which for the same reason costs a TCP token nothing.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -40,12 +46,16 @@ JWKS_FETCH_TIMEOUT_SECONDS = 10.0
 JWKS_RETRY_SECONDS = 10.0
 # At most one refetch per this many seconds for tokens naming a key id the relay does not know.
 UNKNOWN_KEY_REFETCH_SECONDS = 10.0
-# A token waits for a refetch already running at most this long (the fetch's own timeout).
+MIN_UNKNOWN_KEY_REFETCH_SECONDS = 1.0
+# A token waits for a refetch at most this long (the fetch's own timeout), and never beyond
+# what is left of its connection's hello_timeout.
 UNKNOWN_KEY_WAIT_SECONDS = JWKS_FETCH_TIMEOUT_SECONDS
-# At most this many connections wait for one refetch; more are refused at once.
+# At most this many connections wait for one refetch; more are refused at once. Waiting ones
+# keep their hello slot, so they are also within max_pending (and the descriptor budget).
 MAX_TOKENS_WAITING_FOR_KEYS = 256
 # Longest key id shown in a log line (it comes from an unverified token header).
 MAX_SHOWN_KEY_ID = 64
+_UNSHOWN_KEY_ID_CHARACTERS = re.compile(r"[^A-Za-z0-9_-]")
 # The ``purpose`` the rendezvous gives its relay-token signer in the JWK set (KEY_ROLES).
 RELAY_TOKEN_PURPOSE = "relay-token"  # noqa: S105 (a key role name, not a secret)
 JWKS_PATH = "/.well-known/jwks.json"
@@ -98,18 +108,24 @@ class TokenKeySet:
             return None
         return self.refresher.fetch_for_unknown_key()
 
-    async def wait_for_unknown_key(self, token: str) -> bool:
-        """Wait (bounded) for the refetch a token with an unknown key id asked for; return
-        whether the set now knows its key id, so the token is worth checking again."""
+    async def wait_for_unknown_key(self, token: str, deadline: float) -> bool:
+        """Wait, until ``deadline`` (trio time) at most, for the refetch a token with an
+        unknown key id asked for: one running, or one due to start by then; return whether the
+        set now knows its key id, so the token is worth checking again."""
         key_id = self.unknown_key_id(token)
-        if key_id is None or self._waiting_for_keys >= MAX_TOKENS_WAITING_FOR_KEYS:
+        if (
+            key_id is None
+            or self.refresher is None
+            or self._waiting_for_keys >= MAX_TOKENS_WAITING_FOR_KEYS
+        ):
             return False
-        fetched = self.ask_for_unknown_key(token)
+        deadline = min(deadline, trio.current_time() + UNKNOWN_KEY_WAIT_SECONDS)
+        fetched = self.refresher.fetch_for_unknown_key(start_by=deadline)
         if fetched is None:
             return False
         self._waiting_for_keys += 1
         try:
-            with trio.move_on_after(UNKNOWN_KEY_WAIT_SECONDS):
+            with trio.move_on_at(deadline):
                 await fetched.wait()
         finally:
             self._waiting_for_keys -= 1
@@ -120,7 +136,10 @@ class TokenKeySet:
         key_id = self.unknown_key_id(token)
         if key_id is None:
             return None
-        return f"unknown key id {key_id[:MAX_SHOWN_KEY_ID]!r}"
+        # From an unverified header: only [A-Za-z0-9_-] is shown (the others as "?"), so a
+        # made-up key id cannot forge fields (" peer=... sid=...") in the refusal line.
+        shown = _UNSHOWN_KEY_ID_CHARACTERS.sub("?", key_id[:MAX_SHOWN_KEY_ID])
+        return f"unknown key id {shown}"
 
     @classmethod
     def from_files(cls, paths: Iterable[Path]) -> TokenKeySet:
@@ -233,6 +252,14 @@ def _reason_of(error: BaseException, ca_file: str | None = None) -> str:
     return failure.words
 
 
+def unknown_key_refetch_for(hello_timeout: float) -> float:
+    """The least time between unknown-key refetches for a relay whose hello_timeout is this:
+    at most half of it, so a TCP token always finds a refetch starting within what is left of
+    its hello_timeout (UNKNOWN_KEY_REFETCH_SECONDS at most, MIN_UNKNOWN_KEY_REFETCH_SECONDS at
+    least: the rendezvous serves no more JWKS fetches than that under a flood)."""
+    return min(UNKNOWN_KEY_REFETCH_SECONDS, max(MIN_UNKNOWN_KEY_REFETCH_SECONDS, hello_timeout / 2))
+
+
 class JwksRefresher:
     """Refetches the JWKS every ``interval`` s (sooner after a failure, or when asked).
 
@@ -274,10 +301,11 @@ class JwksRefresher:
         self._reload_asked = True
         self._wake.set()
 
-    def fetch_for_unknown_key(self) -> trio.Event | None:
+    def fetch_for_unknown_key(self, start_by: float | None = None) -> trio.Event | None:
         """Bring the next fetch forward for a token with an unknown key id, at most one such
         fetch per ``unknown_key_refetch`` seconds; return an event set when the fetch running
-        now, or starting now, ends (None: the next one is later)."""
+        now, or the next one if it starts by ``start_by`` (trio time; default now), ends (None:
+        the next one is later)."""
         if self._in_flight is not None:
             return self._in_flight
         now = trio.current_time()
@@ -285,7 +313,10 @@ class JwksRefresher:
         if self._next_fetch_at is None or due < self._next_fetch_at:
             self._next_fetch_at = due
             self._wake.set()
-        return self._next_fetch_done if due <= now else None
+        else:
+            due = self._next_fetch_at  # a fetch is due sooner anyway (periodic, or asked for)
+        wait_until = now if start_by is None else max(now, start_by)
+        return self._next_fetch_done if due <= wait_until else None
 
     async def run(self) -> None:
         """Refresh until cancelled; on failure keep the old keys and retry sooner.

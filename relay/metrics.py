@@ -18,6 +18,7 @@ DATAGRAM_DROP_REASONS = (
     "send_failed",
 )
 KEY_RELOAD_RESULTS = ("ok", "failed")
+PROBE_ANSWERS = ("ok", "shutting_down")
 # Counted with the refusals but never sent: the client left before the relay had its hello.
 HELLO_ABANDONED = "hello_abandoned"
 # Why a connection still in its hello phase was dropped (it is also refused with
@@ -50,6 +51,10 @@ class RelayMetrics:
         self.connections_pending = Gauge(
             "tucdesk_relay_connections_pending", "TCP connections that have not finished a hello.",
             registry=self.registry,
+        )
+        self.probes = Counter(
+            "tucdesk_relay_probes", "Health-check probes answered, by answer (ok, "
+            "shutting_down).", ["answer"], registry=self.registry,
         )
         self.connections_accepted = Counter(
             "tucdesk_relay_connections_accepted",
@@ -117,6 +122,8 @@ class RelayMetrics:
             for reason in REFUSAL_REASONS:
                 self.refusals.labels(transport, reason.value)
         self.refusals.labels("tcp", HELLO_ABANDONED)
+        for answer in PROBE_ANSWERS:
+            self.probes.labels(answer)
         for pending_reason in PENDING_DROP_REASONS:
             self.pending_dropped.labels(pending_reason)
         for listener in ("relay", "metrics"):

@@ -18,7 +18,13 @@ from protocol.version import installed_version
 from relay.admission import Admission, SpareDescriptor, accept_failure_reason
 from relay.config import HostPort, RelayConfig
 from relay.errors import KeySetError, RelayError
-from relay.keyset import JwksRefresher, TokenKeySet, fetch_jwks, load_key_files
+from relay.keyset import (
+    JwksRefresher,
+    TokenKeySet,
+    fetch_jwks,
+    load_key_files,
+    unknown_key_refetch_for,
+)
 from relay.metrics import RelayMetrics
 from relay.metrics_http import serve_metrics
 from relay.tcp import (
@@ -110,6 +116,7 @@ class Relay:
             self._jwks_refresher = JwksRefresher(
                 self.key_set, self.config.jwks, self.config.jwks_ca, self.config.jwks_refresh,
                 self.metrics.jwks_refresh_failures.inc, self._count_reload,
+                unknown_key_refetch=unknown_key_refetch_for(self.config.hello_timeout),
             )
         admission = Admission(self.config, self.key_set, self.metrics, trio.current_time())
         sockets: list[socket.socket] = []
@@ -253,6 +260,8 @@ class Relay:
             if self.tcp is not None:
                 self.tcp.admission.refusal_log.flush(now)
                 self.tcp.admission.accept_failure_log.flush(now)
+                # Take the spare descriptor back if a reopen lost it to another thread.
+                self.tcp.admission.spare.reopen()
                 self.tcp.sweep_idle(now, interval)
             if self.udp is not None:
                 self.udp.sweep(now)

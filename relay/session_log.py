@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from relay.refusal_log import show_address
 
@@ -40,6 +40,16 @@ def shown_peer(address: object, blur: bool) -> str:
     if not blur:
         return show_address(address)
     return _network(str(address[0]).split("%", 1)[0])
+
+
+def blurred_peer(peer: Callable[[], str] | str) -> str:
+    """A refusal line's ``host:port`` (``[v6]:port``) cut to its network as ``shown_peer`` does
+    with blurring on; ``peer`` may be a function giving it."""
+    text = peer if isinstance(peer, str) else peer()
+    host, separator, _ = text.rpartition(":")
+    if not separator:
+        return "unknown"
+    return _network(host.removeprefix("[").removesuffix("]").split("%", 1)[0])
 
 
 def _network(host: str) -> str:

@@ -20,6 +20,7 @@ from protocol.rate_limits import TokenBucket
 from protocol.relay_token import RelayTokenClaims, Side
 from relay.admission import Admission, PendingHello
 from relay.errors import HelloError
+from relay.fair_share import FairShare
 from relay.forwarding import MAX_CHUNK_SIZE, SPLICE_AVAILABLE, bulk_low_water, pump
 from relay.refusal_log import peer_address, peer_of, show_address
 from relay.session_log import session_end_line, session_paired_line
@@ -33,7 +34,9 @@ from relay.sockio import (
 )
 from relay.wire import (
     HELLO_HEADER_SIZE,
+    PROBE_TOKEN,
     Reason,
+    encode_probe,
     encode_status,
     parse_hello_header,
     parse_hello_token,
@@ -45,6 +48,12 @@ WMEM_MAX_PATH = "/proc/sys/net/core/wmem_max"
 STATUS_SEND_TIMEOUT_SECONDS = 5.0
 ACCEPT_ERROR_BACKOFF_SECONDS = 0.1
 MAX_ACCEPTS_WITHOUT_YIELD = 64
+# While draining, how long a newcomer's first bytes are awaited to tell a probe (answered, not
+# refused) from a client (refused shutting_down); a client sends its hello at once.
+DRAIN_PROBE_WAIT_SECONDS = 0.5
+# At most this many newcomers wait so while draining (their descriptors come out of the
+# max_pending budget: no new hello slot opens while draining); more are refused at once.
+MAX_DRAINING_CHECKS = 64
 LISTEN_BACKLOG = 4096
 # Dead-peer detection (detect_dead_peers): probe after half the timeout of silence, then this
 # many probes spread over the other half.
@@ -52,15 +61,13 @@ DEAD_PEER_IDLE_FRACTION = 2
 DEAD_PEER_PROBES = 3
 # How often, per dead_peer_timeout, the sweep asks each session's sockets (unanswered_for).
 DEAD_PEER_CHECKS_PER_TIMEOUT = 4
-# Fair sharing of --total-bandwidth (FairShare): a session's allowance holds this many seconds
-# of its share, and never less than MIN_FAIR_SHARE_BURST (a screenful, a command's output).
-FAIR_SHARE_BURST_SECONDS = 0.5
-MIN_FAIR_SHARE_BURST = 64 * 1024
 # struct tcp_info (linux/tcp.h): u32 tcpi_unacked at byte 24, u32 tcpi_last_ack_recv (ms) at 56.
 _TCP_INFO = getattr(socket, "TCP_INFO", 11)
 _TCP_INFO_BYTES = 60
 _TCP_INFO_UNACKED = struct.Struct("=24xI")
 _TCP_INFO_LAST_ACK_RECV = struct.Struct("=56xI")
+
+_PROBE_HELLO = encode_probe()
 
 log = logging.getLogger("tucdesk.relay")
 
@@ -75,33 +82,6 @@ class WaitingConnection:
     wake: trio.CancelScope = field(default_factory=trio.CancelScope)
     partner: tuple[socket.socket, RelayTokenClaims] | None = None
     shutting_down: bool = False
-
-
-class FairShare:
-    """A session's use of its fair share (total cap / sessions) of the relay-wide bandwidth.
-
-    A session within its share never waits out the relay-wide bucket's debt; only sessions
-    above it do, so bulk transfers that saturate the cap slow each other down, not a shell or
-    an ``exec`` beside them. Every byte is still charged to the relay-wide bucket, so the total
-    stays at the cap. The allowance is a token bucket refilled at the share's current rate; its
-    debt is bounded by one burst, so a session that was busy is treated as light soon after it
-    calms down.
-    """
-
-    __slots__ = ("_balance", "_updated")
-
-    def __init__(self, now: float = 0.0) -> None:
-        self._balance = float(MIN_FAIR_SHARE_BURST)
-        self._updated = now
-
-    def within(self, moved: int, now: float, share: float) -> bool:
-        """Charge ``moved`` bytes at ``now``; whether the session is still within ``share``
-        bytes/s (with its burst)."""
-        burst = max(share * FAIR_SHARE_BURST_SECONDS, MIN_FAIR_SHARE_BURST)
-        balance = min(burst, self._balance + (now - self._updated) * share) - moved
-        self._updated = now
-        self._balance = max(balance, -burst)
-        return balance >= 0
 
 
 @dataclass(eq=False)
@@ -150,8 +130,10 @@ class TcpFrontEnd:
         self.metrics = admission.metrics
         self.listener = listener
         self.pending = 0
+        self._draining_checks = 0  # newcomers _refuse_while_draining is looking at
         self.waiting: set[WaitingConnection] = set()
         self.sessions: set[TcpSession] = set()
+        admission.tcp_sessions = self.sessions
         self._dead_peer_cursor = 0
         self.use_splice = self.config.forwarding == "splice" and SPLICE_AVAILABLE
         self.low_water = bulk_low_water(socket_buffer)
@@ -195,7 +177,10 @@ class TcpFrontEnd:
             sock.setblocking(False)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             slot = self.admission.admit_connection(address, trio.current_time())
-            if isinstance(slot, Reason):
+            if slot is Reason.SHUTTING_DOWN and self._draining_checks < MAX_DRAINING_CHECKS:
+                self._draining_checks += 1
+                nursery.start_soon(self._refuse_while_draining, sock, address)
+            elif isinstance(slot, Reason):
                 self._refuse(sock, slot, peer=show_address(address))
             else:
                 self.pending += 1
@@ -238,15 +223,22 @@ class TcpFrontEnd:
         owned = True
         try:
             hello: str | Reason | None = None
+            checked: RelayTokenClaims | Reason | None = None
             try:
                 with slot.scope:  # cancelled if dropped (admission.PendingHellos)
+                    deadline = trio.current_time() + self.config.hello_timeout
                     hello = await self._read_hello(sock)
+                    if isinstance(hello, str) and hello != PROBE_TOKEN:
+                        # Still a pending hello while it may wait for a JWKS refetch: in
+                        # max_pending (and so the descriptor budget), in connections_pending,
+                        # droppable, and done by the end of its hello_timeout.
+                        checked = await self._check_token(hello, deadline)
             finally:
                 self.pending -= 1
                 self.metrics.connections_pending.dec()
                 self.admission.hello_finished(slot)
             if slot.dropped:
-                hello = Reason.TOO_MANY_CONNECTIONS  # its token was not checked: retryable
+                hello = Reason.TOO_MANY_CONNECTIONS  # its token was not accepted: retryable
             if hello is None:
                 self.admission.hello_abandoned(slot)
                 return
@@ -255,20 +247,58 @@ class TcpFrontEnd:
                 owned = False
                 return
             del slot  # its cancel scope is done with: not held for the session's life
-            owned = await self._admit(sock, hello)
+            if checked is None:  # a probe
+                self._answer_probe(sock)
+                owned = False
+                return
+            owned = await self._admit(sock, hello, checked)
         finally:
             if owned:
                 close_socket(sock)
             self.on_activity_ended()
 
-    async def _admit(self, sock: socket.socket, token: str) -> bool:
-        """Admit a connection with its token; return whether this task still owns the socket."""
+    async def _refuse_while_draining(self, sock: socket.socket, address: object) -> None:
+        """Refuse a newcomer with shutting_down, or answer it as a probe if its first bytes,
+        awaited DRAIN_PROBE_WAIT_SECONDS at most, are a probe hello (a health check's drain
+        answer is no refusal). Not a pending hello: it does not hold up the drain."""
+        try:
+            with trio.move_on_after(DRAIN_PROBE_WAIT_SECONDS):
+                await trio.lowlevel.wait_readable(sock)
+        except OSError:
+            pass
+        except BaseException:  # the grace period ended (cancelled): just close it
+            close_socket(sock)
+            raise
+        finally:
+            self._draining_checks -= 1
+        if is_probe_waiting(sock):
+            self._answer_probe(sock)
+        else:
+            self._refuse(sock, Reason.SHUTTING_DOWN, peer=show_address(address))
+
+    def _answer_probe(self, sock: socket.socket) -> None:
+        """Answer a health check's probe with the relay's state; counted, never logged."""
+        answer = Reason.SHUTTING_DOWN if self.admission.shutting_down else Reason.OK
+        self.metrics.probes.labels(answer.value).inc()
+        send_now(sock, encode_status(answer))
+        close_socket(sock)
+
+    async def _check_token(self, token: str, deadline: float) -> RelayTokenClaims | Reason:
+        """check_token, waiting until ``deadline`` at most for a JWKS refetch when the token
+        names a key id the relay does not know yet."""
         checked = self.admission.check_token(token, time.time())
         if checked is Reason.TOKEN_INVALID and await self.admission.key_set.wait_for_unknown_key(
-            token
+            token, deadline
         ):
-            # Signed with a key the JWKS refetch its unknown key id asked for just brought.
+            # Signed with a key the JWKS refetch its unknown key id waited for just brought.
             checked = self.admission.check_token(token, time.time())
+        return checked
+
+    async def _admit(
+        self, sock: socket.socket, token: str, checked: RelayTokenClaims | Reason
+    ) -> bool:
+        """Admit a connection with its checked token; return whether this task still owns the
+        socket."""
         if isinstance(checked, Reason):
             self._refuse(sock, checked, token=token)
             return False
@@ -399,7 +429,8 @@ class TcpFrontEnd:
     async def _pump_direction(
         self, session: TcpSession, source: socket.socket, destination: socket.socket, side: Side
     ) -> None:
-        total = self.admission.total_bandwidth
+        admission = self.admission
+        total = admission.total_bandwidth
         bucket = session.bucket
         counts = session.bytes_from
         sessions = self.sessions
@@ -416,7 +447,7 @@ class TcpFrontEnd:
                 # Every byte counts against the total; only a session above its fair share
                 # waits out the total's debt (FairShare).
                 total_delay = total.charge(moved, now)
-                share = total.rate / (len(sessions) or 1)
+                share = total.rate / ((len(sessions) + admission.udp_sessions_paired) or 1)
                 if not fair_share.within(moved, now, share) and total_delay > delay:
                     delay = total_delay
             return delay
@@ -468,6 +499,18 @@ class TcpFrontEnd:
         """End every session now (after the shutdown grace period)."""
         for session in list(self.sessions):
             session.close(reason)
+
+
+def is_probe_waiting(sock: socket.socket) -> bool:
+    """Whether a probe hello has already arrived on ``sock`` (peeked, left unread).
+
+    While draining, newcomers are refused before their hello is read; one whose first bytes are
+    a probe is still answered as a probe.
+    """
+    try:
+        return sock.recv(len(_PROBE_HELLO), socket.MSG_PEEK | socket.MSG_DONTWAIT) == _PROBE_HELLO
+    except OSError:
+        return False
 
 
 def unanswered_for(sock: socket.socket) -> float:

@@ -33,6 +33,7 @@ from relay.datagram import (
     parse_udp_hello,
 )
 from relay.errors import HelloError
+from relay.fair_share import FairShare
 from relay.refusal_log import show_address
 from relay.session_log import session_end_line, session_paired_line
 from relay.wire import Reason
@@ -70,6 +71,7 @@ class UdpSession:
     started: float = 0.0
     last_activity: float = 0.0
     bucket: TokenBucket | None = None
+    fair_share: FairShare = field(default_factory=FairShare)  # both directions together
 
     def bytes_from(self, side: Side) -> int:
         """Bytes forwarded from ``side`` so far."""
@@ -154,16 +156,22 @@ class UdpFrontEnd:
     def _forward_capped(
         self, session: UdpSession, sender: UdpSide, datagram: memoryview, size: int, now: float
     ) -> None:
-        bucket, total = session.bucket, self.admission.total_bandwidth
-        if (bucket is not None and bucket.balance(now) < 0) or (
-            total is not None and total.balance(now) < 0
-        ):
+        admission = self.admission
+        bucket, total = session.bucket, admission.total_bandwidth
+        if bucket is not None and bucket.balance(now) < 0:
             self.metrics.datagrams_dropped.labels("bandwidth").inc()
             return
+        if total is not None:
+            # Only a session above its fair share loses datagrams to the total's debt; every
+            # forwarded byte still counts against the total (relay/fair_share.py).
+            sharing = len(admission.tcp_sessions) + admission.udp_sessions_paired
+            within = session.fair_share.within(size, now, total.rate / (sharing or 1))
+            if not within and total.balance(now) < 0:
+                self.metrics.datagrams_dropped.labels("bandwidth").inc()
+                return
+            total.charge(size, now)
         if bucket is not None:
             bucket.charge(size, now)
-        if total is not None:
-            total.charge(size, now)
         assert sender.peer is not None
         try:
             self.sock.sendto(datagram, sender.peer.address)
@@ -265,7 +273,9 @@ class UdpFrontEnd:
         peer_side = session.sides[claims.side.other]
         side.peer, peer_side.peer = peer_side, side
         session.paired = True
+        self.admission.udp_sessions_paired += 1
         session.started = session.last_activity = now
+        session.fair_share = FairShare(now)
         session.bucket = self.admission.session_bucket(now)
         self.metrics.sessions_waiting.labels(TRANSPORT).dec()
         self.metrics.sessions_active.labels(TRANSPORT).inc()
@@ -338,6 +348,7 @@ class UdpFrontEnd:
             self._reply(member.address, reason)
         self.by_session.pop(session.session_id, None)
         self.admission.registry.end((TRANSPORT, session.session_id))
+        self.admission.udp_sessions_paired -= 1
         self.metrics.sessions_active.labels(TRANSPORT).dec()
         self.metrics.sessions_closed.labels(TRANSPORT, reason.value).inc()
         self.on_activity_ended()

@@ -9,6 +9,12 @@ and then sends nothing until the relay answers. The relay answers with status li
 ASCII reason code from Reason followed by ``\\n``: ``waiting`` (the first side, while the other is
 not there yet) and then ``paired``, after which the connection carries the session's bytes both
 ways. Any other code is a refusal and the relay closes the connection after sending it.
+
+A health check (the rendezvous's relay check) sends a probe instead: a hello whose token is
+PROBE_TOKEN. The relay answers at once with one status line, ``ok`` or, while it drains after a
+shutdown signal, ``shutting_down``, and closes the connection. A probe is no refusal: it is
+counted in tucdesk_relay_probes_total, not logged. A relay older than the probe answers it with
+a refusal (token_invalid: the probe is no token).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ HELLO_HEADER_SIZE = HELLO_HEADER.size
 MAX_HELLO_TOKEN_SIZE = 4096
 MAX_HELLO_SIZE = HELLO_HEADER_SIZE + MAX_HELLO_TOKEN_SIZE
 MAX_STATUS_LINE_SIZE = 64
+# The token of a probe hello: no compact JWT (it has no dots), so it can never be a real one.
+PROBE_TOKEN = "probe"  # noqa: S105 (a wire constant, not a secret)
 
 
 class Reason(StrEnum):
@@ -35,6 +43,8 @@ class Reason(StrEnum):
     # Progress (sent to the client).
     WAITING = "waiting"
     PAIRED = "paired"
+    # The answer to a probe hello from a relay that takes new sessions.
+    OK = "ok"
     # Refusals (sent to the client, then the connection is closed; each one is counted).
     BAD_HELLO = "bad_hello"
     HELLO_TOO_LARGE = "hello_too_large"
@@ -95,6 +105,11 @@ def encode_hello(token: str) -> bytes:
     if not 0 < len(body) <= MAX_HELLO_TOKEN_SIZE:
         raise HelloError(Reason.HELLO_TOO_LARGE, f"token must be 1..{MAX_HELLO_TOKEN_SIZE} bytes")
     return HELLO_HEADER.pack(HELLO_MAGIC, WIRE_VERSION, len(body)) + body
+
+
+def encode_probe() -> bytes:
+    """The probe hello a health check sends: the relay answers ``ok`` or ``shutting_down``."""
+    return encode_hello(PROBE_TOKEN)
 
 
 def parse_hello_header(header: bytes) -> int:

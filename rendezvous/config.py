@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -242,6 +243,10 @@ class ServiceConfig:
         ):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive")
+        for field_name, value in vars(self).items():
+            # NaN passes every range check below (NaN < 0 is False) and inf is no duration.
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"{field_name} must be a finite number, not {value}")
         if self.relay_check_seconds < 0:
             raise ConfigError("relay_check_seconds must be 0 (never check) or positive")
         if self.auth_rate_burst < 1:

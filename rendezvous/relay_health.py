@@ -1,12 +1,17 @@
-"""Which configured relays answer, so sessions are not sent to one that is down.
+"""Which configured relays serve, so sessions are not sent to one that is down.
 
-With more than one relay configured, each instance opens a TCP connection to every relay every
-``relay_check_seconds`` and closes it at once (the relay counts it as a connection closed before
-its hello). A relay that does not accept within ``RELAY_CHECK_TIMEOUT_SECONDS`` is left out of
-the choice until it accepts again, as RustDesk's hbbs does with its relays; if none accepts,
-every relay stays a candidate (the check may be what is wrong: the rendezvous reaches the relays
-by the addresses clients use, which it may not be able to). With one relay there is no choice to
-make and nothing is checked.
+With more than one relay configured, each instance probes every relay every
+``relay_check_seconds``: it connects and sends the relay wire protocol's probe hello, which the
+relay answers at once with ``ok``, or ``shutting_down`` while it drains after a shutdown signal
+(relay/wire.py; counted by the relay in tucdesk_relay_probes_total, not logged as a refusal). A
+relay is up only when it answers within RELAY_CHECK_TIMEOUT_SECONDS with an answer other than
+shutting_down or too_many_connections: a refused connect, a drain, or a connection the kernel
+completed for a process that never answers (hung, stopped) is a failed check. A relay is left out
+of the choice after FAILED_CHECKS_FOR_DOWN failed checks in a row (a lost SYN does not flap it)
+and taken back after one good one, as RustDesk's hbbs does with its relays; if none is up, every
+relay stays a candidate (the check may be what is wrong: the rendezvous reaches the relays by the
+addresses clients use, which it may not be able to). With one relay there is no choice to make
+and nothing is checked.
 """
 
 from __future__ import annotations
@@ -17,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import trio
 
+from relay.errors import HelloError
+from relay.wire import MAX_STATUS_LINE_SIZE, Reason, encode_probe, parse_status
 from rendezvous.config import RelayEndpoint
 
 if TYPE_CHECKING:
@@ -25,13 +32,18 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RELAY_CHECK_TIMEOUT_SECONDS = 3.0
+# Failed checks in a row before a relay is left out; one good check takes it back.
+FAILED_CHECKS_FOR_DOWN = 2
+# Probe answers that mean "alive, but takes no new session now".
+NOT_SERVING_ANSWERS = frozenset({Reason.SHUTTING_DOWN, Reason.TOO_MANY_CONNECTIONS})
 
 
 class RelayHealth:
-    """The ids of the relays the last check could not reach."""
+    """The ids of the relays the checks found down (FAILED_CHECKS_FOR_DOWN failures in a row)."""
 
     def __init__(self) -> None:
         self._down: set[str] = set()
+        self._failed_checks: dict[str, int] = {}
 
     def choose(self, relays: tuple[RelayEndpoint, ...]) -> RelayEndpoint:
         """One relay at random among those not known to be down (among all if every one is)."""
@@ -40,34 +52,58 @@ class RelayHealth:
 
     @property
     def down(self) -> frozenset[str]:
-        """The ids of the relays the last check could not reach."""
+        """The ids of the relays the checks found down."""
         return frozenset(self._down)
 
     def mark(self, relay: RelayEndpoint, reachable: bool) -> None:
-        """Record a check's result; a change is logged."""
-        if reachable and relay.id in self._down:
-            self._down.discard(relay.id)
-            logger.info("relay %s at %s:%d accepts connections again: sessions may use it",
-                        relay.id, relay.host, relay.port)  # fmt: skip
-        elif not reachable and relay.id not in self._down:
+        """Record a check's result; a change of state is logged."""
+        if reachable:
+            self._failed_checks.pop(relay.id, None)
+            if relay.id in self._down:
+                self._down.discard(relay.id)
+                logger.info("relay %s at %s:%d answers its health probe again: sessions may "
+                            "use it", relay.id, relay.host, relay.port)  # fmt: skip
+            return
+        failed = self._failed_checks[relay.id] = self._failed_checks.get(relay.id, 0) + 1
+        if failed >= FAILED_CHECKS_FOR_DOWN and relay.id not in self._down:
             self._down.add(relay.id)
             logger.warning(
-                "relay %s at %s:%d does not accept connections: new sessions use the other "
-                "relays until it does", relay.id, relay.host, relay.port,
+                "relay %s at %s:%d did not answer its health probe %d times in a row (refused, "
+                "draining or hung): new sessions use the other relays until it does",
+                relay.id, relay.host, relay.port, failed,
             )  # fmt: skip
 
 
 async def reachable(relay: RelayEndpoint) -> bool:
-    """Whether ``relay`` accepts a TCP connection within RELAY_CHECK_TIMEOUT_SECONDS (closed at
-    once)."""
+    """Whether ``relay`` answers a probe as serving within RELAY_CHECK_TIMEOUT_SECONDS."""
     with trio.move_on_after(RELAY_CHECK_TIMEOUT_SECONDS):
         try:
             stream = await trio.open_tcp_stream(relay.host, relay.port)
         except OSError:
             return False
-        await stream.aclose()
-        return True
+        async with stream:
+            try:
+                await stream.send_all(encode_probe())
+                answer = parse_status(await _status_line(stream))
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                return False
+            except HelloError:
+                return False  # not a relay's status line (or the connection ended first)
+        # ok. A relay older than the probe refuses it as a token (token_invalid): it read the
+        # hello, so it serves; only the answers saying it takes no new session count as down.
+        return answer not in NOT_SERVING_ANSWERS
     return False
+
+
+async def _status_line(stream: trio.abc.ReceiveStream) -> bytes:
+    """The relay's first status line, ``\\n`` included (what arrived, if it ends sooner)."""
+    line = b""
+    while not line.endswith(b"\n") and len(line) < MAX_STATUS_LINE_SIZE:
+        data = await stream.receive_some(MAX_STATUS_LINE_SIZE - len(line))
+        if not data:
+            break
+        line += data
+    return line.split(b"\n", 1)[0] + b"\n" if b"\n" in line else line
 
 
 async def check_relays_forever(ctx: ServiceContext) -> None:
@@ -85,6 +121,5 @@ async def check_relays_forever(ctx: ServiceContext) -> None:
 
 
 async def _check_one(ctx: ServiceContext, relay: RelayEndpoint) -> None:
-    up = await reachable(relay)
-    ctx.relay_health.mark(relay, up)
-    ctx.metrics.relays_up.labels(relay.id).set(1 if up else 0)
+    ctx.relay_health.mark(relay, await reachable(relay))
+    ctx.metrics.relays_up.labels(relay.id).set(0 if relay.id in ctx.relay_health.down else 1)

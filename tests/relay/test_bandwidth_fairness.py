@@ -9,10 +9,11 @@ import pytest
 import trio
 
 from protocol.identity import SigningIdentity
-from relay.tcp import MIN_FAIR_SHARE_BURST, FairShare
+from relay.fair_share import MIN_FAIR_SHARE_BURST, FairShare
 
-from .harness import running_relay, trio_test
+from .harness import running_relay, trio_test, wait_until
 from .test_tcp_relay import pair
+from .test_udp_relay import pair_udp
 
 TOTAL_CAP = 400_000.0
 BULK_SESSIONS = 4
@@ -98,3 +99,40 @@ def test_a_busy_session_that_calms_down_is_within_its_share_again_soon():
     # Its debt is bounded by one burst: after burst / share seconds (plus a request) it is light.
     calm = 10.0 + burst / share + 0.01
     assert session.within(100, calm, share)
+
+
+@trio_test
+async def test_a_light_udp_session_keeps_its_datagrams_while_bulk_tcp_saturates_the_cap(signer):
+    async with running_relay(signer, total_bandwidth=TOTAL_CAP) as relay:
+
+        async def bulk(number: int) -> None:
+            sender, receiver = await pair(relay.tcp_address, signer, f"bulk-{number}")
+
+            async def send_forever() -> None:
+                while True:
+                    await sender.send_all(BULK_CHUNK)
+
+            async with trio.open_nursery() as both:
+                both.start_soon(send_forever)
+                while await receiver.receive_some(1 << 20):
+                    pass
+
+        async with trio.open_nursery() as nursery:
+            for number in range(BULK_SESSIONS):
+                nursery.start_soon(bulk, number)
+            operator, agent = await pair_udp(relay, signer, "light-udp")
+            # UDP sessions count in the fair share, as TCP ones do.
+            assert relay.tcp.admission.udp_sessions_paired == 1
+            await trio.sleep(1.5)  # the bulk sessions have spent the burst and are in debt
+            assert relay.tcp.admission.total_bandwidth.balance(trio.current_time()) < 0
+            received = 0
+            for _ in range(ROUND_TRIPS):
+                await operator.send(REQUEST)
+                with trio.move_on_after(0.5):
+                    assert await agent.receive() == REQUEST
+                    received += 1
+            await operator.close()
+            await wait_until(lambda: relay.tcp.admission.udp_sessions_paired == 0)
+            nursery.cancel_scope.cancel()
+    # Without fair sharing every datagram was dropped while the total was in debt.
+    assert received >= ROUND_TRIPS - 2, received

@@ -130,3 +130,11 @@ def test_a_low_open_file_limit_is_logged_with_the_sessions_it_still_allows(
     allowed = (4_096 - 1_024 - 64) // 2
     assert (f"fd_limit open_files=4096 needed=21088 sessions_allowed={allowed} of "
             "max_sessions=10000: raise it") in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+@pytest.mark.parametrize("name", ["hello_timeout", "grace", "total_bandwidth", "rate_limit"])
+def test_non_finite_durations_and_rates_are_refused(name, value):
+    # NaN passed every minimum (NaN < x is False).
+    with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
+        load_config({**REQUIRED, name: value}, {}, None)

@@ -13,6 +13,9 @@ import time
 from pathlib import Path
 
 from protocol.identity import SigningIdentity
+from relay.admission import SpareDescriptor, shed_backlog
+
+from .harness import running_relay, trio_test, wait_until
 
 STARTUP_TIMEOUT_SECONDS = 15
 STARTED = re.compile(r"relay_started .* tcp=(\S+):(\d+) udp=off metrics=(\S+):(\d+)")
@@ -96,3 +99,28 @@ def test_metrics_answer_and_the_backlog_is_refused_when_descriptors_run_out(tmp_
             sock.close()
         process.kill()
         process.wait()
+
+
+def test_a_lost_spare_descriptor_is_taken_back_before_shedding():
+    # A reopen that failed (another thread took the freed slot) left the spare unheld; the
+    # next shed takes it back instead of leaving the backlog to hang for good.
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        listener.setblocking(False)
+        spare = SpareDescriptor()
+        spare.close()  # as after a failed reopen
+        assert not spare.held
+        with socket.create_connection(listener.getsockname()) as waiting:
+            assert shed_backlog(spare, listener, 4) == 1
+            assert waiting.recv(64) == b"too_many_connections\n"
+        assert spare.held
+        spare.close()
+
+
+@trio_test
+async def test_the_relay_sweep_takes_a_lost_spare_descriptor_back():
+    async with running_relay(SigningIdentity.generate()) as relay:
+        spare = relay.tcp.admission.spare
+        spare.close()  # as after a failed reopen
+        await wait_until(lambda: spare.held)

@@ -22,10 +22,16 @@ from protocol.identity import SigningIdentity, b64url
 from protocol.relay_token import Side
 from relay.client import connect_tcp
 from relay.errors import KeySetError, RelayRefusedError
-from relay.keyset import JwksRefresher, TokenKeySet, fetch_jwks, parse_jwks
+from relay.keyset import (
+    JwksRefresher,
+    TokenKeySet,
+    fetch_jwks,
+    parse_jwks,
+    unknown_key_refetch_for,
+)
 from relay.metrics import RelayMetrics
 from relay.server import Relay
-from relay.wire import Reason
+from relay.wire import Reason, encode_hello
 from rendezvous.routes_meta import router as rendezvous_meta_routes
 from rendezvous.service_keys import KEY_ROLES, ServiceKeys
 
@@ -360,6 +366,7 @@ async def test_tokens_with_unknown_key_ids_refetch_the_jwks_at_most_once_per_int
         relay = Relay(config)
         await nursery.start(relay.serve)
         strangers = [SigningIdentity.generate() for _ in range(20)]
+        started = trio.current_time()
 
         async def attempt(stranger: SigningIdentity, number: int) -> None:
             token = make_token(stranger, f"unknown-{number}", Side.OPERATOR)
@@ -370,14 +377,18 @@ async def test_tokens_with_unknown_key_ids_refetch_the_jwks_at_most_once_per_int
         async with trio.open_nursery() as flood:
             for number, stranger in enumerate(strangers):
                 flood.start_soon(attempt, stranger, number)
-        for number, stranger in enumerate(strangers):
-            await attempt(stranger, 100 + number)
-        assert len(requests) == 2  # start-up, then one refetch for all twenty made-up key ids
+        async with trio.open_nursery() as second_flood:
+            for number, stranger in enumerate(strangers):
+                second_flood.start_soon(attempt, stranger, 100 + number)
+        # Start-up, then one refetch for the twenty concurrent made-up key ids, and at most
+        # one per unknown_key_refetch_for(hello_timeout) seconds after that.
+        spacing = unknown_key_refetch_for(config.hello_timeout)
+        assert len(requests) <= 2 + (trio.current_time() - started) / spacing
         refusals = [r.getMessage() for r in caplog.records
-                    if "reason=token_invalid" in r.getMessage()]
+                    if r.getMessage().startswith("refused transport=tcp reason=token_invalid")]
         assert refusals
-        assert all("detail=unknown key id '" in line for line in refusals)
-        assert any(f"unknown key id '{s.public.key_id}'" in refusals[0] for s in strangers)
+        assert all("detail=unknown key id " in line for line in refusals)
+        assert any(f"unknown key id {s.public.key_id}" in refusals[0] for s in strangers)
         relay.shutdown()
         nursery.cancel_scope.cancel()
 
@@ -397,7 +408,7 @@ async def test_tokens_arriving_during_a_refetch_wait_for_that_one_fetch(tmp_path
         answers: list[bool] = []
 
         async def wait() -> None:
-            answers.append(await key_set.wait_for_unknown_key(token))
+            answers.append(await key_set.wait_for_unknown_key(token, trio.current_time() + 10))
 
         async with trio.open_nursery() as waiters:
             for _ in range(10):
@@ -406,7 +417,7 @@ async def test_tokens_arriving_during_a_refetch_wait_for_that_one_fetch(tmp_path
         assert answers == [True] * 10
         assert len(requests) == 1
         # Known now: no fetch, no wait.
-        assert not await key_set.wait_for_unknown_key(token)
+        assert not await key_set.wait_for_unknown_key(token, trio.current_time() + 10)
         assert len(requests) == 1
         nursery.cancel_scope.cancel()
 
@@ -417,7 +428,7 @@ def test_relay_token_keys_from_files_never_refetch():
     token = make_token(stranger, "files", Side.AGENT)
     assert key_set.unknown_key_id(token) == stranger.public.key_id
     assert key_set.ask_for_unknown_key(token) is None
-    assert key_set.refusal_detail(token) == f"unknown key id {stranger.public.key_id!r}"
+    assert key_set.refusal_detail(token) == f"unknown key id {stranger.public.key_id}"
     assert key_set.refusal_detail(make_token(signer, "files", Side.AGENT)) is None
     assert key_set.unknown_key_id("not.a.token") is None
 
@@ -437,7 +448,7 @@ async def test_only_so_many_connections_wait_for_a_refetch(tmp_path, monkeypatch
 
         async def wait() -> None:
             started = trio.current_time()
-            known = await key_set.wait_for_unknown_key(token)
+            known = await key_set.wait_for_unknown_key(token, trio.current_time() + 10)
             answers.append((known, trio.current_time() - started))
 
         async with trio.open_nursery() as waiters:
@@ -446,4 +457,66 @@ async def test_only_so_many_connections_wait_for_a_refetch(tmp_path, monkeypatch
         refused_at_once = [took for known, took in answers if not known]
         assert len(refused_at_once) == 3 and max(refused_at_once) < 0.1
         assert [known for known, _ in answers].count(True) == 2
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_made_up_key_id_does_not_get_a_rotated_key_refused_within_the_refetch_limit(
+    tmp_path,
+):
+    # A token with a made-up kid spends the unknown-key refetch; the rendezvous then rotates
+    # its key, and a genuine token signed with the new one arrives within the refetch limit:
+    # it waits for the next refetch (due within its hello_timeout) instead of being refused.
+    old, new, stranger = (SigningIdentity.generate() for _ in range(3))
+    bodies = [jwks_document(old)]
+    requests: list[bytes] = []
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, bodies, nursery, requests)
+        relay = Relay(relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                                   jwks_ca=str(cert_file), jwks_refresh=3600))
+        await nursery.start(relay.serve)
+        with pytest.raises(RelayRefusedError) as refused:
+            await connect_tcp(*relay.tcp_address, make_token(stranger, "made-up", Side.OPERATOR),
+                              pair_timeout=5)
+        assert refused.value.reason == Reason.TOKEN_INVALID
+        assert len(requests) == 2
+        await trio.sleep(0.2)
+        bodies.append(jwks_document(old, new))
+        await pair_with(relay, new, "rotated-after-a-made-up-kid")
+        assert len(requests) == 3
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_connections_waiting_for_a_refetch_are_pending_hellos_bounded_by_hello_timeout(
+    tmp_path,
+):
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        # A refetch that takes longer than the hello timeout.
+        port = await serve_jwks(cert_file, key_file, jwks_document(SigningIdentity.generate()),
+                                nursery, delay=4.0)
+        relay = Relay(relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                                   jwks_ca=str(cert_file), jwks_refresh=3600, hello_timeout=1.0,
+                                   max_pending=8))
+        await nursery.start(relay.serve)
+        clients = []
+        for number in range(5):
+            token = make_token(SigningIdentity.generate(), f"waiting-{number}", Side.OPERATOR)
+            client = await trio.open_tcp_stream(*relay.tcp_address)
+            await client.send_all(encode_hello(token))
+            clients.append(client)
+        await trio.sleep(0.3)
+        assert relay.tcp.pending == 5
+        assert relay.metrics.registry.get_sample_value("tucdesk_relay_connections_pending") == 5
+        assert len(relay.tcp.admission.pending) == 5  # within max_pending
+        with trio.fail_after(1.5):  # the rest of the 1 s hello timeout, not the 4 s fetch
+            for client in clients:
+                assert await client.receive_some(64) == b"token_invalid\n"
+        assert relay.tcp.pending == 0
+        for client in clients:
+            await client.aclose()
+        relay.shutdown()
         nursery.cancel_scope.cancel()

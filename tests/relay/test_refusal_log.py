@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.metadata
+import json
 import logging
 
 import pytest
@@ -11,11 +13,12 @@ import trio
 from protocol.identity import SigningIdentity
 from protocol.relay_token import Side
 from relay.client import connect_tcp, connect_udp
+from relay.config import OPTIONS
 from relay.errors import RelayRefusedError
 from relay.refusal_log import RefusalLog
 from relay.wire import Reason
 
-from .harness import make_token, running_relay, trio_test
+from .harness import make_token, running_relay, trio_test, wait_until
 
 
 @pytest.fixture
@@ -135,3 +138,46 @@ async def test_sweep_writes_the_suppressed_summary_after_a_flood(signer, caplog)
             while "refusals_suppressed" not in caplog.text:  # noqa: ASYNC110 (the sweep's log)
                 await trio.sleep(0.05)
     assert "refusals_suppressed reason=token_expired count=4" in caplog.text
+
+
+def unsigned_token_with_key_id(key_id: str) -> str:
+    def part(document: dict[str, object]) -> str:
+        return base64.urlsafe_b64encode(json.dumps(document).encode()).rstrip(b"=").decode()
+
+    return part({"alg": "EdDSA", "typ": "tucdesk-relay", "kid": key_id}) + "." + part({}) + ".AAAA"
+
+
+@trio_test
+async def test_a_made_up_key_id_cannot_forge_fields_in_the_refusal_line(caplog):
+    caplog.set_level(logging.INFO, logger="tucdesk.relay")
+    token = unsigned_token_with_key_id("x peer=203.0.113.9:1 reason=closed sid=victim")
+    async with running_relay(SigningIdentity.generate()) as relay:
+        with pytest.raises(RelayRefusedError) as refused:
+            await connect_tcp(*relay.tcp_address, token, pair_timeout=2)
+        assert refused.value.reason == Reason.TOKEN_INVALID
+    [line] = refusal_lines(caplog)
+    message = line.getMessage()
+    assert message.endswith("detail=unknown key id x?peer?203?0?113?9?1?reason?closed?sid?victim")
+    assert " peer=203." not in message and " sid=" not in message
+    assert message.count(" peer=") == 1 and message.count(" reason=") == 1
+
+
+@trio_test
+async def test_blurred_logs_cut_refusal_and_abandoned_hello_peers_to_their_network(caplog):
+    caplog.set_level(logging.INFO, logger="tucdesk.relay")
+    token = unsigned_token_with_key_id("made-up")
+    async with running_relay(SigningIdentity.generate(), blur_logs=True) as relay:
+        with pytest.raises(RelayRefusedError):
+            await connect_tcp(*relay.tcp_address, token, pair_timeout=2)
+        abandoned = await trio.open_tcp_stream(*relay.tcp_address)
+        await abandoned.aclose()
+        await wait_until(lambda: relay.metrics.refusal_count("tcp", "hello_abandoned") == 1)
+    lines = [record.getMessage() for record in refusal_lines(caplog)]
+    assert [line.split(" ")[2] for line in lines] == ["reason=token_invalid",
+                                                      "reason=hello_abandoned"]
+    assert all(" peer=127.0.0.0/24" in line for line in lines), lines
+    assert not any("127.0.0.1" in line for line in lines), lines
+
+
+def test_blur_logs_help_says_it_also_cuts_addresses():
+    assert "addresses" in next(o.help for o in OPTIONS if o.name == "blur_logs")

@@ -97,8 +97,8 @@ def test_clock_skew_is_named_only_when_distinct_refused_tokens_agree():
     assert estimate.observe("a", -8.0, NOW) is None
     assert estimate.observe("a", -8.0, NOW + 1) is None
     assert estimate.observe("a", -8.0, NOW + 2) is None
-    assert estimate.observe("b", -8.4, NOW + 3) is None
-    assert estimate.observe("c", -7.9, NOW + 4) == -8.0
+    assert estimate.observe("b", -8.4, NOW + 30) is None
+    assert estimate.observe("c", -7.9, NOW + 60) == -8.0
     # Ages that disagree (replayed old tokens, slow clients) name no clock.
     scattered = ClockSkewEstimate()
     for number, age in enumerate((70.0, 400.0, 95.0)):
@@ -113,8 +113,10 @@ def test_clock_skew_is_named_only_when_distinct_refused_tokens_agree():
 def test_a_time_refusal_is_described_with_the_clock_hint_once_consistent():
     estimate = ClockSkewEstimate()
     lines = [
-        estimate.describe_refusal(issue(now=NOW + 8), not_yet_valid=True, now=NOW)
-        for _ in range(3)
+        estimate.describe_refusal(
+            issue(now=NOW + 8 + minute * 60), not_yet_valid=True, now=NOW + minute * 60
+        )
+        for minute in range(3)
     ]
     assert lines[0] == "token issued 8 s ahead of the relay's clock"
     assert "clock may be off" not in lines[1]
@@ -123,8 +125,10 @@ def test_a_time_refusal_is_described_with_the_clock_hint_once_consistent():
         "8 s (behind the rendezvous's): check NTP"
     )
     ahead = ClockSkewEstimate()
-    for _ in range(3):
-        line = ahead.describe_refusal(issue(now=NOW - 90), not_yet_valid=False, now=NOW)
+    for minute in range(3):
+        line = ahead.describe_refusal(
+            issue(now=NOW - 90 + minute * 60), not_yet_valid=False, now=NOW + minute * 60
+        )
     assert line == (
         "token issued 90 s before the relay's clock; the relay's clock may be off by about "
         "90 s (ahead of the rendezvous's): check NTP"
@@ -217,3 +221,15 @@ def test_credential_mac_verifies_only_for_the_exact_fields(
     assert not credential_mac_is_valid(credential, mac, **{**fields, "counter": counter ^ 1})
     assert not credential_mac_is_valid(credential, mac, **{**fields, "side": side.other})
     assert not credential_mac_is_valid(credential, mac, **{**fields, "kind": 7 - kind})
+
+
+def test_tokens_issued_together_and_late_together_name_no_clock():
+    # A fan-out to several agents from a laptop that slept: the same lateness, the same iat.
+    together = ClockSkewEstimate()
+    for number in range(5):
+        assert together.observe(str(number), 600.0, NOW + number * 0.1) is None
+    # The same lateness from tokens issued minutes apart does point at the relay's clock.
+    apart = ClockSkewEstimate()
+    assert apart.observe("a", 600.0, NOW) is None
+    assert apart.observe("b", 600.0, NOW + 40) is None
+    assert apart.observe("c", 600.0, NOW + 80) == 600.0
