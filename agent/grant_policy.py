@@ -180,7 +180,8 @@ def _not_a_pinned_admin(grant: SessionGrant, pinned: int) -> str:
     return (
         f"refused by the agent: the team has not signed a policy yet, so only the {keys} this "
         f"agent pinned at enrollment may open sessions, and yours is not one of them{later}; "
-        "ask an admin to run 'tucdesk policy set FILE': the first policy also signs the "
+        "ask one of the admins this agent knew at enrollment to run `tucdesk policy set FILE` "
+        "(it takes a first policy signed by none other): the first policy also signs the "
         "current roster, from which this agent learns the current admins"
     )
 

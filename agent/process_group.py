@@ -5,15 +5,15 @@ session id names every process it spawns (including job-control shells' backgrou
 get process groups of their own), with every signal at its default and none blocked (sshd does
 the same: an agent started under nohup must not start sessions that ignore SIGHUP).
 
-How a session ends decides what happens to what it leaves behind (docs/sessions.md, "What
-happens to processes when a session ends"). When the main process exits on its own, nothing
-left is killed, as after ssh: an exec session first reads its output until every holder closed
-it; a PTY session hangs up the terminal, which only ends processes that do not ignore SIGHUP
-(``release``). A forced end (the operator interrupts or goes away, the rendezvous ends the
-session, the agent stops), or any end with ``kill_leftover_processes`` set, sends SIGHUP then
-SIGKILL after a short grace to every process in the session (``terminate``), through pidfds so a
-recycled pid is never signalled. A process that calls setsid() itself leaves the session and
-survives even that, as it would leave an SSH session.
+How a session ends decides what happens to what it leaves behind (docs/sessions.md, "What happens to
+processes when a session ends"). When the main process exits on its own, nothing left is killed, as
+after ssh: an exec session first reads its output until every holder closed it; in a PTY session the
+kernel hung up the terminal when the shell (the session leader) exited, which only ends processes
+that do not ignore SIGHUP (``release``). A forced end (the operator interrupts or goes away, the
+rendezvous ends the session, the agent stops), or any end with ``kill_leftover_processes`` set,
+sends SIGHUP then SIGKILL after a short grace to every process in the session (``terminate``),
+through pidfds so a recycled pid is never signalled. A process that calls setsid() itself leaves the
+session and survives even that, as it would leave an SSH session.
 """
 
 from __future__ import annotations
@@ -494,15 +494,17 @@ class SessionLeader:
             close_fd(self._pidfd)
             self._pidfd = None
 
-    async def release(self, terminal_device: int | None = None) -> None:
-        """The session's normal end, once the main process has exited: hang up
-        ``terminal_device`` (a PTY session's terminal, see ``hang_up_terminal``), reap the main
-        process, and leave every other process alone. Idempotent and shielded."""
+    async def release(self) -> None:
+        """The session's normal end, once the main process has exited: reap it and leave every
+        other process alone. Idempotent and shielded.
+
+        A PTY session's terminal needs no hang-up here: when the main process (the session
+        leader) exited, Linux already sent SIGHUP and SIGCONT to the terminal's foreground group
+        and took the terminal away from every other process of the session (their tty_nr in
+        /proc is 0 from then on), so no process is left that it could still reach."""
         if self._pidfd is None:
             return
         with trio.CancelScope(shield=True):
-            if terminal_device is not None:
-                hang_up_terminal(self.pid, terminal_device)
             with trio.move_on_after(TEARDOWN_KILL_WAIT_SECONDS):
                 await self._process.wait()
             close_fd(self._pidfd)
@@ -567,32 +569,6 @@ async def terminate_session(session_id: int, grace: float = TEARDOWN_GRACE_SECON
         finally:
             for pidfd in pidfds.values():
                 close_fd(pidfd)
-
-
-def hang_up_terminal(session_id: int, terminal_device: int) -> None:
-    """SIGHUP and SIGCONT the session's processes that still have the terminal
-    ``terminal_device`` as their controlling terminal, as the kernel does when the session
-    leader exits (Linux already did it by then and detached the rest, so usually nobody is
-    left); nothing is killed: a process that ignores SIGHUP lives on."""
-    pidfds = _open_pidfds(session_id)
-    try:
-        for pid, pidfd in pidfds.items():
-            if _controlling_terminal_of(pid) == terminal_device:
-                _send(pidfd, signal.SIGHUP)
-                _send(pidfd, signal.SIGCONT)
-    finally:
-        for pidfd in pidfds.values():
-            os.close(pidfd)
-
-
-def _controlling_terminal_of(pid: int, proc_root: Path = PROC_ROOT) -> int | None:
-    try:
-        stat_line = (proc_root / str(pid) / "stat").read_text()
-    except OSError:
-        return None
-    fields = stat_line.rpartition(")")[2].split()
-    # tty_nr, the device number of the controlling terminal (0: none).
-    return int(fields[4]) if len(fields) > 4 and fields[4].isdigit() else None
 
 
 def _open_pidfds(session_id: int) -> dict[int, int]:

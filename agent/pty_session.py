@@ -2,7 +2,7 @@
 
 The shell (or a given command) runs as the leader of a new session with the PTY as its
 controlling terminal, so job control, SIGWINCH on resize and terminal-generated signals behave
-as under sshd. When the shell exits on its own, the terminal is hung up as the kernel does when
+as under sshd. When the shell exits on its own, the kernel hangs up the terminal as it does when
 a session leader exits, and what ignores that (nohup, a detached process) runs on, as after ssh;
 leaving the ``open_pty_session`` block any other way (or with ``kill_leftover_processes``)
 tears the whole session down.
@@ -266,9 +266,9 @@ class PtySession:
 
 @asynccontextmanager
 async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
-    """Start ``spec`` on a new PTY. On leaving the block after ``run`` returned, hang up the
-    terminal (unless ``kill_leftover_processes``); any other way out hangs up and kills the
-    whole session."""
+    """Start ``spec`` on a new PTY. On leaving the block after ``run`` returned, leave what the
+    shell left (the kernel hung up its terminal; unless ``kill_leftover_processes``); any other
+    way out hangs up and kills the whole session."""
     account = Account.lookup(spec.user)
     credentials = credential_options(account)
     shell = spec.shell or account.login_shell
@@ -321,7 +321,7 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
         forced = False
     finally:
         if session.ended_normally and not (forced or spec.kill_leftover_processes):
-            await leader.release(terminal_device)
+            await leader.release()
         else:
             await leader.terminate(spec.teardown_grace)
         close_fd(master_fd)

@@ -179,6 +179,13 @@ class SessionOffer:
             raise OfferError("the offer's relay token is missing or too long")
         return cls(session_id, expires_at, relay_id, host, port, token)
 
+    def same_session_as(self, other: SessionOffer) -> bool:
+        """Whether ``other`` offers this very session again: the same id, expiry and relay
+        (the relay token is minted afresh for each sending)."""
+        return (self.session_id, self.expires_at, self.relay_id, self.relay_host,
+                self.relay_port) == (other.session_id, other.expires_at, other.relay_id,
+                                     other.relay_host, other.relay_port)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class SessionIdentity:
@@ -324,7 +331,8 @@ class SessionHost:
         self._wall_clock = wall_clock
         self._seen_sessions = NonceCache(ttl=SESSION_ID_MEMORY_SECONDS)
         self._ended_before_offer = EndedSessionIds(ttl=SESSION_ID_MEMORY_SECONDS)
-        self._offered: set[str] = set()
+        # The offers acknowledged and not ended yet, by session id.
+        self._offered: dict[str, SessionOffer] = {}
         self._running: dict[str, _RunningSession] = {}
         # Set while no session runs; a new one is made when the first session is accepted.
         self._all_ended = trio.Event()
@@ -391,7 +399,15 @@ class SessionHost:
         if self._wall_clock() > offer.expires_at + OFFER_EXPIRY_LEEWAY_SECONDS:
             self._refuse_offer(offer.session_id, "the offer expired before it arrived")
             return None
-        if offer.session_id in self._offered:
+        held = self._offered.get(offer.session_id)
+        if held is not None:
+            if held.same_session_as(offer):
+                # The rendezvous may send an offer again when the ack of the first was lost
+                # with its channel: answer as the first time (a refusal would mark refused a
+                # session this agent runs), and run it only once.
+                logger.info("session %s was offered again; it runs already", offer.session_id)
+                self._send_control({"type": "session_offer_ack", "session_id": offer.session_id})
+                return None
             self._refuse_offer(offer.session_id, "this session was already offered")
             return None
         ended_reason = self._ended_before_offer.reason(offer.session_id, self._wall_clock())
@@ -411,7 +427,7 @@ class SessionHost:
             return None
         if not self._offered:
             self._all_ended = trio.Event()
-        self._offered.add(offer.session_id)
+        self._offered[offer.session_id] = offer
         # From the ack on, an end_sessions request can name it (before its task even starts).
         self._running[offer.session_id] = _RunningSession()
         self.active_sessions += 1
@@ -435,7 +451,7 @@ class SessionHost:
         finally:
             self._running.pop(offer.session_id, None)
             self.active_sessions -= 1
-            self._offered.discard(offer.session_id)
+            self._offered.pop(offer.session_id, None)
             if not self._offered:
                 self._all_ended.set()
 

@@ -22,8 +22,9 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 6. agent -> ``{"type": "audit_event", "event": <SignedEvent.to_json()>, "id"?}``: verified
    against the agent's registered key and appended to its team's log; server ->
    ``{"type": "audit_event_ack", "id"}`` once durable, or
-   ``{"type": "audit_event_refused", "id", "reason"}`` (never storable; also every event of an
-   agent removed since its channel was welcomed, e.g. on another instance), or
+   ``{"type": "audit_event_refused", "id", "reason"}`` (never storable; also an event of an
+   agent removed since its channel was welcomed, e.g. on another instance, dated more than
+   audit/trust.py REMOVED_AGENT_CLOCK_SKEW after the removal), or
    ``{"type": "audit_event_failed", "id", "reason"}`` (not stored now; send it again later).
    ``id`` echoes the agent's, if any. An agent-signed ``session.ended`` also moves the session
    row to ended with the event's reason, exit code and signal, and ``session.refused`` to
@@ -81,6 +82,7 @@ import re
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -89,6 +91,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from audit.actions import Action as AuditAction
 from audit.errors import RecordError
 from audit.record import SignedEvent
+from audit.trust import REMOVED_AGENT_CLOCK_SKEW
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
@@ -166,6 +169,12 @@ MAX_LIVE_SESSION_IDS = 256
 MAX_LOST_SESSIONS_PER_REPORT = 500
 # Offers sent down one channel that a report on it never ends, remembered per channel.
 MAX_TRACKED_OFFERS = 1024
+# Offers sent down any channel of an agent here, remembered beyond that channel's life (at most
+# this many on the instance, oldest forgotten first) until OFFER_MEMORY_GRACE_SECONDS past the
+# offer's expiry: the agent may hold an offer whose ack was lost with its channel, and it must
+# not be offered again on the agent's next channel (a catch-up after an outage).
+MAX_REMEMBERED_OFFERS = 50_000
+OFFER_MEMORY_GRACE_SECONDS = 60.0
 # Session ids an end_sessions carried down one channel, remembered (oldest forgotten first) so
 # the periodic sweep of disabled operators' sessions tells each channel of each one once.
 MAX_TRACKED_ENDS = 4096
@@ -246,6 +255,8 @@ class AgentConnections:
     def __init__(self, ctx: ServiceContext) -> None:
         self._ctx = ctx
         self._by_agent: dict[str, dict[str, LiveChannel]] = {}
+        # (team id, agent id, session id) -> the offer's expiry, oldest sent first.
+        self._offers_sent: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         # Where the periodic sweep of disabled operators' sessions goes on from next time
         # (rendezvous/offer_bus.py), when the last one stopped at its bound; None: the start.
         self.disabled_sweep_resume_after: tuple[str, str] | None = None
@@ -262,11 +273,16 @@ class AgentConnections:
 
         The newest channel goes first: an older one may be half-open (the agent reconnected).
         """
+        return self.send_now(team_id, agent_id, message)
+
+    def send_now(self, team_id: str, agent_id: str, message: dict[str, Any]) -> bool:
+        """``send`` without yielding: a check made just before it still holds when it queues."""
         for channel in reversed(self.channels(team_id, agent_id)):
             try:
                 if message.get("type") == "session_offer":
                     # Before it is queued: the report that must spare it may come at once.
                     channel.note_offer(str(message.get("session_id")))
+                    self._remember_offer(team_id, agent_id, message)
                 channel.outgoing.send_nowait(message)
                 if message.get("type") == "end_sessions":
                     channel.note_ends([str(session_id) for session_id in message["ids"]])
@@ -313,9 +329,24 @@ class AgentConnections:
         )  # fmt: skip
 
     def was_offered(self, team_id: str, agent_id: str, session_id: str) -> bool:
-        """Whether ``session_id`` was already offered down a live channel of the agent here
-        (a catch-up after the offer bus was down must not offer it twice)."""
+        """Whether ``session_id`` was already offered down a channel of the agent here, live or
+        closed since (a catch-up after the offer bus was down must not offer it twice)."""
+        expires_at = self._offers_sent.get((team_id, agent_id, session_id))
+        if expires_at is not None and self._ctx.now() <= expires_at + OFFER_MEMORY_GRACE_SECONDS:
+            return True
         return any(session_id in channel.offered for channel in self.channels(team_id, agent_id))
+
+    def _remember_offer(self, team_id: str, agent_id: str, offer: dict[str, Any]) -> None:
+        expires_at = offer.get("expires_at")
+        key = (team_id, agent_id, str(offer.get("session_id")))
+        self._offers_sent[key] = float(expires_at) if isinstance(expires_at, int) else 0.0
+        self._offers_sent.move_to_end(key)
+        now = self._ctx.now()
+        while self._offers_sent and (
+            len(self._offers_sent) > MAX_REMEMBERED_OFFERS
+            or next(iter(self._offers_sent.values())) + OFFER_MEMORY_GRACE_SECONDS < now
+        ):
+            self._offers_sent.popitem(last=False)
 
     def supersede(
         self, team_id: str, agent_id: str, connection_id: str, *, removed: bool = False
@@ -864,9 +895,12 @@ async def _append_agent_event(
             )
         if session_id is None:
             raise RecordError("a session event must name its session")
-        if await ctx.store.get_agent(agent.team_id, agent.id) is None:
+        current = await ctx.store.get_agent(agent.team_id, agent.id, include_removed=True)
+        if current is None or _signed_after_removal(signed, current.removed_at):
             # Removed since this channel was welcomed (on another instance, whose notice has
-            # not closed it yet): its key signs nothing more into the log.
+            # not closed it yet): its key signs nothing more into the log. An event dated
+            # before the removal (spooled, delivered late) is a real record and goes in, as
+            # the verifier accepts it (audit/trust.py).
             raise RecordError(AGENT_REMOVED_EVENT_REASON)
         session = await ctx.store.get_session(agent.team_id, session_id)
         if session is None or session.agent_id != agent.id:
@@ -902,6 +936,15 @@ async def _append_agent_event(
             # The record is durable, which is what the agent needs to hear; the row lags.
             logger.warning("marking a session %s failed: %s", state.value, type(error).__name__)
     return {"type": "audit_event_ack", "id": event_id}
+
+
+def _signed_after_removal(signed: SignedEvent, removed_at: float | None) -> bool:
+    """Whether ``signed`` is dated after its agent's removal (at ``removed_at``; None: not
+    removed) by more than REMOVED_AGENT_CLOCK_SKEW, the verifier's allowance."""
+    if removed_at is None:
+        return False
+    removal = datetime.fromtimestamp(removed_at, UTC)
+    return signed.event.occurred_at > removal + REMOVED_AGENT_CLOCK_SKEW
 
 
 def _row_update_for(

@@ -39,13 +39,16 @@ that still overtakes the offer is remembered by the agent, which then refuses th
 While this instance is not listening (its LISTEN connection lost, the database down), notices
 addressed to it are lost. It listens again within LISTEN_RETRY_MAX_SECONDS (with jitter) of the
 database coming back, logs how long it was deaf, and catches up (``catch_up_offers``): the
-offers still open for agents whose newest live channel is here, not yet sent down it, are sent
-now (an offer goes down a channel at most once: ``deliver_here``); those that expired meanwhile
+offers still open for agents whose newest live channel is here, not yet sent to them, are sent
+now (an offer goes to an agent at most once from one instance, whichever of its channels it
+went down, even one closed since: ``deliver_here``); those that expired meanwhile
 end ``offer_undelivered`` (audited). Until then ``/healthz`` answers 503 (``listening_failure``).
 
 A fourth, ``service_keys_rotated`` (role), follows ``keys rotate`` (rendezvous/key_rotation.py):
 every instance reloads its service keys as SIGHUP does (and pushes them to its agents). It too is
-a hint: the instance takes only key files that match the database's pins.
+a hint: the instance takes only key files that match the database's pins. A role that is not one
+of the service key roles makes the notice malformed, and reloads are coalesced, at most one per
+KEYS_RELOAD_MIN_INTERVAL_SECONDS (``KeyReloads``).
 
 Every instance hears every notice, so each one refuses a malformed notice (oversized, not a JSON
 object, an unknown ``kind``, a field missing or of the wrong type) whoever it is addressed to,
@@ -68,6 +71,7 @@ from rendezvous.audit_trail import Action, service_actor
 from rendezvous.errors import ServiceError
 from rendezvous.key_rotation import KEYS_ROTATED_NOTICE_KIND, reload_service_keys
 from rendezvous.policy_distribution import POLICY_NOTICE_KIND, handle_policy_notice
+from rendezvous.service_keys import KEY_ROLES
 from rendezvous.store import AgentConnection, Session, SessionState, StoreError
 from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, SessionQuery
 
@@ -109,7 +113,9 @@ REJECTED_OFFER_NOTICE = "bus_offer_notice"
 REJECTED_SUPERSEDED_NOTICE = "bus_superseded_notice"
 REJECTED_OPERATOR_DISABLED_NOTICE = "bus_operator_disabled_notice"
 REJECTED_KEYS_ROTATED_NOTICE = "bus_keys_rotated_notice"
-MAX_ROLE_LENGTH = 64
+# Key reloads that notices ask for, at most one per this many seconds: a burst of notices (or a
+# flood from whoever can NOTIFY) costs one reload, and one more after it so the last is taken.
+KEYS_RELOAD_MIN_INTERVAL_SECONDS = 2.0
 
 
 def offer_message(ctx: ServiceContext, session: Session, now: float) -> dict[str, Any]:
@@ -332,8 +338,8 @@ async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> Of
     if connections is None:
         return OfferDelivery.NOT_SENT
     if connections.was_offered(session.team_id, session.agent_id, session.id):
-        # The notice and the catch-up after a listening gap may both name it: the agent
-        # refuses an offer it already holds, which would refuse the session it runs.
+        # The notice and the catch-up after a listening gap may both name it, or the agent's
+        # channel it went down may have closed since (its ack lost): the agent has it.
         return OfferDelivery.SENT
     # A disable that committed after the broker's check must not let the offer through: its
     # own look-up of open sessions may have run before this session's row existed.
@@ -341,7 +347,11 @@ async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> Of
     if operator is None or not operator.is_active():
         return OfferDelivery.OPERATOR_DISABLED
     offer = offer_message(ctx, session, now)
-    if await connections.send(session.team_id, session.agent_id, offer):
+    # Again with no await from here to the queue: the broker's and a catch-up's deliver_here
+    # for one session may both have passed the check above while the store answered.
+    if connections.was_offered(session.team_id, session.agent_id, session.id):
+        return OfferDelivery.SENT
+    if connections.send_now(session.team_id, session.agent_id, offer):
         return OfferDelivery.SENT
     return OfferDelivery.NOT_SENT
 
@@ -378,6 +388,33 @@ def listening_failure(ctx: ServiceContext) -> ListeningGap | None:
     return _not_listening.get(ctx.instance_id)
 
 
+class KeyReloads:
+    """The service key reloads ``service_keys_rotated`` notices ask for, coalesced: at most one
+    per KEYS_RELOAD_MIN_INTERVAL_SECONDS (``run`` does them, under the listener's nursery)."""
+
+    def __init__(self, ctx: ServiceContext) -> None:
+        self._ctx = ctx
+        self._wanted = trio.Event()
+        self._roles: set[str] = set()
+
+    def request(self, role: str) -> None:
+        """Ask for a reload because ``role`` was rotated; returns at once."""
+        self._roles.add(role)
+        self._wanted.set()
+
+    async def run(self) -> None:
+        """Reload whenever asked, then wait out the interval; until cancelled."""
+        while True:
+            await self._wanted.wait()
+            self._wanted = trio.Event()
+            roles, self._roles = sorted(self._roles), set()
+            # Never raises: a failure is logged (ERROR) and the minute sweep tries again.
+            await reload_service_keys(
+                self._ctx, f"the {', '.join(roles)} key was rotated (keys rotate)"
+            )
+            await trio.sleep(KEYS_RELOAD_MIN_INTERVAL_SECONDS)
+
+
 async def listen_for_offers(
     ctx: ServiceContext, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
 ) -> None:
@@ -391,6 +428,15 @@ async def listen_for_offers(
     if not ctx.store.notifications_supported:
         task_status.started()
         return
+    reloads = KeyReloads(ctx)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(reloads.run)
+        await _listen(ctx, reloads, task_status)
+
+
+async def _listen(
+    ctx: ServiceContext, reloads: KeyReloads, task_status: trio.TaskStatus[None]
+) -> None:
     delay = LISTEN_RETRY_MIN_SECONDS
     started = False
     try:
@@ -405,7 +451,7 @@ async def listen_for_offers(
                     if gap is not None:
                         await _resume_after_gap(ctx, gap)
                     async for notice in notices:
-                        await _handle_notice(ctx, notice)
+                        await _handle_notice(ctx, notice, reloads)
             except StoreError as error:
                 _note_gap(ctx, str(error))
                 logger.warning(
@@ -509,7 +555,7 @@ async def end_undelivered_offer(ctx: ServiceContext, session: Session) -> int:
     return 0 if updated is None else 1
 
 
-async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
+async def _handle_notice(ctx: ServiceContext, notice: str, reloads: KeyReloads) -> None:
     if len(notice) > MAX_NOTICE_BYTES:
         _refuse_notice(ctx, REJECTED_NOTICE, "an oversized notice")
         return
@@ -529,7 +575,7 @@ async def _handle_notice(ctx: ServiceContext, notice: str) -> None:
     elif kind == OPERATOR_DISABLED_NOTICE_KIND:
         await _handle_operator_disabled_notice(ctx, fields)
     elif kind == KEYS_ROTATED_NOTICE_KIND:
-        await _handle_keys_rotated_notice(ctx, fields)
+        _handle_keys_rotated_notice(ctx, fields, reloads)
     elif "kind" in fields:
         _refuse_notice(ctx, REJECTED_NOTICE, "a notice of an unknown kind")
     else:
@@ -609,11 +655,13 @@ async def _handle_operator_disabled_notice(ctx: ServiceContext, fields: dict[str
                     "session(s)", operator_id, told)  # fmt: skip
 
 
-async def _handle_keys_rotated_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
+def _handle_keys_rotated_notice(
+    ctx: ServiceContext, fields: dict[str, Any], reloads: KeyReloads
+) -> None:
     """Reload the service keys after a ``keys rotate`` anywhere (see the docstring)."""
     role = fields.get("role")
-    if not isinstance(role, str) or not 0 < len(role) <= MAX_ROLE_LENGTH:
+    if role not in KEY_ROLES:
+        # Only a known role: it is written into the reload's log lines.
         _refuse_notice(ctx, REJECTED_KEYS_ROTATED_NOTICE, "a malformed service keys notice")
         return
-    # Never raises: a failure is logged (ERROR) and the minute sweep tries again.
-    await reload_service_keys(ctx, f"the {role} key was rotated (keys rotate)")
+    reloads.request(str(role))

@@ -171,9 +171,10 @@ def test_an_admin_invited_after_enrollment_is_told_why_and_what_to_do(tmp_path: 
     assert reason == (
         "refused by the agent: the team has not signed a policy yet, so only the 1 admin key "
         "this agent pinned at enrollment may open sessions, and yours is not one of them (an "
-        "admin invited, or given a new key, after the agent enrolled is not); ask an admin to "
-        "run 'tucdesk policy set FILE': the first policy also signs the current roster, from "
-        "which this agent learns the current admins"
+        "admin invited, or given a new key, after the agent enrolled is not); ask one of the "
+        "admins this agent knew at enrollment to run `tucdesk policy set FILE` (it takes a "
+        "first policy signed by none other): the first policy also signs the current roster, "
+        "from which this agent learns the current admins"
     )
 
 

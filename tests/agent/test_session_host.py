@@ -695,7 +695,9 @@ async def test_expired_or_duplicate_offers_are_refused_on_the_control_channel(
         stale["expires_at"] = int(time.time()) - 600
         assert stack.host.accept_offer(stale) is None
         assert stack.host.accept_offer(offer_message(stack, "ses_a")) is not None
-        assert stack.host.accept_offer(offer_message(stack, "ses_a")) is None
+        other_relay = offer_message(stack, "ses_a")
+        other_relay["relay"]["port"] = 1
+        assert stack.host.accept_offer(other_relay) is None
         assert stack.host.accept_offer(offer_message(stack, "ses_b")) is None
         assert stack.host.accept_offer({"type": "session_offer", "session_id": "ses_c"}) is None
     kinds = [(m["type"], m["session_id"]) for m in stack.control]
@@ -706,7 +708,25 @@ async def test_expired_or_duplicate_offers_are_refused_on_the_control_channel(
         ("session_offer_refused", "ses_b"),
         ("session_offer_refused", "ses_c"),
     ]
+    assert "already offered" in stack.control[2]["reason"]
     assert "maximum of 1" in stack.control[3]["reason"]
+
+
+@trio_test
+async def test_an_offer_sent_again_is_acknowledged_again_and_runs_once(tmp_path: Path) -> None:
+    # The rendezvous may send an offer twice when the first ack was lost with its channel.
+    async with session_stack(tmp_path, max_sessions=1) as stack:
+        first = offer_message(stack, "ses_a")
+        again = {**first, "relay_token": ""}
+        again["relay_token"] = make_token(stack.relay_signer, "ses_a", Side.AGENT)
+        assert stack.host.accept_offer(first) is not None
+        assert stack.host.accept_offer(again) is None  # not run a second time
+        assert stack.host.active_sessions == 1
+        assert stack.host.live_session_ids() == {"ses_a"}
+    assert [(m["type"], m["session_id"]) for m in stack.control] == [
+        ("session_offer_ack", "ses_a"),
+        ("session_offer_ack", "ses_a"),
+    ]
 
 
 json_values = st.recursive(

@@ -157,13 +157,41 @@ async def test_processes_left_in_the_foreground_are_hung_up_with_the_terminal(
     leftovers: list[int],
 ) -> None:
     # Without job control the background sleep shares the shell's (foreground) group: the
-    # terminal's hang-up ends it, as under sshd.
+    # kernel's hang-up of the terminal when the shell exits ends it, as under sshd (the agent
+    # adds nothing: see the next test).
     transcript = Transcript()
     spec = PtySessionSpec(command=["sh", "-c", "sleep 1000 & echo bg=$!"])
     async with open_pty_session(spec) as session:
         await session.run(transcript.on_output)
         leftovers.append(int(transcript.stdout.rpartition(b"bg=")[2].split()[0]))
     await wait_until(lambda: pid_is_gone(leftovers[0]))
+
+
+@trio_test
+async def test_once_the_shell_exited_no_process_keeps_the_terminal_to_be_hung_up(
+    leftovers: list[int],
+) -> None:
+    # A job-control background job (its own group, so not hung up by the kernel) had the
+    # terminal as controlling terminal; the shell's exit took it away (tty_nr 0), so there is
+    # nothing left for the agent to hang up, and the job runs on (process_group.release).
+    transcript = Transcript()
+    async with open_pty_session(PtySessionSpec(command=INTERACTIVE_SH)) as session:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(session.run, transcript.on_output)
+            await session.send_input(b"sleep 1000 & echo bg=$!\n")
+            await wait_until(lambda: _BACKGROUND_PID.search(transcript.stdout) is not None)
+            found = _BACKGROUND_PID.search(transcript.stdout)
+            assert found is not None
+            leftovers.append(int(found.group(1)))
+            assert _controlling_terminal(leftovers[0]) != 0
+            await session.send_input(b"exit\n")
+    assert _controlling_terminal(leftovers[0]) == 0
+    assert not pid_is_gone(leftovers[0])
+
+
+def _controlling_terminal(pid: int) -> int:
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return int(fields[4])  # tty_nr
 
 
 # ---- what a session's processes start with ------------------------------------------------

@@ -5,6 +5,7 @@ instance whose keys dir was not shared says so (ERROR) instead of signing with t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -13,8 +14,13 @@ from pathlib import Path
 import pytest
 import trio
 
+from rendezvous import offer_bus
 from rendezvous.context import ServiceContext
-from rendezvous.key_rotation import reload_if_pins_changed, rotate_service_key
+from rendezvous.key_rotation import (
+    KEYS_ROTATED_NOTICE_KIND,
+    reload_if_pins_changed,
+    rotate_service_key,
+)
 from rendezvous.service_keys import KEYS_DIRECTORY
 from rendezvous.store import open_store
 from tests.pg_cluster import PostgresCluster
@@ -106,3 +112,51 @@ async def test_the_minute_sweep_reloads_keys_rotated_while_serving(tmp_path: Pat
             assert service.ctx.keys.jwt_issuer.public == rotation.new_key
             message = await channel.receive("service_keys")
             assert rotation.new_key.key_id in {key["kid"] for key in message["keys"]}
+
+
+@pytest.mark.postgres
+async def test_keys_rotated_notices_name_a_known_role_and_a_burst_reloads_once(
+    postgres_cluster: PostgresCluster,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reasons: list[str] = []
+    reload = offer_bus.reload_service_keys
+
+    async def counted_reload(ctx: ServiceContext, why: str) -> bool:
+        reasons.append(why)
+        return await reload(ctx, why)
+
+    monkeypatch.setattr(offer_bus, "reload_service_keys", counted_reload)
+    caplog.set_level(logging.INFO)
+    database = postgres_cluster.create_database(f"rotate_notices_{os.getpid()}")
+    async with (
+        open_store(database) as store,
+        open_store(database) as sender,
+        served_instance(store, tmp_path / "data") as (service, _),
+    ):
+        rejected = {"reason": offer_bus.REJECTED_KEYS_ROTATED_NOTICE}
+        registry = service.ctx.metrics.registry
+        for role in ("jwt-issuer\nFORGED reloaded", "x" * 10, ""):
+            await sender.notify(
+                offer_bus.OFFER_CHANNEL,
+                json.dumps({"kind": KEYS_ROTATED_NOTICE_KIND, "role": role}),
+            )
+        with trio.fail_after(WAIT_SECONDS):
+            while registry.get_sample_value("tucdesk_rejected_inputs_total", rejected) != 3:  # noqa: ASYNC110
+                await trio.sleep(0.02)
+        assert reasons == []
+        assert "FORGED" not in caplog.text
+        for _ in range(20):
+            await sender.notify(
+                offer_bus.OFFER_CHANNEL,
+                json.dumps({"kind": KEYS_ROTATED_NOTICE_KIND, "role": ROLE}),
+            )
+        with trio.fail_after(WAIT_SECONDS):
+            while not reasons:  # noqa: ASYNC110 - the notices arrive on their own
+                await trio.sleep(0.02)
+        # One at once, and one for the rest of the burst after the interval if it came later.
+        await trio.sleep(offer_bus.KEYS_RELOAD_MIN_INTERVAL_SECONDS + 1.0)
+        assert 1 <= len(reasons) <= 2, reasons
+        assert set(reasons) == {f"the {ROLE} key was rotated (keys rotate)"}

@@ -9,12 +9,14 @@ instance makes it: in the store, with no notice to this instance (heartbeats far
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import pytest
 import trio
 
 from audit.actions import Action
+from audit.trust import REMOVED_AGENT_CLOCK_SKEW
 from audit.verify import verify_bundle
 from rendezvous.control_channel import AGENT_REMOVED_EVENT_REASON
 from rendezvous.store import Store
@@ -27,6 +29,11 @@ WAIT_SECONDS = 15
 # Heartbeats far apart: the channel stays open after the removal, as on another instance.
 SLOW_HEARTBEATS = {"heartbeat_seconds": 600.0, "heartbeat_timeout_seconds": 1800.0}
 REJECTED_EVENTS = {"reason": "agent_audit_event"}
+
+
+def long_ago(service: ServiceHarness) -> float:
+    """A removal time the events the test signs now come after by more than the allowance."""
+    return service.clock.now - REMOVED_AGENT_CLOCK_SKEW.total_seconds() - 60
 
 
 def rejected_events(service: ServiceHarness) -> float:
@@ -51,7 +58,7 @@ async def test_an_event_signed_after_the_removal_is_refused_and_counted(
                 Action.SESSION_STARTED, session_id=session_id, event_id="before"
             )
             assert started["type"] == "audit_event_ack", started
-            await store.remove_agent(team, agent.agent_id, service.clock.now)
+            await store.remove_agent(team, agent.agent_id, long_ago(service))
             ended = await channel.send_event(
                 Action.SESSION_ENDED, session_id=session_id, event_id="after"
             )
@@ -63,6 +70,33 @@ async def test_an_event_signed_after_the_removal_is_refused_and_counted(
         assert rejected_events(service) == 1
         actions = await service.audit_actions(team)
         assert "session.started" in actions and "session.ended" not in actions
+        bundle = io.BytesIO()
+        await service.ctx.audit.export_to(team, bundle)
+        result = verify_bundle(io.BytesIO(bundle.getvalue()), [service.ctx.audit.audit_key])
+        assert result.ok, result.summary()
+
+
+async def test_an_event_signed_before_the_removal_and_delivered_after_it_is_kept(
+    store: Store, tmp_path: Path
+) -> None:
+    async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        agent = await enroll_agent(service, admin)
+        async with agent_channel(url, agent) as channel:
+            response = await service.call(admin, "POST", "/v1/sessions",
+                                          {"target": "web-1", "mode": "shell"})  # fmt: skip
+            assert response.status_code in (200, 201), response.text
+            session_id = response.json()["session_id"]
+            await channel.receive("session_offer")
+            # Removed (on another instance) a minute after the agent signed what it sends now.
+            await store.remove_agent(team, agent.agent_id, time.time() + 60)
+            ended = await channel.send_event(
+                Action.SESSION_ENDED, session_id=session_id, event_id="late"
+            )
+            assert ended == {"type": "audit_event_ack", "id": "late"}, ended
+        assert rejected_events(service) == 0
+        assert "session.ended" in await service.audit_actions(team)
         bundle = io.BytesIO()
         await service.ctx.audit.export_to(team, bundle)
         result = verify_bundle(io.BytesIO(bundle.getvalue()), [service.ctx.audit.audit_key])
@@ -107,7 +141,7 @@ async def test_the_agent_drops_a_refused_event_instead_of_sending_it_again(
             nursery.start_soon(client.run)
             with trio.fail_after(WAIT_SECONDS):
                 await client.wait_connected()
-            await store.remove_agent(team, state.agent_id, service.clock.now)
+            await store.remove_agent(team, state.agent_id, long_ago(service))
             client.send_audit_event(sign_event(identity, event))
             with trio.fail_after(WAIT_SECONDS):
                 while client.pending_audit_events:  # noqa: ASYNC110 - answered by the server
