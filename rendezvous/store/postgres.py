@@ -123,16 +123,34 @@ def _discard(connection: asyncpg.Connection) -> None:
 # (same version, same schema), which understand the schema it migrates to. A session of another
 # role, seen by a role that is neither a superuser nor in pg_read_all_stats, shows its pid, user
 # and application_name but NULL for backend_type, address and start time: it is still a client
-# (maybe an older instance connected as another role), so it is listed, marked as hidden.
+# (maybe an older instance connected as another role), so it is listed, marked as hidden. An
+# autovacuum worker on this database looks the same to such a role but has no user
+# (usesysid NULL): it is not a client, and it would make a migration refused at random.
 OTHER_CLIENTS_SQL = """
     SELECT pid, usename, application_name, CAST(client_addr AS TEXT) AS client_addr,
            EXTRACT(EPOCH FROM backend_start) AS backend_start,
            backend_type IS NULL AS details_hidden
     FROM pg_stat_activity
     WHERE datname = current_database() AND pid <> pg_backend_pid()
-          AND (backend_type = 'client backend' OR backend_type IS NULL)
+          AND (backend_type = 'client backend'
+               OR (backend_type IS NULL AND usesysid IS NOT NULL))
           AND application_name IS DISTINCT FROM current_setting('application_name')
     ORDER BY backend_start NULLS LAST, pid"""
+
+# max_connections, the connections reserved for superusers (and, from PostgreSQL 16, for roles
+# with pg_use_reserved_connections), and the client connections open now (another role's show
+# a NULL backend_type to a role without pg_read_all_stats; autovacuum workers, which have no
+# user and take no connection slot, are left out).
+CONNECTION_CAPACITY_SQL = """
+    SELECT CAST(current_setting('max_connections') AS INTEGER) AS max_connections,
+           CAST(current_setting('superuser_reserved_connections') AS INTEGER)
+           + COALESCE(CAST(current_setting('reserved_connections', TRUE) AS INTEGER), 0)
+           AS reserved,
+           (SELECT COUNT(*) FROM pg_stat_activity
+            WHERE backend_type = 'client backend'
+                  OR (backend_type IS NULL AND datid IS NOT NULL
+                      AND usesysid IS NOT NULL)) AS connected"""
+
 
 
 @dataclass(frozen=True)
@@ -426,15 +444,7 @@ class PostgresStore(SqlStore):
         """max_connections, the connections reserved for superusers, and those open now."""
         # Other roles' sessions count too (hidden ones included); the server's own processes
         # (no database) do not take a connection slot.
-        row = await self._fetchrow(
-            """SELECT CAST(current_setting('max_connections') AS INTEGER) AS max_connections,
-                      CAST(current_setting('superuser_reserved_connections') AS INTEGER)
-                      + COALESCE(CAST(current_setting('reserved_connections', TRUE) AS INTEGER), 0)
-                      AS reserved,
-                      (SELECT COUNT(*) FROM pg_stat_activity
-                       WHERE backend_type = 'client backend'
-                             OR (backend_type IS NULL AND datid IS NOT NULL)) AS connected"""
-        )
+        row = await self._fetchrow(CONNECTION_CAPACITY_SQL)
         assert row is not None
         return ConnectionCapacity(
             int(row["max_connections"]), int(row["reserved"]), int(row["connected"])

@@ -13,6 +13,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -497,3 +498,61 @@ def test_connection_capacity_counts_other_roles_sessions(
     with roles_on(postgres_cluster, postgres_database) as (owner_url, other_url):
         before, during = trio.run(count, owner_url, other_url)
     assert during == before + 2
+
+
+@pytest.mark.postgres
+def test_autovacuum_workers_are_not_taken_for_other_clients(
+    postgres_cluster: PostgresCluster, postgres_database: str
+) -> None:
+    # To a role without pg_read_all_stats an autovacuum worker on the database also shows a
+    # NULL backend_type; counted as a hidden client, it refused migrations at random. Here the
+    # cluster vacuums every second and a table churns until a worker has been seen at work,
+    # while the owner role asks the store's question.
+    from rendezvous.store.postgres import OTHER_CLIENTS_SQL
+
+    async def admin(statements: list[str]) -> None:
+        connection = await asyncpg.connect(postgres_database)
+        try:
+            for statement in statements:
+                await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    async def watch(owner_url: str) -> tuple[int, list[object]]:
+        seen_workers, listed = 0, []
+        watcher = await asyncpg.connect(postgres_database)
+        churn = await asyncpg.connect(owner_url)
+        asking = await asyncpg.connect(owner_url, server_settings={"application_name": "asker"})
+        try:
+            await churn.execute(
+                "CREATE TABLE churn (id int PRIMARY KEY, v int) WITH (autovacuum_vacuum_threshold"
+                " = 1, autovacuum_vacuum_scale_factor = 0, autovacuum_analyze_threshold = 1)"
+            )
+            await churn.execute("INSERT INTO churn SELECT g, 0 FROM generate_series(1, 50000) g")
+            deadline = time.monotonic() + 30
+            while seen_workers < 3 and time.monotonic() < deadline:
+                await churn.execute("UPDATE churn SET v = v + 1")
+                for _ in range(25):
+                    workers = await watcher.fetchval(
+                        "SELECT count(*) FROM pg_stat_activity WHERE backend_type = "
+                        "'autovacuum worker' AND datname = current_database()"
+                    )
+                    rows = await asking.fetch(OTHER_CLIENTS_SQL)
+                    # Besides the asker: the churning and watching connections, never more.
+                    listed += [dict(row) for row in rows if row["pid"] not in (
+                        churn.get_server_pid(), watcher.get_server_pid())]
+                    seen_workers += 1 if workers else 0
+                    await asyncio.sleep(0.02)
+        finally:
+            for connection in (asking, churn, watcher):
+                await connection.close()
+        return seen_workers, listed
+
+    asyncio.run(admin(["ALTER SYSTEM SET autovacuum_naptime = 1", "SELECT pg_reload_conf()"]))
+    try:
+        with roles_on(postgres_cluster, postgres_database) as (owner_url, _other_url):
+            seen_workers, listed = asyncio.run(watch(owner_url))
+    finally:
+        asyncio.run(admin(["ALTER SYSTEM RESET autovacuum_naptime", "SELECT pg_reload_conf()"]))
+    assert seen_workers, "no autovacuum worker ran during the test: it proved nothing"
+    assert listed == [], listed
