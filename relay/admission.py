@@ -330,6 +330,18 @@ class Admission:
             "accept_failed error=%s refused_from_backlog=%d", error.strerror or error, shed,
         )
 
+    def probe_answer(self, now: float) -> Reason:
+        """What a health probe is told at ``now`` (trio time): ok only when a new session with
+        a token the rendezvous signs now would be taken; else why not (shutting_down,
+        too_many_sessions, no_keys: no key, or a JWKS fetched too long ago)."""
+        if self.shutting_down:
+            return Reason.SHUTTING_DOWN
+        if self.registry.full:
+            return Reason.TOO_MANY_SESSIONS
+        if not self.key_set.serving(now):
+            return Reason.NO_KEYS
+        return Reason.OK
+
     def check_token(self, token: str, now_wall: float) -> RelayTokenClaims | Reason:
         """Verify a relay token and refuse a reused one; return its claims or the refusal reason."""
         try:

@@ -27,6 +27,11 @@ DEFAULT_SOCKET_BUFFER = 4 * 1024 * 1024
 # Open files the relay needs besides its clients' sockets: listeners, the event loop, logs, the
 # spare descriptors kept for accepting under descriptor exhaustion, and a margin.
 FILE_DESCRIPTOR_MARGIN = 64
+# A token with a key id the relay does not know waits for a JWKS refetch, and refetches for such
+# tokens are spaced by half of hello_timeout but at least 1 s (keyset.unknown_key_refetch_for):
+# below 2 s a genuine token arriving just after a made-up key id's refetch would find no
+# refetch starting before its hello_timeout ran out, and be refused after a key rotation.
+MIN_HELLO_TIMEOUT_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -87,8 +92,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("jwks_refresh", "float", 300.0, "seconds between JWKS refreshes", minimum=1),
     Option("issuer", "str", DEFAULT_RELAY_TOKEN_ISSUER, "issuer name relay tokens must carry"),
     Option("metrics", "address", None, "HOST:PORT to serve Prometheus metrics on (off if unset)"),
-    Option("hello_timeout", "float", 5.0, "seconds a client has to send its whole hello",
-           minimum=0.01),
+    Option("hello_timeout", "float", 5.0, "seconds a client has to send its whole hello (and a "
+           "token with a newly rotated key to wait for the JWKS refetch; at least 2)",
+           minimum=MIN_HELLO_TIMEOUT_SECONDS),
     Option("pair_timeout", "float", 30.0, "seconds the first side waits for the other",
            minimum=0.01),
     Option("idle_timeout", "float", 600.0, "seconds without traffic before a session is closed",
@@ -179,6 +185,11 @@ class RelayConfig:
             raise ConfigError(f"forwarding must be one of {', '.join(FORWARDING_MODES)}")
         if self.log_level not in ("debug", "info", "warning", "error"):
             raise ConfigError("log level must be debug, info, warning or error")
+        if math.isfinite(self.hello_timeout) and self.hello_timeout < MIN_HELLO_TIMEOUT_SECONDS:
+            raise ConfigError(
+                f"hello_timeout must be at least {MIN_HELLO_TIMEOUT_SECONDS:g} s: a token signed "
+                "with a newly rotated key needs that long to wait for the JWKS refetch"
+            )
         for option in OPTIONS:
             value = getattr(self, option.name)
             # NaN passes every minimum (NaN < x is False) and inf is no duration or rate.

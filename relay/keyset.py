@@ -11,7 +11,10 @@ one per ``unknown_key_refetch`` seconds: a flood of tokens with made-up key ids 
 rendezvous no more than that. A TCP token also waits for a refetch that is due to start before
 its hello_timeout runs out, and the relay spaces refetches by at most half of hello_timeout
 (unknown_key_refetch_for), so a made-up key id that just spent the refetch cannot get a genuine
-token signed with a newly rotated key refused: it waits for the next refetch instead. UDP hellos
+token signed with a newly rotated key refused: it waits for the next refetch instead, until that
+fetch's start plus JWKS_FETCH_TIMEOUT_SECONDS at most (and never past its hello_timeout). A token
+that found a fetch already running (started by another token, its request maybe sent before the
+rotation) and still finds its key id unknown after it asks once more the same way. UDP hellos
 cannot wait (a datagram is answered at once); one with an unknown key id may bring a refetch
 forward too (its source may be spoofed), which for the same reason costs a TCP token nothing.
 """
@@ -24,6 +27,7 @@ import math
 import re
 import ssl
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -47,9 +51,14 @@ JWKS_RETRY_SECONDS = 10.0
 # At most one refetch per this many seconds for tokens naming a key id the relay does not know.
 UNKNOWN_KEY_REFETCH_SECONDS = 10.0
 MIN_UNKNOWN_KEY_REFETCH_SECONDS = 1.0
-# A token waits for a refetch at most this long (the fetch's own timeout), and never beyond
-# what is left of its connection's hello_timeout.
+# A token waits for a refetch until its start plus this (the fetch's own timeout) at most, and
+# never beyond what is left of its connection's hello_timeout.
 UNKNOWN_KEY_WAIT_SECONDS = JWKS_FETCH_TIMEOUT_SECONDS
+# A relay whose JWKS has not been fetched for more than this many refresh intervals answers a
+# health probe with no_keys: the rendezvous may have rotated its relay-token key since, and the
+# relay cannot learn the new one, so new sessions are better sent to another relay. Three
+# intervals (15 minutes at the default 300 s) ride out a short rendezvous outage or restart.
+JWKS_STALE_INTERVALS = 3
 # At most this many connections wait for one refetch; more are refused at once. Waiting ones
 # keep their hello slot, so they are also within max_pending (and the descriptor budget).
 MAX_TOKENS_WAITING_FOR_KEYS = 256
@@ -62,6 +71,16 @@ JWKS_PATH = "/.well-known/jwks.json"
 PUBLIC_KEY_COMMAND = "tucdesk-rendezvous keys show --pem relay-token"
 
 log = logging.getLogger("tucdesk.relay")
+
+
+@dataclass(frozen=True)
+class DueFetch:
+    """A JWKS fetch a token with an unknown key id may wait for: when it starts (trio time)
+    and an event set when it ends; ``running`` when it had already started when asked for."""
+
+    done: trio.Event
+    starts_at: float
+    running: bool
 
 
 class TokenKeySet:
@@ -97,12 +116,17 @@ class TokenKeySet:
         key_id = relay_token_key_id(token)
         return key_id if key_id is not None and key_id not in self._keys else None
 
-    def ask_for_unknown_key(self, token: str) -> trio.Event | None:
+    def serving(self, now: float) -> bool:
+        """Whether the set can verify tokens the rendezvous signs now: it has keys, and with a
+        JWKS, one was fetched within JWKS_STALE_INTERVALS refresh intervals (trio time ``now``)."""
+        return bool(self._keys) and (self.refresher is None or not self.refresher.stale(now))
+
+    def ask_for_unknown_key(self, token: str) -> DueFetch | None:
         """If ``token`` names an unknown key id, ask for a JWKS refetch (rate-limited).
 
-        Returns an event set when a fetch that may bring the key ends, or None when none is
-        running or about to start now (no JWKS, the key id is known, or a refetch ran less than
-        UNKNOWN_KEY_REFETCH_SECONDS ago: one is then due when that time is up).
+        Returns the fetch that may bring the key (its ``done`` is set when it ends), or None
+        when none is running or about to start now (no JWKS, the key id is known, or a refetch
+        ran less than UNKNOWN_KEY_REFETCH_SECONDS ago: one is then due when that time is up).
         """
         if self.refresher is None or self.unknown_key_id(token) is None:
             return None
@@ -111,7 +135,13 @@ class TokenKeySet:
     async def wait_for_unknown_key(self, token: str, deadline: float) -> bool:
         """Wait, until ``deadline`` (trio time) at most, for the refetch a token with an
         unknown key id asked for: one running, or one due to start by then; return whether the
-        set now knows its key id, so the token is worth checking again."""
+        set now knows its key id, so the token is worth checking again.
+
+        A fetch that was already running began before the token arrived, so its answer may
+        predate the key that signed it: if it ends without the key id, the next one is awaited
+        too (still by ``deadline``). Each wait lasts until its fetch's start plus
+        UNKNOWN_KEY_WAIT_SECONDS at most.
+        """
         key_id = self.unknown_key_id(token)
         if (
             key_id is None
@@ -119,14 +149,16 @@ class TokenKeySet:
             or self._waiting_for_keys >= MAX_TOKENS_WAITING_FOR_KEYS
         ):
             return False
-        deadline = min(deadline, trio.current_time() + UNKNOWN_KEY_WAIT_SECONDS)
-        fetched = self.refresher.fetch_for_unknown_key(start_by=deadline)
-        if fetched is None:
-            return False
         self._waiting_for_keys += 1
         try:
-            with trio.move_on_at(deadline):
-                await fetched.wait()
+            for _attempt in range(2):
+                fetch = self.refresher.fetch_for_unknown_key(start_by=deadline)
+                if fetch is None:
+                    break
+                with trio.move_on_at(min(deadline, fetch.starts_at + UNKNOWN_KEY_WAIT_SECONDS)):
+                    await fetch.done.wait()
+                if key_id in self._keys or not fetch.running or trio.current_time() >= deadline:
+                    break
         finally:
             self._waiting_for_keys -= 1
         return key_id in self._keys
@@ -293,6 +325,7 @@ class JwksRefresher:
         self._next_fetch_at: float | None = None  # trio time; set when run starts
         self._last_fetch_at = -math.inf
         self._in_flight: trio.Event | None = None  # set when the running fetch ends
+        self._last_success_at: float | None = None  # trio time; set when run starts
         self._next_fetch_done = trio.Event()
         key_set.refresher = self
 
@@ -301,13 +334,17 @@ class JwksRefresher:
         self._reload_asked = True
         self._wake.set()
 
-    def fetch_for_unknown_key(self, start_by: float | None = None) -> trio.Event | None:
+    def stale(self, now: float) -> bool:
+        """Whether no fetch has worked for over JWKS_STALE_INTERVALS intervals (trio time)."""
+        last = self._last_success_at
+        return last is not None and now - last > JWKS_STALE_INTERVALS * self.interval
+
+    def fetch_for_unknown_key(self, start_by: float | None = None) -> DueFetch | None:
         """Bring the next fetch forward for a token with an unknown key id, at most one such
-        fetch per ``unknown_key_refetch`` seconds; return an event set when the fetch running
-        now, or the next one if it starts by ``start_by`` (trio time; default now), ends (None:
-        the next one is later)."""
+        fetch per ``unknown_key_refetch`` seconds; return the fetch running now, or the next one
+        if it starts by ``start_by`` (trio time; default now) (None: the next one is later)."""
         if self._in_flight is not None:
-            return self._in_flight
+            return DueFetch(self._in_flight, self._last_fetch_at, running=True)
         now = trio.current_time()
         due = max(now, self._last_fetch_at + self.unknown_key_refetch)
         if self._next_fetch_at is None or due < self._next_fetch_at:
@@ -316,7 +353,9 @@ class JwksRefresher:
         else:
             due = self._next_fetch_at  # a fetch is due sooner anyway (periodic, or asked for)
         wait_until = now if start_by is None else max(now, start_by)
-        return self._next_fetch_done if due <= wait_until else None
+        if due > wait_until:
+            return None
+        return DueFetch(self._next_fetch_done, due, running=False)
 
     async def run(self) -> None:
         """Refresh until cancelled; on failure keep the old keys and retry sooner.
@@ -334,6 +373,8 @@ class JwksRefresher:
         last_error: str | None = None
         if self._next_fetch_at is None:
             self._next_fetch_at = trio.current_time() + self.interval
+        if self._last_success_at is None:
+            self._last_success_at = trio.current_time()  # the start-up fetch
         while True:
             while not self._reload_asked and trio.current_time() < self._next_fetch_at:
                 with trio.move_on_at(self._next_fetch_at):
@@ -345,6 +386,8 @@ class JwksRefresher:
             self._last_fetch_at = trio.current_time()
             try:
                 last_error = await self._fetch(reload, last_error)
+                if last_error is None:
+                    self._last_success_at = trio.current_time()
             finally:
                 self._in_flight.set()
                 self._in_flight = None

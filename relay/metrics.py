@@ -6,7 +6,7 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from relay.wire import REFUSAL_REASONS, SESSION_END_REASONS
+from relay.wire import PROBE_ANSWERS, REFUSAL_REASONS, SESSION_END_REASONS
 
 TRANSPORTS = ("tcp", "udp")
 DATAGRAM_DROP_REASONS = (
@@ -18,7 +18,6 @@ DATAGRAM_DROP_REASONS = (
     "send_failed",
 )
 KEY_RELOAD_RESULTS = ("ok", "failed")
-PROBE_ANSWERS = ("ok", "shutting_down")
 # Counted with the refusals but never sent: the client left before the relay had its hello.
 HELLO_ABANDONED = "hello_abandoned"
 # Why a connection still in its hello phase was dropped (it is also refused with
@@ -54,7 +53,7 @@ class RelayMetrics:
         )
         self.probes = Counter(
             "tucdesk_relay_probes", "Health-check probes answered, by answer (ok, "
-            "shutting_down).", ["answer"], registry=self.registry,
+            "shutting_down, too_many_sessions, no_keys).", ["answer"], registry=self.registry,
         )
         self.connections_accepted = Counter(
             "tucdesk_relay_connections_accepted",
@@ -123,7 +122,7 @@ class RelayMetrics:
                 self.refusals.labels(transport, reason.value)
         self.refusals.labels("tcp", HELLO_ABANDONED)
         for answer in PROBE_ANSWERS:
-            self.probes.labels(answer)
+            self.probes.labels(answer.value)
         for pending_reason in PENDING_DROP_REASONS:
             self.pending_dropped.labels(pending_reason)
         for listener in ("relay", "metrics"):

@@ -62,6 +62,11 @@ class PairingRegistry(Generic[Endpoint]):
         """Sessions with both sides present."""
         return len(self._paired)
 
+    @property
+    def full(self) -> bool:
+        """Whether a new session would be refused too_many_sessions."""
+        return len(self._waiting) + len(self._paired) >= self.max_sessions
+
     def is_paired(self, key: SessionKey) -> bool:
         """Whether ``key`` names a paired session."""
         return key in self._paired
@@ -79,7 +84,7 @@ class PairingRegistry(Generic[Endpoint]):
             del self._waiting[key]
             self._paired.add(key)
             return Arrival(Reason.PAIRED, waiting)
-        if len(self._waiting) + len(self._paired) >= self.max_sessions:
+        if self.full:
             return Arrival(Reason.TOO_MANY_SESSIONS)
         if len(self._waiting) >= self.max_waiting:
             return Arrival(Reason.TOO_MANY_WAITING)

@@ -278,7 +278,7 @@ class TcpFrontEnd:
 
     def _answer_probe(self, sock: socket.socket) -> None:
         """Answer a health check's probe with the relay's state; counted, never logged."""
-        answer = Reason.SHUTTING_DOWN if self.admission.shutting_down else Reason.OK
+        answer = self.admission.probe_answer(trio.current_time())
         self.metrics.probes.labels(answer.value).inc()
         send_now(sock, encode_status(answer))
         close_socket(sock)

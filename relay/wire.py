@@ -11,8 +11,10 @@ not there yet) and then ``paired``, after which the connection carries the sessi
 ways. Any other code is a refusal and the relay closes the connection after sending it.
 
 A health check (the rendezvous's relay check) sends a probe instead: a hello whose token is
-PROBE_TOKEN. The relay answers at once with one status line, ``ok`` or, while it drains after a
-shutdown signal, ``shutting_down``, and closes the connection. A probe is no refusal: it is
+PROBE_TOKEN. The relay answers at once with one status line and closes the connection: ``ok``
+when it takes new sessions, else why not: ``shutting_down`` (draining after a shutdown signal),
+``too_many_sessions`` (max_sessions reached) or ``no_keys`` (no relay-token key, or a JWKS not
+fetched for JWKS_STALE_INTERVALS refresh intervals; relay/keyset.py). A probe is no refusal: it is
 counted in tucdesk_relay_probes_total, not logged. A relay older than the probe answers it with
 a refusal (token_invalid: the probe is no token).
 """
@@ -45,6 +47,9 @@ class Reason(StrEnum):
     PAIRED = "paired"
     # The answer to a probe hello from a relay that takes new sessions.
     OK = "ok"
+    # A probe answer only: the relay has no relay-token key, or its JWKS has not been fetched
+    # for over JWKS_STALE_INTERVALS refresh intervals (it may lack a rotated key).
+    NO_KEYS = "no_keys"
     # Refusals (sent to the client, then the connection is closed; each one is counted).
     BAD_HELLO = "bad_hello"
     HELLO_TOO_LARGE = "hello_too_large"
@@ -94,6 +99,10 @@ REFUSAL_REASONS = frozenset(
         Reason.PEER_GONE,
     }
 )
+# What a probe may be answered.
+PROBE_ANSWERS = frozenset(
+    {Reason.OK, Reason.SHUTTING_DOWN, Reason.TOO_MANY_SESSIONS, Reason.NO_KEYS}
+)
 SESSION_END_REASONS = frozenset(
     {Reason.CLOSED, Reason.IDLE_TIMEOUT, Reason.RESET, Reason.SHUTTING_DOWN}
 )
@@ -108,7 +117,8 @@ def encode_hello(token: str) -> bytes:
 
 
 def encode_probe() -> bytes:
-    """The probe hello a health check sends: the relay answers ``ok`` or ``shutting_down``."""
+    """The probe hello a health check sends: the relay answers ``ok`` or why it takes no new
+    session (PROBE_ANSWERS)."""
     return encode_hello(PROBE_TOKEN)
 
 

@@ -2,22 +2,30 @@
 
 With more than one relay configured, each instance probes every relay every
 ``relay_check_seconds``: it connects and sends the relay wire protocol's probe hello, which the
-relay answers at once with ``ok``, or ``shutting_down`` while it drains after a shutdown signal
-(relay/wire.py; counted by the relay in tucdesk_relay_probes_total, not logged as a refusal). A
-relay is up only when it answers within RELAY_CHECK_TIMEOUT_SECONDS with an answer other than
-shutting_down or too_many_connections: a refused connect, a drain, or a connection the kernel
-completed for a process that never answers (hung, stopped) is a failed check. A relay is left out
-of the choice after FAILED_CHECKS_FOR_DOWN failed checks in a row (a lost SYN does not flap it)
-and taken back after one good one, as RustDesk's hbbs does with its relays; if none is up, every
+relay answers at once with ``ok``, or why it takes no new session: ``shutting_down`` (draining
+after a shutdown signal), ``too_many_sessions`` (full) or ``no_keys`` (no relay-token key, or a
+JWKS it has not fetched for several refresh intervals) (relay/wire.py; counted by the relay in
+tucdesk_relay_probes_total, not logged as a refusal). A relay is up only when it answers within
+RELAY_CHECK_TIMEOUT_SECONDS with an answer not in NOT_SERVING_ANSWERS. Such an answer leaves the
+relay out of the choice at once (it said so: every new session would be refused); a refused
+connect, or a connection the kernel completed for a process that never answers (hung, stopped),
+leaves it out after FAILED_CHECKS_FOR_DOWN such checks in a row (a lost SYN does not flap it). One
+good check takes it back, as RustDesk's hbbs does with its relays; if none is up, every
 relay stays a candidate (the check may be what is wrong: the rendezvous reaches the relays by the
 addresses clients use, which it may not be able to). With one relay there is no choice to make
 and nothing is checked.
+
+The check cannot tell whether a relay holds the rendezvous's current relay-token key: a relay
+started with a static --token-key that was not updated after a rotation answers ``ok`` and
+refuses every token (token_invalid). Use --jwks, or update --token-key and send SIGHUP, on every
+rotation (docs/self-hosting.md).
 """
 
 from __future__ import annotations
 
 import logging
 import secrets
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import trio
@@ -34,8 +42,19 @@ logger = logging.getLogger(__name__)
 RELAY_CHECK_TIMEOUT_SECONDS = 3.0
 # Failed checks in a row before a relay is left out; one good check takes it back.
 FAILED_CHECKS_FOR_DOWN = 2
-# Probe answers that mean "alive, but takes no new session now".
-NOT_SERVING_ANSWERS = frozenset({Reason.SHUTTING_DOWN, Reason.TOO_MANY_CONNECTIONS})
+# Probe answers that mean "alive, but takes no new session now". too_many_connections is the
+# relay's answer to any hello while its pending-hello table is full.
+NOT_SERVING_ANSWERS = frozenset(
+    {Reason.SHUTTING_DOWN, Reason.TOO_MANY_SESSIONS, Reason.NO_KEYS, Reason.TOO_MANY_CONNECTIONS}
+)
+
+
+class ProbeResult(Enum):
+    """What a health check found."""
+
+    SERVING = "serving"
+    NOT_SERVING = "not_serving"  # it answered that it takes no new session: down at once
+    NO_ANSWER = "no_answer"  # refused, hung or not a relay: down after FAILED_CHECKS_FOR_DOWN
 
 
 class RelayHealth:
@@ -55,9 +74,9 @@ class RelayHealth:
         """The ids of the relays the checks found down."""
         return frozenset(self._down)
 
-    def mark(self, relay: RelayEndpoint, reachable: bool) -> None:
+    def mark(self, relay: RelayEndpoint, result: ProbeResult) -> None:
         """Record a check's result; a change of state is logged."""
-        if reachable:
+        if result is ProbeResult.SERVING:
             self._failed_checks.pop(relay.id, None)
             if relay.id in self._down:
                 self._down.discard(relay.id)
@@ -65,34 +84,51 @@ class RelayHealth:
                             "use it", relay.id, relay.host, relay.port)  # fmt: skip
             return
         failed = self._failed_checks[relay.id] = self._failed_checks.get(relay.id, 0) + 1
-        if failed >= FAILED_CHECKS_FOR_DOWN and relay.id not in self._down:
+        if relay.id in self._down:
+            return
+        if result is ProbeResult.NOT_SERVING:
             self._down.add(relay.id)
             logger.warning(
-                "relay %s at %s:%d did not answer its health probe %d times in a row (refused, "
-                "draining or hung): new sessions use the other relays until it does",
+                "relay %s at %s:%d answered its health probe that it takes no new session "
+                "(draining, full or without a usable relay-token key): new sessions use the other "
+                "relays until it serves again", relay.id, relay.host, relay.port,
+            )  # fmt: skip
+        elif failed >= FAILED_CHECKS_FOR_DOWN:
+            self._down.add(relay.id)
+            logger.warning(
+                "relay %s at %s:%d did not answer its health probe %d times in a row (refused "
+                "or hung): new sessions use the other relays until it does",
                 relay.id, relay.host, relay.port, failed,
             )  # fmt: skip
 
 
 async def reachable(relay: RelayEndpoint) -> bool:
     """Whether ``relay`` answers a probe as serving within RELAY_CHECK_TIMEOUT_SECONDS."""
+    return await probe(relay) is ProbeResult.SERVING
+
+
+async def probe(relay: RelayEndpoint) -> ProbeResult:
+    """Send ``relay`` a probe; what it answered within RELAY_CHECK_TIMEOUT_SECONDS."""
     with trio.move_on_after(RELAY_CHECK_TIMEOUT_SECONDS):
         try:
             stream = await trio.open_tcp_stream(relay.host, relay.port)
         except OSError:
-            return False
+            return ProbeResult.NO_ANSWER
         async with stream:
             try:
                 await stream.send_all(encode_probe())
                 answer = parse_status(await _status_line(stream))
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                return False
+                return ProbeResult.NO_ANSWER
             except HelloError:
-                return False  # not a relay's status line (or the connection ended first)
+                # Not a relay's status line (or the connection ended first).
+                return ProbeResult.NO_ANSWER
         # ok. A relay older than the probe refuses it as a token (token_invalid): it read the
         # hello, so it serves; only the answers saying it takes no new session count as down.
-        return answer not in NOT_SERVING_ANSWERS
-    return False
+        if answer in NOT_SERVING_ANSWERS:
+            return ProbeResult.NOT_SERVING
+        return ProbeResult.SERVING
+    return ProbeResult.NO_ANSWER
 
 
 async def _status_line(stream: trio.abc.ReceiveStream) -> bytes:
@@ -121,5 +157,5 @@ async def check_relays_forever(ctx: ServiceContext) -> None:
 
 
 async def _check_one(ctx: ServiceContext, relay: RelayEndpoint) -> None:
-    ctx.relay_health.mark(relay, await reachable(relay))
+    ctx.relay_health.mark(relay, await probe(relay))
     ctx.metrics.relays_up.labels(relay.id).set(0 if relay.id in ctx.relay_health.down else 1)

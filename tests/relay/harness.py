@@ -43,7 +43,7 @@ def relay_config(**overrides: Any) -> RelayConfig:
         "udp": HostPort("127.0.0.1", 0),
         "relay_id": RELAY_ID,
         "token_key": (Path("pinned-in-test"),),
-        "hello_timeout": 1.0,
+        "hello_timeout": 2.0,  # MIN_HELLO_TIMEOUT_SECONDS
         "pair_timeout": 2.0,
         "idle_timeout": 10.0,
         "grace": 0.5,

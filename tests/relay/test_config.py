@@ -10,6 +10,8 @@ from relay.config import OPTIONS, HostPort, load_config
 from relay.errors import ConfigError
 from relay.main import build_parser
 
+from .harness import relay_config
+
 REQUIRED = {"listen": "127.0.0.1:7000", "relay_id": "r1", "token_key": ["k.pem"]}
 
 
@@ -138,3 +140,11 @@ def test_non_finite_durations_and_rates_are_refused(name, value):
     # NaN passed every minimum (NaN < x is False).
     with pytest.raises(ConfigError, match=f"{name} must be a finite number"):
         load_config({**REQUIRED, name: value}, {}, None)
+
+
+@pytest.mark.parametrize("value", [0.3, 1.99])
+def test_a_hello_timeout_under_two_seconds_is_refused_with_the_reason(value):
+    # Below 2 s, refetches for unknown key ids (at least 1 s apart) could leave a token signed
+    # with a newly rotated key no refetch before its hello_timeout.
+    with pytest.raises(ConfigError, match="hello_timeout must be at least 2 s: a token signed"):
+        relay_config(hello_timeout=value)

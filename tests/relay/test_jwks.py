@@ -23,6 +23,7 @@ from protocol.relay_token import Side
 from relay.client import connect_tcp
 from relay.errors import KeySetError, RelayRefusedError
 from relay.keyset import (
+    JWKS_STALE_INTERVALS,
     JwksRefresher,
     TokenKeySet,
     fetch_jwks,
@@ -31,11 +32,11 @@ from relay.keyset import (
 )
 from relay.metrics import RelayMetrics
 from relay.server import Relay
-from relay.wire import Reason, encode_hello
+from relay.wire import Reason, encode_hello, encode_probe
 from rendezvous.routes_meta import router as rendezvous_meta_routes
 from rendezvous.service_keys import KEY_ROLES, ServiceKeys
 
-from .harness import make_token, relay_config, trio_test
+from .harness import make_token, relay_config, trio_test, wait_until
 
 EXAMPLE_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "relay" / "relay.example.toml"
 
@@ -82,10 +83,12 @@ def rendezvous_service_keys() -> ServiceKeys:
 
 async def serve_jwks(
     cert_file, key_file, body: bytes | list[bytes], nursery, requests: list[bytes] | None = None,
-    delay: float = 0.0,
+    delay: float | list[float] = 0.0,
 ) -> int:
     """Serve ``body`` (or, for a list, its last item at the time of each request); each request
-    is appended to ``requests``, if given; each answer comes ``delay`` seconds later."""
+    is appended to ``requests``, if given; each answer comes ``delay`` seconds later (for a list,
+    the n-th request's is its n-th item, its last one for any later request)."""
+    answered = 0
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert_file, key_file)
 
@@ -97,10 +100,14 @@ async def serve_jwks(
                 if not data:
                     return
                 request += data
+            nonlocal answered
             if requests is not None:
                 requests.append(request)
-            await trio.sleep(delay)
+            # The answer is what the server has when the request comes, however late it lands.
             served = body[-1] if isinstance(body, list) else body
+            delays = delay if isinstance(delay, list) else [delay]
+            answered += 1
+            await trio.sleep(delays[min(answered, len(delays)) - 1])
             await stream.send_all(
                 b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
                 + str(len(served)).encode() + b"\r\nConnection: close\r\n\r\n" + served
@@ -497,9 +504,9 @@ async def test_connections_waiting_for_a_refetch_are_pending_hellos_bounded_by_h
     async with trio.open_nursery() as nursery:
         # A refetch that takes longer than the hello timeout.
         port = await serve_jwks(cert_file, key_file, jwks_document(SigningIdentity.generate()),
-                                nursery, delay=4.0)
+                                nursery, delay=6.0)
         relay = Relay(relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
-                                   jwks_ca=str(cert_file), jwks_refresh=3600, hello_timeout=1.0,
+                                   jwks_ca=str(cert_file), jwks_refresh=3600, hello_timeout=2.0,
                                    max_pending=8))
         await nursery.start(relay.serve)
         clients = []
@@ -512,7 +519,7 @@ async def test_connections_waiting_for_a_refetch_are_pending_hellos_bounded_by_h
         assert relay.tcp.pending == 5
         assert relay.metrics.registry.get_sample_value("tucdesk_relay_connections_pending") == 5
         assert len(relay.tcp.admission.pending) == 5  # within max_pending
-        with trio.fail_after(1.5):  # the rest of the 1 s hello timeout, not the 4 s fetch
+        with trio.fail_after(2.5):  # the rest of the 2 s hello timeout, not the 6 s fetch
             for client in clients:
                 assert await client.receive_some(64) == b"token_invalid\n"
         assert relay.tcp.pending == 0
@@ -520,3 +527,103 @@ async def test_connections_waiting_for_a_refetch_are_pending_hellos_bounded_by_h
             await client.aclose()
         relay.shutdown()
         nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_rotated_key_token_that_found_a_stale_refetch_running_waits_for_the_next(
+    tmp_path,
+):
+    # A made-up kid starts a refetch; the rendezvous rotates while it is on its way (its answer
+    # is the old set); a genuine token signed with the new key arrives meanwhile. It waited for
+    # that refetch and was refused token_invalid; it now asks for the next one and is admitted.
+    old, new, stranger = (SigningIdentity.generate() for _ in range(3))
+    bodies = [jwks_document(old)]
+    requests: list[bytes] = []
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, bodies, nursery, requests, delay=0.5)
+        relay = Relay(relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                                   jwks_ca=str(cert_file), jwks_refresh=3600, hello_timeout=5.0))
+        await nursery.start(relay.serve)
+
+        async def made_up_kid() -> None:
+            with pytest.raises(RelayRefusedError):
+                await connect_tcp(*relay.tcp_address,
+                                  make_token(stranger, "made-up", Side.OPERATOR), pair_timeout=5)
+
+        nursery.start_soon(made_up_kid)
+        await wait_until(lambda: len(requests) == 2)  # the start-up fetch, then the refetch
+        bodies.append(jwks_document(old, new))
+        with trio.fail_after(5):
+            await pair_with(relay, new, "rotated-during-a-refetch")
+        assert len(requests) == 3
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_token_waits_for_a_refetch_due_at_its_wait_cap_until_that_fetch_can_end(
+    tmp_path, monkeypatch,
+):
+    # With refetches spaced by the whole wait cap (hello_timeout >= 20 s: 10 s and 10 s), a
+    # token arriving just after one waited only until the next one started, then was refused.
+    monkeypatch.setattr("relay.keyset.UNKNOWN_KEY_WAIT_SECONDS", 2.0)
+    old, new, stranger = (SigningIdentity.generate() for _ in range(3))
+    key_set = TokenKeySet(parse_jwks(jwks_document(old)))
+    bodies = [jwks_document(old)]
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, bodies, nursery, delay=[0.0, 0.5])
+        refresher = JwksRefresher(key_set, f"https://127.0.0.1:{port}/jwks", str(cert_file),
+                                  3600, unknown_key_refetch=2.0)
+        nursery.start_soon(refresher.run)
+        made_up = make_token(stranger, "made-up", Side.AGENT)
+        assert not await key_set.wait_for_unknown_key(made_up, trio.current_time() + 10)
+        bodies.append(jwks_document(old, new))
+        started = trio.current_time()
+        genuine = make_token(new, "genuine", Side.AGENT)
+        assert await key_set.wait_for_unknown_key(genuine, trio.current_time() + 10)
+        assert 1.5 < trio.current_time() - started < 4
+        nursery.cancel_scope.cancel()
+
+
+@trio_test
+async def test_a_relay_whose_jwks_has_not_been_fetched_for_three_intervals_answers_no_keys(
+    tmp_path,
+):
+    signer = SigningIdentity.generate()
+    bodies = [jwks_document(signer)]
+    cert_file, key_file = self_signed_certificate(tmp_path)
+    async with trio.open_nursery() as nursery:
+        port = await serve_jwks(cert_file, key_file, bodies, nursery)
+        relay = Relay(relay_config(token_key=(), jwks=f"https://127.0.0.1:{port}/jwks",
+                                   jwks_ca=str(cert_file), jwks_refresh=1))
+        await nursery.start(relay.serve)
+        assert await probe_answer(relay) == b"ok\n"
+        started = trio.current_time()
+        bodies.append(b"not json")  # every refresh fails from now on; the old keys are kept
+        assert await probe_answer(relay) == b"ok\n"
+        await probe_answer_becomes(relay, b"no_keys\n", within=JWKS_STALE_INTERVALS * 1 + 3)
+        assert trio.current_time() - started > JWKS_STALE_INTERVALS * 1 - 1
+        assert relay.metrics.registry.get_sample_value(
+            "tucdesk_relay_probes_total", {"answer": "no_keys"}
+        ) == 1
+        # Its keys still verify the tokens signed with them: only the probe says otherwise.
+        await pair_with(relay, signer, "stale-but-kept")
+        bodies.append(jwks_document(signer))
+        await probe_answer_becomes(relay, b"ok\n", within=4)
+        relay.shutdown()
+        nursery.cancel_scope.cancel()
+
+
+async def probe_answer(relay: Relay) -> bytes:
+    stream = await trio.open_tcp_stream(*relay.tcp_address)
+    async with stream:
+        await stream.send_all(encode_probe())
+        return await stream.receive_some(64)
+
+
+async def probe_answer_becomes(relay: Relay, answer: bytes, within: float) -> None:
+    with trio.fail_after(within):
+        while await probe_answer(relay) != answer:  # noqa: ASYNC110 (bounded poll)
+            await trio.sleep(0.2)

@@ -306,7 +306,7 @@ async def test_well_formed_hello_with_a_non_token_is_refused(signer):
 
 @trio_test
 async def test_slow_hello_times_out(signer):
-    async with running_relay(signer, hello_timeout=0.3) as relay:
+    async with running_relay(signer, hello_timeout=2.0) as relay:
         stream = await raw_connect(relay.tcp_address)
         await stream.send_all(encode_hello(make_token(signer, "s-14", Side.AGENT))[:10])
         assert await read_status(stream) == "hello_timeout"

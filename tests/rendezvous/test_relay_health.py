@@ -17,14 +17,16 @@ from protocol.identity import SigningIdentity
 from protocol.relay_token import Side
 from relay.client import connect_tcp
 from relay.server import Relay
-from relay.wire import encode_probe
+from relay.wire import encode_hello, encode_probe
 from rendezvous.config import RelayEndpoint, ServiceConfig
 from rendezvous.errors import ConfigError
 from rendezvous.relay_health import (
     FAILED_CHECKS_FOR_DOWN,
     RELAY_CHECK_TIMEOUT_SECONDS,
+    ProbeResult,
     RelayHealth,
     check_relays_forever,
+    probe,
     reachable,
 )
 from rendezvous.store import Store
@@ -152,6 +154,8 @@ async def test_a_hung_relay_or_a_refused_connection_is_a_failed_check() -> None:
         (b"bad_hello\n", True),
         (b"shutting_down\n", False),
         (b"too_many_connections\n", False),
+        (b"too_many_sessions\n", False),
+        (b"no_keys\n", False),
         (b"", False),
         (b"HTTP/1.1 400 Bad Request\r\n", False),
     ],
@@ -167,27 +171,55 @@ async def test_an_older_relay_that_refuses_the_probe_as_a_token_is_up(
 def test_a_relay_is_down_after_two_failed_checks_in_a_row_and_up_after_one_good_one() -> None:
     relay = RelayEndpoint("a", "127.0.0.1", 1)
     health = RelayHealth()
-    health.mark(relay, reachable=False)  # one lost SYN
+    health.mark(relay, ProbeResult.NO_ANSWER)  # one lost SYN
     assert health.down == frozenset()
-    health.mark(relay, reachable=True)
-    health.mark(relay, reachable=False)
+    health.mark(relay, ProbeResult.SERVING)
+    health.mark(relay, ProbeResult.NO_ANSWER)
     assert health.down == frozenset()
-    health.mark(relay, reachable=False)
+    health.mark(relay, ProbeResult.NO_ANSWER)
     assert health.down == {"a"}
-    health.mark(relay, reachable=True)
+    health.mark(relay, ProbeResult.SERVING)
     assert health.down == frozenset()
+
+
+def test_a_relay_that_answers_it_takes_no_new_session_is_down_at_once() -> None:
+    # Draining, full or without keys: it said so, and every new session would be refused.
+    relay = RelayEndpoint("a", "127.0.0.1", 1)
+    health = RelayHealth()
+    health.mark(relay, ProbeResult.NOT_SERVING)
+    assert health.down == {"a"}
+    health.mark(relay, ProbeResult.SERVING)
+    assert health.down == frozenset()
+
+
+async def test_a_full_relay_answers_too_many_sessions_and_is_not_serving() -> None:
+    signer = SigningIdentity.generate()
+    async with running_relay(signer, max_sessions=1) as relay:
+        host, port = relay.tcp_address
+        assert await probe(endpoint(relay)) is ProbeResult.SERVING
+        first = await trio.open_tcp_stream(host, port)
+        await first.send_all(encode_hello(make_token(signer, "only", Side.OPERATOR)))
+        assert await first.receive_some(64) == b"waiting\n"
+        assert await probe(endpoint(relay)) is ProbeResult.NOT_SERVING
+        assert (
+            relay.metrics.registry.get_sample_value(
+                "tucdesk_relay_probes_total", {"answer": "too_many_sessions"}
+            )
+            == 1
+        )
+        await first.aclose()
 
 
 def test_when_every_relay_is_down_every_relay_stays_a_candidate() -> None:
     relays = (RelayEndpoint("a", "127.0.0.1", 1), RelayEndpoint("b", "127.0.0.1", 2))
     health = RelayHealth()
     for _ in range(FAILED_CHECKS_FOR_DOWN):
-        health.mark(relays[0], reachable=False)
+        health.mark(relays[0], ProbeResult.NO_ANSWER)
     assert {health.choose(relays).id for _ in range(40)} == {"b"}
     for _ in range(FAILED_CHECKS_FOR_DOWN):
-        health.mark(relays[1], reachable=False)
+        health.mark(relays[1], ProbeResult.NO_ANSWER)
     assert {health.choose(relays).id for _ in range(40)} == {"a", "b"}
-    health.mark(relays[0], reachable=True)
+    health.mark(relays[0], ProbeResult.SERVING)
     assert {health.choose(relays).id for _ in range(40)} == {"a"}
 
 
