@@ -5,14 +5,17 @@ checks, in the verifier's one read of the file (``verify_bundle(..., on_record=.
 only if the whole bundle verified. Each line gives the log time, action, actor, the agent and
 operator concerned, and for session records the command; a ``session.started`` that executed an
 approval names who approved it (joined with the ``approval.approved`` record of its approval
-id). Every string a record holds went through protocol/terminal_text.py: no control character from
-a bundle ever reaches the terminal. Memory grows with the records shown, not with the bundle.
+id). A record with an agent actor that an audit key signed (the rendezvous's word, not the
+agent's: it connected, refused a session or a policy) says ``signed_by=service``, and ``--json``
+gives every record's ``signed_by`` (``agent`` or ``service``). Every string a record holds went
+through protocol/terminal_text.py: no control character from a bundle ever reaches the
+terminal. Memory grows with the records shown, not with the bundle.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
@@ -35,6 +38,8 @@ STARTED_APPROVAL_ID_FIELD = "approval_request_id"  # in session.started (agent/a
 REQUESTED_COMMAND_FIELD = "command"  # session.requested: shell-quoted by the rendezvous
 EXECUTED_ARGV_FIELD = "argv"  # session.command: the argv the agent ran
 STARTED_OPERATOR_FIELD = "operator_email"
+SIGNED_BY_AGENT = "agent"  # the agent's own key signed the record
+SIGNED_BY_SERVICE = "service"  # an audit key did: the rendezvous wrote it
 MAX_SHOWN_FIELD = 1024  # characters of one field on a line (already escaped), then an ellipsis
 
 
@@ -83,6 +88,10 @@ class ShownRecord:
     command: str | None
     """Already quoted: ``shown_command`` of an argv, or the rendezvous's shell-quoted text."""
     approved_by: str | None
+    signer_key_id: str
+    signed_by: str = SIGNED_BY_SERVICE
+    """``agent`` when the agent's own key signed the record, ``service`` when an audit key did
+    (the rendezvous wrote it, whatever actor it names)."""
 
     def line(self) -> str:
         """The record on one line, every part escaped for a terminal."""
@@ -90,6 +99,9 @@ class ShownRecord:
         if self.actor_display:
             actor += f" ({self.actor_display})"
         parts = [self.time, self.action, f"actor={actor}"]
+        if self.actor_kind == ActorKind.AGENT.value and self.signed_by == SIGNED_BY_SERVICE:
+            # In an agent's name, but the rendezvous's word: the agent's key did not sign it.
+            parts.append(f"signed_by={SIGNED_BY_SERVICE}")
         if self.agent_id is not None:
             name = f"{self.agent_name} ({self.agent_id})" if self.agent_name else self.agent_id
             parts.append(f"agent={name}")
@@ -116,6 +128,8 @@ class ShownRecord:
             "session_id": self.session_id,
             "command": self.command,
             "approved_by": self.approved_by,
+            "signed_by": self.signed_by,
+            "signer_key_id": self.signer_key_id,
         }
 
 
@@ -192,6 +206,7 @@ class _Picker:
             session_id=session_id,
             command=command,
             approved_by=approved_by,
+            signer_key_id=event.signer,
         )
 
     def _matches(self, shown: ShownRecord, record: AuditRecord) -> bool:
@@ -241,7 +256,23 @@ def show_records(
         on_record=picker,
         agent_pins=agent_pins,
     )
-    return ShowResult(verified, tuple(picker.picked) if verified.ok else ())
+    if not verified.ok:
+        return ShowResult(verified, ())
+    # Who signed what is known once the bundle verified: the keys' roles as the verifier
+    # trusted them (an audit key first, as it checks them).
+    agent_keys = {key.key_id for key in verified.signing_keys if key.role == "agent"}
+    return ShowResult(
+        verified,
+        tuple(
+            replace(
+                shown,
+                signed_by=SIGNED_BY_AGENT
+                if shown.signer_key_id in agent_keys
+                else SIGNED_BY_SERVICE,
+            )
+            for shown in picker.picked
+        ),
+    )
 
 
 def _command(record: AuditRecord) -> str | None:

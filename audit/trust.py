@@ -5,7 +5,12 @@ rotation). Agents are not pinned one by one: an agent's key becomes trusted when
 record in the same log, signed by a pinned audit key, has action ``agent.registered``, the agent
 id as target, and the agent's public key and key id in its context. From then on records signed
 by that key are accepted, but only with an ``agent`` actor whose id is that agent's id, so one
-agent can never speak for another. Keys listed in an export bundle are hints, never anchors.
+agent can never speak for another. The other way round, an audit key never speaks for an agent
+about what it ran: a ``session.started``, ``session.command`` or ``session.ended`` with an
+``agent`` actor must be signed by that agent's key (``AGENT_SELF_SIGNED_ACTIONS``); what the
+rendezvous records in an agent's name under the audit key (it connected, used a registration
+key, refused a session or a policy) stays valid. Keys listed in an export bundle are hints,
+never anchors.
 
 An audit key is rotated the same way: a ``service_key.rotated`` record for the ``audit-signer``
 purpose, signed by the trusted audit key it retires (``old_fingerprint`` must be the signer's),
@@ -62,6 +67,14 @@ ROTATION_NEW_PUBLIC_KEY_FIELD = "new_public_key"
 ROTATION_NEW_KEY_ID_FIELD = "new_key_id"
 AGENT_HOSTNAME_FIELD = "hostname"
 AGENT_NAME_FIELD = "name"
+# What only an agent's own key signs in its name: what it ran in a session (the agent signs
+# these on its host; the rendezvous records a session's end itself as the service). The
+# rendezvous records other actions with an agent actor under the audit key (agent.connected,
+# registration_key.used, agent.registered, session.refused and policy.refused as the agent
+# answered them), so only these are refused when an audit key signs them.
+AGENT_SELF_SIGNED_ACTIONS = frozenset(
+    {Action.SESSION_STARTED, Action.SESSION_COMMAND, Action.SESSION_ENDED}
+)
 # How far an agent's clock may run ahead of the log's: the same allowance as the log's own
 # check on agent events (an event dated later than this after the removal was signed after it).
 REMOVED_AGENT_CLOCK_SKEW = MAX_EVENT_FUTURE_SKEW
@@ -268,6 +281,13 @@ class SignerTrust:
         if signer in self._audit_keys:
             audit_key = self._audit_keys[signer]
             signed.verify(audit_key)
+            actor = signed.event.actor
+            if actor.kind is ActorKind.AGENT and signed.event.action in AGENT_SELF_SIGNED_ACTIONS:
+                raise RecordError(
+                    f"{signed.event.action.value} by agent {actor.id:.80} is signed by an audit "
+                    "key, not the agent's: only the agent's own key signs what it ran, so "
+                    "whoever holds the audit key wrote this in the agent's name"
+                )
             self.note_retired_signature(signer, self._records + 1)
             if signed.event.action is Action.AGENT_REGISTERED:
                 agent_id, key = introduced_agent_key(signed.event)

@@ -20,6 +20,7 @@ nothing is ever taken from a second, unverified read of the file.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import stat
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -47,7 +48,7 @@ from audit.checkpoint import (
     parse_checkpoint_body,
 )
 from audit.errors import AuditError, BundleError, UnknownSigner, UntrustedNote
-from audit.merkle import EMPTY_ROOT, MerkleFrontier, verify_consistency
+from audit.merkle import EMPTY_ROOT, MerkleFrontier, leaf_hash, verify_consistency
 from audit.note import parse_note
 from audit.record import (
     GENESIS_HASH,
@@ -228,11 +229,15 @@ class VerificationResult:
     unmatched_agent_pins: tuple[UnmatchedAgentPin, ...] = ()
     """For VALID: agent pins no registration in the bundle matched (they checked nothing)."""
     wrong_key_hint: str | None = None
-    """For WRONG_KEY: what to pin instead, when the bundle shows it (a rotation the pinned key
-    confirmed by signing after it)."""
+    """For WRONG_KEY: what to pin instead, when the bundle shows it (a rotation to the pinned
+    key inside records a checkpoint by a pinned key covers, root and all)."""
     unconfirmed_rotation: int | None = None
-    """For WRONG_KEY: a record claiming an audit key rotation to a pinned key that key never
-    confirmed (it signs nothing in the bundle): anyone can write that claim."""
+    """For WRONG_KEY: a record claiming an audit key rotation to a pinned key that no checkpoint
+    by a pinned key confirms: anyone can write that claim."""
+    unproven_successor_record: int | None = None
+    """For WRONG_KEY: a record after that claim whose event the pinned key signed. It proves
+    nothing about the records before it (an event's signature does not cover its place in the
+    log: it can be copied from another export), so it names no key either."""
 
     def trusted_audit_keys(self) -> list[PublicIdentity]:
         """The pinned audit keys and those the bundle's rotation records introduced from them."""
@@ -335,11 +340,21 @@ class VerificationResult:
                     f"by {self.bundle_signer}, the pinned {are} {pinned}. {self.wrong_key_hint}"
                 )
             claim = ""
-            if self.unconfirmed_rotation is not None:
+            if self.unconfirmed_rotation is not None and self.unproven_successor_record is None:
                 claim = (
                     f" Record {self.unconfirmed_rotation} claims an audit key rotation to the "
                     "pinned key, but the pinned key signed nothing in this bundle: a claim "
                     "anyone can write, not a reason to pin another key."
+                )
+            elif self.unconfirmed_rotation is not None:
+                claim = (
+                    f" Record {self.unconfirmed_rotation} claims an audit key rotation to the "
+                    f"pinned key, and the pinned key signed the event of record "
+                    f"{self.unproven_successor_record}, but no checkpoint by a pinned key covers "
+                    "these records, and an event's signature does not cover its place in the log "
+                    "(it may be copied from another export): nothing here shows which key the "
+                    "log began under. Take that key from an export or checkpoint kept from "
+                    "before the rotation, or ask the rendezvous admin."
                 )
             return (
                 f"WRONG KEY: no pinned key signed this bundle: it is signed by "
@@ -364,6 +379,7 @@ class VerificationResult:
             "auditor_checkpoint_sizes": list(self.auditor_checkpoint_sizes),
             "wrong_key_hint": self.wrong_key_hint,
             "unconfirmed_rotation_at": self.unconfirmed_rotation,
+            "unproven_successor_record_at": self.unproven_successor_record,
             "pinned_keys": [
                 {
                     "file": names.get(key.key_id),
@@ -427,11 +443,14 @@ class _WrongKey(_Invalid):
         signed_by: Callable[[PublicIdentity], bool],
         trailer: bytes | None = None,
         signer_key_id: str | None = None,
+        first_record: AuditRecord | None = None,
     ) -> None:
         super().__init__(reason, seq)
         self.signed_by = signed_by
         self.signer_key_id = signer_key_id
         """The key id record 0 names as its signer (None for an empty log's checkpoint)."""
+        self.first_record = first_record
+        """Record 0, when that is what no pinned key signed (the rest is scanned after it)."""
         self.trailer = trailer
         """The checkpoint line, when that is what no pinned key signed (the bundle's end)."""
 
@@ -564,6 +583,7 @@ class _Verifier:
         self._auditor_sizes: list[int] = []
         self._wrong_key_hint: str | None = None
         self._unconfirmed_rotation: int | None = None
+        self._unproven_successor_record: int | None = None
         self._frontier = MerkleFrontier()
         self._header: BundleHeader | None = None
         self._line = 0
@@ -589,12 +609,15 @@ class _Verifier:
                 # Only now (never on a bundle that verifies) read the rest: a bundle in which
                 # anything verifies under a pinned key was tampered with, not checked with the
                 # wrong --key, however its first record was re-signed.
-                if wrong.trailer is None:
-                    scan = _scan_rest(stream, self._audit_keys, wrong.signer_key_id)
+                assert self._header is not None
+                if wrong.first_record is not None:
+                    scan = _scan_rest(
+                        stream, self._audit_keys, self._header.origin, wrong.first_record
+                    )
                 else:  # an empty log: its checkpoint was the one signed thing, and the last
-                    scan = _RestScan(False, wrong.trailer)
+                    scan = _RestScan(False, wrong.trailer or b"")
                 successor = scan.confirmed_successor()
-                if scan.pinned_signed and successor is None:
+                if scan.pinned_signed and successor is None and scan.successor_signed_at is None:
                     raise
                 self._bundle_signer = self._name_first_signer(wrong, scan)
                 if successor is not None:
@@ -602,6 +625,7 @@ class _Verifier:
                 else:
                     # Claimed by a record the first record's key signed: anyone can write it.
                     self._unconfirmed_rotation = scan.pinned_introduced_at
+                    self._unproven_successor_record = scan.successor_signed_at
                 return self._result(Verdict.WRONG_KEY, "no pinned key signed this bundle")
         except BundleError as error:
             return self._result(Verdict.UNREADABLE, str(error))
@@ -612,18 +636,17 @@ class _Verifier:
         return self._result(Verdict.VALID)
 
     def _successor_hint(self, scan: _RestScan, successor: PublicIdentity) -> str:
-        """What to do when the pinned key is one a rotation in the bundle introduced and that
-        key confirmed it by signing after it. The rotation itself is signed by the old key, so
-        the bundle cannot vouch for that key: the auditor must have it from elsewhere."""
-        signed = []
-        if scan.successor_signed_at is not None:
-            signed.append(f"signs records from record {scan.successor_signed_at}")
-        if scan.successor_signed_checkpoint:
-            signed.append("signed the checkpoint")
+        """What to do when the pinned key is one a rotation in the bundle introduced and a
+        checkpoint a pinned key signed covers exactly the bundle's records, the rotation among
+        them. The rotation itself is signed by the old key, so the bundle cannot vouch for that
+        key: the auditor must have it from elsewhere."""
+        signer = scan.checkpoint_signer
+        assert signer is not None
+        by = "it" if signer.key_id == successor.key_id else f"pinned key {signer.fingerprint}"
         return (
             f"The pinned key {successor.fingerprint} appears as the successor named by the "
-            f"audit key rotation at record {scan.pinned_introduced_at}, and "
-            f"{' and '.join(signed)}: if you pinned the current key, the log began under "
+            f"audit key rotation at record {scan.pinned_introduced_at}, and {by} signed the "
+            "checkpoint over these records: if you pinned the current key, the log began under "
             f"{self._bundle_signer}. Pin that key (the verifier then follows the rotation) only "
             "if you obtained it out of band: compare it with the key of an export or checkpoint "
             "you kept from before the rotation, or ask the rendezvous admin "
@@ -701,6 +724,7 @@ class _Verifier:
             unmatched_agent_pins=tuple(self._trust.unmatched_agent_pins()) if valid else (),
             wrong_key_hint=self._wrong_key_hint,
             unconfirmed_rotation=self._unconfirmed_rotation,
+            unproven_successor_record=self._unproven_successor_record,
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -815,7 +839,8 @@ class _Verifier:
         except UnknownSigner as error:
             if not self._signers:  # nothing so far was signed by a pinned key
                 raise _WrongKey(
-                    str(error), seq, partial(_signs_record, record), signer_key_id=event.signer
+                    str(error), seq, partial(_signs_record, record), signer_key_id=event.signer,
+                    first_record=record,
                 ) from None
             raise
         if len(self._trust.rotations) != rotations:
@@ -1007,51 +1032,66 @@ class _RestScan:
     introduced_key: PublicIdentity | None = None
     """The pinned key that rotation names."""
     successor_signed_at: int | None = None
-    """The first record after that rotation that verifies under the key it names."""
-    successor_signed_checkpoint: bool = False
-    """The checkpoint verifies under the key the rotation names and covers the rotation."""
+    """The first record after that rotation, in its place in the chain as read, whose event
+    verifies under the key it names. Only tells a wrong --key from tampering: the signature
+    covers the event, not its seq or prev_hash, so a copied event can be re-chained anywhere."""
+    checkpoint_signer: PublicIdentity | None = None
+    """The pinned key that signed a checkpoint of this log over exactly the bundle's records
+    (its size and Merkle root recomputed from the lines read), the rotation among them."""
     claimed_fingerprint: str | None = None
     """The fingerprint a rotation record signed by record 0's signer names as the key it
     retires: record 0's signer's, if that record is genuine."""
+    frontier: MerkleFrontier = field(default_factory=MerkleFrontier)
+    """The Merkle tree of the record lines read so far (record 0 first)."""
+    irregular: bool = False
+    """A blank line came between the records: no checkpoint covers those lines as read."""
 
-    def awaits_successor(self, key_id: str, seq: int) -> bool:
-        """Whether a signature by ``key_id`` at ``seq`` would be the first by the key a rotation
-        named after that rotation."""
+    def awaits_successor(self, key_id: str, position: int) -> bool:
+        """Whether a signature by ``key_id`` on the record at ``position`` would be the first
+        by the key a rotation named after that rotation."""
         return (
             self.introduced_key is not None
             and self.pinned_introduced_at is not None
             and self.successor_signed_at is None
             and key_id == self.introduced_key.key_id
-            and seq > self.pinned_introduced_at
+            and position > self.pinned_introduced_at
         )
 
     def confirmed_successor(self) -> PublicIdentity | None:
-        """The pinned key a rotation in the bundle named, if that key itself signed a record
-        after the rotation or the checkpoint over it; None when only the claim shows it."""
-        if self.successor_signed_at is not None or self.successor_signed_checkpoint:
-            return self.introduced_key
-        return None
+        """The pinned key a rotation in the bundle named, if a pinned key signed the checkpoint
+        over these very records; None when only the claim (or a copyable event) shows it."""
+        return self.introduced_key if self.checkpoint_signer is not None else None
 
 
 def _scan_rest(
-    stream: BinaryIO, audit_keys: Sequence[PublicIdentity], first_signer: str | None = None
+    stream: BinaryIO, audit_keys: Sequence[PublicIdentity], origin: str, first: AuditRecord
 ) -> _RestScan:
-    """Read the rest of the bundle: whether any record in it or its checkpoint verifies under a
-    pinned key, whether an audit key rotation names a pinned key as the new key and that key
-    then signed a record or the checkpoint, and what a rotation by ``first_signer`` (record 0's
-    signer key id) says its fingerprint is. Bounded per line; only lines naming a pinned key id
-    or ``first_signer`` are parsed, so a bundle signed by another key is read at the speed of
-    the disk. Nothing found here is trusted: it only tells a wrong --key from tampering, and
-    the current key pinned from a rotation that key never confirmed."""
+    """Read the rest of the bundle after record 0 (``first``): whether any record in it or its
+    checkpoint verifies under a pinned key, whether an audit key rotation names a pinned key as
+    the new key and a checkpoint of ``origin`` by a pinned key covers exactly the records read
+    (the rotation and record 0 among them), and what a rotation by record 0's signer says its
+    fingerprint is. Bounded per line; every line is hashed once into the Merkle tree, but only
+    lines naming a pinned key id or record 0's signer are parsed, so a bundle signed by another
+    key is read at about the speed of the disk. Nothing found here is trusted: it only tells a
+    wrong --key from tampering, and names the first key only where a pinned key's checkpoint
+    vouches for the records that say it."""
     pinned = {key.key_id: key for key in audit_keys}
     pinned_ids = [key_id.encode() for key_id in pinned]
-    first_id = first_signer.encode() if first_signer else None
+    first_signer = first.event.signer
+    first_id = first_signer.encode()
     rotation = f'"{Action.SERVICE_KEY_ROTATED.value}"'.encode()
     scan = _RestScan(False, b"")
+    scan.frontier.append(first.leaf_hash)
+    previous = first.canonical  # the line before the one being read
+    pending: bytes | None = None  # the line read last: a record unless it is the checkpoint
     while line := stream.readline(MAX_BUNDLE_LINE_BYTES + 1):
         if not line.strip():
+            scan.irregular = True
             continue
-        scan.last = body = line.rstrip(b"\n")
+        if pending is not None:
+            scan.frontier.append(leaf_hash(pending))
+            previous = pending
+        scan.last = pending = body = line.rstrip(b"\n")
         # Parse only what can still change the answer: a record by a pinned key until one
         # verifies (and, after a rotation naming a pinned key, until that key signs one), and
         # rotation records naming a pinned key or record 0's signer.
@@ -1061,23 +1101,38 @@ def _scan_rest(
             rotation in body
             and (
                 (scan.pinned_introduced_at is None and names_pinned)
-                or (scan.claimed_fingerprint is None and first_id is not None and first_id in body)
+                or (scan.claimed_fingerprint is None and first_id in body)
             )
         ):
-            _scan_record(scan, body, pinned, first_signer)
+            _scan_record(scan, body, previous, pinned, first_signer)
     if scan.last and (not scan.pinned_signed or scan.confirmed_successor() is None):
         signed = _checkpoint_signed_by_pinned_key(scan.last, audit_keys)
         if signed is not None:
             scan.pinned_signed = True
             checkpoint, signer = signed
-            # A checkpoint of size n comes after record n - 1: it covers the rotation if n > N.
-            scan.successor_signed_checkpoint = scan.awaits_successor(signer.key_id, checkpoint.size)
+            # Only a checkpoint over these very records vouches for the rotation among them
+            # (and record 0): one of another log, or of other records, is a splice.
+            if (
+                scan.pinned_introduced_at is not None
+                and not scan.irregular
+                and checkpoint.origin == origin
+                and checkpoint.size == scan.frontier.size
+                and checkpoint.size > scan.pinned_introduced_at
+                and checkpoint.root_hash == scan.frontier.root()
+            ):
+                scan.checkpoint_signer = signer
     return scan
 
 
 def _scan_record(
-    scan: _RestScan, body: bytes, pinned: Mapping[str, PublicIdentity], first_signer: str | None
+    scan: _RestScan,
+    body: bytes,
+    previous: bytes,
+    pinned: Mapping[str, PublicIdentity],
+    first_signer: str,
 ) -> None:
+    """Note what the line ``body`` (read after the line ``previous``) shows, if it is a record
+    in its place: its seq its position, its prev_hash the hash of the line before it."""
     try:
         value = strict_json(body)
         if is_trailer(value):
@@ -1085,21 +1140,23 @@ def _scan_record(
         record = AuditRecord.from_parsed(value, body)
     except (AuditError, ProtocolError, ValueError):
         return
+    position = scan.frontier.size
+    in_place = record.seq == position and record.prev_hash == hashlib.sha256(previous).digest()
     event = record.event
     key = pinned.get(event.signer)
-    successor = scan.awaits_successor(event.signer, record.seq)
+    successor = in_place and scan.awaits_successor(event.signer, position)
     if key is not None and (not scan.pinned_signed or successor) and _signs_record(record, key):
         scan.pinned_signed = True
         if successor:
-            scan.successor_signed_at = record.seq
+            scan.successor_signed_at = position
     if (
         event.action is not Action.SERVICE_KEY_ROTATED
         or event.context.get(ROTATION_PURPOSE_FIELD) != AUDIT_SIGNER_PURPOSE
     ):
         return
     new_key = pinned.get(str(event.context.get(ROTATION_NEW_KEY_ID_FIELD)))
-    if scan.pinned_introduced_at is None and new_key is not None:
-        scan.pinned_introduced_at = record.seq
+    if scan.pinned_introduced_at is None and new_key is not None and in_place:
+        scan.pinned_introduced_at = position
         scan.introduced_key = new_key
     old_fingerprint = event.context.get(ROTATION_OLD_FINGERPRINT_FIELD)
     if (

@@ -5,6 +5,7 @@ keys, real logs, real bundles."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from datetime import timedelta
@@ -203,7 +204,7 @@ def test_pinning_the_current_key_after_a_rotation_is_a_wrong_key_naming_the_firs
     assert out.startswith("WRONG KEY: ")
     assert f"the log began under audit key {AUDIT_KEY.public.fingerprint}" in out
     assert "appears as the successor named by the audit key rotation at record 5" in out
-    assert "and signs records from record 6" in out
+    assert "and it signed the checkpoint over these records" in out
     # The rotation is the old key's own word: the hint never says to trust it unchecked.
     assert "Pin that key (the verifier then follows the rotation) only if you obtained it " in out
     code, out, _ = run(["verify", str(bundle), "--key", str(current), "--json"], capsys)
@@ -269,7 +270,9 @@ def test_a_rotation_the_pinned_key_confirms_only_by_the_checkpoint_gets_the_hint
     trio.run(build)
     result = verify_bundle(io.BytesIO(export_bundle(new)), [NEW_KEY.public])
     assert result.verdict is Verdict.WRONG_KEY, result.summary()
-    assert "rotation at record 5, and signed the checkpoint:" in (result.wrong_key_hint or "")
+    assert "rotation at record 5, and it signed the checkpoint over these records:" in (
+        result.wrong_key_hint or ""
+    )
     assert AUDIT_KEY.public.fingerprint in (result.wrong_key_hint or "")
 
 
@@ -291,6 +294,74 @@ def test_a_pinned_key_signature_only_before_the_rotation_naming_it_is_tampering(
     result = verify_bundle(io.BytesIO(export_bundle(forged)), [NEW_KEY.public])
     assert result.verdict is Verdict.INVALID and result.bad_seq == 0, result.summary()
     assert result.wrong_key_hint is None
+
+
+def _genuine_line_of_the_current_key() -> bytes:
+    """A record line NEW_KEY signed in the real log (public to any auditor of it)."""
+    real = RotatedLog()
+    for _ in range(3):
+        real.grow()
+    return real.export().splitlines(keepends=True)[-2]
+
+
+def _rechained(line: bytes, seq: int, previous: bytes) -> bytes:
+    """``line`` with its seq and prev_hash edited to follow ``previous``: neither is signed."""
+    value = json.loads(line)
+    value.update(seq=seq, prev_hash=hashlib.sha256(previous.rstrip(b"\n")).hexdigest())
+    return rfc8785.dumps(value) + b"\n"
+
+
+def test_a_genuine_record_of_the_pinned_key_spliced_after_a_forged_rotation_names_no_key() -> (
+    None
+):
+    # The forger copies one record the real current key signed into their own log, after
+    # their rotation "to" that key. An event's signature does not cover its seq or prev_hash,
+    # so even re-chained into place it vouches for nothing before it.
+    forged = _forged_rotation_to(NEW_KEY, THIRD_KEY).splitlines(keepends=True)
+    genuine = _genuine_line_of_the_current_key()
+    as_copied = b"".join([*forged[:-1], genuine, forged[-1]])
+    result = verify_bundle(io.BytesIO(as_copied), [NEW_KEY.public])
+    assert result.verdict is Verdict.INVALID and result.wrong_key_hint is None, result.summary()
+    # forged: header, records 0-4, the rotation (5), record 6, checkpoint
+    rechained = b"".join([*forged[:7], _rechained(genuine, 6, forged[6]), forged[-1]])
+    result = verify_bundle(io.BytesIO(rechained), [NEW_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY and result.wrong_key_hint is None, result.summary()
+    assert result.unconfirmed_rotation == 5 and result.unproven_successor_record == 6
+    summary = result.summary()
+    assert "pin that key" not in summary.lower()
+    assert "an event's signature does not cover its place in the log" in summary
+
+
+@pytest.mark.parametrize("team", ["team-7", "team-9"], ids=["same log", "another team"])
+def test_a_checkpoint_of_the_pinned_key_spliced_after_a_forged_rotation_names_no_key(
+    team: str,
+) -> None:
+    # A real checkpoint by the current key over more records than the rotation's seq: of this
+    # team's real log (other records), or of another team's (teams share the audit key).
+    real = new_log(team=team, key=NEW_KEY)
+
+    async def build() -> None:
+        for version in range(10):
+            await real.append(Action.POLICY_SET, OPERATOR, context={"version": version})
+
+    trio.run(build)
+    forged = _forged_rotation_to(NEW_KEY, THIRD_KEY).splitlines(keepends=True)
+    spliced = b"".join([*forged[:-1], export_bundle(real).splitlines(keepends=True)[-1]])
+    result = verify_bundle(io.BytesIO(spliced), [NEW_KEY.public])
+    assert result.verdict is Verdict.INVALID and result.wrong_key_hint is None, result.summary()
+    assert THIRD_KEY.public.fingerprint not in result.summary()
+
+
+def test_records_of_the_current_key_under_a_checkpoint_by_the_old_one_name_no_key() -> None:
+    # Honest: an instance not reloaded yet exports, so the old key signs the checkpoint. The
+    # new key's records alone cannot show where the log began: a plain WRONG KEY.
+    rotated = RotatedLog()
+    result = verify_bundle(io.BytesIO(export_bundle(rotated.old)), [NEW_KEY.public])
+    assert result.verdict is Verdict.WRONG_KEY and result.wrong_key_hint is None, result.summary()
+    assert result.unproven_successor_record == 6
+    assert "Take that key from an export or checkpoint kept from before the rotation" in (
+        result.summary()
+    )
 
 
 def test_a_random_key_on_a_rotated_bundle_is_a_wrong_key(
