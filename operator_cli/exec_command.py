@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import trio
@@ -83,13 +83,17 @@ async def run_exec(
     options: ExecOptions,
     refusal_probe: RefusalProbe | None = None,
     notices: SessionNotices | None = None,
+    on_opened: Callable[[], None] | None = None,
 ) -> int:
-    """Open the session, stream it, and return the exit code to exit with."""
+    """Open the session, tell ``on_opened`` (if given) once the handshake is done, stream it,
+    and return the exit code to exit with."""
     session = await open_session(
         ticket, identity, known_agents, exec_start(options.command), refusal_probe=refusal_probe,
         notices=notices,
     )
     try:
+        if on_opened is not None:
+            on_opened()
         return await stream_exec(session, options)
     finally:
         with trio.CancelScope(shield=True):

@@ -23,7 +23,7 @@ import shutil
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,6 +143,21 @@ def parse_since(text: str, now: float | None = None) -> float:
     return max(moment.timestamp(), 0.0)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """A command's parser that also keeps the words it was given, as typed, in
+    ``command_words``: argparse drops the ``--`` it takes for the end of the options, and
+    ``exec --tag`` must see where the user put it."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        words = list(sys.argv[1:] if args is None else args)
+        namespace = argparse.Namespace() if namespace is None else namespace
+        # Set before parsing: a nested command (agents tag) then keeps its own words.
+        namespace.command_words = words
+        return super().parse_known_args(words, namespace)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; --help describes every command."""
     parser = argparse.ArgumentParser(
@@ -161,7 +176,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file", help="PEM CA bundle that signed the server's certificate "
                         "(for this command; login saves it for later ones)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=CommandParser)
 
     login_parser = commands.add_parser(
         "login", help="log in (first time: enroll with --invite CODE)"
@@ -374,6 +390,9 @@ def build_parser() -> argparse.ArgumentParser:
         "or a control character counts 6): the signed session grant carries the command. "
         "Checked before anything is sent. For more, send it on stdin: "
         "tucdesk exec AGENT -- sh -s < script.sh, or ... | tucdesk exec AGENT -- xargs CMD.",
+        usage="tucdesk exec [-h] [-n] [--stdin] [-t] [--no-wait] [--approval ID] AGENT "
+        "[OPTIONS] [--] CMD [ARGS...]\n       tucdesk exec [-n] --tag TAG [--tag TAG...] -- CMD "
+        "[ARGS...]",
     )
     exec_parser.add_argument(
         "-n", dest="no_stdin", action="store_true", help="never read stdin (send end of input)"
@@ -853,10 +872,7 @@ def _exec(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _exec_tagged(args: argparse.Namespace, home: CliHome) -> int:
-    # With --tag there is no AGENT: the word argparse took for it starts the command.
-    command = [args.agent, *args.remote_command]
-    if command[:1] == ["--"]:
-        command = command[1:]
+    command = _tagged_command(args)
     for given, flag in ((args.force_stdin, "--stdin"), (args.want_pty, "-t"),
                         (args.approval, "--approval"), (args.no_wait, "--no-wait")):
         if given:
@@ -866,6 +882,26 @@ def _exec_tagged(args: argparse.Namespace, home: CliHome) -> int:
     from operator_cli.tagged_exec import global_options_of
 
     return exec_on_tagged(home, args.exec_tags, command, global_options=global_options_of(args))
+
+
+def _tagged_command(args: argparse.Namespace) -> list[str]:
+    """The command of ``exec --tag TAG [OPTIONS] -- CMD…``: every word after the first ``--``,
+    as typed. There is no AGENT with --tag, and argparse, taking the first word for one, would
+    drop the user's own ``--`` after it (``grep -- -v`` sent as ``grep -v``), so a ``--`` is
+    required before the command and a word before it is refused."""
+    words: list[str] = args.command_words
+    usage = "tucdesk exec --tag TAG -- CMD [ARGS...]"
+    if "--" not in words:
+        args.command_parser.error(f"--tag needs -- before the command: {usage}")
+    command = words[words.index("--") + 1:]
+    # argparse put every word that is not an option into AGENT and the rest: with nothing but
+    # options before the --, those are exactly the command.
+    if [args.agent, *args.remote_command] != command:
+        args.command_parser.error(
+            f"with --tag there is no AGENT: {args.agent!r} stands before the --, where only "
+            f"options go; the whole command goes after it: {usage}"
+        )
+    return command
 
 
 def _parse_options_after_agent(args: argparse.Namespace) -> None:
@@ -906,19 +942,23 @@ def _ssh(args: argparse.Namespace, home: CliHome) -> int:
 def _parse_ssh_options_after_agent(args: argparse.Namespace) -> list[str]:
     """Set ``args.agent`` and return the command words of ``ssh AGENT [OPTIONS] [--] WORD…``:
     OpenSSH reads options after the host too (``ssh host -l root id``), up to the first word
-    that is not one or a ``--``."""
+    that is not one or a ``--``; but not after ``ssh -- host``, where a ``--`` already ended
+    them (``ssh -- host -l x id`` runs ``-l x id``)."""
     given: list[str] = args.ssh_words
-    if given[:1] == ["--"]:
+    options_ended = given[:1] == ["--"]
+    if options_ended:
         given = given[1:]
     if not given:
         args.command_parser.error("no AGENT given: tucdesk ssh AGENT COMMAND...")
     args.agent = given[0]
+    if options_ended:
+        return given[1:]
     try:
         options, words = getopt.getopt(given[1:], SSH_OPTIONS_AFTER_AGENT)
     except getopt.GetoptError as error:
         args.command_parser.error(
-            f"{error} after AGENT (tucdesk ssh takes -n, -l USER, -T, -q; put -- before a "
-            "command that starts with -)"
+            f"{error} after AGENT (tucdesk ssh takes -n, -l USER, -T, -q, -o OPTION; put -- "
+            "before a command that starts with -)"
         )
     for flag, value in options:
         if flag == "-n":

@@ -14,6 +14,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any
 from urllib.parse import quote
 
@@ -162,7 +163,8 @@ def exec_command(
 
     When the policy asks for approval it waits for an approver (or, with ``wait_for_approval``
     false, prints the request id and returns 0); ``approval_id`` redeems an earlier request.
-    ``status_fd`` (exec --tag's children) gets ``exit N`` once the remote command has ended.
+    ``status_fd`` (exec --tag's children) gets ``opened`` once the handshake is done and
+    ``exit N`` once the remote command has ended.
     """
     command = list(argv)
     if command and command[0] == "--":
@@ -194,14 +196,17 @@ def exec_command(
             options = ExecOptions(
                 command=tuple(command), read_stdin=should_read_stdin(no_stdin, force_stdin)
             )
+            on_opened = None if status_fd is None else partial(
+                _report_to_parent, status_fd, "opened"
+            )
             status: int = trio.run(
                 run_exec, ticket, api.identity, known_agents_of(home), options,
-                offer_refusal_probe(api, ticket.session_id), _session_notices(),
+                offer_refusal_probe(api, ticket.session_id), _session_notices(), on_opened,
             )
         finally:
             api.close()
         if status_fd is not None:
-            _report_remote_status(status_fd, status)
+            _report_to_parent(status_fd, f"exit {status}", last=True)
         if status == EXIT_NOT_FOUND and _looks_like_shell_code(command):
             _say(f"(exec runs argv without a shell; for a pipeline use: tucdesk exec "
                  f"{shlex.quote(agent)} -- sh -c {shlex.quote(command[0])})")
@@ -213,12 +218,14 @@ def exec_command(
     return _reported(run, debug)
 
 
-def _report_remote_status(fd: int, status: int) -> None:
-    """Tell the parent `exec --tag` that the command ran (its status, 255 included, is the
-    command's own), then close the pipe."""
+def _report_to_parent(fd: int, line: str, *, last: bool = False) -> None:
+    """Tell the parent `exec --tag` how far the session got: ``opened`` (the agent took it, so
+    a failure from now on is not a set-up failure), then ``exit N`` (the command ran: its
+    status, 255 included, is the command's own) and the pipe is closed."""
     try:
-        os.write(fd, f"exit {status}\n".encode())
-        os.close(fd)
+        os.write(fd, f"{line}\n".encode())
+        if last:
+            os.close(fd)
     except OSError:
         pass  # no parent listening: the exit status alone still says it
 

@@ -32,7 +32,10 @@ from protocol.exec_limits import CommandTooLargeError, check_exec_command
 PARALLEL_SESSIONS = 8
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
+EXIT_INTERRUPTED = 130  # the child's Ctrl-C (or a second signal that gave up the session)
 EXIT_CONNECTION_FAILED = 255
+# What a child writes on its status pipe, at most: "opened\n" then "exit N\n".
+MAX_STATUS_REPORT_BYTES = 64
 READ_SIZE = 64 * 1024
 # A line without a newline is held back at most this long, then written as a piece.
 MAX_LINE_BYTES = 64 * 1024
@@ -46,6 +49,15 @@ class TaggedAgent:
     agent_id: str
     name: str
     online: bool
+
+
+@dataclass(frozen=True)
+class StatusReport:
+    """What a child `tucdesk exec` said on its status pipe: whether the session opened (the
+    handshake was done) and the remote command's exit status, if it ended with one."""
+
+    opened: bool = False
+    exit_status: int | None = None
 
 
 @dataclass(frozen=True)
@@ -125,8 +137,9 @@ def _run_one(
     global_options: Sequence[str],
     output: _PrefixedOutput,
 ) -> AgentOutcome:
-    # The child reports the remote exit status on this pipe: 255 from the command itself and
-    # 255 for a session that never opened look alike on the exit status alone.
+    # The child reports on this pipe that the session opened, then the remote exit status: 255
+    # from the command itself, 255 for a session that never opened and 255 for one that lost
+    # its connection look alike on the exit status alone.
     try:
         status_reader, status_writer = os.pipe()
     except OSError as error:
@@ -151,22 +164,45 @@ def _run_one(
         os.close(status_reader)
     if status < 0:
         return AgentOutcome(agent, 128 - status, f"tucdesk killed by {_signal_name(-status)}")
-    note = "the session could not be set up" if reported is None and status != EXIT_OK else ""
-    return AgentOutcome(agent, status, note)
+    return AgentOutcome(agent, status, outcome_note(status, reported))
 
 
-def _read_status_report(fd: int) -> int | None:
-    """The remote exit status the child CLI wrote (``exit N``), or None if the command never
-    ran (the session was refused or could not be set up)."""
+def outcome_note(status: int, reported: StatusReport) -> str:
+    """Why a child ended as it did, when its exit status is not the remote command's own."""
+    if reported.exit_status is not None or status == EXIT_OK:
+        return ""
+    if status == EXIT_INTERRUPTED:
+        return "interrupted"
+    if reported.opened:
+        return "ended without an exit status"
+    return "the session could not be set up"
+
+
+def _read_status_report(fd: int) -> StatusReport:
+    """What the child CLI wrote on its status pipe: ``opened`` once the handshake was done,
+    ``exit N`` once the remote command ended; nothing if the session never opened."""
     report = bytearray()
-    while chunk := os.read(fd, 64):
+    while chunk := os.read(fd, MAX_STATUS_REPORT_BYTES):
         report += chunk
-        if len(report) > 64:
-            return None  # not what the CLI writes
-    words = bytes(report).split()
-    if len(words) == 2 and words[0] == b"exit" and words[1].isdigit():
-        return int(words[1])
-    return None
+        if len(report) > MAX_STATUS_REPORT_BYTES:
+            return StatusReport()  # not what the CLI writes
+    return parse_status_report(bytes(report))
+
+
+def parse_status_report(report: bytes) -> StatusReport:
+    """``opened`` and ``exit N`` lines, in that order, each at most once."""
+    opened = False
+    exit_status: int | None = None
+    for line in report.splitlines():
+        words = line.split()
+        if words == [b"opened"] and not opened and exit_status is None:
+            opened = True
+        elif (len(words) == 2 and words[0] == b"exit" and words[1].isdigit()
+              and exit_status is None):
+            exit_status = int(words[1])
+        else:
+            return StatusReport()  # not what the CLI writes
+    return StatusReport(opened, exit_status)
 
 
 def _signal_name(number: int) -> str:

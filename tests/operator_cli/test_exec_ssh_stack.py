@@ -203,3 +203,29 @@ def test_exec_by_tag_runs_on_each_tagged_agent_with_prefixed_lines_and_a_summary
             "tucdesk: 0 of 2 agents succeeded\n"
             f"  {first:<{width}}  exit 255\n  {'web-b':<{width}}  exit 255\n"
         )
+
+
+def test_exec_by_tag_tells_a_lost_connection_from_a_session_never_set_up(
+    tmp_path: Path,
+) -> None:
+    with pinned_stack(tmp_path / "lossy") as lossy:
+        tagged = lossy.run_tucdesk("agents", "tag", lossy.agent_name, "--add", "lossy")
+        assert tagged.returncode == 0, tagged.stderr.decode()
+        running = subprocess.Popen(
+            lossy.tucdesk_command("exec", "--tag", "lossy", "--", "sh", "-c",
+                                  "echo started; exec sleep 60"),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            env=lossy.cli_env(),
+        )  # fmt: skip
+        try:
+            assert running.stdout is not None
+            assert running.stdout.readline() == f"{lossy.agent_name}: started\n".encode()
+            lossy.kill_relay()  # the session ran; its exit status will never come
+            _, err = running.communicate(timeout=TOOL_TIMEOUT_SECONDS)
+        finally:
+            running.kill()
+        assert running.returncode == 1
+        assert err.decode().endswith(
+            "tucdesk: 0 of 1 agents succeeded\n"
+            f"  {lossy.agent_name}  exit 255 (ended without an exit status)\n"
+        ), err.decode()

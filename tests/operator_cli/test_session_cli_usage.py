@@ -177,3 +177,88 @@ def test_ssh_refuses_a_login_user_or_an_ssh_option_after_the_agent_too(
         _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-x", "id")
     assert stopped.value.code == EXIT_USAGE
     assert "option -x not recognized after AGENT" in capsys.readouterr().err
+
+
+def test_ssh_after_a_double_dash_before_the_agent_reads_no_more_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # OpenSSH: a -- before the host ends the options for good (opt_terminated).
+    assert _sent_by_ssh(monkeypatch, tmp_path, "--", "web-1", "-l", "x", "id") == (
+        0, [(["sh", "-c", "-l x id"], False)]
+    )
+    assert _sent_by_ssh(monkeypatch, tmp_path, "-n", "--", "web-1", "-o", "A=b", "id") == (
+        0, [(["sh", "-c", "-o A=b id"], True)]
+    )
+
+
+def test_ssh_usage_error_after_the_agent_lists_every_option_it_reads_there(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-p", "22", "id")
+    assert stopped.value.code == EXIT_USAGE
+    assert "tucdesk ssh takes -n, -l USER, -T, -q, -o OPTION;" in capsys.readouterr().err
+
+
+class TaggedRuns:
+    """The commands `exec --tag` would have run on the tagged agents."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+        import operator_cli.tagged_exec as tagged_exec
+
+        self.home = tmp_path
+        self.sent: list[tuple[list[str], list[str]]] = []
+        monkeypatch.setattr(tagged_exec, "exec_on_tagged", self._record)
+
+    def _record(self, home: object, tags: list[str], command: list[str], **_: object) -> int:
+        self.sent.append((list(tags), list(command)))
+        return 0
+
+    def run(self, *argv: str) -> int:
+        return main(["--home", str(self.home), "exec", *argv])
+
+
+def test_exec_by_tag_sends_everything_after_the_double_dash_as_typed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    runs = TaggedRuns(monkeypatch, tmp_path)
+    assert runs.run("--tag", "web", "--", "grep", "--", "-v", "f") == 0
+    assert runs.run("-n", "--tag", "web", "--tag", "db", "--", "-n", "x") == 0
+    assert runs.run("--tag=web", "--", "--", "x") == 0
+    assert runs.sent == [(["web"], ["grep", "--", "-v", "f"]),
+                         (["web", "db"], ["-n", "x"]),
+                         (["web"], ["--", "x"])]
+
+
+@pytest.mark.parametrize(("argv", "word"), [
+    # argparse would take the first word for AGENT and drop the -- after it: grep -v f, rm -rf.
+    (["--tag", "web", "grep", "--", "-v", "f"], "grep"),
+    (["--tag", "web", "rm", "--", "-rf"], "rm"),
+    # An AGENT beside --tag is not run as the first word of the command.
+    (["--tag", "web", "web-1", "--", "uptime"], "web-1"),
+    (["--tag", "web", "-n", "web-1", "-n", "--", "uptime"], "web-1"),
+])
+def test_exec_by_tag_refuses_a_word_before_the_double_dash(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    argv: list[str], word: str,
+) -> None:
+    runs = TaggedRuns(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        runs.run(*argv)
+    assert (stopped.value.code, runs.sent) == (EXIT_USAGE, [])
+    err = capsys.readouterr().err
+    assert err.startswith("usage: tucdesk exec ")
+    assert f"with --tag there is no AGENT: {word!r} stands before the --" in err
+    assert err.rstrip().endswith("tucdesk exec --tag TAG -- CMD [ARGS...]")
+
+
+def test_exec_by_tag_requires_the_double_dash_before_the_command(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    runs = TaggedRuns(monkeypatch, tmp_path)
+    with pytest.raises(SystemExit) as stopped:
+        runs.run("--tag", "web", "uptime")
+    assert (stopped.value.code, runs.sent) == (EXIT_USAGE, [])
+    assert "--tag needs -- before the command: tucdesk exec --tag TAG -- CMD [ARGS...]" in (
+        capsys.readouterr().err
+    )

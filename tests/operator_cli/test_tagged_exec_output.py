@@ -18,10 +18,13 @@ from operator_cli.tagged_exec import (
     MAX_LINE_BYTES,
     READ_SIZE,
     LineCutter,
+    StatusReport,
     TaggedAgent,
     _PrefixedOutput,
     _run_one,
     global_options_of,
+    outcome_note,
+    parse_status_report,
 )
 
 PREFIX = b"web-1: "
@@ -96,3 +99,30 @@ def test_an_agent_whose_session_cannot_be_set_up_is_summarized_so(
     assert (outcome.status, outcome.note) == (EXIT_CONNECTION_FAILED,
                                               "the session could not be set up")
     assert capfdbinary.readouterr().err.startswith(b"web-1: tucdesk: ")
+
+
+def test_the_status_pipe_tells_an_opened_session_from_one_never_set_up() -> None:
+    assert parse_status_report(b"") == StatusReport(opened=False, exit_status=None)
+    assert parse_status_report(b"opened\n") == StatusReport(opened=True, exit_status=None)
+    assert parse_status_report(b"opened\nexit 255\n") == StatusReport(True, 255)
+    for garbled in (b"exit\n", b"exit -1\n", b"opened\nopened\n", b"exit 1\nopened\n",
+                    b"exit 0\nexit 1\n", b"open\n"):
+        assert parse_status_report(garbled) == StatusReport(), garbled
+
+
+@pytest.mark.parametrize(("status", "report", "note"), [
+    (255, StatusReport(True, 255), ""),  # the command's own 255
+    (0, StatusReport(True, 0), ""),
+    (255, StatusReport(), "the session could not be set up"),
+    # Opened, then the connection was lost before the exit status came.
+    (255, StatusReport(opened=True), "ended without an exit status"),
+    # Ctrl-C while waiting for an approver (never opened), or a second Ctrl-C that gave up an
+    # open session: neither is a set-up failure.
+    (130, StatusReport(), "interrupted"),
+    (130, StatusReport(opened=True), "interrupted"),
+    (130, StatusReport(True, 130), ""),  # the command's own 130
+])
+def test_a_child_without_an_exit_status_is_summarized_by_how_far_it_got(
+    status: int, report: StatusReport, note: str
+) -> None:
+    assert outcome_note(status, report) == note
