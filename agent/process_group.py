@@ -499,9 +499,10 @@ class SessionLeader:
         other process alone. Idempotent and shielded.
 
         A PTY session's terminal needs no hang-up here: when the main process (the session
-        leader) exited, Linux already sent SIGHUP and SIGCONT to the terminal's foreground group
-        and took the terminal away from every other process of the session (their tty_nr in
-        /proc is 0 from then on), so no process is left that it could still reach."""
+        leader) exited, Linux already sent SIGHUP to the terminal's foreground process group
+        (SIGHUP then SIGCONT only to a process group the exit orphaned that has a stopped
+        member) and took the terminal away from every other process of the session (their
+        tty_nr in /proc is 0 from then on), so no process is left that it could still reach."""
         if self._pidfd is None:
             return
         with trio.CancelScope(shield=True):

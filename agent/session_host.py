@@ -396,19 +396,20 @@ class SessionHost:
             if isinstance(session_id, str) and len(session_id) <= MAX_SESSION_ID_LENGTH:
                 self._refuse_offer(session_id, str(error))
             return None
-        if self._wall_clock() > offer.expires_at + OFFER_EXPIRY_LEEWAY_SECONDS:
-            self._refuse_offer(offer.session_id, "the offer expired before it arrived")
-            return None
         held = self._offered.get(offer.session_id)
         if held is not None:
             if held.same_session_as(offer):
                 # The rendezvous may send an offer again when the ack of the first was lost
                 # with its channel: answer as the first time (a refusal would mark refused a
-                # session this agent runs), and run it only once.
+                # session this agent runs), and run it only once. Looked up before the expiry:
+                # the repeat (a catch-up) may come after it, and the session runs regardless.
                 logger.info("session %s was offered again; it runs already", offer.session_id)
                 self._send_control({"type": "session_offer_ack", "session_id": offer.session_id})
                 return None
             self._refuse_offer(offer.session_id, "this session was already offered")
+            return None
+        if self._wall_clock() > offer.expires_at + OFFER_EXPIRY_LEEWAY_SECONDS:
+            self._refuse_offer(offer.session_id, "the offer expired before it arrived")
             return None
         ended_reason = self._ended_before_offer.reason(offer.session_id, self._wall_clock())
         if ended_reason is not None:

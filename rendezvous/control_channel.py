@@ -23,8 +23,9 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
    against the agent's registered key and appended to its team's log; server ->
    ``{"type": "audit_event_ack", "id"}`` once durable, or
    ``{"type": "audit_event_refused", "id", "reason"}`` (never storable; also an event of an
-   agent removed since its channel was welcomed, e.g. on another instance, dated more than
-   audit/trust.py REMOVED_AGENT_CLOCK_SKEW after the removal), or
+   agent removed since its channel was welcomed, e.g. on another instance, unless both the
+   event's date and the server's time are within audit/trust.py REMOVED_AGENT_CLOCK_SKEW after
+   the removal; a removed agent's channel is closed right after a refusal), or
    ``{"type": "audit_event_failed", "id", "reason"}`` (not stored now; send it again later).
    ``id`` echoes the agent's, if any. An agent-signed ``session.ended`` also moves the session
    row to ended with the event's reason, exit code and signal, and ``session.refused`` to
@@ -68,7 +69,9 @@ An agent an admin removed (``DELETE /v1/agents/{id}``) is refused at authenticat
 signature checks, with close code CLOSE_AGENT_REMOVED and REMOVED_REASON, which the agent logs
 before it backs off for long. Its live channels close the same way at once: this instance's
 directly, another instance's on the ``connection_superseded`` notice (the removal forgot their
-rows), and, should a notice be lost, at that channel's next heartbeat.
+rows), and, should a notice be lost, at that channel's next message: a heartbeat or an audit
+event looks the agent up each time, any other message at most every REMOVAL_CHECK_SECONDS (an
+agent that skips its heartbeats is not kept on by its other messages).
 
 ``AgentConnections`` keeps this instance's live channels so session offers and policy bundles
 can ``send`` to an agent (its newest channel first).
@@ -136,10 +139,13 @@ REMOVED_REASON = (
     "this agent was removed from its team by an admin; re-enroll with a new registration key"
 )
 # The refusal of an event an agent signs after its removal (the agent drops it, as every
-# refused event, and is closed with REMOVED_REASON at its next heartbeat at the latest).
+# refused event, and its channel is then closed with REMOVED_REASON).
 AGENT_REMOVED_EVENT_REASON = (
     "this agent was removed from its team: the audit log takes no more events signed by its key"
 )
+# How often a message other than a heartbeat or an audit event (which look the agent up each
+# time) makes its channel check that the agent was not removed meanwhile (another instance).
+REMOVAL_CHECK_SECONDS = 10.0
 MAX_SESSION_ID_LENGTH = 128
 MAX_REFUSAL_REASON_LENGTH = 512
 MAX_EVENT_ID_LENGTH = 64
@@ -228,6 +234,8 @@ class LiveChannel:
     closed: trio.Event = field(default_factory=trio.Event)
     superseded: bool = False  # ended because the agent reconnected naming this connection
     removed: bool = False  # ended because an admin removed the agent
+    # When (trio.current_time()) the store last showed the agent not removed (its welcome).
+    removal_checked_at: float = 0.0
     # Sessions offered down this channel (newest last, bounded): the agent may not have had
     # them yet when it sent its live_sessions report, so the report never ends them.
     offered: OrderedDict[str, None] = field(default_factory=OrderedDict)
@@ -279,11 +287,13 @@ class AgentConnections:
         """``send`` without yielding: a check made just before it still holds when it queues."""
         for channel in reversed(self.channels(team_id, agent_id)):
             try:
+                channel.outgoing.send_nowait(message)
                 if message.get("type") == "session_offer":
-                    # Before it is queued: the report that must spare it may come at once.
+                    # Only once queued (an offer no channel took was not sent: a catch-up or the
+                    # next notice must still send it), and with no await since: the report that
+                    # must spare it may come at once.
                     channel.note_offer(str(message.get("session_id")))
                     self._remember_offer(team_id, agent_id, message)
-                channel.outgoing.send_nowait(message)
                 if message.get("type") == "end_sessions":
                     channel.note_ends([str(session_id) for session_id in message["ids"]])
                 return True
@@ -504,6 +514,7 @@ async def _hold(
         connected["replaces"] = authentication.replaces
     send_channel, receive_channel = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE_SIZE)
     channel = LiveChannel(connection_id, agent.id, agent.team_id, send_channel)
+    channel.removal_checked_at = trio.current_time()  # authenticated just now: not removed
     try:
         await ctx.audit.record(
             agent.team_id,
@@ -673,12 +684,14 @@ async def _receive_loop(
                 # the agent must not stay on a channel nothing routes to. It reconnects and is
                 # recorded again, unless it was removed.
                 if await ctx.store.get_agent(agent.team_id, agent.id) is None:
-                    channel.removed = True
-                    raise AgentRemoved(REMOVED_REASON)
+                    raise _removed(channel)
                 channel.superseded = True
                 raise ConnectionSuperseded(SUPERSEDED_REASON)
+            # A removal forgets the agent's connection rows: recorded, it is not removed.
+            channel.removal_checked_at = trio.current_time()
             with trio.fail_after(SEND_TIMEOUT_SECONDS):
                 await websocket.send_json({"type": "heartbeat_ack"})
+            continue
         elif kind in ("session_offer_ack", "session_offer_refused"):
             try:
                 await _answer_offer(ctx, agent, message)
@@ -686,9 +699,20 @@ async def _receive_loop(
                 # The offer simply expires unanswered; the channel itself is fine.
                 logger.warning("recording an offer answer failed: %s", type(error).__name__)
         elif kind == "audit_event":
-            reply = await _append_agent_event(ctx, agent, message)
+            reply, removed = await _append_agent_event(ctx, agent, message)
             with trio.fail_after(SEND_TIMEOUT_SECONDS):
                 await websocket.send_json(reply)
+            if removed is not None:
+                if removed and reply["type"] != "audit_event_ack":
+                    # Answered first: the agent learns why its event was refused, then the
+                    # channel closes.
+                    raise _removed(channel)
+                if not removed:
+                    channel.removal_checked_at = trio.current_time()
+                # A removed agent's event dated before the removal was taken: the rest it
+                # spooled may follow (each checked alike); its next heartbeat, a refusal or any
+                # other message (REMOVAL_CHECK_SECONDS) closes the channel.
+                continue
         elif kind == "live_sessions":
             try:
                 await _end_lost_sessions(ctx, agent, channel, message)
@@ -704,6 +728,30 @@ async def _receive_loop(
             return
         else:
             raise ChannelRefused(f"unexpected message type {str(kind)[:32]!r}")
+        await _close_if_removed(ctx, channel, agent)
+
+
+def _removed(channel: LiveChannel) -> AgentRemoved:
+    """Mark ``channel`` ended because its agent was removed; the error that ends it."""
+    channel.removed = True
+    return AgentRemoved(REMOVED_REASON)
+
+
+async def _close_if_removed(ctx: ServiceContext, channel: LiveChannel, agent: Agent) -> None:
+    """Raise AgentRemoved if the agent was removed, looking at most every
+    REMOVAL_CHECK_SECONDS: heartbeats are not the only messages that keep a channel open."""
+    if trio.current_time() - channel.removal_checked_at < REMOVAL_CHECK_SECONDS:
+        return
+    try:
+        current = await ctx.store.get_agent(agent.team_id, agent.id)
+    except StoreError as error:
+        # The next heartbeat's touch looks again (and closes the channel if the store is down).
+        logger.warning("checking agent %s is not removed failed: %s", agent.id,
+                       type(error).__name__)  # fmt: skip
+        return
+    if current is None:
+        raise _removed(channel)
+    channel.removal_checked_at = trio.current_time()
 
 
 async def _answer_offer(ctx: ServiceContext, agent: Agent, message: dict[str, Any]) -> None:
@@ -873,8 +921,9 @@ async def _record_policy_answer(
 
 async def _append_agent_event(
     ctx: ServiceContext, agent: Agent, message: dict[str, Any]
-) -> dict[str, Any]:
-    """Verify an agent-signed audit event and append it; the reply says whether it is durable.
+) -> tuple[dict[str, Any], bool | None]:
+    """Verify an agent-signed audit event and append it; the reply says whether it is durable,
+    and the flag whether the agent was removed (None: not looked up, the event was malformed).
 
     The log holds each agent-signed event once: a resend of one it already holds (its ack was
     lost with the channel) is acknowledged again without a second record, and counted (a burst
@@ -883,6 +932,7 @@ async def _append_agent_event(
     event_id = message.get("id")
     if not isinstance(event_id, str) or len(event_id) > MAX_EVENT_ID_LENGTH:
         event_id = None
+    removed: bool | None = None
     try:
         signed = SignedEvent.from_json(message.get("event"))
         session_id = signed.event.session_id
@@ -896,11 +946,10 @@ async def _append_agent_event(
         if session_id is None:
             raise RecordError("a session event must name its session")
         current = await ctx.store.get_agent(agent.team_id, agent.id, include_removed=True)
-        if current is None or _signed_after_removal(signed, current.removed_at):
+        removed = current is None or current.removed_at is not None
+        if current is None or not _storable_despite_removal(signed, current.removed_at, ctx.now()):
             # Removed since this channel was welcomed (on another instance, whose notice has
-            # not closed it yet): its key signs nothing more into the log. An event dated
-            # before the removal (spooled, delivered late) is a real record and goes in, as
-            # the verifier accepts it (audit/trust.py).
+            # not closed it yet): its key signs nothing more into the log.
             raise RecordError(AGENT_REMOVED_EVENT_REASON)
         session = await ctx.store.get_session(agent.team_id, session_id)
         if session is None or session.agent_id != agent.id:
@@ -911,10 +960,12 @@ async def _append_agent_event(
     except RecordError as error:
         ctx.metrics.rejected_inputs.labels("agent_audit_event").inc()
         logger.warning("refused an audit event from agent %s", agent.id)
-        return {"type": "audit_event_refused", "id": event_id, "reason": str(error)[:200]}
+        refused = {"type": "audit_event_refused", "id": event_id, "reason": str(error)[:200]}
+        return refused, removed
     except (ServiceError, StoreError):
         # Not stored, but not the event's fault: the agent keeps it and sends it again later.
-        return {"type": "audit_event_failed", "id": event_id, "reason": "audit log unavailable"}
+        failed = {"type": "audit_event_failed", "id": event_id, "reason": "audit log unavailable"}
+        return failed, removed
     if appended.already_held:
         ctx.metrics.agent_audit_events.labels(AGENT_EVENT_ALREADY_HELD).inc()
         # Ids only: the event's content is in the log, not for the service log.
@@ -935,16 +986,21 @@ async def _append_agent_event(
         except StoreError as error:
             # The record is durable, which is what the agent needs to hear; the row lags.
             logger.warning("marking a session %s failed: %s", state.value, type(error).__name__)
-    return {"type": "audit_event_ack", "id": event_id}
+    return {"type": "audit_event_ack", "id": event_id}, removed
 
 
-def _signed_after_removal(signed: SignedEvent, removed_at: float | None) -> bool:
-    """Whether ``signed`` is dated after its agent's removal (at ``removed_at``; None: not
-    removed) by more than REMOVED_AGENT_CLOCK_SKEW, the verifier's allowance."""
+def _storable_despite_removal(signed: SignedEvent, removed_at: float | None, now: float) -> bool:
+    """Whether ``signed`` may go in although its agent may be removed (at ``removed_at``;
+    None: not removed): only an event delivered late, while the server's own time is within
+    REMOVED_AGENT_CLOCK_SKEW after the removal, and dated no later than that (the verifier's
+    allowance). The date is the agent's to choose, so it alone bounds nothing."""
     if removed_at is None:
+        return True
+    allowance = REMOVED_AGENT_CLOCK_SKEW.total_seconds()
+    if now > removed_at + allowance:
         return False
     removal = datetime.fromtimestamp(removed_at, UTC)
-    return signed.event.occurred_at > removal + REMOVED_AGENT_CLOCK_SKEW
+    return signed.event.occurred_at <= removal + REMOVED_AGENT_CLOCK_SKEW
 
 
 def _row_update_for(

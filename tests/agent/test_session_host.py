@@ -729,6 +729,26 @@ async def test_an_offer_sent_again_is_acknowledged_again_and_runs_once(tmp_path:
     ]
 
 
+@trio_test
+async def test_a_repeat_of_a_running_offer_arriving_after_its_expiry_is_acknowledged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Another instance's catch-up may send it again long after: the session runs regardless.
+    async with session_stack(tmp_path, max_sessions=1) as stack:
+        first = offer_message(stack, "ses_a")
+        first["expires_at"] = int(time.time()) + 2
+        again = {**first, "relay_token": make_token(stack.relay_signer, "ses_a", Side.AGENT)}
+        assert stack.host.accept_offer(first) is not None
+        later = time.time() + 2 + session_host.OFFER_EXPIRY_LEEWAY_SECONDS + 10
+        monkeypatch.setattr(stack.host, "_wall_clock", lambda: later)
+        assert stack.host.accept_offer(again) is None  # not run a second time
+        assert stack.host.live_session_ids() == {"ses_a"}
+    assert [(m["type"], m["session_id"]) for m in stack.control] == [
+        ("session_offer_ack", "ses_a"),
+        ("session_offer_ack", "ses_a"),
+    ]
+
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4)

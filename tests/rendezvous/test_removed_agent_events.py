@@ -10,18 +10,31 @@ from __future__ import annotations
 
 import io
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 import trio
 
-from audit.actions import Action
+from audit.actions import Action, ActorKind
+from audit.record import Actor, AuditEvent, sign_event
 from audit.trust import REMOVED_AGENT_CLOCK_SKEW
 from audit.verify import verify_bundle
-from rendezvous.control_channel import AGENT_REMOVED_EVENT_REASON
+from rendezvous import control_channel
+from rendezvous.control_channel import (
+    AGENT_REMOVED_EVENT_REASON,
+    CLOSE_AGENT_REMOVED,
+    REMOVED_REASON,
+)
 from rendezvous.store import Store
 from tests.rendezvous.service_harness import ServiceHarness
-from tests.rendezvous.sessions_support import agent_channel, enroll_agent, served_instance
+from tests.rendezvous.sessions_support import (
+    AgentChannel,
+    agent_channel,
+    enroll_agent,
+    served_instance,
+)
+from tests.rendezvous.test_agent_reconnect import closed_by_server
 
 pytestmark = pytest.mark.anyio
 
@@ -34,6 +47,28 @@ REJECTED_EVENTS = {"reason": "agent_audit_event"}
 def long_ago(service: ServiceHarness) -> float:
     """A removal time the events the test signs now come after by more than the allowance."""
     return service.clock.now - REMOVED_AGENT_CLOCK_SKEW.total_seconds() - 60
+
+
+async def send_dated(
+    channel: AgentChannel, action: Action, session_id: str, occurred_at: float, event_id: str
+) -> dict[str, object]:
+    """Sign an event dated ``occurred_at`` (the agent chooses its events' dates) and send it;
+    the server's answer."""
+    agent = channel.agent
+    event = AuditEvent(
+        occurred_at=datetime.fromtimestamp(occurred_at, UTC),
+        team_id=agent.team_id,
+        actor=Actor(ActorKind.AGENT, agent.agent_id, agent.name),
+        action=action,
+        signer=agent.identity.public.key_id,
+        session_id=session_id,
+    )
+    signed = sign_event(agent.identity, event).to_json()
+    await channel.send({"type": "audit_event", "event": signed, "id": event_id})
+    while True:
+        message = await channel.receive()
+        if str(message.get("type", "")).startswith("audit_event_"):
+            return message
 
 
 def rejected_events(service: ServiceHarness) -> float:
@@ -95,6 +130,15 @@ async def test_an_event_signed_before_the_removal_and_delivered_after_it_is_kept
                 Action.SESSION_ENDED, session_id=session_id, event_id="late"
             )
             assert ended == {"type": "audit_event_ack", "id": "late"}, ended
+            # The rest it spooled before the removal follows on the same channel, taken alike.
+            started = await channel.send_event(
+                Action.SESSION_STARTED, session_id=session_id, event_id="late-2"
+            )
+            assert started == {"type": "audit_event_ack", "id": "late-2"}, started
+            # Its next heartbeat closes the channel: the server now knows the agent is gone.
+            await channel.send({"type": "heartbeat"})
+            closed = await closed_by_server(channel)
+        assert closed.reason.code == CLOSE_AGENT_REMOVED
         assert rejected_events(service) == 0
         assert "session.ended" in await service.audit_actions(team)
         bundle = io.BytesIO()
@@ -103,17 +147,65 @@ async def test_an_event_signed_before_the_removal_and_delivered_after_it_is_kept
         assert result.ok, result.summary()
 
 
+async def test_an_event_dated_before_a_removal_long_past_is_refused_and_the_channel_closed(
+    store: Store, tmp_path: Path
+) -> None:
+    # The agent chooses its events' dates: a removed agent kept on a channel (another instance
+    # missed the notice, the agent skips heartbeats) could back-date events for ever.
+    async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        agent = await enroll_agent(service, admin)
+        async with agent_channel(url, agent) as channel:
+            response = await service.call(admin, "POST", "/v1/sessions",
+                                          {"target": "web-1", "mode": "shell"})  # fmt: skip
+            assert response.status_code in (200, 201), response.text
+            session_id = response.json()["session_id"]
+            await channel.receive("session_offer")
+            removed_at = service.clock.now - 3600  # an hour ago, on another instance
+            await store.remove_agent(team, agent.agent_id, removed_at)
+            answer = await send_dated(
+                channel, Action.SESSION_ENDED, session_id, removed_at - 10, "backdated"
+            )
+            assert answer == {
+                "type": "audit_event_refused",
+                "id": "backdated",
+                "reason": AGENT_REMOVED_EVENT_REASON,
+            }
+            closed = await closed_by_server(channel)
+        assert closed.reason.code == CLOSE_AGENT_REMOVED
+        assert closed.reason.reason == REMOVED_REASON
+        assert rejected_events(service) == 1
+        assert "session.ended" not in await service.audit_actions(team)
+        row = await store.get_session(team, session_id)
+        assert row is not None and row.state.value == "offered"
+
+
+async def test_any_message_of_a_removed_agent_closes_its_channel(
+    store: Store, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Not only heartbeats: an agent skipping them is kept on by its other messages.
+    monkeypatch.setattr(control_channel, "REMOVAL_CHECK_SECONDS", 0.0, raising=False)
+    async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
+        team = await service.team("ops")
+        admin = await service.operator(team, "admin")
+        agent = await enroll_agent(service, admin)
+        async with agent_channel(url, agent) as channel:
+            await channel.send({"type": "session_offer_ack", "session_id": "ses_other"})
+            await store.remove_agent(team, agent.agent_id, service.clock.now)
+            await channel.send({"type": "session_offer_ack", "session_id": "ses_other"})
+            closed = await closed_by_server(channel)
+        assert closed.reason.code == CLOSE_AGENT_REMOVED
+        assert closed.reason.reason == REMOVED_REASON
+
+
 async def test_the_agent_drops_a_refused_event_instead_of_sending_it_again(
     store: Store, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Imported here: the agent package is only this test's concern in this file.
-    from datetime import UTC, datetime
-
     from agent.control_client import ControlClient, ReconnectBackoff
     from agent.enrollment import EnrollmentRequest, enroll
     from agent.machine_identity import MachineIdentifiers
-    from audit.actions import ActorKind
-    from audit.record import Actor, AuditEvent, sign_event
 
     machine = MachineIdentifiers(machine_id="0123456789abcdef0123456789abcdef")
     async with served_instance(store, tmp_path / "data", **SLOW_HEARTBEATS) as (service, url):
