@@ -909,6 +909,12 @@ def _parse_options_after_agent(args: argparse.Namespace) -> None:
     options after the host. Only when the first word after AGENT is an option and a ``--``
     follows: ``exec AGENT grep -- -x`` still sends ``grep -- -x``."""
     words: list[str] = args.remote_command
+    typed: list[str] = getattr(args, "command_words", [])
+    before = len(typed) - len(words) - 1
+    if before >= 0 and typed[before] == "--" and typed[before + 1 :] == words:
+        # `exec AGENT -- CMD`: the user's own -- (argparse dropped it) ends the options, so a
+        # CMD that starts with an option is sent as typed (as every `exec --tag` child is run).
+        return
     if not words or not words[0].startswith("-") or words[0] == "--" or "--" not in words:
         return
     split = words.index("--")

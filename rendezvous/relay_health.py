@@ -42,11 +42,12 @@ logger = logging.getLogger(__name__)
 RELAY_CHECK_TIMEOUT_SECONDS = 3.0
 # Failed checks in a row before a relay is left out; one good check takes it back.
 FAILED_CHECKS_FOR_DOWN = 2
-# Probe answers that mean "alive, but takes no new session now". too_many_connections is the
-# relay's answer to any hello while its pending-hello table is full.
-NOT_SERVING_ANSWERS = frozenset(
-    {Reason.SHUTTING_DOWN, Reason.TOO_MANY_SESSIONS, Reason.NO_KEYS, Reason.TOO_MANY_CONNECTIONS}
-)
+# Probe answers that mean "alive, but takes no new session now": states of the whole relay.
+NOT_SERVING_ANSWERS = frozenset({Reason.SHUTTING_DOWN, Reason.TOO_MANY_SESSIONS, Reason.NO_KEYS})
+# Answers about this one connection, not the relay: too_many_connections is what a hello pushed
+# out of a full pending table is told (or one shed while the relay is out of descriptors), so a
+# flood of connections can earn it for the probe while the relay serves. Counted as silence.
+CONNECTION_ANSWERS = frozenset({Reason.TOO_MANY_CONNECTIONS, Reason.RATE_LIMITED})
 
 
 class ProbeResult(Enum):
@@ -127,6 +128,8 @@ async def probe(relay: RelayEndpoint) -> ProbeResult:
         # hello, so it serves; only the answers saying it takes no new session count as down.
         if answer in NOT_SERVING_ANSWERS:
             return ProbeResult.NOT_SERVING
+        if answer in CONNECTION_ANSWERS:
+            return ProbeResult.NO_ANSWER
         return ProbeResult.SERVING
     return ProbeResult.NO_ANSWER
 

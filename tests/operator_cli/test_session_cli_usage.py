@@ -262,3 +262,24 @@ def test_exec_by_tag_requires_the_double_dash_before_the_command(
     assert "--tag needs -- before the command: tucdesk exec --tag TAG -- CMD [ARGS...]" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["-n", "--", "x"], ["--approval", "a", "--", "z"], ["--", "x"], ["-n", "x"]],
+)
+def test_exec_agent_double_dash_sends_a_command_that_starts_with_an_option_as_typed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, command: list[str]
+) -> None:
+    # As each `exec --tag` child is run: options, AGENT, --, then the user's command as typed.
+    import operator_cli.session_commands as session_commands
+
+    sent: list[tuple[list[str], object]] = []
+
+    def fake_exec(home: object, agent: str, argv: list[str], **options: object) -> int:
+        sent.append((argv, options["approval_id"]))
+        return 0
+
+    monkeypatch.setattr(session_commands, "exec_command", fake_exec)
+    assert main(["--home", str(tmp_path), "exec", "-n", "agt_1", "--", *command]) == 0
+    assert sent == [(command, None)]

@@ -168,6 +168,26 @@ async def test_an_older_relay_that_refuses_the_probe_as_a_token_is_up(
     assert received == [encode_probe()]
 
 
+@pytest.mark.parametrize(
+    ("answer", "result"),
+    [
+        (b"ok\n", ProbeResult.SERVING),
+        (b"shutting_down\n", ProbeResult.NOT_SERVING),
+        (b"too_many_sessions\n", ProbeResult.NOT_SERVING),
+        (b"no_keys\n", ProbeResult.NOT_SERVING),
+        # About the probe's own connection (pushed out of a full hello table by a flood, or
+        # shed while out of descriptors): silence, two strikes, not a relay that stopped serving.
+        (b"too_many_connections\n", ProbeResult.NO_ANSWER),
+        (b"rate_limited\n", ProbeResult.NO_ANSWER),
+    ],
+)
+async def test_only_answers_about_the_whole_relay_take_it_out_at_once(
+    answer: bytes, result: ProbeResult
+) -> None:
+    with answering_port(answer) as (port, _received):
+        assert await probe(RelayEndpoint("relay", "127.0.0.1", port)) is result
+
+
 def test_a_relay_is_down_after_two_failed_checks_in_a_row_and_up_after_one_good_one() -> None:
     relay = RelayEndpoint("a", "127.0.0.1", 1)
     health = RelayHealth()
