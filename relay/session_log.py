@@ -9,15 +9,14 @@ peer addresses are cut to their network (IPv4 /24, IPv6 /48, no port).
 from __future__ import annotations
 
 import math
-import socket
 from collections.abc import Callable, Mapping
 
+from protocol.rate_limits import source_block
 from relay.refusal_log import show_address
 
 BLUR_SECONDS = 10
 BLUR_IPV4_PREFIX = 24
-BLUR_IPV6_PREFIX = 48  # both multiples of 8
-_IPV4_MAPPED_PREFIX = bytes(10) + b"\xff\xff"
+BLUR_IPV6_PREFIX = 48
 
 
 def blur_byte_count(count: int) -> int:
@@ -53,20 +52,10 @@ def blurred_peer(peer: Callable[[], str] | str) -> str:
 
 
 def _network(host: str) -> str:
-    # inet_pton/ntop rather than ipaddress: a tenth of the cost, twice per session.
-    try:
-        if ":" not in host:
-            packed = socket.inet_pton(socket.AF_INET, host)
-        else:
-            packed = socket.inet_pton(socket.AF_INET6, host)
-            if packed[:12] != _IPV4_MAPPED_PREFIX:
-                kept = packed[: BLUR_IPV6_PREFIX // 8] + bytes(16 - BLUR_IPV6_PREFIX // 8)
-                return f"{socket.inet_ntop(socket.AF_INET6, kept)}/{BLUR_IPV6_PREFIX}"
-            packed = packed[12:]
-    except OSError:
-        return "unknown"
-    kept = packed[: BLUR_IPV4_PREFIX // 8] + bytes(4 - BLUR_IPV4_PREFIX // 8)
-    return f"{socket.inet_ntop(socket.AF_INET, kept)}/{BLUR_IPV4_PREFIX}"
+    """``host``'s network as protocol/rate_limits.source_block groups addresses (an IPv4-mapped
+    address as IPv4); ``unknown`` for text that is not an IP address."""
+    block = source_block(host, BLUR_IPV4_PREFIX, BLUR_IPV6_PREFIX)
+    return block if "/" in block else "unknown"
 
 
 def _peers(peers: Mapping[str, object] | None, blur: bool) -> str:
