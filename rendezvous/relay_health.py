@@ -103,11 +103,6 @@ class RelayHealth:
             )  # fmt: skip
 
 
-async def reachable(relay: RelayEndpoint) -> bool:
-    """Whether ``relay`` answers a probe as serving within RELAY_CHECK_TIMEOUT_SECONDS."""
-    return await probe(relay) is ProbeResult.SERVING
-
-
 async def probe(relay: RelayEndpoint) -> ProbeResult:
     """Send ``relay`` a probe; what it answered within RELAY_CHECK_TIMEOUT_SECONDS."""
     with trio.move_on_after(RELAY_CHECK_TIMEOUT_SECONDS):

@@ -27,7 +27,6 @@ from rendezvous.relay_health import (
     RelayHealth,
     check_relays_forever,
     probe,
-    reachable,
 )
 from rendezvous.store import Store
 from tests.relay.harness import make_token, running_relay, wait_until
@@ -37,6 +36,11 @@ pytestmark = pytest.mark.anyio
 
 SESSIONS = 12
 WAIT_SECONDS = 10.0
+
+
+async def reachable(relay: RelayEndpoint) -> bool:
+    """Whether ``relay`` answers the probe as serving."""
+    return await probe(relay) is ProbeResult.SERVING
 
 
 @contextmanager
