@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 import unicodedata
 import urllib.parse
@@ -86,6 +87,10 @@ MIGRATION_LOCK_KEY = 0x7475636465736B31  # "tucdesk1"
 AUDIT_TURN_LOCK_CLASS = 0x61756474  # "audt"
 
 T = TypeVar("T")
+
+log = logging.getLogger("tucdesk.rendezvous.store")
+# What one asyncio error report may put in the log (the driver's messages are short).
+MAX_REPORTED_ERROR_CHARS = 300
 
 
 def _translate_error(exc: BaseException) -> StoreError:
@@ -758,6 +763,7 @@ async def open_postgres_store(
         return
     try:
         async with trio_asyncio.open_loop() as loop:
+            loop.set_exception_handler(_log_driver_error)
             async with _open_on_loop(loop, url, options) as store:
                 yield store
     except BaseExceptionGroup as group:
@@ -769,6 +775,27 @@ async def open_postgres_store(
         if inner is group:
             raise
         raise inner from inner.__cause__
+
+
+def _log_driver_error(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """Log an error asyncio reports outside any awaited call, and carry on.
+
+    asyncpg leaves such reports when a connection dies at an awkward moment: a backend ended
+    during connection set-up leaves a "Future exception was never retrieved" behind. The
+    statement that needed the connection has already failed (or retried) on its own; the
+    trio-asyncio default handler would re-raise the report into the loop's nursery and end the
+    store, and with it the serving instance. The context's message is left out when it carries
+    an exception: it may quote a callback's arguments (connection parameters, a password).
+    """
+    exception = context.get("exception")
+    if isinstance(exception, BaseException):
+        report = f"{exception.__class__.__name__}: {exception}"
+    else:
+        report = str(context.get("message") or "an unnamed error")
+    log.warning(
+        "the PostgreSQL driver reported an error outside any statement (carrying on): %s",
+        report[:MAX_REPORTED_ERROR_CHARS],
+    )
 
 
 @asynccontextmanager

@@ -205,3 +205,35 @@ async def test_a_silently_dropped_listen_connection_is_found_by_its_probe_and_re
                             break
                 assert offer["session_id"] == response.json()["session_id"]
         relays.cancel_scope.cancel()
+
+
+async def test_an_error_asyncio_reports_outside_any_statement_is_logged_and_the_store_goes_on(
+    postgres_cluster: PostgresCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A backend ended while a connection was being set up leaves asyncpg's future holding
+    ConnectionError('unexpected connection_lost() call') with nobody awaiting it; asyncio
+    reports it when the future is collected. trio-asyncio's own handler re-raised that into the
+    loop and ended the store (a serving instance with it): it is logged now, and nothing that
+    report quotes beside the error itself (a callback's arguments may hold a password)."""
+    caplog.set_level(logging.WARNING, logger="tucdesk.rendezvous.store")
+    url = postgres_cluster.create_database(f"reports_{os.getpid()}_{next(_numbers)}")
+    password = "Pa55word-in-a-callback-argument"
+    async with open_store(url) as store:
+        assert isinstance(store, postgres.PostgresStore)
+        loop = store._bridge.loop  # noqa: SLF001 - the store's own asyncio loop
+
+        def abandon_a_failed_future() -> None:
+            future = loop.create_future()
+            future.set_exception(ConnectionError("unexpected connection_lost() call"))
+
+        abandon_a_failed_future()  # collected here: asyncio reports "never retrieved"
+        loop.call_exception_handler({
+            "message": f"Exception in callback connect(password={password!r})",
+            "exception": OSError("connection reset"),
+        })  # fmt: skip
+        await trio.sleep(0.2)
+        await store.create_team("still-serving", 1_800_000_000.0)
+        assert "still-serving" in {team.name for team in await store.list_teams()}
+    assert "unexpected connection_lost() call" in caplog.text
+    assert "OSError: connection reset" in caplog.text
+    assert password not in caplog.text
