@@ -15,6 +15,7 @@ from audit.actions import ActorKind
 from audit.checkpoint import open_checkpoint
 from audit.merkle import verify_consistency
 from audit.record import Actor, AuditEvent, sign_event
+from audit.trust import AGENT_SELF_SIGNED_ACTIONS
 from audit.verify import Verdict, verify_bundle
 from protocol.identity import SigningIdentity
 from tests.audit.builders import (
@@ -32,9 +33,18 @@ from tests.audit.strategies import events
 PINNED = [AUDIT_KEY.public]
 AGENT_KEYS = [SigningIdentity.from_seed(bytes([10 + index]) * 32) for index in range(3)]
 
+
+def _audit_key_may_sign(event: AuditEvent) -> bool:
+    """Whether a verifier accepts ``event`` signed by the audit key: only an agent's own key
+    signs what it ran (session.started/command/ended with an agent actor)."""
+    return not (event.actor.kind is ActorKind.AGENT and event.action in AGENT_SELF_SIGNED_ACTIONS)
+
+
 operations = st.lists(
     st.one_of(
-        st.tuples(st.just("audit"), events(AUDIT_KEY.public.key_id, TEAM)),
+        st.tuples(
+            st.just("audit"), events(AUDIT_KEY.public.key_id, TEAM).filter(_audit_key_may_sign)
+        ),
         st.tuples(st.just("agent"), st.tuples(st.integers(0, 2), events("placeholder", TEAM))),
         st.tuples(st.just("checkpoint"), st.none()),
     ),
