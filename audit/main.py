@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
+from audit.actions import PolicyOutcome
 from audit.agent_pins import AgentPinError, load_agent_pins
 from audit.checkpoint import Checkpoint, open_checkpoint
 from audit.errors import AuditError, BundleError
@@ -97,8 +98,11 @@ tucdesk-audit verify - --key audit.pub).
 _SHOW_EPILOG = """\
 Exit status as for 'verify' (0 shown, 1 invalid, 2 unreadable, 3 wrong key, 130, 141): on any
 failure nothing but the verdict is printed. With --json: {"records": [...], "verification":
-<the verify --json result>}; each record has seq, time, action, actor (kind, id, display),
-agent_id, agent_name, operator, session_id, command, approved_by.
+<the verify --json result>}; each record has seq, time, action, actor (kind, id, display: who
+acted, by= on a line), agent_id, agent_name, operator and operator_id (whom the record is about:
+the target of operator.*, the requester of approval.*, the operator of session.*), session_id,
+command, approved_by, policy_result (outcome, rule_id, reason; null if the record has none),
+signed_by, signer_key_id.
 """
 
 _KEY_EPILOG = """\
@@ -182,7 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the records of a verified bundle, one per line",
         description=(
             "Verify the bundle exactly as 'verify' does, then print the records that match,\n"
-            "one per line: log time (UTC), action, actor, agent, operator, session, who\n"
+            "one per line: log time (UTC), action, who acted (by=), the agent and the\n"
+            "operator it is about (operator=: the target of operator.*, the requester of\n"
+            "approval.*, the operator of session.*), session, policy decision and rule, who\n"
             "approved a session, and the command. Nothing is shown from a bundle that does\n"
             "not verify. Control characters in records are shown escaped, never raw."
         ),
@@ -195,8 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_bundle_trust_arguments(show)
     show.add_argument("--agent", metavar="NAME", help="only records about this agent (id, name "
                       "or hostname)")  # fmt: skip
-    show.add_argument("--operator", metavar="EMAIL", help="only records of this operator "
-                      "(email or id)")  # fmt: skip
+    show.add_argument("--operator", metavar="EMAIL", help="only records by or about this "
+                      "operator (email or id): either who acted (by=) or whom the record is "
+                      "about (operator=), e.g. both the admin who disabled them and their "
+                      "own requests")  # fmt: skip
+    show.add_argument("--actor", metavar="ID", help="only records by this actor (operator email "
+                      "or id, agent id, api key id; by= on a line)")  # fmt: skip
+    show.add_argument("--decision", metavar="OUTCOME", choices=[o.value for o in PolicyOutcome],
+                      help="only records whose policy result is OUTCOME (allow, deny, "
+                      "approval_required, approved, denied), e.g. --decision deny "
+                      "--action session.decision for denied requests")  # fmt: skip
     show.add_argument("--action", metavar="PREFIX", help="only actions starting with PREFIX "
                       "(e.g. session. or approval.approved)")  # fmt: skip
     show.add_argument("--from", dest="start", metavar="TIME", help="only records logged at or "
@@ -391,6 +405,8 @@ def _show(arguments: argparse.Namespace) -> int:
         wanted = RecordFilter(
             agent=arguments.agent,
             operator=arguments.operator,
+            actor=arguments.actor,
+            decision=arguments.decision,
             action_prefix=arguments.action,
             start=None if arguments.start is None else parse_when(arguments.start),
             end=None if arguments.end is None else parse_when(arguments.end),

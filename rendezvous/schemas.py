@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_TAG_LENGTH = 64
+from protocol.identifiers import MAX_TAG_LENGTH as MAX_TAG_LENGTH  # one definition
+
 MAX_TAGS = 32
 MAX_NAME_LENGTH = 128
 MAX_ID_LENGTH = 128

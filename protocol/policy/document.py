@@ -2,7 +2,11 @@
 
 The language is described in docs/policy.md. Validation is strict: unknown keys, empty lists,
 unknown roles, days, time zones or actions are errors, because in a security policy a typo that
-is silently ignored changes who gets in.
+is silently ignored changes who gets in. So is a selector that can never match: an agent id or
+tag outside the forms the rendezvous issues (protocol/identifiers.py: ids are ``agt_`` and 16
+lower-case base32 characters, tags lower-case ``a-z 0-9 - _ . : =``), or an allow rule for a
+role that can never open a session. Ids and tags compare exactly, so ``Web`` is refused rather
+than lower-cased: the signed text must say what is enforced.
 """
 
 from __future__ import annotations
@@ -14,10 +18,17 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, TypeVar
 
+from protocol.identifiers import (
+    AGENT_ID_PREFIX,
+    TAG_FORM,
+    id_form,
+    is_agent_tag,
+    is_issued_id,
+)
 from protocol.policy.errors import PolicyDocumentError
 from protocol.policy.matching import AgentSelector, CommandPattern, OperatorSelector
 from protocol.policy.request import Action
-from protocol.policy.roster import Role, check_email
+from protocol.policy.roster import SESSION_ROLES, Role, check_email
 from protocol.policy.source_lines import Path, SourceLines, format_path
 from protocol.policy.time_window import (
     ALL_DAYS,
@@ -96,8 +107,16 @@ class Policy:
     description: str = ""
 
 
-def parse_policy(source: str | bytes, source_name: str = DEFAULT_SOURCE_NAME) -> Policy:
-    """Parse and validate a policy document; raise PolicyDocumentError naming the line at fault."""
+def parse_policy(
+    source: str | bytes, source_name: str = DEFAULT_SOURCE_NAME, *, already_signed: bool = False
+) -> Policy:
+    """Parse and validate a policy document; raise PolicyDocumentError naming the line at fault.
+
+    ``already_signed`` is for a document inside a bundle an admin signed earlier (the one in
+    force, an agent's cache): selectors that can never match are let through and still never
+    match, so a team's policy stays readable after an upgrade that added those checks. Every
+    new document (``policy set``, ``policy check``, signing, countersigning) is checked fully.
+    """
     text = _decode(source, source_name)
     try:
         data = tomllib.loads(text)
@@ -107,7 +126,7 @@ def parse_policy(source: str | bytes, source_name: str = DEFAULT_SOURCE_NAME) ->
         raise PolicyDocumentError(
             "nests too deeply", source_name=source_name, line=None, field=None
         ) from None
-    return _Validator(source_name, SourceLines.scan(text)).policy(data)
+    return _Validator(source_name, SourceLines.scan(text), strict=not already_signed).policy(data)
 
 
 def _decode(source: str | bytes, source_name: str) -> str:
@@ -156,9 +175,10 @@ def _syntax_error(error: tomllib.TOMLDecodeError, source_name: str) -> PolicyDoc
 
 
 class _Validator:
-    def __init__(self, source_name: str, lines: SourceLines) -> None:
+    def __init__(self, source_name: str, lines: SourceLines, *, strict: bool = True) -> None:
         self.source_name = source_name
         self.lines = lines
+        self.strict = strict
 
     def fail(self, path: Path, message: str, separator: str = " ") -> PolicyDocumentError:
         field = format_path(path)
@@ -233,14 +253,16 @@ class _Validator:
             rule_id=rule_id,
             outcome=outcome,
             actions=actions,
-            operators=self.operators(data, path),
+            operators=self.operators(data, path, outcome),
             agents=self.agents(data, path),
             commands=commands,
             when=self.when(data, path),
             description=self.description(data, path),
         )
 
-    def operators(self, rule: dict[str, Any], rule_path: Path) -> OperatorSelector | None:
+    def operators(
+        self, rule: dict[str, Any], rule_path: Path, outcome: Outcome
+    ) -> OperatorSelector | None:
         if "operators" not in rule:
             return None
         path = (*rule_path, "operators")
@@ -251,10 +273,24 @@ class _Validator:
                 self.string_list(data["emails"], (*path, "emails"), self.email_item)
             )
         if "roles" in data:
-            roles = frozenset(
-                self.string_list(data["roles"], (*path, "roles"), self.enum_item(Role))
-            )
+            listed = self.string_list(data["roles"], (*path, "roles"), self.enum_item(Role))
+            if self.strict and outcome is not Outcome.DENY:
+                self.check_session_roles(listed, (*path, "roles"), outcome)
+            roles = frozenset[str](listed)
         return OperatorSelector(emails, roles)
+
+    def check_session_roles(self, roles: list[Role], path: Path, outcome: Outcome) -> None:
+        # Only admin and operator keys may open sessions (the roster says so, and agents check
+        # it): allowing another role would read as access it never gets.
+        able = ", ".join(sorted(role.value for role in SESSION_ROLES))
+        for index, role in enumerate(roles):
+            if role not in SESSION_ROLES:
+                raise self.fail(
+                    (*path, index),
+                    f"role {role.value!r} can never open a session (only {able} can), so this "
+                    f"{outcome.value} rule never applies to it; remove it",
+                    separator=": ",
+                )
 
     def agents(self, rule: dict[str, Any], rule_path: Path) -> AgentSelector | None:
         if "agents" not in rule:
@@ -264,14 +300,16 @@ class _Validator:
         ids = tags = frozenset[str]()
         names: tuple[str, ...] = ()
         if "ids" in data:
-            ids = frozenset(self.string_list(data["ids"], (*path, "ids"), self.name_item))
+            check_id = self.agent_id_item if self.strict else self.name_item
+            ids = frozenset(self.string_list(data["ids"], (*path, "ids"), check_id))
         if "names" in data:
             names = tuple(
                 name.lower()
                 for name in self.string_list(data["names"], (*path, "names"), self.name_item)
             )
         if "tags" in data:
-            tags = frozenset(self.string_list(data["tags"], (*path, "tags"), self.name_item))
+            check_tag = self.tag_item if self.strict else self.name_item
+            tags = frozenset(self.string_list(data["tags"], (*path, "tags"), check_tag))
         return AgentSelector(ids, names, tags)
 
     def when(self, rule: dict[str, Any], rule_path: Path) -> TimeWindow | None:
@@ -375,6 +413,29 @@ class _Validator:
         if not check_email(text):
             raise ValueError(f"{text!r} is not an email address")
         return text.lower()
+
+    @staticmethod
+    def agent_id_item(text: str) -> str:
+        # Compared exactly: an id the store could never issue would never match an agent.
+        if not is_issued_id(text, AGENT_ID_PREFIX):
+            hint = " (ids are lower-case)" if is_issued_id(text.lower(), AGENT_ID_PREFIX) else ""
+            raise ValueError(
+                f"{text[:MAX_NAME_LENGTH]!r} is not an agent id{hint}: an agent id is "
+                f"{id_form(AGENT_ID_PREFIX)}, as 'tucdesk agents' lists it"
+            )
+        return text
+
+    @staticmethod
+    def tag_item(text: str) -> str:
+        # Compared exactly, and tags are stored lower-case: 'Web' would never match 'web'.
+        if not is_agent_tag(text):
+            lower = text.strip().lower()
+            hint = f"; write {lower!r}" if is_agent_tag(lower) else ""
+            raise ValueError(
+                f"tag {text[:MAX_NAME_LENGTH]!r} can never match an agent: tags are {TAG_FORM}"
+                f"{hint}"
+            )
+        return text
 
     @staticmethod
     def name_item(text: str) -> str:

@@ -112,7 +112,9 @@ class PolicyBundleContent:
             raise MalformedBundleError("bundle roster must keep at least one admin")
         object.__setattr__(self, "agent_tags", _check_agent_tags(self.agent_tags))
         try:
-            policy = parse_policy(self.policy_text)
+            # Signed earlier, perhaps under older checks: new bundles get the full ones at
+            # sign_policy_bundle and countersign_policy_bundle.
+            policy = parse_policy(self.policy_text, already_signed=True)
         except PolicyDocumentError as error:
             raise MalformedBundleError(f"bundle policy is invalid: {error}") from None
         if policy.version != self.version:
@@ -351,6 +353,7 @@ class AcceptedPolicy:
 
 def sign_policy_bundle(content: PolicyBundleContent, admin: SigningIdentity) -> SignedPolicyBundle:
     """An admin's signature over ``content`` (the admin CLI does this; not yet countersigned)."""
+    _check_new_document(content)
     signature = admin.sign(Purpose.POLICY, content.canonical_bytes())
     return SignedPolicyBundle(content, admin.public.key_id, signature)
 
@@ -362,6 +365,7 @@ def countersign_policy_bundle(
 
     ``trust`` is the rendezvous's own view of the team: its current admins and published version.
     """
+    _check_new_document(bundle.content)
     checked = _check_admin_signed(bundle, trust)
     countersigned = replace(
         bundle,
@@ -369,6 +373,15 @@ def countersign_policy_bundle(
         countersignature=rendezvous.sign(Purpose.POLICY_COUNTERSIGN, _countersigned_bytes(bundle)),
     )
     return replace(checked, bundle=countersigned)
+
+
+def _check_new_document(content: PolicyBundleContent) -> None:
+    """The full checks of parse_policy for a document about to be signed or countersigned: a
+    bundle signed earlier is read leniently (``already_signed``), a new one never is."""
+    try:
+        parse_policy(content.policy_text)
+    except PolicyDocumentError as error:
+        raise MalformedBundleError(f"bundle policy is invalid: {error}") from None
 
 
 def accept_policy_bundle(bundle: object, trust: PinnedPolicyTrust) -> AcceptedPolicy:

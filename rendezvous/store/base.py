@@ -16,18 +16,17 @@ Conventions every backend keeps:
 from __future__ import annotations
 
 import abc
-import base64
-import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from protocol.identifiers import new_id as new_id  # the one definition, re-exported
+
 if TYPE_CHECKING:
     from audit.store import AuditStore
 
-ID_RANDOM_BYTES = 10
 MAX_TEAM_NAME_LENGTH = 64
 MAX_NAME_LENGTH = 255
 MAX_TAGS = 64
@@ -40,12 +39,6 @@ MAX_SIGNAL_NAME_LENGTH = 16
 # instance crashed without clearing it): ignored for clone detection and removed by
 # prune_expired. The service must call touch_agent more often than this on a live channel.
 CONNECTION_STALE_AFTER_SECONDS = 120.0
-
-
-def new_id(prefix: str) -> str:
-    """A fresh random id such as ``agt_mfrggzdfmztwq2lk``: the kind's prefix and 80 random bits."""
-    raw = secrets.token_bytes(ID_RANDOM_BYTES)
-    return f"{prefix}_{base64.b32encode(raw).decode('ascii').lower()}"
 
 
 # --------------------------------------------------------------------------------------------

@@ -106,7 +106,7 @@ def test_show_marks_a_service_signed_line_in_an_agents_name(
     [command] = [line for line in lines if " session.command " in line]
     [refused] = [line for line in lines if " session.refused " in line]
     assert "signed_by" not in command  # the agent's own signature
-    assert "actor=agent:agent-1 (web-1) signed_by=service " in refused
+    assert "by=agent:agent-1 (web-1) signed_by=service " in refused
     assert main([*argv, "--json"]) == 0
     records = json.loads(capsys.readouterr().out)["records"]
     signed = {record["action"]: record["signed_by"] for record in records}

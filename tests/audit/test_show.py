@@ -84,7 +84,7 @@ def test_every_record_is_shown_one_per_line_with_no_raw_control_character(
     assert code == 0 and len(lines) == 6
     assert all(line.isprintable() for line in lines)
     assert lines[0].startswith(f"{(START + timedelta(milliseconds=1)).isoformat()[:19]}")
-    assert " agent.registered actor=service:rendezvous " in lines[0]
+    assert " agent.registered by=service:rendezvous " in lines[0]
     assert "agent=web-1 (agent-1)" in lines[0]
 
 
@@ -111,7 +111,8 @@ def test_the_executed_command_is_quoted_as_it_runs_with_escapes(
 
 def test_filters_combine(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     assert len(show(files, capsys, "--agent", "web-1")[1]) == 5
-    assert len(show(files, capsys, "--agent", AGENT_ID, "--operator", "alice@example.com")[1]) == 3
+    # Alice's session records, and bob's approval of her request (she is whom it is about).
+    assert len(show(files, capsys, "--agent", AGENT_ID, "--operator", "alice@example.com")[1]) == 4
     assert len(show(files, capsys, "--operator", "op-2")[1]) == 2
     later = (START + timedelta(minutes=30)).isoformat()
     code, lines = show(files, capsys, "--from", later)

@@ -21,8 +21,9 @@ from protocol.policy.request import AccessRequest, Action, RequestingOperator, T
 NOW = datetime(2027, 6, 2, 12, 0, tzinfo=UTC)  # a Wednesday
 ALICE = RequestingOperator("alice@example.com", "operator", "thumb-alice")
 BOB = RequestingOperator("bob@example.com", "auditor", "thumb-bob")
-WEB = TargetAgent("agt_web1", "web-1", frozenset({"prod", "eu"}))
-DB = TargetAgent("agt_db1", "db-1", frozenset({"prod", "db"}))
+WEB_ID, DB_ID = "agt_" + "w" * 16, "agt_" + "d" * 16  # as new_id makes them
+WEB = TargetAgent(WEB_ID, "web-1", frozenset({"prod", "eu"}))
+DB = TargetAgent(DB_ID, "db-1", frozenset({"prod", "db"}))
 
 
 def _policy(rules: str, mode: str = "allowlist", extra: str = "") -> Policy:
@@ -56,13 +57,13 @@ def test_a_rule_matches_operators_by_email_case_insensitively() -> None:
 
 
 def test_a_rule_matches_operators_by_role() -> None:
-    policy = _policy(_rule("a", "allow", 'operators = { roles = ["auditor"] }'))
-    assert _result(policy, _shell(BOB)) == "allow"
-    assert _result(policy, _shell(ALICE)) == "deny"
+    policy = _policy(_rule("a", "allow", 'operators = { roles = ["operator"] }'))
+    assert _result(policy, _shell(ALICE)) == "allow"
+    assert _result(policy, _shell(BOB)) == "deny"
 
 
 def test_a_rule_matches_agents_by_id() -> None:
-    policy = _policy(_rule("a", "allow", 'agents = { ids = ["agt_db1"] }'))
+    policy = _policy(_rule("a", "allow", f'agents = {{ ids = ["{DB_ID}"] }}'))
     assert _result(policy, _shell(agent=DB)) == "allow"
     assert _result(policy, _shell(agent=WEB)) == "deny"
 
@@ -80,7 +81,7 @@ def test_a_rule_on_tags_needs_the_agent_to_carry_every_listed_tag() -> None:
 
 
 def test_agent_selectors_are_alternatives() -> None:
-    policy = _policy(_rule("a", "allow", 'agents = { ids = ["agt_web1"], tags = ["db"] }'))
+    policy = _policy(_rule("a", "allow", f'agents = {{ ids = ["{WEB_ID}"], tags = ["db"] }}'))
     assert _result(policy, _shell(agent=WEB)) == "allow"
     assert _result(policy, _shell(agent=DB)) == "allow"
     assert _result(policy, _shell(agent=TargetAgent("x", "x", frozenset()))) == "deny"
@@ -143,14 +144,17 @@ def test_a_matching_deny_beats_approval_required_which_beats_allow() -> None:
     assert decide(denied, _exec("ls"), NOW).rule_id == "no"
 
 
+OTHER_AGENT = 'agents = { ids = ["agt_oooooooooooooooo"] }'
+
+
 def test_allowlist_denies_when_no_rule_matches() -> None:
-    decision = decide(_policy(_rule("a", "allow", 'agents = { ids = ["other"] }')), _shell(), NOW)
+    decision = decide(_policy(_rule("a", "allow", OTHER_AGENT)), _shell(), NOW)
     assert decision.result is Outcome.DENY and decision.rule_id is None
     assert "allowlist" in decision.reason
 
 
 def test_blocklist_allows_when_no_rule_matches() -> None:
-    decision = decide(_policy(_rule("a", "deny", 'agents = { ids = ["other"] }'), "blocklist"),
+    decision = decide(_policy(_rule("a", "deny", OTHER_AGENT), "blocklist"),
                       _shell(), NOW)
     assert decision.result is Outcome.ALLOW and decision.rule_id is None
     assert decision.allowed
@@ -243,7 +247,7 @@ def test_something_that_is_not_a_policy_denies() -> None:
 
 EMAILS = ["alice@example.com", "bob@example.com", "carol@example.com"]
 ROLES = ["admin", "operator", "approver", "auditor"]
-AGENT_IDS = ["agt_1", "agt_2", "agt_3"]
+AGENT_IDS = ["agt_" + letter * 16 for letter in "abc"]
 AGENT_NAMES = ["web-1", "web-2", "db-1"]
 NAME_PATTERNS = ["web-*", "db-1", "*-2"]
 TAGS = ["prod", "db", "eu"]
@@ -263,6 +267,14 @@ def _subset(items: list[str]) -> st.SearchStrategy[list[str]]:
     return st.lists(st.sampled_from(items), min_size=1, max_size=len(items), unique=True)
 
 
+def _roles_that_can_apply(rule: dict[str, Any]) -> dict[str, Any]:
+    """Only admin and operator can open sessions: other roles are refused in non-deny rules."""
+    if rule["outcome"] == "deny" or rule["roles"] is None:
+        return rule
+    roles = [role for role in rule["roles"] if role in ("admin", "operator")]
+    return {**rule, "roles": roles or None}
+
+
 RULE_SPECS = st.fixed_dictionaries(
     {
         "outcome": st.sampled_from(["allow", "deny", "approval_required"]),
@@ -279,7 +291,7 @@ RULE_SPECS = st.fixed_dictionaries(
             "timezone": _optional(st.sampled_from(ZONES)),
         })),
     }
-)
+).map(_roles_that_can_apply)
 POLICY_SPECS = st.fixed_dictionaries(
     {
         "mode": st.sampled_from(["allowlist", "blocklist"]),

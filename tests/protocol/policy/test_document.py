@@ -42,7 +42,7 @@ timezone = "Europe/Berlin"
 id = "contractors-never-prod-db"
 outcome = "deny"
 operators = { emails = ["Contractor@Example.com"] }
-agents = { names = ["db-*"], ids = ["agt_123"] }
+agents = { names = ["db-*"], ids = ["agt_mfrggzdfmztwq2lk"] }
 
 [[rules]]
 id = "service-restarts"
