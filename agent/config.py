@@ -15,11 +15,14 @@ import logging
 import math
 import os
 import pwd
+import re
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from agent import login_records
 from agent.errors import ConfigError
 from protocol.config_file import read_config_table
 
@@ -28,6 +31,8 @@ CONFIG_ENVIRONMENT = ENVIRONMENT_PREFIX + "CONFIG"
 # Read when present, as root, if no file is named by --config or TUCDESK_AGENT_CONFIG.
 SYSTEM_CONFIG_FILE = Path("/etc/tucdesk/agent.toml")
 CONFIG_TABLE = "agent"
+# A top-level table this close to [agent] (difflib ratio) is taken for a typo and refused.
+MISSPELT_TABLE_RATIO = 0.8
 MAX_CONFIG_FILE_SIZE = 64 * 1024
 SYSTEM_STATE_DIR = Path("/var/lib/tucdesk-agent")
 STATE_FILE_NAME = "agent.state"
@@ -40,6 +45,10 @@ DEFAULT_RECONNECT_CAP_SECONDS = 30.0
 RECORDINGS_DIR_NAME = "recordings"
 DEFAULT_MAX_RECORDING_BYTES = 64 * 1024 * 1024
 MIN_MAX_RECORDING_BYTES = 4 * 1024
+# sshd's and login.defs' default; the daemon's own files keep the unit's UMask=0077.
+DEFAULT_SESSION_UMASK = "022"
+# A umask is permission bits only: three octal digits, optionally after a leading 0.
+_SESSION_UMASK = re.compile(r"0?[0-7]{3}")
 
 
 logger = logging.getLogger("tucdesk.agent.config")
@@ -62,8 +71,9 @@ SETTING_HELP: dict[str, str] = {
     "user": "local account sessions run as (default: the agent's own)",
     "shell": "absolute path of the shell for shell sessions (default: that account's login "
     "shell)",
-    "ca_file": "CA bundle for the rendezvous's TLS certificate (default: the one saved at "
-    "enrollment)",
+    "ca_file": "CA bundle for the rendezvous's TLS certificate (default: the copy enroll "
+    "saved as STATE_DIR/rendezvous-ca.pem; read again at every connection attempt, so a CA "
+    "appended to it is trusted from the next reconnect)",
     "machine_root": "read machine identifiers under this directory (only tests change it)",
     "max_sessions": f"most sessions at once (1..{MAX_MAX_SESSIONS})",
     "handshake_timeout_seconds": "how long a session's handshake with the operator may take "
@@ -76,6 +86,12 @@ SETTING_HELP: dict[str, str] = {
     "recordings_max_age_days": "delete finished recordings older than this (default: keep)",
     "recordings_max_total_bytes": "keep at most this many bytes of finished recordings, oldest "
     "deleted first (default: no cap)",
+    "session_umask": "umask of every session's processes, 3 or 4 octal digits as a string "
+    "(sshd's 022 by default; the daemon's own files keep 0077)",
+    "utmp_file": "utmp file PTY sessions are listed in while they run, for who (default "
+    f"{login_records.UTMP_FILE})",
+    "wtmp_file": "wtmp file PTY sessions' logins and logouts are appended to, for last "
+    f"(default {login_records.WTMP_FILE})",
     "kill_leftover_processes": "when a session's shell or command exits, kill every process "
     "it left behind (nohup and background jobs too) and stop reading its output; off: they "
     "run on and an exec session's output is read to its end, as with ssh",
@@ -110,6 +126,18 @@ class AgentConfig:
     # What a session leaves behind when its main process exits on its own: left running, as
     # after ssh (False), or torn down with the session (True). A forced end always tears down.
     kill_leftover_processes: bool = False
+    # What a session looks like on the host (docs/self-hosting.md): its umask, and where its
+    # login records go (agent/login_records.py).
+    session_umask: str = DEFAULT_SESSION_UMASK
+    # Looked up when the config is made, so that a test suite can point every config it makes
+    # elsewhere (login_records.UTMP_FILE, WTMP_FILE) instead of the host's own files.
+    utmp_file: Path = field(default_factory=lambda: login_records.UTMP_FILE)
+    wtmp_file: Path = field(default_factory=lambda: login_records.WTMP_FILE)
+
+    @property
+    def session_umask_bits(self) -> int:
+        """session_umask as a number (validated: 3-4 octal digits)."""
+        return int(self.session_umask, 8)
 
     @property
     def state_file(self) -> Path:
@@ -155,6 +183,11 @@ class AgentConfig:
                 f"recordings_max_total_bytes must be at least max_recording_bytes "
                 f"({self.max_recording_bytes}) so that one full recording fits, not {total} "
                 "(leave it unset for no cap)"
+            )
+        if not _SESSION_UMASK.fullmatch(self.session_umask):
+            raise ConfigError(
+                f"session_umask must be 3 or 4 octal digits such as 022 or 0027 (in agent.toml "
+                f'a quoted string: session_umask = "022"), not {self.session_umask!r}'
             )
         if self.shell is not None and not os.path.isabs(self.shell):
             raise ConfigError(f"shell must be an absolute path, not {self.shell!r}")
@@ -243,7 +276,27 @@ def check_session_user(config: AgentConfig) -> pwd.struct_passwd:
 def _read_toml(path: Path) -> dict[str, Any]:
     # As the relay and rendezvous read theirs: [agent] (or the top level without one); other
     # tables in a shared file are theirs, keys above [agent] are refused.
-    return read_config_table(path, CONFIG_TABLE, MAX_CONFIG_FILE_SIZE, ConfigError)
+    settings = read_config_table(path, CONFIG_TABLE, MAX_CONFIG_FILE_SIZE, ConfigError)
+    _refuse_misspelt_tables(path)
+    return settings
+
+
+def _refuse_misspelt_tables(path: Path) -> None:
+    """ConfigError for a table named almost like [agent] ([agentt], [Agent]): its settings
+    would be silently ignored. Tables of other tools in a shared file stay allowed."""
+    try:  # read_config_table has checked that it parses and its size
+        with path.open("rb") as handle:
+            parsed = tomllib.loads(handle.read(MAX_CONFIG_FILE_SIZE + 1).decode("utf-8"))
+    except (OSError, ValueError):
+        return  # replaced since: its settings were read, nothing more to say
+    for name, value in parsed.items():
+        if name == CONFIG_TABLE or not isinstance(value, dict):
+            continue
+        ratio = difflib.SequenceMatcher(None, name.lower(), CONFIG_TABLE).ratio()
+        if name.lower() == CONFIG_TABLE or ratio >= MISSPELT_TABLE_RATIO:
+            raise ConfigError(
+                f"{path}: unknown table [{name}]; did you mean [{CONFIG_TABLE}]?"
+            )
 
 
 def _convert(name: str, raw: Any, declared: Any, origin: str) -> Any:

@@ -66,6 +66,8 @@ import logging
 import math
 import os
 import random
+import re
+import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Collection
@@ -79,7 +81,7 @@ from trio_websocket import ConnectionClosed, ConnectionTimeout, WebSocketConnect
 from agent.connection_failure import describe_connection_failure
 from agent.connection_memory import is_connection_id, load_last_connection, remember_connection
 from agent.enrollment import follow_key_rotations
-from agent.errors import ControlChannelError, EnrollmentError
+from agent.errors import ConfigError, ControlChannelError, EnrollmentError
 from agent.event_spool import EventSpool
 from agent.event_spool import remedy as spool_remedy
 from agent.server_address import control_channel_url, tls_context
@@ -120,6 +122,10 @@ MAX_ISSUER_LENGTH = 256
 AGENT_REMOVED_CLOSE_CODE = 4403
 REMOVED_RETRY_SECONDS = 3600.0
 MAX_ERROR_TEXT = 300
+# The rendezvous's refusal of a stale or future auth answer (protocol/signed_payload.py).
+SKEW_REFUSAL_PATTERN = re.compile(
+    r"payload timestamp is (?P<seconds>\d+)s (?P<direction>ahead of|behind)"
+)
 # On a clean stop: how long to wait for sessions to finish their teardown and for every queued
 # audit event to be acknowledged before the channel closes anyway (the spool keeps the rest).
 SHUTDOWN_DRAIN_SECONDS = 5.0
@@ -147,6 +153,9 @@ LiveSessions = Callable[[], Collection[str]]
 
 SessionsEnded = Callable[[], Awaitable[None]]
 """Returns once no session runs (agent/session_host.py wait_all_ended)."""
+
+ServiceKeysSaver = Callable[[dict[str, Any]], None]
+"""Seals the pinned service keys (a JWK set) into the state file after a followed rotation."""
 
 
 class ReconnectBackoff:
@@ -209,8 +218,10 @@ class ControlClient:
         event_spool: EventSpool | None = None,
         live_sessions: LiveSessions | None = None,
         sessions_ended: SessionsEnded | None = None,
+        on_service_keys_changed: ServiceKeysSaver | None = None,
     ) -> None:
         self._state = state
+        self._save_service_keys = on_service_keys_changed
         self._sessions_ended = sessions_ended
         self._spool = event_spool
         self._spooled: set[str] = set()
@@ -229,7 +240,9 @@ class ControlClient:
         self._backoff = backoff or ReconnectBackoff()
         self._clock = clock
         self._url = control_channel_url(state.server_url)
-        # Built once, so a missing or broken CA file stops the daemon at start-up with a reason.
+        # Built now, so a missing or broken CA file stops the daemon at start-up with a reason;
+        # built again at every connection attempt (_current_ssl_context), so a CA appended to
+        # the file is trusted from the next reconnect, without a restart.
         self._ssl_context = tls_context(self._ca_file) if self._url.startswith("wss:") else None
         self._audit_backlog: deque[dict[str, Any]] = deque()
         self._audit_in_flight: dict[str, dict[str, Any]] = {}
@@ -414,7 +427,7 @@ class ControlClient:
         """One connection: authenticate, then hold the channel until it ends."""
         async with open_websocket(
             self._url,
-            self._ssl_context,
+            self._current_ssl_context(),
             max_message_size=MAX_MESSAGE_BYTES,
             message_queue_size=8,
             connect_timeout=CONNECT_TIMEOUT_SECONDS,
@@ -437,6 +450,15 @@ class ControlClient:
                     nursery.cancel_scope.cancel()
             finally:
                 self._on_disconnected()
+
+    def _current_ssl_context(self) -> ssl.SSLContext | None:
+        """The TLS context from the CA file as it is now (it is small: reading it costs about
+        a millisecond per attempt). A file that cannot be read or parsed now fails this attempt
+        with the reason, and the next attempt reads it again: never a crash."""
+        if self._ssl_context is None:
+            return None
+        self._ssl_context = tls_context(self._ca_file)
+        return self._ssl_context
 
     async def _authenticate(self, websocket: WebSocketConnection) -> None:
         challenge = await _receive_json(websocket)
@@ -539,6 +561,21 @@ class ControlClient:
                 logger.info("pinned rotated service key %s (vouched for by its predecessor)", key)
             for key in outcome.dropped:
                 logger.info("dropped retired service key %s", key)
+            self._persist_service_keys()
+
+    def _persist_service_keys(self) -> None:
+        """Seal the followed pins into the state file, so ``status`` and ``check`` show them and
+        a restarted daemon starts from them; on failure they hold for this run only."""
+        if self._save_service_keys is None:
+            return
+        try:
+            self._save_service_keys(dict(self._state.service_keys))
+        except Exception as error:  # noqa: BLE001 - pinned in memory either way
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else error
+            logger.warning(
+                "cannot save the rotated service keys to the state file (%s): they are pinned "
+                "for this run only, and followed again after a restart", reason,
+            )  # fmt: skip
 
     def _audit_answered(self, message: dict[str, Any]) -> None:
         event_id = message.get("id")
@@ -786,11 +823,15 @@ def _describe(error: BaseException, ca_file: Path | str | None = None) -> str:
     """One line for why a connection ended: the agent's own reason, the rendezvous's close
     reason, or the most specific cause in the exception chain."""
     for item in root_causes(error):
-        if isinstance(item, ControlChannelError):
+        if isinstance(item, ControlChannelError | ConfigError):
+            # ConfigError: the CA file could not be read for this attempt (named in it).
             return str(item)[:MAX_ERROR_TEXT]
         if isinstance(item, ConnectionClosed):
             reason = item.reason
             detail = getattr(reason, "reason", None) if reason is not None else None
+            skew = _clock_skew_refusal(str(detail)) if detail else None
+            if skew is not None:
+                return skew
             return f"closed by the rendezvous{': ' + str(detail)[:200] if detail else ''}"
         if isinstance(item, ConnectionTimeout):
             # Names the step that took too long (agent/websocket_connect.py).
@@ -798,3 +839,19 @@ def _describe(error: BaseException, ca_file: Path | str | None = None) -> str:
         if isinstance(item, trio.TooSlowError):
             return "timed out"
     return describe_connection_failure(error, ca_file)
+
+
+def _clock_skew_refusal(reason: str) -> str | None:
+    """For the rendezvous's refusal of an auth answer stamped outside its skew window (its close
+    reason is cut at the WebSocket limit, 123 bytes, before its advice), a line that keeps the
+    remedy: which way this host's clock is off, by how much, and what to check. None otherwise.
+    """
+    found = SKEW_REFUSAL_PATTERN.search(reason)
+    if found is None:
+        return None
+    seconds, direction = found.group("seconds"), found.group("direction")
+    way = "ahead of" if direction == "ahead of" else "behind"
+    return (
+        f"the rendezvous refused this agent's authentication: the host clock is {seconds} s "
+        f"{way} the rendezvous's; check NTP (timedatectl / chronyc tracking)"
+    )

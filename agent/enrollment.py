@@ -21,6 +21,7 @@ from typing import Any
 
 import httpx
 import rfc8785
+from cryptography import x509
 
 from agent.connection_failure import describe_connection_failure
 from agent.errors import EnrollmentError
@@ -29,7 +30,13 @@ from agent.server_address import check_server_url, tls_context
 from agent.state_file import AgentState, StateFileError, save_state
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError
-from protocol.identity import PublicIdentity, SigningIdentity, b64url, b64url_decode
+from protocol.identity import (
+    PublicIdentity,
+    SigningIdentity,
+    b64url,
+    b64url_decode,
+    write_private_file,
+)
 from protocol.policy import PinnedPolicyTrust
 from protocol.signed_payload import create_signed_payload
 
@@ -55,6 +62,11 @@ STATE_DIRECTORY_MODE = 0o700
 # More than a sealed state file takes (a few KiB), so a nearly full disk fails the test too.
 WRITE_TEST_BYTES = 64 * 1024
 HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+# Enrollment keeps its own copy of the --ca-file it was given, beside the state: the daemon then
+# does not depend on a file an admin may move or delete later (it is read again at every
+# connection attempt, so appending a new CA to it rolls the rendezvous's CA without a restart).
+SAVED_CA_FILE_NAME = "rendezvous-ca.pem"
+MAX_CA_FILE_SIZE = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -407,8 +419,12 @@ async def enroll(
             "file could still connect, until an admin runs "
             "'tucdesk agents remove OLD_NAME_OR_ID')"
         )
-    # Before the one-time key is spent: a state dir that cannot take the file fails here.
+    # Before the one-time key is spent: a state dir that cannot take the file fails here, and
+    # so does a CA file that holds no certificate.
     prepare_state_dir(request.state_file)
+    ca_certificates = (
+        read_ca_certificates(request.ca_file) if request.ca_file is not None else None
+    )
     identity = SigningIdentity.generate()
     payload = registration_payload(
         identity, registration_key, hostname, identifiers, time.time()
@@ -443,6 +459,17 @@ async def enroll(
         raise EnrollmentError("the rendezvous's answer lacks the agent id or team id")
     policy_trust = parse_policy_trust(body, team_id, service_keys)
     tags = body.get("tags", [])
+    saved_ca_file: str | None = None
+    if ca_certificates is not None:
+        saved_ca_file = str(saved_ca_path(request.state_file).resolve())
+        try:
+            write_private_file(Path(saved_ca_file), ca_certificates)
+        except (OSError, ProtocolError) as error:
+            raise EnrollmentError(
+                f"registered as {agent_id}, but the CA file could not be copied into the "
+                f"state dir: {error}; fix the state directory and enroll again with a new "
+                "registration key"
+            ) from None
     state = AgentState(
         agent_id=agent_id,
         team_id=team_id,
@@ -450,7 +477,7 @@ async def enroll(
         identity_seed=identity.seed(),
         name=str(body.get("name") or hostname),
         tags=tuple(tag for tag in tags if isinstance(tag, str)) if isinstance(tags, list) else (),
-        ca_file=str(request.ca_file.resolve()) if request.ca_file is not None else None,
+        ca_file=saved_ca_file,
         service_keys=dict(body["service_keys"]),
         policy_trust=policy_trust.to_json(),
     )
@@ -462,6 +489,31 @@ async def enroll(
             "fix the state directory and enroll again with a new registration key"
         ) from None
     return state
+
+
+def saved_ca_path(state_file: Path) -> Path:
+    """Where enrollment keeps its copy of the rendezvous CA: beside the state file."""
+    return Path(state_file).parent / SAVED_CA_FILE_NAME
+
+
+def read_ca_certificates(path: Path) -> bytes:
+    """The contents of the CA file at ``path``; EnrollmentError unless it is readable and holds
+    one or more PEM certificates (what the TLS context will trust)."""
+    try:
+        with Path(path).open("rb") as handle:
+            data = handle.read(MAX_CA_FILE_SIZE + 1)
+    except OSError as error:
+        raise EnrollmentError(f"{path}: cannot read the CA file ({error.strerror})") from None
+    if len(data) > MAX_CA_FILE_SIZE:
+        raise EnrollmentError(f"{path}: larger than any CA file ({MAX_CA_FILE_SIZE} bytes)")
+    try:
+        x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise EnrollmentError(
+            f"{path}: holds no PEM certificate (-----BEGIN CERTIFICATE-----); pass the CA "
+            "certificate that signed the rendezvous's TLS certificate"
+        ) from None
+    return data
 
 
 def prepare_state_dir(state_file: Path) -> None:

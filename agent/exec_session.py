@@ -20,7 +20,9 @@ from dataclasses import dataclass
 
 import trio
 
+from agent.login_records import check_login_uid, login_uid_applies
 from agent.process_group import (
+    DEFAULT_SESSION_UMASK,
     EXIT_CANNOT_EXECUTE,
     EXIT_NOT_FOUND,
     TEARDOWN_GRACE_SECONDS,
@@ -32,12 +34,10 @@ from agent.process_group import (
     OutputStream,
     SessionLeader,
     SessionProcessError,
+    child_start_options,
     close_fd,
-    credential_options,
     minimal_environment,
-    reset_signals,
     signal_from_name,
-    signals_need_reset,
     write_all,
 )
 
@@ -62,6 +62,7 @@ class ExecSessionSpec:
     # TUCDESK_SESSION_ID and TUCDESK_OPERATOR (process_group.session_variables).
     session_variables: tuple[tuple[str, str], ...] = ()
     kill_leftover_processes: bool = False
+    umask: int = DEFAULT_SESSION_UMASK
 
     def __post_init__(self) -> None:
         if not self.command or isinstance(self.command, str):
@@ -177,7 +178,7 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
     reaped (unless ``kill_leftover_processes``); any other way out (cancelled, an error) hangs
     up and kills everything it started."""
     account = Account.lookup(spec.user)
-    credentials = credential_options(account)
+    start_options = child_start_options(account, spec.umask)
     shell = account.login_shell
     arguments = [shell, "-c", spec.command[0]] if spec.use_shell else list(spec.command)
     ours: list[int] = []
@@ -196,13 +197,12 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
                 stdout=theirs[1],
                 stderr=theirs[2],
                 start_new_session=True,
-                preexec_fn=reset_signals if signals_need_reset() else None,
                 env={
                     **minimal_environment(account, shell, None, spec.environment),
                     **dict(spec.session_variables),
                 },
                 cwd=account.working_directory,
-                **credentials,
+                **start_options,
             )
         except OSError as error:
             message = f"cannot run {arguments[0]!r}: {error.strerror or error}"
@@ -224,6 +224,8 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
         os.set_blocking(fd, False)
     for fd in ours[1:]:
         _enlarge_pipe(fd)
+    if login_uid_applies():
+        check_login_uid(process.pid, account.uid)
     leader = SessionLeader(process)
     session = ExecSession(
         leader, *ours, wait_for_end_of_output=not spec.kill_leftover_processes

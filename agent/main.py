@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import fcntl
 import gc
 import logging
@@ -35,6 +36,7 @@ from agent.config import (
 from agent.control_client import ControlClient, ReconnectBackoff
 from agent.daemon_lock import acquire_daemon_lock, lock_file_path
 from agent.enrollment import (
+    SAVED_CA_FILE_NAME,
     EnrollmentRequest,
     enroll,
     grant_signing_keys,
@@ -92,6 +94,14 @@ STATUS_DISCONNECTED = 150
 # sysexits.h EX_CONFIG: `run` refused to start because of its configuration or state; the
 # systemd unit does not restart on it (RestartPreventExitStatus), since a restart cannot help.
 EXIT_CONFIG = 78
+# Why files cannot be created in the state dir, for good (a restart would meet it again).
+STATE_DIR_NOT_WRITABLE = frozenset({errno.EROFS, errno.EACCES, errno.EPERM})
+# Login shells that refuse to run anything: every shell session (and exec command line) fails.
+REFUSING_SHELLS = frozenset({"nologin", "false"})
+# The pid a daemon writes into its lock file is a few digits.
+MAX_LOCK_PID_BYTES = 64
+# A status written in the same second as the lock was taken still counts as this daemon's.
+STATUS_CLOCK_SLACK_SECONDS = 1.0
 # Allocations between young-generation collections (CPython's default is 700).
 GC_YOUNG_THRESHOLD = 20_000
 logger = logging.getLogger("tucdesk.agent")
@@ -146,7 +156,8 @@ def pinned_service_keys(state: AgentState) -> list[str]:
     return lines
 _STATUS_HELP = (
     f"Exit status (LSB): {STATUS_RUNNING} the daemon is running and connected; "
-    f"{STATUS_DISCONNECTED} it is running but not connected to the rendezvous; "
+    f"{STATUS_DISCONNECTED} it is running but not connected to the rendezvous (or its "
+    "status file is stale, so whether it is connected is unknown); "
     f"{STATUS_NOT_RUNNING} it is not running (or this host is not enrolled); 1 an error."
 )
 _USER_ERRORS = (
@@ -188,7 +199,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     enroll_parser.add_argument("--name", help="name to register (default: this host's name)")
     enroll_parser.add_argument(
-        "--ca-file", type=Path, help="CA certificate(s) to trust for the rendezvous's TLS"
+        "--ca-file",
+        type=Path,
+        help="CA certificate(s) (PEM) to trust for the rendezvous's TLS; a copy is saved as "
+        f"STATE_DIR/{SAVED_CA_FILE_NAME}, which run uses (and reads again at every "
+        "connection attempt: append a new CA to it to roll the rendezvous's CA)",
     )
     enroll_parser.add_argument(
         "--force", action="store_true", help="replace an existing enrollment on this host"
@@ -211,7 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(run_parser)
     run_parser.add_argument("--shell", help="shell for shell sessions (default: the user's)")
     run_parser.add_argument("--user", help="local account sessions run as (default: the agent's)")
-    run_parser.add_argument("--ca-file", type=Path, help="override the CA file saved at enrollment")
+    run_parser.add_argument(
+        "--ca-file",
+        type=Path,
+        help=f"override the CA file saved at enrollment (STATE_DIR/{SAVED_CA_FILE_NAME}); "
+        "read again at every connection attempt",
+    )
     run_parser.add_argument(
         "--max-sessions", type=int, help="most sessions at once (default: 64)"
     )
@@ -508,12 +528,32 @@ def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, st
     identifiers = read_machine_identifiers(config.machine_root)
     if not config.state_dir.is_dir():
         load_state(config.state_file, identifiers)  # says "enroll first"
+    check_state_dir_writable(config.state_dir)
     with acquire_daemon_lock(config.state_dir):
         state = load_state(config.state_file, identifiers)
         _check_run_settings(config, state)
         settle_garbage_collector()
         trio.run(run_daemon, config, state, identifiers)
     return 0
+
+
+def check_state_dir_writable(state_dir: Path) -> None:
+    """ConfigError (run exits 78: a restart cannot help) when files cannot be created in the
+    state dir because it is read-only or not this user's to write; other failures (a full
+    disk) are left to the steps that meet them."""
+    probe = state_dir / f".write-test-{os.getpid()}-{time.monotonic_ns()}"
+    try:
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except OSError as error:
+        if error.errno in STATE_DIR_NOT_WRITABLE:
+            raise ConfigError(
+                f"{state_dir}: the state directory is not writable ({error.strerror}); the "
+                "daemon keeps its lock, status and audit spool there: make it writable (a "
+                "read-only mount? ReadWritePaths= in the systemd unit? its owner?)"
+            ) from None
+        return
+    os.close(fd)
+    probe.unlink(missing_ok=True)
 
 
 def _check_run_settings(config: AgentConfig, state: AgentState) -> None:
@@ -547,10 +587,17 @@ def settle_garbage_collector() -> None:
 
 
 def load_policy_cache(
-    config: AgentConfig, state: AgentState, identifiers: MachineIdentifiers
+    config: AgentConfig,
+    state: AgentState,
+    identifiers: MachineIdentifiers,
+    current: list[AgentState] | None = None,
 ) -> PolicyCache:
-    """The agent's cached policy; accepted bundles update the pins in the sealed state file."""
-    current = [state]
+    """The agent's cached policy; accepted bundles update the pins in the sealed state file.
+
+    ``current`` (one state), when given, is shared with the other writer of the state file
+    (followed service keys), so neither writes back what the other changed.
+    """
+    current = current if current is not None else [state]
 
     def save_trust(trust: PinnedPolicyTrust) -> None:
         updated = replace(current[0], policy_trust=trust.to_json())
@@ -566,7 +613,13 @@ async def run_daemon(
     """Hold the control channel and serve sessions until SIGTERM/SIGINT or cancellation."""
     identity = state.identity()
     who = SessionIdentity(state.agent_id, state.team_id, grant_signing_keys(state))
-    policy_cache = load_policy_cache(config, state, identifiers)
+    sealed = [state]  # the state file as last written, shared by both of its writers
+    policy_cache = load_policy_cache(config, state, identifiers, sealed)
+
+    def save_service_keys(service_keys: dict[str, Any]) -> None:
+        updated = replace(sealed[0], service_keys=service_keys)
+        save_state(config.state_file, updated, identifiers)
+        sealed[0] = updated
     policy = GrantPolicy(policy_cache, state.agent_id, state.team_id, state.name)
     auditor = SessionAuditor(identity, state.agent_id, state.team_id, state.name)
     logger.info(
@@ -599,6 +652,7 @@ async def run_daemon(
                 event_spool=EventSpool(config.state_dir / SPOOL_DIR_NAME),
                 live_sessions=host.live_session_ids,
                 sessions_ended=host.wait_all_ended,
+                on_service_keys_changed=save_service_keys,
             )
             client_box.append(client)
             nursery.start_soon(_stop_on_signals, nursery.cancel_scope)
@@ -657,15 +711,29 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     print(f"Key:          {state.identity().public.fingerprint}")
     print(f"Server:       {state.server_url}")
     print(f"Policy:       {_policy_summary(state)}")
-    print("Service keys: pinned at enrollment; compare with tucdesk-rendezvous keys show")
+    print(
+        "Service keys: pinned at enrollment or followed since through signed rotations; "
+        "compare with tucdesk-rendezvous keys show"
+    )
     for line in pinned_service_keys(state):
         print(f"  {line}")
+    print(f"CA file:      {describe_ca_file(config, state)}")
     status = read_status(config.status_file)
+    lock = read_daemon_lock(config.state_dir)
+    if lock.held is True:
+        # The lock decides: a daemon holds it, whatever the status file says (it may be one
+        # the daemon cannot write: a full or read-only disk).
+        stale = _stale_status(status, lock)
+        if stale is not None:
+            print(f"Daemon:       running{f' (pid {lock.pid})' if lock.pid else ''}")
+            print(f"Details:      stale: {stale}")
+            print("Connected:    unknown")
+            return STATUS_DISCONNECTED
     if (
         status is None
-        or not status.is_running()
+        or lock.held is False
         or status.last_error == "stopped"
-        or _daemon_lock_is_free(config.state_dir)
+        or (lock.held is None and not status.is_running())
     ):
         print("Daemon:       not running")
         print("Connected:    no")
@@ -681,24 +749,61 @@ def _status(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
     return STATUS_RUNNING if status.connected else STATUS_DISCONNECTED
 
 
-def _daemon_lock_is_free(state_dir: Path) -> bool:
-    """Whether no daemon holds this state dir's lock (agent/daemon_lock.py): then none runs,
-    whatever a status file a killed one left says (its pid may belong to another process now).
-    False when it is held or cannot be checked (no permission to open it)."""
+@dataclasses.dataclass(frozen=True)
+class DaemonLockView:
+    """What the state dir's lock (agent/daemon_lock.py) says, read without taking it."""
+
+    held: bool | None
+    """True: a daemon holds it; False: none does; None: it cannot be checked."""
+    pid: int | None = None
+    """The holder's pid, as it wrote it into the lock file."""
+    since: float | None = None
+    """When the holder took it (the lock file's last write)."""
+
+
+def read_daemon_lock(state_dir: Path) -> DaemonLockView:
+    """Whether a daemon holds this state dir's lock, and which: a daemon that holds it runs,
+    and none runs when it is free, whatever a status file says (a killed daemon's pid may
+    belong to another process now; a running one may be unable to write the file)."""
     flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     try:
         fd = os.open(lock_file_path(state_dir), flags)
     except FileNotFoundError:
-        return True  # every daemon creates it before it writes a status file
+        return DaemonLockView(False)  # every daemon creates it before anything else
     except OSError:
-        return False
+        return DaemonLockView(None)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except OSError:
-        return False  # held (EWOULDBLOCK), or no flock here: the status file decides
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, MAX_LOCK_PID_BYTES, 0).decode("ascii", "replace").strip()
+            pid = int(text) if text.isdigit() and int(text) > 0 else None
+            return DaemonLockView(True, pid, os.fstat(fd).st_mtime)
+        except OSError:
+            return DaemonLockView(None)  # no flock here: the status file decides
+        return DaemonLockView(False)
     finally:
         os.close(fd)  # closing releases a lock taken just now
-    return True
+
+
+def _stale_status(status: DaemonStatus | None, lock: DaemonLockView) -> str | None:
+    """Why the status file does not describe the daemon holding the lock, or None if it does."""
+    if status is not None and lock.since is not None:
+        written_before = status.updated_at < lock.since - STATUS_CLOCK_SLACK_SECONDS
+    else:
+        written_before = False
+    if status is not None and lock.pid in (None, status.pid) and not written_before:
+        return None  # this daemon's own (its "stopped" while it lets go of the lock)
+    started = f", started {_show_time(lock.since)}" if lock.since is not None else ""
+    written = (
+        "there is no status file" if status is None
+        else f"the status file is from pid {status.pid} at {_show_time(status.updated_at)}"
+    )  # fmt: skip
+    return (
+        f"{written}, not from this daemon{started}: it has not finished its first connection "
+        "attempt yet, or cannot write the file (its log says 'cannot write the status file'; "
+        "check free space and permissions in the state dir)"
+    )
 
 
 def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, str]) -> int:
@@ -715,7 +820,12 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
 
     config_file = config_file_to_read(args.config, environ)
     print(f"{'Config file:':<15}{config_file or 'none'}")
-    print(f"{'State dir:':<15}{config.state_dir}")
+    def describe_state_dir() -> str:
+        if config.state_dir.is_dir():
+            check_state_dir_writable(config.state_dir)
+        return str(config.state_dir)
+
+    show("State dir", describe_state_dir)
     state_box: list[AgentState] = []
 
     def describe_state() -> str:
@@ -725,16 +835,20 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
 
     show("State", describe_state)
     if state_box:
-        print(f"{'Service keys:':<15}pinned at enrollment; compare with tucdesk-rendezvous keys "
-              "show")
+        print(f"{'Service keys:':<15}pinned at enrollment or followed since; compare with "
+              "tucdesk-rendezvous keys show")
         for line in pinned_service_keys(state_box[0]):
             print(f"  {line}")
 
     def describe_ca() -> str:
-        saved = state_box[0].ca_file if state_box else None
-        ca_file = config.ca_file if config.ca_file is not None else saved
+        if state_box:
+            ca_file = config.ca_file if config.ca_file is not None else state_box[0].ca_file
+            text = describe_ca_file(config, state_box[0])
+        else:
+            ca_file = config.ca_file
+            text = str(ca_file) if ca_file is not None else "the system CAs"
         tls_context(ca_file)
-        return str(ca_file) if ca_file is not None else "the system CAs"
+        return text
 
     show("CA file", describe_ca)
 
@@ -745,10 +859,7 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
     show("Session user", describe_user)
 
     def describe_shell() -> str:
-        shell = config.shell or check_session_user(config).pw_shell
-        if not shell or not os.access(shell, os.X_OK):
-            raise ConfigError(f"shell {shell or '(none)'}: not an executable file")
-        return shell
+        return describe_session_shell(config)
 
     show("Shell", describe_shell)
 
@@ -760,6 +871,7 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
 
     show("Recordings", describe_recordings)
     print(f"{'Max sessions:':<15}{config.max_sessions}")
+    print(f"{'Session umask:':<15}{config.session_umask} (session_umask)")
     print(f"{'Handshake:':<15}at most {config.handshake_timeout_seconds:g}s "
           "(handshake_timeout_seconds)")
     print(f"{'Reconnect:':<15}waits at most {config.reconnect_cap_seconds:g}s between tries "
@@ -770,6 +882,62 @@ def _check(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, 
         return 1
     print("Configuration OK")
     return 0
+
+
+def describe_ca_file(config: AgentConfig, state: AgentState) -> str:
+    """Which CA file run trusts for the rendezvous's TLS, and where that choice comes from."""
+    if config.ca_file is not None:
+        return f"{config.ca_file} (ca_file setting)"
+    if state.ca_file is None:
+        return "the system CAs"
+    if Path(state.ca_file).name == SAVED_CA_FILE_NAME:
+        return f"{state.ca_file} (the copy saved at enrollment)"
+    return f"{state.ca_file} (the path given at enrollment; enroll again to keep a copy)"
+
+
+def describe_session_shell(config: AgentConfig) -> str:
+    """The shell shell sessions run; ConfigError when it refuses to run anything.
+
+    Shell sessions run ``shell`` or the account's login shell; exec sessions run their argv
+    directly, but a command line (exec with a shell) always goes through the login shell
+    (agent/exec_session.py). A login shell that is not an executable file is replaced by
+    /bin/sh (agent/process_group.py), so it is not a failure.
+    """
+    account = check_session_user(config)
+    login = account.pw_shell
+    login_refuses = _refuses_to_run(login)
+    if config.shell is not None:
+        if not os.access(config.shell, os.X_OK):
+            raise ConfigError(f"shell {config.shell}: not an executable file")
+        if _refuses_to_run(config.shell):
+            raise ConfigError(
+                f"shell {config.shell} refuses to run anything: every shell session would "
+                "fail; set shell (--shell) to a real shell such as /bin/bash"
+            )
+        if login_refuses:
+            return (
+                f"{config.shell} (note: exec command lines run through {account.pw_name}'s "
+                f"login shell {login}, which refuses them; exec of a plain argv works)"
+            )
+        return config.shell
+    if login_refuses:
+        raise ConfigError(
+            f"user {account.pw_name}'s login shell is {login}, which refuses to run anything: "
+            "every shell session and every exec command line would fail (exec of a plain argv "
+            f"would work); set shell (--shell) or give the account a shell (usermod -s "
+            f"/bin/bash {account.pw_name})"
+        )
+    if not login or not os.path.isabs(login) or not os.access(login, os.X_OK):
+        return f"/bin/sh ({account.pw_name}'s login shell {login or '(none)'} is not executable)"
+    return login
+
+
+def _refuses_to_run(shell: str) -> bool:
+    """Whether ``shell`` is nologin or false (also through a symlink)."""
+    if not shell:
+        return False
+    names = {os.path.basename(shell), os.path.basename(os.path.realpath(shell))}
+    return bool(names & REFUSING_SHELLS)
 
 
 def _recordings_list(

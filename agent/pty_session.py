@@ -4,16 +4,20 @@ The shell (or a given command) runs as the leader of a new session with the PTY 
 controlling terminal, so job control, SIGWINCH on resize and terminal-generated signals behave
 as under sshd. When the shell exits on its own, the kernel hangs up the terminal as it does when
 a session leader exits, and what ignores that (nohup, a detached process) runs on, as after ssh;
-leaving the ``open_pty_session`` block any other way (or with ``kill_leftover_processes``)
-tears the whole session down.
+so it does after ``hang_up`` (the operator's connection died); leaving the ``open_pty_session``
+block any other way (or with ``kill_leftover_processes``)
+tears the whole session down. While the shell runs the session is in utmp, and its login and
+logout in wtmp (agent/login_records.py), as sshd records a login.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import os
 import re
+import signal
 import stat
 import struct
 import subprocess
@@ -24,7 +28,16 @@ from dataclasses import dataclass
 
 import trio
 
+from agent.login_records import (
+    LoginEntry,
+    LoginRecordFiles,
+    check_login_uid,
+    login_uid_applies,
+    record_login,
+    record_logout,
+)
 from agent.process_group import (
+    DEFAULT_SESSION_UMASK,
     TEARDOWN_GRACE_SECONDS,
     Account,
     ExitStatus,
@@ -33,10 +46,9 @@ from agent.process_group import (
     OutputStream,
     SessionLeader,
     SessionProcessError,
+    child_start_options,
     close_fd,
-    credential_options,
     minimal_environment,
-    reset_signals,
     session_members,
     signal_from_name,
     signal_process_group,
@@ -103,6 +115,11 @@ class PtySessionSpec:
     # is added here, naming the PTY.
     session_variables: tuple[tuple[str, str], ...] = ()
     kill_leftover_processes: bool = False
+    umask: int = DEFAULT_SESSION_UMASK
+    # utmp and wtmp files for the session's login records (None: none written), and who opened
+    # it (the operator's email or id), which they show as the remote host.
+    login_records: LoginRecordFiles | None = None
+    operator: str = ""
 
     def __post_init__(self) -> None:
         if not _TERM_PATTERN.fullmatch(self.term):
@@ -126,6 +143,8 @@ class PtySession:
         self._exit_status: ExitStatus | None = None
         # Set once run() returned: the shell exited on its own.
         self.ended_normally = False
+        # Set by hang_up: the operator's connection died, and the session ends as a hang-up.
+        self.hung_up = False
 
     @property
     def exit_status(self) -> ExitStatus | None:
@@ -259,6 +278,19 @@ class PtySession:
                     continue
         return self._leader.pid
 
+    def hang_up(self) -> None:
+        """The operator's connection died: hang up as the kernel does when sshd closes a dead
+        connection's terminal, with SIGHUP and SIGCONT to the shell (the session leader), which
+        hangs up its jobs as it exits; its exit then hangs up the foreground job, and the terminal
+        itself is closed on leaving ``open_pty_session``. What ignores SIGHUP (nohup) runs on,
+        unless ``kill_leftover_processes``."""
+        self.hung_up = True
+        if self._exit_status is None:
+            # Unreaped until the session is left, so the pid still names the shell.
+            for signum in (signal.SIGHUP, signal.SIGCONT):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self._leader.pid, signum)
+
     def signal(self, name: str) -> None:
         """Send an allowed signal to the foreground process group, as a key press would."""
         signal_process_group(self.foreground_process_group(), signal_from_name(name))
@@ -266,11 +298,12 @@ class PtySession:
 
 @asynccontextmanager
 async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
-    """Start ``spec`` on a new PTY. On leaving the block after ``run`` returned, leave what the
-    shell left (the kernel hung up its terminal; unless ``kill_leftover_processes``); any other
+    """Start ``spec`` on a new PTY. On leaving the block after ``run`` returned or ``hang_up``,
+    leave what the shell left (the kernel hung up its terminal; unless
+    ``kill_leftover_processes``); any other
     way out hangs up and kills the whole session."""
     account = Account.lookup(spec.user)
-    credentials = credential_options(account)
+    start_options = child_start_options(account, spec.umask, controlling_terminal=True)
     shell = spec.shell or account.login_shell
     if spec.command is not None:
         arguments, executable = list(spec.command), None
@@ -282,7 +315,7 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
         terminal_device = os.fstat(slave_fd).st_rdev
         terminal_name = os.ttyname(slave_fd)
         _set_window_size(slave_fd, spec.rows, spec.cols)
-        if credentials:
+        if account.uid != os.getuid():
             os.fchown(slave_fd, account.uid, -1)
             os.fchmod(slave_fd, TTY_GROUP_MODE)
         try:
@@ -293,14 +326,13 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
                 stdout=slave_fd,
                 stderr=slave_fd,
                 start_new_session=True,
-                preexec_fn=_prepare_child,
                 env={
                     **minimal_environment(account, shell, spec.term, spec.environment),
                     **dict(spec.session_variables),
                     "TUCDESK_TTY": terminal_name,
                 },
                 cwd=account.working_directory,
-                **credentials,
+                **start_options,
             )
         except (OSError, subprocess.SubprocessError) as error:
             program = arguments[0] if executable is None else executable
@@ -315,16 +347,27 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
     os.set_blocking(master_fd, False)
     leader = SessionLeader(process)
     session = PtySession(leader, master_fd, terminal_device)
+    if login_uid_applies():
+        check_login_uid(process.pid, account.uid)
+    # Written once the shell runs (its pid is the entry's), as sshd does; ended after teardown.
+    files = spec.login_records
+    login = LoginEntry.for_terminal(terminal_name, account.name, spec.operator, process.pid)
     forced = True
     try:
+        if files is not None:
+            await record_login(files, login)
         yield session
         forced = False
     finally:
-        if session.ended_normally and not (forced or spec.kill_leftover_processes):
+        hung_up_or_ended = session.ended_normally or session.hung_up
+        if hung_up_or_ended and not (forced or spec.kill_leftover_processes):
             await leader.release()
         else:
             await leader.terminate(spec.teardown_grace)
         close_fd(master_fd)
+        if files is not None:
+            with trio.CancelScope(shield=True):
+                await record_logout(files, login)
 
 
 def reads_terminal(pid: int, terminal_device: int) -> bool:
@@ -426,13 +469,6 @@ def _is_native_program(pid: int) -> bool:
     except OSError:
         return True  # assume so: the look at its system calls decides
     return header[:4] != _ELF_MAGIC or header[4] == _ELF_CLASS_64
-
-
-def _prepare_child() -> None:
-    """In the child, after setsid(): signals to their defaults, and the PTY on stdin made the
-    controlling terminal."""
-    reset_signals()
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def _set_window_size(fd: int, rows: int, cols: int) -> None:

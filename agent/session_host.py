@@ -46,6 +46,7 @@ from agent.config import AgentConfig
 from agent.errors import AgentError, OfferError
 from agent.exec_session import ExecSessionSpec, open_exec_session
 from agent.grant_policy import GrantPolicy, GrantPolicyRefused, LocalDecision
+from agent.login_records import LoginRecordFiles
 from agent.process_group import (
     CommandNotStarted,
     ExitStatus,
@@ -720,6 +721,9 @@ class SessionHost:
                     environment=start.env,
                     session_variables=variables,
                     kill_leftover_processes=config.kill_leftover_processes,
+                    umask=config.session_umask_bits,
+                    login_records=LoginRecordFiles(config.utmp_file, config.wtmp_file),
+                    operator=dict(variables).get("TUCDESK_OPERATOR", ""),
                 )
                 return lambda: open_pty_session(pty_spec)
             exec_spec = ExecSessionSpec(
@@ -728,6 +732,7 @@ class SessionHost:
                 environment=start.env,
                 session_variables=variables,
                 kill_leftover_processes=config.kill_leftover_processes,
+                umask=config.session_umask_bits,
             )
             return lambda: open_exec_session(exec_spec)
         except SessionProcessError as error:

@@ -241,6 +241,8 @@ class LiveChannel:
     offered: OrderedDict[str, None] = field(default_factory=OrderedDict)
     # Sessions an end_sessions named down this channel (newest last, bounded).
     ended: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    # The agent's address as this instance sees it (HOST:PORT), for the clone-anomaly warning.
+    peer: str = "unknown"
 
     def note_offer(self, session_id: str) -> None:
         """Remember that ``session_id`` was offered down this channel."""
@@ -514,6 +516,7 @@ async def _hold(
         connected["replaces"] = authentication.replaces
     send_channel, receive_channel = trio.open_memory_channel[dict[str, Any]](OUTGOING_QUEUE_SIZE)
     channel = LiveChannel(connection_id, agent.id, agent.team_id, send_channel)
+    channel.peer = _peer(websocket)
     channel.removal_checked_at = trio.current_time()  # authenticated just now: not removed
     try:
         await ctx.audit.record(
@@ -548,6 +551,25 @@ async def _hold(
                 kinds.append("concurrent_connection")
             for kind in kinds:
                 ctx.metrics.clone_anomalies.labels(kind).inc()
+            # Logged too, not only audited: an admin reading this log sees both copies.
+            live_here = {c.connection_id: c for c in connections.channels(agent.team_id, agent.id)}
+            others = [
+                f"{other.connection_id} from "
+                + (
+                    live_here[other.connection_id].peer
+                    if other.connection_id in live_here
+                    else f"an address known to instance {other.instance_id}"
+                )
+                for other in report.other_connections
+            ]
+            logger.warning(
+                "clone anomaly (%s): agent %s of team %s connected as %s from %s with machine "
+                "fingerprint %s (registered %s)%s; a cloned VM or copied state? sessions go to "
+                "one copy only: re-enroll the clone (tucdesk-agent enroll --force)",
+                ", ".join(kinds), agent.id, agent.team_id, connection_id, channel.peer,
+                report.presented_fingerprint[:16], report.registered_fingerprint[:16],
+                f"; also live: {'; '.join(others)}" if others else "",
+            )  # fmt: skip
             await ctx.audit.record(
                 agent.team_id,
                 actor=actor,
@@ -1071,6 +1093,12 @@ async def _close_for_store_failure(
     logger.error("store error during %s: %s", during, reason)
     ctx.store_health.failed(reason, ctx.now())
     await _close(websocket, CLOSE_TRY_AGAIN_LATER, STORE_UNAVAILABLE_REASON)
+
+
+def _peer(websocket: WebSocket) -> str:
+    """The connection's remote HOST:PORT (behind a proxy: the proxy's), or "unknown"."""
+    client = websocket.client
+    return f"{client.host}:{client.port}" if client is not None else "unknown"
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

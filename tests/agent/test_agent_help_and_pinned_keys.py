@@ -64,7 +64,10 @@ async def test_check_and_status_print_the_pinned_service_keys_as_keys_show_does(
     assert len(service_keys) >= 3
     _, status, _ = await run_agent_cli("status", *common)
     code, check, err = await run_agent_cli("check", *common)
-    assert "Service keys: pinned at enrollment; compare with tucdesk-rendezvous keys show" in status
+    assert (
+        "Service keys: pinned at enrollment or followed since through signed rotations; "
+        "compare with tucdesk-rendezvous keys show"
+    ) in status
     assert sorted(KEY_LINE.findall(status)) == sorted(service_keys)
     assert sorted(KEY_LINE.findall(check)) == sorted(service_keys)
     assert re.search(r"^Handshake: +at most 15s \(handshake_timeout_seconds\)$", check, re.M)

@@ -184,7 +184,8 @@ async def test_agent_enrolls_and_connects_over_tls_trusting_the_given_ca_file(
         state = await enroll(
             EnrollmentRequest(url, registration, request.state_file, ca_file=cert), MACHINE
         )
-        assert state.ca_file == str(cert.resolve())
+        # Its own copy, beside the state (tests/agent/test_daemon_ops_ca.py).
+        assert state.ca_file == str((tmp_path / "state" / "rendezvous-ca.pem").resolve())
         client = ControlClient(state, MACHINE.fingerprint(), lambda o: None, backoff=fast_backoff())
         async with trio.open_nursery() as nursery:
             nursery.start_soon(client.run)
