@@ -3,8 +3,9 @@
 The argv runs directly (no shell) unless the spec asks for the account's shell. The command
 leads a new session. As under sshd, a session whose command exits goes on until its output
 pipes reach end of file (a background process it started may still be writing), then ends with
-the command's status, and what is left runs on; cancelling it (the operator interrupts or
-leaves, the rendezvous ends it, the agent stops) tears down everything it started. With
+the command's status, and what is left runs on; so it does after ``hang_up`` (the operator's
+connection died: stdin closed, SIGHUP to the command's group); cancelling it (the operator
+interrupts, the rendezvous ends it, the agent stops) tears down everything it started. With
 ``kill_leftover_processes`` the session ends when the command exits and everything is torn down.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import signal
 import subprocess
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -92,6 +94,9 @@ class ExecSession:
         self._exit_status: ExitStatus | None = None
         # Set once run() returned: the command exited (and its output ended) on its own.
         self.ended_normally = False
+        # Set by hang_up: the operator's connection died, and the session ends as a hang-up.
+        self.hung_up = False
+        self._pumps: list[OutputPump] = []
         self._stdin_fd: int | None = stdin_fd
         self._stdout_fd = stdout_fd
         self._stderr_fd = stderr_fd
@@ -118,6 +123,7 @@ class ExecSession:
             OutputPump(self._stdout_fd, OutputStream.STDOUT, EXEC_OUTPUT_CHUNK_SIZE),
             OutputPump(self._stderr_fd, OutputStream.STDERR, EXEC_OUTPUT_CHUNK_SIZE),
         ]
+        self._pumps = pumps
         async with trio.open_nursery() as nursery:
             for pump in pumps:
                 nursery.start_soon(pump.run, on_output)
@@ -147,6 +153,22 @@ class ExecSession:
 
     def resize(self, rows: int, cols: int) -> None:
         """Nothing to do: an exec session has no terminal."""
+
+    def hang_up(self) -> None:
+        """The operator's connection died: close the command's stdin and send its process group
+        SIGHUP and SIGCONT, as a hang-up would; ``run`` then returns once the command has exited,
+        without waiting for output that leftover processes hold open (their writes fail once
+        the pipes are closed, as after sshd). What ignores SIGHUP (nohup) runs on, unless
+        ``kill_leftover_processes``."""
+        self.hung_up = True
+        self._close_stdin()  # wakes a write waiting for room with ClosedResourceError
+        self._wait_for_end_of_output = False
+        if self._exit_status is not None:
+            for pump in self._pumps:
+                pump.child_exited()
+            return  # what it left behind is not hung up, as no terminal reaches it
+        self._leader.signal_group(signal.SIGHUP)
+        self._leader.signal_group(signal.SIGCONT)
 
     def signal(self, name: str) -> None:
         """Send an allowed signal to the command's process group."""
@@ -235,7 +257,8 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
         yield session
         forced = False
     finally:
-        if session.ended_normally and not (forced or spec.kill_leftover_processes):
+        hung_up_or_ended = session.ended_normally or session.hung_up
+        if hung_up_or_ended and not (forced or spec.kill_leftover_processes):
             await leader.release()
         else:
             await leader.terminate(spec.teardown_grace)

@@ -10,7 +10,10 @@ sealed into handshake message 4 so the operator sees why, and audited.
 Then (§4) the operator's first frame must be CONTROL SessionStart matching the grant's mode and
 command. The shell runs on a PTY, the command through exec; frames are pumped both ways with
 backpressure (a slow reader stalls the child, never a buffer), ExitStatus and CLOSE end the
-session, and the process session is torn down whenever either side leaves or the relay drops.
+session. The operator's CLOSE (or Close) ends it as ``operator-disconnected`` and tears the
+process session down; a link that dies without one (end of stream or an error: a cut network,
+the relay's dead-peer timeout, a killed CLI) ends it as ``connection-lost`` with a hang-up, as
+sshd's dead connection does: SIGHUP, input closed, and what ignores SIGHUP runs on.
 With record_sessions on, what the operator received (never what they typed) and resizes also go
 to the session's recording (agent/recording.py), whose hash the ``session.ended`` event carries.
 
@@ -139,6 +142,9 @@ _KEEPALIVE_REPLY = encode_control(Keepalive(reply=True))
 # (operator_cli/session_client.py KEEPALIVE_TIMEOUT_SECONDS) without asking, which it could not
 # do while a command that is not reading its stdin holds up the frames behind.
 HEARTBEAT_INTERVAL_SECONDS = 15.0
+# After the operator's link died without a CLOSE, the session is hung up (docs/sessions.md §4):
+# the main process has this long to exit on its SIGHUP; one that ignores it is left running.
+HANG_UP_WAIT_SECONDS = 2.0
 
 RelayConnector = Callable[..., Awaitable[trio.abc.Stream]]
 ControlSender = Callable[[dict[str, Any]], object]
@@ -748,19 +754,31 @@ class SessionHost:
     ) -> None:
         # Nurseries wrap what escapes them in exception groups, hence except*.
         opened: list[LocalSession] = []
+        # Set when the operator's link dies without a CLOSE: the session is then hung up.
+        link_lost = trio.Event()
         try:
             async with opener() as local, trio.open_nursery() as nursery:
                 opened.append(local)
                 nursery.start_soon(
-                    self._forward_input, sealed, local, outcome, nursery, recorder
+                    self._forward_input, sealed, local, outcome, nursery, recorder, link_lost
                 )
                 nursery.start_soon(sealed.send_heartbeats)
+                nursery.start_soon(_hang_up_when_lost, link_lost, sealed, local, outcome, nursery)
                 if running is not None:
                     nursery.start_soon(_end_when_asked, running, outcome, nursery)
 
+                async def send_output(kind: FrameType, data: bytes) -> bool:
+                    # False once the link is gone: output is dropped while the session hangs up.
+                    try:
+                        await sealed.send_output(kind, data)
+                    except LINK_CLOSED:
+                        link_lost.set()
+                        return False
+                    return True
+
                 async def on_output(stream: OutputStream, data: bytes) -> None:
                     kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
-                    await sealed.send_output(kind, data)
+                    await send_output(kind, data)
 
                 if recorder is not None:
                     # Writes what waits at most FLUSH_INTERVAL_SECONDS after it arrived; raises
@@ -772,15 +790,17 @@ class SessionHost:
                         kind = (
                             FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
                         )
-                        await sealed.send_output(kind, data)
-                        await recorder.output(stream, data)
+                        if await send_output(kind, data):  # only what the operator was sent
+                            await recorder.output(stream, data)
 
                     on_output = on_output_recorded
 
                 status = await local.run(on_output)
                 outcome.exit_status = status
                 nursery.cancel_scope.cancel()
-            if outcome.closing is not None:
+            if link_lost.is_set():
+                pass  # nobody is left to tell
+            elif outcome.closing is not None:
                 await sealed.close_quietly(*outcome.closing)
             else:
                 await sealed.send_exit(outcome.exit_status)
@@ -822,15 +842,22 @@ class SessionHost:
         outcome: SessionOutcome,
         nursery: trio.Nursery,
         recorder: SessionRecorder | None = None,
+        link_lost: trio.Event | None = None,
     ) -> None:
         """Operator -> child: keystrokes and stdin, resizes, signals, until the operator leaves.
 
+        The operator's CLOSE ends the session (torn down); a link that ends without one sets
+        ``link_lost`` (the session is hung up) and is ``connection-lost``: the relay passes on a
+        dead connection's end as a plain end of stream, which is not the operator leaving.
         Nothing typed is recorded (keystrokes include passwords); resizes are."""
         try:
             while True:
                 frame = await sealed.receive()
                 if frame is None:
-                    outcome.reason = "operator-disconnected"
+                    outcome.reason = "connection-lost"
+                    if link_lost is not None:
+                        link_lost.set()
+                        return
                     break
                 kind, payload = frame
                 if kind is FrameType.DATA:
@@ -847,7 +874,7 @@ class SessionHost:
                     elif isinstance(message, Signal):
                         local.signal(message.name)
                     elif isinstance(message, Close):
-                        outcome.reason = f"operator-closed ({message.reason})"
+                        outcome.reason = operator_close_reason(message)
                         break
                     elif isinstance(message, Keepalive):
                         if not message.reply:  # the operator asks whether we are still here
@@ -857,7 +884,7 @@ class SessionHost:
                             "protocol-error", f"unexpected {type(message).__name__} mid-session"
                         )
                 elif kind is FrameType.CLOSE:
-                    outcome.reason = "operator-closed"
+                    outcome.reason = "operator-disconnected"
                     break
         except SessionRefusal as refusal:
             outcome.reason = refusal.reason
@@ -870,7 +897,11 @@ class SessionHost:
             await sealed.close_quietly("internal-error", f"input to the session failed: {error}")
         except LINK_CLOSED:
             outcome.reason = "connection-lost"
-        # Whatever ended the input side ends the session: the child is torn down on the way out.
+            if link_lost is not None:
+                link_lost.set()
+                return
+        # Whatever else ended the input side ends the session: the child is torn down on the
+        # way out.
         nursery.cancel_scope.cancel()
 
     async def recover_interrupted_recordings(self) -> None:
@@ -910,6 +941,34 @@ class SessionHost:
             self._audit_sink(event)
         except Exception:
             logger.exception("could not queue an audit event")
+
+
+async def _hang_up_when_lost(
+    link_lost: trio.Event,
+    sealed: SealedLink,
+    local: LocalSession,
+    outcome: SessionOutcome,
+    nursery: trio.Nursery,
+) -> None:
+    """Once the operator's link has died without a CLOSE, end the session as sshd's dead
+    connection does: hang it up, and let ``run`` end it (its main process exits on SIGHUP; what
+    ignores SIGHUP runs on). A main process still running after HANG_UP_WAIT_SECONDS is left
+    too: ``open_pty_session``/``open_exec_session`` tear down only a forced end."""
+    await link_lost.wait()
+    if outcome.closing is None:
+        outcome.reason = "connection-lost"
+    await sealed.abort()
+    local.hang_up()
+    await trio.sleep(HANG_UP_WAIT_SECONDS)
+    nursery.cancel_scope.cancel()
+
+
+def operator_close_reason(message: Close) -> str:
+    """The ``session.ended`` reason for the operator's Close: ``operator-disconnected`` for a
+    CLI leaving as asked (``~.``, Ctrl-C, the end of its session), else ``operator-closed (R)``."""
+    if message.reason == "normal":
+        return "operator-disconnected"
+    return f"operator-closed ({message.reason})"
 
 
 async def _end_when_asked(
@@ -1024,6 +1083,10 @@ class FrameLink:
             pieces += (length_prefix(len(header) + len(body)), header, body)
         await self._send_pieces(pieces)
 
+    async def abort(self) -> None:
+        """Close the stream at once: a send waiting for room on a dead connection gives up."""
+        await trio.aclose_forcefully(self._stream)
+
     async def _send_pieces(self, pieces: list[bytes]) -> None:
         if self._socket is not None:
             await send_gathered_in_turn(self._socket, pieces, self._send_lock)
@@ -1114,6 +1177,11 @@ class SealedLink:
             return
         await self._send(FrameType.CLOSE, b"")
         self._closed = True
+
+    async def abort(self) -> None:
+        """The link died: send nothing more (output is dropped) and close the stream."""
+        self._closed = True
+        await self._link.abort()
 
     async def send_keepalive_reply(self) -> None:
         """Answer the operator's keepalive (a CONTROL frame), so an idle session is not lost."""

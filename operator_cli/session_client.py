@@ -45,6 +45,7 @@ from protocol.stream_framing import (
     length_prefix,
 )
 from relay.client import (
+    PairingTimeout,
     acquire_at_once,
     connect_tcp,
     gathered_views,
@@ -88,6 +89,10 @@ class SessionRefused(SessionError):
 
 class ConnectionLost(SessionError):
     """The connection through the relay ended before the session did."""
+
+
+class PairingTimedOut(SessionError):
+    """The relay took our token, but the agent never joined within the pairing wait."""
 
 
 @dataclass(frozen=True)
@@ -551,6 +556,9 @@ class SessionNotices:
     slow_pairing: Callable[[], None] | None = None
     # This agent was seen for the first time and its key is now pinned.
     pinned_on_first_use: Callable[[SessionTicket, PublicIdentity], None] | None = None
+    # Asked once the relay's pairing timed out: why the agent did not come (say, it never took
+    # the offer), to report instead of the relay's timeout; None keeps the relay's message.
+    explain_pairing_timeout: Callable[[], Awaitable[str | None]] | None = None
 
 
 RefusalProbe = Callable[[], Awaitable[str | None]]
@@ -577,7 +585,14 @@ async def open_session(
     failures.
     """
     notices = notices or SessionNotices()
-    stream = await _meet_at_relay(ticket, refusal_probe, notices.slow_pairing)
+    try:
+        stream = await _meet_at_relay(ticket, refusal_probe, notices.slow_pairing)
+    except PairingTimedOut:
+        explain = notices.explain_pairing_timeout
+        explanation = None if explain is None else await explain()
+        if explanation is None:
+            raise
+        raise SessionError(explanation) from None
     try:
         with trio.fail_after(handshake_timeout):
             session = await establish_session(
@@ -657,6 +672,8 @@ async def _connect_relay(ticket: SessionTicket) -> trio.abc.Stream:
         raise SessionError(
             f"the relay {ticket.relay_id} refused the session ({error.reason.value})"
         ) from None
+    except PairingTimeout as error:
+        raise PairingTimedOut(f"relay {ticket.relay_id}: {error}") from None
     except RelayError as error:
         raise SessionError(f"relay {ticket.relay_id}: {error}") from None
     except (OSError, trio.TooSlowError):

@@ -11,8 +11,9 @@ import hmac
 import os
 import shlex
 import sys
+import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -35,6 +36,7 @@ from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
 from operator_cli.home import CliHome, HomeError
 from operator_cli.http import CaFileError, HttpError, ResponseTooLargeError, TransportError
 from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, KnownAgentsError
+from operator_cli.paged_list import ApiSession
 from operator_cli.session_client import (
     RefusalProbe,
     SessionError,
@@ -113,13 +115,61 @@ def _unwrapped(run: Callable[[], int]) -> int:
         raise leaf from group
 
 
-def _session_notices() -> SessionNotices:
+def _session_notices(api: ApiSession, ticket: SessionTicket) -> SessionNotices:
     """What to print while a session opens: the key pinned on first use (always, like ssh's
-    "Permanently added"), and that the relay is slow to pair (on a terminal only)."""
+    "Permanently added"), that the relay is slow to pair (on a terminal only), and, when the
+    pairing times out, whether the agent ever took the offer."""
     return SessionNotices(
         slow_pairing=_say_waiting_for_relay if sys.stderr.isatty() else None,
         pinned_on_first_use=_say_pinned,
+        explain_pairing_timeout=pairing_timeout_explainer(api, ticket),
     )
+
+
+def pairing_timeout_explainer(
+    api: ApiSession, ticket: SessionTicket
+) -> Callable[[], Awaitable[str | None]]:
+    """For SessionNotices.explain_pairing_timeout: asks the rendezvous (in a thread, as the
+    API client blocks) whether the agent ever took the offer (``untaken_offer``)."""
+    asked_at = time.monotonic()
+
+    async def explain() -> str | None:
+        waited = time.monotonic() - asked_at
+        return await trio.to_thread.run_sync(untaken_offer, api, ticket, waited)
+
+    return explain
+
+
+def untaken_offer(api: ApiSession, ticket: SessionTicket, waited: float) -> str | None:
+    """What to say when the relay's pairing timed out because the agent never took the offer
+    (the session is still ``offered``: the agent listed online, its channel alive or not yet
+    timed out, but it is not answering); None when it did take it (or this cannot be told), so
+    the relay's own message stands. ``waited``: seconds since the session was granted."""
+    try:
+        view = api.request("GET", f"/v1/sessions/{quote(ticket.session_id, safe='')}")
+        if not isinstance(view, dict) or view.get("state") != "offered":
+            return None
+        heard = _heard_ago(api, ticket, view, waited)
+    except (ApiError, HttpError, AgentListError):
+        return None
+    said = (f"agent {ticket.agent_name} did not take the session (its connection to the "
+            f"rendezvous may be down")
+    return f"{said}; last heard from {heard:.0f} s ago)" if heard is not None else f"{said})"
+
+
+def _heard_ago(
+    api: ApiSession, ticket: SessionTicket, view: dict[str, Any], waited: float
+) -> float | None:
+    """How long ago the rendezvous last heard from the agent, by the rendezvous's own clock
+    (its last heartbeat before the session was created, plus the time waited since), so a skew
+    between this machine's clock and the server's does not matter."""
+    created = view.get("created_at")
+    named = agents_named(api, ticket.agent_name)  # fetched by name: one short page
+    found = [agent for agent in named if agent["id"] == ticket.agent_id]
+    seen = found[0].get("last_seen_at") if found else None
+    if not isinstance(created, (int, float)) or not isinstance(seen, (int, float)):
+        return None
+    return max(0.0, created - seen) + waited
 
 
 def _say_waiting_for_relay() -> None:
@@ -131,6 +181,12 @@ def _say_pinned(ticket: SessionTicket, key: PublicIdentity) -> None:
           f"{key.fingerprint}", file=sys.stderr)
 
 
+# What the rendezvous says to a disabled operator (rendezvous/auth.py, routes_auth.py), and the
+# reason it records on the sessions it refuses for that.
+OPERATOR_DISABLED_MESSAGE = "this operator is disabled"
+OPERATOR_DISABLED_REASON = "operator_disabled"
+
+
 def offer_refusal_probe(api: Session, session_id: str) -> RefusalProbe:
     """A probe asking GET /v1/sessions/{id} whether the agent refused the offer (and why)."""
     path = f"/v1/sessions/{quote(session_id, safe='')}"
@@ -138,8 +194,14 @@ def offer_refusal_probe(api: Session, session_id: str) -> RefusalProbe:
     async def probe() -> str | None:
         try:
             view = await trio.to_thread.run_sync(api.request, "GET", path)
-        except (ApiError, HttpError):
+        except ApiError as error:
+            # Disabled after the ticket was issued: the rendezvous refused the offer for that,
+            # but answers a disabled operator nothing more (not even its session's state).
+            if error.status in (401, 403) and OPERATOR_DISABLED_MESSAGE in error.message:
+                return f"{OPERATOR_DISABLED_REASON} ({error.message})"
             return None  # cannot tell; the relay's pairing timeout still bounds the wait
+        except HttpError:
+            return None
         if isinstance(view, dict) and view.get("state") == "refused":
             return str(view.get("reason") or "no reason given")
         return None
@@ -201,7 +263,8 @@ def exec_command(
             )
             status: int = trio.run(
                 run_exec, ticket, api.identity, known_agents_of(home), options,
-                offer_refusal_probe(api, ticket.session_id), _session_notices(), on_opened,
+                offer_refusal_probe(api, ticket.session_id), _session_notices(api, ticket),
+                on_opened,
             )
         finally:
             api.close()
@@ -298,7 +361,7 @@ def connect_command(
             outcome = trio.run(
                 run_connect, ticket, api.identity, known_agents_of(home), start,
                 ConnectOptions(escape_character=escape),
-                offer_refusal_probe(api, ticket.session_id), _session_notices(),
+                offer_refusal_probe(api, ticket.session_id), _session_notices(api, ticket),
             )
         finally:
             api.close()

@@ -49,6 +49,14 @@ class _RefusedBeforeToken(RelayRefusedError):
     """A retryable refusal (RETRYABLE_REFUSALS) that came as the relay's first answer."""
 
 
+class PairingTimeout(RelayError):
+    """The relay took the token but the other side never joined within the pairing wait: the
+    relay is fine; the caller may know better why the peer did not come."""
+
+    def __init__(self) -> None:
+        super().__init__("timed out waiting for the relay to pair this session")
+
+
 async def connect_tcp(
     host: str,
     port: int,
@@ -106,7 +114,7 @@ async def _connect_once(
                         raise _RefusedBeforeToken(reason)
                     raise RelayRefusedError(reason)
                 first = False
-        raise RelayError("timed out waiting for the relay to pair this session")
+        raise PairingTimeout()
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
@@ -231,7 +239,7 @@ async def connect_udp(
                             return UdpRelaySession(sock, relay, token)
                         if reason != Reason.WAITING:
                             raise RelayRefusedError(reason)
-        raise RelayError("timed out waiting for the relay to pair this session")
+        raise PairingTimeout()
     except BaseException:
         sock.close()
         raise

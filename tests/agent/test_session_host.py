@@ -444,7 +444,10 @@ async def test_operator_leaving_tears_down_the_whole_process_session(tmp_path: P
             await operator.until_stdout_contains(b"\n")
             pids = [int(pid) for pid in bytes(operator.stdout).split()]
             assert all(_alive(pid) for pid in pids)
-        # The operator's stream is closed: the agent must end the session and kill everything.
+            # The operator leaves as the CLI does (a link that dies without this is a hang-up:
+            # tests/agent/test_network_loss_sessions.py).
+            await operator.send(FrameType.CLOSE, b"")
+        # The operator closed the session: the agent must end it and kill everything.
         await wait_for_sessions_to_end(stack)
         assert not any(_alive(pid) for pid in pids)
     assert stack.audit[-1].event.action is Action.SESSION_ENDED
@@ -480,6 +483,7 @@ async def test_operator_leaving_while_leftover_output_is_read_kills_it_and_recor
                 while _alive(main):  # noqa: ASYNC110 - a process's exit has no event here
                     await trio.sleep(0.01)
             assert _alive(leftover)
+            await operator.send(FrameType.CLOSE, b"")
         await wait_for_sessions_to_end(stack)
         assert not _alive(leftover)
     ended = stack.audit[-1].event
