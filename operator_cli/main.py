@@ -311,11 +311,15 @@ def build_parser() -> argparse.ArgumentParser:
         "disable",
         help="disable an operator and end their open sessions (admins)",
         description="Disable EMAIL_OR_ID: their access tokens stop working at once, their key "
-        "can no longer log in, and every shell or exec session they still have open ends "
-        "(each agent ends it and tells them why). Audited (operator.revoked); the team's last "
-        "active admin cannot be disabled. There is no enable: invite them again instead. Shows "
-        "who and how many open sessions will end and asks for confirmation; without a terminal "
-        "it disables nobody unless --yes.",
+        "can no longer log in, the API keys they created and the unused registration keys they "
+        "(or those API keys) created are revoked, their pending approval requests are "
+        "withdrawn, approvals they granted are refused when used, and every shell or exec "
+        "session they still have open ends (each agent ends it and tells them why). Prints how "
+        "many keys were revoked. Agents keep their key in the signed roster until an admin "
+        "runs `tucdesk roster sign` (the rendezvous cannot sign it). Audited "
+        "(operator.revoked); the team's last active admin cannot be disabled. There is no "
+        "enable: invite them again instead. Shows who and how many open sessions will end and "
+        "asks for confirmation; without a terminal it disables nobody unless --yes.",
     )
     disable.add_argument("operator", metavar="EMAIL_OR_ID", help="operator email or id")
     disable.add_argument("--yes", action="store_true", help="do not ask for confirmation")
@@ -550,7 +554,9 @@ def _add_policy_commands(commands: Any) -> None:
     sign = roster_commands.add_parser(
         "sign", help="sign the current roster and agent tags (admin)",
         description="Show how the team's operators and agent tags differ from the signed "
-        "roster, ask, and sign them into the next policy version (same rules).",
+        "roster, and how many approvals in flight the new version voids (pending requests and "
+        "approved ones not used yet: their requesters ask again), ask, and sign them into the "
+        "next policy version (same rules).",
     )
     sign.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     sign.set_defaults(handler=lambda args, home: roster_sign(home, assume_yes=args.yes))
@@ -676,12 +682,26 @@ def _keys_create(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _keys_list(args: argparse.Namespace, home: CliHome) -> int:
-    keys = _request_once(home, "GET", "/v1/registration-keys")
-    print(f"{'ID':<24} {'STATUS':<8} {'EXPIRES':<26} TAGS")
+    from operator_cli.operator_commands import creator_names, creator_of
+
+    keys, names = _keys_and_creators(home, "/v1/registration-keys", creator_names)
+    print(f"{'ID':<24} {'STATUS':<8} {'EXPIRES':<26} {'CREATED BY':<32} TAGS")
     for key in keys:
         expires = datetime.fromtimestamp(key["expires_at"], UTC).isoformat(timespec="seconds")
-        print(f"{key['id']:<24} {key['status']:<8} {expires:<26} {','.join(key['tags']) or '-'}")
+        print(f"{key['id']:<24} {key['status']:<8} {expires:<26} "
+              f"{creator_of(key.get('created_by'), names):<32} {','.join(key['tags']) or '-'}")
     return EXIT_OK
+
+
+def _keys_and_creators(
+    home: CliHome, path: str, creator_names: Callable[[Session], dict[str, str]]
+) -> tuple[Any, dict[str, str]]:
+    """A key listing and the emails of the operators who may have created its keys."""
+    session = Session.from_home(home)
+    try:
+        return session.request("GET", path), creator_names(session)
+    finally:
+        session.close()
 
 
 def _keys_revoke(args: argparse.Namespace, home: CliHome) -> int:
@@ -700,12 +720,15 @@ def _api_keys_create(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _api_keys_list(args: argparse.Namespace, home: CliHome) -> int:
-    keys = _request_once(home, "GET", "/v1/api-keys")
-    print(f"{'ID':<24} {'STATUS':<8} {'CREATED':<26} {'NAME':<20} SCOPES")
+    from operator_cli.operator_commands import creator_names, creator_of
+
+    keys, names = _keys_and_creators(home, "/v1/api-keys", creator_names)
+    print(f"{'ID':<24} {'STATUS':<8} {'CREATED':<26} {'CREATED BY':<32} {'NAME':<20} SCOPES")
     for key in keys:
         status = "active" if key["revoked_at"] is None else "revoked"
         created = datetime.fromtimestamp(key["created_at"], UTC).isoformat(timespec="seconds")
-        print(f"{key['id']:<24} {status:<8} {created:<26} {key['name']:<20} "
+        print(f"{key['id']:<24} {status:<8} {created:<26} "
+              f"{creator_of(key.get('created_by'), names):<32} {key['name']:<20} "
               f"{','.join(key['scopes'])}")
     return EXIT_OK
 

@@ -3,9 +3,13 @@
 An operator is named by email or by id (``op_…``), resolved through the team's list as `agents
 remove` resolves agents: an unknown name, or an email several operators share, is refused with
 a line saying what to use instead. Disabling kills the operator's tokens, stops its key from
-logging in, and ends its open shells and exec sessions: each agent running one ends it at once,
-and the operator sees "the operator was disabled by an admin". The team's last active admin
-cannot be disabled. There is no enable: to bring someone back, invite them again.
+logging in, revokes every API key it created and every unused registration key it (or those
+API keys) created, withdraws its pending approval requests, and ends its open shells and exec
+sessions: each agent running one ends it at once, and the operator sees "the operator was
+disabled by an admin". Approvals it granted are refused when used. Agents keep its key in the
+team's signed roster until an admin runs `tucdesk roster sign` (the rendezvous cannot sign a
+roster); the output says so when it applies. The team's last active admin cannot be disabled.
+There is no enable: to bring someone back, invite them again.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ ID_WIDTH = 24
 # Open sessions counted for the confirmation (one page): beyond it, "at least" this many.
 MAX_SESSIONS_COUNTED = 1000
 OPEN_STATES = ("offered", "accepted")
+ROSTER_SIGN_COMMAND = "tucdesk roster sign"
 
 
 class OperatorCommandError(Exception):
@@ -77,7 +82,9 @@ def operators_disable(
         already = operator["state"] != "active"
         if not already and not _confirmed(session, operator, assume_yes, ask, stdin):
             return EXIT_FAILURE
-        session.request("POST", f"{OPERATORS_PATH}/{quote(operator['id'], safe='')}/disable")
+        answer = session.request(
+            "POST", f"{OPERATORS_PATH}/{quote(operator['id'], safe='')}/disable"
+        )
     finally:
         session.close()
     who = _printable(f"{operator['email']} ({operator['id']}, {operator['role']})")
@@ -86,7 +93,49 @@ def operators_disable(
     else:
         print(f"disabled {who}: its tokens are dead, its key cannot log in, and its open "
               "sessions are being ended")  # fmt: skip
+    for line in disable_summary(answer if isinstance(answer, dict) else {}):
+        print(line)
     return EXIT_OK
+
+
+def disable_summary(answer: dict[str, Any]) -> list[str]:
+    """What the disable took away, and the roster step left to an admin, as printed lines."""
+    def count(name: str) -> int:
+        value = answer.get(name)
+        return len(value) if isinstance(value, list) else value if type(value) is int else 0
+
+    lines = [
+        f"  revoked: {count('revoked_api_keys')} API key(s), "
+        f"{count('revoked_registration_keys')} unused registration key(s); withdrawn: "
+        f"{count('withdrawn_approval_requests')} pending approval request(s)"
+    ]
+    if isinstance(answer.get("roster_pending"), str):
+        lines.append(
+            "  agents still accept this operator's key until an admin re-signs the roster "
+            "(the rendezvous cannot sign it; only an admin's key can): run "
+            f"`{ROSTER_SIGN_COMMAND}`"
+        )
+    return lines
+
+
+def creator_names(session: Session) -> dict[str, str]:
+    """Who created keys, by id: operator ids to emails (marked when disabled); empty when the
+    operator list cannot be read (the listing then shows ids)."""
+    try:
+        operators = fetch_operators(session)
+    except (OperatorCommandError, ApiError, HttpError):
+        return {}
+    return {
+        operator["id"]: _printable(operator["email"])
+        + ("" if operator["state"] == "active" else " (disabled)")
+        for operator in operators
+    }
+
+
+def creator_of(created_by: object, names: dict[str, str]) -> str:
+    """The creator column of a key listing: an email, an API key id, or the id as stored."""
+    text = created_by if isinstance(created_by, str) else "-"
+    return names.get(text, _printable(text))
 
 
 def _confirmed(

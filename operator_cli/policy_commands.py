@@ -22,9 +22,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from operator_cli.client import Session
+from operator_cli.client import ApiError, Session
 from operator_cli.confirm import answered_yes
 from operator_cli.home import CliHome, HomeError
+from operator_cli.http import HttpError
 from protocol.errors import ProtocolError
 from protocol.identity import PublicIdentity, b64url_decode
 from protocol.policy import (
@@ -39,6 +40,7 @@ from protocol.policy.document import MAX_POLICY_SIZE, Policy
 
 EXIT_OK = 0
 EXIT_DECLINED = 1
+APPROVALS_PATH = "/v1/approvals"
 # A top-level `version = N` line (bare or quoted key), keeping whatever follows the number.
 _VERSION_LINE = re.compile(r'^(\s*(?:version|"version"|\'version\')\s*=\s*)(\d+)(.*)$')
 _TABLE_HEADER = re.compile(r"^\s*\[")
@@ -364,6 +366,25 @@ def roster_show(home: CliHome) -> int:
     return EXIT_OK
 
 
+def approvals_voided_line(api: Session) -> str:
+    """How many approvals in flight a new policy version voids: every pending request and
+    every approved one not used yet was made for the version in force, and the rendezvous and
+    agents accept an approval only for the version it names (their requesters ask again)."""
+    counts = []
+    for state in ("pending", "approved"):
+        try:
+            listed = api.request("GET", f"{APPROVALS_PATH}?state={state}")
+        except (ApiError, HttpError) as error:
+            return f"  approvals it voids: unknown (the approval list could not be read: {error})"
+        approvals = listed.get("approvals") if isinstance(listed, dict) else None
+        counts.append(len(approvals) if isinstance(approvals, list) else 0)
+    pending, approved = counts
+    return (
+        f"  approvals it voids: {pending} pending request(s) and {approved} approved but unused "
+        "approval(s); their requesters must ask again"
+    )
+
+
 def roster_sign(
     home: CliHome, *, assume_yes: bool, ask: Callable[[str], str] = input
 ) -> int:
@@ -389,6 +410,7 @@ def roster_sign(
             print(change.line())
         for line in tags:
             print(line)
+        print(approvals_voided_line(api))
         if not assume_yes:
             if not sys.stdin.isatty():
                 print("tucdesk: not confirmed: run it in a terminal, or pass --yes",

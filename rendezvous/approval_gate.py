@@ -32,7 +32,7 @@ from protocol.policy import (
     command_sha256,
     verify_approval,
 )
-from rendezvous.audit_trail import Action, Actor, service_actor
+from rendezvous.audit_trail import Action, Actor, operator_actor, service_actor
 from rendezvous.context import ServiceContext
 from rendezvous.errors import (
     BadRequest,
@@ -57,6 +57,10 @@ MAX_PENDING_REQUESTS_PER_OPERATOR = 20
 PENDING_CAP_RETRY_AFTER_SECONDS = 60.0
 # The decision reason of a request withdrawn because its approval.requested was not recorded.
 UNAUDITED_REASON = "not recorded in the audit log; ask again"
+# Why a disabled operator's pending requests are withdrawn (audited and stored as the reason),
+# and why an approval is refused at use once the approver is disabled.
+OPERATOR_DISABLED_REASON = "operator_disabled"
+APPROVER_DISABLED_REASON = "approver_disabled"
 
 
 class ApprovalPending(Conflict):
@@ -295,6 +299,47 @@ def check_pending(request: ApprovalRequest) -> None:
         raise ApprovalUnusable(f"the approval request is already {request.state.value}")
 
 
+async def check_requester_active(ctx: ServiceContext, request: ApprovalRequest) -> None:
+    """Conflict if the request's requester was disabled: nobody decides for them any more (a
+    request parked while the disable committed escapes its withdrawal, not this check)."""
+    requester = await ctx.store.get_operator(request.team_id, request.requester_id)
+    if requester is None or not requester.is_active():
+        raise ApprovalUnusable(
+            f"{request.requester_email} is disabled: their request can no longer be approved "
+            "or denied"
+        )
+
+
+async def withdraw_requests_of_disabled(
+    ctx: ServiceContext, actor: Actor, operator: Operator, *, withdrawn_by: Operator | None
+) -> int:
+    """Withdraw every pending request of ``operator``, just disabled (each audited first, reason
+    ``operator_disabled``); return how many were withdrawn."""
+    pending = await ctx.store.list_approval_requests(operator.team_id, [ApprovalState.PENDING])
+    withdrawn = 0
+    for request in pending:
+        if request.requester_id != operator.id:
+            continue
+        await ctx.audit.record(
+            request.team_id, actor=actor, action=Action.APPROVAL_WITHDRAWN,
+            target=request.agent_id,
+            details={"approval_request": request.id, "requester": request.requester_email,
+                     "policy_version": request.policy_version,
+                     "reason": OPERATOR_DISABLED_REASON},
+        )  # fmt: skip
+        decided = await ctx.store.decide_approval_request(
+            request.team_id, request.id, ApprovalState.WITHDRAWN,
+            decided_by=withdrawn_by.id if withdrawn_by else "service",
+            decided_by_email=withdrawn_by.email if withdrawn_by else "",
+            reason=OPERATOR_DISABLED_REASON, approval=None, now=ctx.now(),
+        )  # fmt: skip
+        if decided is None:
+            await _record_superseded(ctx, actor, request, Action.APPROVAL_WITHDRAWN)
+            continue
+        withdrawn += 1
+    return withdrawn
+
+
 def verify_submitted_approval(
     submitted: object,
     request: ApprovalRequest,
@@ -438,6 +483,7 @@ async def redeemable_approval(
         raise ApprovalUnusable("the approval is for another agent, action or command")
     if request.policy_version != team_policy.version:
         raise ApprovalUnusable("the team's policy changed since the approval; ask again")
+    await _check_approver_active(ctx, request, operator, agent)
     try:
         approval = json.loads(request.approval)
         verify_approval(
@@ -448,6 +494,29 @@ async def redeemable_approval(
     except (ApprovalError, ValueError):
         raise ApprovalUnusable("the stored approval no longer verifies; ask again") from None
     return request, approval
+
+
+async def _check_approver_active(
+    ctx: ServiceContext, request: ApprovalRequest, requester: Operator, agent: Agent
+) -> None:
+    """Refuse (audited) an approval whose approver was disabled since: decided at use, so it
+    cannot race the disable. The agent's signed roster still names the approver until an admin
+    signs a new one, so the rendezvous is where this is refused."""
+    approver = (
+        None
+        if request.decided_by is None
+        else await ctx.store.get_operator(request.team_id, request.decided_by)
+    )
+    if approver is not None and approver.is_active():
+        return
+    by = request.decided_by_email or "the approver"
+    await ctx.audit.record(
+        request.team_id, actor=operator_actor(requester), action=Action.SESSION_REFUSED,
+        target=agent.id,
+        details={"reason": APPROVER_DISABLED_REASON, "approval_request": request.id,
+                 "approved_by": request.decided_by_email or ""},
+    )  # fmt: skip
+    raise ApprovalUnusable(f"the approver ({by}) was disabled; ask again")
 
 
 async def mark_executed(

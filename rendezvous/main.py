@@ -241,6 +241,15 @@ def build_parser() -> argparse.ArgumentParser:
     invite_create.add_argument(
         "--ttl", help="lifetime such as 30m, 24h, 7d (default: invite_seconds, 7d)"
     )
+    invite_create.add_argument(
+        "--another-key", action="store_true",
+        help="invite an email an enabled operator or a pending invite of the team already has "
+        "(ignoring case), with the SAME role: a second operator key for one person (another "
+        "machine), or a fresh code when the first was lost (it stays valid until it expires). "
+        "Without it such an invite is refused; another role is always refused (to change a "
+        "role, disable the operator and invite them again), since one person holding two "
+        "roles makes listings, approvals and the roster ambiguous",
+    )  # fmt: skip
     _add_store_flags(invite_create)
 
     audit = commands.add_parser("audit", help="audit log")
@@ -494,7 +503,12 @@ async def _team_list(config: ServiceConfig) -> int:
 
 
 async def _invite_create(
-    config: ServiceConfig, team_name: str, email: str, role: str, ttl: int
+    config: ServiceConfig,
+    team_name: str,
+    email: str,
+    role: str,
+    ttl: int,
+    another_key: bool = False,
 ) -> int:
     keys = load_service_keys(config.data_dir)
     code = new_invite_code()
@@ -504,6 +518,7 @@ async def _invite_create(
         team = await store.get_team_by_name(team_name)
         if team is None:
             raise ServiceError(f"no team named {team_name!r}; create it with 'team create'")
+        await _check_email_free(store, team.id, email, role, now, another_key=another_key)
         invite = await store.create_invite(
             team.id, email, role, hash_secret(code), now + ttl, "admin-command", now
         )
@@ -519,6 +534,38 @@ async def _invite_create(
     print("give this one-time code to the operator: tucdesk login --server URL --invite CODE")
     print(code)
     return EXIT_OK
+
+
+async def _check_email_free(
+    store: Store, team_id: str, email: str, role: str, now: float, *, another_key: bool
+) -> None:
+    """Refuse an invite for an email (ignoring case) that an enabled operator or a pending
+    invite of the team holds: with another role always, with the same one unless
+    ``another_key``."""
+    wanted = email.casefold()
+    holders = [
+        (f"enabled operator {operator.id}", operator.role,
+         "disable that operator first (tucdesk operators disable)")
+        for operator in await store.operators_matching(team_id, email)
+        if operator.is_active() and operator.email.casefold() == wanted
+    ] + [
+        (f"pending invite {invite.id}", invite.role,
+         "use that invite, or wait until it expires")
+        for invite in await store.list_invites(team_id)
+        if invite.email.casefold() == wanted and invite.unusable_reason(now) is None
+    ]  # fmt: skip
+    for holder, held_role, remedy in holders:
+        if held_role != role:
+            raise ServiceError(
+                f"{email} is already the {held_role} of {holder} in this team, and one email "
+                f"has one role: {remedy} to invite it as {role}"
+            )
+        if not another_key:
+            raise ServiceError(
+                f"{email} is already the {held_role} of {holder} in this team; pass "
+                "--another-key to invite it again with the same role (a second key, or a "
+                "fresh code for a lost one)"
+            )
 
 
 async def _audit_export(
@@ -713,7 +760,9 @@ def dispatch(args: argparse.Namespace) -> int:
         return _run(_team_list, config)
     if args.command == "invite":
         ttl = parse_duration(args.ttl) if args.ttl else config.invite_seconds
-        return _run(_invite_create, config, args.team, args.email, args.role, ttl)
+        return _run(
+            _invite_create, config, args.team, args.email, args.role, ttl, args.another_key
+        )
     if args.command == "audit":
         return _run(_audit_export, config, args.team, args.output)
     if args.command == "keys":

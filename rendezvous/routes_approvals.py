@@ -10,7 +10,7 @@ refused (422). The gate itself is rendezvous/approval_gate.py.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import Field
@@ -22,6 +22,7 @@ from rendezvous.approval_gate import (
     check_decision_reason,
     check_may_decide,
     check_pending,
+    check_requester_active,
     decide_request,
     expire_if_due,
     load_request,
@@ -40,6 +41,8 @@ from rendezvous.team_policy import current_team_policy
 router = APIRouter(tags=["approvals"])
 
 MAX_REASON_LENGTH = 500
+# What the list shows: requests waiting for a decision, or approvals waiting to be used.
+ListedState = Literal["pending", "approved"]
 
 
 class ApproveBody(StrictModel):
@@ -56,15 +59,19 @@ class DenyBody(StrictModel):
 
 
 @router.get("/approvals")
-async def list_approvals(caller: Caller, ctx: Context) -> dict[str, Any]:
-    """The team's pending approval requests, oldest first (approvers and admins)."""
+async def list_approvals(
+    caller: Caller, ctx: Context, state: ListedState = "pending"
+) -> dict[str, Any]:
+    """The team's pending approval requests (or, with ``state=approved``, the approved ones not
+    used yet: what a new policy version would void), oldest first (approvers and admins)."""
     await _operator(ctx, caller, approver=True)
-    pending = []
-    for request in await ctx.store.list_approval_requests(caller.team_id, [ApprovalState.PENDING]):
+    wanted = ApprovalState(state)
+    listed = []
+    for request in await ctx.store.list_approval_requests(caller.team_id, [wanted]):
         current = await expire_if_due(ctx, request)
-        if current.state is ApprovalState.PENDING:
-            pending.append(await _view(ctx, current))
-    return {"approvals": pending}
+        if current.state is wanted:
+            listed.append(await _view(ctx, current))
+    return {"approvals": listed}
 
 
 @router.get("/approvals/{request_id}")
@@ -87,6 +94,7 @@ async def approve(
     request = await load_request(ctx, caller.team_id, request_id)
     check_may_decide(operator, request)
     check_pending(request)
+    await check_requester_active(ctx, request)
     team_policy = await current_team_policy(ctx, caller.team_id)
     signed = verify_submitted_approval(body.approval, request, operator, team_policy, ctx.now())
     decided = await decide_request(
@@ -104,6 +112,7 @@ async def deny(request_id: str, body: DenyBody, caller: Caller, ctx: Context) ->
     request = await load_request(ctx, caller.team_id, request_id)
     check_may_decide(operator, request)
     check_pending(request)
+    await check_requester_active(ctx, request)
     decided = await decide_request(
         ctx, actor=caller_actor(caller), request=request, caller=operator,
         state=ApprovalState.DENIED, reason=body.reason, approval=None,

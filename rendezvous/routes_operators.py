@@ -1,10 +1,16 @@
 """The team's operators, for its admins: list them, and disable one.
 
 ``GET /v1/operators`` lists the caller's team (id, email, role, state, created; never a key or a
-token). ``POST /v1/operators/{id}/disable`` stops the operator's key from logging in, kills every
-token it holds, and ends the sessions it still has open: each session's agent is told over its
-control channel, on whichever instance holds it (rendezvous/offer_bus.py
-``end_disabled_operator_sessions``), and ends them at once with the reason ``operator_disabled``.
+token). ``POST /v1/operators/{id}/disable`` takes away everything the operator holds, as
+Teleport's ``tctl lock`` does: it stops the operator's key from logging in, kills every token it
+holds, revokes (in the same store transaction) every API key it created and every unused
+registration key it or those API keys created, withdraws its pending approval requests, and ends
+the sessions it still has open: each session's agent is told over its control channel, on
+whichever instance holds it (rendezvous/offer_bus.py ``end_disabled_operator_sessions``), and
+ends them at once with the reason ``operator_disabled``. Approvals it granted are refused when
+used (rendezvous/approval_gate.py). The answer counts what was revoked, and says when the
+team's signed roster still names the operator: agents keep accepting its key (for grants the
+rendezvous no longer issues) until an admin signs a new roster, which the rendezvous cannot do.
 The team's last active admin cannot be disabled: nobody would be left to manage the team.
 
 There is no ``enable``: its audit record would need an action the fixed vocabulary
@@ -19,6 +25,7 @@ import logging
 from fastapi import APIRouter
 from pydantic import BaseModel
 
+from rendezvous.approval_gate import withdraw_requests_of_disabled
 from rendezvous.audit_trail import Action, caller_actor
 from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
@@ -27,7 +34,8 @@ from rendezvous.errors import Conflict, NotFound, ServiceUnavailable
 from rendezvous.offer_bus import end_disabled_operator_sessions
 from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store import Operator, StoreError
-from rendezvous.store.base import LastActiveAdmin
+from rendezvous.store.base import DisabledOperator, LastActiveAdmin
+from rendezvous.team_policy import current_team_policy
 
 logger = logging.getLogger("tucdesk.rendezvous.operators")
 
@@ -44,6 +52,13 @@ ENDING_SESSIONS_FAILED_MESSAGE = (
 )
 ACTIVE = "active"
 DISABLED = "disabled"
+# Why the disable's revocations happened, in their audit records.
+OPERATOR_DISABLED_REASON = "operator_disabled"
+ROSTER_SIGN_COMMAND = "tucdesk roster sign"
+ROSTER_STILL_NAMES_MESSAGE = (
+    "agents still accept {email}'s key from the team's signed roster until an admin runs "
+    f"`{ROSTER_SIGN_COMMAND}`: only an admin's key can sign a roster, not the rendezvous"
+)
 
 
 class OperatorView(BaseModel):
@@ -56,6 +71,18 @@ class OperatorView(BaseModel):
     created_at: float
     disabled_at: float | None
     key_thumbprint: str  # RFC 7638: public, and what the policy roster names
+
+
+class DisabledOperatorView(BaseModel):
+    """``POST /v1/operators/{id}/disable``: who, and what the disable took away (ids)."""
+
+    operator: OperatorView
+    already_disabled: bool
+    revoked_api_keys: list[str]
+    revoked_registration_keys: list[str]
+    withdrawn_approval_requests: int
+    # Set while the team's signed roster still names the operator's key: what to run.
+    roster_pending: str | None
 
 
 class OperatorList(BaseModel):
@@ -85,10 +112,11 @@ async def list_operators(caller: Caller, ctx: Context) -> OperatorList:
     return OperatorList(operators=[operator_view(operator) for operator in operators])
 
 
-@router.post(OPERATORS_PATH + "/{operator_id}/disable", status_code=204)
-async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> None:
-    """Disable an operator of the caller's team (admin): its tokens die, it cannot log in, and
-    its open sessions end. Repeating it ends any session of it still open."""
+@router.post(OPERATORS_PATH + "/{operator_id}/disable", response_model=DisabledOperatorView)
+async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> DisabledOperatorView:
+    """Disable an operator of the caller's team (admin): its tokens die, it cannot log in, its
+    API keys and unused registration keys are revoked, its pending approval requests are
+    withdrawn, and its open sessions end. Repeating it does again whatever is left to do."""
     authorize(caller, Permission.OPERATORS_WRITE)
     operator = await ctx.store.get_operator(caller.team_id, operator_id)
     if operator is None:
@@ -107,7 +135,7 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> No
         )
         audited = True
     try:
-        await ctx.store.disable_operator(
+        disabled = await ctx.store.disable_operator_and_holdings(
             caller.team_id, operator.id, ctx.now(), keep_an_active_admin=True
         )
     except StoreNotFound:
@@ -120,6 +148,13 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> No
         if audited:
             await _record_revoke_failed(ctx, caller, operator, "last_active_admin")
         raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email)) from None
+    # Recorded once revoked (a revocation only takes away; the operator.revoked record above
+    # was durable first), so each record names a key the transaction really revoked.
+    await _record_revocations(ctx, caller, disabled)
+    withdrawn = await withdraw_requests_of_disabled(
+        ctx, caller_actor(caller), disabled.operator,
+        withdrawn_by=await ctx.store.get_operator(caller.team_id, caller.subject),
+    )  # fmt: skip
     try:
         told = await end_disabled_operator_sessions(ctx, caller.team_id, operator.id)
     except StoreError as error:
@@ -131,6 +166,39 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> No
         failed = ENDING_SESSIONS_FAILED_MESSAGE.format(email=operator.email)
         raise ServiceUnavailable(failed) from None
     logger.info("operator %s disabled: asked agents here to end %d session(s)", operator.id, told)
+    return DisabledOperatorView(
+        operator=operator_view(disabled.operator),
+        already_disabled=not operator.is_active(),
+        revoked_api_keys=list(disabled.revoked_api_keys),
+        revoked_registration_keys=list(disabled.revoked_registration_keys),
+        withdrawn_approval_requests=withdrawn,
+        roster_pending=await _roster_pending(ctx, disabled.operator),
+    )
+
+
+async def _record_revocations(
+    ctx: ServiceContext, caller: Principal, disabled: DisabledOperator
+) -> None:
+    why = {"reason": OPERATOR_DISABLED_REASON, "operator": disabled.operator.id,
+           "email": disabled.operator.email}  # fmt: skip
+    for api_key_id in disabled.revoked_api_keys:
+        await ctx.audit.record(
+            caller.team_id, actor=caller_actor(caller), action=Action.API_KEY_REVOKED,
+            target=f"api_key:{api_key_id}", details=why,
+        )  # fmt: skip
+    for key_id in disabled.revoked_registration_keys:
+        await ctx.audit.record(
+            caller.team_id, actor=caller_actor(caller), action=Action.REGISTRATION_KEY_REVOKED,
+            target=f"registration_key:{key_id}", details=why,
+        )  # fmt: skip
+
+
+async def _roster_pending(ctx: ServiceContext, operator: Operator) -> str | None:
+    """What to run while the team's signed roster still names ``operator``'s key, else None."""
+    team_policy = await current_team_policy(ctx, operator.team_id)
+    if team_policy is None or team_policy.content.roster.entry_for(operator.key_thumbprint) is None:
+        return None
+    return ROSTER_STILL_NAMES_MESSAGE.format(email=operator.email)
 
 
 async def _record_revoke_failed(

@@ -213,6 +213,16 @@ class Operator:
 
 
 @dataclass(frozen=True)
+class DisabledOperator:
+    """An operator just disabled and what it held that the same transaction revoked: its API
+    keys, and the unused, unexpired registration keys it or those API keys created."""
+
+    operator: Operator
+    revoked_api_keys: tuple[str, ...]  # ids
+    revoked_registration_keys: tuple[str, ...]  # ids
+
+
+@dataclass(frozen=True)
 class TokenHolder:
     """What authenticating an access token needs from the store, read in one query."""
 
@@ -611,8 +621,21 @@ class Store(abc.ABC):
     async def disable_operator(
         self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
     ) -> Operator:
-        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound;
-        with ``keep_an_active_admin``, LastActiveAdmin if it is the team's last active admin."""
+        """Disable the operator and kill all its tokens (tokens_valid_after = now), revoking
+        what it holds as ``disable_operator_and_holdings`` does. NotFound; with
+        ``keep_an_active_admin``, LastActiveAdmin if it is the team's last active admin."""
+
+    @abc.abstractmethod
+    async def disable_operator_and_holdings(
+        self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
+    ) -> DisabledOperator:
+        """In one transaction: disable the operator, kill its tokens, revoke its API keys and
+        the unused, unexpired registration keys it or those API keys created (ids returned).
+        NotFound; with ``keep_an_active_admin``, LastActiveAdmin as ``disable_operator``.
+
+        A key created concurrently (its creator authenticated before this commits) is refused
+        at use anyway: an API key or registration key whose creating operator (directly, or
+        through the API key that created it) is disabled counts as revoked."""
 
     @abc.abstractmethod
     async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
@@ -693,7 +716,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def get_api_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
-        """The API key with this hash (revoked ones too: check ``is_active``), or None."""
+        """The API key with this hash (revoked ones too: check ``is_active``), or None. A key
+        whose creator is disabled reads as revoked at the disable."""
 
     @abc.abstractmethod
     async def list_api_keys(self, team_id: str) -> list[ApiKey]:

@@ -52,6 +52,7 @@ from rendezvous.store.base import (
 from rendezvous.store.migrations import Migration
 from rendezvous.store.migrations.postgres import MIGRATIONS
 from rendezvous.store.sql_store import (
+    _CREATOR_DISABLED,
     Row,
     SqlSession,
     SqlStore,
@@ -411,11 +412,12 @@ class PostgresStore(SqlStore):
         async with self._autocommit() as session:
             try:
                 row = await session.fetchrow(
-                    """WITH spent AS (
+                    f"""WITH spent AS (
                            UPDATE registration_keys SET used_at = $2, used_by_agent = $3
                            WHERE key_hash = $1 AND used_at IS NULL AND revoked_at IS NULL
                                  AND expires_at > $2
                                  AND (CAST($4 AS TEXT) IS NULL OR team_id = CAST($4 AS TEXT))
+                                 AND NOT {_CREATOR_DISABLED}
                            RETURNING *
                        ), created AS (
                            INSERT INTO agents (id, team_id, name, hostname, tags, public_key,
@@ -425,7 +427,7 @@ class PostgresStore(SqlStore):
                            FROM spent
                            RETURNING id
                        )
-                       SELECT spent.* FROM spent""",
+                       SELECT spent.* FROM spent""",  # noqa: S608 - a constant, no input
                     key_hash, now, agent_id, expected_team_id, name, hostname,
                     bytes(public_key), key_fingerprint, machine_fingerprint,
                 )  # fmt: skip

@@ -45,6 +45,7 @@ from rendezvous.store.base import (
     ApprovalState,
     ChallengeUnusable,
     ConnectionReport,
+    DisabledOperator,
     InvalidArgument,
     Invite,
     InviteUnusable,
@@ -526,8 +527,19 @@ class SqlStore(Store):
     async def disable_operator(
         self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
     ) -> Operator:
-        """Disable the operator and kill all its tokens (tokens_valid_after = now). NotFound;
-        with ``keep_an_active_admin``, LastActiveAdmin if it is the team's last active admin."""
+        """Disable the operator and kill all its tokens (tokens_valid_after = now), revoking
+        what it holds as ``disable_operator_and_holdings`` does. NotFound; with
+        ``keep_an_active_admin``, LastActiveAdmin if it is the team's last active admin."""
+        disabled = await self.disable_operator_and_holdings(
+            team_id, operator_id, now, keep_an_active_admin=keep_an_active_admin
+        )
+        return disabled.operator
+
+    async def disable_operator_and_holdings(
+        self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
+    ) -> DisabledOperator:
+        """In one transaction: disable the operator, kill its tokens, revoke its API keys and
+        the unused, unexpired registration keys it or those API keys created (ids returned)."""
         async with self._transaction() as session:
             if keep_an_active_admin:
                 # The team row's lock queues concurrent disables in one team, so two admins
@@ -556,9 +568,30 @@ class SqlStore(Store):
                    WHERE team_id = $1 AND id = $2 RETURNING *""",
                 team_id, operator_id, now,
             )  # fmt: skip
-        if row is None:
-            raise NotFound("no such operator")
-        return _operator(row)
+            if row is None:
+                raise NotFound("no such operator")
+            # Registration keys first: the API keys that made some are still unrevoked then.
+            registration_keys = await session.fetch(
+                """UPDATE registration_keys SET revoked_at = $3
+                   WHERE team_id = $1 AND revoked_at IS NULL AND used_at IS NULL
+                     AND expires_at > $3
+                     AND (created_by = $2
+                          OR created_by IN (SELECT id FROM api_keys
+                                            WHERE team_id = $1 AND created_by = $2))
+                   RETURNING id""",
+                team_id, operator_id, now,
+            )  # fmt: skip
+            api_keys = await session.fetch(
+                """UPDATE api_keys SET revoked_at = $3
+                   WHERE team_id = $1 AND created_by = $2 AND revoked_at IS NULL
+                   RETURNING id""",
+                team_id, operator_id, now,
+            )  # fmt: skip
+        return DisabledOperator(
+            operator=_operator(row),
+            revoked_api_keys=tuple(sorted(key["id"] for key in api_keys)),
+            revoked_registration_keys=tuple(sorted(key["id"] for key in registration_keys)),
+        )
 
     async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
         """Kill every token issued to the operator before ``now`` (logout everywhere). NotFound."""
@@ -718,9 +751,16 @@ class SqlStore(Store):
 
     async def get_api_key_by_hash(self, key_hash: bytes) -> ApiKey | None:
         """The API key with this hash (revoked ones too: check ``is_active``), or None."""
+        # Checked at use as well as revoked at the disable: a key its creator made while being
+        # disabled (authenticated just before the disable committed) dies all the same.
         row = await self._read_fetchrow(
-            "SELECT * FROM api_keys WHERE key_hash = $1", bytes(key_hash)
-        )
+            """SELECT k.id, k.team_id, k.name, k.scopes, k.created_by, k.created_at,
+                      COALESCE(k.revoked_at, o.disabled_at) AS revoked_at
+               FROM api_keys k
+               LEFT JOIN operators o ON o.team_id = k.team_id AND o.id = k.created_by
+               WHERE k.key_hash = $1""",
+            bytes(key_hash),
+        )  # fmt: skip
         return _api_key(row) if row else None
 
     async def list_api_keys(self, team_id: str) -> list[ApiKey]:
@@ -816,11 +856,12 @@ class SqlStore(Store):
         key_hash = bytes(key_hash)
         async with self._transaction() as session:
             row = await session.fetchrow(
-                """UPDATE registration_keys SET used_at = $2, used_by_agent = $3
+                f"""UPDATE registration_keys SET used_at = $2, used_by_agent = $3
                    WHERE key_hash = $1 AND used_at IS NULL AND revoked_at IS NULL
                          AND expires_at > $2
                          AND (CAST($4 AS TEXT) IS NULL OR team_id = CAST($4 AS TEXT))
-                   RETURNING *""",
+                         AND NOT {_CREATOR_DISABLED}
+                   RETURNING *""",  # noqa: S608 - a constant, no input
                 key_hash, now, agent_id, expected_team_id,
             )  # fmt: skip
             if row is None:
@@ -856,6 +897,13 @@ class SqlStore(Store):
         key = _registration_key(row)
         if expected_team_id is not None and key.team_id != expected_team_id:
             return UnusableReason.UNKNOWN
+        creator_disabled = await session.fetchrow(
+            f"SELECT 1 AS disabled FROM registration_keys WHERE key_hash = $1 "  # noqa: S608
+            f"AND {_CREATOR_DISABLED}",
+            key_hash,
+        )
+        if creator_disabled is not None and key.unusable_reason(now) is None:
+            return UnusableReason.REVOKED
         # Nothing else can make the conditional update miss; USED covers a lost race.
         return key.unusable_reason(now) or UnusableReason.USED
 
@@ -1729,6 +1777,18 @@ def _agent_listing(rows: Sequence[Row], limit: int | None) -> AgentListing:
     if more:
         del agents[limit:]
     return AgentListing(policy_version=int(version or 0), agents=agents, more=more)
+
+
+# Whether a registration_keys row was made by a disabled operator, directly or through one of
+# its API keys: such a key is refused at use even if the disable's revocation missed it (it
+# was being created as the disable committed).
+_CREATOR_DISABLED = """EXISTS (
+    SELECT 1 FROM operators creator
+    WHERE creator.team_id = registration_keys.team_id AND creator.disabled_at IS NOT NULL
+      AND (creator.id = registration_keys.created_by
+           OR creator.id IN (SELECT api_key.created_by FROM api_keys api_key
+                             WHERE api_key.team_id = registration_keys.team_id
+                               AND api_key.id = registration_keys.created_by)))"""
 
 
 def _api_key(row: Row) -> ApiKey:

@@ -48,7 +48,7 @@ async def _request_while_disabling(
                 with trio.fail_after(15):
                     await entered.wait()
                 status, _ = await _disable(service, admin, alice.operator_id)
-                assert status == 204
+                assert status == 200
                 disabled.set()
             response = answers["session"]
             assert response.status_code == 403, response.text

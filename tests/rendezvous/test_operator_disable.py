@@ -142,7 +142,7 @@ async def test_the_last_active_admin_cannot_be_disabled(store: Store, tmp_path: 
         assert Action.OPERATOR_REVOKED.value not in await service.audit_actions(team)
         # With a second admin, either may go; then the other is the last one again.
         second = await service.operator(team, "admin")
-        assert (await _disable(service, admin, second.operator_id))[0] == 204
+        assert (await _disable(service, admin, second.operator_id))[0] == 200
         assert (await _disable(service, admin, admin.operator_id))[0] == 409
         stored = await store.get_operator(team, admin.operator_id)
         assert stored is not None and stored.is_active()
@@ -183,7 +183,7 @@ async def test_disabling_an_operator_asks_the_agent_to_end_only_its_open_session
             await _take_offer(channel, others)
             await _settled(channel)
             status, _ = await _disable(service, admin, op2.operator_id)
-            assert status == 204
+            assert status == 200
             message = await channel.receive("end_sessions")
             assert message["reason"] == "operator_disabled"
             assert sorted(message["ids"]) == sorted([running, offered])
@@ -222,7 +222,7 @@ async def test_an_agent_offline_at_the_disable_is_asked_when_it_reports_its_sess
             await _take_offer(channel, kept)
             await _settled(channel)
         # The channel is down (network), the sessions run on through the relay.
-        assert (await _disable(service, admin, op2.operator_id))[0] == 204
+        assert (await _disable(service, admin, op2.operator_id))[0] == 200
         async with agent_channel(url, agent) as back:
             await back.send({"type": "live_sessions", "ids": [running, kept]})
             message = await back.receive("end_sessions")
@@ -243,7 +243,7 @@ async def test_an_agent_running_no_session_of_the_operator_is_told_nothing(
             mine = await _request(service, admin)
             await _take_offer(channel, mine)
             await _settled(channel)
-            assert (await _disable(service, admin, op2.operator_id))[0] == 204
+            assert (await _disable(service, admin, op2.operator_id))[0] == 200
             await _no_end_sessions(channel)
             await channel.send({"type": "live_sessions", "ids": [mine]})
             assert not [m for m in await _settled(channel) if m["type"] == "end_sessions"]
@@ -277,7 +277,7 @@ async def test_an_operator_disabled_on_one_instance_has_its_sessions_ended_on_an
             running = await _request(instance_a, op2)
             await _take_offer(channel, running)
             await _settled(channel)
-            assert (await _disable(instance_a, admin, op2.operator_id))[0] == 204
+            assert (await _disable(instance_a, admin, op2.operator_id))[0] == 200
             message = await channel.receive("end_sessions")
             assert message["ids"] == [running] and message["reason"] == "operator_disabled"
 

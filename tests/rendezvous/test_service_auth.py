@@ -309,7 +309,7 @@ async def test_disabled_operator_loses_all_tokens_and_cannot_log_in(
     admin = await service.operator(team)
     victim = await service.operator(team, "operator")
     response = await service.call(admin, "POST", f"/v1/operators/{victim.operator_id}/disable")
-    assert response.status_code == 204
+    assert response.status_code == 200
     assert await _whoami(service, victim, victim.token) == 401
     login = await service.http.post(
         "/v1/auth/login", json=await service.login_envelope(victim.identity)
