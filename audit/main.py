@@ -99,10 +99,12 @@ _SHOW_EPILOG = """\
 Exit status as for 'verify' (0 shown, 1 invalid, 2 unreadable, 3 wrong key, 130, 141): on any
 failure nothing but the verdict is printed. With --json: {"records": [...], "verification":
 <the verify --json result>}; each record has seq, time, action, actor (kind, id, display: who
-acted, by= on a line), agent_id, agent_name, operator and operator_id (whom the record is about:
-the target of operator.*, the requester of approval.*, the operator of session.*), session_id,
-command, approved_by, policy_result (outcome, rule_id, reason; null if the record has none),
-signed_by, signer_key_id.
+acted, by= on a line), agent_id, agent_name, operator and operator_id (as in earlier releases:
+the operator who acted, else the operator of the record's session), subject and subject_id
+(whom the record is about, operator= on a line: the target of operator.*, the requester of
+approval.*, the operator of session.*), session_id, command, approved_by, policy_result
+(outcome, rule_id, reason, from a record the service signed; else null), agent_policy_result
+(the same from a record the agent's own key signed: the agent's word), signed_by, signer_key_id.
 """
 
 _KEY_EPILOG = """\
@@ -188,9 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Verify the bundle exactly as 'verify' does, then print the records that match,\n"
             "one per line: log time (UTC), action, who acted (by=), the agent and the\n"
             "operator it is about (operator=: the target of operator.*, the requester of\n"
-            "approval.*, the operator of session.*), session, policy decision and rule, who\n"
-            "approved a session, and the command. Nothing is shown from a bundle that does\n"
-            "not verify. Control characters in records are shown escaped, never raw."
+            "approval.*, the operator of session.*), session, policy decision and rule\n"
+            "(decision=, rule=: the service's; agent_decision=, agent_rule=: what the agent's\n"
+            "own key signed, never matched by --decision), who approved a session, and the\n"
+            "command. A value holding whitespace, '=', '\"' or '\\' is quoted (\"…\", with \\\"\n"
+            "and \\\\), so no record can add a field; an operator email an agent wrote is shown\n"
+            "only if it is an email. Nothing is shown from a bundle that does not verify.\n"
+            "Control characters in records are shown escaped, never raw."
         ),
         epilog=_SHOW_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -208,8 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--actor", metavar="ID", help="only records by this actor (operator email "
                       "or id, agent id, api key id; by= on a line)")  # fmt: skip
     show.add_argument("--decision", metavar="OUTCOME", choices=[o.value for o in PolicyOutcome],
-                      help="only records whose policy result is OUTCOME (allow, deny, "
-                      "approval_required, approved, denied), e.g. --decision deny "
+                      help="only records whose policy result, as the service signed it, is OUTCOME "
+                      "(allow, deny, approval_required, approved, denied), e.g. --decision deny "
                       "--action session.decision for denied requests")  # fmt: skip
     show.add_argument("--action", metavar="PREFIX", help="only actions starting with PREFIX "
                       "(e.g. session. or approval.approved)")  # fmt: skip

@@ -37,6 +37,7 @@ from protocol.policy import (
     sign_policy_bundle,
 )
 from protocol.policy.document import MAX_POLICY_SIZE, Policy
+from protocol.policy.errors import PolicyDocumentError
 
 EXIT_OK = 0
 EXIT_DECLINED = 1
@@ -175,6 +176,31 @@ def with_version(policy_text: str, version: int) -> str:
         "cannot find the policy's 'version = N' line to raise it; edit the document and use "
         "'tucdesk policy set FILE'"
     )
+
+
+# policy_show prints this many '#' lines above the policy text.
+POLICY_SHOW_HEADER_LINES = 3
+
+
+def check_policy_in_force(content: PolicyBundleContent) -> None:
+    """Refuse, saying the way out, when the policy in force (signed under older checks) fails
+    today's: no new version can carry it, so ``roster sign`` must not offer to sign."""
+    try:
+        parse_policy(content.policy_text)
+    except PolicyDocumentError as error:
+        where = (
+            "" if error.line is None
+            else f" (line {error.line + POLICY_SHOW_HEADER_LINES} of that file)"
+        )  # fmt: skip
+        version, next_version = content.version, content.version + 1
+        raise PolicyCommandError(
+            f"the policy in force (version {version}) fails this release's checks, so it "
+            f"cannot be signed again with the roster: {error.detail}. Agents keep the roster "
+            f"signed in version {version} (a key disabled since still works on them) until "
+            "you fix the policy: 'tucdesk policy show > policy.toml', correct it"
+            f"{where} and set version = {next_version}, 'tucdesk policy set policy.toml' "
+            "(it keeps the signed roster), then 'tucdesk roster sign' again"
+        ) from None
 
 
 def read_policy_file(path: Path) -> tuple[str, Policy]:
@@ -403,6 +429,7 @@ def roster_sign(
         if not changes and not tags:
             print("nothing to sign: the signed roster matches the team")
             return EXIT_OK
+        check_policy_in_force(content)  # before anything is asked: it could not be signed
         next_version = state.version + 1
         print(f"signing roster changes into policy version {next_version} "
               "(same policy rules):")

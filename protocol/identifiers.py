@@ -4,7 +4,8 @@ Ids are random strings with a prefix naming the kind (``agt_mfrggzdfmztwq2lk``),
 ``new_id``; ``is_issued_id`` recognises exactly that form. Agent tags are what an admin may
 assign: lower-case, 1..MAX_TAG_LENGTH of a-z 0-9 - _ . : =. The rendezvous makes ids and checks
 tags with these; a policy document refuses an id or tag outside these forms, since it could
-never match an agent.
+never match an agent. Agent names are host names (``HOSTNAME_PATTERN``: what registration
+accepts), so a policy's name globs may hold only those characters and glob syntax.
 """
 
 from __future__ import annotations
@@ -12,8 +13,14 @@ from __future__ import annotations
 import base64
 import re
 import secrets
+import string
 
 ID_RANDOM_BYTES = 10
+MAX_HOSTNAME_LENGTH = 253
+# What agent registration accepts as a host name, and so every agent name there is.
+HOSTNAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+HOSTNAME_CHARACTERS = frozenset(string.ascii_letters + string.digits + "._-")
+HOSTNAME_FORM = "a letter or digit, then up to 252 of A-Z a-z 0-9 . _ -"
 AGENT_ID_PREFIX = "agt"
 MAX_TAG_LENGTH = 64
 TAG_CHARACTERS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-_.:=")
@@ -45,3 +52,8 @@ def id_form(prefix: str) -> str:
 def is_agent_tag(tag: str) -> bool:
     """Whether ``tag`` is a tag an admin can assign: TAG_FORM exactly (so already lower-case)."""
     return 0 < len(tag) <= MAX_TAG_LENGTH and set(tag) <= TAG_CHARACTERS
+
+
+def is_hostname(text: str) -> bool:
+    """Whether ``text`` is a host name agent registration accepts (HOSTNAME_FORM exactly)."""
+    return HOSTNAME_PATTERN.fullmatch(text) is not None

@@ -3,7 +3,6 @@ and removing an agent (an admin cutting off a lost or retired host for good)."""
 
 from __future__ import annotations
 
-import re
 from typing import Any, NoReturn
 
 from fastapi import APIRouter
@@ -13,6 +12,9 @@ from pydantic import BaseModel
 from audit.trust import agent_registration_context
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError, ReplayError
+from protocol.identifiers import HOSTNAME_PATTERN as HOSTNAME_PATTERN  # the one definition
+from protocol.identifiers import MAX_HOSTNAME_LENGTH as MAX_HOSTNAME_LENGTH
+from protocol.identifiers import is_hostname
 from protocol.identity import PublicIdentity, b64url, b64url_decode
 from protocol.signed_payload import unverified_fields
 from rendezvous.agent_list_query import (
@@ -54,9 +56,7 @@ from rendezvous.store.base import TagsChanged
 from rendezvous.team_policy import enrollment_trust
 
 router = APIRouter(tags=["agents"])
-MAX_HOSTNAME_LENGTH = 253
 MAX_MACHINE_FINGERPRINT_LENGTH = 256
-HOSTNAME_PATTERN = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]{0,252})$")
 AGENT_LIST_PATH = "/agents"
 NO_SUCH_AGENT = "no such agent in your team"
 
@@ -95,7 +95,7 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
     machine = fields.get("machine_fingerprint")
     if not has_shape(secret, REGISTRATION_KEY_PREFIX):
         await _refuse(ctx, key, "malformed_key", "the registration key is malformed")
-    if not isinstance(hostname, str) or not HOSTNAME_PATTERN.match(hostname):
+    if not isinstance(hostname, str) or not is_hostname(hostname):
         await _refuse(ctx, key, "malformed_payload", "hostname is missing or not a host name")
     if (
         not isinstance(machine, str)

@@ -5,14 +5,19 @@ unknown roles, days, time zones or actions are errors, because in a security pol
 is silently ignored changes who gets in. So is a selector that can never match: an agent id or
 tag outside the forms the rendezvous issues (protocol/identifiers.py: ids are ``agt_`` and 16
 lower-case base32 characters, tags lower-case ``a-z 0-9 - _ . : =``), or an allow rule for a
-role that can never open a session. Ids and tags compare exactly, so ``Web`` is refused rather
-than lower-cased: the signed text must say what is enforced.
+role that can never open a session, a name glob that no host name could match (agent names
+are host names: only A-Z a-z 0-9 . _ - and the glob characters * ? [ ] ! are allowed, no
+spaces, no look-alike letters from other scripts) or an email that is not in Unicode NFKC form
+(the roster compares emails ignoring case but never normalises them, so a decomposed ``é`` or
+a full-width ``ｆ`` would never match). Ids and tags compare exactly, so ``Web`` is refused
+rather than lower-cased: the signed text must say what is enforced.
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
+import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -20,6 +25,7 @@ from typing import Any, TypeVar
 
 from protocol.identifiers import (
     AGENT_ID_PREFIX,
+    HOSTNAME_CHARACTERS,
     TAG_FORM,
     id_form,
     is_agent_tag,
@@ -115,7 +121,7 @@ def parse_policy(
     ``already_signed`` is for a document inside a bundle an admin signed earlier (the one in
     force, an agent's cache): selectors that can never match are let through and still never
     match, so a team's policy stays readable after an upgrade that added those checks. Every
-    new document (``policy set``, ``policy check``, signing, countersigning) is checked fully.
+    new document (``tucdesk policy set``, signing, countersigning) is checked fully.
     """
     text = _decode(source, source_name)
     try:
@@ -270,7 +276,11 @@ class _Validator:
         emails = roles = frozenset[str]()
         if "emails" in data:
             emails = frozenset(
-                self.string_list(data["emails"], (*path, "emails"), self.email_item)
+                self.string_list(
+                    data["emails"],
+                    (*path, "emails"),
+                    self.normal_email_item if self.strict else self.email_item,
+                )
             )
         if "roles" in data:
             listed = self.string_list(data["roles"], (*path, "roles"), self.enum_item(Role))
@@ -303,9 +313,10 @@ class _Validator:
             check_id = self.agent_id_item if self.strict else self.name_item
             ids = frozenset(self.string_list(data["ids"], (*path, "ids"), check_id))
         if "names" in data:
+            check_name = self.name_glob_item if self.strict else self.name_item
             names = tuple(
                 name.lower()
-                for name in self.string_list(data["names"], (*path, "names"), self.name_item)
+                for name in self.string_list(data["names"], (*path, "names"), check_name)
             )
         if "tags" in data:
             check_tag = self.tag_item if self.strict else self.name_item
@@ -414,6 +425,32 @@ class _Validator:
             raise ValueError(f"{text!r} is not an email address")
         return text.lower()
 
+    @classmethod
+    def normal_email_item(cls, text: str) -> str:
+        # The roster keeps an email as the invite gave it (lower-cased, never normalised):
+        # only the NFKC form, the one people type, can be compared with it reliably.
+        email = cls.email_item(text)
+        normal = unicodedata.normalize("NFKC", text)
+        if normal != text:
+            raise ValueError(
+                f"{text!r} ({ascii(text)}) is not in Unicode NFKC form: emails compare as "
+                f"invited, ignoring case only, so it matches no one; write {normal!r} "
+                f"({ascii(normal)})"
+            )
+        return email
+
+    @staticmethod
+    def name_glob_item(text: str) -> str:
+        # Agent names are host names: a glob with any other character never matches one.
+        text = _Validator.name_item(text)
+        problem = _name_glob_problem(text)
+        if problem is not None:
+            raise ValueError(
+                f"name {text!r} can never match an agent: {problem} (agent names are host "
+                "names: A-Z a-z 0-9 . _ -, matched ignoring case; globs may add * ? [ ] [! ])"
+            )
+        return text
+
     @staticmethod
     def agent_id_item(text: str) -> str:
         # Compared exactly: an id the store could never issue would never match an agent.
@@ -443,3 +480,40 @@ class _Validator:
             raise ValueError(f"must be 1..{MAX_NAME_LENGTH} printable characters")
         return text
 
+
+def _name_glob_problem(glob: str) -> str | None:
+    """Why the name glob ``glob`` can match no host name, or None if it may match one."""
+    index, first = 0, True
+    while index < len(glob):
+        char = glob[index]
+        if char in "*?":
+            index += 1
+        elif char == "[":
+            end = glob.find("]", index + 1)
+            if end == -1:
+                return "'[' opens a set that no ']' closes"
+            members = glob[index + 1 : end]
+            negated = members.startswith("!")
+            members = members.removeprefix("!")
+            if not members:
+                return "'[]' is an empty set"
+            # A set of other characters never matches a host name's; '[!é]' is harmless.
+            strange = [member for member in members if member not in HOSTNAME_CHARACTERS]
+            if strange and not negated:
+                return f"the set {glob[index : end + 1]!r} holds {_character(strange[0])}"
+            index = end + 1
+        elif char not in HOSTNAME_CHARACTERS:
+            what = "a space" if char.isspace() else _character(char)
+            return f"it holds {what}, which no host name does"
+        elif first and not char.isalnum():
+            return f"a host name never starts with {char!r}"
+        else:
+            index += 1
+        first = False
+    return None
+
+
+def _character(char: str) -> str:
+    """A character named for an error message: ``'Ь' (CYRILLIC CAPITAL LETTER SOFT SIGN)``."""
+    name = unicodedata.name(char, "")
+    return f"{char!r} ({name})" if name else repr(char)

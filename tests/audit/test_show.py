@@ -96,7 +96,8 @@ def test_a_started_session_names_who_approved_it(
     [started] = lines
     assert "approved_by=bob@example.com" in started
     assert "operator=alice@example.com" in started and "agent=web-1 (agent-1)" in started
-    assert "command=sh -c 'echo \\e[2J'" in started  # the session's requested command
+    # The session's requested command, quoted as one value (it holds spaces).
+    assert "command=\"sh -c 'echo \\e[2J'\"" in started
 
 
 def test_the_executed_command_is_quoted_as_it_runs_with_escapes(
@@ -105,7 +106,8 @@ def test_the_executed_command_is_quoted_as_it_runs_with_escapes(
     code, lines = show(files, capsys, "--action", "session.command")
     assert code == 0
     [command] = lines
-    assert command.endswith("command=sh -c $'echo \\e[2Jrm -rf / \\u202egnp.exe\\nid'")
+    # bash's $'…' form, as one quoted value: its own backslashes doubled.
+    assert command.endswith("command=\"sh -c $'echo \\\\e[2Jrm -rf / \\\\u202egnp.exe\\\\nid'\"")
     assert "operator=alice@example.com" in command  # joined through the session
 
 

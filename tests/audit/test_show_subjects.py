@@ -100,11 +100,11 @@ def test_a_revocation_names_the_admin_as_by_and_the_revoked_operator(
 ) -> None:
     [revoked] = show(files, capsys, "--action", "operator.revoked")
     assert "by=operator:op-alice (alice@alpha.test)" in revoked
-    assert "operator=erin@alpha.test\\e[2K\\rroot" in revoked  # escaped, never raw
+    assert 'operator="erin@alpha.test\\e[2K\\rroot"' in revoked  # escaped and quoted, never raw
     assert revoked.isprintable() and "operator=alice" not in revoked
     # A revoked token is about the operator it was issued to (joined by its jti).
     [token] = show(files, capsys, "--action", "operator.token_revoked")
-    assert "by=operator:op-alice" in token and "operator=erin@alpha.test" in token
+    assert "by=operator:op-alice" in token and 'operator="erin@alpha.test' in token
 
 
 def test_operator_finds_records_by_or_about_them_and_actor_only_by_them(
@@ -141,7 +141,7 @@ def test_a_session_decision_shows_its_outcome_and_rule_and_can_be_filtered(
 ) -> None:
     [denied] = show(files, capsys, "--decision", "deny")
     assert " session.decision " in denied and "operator=carol@alpha.test" in denied
-    assert "decision=deny rule=no-\\e[31mprod" in denied and denied.isprintable()
+    assert 'decision=deny rule="no-\\e[31mprod"' in denied and denied.isprintable()
     assert show(files, capsys, "--decision", "allow") == []
     code = main(["show", str(files[0]), "--key", str(files[1]), "--json",
                  "--action", "session.decision"])  # fmt: skip
