@@ -31,8 +31,12 @@ CONFIG_ENVIRONMENT = ENVIRONMENT_PREFIX + "CONFIG"
 # Read when present, as root, if no file is named by --config or TUCDESK_AGENT_CONFIG.
 SYSTEM_CONFIG_FILE = Path("/etc/tucdesk/agent.toml")
 CONFIG_TABLE = "agent"
-# A top-level table this close to [agent] (difflib ratio) is taken for a typo and refused.
-MISSPELT_TABLE_RATIO = 0.8
+# A top-level table this close to [agent] (difflib ratio) is taken for a typo and refused:
+# one letter added or changed at the end ([agentt], [agents], [agentd]: 0.91), not another tool's
+# name that contains it ([reagent], [magenta]: 0.83). In a file without [agent], whose settings
+# would all be ignored, letters swapped too ([agnet]: 0.8).
+MISSPELT_TABLE_RATIO = 0.9
+MISSPELT_TABLE_RATIO_WITHOUT_AGENT = 0.8
 MAX_CONFIG_FILE_SIZE = 64 * 1024
 SYSTEM_STATE_DIR = Path("/var/lib/tucdesk-agent")
 STATE_FILE_NAME = "agent.state"
@@ -92,6 +96,9 @@ SETTING_HELP: dict[str, str] = {
     f"{login_records.UTMP_FILE})",
     "wtmp_file": "wtmp file PTY sessions' logins and logouts are appended to, for last "
     f"(default {login_records.WTMP_FILE})",
+    "audit_login_uid": "as root, give each session's processes the session user's audit login "
+    "uid, as sshd does, so auditd attributes their actions to that user (false saves about "
+    "4-5 ms of the agent's CPU per exec session where no auditd reads login uids)",
     "kill_leftover_processes": "when a session's shell or command exits, kill every process "
     "it left behind (nohup and background jobs too) and stop reading its output; off: they "
     "run on and an exec session's output is read to its end, as with ssh",
@@ -133,6 +140,8 @@ class AgentConfig:
     # elsewhere (login_records.UTMP_FILE, WTMP_FILE) instead of the host's own files.
     utmp_file: Path = field(default_factory=lambda: login_records.UTMP_FILE)
     wtmp_file: Path = field(default_factory=lambda: login_records.WTMP_FILE)
+    # As root: each session's audit login uid is the session user's (sshd's pam_loginuid).
+    audit_login_uid: bool = True
 
     @property
     def session_umask_bits(self) -> int:
@@ -282,18 +291,23 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 
 def _refuse_misspelt_tables(path: Path) -> None:
-    """ConfigError for a table named almost like [agent] ([agentt], [Agent]): its settings
-    would be silently ignored. Tables of other tools in a shared file stay allowed."""
+    """ConfigError for a table named almost like [agent] ([agentt], [agents], [Agent]; without
+    an [agent] table also [agnet]): its settings would be silently ignored. Tables of other
+    tools in a shared file stay allowed, even with "agent" in their name ([reagent],
+    [magenta], [tucdesk-agent])."""
     try:  # read_config_table has checked that it parses and its size
         with path.open("rb") as handle:
             parsed = tomllib.loads(handle.read(MAX_CONFIG_FILE_SIZE + 1).decode("utf-8"))
     except (OSError, ValueError):
         return  # replaced since: its settings were read, nothing more to say
+    threshold = (
+        MISSPELT_TABLE_RATIO if CONFIG_TABLE in parsed else MISSPELT_TABLE_RATIO_WITHOUT_AGENT
+    )
     for name, value in parsed.items():
         if name == CONFIG_TABLE or not isinstance(value, dict):
             continue
         ratio = difflib.SequenceMatcher(None, name.lower(), CONFIG_TABLE).ratio()
-        if name.lower() == CONFIG_TABLE or ratio >= MISSPELT_TABLE_RATIO:
+        if name.lower() == CONFIG_TABLE or ratio >= threshold:
             raise ConfigError(
                 f"{path}: unknown table [{name}]; did you mean [{CONFIG_TABLE}]?"
             )

@@ -52,6 +52,8 @@ TEARDOWN_KILL_WAIT_SECONDS = 2.0
 # What a session's files get unless the config says otherwise (session_umask): sshd's and
 # login.defs' default, not the daemon's own 0077.
 DEFAULT_SESSION_UMASK = 0o022
+# What a session's child that cannot drop root to the session user writes to its stderr.
+SWITCH_REFUSAL_PREFIX = "tucdesk-agent: cannot switch to uid"
 DEFAULT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 FALLBACK_SHELL = "/bin/sh"
 PROC_ROOT = Path("/proc")
@@ -240,8 +242,13 @@ def child_start_options(
     The login uid must be written before root is dropped, and subprocess's own ``user`` option
     switches before any ``preexec_fn`` runs: when one is written, the child switches itself.
     Without anything to do in the child, none is run: a child without Python code in it that
-    keeps the agent's uid is started with vfork, about three times faster (writing the login
-    uid costs a root session's start about 1.1 ms of the agent's CPU, as a fork).
+    keeps the agent's uid is started with vfork. Writing the login uid makes it a fork, which
+    copies the daemon's page tables: a root-as-root exec session then costs about 4-5 ms more
+    of the agent's CPU (measured: 9 -> 13 ms a session; more as the daemon grows), which the
+    ``audit_login_uid = false`` setting saves where no auditd reads login uids. (posix_spawn
+    cannot write a login uid; a small exec helper that writes it and execs would keep vfork.)
+    A child that cannot take the account's groups or uid writes why to its stderr (the
+    operator's) and exits 126, as a shell does for a command it cannot run.
     """
     credentials = credential_options(account)
     reset = controlling_terminal or signals_need_reset()
@@ -263,6 +270,9 @@ def _child_preparation(
     login_uid: int | None,
     switch: tuple[int, int, list[int]] | None,
 ) -> Callable[[], None]:
+    # Made here: the forked child of a threaded daemon should allocate as little as it can.
+    refusal = f"{SWITCH_REFUSAL_PREFIX} {switch[0]}: ".encode() if switch is not None else b""
+
     def prepare() -> None:
         # In the child, after setsid() and umask(), before exec.
         if reset:
@@ -273,9 +283,14 @@ def _child_preparation(
             set_login_uid(login_uid)
         if switch is not None:
             uid, gid, groups = switch
-            os.setgroups(groups)
-            os.setresgid(gid, gid, gid)
-            os.setresuid(uid, uid, uid)
+            try:
+                os.setgroups(groups)
+                os.setresgid(gid, gid, gid)
+                os.setresuid(uid, uid, uid)
+            except OSError as error:
+                # Raised, it would reach the operator as "Exception occurred in preexec_fn."
+                os.write(2, refusal + os.strerror(error.errno or errno.EPERM).encode() + b"\n")
+                os._exit(EXIT_CANNOT_EXECUTE)
 
     return prepare
 

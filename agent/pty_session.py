@@ -349,25 +349,29 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
     session = PtySession(leader, master_fd, terminal_device)
     if login_uid_applies():
         check_login_uid(process.pid, account.uid)
-    # Written once the shell runs (its pid is the entry's), as sshd does; ended after teardown.
+    # Handed to the daemon's login record writer (the session never waits for it) once the
+    # shell runs (its pid is the entry's), as sshd does; the logout after teardown but before
+    # the master is closed, as sshd's record_logout before pty_release: the kernel gives the
+    # terminal's number to the next PTY at once, whose login must come after this logout.
     files = spec.login_records
     login = LoginEntry.for_terminal(terminal_name, account.name, spec.operator, process.pid)
     forced = True
     try:
         if files is not None:
-            await record_login(files, login)
+            record_login(files, login)
         yield session
         forced = False
     finally:
         hung_up_or_ended = session.ended_normally or session.hung_up
-        if hung_up_or_ended and not (forced or spec.kill_leftover_processes):
-            await leader.release()
-        else:
-            await leader.terminate(spec.teardown_grace)
-        close_fd(master_fd)
-        if files is not None:
-            with trio.CancelScope(shield=True):
-                await record_logout(files, login)
+        try:
+            if hung_up_or_ended and not (forced or spec.kill_leftover_processes):
+                await leader.release()
+            else:
+                await leader.terminate(spec.teardown_grace)
+        finally:
+            if files is not None:
+                record_logout(files, login)
+            close_fd(master_fd)
 
 
 def reads_terminal(pid: int, terminal_device: int) -> bool:

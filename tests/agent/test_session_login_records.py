@@ -155,6 +155,7 @@ async def test_a_pty_session_is_a_login_in_who_and_last_while_it_runs(
 
         async def log_in_and_leave() -> None:
             await ready.wait()
+            await login_records.wait_for_login_records()  # written in the background
             listed.append(who(files))
             await session.send_input(b"\n")
 
@@ -168,6 +169,7 @@ async def test_a_pty_session_is_a_login_in_who_and_last_while_it_runs(
     assert b"mask=0027" in output
     if login_records.login_uid_applies():
         assert f"uid={account.pw_uid} ".encode() in output
+    await login_records.wait_for_login_records()
     assert who(files).strip() == ""
     ended = last(files)
     assert SESSION_USER in ended and "tucdesk:ann@example.com" in ended
@@ -187,6 +189,7 @@ async def test_a_session_goes_on_when_its_login_records_cannot_be_written(
         async with open_pty_session(spec) as session:
             await session.run(lambda stream, data, output=output: _append(output, data))
         assert b"fine" in output
+    await login_records.wait_for_login_records()
     warnings = [record for record in caplog.records if "login records" in record.message]
     assert len(warnings) == 1  # once per daemon, not once per session or per record
     assert str(files.utmp) in warnings[0].message

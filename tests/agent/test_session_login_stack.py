@@ -121,11 +121,15 @@ def test_a_shell_session_is_in_who_while_it_runs_and_in_last_once_it_ended(
         found = re.findall(rb"tty=/dev/(pts/\d+)\.end", bytes(program.output[:end]))
         assert found, bytes(program.output[:end])
         line = found[-1].decode()
-        listed = _who(files)
-        assert re.search(
+        # The agent writes it in the background, without holding the session up.
+        pattern = re.compile(
             rf"^{SESSION_USER}\s+{line}\s.*\(tucdesk:{re.escape(DEFAULT_OPERATOR_EMAIL)}\)$",
-            listed, re.MULTILINE,
-        ), listed
+            re.MULTILINE,
+        )
+        deadline = time.monotonic() + WAIT_SECONDS
+        while not pattern.search(listed := _who(files)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pattern.search(listed), listed
         program.send("exit\r")
         program.wait_for_exit()
     finally:
@@ -141,3 +145,60 @@ def test_a_shell_session_is_in_who_while_it_runs_and_in_last_once_it_ended(
     assert record.startswith(SESSION_USER)
     assert f"tucdesk:{DEFAULT_OPERATOR_EMAIL}" in record
     assert "logged in" not in record and "no logout" not in record
+
+
+def _open_shell(stack: LocalStack) -> tuple[TerminalProgram, str]:
+    env = dict(stack.cli_env(), TERM="xterm-256color", LANG="C.UTF-8")
+    program = TerminalProgram(stack.tucdesk_command("connect", stack.agent_name), env=env)
+    program.send("echo tty=$(tty).'end'\r")
+    end = program.wait_for_output(b".end", 0)
+    found = re.findall(rb"tty=/dev/(pts/\d+)\.end", bytes(program.output[:end]))
+    assert found, bytes(program.output[:end])
+    return program, found[-1].decode()
+
+
+def _utmp_rows(files: LoginRecordFiles) -> list[str]:
+    dumped = subprocess.run(
+        ["utmpdump", str(files.utmp)], capture_output=True, text=True, check=True
+    ).stdout
+    return [row for row in dumped.splitlines() if row.startswith("[7]")]
+
+
+def _wait_for_who(files: LoginRecordFiles, listed: bool, line: str) -> str:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while True:
+        shown = _who(files)
+        if (f" {line} " in shown) == listed or time.monotonic() > deadline:
+            return shown
+
+
+def test_a_stopped_agent_ends_its_logins_and_a_killed_ones_are_ended_at_the_next_start(
+    agent_stack: tuple[LocalStack, LoginRecordFiles],
+) -> None:
+    # Last in this module: it restarts the agent.
+    stack, files = agent_stack
+    program, line = _open_shell(stack)
+    try:
+        assert f" {line} " in _wait_for_who(files, True, line)
+        stack.stop_agent()  # SIGTERM: the session is ended and its logout written before exit
+        assert _who(files).strip() == ""
+    finally:
+        program.close()
+    stack.start_agent()
+    stack.wait_agent_online()
+    program, line = _open_shell(stack)
+    try:
+        assert f" {line} " in _wait_for_who(files, True, line)
+        (shell,) = [row.split()[1] for row in _utmp_rows(files) if f"[{line}" in row]
+        stack.kill_agent()  # no logout: the shell dies with its terminal, its login stays
+        assert f" {line} " in _who(files)
+    finally:
+        program.close()
+    # systemd restarts it RestartSec=5 later; by then the hung-up shell has exited.
+    deadline = time.monotonic() + WAIT_SECONDS
+    while os.path.exists(f"/proc/{int(shell.strip('[]'))}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    stack.start_agent()
+    stack.wait_agent_online()
+    assert _wait_for_who(files, False, line).strip() == ""
+    assert "ended 1 login(s)" in _agent_log(stack)

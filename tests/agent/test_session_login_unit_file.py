@@ -74,6 +74,17 @@ def test_a_restart_signals_only_the_daemon_not_what_sessions_left_running() -> N
     assert _service_settings()["KillMode"] == "process"
 
 
+def test_the_unit_says_that_a_crash_leaves_open_exec_sessions_running() -> None:
+    # KillMode=process signals only the daemon: after a SIGKILL or OOM kill nothing ends the
+    # commands of the sessions that were open (as sshd's sessions survive sshd).
+    comment = " ".join(
+        line.lstrip("# ") for line in UNIT_FILE.read_text().splitlines() if line.startswith("#")
+    )
+    assert "crashes or is killed" in comment
+    assert "exec sessions open then keep running" in comment
+    assert "no session.ended record" in comment
+
+
 def test_the_daemons_own_files_stay_private() -> None:
     # Sessions set session_umask themselves (test_session_login_records.py).
     assert _service_settings()["UMask"] == "0077"
