@@ -16,6 +16,10 @@ class Action(StrEnum):
     """An admin created a one-time operator invite (context: invite id, role)."""
     OPERATOR_INVITE_USED = "operator.invite_used"
     """A new operator enrolled with an invite (context: key thumbprint)."""
+    OPERATOR_INVITE_REVOKED = "operator.invite_revoked"
+    """An unused invite was made unusable (target = ``invite:`` and its id; context: reason,
+    e.g. ``operator_disabled`` when an operator with its email was disabled, and that
+    operator's id and email)."""
     OPERATOR_LOGIN_SUCCEEDED = "operator.login_succeeded"
     """An operator signed the login challenge and received an access token (context: jti)."""
     OPERATOR_LOGIN_FAILED = "operator.login_failed"
@@ -27,7 +31,9 @@ class Action(StrEnum):
     OPERATOR_REVOKE_FAILED = "operator.revoke_failed"
     """An ``operator.revoked`` just recorded did not take effect (target = the same operator;
     context: reason, e.g. ``last_active_admin`` when another admin was disabled first): that
-    earlier record names an attempt, and the operator is still active."""
+    earlier record names an attempt, and the operator is still active. Without such an earlier
+    record, a disable was refused before anything was done (target = ``operator:`` and the id
+    as sent; context: reason ``not_found``, ``not_permitted`` or ``last_active_admin``)."""
     API_KEY_CREATED = "api_key.created"
     """An integration API key was created (never the key itself; its id)."""
     API_KEY_REVOKED = "api_key.revoked"
@@ -52,13 +58,18 @@ class Action(StrEnum):
     AGENT_REMOVED = "agent.removed"
     """An admin removed an agent from the team (target = agent id; context: name, key
     fingerprint): its key never authenticates again, and its name is free for a new agent."""
+    AGENT_REMOVE_FAILED = "agent.remove_failed"
+    """A removal of an agent was refused and nothing was removed (target = the agent id as
+    sent; context: reason ``not_found`` or ``not_permitted``)."""
     AGENT_TAGS_CHANGED = "agent.tags_changed"
     """An admin changed an agent's tags (target = agent id; context: name, old and new tags).
     Agents enforce the new tags once an admin signs them into the roster."""
     AGENT_TAGS_CHANGE_FAILED = "agent.tags_change_failed"
     """An ``agent.tags_changed`` just recorded did not take effect: the agent's tags changed
     meanwhile (context: name, the tags it was to replace and to set, the current tags), so
-    that earlier record names an attempt."""
+    that earlier record names an attempt. Without such an earlier record, a change was refused
+    before anything was done (target = the agent id as sent; context: reason ``not_found`` or
+    ``not_permitted``)."""
     SESSION_REQUESTED = "session.requested"
     """An operator asked for a session to a target."""
     SESSION_DECISION = "session.decision"
@@ -94,6 +105,11 @@ class Action(StrEnum):
     """A parked request expired without a decision."""
     APPROVAL_EXECUTED = "approval.executed"
     """An approved request was carried out."""
+    APPROVAL_DECISION_REFUSED = "approval.decision_refused"
+    """An approval, denial or withdrawal was refused and changed nothing (target =
+    ``approval_request:`` and the id as sent; context: approval_request (that id), decision
+    (``approve``, ``deny`` or ``withdraw``), reason: e.g. ``not_found``, ``own_request``,
+    ``role_may_not_decide``, ``not_requester``, ``already_<state>``)."""
     APPROVAL_SUPERSEDED = "approval.superseded"
     """An ``approval.approved``, ``approval.denied``, ``approval.withdrawn`` or
     ``approval.expired`` just recorded did not take effect: the request was decided, withdrawn

@@ -106,7 +106,8 @@ def disable_summary(answer: dict[str, Any]) -> list[str]:
 
     lines = [
         f"  revoked: {count('revoked_api_keys')} API key(s), "
-        f"{count('revoked_registration_keys')} unused registration key(s); withdrawn: "
+        f"{count('revoked_registration_keys')} unused registration key(s), "
+        f"{count('revoked_invites')} unused invite(s); withdrawn: "
         f"{count('withdrawn_approval_requests')} pending approval request(s)"
     ]
     if isinstance(answer.get("roster_pending"), str):

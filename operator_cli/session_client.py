@@ -642,7 +642,9 @@ async def _meet_at_relay(
             await trio.sleep(REFUSAL_POLL_SECONDS)
             reason = await probe()
             if reason is not None:
-                outcome.append(SessionRefused(f"the agent refused the session: {reason}"))
+                # Refused by the agent or by the rendezvous (an operator disabled
+                # meanwhile): the reason says which.
+                outcome.append(SessionRefused(f"the session was refused: {reason}"))
                 scope.cancel()
                 return
 

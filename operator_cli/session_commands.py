@@ -197,7 +197,11 @@ def offer_refusal_probe(api: Session, session_id: str) -> RefusalProbe:
         except ApiError as error:
             # Disabled after the ticket was issued: the rendezvous refused the offer for that,
             # but answers a disabled operator nothing more (not even its session's state).
-            if error.status in (401, 403) and OPERATOR_DISABLED_MESSAGE in error.message:
+            # The code since the rendezvous sends one (its 401 body's error); the text for one
+            # that does not yet.
+            if error.code == OPERATOR_DISABLED_REASON or (
+                error.status in (401, 403) and OPERATOR_DISABLED_MESSAGE in error.message
+            ):
                 return f"{OPERATOR_DISABLED_REASON} ({error.message})"
             return None  # cannot tell; the relay's pairing timeout still bounds the wait
         except HttpError:

@@ -61,6 +61,9 @@ UNAUDITED_REASON = "not recorded in the audit log; ask again"
 # and why an approval is refused at use once the approver is disabled.
 OPERATOR_DISABLED_REASON = "operator_disabled"
 APPROVER_DISABLED_REASON = "approver_disabled"
+# Reasons of approval.decision_refused records given in more than one place.
+ROLE_MAY_NOT_DECIDE = "role_may_not_decide"
+OWN_REQUEST = "own_request"
 
 
 class ApprovalPending(Conflict):
@@ -70,9 +73,32 @@ class ApprovalPending(Conflict):
 
 
 class ApprovalUnusable(Conflict):
-    """The approval request cannot be used: expired, already used, or for something else."""
+    """The approval request cannot be used: expired, already used, or for something else.
+
+    ``refusal`` is the reason a refused decision's ``approval.decision_refused`` record gives;
+    None where the refusal is recorded otherwise (``approval.superseded``).
+    """
 
     code = "approval_unusable"
+
+    def __init__(self, message: str, refusal: str | None = "unusable") -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+class DecisionRefused(Forbidden):
+    """The caller may not make this decision or withdrawal (a plain 403 ``forbidden``);
+    ``refusal`` is the reason its ``approval.decision_refused`` record gives."""
+
+    def __init__(self, message: str, refusal: str) -> None:
+        super().__init__(message)
+        self.refusal = refusal
+
+
+class ApprovalInvalid(BadRequest):
+    """The submitted signed approval does not verify for this request (a plain 400)."""
+
+    refusal = "approval_invalid"
 
 
 class ApprovalDenied(Forbidden):
@@ -209,11 +235,18 @@ async def park_request(
         # No audit, no action: a request the log does not know of must never be decided.
         await _retract_unaudited(ctx, request, operator)
         raise
-    if await ctx.store.publish_approval_request(request.team_id, request.id) is None:
+    published = await ctx.store.publish_approval_request(request.team_id, request.id)
+    if published is None:
         # Nothing else moves a RECORDING request, so only a vanished row lands here; it is
         # recorded as requested but can never be decided or used.
         logger.error("approval request %s was not recording when published", request.id)
         raise ServiceUnavailable("the approval request could not be stored; ask again")
+    # Checked again once pending: a disable that committed while this request was RECORDING
+    # withdrew only the requests pending then. One committing after this check finds it.
+    requester = await ctx.store.get_operator(operator.team_id, operator.id)
+    if requester is None or not requester.is_active():
+        await _withdraw_of_disabled(ctx, actor, published, withdrawn_by=None)
+        raise Forbidden("this operator is disabled; ask an admin")
     return {
         "approval_request": {
             "id": request.id,
@@ -288,15 +321,21 @@ async def load_request(ctx: ServiceContext, team_id: str, request_id: str) -> Ap
 def check_may_decide(caller: Operator, request: ApprovalRequest) -> None:
     """Forbidden unless the caller holds an approving role and is not the requester."""
     if caller.role not in APPROVER_ROLES:
-        raise Forbidden(f"the {caller.role} role may not approve or deny (approver or admin may)")
+        raise DecisionRefused(
+            f"the {caller.role} role may not approve or deny (approver or admin may)",
+            ROLE_MAY_NOT_DECIDE,
+        )
     if caller.id == request.requester_id or caller.email.lower() == request.requester_email:
-        raise Forbidden("nobody may approve or deny their own request")
+        raise DecisionRefused("nobody may approve or deny their own request", OWN_REQUEST)
 
 
 def check_pending(request: ApprovalRequest) -> None:
     """Conflict unless the request still waits for a decision."""
     if request.state is not ApprovalState.PENDING:
-        raise ApprovalUnusable(f"the approval request is already {request.state.value}")
+        raise ApprovalUnusable(
+            f"the approval request is already {request.state.value}",
+            f"already_{request.state.value}",
+        )
 
 
 async def check_requester_active(ctx: ServiceContext, request: ApprovalRequest) -> None:
@@ -306,7 +345,8 @@ async def check_requester_active(ctx: ServiceContext, request: ApprovalRequest) 
     if requester is None or not requester.is_active():
         raise ApprovalUnusable(
             f"{request.requester_email} is disabled: their request can no longer be approved "
-            "or denied"
+            "or denied",
+            "requester_disabled",
         )
 
 
@@ -320,24 +360,33 @@ async def withdraw_requests_of_disabled(
     for request in pending:
         if request.requester_id != operator.id:
             continue
-        await ctx.audit.record(
-            request.team_id, actor=actor, action=Action.APPROVAL_WITHDRAWN,
-            target=request.agent_id,
-            details={"approval_request": request.id, "requester": request.requester_email,
-                     "policy_version": request.policy_version,
-                     "reason": OPERATOR_DISABLED_REASON},
-        )  # fmt: skip
-        decided = await ctx.store.decide_approval_request(
-            request.team_id, request.id, ApprovalState.WITHDRAWN,
-            decided_by=withdrawn_by.id if withdrawn_by else "service",
-            decided_by_email=withdrawn_by.email if withdrawn_by else "",
-            reason=OPERATOR_DISABLED_REASON, approval=None, now=ctx.now(),
-        )  # fmt: skip
-        if decided is None:
-            await _record_superseded(ctx, actor, request, Action.APPROVAL_WITHDRAWN)
-            continue
-        withdrawn += 1
+        if await _withdraw_of_disabled(ctx, actor, request, withdrawn_by=withdrawn_by):
+            withdrawn += 1
     return withdrawn
+
+
+async def _withdraw_of_disabled(
+    ctx: ServiceContext, actor: Actor, request: ApprovalRequest, *, withdrawn_by: Operator | None
+) -> bool:
+    """Withdraw one pending request of a disabled requester (audited first); False if it was
+    decided meanwhile (then ``approval.superseded`` follows)."""
+    await ctx.audit.record(
+        request.team_id, actor=actor, action=Action.APPROVAL_WITHDRAWN,
+        target=request.agent_id,
+        details={"approval_request": request.id, "requester": request.requester_email,
+                 "policy_version": request.policy_version,
+                 "reason": OPERATOR_DISABLED_REASON},
+    )  # fmt: skip
+    decided = await ctx.store.decide_approval_request(
+        request.team_id, request.id, ApprovalState.WITHDRAWN,
+        decided_by=withdrawn_by.id if withdrawn_by else "service",
+        decided_by_email=withdrawn_by.email if withdrawn_by else "",
+        reason=OPERATOR_DISABLED_REASON, approval=None, now=ctx.now(),
+    )  # fmt: skip
+    if decided is None:
+        await _record_superseded(ctx, actor, request, Action.APPROVAL_WITHDRAWN)
+        return False
+    return True
 
 
 def verify_submitted_approval(
@@ -350,21 +399,22 @@ def verify_submitted_approval(
     """The approver's signed approval, checked as the agent will check it; else an error."""
     if team_policy is None or team_policy.version != request.policy_version:
         raise ApprovalUnusable(
-            "the team's policy changed since this request; the requester must ask again"
+            "the team's policy changed since this request; the requester must ask again",
+            "policy_changed",
         )
     try:
         signed = SignedApproval.from_json(submitted)
         verify_approval(signed, approval_context(request), team_policy.content.roster, now)
     except SelfApprovalError:
-        raise Forbidden("nobody may approve their own request") from None
+        raise DecisionRefused("nobody may approve their own request", OWN_REQUEST) from None
     except ApproverNotAuthorizedError as error:
-        raise Forbidden(f"approval refused: {error}") from None
+        raise DecisionRefused(f"approval refused: {error}", "approver_not_in_roster") from None
     except (ApprovalMismatchError, ApprovalExpiredError) as error:
-        raise BadRequest(f"approval refused: {error}") from None
+        raise ApprovalInvalid(f"approval refused: {error}") from None
     except ApprovalError as error:
-        raise BadRequest(f"approval refused: {error}") from None
+        raise ApprovalInvalid(f"approval refused: {error}") from None
     if signed.statement.approver_thumbprint != caller.key_thumbprint:
-        raise Forbidden("sign the approval with your own operator key")
+        raise DecisionRefused("sign the approval with your own operator key", "not_own_key")
     return signed
 
 
@@ -403,7 +453,7 @@ async def decide_request(
     if decided is None:
         audited_as = Action.APPROVAL_APPROVED if approved else Action.APPROVAL_DENIED
         await _record_superseded(ctx, actor, request, audited_as)
-        raise ApprovalUnusable("the approval request was decided or expired meanwhile")
+        raise ApprovalUnusable("the approval request was decided or expired meanwhile", None)
     return decided
 
 
@@ -413,7 +463,9 @@ async def withdraw_request(
     """The requester takes back a pending request (audited first); Forbidden for anyone else,
     Conflict if it was decided or expired meanwhile (then ``approval.superseded`` follows)."""
     if caller.id != request.requester_id:
-        raise Forbidden("only the operator who made a request may withdraw it")
+        raise DecisionRefused(
+            "only the operator who made a request may withdraw it", "not_requester"
+        )
     check_pending(request)
     await ctx.audit.record(
         request.team_id, actor=actor, action=Action.APPROVAL_WITHDRAWN, target=request.agent_id,
@@ -427,7 +479,7 @@ async def withdraw_request(
     )  # fmt: skip
     if withdrawn is None:
         await _record_superseded(ctx, actor, request, Action.APPROVAL_WITHDRAWN)
-        raise ApprovalUnusable("the approval request was decided or expired meanwhile")
+        raise ApprovalUnusable("the approval request was decided or expired meanwhile", None)
     return withdrawn
 
 
@@ -499,24 +551,35 @@ async def redeemable_approval(
 async def _check_approver_active(
     ctx: ServiceContext, request: ApprovalRequest, requester: Operator, agent: Agent
 ) -> None:
-    """Refuse (audited) an approval whose approver was disabled since: decided at use, so it
-    cannot race the disable. The agent's signed roster still names the approver until an admin
-    signs a new one, so the rendezvous is where this is refused."""
-    approver = (
-        None
-        if request.decided_by is None
-        else await ctx.store.get_operator(request.team_id, request.decided_by)
-    )
-    if approver is not None and approver.is_active():
+    """Refuse (audited) an approval whose approver was disabled since. The agent's signed
+    roster still names the approver until an admin signs a new one, so the rendezvous is where
+    this is refused; the broker checks again once the session row exists (a disable racing
+    this check), see ``approver_active``."""
+    if await approver_active(ctx, request):
         return
-    by = request.decided_by_email or "the approver"
     await ctx.audit.record(
         request.team_id, actor=operator_actor(requester), action=Action.SESSION_REFUSED,
         target=agent.id,
         details={"reason": APPROVER_DISABLED_REASON, "approval_request": request.id,
                  "approved_by": request.decided_by_email or ""},
     )  # fmt: skip
-    raise ApprovalUnusable(f"the approver ({by}) was disabled; ask again")
+    raise approver_disabled_error(request)
+
+
+async def approver_active(ctx: ServiceContext, request: ApprovalRequest) -> bool:
+    """Whether the operator who approved ``request`` is still enabled."""
+    approver = (
+        None
+        if request.decided_by is None
+        else await ctx.store.get_operator(request.team_id, request.decided_by)
+    )
+    return approver is not None and approver.is_active()
+
+
+def approver_disabled_error(request: ApprovalRequest) -> ApprovalUnusable:
+    """What the requester reads when the approver of ``request`` was disabled."""
+    by = request.decided_by_email or "the approver"
+    return ApprovalUnusable(f"the approver ({by}) was disabled; ask again")
 
 
 async def mark_executed(

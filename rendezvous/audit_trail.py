@@ -3,6 +3,11 @@
 "No audit, no action": handlers await ``record`` before they return the action's effect, and
 a failed append fails the request (503) instead of letting it through unrecorded. Events that no
 team can be charged with (a refused registration by an unknown caller) go to ``SERVICE_LOG``.
+
+An authenticated caller's refused request is recorded with ``record_refusal`` in the caller's
+own team log: the id it sent, capped (``refused_id``), and a reason code. A refusal whose record
+cannot be appended still stands (logged, never a 503): nothing happened for the log to hold
+back, and the caller gets the same answer either way.
 """
 
 from __future__ import annotations
@@ -26,8 +31,18 @@ SERVICE_LOG = "_service"
 ADMIN_COMMAND_ACTOR_ID = "tucdesk-rendezvous"
 EXPORT_SPOOL_BYTES = 4 * 1024 * 1024
 EXPORT_CHUNK_BYTES = 64 * 1024
+# Characters of a caller-sent id kept in a refusal's record (the ids the rendezvous issues are
+# far shorter; a request path may be kilobytes).
+MAX_REFUSED_ID_LENGTH = 128
+# Refusal reasons shared by the routes: the id is not in the caller's team (also when it is
+# another team's: both answer, and are recorded, the same), or the caller's role or API key
+# scopes do not allow the request.
+REFUSED_NOT_FOUND = "not_found"
+REFUSED_NOT_PERMITTED = "not_permitted"
 
 __all__ = [
+    "REFUSED_NOT_FOUND",
+    "REFUSED_NOT_PERMITTED",
     "SERVICE_LOG",
     "Action",
     "Actor",
@@ -35,9 +50,15 @@ __all__ = [
     "agent_actor",
     "caller_actor",
     "operator_actor",
+    "refused_id",
     "service_actor",
     "unauthenticated_actor",
 ]
+
+
+def refused_id(sent: str) -> str:
+    """The id a refused request named, as sent, capped at MAX_REFUSED_ID_LENGTH characters."""
+    return sent[:MAX_REFUSED_ID_LENGTH]
 
 
 def operator_actor(operator: Any) -> Actor:
@@ -104,6 +125,27 @@ class AuditTrail:
             raise ServiceUnavailable(
                 "the audit log is unavailable, so the action was not carried out"
             ) from None
+
+    async def record_refusal(
+        self,
+        team_id: str,
+        *,
+        actor: Actor,
+        action: Action,
+        target: str,
+        details: Mapping[str, Any],
+    ) -> bool:
+        """Append the record of a refused request; False if it could not be stored (logged,
+        not raised: the refusal stands, so the caller's answer does not change)."""
+        try:
+            await self.record(team_id, actor=actor, action=action, target=target,
+                              details=details)  # fmt: skip
+        except ServiceUnavailable:
+            # The target is caller-sent text: the log names only the action and reason code.
+            logger.error("a refused request (%s, reason %s) stands unrecorded",
+                         action.value, str(details.get("reason", ""))[:64])  # fmt: skip
+            return False
+        return True
 
     async def record_agent_event(
         self, team_id: str, signed: SignedEvent, agent_id: str, agent_key: PublicIdentity

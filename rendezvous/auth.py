@@ -28,6 +28,16 @@ from rendezvous.credentials import API_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.errors import Forbidden, Unauthorized
 from rendezvous.store import AgentListing, AgentQuery, Operator
 
+# The error code of a disabled operator's 401 (and its auth-failure metric label), so a client
+# tells it from an expired or revoked token without matching the message text.
+OPERATOR_DISABLED = "operator_disabled"
+
+
+class OperatorDisabled(Unauthorized):
+    """The caller's operator is disabled: a 401 whose body's error is ``operator_disabled``."""
+
+    code = OPERATOR_DISABLED
+
 TOKEN_ID_BYTES = 16
 PROOF_NONCE_SCOPE = "request-proof"
 STATE_CHANGING_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -303,4 +313,6 @@ async def _check_proof(
 
 def _fail(ctx: ServiceContext, reason: str, message: str | None = None) -> NoReturn:
     ctx.metrics.auth_failures.labels(reason).inc()
+    if reason == OPERATOR_DISABLED:
+        raise OperatorDisabled(message or "this operator is disabled", reason)
     raise Unauthorized(message or "credentials refused", reason)

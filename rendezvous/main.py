@@ -542,17 +542,15 @@ async def _check_email_free(
     """Refuse an invite for an email (ignoring case) that an enabled operator or a pending
     invite of the team holds: with another role always, with the same one unless
     ``another_key``."""
-    wanted = email.casefold()
+    operators, invites = await store.email_holders(team_id, email, now)
     holders = [
         (f"enabled operator {operator.id}", operator.role,
          "disable that operator first (tucdesk operators disable)")
-        for operator in await store.operators_matching(team_id, email)
-        if operator.is_active() and operator.email.casefold() == wanted
+        for operator in operators
     ] + [
         (f"pending invite {invite.id}", invite.role,
          "use that invite, or wait until it expires")
-        for invite in await store.list_invites(team_id)
-        if invite.email.casefold() == wanted and invite.unusable_reason(now) is None
+        for invite in invites
     ]  # fmt: skip
     for holder, held_role, remedy in holders:
         if held_role != role:

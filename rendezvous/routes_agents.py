@@ -1,5 +1,10 @@
 """Agent registration (a signed payload spending a registration key), the team's agent list,
-and removing an agent (an admin cutting off a lost or retired host for good)."""
+and removing an agent (an admin cutting off a lost or retired host for good).
+
+A refused removal or tag change (the caller may not write agents, or names no agent of its
+team) leaves one ``agent.remove_failed`` or ``agent.tags_change_failed`` record in the CALLER's
+team log with the id as sent: another team's agent id and one that does not exist are answered
+and recorded alike, so neither the answer nor the log says which it was."""
 
 from __future__ import annotations
 
@@ -25,10 +30,13 @@ from rendezvous.agent_list_query import (
 )
 from rendezvous.agent_tags import normalised_tags
 from rendezvous.audit_trail import (
+    REFUSED_NOT_FOUND,
+    REFUSED_NOT_PERMITTED,
     SERVICE_LOG,
     Action,
     agent_actor,
     caller_actor,
+    refused_id,
     unauthenticated_actor,
 )
 from rendezvous.auth import Permission, Principal, authorize
@@ -36,7 +44,7 @@ from rendezvous.context import ServiceContext
 from rendezvous.control_channel import close_removed_agent_channels
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.dependencies import Caller, CallerReadingAgents, Context, RateLimited
-from rendezvous.errors import BadRequest, Conflict, NotFound, Unauthorized
+from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
 from rendezvous.schemas import (
     AgentList,
     AgentTagsRequest,
@@ -199,9 +207,10 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
     live control channel closes at once, and it leaves the list and name resolution (its name
     is free again); its sessions keep their history. Repeating it answers the same removal.
     """
-    authorize(caller, Permission.AGENTS_WRITE)
+    await _authorize_recorded(ctx, caller, agent_id, Action.AGENT_REMOVE_FAILED)
     agent = await ctx.store.get_agent(caller.team_id, agent_id, include_removed=True)
     if agent is None:
+        await _record_refused(ctx, caller, agent_id, Action.AGENT_REMOVE_FAILED, REFUSED_NOT_FOUND)
         raise NotFound(NO_SUCH_AGENT)
     if not agent.is_removed():
         # No audit, no action: the record is durable before the key stops working.
@@ -256,11 +265,14 @@ async def set_agent_tags(
     """Replace the tags of an agent of the caller's team (admins). The change is audited and
     pending, like a roster change: policy (at the rendezvous and on the agent alike) decides on
     the signed tags, so the new ones count once an admin signs them (``tucdesk roster sign``)."""
-    authorize(caller, Permission.AGENTS_WRITE)
+    await _authorize_recorded(ctx, caller, agent_id, Action.AGENT_TAGS_CHANGE_FAILED)
     tags = normalised_tags(body.tags)
     seen = None if body.previous_tags is None else normalised_tags(body.previous_tags)
     agent = await ctx.store.get_agent(caller.team_id, agent_id)
     if agent is None:
+        await _record_refused(
+            ctx, caller, agent_id, Action.AGENT_TAGS_CHANGE_FAILED, REFUSED_NOT_FOUND
+        )
         raise NotFound(NO_SUCH_AGENT)
     previous = list(agent.tags)
     if seen is not None and seen != previous:
@@ -297,6 +309,28 @@ async def set_agent_tags(
     return AgentTagsView(
         id=updated.id, name=updated.name, tags=list(updated.tags), previous_tags=previous
     )
+
+
+async def _authorize_recorded(
+    ctx: ServiceContext, caller: Principal, agent_id: str, refused_as: Action
+) -> None:
+    """``authorize`` for agents:write, a refusal recorded as ``refused_as`` first."""
+    try:
+        authorize(caller, Permission.AGENTS_WRITE)
+    except Forbidden:
+        await _record_refused(ctx, caller, agent_id, refused_as, REFUSED_NOT_PERMITTED)
+        raise
+
+
+async def _record_refused(
+    ctx: ServiceContext, caller: Principal, agent_id: str, refused_as: Action, reason: str
+) -> None:
+    """Record, in the caller's own team log, a removal or tag change refused before anything
+    was done (its answer does not depend on whether the record could be appended)."""
+    await ctx.audit.record_refusal(
+        caller.team_id, actor=caller_actor(caller), action=refused_as,
+        target=refused_id(agent_id), details={"reason": reason},
+    )  # fmt: skip
 
 
 def _shown_tags(tags: list[str]) -> str:

@@ -27,7 +27,14 @@ from rendezvous.audit_trail import (
     operator_actor,
     unauthenticated_actor,
 )
-from rendezvous.auth import Permission, Principal, authorize, issue_access_token
+from rendezvous.auth import (
+    OPERATOR_DISABLED,
+    OperatorDisabled,
+    Permission,
+    Principal,
+    authorize,
+    issue_access_token,
+)
 from rendezvous.context import ServiceContext
 from rendezvous.credentials import INVITE_PREFIX, has_shape, hash_secret, new_challenge
 from rendezvous.dependencies import Caller, Context, RateLimited
@@ -229,6 +236,8 @@ async def _login_failed(
 
 def _auth_failure(ctx: ServiceContext, reason: str, message: str) -> NoReturn:
     ctx.metrics.auth_failures.labels(reason).inc()
+    if reason == OPERATOR_DISABLED:
+        raise OperatorDisabled(message, reason)
     raise Unauthorized(message, reason)
 
 

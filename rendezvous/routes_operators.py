@@ -4,14 +4,18 @@
 token). ``POST /v1/operators/{id}/disable`` takes away everything the operator holds, as
 Teleport's ``tctl lock`` does: it stops the operator's key from logging in, kills every token it
 holds, revokes (in the same store transaction) every API key it created and every unused
-registration key it or those API keys created, withdraws its pending approval requests, and ends
-the sessions it still has open: each session's agent is told over its control channel, on
+registration key it or those API keys created, expires the team's unused invites for its email
+(a second-key invite would bring the person back), withdraws its pending approval requests,
+and ends the sessions it still has open: each session's agent is told over its control channel, on
 whichever instance holds it (rendezvous/offer_bus.py ``end_disabled_operator_sessions``), and
 ends them at once with the reason ``operator_disabled``. Approvals it granted are refused when
 used (rendezvous/approval_gate.py). The answer counts what was revoked, and says when the
 team's signed roster still names the operator: agents keep accepting its key (for grants the
 rendezvous no longer issues) until an admin signs a new roster, which the rendezvous cannot do.
 The team's last active admin cannot be disabled: nobody would be left to manage the team.
+A refused disable (not an admin, no such operator in the caller's team — another team's id is
+answered and recorded alike —, or the last active admin) leaves an ``operator.revoke_failed``
+record with the id as sent in the CALLER's team log.
 
 There is no ``enable``: its audit record would need an action the fixed vocabulary
 (audit/actions.py) does not have, and every action there ships with a new verifier. To bring an
@@ -20,21 +24,29 @@ operator back, invite them again.
 
 from __future__ import annotations
 
+import json
 import logging
+from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
 
 from rendezvous.approval_gate import withdraw_requests_of_disabled
-from rendezvous.audit_trail import Action, caller_actor
+from rendezvous.audit_trail import (
+    REFUSED_NOT_FOUND,
+    REFUSED_NOT_PERMITTED,
+    Action,
+    caller_actor,
+    refused_id,
+)
 from rendezvous.auth import Permission, Principal, authorize
 from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
-from rendezvous.errors import Conflict, NotFound, ServiceUnavailable
+from rendezvous.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
 from rendezvous.offer_bus import end_disabled_operator_sessions
 from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store import Operator, StoreError
-from rendezvous.store.base import DisabledOperator, LastActiveAdmin
+from rendezvous.store.base import LastActiveAdmin, OperatorHoldings
 from rendezvous.team_policy import current_team_policy
 
 logger = logging.getLogger("tucdesk.rendezvous.operators")
@@ -50,6 +62,15 @@ ENDING_SESSIONS_FAILED_MESSAGE = (
     "{email} is disabled (its tokens no longer work), but ending its open sessions failed: "
     "each rendezvous instance retries within a minute (repeating the disable retries now)"
 )
+DISABLED_BUT_INCOMPLETE_MESSAGE = (
+    "{email} IS disabled (its tokens, API keys, registration keys and invites no longer work), "
+    "but the audit log or the store failed after that: the log may be missing records of the "
+    "keys and invites revoked (the operator.revoked record names them), its pending approval "
+    "requests may not be withdrawn and its sessions not ended. Repeat the disable to complete it"
+)
+# How far back (records) a repeated disable looks for the records an earlier one wrote.
+MAX_RECORDS_SCANNED_ON_REPEAT = 10_000
+AUDIT_SCAN_PAGE = 500
 ACTIVE = "active"
 DISABLED = "disabled"
 # Why the disable's revocations happened, in their audit records.
@@ -80,6 +101,7 @@ class DisabledOperatorView(BaseModel):
     already_disabled: bool
     revoked_api_keys: list[str]
     revoked_registration_keys: list[str]
+    revoked_invites: list[str]
     withdrawn_approval_requests: int
     # Set while the team's signed roster still names the operator's key: what to run.
     roster_pending: str | None
@@ -117,22 +139,33 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
     """Disable an operator of the caller's team (admin): its tokens die, it cannot log in, its
     API keys and unused registration keys are revoked, its pending approval requests are
     withdrawn, and its open sessions end. Repeating it does again whatever is left to do."""
-    authorize(caller, Permission.OPERATORS_WRITE)
+    try:
+        authorize(caller, Permission.OPERATORS_WRITE)
+    except Forbidden:
+        await _record_disable_refused(ctx, caller, operator_id, {"reason": REFUSED_NOT_PERMITTED})
+        raise
     operator = await ctx.store.get_operator(caller.team_id, operator_id)
     if operator is None:
+        await _record_disable_refused(ctx, caller, operator_id, {"reason": REFUSED_NOT_FOUND})
         raise NotFound(NO_SUCH_OPERATOR)
     audited = False
     if operator.is_active():
         if operator.role == ADMIN_ROLE and not await _another_active_admin(ctx, operator):
+            await _record_disable_refused(ctx, caller, operator.id, {
+                "email": operator.email, "role": operator.role, "reason": "last_active_admin"
+            })  # fmt: skip
             raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email))
-        # No audit, no action: the record is durable before the key stops working.
+        # No audit, no action: the record is durable before the key stops working, and names
+        # what the disable will revoke, so the log holds it even if a later record fails.
+        holdings = await ctx.store.operator_holdings(caller.team_id, operator.id, ctx.now())
         await ctx.audit.record(
             caller.team_id,
             actor=caller_actor(caller),
             action=Action.OPERATOR_REVOKED,
             target=f"operator:{operator.id}",
-            details={"email": operator.email, "role": operator.role},
-        )
+            details={"email": operator.email, "role": operator.role,
+                     **_holdings_context(holdings)},
+        )  # fmt: skip
         audited = True
     try:
         disabled = await ctx.store.disable_operator_and_holdings(
@@ -148,13 +181,25 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
         if audited:
             await _record_revoke_failed(ctx, caller, operator, "last_active_admin")
         raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email)) from None
-    # Recorded once revoked (a revocation only takes away; the operator.revoked record above
-    # was durable first), so each record names a key the transaction really revoked.
-    await _record_revocations(ctx, caller, disabled)
-    withdrawn = await withdraw_requests_of_disabled(
-        ctx, caller_actor(caller), disabled.operator,
-        withdrawn_by=await ctx.store.get_operator(caller.team_id, caller.subject),
-    )  # fmt: skip
+    try:
+        # Recorded once revoked (a revocation only takes away; the operator.revoked record
+        # above was durable first), so each record names a key the transaction really revoked.
+        # A repeat first writes what an earlier disable failed to record.
+        if not audited:
+            await _record_unrecorded_revocations(ctx, caller, disabled.operator)
+        await _record_revocations(
+            ctx, caller, disabled.operator, disabled.revoked_api_keys,
+            disabled.revoked_registration_keys, disabled.revoked_invites,
+        )  # fmt: skip
+        withdrawn = await withdraw_requests_of_disabled(
+            ctx, caller_actor(caller), disabled.operator,
+            withdrawn_by=await ctx.store.get_operator(caller.team_id, caller.subject),
+        )  # fmt: skip
+    except (ServiceUnavailable, StoreError) as error:
+        logger.warning("completing the disable of operator %s failed: %s",
+                       operator.id, type(error).__name__)  # fmt: skip
+        incomplete = DISABLED_BUT_INCOMPLETE_MESSAGE.format(email=operator.email)
+        raise ServiceUnavailable(incomplete) from None
     try:
         told = await end_disabled_operator_sessions(ctx, caller.team_id, operator.id)
     except StoreError as error:
@@ -171,26 +216,78 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
         already_disabled=not operator.is_active(),
         revoked_api_keys=list(disabled.revoked_api_keys),
         revoked_registration_keys=list(disabled.revoked_registration_keys),
+        revoked_invites=list(disabled.revoked_invites),
         withdrawn_approval_requests=withdrawn,
         roster_pending=await _roster_pending(ctx, disabled.operator),
     )
 
 
+def _holdings_context(holdings: OperatorHoldings) -> dict[str, list[str]]:
+    return {"api_keys": list(holdings.api_keys),
+            "registration_keys": list(holdings.registration_keys),
+            "invites": list(holdings.invites)}  # fmt: skip
+
+
+# Each kind of holding: the key of its ids in operator.revoked, its revocation action and the
+# prefix of that record's target.
+_REVOCATIONS = (
+    ("api_keys", Action.API_KEY_REVOKED, "api_key:"),
+    ("registration_keys", Action.REGISTRATION_KEY_REVOKED, "registration_key:"),
+    ("invites", Action.OPERATOR_INVITE_REVOKED, "invite:"),
+)
+
+
 async def _record_revocations(
-    ctx: ServiceContext, caller: Principal, disabled: DisabledOperator
+    ctx: ServiceContext,
+    caller: Principal,
+    operator: Operator,
+    api_keys: tuple[str, ...],
+    registration_keys: tuple[str, ...],
+    invites: tuple[str, ...],
 ) -> None:
-    why = {"reason": OPERATOR_DISABLED_REASON, "operator": disabled.operator.id,
-           "email": disabled.operator.email}  # fmt: skip
-    for api_key_id in disabled.revoked_api_keys:
-        await ctx.audit.record(
-            caller.team_id, actor=caller_actor(caller), action=Action.API_KEY_REVOKED,
-            target=f"api_key:{api_key_id}", details=why,
-        )  # fmt: skip
-    for key_id in disabled.revoked_registration_keys:
-        await ctx.audit.record(
-            caller.team_id, actor=caller_actor(caller), action=Action.REGISTRATION_KEY_REVOKED,
-            target=f"registration_key:{key_id}", details=why,
-        )  # fmt: skip
+    why = {"reason": OPERATOR_DISABLED_REASON, "operator": operator.id, "email": operator.email}
+    for (_, action, prefix), ids in zip(
+        _REVOCATIONS, (api_keys, registration_keys, invites), strict=True
+    ):
+        for revoked in ids:
+            await ctx.audit.record(
+                caller.team_id, actor=caller_actor(caller), action=action,
+                target=f"{prefix}{revoked}", details=why,
+            )  # fmt: skip
+
+
+async def _record_unrecorded_revocations(
+    ctx: ServiceContext, caller: Principal, operator: Operator
+) -> None:
+    """On a repeated disable: write the revocation records an earlier disable of ``operator``
+    failed to write (its operator.revoked record names what it revoked). Reads the team's log
+    backwards from its head to that record, at most MAX_RECORDS_SCANNED_ON_REPEAT records."""
+    audit_store = ctx.store.audit
+    head = await audit_store.head(caller.team_id)
+    end = 0 if head is None else head.seq + 1
+    recorded: set[tuple[str, str]] = set()
+    named: dict[str, Any] | None = None
+    scanned = 0
+    while end > 0 and named is None and scanned < MAX_RECORDS_SCANNED_ON_REPEAT:
+        start = max(0, end - AUDIT_SCAN_PAGE)
+        for stored in reversed(await audit_store.read_records(caller.team_id, start, end)):
+            event = json.loads(stored.canonical)["event"]
+            if event["action"] == Action.OPERATOR_REVOKED and event["target"] == (
+                f"operator:{operator.id}"
+            ):
+                named = event["context"]
+                break
+            recorded.add((event["action"], event["target"] or ""))
+        scanned += end - start
+        end = start
+    if named is None:
+        return
+    missing = [
+        tuple(str(revoked) for revoked in named.get(key, ())
+              if (action.value, f"{prefix}{revoked}") not in recorded)
+        for key, action, prefix in _REVOCATIONS
+    ]  # fmt: skip
+    await _record_revocations(ctx, caller, operator, *missing)
 
 
 async def _roster_pending(ctx: ServiceContext, operator: Operator) -> str | None:
@@ -211,6 +308,17 @@ async def _record_revoke_failed(
         target=f"operator:{operator.id}",
         details={"email": operator.email, "role": operator.role, "reason": reason},
     )
+
+
+async def _record_disable_refused(
+    ctx: ServiceContext, caller: Principal, operator_id: str, details: dict[str, str]
+) -> None:
+    """Record, in the caller's own team log, a disable refused before anything was done (the
+    answer does not depend on whether the record could be appended)."""
+    await ctx.audit.record_refusal(
+        caller.team_id, actor=caller_actor(caller), action=Action.OPERATOR_REVOKE_FAILED,
+        target=f"operator:{refused_id(operator_id)}", details=details,
+    )  # fmt: skip
 
 
 async def _another_active_admin(ctx: ServiceContext, operator: Operator) -> bool:

@@ -21,7 +21,14 @@ from audit.record import PolicyResult
 from protocol.identity import b64url
 from protocol.relay_token import Side, issue_relay_token
 from protocol.session_grant import DEFAULT_SESSION_GRANT_LIFETIME_SECONDS, issue_session_grant
-from rendezvous.approval_gate import mark_executed, park_request, redeemable_approval
+from rendezvous.approval_gate import (
+    APPROVER_DISABLED_REASON,
+    approver_active,
+    approver_disabled_error,
+    mark_executed,
+    park_request,
+    redeemable_approval,
+)
 from rendezvous.audit_trail import Action, caller_actor
 from rendezvous.auth import Principal
 from rendezvous.config import RelayEndpoint
@@ -231,6 +238,12 @@ async def open_session(
             OPERATOR_DISABLED, Forbidden("this operator is disabled; ask an admin"),
             offered=session,
         )  # fmt: skip
+    # The approver too: redeemable_approval checked it before mark_executed, and a disable of
+    # the approver ends only the approver's own sessions, never this one.
+    if approval is not None and not await approver_active(ctx, approval[0]):
+        await refuse(
+            APPROVER_DISABLED_REASON, approver_disabled_error(approval[0]), offered=session
+        )
     grant = issue_session_grant(
         ctx.keys.jwt_issuer, issuer=ctx.config.issuer, session_id=session.id,
         team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,

@@ -220,6 +220,19 @@ class DisabledOperator:
     operator: Operator
     revoked_api_keys: tuple[str, ...]  # ids
     revoked_registration_keys: tuple[str, ...]  # ids
+    # The team's unused invites for the operator's email (casefold-equal), expired at the
+    # disable: a second-key invite must not bring the person back.
+    revoked_invites: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OperatorHoldings:
+    """What a disable of an operator would revoke, read before it (ids): named in the
+    ``operator.revoked`` record, which is durable before the disable."""
+
+    api_keys: tuple[str, ...]
+    registration_keys: tuple[str, ...]
+    invites: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -594,8 +607,9 @@ class Store(abc.ABC):
     ) -> tuple[Operator, Invite]:
         """In one transaction: consume the invite and create the operator it names.
 
-        InviteUnusable if the invite cannot be used; AlreadyExists if the key is already
-        enrolled (the invite then stays unused).
+        InviteUnusable if the invite cannot be used, also (REVOKED) if an operator of the team
+        with its email (casefold-equal) was disabled since it was created; AlreadyExists if the
+        key is already enrolled (the invite then stays unused).
         """
 
     # ---- operators -----------------------------------------------------------------------
@@ -630,12 +644,27 @@ class Store(abc.ABC):
         self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
     ) -> DisabledOperator:
         """In one transaction: disable the operator, kill its tokens, revoke its API keys and
-        the unused, unexpired registration keys it or those API keys created (ids returned).
-        NotFound; with ``keep_an_active_admin``, LastActiveAdmin as ``disable_operator``.
+        the unused, unexpired registration keys it or those API keys created, and expire the
+        team's unused invites for its email (casefold-equal) (ids returned). NotFound; with
+        ``keep_an_active_admin``, LastActiveAdmin as ``disable_operator``.
 
         A key created concurrently (its creator authenticated before this commits) is refused
         at use anyway: an API key or registration key whose creating operator (directly, or
         through the API key that created it) is disabled counts as revoked."""
+
+    @abc.abstractmethod
+    async def operator_holdings(
+        self, team_id: str, operator_id: str, now: float
+    ) -> OperatorHoldings:
+        """What ``disable_operator_and_holdings`` would revoke at ``now`` (a read; the operator
+        need not exist)."""
+
+    @abc.abstractmethod
+    async def email_holders(
+        self, team_id: str, email: str, now: float
+    ) -> tuple[list[Operator], list[Invite]]:
+        """The team's enabled operators and usable invites whose email equals ``email`` under
+        ``str.casefold`` (every one of them: no limit), oldest first."""
 
     @abc.abstractmethod
     async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
@@ -721,7 +750,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_api_keys(self, team_id: str) -> list[ApiKey]:
-        """The team's API keys, newest first."""
+        """The team's API keys, newest first; one whose creator is disabled reads as revoked
+        (as at use)."""
 
     @abc.abstractmethod
     async def revoke_api_key(self, team_id: str, api_key_id: str, now: float) -> ApiKey:
@@ -747,7 +777,8 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def list_registration_keys(self, team_id: str) -> list[RegistrationKey]:
-        """The team's registration keys, newest first."""
+        """The team's registration keys, newest first; an unused one whose creator (directly or
+        through its API key) is disabled reads as revoked (as at use)."""
 
     @abc.abstractmethod
     async def revoke_registration_key(

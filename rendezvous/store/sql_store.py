@@ -54,6 +54,7 @@ from rendezvous.store.base import (
     LoginChallenge,
     NotFound,
     Operator,
+    OperatorHoldings,
     RegistrationKey,
     RegistrationKeyUnusable,
     RetiredServiceKey,
@@ -474,6 +475,17 @@ class SqlStore(Store):
         operator_id = new_id("op")
         async with self._transaction() as session:
             invite = await self._consume_invite(session, bytes(code_hash), now, operator_id)
+            # Belt and braces beside the disable expiring the invites for its email: an invite
+            # made before a disable (or as it committed) must not bring the person back. One
+            # made at the disable's instant or later is a deliberate re-invite.
+            disabled_since = await session.fetch(
+                """SELECT email FROM operators
+                   WHERE team_id = $1 AND disabled_at IS NOT NULL AND disabled_at > $2""",
+                invite.team_id, invite.created_at,
+            )  # fmt: skip
+            wanted = invite.email.casefold()
+            if any(row["email"].casefold() == wanted for row in disabled_since):
+                raise InviteUnusable(UnusableReason.REVOKED)
             operator = Operator(
                 id=operator_id, team_id=invite.team_id, email=invite.email, role=invite.role,
                 public_key=bytes(public_key), key_thumbprint=key_thumbprint, created_at=now,
@@ -570,6 +582,13 @@ class SqlStore(Store):
             )  # fmt: skip
             if row is None:
                 raise NotFound("no such operator")
+            invites = await self._invites_for_email(session, team_id, row["email"], now)
+            for invite_id in invites:
+                await session.execute(
+                    """UPDATE invites SET expires_at = $3
+                       WHERE team_id = $1 AND id = $2 AND used_at IS NULL AND expires_at > $3""",
+                    team_id, invite_id, now,
+                )  # fmt: skip
             # Registration keys first: the API keys that made some are still unrevoked then.
             registration_keys = await session.fetch(
                 """UPDATE registration_keys SET revoked_at = $3
@@ -591,6 +610,77 @@ class SqlStore(Store):
             operator=_operator(row),
             revoked_api_keys=tuple(sorted(key["id"] for key in api_keys)),
             revoked_registration_keys=tuple(sorted(key["id"] for key in registration_keys)),
+            revoked_invites=invites,
+        )
+
+    async def operator_holdings(
+        self, team_id: str, operator_id: str, now: float
+    ) -> OperatorHoldings:
+        """What ``disable_operator_and_holdings`` would revoke at ``now`` (a read)."""
+        async with self._transaction() as session:
+            operator = await session.fetchrow(
+                "SELECT email FROM operators WHERE team_id = $1 AND id = $2",
+                team_id, operator_id,
+            )  # fmt: skip
+            invites = (
+                ()
+                if operator is None
+                else await self._invites_for_email(session, team_id, operator["email"], now)
+            )
+            registration_keys = await session.fetch(
+                """SELECT id FROM registration_keys
+                   WHERE team_id = $1 AND revoked_at IS NULL AND used_at IS NULL
+                     AND expires_at > $3
+                     AND (created_by = $2
+                          OR created_by IN (SELECT id FROM api_keys
+                                            WHERE team_id = $1 AND created_by = $2))""",
+                team_id, operator_id, now,
+            )  # fmt: skip
+            api_keys = await session.fetch(
+                """SELECT id FROM api_keys
+                   WHERE team_id = $1 AND created_by = $2 AND revoked_at IS NULL""",
+                team_id, operator_id,
+            )  # fmt: skip
+        return OperatorHoldings(
+            api_keys=tuple(sorted(key["id"] for key in api_keys)),
+            registration_keys=tuple(sorted(key["id"] for key in registration_keys)),
+            invites=invites,
+        )
+
+    async def _invites_for_email(
+        self, session: SqlSession, team_id: str, email: str, now: float
+    ) -> tuple[str, ...]:
+        # Compared with str.casefold, as the invite duplicate check does: SQL lower() leaves
+        # non-ASCII letters (É) alone, so the filter cannot be in SQL.
+        rows = await session.fetch(
+            """SELECT id, email FROM invites
+               WHERE team_id = $1 AND used_at IS NULL AND expires_at > $2""",
+            team_id, now,
+        )  # fmt: skip
+        wanted = email.casefold()
+        return tuple(sorted(row["id"] for row in rows if row["email"].casefold() == wanted))
+
+    async def email_holders(
+        self, team_id: str, email: str, now: float
+    ) -> tuple[list[Operator], list[Invite]]:
+        """The team's enabled operators and usable invites whose email is casefold-equal to
+        ``email`` (all of them), oldest first."""
+        async with self._transaction() as session:
+            operators = await session.fetch(
+                """SELECT * FROM operators WHERE team_id = $1 AND disabled_at IS NULL
+                   ORDER BY created_at, id""",
+                team_id,
+            )  # fmt: skip
+            invites = await session.fetch(
+                """SELECT * FROM invites
+                   WHERE team_id = $1 AND used_at IS NULL AND expires_at > $2
+                   ORDER BY created_at, id""",
+                team_id, now,
+            )  # fmt: skip
+        wanted = email.casefold()
+        return (
+            [_operator(row) for row in operators if row["email"].casefold() == wanted],
+            [_invite(row) for row in invites if row["email"].casefold() == wanted],
         )
 
     async def revoke_operator_tokens(self, team_id: str, operator_id: str, now: float) -> Operator:
@@ -764,10 +854,16 @@ class SqlStore(Store):
         return _api_key(row) if row else None
 
     async def list_api_keys(self, team_id: str) -> list[ApiKey]:
-        """The team's API keys, newest first."""
+        """The team's API keys, newest first; one whose creator is disabled reads as revoked
+        (as at use: get_api_key_by_hash)."""
         rows = await self._fetch(
-            "SELECT * FROM api_keys WHERE team_id = $1 ORDER BY created_at DESC, id", team_id
-        )
+            """SELECT k.id, k.team_id, k.name, k.scopes, k.created_by, k.created_at,
+                      COALESCE(k.revoked_at, o.disabled_at) AS revoked_at
+               FROM api_keys k
+               LEFT JOIN operators o ON o.team_id = k.team_id AND o.id = k.created_by
+               WHERE k.team_id = $1 ORDER BY k.created_at DESC, k.id""",
+            team_id,
+        )  # fmt: skip
         return [_api_key(row) for row in rows]
 
     async def revoke_api_key(self, team_id: str, api_key_id: str, now: float) -> ApiKey:
@@ -818,11 +914,16 @@ class SqlStore(Store):
         return _registration_key(row) if row else None
 
     async def list_registration_keys(self, team_id: str) -> list[RegistrationKey]:
-        """The team's registration keys, newest first."""
+        """The team's registration keys, newest first; an unused one whose creator (directly
+        or through its API key) is disabled reads as revoked, as it is refused at use."""
         rows = await self._fetch(
-            "SELECT * FROM registration_keys WHERE team_id = $1 ORDER BY created_at DESC, id",
+            f"""SELECT id, team_id, tags, expires_at, created_by, created_at, used_at,
+                       used_by_agent,
+                       COALESCE(revoked_at, CASE WHEN used_at IS NULL
+                                                 THEN {_CREATOR_DISABLED_AT} END) AS revoked_at
+                FROM registration_keys WHERE team_id = $1 ORDER BY created_at DESC, id""",  # noqa: S608 - a constant, no input
             team_id,
-        )
+        )  # fmt: skip
         return [_registration_key(row) for row in rows]
 
     async def revoke_registration_key(
@@ -1777,6 +1878,17 @@ def _agent_listing(rows: Sequence[Row], limit: int | None) -> AgentListing:
     if more:
         del agents[limit:]
     return AgentListing(policy_version=int(version or 0), agents=agents, more=more)
+
+
+# When the operator that made a registration_keys row (directly, or through one of its API
+# keys) was disabled; NULL while it is enabled. Listings show such an unused key as revoked.
+_CREATOR_DISABLED_AT = """(
+    SELECT MIN(creator.disabled_at) FROM operators creator
+    WHERE creator.team_id = registration_keys.team_id AND creator.disabled_at IS NOT NULL
+      AND (creator.id = registration_keys.created_by
+           OR creator.id IN (SELECT api_key.created_by FROM api_keys api_key
+                             WHERE api_key.team_id = registration_keys.team_id
+                               AND api_key.id = registration_keys.created_by)))"""
 
 
 # Whether a registration_keys row was made by a disabled operator, directly or through one of

@@ -620,7 +620,9 @@ async def test_a_request_cannot_be_decided_before_its_approval_requested_is_writ
         assert seen["listed"] == []
         assert seen["statuses"] == [404, 404, 404, 404]
         assert seen["counted"] == 1
-        actions = [a for a in await _actions(team) if a.startswith("approval.")]
+        refused = "approval.decision_refused"  # the three 404s (approve, deny, withdraw)
+        actions = [a for a in await _actions(team) if a.startswith("approval.") and a != refused]
+        assert (await _actions(team)).count(refused) == 3
         current = await store.get_approval_request(team.team_id, seen["id"])
         assert current is not None
         if record_fails:
