@@ -580,14 +580,29 @@ class SessionLeader:
         leader) exited, Linux already sent SIGHUP to the terminal's foreground process group
         (SIGHUP then SIGCONT only to a process group the exit orphaned that has a stopped
         member) and took the terminal away from every other process of the session (their
-        tty_nr in /proc is 0 from then on), so no process is left that it could still reach."""
+        tty_nr in /proc is 0 from then on), so no process is left that it could still reach.
+
+        A main process still running (one that ignored a hang-up) is not waited for: it is left
+        to a task of the daemon that reaps it whenever it exits, so it never stays a zombie."""
         if self._pidfd is None:
             return
         with trio.CancelScope(shield=True):
-            with trio.move_on_after(TEARDOWN_KILL_WAIT_SECONDS):
-                await self._process.wait()
+            await trio.lowlevel.checkpoint()
+            if self._process.poll() is None:
+                trio.lowlevel.spawn_system_task(
+                    _reap_when_exited, self._process, name=f"reap {self._process.pid}"
+                )
             close_fd(self._pidfd)
             self._pidfd = None
+
+
+async def _reap_when_exited(process: trio.Process) -> None:
+    """Wait (without blocking the event loop) for a released main process to exit, and reap
+    it; until the daemon stops."""
+    try:
+        await process.wait()
+    except OSError:
+        pass  # reaped elsewhere already
 
 
 # --- teardown --------------------------------------------------------------------------------

@@ -754,56 +754,31 @@ class SessionHost:
     ) -> None:
         # Nurseries wrap what escapes them in exception groups, hence except*.
         opened: list[LocalSession] = []
-        # Set when the operator's link dies without a CLOSE: the session is then hung up.
-        link_lost = trio.Event()
+        # Set when the operator's link dies without a CLOSE, whichever task notices (a receive,
+        # or a send of output, a heartbeat, a keepalive reply): the session is then hung up.
+        link_lost = sealed.lost
         try:
-            async with opener() as local, trio.open_nursery() as nursery:
+            async with opener() as local:
                 opened.append(local)
-                nursery.start_soon(
-                    self._forward_input, sealed, local, outcome, nursery, recorder, link_lost
-                )
-                nursery.start_soon(sealed.send_heartbeats)
-                nursery.start_soon(_hang_up_when_lost, link_lost, sealed, local, outcome, nursery)
-                if running is not None:
-                    nursery.start_soon(_end_when_asked, running, outcome, nursery)
-
-                async def send_output(kind: FrameType, data: bytes) -> bool:
-                    # False once the link is gone: output is dropped while the session hangs up.
-                    try:
-                        await sealed.send_output(kind, data)
-                    except LINK_CLOSED:
-                        link_lost.set()
-                        return False
-                    return True
-
-                async def on_output(stream: OutputStream, data: bytes) -> None:
-                    kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
-                    await send_output(kind, data)
-
-                if recorder is not None:
-                    # Writes what waits at most FLUSH_INTERVAL_SECONDS after it arrived; raises
-                    # RecordingFailed (ending the session) if the disk can take no more.
-                    nursery.start_soon(recorder.flush_periodically)
-
-                    # A separate handler, so that with recording off the output path is as it was.
-                    async def on_output_recorded(stream: OutputStream, data: bytes) -> None:
-                        kind = (
-                            FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
-                        )
-                        if await send_output(kind, data):  # only what the operator was sent
-                            await recorder.output(stream, data)
-
-                    on_output = on_output_recorded
-
-                status = await local.run(on_output)
-                outcome.exit_status = status
-                nursery.cancel_scope.cancel()
+                async with trio.open_nursery() as nursery:
+                    await self._run_local(
+                        sealed, local, outcome, nursery, recorder, running, link_lost
+                    )
+                if running is not None and running.end_requested.is_set():
+                    # The rendezvous ended it (an admin disabled the operator, revoked the
+                    # session): a forced end, even if the link died first and the session was
+                    # being hung up. Raised out of the opener, which then tears it all down.
+                    _note_end_request(running, outcome)
+                    raise _EndRequested
             if link_lost.is_set():
                 pass  # nobody is left to tell
             elif outcome.closing is not None:
                 await sealed.close_quietly(*outcome.closing)
             else:
                 await sealed.send_exit(outcome.exit_status)
+        except* _EndRequested:
+            if not link_lost.is_set() and outcome.closing is not None:
+                await sealed.close_quietly(*outcome.closing)
         except* CommandNotStarted as group:
             # As a shell would: the reason on stderr, then exit 127 (not found) or 126.
             failure = group.exceptions[0]
@@ -834,6 +809,55 @@ class SessionHost:
             # left behind): the record still says how the main process ended.
             if outcome.exit_status is None and opened:
                 outcome.exit_status = opened[0].exit_status
+
+    async def _run_local(
+        self,
+        sealed: SealedLink,
+        local: LocalSession,
+        outcome: SessionOutcome,
+        nursery: trio.Nursery,
+        recorder: SessionRecorder | None,
+        running: _RunningSession | None,
+        link_lost: trio.Event,
+    ) -> None:
+        """The session's tasks in ``nursery``: input, heartbeats, the hang-up on a lost link,
+        the rendezvous's end request, and output until ``local.run`` returns."""
+        forward = self._forward_input
+        nursery.start_soon(forward, sealed, local, outcome, nursery, recorder, link_lost)
+        nursery.start_soon(sealed.send_heartbeats)
+        nursery.start_soon(_hang_up_when_lost, link_lost, sealed, local, outcome, nursery, running)
+        if running is not None:
+            nursery.start_soon(_end_when_asked, running, outcome, nursery)
+
+        async def send_output(kind: FrameType, data: bytes) -> bool:
+            # False once the link is gone: output is dropped while the session hangs up.
+            try:
+                await sealed.send_output(kind, data)
+            except LINK_CLOSED:
+                link_lost.set()
+                return False
+            return True
+
+        async def on_output(stream: OutputStream, data: bytes) -> None:
+            kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
+            await send_output(kind, data)
+
+        if recorder is not None:
+            # Writes what waits at most FLUSH_INTERVAL_SECONDS after it arrived; raises
+            # RecordingFailed (ending the session) if the disk can take no more.
+            nursery.start_soon(recorder.flush_periodically)
+
+            # A separate handler, so that with recording off the output path is as it was.
+            async def on_output_recorded(stream: OutputStream, data: bytes) -> None:
+                kind = FrameType.STDERR if stream is OutputStream.STDERR else FrameType.STDOUT
+                if await send_output(kind, data):  # only what the operator was sent
+                    await recorder.output(stream, data)
+
+            on_output = on_output_recorded
+
+        status = await local.run(on_output)
+        outcome.exit_status = status
+        nursery.cancel_scope.cancel()
 
     async def _forward_input(
         self,
@@ -949,18 +973,36 @@ async def _hang_up_when_lost(
     local: LocalSession,
     outcome: SessionOutcome,
     nursery: trio.Nursery,
+    running: _RunningSession | None = None,
 ) -> None:
     """Once the operator's link has died without a CLOSE, end the session as sshd's dead
     connection does: hang it up, and let ``run`` end it (its main process exits on SIGHUP; what
     ignores SIGHUP runs on). A main process still running after HANG_UP_WAIT_SECONDS is left
-    too: ``open_pty_session``/``open_exec_session`` tear down only a forced end."""
+    too: ``open_pty_session``/``open_exec_session`` tear down only a forced end. The
+    rendezvous's end request wins over a hang-up, before it or during the wait (``_pump``
+    raises ``_EndRequested`` out of the opener, which then tears everything down)."""
     await link_lost.wait()
+    if running is not None and running.end_requested.is_set():
+        return  # a forced end is under way
     if outcome.closing is None:
         outcome.reason = "connection-lost"
     await sealed.abort()
     local.hang_up()
     await trio.sleep(HANG_UP_WAIT_SECONDS)
     nursery.cancel_scope.cancel()
+
+
+class _EndRequested(Exception):
+    """Raised out of the session's opener when the rendezvous asked to end the session, so that
+    it is torn down (a forced end), even one the lost link had begun to hang up."""
+
+
+def _note_end_request(running: _RunningSession, outcome: SessionOutcome) -> None:
+    """Record the rendezvous's end request in ``outcome``: its reason for ``session.ended``,
+    and the Close telling the operator why."""
+    reason = running.end_reason or "operator_disabled"
+    outcome.reason = reason
+    outcome.closing = (END_SESSIONS_CLOSE_REASON, END_SESSIONS_REASONS.get(reason, reason))
 
 
 def operator_close_reason(message: Close) -> str:
@@ -977,9 +1019,7 @@ async def _end_when_asked(
     """Wait for an end_sessions request; then end the session as the operator leaving would,
     with the reason for the record and a Close telling the operator why."""
     await running.end_requested.wait()
-    reason = running.end_reason or "operator_disabled"
-    outcome.reason = reason
-    outcome.closing = (END_SESSIONS_CLOSE_REASON, END_SESSIONS_REASONS.get(reason, reason))
+    _note_end_request(running, outcome)
     nursery.cancel_scope.cancel()
 
 
@@ -1107,6 +1147,10 @@ class SealedLink:
         self._channel = channel
         self._closed = False
         self._last_sent = time.monotonic()
+        # Set once a receive or send found the link dead (by the session's tasks; heartbeats
+        # here), so that the session is hung up whichever task noticed: even while the input
+        # side waits to write to a command that reads nothing and prints nothing.
+        self.lost = trio.Event()
         self.bytes_in = 0
         self.bytes_out = 0
 
@@ -1197,8 +1241,11 @@ class SealedLink:
                 continue
             try:
                 await self._send(FrameType.CONTROL, _KEEPALIVE_REPLY)
-            except (ProtocolError, *LINK_CLOSED):
-                return  # the session is ending: whoever reads the link reports it
+            except ProtocolError:
+                return
+            except LINK_CLOSED:
+                self.lost.set()  # nobody may be reading the link: say so here
+                return
 
     async def _send(self, kind: FrameType, payload: bytes) -> None:
         if self._closed:

@@ -21,7 +21,14 @@ from urllib.parse import quote
 
 import trio
 
-from operator_cli.agent_listing import AgentListError, agents_named, fetch_agents
+from operator_cli.agent_listing import (
+    PAGE_SIZE,
+    AgentFilter,
+    AgentListError,
+    agents_named,
+    agents_page_path,
+    fetch_agents,
+)
 from operator_cli.approval_wait import (
     ApprovalWaitInterrupted,
     Parked,
@@ -126,50 +133,71 @@ def _session_notices(api: ApiSession, ticket: SessionTicket) -> SessionNotices:
     )
 
 
+# How long the CLI asks the rendezvous why the pairing timed out before it gives up and reports
+# the relay's own message: the answer is a courtesy, not worth a second long wait.
+PAIRING_TIMEOUT_LOOKUP_SECONDS = 5.0
+
+
 def pairing_timeout_explainer(
     api: ApiSession, ticket: SessionTicket
 ) -> Callable[[], Awaitable[str | None]]:
     """For SessionNotices.explain_pairing_timeout: asks the rendezvous (in a thread, as the
-    API client blocks) whether the agent ever took the offer (``untaken_offer``)."""
+    API client blocks) whether the agent ever took the offer (``untaken_offer``). At most
+    PAIRING_TIMEOUT_LOOKUP_SECONDS, and Ctrl-C does not wait for the request: None (the
+    relay's message stands) when the answer does not come in time."""
     asked_at = time.monotonic()
 
     async def explain() -> str | None:
         waited = time.monotonic() - asked_at
-        return await trio.to_thread.run_sync(untaken_offer, api, ticket, waited)
+        with trio.move_on_after(PAIRING_TIMEOUT_LOOKUP_SECONDS):
+            return await trio.to_thread.run_sync(
+                untaken_offer, api, ticket, waited, abandon_on_cancel=True
+            )
+        return None
 
     return explain
 
 
 def untaken_offer(api: ApiSession, ticket: SessionTicket, waited: float) -> str | None:
     """What to say when the relay's pairing timed out because the agent never took the offer
-    (the session is still ``offered``: the agent listed online, its channel alive or not yet
-    timed out, but it is not answering); None when it did take it (or this cannot be told), so
-    the relay's own message stands. ``waited``: seconds since the session was granted."""
+    (the session is still ``offered``); None when it did take it (or this cannot be told), so
+    the relay's own message stands. ``waited``: seconds since the session was granted.
+
+    An agent heard from since the session was created is connected (its heartbeats arrive) but
+    did not take the offer; one not heard from since may have lost its connection to the
+    rendezvous (listed online until its heartbeat times out), and how long ago it was last
+    heard from is told."""
     try:
         view = api.request("GET", f"/v1/sessions/{quote(ticket.session_id, safe='')}")
         if not isinstance(view, dict) or view.get("state") != "offered":
             return None
-        heard = _heard_ago(api, ticket, view, waited)
+        created = view.get("created_at")
+        seen = _last_seen_at(api, ticket)
     except (ApiError, HttpError, AgentListError):
         return None
-    said = (f"agent {ticket.agent_name} did not take the session (its connection to the "
-            f"rendezvous may be down")
-    return f"{said}; last heard from {heard:.0f} s ago)" if heard is not None else f"{said})"
-
-
-def _heard_ago(
-    api: ApiSession, ticket: SessionTicket, view: dict[str, Any], waited: float
-) -> float | None:
-    """How long ago the rendezvous last heard from the agent, by the rendezvous's own clock
-    (its last heartbeat before the session was created, plus the time waited since), so a skew
-    between this machine's clock and the server's does not matter."""
-    created = view.get("created_at")
-    named = agents_named(api, ticket.agent_name)  # fetched by name: one short page
-    found = [agent for agent in named if agent["id"] == ticket.agent_id]
-    seen = found[0].get("last_seen_at") if found else None
+    name = ticket.agent_name
+    if isinstance(created, (int, float)) and isinstance(seen, (int, float)) and seen >= created:
+        return f"agent {name} is connected but did not take the session within {waited:.0f} s"
+    said = f"agent {name} did not take the session (its connection to the rendezvous may be down"
     if not isinstance(created, (int, float)) or not isinstance(seen, (int, float)):
-        return None
-    return max(0.0, created - seen) + waited
+        return f"{said})"
+    # Not heard from since the session was created: its last heartbeat came (created - seen)
+    # before that by the rendezvous's own clock (a skew with this machine's does not matter),
+    # and the CLI has waited since.
+    return f"{said}; last heard from {created - seen + waited:.0f} s ago)"
+
+
+def _last_seen_at(api: ApiSession, ticket: SessionTicket) -> object:
+    """The agent's ``last_seen_at``, from one page of the agents whose name starts with its
+    name (the service sorts by name, then id: the agents named exactly so come first), found
+    by its id; None if it is not on that page."""
+    path = agents_page_path(AgentFilter(name_prefix=ticket.agent_name), PAGE_SIZE, None)
+    page = api.request("GET", path)
+    agents = page.get("agents") if isinstance(page, dict) else None
+    for agent in agents if isinstance(agents, list) else []:
+        if isinstance(agent, dict) and agent.get("id") == ticket.agent_id:
+            return agent.get("last_seen_at")
+    return None
 
 
 def _say_waiting_for_relay() -> None:

@@ -10,14 +10,16 @@ short pairing wait instead of 30 s).
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 
-from operator_cli import session_client
+from operator_cli import session_client, session_commands
 from operator_cli.client import ApiError
+from operator_cli.http import TransportError
 from operator_cli.known_agents import KnownAgents
 from operator_cli.session_client import (
     PairingTimedOut,
@@ -73,6 +75,11 @@ async def test_an_agent_that_never_took_the_offer_is_named_instead_of_the_relay(
     async with agent_stack(tmp_path) as stack:
         async with daemon_process(tmp_path, stack, tmp_path / "daemon.log") as process:
             process.send_signal(signal.SIGSTOP)
+            # The rendezvous's clock (settable here) moves on; the stopped agent's heartbeats
+            # no longer come (one already sent is taken first), so it is not heard from after
+            # the session is created.
+            await trio.sleep(0.2)
+            stack.service.clock.now += 5.0
             try:
                 answer = await _request(stack)
                 with pytest.raises(SessionError) as failed:
@@ -134,3 +141,78 @@ def test_how_long_ago_the_agent_was_heard_from_is_by_the_rendezvous_clock() -> N
     assert untaken_offer(never, _ticket(), 1.0) == (
         "agent web-1 did not take the session (its connection to the rendezvous may be down)"
     )
+
+
+def test_an_agent_heard_from_since_the_session_was_created_is_called_connected() -> None:
+    # Its heartbeat came 1 s before the lookup: it is connected, it just did not take the offer.
+    agents = [{"id": "agt_1", "name": "web-1", "last_seen_at": 1029.0}]
+    api = _Answers({"state": "offered", "created_at": 1000.0}, agents)
+    assert untaken_offer(api, _ticket(), 30.2) == (
+        "agent web-1 is connected but did not take the session within 30 s"
+    )
+    at_creation = _Answers(
+        {"state": "offered", "created_at": 1000.0},
+        [{"id": "agt_1", "name": "web-1", "last_seen_at": 1000.0}],
+    )
+    assert "is connected" in (untaken_offer(at_creation, _ticket(), 30.0) or "")
+
+
+class _ManyPages:
+    """A rendezvous with 20 pages of agents whose names start with "web-1"; the target (named
+    exactly so) sorts first."""
+
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        self.paths.append(path)
+        if path.startswith("/v1/sessions/"):
+            return {"state": "offered", "created_at": 1000.0}
+        page = len(self.paths) - 2
+        agents = [
+            {"id": f"agt_{page}_{i}", "name": f"web-1{page}{i}", "last_seen_at": 990.0}
+            for i in range(1000)
+        ]
+        if page == 0:
+            agents[0] = {"id": "agt_1", "name": "web-1", "last_seen_at": 990.0}
+        next_after = None if page == 19 else f"cursor-{page}"
+        return {"agents": agents, "next_after": next_after, "policy_version": 0}
+
+
+def test_the_agent_is_looked_up_in_one_page_of_its_name() -> None:
+    api = _ManyPages()
+    assert untaken_offer(api, _ticket(), 30.0) == (
+        "agent web-1 did not take the session (its connection to the rendezvous may be down; "
+        "last heard from 40 s ago)"
+    )
+    assert len(api.paths) == 2, api.paths
+    assert "name=web-1" in api.paths[1]
+
+
+class _Slow:
+    """A rendezvous that does not answer for a long while (the CLI's read timeout is 30 s)."""
+
+    def request(self, method: str, path: str, body: Any = None) -> Any:
+        time.sleep(3.0)
+        raise TransportError("read timed out")
+
+
+@trio_test
+async def test_a_slow_rendezvous_is_not_waited_for_past_the_lookup_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(session_commands, "PAIRING_TIMEOUT_LOOKUP_SECONDS", 0.3)
+    explain = pairing_timeout_explainer(_Slow(), _ticket())
+    started = time.monotonic()
+    assert await explain() is None  # the relay's message stands
+    assert time.monotonic() - started < 2.0
+
+
+@trio_test
+async def test_a_lookup_in_flight_does_not_hold_up_a_cancellation() -> None:
+    # Ctrl-C cancels the CLI's session: the request's thread is abandoned, not waited for.
+    explain = pairing_timeout_explainer(_Slow(), _ticket())
+    started = time.monotonic()
+    with trio.move_on_after(0.2):
+        await explain()
+    assert time.monotonic() - started < 2.0
