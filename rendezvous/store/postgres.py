@@ -104,7 +104,16 @@ def _translate_error(exc: BaseException) -> StoreError:
     return StoreUnavailable(f"PostgreSQL connection failed: {exc.__class__.__name__}: {exc}")
 
 
-_DATABASE_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError)
+# InternalClientError: a statement sent on a connection whose backend has just ended (its
+# error read, the close not yet) finds the protocol still consuming that error; the connection
+# is gone, as with a lost one, and the next statement takes another.
+_DATABASE_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
 
 
 def _is_open(connection: asyncpg.Connection) -> bool:

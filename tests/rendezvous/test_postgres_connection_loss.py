@@ -237,3 +237,25 @@ async def test_an_error_asyncio_reports_outside_any_statement_is_logged_and_the_
     assert "unexpected connection_lost() call" in caplog.text
     assert "OSError: connection reset" in caplog.text
     assert password not in caplog.text
+
+
+async def test_a_statement_on_a_connection_whose_backend_just_ended_is_store_unavailable(
+    postgres_cluster: PostgresCluster,
+) -> None:
+    """A shelved connection whose backend was just terminated (its FATAL error read, the close
+    not yet) answers the next statement with asyncpg's InternalClientError ("cannot switch to
+    state 12; another operation (2) is in progress"). It is a lost connection like any other:
+    StoreUnavailable, so the caller's retry takes another one, not an error of no kind the
+    service knows (it was a 500; the password-rotation test failed 5 runs in 25)."""
+    url = postgres_cluster.create_database(f"internal_{os.getpid()}_{next(_numbers)}")
+    async with open_store(url) as store:
+        assert isinstance(store, postgres.PostgresStore)
+        bridge = store._bridge  # noqa: SLF001 - the store's own loop bridge
+
+        async def consuming_an_error() -> None:
+            raise postgres.asyncpg.InternalClientError(
+                "cannot switch to state 12; another operation (2) is in progress"
+            )
+
+        with pytest.raises(postgres.StoreUnavailable, match="InternalClientError"):
+            await bridge.call(consuming_an_error)
