@@ -34,6 +34,8 @@ from pathlib import Path
 
 import trio
 
+from agent.status import process_exists
+
 logger = logging.getLogger("tucdesk.agent.login_records")
 
 # glibc's _PATH_UTMP and _PATH_WTMP.
@@ -315,15 +317,8 @@ def end_stale_logins(files: LoginRecordFiles, now: float) -> int:
 
 
 def _is_running(pid: int) -> bool:
-    if pid <= 0:
-        return True  # not a shell's pid: not ours to end
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    # A pid of 0 or less is not a shell's: not ours to end.
+    return pid <= 0 or process_exists(pid)
 
 
 # --- the daemon's writer ---------------------------------------------------------------------

@@ -99,18 +99,28 @@ async def get_approval(request_id: str, caller: Caller, ctx: Context) -> dict[st
     return await _view(ctx, request)
 
 
+async def _decidable(
+    ctx: ServiceContext, caller: Principal, request_id: str, reason: str | None
+) -> tuple[Operator, ApprovalRequest]:
+    """The caller (an approver or admin) and the pending request it may approve or deny, or the
+    refusal: a reason with control characters, not the caller's to decide, no longer pending,
+    or a requester disabled since."""
+    operator = await _operator(ctx, caller, approver=True)
+    check_decision_reason(reason)
+    request = await load_request(ctx, caller.team_id, request_id)
+    check_may_decide(operator, request)
+    check_pending(request)
+    await check_requester_active(ctx, request)
+    return operator, request
+
+
 @router.post("/approvals/{request_id}/approve")
 async def approve(
     request_id: str, body: ApproveBody, caller: Caller, ctx: Context
 ) -> dict[str, Any]:
     """Record an approver's signed approval of exactly this request."""
     async with _refusal_recorded(ctx, caller, request_id, "approve"):
-        operator = await _operator(ctx, caller, approver=True)
-        check_decision_reason(body.reason)
-        request = await load_request(ctx, caller.team_id, request_id)
-        check_may_decide(operator, request)
-        check_pending(request)
-        await check_requester_active(ctx, request)
+        operator, request = await _decidable(ctx, caller, request_id, body.reason)
         team_policy = await current_team_policy(ctx, caller.team_id)
         signed = verify_submitted_approval(body.approval, request, operator, team_policy, ctx.now())
         decided = await decide_request(
@@ -124,12 +134,7 @@ async def approve(
 async def deny(request_id: str, body: DenyBody, caller: Caller, ctx: Context) -> dict[str, Any]:
     """Deny the request; the requester is told by whom and why."""
     async with _refusal_recorded(ctx, caller, request_id, "deny"):
-        operator = await _operator(ctx, caller, approver=True)
-        check_decision_reason(body.reason)
-        request = await load_request(ctx, caller.team_id, request_id)
-        check_may_decide(operator, request)
-        check_pending(request)
-        await check_requester_active(ctx, request)
+        operator, request = await _decidable(ctx, caller, request_id, body.reason)
         decided = await decide_request(
             ctx, actor=caller_actor(caller), request=request, caller=operator,
             state=ApprovalState.DENIED, reason=body.reason, approval=None,
