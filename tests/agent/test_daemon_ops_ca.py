@@ -4,16 +4,11 @@ it again at every connection attempt, so a CA appended to it is trusted without 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import stat
 from pathlib import Path
 
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from agent.control_client import ControlClient
 from agent.enrollment import SAVED_CA_FILE_NAME, EnrollmentRequest, enroll
@@ -48,40 +43,11 @@ def loopback_certificate(
     valid_from: datetime.timedelta = datetime.timedelta(minutes=-5),
     valid_until: datetime.timedelta = datetime.timedelta(days=1),
 ) -> tuple[Path, Path]:
-    """A self-signed CA certificate for 127.0.0.1 named ``common_name``, valid from now plus
-    ``valid_from`` to now plus ``valid_until``; returns (cert, key) paths. (live_server.py's
-    make_certificate names every certificate alike, which OpenSSL cannot tell apart in one
-    CA file.)"""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-    now = datetime.datetime.now(datetime.UTC)
-    certificate = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now + valid_from)
-        .not_valid_after(now + valid_until)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
+    """A self-signed CA certificate for 127.0.0.1 named ``common_name`` (CA files here hold
+    several, which OpenSSL tells apart by name); returns (cert, key) paths."""
+    return make_certificate(
+        directory, common_name=common_name, valid_from=valid_from, valid_until=valid_until
     )
-    directory.mkdir(parents=True, exist_ok=True)
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    key_path.chmod(0o600)
-    return cert_path, key_path
 
 
 def write_file(path: Path, data: bytes) -> None:

@@ -22,15 +22,24 @@ from rendezvous.service_keys import create_missing_keys
 START_TIMEOUT_SECONDS = 30
 
 
-def make_certificate(directory: Path, *, rsa_key: bool = False) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost (an EC key, or ``rsa_key``);
-    returns (cert, key) paths."""
+def make_certificate(
+    directory: Path,
+    *,
+    rsa_key: bool = False,
+    common_name: str = "localhost",
+    valid_from: datetime.timedelta = datetime.timedelta(minutes=-5),
+    valid_until: datetime.timedelta = datetime.timedelta(days=1),
+) -> tuple[Path, Path]:
+    """A self-signed CA certificate for 127.0.0.1 and localhost (an EC key, or ``rsa_key``)
+    named ``common_name``, valid from now plus ``valid_from`` to now plus ``valid_until``;
+    returns (cert, key) paths. Give certificates that share one CA file different names:
+    OpenSSL cannot tell same-named CAs apart."""
     key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey = (
         rsa.generate_private_key(public_exponent=65537, key_size=2048)
         if rsa_key
         else ec.generate_private_key(ec.SECP256R1())
     )
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = datetime.datetime.now(datetime.UTC)
     certificate = (
         x509.CertificateBuilder()
@@ -38,8 +47,8 @@ def make_certificate(directory: Path, *, rsa_key: bool = False) -> tuple[Path, P
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
+        .not_valid_before(now + valid_from)
+        .not_valid_after(now + valid_until)
         .add_extension(
             x509.SubjectAlternativeName(
                 [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
