@@ -126,8 +126,10 @@ SETTING_HELP: dict[str, str] = {
     "goes offline)",
     "relays": f"relays sessions may use, {RELAY_SYNTAX} (a list in TOML, comma-separated in "
     "the environment); without one, sessions are refused",
-    "relay_check_seconds": "with several relays, how often each instance checks that each "
-    "accepts a TCP connection; sessions avoid one that does not (0: never check)",
+    "relay_check_seconds": "with several relays, how often each instance sends each a probe "
+    "hello; sessions avoid one that does not answer ok within 3 s (left out at once when it "
+    "answers shutting_down, too_many_sessions or no_keys, after two checks in a row when it "
+    "refuses or never answers; 0: never check)",
     "workers": f"service processes sharing the listening socket (1..{MAX_WORKERS}; more than "
     "1 needs PostgreSQL)",
     "metrics_listen": "HOST:PORT serving /metrics (plain HTTP) instead of the API port "
