@@ -14,7 +14,7 @@ import re
 import secrets
 import socket
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,6 +40,8 @@ from protocol.identity import (
 from protocol.policy import PinnedPolicyTrust
 from protocol.signed_payload import create_signed_payload
 
+MAX_REGISTRATION_WARNINGS = 8
+MAX_REGISTRATION_WARNING_LENGTH = 1000
 REGISTER_PATH = "/v1/agents/register"
 REQUEST_TIMEOUT_SECONDS = 30.0
 MAX_RESPONSE_BYTES = 64 * 1024
@@ -407,8 +409,12 @@ async def enroll(
     identifiers: MachineIdentifiers,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
+    warn: Callable[[str], None] | None = None,
 ) -> AgentState:
-    """Register a fresh identity with the server and write the sealed state file; return it."""
+    """Register a fresh identity with the server and write the sealed state file; return it.
+
+    ``warn`` gets each warning the rendezvous answered with (e.g. the name is already taken).
+    """
     server_url = check_server_url(request.server_url)
     registration_key = check_registration_key(request.registration_key)
     hostname = agent_hostname(request.name)
@@ -422,14 +428,13 @@ async def enroll(
     # Before the one-time key is spent: a state dir that cannot take the file fails here, and
     # so does a CA file that holds no certificate.
     prepare_state_dir(request.state_file)
-    ca_certificates = (
-        read_ca_certificates(request.ca_file) if request.ca_file is not None else None
-    )
+    ca_file = enrollment_ca_file(request)
+    ca_certificates = read_ca_certificates(ca_file) if ca_file is not None else None
     identity = SigningIdentity.generate()
     payload = registration_payload(
         identity, registration_key, hostname, identifiers, time.time()
     )
-    verify: Any = tls_context(request.ca_file) if server_url.startswith("https:") else False
+    verify: Any = tls_context(ca_file) if server_url.startswith("https:") else False
     try:
         async with httpx.AsyncClient(
             base_url=server_url,
@@ -442,7 +447,7 @@ async def enroll(
     except httpx.HTTPError as error:
         raise EnrollmentError(
             f"cannot reach the rendezvous at {server_url}: "
-            f"{describe_connection_failure(error, ca_file=request.ca_file)}"
+            f"{describe_connection_failure(error, ca_file=ca_file)}"
         ) from error
     body = _response_json(response)
     if not response.is_success:
@@ -488,7 +493,37 @@ async def enroll(
             f"registered as {agent_id}, but the state file could not be written: {error}; "
             "fix the state directory and enroll again with a new registration key"
         ) from None
+    if warn is not None:
+        for warning in registration_warnings(body):
+            warn(warning)
     return state
+
+
+def registration_warnings(body: Mapping[str, Any]) -> list[str]:
+    """The rendezvous's warnings about a registration, as printable one-line text (a server
+    that predates them sends none)."""
+    warnings = body.get("warnings")
+    if not isinstance(warnings, list):
+        return []
+    return [
+        "".join(character if character.isprintable() else "?" for character in warning)
+        [:MAX_REGISTRATION_WARNING_LENGTH]
+        for warning in warnings[:MAX_REGISTRATION_WARNINGS] if isinstance(warning, str)
+    ]
+
+
+def enrollment_ca_file(request: EnrollmentRequest) -> Path | None:
+    """The CA file to trust: --ca-file, or on --force the copy the last enrollment saved.
+
+    A re-enrollment against a private CA then works without the original CA file, which the
+    admin may well have deleted once the first enrollment had copied it.
+    """
+    if request.ca_file is not None:
+        return request.ca_file
+    saved = saved_ca_path(request.state_file)
+    if request.force and saved.is_file():
+        return saved
+    return None
 
 
 def saved_ca_path(state_file: Path) -> Path:

@@ -215,7 +215,11 @@ def build_parser() -> argparse.ArgumentParser:
         "connection attempt: append a new CA to it to roll the rendezvous's CA)",
     )
     enroll_parser.add_argument(
-        "--force", action="store_true", help="replace an existing enrollment on this host"
+        "--force",
+        action="store_true",
+        help="replace an existing enrollment on this host; without --ca-file (or a ca_file "
+        "setting) it trusts the CA copy the last enrollment saved, "
+        f"STATE_DIR/{SAVED_CA_FILE_NAME}, when there is one",
     )
     _add_common(enroll_parser)
     enroll_parser.set_defaults(handler=_enroll)
@@ -502,7 +506,7 @@ def _enroll(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str,
         config.state_dir, "stop the daemon first (systemctl stop tucdesk-agent), then enroll"
     ):
         previous = _previous_enrollment(config, identifiers) if args.force else None
-        state = trio.run(enroll, request, identifiers)
+        state = trio.run(partial(enroll, request, identifiers, warn=_warn_enrollment))
     identity = state.identity()
     if previous is not None:
         print(
@@ -527,6 +531,10 @@ def _previous_enrollment(config: AgentConfig, identifiers: MachineIdentifiers) -
     except StateFileError:
         return "(the one in the old state file)"
     return f"{old.agent_id} ({old.name})"
+
+
+def _warn_enrollment(warning: str) -> None:
+    print(f"{PROGRAM}: warning: {warning}", file=sys.stderr)
 
 
 def _state_dir_flag(args: argparse.Namespace) -> str:

@@ -42,14 +42,16 @@ def agents_remove(
             listed = one_agent_named(session, agent)
         except AgentListError as error:
             raise AgentRemovalError(str(error)) from None
+        terminal = stdin if stdin is not None else sys.stdin
+        unconfirmable = not assume_yes and not terminal.isatty()
+        if unconfirmable:
+            # A hypothetical: the details printed bare read as if the removal had happened.
+            print("would remove:")
         for line in agent_summary(listed):
             print(line)
+        if unconfirmable:
+            raise AgentRemovalError("not removed: run it in a terminal to confirm, or pass --yes")
         if not assume_yes:
-            terminal = stdin if stdin is not None else sys.stdin
-            if not terminal.isatty():
-                raise AgentRemovalError(
-                    "not removed: run it in a terminal to confirm, or pass --yes"
-                )
             if not answered_yes(ask, "Remove this agent? Its key will never connect again; the "
                                 "host must re-enroll with a new registration key. [y/N] "):
                 print("not removed")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 from operator_cli.approval_commands import fetch_request
@@ -34,6 +35,8 @@ from operator_cli.session_client import (
 from operator_cli.terminal_text import visible
 
 APPROVAL_POLL_SECONDS = 1.0
+# While waiting, the requester is reminded this often (a script's log shows why it is idle).
+APPROVAL_REMINDER_SECONDS = 60.0
 MAX_APPROVAL_WAIT_SECONDS = 60 * 60
 EXPIRY_GRACE_SECONDS = 5.0
 
@@ -91,9 +94,9 @@ def obtain_ticket(
         say(f"approval required: {visible(pending.reason or 'the policy asks for it')}")
         if not wait:
             return Parked(pending)
-        say(pending.waiting_line())
+        say(waiting_message(pending))
         view = wait_for_decision(api, pending.request_id, say, poll_seconds=poll_seconds,
-                                 sleep=sleep)
+                                 sleep=sleep, expires_at=pending.expires_at)
         return _request(api, ask, view.request_id)
     view = fetch_request(api, approval_id)
     check_fits(view, ask)
@@ -102,12 +105,28 @@ def obtain_ticket(
                                   view.rule_id)
         if not wait:
             return Parked(pending)
-        say(pending.waiting_line())
+        say(waiting_message(pending))
         view = wait_for_decision(api, view.request_id, say, poll_seconds=poll_seconds,
-                                 sleep=sleep)
+                                 sleep=sleep, expires_at=pending.expires_at)
     elif view.state != APPROVED:
         raise _refusal(view)
     return _request(api, ask, view.request_id)
+
+
+def waiting_message(pending: PendingApproval) -> str:
+    """Said at once when the wait starts: who may approve, until when, how to stop and withdraw
+    (a script without a terminal would otherwise just seem to hang)."""
+    return (
+        f"{pending.waiting_line()}{_until(pending.expires_at)}; Ctrl-C stops waiting (the "
+        f"request stays pending; tucdesk approvals withdraw {visible(pending.request_id)} "
+        f"takes it back)"
+    )
+
+
+def _until(expires_at: float | None) -> str:
+    if expires_at is None:
+        return ""
+    return f" until {datetime.fromtimestamp(expires_at, UTC).strftime('%H:%M:%S UTC')}"
 
 
 def wait_for_decision(
@@ -118,10 +137,14 @@ def wait_for_decision(
     poll_seconds: float = APPROVAL_POLL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
     max_wait_seconds: float = MAX_APPROVAL_WAIT_SECONDS,
+    remind_seconds: float = APPROVAL_REMINDER_SECONDS,
+    expires_at: float | None = None,
 ) -> ApprovalRequestView:
-    """Poll the request until it is approved (returned) or denied/expired (ApprovalRefused)."""
+    """Poll the request until it is approved (returned) or denied/expired (ApprovalRefused),
+    saying every ``remind_seconds`` that it is still waiting."""
     try:
-        return _poll(api, request_id, say, poll_seconds, sleep, max_wait_seconds)
+        return _poll(api, request_id, say, poll_seconds, sleep, max_wait_seconds,
+                     remind_seconds, expires_at)
     except KeyboardInterrupt:
         raise ApprovalWaitInterrupted(
             f"interrupted; request {request_id} stays pending until decided or expired: to use "
@@ -137,8 +160,12 @@ def _poll(
     poll_seconds: float,
     sleep: Callable[[float], None],
     max_wait_seconds: float,
+    remind_seconds: float,
+    expires_at: float | None,
 ) -> ApprovalRequestView:
-    give_up = time.monotonic() + max_wait_seconds
+    started = time.monotonic()
+    give_up = started + max_wait_seconds
+    next_reminder = started + remind_seconds
     while True:
         view = fetch_request(api, request_id)
         if view.state == APPROVED:
@@ -154,6 +181,13 @@ def _poll(
             raise ApprovalRefused(
                 f"gave up waiting for approval of {request_id} after {max_wait_seconds:.0f}s"
             )
+        now = time.monotonic()
+        if now >= next_reminder:
+            next_reminder = now + remind_seconds
+            shown = visible(request_id)
+            say(f"still waiting for approval of {shown} ({now - started:.0f} s so far)"
+                f"{_until(view.expires_at if view.expires_at is not None else expires_at)}; "
+                f"tucdesk approvals withdraw {shown} takes it back")
         sleep(poll_seconds)
 
 

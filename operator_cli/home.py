@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from cryptography.x509 import load_pem_x509_certificates
+
+from protocol.errors import KeyFileError
 from protocol.identity import SigningIdentity, read_private_file, write_private_file
 
 HOME_ENVIRONMENT = "TUCDESK_HOME"
@@ -22,7 +25,11 @@ HOME_MODE = 0o700
 SETTINGS_FILE = "settings.json"
 OPERATOR_KEY_FILE = "operator.key"
 TOKEN_FILE = "token.json"  # noqa: S105 - a file name
+# Login keeps its own copy of the CA certificates: the saved settings then do not break when
+# the file named by --ca-file is moved or deleted.
+CA_COPY_FILE = "ca.pem"
 MAX_STATE_FILE_BYTES = 64 * 1024
+MAX_CA_FILE_BYTES = 1024 * 1024
 
 
 class HomeError(Exception):
@@ -105,6 +112,21 @@ class CliHome:
         text = json.dumps({"server": settings.server, "ca_file": settings.ca_file}, indent=2)
         (self.path / SETTINGS_FILE).write_text(text + "\n")
 
+    @property
+    def ca_copy_path(self) -> Path:
+        """Where login keeps its copy of the CA certificates given with --ca-file."""
+        return self.path / CA_COPY_FILE
+
+    def save_ca_copy(self, certificates: bytes) -> Path:
+        """Write ``certificates`` (checked by ``read_ca_certificates``) as the home's CA copy,
+        0600 and atomically; return its path."""
+        self.ensure()
+        try:
+            write_private_file(self.ca_copy_path, certificates)
+        except KeyFileError as error:
+            raise HomeError(f"cannot keep a copy of the CA file: {error}") from None
+        return self.ca_copy_path
+
     def load_key(self) -> SigningIdentity | None:
         """The operator key, or None if none was generated here yet."""
         if not self.key_path.exists():
@@ -184,3 +206,27 @@ def _is_token_record(record: Mapping[str, Any]) -> bool:
     expires_at = record.get("expires_at")
     return (isinstance(record.get("access_token"), str) and isinstance(expires_at, int | float)
             and not isinstance(expires_at, bool))
+
+
+def read_ca_certificates(ca_file: str) -> bytes:
+    """The contents of ``ca_file`` if it holds PEM certificates (and nothing unreadable);
+    HomeError naming the file otherwise."""
+    try:
+        with open(ca_file, "rb") as handle:
+            data = handle.read(MAX_CA_FILE_BYTES + 1)
+    except OSError as error:
+        raise HomeError(
+            f"cannot use the CA file {ca_file} (--ca-file): {error.strerror}"
+        ) from None
+    if len(data) > MAX_CA_FILE_BYTES:
+        raise HomeError(
+            f"cannot use the CA file {ca_file} (--ca-file): larger than {MAX_CA_FILE_BYTES} bytes"
+        )
+    try:
+        load_pem_x509_certificates(data)
+    except ValueError:
+        raise HomeError(
+            f"cannot use the CA file {ca_file} (--ca-file): it holds no PEM certificates "
+            f"(-----BEGIN CERTIFICATE-----)"
+        ) from None
+    return data

@@ -162,12 +162,19 @@ class KnownAgents:
         return {agent_id: PublicIdentity(raw) for agent_id, raw in self._read().agents.items()}
 
     def verify_or_pin(
-        self, agent_id: str, presented: PublicIdentity, name: str | None = None
+        self,
+        agent_id: str,
+        presented: PublicIdentity,
+        name: str | None = None,
+        addressed_by_id: bool = False,
     ) -> PinOutcome:
         """Accept the pinned key, pin a first-seen one, or raise AgentKeyChangedError.
 
         With ``name``, also refuse (AgentNameKeyChangedError) an id new to a pinned name unless
-        it presents that name's pinned key; the name is pinned to the id from then on.
+        it presents that name's pinned key; the name is pinned to the id from then on. With
+        ``addressed_by_id`` (the operator typed this agent's id, not its name) only the id's pin
+        judges: several agents may share a host name (cloned images), as ssh pins by host and
+        not by what the host calls itself; the id is still added to the name's pins.
         """
         _check_agent_id(agent_id)
         if name is not None:
@@ -181,7 +188,11 @@ class KnownAgents:
             changed = pinned is None
             if name is not None:
                 named = pins.ids_named(self.server, name)
-                if agent_id not in named:
+                if agent_id not in named and addressed_by_id:
+                    named.intersection_update(pins.keys_of(named))
+                    named.add(agent_id)
+                    changed = True
+                elif agent_id not in named:
                     others = pins.keys_of(named)
                     same_key = self._same_key_ids_or_refuse(name, others, agent_id, presented)
                     if same_key:

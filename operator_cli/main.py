@@ -35,7 +35,13 @@ from operator_cli.agent_listing import (
     fetch_agents,
 )
 from operator_cli.client import ApiError, Session, enroll, login, open_http
-from operator_cli.home import CliHome, HomeError, Settings, default_home
+from operator_cli.home import (
+    CliHome,
+    HomeError,
+    Settings,
+    default_home,
+    read_ca_certificates,
+)
 from operator_cli.http import CaFileError, ResponseTooLargeError, TransportError
 from operator_cli.session_listing import (
     SESSIONS_PATH,
@@ -506,8 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_approval_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-wait", action="store_true",
-        help="when the policy asks for approval, print the request id and exit 0 instead of "
-        "waiting",
+        help="when the policy asks for approval, submit the request, print its id and exit 0 "
+        "without running anything (run again with --approval ID once approved); without it the "
+        "command waits, saying on stderr who may approve and, every minute, that it still waits",
     )
     parser.add_argument(
         "--approval", metavar="ID", help="use the approval request ID from an earlier --no-wait"
@@ -619,6 +626,7 @@ def _settings_for_login(args: argparse.Namespace, home: CliHome) -> Settings:
 
 def _login(args: argparse.Namespace, home: CliHome) -> int:
     settings = _settings_for_login(args, home)
+    ca_certificates = None if settings.ca_file is None else read_ca_certificates(settings.ca_file)
     identity = home.load_key()
     with open_http(settings) as http:
         if args.invite:
@@ -632,6 +640,9 @@ def _login(args: argparse.Namespace, home: CliHome) -> int:
         elif identity is None:
             raise HomeError(f"no operator key in {home.path}: enroll first with --invite CODE")
         token = login(http, identity)
+    if ca_certificates is not None:
+        # Later commands use this copy, not the path typed at login (which may be moved).
+        settings.ca_file = str(home.save_ca_copy(ca_certificates))
     home.save_settings(settings)
     home.save_token(token)
     expires = datetime.fromtimestamp(token["expires_at"], UTC).strftime("%H:%M:%S UTC")

@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import os
 import select
+import sys
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -216,6 +217,8 @@ class AgentKeyPin:
         self.ticket = ticket
         self.first_use = False
         self.key_changed: AgentKeyChangedError | None = None
+        # Set when the operator typed the id of an agent whose name other pinned agents share.
+        self.shared_name_note: str | None = None
 
     def __call__(self, presented: PublicIdentity) -> str | None:
         """None when ``presented`` is the agent's expected key; otherwise the reason it is not."""
@@ -231,13 +234,25 @@ class AgentKeyPin:
         try:
             for name in sorted(name for name in also_names if name is not None):
                 self.known_agents.check_name(name, agent_id, presented)
+            # Typed by id: that id's own pin (or first use) judges, not the pin of a host name
+            # other agents share; an agent reached by name is still held to the name's pin.
+            by_id = self.ticket.requested_as == agent_id != self.ticket.agent_name
+            sharing = {other for other, key in
+                       self.known_agents.pins_for_name(self.ticket.agent_name).items()
+                       if other != agent_id and key != presented} if by_id else set()
             outcome = self.known_agents.verify_or_pin(
-                agent_id, presented, name=self.ticket.agent_name
+                agent_id, presented, name=self.ticket.agent_name, addressed_by_id=by_id
             )
         except AgentKeyChangedError as error:
             self.key_changed = error
             return str(error)
         self.first_use = outcome is PinOutcome.FIRST_USE
+        if self.first_use and sharing:
+            self.shared_name_note = (
+                f"note: several agents are called {self.ticket.agent_name} "
+                f"({', '.join(sorted(sharing | {agent_id}))}); their keys are pinned by agent "
+                f"id, so address them by id"
+            )
         return None
 
 
@@ -730,6 +745,8 @@ async def establish_session(
     session = OperatorSession(stream, handshake.channel(time.monotonic()), frames, ticket)
     if pin.first_use and pinned_on_first_use is not None:
         pinned_on_first_use(ticket, ticket.agent_key)
+        if pin.shared_name_note is not None:
+            print(pin.shared_name_note, file=sys.stderr)
     await session.send_control(start)
     return session
 

@@ -342,9 +342,11 @@ def _looks_like_shell_code(command: Sequence[str]) -> bool:
 
 
 def _parked(parked: Parked, resume: str) -> int:
-    """--no-wait: the request id on stdout (for scripts), what to do next on stderr."""
+    """--no-wait: the request id on stdout (for scripts), what to do next on stderr. Exit 0
+    means the request was submitted, not that anything ran: the message says so."""
     print(parked.pending.request_id)
-    _say(f"{parked.pending.waiting_line()}; once approved, run: tucdesk {resume}")
+    _say(f"not run yet: approval request {visible(parked.pending.request_id)} submitted; "
+         f"{parked.pending.waiting_line()}; once approved, run: tucdesk {resume}")
     return EXIT_OK
 
 

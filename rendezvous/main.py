@@ -530,8 +530,12 @@ async def _invite_create(
             target=f"invite:{invite.id}",
             details={"invite_id": invite.id, "email": email, "role": role, "ttl_seconds": ttl},
         )
-    print(f"invite {invite.id} for {email} ({role}) in team {team.name}, valid {ttl}s")
-    print("give this one-time code to the operator: tucdesk login --server URL --invite CODE")
+    # Both strings start with inv_: each is labelled, and the code is filled into the command.
+    # The bare code stays the last line, for scripts.
+    print(f"invite id: {invite.id}  (to revoke it; not the code)")
+    print(f"  for {email} ({role}) in team {team.name}, valid {ttl}s")
+    print(f"the operator logs in with: tucdesk login --server URL --invite {code}")
+    print("one-time code (give only this to the operator):")
     print(code)
     return EXIT_OK
 

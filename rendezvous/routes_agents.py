@@ -8,6 +8,7 @@ and recorded alike, so neither the answer nor the log says which it was."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any, NoReturn
 
 from fastapi import APIRouter
@@ -63,6 +64,7 @@ from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store.base import TagsChanged
 from rendezvous.team_policy import enrollment_trust
 
+logger = logging.getLogger("tucdesk.rendezvous.agents")
 router = APIRouter(tags=["agents"])
 MAX_MACHINE_FINGERPRINT_LENGTH = 256
 AGENT_LIST_PATH = "/agents"
@@ -161,7 +163,33 @@ async def register_agent(body: SignedEnvelope, ctx: Context) -> RegisterResponse
         tags=list(agent.tags),
         service_keys=ctx.keys.jwks(),
         policy_trust=await enrollment_trust(ctx, agent.team_id),
+        warnings=await _shared_name_warnings(ctx, agent.team_id, agent.id, agent.name),
     )
+
+
+# How many namesakes a registration looks at to warn that its name is taken.
+MAX_NAMESAKES_CHECKED = 16
+
+
+async def _shared_name_warnings(
+    ctx: ServiceContext, team_id: str, agent_id: str, name: str
+) -> list[str]:
+    """A warning when other agents of the team already have ``name`` (cloned images share a
+    host name): operators must then address each one by id. Registration still succeeds."""
+    listing = await ctx.store.agent_listing(
+        team_id, AgentQuery(limit=MAX_NAMESAKES_CHECKED, name_prefix=name)
+    )
+    namesakes = sorted(other.id for other in listing.agents
+                       if other.name == name and other.id != agent_id)
+    if not namesakes:
+        return []
+    logger.warning("agent %s registered with the name %r that %s of its team already has",
+                   agent_id, name, ", ".join(namesakes))
+    return [
+        f"another agent of this team is already called {name} ({', '.join(namesakes)}); "
+        f"operators must use agent ids to tell them apart. Give this one its own name: "
+        f"tucdesk-agent enroll --force --name NAME with a new registration key"
+    ]
 
 
 # The query is parsed by ``agent_list_query`` (the same code on both paths), not by FastAPI:

@@ -179,6 +179,9 @@ class RegisterResponse(BaseModel):
     service_keys: dict[str, Any]
     # {"admin_keys": [b64url…], "policy_key": b64url} to pin; None if the team has no admin.
     policy_trust: dict[str, Any] | None = None
+    # Things the enrolling host's admin should know (e.g. the name is already taken in the
+    # team); agents that predate the field ignore it.
+    warnings: list[str] = []
 
 
 class SessionView(BaseModel):
