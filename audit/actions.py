@@ -17,9 +17,9 @@ class Action(StrEnum):
     OPERATOR_INVITE_USED = "operator.invite_used"
     """A new operator enrolled with an invite (context: key thumbprint)."""
     OPERATOR_INVITE_REVOKED = "operator.invite_revoked"
-    """An unused invite was made unusable (target = ``invite:`` and its id; context: reason,
-    e.g. ``operator_disabled`` when an operator with its email was disabled, and that
-    operator's id and email)."""
+    """No longer written (kept: older logs hold it). An unused invite was made unusable
+    (target = ``invite:`` and its id; context: reason ``operator_disabled``, that operator's id
+    and email); a disable now names the invites it expires in ``operator.revoked``."""
     OPERATOR_LOGIN_SUCCEEDED = "operator.login_succeeded"
     """An operator signed the login challenge and received an access token (context: jti)."""
     OPERATOR_LOGIN_FAILED = "operator.login_failed"
@@ -27,23 +27,32 @@ class Action(StrEnum):
     OPERATOR_TOKEN_REVOKED = "operator.token_revoked"  # noqa: S105 - an action name
     """An access token was revoked by its jti."""
     OPERATOR_REVOKED = "operator.revoked"
-    """An operator was removed from the team; their key no longer authenticates."""
+    """An operator was disabled; their key no longer authenticates. Written before the disable
+    takes effect, it is the disable's one statement of what it takes away: context ``email``,
+    ``role`` and the holdings read just before, ``api_keys``, ``registration_keys`` and
+    ``invites`` (ids), each revoked unless used in the meantime. Keys the operator creates
+    during the disable are not named; they are refused at use because their creator is
+    disabled. A repeated disable writes no second record."""
     OPERATOR_REVOKE_FAILED = "operator.revoke_failed"
-    """An ``operator.revoked`` just recorded did not take effect (target = the same operator;
-    context: reason, e.g. ``last_active_admin`` when another admin was disabled first): that
-    earlier record names an attempt, and the operator is still active. Without such an earlier
+    """An ``operator.revoked`` just recorded (the same actor's latest for the operator) did not
+    take effect (target = the same operator; context: reason): with ``last_active_admin``
+    (another admin was disabled first) the operator is still active; with ``already_disabled``
+    another disable of the operator committed first, and its ``operator.revoked`` states what
+    was taken away (two admins or instances disabling at once). Without such an earlier
     record, a disable was refused before anything was done (target = ``operator:`` and the id
     as sent; context: reason ``not_found``, ``not_permitted`` or ``last_active_admin``)."""
     API_KEY_CREATED = "api_key.created"
     """An integration API key was created (never the key itself; its id)."""
     API_KEY_REVOKED = "api_key.revoked"
-    """An integration API key was revoked."""
+    """An integration API key was revoked by a revoke request (a disable names the keys
+    it revokes in ``operator.revoked`` instead)."""
     REGISTRATION_KEY_CREATED = "registration_key.created"
     """An admin created a single-use agent registration key (context: key id, tags, ttl)."""
     REGISTRATION_KEY_USED = "registration_key.used"
     """A registration key was consumed by an enrolling agent."""
     REGISTRATION_KEY_REVOKED = "registration_key.revoked"
-    """A registration key was revoked before use."""
+    """A registration key was revoked before use (a disable names the keys it revokes in
+    ``operator.revoked`` instead)."""
     AGENT_REGISTERED = "agent.registered"
     """An agent enrolled. Signed by the audit key, it introduces the agent's public key (target =
     agent id, context carries ``agent_public_key`` and ``agent_key_id``): see audit/trust.py."""

@@ -24,9 +24,7 @@ operator back, invite them again.
 
 from __future__ import annotations
 
-import json
 import logging
-from typing import Any
 
 from fastapi import APIRouter
 from pydantic import BaseModel
@@ -63,18 +61,13 @@ ENDING_SESSIONS_FAILED_MESSAGE = (
     "each rendezvous instance retries within a minute (repeating the disable retries now)"
 )
 DISABLED_BUT_INCOMPLETE_MESSAGE = (
-    "{email} IS disabled (its tokens, API keys, registration keys and invites no longer work), "
-    "but the audit log or the store failed after that: the log may be missing records of the "
-    "keys and invites revoked (the operator.revoked record names them), its pending approval "
-    "requests may not be withdrawn and its sessions not ended. Repeat the disable to complete it"
+    "{email} IS disabled (its tokens, API keys, registration keys and invites no longer work; "
+    "the operator.revoked record names them), but the audit log or the store failed after "
+    "that: its pending approval requests may not be withdrawn and its sessions not ended. "
+    "Repeat the disable: it withdraws them and ends the sessions"
 )
-# How far back (records) a repeated disable looks for the records an earlier one wrote.
-MAX_RECORDS_SCANNED_ON_REPEAT = 10_000
-AUDIT_SCAN_PAGE = 500
 ACTIVE = "active"
 DISABLED = "disabled"
-# Why the disable's revocations happened, in their audit records.
-OPERATOR_DISABLED_REASON = "operator_disabled"
 ROSTER_SIGN_COMMAND = "tucdesk roster sign"
 ROSTER_STILL_NAMES_MESSAGE = (
     "agents still accept {email}'s key from the team's signed roster until an admin runs "
@@ -137,8 +130,8 @@ async def list_operators(caller: Caller, ctx: Context) -> OperatorList:
 @router.post(OPERATORS_PATH + "/{operator_id}/disable", response_model=DisabledOperatorView)
 async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> DisabledOperatorView:
     """Disable an operator of the caller's team (admin): its tokens die, it cannot log in, its
-    API keys and unused registration keys are revoked, its pending approval requests are
-    withdrawn, and its open sessions end. Repeating it does again whatever is left to do."""
+    API keys, unused registration keys and invites are revoked, its pending approval requests
+    are withdrawn, and its open sessions end. A repeat withdraws and ends again (no new record)."""
     try:
         authorize(caller, Permission.OPERATORS_WRITE)
     except Forbidden:
@@ -155,8 +148,10 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
                 "email": operator.email, "role": operator.role, "reason": "last_active_admin"
             })  # fmt: skip
             raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email))
-        # No audit, no action: the record is durable before the key stops working, and names
-        # what the disable will revoke, so the log holds it even if a later record fails.
+        # No audit, no action: the record is durable before the key stops working. It is the
+        # disable's one statement of what it takes away: the holdings read just now (revoked
+        # unless used in the meantime; a key made meanwhile is refused at use, its creator
+        # being disabled). Nothing is recorded per key after the commit.
         holdings = await ctx.store.operator_holdings(caller.team_id, operator.id, ctx.now())
         await ctx.audit.record(
             caller.team_id,
@@ -181,16 +176,11 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
         if audited:
             await _record_revoke_failed(ctx, caller, operator, "last_active_admin")
         raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email)) from None
+    if audited and disabled.already_disabled:
+        # A concurrent disable committed between this one's read and its transaction: that
+        # one's operator.revoked stands, and this one's, which revoked nothing, is withdrawn.
+        await _record_revoke_failed(ctx, caller, operator, "already_disabled")
     try:
-        # Recorded once revoked (a revocation only takes away; the operator.revoked record
-        # above was durable first), so each record names a key the transaction really revoked.
-        # A repeat first writes what an earlier disable failed to record.
-        if not audited:
-            await _record_unrecorded_revocations(ctx, caller, disabled.operator)
-        await _record_revocations(
-            ctx, caller, disabled.operator, disabled.revoked_api_keys,
-            disabled.revoked_registration_keys, disabled.revoked_invites,
-        )  # fmt: skip
         withdrawn = await withdraw_requests_of_disabled(
             ctx, caller_actor(caller), disabled.operator,
             withdrawn_by=await ctx.store.get_operator(caller.team_id, caller.subject),
@@ -213,7 +203,7 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
     logger.info("operator %s disabled: asked agents here to end %d session(s)", operator.id, told)
     return DisabledOperatorView(
         operator=operator_view(disabled.operator),
-        already_disabled=not operator.is_active(),
+        already_disabled=disabled.already_disabled,
         revoked_api_keys=list(disabled.revoked_api_keys),
         revoked_registration_keys=list(disabled.revoked_registration_keys),
         revoked_invites=list(disabled.revoked_invites),
@@ -223,71 +213,10 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
 
 
 def _holdings_context(holdings: OperatorHoldings) -> dict[str, list[str]]:
+    """operator.revoked's context: what the operator held that the disable revokes (ids)."""
     return {"api_keys": list(holdings.api_keys),
             "registration_keys": list(holdings.registration_keys),
             "invites": list(holdings.invites)}  # fmt: skip
-
-
-# Each kind of holding: the key of its ids in operator.revoked, its revocation action and the
-# prefix of that record's target.
-_REVOCATIONS = (
-    ("api_keys", Action.API_KEY_REVOKED, "api_key:"),
-    ("registration_keys", Action.REGISTRATION_KEY_REVOKED, "registration_key:"),
-    ("invites", Action.OPERATOR_INVITE_REVOKED, "invite:"),
-)
-
-
-async def _record_revocations(
-    ctx: ServiceContext,
-    caller: Principal,
-    operator: Operator,
-    api_keys: tuple[str, ...],
-    registration_keys: tuple[str, ...],
-    invites: tuple[str, ...],
-) -> None:
-    why = {"reason": OPERATOR_DISABLED_REASON, "operator": operator.id, "email": operator.email}
-    for (_, action, prefix), ids in zip(
-        _REVOCATIONS, (api_keys, registration_keys, invites), strict=True
-    ):
-        for revoked in ids:
-            await ctx.audit.record(
-                caller.team_id, actor=caller_actor(caller), action=action,
-                target=f"{prefix}{revoked}", details=why,
-            )  # fmt: skip
-
-
-async def _record_unrecorded_revocations(
-    ctx: ServiceContext, caller: Principal, operator: Operator
-) -> None:
-    """On a repeated disable: write the revocation records an earlier disable of ``operator``
-    failed to write (its operator.revoked record names what it revoked). Reads the team's log
-    backwards from its head to that record, at most MAX_RECORDS_SCANNED_ON_REPEAT records."""
-    audit_store = ctx.store.audit
-    head = await audit_store.head(caller.team_id)
-    end = 0 if head is None else head.seq + 1
-    recorded: set[tuple[str, str]] = set()
-    named: dict[str, Any] | None = None
-    scanned = 0
-    while end > 0 and named is None and scanned < MAX_RECORDS_SCANNED_ON_REPEAT:
-        start = max(0, end - AUDIT_SCAN_PAGE)
-        for stored in reversed(await audit_store.read_records(caller.team_id, start, end)):
-            event = json.loads(stored.canonical)["event"]
-            if event["action"] == Action.OPERATOR_REVOKED and event["target"] == (
-                f"operator:{operator.id}"
-            ):
-                named = event["context"]
-                break
-            recorded.add((event["action"], event["target"] or ""))
-        scanned += end - start
-        end = start
-    if named is None:
-        return
-    missing = [
-        tuple(str(revoked) for revoked in named.get(key, ())
-              if (action.value, f"{prefix}{revoked}") not in recorded)
-        for key, action, prefix in _REVOCATIONS
-    ]  # fmt: skip
-    await _record_revocations(ctx, caller, operator, *missing)
 
 
 async def _roster_pending(ctx: ServiceContext, operator: Operator) -> str | None:

@@ -223,6 +223,9 @@ class DisabledOperator:
     # The team's unused invites for the operator's email (casefold-equal), expired at the
     # disable: a second-key invite must not bring the person back.
     revoked_invites: tuple[str, ...] = ()
+    # It was disabled before this transaction (a repeat, or a concurrent disable committed
+    # first): the transaction then revoked nothing (all three tuples are empty).
+    already_disabled: bool = False
 
 
 @dataclass(frozen=True)
@@ -607,9 +610,9 @@ class Store(abc.ABC):
     ) -> tuple[Operator, Invite]:
         """In one transaction: consume the invite and create the operator it names.
 
-        InviteUnusable if the invite cannot be used, also (REVOKED) if an operator of the team
-        with its email (casefold-equal) was disabled since it was created; AlreadyExists if the
-        key is already enrolled (the invite then stays unused).
+        InviteUnusable if the invite cannot be used; AlreadyExists if the key is already
+        enrolled (the invite then stays unused). A disable of the email's operator expires its
+        unused invites in the disable's transaction; nothing here compares clocks with it.
         """
 
     # ---- operators -----------------------------------------------------------------------
@@ -646,7 +649,9 @@ class Store(abc.ABC):
         """In one transaction: disable the operator, kill its tokens, revoke its API keys and
         the unused, unexpired registration keys it or those API keys created, and expire the
         team's unused invites for its email (casefold-equal) (ids returned). NotFound; with
-        ``keep_an_active_admin``, LastActiveAdmin as ``disable_operator``.
+        ``keep_an_active_admin``, LastActiveAdmin as ``disable_operator``. An operator already
+        disabled keeps its first disable's time and has nothing revoked again (an invite for its
+        email made since is a deliberate re-invite); ``already_disabled`` says so.
 
         A key created concurrently (its creator authenticated before this commits) is refused
         at use anyway: an API key or registration key whose creating operator (directly, or

@@ -475,17 +475,10 @@ class SqlStore(Store):
         operator_id = new_id("op")
         async with self._transaction() as session:
             invite = await self._consume_invite(session, bytes(code_hash), now, operator_id)
-            # Belt and braces beside the disable expiring the invites for its email: an invite
-            # made before a disable (or as it committed) must not bring the person back. One
-            # made at the disable's instant or later is a deliberate re-invite.
-            disabled_since = await session.fetch(
-                """SELECT email FROM operators
-                   WHERE team_id = $1 AND disabled_at IS NOT NULL AND disabled_at > $2""",
-                invite.team_id, invite.created_at,
-            )  # fmt: skip
-            wanted = invite.email.casefold()
-            if any(row["email"].casefold() == wanted for row in disabled_since):
-                raise InviteUnusable(UnusableReason.REVOKED)
+            # No check against a disable of the email's operator: the disable expires its unused
+            # invites in its own transaction, and comparing the invite's created_at (the clock of
+            # whoever ran `invite create`) with disabled_at (the serving instance's clock) refused
+            # a legitimate re-invite from a host a moment behind.
             operator = Operator(
                 id=operator_id, team_id=invite.team_id, email=invite.email, role=invite.role,
                 public_key=bytes(public_key), key_thumbprint=key_thumbprint, created_at=now,
@@ -572,16 +565,33 @@ class SqlStore(Store):
                     and target["disabled_at"] is None and others is not None and others["n"] == 0
                 ):  # fmt: skip
                     raise LastActiveAdmin("this is the team's last active admin")
+            # The first disable to commit sets disabled_at (a concurrent one waits on the row
+            # lock, then matches nothing here); it alone revokes what the operator held.
             row = await session.fetchrow(
                 """UPDATE operators
-                   SET disabled_at = COALESCE(disabled_at, $3),
+                   SET disabled_at = $3,
                        tokens_valid_after = CASE WHEN tokens_valid_after > $3
                                                  THEN tokens_valid_after ELSE $3 END
-                   WHERE team_id = $1 AND id = $2 RETURNING *""",
+                   WHERE team_id = $1 AND id = $2 AND disabled_at IS NULL RETURNING *""",
                 team_id, operator_id, now,
             )  # fmt: skip
             if row is None:
-                raise NotFound("no such operator")
+                row = await session.fetchrow(
+                    """UPDATE operators
+                       SET tokens_valid_after = CASE WHEN tokens_valid_after > $3
+                                                     THEN tokens_valid_after ELSE $3 END
+                       WHERE team_id = $1 AND id = $2 RETURNING *""",
+                    team_id, operator_id, now,
+                )  # fmt: skip
+                if row is None:
+                    raise NotFound("no such operator")
+                # Already disabled (a repeat, or a concurrent disable committed first): that
+                # disable revoked what it held; an invite for the email made since is a
+                # deliberate re-invite, and a key made since is refused at use anyway.
+                return DisabledOperator(
+                    operator=_operator(row), revoked_api_keys=(), revoked_registration_keys=(),
+                    already_disabled=True,
+                )  # fmt: skip
             invites = await self._invites_for_email(session, team_id, row["email"], now)
             for invite_id in invites:
                 await session.execute(
