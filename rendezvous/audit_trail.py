@@ -7,14 +7,20 @@ team can be charged with (a refused registration by an unknown caller) go to ``S
 An authenticated caller's refused request is recorded with ``record_refusal`` in the caller's
 own team log: the id it sent, capped (``refused_id``), and a reason code. A refusal whose record
 cannot be appended still stands (logged, never a 503): nothing happened for the log to hold
-back, and the caller gets the same answer either way.
+back, and the caller gets the same answer either way. Refusal records are budgeted per caller
+(``RefusalBudget``) so that no caller can grow the log without bound by being refused: one over
+the budget is counted, not recorded, and the caller's next recorded refusal carries the count
+(``suppressed``), so the log never loses the fact that refusals happened.
 """
 
 from __future__ import annotations
 
 import logging
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, BinaryIO
 
 from audit.actions import Action, ActorKind
@@ -39,6 +45,17 @@ MAX_REFUSED_ID_LENGTH = 128
 # scopes do not allow the request.
 REFUSED_NOT_FOUND = "not_found"
 REFUSED_NOT_PERMITTED = "not_permitted"
+# Refusal records a caller (team, actor kind, actor id) may add per minute on one instance, and
+# how many at once: a token bucket. Beyond it a refusal is counted, not recorded (its answer is
+# the same), and the caller's next recorded refusal carries the count as ``suppressed``.
+REFUSAL_RECORDS_PER_MINUTE = 20
+REFUSAL_RECORDS_BURST = 20
+# Callers whose budget one instance remembers (least recently refused forgotten first).
+REFUSAL_BUDGET_CALLERS = 10_000
+# A caller being suppressed is named in the service log at most this often.
+SUPPRESSION_WARNING_SECONDS = 60.0
+# The context key of a recorded refusal that stands for refusals not recorded before it.
+SUPPRESSED_KEY = "suppressed"
 
 __all__ = [
     "REFUSED_NOT_FOUND",
@@ -47,6 +64,7 @@ __all__ = [
     "Action",
     "Actor",
     "AuditTrail",
+    "RefusalBudget",
     "agent_actor",
     "caller_actor",
     "operator_actor",
@@ -88,11 +106,106 @@ def unauthenticated_actor(display: str) -> Actor:
     return Actor(ActorKind.UNAUTHENTICATED, "unauthenticated", display)
 
 
+CallerKey = tuple[str, str, str]
+
+
+@dataclass
+class _CallerBudget:
+    tokens: float
+    refilled_at: float
+    suppressed: int = 0
+    warned_at: float | None = None
+
+
+class RefusalBudget:
+    """Per-caller token buckets for refusal records on this instance, in memory, for at most
+    ``max_callers`` callers (least recently refused evicted first, a pending count logged)."""
+
+    def __init__(
+        self,
+        per_minute: float = REFUSAL_RECORDS_PER_MINUTE,
+        burst: int = REFUSAL_RECORDS_BURST,
+        max_callers: int = REFUSAL_BUDGET_CALLERS,
+        clock: Callable[[], float] = time.monotonic,
+        on_suppressed: Callable[[], None] | None = None,
+    ) -> None:
+        """``on_suppressed`` is called for each refusal counted, not recorded (for a metric)."""
+        self._per_minute = per_minute
+        self._per_second = per_minute / 60.0
+        self._burst = float(burst)
+        self._max_callers = max_callers
+        self._clock = clock
+        self._callers: OrderedDict[CallerKey, _CallerBudget] = OrderedDict()
+        self._on_suppressed = on_suppressed
+        self.suppressed_total = 0
+
+    def take(self, caller: CallerKey) -> int | None:
+        """None if ``caller``'s refusal is over budget (counted); else the count of its refusals
+        not recorded since its last record, which the record now carries (and clears)."""
+        now = self._clock()
+        budget = self._callers.get(caller)
+        if budget is None:
+            budget = _CallerBudget(tokens=self._burst, refilled_at=now)
+            self._callers[caller] = budget
+            self._evict_beyond_limit()
+        else:
+            self._callers.move_to_end(caller)
+            elapsed = max(0.0, now - budget.refilled_at)
+            budget.tokens = min(self._burst, budget.tokens + elapsed * self._per_second)
+            budget.refilled_at = now
+        if budget.tokens >= 1.0:
+            budget.tokens -= 1.0
+            carried, budget.suppressed = budget.suppressed, 0
+            return carried
+        budget.suppressed += 1
+        self.suppressed_total += 1
+        if self._on_suppressed is not None:
+            self._on_suppressed()
+        if budget.warned_at is None or now - budget.warned_at >= SUPPRESSION_WARNING_SECONDS:
+            budget.warned_at = now
+            team_id, kind, actor_id = caller
+            logger.warning(
+                "refusals of %s %s (team %s) are over the budget of %g records a minute: "
+                "counted, not recorded, until the budget allows the next one (%d so far)",
+                kind, actor_id, team_id, self._per_minute, budget.suppressed,
+            )  # fmt: skip
+        return None
+
+    def restore(self, caller: CallerKey, carried: int) -> None:
+        """Give back a count ``take`` cleared whose record could not be appended."""
+        if carried <= 0:
+            return
+        budget = self._callers.get(caller)
+        if budget is None:
+            logger.warning("%d unrecorded refusals of %s %s (team %s) are no longer counted",
+                           carried, caller[1], caller[2], caller[0])  # fmt: skip
+            return
+        budget.suppressed += carried
+
+    def _evict_beyond_limit(self) -> None:
+        while len(self._callers) > self._max_callers:
+            (team_id, kind, actor_id), budget = self._callers.popitem(last=False)
+            if budget.suppressed:
+                # Forgotten callers' counts would vanish from the log: the service log keeps them.
+                logger.warning(
+                    "%d refusals of %s %s (team %s) were not recorded (over the refusal budget) "
+                    "and are no longer counted: too many callers refused at once",
+                    budget.suppressed, kind, actor_id, team_id,
+                )  # fmt: skip
+
+
 class AuditTrail:
     """Appends signed records to per-team logs in the store, and exports them."""
 
-    def __init__(self, store: AuditStore, signer: SigningIdentity, origin: str) -> None:
+    def __init__(
+        self,
+        store: AuditStore,
+        signer: SigningIdentity,
+        origin: str,
+        refusal_budget: RefusalBudget | None = None,
+    ) -> None:
         self._logs = AuditLogs(store, signer, origin)
+        self.refusal_budget = RefusalBudget() if refusal_budget is None else refusal_budget
 
     @property
     def audit_key(self) -> PublicIdentity:
@@ -135,12 +248,21 @@ class AuditTrail:
         target: str,
         details: Mapping[str, Any],
     ) -> bool:
-        """Append the record of a refused request; False if it could not be stored (logged,
-        not raised: the refusal stands, so the caller's answer does not change)."""
+        """Append the record of a refused request, within the caller's refusal budget; False if
+        it was over budget (counted) or could not be stored (logged, not raised: the refusal
+        stands, so the caller's answer does not change)."""
+        caller: CallerKey = (team_id, actor.kind.value, actor.id)
+        carried = self.refusal_budget.take(caller)
+        if carried is None:
+            return False
+        context = dict(details)
+        if carried:
+            context[SUPPRESSED_KEY] = carried
         try:
             await self.record(team_id, actor=actor, action=action, target=target,
-                              details=details)  # fmt: skip
+                              details=context)  # fmt: skip
         except ServiceUnavailable:
+            self.refusal_budget.restore(caller, carried)
             # The target is caller-sent text: the log names only the action and reason code.
             logger.error("a refused request (%s, reason %s) stands unrecorded",
                          action.value, str(details.get("reason", ""))[:64])  # fmt: skip

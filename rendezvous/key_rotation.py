@@ -286,7 +286,11 @@ async def reload_service_keys(ctx: ServiceContext, why: str = SIGHUP_RELOAD) -> 
     if _fingerprints(keys) == _fingerprints(ctx.keys):
         return False
     if keys.audit_signer.public.key_id != ctx.keys.audit_signer.public.key_id:
-        ctx.audit = AuditTrail(ctx.store.audit, keys.audit_signer, origin=ctx.config.issuer)
+        # The callers' refusal budgets (and counts not yet recorded) carry over.
+        ctx.audit = AuditTrail(
+            ctx.store.audit, keys.audit_signer, origin=ctx.config.issuer,
+            refusal_budget=ctx.audit.refusal_budget,
+        )  # fmt: skip
     ctx.keys = keys
     logger.info(
         "%s; now signing with service keys %s", why,

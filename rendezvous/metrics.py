@@ -84,6 +84,12 @@ class ServiceMetrics:
             ["outcome"],
             registry=self.registry,
         )
+        self.audit_refusals_suppressed = Counter(
+            "tucdesk_audit_refusals_suppressed_total",
+            "Refused requests not written to the audit log because their caller was over its "
+            "budget of refusal records (the caller's next record carries the count).",
+            registry=self.registry,
+        )
         self.rejected_inputs = Counter(
             "tucdesk_rejected_inputs_total",
             "Inputs refused as oversized or malformed, by reason: HTTP requests before their "

@@ -28,14 +28,14 @@ from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
 
 from rendezvous.app import create_app
-from rendezvous.audit_trail import AuditTrail
+from rendezvous.audit_trail import AuditTrail, RefusalBudget
 from rendezvous.config import ServiceConfig, split_listen
 from rendezvous.context import ServiceContext
 from rendezvous.control_channel import AgentConnections, end_sessions_of_absent_agents
 from rendezvous.errors import ConfigError
 from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
 from rendezvous.key_rotation import reload_if_pins_changed, reload_service_keys
-from rendezvous.metrics import MetricsOnlyApp
+from rendezvous.metrics import MetricsOnlyApp, ServiceMetrics
 from rendezvous.offer_bus import end_disabled_operators_sessions_here, listen_for_offers
 from rendezvous.relay_health import check_relays_forever
 from rendezvous.service_keys import check_pinned_keys, load_service_keys, with_retired_keys
@@ -249,8 +249,10 @@ def _public_key_bytes(key: Any) -> bytes:
 def build_context(config: ServiceConfig, store: Store) -> ServiceContext:
     """The ServiceContext for one instance serving ``store`` with the data dir's keys."""
     keys = load_service_keys(config.data_dir)
-    audit = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
-    ctx = ServiceContext(config=config, store=store, keys=keys, audit=audit)
+    metrics = ServiceMetrics()
+    budget = RefusalBudget(on_suppressed=metrics.audit_refusals_suppressed.inc)
+    audit = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer, refusal_budget=budget)
+    ctx = ServiceContext(config=config, store=store, keys=keys, audit=audit, metrics=metrics)
     ctx.connections = AgentConnections(ctx)
     return ctx
 
