@@ -174,7 +174,8 @@ class KnownAgents:
         it presents that name's pinned key; the name is pinned to the id from then on. With
         ``addressed_by_id`` (the operator typed this agent's id, not its name) only the id's pin
         judges: several agents may share a host name (cloned images), as ssh pins by host and
-        not by what the host calls itself; the id is still added to the name's pins.
+        not by what the host calls itself; the id joins the name's pins only when the name has
+        none yet or the id presents one of its keys.
         """
         _check_agent_id(agent_id)
         if name is not None:
@@ -189,8 +190,15 @@ class KnownAgents:
             if name is not None:
                 named = pins.ids_named(self.server, name)
                 if agent_id not in named and addressed_by_id:
-                    named.intersection_update(pins.keys_of(named))
-                    named.add(agent_id)
+                    # The id alone is pinned; the name takes it only when the name has no pin
+                    # yet or this is one of its keys: else one connection by id would let that
+                    # agent answer for the name from then on (`agents trust` moves a name).
+                    others = pins.keys_of(named)
+                    if not others or any(
+                        hmac.compare_digest(raw, presented.raw) for raw in others.values()
+                    ):
+                        named.intersection_update(others)
+                        named.add(agent_id)
                     changed = True
                 elif agent_id not in named:
                     others = pins.keys_of(named)

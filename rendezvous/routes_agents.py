@@ -59,6 +59,7 @@ from rendezvous.store import (
     AgentQuery,
     AlreadyExists,
     RegistrationKeyUnusable,
+    StoreError,
 )
 from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store.base import TagsChanged
@@ -175,10 +176,16 @@ async def _shared_name_warnings(
     ctx: ServiceContext, team_id: str, agent_id: str, name: str
 ) -> list[str]:
     """A warning when other agents of the team already have ``name`` (cloned images share a
-    host name): operators must then address each one by id. Registration still succeeds."""
-    listing = await ctx.store.agent_listing(
-        team_id, AgentQuery(limit=MAX_NAMESAKES_CHECKED, name_prefix=name)
-    )
+    host name): operators must then address each one by id. Registration still succeeds: it
+    has already been committed and audited, so a failed lookup only loses the warning."""
+    try:
+        listing = await ctx.store.agent_listing(
+            team_id, AgentQuery(limit=MAX_NAMESAKES_CHECKED, name_prefix=name)
+        )
+    except StoreError as error:
+        logger.warning("agent %s registered; looking for namesakes failed: %s",
+                       agent_id, type(error).__name__)  # fmt: skip
+        return []
     namesakes = sorted(other.id for other in listing.agents
                        if other.name == name and other.id != agent_id)
     if not namesakes:

@@ -73,9 +73,24 @@ def test_known_agents_by_id_skips_the_name_pin_but_keeps_the_id_pin(tmp_path: Pa
     known.verify_or_pin("agt_A", KEY_A, name="vm")
     assert known.verify_or_pin("agt_B", KEY_B, name="vm", addressed_by_id=True) \
         is PinOutcome.FIRST_USE
-    assert known.pins_for_name("vm") == {"agt_A": KEY_A, "agt_B": KEY_B}
-    with pytest.raises(AgentNameKeyChangedError):  # by name, a third key is still refused
+    # The id alone is pinned: one connection by id must not let agt_B answer for the name.
+    assert known.pins_for_name("vm") == {"agt_A": KEY_A}
+    assert known.pinned_key("agt_B") == KEY_B
+    with pytest.raises(AgentNameKeyChangedError):  # by name, agt_B is still refused ...
+        known.verify_or_pin("agt_B", KEY_B, name="vm")
+    with pytest.raises(AgentNameKeyChangedError):  # ... as is a third key
         known.verify_or_pin("agt_D", SigningIdentity.generate().public, name="vm")
+    # An id that presents one of the name's keys (the same machine re-registered) joins it.
+    assert known.verify_or_pin("agt_C", KEY_A, name="vm", addressed_by_id=True) \
+        is PinOutcome.FIRST_USE
+    assert set(known.pins_for_name("vm")) == {"agt_A", "agt_C"}
+
+
+def test_a_name_with_no_pin_yet_takes_the_id_it_was_first_reached_by(tmp_path: Path) -> None:
+    known = store(tmp_path)
+    assert known.verify_or_pin("agt_A", KEY_A, name="vm", addressed_by_id=True) \
+        is PinOutcome.FIRST_USE
+    assert known.pins_for_name("vm") == {"agt_A": KEY_A}
 
 
 @pytest.mark.slow
