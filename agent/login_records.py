@@ -66,6 +66,9 @@ LOCK_RETRY_SECONDS = 0.05
 # Records waiting for the writer; more are skipped (a daemon starts at most a few sessions a
 # second, and each makes two).
 WRITE_QUEUE_SIZE = 256
+# The most utmp entries read or scanned (a busy host has hundreds): the file is writable by
+# group utmp, so its size is not ours to trust. A login beyond them is not recorded.
+MAX_UTMP_RECORDS = 65_536
 # A write taking longer than this (it should not: the lock wait is bounded) is left to finish in
 # its thread, and records are skipped until it did.
 WRITE_STUCK_SECONDS = 2 * LOCK_WAIT_SECONDS + 5.0
@@ -196,6 +199,8 @@ def _find_slot(fd: int, record: _Utmpx) -> tuple[int, _Utmpx | None]:
     offset = 0
     size = ctypes.sizeof(_Utmpx)
     while True:
+        if offset >= MAX_UTMP_RECORDS * size:
+            raise LoginRecordError(f"more than {MAX_UTMP_RECORDS} entries: not scanned further")
         data = os.pread(fd, size, offset)
         if len(data) < size:
             return offset, None
@@ -288,7 +293,7 @@ def read_logins(path: Path) -> list[_Utmpx]:
     try:
         with _files_lock:
             _lock(fd, path, fcntl.LOCK_SH)
-            data = os.pread(fd, os.fstat(fd).st_size, 0)
+            data = os.pread(fd, min(os.fstat(fd).st_size, MAX_UTMP_RECORDS * size), 0)
     except OSError as error:
         raise LoginRecordError(f"{path}: {error.strerror}") from None
     finally:

@@ -28,7 +28,9 @@ from agent.login_records import (
     DEAD_PROCESS,
     USER_PROCESS,
     LoginEntry,
+    LoginRecordError,
     LoginRecordFiles,
+    read_logins,
     write_records,
 )
 from agent.process_group import Account, child_start_options, signals_need_reset
@@ -397,3 +399,21 @@ def test_without_an_agent_table_swapped_letters_are_refused_too(tmp_path: Path) 
     path.write_text("[agnet]\nmax_sessions = 4\n")
     with pytest.raises(ConfigError, match=r"unknown table \[agnet\]; did you mean \[agent\]"):
         load_config({}, {"TUCDESK_AGENT_CONFIG": str(path)})
+
+
+def test_a_utmp_grown_beyond_its_limit_is_read_and_scanned_only_so_far(
+    files: LoginRecordFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """utmp is writable by group utmp, so its size is not trusted: reading stops at
+    MAX_UTMP_RECORDS entries, and a login that would land beyond them is not recorded."""
+    monkeypatch.setattr(login_records, "MAX_UTMP_RECORDS", 3)
+    for number in range(3):
+        entry = LoginEntry.for_terminal(f"/dev/pts/{50 + number}", "ann", "ann@x", 100 + number)
+        write_records(files, entry, USER_PROCESS, 1_800_000_000.0)
+    assert len(read_logins(files.utmp)) == 3
+    with pytest.raises(LoginRecordError, match="more than 3 entries"):
+        write_records(files, LoginEntry.for_terminal("/dev/pts/60", "ann", "ann@x", 200),
+                      USER_PROCESS, 1_800_000_000.0)  # fmt: skip
+    with files.utmp.open("ab") as grown:  # grown by someone else beyond the limit
+        grown.write(files.utmp.read_bytes())
+    assert len(read_logins(files.utmp)) == 3
