@@ -81,8 +81,8 @@ async def test_a_nohup_process_started_by_a_command_outlives_the_session(
     leftovers.append(int(transcript.stdout))
     assert status == ExitStatus(code=0)
     assert not done.exists()  # the session ended before the process did
-    await wait_until(done.exists)
-    assert done.read_text() == "done\n"
+    # The redirection creates the file before echo writes to it: wait for the line itself.
+    await wait_until(lambda: done.exists() and done.read_text() == "done\n")
 
 
 @trio_test
