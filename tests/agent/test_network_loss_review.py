@@ -13,19 +13,16 @@ import os
 import re
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import trio
 
 import agent.session_host as session_host
-from audit.actions import Action
 from protocol.frames import FrameType
 from tests.agent.session_helpers import pid_is_gone, trio_test, wait_until
-from tests.agent.test_network_loss_sessions import _pids_from_shell, _reset
+from tests.agent.test_network_loss_sessions import _ended, _pids_from_shell, _reset
 from tests.agent.test_session_host import (
-    Stack,
     exec_start,
     operator_session,
     session_stack,
@@ -38,18 +35,6 @@ END_FOR_DISABLED = {"type": "end_sessions", "ids": ["ses_1"], "reason": "operato
 NOHUP_MAIN = ("nohup", "sh", "-c", "echo bg=$$ sh=$$; exec sleep 1000")
 
 
-@pytest.fixture
-def strays() -> Iterator[list[int]]:
-    """Pids to kill after the test, whatever happened."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-
-
 def _state(pid: int) -> str:
     """The process's state letter in /proc (Z: a zombie), or "gone"."""
     try:
@@ -59,16 +44,10 @@ def _state(pid: int) -> str:
         return "gone"
 
 
-def _ended(stack: Stack) -> dict[str, object]:
-    event = stack.audit[-1].event
-    assert event.action is Action.SESSION_ENDED
-    return dict(event.context)
-
-
 @pytest.mark.parametrize("kill_leftover", [False, True])
 @trio_test
 async def test_an_end_request_during_the_hang_up_of_an_exec_is_a_forced_end(
-    tmp_path: Path, strays: list[int], kill_leftover: bool
+    tmp_path: Path, leftovers: list[int], kill_leftover: bool
 ) -> None:
     async with (
         session_stack(tmp_path, kill_leftover_processes=kill_leftover) as stack,
@@ -77,7 +56,7 @@ async def test_an_end_request_during_the_hang_up_of_an_exec_is_a_forced_end(
         async with operator_session(stack, nursery, command=NOHUP_MAIN) as operator:
             await operator.start(exec_start(*NOHUP_MAIN))
             main, _ = await _pids_from_shell(operator)
-            strays.append(main)
+            leftovers.append(main)
         # The link ended without a CLOSE: the hang-up waits for the main process, which
         # ignores SIGHUP; an admin disables the operator meanwhile.
         await trio.sleep(0.5)
@@ -90,7 +69,7 @@ async def test_an_end_request_during_the_hang_up_of_an_exec_is_a_forced_end(
 
 @trio_test
 async def test_an_end_request_during_the_hang_up_of_a_shell_is_a_forced_end(
-    tmp_path: Path, strays: list[int]
+    tmp_path: Path, leftovers: list[int]
 ) -> None:
     async with session_stack(tmp_path, shell="/bin/sh") as stack, trio.open_nursery() as nursery:
         async with operator_session(stack, nursery, mode="shell") as operator:
@@ -98,7 +77,7 @@ async def test_an_end_request_during_the_hang_up_of_a_shell_is_a_forced_end(
             # A shell that ignores SIGHUP (as a user's trap would), and a plain background job.
             await operator.send(FrameType.DATA, b"trap '' HUP; sleep 1000 & echo bg=$! sh=$$\n")
             job, shell = await _pids_from_shell(operator)
-            strays += [job, shell]
+            leftovers += [job, shell]
         await trio.sleep(0.5)
         assert stack.host.end_sessions(END_FOR_DISABLED) == 1
         with trio.fail_after(10):
@@ -109,7 +88,7 @@ async def test_an_end_request_during_the_hang_up_of_a_shell_is_a_forced_end(
 
 @trio_test
 async def test_a_lost_link_is_noticed_while_the_input_side_waits_on_a_full_stdin(
-    tmp_path: Path, strays: list[int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, leftovers: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A command that neither reads its stdin nor prints: only a heartbeat finds the link dead.
     monkeypatch.setattr(session_host, "HEARTBEAT_INTERVAL_SECONDS", 1.0)
@@ -118,7 +97,7 @@ async def test_a_lost_link_is_noticed_while_the_input_side_waits_on_a_full_stdin
         async with operator_session(stack, nursery, command=command) as operator:
             await operator.start(exec_start(*command))
             main, _ = await _pids_from_shell(operator)
-            strays.append(main)
+            leftovers.append(main)
             for _ in range(8):  # more than the pipe takes: the agent's input side blocks
                 await operator.send(FrameType.DATA, b"x" * 60000)
             await trio.sleep(0.5)
@@ -134,7 +113,7 @@ async def test_a_lost_link_is_noticed_while_the_input_side_waits_on_a_full_stdin
 
 @trio_test
 async def test_what_an_exited_command_left_gets_no_sighup_when_the_link_is_lost(
-    tmp_path: Path, strays: list[int]
+    tmp_path: Path, leftovers: list[int]
 ) -> None:
     # As after sshd: only the pipes are closed under a leftover holding the output open.
     command = ("sh", "-c", "sleep 1000 & echo bg=$! sh=$$")
@@ -145,7 +124,7 @@ async def test_what_an_exited_command_left_gets_no_sighup_when_the_link_is_lost(
                 while (found := re.search(rb"bg=(\d+) sh=(\d+)", bytes(operator.stdout))) is None:
                     await operator.next_frame()
             job, main = int(found.group(1)), int(found.group(2))
-            strays.append(job)
+            leftovers.append(job)
             await wait_until(lambda: _state(main) in ("gone", "Z"))
             await trio.sleep(0.3)  # the session is still open: the job holds its output
         with trio.fail_after(10):
@@ -160,14 +139,14 @@ async def test_what_an_exited_command_left_gets_no_sighup_when_the_link_is_lost(
 
 @trio_test
 async def test_a_main_process_left_by_a_hang_up_is_reaped_once_it_exits(
-    tmp_path: Path, strays: list[int], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, leftovers: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(session_host, "HANG_UP_WAIT_SECONDS", 0.5)
     async with session_stack(tmp_path) as stack, trio.open_nursery() as nursery:
         async with operator_session(stack, nursery, command=NOHUP_MAIN) as operator:
             await operator.start(exec_start(*NOHUP_MAIN))
             main, _ = await _pids_from_shell(operator)
-            strays.append(main)
+            leftovers.append(main)
         lost_at = time.monotonic()
         with trio.fail_after(10):
             await wait_for_sessions_to_end(stack)

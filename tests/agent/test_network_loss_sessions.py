@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import socket
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,18 +37,6 @@ _PIDS = re.compile(rb"bg=(\d+) sh=(\d+)\b")
 # Typed into the shell: a nohup job, and the pids of it and of the shell. The terminal echoes
 # the line as typed ("bg=$!"), so only the shell's answer has digits there.
 NOHUP_JOB = b"nohup sleep 1000 >/dev/null 2>&1 & echo bg=$! sh=$$\n"
-
-
-@pytest.fixture
-def leftovers() -> Iterator[list[int]]:
-    """Pids a test expects to outlive its session; killed afterwards whatever happened."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def _pids_from_shell(operator: OperatorSide) -> tuple[int, int]:

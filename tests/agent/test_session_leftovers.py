@@ -9,13 +9,10 @@ TUCDESK_SESSION_ID, TUCDESK_OPERATOR and (PTY) TUCDESK_TTY set.
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,18 +26,6 @@ from tests.agent.session_helpers import Transcript, pid_is_gone, trio_test, wait
 INTERACTIVE_SH = ("sh", "-i")
 _BACKGROUND_PID = re.compile(rb"bg=(\d+)")
 REPOSITORY = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture
-def leftovers() -> Iterator[list[int]]:
-    """Pids a test expects to outlive its session; killed afterwards whatever happened."""
-    pids: list[int] = []
-    yield pids
-    for pid in pids:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 async def run_exec(spec: ExecSessionSpec) -> tuple[ExitStatus, Transcript]:
