@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import rfc8785
@@ -27,7 +28,8 @@ from agent.connection_failure import describe_connection_failure
 from agent.errors import EnrollmentError
 from agent.machine_identity import MachineIdentifiers
 from agent.server_address import check_server_url, tls_context
-from agent.state_file import AgentState, StateFileError, save_state
+from agent.state_file import AgentState, StateFileError, load_state, save_state
+from protocol.connection_failure import FailureKind, classify_connection_failure
 from protocol.domains import Purpose
 from protocol.errors import ProtocolError
 from protocol.identity import (
@@ -428,7 +430,7 @@ async def enroll(
     # Before the one-time key is spent: a state dir that cannot take the file fails here, and
     # so does a CA file that holds no certificate.
     prepare_state_dir(request.state_file)
-    ca_file = enrollment_ca_file(request)
+    ca_file, skipped_copy_for = enrollment_ca_file(request, identifiers)
     ca_certificates = read_ca_certificates(ca_file) if ca_file is not None else None
     identity = SigningIdentity.generate()
     payload = registration_payload(
@@ -445,9 +447,18 @@ async def enroll(
         ) as client:
             response = await client.post(REGISTER_PATH, json=payload)
     except httpx.HTTPError as error:
+        reason = describe_connection_failure(error, ca_file=ca_file)
+        untrusted = (
+            classify_connection_failure(error).kind is FailureKind.UNTRUSTED_CERTIFICATE
+        )
+        if skipped_copy_for is not None and untrusted:
+            reason += (
+                f"; the CA copy {saved_ca_path(request.state_file)} was not used: it was "
+                f"saved for {skipped_copy_for} (pass it as --ca-file if this server's "
+                "certificate comes from the same CA)"
+            )
         raise EnrollmentError(
-            f"cannot reach the rendezvous at {server_url}: "
-            f"{describe_connection_failure(error, ca_file=ca_file)}"
+            f"cannot reach the rendezvous at {server_url}: {reason}"
         ) from error
     body = _response_json(response)
     if not response.is_success:
@@ -512,18 +523,44 @@ def registration_warnings(body: Mapping[str, Any]) -> list[str]:
     ]
 
 
-def enrollment_ca_file(request: EnrollmentRequest) -> Path | None:
-    """The CA file to trust: --ca-file, or on --force the copy the last enrollment saved.
+def enrollment_ca_file(
+    request: EnrollmentRequest, identifiers: MachineIdentifiers
+) -> tuple[Path | None, str | None]:
+    """The CA file to trust, and the server a CA copy left unused was saved for (or None).
 
-    A re-enrollment against a private CA then works without the original CA file, which the
-    admin may well have deleted once the first enrollment had copied it.
+    The CA file is --ca-file, or on --force the copy the last enrollment saved when that
+    enrollment was with the same server (scheme, host and port): a re-enrollment against a
+    private CA then works without the original CA file, which the admin may well have deleted
+    once the first enrollment had copied it, while a move to another server is not judged by
+    the old server's CA. A state file this machine cannot unseal proves no server: its copy is
+    not used either.
     """
     if request.ca_file is not None:
-        return request.ca_file
+        return request.ca_file, None
     saved = saved_ca_path(request.state_file)
-    if request.force and saved.is_file():
-        return saved
-    return None
+    if not request.force or not saved.is_file():
+        return None, None
+    try:
+        previous_server = load_state(request.state_file, identifiers).server_url
+    except StateFileError:
+        return None, "an enrollment this host can no longer read"
+    if same_origin(previous_server, request.server_url):
+        return saved, None
+    return None, previous_server
+
+
+def same_origin(first_url: str, second_url: str) -> bool:
+    """Whether two server URLs name the same scheme, host and port."""
+
+    def origin(url: str) -> tuple[str, str, int | None]:
+        parts = urlsplit(url)
+        try:
+            port = parts.port or {"https": 443, "http": 80}.get(parts.scheme)
+        except ValueError:
+            port = None
+        return parts.scheme, (parts.hostname or "").lower().rstrip("."), port
+
+    return origin(first_url) == origin(second_url)
 
 
 def saved_ca_path(state_file: Path) -> Path:

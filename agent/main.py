@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace an existing enrollment on this host; without --ca-file (or a ca_file "
         "setting) it trusts the CA copy the last enrollment saved, "
-        f"STATE_DIR/{SAVED_CA_FILE_NAME}, when there is one",
+        f"STATE_DIR/{SAVED_CA_FILE_NAME}, when there is one and that enrollment was with the "
+        "same server (scheme, host and port)",
     )
     _add_common(enroll_parser)
     enroll_parser.set_defaults(handler=_enroll)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.enrollment import SAVED_CA_FILE_NAME, EnrollmentRequest, enroll
+from agent.enrollment import SAVED_CA_FILE_NAME, EnrollmentRequest, enroll, same_origin
 from agent.errors import EnrollmentError
 from agent.main import main as agent_main
 from agent.state_file import load_state
@@ -42,6 +42,45 @@ async def test_enroll_force_without_ca_file_trusts_the_saved_ca_copy(tmp_path: P
     copy = state_file.parent / SAVED_CA_FILE_NAME
     assert copy.read_bytes() == cert.read_bytes()
     assert load_state(state_file, MACHINE).ca_file == str(copy.resolve())
+
+
+async def test_enroll_force_to_another_server_does_not_trust_the_old_servers_ca_copy(
+    tmp_path: Path,
+) -> None:
+    # One rendezvous reached as 127.0.0.1 and then as localhost stands in for two servers: the
+    # copy saved for the first would verify the second, and must not be used for it.
+    store_url = f"sqlite:///{tmp_path / 'rv.db'}"
+    cert, key = make_certificate(tmp_path / "tls")
+    state_file = tmp_path / "state" / "agent.state"
+    async with live_service(tmp_path / "data", store_url, tls_cert=cert, tls_key=key) as (
+        url, _,
+    ):  # fmt: skip
+        first_key, _ = await registration_key(store_url)
+        await enroll(EnrollmentRequest(url, first_key, state_file, ca_file=cert), MACHINE)
+        other_server = url.replace("127.0.0.1", "localhost")
+        second_key, _ = await registration_key(store_url)
+        with pytest.raises(EnrollmentError) as refused:
+            await enroll(
+                EnrollmentRequest(other_server, second_key, state_file, force=True), MACHINE
+            )
+    message = str(refused.value)
+    assert f"{SAVED_CA_FILE_NAME} was not used: it was saved for {url}" in message
+    assert "--ca-file" in message
+    assert load_state(state_file, MACHINE).server_url == url  # the old enrollment stands
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("https://rv.example:443", "https://RV.example/", True),
+        ("https://rv.example", "https://rv.example.:443", True),
+        ("https://rv.example:8443", "https://rv.example", False),
+        ("https://rv.example", "https://rv2.example", False),
+        ("http://127.0.0.1:80", "https://127.0.0.1:80", False),
+    ],
+)
+def test_same_origin_compares_scheme_host_and_port(first: str, second: str, same: bool) -> None:
+    assert same_origin(first, second) is same
 
 
 async def test_enroll_without_force_does_not_pick_up_a_ca_copy_lying_in_the_state_dir(
