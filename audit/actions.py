@@ -17,9 +17,10 @@ class Action(StrEnum):
     OPERATOR_INVITE_USED = "operator.invite_used"
     """A new operator enrolled with an invite (context: key thumbprint)."""
     OPERATOR_INVITE_REVOKED = "operator.invite_revoked"
-    """No longer written (kept: older logs hold it). An unused invite was made unusable
-    (target = ``invite:`` and its id; context: reason ``operator_disabled``, that operator's id
-    and email); a disable now names the invites it expires in ``operator.revoked``."""
+    """An unused invite was made unusable (target = ``invite:`` and its id): by an admin with
+    ``tucdesk-rendezvous invite revoke`` (context: invite id, email, role), or, in older logs,
+    by an operator's disable (context: reason ``operator_disabled``, that operator's id and
+    email); a disable now names the invites it expires in ``operator.revoked``."""
     OPERATOR_LOGIN_SUCCEEDED = "operator.login_succeeded"
     """An operator signed the login challenge and received an access token (context: jti)."""
     OPERATOR_LOGIN_FAILED = "operator.login_failed"

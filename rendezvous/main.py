@@ -54,7 +54,7 @@ from rendezvous.store import (
     require_current_schema,
 )
 from rendezvous.store.backup import backup_sqlite
-from rendezvous.store.base import Store
+from rendezvous.store.base import InviteUnusable, NotFound, Store, Team, UnusableReason
 
 if TYPE_CHECKING:
     from rendezvous.store.postgres import ConnectionCapacity
@@ -251,6 +251,26 @@ def build_parser() -> argparse.ArgumentParser:
         "roles makes listings, approvals and the roster ambiguous",
     )  # fmt: skip
     _add_store_flags(invite_create)
+    invite_list = invite_commands.add_parser(
+        "list",
+        help="list a team's invites: id, email, role, state (pending, used, expired) and "
+        "expiry (codes are never stored, so never shown)",
+    )
+    invite_list.add_argument("--team", required=True, help="team name")
+    invite_list.add_argument(
+        "--all", action="store_true", help="include used and expired invites (default: pending)"
+    )
+    _add_store_flags(invite_list)
+    invite_revoke = invite_commands.add_parser(
+        "revoke",
+        help="make a pending invite unusable now (a lost or mistaken code); audited as "
+        "operator.invite_revoked",
+    )
+    invite_revoke.add_argument("--team", required=True, help="team name")
+    invite_revoke.add_argument(
+        "invite_id", metavar="INVITE_ID", help="the invite id 'create' printed (not the code)"
+    )
+    _add_store_flags(invite_revoke)
 
     audit = commands.add_parser("audit", help="audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
@@ -515,9 +535,7 @@ async def _invite_create(
     now = time.time()
     async with _admin_store(config) as store:
         await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
-        team = await store.get_team_by_name(team_name)
-        if team is None:
-            raise ServiceError(f"no team named {team_name!r}; create it with 'team create'")
+        team = await _team_named(store, team_name)
         await _check_email_free(store, team.id, email, role, now, another_key=another_key)
         invite = await store.create_invite(
             team.id, email, role, hash_secret(code), now + ttl, "admin-command", now
@@ -532,12 +550,73 @@ async def _invite_create(
         )
     # Both strings start with inv_: each is labelled, and the code is filled into the command.
     # The bare code stays the last line, for scripts.
-    print(f"invite id: {invite.id}  (to revoke it; not the code)")
+    print(f"invite id: {invite.id}  (not the code; to revoke it: invite revoke --team "
+          f"{team.name} {invite.id})")
     print(f"  for {email} ({role}) in team {team.name}, valid {ttl}s")
     print(f"the operator logs in with: tucdesk login --server URL --invite {code}")
     print("one-time code (give only this to the operator):")
     print(code)
     return EXIT_OK
+
+
+async def _invite_list(config: ServiceConfig, team_name: str, show_all: bool) -> int:
+    now = time.time()
+    async with _admin_store(config) as store:
+        team = await _team_named(store, team_name)
+        invites = await store.list_invites(team.id)
+    shown = [invite for invite in invites if show_all or invite.unusable_reason(now) is None]
+    if not shown:
+        print("no pending invites" if not show_all else "no invites")
+        return EXIT_OK
+    for invite in shown:
+        reason = invite.unusable_reason(now)
+        if reason is UnusableReason.USED:
+            state = f"used {_utc(invite.used_at or 0)} by {invite.used_by}"
+        elif reason is UnusableReason.EXPIRED:
+            state = f"expired {_utc(invite.expires_at)}"
+        else:
+            state = f"pending until {_utc(invite.expires_at)}"
+        print(f"{invite.id}\t{invite.email}\t{invite.role}\t{state}")
+    return EXIT_OK
+
+
+async def _invite_revoke(config: ServiceConfig, team_name: str, invite_id: str) -> int:
+    keys = load_service_keys(config.data_dir)
+    now = time.time()
+    async with _admin_store(config) as store:
+        await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
+        team = await _team_named(store, team_name)
+        try:
+            invite = await store.revoke_invite(team.id, invite_id, now)
+        except NotFound:
+            raise ServiceError(
+                f"team {team.name} has no invite {invite_id!r} (see 'invite list --all')"
+            ) from None
+        except InviteUnusable as unusable:
+            raise ServiceError(
+                f"invite {invite_id} is already {unusable.reason}: nothing to revoke"
+            ) from None
+        trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        await trail.record(
+            team.id,
+            actor=service_actor("admin command"),
+            action=Action.OPERATOR_INVITE_REVOKED,
+            target=f"invite:{invite.id}",
+            details={"invite_id": invite.id, "email": invite.email, "role": invite.role},
+        )
+    print(f"revoked invite {invite.id} for {invite.email} ({invite.role}) in team {team.name}")
+    return EXIT_OK
+
+
+async def _team_named(store: Store, team_name: str) -> Team:
+    team = await store.get_team_by_name(team_name)
+    if team is None:
+        raise ServiceError(f"no team named {team_name!r}; create it with 'team create'")
+    return team
+
+
+def _utc(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(timestamp))
 
 
 async def _check_email_free(
@@ -553,7 +632,8 @@ async def _check_email_free(
         for operator in operators
     ] + [
         (f"pending invite {invite.id}", invite.role,
-         "use that invite, or wait until it expires")
+         f"use that invite, or revoke it (tucdesk-rendezvous invite revoke --team TEAM "
+         f"{invite.id})")
         for invite in invites
     ]  # fmt: skip
     for holder, held_role, remedy in holders:
@@ -579,10 +659,7 @@ async def _audit_export(
         if team_name is None:
             log_id = SERVICE_LOG
         else:
-            team = await store.get_team_by_name(team_name)
-            if team is None:
-                raise ServiceError(f"no team named {team_name!r}")
-            log_id = team.id
+            log_id = (await _team_named(store, team_name)).id
         trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
         # Audited as the HTTP export is (routes_audit.py), before it, so the bundle holds it:
         # who read a team's log is part of that log.
@@ -761,6 +838,10 @@ def dispatch(args: argparse.Namespace) -> int:
             return _run(_team_create, config, args.name)
         return _run(_team_list, config)
     if args.command == "invite":
+        if args.invite_command == "list":
+            return _run(_invite_list, config, args.team, args.all)
+        if args.invite_command == "revoke":
+            return _run(_invite_revoke, config, args.team, args.invite_id)
         ttl = parse_duration(args.ttl) if args.ttl else config.invite_seconds
         return _run(
             _invite_create, config, args.team, args.email, args.role, ttl, args.another_key

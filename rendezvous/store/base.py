@@ -601,6 +601,12 @@ class Store(abc.ABC):
         """The team's invites, newest first."""
 
     @abc.abstractmethod
+    async def revoke_invite(self, team_id: str, invite_id: str, now: float) -> Invite:
+        """Make the team's unused, unexpired invite ``invite_id`` unusable from ``now`` (it
+        expires now: the schema has no separate revoked mark) and return it so. NotFound if
+        the team holds no such invite; InviteUnusable if it is used or expired."""
+
+    @abc.abstractmethod
     async def consume_invite(self, code_hash: bytes, now: float) -> Invite:
         """Atomically mark an unused, unexpired invite used and return it; else InviteUnusable."""
 

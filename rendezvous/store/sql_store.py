@@ -447,6 +447,25 @@ class SqlStore(Store):
         )
         return [_invite(row) for row in rows]
 
+    async def revoke_invite(self, team_id: str, invite_id: str, now: float) -> Invite:
+        """Make the team's unused, unexpired invite unusable from ``now`` and return it so.
+        NotFound if the team holds no such invite; InviteUnusable if it is used or expired."""
+        async with self._transaction() as session:
+            row = await session.fetchrow(
+                """UPDATE invites SET expires_at = $3
+                   WHERE team_id = $1 AND id = $2 AND used_at IS NULL AND expires_at > $3
+                   RETURNING *""",
+                team_id, invite_id, now,
+            )  # fmt: skip
+            if row is not None:
+                return _invite(row)
+            existing = await session.fetchrow(
+                "SELECT * FROM invites WHERE team_id = $1 AND id = $2", team_id, invite_id
+            )
+        if existing is None:
+            raise NotFound("no such invite")
+        raise InviteUnusable(_invite(existing).unusable_reason(now) or UnusableReason.USED)
+
     async def consume_invite(self, code_hash: bytes, now: float) -> Invite:
         """Atomically mark an unused, unexpired invite used and return it; else InviteUnusable."""
         async with self._transaction() as session:

@@ -120,6 +120,34 @@ async def test_reused_invite_is_refused(store: Store) -> None:
     assert len(await store.list_operators(team.id)) == 1
 
 
+async def test_a_revoked_invite_cannot_be_used_and_only_a_pending_one_of_the_team_revokes(
+    store: Store,
+) -> None:
+    team = await store.create_team("ops", NOW)
+    other = await store.create_team("other", NOW)
+    await make_invite(store, team, "code-1")
+    [pending] = await store.list_invites(team.id)
+    with pytest.raises(NotFound):  # another team's id, and an unknown one, look alike
+        await store.revoke_invite(other.id, pending.id, NOW + 1)
+    with pytest.raises(NotFound):
+        await store.revoke_invite(team.id, "inv_missing", NOW + 1)
+    revoked = await store.revoke_invite(team.id, pending.id, NOW + 1)
+    assert (revoked.id, revoked.expires_at, revoked.used_at) == (pending.id, NOW + 1, None)
+    with pytest.raises(InviteUnusable) as refused:
+        await store.enroll_operator(secret_hash("code-1"), NOW + 2, *operator_key())
+    assert refused.value.reason is UnusableReason.EXPIRED
+    with pytest.raises(InviteUnusable) as again:
+        await store.revoke_invite(team.id, pending.id, NOW + 2)
+    assert again.value.reason is UnusableReason.EXPIRED
+    assert await store.list_operators(team.id) == []
+    await make_invite(store, team, "code-2", email="bob@example.com")
+    await store.enroll_operator(secret_hash("code-2"), NOW + 3, *operator_key())
+    used = next(i for i in await store.list_invites(team.id) if i.email == "bob@example.com")
+    with pytest.raises(InviteUnusable) as spent:
+        await store.revoke_invite(team.id, used.id, NOW + 4)
+    assert spent.value.reason is UnusableReason.USED
+
+
 async def test_expired_invite_is_refused(store: Store) -> None:
     team = await store.create_team("ops", NOW)
     await make_invite(store, team, "code-1", expires_at=NOW + 60)
