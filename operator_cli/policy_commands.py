@@ -182,25 +182,41 @@ def with_version(policy_text: str, version: int) -> str:
 POLICY_SHOW_HEADER_LINES = 3
 
 
-def check_policy_in_force(content: PolicyBundleContent) -> None:
-    """Refuse, saying the way out, when the policy in force (signed under older checks) fails
-    today's: no new version can carry it, so ``roster sign`` must not offer to sign."""
+def policy_in_force_failure(content: PolicyBundleContent) -> PolicyDocumentError | None:
+    """Why the policy in force (signed under older checks, read leniently) fails today's
+    checks, or None: a selector that can never match, which agents skip (a deny rule that
+    never applies)."""
     try:
         parse_policy(content.policy_text)
     except PolicyDocumentError as error:
-        where = (
-            "" if error.line is None
-            else f" (line {error.line + POLICY_SHOW_HEADER_LINES} of that file)"
-        )  # fmt: skip
-        version, next_version = content.version, content.version + 1
+        return error
+    return None
+
+
+def _fix_steps(content: PolicyBundleContent, error: PolicyDocumentError) -> str:
+    where = (
+        "" if error.line is None
+        else f" (line {error.line + POLICY_SHOW_HEADER_LINES} of that file)"
+    )  # fmt: skip
+    return (
+        f"'tucdesk policy show > policy.toml', correct it{where} and set version = "
+        f"{content.version + 1}, 'tucdesk policy set policy.toml' (it keeps the signed roster)"
+    )
+
+
+def check_policy_in_force(content: PolicyBundleContent) -> None:
+    """Refuse, saying the way out, when the policy in force (signed under older checks) fails
+    today's: no new version can carry it, so ``roster sign`` must not offer to sign."""
+    error = policy_in_force_failure(content)
+    if error is not None:
+        version = content.version
         raise PolicyCommandError(
             f"the policy in force (version {version}) fails this release's checks, so it "
             f"cannot be signed again with the roster: {error.detail}. Agents keep the roster "
             f"signed in version {version} (a key disabled since still works on them) until "
-            "you fix the policy: 'tucdesk policy show > policy.toml', correct it"
-            f"{where} and set version = {next_version}, 'tucdesk policy set policy.toml' "
-            "(it keeps the signed roster), then 'tucdesk roster sign' again"
-        ) from None
+            f"you fix the policy: {_fix_steps(content, error)}, then 'tucdesk roster sign' "
+            "again"
+        )
 
 
 def read_policy_file(path: Path) -> tuple[str, Policy]:
@@ -272,6 +288,15 @@ def policy_show(home: CliHome, *, as_json: bool = False) -> int:
           + (f" ({pending} changes pending: tucdesk roster show)" if pending else ""))
     sys.stdout.write(content.policy_text if content.policy_text.endswith("\n")
                      else content.policy_text + "\n")
+    failure = policy_in_force_failure(content)
+    if failure is not None:
+        # On stderr: 'policy show > policy.toml' must still write the policy alone.
+        print(
+            f"warning: this policy (signed before this release's checks) fails them: "
+            f"{failure.detail}. Agents skip what can never match, so a rule holding it may "
+            f"not do what it says; fix it: {_fix_steps(content, failure)}",
+            file=sys.stderr,
+        )
     return EXIT_OK
 
 

@@ -146,8 +146,15 @@ async def test_roster_sign_says_the_policy_in_force_fails_and_the_way_out_works(
 
     # The way out, exactly as the message says it.
     assert await _run(team.alice, "policy", "show") == 0
+    shown, warned = capsys.readouterr()
+    warning = " ".join(warned.split())
+    # policy show warns on stderr, with the same steps, and keeps stdout the policy alone.
+    assert warning.startswith("warning: this policy (signed before this release's checks)")
+    assert "role 'approver' can never open a session" in warning
+    assert f"(line {message.split('(line ')[1].split(' ')[0]} of that file)" in warning
+    assert "warning" not in shown
     policy_file = tmp_path / "policy.toml"
-    policy_file.write_text(capsys.readouterr().out)
+    policy_file.write_text(shown)
     lines = policy_file.read_text().splitlines()
     line = int(message.split("(line ")[1].split(" ")[0])
     assert lines[line - 1] == OLD_LINE  # the line the message names, in that file
@@ -159,3 +166,6 @@ async def test_roster_sign_says_the_policy_in_force_fails_and_the_way_out_works(
     assert await _run(team.alice, "roster", "sign", "--yes") == 0
     version, roster = await trio.to_thread.run_sync(_version, team.alice)
     assert version == 3 and CAROL not in roster
+    capsys.readouterr()
+    assert await _run(team.alice, "policy", "show") == 0
+    assert capsys.readouterr().err == ""  # a policy passing today's checks: no warning
