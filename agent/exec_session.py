@@ -11,7 +11,6 @@ interrupts, the rendezvous ends it, the agent stops) tears down everything it st
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import signal
@@ -25,11 +24,8 @@ import trio
 from agent.login_records import check_login_uid, login_uid_applies
 from agent.process_group import (
     DEFAULT_SESSION_UMASK,
-    EXIT_CANNOT_EXECUTE,
-    EXIT_NOT_FOUND,
     TEARDOWN_GRACE_SECONDS,
     Account,
-    CommandNotStarted,
     ExitStatus,
     OutputHandler,
     OutputPump,
@@ -40,6 +36,7 @@ from agent.process_group import (
     close_fd,
     minimal_environment,
     signal_from_name,
+    start_failure,
     write_all,
 )
 
@@ -227,12 +224,7 @@ async def open_exec_session(spec: ExecSessionSpec) -> AsyncIterator[ExecSession]
                 **start_options,
             )
         except OSError as error:
-            message = f"cannot run {arguments[0]!r}: {error.strerror or error}"
-            if error.filename != arguments[0]:
-                # Not the command (the working directory, or dropping privileges): our fault.
-                raise SessionProcessError(message) from None
-            code = EXIT_NOT_FOUND if error.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
-            raise CommandNotStarted(message, code) from None
+            raise start_failure(error, arguments[0]) from None
         except subprocess.SubprocessError as error:
             raise SessionProcessError(f"cannot run {arguments[0]!r}: {error}") from None
     except BaseException:

@@ -99,6 +99,17 @@ class CommandNotStarted(SessionProcessError):
         self.exit_code = exit_code
 
 
+def start_failure(error: OSError, program: str) -> SessionProcessError:
+    """What starting ``program`` failing with ``error`` is: CommandNotStarted (127 or 126) when
+    the program itself cannot run, else SessionProcessError (the working directory, dropping
+    privileges: the agent's fault, not the command's)."""
+    message = f"cannot run {program!r}: {error.strerror or error}"
+    if error.filename != program:
+        return SessionProcessError(message)
+    code = EXIT_NOT_FOUND if error.errno == errno.ENOENT else EXIT_CANNOT_EXECUTE
+    return CommandNotStarted(message, code)
+
+
 class OutputStream(IntEnum):
     """Which of the child's outputs a chunk came from. A PTY has only STDOUT."""
 

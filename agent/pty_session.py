@@ -52,6 +52,7 @@ from agent.process_group import (
     session_members,
     signal_from_name,
     signal_process_group,
+    start_failure,
     write_all,
 )
 from relay.client import acquire_at_once
@@ -334,10 +335,13 @@ async def open_pty_session(spec: PtySessionSpec) -> AsyncIterator[PtySession]:
                 cwd=account.working_directory,
                 **start_options,
             )
-        except (OSError, subprocess.SubprocessError) as error:
+        except OSError as error:
+            if spec.command is not None:  # an operator's command: 127 or 126, as from a shell
+                raise start_failure(error, arguments[0]) from None
+            raise SessionProcessError(f"cannot start {shell!r}: {error.strerror}") from None
+        except subprocess.SubprocessError as error:
             program = arguments[0] if executable is None else executable
-            reason = error.strerror if isinstance(error, OSError) else str(error)
-            raise SessionProcessError(f"cannot start {program!r}: {reason}") from None
+            raise SessionProcessError(f"cannot start {program!r}: {error}") from None
     except BaseException:
         os.close(master_fd)
         raise

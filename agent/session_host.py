@@ -687,14 +687,14 @@ class SessionHost:
         config = self._config
         if not config.record_sessions:
             return None
-        shell = grant.mode is SessionMode.SHELL
+        terminal = grant.mode is SessionMode.SHELL or start.pty
         try:
             return await SessionRecorder.create(
                 config.recordings_path,
                 grant.session_id,
-                width=start.cols if shell else 80,
-                height=start.rows if shell else 24,
-                term=start.terminal_type if shell else None,
+                width=start.cols if terminal else 80,
+                height=start.rows if terminal else 24,
+                term=start.terminal_type if terminal else None,
                 title=f"tucdesk {grant.mode.value} session {grant.session_id}",
                 max_bytes=config.max_recording_bytes,
                 wall_clock=self._wall_clock,
@@ -717,13 +717,16 @@ class SessionHost:
         if "TUCDESK_OPERATOR" not in dict(variables):
             variables = session_variables(grant.session_id, grant.operator_id)
         try:
-            if grant.mode is SessionMode.SHELL:
+            if grant.mode is SessionMode.SHELL or start.pty:
+                # A shell, or an exec on a terminal (exec -t): the command as an argv, as on
+                # pipes, with a login record as sshd writes one for any session with a PTY.
                 pty_spec = PtySessionSpec(
                     term=start.terminal_type,
                     rows=start.rows,
                     cols=start.cols,
                     user=config.user,
                     shell=config.shell,
+                    command=list(start.command) if start.pty else None,
                     environment=start.env,
                     session_variables=variables,
                     kill_leftover_processes=config.kill_leftover_processes,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -79,6 +79,16 @@ def shell_start(size: WindowSize, environ: Mapping[str, str]) -> SessionStart:
     return SessionStart(
         mode="shell", command=(), terminal_type=terminal_type(environ), rows=size.rows,
         cols=size.cols, env=passed_environment(environ),
+    )
+
+
+def exec_terminal_start(
+    command: Sequence[str], size: WindowSize, environ: Mapping[str, str]
+) -> SessionStart:
+    """The SessionStart of ``exec -t``: ``command`` on a terminal of ``size``."""
+    return SessionStart(
+        mode="exec", command=tuple(command), terminal_type=terminal_type(environ),
+        rows=size.rows, cols=size.cols, env=passed_environment(environ), pty=True,
     )
 
 

@@ -105,7 +105,7 @@ EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
 EXIT_CONNECTION_FAILED = 255
 # ssh's options that `tucdesk ssh` knows, as getopt spells them, for those after AGENT.
-SSH_OPTIONS_AFTER_AGENT = "nl:Tqo:"
+SSH_OPTIONS_AFTER_AGENT = "ntl:Tqo:"
 # The session grant's exec limits (protocol/session_grant.py), for --help.
 EXEC_MAX_ARGUMENTS = 256
 EXEC_MAX_COMMAND_BYTES = 4096
@@ -412,9 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="read stdin even when it is a terminal",
     )
     exec_parser.add_argument(
-        "-t", dest="want_pty", action="store_true",
-        help="a terminal for the command, like ssh -t (not supported yet: the agent runs exec "
-        "without a PTY; run interactive programs inside connect)",
+        "-t", dest="want_pty", action="count", default=0,
+        help="run the command on a terminal, like ssh -t (for top, vim, sudo asking for a "
+        "password): our terminal goes raw, its size follows, ~. and the other escapes of "
+        "connect work, and output comes as one stream, as through ssh -t. Only when stdin is "
+        "a terminal; -tt forces it",
     )
     exec_parser.add_argument(
         "--tag", dest="exec_tags", action="append", default=[], metavar="TAG",
@@ -445,15 +447,18 @@ def build_parser() -> argparse.ArgumentParser:
         "exit status and limits are exec's (tucdesk exec --help); there is no interactive "
         "shell here (that is tucdesk connect). As with ssh, options may also follow AGENT "
         "(tucdesk ssh AGENT -n CMD) up to the first word that is not one, or a --.",
-        usage="tucdesk ssh [-h] [-n] [-l USER] [-T] [-q] [-o OPTION] AGENT [OPTIONS] [--] "
+        usage="tucdesk ssh [-h] [-n] [-t] [-l USER] [-T] [-q] [-o OPTION] AGENT [OPTIONS] [--] "
         "COMMAND ...",
     )
     ssh.add_argument("-n", dest="no_stdin", action="store_true",
                      help="never read stdin (send end of input)")
     ssh.add_argument("-l", dest="login_user", metavar="USER",
                      help="refused: the agent runs every session as its one configured account")
+    ssh.add_argument("-t", dest="want_pty", action="count", default=0,
+                     help="run the line on a terminal, as ssh -t does (exec -t: only when "
+                     "stdin is a terminal; -tt forces it)")
     ssh.add_argument("-T", dest="no_pty", action="store_true",
-                     help="accepted and ignored: there is never a terminal here")
+                     help="no terminal (the default; wins over -t)")
     ssh.add_argument("-q", dest="quiet", action="store_true",
                      help="accepted and ignored: tucdesk ssh prints only errors anyway")
     ssh.add_argument("-o", dest="ssh_config_options", action="append", default=[],
@@ -872,8 +877,8 @@ def _operators_disable(args: argparse.Namespace, home: CliHome) -> int:
 def _connect(args: argparse.Namespace, home: CliHome) -> int:
     if args.remote_command:
         args.command_parser.error(
-            "connect opens a shell; for one command use exec (no PTY yet): "
-            "tucdesk exec AGENT -- CMD [ARGS...]"
+            "connect opens a shell; for one command use exec (-t for a terminal, as "
+            "ssh -t): tucdesk exec -t AGENT -- CMD [ARGS...]"
         )
     return connect_command(
         home, args.agent, args.escape_char, debug=args.debug,
@@ -892,16 +897,11 @@ def _exec(args: argparse.Namespace, home: CliHome) -> int:
         )
     if not args.remote_command or args.remote_command == ["--"]:
         args.command_parser.error("no command given: tucdesk exec AGENT -- CMD [ARGS...]")
-    if args.want_pty:
-        args.command_parser.error(
-            "exec -t: the agent runs exec without a PTY (no PTY for one command yet); for an "
-            "interactive program use connect AGENT and run it in the shell"
-        )
     return exec_command(
         home, args.agent, args.remote_command, no_stdin=args.no_stdin,
         force_stdin=args.force_stdin, debug=args.debug,
         wait_for_approval=not args.no_wait, approval_id=args.approval,
-        status_fd=args.status_fd,
+        status_fd=args.status_fd, pty=args.want_pty,
     )
 
 
@@ -976,7 +976,10 @@ def _ssh(args: argparse.Namespace, home: CliHome) -> int:
         _report(args, "tucdesk ssh runs a command line: tucdesk ssh AGENT COMMAND...; for an "
                 "interactive shell use tucdesk connect AGENT")
         return EXIT_CONNECTION_FAILED
-    return ssh_command(home, args.agent, words, no_stdin=args.no_stdin, debug=args.debug)
+    return ssh_command(
+        home, args.agent, words, no_stdin=args.no_stdin, debug=args.debug,
+        pty=0 if args.no_pty else args.want_pty,
+    )
 
 
 def _parse_ssh_options_after_agent(args: argparse.Namespace) -> list[str]:
@@ -997,7 +1000,7 @@ def _parse_ssh_options_after_agent(args: argparse.Namespace) -> list[str]:
         options, words = getopt.getopt(given[1:], SSH_OPTIONS_AFTER_AGENT)
     except getopt.GetoptError as error:
         args.command_parser.error(
-            f"{error} after AGENT (tucdesk ssh takes -n, -l USER, -T, -q, -o OPTION; put -- "
+            f"{error} after AGENT (tucdesk ssh takes -n, -t, -l USER, -T, -q, -o OPTION; put -- "
             "before a command that starts with -)"
         )
     for flag, value in options:
@@ -1007,7 +1010,11 @@ def _parse_ssh_options_after_agent(args: argparse.Namespace) -> list[str]:
             args.login_user = value
         elif flag == "-o":
             args.ssh_config_options.append(value)
-        # -T and -q change nothing: there is no terminal and nothing but errors is printed.
+        elif flag == "-t":
+            args.want_pty += 1
+        elif flag == "-T":
+            args.no_pty = True
+        # -q changes nothing: nothing but errors is printed anyway.
     return words
 
 

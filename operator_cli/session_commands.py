@@ -37,7 +37,15 @@ from operator_cli.approval_wait import (
 )
 from operator_cli.client import ApiError, Session
 from operator_cli.confirm import answered_yes
-from operator_cli.connect import ConnectOptions, run_connect, shell_start, window_fd
+from operator_cli.connect import (
+    ConnectOptions,
+    ConnectOutcome,
+    exec_terminal_start,
+    run_connect,
+    shell_start,
+    terminal_type,
+    window_fd,
+)
 from operator_cli.escape import EscapeCharacterError, parse_escape_character
 from operator_cli.exec_command import ExecOptions, run_exec, should_read_stdin
 from operator_cli.home import CliHome, HomeError
@@ -52,6 +60,7 @@ from operator_cli.session_client import (
 )
 from operator_cli.terminal import read_window_size
 from operator_cli.terminal_text import visible
+from protocol.control import PTY_FIELD
 from protocol.errors import ProtocolError
 from protocol.exec_limits import CommandTooLargeError, check_exec_command
 from protocol.identity import PublicIdentity, b64url_decode
@@ -252,13 +261,15 @@ def exec_command(
     wait_for_approval: bool = True,
     approval_id: str | None = None,
     status_fd: int | None = None,
+    pty: int = 0,
 ) -> int:
     """`tucdesk exec AGENT -- CMD…`: the remote command's exit status, or 255.
 
     When the policy asks for approval it waits for an approver (or, with ``wait_for_approval``
     false, prints the request id and returns 0); ``approval_id`` redeems an earlier request.
     ``status_fd`` (exec --tag's children) gets ``opened`` once the handshake is done and
-    ``exit N`` once the remote command has ended.
+    ``exit N`` once the remote command has ended. ``pty`` counts -t as ssh does: once, a
+    terminal for the command when stdin is one; twice, always.
     """
     command = list(argv)
     if command and command[0] == "--":
@@ -273,20 +284,38 @@ def exec_command(
              f"{shlex.quote(agent)} -- sh -s < script.sh")
         return EXIT_CONNECTION_FAILED
 
+    on_terminal = pty >= 2 or (pty == 1 and _is_terminal(0))
+    if pty == 1 and not on_terminal:
+        _say("no terminal for the command: stdin is not a terminal (-tt forces one)")
+
     def run() -> int:
         api = Session.from_home(home)
+        environ = dict(os.environ)
+        size = read_window_size(window_fd()) if on_terminal else None
+        ask = SessionAsk(agent, "exec", command) if size is None else SessionAsk(
+            agent, "exec", command, terminal_type(environ), size.rows, size.cols
+        )
         try:
             try:
                 obtained = obtain_ticket(
-                    api, SessionAsk(agent, "exec", command), _say,
-                    wait=wait_for_approval, approval_id=approval_id,
+                    api, ask, _say, wait=wait_for_approval, approval_id=approval_id
                 )
             except ApiError as error:
                 raise _explained_refusal(api, agent, error) from None
             if isinstance(obtained, Parked):
-                return _parked(obtained, f"exec --approval {obtained.pending.request_id} "
-                               f"{shlex.join([agent, '--', *command])}")
+                resume = [
+                    "exec", *(["-t"] if on_terminal else []), "--approval",
+                    obtained.pending.request_id, agent, "--", *command,
+                ]  # fmt: skip
+                return _parked(obtained, shlex.join(resume))
             ticket = obtained
+            if size is not None:
+                outcome = trio.run(
+                    run_connect, ticket, api.identity, known_agents_of(home),
+                    exec_terminal_start(command, size, environ), ConnectOptions(),
+                    offer_refusal_probe(api, ticket.session_id), _session_notices(api, ticket),
+                )
+                return _terminal_exit(outcome, command, agent)
             options = ExecOptions(
                 command=tuple(command), read_stdin=should_read_stdin(no_stdin, force_stdin)
             )
@@ -302,15 +331,42 @@ def exec_command(
             api.close()
         if status_fd is not None:
             _report_to_parent(status_fd, f"exit {status}", last=True)
-        if status == EXIT_NOT_FOUND and _looks_like_shell_code(command):
-            _say(f"(exec runs argv without a shell; for a pipeline use: tucdesk exec "
-                 f"{shlex.quote(agent)} -- sh -c {shlex.quote(command[0])})")
-        elif status == EXIT_NOT_FOUND and command[0].startswith("-"):
-            _say(f"(options after the agent name need a -- after them: tucdesk exec "
-                 f"{shlex.quote(agent)} {command[0]} -- CMD [ARGS...])")
+        _explain_exit(status, command, agent)
         return status
 
     return _reported(run, debug)
+
+
+def _terminal_exit(outcome: ConnectOutcome, command: Sequence[str], agent: str) -> int:
+    """Report how ``exec -t`` ended, as connect does, and return its exit status."""
+    for note in outcome.notes:
+        print(note, file=sys.stderr)
+    if outcome.message:
+        if f"extra ['{PTY_FIELD}']" in outcome.message:
+            outcome.message += (
+                " — the agent predates exec -t: upgrade it, or run the command inside "
+                f"tucdesk connect {shlex.quote(agent)}"
+            )
+        _say(outcome.message)
+    _explain_exit(outcome.exit_code, command, agent)
+    return outcome.exit_code
+
+
+def _explain_exit(status: int, command: Sequence[str], agent: str) -> None:
+    """A hint after a status that usually means the command was written for a shell."""
+    if status == EXIT_NOT_FOUND and _looks_like_shell_code(command):
+        _say(f"(exec runs argv without a shell; for a pipeline use: tucdesk exec "
+             f"{shlex.quote(agent)} -- sh -c {shlex.quote(command[0])})")
+    elif status == EXIT_NOT_FOUND and command[0].startswith("-"):
+        _say(f"(options after the agent name need a -- after them: tucdesk exec "
+             f"{shlex.quote(agent)} {command[0]} -- CMD [ARGS...])")
+
+
+def _is_terminal(fd: int) -> bool:
+    try:
+        return os.isatty(fd)
+    except OSError:
+        return False
 
 
 def _report_to_parent(fd: int, line: str, *, last: bool = False) -> None:
@@ -326,13 +382,21 @@ def _report_to_parent(fd: int, line: str, *, last: bool = False) -> None:
 
 
 def ssh_command(
-    home: CliHome, agent: str, words: Sequence[str], *, no_stdin: bool, debug: bool = False
+    home: CliHome,
+    agent: str,
+    words: Sequence[str],
+    *,
+    no_stdin: bool,
+    debug: bool = False,
+    pty: int = 0,
 ) -> int:
     """`tucdesk ssh AGENT WORD…`: join the words with single spaces, as ssh does, and run the
-    line with ``sh -c`` on the agent (the remote shell rsync -e and GIT_SSH_COMMAND expect)."""
+    line with ``sh -c`` on the agent (the remote shell rsync -e and GIT_SSH_COMMAND expect);
+    ``pty`` counts -t as exec's does."""
     line = " ".join(words)
     return exec_command(
-        home, agent, [*SSH_SHELL, line], no_stdin=no_stdin, force_stdin=False, debug=debug
+        home, agent, [*SSH_SHELL, line], no_stdin=no_stdin, force_stdin=False, debug=debug,
+        pty=pty,
     )
 
 

@@ -57,11 +57,18 @@ SIGNAL_TAG = "signal"
 EXIT_STATUS_TAG = "exit"
 CLOSE_TAG = "close"
 KEEPALIVE_TAG = "keepalive"
+PTY_FIELD = "pty"
 
 
 @dataclass(frozen=True)
 class SessionStart:
-    """Operator → agent: what to run. ``command`` is the argv for exec and empty for a shell."""
+    """Operator → agent: what to run. ``command`` is the argv for exec and empty for a shell.
+
+    A shell always runs on a terminal; an exec runs on pipes unless ``pty`` (``exec -t``, like
+    ``ssh -t host cmd``): then on a terminal of ``terminal_type``, ``rows`` and ``cols``. The
+    field is sent only when true, so an agent that predates it reads every other start as
+    before (and refuses ``exec -t`` as a field it does not know).
+    """
 
     mode: Literal["shell", "exec"]
     command: tuple[str, ...]
@@ -69,11 +76,16 @@ class SessionStart:
     rows: int
     cols: int
     env: tuple[tuple[str, str], ...] = ()
+    pty: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in SESSION_MODES:
             _refuse(f"session mode must be one of {list(SESSION_MODES)}")
         _check_command(self.mode, self.command)
+        if type(self.pty) is not bool:
+            _refuse("pty must be true or false")
+        if self.pty and self.mode != "exec":
+            _refuse("pty is for an exec session (a shell always has a terminal)")
         _check_text(self.terminal_type, "terminal type", MAX_TERMINAL_TYPE_LENGTH)
         if not _TERMINAL_TYPE.fullmatch(self.terminal_type):
             _refuse("terminal type must be letters, digits and . _ + - (like xterm-256color)")
@@ -166,6 +178,8 @@ def encode_control(message: ControlMessage) -> bytes:
             "cols": message.cols,
             "env": dict(message.env),
         }
+        if message.pty:
+            body[PTY_FIELD] = True
     elif isinstance(message, Resize):
         body = {TYPE_FIELD: RESIZE_TAG, "rows": message.rows, "cols": message.cols}
     elif isinstance(message, Signal):
@@ -212,7 +226,9 @@ def decode_control(data: bytes) -> ControlMessage:
         raise CodecError("control message must be a msgpack map")
     tag = body.get(TYPE_FIELD)
     if tag == SESSION_START_TAG:
-        _expect_keys(body, {"mode", "command", "term", "rows", "cols", "env"})
+        _expect_keys(
+            body, {"mode", "command", "term", "rows", "cols", "env"}, optional={PTY_FIELD}
+        )
         command = body["command"]
         if not isinstance(command, list):
             _refuse("command must be a list of arguments")
@@ -226,6 +242,7 @@ def decode_control(data: bytes) -> ControlMessage:
             rows=body["rows"],
             cols=body["cols"],
             env=tuple(env.items()),
+            pty=body.get(PTY_FIELD, False),
         )
     if tag == RESIZE_TAG:
         _expect_keys(body, {"rows", "cols"})
@@ -245,11 +262,14 @@ def decode_control(data: bytes) -> ControlMessage:
     raise CodecError("control message has an unknown or missing type tag")
 
 
-def _expect_keys(body: dict[str, Any], fields: set[str]) -> None:
+def _expect_keys(
+    body: dict[str, Any], fields: set[str], optional: frozenset[str] | set[str] = frozenset()
+) -> None:
     expected = fields | {TYPE_FIELD}
-    if set(body) != expected:
-        missing = sorted(expected - set(body))
-        extra = sorted(str(key) for key in set(body) - expected)
+    present = set(body) - set(optional)
+    if present != expected:
+        missing = sorted(expected - present)
+        extra = sorted(str(key) for key in present - expected)
         _refuse(f"{body[TYPE_FIELD]} message fields are wrong (missing {missing}, extra {extra})")
 
 

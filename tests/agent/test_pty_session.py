@@ -12,7 +12,13 @@ import pyte
 import pytest
 import trio
 
-from agent.process_group import ExitStatus, OutputStream, SessionProcessError, session_members
+from agent.process_group import (
+    CommandNotStarted,
+    ExitStatus,
+    OutputStream,
+    SessionProcessError,
+    session_members,
+)
 from agent.pty_session import (
     MAX_PENDING_ENDS_OF_INPUT,
     PtySessionSpec,
@@ -358,10 +364,20 @@ async def test_vi_draws_the_file_and_quits_on_command(tmp_path: Path) -> None:
 
 
 @trio_test
-async def test_missing_program_is_a_clear_error() -> None:
-    with pytest.raises(SessionProcessError, match="cannot start"):
+async def test_missing_program_is_a_clear_error_with_a_shells_status() -> None:
+    # An operator's command (exec -t) that cannot run: 127, as from a shell and as on pipes.
+    with pytest.raises(CommandNotStarted, match="cannot run '/nonexistent/prog'") as refused:
         async with open_pty_session(PtySessionSpec(command=["/nonexistent/prog"])):
             pass
+    assert refused.value.exit_code == 127
+
+
+@trio_test
+async def test_a_missing_shell_is_the_agents_error() -> None:
+    with pytest.raises(SessionProcessError, match="cannot start '/nonexistent/shell'") as failed:
+        async with open_pty_session(PtySessionSpec(shell="/nonexistent/shell")):
+            pass
+    assert not isinstance(failed.value, CommandNotStarted)
 
 
 def test_bad_terminal_type_and_window_size_are_refused() -> None:

@@ -25,16 +25,8 @@ def test_connect_with_a_command_points_to_exec_with_the_connect_usage(
     code, err = run_main(capsys, "--home", str(tmp_path), "connect", "db-1", "--", "top")
     assert code == EXIT_USAGE
     assert err.startswith("usage: tucdesk connect ")
-    assert "connect opens a shell; for one command use exec (no PTY yet)" in err
-
-
-def test_exec_t_says_there_is_no_pty_for_one_command_yet_with_the_exec_usage(
-    capsys: pytest.CaptureFixture[str], tmp_path: Path
-) -> None:
-    code, err = run_main(capsys, "--home", str(tmp_path), "exec", "-t", "db-1", "--", "top")
-    assert code == EXIT_USAGE
-    assert err.startswith("usage: tucdesk exec ")
-    assert "no PTY for one command yet" in err
+    assert "connect opens a shell; for one command use exec (-t for a terminal" in err
+    assert "tucdesk exec -t AGENT -- CMD" in err
 
 
 def test_an_option_after_the_agent_is_still_an_option(
@@ -48,9 +40,11 @@ def test_an_option_after_the_agent_is_still_an_option(
 def test_exec_t_after_the_agent_is_taken_as_an_option_before_the_double_dash(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    code, err = run_main(capsys, "--home", str(tmp_path), "exec", "db-1", "-t", "--", "top")
-    assert code == EXIT_USAGE
-    assert "no PTY for one command yet" in err
+    # tmp_path is no CLI home: the session fails to start, but -t was read as exec's option
+    # (stdin is no terminal under pytest: it says so), not sent as the command "-t".
+    assert main(["--home", str(tmp_path), "exec", "db-1", "-t", "--", "top"]) == 255
+    err = capsys.readouterr().err
+    assert "no terminal for the command: stdin is not a terminal (-tt forces one)" in err
 
 
 def test_a_word_between_the_agent_and_the_double_dash_is_refused(
@@ -191,13 +185,31 @@ def test_ssh_after_a_double_dash_before_the_agent_reads_no_more_options(
     )
 
 
+def test_ssh_t_is_counted_before_and_after_the_agent_and_T_wins(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import operator_cli.session_commands as session_commands
+
+    asked: list[object] = []
+
+    def fake_exec(home: object, agent: str, command: list[str], **options: object) -> int:
+        asked.append(options["pty"])
+        return 0
+
+    monkeypatch.setattr(session_commands, "exec_command", fake_exec)
+    for argv in (["web-1", "id"], ["-t", "web-1", "id"], ["-t", "web-1", "-t", "id"],
+                 ["web-1", "-tt", "id"], ["-t", "web-1", "-T", "id"]):  # fmt: skip
+        assert main(["--home", str(tmp_path), "ssh", *argv]) == 0
+    assert asked == [0, 1, 2, 2, 0]
+
+
 def test_ssh_usage_error_after_the_agent_lists_every_option_it_reads_there(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     with pytest.raises(SystemExit) as stopped:
         _sent_by_ssh(monkeypatch, tmp_path, "web-1", "-p", "22", "id")
     assert stopped.value.code == EXIT_USAGE
-    assert "tucdesk ssh takes -n, -l USER, -T, -q, -o OPTION;" in capsys.readouterr().err
+    assert "tucdesk ssh takes -n, -t, -l USER, -T, -q, -o OPTION;" in capsys.readouterr().err
 
 
 class TaggedRuns:
@@ -283,3 +295,18 @@ def test_exec_agent_double_dash_sends_a_command_that_starts_with_an_option_as_ty
     monkeypatch.setattr(session_commands, "exec_command", fake_exec)
     assert main(["--home", str(tmp_path), "exec", "-n", "agt_1", "--", *command]) == 0
     assert sent == [(command, None)]
+
+
+def test_exec_t_refused_by_an_agent_that_predates_it_says_so(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from operator_cli.connect import ConnectOutcome
+    from operator_cli.session_commands import _terminal_exit
+
+    # An agent from before exec -t closes the session with its decoder's words for the field.
+    older = "start message fields are wrong (missing [], extra ['pty'])"
+    outcome = ConnectOutcome(message=f"the agent ended the session (protocol-error): {older}")
+    assert _terminal_exit(outcome, ["top"], "web 1") == 255
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"(protocol-error): {older} — the agent predates exec -t: upgrade it, or run the " \
+        "command inside tucdesk connect 'web 1'" in err

@@ -52,6 +52,7 @@ session_starts = st.one_of(
         terminal_type=st.just("xterm-256color"),
         rows=dimensions,
         cols=dimensions,
+        pty=st.booleans(),
     ),
 )
 control_messages: st.SearchStrategy[ControlMessage] = st.one_of(
@@ -267,6 +268,16 @@ def _start(**changes: object) -> dict[str, object]:
     return body
 
 
+def test_exec_on_a_terminal_carries_pty_and_any_other_start_reads_as_before() -> None:
+    on_terminal = SessionStart("exec", ("top",), "xterm", 30, 100, pty=True)
+    assert decode_control(encode_control(on_terminal)) == on_terminal
+    assert msgpack.unpackb(encode_control(on_terminal))["pty"] is True
+    # Without -t the start is byte for byte what an agent that predates the field reads.
+    on_pipes = SessionStart("exec", ("uname", "-a"), "xterm", 24, 80)
+    assert encode_control(on_pipes) == _pack(_start())
+    assert decode_control(_pack(_start(pty=False))) == on_pipes
+
+
 def test_session_start_decodes_to_its_dataclass() -> None:
     start = decode_control(_pack(_start(env={"LANG": "C.UTF-8"})))
     assert start == SessionStart("exec", ("uname", "-a"), "xterm", 24, 80, (("LANG", "C.UTF-8"),))
@@ -297,6 +308,10 @@ def test_session_start_decodes_to_its_dataclass() -> None:
         ({"env": [["LANG", "C"]]}, "env must be a map"),
         ({"env": {f"LC_{chr(65 + i // 26)}{chr(65 + i % 26)}": "C"
                   for i in range(MAX_ENV_ENTRIES + 1)}}, "msgpack"),
+        ({"pty": 1}, "pty must be true or false"),
+        ({"pty": "yes"}, "pty must be true or false"),
+        ({"pty": None}, "pty must be true or false"),
+        ({"mode": "shell", "command": [], "pty": True}, "pty is for an exec session"),
     ],
 )
 def test_invalid_session_start_is_refused(changes: dict[str, object], reason: str) -> None:
