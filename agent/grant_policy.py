@@ -17,7 +17,7 @@ import hmac
 import logging
 from dataclasses import dataclass
 
-from agent.policy_cache import PolicyCache
+from agent.policy_cache import PolicyCache, PolicyRefusal
 from protocol.errors import ProtocolError
 from protocol.nonce_cache import NonceCache
 from protocol.policy import (
@@ -39,6 +39,7 @@ logger = logging.getLogger("tucdesk.agent.policy")
 # An approval's request id is remembered for as long as the approval could still be accepted.
 APPROVAL_MEMORY_SECONDS = MAX_APPROVAL_LIFETIME_SECONDS + 2 * DEFAULT_CLOCK_SKEW_SECONDS
 ADMIN_ONLY_RULE_ID = "no-signed-policy"
+MAX_SHOWN_REFUSAL_REASON = 120  # characters of the agent's reason for refusing a newer policy
 
 
 class GrantPolicyRefused(Exception):
@@ -96,10 +97,7 @@ class GrantPolicy:
             )
         version = accepted.bundle.content.version
         if grant.policy_version is not None and grant.policy_version > version:
-            raise GrantPolicyRefused(
-                f"refused by the agent: policy out of date (the grant was decided under version "
-                f"{grant.policy_version}, the agent holds version {version}); try again shortly"
-            )
+            raise GrantPolicyRefused(_out_of_date(grant.policy_version, version, cache.refusal))
         action = Action(grant.mode.value)
         try:
             request = accepted.access_request(
@@ -184,6 +182,26 @@ def _not_a_pinned_admin(grant: SessionGrant, pinned: int) -> str:
         "(it takes a first policy signed by none other): the first policy also signs the "
         "current roster, from which this agent learns the current admins"
     )
+
+
+def _out_of_date(decided_under: int, held: int, refusal: PolicyRefusal | None) -> str:
+    """Why a grant decided under a newer policy is refused: the newer one not received yet (it
+    will be shortly), or refused by this agent (it never will be: say why and what fixes it)."""
+    stale = (f"refused by the agent: policy out of date (the grant was decided under version "
+             f"{decided_under}, the agent holds version {held})")
+    if refusal is None or (refusal.version is not None and refusal.version <= held):
+        return f"{stale}; try again shortly"
+    refused = "a newer version" if refusal.version is None else f"version {refusal.version}"
+    reason = refusal.reason
+    if len(reason) > MAX_SHOWN_REFUSAL_REASON:
+        reason = reason[: MAX_SHOWN_REFUSAL_REASON - 1] + "…"
+    if refusal.needs_reenrollment:
+        return (f"{stale}: the agent refused policy {refused} ({reason}), and refuses every "
+                "newer one until re-enrolled: re-enroll it ('tucdesk-agent enroll --force' with "
+                "a new registration key), as after a policy-signer rotation (docs/self-hosting"
+                ".md, \"Rotating service keys\")")
+    return (f"{stale}: the agent refused policy {refused} ({reason}) and will not retry by "
+            "itself: fix what its log names ('refusing policy version …'), then restart it")
 
 
 def _denied(decision: Decision, version: int) -> str:

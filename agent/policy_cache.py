@@ -17,6 +17,7 @@ import logging
 import os
 import stat
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +27,11 @@ from protocol.errors import KeyFileError
 from protocol.identity import write_private_file
 from protocol.policy import (
     AcceptedPolicy,
+    CountersignatureError,
     PinnedPolicyTrust,
     PolicyBundleError,
+    TeamMismatchError,
+    UntrustedSignerError,
     accept_policy_bundle,
 )
 from protocol.policy.signed_policy import MAX_BUNDLE_SIZE
@@ -39,6 +43,17 @@ MAX_REFUSAL_REASON_LENGTH = 300
 
 TrustSaver = Callable[[PinnedPolicyTrust], None]
 """Persists new pins (into the encrypted state file); raises on failure."""
+
+
+@dataclass(frozen=True)
+class PolicyRefusal:
+    """A newer policy bundle this agent refused, as it answered the rendezvous (policy_refused)."""
+
+    version: int | None
+    reason: str
+    needs_reenrollment: bool
+    """Refused by the trust pinned at enrollment (a countersigning key rotated since, an admin
+    or team it does not pin): it will refuse every later bundle too until re-enrolled."""
 
 
 class PolicyCache:
@@ -59,6 +74,8 @@ class PolicyCache:
         self._save_trust = save_trust
         self.problem = problem
         """Why the cached policy could not be used (None when it can): shown in refusals."""
+        self.refusal: PolicyRefusal | None = None
+        """The newer bundle last refused, until one is accepted: shown in out-of-date refusals."""
 
     @property
     def trust(self) -> PinnedPolicyTrust | None:
@@ -140,6 +157,7 @@ class PolicyCache:
                 "this agent pins no admin keys, so it can accept no policy; re-enroll it"
             )
         accepted = accept_policy_bundle(bundle, self._trust)
+        self.refusal = None  # the rendezvous sends its newest bundle: nothing newer was refused
         if accepted.unchanged and self._accepted is not None:
             return accepted
         try:
@@ -169,6 +187,10 @@ class PolicyCache:
             # ValueError: pins the bundle would produce are unusable (e.g. too many admins).
             reason = str(error)[:MAX_REFUSAL_REASON_LENGTH]
             logger.warning("refusing policy version %s: %s", offered, reason)
+            if offered is None or offered > self.version:
+                self.refusal = PolicyRefusal(offered, reason, isinstance(
+                    error, CountersignatureError | UntrustedSignerError | TeamMismatchError
+                ))
             return {"type": "policy_refused", "version": offered, "reason": reason}
         version = accepted.bundle.content.version
         if not accepted.unchanged:

@@ -25,7 +25,14 @@ from audit.errors import AuditError, BundleError
 from audit.pinned_keys import PinnedKeyError, load_pinned_key
 from audit.progress import ProgressLine, format_bytes, wants_progress
 from audit.recording_check import check_recording
-from audit.show import RecordFilter, TimeError, parse_when, show_records
+from audit.show import (
+    MAX_SHOWN_DETAIL,
+    MAX_SHOWN_DETAILS,
+    RecordFilter,
+    TimeError,
+    parse_when,
+    show_records,
+)
 from audit.verify import (
     EXIT_CODES,
     EarlierCheckpoint,
@@ -193,7 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
             "approval.*, the operator of session.*), session, policy decision and rule\n"
             "(decision=, rule=: the service's; agent_decision=, agent_rule=: what the agent's\n"
             "own key signed, never matched by --decision), who approved a session, and the\n"
-            "command. A value holding whitespace, '=', '\"' or '\\' is quoted (\"…\", with \\\"\n"
+            "command; then what the record acted on (target=, unless agent= or operator=\n"
+            "names it) and its context as details.KEY=VALUE (why a session ended, the keys\n"
+            "a revocation revoked, an API key's scopes, an approved command): a value over\n"
+            f"{MAX_SHOWN_DETAIL} characters is cut with '…', and past {MAX_SHOWN_DETAILS} "
+            "characters of details the rest\n"
+            "is only counted (details_omitted=N); --json gives target and details whole.\n"
+            "A value holding whitespace, '=', '\"' or '\\' is quoted (\"…\", with \\\"\n"
             "and \\\\), so no record can add a field; an operator email an agent wrote is shown\n"
             "only if it is an email. Nothing is shown from a bundle that does not verify.\n"
             "Control characters in records are shown escaped, never raw."

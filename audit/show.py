@@ -15,7 +15,16 @@ the agent's word: shown as ``agent_decision=``/``agent_rule=``, never matched by
 an operator email an agent wrote is shown only if it is an email (protocol check_email). Every
 value goes through ``shown_value``: quoted when it holds whitespace, ``=``, ``"`` or ``\\`` (so
 no record can add a field to its line), and with every character a terminal would act on
-escaped (protocol/terminal_text.py). Memory is bounded by the bundle, not by the records
+escaped (protocol/terminal_text.py). After those columns a line gives the record's target
+(``target=``: an API key's id, a token, an invite) unless agent= or operator= already names it,
+then its context
+(its details: why a session ended, which keys a revocation revoked, an API key's id and scopes,
+an approved command) as ``details.KEY=VALUE``, under that prefix so no context key can pose as a
+column (a session record's command, argv and operator email are left out there: the command=
+and operator= columns give them, the email only if it is one); a value longer than
+MAX_SHOWN_DETAIL is cut with an ellipsis, and past MAX_SHOWN_DETAILS characters of details the
+rest is counted as ``details_omitted=N``; ``--json`` gives the context unchanged as
+``details``. Memory is bounded by the bundle, not by the records
 shown alone: the join maps keep about 340 bytes per operator login (and some per agent,
 approval and session), measured 6.6 MiB for a 12 MiB bundle of 20,000 logins, plus the
 records shown.
@@ -23,6 +32,7 @@ records shown.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -32,7 +42,7 @@ from typing import BinaryIO
 from audit.actions import Action, ActorKind
 from audit.checkpoint import Checkpoint
 from audit.errors import RecordError
-from audit.record import AuditEvent, AuditRecord, format_time
+from audit.record import AuditEvent, AuditRecord, JsonValue, format_time
 from audit.trust import agent_names as registered_names
 from audit.trust import introduced_agent_key
 from audit.verify import (
@@ -59,6 +69,14 @@ REVOKED_JTI_TARGET = "token:"  # operator.token_revoked: target = token:<jti>
 SIGNED_BY_AGENT = "agent"  # the agent's own key signed the record
 SIGNED_BY_SERVICE = "service"  # an audit key did: the rendezvous wrote it
 MAX_SHOWN_FIELD = 1024  # characters of one field on a line (already escaped), then an ellipsis
+MAX_SHOWN_DETAIL = 200  # characters of one context value on a line (escaped), then an ellipsis
+MAX_SHOWN_DETAILS = 1024  # characters of a line's details; the fields past it are counted only
+DETAILS_PREFIX = "details."  # a context key on a line: never the name of one of show's columns
+DETAILS_OMITTED_KEY = "details_omitted"  # how many context fields did not fit on the line
+# Context fields of session.* records that the line's columns give already (command=, operator=).
+SESSION_COLUMN_FIELDS = frozenset(
+    {EXECUTED_ARGV_FIELD, REQUESTED_COMMAND_FIELD, STARTED_OPERATOR_FIELD}
+)
 _QUOTED_CHARACTERS = frozenset('="\\')  # and whitespace: a value holding one is quoted
 _QUOTED_CHARACTERS_ESCAPED = {'"': '\\"', "\\": "\\\\"}
 
@@ -134,6 +152,11 @@ class ShownRecord:
     signed_by: str = SIGNED_BY_SERVICE
     """``agent`` when the agent's own key signed the record, ``service`` when an audit key did
     (the rendezvous wrote it, whatever actor it names)."""
+    target: str | None = None
+    """What the record acted on, as signed (``api_key:<id>``, ``operator:<id>``, an agent id…)."""
+    details: Mapping[str, JsonValue] = field(default_factory=dict)
+    """The record's context as signed: what the columns leave out (a reason, revoked key ids,
+    scopes, the approved command)."""
 
     def line(self) -> str:
         """The record on one line: ``key=value`` fields, every value through ``shown_value``
@@ -164,6 +187,13 @@ class ShownRecord:
             parts.append(_field("approved_by", self.approved_by))
         if self.command is not None:
             parts.append(_field("command", self.command))
+        named_already = (self.agent_id, f"{OPERATOR_TARGET}{self.subject_id}")
+        if self.target and self.target not in named_already:
+            parts.append(_field("target", self.target))
+        details = self.details
+        if self.action.startswith("session."):
+            details = {k: v for k, v in details.items() if k not in SESSION_COLUMN_FIELDS}
+        parts.extend(_detail_fields(details))
         return " ".join(parts)
 
     def to_json(self) -> dict[str, object]:
@@ -188,6 +218,8 @@ class ShownRecord:
             ),
             "signed_by": self.signed_by,
             "signer_key_id": self.signer_key_id,
+            "target": self.target,
+            "details": dict(self.details),
         }
 
 
@@ -313,6 +345,8 @@ class _Picker:
             agent_rule_id=None if agent_result is None else agent_result.rule_id,
             agent_reason=None if agent_result is None else agent_result.reason,
             signed_by=SIGNED_BY_AGENT if agent_signed else SIGNED_BY_SERVICE,
+            target=event.target,
+            details=event.context,
         )
 
     def _subject(self, record: AuditRecord) -> _Operator | None:
@@ -438,13 +472,13 @@ def _command(record: AuditRecord) -> str | None:
     return None
 
 
-def shown_value(text: str) -> str:
+def shown_value(text: str, limit: int = MAX_SHOWN_FIELD, *, quoted: bool = False) -> str:
     """One value as a line shows it: bare if it is all printable and holds no whitespace,
     ``=``, ``"`` or ``\\``; otherwise in double quotes, JSON-style (``\\"``, ``\\\\``) with every
     character a terminal would act on escaped as protocol/terminal_text.py does (``\\e``,
     ``\\n``, ``\\u202e``). So a value can never read as a further ``key=value`` field. At most
-    MAX_SHOWN_FIELD characters inside, then an ellipsis."""
-    bare = bool(text) and all(
+    ``limit`` characters inside, then an ellipsis; ``quoted`` quotes it in any case."""
+    bare = not quoted and bool(text) and all(
         char.isprintable() and not char.isspace() and char not in _QUOTED_CHARACTERS
         for char in text
     )
@@ -452,7 +486,7 @@ def shown_value(text: str) -> str:
     size = 0
     for char in text:
         piece = _QUOTED_CHARACTERS_ESCAPED.get(char) or visible(char)
-        if size + len(piece) > MAX_SHOWN_FIELD - 1:
+        if size + len(piece) > limit - 1:
             pieces.append("…")
             break
         pieces.append(piece)
@@ -465,6 +499,48 @@ def _field(key: str, value: str, aside: str = "") -> str:
     """``key=value``, and `` (aside)`` after it when given (an actor's display, an agent's id)."""
     shown = f"{key}={shown_value(value)}"
     return f"{shown} ({shown_value(aside)})" if aside else shown
+
+
+def _detail_fields(details: Mapping[str, JsonValue]) -> list[str]:
+    """The context as ``details.KEY=VALUE`` fields, in the record's order, within
+    MAX_SHOWN_DETAILS characters; then ``details_omitted=N`` for the fields that did not fit."""
+    fields: list[str] = []
+    size = 0
+    for index, (key, value) in enumerate(details.items()):
+        shown = f"{DETAILS_PREFIX}{shown_value(key)}={_detail_value(value)}"
+        if size + len(shown) > MAX_SHOWN_DETAILS:
+            fields.append(f"{DETAILS_OMITTED_KEY}={len(details) - index}")
+            break
+        fields.append(shown)
+        size += len(shown) + 1
+    return fields
+
+
+def _detail_value(value: JsonValue) -> str:
+    """One context value on a line, its type still readable: a string bare unless it would read
+    as another type (``"3"``, ``"true"``, ``"[a]"`` are quoted), a list of plain strings as
+    ``[a,b]``, anything else as compact JSON; at most MAX_SHOWN_DETAIL characters."""
+    if isinstance(value, str):
+        return shown_value(value, MAX_SHOWN_DETAIL, quoted=_reads_as_json(value))
+    if isinstance(value, list) and all(
+        isinstance(item, str) and "," not in item and "]" not in item
+        and not _reads_as_json(item) and shown_value(item) == item
+        for item in value
+    ):
+        listed = f"[{','.join(item for item in value if isinstance(item, str))}]"
+        return listed if len(listed) <= MAX_SHOWN_DETAIL else listed[: MAX_SHOWN_DETAIL - 1] + "…"
+    compact = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+    return shown_value(compact, MAX_SHOWN_DETAIL)
+
+
+def _reads_as_json(text: str) -> bool:
+    """Whether ``text`` parses as JSON (a number, true, a list…): shown bare it would pass for
+    one."""
+    try:
+        json.loads(text)
+    except ValueError:
+        return text[:1] in ("[", "{")
+    return True
 
 
 def _policy_json(outcome: str | None, rule_id: str | None, reason: str | None) -> object:

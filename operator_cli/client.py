@@ -136,7 +136,9 @@ class Session:
     def request_raw(self, method: str, path: str) -> Response:
         """An authenticated request whose body the caller streams itself (exports).
 
-        The body is not size-limited; read it with ``iter_bytes`` (or ``content``).
+        The body is not size-limited; read it with ``iter_bytes`` (or ``content``). A refused
+        token is handled as in ``request``: the refusal's body is read (so the connection can
+        carry the login), the token refreshed and the request retried once.
         """
         response = self._send(method, path, None, self.token(), stream=True)
         if response.status_code == 401:

@@ -140,6 +140,9 @@ class Response:
         self._stream = stream
         self._url = url
         self._read_timeout = read_timeout
+        # Whether the body was read to its end: only then is the connection free for the next
+        # request (bytes left unread would be taken for the next response's status line).
+        self._body_ended = stream is None
 
     @property
     def is_success(self) -> bool:
@@ -172,6 +175,7 @@ class Response:
         try:
             while chunk := stream.read(chunk_size):
                 yield chunk
+            self._body_ended = True
         except (OSError, http.client.HTTPException) as error:
             # The server answered: a stall now is a server that stopped sending mid-response.
             raise TransportError(
@@ -182,9 +186,10 @@ class Response:
             stream.close()
 
     @property
-    def is_unread(self) -> bool:
-        """True while a streamed body has not been read to its end nor closed."""
-        return self._stream is not None
+    def left_data_on_connection(self) -> bool:
+        """True when a streamed body was closed or abandoned before its end: the connection
+        still holds the rest and cannot carry another request."""
+        return not self._body_ended
 
     def close(self) -> None:
         """Release a streamed body that was not read to its end."""
@@ -259,19 +264,22 @@ class HttpClient:
     ) -> Response:
         """Send one request; TransportError if the server cannot be reached or talked to.
 
-        With ``stream`` the body is left for the caller to read (``iter_bytes``) and is not
-        size-limited; otherwise it is read whole, ResponseTooLargeError past the limit.
+        With ``stream`` a 2xx body is left for the caller to read (``iter_bytes``) and is not
+        size-limited; any other body is read whole, ResponseTooLargeError past the limit.
         """
         all_headers = {"User-Agent": USER_AGENT, "Accept": "application/json", **(headers or {})}
         with self._lock:
-            if self._open_stream is not None and self._open_stream.is_unread:
-                # An unread streamed body still occupies the connection; start afresh.
+            if self._open_stream is not None and self._open_stream.left_data_on_connection:
+                # An unread (or closed part-read) streamed body still occupies the connection:
+                # start afresh rather than read its rest as the next response.
                 self._open_stream.close()
                 self._drop_connection()
             self._open_stream = None
             raw = self._exchange(method.upper(), self.target(path), content, all_headers)
             try:
-                if stream:
+                # A refusal's body is small and read whole even when streaming was asked for,
+                # so it is handled exactly as a non-streamed one and the connection stays usable.
+                if stream and 200 <= raw.status < 300:
                     response = Response(
                         raw.status, raw.msg, None, stream=raw, url=self.base_url,
                         read_timeout=self._read_timeout,
@@ -280,7 +288,7 @@ class HttpClient:
                     return response
                 return Response(raw.status, raw.msg, self._read_limited(raw))
             except BaseException:
-                if not stream:
+                if self._open_stream is None:
                     self._drop_connection()
                 raise
 

@@ -40,6 +40,7 @@ message); it follows the chain from the keys it pinned at enrollment (agent/enro
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import logging
@@ -92,6 +93,11 @@ SERVICE_KEYS_MESSAGE = "service_keys"
 # The offer-bus notice kind after a rotation: every instance reloads its service keys.
 KEYS_ROTATED_NOTICE_KIND = "service_keys_rotated"
 SIGHUP_RELOAD = "received SIGHUP"
+# How an admin makes running instances take rotated keys now rather than at their minute check
+# (rendezvous/server.py PRUNE_INTERVAL_SECONDS; the systemd unit's ExecReload sends SIGHUP).
+RELOAD_NOW_HINT = (
+    "send SIGHUP to every instance (systemctl reload tucdesk-rendezvous, or kill -HUP PID)"
+)
 
 
 @dataclass(frozen=True)
@@ -103,6 +109,25 @@ class Rotation:
     new_key: PublicIdentity
     accept_old_until: float
     logs_recorded: int
+    retired_now: bool = False
+    """``--retire-old-now``: what the old key signed is refused once an instance reloads."""
+    announced: bool = False
+    """Whether a database notice told the serving instances to reload (PostgreSQL)."""
+
+    def takes_effect(self) -> str:
+        """When running instances take the new key (and, with --retire-old-now, refuse what the
+        old key signed) and how to make that immediate: a line of the admin command's output."""
+        then = ("sign with it and refuse what the old key signed" if self.retired_now
+                else "sign with it")
+        if self.announced:
+            when = ("running instances sharing this database reload by themselves within "
+                    "seconds (a database notice; one that missed it, at its minute check: up to "
+                    f"60 s from now), then {then}")
+        else:
+            when = ("running instances reload by themselves only at their minute check (up to "
+                    "60 s from now; until then they sign with the old key and accept what it "
+                    f"signed), then {then}")
+        return f"{when}; to make it take effect at once, {RELOAD_NOW_HINT}"
 
 
 async def rotate_service_key(
@@ -122,15 +147,15 @@ async def rotate_service_key(
         rotation = await _rotate_locked(
             store, data_dir, role, issuer=issuer, retire_old_now=retire_old_now, now=now
         )
-    await announce_rotation(store, role)
-    return rotation
+    announced = await announce_rotation(store, role)
+    return dataclasses.replace(rotation, retired_now=retire_old_now, announced=announced)
 
 
-async def announce_rotation(store: Store, role: str) -> None:
+async def announce_rotation(store: Store, role: str) -> bool:
     """Tell every serving instance (PostgreSQL) to reload its service keys now; best effort:
-    their minute sweep finds the new pins anyway."""
+    their minute sweep finds the new pins anyway. True if the notice went out."""
     if not store.notifications_supported:
-        return  # SQLite: one instance, whose minute sweep reloads
+        return False  # SQLite: one instance, whose minute sweep reloads
     from rendezvous.offer_bus import OFFER_CHANNEL  # the bus imports this module
 
     notice = json.dumps({"kind": KEYS_ROTATED_NOTICE_KIND, "role": role})
@@ -139,6 +164,8 @@ async def announce_rotation(store: Store, role: str) -> None:
     except StoreError as error:
         logger.warning("telling the serving instances about the %s rotation failed (%s); they "
                        "reload within a minute anyway", role, type(error).__name__)  # fmt: skip
+        return False
+    return True
 
 
 async def _rotate_locked(

@@ -303,15 +303,20 @@ def build_parser() -> argparse.ArgumentParser:
         "(docs/self-hosting.md, 'Rotating service keys')",
         description="Make a new PURPOSE key, pin it in the database, record service_key.rotated "
         "in every audit log and delete the old private key file. Running instances take the new "
-        "key by themselves within seconds (a database notice, else their minute sweep); other "
-        "hosts sharing the database need the new key file first (a shared or copied keys dir).",
+        "key by themselves: on PostgreSQL within seconds (a database notice), on SQLite (or an "
+        "instance that missed the notice) only at their minute check, up to 60 s later; SIGHUP "
+        "(systemctl reload tucdesk-rendezvous, or kill -HUP PID) to every instance makes it "
+        "immediate. Other hosts sharing the database need the new key file first (a shared or "
+        "copied keys dir).",
     )
     keys_rotate.add_argument("purpose", choices=KEY_ROLES, help="which service key to replace")
     keys_rotate.add_argument(
         "--retire-old-now",
         action="store_true",
-        help="stop accepting tokens and grants the old key signed at once (after a leak); "
-        "by default they stay valid until they expire (at most 15 min 30 s)",
+        help="after a leak: refuse the tokens and grants the old key signed as soon as each "
+        "running instance reloads its keys (within seconds on PostgreSQL, up to 60 s on SQLite; "
+        "send SIGHUP to every instance right after to make it immediate); by default they stay "
+        "valid until they expire (at most 15 min 30 s)",
     )
     _add_store_flags(keys_rotate)
     # The settings list names each setting's serve flag, taken from the serve parser itself.
@@ -705,7 +710,7 @@ async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -
             now=time.time(),
         )  # fmt: skip
     until = (
-        "no longer accepted (--retire-old-now)"
+        "refused by each running instance once it reloads (--retire-old-now; see below)"
         if retire_old_now
         else "accepted until " + time.strftime("%H:%M:%SZ", time.gmtime(rotation.accept_old_until))
     )
@@ -713,9 +718,9 @@ async def _keys_rotate(config: ServiceConfig, role: str, retire_old_now: bool) -
           f"kid={rotation.new_key.key_id}")
     print(f"old key: private key file deleted; tokens it signed {until}; recorded "
           f"service_key.rotated in {rotation.logs_recorded} audit logs")
-    print("running instances reload by themselves within seconds (a minute at most); an "
-          f"instance on another host needs {config.data_dir / 'keys'} copied to it unless the "
-          "directory is shared (it logs an ERROR each minute until its key files match)")
+    print(rotation.takes_effect())
+    print(f"an instance on another host needs {config.data_dir / 'keys'} copied to it unless "
+          "the directory is shared (it logs an ERROR each minute until its key files match)")
     if role == "jwt-issuer":
         print("agents follow the rotation (signed by the old key) as soon as the instance they "
               "are connected to reloads, or when they next connect")

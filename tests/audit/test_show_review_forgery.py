@@ -99,7 +99,8 @@ def _show(files: tuple[Path, Path], capsys: pytest.CaptureFixture[str], *options
 
 
 def _fields(line: str) -> list[str]:
-    """The keys of a line's key=value fields, reading quoted values as one (as a script would)."""
+    """The keys of a line's key=value columns, reading quoted values as one (as a script would);
+    the record's own ``details.*`` fields after them are left out."""
     keys, index = [], 0
     while index < len(line):
         end = index
@@ -113,7 +114,7 @@ def _fields(line: str) -> list[str]:
             end += 1
         else:
             key = line[index:end]
-        if "=" in key:
+        if "=" in key and not key.startswith("details."):
             keys.append(key.split("=", 1)[0])
         index = end + 1
     return keys
