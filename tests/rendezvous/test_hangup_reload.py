@@ -186,7 +186,7 @@ def test_a_sighup_during_start_up_does_not_end_the_service(tmp_path: Path) -> No
             time.sleep(0.01)
         assert hangups > 0
         process.send_signal(signal.SIGHUP)
-        _wait_for(log, "received SIGHUP; serving plain HTTP, there is nothing to reload")
+        _wait_for(log, "received SIGHUP; serving plain HTTP, there is no TLS certificate to reload")
         assert process.poll() is None
     finally:
         process.terminate()
