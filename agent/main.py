@@ -42,6 +42,8 @@ from agent.enrollment import (
     grant_signing_keys,
     parse_service_keys,
     prepare_state_dir,
+    read_ca_certificates,
+    saved_ca_path,
 )
 from agent.errors import AgentError, ConfigError, EnrollmentError
 from agent.event_spool import SPOOL_DIR_NAME, EventSpool
@@ -86,6 +88,7 @@ from agent.state_file import (
 from agent.status import DaemonStatus, read_status, write_status
 from protocol.errors import ProtocolError
 from protocol.exception_chain import leaf_exceptions
+from protocol.identity import write_private_file
 from protocol.policy import PinnedPolicyTrust
 from protocol.stdio_fds import open_dev_null_on_closed_standard_fds
 from protocol.version import installed_version
@@ -549,6 +552,7 @@ def _run(args: argparse.Namespace, config: AgentConfig, environ: Mapping[str, st
     check_state_dir_writable(config.state_dir)
     with acquire_daemon_lock(config.state_dir):
         state = load_state(config.state_file, identifiers)
+        state = adopt_enrollment_ca(config, state, identifiers)
         _check_run_settings(config, state)
         use_audit_login_uid(config.audit_login_uid)
         settle_garbage_collector()
@@ -573,6 +577,32 @@ def check_state_dir_writable(state_dir: Path) -> None:
         return
     os.close(fd)
     probe.unlink(missing_ok=True)
+
+
+def adopt_enrollment_ca(
+    config: AgentConfig, state: AgentState, identifiers: MachineIdentifiers
+) -> AgentState:
+    """An agent enrolled by a release that did not copy the CA trusts the file at the path
+    given then, and goes offline when that file moves. Copy it into the state dir as enrollment
+    now does and record the copy in the state; the state as it is when that cannot be done
+    (the original is gone: ``_check_run_settings`` then says so) or is not needed."""
+    if config.ca_file is not None or state.ca_file is None:
+        return state
+    saved = saved_ca_path(config.state_file).resolve()
+    if Path(state.ca_file) == saved or not Path(state.ca_file).exists():
+        return state  # nothing to do, or nothing to copy (run's CA check names the file)
+    try:
+        certificates = read_ca_certificates(Path(state.ca_file))
+        write_private_file(saved, certificates)
+        adopted = replace(state, ca_file=str(saved))
+        save_state(config.state_file, adopted, identifiers)
+    except (EnrollmentError, OSError, ProtocolError, StateFileError) as error:
+        logger.warning("could not copy the CA file %s into the state dir (%s); still trusting "
+                       "it where it is", state.ca_file, error)  # fmt: skip
+        return state
+    logger.info("copied the CA file given at enrollment, %s, to %s (as enrollment now does): "
+                "the agent trusts the copy from now on", state.ca_file, saved)  # fmt: skip
+    return adopted
 
 
 def _check_run_settings(config: AgentConfig, state: AgentState) -> None:
@@ -926,7 +956,10 @@ def describe_ca_file(config: AgentConfig, state: AgentState) -> str:
         return "the system CAs"
     if Path(state.ca_file).name == SAVED_CA_FILE_NAME:
         return f"{state.ca_file} (the copy saved at enrollment)"
-    return f"{state.ca_file} (the path given at enrollment; enroll again to keep a copy)"
+    return (
+        f"{state.ca_file} (the path given at enrollment; run copies it to "
+        f"STATE_DIR/{SAVED_CA_FILE_NAME} at its next start)"
+    )
 
 
 def describe_session_shell(config: AgentConfig) -> str:

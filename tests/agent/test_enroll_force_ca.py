@@ -3,14 +3,17 @@ enrollment saved, so the host needs neither the original CA file nor --ca-file a
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
 
+from agent.config import AgentConfig
 from agent.enrollment import SAVED_CA_FILE_NAME, EnrollmentRequest, enroll, same_origin
 from agent.errors import EnrollmentError
+from agent.main import adopt_enrollment_ca
 from agent.main import main as agent_main
-from agent.state_file import load_state
+from agent.state_file import AgentState, load_state, save_state
 from tests.agent.test_control_client import MACHINE
 from tests.agent.test_enroll import registration_key
 from tests.rendezvous.live_server import live_service, make_certificate
@@ -105,3 +108,44 @@ def test_enroll_help_says_force_reuses_the_saved_ca(capsys: pytest.CaptureFixtur
     # argparse wraps lines at hyphens too: join the words back.
     help_text = " ".join(capsys.readouterr().out.split()).replace("- ", "-")
     assert f"the CA copy the last enrollment saved, STATE_DIR/{SAVED_CA_FILE_NAME}" in help_text
+
+
+def test_run_adopts_the_ca_file_an_older_enrollment_only_named(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # State as a release before the CA copy wrote it: the path given at enrollment, no copy.
+    cert, _ = make_certificate(tmp_path / "tls")
+    given = tmp_path / "given-ca.pem"
+    given.write_bytes(cert.read_bytes())
+    config = AgentConfig(state_dir=tmp_path / "state")
+    config.state_dir.mkdir(mode=0o700)
+    older = AgentState(
+        agent_id="agt_older", team_id="tm_t", server_url="https://127.0.0.1:1",
+        identity_seed=b"\x01" * 32, ca_file=str(given),
+    )  # fmt: skip
+    save_state(config.state_file, older, MACHINE)
+    with caplog.at_level(logging.INFO, logger="tucdesk.agent"):
+        adopted = adopt_enrollment_ca(config, load_state(config.state_file, MACHINE), MACHINE)
+    copy = (config.state_dir / SAVED_CA_FILE_NAME).resolve()
+    assert adopted.ca_file == str(copy)
+    assert copy.read_bytes() == cert.read_bytes()
+    assert copy.stat().st_mode & 0o777 == 0o600
+    assert load_state(config.state_file, MACHINE).ca_file == str(copy)  # kept across restarts
+    assert f"copied the CA file given at enrollment, {given}" in caplog.text
+    given.unlink()  # the admin tidies up: the agent no longer needs it
+    again = adopt_enrollment_ca(config, load_state(config.state_file, MACHINE), MACHINE)
+    assert again.ca_file == str(copy)
+
+
+def test_run_keeps_trusting_the_named_ca_file_when_it_cannot_copy_it(tmp_path: Path) -> None:
+    config = AgentConfig(state_dir=tmp_path / "state")
+    config.state_dir.mkdir(mode=0o700)
+    missing = tmp_path / "gone-ca.pem"
+    older = AgentState(
+        agent_id="agt_older", team_id="tm_t", server_url="https://127.0.0.1:1",
+        identity_seed=b"\x01" * 32, ca_file=str(missing),
+    )  # fmt: skip
+    save_state(config.state_file, older, MACHINE)
+    state = adopt_enrollment_ca(config, load_state(config.state_file, MACHINE), MACHINE)
+    assert state.ca_file == str(missing)  # run's own check then names the missing file
+    assert not (config.state_dir / SAVED_CA_FILE_NAME).exists()
