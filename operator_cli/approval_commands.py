@@ -125,13 +125,17 @@ def approval_table(pending: list[ApprovalRequestView]) -> list[str]:
     return lines
 
 
-def approvals_show_command(home: CliHome, request_id: str) -> int:
-    """`tucdesk approvals show ID`: one request in full, its command whole and visibly escaped."""
+def approvals_show_command(home: CliHome, request_id: str, *, as_json: bool = False) -> int:
+    """`tucdesk approvals show ID`: one request in full, its command whole and visibly escaped
+    (``as_json``: one JSON document with the fields of `approvals --json`)."""
     api = Session.from_home(home)
     try:
         view = fetch_request(api, request_id)
     finally:
         api.close()
+    if as_json:
+        print(json.dumps(_view_json(view), indent=2))
+        return EXIT_OK
     for line in request_details(view, _terminal_width()):
         print(line)
     return EXIT_OK

@@ -5,17 +5,28 @@ confirm first (docs/sessions.md §6). ``obtain_ticket`` then tells the operator 
 polls ``GET /v1/approvals/{id}`` until the request is approved, denied or expired, and on
 approval repeats the session request with ``approval_id``. ``--no-wait`` returns the request id
 instead; ``--approval ID`` resumes with an id from an earlier run.
+
+A wait that ends without a decision takes its request back (``POST .../withdraw``), so nothing
+stays pending for approvers that nobody will use: when ``--approval-timeout`` runs out (exit
+255), on SIGTERM or SIGHUP (a job's ``timeout`` or cancellation; the process then ends by that
+signal), and on Ctrl-C when a timeout was given. Ctrl-C without one keeps the request pending
+to resume with ``--approval ID``, as a person at a terminal may want.
 """
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from types import FrameType
 from typing import Literal
 
-from operator_cli.approval_commands import fetch_request
+from operator_cli.approval_commands import approval_path, fetch_request
 from operator_cli.approval_requests import (
     APPROVED,
     DENIED,
@@ -25,7 +36,9 @@ from operator_cli.approval_requests import (
     ApprovalRequestView,
     PendingApproval,
 )
-from operator_cli.client import Session
+from operator_cli.client import ApiError, Session
+from operator_cli.home import HomeError
+from operator_cli.http import ResponseTooLargeError, TransportError
 from operator_cli.session_client import (
     ApprovalPending,
     SessionError,
@@ -39,6 +52,9 @@ APPROVAL_POLL_SECONDS = 1.0
 APPROVAL_REMINDER_SECONDS = 60.0
 MAX_APPROVAL_WAIT_SECONDS = 60 * 60
 EXPIRY_GRACE_SECONDS = 5.0
+# Signals that end a waiting job (timeout(1), a CI cancel, a closed terminal): its request is
+# withdrawn before the process ends by the signal.
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 Say = Callable[[str], None]
 
@@ -49,7 +65,30 @@ class ApprovalRefused(SessionError):
 
 class ApprovalWaitInterrupted(SessionError):
     """The operator stopped waiting (Ctrl-C); the request stays pending, to be resumed with
-    --approval or withdrawn with `tucdesk approvals withdraw`."""
+    --approval or withdrawn with `tucdesk approvals withdraw` (withdrawn already when the wait
+    had --approval-timeout)."""
+
+
+class _StopSignal(BaseException):
+    """One of STOP_SIGNALS arrived while waiting (raised by its handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _GaveUp(Exception):
+    """The wait reached its limit without a decision."""
+
+
+# --approval-timeout of this process's session command (main.py sets it before running it).
+_approval_timeout_seconds: float | None = None
+
+
+def bound_approval_waits(seconds: float | None) -> None:
+    """Wait at most ``seconds`` for an approver from now on (None: until the request expires)."""
+    global _approval_timeout_seconds
+    _approval_timeout_seconds = seconds
 
 
 @dataclass(frozen=True)
@@ -139,18 +178,82 @@ def wait_for_decision(
     max_wait_seconds: float = MAX_APPROVAL_WAIT_SECONDS,
     remind_seconds: float = APPROVAL_REMINDER_SECONDS,
     expires_at: float | None = None,
+    timeout_seconds: float | None = None,
 ) -> ApprovalRequestView:
     """Poll the request until it is approved (returned) or denied/expired (ApprovalRefused),
-    saying every ``remind_seconds`` that it is still waiting."""
+    saying every ``remind_seconds`` that it is still waiting. ``timeout_seconds`` (default:
+    --approval-timeout) bounds the wait; a wait that ends without a decision withdraws the
+    request (see the module docstring)."""
+    if timeout_seconds is None:
+        timeout_seconds = _approval_timeout_seconds
+    limit = max_wait_seconds if timeout_seconds is None else min(max_wait_seconds,
+                                                                 timeout_seconds)
     try:
-        return _poll(api, request_id, say, poll_seconds, sleep, max_wait_seconds,
-                     remind_seconds, expires_at)
+        with _stop_signals_raised():
+            return _poll(api, request_id, say, poll_seconds, sleep, limit, remind_seconds,
+                         expires_at)
+    except _GaveUp:
+        flag = " (--approval-timeout)" if limit == timeout_seconds else ""
+        raise ApprovalRefused(
+            f"gave up waiting for approval of {request_id} after {limit:g}s{flag}: "
+            f"{withdraw_quietly(api, request_id)}"
+        ) from None
+    except _StopSignal as stop:
+        name = signal.Signals(stop.signum).name
+        say(f"{name} while waiting for approval: {withdraw_quietly(api, request_id)}")
+        # End by the signal, as the job's supervisor expects (a shell sees 128+N).
+        signal.signal(stop.signum, signal.SIG_DFL)
+        os.kill(os.getpid(), stop.signum)
+        raise ApprovalWaitInterrupted(name) from None  # not reached: the signal ends us
     except KeyboardInterrupt:
+        if timeout_seconds is not None:
+            raise ApprovalWaitInterrupted(
+                f"interrupted: {withdraw_quietly(api, request_id)}"
+            ) from None
         raise ApprovalWaitInterrupted(
             f"interrupted; request {request_id} stays pending until decided or expired: to use "
             f"it, run the same command with --approval {request_id}; to take it back, run "
             f"tucdesk approvals withdraw {request_id}"
         ) from None
+
+
+def withdraw_quietly(api: Session, request_id: str) -> str:
+    """Withdraw one's own pending request and say what came of it; never raises for the
+    server's answer (the caller is already ending with an error of its own)."""
+    try:
+        api.request("POST", approval_path(request_id, "withdraw"))
+    except ApiError as error:
+        why = visible(error.message)
+    except TransportError as error:
+        why = error.describe()
+    except (HomeError, ResponseTooLargeError, OSError) as error:
+        why = str(error)
+    else:
+        return f"withdrew request {request_id}: nobody can approve it now"
+    return (f"could not withdraw request {request_id} ({why}); tucdesk approvals withdraw "
+            f"{request_id} takes it back")
+
+
+@contextmanager
+def _stop_signals_raised() -> Iterator[None]:
+    """While waiting, STOP_SIGNALS raise _StopSignal instead of ending the process at once.
+    Only signals left at their default are taken (not one ignored under nohup, nor a handler
+    someone else set), and only on the main thread (the only one Python delivers them to)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        raise _StopSignal(signum)
+
+    taken = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) == signal.SIG_DFL]
+    for signum in taken:
+        signal.signal(signum, stop)
+    try:
+        yield
+    finally:
+        for signum in taken:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 def _poll(
@@ -177,18 +280,16 @@ def _poll(
             raise _refusal(view)
         if view.expires_at is not None and time.time() > view.expires_at + EXPIRY_GRACE_SECONDS:
             raise ApprovalRefused(f"approval request {request_id} expired without a decision")
-        if time.monotonic() > give_up:
-            raise ApprovalRefused(
-                f"gave up waiting for approval of {request_id} after {max_wait_seconds:.0f}s"
-            )
         now = time.monotonic()
+        if now >= give_up:
+            raise _GaveUp
         if now >= next_reminder:
             next_reminder = now + remind_seconds
             shown = visible(request_id)
             say(f"still waiting for approval of {shown} ({now - started:.0f} s so far)"
                 f"{_until(view.expires_at if view.expires_at is not None else expires_at)}; "
                 f"tucdesk approvals withdraw {shown} takes it back")
-        sleep(poll_seconds)
+        sleep(max(0.0, min(poll_seconds, give_up - time.monotonic())))
 
 
 def check_fits(view: ApprovalRequestView, ask: SessionAsk) -> None:

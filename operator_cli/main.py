@@ -103,6 +103,7 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
+EXIT_USAGE = 2  # argparse's
 EXIT_CONNECTION_FAILED = 255
 # ssh's options that `tucdesk ssh` knows, as getopt spells them, for those after AGENT.
 SSH_OPTIONS_AFTER_AGENT = "ntl:Tqo:"
@@ -111,6 +112,11 @@ EXEC_MAX_ARGUMENTS = 256
 EXEC_MAX_COMMAND_BYTES = 4096
 EXPORT_CHUNK_BYTES = 64 * 1024
 DEFAULT_SESSIONS_LISTED = 50
+# exec --tag: sessions at once. At most half the relay's default per-source burst (relay/config.py
+# rate_burst = 40): every session opens a relay connection from this host, and two when its
+# agent runs on the same host (one source).
+DEFAULT_PARALLEL_SESSIONS = 8
+MAX_PARALLEL_SESSIONS = 20
 # The service's API_KEY_SCOPES (rendezvous/auth.py), for --help; the service checks them.
 API_KEY_SCOPES = ("agents:read", "audit:read", "registration_keys:read",
                   "registration_keys:write", "sessions:read")
@@ -149,10 +155,34 @@ def parse_since(text: str, now: float | None = None) -> float:
     return max(moment.timestamp(), 0.0)
 
 
+def _usage_error(parser: argparse.ArgumentParser, status: int, message: str) -> None:
+    """argparse's usage error (usage and message on stderr), exiting with ``status``."""
+    parser.print_usage(sys.stderr)
+    parser.exit(status, f"{parser.prog}: error: {message}\n")
+
+
+class OperatorParser(argparse.ArgumentParser):
+    """The top-level parser: a usage error it finds after the command was chosen (a word the
+    command does not know) exits with that command's usage status, as the command would."""
+
+    usage_exit_status = EXIT_USAGE
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        self.usage_exit_status = getattr(parsed, "usage_exit_status", EXIT_USAGE)
+        return parsed, extras
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _usage_error(self, self.usage_exit_status, message)
+
+
 class CommandParser(argparse.ArgumentParser):
     """A command's parser that also keeps the words it was given, as typed, in
     ``command_words``: argparse drops the ``--`` it takes for the end of the options, and
-    ``exec --tag`` must see where the user put it."""
+    ``exec --tag`` must see where the user put it. A usage error exits with the command's
+    ``usage_exit_status`` default (argparse's 2 unless the command sets another)."""
 
     def parse_known_args(  # type: ignore[override]
         self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
@@ -163,10 +193,13 @@ class CommandParser(argparse.ArgumentParser):
         namespace.command_words = words
         return super().parse_known_args(words, namespace)
 
+    def error(self, message: str) -> None:  # type: ignore[override]
+        _usage_error(self, self.get_default("usage_exit_status") or EXIT_USAGE, message)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; --help describes every command."""
-    parser = argparse.ArgumentParser(
+    parser = OperatorParser(
         prog="tucdesk",
         description="TucDesk operator command line.",
         epilog="State (server, operator key, cached token) lives in --home, TUCDESK_HOME, "
@@ -383,7 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     # Caught to say what to use instead (ssh host CMD runs CMD; here that is exec).
     connect.add_argument("remote_command", nargs="*", help=argparse.SUPPRESS)
     _add_approval_flags(connect)
-    connect.set_defaults(handler=_connect, command_parser=connect)
+    # Session commands exit 255 on a usage error, as ssh does: 2 could be the remote status.
+    connect.set_defaults(handler=_connect, command_parser=connect,
+                         usage_exit_status=EXIT_CONNECTION_FAILED)
 
     exec_parser = commands.add_parser(
         "exec",
@@ -420,10 +455,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     exec_parser.add_argument(
         "--tag", dest="exec_tags", action="append", default=[], metavar="TAG",
-        help="instead of AGENT: run on every agent carrying TAG (repeat: all of them), 8 at a "
-        "time, each output line prefixed with the agent's name; stdin is not read; a summary "
-        "of exit statuses ends on stderr; exits 0 only if every agent ran it and succeeded, "
-        "else 1 (offline agents are listed, not run): tucdesk exec --tag web -- uptime",
+        help="instead of AGENT: run on every agent carrying TAG (repeat: all of them), "
+        "--parallel at a time, each output line prefixed with the agent's name; stdin is not "
+        "read; a summary of exit statuses ends on stderr; exits 0 only if every agent ran it "
+        "and succeeded, else 1 (offline agents are listed, not run): "
+        "tucdesk exec --tag web -- uptime",
+    )
+    exec_parser.add_argument(
+        "--parallel", "-P", type=_parallel_sessions, default=None,
+        metavar="N",
+        help=f"with --tag: at most N sessions at once (default {DEFAULT_PARALLEL_SESSIONS}, at "
+        f"most {MAX_PARALLEL_SESSIONS}: each is a process of its own and a relay connection, "
+        "and the relay lets one source open rate_burst (default 40) connections at once, then "
+        "rate_limit (default 10) a second; beyond that it refuses them)",
+    )
+    exec_parser.add_argument(
+        "--json", action="store_true",
+        help="with --tag: end with one JSON document on stdout: succeeded, total, and per "
+        "agent name, id, online, exit_status (null if it did not run or gave none) and note "
+        "(why); the agents' prefixed output then all goes to stderr, so stdout is the "
+        "document alone",
     )
     # exec --tag's children write the remote exit status here (tagged_exec.py); not for users.
     exec_parser.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
@@ -433,7 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command and its arguments",
     )
     _add_approval_flags(exec_parser)
-    exec_parser.set_defaults(handler=_exec, command_parser=exec_parser)
+    exec_parser.set_defaults(handler=_exec, command_parser=exec_parser,
+                             usage_exit_status=EXIT_CONNECTION_FAILED)
 
     ssh = commands.add_parser(
         "ssh",
@@ -467,7 +519,7 @@ def build_parser() -> argparse.ArgumentParser:
     # `ssh AGENT -- -l x` (a command) must not read as `ssh AGENT -l x` (options).
     ssh.add_argument("ssh_words", nargs=argparse.REMAINDER, metavar="AGENT [--] COMMAND",
                      help="agent name or id, then the command line (words joined with spaces)")
-    ssh.set_defaults(handler=_ssh, command_parser=ssh)
+    ssh.set_defaults(handler=_ssh, command_parser=ssh, usage_exit_status=EXIT_CONNECTION_FAILED)
     _add_policy_commands(commands)
 
     demo = commands.add_parser(
@@ -523,6 +575,12 @@ def _add_approval_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--approval", metavar="ID", help="use the approval request ID from an earlier --no-wait"
+    )
+    parser.add_argument(
+        "--approval-timeout", type=parse_duration, metavar="DURATION",
+        help="wait at most DURATION (90s, 10m, 1h) for an approver, then withdraw the request "
+        "and exit 255 (for jobs and scripts); with it, Ctrl-C also withdraws the request. "
+        "SIGTERM or SIGHUP while waiting always withdraws it",
     )
 
 
@@ -583,8 +641,12 @@ def _add_policy_commands(commands: Any) -> None:
         "show", help="one request in full: its whole command, control characters escaped"
     )
     show_request.add_argument("request_id", metavar="ID", help="approval request id (apr_…)")
+    # Also after show; SUPPRESS keeps `approvals --json show ID` from being reset to False.
+    show_request.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                              help="print JSON (one document, the fields of approvals --json)")
     show_request.set_defaults(
-        handler=lambda args, home: approvals_show_command(home, args.request_id)
+        handler=lambda args, home: approvals_show_command(home, args.request_id,
+                                                          as_json=args.json)
     )
     withdraw_request = approvals_commands.add_parser(
         "withdraw", help="take back a request of yours that nobody has decided yet",
@@ -770,6 +832,16 @@ def _positive_count(text: str) -> int:
     return int(text)
 
 
+def _parallel_sessions(text: str) -> int:
+    count = _positive_count(text)
+    if count > MAX_PARALLEL_SESSIONS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is more than {MAX_PARALLEL_SESSIONS} (half the relay's default "
+            "per-source burst of 40 connections: see --help)"
+        )
+    return count
+
+
 def _page_size(text: str) -> int:
     size = _positive_count(text)
     if size > PAGE_SIZE:
@@ -802,10 +874,11 @@ def _agents(args: argparse.Namespace, home: CliHome) -> int:
             f"{agent['name']:<24} {agent['id']:<24} {state:<8} {seen:<21} {tags:<16} "
             f"{policy:<12} {agent['key_fingerprint']}"
         )
+    # Notes go to stderr: stdout is the table alone, for `| awk 'NR>1{print $1}'`.
     if isinstance(team_version, int):
-        print(f"team policy version: {team_version or 'none signed'}")
+        print(f"team policy version: {team_version or 'none signed'}", file=sys.stderr)
     if listing.more:
-        print(f"(stopped after {len(agents)} agents: --limit)")
+        print(f"(stopped after {len(agents)} agents: --limit)", file=sys.stderr)
     return EXIT_OK
 
 
@@ -880,6 +953,7 @@ def _connect(args: argparse.Namespace, home: CliHome) -> int:
             "connect opens a shell; for one command use exec (-t for a terminal, as "
             "ssh -t): tucdesk exec -t AGENT -- CMD [ARGS...]"
         )
+    _bound_approval_wait(args)
     return connect_command(
         home, args.agent, args.escape_char, debug=args.debug,
         wait_for_approval=not args.no_wait, approval_id=args.approval,
@@ -897,12 +971,27 @@ def _exec(args: argparse.Namespace, home: CliHome) -> int:
         )
     if not args.remote_command or args.remote_command == ["--"]:
         args.command_parser.error("no command given: tucdesk exec AGENT -- CMD [ARGS...]")
+    for given, flag in ((args.parallel is not None, "--parallel"), (args.json, "--json")):
+        if given:
+            args.command_parser.error(f"{flag} is for --tag (several agents); one AGENT's "
+                                      "output and exit status are the command's own")
+    _bound_approval_wait(args)
     return exec_command(
         home, args.agent, args.remote_command, no_stdin=args.no_stdin,
         force_stdin=args.force_stdin, debug=args.debug,
         wait_for_approval=not args.no_wait, approval_id=args.approval,
         status_fd=args.status_fd, pty=args.want_pty,
     )
+
+
+def _bound_approval_wait(args: argparse.Namespace) -> None:
+    """Pass --approval-timeout to the approval wait (approval_wait.py) of this session; set
+    every time (None too), so an earlier main() in the same process leaves nothing behind."""
+    if args.approval_timeout is not None and args.no_wait:
+        args.command_parser.error("--approval-timeout bounds a wait; --no-wait does not wait")
+    from operator_cli.approval_wait import bound_approval_waits
+
+    bound_approval_waits(args.approval_timeout)
 
 
 def _exec_tagged(args: argparse.Namespace, home: CliHome) -> int:
@@ -915,7 +1004,11 @@ def _exec_tagged(args: argparse.Namespace, home: CliHome) -> int:
         args.command_parser.error("no command given: tucdesk exec --tag TAG -- CMD [ARGS...]")
     from operator_cli.tagged_exec import global_options_of
 
-    return exec_on_tagged(home, args.exec_tags, command, global_options=global_options_of(args))
+    return exec_on_tagged(
+        home, args.exec_tags, command, global_options=global_options_of(args),
+        parallel=args.parallel or DEFAULT_PARALLEL_SESSIONS, as_json=args.json,
+        approval_timeout=args.approval_timeout,
+    )
 
 
 def _tagged_command(args: argparse.Namespace) -> list[str]:

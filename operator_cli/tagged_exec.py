@@ -2,16 +2,19 @@
 
 Like ``pssh -i`` or ``tsh ssh`` with labels: each agent's session is an ordinary `tucdesk exec`
 (its own process, so pinning, approvals and refusals work exactly as for one agent), at most
-PARALLEL_SESSIONS at a time. Every line an agent prints comes out prefixed with its name
-(stdout to stdout, stderr to stderr), whole lines only so agents never interleave inside one.
+``parallel`` at a time (``--parallel``, default PARALLEL_SESSIONS). Every line an agent prints
+comes out prefixed with its name (stdout to stdout, stderr to stderr; with ``--json`` both to
+stderr), whole lines only so agents never interleave inside one.
 A line longer than MAX_LINE_BYTES is written in pieces as it comes (memory stays bounded): each
 piece ends with a newline, and the pieces after the first carry ``NAME+ `` instead of ``NAME: ``.
-A summary of each agent's exit status ends on stderr; the exit status is 0 only if every agent
-ran the command and it succeeded.
+A summary of each agent's exit status ends on stderr, and with ``--json`` one JSON document on
+stdout (result_document) is the only thing there, for scripts; the exit status is 0 only if
+every agent ran the command and it succeeded.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import selectors
 import signal
@@ -89,8 +92,11 @@ def exec_on_tagged(
     *,
     global_options: Sequence[str] = (),
     parallel: int = PARALLEL_SESSIONS,
+    as_json: bool = False,
+    approval_timeout: float | None = None,
 ) -> int:
-    """Run ``command`` on every agent carrying ``tags``; print prefixed output and a summary."""
+    """Run ``command`` on every agent carrying ``tags``; print prefixed output and a summary
+    (``as_json``: the output all on stderr, and result_document on stdout at the end)."""
     try:
         check_exec_command(command)  # once here, not once per agent
     except CommandTooLargeError as error:
@@ -99,23 +105,44 @@ def exec_on_tagged(
         return EXIT_CONNECTION_FAILED
     agents = tagged_agents(home, tags)
     if not agents:
-        print(f"tucdesk: no agent of your team carries the tag {', '.join(tags)} "
+        which = f"every tag: {', '.join(tags)}" if len(tags) > 1 else f"the tag {tags[0]}"
+        print(f"tucdesk: no agent of your team carries {which} "
               "(see tucdesk agents --tag TAG)", file=sys.stderr)
         return EXIT_CONNECTION_FAILED
+    exec_options = [] if approval_timeout is None else [
+        "--approval-timeout", f"{approval_timeout:.0f}s"]
     width = max(len(agent.name) for agent in agents)
-    output = _PrefixedOutput(width)
+    output = _PrefixedOutput(width, stdout_fd=2 if as_json else 1)
     online = [agent for agent in agents if agent.online]
     outcomes = {agent: AgentOutcome(agent, None, "offline: not run")
                 for agent in agents if not agent.online}
     with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
         for outcome in pool.map(
-            lambda agent: _run_one(home, agent, command, global_options, output), online
+            lambda agent: _run_one(home, agent, command, global_options, output, exec_options),
+            online,
         ):
             outcomes[outcome.agent] = outcome
     ordered = [outcomes[agent] for agent in agents]
     for line in summary_lines(ordered, width):
         print(line, file=sys.stderr)
+    if as_json:
+        print(json.dumps(result_document(ordered), indent=2))
     return EXIT_OK if all(outcome.status == 0 for outcome in ordered) else EXIT_SOME_FAILED
+
+
+def result_document(outcomes: Sequence[AgentOutcome]) -> dict[str, Any]:
+    """The ``--json`` result: how many succeeded, then each agent's exit status (null when it
+    did not run or ended without one) and note (why, when the status is not the command's)."""
+    return {
+        "succeeded": sum(1 for outcome in outcomes if outcome.status == 0),
+        "total": len(outcomes),
+        "agents": [
+            {"name": outcome.agent.name, "id": outcome.agent.agent_id,
+             "online": outcome.agent.online, "exit_status": outcome.status,
+             "note": outcome.note or None}
+            for outcome in outcomes
+        ],
+    }
 
 
 def summary_lines(outcomes: Sequence[AgentOutcome], width: int) -> list[str]:
@@ -136,6 +163,7 @@ def _run_one(
     command: Sequence[str],
     global_options: Sequence[str],
     output: _PrefixedOutput,
+    exec_options: Sequence[str] = (),
 ) -> AgentOutcome:
     # The child reports on this pipe that the session opened, then the remote exit status: 255
     # from the command itself, 255 for a session that never opened and 255 for one that lost
@@ -145,7 +173,8 @@ def _run_one(
     except OSError as error:
         return AgentOutcome(agent, None, f"could not start: {error.strerror or error}")
     argv = [sys.executable, "-c", CLI_ENTRY_POINT, "--home", str(home.path), *global_options,
-            "exec", "-n", "--status-fd", str(status_writer), agent.agent_id, "--", *command]
+            "exec", "-n", *exec_options, "--status-fd", str(status_writer), agent.agent_id,
+            "--", *command]
     try:
         try:
             process = subprocess.Popen(
@@ -215,8 +244,9 @@ def _signal_name(number: int) -> str:
 class _PrefixedOutput:
     """Writes whole lines of every agent, each prefixed with the agent's name, one at a time."""
 
-    def __init__(self, width: int) -> None:
+    def __init__(self, width: int, stdout_fd: int = 1) -> None:
         self._width = width
+        self._stdout_fd = stdout_fd  # where agents' stdout lines go (2 with --json)
         self._lock = threading.Lock()
         self._closed_stdout = False
 
@@ -226,7 +256,7 @@ class _PrefixedOutput:
         continued = f"{name:<{self._width}}+ ".encode()
         lines = {stdout.fileno(): LineCutter(prefix, continued),
                  stderr.fileno(): LineCutter(prefix, continued)}
-        targets = {stdout.fileno(): 1, stderr.fileno(): 2}
+        targets = {stdout.fileno(): self._stdout_fd, stderr.fileno(): 2}
         with selectors.DefaultSelector() as selector:
             for pipe in (stdout, stderr):
                 selector.register(pipe, selectors.EVENT_READ)

@@ -20,7 +20,7 @@ from operator_cli.local_stack import LocalStack
 from operator_cli.main import main
 
 EXIT_FAILURE = 1
-EXIT_USAGE = 2
+EXIT_CONNECTION_FAILED = 255
 
 
 class CountingListener:
@@ -162,6 +162,7 @@ def test_exec_without_a_command_is_a_usage_error(
     with pytest.raises(SystemExit) as stopped:
         main(["--home", str(tmp_path), "exec", "vm", *rest])
     err = capsys.readouterr().err
-    assert stopped.value.code == EXIT_USAGE
+    # 255, not argparse's 2: a session command's usage error must not read as a remote `exit 2`.
+    assert stopped.value.code == EXIT_CONNECTION_FAILED
     assert err.startswith("usage: tucdesk exec ")
     assert "tucdesk exec AGENT -- CMD [ARGS...]" in err

@@ -8,7 +8,9 @@ import pytest
 
 from operator_cli.main import main
 
-EXIT_USAGE = 2
+# connect, exec and ssh exit 255 on a usage error, as ssh does for its own: argparse's 2 would
+# read as the remote command's `exit 2` in a script (every test here is about these three).
+EXIT_USAGE = 255
 
 
 def run_main(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
