@@ -11,6 +11,13 @@ do not lose each other's pins. Version 1 files (ids only) are read and rewritten
 Names are pinned under the server URL in its normal form (``server_scope``: case, a default
 port and a trailing slash do not count, as for ``tucdesk login``); entries written under
 another spelling are read, and rewritten, under it.
+
+Checking a key that is already pinned only reads the file, so a read-only CLI home (a CI
+image, a mounted secret) still connects, as ssh does with a read-only ~/.ssh; a pin that must
+be written and cannot be fails naming the file and why. In strict mode (``--strict-agent-keys``
+or TUCDESK_STRICT_AGENT_KEYS=1, ssh's StrictHostKeyChecking=yes) an agent with no pin is refused
+instead of pinned on first use; ``tucdesk agents trust AGENT --fingerprint SHA256:…`` pins an
+expected key ahead of time.
 """
 
 from __future__ import annotations
@@ -46,8 +53,31 @@ _AGENT_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,127}")
 _AGENT_NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:@-]{0,252}")
 
 
+# Strict mode from the environment (the global --strict-agent-keys flag sets it too, so that
+# the `tucdesk exec` children of exec --tag inherit it).
+STRICT_AGENT_KEYS_ENV = "TUCDESK_STRICT_AGENT_KEYS"
+_STRICT_ON = frozenset({"1", "true", "yes", "on"})
+_STRICT_OFF = frozenset({"", "0", "false", "no", "off"})
+
+
 class KnownAgentsError(Exception):
-    """The known-agents file is unreadable, malformed, too large, or too open."""
+    """The known-agents file is unreadable, malformed, too large, too open, or cannot be
+    written when a pin must be."""
+
+
+class AgentKeyNotPinnedError(KnownAgentsError):
+    """Strict mode: the agent has no pinned key, and pinning on first use is off."""
+
+    def __init__(self, agent_id: str, name: str | None, path: Path) -> None:
+        self.agent_id = agent_id
+        shown = agent_id if name is None or name == agent_id else f"{name} ({agent_id})"
+        target = agent_id if name is None else name
+        super().__init__(
+            f"no key is pinned for agent {shown} and strict agent key checking is on "
+            f"(--strict-agent-keys or {STRICT_AGENT_KEYS_ENV}); the connection was refused. "
+            f"Pin the key you expect (tucdesk-agent status on the host shows it) with: "
+            f"tucdesk agents trust {target} --fingerprint SHA256:... (pins are kept in {path})"
+        )
 
 
 class AgentKeyChangedError(KnownAgentsError):
@@ -133,16 +163,22 @@ class KnownAgents:
     """The pins in one file (normally ``<CLI home>/known_agents.json``); names are pinned under
     ``server`` (the rendezvous URL the CLI is logged in to)."""
 
-    def __init__(self, path: Path, server: str = NO_SERVER) -> None:
+    def __init__(self, path: Path, server: str = NO_SERVER, *, strict: bool = False) -> None:
         self.path = Path(path)
         if len(server) > MAX_SERVER_LENGTH:
             raise KnownAgentsError(f"server URL longer than {MAX_SERVER_LENGTH} characters")
         self.server = server_scope(server)
+        # Refuse (AgentKeyNotPinnedError) an agent with no pin instead of pinning it.
+        self.strict = strict
 
     @classmethod
-    def in_home(cls, cli_home: Path, server: str = NO_SERVER) -> KnownAgents:
-        """The known-agents store under the CLI home directory, names scoped to ``server``."""
-        return cls(Path(cli_home) / KNOWN_AGENTS_FILE_NAME, server)
+    def in_home(
+        cls, cli_home: Path, server: str = NO_SERVER, environ: Mapping[str, str] | None = None
+    ) -> KnownAgents:
+        """The known-agents store under the CLI home directory, names scoped to ``server``,
+        strict when ``environ`` (default: this process's) sets TUCDESK_STRICT_AGENT_KEYS."""
+        return cls(Path(cli_home) / KNOWN_AGENTS_FILE_NAME, server,
+                   strict=strict_agent_keys(os.environ if environ is None else environ))
 
     def pinned_key(self, agent_id: str) -> PublicIdentity | None:
         """The key pinned for ``agent_id``, or None."""
@@ -180,39 +216,62 @@ class KnownAgents:
         _check_agent_id(agent_id)
         if name is not None:
             _check_agent_name(name)
-        with self._locked():
-            pins = self._read()
-            pinned = pins.agents.get(agent_id)
-            if pinned is not None and not hmac.compare_digest(pinned, presented.raw):
-                raise AgentKeyChangedError(agent_id, PublicIdentity(pinned), presented, self.path)
-            outcome = PinOutcome.FIRST_USE if pinned is None else PinOutcome.MATCHED
-            changed = pinned is None
-            if name is not None:
-                named = pins.ids_named(self.server, name)
-                if agent_id not in named and addressed_by_id:
-                    # The id alone is pinned; the name takes it only when the name has no pin
-                    # yet or this is one of its keys: else one connection by id would let that
-                    # agent answer for the name from then on (`agents trust` moves a name).
-                    others = pins.keys_of(named)
-                    if not others or any(
-                        hmac.compare_digest(raw, presented.raw) for raw in others.values()
-                    ):
-                        named.intersection_update(others)
-                        named.add(agent_id)
-                    changed = True
-                elif agent_id not in named:
-                    others = pins.keys_of(named)
-                    same_key = self._same_key_ids_or_refuse(name, others, agent_id, presented)
-                    if same_key:
-                        named -= same_key  # the same machine, re-registered under a new id
-                        outcome = PinOutcome.NEW_ID_SAME_KEY
-                    named.intersection_update(others)  # drop ids whose pin was forgotten
-                    named.add(agent_id)
-                    changed = True
-            if changed:
-                pins.agents[agent_id] = presented.raw
-                self._write(pins)
+        # A key already pinned is checked from a plain read (no lock file: a read-only home
+        # still connects); only a pin to write takes the lock and judges again under it.
+        outcome, changed = self._judge(self._read(), agent_id, presented, name, addressed_by_id)
+        if not changed:
             return outcome
+        purpose = f"pin the key of agent {name or agent_id} ({presented.fingerprint})"
+        with self._locked(purpose):
+            pins = self._read()
+            outcome, changed = self._judge(pins, agent_id, presented, name, addressed_by_id)
+            if changed:
+                self._write(pins, purpose)
+            return outcome
+
+    def _judge(
+        self,
+        pins: _Pins,
+        agent_id: str,
+        presented: PublicIdentity,
+        name: str | None,
+        addressed_by_id: bool,
+    ) -> tuple[PinOutcome, bool]:
+        """``verify_or_pin``'s decision on ``pins``, which it updates: (outcome, whether the
+        pins changed and must be written). Raises as ``verify_or_pin`` does."""
+        pinned = pins.agents.get(agent_id)
+        if pinned is not None and not hmac.compare_digest(pinned, presented.raw):
+            raise AgentKeyChangedError(agent_id, PublicIdentity(pinned), presented, self.path)
+        outcome = PinOutcome.FIRST_USE if pinned is None else PinOutcome.MATCHED
+        changed = pinned is None
+        if name is not None:
+            named = pins.ids_named(self.server, name)
+            if agent_id not in named and addressed_by_id:
+                # The id alone is pinned; the name takes it only when the name has no pin
+                # yet or this is one of its keys: else one connection by id would let that
+                # agent answer for the name from then on (`agents trust` moves a name).
+                others = pins.keys_of(named)
+                if not others or any(
+                    hmac.compare_digest(raw, presented.raw) for raw in others.values()
+                ):
+                    named.intersection_update(others)
+                    named.add(agent_id)
+                changed = True
+            elif agent_id not in named:
+                others = pins.keys_of(named)
+                same_key = self._same_key_ids_or_refuse(name, others, agent_id, presented)
+                if same_key:
+                    named -= same_key  # the same machine, re-registered under a new id
+                    outcome = PinOutcome.NEW_ID_SAME_KEY
+                named.intersection_update(others)  # drop ids whose pin was forgotten
+                named.add(agent_id)
+                changed = True
+        if outcome is PinOutcome.FIRST_USE and self.strict:
+            # Strict: nothing pinned this key (neither the id nor, with the same key, the name).
+            raise AgentKeyNotPinnedError(agent_id, name, self.path)
+        if changed:
+            pins.agents[agent_id] = presented.raw
+        return outcome, changed
 
     def check_name(self, name: str, agent_id: str, presented: PublicIdentity) -> None:
         """Raise AgentNameKeyChangedError if ``name`` is pinned on this server to other agent
@@ -253,7 +312,8 @@ class KnownAgents:
         _check_agent_id(agent_id)
         if name is not None:
             _check_agent_name(name)
-        with self._locked():
+        purpose = f"pin the key of agent {name or agent_id} ({key.fingerprint})"
+        with self._locked(purpose):
             pins = self._read()
             previous = pins.agents.get(agent_id)
             pins.agents[agent_id] = key.raw
@@ -261,24 +321,29 @@ class KnownAgents:
                 named = pins.ids_named(self.server, name)
                 named.intersection_update(keep)
                 named.add(agent_id)
-            self._write(pins)
+            self._write(pins, purpose)
         return None if previous is None else PublicIdentity(previous)
 
     def forget(self, agent_id: str) -> bool:
         """Remove the pin for ``agent_id``; True if there was one."""
         _check_agent_id(agent_id)
-        with self._locked():
+        purpose = f"forget the key of agent {agent_id}"
+        with self._locked(purpose):
             pins = self._read()
             if pins.agents.pop(agent_id, None) is None:
                 return False
-            self._write(pins)
+            self._write(pins, purpose)
             return True
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def _locked(self, purpose: str) -> Iterator[None]:
+        """Hold the file's update lock (for a write: ``purpose`` says which, if it fails)."""
         lock_path = self.path.with_name(f".{self.path.name}.lock")
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as error:
+            raise self._not_writable(purpose, error, lock_path) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -309,7 +374,18 @@ class KnownAgents:
             )
         return _parse(data, self.path)
 
-    def _write(self, pins: _Pins) -> None:
+    def _not_writable(self, purpose: str, error: OSError, at: Path) -> KnownAgentsError:
+        """The error for a pin that had to be written and could not be."""
+        why = error.strerror or str(error)
+        where = "" if at == self.path else f"; its lock file {at} cannot be created"
+        return KnownAgentsError(
+            f"cannot {purpose}: {self.path} cannot be written ({why}{where}). Keys already "
+            f"pinned there are still checked; to pin a new agent, make the CLI home writable or "
+            f"pin it ahead of time where it is (tucdesk agents trust AGENT --fingerprint "
+            f"SHA256:...)"
+        )
+
+    def _write(self, pins: _Pins, purpose: str) -> None:
         if len(pins.agents) > MAX_KNOWN_AGENTS:
             raise KnownAgentsError(
                 f"{self.path}: more than {MAX_KNOWN_AGENTS} pinned agents; remove stale entries "
@@ -333,7 +409,10 @@ class KnownAgents:
             "names": names,
         }
         text = json.dumps(document, indent=2, sort_keys=True) + "\n"
-        write_private_file(self.path, text.encode())
+        try:
+            write_private_file(self.path, text.encode())
+        except OSError as error:
+            raise self._not_writable(purpose, error, self.path) from None
 
 
 def _parse(data: bytes, path: Path) -> _Pins:
@@ -405,3 +484,17 @@ def _check_agent_id(agent_id: str) -> None:
 def _check_agent_name(name: str) -> None:
     if not isinstance(name, str) or not _AGENT_NAME_PATTERN.fullmatch(name):
         raise KnownAgentsError(f"{name[:40]!r} is not an agent name")
+
+
+def strict_agent_keys(environ: Mapping[str, str]) -> bool:
+    """Whether TUCDESK_STRICT_AGENT_KEYS in ``environ`` asks for strict agent key checking; a
+    value that is neither on nor off is an error (a typo must not turn strictness off)."""
+    value = environ.get(STRICT_AGENT_KEYS_ENV, "").strip().lower()
+    if value in _STRICT_ON:
+        return True
+    if value in _STRICT_OFF:
+        return False
+    raise KnownAgentsError(
+        f"{STRICT_AGENT_KEYS_ENV}={value[:20]!r} is neither on (1, true, yes) nor off (0, false, "
+        f"no)"
+    )

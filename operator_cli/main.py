@@ -43,6 +43,7 @@ from operator_cli.home import (
     read_ca_certificates,
 )
 from operator_cli.http import CaFileError, ResponseTooLargeError, TransportError
+from operator_cli.known_agents import STRICT_AGENT_KEYS_ENV
 from operator_cli.session_listing import (
     SESSIONS_PATH,
     SessionFilter,
@@ -215,6 +216,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ca-file", help="PEM CA bundle that signed the server's certificate "
                         "(for this command; login saves it for later ones)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--strict-agent-keys", action="store_true",
+        help="refuse an agent whose key is not pinned yet instead of pinning it on first use "
+        "(as ssh's StrictHostKeyChecking=yes; also TUCDESK_STRICT_AGENT_KEYS=1); pin expected "
+        "keys with: agents trust AGENT --fingerprint SHA256:...",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
                                      parser_class=CommandParser)
 
@@ -301,10 +308,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pin the key the rendezvous lists for AGENT, for its id and its name, in "
         "place of the pinned ones, after showing the fingerprints and asking for confirmation. "
         "While several agents share the name (an old registration not removed yet), give the "
-        "id.",
+        "id. With --fingerprint (scripts, CI jobs) nothing is asked: the key is pinned only if "
+        "it is exactly the expected one, and refused otherwise.",
     )
     trust.add_argument("agent", metavar="AGENT", help="agent name or id")
     trust.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    trust.add_argument(
+        "--fingerprint", metavar="SHA256:...",
+        help="the key fingerprint you expect (tucdesk-agent status on the host shows it): pin "
+        "only a key with exactly this fingerprint, refuse any other",
+    )
     trust.set_defaults(handler=_agents_trust)
     remove = agents_commands.add_parser(
         "remove",
@@ -928,7 +941,7 @@ def policy_drift(applied: object, current: object) -> str:
 
 
 def _agents_trust(args: argparse.Namespace, home: CliHome) -> int:
-    return agents_trust(home, args.agent, assume_yes=args.yes)
+    return agents_trust(home, args.agent, assume_yes=args.yes, fingerprint=args.fingerprint)
 
 
 def _agents_remove(args: argparse.Namespace, home: CliHome) -> int:
@@ -1187,6 +1200,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     home = CliHome(args.home or default_home(os.environ), server=args.server,
                    ca_file=args.ca_file)
+    if args.strict_agent_keys:
+        # Through the environment, so the `tucdesk exec` children of exec --tag are strict too.
+        os.environ[STRICT_AGENT_KEYS_ENV] = "1"
     try:
         result: int = args.handler(args, home)
         sys.stdout.flush()  # here, not at exit: a reader that left is a BrokenPipeError below

@@ -24,7 +24,12 @@ import trio
 
 from operator_cli.approval_requests import ApprovalFormatError, PendingApproval
 from operator_cli.client import Session
-from operator_cli.known_agents import AgentKeyChangedError, KnownAgents, PinOutcome
+from operator_cli.known_agents import (
+    AgentKeyChangedError,
+    AgentKeyNotPinnedError,
+    KnownAgents,
+    PinOutcome,
+)
 from protocol.control import (
     Close,
     ControlMessage,
@@ -207,9 +212,11 @@ class AgentKeyPin:
     on this server must present that name's pinned key (either change raises
     AgentKeyChangedError, which names both fingerprints and ``tucdesk agents trust``). An agent
     seen for the first time must present the key the rendezvous registered for it, which is then
-    pinned for its id and its name. When the operator typed a name other than the ticket's (the
-    ticket's id equals it), that name's pin is applied as well: a rendezvous cannot skip the pin
-    for ``web1`` by answering with an agent whose id is ``web1`` and whose name is another.
+    pinned for its id and its name; in strict mode (KnownAgents.strict) it is refused instead
+    (AgentKeyNotPinnedError, which says how to pin the expected key). When the operator typed
+    a name other than the ticket's (the ticket's id equals it), that name's pin is applied as
+    well: a rendezvous cannot skip the pin for ``web1`` by answering with an agent whose id is
+    ``web1`` and whose name is another.
     """
 
     def __init__(self, known_agents: KnownAgents, ticket: SessionTicket) -> None:
@@ -217,6 +224,8 @@ class AgentKeyPin:
         self.ticket = ticket
         self.first_use = False
         self.key_changed: AgentKeyChangedError | None = None
+        # Strict mode and no pin for this agent: refused, and raised once the handshake ends.
+        self.not_pinned: AgentKeyNotPinnedError | None = None
         # Set when the operator typed the id of an agent whose name other pinned agents share.
         self.shared_name_note: str | None = None
 
@@ -245,6 +254,9 @@ class AgentKeyPin:
             )
         except AgentKeyChangedError as error:
             self.key_changed = error
+            return str(error)
+        except AgentKeyNotPinnedError as error:
+            self.not_pinned = error
             return str(error)
         self.first_use = outcome is PinOutcome.FIRST_USE
         if self.first_use and sharing:
@@ -739,6 +751,8 @@ async def establish_session(
     except ProtocolError as error:
         if pin.key_changed is not None:
             raise pin.key_changed from None
+        if pin.not_pinned is not None:
+            raise pin.not_pinned from None
         raise SessionError(f"the handshake with the agent failed: {error}") from None
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         raise ConnectionLost("the connection through the relay was lost") from None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import shlex
 import sys
 import time
@@ -81,6 +82,8 @@ EXIT_NOT_FOUND = 127  # the agent's status for a command it cannot find, as a sh
 SHELL_SYNTAX = frozenset(" \t|&;<>()$`\\\"'*?[]{}~=\n")
 # The terminal type a shell fed from a pipe gets: no colours, no bracketed-paste codes.
 PIPED_TERMINAL_TYPE = "dumb"
+# An agent key fingerprint as PublicIdentity.fingerprint writes it (agents trust --fingerprint).
+FINGERPRINT_PATTERN = re.compile(r"SHA256:[A-Za-z0-9+/]{43}")
 
 
 def _say(message: str) -> None:
@@ -478,8 +481,18 @@ def agents_trust(
     *,
     assume_yes: bool,
     ask: Callable[[str], str] = input,
+    fingerprint: str | None = None,
 ) -> int:
-    """`tucdesk agents trust NAME_OR_ID`: pin the agent's listed key for its id and its name."""
+    """`tucdesk agents trust NAME_OR_ID`: pin the agent's listed key for its id and its name.
+
+    With ``fingerprint`` (the key the operator expects, checked out of band) nothing is asked:
+    the listed key is pinned only when its fingerprint is exactly that one, else refused; the
+    agent must then present that key at every handshake (the pin check).
+    """
+    if fingerprint is not None and not _is_fingerprint(fingerprint):
+        _say(f"--fingerprint {visible(repr(fingerprint[:80]))} is not a key fingerprint: give it "
+             f"as tucdesk-agent status shows it, SHA256: followed by 43 base64 characters")
+        return EXIT_FAILURE
 
     def run() -> int:
         listed, same_name = _find_listed_agent(home, agent)
@@ -489,6 +502,14 @@ def agents_trust(
         if not isinstance(key_text, str):
             raise SessionError("the server does not list agent keys; is it the same version?")
         key = PublicIdentity(b64url_decode(key_text, 64))
+        if fingerprint is not None and not hmac.compare_digest(
+            key.fingerprint.encode(), fingerprint.encode()
+        ):
+            _say(f"agent {visible(name)} ({visible(agent_id)}) is registered with key "
+                 f"{key.fingerprint}, not the expected {fingerprint}: nothing was pinned. Check "
+                 f"the key on the host (tucdesk-agent status); the agent may have been "
+                 f"re-enrolled, or someone may be impersonating it")
+            return EXIT_FAILURE
         known = known_agents_of(home)
         pinned = known.pinned_key(agent_id)
         named = known.pins_for_name(name)
@@ -502,7 +523,7 @@ def agents_trust(
             if other_id != agent_id:
                 print(f"  pinned key for the name {name}: {other_key.fingerprint}  ({other_id})")
         print(f"  listed key: {key.fingerprint}  (as registered with the rendezvous)")
-        if not assume_yes:
+        if not assume_yes and fingerprint is None:
             if not sys.stdin.isatty():
                 _say("not confirmed: run it in a terminal, or pass --yes once you have checked "
                      "the fingerprint")
@@ -524,6 +545,11 @@ def agents_trust(
                    if isinstance(error, ApiError) else str(error) or type(error).__name__)
         _say(message)
         return EXIT_FAILURE
+
+
+def _is_fingerprint(text: str) -> bool:
+    """Whether ``text`` has the form of a key fingerprint (PublicIdentity.fingerprint)."""
+    return FINGERPRINT_PATTERN.fullmatch(text) is not None
 
 
 def known_agents_of(home: CliHome) -> KnownAgents:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import trio
 
@@ -49,7 +51,11 @@ async def test_a_burst_over_the_rate_limit_is_retried_and_pairs(signer):
 
 
 @trio_test
-async def test_a_lasting_rate_limit_fails_after_three_tries_within_the_bound(signer):
+async def test_a_lasting_rate_limit_is_retried_with_growing_jittered_pauses_within_the_bound(
+    signer, monkeypatch
+):
+    # A short bound keeps the test quick; the schedule is the real one.
+    monkeypatch.setattr(client, "MAX_RETRY_SECONDS", 3.0)
     async with running_relay(signer, rate_limit=0.001, rate_burst=1) as relay:
         await (await trio.open_tcp_stream(*relay.tcp_address)).aclose()
         started = trio.current_time()
@@ -57,8 +63,27 @@ async def test_a_lasting_rate_limit_fails_after_three_tries_within_the_bound(sig
             await connect_tcp(*relay.tcp_address, make_token(signer, "lasting", Side.AGENT))
         assert refused.value.reason == Reason.RATE_LIMITED
         assert str(refused.value) == "the relay refused the connection: rate_limited"
-        assert trio.current_time() - started <= MAX_RETRY_SECONDS + 0.5
-        assert accepted(relay) == 1 + client.CONNECT_ATTEMPTS
+        took = trio.current_time() - started
+        assert 3.0 - 1.5 <= took <= 3.0 + 0.5
+        # 0.25, 0.5, then 1 s pauses, each jittered to 50-150 %: 3 to 8 tries in 3 s.
+        assert 1 + 3 <= accepted(relay) <= 1 + 8
+
+
+def test_the_retry_bound_rides_out_a_burst_inside_the_pairing_window():
+    # A side that got in first waits the relay's pair_timeout for this one, and the tokens
+    # the rendezvous mints live SESSION_OFFER_SECONDS: retrying must end well before either.
+    from relay.config import RelayConfig
+    from rendezvous.session_broker import SESSION_OFFER_SECONDS
+
+    pair_timeout = next(field.default for field in dataclasses.fields(RelayConfig)
+                        if field.name == "pair_timeout")
+    assert isinstance(pair_timeout, float)
+    assert 10.0 <= MAX_RETRY_SECONDS <= pair_timeout - 10.0
+    assert MAX_RETRY_SECONDS < SESSION_OFFER_SECONDS / 2
+    pauses = [client._retry_delay(attempt, 0.0) for attempt in range(1, 40)]
+    assert all(pause is not None and pause <= 1.5 * client.RETRY_MAX_BACKOFF_SECONDS
+               for pause in pauses)
+    assert client._retry_delay(1, MAX_RETRY_SECONDS) is None
 
 
 @pytest.mark.parametrize("reason", [Reason.TOKEN_REUSED, Reason.TOO_MANY_WAITING])

@@ -11,6 +11,7 @@ import trio
 
 from protocol.identity import SigningIdentity
 from protocol.relay_token import Side
+from relay import client as relay_client
 from relay.client import connect_tcp
 from relay.errors import RelayRefusedError
 from relay.wire import HELLO_HEADER, HELLO_MAGIC, WIRE_VERSION, Reason, encode_hello
@@ -314,7 +315,10 @@ async def test_slow_hello_times_out(signer):
 
 
 @trio_test
-async def test_connections_over_the_per_address_rate_are_refused(signer):
+async def test_connections_over_the_per_address_rate_are_refused(signer, monkeypatch):
+    # The client retries a rate-limited hello (tests/relay/test_client_retry*.py): here only the
+    # refusal matters, so its retries are cut short.
+    monkeypatch.setattr(relay_client, "MAX_RETRY_SECONDS", 0.5)
     async with running_relay(signer, rate_limit=0.001, rate_burst=2) as relay:
         for _ in range(2):
             stream = await raw_connect(relay.tcp_address)
