@@ -101,6 +101,12 @@ class Action(StrEnum):
     another admin stored that version first, or the store failed (context: audited_as, version,
     sha256, reason). That earlier record, with the same sha256, names an attempt, not the policy
     in force."""
+    POLICY_RESET = "policy.reset"
+    """The server admin retired a team's signed policy chain (``tucdesk-rendezvous team
+    reset-policy``) because no active admin of its signed roster was left to sign the next
+    version (context: ``retired_version``, ``retired_sha256``, and ``signers``: the active
+    admins who may sign the new first one). Agents keep their pins: only a re-enrolled agent
+    takes the new chain."""
     POLICY_REFUSED = "policy.refused"
     """An agent refused a policy bundle it was sent (context: version, reason)."""
     APPROVAL_REQUESTED = "approval.requested"

@@ -369,12 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
         "session they still have open ends (each agent ends it and tells them why). Prints how "
         "many keys were revoked. Agents keep their key in the signed roster until an admin "
         "runs `tucdesk roster sign` (the rendezvous cannot sign it). Audited "
-        "(operator.revoked); the team's last active admin cannot be disabled. There is no "
+        "(operator.revoked); the team's last active admin cannot be disabled, nor (without "
+        "--freeze-roster) the last active admin of the signed roster. There is no "
         "enable: invite them again instead. Shows who and how many open sessions will end and "
         "asks for confirmation; without a terminal it disables nobody unless --yes.",
     )
     disable.add_argument("operator", metavar="EMAIL_OR_ID", help="operator email or id")
     disable.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    disable.add_argument(
+        "--freeze-roster", action="store_true",
+        help="disable even the last active admin of the team's signed roster (a compromised "
+        "key): nobody can then sign a policy or roster that agents accept, and no operator "
+        "invited since can open a session, until the server admin runs `tucdesk-rendezvous "
+        "team reset-policy` and each agent is re-enrolled (docs/policy.md)",
+    )  # fmt: skip
     disable.set_defaults(handler=_operators_disable)
 
     sessions = commands.add_parser(
@@ -957,7 +965,9 @@ def _operators(args: argparse.Namespace, home: CliHome) -> int:
 
 
 def _operators_disable(args: argparse.Namespace, home: CliHome) -> int:
-    return operators_disable(home, args.operator, assume_yes=args.yes)
+    return operators_disable(
+        home, args.operator, assume_yes=args.yes, freeze_roster=args.freeze_roster
+    )
 
 
 def _connect(args: argparse.Namespace, home: CliHome) -> int:

@@ -8,7 +8,9 @@ API keys) created, withdraws its pending approval requests, and ends its open sh
 sessions: each agent running one ends it at once, and the operator sees "the operator was
 disabled by an admin". Approvals it granted are refused when used. Agents keep its key in the
 team's signed roster until an admin runs `tucdesk roster sign` (the rendezvous cannot sign a
-roster); the output says so when it applies. The team's last active admin cannot be disabled.
+roster); the output says so when it applies. The team's last active admin cannot be disabled,
+nor the last active admin of the signed roster unless ``--freeze-roster`` accepts that nobody
+can sign a policy agents take until the server admin resets it (docs/policy.md).
 There is no enable: to bring someone back, invite them again.
 """
 
@@ -38,6 +40,11 @@ ID_WIDTH = 24
 MAX_SESSIONS_COUNTED = 1000
 OPEN_STATES = ("offered", "accepted")
 ROSTER_SIGN_COMMAND = "tucdesk roster sign"
+FREEZE_WARNING = (
+    "  --freeze-roster: if this is the last active admin of the signed roster, nobody can sign "
+    "a policy or roster agents accept (and no operator invited since can open a session) until "
+    "the server admin runs `tucdesk-rendezvous team reset-policy` and each agent is re-enrolled"
+)
 
 
 class OperatorCommandError(Exception):
@@ -69,9 +76,11 @@ def operators_disable(
     assume_yes: bool = False,
     ask: Callable[[str], str] = input,
     stdin: TextIO | None = None,
+    freeze_roster: bool = False,
 ) -> int:
     """Disable the operator ``name_or_id`` (an email or an id) names, after showing who and
-    how many open sessions end and, unless ``assume_yes``, asking; end its sessions."""
+    how many open sessions end and, unless ``assume_yes``, asking; end its sessions.
+    ``freeze_roster`` accepts leaving the signed roster without an active admin."""
     session = Session.from_home(home)
     try:
         try:
@@ -80,10 +89,13 @@ def operators_disable(
             print(f"tucdesk: {error}", file=sys.stderr)
             return EXIT_FAILURE
         already = operator["state"] != "active"
+        if freeze_roster and not already:
+            print(FREEZE_WARNING)
         if not already and not _confirmed(session, operator, assume_yes, ask, stdin):
             return EXIT_FAILURE
+        query = "?freeze_roster=true" if freeze_roster else ""
         answer = session.request(
-            "POST", f"{OPERATORS_PATH}/{quote(operator['id'], safe='')}/disable"
+            "POST", f"{OPERATORS_PATH}/{quote(operator['id'], safe='')}/disable{query}"
         )
     finally:
         session.close()
@@ -110,7 +122,9 @@ def disable_summary(answer: dict[str, Any]) -> list[str]:
         f"{count('revoked_invites')} unused invite(s); withdrawn: "
         f"{count('withdrawn_approval_requests')} pending approval request(s)"
     ]
-    if isinstance(answer.get("roster_pending"), str):
+    if isinstance(answer.get("roster_frozen"), str):
+        lines.append(f"  {_printable(answer['roster_frozen'])}")
+    elif isinstance(answer.get("roster_pending"), str):
         lines.append(
             "  agents still accept this operator's key until an admin re-signs the roster "
             "(the rendezvous cannot sign it; only an admin's key can): run "

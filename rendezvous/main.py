@@ -1,4 +1,4 @@
-"""Entry point for `tucdesk-rendezvous`: init, serve, db, backup, team, invite and keys.
+"""Entry point for `tucdesk-rendezvous`: init, serve, db, backup, team, invite, operator, keys.
 
 Every subcommand takes the same ``--data-dir``, ``--database`` and ``--config`` as ``serve``, so
 admin commands work on the very store a running service uses.
@@ -229,6 +229,41 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_flags(team_create)
     team_list = team_commands.add_parser("list", help="list teams")
     _add_store_flags(team_list)
+    team_reset = team_commands.add_parser(
+        "reset-policy",
+        help="retire a team's signed policy chain when no active admin of its signed roster is "
+        "left (refused otherwise), so a current admin can sign a new first policy; agents do "
+        "NOT take it until each is re-enrolled (tucdesk-agent enroll --force); audited as "
+        "policy.reset (docs/policy.md)",
+    )
+    team_reset.add_argument("--team", required=True, help="team name")
+    _add_store_flags(team_reset)
+
+    operator = commands.add_parser(
+        "operator", help="a team's operators, from the rendezvous host (a lock no admin can undo)"
+    )
+    operator_commands = operator.add_subparsers(
+        dest="operator_command", required=True, metavar="ACTION"
+    )
+    operator_list = operator_commands.add_parser(
+        "list",
+        help="list a team's operators: id, email, role, state, and whether the team's signed "
+        "roster names them as admin (who can sign the next policy)",
+    )
+    operator_list.add_argument("--team", required=True, help="team name")
+    _add_store_flags(operator_list)
+    operator_disable = operator_commands.add_parser(
+        "disable",
+        help="disable an operator as an admin's `tucdesk operators disable` does (tokens, key, "
+        "API keys, registration keys, invites, pending approvals), any role, even the team's "
+        "last admin (then invite a new one); their open sessions end within a minute; audited "
+        "with the service as actor",
+    )
+    operator_disable.add_argument("--team", required=True, help="team name")
+    operator_disable.add_argument(
+        "operator", metavar="EMAIL_OR_ID", help="the operator's email or id (op_…)"
+    )
+    _add_store_flags(operator_disable)
 
     invite = commands.add_parser("invite", help="manage operator invites")
     invite_commands = invite.add_subparsers(dest="invite_command", required=True, metavar="ACTION")
@@ -613,6 +648,162 @@ async def _invite_revoke(config: ServiceConfig, team_name: str, invite_id: str) 
     return EXIT_OK
 
 
+async def _team_reset_policy(config: ServiceConfig, team_name: str) -> int:
+    """Retire the team's signed policy chain once no active admin of its roster is left."""
+    from rendezvous.routes_operators import ADMIN_ROLE
+    from rendezvous.team_policy import TeamPolicy, parse_stored_bundle, signing_admins
+
+    keys = load_service_keys(config.data_dir)
+    async with _admin_store(config) as store:
+        await check_pinned_keys(store, keys, config.data_dir, time.time(), pin=False)
+        team = await _team_named(store, team_name)
+        stored = await store.latest_policy_bundle(team.id)
+        if stored is None:
+            raise ServiceError(
+                f"team {team.name} has no signed policy: its active admins sign the first one "
+                "(tucdesk policy set); nothing to reset"
+            )
+        current = TeamPolicy(stored, parse_stored_bundle(stored))
+        operators = await store.list_operators(team.id)
+        signers = signing_admins(current, operators)
+        if signers:
+            names = ", ".join(operator.email for operator in signers)
+            raise ServiceError(
+                f"team {team.name}'s signed roster still has an active admin ({names}): they "
+                "sign the next policy or roster (tucdesk policy set, tucdesk roster sign); "
+                "reset-policy is only for a team none of whose roster admins is active"
+            )
+        admins = [op for op in operators if op.is_active() and op.role == ADMIN_ROLE]
+        if not admins:
+            raise ServiceError(
+                f"team {team.name} has no active admin to sign a new first policy: invite one "
+                f"first (invite create --team {team.name} --email EMAIL --role admin), and "
+                "have them log in"
+            )
+        trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        await trail.record(
+            team.id,
+            actor=service_actor("admin command"),
+            action=Action.POLICY_RESET,
+            target=f"policy:{team.id}",
+            details={
+                "retired_version": stored.version,
+                "retired_sha256": stored.content_sha256,
+                "signers": sorted(operator.email for operator in admins),
+            },
+        )
+        retired = await store.retire_policy_bundles(team.id)
+    print(f"retired team {team.name}'s signed policy chain ({retired} bundle(s), up to version "
+          f"{stored.version}, sha256 {stored.content_sha256})")
+    print(f"  an active admin ({', '.join(op.email for op in admins)}) now signs a new first "
+          "policy: tucdesk policy set FILE (then tucdesk roster sign as operators change)")
+    print("  agents keep their pins and refuse the new chain until each is re-enrolled AFTER "
+          "this reset: tucdesk-agent enroll --force --registration-key KEY (a host admin's "
+          "step; the rendezvous cannot re-root an agent's trust)")
+    return EXIT_OK
+
+
+async def _operator_list(config: ServiceConfig, team_name: str) -> int:
+    """Print the team's operators, and which ones its signed roster names as admin."""
+    from rendezvous.team_policy import TeamPolicy, parse_stored_bundle, signing_admins
+
+    async with _admin_store(config) as store:
+        team = await _team_named(store, team_name)
+        operators = await store.list_operators(team.id)
+        stored = await store.latest_policy_bundle(team.id)
+    roster_admins = (
+        {} if stored is None else parse_stored_bundle(stored).content.roster.admin_keys()
+    )
+    if not operators:
+        print(f"team {team.name} has no operators")
+    for operator in operators:
+        state = "active" if operator.is_active() else f"disabled {_utc(operator.disabled_at or 0)}"
+        signer = "roster-admin" if operator.key_thumbprint in roster_admins else "-"
+        print(f"{operator.id}\t{operator.email}\t{operator.role}\t{state}\t{signer}")
+    if stored is not None:
+        current = TeamPolicy(stored, parse_stored_bundle(stored))
+        if not signing_admins(current, operators):
+            print(f"no active admin of team {team.name}'s signed roster is left: nobody can sign "
+                  "its next policy; see docs/policy.md (team reset-policy)", file=sys.stderr)
+    return EXIT_OK
+
+
+async def _operator_disable(config: ServiceConfig, team_name: str, name_or_id: str) -> int:
+    """Disable an operator from the rendezvous host, as the API does, whatever its role."""
+    # The service's own modules (FastAPI, Hypercorn): imported here, not for every command.
+    from rendezvous.approval_gate import withdraw_requests_of_disabled
+    from rendezvous.context import ServiceContext
+    from rendezvous.offer_bus import end_disabled_operator_sessions
+    from rendezvous.routes_operators import holdings_context
+    from rendezvous.server import PRUNE_INTERVAL_SECONDS
+    from rendezvous.team_policy import current_team_policy, signing_admins
+
+    keys = load_service_keys(config.data_dir)
+    async with _admin_store(config) as store:
+        now = time.time()
+        await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
+        team = await _team_named(store, team_name)
+        matches = await store.operators_matching(team.id, name_or_id)
+        exact = [operator for operator in matches if operator.id == name_or_id]
+        if exact:
+            matches = exact
+        if not matches:
+            raise ServiceError(
+                f"team {team.name} has no operator {name_or_id!r} (see operator list)"
+            )
+        if len(matches) > 1:
+            ids = ", ".join(operator.id for operator in matches)
+            raise ServiceError(
+                f"several operators of team {team.name} have the email {name_or_id!r} "
+                f"({ids}); name one by its id"
+            )
+        operator = matches[0]
+        trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        ctx = ServiceContext(config=config, store=store, keys=keys, audit=trail)
+        actor = service_actor("admin command")
+        if operator.is_active():
+            # No audit, no action: the record is durable before the key stops working.
+            holdings = await store.operator_holdings(team.id, operator.id, now)
+            await trail.record(
+                team.id,
+                actor=actor,
+                action=Action.OPERATOR_REVOKED,
+                target=f"operator:{operator.id}",
+                details={"email": operator.email, "role": operator.role,
+                         **holdings_context(holdings)},
+            )  # fmt: skip
+        disabled = await store.disable_operator_and_holdings(team.id, operator.id, now)
+        withdrawn = await withdraw_requests_of_disabled(
+            ctx, actor, disabled.operator, withdrawn_by=None
+        )
+        current = await current_team_policy(ctx, team.id)
+        frozen = current is not None and not signing_admins(
+            current, await store.list_operators(team.id)
+        )
+        try:
+            await end_disabled_operator_sessions(ctx, team.id, operator.id)
+            notified = store.notifications_supported
+        except StoreError:
+            notified = False
+    who = f"{operator.email} ({operator.id}, {operator.role}) of team {team.name}"
+    print(f"{who} was already disabled" if disabled.already_disabled else f"disabled {who}")
+    print(f"  revoked: {len(disabled.revoked_api_keys)} API key(s), "
+          f"{len(disabled.revoked_registration_keys)} unused registration key(s), "
+          f"{len(disabled.revoked_invites)} unused invite(s); withdrawn: {withdrawn} pending "
+          "approval request(s)")
+    when = "now (every instance was notified)" if notified else (
+        f"within {PRUNE_INTERVAL_SECONDS:.0f}s (each serving instance's sweep)")
+    print(f"  its open sessions end {when}; an agent offline now ends them when it reconnects")
+    if frozen:
+        print(f"  no active admin of team {team.name}'s signed roster is left: invite an admin "
+              f"(invite create --team {team.name} --role admin), then see docs/policy.md "
+              f"(team reset-policy --team {team.name}, and re-enroll each agent)")
+    elif current is not None and current.content.roster.entry_for(operator.key_thumbprint):
+        print("  agents accept its key from the signed roster until an admin runs "
+              "`tucdesk roster sign`")
+    return EXIT_OK
+
+
 async def _team_named(store: Store, team_name: str) -> Team:
     team = await store.get_team_by_name(team_name)
     if team is None:
@@ -841,7 +1032,13 @@ def dispatch(args: argparse.Namespace) -> int:
     if args.command == "team":
         if args.team_command == "create":
             return _run(_team_create, config, args.name)
+        if args.team_command == "reset-policy":
+            return _run(_team_reset_policy, config, args.team)
         return _run(_team_list, config)
+    if args.command == "operator":
+        if args.operator_command == "disable":
+            return _run(_operator_disable, config, args.team, args.operator)
+        return _run(_operator_list, config, args.team)
     if args.command == "invite":
         if args.invite_command == "list":
             return _run(_invite_list, config, args.team, args.all)

@@ -13,9 +13,14 @@ used (rendezvous/approval_gate.py). The answer counts what was revoked, and says
 team's signed roster still names the operator: agents keep accepting its key (for grants the
 rendezvous no longer issues) until an admin signs a new roster, which the rendezvous cannot do.
 The team's last active admin cannot be disabled: nobody would be left to manage the team.
+Nor, once the team signed a policy, the last active admin its signed ROSTER names as admin
+(``?freeze_roster=true`` accepts it, for a compromised key): agents take a new policy or roster
+only with a roster admin's signature, so nobody could change either again, and no operator
+invited since could ever open a session. A team frozen so is recovered by the server admin
+(``tucdesk-rendezvous team reset-policy``) and by re-enrolling each agent (docs/policy.md).
 A refused disable (not an admin, no such operator in the caller's team — another team's id is
-answered and recorded alike —, or the last active admin) leaves an ``operator.revoke_failed``
-record with the id as sent in the CALLER's team log.
+answered and recorded alike —, the last active admin, or the signed roster's) leaves an
+``operator.revoke_failed`` record with the id as sent in the CALLER's team log.
 
 There is no ``enable``: its audit record would need an action the fixed vocabulary
 (audit/actions.py) does not have, and every action there ships with a new verifier. To bring an
@@ -44,8 +49,8 @@ from rendezvous.errors import Conflict, Forbidden, NotFound, ServiceUnavailable
 from rendezvous.offer_bus import end_disabled_operator_sessions
 from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store import Operator, StoreError
-from rendezvous.store.base import LastActiveAdmin, OperatorHoldings
-from rendezvous.team_policy import current_team_policy
+from rendezvous.store.base import LastActiveAdmin, LastRosterSigner, OperatorHoldings
+from rendezvous.team_policy import TeamPolicy, current_team_policy, signing_admins
 
 logger = logging.getLogger("tucdesk.rendezvous.operators")
 
@@ -66,6 +71,21 @@ DISABLED_BUT_INCOMPLETE_MESSAGE = (
     "that: its pending approval requests may not be withdrawn and its sessions not ended. "
     "Repeat the disable: it withdraws them and ends the sessions"
 )
+FROZEN_ROSTER_MESSAGE = (
+    "{email} is the last active admin of the team's signed roster: agents take a new policy or "
+    "roster only with a roster admin's signature, so disabling it freezes the team's policy "
+    "and roster (no operator invited since could open a session). Have {email} run "
+    "`{roster_sign}` first, so the roster names another active admin; if {email}'s key is "
+    "compromised, disable it anyway with --freeze-roster and recover as docs/policy.md says "
+    "(the server admin's `tucdesk-rendezvous team reset-policy`, then re-enroll each agent)"
+)
+FROZEN_REASON = "last_signed_roster_admin"
+ROSTER_FROZEN_MESSAGE = (
+    "no active admin of the team's signed roster is left: nobody can sign a policy or roster "
+    "its agents accept, and no operator invited since can open a session, until the server "
+    "admin runs `tucdesk-rendezvous team reset-policy` and each agent is re-enrolled "
+    "(docs/policy.md)"
+)
 ACTIVE = "active"
 DISABLED = "disabled"
 ROSTER_SIGN_COMMAND = "tucdesk roster sign"
@@ -73,6 +93,12 @@ ROSTER_STILL_NAMES_MESSAGE = (
     "agents still accept {email}'s key from the team's signed roster until an admin runs "
     f"`{ROSTER_SIGN_COMMAND}`: only an admin's key can sign a roster, not the rendezvous"
 )
+
+
+class RosterWouldFreeze(Conflict):
+    """The disable would leave the team's signed roster without an active admin."""
+
+    code = "roster_would_freeze"
 
 
 class OperatorView(BaseModel):
@@ -98,6 +124,8 @@ class DisabledOperatorView(BaseModel):
     withdrawn_approval_requests: int
     # Set while the team's signed roster still names the operator's key: what to run.
     roster_pending: str | None
+    # Set when no active admin of the signed roster is left (a --freeze-roster disable).
+    roster_frozen: str | None = None
 
 
 class OperatorList(BaseModel):
@@ -128,10 +156,13 @@ async def list_operators(caller: Caller, ctx: Context) -> OperatorList:
 
 
 @router.post(OPERATORS_PATH + "/{operator_id}/disable", response_model=DisabledOperatorView)
-async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> DisabledOperatorView:
+async def disable_operator(
+    operator_id: str, caller: Caller, ctx: Context, freeze_roster: bool = False
+) -> DisabledOperatorView:
     """Disable an operator of the caller's team (admin): its tokens die, it cannot log in, its
     API keys, unused registration keys and invites are revoked, its pending approval requests
-    are withdrawn, and its open sessions end. A repeat withdraws and ends again (no new record)."""
+    are withdrawn, and its open sessions end. A repeat withdraws and ends again (no new record).
+    ``freeze_roster`` accepts leaving the signed roster without an active admin."""
     try:
         authorize(caller, Permission.OPERATORS_WRITE)
     except Forbidden:
@@ -142,12 +173,25 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
         await _record_disable_refused(ctx, caller, operator_id, {"reason": REFUSED_NOT_FOUND})
         raise NotFound(NO_SUCH_OPERATOR)
     audited = False
+    current = await current_team_policy(ctx, caller.team_id)
+    # The keys a next bundle can be signed with: one of them must stay with an active admin.
+    signer_keys = (
+        None if freeze_roster or current is None
+        else frozenset(current.content.roster.admin_keys())
+    )  # fmt: skip
     if operator.is_active():
         if operator.role == ADMIN_ROLE and not await _another_active_admin(ctx, operator):
             await _record_disable_refused(ctx, caller, operator.id, {
                 "email": operator.email, "role": operator.role, "reason": "last_active_admin"
             })  # fmt: skip
             raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email))
+        if signer_keys is not None and current is not None and await _freezes_signed_roster(
+            ctx, current, operator
+        ):
+            await _record_disable_refused(ctx, caller, operator.id, {
+                "email": operator.email, "role": operator.role, "reason": FROZEN_REASON
+            })  # fmt: skip
+            raise _roster_would_freeze(operator)
         # No audit, no action: the record is durable before the key stops working. It is the
         # disable's one statement of what it takes away: the holdings read just now (revoked
         # unless used in the meantime; a key made meanwhile is refused at use, its creator
@@ -159,12 +203,13 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
             action=Action.OPERATOR_REVOKED,
             target=f"operator:{operator.id}",
             details={"email": operator.email, "role": operator.role,
-                     **_holdings_context(holdings)},
+                     **holdings_context(holdings)},
         )  # fmt: skip
         audited = True
     try:
         disabled = await ctx.store.disable_operator_and_holdings(
-            caller.team_id, operator.id, ctx.now(), keep_an_active_admin=True
+            caller.team_id, operator.id, ctx.now(), keep_an_active_admin=True,
+            keep_a_signer=signer_keys,
         )
     except StoreNotFound:
         if audited:
@@ -176,6 +221,11 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
         if audited:
             await _record_revoke_failed(ctx, caller, operator, "last_active_admin")
         raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email)) from None
+    except LastRosterSigner:
+        # Another roster admin was disabled between the check above and this one.
+        if audited:
+            await _record_revoke_failed(ctx, caller, operator, FROZEN_REASON)
+        raise _roster_would_freeze(operator) from None
     if audited and disabled.already_disabled:
         # A concurrent disable committed between this one's read and its transaction: that
         # one's operator.revoked stands, and this one's, which revoked nothing, is withdrawn.
@@ -209,10 +259,11 @@ async def disable_operator(operator_id: str, caller: Caller, ctx: Context) -> Di
         revoked_invites=list(disabled.revoked_invites),
         withdrawn_approval_requests=withdrawn,
         roster_pending=await _roster_pending(ctx, disabled.operator),
+        roster_frozen=await roster_frozen_message(ctx, caller.team_id),
     )
 
 
-def _holdings_context(holdings: OperatorHoldings) -> dict[str, list[str]]:
+def holdings_context(holdings: OperatorHoldings) -> dict[str, list[str]]:
     """operator.revoked's context: what the operator held that the disable revokes (ids)."""
     return {"api_keys": list(holdings.api_keys),
             "registration_keys": list(holdings.registration_keys),
@@ -225,6 +276,14 @@ async def _roster_pending(ctx: ServiceContext, operator: Operator) -> str | None
     if team_policy is None or team_policy.content.roster.entry_for(operator.key_thumbprint) is None:
         return None
     return ROSTER_STILL_NAMES_MESSAGE.format(email=operator.email)
+
+
+async def roster_frozen_message(ctx: ServiceContext, team_id: str) -> str | None:
+    """What recovers the team when no active admin of its signed roster is left, else None."""
+    current = await current_team_policy(ctx, team_id)
+    if current is None or signing_admins(current, await ctx.store.list_operators(team_id)):
+        return None
+    return ROSTER_FROZEN_MESSAGE
 
 
 async def _record_revoke_failed(
@@ -248,6 +307,24 @@ async def _record_disable_refused(
         caller.team_id, actor=caller_actor(caller), action=Action.OPERATOR_REVOKE_FAILED,
         target=f"operator:{refused_id(operator_id)}", details=details,
     )  # fmt: skip
+
+
+def _roster_would_freeze(operator: Operator) -> RosterWouldFreeze:
+    return RosterWouldFreeze(
+        FROZEN_ROSTER_MESSAGE.format(email=operator.email, roster_sign=ROSTER_SIGN_COMMAND)
+    )
+
+
+async def _freezes_signed_roster(
+    ctx: ServiceContext, current: TeamPolicy, operator: Operator
+) -> bool:
+    """Whether disabling ``operator`` leaves the team's signed roster ``current`` without an
+    active admin (a team that never signed a policy has none: its active admins sign the first
+    one)."""
+    if current.content.roster.admin_keys().get(operator.key_thumbprint) is None:
+        return False  # not a signer now: disabling it changes nothing about who can sign
+    operators = await ctx.store.list_operators(operator.team_id)
+    return not signing_admins(current, operators, excluding=operator.id)
 
 
 async def _another_active_admin(ctx: ServiceContext, operator: Operator) -> bool:

@@ -51,6 +51,7 @@ from rendezvous.team_policy import (
     pending_agent_tags,
     pending_roster,
     rendezvous_trust,
+    signing_admins,
 )
 
 logger = logging.getLogger("tucdesk.rendezvous.policy")
@@ -130,7 +131,8 @@ async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[s
     try:
         accepted = countersign_policy_bundle(signed, ctx.keys.policy_signer, trust)
     except UntrustedSignerError as error:
-        raise Forbidden(f"{error}; only an admin of the signed roster may sign") from None
+        frozen = "" if current is None else await roster_frozen_hint(ctx, caller.team_id, current)
+        raise Forbidden(f"{error}; only an admin of the signed roster may sign{frozen}") from None
     except RollbackError as error:
         raise PolicyVersionRace(str(error)) from None
     except (TeamMismatchError, PolicyBundleError) as error:
@@ -228,6 +230,16 @@ async def test_policy(body: PolicyTestBody, caller: Caller, ctx: Context) -> dic
     # One person with several keys: show the most permissive answer any of their keys gets.
     order = {"allow": 0, "approval_required": 1, "deny": 2}
     return min(answers, key=lambda answer: order.get(answer["result"], 3))
+
+
+async def roster_frozen_hint(ctx: ServiceContext, team_id: str, current: TeamPolicy) -> str:
+    """A refusal's recovery step when no active admin of the signed roster is left, else ""."""
+    if signing_admins(current, await ctx.store.list_operators(team_id)):
+        return ""
+    return (
+        ", and none of them is active: the server admin runs `tucdesk-rendezvous team "
+        "reset-policy`, then each agent is re-enrolled (docs/policy.md)"
+    )
 
 
 def _require_admin(caller: Principal) -> None:

@@ -217,7 +217,9 @@ async def reload_tls_on_hangup(
             if ctx is not None:
                 await reload_service_keys(ctx)
             if config.tls_cert is None:
-                logger.info("received SIGHUP; serving plain HTTP, there is no TLS certificate to reload")
+                logger.info(
+                    "received SIGHUP; serving plain HTTP, there is no TLS certificate to reload"
+                )
                 continue
             try:
                 reload_tls(config, hyper)

@@ -8,6 +8,7 @@ admins. ``enrollment_trust`` is what a newly registering agent pins (docs/sessio
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +23,7 @@ from protocol.policy import (
 from protocol.policy.roster import Role
 from rendezvous.context import ServiceContext
 from rendezvous.errors import ServiceUnavailable
-from rendezvous.store import StoredPolicyBundle
+from rendezvous.store import Operator, StoredPolicyBundle
 
 MAX_CACHED_BUNDLES = 256
 
@@ -70,6 +71,23 @@ async def current_team_policy(ctx: ServiceContext, team_id: str) -> TeamPolicy |
     if stored is None:
         return None
     return TeamPolicy(stored, parse_stored_bundle(stored))
+
+
+def signing_admins(
+    current: TeamPolicy, operators: Iterable[Operator], *, excluding: str | None = None
+) -> list[Operator]:
+    """The team's active admins (but ``excluding``, an operator id) whose key the signed roster
+    names as admin: those who can sign the next bundle. None left: the team's policy is frozen
+    until the server admin's ``team reset-policy`` and each agent's re-enrollment."""
+    roster_admins = current.content.roster.admin_keys()
+    return [
+        operator
+        for operator in operators
+        if operator.is_active()
+        and operator.role == Role.ADMIN
+        and operator.key_thumbprint in roster_admins
+        and operator.id != excluding
+    ]
 
 
 async def active_admin_keys(ctx: ServiceContext, team_id: str) -> list[PublicIdentity]:

@@ -70,6 +70,11 @@ class LastActiveAdmin(StoreError):
     """Disabling this operator would leave its team without an active admin."""
 
 
+class LastRosterSigner(StoreError):
+    """Disabling this operator would leave no active admin whose key the team's signed roster
+    names as admin: nobody could sign a policy or roster its agents accept."""
+
+
 class UnusableReason(StrEnum):
     """Why a single-use credential (invite, registration key, login challenge) was refused."""
 
@@ -650,14 +655,24 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def disable_operator_and_holdings(
-        self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
+        self,
+        team_id: str,
+        operator_id: str,
+        now: float,
+        *,
+        keep_an_active_admin: bool = False,
+        keep_a_signer: frozenset[str] | None = None,
     ) -> DisabledOperator:
         """In one transaction: disable the operator, kill its tokens, revoke its API keys and
         the unused, unexpired registration keys it or those API keys created, and expire the
         team's unused invites for its email (casefold-equal) (ids returned). NotFound; with
         ``keep_an_active_admin``, LastActiveAdmin as ``disable_operator``. An operator already
         disabled keeps its first disable's time and has nothing revoked again (an invite for its
-        email made since is a deliberate re-invite); ``already_disabled`` says so.
+        email made since is a deliberate re-invite); ``already_disabled`` says so. With
+        ``keep_a_signer`` (the key thumbprints the signed roster names as admin),
+        LastRosterSigner if the operator is an active admin named there and no other active
+        admin is: checked under the same team lock, so two roster admins disabling each other
+        cannot both succeed.
 
         A key created concurrently (its creator authenticated before this commits) is refused
         at use anyway: an API key or registration key whose creating operator (directly, or
@@ -1005,6 +1020,11 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def store_policy_bundle(self, bundle: StoredPolicyBundle) -> StoredPolicyBundle:
         """Store the next version atomically: AlreadyExists unless it is exactly newest + 1."""
+
+    @abc.abstractmethod
+    async def retire_policy_bundles(self, team_id: str) -> int:
+        """Delete every policy bundle of the team (the server admin's ``team reset-policy``),
+        so the next one stored is version 1 again; how many were deleted."""
 
     @abc.abstractmethod
     async def set_agent_policy_version(

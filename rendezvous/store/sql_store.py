@@ -50,6 +50,7 @@ from rendezvous.store.base import (
     Invite,
     InviteUnusable,
     LastActiveAdmin,
+    LastRosterSigner,
     ListedSession,
     LoginChallenge,
     NotFound,
@@ -560,11 +561,27 @@ class SqlStore(Store):
         return disabled.operator
 
     async def disable_operator_and_holdings(
-        self, team_id: str, operator_id: str, now: float, *, keep_an_active_admin: bool = False
+        self,
+        team_id: str,
+        operator_id: str,
+        now: float,
+        *,
+        keep_an_active_admin: bool = False,
+        keep_a_signer: frozenset[str] | None = None,
     ) -> DisabledOperator:
         """In one transaction: disable the operator, kill its tokens, revoke its API keys and
         the unused, unexpired registration keys it or those API keys created (ids returned)."""
         async with self._transaction() as session:
+            if keep_a_signer is not None:
+                await session.execute("UPDATE teams SET name = name WHERE id = $1", team_id)
+                admins = await session.fetch(
+                    """SELECT id, key_thumbprint FROM operators
+                       WHERE team_id = $1 AND role = 'admin' AND disabled_at IS NULL""",
+                    team_id,
+                )  # fmt: skip
+                signers = {row["id"] for row in admins if row["key_thumbprint"] in keep_a_signer}
+                if signers == {operator_id}:
+                    raise LastRosterSigner("this is the signed roster's last active admin")
             if keep_an_active_admin:
                 # The team row's lock queues concurrent disables in one team, so two admins
                 # disabling each other cannot both count the other as still active.
@@ -1452,6 +1469,17 @@ class SqlStore(Store):
                 bundle.bundle, bundle.admin_key_id, bundle.created_by, bundle.created_at,
             )  # fmt: skip
         return bundle
+
+    async def retire_policy_bundles(self, team_id: str) -> int:
+        """Delete every policy bundle of the team (the server admin's ``team reset-policy``),
+        so the next one stored is version 1 again; how many were deleted."""
+        async with self._transaction() as session:
+            await self._require_team(session, team_id)
+            row = await session.fetchrow(
+                "SELECT COUNT(*) AS bundles FROM policy_bundles WHERE team_id = $1", team_id
+            )
+            await session.execute("DELETE FROM policy_bundles WHERE team_id = $1", team_id)
+        return int(row["bundles"]) if row else 0
 
     async def set_agent_policy_version(
         self, team_id: str, agent_id: str, version: int | None, refusal: str | None
