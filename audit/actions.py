@@ -1,7 +1,11 @@
 """The fixed vocabulary of audited actions, actor kinds and policy outcomes.
 
-Records may only name an action listed here; the log refuses anything else at append and the
-verifier refuses it in a bundle. Adding an action is a code change that ships a new verifier.
+Records may only name an action listed here; the log refuses anything else at append. Adding an
+action is a code change that ships a new verifier; a verifier meeting an action it does not know
+(a newer release's, of the same ``word.word`` form) still checks the record's chain and signature
+and answers NEWER (exit 5), not INVALID, since it cannot check what the record means
+(audit/README.md, "Records of a newer release"). So keep new actions to that form, and never
+give an existing action a new meaning an older verifier would check wrongly.
 """
 
 from __future__ import annotations

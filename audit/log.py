@@ -196,6 +196,8 @@ class AuditLog:
             raise RecordError("agent event belongs to another team")
         if event.actor.kind is not ActorKind.AGENT or event.actor.id != agent_id:
             raise RecordError(f"an event signed by agent {agent_id} must name it as the actor")
+        if not isinstance(event.action, Action):
+            raise RecordError(f"the log writes only actions of this release, not {event.action!r}")
         if event.occurred_at > moment + MAX_EVENT_FUTURE_SKEW:
             raise RecordError("agent event is dated too far in the future")
         signed.verify(agent_key)

@@ -72,10 +72,14 @@ Exit status:
   4    the bundle verified but --save-checkpoint FILE was left unchanged (it keeps a larger
        checkpoint, or one of another log, or one not signed by a pinned key); never for a
        bundle that does not verify
+  5    NEWER: every check passed, but some records name actions this tucdesk-audit does not
+       know (a newer TucDesk release wrote them): a line says how many records use which
+       actions and the first one's record and line; their chain and signatures verified,
+       what they mean was not checked: upgrade tucdesk-audit (see 'verify --help')
   130  interrupted (Ctrl-C)
   141  the reader of the output went away (SIGPIPE, e.g. piped into head): ends quietly
 With --json the same outcome is in the "code" field: valid, invalid, unreadable, wrong_key,
-checkpoint_not_saved (and for 'recording' the finer codes its --help lists).
+newer, checkpoint_not_saved (and for 'recording' the finer codes its --help lists).
 """
 
 _RECORDING_EPILOG = """\
@@ -99,12 +103,30 @@ after its rotation, an agent's records signed after its removal (with their reco
 Compare a key's fingerprint out of band with 'tucdesk-audit key KEYFILE' and
 'tucdesk-rendezvous keys show'. BUNDLE '-' reads standard input (e.g. tucdesk audit export |
 tucdesk-audit verify - --key audit.pub).
+
+Records of a newer TucDesk release (exit 5, NEWER): a record whose action this verifier does not
+know, but which is of the form of today's (word.word: lowercase letters, digits, '_'), is held
+to every other check (canonical form, sequence, time, hash chain, team, its signature by a
+pinned audit key, one the chain's rotations introduced, or an agent key signing as its own
+agent; the checkpoint and rollback checks). What such a record means is not checked, and an
+unknown action can hide what this verifier would otherwise act on:
+  - it may be a new kind of key rotation or registration: a record signed by a key it
+    introduced fails as an unknown signer, which stays INVALID, naming that record (the message
+    names the unknown action before it: verify with an upgraded tucdesk-audit);
+  - it may be a new kind of record only an agent's own key may sign: one that names an agent
+    as the actor but is signed by the service's audit key is verified only as far as that
+    signature goes (the NEWER line counts them).
+An action not of that form (another shape, over 64 characters, control characters) is INVALID.
+Upgrade tucdesk-audit together with the rendezvous; --save-checkpoint still saves the checkpoint
+of a NEWER bundle (its signature and Merkle root were checked).
 """
 )
 
 _SHOW_EPILOG = """\
-Exit status as for 'verify' (0 shown, 1 invalid, 2 unreadable, 3 wrong key, 130, 141): on any
-failure nothing but the verdict is printed. With --json: {"records": [...], "verification":
+Exit status as for 'verify' (0 shown, 1 invalid, 2 unreadable, 3 wrong key, 5 newer, 130,
+141): on any failure nothing but the verdict is printed; with 5 the records are printed (a
+record of an action this tucdesk-audit does not know with its action as is) and the NEWER lines
+go to stderr. With --json: {"records": [...], "verification":
 <the verify --json result>}; each record has seq, time, action, actor (kind, id, display: who
 acted, by= on a line), agent_id, agent_name, operator and operator_id (as in earlier releases:
 the operator who acted, else the operator of the record's session), subject and subject_id
@@ -448,7 +470,7 @@ def _show(arguments: argparse.Namespace) -> int:
             "verification": result.to_json(trust.names),
         }
         print(json.dumps(value, indent=2, sort_keys=True))
-    elif not result.ok:
+    elif not result.verified:
         _report(arguments, result, trust.names)
     else:
         for record in shown.records:
@@ -457,6 +479,9 @@ def _show(arguments: argparse.Namespace) -> int:
         unmatched = result.unmatched_pins_warning()
         if unmatched is not None:
             print(f"tucdesk-audit: {visible(unmatched)}", file=sys.stderr)
+        if result.newer_actions is not None:
+            print(f"tucdesk-audit: {visible(result.summary(trust.names))}", file=sys.stderr)
+            print(f"tucdesk-audit: {visible(result.newer_actions.describe())}", file=sys.stderr)
     return result.exit_code
 
 
@@ -480,7 +505,7 @@ def _verify(arguments: argparse.Namespace) -> int:
             keep_prefix_sizes=() if kept is None else (kept.size,),
             agent_pins=trust.agent_pins,
         )
-    if result.ok and arguments.save_checkpoint is not None:
+    if result.verified and arguments.save_checkpoint is not None:
         # The pinned keys and the audit keys the bundle's rotations introduced from them: after
         # a rotation, FILE keeps a checkpoint the new key signed.
         return _save_checkpoint(arguments, result, result.trusted_audit_keys(), names)

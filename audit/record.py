@@ -17,6 +17,9 @@ Wire form (one line of an export, always exactly its RFC 8785 encoding)::
      "prev_hash": <hex SHA-256 of the previous record's line, 64 zeros for seq 0>,
      "seq": <0-based>, "signature": <base64url Ed25519>, "time": <log time>}
 
+An action is one of audit/actions.py; only a verifier parsing with ``newer_actions=True`` also
+takes one of the same ``word.word`` form it does not know (``UnknownAction``: a newer release's).
+
 Times are UTC RFC 3339 with exactly six fractional digits and a ``Z`` (fixed width: text order
 is time order). Context values are strings, integers within ±(2**53 - 1), booleans, null, lists
 and objects, nested at most MAX_CONTEXT_DEPTH deep and MAX_CONTEXT_BYTES long when encoded.
@@ -59,11 +62,14 @@ MAX_EVENT_FUTURE_SKEW = timedelta(minutes=5)
 HASH_SIZE = 32
 GENESIS_HASH = bytes(HASH_SIZE)
 MAX_CACHED_VERIFY_KEYS = 4096
+MAX_ACTION_LENGTH = 64
 
 JsonValue: TypeAlias = None | bool | int | str | list["JsonValue"] | dict[str, "JsonValue"]
 
 _TIME_PATTERN = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{6}Z")
 _HEX_HASH_PATTERN = re.compile(r"[0-9a-f]{64}")
+# The form of every action in audit/actions.py: two lowercase ASCII words joined by a dot.
+_ACTION_PATTERN = re.compile(r"[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*")
 _EVENT_FIELDS = frozenset(
     {"version", "occurred_at", "team_id", "actor", "action", "target", "session_id",
      "policy_result", "context", "signer"}
@@ -86,6 +92,47 @@ def parse_time(text: object) -> datetime:
         return datetime.fromisoformat(text[:-1] + "+00:00")
     except ValueError:
         raise RecordError("time is not a real date and time") from None
+
+
+class UnknownAction(str):
+    """An action of the form of today's (``word.word``, lowercase ASCII) that this release does
+    not know: written by a newer TucDesk release. Only made when a verifier parses a bundle with
+    ``newer_actions=True``; the log never writes one (``AuditLog.append`` takes an Action, and
+    events agents send are parsed strictly)."""
+
+    __slots__ = ()
+
+    def __new__(cls, text: object) -> UnknownAction:
+        if not isinstance(text, str):
+            raise RecordError("action must be a string")
+        if len(text) > MAX_ACTION_LENGTH:
+            raise RecordError(f"action is longer than {MAX_ACTION_LENGTH} characters")
+        if not _ACTION_PATTERN.fullmatch(text):
+            raise RecordError(
+                f"action {text[:64]!r} is not of the form word.word (lowercase letters, digits "
+                "and underscores)"
+            )
+        if text in _KNOWN_ACTIONS:
+            raise RecordError(f"action {text!r} is known: use Action")
+        return super().__new__(cls, text)
+
+    @property
+    def value(self) -> str:
+        """The action as stored in the record (as ``Action.value`` is)."""
+        return str.__str__(self)
+
+
+_KNOWN_ACTIONS = frozenset(action.value for action in Action)
+
+
+def parse_action(text: object, *, newer_actions: bool = False) -> Action | UnknownAction:
+    """The action a record names: an Action, or (only with ``newer_actions``) an UnknownAction
+    of a newer release; RecordError for anything else."""
+    if isinstance(text, str) and text in _KNOWN_ACTIONS:
+        return Action(text)
+    if newer_actions:
+        return UnknownAction(text)
+    raise RecordError(f"unknown action {str(text)[:64]!r}")
 
 
 @dataclass(frozen=True)
@@ -132,7 +179,8 @@ class AuditEvent:
     occurred_at: datetime
     team_id: str
     actor: Actor
-    action: Action
+    action: Action | UnknownAction
+    """An UnknownAction only when given as one (a verifier reading a newer release's bundle)."""
     signer: str
     target: str | None = None
     session_id: str | None = None
@@ -140,7 +188,8 @@ class AuditEvent:
     context: Mapping[str, JsonValue] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "action", _enum(Action, self.action, "action"))
+        if not isinstance(self.action, UnknownAction):
+            object.__setattr__(self, "action", _enum(Action, self.action, "action"))
         format_time(self.occurred_at)
         _check_text("team id", self.team_id, MAX_ID_LENGTH, required=True)
         _check_text("signer key id", self.signer, MAX_ID_LENGTH, required=True)
@@ -189,8 +238,10 @@ class AuditEvent:
         return hashlib.sha256(self.canonical).digest()
 
     @classmethod
-    def from_json(cls, value: object) -> AuditEvent:
-        """Parse an event object strictly: exact field set, known action, limits."""
+    def from_json(cls, value: object, *, newer_actions: bool = False) -> AuditEvent:
+        """Parse an event object strictly: exact field set, known action, limits. With
+        ``newer_actions`` an action of today's form that this release does not know is kept as
+        an UnknownAction (a verifier reading a newer release's records); never for the log."""
         data = _object(value, "event", _EVENT_FIELDS)
         if type(data["version"]) is not int or data["version"] != RECORD_FORMAT_VERSION:
             raise RecordError(f"event format version is not {RECORD_FORMAT_VERSION}")
@@ -206,7 +257,7 @@ class AuditEvent:
             occurred_at=parse_time(data["occurred_at"]),
             team_id=data["team_id"],
             actor=Actor(actor["kind"], actor["id"], actor["display"]),
-            action=data["action"],
+            action=parse_action(data["action"], newer_actions=newer_actions),
             signer=data["signer"],
             target=data["target"],
             session_id=data["session_id"],
@@ -312,8 +363,11 @@ class AuditRecord:
         return cls.from_parsed(strict_json(line), line)
 
     @classmethod
-    def from_parsed(cls, value: object, line: bytes) -> AuditRecord:
-        """A record from ``line`` already parsed as ``value``; the bytes must be canonical."""
+    def from_parsed(
+        cls, value: object, line: bytes, *, newer_actions: bool = False
+    ) -> AuditRecord:
+        """A record from ``line`` already parsed as ``value``; the bytes must be canonical.
+        ``newer_actions`` as for ``AuditEvent.from_json`` (verifiers only)."""
         if len(line) > MAX_RECORD_BYTES:
             raise RecordError(f"record is longer than {MAX_RECORD_BYTES} bytes")
         data = _object(value, "record", _RECORD_FIELDS)
@@ -327,7 +381,10 @@ class AuditRecord:
             seq=seq,
             time=parse_time(data["time"]),
             prev_hash=bytes.fromhex(prev_hash),
-            signed=SignedEvent(AuditEvent.from_json(data["event"]), _signature(data["signature"])),
+            signed=SignedEvent(
+                AuditEvent.from_json(data["event"], newer_actions=newer_actions),
+                _signature(data["signature"]),
+            ),
         )
         if record.canonical != line:
             raise RecordError("record is not in RFC 8785 canonical form")

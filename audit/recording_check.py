@@ -151,13 +151,14 @@ def check_recording(
         on_record=collector,
         agent_pins=agent_pins,
     )
-    same = tuple(collector.same_content) if verified.ok else ()
-    bound = collector.named[0] if verified.ok and len(collector.named) == 1 else None
+    # NEWER (records of a newer release's actions) still proves every session.ended it holds.
+    same = tuple(collector.same_content) if verified.verified else ()
+    bound = collector.named[0] if verified.verified and len(collector.named) == 1 else None
 
     def outcome(verdict: Verdict, message: str, code: str) -> RecordingVerdict:
         return RecordingVerdict(verdict, message, code, size, digest, bound, same, verified)
 
-    if not verified.ok:
+    if not verified.verified:
         code = {Verdict.WRONG_KEY: "wrong_key", Verdict.UNREADABLE: "unreadable"}.get(
             verified.verdict, "export_invalid"
         )
@@ -190,6 +191,11 @@ def check_recording(
     suffix = f" ({'; '.join(notes)})" if notes else ""
     unmatched = verified.unmatched_pins_warning()
     suffix += f"; {unmatched}" if unmatched else ""
+    if verified.verdict is Verdict.NEWER:
+        suffix += (
+            "; the export also holds records of actions this tucdesk-audit does not know (a "
+            "newer release's), verified but not interpreted: upgrade tucdesk-audit"
+        )
     return outcome(
         Verdict.VALID,
         f"{recording.name} matches {where}, ended {bound.ended}: "

@@ -455,7 +455,7 @@ def show_records(
         on_record=picker,
         agent_pins=agent_pins,
     )
-    if not verified.ok:
+    if not verified.verified:  # VALID, or NEWER: records of a newer release, shown as they are
         return ShowResult(verified, ())
     return ShowResult(verified, tuple(picker.picked))
 

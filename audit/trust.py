@@ -10,7 +10,10 @@ about what it ran: a ``session.started``, ``session.command`` or ``session.ended
 ``agent`` actor must be signed by that agent's key (``AGENT_SELF_SIGNED_ACTIONS``); what the
 rendezvous records in an agent's name under the audit key (it connected, used a registration
 key, refused a session or a policy) stays valid. Keys listed in an export bundle are hints,
-never anchors.
+never anchors. A record of an action this release does not know (a newer release's,
+``record.UnknownAction``) is held to the same signer rules, but introduces, retires and
+removes nothing here, and a newer agent-only action signed by an audit key in an agent's name
+cannot be told apart: the verifier reports such records (NEWER), it cannot vouch for them.
 
 An audit key is rotated the same way: a ``service_key.rotated`` record for the ``audit-signer``
 purpose, signed by the trusted audit key it retires (``old_fingerprint`` must be the signer's),

@@ -1,10 +1,12 @@
 """Offline verification of an export bundle against pinned audit keys.
 
 Checks, in bundle order: the header; for every record its canonical encoding, field limits and
-known action, contiguous sequence numbers from 0, non-decreasing log time, the hash chain, the
-team, and its signature by a pinned audit key or by an agent key introduced through an earlier
-audit-key-signed ``agent.registered`` record (audit/trust.py); then the checkpoint's signature,
-origin, size and Merkle root; then consistency with an earlier checkpoint from the bundle
+action (one this release knows, or one of the same ``word.word`` form a newer release wrote:
+held to every other check, counted, and reported as the NEWER verdict, exit 5, since what it
+means is not checked), contiguous sequence numbers from 0, non-decreasing log time, the hash
+chain, the team, and its signature by a pinned audit key or by an agent key introduced through
+an earlier audit-key-signed ``agent.registered`` record (audit/trust.py); then the checkpoint's
+signature, origin, size and Merkle root; then consistency with an earlier checkpoint from the bundle
 (via its RFC 9162 proof) and/or one the auditor kept (recomputed from the records; its
 signature checked after them, against the pinned keys and the audit keys the bundle's rotation
 records introduced, so a checkpoint kept after a rotation is usable). The first failure stops
@@ -31,7 +33,7 @@ from functools import partial
 from pathlib import Path
 from typing import BinaryIO
 
-from audit.actions import Action
+from audit.actions import Action, ActorKind
 from audit.bundle import (
     FIRST_RECORD_LINE,
     MAX_BUNDLE_LINE_BYTES,
@@ -54,6 +56,7 @@ from audit.record import (
     GENESIS_HASH,
     MAX_EVENT_FUTURE_SKEW,
     AuditRecord,
+    UnknownAction,
     format_time,
     strict_json,
 )
@@ -78,12 +81,24 @@ class Verdict(StrEnum):
     WRONG_KEY = "wrong_key"
     """No pinned key signed the bundle's first record: most likely --key is not its audit key
     (or is a later one a rotation introduced)."""
+    NEWER = "newer"
+    """Every check passed, but some records name actions this verifier does not know (a newer
+    TucDesk release wrote them): chain, signatures and checkpoints verified, what those records
+    mean was not checked."""
 
 
-EXIT_CODES = {Verdict.VALID: 0, Verdict.INVALID: 1, Verdict.UNREADABLE: 2, Verdict.WRONG_KEY: 3}
+EXIT_CODES = {
+    Verdict.VALID: 0,
+    Verdict.INVALID: 1,
+    Verdict.UNREADABLE: 2,
+    Verdict.WRONG_KEY: 3,
+    Verdict.NEWER: 5,
+}
 PROGRESS_EVERY_RECORDS = 256
 MAX_FINGERPRINT_LENGTH = 64  # "SHA256:" and 43 base64 characters; longer is not one
 MAX_LISTED_UNMATCHED_PINS = 20  # named on the OK line; --json lists them all
+MAX_LISTED_NEWER_ACTIONS = 10  # unknown actions named on the NEWER line; --json lists more
+MAX_COUNTED_NEWER_ACTIONS = 1000  # distinct unknown actions counted apart; the rest together
 JSON_FORMAT = "tucdesk-audit-verify-v1"
 """The ``format`` field of ``--json``: fields are only ever added under this name."""
 NOT_CHECKED_ROLLBACK = (
@@ -192,6 +207,60 @@ class SignedAfterRemoval:
 
 
 @dataclass(frozen=True)
+class NewerActions:
+    """Records whose action this verifier does not know (of today's ``word.word`` form, signed
+    and chained like any other): ``count`` of them, by action (at most
+    MAX_COUNTED_NEWER_ACTIONS actions; records of further ones are counted in ``uncounted``),
+    the first at record ``first_seq`` on line ``first_line``; ``in_agent_name`` of them name an
+    agent actor but an audit key signed them (the agent's own signature was not required)."""
+
+    count: int
+    actions: tuple[tuple[str, int], ...]
+    first_seq: int
+    first_line: int
+    in_agent_name: int = 0
+    uncounted: int = 0
+
+    def describe(self) -> str:
+        """The line saying what was not checked."""
+        listed = ", ".join(
+            f"{action} ({count})" for action, count in self.actions[:MAX_LISTED_NEWER_ACTIONS]
+        )
+        more = len(self.actions) - MAX_LISTED_NEWER_ACTIONS
+        if more > 0:
+            listed += f" and {more} more"
+        if self.uncounted:
+            listed += f" and {self.uncounted} records of further actions"
+        noun = "record uses an action" if self.count == 1 else "records use actions"
+        agent = ""
+        if self.in_agent_name:
+            verbs = "names" if self.in_agent_name == 1 else "name"
+            are = "is" if self.in_agent_name == 1 else "are"
+            agent = (
+                f"; {self.in_agent_name} of them {verbs} an agent as the actor but {are} signed "
+                "by the service's audit key, verified only as far as that signature goes (whether "
+                "the agent's own key must sign such records was not checked)"
+            )
+        return (
+            f"from a newer TucDesk release: {self.count} {noun} this tucdesk-audit does not "
+            f"know: {listed}; the first is record {self.first_seq} (line {self.first_line}): "
+            "chain and signatures verified, what these records mean was not checked: upgrade "
+            f"tucdesk-audit{agent}"
+        )
+
+    def to_json(self) -> dict[str, object]:
+        """The unknown actions as a JSON-ready dict."""
+        return {
+            "records": self.count,
+            "actions": dict(self.actions),
+            "uncounted_records": self.uncounted,
+            "first_seq": self.first_seq,
+            "first_line": self.first_line,
+            "in_agent_name_signed_by_service": self.in_agent_name,
+        }
+
+
+@dataclass(frozen=True)
 class VerificationResult:
     """What verification found: the verdict, and for a failure the first bad record and why."""
 
@@ -238,6 +307,8 @@ class VerificationResult:
     """For WRONG_KEY: a record after that claim whose event the pinned key signed. It proves
     nothing about the records before it (an event's signature does not cover its place in the
     log: it can be copied from another export), so it names no key either."""
+    newer_actions: NewerActions | None = None
+    """For NEWER: the records whose action this verifier does not know."""
 
     def trusted_audit_keys(self) -> list[PublicIdentity]:
         """The pinned audit keys and those the bundle's rotation records introduced from them."""
@@ -247,25 +318,37 @@ class VerificationResult:
         return list(keys.values())
 
     def not_checked(self) -> list[str]:
-        """What a VALID result did not prove, one sentence each (the lines after the OK)."""
-        if not self.ok or self.auditor_checkpoint_sizes:
+        """What a VALID or NEWER result did not prove, one sentence each (the lines after the
+        verdict line)."""
+        if not self.verified:
             return []
-        return [NOT_CHECKED_ROLLBACK]
+        lines = []
+        if self.newer_actions is not None:
+            lines.append(self.newer_actions.describe())
+        if not self.auditor_checkpoint_sizes:
+            lines.append(NOT_CHECKED_ROLLBACK)
+        return lines
 
     @property
     def ok(self) -> bool:
-        """Whether the bundle verified."""
+        """Whether the bundle verified with nothing left unchecked (VALID)."""
         return self.verdict is Verdict.VALID
 
     @property
+    def verified(self) -> bool:
+        """Whether every check passed: VALID, or NEWER (records of actions this verifier does
+        not know, their meaning unchecked)."""
+        return self.verdict in (Verdict.VALID, Verdict.NEWER)
+
+    @property
     def exit_code(self) -> int:
-        """0 valid, 1 invalid, 2 unreadable, 3 wrong key."""
+        """0 valid, 1 invalid, 2 unreadable, 3 wrong key, 5 newer."""
         return EXIT_CODES[self.verdict]
 
     @property
     def code(self) -> str:
         """A machine-readable outcome for ``--json``: ``valid``, ``invalid``, ``unreadable``,
-        ``wrong_key``."""
+        ``wrong_key``, ``newer``."""
         return self.verdict.value
 
     def unmatched_pins_warning(self) -> str | None:
@@ -301,7 +384,7 @@ class VerificationResult:
     def summary(self, key_names: KeyNames | None = None) -> str:
         """One line for a human; ``key_names`` (key id -> file) names the pinned keys."""
         names = key_names or {}
-        if self.ok:
+        if self.verified:
             consistent = "".join(
                 f", consistent with checkpoint at {size}" for size in self.previous_sizes
             )
@@ -324,8 +407,15 @@ class VerificationResult:
             late += f"; {unmatched}" if unmatched else ""
             agents = [key.label() for key in self.signing_keys if key.role == "agent"]
             agent_list = f" ({', '.join(agents)})" if agents else ""
+            if self.newer_actions is not None:
+                newer = self.newer_actions.count
+                late += (
+                    f"; {newer} {'record' if newer == 1 else 'records'} of actions this "
+                    "tucdesk-audit does not know (a newer release wrote them): see below"
+                )
+            verdict = "OK" if self.ok else "NEWER"
             return (
-                f"OK: {self.record_count} records of {self.origin}{span}, "
+                f"{verdict}: {self.record_count} records of {self.origin}{span}, "
                 f"{len(self.signers)} signing keys{agent_list}, root {_hex(self.root_hash)}"
                 f"{consistent}{signed}{rotated}{late}"
             )
@@ -380,6 +470,8 @@ class VerificationResult:
             "wrong_key_hint": self.wrong_key_hint,
             "unconfirmed_rotation_at": self.unconfirmed_rotation,
             "unproven_successor_record_at": self.unproven_successor_record,
+            "verified": self.verified,
+            "newer_actions": None if self.newer_actions is None else self.newer_actions.to_json(),
             "pinned_keys": [
                 {
                     "file": names.get(key.key_id),
@@ -598,6 +690,11 @@ class _Verifier:
         self._checkpoint_signer: PublicIdentity | None = None
         self._bundle_signer: str | None = None
         self._rotations: list[KeyRotation] = []
+        # Records of actions this verifier does not know: count by action, and the first one.
+        self._newer_counts: dict[str, int] = {}
+        self._newer_uncounted = 0
+        self._newer_first: tuple[int, int, str] | None = None  # seq, line, action
+        self._newer_in_agent_name = 0
 
     def run(self, stream: BinaryIO) -> VerificationResult:
         try:
@@ -633,7 +730,7 @@ class _Verifier:
             return self._result(Verdict.INVALID, failure.reason, failure.seq)
         except OSError as error:
             return self._result(Verdict.UNREADABLE, f"reading the bundle failed ({error})")
-        return self._result(Verdict.VALID)
+        return self._result(Verdict.VALID if self._newer_first is None else Verdict.NEWER)
 
     def _successor_hint(self, scan: _RestScan, successor: PublicIdentity) -> str:
         """What to do when the pinned key is one a rotation in the bundle introduced and a
@@ -681,7 +778,7 @@ class _Verifier:
         self, verdict: Verdict, reason: str | None = None, seq: int | None = None
     ) -> VerificationResult:
         header = self._header
-        valid = verdict is Verdict.VALID
+        valid = verdict in (Verdict.VALID, Verdict.NEWER)
         return VerificationResult(
             verdict=verdict,
             reason=reason,
@@ -725,6 +822,46 @@ class _Verifier:
             wrong_key_hint=self._wrong_key_hint,
             unconfirmed_rotation=self._unconfirmed_rotation,
             unproven_successor_record=self._unproven_successor_record,
+            newer_actions=self._newer_actions() if verdict is Verdict.NEWER else None,
+        )
+
+    def _newer_actions(self) -> NewerActions | None:
+        if self._newer_first is None:
+            return None
+        seq, line, _ = self._newer_first
+        counts = sorted(self._newer_counts.items(), key=lambda item: (-item[1], item[0]))
+        return NewerActions(
+            count=sum(self._newer_counts.values()) + self._newer_uncounted,
+            actions=tuple(counts),
+            first_seq=seq,
+            first_line=line,
+            in_agent_name=self._newer_in_agent_name,
+            uncounted=self._newer_uncounted,
+        )
+
+    def _note_newer_action(self, record: AuditRecord, seq: int) -> None:
+        """Count a record (already verified) whose action this verifier does not know."""
+        event = record.event
+        action = event.action.value
+        if self._newer_first is None:
+            self._newer_first = (seq, self._line, action)
+        if action in self._newer_counts or len(self._newer_counts) < MAX_COUNTED_NEWER_ACTIONS:
+            self._newer_counts[action] = self._newer_counts.get(action, 0) + 1
+        else:
+            self._newer_uncounted += 1
+        if event.actor.kind is ActorKind.AGENT and self._trust.is_audit_key(event.signer):
+            self._newer_in_agent_name += 1
+
+    def _newer_hint(self) -> str:
+        """For a record no trusted key signed after a record of an unknown action: that record
+        may have introduced the key (a new kind of rotation or registration)."""
+        if self._newer_first is None:
+            return ""
+        seq, line, action = self._newer_first
+        return (
+            f" (record {seq}, line {line}, has action {action!r}, which this tucdesk-audit does "
+            "not know: from a newer TucDesk release, it may be a new kind of key rotation or "
+            "registration that introduced this key; verify with an upgraded tucdesk-audit)"
         )
 
     def _read_line(self, stream: BinaryIO) -> bytes:
@@ -806,11 +943,18 @@ class _Verifier:
                     raise _Invalid(f"checkpoint: {error}", None) from None
                 self._check_auditor_checkpoints()
                 return
+            record: AuditRecord | None = None
             try:
-                record = AuditRecord.from_parsed(value, body)
+                record = AuditRecord.from_parsed(value, body, newer_actions=True)
                 self._verify_record(record, seq)
             except (AuditError, ProtocolError, ValueError) as error:
-                raise _Invalid(_line_problem(body, error), seq) from None
+                reason = _line_problem(body, error)
+                if record is not None and isinstance(record.event.action, UnknownAction):
+                    reason += (
+                        f" (on a record of an unknown action, {record.event.action.value!r}: a "
+                        "newer release's, or edited)"
+                    )
+                raise _Invalid(reason, seq) from None
             if self._on_record is not None:
                 self._on_record(record)
             if progress is not None and (seq + 1) % PROGRESS_EVERY_RECORDS == 0:
@@ -842,10 +986,14 @@ class _Verifier:
                     str(error), seq, partial(_signs_record, record), signer_key_id=event.signer,
                     first_record=record,
                 ) from None
+            if self._newer_first is not None:
+                raise _Invalid(f"{error}{self._newer_hint()}", seq) from None
             raise
         if len(self._trust.rotations) != rotations:
             rotation = self._trust.rotations[-1]
             self._rotations.append(KeyRotation(seq, rotation.old_key, rotation.new_key))
+        if isinstance(event.action, UnknownAction):
+            self._note_newer_action(record, seq)
         self._signers[event.signer] = self._signers.get(event.signer, 0) + 1
         self._prev_hash = record.record_hash
         self._last_time = record.time
@@ -1137,7 +1285,7 @@ def _scan_record(
         value = strict_json(body)
         if is_trailer(value):
             return
-        record = AuditRecord.from_parsed(value, body)
+        record = AuditRecord.from_parsed(value, body, newer_actions=True)
     except (AuditError, ProtocolError, ValueError):
         return
     position = scan.frontier.size
