@@ -126,6 +126,8 @@ MAX_RELAY_TOKEN_LENGTH = 8 * 1024
 MAX_END_SESSION_IDS = 256
 END_SESSIONS_REASONS: Mapping[str, str] = {
     "operator_disabled": "the operator was disabled by an admin",
+    "agent_removed": "this agent was removed from its team by an admin",
+    "ended_by_admin": "an admin ended the session",
 }
 END_SESSIONS_CLOSE_REASON = "revoked"
 # A session id is remembered at least as long as any grant naming it could still be accepted.

@@ -93,9 +93,16 @@ class Action(StrEnum):
     SESSION_COMMAND = "session.command"
     """A command ran inside a session (context: command, exit code)."""
     SESSION_ENDED = "session.ended"
-    """A session ended (context: exit status, byte counts)."""
+    """A session ended (context: exit status, byte counts), as its agent signed it; or as the
+    rendezvous or an admin ended it (context: reason, e.g. ``agent_removed``,
+    ``ended_by_admin``, ``agent_lost``)."""
     SESSION_REFUSED = "session.refused"
     """A session was refused after the decision (e.g. by the agent's local policy)."""
+    SESSION_END_FAILED = "session.end_failed"
+    """A request to end a session (``tucdesk sessions end``) was refused and nothing was ended
+    (target = ``session:`` and the id as sent; context: reason ``not_found`` (also another
+    team's session) or ``not_permitted``). An admin's end that went ahead is ``session.ended``
+    by that admin, reason ``ended_by_admin``."""
     POLICY_SET = "policy.set"
     """A team's signed policy document was replaced (context: version, hash)."""
     ROSTER_SIGNED = "roster.signed"

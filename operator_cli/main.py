@@ -92,6 +92,7 @@ deny_command = _imported_on_use("operator_cli.approval_commands", "deny_command"
 # trio and the session stack load only for the commands that open sessions.
 agents_trust = _imported_on_use("operator_cli.session_commands", "agents_trust")
 agents_remove = _imported_on_use("operator_cli.agent_removal", "agents_remove")
+sessions_end = _imported_on_use("operator_cli.session_end", "sessions_end")
 agents_tag = _imported_on_use("operator_cli.agent_tagging", "agents_tag")
 operators_list = _imported_on_use("operator_cli.operator_commands", "operators_list")
 operators_disable = _imported_on_use("operator_cli.operator_commands", "operators_disable")
@@ -387,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sessions = commands.add_parser(
         "sessions",
-        help="list your team's sessions, newest first (or: sessions show ID)",
+        help="list your team's sessions, newest first (or: sessions show ID, sessions end ID)",
         description="List your team's sessions, newest first: who ran what on which agent, "
         "and how it went. Admins and auditors see the whole team's; any other operator sees "
         f"only their own. Shows the newest {DEFAULT_SESSIONS_LISTED} unless --limit says "
@@ -420,6 +421,24 @@ def build_parser() -> argparse.ArgumentParser:
     show_session.add_argument("session_id", metavar="SESSION_ID", help="e.g. ses_...")
     show_session.add_argument("--json", action="store_true", help="print JSON (one document)")
     show_session.set_defaults(handler=_session_show)
+    end_session = sessions_commands.add_parser(
+        "end",
+        help="end an open session now, or every open one of an agent or operator (admins)",
+        description="End one open session of your team, or every open session of one agent "
+        "(--agent) or one operator (--operator), without disabling or removing anyone. The "
+        "agent stops the shell or command at once and the operator is told why; the end is "
+        "audited (session.ended by you, reason ended_by_admin) and the output says whether "
+        "the agent was reached. Shows the sessions and asks for confirmation; without a "
+        "terminal it ends nothing unless --yes.",
+    )
+    end_session.add_argument("session_id", metavar="SESSION_ID", nargs="?",
+                             help="e.g. ses_... (or give --agent or --operator)")
+    end_session.add_argument("--agent", metavar="NAME_OR_ID",
+                             help="end every open session on this agent")
+    end_session.add_argument("--operator", metavar="EMAIL_OR_ID",
+                             help="end every open session of this operator")
+    end_session.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+    end_session.set_defaults(handler=_session_end)
 
     connect = commands.add_parser(
         "connect",
@@ -925,6 +944,11 @@ def _sessions(args: argparse.Namespace, home: CliHome) -> int:
     if listing.more:
         print(f"(the newest {len(listing.sessions)} sessions: --limit to see more)")
     return EXIT_OK
+
+
+def _session_end(args: argparse.Namespace, home: CliHome) -> int:
+    return sessions_end(home, args.session_id, agent=args.agent, operator=args.operator,
+                        assume_yes=args.yes)  # fmt: skip
 
 
 def _session_show(args: argparse.Namespace, home: CliHome) -> int:

@@ -43,7 +43,11 @@ Wire protocol (JSON text messages, each at most MAX_MESSAGE_BYTES):
 8. server -> ``{"type": "end_sessions", "ids": [...], "reason": "operator_disabled"}`` (at most
    rendezvous/offer_bus.py MAX_END_SESSION_IDS ids) after an admin disabled the operator of
    those sessions (rendezvous/routes_operators.py): the agent ends each one it runs at once and
-   signs its ``session.ended`` with that reason, which the session row then shows.
+   signs its ``session.ended`` with that reason, which the session row then shows. The reason
+   is ``ended_by_admin`` after ``POST /v1/sessions/{id}/end`` and ``agent_removed`` before a
+   removal closes the channel; those rows are ended by the rendezvous first (offer_bus.py
+   ``end_open_sessions``), and a ``live_sessions`` report that still lists one of them (the
+   channel was down) is answered with ``end_sessions`` again.
 9. server -> ``{"type": "service_keys", "keys": [JWK…], "rotations": [statement…]}`` right
    after ``welcome``, before the policy bundle, once any service key was ever rotated
    (``keys rotate``), and on every channel this instance holds after a reload (SIGHUP) changed
@@ -105,6 +109,7 @@ from rendezvous.error_responses import store_failure_reason
 from rendezvous.errors import ServiceError
 from rendezvous.key_rotation import service_keys_message
 from rendezvous.offer_bus import (
+    ENDED_BY_RENDEZVOUS_REASONS,
     MAX_END_SESSION_IDS,
     OFFER_UNDELIVERED,
     OPERATOR_DISABLED_REASON,
@@ -887,7 +892,41 @@ async def _end_lost_sessions(
                     agent.id, len(live), ended)  # fmt: skip
     running = [listed.session for listed in listing.sessions if listed.session.id in live]
     await _end_disabled_operators_sessions(ctx, agent, channel, running)
+    open_ids = {listed.session.id for listed in listing.sessions}
+    await _end_sessions_ended_meanwhile(ctx, agent, channel, [i for i in ids if i not in open_ids])
     return ended
+
+
+async def _end_sessions_ended_meanwhile(
+    ctx: ServiceContext, agent: Agent, channel: LiveChannel, reported: list[str]
+) -> int:
+    """Ask the agent to end the sessions it reported running that an admin ended while its
+    channel was down (their rows ended, reason ``ended_by_admin``); how many."""
+    by_reason: dict[str, list[str]] = {}
+    for session_id in dict.fromkeys(reported):
+        if session_id in channel.ended:
+            continue  # told down this channel already
+        session = await ctx.store.get_session(agent.team_id, session_id)
+        if (
+            session is not None and session.agent_id == agent.id
+            and session.state is SessionState.ENDED
+            and session.state_reason in ENDED_BY_RENDEZVOUS_REASONS
+        ):  # fmt: skip
+            by_reason.setdefault(str(session.state_reason), []).append(session.id)
+    told = 0
+    for reason, ending in by_reason.items():
+        for start in range(0, len(ending), MAX_END_SESSION_IDS):
+            chunk = ending[start : start + MAX_END_SESSION_IDS]
+            try:
+                channel.outgoing.send_nowait(end_sessions_message(chunk, reason))
+            except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+                return told  # the next report asks again
+            channel.note_ends(chunk)
+            told += len(chunk)
+    if told:
+        logger.info("agent %s runs %d session(s) an admin ended; asked it to end them",
+                    agent.id, told)  # fmt: skip
+    return told
 
 
 async def _end_disabled_operators_sessions(

@@ -44,6 +44,17 @@ now (an offer goes to an agent at most once from one instance, whichever of its 
 went down, even one closed since: ``deliver_here``); those that expired meanwhile
 end ``offer_undelivered`` (audited). Until then ``/healthz`` answers 503 (``listening_failure``).
 
+A fifth, ``sessions_ended`` (origin instance, team id, agent id, reason, ids), follows the
+rendezvous ending sessions itself: an admin ending one (``POST /v1/sessions/{id}/end``, reason
+``ended_by_admin``) or removing their agent (``DELETE /v1/agents/{id}``, reason
+``agent_removed``). The row is ended (and audited) first; then ``tell_agent_to_end`` sends
+``end_sessions`` down this instance's channel of the agent, and publishes the notice (as many
+as the ids need, at most MAX_NOTICE_BYTES each) when another instance holds a live channel of
+it. It too is a hint: the holder sends ``end_sessions`` only for the ids whose row the store
+shows ended with that reason, on that agent, in that team. A removal publishes it before the
+``connection_superseded`` notices that close the channels, so the holder (which handles notices
+in order) sends ``end_sessions`` down a channel before closing it.
+
 A fourth, ``service_keys_rotated`` (role), follows ``keys rotate`` (rendezvous/key_rotation.py):
 every instance reloads its service keys as SIGHUP does (and pushes them to its agents). It too is
 a hint: the instance takes only key files that match the database's pins. A role that is not one
@@ -67,7 +78,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from protocol.relay_token import Side, issue_relay_token
-from rendezvous.audit_trail import Action, service_actor
+from rendezvous.audit_trail import Action, Actor, service_actor
 from rendezvous.errors import ServiceError
 from rendezvous.key_rotation import KEYS_ROTATED_NOTICE_KIND, reload_service_keys
 from rendezvous.policy_distribution import POLICY_NOTICE_KIND, handle_policy_notice
@@ -86,6 +97,12 @@ SUPERSEDED_NOTICE_KIND = "connection_superseded"
 OPERATOR_DISABLED_NOTICE_KIND = "operator_disabled"
 # The end_sessions reason (agent/session_host.py knows the same word and says it in words).
 OPERATOR_DISABLED_REASON = "operator_disabled"
+SESSIONS_ENDED_NOTICE_KIND = "sessions_ended"
+# The reasons of sessions the rendezvous ends itself, row first (agent/session_host.py knows
+# these words too): an admin removed their agent, or ended them (``tucdesk sessions end``).
+AGENT_REMOVED_REASON = "agent_removed"
+ENDED_BY_ADMIN_REASON = "ended_by_admin"
+ENDED_BY_RENDEZVOUS_REASONS = frozenset({AGENT_REMOVED_REASON, ENDED_BY_ADMIN_REASON})
 # Session ids in one end_sessions message (agent/session_host.py MAX_END_SESSION_IDS refuses
 # more); a disabled operator's sessions on one agent go in as many messages as they need.
 MAX_END_SESSION_IDS = 64
@@ -113,6 +130,7 @@ REJECTED_OFFER_NOTICE = "bus_offer_notice"
 REJECTED_SUPERSEDED_NOTICE = "bus_superseded_notice"
 REJECTED_OPERATOR_DISABLED_NOTICE = "bus_operator_disabled_notice"
 REJECTED_KEYS_ROTATED_NOTICE = "bus_keys_rotated_notice"
+REJECTED_SESSIONS_ENDED_NOTICE = "bus_sessions_ended_notice"
 # Key reloads that notices ask for, at most one per this many seconds: a burst of notices (or a
 # flood from whoever can NOTIFY) costs one reload, and one more after it so the last is taken.
 KEYS_RELOAD_MIN_INTERVAL_SECONDS = 2.0
@@ -201,6 +219,121 @@ async def announce_superseded(ctx: ServiceContext, superseded: AgentConnection) 
 def end_sessions_message(session_ids: list[str], reason: str) -> dict[str, Any]:
     """The ``end_sessions`` control message: the agent ends these sessions of its own now."""
     return {"type": "end_sessions", "ids": session_ids, "reason": reason}
+
+
+class AgentReach(StrEnum):
+    """Where ``tell_agent_to_end`` sent an agent its ``end_sessions``."""
+
+    HERE = "here"
+    """Queued down the agent's live channel on this instance."""
+    OTHER_INSTANCE = "other_instance"
+    """Published for the other instance holding the agent's live channel (a hint it acts on)."""
+    NOT_CONNECTED = "not_connected"
+    """The agent has no live channel anywhere (or its queue here is full)."""
+
+
+async def tell_agent_to_end(
+    ctx: ServiceContext, team_id: str, agent_id: str, session_ids: list[str], reason: str
+) -> AgentReach:
+    """Ask an agent to end ``session_ids`` (ended in the store already with ``reason``, one of
+    ENDED_BY_RENDEZVOUS_REASONS): down this instance's live channel of it, and through a
+    ``sessions_ended`` notice to another instance holding one. Never raises: a store failure
+    is logged (the rows are ended; a live_sessions report of the agent asks it again)."""
+    if not session_ids:
+        return AgentReach.NOT_CONNECTED
+    reach = AgentReach.NOT_CONNECTED
+    connections = ctx.connections
+    if connections is not None and connections.channels(team_id, agent_id):
+        sent_all = True
+        for start in range(0, len(session_ids), MAX_END_SESSION_IDS):
+            chunk = session_ids[start : start + MAX_END_SESSION_IDS]
+            if not await connections.send(team_id, agent_id, end_sessions_message(chunk, reason)):
+                sent_all = False
+        if sent_all:
+            reach = AgentReach.HERE
+    if not ctx.store.notifications_supported:
+        return reach
+    now = ctx.now()
+    try:
+        elsewhere = [
+            connection
+            for connection in await ctx.store.list_agent_connections(team_id, agent_id)
+            if connection.instance_id != ctx.instance_id
+            and connection.heartbeat_at > now - CONNECTION_STALE_AFTER_SECONDS
+        ]
+        if not elsewhere:
+            return reach
+        for notice in _sessions_ended_notices(ctx, team_id, agent_id, session_ids, reason):
+            await ctx.store.notify(OFFER_CHANNEL, notice)
+    except StoreError as error:
+        logger.warning("announcing sessions ended (%s) failed: %s", reason, type(error).__name__)
+        return reach
+    return AgentReach.HERE if reach is AgentReach.HERE else AgentReach.OTHER_INSTANCE
+
+
+@dataclass(frozen=True)
+class SessionsEnded:
+    """What ``end_open_sessions`` did: the sessions whose row it ended, and how their agent was
+    asked to end them."""
+
+    session_ids: list[str]
+    reach: AgentReach
+
+
+async def end_open_sessions(
+    ctx: ServiceContext, sessions: list[Session], reason: str, actor: Actor,
+    details: dict[str, Any],
+) -> SessionsEnded:
+    """End open sessions of ONE agent at the rendezvous's word (``reason``, one of
+    ENDED_BY_RENDEZVOUS_REASONS): for each, ``session.ended`` by ``actor`` (with ``details``)
+    is recorded, then its row ends; then the agent is asked to end them (``tell_agent_to_end``).
+    Raises ServiceError (the audit log failed: nothing more is done) or StoreError."""
+    if not sessions:
+        return SessionsEnded([], AgentReach.NOT_CONNECTED)
+    team_id, agent_id = sessions[0].team_id, sessions[0].agent_id
+    assert all(s.team_id == team_id and s.agent_id == agent_id for s in sessions)
+    ended: list[str] = []
+    try:
+        for session in sessions:
+            # No audit, no action: the record is durable before the row ends.
+            await ctx.audit.record(
+                team_id, actor=actor, action=Action.SESSION_ENDED, target=agent_id,
+                session_id=session.id,
+                details={"reason": reason, "state": session.state.value,
+                         "operator_id": session.operator_id, **details},
+            )  # fmt: skip
+            updated = await ctx.store.update_session_state(
+                team_id, agent_id, session.id, SessionState.ENDED, reason, ctx.now(),
+                from_states=(SessionState.OFFERED, SessionState.ACCEPTED),
+            )  # fmt: skip
+            if updated is not None:
+                ended.append(session.id)
+    finally:
+        # Also when a later one failed: those whose row ended must end on the host too.
+        reach = await tell_agent_to_end(ctx, team_id, agent_id, ended, reason)
+    return SessionsEnded(ended, reach)
+
+
+def _sessions_ended_notices(
+    ctx: ServiceContext, team_id: str, agent_id: str, session_ids: list[str], reason: str
+) -> list[str]:
+    """``sessions_ended`` notices naming ``session_ids``, as few as fit MAX_NOTICE_BYTES each."""
+    notices: list[str] = []
+    chunk: list[str] = []
+
+    def encoded(ids: list[str]) -> str:
+        return json.dumps({"kind": SESSIONS_ENDED_NOTICE_KIND, "origin": ctx.instance_id,
+                           "team_id": team_id, "agent_id": agent_id, "reason": reason,
+                           "ids": ids})  # fmt: skip
+
+    for session_id in session_ids:
+        if len(encoded([*chunk, session_id])) > MAX_NOTICE_BYTES and chunk:
+            notices.append(encoded(chunk))
+            chunk = []
+        chunk.append(session_id)
+    if chunk and len(encoded(chunk)) <= MAX_NOTICE_BYTES:  # ids are far shorter
+        notices.append(encoded(chunk))
+    return notices
 
 
 async def end_disabled_operator_sessions(
@@ -576,6 +709,8 @@ async def _handle_notice(ctx: ServiceContext, notice: str, reloads: KeyReloads) 
         await _handle_operator_disabled_notice(ctx, fields)
     elif kind == KEYS_ROTATED_NOTICE_KIND:
         _handle_keys_rotated_notice(ctx, fields, reloads)
+    elif kind == SESSIONS_ENDED_NOTICE_KIND:
+        await _handle_sessions_ended_notice(ctx, fields)
     elif "kind" in fields:
         _refuse_notice(ctx, REJECTED_NOTICE, "a notice of an unknown kind")
     else:
@@ -665,3 +800,39 @@ def _handle_keys_rotated_notice(
         _refuse_notice(ctx, REJECTED_KEYS_ROTATED_NOTICE, "a malformed service keys notice")
         return
     reloads.request(str(role))
+
+
+async def _handle_sessions_ended_notice(ctx: ServiceContext, fields: dict[str, Any]) -> None:
+    """Send ``end_sessions`` down this instance's channel of the agent for the sessions another
+    instance ended (see the docstring): only those the store shows ended with that reason."""
+    origin, team_id, agent_id = fields.get("origin"), fields.get("team_id"), fields.get("agent_id")
+    reason, ids = fields.get("reason"), fields.get("ids")
+    if not (
+        isinstance(origin, str) and isinstance(team_id, str) and isinstance(agent_id, str)
+        and reason in ENDED_BY_RENDEZVOUS_REASONS and isinstance(ids, list)
+        and 0 < len(ids) <= MAX_END_SESSION_IDS and all(isinstance(i, str) for i in ids)
+    ):  # fmt: skip
+        _refuse_notice(ctx, REJECTED_SESSIONS_ENDED_NOTICE, "a malformed sessions ended notice")
+        return
+    connections = ctx.connections
+    if origin == ctx.instance_id or connections is None:
+        return
+    if not connections.channels(team_id, agent_id):
+        return  # another instance's channel, or none
+    try:
+        confirmed = []
+        for session_id in dict.fromkeys(ids):
+            session = await ctx.store.get_session(team_id, session_id)
+            if (
+                session is not None and session.agent_id == agent_id
+                and session.state is SessionState.ENDED and session.state_reason == reason
+            ):  # fmt: skip
+                confirmed.append(session.id)
+    except StoreError as error:
+        logger.warning("checking ended sessions failed: %s", type(error).__name__)
+        return
+    if confirmed and await connections.send(
+        team_id, agent_id, end_sessions_message(confirmed, str(reason))
+    ):
+        logger.info("sessions ended on another instance (%s): asked agent %s here to end %d",
+                    reason, agent_id, len(confirmed))  # fmt: skip

@@ -45,7 +45,20 @@ from rendezvous.context import ServiceContext
 from rendezvous.control_channel import close_removed_agent_channels
 from rendezvous.credentials import REGISTRATION_KEY_PREFIX, has_shape, hash_secret
 from rendezvous.dependencies import Caller, CallerReadingAgents, Context, RateLimited
-from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, Unauthorized
+from rendezvous.errors import (
+    BadRequest,
+    Conflict,
+    Forbidden,
+    NotFound,
+    ServiceError,
+    Unauthorized,
+)
+from rendezvous.offer_bus import (
+    AGENT_REMOVED_REASON,
+    AgentReach,
+    SessionsEnded,
+    end_open_sessions,
+)
 from rendezvous.schemas import (
     AgentList,
     AgentTagsRequest,
@@ -59,10 +72,11 @@ from rendezvous.store import (
     AgentQuery,
     AlreadyExists,
     RegistrationKeyUnusable,
+    SessionState,
     StoreError,
 )
 from rendezvous.store import NotFound as StoreNotFound
-from rendezvous.store.base import TagsChanged
+from rendezvous.store.base import SessionQuery, TagsChanged
 from rendezvous.team_policy import enrollment_trust
 
 logger = logging.getLogger("tucdesk.rendezvous.agents")
@@ -70,6 +84,8 @@ router = APIRouter(tags=["agents"])
 MAX_MACHINE_FINGERPRINT_LENGTH = 256
 AGENT_LIST_PATH = "/agents"
 NO_SUCH_AGENT = "no such agent in your team"
+# Open sessions of an agent a removal ends at most (newest first); a repeat ends any beyond.
+MAX_SESSIONS_ENDED_ON_REMOVAL = 1000
 
 
 class RemovedAgentView(BaseModel):
@@ -83,6 +99,13 @@ class RemovedAgentView(BaseModel):
     registered_at: float
     last_seen_at: float | None
     removed_at: float
+    # The agent's open sessions the removal ended (reason agent_removed), and whether the agent
+    # was asked to end them over its live channel: AgentReach (rendezvous/offer_bus.py).
+    ended_sessions: list[str] = []
+    agent_reached: str = AgentReach.NOT_CONNECTED.value
+    # Set when ending them failed (the audit log or the store): the agent is removed anyway,
+    # and repeating the removal ends them.
+    ending_sessions_failed: bool = False
 
 
 @router.post("/agents/register", response_model=RegisterResponse, dependencies=[RateLimited])
@@ -238,9 +261,11 @@ async def list_agents(caller_reading_agents: CallerReadingAgents, ctx: Context) 
 
 @router.delete(AGENT_LIST_PATH + "/{agent_id}", response_model=RemovedAgentView)
 async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAgentView:
-    """Remove an agent of the caller's team (admins): its key never authenticates again, its
-    live control channel closes at once, and it leaves the list and name resolution (its name
-    is free again); its sessions keep their history. Repeating it answers the same removal.
+    """Remove an agent of the caller's team (admins): its open sessions end (recorded
+    ``session.ended``, reason ``agent_removed``; the agent is told down its live channel, on
+    whichever instance, before that closes), its key never authenticates again, its live
+    control channel closes at once, and it leaves the list and name resolution (its name is
+    free again); its sessions keep their history. Repeating it answers the same removal.
     """
     await _authorize_recorded(ctx, caller, agent_id, Action.AGENT_REMOVE_FAILED)
     agent = await ctx.store.get_agent(caller.team_id, agent_id, include_removed=True)
@@ -261,6 +286,16 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
                 "agent_key_id": PublicIdentity(agent.public_key).key_id,
             },
         )
+    # Before the key stops working and the channels close: the agent must still hear it. Also
+    # on a repeat, which ends what a failed first attempt left open.
+    failed = False
+    try:
+        ended = await _end_sessions_of_removed(ctx, caller, agent)
+    except (ServiceError, StoreError) as error:
+        # Cutting the agent off matters more: it goes ahead, and a repeat ends the sessions.
+        logger.warning("ending the sessions of agent %s being removed failed: %s",
+                       agent.id, type(error).__name__)  # fmt: skip
+        ended, failed = SessionsEnded([], AgentReach.NOT_CONNECTED), True
     try:
         removed, forgotten = await ctx.store.remove_agent(caller.team_id, agent.id, ctx.now())
     except StoreNotFound:
@@ -269,7 +304,32 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
     # deleted the connection rows the other instances' notices are built from: theirs close at
     # their next heartbeat).
     await close_removed_agent_channels(ctx, removed, forgotten)
-    return _removed_agent_view(removed)
+    if ended.session_ids:
+        logger.info("agent %s removed: ended %d open session(s), agent %s", agent.id,
+                    len(ended.session_ids), ended.reach.value)  # fmt: skip
+    view = _removed_agent_view(removed)
+    view.ended_sessions = ended.session_ids
+    view.agent_reached = ended.reach.value
+    view.ending_sessions_failed = failed
+    return view
+
+
+async def _end_sessions_of_removed(
+    ctx: ServiceContext, caller: Principal, agent: Agent
+) -> SessionsEnded:
+    """End the open sessions of ``agent``, which is being removed (its own ``session.ended``
+    would be refused once it is): audited by the admin, reason ``agent_removed``."""
+    listing = await ctx.store.session_listing(
+        caller.team_id,
+        SessionQuery(
+            limit=MAX_SESSIONS_ENDED_ON_REMOVAL, agent_id=agent.id,
+            states=(SessionState.OFFERED, SessionState.ACCEPTED),
+        ),
+    )  # fmt: skip
+    sessions = [listed.session for listed in listing.sessions]
+    return await end_open_sessions(
+        ctx, sessions, AGENT_REMOVED_REASON, caller_actor(caller), {"agent_name": agent.name}
+    )
 
 
 TAGS_CHANGED_MESSAGE = (

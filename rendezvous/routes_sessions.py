@@ -8,6 +8,15 @@ The list's ``agent`` filter takes an agent's id (a removed agent's too: its hist
 name, ``operator`` an operator's id or email; one that names nobody in the caller's team is
 refused (404 naming it), never answered with an empty list that reads as "no sessions".
 
+``POST /v1/sessions/{id}/end`` (admins; token and request proof) ends one open session of the
+team without disabling anyone, as Teleport can terminate a session: ``session.ended`` by the
+admin (reason ``ended_by_admin``) is recorded, the row ends, then the agent is told over its
+control channel on whichever instance holds it (rendezvous/offer_bus.py ``tell_agent_to_end``);
+the answer says whether it was reached. A session already ended or refused is answered as it
+is (``already_ended``), nothing recorded. A refused end (not an admin, or no such session in
+the caller's team: another team's id is answered and recorded alike) leaves a
+``session.end_failed`` record with the id as sent in the CALLER's team log.
+
 The contract is docs/sessions.md §1; the brokering itself is rendezvous/session_broker.py.
 """
 
@@ -18,14 +27,22 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from pydantic import Field
+from pydantic import BaseModel, Field
 
 from protocol.exec_limits import CommandTooLargeError, check_exec_command
 from rendezvous.agent_list_query import openapi_query_parameter
+from rendezvous.audit_trail import (
+    REFUSED_NOT_FOUND,
+    REFUSED_NOT_PERMITTED,
+    Action,
+    caller_actor,
+    refused_id,
+)
 from rendezvous.auth import Permission, Principal, authorize, is_granted
 from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
+from rendezvous.offer_bus import ENDED_BY_ADMIN_REASON, AgentReach, end_open_sessions
 from rendezvous.schemas import SessionList, SessionView, StrictModel
 from rendezvous.session_broker import (
     AmbiguousTarget,
@@ -39,6 +56,7 @@ from rendezvous.session_list_query import (
     encode_session_cursor,
     session_query,
 )
+from rendezvous.store import SessionState
 from rendezvous.store.base import ListedSession, SessionQuery
 
 router = APIRouter(tags=["sessions"])
@@ -48,6 +66,20 @@ MAX_TARGET_LENGTH = 255
 MAX_TERM_LENGTH = 64
 MAX_WINDOW_CELLS = 10_000
 MAX_APPROVAL_ID_LENGTH = 64
+NO_SUCH_SESSION = "no such session in your team"
+# Ending another operator's session is an admin's act, as disabling one is (never an API key's).
+SESSIONS_END_PERMISSION = Permission.OPERATORS_WRITE
+OPEN_STATES = (SessionState.OFFERED, SessionState.ACCEPTED)
+
+
+class EndedSessionView(BaseModel):
+    """``POST /v1/sessions/{id}/end``: the session as it is now, whether this request ended it
+    (False: it had ended or been refused already), and how its agent was asked to end it
+    (rendezvous/offer_bus.py AgentReach: ``here``, ``other_instance``, ``not_connected``)."""
+
+    session: SessionView
+    already_ended: bool
+    agent_reached: str
 
 
 class SessionBody(StrictModel):
@@ -109,6 +141,49 @@ async def get_session(session_id: str, caller: Caller, ctx: Context) -> SessionV
     if reader is not None and reader != listed.session.operator_id:
         raise Forbidden("only the session's operator, admins and auditors may see it")
     return _listed_session_view(listed)
+
+
+@router.post("/sessions/{session_id}/end", response_model=EndedSessionView)
+async def end_session(session_id: str, caller: Caller, ctx: Context) -> EndedSessionView:
+    """End an open session of the caller's team (admins): recorded first, then its row ends and
+    its agent is told to end it at once; the agent signs its own ``session.ended`` as well."""
+    try:
+        authorize(caller, SESSIONS_END_PERMISSION)
+    except Forbidden:
+        await _record_end_refused(ctx, caller, session_id, REFUSED_NOT_PERMITTED)
+        raise Forbidden(
+            "only admins may end a session (your own: exit it, or type ~. in a shell)"
+        ) from None
+    listed = await ctx.store.listed_session(caller.team_id, session_id[:MAX_TARGET_LENGTH])
+    if listed is None:
+        await _record_end_refused(ctx, caller, session_id, REFUSED_NOT_FOUND)
+        raise NotFound(NO_SUCH_SESSION)
+    session = listed.session
+    if session.state not in OPEN_STATES:
+        return EndedSessionView(
+            session=_listed_session_view(listed), already_ended=True,
+            agent_reached=AgentReach.NOT_CONNECTED.value,
+        )  # fmt: skip
+    ended = await end_open_sessions(
+        ctx, [session], ENDED_BY_ADMIN_REASON, caller_actor(caller),
+        {"ended_by": caller.email or caller.subject},
+    )  # fmt: skip
+    now = await ctx.store.listed_session(caller.team_id, session.id)
+    assert now is not None  # sessions are never deleted
+    return EndedSessionView(
+        session=_listed_session_view(now), already_ended=not ended.session_ids,
+        agent_reached=ended.reach.value,
+    )  # fmt: skip
+
+
+async def _record_end_refused(
+    ctx: ServiceContext, caller: Principal, session_id: str, reason: str
+) -> None:
+    """Record, in the caller's own team log, an end refused before anything was done."""
+    await ctx.audit.record_refusal(
+        caller.team_id, actor=caller_actor(caller), action=Action.SESSION_END_FAILED,
+        target=f"session:{refused_id(session_id)}", details={"reason": reason},
+    )  # fmt: skip
 
 
 # The query is parsed by ``session_list_query`` after the caller is authorized (so 401 and 403
