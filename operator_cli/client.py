@@ -1,18 +1,23 @@
 """The CLI's HTTP client for the rendezvous: challenge login, bound tokens, request proofs.
 
 Tokens are refreshed transparently: the operator key lives in the CLI home, so when the cached
-token is missing, about to expire or refused, the client signs a fresh challenge and retries once.
+token is about to expire or refused, the client signs a fresh challenge and retries once. No
+token at all means logged out (``tucdesk logout`` deletes it): ``tucdesk login`` signs in again
+with the same key. A home that cannot be written (a read-only mount in a CI job) keeps the fresh
+token in memory for the command, with one warning.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any
 
-from operator_cli.home import CliHome, HomeError, Settings
+from operator_cli.home import TOKEN_FILE, CliHome, HomeError, Settings
 from operator_cli.http import HttpClient, Response
 from protocol.domains import Purpose
+from protocol.errors import KeyFileError
 from protocol.identity import SigningIdentity, b64url
 from protocol.request_proof import PROOF_HEADER, create_proof
 from protocol.signed_payload import create_signed_payload
@@ -114,7 +119,17 @@ class Session:
                 and cached["expires_at"] > time.time() + REFRESH_MARGIN_SECONDS):
             return str(cached["access_token"])
         fresh = login(self.http, self.identity)
-        self.home.save_token(fresh)
+        try:
+            self.home.save_token(fresh)
+        except (OSError, KeyFileError) as error:
+            reason = error.strerror if isinstance(error, OSError) else None
+            where = f"{self.home.path / TOKEN_FILE} ({reason})" if reason else str(error)
+            print(
+                f"tucdesk: warning: cannot cache the new access token: {where}; it serves "
+                "this command only",
+                file=sys.stderr,
+            )
+            self.home.keep_token_in_memory(fresh)
         return str(fresh["access_token"])
 
     def request(self, method: str, path: str, body: Any = None) -> Any:

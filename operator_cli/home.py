@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -64,11 +65,15 @@ class CliHome:
         self.requested_ca_file = ca_file
         # Set when a damaged token cache was found (and removed) by load_token.
         self.token_was_damaged = False
+        # A fresh token the home could not store (read-only): load_token returns it meanwhile.
+        self._token_in_memory: dict[str, Any] | None = None
 
     def ensure(self) -> None:
-        """Create the directory (0700) if needed."""
+        """Create the directory (0700) if needed, or give it that mode (only if it has another:
+        a read-only home with the right mode is left alone)."""
         self.path.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.path, HOME_MODE)
+        if stat.S_IMODE(self.path.stat().st_mode) != HOME_MODE:
+            os.chmod(self.path, HOME_MODE)
 
     @property
     def key_path(self) -> Path:
@@ -148,6 +153,8 @@ class CliHome:
         is blocked by it (``token_was_damaged`` tells the caller). Too-open permissions are
         still refused (KeyFileError).
         """
+        if self._token_in_memory is not None:
+            return self._token_in_memory
         path = self.path / TOKEN_FILE
         try:
             record = self._read_json(path, secret=True)
@@ -165,6 +172,10 @@ class CliHome:
         """Cache the access token (0600)."""
         self.ensure()
         write_private_file(self.path / TOKEN_FILE, json.dumps(dict(record)).encode())
+
+    def keep_token_in_memory(self, record: Mapping[str, Any]) -> None:
+        """Serve ``record`` from load_token for the rest of this process (save_token failed)."""
+        self._token_in_memory = dict(record)
 
     def forget_token(self) -> None:
         """Delete the cached access token."""

@@ -168,3 +168,21 @@ def test_trust_with_an_expected_fingerprint_pins_only_that_key_for_strict_runs(
     done = tucdesk(ci_stack, home, "exec", agent.name, "--", "echo", "ran", env=strict)
     assert (done.returncode, done.stdout) == (0, b"ran\n"), done.stderr
     assert b"Pinned" not in done.stderr
+
+
+def test_a_read_only_home_with_an_expired_token_signs_in_again_for_the_command(
+    ci_stack: TappedStack, tmp_path: Path
+) -> None:
+    home = fresh_home(ci_stack, tmp_path / "ci-expired")
+    assert tucdesk(ci_stack, home, "exec", ci_stack.agent_name, "--", "true").returncode == 0
+    token_file = home / "token.json"
+    record = json.loads(token_file.read_text())
+    record["expires_at"] = 1  # long expired: the next command must sign in again
+    token_file.write_text(json.dumps(record))
+    done = tucdesk(ci_stack, home, "exec", ci_stack.agent_name, "--", "echo", "hi",
+                   read_only=True)
+    assert (done.returncode, done.stdout) == (0, b"hi\n"), done.stderr
+    warning = done.stderr.decode()
+    assert "cannot cache the new access token: " in warning and str(token_file) in warning
+    assert warning.count("cannot cache") == 1  # the fresh token served the whole command
+    assert json.loads(token_file.read_text())["expires_at"] == 1  # nothing written
