@@ -3,13 +3,21 @@
 Under ``serve --workers N`` every worker process writes its values to files in the private
 directory named by ``PROMETHEUS_MULTIPROC_DIR`` (prometheus_client's multiprocess mode, chosen
 when the library is imported), and ``/metrics`` on any worker reports the sum over all of them.
+
+Every refused authentication counted in ``tucdesk_auth_failures_total`` is also logged, once,
+with the client's address and the reason (``RefusedAuthenticationLog``, rate-limited per
+address), so fail2ban and the like can act on it; the token or key refused is never logged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, MutableMapping
+from contextvars import ContextVar
+from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -24,6 +32,141 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MULTIPROCESS_DIRECTORY_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 UNMATCHED_ROUTE = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+AUTH_REFUSAL_LOGGER = "tucdesk.rendezvous.auth"
+# Per client address: this many lines per window, then one line saying the rest are suppressed,
+# and when the window is over one line with their count (a flood cannot fill the disk).
+REFUSAL_LINES_PER_ADDRESS = 5
+REFUSAL_WINDOW_SECONDS = 60.0
+# All addresses together (a flood from many addresses): at most this many lines per window.
+REFUSAL_LINES_PER_WINDOW = 300
+# Addresses whose window is remembered; the oldest is forgotten first (bounded memory).
+MAX_TRACKED_REFUSAL_ADDRESSES = 4096
+UNKNOWN_ADDRESS = "unknown"
+# Refusals of the login endpoints before any credential is looked at (a malformed body).
+LOGIN_PATH_PREFIX = "/v1/auth/"
+MALFORMED_LOGIN_STATUSES = frozenset({400, 422})
+MALFORMED_LOGIN_REASON = "malformed_login_request"
+
+refusal_logger = logging.getLogger(AUTH_REFUSAL_LOGGER)
+
+
+@dataclass
+class _RequestPeer:
+    """The client of the request being served, and whether a refusal was logged for it."""
+
+    address: str
+    refusal_logged: bool = False
+
+
+_request_peer: ContextVar[_RequestPeer | None] = ContextVar("tucdesk_request_peer", default=None)
+
+
+@dataclass
+class _AddressWindow:
+    started: float
+    logged: int = 0
+    suppressed: int = 0
+
+
+class RefusedAuthenticationLog:
+    """Log each refused authentication as one WARNING line,
+    ``authentication refused from ADDRESS: reason=REASON``, rate-limited per address and in
+    total; suppressed lines are counted in a later ``suppressed N ...`` line."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._windows: OrderedDict[str, _AddressWindow] = OrderedDict()
+        self._total_started = clock()
+        self._total_logged = 0
+        self._total_suppressed = 0
+
+    def refused(self, reason: str, address: str | None = None) -> None:
+        """Record one refusal of ``reason`` from ``address`` (default: the current request's
+        client, as the ASGI server saw it)."""
+        peer = _request_peer.get()
+        if address is None:
+            address = peer.address if peer is not None else UNKNOWN_ADDRESS
+        if peer is not None:
+            peer.refusal_logged = True
+        now = self._clock()
+        self._roll_total_window(now)
+        window = self._window_of(address, now)
+        if window.logged >= REFUSAL_LINES_PER_ADDRESS:
+            window.suppressed += 1
+            return
+        if self._total_logged >= REFUSAL_LINES_PER_WINDOW:
+            self._total_suppressed += 1
+            return
+        window.logged += 1
+        self._total_logged += 1
+        refusal_logger.warning("authentication refused from %s: reason=%s", address, reason)
+        if window.logged == REFUSAL_LINES_PER_ADDRESS:
+            refusal_logger.warning(
+                "authentication refused from %s: further refusals from this address are "
+                "not logged for %d s", address, REFUSAL_WINDOW_SECONDS,
+            )  # fmt: skip
+
+    def _window_of(self, address: str, now: float) -> _AddressWindow:
+        window = self._windows.get(address)
+        if window is not None and now - window.started >= REFUSAL_WINDOW_SECONDS:
+            self._report_suppressed(address, window)
+            window = None
+        if window is None:
+            window = _AddressWindow(started=now)
+            self._windows[address] = window
+            while len(self._windows) > MAX_TRACKED_REFUSAL_ADDRESSES:
+                forgotten, old = self._windows.popitem(last=False)
+                self._report_suppressed(forgotten, old)
+        self._windows.move_to_end(address)
+        return window
+
+    def _report_suppressed(self, address: str, window: _AddressWindow) -> None:
+        if window.suppressed:
+            refusal_logger.warning(
+                "authentication refused from %s: suppressed %d more refusal(s) from this "
+                "address", address, window.suppressed,
+            )  # fmt: skip
+
+    def _roll_total_window(self, now: float) -> None:
+        if now - self._total_started < REFUSAL_WINDOW_SECONDS:
+            return
+        if self._total_suppressed:
+            refusal_logger.warning(
+                "authentication refusals: suppressed %d more line(s) over the limit of %d per "
+                "%d s", self._total_suppressed, REFUSAL_LINES_PER_WINDOW, REFUSAL_WINDOW_SECONDS,
+            )  # fmt: skip
+        self._total_started, self._total_logged, self._total_suppressed = now, 0, 0
+
+
+class _LoggedAuthFailure:
+    """One reason's child of ``tucdesk_auth_failures_total`` whose ``inc`` also logs."""
+
+    def __init__(self, child: Any, reason: str, log: RefusedAuthenticationLog) -> None:
+        self._child = child
+        self._reason = reason
+        self._log = log
+
+    def inc(self, amount: float = 1) -> None:
+        """Count the refusal and log it (with the client's address)."""
+        self._child.inc(amount)
+        self._log.refused(self._reason)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._child, name)
+
+
+class AuthFailureCounter:
+    """``tucdesk_auth_failures_total``: counted and logged in the same call, so every place
+    that refuses a credential leaves a log line without having to remember to."""
+
+    def __init__(self, counter: Counter, log: RefusedAuthenticationLog) -> None:
+        self.counter = counter
+        self.log = log
+
+    def labels(self, reason: str) -> _LoggedAuthFailure:
+        """The counter of ``reason``."""
+        return _LoggedAuthFailure(self.counter.labels(reason), reason, self.log)
 
 
 class ServiceMetrics:
@@ -45,11 +188,15 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.auth_failures = Counter(
-            "tucdesk_auth_failures_total",
-            "Refused authentications by reason.",
-            ["reason"],
-            registry=self.registry,
+        self.refusal_log = RefusedAuthenticationLog()
+        self.auth_failures = AuthFailureCounter(
+            Counter(
+                "tucdesk_auth_failures_total",
+                "Refused authentications by reason.",
+                ["reason"],
+                registry=self.registry,
+            ),
+            self.refusal_log,
         )
         self.registrations = Counter(
             "tucdesk_agent_registrations_total",
@@ -138,6 +285,41 @@ class RequestMetricsMiddleware:
             labels = (route_label, scope.get("method", ""), str(status))
             self.metrics.requests.labels(*labels).inc()
             self.metrics.latency.labels(*labels).observe(time.perf_counter() - started)
+
+
+class ClientAddressMiddleware:
+    """ASGI middleware that makes the request's client address known to the refusal log, and
+    logs a malformed request to the login endpoints (refused before any credential check)."""
+
+    def __init__(self, app: ASGIApp, log: RefusedAuthenticationLog) -> None:
+        self.app = app
+        self.log = log
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Serve the request with its peer recorded for the refusal log."""
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        # The TCP peer as the server accepted it: the service honours no forwarding header.
+        client = scope.get("client")
+        peer = _RequestPeer(str(client[0]) if client else UNKNOWN_ADDRESS)
+        login = scope["type"] == "http" and str(scope.get("path", "")).startswith(LOGIN_PATH_PREFIX)
+
+        async def send_and_watch(message: Message) -> None:
+            if (
+                login
+                and message["type"] == "http.response.start"
+                and message["status"] in MALFORMED_LOGIN_STATUSES
+                and not peer.refusal_logged
+            ):
+                self.log.refused(MALFORMED_LOGIN_REASON)
+            await send(message)
+
+        token = _request_peer.set(peer)
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            _request_peer.reset(token)
 
 
 PROMETHEUS_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

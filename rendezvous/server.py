@@ -10,6 +10,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import resource
 import signal
 import socket
 import ssl
@@ -19,6 +20,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import hypercorn.trio.run
 import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -26,7 +28,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from hypercorn.config import Config as HypercornConfig
 from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
 
+from relay.fdlimit import raise_open_file_limit_to_hard
 from rendezvous.app import create_app
 from rendezvous.audit_trail import AuditTrail, RefusalBudget
 from rendezvous.config import ServiceConfig, split_listen
@@ -35,7 +39,7 @@ from rendezvous.control_channel import AgentConnections, end_sessions_of_absent_
 from rendezvous.errors import ConfigError
 from rendezvous.http_versions import HTTP_1_ONLY_ALPN, speak_http_1_only
 from rendezvous.key_rotation import reload_if_pins_changed, reload_service_keys
-from rendezvous.metrics import MetricsOnlyApp, ServiceMetrics
+from rendezvous.metrics import ClientAddressMiddleware, MetricsOnlyApp, ServiceMetrics
 from rendezvous.offer_bus import end_disabled_operators_sessions_here, listen_for_offers
 from rendezvous.relay_health import check_relays_forever
 from rendezvous.service_keys import check_pinned_keys, load_service_keys, with_retired_keys
@@ -53,6 +57,96 @@ GRACEFUL_SHUTDOWN_SECONDS = 3
 SQLITE_SERVE_LOCK_SUFFIX = ".serve-lock"
 MINIMUM_TLS_VERSION = ssl.TLSVersion.TLSv1_2
 CERTIFICATE_EXPIRY_WARNING_SECONDS = 14 * 24 * 3600
+# trio logs each failed accept (out of files: EMFILE/ENFILE, ENOBUFS, ENOMEM) with a traceback
+# and retries every 0.1 s; this many seconds between lines instead, each with the count.
+ACCEPT_ERROR_LOG_INTERVAL_SECONDS = 10.0
+TRIO_ACCEPT_LOGGER = "trio.serve_listeners"
+
+
+class ConnectionReleasingTCPServer(TCPServer):
+    """Hypercorn's trio connection, closed as soon as the client has closed it.
+
+    Hypercorn 0.18 ends its read loop when the peer's FIN (or TLS close) arrives, but the
+    connection's task group still waits for the keep-alive timer of an idle connection, so the
+    socket stayed in CLOSE-WAIT, holding a file, for ``keep_alive_timeout`` (30 s): one per
+    finished CLI call, which ran a busy instance out of open files. Stopping the timer once
+    reading is over lets the connection close at once.
+    """
+
+    async def _read_data(self) -> None:
+        try:
+            await super()._read_data()
+        finally:
+            await self.idle_task.stop()
+
+
+def release_closed_connections() -> None:
+    """Make Hypercorn's trio worker close a connection when its client closes it (idempotent).
+
+    Raises RuntimeError when the installed Hypercorn no longer has the internals this relies on.
+    """
+    if not (
+        callable(getattr(TCPServer, "_read_data", None))
+        and getattr(hypercorn.trio.run, "TCPServer", None)
+        in (TCPServer, ConnectionReleasingTCPServer)
+    ):
+        raise RuntimeError(
+            "this Hypercorn version's connections cannot be released early (rendezvous/server.py)"
+        )
+    setattr(hypercorn.trio.run, "TCPServer", ConnectionReleasingTCPServer)  # noqa: B010
+
+
+class AcceptErrorThrottle(logging.Filter):
+    """Lets one of trio's failed-accept lines through per interval, rewritten to one line with
+    the count and without the traceback (out of files, trio retries every 0.1 s)."""
+
+    def __init__(
+        self,
+        interval: float = ACCEPT_ERROR_LOG_INTERVAL_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.interval = interval
+        self.clock = clock
+        self.last_logged: float | None = None
+        self.failures = 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Count the failure; keep the record (rewritten) once per interval."""
+        if getattr(record, "accept_errors_counted", False):
+            return True  # already rewritten by another throttle on the way
+        self.failures += 1
+        now = self.clock()
+        if self.last_logged is not None and now - self.last_logged < self.interval:
+            return False
+        error = record.args[0] if isinstance(record.args, tuple) and record.args else "error"
+        reason = record.args[1] if isinstance(record.args, tuple) and len(record.args) > 1 else ""
+        record.msg = (
+            "accepting connections failed %d time(s) since the last report: %s (%s); trio "
+            "retries every 0.1 s; if out of open files raise LimitNOFILE (ulimit -n)"
+        )
+        record.args = (self.failures, error, reason)
+        record.exc_info = None
+        record.exc_text = None
+        record.accept_errors_counted = True
+        self.last_logged, self.failures = now, 0
+        return True
+
+
+def throttle_accept_errors() -> None:
+    """Install ``AcceptErrorThrottle`` on trio's accept logger, once per process."""
+    trio_logger = logging.getLogger(TRIO_ACCEPT_LOGGER)
+    if not any(isinstance(existing, AcceptErrorThrottle) for existing in trio_logger.filters):
+        trio_logger.addFilter(AcceptErrorThrottle())
+
+
+def raise_open_files_for_serving() -> None:
+    """Raise the soft open-file limit to the hard one (each connection is a file); log it."""
+    soft, hard, warning = raise_open_file_limit_to_hard()
+    if warning is not None:
+        logger.warning("%s; each connection holds a file: raise LimitNOFILE (ulimit -n)", warning)
+    hard_text = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
+    logger.info("open-file limit %d (hard limit %s)", soft, hard_text)
 
 
 class ReloadableTlsConfig(HypercornConfig):
@@ -276,6 +370,7 @@ async def run_service(
     process's main instance), SIGHUP reloads the TLS files.
     """
     hyper = hypercorn_config(config, listening_socket)
+    raise_open_files_for_serving()
     if listening_socket is None:
         # Hypercorn's own bind failure surfaces as an exception group with no address in it.
         refuse_if_in_use(config.listen_host, config.listen_port)
@@ -317,7 +412,11 @@ async def _serve_instance(
                 nursery.start_soon(reload_tls_on_hangup, ctx.config, hyper, ctx)
             await nursery.start(listen_for_offers, ctx)
             binds = await nursery.start(
-                _serve_then_stop, create_app(ctx), hyper, shutdown_trigger, nursery.cancel_scope
+                _serve_then_stop,
+                ClientAddressMiddleware(create_app(ctx), ctx.metrics.refusal_log),
+                hyper,
+                shutdown_trigger,
+                nursery.cancel_scope,
             )
             if metrics_hyper is not None:
                 # Stopped with the rest when the API server returns (it cancels the nursery).
@@ -369,6 +468,8 @@ async def _serve_then_stop(
 ) -> None:
     """Serve; when Hypercorn returns (shutdown), stop the instance's other tasks too."""
     speak_http_1_only()
+    release_closed_connections()
+    throttle_accept_errors()
     await serve(app, hyper, shutdown_trigger=shutdown_trigger, task_status=task_status)  # type: ignore[arg-type]
     scope.cancel()
 
