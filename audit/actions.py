@@ -144,6 +144,11 @@ class Action(StrEnum):
     approval_request, audited_as, state: the request's state that won)."""
     AUDIT_EXPORTED = "audit.exported"
     """Someone exported the team's audit log."""
+    HISTORY_PRUNED = "history.pruned"
+    """The server admin deleted the team's old session and approval-request rows from the
+    database (``tucdesk-rendezvous db prune``), recorded before they were deleted (context:
+    before: the cutoff, UTC; sessions and approval_requests: how many). Audit records are never
+    pruned: the log keeps its account of those sessions."""
     SERVICE_KEY_ROTATED = "service_key.rotated"
     """An admin rotated a rendezvous service key (target = ``service-key:<purpose>``; context:
     purpose, old and new fingerprints, the new key). Recorded in every log; for the audit

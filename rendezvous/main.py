@@ -209,6 +209,20 @@ def build_parser() -> argparse.ArgumentParser:
         "migrations and (PostgreSQL) the other clients; changes nothing",
     )
     _add_store_flags(db_status)
+    db_prune = database_commands.add_parser(
+        "prune",
+        help="delete sessions that are over and settled approval requests older than "
+        "--older-than, in small batches, while instances serve; audited as history.pruned in "
+        "each team's log. Audit records are never deleted (docs/self-hosting.md, 'Retention')",
+    )
+    db_prune.add_argument(
+        "--older-than", required=True, metavar="DURATION",
+        help="keep history younger than this, such as 90d (at least 7d)",
+    )  # fmt: skip
+    db_prune.add_argument(
+        "--dry-run", action="store_true", help="only count what would be deleted"
+    )
+    _add_store_flags(db_prune)
 
     backup = commands.add_parser(
         "backup",
@@ -492,6 +506,37 @@ async def _db_status(config: ServiceConfig) -> int:
         hidden = hidden_clients_note(others)
         if hidden is not None:
             print(hidden)
+    return EXIT_OK
+
+
+async def _db_prune(config: ServiceConfig, older_than: int, dry_run: bool) -> int:
+    """Delete (or count) every team's history older than ``older_than`` seconds."""
+    from rendezvous.retention import prune_cutoff, prune_team_history
+    from rendezvous.store.base import PrunedHistory
+
+    now = time.time()
+    before = prune_cutoff(older_than, now)
+    keys = load_service_keys(config.data_dir)
+    total = PrunedHistory()
+    async with _admin_store(config) as store:
+        await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
+        trail: AuditTrail | None = None
+        if not dry_run:
+            trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+        for team in await store.list_teams():
+
+            def progress(done: PrunedHistory, name: str = team.name) -> None:
+                print(f"team {name}: deleted {done.sessions} sessions, "
+                      f"{done.approval_requests} approval requests so far", file=sys.stderr)
+
+            pruned = await prune_team_history(store, trail, team.id, before, progress=progress)
+            total += pruned
+            if pruned:
+                print(f"team {team.name}: {'would delete' if dry_run else 'deleted'} "
+                      f"{pruned.sessions} sessions, {pruned.approval_requests} approval requests")
+    verb = "would delete" if dry_run else "deleted"
+    print(f"{verb} {total.sessions} sessions and {total.approval_requests} approval requests "
+          f"last changed before {_utc(before)}; audit records are kept")
     return EXIT_OK
 
 
@@ -1026,6 +1071,8 @@ def dispatch(args: argparse.Namespace) -> int:
         return _run(_init, config, args.while_running)
     require_existing_store(config)
     if args.command == "db":
+        if args.db_command == "prune":
+            return _run(_db_prune, config, parse_duration(args.older_than), args.dry_run)
         return _run(_db_status, config)
     if args.command == "backup":
         return _backup(config, args.output, args.force)

@@ -396,6 +396,22 @@ class ConnectionReport:
         return bool(self.other_connections) or self.fingerprint_mismatch
 
 
+@dataclass(frozen=True)
+class PrunedHistory:
+    """History rows a prune deleted (or would delete): sessions and approval requests."""
+
+    sessions: int = 0
+    approval_requests: int = 0
+
+    def __add__(self, other: PrunedHistory) -> PrunedHistory:
+        return PrunedHistory(
+            self.sessions + other.sessions, self.approval_requests + other.approval_requests
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.sessions or self.approval_requests)
+
+
 class SessionState(StrEnum):
     """Where a brokered session is: offered to the agent, taken, refused by it, or over."""
 
@@ -749,6 +765,18 @@ class Store(abc.ABC):
     @abc.abstractmethod
     async def prune_expired(self, now: float) -> int:
         """Delete expired nonces, challenges, revocations and stale connections; count them."""
+
+    @abc.abstractmethod
+    async def prunable_history(self, team_id: str, before: float) -> PrunedHistory:
+        """How many of the team's history rows ``prune_history(team_id, before, …)`` would
+        delete in all (ended or refused sessions, settled approval requests)."""
+
+    @abc.abstractmethod
+    async def prune_history(self, team_id: str, before: float, limit: int) -> PrunedHistory:
+        """Delete at most ``limit`` settled approval requests and ``limit`` ended or refused
+        sessions of the team that last changed before ``before``, in one short transaction;
+        count them. Never an open session, a pending (or approved, unused) request, or a
+        session a kept request names. Call again until it deletes nothing."""
 
     @abc.abstractmethod
     async def probe_writes(self, scope: str, key: str) -> None:

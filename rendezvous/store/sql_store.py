@@ -56,6 +56,7 @@ from rendezvous.store.base import (
     NotFound,
     Operator,
     OperatorHoldings,
+    PrunedHistory,
     RegistrationKey,
     RegistrationKeyUnusable,
     RetiredServiceKey,
@@ -76,6 +77,24 @@ from rendezvous.store.base import (
 from rendezvous.store.migrations import Migration
 
 Row = Mapping[str, Any]
+
+# History a prune may delete ($1 team, $2 cutoff). Approval requests whose outcome is final
+# (an approved one is still redeemable until it expires or runs: kept), every time of which is
+# before the cutoff, and whose session (if it ran) is over. Sessions that are over (offered
+# and accepted ones are open: the sweeps, the agent's live_sessions report and its session
+# events still need them) and last changed before the cutoff; created_at is implied by
+# updated_at, and lets the (team_id, created_at, id) index bound the scan.
+_SETTLED_APPROVALS = """team_id = $1
+    AND state IN ('denied', 'expired', 'executed', 'withdrawn')
+    AND created_at < $2 AND expires_at < $2
+    AND COALESCE(decided_at, 0) < $2 AND COALESCE(executed_at, 0) < $2
+    AND (session_id IS NULL OR session_id NOT IN (
+        SELECT id FROM sessions WHERE team_id = $1 AND state IN ('offered', 'accepted')))"""
+_FINISHED_SESSIONS = """team_id = $1 AND state IN ('ended', 'refused')
+    AND created_at < $2 AND updated_at < $2"""
+# Sessions an approval request that stays names (its history stays whole).
+_SESSIONS_NAMED_BY_KEPT_APPROVALS = f"""SELECT session_id FROM approval_requests
+    WHERE team_id = $1 AND session_id IS NOT NULL AND NOT ({_SETTLED_APPROVALS})"""  # noqa: S608
 
 # Whether an agent (``a``) has a live control connection.
 _AGENT_ONLINE = """EXISTS (SELECT 1 FROM agent_connections c
@@ -842,6 +861,45 @@ class SqlStore(Store):
                 now - CONNECTION_STALE_AFTER_SECONDS,
             )
         return removed
+
+    async def prunable_history(self, team_id: str, before: float) -> PrunedHistory:
+        """How many of the team's history rows ``prune_history`` would delete in all."""
+        approvals = await self._read_fetchrow(
+            f"SELECT COUNT(*) AS n FROM approval_requests WHERE {_SETTLED_APPROVALS}",  # noqa: S608
+            team_id, before,
+        )  # fmt: skip
+        sessions = await self._read_fetchrow(
+            f"""SELECT COUNT(*) AS n FROM sessions
+                WHERE {_FINISHED_SESSIONS} AND id NOT IN ({_SESSIONS_NAMED_BY_KEPT_APPROVALS})""",  # noqa: S608, E501
+            team_id, before,
+        )  # fmt: skip
+        return PrunedHistory(
+            sessions=int(sessions["n"]) if sessions else 0,
+            approval_requests=int(approvals["n"]) if approvals else 0,
+        )
+
+    async def prune_history(self, team_id: str, before: float, limit: int) -> PrunedHistory:
+        """Delete up to ``limit`` settled approval requests and ``limit`` finished sessions of
+        the team that last changed before ``before`` (never a session a request that stays
+        names); count them."""
+        if limit <= 0:
+            raise InvalidArgument("a prune batch deletes at least one row")
+        async with self._transaction() as session:
+            approvals = await session.execute(
+                f"""DELETE FROM approval_requests WHERE team_id = $1 AND id IN (
+                        SELECT id FROM approval_requests WHERE {_SETTLED_APPROVALS}
+                        ORDER BY created_at LIMIT $3)""",  # noqa: S608 - constant conditions
+                team_id, before, limit,
+            )  # fmt: skip
+            sessions = await session.execute(
+                f"""DELETE FROM sessions WHERE team_id = $1 AND id IN (
+                        SELECT id FROM sessions
+                        WHERE {_FINISHED_SESSIONS}
+                          AND id NOT IN ({_SESSIONS_NAMED_BY_KEPT_APPROVALS})
+                        ORDER BY created_at LIMIT $3)""",  # noqa: S608 - constant conditions
+                team_id, before, limit,
+            )  # fmt: skip
+        return PrunedHistory(sessions=sessions, approval_requests=approvals)
 
     async def probe_writes(self, scope: str, key: str) -> None:
         """Insert and delete, in one transaction, a seen_nonces row of ``_write_probe_bytes``
