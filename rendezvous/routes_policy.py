@@ -21,6 +21,7 @@ from typing import Any, Literal
 from fastapi import APIRouter
 from pydantic import Field
 
+from protocol.exec_limits import MAX_COMMAND_ARGUMENTS
 from protocol.policy import (
     AccessRequest,
     Action,
@@ -34,7 +35,7 @@ from protocol.policy import (
     countersign_policy_bundle,
     decide,
 )
-from protocol.session_grant import MAX_ARGUMENT_SIZE, MAX_COMMAND_ARGUMENTS
+from protocol.session_grant import MAX_ARGUMENT_SIZE
 from rendezvous.audit_trail import Action as AuditAction
 from rendezvous.audit_trail import caller_actor
 from rendezvous.auth import Permission, Principal, authorize
