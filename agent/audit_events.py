@@ -48,11 +48,14 @@ class SessionAuditor:
         grant: SessionGrant,
         operator_fingerprint: str,
         decision: LocalDecision | None = None,
+        *,
+        terminal: bool = False,
     ) -> SignedEvent:
         """``session.started``: the handshake and grant checked out and the session runs.
 
         With ``decision``, the policy result is the agent's own (its version, and the approval
-        it executed), not the one the grant claims.
+        it executed), not the one the grant claims. ``terminal``: an exec on a terminal
+        (``exec -t``), recorded as ``"terminal": true``.
         """
         context: dict[str, Any] = {
             "mode": grant.mode.value,
@@ -61,6 +64,8 @@ class SessionAuditor:
             "role": grant.role,
             "grant_id": grant.grant_id,
         }
+        if terminal:
+            context["terminal"] = True
         policy_result = _policy_result(grant)
         if decision is not None:
             approved = decision.approval_request_id is not None

@@ -118,6 +118,38 @@ class GrantPolicy:
                                  request_id)
         return LocalDecision(decision.result, decision.rule_id, decision.reason, version)
 
+    def check_terminal(self, operator_thumbprint: str, now: float) -> None:
+        """Allow ``exec -t`` for a grant ``check`` let through, or raise GrantPolicyRefused.
+
+        On a terminal an interactive program (a pager, an editor) can start a shell, so running
+        a command there is as strong as a shell: the policy must allow this operator a shell on
+        this agent outright (no approval, since the approval the grant may carry is for the
+        command). The grant and the rendezvous's decision do not say whether a terminal is
+        wanted; the agent, which runs the session, decides it.
+        """
+        accepted = self._cache.accepted
+        if accepted is None:
+            return  # no signed policy: only pinned admin keys got this far, and they may
+        version = accepted.bundle.content.version
+        try:
+            request = accepted.access_request(
+                operator_thumbprint, self._agent_id, self._agent_name, Action.SHELL, None
+            )
+        except PolicyError:
+            raise GrantPolicyRefused(
+                "refused by the agent: exec -t needs a shell to be allowed, and your key is not "
+                "in the signed roster with a role that may open one"
+            ) from None
+        decision = decide(accepted.policy, request, now)
+        if decision.result is not Outcome.ALLOW:
+            ruling = "needs approval" if decision.result is Outcome.APPROVAL_REQUIRED else "denied"
+            raise GrantPolicyRefused(
+                "refused by the agent: exec -t runs the command on a terminal, where an "
+                "interactive program can start a shell, so it needs the policy to allow you a "
+                f"shell on this agent without approval; a shell here is {ruling} ("
+                f"{_rule(decision)}, policy version {version}); run the command without -t"
+            )
+
     def _check_approval(
         self,
         grant: SessionGrant,

@@ -615,6 +615,11 @@ class SessionHost:
             with trio.fail_after(SESSION_START_TIMEOUT_SECONDS):
                 start = await sealed.receive_session_start()
             check_start_matches_grant(start, grant)
+            if start.pty:
+                try:
+                    self._policy.check_terminal(operator.key_id, self._wall_clock())
+                except GrantPolicyRefused as refusal:
+                    raise SessionRefusal("policy-denied", refusal.reason) from None
             opener = self._opener(start, grant)
             recorder = await self._open_recording(start, grant)
         except SessionRefusal as refusal:
@@ -648,7 +653,9 @@ class SessionHost:
                 await trio.lowlevel.checkpoint()  # its scope is cancelled: this raises Cancelled
             # From here an end_sessions request ends it through the pump, not by cancelling.
             running.running = True
-        self._audit(self._auditor.started(grant, operator.fingerprint, decision))
+        self._audit(
+            self._auditor.started(grant, operator.fingerprint, decision, terminal=start.pty)
+        )
         if grant.mode is SessionMode.EXEC:
             self._audit(self._auditor.command(grant, start.command))
         outcome = SessionOutcome()

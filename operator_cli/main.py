@@ -583,7 +583,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     export.add_argument(
         "-o", "--output", type=Path,
-        help="file to write (default: stdout); downloaded to a temporary file beside it and "
+        help="file to write (default, or -: stdout); downloaded to a temporary file beside it and "
         "renamed into place (mode 0600) only once the whole bundle arrived, so a failed "
         "download leaves no partial file and an existing one untouched",
     )
@@ -1174,6 +1174,8 @@ def _audit_export(args: argparse.Namespace, home: CliHome) -> int:
     )
 
     output: Path | None = args.output
+    if output is not None and str(output) == "-":
+        output = None  # `-o -`: stdout, as most tools read it (not a file named "-")
     if output is not None and output.is_dir():
         _report(args, f"{output} is a directory; give a file name with -o")
         return EXIT_FAILURE

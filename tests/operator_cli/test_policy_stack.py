@@ -7,6 +7,7 @@ line naming the rule.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,3 +151,32 @@ def test_a_new_operator_waits_for_an_admin_to_sign_the_roster(team: PolicyStack)
     assert "nothing pending" in team.tucdesk("roster", "show").stdout.decode()
     allowed = team.tucdesk("exec", agent, "--", "echo", "carol", home=carol_home)
     assert (allowed.returncode, allowed.stdout) == (0, b"carol\n"), allowed.stderr
+
+
+def test_exec_on_a_terminal_needs_a_shell_the_policy_allows_outright(team: PolicyStack) -> None:
+    # alice may exec, but her shells need approval: on a terminal a pager or an editor could
+    # start one, so the agent refuses her exec -t and says why; run without -t it works.
+    agent = team.stack.agent_name
+    refused = team.tucdesk("exec", "-tt", agent, "--", "tty", home=team.operator_home)
+    assert refused.returncode == EXIT_CONNECTION_FAILED
+    line = " ".join(refused.stderr.decode().split())
+    assert "exec -t runs the command on a terminal" in line
+    assert "a shell here is needs approval (rule alice-shells-need-approval" in line
+    assert refused.stdout == b""
+    plain = team.tucdesk("exec", agent, "--", "tty", home=team.operator_home)
+    assert (plain.returncode, plain.stdout) == (1, b"not a tty\n")
+    # The admin may open shells outright: exec -t runs, and the agent records the terminal.
+    allowed = team.tucdesk("exec", "-tt", agent, "--", "tty")
+    assert allowed.returncode == 0, allowed.stderr
+    assert allowed.stdout.startswith(b"/dev/pts/")
+    deadline = time.monotonic() + 30  # the agent's signed record reaches the log shortly after
+    while True:
+        exported = team.tucdesk("audit", "export", "-o", "-")
+        started = [
+            line for line in exported.stdout.decode().splitlines()
+            if '"session.started"' in line and '"terminal":true' in line.replace(" ", "")
+        ]
+        if started or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(started) == 1, exported.stderr
