@@ -803,11 +803,14 @@ def _keys_list(args: argparse.Namespace, home: CliHome) -> int:
     from operator_cli.operator_commands import creator_names, creator_of
 
     keys, names = _keys_and_creators(home, "/v1/registration-keys", creator_names)
-    print(f"{'ID':<24} {'STATUS':<8} {'EXPIRES':<26} {'CREATED BY':<32} TAGS")
+    # USED BY: the agent a key enrolled (an incident responder's link from a key to a host).
+    print(f"{'ID':<24} {'STATUS':<8} {'EXPIRES':<26} {'CREATED BY':<32} {'USED BY':<22} TAGS")
     for key in keys:
         expires = datetime.fromtimestamp(key["expires_at"], UTC).isoformat(timespec="seconds")
+        used_by = key.get("used_by_agent") or "-"
         print(f"{key['id']:<24} {key['status']:<8} {expires:<26} "
-              f"{creator_of(key.get('created_by'), names):<32} {','.join(key['tags']) or '-'}")
+              f"{creator_of(key.get('created_by'), names):<32} {used_by:<22} "
+              f"{','.join(key['tags']) or '-'}")
     return EXIT_OK
 
 

@@ -33,7 +33,7 @@ OPEN_STATES = ("offered", "accepted")
 MAX_SESSIONS_ENDED = 1000
 # What the service's agent_reached says, in words.
 REACHED_WORDS = {
-    "here": "the agent was told and ends it now",
+    "here": "the agent was told to end it now",
     "other_instance": "the agent was told (through the rendezvous instance holding its channel)",
     "not_connected": "the agent is not connected now: it is told to end it when it reconnects",
 }

@@ -243,12 +243,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store_flags(team_create)
     team_list = team_commands.add_parser("list", help="list teams")
     _add_store_flags(team_list)
-    team_reset = team_commands.add_parser(
-        "reset-policy",
-        help="retire a team's signed policy chain when no active admin of its signed roster is "
+    reset_help = (
+        "retire a team's signed policy chain when no active admin of its signed roster is "
         "left (refused otherwise), so a current admin can sign a new first policy; agents do "
         "NOT take it until each is re-enrolled (tucdesk-agent enroll --force); audited as "
-        "policy.reset (docs/policy.md)",
+        "policy.reset (docs/policy.md)"
+    )
+    team_reset = team_commands.add_parser(
+        "reset-policy", help=reset_help, description=reset_help[0].upper() + reset_help[1:] + "."
     )
     team_reset.add_argument("--team", required=True, help="team name")
     _add_store_flags(team_reset)
@@ -792,6 +794,9 @@ async def _operator_disable(config: ServiceConfig, team_name: str, name_or_id: s
         exact = [operator for operator in matches if operator.id == name_or_id]
         if exact:
             matches = exact
+        active = [operator for operator in matches if operator.is_active()]
+        if len(matches) > 1 and len(active) == 1:
+            matches = active  # the email's earlier holders are disabled already: this is the one
         if not matches:
             raise ServiceError(
                 f"team {team.name} has no operator {name_or_id!r} (see operator list)"

@@ -19,8 +19,9 @@ def _view(**fields: object) -> dict[str, object]:
 
 def test_an_ended_session_says_whether_the_agent_was_reached() -> None:
     here = ended_line({"session": _view(), "already_ended": False, "agent_reached": "here"})
-    assert here == "ended session ses_1 (recorded as ended_by_admin): the agent was told and " \
-        "ends it now"
+    # Told, not confirmed: a compromised agent may ignore it (docs/security-model.md).
+    assert here == "ended session ses_1 (recorded as ended_by_admin): the agent was told to " \
+        "end it now"
     away = ended_line({"session": _view(), "already_ended": False,
                        "agent_reached": "not_connected"})  # fmt: skip
     assert "not connected now" in away and "when it reconnects" in away

@@ -161,6 +161,9 @@ def test_admin_and_operator_commands_work_end_to_end(
     assert [a["id"] for a in agents] == [registered["agent_id"]]
     assert agents[0]["tags"] == ["web", "prod"]
     assert "web-e2e" in _run("tucdesk", "agents", home=home).stdout
+    used = [line for line in _run("tucdesk", "keys", "list", home=home).stdout.splitlines()
+            if " used " in line]
+    assert len(used) == 1 and registered["agent_id"] in used[0]  # which host the key enrolled
 
     second = _run("tucdesk", "keys", "create", home=home).stdout
     key_id = re.search(r"registration key (rk_[a-z0-9]+) ", second).group(1)

@@ -104,3 +104,21 @@ def test_a_duplicate_invite_points_at_revoke(
                  "admin", *_store(tmp_path)]  # fmt: skip
     assert main(arguments) == 1
     assert f"invite revoke --team TEAM {invite_id}" in capsys.readouterr().err
+
+
+@pytest.mark.usefixtures("teams")
+def test_operator_disable_by_email_picks_the_one_active_holder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Disabled and invited again: the email has two operators, one of them active.
+    _, code = _invite(tmp_path, capsys, "ops", "ada@example.com")
+    _enroll(tmp_path, code)
+    assert main(["operator", "disable", "--team", "ops", "ada@example.com", *_store(tmp_path)]) == 0
+    capsys.readouterr()
+    _, code = _invite(tmp_path, capsys, "ops", "ada@example.com")
+    _enroll(tmp_path, code)
+    assert main(["operator", "disable", "--team", "ops", "ada@example.com", *_store(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["operator", "list", "--team", "ops", *_store(tmp_path)]) == 0
+    listed = [line for line in capsys.readouterr().out.splitlines() if "ada@example.com" in line]
+    assert len(listed) == 2 and all("disabled" in line for line in listed), listed
