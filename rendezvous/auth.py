@@ -173,7 +173,13 @@ async def _authenticate(
     *,
     proof_on_reads: bool,
 ) -> tuple[Principal, AgentListing | None]:
-    credential = _bearer(facts.authorization)
+    try:
+        credential = _bearer(facts.authorization)
+    except Unauthorized as error:
+        # A credential of another scheme (``Basic …``) is a guess too; a missing one is not.
+        if error.reason == "malformed_token":
+            ctx.metrics.auth_failures.labels("malformed_token").inc()
+        raise
     if has_shape(credential, API_KEY_PREFIX):
         return await _authenticate_api_key(ctx, credential), None
     needs_proof = proof_on_reads or facts.method.upper() in STATE_CHANGING_METHODS

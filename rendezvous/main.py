@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import sys
@@ -64,6 +65,7 @@ DATA_DIR_MODE = 0o700
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130  # as a shell reports a command ended by SIGINT
 
 logger = logging.getLogger("tucdesk.rendezvous")
 
@@ -380,15 +382,27 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# A duration: ASCII digits (str.isdigit also takes '²' and other scripts' digits) and a unit.
+DURATION_PATTERN = re.compile(r"([0-9]+)([smhd]?)", re.ASCII)
+DURATION_SUFFIX_SECONDS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+# Longer than any TTL or retention makes sense for, and far from a date before year 1.
+MAX_DURATION_SECONDS = 100 * 365 * 86400
+
+
 def parse_duration(text: str) -> int:
-    """Seconds in a duration such as ``90s``, ``30m``, ``24h`` or ``7d`` (bare numbers: seconds)."""
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-    text = text.strip().lower()
-    multiplier = units.get(text[-1:], None)
-    number = text[:-1] if multiplier else text
-    if not number.isdigit() or int(number) <= 0:
+    """Seconds in a duration such as ``90s``, ``30m``, ``24h`` or ``7d`` (bare numbers: seconds);
+    ConfigError, one line, for anything else, zero, or more than 100 years."""
+    cleaned = text.strip().lower()
+    match = DURATION_PATTERN.fullmatch(cleaned)
+    if match is None:
         raise ConfigError(f"duration {text!r} is not like 90s, 30m, 24h or 7d")
-    return int(number) * (multiplier or 1)
+    digits = match.group(1)
+    seconds = int(digits) * DURATION_SUFFIX_SECONDS[match.group(2)] if len(digits) <= 12 else -1
+    if not 0 < seconds <= MAX_DURATION_SECONDS:
+        raise ConfigError(
+            f"duration {text!r} must be more than 0 and at most {MAX_DURATION_SECONDS // 86400}d"
+        )
+    return seconds
 
 
 def _config(args: argparse.Namespace) -> ServiceConfig:
@@ -512,7 +526,11 @@ async def _db_status(config: ServiceConfig) -> int:
 
 
 async def _db_prune(config: ServiceConfig, older_than: int, dry_run: bool) -> int:
-    """Delete (or count) every team's history older than ``older_than`` seconds."""
+    """Delete (or count) every team's history older than ``older_than`` seconds.
+
+    Ctrl-C (SIGINT) stops after the batch in flight: the team's ``history.pruned`` outcome
+    record says ``interrupted`` with the rows deleted, and one line says so (exit 130).
+    """
     from rendezvous.retention import prune_cutoff, prune_team_history
     from rendezvous.store.base import PrunedHistory
 
@@ -520,22 +538,48 @@ async def _db_prune(config: ServiceConfig, older_than: int, dry_run: bool) -> in
     before = prune_cutoff(older_than, now)
     keys = load_service_keys(config.data_dir)
     total = PrunedHistory()
-    async with _admin_store(config) as store:
-        await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
-        trail: AuditTrail | None = None
-        if not dry_run:
-            trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
-        for team in await store.list_teams():
+    interrupted = False
 
-            def progress(done: PrunedHistory, name: str = team.name) -> None:
-                print(f"team {name}: deleted {done.sessions} sessions, "
-                      f"{done.approval_requests} approval requests so far", file=sys.stderr)
+    def stop_requested() -> bool:
+        return interrupted
 
-            pruned = await prune_team_history(store, trail, team.id, before, progress=progress)
-            total += pruned
-            if pruned:
-                print(f"team {team.name}: {'would delete' if dry_run else 'deleted'} "
-                      f"{pruned.sessions} sessions, {pruned.approval_requests} approval requests")
+    async def watch_interrupt(signals: Any) -> None:
+        nonlocal interrupted
+        async for _ in signals:
+            if not interrupted:
+                print("stopping after the batch in flight (Ctrl-C)", file=sys.stderr)
+            interrupted = True
+
+    async with _admin_store(config) as store, trio.open_nursery() as nursery:
+        with trio.open_signal_receiver(signal.SIGINT) as signals:
+            nursery.start_soon(watch_interrupt, signals)
+            await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
+            trail: AuditTrail | None = None
+            if not dry_run:
+                trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
+            for team in await store.list_teams():
+                if interrupted:
+                    break
+
+                def progress(done: PrunedHistory, name: str = team.name) -> None:
+                    print(f"team {name}: deleted {done.sessions} sessions, "
+                          f"{done.approval_requests} approval requests so far", file=sys.stderr)
+
+                pruned = await prune_team_history(
+                    store, trail, team.id, before, progress=progress,
+                    stop_requested=stop_requested,
+                )  # fmt: skip
+                total += pruned
+                if pruned:
+                    print(f"team {team.name}: {'would delete' if dry_run else 'deleted'} "
+                          f"{pruned.sessions} sessions, {pruned.approval_requests} approval "
+                          "requests")
+            nursery.cancel_scope.cancel()
+    if interrupted and not dry_run:
+        print(f"tucdesk-rendezvous: db prune interrupted: deleted {total.sessions} sessions and "
+              f"{total.approval_requests} approval requests (recorded as history.pruned, "
+              "stage interrupted); run it again to finish", file=sys.stderr)
+        return EXIT_INTERRUPTED
     verb = "would delete" if dry_run else "deleted"
     print(f"{verb} {total.sessions} sessions and {total.approval_requests} approval requests "
           f"last changed before {_utc(before)}; audit records are kept")

@@ -11,6 +11,7 @@ address), so fail2ban and the like can act on it; the token or key refused is ne
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -34,12 +35,30 @@ UNMATCHED_ROUTE = "unmatched"
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 
 AUTH_REFUSAL_LOGGER = "tucdesk.rendezvous.auth"
-# Per client address: this many lines per window, then one line saying the rest are suppressed,
-# and when the window is over one line with their count (a flood cannot fill the disk).
+# Per client address (IPv6: per /64, which one host or site usually holds whole): this many
+# lines per window, then one line saying the rest are suppressed, and when the window is over
+# one line with their count (a flood cannot fill the disk).
 REFUSAL_LINES_PER_ADDRESS = 5
 REFUSAL_WINDOW_SECONDS = 60.0
-# All addresses together (a flood from many addresses): at most this many lines per window.
+IPV6_AGGREGATE_PREFIX = 64
+# All addresses together (a flood from many addresses): at most this many repeat lines per
+# window. The first line of an address in its window is always logged, so decoy addresses
+# spending the budget cannot hide another address from fail2ban.
 REFUSAL_LINES_PER_WINDOW = 300
+# Refusals of a wrong or unusable credential: what a ban filter should count (the documented
+# failregex lists them). Others (a malformed request, a disabled operator, a stale login
+# challenge) are logged as refusals too, but say nothing about guessing.
+CREDENTIAL_REFUSAL_REASONS = frozenset({
+    "invalid_token", "revoked_token", "malformed_token", "unknown_api_key", "revoked_api_key",
+    "missing_proof", "invalid_proof", "replayed_proof", "unknown_operator", "bad_signature",
+    "invalid_enrollment", "invalid_invite", "invite_unknown", "invite_used", "invite_expired",
+    "invite_revoked", "agent_channel", "agent_removed", "registration_invalid_payload",
+    "registration_replayed", "registration_malformed_key", "registration_key_unknown",
+    "registration_key_used", "registration_key_expired", "registration_key_revoked",
+})  # fmt: skip
+# Throttling refuses a request before any credential is looked at: logged as such, not as a
+# refused authentication (a fleet behind one NAT address must not be banned for it).
+THROTTLED_REASONS = frozenset({"rate_limited"})
 # Addresses whose window is remembered; the oldest is forgotten first (bounded memory).
 MAX_TRACKED_REFUSAL_ADDRESSES = 4096
 UNKNOWN_ADDRESS = "unknown"
@@ -91,16 +110,22 @@ class RefusedAuthenticationLog:
             peer.refusal_logged = True
         now = self._clock()
         self._roll_total_window(now)
-        window = self._window_of(address, now)
+        window = self._window_of(_aggregate(address), now)
         if window.logged >= REFUSAL_LINES_PER_ADDRESS:
             window.suppressed += 1
             return
-        if self._total_logged >= REFUSAL_LINES_PER_WINDOW:
+        # An address's first line in its window is never suppressed by the total cap (it is
+        # bounded by the addresses refused, each one line per window, or per return after
+        # being forgotten when more than MAX_TRACKED_REFUSAL_ADDRESSES are refused).
+        if window.logged and self._total_logged >= REFUSAL_LINES_PER_WINDOW:
             self._total_suppressed += 1
             return
         window.logged += 1
         self._total_logged += 1
-        refusal_logger.warning("authentication refused from %s: reason=%s", address, reason)
+        if reason in THROTTLED_REASONS:
+            refusal_logger.warning("requests throttled from %s: reason=%s", address, reason)
+        else:
+            refusal_logger.warning("authentication refused from %s: reason=%s", address, reason)
         if window.logged == REFUSAL_LINES_PER_ADDRESS:
             refusal_logger.warning(
                 "authentication refused from %s: further refusals from this address are "
@@ -137,6 +162,18 @@ class RefusedAuthenticationLog:
                 "%d s", self._total_suppressed, REFUSAL_LINES_PER_WINDOW, REFUSAL_WINDOW_SECONDS,
             )  # fmt: skip
         self._total_started, self._total_logged, self._total_suppressed = now, 0, 0
+
+
+def _aggregate(address: str) -> str:
+    """The key an address is limited under: itself, or its /64 for an IPv6 address."""
+    try:
+        parsed = ipaddress.ip_address(address)
+    except ValueError:
+        return address
+    if parsed.version == 6 and parsed.ipv4_mapped is None:
+        network = ipaddress.IPv6Network((parsed, IPV6_AGGREGATE_PREFIX), strict=False)
+        return str(network)
+    return address
 
 
 class _LoggedAuthFailure:

@@ -46,32 +46,61 @@ async def prune_team_history(
     *,
     batch_rows: int = PRUNE_BATCH_ROWS,
     progress: Callable[[PrunedHistory], None] | None = None,
+    stop_requested: Callable[[], bool] | None = None,
 ) -> PrunedHistory:
     """Delete the team's history from before ``before`` in batches; with ``trail``, record
-    ``history.pruned`` first (no audit, no action); without one, only count (a dry run)."""
+    ``history.pruned`` first (no audit, no action); without one, only count (a dry run).
+
+    Two records: the plan (``stage: planned``, the counts found) before the first batch, and
+    the outcome (``stage: completed``, or ``interrupted`` when ``stop_requested`` said so
+    between batches or a batch failed) with the rows really deleted. One outcome record, not
+    one per batch: a large prune would otherwise add hundreds of records to the log.
+    """
     prunable = await store.prunable_history(team_id, before)
     if trail is None or not prunable:
         return prunable
+    await _record(trail, team_id, before, "planned", prunable)
+    pruned = PrunedHistory()
+    stage = "interrupted"
+    try:
+        while not (stop_requested is not None and stop_requested()):
+            batch = await store.prune_history(team_id, before, batch_rows)
+            if not batch:
+                stage = "completed"
+                break
+            pruned += batch
+            if progress is not None:
+                progress(pruned)
+            # Other processes' writers wait on the lock this batch held (SQLite's busy handler
+            # polls): a pause lets them in before the next batch takes it again.
+            await trio.sleep(PAUSE_BETWEEN_BATCHES_SECONDS)
+    except BaseException:
+        # A batch failed or the prune was cancelled: what was deleted is still on record.
+        with trio.CancelScope(shield=True):
+            try:
+                await _record(trail, team_id, before, "interrupted", pruned)
+            except Exception:  # noqa: BLE001, S110 - the caller needs the first failure
+                pass
+        raise
+    await _record(trail, team_id, before, stage, pruned)
+    return pruned
+
+
+async def _record(
+    trail: AuditTrail, team_id: str, before: float, stage: str, counts: PrunedHistory
+) -> None:
     await trail.record(
         team_id,
         actor=service_actor("admin command"),
         action=Action.HISTORY_PRUNED,
         target=f"team:{team_id}",
         details={
+            "stage": stage,
             "before": _utc(before),
-            "sessions": prunable.sessions,
-            "approval_requests": prunable.approval_requests,
+            "sessions": counts.sessions,
+            "approval_requests": counts.approval_requests,
         },
     )
-    pruned = PrunedHistory()
-    while batch := await store.prune_history(team_id, before, batch_rows):
-        pruned += batch
-        if progress is not None:
-            progress(pruned)
-        # Other processes' writers wait on the lock this batch held (SQLite's busy handler
-        # polls): a pause lets them in before the next batch takes it again.
-        await trio.sleep(PAUSE_BETWEEN_BATCHES_SECONDS)
-    return pruned
 
 
 def _utc(timestamp: float) -> str:

@@ -522,6 +522,9 @@ async def _refuse(
     The caller has not proved membership of any team, so refusals go to the service log.
     """
     ctx.metrics.registrations.labels(reason).inc()
+    if reason != "key_already_registered":  # a conflict, not a refused credential
+        # In the refusal log too (fail2ban): a guessed rk_live_ key is a refused credential.
+        ctx.metrics.refusal_log.refused(f"registration_{reason}")
     await ctx.audit.record(
         SERVICE_LOG,
         actor=unauthenticated_actor(key.fingerprint),

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import hypercorn.trio.run
+import hypercorn.trio.tcp_server
 import trio
 from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -85,8 +86,16 @@ def release_closed_connections() -> None:
 
     Raises RuntimeError when the installed Hypercorn no longer has the internals this relies on.
     """
+    # Every internal the override touches, checked here: Hypercorn 0.16 has ``_read_data`` but
+    # no ``idle_task``, and found out at the first client close it would kill the service.
+    # (``idle_task`` is set in ``__init__``: its name is among the attributes that code sets.)
+    init_code = getattr(TCPServer.__init__, "__code__", None)
+    idle_task_class = getattr(hypercorn.trio.tcp_server, "TrioSingleTask", None)
     if not (
         callable(getattr(TCPServer, "_read_data", None))
+        and init_code is not None
+        and "idle_task" in init_code.co_names
+        and callable(getattr(idle_task_class, "stop", None))
         and getattr(hypercorn.trio.run, "TCPServer", None)
         in (TCPServer, ConnectionReleasingTCPServer)
     ):

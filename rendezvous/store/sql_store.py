@@ -83,7 +83,11 @@ Row = Mapping[str, Any]
 # before the cutoff, and whose session (if it ran) is over. Sessions that are over (offered
 # and accepted ones are open: the sweeps, the agent's live_sessions report and its session
 # events still need them) and last changed before the cutoff; created_at is implied by
-# updated_at, and lets the (team_id, created_at, id) index bound the scan.
+# updated_at, and lets the (team_id, created_at, id) index bound the scan. An agent's spool
+# keeps a session's signed events until the rendezvous takes them, however long the agent is
+# away, and the rendezvous refuses an event whose session row is gone: a session stays until
+# its agent has been seen (connected: last_seen_at) after the session last changed, or the
+# agent is removed (it will never deliver again).
 _SETTLED_APPROVALS = """team_id = $1
     AND state IN ('denied', 'expired', 'executed', 'withdrawn')
     AND created_at < $2 AND expires_at < $2
@@ -91,10 +95,23 @@ _SETTLED_APPROVALS = """team_id = $1
     AND (session_id IS NULL OR session_id NOT IN (
         SELECT id FROM sessions WHERE team_id = $1 AND state IN ('offered', 'accepted')))"""
 _FINISHED_SESSIONS = """team_id = $1 AND state IN ('ended', 'refused')
-    AND created_at < $2 AND updated_at < $2"""
+    AND created_at < $2 AND updated_at < $2
+    AND EXISTS (SELECT 1 FROM agents a
+        WHERE a.team_id = $1 AND a.id = sessions.agent_id
+          AND (a.removed_at IS NOT NULL OR a.last_seen_at > sessions.updated_at))"""
 # Sessions an approval request that stays names (its history stays whole).
 _SESSIONS_NAMED_BY_KEPT_APPROVALS = f"""SELECT session_id FROM approval_requests
     WHERE team_id = $1 AND session_id IS NOT NULL AND NOT ({_SETTLED_APPROVALS})"""  # noqa: S608
+# One prune batch ($3 rows). The outer predicate is the primary key alone (the inner select
+# filters the team): with team_id there too, SQLite walks the team's index under the write
+# lock, for a time growing with the team's whole table.
+_PRUNE_APPROVALS_BATCH = f"""DELETE FROM approval_requests WHERE id IN (
+    SELECT id FROM approval_requests WHERE {_SETTLED_APPROVALS}
+    ORDER BY created_at LIMIT $3)"""  # noqa: S608 - constant conditions
+_PRUNE_SESSIONS_BATCH = f"""DELETE FROM sessions WHERE id IN (
+    SELECT id FROM sessions
+    WHERE {_FINISHED_SESSIONS} AND id NOT IN ({_SESSIONS_NAMED_BY_KEPT_APPROVALS})
+    ORDER BY created_at LIMIT $3)"""  # noqa: S608 - constant conditions
 
 # Whether an agent (``a``) has a live control connection.
 _AGENT_ONLINE = """EXISTS (SELECT 1 FROM agent_connections c
@@ -886,18 +903,10 @@ class SqlStore(Store):
             raise InvalidArgument("a prune batch deletes at least one row")
         async with self._transaction() as session:
             approvals = await session.execute(
-                f"""DELETE FROM approval_requests WHERE team_id = $1 AND id IN (
-                        SELECT id FROM approval_requests WHERE {_SETTLED_APPROVALS}
-                        ORDER BY created_at LIMIT $3)""",  # noqa: S608 - constant conditions
-                team_id, before, limit,
+                _PRUNE_APPROVALS_BATCH, team_id, before, limit,
             )  # fmt: skip
             sessions = await session.execute(
-                f"""DELETE FROM sessions WHERE team_id = $1 AND id IN (
-                        SELECT id FROM sessions
-                        WHERE {_FINISHED_SESSIONS}
-                          AND id NOT IN ({_SESSIONS_NAMED_BY_KEPT_APPROVALS})
-                        ORDER BY created_at LIMIT $3)""",  # noqa: S608 - constant conditions
-                team_id, before, limit,
+                _PRUNE_SESSIONS_BATCH, team_id, before, limit,
             )  # fmt: skip
         return PrunedHistory(sessions=sessions, approval_requests=approvals)
 

@@ -28,6 +28,8 @@ def _history(database_url: str) -> dict[str, list[str]]:
         async with open_store(database_url, migrate=False) as store:
             team, agent = await _agent(store, "ops")
             ended = [await _session(store, team, agent, SessionState.ENDED) for _ in range(3)]
+            # The agent was seen since (it holds no spooled events of these sessions).
+            await store.touch_agent(team, agent, time.time())
             denied = await _request(store, team, agent, ApprovalState.DENIED)
             kept = [
                 await _session(store, team, agent, SessionState.ACCEPTED),
@@ -83,7 +85,8 @@ def test_prune_counts_then_deletes_old_history_audited_and_the_log_still_verifie
     assert main(["audit", "export", "--team", "ops", *store, "-o", str(bundle)]) == 0
     assert audit_main(["verify", str(bundle), "--key", str(key)]) == 0
     events = [json.loads(line)["event"] for line in bundle.read_text().splitlines()[1:-1]]
-    [pruned] = [event for event in events if event["action"] == "history.pruned"]
+    plan, pruned = [event for event in events if event["action"] == "history.pruned"]
+    assert plan["context"]["stage"] == "planned" and pruned["context"]["stage"] == "completed"
     assert pruned["actor"]["kind"] == "service"
     assert pruned["context"]["sessions"] == 3 and pruned["context"]["approval_requests"] == 1
     before = datetime.strptime(pruned["context"]["before"], "%Y-%m-%dT%H:%M:%S%z")

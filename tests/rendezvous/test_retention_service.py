@@ -53,11 +53,14 @@ async def test_the_service_keeps_working_after_a_prune(store: Store, tmp_path: P
 
         # A cutoff past every expiry: only the state of a row keeps it.
         before = service.clock.now + DAY
+        # The agent was seen after its sessions ended (it holds no spooled events for them).
+        await store.touch_agent(team.team_id, team.agent_id, before + 1)
         pruned = await prune_team_history(
             store, service.ctx.audit, team.team_id, before, batch_rows=1
         )
         assert pruned == PrunedHistory(sessions=1, approval_requests=2)  # not open_request
-        [record] = await service.audit_events(team.team_id, "history.pruned")
+        plan, record = await service.audit_events(team.team_id, "history.pruned")
+        assert plan["context"]["stage"] == "planned" and record["context"]["stage"] == "completed"
         assert record["context"]["sessions"] == 1
         assert record["context"]["approval_requests"] == 2
         assert record["actor"]["kind"] == "service"

@@ -106,6 +106,9 @@ async def test_prune_deletes_only_old_finished_sessions_and_settled_requests(
     running = await _session(store, team, agent, SessionState.ACCEPTED)
     assert await store.execute_approval_request(team, running_request, running, OLD + 1)
 
+    # The agents were seen since (they hold no spooled events of these sessions any more).
+    await store.touch_agent(team, agent, NOW)
+    await store.touch_agent(other_team, other_agent, NOW)
     expected = PrunedHistory(sessions=len(old_ended) + 2, approval_requests=len(settled) + 1)
     assert await store.prunable_history(team, CUTOFF) == expected
     assert await _prune_all(store, team, CUTOFF, batch=2) == expected
