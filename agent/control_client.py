@@ -14,7 +14,11 @@ clone of itself. The id is also kept in the state dir (agent/connection_memory.p
 restarted after a crash, a kill -9 or a host reset names the connection its predecessor held.
 
 A close saying an admin removed this agent (code 4403) is logged as an error with the
-rendezvous's reason and retried only hourly: that key will never be accepted again.
+rendezvous's reason and retried only hourly: that key will never be accepted again. Every
+session this process runs then ends at once, as an ``end_sessions`` with the reason
+``agent_removed`` would end it (the rendezvous asks for that before it closes the channel, but
+an offer it sent just before may have raced its listing, and a channel cut elsewhere says only
+the close): nothing a removed agent was offered outlives its removal.
 
 A VM cloned from a disk snapshot carries that file too. It is still flagged, because the
 rendezvous removes a named connection only if it is this agent's, in its team, from the same
@@ -121,6 +125,10 @@ MAX_ISSUER_LENGTH = 256
 # an admin removed this agent: its key will never be accepted again, so retrying soon is noise.
 AGENT_REMOVED_CLOSE_CODE = 4403
 REMOVED_RETRY_SECONDS = 3600.0
+# The end_sessions reason (agent/session_host.py END_SESSIONS_REASONS) for the sessions a
+# removed agent still runs, and at most how many ids one such message names.
+AGENT_REMOVED_REASON = "agent_removed"
+MAX_ENDED_IDS_PER_MESSAGE = 64
 MAX_ERROR_TEXT = 300
 # The rendezvous's refusal of a stale or future auth answer (protocol/signed_payload.py).
 SKEW_REFUSAL_PATTERN = re.compile(
@@ -403,6 +411,7 @@ class ControlClient:
             self._write_status()
             delay = self._backoff.next_delay()
             if removed:
+                self._end_sessions_of_removed_agent()
                 delay = REMOVED_RETRY_SECONDS
                 logger.error(
                     "control channel to %s refused: %s (tucdesk-agent enroll --force with a "
@@ -418,6 +427,20 @@ class ControlClient:
                 self._state.server_url, self.last_error, delay,
             )
             await self._sleep_unless_stopping(delay)
+
+    def _end_sessions_of_removed_agent(self) -> None:
+        """End every session this process runs (reason ``agent_removed``), through the same
+        handler an ``end_sessions`` from the rendezvous goes to."""
+        running = sorted(self._live_sessions()) if self._live_sessions is not None else []
+        if not running:
+            return
+        logger.error("this agent was removed from its team: ending the %d session(s) it runs",
+                     len(running))  # fmt: skip
+        for start in range(0, len(running), MAX_ENDED_IDS_PER_MESSAGE):
+            self._on_offer({
+                "type": "end_sessions", "ids": running[start : start + MAX_ENDED_IDS_PER_MESSAGE],
+                "reason": AGENT_REMOVED_REASON,
+            })  # fmt: skip
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
         with trio.move_on_after(delay):

@@ -71,7 +71,9 @@ Exit status:
        it from a source other than this bundle)
   4    the bundle verified but --save-checkpoint FILE was left unchanged (it keeps a larger
        checkpoint, or one of another log, or one not signed by a pinned key); never for a
-       bundle that does not verify
+       bundle that does not verify. It wins over 5 for a NEWER bundle: the save asked for
+       failed (the next rollback check would run against FILE's older checkpoint); the
+       output still says NEWER (--json: "verdict": "newer" and "newer_actions")
   5    NEWER: every check passed, but some records name actions this tucdesk-audit does not
        know (a newer TucDesk release wrote them): a line says how many records use which
        actions and the first one's record and line; their chain and signatures verified,
@@ -87,9 +89,14 @@ Exit status: 0 when the bundle verifies and the file matches its record (one-lin
 when the bundle is invalid, no record names the file, or its size or hash differ (says which:
 cut short, extended, edited, and which session's record the file's content matches, if any),
 2 when an input cannot be read (the recording is checked first), 3 when no pinned key signed
-the bundle, 130 when interrupted, 141 when the reader of the output went away (SIGPIPE).
+the bundle, 5 when the file matches its record but the bundle is NEWER (it also holds records
+of actions this tucdesk-audit does not know, their meaning unchecked: the summary says so;
+upgrade tucdesk-audit), 130 when interrupted,
+141 when the reader of the output went away (SIGPIPE).
+A file that differs exits 1 in a NEWER bundle too.
 With --json, "code" is one of: matches, cut_short, extended, edited, not_named, named_twice,
-export_invalid, wrong_key, unreadable.
+export_invalid, wrong_key, unreadable; "ok" is true when the file matches its record, and
+"newer" true when the bundle verified as NEWER.
 """
 
 _VERIFY_EPILOG = (
@@ -115,7 +122,10 @@ unknown action can hide what this verifier would otherwise act on:
     names the unknown action before it: verify with an upgraded tucdesk-audit);
   - it may be a new kind of record only an agent's own key may sign: one that names an agent
     as the actor but is signed by the service's audit key is verified only as far as that
-    signature goes (the NEWER line counts them).
+    signature goes (the NEWER line counts them);
+  - it may be a new kind of agent removal or audit key retirement: the records signed after
+    it raise no "signed after its removal" or "retired key still signing" WARNING, since this
+    verifier does not know the record removed the agent or retired the key.
 An action not of that form (another shape, over 64 characters, control characters) is INVALID.
 Upgrade tucdesk-audit together with the rendezvous; --save-checkpoint still saves the checkpoint
 of a NEWER bundle (its signature and Merkle root were checked).
@@ -230,7 +240,10 @@ def build_parser() -> argparse.ArgumentParser:
             "is only counted (details_omitted=N); --json gives target and details whole.\n"
             "A value holding whitespace, '=', '\"' or '\\' is quoted (\"…\", with \\\"\n"
             "and \\\\), so no record can add a field; an operator email an agent wrote is shown\n"
-            "only if it is an email. Nothing is shown from a bundle that does not verify.\n"
+            "as operator= only if it is an email. A session record's argv or command is left\n"
+            "out of its details only when command= shows that very field, and a record with a\n"
+            "command of its own never shows another record's. Nothing is shown from a bundle\n"
+            "that does not verify.\n"
             "Control characters in records are shown escaped, never raw."
         ),
         epilog=_SHOW_EPILOG,
@@ -431,7 +444,7 @@ def _recording(arguments: argparse.Namespace) -> int:
         )
     if arguments.json:
         print(json.dumps(verdict.to_json(names), indent=2, sort_keys=True))
-    elif verdict.verdict is Verdict.VALID:
+    elif verdict.verdict in (Verdict.VALID, Verdict.NEWER):
         print(visible(verdict.message))
     else:
         print(f"tucdesk-audit: {visible(verdict.message)}", file=sys.stderr)

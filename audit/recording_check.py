@@ -68,7 +68,9 @@ class BoundRecording:
 
 @dataclass(frozen=True)
 class RecordingVerdict:
-    """The outcome: VALID when the file matches its audit record, with a one-line reason.
+    """The outcome: VALID when the file matches its audit record, with a one-line reason;
+    NEWER when it matches but the export also holds records of actions this verifier does not
+    know (exit 5, as ``verify``: what they mean was not checked).
 
     ``code`` is machine-readable: ``matches``, ``cut_short``, ``extended``, ``edited``,
     ``not_named``, ``named_twice``, ``export_invalid``, ``wrong_key``, ``unreadable``.
@@ -85,15 +87,22 @@ class RecordingVerdict:
 
     @property
     def exit_code(self) -> int:
-        """0 matches, 1 differs (or the bundle is invalid), 2 unreadable input, 3 wrong key."""
+        """0 matches, 1 differs (or the bundle is invalid), 2 unreadable input, 3 wrong key,
+        5 matches in an export holding a newer release's actions."""
         return EXIT_CODES[self.verdict]
+
+    @property
+    def newer(self) -> bool:
+        """Whether the export verified as NEWER (actions this verifier does not know)."""
+        return self.export is not None and self.export.verdict is Verdict.NEWER
 
     def to_json(self, key_names: KeyNames | None = None) -> dict[str, object]:
         """The outcome as a JSON-ready dict (``recording --json``)."""
         return {
             "verdict": self.verdict.value,
             "code": self.code or self.verdict.value,
-            "ok": self.verdict is Verdict.VALID,
+            "ok": self.code == "matches",  # the file matches its record (NEWER: "newer" too)
+            "newer": self.newer,
             "message": self.message,
             "recording": {"bytes": self.file_size, "sha256": self.file_sha256},
             "record": None if self.record is None else self.record.to_json(),
@@ -191,13 +200,14 @@ def check_recording(
     suffix = f" ({'; '.join(notes)})" if notes else ""
     unmatched = verified.unmatched_pins_warning()
     suffix += f"; {unmatched}" if unmatched else ""
-    if verified.verdict is Verdict.NEWER:
+    newer = verified.verdict is Verdict.NEWER
+    if newer:
         suffix += (
             "; the export also holds records of actions this tucdesk-audit does not know (a "
             "newer release's), verified but not interpreted: upgrade tucdesk-audit"
         )
     return outcome(
-        Verdict.VALID,
+        Verdict.NEWER if newer else Verdict.VALID,
         f"{recording.name} matches {where}, ended {bound.ended}: "
         f"{size} bytes, sha256 {digest}{suffix}",
         "matches",

@@ -20,8 +20,11 @@ escaped (protocol/terminal_text.py). After those columns a line gives the record
 then its context
 (its details: why a session ended, which keys a revocation revoked, an API key's id and scopes,
 an approved command) as ``details.KEY=VALUE``, under that prefix so no context key can pose as a
-column (a session record's command, argv and operator email are left out there: the command=
-and operator= columns give them, the email only if it is one); a value longer than
+column (a session record's own argv or command is left out there only when the command= column
+was built from that very field, and its operator_email only when operator= shows that email; a
+record carrying a command field of its own never shows its session's command instead: an argv
+that is not a list of strings leaves command= out and stays in details as signed); a value
+longer than
 MAX_SHOWN_DETAIL is cut with an ellipsis, and past MAX_SHOWN_DETAILS characters of details the
 rest is counted as ``details_omitted=N``; ``--json`` gives the context unchanged as
 ``details``. Memory is bounded by the bundle, not by the records
@@ -73,10 +76,9 @@ MAX_SHOWN_DETAIL = 200  # characters of one context value on a line (escaped), t
 MAX_SHOWN_DETAILS = 1024  # characters of a line's details; the fields past it are counted only
 DETAILS_PREFIX = "details."  # a context key on a line: never the name of one of show's columns
 DETAILS_OMITTED_KEY = "details_omitted"  # how many context fields did not fit on the line
-# Context fields of session.* records that the line's columns give already (command=, operator=).
-SESSION_COLUMN_FIELDS = frozenset(
-    {EXECUTED_ARGV_FIELD, REQUESTED_COMMAND_FIELD, STARTED_OPERATOR_FIELD}
-)
+# Context fields a session.* record's command= column may be built from (then left out of its
+# details); operator_email is left out only when operator= shows that very email.
+SESSION_COMMAND_FIELDS = (EXECUTED_ARGV_FIELD, REQUESTED_COMMAND_FIELD)
 _QUOTED_CHARACTERS = frozenset('="\\')  # and whitespace: a value holding one is quoted
 _QUOTED_CHARACTERS_ESCAPED = {'"': '\\"', "\\": "\\\\"}
 
@@ -157,6 +159,9 @@ class ShownRecord:
     details: Mapping[str, JsonValue] = field(default_factory=dict)
     """The record's context as signed: what the columns leave out (a reason, revoked key ids,
     scopes, the approved command)."""
+    column_fields: frozenset[str] = frozenset()
+    """The context fields this record's own columns were built from: left out of its details
+    on a line (--json keeps every one)."""
 
     def line(self) -> str:
         """The record on one line: ``key=value`` fields, every value through ``shown_value``
@@ -190,9 +195,7 @@ class ShownRecord:
         named_already = (self.agent_id, f"{OPERATOR_TARGET}{self.subject_id}")
         if self.target and self.target not in named_already:
             parts.append(_field("target", self.target))
-        details = self.details
-        if self.action.startswith("session."):
-            details = {k: v for k, v in details.items() if k not in SESSION_COLUMN_FIELDS}
+        details = {k: v for k, v in self.details.items() if k not in self.column_fields}
         parts.extend(_detail_fields(details))
         return " ".join(parts)
 
@@ -282,7 +285,7 @@ class _Picker:
                 # Written by the agent (any text its key signs): an email or nothing.
                 if isinstance(email, str) and (not agent_signed or check_email(email)):
                     self.session_operators.setdefault(session_id, _Operator(None, email))
-            command = _command(record)
+            command, _ = _command(record.event.context)
             if command is not None:
                 self.session_commands.setdefault(session_id, command)
         shown = self._shown(record, agent_signed)
@@ -313,10 +316,18 @@ class _Picker:
         agent_result = result if agent_signed else None
         command = None
         approved_by = None
+        column_fields: set[str] = set()
         if event.action.value.startswith("session."):
-            command = _command(record)
-            if command is None and session_id is not None:
+            command, source = _command(event.context)
+            column_fields.update(source)
+            carries_one = any(name in event.context for name in SESSION_COMMAND_FIELDS)
+            if command is None and not carries_one and session_id is not None:
+                # Only a record that holds no command of its own shows its session's: one
+                # whose own (malformed) argv or command was not usable shows it in details.
                 command = self.session_commands.get(session_id)
+            email = event.context.get(STARTED_OPERATOR_FIELD)
+            if isinstance(email, str) and subject is not None and subject.email == email:
+                column_fields.add(STARTED_OPERATOR_FIELD)
         if event.action is Action.SESSION_STARTED:
             approval_id = event.context.get(STARTED_APPROVAL_ID_FIELD)
             if isinstance(approval_id, str):
@@ -347,6 +358,7 @@ class _Picker:
             signed_by=SIGNED_BY_AGENT if agent_signed else SIGNED_BY_SERVICE,
             target=event.target,
             details=event.context,
+            column_fields=frozenset(column_fields),
         )
 
     def _subject(self, record: AuditRecord) -> _Operator | None:
@@ -460,16 +472,17 @@ def show_records(
     return ShowResult(verified, tuple(picker.picked))
 
 
-def _command(record: AuditRecord) -> str | None:
-    """The command a session record holds, quoted for a shell, if any."""
-    context = record.event.context
+def _command(context: Mapping[str, JsonValue]) -> tuple[str | None, tuple[str, ...]]:
+    """The command a session record's context holds, quoted for a shell, if any, and the one
+    field it was taken from (an argv that is not a list of strings is not one)."""
     argv = context.get(EXECUTED_ARGV_FIELD)
     if isinstance(argv, list) and all(isinstance(argument, str) for argument in argv):
-        return shown_command([argument for argument in argv if isinstance(argument, str)])
+        arguments = [argument for argument in argv if isinstance(argument, str)]
+        return shown_command(arguments), (EXECUTED_ARGV_FIELD,)
     command = context.get(REQUESTED_COMMAND_FIELD)
     if isinstance(command, str):
-        return command
-    return None
+        return command, (REQUESTED_COMMAND_FIELD,)
+    return None, ()
 
 
 def shown_value(text: str, limit: int = MAX_SHOWN_FIELD, *, quoted: bool = False) -> str:

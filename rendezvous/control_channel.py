@@ -900,19 +900,18 @@ async def _end_lost_sessions(
 async def _end_sessions_ended_meanwhile(
     ctx: ServiceContext, agent: Agent, channel: LiveChannel, reported: list[str]
 ) -> int:
-    """Ask the agent to end the sessions it reported running that an admin ended while its
-    channel was down (their rows ended, reason ``ended_by_admin``); how many."""
+    """Ask the agent to end the sessions it reported running that the rendezvous ended while
+    its channel was down (their rows ended, ENDED_BY_RENDEZVOUS_REASONS); how many. One query
+    for all of them, whatever the report lists (at most MAX_LIVE_SESSION_IDS ids)."""
+    unsent = [i for i in dict.fromkeys(reported) if i not in channel.ended]  # told already
+    if not unsent:
+        return 0
     by_reason: dict[str, list[str]] = {}
-    for session_id in dict.fromkeys(reported):
-        if session_id in channel.ended:
-            continue  # told down this channel already
-        session = await ctx.store.get_session(agent.team_id, session_id)
-        if (
-            session is not None and session.agent_id == agent.id
-            and session.state is SessionState.ENDED
-            and session.state_reason in ENDED_BY_RENDEZVOUS_REASONS
-        ):  # fmt: skip
-            by_reason.setdefault(str(session.state_reason), []).append(session.id)
+    ended = await ctx.store.ended_sessions_among(
+        agent.team_id, agent.id, unsent, sorted(ENDED_BY_RENDEZVOUS_REASONS)
+    )
+    for session in sorted(ended, key=lambda ended_session: ended_session.id):
+        by_reason.setdefault(str(session.state_reason), []).append(session.id)
     told = 0
     for reason, ending in by_reason.items():
         for start in range(0, len(ending), MAX_END_SESSION_IDS):

@@ -55,7 +55,7 @@ from rendezvous.store import (
     require_current_schema,
 )
 from rendezvous.store.backup import backup_sqlite
-from rendezvous.store.base import InviteUnusable, NotFound, Store, Team, UnusableReason
+from rendezvous.store.base import Invite, InviteUnusable, NotFound, Store, Team, UnusableReason
 
 if TYPE_CHECKING:
     from rendezvous.store.postgres import ConnectionCapacity
@@ -703,6 +703,8 @@ async def _invite_list(config: ServiceConfig, team_name: str, show_all: bool) ->
         reason = invite.unusable_reason(now)
         if reason is UnusableReason.USED:
             state = f"used {_utc(invite.used_at or 0)} by {invite.used_by}"
+        elif reason is UnusableReason.REVOKED:
+            state = "revoked"  # expires_at 0: a time no clock passes, not a date to show
         elif reason is UnusableReason.EXPIRED:
             state = f"expired {_utc(invite.expires_at)}"
         else:
@@ -717,16 +719,11 @@ async def _invite_revoke(config: ServiceConfig, team_name: str, invite_id: str) 
     async with _admin_store(config) as store:
         await check_pinned_keys(store, keys, config.data_dir, now, pin=False)
         team = await _team_named(store, team_name)
-        try:
-            invite = await store.revoke_invite(team.id, invite_id, now)
-        except NotFound:
-            raise ServiceError(
-                f"team {team.name} has no invite {invite_id!r} (see 'invite list --all')"
-            ) from None
-        except InviteUnusable as unusable:
-            raise ServiceError(
-                f"invite {invite_id} is already {unusable.reason}: nothing to revoke"
-            ) from None
+        invite = await _team_invite(store, team, invite_id)
+        reason = invite.unusable_reason(now)
+        if reason is not None:
+            raise ServiceError(f"invite {invite_id} is already {reason}: nothing to revoke")
+        # No audit, no action: the record is durable before the code stops working.
         trail = AuditTrail(store.audit, keys.audit_signer, origin=config.issuer)
         await trail.record(
             team.id,
@@ -735,8 +732,36 @@ async def _invite_revoke(config: ServiceConfig, team_name: str, invite_id: str) 
             target=f"invite:{invite.id}",
             details={"invite_id": invite.id, "email": invite.email, "role": invite.role},
         )
+        try:
+            invite = await store.revoke_invite(team.id, invite_id, now)
+        except NotFound:
+            raise ServiceError(
+                f"team {team.name} no longer has invite {invite_id!r}; the revoke is recorded"
+            ) from None
+        except InviteUnusable as unusable:
+            # A login spent the code between the check above and the revoke: say so plainly.
+            current = await _team_invite(store, team, invite_id)
+            if unusable.reason is UnusableReason.USED and current.used_by is not None:
+                raise ServiceError(
+                    f"invite {invite_id} was used at {_utc(current.used_at or 0)} by operator "
+                    f"{current.used_by} ({current.email}) before the revoke took effect: the "
+                    f"revoke is recorded but stopped nothing; if that operator must not stay: "
+                    f"operator disable --team {team.name} {current.used_by}"
+                ) from None
+            raise ServiceError(
+                f"invite {invite_id} became {unusable.reason} before the revoke took effect: "
+                "the revoke is recorded, nothing else changed"
+            ) from None
     print(f"revoked invite {invite.id} for {invite.email} ({invite.role}) in team {team.name}")
     return EXIT_OK
+
+
+async def _team_invite(store: Store, team: Team, invite_id: str) -> Invite:
+    """The team's invite with this id; ServiceError naming it when there is none."""
+    for invite in await store.list_invites(team.id):
+        if invite.id == invite_id:
+            return invite
+    raise ServiceError(f"team {team.name} has no invite {invite_id!r} (see 'invite list --all')")
 
 
 async def _team_reset_policy(config: ServiceConfig, team_name: str) -> int:
@@ -783,11 +808,13 @@ async def _team_reset_policy(config: ServiceConfig, team_name: str) -> int:
                 "signers": sorted(operator.email for operator in admins),
             },
         )
-        retired = await store.retire_policy_bundles(team.id)
+        retired = await store.retire_policy_bundles(team.id, time.time())
     print(f"retired team {team.name}'s signed policy chain ({retired} bundle(s), up to version "
           f"{stored.version}, sha256 {stored.content_sha256})")
     print(f"  an active admin ({', '.join(op.email for op in admins)}) now signs a new first "
-          "policy: tucdesk policy set FILE (then tucdesk roster sign as operators change)")
+          f"policy, version {stored.version + 1} (numbering goes on, so agents not re-enrolled "
+          "refuse it and every grant decided under it): tucdesk policy set FILE (then "
+          "tucdesk roster sign as operators change)")
     print("  agents keep their pins and refuse the new chain until each is re-enrolled AFTER "
           "this reset: tucdesk-agent enroll --force --registration-key KEY (a host admin's "
           "step; the rendezvous cannot re-root an agent's trust)")
@@ -825,7 +852,7 @@ async def _operator_disable(config: ServiceConfig, team_name: str, name_or_id: s
     from rendezvous.approval_gate import withdraw_requests_of_disabled
     from rendezvous.context import ServiceContext
     from rendezvous.offer_bus import end_disabled_operator_sessions
-    from rendezvous.routes_operators import holdings_context
+    from rendezvous.routes_operators import freeze_marks, freezes_signed_roster, holdings_context
     from rendezvous.server import PRUNE_INTERVAL_SECONDS
     from rendezvous.team_policy import current_team_policy, signing_admins
 
@@ -856,6 +883,12 @@ async def _operator_disable(config: ServiceConfig, team_name: str, name_or_id: s
         ctx = ServiceContext(config=config, store=store, keys=keys, audit=trail)
         actor = service_actor("admin command")
         if operator.is_active():
+            # The server admin's disable may freeze the signed roster (a lock on a rogue last
+            # admin): marked as an admin's --freeze-roster disable is, when it does.
+            in_force = await current_team_policy(ctx, team.id)
+            freezes = in_force is not None and await freezes_signed_roster(
+                ctx, in_force, operator
+            )
             # No audit, no action: the record is durable before the key stops working.
             holdings = await store.operator_holdings(team.id, operator.id, now)
             await trail.record(
@@ -864,7 +897,7 @@ async def _operator_disable(config: ServiceConfig, team_name: str, name_or_id: s
                 action=Action.OPERATOR_REVOKED,
                 target=f"operator:{operator.id}",
                 details={"email": operator.email, "role": operator.role,
-                         **holdings_context(holdings)},
+                         **holdings_context(holdings), **freeze_marks(freezes, freezes)},
             )  # fmt: skip
         disabled = await store.disable_operator_and_holdings(team.id, operator.id, now)
         withdrawn = await withdraw_requests_of_disabled(

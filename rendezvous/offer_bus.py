@@ -34,7 +34,10 @@ A session brokered while its operator was being disabled may escape that look-up
 not exist yet), so the broker checks the operator again once the row exists, and
 ``deliver_here`` once more right before sending: an offer of a disabled operator is refused
 (audited ``session.refused``, reason ``operator_disabled``) instead of sent. An ``end_sessions``
-that still overtakes the offer is remembered by the agent, which then refuses the offer.
+that still overtakes the offer is remembered by the agent, which then refuses the offer. The
+same holds for an agent being removed: the broker and ``deliver_here`` check it too (refused,
+reason ``agent_removed``), and the removal lists the agent's open sessions again once it has
+committed, so a session stored meanwhile is ended before its channels close.
 
 While this instance is not listening (its LISTEN connection lost, the database down), notices
 addressed to it are lost. It listens again within LISTEN_RETRY_MAX_SECONDS (with jitter) of the
@@ -106,6 +109,13 @@ ENDED_BY_RENDEZVOUS_REASONS = frozenset({AGENT_REMOVED_REASON, ENDED_BY_ADMIN_RE
 # Session ids in one end_sessions message (agent/session_host.py MAX_END_SESSION_IDS refuses
 # more); a disabled operator's sessions on one agent go in as many messages as they need.
 MAX_END_SESSION_IDS = 64
+# How long one end of a session (``end_open_sessions``) holds its claim on the row while it
+# records and ends it: a second end meanwhile (another admin, a retry, a removal) records
+# nothing. A claim left by a crash lapses after it. Claims are read with an allowance for the
+# instances' clocks: a row updated by an instance up to this far ahead is not taken for claimed.
+ENDING_CLAIM_SECONDS = 30.0
+ENDING_CLAIM_CLOCK_ALLOWANCE_SECONDS = 5.0
+CLAIM_RELEASE_TIMEOUT_SECONDS = 5.0
 # Open sessions of one disabled operator looked up at once, newest first; any beyond are ended
 # when their agents next report their live sessions.
 MAX_SESSIONS_ENDED_PER_OPERATOR = 1000
@@ -171,6 +181,8 @@ class OfferDelivery(StrEnum):
     """No live channel here, or the session is no longer an open offer."""
     OPERATOR_DISABLED = "operator_disabled"
     """The session's operator was disabled meanwhile: the offer must be refused, not sent."""
+    AGENT_REMOVED = "agent_removed"
+    """The session's agent was removed meanwhile: the offer must be refused, not sent."""
 
 
 async def deliver_offer(
@@ -233,12 +245,14 @@ class AgentReach(StrEnum):
 
 
 async def tell_agent_to_end(
-    ctx: ServiceContext, team_id: str, agent_id: str, session_ids: list[str], reason: str
+    ctx: ServiceContext, team_id: str, agent_id: str, session_ids: list[str], reason: str,
+    *, holders: list[AgentConnection] | None = None,
 ) -> AgentReach:
     """Ask an agent to end ``session_ids`` (ended in the store already with ``reason``, one of
     ENDED_BY_RENDEZVOUS_REASONS): down this instance's live channel of it, and through a
-    ``sessions_ended`` notice to another instance holding one. Never raises: a store failure
-    is logged (the rows are ended; a live_sessions report of the agent asks it again)."""
+    ``sessions_ended`` notice to another instance holding one (``holders``: the agent's
+    connections, when the store no longer has them: a removal forgot them). Never raises: a
+    store failure is logged (the rows are ended; a live_sessions report asks it again)."""
     if not session_ids:
         return AgentReach.NOT_CONNECTED
     reach = AgentReach.NOT_CONNECTED
@@ -255,9 +269,11 @@ async def tell_agent_to_end(
         return reach
     now = ctx.now()
     try:
+        if holders is None:
+            holders = await ctx.store.list_agent_connections(team_id, agent_id)
         elsewhere = [
             connection
-            for connection in await ctx.store.list_agent_connections(team_id, agent_id)
+            for connection in holders
             if connection.instance_id != ctx.instance_id
             and connection.heartbeat_at > now - CONNECTION_STALE_AFTER_SECONDS
         ]
@@ -282,36 +298,72 @@ class SessionsEnded:
 
 async def end_open_sessions(
     ctx: ServiceContext, sessions: list[Session], reason: str, actor: Actor,
-    details: dict[str, Any],
+    details: dict[str, Any], *, ended: list[str] | None = None,
+    holders: list[AgentConnection] | None = None,
 ) -> SessionsEnded:
     """End open sessions of ONE agent at the rendezvous's word (``reason``, one of
-    ENDED_BY_RENDEZVOUS_REASONS): for each, ``session.ended`` by ``actor`` (with ``details``)
-    is recorded, then its row ends; then the agent is asked to end them (``tell_agent_to_end``).
-    Raises ServiceError (the audit log failed: nothing more is done) or StoreError."""
+    ENDED_BY_RENDEZVOUS_REASONS): for each, its ending is claimed (``claim_session_end``: of
+    two ends at once, one goes on, the other records nothing and leaves it out), then
+    ``session.ended`` by ``actor`` (with ``details``) is recorded, then its row ends; then the
+    agent is asked to end them (``tell_agent_to_end``, ``holders`` as there).
+
+    Raises ServiceError (the audit log failed: nothing more is done) or StoreError; ``ended``,
+    if given, receives each id as its row ends, so the caller knows them even then."""
     if not sessions:
         return SessionsEnded([], AgentReach.NOT_CONNECTED)
     team_id, agent_id = sessions[0].team_id, sessions[0].agent_id
     assert all(s.team_id == team_id and s.agent_id == agent_id for s in sessions)
-    ended: list[str] = []
+    ended = [] if ended is None else ended
+    ended_here: list[str] = []
     try:
         for session in sessions:
-            # No audit, no action: the record is durable before the row ends.
-            await ctx.audit.record(
-                team_id, actor=actor, action=Action.SESSION_ENDED, target=agent_id,
-                session_id=session.id,
-                details={"reason": reason, "state": session.state.value,
-                         "operator_id": session.operator_id, **details},
+            now = ctx.now()
+            claimed = await ctx.store.claim_session_end(
+                team_id, agent_id, session.id, now + ENDING_CLAIM_CLOCK_ALLOWANCE_SECONDS,
+                now + ENDING_CLAIM_SECONDS,
             )  # fmt: skip
+            if claimed is None:
+                continue  # ended already, or another end has it (and records it)
+            try:
+                # No audit, no action: the record is durable before the row ends.
+                await ctx.audit.record(
+                    team_id, actor=actor, action=Action.SESSION_ENDED, target=agent_id,
+                    session_id=session.id,
+                    details={"reason": reason, "state": claimed.state.value,
+                             "operator_id": claimed.operator_id, **details},
+                )  # fmt: skip
+            except BaseException:
+                await _release_claim(ctx, claimed)
+                raise
+            # Any open state: an offer accepted meanwhile ends too. Only the agent's own end
+            # (or the service's, agent_lost) landing since the claim makes this match nothing:
+            # both records then stand (docs/sessions.md).
             updated = await ctx.store.update_session_state(
                 team_id, agent_id, session.id, SessionState.ENDED, reason, ctx.now(),
                 from_states=(SessionState.OFFERED, SessionState.ACCEPTED),
             )  # fmt: skip
             if updated is not None:
                 ended.append(session.id)
+                ended_here.append(session.id)
     finally:
         # Also when a later one failed: those whose row ended must end on the host too.
-        reach = await tell_agent_to_end(ctx, team_id, agent_id, ended, reason)
-    return SessionsEnded(ended, reach)
+        reach = await tell_agent_to_end(
+            ctx, team_id, agent_id, ended_here, reason, holders=holders
+        )
+    return SessionsEnded(ended_here, reach)
+
+
+async def _release_claim(ctx: ServiceContext, claimed: Session) -> None:
+    """Give up the claim on ``claimed`` after its record failed, so that a repeat need not wait
+    for it to lapse (best effort: it lapses after ENDING_CLAIM_SECONDS anyway)."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLAIM_RELEASE_TIMEOUT_SECONDS):
+        try:
+            await ctx.store.release_session_end(
+                claimed.team_id, claimed.agent_id, claimed.id, claimed.updated_at, ctx.now()
+            )
+        except StoreError as error:
+            logger.warning("releasing the end claim of session %s failed: %s", claimed.id,
+                           type(error).__name__)  # fmt: skip
 
 
 def _sessions_ended_notices(
@@ -461,8 +513,8 @@ async def _end_or_refuse(ctx: ServiceContext, sessions: list[Session]) -> int:
 
 async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> OfferDelivery:
     """Send a still-open offer down this instance's channel to the agent, unless its operator
-    was disabled since the session was brokered (checked last, right before sending), or it
-    went down a live channel of the agent here already (SENT: the agent has it)."""
+    was disabled or its agent removed since the session was brokered (checked last, right
+    before sending), or it went down a live channel of the agent here already (SENT)."""
     session = await ctx.store.get_session(team_id, session_id)
     now = ctx.now()
     if session is None or session.state is not SessionState.OFFERED or now > session.expires_at:
@@ -479,6 +531,10 @@ async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> Of
     operator = await ctx.store.get_operator(team_id, session.operator_id)
     if operator is None or not operator.is_active():
         return OfferDelivery.OPERATOR_DISABLED
+    # Likewise a removal: its second look-up of the agent's open sessions (after its commit)
+    # ends a session it finds, but this offer must not go out once the agent is removed.
+    if await ctx.store.get_agent(team_id, session.agent_id) is None:
+        return OfferDelivery.AGENT_REMOVED
     offer = offer_message(ctx, session, now)
     # Again with no await from here to the queue: the broker's and a catch-up's deliver_here
     # for one session may both have passed the check above while the store answered.
@@ -492,14 +548,37 @@ async def deliver_here(ctx: ServiceContext, team_id: str, session_id: str) -> Of
 async def refuse_offer_of_disabled_operator(ctx: ServiceContext, session: Session) -> None:
     """Audit, then mark refused (reason ``operator_disabled``), an offer whose operator was
     disabled before it could be sent (no audit, no action: the record comes first)."""
+    await _refuse_unsent_offer(ctx, session, OPERATOR_DISABLED_REASON)
+
+
+async def refuse_offer_of_removed_agent(ctx: ServiceContext, session: Session) -> None:
+    """Audit, then mark refused (reason ``agent_removed``), an offer whose agent was removed
+    before it could be sent."""
+    await _refuse_unsent_offer(ctx, session, AGENT_REMOVED_REASON)
+
+
+async def refuse_undeliverable_offer(
+    ctx: ServiceContext, session: Session, delivered: OfferDelivery
+) -> bool:
+    """Refuse (audited) an offer ``deliver_here`` would not send because its operator was
+    disabled or its agent removed; False for any other outcome (nothing done)."""
+    if delivered is OfferDelivery.OPERATOR_DISABLED:
+        await refuse_offer_of_disabled_operator(ctx, session)
+        return True
+    if delivered is OfferDelivery.AGENT_REMOVED:
+        await refuse_offer_of_removed_agent(ctx, session)
+        return True
+    return False
+
+
+async def _refuse_unsent_offer(ctx: ServiceContext, session: Session, reason: str) -> None:
     await ctx.audit.record(
         session.team_id, actor=service_actor("session offer"), action=Action.SESSION_REFUSED,
-        target=session.agent_id, session_id=session.id,
-        details={"reason": OPERATOR_DISABLED_REASON},
+        target=session.agent_id, session_id=session.id, details={"reason": reason},
     )  # fmt: skip
     await ctx.store.update_session_state(
-        session.team_id, session.agent_id, session.id, SessionState.REFUSED,
-        OPERATOR_DISABLED_REASON, ctx.now(), from_states=(SessionState.OFFERED,),
+        session.team_id, session.agent_id, session.id, SessionState.REFUSED, reason,
+        ctx.now(), from_states=(SessionState.OFFERED,),
     )  # fmt: skip
 
 
@@ -654,9 +733,9 @@ async def catch_up_offers(ctx: ServiceContext) -> tuple[int, int]:
                 ended += await end_undelivered_offer(ctx, session)
                 continue
             delivered = await deliver_here(ctx, team_id, session.id)
-            if delivered is OfferDelivery.OPERATOR_DISABLED:
-                await refuse_offer_of_disabled_operator(ctx, session)
-            elif delivered is OfferDelivery.SENT:
+            if await refuse_undeliverable_offer(ctx, session, delivered):
+                continue
+            if delivered is OfferDelivery.SENT:
                 sent += 1
     return sent, ended
 
@@ -733,10 +812,10 @@ async def _handle_offer_notice(ctx: ServiceContext, fields: dict[str, Any]) -> N
         return
     try:
         delivered = await deliver_here(ctx, team_id, session_id)
-        if delivered is OfferDelivery.OPERATOR_DISABLED:
+        if delivered in (OfferDelivery.OPERATOR_DISABLED, OfferDelivery.AGENT_REMOVED):
             session = await ctx.store.get_session(team_id, session_id)
             if session is not None:
-                await refuse_offer_of_disabled_operator(ctx, session)
+                await refuse_undeliverable_offer(ctx, session, delivered)
         elif delivered is OfferDelivery.NOT_SENT:
             session = await ctx.store.get_session(team_id, session_id)
             if session is not None:
@@ -820,14 +899,10 @@ async def _handle_sessions_ended_notice(ctx: ServiceContext, fields: dict[str, A
     if not connections.channels(team_id, agent_id):
         return  # another instance's channel, or none
     try:
-        confirmed = []
-        for session_id in dict.fromkeys(ids):
-            session = await ctx.store.get_session(team_id, session_id)
-            if (
-                session is not None and session.agent_id == agent_id
-                and session.state is SessionState.ENDED and session.state_reason == reason
-            ):  # fmt: skip
-                confirmed.append(session.id)
+        # One query for all the ids (as the agent's live_sessions report does).
+        shown = await ctx.store.ended_sessions_among(team_id, agent_id, ids, [str(reason)])
+        shown_ids = {session.id for session in shown}
+        confirmed = [i for i in dict.fromkeys(ids) if i in shown_ids]
     except StoreError as error:
         logger.warning("checking ended sessions failed: %s", type(error).__name__)
         return

@@ -9,6 +9,7 @@ and recorded alike, so neither the answer nor the log says which it was."""
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 from fastapi import APIRouter
@@ -56,7 +57,6 @@ from rendezvous.errors import (
 from rendezvous.offer_bus import (
     AGENT_REMOVED_REASON,
     AgentReach,
-    SessionsEnded,
     end_open_sessions,
 )
 from rendezvous.schemas import (
@@ -68,6 +68,7 @@ from rendezvous.schemas import (
 )
 from rendezvous.store import (
     Agent,
+    AgentConnection,
     AgentListing,
     AgentQuery,
     AlreadyExists,
@@ -288,48 +289,71 @@ async def remove_agent(agent_id: str, caller: Caller, ctx: Context) -> RemovedAg
         )
     # Before the key stops working and the channels close: the agent must still hear it. Also
     # on a repeat, which ends what a failed first attempt left open.
-    failed = False
-    try:
-        ended = await _end_sessions_of_removed(ctx, caller, agent)
-    except (ServiceError, StoreError) as error:
-        # Cutting the agent off matters more: it goes ahead, and a repeat ends the sessions.
-        logger.warning("ending the sessions of agent %s being removed failed: %s",
-                       agent.id, type(error).__name__)  # fmt: skip
-        ended, failed = SessionsEnded([], AgentReach.NOT_CONNECTED), True
+    ended: list[str] = []  # every id whose row a pass below ended, also when one failed later
+    first = await _end_sessions_of_removed(ctx, caller, agent, ended)
     try:
         removed, forgotten = await ctx.store.remove_agent(caller.team_id, agent.id, ctx.now())
     except StoreNotFound:
         raise NotFound(NO_SUCH_AGENT) from None
+    # Again once the removal has committed, before the channels close: a session brokered
+    # after the first listing (its POST passed find_agent before the removal) was stored before
+    # the commit (create_session is ordered against remove_agent and refuses a removed agent),
+    # so this listing finds it, and nothing is stored after. The connections the removal
+    # forgot still say where the agent's channels are.
+    second = await _end_sessions_of_removed(ctx, caller, agent, ended, holders=forgotten)
     # Also on a repeat, which closes again the channels this instance holds (the first removal
     # deleted the connection rows the other instances' notices are built from: theirs close at
     # their next heartbeat).
     await close_removed_agent_channels(ctx, removed, forgotten)
-    if ended.session_ids:
+    reach = second.reach if second.session_ids else first.reach
+    if ended:
         logger.info("agent %s removed: ended %d open session(s), agent %s", agent.id,
-                    len(ended.session_ids), ended.reach.value)  # fmt: skip
+                    len(ended), reach.value)  # fmt: skip
     view = _removed_agent_view(removed)
-    view.ended_sessions = ended.session_ids
-    view.agent_reached = ended.reach.value
-    view.ending_sessions_failed = failed
+    view.ended_sessions = ended
+    view.agent_reached = reach.value
+    view.ending_sessions_failed = first.failed or second.failed
     return view
 
 
+@dataclass(frozen=True)
+class RemovalEnding:
+    """One pass of ending a removed agent's sessions: how it reached the agent, and whether it
+    failed partway (the ids it ended before that are in the caller's list all the same)."""
+
+    reach: AgentReach
+    session_ids: list[str]
+    failed: bool
+
+
 async def _end_sessions_of_removed(
-    ctx: ServiceContext, caller: Principal, agent: Agent
-) -> SessionsEnded:
+    ctx: ServiceContext, caller: Principal, agent: Agent, ended: list[str],
+    holders: list[AgentConnection] | None = None,
+) -> RemovalEnding:
     """End the open sessions of ``agent``, which is being removed (its own ``session.ended``
-    would be refused once it is): audited by the admin, reason ``agent_removed``."""
-    listing = await ctx.store.session_listing(
-        caller.team_id,
-        SessionQuery(
-            limit=MAX_SESSIONS_ENDED_ON_REMOVAL, agent_id=agent.id,
-            states=(SessionState.OFFERED, SessionState.ACCEPTED),
-        ),
-    )  # fmt: skip
-    sessions = [listed.session for listed in listing.sessions]
-    return await end_open_sessions(
-        ctx, sessions, AGENT_REMOVED_REASON, caller_actor(caller), {"agent_name": agent.name}
-    )
+    would be refused once it is): audited by the admin, reason ``agent_removed``; each id whose
+    row ended goes into ``ended``. A failure (the audit log or the store) is logged and said:
+    cutting the agent off matters more, and a repeat of the removal ends the rest."""
+    before = len(ended)
+    try:
+        listing = await ctx.store.session_listing(
+            caller.team_id,
+            SessionQuery(
+                limit=MAX_SESSIONS_ENDED_ON_REMOVAL, agent_id=agent.id,
+                states=(SessionState.OFFERED, SessionState.ACCEPTED),
+            ),
+        )  # fmt: skip
+        sessions = [listed.session for listed in listing.sessions]
+        done = await end_open_sessions(
+            ctx, sessions, AGENT_REMOVED_REASON, caller_actor(caller),
+            {"agent_name": agent.name}, ended=ended, holders=holders,
+        )  # fmt: skip
+    except (ServiceError, StoreError) as error:
+        logger.warning("ending the sessions of agent %s being removed failed: %s (%d ended "
+                       "before that)", agent.id, type(error).__name__,
+                       len(ended) - before)  # fmt: skip
+        return RemovalEnding(AgentReach.NOT_CONNECTED, ended[before:], True)
+    return RemovalEnding(done.reach, done.session_ids, False)
 
 
 TAGS_CHANGED_MESSAGE = (

@@ -18,9 +18,11 @@ Nor, once the team signed a policy, the last active admin its signed ROSTER name
 only with a roster admin's signature, so nobody could change either again, and no operator
 invited since could ever open a session. A team frozen so is recovered by the server admin
 (``tucdesk-rendezvous team reset-policy``) and by re-enrolling each agent (docs/policy.md).
-A refused disable (not an admin, no such operator in the caller's team — another team's id is
-answered and recorded alike —, the last active admin, or the signed roster's) leaves an
-``operator.revoke_failed`` record with the id as sent in the CALLER's team log.
+A ``--freeze-roster`` disable's ``operator.revoked`` says ``freeze_roster: true``, and
+``roster_frozen: true`` when it does leave no active roster admin. A refused disable (not an
+admin, no such operator in the caller's team — another team's id is answered and recorded
+alike —, the last active admin, or the signed roster's) leaves an ``operator.revoke_failed``
+record with the id as sent in the CALLER's team log.
 
 There is no ``enable``: its audit record would need an action the fixed vocabulary
 (audit/actions.py) does not have, and every action there ships with a new verifier. To bring an
@@ -185,9 +187,8 @@ async def disable_operator(
                 "email": operator.email, "role": operator.role, "reason": "last_active_admin"
             })  # fmt: skip
             raise Conflict(LAST_ADMIN_MESSAGE.format(email=operator.email))
-        if signer_keys is not None and current is not None and await _freezes_signed_roster(
-            ctx, current, operator
-        ):
+        freezes = current is not None and await freezes_signed_roster(ctx, current, operator)
+        if freezes and not freeze_roster:
             await _record_disable_refused(ctx, caller, operator.id, {
                 "email": operator.email, "role": operator.role, "reason": FROZEN_REASON
             })  # fmt: skip
@@ -203,7 +204,7 @@ async def disable_operator(
             action=Action.OPERATOR_REVOKED,
             target=f"operator:{operator.id}",
             details={"email": operator.email, "role": operator.role,
-                     **holdings_context(holdings)},
+                     **holdings_context(holdings), **freeze_marks(freeze_roster, freezes)},
         )  # fmt: skip
         audited = True
     try:
@@ -263,6 +264,17 @@ async def disable_operator(
     )
 
 
+def freeze_marks(freeze_roster: bool, roster_frozen: bool) -> dict[str, bool]:
+    """operator.revoked's marks of a disable told to accept a freeze (``freeze_roster``) and of
+    one that leaves no active admin of the signed roster (``roster_frozen``); absent when not."""
+    marks = {}
+    if freeze_roster:
+        marks["freeze_roster"] = True
+    if roster_frozen:
+        marks["roster_frozen"] = True
+    return marks
+
+
 def holdings_context(holdings: OperatorHoldings) -> dict[str, list[str]]:
     """operator.revoked's context: what the operator held that the disable revokes (ids)."""
     return {"api_keys": list(holdings.api_keys),
@@ -315,7 +327,7 @@ def _roster_would_freeze(operator: Operator) -> RosterWouldFreeze:
     )
 
 
-async def _freezes_signed_roster(
+async def freezes_signed_roster(
     ctx: ServiceContext, current: TeamPolicy, operator: Operator
 ) -> bool:
     """Whether disabling ``operator`` leaves the team's signed roster ``current`` without an

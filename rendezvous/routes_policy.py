@@ -7,7 +7,12 @@ force, countersigns, audits (``policy.set`` with the old and new hashes, or ``ro
 only the roster or agent tags changed), stores, and pushes it to the team's online agents. The
 record comes before the store (no audit, no action), so when the store then fails (another admin
 stored that version first, or the database failed) a ``policy.set_failed`` record follows it:
-the log never claims a bundle took effect that did not.
+the log never claims a bundle took effect that did not. A bundle whose roster names no active
+admin as admin (nobody could sign the next one) is refused, 409 ``roster_would_freeze`` and
+audited ``policy.set_failed`` with that reason, unless ``?freeze_roster=true`` accepts it.
+After ``team reset-policy`` the new chain's first bundle follows the retired chain's last
+version (numbering goes on), so no agent, grant or approval can take one chain's version N for
+the other's.
 """
 
 from __future__ import annotations
@@ -43,15 +48,18 @@ from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
 from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
 from rendezvous.policy_distribution import publish_policy
+from rendezvous.routes_operators import RosterWouldFreeze
 from rendezvous.schemas import StrictModel
 from rendezvous.session_decision import INTERIM_RULE_ID, SESSION_ROLES
 from rendezvous.store import AlreadyExists, AmbiguousName, StoredPolicyBundle, StoreError
 from rendezvous.team_policy import (
     TeamPolicy,
+    chain_version,
     current_team_policy,
     pending_agent_tags,
     pending_roster,
     rendezvous_trust,
+    roster_signers,
     signing_admins,
 )
 
@@ -79,6 +87,17 @@ class PolicyTestBody(StrictModel):
     at: datetime | None = None
 
 
+ROSTER_WOULD_FREEZE_REASON = "roster_would_freeze"
+ROSTER_WOULD_FREEZE_MESSAGE = (
+    "the roster of version {version} names no active admin as admin: nobody could sign the "
+    "version after it, so the team's policy and roster would be frozen (no operator invited "
+    "since could open a session) until the server admin's `tucdesk-rendezvous team "
+    "reset-policy` and each agent's re-enrollment. Sign a roster that names an active admin "
+    "(`tucdesk roster sign` takes the team as it is now); to freeze it on purpose, for a "
+    "compromised key, sign it with --freeze-roster"
+)
+
+
 class PolicyVersionRace(Conflict):
     """Another bundle was stored first, or the bundle does not follow the one in force."""
 
@@ -92,7 +111,9 @@ async def get_policy(caller: Caller, ctx: Context) -> dict[str, Any]:
     current = await current_team_policy(ctx, caller.team_id)
     return {
         "bundle": None if current is None else current.bundle.to_json(),
-        "version": 0 if current is None else current.version,
+        # Without a bundle in force: 0, or the last version of a retired chain (the new first
+        # bundle follows it), so the CLI's "next version = version + 1" holds either way.
+        "version": await chain_version(ctx, caller.team_id, current),
         "pending": {
             "roster": await pending_roster(ctx, caller.team_id),
             "agent_tags": await pending_agent_tags(ctx, caller.team_id),
@@ -101,8 +122,11 @@ async def get_policy(caller: Caller, ctx: Context) -> dict[str, Any]:
 
 
 @router.put("/policy")
-async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[str, Any]:
-    """Countersign, store and distribute the next version of the team's signed bundle."""
+async def put_policy(
+    body: PolicyUpload, caller: Caller, ctx: Context, freeze_roster: bool = False
+) -> dict[str, Any]:
+    """Countersign, store and distribute the next version of the team's signed bundle.
+    ``freeze_roster`` accepts a roster naming no active admin (nobody could sign the next)."""
     _require_admin(caller)
     try:
         signed = SignedPolicyBundle.from_json(body.bundle)
@@ -112,11 +136,16 @@ async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[s
     if content.team_id != caller.team_id:
         raise BadRequest("the bundle is for another team; sign one for your own team")
     current = await current_team_policy(ctx, caller.team_id)
-    current_version = 0 if current is None else current.version
+    current_version = await chain_version(ctx, caller.team_id, current)
     if content.version != current_version + 1:
+        where = (
+            f"the team's policy is at version {current_version}" if current is not None
+            or current_version == 0
+            else f"the team's policy chain was retired at version {current_version} (team "
+            "reset-policy); numbering goes on, so agents holding the old chain refuse the new"
+        )  # fmt: skip
         raise PolicyVersionRace(
-            f"the team's policy is at version {current_version}; "
-            f"the next bundle must be version {current_version + 1}, not {content.version}"
+            f"{where}; the next bundle must be version {current_version + 1}, not {content.version}"
         )
     if current is not None and (
         content.previous_sha256 is None
@@ -142,6 +171,16 @@ async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[s
     new_sha = content.sha256()
     roster_only = current is not None and _same_policy(current, countersigned)
     audited_as = AuditAction.ROSTER_SIGNED if roster_only else AuditAction.POLICY_SET
+    freezes = not roster_signers(content.roster, await ctx.store.list_operators(caller.team_id))
+    if freezes and not freeze_roster:
+        await ctx.audit.record_refusal(
+            caller.team_id, actor=caller_actor(caller), action=AuditAction.POLICY_SET_FAILED,
+            target=f"policy:{caller.team_id}",
+            details={"audited_as": audited_as.value, "version": content.version,
+                     "sha256": new_sha, "reason": ROSTER_WOULD_FREEZE_REASON},
+        )  # fmt: skip
+        raise RosterWouldFreeze(ROSTER_WOULD_FREEZE_MESSAGE.format(version=content.version))
+    marks = {"freeze_roster": True, "roster_frozen": True} if freezes else {}
     await ctx.audit.record(
         caller.team_id, actor=caller_actor(caller), action=audited_as,
         target=f"policy:{caller.team_id}",
@@ -153,6 +192,7 @@ async def put_policy(body: PolicyUpload, caller: Caller, ctx: Context) -> dict[s
             "policy_sha256": content.policy_sha256,
             "signed_by": signed.admin_key_id,
             "roster_size": len(content.roster.entries),
+            **marks,
         },
     )  # fmt: skip
     try:

@@ -13,9 +13,12 @@ team without disabling anyone, as Teleport can terminate a session: ``session.en
 admin (reason ``ended_by_admin``) is recorded, the row ends, then the agent is told over its
 control channel on whichever instance holds it (rendezvous/offer_bus.py ``tell_agent_to_end``);
 the answer says whether it was reached. A session already ended or refused is answered as it
-is (``already_ended``), nothing recorded. A refused end (not an admin, or no such session in
-the caller's team: another team's id is answered and recorded alike) leaves a
-``session.end_failed`` record with the id as sent in the CALLER's team log.
+is (``already_ended``), nothing recorded. Of two ends of one session at once (two admins, a
+retry, a removal), one claims it (offer_bus.py ``end_open_sessions``) and records it; the other
+records nothing and is answered 409 ``session_being_ended`` while the row is still open. A
+refused end (not an admin, or no such session in the caller's team: another team's id is
+answered and recorded alike) leaves a ``session.end_failed`` record with the id as sent in the
+CALLER's team log.
 
 The contract is docs/sessions.md §1; the brokering itself is rendezvous/session_broker.py.
 """
@@ -41,8 +44,13 @@ from rendezvous.audit_trail import (
 from rendezvous.auth import Permission, Principal, authorize, is_granted
 from rendezvous.context import ServiceContext
 from rendezvous.dependencies import Caller, Context
-from rendezvous.errors import BadRequest, Forbidden, NotFound, PayloadTooLarge
-from rendezvous.offer_bus import ENDED_BY_ADMIN_REASON, AgentReach, end_open_sessions
+from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, PayloadTooLarge
+from rendezvous.offer_bus import (
+    ENDED_BY_ADMIN_REASON,
+    ENDING_CLAIM_SECONDS,
+    AgentReach,
+    end_open_sessions,
+)
 from rendezvous.schemas import SessionList, SessionView, StrictModel
 from rendezvous.session_broker import (
     AmbiguousTarget,
@@ -70,6 +78,12 @@ NO_SUCH_SESSION = "no such session in your team"
 # Ending another operator's session is an admin's act, as disabling one is (never an API key's).
 SESSIONS_END_PERMISSION = Permission.OPERATORS_WRITE
 OPEN_STATES = (SessionState.OFFERED, SessionState.ACCEPTED)
+
+
+class SessionBeingEnded(Conflict):
+    """Another request holds the claim on ending this session (it records and ends it)."""
+
+    code = "session_being_ended"
 
 
 class EndedSessionView(BaseModel):
@@ -169,7 +183,14 @@ async def end_session(session_id: str, caller: Caller, ctx: Context) -> EndedSes
         {"ended_by": caller.email or caller.subject},
     )  # fmt: skip
     now = await ctx.store.listed_session(caller.team_id, session.id)
-    assert now is not None  # sessions are never deleted
+    assert now is not None  # open sessions are never deleted
+    if not ended.session_ids and now.session.state in OPEN_STATES:
+        # Another end (an admin, a retry, a removal) claimed it first and records it; or one
+        # failed within the claim's time. Not "already ended": it is not, yet.
+        raise SessionBeingEnded(
+            f"another request is ending session {session.id} now (or one failed in the last "
+            f"{ENDING_CLAIM_SECONDS:.0f} s); look again with tucdesk sessions show {session.id}"
+        )
     return EndedSessionView(
         session=_listed_session_view(now), already_ended=not ended.session_ids,
         agent_reached=ended.reach.value,

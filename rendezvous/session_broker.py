@@ -34,9 +34,10 @@ from rendezvous.auth import Principal
 from rendezvous.config import RelayEndpoint
 from rendezvous.context import ServiceContext
 from rendezvous.errors import BadRequest, Conflict, Forbidden, NotFound, ServiceUnavailable
-from rendezvous.offer_bus import OfferDelivery, deliver_offer
+from rendezvous.offer_bus import AGENT_REMOVED_REASON, OfferDelivery, deliver_offer
 from rendezvous.session_decision import SessionAsk, SessionDecision, decide_session
 from rendezvous.store import AmbiguousName, ApprovalRequest, Operator, Session, SessionState
+from rendezvous.store import NotFound as StoreNotFound
 from rendezvous.store.base import CONNECTION_STALE_AFTER_SECONDS, new_id
 from rendezvous.team_policy import current_team_policy
 
@@ -218,17 +219,30 @@ async def open_session(
     relay = choose_relay(ctx)
     if approval is not None:
         await mark_executed(ctx, actor, approval[0], session_id)
-    session = await ctx.store.create_session(
-        Session(
-            id=session_id, team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,
-            operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,
-            command=request.command, relay_id=relay.id, relay_host=relay.host,
-            relay_port=relay.port, relay_udp_port=relay.udp_port,
-            policy_result=decision.outcome.value, policy_rule_id=decision.rule_id,
-            state=SessionState.OFFERED, state_reason=None, created_at=now,
-            expires_at=now + SESSION_OFFER_SECONDS, updated_at=now,
-        )
-    )  # fmt: skip
+
+    def agent_removed() -> AgentNotFound:
+        return AgentNotFound(f"agent {agent.name} was removed from your team")
+
+    try:
+        session = await ctx.store.create_session(
+            Session(
+                id=session_id, team_id=agent.team_id, agent_id=agent.id, operator_id=operator.id,
+                operator_key_thumbprint=operator.key_thumbprint, mode=request.mode,
+                command=request.command, relay_id=relay.id, relay_host=relay.host,
+                relay_port=relay.port, relay_udp_port=relay.udp_port,
+                policy_result=decision.outcome.value, policy_rule_id=decision.rule_id,
+                state=SessionState.OFFERED, state_reason=None, created_at=now,
+                expires_at=now + SESSION_OFFER_SECONDS, updated_at=now,
+            )
+        )  # fmt: skip
+    except StoreNotFound:
+        # Removed since find_agent: the store refuses the row (ordered against the removal, so
+        # no session is stored once it committed). Recorded; no row to keep.
+        await ctx.audit.record(
+            principal.team_id, actor=actor, action=Action.SESSION_REFUSED, target=agent.id,
+            session_id=session_id, details={"reason": AGENT_REMOVED_REASON},
+        )  # fmt: skip
+        raise agent_removed() from None
     # Checked again now that the row exists: an admin disabling the operator after the check
     # above looked up its open sessions before this one was stored, so nobody else ends it.
     # A disable committing after this check finds the row (and deliver_here checks once more).
@@ -238,6 +252,10 @@ async def open_session(
             OPERATOR_DISABLED, Forbidden("this operator is disabled; ask an admin"),
             offered=session,
         )  # fmt: skip
+    # The agent too: a removal that committed since create_session lists this session and ends
+    # it, but it must not be offered meanwhile (deliver_here checks once more).
+    if await ctx.store.get_agent(agent.team_id, agent.id) is None:
+        await refuse(AGENT_REMOVED_REASON, agent_removed(), offered=session)
     # The approver too: redeemable_approval checked it before mark_executed, and a disable of
     # the approver ends only the approver's own sessions, never this one.
     if approval is not None and not await approver_active(ctx, approval[0]):
@@ -265,6 +283,8 @@ async def open_session(
             OPERATOR_DISABLED, Forbidden("this operator is disabled; ask an admin"),
             offered=session,
         )  # fmt: skip
+    if delivery is OfferDelivery.AGENT_REMOVED:
+        await refuse(AGENT_REMOVED_REASON, agent_removed(), offered=session)
     if delivery is not OfferDelivery.SENT:
         await refuse(
             "offer_not_delivered",

@@ -17,6 +17,7 @@ from protocol.policy import (
     PinnedPolicyTrust,
     PolicyBundleContent,
     PolicyBundleError,
+    Roster,
     RosterEntry,
     SignedPolicyBundle,
 )
@@ -73,13 +74,29 @@ async def current_team_policy(ctx: ServiceContext, team_id: str) -> TeamPolicy |
     return TeamPolicy(stored, parse_stored_bundle(stored))
 
 
+async def chain_version(ctx: ServiceContext, team_id: str, current: TeamPolicy | None) -> int:
+    """The version the team's next bundle follows: the one in force, else the last version of
+    a chain ``team reset-policy`` retired (0 if none), since numbering goes on across a reset."""
+    if current is not None:
+        return current.version
+    return await ctx.store.newest_policy_version(team_id)
+
+
 def signing_admins(
     current: TeamPolicy, operators: Iterable[Operator], *, excluding: str | None = None
 ) -> list[Operator]:
     """The team's active admins (but ``excluding``, an operator id) whose key the signed roster
     names as admin: those who can sign the next bundle. None left: the team's policy is frozen
     until the server admin's ``team reset-policy`` and each agent's re-enrollment."""
-    roster_admins = current.content.roster.admin_keys()
+    return roster_signers(current.content.roster, operators, excluding=excluding)
+
+
+def roster_signers(
+    roster: Roster, operators: Iterable[Operator], *, excluding: str | None = None
+) -> list[Operator]:
+    """The active admins among ``operators`` (but ``excluding``) whose key ``roster`` names as
+    admin: who could sign the bundle after one carrying ``roster``."""
+    roster_admins = roster.admin_keys()
     return [
         operator
         for operator in operators

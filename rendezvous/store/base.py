@@ -175,6 +175,12 @@ class Team:
     created_at: float
 
 
+# The expires_at of a revoked invite (``invite revoke``, an operator disable): a time no clock
+# passes, so a login whose clock was read before the revoke committed, or a revoke from a host
+# whose clock is ahead, never leaves the code usable (no schema change: no separate mark).
+INVITE_REVOKED_EXPIRES_AT = 0.0
+
+
 @dataclass(frozen=True)
 class Invite:
     """A one-time operator invite; the code itself is never stored, only its hash."""
@@ -193,6 +199,8 @@ class Invite:
         """Why this invite cannot be used at ``now``, or None if it can."""
         if self.used_at is not None:
             return UnusableReason.USED
+        if self.expires_at <= INVITE_REVOKED_EXPIRES_AT:
+            return UnusableReason.REVOKED
         if now >= self.expires_at:
             return UnusableReason.EXPIRED
         return None
@@ -623,9 +631,10 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     async def revoke_invite(self, team_id: str, invite_id: str, now: float) -> Invite:
-        """Make the team's unused, unexpired invite ``invite_id`` unusable from ``now`` (it
-        expires now: the schema has no separate revoked mark) and return it so. NotFound if
-        the team holds no such invite; InviteUnusable if it is used or expired."""
+        """Make the team's unused, unexpired (at ``now``) invite ``invite_id`` unusable for good
+        (expires_at = INVITE_REVOKED_EXPIRES_AT, whatever any clock says) and return it so.
+        NotFound if the team holds no such invite; InviteUnusable if it is used, revoked or
+        expired."""
 
     @abc.abstractmethod
     async def consume_invite(self, code_hash: bytes, now: float) -> Invite:
@@ -983,8 +992,31 @@ class Store(abc.ABC):
         """Store a new session row (its id made with ``new_id("ses")`` by the caller).
 
         NotFound unless the agent exists (not removed) in ``session.team_id``; AlreadyExists on
-        a repeated id.
+        a repeated id. Ordered against ``remove_agent`` (the agent's row lock): a session stored
+        is seen by a listing made after the removal committed, and none is stored after it.
         """
+
+    @abc.abstractmethod
+    async def claim_session_end(
+        self, team_id: str, agent_id: str, session_id: str, live_after: float, until: float
+    ) -> Session | None:
+        """Claim the ending of the agent's open (offered or accepted) session: its updated_at
+        becomes ``until`` unless another claim is live (updated_at later than ``live_after``).
+        The claimed row (state unchanged), or None: not open, or claimed already."""
+
+    @abc.abstractmethod
+    async def release_session_end(
+        self, team_id: str, agent_id: str, session_id: str, claim: float, now: float
+    ) -> None:
+        """Give up a ``claim_session_end`` claim (``claim`` is its ``until``) that did not end
+        the session: updated_at becomes ``now`` if the claim is still the row's."""
+
+    @abc.abstractmethod
+    async def ended_sessions_among(
+        self, team_id: str, agent_id: str, session_ids: Sequence[str], reasons: Sequence[str]
+    ) -> list[Session]:
+        """Those of ``session_ids`` (at most a few hundred) that are the agent's sessions in the
+        team, ended with one of ``reasons``: one query."""
 
     @abc.abstractmethod
     async def get_session(self, team_id: str, session_id: str) -> Session | None:
@@ -1036,23 +1068,33 @@ class Store(abc.ABC):
         with how its command ended (``exit_code``, ``exit_signal``) when the agent said so.
 
         Returns the updated session, or None when no such session of this agent is in those
-        states (unknown, another agent's or team's, or already moved on).
+        states (unknown, another agent's or team's, or already moved on). A move between open
+        states (offered to accepted) keeps a later updated_at: a ``claim_session_end`` claim.
         """
 
     # ---- policy bundles ----------------------------------------------------------------------
 
     @abc.abstractmethod
     async def latest_policy_bundle(self, team_id: str) -> StoredPolicyBundle | None:
-        """The team's newest policy bundle, or None if it never stored one."""
+        """The team's newest policy bundle, or None if it never stored one or its chain was
+        retired (``retire_policy_bundles``) and no bundle was stored since."""
 
     @abc.abstractmethod
     async def store_policy_bundle(self, bundle: StoredPolicyBundle) -> StoredPolicyBundle:
-        """Store the next version atomically: AlreadyExists unless it is exactly newest + 1."""
+        """Store the next version atomically: AlreadyExists unless it is exactly newest + 1
+        (a retired chain's last version counts: numbering goes on across a reset)."""
 
     @abc.abstractmethod
-    async def retire_policy_bundles(self, team_id: str) -> int:
-        """Delete every policy bundle of the team (the server admin's ``team reset-policy``),
-        so the next one stored is version 1 again; how many were deleted."""
+    async def newest_policy_version(self, team_id: str) -> int:
+        """The highest version the team ever stored, a retired chain's included (0: none): the
+        next bundle must be this + 1."""
+
+    @abc.abstractmethod
+    async def retire_policy_bundles(self, team_id: str, now: float) -> int:
+        """Retire the team's policy chain (the server admin's ``team reset-policy``): delete
+        its bundles but remember the last one's version, so the new chain's first bundle is
+        that version + 1 and no grant, approval or agent can mistake one chain's version N for
+        the other's. How many bundles were deleted (0: nothing in force to retire)."""
 
     @abc.abstractmethod
     async def set_agent_policy_version(

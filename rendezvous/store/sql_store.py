@@ -28,6 +28,7 @@ from rendezvous.store.base import (
     CONNECTION_STALE_AFTER_SECONDS,
     EVERY_AGENT,
     EVERY_SESSION,
+    INVITE_REVOKED_EXPIRES_AT,
     MAX_MATCHES,
     MAX_NAME_LENGTH,
     MAX_SCOPES,
@@ -183,8 +184,9 @@ def _agent_listing_sql(
     if tags:
         conditions.append(carries_tags.format(tags=f"${next(numbers)}"))
     limit_clause = f" LIMIT ${next(numbers)}" if limit else ""
+    # bundle <> '': not the mark of a retired chain (_RETIRED_CHAIN_MARK).
     policy = """(SELECT MAX(version) AS team_policy_version FROM policy_bundles
-              WHERE team_id = $1) p"""
+              WHERE team_id = $1 AND bundle <> '') p"""
     if page_apart:
         page = f"""SELECT {_AGENT_STORED_COLUMNS} FROM agents a
             WHERE {" AND ".join(conditions)} ORDER BY a.name, a.id{limit_clause}"""  # noqa: S608
@@ -489,10 +491,10 @@ class SqlStore(Store):
         NotFound if the team holds no such invite; InviteUnusable if it is used or expired."""
         async with self._transaction() as session:
             row = await session.fetchrow(
-                """UPDATE invites SET expires_at = $3
+                """UPDATE invites SET expires_at = $4
                    WHERE team_id = $1 AND id = $2 AND used_at IS NULL AND expires_at > $3
                    RETURNING *""",
-                team_id, invite_id, now,
+                team_id, invite_id, now, INVITE_REVOKED_EXPIRES_AT,
             )  # fmt: skip
             if row is not None:
                 return _invite(row)
@@ -666,10 +668,12 @@ class SqlStore(Store):
                 )  # fmt: skip
             invites = await self._invites_for_email(session, team_id, row["email"], now)
             for invite_id in invites:
+                # Revoked for good (INVITE_REVOKED_EXPIRES_AT), not "expired now": a login that
+                # read its clock before this commits must not pass ``expires_at > now`` after.
                 await session.execute(
-                    """UPDATE invites SET expires_at = $3
+                    """UPDATE invites SET expires_at = $4
                        WHERE team_id = $1 AND id = $2 AND used_at IS NULL AND expires_at > $3""",
-                    team_id, invite_id, now,
+                    team_id, invite_id, now, INVITE_REVOKED_EXPIRES_AT,
                 )  # fmt: skip
             # Registration keys first: the API keys that made some are still unrevoked then.
             registration_keys = await session.fetch(
@@ -1399,8 +1403,12 @@ class SqlStore(Store):
         _check_text("session id", session.id, MAX_NAME_LENGTH)
         command = None if session.command is None else json.dumps(list(session.command))
         async with self._transaction() as session_sql:
+            # A no-op UPDATE, not a SELECT: it takes the agent's row lock (SQLite: BEGIN
+            # IMMEDIATE queues every writer), so a removal committing meanwhile is seen here,
+            # and one waiting on the lock lists this session once it has committed.
             agent = await session_sql.fetchrow(
-                "SELECT id FROM agents WHERE team_id = $1 AND id = $2 AND removed_at IS NULL",
+                """UPDATE agents SET removed_at = removed_at
+                   WHERE team_id = $1 AND id = $2 AND removed_at IS NULL RETURNING id""",
                 session.team_id, session.agent_id,
             )  # fmt: skip
             if agent is None:
@@ -1420,6 +1428,49 @@ class SqlStore(Store):
                 session.state_reason, session.created_at, session.expires_at, session.updated_at,
             )  # fmt: skip
         return session
+
+    async def claim_session_end(
+        self, team_id: str, agent_id: str, session_id: str, live_after: float, until: float
+    ) -> Session | None:
+        """Claim the ending of the agent's open session until ``until`` unless a claim is live
+        (one conditional UPDATE: of two claims at once exactly one matches)."""
+        row = await self._fetchrow(
+            """UPDATE sessions SET updated_at = $5
+               WHERE team_id = $1 AND agent_id = $2 AND id = $3
+                 AND state IN ('offered', 'accepted') AND updated_at <= $4
+               RETURNING *""",
+            team_id, agent_id, session_id, live_after, until,
+        )  # fmt: skip
+        return _session(row) if row else None
+
+    async def release_session_end(
+        self, team_id: str, agent_id: str, session_id: str, claim: float, now: float
+    ) -> None:
+        """Give up a claim that did not end the session, if it is still the row's."""
+        await self._execute(
+            """UPDATE sessions SET updated_at = $5
+               WHERE team_id = $1 AND agent_id = $2 AND id = $3 AND updated_at = $4
+                 AND state IN ('offered', 'accepted')""",
+            team_id, agent_id, session_id, claim, now,
+        )  # fmt: skip
+
+    async def ended_sessions_among(
+        self, team_id: str, agent_id: str, session_ids: Sequence[str], reasons: Sequence[str]
+    ) -> list[Session]:
+        """The agent's sessions among ``session_ids`` ended with one of ``reasons``."""
+        ids, wanted = list(dict.fromkeys(session_ids)), list(dict.fromkeys(reasons))
+        if not ids or not wanted:
+            return []
+        # Numbered placeholders only are spliced in; the values are parameters.
+        id_marks = ", ".join(f"${4 + index}" for index in range(len(ids)))
+        reason_marks = ", ".join(f"${4 + len(ids) + index}" for index in range(len(wanted)))
+        rows = await self._read_fetch(
+            f"""SELECT * FROM sessions
+                WHERE team_id = $1 AND agent_id = $2 AND state = $3
+                  AND id IN ({id_marks}) AND state_reason IN ({reason_marks})""",  # noqa: S608
+            team_id, agent_id, SessionState.ENDED.value, *ids, *wanted,
+        )  # fmt: skip
+        return [_session(row) for row in rows]
 
     async def get_session(self, team_id: str, session_id: str) -> Session | None:
         """The team's session with this id, or None."""
@@ -1491,8 +1542,13 @@ class SqlStore(Store):
             _check_text("exit signal", exit_signal, MAX_SIGNAL_NAME_LENGTH)
         # Placeholders for the allowed states only (their values are passed as parameters).
         allowed = ", ".join(f"${9 + index}" for index in range(len(from_states)))
+        # Between open states (an offer accepted) a later updated_at stays: it is a live
+        # claim_session_end claim, which a second end of the session must still see.
         row = await self._fetchrow(
-            f"""UPDATE sessions SET state = $4, state_reason = $5, updated_at = $6,
+            f"""UPDATE sessions SET state = $4, state_reason = $5,
+                                    updated_at = CASE
+                                        WHEN $4 IN ('offered', 'accepted') AND updated_at > $6
+                                        THEN updated_at ELSE $6 END,
                                     exit_code = $7, exit_signal = $8
                 WHERE team_id = $1 AND agent_id = $2 AND id = $3
                   AND state IN ({allowed})
@@ -1506,12 +1562,23 @@ class SqlStore(Store):
     # ---- policy bundles ----------------------------------------------------------------------
 
     async def latest_policy_bundle(self, team_id: str) -> StoredPolicyBundle | None:
-        """The team's newest policy bundle, or None if it never stored one."""
+        """The team's newest policy bundle, or None if it never stored one (or only the mark
+        of a retired chain)."""
         row = await self._read_fetchrow(
             "SELECT * FROM policy_bundles WHERE team_id = $1 ORDER BY version DESC LIMIT 1",
             team_id,
         )
-        return _policy_bundle(row) if row else None
+        if not row or row["bundle"] == _RETIRED_CHAIN_MARK:
+            return None
+        return _policy_bundle(row)
+
+    async def newest_policy_version(self, team_id: str) -> int:
+        """The highest version the team ever stored, a retired chain's included (0: none)."""
+        row = await self._read_fetchrow(
+            "SELECT COALESCE(MAX(version), 0) AS newest FROM policy_bundles WHERE team_id = $1",
+            team_id,
+        )
+        return int(row["newest"]) if row else 0
 
     async def store_policy_bundle(self, bundle: StoredPolicyBundle) -> StoredPolicyBundle:
         """Store the next version atomically: AlreadyExists unless it is exactly newest + 1."""
@@ -1537,15 +1604,28 @@ class SqlStore(Store):
             )  # fmt: skip
         return bundle
 
-    async def retire_policy_bundles(self, team_id: str) -> int:
-        """Delete every policy bundle of the team (the server admin's ``team reset-policy``),
-        so the next one stored is version 1 again; how many were deleted."""
+    async def retire_policy_bundles(self, team_id: str, now: float) -> int:
+        """Delete the team's bundles, leaving in the last one's place the mark of a retired
+        chain (its version and hashes, no bundle): the next version stays last + 1."""
         async with self._transaction() as session:
             await self._require_team(session, team_id)
+            last = await session.fetchrow(
+                "SELECT * FROM policy_bundles WHERE team_id = $1 ORDER BY version DESC LIMIT 1",
+                team_id,
+            )
+            if not last or last["bundle"] == _RETIRED_CHAIN_MARK:
+                return 0
             row = await session.fetchrow(
                 "SELECT COUNT(*) AS bundles FROM policy_bundles WHERE team_id = $1", team_id
             )
             await session.execute("DELETE FROM policy_bundles WHERE team_id = $1", team_id)
+            await session.execute(
+                """INSERT INTO policy_bundles (team_id, version, content_sha256, policy_sha256,
+                                               bundle, admin_key_id, created_by, created_at)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
+                team_id, last["version"], last["content_sha256"], last["policy_sha256"],
+                _RETIRED_CHAIN_MARK, last["admin_key_id"], _RETIRED_CHAIN_BY, now,
+            )  # fmt: skip
         return int(row["bundles"]) if row else 0
 
     async def set_agent_policy_version(
@@ -2095,6 +2175,13 @@ def _session(row: Row) -> Session:
 
 def _listed_session(row: Row) -> ListedSession:
     return ListedSession(_session(row), row["listed_agent_name"], row["listed_operator_email"])
+
+
+# ``team reset-policy`` leaves, in place of a team's bundles, one row with this empty bundle at
+# the retired chain's last version: no schema change, and ``store_policy_bundle``'s MAX(version)
+# makes the new chain's first version follow it. Never read as a bundle.
+_RETIRED_CHAIN_MARK = ""
+_RETIRED_CHAIN_BY = "team reset-policy"
 
 
 def _policy_bundle(row: Row) -> StoredPolicyBundle:

@@ -2,7 +2,8 @@
 reviewer's a1_build.py and a3_rule.py): a value holding whitespace, '=', a quote or a backslash
 is quoted, so an agent-written email cannot pose as decision=/rule=/approved_by= columns; a
 policy result only the agent's key signed is shown as agent_decision= and never matches
---decision; an agent's operator_email is shown only if it is an email. --json keeps
+--decision; an agent's operator_email is shown as operator= only if it is an email (else only
+as a quoted details.operator_email). --json keeps
 ``operator`` as it was (who acted, else the session's operator) and adds ``subject``."""
 
 from __future__ import annotations
@@ -126,8 +127,10 @@ def test_an_agent_written_email_cannot_pose_as_decision_rule_or_approver(
     [forged, _] = _show(files, capsys, "--action", "session.started")
     assert "session=s-9" in forged
     assert _fields(forged) == ["by", "agent", "session"], forged
-    assert "decision=" not in forged and "approved_by=" not in forged
-    assert "break-glass" not in forged
+    # Not a column: shown as the agent signed it, one quoted value under the details. prefix.
+    shown = forged.removesuffix(" details.mode=shell")
+    assert shown.endswith(f' details.operator_email="{FORGED_EMAIL}"'), forged
+    assert shown.count('"') == 2, forged  # that one quoted value, nothing outside it
     # Nor does it match the filters it tried to satisfy.
     assert not any("s-9" in line for line in _show(files, capsys, "--operator", "carol@alpha.test"))
     assert _show(files, capsys, "--decision", "allow") == []

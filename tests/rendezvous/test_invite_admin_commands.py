@@ -53,7 +53,7 @@ def teams(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
 
 
 @pytest.mark.usefixtures("teams")
-def test_revoke_makes_the_code_unusable_lists_it_expired_and_is_audited(
+def test_revoke_makes_the_code_unusable_lists_it_revoked_and_is_audited(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     invite_id, code = _invite(tmp_path, capsys, "ops", "ada@example.com")
@@ -67,10 +67,10 @@ def test_revoke_makes_the_code_unusable_lists_it_expired_and_is_audited(
     assert main(["invite", "list", "--team", "ops", *_store(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == "no pending invites"
     assert main(["invite", "list", "--team", "ops", "--all", *_store(tmp_path)]) == 0
-    assert f"{invite_id}\tada@example.com\toperator\texpired " in capsys.readouterr().out
+    assert f"{invite_id}\tada@example.com\toperator\trevoked\n" in capsys.readouterr().out
     with pytest.raises(InviteUnusable) as refused:
         _enroll(tmp_path, code)
-    assert refused.value.reason is UnusableReason.EXPIRED
+    assert refused.value.reason is UnusableReason.REVOKED
 
     bundle = tmp_path / "ops.json"
     assert main(["audit", "export", "--team", "ops", "--output", str(bundle),

@@ -1,6 +1,7 @@
 """Who can sign a team's next policy stays with an active admin: the store refuses (under the team
 lock, so two concurrent disables cannot both pass) to disable the last active admin the signed
-roster names, and ``retire_policy_bundles`` (``team reset-policy``) starts the chain over.
+roster names, and ``retire_policy_bundles`` (``team reset-policy``) starts a new chain whose
+numbering follows the retired one.
 
 Store tests run on SQLite and PostgreSQL (the ``store`` fixture is parametrized); the whole
 flow on a real stack is tests/stack/test_roster_recovery.py.
@@ -16,7 +17,7 @@ import pytest
 import trio
 
 from rendezvous.main import main
-from rendezvous.store import Operator, Store, StoredPolicyBundle, Team
+from rendezvous.store import AlreadyExists, Operator, Store, StoredPolicyBundle, Team
 from rendezvous.store.base import LastRosterSigner
 
 pytestmark = pytest.mark.anyio
@@ -77,15 +78,19 @@ async def test_two_roster_admins_disabling_each_other_cannot_both_succeed(store:
     assert [op.id for op in active] == refused
 
 
-async def test_retiring_the_policy_chain_lets_version_1_be_stored_again(store: Store) -> None:
+async def test_retiring_the_policy_chain_keeps_its_numbering(store: Store) -> None:
     team, other = await store.create_team("ops", NOW), await store.create_team("dev", NOW)
     for version in (1, 2):
         await store.store_policy_bundle(_bundle(team, version))
     await store.store_policy_bundle(_bundle(other, 1))
-    assert await store.retire_policy_bundles(team.id) == 2
+    assert await store.retire_policy_bundles(team.id, NOW) == 2
     assert await store.latest_policy_bundle(team.id) is None
-    await store.store_policy_bundle(_bundle(team, 1))
-    assert (await store.latest_policy_bundle(team.id)).version == 1  # type: ignore[union-attr]
+    assert await store.newest_policy_version(team.id) == 2
+    assert await store.retire_policy_bundles(team.id, NOW) == 0  # nothing in force to retire
+    with pytest.raises(AlreadyExists):  # the new chain's first bundle follows the retired one
+        await store.store_policy_bundle(_bundle(team, 1))
+    await store.store_policy_bundle(_bundle(team, 3))
+    assert (await store.latest_policy_bundle(team.id)).version == 3  # type: ignore[union-attr]
     assert (await store.latest_policy_bundle(other.id)).version == 1  # type: ignore[union-attr]
 
 

@@ -132,13 +132,13 @@ async def test_a_revoked_invite_cannot_be_used_and_only_a_pending_one_of_the_tea
     with pytest.raises(NotFound):
         await store.revoke_invite(team.id, "inv_missing", NOW + 1)
     revoked = await store.revoke_invite(team.id, pending.id, NOW + 1)
-    assert (revoked.id, revoked.expires_at, revoked.used_at) == (pending.id, NOW + 1, None)
+    assert (revoked.id, revoked.expires_at, revoked.used_at) == (pending.id, 0.0, None)
     with pytest.raises(InviteUnusable) as refused:
         await store.enroll_operator(secret_hash("code-1"), NOW + 2, *operator_key())
-    assert refused.value.reason is UnusableReason.EXPIRED
+    assert refused.value.reason is UnusableReason.REVOKED
     with pytest.raises(InviteUnusable) as again:
         await store.revoke_invite(team.id, pending.id, NOW + 2)
-    assert again.value.reason is UnusableReason.EXPIRED
+    assert again.value.reason is UnusableReason.REVOKED
     assert await store.list_operators(team.id) == []
     await make_invite(store, team, "code-2", email="bob@example.com")
     await store.enroll_operator(secret_hash("code-2"), NOW + 3, *operator_key())

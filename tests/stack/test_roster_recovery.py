@@ -101,7 +101,10 @@ def test_a_frozen_signed_roster_is_refused_then_recovered_by_reset_and_re_enroll
     # The server admin's recovery: retire the chain; the second admin signs a new first one.
     output = stack.rendezvous_admin("team", "reset-policy", "--team", stack.team_name)
     assert "re-enrolled" in output, output
+    # Numbering goes on across the reset: the new first bundle is version 2.
     code, error = _set_policy(stack, second, 1)
+    assert code != 0 and "set version = 2" in error, error
+    code, error = _set_policy(stack, second, 2)
     assert code == 0, error
     # The rendezvous alone cannot re-root an agent's trust: both refuse the new chain.
     for agent_id in (old.id, kept.id):
@@ -136,13 +139,13 @@ def test_a_frozen_signed_roster_is_refused_then_recovered_by_reset_and_re_enroll
              and a["online"]), "",
         )  # fmt: skip
         time.sleep(POLL_SECONDS)
-    _wait_for(stack, second, new_id, {"policy_version": 1, "policy_refusal": None})
+    _wait_for(stack, second, new_id, {"policy_version": 2, "policy_refusal": None})
 
     # An operator invited after the freeze opens a session on the re-enrolled agent only.
     third = tmp_path / "c"
     stack.create_operator(NEW_OPERATOR, "operator", home=third)
     assert stack.run_tucdesk("roster", "sign", "--yes", home=second).returncode == 0
-    _wait_for(stack, second, new_id, {"policy_version": 2, "policy_refusal": None})
+    _wait_for(stack, second, new_id, {"policy_version": 3, "policy_refusal": None})
     ran = stack.run_tucdesk("exec", new_id, "--", "echo", "recovered", home=third)
     assert ran.returncode == 0, ran.stderr.decode()
     assert ran.stdout == b"recovered\n"
