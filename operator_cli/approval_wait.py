@@ -52,11 +52,14 @@ APPROVAL_POLL_SECONDS = 1.0
 APPROVAL_REMINDER_SECONDS = 60.0
 MAX_APPROVAL_WAIT_SECONDS = 60 * 60
 EXPIRY_GRACE_SECONDS = 5.0
+HTTP_CONFLICT = 409  # a withdrawal the server refuses: the request was decided or expired
 # Signals that end a waiting job (timeout(1), a CI cancel, a closed terminal): its request is
 # withdrawn before the process ends by the signal.
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 
 Say = Callable[[str], None]
+# The command line (after ``tucdesk``) that redeems approval request ID for this very session.
+ResumeCommand = Callable[[str], str]
 
 
 class ApprovalRefused(SessionError):
@@ -119,11 +122,14 @@ def obtain_ticket(
     approval_id: str | None = None,
     poll_seconds: float = APPROVAL_POLL_SECONDS,
     sleep: Callable[[float], None] = time.sleep,
+    resume: ResumeCommand | None = None,
 ) -> SessionTicket | Parked:
     """A session ticket for ``ask``, waiting for approval when the policy requires it.
 
     Raises ApprovalRefused when the request is denied or expires, and the errors of
     request_session otherwise. With ``wait`` false a parked request is returned as Parked.
+    ``resume`` names the command that would use the request, for a wait that gives up just as
+    it is approved.
     """
     if approval_id is None:
         try:
@@ -135,7 +141,7 @@ def obtain_ticket(
             return Parked(pending)
         say(waiting_message(pending))
         view = wait_for_decision(api, pending.request_id, say, poll_seconds=poll_seconds,
-                                 sleep=sleep, expires_at=pending.expires_at)
+                                 sleep=sleep, expires_at=pending.expires_at, resume=resume)
         return _request(api, ask, view.request_id)
     view = fetch_request(api, approval_id)
     check_fits(view, ask)
@@ -146,7 +152,7 @@ def obtain_ticket(
             return Parked(pending)
         say(waiting_message(pending))
         view = wait_for_decision(api, view.request_id, say, poll_seconds=poll_seconds,
-                                 sleep=sleep, expires_at=pending.expires_at)
+                                 sleep=sleep, expires_at=pending.expires_at, resume=resume)
     elif view.state != APPROVED:
         raise _refusal(view)
     return _request(api, ask, view.request_id)
@@ -179,11 +185,12 @@ def wait_for_decision(
     remind_seconds: float = APPROVAL_REMINDER_SECONDS,
     expires_at: float | None = None,
     timeout_seconds: float | None = None,
+    resume: ResumeCommand | None = None,
 ) -> ApprovalRequestView:
     """Poll the request until it is approved (returned) or denied/expired (ApprovalRefused),
     saying every ``remind_seconds`` that it is still waiting. ``timeout_seconds`` (default:
     --approval-timeout) bounds the wait; a wait that ends without a decision withdraws the
-    request (see the module docstring)."""
+    request (see the module docstring; ``resume`` as for withdraw_quietly)."""
     if timeout_seconds is None:
         timeout_seconds = _approval_timeout_seconds
     limit = max_wait_seconds if timeout_seconds is None else min(max_wait_seconds,
@@ -196,11 +203,21 @@ def wait_for_decision(
         flag = " (--approval-timeout)" if limit == timeout_seconds else ""
         raise ApprovalRefused(
             f"gave up waiting for approval of {request_id} after {limit:g}s{flag}: "
-            f"{withdraw_quietly(api, request_id)}"
+            f"{withdraw_quietly(api, request_id, resume)}"
         ) from None
     except _StopSignal as stop:
         name = signal.Signals(stop.signum).name
-        say(f"{name} while waiting for approval: {withdraw_quietly(api, request_id)}")
+        # The same signal may come twice (timeout(1) signals its command, then the command's
+        # process group): it must not end the process before the request is withdrawn.
+        held = [signum for signum in STOP_SIGNALS if signal.getsignal(signum) == signal.SIG_DFL]
+        for signum in held:
+            signal.signal(signum, signal.SIG_IGN)
+        try:
+            said = withdraw_quietly(api, request_id, resume)
+        finally:
+            for signum in held:
+                signal.signal(signum, signal.SIG_DFL)
+        say(f"{name} while waiting for approval: {said}")
         # End by the signal, as the job's supervisor expects (a shell sees 128+N).
         signal.signal(stop.signum, signal.SIG_DFL)
         os.kill(os.getpid(), stop.signum)
@@ -208,7 +225,7 @@ def wait_for_decision(
     except KeyboardInterrupt:
         if timeout_seconds is not None:
             raise ApprovalWaitInterrupted(
-                f"interrupted: {withdraw_quietly(api, request_id)}"
+                f"interrupted: {withdraw_quietly(api, request_id, resume)}"
             ) from None
         raise ApprovalWaitInterrupted(
             f"interrupted; request {request_id} stays pending until decided or expired: to use "
@@ -217,12 +234,20 @@ def wait_for_decision(
         ) from None
 
 
-def withdraw_quietly(api: Session, request_id: str) -> str:
+def withdraw_quietly(
+    api: Session, request_id: str, resume: ResumeCommand | None = None
+) -> str:
     """Withdraw one's own pending request and say what came of it; never raises for the
-    server's answer (the caller is already ending with an error of its own)."""
+    server's answer (the caller is already ending with an error of its own). A request decided
+    meanwhile (409) is read again: approved, the message gives the command that uses it
+    (``resume``, else the same command with --approval), as it can no longer be withdrawn."""
     try:
         api.request("POST", approval_path(request_id, "withdraw"))
     except ApiError as error:
+        if error.status == HTTP_CONFLICT:
+            decided = _decided_meanwhile(api, request_id, resume)
+            if decided is not None:
+                return decided
         why = visible(error.message)
     except TransportError as error:
         why = error.describe()
@@ -232,6 +257,25 @@ def withdraw_quietly(api: Session, request_id: str) -> str:
         return f"withdrew request {request_id}: nobody can approve it now"
     return (f"could not withdraw request {request_id} ({why}); tucdesk approvals withdraw "
             f"{request_id} takes it back")
+
+
+def _decided_meanwhile(api: Session, request_id: str, resume: ResumeCommand | None) -> str | None:
+    """What became of a request the server would not withdraw because it was decided or expired
+    meanwhile; None if it cannot be read or is still pending."""
+    try:
+        view = fetch_request(api, request_id)
+    except (ApiError, TransportError, HomeError, ResponseTooLargeError, OSError):
+        return None
+    shown = visible(request_id)
+    if view.state == APPROVED:
+        by = visible(view.decided_by or "an approver")
+        use = (f"tucdesk {visible(resume(request_id))}" if resume is not None
+               else f"the same command with --approval {shown}")
+        return (f"request {shown} was approved by {by} before it could be withdrawn; nothing "
+                f"ran: to run it now, use: {use}")
+    if view.state == PENDING:
+        return None
+    return f"request {shown} is {visible(view.state)} already: nobody can approve it now"
 
 
 @contextmanager

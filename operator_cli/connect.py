@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
 import trio
@@ -109,6 +110,9 @@ class ConnectOptions:
     stdout_fd: int = 1
     stderr_fd: int = 2
     escape_character: int | None = DEFAULT_ESCAPE_CHARACTER  # None: escapes off
+    # False (-n, as ssh -n): stdin is /dev/null. Nothing is read from stdin_fd (its terminal
+    # stays as it is, no escapes) and the end of input is sent at once.
+    read_input: bool = True
 
 
 async def run_connect(
@@ -126,8 +130,12 @@ async def run_connect(
         notices=notices,
     )
     outcome = ConnectOutcome()
+    terminal = RawTerminal(options.stdin_fd)
+    entered: AbstractContextManager[RawTerminal] = (
+        terminal if options.read_input else nullcontext(terminal)
+    )
     try:
-        with RawTerminal(options.stdin_fd) as terminal:
+        with entered:
             await _run(session, options, outcome, terminal)
     finally:
         with trio.CancelScope(shield=True):
@@ -161,11 +169,14 @@ async def _carry(
     status: int | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(session.keep_alive)
-        nursery.start_soon(_pump_keystrokes, session, options, terminal, stdout, outcome,
-                           nursery.cancel_scope)
-        await nursery.start(
-            _forward_resizes, session, window_fd(options.stdin_fd, options.stdout_fd)
-        )
+        if options.read_input:
+            nursery.start_soon(_pump_keystrokes, session, options, terminal, stdout, outcome,
+                               nursery.cancel_scope)
+            size_fd = window_fd(options.stdin_fd, options.stdout_fd)
+        else:
+            nursery.start_soon(_send_end_of_input, session)
+            size_fd = options.stdout_fd
+        await nursery.start(_forward_resizes, session, size_fd)
         try:
             ended = False
             while not ended:
@@ -201,6 +212,14 @@ def _close_message(event: Closed) -> str:
     if event.reason.reason == "policy-denied":
         return f"the agent refused the session: {detail}"
     return f"the agent ended the session ({event.reason.reason}): {detail}"
+
+
+async def _send_end_of_input(session: OperatorSession) -> None:
+    """-n: the input is /dev/null, so its end is all there is to send."""
+    try:
+        await session.send_eof()
+    except SessionError:
+        return  # the connection is gone; the receiving side reports it
 
 
 async def _pump_keystrokes(

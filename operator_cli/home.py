@@ -162,9 +162,16 @@ class CliHome:
             record = {}
         if record is None or _is_token_record(record):
             return record
-        print(f"tucdesk: the cached token in {path} is damaged; it is ignored and will be "
-              "replaced", file=sys.stderr)
-        path.unlink(missing_ok=True)
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as error:
+            # A read-only home (a CI job's): sign in anyway; the fresh token then serves this
+            # command from memory (Session.token).
+            print(f"tucdesk: warning: the cached token in {path} is damaged and cannot be "
+                  f"removed ({error.strerror or error}); it is ignored", file=sys.stderr)
+        else:
+            print(f"tucdesk: the cached token in {path} is damaged; it is ignored and will be "
+                  "replaced", file=sys.stderr)
         self.token_was_damaged = True
         return None
 

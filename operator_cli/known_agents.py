@@ -256,7 +256,9 @@ class KnownAgents:
                 ):
                     named.intersection_update(others)
                     named.add(agent_id)
-                changed = True
+                    changed = True
+                # Else the name's pins stay as they are: nothing to write for them (a
+                # read-only home still verifies this pinned agent by its id).
             elif agent_id not in named:
                 others = pins.keys_of(named)
                 same_key = self._same_key_ids_or_refuse(name, others, agent_id, presented)

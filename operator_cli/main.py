@@ -1037,11 +1037,12 @@ def _exec(args: argparse.Namespace, home: CliHome) -> int:
 def _bound_approval_wait(args: argparse.Namespace) -> None:
     """Pass --approval-timeout to the approval wait (approval_wait.py) of this session; set
     every time (None too), so an earlier main() in the same process leaves nothing behind."""
-    if args.approval_timeout is not None and args.no_wait:
+    timeout = getattr(args, "approval_timeout", None)
+    if timeout is not None and getattr(args, "no_wait", False):
         args.command_parser.error("--approval-timeout bounds a wait; --no-wait does not wait")
     from operator_cli.approval_wait import bound_approval_waits
 
-    bound_approval_waits(args.approval_timeout)
+    bound_approval_waits(timeout)
 
 
 def _exec_tagged(args: argparse.Namespace, home: CliHome) -> int:
@@ -1119,6 +1120,7 @@ def _ssh(args: argparse.Namespace, home: CliHome) -> int:
         _report(args, "tucdesk ssh runs a command line: tucdesk ssh AGENT COMMAND...; for an "
                 "interactive shell use tucdesk connect AGENT")
         return EXIT_CONNECTION_FAILED
+    _bound_approval_wait(args)  # ssh has no --approval-timeout: no bound
     return ssh_command(
         home, args.agent, words, no_stdin=args.no_stdin, debug=args.debug,
         pty=0 if args.no_pty else args.want_pty,
@@ -1239,6 +1241,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     home = CliHome(args.home or default_home(os.environ), server=args.server,
                    ca_file=args.ca_file)
+    strict_before = os.environ.get(STRICT_AGENT_KEYS_ENV)
     if args.strict_agent_keys:
         # Through the environment, so the `tucdesk exec` children of exec --tag are strict too.
         os.environ[STRICT_AGENT_KEYS_ENV] = "1"
@@ -1275,6 +1278,13 @@ def main(argv: list[str] | None = None) -> int:
         _report(args, str(error))
     except Exception as error:  # noqa: BLE001 - one line for the user; --debug has the rest
         _report(args, f"unexpected {type(error).__name__}; rerun with --debug for details")
+    finally:
+        # --strict-agent-keys is for this command: a later main() in this process (tests,
+        # scripts importing the CLI) finds the environment as it was.
+        if strict_before is None:
+            os.environ.pop(STRICT_AGENT_KEYS_ENV, None)
+        else:
+            os.environ[STRICT_AGENT_KEYS_ENV] = strict_before
     return EXIT_FAILURE
 
 

@@ -287,35 +287,44 @@ def exec_command(
              f"{shlex.quote(agent)} -- sh -s < script.sh")
         return EXIT_CONNECTION_FAILED
 
-    on_terminal = pty >= 2 or (pty == 1 and _is_terminal(0))
+    # -n makes stdin /dev/null, as ssh -n: -t then finds no terminal on it; -tt still gets a
+    # terminal for the command, which reads nothing from us (run_connect's read_input).
+    on_terminal = pty >= 2 or (pty == 1 and not no_stdin and _is_terminal(0))
     if pty == 1 and not on_terminal:
         _say("no terminal for the command: stdin is not a terminal (-tt forces one)")
+
+    def resume(request_id: str) -> str:
+        """This exec again, redeeming approval request ``request_id``."""
+        terminal_flag = (["-tt"] if pty >= 2 else ["-t"]) if on_terminal else []
+        return shlex.join([
+            "exec", *(["-n"] if no_stdin else []), *terminal_flag, "--approval", request_id,
+            agent, "--", *command,
+        ])  # fmt: skip
 
     def run() -> int:
         api = Session.from_home(home)
         environ = dict(os.environ)
-        size = read_window_size(window_fd()) if on_terminal else None
+        size_fd = 1 if no_stdin else window_fd()
+        size = read_window_size(size_fd) if on_terminal else None
         ask = SessionAsk(agent, "exec", command) if size is None else SessionAsk(
             agent, "exec", command, terminal_type(environ), size.rows, size.cols
         )
         try:
             try:
                 obtained = obtain_ticket(
-                    api, ask, _say, wait=wait_for_approval, approval_id=approval_id
+                    api, ask, _say, wait=wait_for_approval, approval_id=approval_id,
+                    resume=resume,
                 )
             except ApiError as error:
                 raise _explained_refusal(api, agent, error) from None
             if isinstance(obtained, Parked):
-                resume = [
-                    "exec", *(["-t"] if on_terminal else []), "--approval",
-                    obtained.pending.request_id, agent, "--", *command,
-                ]  # fmt: skip
-                return _parked(obtained, shlex.join(resume))
+                return _parked(obtained, resume(obtained.pending.request_id))
             ticket = obtained
             if size is not None:
                 outcome = trio.run(
                     run_connect, ticket, api.identity, known_agents_of(home),
-                    exec_terminal_start(command, size, environ), ConnectOptions(),
+                    exec_terminal_start(command, size, environ),
+                    ConnectOptions(read_input=not no_stdin),
                     offer_refusal_probe(api, ticket.session_id), _session_notices(api, ticket),
                 )
                 return _terminal_exit(outcome, command, agent)
@@ -433,6 +442,10 @@ def connect_command(
         _say(str(error))
         return EXIT_CONNECTION_FAILED
 
+    def resume(request_id: str) -> str:
+        """This connect again, redeeming approval request ``request_id``."""
+        return f"connect --approval {request_id} {shlex.quote(agent)}"
+
     def run() -> int:
         size = read_window_size(window_fd())
         environ: dict[str, str] = dict(os.environ)
@@ -451,13 +464,12 @@ def connect_command(
                 obtained = obtain_ticket(
                     api,
                     SessionAsk(agent, "shell", None, start.terminal_type, size.rows, size.cols),
-                    _say, wait=wait_for_approval, approval_id=approval_id,
+                    _say, wait=wait_for_approval, approval_id=approval_id, resume=resume,
                 )
             except ApiError as error:
                 raise _explained_refusal(api, agent, error) from None
             if isinstance(obtained, Parked):
-                return _parked(obtained, f"connect --approval {obtained.pending.request_id} "
-                               f"{shlex.quote(agent)}")
+                return _parked(obtained, resume(obtained.pending.request_id))
             ticket = obtained
             outcome = trio.run(
                 run_connect, ticket, api.identity, known_agents_of(home), start,

@@ -10,6 +10,15 @@ piece ends with a newline, and the pieces after the first carry ``NAME+ `` inste
 A summary of each agent's exit status ends on stderr, and with ``--json`` one JSON document on
 stdout (result_document) is the only thing there, for scripts; the exit status is 0 only if
 every agent ran the command and it succeeded.
+
+Signals (as GNU parallel): the children run in a process group of their own, so SIGINT,
+SIGTERM and SIGHUP reach this process alone, whoever sent them (a terminal's Ctrl-C, a job's
+``timeout``, ``kill PID``), and it passes each one on to every child exactly once. A child
+waiting for approval then withdraws its request (or, on Ctrl-C without --approval-timeout,
+keeps it pending) and a running session passes the signal to its remote command. After
+SIGINT no further agent is started and the exit status is 130. After SIGTERM or SIGHUP no
+further agent is started, the children get STOP_WAIT_SECONDS to withdraw their requests and
+end, and this process then ends by the same signal.
 """
 
 from __future__ import annotations
@@ -21,9 +30,12 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
+from types import FrameType
 from typing import IO, Any
 
 from operator_cli.agent_listing import AgentFilter, fetch_agents
@@ -43,6 +55,15 @@ READ_SIZE = 64 * 1024
 # A line without a newline is held back at most this long, then written as a piece.
 MAX_LINE_BYTES = 64 * 1024
 CLI_ENTRY_POINT = "import sys; from operator_cli.main import main; sys.exit(main())"
+# Signals passed on to the children; after the stop ones this process ends by the signal.
+PASSED_ON_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+# The same signal again within this long is the same request: timeout(1) signals its command,
+# then the command's process group, which this process is in.
+DUPLICATE_SIGNAL_SECONDS = 1.0
+# After SIGTERM/SIGHUP, how long the children get to withdraw their approval requests (one
+# request each, over a connection already open) and end before this process ends anyway.
+STOP_WAIT_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -116,18 +137,147 @@ def exec_on_tagged(
     online = [agent for agent in agents if agent.online]
     outcomes = {agent: AgentOutcome(agent, None, "offline: not run")
                 for agent in agents if not agent.online}
-    with ThreadPoolExecutor(max_workers=max(1, parallel)) as pool:
-        for outcome in pool.map(
-            lambda agent: _run_one(home, agent, command, global_options, output, exec_options),
-            online,
-        ):
-            outcomes[outcome.agent] = outcome
+    children = _Children()
+    futures: list[Future[AgentOutcome]] = []
+    pool = ThreadPoolExecutor(max_workers=max(1, parallel))
+    try:
+        with children.passing_signals_on():
+            try:
+                for agent in online:
+                    futures.append(pool.submit(_run_one, home, agent, command, global_options,
+                                               output, exec_options, children))
+                for future in futures:
+                    outcome = future.result()
+                    outcomes[outcome.agent] = outcome
+                children.collecting = False  # a signal from now on is only passed on
+            except _Stopped as stopped:
+                _end_by_signal(stopped.signum, futures, children)
+        if children.stopped_by is not None:  # came as the last child ended
+            _end_by_signal(children.stopped_by, futures, children)
+    finally:
+        pool.shutdown(wait=True)
     ordered = [outcomes[agent] for agent in agents]
     for line in summary_lines(ordered, width):
         print(line, file=sys.stderr)
     if as_json:
         print(json.dumps(result_document(ordered), indent=2))
+    if children.interrupted:
+        return EXIT_INTERRUPTED
     return EXIT_OK if all(outcome.status == 0 for outcome in ordered) else EXIT_SOME_FAILED
+
+
+def _end_by_signal(
+    signum: int, futures: Sequence[Future[AgentOutcome]], children: _Children
+) -> None:
+    """SIGTERM/SIGHUP: wait (bounded) for the children, told already, then end by ``signum``
+    as a job's supervisor expects (a shell sees 128+N)."""
+    name = _signal_name(signum)
+    _say_if_possible(f"tucdesk: {name}: passed on to {children.running} agent session(s); "
+                     f"waiting up to {STOP_WAIT_SECONDS:g}s for them to withdraw their requests "
+                     "and end")
+    _, not_done = wait(futures, timeout=STOP_WAIT_SECONDS)
+    if not_done:
+        _say_if_possible(f"tucdesk: {children.running} agent session(s) still running; "
+                         "ending anyway")
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+def _say_if_possible(line: str) -> None:
+    """One line on stderr, unless it is gone (SIGHUP: the terminal hung up)."""
+    try:
+        print(line, file=sys.stderr, flush=True)
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
+class _Stopped(BaseException):
+    """SIGTERM or SIGHUP arrived (raised once, in the main thread, by _Children's handler)."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Children:
+    """The running children and the signals passed on to them (see the module docstring)."""
+
+    def __init__(self) -> None:
+        # Reentrant: the signal handler takes it on the main thread, which may hold it already.
+        self._lock = threading.RLock()
+        self._running: set[subprocess.Popen[bytes]] = set()
+        self._last_seen: dict[int, float] = {}
+        self.stopped_by: int | None = None  # SIGTERM/SIGHUP: no child starts from then on
+        self.interrupted = False  # SIGINT: no child starts from then on
+        self.collecting = True  # the main thread waits for outcomes: SIGTERM/SIGHUP raise there
+
+    @property
+    def running(self) -> int:
+        """How many children are running."""
+        with self._lock:
+            return len(self._running)
+
+    def start(self, argv: Sequence[str], pass_fds: Sequence[int]) -> subprocess.Popen[bytes] | None:
+        """Start a child in its own process group, or None once a signal stopped the run."""
+        with self._lock:
+            if self.stopped_by is not None or self.interrupted:
+                return None
+            process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                pass_fds=pass_fds, process_group=0,
+            )
+            self._running.add(process)
+            return process
+
+    def ended(self, process: subprocess.Popen[bytes]) -> None:
+        """``process`` has been waited for: no signal goes to its (reusable) pid any more."""
+        with self._lock:
+            self._running.discard(process)
+
+    @property
+    def stop_note(self) -> str:
+        """Why an agent was not run after a signal."""
+        if self.stopped_by is not None:
+            return f"not run: {_signal_name(self.stopped_by)}"
+        return "not run: interrupted"
+
+    @contextmanager
+    def passing_signals_on(self) -> Iterator[None]:
+        """Take PASSED_ON_SIGNALS while the children run: only signals at their default (not
+        one ignored under nohup), only on the main thread (where Python delivers them)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        defaults = {signal.SIGINT: signal.default_int_handler}
+        taken = {signum: signal.getsignal(signum) for signum in PASSED_ON_SIGNALS
+                 if signal.getsignal(signum) == defaults.get(signum, signal.SIG_DFL)}
+        for signum in taken:
+            signal.signal(signum, self._pass_on)
+        try:
+            yield
+        finally:
+            for signum, previous in taken.items():
+                signal.signal(signum, previous)
+
+    def _pass_on(self, signum: int, frame: FrameType | None) -> None:
+        now = time.monotonic()
+        if now - self._last_seen.get(signum, -DUPLICATE_SIGNAL_SECONDS) < DUPLICATE_SIGNAL_SECONDS:
+            return
+        self._last_seen[signum] = now
+        first_stop = signum in STOP_SIGNALS and self.stopped_by is None and self.collecting
+        with self._lock:
+            if signum in STOP_SIGNALS:
+                self.stopped_by = self.stopped_by or signum
+            else:
+                self.interrupted = True
+            for process in self._running:
+                try:
+                    process.send_signal(signum)
+                except OSError:
+                    pass  # it has just ended
+        if first_stop:
+            raise _Stopped(signum)
 
 
 def result_document(outcomes: Sequence[AgentOutcome]) -> dict[str, Any]:
@@ -164,6 +314,7 @@ def _run_one(
     global_options: Sequence[str],
     output: _PrefixedOutput,
     exec_options: Sequence[str] = (),
+    children: _Children | None = None,
 ) -> AgentOutcome:
     # The child reports on this pipe that the session opened, then the remote exit status: 255
     # from the command itself, 255 for a session that never opened and 255 for one that lost
@@ -175,17 +326,20 @@ def _run_one(
     argv = [sys.executable, "-c", CLI_ENTRY_POINT, "--home", str(home.path), *global_options,
             "exec", "-n", *exec_options, "--status-fd", str(status_writer), agent.agent_id,
             "--", *command]
+    children = children or _Children()
     try:
         try:
-            process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                pass_fds=(status_writer,),
-            )
+            process = children.start(argv, (status_writer,))
         finally:
             os.close(status_writer)  # the child's copy alone: EOF once it exits
+        if process is None:
+            return AgentOutcome(agent, None, children.stop_note)
         assert process.stdout is not None and process.stderr is not None
-        output.relay(agent.name, process.stdout, process.stderr)
-        status = process.wait()
+        try:
+            output.relay(agent.name, process.stdout, process.stderr)
+            status = process.wait()
+        finally:
+            children.ended(process)
         reported = _read_status_report(status_reader)
     except OSError as error:
         return AgentOutcome(agent, None, f"could not start: {error.strerror or error}")

@@ -228,7 +228,10 @@ class TcpFrontEnd:
                 with slot.scope:  # cancelled if dropped (admission.PendingHellos)
                     deadline = trio.current_time() + self.config.hello_timeout
                     hello = await self._read_hello(sock)
-                    if isinstance(hello, str) and hello != PROBE_TOKEN:
+                    # A hello read without a checkpoint (already buffered) may belong to a slot
+                    # evicted meanwhile: its token is not checked, so not spent, and the
+                    # client's retry of too_many_connections can still use it.
+                    if isinstance(hello, str) and hello != PROBE_TOKEN and not slot.evicted:
                         # Still a pending hello while it may wait for a JWKS refetch: in
                         # max_pending (and so the descriptor budget), in connections_pending,
                         # droppable, and done by the end of its hello_timeout.
@@ -237,8 +240,11 @@ class TcpFrontEnd:
                 self.pending -= 1
                 self.metrics.connections_pending.dec()
                 self.admission.hello_finished(slot)
-            if slot.dropped:
-                hello = Reason.TOO_MANY_CONNECTIONS  # its token was not accepted: retryable
+            if slot.dropped and not isinstance(checked, RelayTokenClaims):
+                # Its token was not accepted (not remembered): too_many_connections is
+                # retryable. A slot dropped after its token was accepted, and so remembered,
+                # goes on: refused, its retry would only be told token_reused.
+                hello = Reason.TOO_MANY_CONNECTIONS
             if hello is None:
                 self.admission.hello_abandoned(slot)
                 return
