@@ -115,7 +115,9 @@ def test_a_job_killed_by_timeout_while_waiting_withdraws_its_request(
         pytest.skip("timeout(1) is not installed")
     argv = team.stack.tucdesk_command("exec", team.stack.agent_name, "--", "echo", "restart",
                                       "killed", home=team.operator_home)
-    requester, stderr_path = start_waiting(team, tmp_path, timeout, "6", *argv)
+    # Long enough to be waiting (not still starting up) when timeout's SIGTERM lands, even on a
+    # loaded machine: start_waiting returns once it says it waits.
+    requester, stderr_path = start_waiting(team, tmp_path, timeout, "20", *argv)
     requester.wait(timeout=WAIT_TIMEOUT_SECONDS)
     err = stderr_path.read_text()
     assert requester.returncode == EXIT_TIMED_OUT, err

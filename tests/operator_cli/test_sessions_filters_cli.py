@@ -68,12 +68,15 @@ async def _seed(database: str) -> Seeded:
     async with open_store(database) as store:
         team = await store.create_team("ops", NOW)
         invite = new_invite_code()
+        # Valid from the seeding on (NOW is taken when the module loads, which on a slow full
+        # run can be more than ten minutes before this test logs in).
         await store.create_invite(team.id, "admin@example.test", "admin", hash_secret(invite),
-                                  NOW + 600, "test", NOW)  # fmt: skip
+                                  time.time() + 3600, "test", NOW)  # fmt: skip
         operators = {}
         for email in ("bob@example.test", "carol@example.test"):
             code = hash_secret(new_invite_code())
-            await store.create_invite(team.id, email, "operator", code, NOW + 600, "test", NOW)
+            await store.create_invite(team.id, email, "operator", code, time.time() + 3600,
+                                      "test", NOW)  # fmt: skip
             operator, _ = await store.enroll_operator(
                 code, NOW, secrets.token_bytes(32), new_id("t")
             )
