@@ -158,9 +158,19 @@ def obtain_ticket(
     return _request(api, ask, view.request_id)
 
 
-def waiting_message(pending: PendingApproval) -> str:
+def waiting_message(pending: PendingApproval, *, bounded: bool | None = None) -> str:
     """Said at once when the wait starts: who may approve, until when, how to stop and withdraw
-    (a script without a terminal would otherwise just seem to hang)."""
+    (a script without a terminal would otherwise just seem to hang). ``bounded`` (default:
+    whether --approval-timeout was given): Ctrl-C then withdraws the request (wait_for_decision).
+    """
+    if bounded is None:
+        bounded = _approval_timeout_seconds is not None
+    if bounded:
+        return (
+            f"{pending.waiting_line()}{_until(pending.expires_at)}; Ctrl-C stops waiting and "
+            f"withdraws the request, as tucdesk approvals withdraw {visible(pending.request_id)} "
+            f"does from elsewhere"
+        )
     return (
         f"{pending.waiting_line()}{_until(pending.expires_at)}; Ctrl-C stops waiting (the "
         f"request stays pending; tucdesk approvals withdraw {visible(pending.request_id)} "

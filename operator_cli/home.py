@@ -89,7 +89,29 @@ class CliHome:
         if not isinstance(server, str):
             raise HomeError(f"{self.path / SETTINGS_FILE} is damaged; log in again with --server")
         ca_file = data.get("ca_file")
-        return Settings(server=server, ca_file=ca_file if isinstance(ca_file, str) else None)
+        return Settings(
+            server=server, ca_file=self._resolve_saved_ca_file(ca_file)
+            if isinstance(ca_file, str) else None,
+        )
+
+    def _resolve_saved_ca_file(self, saved: str) -> str:
+        """The CA file settings.json names, as a path usable from here.
+
+        The home's own copy is saved relative to the home, so a moved or copied home uses its
+        own copy. Settings saved before that name the copy by an absolute path: one that
+        points at the copy of a home elsewhere (this home was moved or copied: that home is
+        gone, or is a CLI home) means this home's copy when it has one, never the other
+        home's. A CA file of the user's that is merely named ca.pem is used as saved.
+        """
+        own_copy = self.ca_copy_path.absolute()
+        if not os.path.isabs(saved):
+            return str(self.path.absolute() / saved)
+        recorded = Path(saved)
+        if (recorded.name == CA_COPY_FILE and own_copy.exists()
+                and recorded.resolve() != own_copy.resolve()
+                and (not recorded.exists() or (recorded.parent / SETTINGS_FILE).exists())):
+            return str(own_copy)
+        return saved
 
     def command_settings(self) -> Settings | None:
         """The saved settings as this run's --server and --ca-file leave them, or None.
@@ -108,13 +130,22 @@ class CliHome:
                 f"'tucdesk login --server {requested}' (or use another --home)"
             )
         if self.requested_ca_file is None:
+            if saved.ca_file is not None:
+                # Checked here so that a missing file is blamed on settings.json, not --ca-file.
+                read_ca_certificates(
+                    saved.ca_file, source=f"saved in {self.path / SETTINGS_FILE}",
+                    remedy="; log in again with --ca-file FILE",
+                )
             return saved
         return Settings(server=saved.server, ca_file=str(Path(self.requested_ca_file).resolve()))
 
     def save_settings(self, settings: Settings) -> None:
         """Remember the server and CA file for later commands."""
         self.ensure()
-        text = json.dumps({"server": settings.server, "ca_file": settings.ca_file}, indent=2)
+        ca_file = settings.ca_file
+        if ca_file is not None and Path(ca_file).resolve() == self.ca_copy_path.resolve():
+            ca_file = CA_COPY_FILE  # relative to the home: still this home's copy once moved
+        text = json.dumps({"server": settings.server, "ca_file": ca_file}, indent=2)
         (self.path / SETTINGS_FILE).write_text(text + "\n")
 
     @property
@@ -226,25 +257,26 @@ def _is_token_record(record: Mapping[str, Any]) -> bool:
             and not isinstance(expires_at, bool))
 
 
-def read_ca_certificates(ca_file: str) -> bytes:
+def read_ca_certificates(ca_file: str, *, source: str = "--ca-file", remedy: str = "") -> bytes:
     """The contents of ``ca_file`` if it holds PEM certificates (and nothing unreadable);
-    HomeError naming the file otherwise."""
+    HomeError naming the file and where it came from (``source``) otherwise."""
     try:
         with open(ca_file, "rb") as handle:
             data = handle.read(MAX_CA_FILE_BYTES + 1)
     except OSError as error:
         raise HomeError(
-            f"cannot use the CA file {ca_file} (--ca-file): {error.strerror}"
+            f"cannot use the CA file {ca_file} ({source}): {error.strerror}{remedy}"
         ) from None
     if len(data) > MAX_CA_FILE_BYTES:
         raise HomeError(
-            f"cannot use the CA file {ca_file} (--ca-file): larger than {MAX_CA_FILE_BYTES} bytes"
+            f"cannot use the CA file {ca_file} ({source}): larger than {MAX_CA_FILE_BYTES} "
+            f"bytes{remedy}"
         )
     try:
         load_pem_x509_certificates(data)
     except ValueError:
         raise HomeError(
-            f"cannot use the CA file {ca_file} (--ca-file): it holds no PEM certificates "
-            f"(-----BEGIN CERTIFICATE-----)"
+            f"cannot use the CA file {ca_file} ({source}): it holds no PEM certificates "
+            f"(-----BEGIN CERTIFICATE-----){remedy}"
         ) from None
     return data

@@ -103,6 +103,13 @@ exec_on_tagged = _imported_on_use("operator_cli.tagged_exec", "exec_on_tagged")
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
+FREEZE_ROSTER_HELP = (
+    "publish even a roster that names no active admin as admin (the rendezvous refuses it "
+    "otherwise, roster_would_freeze): for a compromised admin key, on purpose. Nobody can then "
+    "sign a policy or roster that agents accept, and no operator invited since can open a "
+    "session, until the server admin runs `tucdesk-rendezvous team reset-policy` and each "
+    "agent is re-enrolled (docs/policy.md)"
+)
 EXIT_INTERRUPTED = 130
 EXIT_STDOUT_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `git log | head`
 EXIT_USAGE = 2  # argparse's
@@ -497,8 +504,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--tag", dest="exec_tags", action="append", default=[], metavar="TAG",
         help="instead of AGENT: run on every agent carrying TAG (repeat: all of them), "
         "--parallel at a time, each output line prefixed with the agent's name; stdin is not "
-        "read; a summary of exit statuses ends on stderr; exits 0 only if every agent ran it "
-        "and succeeded, else 1 (offline agents are listed, not run): "
+        "read; a summary of exit statuses ends on stderr; exits 0 if every agent ran it and "
+        "succeeded, 1 if a command failed or did not run (offline agents are listed, not "
+        "run), 255 if nothing could be set up (service unreachable, no agent with the tag): "
         "tucdesk exec --tag web -- uptime",
     )
     exec_parser.add_argument(
@@ -514,7 +522,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --tag: end with one JSON document on stdout: succeeded, total, and per "
         "agent name, id, online, exit_status (null if it did not run or gave none) and note "
         "(why); the agents' prefixed output then all goes to stderr, so stdout is the "
-        "document alone",
+        "document alone. When nothing could be set up (exit 255) the document is "
+        '{"succeeded": 0, "total": 0, "agents": [], "error": "why"}',
     )
     # exec --tag's children write the remote exit status here (tagged_exec.py); not for users.
     exec_parser.add_argument("--status-fd", type=int, help=argparse.SUPPRESS)
@@ -639,7 +648,10 @@ def _add_policy_commands(commands: Any) -> None:
         "sends it to the team's agents.",
     )
     set_parser.add_argument("file", type=Path, metavar="FILE", help="policy document (TOML)")
-    set_parser.set_defaults(handler=lambda args, home: policy_set(home, args.file))
+    set_parser.add_argument("--freeze-roster", action="store_true", help=FREEZE_ROSTER_HELP)
+    set_parser.set_defaults(handler=lambda args, home: policy_set(
+        home, args.file, freeze_roster=args.freeze_roster
+    ))  # fmt: skip
     test = policy_commands.add_parser(
         "test", help="show the decision the policy makes on a request, and why",
     )
@@ -669,7 +681,10 @@ def _add_policy_commands(commands: Any) -> None:
         "next policy version (same rules).",
     )
     sign.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    sign.set_defaults(handler=lambda args, home: roster_sign(home, assume_yes=args.yes))
+    sign.add_argument("--freeze-roster", action="store_true", help=FREEZE_ROSTER_HELP)
+    sign.set_defaults(handler=lambda args, home: roster_sign(
+        home, assume_yes=args.yes, freeze_roster=args.freeze_roster
+    ))  # fmt: skip
 
     approvals = commands.add_parser(
         "approvals", help="pending approval requests (approver and admin roles)"

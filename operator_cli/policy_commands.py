@@ -246,9 +246,14 @@ def _team_id(api: Session, state: TeamPolicy) -> str:
     return team_id
 
 
-def _publish(api: Session, content: PolicyBundleContent) -> dict[str, Any]:
+def _publish(
+    api: Session, content: PolicyBundleContent, *, freeze_roster: bool = False
+) -> dict[str, Any]:
+    """Sign ``content`` and PUT it; ``freeze_roster`` accepts a roster with no active admin
+    (the rendezvous refuses it otherwise: 409 roster_would_freeze)."""
     signed = sign_policy_bundle(content, api.identity)
-    answer = api.request("PUT", "/v1/policy", {"bundle": signed.to_json()})
+    query = "?freeze_roster=true" if freeze_roster else ""
+    answer = api.request("PUT", f"/v1/policy{query}", {"bundle": signed.to_json()})
     return answer if isinstance(answer, dict) else {}
 
 
@@ -300,8 +305,18 @@ def policy_show(home: CliHome, *, as_json: bool = False) -> int:
     return EXIT_OK
 
 
-def policy_set(home: CliHome, path: Path) -> int:
-    """`tucdesk policy set FILE`: validate, show the version step, sign and publish."""
+# Said before a --freeze-roster publish (and before roster sign's question).
+FREEZE_ROSTER_NOTE = (
+    "--freeze-roster: if this roster names no active admin as admin, it is published anyway: "
+    "nobody can then sign a policy or roster that agents accept (and no operator invited since "
+    "can open a session) until the server admin runs `tucdesk-rendezvous team reset-policy` "
+    "and each agent is re-enrolled"
+)
+
+
+def policy_set(home: CliHome, path: Path, *, freeze_roster: bool = False) -> int:
+    """`tucdesk policy set FILE`: validate, show the version step, sign and publish
+    (``freeze_roster``: even if the roster leaves no active admin able to sign the next)."""
     text, policy = read_policy_file(path)
     api = Session.from_home(home)
     try:
@@ -333,7 +348,9 @@ def policy_set(home: CliHome, path: Path) -> int:
             policy_text=text, roster=roster, agent_tags=tags,
             previous_sha256=None if state.bundle is None else state.bundle.content.sha256(),
         )
-        answer = _publish(api, content)
+        if freeze_roster:
+            print(FREEZE_ROSTER_NOTE, file=sys.stderr)
+        answer = _publish(api, content, freeze_roster=freeze_roster)
     finally:
         api.close()
     pushed = answer.get("pushed_to")
@@ -437,9 +454,11 @@ def approvals_voided_line(api: Session) -> str:
 
 
 def roster_sign(
-    home: CliHome, *, assume_yes: bool, ask: Callable[[str], str] = input
+    home: CliHome, *, assume_yes: bool, ask: Callable[[str], str] = input,
+    freeze_roster: bool = False,
 ) -> int:
-    """`tucdesk roster sign`: sign the current roster and tags into the next policy version."""
+    """`tucdesk roster sign`: sign the current roster and tags into the next policy version
+    (``freeze_roster``: even if it leaves no active admin able to sign the next)."""
     api = Session.from_home(home)
     try:
         state = fetch_team_policy(api)
@@ -463,6 +482,8 @@ def roster_sign(
         for line in tags:
             print(line)
         print(approvals_voided_line(api))
+        if freeze_roster:
+            print(FREEZE_ROSTER_NOTE)
         if not assume_yes:
             if not sys.stdin.isatty():
                 print("tucdesk: not confirmed: run it in a terminal, or pass --yes",
@@ -477,7 +498,7 @@ def roster_sign(
             roster=state.current_roster, agent_tags=state.current_tags,
             previous_sha256=content.sha256(),
         )
-        _publish(api, bumped)
+        _publish(api, bumped, freeze_roster=freeze_roster)
     finally:
         api.close()
     print(f"roster signed as policy version {next_version}")

@@ -8,8 +8,11 @@ stderr), whole lines only so agents never interleave inside one.
 A line longer than MAX_LINE_BYTES is written in pieces as it comes (memory stays bounded): each
 piece ends with a newline, and the pieces after the first carry ``NAME+ `` instead of ``NAME: ``.
 A summary of each agent's exit status ends on stderr, and with ``--json`` one JSON document on
-stdout (result_document) is the only thing there, for scripts; the exit status is 0 only if
-every agent ran the command and it succeeded.
+stdout (result_document) is the only thing there, for scripts, also when nothing could be run
+(nothing_ran_document). Exit status: 0 if every agent ran the command and it succeeded, 1 if a
+command failed or some agent's did not run (offline, refused, a lost session), 255 if nothing
+could be set up (the service unreachable or refusing the listing, no agent with the tag, a
+command too large).
 
 Signals (as GNU parallel): the children run in a process group of their own, so SIGINT,
 SIGTERM and SIGHUP reach this process alone, whoever sent them (a terminal's Ctrl-C, a job's
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import contextmanager
@@ -38,10 +42,12 @@ from dataclasses import dataclass
 from types import FrameType
 from typing import IO, Any
 
-from operator_cli.agent_listing import AgentFilter, fetch_agents
-from operator_cli.client import Session
-from operator_cli.home import CliHome
+from operator_cli.agent_listing import AgentFilter, AgentListError, fetch_agents
+from operator_cli.client import ApiError, Session
+from operator_cli.home import CliHome, HomeError
+from operator_cli.http import CaFileError, ResponseTooLargeError, TransportError
 from operator_cli.terminal_text import visible
+from protocol.errors import ProtocolError
 from protocol.exec_limits import CommandTooLargeError, check_exec_command
 
 PARALLEL_SESSIONS = 8
@@ -121,15 +127,22 @@ def exec_on_tagged(
     try:
         check_exec_command(command)  # once here, not once per agent
     except CommandTooLargeError as error:
-        print(f"tucdesk: {error}; send a long script on stdin to one agent at a time instead: "
-              "tucdesk exec AGENT -- sh -s < script.sh", file=sys.stderr)
-        return EXIT_CONNECTION_FAILED
-    agents = tagged_agents(home, tags)
+        return _nothing_ran(f"{error}; send a long script on stdin to one agent at a time "
+                            "instead: tucdesk exec AGENT -- sh -s < script.sh", as_json)
+    try:
+        agents = tagged_agents(home, tags)
+    except ApiError as error:
+        return _nothing_ran(f"the server refused: {visible(error.message)} "
+                            f"({visible(error.code)})", as_json, debug="--debug" in global_options)
+    except TransportError as error:
+        return _nothing_ran(error.describe(), as_json, debug="--debug" in global_options)
+    except (HomeError, ProtocolError, OSError, ResponseTooLargeError, AgentListError,
+            CaFileError) as error:
+        return _nothing_ran(str(error), as_json, debug="--debug" in global_options)
     if not agents:
         which = f"every tag: {', '.join(tags)}" if len(tags) > 1 else f"the tag {tags[0]}"
-        print(f"tucdesk: no agent of your team carries {which} "
-              "(see tucdesk agents --tag TAG)", file=sys.stderr)
-        return EXIT_CONNECTION_FAILED
+        return _nothing_ran(f"no agent of your team carries {which} "
+                            "(see tucdesk agents --tag TAG)", as_json)
     exec_options = [] if approval_timeout is None else [
         "--approval-timeout", f"{approval_timeout:.0f}s"]
     width = max(len(agent.name) for agent in agents)
@@ -278,6 +291,22 @@ class _Children:
                     pass  # it has just ended
         if first_stop:
             raise _Stopped(signum)
+
+
+def _nothing_ran(message: str, as_json: bool, *, debug: bool = False) -> int:
+    """Say why no agent could be run (one line on stderr; with --json also the document on
+    stdout, which scripts count on) and return EXIT_CONNECTION_FAILED."""
+    if debug:
+        traceback.print_exc()
+    print(f"tucdesk: {message}", file=sys.stderr)
+    if as_json:
+        print(json.dumps(nothing_ran_document(message), indent=2))
+    return EXIT_CONNECTION_FAILED
+
+
+def nothing_ran_document(error: str) -> dict[str, Any]:
+    """The ``--json`` result when nothing could be set up: no agent ran, and why."""
+    return {"succeeded": 0, "total": 0, "agents": [], "error": error}
 
 
 def result_document(outcomes: Sequence[AgentOutcome]) -> dict[str, Any]:

@@ -34,10 +34,13 @@ HELLO_RESEND_SECONDS = 0.5
 REBIND_RESEND_SECONDS = 0.25
 REBIND_ATTEMPTS = 8
 # Refusals the relay sends only before it has read the token (at accept, or while the hello was
-# still arriving: relay/admission.py), so the single-use token is still unspent and trying again
-# is safe. Every other refusal may come after the token was checked and remembered: never
-# retried.
-RETRYABLE_REFUSALS = frozenset({Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS})
+# still arriving: relay/admission.py; hello_timeout when the whole hello did not arrive within
+# its hello_timeout, relay/tcp.py _read_hello, as on a loaded host), so the single-use token is
+# still unspent and trying again is safe. Every other refusal may come after the token was
+# checked and remembered: never retried.
+RETRYABLE_REFUSALS = frozenset(
+    {Reason.RATE_LIMITED, Reason.TOO_MANY_CONNECTIONS, Reason.HELLO_TIMEOUT}
+)
 # A refused burst is ridden out, not failed: pauses start at RETRY_FIRST_BACKOFF_SECONDS and
 # double up to RETRY_MAX_BACKOFF_SECONDS, each jittered to 50-150 % so that clients refused
 # together do not come back together, and all retries end within MAX_RETRY_SECONDS. At the
@@ -74,11 +77,11 @@ async def connect_tcp(
 ) -> trio.SocketStream:
     """Connect to the relay, present ``token`` and return the stream once paired.
 
-    A refusal sent before the relay read the token (rate_limited, too_many_connections: a busy
-    relay or a burst from one address) is retried with jittered backoff for up to
-    MAX_RETRY_SECONDS; no other refusal is. Raises RelayRefusedError with the relay's reason
-    code, or RelayError on timeout or a malformed reply. ``local_host`` picks the address to
-    connect from (default: the system's choice).
+    A refusal sent before the relay read the token (rate_limited, too_many_connections,
+    hello_timeout: a busy relay or host, or a burst from one address) is retried with jittered
+    backoff for up to MAX_RETRY_SECONDS; no other refusal is. Raises RelayRefusedError with the
+    relay's reason code, or RelayError on timeout or a malformed reply. ``local_host`` picks
+    the address to connect from (default: the system's choice).
     """
     started = trio.current_time()
     attempt = 0
