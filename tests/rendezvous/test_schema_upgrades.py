@@ -529,7 +529,10 @@ def test_autovacuum_workers_are_not_taken_for_other_clients(
                 " = 1, autovacuum_vacuum_scale_factor = 0, autovacuum_analyze_threshold = 1)"
             )
             await churn.execute("INSERT INTO churn SELECT g, 0 FROM generate_series(1, 50000) g")
-            deadline = time.monotonic() + 30
+            # Ends as soon as workers were seen; the launcher's three workers may be busy with
+            # the hundreds of other test databases in this cluster first (a full run once saw
+            # none within 30 s), hence the generous bound.
+            deadline = time.monotonic() + 120
             while seen_workers < 3 and time.monotonic() < deadline:
                 await churn.execute("UPDATE churn SET v = v + 1")
                 for _ in range(25):
